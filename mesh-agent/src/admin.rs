@@ -1,0 +1,154 @@
+//! Admin, metrics and readiness endpoints (node-level, in the agent's own netns).
+//!
+//! `/healthz/ready` (200 once every local pod is served), `/metrics` (Prometheus text),
+//! `/config_dump` (JSON view of the snapshot and of rejected config).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::state::SharedSnapshot;
+
+/// What the admin endpoints read.
+#[derive(Clone)]
+pub struct AdminState {
+    /// Set once the agent serves every local pod.
+    pub ready: Arc<AtomicBool>,
+    /// Metrics registry.
+    pub registry: Arc<Registry>,
+    /// Current snapshot.
+    pub snapshot: SharedSnapshot,
+    /// Rejected config, rendered as text, shown in the dump.
+    pub config_errors: Arc<std::sync::Mutex<Vec<String>>>,
+    /// Names of pods enrolled here.
+    pub enrolled: Arc<std::sync::Mutex<Vec<String>>>,
+    /// This node.
+    pub node: String,
+}
+
+/// The config dump's own view type: compiled state is not `Serialize` on purpose.
+#[derive(Serialize)]
+struct ConfigDump<'a> {
+    node: &'a str,
+    version: u64,
+    enrolled_pods: Vec<String>,
+    workloads: Vec<WorkloadView>,
+    services: Vec<ServiceView>,
+    rejected_config: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct WorkloadView {
+    name: String,
+    namespace: String,
+    node: Option<String>,
+    ips: Vec<String>,
+    identity: String,
+    enrolled: bool,
+}
+
+#[derive(Serialize)]
+struct ServiceView {
+    name: String,
+    namespace: String,
+    vips: Vec<String>,
+    ports: Vec<u16>,
+    endpoints: Vec<String>,
+}
+
+fn respond(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    if let Ok(v) = header::HeaderValue::from_str(content_type) {
+        r.headers_mut().insert(header::CONTENT_TYPE, v);
+    }
+    r
+}
+
+fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    match req.uri().path() {
+        "/healthz/ready" | "/ready" => {
+            if state.ready.load(Ordering::Acquire) {
+                respond(StatusCode::OK, "text/plain", "ready\n")
+            } else {
+                respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n")
+            }
+        }
+        "/metrics" | "/stats/prometheus" => {
+            let mut out = String::new();
+            match prometheus_client::encoding::text::encode(&mut out, &state.registry) {
+                Ok(()) => respond(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", out),
+                Err(e) => respond(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", e.to_string()),
+            }
+        }
+        "/config_dump" => {
+            let snap = state.snapshot.load();
+            let dump = ConfigDump {
+                node: &state.node,
+                version: snap.version,
+                enrolled_pods: state.enrolled.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+                workloads: snap
+                    .workloads
+                    .iter()
+                    .map(|w| WorkloadView {
+                        name: w.name.clone(),
+                        namespace: w.namespace.clone(),
+                        node: w.node.clone(),
+                        ips: w.ips.iter().map(ToString::to_string).collect(),
+                        identity: w.identity.to_string(),
+                        enrolled: w.enrolled,
+                    })
+                    .collect(),
+                services: snap
+                    .services()
+                    .iter()
+                    .map(|s| ServiceView {
+                        name: s.name.clone(),
+                        namespace: s.namespace.clone(),
+                        vips: s.vips.iter().map(ToString::to_string).collect(),
+                        ports: s.ports.iter().map(|p| p.port).collect(),
+                        endpoints: s.endpoints.iter().map(|w| w.name.clone()).collect(),
+                    })
+                    .collect(),
+                rejected_config: state.config_errors.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            };
+            match serde_json::to_string_pretty(&dump) {
+                Ok(j) => respond(StatusCode::OK, "application/json", j),
+                Err(e) => respond(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", e.to_string()),
+            }
+        }
+        _ => respond(StatusCode::NOT_FOUND, "text/plain", "endpoints: /healthz/ready /metrics /config_dump\n"),
+    }
+}
+
+/// Serves the admin endpoints on `addr` until `stop`.
+pub async fn serve(addr: SocketAddr, state: AdminState, stop: CancellationToken) -> std::io::Result<()> {
+    let listener = TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "admin endpoint listening");
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let r = route(&state, &req);
+                async move { Ok::<_, std::convert::Infallible>(r) }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}

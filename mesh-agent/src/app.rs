@@ -1,0 +1,241 @@
+//! Wiring: identity, kernel programs, config source and per-pod proxies, and the
+//! reconcile loop that keeps them in step. Shutdown drains connections.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::admin::{self, AdminState};
+use crate::config::DirSource;
+use crate::dataplane::{self, Dataplane, Netns, Paths, PodEnrollment};
+use crate::identity::{CertStore, MeshCa, PeerVerifier};
+use crate::proxy::{Pool, PodProxy, ProxyContext};
+use crate::settings::Settings;
+use crate::state::{Snapshot, Workload};
+use crate::telemetry::Metrics;
+
+/// Pods whose netns or cgroup is not there yet are retried this often; also the
+/// fallback re-read of the config directory should a file event be missed.
+const RESYNC_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Errors that stop the agent from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Identity setup failed.
+    #[error(transparent)]
+    Identity(#[from] crate::identity::Error),
+    /// Kernel programs could not be loaded or attached.
+    #[error(transparent)]
+    Dataplane(#[from] dataplane::Error),
+    /// The config directory cannot be watched.
+    #[error("watching {dir}: {source}")]
+    Watch {
+        /// The directory.
+        dir: PathBuf,
+        /// notify's error.
+        source: notify::Error,
+    },
+    /// An admin endpoint could not be bound.
+    #[error("admin endpoint: {0}")]
+    Admin(std::io::Error),
+}
+
+/// A pod this agent serves.
+struct RunningPod {
+    proxy: PodProxy,
+    enrollment: PodEnrollment,
+}
+
+/// Runs the agent until SIGTERM/SIGINT, then drains.
+pub async fn run(settings: Settings) -> Result<(), Error> {
+    Netns::init_host()?;
+    let ca = Arc::new(MeshCa::load_or_create(&settings.ca_dir, &settings.trust_domain)?);
+    let verifier = PeerVerifier::new(ca.roots(), settings.accepted_trust_domains())?;
+    let certs = Arc::new(CertStore::new(ca, settings.cert_ttl));
+
+    let paths = resolve_paths(&settings)?;
+    let dataplane = Arc::new(Dataplane::load(paths, settings.bypass_mark, &settings.exclude_ports)?);
+
+    let mut registry = Registry::with_prefix("istio");
+    let metrics = Arc::new(Metrics::new(&mut registry));
+    let mut source = DirSource::new(&settings.config_dir);
+    let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
+    let shutdown = CancellationToken::new();
+    let ctx = ProxyContext {
+        snapshot: snapshot.clone(),
+        dataplane: dataplane.clone(),
+        certs,
+        verifier,
+        pool: Arc::new(Pool::default()),
+        metrics: metrics.clone(),
+        bypass_mark: settings.bypass_mark,
+        shutdown: shutdown.clone(),
+        tasks: TaskTracker::new(),
+    };
+    let admin_state = AdminState {
+        ready: Arc::new(AtomicBool::new(false)),
+        registry: Arc::new(registry),
+        snapshot: snapshot.clone(),
+        config_errors: Default::default(),
+        enrolled: Default::default(),
+        node: settings.node.clone(),
+    };
+    for addr in dedup([settings.admin_addr, settings.metrics_addr, settings.readiness_addr]) {
+        let listener_state = admin_state.clone();
+        let stop = shutdown.clone();
+        // Bind now so a port conflict stops start-up with a clear error.
+        let probe = std::net::TcpListener::bind(addr).map_err(Error::Admin)?;
+        drop(probe);
+        tokio::spawn(async move {
+            if let Err(e) = admin::serve(addr, listener_state, stop).await {
+                tracing::error!(%addr, error = %e, "admin endpoint failed");
+            }
+        });
+    }
+
+    let mut agent = Agent { settings: settings.clone(), ctx: ctx.clone(), pods: HashMap::new(), version: 0, admin: admin_state.clone() };
+    agent.reload(&mut source);
+    agent.reconcile();
+    let current: Vec<&PodEnrollment> = agent.pods.values().map(|p| &p.enrollment).collect();
+    if let Err(e) = dataplane.finish_takeover(&current) {
+        tracing::error!(error = %e, "cleaning up after the previous run");
+    }
+    admin_state.ready.store(true, Ordering::Release);
+    tracing::info!(node = %settings.node, pods = agent.pods.len(), "agent ready");
+
+    let (_watcher, mut changes) = source.watch().map_err(|source| Error::Watch { dir: settings.config_dir.clone(), source })?;
+    let mut resync = tokio::time::interval(RESYNC_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = shutdown_signal() => break,
+            Some(()) = changes.recv() => { agent.reload(&mut source); agent.reconcile(); }
+            _ = resync.tick() => { agent.reload(&mut source); agent.reconcile(); }
+        }
+    }
+
+    tracing::info!(timeout = ?settings.drain_timeout, "draining");
+    admin_state.ready.store(false, Ordering::Release);
+    shutdown.cancel();
+    ctx.tasks.close();
+    if tokio::time::timeout(settings.drain_timeout, ctx.tasks.wait()).await.is_err() {
+        tracing::warn!(open = ctx.tasks.len(), "drain timeout reached; closing remaining connections");
+    }
+    // Pinned links and maps stay: enrolled pods fail closed until an agent is back.
+    tracing::info!("agent stopped");
+    Ok(())
+}
+
+fn dedup<const N: usize>(addrs: [std::net::SocketAddr; N]) -> Vec<std::net::SocketAddr> {
+    let mut out = Vec::new();
+    for a in addrs {
+        if !out.contains(&a) {
+            out.push(a);
+        }
+    }
+    out
+}
+
+fn resolve_paths(s: &Settings) -> Result<Paths, dataplane::Error> {
+    let cg_root = dataplane::cgroup2_root()?;
+    let node_cgroup = if s.node_cgroup.is_absolute() { s.node_cgroup.clone() } else { cg_root.join(&s.node_cgroup) };
+    let pod_cgroup_dir = match &s.pod_cgroup_dir {
+        Some(p) if p.is_absolute() => p.clone(),
+        Some(p) => cg_root.join(p),
+        None => node_cgroup.clone(),
+    };
+    let pin_dir = s.bpf_pin_dir.clone().unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/mesh").join(&s.node));
+    Ok(Paths { node_cgroup, pod_cgroup_dir, netns_dir: s.netns_dir.clone(), pin_dir })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}
+
+struct Agent {
+    settings: Settings,
+    ctx: ProxyContext,
+    pods: HashMap<String, RunningPod>,
+    version: u64,
+    admin: AdminState,
+}
+
+impl Agent {
+    /// Re-reads config; a change compiles and swaps in a new snapshot.
+    fn reload(&mut self, source: &mut DirSource) {
+        let r = source.reload();
+        for e in &r.new_errors {
+            // One line per rejected input, naming file, object and field.
+            tracing::error!(error = %e, "config rejected; the last good version stays in force");
+            self.ctx.metrics.config_rejected.inc();
+        }
+        *self.admin.config_errors.lock().unwrap_or_else(|p| p.into_inner()) =
+            source.standing_errors().iter().map(ToString::to_string).collect();
+        if r.changed || self.version == 0 {
+            self.version += 1;
+            let snap = Snapshot::compile(&r.objects, &self.settings.trust_domain, self.version);
+            tracing::info!(version = self.version, workloads = snap.workloads.len(), "config applied");
+            self.ctx.snapshot.store(Arc::new(snap));
+            self.ctx.metrics.config_applied.inc();
+        }
+    }
+
+    /// Brings the set of served pods in line with the snapshot.
+    fn reconcile(&mut self) {
+        let snap = self.ctx.snapshot.load_full();
+        let desired: HashMap<String, Arc<Workload>> =
+            snap.local_enrolled(&self.settings.node).map(|w| (format!("{}/{}", w.namespace, w.name), w.clone())).collect();
+        let stale: Vec<String> = self
+            .pods
+            .iter()
+            .filter(|(k, p)| desired.get(*k).is_none_or(|w| w.ips != p.proxy.workload.ips || w.identity != p.proxy.workload.identity))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in stale {
+            if let Some(p) = self.pods.remove(&key) {
+                p.proxy.stop();
+                if let Err(e) = self.ctx.dataplane.unenroll(p.enrollment) {
+                    tracing::error!(pod = %key, error = %e, "unenroll failed");
+                }
+                tracing::info!(pod = %key, "pod no longer served here");
+            }
+        }
+        for (key, w) in desired {
+            if self.pods.contains_key(&key) {
+                continue;
+            }
+            match self.start_pod(&w) {
+                Ok(p) => {
+                    self.pods.insert(key, p);
+                }
+                Err(e) => tracing::warn!(pod = %key, error = %e, "cannot serve pod yet; will retry"),
+            }
+        }
+        self.ctx.certs.retain(|id| self.pods.values().any(|p| p.proxy.workload.identity == *id));
+        self.ctx.metrics.enrolled_pods.set(self.pods.len() as i64);
+        let mut names: Vec<String> = self.pods.keys().cloned().collect();
+        names.sort();
+        *self.admin.enrolled.lock().unwrap_or_else(|p| p.into_inner()) = names;
+    }
+
+    fn start_pod(&self, w: &Arc<Workload>) -> Result<RunningPod, crate::proxy::Error> {
+        let dp = &self.ctx.dataplane;
+        let netns = dp.pod_netns(&w.name)?;
+        let sk_netns = Netns::open(netns.path())?;
+        let proxy = PodProxy::start(&self.ctx, w.clone(), netns)?;
+        let enrollment = dp.enroll(&w.name, &sk_netns, &w.ips, &proxy)?;
+        Ok(RunningPod { proxy, enrollment })
+    }
+}

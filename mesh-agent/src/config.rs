@@ -1,0 +1,43 @@
+//! Users' configuration: the Kubernetes objects the mesh reads, parsed with errors that
+//! name file, object and field, and the sources that produce them (a watched directory
+//! of YAML in standalone mode).
+//!
+//! Architecture invariant: only this module knows YAML. Everything downstream works on
+//! the typed [`Object`]s and on the compiled [`crate::state::Snapshot`].
+
+mod parse;
+pub mod resources;
+mod source;
+
+pub use parse::parse_documents;
+pub use resources::Object;
+pub use source::{DirSource, Reload};
+
+use std::fmt;
+use std::path::PathBuf;
+
+/// A rejected configuration input, precise enough to fix without reading the agent's code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct Error {
+    /// The file the input came from.
+    pub file: PathBuf,
+    /// `Kind namespace/name` of the object, when it got that far.
+    pub object: Option<String>,
+    /// Dotted path of the offending field, when known (`spec.ports[0].port`).
+    pub field: Option<String>,
+    /// What is wrong.
+    pub reason: String,
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(o) = &self.object {
+            write!(f, ": {o}")?;
+        }
+        if let Some(field) = &self.field {
+            write!(f, ": field {field}")?;
+        }
+        write!(f, ": {}", self.reason)
+    }
+}

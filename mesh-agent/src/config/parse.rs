@@ -1,0 +1,242 @@
+//! YAML documents -> typed objects. A file is accepted whole or not at all, so a half
+//! applied file never reaches the data plane.
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use serde::de::DeserializeOwned;
+use serde_yaml::Value;
+
+use super::Error;
+use super::resources::{Namespace, Object, Pod, Service};
+
+/// Kinds from other API groups the mesh will read but this version does not enforce yet.
+/// They are refused by name rather than silently ignored: a policy that is accepted but
+/// not enforced is worse than an error.
+const NOT_YET_SUPPORTED: &[&str] = &[
+    "VirtualService",
+    "DestinationRule",
+    "Gateway",
+    "PeerAuthentication",
+    "AuthorizationPolicy",
+    "ServiceProfile",
+    "TrafficSplit",
+    "ServiceEntry",
+    "Sidecar",
+    "EndpointSlice",
+];
+
+/// Parses every YAML document in `text` (the contents of `file`).
+pub fn parse_documents(file: &Path, text: &str) -> Result<Vec<Object>, Error> {
+    let mut objects = Vec::new();
+    let mut seen = HashSet::new();
+    for (index, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let value = <Value as serde::Deserialize>::deserialize(doc).map_err(|e| syntax_error(file, index, &e))?;
+        if value.is_null() {
+            continue; // empty document, e.g. a trailing `---`
+        }
+        let object = parse_object(file, index, value)?;
+        let key = object.key();
+        if !seen.insert(key.clone()) {
+            return Err(Error {
+                file: file.to_owned(),
+                object: Some(describe(&key)),
+                field: Some("metadata.name".into()),
+                reason: "defined twice in this file".into(),
+            });
+        }
+        objects.push(object);
+    }
+    Ok(objects)
+}
+
+/// `Kind namespace/name` or `Kind name`.
+pub(crate) fn describe(key: &(&'static str, String, String)) -> String {
+    let (kind, ns, name) = key;
+    if ns.is_empty() { format!("{kind} {name}") } else { format!("{kind} {ns}/{name}") }
+}
+
+fn syntax_error(file: &Path, index: usize, e: &serde_yaml::Error) -> Error {
+    let at = e.location().map(|l| format!(" at line {} column {}", l.line(), l.column())).unwrap_or_default();
+    Error {
+        file: file.to_owned(),
+        object: Some(format!("document {}", index + 1)),
+        field: None,
+        reason: format!("YAML syntax error{at}: {e}"),
+    }
+}
+
+fn parse_object(file: &Path, index: usize, value: Value) -> Result<Object, Error> {
+    let err = |object: Option<String>, field: &str, reason: String| Error {
+        file: file.to_owned(),
+        object: object.or_else(|| Some(format!("document {}", index + 1))),
+        field: Some(field.to_string()),
+        reason,
+    };
+    if !value.is_mapping() {
+        return Err(err(None, "(root)", "a Kubernetes object must be a mapping".into()));
+    }
+    let kind = value.get("kind").and_then(Value::as_str).ok_or_else(|| err(None, "kind", "missing or not a string".into()))?;
+    let api_version = value
+        .get("apiVersion")
+        .and_then(Value::as_str)
+        .ok_or_else(|| err(None, "apiVersion", "missing or not a string".into()))?;
+    let name = value.get("metadata").and_then(|m| m.get("name")).and_then(Value::as_str).map(str::to_owned);
+    let label = Some(format!("{kind} {}", name.as_deref().unwrap_or("<unnamed>")));
+
+    let expected_version = match kind {
+        "Namespace" | "Pod" | "Service" => "v1",
+        k if NOT_YET_SUPPORTED.contains(&k) => {
+            return Err(err(label, "kind", format!("{k} ({api_version}) is not supported by this agent version yet")));
+        }
+        other => return Err(err(label, "kind", format!("unknown kind {other:?} (apiVersion {api_version})"))),
+    };
+    if api_version != expected_version {
+        return Err(err(label, "apiVersion", format!("{kind} must be apiVersion {expected_version}, got {api_version}")));
+    }
+    let object = match kind {
+        "Namespace" => Object::Namespace(typed::<Namespace>(value).map_err(|(f, r)| err(label.clone(), &f, r))?),
+        "Pod" => Object::Pod(typed::<Pod>(value).map_err(|(f, r)| err(label.clone(), &f, r))?),
+        _ => Object::Service(typed::<Service>(value).map_err(|(f, r)| err(label.clone(), &f, r))?),
+    };
+    let key = object.key();
+    validate(&object).map_err(|(f, r)| err(Some(describe(&key)), &f, r))
+        .map(|()| object)
+}
+
+/// Deserializes with the path of the failing field.
+fn typed<T: DeserializeOwned>(value: Value) -> Result<T, (String, String)> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner().to_string();
+        // serde reports a missing field at its parent; name the field itself.
+        match inner.strip_prefix("missing field `").and_then(|s| s.split('`').next()) {
+            Some(missing) if path == "." => (missing.to_string(), "required field is missing".into()),
+            Some(missing) => (format!("{path}.{missing}"), "required field is missing".into()),
+            None => (path, inner),
+        }
+    })
+}
+
+/// Checks the API server would make before storing the object.
+fn validate(object: &Object) -> Result<(), (String, String)> {
+    let meta = match object {
+        Object::Namespace(n) => &n.metadata,
+        Object::Pod(p) => &p.metadata,
+        Object::Service(s) => &s.metadata,
+    };
+    if !is_dns1123_subdomain(&meta.name) {
+        return Err(("metadata.name".into(), format!("{:?} is not a valid DNS-1123 name", meta.name)));
+    }
+    if let Object::Service(svc) = object {
+        let mut ports = HashSet::new();
+        for (i, p) in svc.spec.ports.iter().enumerate() {
+            if p.port == 0 {
+                return Err((format!("spec.ports[{i}].port"), "must be between 1 and 65535".into()));
+            }
+            if !ports.insert(p.port) {
+                return Err((format!("spec.ports[{i}].port"), format!("port {} is listed twice", p.port)));
+            }
+        }
+        if let Some(ip) = &svc.spec.cluster_ip
+            && !ip.is_empty()
+            && ip != "None"
+            && ip.parse::<std::net::IpAddr>().is_err()
+        {
+            return Err(("spec.clusterIP".into(), format!("{ip:?} is neither an IP address nor \"None\"")));
+        }
+    }
+    Ok(())
+}
+
+/// Kubernetes object names: lowercase alphanumerics, `-` and `.`, at most 253 bytes,
+/// starting and ending with an alphanumeric.
+fn is_dns1123_subdomain(s: &str) -> bool {
+    let alnum = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    !s.is_empty()
+        && s.len() <= 253
+        && s.bytes().all(|b| alnum(b) || b == b'-' || b == b'.')
+        && s.bytes().next().is_some_and(alnum)
+        && s.bytes().last().is_some_and(alnum)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Parses `yaml` and returns the error as a string, or "ok".
+    fn check(yaml: &str) -> String {
+        match parse_documents(Path::new("t.yaml"), yaml) {
+            Ok(objs) => format!("ok {}", objs.len()),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn parses_lab_style_objects() {
+        let yaml = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: production, labels: {istio-injection: enabled}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: myapp-v1, namespace: production, labels: {app: myapp, version: v1}}
+spec:
+  serviceAccountName: myapp
+  nodeName: node2
+  containers: [{name: app, image: echo, ports: [{containerPort: 8080}]}]
+status: {podIP: 10.10.2.2}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: myapp, namespace: production}
+spec:
+  selector: {app: myapp}
+  clusterIP: 10.96.0.20
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+"#;
+        assert_eq!(check(yaml), "ok 3");
+    }
+
+    #[test]
+    fn errors_name_file_object_and_field() {
+        let cases = [
+            ("apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {ports: [{name: x}]}\n",
+             "t.yaml: Service a: field spec.ports[0].port: required field is missing"),
+            ("apiVersion: v1\nkind: Gizmo\nmetadata: {name: a}\n",
+             "t.yaml: Gizmo a: field kind: unknown kind \"Gizmo\" (apiVersion v1)"),
+            ("apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nspec: {containers: [{name: c, ports: [{containerPort: http}]}]}\n",
+             "t.yaml: Pod a: field spec.containers[0].ports[0].containerPort: invalid type: string \"http\", expected u16"),
+            ("apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.0.0.999}\n",
+             "t.yaml: Service default/a: field spec.clusterIP: \"10.0.0.999\" is neither an IP address nor \"None\""),
+            ("apiVersion: v1\nkind: Namespace\nmetadata: {labels: {}}\n",
+             "t.yaml: Namespace <unnamed>: field metadata.name: required field is missing"),
+            ("kind: Pod\nmetadata: {name: a}\n",
+             "t.yaml: Pod a: field apiVersion: missing or not a string"),
+        ];
+        for (yaml, want) in cases {
+            assert_eq!(check(yaml), want, "for {yaml}");
+        }
+    }
+
+    #[test]
+    fn syntax_error_reports_line() {
+        let got = check("apiVersion: v1\nkind: Pod\nmetadata: {name: [\n");
+        assert!(got.starts_with("t.yaml: document 1: YAML syntax error at line"), "{got}");
+    }
+
+    #[test]
+    fn not_yet_supported_kinds_are_refused_by_name() {
+        let got = check("apiVersion: networking.istio.io/v1beta1\nkind: VirtualService\nmetadata: {name: myapp}\n");
+        assert!(got.contains("VirtualService (networking.istio.io/v1beta1) is not supported"), "{got}");
+    }
+
+    #[test]
+    fn duplicate_in_one_file_is_refused() {
+        let doc = "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n";
+        let got = check(&format!("{doc}---\n{doc}"));
+        assert!(got.contains("defined twice"), "{got}");
+    }
+}

@@ -1,0 +1,186 @@
+//! Typed Kubernetes objects, with the fields of the upstream API the mesh uses. Unknown
+//! fields are ignored, as the API server would keep them: users' manifests carry many
+//! fields that are none of the mesh's business.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use serde::Deserialize;
+
+/// A parsed object from any source.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Object {
+    /// `v1/Namespace`.
+    Namespace(Namespace),
+    /// `v1/Pod`.
+    Pod(Pod),
+    /// `v1/Service`.
+    Service(Service),
+}
+
+impl Object {
+    /// `(kind, namespace, name)`; cluster-scoped objects have an empty namespace.
+    pub fn key(&self) -> (&'static str, String, String) {
+        match self {
+            Object::Namespace(n) => ("Namespace", String::new(), n.metadata.name.clone()),
+            Object::Pod(p) => ("Pod", p.metadata.namespace_or_default(), p.metadata.name.clone()),
+            Object::Service(s) => ("Service", s.metadata.namespace_or_default(), s.metadata.name.clone()),
+        }
+    }
+}
+
+/// `metadata`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ObjectMeta {
+    /// Object name.
+    pub name: String,
+    /// Namespace; `default` when absent, as kubectl does.
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// Labels.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Annotations.
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
+}
+
+impl ObjectMeta {
+    /// The namespace, `default` when unset.
+    pub fn namespace_or_default(&self) -> String {
+        self.namespace.clone().unwrap_or_else(|| "default".to_string())
+    }
+}
+
+/// `v1/Namespace`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Namespace {
+    /// Metadata; labels decide enrollment.
+    pub metadata: ObjectMeta,
+}
+
+/// `v1/Pod`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Pod {
+    /// Metadata.
+    pub metadata: ObjectMeta,
+    /// Spec.
+    pub spec: PodSpec,
+    /// Status: `podIP` is where the pod is reached.
+    #[serde(default)]
+    pub status: PodStatus,
+}
+
+/// `Pod.spec`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodSpec {
+    /// Service account; its SPIFFE identity is the pod's identity (`default` if unset).
+    #[serde(default)]
+    pub service_account_name: Option<String>,
+    /// Node the pod runs on.
+    #[serde(default)]
+    pub node_name: Option<String>,
+    /// Containers (only their ports matter to the mesh).
+    #[serde(default)]
+    pub containers: Vec<Container>,
+}
+
+/// `Pod.spec.containers[]`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Container {
+    /// Container name.
+    pub name: String,
+    /// Declared ports.
+    #[serde(default)]
+    pub ports: Vec<ContainerPort>,
+}
+
+/// `Pod.spec.containers[].ports[]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerPort {
+    /// Port number.
+    pub container_port: u16,
+    /// Port name, referenced by a Service `targetPort`.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// `TCP` (default), `UDP` or `SCTP`.
+    #[serde(default)]
+    pub protocol: Option<String>,
+}
+
+/// `Pod.status`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodStatus {
+    /// Primary address.
+    #[serde(default, rename = "podIP")]
+    pub pod_ip: Option<IpAddr>,
+    /// All addresses (dual stack).
+    #[serde(default, rename = "podIPs")]
+    pub pod_ips: Vec<PodIp>,
+}
+
+/// `Pod.status.podIPs[]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct PodIp {
+    /// The address.
+    pub ip: IpAddr,
+}
+
+/// `v1/Service`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Service {
+    /// Metadata.
+    pub metadata: ObjectMeta,
+    /// Spec.
+    pub spec: ServiceSpec,
+}
+
+/// `Service.spec`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceSpec {
+    /// Pods with all these labels (same namespace) are the endpoints.
+    #[serde(default)]
+    pub selector: BTreeMap<String, String>,
+    /// Ports.
+    #[serde(default)]
+    pub ports: Vec<ServicePort>,
+    /// The virtual IP, or `None` for a headless service.
+    #[serde(default, rename = "clusterIP")]
+    pub cluster_ip: Option<String>,
+    /// All virtual IPs (dual stack).
+    #[serde(default, rename = "clusterIPs")]
+    pub cluster_ips: Vec<String>,
+}
+
+/// `Service.spec.ports[]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServicePort {
+    /// Port name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The service port clients dial.
+    pub port: u16,
+    /// The pod port: a number or a container port name; defaults to `port`.
+    #[serde(default)]
+    pub target_port: Option<IntOrString>,
+    /// `TCP` (default).
+    #[serde(default)]
+    pub protocol: Option<String>,
+}
+
+/// Kubernetes `IntOrString`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum IntOrString {
+    /// A number.
+    Int(u16),
+    /// A name.
+    String(String),
+}

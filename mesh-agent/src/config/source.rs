@@ -1,0 +1,236 @@
+//! Standalone config source: a directory of YAML files, re-read when it changes.
+//!
+//! Each file is accepted or rejected whole. A rejected file keeps its last good version
+//! in force (or contributes nothing if it never had one), so a typo never takes down
+//! traffic that was flowing.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use notify::{RecursiveMode, Watcher as _};
+use tokio::sync::mpsc;
+
+use super::parse::{describe, parse_documents};
+use super::{Error, Object};
+
+/// File extensions read from the directory.
+const EXTENSIONS: &[&str] = &["yaml", "yml", "json"];
+/// Editors write files in several steps; wait this long after the last event before
+/// re-reading, so one save is one reload.
+const DEBOUNCE: Duration = Duration::from_millis(100);
+
+#[derive(Debug)]
+struct FileState {
+    contents: String,
+    /// Last good objects of this file.
+    good: Arc<Vec<Object>>,
+    /// The error reported for `contents`, if it was rejected.
+    error: Option<Error>,
+}
+
+/// The result of one reload.
+#[derive(Debug, Default)]
+pub struct Reload {
+    /// Every object in force, in file order.
+    pub objects: Vec<Object>,
+    /// Errors found in files that changed since the last reload (each reported once).
+    pub new_errors: Vec<Error>,
+    /// Whether anything in force changed.
+    pub changed: bool,
+}
+
+/// A watched directory of YAML manifests.
+#[derive(Debug)]
+pub struct DirSource {
+    dir: PathBuf,
+    files: BTreeMap<PathBuf, FileState>,
+}
+
+impl DirSource {
+    /// A source reading `dir` (created if missing).
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into(), files: BTreeMap::new() }
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Errors currently standing (files whose latest contents are rejected).
+    pub fn standing_errors(&self) -> Vec<Error> {
+        self.files.values().filter_map(|f| f.error.clone()).collect()
+    }
+
+    /// Re-reads the directory.
+    pub fn reload(&mut self) -> Reload {
+        let mut out = Reload::default();
+        let paths = match list(&self.dir) {
+            Ok(p) => p,
+            Err(e) => {
+                // An unreadable directory changes nothing: keep serving what we have.
+                out.new_errors.push(Error {
+                    file: self.dir.clone(),
+                    object: None,
+                    field: None,
+                    reason: format!("cannot list config directory: {e}"),
+                });
+                out.objects = self.objects();
+                return out;
+            }
+        };
+        let before: Vec<PathBuf> = self.files.keys().cloned().collect();
+        for gone in before.iter().filter(|p| !paths.contains(p)) {
+            self.files.remove(gone);
+            out.changed = true;
+        }
+        for path in paths {
+            let Ok(contents) = std::fs::read_to_string(&path) else { continue };
+            if self.files.get(&path).is_some_and(|f| f.contents == contents) {
+                continue;
+            }
+            let parsed = parse_documents(&path, &contents);
+            let prev_good = self.files.get(&path).map(|f| f.good.clone());
+            let state = match parsed {
+                Ok(objects) => {
+                    out.changed = true;
+                    FileState { contents, good: Arc::new(objects), error: None }
+                }
+                Err(e) => {
+                    out.new_errors.push(e.clone());
+                    FileState { contents, good: prev_good.unwrap_or_default(), error: Some(e) }
+                }
+            };
+            self.files.insert(path, state);
+        }
+        out.new_errors.extend(self.duplicates_across_files());
+        out.objects = self.objects();
+        out
+    }
+
+    /// Objects in force; on a name defined in two files, the first file (by name) wins
+    /// and the later one is reported.
+    fn objects(&self) -> Vec<Object> {
+        let mut seen = HashMap::new();
+        let mut objects = Vec::new();
+        for (path, f) in &self.files {
+            for o in f.good.iter() {
+                if seen.insert(o.key(), path).is_none() {
+                    objects.push(o.clone());
+                }
+            }
+        }
+        objects
+    }
+
+    fn duplicates_across_files(&self) -> Vec<Error> {
+        let mut seen: HashMap<_, &PathBuf> = HashMap::new();
+        let mut errors = Vec::new();
+        for (path, f) in &self.files {
+            for o in f.good.iter() {
+                let key = o.key();
+                if let Some(first) = seen.get(&key) {
+                    errors.push(Error {
+                        file: path.clone(),
+                        object: Some(describe(&key)),
+                        field: Some("metadata.name".into()),
+                        reason: format!("already defined in {}; this definition is ignored", first.display()),
+                    });
+                } else {
+                    seen.insert(key, path);
+                }
+            }
+        }
+        errors
+    }
+}
+
+fn list(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut paths = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let hidden = path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'));
+        let ext_ok = path.extension().and_then(|e| e.to_str()).is_some_and(|e| EXTENSIONS.contains(&e));
+        if path.is_file() && ext_ok && !hidden {
+            paths.push(path);
+        }
+    }
+    paths.sort();
+    Ok(paths)
+}
+
+/// Watches `dir` and sends one message per burst of changes. The watcher lives as long
+/// as the returned guard.
+pub fn watch(dir: &Path) -> notify::Result<(notify::RecommendedWatcher, mpsc::Receiver<()>)> {
+    let (raw_tx, mut raw_rx) = mpsc::unbounded_channel();
+    let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+        if ev.is_ok() {
+            let _ = raw_tx.send(());
+        }
+    })?;
+    watcher.watch(dir, RecursiveMode::NonRecursive)?;
+    let (tx, rx) = mpsc::channel(1);
+    tokio::spawn(async move {
+        while raw_rx.recv().await.is_some() {
+            // Swallow the rest of the burst.
+            while let Ok(Some(())) = tokio::time::timeout(DEBOUNCE, raw_rx.recv()).await {}
+            if tx.send(()).await.is_err() {
+                break;
+            }
+        }
+    });
+    Ok((watcher, rx))
+}
+
+impl DirSource {
+    /// See [`watch`].
+    pub fn watch(&self) -> notify::Result<(notify::RecommendedWatcher, mpsc::Receiver<()>)> {
+        watch(&self.dir)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NS: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n";
+
+    #[test]
+    fn bad_edit_keeps_last_good_version_and_reports_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("ns.yaml");
+        std::fs::write(&file, NS).unwrap();
+        let mut src = DirSource::new(dir.path());
+        let r = src.reload();
+        assert_eq!(r.objects.len(), 1);
+        assert!(r.new_errors.is_empty());
+
+        std::fs::write(&file, "apiVersion: v1\nkind: Namespace\nmetadata: {name: [\n").unwrap();
+        let r = src.reload();
+        assert_eq!(r.objects.len(), 1, "last good version must stay in force");
+        assert_eq!(r.new_errors.len(), 1);
+        assert!(!r.changed);
+
+        let r = src.reload();
+        assert!(r.new_errors.is_empty(), "an unchanged bad file is reported once");
+        assert_eq!(src.standing_errors().len(), 1);
+
+        std::fs::remove_file(&file).unwrap();
+        let r = src.reload();
+        assert!(r.objects.is_empty() && r.changed);
+    }
+
+    #[test]
+    fn same_object_in_two_files_first_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.yaml"), NS).unwrap();
+        std::fs::write(dir.path().join("b.yaml"), NS).unwrap();
+        std::fs::write(dir.path().join("notes.txt"), "ignored").unwrap();
+        let r = DirSource::new(dir.path()).reload();
+        assert_eq!(r.objects.len(), 1);
+        assert_eq!(r.new_errors.len(), 1);
+        assert!(r.new_errors[0].to_string().contains("b.yaml: Namespace a: field metadata.name: already defined in"));
+    }
+}

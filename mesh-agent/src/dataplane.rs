@@ -1,0 +1,420 @@
+//! The kernel side as the agent drives it: loading and attaching the programs, pinning
+//! maps and links under a per-node bpffs directory, and keeping the tables in sync with
+//! the enrolled pods.
+//!
+//! Architecture invariant: this is the only module that calls aya. Capture stays in
+//! place when the agent exits (links are pinned), so a dead agent fails closed: enrolled
+//! pods' connections are refused, never sent around the mesh in plaintext.
+
+mod mounts;
+mod netns;
+
+pub use mounts::{cgroup2_root, ensure_bpffs};
+pub use netns::Netns;
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, SockMap};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps};
+use aya::{Ebpf, EbpfLoader};
+use mesh_common::{
+    CONFIG_FLAG_READY, InboundPod, IpKey, MeshConfig, OrigDst, POD_FLAG_ENROLLED, POD_FLAG_HAS_IP6, PodInfo,
+    SockAddrKey, maps, programs,
+};
+
+/// The kernel object built by `mesh-ebpf` (see build.rs).
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf"));
+
+/// Sub-directory of the pin directory holding pinned links.
+const LINKS_DIR: &str = "links";
+
+/// Errors of the data plane.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Loading the object or a program failed (the verifier log is in the source).
+    #[error("loading eBPF: {0}")]
+    Load(#[from] aya::EbpfError),
+    /// A program could not be loaded or attached.
+    #[error("program {program}: {source}")]
+    Program {
+        /// Program name.
+        program: &'static str,
+        /// aya's error, with the verifier log for load failures.
+        source: aya::programs::ProgramError,
+    },
+    /// A map is missing or could not be updated.
+    #[error("map {map}: {reason}")]
+    Map {
+        /// Map name.
+        map: &'static str,
+        /// What failed.
+        reason: String,
+    },
+    /// A link could not be pinned or unpinned.
+    #[error("link {path}: {reason}")]
+    Link {
+        /// Pin path.
+        path: PathBuf,
+        /// What failed.
+        reason: String,
+    },
+    /// A file the data plane needs (cgroup, netns, bpffs) is not usable.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A system call failed.
+    #[error("{call}: {source}")]
+    Sys {
+        /// What was called.
+        call: String,
+        /// errno.
+        source: nix::Error,
+    },
+    /// No slot left for another pod on this node.
+    #[error("no free inbound listener slot ({0} pods enrolled)")]
+    NoSlot(u32),
+}
+
+fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> Error {
+    move |e| Error::Map { map, reason: e.to_string() }
+}
+
+fn io_err(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
+    move |source| Error::Io { path: path.to_owned(), source }
+}
+
+/// Where the node's kernel objects live.
+#[derive(Debug, Clone)]
+pub struct Paths {
+    /// cgroup v2 directory the capture programs attach to.
+    pub node_cgroup: PathBuf,
+    /// Directory of pod cgroups (`<dir>/<pod>`).
+    pub pod_cgroup_dir: PathBuf,
+    /// Directory of pod network namespaces (`<dir>/<pod>`).
+    pub netns_dir: PathBuf,
+    /// bpffs directory for this node's maps and links.
+    pub pin_dir: PathBuf,
+}
+
+/// Tables written by the reconcile loop; one lock, writes are rare.
+struct Tables {
+    enrolled: BpfHashMap<MapData, u64, PodInfo>,
+    inbound_pods: BpfHashMap<MapData, IpKey, InboundPod>,
+    listeners: SockMap<MapData>,
+    config: Array<MapData, MeshConfig>,
+    excluded_ports: BpfHashMap<MapData, u32, u32>,
+}
+
+/// A pod's kernel-side enrollment.
+#[derive(Debug)]
+pub struct PodEnrollment {
+    cgroup_id: u64,
+    slot: u32,
+    ips: Vec<IpKey>,
+    sk_lookup_pin: PathBuf,
+}
+
+/// The loaded programs and their maps.
+pub struct Dataplane {
+    ebpf: Mutex<Ebpf>,
+    tables: Mutex<Tables>,
+    orig_dst: BpfHashMap<MapData, SockAddrKey, OrigDst>,
+    paths: Paths,
+    /// Suffix of this run's pinned links, so a restart can tell old links from new.
+    generation: String,
+    /// Links pinned by an earlier run, detached once this run's are in place.
+    stale_links: Mutex<Vec<PathBuf>>,
+    used_slots: Mutex<BTreeSet<u32>>,
+}
+
+impl std::fmt::Debug for Dataplane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dataplane").field("paths", &self.paths).field("generation", &self.generation).finish()
+    }
+}
+
+impl Dataplane {
+    /// Loads the programs, reusing maps pinned by an earlier run, and attaches the cgroup
+    /// programs to the node cgroup. Links of an earlier run are detached by
+    /// [`Dataplane::finish_takeover`] once this run serves every pod.
+    pub fn load(paths: Paths, bypass_mark: u32, excluded_ports: &[u16]) -> Result<Self, Error> {
+        ensure_bpffs(&paths.pin_dir)?;
+        let links_dir = paths.pin_dir.join(LINKS_DIR);
+        std::fs::create_dir_all(&links_dir).map_err(io_err(&links_dir))?;
+        let stale_links = list_dir(&links_dir)?;
+
+        let kernel_log_level: u8 = if tracing::enabled!(target: "mesh_ebpf", tracing::Level::DEBUG) { 4 } else { 2 };
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&paths.pin_dir)
+            .override_global("AYA_LOG_LEVEL", &kernel_log_level, false)
+            .load(EBPF_OBJECT)?;
+        start_kernel_log(&mut ebpf);
+
+        let generation = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0).to_string();
+        let take = |ebpf: &mut Ebpf, name: &'static str| {
+            ebpf.take_map(name).ok_or(Error::Map { map: name, reason: "missing from the object".into() })
+        };
+        let tables = Tables {
+            enrolled: BpfHashMap::try_from(take(&mut ebpf, maps::ENROLLED_PODS)?).map_err(map_err(maps::ENROLLED_PODS))?,
+            inbound_pods: BpfHashMap::try_from(take(&mut ebpf, maps::INBOUND_PODS)?).map_err(map_err(maps::INBOUND_PODS))?,
+            listeners: SockMap::try_from(take(&mut ebpf, maps::INBOUND_LISTENERS)?).map_err(map_err(maps::INBOUND_LISTENERS))?,
+            config: Array::try_from(take(&mut ebpf, maps::MESH_CONFIG)?).map_err(map_err(maps::MESH_CONFIG))?,
+            excluded_ports: BpfHashMap::try_from(take(&mut ebpf, maps::EXCLUDED_PORTS)?).map_err(map_err(maps::EXCLUDED_PORTS))?,
+        };
+        let orig_dst = BpfHashMap::try_from(take(&mut ebpf, maps::ORIG_DST)?).map_err(map_err(maps::ORIG_DST))?;
+
+        let dp = Self {
+            ebpf: Mutex::new(ebpf),
+            tables: Mutex::new(tables),
+            orig_dst,
+            paths,
+            generation,
+            stale_links: Mutex::new(stale_links),
+            used_slots: Mutex::new(BTreeSet::new()),
+        };
+        dp.write_config(bypass_mark, excluded_ports)?;
+        dp.attach_cgroup_programs()?;
+        Ok(dp)
+    }
+
+    /// The paths this data plane uses.
+    pub fn paths(&self) -> &Paths {
+        &self.paths
+    }
+
+    fn write_config(&self, bypass_mark: u32, excluded_ports: &[u16]) -> Result<(), Error> {
+        let mut t = self.tables.lock().unwrap_or_else(|p| p.into_inner());
+        let cfg = MeshConfig { bypass_mark, flags: CONFIG_FLAG_READY };
+        t.config.set(0, cfg, 0).map_err(map_err(maps::MESH_CONFIG))?;
+        let stale: Vec<u32> = t.excluded_ports.keys().filter_map(Result::ok).collect();
+        for p in stale {
+            if !excluded_ports.contains(&(p as u16)) {
+                t.excluded_ports.remove(&p).map_err(map_err(maps::EXCLUDED_PORTS))?;
+            }
+        }
+        for p in excluded_ports {
+            t.excluded_ports.insert(u32::from(*p), 1, 0).map_err(map_err(maps::EXCLUDED_PORTS))?;
+        }
+        Ok(())
+    }
+
+    fn attach_cgroup_programs(&self) -> Result<(), Error> {
+        let cgroup = File::open(&self.paths.node_cgroup).map_err(io_err(&self.paths.node_cgroup))?;
+        let mut ebpf = self.ebpf.lock().unwrap_or_else(|p| p.into_inner());
+        for name in [programs::CONNECT4, programs::CONNECT6, programs::GETPEERNAME4, programs::GETPEERNAME6] {
+            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+            prog.load().map_err(|source| Error::Program { program: name, source })?;
+            // Multi-attach: the previous run's program stays attached until ours is in
+            // place, so there is no window without capture during a restart.
+            let id = prog.attach(&cgroup, CgroupAttachMode::AllowMultiple).map_err(|source| Error::Program { program: name, source })?;
+            let link = prog.take_link(id).map_err(|source| Error::Program { program: name, source })?;
+            let link = FdLink::try_from(link).map_err(|e| Error::Link { path: name.into(), reason: e.to_string() })?;
+            self.pin(link, name)?;
+        }
+        let prog: &mut SockOps = program(&mut ebpf, programs::SOCKOPS)?;
+        let name = programs::SOCKOPS;
+        prog.load().map_err(|source| Error::Program { program: name, source })?;
+        let id = prog.attach(&cgroup, CgroupAttachMode::AllowMultiple).map_err(|source| Error::Program { program: name, source })?;
+        let link = prog.take_link(id).map_err(|source| Error::Program { program: name, source })?;
+        let link = FdLink::try_from(link).map_err(|e| Error::Link { path: name.into(), reason: e.to_string() })?;
+        self.pin(link, name)?;
+
+        let prog: &mut SkLookup = program(&mut ebpf, programs::SK_LOOKUP)?;
+        prog.load().map_err(|source| Error::Program { program: programs::SK_LOOKUP, source })?;
+        tracing::info!(cgroup = %self.paths.node_cgroup.display(), pin_dir = %self.paths.pin_dir.display(), "capture programs attached");
+        Ok(())
+    }
+
+    fn pin(&self, link: FdLink, name: &str) -> Result<PathBuf, Error> {
+        let path = self.paths.pin_dir.join(LINKS_DIR).join(format!("{name}@{}", self.generation));
+        link.pin(&path).map_err(|e| Error::Link { path: path.clone(), reason: e.to_string() })?;
+        Ok(path)
+    }
+
+    /// Detaches links left pinned by an earlier run and drops table entries of pods that
+    /// are no longer enrolled. Call once every current pod is enrolled.
+    pub fn finish_takeover(&self, current: &[&PodEnrollment]) -> Result<(), Error> {
+        let stale = std::mem::take(&mut *self.stale_links.lock().unwrap_or_else(|p| p.into_inner()));
+        for path in stale {
+            unpin(&path)?;
+        }
+        let keep_cgroups: BTreeSet<u64> = current.iter().map(|p| p.cgroup_id).collect();
+        let keep_ips: BTreeSet<IpKey> = current.iter().flat_map(|p| p.ips.iter().copied()).collect();
+        let mut t = self.tables.lock().unwrap_or_else(|p| p.into_inner());
+        let gone: Vec<u64> = t.enrolled.keys().filter_map(Result::ok).filter(|k| !keep_cgroups.contains(k)).collect();
+        for k in gone {
+            t.enrolled.remove(&k).map_err(map_err(maps::ENROLLED_PODS))?;
+        }
+        let gone: Vec<IpKey> = t.inbound_pods.keys().filter_map(Result::ok).filter(|k| !keep_ips.contains(k)).collect();
+        for k in gone {
+            t.inbound_pods.remove(&k).map_err(map_err(maps::INBOUND_PODS))?;
+        }
+        Ok(())
+    }
+
+    /// Opens the network namespace of pod `name`.
+    pub fn pod_netns(&self, name: &str) -> Result<Netns, Error> {
+        Netns::open(&self.paths.netns_dir.join(name))
+    }
+
+    /// The cgroup v2 id of pod `name` (the inode number of its cgroup directory).
+    pub fn pod_cgroup_id(&self, name: &str) -> Result<u64, Error> {
+        let path = self.paths.pod_cgroup_dir.join(name);
+        Ok(std::fs::metadata(&path).map_err(io_err(&path))?.ino())
+    }
+
+    /// Starts capturing pod `name`: steers its inbound connections to `inbound_listener`
+    /// (a listening socket in the pod's netns) and redirects its outbound connections to
+    /// its outbound listener. Listeners must exist before this is called.
+    pub fn enroll(
+        &self,
+        name: &str,
+        netns: &Netns,
+        ips: &[std::net::IpAddr],
+        inbound_listener: &impl AsRawFd,
+    ) -> Result<PodEnrollment, Error> {
+        let cgroup_id = self.pod_cgroup_id(name)?;
+        let slot = self.alloc_slot()?;
+        let result = self.enroll_in_slot(name, netns, ips, inbound_listener, cgroup_id, slot);
+        if result.is_err() {
+            self.free_slot(slot);
+        }
+        result
+    }
+
+    fn enroll_in_slot(
+        &self,
+        name: &str,
+        netns: &Netns,
+        ips: &[std::net::IpAddr],
+        inbound_listener: &impl AsRawFd,
+        cgroup_id: u64,
+        slot: u32,
+    ) -> Result<PodEnrollment, Error> {
+        let ip_keys: Vec<IpKey> = ips.iter().map(|ip| IpKey::from_ip(*ip)).collect();
+        let mut info = PodInfo { flags: POD_FLAG_ENROLLED, ..Default::default() };
+        for ip in ips {
+            match ip {
+                std::net::IpAddr::V4(v4) if info.ip4 == 0 => info.ip4 = mesh_common::ip4_word(*v4),
+                std::net::IpAddr::V6(_) if info.flags & POD_FLAG_HAS_IP6 == 0 => {
+                    info.ip6 = IpKey::from_ip(*ip);
+                    info.flags |= POD_FLAG_HAS_IP6;
+                }
+                _ => {}
+            }
+        }
+        // The sk_lookup link is attached to the pod's netns and pinned, so inbound
+        // capture survives an agent restart.
+        let pin = {
+            let mut ebpf = self.ebpf.lock().unwrap_or_else(|p| p.into_inner());
+            let prog: &mut SkLookup = program(&mut ebpf, programs::SK_LOOKUP)?;
+            let id = prog.attach(netns.file()).map_err(|source| Error::Program { program: programs::SK_LOOKUP, source })?;
+            let link = prog.take_link(id).map_err(|source| Error::Program { program: programs::SK_LOOKUP, source })?;
+            self.pin(FdLink::from(link), &format!("{}@{name}", programs::SK_LOOKUP))?
+        };
+        let mut t = self.tables.lock().unwrap_or_else(|p| p.into_inner());
+        t.listeners.set(slot, inbound_listener, 0).map_err(map_err(maps::INBOUND_LISTENERS))?;
+        for key in &ip_keys {
+            t.inbound_pods.insert(key, InboundPod { slot, flags: 0 }, 0).map_err(map_err(maps::INBOUND_PODS))?;
+        }
+        // Last: outbound capture starts only once everything that serves it exists.
+        t.enrolled.insert(cgroup_id, info, 0).map_err(map_err(maps::ENROLLED_PODS))?;
+        Ok(PodEnrollment { cgroup_id, slot, ips: ip_keys, sk_lookup_pin: pin })
+    }
+
+    /// Stops capturing a pod.
+    pub fn unenroll(&self, pod: PodEnrollment) -> Result<(), Error> {
+        {
+            let mut t = self.tables.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = t.enrolled.remove(&pod.cgroup_id);
+            for k in &pod.ips {
+                let _ = t.inbound_pods.remove(k);
+            }
+            let _ = t.listeners.clear_index(&pod.slot);
+        }
+        self.free_slot(pod.slot);
+        unpin(&pod.sk_lookup_pin)
+    }
+
+    /// The original destination of a connection accepted on an outbound listener, looked
+    /// up by its peer (the client) address.
+    pub fn orig_dst(&self, client: SocketAddr) -> Option<SocketAddr> {
+        let key = SockAddrKey::from_socket_addr(client);
+        self.orig_dst.get(&key, 0).ok().map(|o| o.socket_addr())
+    }
+
+    fn alloc_slot(&self) -> Result<u32, Error> {
+        let mut used = self.used_slots.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = (0..mesh_common::capacity::PODS).find(|s| !used.contains(s)).ok_or(Error::NoSlot(used.len() as u32))?;
+        used.insert(slot);
+        Ok(slot)
+    }
+
+    fn free_slot(&self, slot: u32) {
+        self.used_slots.lock().unwrap_or_else(|p| p.into_inner()).remove(&slot);
+    }
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, Error>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let prog = ebpf.program_mut(name).ok_or(Error::Map { map: "programs", reason: format!("{name} missing from the object") })?;
+    prog.try_into().map_err(|source| Error::Program { program: name, source })
+}
+
+fn unpin(path: &Path) -> Result<(), Error> {
+    match PinnedLink::from_pin(path) {
+        Ok(link) => {
+            // Dropping the unpinned link closes its last fd, which detaches it.
+            link.unpin().map_err(|e| Error::Link { path: path.to_owned(), reason: e.to_string() })?;
+            Ok(())
+        }
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "stale pinned link could not be opened; removing the pin");
+            let _ = std::fs::remove_file(path);
+            Ok(())
+        }
+    }
+}
+
+fn list_dir(dir: &Path) -> Result<Vec<PathBuf>, Error> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).map_err(io_err(dir))? {
+        out.push(e.map_err(io_err(dir))?.path());
+    }
+    Ok(out)
+}
+
+/// Forwards aya-log records from the kernel programs to the agent's log (target
+/// `mesh_ebpf`, debug level for per-connection events).
+fn start_kernel_log(ebpf: &mut Ebpf) {
+    match aya_log::EbpfLogger::init(ebpf) {
+        Ok(logger) => match tokio::io::unix::AsyncFd::with_interest(logger, tokio::io::Interest::READABLE) {
+            Ok(mut fd) => {
+                tokio::spawn(async move {
+                    loop {
+                        let Ok(mut guard) = fd.readable_mut().await else { break };
+                        guard.get_inner_mut().flush();
+                        guard.clear_ready();
+                    }
+                });
+            }
+            Err(e) => tracing::warn!(error = %e, "kernel log forwarding unavailable"),
+        },
+        // No log statements compiled in at this level: nothing to forward.
+        Err(e) => tracing::debug!(error = %e, "kernel log forwarding not started"),
+    }
+}

@@ -1,0 +1,49 @@
+//! Workload identities: SPIFFE names, the mesh CA, workload certificates and the rustls
+//! configurations built from them.
+
+mod ca;
+mod certs;
+mod spiffe;
+mod verify;
+
+pub use ca::{CaFiles, MeshCa};
+pub use certs::{CertStore, WorkloadCert};
+pub use spiffe::Identity;
+pub use verify::{PeerVerifier, client_config, peer_identity, server_config};
+
+use std::path::PathBuf;
+
+/// Errors of the identity module.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A CA file could not be read or written.
+    #[error("CA file {path}: {source}")]
+    CaFile {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A CA file has invalid contents.
+    #[error("CA file {path}: {reason}")]
+    CaInvalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Certificate generation or signing failed.
+    #[error("certificate generation for {what}: {source}")]
+    Generate {
+        /// What was being generated.
+        what: String,
+        /// The rcgen error.
+        source: rcgen::Error,
+    },
+    /// A SPIFFE identity could not be parsed.
+    #[error("invalid SPIFFE identity {0:?}: expected spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>")]
+    InvalidSpiffe(String),
+    /// A rustls configuration could not be built.
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+}

@@ -1,0 +1,258 @@
+//! Peer verification: the chain must lead to the mesh root, and the SPIFFE identity in
+//! the URI SAN must be what the caller expects (client side) or belong to an accepted
+//! trust domain (server side). rustls configurations for both ends of the tunnel.
+
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
+
+use super::{CertStore, Error, Identity};
+
+/// ALPN for the tunnel: HTTP/2.
+const ALPN_H2: &[u8] = b"h2";
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The SPIFFE identity in a certificate's URI SAN, if there is exactly one.
+pub fn peer_identity(cert: &CertificateDer<'_>) -> Option<Identity> {
+    let (_, x509) = x509_parser::parse_x509_certificate(cert).ok()?;
+    let san = x509.subject_alternative_name().ok()??;
+    let mut uris = san.value.general_names.iter().filter_map(|n| match n {
+        x509_parser::extensions::GeneralName::URI(u) => Some(*u),
+        _ => None,
+    });
+    let first = uris.next()?;
+    if uris.next().is_some() {
+        // A certificate naming two workloads is ambiguous: refuse it.
+        return None;
+    }
+    Identity::parse(first).ok()
+}
+
+/// Verifies peers against the mesh roots and a set of accepted trust domains.
+#[derive(Debug, Clone)]
+pub struct PeerVerifier {
+    roots: Arc<RootCertStore>,
+    trust_domains: Arc<[String]>,
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl PeerVerifier {
+    /// A verifier trusting `roots` and identities in `trust_domains` (the configured
+    /// trust domain and its aliases).
+    pub fn new(roots: &[CertificateDer<'static>], trust_domains: Vec<String>) -> Result<Self, Error> {
+        let mut store = RootCertStore::empty();
+        for r in roots {
+            store.add(r.clone())?;
+        }
+        Ok(Self {
+            roots: Arc::new(store),
+            trust_domains: trust_domains.into(),
+            algs: provider().signature_verification_algorithms,
+        })
+    }
+
+    fn check_trust_domain(&self, id: &Identity) -> Result<(), rustls::Error> {
+        if self.trust_domains.iter().any(|td| **td == *id.trust_domain) {
+            Ok(())
+        } else {
+            Err(cert_error(format!("identity {id} is outside the accepted trust domains")))
+        }
+    }
+}
+
+fn cert_error(reason: String) -> rustls::Error {
+    rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(Arc::new(
+        std::io::Error::new(std::io::ErrorKind::PermissionDenied, reason),
+    ))))
+}
+
+/// Client side: the server must present exactly the expected identity.
+#[derive(Debug)]
+struct ExpectIdentity {
+    verifier: PeerVerifier,
+    expected: Identity,
+}
+
+impl ServerCertVerifier for ExpectIdentity {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &self.verifier.roots,
+            intermediates,
+            now,
+            self.verifier.algs.all,
+        )?;
+        let got = peer_identity(end_entity).ok_or_else(|| cert_error("no SPIFFE identity in certificate".into()))?;
+        if got != self.expected {
+            return Err(cert_error(format!("server identity {got} is not the expected {}", self.expected)));
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.verifier.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.verifier.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.verifier.algs.supported_schemes()
+    }
+}
+
+/// Server side: the client must present a mesh certificate with a SPIFFE identity in an
+/// accepted trust domain. Which identities may do what is authorization, not
+/// authentication, and is decided after the handshake.
+#[derive(Debug)]
+struct MeshClientVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    verifier: PeerVerifier,
+}
+
+impl ClientCertVerifier for MeshClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.inner.verify_client_cert(end_entity, intermediates, now)?;
+        let id = peer_identity(end_entity).ok_or_else(|| cert_error("no SPIFFE identity in client certificate".into()))?;
+        self.verifier.check_trust_domain(&id)?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// Serves the current certificate of one identity; re-issued certificates are picked up
+/// by the next handshake without touching established connections.
+#[derive(Debug)]
+struct CurrentCert {
+    store: Arc<CertStore>,
+    identity: Identity,
+}
+
+impl ResolvesServerCert for CurrentCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        match self.store.get(&self.identity) {
+            Ok(c) => Some(c.certified_key.clone()),
+            Err(e) => {
+                tracing::error!(identity = %self.identity, error = %e, "no certificate to serve");
+                None
+            }
+        }
+    }
+}
+
+/// TLS 1.3 server configuration for the HBONE listener of the pod with `identity`.
+pub fn server_config(
+    store: Arc<CertStore>,
+    identity: Identity,
+    verifier: &PeerVerifier,
+) -> Result<Arc<rustls::ServerConfig>, Error> {
+    let provider = provider();
+    let webpki = WebPkiClientVerifier::builder_with_provider(verifier.roots.clone(), provider.clone())
+        .build()
+        .map_err(|e| Error::Tls(rustls::Error::General(e.to_string())))?;
+    let client_verifier = Arc::new(MeshClientVerifier { inner: webpki, verifier: verifier.clone() });
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(client_verifier)
+        .with_cert_resolver(Arc::new(CurrentCert { store, identity }));
+    cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// TLS 1.3 client configuration for a tunnel from `source` to a server that must be
+/// `expected`.
+pub fn client_config(
+    store: Arc<CertStore>,
+    source: Identity,
+    expected: Identity,
+    verifier: &PeerVerifier,
+) -> Result<Arc<rustls::ClientConfig>, Error> {
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(ExpectIdentity { verifier: verifier.clone(), expected }))
+        .with_client_cert_resolver(Arc::new(ClientCert { store, identity: source }));
+    cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// Client certificate of the source workload, current at each handshake.
+#[derive(Debug)]
+struct ClientCert {
+    store: Arc<CertStore>,
+    identity: Identity,
+}
+
+impl rustls::client::ResolvesClientCert for ClientCert {
+    fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        match self.store.get(&self.identity) {
+            Ok(c) => Some(c.certified_key.clone()),
+            Err(e) => {
+                tracing::error!(identity = %self.identity, error = %e, "no client certificate");
+                None
+            }
+        }
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}

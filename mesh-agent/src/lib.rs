@@ -1,0 +1,15 @@
+//! The mesh node agent: captures enrolled pods' TCP through the kernel programs, carries it
+//! over an mTLS HTTP/2 CONNECT (HBONE) tunnel between nodes, and serves the admin API.
+//!
+//! Start at [`app::run`]; `docs/ARCHITECTURE.md` has the map of modules and invariants.
+#![deny(unsafe_code)]
+
+pub mod admin;
+pub mod app;
+pub mod config;
+pub mod dataplane;
+pub mod identity;
+pub mod proxy;
+pub mod settings;
+pub mod state;
+pub mod telemetry;

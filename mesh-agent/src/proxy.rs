@@ -1,0 +1,110 @@
+//! The per-pod proxies: outbound capture, inbound plaintext, and the HBONE tunnel
+//! (HTTP/2 CONNECT over mutual TLS 1.3) between node agents.
+
+mod copy;
+mod hbone;
+mod inbound;
+mod inpod;
+mod outbound;
+mod pool;
+mod sockets;
+
+pub use inpod::PodProxy;
+pub use pool::Pool;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::dataplane::Dataplane;
+use crate::identity::{CertStore, PeerVerifier};
+use crate::state::SharedSnapshot;
+use crate::telemetry::Metrics;
+
+/// How long a TCP connect to a peer or an application may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a TLS handshake may take before the connection is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Errors of the proxy.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An I/O error on a connection.
+    #[error("{what} {addr}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The address involved.
+        addr: SocketAddr,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// A timeout.
+    #[error("{what} {addr}: timed out after {after:?}")]
+    Timeout {
+        /// What was being done.
+        what: &'static str,
+        /// The address involved.
+        addr: SocketAddr,
+        /// The timeout.
+        after: Duration,
+    },
+    /// The TLS handshake failed (peer identity, chain, protocol).
+    #[error("TLS with {addr}: {source}")]
+    Tls {
+        /// The peer.
+        addr: SocketAddr,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// HTTP/2 failure on the tunnel.
+    #[error("HBONE to {addr}: {source}")]
+    Http {
+        /// The peer.
+        addr: SocketAddr,
+        /// The error.
+        source: hyper::Error,
+    },
+    /// The peer agent refused the CONNECT.
+    #[error("HBONE to {addr}: CONNECT {target} answered {status}")]
+    Refused {
+        /// The peer.
+        addr: SocketAddr,
+        /// The requested target.
+        target: SocketAddr,
+        /// The status.
+        status: http::StatusCode,
+    },
+    /// Entering a pod netns or another data-plane operation failed.
+    #[error(transparent)]
+    Dataplane(#[from] crate::dataplane::Error),
+    /// No certificate for an identity.
+    #[error(transparent)]
+    Identity(#[from] crate::identity::Error),
+}
+
+/// What every proxy task shares.
+#[derive(Debug, Clone)]
+pub struct ProxyContext {
+    /// The current configuration.
+    pub snapshot: SharedSnapshot,
+    /// Kernel tables (original destinations).
+    pub dataplane: Arc<Dataplane>,
+    /// Workload certificates of this node's pods.
+    pub certs: Arc<CertStore>,
+    /// Peer verification.
+    pub verifier: PeerVerifier,
+    /// HBONE connection pool.
+    pub pool: Arc<Pool>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// `SO_MARK` for the agent's sockets.
+    pub bypass_mark: u32,
+    /// Cancelled on shutdown: listeners stop accepting.
+    pub shutdown: CancellationToken,
+    /// Tracks every connection task, for draining.
+    pub tasks: TaskTracker,
+}

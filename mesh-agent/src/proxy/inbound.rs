@@ -1,0 +1,54 @@
+//! Inbound plaintext: connections to a pod's ports that sk_lookup steered to the
+//! agent's `:15006` listener in the pod's netns. The original destination is the
+//! accepted socket's local address.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use mesh_common::ports;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use super::inpod::accept_loop;
+use super::{CONNECT_TIMEOUT, Error, ProxyContext, copy, sockets};
+use crate::dataplane::Netns;
+use crate::state::Workload;
+use crate::telemetry::ConnLabels;
+
+pub(super) async fn serve(ctx: ProxyContext, pod: Arc<Workload>, netns: Arc<Netns>, listener: Arc<TcpListener>, stop: CancellationToken) {
+    let c = ctx.clone();
+    accept_loop(&listener, &c, stop, "inbound", |stream, peer| {
+        let (ctx, pod, netns) = (ctx.clone(), pod.clone(), netns.clone());
+        async move {
+            if let Err(e) = handle(&ctx, &pod, &netns, stream, peer).await {
+                tracing::warn!(pod = %pod.name, %peer, error = %e, "inbound plaintext connection failed");
+            }
+        }
+    })
+    .await;
+}
+
+async fn handle(ctx: &ProxyContext, pod: &Workload, netns: &Netns, mut stream: TcpStream, peer: SocketAddr) -> Result<(), Error> {
+    let dst = stream.local_addr().map_err(|source| Error::Io { what: "getsockname", addr: peer, source })?;
+    // A connection made straight to :15006 (not steered) has no application port.
+    if ports::is_mesh_owned(dst.port()) || !pod.ips.contains(&dst.ip()) {
+        sockets::reset(stream);
+        return Ok(());
+    }
+    let snapshot = ctx.snapshot.load_full();
+    let source = snapshot.workload_by_ip(peer.ip()).cloned();
+    let labels = ConnLabels::inbound(pod, source.as_deref(), false);
+    let mut app = sockets::connect_in(netns, dst, ctx.bypass_mark, CONNECT_TIMEOUT).await?;
+    let guard = ctx.metrics.opened(&labels);
+    tracing::debug!(pod = %pod.name, %peer, %dst, "inbound plaintext");
+    match copy::bidirectional(&mut stream, &mut app).await {
+        Ok((received, sent)) => {
+            ctx.metrics.closed(&labels, guard, sent, received);
+            Ok(())
+        }
+        Err(source) => {
+            ctx.metrics.closed(&labels, guard, 0, 0);
+            Err(Error::Io { what: "copy to", addr: dst, source })
+        }
+    }
+}

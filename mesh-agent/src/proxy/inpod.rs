@@ -1,0 +1,87 @@
+//! The listeners the agent keeps inside each enrolled pod's network namespace.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+
+use mesh_common::ports;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use super::{Error, ProxyContext, hbone, inbound, outbound, sockets};
+use crate::dataplane::Netns;
+use crate::state::Workload;
+
+/// A running proxy for one pod: its listeners and accept loops.
+#[derive(Debug)]
+pub struct PodProxy {
+    /// The pod served.
+    pub workload: Arc<Workload>,
+    /// Raw fd of the plaintext inbound listener, for the kernel's SOCKMAP.
+    inbound_fd: RawFd,
+    /// Keeps the listener open while the accept loop runs.
+    _inbound: Arc<TcpListener>,
+    stop: CancellationToken,
+}
+
+impl PodProxy {
+    /// Binds the pod's listeners in `netns` and starts serving.
+    pub fn start(ctx: &ProxyContext, workload: Arc<Workload>, netns: Netns) -> Result<Self, Error> {
+        let netns = Arc::new(netns);
+        let stop = ctx.shutdown.child_token();
+        let primary = workload.ips[0];
+        let any: IpAddr = if primary.is_ipv4() { Ipv4Addr::UNSPECIFIED.into() } else { Ipv6Addr::UNSPECIFIED.into() };
+        let outbound = sockets::listen_in(&netns, SocketAddr::new(primary, ports::OUTBOUND))?;
+        let inbound = Arc::new(sockets::listen_in(&netns, SocketAddr::new(any, ports::INBOUND_PLAINTEXT))?);
+        let hbone = sockets::listen_in(&netns, SocketAddr::new(any, ports::INBOUND_HBONE))?;
+
+        let server_tls = crate::identity::server_config(ctx.certs.clone(), workload.identity.clone(), &ctx.verifier)?;
+        tokio::spawn(outbound::serve(ctx.clone(), workload.clone(), netns.clone(), outbound, stop.clone()));
+        tokio::spawn(inbound::serve(ctx.clone(), workload.clone(), netns.clone(), inbound.clone(), stop.clone()));
+        tokio::spawn(hbone::serve(ctx.clone(), workload.clone(), netns, hbone, server_tls, stop.clone()));
+        tracing::info!(pod = %workload.name, namespace = %workload.namespace, identity = %workload.identity, "pod proxy started");
+        Ok(Self { inbound_fd: inbound.as_raw_fd(), _inbound: inbound, workload, stop })
+    }
+
+    /// Stops accepting; connections in flight finish on their own.
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+}
+
+impl AsRawFd for PodProxy {
+    /// The plaintext inbound listener, which the kernel's sk_lookup steers to.
+    fn as_raw_fd(&self) -> RawFd {
+        self.inbound_fd
+    }
+}
+
+impl Drop for PodProxy {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Accept loop shared by the three listeners: runs `handle` per connection until `stop`.
+pub(super) async fn accept_loop<F, Fut>(listener: &TcpListener, ctx: &ProxyContext, stop: CancellationToken, what: &'static str, mut handle: F)
+where
+    F: FnMut(tokio::net::TcpStream, SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    ctx.tasks.spawn(handle(stream, peer));
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(listener = what, error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,154 @@
+//! The agent's own settings, from flags and environment, read in one place.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// Workload certificate lifetime; Istio's default is 24 h, rotated at half-life.
+pub const DEFAULT_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
+/// How long SIGTERM waits for open connections before exiting.
+pub const DEFAULT_DRAIN: Duration = Duration::from_secs(10);
+/// `SO_MARK` on the agent's sockets; the kernel programs never capture a marked socket.
+/// 1337 is the mark Istio uses for the same purpose.
+pub const DEFAULT_BYPASS_MARK: u32 = 1337;
+
+/// Node agent of the mesh.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "mesh-agent", version, about = "eBPF-accelerated sidecarless service mesh: node agent")]
+pub struct Settings {
+    /// Name of this node; only pods whose spec.nodeName matches are enrolled here.
+    #[arg(long, env = "MESH_NODE_NAME")]
+    pub node: String,
+
+    /// Directory of Kubernetes/Istio YAML manifests to serve (standalone mode); watched.
+    #[arg(long, env = "MESH_CONFIG_DIR")]
+    pub config_dir: PathBuf,
+
+    /// Directory of the mesh CA (ca-cert.pem, ca-key.pem, root-cert.pem, cert-chain.pem);
+    /// a self-signed root is created there when empty.
+    #[arg(long, env = "MESH_CA_DIR", default_value = "/var/lib/mesh/ca")]
+    pub ca_dir: PathBuf,
+
+    /// SPIFFE trust domain of this mesh.
+    #[arg(long, env = "MESH_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+
+    /// Other trust domains whose identities are accepted (migrations, multi-cluster).
+    #[arg(long = "trust-domain-alias", env = "MESH_TRUST_DOMAIN_ALIASES", value_delimiter = ',')]
+    pub trust_domain_aliases: Vec<String>,
+
+    /// cgroup v2 directory of this node's pods; the capture programs attach here.
+    /// Relative paths are resolved against the cgroup2 mount found in /proc/mounts.
+    #[arg(long, env = "MESH_NODE_CGROUP")]
+    pub node_cgroup: PathBuf,
+
+    /// Directory holding each pod's cgroup as `<dir>/<pod name>` (default: --node-cgroup).
+    #[arg(long, env = "MESH_POD_CGROUP_DIR")]
+    pub pod_cgroup_dir: Option<PathBuf>,
+
+    /// Directory of named network namespaces, one per pod, named after the pod.
+    #[arg(long, env = "MESH_NETNS_DIR", default_value = "/var/run/netns")]
+    pub netns_dir: PathBuf,
+
+    /// bpffs directory where this node's maps and links are pinned.
+    #[arg(long, env = "MESH_BPF_PIN_DIR")]
+    pub bpf_pin_dir: Option<PathBuf>,
+
+    /// Admin server (config dump, health).
+    #[arg(long, env = "MESH_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+    pub admin_addr: SocketAddr,
+
+    /// Prometheus metrics.
+    #[arg(long, env = "MESH_METRICS_ADDR", default_value = "0.0.0.0:15020")]
+    pub metrics_addr: SocketAddr,
+
+    /// Readiness probe (`/healthz/ready`).
+    #[arg(long, env = "MESH_READINESS_ADDR", default_value = "0.0.0.0:15021")]
+    pub readiness_addr: SocketAddr,
+
+    /// Lifetime of workload certificates, e.g. `24h`, `90m`.
+    #[arg(long, env = "MESH_CERT_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub cert_ttl: Duration,
+
+    /// How long to drain connections on SIGTERM, e.g. `10s`.
+    #[arg(long, env = "MESH_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// Socket mark that exempts a socket from capture (0 disables).
+    #[arg(long, env = "MESH_BYPASS_MARK", default_value_t = DEFAULT_BYPASS_MARK)]
+    pub bypass_mark: u32,
+
+    /// Outbound destination ports that are never captured (comma separated).
+    #[arg(long, env = "MESH_EXCLUDE_PORTS", value_delimiter = ',')]
+    pub exclude_ports: Vec<u16>,
+
+    /// Log format: `text` or `json`.
+    #[arg(long, env = "MESH_LOG_FORMAT", default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl Settings {
+    /// Every trust domain whose identities are accepted.
+    pub fn accepted_trust_domains(&self) -> Vec<String> {
+        let mut tds = vec![self.trust_domain.clone()];
+        tds.extend(self.trust_domain_aliases.iter().cloned());
+        tds
+    }
+}
+
+/// Parses durations the way Istio and Kubernetes write them: `500ms`, `10s`, `5m`, `24h`,
+/// or a combination such as `1h30m`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("invalid duration {s:?}: use a number with a unit, e.g. 500ms, 10s, 5m, 24h");
+    if s.is_empty() {
+        return Err(bad());
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).ok_or_else(bad)?;
+        let (num, tail) = rest.split_at(digits);
+        let value: f64 = num.parse().map_err(|_| bad())?;
+        let unit_len = tail.find(|c: char| c.is_ascii_digit()).unwrap_or(tail.len());
+        let (unit, next) = tail.split_at(unit_len);
+        let secs = match unit {
+            "ns" => value / 1e9,
+            "us" | "µs" => value / 1e6,
+            "ms" => value / 1e3,
+            "s" => value,
+            "m" => value * 60.0,
+            "h" => value * 3600.0,
+            _ => return Err(bad()),
+        };
+        total += Duration::try_from_secs_f64(secs).map_err(|_| bad())?;
+        rest = next;
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_in_istio_notation() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("0.5s"), Ok(Duration::from_millis(500)));
+        for bad in ["", "10", "s", "-1s", "10x"] {
+            assert!(parse_duration(bad).is_err(), "{bad} accepted");
+        }
+    }
+}

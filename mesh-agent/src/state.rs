@@ -1,0 +1,374 @@
+//! The compiled view of the configuration: workloads, services and who is enrolled,
+//! built once per config change into lookup tables and swapped whole.
+//!
+//! Architecture invariant: a [`Snapshot`] is never mutated after [`Snapshot::compile`];
+//! readers hold an `Arc` to the one they started with, so a request never sees half of
+//! an update.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use arc_swap::ArcSwap;
+
+use crate::config::Object;
+use crate::config::resources::{IntOrString, Pod};
+use crate::identity::Identity;
+
+/// Namespace labels that enroll a namespace (Istio sidecar and ambient spellings).
+const ENROLL_LABELS: &[(&str, &str)] = &[("istio-injection", "enabled"), ("istio.io/dataplane-mode", "ambient")];
+/// Pod labels that opt a pod out of an enrolled namespace.
+const OPT_OUT_LABELS: &[(&str, &str)] = &[("istio.io/dataplane-mode", "none"), ("sidecar.istio.io/inject", "false")];
+/// Namespace annotation Linkerd users set for the same purpose.
+const LINKERD_INJECT: (&str, &str) = ("linkerd.io/inject", "enabled");
+
+/// A pod as the mesh sees it.
+#[derive(Debug, PartialEq)]
+pub struct Workload {
+    /// Pod name.
+    pub name: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Node it runs on.
+    pub node: Option<String>,
+    /// Addresses (first is primary).
+    pub ips: Vec<IpAddr>,
+    /// SPIFFE identity from the service account.
+    pub identity: Identity,
+    /// Whether its traffic is captured and carried over mTLS.
+    pub enrolled: bool,
+    /// Container ports by name (for named `targetPort`s).
+    pub named_ports: HashMap<String, u16>,
+}
+
+/// A Service with its endpoints resolved.
+#[derive(Debug)]
+pub struct Service {
+    /// Name.
+    pub name: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Virtual IPs.
+    pub vips: Vec<IpAddr>,
+    /// Ports.
+    pub ports: Vec<ServicePort>,
+    /// Pods selected by the service, in a stable order.
+    pub endpoints: Vec<Arc<Workload>>,
+    /// Round-robin cursor.
+    next: AtomicUsize,
+}
+
+/// One port of a Service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServicePort {
+    /// What clients dial.
+    pub port: u16,
+    /// Where the pod listens.
+    pub target: TargetPort,
+}
+
+/// A Service `targetPort`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TargetPort {
+    /// A number.
+    Number(u16),
+    /// A container port name, resolved per pod.
+    Named(String),
+}
+
+/// Where an outbound connection goes, decided from its original destination.
+#[derive(Debug, Clone)]
+pub enum Destination {
+    /// A pod of the mesh: carried over HBONE to its node's agent.
+    Mesh {
+        /// The pod.
+        workload: Arc<Workload>,
+        /// `podIP:port`.
+        addr: SocketAddr,
+        /// The Service dialed, when the client dialed a VIP.
+        service: Option<String>,
+    },
+    /// A known pod outside the mesh, or an address the mesh knows nothing about:
+    /// connected to directly, in plaintext, as the client asked.
+    Passthrough {
+        /// Where to connect.
+        addr: SocketAddr,
+        /// The pod, if it is one we know.
+        workload: Option<Arc<Workload>>,
+    },
+    /// A Service VIP with no ready endpoint: refuse the connection.
+    NoEndpoints {
+        /// `namespace/name` of the service.
+        service: String,
+    },
+}
+
+/// An immutable, compiled configuration.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// Every known workload.
+    pub workloads: Vec<Arc<Workload>>,
+    by_ip: HashMap<IpAddr, Arc<Workload>>,
+    services: Vec<Arc<Service>>,
+    by_vip: HashMap<IpAddr, Arc<Service>>,
+    /// Monotonic version, for logs and the config dump.
+    pub version: u64,
+}
+
+impl Snapshot {
+    /// Compiles objects into lookup tables.
+    pub fn compile(objects: &[Object], trust_domain: &str, version: u64) -> Self {
+        let mut enrolled_ns = HashMap::new();
+        for o in objects {
+            if let Object::Namespace(ns) = o {
+                let by_label = ENROLL_LABELS.iter().any(|(k, v)| ns.metadata.labels.get(*k).is_some_and(|x| x == v));
+                let by_annotation =
+                    ns.metadata.annotations.get(LINKERD_INJECT.0).is_some_and(|v| v == LINKERD_INJECT.1);
+                enrolled_ns.insert(ns.metadata.name.clone(), by_label || by_annotation);
+            }
+        }
+        let mut snap = Snapshot { version, ..Default::default() };
+        for o in objects {
+            if let Object::Pod(pod) = o {
+                let w = Arc::new(workload(pod, trust_domain, &enrolled_ns));
+                for ip in &w.ips {
+                    snap.by_ip.insert(*ip, w.clone());
+                }
+                snap.workloads.push(w);
+            }
+        }
+        for o in objects {
+            if let Object::Service(svc) = o {
+                let ns = svc.metadata.namespace_or_default();
+                let endpoints = if svc.spec.selector.is_empty() {
+                    Vec::new()
+                } else {
+                    snap.workloads
+                        .iter()
+                        .filter(|w| w.namespace == ns && svc.spec.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+                        .filter(|w| !w.ips.is_empty())
+                        .cloned()
+                        .collect()
+                };
+                let mut vips: Vec<IpAddr> = svc.spec.cluster_ips.iter().filter_map(|s| s.parse().ok()).collect();
+                if let Some(ip) = svc.spec.cluster_ip.as_deref().and_then(|s| s.parse().ok())
+                    && !vips.contains(&ip)
+                {
+                    vips.insert(0, ip);
+                }
+                let ports = svc
+                    .spec
+                    .ports
+                    .iter()
+                    .map(|p| ServicePort {
+                        port: p.port,
+                        target: match &p.target_port {
+                            None => TargetPort::Number(p.port),
+                            Some(IntOrString::Int(n)) => TargetPort::Number(*n),
+                            Some(IntOrString::String(s)) => match s.parse() {
+                                Ok(n) => TargetPort::Number(n),
+                                Err(_) => TargetPort::Named(s.clone()),
+                            },
+                        },
+                    })
+                    .collect();
+                let service = Arc::new(Service {
+                    name: svc.metadata.name.clone(),
+                    namespace: ns,
+                    vips: vips.clone(),
+                    ports,
+                    endpoints,
+                    next: AtomicUsize::new(0),
+                });
+                for vip in vips {
+                    snap.by_vip.insert(vip, service.clone());
+                }
+                snap.services.push(service);
+            }
+        }
+        snap
+    }
+
+    /// The workload with this address.
+    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
+        self.by_ip.get(&ip)
+    }
+
+    /// Enrolled workloads scheduled on `node`.
+    pub fn local_enrolled<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Arc<Workload>> + 'a {
+        self.workloads.iter().filter(move |w| w.enrolled && w.node.as_deref() == Some(node) && !w.ips.is_empty())
+    }
+
+    /// Services, for the config dump.
+    pub fn services(&self) -> &[Arc<Service>] {
+        &self.services
+    }
+
+    /// Decides where a connection to `orig` goes. Service VIPs pick an endpoint round
+    /// robin; pod addresses go to that pod.
+    pub fn resolve(&self, orig: SocketAddr) -> Destination {
+        if let Some(svc) = self.by_vip.get(&orig.ip()) {
+            let name = format!("{}/{}", svc.namespace, svc.name);
+            let Some(port) = svc.ports.iter().find(|p| p.port == orig.port()) else {
+                return Destination::NoEndpoints { service: name };
+            };
+            let n = svc.endpoints.len();
+            if n == 0 {
+                return Destination::NoEndpoints { service: name };
+            }
+            let start = svc.next.fetch_add(1, Ordering::Relaxed);
+            // Skip endpoints where a named target port does not exist.
+            for i in 0..n {
+                let w = &svc.endpoints[(start + i) % n];
+                let target = match &port.target {
+                    TargetPort::Number(p) => Some(*p),
+                    TargetPort::Named(name) => w.named_ports.get(name).copied(),
+                };
+                if let Some(target) = target {
+                    let addr = SocketAddr::new(w.ips[0], target);
+                    return destination_for(w.clone(), addr, Some(name));
+                }
+            }
+            return Destination::NoEndpoints { service: name };
+        }
+        match self.by_ip.get(&orig.ip()) {
+            Some(w) => destination_for(w.clone(), orig, None),
+            None => Destination::Passthrough { addr: orig, workload: None },
+        }
+    }
+}
+
+fn destination_for(workload: Arc<Workload>, addr: SocketAddr, service: Option<String>) -> Destination {
+    if workload.enrolled {
+        Destination::Mesh { workload, addr, service }
+    } else {
+        Destination::Passthrough { addr, workload: Some(workload) }
+    }
+}
+
+fn workload(pod: &Pod, trust_domain: &str, enrolled_ns: &HashMap<String, bool>) -> Workload {
+    let namespace = pod.metadata.namespace_or_default();
+    let sa = pod.spec.service_account_name.clone().unwrap_or_else(|| "default".into());
+    let opted_out = OPT_OUT_LABELS.iter().any(|(k, v)| pod.metadata.labels.get(*k).is_some_and(|x| x == v));
+    let mut ips: Vec<IpAddr> = Vec::new();
+    if let Some(ip) = pod.status.pod_ip {
+        ips.push(ip);
+    }
+    for p in &pod.status.pod_ips {
+        if !ips.contains(&p.ip) {
+            ips.push(p.ip);
+        }
+    }
+    let named_ports = pod
+        .spec
+        .containers
+        .iter()
+        .flat_map(|c| &c.ports)
+        .filter_map(|p| p.name.clone().map(|n| (n, p.container_port)))
+        .collect();
+    Workload {
+        name: pod.metadata.name.clone(),
+        enrolled: enrolled_ns.get(&namespace).copied().unwrap_or(false) && !opted_out,
+        identity: Identity::new(trust_domain, &namespace, &sa),
+        namespace,
+        labels: pod.metadata.labels.clone(),
+        node: pod.spec.node_name.clone(),
+        ips,
+        named_ports,
+    }
+}
+
+/// The current snapshot, swapped atomically on each accepted config change.
+pub type SharedSnapshot = Arc<ArcSwap<Snapshot>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse_documents;
+    use std::path::Path;
+
+    const LAB: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: production, labels: {istio-injection: enabled}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: default}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: myapp-v1, namespace: production, labels: {app: myapp, version: v1}}
+spec: {serviceAccountName: myapp, nodeName: node2, containers: [{name: app, ports: [{containerPort: 8080, name: http}]}]}
+status: {podIP: 10.10.2.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: myapp-v2, namespace: production, labels: {app: myapp, version: v2}}
+spec: {serviceAccountName: myapp, nodeName: node1}
+status: {podIP: 10.10.1.3}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: optout, namespace: production, labels: {app: other, istio.io/dataplane-mode: none}}
+spec: {nodeName: node1}
+status: {podIP: 10.10.1.9}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: outside, namespace: default}
+spec: {nodeName: node1}
+status: {podIP: 10.10.1.4}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: myapp, namespace: production}
+spec: {selector: {app: myapp}, clusterIP: 10.96.0.20, ports: [{port: 80, targetPort: 8080}]}
+"#;
+
+    fn lab() -> Snapshot {
+        let objs = parse_documents(Path::new("lab.yaml"), LAB).unwrap();
+        Snapshot::compile(&objs, "cluster.local", 1)
+    }
+
+    #[test]
+    fn enrollment_follows_namespace_label_and_pod_opt_out() {
+        let s = lab();
+        let enrolled: Vec<_> = s.workloads.iter().filter(|w| w.enrolled).map(|w| w.name.as_str()).collect();
+        assert_eq!(enrolled, ["myapp-v1", "myapp-v2"]);
+        let local: Vec<_> = s.local_enrolled("node1").map(|w| w.name.as_str()).collect();
+        assert_eq!(local, ["myapp-v2"]);
+        assert_eq!(s.workloads[0].identity.to_string(), "spiffe://cluster.local/ns/production/sa/myapp");
+    }
+
+    #[test]
+    fn vip_resolves_round_robin_to_target_port() {
+        let s = lab();
+        let vip: SocketAddr = "10.96.0.20:80".parse().unwrap();
+        let mut seen = Vec::new();
+        for _ in 0..4 {
+            match s.resolve(vip) {
+                Destination::Mesh { addr, service, .. } => {
+                    assert_eq!(service.as_deref(), Some("production/myapp"));
+                    seen.push(addr.to_string());
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(seen, ["10.10.2.2:8080", "10.10.1.3:8080", "10.10.2.2:8080", "10.10.1.3:8080"]);
+    }
+
+    #[test]
+    fn unknown_port_of_vip_and_plain_addresses() {
+        let s = lab();
+        assert!(matches!(s.resolve("10.96.0.20:81".parse().unwrap()), Destination::NoEndpoints { .. }));
+        assert!(matches!(
+            s.resolve("10.10.1.4:8080".parse().unwrap()),
+            Destination::Passthrough { workload: Some(_), .. }
+        ));
+        assert!(matches!(s.resolve("192.0.2.1:443".parse().unwrap()), Destination::Passthrough { workload: None, .. }));
+    }
+}

@@ -1,0 +1,190 @@
+//! The kernel ABI shared by `mesh-ebpf` and the agent: map names, map keys and values.
+//!
+//! **API boundary.** Every type here is read by kernel programs and by user space, so its
+//! layout is defined once, here: `#[repr(C)]`, explicit padding, `u32` where a `bool` would
+//! leave implicit padding. Changing a layout means the agent and the kernel object must be
+//! rebuilt together; pinned maps from an older layout are rejected by the loader (size
+//! mismatch) rather than misread.
+//!
+//! Addresses are kept as four `u32` words in network byte order, exactly as the kernel
+//! exposes them in `bpf_sock_addr.user_ip6` / `bpf_sock_ops.local_ip6`; IPv4 addresses are
+//! stored in their IPv4-mapped IPv6 form (`::ffff:a.b.c.d`) so one key type serves both
+//! families. Ports are kept in host byte order.
+#![no_std]
+
+#[cfg(feature = "user")]
+mod user;
+#[cfg(feature = "user")]
+pub use user::ip4_word;
+
+/// Agent listener ports inside every enrolled pod's network namespace.
+pub mod ports {
+    /// Outbound capture: `connect()` of enrolled pods is redirected here.
+    pub const OUTBOUND: u16 = 15001;
+    /// Inbound plaintext: `sk_lookup` steers connections for the pod's ports here.
+    pub const INBOUND_PLAINTEXT: u16 = 15006;
+    /// Inbound HBONE (HTTP/2 CONNECT over mTLS).
+    pub const INBOUND_HBONE: u16 = 15008;
+    /// Node-level admin server (config dump, health).
+    pub const ADMIN: u16 = 15000;
+    /// Node-level Prometheus metrics.
+    pub const METRICS: u16 = 15020;
+    /// Node-level readiness probe.
+    pub const READINESS: u16 = 15021;
+
+    /// Ports the mesh owns; the kernel never steers or redirects connections to them.
+    pub const MESH_OWNED: [u16; 6] = [OUTBOUND, INBOUND_PLAINTEXT, INBOUND_HBONE, ADMIN, METRICS, READINESS];
+
+    /// True when `port` is one of [`MESH_OWNED`].
+    #[inline(always)]
+    pub fn is_mesh_owned(port: u16) -> bool {
+        // Written as a chain, not a loop: the verifier of older kernels rejects the
+        // bounded loop the iterator compiles to in some optimisation levels.
+        port == OUTBOUND
+            || port == INBOUND_PLAINTEXT
+            || port == INBOUND_HBONE
+            || port == ADMIN
+            || port == METRICS
+            || port == READINESS
+    }
+}
+
+/// Names of the maps, shared so that a rename cannot split kernel and agent.
+pub mod maps {
+    /// `Array<MeshConfig>` with one entry.
+    pub const MESH_CONFIG: &str = "MESH_CONFIG";
+    /// `HashMap<u64 cgroup id, PodInfo>`: enrolled pods, keyed by their cgroup v2 id.
+    pub const ENROLLED_PODS: &str = "ENROLLED_PODS";
+    /// `LruHashMap<u64 socket cookie, OrigDst>`: written by connect4/6.
+    pub const COOKIE_ORIG_DST: &str = "COOKIE_ORIG_DST";
+    /// `LruHashMap<SockAddrKey, OrigDst>`: client address -> original destination,
+    /// written by sockops once the redirected connection is established.
+    pub const ORIG_DST: &str = "ORIG_DST";
+    /// `HashMap<u32 port, u32>`: outbound destination ports never redirected.
+    pub const EXCLUDED_PORTS: &str = "EXCLUDED_PORTS";
+    /// `HashMap<IpKey, InboundPod>`: enrolled pod addresses on this node.
+    pub const INBOUND_PODS: &str = "INBOUND_PODS";
+    /// `SockMap`: the agent's inbound plaintext listener of each pod, at its slot.
+    pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
+}
+
+/// Program names (the Rust function names in `mesh-ebpf`).
+pub mod programs {
+    /// `cgroup/connect4`.
+    pub const CONNECT4: &str = "mesh_connect4";
+    /// `cgroup/connect6`.
+    pub const CONNECT6: &str = "mesh_connect6";
+    /// `sockops`.
+    pub const SOCKOPS: &str = "mesh_sockops";
+    /// `cgroup/getpeername4`.
+    pub const GETPEERNAME4: &str = "mesh_getpeername4";
+    /// `cgroup/getpeername6`.
+    pub const GETPEERNAME6: &str = "mesh_getpeername6";
+    /// `sk_lookup`.
+    pub const SK_LOOKUP: &str = "mesh_sk_lookup";
+}
+
+/// Capacity of the maps; sizes are per node.
+pub mod capacity {
+    /// Enrolled pods per node (Kubernetes' default is 110 pods per node).
+    pub const PODS: u32 = 4096;
+    /// Connections whose original destination is remembered. An LRU map: an entry is
+    /// needed only between `connect()` and the agent's `accept()`, so the oldest going
+    /// first under pressure is the right eviction.
+    pub const CONNECTIONS: u32 = 65536;
+    /// Excluded ports.
+    pub const EXCLUDED_PORTS: u32 = 256;
+}
+
+/// `PodInfo.flags`: the pod's traffic is captured.
+pub const POD_FLAG_ENROLLED: u32 = 1;
+/// `PodInfo.flags`: the pod has an IPv6 address in `ip6`.
+pub const POD_FLAG_HAS_IP6: u32 = 2;
+
+/// `MeshConfig.flags`: the agent is up and configured. When zero, capture still
+/// redirects (fail closed) but nothing else is assumed.
+pub const CONFIG_FLAG_READY: u32 = 1;
+
+/// An address in network byte order; IPv4 as `::ffff:a.b.c.d`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct IpKey {
+    /// The 16 address bytes as four words, network byte order, as the kernel stores them.
+    pub words: [u32; 4],
+}
+
+impl IpKey {
+    /// `::ffff:0:0/96` prefix word, network order on the wire, as read on a little- or
+    /// big-endian host by a plain `u32` load of bytes `00 00 ff ff`.
+    pub const V4_MAPPED_WORD: u32 = u32::from_be(0x0000_ffff);
+
+    /// Maps an IPv4 address (network-order word, as in `bpf_sock_addr.user_ip4`).
+    #[inline(always)]
+    pub const fn from_v4(ip4_be: u32) -> Self {
+        Self { words: [0, 0, Self::V4_MAPPED_WORD, ip4_be] }
+    }
+
+    /// True for `::ffff:a.b.c.d`.
+    #[inline(always)]
+    pub const fn is_v4_mapped(&self) -> bool {
+        self.words[0] == 0 && self.words[1] == 0 && self.words[2] == Self::V4_MAPPED_WORD
+    }
+}
+
+/// Value of `ENROLLED_PODS` (key: the pod's cgroup v2 id).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PodInfo {
+    /// The pod's IPv4 address, network order; outbound connections are redirected to
+    /// `ip4:15001` so the client's source address is unique on the node.
+    pub ip4: u32,
+    /// `POD_FLAG_*`.
+    pub flags: u32,
+    /// The pod's IPv6 address if `POD_FLAG_HAS_IP6`.
+    pub ip6: IpKey,
+}
+
+/// Original destination of a redirected connection.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct OrigDst {
+    /// Destination address (IPv4-mapped for IPv4).
+    pub ip: IpKey,
+    /// Destination port, host order.
+    pub port: u16,
+    /// 4 or 6: the family the client used in `connect()`.
+    pub family: u16,
+    /// Explicit padding.
+    pub _pad: u32,
+}
+
+/// Key of `ORIG_DST`: the client end of a redirected connection as the agent sees its
+/// peer on `accept()`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SockAddrKey {
+    /// Client address (IPv4-mapped for IPv4).
+    pub ip: IpKey,
+    /// Client port, host order (u32 so there is no implicit padding).
+    pub port: u32,
+}
+
+/// Value of `INBOUND_PODS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct InboundPod {
+    /// Index of this pod's plaintext listener in `INBOUND_LISTENERS`.
+    pub slot: u32,
+    /// Reserved for L4 policy verdicts (PeerAuthentication STRICT in the kernel).
+    pub flags: u32,
+}
+
+/// Value of `MESH_CONFIG[0]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct MeshConfig {
+    /// `SO_MARK` value that exempts a socket from capture (0: none).
+    pub bypass_mark: u32,
+    /// `CONFIG_FLAG_*`.
+    pub flags: u32,
+}

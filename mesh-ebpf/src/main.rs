@@ -1,0 +1,283 @@
+//! Kernel side of the mesh: capture of enrolled pods' TCP connections.
+//!
+//! * `cgroup/connect4` / `cgroup/connect6` (attached to the node's cgroup subtree):
+//!   redirect TCP `connect()` of enrolled pods to the agent's outbound listener at
+//!   `<pod ip>:15001`, remembering the original destination by socket cookie.
+//! * `sockops` (same cgroup): once the redirected connection is established, re-key the
+//!   original destination by the client's address, which is what the agent sees on
+//!   `accept()`.
+//! * `cgroup/getpeername4` / `getpeername6`: show the application its original peer.
+//! * `sk_lookup` (attached to each enrolled pod's netns): steer inbound connections for
+//!   the pod's ports to the agent's plaintext inbound listener in that netns, and drop
+//!   them when the agent is not there (fail closed).
+//!
+//! Every program is a thin wrapper around a `try_*` function so the body can use `?`;
+//! nothing here waits on user space, and an unknown pod passes through untouched.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::{BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, bpf_sock_addr},
+    helpers::{bpf_get_current_cgroup_id, bpf_get_socket_cookie},
+    macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
+    maps::{Array, HashMap, LruHashMap, SockMap},
+    programs::{SkLookupContext, SockAddrContext, SockOpsContext},
+};
+use aya_log_ebpf::{debug, warn};
+use mesh_common::{
+    CONFIG_FLAG_READY, InboundPod, IpKey, MeshConfig, OrigDst, POD_FLAG_ENROLLED,
+    POD_FLAG_HAS_IP6, PodInfo, SockAddrKey, capacity, ports,
+};
+
+/// `cgroup_sock_addr` verdicts.
+const ALLOW: i32 = 1;
+const REJECT: i32 = 0;
+/// `sk_lookup` verdicts.
+const SK_PASS: u32 = 1;
+const SK_DROP: u32 = 0;
+
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+const IPPROTO_TCP: u32 = 6;
+/// 127.0.0.0/8 in network order, as the first byte of `user_ip4`.
+const LOOPBACK_FIRST_OCTET: u32 = 127;
+
+// Maps are pinned by name under the agent's per-node bpffs directory, so a restarted
+// agent (and the links it left pinned) keep using the same tables.
+#[map(name = "MESH_CONFIG")]
+static MESH_CONFIG: Array<MeshConfig> = Array::pinned(1, 0);
+
+#[map(name = "ENROLLED_PODS")]
+static ENROLLED_PODS: HashMap<u64, PodInfo> = HashMap::pinned(capacity::PODS, 0);
+
+#[map(name = "COOKIE_ORIG_DST")]
+static COOKIE_ORIG_DST: LruHashMap<u64, OrigDst> =
+    LruHashMap::pinned(capacity::CONNECTIONS, 0);
+
+#[map(name = "ORIG_DST")]
+static ORIG_DST: LruHashMap<SockAddrKey, OrigDst> = LruHashMap::pinned(capacity::CONNECTIONS, 0);
+
+#[map(name = "EXCLUDED_PORTS")]
+static EXCLUDED_PORTS: HashMap<u32, u32> = HashMap::pinned(capacity::EXCLUDED_PORTS, 0);
+
+#[map(name = "INBOUND_PODS")]
+static INBOUND_PODS: HashMap<IpKey, InboundPod> = HashMap::pinned(capacity::PODS, 0);
+
+#[map(name = "INBOUND_LISTENERS")]
+static INBOUND_LISTENERS: SockMap = SockMap::pinned(capacity::PODS, 0);
+
+// === connect4 / connect6 ===
+
+#[cgroup_sock_addr(connect4)]
+pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
+    try_connect(&ctx, false).unwrap_or(REJECT)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
+    try_connect(&ctx, true).unwrap_or(REJECT)
+}
+
+/// The pod making this call, if it is enrolled.
+#[inline(always)]
+fn enrolled_pod() -> Option<PodInfo> {
+    // SAFETY: the helper has no preconditions in cgroup programs.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    // SAFETY: the value is copied out at once; a concurrent update can at worst give a
+    // torn read of a pod that is being re-enrolled, which the agent serialises.
+    let pod = unsafe { ENROLLED_PODS.get(&cgroup_id) }.copied()?;
+    (pod.flags & POD_FLAG_ENROLLED != 0).then_some(pod)
+}
+
+/// True when the socket carries the agent's bypass mark.
+#[inline(always)]
+fn has_bypass_mark(sa: &bpf_sock_addr) -> bool {
+    let Some(cfg) = MESH_CONFIG.get(0) else { return false };
+    if cfg.bypass_mark == 0 {
+        return false;
+    }
+    // SAFETY: `sk` in a cgroup sock_addr context is a non-null PTR_TO_SOCKET whose
+    // `mark` field the verifier allows reading (kernel >= 5.1).
+    let mark = unsafe { (*sa.__bindgen_anon_1.sk).mark };
+    mark == cfg.bypass_mark
+}
+
+/// `Ok(ALLOW)` after redirecting or passing the connection; `Err` only on a map failure
+/// for a connection that must be captured, which rejects it (fail closed).
+#[inline(always)]
+fn try_connect(ctx: &SockAddrContext, v6_hook: bool) -> Result<i32, i32> {
+    // SAFETY: the context pointer is valid for the whole program run.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if sa.protocol != IPPROTO_TCP {
+        return Ok(ALLOW);
+    }
+    let Some(pod) = enrolled_pod() else { return Ok(ALLOW) };
+    if has_bypass_mark(sa) {
+        return Ok(ALLOW);
+    }
+
+    let dst = if v6_hook { IpKey { words: sa.user_ip6 } } else { IpKey::from_v4(sa.user_ip4) };
+    let port = u16::from_be(sa.user_port as u16);
+    if port == 0 || is_excluded_port(port) {
+        return Ok(ALLOW);
+    }
+    // Where the redirected connection must go; None leaves the connection alone.
+    let redirect_v4 = dst.is_v4_mapped();
+    if redirect_v4 {
+        let ip4 = dst.words[3];
+        // Loopback and the pod's own address never leave the pod: not mesh traffic.
+        if u32::from_be(ip4) >> 24 == LOOPBACK_FIRST_OCTET || ip4 == pod.ip4 {
+            return Ok(ALLOW);
+        }
+    } else {
+        if is_v6_loopback(&dst) || (pod.flags & POD_FLAG_HAS_IP6 != 0 && dst == pod.ip6) {
+            return Ok(ALLOW);
+        }
+        // A native IPv6 destination from a pod without IPv6: the kernel would fail the
+        // connect anyway, there is nothing to capture.
+        if pod.flags & POD_FLAG_HAS_IP6 == 0 {
+            return Ok(ALLOW);
+        }
+    }
+
+    // SAFETY: valid in cgroup sock_addr programs since 5.7 (a unique, non-zero id).
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    let orig = OrigDst { ip: dst, port, family: if v6_hook { 6 } else { 4 }, _pad: 0 };
+    if COOKIE_ORIG_DST.insert(&cookie, &orig, 0).is_err() {
+        warn!(ctx, "mesh: cannot record original destination, rejecting connect");
+        return Err(REJECT);
+    }
+
+    if v6_hook {
+        sa.user_ip6 = if redirect_v4 { IpKey::from_v4(pod.ip4).words } else { pod.ip6.words };
+    } else {
+        sa.user_ip4 = pod.ip4;
+    }
+    sa.user_port = u32::from(ports::OUTBOUND.to_be());
+    debug!(ctx, "mesh: redirected connect cookie={} dport={}", cookie, port);
+    Ok(ALLOW)
+}
+
+#[inline(always)]
+fn is_excluded_port(port: u16) -> bool {
+    // SAFETY: only presence is read.
+    unsafe { EXCLUDED_PORTS.get(&u32::from(port)) }.is_some()
+}
+
+#[inline(always)]
+fn is_v6_loopback(ip: &IpKey) -> bool {
+    ip.words[0] == 0 && ip.words[1] == 0 && ip.words[2] == 0 && ip.words[3] == u32::from_be(1)
+}
+
+// === sockops ===
+
+#[sock_ops]
+pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
+    try_sockops(&ctx);
+    // sockops return values are ignored for the callbacks used here.
+    1
+}
+
+/// On `ACTIVE_ESTABLISHED` of a redirected socket, record its original destination under
+/// the client's address. This runs while the kernel processes the SYN-ACK, before the
+/// final ACK is sent, so the entry exists before the agent can `accept()`.
+#[inline(always)]
+fn try_sockops(ctx: &SockOpsContext) {
+    if ctx.op() != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+        return;
+    }
+    // SAFETY: valid in sockops programs since 4.20.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+    // SAFETY: copied out at once.
+    let Some(orig) = (unsafe { COOKIE_ORIG_DST.get(&cookie) }).copied() else { return };
+    let ip = match ctx.family() {
+        AF_INET => IpKey::from_v4(ctx.local_ip4()),
+        AF_INET6 => IpKey { words: ctx.local_ip6() },
+        _ => return,
+    };
+    let key = SockAddrKey { ip, port: ctx.local_port() };
+    if ORIG_DST.insert(&key, &orig, 0).is_err() {
+        // The agent will not find the destination and closes the connection: fail closed.
+        warn!(ctx, "mesh: cannot record client address for cookie {}", cookie);
+    }
+}
+
+// === getpeername4 / getpeername6 ===
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn mesh_getpeername4(ctx: SockAddrContext) -> i32 {
+    restore_peer(&ctx, false);
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn mesh_getpeername6(ctx: SockAddrContext) -> i32 {
+    restore_peer(&ctx, true);
+    ALLOW
+}
+
+/// Rewrites the peer address of a redirected socket back to what the application dialed.
+#[inline(always)]
+fn restore_peer(ctx: &SockAddrContext, v6_hook: bool) {
+    // SAFETY: valid in cgroup sock_addr programs since 5.7.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    // SAFETY: copied out at once.
+    let Some(orig) = (unsafe { COOKIE_ORIG_DST.get(&cookie) }).copied() else { return };
+    // SAFETY: the context pointer is valid for the whole program run.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if v6_hook {
+        sa.user_ip6 = orig.ip.words;
+    } else {
+        sa.user_ip4 = orig.ip.words[3];
+    }
+    sa.user_port = u32::from(orig.port.to_be());
+}
+
+// === sk_lookup ===
+
+#[sk_lookup]
+pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
+    try_sk_lookup(&ctx)
+}
+
+/// Steers a connection for an enrolled pod's address to the agent's inbound listener of
+/// that pod. Mesh-owned ports (15008 HBONE, ...) are served by the agent's own sockets,
+/// and connections whose source is the pod itself (the agent delivering to the
+/// application, or the pod calling itself) pass through.
+#[inline(always)]
+fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
+    // SAFETY: the context pointer is valid for the whole program run.
+    let lk = unsafe { &*ctx.lookup };
+    if lk.protocol != IPPROTO_TCP {
+        return SK_PASS;
+    }
+    let (local, remote) = match lk.family {
+        AF_INET => (IpKey::from_v4(lk.local_ip4), IpKey::from_v4(lk.remote_ip4)),
+        AF_INET6 => (IpKey { words: lk.local_ip6 }, IpKey { words: lk.remote_ip6 }),
+        _ => return SK_PASS,
+    };
+    let port = lk.local_port as u16;
+    if ports::is_mesh_owned(port) || local == remote {
+        return SK_PASS;
+    }
+    // SAFETY: copied out at once.
+    let Some(pod) = (unsafe { INBOUND_PODS.get(&local) }).copied() else { return SK_PASS };
+    let ready = MESH_CONFIG.get(0).is_some_and(|c| c.flags & CONFIG_FLAG_READY != 0);
+    if ready && INBOUND_LISTENERS.redirect_sk_lookup(ctx, pod.slot, 0).is_ok() {
+        return SK_PASS;
+    }
+    // The pod is enrolled but its agent listener is gone (agent down or restarting):
+    // refuse rather than let plaintext reach the application unchecked.
+    debug!(ctx, "mesh: no inbound listener for enrolled pod, dropping port {}", port);
+    SK_DROP
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
