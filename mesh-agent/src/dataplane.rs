@@ -216,9 +216,11 @@ impl Dataplane {
         for name in [programs::CONNECT4, programs::CONNECT6, programs::GETPEERNAME4, programs::GETPEERNAME6] {
             let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
             prog.load().map_err(|source| Error::Program { program: name, source })?;
-            // Multi-attach: the previous run's program stays attached until ours is in
+            // Attached through a bpf link (kernel >= 5.7), which coexists with other links
+            // on the cgroup whatever the mode ("Single" is the only mode bpf_link_create
+            // accepts): the previous run's program stays attached until ours is in
             // place, so there is no window without capture during a restart.
-            let id = prog.attach(&cgroup, CgroupAttachMode::AllowMultiple).map_err(|source| Error::Program { program: name, source })?;
+            let id = prog.attach(&cgroup, CgroupAttachMode::Single).map_err(|source| Error::Program { program: name, source })?;
             let link = prog.take_link(id).map_err(|source| Error::Program { program: name, source })?;
             let link = FdLink::try_from(link).map_err(|e| Error::Link { path: name.into(), reason: e.to_string() })?;
             self.pin(link, name)?;
@@ -226,7 +228,7 @@ impl Dataplane {
         let prog: &mut SockOps = program(&mut ebpf, programs::SOCKOPS)?;
         let name = programs::SOCKOPS;
         prog.load().map_err(|source| Error::Program { program: name, source })?;
-        let id = prog.attach(&cgroup, CgroupAttachMode::AllowMultiple).map_err(|source| Error::Program { program: name, source })?;
+        let id = prog.attach(&cgroup, CgroupAttachMode::Single).map_err(|source| Error::Program { program: name, source })?;
         let link = prog.take_link(id).map_err(|source| Error::Program { program: name, source })?;
         let link = FdLink::try_from(link).map_err(|e| Error::Link { path: name.into(), reason: e.to_string() })?;
         self.pin(link, name)?;

@@ -116,7 +116,7 @@ fn try_connect(ctx: &SockAddrContext, v6_hook: bool) -> Result<i32, i32> {
         return Ok(ALLOW);
     }
 
-    let dst = if v6_hook { IpKey { words: sa.user_ip6 } } else { IpKey::from_v4(sa.user_ip4) };
+    let dst = if v6_hook { IpKey { words: read_ip6(&sa.user_ip6) } } else { IpKey::from_v4(sa.user_ip4) };
     let port = u16::from_be(sa.user_port as u16);
     if port == 0 || is_excluded_port(port) {
         return Ok(ALLOW);
@@ -149,13 +149,44 @@ fn try_connect(ctx: &SockAddrContext, v6_hook: bool) -> Result<i32, i32> {
     }
 
     if v6_hook {
-        sa.user_ip6 = if redirect_v4 { IpKey::from_v4(pod.ip4).words } else { pod.ip6.words };
+        write_ip6(&mut sa.user_ip6, if redirect_v4 { IpKey::from_v4(pod.ip4).words } else { pod.ip6.words });
     } else {
         sa.user_ip4 = pod.ip4;
     }
     sa.user_port = u32::from(ports::OUTBOUND.to_be());
     debug!(ctx, "mesh: redirected connect cookie={} dport={}", cookie, port);
     Ok(ALLOW)
+}
+
+/// Reads an IPv6 address from a context field one 32-bit word at a time: the verifier
+/// only allows aligned word-sized context accesses, and a plain array copy may compile
+/// to byte loads.
+#[inline(always)]
+fn read_ip6(field: &[u32; 4]) -> [u32; 4] {
+    let p = field.as_ptr();
+    // SAFETY: `p` points at four initialised, aligned u32 words of the context.
+    unsafe {
+        [
+            core::ptr::read_volatile(p),
+            core::ptr::read_volatile(p.add(1)),
+            core::ptr::read_volatile(p.add(2)),
+            core::ptr::read_volatile(p.add(3)),
+        ]
+    }
+}
+
+/// Writes an IPv6 address into a context field one 32-bit word at a time (see
+/// [`read_ip6`]).
+#[inline(always)]
+fn write_ip6(field: &mut [u32; 4], words: [u32; 4]) {
+    let p = field.as_mut_ptr();
+    // SAFETY: `p` points at four aligned, writable u32 words of the context.
+    unsafe {
+        core::ptr::write_volatile(p, words[0]);
+        core::ptr::write_volatile(p.add(1), words[1]);
+        core::ptr::write_volatile(p.add(2), words[2]);
+        core::ptr::write_volatile(p.add(3), words[3]);
+    }
 }
 
 #[inline(always)]
@@ -192,7 +223,8 @@ fn try_sockops(ctx: &SockOpsContext) {
     let Some(orig) = (unsafe { COOKIE_ORIG_DST.get(&cookie) }).copied() else { return };
     let ip = match ctx.family() {
         AF_INET => IpKey::from_v4(ctx.local_ip4()),
-        AF_INET6 => IpKey { words: ctx.local_ip6() },
+        // SAFETY: the context pointer is valid for the whole program run.
+        AF_INET6 => IpKey { words: read_ip6(unsafe { &(*ctx.ops).local_ip6 }) },
         _ => return,
     };
     let key = SockAddrKey { ip, port: ctx.local_port() };
@@ -226,7 +258,7 @@ fn restore_peer(ctx: &SockAddrContext, v6_hook: bool) {
     // SAFETY: the context pointer is valid for the whole program run.
     let sa = unsafe { &mut *ctx.sock_addr };
     if v6_hook {
-        sa.user_ip6 = orig.ip.words;
+        write_ip6(&mut sa.user_ip6, orig.ip.words);
     } else {
         sa.user_ip4 = orig.ip.words[3];
     }
@@ -253,7 +285,7 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
     }
     let (local, remote) = match lk.family {
         AF_INET => (IpKey::from_v4(lk.local_ip4), IpKey::from_v4(lk.remote_ip4)),
-        AF_INET6 => (IpKey { words: lk.local_ip6 }, IpKey { words: lk.remote_ip6 }),
+        AF_INET6 => (IpKey { words: read_ip6(&lk.local_ip6) }, IpKey { words: read_ip6(&lk.remote_ip6) }),
         _ => return SK_PASS,
     };
     let port = lk.local_port as u16;

@@ -1,1 +1,67 @@
-fn main(){}
+//! `cargo xtask`: every project task, one module per command.
+#![forbid(unsafe_code)]
+
+mod build;
+mod demo;
+mod lab;
+mod setup;
+mod test;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Project tasks for the mesh")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what a fresh machine lacks: apt packages, bpf-linker, nightly rust-src.
+    Setup,
+    /// Build the kernel programs (mesh-ebpf) with nightly and bpf-linker.
+    BuildEbpf,
+    /// Build the agent, the CLI and the test app.
+    Build {
+        /// Optimised build.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Unit tests, then the privileged lab integration tests; cleans up on failure too.
+    Test {
+        /// Extra arguments for the test binaries (e.g. a test name filter).
+        args: Vec<String>,
+    },
+    /// The network-namespace lab.
+    Lab {
+        #[command(subcommand)]
+        cmd: lab::LabCmd,
+    },
+    /// Set up, build, bring the lab up, send real traffic, show it is mTLS, leave it up.
+    Demo,
+}
+
+/// The workspace root (xtask's parent directory).
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask is inside the workspace").to_path_buf()
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Setup => setup::run(),
+        Cmd::BuildEbpf => {
+            setup::ensure()?;
+            build::ebpf()
+        }
+        Cmd::Build { release } => {
+            setup::ensure()?;
+            build::binaries(release).map(|_| ())
+        }
+        Cmd::Test { args } => test::run(&args),
+        Cmd::Lab { cmd } => lab::run(cmd),
+        Cmd::Demo => demo::run(),
+    }
+}

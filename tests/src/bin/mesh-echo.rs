@@ -1,0 +1,220 @@
+//! `mesh-echo`: the lab's test application and its small clients.
+//!
+//! `serve` answers HTTP (HTTP/1.1 and h2c) with JSON naming the pod and the request it
+//! saw, plus `/status/CODE`, `/delay/MS`, `POST /echo`, and an optional share of failing
+//! requests; it also echoes raw TCP on a second port. `dial` opens one TCP connection and
+//! reports both ends; `load` runs concurrent TCP echo connections and checks every byte.
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+
+#[derive(Parser)]
+#[command(name = "mesh-echo", about = "Lab test application and clients")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve HTTP on --port and raw TCP echo on --tcp-port.
+    Serve {
+        /// Pod name to report.
+        #[arg(long)]
+        pod: String,
+        /// Namespace to report.
+        #[arg(long, default_value = "default")]
+        namespace: String,
+        /// Labels to report, `k=v,k=v`.
+        #[arg(long, default_value = "")]
+        labels: String,
+        /// HTTP port.
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        /// Raw TCP echo port.
+        #[arg(long, default_value_t = 9000)]
+        tcp_port: u16,
+        /// Share of requests answered 503 (0.0 - 1.0), for retry and ejection tests.
+        #[arg(long, default_value_t = 0.0)]
+        fail_rate: f64,
+    },
+    /// Connect to ADDR, print local and peer address as JSON, hold for --hold-ms.
+    Dial {
+        /// Where to connect.
+        addr: SocketAddr,
+        /// How long to keep the connection open.
+        #[arg(long, default_value_t = 0)]
+        hold_ms: u64,
+    },
+    /// Run --conns concurrent TCP echo exchanges of --bytes each against ADDR and
+    /// verify every byte came back.
+    Load {
+        /// Echo server address.
+        addr: SocketAddr,
+        /// Concurrent connections.
+        #[arg(long, default_value_t = 200)]
+        conns: usize,
+        /// Bytes per connection.
+        #[arg(long, default_value_t = 65536)]
+        bytes: usize,
+    },
+}
+
+struct App {
+    pod: String,
+    namespace: String,
+    labels: BTreeMap<String, String>,
+    fail_rate: f64,
+    counter: AtomicU64,
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Serve { pod, namespace, labels, port, tcp_port, fail_rate } => {
+            let labels = labels
+                .split(',')
+                .filter(|s| !s.is_empty())
+                .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+                .collect();
+            let app = Arc::new(App { pod, namespace, labels, fail_rate, counter: AtomicU64::new(0) });
+            tokio::spawn(tcp_echo(tcp_port));
+            serve_http(app, port).await
+        }
+        Cmd::Dial { addr, hold_ms } => {
+            let s = TcpStream::connect(addr).await.with_context(|| format!("connect {addr}"))?;
+            let out = serde_json::json!({"local": s.local_addr()?.to_string(), "peer": s.peer_addr()?.to_string()});
+            println!("{out}");
+            tokio::time::sleep(Duration::from_millis(hold_ms)).await;
+            Ok(())
+        }
+        Cmd::Load { addr, conns, bytes } => load(addr, conns, bytes).await,
+    }
+}
+
+async fn serve_http(app: Arc<App>, port: u16) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(("0.0.0.0", port)).await?;
+    loop {
+        let (stream, peer) = listener.accept().await?;
+        let app = app.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let app = app.clone();
+                async move { Ok::<_, Infallible>(handle(&app, peer, req).await) }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+async fn handle(app: &App, peer: SocketAddr, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let n = app.counter.fetch_add(1, Ordering::Relaxed);
+    let path = req.uri().path().to_string();
+    let method = req.method().to_string();
+    let headers: BTreeMap<String, String> = req
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+        .collect();
+    if path == "/echo" {
+        let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        return Response::new(Full::new(body));
+    }
+    let mut status = StatusCode::OK;
+    if let Some(code) = path.strip_prefix("/status/") {
+        status = code.parse::<u16>().ok().and_then(|c| StatusCode::from_u16(c).ok()).unwrap_or(StatusCode::BAD_REQUEST);
+    }
+    if let Some(ms) = path.strip_prefix("/delay/").and_then(|m| m.parse::<u64>().ok()) {
+        tokio::time::sleep(Duration::from_millis(ms.min(120_000))).await;
+    }
+    // Deterministic failure share: every k-th request fails, so tests get exact counts.
+    if app.fail_rate > 0.0 {
+        let every = (1.0 / app.fail_rate).round().max(1.0) as u64;
+        if n % every == 0 {
+            status = StatusCode::SERVICE_UNAVAILABLE;
+        }
+    }
+    let body = serde_json::json!({
+        "pod": app.pod,
+        "namespace": app.namespace,
+        "labels": app.labels,
+        "method": method,
+        "path": path,
+        "headers": headers,
+        "peer": peer.to_string(),
+    });
+    let mut resp = Response::new(Full::new(Bytes::from(format!("{body}\n"))));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    resp
+}
+
+async fn tcp_echo(port: u16) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(("0.0.0.0", port)).await?;
+    loop {
+        let (mut s, _) = listener.accept().await?;
+        tokio::spawn(async move {
+            let (mut r, mut w) = s.split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        });
+    }
+}
+
+/// FNV-1a, enough to compare payloads without pulling in a hash crate.
+fn checksum(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf29ce484222325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100000001b3))
+}
+
+async fn load(addr: SocketAddr, conns: usize, bytes: usize) -> anyhow::Result<()> {
+    let mut tasks = Vec::new();
+    for i in 0..conns {
+        tasks.push(tokio::spawn(async move {
+            let payload: Vec<u8> = (0..bytes).map(|j| ((i * 31 + j * 7) % 251) as u8).collect();
+            let want = checksum(&payload);
+            let mut s = TcpStream::connect(addr).await.with_context(|| format!("conn {i}: connect"))?;
+            let (mut r, mut w) = s.split();
+            let write = async {
+                w.write_all(&payload).await?;
+                w.shutdown().await
+            };
+            let mut got = Vec::with_capacity(bytes);
+            let read = r.read_to_end(&mut got);
+            let (wr, rd) = tokio::join!(write, read);
+            wr.with_context(|| format!("conn {i}: write"))?;
+            rd.with_context(|| format!("conn {i}: read"))?;
+            if got.len() != bytes || checksum(&got) != want {
+                bail!("conn {i}: got {} bytes, checksum mismatch", got.len());
+            }
+            Ok(())
+        }));
+    }
+    let mut failed = 0;
+    for t in tasks {
+        if let Err(e) = t.await? {
+            eprintln!("{e:#}");
+            failed += 1;
+        }
+    }
+    println!("{{\"conns\": {conns}, \"bytes\": {bytes}, \"failed\": {failed}}}");
+    if failed > 0 {
+        bail!("{failed} of {conns} connections failed");
+    }
+    Ok(())
+}

@@ -1,0 +1,655 @@
+//! The lab: a cluster of network namespaces on one machine.
+//!
+//! Every node is a netns with a bridge (`br0`) for its pods; nodes meet on a "wire"
+//! bridge in one more netns, which is where the tunnel's bytes can be captured. Every pod
+//! is a netns (named after the pod) plus a cgroup under its node's cgroup, where the
+//! agent's capture programs are attached. Nothing in the lab has a route to any outside
+//! network: the lab's namespaces are never connected to the host's.
+//!
+//! Everything the lab creates is recorded in `<state dir>/state.json`, and `down` removes
+//! exactly that: processes by pid and by the lab's own cgroups, namespaces, cgroups,
+//! pinned maps and the state directory.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use serde::{Deserialize, Serialize};
+use serde_yaml::Value;
+
+use crate::sys::{cgroup2_root, output, run, run_quiet};
+
+/// Default state directory.
+pub const DEFAULT_STATE_DIR: &str = "/run/meshlab";
+/// Name of the cgroup subtree holding every lab cgroup.
+const CGROUP_NAME: &str = "meshlab";
+/// Where each node's maps and links are pinned.
+const PIN_ROOT: &str = "/sys/fs/bpf/meshlab";
+/// Netns of the wire between nodes.
+const WIRE_NETNS: &str = "meshlab-wire";
+/// The wire's subnet: node i is 10.255.0.i.
+const WIRE_PREFIX: [u8; 3] = [10, 255, 0];
+/// How long to wait for an agent or an app to come up.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How to build the lab.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Directory of manifests (Namespaces, Pods, Services).
+    pub manifests: PathBuf,
+    /// State directory.
+    pub state_dir: PathBuf,
+    /// The `mesh-agent` binary.
+    pub agent_bin: PathBuf,
+    /// The `mesh-echo` binary.
+    pub echo_bin: PathBuf,
+    /// `MESH_LOG` for the agents.
+    pub agent_log: String,
+}
+
+/// A node of the lab.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Node {
+    /// Node name (`spec.nodeName` of its pods).
+    pub name: String,
+    /// The node's netns (the agent runs here).
+    pub netns: String,
+    /// Address on the wire.
+    pub wire_ip: Ipv4Addr,
+    /// Pod subnet, `a.b.c.0/24`.
+    pub subnet: String,
+    /// Gateway of the pod subnet (on the node's bridge).
+    pub gateway: Ipv4Addr,
+    /// cgroup (relative to the cgroup2 root) holding the node's pods.
+    pub cgroup: String,
+    /// cgroup of the node's agent process.
+    pub agent_cgroup: String,
+    /// bpffs pin directory.
+    pub pin_dir: PathBuf,
+    /// Agent pid, when running.
+    pub agent_pid: Option<u32>,
+}
+
+/// A pod of the lab.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PodInfo {
+    /// Pod name, also its netns name.
+    pub name: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Node.
+    pub node: String,
+    /// Address.
+    pub ip: Ipv4Addr,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// cgroup, relative to the cgroup2 root.
+    pub cgroup: String,
+    /// Host-side veth name in the node netns.
+    pub veth: String,
+    /// Echo app pid.
+    pub app_pid: Option<u32>,
+}
+
+/// The recorded state of a running lab.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Lab {
+    /// State directory.
+    pub state_dir: PathBuf,
+    /// cgroup2 mount.
+    pub cgroup_root: PathBuf,
+    /// Nodes.
+    pub nodes: Vec<Node>,
+    /// Pods.
+    pub pods: Vec<PodInfo>,
+    /// Service name -> cluster IP, for hosts files.
+    pub services: BTreeMap<String, (String, String)>,
+    /// The agent binary used.
+    pub agent_bin: PathBuf,
+    /// Agents' log filter.
+    pub agent_log: String,
+}
+
+/// Manifests read for the topology.
+struct Manifests {
+    pods: Vec<PodInfo>,
+    services: BTreeMap<String, (String, String)>,
+}
+
+fn read_manifests(dir: &Path) -> anyhow::Result<Manifests> {
+    let mut pods = Vec::new();
+    let mut services = BTreeMap::new();
+    let mut files: Vec<PathBuf> = fs::read_dir(dir)
+        .with_context(|| format!("reading manifests in {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
+        .collect();
+    files.sort();
+    for file in files {
+        let text = fs::read_to_string(&file)?;
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let v: Value = serde::Deserialize::deserialize(doc).with_context(|| format!("{}", file.display()))?;
+            let s = |path: &[&str]| -> Option<String> {
+                let mut cur = &v;
+                for p in path {
+                    cur = cur.get(*p)?;
+                }
+                cur.as_str().map(str::to_owned)
+            };
+            let ns = s(&["metadata", "namespace"]).unwrap_or_else(|| "default".into());
+            match s(&["kind"]).as_deref() {
+                Some("Pod") => {
+                    let name = s(&["metadata", "name"]).context("Pod without metadata.name")?;
+                    let node = s(&["spec", "nodeName"]).with_context(|| format!("Pod {name}: spec.nodeName is required in the lab"))?;
+                    let ip: Ipv4Addr = s(&["status", "podIP"])
+                        .with_context(|| format!("Pod {name}: status.podIP is required in the lab"))?
+                        .parse()
+                        .with_context(|| format!("Pod {name}: status.podIP must be IPv4"))?;
+                    let labels = v
+                        .get("metadata")
+                        .and_then(|m| m.get("labels"))
+                        .and_then(Value::as_mapping)
+                        .map(|m| {
+                            m.iter()
+                                .filter_map(|(k, v)| Some((k.as_str()?.to_string(), v.as_str()?.to_string())))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    pods.push(PodInfo {
+                        name,
+                        namespace: ns,
+                        node,
+                        ip,
+                        labels,
+                        cgroup: String::new(),
+                        veth: String::new(),
+                        app_pid: None,
+                    });
+                }
+                Some("Service") => {
+                    let name = s(&["metadata", "name"]).context("Service without metadata.name")?;
+                    if let Some(ip) = s(&["spec", "clusterIP"]).filter(|ip| ip != "None") {
+                        services.insert(format!("{ns}/{name}"), (name, ip));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    if pods.is_empty() {
+        bail!("no Pod in {}", dir.display());
+    }
+    Ok(Manifests { pods, services })
+}
+
+impl Lab {
+    /// Reads the state of a running lab.
+    pub fn load(state_dir: &Path) -> anyhow::Result<Self> {
+        let path = state_dir.join("state.json");
+        let text = fs::read_to_string(&path).with_context(|| format!("no lab is up ({} missing); run `cargo xtask lab up`", path.display()))?;
+        Ok(serde_json::from_str(&text)?)
+    }
+
+    /// True when a lab state exists in `state_dir`.
+    pub fn exists(state_dir: &Path) -> bool {
+        state_dir.join("state.json").exists()
+    }
+
+    fn save(&self) -> anyhow::Result<()> {
+        fs::write(self.state_dir.join("state.json"), serde_json::to_string_pretty(self)?)?;
+        Ok(())
+    }
+
+    /// Config directory every agent watches.
+    pub fn config_dir(&self) -> PathBuf {
+        self.state_dir.join("config")
+    }
+
+    /// CA directory shared by the agents.
+    pub fn ca_dir(&self) -> PathBuf {
+        self.state_dir.join("ca")
+    }
+
+    /// Log file of a node's agent.
+    pub fn agent_log_path(&self, node: &str) -> PathBuf {
+        self.state_dir.join("logs").join(format!("agent-{node}.log"))
+    }
+
+    /// A pod by name.
+    pub fn pod(&self, name: &str) -> anyhow::Result<&PodInfo> {
+        self.pods.iter().find(|p| p.name == name).with_context(|| {
+            let names: Vec<_> = self.pods.iter().map(|p| p.name.as_str()).collect();
+            format!("no pod {name:?} in the lab (pods: {})", names.join(", "))
+        })
+    }
+
+    /// A node by name.
+    pub fn node(&self, name: &str) -> anyhow::Result<&Node> {
+        self.nodes.iter().find(|n| n.name == name).with_context(|| format!("no node {name:?} in the lab"))
+    }
+
+    /// Brings a lab up from manifests. On failure, whatever was created is removed.
+    pub fn up(opts: &Options) -> anyhow::Result<Self> {
+        if Lab::exists(&opts.state_dir) {
+            bail!("a lab is already up in {}; run `cargo xtask lab down` first", opts.state_dir.display());
+        }
+        let m = read_manifests(&opts.manifests)?;
+        let mut node_names: Vec<String> = m.pods.iter().map(|p| p.node.clone()).collect();
+        node_names.sort();
+        node_names.dedup();
+        let cgroup_root = cgroup2_root()?;
+        let mut nodes = Vec::new();
+        for (i, name) in node_names.iter().enumerate() {
+            let first = m.pods.iter().find(|p| &p.node == name).expect("node comes from a pod");
+            let o = first.ip.octets();
+            nodes.push(Node {
+                name: name.clone(),
+                netns: format!("meshlab-{name}"),
+                wire_ip: Ipv4Addr::new(WIRE_PREFIX[0], WIRE_PREFIX[1], WIRE_PREFIX[2], (i + 1) as u8),
+                subnet: format!("{}.{}.{}.0/24", o[0], o[1], o[2]),
+                gateway: Ipv4Addr::new(o[0], o[1], o[2], 1),
+                cgroup: format!("{CGROUP_NAME}/{name}"),
+                agent_cgroup: format!("{CGROUP_NAME}/agent-{name}"),
+                pin_dir: Path::new(PIN_ROOT).join(name),
+                agent_pid: None,
+            });
+        }
+        let pods = m
+            .pods
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut p)| {
+                p.cgroup = format!("{CGROUP_NAME}/{}/{}", p.node, p.name);
+                p.veth = format!("vp{i}");
+                p
+            })
+            .collect();
+        fs::create_dir_all(opts.state_dir.join("logs"))?;
+        let mut lab = Lab {
+            state_dir: opts.state_dir.clone(),
+            cgroup_root,
+            nodes,
+            pods,
+            services: m.services,
+            agent_bin: opts.agent_bin.clone(),
+            agent_log: opts.agent_log.clone(),
+        };
+        // Record first, so `down` can clean up a half-built lab.
+        lab.save()?;
+        let built = lab.build(opts);
+        if let Err(e) = built {
+            // The state directory goes with the lab: show the agents' last words first.
+            for n in &lab.nodes {
+                if let Ok(log) = fs::read_to_string(lab.agent_log_path(&n.name)) {
+                    let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                    eprintln!("--- agent {} log (last lines) ---", n.name);
+                    for l in tail.iter().rev() {
+                        eprintln!("{l}");
+                    }
+                }
+            }
+            let _ = lab.clone().down();
+            return Err(e);
+        }
+        Ok(lab)
+    }
+
+    fn build(&mut self, opts: &Options) -> anyhow::Result<()> {
+        self.build_network()?;
+        self.build_cgroups()?;
+        self.write_hosts()?;
+        let config = self.config_dir();
+        fs::create_dir_all(&config)?;
+        for e in fs::read_dir(&opts.manifests)? {
+            let p = e?.path();
+            if p.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+                fs::copy(&p, config.join(p.file_name().expect("file")))?;
+            }
+        }
+        let names: Vec<String> = self.nodes.iter().map(|n| n.name.clone()).collect();
+        // One at a time: the first agent creates the shared CA.
+        for n in &names {
+            self.start_agent(n)?;
+        }
+        for i in 0..self.pods.len() {
+            let pid = self.start_app(&self.pods[i], &opts.echo_bin)?;
+            self.pods[i].app_pid = Some(pid);
+        }
+        self.save()?;
+        for p in &self.pods {
+            self.wait_app(p)?;
+        }
+        Ok(())
+    }
+
+    fn build_network(&self) -> anyhow::Result<()> {
+        run(&["ip", "netns", "add", WIRE_NETNS])?;
+        run(&["ip", "-n", WIRE_NETNS, "link", "add", "br0", "type", "bridge"])?;
+        run(&["ip", "-n", WIRE_NETNS, "link", "set", "br0", "up"])?;
+        for (i, n) in self.nodes.iter().enumerate() {
+            let wire_end = format!("nw{i}");
+            run(&["ip", "netns", "add", &n.netns])?;
+            run(&["ip", "-n", &n.netns, "link", "set", "lo", "up"])?;
+            run(&["ip", "-n", WIRE_NETNS, "link", "add", &wire_end, "type", "veth", "peer", "name", "wire0", "netns", &n.netns])?;
+            run(&["ip", "-n", WIRE_NETNS, "link", "set", &wire_end, "master", "br0", "up"])?;
+            run(&["ip", "-n", &n.netns, "addr", "add", &format!("{}/24", n.wire_ip), "dev", "wire0"])?;
+            run(&["ip", "-n", &n.netns, "link", "set", "wire0", "up"])?;
+            run(&["ip", "-n", &n.netns, "link", "add", "br0", "type", "bridge"])?;
+            run(&["ip", "-n", &n.netns, "addr", "add", &format!("{}/24", n.gateway), "dev", "br0"])?;
+            run(&["ip", "-n", &n.netns, "link", "set", "br0", "up"])?;
+            run(&["ip", "netns", "exec", &n.netns, "sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+            for other in self.nodes.iter().filter(|o| o.name != n.name) {
+                run(&["ip", "-n", &n.netns, "route", "add", &other.subnet, "via", &other.wire_ip.to_string()])?;
+            }
+        }
+        for p in &self.pods {
+            let node = self.node(&p.node)?;
+            run(&["ip", "netns", "add", &p.name])?;
+            run(&["ip", "-n", &p.name, "link", "set", "lo", "up"])?;
+            run(&["ip", "-n", &node.netns, "link", "add", &p.veth, "type", "veth", "peer", "name", "eth0", "netns", &p.name])?;
+            run(&["ip", "-n", &node.netns, "link", "set", &p.veth, "master", "br0", "up"])?;
+            run(&["ip", "-n", &p.name, "addr", "add", &format!("{}/24", p.ip), "dev", "eth0"])?;
+            run(&["ip", "-n", &p.name, "link", "set", "eth0", "up"])?;
+            run(&["ip", "-n", &p.name, "route", "add", "default", "via", &node.gateway.to_string()])?;
+        }
+        Ok(())
+    }
+
+    fn build_cgroups(&self) -> anyhow::Result<()> {
+        for n in &self.nodes {
+            fs::create_dir_all(self.cgroup_root.join(&n.cgroup))?;
+            fs::create_dir_all(self.cgroup_root.join(&n.agent_cgroup))?;
+        }
+        for p in &self.pods {
+            fs::create_dir_all(self.cgroup_root.join(&p.cgroup))?;
+        }
+        Ok(())
+    }
+
+    /// `/etc/netns/<pod>/hosts`: `ip netns exec` bind-mounts it over /etc/hosts, so
+    /// pods resolve `svc`, `svc.ns` and `svc.ns.svc.cluster.local`.
+    fn write_hosts(&self) -> anyhow::Result<()> {
+        for p in &self.pods {
+            let dir = Path::new("/etc/netns").join(&p.name);
+            fs::create_dir_all(&dir)?;
+            let mut hosts = String::from("127.0.0.1 localhost\n::1 localhost\n");
+            hosts.push_str(&format!("{} {}\n", p.ip, p.name));
+            for (key, (name, ip)) in &self.services {
+                let ns = key.split('/').next().unwrap_or("default");
+                let short = if ns == p.namespace { name.clone() } else { String::new() };
+                hosts.push_str(&format!("{ip} {short} {name}.{ns} {name}.{ns}.svc {name}.{ns}.svc.cluster.local\n"));
+            }
+            fs::write(dir.join("hosts"), hosts)?;
+        }
+        Ok(())
+    }
+
+    /// A command that runs `argv` inside `pod`'s netns and cgroup.
+    pub fn pod_command(&self, pod: &str, argv: &[String]) -> anyhow::Result<Command> {
+        let p = self.pod(pod)?;
+        Ok(in_cgroup_netns(&self.cgroup_root.join(&p.cgroup), &p.name, argv))
+    }
+
+    /// Runs `argv` in `pod` and returns its output.
+    pub fn exec(&self, pod: &str, argv: &[&str]) -> anyhow::Result<std::process::Output> {
+        let argv: Vec<String> = argv.iter().map(|s| s.to_string()).collect();
+        Ok(self.pod_command(pod, &argv)?.stdin(Stdio::null()).output()?)
+    }
+
+    /// Starts (or restarts) the agent of `node`.
+    pub fn start_agent(&mut self, node: &str) -> anyhow::Result<()> {
+        let n = self.node(node)?.clone();
+        let log_path = self.agent_log_path(node);
+        let log = fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
+        let argv: Vec<String> = [
+            self.agent_bin.display().to_string(),
+            "--node".into(),
+            n.name.clone(),
+            "--config-dir".into(),
+            self.config_dir().display().to_string(),
+            "--ca-dir".into(),
+            self.ca_dir().display().to_string(),
+            "--node-cgroup".into(),
+            self.cgroup_root.join(&n.cgroup).display().to_string(),
+            "--bpf-pin-dir".into(),
+            n.pin_dir.display().to_string(),
+            "--admin-addr".into(),
+            "127.0.0.1:15000".into(),
+            "--drain-timeout".into(),
+            "2s".into(),
+        ]
+        .into();
+        let mut cmd = agent_command(&self.cgroup_root.join(&n.agent_cgroup), &n.netns, &argv);
+        let child = cmd
+            .env("MESH_LOG", &self.agent_log)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting mesh-agent")?;
+        let pid = child.id();
+        for x in self.nodes.iter_mut().filter(|x| x.name == node) {
+            x.agent_pid = Some(pid);
+        }
+        self.save()?;
+        self.wait_agent(node)
+    }
+
+    /// Waits until the agent of `node` answers ready.
+    pub fn wait_agent(&self, node: &str) -> anyhow::Result<()> {
+        let n = self.node(node)?;
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while Instant::now() < deadline {
+            if let Some(pid) = n.agent_pid
+                && !Path::new(&format!("/proc/{pid}")).exists()
+            {
+                bail!("agent of {node} exited; see {}", self.agent_log_path(node).display());
+            }
+            let out = output(&["ip", "netns", "exec", &n.netns, "curl", "-sf", "-m", "1", "http://127.0.0.1:15021/healthz/ready"])?;
+            if out.status.success() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!("agent of {node} not ready after {READY_TIMEOUT:?}; see {}", self.agent_log_path(node).display())
+    }
+
+    /// Stops the agent of `node` with `signal` (`TERM` or `KILL`) and waits for it.
+    pub fn stop_agent(&mut self, node: &str, signal: &str) -> anyhow::Result<()> {
+        let pid = self.node(node)?.agent_pid;
+        if let Some(pid) = pid {
+            stop_pid(pid, signal);
+        }
+        for x in self.nodes.iter_mut().filter(|x| x.name == node) {
+            x.agent_pid = None;
+        }
+        self.save()
+    }
+
+    fn start_app(&self, p: &PodInfo, echo_bin: &Path) -> anyhow::Result<u32> {
+        let labels: Vec<String> = p.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let argv: Vec<String> = [
+            echo_bin.display().to_string(),
+            "serve".into(),
+            "--pod".into(),
+            p.name.clone(),
+            "--namespace".into(),
+            p.namespace.clone(),
+            "--labels".into(),
+            labels.join(","),
+        ]
+        .into();
+        let log = fs::File::create(self.state_dir.join("logs").join(format!("app-{}.log", p.name)))?;
+        let child = in_cgroup_netns(&self.cgroup_root.join(&p.cgroup), &p.name, &argv)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting mesh-echo")?;
+        Ok(child.id())
+    }
+
+    fn wait_app(&self, p: &PodInfo) -> anyhow::Result<()> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while Instant::now() < deadline {
+            // Loopback inside the pod is never captured, so this checks the app alone.
+            let out = output(&["ip", "netns", "exec", &p.name, "curl", "-sf", "-m", "1", "http://127.0.0.1:8080/ready"])?;
+            if out.status.success() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("app in pod {} not answering after {READY_TIMEOUT:?}", p.name)
+    }
+
+    /// Copies `file` into the config directory (replacing a file of the same name).
+    pub fn apply(&self, file: &Path) -> anyhow::Result<PathBuf> {
+        let name = file.file_name().with_context(|| format!("{} is not a file", file.display()))?;
+        let dest = self.config_dir().join(name);
+        // Write then rename, so an agent never reads half a file.
+        let tmp = self.config_dir().join(format!(".{}.tmp", name.to_string_lossy()));
+        fs::copy(file, &tmp).with_context(|| format!("reading {}", file.display()))?;
+        fs::rename(&tmp, &dest)?;
+        Ok(dest)
+    }
+
+    /// Removes a file from the config directory by name.
+    pub fn delete(&self, file: &Path) -> anyhow::Result<()> {
+        let name = file.file_name().with_context(|| format!("{} is not a file", file.display()))?;
+        let path = self.config_dir().join(name);
+        fs::remove_file(&path).with_context(|| format!("{} is not applied", path.display()))
+    }
+
+    /// A human-readable status.
+    pub fn status(&self) -> String {
+        let mut s = format!("lab state: {}\n", self.state_dir.display());
+        for n in &self.nodes {
+            let up = n.agent_pid.is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
+            s.push_str(&format!(
+                "node {:<8} netns {:<16} wire {:<12} pods {:<15} agent {}\n",
+                n.name,
+                n.netns,
+                n.wire_ip,
+                n.subnet,
+                if up { format!("running (pid {})", n.agent_pid.unwrap_or(0)) } else { "down".into() }
+            ));
+        }
+        for p in &self.pods {
+            let up = p.app_pid.is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
+            s.push_str(&format!(
+                "pod  {:<15} ns {:<11} node {:<6} ip {:<11} app {}\n",
+                p.name,
+                p.namespace,
+                p.node,
+                p.ip,
+                if up { "running" } else { "down" }
+            ));
+        }
+        s
+    }
+
+    /// Tears everything down. Safe to call on a half-built lab.
+    pub fn down(self) -> anyhow::Result<()> {
+        for n in &self.nodes {
+            if let Some(pid) = n.agent_pid {
+                stop_pid(pid, "TERM");
+            }
+        }
+        for p in &self.pods {
+            if let Some(pid) = p.app_pid {
+                stop_pid(pid, "KILL");
+            }
+        }
+        // Anything else started inside the lab's own cgroups (lab exec leftovers).
+        for cg in self.pods.iter().map(|p| &p.cgroup).chain(self.nodes.iter().map(|n| &n.agent_cgroup)) {
+            let kill = self.cgroup_root.join(cg).join("cgroup.kill");
+            if kill.exists() {
+                let _ = fs::write(kill, "1");
+            }
+        }
+        for n in &self.nodes {
+            // Unlinking pinned links detaches the programs; unlinking maps frees them.
+            let _ = fs::remove_dir_all(&n.pin_dir);
+        }
+        let _ = fs::remove_dir(PIN_ROOT);
+        for p in &self.pods {
+            run_quiet(&["ip", "netns", "del", &p.name]);
+            let _ = fs::remove_dir_all(Path::new("/etc/netns").join(&p.name));
+        }
+        for n in &self.nodes {
+            run_quiet(&["ip", "netns", "del", &n.netns]);
+        }
+        run_quiet(&["ip", "netns", "del", WIRE_NETNS]);
+        for p in &self.pods {
+            remove_cgroup(&self.cgroup_root.join(&p.cgroup));
+        }
+        for n in &self.nodes {
+            remove_cgroup(&self.cgroup_root.join(&n.cgroup));
+            remove_cgroup(&self.cgroup_root.join(&n.agent_cgroup));
+        }
+        remove_cgroup(&self.cgroup_root.join(CGROUP_NAME));
+        fs::remove_dir_all(&self.state_dir).with_context(|| format!("removing {}", self.state_dir.display()))?;
+        Ok(())
+    }
+}
+
+/// The shell moves itself into the cgroup, then execs into the netns and the program,
+/// so the program starts inside both with the same pid.
+fn in_cgroup_netns(cgroup: &Path, netns: &str, argv: &[String]) -> Command {
+    let mut cmd = Command::new("bash");
+    cmd.arg("-c")
+        .arg("echo $$ > \"$0/cgroup.procs\" && exec ip netns exec \"$1\" \"${@:2}\"")
+        .arg(cgroup)
+        .arg(netns)
+        .args(argv);
+    cmd
+}
+
+/// Like [`in_cgroup_netns`] but with `nsenter --net`, which keeps the host's mounts:
+/// `ip netns exec` remounts /sys, hiding the cgroup2 and bpffs mounts the agent needs
+/// (a DaemonSet pod gets them as hostPath mounts).
+fn agent_command(cgroup: &Path, netns: &str, argv: &[String]) -> Command {
+    let mut cmd = Command::new("bash");
+    cmd.arg("-c")
+        .arg("echo $$ > \"$0/cgroup.procs\" && exec nsenter --net=/var/run/netns/\"$1\" \"${@:2}\"")
+        .arg(cgroup)
+        .arg(netns)
+        .args(argv);
+    cmd
+}
+
+fn stop_pid(pid: u32, signal: &str) {
+    let proc = format!("/proc/{pid}");
+    if !Path::new(&proc).exists() {
+        return;
+    }
+    run_quiet(&["kill", &format!("-{signal}"), &pid.to_string()]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Path::new(&proc).exists() && Instant::now() < deadline {
+        // Reap it if it is our child; otherwise wait for init to.
+        if let Ok(stat) = fs::read_to_string(format!("{proc}/stat"))
+            && stat.split_whitespace().nth(2) == Some("Z")
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if Path::new(&proc).exists() && signal != "KILL" {
+        run_quiet(&["kill", "-KILL", &pid.to_string()]);
+    }
+}
+
+fn remove_cgroup(path: &Path) {
+    // A cgroup is removed with rmdir once its processes are gone; they exit
+    // asynchronously after cgroup.kill, so try for a moment.
+    for _ in 0..50 {
+        if !path.exists() || fs::remove_dir(path).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

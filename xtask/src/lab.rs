@@ -1,0 +1,108 @@
+//! `cargo xtask lab ...`: drive the network-namespace lab by hand.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::bail;
+use clap::Subcommand;
+use mesh_tests::lab::{DEFAULT_STATE_DIR, Lab, Options};
+
+use crate::{build, root, setup};
+
+#[derive(Subcommand)]
+pub enum LabCmd {
+    /// Build the lab from the manifests in DIR (default examples/lab) and start it.
+    Up {
+        /// Manifests directory.
+        dir: Option<PathBuf>,
+    },
+    /// Remove every namespace, veth, cgroup, pinned map and process of the lab.
+    Down,
+    /// Show nodes, pods and agents.
+    Status,
+    /// Run a command inside a pod's netns and cgroup: `lab exec POD -- CMD...`.
+    Exec {
+        /// Pod name.
+        pod: String,
+        /// Command and arguments.
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
+    /// Print a node agent's log.
+    Logs {
+        /// Node name.
+        node: String,
+    },
+    /// Copy a manifest into the agents' config directory (same name replaces).
+    Apply {
+        /// The file.
+        file: PathBuf,
+    },
+    /// Remove a manifest (by file name) from the config directory.
+    Delete {
+        /// The file.
+        file: PathBuf,
+    },
+}
+
+fn state_dir() -> PathBuf {
+    std::env::var_os("MESH_LAB_STATE").map(PathBuf::from).unwrap_or_else(|| DEFAULT_STATE_DIR.into())
+}
+
+/// Brings the lab up with freshly built binaries.
+pub fn up(dir: Option<PathBuf>) -> anyhow::Result<Lab> {
+    if let Some(why) = mesh_tests::sys::lab_unsupported() {
+        bail!("the lab cannot run here: {why}");
+    }
+    setup::ensure()?;
+    let bins = build::binaries(false)?;
+    let opts = Options {
+        manifests: dir.unwrap_or_else(|| root().join("examples/lab")),
+        state_dir: state_dir(),
+        agent_bin: bins.agent,
+        echo_bin: bins.echo,
+        agent_log: std::env::var("MESH_LOG").unwrap_or_else(|_| "info,mesh_ebpf=debug".into()),
+    };
+    let lab = Lab::up(&opts)?;
+    Ok(lab)
+}
+
+/// Tears the lab down if one is up.
+pub fn down() -> anyhow::Result<()> {
+    let dir = state_dir();
+    if Lab::exists(&dir) {
+        Lab::load(&dir)?.down()?;
+        println!("lab removed");
+    } else {
+        println!("no lab is up");
+    }
+    Ok(())
+}
+
+pub fn run(cmd: LabCmd) -> anyhow::Result<()> {
+    match cmd {
+        LabCmd::Up { dir } => {
+            let lab = up(dir)?;
+            print!("{}", lab.status());
+        }
+        LabCmd::Down => down()?,
+        LabCmd::Status => print!("{}", Lab::load(&state_dir())?.status()),
+        LabCmd::Exec { pod, cmd } => {
+            let status = Lab::load(&state_dir())?.pod_command(&pod, &cmd)?.status()?;
+            std::process::exit(status.code().unwrap_or(1));
+        }
+        LabCmd::Logs { node } => {
+            let lab = Lab::load(&state_dir())?;
+            lab.node(&node)?;
+            print!("{}", std::fs::read_to_string(lab.agent_log_path(&node))?);
+        }
+        LabCmd::Apply { file } => {
+            let dest = Lab::load(&state_dir())?.apply(Path::new(&file))?;
+            println!("applied {} -> {}", file.display(), dest.display());
+        }
+        LabCmd::Delete { file } => {
+            Lab::load(&state_dir())?.delete(&file)?;
+            println!("deleted {}", file.display());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,100 @@
+//! `cargo xtask setup`: installs what the build, the lab and the tests need, and nothing
+//! that is already there. Every other command calls [`ensure`] first.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+use mesh_tests::sys::have;
+
+/// Debian packages: LLVM for bpf-linker, and the lab's tools.
+const APT_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+    "iproute2",
+    "curl",
+    "tcpdump",
+    "openssl",
+    "procps",
+];
+/// Commands whose absence means the apt step must run.
+const REQUIRED_COMMANDS: &[&str] = &["ip", "curl", "tcpdump", "openssl", "sysctl"];
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+
+fn step(n: usize, total: usize, what: &str) {
+    println!("[setup {n}/{total}] {what}");
+}
+
+fn sh(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn apt_needed() -> bool {
+    !Path::new(LLVM_PREFIX).join("bin/llvm-config").exists() || REQUIRED_COMMANDS.iter().any(|c| !have(c))
+}
+
+fn bpf_linker_installed() -> bool {
+    have("bpf-linker") || home_cargo_bin("bpf-linker").is_some_and(|p| p.exists())
+}
+
+fn home_cargo_bin(name: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("CARGO_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")))
+        .map(|d| d.join("bin").join(name))
+}
+
+fn rust_src_installed() -> bool {
+    Command::new("rustup")
+        .args(["component", "list", "--installed", "--toolchain", "nightly"])
+        .output()
+        .map(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).lines().any(|l| l.starts_with("rust-src")))
+        .unwrap_or(false)
+}
+
+/// True when nothing is missing.
+pub fn complete() -> bool {
+    !apt_needed() && bpf_linker_installed() && rust_src_installed()
+}
+
+/// Runs setup only if something is missing.
+pub fn ensure() -> anyhow::Result<()> {
+    if complete() { Ok(()) } else { run() }
+}
+
+/// Installs everything missing; idempotent.
+pub fn run() -> anyhow::Result<()> {
+    let total = 3;
+    step(1, total, "system packages (LLVM 22 for bpf-linker, iproute2, curl, tcpdump, openssl)");
+    if apt_needed() {
+        sh(Command::new("apt-get").arg("update").arg("-q"))?;
+        sh(Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(APT_PACKAGES)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    } else {
+        println!("  already installed");
+    }
+    step(2, total, "nightly toolchain with rust-src (for the kernel programs)");
+    if rust_src_installed() {
+        println!("  already installed");
+    } else {
+        sh(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal", "--component", "rust-src"]))?;
+    }
+    step(3, total, "bpf-linker (built against LLVM 22)");
+    if bpf_linker_installed() {
+        println!("  already installed");
+    } else {
+        sh(Command::new("cargo")
+            .args(["install", "bpf-linker", "--locked", "--no-default-features", "--features", "llvm-22"])
+            .env("LLVM_PREFIX", LLVM_PREFIX))?;
+    }
+    println!("[setup] done");
+    Ok(())
+}
