@@ -1,0 +1,335 @@
+//! Lab integration tests: real netns, real eBPF programs, real agents, real clients.
+//!
+//! Each test brings the lab up and tears it down (also on panic) through [`LabGuard`];
+//! the lab's names are fixed, so tests take a process-wide lock. Tests skip with a
+//! message where the machine cannot run the lab, unless `MESH_REQUIRE_LAB` is set
+//! (`cargo xtask test` sets it on capable machines), which turns a skip into a failure.
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use mesh_tests::lab::{DEFAULT_STATE_DIR, Lab, Options};
+
+static LAB_LOCK: Mutex<()> = Mutex::new(());
+
+/// Owns a running lab for one test and removes it on drop.
+struct LabGuard {
+    lab: Option<Lab>,
+    _lock: std::sync::MutexGuard<'static, ()>,
+}
+
+impl std::ops::Deref for LabGuard {
+    type Target = Lab;
+    fn deref(&self) -> &Lab {
+        self.lab.as_ref().expect("lab is up")
+    }
+}
+
+impl std::ops::DerefMut for LabGuard {
+    fn deref_mut(&mut self) -> &mut Lab {
+        self.lab.as_mut().expect("lab is up")
+    }
+}
+
+impl Drop for LabGuard {
+    fn drop(&mut self) {
+        if let Some(lab) = self.lab.take()
+            && let Err(e) = lab.down()
+        {
+            eprintln!("lab teardown: {e:#}");
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// Brings the lab up, or returns None (after saying why) where it cannot run.
+fn lab(test: &str) -> Option<LabGuard> {
+    let lock = LAB_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let bins = root().join("target/debug");
+    let missing = ["mesh-agent", "mesh-echo"].iter().find(|b| !bins.join(b).exists());
+    let why = mesh_tests::sys::lab_unsupported().or_else(|| missing.map(|b| format!("{b} not built (run cargo xtask test)")));
+    if let Some(why) = why {
+        if std::env::var_os("MESH_REQUIRE_LAB").is_some() {
+            panic!("{test}: lab required but unavailable: {why}");
+        }
+        eprintln!("skipping {test}: {why}");
+        return None;
+    }
+    if Lab::exists(DEFAULT_STATE_DIR.as_ref()) {
+        Lab::load(DEFAULT_STATE_DIR.as_ref()).unwrap().down().unwrap();
+    }
+    let opts = Options {
+        manifests: root().join("examples/lab"),
+        state_dir: DEFAULT_STATE_DIR.into(),
+        agent_bin: bins.join("mesh-agent"),
+        echo_bin: bins.join("mesh-echo"),
+        agent_log: "info,mesh_agent=debug,mesh_ebpf=debug".into(),
+    };
+    let lab = Lab::up(&opts).unwrap_or_else(|e| panic!("{test}: lab up: {e:#}"));
+    Some(LabGuard { lab: Some(lab), _lock: lock })
+}
+
+/// Retries `f` until it returns Some or the patience (MESH_TEST_PATIENCE_MS, default
+/// 10 s) runs out.
+fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let patience = std::env::var("MESH_TEST_PATIENCE_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
+    let deadline = Instant::now() + Duration::from_millis(patience);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// curl from `pod`; returns (exit ok, stdout).
+fn curl(lab: &Lab, pod: &str, url: &str) -> (bool, String) {
+    let out = lab.exec(pod, &["curl", "-s", "-m", "5", url]).unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn reply_pod(body: &str) -> Option<String> {
+    serde_json::from_str::<serde_json::Value>(body).ok()?["pod"].as_str().map(str::to_owned)
+}
+
+fn metrics(lab: &Lab, node: &str) -> String {
+    let n = lab.node(node).unwrap();
+    let out = mesh_tests::sys::output(&["ip", "netns", "exec", &n.netns, "curl", "-s", "http://127.0.0.1:15020/metrics"]).unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn opened(metrics: &str, direction: &str, src: &str, dst: &str) -> u64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("istio_tcp_connections_opened_total"))
+        .filter(|l| {
+            l.contains(&format!("direction=\"{direction}\""))
+                && l.contains(&format!("source_workload=\"{src}\""))
+                && l.contains(&format!("destination_workload=\"{dst}\""))
+                && l.contains("connection_security_policy=\"mutual_tls\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+#[test]
+fn frontend_reaches_myapp_through_both_agents_over_mtls() {
+    let Some(lab) = lab("frontend_reaches_myapp_through_both_agents_over_mtls") else { return };
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..4 {
+        let (ok, body) = curl(&lab, "frontend", "http://myapp/");
+        assert!(ok, "curl failed: {body}");
+        let pod = reply_pod(&body).unwrap_or_else(|| panic!("not an echo reply: {body}"));
+        assert!(pod.starts_with("myapp-"), "{pod}");
+        seen.insert(pod);
+    }
+    assert_eq!(seen.len(), 2, "round robin reaches both myapp pods: {seen:?}");
+    // Cross-node: frontend (node1) -> myapp-v1 (node2) was counted by both agents.
+    assert!(opened(&metrics(&lab, "node1"), "Outbound", "frontend", "myapp-v1") >= 1);
+    assert!(opened(&metrics(&lab, "node2"), "Inbound", "frontend", "myapp-v1") >= 1);
+    // Same-node goes through the same checks.
+    assert!(opened(&metrics(&lab, "node1"), "Inbound", "frontend", "myapp-v2") >= 1);
+}
+
+#[test]
+fn original_destination_in_bpf_map_matches_what_client_dialed() {
+    use aya::maps::{HashMap, Map, MapData};
+    use mesh_common::{OrigDst, SockAddrKey};
+    let Some(lab) = lab("original_destination_in_bpf_map_matches_what_client_dialed") else { return };
+    let echo = root().join("target/debug/mesh-echo").display().to_string();
+    for dialed in ["10.96.0.20:80", "[::ffff:10.96.0.20]:80"] {
+        let out = lab.exec("frontend", &[&echo, "dial", dialed, "--hold-ms", "0"]).unwrap();
+        assert!(out.status.success(), "dial {dialed}: {}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let local: SocketAddr = v["local"].as_str().unwrap().parse().unwrap();
+        let peer: SocketAddr = v["peer"].as_str().unwrap().parse().unwrap();
+        // getpeername shows what the application dialed, not the agent's listener.
+        let want: SocketAddr = "10.96.0.20:80".parse().unwrap();
+        assert_eq!(SocketAddr::new(peer.ip().to_canonical(), peer.port()), want, "getpeername for {dialed}");
+        let pin = lab.node("node1").unwrap().pin_dir.join("ORIG_DST");
+        let map = MapData::from_pin(&pin).unwrap();
+        let map: HashMap<_, SockAddrKey, OrigDst> = HashMap::try_from(Map::LruHashMap(map)).unwrap();
+        let key = SockAddrKey::from_socket_addr(SocketAddr::new(local.ip().to_canonical(), local.port()));
+        let orig = map.get(&key, 0).unwrap_or_else(|e| panic!("no ORIG_DST entry for {local}: {e}"));
+        assert_eq!(orig.socket_addr(), want, "recorded original destination for {dialed}");
+        assert_eq!(orig.family, if dialed.starts_with('[') { 6 } else { 4 });
+    }
+}
+
+#[test]
+fn wire_between_nodes_is_tls13_and_foreign_certificates_are_refused() {
+    let Some(lab) = lab("wire_between_nodes_is_tls13_and_foreign_certificates_are_refused") else { return };
+    let dir = lab.state_dir.join("certs");
+    std::fs::create_dir_all(&dir).unwrap();
+    // A client certificate from another CA, with a perfectly plausible identity.
+    let other_ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let other_ca = ca_params.self_signed(&other_ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, other_ca_key);
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let mut leaf = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    leaf.subject_alt_names =
+        vec![rcgen::SanType::URI("spiffe://cluster.local/ns/production/sa/frontend".try_into().unwrap())];
+    let leaf_cert = leaf.signed_by(&leaf_key, &issuer).unwrap();
+    std::fs::write(dir.join("other.pem"), leaf_cert.pem()).unwrap();
+    std::fs::write(dir.join("other.key"), leaf_key.serialize_pem()).unwrap();
+    let _ = other_ca;
+
+    // A certificate from the mesh CA but for another trust domain.
+    let ca_key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(lab.ca_dir().join("ca-key.pem")).unwrap()).unwrap();
+    let mesh_issuer =
+        rcgen::Issuer::from_ca_cert_pem(&std::fs::read_to_string(lab.ca_dir().join("ca-cert.pem")).unwrap(), ca_key).unwrap();
+    let td_key = rcgen::KeyPair::generate().unwrap();
+    let mut td = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    td.subject_alt_names = vec![rcgen::SanType::URI("spiffe://evil.example/ns/production/sa/frontend".try_into().unwrap())];
+    let td_cert = td.signed_by(&td_key, &mesh_issuer).unwrap();
+    std::fs::write(dir.join("td.pem"), td_cert.pem()).unwrap();
+    std::fs::write(dir.join("td.key"), td_key.serialize_pem()).unwrap();
+
+    let v1 = lab.pod("myapp-v1").unwrap().ip;
+    let target = format!("{v1}:15008");
+    let s_client = |cert: Option<&str>| -> (bool, String) {
+        let mut argv = vec!["openssl", "s_client", "-connect", &target, "-tls1_3", "-alpn", "h2", "-brief"];
+        let (c, k);
+        if let Some(name) = cert {
+            c = dir.join(format!("{name}.pem")).display().to_string();
+            k = dir.join(format!("{name}.key")).display().to_string();
+            argv.extend(["-cert", &c, "-key", &k]);
+        }
+        // In TLS 1.3 the client finishes its side before the server has judged the
+        // client certificate; keeping stdin open for a second lets s_client read the
+        // server's verdict (an alert) instead of quitting first.
+        let script = format!("sleep 1 | timeout 5 {}", argv.join(" "));
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", "outside", "bash", "-c", &script])
+            .output()
+            .unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (text.contains("CONNECTION ESTABLISHED") && !text.contains("alert"), text)
+    };
+    for cert in [None, Some("other"), Some("td")] {
+        let (accepted, text) = s_client(cert);
+        assert!(!accepted, "client certificate {cert:?} was accepted:\n{text}");
+        assert!(text.contains("alert") || text.contains("error"), "no TLS refusal for {cert:?}:\n{text}");
+    }
+    let log = std::fs::read_to_string(lab.agent_log_path("node2")).unwrap();
+    assert!(log.contains("HBONE connection refused"), "refusals are logged with the reason");
+    assert!(log.contains("outside the accepted trust domains"), "trust-domain refusal reason logged");
+
+    // TLS 1.2 is not offered at all.
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", "outside", "timeout", "5", "openssl", "s_client", "-connect", &target, "-tls1_2", "-brief"])
+        .stdin(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!text.contains("CONNECTION ESTABLISHED"), "TLS 1.2 accepted:\n{text}");
+}
+
+#[test]
+fn killed_agent_fails_closed_and_restart_restores_service_with_pinned_maps() {
+    let Some(mut lab) = lab("killed_agent_fails_closed_and_restart_restores_service_with_pinned_maps") else { return };
+    assert!(curl(&lab, "frontend", "http://myapp/").0);
+    lab.stop_agent("node1", "KILL").unwrap();
+    let pins_before = std::fs::read_dir(lab.node("node1").unwrap().pin_dir.join("ENROLLED_PODS")).is_err();
+    assert!(pins_before, "ENROLLED_PODS is a pinned map file, not a directory");
+    assert!(lab.node("node1").unwrap().pin_dir.join("ENROLLED_PODS").exists(), "maps stay pinned while the agent is down");
+    // Outbound from an enrolled pod: refused, never sent around the mesh in plaintext.
+    for url in ["http://myapp/", "http://10.10.2.2:8080/", "http://10.10.1.4:8080/"] {
+        let (ok, body) = curl(&lab, "frontend", url);
+        assert!(!ok, "{url} reached without the agent: {body}");
+    }
+    // Inbound plaintext to an enrolled pod on the dead agent's node: dropped in the kernel.
+    let (ok, body) = curl(&lab, "outside", "http://10.10.1.3:8080/");
+    assert!(!ok, "plaintext reached myapp-v2 without its agent: {body}");
+
+    lab.start_agent("node1").unwrap();
+    let body = eventually("service restored after restart", || {
+        let (ok, body) = curl(&lab, "frontend", "http://myapp/");
+        ok.then_some(body)
+    });
+    assert!(reply_pod(&body).is_some_and(|p| p.starts_with("myapp-")), "{body}");
+    let (ok, _) = curl(&lab, "outside", "http://10.10.1.3:8080/");
+    assert!(ok, "inbound restored");
+    // Old links were replaced, not stacked: one pinned link per program.
+    let links: Vec<String> = std::fs::read_dir(lab.node("node1").unwrap().pin_dir.join("links"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let connect4 = links.iter().filter(|l| l.starts_with("mesh_connect4@")).count();
+    assert_eq!(connect4, 1, "links after restart: {links:?}");
+}
+
+#[test]
+fn bad_yaml_keeps_old_config_serving_and_logs_one_clear_error() {
+    let Some(lab) = lab("bad_yaml_keeps_old_config_serving_and_logs_one_clear_error") else { return };
+    let cases = [
+        ("broken-syntax.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: [\n", "YAML syntax error"),
+        ("broken-kind.yaml", "apiVersion: v1\nkind: Gizmo\nmetadata: {name: g}\n", "field kind: unknown kind"),
+        (
+            "broken-field.yaml",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: myapp, namespace: production}\nspec: {ports: [{name: http}]}\n",
+            "field spec.ports[0].port: required field is missing",
+        ),
+    ];
+    let tmp = lab.state_dir.join("bad");
+    std::fs::create_dir_all(&tmp).unwrap();
+    for (name, yaml, reason) in cases {
+        let f = tmp.join(name);
+        std::fs::write(&f, yaml).unwrap();
+        lab.apply(&f).unwrap();
+        eventually(&format!("error for {name} logged"), || {
+            let log = std::fs::read_to_string(lab.agent_log_path("node1")).ok()?;
+            let lines: Vec<&str> = log.lines().filter(|l| l.contains("config rejected") && l.contains(name)).collect();
+            if lines.is_empty() {
+                return None;
+            }
+            assert_eq!(lines.len(), 1, "one error per bad file: {lines:?}");
+            assert!(lines[0].contains(reason), "{}", lines[0]);
+            Some(())
+        });
+        let (ok, body) = curl(&lab, "frontend", "http://myapp/");
+        assert!(ok && reply_pod(&body).is_some(), "traffic stopped after {name}: {body}");
+    }
+    // A valid edit applies without restart: a new Service becomes reachable.
+    let svc = tmp.join("extra.yaml");
+    std::fs::write(
+        &svc,
+        "apiVersion: v1\nkind: Service\nmetadata: {name: myapp-v1-only, namespace: production}\nspec: {selector: {app: myapp, version: v1}, clusterIP: 10.96.0.99, ports: [{port: 80, targetPort: 8080}]}\n",
+    )
+    .unwrap();
+    lab.apply(&svc).unwrap();
+    let body = eventually("new service routable", || {
+        let (ok, body) = curl(&lab, "frontend", "http://10.96.0.99/");
+        ok.then_some(body)
+    });
+    assert_eq!(reply_pod(&body).as_deref(), Some("myapp-v1"));
+}
+
+#[test]
+fn two_hundred_concurrent_connections_keep_every_byte() {
+    let Some(lab) = lab("two_hundred_concurrent_connections_keep_every_byte") else { return };
+    let echo = root().join("target/debug/mesh-echo").display().to_string();
+    for target in ["10.96.0.20:9000", "10.10.2.2:9000"] {
+        let out = lab.exec("frontend", &[&echo, "load", target, "--conns", "200", "--bytes", "65536"]).unwrap();
+        assert!(
+            out.status.success(),
+            "load to {target}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["failed"], 0);
+        assert_eq!(v["conns"], 200);
+    }
+    let m = metrics(&lab, "node1");
+    assert!(opened(&m, "Outbound", "frontend", "myapp-v1") >= 200, "load went through the mesh");
+}
