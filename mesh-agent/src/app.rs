@@ -16,7 +16,7 @@ use crate::admin::{self, AdminState};
 use crate::config::DirSource;
 use crate::dataplane::{self, Dataplane, Netns, Paths, PodEnrollment};
 use crate::identity::{CertStore, MeshCa, PeerVerifier};
-use crate::proxy::{Pool, PodProxy, ProxyContext};
+use crate::proxy::{PodProxy, Pool, ProxyContext};
 use crate::settings::Settings;
 use crate::state::{Snapshot, Workload};
 use crate::telemetry::Metrics;
@@ -100,7 +100,13 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
         });
     }
 
-    let mut agent = Agent { settings: settings.clone(), ctx: ctx.clone(), pods: HashMap::new(), version: 0, admin: admin_state.clone() };
+    let mut agent = Agent {
+        settings: settings.clone(),
+        ctx: ctx.clone(),
+        pods: HashMap::new(),
+        version: 0,
+        admin: admin_state.clone(),
+    };
     agent.reload(&mut source);
     agent.reconcile();
     let current: Vec<&PodEnrollment> = agent.pods.values().map(|p| &p.enrollment).collect();
@@ -110,7 +116,8 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
     admin_state.ready.store(true, Ordering::Release);
     tracing::info!(node = %settings.node, pods = agent.pods.len(), "agent ready");
 
-    let (_watcher, mut changes) = source.watch().map_err(|source| Error::Watch { dir: settings.config_dir.clone(), source })?;
+    let (_watcher, mut changes) =
+        source.watch().map_err(|source| Error::Watch { dir: settings.config_dir.clone(), source })?;
     let mut resync = tokio::time::interval(RESYNC_INTERVAL);
     loop {
         tokio::select! {
@@ -195,12 +202,16 @@ impl Agent {
     /// Brings the set of served pods in line with the snapshot.
     fn reconcile(&mut self) {
         let snap = self.ctx.snapshot.load_full();
-        let desired: HashMap<String, Arc<Workload>> =
-            snap.local_enrolled(&self.settings.node).map(|w| (format!("{}/{}", w.namespace, w.name), w.clone())).collect();
+        let desired: HashMap<String, Arc<Workload>> = snap
+            .local_enrolled(&self.settings.node)
+            .map(|w| (format!("{}/{}", w.namespace, w.name), w.clone()))
+            .collect();
         let stale: Vec<String> = self
             .pods
             .iter()
-            .filter(|(k, p)| desired.get(*k).is_none_or(|w| w.ips != p.proxy.workload.ips || w.identity != p.proxy.workload.identity))
+            .filter(|(k, p)| {
+                desired.get(*k).is_none_or(|w| w.ips != p.proxy.workload.ips || w.identity != p.proxy.workload.identity)
+            })
             .map(|(k, _)| k.clone())
             .collect();
         for key in stale {

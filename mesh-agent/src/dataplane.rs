@@ -167,11 +167,15 @@ impl Dataplane {
             ebpf.take_map(name).ok_or(Error::Map { map: name, reason: "missing from the object".into() })
         };
         let tables = Tables {
-            enrolled: BpfHashMap::try_from(take(&mut ebpf, maps::ENROLLED_PODS)?).map_err(map_err(maps::ENROLLED_PODS))?,
-            inbound_pods: BpfHashMap::try_from(take(&mut ebpf, maps::INBOUND_PODS)?).map_err(map_err(maps::INBOUND_PODS))?,
-            listeners: SockMap::try_from(take(&mut ebpf, maps::INBOUND_LISTENERS)?).map_err(map_err(maps::INBOUND_LISTENERS))?,
+            enrolled: BpfHashMap::try_from(take(&mut ebpf, maps::ENROLLED_PODS)?)
+                .map_err(map_err(maps::ENROLLED_PODS))?,
+            inbound_pods: BpfHashMap::try_from(take(&mut ebpf, maps::INBOUND_PODS)?)
+                .map_err(map_err(maps::INBOUND_PODS))?,
+            listeners: SockMap::try_from(take(&mut ebpf, maps::INBOUND_LISTENERS)?)
+                .map_err(map_err(maps::INBOUND_LISTENERS))?,
             config: Array::try_from(take(&mut ebpf, maps::MESH_CONFIG)?).map_err(map_err(maps::MESH_CONFIG))?,
-            excluded_ports: BpfHashMap::try_from(take(&mut ebpf, maps::EXCLUDED_PORTS)?).map_err(map_err(maps::EXCLUDED_PORTS))?,
+            excluded_ports: BpfHashMap::try_from(take(&mut ebpf, maps::EXCLUDED_PORTS)?)
+                .map_err(map_err(maps::EXCLUDED_PORTS))?,
         };
         let orig_dst = BpfHashMap::try_from(take(&mut ebpf, maps::ORIG_DST)?).map_err(map_err(maps::ORIG_DST))?;
 
@@ -220,7 +224,9 @@ impl Dataplane {
             // on the cgroup whatever the mode ("Single" is the only mode bpf_link_create
             // accepts): the previous run's program stays attached until ours is in
             // place, so there is no window without capture during a restart.
-            let id = prog.attach(&cgroup, CgroupAttachMode::Single).map_err(|source| Error::Program { program: name, source })?;
+            let id = prog
+                .attach(&cgroup, CgroupAttachMode::Single)
+                .map_err(|source| Error::Program { program: name, source })?;
             let link = prog.take_link(id).map_err(|source| Error::Program { program: name, source })?;
             let link = FdLink::try_from(link).map_err(|e| Error::Link { path: name.into(), reason: e.to_string() })?;
             self.pin(link, name)?;
@@ -228,7 +234,9 @@ impl Dataplane {
         let prog: &mut SockOps = program(&mut ebpf, programs::SOCKOPS)?;
         let name = programs::SOCKOPS;
         prog.load().map_err(|source| Error::Program { program: name, source })?;
-        let id = prog.attach(&cgroup, CgroupAttachMode::Single).map_err(|source| Error::Program { program: name, source })?;
+        let id = prog
+            .attach(&cgroup, CgroupAttachMode::Single)
+            .map_err(|source| Error::Program { program: name, source })?;
         let link = prog.take_link(id).map_err(|source| Error::Program { program: name, source })?;
         let link = FdLink::try_from(link).map_err(|e| Error::Link { path: name.into(), reason: e.to_string() })?;
         self.pin(link, name)?;
@@ -322,7 +330,8 @@ impl Dataplane {
         let pin = {
             let mut ebpf = self.ebpf.lock().unwrap_or_else(|p| p.into_inner());
             let prog: &mut SkLookup = program(&mut ebpf, programs::SK_LOOKUP)?;
-            let id = prog.attach(netns.file()).map_err(|source| Error::Program { program: programs::SK_LOOKUP, source })?;
+            let id =
+                prog.attach(netns.file()).map_err(|source| Error::Program { program: programs::SK_LOOKUP, source })?;
             let link = prog.take_link(id).map_err(|source| Error::Program { program: programs::SK_LOOKUP, source })?;
             self.pin(FdLink::from(link), &format!("{}@{name}", programs::SK_LOOKUP))?
         };
@@ -359,7 +368,8 @@ impl Dataplane {
 
     fn alloc_slot(&self) -> Result<u32, Error> {
         let mut used = self.used_slots.lock().unwrap_or_else(|p| p.into_inner());
-        let slot = (0..mesh_common::capacity::PODS).find(|s| !used.contains(s)).ok_or(Error::NoSlot(used.len() as u32))?;
+        let slot =
+            (0..mesh_common::capacity::PODS).find(|s| !used.contains(s)).ok_or(Error::NoSlot(used.len() as u32))?;
         used.insert(slot);
         Ok(slot)
     }
@@ -373,7 +383,9 @@ fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, E
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
 {
-    let prog = ebpf.program_mut(name).ok_or(Error::Map { map: "programs", reason: format!("{name} missing from the object") })?;
+    let prog = ebpf
+        .program_mut(name)
+        .ok_or(Error::Map { map: "programs", reason: format!("{name} missing from the object") })?;
     prog.try_into().map_err(|source| Error::Program { program: name, source })
 }
 

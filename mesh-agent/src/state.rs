@@ -148,7 +148,9 @@ impl Snapshot {
                 } else {
                     snap.workloads
                         .iter()
-                        .filter(|w| w.namespace == ns && svc.spec.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+                        .filter(|w| {
+                            w.namespace == ns && svc.spec.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
+                        })
                         .filter(|w| !w.ips.is_empty())
                         .cloned()
                         .collect()

@@ -53,7 +53,13 @@ fn security(mtls: bool) -> String {
 
 impl ConnLabels {
     /// Labels of an outbound connection from `src`.
-    pub fn new(direction: Direction, src: &Workload, dst: Option<&Workload>, service: Option<&str>, mtls: bool) -> Self {
+    pub fn new(
+        direction: Direction,
+        src: &Workload,
+        dst: Option<&Workload>,
+        service: Option<&str>,
+        mtls: bool,
+    ) -> Self {
         Self {
             reporter: "source".into(),
             direction,

@@ -25,8 +25,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{debug, warn};
 use mesh_common::{
-    CONFIG_FLAG_READY, InboundPod, IpKey, MeshConfig, OrigDst, POD_FLAG_ENROLLED,
-    POD_FLAG_HAS_IP6, PodInfo, SockAddrKey, capacity, ports,
+    CONFIG_FLAG_READY, InboundPod, IpKey, MeshConfig, OrigDst, POD_FLAG_ENROLLED, POD_FLAG_HAS_IP6, PodInfo,
+    SockAddrKey, capacity, ports,
 };
 
 /// `cgroup_sock_addr` verdicts.
@@ -51,8 +51,7 @@ static MESH_CONFIG: Array<MeshConfig> = Array::pinned(1, 0);
 static ENROLLED_PODS: HashMap<u64, PodInfo> = HashMap::pinned(capacity::PODS, 0);
 
 #[map(name = "COOKIE_ORIG_DST")]
-static COOKIE_ORIG_DST: LruHashMap<u64, OrigDst> =
-    LruHashMap::pinned(capacity::CONNECTIONS, 0);
+static COOKIE_ORIG_DST: LruHashMap<u64, OrigDst> = LruHashMap::pinned(capacity::CONNECTIONS, 0);
 
 #[map(name = "ORIG_DST")]
 static ORIG_DST: LruHashMap<SockAddrKey, OrigDst> = LruHashMap::pinned(capacity::CONNECTIONS, 0);

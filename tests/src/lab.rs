@@ -144,7 +144,8 @@ fn read_manifests(dir: &Path) -> anyhow::Result<Manifests> {
             match s(&["kind"]).as_deref() {
                 Some("Pod") => {
                     let name = s(&["metadata", "name"]).context("Pod without metadata.name")?;
-                    let node = s(&["spec", "nodeName"]).with_context(|| format!("Pod {name}: spec.nodeName is required in the lab"))?;
+                    let node = s(&["spec", "nodeName"])
+                        .with_context(|| format!("Pod {name}: spec.nodeName is required in the lab"))?;
                     let ip: Ipv4Addr = s(&["status", "podIP"])
                         .with_context(|| format!("Pod {name}: status.podIP is required in the lab"))?
                         .parse()
@@ -190,7 +191,8 @@ impl Lab {
     /// Reads the state of a running lab.
     pub fn load(state_dir: &Path) -> anyhow::Result<Self> {
         let path = state_dir.join("state.json");
-        let text = fs::read_to_string(&path).with_context(|| format!("no lab is up ({} missing); run `cargo xtask lab up`", path.display()))?;
+        let text = fs::read_to_string(&path)
+            .with_context(|| format!("no lab is up ({} missing); run `cargo xtask lab up`", path.display()))?;
         Ok(serde_json::from_str(&text)?)
     }
 
@@ -334,7 +336,10 @@ impl Lab {
             let wire_end = format!("nw{i}");
             run(&["ip", "netns", "add", &n.netns])?;
             run(&["ip", "-n", &n.netns, "link", "set", "lo", "up"])?;
-            run(&["ip", "-n", WIRE_NETNS, "link", "add", &wire_end, "type", "veth", "peer", "name", "wire0", "netns", &n.netns])?;
+            run(&[
+                "ip", "-n", WIRE_NETNS, "link", "add", &wire_end, "type", "veth", "peer", "name", "wire0", "netns",
+                &n.netns,
+            ])?;
             run(&["ip", "-n", WIRE_NETNS, "link", "set", &wire_end, "master", "br0", "up"])?;
             run(&["ip", "-n", &n.netns, "addr", "add", &format!("{}/24", n.wire_ip), "dev", "wire0"])?;
             run(&["ip", "-n", &n.netns, "link", "set", "wire0", "up"])?;
@@ -350,7 +355,21 @@ impl Lab {
             let node = self.node(&p.node)?;
             run(&["ip", "netns", "add", &p.name])?;
             run(&["ip", "-n", &p.name, "link", "set", "lo", "up"])?;
-            run(&["ip", "-n", &node.netns, "link", "add", &p.veth, "type", "veth", "peer", "name", "eth0", "netns", &p.name])?;
+            run(&[
+                "ip",
+                "-n",
+                &node.netns,
+                "link",
+                "add",
+                &p.veth,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                &p.name,
+            ])?;
             run(&["ip", "-n", &node.netns, "link", "set", &p.veth, "master", "br0", "up"])?;
             run(&["ip", "-n", &p.name, "addr", "add", &format!("{}/24", p.ip), "dev", "eth0"])?;
             run(&["ip", "-n", &p.name, "link", "set", "eth0", "up"])?;
@@ -449,7 +468,17 @@ impl Lab {
             {
                 bail!("agent of {node} exited; see {}", self.agent_log_path(node).display());
             }
-            let out = output(&["ip", "netns", "exec", &n.netns, "curl", "-sf", "-m", "1", "http://127.0.0.1:15021/healthz/ready"])?;
+            let out = output(&[
+                "ip",
+                "netns",
+                "exec",
+                &n.netns,
+                "curl",
+                "-sf",
+                "-m",
+                "1",
+                "http://127.0.0.1:15021/healthz/ready",
+            ])?;
             if out.status.success() {
                 return Ok(());
             }
@@ -497,7 +526,8 @@ impl Lab {
         let deadline = Instant::now() + READY_TIMEOUT;
         while Instant::now() < deadline {
             // Loopback inside the pod is never captured, so this checks the app alone.
-            let out = output(&["ip", "netns", "exec", &p.name, "curl", "-sf", "-m", "1", "http://127.0.0.1:8080/ready"])?;
+            let out =
+                output(&["ip", "netns", "exec", &p.name, "curl", "-sf", "-m", "1", "http://127.0.0.1:8080/ready"])?;
             if out.status.success() {
                 return Ok(());
             }

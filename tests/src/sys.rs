@@ -29,9 +29,7 @@ pub fn run_quiet(args: &[&str]) {
 
 /// True when `name` is on PATH.
 pub fn have(name: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
-        .unwrap_or(false)
+    std::env::var_os("PATH").map(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file())).unwrap_or(false)
 }
 
 /// The cgroup v2 mount point from /proc/mounts.

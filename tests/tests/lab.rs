@@ -53,7 +53,8 @@ fn lab(test: &str) -> Option<LabGuard> {
     let lock = LAB_LOCK.lock().unwrap_or_else(|p| p.into_inner());
     let bins = root().join("target/debug");
     let missing = ["mesh-agent", "mesh-echo"].iter().find(|b| !bins.join(b).exists());
-    let why = mesh_tests::sys::lab_unsupported().or_else(|| missing.map(|b| format!("{b} not built (run cargo xtask test)")));
+    let why =
+        mesh_tests::sys::lab_unsupported().or_else(|| missing.map(|b| format!("{b} not built (run cargo xtask test)")));
     if let Some(why) = why {
         if std::env::var_os("MESH_REQUIRE_LAB").is_some() {
             panic!("{test}: lab required but unavailable: {why}");
@@ -101,7 +102,9 @@ fn reply_pod(body: &str) -> Option<String> {
 
 fn metrics(lab: &Lab, node: &str) -> String {
     let n = lab.node(node).unwrap();
-    let out = mesh_tests::sys::output(&["ip", "netns", "exec", &n.netns, "curl", "-s", "http://127.0.0.1:15020/metrics"]).unwrap();
+    let out =
+        mesh_tests::sys::output(&["ip", "netns", "exec", &n.netns, "curl", "-s", "http://127.0.0.1:15020/metrics"])
+            .unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -186,10 +189,12 @@ fn wire_between_nodes_is_tls13_and_foreign_certificates_are_refused() {
     // A certificate from the mesh CA but for another trust domain.
     let ca_key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(lab.ca_dir().join("ca-key.pem")).unwrap()).unwrap();
     let mesh_issuer =
-        rcgen::Issuer::from_ca_cert_pem(&std::fs::read_to_string(lab.ca_dir().join("ca-cert.pem")).unwrap(), ca_key).unwrap();
+        rcgen::Issuer::from_ca_cert_pem(&std::fs::read_to_string(lab.ca_dir().join("ca-cert.pem")).unwrap(), ca_key)
+            .unwrap();
     let td_key = rcgen::KeyPair::generate().unwrap();
     let mut td = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    td.subject_alt_names = vec![rcgen::SanType::URI("spiffe://evil.example/ns/production/sa/frontend".try_into().unwrap())];
+    td.subject_alt_names =
+        vec![rcgen::SanType::URI("spiffe://evil.example/ns/production/sa/frontend".try_into().unwrap())];
     let td_cert = td.signed_by(&td_key, &mesh_issuer).unwrap();
     std::fs::write(dir.join("td.pem"), td_cert.pem()).unwrap();
     std::fs::write(dir.join("td.key"), td_key.serialize_pem()).unwrap();
@@ -226,7 +231,9 @@ fn wire_between_nodes_is_tls13_and_foreign_certificates_are_refused() {
 
     // TLS 1.2 is not offered at all.
     let out = std::process::Command::new("ip")
-        .args(["netns", "exec", "outside", "timeout", "5", "openssl", "s_client", "-connect", &target, "-tls1_2", "-brief"])
+        .args([
+            "netns", "exec", "outside", "timeout", "5", "openssl", "s_client", "-connect", &target, "-tls1_2", "-brief",
+        ])
         .stdin(std::process::Stdio::piped())
         .output()
         .unwrap();
@@ -241,7 +248,10 @@ fn killed_agent_fails_closed_and_restart_restores_service_with_pinned_maps() {
     lab.stop_agent("node1", "KILL").unwrap();
     let pins_before = std::fs::read_dir(lab.node("node1").unwrap().pin_dir.join("ENROLLED_PODS")).is_err();
     assert!(pins_before, "ENROLLED_PODS is a pinned map file, not a directory");
-    assert!(lab.node("node1").unwrap().pin_dir.join("ENROLLED_PODS").exists(), "maps stay pinned while the agent is down");
+    assert!(
+        lab.node("node1").unwrap().pin_dir.join("ENROLLED_PODS").exists(),
+        "maps stay pinned while the agent is down"
+    );
     // Outbound from an enrolled pod: refused, never sent around the mesh in plaintext.
     for url in ["http://myapp/", "http://10.10.2.2:8080/", "http://10.10.1.4:8080/"] {
         let (ok, body) = curl(&lab, "frontend", url);

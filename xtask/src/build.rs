@@ -12,7 +12,18 @@ use crate::root;
 pub fn ebpf() -> anyhow::Result<()> {
     let status = Command::new("cargo")
         .current_dir(root())
-        .args(["+nightly", "build", "--package", "mesh-ebpf", "--bins", "--release", "--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .args([
+            "+nightly",
+            "build",
+            "--package",
+            "mesh-ebpf",
+            "--bins",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+        ])
         .env("CARGO_ENCODED_RUSTFLAGS", "--cfg=bpf_target_arch=\"x86_64\"\x1f-Cdebuginfo=2\x1f-Clink-arg=--btf")
         .env_remove("RUSTC")
         .env_remove("RUSTC_WORKSPACE_WRAPPER")

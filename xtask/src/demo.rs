@@ -56,7 +56,8 @@ pub fn run() -> anyhow::Result<()> {
             .unwrap_or_else(|| format!("FAILED: {}", String::from_utf8_lossy(&out.stderr).trim()));
         rows.push((format!("frontend -> http://myapp/ #{}", i + 1), pod));
     }
-    let out = lab.exec("frontend", &["curl", "-s", "-m", "5", "http://legacy-service.production.svc.cluster.local/"])?;
+    let out =
+        lab.exec("frontend", &["curl", "-s", "-m", "5", "http://legacy-service.production.svc.cluster.local/"])?;
     let pod = serde_json::from_str::<serde_json::Value>(&String::from_utf8_lossy(&out.stdout))
         .ok()
         .and_then(|v| v["pod"].as_str().map(str::to_owned))
@@ -78,23 +79,38 @@ pub fn run() -> anyhow::Result<()> {
     }
     let bytes = std::fs::read(&pcap).unwrap_or_default();
     let tls13 = contains(&bytes, TLS13_SELECTED);
-    let leaked: Vec<String> =
-        PLAINTEXT_MARKERS.iter().filter(|m| contains(&bytes, m)).map(|m| String::from_utf8_lossy(m).into_owned()).collect();
+    let leaked: Vec<String> = PLAINTEXT_MARKERS
+        .iter()
+        .filter(|m| contains(&bytes, m))
+        .map(|m| String::from_utf8_lossy(m).into_owned())
+        .collect();
     println!("\n[demo] wire between nodes (tunnel port 15008), {} bytes captured in {}", bytes.len(), pcap.display());
     println!("  TLS 1.3 handshake seen:        {}", if tls13 { "yes" } else { "NO" });
-    println!("  plaintext HTTP visible:        {}", if leaked.is_empty() { "none".to_string() } else { leaked.join(", ") });
+    println!(
+        "  plaintext HTTP visible:        {}",
+        if leaked.is_empty() { "none".to_string() } else { leaked.join(", ") }
+    );
 
     println!("\n[demo] agent metrics (istio_tcp_connections_opened_total)");
     for n in &lab.nodes {
         let out = Command::new("ip")
             .args(["netns", "exec", &n.netns, "curl", "-s", "http://127.0.0.1:15020/metrics"])
             .output()?;
-        for line in String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.starts_with("istio_tcp_connections_opened_total")) {
+        for line in
+            String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.starts_with("istio_tcp_connections_opened_total"))
+        {
             println!("  {}: {}", n.name, shorten(line));
         }
     }
     let ok = rows.iter().all(|(_, a)| !a.starts_with("FAILED")) && tls13 && leaked.is_empty();
-    println!("\n[demo] {}", if ok { "mesh works: traffic flows and the wire is TLS 1.3 only" } else { "SOMETHING FAILED: see above and `cargo xtask lab logs node1`" });
+    println!(
+        "\n[demo] {}",
+        if ok {
+            "mesh works: traffic flows and the wire is TLS 1.3 only"
+        } else {
+            "SOMETHING FAILED: see above and `cargo xtask lab logs node1`"
+        }
+    );
     println!(
         "\nThe lab is still up. Try:\n  cargo xtask lab exec frontend -- curl -s http://myapp/\n  cargo xtask lab status\n  cargo xtask lab logs node1\n  cargo xtask lab down"
     );

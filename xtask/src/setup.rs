@@ -85,7 +85,15 @@ pub fn run() -> anyhow::Result<()> {
     if rust_src_installed() {
         println!("  already installed");
     } else {
-        sh(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal", "--component", "rust-src"]))?;
+        sh(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
+        ]))?;
     }
     step(3, total, "bpf-linker (built against LLVM 22)");
     if bpf_linker_installed() {

@@ -76,7 +76,8 @@ fn parse_object(file: &Path, index: usize, value: Value) -> Result<Object, Error
     if !value.is_mapping() {
         return Err(err(None, "(root)", "a Kubernetes object must be a mapping".into()));
     }
-    let kind = value.get("kind").and_then(Value::as_str).ok_or_else(|| err(None, "kind", "missing or not a string".into()))?;
+    let kind =
+        value.get("kind").and_then(Value::as_str).ok_or_else(|| err(None, "kind", "missing or not a string".into()))?;
     let api_version = value
         .get("apiVersion")
         .and_then(Value::as_str)
@@ -92,7 +93,11 @@ fn parse_object(file: &Path, index: usize, value: Value) -> Result<Object, Error
         other => return Err(err(label, "kind", format!("unknown kind {other:?} (apiVersion {api_version})"))),
     };
     if api_version != expected_version {
-        return Err(err(label, "apiVersion", format!("{kind} must be apiVersion {expected_version}, got {api_version}")));
+        return Err(err(
+            label,
+            "apiVersion",
+            format!("{kind} must be apiVersion {expected_version}, got {api_version}"),
+        ));
     }
     let object = match kind {
         "Namespace" => Object::Namespace(typed::<Namespace>(value).map_err(|(f, r)| err(label.clone(), &f, r))?),
@@ -100,8 +105,7 @@ fn parse_object(file: &Path, index: usize, value: Value) -> Result<Object, Error
         _ => Object::Service(typed::<Service>(value).map_err(|(f, r)| err(label.clone(), &f, r))?),
     };
     let key = object.key();
-    validate(&object).map_err(|(f, r)| err(Some(describe(&key)), &f, r))
-        .map(|()| object)
+    validate(&object).map_err(|(f, r)| err(Some(describe(&key)), &f, r)).map(|()| object)
 }
 
 /// Deserializes with the path of the failing field.
@@ -203,18 +207,27 @@ spec:
     #[test]
     fn errors_name_file_object_and_field() {
         let cases = [
-            ("apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {ports: [{name: x}]}\n",
-             "t.yaml: Service a: field spec.ports[0].port: required field is missing"),
-            ("apiVersion: v1\nkind: Gizmo\nmetadata: {name: a}\n",
-             "t.yaml: Gizmo a: field kind: unknown kind \"Gizmo\" (apiVersion v1)"),
-            ("apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nspec: {containers: [{name: c, ports: [{containerPort: http}]}]}\n",
-             "t.yaml: Pod a: field spec.containers[0].ports[0].containerPort: invalid type: string \"http\", expected u16"),
-            ("apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.0.0.999}\n",
-             "t.yaml: Service default/a: field spec.clusterIP: \"10.0.0.999\" is neither an IP address nor \"None\""),
-            ("apiVersion: v1\nkind: Namespace\nmetadata: {labels: {}}\n",
-             "t.yaml: Namespace <unnamed>: field metadata.name: required field is missing"),
-            ("kind: Pod\nmetadata: {name: a}\n",
-             "t.yaml: Pod a: field apiVersion: missing or not a string"),
+            (
+                "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {ports: [{name: x}]}\n",
+                "t.yaml: Service a: field spec.ports[0].port: required field is missing",
+            ),
+            (
+                "apiVersion: v1\nkind: Gizmo\nmetadata: {name: a}\n",
+                "t.yaml: Gizmo a: field kind: unknown kind \"Gizmo\" (apiVersion v1)",
+            ),
+            (
+                "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nspec: {containers: [{name: c, ports: [{containerPort: http}]}]}\n",
+                "t.yaml: Pod a: field spec.containers[0].ports[0].containerPort: invalid type: string \"http\", expected u16",
+            ),
+            (
+                "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.0.0.999}\n",
+                "t.yaml: Service default/a: field spec.clusterIP: \"10.0.0.999\" is neither an IP address nor \"None\"",
+            ),
+            (
+                "apiVersion: v1\nkind: Namespace\nmetadata: {labels: {}}\n",
+                "t.yaml: Namespace <unnamed>: field metadata.name: required field is missing",
+            ),
+            ("kind: Pod\nmetadata: {name: a}\n", "t.yaml: Pod a: field apiVersion: missing or not a string"),
         ];
         for (yaml, want) in cases {
             assert_eq!(check(yaml), want, "for {yaml}");

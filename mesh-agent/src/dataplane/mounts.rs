@@ -13,8 +13,8 @@ const BPFFS: &str = "/sys/fs/bpf";
 /// The cgroup v2 mount point, from `/proc/mounts` (hybrid hosts mount it at
 /// `/sys/fs/cgroup/unified`, pure v2 hosts at `/sys/fs/cgroup`).
 pub fn cgroup2_root() -> Result<PathBuf, Error> {
-    let mounts = std::fs::read_to_string("/proc/mounts")
-        .map_err(|source| Error::Io { path: "/proc/mounts".into(), source })?;
+    let mounts =
+        std::fs::read_to_string("/proc/mounts").map_err(|source| Error::Io { path: "/proc/mounts".into(), source })?;
     mounts
         .lines()
         .filter_map(|l| {
@@ -36,8 +36,14 @@ pub fn ensure_bpffs(pin_dir: &Path) -> Result<(), Error> {
     let mounted = statfs(bpffs).map(|s| s.filesystem_type() == BPF_FS_MAGIC).unwrap_or(false);
     if !mounted && pin_dir.starts_with(bpffs) {
         std::fs::create_dir_all(bpffs).map_err(|source| Error::Io { path: bpffs.into(), source })?;
-        mount(Some("bpffs"), bpffs, Some("bpf"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, None::<&str>)
-            .map_err(|source| Error::Sys { call: format!("mount bpffs on {BPFFS}"), source })?;
+        mount(
+            Some("bpffs"),
+            bpffs,
+            Some("bpf"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            None::<&str>,
+        )
+        .map_err(|source| Error::Sys { call: format!("mount bpffs on {BPFFS}"), source })?;
         tracing::info!(path = BPFFS, "mounted bpffs");
     }
     std::fs::create_dir_all(pin_dir).map_err(|source| Error::Io { path: pin_dir.into(), source })?;

@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
 };
 use rustls::pki_types::CertificateDer;
 
@@ -99,11 +99,8 @@ impl MeshCa {
         } else {
             vec![ca_der.clone()]
         };
-        let chain = if files.cert_chain.exists() {
-            certs(&files.cert_chain, &read(&files.cert_chain)?)?
-        } else {
-            vec![ca_der]
-        };
+        let chain =
+            if files.cert_chain.exists() { certs(&files.cert_chain, &read(&files.cert_chain)?)? } else { vec![ca_der] };
         // The root is what peers trust; sending it in the chain is wasted bytes.
         let chain = chain.into_iter().filter(|c| !roots.contains(c)).collect();
         Ok(Self { issuer, roots, chain })
@@ -118,7 +115,8 @@ impl MeshCa {
         dn.push(DnType::CommonName, "mesh root CA");
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         let now = SystemTime::now();
         params.not_before = (now - CLOCK_SKEW).into();
         params.not_after = (now + ROOT_VALIDITY).into();

@@ -19,11 +19,7 @@ pub struct Identity {
 impl Identity {
     /// A new identity.
     pub fn new(trust_domain: &str, namespace: &str, service_account: &str) -> Self {
-        Self {
-            trust_domain: trust_domain.into(),
-            namespace: namespace.into(),
-            service_account: service_account.into(),
-        }
+        Self { trust_domain: trust_domain.into(), namespace: namespace.into(), service_account: service_account.into() }
     }
 
     /// Parses `spiffe://td/ns/x/sa/y`.
@@ -32,9 +28,7 @@ impl Identity {
         let rest = uri.strip_prefix("spiffe://").ok_or_else(bad)?;
         let parts: Vec<&str> = rest.split('/').collect();
         match parts.as_slice() {
-            [td, "ns", ns, "sa", sa] if !td.is_empty() && !ns.is_empty() && !sa.is_empty() => {
-                Ok(Self::new(td, ns, sa))
-            }
+            [td, "ns", ns, "sa", sa] if !td.is_empty() && !ns.is_empty() && !sa.is_empty() => Ok(Self::new(td, ns, sa)),
             _ => Err(bad()),
         }
     }

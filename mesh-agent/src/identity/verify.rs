@@ -150,7 +150,8 @@ impl ClientCertVerifier for MeshClientVerifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         self.inner.verify_client_cert(end_entity, intermediates, now)?;
-        let id = peer_identity(end_entity).ok_or_else(|| cert_error("no SPIFFE identity in client certificate".into()))?;
+        let id =
+            peer_identity(end_entity).ok_or_else(|| cert_error("no SPIFFE identity in client certificate".into()))?;
         self.verifier.check_trust_domain(&id)?;
         Ok(ClientCertVerified::assertion())
     }

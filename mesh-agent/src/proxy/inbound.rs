@@ -15,7 +15,13 @@ use crate::dataplane::Netns;
 use crate::state::Workload;
 use crate::telemetry::ConnLabels;
 
-pub(super) async fn serve(ctx: ProxyContext, pod: Arc<Workload>, netns: Arc<Netns>, listener: Arc<TcpListener>, stop: CancellationToken) {
+pub(super) async fn serve(
+    ctx: ProxyContext,
+    pod: Arc<Workload>,
+    netns: Arc<Netns>,
+    listener: Arc<TcpListener>,
+    stop: CancellationToken,
+) {
     let c = ctx.clone();
     accept_loop(&listener, &c, stop, "inbound", |stream, peer| {
         let (ctx, pod, netns) = (ctx.clone(), pod.clone(), netns.clone());
@@ -28,7 +34,13 @@ pub(super) async fn serve(ctx: ProxyContext, pod: Arc<Workload>, netns: Arc<Netn
     .await;
 }
 
-async fn handle(ctx: &ProxyContext, pod: &Workload, netns: &Netns, mut stream: TcpStream, peer: SocketAddr) -> Result<(), Error> {
+async fn handle(
+    ctx: &ProxyContext,
+    pod: &Workload,
+    netns: &Netns,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+) -> Result<(), Error> {
     let dst = stream.local_addr().map_err(|source| Error::Io { what: "getsockname", addr: peer, source })?;
     // A connection made straight to :15006 (not steered) has no application port.
     if ports::is_mesh_owned(dst.port()) || !pod.ips.contains(&dst.ip()) {

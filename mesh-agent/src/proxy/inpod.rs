@@ -63,8 +63,13 @@ impl Drop for PodProxy {
 }
 
 /// Accept loop shared by the three listeners: runs `handle` per connection until `stop`.
-pub(super) async fn accept_loop<F, Fut>(listener: &TcpListener, ctx: &ProxyContext, stop: CancellationToken, what: &'static str, mut handle: F)
-where
+pub(super) async fn accept_loop<F, Fut>(
+    listener: &TcpListener,
+    ctx: &ProxyContext,
+    stop: CancellationToken,
+    what: &'static str,
+    mut handle: F,
+) where
     F: FnMut(tokio::net::TcpStream, SocketAddr) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {

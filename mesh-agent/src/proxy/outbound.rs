@@ -13,7 +13,13 @@ use crate::dataplane::Netns;
 use crate::state::{Destination, Workload};
 use crate::telemetry::{ConnLabels, Direction};
 
-pub(super) async fn serve(ctx: ProxyContext, pod: Arc<Workload>, netns: Arc<Netns>, listener: TcpListener, stop: CancellationToken) {
+pub(super) async fn serve(
+    ctx: ProxyContext,
+    pod: Arc<Workload>,
+    netns: Arc<Netns>,
+    listener: TcpListener,
+    stop: CancellationToken,
+) {
     let c = ctx.clone();
     accept_loop(&listener, &c, stop, "outbound", |stream, peer| {
         let (ctx, pod, netns) = (ctx.clone(), pod.clone(), netns.clone());
@@ -26,7 +32,13 @@ pub(super) async fn serve(ctx: ProxyContext, pod: Arc<Workload>, netns: Arc<Netn
     .await;
 }
 
-async fn handle(ctx: &ProxyContext, pod: &Workload, netns: &Netns, mut stream: TcpStream, peer: SocketAddr) -> Result<(), Error> {
+async fn handle(
+    ctx: &ProxyContext,
+    pod: &Workload,
+    netns: &Netns,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+) -> Result<(), Error> {
     // Only the pod itself reaches this listener through capture; anything else dialing
     // <pod ip>:15001 directly is refused.
     if !pod.ips.contains(&peer.ip()) {

@@ -84,8 +84,19 @@ impl Pool {
         self.conns.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
     }
 
-    async fn dial(&self, ctx: &ProxyContext, source: &Workload, netns: &Netns, key: &Key) -> Result<SendRequest<Empty<Bytes>>, Error> {
-        let tls = crate::identity::client_config(ctx.certs.clone(), source.identity.clone(), key.destination.clone(), &ctx.verifier)?;
+    async fn dial(
+        &self,
+        ctx: &ProxyContext,
+        source: &Workload,
+        netns: &Netns,
+        key: &Key,
+    ) -> Result<SendRequest<Empty<Bytes>>, Error> {
+        let tls = crate::identity::client_config(
+            ctx.certs.clone(),
+            source.identity.clone(),
+            key.destination.clone(),
+            &ctx.verifier,
+        )?;
         let tcp = sockets::connect_in(netns, key.addr, ctx.bypass_mark, CONNECT_TIMEOUT).await?;
         // The server name is not used for verification (the SPIFFE identity is); it only
         // fills SNI, so an IP address (which rustls does not send as SNI) is enough.
@@ -93,7 +104,9 @@ impl Pool {
         let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsConnector::from(tls).connect(name, tcp)).await {
             Ok(Ok(s)) => s,
             Ok(Err(source)) => return Err(Error::Tls { addr: key.addr, source }),
-            Err(_) => return Err(Error::Timeout { what: "TLS handshake with", addr: key.addr, after: HANDSHAKE_TIMEOUT }),
+            Err(_) => {
+                return Err(Error::Timeout { what: "TLS handshake with", addr: key.addr, after: HANDSHAKE_TIMEOUT });
+            }
         };
         let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .initial_stream_window_size(STREAM_WINDOW)

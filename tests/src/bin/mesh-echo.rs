@@ -147,7 +147,7 @@ async fn handle(app: &App, peer: SocketAddr, req: Request<Incoming>) -> Response
     // Deterministic failure share: every k-th request fails, so tests get exact counts.
     if app.fail_rate > 0.0 {
         let every = (1.0 / app.fail_rate).round().max(1.0) as u64;
-        if n % every == 0 {
+        if n.is_multiple_of(every) {
             status = StatusCode::SERVICE_UNAVAILABLE;
         }
     }
