@@ -100,7 +100,7 @@ pub fn run() -> anyhow::Result<()> {
         println!("  already installed");
     } else {
         sh(Command::new("cargo")
-            .args(["install", "bpf-linker", "--locked", "--no-default-features", "--features", "llvm-22"])
+            .args(["install", "bpf-linker", "--no-default-features", "--features", "llvm-22"])
             .env("LLVM_PREFIX", LLVM_PREFIX))?;
     }
     println!("[setup] done");

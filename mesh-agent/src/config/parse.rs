@@ -78,12 +78,12 @@ fn parse_object(file: &Path, index: usize, value: Value) -> Result<Object, Error
     }
     let kind =
         value.get("kind").and_then(Value::as_str).ok_or_else(|| err(None, "kind", "missing or not a string".into()))?;
+    let name = value.get("metadata").and_then(|m| m.get("name")).and_then(Value::as_str).map(str::to_owned);
+    let label = Some(format!("{kind} {}", name.as_deref().unwrap_or("<unnamed>")));
     let api_version = value
         .get("apiVersion")
         .and_then(Value::as_str)
-        .ok_or_else(|| err(None, "apiVersion", "missing or not a string".into()))?;
-    let name = value.get("metadata").and_then(|m| m.get("name")).and_then(Value::as_str).map(str::to_owned);
-    let label = Some(format!("{kind} {}", name.as_deref().unwrap_or("<unnamed>")));
+        .ok_or_else(|| err(label.clone(), "apiVersion", "missing or not a string".into()))?;
 
     let expected_version = match kind {
         "Namespace" | "Pod" | "Service" => "v1",
