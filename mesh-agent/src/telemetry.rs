@@ -123,8 +123,8 @@ impl Metrics {
         let m = Self::default();
         registry.register("tcp_connections_opened", "TCP connections opened", m.opened.clone());
         registry.register("tcp_connections_closed", "TCP connections closed", m.closed.clone());
-        registry.register("tcp_sent_bytes", "Bytes sent to the destination", m.sent.clone());
-        registry.register("tcp_received_bytes", "Bytes received from the destination", m.received.clone());
+        registry.register("tcp_sent_bytes", "Bytes sent in responses (server to client)", m.sent.clone());
+        registry.register("tcp_received_bytes", "Bytes received in requests (client to server)", m.received.clone());
         registry.register("mesh_active_connections", "Connections open now", m.active.clone());
         registry.register("mesh_config_rejected", "Config inputs rejected", m.config_rejected.clone());
         registry.register("mesh_config_applied", "Config snapshots applied", m.config_applied.clone());
@@ -139,7 +139,8 @@ impl Metrics {
         OpenConn(())
     }
 
-    /// Counts a connection as closed with its byte counts.
+    /// Counts a connection as closed with its byte counts: `sent` is response bytes
+    /// (server to client), `received` request bytes, as Istio defines them.
     pub fn closed(&self, labels: &ConnLabels, _open: OpenConn, sent: u64, received: u64) {
         self.closed.get_or_create(labels).inc();
         self.sent.get_or_create(labels).inc_by(sent);

@@ -2,6 +2,8 @@
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use crate::telemetry::{ConnLabels, Metrics};
+
 /// Buffer per direction: one TLS record carries at most 16 KiB of plaintext and an
 /// HTTP/2 DATA frame is 16 KiB by default, so a larger buffer only adds memory per
 /// connection without fewer syscalls. The buffers are allocated once per connection,
@@ -15,4 +17,30 @@ where
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
     tokio::io::copy_bidirectional_with_sizes(a, b, BUFFER_SIZE, BUFFER_SIZE).await
+}
+
+/// Splices `client` and `server` and counts the connection in `metrics`: open while the
+/// copy runs, then closed with its bytes. Returns `(request bytes, response bytes)`,
+/// i.e. client -> server and server -> client, which Istio reports as received and sent.
+pub async fn counted<C, S>(
+    metrics: &Metrics,
+    labels: &ConnLabels,
+    client: &mut C,
+    server: &mut S,
+) -> std::io::Result<(u64, u64)>
+where
+    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    S: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    let open = metrics.opened(labels);
+    match bidirectional(client, server).await {
+        Ok((request, response)) => {
+            metrics.closed(labels, open, response, request);
+            Ok((request, response))
+        }
+        Err(e) => {
+            metrics.closed(labels, open, 0, 0);
+            Err(e)
+        }
+    }
 }

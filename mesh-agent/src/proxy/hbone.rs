@@ -121,14 +121,9 @@ async fn stream_request(
         let mut app = app;
         match on_upgrade.await {
             Ok(upgraded) => {
-                let guard = ctx.metrics.opened(&labels);
                 let mut tunnel = TokioIo::new(upgraded);
-                match copy::bidirectional(&mut tunnel, &mut app).await {
-                    Ok((received, sent)) => ctx.metrics.closed(&labels, guard, sent, received),
-                    Err(e) => {
-                        ctx.metrics.closed(&labels, guard, 0, 0);
-                        tracing::debug!(%target, error = %e, "tunnelled connection ended with an error");
-                    }
+                if let Err(e) = copy::counted(&ctx.metrics, &labels, &mut tunnel, &mut app).await {
+                    tracing::debug!(%target, error = %e, "tunnelled connection ended with an error");
                 }
             }
             Err(e) => tracing::warn!(%target, error = %e, "CONNECT stream not established"),

@@ -51,16 +51,10 @@ async fn handle(
     let source = snapshot.workload_by_ip(peer.ip()).cloned();
     let labels = ConnLabels::inbound(pod, source.as_deref(), false);
     let mut app = sockets::connect_in(netns, dst, ctx.bypass_mark, CONNECT_TIMEOUT).await?;
-    let guard = ctx.metrics.opened(&labels);
     tracing::debug!(pod = %pod.name, %peer, %dst, "inbound plaintext");
-    match copy::bidirectional(&mut stream, &mut app).await {
-        Ok((received, sent)) => {
-            ctx.metrics.closed(&labels, guard, sent, received);
-            Ok(())
-        }
-        Err(source) => {
-            ctx.metrics.closed(&labels, guard, 0, 0);
-            Err(Error::Io { what: "copy to", addr: dst, source })
-        }
-    }
+    copy::counted(&ctx.metrics, &labels, &mut stream, &mut app).await.map(|_| ()).map_err(|source| Error::Io {
+        what: "copy to",
+        addr: dst,
+        source,
+    })
 }

@@ -58,16 +58,12 @@ async fn handle(
         Destination::Mesh { workload, addr, service } => {
             let labels = ConnLabels::new(Direction::Outbound, pod, Some(&workload), service.as_deref(), true);
             let mut tunnel = ctx.pool.connect(ctx, pod, netns, &workload, addr).await?;
-            let guard = ctx.metrics.opened(&labels);
-            let r = copy::bidirectional(&mut stream, &mut tunnel).await;
-            finish(ctx, &labels, guard, r, pod, orig)
+            splice(ctx, &labels, &mut stream, &mut tunnel, pod, orig).await
         }
         Destination::Passthrough { addr, workload } => {
             let labels = ConnLabels::new(Direction::Outbound, pod, workload.as_deref(), None, false);
             let mut upstream = sockets::connect_in(netns, addr, ctx.bypass_mark, CONNECT_TIMEOUT).await?;
-            let guard = ctx.metrics.opened(&labels);
-            let r = copy::bidirectional(&mut stream, &mut upstream).await;
-            finish(ctx, &labels, guard, r, pod, orig)
+            splice(ctx, &labels, &mut stream, &mut upstream, pod, orig).await
         }
         Destination::NoEndpoints { service } => {
             tracing::warn!(pod = %pod.name, %orig, %service, "service has no endpoint for this port; refused");
@@ -77,23 +73,20 @@ async fn handle(
     }
 }
 
-fn finish(
+async fn splice<S>(
     ctx: &ProxyContext,
     labels: &ConnLabels,
-    guard: crate::telemetry::OpenConn,
-    r: std::io::Result<(u64, u64)>,
+    client: &mut TcpStream,
+    server: &mut S,
     pod: &Workload,
     orig: SocketAddr,
-) -> Result<(), Error> {
-    match r {
-        Ok((sent, received)) => {
-            ctx.metrics.closed(labels, guard, sent, received);
-            tracing::debug!(pod = %pod.name, %orig, sent, received, "outbound closed");
-            Ok(())
-        }
-        Err(source) => {
-            ctx.metrics.closed(labels, guard, 0, 0);
-            Err(Error::Io { what: "copy to", addr: orig, source })
-        }
-    }
+) -> Result<(), Error>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let (request, response) = copy::counted(&ctx.metrics, labels, client, server)
+        .await
+        .map_err(|source| Error::Io { what: "copy to", addr: orig, source })?;
+    tracing::debug!(pod = %pod.name, %orig, request, response, "outbound closed");
+    Ok(())
 }
