@@ -243,10 +243,9 @@ impl Agent {
 
     fn start_pod(&self, w: &Arc<Workload>) -> Result<RunningPod, crate::proxy::Error> {
         let dp = &self.ctx.dataplane;
-        let netns = dp.pod_netns(&w.name)?;
-        let sk_netns = Netns::open(netns.path())?;
-        let proxy = PodProxy::start(&self.ctx, w.clone(), netns)?;
-        let enrollment = dp.enroll(&w.name, &sk_netns, &w.ips, &proxy)?;
+        let netns = Arc::new(dp.pod_netns(&w.name)?);
+        let proxy = PodProxy::start(&self.ctx, w.clone(), netns.clone())?;
+        let enrollment = dp.enroll(&w.name, &netns, &w.ips, &proxy)?;
         Ok(RunningPod { proxy, enrollment })
     }
 }

@@ -26,8 +26,7 @@ pub struct PodProxy {
 
 impl PodProxy {
     /// Binds the pod's listeners in `netns` and starts serving.
-    pub fn start(ctx: &ProxyContext, workload: Arc<Workload>, netns: Netns) -> Result<Self, Error> {
-        let netns = Arc::new(netns);
+    pub fn start(ctx: &ProxyContext, workload: Arc<Workload>, netns: Arc<Netns>) -> Result<Self, Error> {
         let stop = ctx.shutdown.child_token();
         let primary = workload.ips[0];
         let any: IpAddr = if primary.is_ipv4() { Ipv4Addr::UNSPECIFIED.into() } else { Ipv6Addr::UNSPECIFIED.into() };
