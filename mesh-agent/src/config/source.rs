@@ -105,7 +105,11 @@ impl DirSource {
             };
             self.files.insert(path, state);
         }
-        out.new_errors.extend(self.duplicates_across_files());
+        // Duplicates can only appear or go when a file changed; checking only then keeps
+        // the periodic re-read from logging the same conflict every few seconds.
+        if out.changed {
+            out.new_errors.extend(self.duplicates_across_files());
+        }
         out.objects = self.objects();
         out
     }
