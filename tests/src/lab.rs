@@ -410,7 +410,7 @@ impl Lab {
     /// A command that runs `argv` inside `pod`'s netns and cgroup.
     pub fn pod_command(&self, pod: &str, argv: &[String]) -> anyhow::Result<Command> {
         let p = self.pod(pod)?;
-        Ok(in_cgroup_netns(&self.cgroup_root.join(&p.cgroup), &p.name, argv))
+        Ok(in_cgroup_netns(&self.cgroup_root.join(&p.cgroup), &p.name, Enter::IpNetnsExec, argv))
     }
 
     /// Runs `argv` in `pod` and returns its output.
@@ -442,7 +442,7 @@ impl Lab {
             "2s".into(),
         ]
         .into();
-        let mut cmd = agent_command(&self.cgroup_root.join(&n.agent_cgroup), &n.netns, &argv);
+        let mut cmd = in_cgroup_netns(&self.cgroup_root.join(&n.agent_cgroup), &n.netns, Enter::Nsenter, &argv);
         let child = cmd
             .env("MESH_LOG", &self.agent_log)
             .stdin(Stdio::null())
@@ -513,7 +513,7 @@ impl Lab {
         ]
         .into();
         let log = fs::File::create(self.state_dir.join("logs").join(format!("app-{}.log", p.name)))?;
-        let child = in_cgroup_netns(&self.cgroup_root.join(&p.cgroup), &p.name, &argv)
+        let child = in_cgroup_netns(&self.cgroup_root.join(&p.cgroup), &p.name, Enter::IpNetnsExec, &argv)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -627,28 +627,26 @@ impl Lab {
     }
 }
 
-/// The shell moves itself into the cgroup, then execs into the netns and the program,
-/// so the program starts inside both with the same pid.
-fn in_cgroup_netns(cgroup: &Path, netns: &str, argv: &[String]) -> Command {
-    let mut cmd = Command::new("bash");
-    cmd.arg("-c")
-        .arg("echo $$ > \"$0/cgroup.procs\" && exec ip netns exec \"$1\" \"${@:2}\"")
-        .arg(cgroup)
-        .arg(netns)
-        .args(argv);
-    cmd
+/// How a lab process enters its network namespace.
+#[derive(Clone, Copy)]
+enum Enter {
+    /// `ip netns exec`: also bind-mounts `/etc/netns/<name>/hosts` (pods).
+    IpNetnsExec,
+    /// `nsenter --net`: keeps the host's mounts. `ip netns exec` remounts /sys, hiding
+    /// the cgroup2 and bpffs mounts the agent needs (a DaemonSet pod gets them as
+    /// hostPath mounts).
+    Nsenter,
 }
 
-/// Like [`in_cgroup_netns`] but with `nsenter --net`, which keeps the host's mounts:
-/// `ip netns exec` remounts /sys, hiding the cgroup2 and bpffs mounts the agent needs
-/// (a DaemonSet pod gets them as hostPath mounts).
-fn agent_command(cgroup: &Path, netns: &str, argv: &[String]) -> Command {
+/// The shell moves itself into the cgroup, then execs into the netns and the program,
+/// so the program starts inside both with the same pid.
+fn in_cgroup_netns(cgroup: &Path, netns: &str, enter: Enter, argv: &[String]) -> Command {
+    let prefix: Vec<String> = match enter {
+        Enter::IpNetnsExec => vec!["ip".into(), "netns".into(), "exec".into(), netns.into()],
+        Enter::Nsenter => vec!["nsenter".into(), format!("--net=/var/run/netns/{netns}")],
+    };
     let mut cmd = Command::new("bash");
-    cmd.arg("-c")
-        .arg("echo $$ > \"$0/cgroup.procs\" && exec nsenter --net=/var/run/netns/\"$1\" \"${@:2}\"")
-        .arg(cgroup)
-        .arg(netns)
-        .args(argv);
+    cmd.arg("-c").arg("echo $$ > \"$0/cgroup.procs\" && exec \"$@\"").arg(cgroup).args(prefix).args(argv);
     cmd
 }
 

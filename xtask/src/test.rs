@@ -16,7 +16,10 @@ pub fn run(extra: &[String]) -> anyhow::Result<()> {
     }
     build::binaries(false)?;
     let mut cmd = Command::new("cargo");
-    cmd.current_dir(root()).args(["test", "--workspace", "--exclude", "mesh-ebpf", "--"]).arg("--test-threads=1").args(extra);
+    cmd.current_dir(root())
+        .args(["test", "--workspace", "--exclude", "mesh-ebpf", "--"])
+        .arg("--test-threads=1")
+        .args(extra);
     // On a machine that can run the lab, a skipped lab test is a failure: a skip looks
     // like a pass otherwise.
     if mesh_tests::sys::lab_unsupported().is_none() {
