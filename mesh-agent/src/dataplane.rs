@@ -50,6 +50,13 @@ pub enum Error {
         /// aya's error, with the verifier log for load failures.
         source: aya::programs::ProgramError,
     },
+    /// The compiled object lacks a program the agent needs (kernel and agent built
+    /// from different sources).
+    #[error("program {program} is missing from the eBPF object")]
+    MissingProgram {
+        /// Program name.
+        program: &'static str,
+    },
     /// A map is missing or could not be updated.
     #[error("map {map}: {reason}")]
     Map {
@@ -224,27 +231,29 @@ impl Dataplane {
             // on the cgroup whatever the mode ("Single" is the only mode bpf_link_create
             // accepts): the previous run's program stays attached until ours is in
             // place, so there is no window without capture during a restart.
-            let id = prog
-                .attach(&cgroup, CgroupAttachMode::Single)
-                .map_err(|source| Error::Program { program: name, source })?;
-            let link = prog.take_link(id).map_err(|source| Error::Program { program: name, source })?;
-            let link = FdLink::try_from(link).map_err(|e| Error::Link { path: name.into(), reason: e.to_string() })?;
-            self.pin(link, name)?;
+            let link = prog.attach(&cgroup, CgroupAttachMode::Single).and_then(|id| prog.take_link(id));
+            self.pin_link(name, link)?;
         }
-        let prog: &mut SockOps = program(&mut ebpf, programs::SOCKOPS)?;
         let name = programs::SOCKOPS;
+        let prog: &mut SockOps = program(&mut ebpf, name)?;
         prog.load().map_err(|source| Error::Program { program: name, source })?;
-        let id = prog
-            .attach(&cgroup, CgroupAttachMode::Single)
-            .map_err(|source| Error::Program { program: name, source })?;
-        let link = prog.take_link(id).map_err(|source| Error::Program { program: name, source })?;
-        let link = FdLink::try_from(link).map_err(|e| Error::Link { path: name.into(), reason: e.to_string() })?;
-        self.pin(link, name)?;
+        let link = prog.attach(&cgroup, CgroupAttachMode::Single).and_then(|id| prog.take_link(id));
+        self.pin_link(name, link)?;
 
         let prog: &mut SkLookup = program(&mut ebpf, programs::SK_LOOKUP)?;
         prog.load().map_err(|source| Error::Program { program: programs::SK_LOOKUP, source })?;
         tracing::info!(cgroup = %self.paths.node_cgroup.display(), pin_dir = %self.paths.pin_dir.display(), "capture programs attached");
         Ok(())
+    }
+
+    /// Pins a freshly attached program's link under this run's generation.
+    fn pin_link<L>(&self, name: &'static str, link: Result<L, aya::programs::ProgramError>) -> Result<PathBuf, Error>
+    where
+        FdLink: TryFrom<L, Error = aya::programs::links::LinkError>,
+    {
+        let link = link.map_err(|source| Error::Program { program: name, source })?;
+        let link = FdLink::try_from(link).map_err(|e| Error::Link { path: name.into(), reason: e.to_string() })?;
+        self.pin(link, name)
     }
 
     fn pin(&self, link: FdLink, name: &str) -> Result<PathBuf, Error> {
@@ -383,9 +392,7 @@ fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, E
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
 {
-    let prog = ebpf
-        .program_mut(name)
-        .ok_or(Error::Map { map: "programs", reason: format!("{name} missing from the object") })?;
+    let prog = ebpf.program_mut(name).ok_or(Error::MissingProgram { program: name })?;
     prog.try_into().map_err(|source| Error::Program { program: name, source })
 }
 

@@ -32,6 +32,12 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Errors of the proxy.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// A freshly opened HBONE connection closed before its first stream.
+    #[error("HBONE connection to {addr} closed before use")]
+    Closed {
+        /// The peer agent.
+        addr: SocketAddr,
+    },
     /// An I/O error on a connection.
     #[error("{what} {addr}: {source}")]
     Io {

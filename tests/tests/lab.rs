@@ -332,3 +332,40 @@ fn two_hundred_concurrent_connections_keep_every_byte() {
     let m = metrics(&lab, "node1");
     assert!(opened(&m, "Outbound", "frontend", "myapp-v1") >= 200, "load went through the mesh");
 }
+
+#[test]
+fn sigterm_drains_in_flight_connections_then_fails_closed() {
+    let Some(mut lab) = lab("sigterm_drains_in_flight_connections_then_fails_closed") else { return };
+    assert!(curl(&lab, "frontend", "http://myapp/").0);
+    let spawn_curl = |url: &str| {
+        let argv: Vec<String> = ["curl", "-s", "-m", "10", "-o", "/dev/null", "-w", "%{http_code}", url]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        lab.pod_command("frontend", &argv)
+            .unwrap()
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    // The lab's agents drain for 2 s: one request ends inside that, one outlives it.
+    let short = spawn_curl("http://10.10.2.2:8080/delay/1200");
+    let long = spawn_curl("http://10.10.2.2:8080/delay/6000");
+    std::thread::sleep(Duration::from_millis(400));
+    let stopping = Instant::now();
+    lab.stop_agent("node1", "TERM").unwrap();
+    let stopped_after = stopping.elapsed();
+
+    let short = short.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&short.stdout), "200", "in-flight request finished during the drain");
+    let long = long.wait_with_output().unwrap();
+    assert_ne!(String::from_utf8_lossy(&long.stdout), "200", "a request outliving the drain timeout is cut");
+    assert!(stopped_after < Duration::from_millis(4500), "agent exited {stopped_after:?} after SIGTERM");
+    let log = std::fs::read_to_string(lab.agent_log_path("node1")).unwrap();
+    assert!(log.contains("draining") && log.contains("agent stopped"), "drain logged");
+    assert!(log.contains("drain timeout reached"), "the connection cut at the timeout is reported");
+    // Once gone, new connections from its pods fail closed.
+    let (ok, body) = curl(&lab, "frontend", "http://myapp/");
+    assert!(!ok, "reached myapp after the agent stopped: {body}");
+}

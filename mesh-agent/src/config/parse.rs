@@ -8,7 +8,7 @@ use serde::de::DeserializeOwned;
 use serde_yaml::Value;
 
 use super::Error;
-use super::resources::{Namespace, Object, Pod, Service};
+use super::resources::{Namespace, Object, Pod, Service, ServiceAccount};
 
 /// Kinds from other API groups the mesh will read but this version does not enforce yet.
 /// They are refused by name rather than silently ignored: a policy that is accepted but
@@ -86,7 +86,7 @@ fn parse_object(file: &Path, index: usize, value: Value) -> Result<Object, Error
         .ok_or_else(|| err(label.clone(), "apiVersion", "missing or not a string".into()))?;
 
     let expected_version = match kind {
-        "Namespace" | "Pod" | "Service" => "v1",
+        "Namespace" | "Pod" | "Service" | "ServiceAccount" => "v1",
         k if NOT_YET_SUPPORTED.contains(&k) => {
             return Err(err(label, "kind", format!("{k} ({api_version}) is not supported by this agent version yet")));
         }
@@ -102,6 +102,9 @@ fn parse_object(file: &Path, index: usize, value: Value) -> Result<Object, Error
     let object = match kind {
         "Namespace" => Object::Namespace(typed::<Namespace>(value).map_err(|(f, r)| err(label.clone(), &f, r))?),
         "Pod" => Object::Pod(typed::<Pod>(value).map_err(|(f, r)| err(label.clone(), &f, r))?),
+        "ServiceAccount" => {
+            Object::ServiceAccount(typed::<ServiceAccount>(value).map_err(|(f, r)| err(label.clone(), &f, r))?)
+        }
         _ => Object::Service(typed::<Service>(value).map_err(|(f, r)| err(label.clone(), &f, r))?),
     };
     let key = object.key();
@@ -128,6 +131,7 @@ fn validate(object: &Object) -> Result<(), (String, String)> {
         Object::Namespace(n) => &n.metadata,
         Object::Pod(p) => &p.metadata,
         Object::Service(s) => &s.metadata,
+        Object::ServiceAccount(s) => &s.metadata,
     };
     if !is_dns1123_subdomain(&meta.name) {
         return Err(("metadata.name".into(), format!("{:?} is not a valid DNS-1123 name", meta.name)));
@@ -200,8 +204,12 @@ spec:
   clusterIP: 10.96.0.20
   ports: [{name: http, port: 80, targetPort: 8080}]
 ---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: myapp, namespace: production}
+---
 "#;
-        assert_eq!(check(yaml), "ok 3");
+        assert_eq!(check(yaml), "ok 4");
     }
 
     #[test]

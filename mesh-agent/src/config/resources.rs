@@ -16,6 +16,9 @@ pub enum Object {
     Pod(Pod),
     /// `v1/Service`.
     Service(Service),
+    /// `v1/ServiceAccount`: read so manifests that declare them apply whole; a pod's
+    /// identity comes from its `serviceAccountName`.
+    ServiceAccount(ServiceAccount),
 }
 
 impl Object {
@@ -25,6 +28,7 @@ impl Object {
             Object::Namespace(n) => ("Namespace", String::new(), n.metadata.name.clone()),
             Object::Pod(p) => ("Pod", p.metadata.namespace_or_default(), p.metadata.name.clone()),
             Object::Service(s) => ("Service", s.metadata.namespace_or_default(), s.metadata.name.clone()),
+            Object::ServiceAccount(s) => ("ServiceAccount", s.metadata.namespace_or_default(), s.metadata.name.clone()),
         }
     }
 }
@@ -57,6 +61,13 @@ impl ObjectMeta {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct Namespace {
     /// Metadata; labels decide enrollment.
+    pub metadata: ObjectMeta,
+}
+
+/// `v1/ServiceAccount`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct ServiceAccount {
+    /// Metadata.
     pub metadata: ObjectMeta,
 }
 

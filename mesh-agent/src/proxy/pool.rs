@@ -3,11 +3,17 @@
 //!
 //! Invariants: a pooled connection is keyed by (source pod, destination identity,
 //! destination address), so a stream never rides a connection authenticated as another
-//! workload; a connection that failed or closed is never handed out again.
+//! workload; a connection that failed or closed is never handed out again; no connection
+//! carries more than [`MAX_STREAMS_PER_CONNECTION`] open streams (a busy key fans out to
+//! more connections, so one TLS session is not the bottleneck for a hot pair of pods).
 
 use std::collections::HashMap;
+use std::io;
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
@@ -16,6 +22,7 @@ use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use mesh_common::ports;
 use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_rustls::TlsConnector;
 
 use super::hbone::{CONNECTION_WINDOW, STREAM_WINDOW};
@@ -32,10 +39,79 @@ struct Key {
     addr: SocketAddr,
 }
 
+/// Streams one pooled connection carries before another is opened for the same key
+/// (ztunnel's default too).
+pub const MAX_STREAMS_PER_CONNECTION: usize = 100;
+
+#[derive(Debug, Clone)]
+struct Pooled {
+    sender: SendRequest<Empty<Bytes>>,
+    streams: StreamCount,
+}
+
+impl Pooled {
+    /// Reserves a stream slot if the connection is open and has room.
+    fn try_reserve(&self) -> Option<StreamSlot> {
+        if self.sender.is_closed() {
+            return None;
+        }
+        self.streams.try_reserve(MAX_STREAMS_PER_CONNECTION)
+    }
+}
+
+/// Open streams on one connection; each [`StreamSlot`] counts one until dropped.
+#[derive(Debug, Clone, Default)]
+struct StreamCount(Arc<AtomicUsize>);
+
+impl StreamCount {
+    fn try_reserve(&self, max: usize) -> Option<StreamSlot> {
+        self.0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .ok()
+            .map(|_| StreamSlot(self.0.clone()))
+    }
+}
+
+/// One reserved stream on a pooled connection, released on drop.
+#[derive(Debug)]
+struct StreamSlot(Arc<AtomicUsize>);
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A tunnelled connection: one CONNECT stream, holding its slot on the pooled
+/// connection until dropped.
+#[derive(Debug)]
+pub struct Tunnel {
+    io: TokioIo<hyper::upgrade::Upgraded>,
+    _slot: StreamSlot,
+}
+
+impl AsyncRead for Tunnel {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Tunnel {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
 /// The pool.
 #[derive(Debug, Default)]
 pub struct Pool {
-    conns: Mutex<HashMap<Key, SendRequest<Empty<Bytes>>>>,
+    conns: Mutex<HashMap<Key, Vec<Pooled>>>,
 }
 
 impl Pool {
@@ -48,21 +124,28 @@ impl Pool {
         netns: &Netns,
         dest: &Workload,
         target: SocketAddr,
-    ) -> Result<TokioIo<hyper::upgrade::Upgraded>, Error> {
+    ) -> Result<Tunnel, Error> {
         let key = Key {
             source_pod: format!("{}/{}", source.namespace, source.name),
             destination: dest.identity.clone(),
             addr: SocketAddr::new(target.ip(), ports::INBOUND_HBONE),
         };
-        let pooled = self.conns.lock().unwrap_or_else(|p| p.into_inner()).get(&key).filter(|s| !s.is_closed()).cloned();
-        let mut sender = match pooled {
-            Some(s) => s,
+        let (pooled, slot) = match self.reserve(&key) {
+            Some(found) => found,
             None => {
-                let s = self.dial(ctx, source, netns, &key).await?;
-                self.conns.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone(), s.clone());
-                s
+                let pooled =
+                    Pooled { sender: self.dial(ctx, source, netns, &key).await?, streams: StreamCount::default() };
+                let slot = pooled.try_reserve().ok_or(Error::Closed { addr: key.addr })?;
+                self.conns
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .entry(key.clone())
+                    .or_default()
+                    .push(pooled.clone());
+                (pooled, slot)
             }
         };
+        let mut sender = pooled.sender;
         sender.ready().await.map_err(|source| Error::Http { addr: key.addr, source })?;
         let req = Request::builder()
             .method(Method::CONNECT)
@@ -70,18 +153,37 @@ impl Pool {
             .body(Empty::new())
             .expect("CONNECT request from a socket address is always valid");
         let res = sender.send_request(req).await.map_err(|source| {
-            self.forget(&key);
+            self.forget_closed(&key);
             Error::Http { addr: key.addr, source }
         })?;
         if res.status() != StatusCode::OK {
             return Err(Error::Refused { addr: key.addr, target, status: res.status() });
         }
         let upgraded = hyper::upgrade::on(res).await.map_err(|source| Error::Http { addr: key.addr, source })?;
-        Ok(TokioIo::new(upgraded))
+        Ok(Tunnel { io: TokioIo::new(upgraded), _slot: slot })
     }
 
-    fn forget(&self, key: &Key) {
-        self.conns.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
+    /// A pooled connection for `key` with room for one more stream, with the slot taken.
+    /// Closed connections met on the way are dropped from the pool.
+    fn reserve(&self, key: &Key) -> Option<(Pooled, StreamSlot)> {
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let list = conns.get_mut(key)?;
+        list.retain(|c| !c.sender.is_closed());
+        let found = list.iter().find_map(|c| c.try_reserve().map(|slot| (c.clone(), slot)));
+        if list.is_empty() {
+            conns.remove(key);
+        }
+        found
+    }
+
+    fn forget_closed(&self, key: &Key) {
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(list) = conns.get_mut(key) {
+            list.retain(|c| !c.sender.is_closed());
+            if list.is_empty() {
+                conns.remove(key);
+            }
+        }
     }
 
     async fn dial(
@@ -122,5 +224,20 @@ impl Pool {
         });
         tracing::debug!(source = %key.source_pod, destination = %key.destination, %addr, "HBONE connection opened");
         Ok(sender)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StreamCount;
+
+    #[test]
+    fn stream_slots_are_capped_and_released_on_drop() {
+        let count = StreamCount::default();
+        let slots: Vec<_> = (0..3).map_while(|_| count.try_reserve(3)).collect();
+        assert_eq!(slots.len(), 3);
+        assert!(count.try_reserve(3).is_none(), "a full connection takes no more streams");
+        drop(slots);
+        assert!(count.try_reserve(3).is_some(), "dropped tunnels free their slots");
     }
 }
