@@ -112,6 +112,23 @@ pub struct Lab {
     pub agent_bin: PathBuf,
     /// Agents' log filter.
     pub agent_log: String,
+    /// Helper processes (benchmark servers, sidecar proxies) started in pod netns.
+    #[serde(default)]
+    pub helpers: Vec<Helper>,
+}
+
+/// A process the lab started next to a pod, in a cgroup of its own outside every
+/// node's subtree (so no agent captures it), as a sidecar or a benchmark tool runs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Helper {
+    /// Unique name; also its cgroup's name.
+    pub name: String,
+    /// Pod whose netns it runs in.
+    pub pod: String,
+    /// cgroup, relative to the cgroup2 root.
+    pub cgroup: String,
+    /// Pid.
+    pub pid: u32,
 }
 
 /// Manifests read for the topology.
@@ -279,6 +296,7 @@ impl Lab {
             services: m.services,
             agent_bin: opts.agent_bin.clone(),
             agent_log: opts.agent_log.clone(),
+            helpers: Vec::new(),
         };
         // Record first, so `down` can clean up a half-built lab.
         lab.save()?;
@@ -417,6 +435,43 @@ impl Lab {
     pub fn exec(&self, pod: &str, argv: &[&str]) -> anyhow::Result<std::process::Output> {
         let argv: Vec<String> = argv.iter().map(|s| s.to_string()).collect();
         Ok(self.pod_command(pod, &argv)?.stdin(Stdio::null()).output()?)
+    }
+
+    /// Starts `argv` as helper `name` in `pod`'s netns, in its own cgroup outside the
+    /// node's subtree, logging to `logs/helper-<name>.log`. `down` stops it.
+    pub fn start_helper(&mut self, name: &str, pod: &str, argv: &[String]) -> anyhow::Result<u32> {
+        if self.helpers.iter().any(|h| h.name == name) {
+            bail!("helper {name} is already running");
+        }
+        let netns = self.pod(pod)?.name.clone();
+        let cgroup = format!("{CGROUP_NAME}/helpers/{name}");
+        fs::create_dir_all(self.cgroup_root.join(&cgroup))?;
+        let log = fs::File::create(self.state_dir.join("logs").join(format!("helper-{name}.log")))?;
+        let child = in_cgroup_netns(&self.cgroup_root.join(&cgroup), &netns, Enter::IpNetnsExec, argv)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting helper {name}"))?;
+        let pid = child.id();
+        self.helpers.push(Helper { name: name.into(), pod: pod.into(), cgroup, pid });
+        self.save()?;
+        Ok(pid)
+    }
+
+    /// Stops helper `name` and removes its cgroup.
+    pub fn stop_helper(&mut self, name: &str) -> anyhow::Result<()> {
+        let Some(i) = self.helpers.iter().position(|h| h.name == name) else { bail!("no helper {name}") };
+        let h = self.helpers.remove(i);
+        self.kill_helper(&h);
+        self.save()
+    }
+
+    fn kill_helper(&self, h: &Helper) {
+        stop_pid(h.pid, "TERM");
+        let cg = self.cgroup_root.join(&h.cgroup);
+        let _ = fs::write(cg.join("cgroup.kill"), "1");
+        remove_cgroup(&cg);
     }
 
     /// Starts (or restarts) the agent of `node`.
@@ -584,6 +639,10 @@ impl Lab {
 
     /// Tears everything down. Safe to call on a half-built lab.
     pub fn down(self) -> anyhow::Result<()> {
+        for h in &self.helpers {
+            self.kill_helper(h);
+        }
+        remove_cgroup(&self.cgroup_root.join(CGROUP_NAME).join("helpers"));
         for n in &self.nodes {
             if let Some(pid) = n.agent_pid {
                 stop_pid(pid, "TERM");

@@ -1,6 +1,8 @@
 //! Test support for the mesh: the network-namespace lab (`lab`), used by
-//! `cargo xtask lab|demo|test` and by the integration tests in `tests/`.
+//! `cargo xtask lab|demo|test|bench` and by the integration tests in `tests/`; what a
+//! process group costs (`measure`).
 #![forbid(unsafe_code)]
 
 pub mod lab;
+pub mod measure;
 pub mod sys;

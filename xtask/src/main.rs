@@ -1,6 +1,7 @@
 //! `cargo xtask`: every project task, one module per command.
 #![forbid(unsafe_code)]
 
+mod bench;
 mod build;
 mod demo;
 mod lab;
@@ -42,6 +43,9 @@ enum Cmd {
     },
     /// Set up, build, bring the lab up, send real traffic, show it is mTLS, leave it up.
     Demo,
+    /// Benchmark direct vs mesh vs a HAProxy sidecar peer in the lab; writes
+    /// target/bench/report.json and (full runs) docs/benchmarks.md.
+    Bench(bench::BenchArgs),
 }
 
 /// The workspace root (xtask's parent directory).
@@ -63,5 +67,6 @@ fn main() -> anyhow::Result<()> {
         Cmd::Test { args } => test::run(&args),
         Cmd::Lab { cmd } => lab::run(cmd),
         Cmd::Demo => demo::run(),
+        Cmd::Bench(args) => bench::run(&args).map(|_| ()),
     }
 }

@@ -73,11 +73,7 @@ pub fn run() -> anyhow::Result<()> {
     let total = 3;
     step(1, total, "system packages (LLVM 22 for bpf-linker, iproute2, curl, tcpdump, openssl)");
     if apt_needed() {
-        sh(Command::new("apt-get").arg("update").arg("-q"))?;
-        sh(Command::new("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(APT_PACKAGES)
-            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+        apt_install(APT_PACKAGES)?;
     } else {
         println!("  already installed");
     }
@@ -100,9 +96,47 @@ pub fn run() -> anyhow::Result<()> {
         println!("  already installed");
     } else {
         sh(Command::new("cargo")
-            .args(["install", "bpf-linker", "--no-default-features", "--features", "llvm-22"])
+            .args(["install", "--locked", "bpf-linker", "--no-default-features", "--features", "llvm-22"])
             .env("LLVM_PREFIX", LLVM_PREFIX))?;
     }
     println!("[setup] done");
+    Ok(())
+}
+
+fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
+    sh(Command::new("apt-get").arg("update").arg("-q"))?;
+    sh(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(packages)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+/// The benchmark's load generator: oha (fixed request rate with coordinated-omission
+/// correction, JSON output), pinned so figures stay comparable between runs.
+const OHA_VERSION: &str = "1.16.0";
+/// Debian packages the benchmark needs: the throughput tool and the peer proxy.
+const BENCH_APT_PACKAGES: &[&str] = &["iperf3", "haproxy"];
+
+/// Path of a command, from PATH or cargo's bin directory.
+pub fn command_path(name: &str) -> Option<std::path::PathBuf> {
+    if let Some(paths) = std::env::var_os("PATH")
+        && let Some(found) = std::env::split_paths(&paths).map(|d| d.join(name)).find(|p| p.is_file())
+    {
+        return Some(found);
+    }
+    home_cargo_bin(name).filter(|p| p.is_file())
+}
+
+/// Installs what `cargo xtask bench` needs beyond the build: iperf3, HAProxy, oha.
+pub fn ensure_bench_tools() -> anyhow::Result<()> {
+    ensure()?;
+    if ["iperf3", "haproxy"].iter().any(|c| command_path(c).is_none()) {
+        println!("[setup] benchmark tools: iperf3, haproxy");
+        apt_install(BENCH_APT_PACKAGES)?;
+    }
+    if command_path("oha").is_none() {
+        println!("[setup] benchmark load generator: oha {OHA_VERSION} (cargo install, a few minutes once)");
+        sh(Command::new("cargo").args(["install", "--locked", "oha", "--version", OHA_VERSION]))?;
+    }
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! `mesh-echo`: the lab's test application and its small clients.
 //!
 //! `serve` answers HTTP (HTTP/1.1 and h2c) with JSON naming the pod and the request it
-//! saw, plus `/status/CODE`, `/delay/MS`, `POST /echo`, and an optional share of failing
+//! saw, plus `/status/CODE`, `/delay/MS`, `/bytes/N`, `POST /echo`, and an optional share of failing
 //! requests; it also echoes raw TCP on a second port. `dial` opens one TCP connection and
 //! reports both ends; `load` runs concurrent TCP echo connections and checks every byte.
 #![forbid(unsafe_code)]
@@ -124,7 +124,14 @@ async fn serve_http(app: Arc<App>, port: u16) -> anyhow::Result<()> {
     }
 }
 
+/// Source of `/bytes/N` bodies (at most this long), sliced without copying.
+static BYTES_BODY: std::sync::LazyLock<Bytes> = std::sync::LazyLock::new(|| Bytes::from(vec![b'x'; 1 << 20]));
+
 async fn handle(app: &App, peer: SocketAddr, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    // Fixed-size bodies for benchmarks: no JSON work on the measured path.
+    if let Some(n) = req.uri().path().strip_prefix("/bytes/").and_then(|n| n.parse::<usize>().ok()) {
+        return Response::new(Full::new(BYTES_BODY.slice(..n.min(BYTES_BODY.len()))));
+    }
     let n = app.counter.fetch_add(1, Ordering::Relaxed);
     let path = req.uri().path().to_string();
     let method = req.method().to_string();

@@ -1,0 +1,404 @@
+//! `cargo xtask bench`: the mesh against the physical limit and a sidecar peer, measured
+//! side by side in one run on the same lab pods.
+//!
+//! Scenarios, each cross-node (frontend -> myapp-v1) and same-node (frontend -> myapp-v2):
+//! - `direct`: no mesh (the pods' namespace is unenrolled for this phase);
+//! - `peer`: HAProxy as an mTLS client proxy in the client pod and an mTLS server proxy
+//!   in the server pod (TLS 1.3, certificates from the mesh CA), as sidecars run;
+//! - `mesh-l4`: the same pods enrolled: both node agents and the HBONE mTLS tunnel;
+//! - `mesh-l7`: the same with a VirtualService on the route (needs L7 routing).
+//!
+//! Each scenario gets a fixed-rate latency run (oha, coordinated-omission corrected), a
+//! closed-loop maximum at fixed concurrency, an iperf3 throughput run, and the proxies'
+//! RSS (idle and under load) and CPU time, read from their own cgroups.
+
+mod peer;
+mod report;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use mesh_tests::lab::{DEFAULT_STATE_DIR, Lab, Options};
+use mesh_tests::measure;
+use serde_json::Value;
+
+use crate::{build, root, setup};
+pub use report::Report;
+use report::{Latency, Scenario};
+
+/// Options of `cargo xtask bench`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// A few seconds per scenario: proves the harness; figures are not meaningful and
+    /// docs/benchmarks.md is left alone.
+    #[arg(long)]
+    pub quick: bool,
+    /// Request rate of the latency run, requests/s.
+    #[arg(long, default_value_t = 1000)]
+    pub rate: u32,
+    /// Length of the latency run, seconds.
+    #[arg(long, default_value_t = 30)]
+    pub duration: u64,
+    /// Response body size, bytes.
+    #[arg(long, default_value_t = 1024)]
+    pub body: usize,
+    /// Concurrency of the maximum-throughput run.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: u32,
+    /// Where the JSON report is written.
+    #[arg(long, default_value = "target/bench/report.json")]
+    pub report: PathBuf,
+}
+
+/// How long each part of a scenario runs.
+#[derive(Debug, Clone, Copy)]
+struct Durations {
+    latency: Duration,
+    max_rps: Duration,
+    iperf: Duration,
+}
+
+impl BenchArgs {
+    fn durations(&self) -> Durations {
+        if self.quick {
+            Durations {
+                latency: Duration::from_secs(2),
+                max_rps: Duration::from_secs(2),
+                iperf: Duration::from_secs(1),
+            }
+        } else {
+            Durations {
+                latency: Duration::from_secs(self.duration),
+                max_rps: Duration::from_secs(10),
+                iperf: Duration::from_secs(10),
+            }
+        }
+    }
+}
+
+/// The client pod and the two servers; fixed by the lab's default manifests.
+const CLIENT: &str = "frontend";
+const SERVER_CROSS: &str = "myapp-v1";
+const SERVER_SAME: &str = "myapp-v2";
+/// Connections of the fixed-rate run: enough to hold the rate at several ms latency.
+const LATENCY_CONNECTIONS: u32 = 16;
+/// iperf3's server port in each server pod.
+const IPERF_PORT: u16 = 5201;
+
+/// Runs the benchmark and writes the report (and, on full runs, docs/benchmarks.md).
+pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
+    if let Some(why) = mesh_tests::sys::lab_unsupported() {
+        bail!("the benchmark runs in the lab, which cannot run here: {why}");
+    }
+    setup::ensure_bench_tools()?;
+    let tools = Tools::find()?;
+    let bins = build::binaries(true)?;
+    let state_dir = PathBuf::from(DEFAULT_STATE_DIR);
+    if Lab::exists(&state_dir) {
+        println!("[bench] a lab is up; taking it down to start from a clean, release-built one");
+        Lab::load(&state_dir)?.down()?;
+    }
+    let opts = Options {
+        manifests: root().join("examples/lab"),
+        state_dir,
+        agent_bin: bins.agent,
+        echo_bin: bins.echo,
+        // Logging at warn: the benchmark measures the proxy, not its log writer.
+        agent_log: "warn".into(),
+    };
+    println!("[bench] lab up (release build)");
+    let mut lab = Lab::up(&opts)?;
+    let result = run_in_lab(&mut lab, args, &tools);
+    if result.is_err() {
+        print_helper_logs(&lab);
+    }
+    let down = lab.down();
+    let report = result?;
+    down.context("taking the benchmark lab down")?;
+    Ok(report)
+}
+
+/// The helpers' last words, before `down` removes the logs with the lab.
+fn print_helper_logs(lab: &Lab) {
+    for h in &lab.helpers {
+        let log = lab.state_dir.join("logs").join(format!("helper-{}.log", h.name));
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let tail: Vec<&str> = text.lines().rev().take(10).collect();
+        eprintln!("--- {} (last lines) ---", h.name);
+        for l in tail.iter().rev() {
+            eprintln!("{l}");
+        }
+    }
+}
+
+/// Load tools, resolved once.
+struct Tools {
+    oha: PathBuf,
+    iperf3: PathBuf,
+    haproxy: PathBuf,
+}
+
+impl Tools {
+    fn find() -> anyhow::Result<Self> {
+        let find = |n: &str| setup::command_path(n).with_context(|| format!("{n} is not installed"));
+        Ok(Self { oha: find("oha")?, iperf3: find("iperf3")?, haproxy: find("haproxy")? })
+    }
+}
+
+fn run_in_lab(lab: &mut Lab, args: &BenchArgs, tools: &Tools) -> anyhow::Result<Report> {
+    let d = args.durations();
+    let cross_ip = lab.pod(SERVER_CROSS)?.ip;
+    let same_ip = lab.pod(SERVER_SAME)?.ip;
+    for server in [SERVER_CROSS, SERVER_SAME] {
+        let argv = vec![tools.iperf3.display().to_string(), "-s".into(), "-p".into(), IPERF_PORT.to_string()];
+        lab.start_helper(&format!("iperf3-{server}"), server, &argv)?;
+    }
+    let mut scenarios = Vec::new();
+
+    // Phase 1, unenrolled: the physical limit and the sidecar peer.
+    set_enrollment(lab, false)?;
+    let peer = peer::Peer::start(lab, &tools.haproxy, CLIENT, [(SERVER_CROSS, cross_ip), (SERVER_SAME, same_ip)])?;
+    for (path, ip, server) in [("cross-node", cross_ip, SERVER_CROSS), ("same-node", same_ip, SERVER_SAME)] {
+        let target = Target {
+            name: "direct",
+            path,
+            url: format!("http://{ip}:8080/bytes/{}", args.body),
+            iperf: (ip.to_string(), IPERF_PORT),
+            proxies: Vec::new(),
+        };
+        scenarios.push(measure_scenario(lab, tools, args, d, &target)?);
+        let (http_port, iperf_port) = peer.local_ports(server)?;
+        let target = Target {
+            name: "peer",
+            path,
+            url: format!("http://127.0.0.1:{http_port}/bytes/{}", args.body),
+            iperf: ("127.0.0.1".into(), iperf_port),
+            proxies: peer.cgroups(lab, server)?,
+        };
+        scenarios.push(measure_scenario(lab, tools, args, d, &target)?);
+    }
+    peer.stop(lab)?;
+
+    // Phase 2, enrolled: the same pods through the mesh.
+    set_enrollment(lab, true)?;
+    for (path, ip, server) in [("cross-node", cross_ip, SERVER_CROSS), ("same-node", same_ip, SERVER_SAME)] {
+        let mut proxies = vec![agent_cgroup(lab, &lab.pod(CLIENT)?.node)?];
+        let server_node = lab.pod(server)?.node.clone();
+        if server_node != lab.pod(CLIENT)?.node {
+            proxies.push(agent_cgroup(lab, &server_node)?);
+        }
+        let target = Target {
+            name: "mesh-l4",
+            path,
+            url: format!("http://{ip}:8080/bytes/{}", args.body),
+            iperf: (ip.to_string(), IPERF_PORT),
+            proxies,
+        };
+        scenarios.push(measure_scenario(lab, tools, args, d, &target)?);
+        scenarios.push(Scenario::skipped(
+            "mesh-l7",
+            path,
+            "L7 routing (VirtualService) is not implemented yet: issue 5; the agent refuses VirtualService objects",
+        ));
+    }
+
+    let mut report = Report::new(args, d.latency, d.max_rps, d.iperf, scenarios);
+    report.compute_ratios();
+    report.print_table();
+    let path = report_path(&args.report);
+    report.write_json(&path)?;
+    println!("[bench] report: {}", path.display());
+    if !args.quick {
+        let docs = root().join("docs/benchmarks.md");
+        report.write_markdown(&docs)?;
+        println!("[bench] {} regenerated", docs.display());
+    }
+    Ok(report)
+}
+
+/// What one scenario sends its load to, and which proxies it charges.
+struct Target {
+    name: &'static str,
+    path: &'static str,
+    url: String,
+    iperf: (String, u16),
+    /// cgroups of the proxies on the path.
+    proxies: Vec<PathBuf>,
+}
+
+fn agent_cgroup(lab: &Lab, node: &str) -> anyhow::Result<PathBuf> {
+    Ok(lab.cgroup_root.join(&lab.node(node)?.agent_cgroup))
+}
+
+fn measure_scenario(lab: &Lab, tools: &Tools, args: &BenchArgs, d: Durations, t: &Target) -> anyhow::Result<Scenario> {
+    println!("[bench] {} ({}): {}", t.name, t.path, t.url);
+    // Warm up: connections, pools, certificates, caches.
+    oha(lab, tools, &t.url, &["-n", "200", "-c", "4"])?;
+    std::thread::sleep(Duration::from_millis(300));
+    let rss_idle = rss_mib(&t.proxies)?;
+
+    let cpu_before = cpu_usec(&t.proxies)?;
+    let secs = format!("{}s", d.latency.as_secs());
+    let rate = args.rate.to_string();
+    let conns = LATENCY_CONNECTIONS.to_string();
+    let (fixed, rss_load) = sample_rss_while(&t.proxies, || {
+        oha(lab, tools, &t.url, &["-z", &secs, "-q", &rate, "-c", &conns, "--latency-correction"])
+    })?;
+    let cpu_used = cpu_usec(&t.proxies)? - cpu_before;
+    let latency = Latency::from_oha(&fixed)?;
+
+    let max =
+        oha(lab, tools, &t.url, &["-z", &format!("{}s", d.max_rps.as_secs()), "-c", &args.concurrency.to_string()])?;
+    let max_rps = max["summary"]["requestsPerSec"].as_f64().context("oha: summary.requestsPerSec")?;
+
+    let throughput = iperf(lab, tools, &t.iperf.0, t.iperf.1, d.iperf)?;
+    let cpu_per_1000 = (!t.proxies.is_empty() && latency.requests > 0)
+        .then(|| cpu_used as f64 / 1e6 / (latency.requests as f64 / 1000.0));
+    Ok(Scenario {
+        name: t.name.into(),
+        path: t.path.into(),
+        status: "ok".into(),
+        reason: None,
+        latency: Some(latency),
+        max_rps: Some(max_rps),
+        throughput_gbps: Some(throughput),
+        proxies: t.proxies.len(),
+        proxy_rss_idle_mib: (!t.proxies.is_empty()).then_some(rss_idle),
+        proxy_rss_load_mib: (!t.proxies.is_empty()).then_some(rss_load),
+        proxy_cpu_s_per_1000_req: cpu_per_1000,
+        ratio_to_direct: None,
+        ratio_to_peer: None,
+        added_p99_ms_vs_direct: None,
+    })
+}
+
+/// Runs oha in the client pod (inside its netns and cgroup, so the mesh captures it when
+/// enrolled) and returns its JSON summary; fails if any request failed.
+fn oha(lab: &Lab, tools: &Tools, url: &str, extra: &[&str]) -> anyhow::Result<Value> {
+    let mut argv: Vec<String> =
+        vec![tools.oha.display().to_string(), "--no-tui".into(), "--output-format".into(), "json".into()];
+    argv.extend(extra.iter().map(|s| s.to_string()));
+    argv.push(url.into());
+    let out = lab.pod_command(CLIENT, &argv)?.stdin(Stdio::null()).output().context("running oha")?;
+    if !out.status.success() {
+        bail!("oha {url} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    let v: Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("oha output is not JSON: {}", String::from_utf8_lossy(&out.stdout)))?;
+    let ok = v["summary"]["successRate"].as_f64().unwrap_or(0.0);
+    if ok < 1.0 {
+        bail!("{url}: only {:.2}% of requests succeeded: {}", ok * 100.0, v["errorDistribution"]);
+    }
+    let codes = v["statusCodeDistribution"].as_object().context("oha: statusCodeDistribution")?;
+    if codes.keys().any(|c| c != "200") {
+        bail!("{url}: non-200 answers: {}", v["statusCodeDistribution"]);
+    }
+    Ok(v)
+}
+
+/// iperf3 from the client pod for `time`; received Gbit/s.
+fn iperf(lab: &Lab, tools: &Tools, host: &str, port: u16, time: Duration) -> anyhow::Result<f64> {
+    let argv: Vec<String> = [
+        tools.iperf3.display().to_string(),
+        "-c".into(),
+        host.into(),
+        "-p".into(),
+        port.to_string(),
+        "-t".into(),
+        time.as_secs().max(1).to_string(),
+        "-J".into(),
+    ]
+    .into();
+    let out = lab.pod_command(CLIENT, &argv)?.stdin(Stdio::null()).output().context("running iperf3")?;
+    let v: Value = serde_json::from_slice(&out.stdout).context("iperf3 output is not JSON")?;
+    if let Some(e) = v["error"].as_str() {
+        bail!("iperf3 to {host}:{port}: {e}");
+    }
+    let bps = v["end"]["sum_received"]["bits_per_second"].as_f64().context("iperf3: end.sum_received")?;
+    Ok(bps / 1e9)
+}
+
+fn rss_mib(cgroups: &[PathBuf]) -> anyhow::Result<f64> {
+    let mut total = 0;
+    for cg in cgroups {
+        total += measure::cgroup_rss_bytes(cg)?;
+    }
+    Ok(total as f64 / (1024.0 * 1024.0))
+}
+
+fn cpu_usec(cgroups: &[PathBuf]) -> anyhow::Result<u64> {
+    cgroups.iter().map(|cg| measure::cgroup_cpu_usec(cg)).sum()
+}
+
+/// Runs `f` on this thread while another samples the proxies' RSS; returns f's result and
+/// the peak RSS seen, in MiB.
+fn sample_rss_while<T>(cgroups: &[PathBuf], f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<(T, f64)> {
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let sampler = s.spawn(|| {
+            let mut peak = 0.0f64;
+            while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                peak = peak.max(rss_mib(cgroups).unwrap_or(0.0));
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            peak
+        });
+        let r = f();
+        stop.store(true, std::sync::atomic::Ordering::Release);
+        let peak = sampler.join().expect("RSS sampler does not panic");
+        r.map(|v| (v, peak))
+    })
+}
+
+/// Enrolls or unenrolls the `production` namespace by rewriting the lab's namespaces
+/// file, then waits until every agent has caught up.
+fn set_enrollment(lab: &Lab, enrolled: bool) -> anyhow::Result<()> {
+    let original = root().join("examples/lab/namespaces.yaml");
+    let file = if enrolled {
+        original
+    } else {
+        let text = std::fs::read_to_string(&original)?;
+        let unlabelled = text.replace("  labels:\n    istio-injection: enabled\n", "");
+        if unlabelled == text {
+            bail!("{}: expected the production namespace's istio-injection label", original.display());
+        }
+        let dir = lab.state_dir.join("bench");
+        std::fs::create_dir_all(&dir)?;
+        let f = dir.join("namespaces.yaml");
+        std::fs::write(&f, unlabelled)?;
+        f
+    };
+    lab.apply(&file)?;
+    let want: usize = if enrolled { lab.pods.iter().filter(|p| p.namespace == "production").count() } else { 0 };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut total = 0;
+        for n in &lab.nodes {
+            total += enrolled_pods(&n.netns)?;
+        }
+        if total == want {
+            println!("[bench] {} pods enrolled", total);
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("agents report {total} enrolled pods, expected {want}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `mesh_enrolled_pods` from the agent in `netns`.
+fn enrolled_pods(netns: &str) -> anyhow::Result<usize> {
+    let text = mesh_tests::sys::run(&["ip", "netns", "exec", netns, "curl", "-sf", "http://127.0.0.1:15020/metrics"])?;
+    text.lines()
+        .find(|l| l.contains("mesh_enrolled_pods ") && !l.starts_with('#'))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .context("agent metrics have no mesh_enrolled_pods")
+}
+
+/// Absolute path of a report path given on the command line (relative to the repository).
+pub fn report_path(p: &Path) -> PathBuf {
+    if p.is_absolute() { p.to_path_buf() } else { root().join(p) }
+}

@@ -1,0 +1,402 @@
+//! The benchmark's results: one object per scenario, ratios against `direct` and `peer`
+//! on the same path, a terminal table, `report.json`, and docs/benchmarks.md.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::fs;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::BenchArgs;
+
+/// Latency of the fixed-rate run, milliseconds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Latency {
+    /// Median.
+    pub p50_ms: f64,
+    /// 90th percentile.
+    pub p90_ms: f64,
+    /// 99th percentile.
+    pub p99_ms: f64,
+    /// Slowest request.
+    pub max_ms: f64,
+    /// Requests completed.
+    pub requests: u64,
+    /// Rate achieved, requests/s.
+    pub achieved_rps: f64,
+}
+
+impl Latency {
+    /// From oha's JSON (seconds) with its coordinated-omission correction applied.
+    pub fn from_oha(v: &Value) -> anyhow::Result<Self> {
+        let pct = |k: &str| -> anyhow::Result<f64> {
+            v["latencyPercentiles"][k]
+                .as_f64()
+                .map(|s| s * 1000.0)
+                .with_context(|| format!("oha: latencyPercentiles.{k}"))
+        };
+        let requests = v["statusCodeDistribution"]
+            .as_object()
+            .context("oha: statusCodeDistribution")?
+            .values()
+            .filter_map(Value::as_u64)
+            .sum();
+        Ok(Self {
+            p50_ms: pct("p50")?,
+            p90_ms: pct("p90")?,
+            p99_ms: pct("p99")?,
+            max_ms: v["summary"]["slowest"].as_f64().context("oha: summary.slowest")? * 1000.0,
+            requests,
+            achieved_rps: v["summary"]["requestsPerSec"].as_f64().context("oha: summary.requestsPerSec")?,
+        })
+    }
+}
+
+/// One scenario on one path.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Scenario {
+    /// `direct`, `peer`, `mesh-l4`, `mesh-l7`.
+    pub name: String,
+    /// `cross-node` or `same-node`.
+    pub path: String,
+    /// `ok` or `skipped`.
+    pub status: String,
+    /// Why it was skipped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Fixed-rate latency.
+    pub latency: Option<Latency>,
+    /// Closed-loop maximum at the configured concurrency, requests/s.
+    pub max_rps: Option<f64>,
+    /// iperf3 throughput, Gbit/s.
+    pub throughput_gbps: Option<f64>,
+    /// Proxies on the path (0 for direct, 2 for sidecars, 1 or 2 node agents).
+    pub proxies: usize,
+    /// Summed RSS of the path's proxies before the load, MiB.
+    pub proxy_rss_idle_mib: Option<f64>,
+    /// Peak summed RSS of the path's proxies during the fixed-rate run, MiB.
+    pub proxy_rss_load_mib: Option<f64>,
+    /// CPU seconds the path's proxies used per 1000 requests of the fixed-rate run.
+    pub proxy_cpu_s_per_1000_req: Option<f64>,
+    /// This scenario's figures divided by `direct`'s on the same path.
+    pub ratio_to_direct: Option<BTreeMap<String, f64>>,
+    /// This scenario's figures divided by `peer`'s on the same path.
+    pub ratio_to_peer: Option<BTreeMap<String, f64>>,
+    /// p99 minus direct's p99, ms: the latency the proxies add.
+    pub added_p99_ms_vs_direct: Option<f64>,
+}
+
+impl Scenario {
+    /// A scenario that could not run, with the reason.
+    pub fn skipped(name: &str, path: &str, reason: &str) -> Self {
+        Self {
+            name: name.into(),
+            path: path.into(),
+            status: "skipped".into(),
+            reason: Some(reason.into()),
+            latency: None,
+            max_rps: None,
+            throughput_gbps: None,
+            proxies: 0,
+            proxy_rss_idle_mib: None,
+            proxy_rss_load_mib: None,
+            proxy_cpu_s_per_1000_req: None,
+            ratio_to_direct: None,
+            ratio_to_peer: None,
+            added_p99_ms_vs_direct: None,
+        }
+    }
+
+    /// Named figures, for ratios.
+    fn figures(&self) -> BTreeMap<String, f64> {
+        let mut f = BTreeMap::new();
+        if let Some(l) = &self.latency {
+            f.insert("p50".into(), l.p50_ms);
+            f.insert("p90".into(), l.p90_ms);
+            f.insert("p99".into(), l.p99_ms);
+            f.insert("max".into(), l.max_ms);
+        }
+        let optional = [
+            ("max_rps", self.max_rps),
+            ("throughput", self.throughput_gbps),
+            ("rss_idle", self.proxy_rss_idle_mib),
+            ("rss_load", self.proxy_rss_load_mib),
+            ("cpu_per_1000_req", self.proxy_cpu_s_per_1000_req),
+        ];
+        f.extend(optional.into_iter().filter_map(|(k, v)| Some((k.to_string(), v?))));
+        f
+    }
+}
+
+/// The machine the figures come from.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Machine {
+    /// `uname -r`.
+    pub kernel: String,
+    /// CPU model.
+    pub cpu: String,
+    /// Online CPUs.
+    pub cpus: usize,
+    /// Memory, GiB.
+    pub memory_gib: f64,
+    /// Versions of the tools used.
+    pub tools: BTreeMap<String, String>,
+}
+
+impl Machine {
+    fn probe() -> Self {
+        let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu = cpuinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("model name"))
+            .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
+            .unwrap_or_else(|| "unknown".into());
+        let memory_kib: f64 = fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| m.lines().find_map(|l| l.strip_prefix("MemTotal:"))?.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0.0);
+        let version = |argv: &[&str]| {
+            mesh_tests::sys::output(argv)
+                .ok()
+                .map(|o| {
+                    let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+                    text.lines().next().unwrap_or("").trim().to_string()
+                })
+                .unwrap_or_default()
+        };
+        let oha = crate::setup::command_path("oha").map(|p| p.display().to_string()).unwrap_or_else(|| "oha".into());
+        let tools = [
+            ("oha", version(&[&oha, "--version"])),
+            ("haproxy", version(&["haproxy", "-v"])),
+            ("iperf3", version(&["iperf3", "--version"])),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        Self {
+            kernel: version(&["uname", "-r"]),
+            cpu,
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            memory_gib: memory_kib / 1024.0 / 1024.0,
+            tools,
+        }
+    }
+}
+
+/// Settings of the run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Settings {
+    /// Quick (smoke) mode: figures are not meaningful.
+    pub quick: bool,
+    /// Fixed request rate, requests/s.
+    pub rate: u32,
+    /// Latency run length, s.
+    pub latency_secs: u64,
+    /// Maximum-throughput run length, s.
+    pub max_rps_secs: u64,
+    /// Concurrency of the maximum-throughput run.
+    pub concurrency: u32,
+    /// iperf3 run length, s.
+    pub iperf_secs: u64,
+    /// Response body, bytes.
+    pub body_bytes: usize,
+}
+
+/// The whole report.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Report {
+    /// When (UTC, RFC 3339).
+    pub date: String,
+    /// Where.
+    pub machine: Machine,
+    /// How.
+    pub settings: Settings,
+    /// What was measured.
+    pub scenarios: Vec<Scenario>,
+}
+
+impl Report {
+    /// Collects the run's settings and machine with its scenarios.
+    pub fn new(
+        args: &BenchArgs,
+        latency: Duration,
+        max_rps: Duration,
+        iperf: Duration,
+        scenarios: Vec<Scenario>,
+    ) -> Self {
+        let date = mesh_tests::sys::run(&["date", "-u", "+%Y-%m-%dT%H:%M:%SZ"]).unwrap_or_default().trim().to_string();
+        Self {
+            date,
+            machine: Machine::probe(),
+            settings: Settings {
+                quick: args.quick,
+                rate: args.rate,
+                latency_secs: latency.as_secs(),
+                max_rps_secs: max_rps.as_secs(),
+                concurrency: args.concurrency,
+                iperf_secs: iperf.as_secs(),
+                body_bytes: args.body,
+            },
+            scenarios,
+        }
+    }
+
+    /// Fills each scenario's ratios to `direct` and `peer` on the same path.
+    pub fn compute_ratios(&mut self) {
+        let find = |name: &str, path: &str, all: &[Scenario]| {
+            all.iter().find(|s| s.name == name && s.path == path && s.status == "ok").map(Scenario::figures)
+        };
+        let snapshot = self.scenarios.clone();
+        for s in self.scenarios.iter_mut().filter(|s| s.status == "ok" && s.name != "direct") {
+            let mine = s.figures();
+            let ratio = |base: Option<BTreeMap<String, f64>>| {
+                let base = base?;
+                Some(
+                    mine.iter()
+                        .filter_map(|(k, v)| base.get(k).filter(|b| **b > 0.0).map(|b| (k.clone(), v / b)))
+                        .collect::<BTreeMap<_, _>>(),
+                )
+            };
+            s.ratio_to_direct = ratio(find("direct", &s.path, &snapshot));
+            if s.name != "peer" {
+                s.ratio_to_peer = ratio(find("peer", &s.path, &snapshot));
+            }
+            let direct_p99 = snapshot
+                .iter()
+                .find(|d| d.name == "direct" && d.path == s.path)
+                .and_then(|d| d.latency.as_ref())
+                .map(|l| l.p99_ms);
+            s.added_p99_ms_vs_direct = s.latency.as_ref().zip(direct_p99).map(|(l, d)| l.p99_ms - d);
+        }
+    }
+
+    /// The results as a Markdown table.
+    pub fn table(&self) -> String {
+        let mut t = String::from(
+            "| scenario | path | p50 ms | p90 ms | p99 ms | max ms | added p99 ms | max req/s (c64) | iperf3 Gbit/s | proxy RSS idle / load MiB | proxy CPU s per 1000 req |\n\
+             |---|---|---|---|---|---|---|---|---|---|---|\n",
+        );
+        let n = |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |v| format!("{v:.digits$}"));
+        for s in &self.scenarios {
+            if s.status != "ok" {
+                let _ =
+                    writeln!(t, "| {} | {} | skipped: {} |||||||||", s.name, s.path, s.reason.as_deref().unwrap_or(""));
+                continue;
+            }
+            let l = s.latency.as_ref();
+            let _ = writeln!(
+                t,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} | {} |",
+                s.name,
+                s.path,
+                n(l.map(|l| l.p50_ms), 3),
+                n(l.map(|l| l.p90_ms), 3),
+                n(l.map(|l| l.p99_ms), 3),
+                n(l.map(|l| l.max_ms), 2),
+                n(s.added_p99_ms_vs_direct, 3),
+                n(s.max_rps, 0),
+                n(s.throughput_gbps, 2),
+                n(s.proxy_rss_idle_mib, 1),
+                n(s.proxy_rss_load_mib, 1),
+                n(s.proxy_cpu_s_per_1000_req, 4),
+            );
+        }
+        t
+    }
+
+    /// Ratios as a Markdown table (mesh and peer against direct, mesh against peer).
+    pub fn ratio_table(&self) -> String {
+        let mut t = String::from(
+            "| scenario | path | against | p50 | p99 | max req/s | Gbit/s | RSS load | CPU per 1000 req |\n|---|---|---|---|---|---|---|---|---|\n",
+        );
+        for s in self.scenarios.iter().filter(|s| s.status == "ok") {
+            for (against, r) in [("direct", &s.ratio_to_direct), ("peer", &s.ratio_to_peer)] {
+                let Some(r) = r else { continue };
+                let g = |k: &str| r.get(k).map_or("-".to_string(), |v| format!("{v:.2}x"));
+                let _ = writeln!(
+                    t,
+                    "| {} | {} | {against} | {} | {} | {} | {} | {} | {} |",
+                    s.name,
+                    s.path,
+                    g("p50"),
+                    g("p99"),
+                    g("max_rps"),
+                    g("throughput"),
+                    g("rss_load"),
+                    g("cpu_per_1000_req")
+                );
+            }
+        }
+        t
+    }
+
+    /// Prints both tables.
+    pub fn print_table(&self) {
+        println!("\n{}\n{}", self.table(), self.ratio_table());
+    }
+
+    /// Writes `report.json`.
+    pub fn write_json(&self, path: &Path) -> anyhow::Result<()> {
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir)?;
+        }
+        fs::write(path, serde_json::to_string_pretty(self)? + "\n")
+            .with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// Regenerates docs/benchmarks.md, keeping the hand-written analysis after
+    /// [`ANALYSIS_MARKER`].
+    pub fn write_markdown(&self, path: &Path) -> anyhow::Result<()> {
+        let old = fs::read_to_string(path).unwrap_or_default();
+        let analysis = old
+            .split_once(ANALYSIS_MARKER)
+            .map(|(_, rest)| rest.to_string())
+            .unwrap_or_else(|| "\n## Analysis\n\n(not written yet)\n".into());
+        let m = &self.machine;
+        let s = &self.settings;
+        let mut md = String::new();
+        let _ = writeln!(md, "# Benchmarks\n");
+        let _ = writeln!(
+            md,
+            "Generated by `cargo xtask bench` on {} from `target/bench/report.json`; do not edit above the\n\
+             analysis marker (the generator keeps everything after it).\n",
+            self.date
+        );
+        let _ = writeln!(md, "## Machine\n");
+        let _ = writeln!(md, "- kernel {}, {} x {}, {:.1} GiB memory", m.kernel, m.cpus, m.cpu, m.memory_gib);
+        for (k, v) in &m.tools {
+            let _ = writeln!(md, "- {k}: {v}");
+        }
+        let _ = writeln!(md, "\n## Method\n");
+        let _ = writeln!(
+            md,
+            "All scenarios run in one lab, on the same pods: client `frontend` (node1) to `myapp-v1` (node2,\n\
+             cross-node) and `myapp-v2` (node1, same-node). `direct` and `peer` run with the namespace\n\
+             unenrolled; `mesh-*` with it enrolled. `peer` is HAProxy in TCP mode as an mTLS client sidecar in\n\
+             the client pod and an mTLS server sidecar in the server pod (TLS 1.3, certificates from the mesh\n\
+             CA). Latency: oha at a fixed {} requests/s for {} s over {} keep-alive connections, with\n\
+             coordinated-omission correction, {} byte responses. Maximum: oha closed loop at concurrency {}\n\
+             for {} s. Throughput: iperf3 for {} s. Proxy RSS is the sum over the path's proxies (two\n\
+             sidecars; one agent same-node, two cross-node), idle before the load and peak during the\n\
+             fixed-rate run; CPU is their cgroups' `usage_usec` over the fixed-rate run.\n",
+            s.rate,
+            s.latency_secs,
+            super::LATENCY_CONNECTIONS,
+            s.body_bytes,
+            s.concurrency,
+            s.max_rps_secs,
+            s.iperf_secs
+        );
+        let _ = writeln!(md, "## Results\n\n{}\n## Ratios\n\n{}", self.table(), self.ratio_table());
+        md.push_str(ANALYSIS_MARKER);
+        md.push_str(&analysis);
+        fs::write(path, md).with_context(|| format!("writing {}", path.display()))
+    }
+}
+
+/// Everything after this line in docs/benchmarks.md is written by hand and kept.
+pub const ANALYSIS_MARKER: &str = "<!-- analysis: written by hand, kept when the file is regenerated -->\n";
