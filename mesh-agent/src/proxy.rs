@@ -1,7 +1,7 @@
 //! The per-pod proxies: outbound capture, inbound plaintext, and the HBONE tunnel
 //! (HTTP/2 CONNECT over mutual TLS 1.3) between node agents.
 
-mod copy;
+pub mod copy;
 mod hbone;
 mod inbound;
 mod inpod;

@@ -41,7 +41,7 @@ pub fn run() -> anyhow::Result<()> {
         lab::down()?;
     }
     println!("[demo] building and starting the lab (2 nodes, 5 pods, one agent per node)");
-    let lab = lab::up(None)?;
+    let lab = lab::up(None, false)?;
     print!("{}", lab.status());
 
     let (mut tcpdump, pcap) = start_capture(&lab)?;

@@ -14,6 +14,9 @@ pub enum LabCmd {
     Up {
         /// Manifests directory.
         dir: Option<PathBuf>,
+        /// Run release builds of the agent and the test app (for profiling).
+        #[arg(long)]
+        release: bool,
     },
     /// Remove every namespace, veth, cgroup, pinned map and process of the lab.
     Down,
@@ -49,12 +52,12 @@ fn state_dir() -> PathBuf {
 }
 
 /// Brings the lab up with freshly built binaries.
-pub fn up(dir: Option<PathBuf>) -> anyhow::Result<Lab> {
+pub fn up(dir: Option<PathBuf>, release: bool) -> anyhow::Result<Lab> {
     if let Some(why) = mesh_tests::sys::lab_unsupported() {
         bail!("the lab cannot run here: {why}");
     }
     setup::ensure()?;
-    let bins = build::binaries(false)?;
+    let bins = build::binaries(release)?;
     let opts = Options {
         manifests: dir.unwrap_or_else(|| root().join("examples/lab")),
         state_dir: state_dir(),
@@ -80,8 +83,8 @@ pub fn down() -> anyhow::Result<()> {
 
 pub fn run(cmd: LabCmd) -> anyhow::Result<()> {
     match cmd {
-        LabCmd::Up { dir } => {
-            let lab = up(dir)?;
+        LabCmd::Up { dir, release } => {
+            let lab = up(dir, release)?;
             print!("{}", lab.status());
         }
         LabCmd::Down => down()?,

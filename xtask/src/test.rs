@@ -1,5 +1,6 @@
 //! `cargo xtask test`: unit tests, then the lab integration tests (root), cleaning up the
-//! lab whatever the outcome.
+//! lab whatever the outcome; then one `bench --quick` to prove the benchmark harness
+//! works end to end (its figures are not judged).
 
 use std::process::Command;
 
@@ -33,6 +34,30 @@ pub fn run(extra: &[String]) -> anyhow::Result<()> {
     }
     if !status?.success() {
         bail!("tests failed");
+    }
+    if extra.is_empty() && mesh_tests::sys::lab_unsupported().is_none() {
+        bench_harness()?;
+    }
+    Ok(())
+}
+
+/// `bench --quick` into its own report file (a full run's report.json stays), then
+/// checks the report's shape: every scenario present, measured ones with figures.
+fn bench_harness() -> anyhow::Result<()> {
+    println!("[test] benchmark harness: cargo xtask bench --quick");
+    let args = crate::bench::BenchArgs {
+        quick: true,
+        rate: 200,
+        duration: 2,
+        body: 1024,
+        concurrency: 64,
+        report: "target/bench/quick/report.json".into(),
+    };
+    let report = crate::bench::run(&args)?;
+    let (passed, failed) = report.check_shape();
+    println!("bench harness: {passed} passed, {} failed", failed.len());
+    if !failed.is_empty() {
+        bail!("benchmark report incomplete: {}", failed.join("; "));
     }
     Ok(())
 }

@@ -274,6 +274,46 @@ impl Report {
         }
     }
 
+    /// Checks that every scenario and path is present and that measured scenarios carry
+    /// their figures (no timing is judged); returns (checks passed, failures).
+    pub fn check_shape(&self) -> (usize, Vec<String>) {
+        let mut passed = 0;
+        let mut failed = Vec::new();
+        for name in ["direct", "peer", "mesh-l4", "mesh-l7"] {
+            for path in ["cross-node", "same-node"] {
+                let Some(s) = self.scenarios.iter().find(|s| s.name == name && s.path == path) else {
+                    failed.push(format!("{name} {path}: missing"));
+                    continue;
+                };
+                let problem = match s.status.as_str() {
+                    "skipped" if s.reason.as_deref().is_some_and(|r| !r.is_empty()) => None,
+                    "skipped" => Some("skipped without a reason".to_string()),
+                    "ok" => {
+                        let l = s.latency.as_ref();
+                        let positive = [l.map(|l| l.p50_ms), l.map(|l| l.p99_ms), s.max_rps, s.throughput_gbps];
+                        let has_proxy_costs = s.proxies == 0
+                            || (s.proxy_rss_load_mib.is_some_and(|v| v > 0.0) && s.proxy_cpu_s_per_1000_req.is_some());
+                        if positive.iter().any(|v| !v.is_some_and(|v| v > 0.0)) {
+                            Some("a latency, rate or throughput figure is missing".into())
+                        } else if !has_proxy_costs {
+                            Some("proxy memory or CPU missing".into())
+                        } else if name != "direct" && s.ratio_to_direct.is_none() {
+                            Some("no ratio to direct".into())
+                        } else {
+                            None
+                        }
+                    }
+                    other => Some(format!("unknown status {other}")),
+                };
+                match problem {
+                    Some(p) => failed.push(format!("{name} {path}: {p}")),
+                    None => passed += 1,
+                }
+            }
+        }
+        (passed, failed)
+    }
+
     /// The results as a Markdown table.
     pub fn table(&self) -> String {
         let mut t = String::from(
