@@ -5,6 +5,7 @@
 //! Architecture invariant: only this module knows YAML. Everything downstream works on
 //! the typed [`Object`]s and on the compiled [`crate::state::Snapshot`].
 
+pub mod istio;
 mod parse;
 pub mod resources;
 mod source;

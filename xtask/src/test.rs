@@ -55,7 +55,7 @@ fn bench_harness() -> anyhow::Result<()> {
     };
     let report = crate::bench::run(&args)?;
     let (passed, failed) = report.check_shape();
-    println!("bench harness: {passed} passed, {} failed", failed.len());
+    println!("bench: {passed} passed, {} failed", failed.len());
     if !failed.is_empty() {
         bail!("benchmark report incomplete: {}", failed.join("; "));
     }

@@ -8,14 +8,13 @@ use serde::de::DeserializeOwned;
 use serde_yaml::Value;
 
 use super::Error;
+use super::istio::{DestinationRule, NETWORKING_VERSIONS, VirtualService};
 use super::resources::{Namespace, Object, Pod, Service, ServiceAccount};
 
 /// Kinds from other API groups the mesh will read but this version does not enforce yet.
 /// They are refused by name rather than silently ignored: a policy that is accepted but
 /// not enforced is worse than an error.
 const NOT_YET_SUPPORTED: &[&str] = &[
-    "VirtualService",
-    "DestinationRule",
     "Gateway",
     "PeerAuthentication",
     "AuthorizationPolicy",
@@ -85,23 +84,30 @@ fn parse_object(file: &Path, index: usize, value: Value) -> Result<Object, Error
         .and_then(Value::as_str)
         .ok_or_else(|| err(label.clone(), "apiVersion", "missing or not a string".into()))?;
 
-    let expected_version = match kind {
-        "Namespace" | "Pod" | "Service" | "ServiceAccount" => "v1",
+    let expected_versions: &[&str] = match kind {
+        "Namespace" | "Pod" | "Service" | "ServiceAccount" => &["v1"],
+        "VirtualService" | "DestinationRule" => NETWORKING_VERSIONS,
         k if NOT_YET_SUPPORTED.contains(&k) => {
             return Err(err(label, "kind", format!("{k} ({api_version}) is not supported by this agent version yet")));
         }
         other => return Err(err(label, "kind", format!("unknown kind {other:?} (apiVersion {api_version})"))),
     };
-    if api_version != expected_version {
+    if !expected_versions.contains(&api_version) {
         return Err(err(
             label,
             "apiVersion",
-            format!("{kind} must be apiVersion {expected_version}, got {api_version}"),
+            format!("{kind} must be apiVersion {}, got {api_version}", expected_versions.join(" or ")),
         ));
     }
     let object = match kind {
         "Namespace" => Object::Namespace(typed::<Namespace>(value).map_err(|(f, r)| err(label.clone(), &f, r))?),
         "Pod" => Object::Pod(typed::<Pod>(value).map_err(|(f, r)| err(label.clone(), &f, r))?),
+        "VirtualService" => {
+            Object::VirtualService(typed::<VirtualService>(value).map_err(|(f, r)| err(label.clone(), &f, r))?)
+        }
+        "DestinationRule" => {
+            Object::DestinationRule(typed::<DestinationRule>(value).map_err(|(f, r)| err(label.clone(), &f, r))?)
+        }
         "ServiceAccount" => {
             Object::ServiceAccount(typed::<ServiceAccount>(value).map_err(|(f, r)| err(label.clone(), &f, r))?)
         }
@@ -132,9 +138,16 @@ fn validate(object: &Object) -> Result<(), (String, String)> {
         Object::Pod(p) => &p.metadata,
         Object::Service(s) => &s.metadata,
         Object::ServiceAccount(s) => &s.metadata,
+        Object::VirtualService(v) => &v.metadata,
+        Object::DestinationRule(d) => &d.metadata,
     };
     if !is_dns1123_subdomain(&meta.name) {
         return Err(("metadata.name".into(), format!("{:?} is not a valid DNS-1123 name", meta.name)));
+    }
+    match object {
+        Object::VirtualService(v) => v.validate()?,
+        Object::DestinationRule(d) => d.validate()?,
+        _ => {}
     }
     if let Object::Service(svc) = object {
         let mut ports = HashSet::new();
@@ -250,8 +263,8 @@ metadata: {name: myapp, namespace: production}
 
     #[test]
     fn not_yet_supported_kinds_are_refused_by_name() {
-        let got = check("apiVersion: networking.istio.io/v1beta1\nkind: VirtualService\nmetadata: {name: myapp}\n");
-        assert!(got.contains("VirtualService (networking.istio.io/v1beta1) is not supported"), "{got}");
+        let got = check("apiVersion: networking.istio.io/v1beta1\nkind: Gateway\nmetadata: {name: gw}\n");
+        assert!(got.contains("Gateway (networking.istio.io/v1beta1) is not supported"), "{got}");
     }
 
     #[test]
@@ -259,5 +272,63 @@ metadata: {name: myapp, namespace: production}
         let doc = "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n";
         let got = check(&format!("{doc}---\n{doc}"));
         assert!(got.contains("defined twice"), "{got}");
+    }
+
+    fn seed(name: &str) -> String {
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/seed").join(name)).unwrap()
+    }
+
+    #[test]
+    fn seed_traffic_configs_parse_as_written() {
+        for f in [
+            "virtualservice-myapp.yaml",
+            "virtualservice-mirror.yaml",
+            "virtualservice-fault.yaml",
+            "destinationrule-myapp.yaml",
+            "destinationrule-circuit-breaker.yaml",
+        ] {
+            assert_eq!(check(&seed(f)), "ok 1", "{f}");
+        }
+    }
+
+    #[test]
+    fn invalid_traffic_configs_name_the_field() {
+        let vs = |http: &str| {
+            format!(
+                "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: v, namespace: production}}\nspec:\n  hosts: [myapp]\n  http:\n{http}"
+            )
+        };
+        let cases = [
+            (
+                vs("  - match: [{uri: {regex: \"/api/(\"}}]\n    route: [{destination: {host: myapp}}]\n"),
+                "field spec.http[0].match[0].uri.regex: invalid regex",
+            ),
+            (
+                vs("  - route: [{destination: {host: myapp, subset: v1}, weight: 90}, {destination: {host: myapp, subset: v2}, weight: 20}]\n"),
+                "field spec.http[0].route: weights add up to 110",
+            ),
+            (vs("  - route: [{destination: {host: myapp}}]\n    timeout: -1s\n"), "field spec.http[0].timeout: duration \"-1s\" must not be negative"),
+            (
+                vs("  - route: [{destination: {host: myapp}}]\n    retries: {attempts: 2, retryOn: \"5xx,sometimes\"}\n"),
+                "field spec.http[0].retries.retryOn: unknown retry condition \"sometimes\"",
+            ),
+            (vs("  - route: [{destination: {host: myapp}}]\n    corsPolicy: {allowOrigins: [{exact: x}]}\n"), "field spec.http[0].corsPolicy: is not supported"),
+            (
+                vs("  - route: [{destination: {host: myapp}}]\n    timeuot: 1s\n"),
+                "unknown field `timeuot`",
+            ),
+            (
+                "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec:\n  host: myapp\n  subsets: [{name: v1, labels: {version: v1}}, {name: v1, labels: {version: v2}}]\n".to_string(),
+                "field spec.subsets[1].name: subset \"v1\" is defined twice",
+            ),
+            (
+                "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec:\n  host: myapp\n  trafficPolicy: {outlierDetection: {baseEjectionTime: -30s}}\n".to_string(),
+                "field spec.trafficPolicy.outlierDetection.baseEjectionTime: duration \"-30s\" must not be negative",
+            ),
+        ];
+        for (yaml, want) in cases {
+            let got = check(&yaml);
+            assert!(got.contains(want), "want {want:?} in {got:?}");
+        }
     }
 }

@@ -19,6 +19,10 @@ pub enum Object {
     /// `v1/ServiceAccount`: read so manifests that declare them apply whole; a pod's
     /// identity comes from its `serviceAccountName`.
     ServiceAccount(ServiceAccount),
+    /// `networking.istio.io/*/VirtualService`.
+    VirtualService(super::istio::VirtualService),
+    /// `networking.istio.io/*/DestinationRule`.
+    DestinationRule(super::istio::DestinationRule),
 }
 
 impl Object {
@@ -29,6 +33,10 @@ impl Object {
             Object::Pod(p) => ("Pod", p.metadata.namespace_or_default(), p.metadata.name.clone()),
             Object::Service(s) => ("Service", s.metadata.namespace_or_default(), s.metadata.name.clone()),
             Object::ServiceAccount(s) => ("ServiceAccount", s.metadata.namespace_or_default(), s.metadata.name.clone()),
+            Object::VirtualService(v) => ("VirtualService", v.metadata.namespace_or_default(), v.metadata.name.clone()),
+            Object::DestinationRule(d) => {
+                ("DestinationRule", d.metadata.namespace_or_default(), d.metadata.name.clone())
+            }
         }
     }
 }

@@ -1,0 +1,891 @@
+//! Istio traffic management: `networking.istio.io` VirtualService and DestinationRule
+//! (v1, v1beta1, v1alpha3 share one schema), typed as the API reference spells them.
+//!
+//! Fields the agent does not enforce yet are still typed (as raw YAML), so validation
+//! can refuse them by name instead of letting serde call them unknown.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use serde_yaml::Value;
+
+use super::resources::ObjectMeta;
+
+/// API versions accepted for Istio networking kinds.
+pub const NETWORKING_VERSIONS: &[&str] =
+    &["networking.istio.io/v1", "networking.istio.io/v1beta1", "networking.istio.io/v1alpha3"];
+
+/// `VirtualService`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VirtualService {
+    /// Metadata.
+    pub metadata: ObjectMeta,
+    /// Spec.
+    pub spec: VirtualServiceSpec,
+    #[serde(default, rename = "apiVersion")]
+    _api_version: Option<String>,
+    #[serde(default, rename = "kind")]
+    _kind: Option<String>,
+}
+
+/// `VirtualService.spec`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VirtualServiceSpec {
+    /// Hosts the rules apply to: short names, FQDNs, `*.suffix` wildcards.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// Gateways and/or `mesh`; empty means `mesh`.
+    #[serde(default)]
+    pub gateways: Vec<String>,
+    /// HTTP rules, first match wins.
+    #[serde(default)]
+    pub http: Vec<HttpRoute>,
+    /// TCP rules (not enforced yet).
+    #[serde(default)]
+    pub tcp: Option<Value>,
+    /// TLS rules (not enforced yet).
+    #[serde(default)]
+    pub tls: Option<Value>,
+    /// Visibility (the agent serves one cluster view; accepted as is).
+    #[serde(default)]
+    pub export_to: Vec<String>,
+}
+
+/// One HTTP rule.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpRoute {
+    /// Rule name, for logs.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Conditions: any one matching selects the rule; none means always.
+    #[serde(default, rename = "match")]
+    pub matches: Vec<HttpMatchRequest>,
+    /// Weighted destinations.
+    #[serde(default)]
+    pub route: Vec<HttpRouteDestination>,
+    /// Answer with a redirect instead of routing.
+    #[serde(default)]
+    pub redirect: Option<HttpRedirect>,
+    /// Answer directly instead of routing.
+    #[serde(default)]
+    pub direct_response: Option<HttpDirectResponse>,
+    /// Rewrite before forwarding.
+    #[serde(default)]
+    pub rewrite: Option<HttpRewrite>,
+    /// Overall timeout, e.g. `30s`.
+    #[serde(default)]
+    pub timeout: Option<String>,
+    /// Retry policy.
+    #[serde(default)]
+    pub retries: Option<HttpRetry>,
+    /// Fault injection.
+    #[serde(default)]
+    pub fault: Option<HttpFault>,
+    /// Shadow destination.
+    #[serde(default)]
+    pub mirror: Option<Destination>,
+    /// Share of requests mirrored (default 100).
+    #[serde(default)]
+    pub mirror_percentage: Option<Percent>,
+    /// Legacy integer mirror percentage.
+    #[serde(default)]
+    pub mirror_percent: Option<u32>,
+    /// Header manipulation.
+    #[serde(default)]
+    pub headers: Option<Headers>,
+    /// CORS (not enforced yet).
+    #[serde(default)]
+    pub cors_policy: Option<Value>,
+    /// Delegation (not enforced yet).
+    #[serde(default)]
+    pub delegate: Option<Value>,
+    /// Multiple mirrors (not enforced yet).
+    #[serde(default)]
+    pub mirrors: Option<Value>,
+}
+
+/// A string condition: exactly one of the three.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StringMatch {
+    /// Equal.
+    #[serde(default)]
+    pub exact: Option<String>,
+    /// Starts with.
+    #[serde(default)]
+    pub prefix: Option<String>,
+    /// RE2 regex, matched against the whole value.
+    #[serde(default)]
+    pub regex: Option<String>,
+}
+
+/// One match condition; all its fields must hold.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpMatchRequest {
+    /// Name, for logs.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Path (without the query).
+    #[serde(default)]
+    pub uri: Option<StringMatch>,
+    /// `http` or `https`.
+    #[serde(default)]
+    pub scheme: Option<StringMatch>,
+    /// Method.
+    #[serde(default)]
+    pub method: Option<StringMatch>,
+    /// Host header / `:authority`.
+    #[serde(default)]
+    pub authority: Option<StringMatch>,
+    /// Headers that must be present and match (keys lowercase).
+    #[serde(default)]
+    pub headers: BTreeMap<String, StringMatch>,
+    /// Headers that must not match.
+    #[serde(default)]
+    pub without_headers: BTreeMap<String, StringMatch>,
+    /// Query parameters.
+    #[serde(default)]
+    pub query_params: BTreeMap<String, StringMatch>,
+    /// Destination port.
+    #[serde(default)]
+    pub port: Option<u32>,
+    /// Labels the calling pod must have.
+    #[serde(default)]
+    pub source_labels: BTreeMap<String, String>,
+    /// Namespace of the calling pod.
+    #[serde(default)]
+    pub source_namespace: Option<String>,
+    /// Gateways this match applies to.
+    #[serde(default)]
+    pub gateways: Vec<String>,
+    /// Case-insensitive uri match.
+    #[serde(default)]
+    pub ignore_uri_case: bool,
+}
+
+/// A weighted destination.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpRouteDestination {
+    /// Where.
+    pub destination: Destination,
+    /// Share of traffic (all weights of a rule sum to 100).
+    #[serde(default)]
+    pub weight: Option<i64>,
+    /// Header manipulation for this destination.
+    #[serde(default)]
+    pub headers: Option<Headers>,
+}
+
+/// A service (and optional subset and port).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Destination {
+    /// Service name: short (in the VirtualService's namespace) or FQDN.
+    pub host: String,
+    /// DestinationRule subset.
+    #[serde(default)]
+    pub subset: Option<String>,
+    /// Service port.
+    #[serde(default)]
+    pub port: Option<PortSelector>,
+}
+
+/// `port: {number: N}`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortSelector {
+    /// Port number.
+    pub number: u32,
+}
+
+/// A redirect answer.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpRedirect {
+    /// New path.
+    #[serde(default)]
+    pub uri: Option<String>,
+    /// New host.
+    #[serde(default)]
+    pub authority: Option<String>,
+    /// New port.
+    #[serde(default)]
+    pub port: Option<u32>,
+    /// New scheme.
+    #[serde(default)]
+    pub scheme: Option<String>,
+    /// Status code, 301 by default.
+    #[serde(default)]
+    pub redirect_code: Option<u32>,
+    /// Port derivation (not enforced yet).
+    #[serde(default)]
+    pub derive_port: Option<Value>,
+}
+
+/// A direct answer.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpDirectResponse {
+    /// Status code.
+    pub status: u32,
+    /// Body.
+    #[serde(default)]
+    pub body: Option<HttpBody>,
+}
+
+/// `string` or base64 `bytes`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpBody {
+    /// Text body.
+    #[serde(default)]
+    pub string: Option<String>,
+    /// Base64 body.
+    #[serde(default)]
+    pub bytes: Option<String>,
+}
+
+/// Rewrites applied before forwarding.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpRewrite {
+    /// Replaces the matched uri prefix (or the whole path for exact/regex matches).
+    #[serde(default)]
+    pub uri: Option<String>,
+    /// Replaces the Host header.
+    #[serde(default)]
+    pub authority: Option<String>,
+    /// Regex rewrite (not enforced yet).
+    #[serde(default)]
+    pub uri_regex_rewrite: Option<Value>,
+}
+
+/// Retry policy.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpRetry {
+    /// Retries (not counting the first try).
+    #[serde(default)]
+    pub attempts: Option<i64>,
+    /// Timeout per try.
+    #[serde(default)]
+    pub per_try_timeout: Option<String>,
+    /// Comma-separated conditions.
+    #[serde(default)]
+    pub retry_on: Option<String>,
+    /// Accepted, meaningless on one node set.
+    #[serde(default)]
+    pub retry_remote_localities: Option<bool>,
+}
+
+/// Fault injection.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpFault {
+    /// Delay before forwarding.
+    #[serde(default)]
+    pub delay: Option<FaultDelay>,
+    /// Answer with an error instead of forwarding.
+    #[serde(default)]
+    pub abort: Option<FaultAbort>,
+}
+
+/// `fault.delay`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FaultDelay {
+    /// How long.
+    #[serde(default)]
+    pub fixed_delay: Option<String>,
+    /// Share of requests (default 100).
+    #[serde(default)]
+    pub percentage: Option<Percent>,
+    /// Legacy integer share.
+    #[serde(default)]
+    pub percent: Option<u32>,
+}
+
+/// `fault.abort`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FaultAbort {
+    /// Status to answer.
+    #[serde(default)]
+    pub http_status: Option<i64>,
+    /// gRPC status (not enforced yet).
+    #[serde(default)]
+    pub grpc_status: Option<Value>,
+    /// Share of requests (default 100).
+    #[serde(default)]
+    pub percentage: Option<Percent>,
+}
+
+/// `{value: 0.0 - 100.0}`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Percent {
+    /// Percent.
+    pub value: f64,
+}
+
+/// Request and response header operations.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Headers {
+    /// On the request.
+    #[serde(default)]
+    pub request: Option<HeaderOperations>,
+    /// On the response.
+    #[serde(default)]
+    pub response: Option<HeaderOperations>,
+}
+
+/// set / add / remove.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderOperations {
+    /// Overwrite.
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    /// Append.
+    #[serde(default)]
+    pub add: BTreeMap<String, String>,
+    /// Remove.
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
+/// `DestinationRule`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DestinationRule {
+    /// Metadata.
+    pub metadata: ObjectMeta,
+    /// Spec.
+    pub spec: DestinationRuleSpec,
+    #[serde(default, rename = "apiVersion")]
+    _api_version: Option<String>,
+    #[serde(default, rename = "kind")]
+    _kind: Option<String>,
+}
+
+/// `DestinationRule.spec`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DestinationRuleSpec {
+    /// The service.
+    pub host: String,
+    /// Policy for every subset unless overridden.
+    #[serde(default)]
+    pub traffic_policy: Option<TrafficPolicy>,
+    /// Named subsets by labels.
+    #[serde(default)]
+    pub subsets: Vec<Subset>,
+    /// Visibility (accepted as is).
+    #[serde(default)]
+    pub export_to: Vec<String>,
+    /// Workload selector (not enforced yet).
+    #[serde(default)]
+    pub workload_selector: Option<Value>,
+}
+
+/// A subset.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Subset {
+    /// Name referenced by routes.
+    pub name: String,
+    /// Endpoints with all these labels.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Overrides the top-level policy, field by field group.
+    #[serde(default)]
+    pub traffic_policy: Option<TrafficPolicy>,
+}
+
+/// Traffic policy.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TrafficPolicy {
+    /// Load balancing.
+    #[serde(default)]
+    pub load_balancer: Option<LoadBalancer>,
+    /// Connection pool limits (circuit breaking).
+    #[serde(default)]
+    pub connection_pool: Option<ConnectionPool>,
+    /// Ejection of failing endpoints.
+    #[serde(default)]
+    pub outlier_detection: Option<OutlierDetection>,
+    /// Client TLS (the mesh always uses its own mTLS; not enforced yet).
+    #[serde(default)]
+    pub tls: Option<Value>,
+    /// Per-port overrides (not enforced yet).
+    #[serde(default)]
+    pub port_level_settings: Option<Value>,
+}
+
+/// `loadBalancer`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LoadBalancer {
+    /// ROUND_ROBIN, LEAST_REQUEST, RANDOM, PASSTHROUGH (LEAST_CONN is LEAST_REQUEST).
+    #[serde(default)]
+    pub simple: Option<String>,
+    /// Session affinity.
+    #[serde(default)]
+    pub consistent_hash: Option<ConsistentHash>,
+    /// Locality settings (not enforced yet).
+    #[serde(default)]
+    pub locality_lb_setting: Option<Value>,
+    /// Warm-up (not enforced yet).
+    #[serde(default)]
+    pub warmup_duration_secs: Option<Value>,
+}
+
+/// `consistentHash`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConsistentHash {
+    /// Hash a header.
+    #[serde(default)]
+    pub http_header_name: Option<String>,
+    /// Hash a cookie.
+    #[serde(default)]
+    pub http_cookie: Option<HttpCookie>,
+    /// Hash the client address.
+    #[serde(default)]
+    pub use_source_ip: Option<bool>,
+    /// Hash a query parameter.
+    #[serde(default)]
+    pub http_query_parameter_name: Option<String>,
+    /// Ring size (accepted; the agent's ring is fixed).
+    #[serde(default)]
+    pub minimum_ring_size: Option<u64>,
+}
+
+/// `httpCookie`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpCookie {
+    /// Cookie name.
+    pub name: String,
+    /// Path (accepted).
+    #[serde(default)]
+    pub path: Option<String>,
+    /// TTL (accepted).
+    #[serde(default)]
+    pub ttl: Option<String>,
+}
+
+/// `connectionPool`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectionPool {
+    /// TCP limits.
+    #[serde(default)]
+    pub tcp: Option<TcpPool>,
+    /// HTTP limits.
+    #[serde(default)]
+    pub http: Option<HttpPool>,
+}
+
+/// `connectionPool.tcp`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TcpPool {
+    /// Connections to the destination at once.
+    #[serde(default)]
+    pub max_connections: Option<i64>,
+    /// Connect timeout.
+    #[serde(default)]
+    pub connect_timeout: Option<String>,
+    /// Keepalive (not enforced yet).
+    #[serde(default)]
+    pub tcp_keepalive: Option<Value>,
+    /// Max connection duration (not enforced yet).
+    #[serde(default)]
+    pub max_connection_duration: Option<Value>,
+}
+
+/// `connectionPool.http`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpPool {
+    /// Requests waiting for a connection.
+    #[serde(default)]
+    pub http1_max_pending_requests: Option<i64>,
+    /// Requests in flight.
+    #[serde(default)]
+    pub http2_max_requests: Option<i64>,
+    /// Requests per upstream connection before it is closed.
+    #[serde(default)]
+    pub max_requests_per_connection: Option<i64>,
+    /// Retries in flight (not enforced yet).
+    #[serde(default)]
+    pub max_retries: Option<i64>,
+    /// Idle upstream connections close after this.
+    #[serde(default)]
+    pub idle_timeout: Option<String>,
+    /// DEFAULT, DO_NOT_UPGRADE or UPGRADE.
+    #[serde(default)]
+    pub h2_upgrade_policy: Option<String>,
+    /// Accepted as is.
+    #[serde(default)]
+    pub use_client_protocol: Option<bool>,
+}
+
+/// `outlierDetection`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OutlierDetection {
+    /// 5xx answers in a row that eject an endpoint.
+    #[serde(default, rename = "consecutive5xxErrors")]
+    pub consecutive_5xx_errors: Option<i64>,
+    /// 502/503/504 in a row that eject an endpoint.
+    #[serde(default)]
+    pub consecutive_gateway_errors: Option<i64>,
+    /// Deprecated spelling of consecutiveGatewayErrors.
+    #[serde(default)]
+    pub consecutive_errors: Option<i64>,
+    /// Sweep interval.
+    #[serde(default)]
+    pub interval: Option<String>,
+    /// Ejection time, times the number of ejections so far.
+    #[serde(default)]
+    pub base_ejection_time: Option<String>,
+    /// At most this share of endpoints ejected.
+    #[serde(default)]
+    pub max_ejection_percent: Option<i64>,
+    /// Below this share of healthy endpoints, ejection is off.
+    #[serde(default)]
+    pub min_health_percent: Option<i64>,
+    /// Accepted as is.
+    #[serde(default)]
+    pub split_external_local_origin_errors: Option<bool>,
+    /// Local-origin failures in a row (not enforced yet).
+    #[serde(default)]
+    pub consecutive_local_origin_failures: Option<Value>,
+}
+
+/// A validation failure: (dotted field path, reason).
+pub(super) type Invalid = (String, String);
+
+/// `retryOn` conditions Istio (Envoy) accepts, besides numeric status codes.
+pub const RETRY_ON: &[&str] = &[
+    "5xx",
+    "gateway-error",
+    "reset",
+    "connect-failure",
+    "envoy-ratelimited",
+    "retriable-4xx",
+    "refused-stream",
+    "retriable-status-codes",
+    "retriable-headers",
+    "cancelled",
+    "deadline-exceeded",
+    "internal",
+    "resource-exhausted",
+    "unavailable",
+];
+
+/// Load balancer names Istio accepts.
+const LB_SIMPLE: &[&str] = &["UNSPECIFIED", "ROUND_ROBIN", "LEAST_REQUEST", "LEAST_CONN", "RANDOM", "PASSTHROUGH"];
+
+/// Parses an Istio duration (`30s`, `1.5s`, `100ms`, `1m`, `1h`), refusing negatives.
+pub fn duration(field: &str, s: &str) -> Result<std::time::Duration, Invalid> {
+    if s.trim_start().starts_with('-') {
+        return Err((field.into(), format!("duration {s:?} must not be negative")));
+    }
+    crate::settings::parse_duration(s.trim()).map_err(|e| (field.into(), e))
+}
+
+fn not_supported(field: String, present: bool) -> Result<(), Invalid> {
+    if present { Err((field, "is not supported by this agent version yet".into())) } else { Ok(()) }
+}
+
+fn percent(field: String, p: &Option<Percent>) -> Result<(), Invalid> {
+    match p {
+        Some(p) if !(0.0..=100.0).contains(&p.value) || p.value.is_nan() => {
+            Err((field, format!("{} is not a percentage between 0 and 100", p.value)))
+        }
+        _ => Ok(()),
+    }
+}
+
+impl StringMatch {
+    /// Exactly one of exact/prefix/regex, and a regex that compiles.
+    pub(super) fn validate(&self, field: &str) -> Result<(), Invalid> {
+        let set = [self.exact.is_some(), self.prefix.is_some(), self.regex.is_some()].iter().filter(|b| **b).count();
+        if set != 1 {
+            return Err((field.into(), "exactly one of exact, prefix or regex must be set".into()));
+        }
+        if let Some(r) = &self.regex {
+            regex::Regex::new(&format!("^(?:{r})$"))
+                .map_err(|e| (format!("{field}.regex"), format!("invalid regex {r:?}: {e}")))?;
+        }
+        Ok(())
+    }
+}
+
+impl VirtualService {
+    /// The checks Istio's validation webhook makes, and refusals of fields the agent
+    /// does not enforce.
+    pub(super) fn validate(&self) -> Result<(), Invalid> {
+        let s = &self.spec;
+        if s.hosts.is_empty() {
+            return Err(("spec.hosts".into(), "at least one host is required".into()));
+        }
+        for (i, h) in s.hosts.iter().enumerate() {
+            if h.is_empty() || h.contains('/') || (h.contains('*') && !h.starts_with("*")) {
+                return Err((format!("spec.hosts[{i}]"), format!("{h:?} is not a host name or *.suffix wildcard")));
+            }
+        }
+        not_supported("spec.tcp".into(), s.tcp.as_ref().is_some_and(|v| !v.is_null()))?;
+        not_supported("spec.tls".into(), s.tls.as_ref().is_some_and(|v| !v.is_null()))?;
+        for (i, r) in s.http.iter().enumerate() {
+            validate_http_route(&format!("spec.http[{i}]"), r)?;
+        }
+        Ok(())
+    }
+}
+
+fn validate_http_route(at: &str, r: &HttpRoute) -> Result<(), Invalid> {
+    not_supported(format!("{at}.corsPolicy"), r.cors_policy.is_some())?;
+    not_supported(format!("{at}.delegate"), r.delegate.is_some())?;
+    not_supported(format!("{at}.mirrors"), r.mirrors.is_some())?;
+    let actions = [!r.route.is_empty(), r.redirect.is_some(), r.direct_response.is_some()];
+    match actions.iter().filter(|a| **a).count() {
+        0 => return Err((at.into(), "one of route, redirect or directResponse is required".into())),
+        1 => {}
+        _ => return Err((at.into(), "route, redirect and directResponse are mutually exclusive".into())),
+    }
+    for (j, m) in r.matches.iter().enumerate() {
+        let mf = format!("{at}.match[{j}]");
+        for (name, sm) in [("uri", &m.uri), ("scheme", &m.scheme), ("method", &m.method), ("authority", &m.authority)] {
+            if let Some(sm) = sm {
+                sm.validate(&format!("{mf}.{name}"))?;
+            }
+        }
+        for (group, map) in
+            [("headers", &m.headers), ("withoutHeaders", &m.without_headers), ("queryParams", &m.query_params)]
+        {
+            for (k, sm) in map {
+                if group != "queryParams" && k.chars().any(|c| c.is_ascii_uppercase()) {
+                    return Err((format!("{mf}.{group}.{k}"), "header names must be lowercase".into()));
+                }
+                // An empty match (`{}`) on withoutHeaders/headers means presence only.
+                if *sm != StringMatch::default() {
+                    sm.validate(&format!("{mf}.{group}.{k}"))?;
+                }
+            }
+        }
+        if let Some(p) = m.port
+            && !(1..=65535).contains(&p)
+        {
+            return Err((format!("{mf}.port"), format!("{p} is not a port number")));
+        }
+    }
+    let weights: Vec<i64> = r.route.iter().map(|d| d.weight.unwrap_or(0)).collect();
+    for (k, d) in r.route.iter().enumerate() {
+        let df = format!("{at}.route[{k}]");
+        if d.weight.is_some_and(|w| w < 0) {
+            return Err((format!("{df}.weight"), "weight must not be negative".into()));
+        }
+        validate_destination(&format!("{df}.destination"), &d.destination)?;
+    }
+    let total: i64 = weights.iter().sum();
+    if r.route.len() > 1 && total != 100 && total != 0 {
+        return Err((format!("{at}.route"), format!("weights add up to {total}, they must add up to 100")));
+    }
+    if let Some(t) = &r.timeout {
+        duration(&format!("{at}.timeout"), t)?;
+    }
+    if let Some(retry) = &r.retries {
+        if retry.attempts.is_some_and(|a| a < 0) {
+            return Err((format!("{at}.retries.attempts"), "must not be negative".into()));
+        }
+        if let Some(t) = &retry.per_try_timeout {
+            duration(&format!("{at}.retries.perTryTimeout"), t)?;
+        }
+        if let Some(on) = &retry.retry_on {
+            for cond in on.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+                let status = cond.parse::<u16>().is_ok_and(|c| (100..=599).contains(&c));
+                if !status && !RETRY_ON.contains(&cond) {
+                    return Err((format!("{at}.retries.retryOn"), format!("unknown retry condition {cond:?}")));
+                }
+            }
+        }
+    }
+    if let Some(f) = &r.fault {
+        if let Some(d) = &f.delay {
+            let t = d.fixed_delay.as_deref().ok_or((format!("{at}.fault.delay.fixedDelay"), "is required".into()))?;
+            duration(&format!("{at}.fault.delay.fixedDelay"), t)?;
+            percent(format!("{at}.fault.delay.percentage.value"), &d.percentage)?;
+            if d.percent.is_some_and(|p| p > 100) {
+                return Err((format!("{at}.fault.delay.percent"), "must be at most 100".into()));
+            }
+        }
+        if let Some(a) = &f.abort {
+            not_supported(format!("{at}.fault.abort.grpcStatus"), a.grpc_status.is_some())?;
+            match a.http_status {
+                Some(s) if (200..=599).contains(&s) => {}
+                Some(s) => return Err((format!("{at}.fault.abort.httpStatus"), format!("{s} is not an HTTP status"))),
+                None => return Err((format!("{at}.fault.abort.httpStatus"), "is required".into())),
+            }
+            percent(format!("{at}.fault.abort.percentage.value"), &a.percentage)?;
+        }
+    }
+    if let Some(m) = &r.mirror {
+        validate_destination(&format!("{at}.mirror"), m)?;
+    }
+    percent(format!("{at}.mirrorPercentage.value"), &r.mirror_percentage)?;
+    if let Some(rd) = &r.redirect {
+        not_supported(format!("{at}.redirect.derivePort"), rd.derive_port.is_some())?;
+        if let Some(c) = rd.redirect_code
+            && ![301, 302, 303, 307, 308].contains(&c)
+        {
+            return Err((format!("{at}.redirect.redirectCode"), format!("{c} is not a redirect status")));
+        }
+    }
+    if let Some(d) = &r.direct_response
+        && !(200..=599).contains(&d.status)
+    {
+        return Err((format!("{at}.directResponse.status"), format!("{} is not an HTTP status", d.status)));
+    }
+    if let Some(rw) = &r.rewrite {
+        not_supported(format!("{at}.rewrite.uriRegexRewrite"), rw.uri_regex_rewrite.is_some())?;
+    }
+    Ok(())
+}
+
+fn validate_destination(at: &str, d: &Destination) -> Result<(), Invalid> {
+    if d.host.is_empty() {
+        return Err((format!("{at}.host"), "is required".into()));
+    }
+    if let Some(p) = &d.port
+        && !(1..=65535).contains(&p.number)
+    {
+        return Err((format!("{at}.port.number"), format!("{} is not a port number", p.number)));
+    }
+    Ok(())
+}
+
+impl DestinationRule {
+    /// Istio's checks on a DestinationRule, and refusals of fields not enforced.
+    pub(super) fn validate(&self) -> Result<(), Invalid> {
+        let s = &self.spec;
+        if s.host.is_empty() {
+            return Err(("spec.host".into(), "is required".into()));
+        }
+        not_supported("spec.workloadSelector".into(), s.workload_selector.is_some())?;
+        if let Some(p) = &s.traffic_policy {
+            validate_policy("spec.trafficPolicy", p)?;
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, sub) in s.subsets.iter().enumerate() {
+            let at = format!("spec.subsets[{i}]");
+            if sub.name.is_empty() {
+                return Err((format!("{at}.name"), "is required".into()));
+            }
+            if !names.insert(sub.name.as_str()) {
+                return Err((format!("{at}.name"), format!("subset {:?} is defined twice", sub.name)));
+            }
+            if let Some(p) = &sub.traffic_policy {
+                validate_policy(&format!("{at}.trafficPolicy"), p)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn non_negative(field: String, v: Option<i64>) -> Result<(), Invalid> {
+    match v {
+        Some(n) if n < 0 => Err((field, format!("{n} must not be negative"))),
+        _ => Ok(()),
+    }
+}
+
+fn validate_policy(at: &str, p: &TrafficPolicy) -> Result<(), Invalid> {
+    not_supported(format!("{at}.tls"), p.tls.is_some())?;
+    not_supported(format!("{at}.portLevelSettings"), p.port_level_settings.is_some())?;
+    if let Some(lb) = &p.load_balancer {
+        not_supported(format!("{at}.loadBalancer.localityLbSetting"), lb.locality_lb_setting.is_some())?;
+        not_supported(format!("{at}.loadBalancer.warmupDurationSecs"), lb.warmup_duration_secs.is_some())?;
+        match (&lb.simple, &lb.consistent_hash) {
+            (Some(_), Some(_)) => {
+                return Err((format!("{at}.loadBalancer"), "simple and consistentHash are mutually exclusive".into()));
+            }
+            (Some(s), None) if !LB_SIMPLE.contains(&s.as_str()) => {
+                return Err((format!("{at}.loadBalancer.simple"), format!("unknown load balancer {s:?}")));
+            }
+            (None, Some(h)) => {
+                let keys = [
+                    h.http_header_name.is_some(),
+                    h.http_cookie.is_some(),
+                    h.use_source_ip.unwrap_or(false),
+                    h.http_query_parameter_name.is_some(),
+                ];
+                if keys.iter().filter(|k| **k).count() != 1 {
+                    return Err((
+                        format!("{at}.loadBalancer.consistentHash"),
+                        "exactly one of httpHeaderName, httpCookie, useSourceIp, httpQueryParameterName".into(),
+                    ));
+                }
+            }
+            _ => {}
+        }
+    }
+    if let Some(cp) = &p.connection_pool {
+        if let Some(t) = &cp.tcp {
+            not_supported(format!("{at}.connectionPool.tcp.tcpKeepalive"), t.tcp_keepalive.is_some())?;
+            not_supported(
+                format!("{at}.connectionPool.tcp.maxConnectionDuration"),
+                t.max_connection_duration.is_some(),
+            )?;
+            non_negative(format!("{at}.connectionPool.tcp.maxConnections"), t.max_connections)?;
+            if let Some(d) = &t.connect_timeout {
+                duration(&format!("{at}.connectionPool.tcp.connectTimeout"), d)?;
+            }
+        }
+        if let Some(h) = &cp.http {
+            let hf = format!("{at}.connectionPool.http");
+            non_negative(format!("{hf}.http1MaxPendingRequests"), h.http1_max_pending_requests)?;
+            non_negative(format!("{hf}.http2MaxRequests"), h.http2_max_requests)?;
+            non_negative(format!("{hf}.maxRequestsPerConnection"), h.max_requests_per_connection)?;
+            not_supported(format!("{hf}.maxRetries"), h.max_retries.is_some())?;
+            if let Some(d) = &h.idle_timeout {
+                duration(&format!("{hf}.idleTimeout"), d)?;
+            }
+            if let Some(u) = &h.h2_upgrade_policy
+                && !["DEFAULT", "DO_NOT_UPGRADE", "UPGRADE"].contains(&u.as_str())
+            {
+                return Err((format!("{hf}.h2UpgradePolicy"), format!("unknown policy {u:?}")));
+            }
+        }
+    }
+    if let Some(o) = &p.outlier_detection {
+        let of = format!("{at}.outlierDetection");
+        not_supported(format!("{of}.consecutiveLocalOriginFailures"), o.consecutive_local_origin_failures.is_some())?;
+        non_negative(format!("{of}.consecutive5xxErrors"), o.consecutive_5xx_errors)?;
+        non_negative(format!("{of}.consecutiveGatewayErrors"), o.consecutive_gateway_errors)?;
+        non_negative(format!("{of}.consecutiveErrors"), o.consecutive_errors)?;
+        for (name, v) in [("interval", &o.interval), ("baseEjectionTime", &o.base_ejection_time)] {
+            if let Some(d) = v {
+                duration(&format!("{of}.{name}"), d)?;
+            }
+        }
+        for (name, v) in [("maxEjectionPercent", o.max_ejection_percent), ("minHealthPercent", o.min_health_percent)] {
+            if let Some(n) = v
+                && !(0..=100).contains(&n)
+            {
+                return Err((format!("{of}.{name}"), format!("{n} is not a percentage between 0 and 100")));
+            }
+        }
+    }
+    Ok(())
+}
