@@ -103,10 +103,10 @@ fn parse_object(file: &Path, index: usize, value: Value) -> Result<Object, Error
         "Namespace" => Object::Namespace(typed::<Namespace>(value).map_err(|(f, r)| err(label.clone(), &f, r))?),
         "Pod" => Object::Pod(typed::<Pod>(value).map_err(|(f, r)| err(label.clone(), &f, r))?),
         "VirtualService" => {
-            Object::VirtualService(typed::<VirtualService>(value).map_err(|(f, r)| err(label.clone(), &f, r))?)
+            Object::VirtualService(typed::<Box<VirtualService>>(value).map_err(|(f, r)| err(label.clone(), &f, r))?)
         }
         "DestinationRule" => {
-            Object::DestinationRule(typed::<DestinationRule>(value).map_err(|(f, r)| err(label.clone(), &f, r))?)
+            Object::DestinationRule(typed::<Box<DestinationRule>>(value).map_err(|(f, r)| err(label.clone(), &f, r))?)
         }
         "ServiceAccount" => {
             Object::ServiceAccount(typed::<ServiceAccount>(value).map_err(|(f, r)| err(label.clone(), &f, r))?)

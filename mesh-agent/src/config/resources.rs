@@ -20,9 +20,9 @@ pub enum Object {
     /// identity comes from its `serviceAccountName`.
     ServiceAccount(ServiceAccount),
     /// `networking.istio.io/*/VirtualService`.
-    VirtualService(super::istio::VirtualService),
+    VirtualService(Box<super::istio::VirtualService>),
     /// `networking.istio.io/*/DestinationRule`.
-    DestinationRule(super::istio::DestinationRule),
+    DestinationRule(Box<super::istio::DestinationRule>),
 }
 
 impl Object {
