@@ -74,6 +74,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
         certs,
         verifier,
         pool: Arc::new(Pool::default()),
+        l7: Arc::default(),
         metrics: metrics.clone(),
         bypass_mark: settings.bypass_mark,
         shutdown: shutdown.clone(),
@@ -194,6 +195,9 @@ impl Agent {
             self.version += 1;
             let snap = Snapshot::compile(&r.objects, &self.settings.trust_domain, self.version);
             tracing::info!(version = self.version, workloads = snap.workloads.len(), "config applied");
+            for problem in &snap.problems {
+                tracing::warn!(version = self.version, "{problem}");
+            }
             self.ctx.snapshot.store(Arc::new(snap));
             self.ctx.metrics.config_applied.inc();
         }

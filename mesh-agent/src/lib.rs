@@ -9,6 +9,7 @@ pub mod app;
 pub mod config;
 pub mod dataplane;
 pub mod identity;
+pub mod l7;
 pub mod proxy;
 pub mod settings;
 pub mod state;

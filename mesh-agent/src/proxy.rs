@@ -11,6 +11,7 @@ mod sockets;
 
 pub use inpod::PodProxy;
 pub use pool::Pool;
+pub(crate) use sockets::connect_in;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -25,7 +26,7 @@ use crate::state::SharedSnapshot;
 use crate::telemetry::Metrics;
 
 /// How long a TCP connect to a peer or an application may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a TLS handshake may take before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -105,6 +106,8 @@ pub struct ProxyContext {
     pub verifier: PeerVerifier,
     /// HBONE connection pool.
     pub pool: Arc<Pool>,
+    /// L7 counters and upstream connections.
+    pub l7: Arc<crate::l7::Runtime>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// `SO_MARK` for the agent's sockets.

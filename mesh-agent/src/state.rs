@@ -15,6 +15,8 @@ use arc_swap::ArcSwap;
 use crate::config::Object;
 use crate::config::resources::{IntOrString, Pod};
 use crate::identity::Identity;
+use crate::l7::policy::{DestinationPolicy, TrafficPolicy};
+use crate::l7::route::{self, ServiceRoutes};
 
 /// Namespace labels that enroll a namespace (Istio sidecar and ambient spellings).
 const ENROLL_LABELS: &[(&str, &str)] = &[("istio-injection", "enabled"), ("istio.io/dataplane-mode", "ambient")];
@@ -61,9 +63,18 @@ pub struct Service {
     next: AtomicUsize,
 }
 
+impl Service {
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
 /// One port of a Service.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServicePort {
+    /// Port name: `tcp-*` / `tls-*` names (Istio's protocol selection) keep a port L4.
+    pub name: Option<String>,
     /// What clients dial.
     pub port: u16,
     /// Where the pod listens.
@@ -114,6 +125,12 @@ pub struct Snapshot {
     by_ip: HashMap<IpAddr, Arc<Workload>>,
     services: Vec<Arc<Service>>,
     by_vip: HashMap<IpAddr, Arc<Service>>,
+    by_key: HashMap<String, Arc<Service>>,
+    routes: HashMap<String, Arc<ServiceRoutes>>,
+    policies: HashMap<String, Arc<DestinationPolicy>>,
+    /// Inconsistencies between objects that are each valid (conflicting
+    /// VirtualServices, routes to undefined subsets), logged when the snapshot applies.
+    pub problems: Vec<String>,
     /// Monotonic version, for logs and the config dump.
     pub version: u64,
 }
@@ -166,6 +183,7 @@ impl Snapshot {
                     .ports
                     .iter()
                     .map(|p| ServicePort {
+                        name: p.name.clone(),
                         port: p.port,
                         target: match &p.target_port {
                             None => TargetPort::Number(p.port),
@@ -188,10 +206,152 @@ impl Snapshot {
                 for vip in vips {
                     snap.by_vip.insert(vip, service.clone());
                 }
+                snap.by_key.insert(service.key(), service.clone());
                 snap.services.push(service);
             }
         }
+        snap.compile_traffic(objects);
         snap
+    }
+
+    /// VirtualServices and DestinationRules, resolved to the Services their hosts name.
+    /// Objects are taken in `namespace/name` order, so which of two conflicting
+    /// VirtualServices wins does not depend on file order.
+    fn compile_traffic(&mut self, objects: &[Object]) {
+        let known: HashMap<String, ()> = self.by_key.keys().map(|k| (k.clone(), ())).collect();
+        let mut vss: Vec<_> = objects
+            .iter()
+            .filter_map(|o| match o {
+                Object::VirtualService(v) => Some(v.as_ref()),
+                _ => None,
+            })
+            .collect();
+        vss.sort_by_key(|v| (v.metadata.namespace_or_default(), v.metadata.name.clone()));
+        for vs in vss {
+            let gateways = &vs.spec.gateways;
+            if !gateways.is_empty() && !gateways.iter().any(|g| g == "mesh") {
+                continue; // gateway-only rules do not route mesh traffic
+            }
+            let ns = vs.metadata.namespace_or_default();
+            let name = format!("{ns}/{}", vs.metadata.name);
+            let rules = route::compile_rules(vs, &ns, &known);
+            for host in &vs.spec.hosts {
+                for svc in route::services_for_host(host, &ns, &known) {
+                    if let Some(existing) = self.routes.get(&svc) {
+                        if existing.virtual_service != name {
+                            self.problems.push(format!(
+                                "VirtualService {name}: host {host} ({svc}) is already routed by VirtualService {}; \
+                                 this one is ignored for it (Istio IST0109: conflicting VirtualServices for one host)",
+                                existing.virtual_service
+                            ));
+                        }
+                        continue;
+                    }
+                    self.routes
+                        .insert(svc, Arc::new(ServiceRoutes { virtual_service: name.clone(), rules: rules.clone() }));
+                }
+            }
+        }
+        let mut drs: Vec<_> = objects
+            .iter()
+            .filter_map(|o| match o {
+                Object::DestinationRule(d) => Some(d.as_ref()),
+                _ => None,
+            })
+            .collect();
+        drs.sort_by_key(|d| (d.metadata.namespace_or_default(), d.metadata.name.clone()));
+        for dr in drs {
+            let ns = dr.metadata.namespace_or_default();
+            let compiled = DestinationPolicy::compile(dr);
+            for svc in route::services_for_host(&dr.spec.host, &ns, &known) {
+                match self.policies.get_mut(&svc) {
+                    Some(existing) => {
+                        self.problems.push(format!(
+                            "DestinationRule {}: host {} is also configured by DestinationRule {}; subsets are merged, \
+                             the traffic policy of {} applies",
+                            compiled.rule, dr.spec.host, existing.rule, existing.rule
+                        ));
+                        Arc::make_mut(existing).merge_from(&compiled);
+                    }
+                    None => {
+                        self.policies.insert(svc, Arc::new(compiled.clone()));
+                    }
+                }
+            }
+        }
+        let mut missing = Vec::new();
+        for (svc, routes) in &self.routes {
+            for rule in &routes.rules {
+                let mut backends: Vec<&route::Backend> = match &rule.action {
+                    route::Action::Route(b) => b.iter().map(|w| &w.backend).collect(),
+                    _ => Vec::new(),
+                };
+                backends.extend(rule.mirror.as_ref().map(|(b, _)| b));
+                for b in backends {
+                    if let Some(subset) = &b.subset
+                        && !self.policies.get(&b.service).is_some_and(|p| p.subsets.contains_key(subset))
+                    {
+                        missing.push(format!(
+                            "VirtualService {}: rule {} routes {svc} to subset {subset} of {}, which no DestinationRule \
+                             defines; those requests answer 503",
+                            routes.virtual_service, rule.name, b.service
+                        ));
+                    }
+                }
+            }
+        }
+        missing.sort();
+        missing.dedup();
+        self.problems.extend(missing);
+    }
+
+    /// The Service at this cluster IP.
+    pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<Service>> {
+        self.by_vip.get(&ip)
+    }
+
+    /// VirtualService rules for a Service (`namespace/name`).
+    pub fn routes(&self, service: &str) -> Option<&Arc<ServiceRoutes>> {
+        self.routes.get(service)
+    }
+
+    /// Whether connections to this Service are handled at L7.
+    pub fn has_traffic_rules(&self, service: &str) -> bool {
+        self.routes.contains_key(service) || self.policies.contains_key(service)
+    }
+
+    /// The traffic policy for a Service and optional subset (defaults without a rule).
+    pub fn traffic_policy(&self, service: &str, subset: Option<&str>) -> TrafficPolicy {
+        let Some(p) = self.policies.get(service) else { return TrafficPolicy::default() };
+        match subset.and_then(|s| p.subsets.get(s)) {
+            Some(s) => s.policy.clone(),
+            None => p.policy.clone(),
+        }
+    }
+
+    /// Endpoints of a Service (restricted to a subset's labels) with the address for
+    /// service port `port`. An unknown subset has no endpoints.
+    pub fn endpoints(&self, service: &str, subset: Option<&str>, port: u16) -> Vec<(Arc<Workload>, SocketAddr)> {
+        let Some(svc) = self.by_key.get(service) else { return Vec::new() };
+        let labels = match subset {
+            None => None,
+            Some(s) => match self.policies.get(service).and_then(|p| p.subsets.get(s)) {
+                Some(sub) => Some(&sub.labels),
+                None => return Vec::new(),
+            },
+        };
+        let Some(sp) = svc.ports.iter().find(|p| p.port == port) else { return Vec::new() };
+        svc.endpoints
+            .iter()
+            .filter(|w| labels.is_none_or(|l| l.iter().all(|(k, v)| w.labels.get(k) == Some(v))))
+            .filter_map(|w| {
+                let target = match &sp.target {
+                    TargetPort::Number(p) => *p,
+                    TargetPort::Named(n) => *w.named_ports.get(n)?,
+                };
+                Some((w.clone(), SocketAddr::new(w.ips[0], target)))
+            })
+            .collect()
     }
 
     /// The workload with this address.

@@ -101,9 +101,34 @@ impl ConnLabels {
 #[derive(Debug)]
 pub struct OpenConn(());
 
+/// Labels of `istio_requests_total`, reported by the source's agent.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// Always `source`: the client-side agent routes HTTP.
+    pub reporter: String,
+    /// Source pod name.
+    pub source_workload: String,
+    /// Source namespace.
+    pub source_workload_namespace: String,
+    /// Service routed to, `namespace/name`.
+    pub destination_service: String,
+    /// Subset of the DestinationRule, or `unknown`.
+    pub destination_version: String,
+    /// Pod that answered, or `unknown` when none did.
+    pub destination_workload: String,
+    /// HTTP status returned to the client.
+    pub response_code: String,
+    /// Envoy response flags: `-`, `UO` (overflow), `UF` (connect failure), `UT`
+    /// (timeout), `NR` (no route), `FI` (fault abort), `DI` (fault delay), `URX`
+    /// (retries exhausted), `UH` (no healthy endpoint).
+    pub response_flags: String,
+}
+
 /// The agent's metrics.
 #[derive(Debug, Default)]
 pub struct Metrics {
+    /// HTTP requests routed by the agent.
+    pub requests: Family<RequestLabels, Counter>,
     opened: Family<ConnLabels, Counter>,
     closed: Family<ConnLabels, Counter>,
     sent: Family<ConnLabels, Counter>,
@@ -121,6 +146,7 @@ impl Metrics {
     /// Registers every metric in `registry` (which carries the `istio` prefix).
     pub fn new(registry: &mut Registry) -> Self {
         let m = Self::default();
+        registry.register("requests", "HTTP requests routed (reporter=source)", m.requests.clone());
         registry.register("tcp_connections_opened", "TCP connections opened", m.opened.clone());
         registry.register("tcp_connections_closed", "TCP connections closed", m.closed.clone());
         registry.register("tcp_sent_bytes", "Bytes sent in responses (server to client)", m.sent.clone());

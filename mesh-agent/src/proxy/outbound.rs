@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -34,8 +35,8 @@ pub(super) async fn serve(
 
 async fn handle(
     ctx: &ProxyContext,
-    pod: &Workload,
-    netns: &Netns,
+    pod: &Arc<Workload>,
+    netns: &Arc<Netns>,
     mut stream: TcpStream,
     peer: SocketAddr,
 ) -> Result<(), Error> {
@@ -52,6 +53,15 @@ async fn handle(
         return Ok(());
     };
     let snapshot = ctx.snapshot.load_full();
+    if let Some(service) = snapshot.service_by_vip(orig.ip())
+        && snapshot.has_traffic_rules(&service.key())
+        && !is_declared_opaque(service, orig.port())
+        && sniff_http(&stream).await
+    {
+        tracing::debug!(pod = %pod.name, %peer, %orig, service = %service.key(), "outbound HTTP, routed at L7");
+        crate::l7::server::serve(ctx.clone(), pod.clone(), netns.clone(), stream, orig, service.clone()).await;
+        return Ok(());
+    }
     let dest = snapshot.resolve(orig);
     tracing::debug!(pod = %pod.name, %peer, %orig, ?dest, "outbound");
     match dest {
@@ -70,6 +80,44 @@ async fn handle(
             sockets::reset(stream);
             Ok(())
         }
+    }
+}
+
+/// How long the first bytes may take before a connection is treated as opaque TCP:
+/// server-first protocols (databases, SMTP) send nothing until the server speaks, so
+/// detection must give up quickly rather than stall them.
+const DETECT_TIMEOUT: Duration = Duration::from_millis(300);
+
+/// Ports named `tcp`/`tls`/`mongo`/`mysql`/`redis` (or `tcp-*` ...) are L4 by
+/// declaration, as Istio's protocol selection reads port names.
+fn is_declared_opaque(service: &crate::state::Service, port: u16) -> bool {
+    const OPAQUE: &[&str] = &["tcp", "tls", "mongo", "mysql", "redis"];
+    service.ports.iter().find(|p| p.port == port).and_then(|p| p.name.as_deref()).is_some_and(|n| {
+        let proto = n.split('-').next().unwrap_or(n);
+        OPAQUE.contains(&proto)
+    })
+}
+
+/// Peeks at the client's first bytes: HTTP or not, within [`DETECT_TIMEOUT`].
+async fn sniff_http(stream: &TcpStream) -> bool {
+    let mut buf = [0u8; 16];
+    let deadline = tokio::time::Instant::now() + DETECT_TIMEOUT;
+    loop {
+        let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
+            Ok(Ok(n)) => n,
+            _ => return false,
+        };
+        if n == 0 {
+            return false;
+        }
+        if crate::l7::looks_like_http(&buf[..n]) {
+            return true;
+        }
+        // Enough bytes to decide, or a first byte no HTTP method starts with.
+        if n >= 14 || !buf[0].is_ascii_uppercase() {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
 

@@ -1,0 +1,343 @@
+//! Runtime state per destination cluster (Service + subset, per source pod as each
+//! sidecar keeps its own): endpoint choice, circuit breaking and outlier ejection.
+//!
+//! Invariants: counters outlive config snapshots (a route edit does not reset
+//! ejections); every admitted request releases its slots on drop, also when the client
+//! goes away mid-request.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use rand::Rng as _;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use super::policy::{LbPolicy, Outlier, PoolLimits};
+
+/// One cluster's state.
+#[derive(Debug, Default)]
+pub struct Cluster {
+    rr: AtomicUsize,
+    in_flight: AtomicU32,
+    pending: AtomicU32,
+    /// (limit it was made for, permits): rebuilt when maxConnections changes.
+    connections: Mutex<Option<(u32, Arc<Semaphore>)>>,
+    endpoints: Mutex<HashMap<SocketAddr, EndpointStats>>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct EndpointStats {
+    active: u32,
+    consecutive_5xx: u32,
+    consecutive_gateway: u32,
+    ejections: u32,
+    ejected_until: Option<Instant>,
+}
+
+/// Why a request was not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overflow {
+    /// http2MaxRequests reached.
+    Requests,
+    /// maxConnections in use and http1MaxPendingRequests queued already.
+    Pending,
+}
+
+/// Slots a request holds while it runs.
+#[derive(Debug)]
+pub struct Admission {
+    cluster: Arc<Cluster>,
+    _connection: Option<OwnedSemaphorePermit>,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.cluster.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A request in flight on one endpoint; counts for LEAST_REQUEST until dropped.
+#[derive(Debug)]
+pub struct EndpointGuard {
+    cluster: Arc<Cluster>,
+    addr: SocketAddr,
+}
+
+impl Drop for EndpointGuard {
+    fn drop(&mut self) {
+        if let Some(s) = self.cluster.endpoints.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&self.addr) {
+            s.active = s.active.saturating_sub(1);
+        }
+    }
+}
+
+/// What an answer (or its absence) says about an endpoint.
+#[derive(Debug, Clone, Copy)]
+pub enum Outcome {
+    /// An HTTP status.
+    Status(u16),
+    /// Connect failure, reset or timeout: counts as a gateway error.
+    LocalFailure,
+}
+
+impl Cluster {
+    /// Admits a request under the pool limits, queueing for a connection slot when
+    /// `maxConnections` are busy and the pending queue has room.
+    pub async fn admit(self: &Arc<Self>, limits: &PoolLimits) -> Result<Admission, Overflow> {
+        let in_flight = self.in_flight.fetch_add(1, Ordering::AcqRel) + 1;
+        let admission = |permit| Admission { cluster: self.clone(), _connection: permit };
+        if limits.max_requests.is_some_and(|max| in_flight > max) {
+            drop(admission(None));
+            return Err(Overflow::Requests);
+        }
+        let Some(max_conns) = limits.max_connections else { return Ok(admission(None)) };
+        let sem = {
+            let mut slot = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+            match &*slot {
+                Some((limit, sem)) if *limit == max_conns => sem.clone(),
+                _ => {
+                    let sem = Arc::new(Semaphore::new(max_conns as usize));
+                    *slot = Some((max_conns, sem.clone()));
+                    sem
+                }
+            }
+        };
+        if let Ok(p) = sem.clone().try_acquire_owned() {
+            return Ok(admission(Some(p)));
+        }
+        let queued = self.pending.fetch_add(1, Ordering::AcqRel) + 1;
+        // Istio's default pending limit is effectively unbounded.
+        if limits.max_pending.is_some_and(|max| queued > max) {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+            drop(admission(None));
+            return Err(Overflow::Pending);
+        }
+        let permit = sem.acquire_owned().await;
+        self.pending.fetch_sub(1, Ordering::AcqRel);
+        Ok(admission(permit.ok()))
+    }
+
+    /// Chooses an endpoint among `candidates` (addresses in a stable order), skipping
+    /// ejected ones unless too few would be left (`minHealthPercent`, Envoy's panic
+    /// threshold).
+    pub fn pick(
+        self: &Arc<Self>,
+        candidates: &[SocketAddr],
+        lb: &LbPolicy,
+        outlier: Option<&Outlier>,
+        hash_key: Option<&[u8]>,
+        dialed: SocketAddr,
+    ) -> Option<(SocketAddr, EndpointGuard)> {
+        if candidates.is_empty() {
+            return None;
+        }
+        let now = Instant::now();
+        let mut stats = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+        let healthy: Vec<SocketAddr> = candidates
+            .iter()
+            .copied()
+            .filter(|a| stats.get(a).and_then(|s| s.ejected_until).is_none_or(|t| t <= now))
+            .collect();
+        let min_health = outlier.map_or(0, |o| o.min_health_percent) as usize;
+        let pool: &[SocketAddr] = if healthy.is_empty() || healthy.len() * 100 < candidates.len() * min_health {
+            candidates
+        } else {
+            &healthy
+        };
+        let chosen = match lb {
+            LbPolicy::RoundRobin => pool[self.rr.fetch_add(1, Ordering::Relaxed) % pool.len()],
+            LbPolicy::Random => pool[rand::rng().random_range(0..pool.len())],
+            LbPolicy::LeastRequest => {
+                let active = |a: &SocketAddr| stats.get(a).map_or(0, |s| s.active);
+                if pool.len() == 1 {
+                    pool[0]
+                } else {
+                    let mut rng = rand::rng();
+                    let i = rng.random_range(0..pool.len());
+                    let mut j = rng.random_range(0..pool.len() - 1);
+                    if j >= i {
+                        j += 1;
+                    }
+                    if active(&pool[j]) < active(&pool[i]) { pool[j] } else { pool[i] }
+                }
+            }
+            LbPolicy::Passthrough => {
+                if pool.contains(&dialed) {
+                    dialed
+                } else {
+                    pool[self.rr.fetch_add(1, Ordering::Relaxed) % pool.len()]
+                }
+            }
+            LbPolicy::HashHeader(_) | LbPolicy::HashCookie(_) | LbPolicy::HashSourceIp | LbPolicy::HashQuery(_) => {
+                match hash_key {
+                    // Rendezvous hashing: a key keeps its endpoint while that endpoint
+                    // stays, and only its keys move when it goes.
+                    Some(key) => *pool.iter().max_by_key(|a| rendezvous(key, a)).expect("pool is not empty"),
+                    None => pool[self.rr.fetch_add(1, Ordering::Relaxed) % pool.len()],
+                }
+            }
+        };
+        stats.entry(chosen).or_default().active += 1;
+        Some((chosen, EndpointGuard { cluster: self.clone(), addr: chosen }))
+    }
+
+    /// Records an answer; ejects the endpoint when it crossed a consecutive-error
+    /// threshold and the ejection cap allows. Returns true when it was ejected now.
+    pub fn record(&self, addr: SocketAddr, outcome: Outcome, outlier: Option<&Outlier>, endpoints: usize) -> bool {
+        let Some(o) = outlier else { return false };
+        let now = Instant::now();
+        let mut stats = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+        let ejected_now = stats.values().filter(|s| s.ejected_until.is_some_and(|t| t > now)).count();
+        let s = stats.entry(addr).or_default();
+        let (is_5xx, is_gateway) = match outcome {
+            Outcome::Status(c) => ((500..=599).contains(&c), matches!(c, 502..=504)),
+            Outcome::LocalFailure => (true, true),
+        };
+        s.consecutive_5xx = if is_5xx { s.consecutive_5xx + 1 } else { 0 };
+        s.consecutive_gateway = if is_gateway { s.consecutive_gateway + 1 } else { 0 };
+        if s.ejected_until.is_some_and(|t| t > now) {
+            return false;
+        }
+        let tripped = o.consecutive_5xx.is_some_and(|n| s.consecutive_5xx >= n)
+            || o.consecutive_gateway.is_some_and(|n| s.consecutive_gateway >= n);
+        // maxEjectionPercent of the endpoints, but Envoy always allows one ejection.
+        let cap = ((endpoints * o.max_ejection_percent as usize) / 100).max(usize::from(o.max_ejection_percent > 0));
+        if !tripped || ejected_now >= cap {
+            return false;
+        }
+        s.ejections += 1;
+        s.ejected_until = Some(now + o.base_ejection * s.ejections);
+        s.consecutive_5xx = 0;
+        s.consecutive_gateway = 0;
+        true
+    }
+
+    /// Endpoints ejected right now.
+    pub fn ejected(&self) -> Vec<SocketAddr> {
+        let now = Instant::now();
+        let stats = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+        stats.iter().filter(|(_, s)| s.ejected_until.is_some_and(|t| t > now)).map(|(a, _)| *a).collect()
+    }
+}
+
+fn rendezvous(key: &[u8], addr: &SocketAddr) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut h);
+    addr.hash(&mut h);
+    h.finish()
+}
+
+/// (source pod, service, subset).
+type ClusterKey = (String, String, Option<String>);
+
+/// Every cluster's state, keyed by (source pod, service, subset).
+#[derive(Debug, Default)]
+pub struct Clusters {
+    map: Mutex<HashMap<ClusterKey, Arc<Cluster>>>,
+}
+
+impl Clusters {
+    /// The cluster for `source` pod to `service`/`subset`, created on first use.
+    pub fn get(&self, source: &str, service: &str, subset: Option<&str>) -> Arc<Cluster> {
+        let key = (source.to_string(), service.to_string(), subset.map(str::to_owned));
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).entry(key).or_default().clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn addrs(n: u8) -> Vec<SocketAddr> {
+        (1..=n).map(|i| SocketAddr::from(([10, 0, 0, i], 8080))).collect()
+    }
+
+    fn outlier(n: u32, max_pct: u32) -> Outlier {
+        Outlier {
+            consecutive_5xx: Some(n),
+            consecutive_gateway: None,
+            interval: Duration::from_secs(10),
+            base_ejection: Duration::from_secs(30),
+            max_ejection_percent: max_pct,
+            min_health_percent: 0,
+        }
+    }
+
+    #[test]
+    fn least_request_prefers_the_idle_endpoint() {
+        let c = Arc::new(Cluster::default());
+        let eps = addrs(2);
+        let mut held = Vec::new();
+        for _ in 0..5 {
+            held.push(c.pick(&eps[..1], &LbPolicy::RoundRobin, None, None, eps[0]).unwrap());
+        }
+        let picks: Vec<_> =
+            (0..50).map(|_| c.pick(&eps, &LbPolicy::LeastRequest, None, None, eps[0]).unwrap().0).collect();
+        assert!(picks.iter().all(|a| *a == eps[1]), "busy endpoint chosen: {picks:?}");
+    }
+
+    #[test]
+    fn consecutive_5xx_eject_within_the_cap_and_ejected_endpoints_are_skipped() {
+        let c = Arc::new(Cluster::default());
+        let eps = addrs(2);
+        let o = outlier(3, 50);
+        assert!(!c.record(eps[0], Outcome::Status(503), Some(&o), 2));
+        assert!(!c.record(eps[0], Outcome::Status(500), Some(&o), 2));
+        assert!(c.record(eps[0], Outcome::Status(503), Some(&o), 2), "third 5xx ejects");
+        assert_eq!(c.ejected(), vec![eps[0]]);
+        for _ in 0..10 {
+            assert_eq!(c.pick(&eps, &LbPolicy::RoundRobin, Some(&o), None, eps[0]).unwrap().0, eps[1]);
+        }
+        for _ in 0..3 {
+            c.record(eps[1], Outcome::LocalFailure, Some(&o), 2);
+        }
+        assert_eq!(c.ejected().len(), 1, "maxEjectionPercent 50 of 2 endpoints caps at one");
+    }
+
+    #[test]
+    fn success_resets_the_error_run() {
+        let c = Cluster::default();
+        let o = outlier(2, 100);
+        let a = addrs(1)[0];
+        c.record(a, Outcome::Status(503), Some(&o), 1);
+        c.record(a, Outcome::Status(200), Some(&o), 1);
+        assert!(!c.record(a, Outcome::Status(503), Some(&o), 1));
+    }
+
+    #[tokio::test]
+    async fn requests_over_the_limits_overflow() {
+        let c = Arc::new(Cluster::default());
+        let limits = PoolLimits { max_requests: Some(2), ..Default::default() };
+        let a = c.admit(&limits).await.unwrap();
+        let _b = c.admit(&limits).await.unwrap();
+        assert_eq!(c.admit(&limits).await.unwrap_err(), Overflow::Requests);
+        drop(a);
+        assert!(c.admit(&limits).await.is_ok(), "a finished request frees its slot");
+
+        let c = Arc::new(Cluster::default());
+        let limits = PoolLimits { max_connections: Some(1), max_pending: Some(1), ..Default::default() };
+        let first = c.admit(&limits).await.unwrap();
+        let c2 = c.clone();
+        let l2 = limits.clone();
+        let queued = tokio::spawn(async move { c2.admit(&l2).await.map(|_| ()) });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(c.admit(&limits).await.unwrap_err(), Overflow::Pending, "queue of one is full");
+        drop(first);
+        assert!(queued.await.unwrap().is_ok(), "the queued request gets the connection");
+    }
+
+    #[test]
+    fn consistent_hash_keeps_a_key_on_its_endpoint() {
+        let c = Arc::new(Cluster::default());
+        let eps = addrs(4);
+        let lb = LbPolicy::HashSourceIp;
+        let first = c.pick(&eps, &lb, None, Some(b"10.1.1.1"), eps[0]).unwrap().0;
+        for _ in 0..10 {
+            assert_eq!(c.pick(&eps, &lb, None, Some(b"10.1.1.1"), eps[0]).unwrap().0, first);
+        }
+    }
+}

@@ -1,0 +1,188 @@
+//! DestinationRule traffic policies compiled per Service and subset. A subset's policy
+//! replaces the top-level one group by group (loadBalancer, connectionPool,
+//! outlierDetection), as Istio merges them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use http::HeaderName;
+
+use crate::config::istio::{self, DestinationRule};
+
+/// How an endpoint is chosen.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum LbPolicy {
+    /// In turn.
+    RoundRobin,
+    /// Power of two choices on requests in flight (Istio's default).
+    #[default]
+    LeastRequest,
+    /// Uniformly at random.
+    Random,
+    /// The address the client dialed, when it is an endpoint.
+    Passthrough,
+    /// Consistent hash of a header.
+    HashHeader(HeaderName),
+    /// Consistent hash of a cookie.
+    HashCookie(String),
+    /// Consistent hash of the client address.
+    HashSourceIp,
+    /// Consistent hash of a query parameter.
+    HashQuery(String),
+}
+
+/// `connectionPool` limits; `None` is unlimited (Istio maps 0 to its default, unlimited).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PoolLimits {
+    /// Upstream connections (HTTP/1: requests being served) across the endpoints.
+    pub max_connections: Option<u32>,
+    /// Upstream connect timeout.
+    pub connect_timeout: Option<Duration>,
+    /// Requests queued for a connection.
+    pub max_pending: Option<u32>,
+    /// Requests in flight.
+    pub max_requests: Option<u32>,
+    /// Requests per upstream connection.
+    pub max_requests_per_connection: Option<u32>,
+    /// Idle upstream connections close after this.
+    pub idle_timeout: Option<Duration>,
+}
+
+/// `outlierDetection`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outlier {
+    /// 5xx in a row that eject.
+    pub consecutive_5xx: Option<u32>,
+    /// 502/503/504 or connect failures in a row that eject.
+    pub consecutive_gateway: Option<u32>,
+    /// Sweep interval (ejections are judged at once; this bounds re-admission).
+    pub interval: Duration,
+    /// Ejection time per ejection so far.
+    pub base_ejection: Duration,
+    /// Most endpoints ejected at once, percent.
+    pub max_ejection_percent: u32,
+    /// Below this share of healthy endpoints ejection is ignored, percent.
+    pub min_health_percent: u32,
+}
+
+/// The policy in force for one Service or subset.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TrafficPolicy {
+    /// Load balancing.
+    pub lb: LbPolicy,
+    /// Limits.
+    pub pool: PoolLimits,
+    /// Ejection, when configured.
+    pub outlier: Option<Outlier>,
+}
+
+/// A DestinationRule compiled for its Service.
+#[derive(Debug, Clone, Default)]
+pub struct DestinationPolicy {
+    /// `namespace/name` of the DestinationRule.
+    pub rule: String,
+    /// Top-level policy.
+    pub policy: TrafficPolicy,
+    /// Subsets: labels and merged policy.
+    pub subsets: HashMap<String, Subset>,
+}
+
+/// A compiled subset.
+#[derive(Debug, Clone, Default)]
+pub struct Subset {
+    /// Endpoints must have all these labels.
+    pub labels: BTreeMap<String, String>,
+    /// Merged policy.
+    pub policy: TrafficPolicy,
+}
+
+fn positive(v: Option<i64>) -> Option<u32> {
+    v.filter(|n| *n > 0).map(|n| n.min(i64::from(u32::MAX)) as u32)
+}
+
+fn dur(v: &Option<String>) -> Option<Duration> {
+    v.as_deref().and_then(|d| istio::duration("", d).ok()).filter(|d| !d.is_zero())
+}
+
+fn lb(l: &istio::LoadBalancer) -> LbPolicy {
+    if let Some(h) = &l.consistent_hash {
+        if let Some(name) = h.http_header_name.as_ref().and_then(|n| HeaderName::from_bytes(n.as_bytes()).ok()) {
+            return LbPolicy::HashHeader(name);
+        }
+        if let Some(c) = &h.http_cookie {
+            return LbPolicy::HashCookie(c.name.clone());
+        }
+        if let Some(q) = &h.http_query_parameter_name {
+            return LbPolicy::HashQuery(q.clone());
+        }
+        return LbPolicy::HashSourceIp;
+    }
+    match l.simple.as_deref() {
+        Some("ROUND_ROBIN") => LbPolicy::RoundRobin,
+        Some("RANDOM") => LbPolicy::Random,
+        Some("PASSTHROUGH") => LbPolicy::Passthrough,
+        _ => LbPolicy::LeastRequest,
+    }
+}
+
+fn pool(p: &istio::ConnectionPool) -> PoolLimits {
+    let tcp = p.tcp.clone().unwrap_or_default();
+    let http = p.http.clone().unwrap_or_default();
+    PoolLimits {
+        max_connections: positive(tcp.max_connections),
+        connect_timeout: dur(&tcp.connect_timeout),
+        max_pending: positive(http.http1_max_pending_requests),
+        max_requests: positive(http.http2_max_requests),
+        max_requests_per_connection: positive(http.max_requests_per_connection),
+        idle_timeout: dur(&http.idle_timeout),
+    }
+}
+
+fn outlier(o: &istio::OutlierDetection) -> Outlier {
+    Outlier {
+        consecutive_5xx: o.consecutive_5xx_errors.map(|n| n.max(0) as u32).filter(|n| *n > 0),
+        consecutive_gateway: o
+            .consecutive_gateway_errors
+            .or(o.consecutive_errors)
+            .map(|n| n.max(0) as u32)
+            .filter(|n| *n > 0),
+        interval: dur(&o.interval).unwrap_or(Duration::from_secs(10)),
+        base_ejection: dur(&o.base_ejection_time).unwrap_or(Duration::from_secs(30)),
+        max_ejection_percent: o.max_ejection_percent.unwrap_or(10).clamp(0, 100) as u32,
+        min_health_percent: o.min_health_percent.unwrap_or(0).clamp(0, 100) as u32,
+    }
+}
+
+/// Applies the groups `p` sets on top of `base`.
+fn merge(base: &TrafficPolicy, p: Option<&istio::TrafficPolicy>) -> TrafficPolicy {
+    let Some(p) = p else { return base.clone() };
+    TrafficPolicy {
+        lb: p.load_balancer.as_ref().map_or_else(|| base.lb.clone(), lb),
+        pool: p.connection_pool.as_ref().map_or_else(|| base.pool.clone(), pool),
+        outlier: p.outlier_detection.as_ref().map(outlier).or_else(|| base.outlier.clone()),
+    }
+}
+
+impl DestinationPolicy {
+    /// Compiles `dr`.
+    pub fn compile(dr: &DestinationRule) -> Self {
+        let policy = merge(&TrafficPolicy::default(), dr.spec.traffic_policy.as_ref());
+        let subsets = dr
+            .spec
+            .subsets
+            .iter()
+            .map(|s| {
+                (s.name.clone(), Subset { labels: s.labels.clone(), policy: merge(&policy, s.traffic_policy.as_ref()) })
+            })
+            .collect();
+        Self { rule: format!("{}/{}", dr.metadata.namespace_or_default(), dr.metadata.name), policy, subsets }
+    }
+
+    /// Adds the subsets of a later rule for the same host that this one lacks (Istio
+    /// merges DestinationRules of one host; the first keeps its traffic policy).
+    pub fn merge_from(&mut self, other: &DestinationPolicy) {
+        for (name, s) in &other.subsets {
+            self.subsets.entry(name.clone()).or_insert_with(|| s.clone());
+        }
+    }
+}

@@ -1,0 +1,499 @@
+//! VirtualService rules compiled for matching: regexes built once, durations parsed,
+//! hosts resolved to the Services they name. First matching rule wins; within a match
+//! every condition must hold (AND), across matches any one suffices (OR).
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+use regex::Regex;
+
+use crate::config::istio::{self, HttpRoute, StringMatch, VirtualService};
+use crate::state::Workload;
+
+/// A compiled string condition.
+#[derive(Debug, Clone)]
+pub enum Matcher {
+    /// Equal.
+    Exact(String),
+    /// Starts with.
+    Prefix(String),
+    /// Whole-value RE2 match (anchored at compile time).
+    Regex(Regex),
+}
+
+impl Matcher {
+    fn compile(m: &StringMatch) -> Option<Self> {
+        if let Some(e) = &m.exact {
+            Some(Self::Exact(e.clone()))
+        } else if let Some(p) = &m.prefix {
+            Some(Self::Prefix(p.clone()))
+        } else {
+            // Validated at parse time; an invalid regex never reaches here.
+            m.regex.as_ref().and_then(|r| Regex::new(&format!("^(?:{r})$")).ok()).map(Self::Regex)
+        }
+    }
+
+    /// Whether `v` satisfies the condition.
+    pub fn matches(&self, v: &str) -> bool {
+        match self {
+            Self::Exact(e) => v == e,
+            Self::Prefix(p) => v.starts_with(p.as_str()),
+            Self::Regex(r) => r.is_match(v),
+        }
+    }
+
+    fn matches_ignore_case(&self, v: &str) -> bool {
+        match self {
+            Self::Exact(e) => v.eq_ignore_ascii_case(e),
+            Self::Prefix(p) => {
+                v.len() >= p.len() && v.is_char_boundary(p.len()) && v[..p.len()].eq_ignore_ascii_case(p)
+            }
+            Self::Regex(r) => r.is_match(v) || r.is_match(&v.to_ascii_lowercase()),
+        }
+    }
+}
+
+/// A compiled `match` entry.
+#[derive(Debug, Clone, Default)]
+pub struct RequestMatch {
+    uri: Option<Matcher>,
+    ignore_uri_case: bool,
+    scheme: Option<Matcher>,
+    method: Option<Matcher>,
+    authority: Option<Matcher>,
+    /// `None` matcher: the header must merely be present.
+    headers: Vec<(HeaderName, Option<Matcher>)>,
+    without_headers: Vec<(HeaderName, Option<Matcher>)>,
+    query_params: Vec<(String, Option<Matcher>)>,
+    port: Option<u16>,
+    source_labels: BTreeMap<String, String>,
+    source_namespace: Option<String>,
+}
+
+/// What a rule sees of a request.
+#[derive(Debug)]
+pub struct RequestView<'a> {
+    /// Method.
+    pub method: &'a str,
+    /// Path without the query.
+    pub path: &'a str,
+    /// Raw query string.
+    pub query: Option<&'a str>,
+    /// Host header or `:authority`.
+    pub authority: &'a str,
+    /// `http` (the mesh sees plaintext from the app).
+    pub scheme: &'a str,
+    /// Headers.
+    pub headers: &'a HeaderMap,
+    /// Service port dialed.
+    pub port: u16,
+    /// The calling pod.
+    pub source: &'a Workload,
+}
+
+fn header_condition<'a>(m: &Option<Matcher>, mut values: impl Iterator<Item = &'a HeaderValue>) -> bool {
+    values.any(|v| match (m, v.to_str()) {
+        (None, _) => true,
+        (Some(m), Ok(s)) => m.matches(s),
+        (Some(_), Err(_)) => false,
+    })
+}
+
+impl RequestMatch {
+    fn compile(m: &istio::HttpMatchRequest) -> Self {
+        let opt = |s: &StringMatch| (*s != StringMatch::default()).then(|| Matcher::compile(s)).flatten();
+        let headers = |map: &BTreeMap<String, StringMatch>| {
+            map.iter().filter_map(|(k, v)| Some((HeaderName::from_bytes(k.as_bytes()).ok()?, opt(v)))).collect()
+        };
+        Self {
+            uri: m.uri.as_ref().and_then(Matcher::compile),
+            ignore_uri_case: m.ignore_uri_case,
+            scheme: m.scheme.as_ref().and_then(Matcher::compile),
+            method: m.method.as_ref().and_then(Matcher::compile),
+            authority: m.authority.as_ref().and_then(Matcher::compile),
+            headers: headers(&m.headers),
+            without_headers: headers(&m.without_headers),
+            query_params: m.query_params.iter().map(|(k, v)| (k.clone(), opt(v))).collect(),
+            port: m.port.and_then(|p| u16::try_from(p).ok()),
+            source_labels: m.source_labels.clone(),
+            source_namespace: m.source_namespace.clone(),
+        }
+    }
+
+    /// Every condition holds.
+    pub fn matches(&self, r: &RequestView<'_>) -> bool {
+        let uri_ok = match &self.uri {
+            None => true,
+            Some(m) if self.ignore_uri_case => m.matches_ignore_case(r.path),
+            Some(m) => m.matches(r.path),
+        };
+        uri_ok
+            && self.scheme.as_ref().is_none_or(|m| m.matches(r.scheme))
+            && self.method.as_ref().is_none_or(|m| m.matches(r.method))
+            && self.authority.as_ref().is_none_or(|m| m.matches(r.authority))
+            && self.port.is_none_or(|p| p == r.port)
+            && self.source_namespace.as_ref().is_none_or(|ns| *ns == r.source.namespace)
+            && self.source_labels.iter().all(|(k, v)| r.source.labels.get(k) == Some(v))
+            && self.headers.iter().all(|(name, m)| header_condition(m, r.headers.get_all(name).iter()))
+            && !self.without_headers.iter().any(|(name, m)| header_condition(m, r.headers.get_all(name).iter()))
+            && self
+                .query_params
+                .iter()
+                .all(|(k, m)| query_pairs(r.query).any(|(qk, qv)| qk == k && m.as_ref().is_none_or(|m| m.matches(qv))))
+    }
+}
+
+fn query_pairs(q: Option<&str>) -> impl Iterator<Item = (&str, &str)> {
+    q.unwrap_or("").split('&').filter(|p| !p.is_empty()).map(|p| p.split_once('=').unwrap_or((p, "")))
+}
+
+/// A destination as routes name it: a Service (`namespace/name`), subset and port.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Backend {
+    /// `namespace/name` of the Service.
+    pub service: String,
+    /// Subset of its DestinationRule.
+    pub subset: Option<String>,
+    /// Service port; the dialed port when unset.
+    pub port: Option<u16>,
+}
+
+/// Header operations, compiled.
+#[derive(Debug, Clone, Default)]
+pub struct HeaderOps {
+    set: Vec<(HeaderName, HeaderValue)>,
+    add: Vec<(HeaderName, HeaderValue)>,
+    remove: Vec<HeaderName>,
+}
+
+impl HeaderOps {
+    fn compile(ops: Option<&istio::HeaderOperations>) -> Self {
+        let Some(ops) = ops else { return Self::default() };
+        let pairs = |m: &BTreeMap<String, String>| {
+            m.iter()
+                .filter_map(|(k, v)| Some((HeaderName::from_bytes(k.as_bytes()).ok()?, HeaderValue::from_str(v).ok()?)))
+                .collect()
+        };
+        Self {
+            set: pairs(&ops.set),
+            add: pairs(&ops.add),
+            remove: ops.remove.iter().filter_map(|k| HeaderName::from_bytes(k.as_bytes()).ok()).collect(),
+        }
+    }
+
+    /// Applies remove, then set, then add (Envoy's order of effect).
+    pub fn apply(&self, headers: &mut HeaderMap) {
+        for k in &self.remove {
+            headers.remove(k);
+        }
+        for (k, v) in &self.set {
+            headers.insert(k.clone(), v.clone());
+        }
+        for (k, v) in &self.add {
+            headers.append(k.clone(), v.clone());
+        }
+    }
+}
+
+/// A weighted destination of a rule.
+#[derive(Debug, Clone)]
+pub struct WeightedBackend {
+    /// Where.
+    pub backend: Backend,
+    /// Share (all of a rule's add up to 100, or all are 0 = equal split).
+    pub weight: u32,
+    /// Request header operations for this destination.
+    pub request_headers: HeaderOps,
+    /// Response header operations for this destination.
+    pub response_headers: HeaderOps,
+}
+
+/// What a matched rule does.
+#[derive(Debug, Clone)]
+pub enum Action {
+    /// Forward to one of these.
+    Route(Vec<WeightedBackend>),
+    /// Answer with a redirect.
+    Redirect {
+        /// New path.
+        uri: Option<String>,
+        /// New host.
+        authority: Option<String>,
+        /// New port.
+        port: Option<u16>,
+        /// New scheme.
+        scheme: Option<String>,
+        /// Status.
+        code: u16,
+    },
+    /// Answer directly.
+    Direct {
+        /// Status.
+        status: u16,
+        /// Body.
+        body: bytes::Bytes,
+    },
+}
+
+/// Retry policy of a rule.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryPolicy {
+    /// Retries after the first try.
+    pub attempts: u32,
+    /// Timeout of each try.
+    pub per_try_timeout: Option<Duration>,
+    /// Conditions (Envoy names).
+    pub on: Vec<String>,
+    /// Status codes that are retried (from numeric `retryOn` entries).
+    pub status_codes: Vec<u16>,
+}
+
+impl RetryPolicy {
+    /// Istio's default when a rule sets no `retries`: 2 retries on connection
+    /// failures, refused streams, and 503 answers.
+    pub fn istio_default() -> Self {
+        Self {
+            attempts: 2,
+            per_try_timeout: None,
+            on: ["connect-failure", "refused-stream", "unavailable", "cancelled", "retriable-status-codes"]
+                .map(String::from)
+                .to_vec(),
+            status_codes: vec![503],
+        }
+    }
+
+    fn compile(r: &istio::HttpRetry) -> Self {
+        let mut on = Vec::new();
+        let mut status_codes = Vec::new();
+        for cond in r.retry_on.as_deref().unwrap_or("").split(',').map(str::trim).filter(|c| !c.is_empty()) {
+            match cond.parse::<u16>() {
+                Ok(code) => status_codes.push(code),
+                Err(_) => on.push(cond.to_string()),
+            }
+        }
+        if !status_codes.is_empty() && !on.iter().any(|c| c == "retriable-status-codes") {
+            on.push("retriable-status-codes".into());
+        }
+        if r.retry_on.is_none() {
+            // Istio fills retryOn with its default conditions when only attempts are given.
+            let d = Self::istio_default();
+            on = d.on;
+            status_codes = d.status_codes;
+        }
+        Self {
+            attempts: r.attempts.unwrap_or(0).max(0) as u32,
+            per_try_timeout: r.per_try_timeout.as_deref().and_then(|d| istio::duration("", d).ok()),
+            on,
+            status_codes,
+        }
+    }
+
+    /// Whether an answer with `status` is retried.
+    pub fn retries_status(&self, status: u16) -> bool {
+        let has = |c: &str| self.on.iter().any(|x| x == c);
+        (has("5xx") && (500..=599).contains(&status))
+            || (has("gateway-error") && matches!(status, 502..=504))
+            || (has("retriable-4xx") && status == 409)
+            || (has("unavailable") && status == 503)
+            || (has("retriable-status-codes") && self.status_codes.contains(&status))
+    }
+
+    /// Whether a failure to connect or a reset is retried.
+    pub fn retries_failure(&self, failure: Failure) -> bool {
+        let has = |c: &str| self.on.iter().any(|x| x == c);
+        match failure {
+            Failure::Connect => has("connect-failure") || has("5xx") || has("gateway-error"),
+            Failure::Reset => has("reset") || has("5xx"),
+            Failure::RefusedStream => has("refused-stream") || has("5xx"),
+            Failure::Timeout => has("5xx") || has("gateway-error"),
+        }
+    }
+}
+
+/// How a try failed without an answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// No connection to the endpoint.
+    Connect,
+    /// The connection broke mid-request.
+    Reset,
+    /// The peer refused the stream (HTTP/2 REFUSED_STREAM).
+    RefusedStream,
+    /// The per-try timeout fired.
+    Timeout,
+}
+
+/// Fault injection of a rule.
+#[derive(Debug, Clone, Default)]
+pub struct Fault {
+    /// (delay, share 0-100).
+    pub delay: Option<(Duration, f64)>,
+    /// (status, share 0-100).
+    pub abort: Option<(u16, f64)>,
+}
+
+/// A compiled rule.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    /// Name (or `http[i]`), for logs.
+    pub name: String,
+    /// Any of these (empty: always).
+    pub matches: Vec<RequestMatch>,
+    /// What to do.
+    pub action: Action,
+    /// Overall request timeout.
+    pub timeout: Option<Duration>,
+    /// Retries.
+    pub retries: RetryPolicy,
+    /// Faults.
+    pub fault: Fault,
+    /// Shadow copy (destination, share 0-100).
+    pub mirror: Option<(Backend, f64)>,
+    /// Request header operations.
+    pub request_headers: HeaderOps,
+    /// Response header operations.
+    pub response_headers: HeaderOps,
+    /// Path rewrite (replaces the matched prefix).
+    pub rewrite_uri: Option<String>,
+    /// Host rewrite.
+    pub rewrite_authority: Option<String>,
+}
+
+impl Rule {
+    /// Whether the rule applies to the request.
+    pub fn matches(&self, r: &RequestView<'_>) -> bool {
+        self.matches.is_empty() || self.matches.iter().any(|m| m.matches(r))
+    }
+
+    /// The path after `rewrite.uri`: replaces the prefix a prefix match matched, else the
+    /// whole path (as Envoy does).
+    pub fn rewritten_path(&self, r: &RequestView<'_>) -> Option<String> {
+        let new = self.rewrite_uri.as_ref()?;
+        let matched_prefix = self.matches.iter().find(|m| m.matches(r)).and_then(|m| match &m.uri {
+            Some(Matcher::Prefix(p)) => Some(p.clone()),
+            _ => None,
+        });
+        Some(match matched_prefix {
+            Some(p) => format!("{new}{}", &r.path[p.len().min(r.path.len())..]),
+            None => new.clone(),
+        })
+    }
+}
+
+/// The compiled rules of one VirtualService for one Service.
+#[derive(Debug, Clone)]
+pub struct ServiceRoutes {
+    /// `namespace/name` of the VirtualService.
+    pub virtual_service: String,
+    /// Rules in order.
+    pub rules: Vec<Rule>,
+}
+
+impl ServiceRoutes {
+    /// The first rule that matches.
+    pub fn first_match(&self, r: &RequestView<'_>) -> Option<&Rule> {
+        self.rules.iter().find(|rule| rule.matches(r))
+    }
+}
+
+/// Resolves a host as Istio does for mesh traffic: a short name is a Service in
+/// `namespace`; `name.ns`, `name.ns.svc` and `name.ns.svc.<domain>` name a Service in
+/// `ns`. Returns `namespace/name` when it names a known Service.
+pub fn service_for_host(host: &str, namespace: &str, known: &HashMap<String, ()>) -> Option<String> {
+    let parts: Vec<&str> = host.split('.').collect();
+    let key = match parts.as_slice() {
+        [name] => format!("{namespace}/{name}"),
+        [name, ns] | [name, ns, "svc"] => format!("{ns}/{name}"),
+        [name, ns, "svc", ..] => format!("{ns}/{name}"),
+        _ => return None,
+    };
+    known.contains_key(&key).then_some(key)
+}
+
+/// Services a (possibly wildcard) VirtualService host covers.
+pub fn services_for_host(host: &str, namespace: &str, known: &HashMap<String, ()>) -> Vec<String> {
+    if let Some(suffix) = host.strip_prefix('*') {
+        // `*` alone, or `*.ns.svc.cluster.local`: every Service whose FQDN ends so.
+        let mut out: Vec<String> = known
+            .keys()
+            .filter(|k| {
+                let (ns, name) = k.split_once('/').unwrap_or(("", k));
+                format!("{name}.{ns}.svc.cluster.local").ends_with(suffix)
+            })
+            .cloned()
+            .collect();
+        out.sort();
+        return out;
+    }
+    service_for_host(host, namespace, known).into_iter().collect()
+}
+
+/// Compiles the HTTP rules of `vs` (namespace `ns`); hosts are resolved by the caller.
+pub fn compile_rules(vs: &VirtualService, ns: &str, known: &HashMap<String, ()>) -> Vec<Rule> {
+    vs.spec.http.iter().enumerate().map(|(i, r)| compile_rule(i, r, ns, known)).collect()
+}
+
+fn backend(d: &istio::Destination, ns: &str, known: &HashMap<String, ()>) -> Backend {
+    Backend {
+        // An unknown host stays as written: requests routed there answer 503 (no route
+        // to any endpoint), as Envoy does for a cluster with no members.
+        service: service_for_host(&d.host, ns, known).unwrap_or_else(|| d.host.clone()),
+        subset: d.subset.clone(),
+        port: d.port.as_ref().and_then(|p| u16::try_from(p.number).ok()),
+    }
+}
+
+fn percentage(p: &Option<istio::Percent>, legacy: Option<u32>) -> f64 {
+    p.as_ref().map(|p| p.value).or(legacy.map(f64::from)).unwrap_or(100.0)
+}
+
+fn compile_rule(i: usize, r: &HttpRoute, ns: &str, known: &HashMap<String, ()>) -> Rule {
+    let action = if let Some(rd) = &r.redirect {
+        Action::Redirect {
+            uri: rd.uri.clone(),
+            authority: rd.authority.clone(),
+            port: rd.port.and_then(|p| u16::try_from(p).ok()),
+            scheme: rd.scheme.clone(),
+            code: rd.redirect_code.and_then(|c| u16::try_from(c).ok()).unwrap_or(301),
+        }
+    } else if let Some(d) = &r.direct_response {
+        let body = d.body.as_ref().and_then(|b| b.string.clone()).unwrap_or_default();
+        Action::Direct { status: d.status as u16, body: body.into() }
+    } else {
+        Action::Route(
+            r.route
+                .iter()
+                .map(|d| WeightedBackend {
+                    backend: backend(&d.destination, ns, known),
+                    weight: d.weight.unwrap_or(0).max(0) as u32,
+                    request_headers: HeaderOps::compile(d.headers.as_ref().and_then(|h| h.request.as_ref())),
+                    response_headers: HeaderOps::compile(d.headers.as_ref().and_then(|h| h.response.as_ref())),
+                })
+                .collect(),
+        )
+    };
+    let fault = r.fault.as_ref().map_or_else(Fault::default, |f| Fault {
+        delay: f.delay.as_ref().and_then(|d| {
+            let t = istio::duration("", d.fixed_delay.as_deref()?).ok()?;
+            Some((t, percentage(&d.percentage, d.percent)))
+        }),
+        abort: f
+            .abort
+            .as_ref()
+            .and_then(|a| Some((u16::try_from(a.http_status?).ok()?, percentage(&a.percentage, None)))),
+    });
+    Rule {
+        name: r.name.clone().unwrap_or_else(|| format!("http[{i}]")),
+        matches: r.matches.iter().map(RequestMatch::compile).collect(),
+        action,
+        timeout: r.timeout.as_deref().and_then(|t| istio::duration("", t).ok()).filter(|t| !t.is_zero()),
+        retries: r.retries.as_ref().map_or_else(RetryPolicy::istio_default, RetryPolicy::compile),
+        fault,
+        mirror: r.mirror.as_ref().map(|m| (backend(m, ns, known), percentage(&r.mirror_percentage, r.mirror_percent))),
+        request_headers: HeaderOps::compile(r.headers.as_ref().and_then(|h| h.request.as_ref())),
+        response_headers: HeaderOps::compile(r.headers.as_ref().and_then(|h| h.response.as_ref())),
+        rewrite_uri: r.rewrite.as_ref().and_then(|w| w.uri.clone()),
+        rewrite_authority: r.rewrite.as_ref().and_then(|w| w.authority.clone()),
+    }
+}

@@ -1,0 +1,481 @@
+//! The HTTP side of an outbound connection: requests the pod sends to a Service with
+//! traffic rules are parsed (HTTP/1.1 or HTTP/2), routed by the VirtualService, and
+//! forwarded to an endpoint chosen under the DestinationRule, with timeouts, retries,
+//! faults, header operations and mirroring.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body_util::{BodyExt as _, Full, Limited, combinators::UnsyncBoxBody};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rand::Rng as _;
+use tokio::net::TcpStream;
+
+use super::balance::{Outcome, Overflow};
+use super::route::{Action, Backend, RequestView, Rule, WeightedBackend};
+use super::upstream::{ConnSettings, SendError};
+use crate::dataplane::Netns;
+use crate::proxy::ProxyContext;
+use crate::state::{Service, Snapshot, Workload};
+use crate::telemetry::RequestLabels;
+
+/// Request bodies are buffered (so retries and mirrors can replay them) up to this size;
+/// larger ones are refused with 413.
+const MAX_BUFFERED_BODY: usize = 8 << 20;
+/// First retry back-off; doubles per retry up to [`MAX_BACKOFF`], with jitter (Envoy's
+/// defaults).
+const BASE_BACKOFF: Duration = Duration::from_millis(25);
+const MAX_BACKOFF: Duration = Duration::from_millis(250);
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Response body of every answer the agent gives.
+pub type RespBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// Serves one client connection whose bytes are HTTP, dialed to `orig` on `service`.
+pub async fn serve(
+    ctx: ProxyContext,
+    pod: Arc<Workload>,
+    netns: Arc<Netns>,
+    stream: TcpStream,
+    orig: SocketAddr,
+    service: Arc<Service>,
+) {
+    let svc = hyper::service::service_fn(move |req| {
+        let (ctx, pod, netns, service) = (ctx.clone(), pod.clone(), netns.clone(), service.clone());
+        async move { Ok::<_, Infallible>(handle(&ctx, &pod, &netns, &service, orig, req).await) }
+    });
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
+        tracing::debug!(%orig, error = %e, "HTTP client connection ended");
+    }
+}
+
+/// Who calls, from where, to what: the same for every request of one connection (the
+/// snapshot is the one the request started with).
+struct Caller<'a> {
+    ctx: &'a ProxyContext,
+    snap: &'a Arc<Snapshot>,
+    pod: &'a Arc<Workload>,
+    netns: &'a Arc<Netns>,
+    /// The address the pod dialed.
+    orig: SocketAddr,
+}
+
+/// The answer and what the metrics say of it.
+struct Answer {
+    response: Response<RespBody>,
+    flags: &'static str,
+    backend: Option<Backend>,
+    endpoint: Option<String>,
+}
+
+fn local(status: StatusCode, flags: &'static str, body: &'static str) -> Answer {
+    let mut r = Response::new(full(Bytes::from_static(body.as_bytes())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    Answer { response: r, flags, backend: None, endpoint: None }
+}
+
+fn full(b: Bytes) -> RespBody {
+    Full::new(b).map_err(|never: Infallible| match never {}).boxed_unsync()
+}
+
+fn roll(percent: f64) -> bool {
+    percent >= 100.0 || (percent > 0.0 && rand::rng().random_range(0.0..100.0) < percent)
+}
+
+async fn handle(
+    ctx: &ProxyContext,
+    pod: &Arc<Workload>,
+    netns: &Arc<Netns>,
+    service: &Service,
+    orig: SocketAddr,
+    req: Request<Incoming>,
+) -> Response<RespBody> {
+    let snap = ctx.snapshot.load_full();
+    let service_key = service.key();
+    let caller = Caller { ctx, snap: &snap, pod, netns, orig };
+    let answer = route(&caller, &service_key, req).await;
+    let labels = RequestLabels {
+        reporter: "source".into(),
+        source_workload: pod.name.clone(),
+        source_workload_namespace: pod.namespace.clone(),
+        destination_service: answer.backend.as_ref().map_or_else(|| service_key.clone(), |b| b.service.clone()),
+        destination_version: answer.backend.as_ref().and_then(|b| b.subset.clone()).unwrap_or_else(|| "unknown".into()),
+        destination_workload: answer.endpoint.clone().unwrap_or_else(|| "unknown".into()),
+        response_code: answer.response.status().as_u16().to_string(),
+        response_flags: answer.flags.into(),
+    };
+    ctx.metrics.requests.get_or_create(&labels).inc();
+    answer.response
+}
+
+async fn route(caller: &Caller<'_>, service_key: &str, req: Request<Incoming>) -> Answer {
+    let Caller { snap, pod, orig, .. } = *caller;
+    let (parts, body) = req.into_parts();
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| parts.headers.get(http::header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned))
+        .unwrap_or_default();
+    let view = RequestView {
+        method: parts.method.as_str(),
+        path: parts.uri.path(),
+        query: parts.uri.query(),
+        authority: &authority,
+        scheme: "http",
+        headers: &parts.headers,
+        port: orig.port(),
+        source: pod,
+    };
+    let default_rule;
+    let rule: &Rule = match snap.routes(service_key) {
+        Some(routes) => match routes.first_match(&view) {
+            Some(r) => r,
+            None => return local(StatusCode::NOT_FOUND, "NR", "no route matched\n"),
+        },
+        None => {
+            default_rule = super::default_rule(service_key);
+            &default_rule
+        }
+    };
+    if let Some((status, share)) = rule.fault.abort
+        && roll(share)
+    {
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        let mut a = local(status, "FI", "fault filter abort");
+        a.backend = None;
+        return a;
+    }
+    let mut flags = "-";
+    if let Some((delay, share)) = rule.fault.delay
+        && roll(share)
+    {
+        tokio::time::sleep(delay).await;
+        flags = "DI";
+    }
+    let backends = match &rule.action {
+        Action::Direct { status, body } => {
+            let mut r = Response::new(full(body.clone()));
+            *r.status_mut() = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
+            rule.response_headers.apply(r.headers_mut());
+            return Answer { response: r, flags: "-", backend: None, endpoint: None };
+        }
+        Action::Redirect { uri, authority: new_host, port, scheme, code } => {
+            let host = new_host.clone().unwrap_or_else(|| authority.split(':').next().unwrap_or("").to_string());
+            let host = match port {
+                Some(p) => format!("{host}:{p}"),
+                None => host,
+            };
+            let path = uri.clone().unwrap_or_else(|| parts.uri.path_and_query().map_or("/".into(), |p| p.to_string()));
+            let location = format!("{}://{host}{path}", scheme.as_deref().unwrap_or("http"));
+            let mut r = Response::new(full(Bytes::new()));
+            *r.status_mut() = StatusCode::from_u16(*code).unwrap_or(StatusCode::MOVED_PERMANENTLY);
+            if let Ok(v) = HeaderValue::from_str(&location) {
+                r.headers_mut().insert(http::header::LOCATION, v);
+            }
+            return Answer { response: r, flags: "-", backend: None, endpoint: None };
+        }
+        Action::Route(backends) => backends,
+    };
+    let Some(chosen) = pick_weighted(backends) else {
+        return local(StatusCode::SERVICE_UNAVAILABLE, "NR", "route has no destination\n");
+    };
+    let body = match Limited::new(body, MAX_BUFFERED_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return local(StatusCode::PAYLOAD_TOO_LARGE, "-", "request body too large to route\n");
+        }
+        Err(_) => return local(StatusCode::BAD_REQUEST, "-", "request body ended early\n"),
+    };
+
+    // The request as forwarded: rewrites and header operations applied once.
+    let mut fwd = Request::from_parts(parts, ());
+    let rewritten_path = rule.rewritten_path(&view_owned(&fwd, &authority, orig, pod));
+    if let Some(path) = rewritten_path {
+        let pq = match fwd.uri().query() {
+            Some(q) => format!("{path}?{q}"),
+            None => path,
+        };
+        if let Ok(uri) = pq.parse() {
+            *fwd.uri_mut() = uri;
+        }
+    }
+    if let Some(a) = &rule.rewrite_authority
+        && let Ok(v) = HeaderValue::from_str(a)
+    {
+        fwd.headers_mut().insert(http::header::HOST, v);
+    }
+    rule.request_headers.apply(fwd.headers_mut());
+    chosen.request_headers.apply(fwd.headers_mut());
+    // Requests leave in origin form; the Host header carries the authority.
+    if fwd.headers().get(http::header::HOST).is_none()
+        && let Ok(v) = HeaderValue::from_str(&authority)
+    {
+        fwd.headers_mut().insert(http::header::HOST, v);
+    }
+    let origin_form = fwd.uri().path_and_query().map_or("/".into(), |p| p.to_string());
+    if let Ok(uri) = origin_form.parse() {
+        *fwd.uri_mut() = uri;
+    }
+    *fwd.version_mut() = http::Version::HTTP_11;
+
+    if let Some((mirror, share)) = &rule.mirror
+        && roll(*share)
+    {
+        mirror_copy(caller, mirror, &fwd, body.clone());
+    }
+
+    let forwarded = forward(caller, rule, &chosen.backend, &fwd, body);
+    let mut answer = match rule.timeout {
+        Some(t) => match tokio::time::timeout(t, forwarded).await {
+            Ok(a) => a,
+            Err(_) => {
+                let mut a = local(StatusCode::GATEWAY_TIMEOUT, "UT", "upstream request timeout");
+                a.backend = Some(chosen.backend.clone());
+                a
+            }
+        },
+        None => forwarded.await,
+    };
+    chosen.response_headers.apply(answer.response.headers_mut());
+    rule.response_headers.apply(answer.response.headers_mut());
+    if answer.flags == "-" {
+        answer.flags = flags;
+    }
+    answer
+}
+
+fn view_owned<'a>(req: &'a Request<()>, authority: &'a str, orig: SocketAddr, pod: &'a Workload) -> RequestView<'a> {
+    RequestView {
+        method: req.method().as_str(),
+        path: req.uri().path(),
+        query: req.uri().query(),
+        authority,
+        scheme: "http",
+        headers: req.headers(),
+        port: orig.port(),
+        source: pod,
+    }
+}
+
+fn pick_weighted(backends: &[WeightedBackend]) -> Option<&WeightedBackend> {
+    let total: u32 = backends.iter().map(|b| b.weight).sum();
+    if total == 0 {
+        return backends.get(rand::rng().random_range(0..backends.len().max(1))).filter(|_| !backends.is_empty());
+    }
+    let mut x = rand::rng().random_range(0..total);
+    for b in backends {
+        if x < b.weight {
+            return Some(b);
+        }
+        x -= b.weight;
+    }
+    backends.last()
+}
+
+fn hash_key(lb: &super::policy::LbPolicy, req: &Request<()>, pod: &Workload) -> Option<Vec<u8>> {
+    use super::policy::LbPolicy;
+    match lb {
+        LbPolicy::HashHeader(h) => req.headers().get(h).map(|v| v.as_bytes().to_vec()),
+        LbPolicy::HashCookie(name) => req
+            .headers()
+            .get_all(http::header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|c| c.trim().split_once('='))
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_bytes().to_vec()),
+        LbPolicy::HashSourceIp => pod.ips.first().map(|ip| ip.to_string().into_bytes()),
+        LbPolicy::HashQuery(q) => req
+            .uri()
+            .query()
+            .unwrap_or("")
+            .split('&')
+            .filter_map(|p| p.split_once('='))
+            .find(|(k, _)| k == q)
+            .map(|(_, v)| v.as_bytes().to_vec()),
+        _ => None,
+    }
+}
+
+/// Tries, and retries as the rule allows, until an answer or the attempts run out.
+async fn forward(caller: &Caller<'_>, rule: &Rule, backend: &Backend, req: &Request<()>, body: Bytes) -> Answer {
+    let retries = &rule.retries;
+    let mut attempt = 0u32;
+    loop {
+        let outcome = try_once(caller, backend, req, body.clone(), retries.per_try_timeout).await;
+        let retriable = match &outcome {
+            TryOutcome::Answer(a) => retries.retries_status(a.response.status().as_u16()),
+            TryOutcome::Failed { failure, .. } => retries.retries_failure(*failure),
+            TryOutcome::Final(_) => false,
+        };
+        if !retriable || attempt >= retries.attempts {
+            let mut a = outcome.into_answer(backend);
+            if attempt > 0 && attempt >= retries.attempts && retriable && a.flags == "-" {
+                a.flags = "URX";
+            }
+            return a;
+        }
+        attempt += 1;
+        let backoff = (BASE_BACKOFF * 2u32.pow(attempt - 1)).min(MAX_BACKOFF);
+        let jitter = rand::rng().random_range(0..=backoff.as_millis() as u64);
+        tokio::time::sleep(Duration::from_millis(jitter)).await;
+        tracing::debug!(service = %backend.service, attempt, "retrying");
+    }
+}
+
+enum TryOutcome {
+    /// The endpoint answered.
+    Answer(Answer),
+    /// No answer: maybe retried.
+    Failed { failure: super::route::Failure, endpoint: Option<String>, detail: String },
+    /// Answered locally, never retried (overflow, no endpoints).
+    Final(Answer),
+}
+
+impl TryOutcome {
+    fn into_answer(self, backend: &Backend) -> Answer {
+        let mut a = match self {
+            TryOutcome::Answer(a) | TryOutcome::Final(a) => a,
+            TryOutcome::Failed { failure, endpoint, detail } => {
+                tracing::debug!(service = %backend.service, ?failure, %detail, "request failed");
+                let mut a = match failure {
+                    super::route::Failure::Timeout => {
+                        local(StatusCode::GATEWAY_TIMEOUT, "UT", "upstream request timeout")
+                    }
+                    super::route::Failure::Connect => local(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "UF",
+                        "upstream connect error or disconnect/reset before headers. reset reason: connection failure",
+                    ),
+                    _ => local(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "UC",
+                        "upstream connect error or disconnect/reset before headers. reset reason: connection termination",
+                    ),
+                };
+                a.endpoint = endpoint;
+                a
+            }
+        };
+        a.backend = Some(backend.clone());
+        a
+    }
+}
+
+async fn try_once(
+    caller: &Caller<'_>,
+    backend: &Backend,
+    req: &Request<()>,
+    body: Bytes,
+    per_try_timeout: Option<Duration>,
+) -> TryOutcome {
+    let Caller { ctx, snap, pod, netns, orig } = *caller;
+    let policy = snap.traffic_policy(&backend.service, backend.subset.as_deref());
+    let endpoints = snap.endpoints(&backend.service, backend.subset.as_deref(), backend.port.unwrap_or(orig.port()));
+    if endpoints.is_empty() {
+        return TryOutcome::Final(local(StatusCode::SERVICE_UNAVAILABLE, "UH", "no healthy upstream"));
+    }
+    let pod_key = format!("{}/{}", pod.namespace, pod.name);
+    let cluster = ctx.l7.clusters.get(&pod_key, &backend.service, backend.subset.as_deref());
+    let _admission = match cluster.admit(&policy.pool).await {
+        Ok(a) => a,
+        Err(o) => {
+            tracing::debug!(service = %backend.service, overflow = ?o, "circuit breaker open");
+            let reason = match o {
+                Overflow::Requests => "upstream connect error: overflow (max requests)",
+                Overflow::Pending => "upstream connect error: overflow (pending requests)",
+            };
+            return TryOutcome::Final(local(StatusCode::SERVICE_UNAVAILABLE, "UO", reason));
+        }
+    };
+    let addrs: Vec<SocketAddr> = endpoints.iter().map(|(_, a)| *a).collect();
+    let key = hash_key(&policy.lb, req, pod);
+    let Some((addr, _guard)) = cluster.pick(&addrs, &policy.lb, policy.outlier.as_ref(), key.as_deref(), orig) else {
+        return TryOutcome::Final(local(StatusCode::SERVICE_UNAVAILABLE, "UH", "no healthy upstream"));
+    };
+    let workload = endpoints.iter().find(|(_, a)| *a == addr).map(|(w, _)| w.clone()).expect("picked from endpoints");
+    let mut upstream_req = Request::new(Full::new(body));
+    *upstream_req.method_mut() = req.method().clone();
+    *upstream_req.uri_mut() = req.uri().clone();
+    *upstream_req.headers_mut() = req.headers().clone();
+    let settings = ConnSettings {
+        connect_timeout: policy.pool.connect_timeout,
+        max_requests_per_connection: policy.pool.max_requests_per_connection,
+        idle_timeout: policy.pool.idle_timeout,
+    };
+    let from = super::upstream::From { ctx, pod, netns };
+    let sent = ctx.l7.upstreams.send(from, &workload, addr, upstream_req, settings);
+    let result = match per_try_timeout {
+        Some(t) => tokio::time::timeout(t, sent).await.map_err(|_| ()),
+        None => Ok(sent.await),
+    };
+    let n = addrs.len();
+    let outlier = policy.outlier.as_ref();
+    let endpoint = Some(workload.name.clone());
+    match result {
+        Ok(Ok(res)) => {
+            let status = res.status().as_u16();
+            if cluster.record(addr, Outcome::Status(status), outlier, n) {
+                tracing::info!(service = %backend.service, endpoint = %workload.name, "endpoint ejected (outlier detection)");
+            }
+            let res = res.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed_unsync());
+            TryOutcome::Answer(Answer { response: res, flags: "-", backend: None, endpoint })
+        }
+        Ok(Err(e)) => {
+            cluster.record(addr, Outcome::LocalFailure, outlier, n);
+            let failure = match &e {
+                SendError::Connect { .. } => super::route::Failure::Connect,
+                SendError::Reset { .. } => super::route::Failure::Reset,
+            };
+            TryOutcome::Failed { failure, endpoint, detail: e.to_string() }
+        }
+        Err(()) => {
+            cluster.record(addr, Outcome::LocalFailure, outlier, n);
+            TryOutcome::Failed { failure: super::route::Failure::Timeout, endpoint, detail: "per-try timeout".into() }
+        }
+    }
+}
+
+/// Sends a copy to the mirror, fire and forget: the answer is read and dropped, and
+/// the Host carries Istio's `-shadow` suffix so the mirror can tell copies apart.
+fn mirror_copy(caller: &Caller<'_>, mirror: &Backend, req: &Request<()>, body: Bytes) {
+    let mut copy = Request::new(());
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.headers_mut() = req.headers().clone();
+    if let Some(host) = req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()) {
+        let (name, port) = match host.rsplit_once(':') {
+            Some((n, p)) if p.bytes().all(|b| b.is_ascii_digit()) => (n, Some(p)),
+            _ => (host, None),
+        };
+        let shadow = match port {
+            Some(p) => format!("{name}-shadow:{p}"),
+            None => format!("{name}-shadow"),
+        };
+        if let Ok(v) = HeaderValue::from_str(&shadow) {
+            copy.headers_mut().insert(http::header::HOST, v);
+        }
+    }
+    let (ctx, snap, pod, netns) = (caller.ctx.clone(), caller.snap.clone(), caller.pod.clone(), caller.netns.clone());
+    let (mirror, orig) = (mirror.clone(), caller.orig);
+    tokio::spawn(async move {
+        let caller = Caller { ctx: &ctx, snap: &snap, pod: &pod, netns: &netns, orig };
+        match try_once(&caller, &mirror, &copy, body, None).await {
+            TryOutcome::Answer(a) => {
+                // Drain so the connection goes back to the pool.
+                let _ = a.response.into_body().collect().await;
+            }
+            TryOutcome::Failed { detail, .. } => tracing::debug!(service = %mirror.service, %detail, "mirror failed"),
+            TryOutcome::Final(_) => {}
+        }
+    });
+}

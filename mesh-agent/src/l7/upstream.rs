@@ -1,0 +1,222 @@
+//! Upstream HTTP/1.1 connections from a pod to an endpoint: through the HBONE tunnel for
+//! mesh endpoints, plaintext for the rest. Kept idle between requests and reused, up to
+//! `maxRequestsPerConnection` requests each.
+//!
+//! Invariant: a connection goes back to the idle list only after its response body was
+//! read to the end, so the next request never waits behind another one's body.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::dataplane::Netns;
+use crate::proxy::ProxyContext;
+use crate::state::Workload;
+
+/// Idle connections unused this long are closed.
+const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Why a request got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// No connection could be opened.
+    #[error("connect to {addr}: {reason}")]
+    Connect {
+        /// The endpoint.
+        addr: SocketAddr,
+        /// Why.
+        reason: String,
+    },
+    /// The connection failed while the request was in flight.
+    #[error("upstream {addr} reset: {source}")]
+    Reset {
+        /// The endpoint.
+        addr: SocketAddr,
+        /// hyper's error.
+        source: hyper::Error,
+    },
+}
+
+trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+
+struct IdleConn {
+    sender: SendRequest<Full<Bytes>>,
+    served: u32,
+    since: Instant,
+}
+
+type Key = (String, SocketAddr);
+
+/// Idle upstream connections of every pod on this node.
+#[derive(Default)]
+pub struct Upstreams {
+    idle: Mutex<HashMap<Key, Vec<IdleConn>>>,
+}
+
+impl std::fmt::Debug for Upstreams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n: usize = self.idle.lock().map(|m| m.values().map(Vec::len).sum()).unwrap_or(0);
+        f.debug_struct("Upstreams").field("idle", &n).finish()
+    }
+}
+
+/// Per-request connection settings from the DestinationRule.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ConnSettings {
+    /// Connect timeout.
+    pub connect_timeout: Option<Duration>,
+    /// Requests per connection.
+    pub max_requests_per_connection: Option<u32>,
+    /// Idle timeout.
+    pub idle_timeout: Option<Duration>,
+}
+
+/// The pod a request leaves from.
+#[derive(Debug, Clone, Copy)]
+pub struct From<'a> {
+    /// Shared proxy state (HBONE pool, bypass mark).
+    pub ctx: &'a ProxyContext,
+    /// The calling pod.
+    pub pod: &'a Workload,
+    /// Its network namespace.
+    pub netns: &'a Netns,
+}
+
+impl Upstreams {
+    /// Sends `req` from `from.pod` to `endpoint` at `addr`.
+    pub async fn send(
+        self: &Arc<Self>,
+        from: From<'_>,
+        endpoint: &Workload,
+        addr: SocketAddr,
+        req: Request<Full<Bytes>>,
+        settings: ConnSettings,
+    ) -> Result<Response<PooledBody>, SendError> {
+        let key: Key = (format!("{}/{}", from.pod.namespace, from.pod.name), addr);
+        let idle_timeout = settings.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT);
+        let reused = {
+            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            let list = idle.entry(key.clone()).or_default();
+            let mut found = None;
+            while let Some(c) = list.pop() {
+                if c.sender.is_ready() && c.since.elapsed() < idle_timeout {
+                    found = Some(c);
+                    break;
+                }
+            }
+            found
+        };
+        let mut conn = match reused {
+            Some(c) => c,
+            None => {
+                IdleConn { sender: self.dial(from, endpoint, addr, settings).await?, served: 0, since: Instant::now() }
+            }
+        };
+        let mut req = req;
+        conn.served += 1;
+        let last = settings.max_requests_per_connection.is_some_and(|max| conn.served >= max);
+        if last {
+            // Tell the application too, so it does not keep a connection we will drop.
+            req.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+        }
+        let res = conn.sender.send_request(req).await.map_err(|source| SendError::Reset { addr, source })?;
+        let keep = !last
+            && !res
+                .headers()
+                .get(http::header::CONNECTION)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+        if keep && res.body().is_end_stream() {
+            // Nothing left to read: the connection is free now.
+            self.put_back(key, conn);
+            return Ok(res.map(|inner| PooledBody { inner, back: None }));
+        }
+        let back = keep.then(|| (Arc::clone(self), key, conn));
+        Ok(res.map(|inner| PooledBody { inner, back }))
+    }
+
+    async fn dial(
+        &self,
+        from: From<'_>,
+        endpoint: &Workload,
+        addr: SocketAddr,
+        settings: ConnSettings,
+    ) -> Result<SendRequest<Full<Bytes>>, SendError> {
+        let From { ctx, pod, netns } = from;
+        let timeout = settings.connect_timeout.unwrap_or(crate::proxy::CONNECT_TIMEOUT);
+        let connect = async {
+            let io: Box<dyn Io> = if endpoint.enrolled {
+                Box::new(ctx.pool.connect(ctx, pod, netns, endpoint, addr).await?)
+            } else {
+                Box::new(crate::proxy::connect_in(netns, addr, ctx.bypass_mark, timeout).await?)
+            };
+            Ok::<_, crate::proxy::Error>(io)
+        };
+        let io = match tokio::time::timeout(timeout, connect).await {
+            Ok(Ok(io)) => io,
+            Ok(Err(e)) => return Err(SendError::Connect { addr, reason: e.to_string() }),
+            Err(_) => return Err(SendError::Connect { addr, reason: format!("timed out after {timeout:?}") }),
+        };
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| SendError::Connect { addr, reason: e.to_string() })?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(%addr, error = %e, "upstream connection ended");
+            }
+        });
+        Ok(sender)
+    }
+
+    fn put_back(&self, key: Key, mut conn: IdleConn) {
+        conn.since = Instant::now();
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).entry(key).or_default().push(conn);
+    }
+}
+
+/// A response body that returns its connection to the pool when read to the end.
+pub struct PooledBody {
+    inner: Incoming,
+    back: Option<(Arc<Upstreams>, Key, IdleConn)>,
+}
+
+impl std::fmt::Debug for PooledBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PooledBody").finish_non_exhaustive()
+    }
+}
+
+impl Body for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(None) = polled
+            && let Some((pool, key, conn)) = self.back.take()
+        {
+            pool.put_back(key, conn);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
