@@ -3,6 +3,7 @@
 //! process group costs (`measure`).
 #![forbid(unsafe_code)]
 
+pub mod harness;
 pub mod lab;
 pub mod measure;
 pub mod sys;

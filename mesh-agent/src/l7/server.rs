@@ -145,20 +145,19 @@ async fn route(caller: &Caller<'_>, service_key: &str, req: Request<Incoming>) -
             &default_rule
         }
     };
-    if let Some((status, share)) = rule.fault.abort
-        && roll(share)
-    {
-        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-        let mut a = local(status, "FI", "fault filter abort");
-        a.backend = None;
-        return a;
-    }
     let mut flags = "-";
     if let Some((delay, share)) = rule.fault.delay
         && roll(share)
     {
         tokio::time::sleep(delay).await;
         flags = "DI";
+    }
+    // Envoy's fault filter delays first, then aborts.
+    if let Some((status, share)) = rule.fault.abort
+        && roll(share)
+    {
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        return local(status, "FI", "fault filter abort");
     }
     let backends = match &rule.action {
         Action::Direct { status, body } => {

@@ -1,7 +1,8 @@
 //! `mesh-echo`: the lab's test application and its small clients.
 //!
 //! `serve` answers HTTP (HTTP/1.1 and h2c) with JSON naming the pod and the request it
-//! saw, plus `/status/CODE`, `/delay/MS`, `/bytes/N`, `POST /echo`, and an optional share of failing
+//! saw, plus `/status/CODE`, `/delay/MS`, `/bytes/N`, `POST /echo`, `/_stats` (requests
+//! seen per path), `x-fail-on`/`x-slow-on: <pod>` headers, and an optional share of failing
 //! requests; it also echoes raw TCP on a second port. `dial` opens one TCP connection and
 //! reports both ends; `load` runs concurrent TCP echo connections and checks every byte.
 #![forbid(unsafe_code)]
@@ -81,6 +82,15 @@ struct App {
     labels: BTreeMap<String, String>,
     fail_rate: f64,
     counter: AtomicU64,
+    /// Requests seen per path, with the Host headers they carried (for retry and
+    /// mirror tests: what reached this pod, not what the client saw).
+    seen: std::sync::Mutex<BTreeMap<String, PathStats>>,
+}
+
+#[derive(Default, serde::Serialize)]
+struct PathStats {
+    count: u64,
+    hosts: std::collections::BTreeSet<String>,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -92,7 +102,14 @@ async fn main() -> anyhow::Result<()> {
                 .filter(|s| !s.is_empty())
                 .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
                 .collect();
-            let app = Arc::new(App { pod, namespace, labels, fail_rate, counter: AtomicU64::new(0) });
+            let app = Arc::new(App {
+                pod,
+                namespace,
+                labels,
+                fail_rate,
+                counter: AtomicU64::new(0),
+                seen: Default::default(),
+            });
             tokio::spawn(tcp_echo(tcp_port));
             serve_http(app, port).await
         }
@@ -132,8 +149,26 @@ async fn handle(app: &App, peer: SocketAddr, req: Request<Incoming>) -> Response
     if let Some(n) = req.uri().path().strip_prefix("/bytes/").and_then(|n| n.parse::<usize>().ok()) {
         return Response::new(Full::new(BYTES_BODY.slice(..n.min(BYTES_BODY.len()))));
     }
+    if req.uri().path() == "/_stats" {
+        let body = serde_json::to_string(&*app.seen.lock().unwrap_or_else(|p| p.into_inner())).unwrap_or_default();
+        return Response::new(Full::new(Bytes::from(body)));
+    }
     let n = app.counter.fetch_add(1, Ordering::Relaxed);
     let path = req.uri().path().to_string();
+    {
+        let host = req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("").to_string();
+        let mut seen = app.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let s = seen.entry(path.clone()).or_default();
+        s.count += 1;
+        s.hosts.insert(host);
+    }
+    // Per-pod misbehaviour on request: `x-fail-on: <pod>` answers 503 and
+    // `x-slow-on: <pod>` waits 500 ms here only, so tests can single out one endpoint.
+    let targets_me = |h: &str| req.headers().get(h).and_then(|v| v.to_str().ok()).is_some_and(|v| v == app.pod);
+    let fail_here = targets_me("x-fail-on");
+    if targets_me("x-slow-on") {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     let method = req.method().to_string();
     let headers: BTreeMap<String, String> = req
         .headers()
@@ -144,7 +179,7 @@ async fn handle(app: &App, peer: SocketAddr, req: Request<Incoming>) -> Response
         let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
         return Response::new(Full::new(body));
     }
-    let mut status = StatusCode::OK;
+    let mut status = if fail_here { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
     if let Some(code) = path.strip_prefix("/status/") {
         status = code.parse::<u16>().ok().and_then(|c| StatusCode::from_u16(c).ok()).unwrap_or(StatusCode::BAD_REQUEST);
     }

@@ -1,0 +1,122 @@
+//! Shared pieces of the lab integration tests: bringing a lab up for one test (and down
+//! on drop, also on panic), waiting for a condition, and reading what the pods and
+//! agents saw.
+//!
+//! The lab's names are fixed, so tests take a process-wide lock. A test skips with a
+//! message where the machine cannot run the lab, unless `MESH_REQUIRE_LAB` is set
+//! (`cargo xtask test` sets it on capable machines), which turns a skip into a failure.
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::lab::{DEFAULT_STATE_DIR, Lab, Options};
+
+static LAB_LOCK: Mutex<()> = Mutex::new(());
+
+/// Owns a running lab for one test and removes it on drop.
+pub struct LabGuard {
+    lab: Option<Lab>,
+    _lock: std::sync::MutexGuard<'static, ()>,
+}
+
+impl std::ops::Deref for LabGuard {
+    type Target = Lab;
+    fn deref(&self) -> &Lab {
+        self.lab.as_ref().expect("lab is up")
+    }
+}
+
+impl std::ops::DerefMut for LabGuard {
+    fn deref_mut(&mut self) -> &mut Lab {
+        self.lab.as_mut().expect("lab is up")
+    }
+}
+
+impl Drop for LabGuard {
+    fn drop(&mut self) {
+        if let Some(lab) = self.lab.take()
+            && let Err(e) = lab.down()
+        {
+            eprintln!("lab teardown: {e:#}");
+        }
+    }
+}
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is inside the workspace").to_path_buf()
+}
+
+/// Brings the lab up, or returns None (after saying why) where it cannot run.
+pub fn lab(test: &str) -> Option<LabGuard> {
+    let lock = LAB_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let bins = root().join("target/debug");
+    let missing = ["mesh-agent", "mesh-echo"].iter().find(|b| !bins.join(b).exists());
+    let why =
+        crate::sys::lab_unsupported().or_else(|| missing.map(|b| format!("{b} not built (run cargo xtask test)")));
+    if let Some(why) = why {
+        if std::env::var_os("MESH_REQUIRE_LAB").is_some() {
+            panic!("{test}: lab required but unavailable: {why}");
+        }
+        eprintln!("skipping {test}: {why}");
+        return None;
+    }
+    if Lab::exists(DEFAULT_STATE_DIR.as_ref()) {
+        Lab::load(DEFAULT_STATE_DIR.as_ref()).unwrap().down().unwrap();
+    }
+    let opts = Options {
+        manifests: root().join("examples/lab"),
+        state_dir: DEFAULT_STATE_DIR.into(),
+        agent_bin: bins.join("mesh-agent"),
+        echo_bin: bins.join("mesh-echo"),
+        agent_log: "info,mesh_agent=debug,mesh_ebpf=debug".into(),
+    };
+    let lab = Lab::up(&opts).unwrap_or_else(|e| panic!("{test}: lab up: {e:#}"));
+    Some(LabGuard { lab: Some(lab), _lock: lock })
+}
+
+/// Retries `f` until it returns Some or the patience (MESH_TEST_PATIENCE_MS, default
+/// 10 s) runs out.
+pub fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let patience = std::env::var("MESH_TEST_PATIENCE_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
+    let deadline = Instant::now() + Duration::from_millis(patience);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// curl from `pod`; returns (exit ok, stdout).
+pub fn curl(lab: &Lab, pod: &str, url: &str) -> (bool, String) {
+    let out = lab.exec(pod, &["curl", "-s", "-m", "5", url]).unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+pub fn reply_pod(body: &str) -> Option<String> {
+    serde_json::from_str::<serde_json::Value>(body).ok()?["pod"].as_str().map(str::to_owned)
+}
+
+pub fn metrics(lab: &Lab, node: &str) -> String {
+    let n = lab.node(node).unwrap();
+    let out =
+        crate::sys::output(&["ip", "netns", "exec", &n.netns, "curl", "-s", "http://127.0.0.1:15020/metrics"]).unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn opened(metrics: &str, direction: &str, src: &str, dst: &str) -> u64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("istio_tcp_connections_opened_total"))
+        .filter(|l| {
+            l.contains(&format!("direction=\"{direction}\""))
+                && l.contains(&format!("source_workload=\"{src}\""))
+                && l.contains(&format!("destination_workload=\"{dst}\""))
+                && l.contains("connection_security_policy=\"mutual_tls\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}

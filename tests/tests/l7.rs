@@ -1,0 +1,301 @@
+//! L7 traffic management in the lab, with the user's reference configs applied as
+//! written (`examples/seed`) and real clients (curl).
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use mesh_tests::harness::{eventually, lab, metrics, reply_pod, root};
+use mesh_tests::lab::Lab;
+
+fn apply_seed(lab: &Lab, name: &str) {
+    lab.apply(&root().join("examples/seed").join(name)).unwrap();
+}
+
+/// Writes `yaml` to the lab's scratch directory as `name` and applies it.
+fn apply_yaml(lab: &Lab, name: &str, yaml: &str) {
+    let dir = lab.state_dir.join("scratch");
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join(name);
+    std::fs::write(&f, yaml).unwrap();
+    lab.apply(&f).unwrap();
+}
+
+/// curl from frontend; returns (status codes, seconds taken, pod that answered) per
+/// request. `urls` may use curl's `[1-N]` globbing; `parallel` runs them at once.
+fn requests(lab: &Lab, urls: &str, headers: &[&str], parallel: bool) -> Vec<(u16, f64, Option<String>)> {
+    let mut argv = vec!["curl", "-s", "-m", "20", "-w", "\n@@ %{http_code} %{time_total}\n"];
+    if parallel {
+        argv.extend(["-Z", "--parallel-immediate", "--parallel-max", "300"]);
+    }
+    for h in headers {
+        argv.extend(["-H", h]);
+    }
+    argv.push(urls);
+    let out = lab.exec("frontend", &argv).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut result = Vec::new();
+    let mut body = String::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("@@ ") {
+            let mut f = rest.split_whitespace();
+            let code = f.next().and_then(|c| c.parse().ok()).unwrap_or(0);
+            let secs = f.next().and_then(|c| c.parse().ok()).unwrap_or(0.0);
+            result.push((code, secs, reply_pod(&body)));
+            body.clear();
+        } else {
+            body.push_str(line);
+        }
+    }
+    result
+}
+
+fn count_pods(results: &[(u16, f64, Option<String>)]) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for (_, _, pod) in results {
+        *m.entry(pod.clone().unwrap_or_else(|| "none".into())).or_default() += 1;
+    }
+    m
+}
+
+/// Requests the echo app in `pod` saw on `path` (read over the pod's loopback).
+fn seen(lab: &Lab, pod: &str, path: &str) -> (u64, Vec<String>) {
+    let out = lab.exec(pod, &["curl", "-s", "http://127.0.0.1:8080/_stats"]).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let count = v[path]["count"].as_u64().unwrap_or(0);
+    let hosts = v[path]["hosts"].as_array().map(|a| a.iter().filter_map(|h| h.as_str().map(String::from)).collect());
+    (count, hosts.unwrap_or_default())
+}
+
+/// Waits until routing sends requests with `headers` to `want_pod`: six requests on
+/// six connections must all land there (L4 round robin, before the rule applies,
+/// alternates between pods and cannot pass by chance).
+fn wait_routed(lab: &Lab, what: &str, headers: &[&str], want_pod: &str) {
+    let mut h = headers.to_vec();
+    h.push("connection: close");
+    eventually(what, || {
+        let r = requests(lab, "http://myapp/probe?i=[1-6]", &h, false);
+        (r.len() == 6 && r.iter().all(|x| x.2.as_deref() == Some(want_pod))).then_some(())
+    });
+}
+
+#[test]
+fn seed_virtualservice_routes_header_to_v2_splits_api_and_defaults_to_v1() {
+    let Some(lab) = lab("seed_virtualservice_routes_header_to_v2_splits_api_and_defaults_to_v1") else { return };
+    apply_seed(&lab, "destinationrule-myapp.yaml");
+    apply_seed(&lab, "virtualservice-myapp.yaml");
+    wait_routed(&lab, "header route applied", &["x-version: v2"], "myapp-v2");
+
+    let v2 = requests(&lab, "http://myapp/anything?i=[1-30]", &["x-version: v2"], false);
+    assert_eq!(count_pods(&v2), BTreeMap::from([("myapp-v2".into(), 30)]), "x-version: v2 always reaches v2");
+
+    let api = requests(&lab, "http://myapp/api/items?i=[1-1000]", &[], false);
+    assert_eq!(api.len(), 1000);
+    assert!(api.iter().all(|r| r.0 == 200), "every /api request answered");
+    let c = count_pods(&api);
+    let to_v2 = c.get("myapp-v2").copied().unwrap_or(0);
+    // 10% of 1000: mean 100, sd 9.5; 60..140 is over four standard deviations.
+    assert!((60..=140).contains(&to_v2), "/api split 90/10, got {c:?}");
+    assert_eq!(c.get("myapp-v1").copied().unwrap_or(0) + to_v2, 1000);
+
+    let rest = requests(&lab, "http://myapp/home?i=[1-30]", &[], false);
+    assert_eq!(count_pods(&rest), BTreeMap::from([("myapp-v1".into(), 30)]), "default route goes to v1");
+
+    let m = metrics(&lab, "node1");
+    assert!(
+        m.lines().any(|l| l.starts_with("istio_requests_total")
+            && l.contains("destination_version=\"v2\"")
+            && l.contains("response_code=\"200\"")),
+        "requests counted by subset"
+    );
+}
+
+#[test]
+fn seed_default_route_retries_503_three_times_and_times_out() {
+    let Some(lab) = lab("seed_default_route_retries_503_three_times_and_times_out") else { return };
+    apply_seed(&lab, "destinationrule-myapp.yaml");
+    apply_seed(&lab, "virtualservice-myapp.yaml");
+    wait_routed(&lab, "routes applied", &["x-version: v2"], "myapp-v2");
+
+    // retryOn includes 503 and attempts is 3: one request, four tries at v1.
+    let r = requests(&lab, "http://myapp/status/503", &[], false);
+    assert_eq!(r[0].0, 503, "the last answer is passed on");
+    let (tries, _) = seen(&lab, "myapp-v1", "/status/503");
+    assert_eq!(tries, 4, "first try plus 3 retries");
+    // 500 is not in retryOn: no retry.
+    requests(&lab, "http://myapp/status/500", &[], false);
+    assert_eq!(seen(&lab, "myapp-v1", "/status/500").0, 1, "500 is not retried");
+
+    // The seed's 30 s timeout, shortened for the test: same rule, `timeout: 1s`.
+    let seed = std::fs::read_to_string(root().join("examples/seed/virtualservice-myapp.yaml")).unwrap();
+    assert!(seed.contains("timeout: 30s"));
+    apply_yaml(&lab, "virtualservice-myapp.yaml", &seed.replace("timeout: 30s", "timeout: 1s"));
+    let started = Instant::now();
+    let slow = eventually("1 s timeout applied", || {
+        let r = requests(&lab, "http://myapp/delay/3000", &[], false);
+        (r[0].0 == 504).then_some(r)
+    });
+    assert!(slow[0].1 < 2.5, "answered at the timeout, took {} s", slow[0].1);
+    assert!(started.elapsed() < Duration::from_secs(15));
+    let fast = requests(&lab, "http://myapp/delay/200", &[], false);
+    assert_eq!(fast[0].0, 200, "requests inside the timeout are untouched");
+}
+
+#[test]
+fn seed_mirror_copies_to_v2_while_client_sees_v1() {
+    let Some(lab) = lab("seed_mirror_copies_to_v2_while_client_sees_v1") else { return };
+    apply_seed(&lab, "destinationrule-myapp.yaml");
+    apply_seed(&lab, "virtualservice-mirror.yaml");
+    eventually("mirror applied", || {
+        (seen(&lab, "myapp-v2", "/probe").0 > 0).then_some(()).or_else(|| {
+            requests(&lab, "http://myapp/probe", &[], false);
+            None
+        })
+    });
+    let r = requests(&lab, "http://myapp/mirrored?i=[1-20]", &[], false);
+    assert_eq!(count_pods(&r), BTreeMap::from([("myapp-v1".into(), 20)]), "the client only sees v1");
+    let (copies, hosts) = eventually("copies delivered", || {
+        let s = seen(&lab, "myapp-v2", "/mirrored");
+        (s.0 >= 20).then_some(s)
+    });
+    assert_eq!(copies, 20, "mirrorPercentage 100: every request copied once");
+    assert_eq!(hosts, vec!["myapp-shadow".to_string()], "mirrored Host carries -shadow");
+}
+
+#[test]
+fn seed_fault_injection_delays_and_aborts_at_configured_rates() {
+    let Some(lab) = lab("seed_fault_injection_delays_and_aborts_at_configured_rates") else { return };
+    apply_seed(&lab, "virtualservice-fault.yaml");
+    eventually("fault rule applied", || {
+        let r = requests(&lab, "http://myapp/f?i=[1-20]", &["x-test-fault: inject"], true);
+        r.iter().any(|x| x.1 >= 4.9 || x.0 == 503).then_some(())
+    });
+    let r = requests(&lab, "http://myapp/f?i=[1-200]", &["x-test-fault: inject"], true);
+    assert_eq!(r.len(), 200);
+    let aborted = r.iter().filter(|x| x.0 == 503).count();
+    let delayed = r.iter().filter(|x| x.1 >= 4.9).count();
+    // abort 10% (sd 4.2 of 200), delay 50% (sd 7.1).
+    assert!((5..=40).contains(&aborted), "aborts: {aborted} of 200");
+    assert!((65..=135).contains(&delayed), "delays: {delayed} of 200");
+    // Without the header: the second rule, no faults.
+    let clean = requests(&lab, "http://myapp/f?i=[1-20]", &[], true);
+    assert!(clean.iter().all(|x| x.0 == 200 && x.1 < 2.0), "no fault without the header");
+}
+
+#[test]
+fn seed_circuit_breaker_overflows_with_503_and_ejects_a_failing_endpoint() {
+    let Some(lab) = lab("seed_circuit_breaker_overflows_with_503_and_ejects_a_failing_endpoint") else { return };
+    apply_seed(&lab, "destinationrule-circuit-breaker.yaml");
+    // http2MaxRequests 100: 250 requests held 2 s each at once overflow.
+    let r = eventually("circuit breaker applied", || {
+        let r = requests(&lab, "http://myapp/delay/2000?i=[1-250]", &[], true);
+        r.iter().any(|x| x.0 == 503).then_some(r)
+    });
+    let ok = r.iter().filter(|x| x.0 == 200).count();
+    let overflow = r.iter().filter(|x| x.0 == 503).count();
+    assert!(ok >= 90 && overflow >= 100, "ok {ok}, overflow {overflow}");
+    let m = metrics(&lab, "node1");
+    assert!(m.lines().any(|l| l.contains("response_flags=\"UO\"")), "overflow reported with flag UO");
+
+    // consecutive5xxErrors 3: myapp-v1 failing every request gets ejected, the rest
+    // goes to myapp-v2 (retries of the 503s land there too).
+    let before = seen(&lab, "myapp-v1", "/eject").0;
+    requests(&lab, "http://myapp/eject?i=[1-20]", &["x-fail-on: myapp-v1"], false);
+    let mid = seen(&lab, "myapp-v1", "/eject").0;
+    assert!(mid - before >= 3, "v1 got its three failures");
+    let r = requests(&lab, "http://myapp/eject?i=[1-30]", &["x-fail-on: myapp-v1"], false);
+    assert_eq!(seen(&lab, "myapp-v1", "/eject").0, mid, "ejected endpoint gets no more requests");
+    assert!(r.iter().all(|x| x.0 == 200 && x.2.as_deref() == Some("myapp-v2")));
+    let log = std::fs::read_to_string(lab.agent_log_path("node1")).unwrap();
+    assert!(log.contains("endpoint ejected"), "ejection logged");
+}
+
+#[test]
+fn least_request_prefers_the_less_loaded_endpoint() {
+    let Some(lab) = lab("least_request_prefers_the_less_loaded_endpoint") else { return };
+    // The seed DR: LEAST_REQUEST at the top level (no VirtualService: whole service).
+    apply_seed(&lab, "destinationrule-myapp.yaml");
+    eventually("rule applied", || {
+        let m = metrics(&lab, "node1");
+        requests(&lab, "http://myapp/probe", &[], false);
+        m.contains("istio_requests_total").then_some(())
+    });
+    // myapp-v1 takes 500 ms per request, myapp-v2 answers at once: with requests in
+    // flight counted, most go to v2. Round robin would give each half.
+    let r = requests(&lab, "http://myapp/lr?i=[1-100]", &["x-slow-on: myapp-v1"], true);
+    let c = count_pods(&r);
+    let v1 = c.get("myapp-v1").copied().unwrap_or(0);
+    assert!(v1 < 30, "least request sent {v1} of 100 to the slow endpoint: {c:?}");
+}
+
+#[test]
+fn invalid_route_configs_are_rejected_and_the_last_good_keeps_serving() {
+    let Some(lab) = lab("invalid_route_configs_are_rejected_and_the_last_good_keeps_serving") else { return };
+    apply_seed(&lab, "destinationrule-myapp.yaml");
+    apply_seed(&lab, "virtualservice-myapp.yaml");
+    wait_routed(&lab, "routes applied", &["x-version: v2"], "myapp-v2");
+    let seed = std::fs::read_to_string(root().join("examples/seed/virtualservice-myapp.yaml")).unwrap();
+    let cases = [
+        (seed.replace("prefix: /api", "regex: \"/api/(\""), "field spec.http[1].match[0].uri.regex: invalid regex"),
+        (seed.replace("weight: 10", "weight: 20"), "field spec.http[1].route: weights add up to 110"),
+        (
+            seed.replace("timeout: 30s", "timeout: -30s"),
+            "field spec.http[2].timeout: duration \"-30s\" must not be negative",
+        ),
+    ];
+    for (i, (yaml, reason)) in cases.iter().enumerate() {
+        apply_yaml(&lab, "virtualservice-myapp.yaml", yaml);
+        eventually(&format!("case {i} rejected"), || {
+            let log = std::fs::read_to_string(lab.agent_log_path("node1")).ok()?;
+            log.lines()
+                .any(|l| {
+                    l.contains("config rejected") && l.contains("VirtualService production/myapp") && l.contains(reason)
+                })
+                .then_some(())
+        });
+        let r = requests(&lab, "http://myapp/x?i=[1-5]", &["x-version: v2"], false);
+        assert_eq!(count_pods(&r), BTreeMap::from([("myapp-v2".into(), 5)]), "old routes still serve after case {i}");
+    }
+    // Unknown subset and duplicate subset names.
+    apply_yaml(
+        &lab,
+        "destinationrule-myapp.yaml",
+        "apiVersion: networking.istio.io/v1beta1\nkind: DestinationRule\nmetadata: {name: myapp, namespace: production}\nspec:\n  host: myapp\n  subsets: [{name: v1, labels: {version: v1}}, {name: v1, labels: {version: v2}}]\n",
+    );
+    eventually("duplicate subset rejected", || {
+        let log = std::fs::read_to_string(lab.agent_log_path("node1")).ok()?;
+        log.contains("field spec.subsets[1].name: subset \"v1\" is defined twice").then_some(())
+    });
+    let r = requests(&lab, "http://myapp/x?i=[1-5]", &["x-version: v2"], false);
+    assert_eq!(count_pods(&r), BTreeMap::from([("myapp-v2".into(), 5)]), "old subsets still serve");
+}
+
+#[test]
+fn route_change_applies_within_a_second_without_dropping_in_flight_requests() {
+    let Some(lab) = lab("route_change_applies_within_a_second_without_dropping_in_flight_requests") else { return };
+    apply_seed(&lab, "destinationrule-myapp.yaml");
+    let to = |subset: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: myapp, namespace: production}}\nspec:\n  hosts: [myapp]\n  http:\n  - route: [{{destination: {{host: myapp, subset: {subset}}}}}]\n"
+        )
+    };
+    apply_yaml(&lab, "vs.yaml", &to("v1"));
+    wait_routed(&lab, "all to v1", &[], "myapp-v1");
+    let argv: Vec<String> =
+        ["curl", "-s", "-m", "10", "-o", "/dev/null", "-w", "%{http_code}", "http://myapp/delay/2500"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+    let in_flight = lab.pod_command("frontend", &argv).unwrap().stdout(std::process::Stdio::piped()).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    apply_yaml(&lab, "vs.yaml", &to("v2"));
+    let applied = Instant::now();
+    eventually("new route in force", || {
+        let r = requests(&lab, "http://myapp/probe?i=[1-3]", &["connection: close"], false);
+        r.iter().all(|x| x.2.as_deref() == Some("myapp-v2")).then_some(())
+    });
+    let took = applied.elapsed();
+    assert!(took < Duration::from_secs(1), "route change took {took:?}");
+    let out = in_flight.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200", "in-flight request finished on the old route");
+}
