@@ -6,7 +6,8 @@
 //! - `peer`: HAProxy as an mTLS client proxy in the client pod and an mTLS server proxy
 //!   in the server pod (TLS 1.3, certificates from the mesh CA), as sidecars run;
 //! - `mesh-l4`: the same pods enrolled: both node agents and the HBONE mTLS tunnel;
-//! - `mesh-l7`: the same with a VirtualService on the route (needs L7 routing).
+//! - `mesh-l7`: the same pods through the Service VIP with a VirtualService (and a
+//!   DestinationRule subset) on the route: HTTP parsed, matched and routed.
 //!
 //! Each scenario gets a fixed-rate latency run (oha, coordinated-omission corrected), a
 //! closed-loop maximum at fixed concurrency, an iperf3 throughput run, and the proxies'
@@ -165,7 +166,7 @@ fn run_in_lab(lab: &mut Lab, args: &BenchArgs, tools: &Tools) -> anyhow::Result<
             name: "direct",
             path,
             url: format!("http://{ip}:8080/bytes/{}", args.body),
-            iperf: (ip.to_string(), IPERF_PORT),
+            iperf: Some((ip.to_string(), IPERF_PORT)),
             proxies: Vec::new(),
         };
         scenarios.push(measure_scenario(lab, tools, args, d, &target)?);
@@ -174,7 +175,7 @@ fn run_in_lab(lab: &mut Lab, args: &BenchArgs, tools: &Tools) -> anyhow::Result<
             name: "peer",
             path,
             url: format!("http://127.0.0.1:{http_port}/bytes/{}", args.body),
-            iperf: ("127.0.0.1".into(), iperf_port),
+            iperf: Some(("127.0.0.1".into(), iperf_port)),
             proxies: peer.cgroups(lab, server)?,
         };
         scenarios.push(measure_scenario(lab, tools, args, d, &target)?);
@@ -193,15 +194,25 @@ fn run_in_lab(lab: &mut Lab, args: &BenchArgs, tools: &Tools) -> anyhow::Result<
             name: "mesh-l4",
             path,
             url: format!("http://{ip}:8080/bytes/{}", args.body),
-            iperf: (ip.to_string(), IPERF_PORT),
+            iperf: Some((ip.to_string(), IPERF_PORT)),
             proxies,
         };
+        let l7_proxies = target.proxies.clone();
         scenarios.push(measure_scenario(lab, tools, args, d, &target)?);
-        scenarios.push(Scenario::skipped(
-            "mesh-l7",
+        // mesh-l7: the Service VIP, with a VirtualService routing every request to the
+        // same server pod (through a DestinationRule subset), so HTTP is parsed and
+        // routed on the same path.
+        let subset = lab.pod(server)?.labels.get("version").cloned().context("server pod has a version label")?;
+        let vip = route_all_to_subset(lab, &subset, server)?;
+        let target = Target {
+            name: "mesh-l7",
             path,
-            "L7 routing (VirtualService) is not implemented yet: issue 5; the agent refuses VirtualService objects",
-        ));
+            url: format!("http://{vip}/bytes/{}", args.body),
+            iperf: None,
+            proxies: l7_proxies,
+        };
+        scenarios.push(measure_scenario(lab, tools, args, d, &target)?);
+        lab.delete(Path::new(L7_CONFIG))?;
     }
 
     let mut report = Report::new(args, d.latency, d.max_rps, d.iperf, scenarios);
@@ -223,7 +234,8 @@ struct Target {
     name: &'static str,
     path: &'static str,
     url: String,
-    iperf: (String, u16),
+    /// iperf3 server (host, port); `None` where throughput is not an L7 figure.
+    iperf: Option<(String, u16)>,
     /// cgroups of the proxies on the path.
     proxies: Vec<PathBuf>,
 }
@@ -253,7 +265,10 @@ fn measure_scenario(lab: &Lab, tools: &Tools, args: &BenchArgs, d: Durations, t:
         oha(lab, tools, &t.url, &["-z", &format!("{}s", d.max_rps.as_secs()), "-c", &args.concurrency.to_string()])?;
     let max_rps = max["summary"]["requestsPerSec"].as_f64().context("oha: summary.requestsPerSec")?;
 
-    let throughput = iperf(lab, tools, &t.iperf.0, t.iperf.1, d.iperf)?;
+    let throughput = match &t.iperf {
+        Some((host, port)) => Some(iperf(lab, tools, host, *port, d.iperf)?),
+        None => None,
+    };
     let cpu_per_1000 = (!t.proxies.is_empty() && latency.requests > 0)
         .then(|| cpu_used as f64 / 1e6 / (latency.requests as f64 / 1000.0));
     Ok(Scenario {
@@ -263,7 +278,7 @@ fn measure_scenario(lab: &Lab, tools: &Tools, args: &BenchArgs, d: Durations, t:
         reason: None,
         latency: Some(latency),
         max_rps: Some(max_rps),
-        throughput_gbps: Some(throughput),
+        throughput_gbps: throughput,
         proxies: t.proxies.len(),
         proxy_rss_idle_mib: (!t.proxies.is_empty()).then_some(rss_idle),
         proxy_rss_load_mib: (!t.proxies.is_empty()).then_some(rss_load),
@@ -350,6 +365,40 @@ fn sample_rss_while<T>(cgroups: &[PathBuf], f: impl FnOnce() -> anyhow::Result<T
         let peak = sampler.join().expect("RSS sampler does not panic");
         r.map(|v| (v, peak))
     })
+}
+
+/// File name of the mesh-l7 scenario's config in the agents' config directory.
+const L7_CONFIG: &str = "bench-l7.yaml";
+
+/// Applies a DestinationRule with subset `subset` and a VirtualService sending every
+/// request for `myapp` there; waits until requests on fresh connections all reach
+/// `server`. Returns the Service VIP.
+fn route_all_to_subset(lab: &Lab, subset: &str, server: &str) -> anyhow::Result<String> {
+    let yaml = format!(
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: bench-myapp, namespace: production}}\n\
+         spec:\n  host: myapp\n  subsets: [{{name: {subset}, labels: {{version: {subset}}}}}]\n---\n\
+         apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: bench-myapp, namespace: production}}\n\
+         spec:\n  hosts: [myapp]\n  http:\n  - route: [{{destination: {{host: myapp, subset: {subset}}}}}]\n"
+    );
+    let dir = lab.state_dir.join("bench");
+    std::fs::create_dir_all(&dir)?;
+    let file = dir.join(L7_CONFIG);
+    std::fs::write(&file, yaml)?;
+    lab.apply(&file)?;
+    let vip = lab.services.get("production/myapp").map(|(_, ip)| ip.clone()).context("lab has no myapp Service")?;
+    let url = format!("http://{vip}/probe?i=[1-6]");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = lab.exec(CLIENT, &["curl", "-s", "-m", "2", "-H", "connection: close", &url])?;
+        let body = String::from_utf8_lossy(&out.stdout);
+        if body.matches(&format!("\"pod\":\"{server}\"")).count() == 6 {
+            return Ok(vip);
+        }
+        if Instant::now() > deadline {
+            bail!("VirtualService for the mesh-l7 scenario not in force after 20 s");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// Enrolls or unenrolls the `production` namespace by rewriting the lab's namespaces

@@ -204,9 +204,10 @@ impl Body for PooledBody {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(None) = polled
-            && let Some((pool, key, conn)) = self.back.take()
-        {
+        // The reader may stop at the last frame without polling for the end (hyper
+        // does, once Content-Length is reached): the body is done when either says so.
+        let done = matches!(polled, Poll::Ready(None)) || self.inner.is_end_stream();
+        if done && let Some((pool, key, conn)) = self.back.take() {
             pool.put_back(key, conn);
         }
         polled

@@ -91,26 +91,6 @@ pub struct Scenario {
 }
 
 impl Scenario {
-    /// A scenario that could not run, with the reason.
-    pub fn skipped(name: &str, path: &str, reason: &str) -> Self {
-        Self {
-            name: name.into(),
-            path: path.into(),
-            status: "skipped".into(),
-            reason: Some(reason.into()),
-            latency: None,
-            max_rps: None,
-            throughput_gbps: None,
-            proxies: 0,
-            proxy_rss_idle_mib: None,
-            proxy_rss_load_mib: None,
-            proxy_cpu_s_per_1000_req: None,
-            ratio_to_direct: None,
-            ratio_to_peer: None,
-            added_p99_ms_vs_direct: None,
-        }
-    }
-
     /// Named figures, for ratios.
     fn figures(&self) -> BTreeMap<String, f64> {
         let mut f = BTreeMap::new();
@@ -290,7 +270,9 @@ impl Report {
                     "skipped" => Some("skipped without a reason".to_string()),
                     "ok" => {
                         let l = s.latency.as_ref();
-                        let positive = [l.map(|l| l.p50_ms), l.map(|l| l.p99_ms), s.max_rps, s.throughput_gbps];
+                        // Throughput is an L4 figure: mesh-l7 has none.
+                        let throughput = if name == "mesh-l7" { Some(1.0) } else { s.throughput_gbps };
+                        let positive = [l.map(|l| l.p50_ms), l.map(|l| l.p99_ms), s.max_rps, throughput];
                         let has_proxy_costs = s.proxies == 0
                             || (s.proxy_rss_load_mib.is_some_and(|v| v > 0.0) && s.proxy_cpu_s_per_1000_req.is_some());
                         if positive.iter().any(|v| !v.is_some_and(|v| v > 0.0)) {
