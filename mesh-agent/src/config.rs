@@ -5,8 +5,10 @@
 //! Architecture invariant: only this module knows YAML. Everything downstream works on
 //! the typed [`Object`]s and on the compiled [`crate::state::Snapshot`].
 
+pub mod hosts;
 pub mod istio;
 mod parse;
+mod references;
 pub mod resources;
 mod source;
 

@@ -13,6 +13,7 @@ use notify::{RecursiveMode, Watcher as _};
 use tokio::sync::mpsc;
 
 use super::parse::{describe, parse_documents};
+use super::references::undefined_subsets;
 use super::{Error, Object};
 
 /// File extensions read from the directory.
@@ -28,6 +29,9 @@ struct FileState {
     good: Arc<Vec<Object>>,
     /// The error reported for `contents`, if it was rejected.
     error: Option<Error>,
+    /// Rejected for a reference to another file's object: tried again whenever
+    /// another file changes (the DestinationRule may arrive after the route).
+    recheck: bool,
 }
 
 /// The result of one reload.
@@ -81,6 +85,8 @@ impl DirSource {
                 return out;
             }
         };
+        // Files accepted alone in this pass, with the version they replace.
+        let mut accepted: Vec<(PathBuf, Arc<Vec<Object>>)> = Vec::new();
         let before: Vec<PathBuf> = self.files.keys().cloned().collect();
         for gone in before.iter().filter(|p| !paths.contains(p)) {
             self.files.remove(gone);
@@ -96,14 +102,43 @@ impl DirSource {
             let state = match parsed {
                 Ok(objects) => {
                     out.changed = true;
-                    FileState { contents, good: Arc::new(objects), error: None }
+                    accepted.push((path.clone(), prev_good.unwrap_or_default()));
+                    FileState { contents, good: Arc::new(objects), error: None, recheck: false }
                 }
                 Err(e) => {
                     out.new_errors.push(e.clone());
-                    FileState { contents, good: prev_good.unwrap_or_default(), error: Some(e) }
+                    FileState { contents, good: prev_good.unwrap_or_default(), error: Some(e), recheck: false }
                 }
             };
             self.files.insert(path, state);
+        }
+        if out.changed {
+            let retry: Vec<PathBuf> = self.files.iter().filter(|(_, f)| f.recheck).map(|(p, _)| p.clone()).collect();
+            for path in retry {
+                let f = self.files.get_mut(&path).expect("listed above");
+                if let Ok(objects) = parse_documents(&path, &f.contents) {
+                    accepted.push((path.clone(), std::mem::replace(&mut f.good, Arc::new(objects))));
+                    f.recheck = false;
+                }
+            }
+        }
+        // A file accepted now that routes to an undefined subset is rejected whole; its
+        // previous version stays in force, as for any other error.
+        let dangling =
+            undefined_subsets(self.files.iter().flat_map(|(p, f)| f.good.iter().map(move |o| (p.as_path(), o))));
+        for (path, previous) in accepted {
+            let Some(f) = self.files.get_mut(&path) else { continue };
+            match dangling.iter().find(|e| e.file == path) {
+                Some(e) => {
+                    if f.error.as_ref() != Some(e) {
+                        out.new_errors.push(e.clone());
+                    }
+                    f.good = previous;
+                    f.error = Some(e.clone());
+                    f.recheck = true;
+                }
+                None => f.error = None,
+            }
         }
         // Duplicates can only appear or go when a file changed; checking only then keeps
         // the periodic re-read from logging the same conflict every few seconds.
@@ -236,5 +271,32 @@ mod tests {
         assert_eq!(r.objects.len(), 1);
         assert_eq!(r.new_errors.len(), 1);
         assert!(r.new_errors[0].to_string().contains("b.yaml: Namespace a: field metadata.name: already defined in"));
+    }
+
+    const SVC: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: myapp, namespace: production}\nspec: {selector: {app: myapp}, ports: [{port: 80}]}\n";
+    const VS: &str = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: myapp, namespace: production}\nspec:\n  hosts: [myapp]\n  http:\n  - route: [{destination: {host: myapp, subset: v2}}]\n";
+    const DR: &str = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: myapp, namespace: production}\nspec:\n  host: myapp\n  subsets: [{name: v2, labels: {version: v2}}]\n";
+
+    #[test]
+    fn route_to_an_undefined_subset_is_rejected_until_the_rule_arrives() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("svc.yaml"), SVC).unwrap();
+        std::fs::write(dir.path().join("vs.yaml"), VS).unwrap();
+        let mut src = DirSource::new(dir.path());
+        let r = src.reload();
+        assert_eq!(r.new_errors.len(), 1, "{:?}", r.new_errors);
+        let e = r.new_errors[0].to_string();
+        assert!(
+            e.contains("vs.yaml: VirtualService production/myapp: field spec.http[0].route[0].destination.subset: subset \"v2\" is not defined"),
+            "{e}"
+        );
+        assert_eq!(r.objects.len(), 1, "only the Service is in force");
+        assert!(src.reload().new_errors.is_empty(), "reported once");
+
+        std::fs::write(dir.path().join("dr.yaml"), DR).unwrap();
+        let r = src.reload();
+        assert!(r.new_errors.is_empty(), "{:?}", r.new_errors);
+        assert_eq!(r.objects.len(), 3, "the route is accepted once its subset exists");
+        assert!(src.standing_errors().is_empty());
     }
 }
