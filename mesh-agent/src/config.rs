@@ -7,6 +7,7 @@
 
 pub mod hosts;
 pub mod istio;
+pub mod linkerd;
 mod parse;
 mod references;
 pub mod resources;

@@ -32,6 +32,7 @@ pub fn default_rule(service_key: &str) -> Rule {
     Rule {
         name: "default".into(),
         matches: Vec::new(),
+        profile_condition: None,
         action: Action::Route(vec![WeightedBackend {
             backend: Backend { service: service_key.to_string(), subset: None, port: None },
             weight: 0,

@@ -252,6 +252,57 @@ impl Snapshot {
                 }
             }
         }
+        // Linkerd and SMI route the hosts no VirtualService routes.
+        let mut splits: Vec<_> = objects
+            .iter()
+            .filter_map(|o| match o {
+                Object::TrafficSplit(t) => Some(t.as_ref()),
+                _ => None,
+            })
+            .collect();
+        splits.sort_by_key(|t| (t.metadata.namespace_or_default(), t.metadata.name.clone()));
+        for ts in splits {
+            let ns = ts.metadata.namespace_or_default();
+            let name = format!("TrafficSplit {ns}/{}", ts.metadata.name);
+            let Some(svc) = route::service_for_host(&ts.spec.service, &ns, &known) else {
+                self.problems.push(format!("{name}: root service {} is not a known Service; ignored", ts.spec.service));
+                continue;
+            };
+            if let Some(existing) = self.routes.get(&svc) {
+                self.problems.push(format!(
+                    "{name}: {svc} is already routed by {}; this one is ignored",
+                    existing.virtual_service
+                ));
+                continue;
+            }
+            let rule = route::compile_split(ts, &ns);
+            self.routes.insert(svc, Arc::new(ServiceRoutes { virtual_service: name, rules: vec![rule] }));
+        }
+        let mut profiles: Vec<_> = objects
+            .iter()
+            .filter_map(|o| match o {
+                Object::ServiceProfile(p) => Some(p.as_ref()),
+                _ => None,
+            })
+            .collect();
+        profiles.sort_by_key(|p| (p.metadata.namespace_or_default(), p.metadata.name.clone()));
+        for sp in profiles {
+            let ns = sp.metadata.namespace_or_default();
+            let name = format!("ServiceProfile {ns}/{}", sp.metadata.name);
+            let Some(svc) = route::service_for_host(&sp.metadata.name, &ns, &known) else {
+                self.problems.push(format!("{name}: names no known Service; ignored"));
+                continue;
+            };
+            if let Some(existing) = self.routes.get(&svc) {
+                self.problems.push(format!(
+                    "{name}: {svc} is already routed by {}; this one is ignored",
+                    existing.virtual_service
+                ));
+                continue;
+            }
+            let rules = route::compile_profile(sp, &svc);
+            self.routes.insert(svc, Arc::new(ServiceRoutes { virtual_service: name, rules }));
+        }
         let mut drs: Vec<_> = objects
             .iter()
             .filter_map(|o| match o {

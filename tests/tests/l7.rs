@@ -299,3 +299,78 @@ fn route_change_applies_within_a_second_without_dropping_in_flight_requests() {
     let out = in_flight.wait_with_output().unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "200", "in-flight request finished on the old route");
 }
+
+#[test]
+fn seed_trafficsplit_shares_myapp_between_version_services() {
+    let Some(lab) = lab("seed_trafficsplit_shares_myapp_between_version_services") else { return };
+    apply_seed(&lab, "trafficsplit-canary.yaml");
+    eventually("split in force", || {
+        requests(&lab, "http://myapp/probe", &[], false);
+        metrics(&lab, "node1").contains("destination_service=\"production/myapp-v1\"").then_some(())
+    });
+    let r = requests(&lab, "http://myapp/ts?i=[1-1000]", &[], false);
+    assert_eq!(r.len(), 1000);
+    assert!(r.iter().all(|x| x.0 == 200));
+    let c = count_pods(&r);
+    let v2 = c.get("myapp-v2").copied().unwrap_or(0);
+    assert!((60..=140).contains(&v2), "900m/100m split, got {c:?}");
+    let m = metrics(&lab, "node1");
+    assert!(m.contains("destination_service=\"production/myapp-v2\""), "backend services reported");
+}
+
+#[test]
+fn seed_serviceprofile_retries_stop_at_the_budget_and_routes_time_out() {
+    let Some(lab) = lab("seed_serviceprofile_retries_stop_at_the_budget_and_routes_time_out") else { return };
+    let seed = std::fs::read_to_string(root().join("examples/seed/serviceprofile-myapp.yaml")).unwrap();
+    // The profile as written, with the GET route's 5 s timeout shortened to 300 ms so
+    // the 500 ms x-slow-on delay crosses it.
+    assert!(seed.contains("timeout: 5s"));
+    apply_yaml(&lab, "serviceprofile-myapp.yaml", &seed.replace("timeout: 5s", "timeout: 300ms"));
+    let timed_out = eventually("profile in force", || {
+        let r = requests(&lab, "http://myapp/api/users", &["x-slow-on: *"], false);
+        (r[0].0 == 504).then_some(r)
+    });
+    assert!(timed_out[0].1 < 0.45, "answered at the route timeout: {} s", timed_out[0].1);
+    assert_eq!(requests(&lab, "http://myapp/api/users", &[], false)[0].0, 200, "fast requests pass");
+
+    // GET /api/users is not retryable: one try per request even when it fails.
+    let before = seen(&lab, "myapp-v1", "/api/users").0 + seen(&lab, "myapp-v2", "/api/users").0;
+    let r = requests(&lab, "http://myapp/api/users?i=[1-10]", &["x-fail-on: *"], false);
+    assert!(r.iter().all(|x| x.0 == 503));
+    let after = seen(&lab, "myapp-v1", "/api/users").0 + seen(&lab, "myapp-v2", "/api/users").0;
+    assert_eq!(after - before, 10, "no retries on a route that is not retryable");
+
+    // POST /api/orders is retryable under retryRatio 0.2, 10 retries/s, ttl 10s: with
+    // every answer failing, retries stop at the budget, far below 10 per request.
+    let n = 200u64;
+    // All at once: the budget is a rate (its 10 retries/s would refill during a slow
+    // sequential run).
+    let mut argv: Vec<String> = [
+        "curl",
+        "-s",
+        "-Z",
+        "--parallel-immediate",
+        "--parallel-max",
+        "200",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}\n",
+        "-X",
+        "POST",
+        "-H",
+        "x-fail-on: *",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    argv.push(format!("http://myapp/api/orders?i=[1-{n}]"));
+    let out = lab.pod_command("frontend", &argv).unwrap().output().unwrap();
+    let codes = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(codes.lines().filter(|c| *c == "503").count() as u64, n, "failures reach the client");
+    let tries = seen(&lab, "myapp-v1", "/api/orders").0 + seen(&lab, "myapp-v2", "/api/orders").0;
+    let retries = tries - n;
+    // min 10/s over the 10 s window plus 20% of the requests, with slack for timing.
+    assert!(retries >= 20, "retryable failures are retried: {retries}");
+    assert!(retries <= 10 * 10 + n / 5 + 30, "retries exceed the budget: {retries} for {n} requests");
+}

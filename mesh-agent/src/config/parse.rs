@@ -9,21 +9,14 @@ use serde_yaml::Value;
 
 use super::Error;
 use super::istio::{DestinationRule, NETWORKING_VERSIONS, VirtualService};
+use super::linkerd::{SERVICE_PROFILE_VERSIONS, ServiceProfile, TRAFFIC_SPLIT_VERSIONS, TrafficSplit};
 use super::resources::{Namespace, Object, Pod, Service, ServiceAccount};
 
 /// Kinds from other API groups the mesh will read but this version does not enforce yet.
 /// They are refused by name rather than silently ignored: a policy that is accepted but
 /// not enforced is worse than an error.
-const NOT_YET_SUPPORTED: &[&str] = &[
-    "Gateway",
-    "PeerAuthentication",
-    "AuthorizationPolicy",
-    "ServiceProfile",
-    "TrafficSplit",
-    "ServiceEntry",
-    "Sidecar",
-    "EndpointSlice",
-];
+const NOT_YET_SUPPORTED: &[&str] =
+    &["Gateway", "PeerAuthentication", "AuthorizationPolicy", "ServiceEntry", "Sidecar", "EndpointSlice"];
 
 /// Parses every YAML document in `text` (the contents of `file`).
 pub fn parse_documents(file: &Path, text: &str) -> Result<Vec<Object>, Error> {
@@ -87,6 +80,8 @@ fn parse_object(file: &Path, index: usize, value: Value) -> Result<Object, Error
     let expected_versions: &[&str] = match kind {
         "Namespace" | "Pod" | "Service" | "ServiceAccount" => &["v1"],
         "VirtualService" | "DestinationRule" => NETWORKING_VERSIONS,
+        "ServiceProfile" => SERVICE_PROFILE_VERSIONS,
+        "TrafficSplit" => TRAFFIC_SPLIT_VERSIONS,
         k if NOT_YET_SUPPORTED.contains(&k) => {
             return Err(err(label, "kind", format!("{k} ({api_version}) is not supported by this agent version yet")));
         }
@@ -107,6 +102,12 @@ fn parse_object(file: &Path, index: usize, value: Value) -> Result<Object, Error
         }
         "DestinationRule" => {
             Object::DestinationRule(typed::<Box<DestinationRule>>(value).map_err(|(f, r)| err(label.clone(), &f, r))?)
+        }
+        "ServiceProfile" => {
+            Object::ServiceProfile(typed::<Box<ServiceProfile>>(value).map_err(|(f, r)| err(label.clone(), &f, r))?)
+        }
+        "TrafficSplit" => {
+            Object::TrafficSplit(typed::<Box<TrafficSplit>>(value).map_err(|(f, r)| err(label.clone(), &f, r))?)
         }
         "ServiceAccount" => {
             Object::ServiceAccount(typed::<ServiceAccount>(value).map_err(|(f, r)| err(label.clone(), &f, r))?)
@@ -140,6 +141,8 @@ fn validate(object: &Object) -> Result<(), (String, String)> {
         Object::ServiceAccount(s) => &s.metadata,
         Object::VirtualService(v) => &v.metadata,
         Object::DestinationRule(d) => &d.metadata,
+        Object::ServiceProfile(p) => &p.metadata,
+        Object::TrafficSplit(t) => &t.metadata,
     };
     if !is_dns1123_subdomain(&meta.name) {
         return Err(("metadata.name".into(), format!("{:?} is not a valid DNS-1123 name", meta.name)));
@@ -147,6 +150,8 @@ fn validate(object: &Object) -> Result<(), (String, String)> {
     match object {
         Object::VirtualService(v) => v.validate()?,
         Object::DestinationRule(d) => d.validate()?,
+        Object::ServiceProfile(p) => p.validate()?,
+        Object::TrafficSplit(t) => t.validate()?,
         _ => {}
     }
     if let Object::Service(svc) = object {
@@ -286,6 +291,8 @@ metadata: {name: myapp, namespace: production}
             "virtualservice-fault.yaml",
             "destinationrule-myapp.yaml",
             "destinationrule-circuit-breaker.yaml",
+            "serviceprofile-myapp.yaml",
+            "trafficsplit-canary.yaml",
         ] {
             assert_eq!(check(&seed(f)), "ok 1", "{f}");
         }

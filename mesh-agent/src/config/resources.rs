@@ -23,6 +23,10 @@ pub enum Object {
     VirtualService(Box<super::istio::VirtualService>),
     /// `networking.istio.io/*/DestinationRule`.
     DestinationRule(Box<super::istio::DestinationRule>),
+    /// `linkerd.io/v1alpha2/ServiceProfile`.
+    ServiceProfile(Box<super::linkerd::ServiceProfile>),
+    /// `split.smi-spec.io/*/TrafficSplit`.
+    TrafficSplit(Box<super::linkerd::TrafficSplit>),
 }
 
 impl Object {
@@ -37,6 +41,8 @@ impl Object {
             Object::DestinationRule(d) => {
                 ("DestinationRule", d.metadata.namespace_or_default(), d.metadata.name.clone())
             }
+            Object::ServiceProfile(p) => ("ServiceProfile", p.metadata.namespace_or_default(), p.metadata.name.clone()),
+            Object::TrafficSplit(t) => ("TrafficSplit", t.metadata.namespace_or_default(), t.metadata.name.clone()),
         }
     }
 }

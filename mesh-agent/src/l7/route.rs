@@ -7,8 +7,10 @@ use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 use regex::Regex;
+use tower::retry::budget::Budget as _;
 
 use crate::config::istio::{self, HttpRoute, StringMatch, VirtualService};
+use crate::config::linkerd;
 use crate::state::Workload;
 
 /// A compiled string condition.
@@ -237,8 +239,10 @@ pub enum Action {
 }
 
 /// Retry policy of a rule.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct RetryPolicy {
+    /// Linkerd: retry answers the route classifies as failures, while the budget lasts.
+    pub linkerd: Option<LinkerdRetry>,
     /// Retries after the first try.
     pub attempts: u32,
     /// Timeout of each try.
@@ -254,6 +258,7 @@ impl RetryPolicy {
     /// failures, refused streams, and 503 answers.
     pub fn istio_default() -> Self {
         Self {
+            linkerd: None,
             attempts: 2,
             per_try_timeout: None,
             on: ["connect-failure", "refused-stream", "unavailable", "cancelled", "retriable-status-codes"]
@@ -282,6 +287,7 @@ impl RetryPolicy {
             status_codes = d.status_codes;
         }
         Self {
+            linkerd: None,
             attempts: r.attempts.unwrap_or(0).max(0) as u32,
             per_try_timeout: r.per_try_timeout.as_deref().and_then(|d| istio::duration("", d).ok()),
             on,
@@ -289,8 +295,23 @@ impl RetryPolicy {
         }
     }
 
+    /// Counts an original request towards the retry budget (Linkerd routes).
+    pub fn on_request(&self) {
+        if let Some(l) = &self.linkerd {
+            l.budget.deposit();
+        }
+    }
+
+    /// No retries (Linkerd's default, and TrafficSplit routes).
+    pub fn none() -> Self {
+        Self { linkerd: None, attempts: 0, per_try_timeout: None, on: Vec::new(), status_codes: Vec::new() }
+    }
+
     /// Whether an answer with `status` is retried.
     pub fn retries_status(&self, status: u16) -> bool {
+        if let Some(l) = &self.linkerd {
+            return l.classes.is_failure(status) && l.budget.withdraw();
+        }
         let has = |c: &str| self.on.iter().any(|x| x == c);
         (has("5xx") && (500..=599).contains(&status))
             || (has("gateway-error") && matches!(status, 502..=504))
@@ -301,12 +322,93 @@ impl RetryPolicy {
 
     /// Whether a failure to connect or a reset is retried.
     pub fn retries_failure(&self, failure: Failure) -> bool {
+        if let Some(l) = &self.linkerd {
+            return l.budget.withdraw();
+        }
         let has = |c: &str| self.on.iter().any(|x| x == c);
         match failure {
             Failure::Connect => has("connect-failure") || has("5xx") || has("gateway-error"),
             Failure::Reset => has("reset") || has("5xx"),
             Failure::RefusedStream => has("refused-stream") || has("5xx"),
             Failure::Timeout => has("5xx") || has("gateway-error"),
+        }
+    }
+}
+
+/// Linkerd retry state of a route: its response classes and the profile's budget.
+#[derive(Clone)]
+pub struct LinkerdRetry {
+    /// Which answers are failures.
+    pub classes: ResponseClasses,
+    /// Shared by every route of the ServiceProfile.
+    pub budget: std::sync::Arc<tower::retry::budget::TpsBudget>,
+}
+
+impl std::fmt::Debug for LinkerdRetry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkerdRetry").field("classes", &self.classes).finish_non_exhaustive()
+    }
+}
+
+/// A compiled `responseClasses` list: the first class whose condition matches decides;
+/// with none matching, 5xx is a failure (Linkerd's default).
+#[derive(Debug, Clone, Default)]
+pub struct ResponseClasses(pub Vec<(StatusCondition, bool)>);
+
+impl ResponseClasses {
+    /// Whether `status` is a failure.
+    pub fn is_failure(&self, status: u16) -> bool {
+        self.0.iter().find(|(c, _)| c.matches(status)).map_or((500..=599).contains(&status), |(_, f)| *f)
+    }
+}
+
+/// A response condition.
+#[derive(Debug, Clone)]
+pub enum StatusCondition {
+    /// Inclusive range.
+    Range(u16, u16),
+    /// All hold.
+    All(Vec<StatusCondition>),
+    /// Any holds.
+    Any(Vec<StatusCondition>),
+    /// Does not hold.
+    Not(Box<StatusCondition>),
+}
+
+impl StatusCondition {
+    fn matches(&self, status: u16) -> bool {
+        match self {
+            Self::Range(lo, hi) => (*lo..=*hi).contains(&status),
+            Self::All(v) => v.iter().all(|c| c.matches(status)),
+            Self::Any(v) => v.iter().any(|c| c.matches(status)),
+            Self::Not(c) => !c.matches(status),
+        }
+    }
+}
+
+/// A ServiceProfile request condition.
+#[derive(Debug, Clone)]
+pub enum ProfileCondition {
+    /// Method equals.
+    Method(String),
+    /// Whole-path regex.
+    Path(Regex),
+    /// All hold.
+    All(Vec<ProfileCondition>),
+    /// Any holds.
+    Any(Vec<ProfileCondition>),
+    /// Does not hold.
+    Not(Box<ProfileCondition>),
+}
+
+impl ProfileCondition {
+    fn matches(&self, r: &RequestView<'_>) -> bool {
+        match self {
+            Self::Method(m) => r.method.eq_ignore_ascii_case(m),
+            Self::Path(re) => re.is_match(r.path),
+            Self::All(v) => v.iter().all(|c| c.matches(r)),
+            Self::Any(v) => v.iter().any(|c| c.matches(r)),
+            Self::Not(c) => !c.matches(r),
         }
     }
 }
@@ -340,6 +442,8 @@ pub struct Rule {
     pub name: String,
     /// Any of these (empty: always).
     pub matches: Vec<RequestMatch>,
+    /// A ServiceProfile condition, instead of `matches`.
+    pub profile_condition: Option<ProfileCondition>,
     /// What to do.
     pub action: Action,
     /// Overall request timeout.
@@ -363,6 +467,9 @@ pub struct Rule {
 impl Rule {
     /// Whether the rule applies to the request.
     pub fn matches(&self, r: &RequestView<'_>) -> bool {
+        if let Some(c) = &self.profile_condition {
+            return c.matches(r);
+        }
         self.matches.is_empty() || self.matches.iter().any(|m| m.matches(r))
     }
 
@@ -456,6 +563,7 @@ fn compile_rule(i: usize, r: &HttpRoute, ns: &str, known: &HashMap<String, ()>) 
     Rule {
         name: r.name.clone().unwrap_or_else(|| format!("http[{i}]")),
         matches: r.matches.iter().map(RequestMatch::compile).collect(),
+        profile_condition: None,
         action,
         timeout: r.timeout.as_deref().and_then(|t| istio::duration("", t).ok()).filter(|t| !t.is_zero()),
         retries: r.retries.as_ref().map_or_else(RetryPolicy::istio_default, RetryPolicy::compile),
@@ -465,5 +573,130 @@ fn compile_rule(i: usize, r: &HttpRoute, ns: &str, known: &HashMap<String, ()>) 
         response_headers: HeaderOps::compile(r.headers.as_ref().and_then(|h| h.response.as_ref())),
         rewrite_uri: r.rewrite.as_ref().and_then(|w| w.uri.clone()),
         rewrite_authority: r.rewrite.as_ref().and_then(|w| w.authority.clone()),
+    }
+}
+
+fn profile_condition(m: &linkerd::RequestMatch) -> ProfileCondition {
+    let mut all = Vec::new();
+    if let Some(method) = &m.method {
+        all.push(ProfileCondition::Method(method.clone()));
+    }
+    if let Some(re) = m.path_regex.as_ref().and_then(|r| Regex::new(&format!("^(?:{r})$")).ok()) {
+        all.push(ProfileCondition::Path(re));
+    }
+    all.extend(m.all.iter().map(profile_condition));
+    if !m.any.is_empty() {
+        all.push(ProfileCondition::Any(m.any.iter().map(profile_condition).collect()));
+    }
+    if let Some(n) = &m.not {
+        all.push(ProfileCondition::Not(Box::new(profile_condition(n))));
+    }
+    ProfileCondition::All(all)
+}
+
+fn status_condition(m: &linkerd::ResponseMatch) -> StatusCondition {
+    let mut all = Vec::new();
+    if let Some(s) = &m.status {
+        all.push(StatusCondition::Range(s.min.unwrap_or(100), s.max.unwrap_or(599)));
+    }
+    all.extend(m.all.iter().map(status_condition));
+    if !m.any.is_empty() {
+        all.push(StatusCondition::Any(m.any.iter().map(status_condition).collect()));
+    }
+    if let Some(n) = &m.not {
+        all.push(StatusCondition::Not(Box::new(status_condition(n))));
+    }
+    StatusCondition::All(all)
+}
+
+/// Linkerd's default budget when a profile sets none: 20% extra load, 10 retries/s, 10 s.
+const DEFAULT_BUDGET: (f32, u32, std::time::Duration) = (0.2, 10, std::time::Duration::from_secs(10));
+/// Upper bound of tries per request under a budget (the budget is the real limit).
+const PROFILE_MAX_RETRIES: u32 = 10;
+
+/// Rules of a ServiceProfile for `service` (`namespace/name`): its routes in order, then
+/// a catch-all that forwards without timeout or retries.
+pub fn compile_profile(sp: &linkerd::ServiceProfile, service: &str) -> Vec<Rule> {
+    let (ratio, min_per_sec, ttl) = sp.spec.retry_budget.as_ref().map_or(DEFAULT_BUDGET, |b| {
+        let ttl = istio::duration("", &b.ttl).unwrap_or(DEFAULT_BUDGET.2);
+        (b.retry_ratio as f32, b.min_retries_per_second, ttl)
+    });
+    // tower's budget needs a window of 1 to 60 s.
+    let ttl = ttl.clamp(std::time::Duration::from_secs(1), std::time::Duration::from_secs(60));
+    let budget = std::sync::Arc::new(tower::retry::budget::TpsBudget::new(ttl, min_per_sec, ratio));
+    let to_service = || {
+        Action::Route(vec![WeightedBackend {
+            backend: Backend { service: service.to_string(), subset: None, port: None },
+            weight: 0,
+            request_headers: HeaderOps::default(),
+            response_headers: HeaderOps::default(),
+        }])
+    };
+    let plain = |name: String, condition: Option<ProfileCondition>, timeout, retries| Rule {
+        name,
+        matches: Vec::new(),
+        profile_condition: condition,
+        action: to_service(),
+        timeout,
+        retries,
+        fault: Fault::default(),
+        mirror: None,
+        request_headers: HeaderOps::default(),
+        response_headers: HeaderOps::default(),
+        rewrite_uri: None,
+        rewrite_authority: None,
+    };
+    let mut rules: Vec<Rule> = sp
+        .spec
+        .routes
+        .iter()
+        .map(|r| {
+            let classes = ResponseClasses(
+                r.response_classes.iter().map(|c| (status_condition(&c.condition), c.is_failure)).collect(),
+            );
+            let retries = if r.is_retryable {
+                RetryPolicy {
+                    linkerd: Some(LinkerdRetry { classes, budget: budget.clone() }),
+                    attempts: PROFILE_MAX_RETRIES,
+                    ..RetryPolicy::none()
+                }
+            } else {
+                RetryPolicy::none()
+            };
+            let timeout = r.timeout.as_deref().and_then(|t| istio::duration("", t).ok()).filter(|t| !t.is_zero());
+            plain(r.name.clone(), Some(profile_condition(&r.condition)), timeout, retries)
+        })
+        .collect();
+    rules.push(plain("default".into(), None, None, RetryPolicy::none()));
+    rules
+}
+
+/// The rule of a TrafficSplit: the root Service's traffic shared among backend
+/// Services by weight (thousandths of the quantities given).
+pub fn compile_split(ts: &linkerd::TrafficSplit, ns: &str) -> Rule {
+    let backends = ts
+        .spec
+        .backends
+        .iter()
+        .map(|b| WeightedBackend {
+            backend: Backend { service: format!("{ns}/{}", b.service), subset: None, port: None },
+            weight: linkerd::quantity_milli(&b.weight).unwrap_or(0).min(u64::from(u32::MAX)) as u32,
+            request_headers: HeaderOps::default(),
+            response_headers: HeaderOps::default(),
+        })
+        .collect();
+    Rule {
+        name: format!("trafficsplit {ns}/{}", ts.metadata.name),
+        matches: Vec::new(),
+        profile_condition: None,
+        action: Action::Route(backends),
+        timeout: None,
+        retries: RetryPolicy::none(),
+        fault: Fault::default(),
+        mirror: None,
+        request_headers: HeaderOps::default(),
+        response_headers: HeaderOps::default(),
+        rewrite_uri: None,
+        rewrite_authority: None,
     }
 }

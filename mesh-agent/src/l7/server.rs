@@ -308,6 +308,7 @@ fn hash_key(lb: &super::policy::LbPolicy, req: &Request<()>, pod: &Workload) -> 
 /// Tries, and retries as the rule allows, until an answer or the attempts run out.
 async fn forward(caller: &Caller<'_>, rule: &Rule, backend: &Backend, req: &Request<()>, body: Bytes) -> Answer {
     let retries = &rule.retries;
+    retries.on_request();
     let mut attempt = 0u32;
     loop {
         let outcome = try_once(caller, backend, req, body.clone(), retries.per_try_timeout).await;

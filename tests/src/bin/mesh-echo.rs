@@ -2,7 +2,7 @@
 //!
 //! `serve` answers HTTP (HTTP/1.1 and h2c) with JSON naming the pod and the request it
 //! saw, plus `/status/CODE`, `/delay/MS`, `/bytes/N`, `POST /echo`, `/_stats` (requests
-//! seen per path), `x-fail-on`/`x-slow-on: <pod>` headers, and an optional share of failing
+//! seen per path), `x-fail-on`/`x-slow-on: <pod or *>` headers, and an optional share of failing
 //! requests; it also echoes raw TCP on a second port. `dial` opens one TCP connection and
 //! reports both ends; `load` runs concurrent TCP echo connections and checks every byte.
 #![forbid(unsafe_code)]
@@ -164,7 +164,8 @@ async fn handle(app: &App, peer: SocketAddr, req: Request<Incoming>) -> Response
     }
     // Per-pod misbehaviour on request: `x-fail-on: <pod>` answers 503 and
     // `x-slow-on: <pod>` waits 500 ms here only, so tests can single out one endpoint.
-    let targets_me = |h: &str| req.headers().get(h).and_then(|v| v.to_str().ok()).is_some_and(|v| v == app.pod);
+    let targets_me =
+        |h: &str| req.headers().get(h).and_then(|v| v.to_str().ok()).is_some_and(|v| v == app.pod || v == "*");
     let fail_here = targets_me("x-fail-on");
     if targets_me("x-slow-on") {
         tokio::time::sleep(Duration::from_millis(500)).await;
