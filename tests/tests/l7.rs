@@ -374,3 +374,30 @@ fn seed_serviceprofile_retries_stop_at_the_budget_and_routes_time_out() {
     assert!(retries >= 20, "retryable failures are retried: {retries}");
     assert!(retries <= 10 * 10 + n / 5 + 30, "retries exceed the budget: {retries} for {n} requests");
 }
+
+#[test]
+fn http2_h2_upgrade_policy_and_protocol_upgrades_pass_through_routing() {
+    let Some(lab) = lab("http2_h2_upgrade_policy_and_protocol_upgrades_pass_through_routing") else { return };
+    apply_seed(&lab, "destinationrule-myapp.yaml");
+    apply_seed(&lab, "virtualservice-myapp.yaml");
+    wait_routed(&lab, "routes applied", &["x-version: v2"], "myapp-v2");
+    let body = |argv: &[&str]| -> serde_json::Value {
+        let out = lab.exec("frontend", argv).unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stdout)))
+    };
+    // An HTTP/2 (prior knowledge) client is routed per request and reaches the app
+    // over HTTP/2.
+    let v = body(&["curl", "-s", "--http2-prior-knowledge", "-H", "x-version: v2", "http://myapp/h2"]);
+    assert_eq!(v["pod"], "myapp-v2");
+    assert_eq!(v["http_version"], "HTTP/2.0");
+    // The seed DestinationRule sets h2UpgradePolicy: UPGRADE: HTTP/1.1 clients reach
+    // the app over HTTP/2 too.
+    let v = body(&["curl", "-s", "--http1.1", "http://myapp/h1"]);
+    assert_eq!(v["pod"], "myapp-v1");
+    assert_eq!(v["http_version"], "HTTP/2.0", "h2UpgradePolicy UPGRADE");
+    // A protocol upgrade (as WebSocket does) is routed, switched and spliced.
+    let echo = root().join("target/debug/mesh-echo").display().to_string();
+    let v = body(&[&echo, "upgrade", "myapp:80", "--message", "ping over the switched protocol"]);
+    assert!(v["status"].as_str().unwrap().contains("101"), "{v}");
+    assert_eq!(v["echoed"], "ping over the switched protocol");
+}

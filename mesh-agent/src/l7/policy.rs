@@ -46,6 +46,8 @@ pub struct PoolLimits {
     pub max_requests_per_connection: Option<u32>,
     /// Idle upstream connections close after this.
     pub idle_timeout: Option<Duration>,
+    /// `h2UpgradePolicy: UPGRADE`: HTTP/1.1 requests go upstream as HTTP/2.
+    pub h2_upgrade: bool,
 }
 
 /// `outlierDetection`.
@@ -135,6 +137,7 @@ fn pool(p: &istio::ConnectionPool) -> PoolLimits {
         max_requests: positive(http.http2_max_requests),
         max_requests_per_connection: positive(http.max_requests_per_connection),
         idle_timeout: dur(&http.idle_timeout),
+        h2_upgrade: http.h2_upgrade_policy.as_deref() == Some("UPGRADE"),
     }
 }
 

@@ -50,7 +50,7 @@ pub async fn serve(
         async move { Ok::<_, Infallible>(handle(&ctx, &pod, &netns, &service, orig, req).await) }
     });
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
+    if let Err(e) = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).await {
         tracing::debug!(%orig, error = %e, "HTTP client connection ended");
     }
 }
@@ -115,8 +115,11 @@ async fn handle(
     answer.response
 }
 
-async fn route(caller: &Caller<'_>, service_key: &str, req: Request<Incoming>) -> Answer {
+async fn route(caller: &Caller<'_>, service_key: &str, mut req: Request<Incoming>) -> Answer {
     let Caller { snap, pod, orig, .. } = *caller;
+    // A protocol upgrade (WebSocket): routed like any request, then the two upgraded
+    // connections are spliced.
+    let client_upgrade = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
     let authority = parts
         .uri
@@ -223,7 +226,6 @@ async fn route(caller: &Caller<'_>, service_key: &str, req: Request<Incoming>) -
     if let Ok(uri) = origin_form.parse() {
         *fwd.uri_mut() = uri;
     }
-    *fwd.version_mut() = http::Version::HTTP_11;
 
     if let Some((mirror, share)) = &rule.mirror
         && roll(*share)
@@ -231,6 +233,22 @@ async fn route(caller: &Caller<'_>, service_key: &str, req: Request<Incoming>) -
         mirror_copy(caller, mirror, &fwd, body.clone());
     }
 
+    if let Some(client_upgrade) = client_upgrade {
+        let mut answer = try_once(caller, &chosen.backend, &fwd, body, None).await.into_answer(&chosen.backend);
+        if answer.response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let server_upgrade = hyper::upgrade::on(&mut answer.response);
+            tokio::spawn(async move {
+                match tokio::try_join!(client_upgrade, server_upgrade) {
+                    Ok((client, server)) => {
+                        let (mut client, mut server) = (TokioIo::new(client), TokioIo::new(server));
+                        let _ = crate::proxy::copy::bidirectional(&mut client, &mut server).await;
+                    }
+                    Err(e) => tracing::debug!(error = %e, "protocol upgrade not completed"),
+                }
+            });
+        }
+        return answer;
+    }
     let forwarded = forward(caller, rule, &chosen.backend, &fwd, body);
     let mut answer = match rule.timeout {
         Some(t) => match tokio::time::timeout(t, forwarded).await {
@@ -262,6 +280,17 @@ fn view_owned<'a>(req: &'a Request<()>, authority: &'a str, orig: SocketAddr, po
         port: orig.port(),
         source: pod,
     }
+}
+
+/// An HTTP/1.1 request asking to switch protocols (`Connection: upgrade` + `Upgrade`).
+fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.headers().contains_key(http::header::UPGRADE)
+        && req
+            .headers()
+            .get_all(http::header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
 }
 
 fn pick_weighted(backends: &[WeightedBackend]) -> Option<&WeightedBackend> {
@@ -411,6 +440,9 @@ async fn try_once(
         connect_timeout: policy.pool.connect_timeout,
         max_requests_per_connection: policy.pool.max_requests_per_connection,
         idle_timeout: policy.pool.idle_timeout,
+        // HTTP/2 clients (gRPC needs it end to end) and h2UpgradePolicy: UPGRADE.
+        // Protocol upgrades (WebSocket) are HTTP/1.1 only.
+        http2: (req.version() == http::Version::HTTP_2 || policy.pool.h2_upgrade) && !is_upgrade(req),
     };
     let from = super::upstream::From { ctx, pod, netns };
     let sent = ctx.l7.upstreams.send(from, &workload, addr, upstream_req, settings);

@@ -17,7 +17,8 @@ use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::client::conn::http1::SendRequest;
+use hyper::client::conn::{http1::SendRequest, http2};
+use hyper_util::rt::TokioExecutor;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -64,6 +65,9 @@ type Key = (String, SocketAddr);
 #[derive(Default)]
 pub struct Upstreams {
     idle: Mutex<HashMap<Key, Vec<IdleConn>>>,
+    /// One multiplexed HTTP/2 connection per (pod, endpoint), for HTTP/2 clients (gRPC)
+    /// and `h2UpgradePolicy: UPGRADE`.
+    h2: Mutex<HashMap<Key, http2::SendRequest<Full<Bytes>>>>,
 }
 
 impl std::fmt::Debug for Upstreams {
@@ -82,6 +86,8 @@ pub struct ConnSettings {
     pub max_requests_per_connection: Option<u32>,
     /// Idle timeout.
     pub idle_timeout: Option<Duration>,
+    /// Speak HTTP/2 (prior knowledge) to the endpoint.
+    pub http2: bool,
 }
 
 /// The pod a request leaves from.
@@ -106,6 +112,9 @@ impl Upstreams {
         settings: ConnSettings,
     ) -> Result<Response<PooledBody>, SendError> {
         let key: Key = (format!("{}/{}", from.pod.namespace, from.pod.name), addr);
+        if settings.http2 {
+            return self.send_h2(from, endpoint, addr, key, req, settings).await;
+        }
         let idle_timeout = settings.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT);
         let reused = {
             let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
@@ -133,7 +142,9 @@ impl Upstreams {
             req.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
         }
         let res = conn.sender.send_request(req).await.map_err(|source| SendError::Reset { addr, source })?;
-        let keep = !last
+        // A switched protocol owns the connection from now on.
+        let keep = res.status() != http::StatusCode::SWITCHING_PROTOCOLS
+            && !last
             && !res
                 .headers()
                 .get(http::header::CONNECTION)
@@ -147,13 +158,57 @@ impl Upstreams {
         Ok(res.map(|inner| PooledBody { inner, back }))
     }
 
-    async fn dial(
+    async fn send_h2(
+        &self,
+        from: From<'_>,
+        endpoint: &Workload,
+        addr: SocketAddr,
+        key: Key,
+        mut req: Request<Full<Bytes>>,
+        settings: ConnSettings,
+    ) -> Result<Response<PooledBody>, SendError> {
+        let cached = self.h2.lock().unwrap_or_else(|p| p.into_inner()).get(&key).filter(|s| !s.is_closed()).cloned();
+        let mut sender = match cached {
+            Some(s) => s,
+            None => {
+                let io = self.connect_io(from, endpoint, addr, settings).await?;
+                let (sender, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(io))
+                    .await
+                    .map_err(|e| SendError::Connect { addr, reason: e.to_string() })?;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(%addr, error = %e, "upstream HTTP/2 connection ended");
+                    }
+                });
+                self.h2.lock().unwrap_or_else(|p| p.into_inner()).insert(key, sender.clone());
+                sender
+            }
+        };
+        *req.version_mut() = http::Version::HTTP_2;
+        // HTTP/2 carries the authority in :authority, not in Host.
+        if let Some(host) = req.headers_mut().remove(http::header::HOST)
+            && let Ok(uri) = format!(
+                "http://{}{}",
+                host.to_str().unwrap_or(""),
+                req.uri().path_and_query().map_or("/", |p| p.as_str())
+            )
+            .parse()
+        {
+            *req.uri_mut() = uri;
+        }
+        req.headers_mut().remove(http::header::CONNECTION);
+        sender.ready().await.map_err(|source| SendError::Reset { addr, source })?;
+        let res = sender.send_request(req).await.map_err(|source| SendError::Reset { addr, source })?;
+        Ok(res.map(|inner| PooledBody { inner, back: None }))
+    }
+
+    async fn connect_io(
         &self,
         from: From<'_>,
         endpoint: &Workload,
         addr: SocketAddr,
         settings: ConnSettings,
-    ) -> Result<SendRequest<Full<Bytes>>, SendError> {
+    ) -> Result<Box<dyn Io>, SendError> {
         let From { ctx, pod, netns } = from;
         let timeout = settings.connect_timeout.unwrap_or(crate::proxy::CONNECT_TIMEOUT);
         let connect = async {
@@ -164,11 +219,21 @@ impl Upstreams {
             };
             Ok::<_, crate::proxy::Error>(io)
         };
-        let io = match tokio::time::timeout(timeout, connect).await {
-            Ok(Ok(io)) => io,
-            Ok(Err(e)) => return Err(SendError::Connect { addr, reason: e.to_string() }),
-            Err(_) => return Err(SendError::Connect { addr, reason: format!("timed out after {timeout:?}") }),
-        };
+        match tokio::time::timeout(timeout, connect).await {
+            Ok(Ok(io)) => Ok(io),
+            Ok(Err(e)) => Err(SendError::Connect { addr, reason: e.to_string() }),
+            Err(_) => Err(SendError::Connect { addr, reason: format!("timed out after {timeout:?}") }),
+        }
+    }
+
+    async fn dial(
+        &self,
+        from: From<'_>,
+        endpoint: &Workload,
+        addr: SocketAddr,
+        settings: ConnSettings,
+    ) -> Result<SendRequest<Full<Bytes>>, SendError> {
+        let io = self.connect_io(from, endpoint, addr, settings).await?;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
             .await
             .map_err(|e| SendError::Connect { addr, reason: e.to_string() })?;

@@ -62,6 +62,18 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         hold_ms: u64,
     },
+    /// Ask ADDR (host:port) to switch to the `echo` protocol on PATH, send MESSAGE over
+    /// the upgraded connection and print what came back, as JSON.
+    Upgrade {
+        /// Server address, `host:port` (names resolve through /etc/hosts).
+        addr: String,
+        /// Request path.
+        #[arg(long, default_value = "/upgrade")]
+        path: String,
+        /// Bytes to send after the switch.
+        #[arg(long, default_value = "hello through the upgrade")]
+        message: String,
+    },
     /// Run --conns concurrent TCP echo exchanges of --bytes each against ADDR and
     /// verify every byte came back.
     Load {
@@ -121,6 +133,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Load { addr, conns, bytes } => load(addr, conns, bytes).await,
+        Cmd::Upgrade { addr, path, message } => upgrade_client(&addr, &path, &message).await,
     }
 }
 
@@ -144,7 +157,57 @@ async fn serve_http(app: Arc<App>, port: u16) -> anyhow::Result<()> {
 /// Source of `/bytes/N` bodies (at most this long), sliced without copying.
 static BYTES_BODY: std::sync::LazyLock<Bytes> = std::sync::LazyLock::new(|| Bytes::from(vec![b'x'; 1 << 20]));
 
-async fn handle(app: &App, peer: SocketAddr, req: Request<Incoming>) -> Response<Full<Bytes>> {
+/// Answers `Upgrade: echo` with 101 and echoes the upgraded connection's bytes.
+fn upgrade_echo(req: &mut Request<Incoming>) -> Response<Full<Bytes>> {
+    let on_upgrade = hyper::upgrade::on(req);
+    tokio::spawn(async move {
+        if let Ok(upgraded) = on_upgrade.await {
+            let mut io = TokioIo::new(upgraded);
+            let mut buf = vec![0u8; 4096];
+            while let Ok(n) = io.read(&mut buf).await {
+                if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    let mut r = Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    r.headers_mut().insert(http::header::UPGRADE, http::HeaderValue::from_static("echo"));
+    r.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("upgrade"));
+    r
+}
+
+async fn upgrade_client(addr: &str, path: &str, message: &str) -> anyhow::Result<()> {
+    let mut s = TcpStream::connect(addr).await.with_context(|| format!("connect {addr}"))?;
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read(&mut byte).await? == 0 {
+            bail!("connection closed before the response head: {}", String::from_utf8_lossy(&head));
+        }
+        head.push(byte[0]);
+    }
+    let status_line = String::from_utf8_lossy(&head).lines().next().unwrap_or("").to_string();
+    let mut echoed = vec![0u8; message.len()];
+    if status_line.contains(" 101 ") {
+        s.write_all(message.as_bytes()).await?;
+        s.read_exact(&mut echoed).await?;
+    }
+    let out = serde_json::json!({"status": status_line, "echoed": String::from_utf8_lossy(&echoed)});
+    println!("{out}");
+    Ok(())
+}
+
+async fn handle(app: &App, peer: SocketAddr, mut req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.headers().get(http::header::UPGRADE).is_some_and(|v| v == "echo") {
+        return upgrade_echo(&mut req);
+    }
     // Fixed-size bodies for benchmarks: no JSON work on the measured path.
     if let Some(n) = req.uri().path().strip_prefix("/bytes/").and_then(|n| n.parse::<usize>().ok()) {
         return Response::new(Full::new(BYTES_BODY.slice(..n.min(BYTES_BODY.len()))));
@@ -195,6 +258,7 @@ async fn handle(app: &App, peer: SocketAddr, req: Request<Incoming>) -> Response
         }
     }
     let body = serde_json::json!({
+        "http_version": format!("{:?}", req.version()),
         "pod": app.pod,
         "namespace": app.namespace,
         "labels": app.labels,
