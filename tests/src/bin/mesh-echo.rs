@@ -219,7 +219,14 @@ async fn handle(app: &App, peer: SocketAddr, mut req: Request<Incoming>) -> Resp
     let n = app.counter.fetch_add(1, Ordering::Relaxed);
     let path = req.uri().path().to_string();
     {
-        let host = req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("").to_string();
+        // HTTP/1.1 carries the host in Host, HTTP/2 in :authority.
+        let host = req
+            .headers()
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_owned)
+            .or_else(|| req.uri().authority().map(|a| a.to_string()))
+            .unwrap_or_default();
         let mut seen = app.seen.lock().unwrap_or_else(|p| p.into_inner());
         let s = seen.entry(path.clone()).or_default();
         s.count += 1;
