@@ -47,6 +47,7 @@ pub fn default_rule(service_key: &str) -> Rule {
         response_headers: Default::default(),
         rewrite_uri: None,
         rewrite_authority: None,
+        cors: None,
     }
 }
 

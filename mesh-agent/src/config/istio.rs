@@ -96,15 +96,45 @@ pub struct HttpRoute {
     /// Header manipulation.
     #[serde(default)]
     pub headers: Option<Headers>,
-    /// CORS (not enforced yet).
+    /// CORS.
     #[serde(default)]
-    pub cors_policy: Option<Value>,
+    pub cors_policy: Option<CorsPolicy>,
     /// Delegation (not enforced yet).
     #[serde(default)]
     pub delegate: Option<Value>,
     /// Multiple mirrors (not enforced yet).
     #[serde(default)]
     pub mirrors: Option<Value>,
+}
+
+/// `corsPolicy`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CorsPolicy {
+    /// Origins allowed, as string matches.
+    #[serde(default)]
+    pub allow_origins: Vec<StringMatch>,
+    /// Deprecated exact origins.
+    #[serde(default)]
+    pub allow_origin: Vec<String>,
+    /// `Access-Control-Allow-Methods`.
+    #[serde(default)]
+    pub allow_methods: Vec<String>,
+    /// `Access-Control-Allow-Headers`.
+    #[serde(default)]
+    pub allow_headers: Vec<String>,
+    /// `Access-Control-Expose-Headers`.
+    #[serde(default)]
+    pub expose_headers: Vec<String>,
+    /// `Access-Control-Max-Age`.
+    #[serde(default)]
+    pub max_age: Option<String>,
+    /// `Access-Control-Allow-Credentials`.
+    #[serde(default)]
+    pub allow_credentials: Option<bool>,
+    /// FORWARD (default) or IGNORE preflights from origins that do not match.
+    #[serde(default)]
+    pub unmatched_preflights: Option<String>,
 }
 
 /// A string condition: exactly one of the three.
@@ -655,7 +685,19 @@ impl VirtualService {
 }
 
 fn validate_http_route(at: &str, r: &HttpRoute) -> Result<(), Invalid> {
-    not_supported(format!("{at}.corsPolicy"), r.cors_policy.is_some())?;
+    if let Some(c) = &r.cors_policy {
+        for (i, o) in c.allow_origins.iter().enumerate() {
+            o.validate(&format!("{at}.corsPolicy.allowOrigins[{i}]"))?;
+        }
+        if let Some(d) = &c.max_age {
+            duration(&format!("{at}.corsPolicy.maxAge"), d)?;
+        }
+        if let Some(u) = &c.unmatched_preflights
+            && !["UNSPECIFIED", "FORWARD", "IGNORE"].contains(&u.as_str())
+        {
+            return Err((format!("{at}.corsPolicy.unmatchedPreflights"), format!("unknown value {u:?}")));
+        }
+    }
     not_supported(format!("{at}.delegate"), r.delegate.is_some())?;
     not_supported(format!("{at}.mirrors"), r.mirrors.is_some())?;
     let actions = [!r.route.is_empty(), r.redirect.is_some(), r.direct_response.is_some()];

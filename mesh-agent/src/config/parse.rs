@@ -319,7 +319,7 @@ metadata: {name: myapp, namespace: production}
                 vs("  - route: [{destination: {host: myapp}}]\n    retries: {attempts: 2, retryOn: \"5xx,sometimes\"}\n"),
                 "field spec.http[0].retries.retryOn: unknown retry condition \"sometimes\"",
             ),
-            (vs("  - route: [{destination: {host: myapp}}]\n    corsPolicy: {allowOrigins: [{exact: x}]}\n"), "field spec.http[0].corsPolicy: is not supported"),
+            (vs("  - route: [{destination: {host: myapp}}]\n    delegate: {name: other}\n"), "field spec.http[0].delegate: is not supported"),
             (
                 vs("  - route: [{destination: {host: myapp}}]\n    timeuot: 1s\n"),
                 "unknown field `timeuot`",

@@ -198,6 +198,94 @@ impl HeaderOps {
     }
 }
 
+/// A compiled `corsPolicy`.
+#[derive(Debug, Clone)]
+pub struct Cors {
+    origins: Vec<Matcher>,
+    allow_methods: Option<HeaderValue>,
+    allow_headers: Option<HeaderValue>,
+    expose_headers: Option<HeaderValue>,
+    max_age: Option<HeaderValue>,
+    allow_credentials: bool,
+    /// Preflights from other origins are answered (not forwarded) when IGNORE.
+    ignore_unmatched_preflights: bool,
+}
+
+/// What CORS does with a request.
+#[derive(Debug)]
+pub enum CorsVerdict {
+    /// Not a cross-origin request, or an origin not allowed: forward untouched.
+    Forward,
+    /// An allowed preflight: answer it here with these headers.
+    Preflight(HeaderMap),
+    /// A preflight from an origin not allowed, with IGNORE: answer without CORS headers.
+    RefusePreflight,
+    /// An allowed actual request: forward, then add these headers to the response.
+    Decorate(HeaderMap),
+}
+
+impl Cors {
+    fn compile(c: &istio::CorsPolicy) -> Self {
+        let join = |v: &[String]| (!v.is_empty()).then(|| HeaderValue::from_str(&v.join(",")).ok()).flatten();
+        let mut origins: Vec<Matcher> = c.allow_origins.iter().filter_map(Matcher::compile).collect();
+        origins.extend(c.allow_origin.iter().map(|o| Matcher::Exact(o.clone())));
+        Self {
+            origins,
+            allow_methods: join(&c.allow_methods),
+            allow_headers: join(&c.allow_headers),
+            expose_headers: join(&c.expose_headers),
+            max_age: c
+                .max_age
+                .as_deref()
+                .and_then(|d| istio::duration("", d).ok())
+                .and_then(|d| HeaderValue::from_str(&d.as_secs().to_string()).ok()),
+            allow_credentials: c.allow_credentials.unwrap_or(false),
+            ignore_unmatched_preflights: c.unmatched_preflights.as_deref() == Some("IGNORE"),
+        }
+    }
+
+    /// Decides on a request with these method and headers.
+    pub fn verdict(&self, method: &http::Method, headers: &HeaderMap) -> CorsVerdict {
+        let Some(origin) = headers.get(http::header::ORIGIN).and_then(|o| o.to_str().ok()) else {
+            return CorsVerdict::Forward;
+        };
+        let preflight =
+            method == http::Method::OPTIONS && headers.contains_key(http::header::ACCESS_CONTROL_REQUEST_METHOD);
+        let allowed = self.origins.iter().any(|m| m.matches(origin) || matches!(m, Matcher::Exact(e) if e == "*"));
+        if !allowed {
+            return if preflight && self.ignore_unmatched_preflights {
+                CorsVerdict::RefusePreflight
+            } else {
+                CorsVerdict::Forward
+            };
+        }
+        let mut h = HeaderMap::new();
+        if let Ok(v) = HeaderValue::from_str(origin) {
+            h.insert(http::header::ACCESS_CONTROL_ALLOW_ORIGIN, v);
+        }
+        if self.allow_credentials {
+            h.insert(http::header::ACCESS_CONTROL_ALLOW_CREDENTIALS, HeaderValue::from_static("true"));
+        }
+        if preflight {
+            for (name, v) in [
+                (http::header::ACCESS_CONTROL_ALLOW_METHODS, &self.allow_methods),
+                (http::header::ACCESS_CONTROL_ALLOW_HEADERS, &self.allow_headers),
+                (http::header::ACCESS_CONTROL_MAX_AGE, &self.max_age),
+            ] {
+                if let Some(v) = v {
+                    h.insert(name, v.clone());
+                }
+            }
+            CorsVerdict::Preflight(h)
+        } else {
+            if let Some(v) = &self.expose_headers {
+                h.insert(http::header::ACCESS_CONTROL_EXPOSE_HEADERS, v.clone());
+            }
+            CorsVerdict::Decorate(h)
+        }
+    }
+}
+
 /// A weighted destination of a rule.
 #[derive(Debug, Clone)]
 pub struct WeightedBackend {
@@ -462,6 +550,8 @@ pub struct Rule {
     pub rewrite_uri: Option<String>,
     /// Host rewrite.
     pub rewrite_authority: Option<String>,
+    /// CORS.
+    pub cors: Option<Cors>,
 }
 
 impl Rule {
@@ -573,6 +663,7 @@ fn compile_rule(i: usize, r: &HttpRoute, ns: &str, known: &HashMap<String, ()>) 
         response_headers: HeaderOps::compile(r.headers.as_ref().and_then(|h| h.response.as_ref())),
         rewrite_uri: r.rewrite.as_ref().and_then(|w| w.uri.clone()),
         rewrite_authority: r.rewrite.as_ref().and_then(|w| w.authority.clone()),
+        cors: r.cors_policy.as_ref().map(Cors::compile),
     }
 }
 
@@ -645,6 +736,7 @@ pub fn compile_profile(sp: &linkerd::ServiceProfile, service: &str) -> Vec<Rule>
         response_headers: HeaderOps::default(),
         rewrite_uri: None,
         rewrite_authority: None,
+        cors: None,
     };
     let mut rules: Vec<Rule> = sp
         .spec
@@ -698,5 +790,6 @@ pub fn compile_split(ts: &linkerd::TrafficSplit, ns: &str) -> Rule {
         response_headers: HeaderOps::default(),
         rewrite_uri: None,
         rewrite_authority: None,
+        cors: None,
     }
 }

@@ -17,7 +17,7 @@ use rand::Rng as _;
 use tokio::net::TcpStream;
 
 use super::balance::{Outcome, Overflow};
-use super::route::{Action, Backend, RequestView, Rule, WeightedBackend};
+use super::route::{Action, Backend, CorsVerdict, RequestView, Rule, WeightedBackend};
 use super::upstream::{ConnSettings, SendError};
 use crate::dataplane::Netns;
 use crate::proxy::ProxyContext;
@@ -148,6 +148,18 @@ async fn route(caller: &Caller<'_>, service_key: &str, mut req: Request<Incoming
             &default_rule
         }
     };
+    let cors = rule.cors.as_ref().map(|c| c.verdict(&parts.method, &parts.headers));
+    match cors {
+        Some(CorsVerdict::Preflight(headers)) => {
+            let mut r = Response::new(full(Bytes::new()));
+            r.headers_mut().extend(headers);
+            return Answer { response: r, flags: "-", backend: None, endpoint: None };
+        }
+        Some(CorsVerdict::RefusePreflight) => {
+            return Answer { response: Response::new(full(Bytes::new())), flags: "-", backend: None, endpoint: None };
+        }
+        _ => {}
+    }
     let mut flags = "-";
     if let Some((delay, share)) = rule.fault.delay
         && roll(share)
@@ -263,6 +275,9 @@ async fn route(caller: &Caller<'_>, service_key: &str, mut req: Request<Incoming
     };
     chosen.response_headers.apply(answer.response.headers_mut());
     rule.response_headers.apply(answer.response.headers_mut());
+    if let Some(CorsVerdict::Decorate(headers)) = cors {
+        answer.response.headers_mut().extend(headers);
+    }
     if answer.flags == "-" {
         answer.flags = flags;
     }
