@@ -4,11 +4,13 @@
 //!   decoding the recorded destination (baseline: copying the address);
 //! - destination resolution: a dialed VIP or pod IP to a mesh endpoint on a snapshot
 //!   compiled from the lab's manifests (baseline: one hash lookup);
+//! - route match: the reference VirtualService's first-match rules for a request that
+//!   falls through to the last rule (baseline: comparing the path with one string);
 //! - config parse: the lab manifests to typed objects (the reload path);
 //! - copy loop: the agent's bidirectional splice over in-memory streams (baseline:
 //!   tokio's plain `copy` one way).
 //!
-//! Route matching and authorization evaluation join this file with L7 routing and policy.
+//! Authorization evaluation joins this file with policy enforcement.
 
 use std::collections::HashMap;
 use std::hint::black_box;
@@ -17,6 +19,7 @@ use std::path::Path;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use mesh_agent::config::parse_documents;
+use mesh_agent::l7::route::RequestView;
 use mesh_agent::proxy::copy;
 use mesh_agent::state::Snapshot;
 use mesh_common::{OrigDst, SockAddrKey};
@@ -65,6 +68,47 @@ fn resolve(c: &mut Criterion) {
     g.bench_function("baseline_hash_lookup", |b| b.iter(|| baseline.get(&black_box(vip).ip()).copied()));
     g.bench_function("service_vip", |b| b.iter(|| snap.resolve(black_box(vip))));
     g.bench_function("pod_ip", |b| b.iter(|| snap.resolve(black_box(pod))));
+    g.finish();
+}
+
+fn route_match(c: &mut Criterion) {
+    let mut objects = Vec::new();
+    for (file, text) in lab_manifests() {
+        objects.extend(parse_documents(Path::new(&file), &text).expect("lab manifests are valid"));
+    }
+    let seed = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/seed");
+    for f in ["destinationrule-myapp.yaml", "virtualservice-myapp.yaml"] {
+        let text = std::fs::read_to_string(seed.join(f)).expect("seed file");
+        objects.extend(parse_documents(Path::new(f), &text).expect("seed configs are valid"));
+    }
+    let snap = Snapshot::compile(&objects, "cluster.local", 1);
+    let routes = snap.routes("production/myapp").expect("seed VirtualService routes myapp").clone();
+    let source = snap.workloads.iter().find(|w| w.name == "frontend").expect("frontend pod").clone();
+    let mut headers = http::HeaderMap::new();
+    headers.insert("user-agent", http::HeaderValue::from_static("curl/8"));
+    headers.insert("accept", http::HeaderValue::from_static("*/*"));
+    let view = |path: &'static str| RequestView {
+        method: "GET",
+        path,
+        query: Some("page=2"),
+        authority: "myapp",
+        scheme: "http",
+        headers: &headers,
+        port: 80,
+        source: &source,
+    };
+    let mut g = c.benchmark_group("route_match");
+    g.bench_function("baseline_path_compare", |b| {
+        b.iter(|| black_box("/home/index.html").starts_with(black_box("/api")))
+    });
+    g.bench_function("seed_rules_default_route", |b| {
+        let v = view("/home/index.html");
+        b.iter(|| routes.first_match(black_box(&v)).map(|r| r.name.len()))
+    });
+    g.bench_function("seed_rules_api_prefix", |b| {
+        let v = view("/api/users/42");
+        b.iter(|| routes.first_match(black_box(&v)).map(|r| r.name.len()))
+    });
     g.finish();
 }
 
@@ -130,5 +174,5 @@ fn copy_loop(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, map_keys, resolve, config_parse, copy_loop);
+criterion_group!(benches, map_keys, resolve, route_match, config_parse, copy_loop);
 criterion_main!(benches);

@@ -584,4 +584,35 @@ spec: {selector: {app: myapp}, clusterIP: 10.96.0.20, ports: [{port: 80, targetP
         ));
         assert!(matches!(s.resolve("192.0.2.1:443".parse().unwrap()), Destination::Passthrough { workload: None, .. }));
     }
+
+    const ROUTES: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: myapp, namespace: production}
+spec: {host: myapp, subsets: [{name: v1, labels: {version: v1}}]}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: b-second, namespace: production}
+spec: {hosts: [myapp.production.svc.cluster.local], http: [{route: [{destination: {host: myapp}}]}]}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: a-first, namespace: production}
+spec: {hosts: [myapp], http: [{route: [{destination: {host: myapp, subset: v1}}]}]}
+"#;
+
+    #[test]
+    fn conflicting_virtualservices_first_by_name_wins_and_the_clash_is_reported() {
+        let mut objs = parse_documents(Path::new("lab.yaml"), LAB).unwrap();
+        objs.extend(parse_documents(Path::new("routes.yaml"), ROUTES).unwrap());
+        let s = Snapshot::compile(&objs, "cluster.local", 1);
+        let routes = s.routes("production/myapp").expect("routed");
+        assert_eq!(routes.virtual_service, "production/a-first");
+        assert!(s.problems.iter().any(|p| p.contains("b-second") && p.contains("IST0109")), "{:?}", s.problems);
+        let v1: Vec<_> =
+            s.endpoints("production/myapp", Some("v1"), 80).into_iter().map(|(w, a)| (w.name.clone(), a)).collect();
+        assert_eq!(v1, vec![("myapp-v1".to_string(), "10.10.2.2:8080".parse().unwrap())]);
+        assert!(s.endpoints("production/myapp", Some("v9"), 80).is_empty(), "unknown subset has no endpoints");
+    }
 }

@@ -138,3 +138,45 @@ where
     tracing::debug!(pod = %pod.name, %orig, request, response, "outbound closed");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (server, _) = l.accept().await.unwrap();
+        (client, server)
+    }
+
+    #[tokio::test]
+    async fn http_is_detected_and_left_unread() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let (mut client, mut accepted) = pair().await;
+        client.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        assert!(sniff_http(&accepted).await);
+        let mut first = [0u8; 3];
+        accepted.read_exact(&mut first).await.unwrap();
+        assert_eq!(&first, b"GET", "peeked bytes are still there for the HTTP server");
+    }
+
+    #[tokio::test]
+    async fn a_silent_client_is_not_stalled_past_the_detection_timeout() {
+        // A server-first protocol: the client waits for the server's greeting.
+        let (_client, accepted) = pair().await;
+        let started = std::time::Instant::now();
+        assert!(!sniff_http(&accepted).await);
+        assert!(started.elapsed() < DETECT_TIMEOUT + Duration::from_millis(200));
+    }
+
+    #[tokio::test]
+    async fn tls_and_binary_protocols_are_not_http() {
+        use tokio::io::AsyncWriteExt as _;
+        let (mut client, accepted) = pair().await;
+        client.write_all(&[0x16, 0x03, 0x01, 0x00, 0xa5, 0x01]).await.unwrap();
+        let started = std::time::Instant::now();
+        assert!(!sniff_http(&accepted).await);
+        assert!(started.elapsed() < Duration::from_millis(100), "decided on the first byte");
+    }
+}
