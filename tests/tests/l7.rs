@@ -468,3 +468,34 @@ fn cors_preflight_is_answered_by_the_agent_and_responses_carry_cors_headers() {
         head(&["curl", "-s", "-D", "-", "-o", "/dev/null", "-H", "origin: https://evil.example", "http://myapp/cors"]);
     assert!(!other.contains("access-control-allow-origin"), "other origins get no CORS headers: {other}");
 }
+
+#[test]
+fn grpc_passes_through_with_trailers_and_unavailable_is_retried() {
+    let Some(lab) = lab("grpc_passes_through_with_trailers_and_unavailable_is_retried") else { return };
+    apply_yaml(
+        &lab,
+        "vs-grpc.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: myapp, namespace: production}\nspec:\n  hosts: [myapp]\n  http:\n  - route: [{destination: {host: myapp}}]\n    retries: {attempts: 2, retryOn: unavailable}\n",
+    );
+    let echo = root().join("target/debug/mesh-echo").display().to_string();
+    let call = |extra: &[&str]| -> serde_json::Value {
+        let mut argv = vec![echo.as_str(), "grpc", "myapp:80", "--message", "over grpc"];
+        argv.extend(extra);
+        let out = lab.exec("frontend", &argv).unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+            panic!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+        })
+    };
+    // Routed at L7 once a trailers-only UNAVAILABLE is retried: 3 tries per call.
+    let at_app = || seen(&lab, "myapp-v1", "/echo.Echo/Say").0 + seen(&lab, "myapp-v2", "/echo.Echo/Say").0;
+    eventually("retry rule in force", || {
+        let before = at_app();
+        let v = call(&["--header", "x-fail-on: *"]);
+        (v["grpc_status"] == "14" && at_app() - before == 3).then_some(())
+    });
+    // A good call: the message comes back and grpc-status 0 arrives in trailers.
+    let v = call(&[]);
+    assert_eq!(v["http_status"], 200);
+    assert_eq!(v["grpc_status"], "0", "status from trailers: {v}");
+    assert_eq!(v["message"], "over grpc");
+}

@@ -404,8 +404,24 @@ impl RetryPolicy {
         (has("5xx") && (500..=599).contains(&status))
             || (has("gateway-error") && matches!(status, 502..=504))
             || (has("retriable-4xx") && status == 409)
-            || (has("unavailable") && status == 503)
             || (has("retriable-status-codes") && self.status_codes.contains(&status))
+    }
+
+    /// Whether a gRPC answer with this non-zero `grpc-status` (trailers-only, as Envoy
+    /// judges it) is retried: Envoy's gRPC conditions name the codes.
+    pub fn retries_grpc(&self, code: u32) -> bool {
+        if let Some(l) = &self.linkerd {
+            return l.budget.withdraw();
+        }
+        let cond = match code {
+            1 => "cancelled",
+            4 => "deadline-exceeded",
+            8 => "resource-exhausted",
+            13 => "internal",
+            14 => "unavailable",
+            _ => return false,
+        };
+        self.on.iter().any(|c| c == cond)
     }
 
     /// Whether a failure to connect or a reset is retried.

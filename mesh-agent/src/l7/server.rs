@@ -297,6 +297,11 @@ fn view_owned<'a>(req: &'a Request<()>, authority: &'a str, orig: SocketAddr, po
     }
 }
 
+/// `grpc-status` of a trailers-only gRPC answer (the status rides in the headers).
+fn grpc_status(headers: &http::HeaderMap) -> Option<u32> {
+    headers.get("grpc-status")?.to_str().ok()?.parse().ok()
+}
+
 /// An HTTP/1.1 request asking to switch protocols (`Connection: upgrade` + `Upgrade`).
 fn is_upgrade<B>(req: &Request<B>) -> bool {
     req.headers().contains_key(http::header::UPGRADE)
@@ -357,7 +362,10 @@ async fn forward(caller: &Caller<'_>, rule: &Rule, backend: &Backend, req: &Requ
     loop {
         let outcome = try_once(caller, backend, req, body.clone(), retries.per_try_timeout).await;
         let retriable = match &outcome {
-            TryOutcome::Answer(a) => retries.retries_status(a.response.status().as_u16()),
+            TryOutcome::Answer(a) => match grpc_status(a.response.headers()) {
+                Some(code) if code != 0 => retries.retries_grpc(code),
+                _ => retries.retries_status(a.response.status().as_u16()),
+            },
             TryOutcome::Failed { failure, .. } => retries.retries_failure(*failure),
             TryOutcome::Final(_) => false,
         };

@@ -74,6 +74,18 @@ enum Cmd {
         #[arg(long, default_value = "hello through the upgrade")]
         message: String,
     },
+    /// Call ADDR (host:port) over HTTP/2 as a gRPC client would: one length-prefixed
+    /// message, `te: trailers`; print HTTP status, grpc-status and the echoed message.
+    Grpc {
+        /// Server address, `host:port`.
+        addr: String,
+        /// Message to send.
+        #[arg(long, default_value = "hello grpc")]
+        message: String,
+        /// Extra `name: value` request headers.
+        #[arg(long = "header")]
+        headers: Vec<String>,
+    },
     /// Run --conns concurrent TCP echo exchanges of --bytes each against ADDR and
     /// verify every byte came back.
     Load {
@@ -134,6 +146,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Cmd::Load { addr, conns, bytes } => load(addr, conns, bytes).await,
         Cmd::Upgrade { addr, path, message } => upgrade_client(&addr, &path, &message).await,
+        Cmd::Grpc { addr, message, headers } => grpc_client(&addr, &message, &headers).await,
     }
 }
 
@@ -145,7 +158,14 @@ async fn serve_http(app: Arc<App>, port: u16) -> anyhow::Result<()> {
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
                 let app = app.clone();
-                async move { Ok::<_, Infallible>(handle(&app, peer, req).await) }
+                async move {
+                    let res = if is_grpc(&req) {
+                        grpc(&app, req).await
+                    } else {
+                        handle(&app, peer, req).await.map(|b| b.boxed())
+                    };
+                    Ok::<_, Infallible>(res)
+                }
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection_with_upgrades(TokioIo::new(stream), svc)
@@ -156,6 +176,93 @@ async fn serve_http(app: Arc<App>, port: u16) -> anyhow::Result<()> {
 
 /// Source of `/bytes/N` bodies (at most this long), sliced without copying.
 static BYTES_BODY: std::sync::LazyLock<Bytes> = std::sync::LazyLock::new(|| Bytes::from(vec![b'x'; 1 << 20]));
+
+type AnyBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+fn is_grpc<B>(req: &Request<B>) -> bool {
+    req.headers().get(http::header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// A gRPC echo: the request's message comes back, with `grpc-status: 0` in trailers;
+/// `x-fail-on: <pod or *>` answers trailers-only `grpc-status: 14` (UNAVAILABLE).
+async fn grpc(app: &App, req: Request<Incoming>) -> Response<AnyBody> {
+    let fail = req.headers().get("x-fail-on").and_then(|v| v.to_str().ok()).is_some_and(|v| v == app.pod || v == "*");
+    {
+        let mut seen = app.seen.lock().unwrap_or_else(|p| p.into_inner());
+        seen.entry(req.uri().path().to_string()).or_default().count += 1;
+    }
+    let grpc_headers = |r: &mut Response<AnyBody>| {
+        r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));
+    };
+    if fail {
+        let mut r = Response::new(Full::new(Bytes::new()).boxed());
+        grpc_headers(&mut r);
+        r.headers_mut().insert("grpc-status", http::HeaderValue::from_static("14"));
+        r.headers_mut().insert("grpc-message", http::HeaderValue::from_static("unavailable"));
+        return r;
+    }
+    let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+    let mut r = Response::new(DataThenTrailers { data: Some(body), trailers: Some(trailers) }.boxed());
+    grpc_headers(&mut r);
+    r
+}
+
+/// One data frame, then trailers.
+struct DataThenTrailers {
+    data: Option<Bytes>,
+    trailers: Option<http::HeaderMap>,
+}
+
+impl http_body::Body for DataThenTrailers {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        let frame = match self.data.take() {
+            Some(d) => Some(http_body::Frame::data(d)),
+            None => self.trailers.take().map(http_body::Frame::trailers),
+        };
+        std::task::Poll::Ready(frame.map(Ok))
+    }
+}
+
+async fn grpc_client(addr: &str, message: &str, headers: &[String]) -> anyhow::Result<()> {
+    let tcp = TcpStream::connect(addr).await.with_context(|| format!("connect {addr}"))?;
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await?;
+    tokio::spawn(conn);
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    frame.extend_from_slice(message.as_bytes());
+    let mut req = Request::post(format!("http://{addr}/echo.Echo/Say"))
+        .header(http::header::CONTENT_TYPE, "application/grpc")
+        .header("te", "trailers")
+        .body(Full::new(Bytes::from(frame)))?;
+    for h in headers {
+        let (k, v) = h.split_once(':').context("--header wants name: value")?;
+        req.headers_mut().insert(http::HeaderName::from_bytes(k.trim().as_bytes())?, v.trim().parse()?);
+    }
+    let res = sender.send_request(req).await?;
+    let status = res.status().as_u16();
+    let mut grpc_status = res.headers().get("grpc-status").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let mut body = res.into_body();
+    let mut data = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame?;
+        if let Some(t) = frame.trailers_ref() {
+            grpc_status = t.get("grpc-status").and_then(|v| v.to_str().ok()).map(str::to_owned).or(grpc_status);
+        } else if let Some(d) = frame.data_ref() {
+            data.extend_from_slice(d);
+        }
+    }
+    let echoed = if data.len() >= 5 { String::from_utf8_lossy(&data[5..]).into_owned() } else { String::new() };
+    println!("{}", serde_json::json!({"http_status": status, "grpc_status": grpc_status, "message": echoed}));
+    Ok(())
+}
 
 /// Answers `Upgrade: echo` with 101 and echoes the upgraded connection's bytes.
 fn upgrade_echo(req: &mut Request<Incoming>) -> Response<Full<Bytes>> {
