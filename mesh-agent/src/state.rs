@@ -219,15 +219,10 @@ impl Snapshot {
     /// VirtualServices wins does not depend on file order.
     fn compile_traffic(&mut self, objects: &[Object]) {
         let known: HashMap<String, ()> = self.by_key.keys().map(|k| (k.clone(), ())).collect();
-        let mut vss: Vec<_> = objects
-            .iter()
-            .filter_map(|o| match o {
-                Object::VirtualService(v) => Some(v.as_ref()),
-                _ => None,
-            })
-            .collect();
-        vss.sort_by_key(|v| (v.metadata.namespace_or_default(), v.metadata.name.clone()));
-        for vs in vss {
+        for vs in sorted(objects, |o| match o {
+            Object::VirtualService(v) => Some((v.as_ref(), &v.metadata)),
+            _ => None,
+        }) {
             let gateways = &vs.spec.gateways;
             if !gateways.is_empty() && !gateways.iter().any(|g| g == "mesh") {
                 continue; // gateway-only rules do not route mesh traffic
@@ -237,81 +232,43 @@ impl Snapshot {
             let rules = route::compile_rules(vs, &ns, &known);
             for host in &vs.spec.hosts {
                 for svc in route::services_for_host(host, &ns, &known) {
-                    if let Some(existing) = self.routes.get(&svc) {
-                        if existing.virtual_service != name {
-                            self.problems.push(format!(
-                                "VirtualService {name}: host {host} ({svc}) is already routed by VirtualService {}; \
-                                 this one is ignored for it (Istio IST0109: conflicting VirtualServices for one host)",
-                                existing.virtual_service
-                            ));
-                        }
-                        continue;
-                    }
-                    self.routes
-                        .insert(svc, Arc::new(ServiceRoutes { virtual_service: name.clone(), rules: rules.clone() }));
+                    let what = format!("VirtualService {name}: host {host}");
+                    self.claim_routes(&what, svc, &name, || rules.clone());
                 }
             }
         }
         // Linkerd and SMI route the hosts no VirtualService routes.
-        let mut splits: Vec<_> = objects
-            .iter()
-            .filter_map(|o| match o {
-                Object::TrafficSplit(t) => Some(t.as_ref()),
-                _ => None,
-            })
-            .collect();
-        splits.sort_by_key(|t| (t.metadata.namespace_or_default(), t.metadata.name.clone()));
-        for ts in splits {
+        for ts in sorted(objects, |o| match o {
+            Object::TrafficSplit(t) => Some((t.as_ref(), &t.metadata)),
+            _ => None,
+        }) {
             let ns = ts.metadata.namespace_or_default();
             let name = format!("TrafficSplit {ns}/{}", ts.metadata.name);
-            let Some(svc) = route::service_for_host(&ts.spec.service, &ns, &known) else {
-                self.problems.push(format!("{name}: root service {} is not a known Service; ignored", ts.spec.service));
-                continue;
-            };
-            if let Some(existing) = self.routes.get(&svc) {
-                self.problems.push(format!(
-                    "{name}: {svc} is already routed by {}; this one is ignored",
-                    existing.virtual_service
-                ));
-                continue;
+            match route::service_for_host(&ts.spec.service, &ns, &known) {
+                Some(svc) => self.claim_routes(&name, svc, &name, || vec![route::compile_split(ts, &ns)]),
+                None => self
+                    .problems
+                    .push(format!("{name}: root service {} is not a known Service; ignored", ts.spec.service)),
             }
-            let rule = route::compile_split(ts, &ns);
-            self.routes.insert(svc, Arc::new(ServiceRoutes { virtual_service: name, rules: vec![rule] }));
         }
-        let mut profiles: Vec<_> = objects
-            .iter()
-            .filter_map(|o| match o {
-                Object::ServiceProfile(p) => Some(p.as_ref()),
-                _ => None,
-            })
-            .collect();
-        profiles.sort_by_key(|p| (p.metadata.namespace_or_default(), p.metadata.name.clone()));
-        for sp in profiles {
+        for sp in sorted(objects, |o| match o {
+            Object::ServiceProfile(p) => Some((p.as_ref(), &p.metadata)),
+            _ => None,
+        }) {
             let ns = sp.metadata.namespace_or_default();
             let name = format!("ServiceProfile {ns}/{}", sp.metadata.name);
-            let Some(svc) = route::service_for_host(&sp.metadata.name, &ns, &known) else {
-                self.problems.push(format!("{name}: names no known Service; ignored"));
-                continue;
-            };
-            if let Some(existing) = self.routes.get(&svc) {
-                self.problems.push(format!(
-                    "{name}: {svc} is already routed by {}; this one is ignored",
-                    existing.virtual_service
-                ));
-                continue;
+            match route::service_for_host(&sp.metadata.name, &ns, &known) {
+                Some(svc) => {
+                    let key = svc.clone();
+                    self.claim_routes(&name, svc, &name, || route::compile_profile(sp, &key));
+                }
+                None => self.problems.push(format!("{name}: names no known Service; ignored")),
             }
-            let rules = route::compile_profile(sp, &svc);
-            self.routes.insert(svc, Arc::new(ServiceRoutes { virtual_service: name, rules }));
         }
-        let mut drs: Vec<_> = objects
-            .iter()
-            .filter_map(|o| match o {
-                Object::DestinationRule(d) => Some(d.as_ref()),
-                _ => None,
-            })
-            .collect();
-        drs.sort_by_key(|d| (d.metadata.namespace_or_default(), d.metadata.name.clone()));
-        for dr in drs {
+        for dr in sorted(objects, |o| match o {
+            Object::DestinationRule(d) => Some((d.as_ref(), &d.metadata)),
+            _ => None,
+        }) {
             let ns = dr.metadata.namespace_or_default();
             let compiled = DestinationPolicy::compile(dr);
             for svc in route::services_for_host(&dr.spec.host, &ns, &known) {
@@ -354,6 +311,22 @@ impl Snapshot {
         missing.sort();
         missing.dedup();
         self.problems.extend(missing);
+    }
+
+    /// Routes `svc` with `rules` from `owner`, unless another owner routes it already:
+    /// then the clash is reported (`what` names the loser) and the first owner stays.
+    fn claim_routes(&mut self, what: &str, svc: String, owner: &str, rules: impl FnOnce() -> Vec<route::Rule>) {
+        if let Some(existing) = self.routes.get(&svc) {
+            if existing.virtual_service != owner {
+                self.problems.push(format!(
+                    "{what} ({svc}) is already routed by {}; this one is ignored for it \
+                     (as Istio's IST0109 for conflicting VirtualServices)",
+                    existing.virtual_service
+                ));
+            }
+            return;
+        }
+        self.routes.insert(svc, Arc::new(ServiceRoutes { virtual_service: owner.to_string(), rules: rules() }));
     }
 
     /// The Service at this cluster IP.
@@ -492,6 +465,16 @@ fn workload(pod: &Pod, trust_domain: &str, enrolled_ns: &HashMap<String, bool>) 
         ips,
         named_ports,
     }
+}
+
+/// The objects `pick` selects, in `namespace/name` order.
+fn sorted<'a, T>(
+    objects: &'a [Object],
+    pick: impl Fn(&'a Object) -> Option<(&'a T, &'a crate::config::resources::ObjectMeta)>,
+) -> Vec<&'a T> {
+    let mut found: Vec<_> = objects.iter().filter_map(pick).collect();
+    found.sort_by_key(|(_, m)| (m.namespace_or_default(), m.name.clone()));
+    found.into_iter().map(|(t, _)| t).collect()
 }
 
 /// The current snapshot, swapped atomically on each accepted config change.
