@@ -496,3 +496,36 @@ fn grpc_passes_through_with_trailers_and_unavailable_is_retried() {
     assert_eq!(v["grpc_status"], "0", "status from trailers: {v}");
     assert_eq!(v["message"], "over grpc");
 }
+
+#[test]
+fn large_request_bodies_stream_through_and_small_ones_are_retried() {
+    let Some(lab) = lab("large_request_bodies_stream_through_and_small_ones_are_retried") else { return };
+    apply_seed(&lab, "destinationrule-myapp.yaml");
+    apply_seed(&lab, "virtualservice-myapp.yaml");
+    wait_routed(&lab, "routes applied", &["x-version: v2"], "myapp-v2");
+    // 5 MiB: past the 1 MiB retry buffer, so it streams through once, byte for byte.
+    let dir = lab.state_dir.join("scratch");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("upload.bin");
+    let data: Vec<u8> = (0..5u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    std::fs::write(&file, &data).unwrap();
+    let out = lab
+        .exec(
+            "frontend",
+            &["curl", "-s", "-m", "20", "--data-binary", &format!("@{}", file.display()), "http://myapp/echo"],
+        )
+        .unwrap();
+    assert_eq!(out.stdout.len(), data.len(), "whole body echoed");
+    assert!(out.stdout == data, "every byte of the streamed body arrived in order");
+    // A small body on the default route (retries on 503) is replayed on each try.
+    let r = requests(&lab, "http://myapp/status/503", &[], false);
+    assert_eq!(r[0].0, 503);
+    let out = lab
+        .exec(
+            "frontend",
+            &["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-d", "small body", "http://myapp/status/503"],
+        )
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "503");
+    assert_eq!(seen(&lab, "myapp-v1", "/status/503").0, 8, "both requests tried four times");
+}

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode};
-use http_body_util::{BodyExt as _, Full, Limited, combinators::UnsyncBoxBody};
+use http_body_util::{BodyExt as _, Full, combinators::UnsyncBoxBody};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rand::Rng as _;
@@ -18,15 +18,16 @@ use tokio::net::TcpStream;
 
 use super::balance::{Outcome, Overflow};
 use super::route::{Action, Backend, CorsVerdict, RequestView, Rule, WeightedBackend};
-use super::upstream::{ConnSettings, SendError};
+use super::upstream::{ConnSettings, SendError, UpBody};
 use crate::dataplane::Netns;
 use crate::proxy::ProxyContext;
 use crate::state::{Service, Snapshot, Workload};
 use crate::telemetry::RequestLabels;
 
-/// Request bodies are buffered (so retries and mirrors can replay them) up to this size;
-/// larger ones are refused with 413.
-const MAX_BUFFERED_BODY: usize = 8 << 20;
+/// Request bodies up to this size are buffered, so retries and mirrors can replay them;
+/// a larger body streams through once, without retries or mirror copy (as Envoy does
+/// past its retry buffer).
+const RETRY_BUFFER: usize = 1 << 20;
 /// First retry back-off; doubles per retry up to [`MAX_BACKOFF`], with jitter (Envoy's
 /// defaults).
 const BASE_BACKOFF: Duration = Duration::from_millis(25);
@@ -201,12 +202,9 @@ async fn route(caller: &Caller<'_>, service_key: &str, mut req: Request<Incoming
     let Some(chosen) = pick_weighted(backends) else {
         return local(StatusCode::SERVICE_UNAVAILABLE, "NR", "route has no destination\n");
     };
-    let body = match Limited::new(body, MAX_BUFFERED_BODY).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            return local(StatusCode::PAYLOAD_TOO_LARGE, "-", "request body too large to route\n");
-        }
-        Err(_) => return local(StatusCode::BAD_REQUEST, "-", "request body ended early\n"),
+    let body = match read_body(body).await {
+        Ok(b) => b,
+        Err(a) => return a,
     };
 
     // The request as forwarded: rewrites and header operations applied once.
@@ -240,13 +238,15 @@ async fn route(caller: &Caller<'_>, service_key: &str, mut req: Request<Incoming
     }
 
     if let Some((mirror, share)) = &rule.mirror
+        && let ReqBody::Buffered(bytes) = &body
         && roll(*share)
     {
-        mirror_copy(caller, mirror, &fwd, body.clone());
+        mirror_copy(caller, mirror, &fwd, bytes.clone());
     }
 
     if let Some(client_upgrade) = client_upgrade {
-        let mut answer = try_once(caller, &chosen.backend, &fwd, body, None).await.into_answer(&chosen.backend);
+        let mut answer =
+            try_once(caller, &chosen.backend, &fwd, body.into_upstream(), None).await.into_answer(&chosen.backend);
         if answer.response.status() == StatusCode::SWITCHING_PROTOCOLS {
             let server_upgrade = hyper::upgrade::on(&mut answer.response);
             tokio::spawn(async move {
@@ -354,13 +354,83 @@ fn hash_key(lb: &super::policy::LbPolicy, req: &Request<()>, pod: &Workload) -> 
     }
 }
 
-/// Tries, and retries as the rule allows, until an answer or the attempts run out.
-async fn forward(caller: &Caller<'_>, rule: &Rule, backend: &Backend, req: &Request<()>, body: Bytes) -> Answer {
+/// A request body as the agent holds it.
+enum ReqBody {
+    /// Read whole: can be sent again.
+    Buffered(Bytes),
+    /// Too large to keep: the part read so far, then the rest as it arrives.
+    Streaming(UpBody),
+}
+
+impl ReqBody {
+    fn into_upstream(self) -> UpBody {
+        match self {
+            ReqBody::Buffered(b) => buffered(b),
+            ReqBody::Streaming(s) => s,
+        }
+    }
+}
+
+fn buffered(b: Bytes) -> UpBody {
+    Full::new(b).map_err(|never: Infallible| match never {}).boxed()
+}
+
+/// Reads the body up to [`RETRY_BUFFER`]; past that, hands back a stream of what was read
+/// followed by the rest.
+async fn read_body(mut body: Incoming) -> Result<ReqBody, Answer> {
+    let mut buf = bytes::BytesMut::new();
+    loop {
+        match body.frame().await {
+            None => return Ok(ReqBody::Buffered(buf.freeze())),
+            Some(Err(_)) => return Err(local(StatusCode::BAD_REQUEST, "-", "request body ended early\n")),
+            Some(Ok(frame)) => {
+                // Request trailers are rare; a buffered body ends at them.
+                let Ok(data) = frame.into_data() else { return Ok(ReqBody::Buffered(buf.freeze())) };
+                buf.extend_from_slice(&data);
+                if buf.len() > RETRY_BUFFER {
+                    let prefixed = Prefixed { prefix: Some(buf.freeze()), rest: body };
+                    return Ok(ReqBody::Streaming(prefixed.map_err(|e| Box::new(e) as BoxError).boxed()));
+                }
+            }
+        }
+    }
+}
+
+/// The bytes already read, then the rest of the client's body.
+struct Prefixed {
+    prefix: Option<Bytes>,
+    rest: Incoming,
+}
+
+impl http_body::Body for Prefixed {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
+        match self.prefix.take() {
+            Some(p) => std::task::Poll::Ready(Some(Ok(http_body::Frame::data(p)))),
+            None => std::pin::Pin::new(&mut self.rest).poll_frame(cx),
+        }
+    }
+}
+
+/// Tries, and retries as the rule allows, until an answer or the attempts run out. A
+/// streamed body is sent once.
+async fn forward(caller: &Caller<'_>, rule: &Rule, backend: &Backend, req: &Request<()>, body: ReqBody) -> Answer {
     let retries = &rule.retries;
     retries.on_request();
+    let bytes = match body {
+        ReqBody::Buffered(b) => b,
+        ReqBody::Streaming(s) => {
+            return try_once(caller, backend, req, s, retries.per_try_timeout).await.into_answer(backend);
+        }
+    };
     let mut attempt = 0u32;
     loop {
-        let outcome = try_once(caller, backend, req, body.clone(), retries.per_try_timeout).await;
+        let outcome = try_once(caller, backend, req, buffered(bytes.clone()), retries.per_try_timeout).await;
         let retriable = match &outcome {
             TryOutcome::Answer(a) => match grpc_status(a.response.headers()) {
                 Some(code) if code != 0 => retries.retries_grpc(code),
@@ -427,7 +497,7 @@ async fn try_once(
     caller: &Caller<'_>,
     backend: &Backend,
     req: &Request<()>,
-    body: Bytes,
+    body: UpBody,
     per_try_timeout: Option<Duration>,
 ) -> TryOutcome {
     let Caller { ctx, snap, pod, netns, orig } = *caller;
@@ -455,7 +525,7 @@ async fn try_once(
         return TryOutcome::Final(local(StatusCode::SERVICE_UNAVAILABLE, "UH", "no healthy upstream"));
     };
     let workload = endpoints.iter().find(|(_, a)| *a == addr).map(|(w, _)| w.clone()).expect("picked from endpoints");
-    let mut upstream_req = Request::new(Full::new(body));
+    let mut upstream_req = Request::new(body);
     *upstream_req.method_mut() = req.method().clone();
     *upstream_req.uri_mut() = req.uri().clone();
     *upstream_req.headers_mut() = req.headers().clone();
@@ -524,7 +594,7 @@ fn mirror_copy(caller: &Caller<'_>, mirror: &Backend, req: &Request<()>, body: B
     let (mirror, orig) = (mirror.clone(), caller.orig);
     tokio::spawn(async move {
         let caller = Caller { ctx: &ctx, snap: &snap, pod: &pod, netns: &netns, orig };
-        match try_once(&caller, &mirror, &copy, body, None).await {
+        match try_once(&caller, &mirror, &copy, buffered(body), None).await {
             TryOutcome::Answer(a) => {
                 // Drain so the connection goes back to the pool.
                 let _ = a.response.into_body().collect().await;

@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1::SendRequest, http2};
 use hyper_util::rt::TokioExecutor;
@@ -28,6 +27,9 @@ use crate::state::Workload;
 
 /// Idle connections unused this long are closed.
 const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A request body on its way upstream: buffered bytes or the client's stream.
+pub type UpBody = http_body_util::combinators::BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
 /// Why a request got no answer.
 #[derive(Debug, thiserror::Error)]
@@ -54,7 +56,7 @@ trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 
 struct IdleConn {
-    sender: SendRequest<Full<Bytes>>,
+    sender: SendRequest<UpBody>,
     served: u32,
     since: Instant,
 }
@@ -67,7 +69,7 @@ pub struct Upstreams {
     idle: Mutex<HashMap<Key, Vec<IdleConn>>>,
     /// One multiplexed HTTP/2 connection per (pod, endpoint), for HTTP/2 clients (gRPC)
     /// and `h2UpgradePolicy: UPGRADE`.
-    h2: Mutex<HashMap<Key, http2::SendRequest<Full<Bytes>>>>,
+    h2: Mutex<HashMap<Key, http2::SendRequest<UpBody>>>,
 }
 
 impl std::fmt::Debug for Upstreams {
@@ -108,7 +110,7 @@ impl Upstreams {
         from: From<'_>,
         endpoint: &Workload,
         addr: SocketAddr,
-        req: Request<Full<Bytes>>,
+        req: Request<UpBody>,
         settings: ConnSettings,
     ) -> Result<Response<PooledBody>, SendError> {
         let key: Key = (format!("{}/{}", from.pod.namespace, from.pod.name), addr);
@@ -164,7 +166,7 @@ impl Upstreams {
         endpoint: &Workload,
         addr: SocketAddr,
         key: Key,
-        mut req: Request<Full<Bytes>>,
+        mut req: Request<UpBody>,
         settings: ConnSettings,
     ) -> Result<Response<PooledBody>, SendError> {
         let cached = self.h2.lock().unwrap_or_else(|p| p.into_inner()).get(&key).filter(|s| !s.is_closed()).cloned();
@@ -232,7 +234,7 @@ impl Upstreams {
         endpoint: &Workload,
         addr: SocketAddr,
         settings: ConnSettings,
-    ) -> Result<SendRequest<Full<Bytes>>, SendError> {
+    ) -> Result<SendRequest<UpBody>, SendError> {
         let io = self.connect_io(from, endpoint, addr, settings).await?;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
             .await
