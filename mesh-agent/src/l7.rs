@@ -42,10 +42,11 @@ pub fn default_rule(service_key: &str) -> Rule {
         timeout: None,
         retries: RetryPolicy::istio_default(),
         fault: Default::default(),
-        mirror: None,
+        mirrors: Vec::new(),
         request_headers: Default::default(),
         response_headers: Default::default(),
         rewrite_uri: None,
+        rewrite_regex: None,
         rewrite_authority: None,
         cors: None,
     }

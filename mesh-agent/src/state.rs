@@ -294,7 +294,7 @@ impl Snapshot {
                     route::Action::Route(b) => b.iter().map(|w| &w.backend).collect(),
                     _ => Vec::new(),
                 };
-                backends.extend(rule.mirror.as_ref().map(|(b, _)| b));
+                backends.extend(rule.mirrors.iter().map(|(b, _)| b));
                 for b in backends {
                     if let Some(subset) = &b.subset
                         && !self.policies.get(&b.service).is_some_and(|p| p.subsets.contains_key(subset))

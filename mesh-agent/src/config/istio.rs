@@ -102,9 +102,9 @@ pub struct HttpRoute {
     /// Delegation (not enforced yet).
     #[serde(default)]
     pub delegate: Option<Value>,
-    /// Multiple mirrors (not enforced yet).
+    /// Several shadow destinations, each with its own share.
     #[serde(default)]
-    pub mirrors: Option<Value>,
+    pub mirrors: Vec<HttpMirrorPolicy>,
 }
 
 /// `corsPolicy`.
@@ -135,6 +135,58 @@ pub struct CorsPolicy {
     /// FORWARD (default) or IGNORE preflights from origins that do not match.
     #[serde(default)]
     pub unmatched_preflights: Option<String>,
+}
+
+/// One entry of `mirrors`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpMirrorPolicy {
+    /// Where copies go.
+    pub destination: Destination,
+    /// Share copied (default 100).
+    #[serde(default)]
+    pub percentage: Option<Percent>,
+}
+
+/// `rewrite.uriRegexRewrite`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegexRewrite {
+    /// RE2 pattern.
+    #[serde(rename = "match")]
+    pub pattern: String,
+    /// Replacement, `\\1` style groups.
+    pub rewrite: String,
+}
+
+/// `trafficPolicy.tls`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClientTls {
+    /// DISABLE, SIMPLE, MUTUAL or ISTIO_MUTUAL.
+    #[serde(default)]
+    pub mode: Option<String>,
+    /// SNI (accepted with ISTIO_MUTUAL: the tunnel verifies SPIFFE identities).
+    #[serde(default)]
+    pub sni: Option<String>,
+    /// Subject alt names to verify (not enforced yet).
+    #[serde(default)]
+    pub subject_alt_names: Vec<String>,
+    /// Accepted as is.
+    #[serde(default)]
+    pub insecure_skip_verify: Option<bool>,
+    /// Certificates for MUTUAL/SIMPLE (not enforced yet).
+    #[serde(default)]
+    pub credential_name: Option<String>,
+    /// Certificates for MUTUAL/SIMPLE (not enforced yet).
+    #[serde(default)]
+    pub client_certificate: Option<String>,
+    /// Certificates for MUTUAL/SIMPLE (not enforced yet).
+    #[serde(default)]
+    pub private_key: Option<String>,
+    /// Certificates for MUTUAL/SIMPLE (not enforced yet).
+    #[serde(default)]
+    pub ca_certificates: Option<String>,
 }
 
 /// A string condition: exactly one of the three.
@@ -290,9 +342,9 @@ pub struct HttpRewrite {
     /// Replaces the Host header.
     #[serde(default)]
     pub authority: Option<String>,
-    /// Regex rewrite (not enforced yet).
+    /// Regex rewrite of the path.
     #[serde(default)]
-    pub uri_regex_rewrite: Option<Value>,
+    pub uri_regex_rewrite: Option<RegexRewrite>,
 }
 
 /// Retry policy.
@@ -347,9 +399,9 @@ pub struct FaultAbort {
     /// Status to answer.
     #[serde(default)]
     pub http_status: Option<i64>,
-    /// gRPC status (not enforced yet).
+    /// gRPC status name or number, answered trailers-only.
     #[serde(default)]
-    pub grpc_status: Option<Value>,
+    pub grpc_status: Option<String>,
     /// Share of requests (default 100).
     #[serde(default)]
     pub percentage: Option<Percent>,
@@ -451,9 +503,9 @@ pub struct TrafficPolicy {
     /// Ejection of failing endpoints.
     #[serde(default)]
     pub outlier_detection: Option<OutlierDetection>,
-    /// Client TLS (the mesh always uses its own mTLS; not enforced yet).
+    /// Client TLS: ISTIO_MUTUAL is what the mesh does for mesh endpoints.
     #[serde(default)]
-    pub tls: Option<Value>,
+    pub tls: Option<ClientTls>,
     /// Per-port overrides (not enforced yet).
     #[serde(default)]
     pub port_level_settings: Option<Value>,
@@ -626,6 +678,30 @@ pub const RETRY_ON: &[&str] = &[
 /// Load balancer names Istio accepts.
 const LB_SIMPLE: &[&str] = &["UNSPECIFIED", "ROUND_ROBIN", "LEAST_REQUEST", "LEAST_CONN", "RANDOM", "PASSTHROUGH"];
 
+/// A gRPC status by name (`UNAVAILABLE`) or number (`14`).
+pub fn grpc_code(s: &str) -> Option<u32> {
+    const NAMES: [&str; 17] = [
+        "OK",
+        "CANCELLED",
+        "UNKNOWN",
+        "INVALID_ARGUMENT",
+        "DEADLINE_EXCEEDED",
+        "NOT_FOUND",
+        "ALREADY_EXISTS",
+        "PERMISSION_DENIED",
+        "RESOURCE_EXHAUSTED",
+        "FAILED_PRECONDITION",
+        "ABORTED",
+        "OUT_OF_RANGE",
+        "UNIMPLEMENTED",
+        "INTERNAL",
+        "UNAVAILABLE",
+        "DATA_LOSS",
+        "UNAUTHENTICATED",
+    ];
+    s.parse::<u32>().ok().filter(|n| *n <= 16).or_else(|| NAMES.iter().position(|n| *n == s).map(|i| i as u32))
+}
+
 /// Parses an Istio duration (`30s`, `1.5s`, `100ms`, `1m`, `1h`), refusing negatives.
 pub fn duration(field: &str, s: &str) -> Result<std::time::Duration, Invalid> {
     if s.trim_start().starts_with('-') {
@@ -699,7 +775,13 @@ fn validate_http_route(at: &str, r: &HttpRoute) -> Result<(), Invalid> {
         }
     }
     not_supported(format!("{at}.delegate"), r.delegate.is_some())?;
-    not_supported(format!("{at}.mirrors"), r.mirrors.is_some())?;
+    for (i, m) in r.mirrors.iter().enumerate() {
+        validate_destination(&format!("{at}.mirrors[{i}].destination"), &m.destination)?;
+        percent(format!("{at}.mirrors[{i}].percentage.value"), &m.percentage)?;
+    }
+    if r.mirror.is_some() && !r.mirrors.is_empty() {
+        return Err((format!("{at}.mirrors"), "mirror and mirrors are mutually exclusive".into()));
+    }
     let actions = [!r.route.is_empty(), r.redirect.is_some(), r.direct_response.is_some()];
     match actions.iter().filter(|a| **a).count() {
         0 => return Err((at.into(), "one of route, redirect or directResponse is required".into())),
@@ -773,11 +855,22 @@ fn validate_http_route(at: &str, r: &HttpRoute) -> Result<(), Invalid> {
             }
         }
         if let Some(a) = &f.abort {
-            not_supported(format!("{at}.fault.abort.grpcStatus"), a.grpc_status.is_some())?;
-            match a.http_status {
-                Some(s) if (200..=599).contains(&s) => {}
-                Some(s) => return Err((format!("{at}.fault.abort.httpStatus"), format!("{s} is not an HTTP status"))),
-                None => return Err((format!("{at}.fault.abort.httpStatus"), "is required".into())),
+            match (a.http_status, &a.grpc_status) {
+                (Some(s), None) if (200..=599).contains(&s) => {}
+                (Some(s), None) => {
+                    return Err((format!("{at}.fault.abort.httpStatus"), format!("{s} is not an HTTP status")));
+                }
+                (None, Some(g)) if grpc_code(g).is_some() => {}
+                (None, Some(g)) => {
+                    return Err((format!("{at}.fault.abort.grpcStatus"), format!("{g:?} is not a gRPC status")));
+                }
+                (Some(_), Some(_)) => {
+                    return Err((
+                        format!("{at}.fault.abort"),
+                        "httpStatus and grpcStatus are mutually exclusive".into(),
+                    ));
+                }
+                (None, None) => return Err((format!("{at}.fault.abort.httpStatus"), "is required".into())),
             }
             percent(format!("{at}.fault.abort.percentage.value"), &a.percentage)?;
         }
@@ -800,7 +893,14 @@ fn validate_http_route(at: &str, r: &HttpRoute) -> Result<(), Invalid> {
         return Err((format!("{at}.directResponse.status"), format!("{} is not an HTTP status", d.status)));
     }
     if let Some(rw) = &r.rewrite {
-        not_supported(format!("{at}.rewrite.uriRegexRewrite"), rw.uri_regex_rewrite.is_some())?;
+        if let Some(rr) = &rw.uri_regex_rewrite {
+            regex::Regex::new(&rr.pattern).map_err(|e| {
+                (format!("{at}.rewrite.uriRegexRewrite.match"), format!("invalid regex {:?}: {e}", rr.pattern))
+            })?;
+            if rw.uri.is_some() {
+                return Err((format!("{at}.rewrite"), "uri and uriRegexRewrite are mutually exclusive".into()));
+            }
+        }
     }
     Ok(())
 }
@@ -853,7 +953,19 @@ fn non_negative(field: String, v: Option<i64>) -> Result<(), Invalid> {
 }
 
 fn validate_policy(at: &str, p: &TrafficPolicy) -> Result<(), Invalid> {
-    not_supported(format!("{at}.tls"), p.tls.is_some())?;
+    if let Some(t) = &p.tls {
+        // The mesh's own mTLS is what ISTIO_MUTUAL asks for; originating other TLS is not
+        // supported yet, and plaintext to a mesh endpoint would bypass identity.
+        match t.mode.as_deref() {
+            Some("ISTIO_MUTUAL") => {}
+            other => {
+                return Err((
+                    format!("{at}.tls.mode"),
+                    format!("{other:?} is not supported by this agent version yet (only ISTIO_MUTUAL)"),
+                ));
+            }
+        }
+    }
     not_supported(format!("{at}.portLevelSettings"), p.port_level_settings.is_some())?;
     if let Some(lb) = &p.load_balancer {
         not_supported(format!("{at}.loadBalancer.localityLbSetting"), lb.locality_lb_setting.is_some())?;

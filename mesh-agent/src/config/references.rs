@@ -53,6 +53,9 @@ pub(super) fn undefined_subsets<'a>(objects: impl Iterator<Item = (&'a Path, &'a
             if let Some(m) = &r.mirror {
                 check(format!("spec.http[{i}].mirror.subset"), m);
             }
+            for (k, m) in r.mirrors.iter().enumerate() {
+                check(format!("spec.http[{i}].mirrors[{k}].destination.subset"), &m.destination);
+            }
         }
     }
     errors

@@ -76,6 +76,8 @@ pub struct TrafficPolicy {
     pub pool: PoolLimits,
     /// Ejection, when configured.
     pub outlier: Option<Outlier>,
+    /// `tls.mode: ISTIO_MUTUAL`: only mesh endpoints (reached over mTLS) may serve.
+    pub istio_mutual: bool,
 }
 
 /// A DestinationRule compiled for its Service.
@@ -163,6 +165,7 @@ fn merge(base: &TrafficPolicy, p: Option<&istio::TrafficPolicy>) -> TrafficPolic
         lb: p.load_balancer.as_ref().map_or_else(|| base.lb.clone(), lb),
         pool: p.connection_pool.as_ref().map_or_else(|| base.pool.clone(), pool),
         outlier: p.outlier_detection.as_ref().map(outlier).or_else(|| base.outlier.clone()),
+        istio_mutual: p.tls.as_ref().map_or(base.istio_mutual, |t| t.mode.as_deref() == Some("ISTIO_MUTUAL")),
     }
 }
 

@@ -535,8 +535,17 @@ pub enum Failure {
 pub struct Fault {
     /// (delay, share 0-100).
     pub delay: Option<(Duration, f64)>,
-    /// (status, share 0-100).
-    pub abort: Option<(u16, f64)>,
+    /// (answer, share 0-100).
+    pub abort: Option<(Abort, f64)>,
+}
+
+/// What an injected abort answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Abort {
+    /// An HTTP status.
+    Http(u16),
+    /// A trailers-only gRPC status.
+    Grpc(u32),
 }
 
 /// A compiled rule.
@@ -556,14 +565,16 @@ pub struct Rule {
     pub retries: RetryPolicy,
     /// Faults.
     pub fault: Fault,
-    /// Shadow copy (destination, share 0-100).
-    pub mirror: Option<(Backend, f64)>,
+    /// Shadow copies (destination, share 0-100).
+    pub mirrors: Vec<(Backend, f64)>,
     /// Request header operations.
     pub request_headers: HeaderOps,
     /// Response header operations.
     pub response_headers: HeaderOps,
     /// Path rewrite (replaces the matched prefix).
     pub rewrite_uri: Option<String>,
+    /// Regex path rewrite (pattern, replacement in `regex` syntax).
+    pub rewrite_regex: Option<(Regex, String)>,
     /// Host rewrite.
     pub rewrite_authority: Option<String>,
     /// CORS.
@@ -582,6 +593,9 @@ impl Rule {
     /// The path after `rewrite.uri`: replaces the prefix a prefix match matched, else the
     /// whole path (as Envoy does).
     pub fn rewritten_path(&self, r: &RequestView<'_>) -> Option<String> {
+        if let Some((re, replacement)) = &self.rewrite_regex {
+            return Some(re.replace_all(r.path, replacement.as_str()).into_owned());
+        }
         let new = self.rewrite_uri.as_ref()?;
         let matched_prefix = self.matches.iter().find(|m| m.matches(r)).and_then(|m| match &m.uri {
             Some(Matcher::Prefix(p)) => Some(p.clone()),
@@ -661,10 +675,14 @@ fn compile_rule(i: usize, r: &HttpRoute, ns: &str, known: &HashMap<String, ()>) 
             let t = istio::duration("", d.fixed_delay.as_deref()?).ok()?;
             Some((t, percentage(&d.percentage, d.percent)))
         }),
-        abort: f
-            .abort
-            .as_ref()
-            .and_then(|a| Some((u16::try_from(a.http_status?).ok()?, percentage(&a.percentage, None)))),
+        abort: f.abort.as_ref().and_then(|a| {
+            let answer = match (&a.grpc_status, a.http_status) {
+                (Some(g), _) => Abort::Grpc(istio::grpc_code(g)?),
+                (None, Some(h)) => Abort::Http(u16::try_from(h).ok()?),
+                (None, None) => return None,
+            };
+            Some((answer, percentage(&a.percentage, None)))
+        }),
     });
     Rule {
         name: r.name.clone().unwrap_or_else(|| format!("http[{i}]")),
@@ -674,10 +692,21 @@ fn compile_rule(i: usize, r: &HttpRoute, ns: &str, known: &HashMap<String, ()>) 
         timeout: r.timeout.as_deref().and_then(|t| istio::duration("", t).ok()).filter(|t| !t.is_zero()),
         retries: r.retries.as_ref().map_or_else(RetryPolicy::istio_default, RetryPolicy::compile),
         fault,
-        mirror: r.mirror.as_ref().map(|m| (backend(m, ns, known), percentage(&r.mirror_percentage, r.mirror_percent))),
+        mirrors: r
+            .mirror
+            .as_ref()
+            .map(|m| (backend(m, ns, known), percentage(&r.mirror_percentage, r.mirror_percent)))
+            .into_iter()
+            .chain(r.mirrors.iter().map(|m| (backend(&m.destination, ns, known), percentage(&m.percentage, None))))
+            .collect(),
         request_headers: HeaderOps::compile(r.headers.as_ref().and_then(|h| h.request.as_ref())),
         response_headers: HeaderOps::compile(r.headers.as_ref().and_then(|h| h.response.as_ref())),
         rewrite_uri: r.rewrite.as_ref().and_then(|w| w.uri.clone()),
+        rewrite_regex: r.rewrite.as_ref().and_then(|w| w.uri_regex_rewrite.as_ref()).and_then(|rr| {
+            // Istio (RE2) writes groups as \1; the regex crate as ${1}.
+            let replacement = Regex::new(r"\\(\d+)").ok()?.replace_all(&rr.rewrite, "$${$1}").into_owned();
+            Some((Regex::new(&rr.pattern).ok()?, replacement))
+        }),
         rewrite_authority: r.rewrite.as_ref().and_then(|w| w.authority.clone()),
         cors: r.cors_policy.as_ref().map(Cors::compile),
     }
@@ -747,10 +776,11 @@ pub fn compile_profile(sp: &linkerd::ServiceProfile, service: &str) -> Vec<Rule>
         timeout,
         retries,
         fault: Fault::default(),
-        mirror: None,
+        mirrors: Vec::new(),
         request_headers: HeaderOps::default(),
         response_headers: HeaderOps::default(),
         rewrite_uri: None,
+        rewrite_regex: None,
         rewrite_authority: None,
         cors: None,
     };
@@ -801,11 +831,108 @@ pub fn compile_split(ts: &linkerd::TrafficSplit, ns: &str) -> Rule {
         timeout: None,
         retries: RetryPolicy::none(),
         fault: Fault::default(),
-        mirror: None,
+        mirrors: Vec::new(),
         request_headers: HeaderOps::default(),
         response_headers: HeaderOps::default(),
         rewrite_uri: None,
+        rewrite_regex: None,
         rewrite_authority: None,
         cors: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse_documents;
+
+    fn rules(http: &str) -> Vec<Rule> {
+        let yaml = format!(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: v, namespace: production}}\nspec:\n  hosts: [myapp]\n  http:\n{http}"
+        );
+        let objs = parse_documents(std::path::Path::new("t.yaml"), &yaml).unwrap();
+        let crate::config::Object::VirtualService(vs) = &objs[0] else { panic!() };
+        let known: HashMap<String, ()> = [("production/myapp".to_string(), ())].into();
+        compile_rules(vs, "production", &known)
+    }
+
+    fn view<'a>(path: &'a str, headers: &'a HeaderMap, source: &'a Workload) -> RequestView<'a> {
+        RequestView { method: "GET", path, query: None, authority: "myapp", scheme: "http", headers, port: 80, source }
+    }
+
+    fn workload() -> Workload {
+        Workload {
+            name: "frontend".into(),
+            namespace: "production".into(),
+            labels: Default::default(),
+            node: None,
+            ips: vec![],
+            identity: crate::identity::Identity::new("cluster.local", "production", "frontend"),
+            enrolled: true,
+            named_ports: Default::default(),
+        }
+    }
+
+    #[test]
+    fn regex_rewrite_uses_istio_group_syntax() {
+        let r = rules(
+            "  - match: [{uri: {prefix: /v1}}]\n    rewrite: {uriRegexRewrite: {match: \"^/v1/(.*)$\", rewrite: \"/api/\\\\1\"}}\n    route: [{destination: {host: myapp}}]\n",
+        );
+        let (h, w) = (HeaderMap::new(), workload());
+        assert_eq!(r[0].rewritten_path(&view("/v1/users/7", &h, &w)).as_deref(), Some("/api/users/7"));
+    }
+
+    #[test]
+    fn prefix_rewrite_replaces_only_the_matched_prefix() {
+        let r = rules(
+            "  - match: [{uri: {prefix: /old}}]\n    rewrite: {uri: /new}\n    route: [{destination: {host: myapp}}]\n",
+        );
+        let (h, w) = (HeaderMap::new(), workload());
+        assert_eq!(r[0].rewritten_path(&view("/old/page", &h, &w)).as_deref(), Some("/new/page"));
+    }
+
+    #[test]
+    fn grpc_abort_and_several_mirrors_compile() {
+        let r = rules(
+            "  - fault: {abort: {grpcStatus: UNAVAILABLE, percentage: {value: 50}}}\n    mirrors: [{destination: {host: myapp}, percentage: {value: 25}}, {destination: {host: myapp}}]\n    route: [{destination: {host: myapp}}]\n",
+        );
+        assert_eq!(r[0].fault.abort, Some((Abort::Grpc(14), 50.0)));
+        let shares: Vec<f64> = r[0].mirrors.iter().map(|(_, p)| *p).collect();
+        assert_eq!(shares, vec![25.0, 100.0]);
+    }
+
+    #[test]
+    fn header_presence_absence_and_query_conditions() {
+        let r = rules(
+            "  - match: [{headers: {x-user: {prefix: beta-}}, withoutHeaders: {x-debug: {}}, queryParams: {v: {exact: \"2\"}}}]\n    route: [{destination: {host: myapp}}]\n",
+        );
+        let w = workload();
+        let mut h = HeaderMap::new();
+        h.insert("x-user", HeaderValue::from_static("beta-7"));
+        let mut v = view("/", &h, &w);
+        v.query = Some("a=1&v=2");
+        assert!(r[0].matches(&v));
+        v.query = Some("v=3");
+        assert!(!r[0].matches(&v), "query must match");
+        let mut h2 = h.clone();
+        h2.insert("x-debug", HeaderValue::from_static("1"));
+        let mut v2 = view("/", &h2, &w);
+        v2.query = Some("v=2");
+        assert!(!r[0].matches(&v2), "withoutHeaders excludes a present header");
+    }
+
+    #[test]
+    fn retry_conditions_follow_envoy_names() {
+        let p = RetryPolicy::compile(&istio::HttpRetry {
+            attempts: Some(3),
+            per_try_timeout: None,
+            retry_on: Some("gateway-error,retriable-4xx,429,unavailable".into()),
+            retry_remote_localities: None,
+        });
+        assert!(p.retries_status(502) && p.retries_status(504) && p.retries_status(409) && p.retries_status(429));
+        assert!(!p.retries_status(500), "500 is not a gateway error");
+        assert!(p.retries_grpc(14) && !p.retries_grpc(13));
+        assert!(p.retries_failure(Failure::Connect), "gateway-error covers connect failures");
+        assert!(!p.retries_failure(Failure::Reset));
     }
 }

@@ -17,7 +17,7 @@ use rand::Rng as _;
 use tokio::net::TcpStream;
 
 use super::balance::{Outcome, Overflow};
-use super::route::{Action, Backend, CorsVerdict, RequestView, Rule, WeightedBackend};
+use super::route::{Abort, Action, Backend, CorsVerdict, RequestView, Rule, WeightedBackend};
 use super::upstream::{ConnSettings, SendError, UpBody};
 use crate::dataplane::Netns;
 use crate::proxy::ProxyContext;
@@ -169,11 +169,24 @@ async fn route(caller: &Caller<'_>, service_key: &str, mut req: Request<Incoming
         flags = "DI";
     }
     // Envoy's fault filter delays first, then aborts.
-    if let Some((status, share)) = rule.fault.abort
+    if let Some((abort, share)) = rule.fault.abort
         && roll(share)
     {
-        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-        return local(status, "FI", "fault filter abort");
+        return match abort {
+            Abort::Http(status) => local(
+                StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+                "FI",
+                "fault filter abort",
+            ),
+            Abort::Grpc(code) => {
+                let mut a = local(StatusCode::OK, "FI", "");
+                let h = a.response.headers_mut();
+                h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+                h.insert("grpc-status", HeaderValue::from(code));
+                h.insert("grpc-message", HeaderValue::from_static("fault filter abort"));
+                a
+            }
+        };
     }
     let backends = match &rule.action {
         Action::Direct { status, body } => {
@@ -237,11 +250,12 @@ async fn route(caller: &Caller<'_>, service_key: &str, mut req: Request<Incoming
         *fwd.uri_mut() = uri;
     }
 
-    if let Some((mirror, share)) = &rule.mirror
-        && let ReqBody::Buffered(bytes) = &body
-        && roll(*share)
-    {
-        mirror_copy(caller, mirror, &fwd, bytes.clone());
+    if let ReqBody::Buffered(bytes) = &body {
+        for (mirror, share) in &rule.mirrors {
+            if roll(*share) {
+                mirror_copy(caller, mirror, &fwd, bytes.clone());
+            }
+        }
     }
 
     if let Some(client_upgrade) = client_upgrade {
@@ -525,6 +539,14 @@ async fn try_once(
         return TryOutcome::Final(local(StatusCode::SERVICE_UNAVAILABLE, "UH", "no healthy upstream"));
     };
     let workload = endpoints.iter().find(|(_, a)| *a == addr).map(|(w, _)| w.clone()).expect("picked from endpoints");
+    if policy.istio_mutual && !workload.enrolled {
+        // Istio would originate mTLS and fail against a plaintext pod; never send plaintext.
+        return TryOutcome::Failed {
+            failure: super::route::Failure::Connect,
+            endpoint: Some(workload.name.clone()),
+            detail: "DestinationRule tls ISTIO_MUTUAL, but the endpoint is outside the mesh".into(),
+        };
+    }
     let mut upstream_req = Request::new(body);
     *upstream_req.method_mut() = req.method().clone();
     *upstream_req.uri_mut() = req.uri().clone();
