@@ -892,14 +892,14 @@ fn validate_http_route(at: &str, r: &HttpRoute) -> Result<(), Invalid> {
     {
         return Err((format!("{at}.directResponse.status"), format!("{} is not an HTTP status", d.status)));
     }
-    if let Some(rw) = &r.rewrite {
-        if let Some(rr) = &rw.uri_regex_rewrite {
-            regex::Regex::new(&rr.pattern).map_err(|e| {
-                (format!("{at}.rewrite.uriRegexRewrite.match"), format!("invalid regex {:?}: {e}", rr.pattern))
-            })?;
-            if rw.uri.is_some() {
-                return Err((format!("{at}.rewrite"), "uri and uriRegexRewrite are mutually exclusive".into()));
-            }
+    if let Some(rw) = &r.rewrite
+        && let Some(rr) = &rw.uri_regex_rewrite
+    {
+        regex::Regex::new(&rr.pattern).map_err(|e| {
+            (format!("{at}.rewrite.uriRegexRewrite.match"), format!("invalid regex {:?}: {e}", rr.pattern))
+        })?;
+        if rw.uri.is_some() {
+            return Err((format!("{at}.rewrite"), "uri and uriRegexRewrite are mutually exclusive".into()));
         }
     }
     Ok(())
