@@ -344,13 +344,10 @@ impl Snapshot {
         self.routes.contains_key(service) || self.policies.contains_key(service)
     }
 
-    /// The traffic policy for a Service and optional subset (defaults without a rule).
-    pub fn traffic_policy(&self, service: &str, subset: Option<&str>) -> TrafficPolicy {
-        let Some(p) = self.policies.get(service) else { return TrafficPolicy::default() };
-        match subset.and_then(|s| p.subsets.get(s)) {
-            Some(s) => s.policy.clone(),
-            None => p.policy.clone(),
-        }
+    /// The traffic policy for a Service, optional subset and service port (defaults
+    /// without a rule).
+    pub fn traffic_policy(&self, service: &str, subset: Option<&str>, port: u16) -> TrafficPolicy {
+        self.policies.get(service).map_or_else(TrafficPolicy::default, |p| p.effective(subset, port))
     }
 
     /// Endpoints of a Service (restricted to a subset's labels) with the address for

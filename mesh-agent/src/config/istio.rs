@@ -506,9 +506,42 @@ pub struct TrafficPolicy {
     /// Client TLS: ISTIO_MUTUAL is what the mesh does for mesh endpoints.
     #[serde(default)]
     pub tls: Option<ClientTls>,
-    /// Per-port overrides (not enforced yet).
+    /// Per-port overrides of the groups above.
     #[serde(default)]
-    pub port_level_settings: Option<Value>,
+    pub port_level_settings: Vec<PortTrafficPolicy>,
+}
+
+/// One entry of `portLevelSettings`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PortTrafficPolicy {
+    /// The Service port it applies to.
+    pub port: PortSelector,
+    /// Load balancing.
+    #[serde(default)]
+    pub load_balancer: Option<LoadBalancer>,
+    /// Connection pool limits.
+    #[serde(default)]
+    pub connection_pool: Option<ConnectionPool>,
+    /// Ejection.
+    #[serde(default)]
+    pub outlier_detection: Option<OutlierDetection>,
+    /// Client TLS.
+    #[serde(default)]
+    pub tls: Option<ClientTls>,
+}
+
+impl PortTrafficPolicy {
+    /// The same groups as a traffic policy without port settings.
+    pub fn as_policy(&self) -> TrafficPolicy {
+        TrafficPolicy {
+            load_balancer: self.load_balancer.clone(),
+            connection_pool: self.connection_pool.clone(),
+            outlier_detection: self.outlier_detection.clone(),
+            tls: self.tls.clone(),
+            port_level_settings: Vec::new(),
+        }
+    }
 }
 
 /// `loadBalancer`.
@@ -966,7 +999,17 @@ fn validate_policy(at: &str, p: &TrafficPolicy) -> Result<(), Invalid> {
             }
         }
     }
-    not_supported(format!("{at}.portLevelSettings"), p.port_level_settings.is_some())?;
+    let mut ports = std::collections::HashSet::new();
+    for (i, pl) in p.port_level_settings.iter().enumerate() {
+        let pf = format!("{at}.portLevelSettings[{i}]");
+        if !(1..=65535).contains(&pl.port.number) {
+            return Err((format!("{pf}.port.number"), format!("{} is not a port number", pl.port.number)));
+        }
+        if !ports.insert(pl.port.number) {
+            return Err((format!("{pf}.port.number"), format!("port {} is listed twice", pl.port.number)));
+        }
+        validate_policy(&pf, &pl.as_policy())?;
+    }
     if let Some(lb) = &p.load_balancer {
         not_supported(format!("{at}.loadBalancer.localityLbSetting"), lb.locality_lb_setting.is_some())?;
         not_supported(format!("{at}.loadBalancer.warmupDurationSecs"), lb.warmup_duration_secs.is_some())?;

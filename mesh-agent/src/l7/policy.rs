@@ -87,6 +87,8 @@ pub struct DestinationPolicy {
     pub rule: String,
     /// Top-level policy.
     pub policy: TrafficPolicy,
+    /// Top-level policy for ports with `portLevelSettings`.
+    pub ports: HashMap<u16, TrafficPolicy>,
     /// Subsets: labels and merged policy.
     pub subsets: HashMap<String, Subset>,
 }
@@ -98,6 +100,8 @@ pub struct Subset {
     pub labels: BTreeMap<String, String>,
     /// Merged policy.
     pub policy: TrafficPolicy,
+    /// Merged policy for ports with `portLevelSettings`.
+    pub ports: HashMap<u16, TrafficPolicy>,
 }
 
 fn positive(v: Option<i64>) -> Option<u32> {
@@ -158,6 +162,22 @@ fn outlier(o: &istio::OutlierDetection) -> Outlier {
     }
 }
 
+/// Per-port policies: `inherited` ones (from an outer level) with `p`'s port settings
+/// applied over them, or over `base` for ports only `p` names.
+fn port_policies(
+    base: &TrafficPolicy,
+    p: Option<&istio::TrafficPolicy>,
+    inherited: &HashMap<u16, TrafficPolicy>,
+) -> HashMap<u16, TrafficPolicy> {
+    let mut out = inherited.clone();
+    for pl in p.map(|p| p.port_level_settings.as_slice()).unwrap_or_default() {
+        let Ok(port) = u16::try_from(pl.port.number) else { continue };
+        let under = inherited.get(&port).unwrap_or(base);
+        out.insert(port, merge(under, Some(&pl.as_policy())));
+    }
+    out
+}
+
 /// Applies the groups `p` sets on top of `base`.
 fn merge(base: &TrafficPolicy, p: Option<&istio::TrafficPolicy>) -> TrafficPolicy {
     let Some(p) = p else { return base.clone() };
@@ -171,17 +191,35 @@ fn merge(base: &TrafficPolicy, p: Option<&istio::TrafficPolicy>) -> TrafficPolic
 
 impl DestinationPolicy {
     /// Compiles `dr`.
+    /// Compiles `dr`. Order of precedence, later wins group by group: top level, its
+    /// port-level settings, the subset, the subset's port-level settings.
     pub fn compile(dr: &DestinationRule) -> Self {
-        let policy = merge(&TrafficPolicy::default(), dr.spec.traffic_policy.as_ref());
+        let top = dr.spec.traffic_policy.as_ref();
+        let policy = merge(&TrafficPolicy::default(), top);
+        let ports = port_policies(&policy, top, &HashMap::new());
         let subsets = dr
             .spec
             .subsets
             .iter()
             .map(|s| {
-                (s.name.clone(), Subset { labels: s.labels.clone(), policy: merge(&policy, s.traffic_policy.as_ref()) })
+                let sub = s.traffic_policy.as_ref();
+                let own = merge(&policy, sub);
+                // The top level's port settings still apply under the subset, below its own.
+                let inherited: HashMap<u16, TrafficPolicy> =
+                    ports.iter().map(|(port, p)| (*port, merge(p, sub))).collect();
+                let sub_ports = port_policies(&own, sub, &inherited);
+                (s.name.clone(), Subset { labels: s.labels.clone(), policy: own, ports: sub_ports })
             })
             .collect();
-        Self { rule: format!("{}/{}", dr.metadata.namespace_or_default(), dr.metadata.name), policy, subsets }
+        Self { rule: format!("{}/{}", dr.metadata.namespace_or_default(), dr.metadata.name), policy, ports, subsets }
+    }
+
+    /// The policy for `subset` (if any) on service port `port`.
+    pub fn effective(&self, subset: Option<&str>, port: u16) -> TrafficPolicy {
+        match subset.and_then(|s| self.subsets.get(s)) {
+            Some(s) => s.ports.get(&port).unwrap_or(&s.policy).clone(),
+            None => self.ports.get(&port).unwrap_or(&self.policy).clone(),
+        }
     }
 
     /// Adds the subsets of a later rule for the same host that this one lacks (Istio
@@ -190,5 +228,48 @@ impl DestinationPolicy {
         for (name, s) in &other.subsets {
             self.subsets.entry(name.clone()).or_insert_with(|| s.clone());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Object, parse_documents};
+
+    const DR: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: myapp, namespace: production}
+spec:
+  host: myapp
+  trafficPolicy:
+    loadBalancer: {simple: RANDOM}
+    connectionPool: {http: {http2MaxRequests: 100}}
+    portLevelSettings:
+    - port: {number: 9000}
+      loadBalancer: {simple: ROUND_ROBIN}
+  subsets:
+  - name: v1
+    labels: {version: v1}
+    trafficPolicy:
+      connectionPool: {http: {http2MaxRequests: 7}}
+      portLevelSettings:
+      - port: {number: 80}
+        loadBalancer: {consistentHash: {useSourceIp: true}}
+"#;
+
+    #[test]
+    fn port_level_settings_override_their_level_and_subsets_override_the_top() {
+        let objs = parse_documents(std::path::Path::new("dr.yaml"), DR).unwrap();
+        let Object::DestinationRule(dr) = &objs[0] else { panic!() };
+        let p = DestinationPolicy::compile(dr);
+        assert_eq!(p.effective(None, 80).lb, LbPolicy::Random);
+        assert_eq!(p.effective(None, 9000).lb, LbPolicy::RoundRobin, "top-level port setting");
+        let v1_80 = p.effective(Some("v1"), 80);
+        assert_eq!(v1_80.lb, LbPolicy::HashSourceIp, "subset port setting");
+        assert_eq!(v1_80.pool.max_requests, Some(7), "subset connection pool");
+        let v1_9000 = p.effective(Some("v1"), 9000);
+        assert_eq!(v1_9000.lb, LbPolicy::RoundRobin, "top-level port setting still applies under the subset");
+        assert_eq!(v1_9000.pool.max_requests, Some(7));
     }
 }

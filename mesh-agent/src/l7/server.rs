@@ -515,8 +515,9 @@ async fn try_once(
     per_try_timeout: Option<Duration>,
 ) -> TryOutcome {
     let Caller { ctx, snap, pod, netns, orig } = *caller;
-    let policy = snap.traffic_policy(&backend.service, backend.subset.as_deref());
-    let endpoints = snap.endpoints(&backend.service, backend.subset.as_deref(), backend.port.unwrap_or(orig.port()));
+    let port = backend.port.unwrap_or(orig.port());
+    let policy = snap.traffic_policy(&backend.service, backend.subset.as_deref(), port);
+    let endpoints = snap.endpoints(&backend.service, backend.subset.as_deref(), port);
     if endpoints.is_empty() {
         return TryOutcome::Final(local(StatusCode::SERVICE_UNAVAILABLE, "UH", "no healthy upstream"));
     }
