@@ -529,3 +529,53 @@ fn large_request_bodies_stream_through_and_small_ones_are_retried() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "503");
     assert_eq!(seen(&lab, "myapp-v1", "/status/503").0, 8, "both requests tried four times");
 }
+
+#[test]
+fn redirect_direct_response_rewrite_and_header_operations() {
+    let Some(lab) = lab("redirect_direct_response_rewrite_and_header_operations") else { return };
+    apply_yaml(
+        &lab,
+        "vs-ops.yaml",
+        r#"apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: myapp, namespace: production}
+spec:
+  hosts: [myapp]
+  http:
+  - match: [{uri: {exact: /old}}]
+    redirect: {uri: /new, authority: newhost.example, redirectCode: 302}
+  - match: [{uri: {prefix: /keep-port}}]
+    redirect: {uri: /elsewhere}
+  - match: [{uri: {prefix: /health}}]
+    directResponse: {status: 200, body: {string: "healthy\n"}}
+  - match: [{uri: {prefix: /v1/}}]
+    rewrite: {uri: /api/}
+    headers:
+      request: {set: {x-routed-by: mesh}, remove: [x-secret]}
+      response: {add: {x-served-by: mesh-agent}}
+    route: [{destination: {host: myapp}}]
+"#,
+    );
+    let run = |argv: &[&str]| String::from_utf8_lossy(&lab.exec("frontend", argv).unwrap().stdout).into_owned();
+    let direct = eventually("rules in force", || {
+        let body = run(&["curl", "-s", "http://myapp/health"]);
+        (body == "healthy\n").then_some(body)
+    });
+    assert_eq!(direct, "healthy\n", "directResponse answered by the agent");
+
+    let head = run(&["curl", "-s", "-D", "-", "-o", "/dev/null", "http://myapp/old"]).to_lowercase();
+    assert!(head.starts_with("http/1.1 302"), "{head}");
+    assert!(head.contains("location: http://newhost.example/new"), "{head}");
+    let head = run(&["curl", "-s", "-D", "-", "-o", "/dev/null", "-H", "host: myapp:8080", "http://myapp/keep-port"])
+        .to_lowercase();
+    assert!(head.starts_with("http/1.1 301"), "{head}");
+    assert!(head.contains("location: http://myapp:8080/elsewhere"), "the Host's port is kept: {head}");
+
+    let out = run(&["curl", "-s", "-D", "/dev/stderr", "-H", "x-secret: s3cr3t", "http://myapp/v1/users?id=7"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|_| panic!("{out}"));
+    assert_eq!(v["path"], "/api/users", "prefix rewritten, rest kept");
+    assert_eq!(v["headers"]["x-routed-by"], "mesh", "request header set");
+    assert!(v["headers"].get("x-secret").is_none(), "request header removed: {v}");
+    let head = run(&["curl", "-s", "-D", "-", "-o", "/dev/null", "http://myapp/v1/x"]).to_lowercase();
+    assert!(head.contains("x-served-by: mesh-agent"), "response header added: {head}");
+}

@@ -304,9 +304,9 @@ pub struct HttpRedirect {
     /// Status code, 301 by default.
     #[serde(default)]
     pub redirect_code: Option<u32>,
-    /// Port derivation (not enforced yet).
+    /// FROM_PROTOCOL_DEFAULT or FROM_REQUEST_PORT, when `port` is unset.
     #[serde(default)]
-    pub derive_port: Option<Value>,
+    pub derive_port: Option<String>,
 }
 
 /// A direct answer.
@@ -640,7 +640,7 @@ pub struct HttpPool {
     /// Requests per upstream connection before it is closed.
     #[serde(default)]
     pub max_requests_per_connection: Option<i64>,
-    /// Retries in flight (not enforced yet).
+    /// Retries in flight to the destination at once.
     #[serde(default)]
     pub max_retries: Option<i64>,
     /// Idle upstream connections close after this.
@@ -913,7 +913,13 @@ fn validate_http_route(at: &str, r: &HttpRoute) -> Result<(), Invalid> {
     }
     percent(format!("{at}.mirrorPercentage.value"), &r.mirror_percentage)?;
     if let Some(rd) = &r.redirect {
-        not_supported(format!("{at}.redirect.derivePort"), rd.derive_port.is_some())?;
+        match rd.derive_port.as_deref() {
+            None | Some("FROM_PROTOCOL_DEFAULT") | Some("FROM_REQUEST_PORT") => {}
+            Some(other) => return Err((format!("{at}.redirect.derivePort"), format!("unknown value {other:?}"))),
+        }
+        if rd.port.is_some() && rd.derive_port.is_some() {
+            return Err((format!("{at}.redirect"), "port and derivePort are mutually exclusive".into()));
+        }
         if let Some(c) = rd.redirect_code
             && ![301, 302, 303, 307, 308].contains(&c)
         {
@@ -1054,7 +1060,7 @@ fn validate_policy(at: &str, p: &TrafficPolicy) -> Result<(), Invalid> {
             non_negative(format!("{hf}.http1MaxPendingRequests"), h.http1_max_pending_requests)?;
             non_negative(format!("{hf}.http2MaxRequests"), h.http2_max_requests)?;
             non_negative(format!("{hf}.maxRequestsPerConnection"), h.max_requests_per_connection)?;
-            not_supported(format!("{hf}.maxRetries"), h.max_retries.is_some())?;
+            non_negative(format!("{hf}.maxRetries"), h.max_retries)?;
             if let Some(d) = &h.idle_timeout {
                 duration(&format!("{hf}.idleTimeout"), d)?;
             }

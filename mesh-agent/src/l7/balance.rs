@@ -21,6 +21,7 @@ use super::policy::{LbPolicy, Outlier, PoolLimits};
 #[derive(Debug, Default)]
 pub struct Cluster {
     rr: AtomicUsize,
+    retries_in_flight: Arc<AtomicU32>,
     in_flight: AtomicU32,
     pending: AtomicU32,
     /// (limit it was made for, permits): rebuilt when maxConnections changes.
@@ -56,6 +57,18 @@ pub struct Admission {
 impl Drop for Admission {
     fn drop(&mut self) {
         self.cluster.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A retry in flight under `maxRetries`; released on drop.
+#[derive(Debug)]
+pub struct RetrySlot(Option<Arc<AtomicU32>>);
+
+impl Drop for RetrySlot {
+    fn drop(&mut self) {
+        if let Some(c) = &self.0 {
+            c.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 }
 
@@ -118,6 +131,16 @@ impl Cluster {
         let permit = sem.acquire_owned().await;
         self.pending.fetch_sub(1, Ordering::AcqRel);
         Ok(admission(permit.ok()))
+    }
+
+    /// Takes a retry slot when fewer than `max` retries are in flight (no limit: always).
+    pub fn try_retry(&self, max: Option<u32>) -> Option<RetrySlot> {
+        let Some(max) = max else { return Some(RetrySlot(None)) };
+        let counter = &self.retries_in_flight;
+        counter
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .ok()
+            .map(|_| RetrySlot(Some(counter.clone())))
     }
 
     /// Chooses an endpoint among `candidates` (addresses in a stable order), skipping
@@ -328,6 +351,16 @@ mod tests {
         assert_eq!(c.admit(&limits).await.unwrap_err(), Overflow::Pending, "queue of one is full");
         drop(first);
         assert!(queued.await.unwrap().is_ok(), "the queued request gets the connection");
+    }
+
+    #[test]
+    fn retries_in_flight_are_capped_by_max_retries() {
+        let c = Cluster::default();
+        let first = c.try_retry(Some(1)).expect("one retry allowed");
+        assert!(c.try_retry(Some(1)).is_none(), "second concurrent retry refused");
+        drop(first);
+        assert!(c.try_retry(Some(1)).is_some());
+        assert!(c.try_retry(None).is_some(), "no limit configured");
     }
 
     #[test]

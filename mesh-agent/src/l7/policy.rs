@@ -48,6 +48,8 @@ pub struct PoolLimits {
     pub idle_timeout: Option<Duration>,
     /// `h2UpgradePolicy: UPGRADE`: HTTP/1.1 requests go upstream as HTTP/2.
     pub h2_upgrade: bool,
+    /// Retries in flight at once.
+    pub max_retries: Option<u32>,
 }
 
 /// `outlierDetection`.
@@ -144,6 +146,7 @@ fn pool(p: &istio::ConnectionPool) -> PoolLimits {
         max_requests_per_connection: positive(http.max_requests_per_connection),
         idle_timeout: dur(&http.idle_timeout),
         h2_upgrade: http.h2_upgrade_policy.as_deref() == Some("UPGRADE"),
+        max_retries: positive(http.max_retries),
     }
 }
 

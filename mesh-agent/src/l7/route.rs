@@ -299,6 +299,19 @@ pub struct WeightedBackend {
     pub response_headers: HeaderOps,
 }
 
+/// The port of a redirect's Location.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedirectPort {
+    /// Whatever the request's authority carried.
+    Keep,
+    /// This port.
+    Fixed(u16),
+    /// None: the scheme's default.
+    ProtocolDefault,
+    /// The port the request was sent to.
+    Request,
+}
+
 /// What a matched rule does.
 #[derive(Debug, Clone)]
 pub enum Action {
@@ -311,7 +324,7 @@ pub enum Action {
         /// New host.
         authority: Option<String>,
         /// New port.
-        port: Option<u16>,
+        port: RedirectPort,
         /// New scheme.
         scheme: Option<String>,
         /// Status.
@@ -650,7 +663,12 @@ fn compile_rule(i: usize, r: &HttpRoute, ns: &str, known: &HashMap<String, ()>) 
         Action::Redirect {
             uri: rd.uri.clone(),
             authority: rd.authority.clone(),
-            port: rd.port.and_then(|p| u16::try_from(p).ok()),
+            port: match (rd.port.and_then(|p| u16::try_from(p).ok()), rd.derive_port.as_deref()) {
+                (Some(p), _) => RedirectPort::Fixed(p),
+                (None, Some("FROM_PROTOCOL_DEFAULT")) => RedirectPort::ProtocolDefault,
+                (None, Some("FROM_REQUEST_PORT")) => RedirectPort::Request,
+                (None, _) => RedirectPort::Keep,
+            },
             scheme: rd.scheme.clone(),
             code: rd.redirect_code.and_then(|c| u16::try_from(c).ok()).unwrap_or(301),
         }

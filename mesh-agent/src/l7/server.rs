@@ -17,7 +17,7 @@ use rand::Rng as _;
 use tokio::net::TcpStream;
 
 use super::balance::{Outcome, Overflow};
-use super::route::{Abort, Action, Backend, CorsVerdict, RequestView, Rule, WeightedBackend};
+use super::route::{Abort, Action, Backend, CorsVerdict, RedirectPort, RequestView, Rule, WeightedBackend};
 use super::upstream::{ConnSettings, SendError, UpBody};
 use crate::dataplane::Netns;
 use crate::proxy::ProxyContext;
@@ -196,10 +196,21 @@ async fn route(caller: &Caller<'_>, service_key: &str, mut req: Request<Incoming
             return Answer { response: r, flags: "-", backend: None, endpoint: None };
         }
         Action::Redirect { uri, authority: new_host, port, scheme, code } => {
-            let host = new_host.clone().unwrap_or_else(|| authority.split(':').next().unwrap_or("").to_string());
+            let (req_host, req_port) = match authority.rsplit_once(':') {
+                Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => (h, Some(p)),
+                _ => (authority.as_str(), None),
+            };
+            let name = new_host.clone().unwrap_or_else(|| req_host.to_string());
             let host = match port {
-                Some(p) => format!("{host}:{p}"),
-                None => host,
+                RedirectPort::Fixed(p) => format!("{name}:{p}"),
+                RedirectPort::Request => {
+                    format!("{name}:{}", req_port.map_or_else(|| orig.port().to_string(), str::to_owned))
+                }
+                RedirectPort::ProtocolDefault => name,
+                RedirectPort::Keep => match (new_host, req_port) {
+                    (None, Some(p)) => format!("{name}:{p}"),
+                    _ => name,
+                },
             };
             let path = uri.clone().unwrap_or_else(|| parts.uri.path_and_query().map_or("/".into(), |p| p.to_string()));
             let location = format!("{}://{host}{path}", scheme.as_deref().unwrap_or("http"));
@@ -309,6 +320,15 @@ fn view_owned<'a>(req: &'a Request<()>, authority: &'a str, orig: SocketAddr, po
         port: orig.port(),
         source: pod,
     }
+}
+
+/// A slot under the destination's `maxRetries`, or None when they are all taken.
+fn retry_slot(caller: &Caller<'_>, backend: &Backend) -> Option<super::balance::RetrySlot> {
+    let port = backend.port.unwrap_or(caller.orig.port());
+    let policy = caller.snap.traffic_policy(&backend.service, backend.subset.as_deref(), port);
+    let pod_key = format!("{}/{}", caller.pod.namespace, caller.pod.name);
+    let cluster = caller.ctx.l7.clusters.get(&pod_key, &backend.service, backend.subset.as_deref());
+    cluster.try_retry(policy.pool.max_retries)
 }
 
 /// `grpc-status` of a trailers-only gRPC answer (the status rides in the headers).
@@ -443,6 +463,7 @@ async fn forward(caller: &Caller<'_>, rule: &Rule, backend: &Backend, req: &Requ
         }
     };
     let mut attempt = 0u32;
+    let mut _retry_in_flight = None;
     loop {
         let outcome = try_once(caller, backend, req, buffered(bytes.clone()), retries.per_try_timeout).await;
         let retriable = match &outcome {
@@ -460,11 +481,22 @@ async fn forward(caller: &Caller<'_>, rule: &Rule, backend: &Backend, req: &Requ
             }
             return a;
         }
+        // maxRetries: retries in flight to this destination at once (Envoy's retry
+        // circuit breaker); with none left, the answer stands.
+        let Some(retry_slot) = retry_slot(caller, backend) else {
+            let mut a = outcome.into_answer(backend);
+            if a.flags == "-" {
+                a.flags = "URX";
+            }
+            return a;
+        };
         attempt += 1;
         let backoff = (BASE_BACKOFF * 2u32.pow(attempt - 1)).min(MAX_BACKOFF);
         let jitter = rand::rng().random_range(0..=backoff.as_millis() as u64);
         tokio::time::sleep(Duration::from_millis(jitter)).await;
         tracing::debug!(service = %backend.service, attempt, "retrying");
+        // Held through the retry it allowed, released when the next one takes over.
+        _retry_in_flight = Some(retry_slot);
     }
 }
 
