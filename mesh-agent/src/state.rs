@@ -230,10 +230,11 @@ impl Snapshot {
             let ns = vs.metadata.namespace_or_default();
             let name = format!("{ns}/{}", vs.metadata.name);
             let rules = route::compile_rules(vs, &ns, &known);
+            let tcp = route::compile_tcp_rules(vs, &ns, &known);
             for host in &vs.spec.hosts {
                 for svc in route::services_for_host(host, &ns, &known) {
                     let what = format!("VirtualService {name}: host {host}");
-                    self.claim_routes(&what, svc, &name, || rules.clone());
+                    self.claim_routes(&what, svc, &name, || (rules.clone(), tcp.clone()));
                 }
             }
         }
@@ -245,7 +246,7 @@ impl Snapshot {
             let ns = ts.metadata.namespace_or_default();
             let name = format!("TrafficSplit {ns}/{}", ts.metadata.name);
             match route::service_for_host(&ts.spec.service, &ns, &known) {
-                Some(svc) => self.claim_routes(&name, svc, &name, || vec![route::compile_split(ts, &ns)]),
+                Some(svc) => self.claim_routes(&name, svc, &name, || (vec![route::compile_split(ts, &ns)], Vec::new())),
                 None => self
                     .problems
                     .push(format!("{name}: root service {} is not a known Service; ignored", ts.spec.service)),
@@ -260,7 +261,7 @@ impl Snapshot {
             match route::service_for_host(&sp.metadata.name, &ns, &known) {
                 Some(svc) => {
                     let key = svc.clone();
-                    self.claim_routes(&name, svc, &name, || route::compile_profile(sp, &key));
+                    self.claim_routes(&name, svc, &name, || (route::compile_profile(sp, &key), Vec::new()));
                 }
                 None => self.problems.push(format!("{name}: names no known Service; ignored")),
             }
@@ -289,22 +290,23 @@ impl Snapshot {
         }
         let mut missing = Vec::new();
         for (svc, routes) in &self.routes {
-            for rule in &routes.rules {
-                let mut backends: Vec<&route::Backend> = match &rule.action {
+            let http = routes.rules.iter().flat_map(|rule| {
+                let routed: Vec<&route::Backend> = match &rule.action {
                     route::Action::Route(b) => b.iter().map(|w| &w.backend).collect(),
                     _ => Vec::new(),
                 };
-                backends.extend(rule.mirrors.iter().map(|(b, _)| b));
-                for b in backends {
-                    if let Some(subset) = &b.subset
-                        && !self.policies.get(&b.service).is_some_and(|p| p.subsets.contains_key(subset))
-                    {
-                        missing.push(format!(
-                            "VirtualService {}: rule {} routes {svc} to subset {subset} of {}, which no DestinationRule \
-                             defines; those requests answer 503",
-                            routes.virtual_service, rule.name, b.service
-                        ));
-                    }
+                routed.into_iter().chain(rule.mirrors.iter().map(|(b, _)| b)).map(move |b| (rule.name.as_str(), b))
+            });
+            let tcp = routes.tcp.iter().flat_map(|t| t.backends.iter().map(|w| ("tcp", &w.backend)));
+            for (rule, b) in http.chain(tcp) {
+                if let Some(subset) = &b.subset
+                    && !self.policies.get(&b.service).is_some_and(|p| p.subsets.contains_key(subset))
+                {
+                    missing.push(format!(
+                        "VirtualService {}: rule {rule} routes {svc} to subset {subset} of {}, which no \
+                         DestinationRule defines; those requests answer 503",
+                        routes.virtual_service, b.service
+                    ));
                 }
             }
         }
@@ -315,7 +317,13 @@ impl Snapshot {
 
     /// Routes `svc` with `rules` from `owner`, unless another owner routes it already:
     /// then the clash is reported (`what` names the loser) and the first owner stays.
-    fn claim_routes(&mut self, what: &str, svc: String, owner: &str, rules: impl FnOnce() -> Vec<route::Rule>) {
+    fn claim_routes(
+        &mut self,
+        what: &str,
+        svc: String,
+        owner: &str,
+        rules: impl FnOnce() -> (Vec<route::Rule>, Vec<route::TcpRule>),
+    ) {
         if let Some(existing) = self.routes.get(&svc) {
             if existing.virtual_service != owner {
                 self.problems.push(format!(
@@ -326,7 +334,8 @@ impl Snapshot {
             }
             return;
         }
-        self.routes.insert(svc, Arc::new(ServiceRoutes { virtual_service: owner.to_string(), rules: rules() }));
+        let (rules, tcp) = rules();
+        self.routes.insert(svc, Arc::new(ServiceRoutes { virtual_service: owner.to_string(), rules, tcp }));
     }
 
     /// The Service at this cluster IP.
@@ -339,9 +348,9 @@ impl Snapshot {
         self.routes.get(service)
     }
 
-    /// Whether connections to this Service are handled at L7.
+    /// Whether HTTP to this Service is handled at L7 (HTTP rules or a DestinationRule).
     pub fn has_traffic_rules(&self, service: &str) -> bool {
-        self.routes.contains_key(service) || self.policies.contains_key(service)
+        self.routes.get(service).is_some_and(|r| !r.rules.is_empty()) || self.policies.contains_key(service)
     }
 
     /// The traffic policy for a Service, optional subset and service port (defaults

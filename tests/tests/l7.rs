@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use mesh_tests::harness::{eventually, lab, metrics, reply_pod, root};
+use mesh_tests::harness::{eventually, lab, metrics, opened, reply_pod, root};
 use mesh_tests::lab::Lab;
 
 fn apply_seed(lab: &Lab, name: &str) {
@@ -578,4 +578,36 @@ spec:
     assert!(v["headers"].get("x-secret").is_none(), "request header removed: {v}");
     let head = run(&["curl", "-s", "-D", "-", "-o", "/dev/null", "http://myapp/v1/x"]).to_lowercase();
     assert!(head.contains("x-served-by: mesh-agent"), "response header added: {head}");
+}
+
+#[test]
+fn virtualservice_tcp_routes_steer_opaque_connections_by_weight() {
+    let Some(lab) = lab("virtualservice_tcp_routes_steer_opaque_connections_by_weight") else { return };
+    apply_seed(&lab, "destinationrule-myapp.yaml");
+    apply_yaml(
+        &lab,
+        "vs-tcp.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: myapp-tcp, namespace: production}\nspec:\n  hosts: [myapp]\n  tcp:\n  - match: [{port: 9000}]\n    route: [{destination: {host: myapp, subset: v2, port: {number: 9000}}, weight: 100}]\n",
+    );
+    let echo = root().join("target/debug/mesh-echo").display().to_string();
+    let load = |conns: &str| {
+        let out =
+            lab.exec("frontend", &[&echo, "load", "10.96.0.20:9000", "--conns", conns, "--bytes", "4096"]).unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    let counts = || {
+        let m = metrics(&lab, "node1");
+        (opened(&m, "Outbound", "frontend", "myapp-v1"), opened(&m, "Outbound", "frontend", "myapp-v2"))
+    };
+    eventually("tcp rule in force", || {
+        let (v1, v2) = counts();
+        load("6");
+        let (v1b, v2b) = counts();
+        (v1b == v1 && v2b == v2 + 6).then_some(())
+    });
+    let (v1, v2) = counts();
+    load("40");
+    let (v1b, v2b) = counts();
+    assert_eq!(v1b, v1, "no connection to the subset the rule excludes");
+    assert_eq!(v2b - v2, 40, "every connection to myapp-v2, bytes checked by the echo load");
 }

@@ -42,15 +42,48 @@ pub struct VirtualServiceSpec {
     /// HTTP rules, first match wins.
     #[serde(default)]
     pub http: Vec<HttpRoute>,
-    /// TCP rules (not enforced yet).
+    /// TCP rules, first match wins, for connections that are not routed as HTTP.
     #[serde(default)]
-    pub tcp: Option<Value>,
+    pub tcp: Vec<TcpRoute>,
     /// TLS rules (not enforced yet).
     #[serde(default)]
     pub tls: Option<Value>,
     /// Visibility (the agent serves one cluster view; accepted as is).
     #[serde(default)]
     pub export_to: Vec<String>,
+}
+
+/// One TCP rule.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TcpRoute {
+    /// Conditions: any one matching selects the rule; none means always.
+    #[serde(default, rename = "match")]
+    pub matches: Vec<L4Match>,
+    /// Weighted destinations.
+    #[serde(default)]
+    pub route: Vec<HttpRouteDestination>,
+}
+
+/// A TCP match condition.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct L4Match {
+    /// Destination port.
+    #[serde(default)]
+    pub port: Option<u32>,
+    /// Labels the calling pod must have.
+    #[serde(default)]
+    pub source_labels: BTreeMap<String, String>,
+    /// Namespace of the calling pod.
+    #[serde(default)]
+    pub source_namespace: Option<String>,
+    /// Gateways this match applies to.
+    #[serde(default)]
+    pub gateways: Vec<String>,
+    /// Destination subnets (not enforced yet).
+    #[serde(default)]
+    pub destination_subnets: Option<Value>,
 }
 
 /// One HTTP rule.
@@ -784,7 +817,21 @@ impl VirtualService {
                 return Err((format!("spec.hosts[{i}]"), format!("{h:?} is not a host name or *.suffix wildcard")));
             }
         }
-        not_supported("spec.tcp".into(), s.tcp.as_ref().is_some_and(|v| !v.is_null()))?;
+        for (i, r) in s.tcp.iter().enumerate() {
+            let at = format!("spec.tcp[{i}]");
+            if r.route.is_empty() {
+                return Err((format!("{at}.route"), "at least one destination is required".into()));
+            }
+            for (j, m) in r.matches.iter().enumerate() {
+                not_supported(format!("{at}.match[{j}].destinationSubnets"), m.destination_subnets.is_some())?;
+                if let Some(p) = m.port
+                    && !(1..=65535).contains(&p)
+                {
+                    return Err((format!("{at}.match[{j}].port"), format!("{p} is not a port number")));
+                }
+            }
+            validate_weighted(&at, &r.route)?;
+        }
         not_supported("spec.tls".into(), s.tls.as_ref().is_some_and(|v| !v.is_null()))?;
         for (i, r) in s.http.iter().enumerate() {
             validate_http_route(&format!("spec.http[{i}]"), r)?;
@@ -847,18 +894,7 @@ fn validate_http_route(at: &str, r: &HttpRoute) -> Result<(), Invalid> {
             return Err((format!("{mf}.port"), format!("{p} is not a port number")));
         }
     }
-    let weights: Vec<i64> = r.route.iter().map(|d| d.weight.unwrap_or(0)).collect();
-    for (k, d) in r.route.iter().enumerate() {
-        let df = format!("{at}.route[{k}]");
-        if d.weight.is_some_and(|w| w < 0) {
-            return Err((format!("{df}.weight"), "weight must not be negative".into()));
-        }
-        validate_destination(&format!("{df}.destination"), &d.destination)?;
-    }
-    let total: i64 = weights.iter().sum();
-    if r.route.len() > 1 && total != 100 && total != 0 {
-        return Err((format!("{at}.route"), format!("weights add up to {total}, they must add up to 100")));
-    }
+    validate_weighted(at, &r.route)?;
     if let Some(t) = &r.timeout {
         duration(&format!("{at}.timeout"), t)?;
     }
@@ -940,6 +976,22 @@ fn validate_http_route(at: &str, r: &HttpRoute) -> Result<(), Invalid> {
         if rw.uri.is_some() {
             return Err((format!("{at}.rewrite"), "uri and uriRegexRewrite are mutually exclusive".into()));
         }
+    }
+    Ok(())
+}
+
+/// Destinations of a rule, and weights that add up to 100 when there are several.
+fn validate_weighted(at: &str, route: &[HttpRouteDestination]) -> Result<(), Invalid> {
+    for (k, d) in route.iter().enumerate() {
+        let df = format!("{at}.route[{k}]");
+        if d.weight.is_some_and(|w| w < 0) {
+            return Err((format!("{df}.weight"), "weight must not be negative".into()));
+        }
+        validate_destination(&format!("{df}.destination"), &d.destination)?;
+    }
+    let total: i64 = route.iter().map(|d| d.weight.unwrap_or(0)).sum();
+    if route.len() > 1 && total != 100 && total != 0 {
+        return Err((format!("{at}.route"), format!("weights add up to {total}, they must add up to 100")));
     }
     Ok(())
 }

@@ -46,6 +46,11 @@ pub(super) fn undefined_subsets<'a>(objects: impl Iterator<Item = (&'a Path, &'a
                 });
             }
         };
+        for (i, r) in vs.spec.tcp.iter().enumerate() {
+            for (k, d) in r.route.iter().enumerate() {
+                check(format!("spec.tcp[{i}].route[{k}].destination.subset"), &d.destination);
+            }
+        }
         for (i, r) in vs.spec.http.iter().enumerate() {
             for (k, d) in r.route.iter().enumerate() {
                 check(format!("spec.http[{i}].route[{k}].destination.subset"), &d.destination);

@@ -628,9 +628,64 @@ pub struct ServiceRoutes {
     pub virtual_service: String,
     /// Rules in order.
     pub rules: Vec<Rule>,
+    /// TCP rules in order, for connections not routed as HTTP.
+    pub tcp: Vec<TcpRule>,
+}
+
+/// A compiled TCP rule.
+#[derive(Debug, Clone)]
+pub struct TcpRule {
+    /// Any of these (port, source labels, source namespace); empty: always.
+    matches: Vec<(Option<u16>, BTreeMap<String, String>, Option<String>)>,
+    /// Weighted destinations.
+    pub backends: Vec<WeightedBackend>,
+}
+
+impl TcpRule {
+    /// Whether a connection from `source` to `port` takes this rule.
+    pub fn matches(&self, port: u16, source: &Workload) -> bool {
+        self.matches.is_empty()
+            || self.matches.iter().any(|(p, labels, ns)| {
+                p.is_none_or(|p| p == port)
+                    && ns.as_ref().is_none_or(|ns| *ns == source.namespace)
+                    && labels.iter().all(|(k, v)| source.labels.get(k) == Some(v))
+            })
+    }
+}
+
+/// Compiles the TCP rules of `vs` (namespace `ns`).
+pub fn compile_tcp_rules(vs: &VirtualService, ns: &str, known: &HashMap<String, ()>) -> Vec<TcpRule> {
+    vs.spec
+        .tcp
+        .iter()
+        .map(|r| TcpRule {
+            matches: r
+                .matches
+                .iter()
+                .map(|m| {
+                    (m.port.and_then(|p| u16::try_from(p).ok()), m.source_labels.clone(), m.source_namespace.clone())
+                })
+                .collect(),
+            backends: r
+                .route
+                .iter()
+                .map(|d| WeightedBackend {
+                    backend: backend(&d.destination, ns, known),
+                    weight: d.weight.unwrap_or(0).max(0) as u32,
+                    request_headers: HeaderOps::default(),
+                    response_headers: HeaderOps::default(),
+                })
+                .collect(),
+        })
+        .collect()
 }
 
 impl ServiceRoutes {
+    /// The first TCP rule for a connection from `source` to `port`.
+    pub fn first_tcp_match(&self, port: u16, source: &Workload) -> Option<&TcpRule> {
+        self.tcp.iter().find(|r| r.matches(port, source))
+    }
+
     /// The first rule that matches.
     pub fn first_match(&self, r: &RequestView<'_>) -> Option<&Rule> {
         self.rules.iter().find(|rule| rule.matches(r))

@@ -347,7 +347,8 @@ fn is_upgrade<B>(req: &Request<B>) -> bool {
             .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
 }
 
-fn pick_weighted(backends: &[WeightedBackend]) -> Option<&WeightedBackend> {
+/// One of `backends` at random by weight (equal shares when no weights are set).
+pub(crate) fn pick_weighted(backends: &[WeightedBackend]) -> Option<&WeightedBackend> {
     let total: u32 = backends.iter().map(|b| b.weight).sum();
     if total == 0 {
         return backends.get(rand::rng().random_range(0..backends.len().max(1))).filter(|_| !backends.is_empty());

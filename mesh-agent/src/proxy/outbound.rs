@@ -62,7 +62,16 @@ async fn handle(
         crate::l7::server::serve(ctx.clone(), pod.clone(), netns.clone(), stream, orig, service.clone()).await;
         return Ok(());
     }
-    let dest = snapshot.resolve(orig);
+    // A VirtualService's tcp rules decide first; otherwise the Service's endpoints.
+    let (dest, _endpoint_guard) = match tcp_route(ctx, &snapshot, pod, orig) {
+        Some(Ok(routed)) => routed,
+        Some(Err(reason)) => {
+            tracing::warn!(pod = %pod.name, %orig, %reason, "tcp route has no endpoint; refused");
+            sockets::reset(stream);
+            return Ok(());
+        }
+        None => (snapshot.resolve(orig), None),
+    };
     tracing::debug!(pod = %pod.name, %peer, %orig, ?dest, "outbound");
     match dest {
         Destination::Mesh { workload, addr, service } => {
@@ -81,6 +90,39 @@ async fn handle(
             Ok(())
         }
     }
+}
+
+/// The destination a VirtualService `tcp` rule picks for a connection to `orig`, with
+/// the endpoint's load-balancing slot (held while the connection lives); None when no
+/// tcp rule applies.
+fn tcp_route(
+    ctx: &ProxyContext,
+    snapshot: &crate::state::Snapshot,
+    pod: &Workload,
+    orig: SocketAddr,
+) -> Option<Result<(Destination, Option<crate::l7::balance::EndpointGuard>), String>> {
+    let service = snapshot.service_by_vip(orig.ip())?;
+    let rule = snapshot.routes(&service.key())?.first_tcp_match(orig.port(), pod)?;
+    let Some(chosen) = crate::l7::server::pick_weighted(&rule.backends) else {
+        return Some(Err("the rule has no destination".into()));
+    };
+    let b = &chosen.backend;
+    let port = b.port.unwrap_or(orig.port());
+    let endpoints = snapshot.endpoints(&b.service, b.subset.as_deref(), port);
+    let policy = snapshot.traffic_policy(&b.service, b.subset.as_deref(), port);
+    let cluster = ctx.l7.clusters.get(&format!("{}/{}", pod.namespace, pod.name), &b.service, b.subset.as_deref());
+    let addrs: Vec<SocketAddr> = endpoints.iter().map(|(_, a)| *a).collect();
+    let key = pod.ips.first().map(|ip| ip.to_string().into_bytes());
+    let Some((addr, guard)) = cluster.pick(&addrs, &policy.lb, policy.outlier.as_ref(), key.as_deref(), orig) else {
+        return Some(Err(format!("no endpoint for {} subset {:?} port {port}", b.service, b.subset)));
+    };
+    let workload = endpoints.into_iter().find(|(_, a)| *a == addr).map(|(w, _)| w)?;
+    let dest = if workload.enrolled {
+        Destination::Mesh { workload, addr, service: Some(b.service.clone()) }
+    } else {
+        Destination::Passthrough { addr, workload: Some(workload) }
+    };
+    Some(Ok((dest, Some(guard))))
 }
 
 /// How long the first bytes may take before a connection is treated as opaque TCP:
