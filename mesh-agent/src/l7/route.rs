@@ -632,11 +632,19 @@ pub struct ServiceRoutes {
     pub tcp: Vec<TcpRule>,
 }
 
+/// A compiled TCP match: port, source labels, source namespace.
+#[derive(Debug, Clone)]
+struct L4Match {
+    port: Option<u16>,
+    source_labels: BTreeMap<String, String>,
+    source_namespace: Option<String>,
+}
+
 /// A compiled TCP rule.
 #[derive(Debug, Clone)]
 pub struct TcpRule {
-    /// Any of these (port, source labels, source namespace); empty: always.
-    matches: Vec<(Option<u16>, BTreeMap<String, String>, Option<String>)>,
+    /// Any of these; empty: always.
+    matches: Vec<L4Match>,
     /// Weighted destinations.
     pub backends: Vec<WeightedBackend>,
 }
@@ -645,10 +653,10 @@ impl TcpRule {
     /// Whether a connection from `source` to `port` takes this rule.
     pub fn matches(&self, port: u16, source: &Workload) -> bool {
         self.matches.is_empty()
-            || self.matches.iter().any(|(p, labels, ns)| {
-                p.is_none_or(|p| p == port)
-                    && ns.as_ref().is_none_or(|ns| *ns == source.namespace)
-                    && labels.iter().all(|(k, v)| source.labels.get(k) == Some(v))
+            || self.matches.iter().any(|m| {
+                m.port.is_none_or(|p| p == port)
+                    && m.source_namespace.as_ref().is_none_or(|ns| *ns == source.namespace)
+                    && m.source_labels.iter().all(|(k, v)| source.labels.get(k) == Some(v))
             })
     }
 }
@@ -662,8 +670,10 @@ pub fn compile_tcp_rules(vs: &VirtualService, ns: &str, known: &HashMap<String, 
             matches: r
                 .matches
                 .iter()
-                .map(|m| {
-                    (m.port.and_then(|p| u16::try_from(p).ok()), m.source_labels.clone(), m.source_namespace.clone())
+                .map(|m| L4Match {
+                    port: m.port.and_then(|p| u16::try_from(p).ok()),
+                    source_labels: m.source_labels.clone(),
+                    source_namespace: m.source_namespace.clone(),
                 })
                 .collect(),
             backends: r
