@@ -122,6 +122,8 @@ pub struct RequestLabels {
     /// (timeout), `NR` (no route), `FI` (fault abort), `DI` (fault delay), `URX`
     /// (retries exhausted), `UH` (no healthy endpoint).
     pub response_flags: String,
+    /// gRPC status from the answer's headers or trailers; empty for plain HTTP.
+    pub grpc_response_status: String,
 }
 
 /// The agent's metrics.

@@ -495,6 +495,14 @@ fn grpc_passes_through_with_trailers_and_unavailable_is_retried() {
     assert_eq!(v["http_status"], 200);
     assert_eq!(v["grpc_status"], "0", "status from trailers: {v}");
     assert_eq!(v["message"], "over grpc");
+    // The agent reports the gRPC status, from trailers for a normal answer.
+    let m = metrics(&lab, "node1");
+    let grpc = |code: &str| {
+        m.lines()
+            .any(|l| l.starts_with("istio_requests_total") && l.contains(&format!("grpc_response_status=\"{code}\"")))
+    };
+    assert!(grpc("0"), "status 0 read from trailers");
+    assert!(grpc("14"), "trailers-only UNAVAILABLE reported");
 }
 
 #[test]

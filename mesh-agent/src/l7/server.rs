@@ -111,9 +111,72 @@ async fn handle(
         destination_workload: answer.endpoint.clone().unwrap_or_else(|| "unknown".into()),
         response_code: answer.response.status().as_u16().to_string(),
         response_flags: answer.flags.into(),
+        grpc_response_status: grpc_status(answer.response.headers()).map(|c| c.to_string()).unwrap_or_default(),
     };
-    ctx.metrics.requests.get_or_create(&labels).inc();
-    answer.response
+    let is_grpc = answer
+        .response
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    if !is_grpc || !labels.grpc_response_status.is_empty() {
+        ctx.metrics.requests.get_or_create(&labels).inc();
+        return answer.response;
+    }
+    // A gRPC status travels in trailers: count the request when they arrive (or when
+    // the body ends or is dropped without them).
+    let metrics = ctx.metrics.clone();
+    answer.response.map(|inner| GrpcCounted { inner, labels: Some(labels), metrics }.boxed_unsync())
+}
+
+/// A gRPC response body that counts its request, with the status from the trailers,
+/// once the trailers pass (or the body ends or is dropped).
+struct GrpcCounted {
+    inner: RespBody,
+    labels: Option<RequestLabels>,
+    metrics: Arc<crate::telemetry::Metrics>,
+}
+
+impl GrpcCounted {
+    fn count(&mut self) {
+        if let Some(labels) = self.labels.take() {
+            self.metrics.requests.get_or_create(&labels).inc();
+        }
+    }
+}
+
+impl http_body::Body for GrpcCounted {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            std::task::Poll::Ready(Some(Ok(frame))) => {
+                if let Some(code) = frame.trailers_ref().and_then(grpc_status) {
+                    if let Some(l) = self.labels.as_mut() {
+                        l.grpc_response_status = code.to_string();
+                    }
+                    self.count();
+                }
+            }
+            std::task::Poll::Ready(_) => self.count(),
+            std::task::Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+}
+
+impl Drop for GrpcCounted {
+    fn drop(&mut self) {
+        self.count();
+    }
 }
 
 async fn route(caller: &Caller<'_>, service_key: &str, mut req: Request<Incoming>) -> Answer {
