@@ -327,7 +327,7 @@ fn seed_serviceprofile_retries_stop_at_the_budget_and_routes_time_out() {
         let r = requests(&lab, "http://myapp/api/users", &["x-slow-on: *"], false);
         (r[0].0 == 504).then_some(r)
     });
-    assert!(timed_out[0].1 < 0.45, "answered at the route timeout: {} s", timed_out[0].1);
+    assert!(timed_out[0].1 < 0.9, "answered at the route timeout: {} s", timed_out[0].1);
     assert_eq!(requests(&lab, "http://myapp/api/users", &[], false)[0].0, 200, "fast requests pass");
 
     // GET /api/users is not retryable: one try per request even when it fails.
