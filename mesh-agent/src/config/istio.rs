@@ -712,7 +712,7 @@ pub struct OutlierDetection {
     /// Below this share of healthy endpoints, ejection is off.
     #[serde(default)]
     pub min_health_percent: Option<i64>,
-    /// Accepted as is.
+    /// Connect failures and timeouts stop counting as 5xx/gateway errors.
     #[serde(default)]
     pub split_external_local_origin_errors: Option<bool>,
     /// Local-origin failures in a row (not enforced yet).

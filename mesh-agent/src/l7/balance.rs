@@ -217,6 +217,8 @@ impl Cluster {
         let s = stats.entry(addr).or_default();
         let (is_5xx, is_gateway) = match outcome {
             Outcome::Status(c) => ((500..=599).contains(&c), matches!(c, 502..=504)),
+            // Split mode: local-origin failures say nothing about the endpoint's answers.
+            Outcome::LocalFailure if o.split_local_origin => return false,
             Outcome::LocalFailure => (true, true),
         };
         s.consecutive_5xx = if is_5xx { s.consecutive_5xx + 1 } else { 0 };
@@ -287,6 +289,7 @@ mod tests {
             base_ejection: Duration::from_secs(30),
             max_ejection_percent: max_pct,
             min_health_percent: 0,
+            split_local_origin: false,
         }
     }
 
@@ -319,6 +322,15 @@ mod tests {
             c.record(eps[1], Outcome::LocalFailure, Some(&o), 2);
         }
         assert_eq!(c.ejected().len(), 1, "maxEjectionPercent 50 of 2 endpoints caps at one");
+    }
+
+    #[test]
+    fn split_mode_ignores_local_origin_failures() {
+        let c = Cluster::default();
+        let o = Outlier { split_local_origin: true, ..outlier(1, 100) };
+        let a = addrs(1)[0];
+        assert!(!c.record(a, Outcome::LocalFailure, Some(&o), 1), "connect failures do not eject in split mode");
+        assert!(c.record(a, Outcome::Status(503), Some(&o), 1), "an answered 5xx still does");
     }
 
     #[test]

@@ -67,6 +67,8 @@ pub struct Outlier {
     pub max_ejection_percent: u32,
     /// Below this share of healthy endpoints ejection is ignored, percent.
     pub min_health_percent: u32,
+    /// `splitExternalLocalOriginErrors`: local failures (connect, timeout) do not count.
+    pub split_local_origin: bool,
 }
 
 /// The policy in force for one Service or subset.
@@ -162,6 +164,7 @@ fn outlier(o: &istio::OutlierDetection) -> Outlier {
         base_ejection: dur(&o.base_ejection_time).unwrap_or(Duration::from_secs(30)),
         max_ejection_percent: o.max_ejection_percent.unwrap_or(10).clamp(0, 100) as u32,
         min_health_percent: o.min_health_percent.unwrap_or(0).clamp(0, 100) as u32,
+        split_local_origin: o.split_external_local_origin_errors.unwrap_or(false),
     }
 }
 
