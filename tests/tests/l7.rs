@@ -619,3 +619,29 @@ fn virtualservice_tcp_routes_steer_opaque_connections_by_weight() {
     assert_eq!(v1b, v1, "no connection to the subset the rule excludes");
     assert_eq!(v2b - v2, 40, "every connection to myapp-v2, bytes checked by the echo load");
 }
+
+#[test]
+fn cookie_affinity_sets_a_cookie_and_keeps_a_client_on_one_endpoint() {
+    let Some(lab) = lab("cookie_affinity_sets_a_cookie_and_keeps_a_client_on_one_endpoint") else { return };
+    apply_yaml(
+        &lab,
+        "dr-cookie.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: myapp, namespace: production}\nspec:\n  host: myapp\n  trafficPolicy:\n    loadBalancer:\n      consistentHash: {httpCookie: {name: affinity, ttl: 0s, path: /}}\n",
+    );
+    let head = eventually("cookie rule in force", || {
+        let out = lab.exec("frontend", &["curl", "-s", "-D", "-", "-o", "/dev/null", "http://myapp/first"]).unwrap();
+        let h = String::from_utf8_lossy(&out.stdout).to_lowercase();
+        h.contains("set-cookie: affinity=").then_some(h)
+    });
+    assert!(head.contains("path=/"), "{head}");
+    for round in 0..3 {
+        // curl keeps the cookie it is given across the globbed requests (its cookie engine).
+        let jar = lab.state_dir.join(format!("scratch-jar-{round}"));
+        let jar = jar.display().to_string();
+        let out =
+            lab.exec("frontend", &["curl", "-s", "-c", &jar, "-b", &jar, "http://myapp/sticky?i=[1-12]"]).unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).replace("}{", "}\n{");
+        let pods: std::collections::BTreeSet<String> = text.lines().filter_map(reply_pod).collect();
+        assert_eq!(pods.len(), 1, "one endpoint for a client holding the cookie: {pods:?}");
+    }
+}

@@ -622,10 +622,10 @@ pub struct ConsistentHash {
 pub struct HttpCookie {
     /// Cookie name.
     pub name: String,
-    /// Path (accepted).
+    /// Path of a generated cookie.
     #[serde(default)]
     pub path: Option<String>,
-    /// TTL (accepted).
+    /// With a ttl, a missing cookie is generated (0s: a session cookie).
     #[serde(default)]
     pub ttl: Option<String>,
 }

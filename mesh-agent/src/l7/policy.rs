@@ -23,12 +23,24 @@ pub enum LbPolicy {
     Passthrough,
     /// Consistent hash of a header.
     HashHeader(HeaderName),
-    /// Consistent hash of a cookie.
-    HashCookie(String),
+    /// Consistent hash of a cookie; with a ttl, the agent sets the cookie when the
+    /// request has none (as Envoy does), naming the endpoint chosen.
+    HashCookie(CookiePolicy),
     /// Consistent hash of the client address.
     HashSourceIp,
     /// Consistent hash of a query parameter.
     HashQuery(String),
+}
+
+/// `consistentHash.httpCookie`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CookiePolicy {
+    /// Cookie name.
+    pub name: String,
+    /// Set the cookie when missing; zero means a session cookie.
+    pub ttl: Option<Duration>,
+    /// Cookie path.
+    pub path: Option<String>,
 }
 
 /// `connectionPool` limits; `None` is unlimited (Istio maps 0 to its default, unlimited).
@@ -122,7 +134,11 @@ fn lb(l: &istio::LoadBalancer) -> LbPolicy {
             return LbPolicy::HashHeader(name);
         }
         if let Some(c) = &h.http_cookie {
-            return LbPolicy::HashCookie(c.name.clone());
+            return LbPolicy::HashCookie(CookiePolicy {
+                name: c.name.clone(),
+                ttl: c.ttl.as_deref().and_then(|t| istio::duration("", t).ok()),
+                path: c.path.clone(),
+            });
         }
         if let Some(q) = &h.http_query_parameter_name {
             return LbPolicy::HashQuery(q.clone());

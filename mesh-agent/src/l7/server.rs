@@ -426,19 +426,34 @@ pub(crate) fn pick_weighted(backends: &[WeightedBackend]) -> Option<&WeightedBac
     backends.last()
 }
 
+fn cookie<'a>(req: &'a Request<()>, name: &str) -> Option<&'a str> {
+    req.headers()
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.trim_matches('"'))
+}
+
+/// A generated affinity cookie names its endpoint (hex of `ip:port`), so it keeps
+/// pointing there whatever else joins or leaves.
+fn cookie_value(addr: SocketAddr) -> String {
+    addr.to_string().bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+fn cookie_endpoint(value: &str) -> Option<SocketAddr> {
+    let bytes: Option<Vec<u8>> =
+        (0..value.len()).step_by(2).map(|i| u8::from_str_radix(value.get(i..i + 2)?, 16).ok()).collect();
+    String::from_utf8(bytes?).ok()?.parse().ok()
+}
+
 fn hash_key(lb: &super::policy::LbPolicy, req: &Request<()>, pod: &Workload) -> Option<Vec<u8>> {
     use super::policy::LbPolicy;
     match lb {
         LbPolicy::HashHeader(h) => req.headers().get(h).map(|v| v.as_bytes().to_vec()),
-        LbPolicy::HashCookie(name) => req
-            .headers()
-            .get_all(http::header::COOKIE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(';'))
-            .filter_map(|c| c.trim().split_once('='))
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_bytes().to_vec()),
+        LbPolicy::HashCookie(c) => cookie(req, &c.name).map(|v| v.as_bytes().to_vec()),
         LbPolicy::HashSourceIp => pod.ips.first().map(|ip| ip.to_string().into_bytes()),
         LbPolicy::HashQuery(q) => req
             .uri()
@@ -632,7 +647,22 @@ async fn try_once(
     };
     let addrs: Vec<SocketAddr> = endpoints.iter().map(|(_, a)| *a).collect();
     let key = hash_key(&policy.lb, req, pod);
-    let Some((addr, _guard)) = cluster.pick(&addrs, &policy.lb, policy.outlier.as_ref(), key.as_deref(), orig) else {
+    // Cookie affinity: a cookie the agent generated names its endpoint; a missing one is
+    // generated for the endpoint chosen now when the rule has a ttl.
+    let mut lb = policy.lb.clone();
+    let mut pinned = orig;
+    let mut set_cookie = None;
+    if let super::policy::LbPolicy::HashCookie(c) = &policy.lb {
+        match cookie(req, &c.name) {
+            Some(v) => {
+                if let Some(a) = cookie_endpoint(v).filter(|a| addrs.contains(a)) {
+                    (lb, pinned) = (super::policy::LbPolicy::Passthrough, a);
+                }
+            }
+            None => set_cookie = c.ttl.map(|ttl| (c.clone(), ttl)),
+        }
+    }
+    let Some((addr, _guard)) = cluster.pick(&addrs, &lb, policy.outlier.as_ref(), key.as_deref(), pinned) else {
         return TryOutcome::Final(local(StatusCode::SERVICE_UNAVAILABLE, "UH", "no healthy upstream"));
     };
     let workload = endpoints.iter().find(|(_, a)| *a == addr).map(|(w, _)| w.clone()).expect("picked from endpoints");
@@ -671,7 +701,19 @@ async fn try_once(
             if cluster.record(addr, Outcome::Status(status), outlier, n) {
                 tracing::info!(service = %backend.service, endpoint = %workload.name, "endpoint ejected (outlier detection)");
             }
-            let res = res.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed_unsync());
+            let mut res = res.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed_unsync());
+            if let Some((c, ttl)) = set_cookie {
+                let mut v = format!("{}=\"{}\"; HttpOnly", c.name, cookie_value(addr));
+                if !ttl.is_zero() {
+                    v.push_str(&format!("; Max-Age={}", ttl.as_secs()));
+                }
+                if let Some(p) = &c.path {
+                    v.push_str(&format!("; Path={p}"));
+                }
+                if let Ok(h) = HeaderValue::from_str(&v) {
+                    res.headers_mut().append(http::header::SET_COOKIE, h);
+                }
+            }
             TryOutcome::Answer(Answer { response: res, flags: "-", backend: None, endpoint })
         }
         Ok(Err(e)) => {
@@ -722,4 +764,17 @@ fn mirror_copy(caller: &Caller<'_>, mirror: &Backend, req: &Request<()>, body: B
             TryOutcome::Final(_) => {}
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{cookie_endpoint, cookie_value};
+
+    #[test]
+    fn affinity_cookie_names_its_endpoint() {
+        let a: std::net::SocketAddr = "10.10.2.2:8080".parse().unwrap();
+        assert_eq!(cookie_endpoint(&cookie_value(a)), Some(a));
+        assert_eq!(cookie_endpoint("not-hex"), None);
+        assert_eq!(cookie_endpoint("abc"), None, "odd length");
+    }
 }
