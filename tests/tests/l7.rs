@@ -218,11 +218,35 @@ fn least_request_prefers_the_less_loaded_endpoint() {
         m.contains("istio_requests_total").then_some(())
     });
     // myapp-v1 takes 500 ms per request, myapp-v2 answers at once: with requests in
-    // flight counted, most go to v2. Round robin would give each half.
-    let r = requests(&lab, "http://myapp/lr?i=[1-100]", &["x-slow-on: myapp-v1"], true);
-    let c = count_pods(&r);
-    let v1 = c.get("myapp-v1").copied().unwrap_or(0);
-    assert!(v1 < 30, "least request sent {v1} of 100 to the slow endpoint: {c:?}");
+    // flight counted, most go to v2. Round robin would give each half. Counted by the
+    // apps themselves (parallel curl output interleaves bodies).
+    // Ten in flight at a time: a steady load rather than one burst, where every pick
+    // would see both endpoints idle.
+    let out = lab
+        .exec(
+            "frontend",
+            &[
+                "curl",
+                "-s",
+                "-Z",
+                "--parallel-immediate",
+                "--parallel-max",
+                "10",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}\n",
+                "-H",
+                "x-slow-on: myapp-v1",
+                "http://myapp/lr?i=[1-100]",
+            ],
+        )
+        .unwrap();
+    let codes = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(codes.lines().filter(|c| *c == "200").count(), 100, "every request answered");
+    let (v1, v2) = (seen(&lab, "myapp-v1", "/lr").0, seen(&lab, "myapp-v2", "/lr").0);
+    assert_eq!(v1 + v2, 100);
+    assert!(v1 < 30, "least request sent {v1} of 100 to the slow endpoint (v2: {v2}); round robin: 50");
 }
 
 #[test]
