@@ -206,10 +206,8 @@ impl Agent {
     /// Brings the set of served pods in line with the snapshot.
     fn reconcile(&mut self) {
         let snap = self.ctx.snapshot.load_full();
-        let desired: HashMap<String, Arc<Workload>> = snap
-            .local_enrolled(&self.settings.node)
-            .map(|w| (format!("{}/{}", w.namespace, w.name), w.clone()))
-            .collect();
+        let desired: HashMap<String, Arc<Workload>> =
+            snap.local_enrolled(&self.settings.node).map(|w| (w.key(), w.clone())).collect();
         let stale: Vec<String> = self
             .pods
             .iter()

@@ -46,6 +46,13 @@ pub struct Workload {
     pub named_ports: HashMap<String, u16>,
 }
 
+impl Workload {
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
 /// A Service with its endpoints resolved.
 #[derive(Debug)]
 pub struct Service {
@@ -228,7 +235,7 @@ impl Snapshot {
                 continue; // gateway-only rules do not route mesh traffic
             }
             let ns = vs.metadata.namespace_or_default();
-            let name = format!("{ns}/{}", vs.metadata.name);
+            let name = vs.metadata.key();
             let rules = route::compile_rules(vs, &ns, &known);
             let tcp = route::compile_tcp_rules(vs, &ns, &known);
             for host in &vs.spec.hosts {
@@ -403,7 +410,7 @@ impl Snapshot {
     /// robin; pod addresses go to that pod.
     pub fn resolve(&self, orig: SocketAddr) -> Destination {
         if let Some(svc) = self.by_vip.get(&orig.ip()) {
-            let name = format!("{}/{}", svc.namespace, svc.name);
+            let name = svc.key();
             let Some(port) = svc.ports.iter().find(|p| p.port == orig.port()) else {
                 return Destination::NoEndpoints { service: name };
             };

@@ -14,7 +14,7 @@ pub(super) fn undefined_subsets<'a>(objects: impl Iterator<Item = (&'a Path, &'a
     let known: HashMap<String, ()> = objects
         .clone()
         .filter_map(|(_, o)| match o {
-            Object::Service(s) => Some((format!("{}/{}", s.metadata.namespace_or_default(), s.metadata.name), ())),
+            Object::Service(s) => Some((s.metadata.key(), ())),
             _ => None,
         })
         .collect();

@@ -69,6 +69,11 @@ impl ObjectMeta {
     pub fn namespace_or_default(&self) -> String {
         self.namespace.clone().unwrap_or_else(|| "default".to_string())
     }
+
+    /// `namespace/name`, as objects are named in logs and lookups.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace_or_default(), self.name)
+    }
 }
 
 /// `v1/Namespace`.

@@ -233,7 +233,7 @@ impl DestinationPolicy {
                 (s.name.clone(), Subset { labels: s.labels.clone(), policy: own, ports: sub_ports })
             })
             .collect();
-        Self { rule: format!("{}/{}", dr.metadata.namespace_or_default(), dr.metadata.name), policy, ports, subsets }
+        Self { rule: dr.metadata.key(), policy, ports, subsets }
     }
 
     /// The policy for `subset` (if any) on service port `port`.

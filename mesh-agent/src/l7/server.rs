@@ -389,8 +389,7 @@ fn view_owned<'a>(req: &'a Request<()>, authority: &'a str, orig: SocketAddr, po
 fn retry_slot(caller: &Caller<'_>, backend: &Backend) -> Option<super::balance::RetrySlot> {
     let port = backend.port.unwrap_or(caller.orig.port());
     let policy = caller.snap.traffic_policy(&backend.service, backend.subset.as_deref(), port);
-    let pod_key = format!("{}/{}", caller.pod.namespace, caller.pod.name);
-    let cluster = caller.ctx.l7.clusters.get(&pod_key, &backend.service, backend.subset.as_deref());
+    let cluster = caller.ctx.l7.clusters.get(&caller.pod.key(), &backend.service, backend.subset.as_deref());
     cluster.try_retry(policy.pool.max_retries)
 }
 
@@ -632,8 +631,7 @@ async fn try_once(
     if endpoints.is_empty() {
         return TryOutcome::Final(local(StatusCode::SERVICE_UNAVAILABLE, "UH", "no healthy upstream"));
     }
-    let pod_key = format!("{}/{}", pod.namespace, pod.name);
-    let cluster = ctx.l7.clusters.get(&pod_key, &backend.service, backend.subset.as_deref());
+    let cluster = ctx.l7.clusters.get(&pod.key(), &backend.service, backend.subset.as_deref());
     let _admission = match cluster.admit(&policy.pool).await {
         Ok(a) => a,
         Err(o) => {

@@ -113,7 +113,7 @@ impl Upstreams {
         req: Request<UpBody>,
         settings: ConnSettings,
     ) -> Result<Response<PooledBody>, SendError> {
-        let key: Key = (format!("{}/{}", from.pod.namespace, from.pod.name), addr);
+        let key: Key = (from.pod.key(), addr);
         if settings.http2 {
             return self.send_h2(from, endpoint, addr, key, req, settings).await;
         }

@@ -110,7 +110,7 @@ fn tcp_route(
     let port = b.port.unwrap_or(orig.port());
     let endpoints = snapshot.endpoints(&b.service, b.subset.as_deref(), port);
     let policy = snapshot.traffic_policy(&b.service, b.subset.as_deref(), port);
-    let cluster = ctx.l7.clusters.get(&format!("{}/{}", pod.namespace, pod.name), &b.service, b.subset.as_deref());
+    let cluster = ctx.l7.clusters.get(&pod.key(), &b.service, b.subset.as_deref());
     let addrs: Vec<SocketAddr> = endpoints.iter().map(|(_, a)| *a).collect();
     let key = pod.ips.first().map(|ip| ip.to_string().into_bytes());
     let Some((addr, guard)) = cluster.pick(&addrs, &policy.lb, policy.outlier.as_ref(), key.as_deref(), orig) else {

@@ -126,7 +126,7 @@ impl Pool {
         target: SocketAddr,
     ) -> Result<Tunnel, Error> {
         let key = Key {
-            source_pod: format!("{}/{}", source.namespace, source.name),
+            source_pod: source.key(),
             destination: dest.identity.clone(),
             addr: SocketAddr::new(target.ip(), ports::INBOUND_HBONE),
         };
