@@ -797,11 +797,20 @@ impl StringMatch {
             return Err((field.into(), "exactly one of exact, prefix or regex must be set".into()));
         }
         if let Some(r) = &self.regex {
-            regex::Regex::new(&format!("^(?:{r})$"))
-                .map_err(|e| (format!("{field}.regex"), format!("invalid regex {r:?}: {e}")))?;
+            valid_regex(format!("{field}.regex"), r)?;
         }
         Ok(())
     }
+}
+
+/// A regex as Istio and Linkerd match it: RE2 syntax against the whole value.
+pub fn anchored_regex(r: &str) -> Result<regex::Regex, regex::Error> {
+    regex::Regex::new(&format!("^(?:{r})$"))
+}
+
+/// Refuses a pattern [`anchored_regex`] cannot compile, naming `field`.
+pub(super) fn valid_regex(field: String, r: &str) -> Result<(), Invalid> {
+    anchored_regex(r).map(|_| ()).map_err(|e| (field, format!("invalid regex {r:?}: {e}")))
 }
 
 impl VirtualService {

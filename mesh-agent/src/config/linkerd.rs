@@ -4,7 +4,7 @@
 use serde::Deserialize;
 use serde_yaml::Value;
 
-use super::istio::Invalid;
+use super::istio::{Invalid, valid_regex};
 use super::resources::ObjectMeta;
 
 /// API versions of ServiceProfile.
@@ -207,13 +207,9 @@ pub fn quantity_milli(v: &Value) -> Result<u64, String> {
     Ok((n * scale).round() as u64)
 }
 
-fn compile_regex(field: String, r: &str) -> Result<(), Invalid> {
-    regex::Regex::new(&format!("^(?:{r})$")).map(|_| ()).map_err(|e| (field, format!("invalid regex {r:?}: {e}")))
-}
-
 fn validate_request_match(at: &str, m: &RequestMatch) -> Result<(), Invalid> {
     if let Some(r) = &m.path_regex {
-        compile_regex(format!("{at}.pathRegex"), r)?;
+        valid_regex(format!("{at}.pathRegex"), r)?;
     }
     for (i, sub) in m.all.iter().enumerate() {
         validate_request_match(&format!("{at}.all[{i}]"), sub)?;

@@ -32,7 +32,7 @@ impl Matcher {
             Some(Self::Prefix(p.clone()))
         } else {
             // Validated at parse time; an invalid regex never reaches here.
-            m.regex.as_ref().and_then(|r| Regex::new(&format!("^(?:{r})$")).ok()).map(Self::Regex)
+            m.regex.as_deref().and_then(|r| istio::anchored_regex(r).ok()).map(Self::Regex)
         }
     }
 
@@ -800,7 +800,7 @@ fn profile_condition(m: &linkerd::RequestMatch) -> ProfileCondition {
     if let Some(method) = &m.method {
         all.push(ProfileCondition::Method(method.clone()));
     }
-    if let Some(re) = m.path_regex.as_ref().and_then(|r| Regex::new(&format!("^(?:{r})$")).ok()) {
+    if let Some(re) = m.path_regex.as_deref().and_then(|r| istio::anchored_regex(r).ok()) {
         all.push(ProfileCondition::Path(re));
     }
     all.extend(m.all.iter().map(profile_condition));
