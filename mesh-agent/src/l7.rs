@@ -13,9 +13,12 @@ pub mod route;
 pub mod server;
 pub mod upstream;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use route::{Action, Backend, RetryPolicy, Rule, WeightedBackend};
+
+use crate::state::{Snapshot, Workload};
 
 /// Counters and connections shared by every pod proxy of the agent.
 #[derive(Debug, Default)]
@@ -24,6 +27,46 @@ pub struct Runtime {
     pub clusters: balance::Clusters,
     /// Idle upstream connections.
     pub upstreams: Arc<upstream::Upstreams>,
+}
+
+/// A backend as one pod reaches it: the policy in force for the port, the endpoints,
+/// and the pod's state for that destination (limits, ejections, load). Both the HTTP
+/// path and VirtualService tcp rules choose endpoints through it.
+#[derive(Debug)]
+pub struct Target {
+    /// DestinationRule policy for the backend's subset and port.
+    pub policy: policy::TrafficPolicy,
+    /// Endpoints with the address for the port.
+    pub endpoints: Vec<(Arc<Workload>, SocketAddr)>,
+    /// Runtime state of (pod, service, subset).
+    pub cluster: Arc<balance::Cluster>,
+}
+
+impl Target {
+    /// Resolves `backend` for `pod`; its port defaults to the port the pod dialed.
+    pub fn resolve(runtime: &Runtime, snap: &Snapshot, pod: &Workload, backend: &Backend, dialed_port: u16) -> Self {
+        let port = backend.port.unwrap_or(dialed_port);
+        let subset = backend.subset.as_deref();
+        Self {
+            policy: snap.traffic_policy(&backend.service, subset, port),
+            endpoints: snap.endpoints(&backend.service, subset, port),
+            cluster: runtime.clusters.get(&pod.key(), &backend.service, subset),
+        }
+    }
+
+    /// Chooses an endpoint under `lb` (the policy's, or an override such as cookie
+    /// affinity), skipping ejected ones; the guard counts it as loaded until dropped.
+    pub fn pick(
+        &self,
+        lb: &policy::LbPolicy,
+        hash_key: Option<&[u8]>,
+        dialed: SocketAddr,
+    ) -> Option<(Arc<Workload>, SocketAddr, balance::EndpointGuard)> {
+        let addrs: Vec<SocketAddr> = self.endpoints.iter().map(|(_, a)| *a).collect();
+        let (addr, guard) = self.cluster.pick(&addrs, lb, self.policy.outlier.as_ref(), hash_key, dialed)?;
+        let workload = self.endpoints.iter().find(|(_, a)| *a == addr).map(|(w, _)| w.clone())?;
+        Some((workload, addr, guard))
+    }
 }
 
 /// The rule used for a Service that has a DestinationRule but no VirtualService:

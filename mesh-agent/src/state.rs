@@ -440,7 +440,8 @@ impl Snapshot {
     }
 }
 
-fn destination_for(workload: Arc<Workload>, addr: SocketAddr, service: Option<String>) -> Destination {
+/// Over the tunnel to an enrolled pod, in plaintext to any other.
+pub(crate) fn destination_for(workload: Arc<Workload>, addr: SocketAddr, service: Option<String>) -> Destination {
     if workload.enrolled {
         Destination::Mesh { workload, addr, service }
     } else {

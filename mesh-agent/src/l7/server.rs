@@ -295,8 +295,8 @@ async fn route(caller: &Caller<'_>, service_key: &str, mut req: Request<Incoming
     };
 
     // The request as forwarded: rewrites and header operations applied once.
+    let rewritten_path = rule.rewritten_path(&view);
     let mut fwd = Request::from_parts(parts, ());
-    let rewritten_path = rule.rewritten_path(&view_owned(&fwd, &authority, orig, pod));
     if let Some(path) = rewritten_path {
         let pq = match fwd.uri().query() {
             Some(q) => format!("{path}?{q}"),
@@ -370,19 +370,6 @@ async fn route(caller: &Caller<'_>, service_key: &str, mut req: Request<Incoming
         answer.flags = flags;
     }
     answer
-}
-
-fn view_owned<'a>(req: &'a Request<()>, authority: &'a str, orig: SocketAddr, pod: &'a Workload) -> RequestView<'a> {
-    RequestView {
-        method: req.method().as_str(),
-        path: req.uri().path(),
-        query: req.uri().query(),
-        authority,
-        scheme: "http",
-        headers: req.headers(),
-        port: orig.port(),
-        source: pod,
-    }
 }
 
 /// A slot under the destination's `maxRetries`, or None when they are all taken.
@@ -625,13 +612,11 @@ async fn try_once(
     per_try_timeout: Option<Duration>,
 ) -> TryOutcome {
     let Caller { ctx, snap, pod, netns, orig } = *caller;
-    let port = backend.port.unwrap_or(orig.port());
-    let policy = snap.traffic_policy(&backend.service, backend.subset.as_deref(), port);
-    let endpoints = snap.endpoints(&backend.service, backend.subset.as_deref(), port);
-    if endpoints.is_empty() {
+    let target = super::Target::resolve(&ctx.l7, snap, pod, backend, orig.port());
+    let (policy, cluster) = (&target.policy, &target.cluster);
+    if target.endpoints.is_empty() {
         return TryOutcome::Final(local(StatusCode::SERVICE_UNAVAILABLE, "UH", "no healthy upstream"));
     }
-    let cluster = ctx.l7.clusters.get(&pod.key(), &backend.service, backend.subset.as_deref());
     let _admission = match cluster.admit(&policy.pool).await {
         Ok(a) => a,
         Err(o) => {
@@ -643,7 +628,6 @@ async fn try_once(
             return TryOutcome::Final(local(StatusCode::SERVICE_UNAVAILABLE, "UO", reason));
         }
     };
-    let addrs: Vec<SocketAddr> = endpoints.iter().map(|(_, a)| *a).collect();
     let key = hash_key(&policy.lb, req, pod);
     // Cookie affinity: a cookie the agent generated names its endpoint; a missing one is
     // generated for the endpoint chosen now when the rule has a ttl.
@@ -651,19 +635,18 @@ async fn try_once(
     let mut pinned = orig;
     let mut set_cookie = None;
     if let super::policy::LbPolicy::HashCookie(c) = &policy.lb {
-        match cookie(req, &c.name) {
+        match key.as_deref().and_then(|v| std::str::from_utf8(v).ok()) {
             Some(v) => {
-                if let Some(a) = cookie_endpoint(v).filter(|a| addrs.contains(a)) {
+                if let Some(a) = cookie_endpoint(v).filter(|a| target.endpoints.iter().any(|(_, e)| e == a)) {
                     (lb, pinned) = (super::policy::LbPolicy::Passthrough, a);
                 }
             }
             None => set_cookie = c.ttl.map(|ttl| (c.clone(), ttl)),
         }
     }
-    let Some((addr, _guard)) = cluster.pick(&addrs, &lb, policy.outlier.as_ref(), key.as_deref(), pinned) else {
+    let Some((workload, addr, _guard)) = target.pick(&lb, key.as_deref(), pinned) else {
         return TryOutcome::Final(local(StatusCode::SERVICE_UNAVAILABLE, "UH", "no healthy upstream"));
     };
-    let workload = endpoints.iter().find(|(_, a)| *a == addr).map(|(w, _)| w.clone()).expect("picked from endpoints");
     if policy.istio_mutual && !workload.enrolled {
         // Istio would originate mTLS and fail against a plaintext pod; never send plaintext.
         return TryOutcome::Failed {
@@ -690,7 +673,7 @@ async fn try_once(
         Some(t) => tokio::time::timeout(t, sent).await.map_err(|_| ()),
         None => Ok(sent.await),
     };
-    let n = addrs.len();
+    let n = target.endpoints.len();
     let outlier = policy.outlier.as_ref();
     let endpoint = Some(workload.name.clone());
     match result {

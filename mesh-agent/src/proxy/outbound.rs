@@ -107,22 +107,17 @@ fn tcp_route(
         return Some(Err("the rule has no destination".into()));
     };
     let b = &chosen.backend;
-    let port = b.port.unwrap_or(orig.port());
-    let endpoints = snapshot.endpoints(&b.service, b.subset.as_deref(), port);
-    let policy = snapshot.traffic_policy(&b.service, b.subset.as_deref(), port);
-    let cluster = ctx.l7.clusters.get(&pod.key(), &b.service, b.subset.as_deref());
-    let addrs: Vec<SocketAddr> = endpoints.iter().map(|(_, a)| *a).collect();
+    let target = crate::l7::Target::resolve(&ctx.l7, snapshot, pod, b, orig.port());
     let key = pod.ips.first().map(|ip| ip.to_string().into_bytes());
-    let Some((addr, guard)) = cluster.pick(&addrs, &policy.lb, policy.outlier.as_ref(), key.as_deref(), orig) else {
-        return Some(Err(format!("no endpoint for {} subset {:?} port {port}", b.service, b.subset)));
+    let Some((workload, addr, guard)) = target.pick(&target.policy.lb, key.as_deref(), orig) else {
+        return Some(Err(format!(
+            "no endpoint for {} subset {:?} port {}",
+            b.service,
+            b.subset,
+            b.port.unwrap_or(orig.port())
+        )));
     };
-    let workload = endpoints.into_iter().find(|(_, a)| *a == addr).map(|(w, _)| w)?;
-    let dest = if workload.enrolled {
-        Destination::Mesh { workload, addr, service: Some(b.service.clone()) }
-    } else {
-        Destination::Passthrough { addr, workload: Some(workload) }
-    };
-    Some(Ok((dest, Some(guard))))
+    Some(Ok((crate::state::destination_for(workload, addr, Some(b.service.clone())), Some(guard))))
 }
 
 /// How long the first bytes may take before a connection is treated as opaque TCP:
