@@ -46,9 +46,11 @@ pub async fn serve(
     orig: SocketAddr,
     service: Arc<Service>,
 ) {
+    // Named once per connection, not per request.
+    let service_key: Arc<str> = service.key().into();
     let svc = hyper::service::service_fn(move |req| {
-        let (ctx, pod, netns, service) = (ctx.clone(), pod.clone(), netns.clone(), service.clone());
-        async move { Ok::<_, Infallible>(handle(&ctx, &pod, &netns, &service, orig, req).await) }
+        let (ctx, pod, netns, service_key) = (ctx.clone(), pod.clone(), netns.clone(), service_key.clone());
+        async move { Ok::<_, Infallible>(handle(&ctx, &pod, &netns, &service_key, orig, req).await) }
     });
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     if let Err(e) = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).await {
@@ -94,19 +96,18 @@ async fn handle(
     ctx: &ProxyContext,
     pod: &Arc<Workload>,
     netns: &Arc<Netns>,
-    service: &Service,
+    service_key: &str,
     orig: SocketAddr,
     req: Request<Incoming>,
 ) -> Response<RespBody> {
     let snap = ctx.snapshot.load_full();
-    let service_key = service.key();
     let caller = Caller { ctx, snap: &snap, pod, netns, orig };
-    let answer = route(&caller, &service_key, req).await;
+    let answer = route(&caller, service_key, req).await;
     let labels = RequestLabels {
         reporter: "source".into(),
         source_workload: pod.name.clone(),
         source_workload_namespace: pod.namespace.clone(),
-        destination_service: answer.backend.as_ref().map_or_else(|| service_key.clone(), |b| b.service.clone()),
+        destination_service: answer.backend.as_ref().map_or_else(|| service_key.to_string(), |b| b.service.clone()),
         destination_version: answer.backend.as_ref().and_then(|b| b.subset.clone()).unwrap_or_else(|| "unknown".into()),
         destination_workload: answer.endpoint.clone().unwrap_or_else(|| "unknown".into()),
         response_code: answer.response.status().as_u16().to_string(),
