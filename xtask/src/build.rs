@@ -13,7 +13,7 @@ pub fn ebpf() -> anyhow::Result<()> {
     let status = Command::new("cargo")
         .current_dir(root())
         .args([
-            "+nightly",
+            &format!("+{}", crate::setup::ebpf_toolchain()),
             "build",
             "--package",
             "mesh-ebpf",
@@ -28,7 +28,7 @@ pub fn ebpf() -> anyhow::Result<()> {
         .env_remove("RUSTC")
         .env_remove("RUSTC_WORKSPACE_WRAPPER")
         .status()
-        .context("running cargo +nightly")?;
+        .context("running cargo for the kernel toolchain")?;
     if !status.success() {
         bail!("building mesh-ebpf failed");
     }

@@ -21,9 +21,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Install what a fresh machine lacks: apt packages, bpf-linker, nightly rust-src.
+    /// Install what a fresh machine lacks: apt packages, bpf-linker, the pinned nightly with rust-src.
     Setup,
-    /// Build the kernel programs (mesh-ebpf) with nightly and bpf-linker.
+    /// Build the kernel programs (mesh-ebpf) with the pinned nightly and bpf-linker.
     BuildEbpf,
     /// Build the agent, the CLI and the test app.
     Build {

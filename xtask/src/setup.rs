@@ -23,6 +23,16 @@ const APT_PACKAGES: &[&str] = &[
 const REQUIRED_COMMANDS: &[&str] = &["ip", "curl", "tcpdump", "openssl", "sysctl"];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
+/// The dated nightly that builds the kernel programs, pinned in
+/// mesh-ebpf/rust-toolchain.toml so that its LLVM matches bpf-linker's.
+pub fn ebpf_toolchain() -> &'static str {
+    include_str!("../../mesh-ebpf/rust-toolchain.toml")
+        .lines()
+        .find_map(|l| l.strip_prefix("channel = \""))
+        .and_then(|rest| rest.strip_suffix('"'))
+        .expect("mesh-ebpf/rust-toolchain.toml names its channel")
+}
+
 fn step(n: usize, total: usize, what: &str) {
     println!("[setup {n}/{total}] {what}");
 }
@@ -52,7 +62,7 @@ fn home_cargo_bin(name: &str) -> Option<std::path::PathBuf> {
 
 fn rust_src_installed() -> bool {
     Command::new("rustup")
-        .args(["component", "list", "--installed", "--toolchain", "nightly"])
+        .args(["component", "list", "--installed", "--toolchain", ebpf_toolchain()])
         .output()
         .map(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).lines().any(|l| l.starts_with("rust-src")))
         .unwrap_or(false)
@@ -77,14 +87,14 @@ pub fn run() -> anyhow::Result<()> {
     } else {
         println!("  already installed");
     }
-    step(2, total, "nightly toolchain with rust-src (for the kernel programs)");
+    step(2, total, &format!("{} with rust-src (for the kernel programs)", ebpf_toolchain()));
     if rust_src_installed() {
         println!("  already installed");
     } else {
         sh(Command::new("rustup").args([
             "toolchain",
             "install",
-            "nightly",
+            ebpf_toolchain(),
             "--profile",
             "minimal",
             "--component",
