@@ -183,11 +183,16 @@ fn seed_fault_injection_delays_and_aborts_at_configured_rates() {
 fn seed_circuit_breaker_overflows_with_503_and_ejects_a_failing_endpoint() {
     let Some(lab) = lab("seed_circuit_breaker_overflows_with_503_and_ejects_a_failing_endpoint") else { return };
     apply_seed(&lab, "destinationrule-circuit-breaker.yaml");
-    // http2MaxRequests 100: 250 requests held 2 s each at once overflow.
-    let r = eventually("circuit breaker applied", || {
-        let r = requests(&lab, "http://myapp/delay/2000?i=[1-250]", &[], true);
-        r.iter().any(|x| x.0 == 503).then_some(r)
+    // http2MaxRequests 100: 250 requests held at once overflow. The batch that first
+    // shows a 503 may have started before the rule applied (its early requests count
+    // as in flight but were admitted unlimited), so the measured batch is a fresh one.
+    eventually("circuit breaker applied", || {
+        let r = requests(&lab, "http://myapp/delay/1000?i=[1-250]", &[], true);
+        r.iter().any(|x| x.0 == 503).then_some(())
     });
+    // Held 3 s: long enough that all 250 are in flight together even on a loaded
+    // machine, so no admitted request frees its slot before the last one arrives.
+    let r = requests(&lab, "http://myapp/delay/3000?i=[1-250]", &[], true);
     let ok = r.iter().filter(|x| x.0 == 200).count();
     let overflow = r.iter().filter(|x| x.0 == 503).count();
     assert!(ok >= 90 && overflow >= 100, "ok {ok}, overflow {overflow}");
