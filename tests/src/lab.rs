@@ -29,8 +29,8 @@ pub const DEFAULT_STATE_DIR: &str = "/run/meshlab";
 const CGROUP_NAME: &str = "meshlab";
 /// Where each node's maps and links are pinned.
 const PIN_ROOT: &str = "/sys/fs/bpf/meshlab";
-/// Netns of the wire between nodes.
-const WIRE_NETNS: &str = "meshlab-wire";
+/// The netns holding the bridge between nodes, where inter-node bytes can be captured.
+pub const WIRE_NETNS: &str = "meshlab-wire";
 /// The wire's subnet: node i is 10.255.0.i.
 const WIRE_PREFIX: [u8; 3] = [10, 255, 0];
 /// How long to wait for an agent or an app to come up.

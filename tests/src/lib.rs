@@ -1,9 +1,10 @@
 //! Test support for the mesh: the network-namespace lab (`lab`), used by
 //! `cargo xtask lab|demo|test|bench` and by the integration tests in `tests/`; what a
-//! process group costs (`measure`).
+//! process group costs (`measure`); what crosses the wire between nodes (`wire`).
 #![forbid(unsafe_code)]
 
 pub mod harness;
 pub mod lab;
 pub mod measure;
 pub mod sys;
+pub mod wire;

@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use mesh_tests::harness::{curl, eventually, lab, metrics, opened, reply_pod, root};
+use mesh_tests::wire::Capture;
 
 #[test]
 fn frontend_reaches_myapp_through_both_agents_over_mtls() {
@@ -58,6 +59,18 @@ fn original_destination_in_bpf_map_matches_what_client_dialed() {
 #[test]
 fn wire_between_nodes_is_tls13_and_foreign_certificates_are_refused() {
     let Some(lab) = lab("wire_between_nodes_is_tls13_and_foreign_certificates_are_refused") else { return };
+    // Every TCP byte between the nodes while frontend (node1) talks to myapp-v1 (node2):
+    // a TLS 1.3 handshake and no plaintext, on any port.
+    let capture = Capture::start(&lab, "wire-test.pcap", "tcp").unwrap();
+    for _ in 0..6 {
+        let (ok, body) = curl(&lab, "frontend", "http://myapp/");
+        assert!(ok && reply_pod(&body).is_some(), "curl failed: {body}");
+    }
+    let wire = capture.finish();
+    assert!(opened(&metrics(&lab, "node2"), "Inbound", "frontend", "myapp-v1") >= 1, "cross-node traffic");
+    assert!(wire.tls13_handshake, "no TLS 1.3 ServerHello in {} bytes ({})", wire.bytes, wire.pcap.display());
+    assert!(wire.plaintext.is_empty(), "plaintext on the wire: {:?} ({})", wire.plaintext, wire.pcap.display());
+
     let dir = lab.state_dir.join("certs");
     std::fs::create_dir_all(&dir).unwrap();
     // A client certificate from another CA, with a perfectly plausible identity.

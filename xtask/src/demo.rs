@@ -1,39 +1,15 @@
 //! `cargo xtask demo`: the lab with real traffic, and proof that what crosses the wire
 //! between nodes is TLS 1.3.
 
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use mesh_tests::harness::reply_pod;
 use mesh_tests::lab::{DEFAULT_STATE_DIR, Lab};
+use mesh_tests::wire::Capture;
 
 use crate::lab;
-
-/// ServerHello `supported_versions` extension selecting TLS 1.3: type 0x002b, length 2,
-/// version 0x0304. Present in every TLS 1.3 ServerHello, absent from TLS 1.2.
-const TLS13_SELECTED: &[u8] = &[0x00, 0x2b, 0x00, 0x02, 0x03, 0x04];
-/// Plaintext that would show up on the wire if HTTP were not encrypted.
-const PLAINTEXT_MARKERS: &[&[u8]] = &[b"GET / HTTP/1.1", b"HTTP/1.1 200", b"\"pod\":"];
-
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
-}
-
-fn start_capture(lab: &Lab) -> anyhow::Result<(Child, std::path::PathBuf)> {
-    let pcap = lab.state_dir.join("wire-hbone.pcap");
-    // Capture on the wire between nodes, tunnel port only: the outside pod's plaintext
-    // (it is not in the mesh) is expected to be plaintext and is not part of this check.
-    let child = Command::new("ip")
-        .args(["netns", "exec", "meshlab-wire", "tcpdump", "-i", "br0", "-U", "-s", "0", "-w"])
-        .arg(&pcap)
-        .args(["tcp", "port", "15008"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting tcpdump")?;
-    std::thread::sleep(Duration::from_millis(700));
-    Ok((child, pcap))
-}
 
 pub fn run() -> anyhow::Result<()> {
     if Lab::exists(DEFAULT_STATE_DIR.as_ref()) {
@@ -44,51 +20,39 @@ pub fn run() -> anyhow::Result<()> {
     let lab = lab::up(None, false)?;
     print!("{}", lab.status());
 
-    let (mut tcpdump, pcap) = start_capture(&lab)?;
+    // Tunnel port only: the outside pod is not in the mesh, its plaintext is expected
+    // and is not part of this check.
+    let capture = Capture::start(&lab, "wire-hbone.pcap", "tcp port 15008").context("starting tcpdump")?;
     println!("\n[demo] traffic");
     let mut rows = Vec::new();
     for i in 0..4 {
         let out = lab.exec("frontend", &["curl", "-s", "-m", "5", "http://myapp/"])?;
-        let body = String::from_utf8_lossy(&out.stdout);
-        let pod = serde_json::from_str::<serde_json::Value>(&body)
-            .ok()
-            .and_then(|v| v["pod"].as_str().map(str::to_owned))
+        let pod = reply_pod(&String::from_utf8_lossy(&out.stdout))
             .unwrap_or_else(|| format!("FAILED: {}", String::from_utf8_lossy(&out.stderr).trim()));
         rows.push((format!("frontend -> http://myapp/ #{}", i + 1), pod));
     }
     let out =
         lab.exec("frontend", &["curl", "-s", "-m", "5", "http://legacy-service.production.svc.cluster.local/"])?;
-    let pod = serde_json::from_str::<serde_json::Value>(&String::from_utf8_lossy(&out.stdout))
-        .ok()
-        .and_then(|v| v["pod"].as_str().map(str::to_owned))
-        .unwrap_or_else(|| "FAILED".into());
+    let pod = reply_pod(&String::from_utf8_lossy(&out.stdout)).unwrap_or_else(|| "FAILED".into());
     rows.push(("frontend -> legacy-service (FQDN)".into(), pod));
     let v1 = lab.pod("myapp-v1")?.ip;
     let out = lab.exec("outside", &["curl", "-s", "-m", "5", &format!("http://{v1}:8080/")])?;
-    let pod = serde_json::from_str::<serde_json::Value>(&String::from_utf8_lossy(&out.stdout))
-        .ok()
-        .and_then(|v| v["pod"].as_str().map(str::to_owned))
-        .unwrap_or_else(|| "FAILED".into());
+    let pod = reply_pod(&String::from_utf8_lossy(&out.stdout)).unwrap_or_else(|| "FAILED".into());
     rows.push((format!("outside (not in mesh) -> {v1}:8080"), pod));
-    std::thread::sleep(Duration::from_millis(500));
-    let _ = Command::new("kill").args(["-INT", &tcpdump.id().to_string()]).status();
-    let _ = tcpdump.wait();
+    let wire = capture.finish();
 
     for (what, answer) in &rows {
         println!("  {what:<45} answered by {answer}");
     }
-    let bytes = std::fs::read(&pcap).unwrap_or_default();
-    let tls13 = contains(&bytes, TLS13_SELECTED);
-    let leaked: Vec<String> = PLAINTEXT_MARKERS
-        .iter()
-        .filter(|m| contains(&bytes, m))
-        .map(|m| String::from_utf8_lossy(m).into_owned())
-        .collect();
-    println!("\n[demo] wire between nodes (tunnel port 15008), {} bytes captured in {}", bytes.len(), pcap.display());
-    println!("  TLS 1.3 handshake seen:        {}", if tls13 { "yes" } else { "NO" });
+    println!(
+        "\n[demo] wire between nodes (tunnel port 15008), {} bytes captured in {}",
+        wire.bytes,
+        wire.pcap.display()
+    );
+    println!("  TLS 1.3 handshake seen:        {}", if wire.tls13_handshake { "yes" } else { "NO" });
     println!(
         "  plaintext HTTP visible:        {}",
-        if leaked.is_empty() { "none".to_string() } else { leaked.join(", ") }
+        if wire.plaintext.is_empty() { "none".to_string() } else { wire.plaintext.join(", ") }
     );
 
     println!("\n[demo] agent metrics (istio_tcp_connections_opened_total)");
@@ -103,7 +67,10 @@ pub fn run() -> anyhow::Result<()> {
         }
     }
     let l7_ok = l7_routing(&lab)?;
-    let ok = rows.iter().all(|(_, a)| !a.starts_with("FAILED")) && tls13 && leaked.is_empty() && l7_ok;
+    let ok = rows.iter().all(|(_, a)| !a.starts_with("FAILED"))
+        && wire.tls13_handshake
+        && wire.plaintext.is_empty()
+        && l7_ok;
     println!(
         "\n[demo] {}",
         if ok {
