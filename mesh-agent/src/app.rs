@@ -193,7 +193,7 @@ impl Agent {
             source.standing_errors().iter().map(ToString::to_string).collect();
         if r.changed || self.version == 0 {
             self.version += 1;
-            let snap = Snapshot::compile(&r.objects, &self.settings.trust_domain, self.version);
+            let snap = Snapshot::compile_in(&r.objects, &self.settings.mesh_scope(), self.version);
             tracing::info!(version = self.version, workloads = snap.workloads.len(), "config applied");
             for problem in &snap.problems {
                 tracing::warn!(version = self.version, "{problem}");

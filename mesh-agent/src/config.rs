@@ -11,6 +11,7 @@ pub mod linkerd;
 mod parse;
 mod references;
 pub mod resources;
+pub mod security;
 mod source;
 
 pub use parse::parse_documents;

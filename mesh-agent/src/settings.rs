@@ -39,6 +39,10 @@ pub struct Settings {
     #[arg(long = "trust-domain-alias", env = "MESH_TRUST_DOMAIN_ALIASES", value_delimiter = ',')]
     pub trust_domain_aliases: Vec<String>,
 
+    /// Namespace whose PeerAuthentication and AuthorizationPolicy apply mesh-wide
+    #[arg(long, env = "MESH_ROOT_NAMESPACE", default_value = "istio-system")]
+    pub root_namespace: String,
+
     /// cgroup v2 directory of this node's pods; the capture programs attach here.
     /// Relative paths are resolved against the cgroup2 mount found in /proc/mounts.
     #[arg(long, env = "MESH_NODE_CGROUP")]
@@ -99,6 +103,15 @@ pub enum LogFormat {
 }
 
 impl Settings {
+    /// What the snapshot compilation needs of the mesh.
+    pub fn mesh_scope(&self) -> crate::state::MeshScope {
+        crate::state::MeshScope {
+            trust_domain: self.trust_domain.clone(),
+            aliases: self.trust_domain_aliases.clone(),
+            root_namespace: self.root_namespace.clone(),
+        }
+    }
+
     /// Every trust domain whose identities are accepted.
     pub fn accepted_trust_domains(&self) -> Vec<String> {
         let mut tds = vec![self.trust_domain.clone()];

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use arc_swap::ArcSwap;
 
+use crate::authz::{self, WorkloadAuthz, WorkloadSecurity};
 use crate::config::Object;
 use crate::config::resources::{IntOrString, Pod};
 use crate::identity::Identity;
@@ -135,6 +136,12 @@ pub struct Snapshot {
     by_key: HashMap<String, Arc<Service>>,
     routes: HashMap<String, Arc<ServiceRoutes>>,
     policies: HashMap<String, Arc<DestinationPolicy>>,
+    /// PeerAuthentication and AuthorizationPolicy per workload (`namespace/name`).
+    security: HashMap<String, Arc<WorkloadSecurity>>,
+    /// For workloads no policy selects.
+    no_security: Arc<WorkloadSecurity>,
+    /// Trust domains under which a policy's principal names the same identity.
+    pub equivalent_domains: Vec<String>,
     /// Inconsistencies between objects that are each valid (conflicting
     /// VirtualServices, routes to undefined subsets), logged when the snapshot applies.
     pub problems: Vec<String>,
@@ -142,9 +149,45 @@ pub struct Snapshot {
     pub version: u64,
 }
 
+/// Mesh-wide settings the compilation needs.
+#[derive(Debug, Clone)]
+pub struct MeshScope {
+    /// This mesh's trust domain.
+    pub trust_domain: String,
+    /// Trust domains accepted as the same mesh (aliases).
+    pub aliases: Vec<String>,
+    /// Namespace whose policies apply mesh-wide (Istio's root namespace).
+    pub root_namespace: String,
+}
+
+impl MeshScope {
+    /// The defaults: trust domain `cluster.local`, no aliases, root `istio-system`.
+    pub fn new(trust_domain: &str) -> Self {
+        Self { trust_domain: trust_domain.into(), aliases: Vec::new(), root_namespace: "istio-system".into() }
+    }
+
+    /// Trust domains naming this mesh in policies: its own, its aliases, and
+    /// `cluster.local` (which Istio policies use for "this mesh").
+    pub fn equivalent_domains(&self) -> Vec<String> {
+        let mut v = vec![self.trust_domain.clone()];
+        for d in self.aliases.iter().map(String::as_str).chain(["cluster.local"]) {
+            if !v.iter().any(|x| x == d) {
+                v.push(d.to_string());
+            }
+        }
+        v
+    }
+}
+
 impl Snapshot {
-    /// Compiles objects into lookup tables.
+    /// Compiles objects into lookup tables with the default [`MeshScope`].
     pub fn compile(objects: &[Object], trust_domain: &str, version: u64) -> Self {
+        Self::compile_in(objects, &MeshScope::new(trust_domain), version)
+    }
+
+    /// Compiles objects into lookup tables.
+    pub fn compile_in(objects: &[Object], mesh: &MeshScope, version: u64) -> Self {
+        let trust_domain = mesh.trust_domain.as_str();
         let mut enrolled_ns = HashMap::new();
         for o in objects {
             if let Object::Namespace(ns) = o {
@@ -218,7 +261,55 @@ impl Snapshot {
             }
         }
         snap.compile_traffic(objects);
+        snap.compile_security(objects, mesh);
         snap
+    }
+
+    /// PeerAuthentication modes and AuthorizationPolicies, per workload. A policy that
+    /// does not compile becomes allow-nothing for the workloads it selects.
+    fn compile_security(&mut self, objects: &[Object], mesh: &MeshScope) {
+        self.equivalent_domains = mesh.equivalent_domains();
+        let root = mesh.root_namespace.as_str();
+        let peer_auths = sorted(objects, |o| match o {
+            Object::PeerAuthentication(p) => Some((p.as_ref(), &p.metadata)),
+            _ => None,
+        });
+        for p in &peer_auths {
+            if p.metadata.namespace_or_default() == root && p.spec.selector.is_some() {
+                self.problems.push(format!(
+                    "PeerAuthentication {}: a workload selector in the root namespace {root} is ignored, as Istio does",
+                    p.metadata.key()
+                ));
+            }
+        }
+        let mut authz_policies = Vec::new();
+        for ap in sorted(objects, |o| match o {
+            Object::AuthorizationPolicy(a) => Some((a.as_ref(), &a.metadata)),
+            _ => None,
+        }) {
+            let compiled = authz::Policy::compile(ap).unwrap_or_else(|e| {
+                self.problems.push(format!("{e}; failing closed: the workloads it selects allow nothing"));
+                authz::Policy::fail_closed(ap.metadata.key())
+            });
+            authz_policies.push((ap.metadata.namespace_or_default(), ap.spec.selector.clone(), Arc::new(compiled)));
+        }
+        let mut problems = Vec::new();
+        for w in &self.workloads {
+            let mtls = authz::mtls::resolve(w, &peer_auths, root, &mut problems);
+            let selected = authz_policies.iter().filter(|(ns, selector, _)| {
+                (*ns == w.namespace || ns == root) && selector.as_ref().is_none_or(|s| s.selects(&w.labels))
+            });
+            let authz = WorkloadAuthz::new(selected.map(|(_, _, p)| p.clone()));
+            self.security.insert(w.key(), Arc::new(WorkloadSecurity { mtls, authz }));
+        }
+        problems.sort();
+        problems.dedup();
+        self.problems.extend(problems);
+    }
+
+    /// The security settings of workload `key` (`namespace/name`).
+    pub fn security(&self, key: &str) -> &Arc<WorkloadSecurity> {
+        self.security.get(key).unwrap_or(&self.no_security)
     }
 
     /// VirtualServices and DestinationRules, resolved to the Services their hosts name.

@@ -11,12 +11,12 @@ use super::Error;
 use super::istio::{DestinationRule, NETWORKING_VERSIONS, VirtualService};
 use super::linkerd::{SERVICE_PROFILE_VERSIONS, ServiceProfile, TRAFFIC_SPLIT_VERSIONS, TrafficSplit};
 use super::resources::{Namespace, Object, Pod, Service, ServiceAccount};
+use super::security::{AuthorizationPolicy, PeerAuthentication, SECURITY_VERSIONS};
 
 /// Kinds from other API groups the mesh will read but this version does not enforce yet.
 /// They are refused by name rather than silently ignored: a policy that is accepted but
 /// not enforced is worse than an error.
-const NOT_YET_SUPPORTED: &[&str] =
-    &["Gateway", "PeerAuthentication", "AuthorizationPolicy", "ServiceEntry", "Sidecar", "EndpointSlice"];
+const NOT_YET_SUPPORTED: &[&str] = &["Gateway", "RequestAuthentication", "ServiceEntry", "Sidecar", "EndpointSlice"];
 
 /// Parses every YAML document in `text` (the contents of `file`).
 pub fn parse_documents(file: &Path, text: &str) -> Result<Vec<Object>, Error> {
@@ -82,6 +82,7 @@ fn parse_object(file: &Path, index: usize, value: Value) -> Result<Object, Error
         "VirtualService" | "DestinationRule" => NETWORKING_VERSIONS,
         "ServiceProfile" => SERVICE_PROFILE_VERSIONS,
         "TrafficSplit" => TRAFFIC_SPLIT_VERSIONS,
+        "PeerAuthentication" | "AuthorizationPolicy" => SECURITY_VERSIONS,
         k if NOT_YET_SUPPORTED.contains(&k) => {
             return Err(err(label, "kind", format!("{k} ({api_version}) is not supported by this agent version yet")));
         }
@@ -109,6 +110,12 @@ fn parse_object(file: &Path, index: usize, value: Value) -> Result<Object, Error
         "TrafficSplit" => {
             Object::TrafficSplit(typed::<Box<TrafficSplit>>(value).map_err(|(f, r)| err(label.clone(), &f, r))?)
         }
+        "PeerAuthentication" => Object::PeerAuthentication(
+            typed::<Box<PeerAuthentication>>(value).map_err(|(f, r)| err(label.clone(), &f, r))?,
+        ),
+        "AuthorizationPolicy" => Object::AuthorizationPolicy(
+            typed::<Box<AuthorizationPolicy>>(value).map_err(|(f, r)| err(label.clone(), &f, r))?,
+        ),
         "ServiceAccount" => {
             Object::ServiceAccount(typed::<ServiceAccount>(value).map_err(|(f, r)| err(label.clone(), &f, r))?)
         }
@@ -143,6 +150,8 @@ fn validate(object: &Object) -> Result<(), (String, String)> {
         Object::DestinationRule(d) => &d.metadata,
         Object::ServiceProfile(p) => &p.metadata,
         Object::TrafficSplit(t) => &t.metadata,
+        Object::PeerAuthentication(p) => &p.metadata,
+        Object::AuthorizationPolicy(a) => &a.metadata,
     };
     if !is_dns1123_subdomain(&meta.name) {
         return Err(("metadata.name".into(), format!("{:?} is not a valid DNS-1123 name", meta.name)));
@@ -152,6 +161,8 @@ fn validate(object: &Object) -> Result<(), (String, String)> {
         Object::DestinationRule(d) => d.validate()?,
         Object::ServiceProfile(p) => p.validate()?,
         Object::TrafficSplit(t) => t.validate()?,
+        Object::PeerAuthentication(p) => p.validate()?,
+        Object::AuthorizationPolicy(a) => a.validate()?,
         _ => {}
     }
     if let Object::Service(svc) = object {

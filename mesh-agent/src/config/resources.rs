@@ -27,6 +27,10 @@ pub enum Object {
     ServiceProfile(Box<super::linkerd::ServiceProfile>),
     /// `split.smi-spec.io/*/TrafficSplit`.
     TrafficSplit(Box<super::linkerd::TrafficSplit>),
+    /// `security.istio.io/*/PeerAuthentication`.
+    PeerAuthentication(Box<super::security::PeerAuthentication>),
+    /// `security.istio.io/*/AuthorizationPolicy`.
+    AuthorizationPolicy(Box<super::security::AuthorizationPolicy>),
 }
 
 impl Object {
@@ -43,6 +47,12 @@ impl Object {
             }
             Object::ServiceProfile(p) => ("ServiceProfile", p.metadata.namespace_or_default(), p.metadata.name.clone()),
             Object::TrafficSplit(t) => ("TrafficSplit", t.metadata.namespace_or_default(), t.metadata.name.clone()),
+            Object::PeerAuthentication(p) => {
+                ("PeerAuthentication", p.metadata.namespace_or_default(), p.metadata.name.clone())
+            }
+            Object::AuthorizationPolicy(a) => {
+                ("AuthorizationPolicy", a.metadata.namespace_or_default(), a.metadata.name.clone())
+            }
         }
     }
 }
