@@ -14,7 +14,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, AdminState};
 use crate::config::DirSource;
-use crate::dataplane::{self, Dataplane, Netns, Paths, PodEnrollment};
+use crate::dataplane::{self, Dataplane, Netns, Paths, PlaintextVerdicts, PodEnrollment};
 use crate::identity::{CertStore, MeshCa, PeerVerifier};
 use crate::proxy::{PodProxy, Pool, ProxyContext};
 use crate::settings::Settings;
@@ -51,6 +51,8 @@ pub enum Error {
 struct RunningPod {
     proxy: PodProxy,
     enrollment: PodEnrollment,
+    /// What the kernel holds for the pod's plaintext, to write only changes.
+    plaintext: Option<PlaintextVerdicts>,
 }
 
 /// Runs the agent until SIGTERM/SIGINT, then drains.
@@ -236,6 +238,21 @@ impl Agent {
                 Err(e) => tracing::warn!(pod = %key, error = %e, "cannot serve pod yet; will retry"),
             }
         }
+        for (key, p) in self.pods.iter_mut() {
+            let (default_drop, ports) = snap.security(key).plaintext_verdicts();
+            let desired = PlaintextVerdicts { default_drop, ports };
+            if p.plaintext.as_ref() == Some(&desired) {
+                continue;
+            }
+            match self.ctx.dataplane.set_plaintext_verdicts(&p.enrollment, &desired) {
+                Ok(()) => {
+                    tracing::info!(pod = %key, drop_by_default = desired.default_drop, ports = ?desired.ports, "kernel plaintext verdicts set");
+                    p.plaintext = Some(desired);
+                }
+                // The agent still refuses what the kernel would have dropped.
+                Err(e) => tracing::error!(pod = %key, error = %e, "writing plaintext verdicts failed"),
+            }
+        }
         self.ctx.certs.retain(|id| self.pods.values().any(|p| p.proxy.workload.identity == *id));
         self.ctx.metrics.enrolled_pods.set(self.pods.len() as i64);
         let mut names: Vec<String> = self.pods.keys().cloned().collect();
@@ -248,6 +265,6 @@ impl Agent {
         let netns = Arc::new(dp.pod_netns(&w.name)?);
         let proxy = PodProxy::start(&self.ctx, w.clone(), netns.clone())?;
         let enrollment = dp.enroll(&w.name, &netns, &w.ips, &proxy)?;
-        Ok(RunningPod { proxy, enrollment })
+        Ok(RunningPod { proxy, enrollment, plaintext: None })
     }
 }

@@ -26,8 +26,8 @@ use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps};
 use aya::{Ebpf, EbpfLoader};
 use mesh_common::{
-    CONFIG_FLAG_READY, InboundPod, IpKey, MeshConfig, OrigDst, POD_FLAG_ENROLLED, POD_FLAG_HAS_IP6, PodInfo,
-    SockAddrKey, maps, programs,
+    CONFIG_FLAG_READY, InboundPod, IpKey, MeshConfig, OrigDst, PLAINTEXT_ALLOW, PLAINTEXT_DROP, POD_FLAG_ENROLLED,
+    POD_FLAG_HAS_IP6, PodInfo, PodPortKey, SockAddrKey, maps, programs,
 };
 
 /// The kernel object built by `mesh-ebpf` (see build.rs).
@@ -122,6 +122,16 @@ struct Tables {
     listeners: SockMap<MapData>,
     config: Array<MapData, MeshConfig>,
     excluded_ports: BpfHashMap<MapData, u32, u32>,
+    plaintext: BpfHashMap<MapData, PodPortKey, u32>,
+}
+
+/// A pod's plaintext verdicts as the kernel holds them (`true`: dropped in the kernel).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PlaintextVerdicts {
+    /// For every port without its own entry.
+    pub default_drop: bool,
+    /// Ports whose verdict differs from the default.
+    pub ports: Vec<(u16, bool)>,
 }
 
 /// A pod's kernel-side enrollment.
@@ -183,6 +193,8 @@ impl Dataplane {
             config: Array::try_from(take(&mut ebpf, maps::MESH_CONFIG)?).map_err(map_err(maps::MESH_CONFIG))?,
             excluded_ports: BpfHashMap::try_from(take(&mut ebpf, maps::EXCLUDED_PORTS)?)
                 .map_err(map_err(maps::EXCLUDED_PORTS))?,
+            plaintext: BpfHashMap::try_from(take(&mut ebpf, maps::PLAINTEXT_POLICY)?)
+                .map_err(map_err(maps::PLAINTEXT_POLICY))?,
         };
         let orig_dst = BpfHashMap::try_from(take(&mut ebpf, maps::ORIG_DST)?).map_err(map_err(maps::ORIG_DST))?;
 
@@ -280,7 +292,54 @@ impl Dataplane {
         for k in gone {
             t.inbound_pods.remove(&k).map_err(map_err(maps::INBOUND_PODS))?;
         }
+        let gone: Vec<PodPortKey> =
+            t.plaintext.keys().filter_map(Result::ok).filter(|k| !keep_ips.contains(&k.ip)).collect();
+        for k in gone {
+            t.plaintext.remove(&k).map_err(map_err(maps::PLAINTEXT_POLICY))?;
+        }
         Ok(())
+    }
+
+    /// Makes the kernel's plaintext verdicts for `pod` exactly `v`: new entries first,
+    /// then the ones `v` no longer has.
+    pub fn set_plaintext_verdicts(&self, pod: &PodEnrollment, v: &PlaintextVerdicts) -> Result<(), Error> {
+        let verdict = |drop: bool| if drop { PLAINTEXT_DROP } else { PLAINTEXT_ALLOW };
+        let mut desired = Vec::new();
+        for ip in &pod.ips {
+            if v.default_drop {
+                desired.push((PodPortKey { ip: *ip, port: 0 }, PLAINTEXT_DROP));
+            }
+            for (port, drop) in &v.ports {
+                desired.push((PodPortKey { ip: *ip, port: u32::from(*port) }, verdict(*drop)));
+            }
+        }
+        let mut t = self.tables.lock().unwrap_or_else(|p| p.into_inner());
+        for (k, value) in &desired {
+            t.plaintext.insert(k, value, 0).map_err(map_err(maps::PLAINTEXT_POLICY))?;
+        }
+        let stale: Vec<PodPortKey> = t
+            .plaintext
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| pod.ips.contains(&k.ip) && !desired.iter().any(|(d, _)| d == k))
+            .collect();
+        for k in stale {
+            t.plaintext.remove(&k).map_err(map_err(maps::PLAINTEXT_POLICY))?;
+        }
+        Ok(())
+    }
+
+    /// The kernel's plaintext verdict entries, for the config dump: `(ip, port, drop)`.
+    pub fn plaintext_entries(&self) -> Vec<(std::net::IpAddr, u16, bool)> {
+        let t = self.tables.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<_> = t
+            .plaintext
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| (k.ip.to_ip(), k.port as u16, v == PLAINTEXT_DROP))
+            .collect();
+        v.sort();
+        v
     }
 
     /// Opens the network namespace of pod `name`.
@@ -361,6 +420,11 @@ impl Dataplane {
             let _ = t.enrolled.remove(&pod.cgroup_id);
             for k in &pod.ips {
                 let _ = t.inbound_pods.remove(k);
+            }
+            let verdicts: Vec<PodPortKey> =
+                t.plaintext.keys().filter_map(Result::ok).filter(|k| pod.ips.contains(&k.ip)).collect();
+            for k in verdicts {
+                let _ = t.plaintext.remove(&k);
             }
             let _ = t.listeners.clear_index(&pod.slot);
         }

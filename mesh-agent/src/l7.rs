@@ -95,6 +95,19 @@ pub fn default_rule(service_key: &str) -> Rule {
     }
 }
 
+/// Whether `first` bytes of a connection are HTTP (`Some(true)`), certainly not
+/// (`Some(false)`), or too few to tell (`None`).
+pub fn detect_http(first: &[u8]) -> Option<bool> {
+    if looks_like_http(first) {
+        Some(true)
+    } else if first.len() >= 14 || first.first().is_some_and(|b| !b.is_ascii_uppercase()) {
+        // Longer than every method prefix, or a first byte no method starts with.
+        Some(false)
+    } else {
+        None
+    }
+}
+
 /// Whether the first bytes of a connection are HTTP/1.x or an HTTP/2 preface.
 pub fn looks_like_http(first: &[u8]) -> bool {
     const METHODS: &[&[u8]] =

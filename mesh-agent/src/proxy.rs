@@ -1,12 +1,15 @@
 //! The per-pod proxies: outbound capture, inbound plaintext, and the HBONE tunnel
 //! (HTTP/2 CONNECT over mutual TLS 1.3) between node agents.
 
+mod admission;
 pub mod copy;
 mod hbone;
 mod inbound;
+mod inbound_http;
 mod inpod;
 mod outbound;
 mod pool;
+mod prefixed;
 mod sockets;
 
 pub use inpod::PodProxy;

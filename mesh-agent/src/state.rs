@@ -307,6 +307,13 @@ impl Snapshot {
         self.problems.extend(problems);
     }
 
+    /// Whether a connection to `w` at its port `port` rides the mTLS tunnel: `w` is in
+    /// the mesh and its PeerAuthentication does not DISABLE the port (clients then send
+    /// plaintext, as Istio's auto-mTLS does).
+    pub fn tunnels_to(&self, w: &Workload, port: u16) -> bool {
+        w.enrolled && self.security(&w.key()).mtls.mode(port) != authz::mtls::Mode::Disable
+    }
+
     /// The security settings of workload `key` (`namespace/name`).
     pub fn security(&self, key: &str) -> &Arc<WorkloadSecurity> {
         self.security.get(key).unwrap_or(&self.no_security)

@@ -104,7 +104,8 @@ pub struct OpenConn(());
 /// Labels of `istio_requests_total`, reported by the source's agent.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct RequestLabels {
-    /// Always `source`: the client-side agent routes HTTP.
+    /// `source` (the client's agent routed it) or `destination` (the server's agent
+    /// judged it under an AuthorizationPolicy).
     pub reporter: String,
     /// Source pod name.
     pub source_workload: String,
@@ -126,6 +127,28 @@ pub struct RequestLabels {
     pub grpc_response_status: String,
 }
 
+/// Why a connection or request was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+pub enum DenyReason {
+    /// Plaintext to a port whose PeerAuthentication is STRICT.
+    MtlsStrict,
+    /// An AuthorizationPolicy, at connection accept.
+    Policy,
+    /// An AuthorizationPolicy, for one HTTP request.
+    HttpPolicy,
+}
+
+/// Labels of `istio_mesh_denied_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct DenyLabels {
+    /// The workload that was protected.
+    pub destination_workload: String,
+    /// Its namespace.
+    pub destination_workload_namespace: String,
+    /// Why.
+    pub reason: DenyReason,
+}
+
 /// The agent's metrics.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -142,6 +165,7 @@ pub struct Metrics {
     pub config_applied: Counter,
     /// Pods enrolled on this node.
     pub enrolled_pods: Gauge,
+    denied: Family<DenyLabels, Counter>,
 }
 
 impl Metrics {
@@ -157,7 +181,18 @@ impl Metrics {
         registry.register("mesh_config_rejected", "Config inputs rejected", m.config_rejected.clone());
         registry.register("mesh_config_applied", "Config snapshots applied", m.config_applied.clone());
         registry.register("mesh_enrolled_pods", "Pods captured on this node", m.enrolled_pods.clone());
+        registry.register("mesh_denied", "Connections and requests refused by policy", m.denied.clone());
         m
+    }
+
+    /// Counts a refusal protecting `dst`.
+    pub fn denied(&self, dst: &Workload, reason: DenyReason) {
+        let labels = DenyLabels {
+            destination_workload: dst.name.clone(),
+            destination_workload_namespace: dst.namespace.clone(),
+            reason,
+        };
+        self.denied.get_or_create(&labels).inc();
     }
 
     /// Counts a connection as open.

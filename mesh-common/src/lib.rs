@@ -66,6 +66,9 @@ pub mod maps {
     pub const INBOUND_PODS: &str = "INBOUND_PODS";
     /// `SockMap`: the agent's inbound plaintext listener of each pod, at its slot.
     pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
+    /// `HashMap<PodPortKey, u32>`: plaintext verdicts (`PLAINTEXT_*`) for enrolled pod
+    /// ports; port 0 holds the pod's verdict for every port without an entry of its own.
+    pub const PLAINTEXT_POLICY: &str = "PLAINTEXT_POLICY";
 }
 
 /// Program names (the Rust function names in `mesh-ebpf`).
@@ -94,6 +97,8 @@ pub mod capacity {
     pub const CONNECTIONS: u32 = 65536;
     /// Excluded ports.
     pub const EXCLUDED_PORTS: u32 = 256;
+    /// Plaintext verdicts: a default and a few named ports per pod address.
+    pub const PLAINTEXT_POLICY: u32 = 16384;
 }
 
 /// `PodInfo.flags`: the pod's traffic is captured.
@@ -175,9 +180,26 @@ pub struct SockAddrKey {
 pub struct InboundPod {
     /// Index of this pod's plaintext listener in `INBOUND_LISTENERS`.
     pub slot: u32,
-    /// Reserved for L4 policy verdicts (PeerAuthentication STRICT in the kernel).
+    /// Reserved; plaintext verdicts live in `PLAINTEXT_POLICY`, per port.
     pub flags: u32,
 }
+
+/// Key of `PLAINTEXT_POLICY`: an enrolled pod's address and one of its ports (0: the
+/// pod's default for ports without an entry).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct PodPortKey {
+    /// Pod address (IPv4-mapped for IPv4).
+    pub ip: IpKey,
+    /// Port, host order (u32 so there is no implicit padding).
+    pub port: u32,
+}
+
+/// `PLAINTEXT_POLICY` value: plaintext goes to the agent, which judges it.
+pub const PLAINTEXT_ALLOW: u32 = 0;
+/// `PLAINTEXT_POLICY` value: plaintext is dropped in the kernel (STRICT mTLS, or no
+/// policy could allow a connection without a peer identity).
+pub const PLAINTEXT_DROP: u32 = 1;
 
 /// Value of `MESH_CONFIG[0]`.
 #[repr(C)]

@@ -8,8 +8,10 @@
 //!   `accept()`.
 //! * `cgroup/getpeername4` / `getpeername6`: show the application its original peer.
 //! * `sk_lookup` (attached to each enrolled pod's netns): steer inbound connections for
-//!   the pod's ports to the agent's plaintext inbound listener in that netns, and drop
-//!   them when the agent is not there (fail closed).
+//!   the pod's ports to the agent's plaintext inbound listener in that netns; drop them
+//!   when the agent is not there (fail closed) or when the pod's plaintext verdict for
+//!   the port is to drop (PeerAuthentication STRICT, or authorization no plaintext
+//!   peer could pass).
 //!
 //! Every program is a thin wrapper around a `try_*` function so the body can use `?`;
 //! nothing here waits on user space, and an unknown pod passes through untouched.
@@ -25,8 +27,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{debug, warn};
 use mesh_common::{
-    CONFIG_FLAG_READY, InboundPod, IpKey, MeshConfig, OrigDst, POD_FLAG_ENROLLED, POD_FLAG_HAS_IP6, PodInfo,
-    SockAddrKey, capacity, ports,
+    CONFIG_FLAG_READY, InboundPod, IpKey, MeshConfig, OrigDst, PLAINTEXT_DROP, POD_FLAG_ENROLLED, POD_FLAG_HAS_IP6,
+    PodInfo, PodPortKey, SockAddrKey, capacity, ports,
 };
 
 /// `cgroup_sock_addr` verdicts.
@@ -64,6 +66,9 @@ static INBOUND_PODS: HashMap<IpKey, InboundPod> = HashMap::pinned(capacity::PODS
 
 #[map(name = "INBOUND_LISTENERS")]
 static INBOUND_LISTENERS: SockMap = SockMap::pinned(capacity::PODS, 0);
+
+#[map(name = "PLAINTEXT_POLICY")]
+static PLAINTEXT_POLICY: HashMap<PodPortKey, u32> = HashMap::pinned(capacity::PLAINTEXT_POLICY, 0);
 
 // === connect4 / connect6 ===
 
@@ -293,6 +298,12 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
     }
     // SAFETY: copied out at once.
     let Some(pod) = (unsafe { INBOUND_PODS.get(&local) }).copied() else { return SK_PASS };
+    if plaintext_dropped(local, port) {
+        // STRICT mTLS, or no policy could admit a peer without an identity: the SYN
+        // never reaches user space. Mesh clients use 15008, which is not steered here.
+        debug!(ctx, "mesh: plaintext to port {} refused by policy", port);
+        return SK_DROP;
+    }
     let ready = MESH_CONFIG.get(0).is_some_and(|c| c.flags & CONFIG_FLAG_READY != 0);
     if ready && INBOUND_LISTENERS.redirect_sk_lookup(ctx, pod.slot, 0).is_ok() {
         return SK_PASS;
@@ -301,6 +312,16 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
     // refuse rather than let plaintext reach the application unchecked.
     debug!(ctx, "mesh: no inbound listener for enrolled pod, dropping port {}", port);
     SK_DROP
+}
+
+/// The pod's verdict for plaintext to `port`: its own entry, else the pod's default.
+#[inline(always)]
+fn plaintext_dropped(ip: IpKey, port: u16) -> bool {
+    let verdict = |port: u32| {
+        // SAFETY: copied out at once.
+        unsafe { PLAINTEXT_POLICY.get(&PodPortKey { ip, port }) }.copied()
+    };
+    verdict(u32::from(port)).or_else(|| verdict(0)) == Some(PLAINTEXT_DROP)
 }
 
 #[cfg(not(test))]

@@ -11,7 +11,7 @@ use super::Error;
 use super::istio::{DestinationRule, NETWORKING_VERSIONS, VirtualService};
 use super::linkerd::{SERVICE_PROFILE_VERSIONS, ServiceProfile, TRAFFIC_SPLIT_VERSIONS, TrafficSplit};
 use super::resources::{Namespace, Object, Pod, Service, ServiceAccount};
-use super::security::{AuthorizationPolicy, PeerAuthentication, SECURITY_VERSIONS};
+use super::security::{AuthorizationPolicy, PeerAuthentication, SECURITY_VERSIONS, WorkloadSelector};
 
 /// Kinds from other API groups the mesh will read but this version does not enforce yet.
 /// They are refused by name rather than silently ignored: a policy that is accepted but
@@ -40,6 +40,61 @@ pub fn parse_documents(file: &Path, text: &str) -> Result<Vec<Object>, Error> {
         objects.push(object);
     }
     Ok(objects)
+}
+
+/// The AuthorizationPolicies a rejected file meant to define, as far as they can be
+/// read: `(namespace, name, selector)`. A document that does not parse at all but says
+/// `kind: AuthorizationPolicy` counts too, scoped to its namespace (or `default`) with
+/// no selector: a broken policy must close more, not less, than its author meant.
+pub fn intended_policies(text: &str) -> Vec<(String, String, Option<WorkloadSelector>)> {
+    let mut out = Vec::new();
+    // Documents are split by hand: a syntax error stops serde_yaml's document stream.
+    let mut docs = vec![String::new()];
+    for line in text.lines() {
+        if line.starts_with("---") {
+            docs.push(String::new());
+        } else if let Some(d) = docs.last_mut() {
+            d.push_str(line);
+            d.push('\n');
+        }
+    }
+    for doc in docs {
+        match serde_yaml::from_str::<Value>(&doc) {
+            Ok(v) => {
+                if v.get("kind").and_then(Value::as_str) != Some("AuthorizationPolicy") {
+                    continue;
+                }
+                let meta = v.get("metadata");
+                let field = |k: &str| meta.and_then(|m| m.get(k)).and_then(Value::as_str).map(str::to_owned);
+                let selector = v
+                    .get("spec")
+                    .and_then(|s| s.get("selector"))
+                    .and_then(|s| serde_yaml::from_value::<WorkloadSelector>(s.clone()).ok());
+                out.push((
+                    field("namespace").unwrap_or_else(|| "default".into()),
+                    field("name").unwrap_or_else(|| "unnamed".into()),
+                    selector,
+                ));
+            }
+            Err(_) => {
+                let says_policy = doc.lines().any(|l| l.trim() == "kind: AuthorizationPolicy");
+                if says_policy {
+                    let value_of = |key: &str| {
+                        doc.lines().find_map(|l| {
+                            let t = l.trim_start();
+                            (l.len() > t.len()).then(|| t.strip_prefix(key)).flatten().map(|v| v.trim().to_string())
+                        })
+                    };
+                    out.push((
+                        value_of("namespace:").filter(|v| !v.is_empty()).unwrap_or_else(|| "default".into()),
+                        value_of("name:").filter(|v| !v.is_empty()).unwrap_or_else(|| "unparsed".into()),
+                        None,
+                    ));
+                }
+            }
+        }
+    }
+    out
 }
 
 /// `Kind namespace/name` or `Kind name`.

@@ -12,8 +12,9 @@ use std::time::Duration;
 use notify::{RecursiveMode, Watcher as _};
 use tokio::sync::mpsc;
 
-use super::parse::{describe, parse_documents};
+use super::parse::{describe, intended_policies, parse_documents};
 use super::references::undefined_subsets;
+use super::security::AuthorizationPolicy;
 use super::{Error, Object};
 
 /// File extensions read from the directory.
@@ -27,6 +28,9 @@ struct FileState {
     contents: String,
     /// Last good objects of this file.
     good: Arc<Vec<Object>>,
+    /// Allow-nothing stand-ins for AuthorizationPolicies of a rejected version that
+    /// never had a good one: a broken policy fails closed.
+    fail_closed: Vec<Object>,
     /// The error reported for `contents`, if it was rejected.
     error: Option<Error>,
     /// Rejected for a reference to another file's object: tried again whenever
@@ -103,11 +107,27 @@ impl DirSource {
                 Ok(objects) => {
                     out.changed = true;
                     accepted.push((path.clone(), prev_good.unwrap_or_default()));
-                    FileState { contents, good: Arc::new(objects), error: None, recheck: false }
+                    FileState {
+                        contents,
+                        good: Arc::new(objects),
+                        fail_closed: Vec::new(),
+                        error: None,
+                        recheck: false,
+                    }
                 }
-                Err(e) => {
+                Err(mut e) => {
+                    let good = prev_good.unwrap_or_default();
+                    let fail_closed = fail_closed_policies(&contents, &good);
+                    if !fail_closed.is_empty() {
+                        let names: Vec<String> = fail_closed.iter().map(|o| describe(&o.key())).collect();
+                        e.reason.push_str(&format!(
+                            "; {} never applied, so the workloads it would select allow nothing until it is fixed",
+                            names.join(", ")
+                        ));
+                    }
                     out.new_errors.push(e.clone());
-                    FileState { contents, good: prev_good.unwrap_or_default(), error: Some(e), recheck: false }
+                    out.changed |= !fail_closed.is_empty();
+                    FileState { contents, good, fail_closed, error: Some(e), recheck: false }
                 }
             };
             self.files.insert(path, state);
@@ -155,7 +175,7 @@ impl DirSource {
         let mut seen = HashMap::new();
         let mut objects = Vec::new();
         for (path, f) in &self.files {
-            for o in f.good.iter() {
+            for o in f.good.iter().chain(&f.fail_closed) {
                 if seen.insert(o.key(), path).is_none() {
                     objects.push(o.clone());
                 }
@@ -184,6 +204,18 @@ impl DirSource {
         }
         errors
     }
+}
+
+/// Allow-nothing stand-ins for the AuthorizationPolicies `text` meant to define that
+/// `good` (the file's last good version) does not have.
+fn fail_closed_policies(text: &str, good: &[Object]) -> Vec<Object> {
+    intended_policies(text)
+        .into_iter()
+        .filter(|(ns, name, _)| !good.iter().any(|o| o.key() == ("AuthorizationPolicy", ns.clone(), name.clone())))
+        .map(|(ns, name, selector)| {
+            Object::AuthorizationPolicy(Box::new(AuthorizationPolicy::allow_nothing(&ns, &name, selector)))
+        })
+        .collect()
 }
 
 fn list(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
@@ -298,5 +330,54 @@ mod tests {
         assert!(r.new_errors.is_empty(), "{:?}", r.new_errors);
         assert_eq!(r.objects.len(), 3, "the route is accepted once its subset exists");
         assert!(src.standing_errors().is_empty());
+    }
+
+    const GOOD_AP: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: production}\nspec:\n  selector: {matchLabels: {app: myapp}}\n  rules: [{from: [{source: {ipBlocks: [10.0.0.0/8]}}]}]\n";
+
+    fn policies(objects: &[Object]) -> Vec<(String, bool, bool)> {
+        objects
+            .iter()
+            .filter_map(|o| match o {
+                Object::AuthorizationPolicy(a) => {
+                    Some((a.metadata.key(), a.is_fail_closed_placeholder(), a.spec.selector.is_some()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_policy_rejected_before_it_ever_applied_fails_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("ap.yaml");
+        std::fs::write(&file, GOOD_AP.replace("10.0.0.0/8", "10.0.0.0/99")).unwrap();
+        let mut src = DirSource::new(dir.path());
+        let r = src.reload();
+        assert_eq!(
+            policies(&r.objects),
+            vec![("production/p".to_string(), true, true)],
+            "allow-nothing with its selector"
+        );
+        let e = r.new_errors[0].to_string();
+        assert!(e.contains("ipBlocks[0]") && e.contains("allow nothing until it is fixed"), "{e}");
+
+        // Fixed: the real policy replaces the stand-in.
+        std::fs::write(&file, GOOD_AP).unwrap();
+        let r = src.reload();
+        assert_eq!(policies(&r.objects), vec![("production/p".to_string(), false, true)]);
+
+        // Broken again: the last good version stays, no stand-in.
+        std::fs::write(&file, GOOD_AP.replace("10.0.0.0/8", "nonsense")).unwrap();
+        let r = src.reload();
+        assert_eq!(policies(&r.objects), vec![("production/p".to_string(), false, true)]);
+    }
+
+    #[test]
+    fn an_unparseable_policy_file_closes_its_whole_namespace() {
+        let dir = tempfile::tempdir().unwrap();
+        let broken = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: p\n  namespace: production\nspec: {selector: [\n";
+        std::fs::write(dir.path().join("ap.yaml"), broken).unwrap();
+        let r = DirSource::new(dir.path()).reload();
+        assert_eq!(policies(&r.objects), vec![("production/p".to_string(), true, false)], "no selector: wider");
     }
 }

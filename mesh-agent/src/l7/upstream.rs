@@ -214,7 +214,7 @@ impl Upstreams {
         let From { ctx, pod, netns } = from;
         let timeout = settings.connect_timeout.unwrap_or(crate::proxy::CONNECT_TIMEOUT);
         let connect = async {
-            let io: Box<dyn Io> = if endpoint.enrolled {
+            let io: Box<dyn Io> = if ctx.snapshot.load().tunnels_to(endpoint, addr.port()) {
                 Box::new(ctx.pool.connect(ctx, pod, netns, endpoint, addr).await?)
             } else {
                 Box::new(crate::proxy::connect_in(netns, addr, ctx.bypass_mark, timeout).await?)

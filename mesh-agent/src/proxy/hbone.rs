@@ -14,8 +14,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
+use super::admission::{self, Arrival};
 use super::inpod::accept_loop;
-use super::{CONNECT_TIMEOUT, Error, HANDSHAKE_TIMEOUT, ProxyContext, copy, sockets};
+use super::{CONNECT_TIMEOUT, Error, HANDSHAKE_TIMEOUT, ProxyContext, sockets};
+use crate::authz::{ConnVerdict, Decision, Peer};
 use crate::dataplane::Netns;
 use crate::identity::{Identity, peer_identity};
 use crate::state::Workload;
@@ -108,6 +110,15 @@ async fn stream_request(
         tracing::warn!(pod = %pod.name, %client, %target, "CONNECT to a target outside this pod; refused");
         return status(StatusCode::FORBIDDEN);
     }
+    let snap = ctx.snapshot.load_full();
+    let security = snap.security(&pod.key()).clone();
+    let arrival =
+        Arrival { src: peer, dst: target, peer: Some(Peer::from_identity(&client, &snap.equivalent_domains)) };
+    let verdict = security.authz.check_connection(&arrival.attrs());
+    if let ConnVerdict::Decided(Decision::Deny(reason)) = &verdict {
+        admission::denied(&ctx, &pod, &arrival.attrs(), reason, None);
+        return status(StatusCode::FORBIDDEN);
+    }
     let app = match sockets::connect_in(&netns, target, ctx.bypass_mark, CONNECT_TIMEOUT).await {
         Ok(s) => s,
         Err(e) => {
@@ -116,15 +127,13 @@ async fn stream_request(
         }
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
-    let labels = ConnLabels::inbound_from_identity(&pod, &client, &ctx.snapshot.load(), peer);
-    ctx.tasks.spawn(async move {
-        let mut app = app;
+    let labels = ConnLabels::inbound_from_identity(&pod, &client, &snap, peer);
+    let tasks = ctx.tasks.clone();
+    tasks.spawn(async move {
         match on_upgrade.await {
             Ok(upgraded) => {
-                let mut tunnel = TokioIo::new(upgraded);
-                if let Err(e) = copy::counted(&ctx.metrics, &labels, &mut tunnel, &mut app).await {
-                    tracing::debug!(%target, error = %e, "tunnelled connection ended with an error");
-                }
+                let tunnel = TokioIo::new(upgraded);
+                admission::serve(ctx, pod, netns, security, arrival, verdict, tunnel, app, labels).await;
             }
             Err(e) => tracing::warn!(%target, error = %e, "CONNECT stream not established"),
         }

@@ -9,8 +9,10 @@ use mesh_common::ports;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
+use super::admission::{self, Arrival};
 use super::inpod::accept_loop;
-use super::{CONNECT_TIMEOUT, Error, ProxyContext, copy, sockets};
+use super::{CONNECT_TIMEOUT, Error, ProxyContext, sockets};
+use crate::authz::{ConnVerdict, Decision};
 use crate::dataplane::Netns;
 use crate::state::Workload;
 use crate::telemetry::ConnLabels;
@@ -36,9 +38,9 @@ pub(super) async fn serve(
 
 async fn handle(
     ctx: &ProxyContext,
-    pod: &Workload,
-    netns: &Netns,
-    mut stream: TcpStream,
+    pod: &Arc<Workload>,
+    netns: &Arc<Netns>,
+    stream: TcpStream,
     peer: SocketAddr,
 ) -> Result<(), Error> {
     let dst = stream.local_addr().map_err(|source| Error::Io { what: "getsockname", addr: peer, source })?;
@@ -48,13 +50,25 @@ async fn handle(
         return Ok(());
     }
     let snapshot = ctx.snapshot.load_full();
+    let security = snapshot.security(&pod.key()).clone();
+    // The kernel drops plaintext to STRICT ports before it gets here; this holds the
+    // line should a verdict not be in the kernel yet.
+    if !security.mtls.mode(dst.port()).accepts_plaintext() {
+        admission::denied_plaintext(ctx, pod, peer, dst, &security.mtls.from);
+        sockets::reset(stream);
+        return Ok(());
+    }
+    let arrival = Arrival { src: peer, dst, peer: None };
+    let verdict = security.authz.check_connection(&arrival.attrs());
+    if let ConnVerdict::Decided(Decision::Deny(reason)) = &verdict {
+        admission::denied(ctx, pod, &arrival.attrs(), reason, None);
+        sockets::reset(stream);
+        return Ok(());
+    }
     let source = snapshot.workload_by_ip(peer.ip()).cloned();
     let labels = ConnLabels::inbound(pod, source.as_deref(), false);
-    let mut app = sockets::connect_in(netns, dst, ctx.bypass_mark, CONNECT_TIMEOUT).await?;
+    let app = sockets::connect_in(netns, dst, ctx.bypass_mark, CONNECT_TIMEOUT).await?;
     tracing::debug!(pod = %pod.name, %peer, %dst, "inbound plaintext");
-    copy::counted(&ctx.metrics, &labels, &mut stream, &mut app).await.map(|_| ()).map_err(|source| Error::Io {
-        what: "copy to",
-        addr: dst,
-        source,
-    })
+    admission::serve(ctx.clone(), pod.clone(), netns.clone(), security, arrival, verdict, stream, app, labels).await;
+    Ok(())
 }

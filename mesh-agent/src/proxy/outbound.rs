@@ -74,6 +74,11 @@ async fn handle(
     };
     tracing::debug!(pod = %pod.name, %peer, %orig, ?dest, "outbound");
     match dest {
+        Destination::Mesh { workload, addr, service } if !snapshot.tunnels_to(&workload, addr.port()) => {
+            let labels = ConnLabels::new(Direction::Outbound, pod, Some(&workload), service.as_deref(), false);
+            let mut upstream = sockets::connect_in(netns, addr, ctx.bypass_mark, CONNECT_TIMEOUT).await?;
+            splice(ctx, &labels, &mut stream, &mut upstream, pod, orig).await
+        }
         Destination::Mesh { workload, addr, service } => {
             let labels = ConnLabels::new(Direction::Outbound, pod, Some(&workload), service.as_deref(), true);
             let mut tunnel = ctx.pool.connect(ctx, pod, netns, &workload, addr).await?;
@@ -123,7 +128,7 @@ fn tcp_route(
 /// How long the first bytes may take before a connection is treated as opaque TCP:
 /// server-first protocols (databases, SMTP) send nothing until the server speaks, so
 /// detection must give up quickly rather than stall them.
-const DETECT_TIMEOUT: Duration = Duration::from_millis(300);
+pub(super) const DETECT_TIMEOUT: Duration = Duration::from_millis(300);
 
 /// Ports named `tcp`/`tls`/`mongo`/`mysql`/`redis` (or `tcp-*` ...) are L4 by
 /// declaration, as Istio's protocol selection reads port names.
@@ -147,12 +152,8 @@ async fn sniff_http(stream: &TcpStream) -> bool {
         if n == 0 {
             return false;
         }
-        if crate::l7::looks_like_http(&buf[..n]) {
-            return true;
-        }
-        // Enough bytes to decide, or a first byte no HTTP method starts with.
-        if n >= 14 || !buf[0].is_ascii_uppercase() {
-            return false;
+        if let Some(http) = crate::l7::detect_http(&buf[..n]) {
+            return http;
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }

@@ -1,0 +1,265 @@
+//! Inbound HTTP under authorization: the destination's agent parses the requests
+//! arriving for a workload whose policies read HTTP attributes, judges each one, and
+//! forwards the allowed ones to the application over a connection of its own.
+//!
+//! What the application receives is what the policy judged: the normalized path,
+//! re-serialized headers (no request smuggling through framing the app would read
+//! differently), and no `h2c` upgrade (which would turn the rest of the connection
+//! into HTTP/2 requests no policy sees).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::sync::Mutex;
+
+use super::admission::Arrival;
+use super::{CONNECT_TIMEOUT, ProxyContext, copy, sockets};
+use crate::authz::{Decision, RequestAttrs, WorkloadSecurity, path};
+use crate::dataplane::Netns;
+use crate::l7::server::RespBody;
+use crate::state::Workload;
+use crate::telemetry::RequestLabels;
+
+/// Envoy's RBAC filter body, which clients and tests recognise.
+const RBAC_DENIED: &str = "RBAC: access denied";
+
+/// Connections to the application, opened as requests need them.
+struct AppConns {
+    /// The connection dialed when the tunnel was accepted, used first.
+    fresh: Option<TcpStream>,
+    h1: Option<http1::SendRequest<Incoming>>,
+    h2: Option<http2::SendRequest<Incoming>>,
+}
+
+/// Everything one request needs, shared by the connection's requests.
+struct Conn {
+    ctx: ProxyContext,
+    pod: Arc<Workload>,
+    netns: Arc<Netns>,
+    security: Arc<WorkloadSecurity>,
+    arrival: Arrival,
+    app: Mutex<AppConns>,
+}
+
+/// Serves HTTP from `client` (bytes already read for detection included), judging
+/// each request; `app` is a connection to the application's port.
+pub(super) async fn serve<S>(
+    ctx: ProxyContext,
+    pod: Arc<Workload>,
+    netns: Arc<Netns>,
+    security: Arc<WorkloadSecurity>,
+    arrival: Arrival,
+    client: S,
+    app: TcpStream,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let conn = Arc::new(Conn {
+        ctx,
+        pod,
+        netns,
+        security,
+        arrival,
+        app: Mutex::new(AppConns { fresh: Some(app), h1: None, h2: None }),
+    });
+    let dst = conn.arrival.dst;
+    let svc = hyper::service::service_fn(move |req| {
+        let conn = conn.clone();
+        async move { Ok::<_, Infallible>(handle(&conn, req).await) }
+    });
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    if let Err(e) = builder.serve_connection_with_upgrades(TokioIo::new(client), svc).await {
+        tracing::debug!(%dst, error = %e, "inbound HTTP connection ended");
+    }
+}
+
+fn local(status: StatusCode, body: &'static str) -> Response<RespBody> {
+    let mut r = Response::new(
+        Full::new(Bytes::from_static(body.as_bytes())).map_err(|n: Infallible| match n {}).boxed_unsync(),
+    );
+    *r.status_mut() = status;
+    r.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    r
+}
+
+async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<RespBody> {
+    let method = req.method().as_str().to_string();
+    let response = judge_and_forward(conn, req).await;
+    let src = conn.ctx.snapshot.load().workload_by_ip(conn.arrival.src.ip()).cloned();
+    let labels = RequestLabels {
+        reporter: "destination".into(),
+        source_workload: src.as_ref().map_or_else(|| "unknown".into(), |w| w.name.clone()),
+        source_workload_namespace: src.as_ref().map_or_else(|| "unknown".into(), |w| w.namespace.clone()),
+        destination_service: "unknown".into(),
+        destination_version: conn.pod.labels.get("version").cloned().unwrap_or_else(|| "unknown".into()),
+        destination_workload: conn.pod.name.clone(),
+        response_code: response.status().as_u16().to_string(),
+        response_flags: "-".into(),
+        grpc_response_status: String::new(),
+    };
+    conn.ctx.metrics.requests.get_or_create(&labels).inc();
+    tracing::trace!(pod = %conn.pod.name, %method, status = %response.status(), "inbound request");
+    response
+}
+
+async fn judge_and_forward(conn: &Conn, mut req: Request<Incoming>) -> Response<RespBody> {
+    // Methods are tokens compared case-sensitively; a lower-case verb is refused, as
+    // Istio does, rather than judged as a different method than the app may read.
+    if req.method().as_str().bytes().any(|b| b.is_ascii_lowercase()) {
+        return local(StatusCode::BAD_REQUEST, "method must be upper case");
+    }
+    let normalized = match path::normalize(req.uri().path()) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::info!(pod = %conn.pod.name, src = %conn.arrival.src, error = %e, "inbound request refused: bad path");
+            return local(StatusCode::BAD_REQUEST, "invalid request path");
+        }
+    };
+    let host = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string))
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    strip_h2c_upgrade(req.headers_mut());
+    let attrs = conn.arrival.attrs();
+    let request = RequestAttrs {
+        method: req.method().as_str(),
+        path: &normalized,
+        host_lowercase: &host,
+        headers: req.headers(),
+    };
+    if let Decision::Deny(reason) = conn.security.authz.check(&attrs, Some(&request)) {
+        super::admission::denied(&conn.ctx, &conn.pod, &attrs, &reason, Some((req.method().as_str(), &normalized)));
+        return local(StatusCode::FORBIDDEN, RBAC_DENIED);
+    }
+    // Forward what was judged: the normalized path with the original query.
+    let target = match req.uri().query() {
+        Some(q) => format!("{normalized}?{q}"),
+        None => normalized,
+    };
+    let Ok(uri) = rebuild_uri(req.uri(), &target) else {
+        return local(StatusCode::BAD_REQUEST, "invalid request target");
+    };
+    *req.uri_mut() = uri;
+    forward(conn, req).await
+}
+
+/// The request URI with its path and query replaced; scheme and authority kept (HTTP/2).
+fn rebuild_uri(uri: &Uri, path_and_query: &str) -> Result<Uri, http::Error> {
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(path_and_query.parse()?);
+    Ok(Uri::from_parts(parts)?)
+}
+
+/// Removes an `Upgrade: h2c` offer: the request is served as plain HTTP/1.1.
+fn strip_h2c_upgrade(headers: &mut http::HeaderMap) {
+    let offers_h2c = headers
+        .get_all(http::header::UPGRADE)
+        .iter()
+        .any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("h2c"))));
+    if offers_h2c {
+        headers.remove(http::header::UPGRADE);
+        headers.remove("http2-settings");
+        headers.remove(http::header::CONNECTION);
+    }
+}
+
+fn is_upgrade(req: &Request<Incoming>) -> bool {
+    req.headers().contains_key(http::header::UPGRADE)
+}
+
+async fn app_stream(conn: &Conn, apps: &mut AppConns) -> Result<TcpStream, super::Error> {
+    match apps.fresh.take() {
+        Some(s) => Ok(s),
+        None => sockets::connect_in(&conn.netns, conn.arrival.dst, conn.ctx.bypass_mark, CONNECT_TIMEOUT).await,
+    }
+}
+
+async fn forward(conn: &Conn, mut req: Request<Incoming>) -> Response<RespBody> {
+    let dst = conn.arrival.dst;
+    let unavailable = |what: &str, e: &dyn std::fmt::Display| {
+        tracing::warn!(pod = %conn.pod.name, %dst, error = %e, "{what}");
+        local(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error")
+    };
+    let result = if req.version() == http::Version::HTTP_2 {
+        let mut sender = {
+            let mut apps = conn.app.lock().await;
+            match apps.h2.as_ref().filter(|s| !s.is_closed()).cloned() {
+                Some(s) => s,
+                None => {
+                    let io = match app_stream(conn, &mut apps).await {
+                        Ok(io) => io,
+                        Err(e) => return unavailable("application unreachable", &e),
+                    };
+                    let (sender, c) = match http2::handshake(TokioExecutor::new(), TokioIo::new(io)).await {
+                        Ok(pair) => pair,
+                        Err(e) => return unavailable("HTTP/2 to the application failed", &e),
+                    };
+                    tokio::spawn(async move {
+                        let _ = c.await;
+                    });
+                    apps.h2 = Some(sender.clone());
+                    sender
+                }
+            }
+        };
+        sender.send_request(req).await
+    } else {
+        let client_upgrade = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
+        let mut sender = {
+            let mut apps = conn.app.lock().await;
+            match apps.h1.take().filter(|s| !s.is_closed()) {
+                Some(s) => s,
+                None => {
+                    let io = match app_stream(conn, &mut apps).await {
+                        Ok(io) => io,
+                        Err(e) => return unavailable("application unreachable", &e),
+                    };
+                    let (sender, c) = match http1::handshake(TokioIo::new(io)).await {
+                        Ok(pair) => pair,
+                        Err(e) => return unavailable("HTTP/1.1 to the application failed", &e),
+                    };
+                    tokio::spawn(async move {
+                        let _ = c.with_upgrades().await;
+                    });
+                    sender
+                }
+            }
+        };
+        if let Err(e) = sender.ready().await {
+            return unavailable("application connection closed", &e);
+        }
+        let sent = sender.send_request(req).await;
+        // One request at a time per HTTP/1.1 connection: the next waits in ready().
+        if !sender.is_closed() {
+            conn.app.lock().await.h1 = Some(sender);
+        }
+        match (sent, client_upgrade) {
+            (Ok(mut res), Some(client_upgrade)) if res.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                let server_upgrade = hyper::upgrade::on(&mut res);
+                tokio::spawn(async move {
+                    if let Ok((c, s)) = tokio::try_join!(client_upgrade, server_upgrade) {
+                        let (mut c, mut s) = (TokioIo::new(c), TokioIo::new(s));
+                        let _ = copy::bidirectional(&mut c, &mut s).await;
+                    }
+                });
+                Ok(res)
+            }
+            (sent, _) => sent,
+        }
+    };
+    match result {
+        Ok(res) => res.map(|b| b.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>).boxed_unsync()),
+        Err(e) => unavailable("request to the application failed", &e),
+    }
+}
