@@ -122,11 +122,17 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
     let (_watcher, mut changes) =
         source.watch().map_err(|source| Error::Watch { dir: settings.config_dir.clone(), source })?;
     let mut resync = tokio::time::interval(RESYNC_INTERVAL);
+    let mut renew = tokio::time::interval(ctx.certs.renewal_interval());
     loop {
         tokio::select! {
             _ = shutdown_signal() => break,
             Some(()) = changes.recv() => { agent.reload(&mut source); agent.reconcile(); }
             _ = resync.tick() => { agent.reload(&mut source); agent.reconcile(); }
+            _ = renew.tick() => {
+                // Signing is CPU work; keep it off the runtime's I/O workers.
+                let certs = ctx.certs.clone();
+                let _ = tokio::task::spawn_blocking(move || certs.renew_due()).await;
+            }
         }
     }
 
@@ -210,6 +216,9 @@ impl Agent {
         let snap = self.ctx.snapshot.load_full();
         let desired: HashMap<String, Arc<Workload>> =
             snap.local_enrolled(&self.settings.node).map(|w| (w.key(), w.clone())).collect();
+        // Identities are issued before the pods' proxies start, so the first handshake
+        // finds its certificate.
+        self.ctx.certs.set_local(desired.values().map(|w| w.identity.clone()));
         let stale: Vec<String> = self
             .pods
             .iter()
@@ -253,7 +262,6 @@ impl Agent {
                 Err(e) => tracing::error!(pod = %key, error = %e, "writing plaintext verdicts failed"),
             }
         }
-        self.ctx.certs.retain(|id| self.pods.values().any(|p| p.proxy.workload.identity == *id));
         self.ctx.metrics.enrolled_pods.set(self.pods.len() as i64);
         let mut names: Vec<String> = self.pods.keys().cloned().collect();
         names.sort();

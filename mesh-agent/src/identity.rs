@@ -43,6 +43,9 @@ pub enum Error {
     /// A SPIFFE identity could not be parsed.
     #[error("invalid SPIFFE identity {0:?}: expected spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>")]
     InvalidSpiffe(String),
+    /// A certificate was asked for an identity no pod on this node has.
+    #[error("refusing to issue a certificate for {0}: no pod on this node has that identity")]
+    NotLocal(Identity),
     /// A rustls configuration could not be built.
     #[error("TLS configuration: {0}")]
     Tls(#[from] rustls::Error),

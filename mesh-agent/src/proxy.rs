@@ -63,7 +63,7 @@ pub enum Error {
         after: Duration,
     },
     /// The TLS handshake failed (peer identity, chain, protocol).
-    #[error("TLS with {addr}: {source}")]
+    #[error("TLS with {addr}: {}", tls_reason(source))]
     Tls {
         /// The peer.
         addr: SocketAddr,
@@ -94,6 +94,17 @@ pub enum Error {
     /// No certificate for an identity.
     #[error(transparent)]
     Identity(#[from] crate::identity::Error),
+}
+
+/// A TLS failure as an operator reads it: our own verifier's reason (wrong identity,
+/// foreign trust domain) in plain words rather than rustls' nested debug form.
+fn tls_reason(e: &std::io::Error) -> String {
+    if let Some(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other))) =
+        e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        return format!("invalid peer certificate: {}", other.0);
+    }
+    e.to_string()
 }
 
 /// What every proxy task shares.

@@ -50,6 +50,11 @@ pub fn root() -> PathBuf {
 
 /// Brings the lab up, or returns None (after saying why) where it cannot run.
 pub fn lab(test: &str) -> Option<LabGuard> {
+    lab_with_env(test, &[])
+}
+
+/// [`lab`], with more environment for the agents (`MESH_*` settings).
+pub fn lab_with_env(test: &str, agent_env: &[(&str, &str)]) -> Option<LabGuard> {
     let lock = LAB_LOCK.lock().unwrap_or_else(|p| p.into_inner());
     let bins = root().join("target/debug");
     let missing = ["mesh-agent", "mesh-echo"].iter().find(|b| !bins.join(b).exists());
@@ -71,6 +76,7 @@ pub fn lab(test: &str) -> Option<LabGuard> {
         agent_bin: bins.join("mesh-agent"),
         echo_bin: bins.join("mesh-echo"),
         agent_log: "info,mesh_agent=debug,mesh_ebpf=debug".into(),
+        agent_env: agent_env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
     };
     let lab = Lab::up(&opts).unwrap_or_else(|e| panic!("{test}: lab up: {e:#}"));
     Some(LabGuard { lab: Some(lab), _lock: lock })

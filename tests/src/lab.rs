@@ -49,6 +49,8 @@ pub struct Options {
     pub echo_bin: PathBuf,
     /// `MESH_LOG` for the agents.
     pub agent_log: String,
+    /// More environment for the agents (`MESH_*` settings such as `MESH_CERT_TTL`).
+    pub agent_env: BTreeMap<String, String>,
 }
 
 /// A node of the lab.
@@ -112,6 +114,9 @@ pub struct Lab {
     pub agent_bin: PathBuf,
     /// Agents' log filter.
     pub agent_log: String,
+    /// More environment for the agents, kept across restarts.
+    #[serde(default)]
+    pub agent_env: BTreeMap<String, String>,
     /// Helper processes (benchmark servers, sidecar proxies) started in pod netns.
     #[serde(default)]
     pub helpers: Vec<Helper>,
@@ -296,6 +301,7 @@ impl Lab {
             services: m.services,
             agent_bin: opts.agent_bin.clone(),
             agent_log: opts.agent_log.clone(),
+            agent_env: opts.agent_env.clone(),
             helpers: Vec::new(),
         };
         // Record first, so `down` can clean up a half-built lab.
@@ -500,6 +506,7 @@ impl Lab {
         let mut cmd = in_cgroup_netns(&self.cgroup_root.join(&n.agent_cgroup), &n.netns, Enter::Nsenter, &argv);
         let child = cmd
             .env("MESH_LOG", &self.agent_log)
+            .envs(&self.agent_env)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -1,9 +1,11 @@
 //! Test support for the mesh: the network-namespace lab (`lab`), used by
 //! `cargo xtask lab|demo|test|bench` and by the integration tests in `tests/`; what a
-//! process group costs (`measure`); what crosses the wire between nodes (`wire`).
+//! process group costs (`measure`); what crosses the wire between nodes (`wire`); a mesh client driven by hand
+//! (`hbone_client`).
 #![forbid(unsafe_code)]
 
 pub mod harness;
+pub mod hbone_client;
 pub mod lab;
 pub mod measure;
 pub mod sys;

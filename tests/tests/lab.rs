@@ -11,6 +11,9 @@ use std::time::{Duration, Instant};
 
 use mesh_tests::harness::{curl, eventually, lab, metrics, opened, reply_pod, root};
 use mesh_tests::wire::Capture;
+use support::{foreign_issuer, mesh_issuer, write_leaf};
+
+mod support;
 
 #[test]
 fn frontend_reaches_myapp_through_both_agents_over_mtls() {
@@ -74,17 +77,9 @@ fn wire_between_nodes_is_tls13_and_foreign_certificates_are_refused() {
     let dir = lab.state_dir.join("certs");
     std::fs::create_dir_all(&dir).unwrap();
     // A client certificate from another CA, with a perfectly plausible identity.
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let other_issuer = rcgen::Issuer::new(ca_params, rcgen::KeyPair::generate().unwrap());
-    write_leaf(&dir, "other", "spiffe://cluster.local/ns/production/sa/frontend", &other_issuer);
-
+    write_leaf(&dir, "other", "spiffe://cluster.local/ns/production/sa/frontend", &foreign_issuer());
     // A certificate from the mesh CA but for another trust domain.
-    let ca_key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(lab.ca_dir().join("ca-key.pem")).unwrap()).unwrap();
-    let mesh_issuer =
-        rcgen::Issuer::from_ca_cert_pem(&std::fs::read_to_string(lab.ca_dir().join("ca-cert.pem")).unwrap(), ca_key)
-            .unwrap();
-    write_leaf(&dir, "td", "spiffe://evil.example/ns/production/sa/frontend", &mesh_issuer);
+    write_leaf(&dir, "td", "spiffe://evil.example/ns/production/sa/frontend", &mesh_issuer(&lab));
 
     let v1 = lab.pod("myapp-v1").unwrap().ip;
     let target = format!("{v1}:15008");
@@ -119,17 +114,6 @@ fn wire_between_nodes_is_tls13_and_foreign_certificates_are_refused() {
     // TLS 1.2 is not offered at all.
     let (_, text) = s_client("-tls1_2", None);
     assert!(!text.contains("CONNECTION ESTABLISHED"), "TLS 1.2 accepted:\n{text}");
-}
-
-/// Writes `<name>.pem` / `<name>.key`: a leaf certificate with `uri` as its only SAN,
-/// signed by `issuer`.
-fn write_leaf(dir: &std::path::Path, name: &str, uri: &str, issuer: &rcgen::Issuer<'_, rcgen::KeyPair>) {
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.subject_alt_names = vec![rcgen::SanType::URI(uri.try_into().unwrap())];
-    let cert = params.signed_by(&key, issuer).unwrap();
-    std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
-    std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
 }
 
 #[test]

@@ -108,6 +108,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
         echo_bin: bins.echo,
         // Logging at warn: the benchmark measures the proxy, not its log writer.
         agent_log: "warn".into(),
+        agent_env: Default::default(),
     };
     println!("[bench] lab up (release build)");
     let mut lab = Lab::up(&opts)?;

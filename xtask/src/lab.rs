@@ -64,6 +64,7 @@ pub fn up(dir: Option<PathBuf>, release: bool) -> anyhow::Result<Lab> {
         agent_bin: bins.agent,
         echo_bin: bins.echo,
         agent_log: std::env::var("MESH_LOG").unwrap_or_else(|_| "info,mesh_ebpf=debug".into()),
+        agent_env: Default::default(),
     };
     let lab = Lab::up(&opts)?;
     Ok(lab)

@@ -86,6 +86,31 @@ enum Cmd {
         #[arg(long = "header")]
         headers: Vec<String>,
     },
+    /// Play a mesh client by hand: mutual TLS 1.3 to ADDR (an agent's :15008) with
+    /// --cert/--key (or none), CONNECT to --target, then one HTTP/1.1 request through
+    /// the tunnel. Prints how far it got as JSON.
+    Hbone {
+        /// The agent's HBONE address.
+        addr: SocketAddr,
+        /// CONNECT target, `<pod ip>:<port>`.
+        #[arg(long)]
+        target: SocketAddr,
+        /// PEM certificate chain to present.
+        #[arg(long)]
+        cert: Option<std::path::PathBuf>,
+        /// PEM private key.
+        #[arg(long)]
+        key: Option<std::path::PathBuf>,
+        /// Request method.
+        #[arg(long, default_value = "GET")]
+        method: String,
+        /// Request path.
+        #[arg(long, default_value = "/")]
+        path: String,
+        /// Host header.
+        #[arg(long, default_value = "myapp")]
+        host: String,
+    },
     /// Run --conns concurrent TCP echo exchanges of --bytes each against ADDR and
     /// verify every byte came back.
     Load {
@@ -147,6 +172,11 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Load { addr, conns, bytes } => load(addr, conns, bytes).await,
         Cmd::Upgrade { addr, path, message } => upgrade_client(&addr, &path, &message).await,
         Cmd::Grpc { addr, message, headers } => grpc_client(&addr, &message, &headers).await,
+        Cmd::Hbone { addr, target, cert, key, method, path, host } => {
+            let call = mesh_tests::hbone_client::Call { addr, target, cert, key, method, path, host };
+            println!("{}", serde_json::to_string(&mesh_tests::hbone_client::run(&call).await)?);
+            Ok(())
+        }
     }
 }
 
