@@ -226,4 +226,6 @@ impl WorkloadSecurity {
 }
 
 #[cfg(test)]
+mod props;
+#[cfg(test)]
 mod tests;

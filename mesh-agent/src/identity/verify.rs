@@ -257,3 +257,92 @@ impl rustls::client::ResolvesClientCert for ClientCert {
         true
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+    use std::time::Duration;
+
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+
+    use super::*;
+    use crate::identity::{CaFiles, MeshCa};
+
+    fn ca_params() -> CertificateParams {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+        p
+    }
+
+    /// A plug-in CA directory for one cluster: its intermediate, signed by `root`.
+    fn cluster_ca(dir: &std::path::Path, root: &Issuer<'_, KeyPair>, root_pem: &str) -> MeshCa {
+        let key = KeyPair::generate().unwrap();
+        let cert = ca_params().signed_by(&key, root).unwrap();
+        let files = CaFiles::in_dir(dir);
+        std::fs::write(&files.ca_cert, cert.pem()).unwrap();
+        std::fs::write(&files.ca_key, key.serialize_pem()).unwrap();
+        std::fs::set_permissions(&files.ca_key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::write(&files.root_cert, root_pem).unwrap();
+        std::fs::write(&files.cert_chain, format!("{}{root_pem}", cert.pem())).unwrap();
+        MeshCa::load(&files).unwrap()
+    }
+
+    fn root() -> (Issuer<'static, KeyPair>, String) {
+        let key = KeyPair::generate().unwrap();
+        let params = ca_params();
+        let pem = params.self_signed(&key).unwrap().pem();
+        (Issuer::new(params, key), pem)
+    }
+
+    /// Mutual TLS between `client` (as frontend) and `server` (as myapp) in memory.
+    async fn handshake(client: Arc<MeshCa>, server: Arc<MeshCa>) -> Result<Identity, String> {
+        let frontend = Identity::new("cluster.local", "production", "frontend");
+        let myapp = Identity::new("cluster.local", "production", "myapp");
+        let (cs, ss) = (
+            Arc::new(CertStore::new(client.clone(), Duration::from_secs(3600))),
+            Arc::new(CertStore::new(server.clone(), Duration::from_secs(3600))),
+        );
+        cs.set_local([frontend.clone()]);
+        ss.set_local([myapp.clone()]);
+        let cv = PeerVerifier::new(client.roots(), vec!["cluster.local".into()]).unwrap();
+        let sv = PeerVerifier::new(server.roots(), vec!["cluster.local".into()]).unwrap();
+        let ccfg = client_config(cs, frontend, myapp.clone(), &cv).unwrap();
+        let scfg = server_config(ss, myapp, &sv).unwrap();
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let name = ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+        let (c, s) = tokio::join!(
+            tokio_rustls::TlsConnector::from(ccfg).connect(name, a),
+            tokio_rustls::TlsAcceptor::from(scfg).accept(b)
+        );
+        c.map_err(|e| format!("client: {e}"))?;
+        let s = s.map_err(|e| format!("server: {e}"))?;
+        s.get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(peer_identity)
+            .ok_or_else(|| "no identity".into())
+    }
+
+    #[tokio::test]
+    async fn clusters_with_intermediates_under_one_root_trust_each_other_and_no_one_else() {
+        let (shared, shared_pem) = root();
+        let (a, b, c) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let cluster_a = Arc::new(cluster_ca(a.path(), &shared, &shared_pem));
+        let cluster_b = Arc::new(cluster_ca(b.path(), &shared, &shared_pem));
+        let (other, other_pem) = root();
+        let outsider = Arc::new(cluster_ca(c.path(), &other, &other_pem));
+
+        let seen = handshake(cluster_a.clone(), cluster_b.clone()).await.unwrap();
+        assert_eq!(
+            seen.to_string(),
+            "spiffe://cluster.local/ns/production/sa/frontend",
+            "leaf chained through A's intermediate"
+        );
+        let refused = handshake(outsider.clone(), cluster_b.clone()).await.unwrap_err();
+        assert!(refused.contains("invalid peer certificate"), "another root's workload is refused: {refused}");
+        let refused = handshake(cluster_b, outsider).await.unwrap_err();
+        assert!(refused.contains("invalid peer certificate"), "and it cannot serve mesh clients: {refused}");
+    }
+}
