@@ -8,9 +8,10 @@
 //!   falls through to the last rule (baseline: comparing the path with one string);
 //! - config parse: the lab manifests to typed objects (the reload path);
 //! - copy loop: the agent's bidirectional splice over in-memory streams (baseline:
-//!   tokio's plain `copy` one way).
-//!
-//! Authorization evaluation joins this file with policy enforcement.
+//!   tokio's plain `copy` one way);
+//! - authz: the reference AuthorizationPolicy judging a request (allowed and denied),
+//!   an L4-only policy judging a connection, and path normalization (baseline: one
+//!   string comparison).
 
 use std::collections::HashMap;
 use std::hint::black_box;
@@ -174,5 +175,45 @@ fn copy_loop(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, map_keys, resolve, route_match, config_parse, copy_loop);
+fn authz(c: &mut Criterion) {
+    use mesh_agent::authz::{ConnAttrs, Peer, RequestAttrs, path};
+    let mut objects = Vec::new();
+    for (file, text) in lab_manifests() {
+        objects.extend(parse_documents(Path::new(&file), &text).expect("lab manifests are valid"));
+    }
+    let seed = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/seed/authorizationpolicy-myapp.yaml");
+    let text = std::fs::read_to_string(&seed).expect("seed policy");
+    objects.extend(parse_documents(&seed, &text).expect("seed policy is valid"));
+    let l4 = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: l4, namespace: production}\nspec:\n  selector: {matchLabels: {app: legacy-service}}\n  rules:\n  - from: [{source: {principals: [\"cluster.local/ns/production/sa/frontend\"], ipBlocks: [\"10.10.0.0/16\"]}}]\n    to: [{operation: {ports: [\"8080\"]}}]\n";
+    objects.extend(parse_documents(Path::new("l4.yaml"), l4).expect("valid"));
+    let snap = Snapshot::compile(&objects, "cluster.local", 1);
+    let myapp = snap.security("production/myapp-v1").clone();
+    let legacy = snap.security("production/legacy-service").clone();
+    let frontend = Peer::from_identity(
+        &mesh_agent::identity::Identity::new("cluster.local", "production", "frontend"),
+        &snap.equivalent_domains,
+    );
+    let conn = ConnAttrs {
+        src: "10.10.1.2:40000".parse().unwrap(),
+        dst: "10.10.2.2:8080".parse().unwrap(),
+        peer: Some(&frontend),
+    };
+    let headers = http::HeaderMap::new();
+    let request = |method, path| RequestAttrs { method, path, host_lowercase: "myapp", headers: &headers };
+    let mut g = c.benchmark_group("authz");
+    g.bench_function("baseline_path_compare", |b| b.iter(|| black_box("/api/users") == black_box("/api/users")));
+    g.bench_function("seed_policy_allowed_request", |b| {
+        let r = request("GET", "/api/users");
+        b.iter(|| myapp.authz.check(black_box(&conn), Some(black_box(&r))))
+    });
+    g.bench_function("seed_policy_denied_request", |b| {
+        let r = request("DELETE", "/api/x");
+        b.iter(|| myapp.authz.check(black_box(&conn), Some(black_box(&r))))
+    });
+    g.bench_function("l4_policy_connection", |b| b.iter(|| legacy.authz.check_connection(black_box(&conn))));
+    g.bench_function("normalize_path", |b| b.iter(|| path::normalize(black_box("/api/./users/../users/42"))));
+    g.finish();
+}
+
+criterion_group!(benches, map_keys, resolve, route_match, config_parse, copy_loop, authz);
 criterion_main!(benches);
