@@ -81,6 +81,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
         bypass_mark: settings.bypass_mark,
         shutdown: shutdown.clone(),
         tasks: TaskTracker::new(),
+        inbound: Arc::default(),
     };
     let admin_state = AdminState {
         ready: Arc::new(AtomicBool::new(false)),
@@ -206,8 +207,13 @@ impl Agent {
             for problem in &snap.problems {
                 tracing::warn!(version = self.version, "{problem}");
             }
-            self.ctx.snapshot.store(Arc::new(snap));
+            let snap = Arc::new(snap);
+            self.ctx.snapshot.store(snap.clone());
             self.ctx.metrics.config_applied.inc();
+            let closed = self.ctx.inbound.reassess(&snap);
+            if closed > 0 {
+                tracing::info!(version = self.version, closed, "connections closed under the new policies");
+            }
         }
     }
 

@@ -144,7 +144,8 @@ impl WorkloadAuthz {
         v
     }
 
-    /// Judges a connection (`req` None: not HTTP) or one request on it.
+    /// Judges a connection (`req` None: not HTTP) or one request on it, logging what
+    /// AUDIT and dry-run policies make of it.
     pub fn check(&self, c: &ConnAttrs<'_>, req: Option<&RequestAttrs<'_>>) -> Decision {
         for p in &self.dry_run {
             let matched = p.matches(c, req);
@@ -153,6 +154,12 @@ impl WorkloadAuthz {
         for p in self.audit.iter().filter(|p| p.matches(c, req)) {
             tracing::info!(target: "mesh_agent::audit", policy = %p.name, src = %c.src, principal = c.peer.and_then(|p| p.principals.first()).map(String::as_str), dst = %c.dst, method = req.map(|r| r.method), path = req.map(|r| r.path), "audited");
         }
+        self.decide(c, req)
+    }
+
+    /// [`WorkloadAuthz::check`] without the audit log: for re-judging live connections
+    /// when policies change.
+    pub fn decide(&self, c: &ConnAttrs<'_>, req: Option<&RequestAttrs<'_>>) -> Decision {
         if let Some(p) = self.deny.iter().find(|p| p.matches(c, req)) {
             return Decision::Deny(format!("denied by DENY policy {}", p.name));
         }

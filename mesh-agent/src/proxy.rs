@@ -12,6 +12,7 @@ mod pool;
 mod prefixed;
 mod sockets;
 
+pub use admission::InboundConns;
 pub use inpod::PodProxy;
 pub use pool::Pool;
 pub(crate) use sockets::connect_in;
@@ -130,4 +131,6 @@ pub struct ProxyContext {
     pub shutdown: CancellationToken,
     /// Tracks every connection task, for draining.
     pub tasks: TaskTracker,
+    /// Spliced inbound connections, re-judged when the policies change.
+    pub inbound: Arc<InboundConns>,
 }

@@ -396,3 +396,45 @@ fn policy_changes_apply_to_new_connections_within_a_second() {
     assert!(applied < Duration::from_secs(1), "DENY took {applied:?} to reach new connections");
     assert!(removed < Duration::from_secs(1), "removing it took {removed:?}");
 }
+
+#[test]
+fn connections_admitted_before_a_policy_are_closed_once_it_refuses_them() {
+    let Some(lab) = lab("connections_admitted_before_a_policy_are_closed_once_it_refuses_them") else { return };
+    // HTTP/2 upstreams pooled by frontend's agent (h2UpgradePolicy UPGRADE), admitted
+    // while no policy exists.
+    apply_seed(&lab, "destinationrule-myapp.yaml");
+    apply_seed(&lab, "virtualservice-myapp.yaml");
+    eventually("routes applied", || {
+        (status(&lab, "frontend", &["http://myapp/other"]).1.contains("HTTP/2")).then_some(())
+    });
+    assert_eq!(code(&lab, "frontend", &["http://myapp/other"]), "200");
+    // A raw TCP connection to legacy-service's echo port, held open meanwhile.
+    let legacy = lab.pod("legacy-service").unwrap().ip;
+    let echo = root().join("target/debug/mesh-echo").display().to_string();
+    let held = std::thread::scope(|s| {
+        let dial = s
+            .spawn(|| lab.exec("frontend", &[&echo, "dial", &format!("{legacy}:9000"), "--hold-ms", "15000"]).unwrap());
+        std::thread::sleep(Duration::from_secs(1));
+        apply_seed(&lab, "authorizationpolicy-myapp.yaml");
+        apply_yaml(
+            &lab,
+            "deny-legacy.yaml",
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-legacy, namespace: production}\nspec:\n  selector: {matchLabels: {app: legacy-service}}\n  action: DENY\n  rules: [{}]\n",
+        );
+        // The pooled tunnels were cut: the next requests are judged.
+        let started = Instant::now();
+        eventually("policy reaches pooled connections", || {
+            (code(&lab, "frontend", &["http://myapp/other"]) == "403").then_some(())
+        });
+        assert!(started.elapsed() < Duration::from_secs(3), "took {:?}", started.elapsed());
+        assert_eq!(code(&lab, "frontend", &["http://myapp/api/users"]), "200", "allowed requests still pass");
+        dial.join().unwrap()
+    });
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&held.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let end = lines.last().expect("dial reported");
+    assert_eq!(end["closed_by_peer"], true, "the held connection was not closed: {end}");
+    assert!(end["held_ms"].as_u64().unwrap() < 10_000, "{end}");
+    let log = agent_log(&lab, "node2");
+    assert!(log.contains("closing a connection the current policy no longer allows"), "closure not logged");
+}

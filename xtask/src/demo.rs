@@ -67,21 +67,26 @@ pub fn run() -> anyhow::Result<()> {
         }
     }
     let l7_ok = l7_routing(&lab)?;
+    let security_ok = zero_trust(&lab)?;
     let ok = rows.iter().all(|(_, a)| !a.starts_with("FAILED"))
         && wire.tls13_handshake
         && wire.plaintext.is_empty()
-        && l7_ok;
+        && l7_ok
+        && security_ok;
     println!(
         "\n[demo] {}",
         if ok {
-            "mesh works: traffic flows, the wire is TLS 1.3 only, and the Istio routes apply as written"
+            "mesh works: traffic flows, the wire is TLS 1.3 only, and the Istio routes and policies apply as written"
         } else {
             "SOMETHING FAILED: see above and `cargo xtask lab logs node1`"
         }
     );
     println!(
-        "\nThe lab is still up, with the reference DestinationRule and VirtualService applied. Try:\n  \
-         cargo xtask lab exec frontend -- curl -s -H 'x-version: v2' http://myapp/\n  \
+        "\nThe lab is still up, with the reference DestinationRule, VirtualService, PeerAuthentication and \
+         AuthorizationPolicy applied. Try:\n  \
+         cargo xtask lab exec frontend -- curl -s -H 'x-version: v2' http://myapp/api/users\n  \
+         cargo xtask lab exec frontend -- curl -s -X DELETE http://myapp/api/x\n  \
+         cargo xtask lab delete examples/seed/authorizationpolicy-myapp.yaml   # lift the policy\n  \
          cargo xtask lab delete examples/seed/virtualservice-myapp.yaml   # remove the routes again\n  \
          cargo xtask lab status\n  cargo xtask lab logs node1\n  cargo xtask lab down"
     );
@@ -133,6 +138,50 @@ fn l7_routing(lab: &mesh_tests::lab::Lab) -> anyhow::Result<bool> {
     );
     println!("  {:<45} myapp-v1 {}/{}", "http://myapp/home (default route)", count(&rest, "myapp-v1"), rest.len());
     Ok(count(&header, "myapp-v2") == 20 && api.len() == 200 && count(&rest, "myapp-v1") == 20)
+}
+
+/// Applies the reference PeerAuthentication and AuthorizationPolicy as written and shows
+/// what they allow: plaintext refused by STRICT myapp and accepted by PERMISSIVE
+/// legacy-service; frontend's identity on /api, anyone on /health, nothing else.
+fn zero_trust(lab: &Lab) -> anyhow::Result<bool> {
+    println!("\n[demo] zero trust with the reference policies (examples/seed), applied as written");
+    for f in ["peerauthentication.yaml", "authorizationpolicy-myapp.yaml"] {
+        lab.apply(&crate::root().join("examples/seed").join(f))?;
+        println!("  applied {f}");
+    }
+    let code = |pod: &str, args: &[&str]| -> anyhow::Result<String> {
+        let mut argv = vec!["curl", "-s", "-m", "3", "-o", "/dev/null", "-w", "%{http_code}"];
+        argv.extend(args);
+        Ok(String::from_utf8_lossy(&lab.exec(pod, &argv)?.stdout).into_owned())
+    };
+    let (v1, legacy) = (lab.pod("myapp-v1")?.ip, lab.pod("legacy-service")?.ip);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while code("frontend", &["http://myapp/other"])? != "403" {
+        if std::time::Instant::now() > deadline {
+            println!("  policies not in force after 10 s");
+            return Ok(false);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (url_v1, url_legacy) = (format!("http://{v1}:8080/"), format!("http://{legacy}:8080/"));
+    let checks: [(&str, &str, Vec<&str>, &str); 6] = [
+        ("outside", "plaintext -> myapp-v1 (STRICT)", vec![&url_v1], "000"),
+        ("outside", "plaintext -> legacy-service (PERMISSIVE)", vec![&url_legacy], "200"),
+        ("frontend", "GET /api/users (frontend's identity)", vec!["http://myapp/api/users"], "200"),
+        ("frontend", "DELETE /api/x (not GET or POST)", vec!["-X", "DELETE", "http://myapp/api/x"], "403"),
+        ("legacy-service", "GET /health (any identity)", vec!["http://myapp/health"], "200"),
+        ("legacy-service", "GET /api/users (not frontend)", vec!["http://myapp/api/users"], "403"),
+    ];
+    let mut ok = true;
+    for (pod, what, args, want) in checks {
+        let got = code(pod, &args)?;
+        ok &= got == want;
+        let shown = |c: &str| if c == "000" { "refused".to_string() } else { c.to_string() };
+        let verdict =
+            if got == want { "as the policy says".to_string() } else { format!("WRONG, want {}", shown(want)) };
+        println!("  {pod:<15} {what:<42} {:<8} {verdict}", shown(&got));
+    }
+    Ok(ok)
 }
 
 fn shorten(line: &str) -> String {

@@ -3,18 +3,21 @@
 //! application, or, when the policies read HTTP attributes, a judgement per request
 //! (HTTP) or of the whole connection as TCP (anything else).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
 
 use super::outbound::DETECT_TIMEOUT;
 use super::prefixed::{Prefixed, read_first};
 use super::{ProxyContext, copy, inbound_http};
 use crate::authz::{ConnAttrs, ConnVerdict, Decision, Peer, WorkloadSecurity};
 use crate::dataplane::Netns;
-use crate::state::Workload;
+use crate::state::{Snapshot, Workload};
 use crate::telemetry::{ConnLabels, DenyReason};
 
 /// A connection as the workload's policies see it.
@@ -31,6 +34,81 @@ pub(super) struct Arrival {
 impl Arrival {
     pub fn attrs(&self) -> ConnAttrs<'_> {
         ConnAttrs { src: self.src, dst: self.dst, peer: self.peer.as_ref() }
+    }
+}
+
+/// Spliced inbound connections, re-judged whenever the policies change: a connection
+/// admitted under an older policy is closed once the current one would refuse it
+/// (the client reconnects and is judged afresh). Re-judged as TCP: what TCP is
+/// allowed, every HTTP request on it is too, so a kept connection carries nothing the
+/// current policy denies. Connections served per request need no tracking: each
+/// request is judged against the current snapshot.
+#[derive(Debug, Default)]
+pub struct InboundConns {
+    next: AtomicU64,
+    live: Mutex<HashMap<u64, Tracked>>,
+}
+
+#[derive(Debug)]
+struct Tracked {
+    workload: String,
+    arrival: Arrival,
+    stop: CancellationToken,
+}
+
+/// A tracked connection; dropping it stops the tracking.
+pub(super) struct TrackedConn {
+    id: u64,
+    conns: Arc<InboundConns>,
+    /// Cancelled when the current policy no longer allows the connection.
+    pub stop: CancellationToken,
+}
+
+impl Drop for TrackedConn {
+    fn drop(&mut self) {
+        self.conns.live.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.id);
+    }
+}
+
+impl InboundConns {
+    pub(super) fn track(self: &Arc<Self>, workload: &Workload, arrival: &Arrival) -> TrackedConn {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let stop = CancellationToken::new();
+        let t = Tracked { workload: workload.key(), arrival: arrival.clone(), stop: stop.clone() };
+        self.live.lock().unwrap_or_else(|p| p.into_inner()).insert(id, t);
+        TrackedConn { id, conns: self.clone(), stop }
+    }
+
+    /// Closes every live connection `snap` no longer allows; returns how many.
+    pub fn reassess(&self, snap: &Snapshot) -> usize {
+        let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        let mut closed = 0;
+        for t in live.values().filter(|t| !t.stop.is_cancelled()) {
+            let security = snap.security(&t.workload);
+            let attrs = t.arrival.attrs();
+            let plaintext_ok = t.arrival.peer.is_some() || security.mtls.mode(attrs.dst.port()).accepts_plaintext();
+            let verdict = if plaintext_ok {
+                security.authz.decide(&attrs, None)
+            } else {
+                Decision::Deny("plaintext, and the port is now STRICT".into())
+            };
+            if let Decision::Deny(reason) = verdict {
+                tracing::info!(workload = %t.workload, src = %attrs.src, source = %who(&attrs), dst = %attrs.dst, %reason, "closing a connection the current policy no longer allows");
+                t.stop.cancel();
+                closed += 1;
+            }
+        }
+        closed
+    }
+
+    /// Connections tracked now.
+    pub fn len(&self) -> usize {
+        self.live.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Whether none are tracked.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -87,7 +165,10 @@ pub(super) async fn serve<S>(
     let dst = arrival.dst;
     let result = match verdict {
         ConnVerdict::Decided(Decision::Deny(_)) => return,
-        ConnVerdict::Decided(Decision::Allow) => copy::counted(&ctx.metrics, &labels, &mut client, &mut app).await,
+        ConnVerdict::Decided(Decision::Allow) => {
+            let tracked = ctx.inbound.track(&pod, &arrival);
+            copy::counted_until(&ctx.metrics, &labels, &mut client, &mut app, &tracked.stop).await
+        }
         ConnVerdict::PerRequest => {
             let first = match read_first(&mut client, DETECT_TIMEOUT).await {
                 Ok(first) => first,
@@ -100,14 +181,17 @@ pub(super) async fn serve<S>(
             if crate::l7::looks_like_http(client.prefix()) {
                 let open = ctx.metrics.opened(&labels);
                 let metrics = ctx.metrics.clone();
-                inbound_http::serve(ctx, pod, netns, security, arrival, client, app).await;
+                inbound_http::serve(ctx, pod, netns, arrival, client, app).await;
                 metrics.closed(&labels, open, 0, 0);
                 return;
             }
             // Not HTTP: judged once, with the HTTP attributes unreadable.
             let attrs = arrival.attrs();
             match security.authz.check(&attrs, None) {
-                Decision::Allow => copy::counted(&ctx.metrics, &labels, &mut client, &mut app).await,
+                Decision::Allow => {
+                    let tracked = ctx.inbound.track(&pod, &arrival);
+                    copy::counted_until(&ctx.metrics, &labels, &mut client, &mut app, &tracked.stop).await
+                }
                 Decision::Deny(reason) => {
                     denied(&ctx, &pod, &attrs, &reason, None);
                     return;

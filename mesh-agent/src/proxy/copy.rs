@@ -1,6 +1,7 @@
 //! Bidirectional byte copy between two streams.
 
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::sync::CancellationToken;
 
 use crate::telemetry::{ConnLabels, Metrics};
 
@@ -32,8 +33,48 @@ where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     S: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
+    splice_counted(metrics, labels, client, server, None).await
+}
+
+/// [`counted`], cut short when `stop` is cancelled (the connection is no longer
+/// allowed): the copy stops and the caller drops both streams, which closes them. A
+/// cut connection is counted closed without byte counts, which the copy does not
+/// report half-way.
+pub async fn counted_until<C, S>(
+    metrics: &Metrics,
+    labels: &ConnLabels,
+    client: &mut C,
+    server: &mut S,
+    stop: &CancellationToken,
+) -> std::io::Result<(u64, u64)>
+where
+    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    S: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    splice_counted(metrics, labels, client, server, Some(stop)).await
+}
+
+async fn splice_counted<C, S>(
+    metrics: &Metrics,
+    labels: &ConnLabels,
+    client: &mut C,
+    server: &mut S,
+    stop: Option<&CancellationToken>,
+) -> std::io::Result<(u64, u64)>
+where
+    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    S: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
     let open = metrics.opened(labels);
-    match bidirectional(client, server).await {
+    let copy = bidirectional(client, server);
+    let result = match stop {
+        None => copy.await,
+        Some(stop) => tokio::select! {
+            r = copy => r,
+            () = stop.cancelled() => Ok((0, 0)),
+        },
+    };
+    match result {
         Ok((request, response)) => {
             metrics.closed(labels, open, response, request);
             Ok((request, response))

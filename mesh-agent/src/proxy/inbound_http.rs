@@ -22,7 +22,7 @@ use tokio::sync::Mutex;
 
 use super::admission::Arrival;
 use super::{CONNECT_TIMEOUT, ProxyContext, copy, sockets};
-use crate::authz::{Decision, RequestAttrs, WorkloadSecurity, path};
+use crate::authz::{Decision, RequestAttrs, path};
 use crate::dataplane::Netns;
 use crate::l7::server::RespBody;
 use crate::state::Workload;
@@ -44,32 +44,25 @@ struct Conn {
     ctx: ProxyContext,
     pod: Arc<Workload>,
     netns: Arc<Netns>,
-    security: Arc<WorkloadSecurity>,
     arrival: Arrival,
     app: Mutex<AppConns>,
 }
 
 /// Serves HTTP from `client` (bytes already read for detection included), judging
-/// each request; `app` is a connection to the application's port.
+/// each request against the policies in force when it arrives; `app` is a connection
+/// to the application's port.
 pub(super) async fn serve<S>(
     ctx: ProxyContext,
     pod: Arc<Workload>,
     netns: Arc<Netns>,
-    security: Arc<WorkloadSecurity>,
     arrival: Arrival,
     client: S,
     app: TcpStream,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let conn = Arc::new(Conn {
-        ctx,
-        pod,
-        netns,
-        security,
-        arrival,
-        app: Mutex::new(AppConns { fresh: Some(app), h1: None, h2: None }),
-    });
+    let conn =
+        Arc::new(Conn { ctx, pod, netns, arrival, app: Mutex::new(AppConns { fresh: Some(app), h1: None, h2: None }) });
     let dst = conn.arrival.dst;
     let svc = hyper::service::service_fn(move |req| {
         let conn = conn.clone();
@@ -138,7 +131,10 @@ async fn judge_and_forward(conn: &Conn, mut req: Request<Incoming>) -> Response<
         host_lowercase: &host,
         headers: req.headers(),
     };
-    if let Decision::Deny(reason) = conn.security.authz.check(&attrs, Some(&request)) {
+    // The policies in force now, not those the connection was accepted under.
+    let snapshot = conn.ctx.snapshot.load();
+    let security = snapshot.security(&conn.pod.key());
+    if let Decision::Deny(reason) = security.authz.check(&attrs, Some(&request)) {
         super::admission::denied(&conn.ctx, &conn.pod, &attrs, &reason, Some((req.method().as_str(), &normalized)));
         return local(StatusCode::FORBIDDEN, RBAC_DENIED);
     }

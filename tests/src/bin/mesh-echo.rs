@@ -4,7 +4,7 @@
 //! saw, plus `/status/CODE`, `/delay/MS`, `/bytes/N`, `POST /echo`, `/_stats` (requests
 //! seen per path), `x-fail-on`/`x-slow-on: <pod or *>` headers, and an optional share of failing
 //! requests; it also echoes raw TCP on a second port. `dial` opens one TCP connection and
-//! reports both ends; `load` runs concurrent TCP echo connections and checks every byte.
+//! reports both ends (and, held, whether the peer closed it); `load` runs concurrent TCP echo connections and checks every byte.
 #![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
@@ -163,10 +163,27 @@ async fn main() -> anyhow::Result<()> {
             serve_http(app, port).await
         }
         Cmd::Dial { addr, hold_ms } => {
-            let s = TcpStream::connect(addr).await.with_context(|| format!("connect {addr}"))?;
+            let mut s = TcpStream::connect(addr).await.with_context(|| format!("connect {addr}"))?;
             let out = serde_json::json!({"local": s.local_addr()?.to_string(), "peer": s.peer_addr()?.to_string()});
             println!("{out}");
-            tokio::time::sleep(Duration::from_millis(hold_ms)).await;
+            if hold_ms > 0 {
+                // Held open, and watched: a peer (or a proxy) closing it ends the hold.
+                let started = std::time::Instant::now();
+                let mut buf = [0u8; 512];
+                let closed = tokio::time::timeout(Duration::from_millis(hold_ms), async {
+                    loop {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(_) => {}
+                        }
+                    }
+                })
+                .await
+                .is_ok();
+                let held =
+                    serde_json::json!({"held_ms": started.elapsed().as_millis() as u64, "closed_by_peer": closed});
+                println!("{held}");
+            }
             Ok(())
         }
         Cmd::Load { addr, conns, bytes } => load(addr, conns, bytes).await,
