@@ -82,6 +82,20 @@ pub fn lab_with_env(test: &str, agent_env: &[(&str, &str)]) -> Option<LabGuard> 
     Some(LabGuard { lab: Some(lab), _lock: lock })
 }
 
+/// Applies `examples/seed/<name>`, the reference configs as written.
+pub fn apply_seed(lab: &Lab, name: &str) {
+    lab.apply(&root().join("examples/seed").join(name)).unwrap();
+}
+
+/// Writes `yaml` to the lab's scratch directory as `name` and applies it.
+pub fn apply_yaml(lab: &Lab, name: &str, yaml: &str) {
+    let dir = lab.state_dir.join("scratch");
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join(name);
+    std::fs::write(&f, yaml).unwrap();
+    lab.apply(&f).unwrap();
+}
+
 /// Retries `f` until it returns Some or the patience (MESH_TEST_PATIENCE_MS, default
 /// 10 s) runs out.
 pub fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {

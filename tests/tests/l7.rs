@@ -5,21 +5,8 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use mesh_tests::harness::{eventually, lab, metrics, opened, reply_pod, root};
+use mesh_tests::harness::{apply_seed, apply_yaml, eventually, lab, metrics, opened, reply_pod, root};
 use mesh_tests::lab::Lab;
-
-fn apply_seed(lab: &Lab, name: &str) {
-    lab.apply(&root().join("examples/seed").join(name)).unwrap();
-}
-
-/// Writes `yaml` to the lab's scratch directory as `name` and applies it.
-fn apply_yaml(lab: &Lab, name: &str, yaml: &str) {
-    let dir = lab.state_dir.join("scratch");
-    std::fs::create_dir_all(&dir).unwrap();
-    let f = dir.join(name);
-    std::fs::write(&f, yaml).unwrap();
-    lab.apply(&f).unwrap();
-}
 
 /// curl from frontend; returns (status codes, seconds taken, pod that answered) per
 /// request. `urls` may use curl's `[1-N]` globbing; `parallel` runs them at once.

@@ -6,24 +6,13 @@
 
 use std::time::{Duration, Instant};
 
-use mesh_tests::harness::{curl, eventually, lab, lab_with_env, metrics, opened, reply_pod, root};
+use mesh_tests::harness::{
+    apply_seed, apply_yaml, curl, eventually, lab, lab_with_env, metrics, opened, reply_pod, root,
+};
 use mesh_tests::lab::Lab;
 use support::{foreign_issuer, mesh_issuer, write_leaf, write_leaf_valid};
 
 mod support;
-
-fn apply_seed(lab: &Lab, name: &str) {
-    lab.apply(&root().join("examples/seed").join(name)).unwrap();
-}
-
-/// Writes `yaml` to the lab's scratch directory as `name` and applies it.
-fn apply_yaml(lab: &Lab, name: &str, yaml: &str) {
-    let dir = lab.state_dir.join("scratch");
-    std::fs::create_dir_all(&dir).unwrap();
-    let f = dir.join(name);
-    std::fs::write(&f, yaml).unwrap();
-    lab.apply(&f).unwrap();
-}
 
 /// HTTP status curl got from `pod` (`000`: no HTTP answer at all), and the body.
 fn status(lab: &Lab, pod: &str, args: &[&str]) -> (String, String) {
