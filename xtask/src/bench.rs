@@ -12,6 +12,11 @@
 //! Each scenario gets a fixed-rate latency run (oha, coordinated-omission corrected), a
 //! closed-loop maximum at fixed concurrency, an iperf3 throughput run, and the proxies'
 //! RSS (idle and under load) and CPU time, read from their own cgroups.
+//!
+//! A shared machine drifts over minutes, so the scenarios are measured in rounds
+//! (`--rounds`), each round measuring every scenario, the unenrolled and enrolled phases
+//! alternating which goes first; each figure reported is the median round's, with the
+//! p99 spread across rounds kept to tell a difference from noise.
 
 mod peer;
 mod report;
@@ -39,9 +44,12 @@ pub struct BenchArgs {
     /// Request rate of the latency run, requests/s.
     #[arg(long, default_value_t = 1000)]
     pub rate: u32,
-    /// Length of the latency run, seconds.
+    /// Length of the latency run per scenario, seconds, split across the rounds.
     #[arg(long, default_value_t = 30)]
     pub duration: u64,
+    /// Rounds of every scenario (1 with --quick).
+    #[arg(long, default_value_t = 3)]
+    pub rounds: u32,
     /// Response body size, bytes.
     #[arg(long, default_value_t = 1024)]
     pub body: usize,
@@ -62,6 +70,11 @@ struct Durations {
 }
 
 impl BenchArgs {
+    fn rounds(&self) -> u32 {
+        if self.quick { 1 } else { self.rounds.max(1) }
+    }
+
+    /// Durations of one round.
     fn durations(&self) -> Durations {
         if self.quick {
             Durations {
@@ -71,9 +84,9 @@ impl BenchArgs {
             }
         } else {
             Durations {
-                latency: Duration::from_secs(self.duration),
-                max_rps: Duration::from_secs(10),
-                iperf: Duration::from_secs(10),
+                latency: Duration::from_secs((self.duration / u64::from(self.rounds())).max(1)),
+                max_rps: Duration::from_secs(5),
+                iperf: Duration::from_secs(5),
             }
         }
     }
@@ -151,15 +164,47 @@ impl Tools {
 
 fn run_in_lab(lab: &mut Lab, args: &BenchArgs, tools: &Tools) -> anyhow::Result<Report> {
     let d = args.durations();
-    let cross_ip = lab.pod(SERVER_CROSS)?.ip;
-    let same_ip = lab.pod(SERVER_SAME)?.ip;
     for server in [SERVER_CROSS, SERVER_SAME] {
         let argv = vec![tools.iperf3.display().to_string(), "-s".into(), "-p".into(), IPERF_PORT.to_string()];
         lab.start_helper(&format!("iperf3-{server}"), server, &argv)?;
     }
-    let mut scenarios = Vec::new();
+    let rounds = args.rounds();
+    let mut per_round = Vec::new();
+    for round in 0..rounds {
+        println!("[bench] round {}/{rounds}", round + 1);
+        let mut scenarios = Vec::new();
+        // Alternate which phase goes first, so slow drift does not favour one side.
+        let enrolled_first = round % 2 == 1;
+        for enrolled in [enrolled_first, !enrolled_first] {
+            if enrolled {
+                scenarios.extend(mesh_phase(lab, tools, args, d)?);
+            } else {
+                scenarios.extend(baseline_phase(lab, tools, args, d)?);
+            }
+        }
+        per_round.push(scenarios);
+    }
+    let scenarios = report::combine_rounds(per_round);
 
-    // Phase 1, unenrolled: the physical limit and the sidecar peer.
+    let mut report = Report::new(args, d.latency, d.max_rps, d.iperf, scenarios);
+    report.compute_ratios();
+    report.print_table();
+    let path = report_path(&args.report);
+    report.write_json(&path)?;
+    println!("[bench] report: {}", path.display());
+    if !args.quick {
+        let docs = root().join("docs/benchmarks.md");
+        report.write_markdown(&docs)?;
+        println!("[bench] {} regenerated", docs.display());
+    }
+    Ok(report)
+}
+
+/// Phase 1, unenrolled: the physical limit and the sidecar peer, on both paths.
+fn baseline_phase(lab: &mut Lab, tools: &Tools, args: &BenchArgs, d: Durations) -> anyhow::Result<Vec<Scenario>> {
+    let cross_ip = lab.pod(SERVER_CROSS)?.ip;
+    let same_ip = lab.pod(SERVER_SAME)?.ip;
+    let mut scenarios = Vec::new();
     set_enrollment(lab, false)?;
     let peer = peer::Peer::start(lab, &tools.haproxy, CLIENT, [(SERVER_CROSS, cross_ip), (SERVER_SAME, same_ip)])?;
     for (path, ip, server) in [("cross-node", cross_ip, SERVER_CROSS), ("same-node", same_ip, SERVER_SAME)] {
@@ -182,8 +227,14 @@ fn run_in_lab(lab: &mut Lab, args: &BenchArgs, tools: &Tools) -> anyhow::Result<
         scenarios.push(measure_scenario(lab, tools, args, d, &target)?);
     }
     peer.stop(lab)?;
+    Ok(scenarios)
+}
 
-    // Phase 2, enrolled: the same pods through the mesh.
+/// Phase 2, enrolled: the same pods through the mesh, at L4 and at L7.
+fn mesh_phase(lab: &mut Lab, tools: &Tools, args: &BenchArgs, d: Durations) -> anyhow::Result<Vec<Scenario>> {
+    let cross_ip = lab.pod(SERVER_CROSS)?.ip;
+    let same_ip = lab.pod(SERVER_SAME)?.ip;
+    let mut scenarios = Vec::new();
     set_enrollment(lab, true)?;
     for (path, ip, server) in [("cross-node", cross_ip, SERVER_CROSS), ("same-node", same_ip, SERVER_SAME)] {
         let mut proxies = vec![agent_cgroup(lab, &lab.pod(CLIENT)?.node)?];
@@ -215,19 +266,7 @@ fn run_in_lab(lab: &mut Lab, args: &BenchArgs, tools: &Tools) -> anyhow::Result<
         scenarios.push(measure_scenario(lab, tools, args, d, &target)?);
         lab.delete(Path::new(L7_CONFIG))?;
     }
-
-    let mut report = Report::new(args, d.latency, d.max_rps, d.iperf, scenarios);
-    report.compute_ratios();
-    report.print_table();
-    let path = report_path(&args.report);
-    report.write_json(&path)?;
-    println!("[bench] report: {}", path.display());
-    if !args.quick {
-        let docs = root().join("docs/benchmarks.md");
-        report.write_markdown(&docs)?;
-        println!("[bench] {} regenerated", docs.display());
-    }
-    Ok(report)
+    Ok(scenarios)
 }
 
 /// What one scenario sends its load to, and which proxies it charges.
@@ -287,6 +326,9 @@ fn measure_scenario(lab: &Lab, tools: &Tools, args: &BenchArgs, d: Durations, t:
         ratio_to_direct: None,
         ratio_to_peer: None,
         added_p99_ms_vs_direct: None,
+        added_p99_within_noise: None,
+        rounds: 1,
+        round_p99_ms: Vec::new(),
     })
 }
 

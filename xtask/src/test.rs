@@ -49,6 +49,7 @@ fn bench_harness() -> anyhow::Result<()> {
         quick: true,
         rate: 200,
         duration: 2,
+        rounds: 1,
         body: 1024,
         concurrency: 64,
         report: "target/bench/quick/report.json".into(),

@@ -88,6 +88,70 @@ pub struct Scenario {
     pub ratio_to_peer: Option<BTreeMap<String, f64>>,
     /// p99 minus direct's p99, ms: the latency the proxies add.
     pub added_p99_ms_vs_direct: Option<f64>,
+    /// Whether that difference is smaller than the p99 spread across rounds of either
+    /// side: not a finding.
+    #[serde(default)]
+    pub added_p99_within_noise: Option<bool>,
+    /// Rounds measured.
+    #[serde(default)]
+    pub rounds: u32,
+    /// p99 of each round, ms (the reported p99 is their median).
+    #[serde(default)]
+    pub round_p99_ms: Vec<f64>,
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 })
+}
+
+fn spread(v: &[f64]) -> f64 {
+    let max = v.iter().copied().fold(f64::MIN, f64::max);
+    let min = v.iter().copied().fold(f64::MAX, f64::min);
+    if v.is_empty() { 0.0 } else { max - min }
+}
+
+/// One scenario per (name, path) from several rounds, in the first round's order:
+/// each figure is the median of the rounds', except the slowest request and the peak
+/// RSS (the worst of any round) and the request count (their sum).
+pub fn combine_rounds(rounds: Vec<Vec<Scenario>>) -> Vec<Scenario> {
+    let Some(first) = rounds.first() else { return Vec::new() };
+    let mut out = Vec::new();
+    for s in first {
+        let all: Vec<&Scenario> =
+            rounds.iter().flatten().filter(|x| x.name == s.name && x.path == s.path && x.status == "ok").collect();
+        if all.is_empty() {
+            out.push(s.clone());
+            continue;
+        }
+        let pick = |f: &dyn Fn(&Scenario) -> Option<f64>| median(all.iter().filter_map(|x| f(x)).collect());
+        let worst = |f: &dyn Fn(&Scenario) -> Option<f64>| all.iter().filter_map(|x| f(x)).reduce(f64::max);
+        let lat = |f: fn(&Latency) -> f64| pick(&|x: &Scenario| x.latency.as_ref().map(f));
+        let latency = all.iter().all(|x| x.latency.is_some()).then(|| Latency {
+            p50_ms: lat(|l| l.p50_ms).unwrap_or_default(),
+            p90_ms: lat(|l| l.p90_ms).unwrap_or_default(),
+            p99_ms: lat(|l| l.p99_ms).unwrap_or_default(),
+            max_ms: worst(&|x: &Scenario| x.latency.as_ref().map(|l| l.max_ms)).unwrap_or_default(),
+            requests: all.iter().filter_map(|x| x.latency.as_ref()).map(|l| l.requests).sum(),
+            achieved_rps: lat(|l| l.achieved_rps).unwrap_or_default(),
+        });
+        out.push(Scenario {
+            latency,
+            max_rps: pick(&|x: &Scenario| x.max_rps),
+            throughput_gbps: pick(&|x: &Scenario| x.throughput_gbps),
+            proxy_rss_idle_mib: pick(&|x: &Scenario| x.proxy_rss_idle_mib),
+            proxy_rss_load_mib: worst(&|x: &Scenario| x.proxy_rss_load_mib),
+            proxy_cpu_s_per_1000_req: pick(&|x: &Scenario| x.proxy_cpu_s_per_1000_req),
+            rounds: all.len() as u32,
+            round_p99_ms: all.iter().filter_map(|x| x.latency.as_ref()).map(|l| l.p99_ms).collect(),
+            ..s.clone()
+        });
+    }
+    out
 }
 
 impl Scenario {
@@ -184,6 +248,9 @@ pub struct Settings {
     pub iperf_secs: u64,
     /// Response body, bytes.
     pub body_bytes: usize,
+    /// Rounds of every scenario; the run lengths above are per round.
+    #[serde(default)]
+    pub rounds: u32,
 }
 
 /// The whole report.
@@ -220,6 +287,7 @@ impl Report {
                 concurrency: args.concurrency,
                 iperf_secs: iperf.as_secs(),
                 body_bytes: args.body,
+                rounds: args.rounds(),
             },
             scenarios,
         }
@@ -245,12 +313,11 @@ impl Report {
             if s.name != "peer" {
                 s.ratio_to_peer = ratio(find("peer", &s.path, &snapshot));
             }
-            let direct_p99 = snapshot
-                .iter()
-                .find(|d| d.name == "direct" && d.path == s.path)
-                .and_then(|d| d.latency.as_ref())
-                .map(|l| l.p99_ms);
+            let direct = snapshot.iter().find(|d| d.name == "direct" && d.path == s.path);
+            let direct_p99 = direct.and_then(|d| d.latency.as_ref()).map(|l| l.p99_ms);
             s.added_p99_ms_vs_direct = s.latency.as_ref().zip(direct_p99).map(|(l, d)| l.p99_ms - d);
+            let noise = spread(&s.round_p99_ms).max(direct.map_or(0.0, |d| spread(&d.round_p99_ms)));
+            s.added_p99_within_noise = s.added_p99_ms_vs_direct.map(|a| a < 0.0 || a.abs() <= noise);
         }
     }
 
@@ -299,7 +366,7 @@ impl Report {
     /// The results as a Markdown table.
     pub fn table(&self) -> String {
         let mut t = String::from(
-            "| scenario | path | p50 ms | p90 ms | p99 ms | max ms | added p99 ms | max req/s (c64) | iperf3 Gbit/s | proxy RSS idle / load MiB | proxy CPU s per 1000 req |\n\
+            "| scenario | path | p50 ms | p90 ms | p99 ms (rounds) | max ms | added p99 ms | max req/s (c64) | iperf3 Gbit/s | proxy RSS idle / load MiB | proxy CPU s per 1000 req |\n\
              |---|---|---|---|---|---|---|---|---|---|---|\n",
         );
         let n = |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |v| format!("{v:.digits$}"));
@@ -310,16 +377,25 @@ impl Report {
                 continue;
             }
             let l = s.latency.as_ref();
+            let rounds = if s.round_p99_ms.len() > 1 {
+                let r: Vec<String> = s.round_p99_ms.iter().map(|v| format!("{v:.2}")).collect();
+                format!(" ({})", r.join(", "))
+            } else {
+                String::new()
+            };
+            let added = match (s.added_p99_ms_vs_direct, s.added_p99_within_noise) {
+                (Some(a), Some(true)) => format!("{a:.3} (noise)"),
+                (a, _) => n(a, 3),
+            };
             let _ = writeln!(
                 t,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} | {} |",
+                "| {} | {} | {} | {} | {}{rounds} | {} | {added} | {} | {} | {} / {} | {} |",
                 s.name,
                 s.path,
                 n(l.map(|l| l.p50_ms), 3),
                 n(l.map(|l| l.p90_ms), 3),
                 n(l.map(|l| l.p99_ms), 3),
                 n(l.map(|l| l.max_ms), 2),
-                n(s.added_p99_ms_vs_direct, 3),
                 n(s.max_rps, 0),
                 n(s.throughput_gbps, 2),
                 n(s.proxy_rss_idle_mib, 1),
@@ -400,11 +476,15 @@ impl Report {
              cross-node) and `myapp-v2` (node1, same-node). `direct` and `peer` run with the namespace\n\
              unenrolled; `mesh-*` with it enrolled. `peer` is HAProxy in TCP mode as an mTLS client sidecar in\n\
              the client pod and an mTLS server sidecar in the server pod (TLS 1.3, certificates from the mesh\n\
-             CA). Latency: oha at a fixed {} requests/s for {} s over {} keep-alive connections, with\n\
-             coordinated-omission correction, {} byte responses. Maximum: oha closed loop at concurrency {}\n\
-             for {} s. Throughput: iperf3 for {} s. Proxy RSS is the sum over the path's proxies (two\n\
-             sidecars; one agent same-node, two cross-node), idle before the load and peak during the\n\
-             fixed-rate run; CPU is their cgroups' `usage_usec` over the fixed-rate run.\n",
+             CA). Every scenario is measured in {} rounds; the phases (unenrolled, enrolled) alternate which\n\
+             goes first, and each figure is the median round's (slowest request and peak RSS: the worst\n\
+             round's); the p99 of each round is listed, and an added p99 smaller than that spread is marked\n\
+             noise. Per round: latency with oha at a fixed {} requests/s for {} s over {} keep-alive\n\
+             connections, with coordinated-omission correction, {} byte responses; maximum with oha closed\n\
+             loop at concurrency {} for {} s; throughput with iperf3 for {} s. Proxy RSS is the sum over the\n\
+             path's proxies (two sidecars; one agent same-node, two cross-node), idle before the load and peak\n\
+             during the fixed-rate run; CPU is their cgroups' `usage_usec` over the fixed-rate run.\n",
+            s.rounds.max(1),
             s.rate,
             s.latency_secs,
             super::LATENCY_CONNECTIONS,
