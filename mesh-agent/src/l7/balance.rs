@@ -9,8 +9,8 @@ use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use rand::Rng as _;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -233,8 +233,15 @@ impl Cluster {
         if !tripped || ejected_now >= cap {
             return false;
         }
+        // Envoy lowers a host's ejection multiplier by one for every sweep interval it
+        // spent healthy since its last ejection ended.
+        if let Some(released) = s.ejected_until.filter(|t| *t <= now) {
+            let healthy_sweeps = (now - released).as_nanos() / o.interval.as_nanos().max(1);
+            s.ejections = s.ejections.saturating_sub(u32::try_from(healthy_sweeps).unwrap_or(u32::MAX));
+        }
         s.ejections += 1;
-        s.ejected_until = Some(now + o.base_ejection * s.ejections);
+        // Hosts come back at the first sweep after their ejection time.
+        s.ejected_until = Some(next_sweep(now + o.base_ejection * s.ejections, o.interval));
         s.consecutive_5xx = 0;
         s.consecutive_gateway = 0;
         true
@@ -246,6 +253,19 @@ impl Cluster {
         let stats = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
         stats.iter().filter(|(_, s)| s.ejected_until.is_some_and(|t| t > now)).map(|(a, _)| *a).collect()
     }
+}
+
+/// The first outlier sweep at or after `t`: sweeps run every `interval` from a fixed
+/// start, as Envoy's outlier detector runs its analysis on a timer.
+fn next_sweep(t: Instant, interval: Duration) -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    let step = interval.as_nanos();
+    if step == 0 || t <= epoch {
+        return t;
+    }
+    let sweeps = (t - epoch).as_nanos().div_ceil(step);
+    epoch + Duration::from_nanos(u64::try_from(sweeps * step).unwrap_or(u64::MAX))
 }
 
 fn rendezvous(key: &[u8], addr: &SocketAddr) -> u64 {
@@ -322,6 +342,37 @@ mod tests {
             c.record(eps[1], Outcome::LocalFailure, Some(&o), 2);
         }
         assert_eq!(c.ejected().len(), 1, "maxEjectionPercent 50 of 2 endpoints caps at one");
+    }
+
+    #[test]
+    fn ejections_end_at_a_sweep_and_the_multiplier_decays_while_healthy() {
+        let c = Cluster::default();
+        let a = addrs(1)[0];
+        let o = Outlier {
+            interval: Duration::from_millis(40),
+            base_ejection: Duration::from_millis(100),
+            ..outlier(1, 100)
+        };
+        let started = Instant::now();
+        assert!(c.record(a, Outcome::Status(503), Some(&o), 1));
+        let until = |c: &Cluster| c.endpoints.lock().unwrap()[&a].ejected_until.unwrap();
+        let first = until(&c);
+        assert!(
+            first >= started + o.base_ejection
+                && first < started + o.base_ejection + o.interval + Duration::from_millis(20)
+        );
+        assert_eq!(first, next_sweep(first, o.interval), "released on a sweep boundary");
+        // Ejected again right after coming back: twice the base time.
+        std::thread::sleep(first.saturating_duration_since(Instant::now()) + Duration::from_millis(5));
+        let t = Instant::now();
+        assert!(c.record(a, Outcome::Status(503), Some(&o), 1));
+        assert!(until(&c) >= t + o.base_ejection * 2, "multiplier 2");
+        // Healthy for several sweeps: the multiplier decays back to one.
+        let second = until(&c);
+        std::thread::sleep(second.saturating_duration_since(Instant::now()) + o.interval * 3);
+        let t = Instant::now();
+        assert!(c.record(a, Outcome::Status(503), Some(&o), 1));
+        assert!(until(&c) < t + o.base_ejection + o.interval + Duration::from_millis(20), "multiplier back to 1");
     }
 
     #[test]

@@ -71,7 +71,8 @@ pub struct Outlier {
     pub consecutive_5xx: Option<u32>,
     /// 502/503/504 or connect failures in a row that eject.
     pub consecutive_gateway: Option<u32>,
-    /// Sweep interval (ejections are judged at once; this bounds re-admission).
+    /// Sweep interval: ejected hosts come back at a sweep, and each healthy sweep lowers
+    /// a host's ejection multiplier by one.
     pub interval: Duration,
     /// Ejection time per ejection so far.
     pub base_ejection: Duration,
