@@ -452,6 +452,38 @@ impl Dataplane {
     }
 }
 
+/// Loads every program of the agent's object through the kernel verifier without
+/// attaching any, in a scratch pin directory under `bpffs` removed afterwards: what
+/// `meshctl check --pre` asks of a node. Returns the programs the kernel accepted.
+pub fn probe_programs(bpffs: &Path) -> Result<Vec<&'static str>, Error> {
+    let dir = bpffs.join(format!("mesh-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+    let result = load_every_program(&dir);
+    // Loading pinned the maps by name in `dir`; nothing of the probe stays behind.
+    for pinned in list_dir(&dir).unwrap_or_default() {
+        let _ = std::fs::remove_file(pinned);
+    }
+    let _ = std::fs::remove_dir(&dir);
+    result
+}
+
+fn load_every_program(pin_dir: &Path) -> Result<Vec<&'static str>, Error> {
+    let mut ebpf = EbpfLoader::new().default_map_pin_directory(pin_dir).load(EBPF_OBJECT)?;
+    let mut loaded = Vec::new();
+    for name in [programs::CONNECT4, programs::CONNECT6, programs::GETPEERNAME4, programs::GETPEERNAME6] {
+        let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+        prog.load().map_err(|source| Error::Program { program: name, source })?;
+        loaded.push(name);
+    }
+    let prog: &mut SockOps = program(&mut ebpf, programs::SOCKOPS)?;
+    prog.load().map_err(|source| Error::Program { program: programs::SOCKOPS, source })?;
+    loaded.push(programs::SOCKOPS);
+    let prog: &mut SkLookup = program(&mut ebpf, programs::SK_LOOKUP)?;
+    prog.load().map_err(|source| Error::Program { program: programs::SK_LOOKUP, source })?;
+    loaded.push(programs::SK_LOOKUP);
+    Ok(loaded)
+}
+
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, Error>
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,

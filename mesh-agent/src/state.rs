@@ -143,10 +143,36 @@ pub struct Snapshot {
     /// Trust domains under which a policy's principal names the same identity.
     pub equivalent_domains: Vec<String>,
     /// Inconsistencies between objects that are each valid (conflicting
-    /// VirtualServices, routes to undefined subsets), logged when the snapshot applies.
-    pub problems: Vec<String>,
+    /// VirtualServices, routes to undefined subsets), logged when the snapshot applies
+    /// and reported by `meshctl analyze`.
+    pub problems: Vec<Problem>,
     /// Monotonic version, for logs and the config dump.
     pub version: u64,
+}
+
+/// An inconsistency between valid objects, with the analyzer code that names its kind
+/// (Istio's `IST*` where Istio has one, `MESH*` for the mesh's own).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Problem {
+    /// `IST0101`, `IST0109`, ... or `MESH*`.
+    pub code: &'static str,
+    /// `Kind namespace/name` of the object it is about.
+    pub object: String,
+    /// What is wrong and what the mesh does about it.
+    pub detail: String,
+}
+
+impl Problem {
+    /// A problem of `object`.
+    pub fn new(code: &'static str, object: impl Into<String>, detail: impl Into<String>) -> Self {
+        Self { code, object: object.into(), detail: detail.into() }
+    }
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.object, self.detail)
+    }
 }
 
 /// Mesh-wide settings the compilation needs.
@@ -276,9 +302,10 @@ impl Snapshot {
         });
         for p in &peer_auths {
             if p.metadata.namespace_or_default() == root && p.spec.selector.is_some() {
-                self.problems.push(format!(
-                    "PeerAuthentication {}: a workload selector in the root namespace {root} is ignored, as Istio does",
-                    p.metadata.key()
+                self.problems.push(Problem::new(
+                    "MESH0102",
+                    format!("PeerAuthentication {}", p.metadata.key()),
+                    format!("a workload selector in the root namespace {root} is ignored, as Istio does"),
                 ));
             }
         }
@@ -288,7 +315,11 @@ impl Snapshot {
             _ => None,
         }) {
             let compiled = authz::Policy::compile(ap).unwrap_or_else(|e| {
-                self.problems.push(format!("{e}; failing closed: the workloads it selects allow nothing"));
+                self.problems.push(Problem::new(
+                    "MESH0103",
+                    format!("AuthorizationPolicy {}", ap.metadata.key()),
+                    format!("{e}; failing closed: the workloads it selects allow nothing"),
+                ));
                 authz::Policy::fail_closed(ap.metadata.key())
             });
             authz_policies.push((ap.metadata.namespace_or_default(), ap.spec.selector.clone(), Arc::new(compiled)));
@@ -338,7 +369,7 @@ impl Snapshot {
             let tcp = route::compile_tcp_rules(vs, &ns, &known);
             for host in &vs.spec.hosts {
                 for svc in route::services_for_host(host, &ns, &known) {
-                    let what = format!("VirtualService {name}: host {host}");
+                    let what = format!("VirtualService {name}");
                     self.claim_routes(&what, svc, &name, || (rules.clone(), tcp.clone()));
                 }
             }
@@ -352,9 +383,11 @@ impl Snapshot {
             let name = format!("TrafficSplit {ns}/{}", ts.metadata.name);
             match route::service_for_host(&ts.spec.service, &ns, &known) {
                 Some(svc) => self.claim_routes(&name, svc, &name, || (vec![route::compile_split(ts, &ns)], Vec::new())),
-                None => self
-                    .problems
-                    .push(format!("{name}: root service {} is not a known Service; ignored", ts.spec.service)),
+                None => self.problems.push(Problem::new(
+                    "IST0101",
+                    name.clone(),
+                    format!("root service {} is not a known Service; ignored", ts.spec.service),
+                )),
             }
         }
         for sp in sorted(objects, |o| match o {
@@ -368,7 +401,7 @@ impl Snapshot {
                     let key = svc.clone();
                     self.claim_routes(&name, svc, &name, || (route::compile_profile(sp, &key), Vec::new()));
                 }
-                None => self.problems.push(format!("{name}: names no known Service; ignored")),
+                None => self.problems.push(Problem::new("IST0101", name.clone(), "names no known Service; ignored")),
             }
         }
         for dr in sorted(objects, |o| match o {
@@ -380,10 +413,14 @@ impl Snapshot {
             for svc in route::services_for_host(&dr.spec.host, &ns, &known) {
                 match self.policies.get_mut(&svc) {
                     Some(existing) => {
-                        self.problems.push(format!(
-                            "DestinationRule {}: host {} is also configured by DestinationRule {}; subsets are merged, \
-                             the traffic policy of {} applies",
-                            compiled.rule, dr.spec.host, existing.rule, existing.rule
+                        self.problems.push(Problem::new(
+                            "MESH0104",
+                            format!("DestinationRule {}", compiled.rule),
+                            format!(
+                                "host {} is also configured by DestinationRule {}; subsets are merged, the traffic \
+                                 policy of {} applies",
+                                dr.spec.host, existing.rule, existing.rule
+                            ),
                         ));
                         Arc::make_mut(existing).merge_from(&compiled);
                     }
@@ -404,13 +441,29 @@ impl Snapshot {
             });
             let tcp = routes.tcp.iter().flat_map(|t| t.backends.iter().map(|w| ("tcp", &w.backend)));
             for (rule, b) in http.chain(tcp) {
+                if !self.by_key.contains_key(&b.service) {
+                    missing.push(Problem::new(
+                        "IST0101",
+                        format!("VirtualService {}", routes.virtual_service),
+                        format!(
+                            "rule {rule} routes {svc} to host {}, which is not a known Service; those requests \
+                             answer 503",
+                            b.service
+                        ),
+                    ));
+                    continue;
+                }
                 if let Some(subset) = &b.subset
                     && !self.policies.get(&b.service).is_some_and(|p| p.subsets.contains_key(subset))
                 {
-                    missing.push(format!(
-                        "VirtualService {}: rule {rule} routes {svc} to subset {subset} of {}, which no \
-                         DestinationRule defines; those requests answer 503",
-                        routes.virtual_service, b.service
+                    missing.push(Problem::new(
+                        "IST0101",
+                        format!("VirtualService {}", routes.virtual_service),
+                        format!(
+                            "rule {rule} routes {svc} to subset {subset} of {}, which no DestinationRule defines; \
+                             those requests answer 503",
+                            b.service
+                        ),
                     ));
                 }
             }
@@ -431,11 +484,35 @@ impl Snapshot {
     ) {
         if let Some(existing) = self.routes.get(&svc) {
             if existing.virtual_service != owner {
-                self.problems.push(format!(
-                    "{what} ({svc}) is already routed by {}; this one is ignored for it \
-                     (as Istio's IST0109 for conflicting VirtualServices)",
-                    existing.virtual_service
-                ));
+                // Owners are `namespace/name` for VirtualServices, `Kind namespace/name`
+                // for the Linkerd and SMI kinds, which route only what no VirtualService does.
+                let both_virtual_services =
+                    what.starts_with("VirtualService ") && !existing.virtual_service.contains(' ');
+                let problem = if both_virtual_services {
+                    Problem::new(
+                        "IST0109",
+                        what,
+                        format!(
+                            "host {svc} is already routed by VirtualService {}; this one is ignored for it (as \
+                             Istio's IST0109 for conflicting VirtualServices)",
+                            existing.virtual_service
+                        ),
+                    )
+                } else {
+                    let by = if existing.virtual_service.contains(' ') {
+                        existing.virtual_service.clone()
+                    } else {
+                        format!("VirtualService {}", existing.virtual_service)
+                    };
+                    Problem::new(
+                        "MESH0105",
+                        what,
+                        format!(
+                            "host {svc} is routed by {by}, which takes precedence; these routes are not used for it"
+                        ),
+                    )
+                };
+                self.problems.push(problem);
             }
             return;
         }
@@ -704,7 +781,7 @@ spec: {hosts: [myapp], http: [{route: [{destination: {host: myapp, subset: v1}}]
         let s = Snapshot::compile(&objs, "cluster.local", 1);
         let routes = s.routes("production/myapp").expect("routed");
         assert_eq!(routes.virtual_service, "production/a-first");
-        assert!(s.problems.iter().any(|p| p.contains("b-second") && p.contains("IST0109")), "{:?}", s.problems);
+        assert!(s.problems.iter().any(|p| p.object.contains("b-second") && p.code == "IST0109"), "{:?}", s.problems);
         let v1: Vec<_> =
             s.endpoints("production/myapp", Some("v1"), 80).into_iter().map(|(w, a)| (w.name.clone(), a)).collect();
         assert_eq!(v1, vec![("myapp-v1".to_string(), "10.10.2.2:8080".parse().unwrap())]);

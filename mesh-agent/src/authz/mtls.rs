@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 
 use crate::config::security::{MtlsMode, PeerAuthentication};
-use crate::state::Workload;
+use crate::state::{Problem, Workload};
 
 /// A resolved mode: never UNSET.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -81,9 +81,9 @@ pub fn resolve<'a>(
     w: &Workload,
     sorted: &[&'a PeerAuthentication],
     root_ns: &str,
-    problems: &mut Vec<String>,
+    problems: &mut Vec<Problem>,
 ) -> PortModes {
-    let pick = |level: &str, candidates: Vec<&'a PeerAuthentication>, problems: &mut Vec<String>| {
+    let pick = |level: &str, candidates: Vec<&'a PeerAuthentication>, problems: &mut Vec<Problem>| {
         pick_first(w, level, candidates, problems)
     };
     let in_ns = |p: &&&PeerAuthentication, ns: &str| p.metadata.namespace_or_default() == ns;
@@ -137,16 +137,19 @@ fn pick_first<'a>(
     w: &Workload,
     level: &str,
     candidates: Vec<&'a PeerAuthentication>,
-    problems: &mut Vec<String>,
+    problems: &mut Vec<Problem>,
 ) -> Option<&'a PeerAuthentication> {
     let (winner, others) = candidates.split_first()?;
     for other in others {
-        problems.push(format!(
-            "{} and {} are both {level} policies for workload {}; {} applies",
-            name(winner),
+        problems.push(Problem::new(
+            "MESH0101",
             name(other),
-            w.key(),
-            name(winner)
+            format!(
+                "{} and it are both {level} policies for workload {}; {} applies",
+                name(winner),
+                w.key(),
+                name(winner)
+            ),
         ));
     }
     Some(winner)

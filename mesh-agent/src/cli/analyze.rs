@@ -1,0 +1,191 @@
+//! `meshctl analyze -f FILES`: the validation the agent runs on each file, then the
+//! checks across objects that no single file shows (routes to subsets nobody defines,
+//! conflicting VirtualServices, policies selecting no workload), reported the way
+//! `istioctl analyze` reports them: a level, a code, the object, and what to do.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use crate::config::{Object, parse_documents};
+use crate::state::{MeshScope, Snapshot};
+
+/// How serious a finding is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
+    /// The config does not do what it says (or is refused).
+    Error,
+    /// It works, but probably not as meant.
+    Warning,
+    /// Worth knowing.
+    Info,
+}
+
+impl fmt::Display for Level {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Level::Error => "Error",
+            Level::Warning => "Warning",
+            Level::Info => "Info",
+        })
+    }
+}
+
+/// One finding.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Diagnostic {
+    /// Severity.
+    pub level: Level,
+    /// `IST0101`-style code.
+    pub code: &'static str,
+    /// `Kind namespace/name`, or the file when the object could not be read.
+    pub object: String,
+    /// What is wrong, and the fix.
+    pub message: String,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} [{}] ({}) {}", self.level, self.code, self.object, self.message)
+    }
+}
+
+/// Files named by `-f`: files as given, directories by their `.yaml`/`.yml`/`.json`
+/// files (sorted).
+pub fn expand(inputs: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
+    let mut files = Vec::new();
+    for input in inputs {
+        if input.is_dir() {
+            let mut found: Vec<PathBuf> = std::fs::read_dir(input)
+                .map_err(|e| format!("{}: {e}", input.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| is_config_file(p))
+                .collect();
+            found.sort();
+            files.extend(found);
+        } else if input.exists() {
+            files.push(input.clone());
+        } else {
+            return Err(format!("{}: no such file or directory", input.display()));
+        }
+    }
+    Ok(files)
+}
+
+fn level_of(code: &str) -> Level {
+    match code {
+        "IST0101" | "IST0109" | "MESH0103" => Level::Error,
+        _ => Level::Warning,
+    }
+}
+
+/// Analyzes `files` as one configuration.
+pub fn analyze(files: &[PathBuf], mesh: &MeshScope) -> Vec<Diagnostic> {
+    let mut out = Vec::new();
+    let mut objects = Vec::new();
+    for file in files {
+        match std::fs::read_to_string(file) {
+            Err(e) => out.push(Diagnostic {
+                level: Level::Error,
+                code: "MESH0001",
+                object: file.display().to_string(),
+                message: format!("cannot read the file: {e}"),
+            }),
+            Ok(text) => match parse_documents(file, &text) {
+                Ok(o) => objects.extend(o),
+                Err(e) => out.push(Diagnostic {
+                    level: Level::Error,
+                    code: "IST0106",
+                    object: e.object.clone().unwrap_or_else(|| file.display().to_string()),
+                    message: format!("{e} (the agent refuses this file and keeps its last good version)"),
+                }),
+            },
+        }
+    }
+    let snap = Snapshot::compile_in(&objects, mesh, 1);
+    for p in &snap.problems {
+        out.push(Diagnostic {
+            level: level_of(p.code),
+            code: p.code,
+            object: p.object.clone(),
+            message: p.detail.clone(),
+        });
+    }
+    out.extend(selectors_matching_nothing(&objects, &snap, &mesh.root_namespace));
+    out.extend(namespaces_outside_the_mesh(&objects, &snap));
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// IST0127: a policy whose selector matches no workload (checked only when the input
+/// has workloads to match).
+fn selectors_matching_nothing(objects: &[Object], snap: &Snapshot, root: &str) -> Vec<Diagnostic> {
+    if snap.workloads.is_empty() {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    for o in objects {
+        let (kind, meta, selector) = match o {
+            Object::AuthorizationPolicy(a) => ("AuthorizationPolicy", &a.metadata, a.spec.selector.as_ref()),
+            Object::PeerAuthentication(p) => ("PeerAuthentication", &p.metadata, p.spec.selector.as_ref()),
+            _ => continue,
+        };
+        let Some(selector) = selector else { continue };
+        if a_placeholder(o) {
+            continue;
+        }
+        let ns = meta.namespace_or_default();
+        let matches = snap.workloads.iter().any(|w| (w.namespace == ns || ns == root) && selector.selects(&w.labels));
+        if !matches {
+            let labels: Vec<String> = selector.match_labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            out.push(Diagnostic {
+                level: Level::Warning,
+                code: "IST0127",
+                object: format!("{kind} {}", meta.key()),
+                message: format!(
+                    "no matching workloads for this resource with the following labels: {}; check spec.selector",
+                    labels.join(",")
+                ),
+            });
+        }
+    }
+    out
+}
+
+fn a_placeholder(o: &Object) -> bool {
+    matches!(o, Object::AuthorizationPolicy(a) if a.is_fail_closed_placeholder())
+}
+
+/// IST0102: a namespace with pods that the mesh does not capture.
+fn namespaces_outside_the_mesh(objects: &[Object], snap: &Snapshot) -> Vec<Diagnostic> {
+    objects
+        .iter()
+        .filter_map(|o| match o {
+            Object::Namespace(n) => Some(n.metadata.name.clone()),
+            _ => None,
+        })
+        .filter(|ns| {
+            let pods: Vec<_> = snap.workloads.iter().filter(|w| w.namespace == *ns).collect();
+            !pods.is_empty() && pods.iter().all(|w| !w.enrolled)
+        })
+        .map(|ns| Diagnostic {
+            level: Level::Info,
+            code: "IST0102",
+            object: format!("Namespace {ns}"),
+            message: "the namespace is not in the mesh; label it istio-injection=enabled or \
+                      istio.io/dataplane-mode=ambient to capture its pods"
+                .into(),
+        })
+        .collect()
+}
+
+/// The summary line `istioctl analyze` prints when nothing is wrong.
+pub fn clean_message(files: &[PathBuf]) -> String {
+    let shown: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+    format!("\u{2714} No validation issues found when analyzing {}.", shown.join(", "))
+}
+
+/// Whether a file name is one the analyzer reads from a directory.
+pub fn is_config_file(p: &Path) -> bool {
+    p.extension().and_then(|e| e.to_str()).is_some_and(|e| matches!(e, "yaml" | "yml" | "json"))
+}
