@@ -4,6 +4,9 @@
 
 pub mod analyze;
 pub mod check;
+pub mod crds;
+pub mod deploy;
+pub mod manifest;
 
 use std::io::IsTerminal as _;
 

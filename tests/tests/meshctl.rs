@@ -165,3 +165,38 @@ fn check_pre_fails_clearly_without_bpffs() {
     assert!(t.contains("fix: mount it on the host (mount -t bpf bpf /sys/fs/bpf)"), "{t}");
     assert!(t.contains("eBPF programs: not tried"), "{t}");
 }
+
+#[test]
+fn manifest_generate_and_install_dry_run_take_istioctl_sets() {
+    let out = meshctl()
+        .args([
+            "manifest",
+            "generate",
+            "--set",
+            "profile=minimal",
+            "--set",
+            "values.global.proxy.resources.limits.memory=256Mi",
+        ])
+        .output()
+        .unwrap();
+    let t = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(t.contains("kind: DaemonSet") && t.contains("memory: 256Mi"), "{t}");
+    assert!(!t.contains("kind: CustomResourceDefinition"), "minimal has no CRDs");
+
+    let out = meshctl().args(["install", "--set", "profile=demo", "-y", "--dry-run"]).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("objects would be applied"));
+
+    let out = meshctl()
+        .args(["install", "--set", "values.global.proxy.resource.requests.cpu=1", "--dry-run"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out).contains("did you mean values.global.proxy.resources.requests.cpu?"), "{}", text(&out));
+
+    // Without a cluster, install says so and how to get the manifests instead.
+    let out = meshctl().args(["install", "-y"]).env("KUBECONFIG", "/nonexistent/kubeconfig").output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out).contains("--dry-run"), "{}", text(&out));
+}

@@ -59,3 +59,30 @@ pub fn binaries(release: bool) -> anyhow::Result<Binaries> {
     let dir = root().join("target").join(if release { "release" } else { "debug" });
     Ok(Binaries { agent: dir.join("mesh-agent"), echo: dir.join("mesh-echo") })
 }
+
+/// Writes deploy/ from the generator in mesh-agent (`meshctl manifest generate
+/// --deploy-dir`), so the committed manifests, chart and overlays match the code.
+pub fn manifests() -> anyhow::Result<()> {
+    crate::setup::ensure()?;
+    let status = Command::new("cargo")
+        .current_dir(root())
+        .args([
+            "run",
+            "--quiet",
+            "--package",
+            "mesh-agent",
+            "--bin",
+            "meshctl",
+            "--",
+            "manifest",
+            "generate",
+            "--deploy-dir",
+        ])
+        .arg(root().join("deploy"))
+        .status()
+        .context("running meshctl")?;
+    if !status.success() {
+        bail!("meshctl manifest generate failed");
+    }
+    Ok(())
+}

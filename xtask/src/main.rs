@@ -43,6 +43,8 @@ enum Cmd {
     },
     /// Set up, build, bring the lab up, send real traffic, show it is mTLS, leave it up.
     Demo,
+    /// Regenerate deploy/ (profile manifests, Helm chart, kustomize) with meshctl.
+    Manifests,
     /// Benchmark direct vs mesh vs a HAProxy sidecar peer in the lab; writes
     /// target/bench/report.json and (full runs) docs/benchmarks.md.
     Bench(bench::BenchArgs),
@@ -55,6 +57,7 @@ pub fn root() -> PathBuf {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
+        Cmd::Manifests => build::manifests(),
         Cmd::Setup => setup::run(),
         Cmd::BuildEbpf => {
             setup::ensure()?;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory as _, Parser, Subcommand};
 use mesh_agent::cli::analyze::{self, Level};
-use mesh_agent::cli::{Style, check};
+use mesh_agent::cli::{Style, check, deploy, manifest};
 use mesh_agent::state::MeshScope;
 
 /// Exit status when analysis finds errors (what `istioctl analyze` uses).
@@ -43,12 +43,52 @@ enum Cmd {
         #[arg(long, default_value = "istio-system")]
         root_namespace: String,
     },
+    /// Manifests of an install.
+    Manifest {
+        #[command(subcommand)]
+        cmd: ManifestCmd,
+    },
+    /// Install the mesh into the current cluster (`--dry-run`: print what would be applied).
+    Install {
+        /// `profile=minimal|default|demo` or a value, e.g.
+        /// `values.global.proxy.resources.requests.cpu=100m`.
+        #[arg(long = "set")]
+        sets: Vec<String>,
+        /// Do not ask for confirmation.
+        #[arg(short = 'y', long = "skip-confirmation")]
+        yes: bool,
+        /// Print the objects instead of applying them.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Remove what `install` applied (`--dry-run`: list it).
+    Uninstall {
+        /// Do not ask for confirmation.
+        #[arg(short = 'y', long = "skip-confirmation")]
+        yes: bool,
+        /// List the objects instead of deleting them.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Print this binary's version.
     Version,
     /// Print shell completions.
     Completion {
         /// bash, zsh, fish, elvish or powershell.
         shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Subcommand)]
+enum ManifestCmd {
+    /// Print the manifests for a profile and values, as `install` would apply them.
+    Generate {
+        /// `profile=minimal|default|demo` or a value (see `meshctl install --help`).
+        #[arg(long = "set")]
+        sets: Vec<String>,
+        /// Instead, write the whole deploy/ tree (profiles, Helm chart, kustomize) here.
+        #[arg(long)]
+        deploy_dir: Option<PathBuf>,
     },
 }
 
@@ -66,6 +106,43 @@ fn main() -> ExitCode {
         Cmd::Analyze { files, trust_domain, root_namespace } => {
             let mesh = MeshScope { trust_domain, aliases: Vec::new(), root_namespace };
             run_analyze(style, &files, &mesh)
+        }
+        Cmd::Manifest { cmd: ManifestCmd::Generate { sets, deploy_dir: None } } => match manifest_for(&sets) {
+            Ok(yaml) => {
+                print!("{yaml}");
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Cmd::Manifest { cmd: ManifestCmd::Generate { deploy_dir: Some(dir), .. } } => write_deploy(&dir),
+        Cmd::Install { sets, yes: _, dry_run } => {
+            let yaml = match manifest_for(&sets) {
+                Ok(y) => y,
+                Err(code) => return code,
+            };
+            if dry_run {
+                print!("{yaml}");
+                let n = yaml.matches("\n---\n").count() + usize::from(yaml.starts_with("---"));
+                eprintln!("dry run: {n} objects would be applied");
+                return ExitCode::SUCCESS;
+            }
+            no_cluster("install")
+        }
+        Cmd::Uninstall { yes: _, dry_run } => {
+            if dry_run {
+                let yaml = manifest_for(&[]).unwrap_or_default();
+                for doc in yaml.split("---\n").filter(|d| !d.trim().is_empty()) {
+                    let kind = doc.lines().find_map(|l| l.strip_prefix("kind: ")).unwrap_or("?");
+                    let name = doc
+                        .lines()
+                        .skip_while(|l| *l != "metadata:")
+                        .find_map(|l| l.strip_prefix("  name: "))
+                        .unwrap_or("?");
+                    println!("would delete {kind} {name}");
+                }
+                return ExitCode::SUCCESS;
+            }
+            no_cluster("uninstall")
         }
         Cmd::Version => {
             println!("meshctl version {}", env!("CARGO_PKG_VERSION"));
@@ -126,4 +203,39 @@ fn run_analyze(style: Style, inputs: &[PathBuf], mesh: &MeshScope) -> ExitCode {
     } else {
         ExitCode::SUCCESS
     }
+}
+
+fn manifest_for(sets: &[String]) -> Result<String, ExitCode> {
+    let values = manifest::Values::from_sets(sets).map_err(|e| {
+        eprintln!("meshctl: {e}");
+        ExitCode::from(2)
+    })?;
+    manifest::render(&values).map_err(|e| {
+        eprintln!("meshctl: rendering manifests: {e}");
+        ExitCode::FAILURE
+    })
+}
+
+fn write_deploy(dir: &std::path::Path) -> ExitCode {
+    for (rel, text) in deploy::files() {
+        let path = dir.join(rel);
+        let written = path.parent().map_or(Ok(()), std::fs::create_dir_all).and_then(|()| std::fs::write(&path, text));
+        if let Err(e) = written {
+            eprintln!("meshctl: writing {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+        println!("wrote {}", path.display());
+    }
+    ExitCode::SUCCESS
+}
+
+/// Applying needs the Kubernetes API: say which cluster was looked for and how to get
+/// the manifests without one.
+fn no_cluster(what: &str) -> ExitCode {
+    let kubeconfig = std::env::var("KUBECONFIG").unwrap_or_else(|_| "~/.kube/config".into());
+    eprintln!(
+        "meshctl {what}: no Kubernetes cluster configured ({kubeconfig}, or in-cluster service account); \
+         use --dry-run to print the manifests, or `meshctl manifest generate | kubectl apply -f -`"
+    );
+    ExitCode::FAILURE
 }

@@ -16,7 +16,7 @@ pub const NETWORKING_VERSIONS: &[&str] =
     &["networking.istio.io/v1", "networking.istio.io/v1beta1", "networking.istio.io/v1alpha3"];
 
 /// `VirtualService`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VirtualService {
     /// Metadata.
@@ -30,7 +30,7 @@ pub struct VirtualService {
 }
 
 /// `VirtualService.spec`.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct VirtualServiceSpec {
     /// Hosts the rules apply to: short names, FQDNs, `*.suffix` wildcards.
@@ -47,6 +47,7 @@ pub struct VirtualServiceSpec {
     pub tcp: Vec<TcpRoute>,
     /// TLS rules (not enforced yet).
     #[serde(default)]
+    #[schemars(schema_with = "crate::cli::crds::any_value")]
     pub tls: Option<Value>,
     /// Visibility (the agent serves one cluster view; accepted as is).
     #[serde(default)]
@@ -54,7 +55,7 @@ pub struct VirtualServiceSpec {
 }
 
 /// One TCP rule.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TcpRoute {
     /// Conditions: any one matching selects the rule; none means always.
@@ -66,7 +67,7 @@ pub struct TcpRoute {
 }
 
 /// A TCP match condition.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct L4Match {
     /// Destination port.
@@ -83,11 +84,12 @@ pub struct L4Match {
     pub gateways: Vec<String>,
     /// Destination subnets (not enforced yet).
     #[serde(default)]
+    #[schemars(schema_with = "crate::cli::crds::any_value")]
     pub destination_subnets: Option<Value>,
 }
 
 /// One HTTP rule.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpRoute {
     /// Rule name, for logs.
@@ -134,6 +136,7 @@ pub struct HttpRoute {
     pub cors_policy: Option<CorsPolicy>,
     /// Delegation (not enforced yet).
     #[serde(default)]
+    #[schemars(schema_with = "crate::cli::crds::any_value")]
     pub delegate: Option<Value>,
     /// Several shadow destinations, each with its own share.
     #[serde(default)]
@@ -141,7 +144,7 @@ pub struct HttpRoute {
 }
 
 /// `corsPolicy`.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CorsPolicy {
     /// Origins allowed, as string matches.
@@ -171,7 +174,7 @@ pub struct CorsPolicy {
 }
 
 /// One entry of `mirrors`.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HttpMirrorPolicy {
     /// Where copies go.
@@ -182,7 +185,7 @@ pub struct HttpMirrorPolicy {
 }
 
 /// `rewrite.uriRegexRewrite`.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RegexRewrite {
     /// RE2 pattern.
@@ -193,7 +196,7 @@ pub struct RegexRewrite {
 }
 
 /// `trafficPolicy.tls`.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ClientTls {
     /// DISABLE, SIMPLE, MUTUAL or ISTIO_MUTUAL.
@@ -223,7 +226,7 @@ pub struct ClientTls {
 }
 
 /// A string condition: exactly one of the three.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StringMatch {
     /// Equal.
@@ -238,7 +241,7 @@ pub struct StringMatch {
 }
 
 /// One match condition; all its fields must hold.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpMatchRequest {
     /// Name, for logs.
@@ -283,7 +286,7 @@ pub struct HttpMatchRequest {
 }
 
 /// A weighted destination.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpRouteDestination {
     /// Where.
@@ -297,7 +300,7 @@ pub struct HttpRouteDestination {
 }
 
 /// A service (and optional subset and port).
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Destination {
     /// Service name: short (in the VirtualService's namespace) or FQDN.
@@ -311,7 +314,7 @@ pub struct Destination {
 }
 
 /// `port: {number: N}`.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PortSelector {
     /// Port number.
@@ -319,7 +322,7 @@ pub struct PortSelector {
 }
 
 /// A redirect answer.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpRedirect {
     /// New path.
@@ -343,7 +346,7 @@ pub struct HttpRedirect {
 }
 
 /// A direct answer.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpDirectResponse {
     /// Status code.
@@ -354,7 +357,7 @@ pub struct HttpDirectResponse {
 }
 
 /// `string` or base64 `bytes`.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HttpBody {
     /// Text body.
@@ -366,7 +369,7 @@ pub struct HttpBody {
 }
 
 /// Rewrites applied before forwarding.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpRewrite {
     /// Replaces the matched uri prefix (or the whole path for exact/regex matches).
@@ -381,7 +384,7 @@ pub struct HttpRewrite {
 }
 
 /// Retry policy.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpRetry {
     /// Retries (not counting the first try).
@@ -399,7 +402,7 @@ pub struct HttpRetry {
 }
 
 /// Fault injection.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HttpFault {
     /// Delay before forwarding.
@@ -411,7 +414,7 @@ pub struct HttpFault {
 }
 
 /// `fault.delay`.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FaultDelay {
     /// How long.
@@ -426,7 +429,7 @@ pub struct FaultDelay {
 }
 
 /// `fault.abort`.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FaultAbort {
     /// Status to answer.
@@ -441,7 +444,7 @@ pub struct FaultAbort {
 }
 
 /// `{value: 0.0 - 100.0}`.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Percent {
     /// Percent.
@@ -449,7 +452,7 @@ pub struct Percent {
 }
 
 /// Request and response header operations.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Headers {
     /// On the request.
@@ -461,7 +464,7 @@ pub struct Headers {
 }
 
 /// set / add / remove.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HeaderOperations {
     /// Overwrite.
@@ -476,7 +479,7 @@ pub struct HeaderOperations {
 }
 
 /// `DestinationRule`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DestinationRule {
     /// Metadata.
@@ -490,7 +493,7 @@ pub struct DestinationRule {
 }
 
 /// `DestinationRule.spec`.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct DestinationRuleSpec {
     /// The service.
@@ -506,11 +509,12 @@ pub struct DestinationRuleSpec {
     pub export_to: Vec<String>,
     /// Workload selector (not enforced yet).
     #[serde(default)]
+    #[schemars(schema_with = "crate::cli::crds::any_value")]
     pub workload_selector: Option<Value>,
 }
 
 /// A subset.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Subset {
     /// Name referenced by routes.
@@ -524,7 +528,7 @@ pub struct Subset {
 }
 
 /// Traffic policy.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TrafficPolicy {
     /// Load balancing.
@@ -545,7 +549,7 @@ pub struct TrafficPolicy {
 }
 
 /// One entry of `portLevelSettings`.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PortTrafficPolicy {
     /// The Service port it applies to.
@@ -578,7 +582,7 @@ impl PortTrafficPolicy {
 }
 
 /// `loadBalancer`.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LoadBalancer {
     /// ROUND_ROBIN, LEAST_REQUEST, RANDOM, PASSTHROUGH (LEAST_CONN is LEAST_REQUEST).
@@ -589,14 +593,16 @@ pub struct LoadBalancer {
     pub consistent_hash: Option<ConsistentHash>,
     /// Locality settings (not enforced yet).
     #[serde(default)]
+    #[schemars(schema_with = "crate::cli::crds::any_value")]
     pub locality_lb_setting: Option<Value>,
     /// Warm-up (not enforced yet).
     #[serde(default)]
+    #[schemars(schema_with = "crate::cli::crds::any_value")]
     pub warmup_duration_secs: Option<Value>,
 }
 
 /// `consistentHash`.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ConsistentHash {
     /// Hash a header.
@@ -617,7 +623,7 @@ pub struct ConsistentHash {
 }
 
 /// `httpCookie`.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HttpCookie {
     /// Cookie name.
@@ -631,7 +637,7 @@ pub struct HttpCookie {
 }
 
 /// `connectionPool`.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ConnectionPool {
     /// TCP limits.
@@ -643,7 +649,7 @@ pub struct ConnectionPool {
 }
 
 /// `connectionPool.tcp`.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TcpPool {
     /// Connections to the destination at once.
@@ -654,14 +660,16 @@ pub struct TcpPool {
     pub connect_timeout: Option<String>,
     /// Keepalive (not enforced yet).
     #[serde(default)]
+    #[schemars(schema_with = "crate::cli::crds::any_value")]
     pub tcp_keepalive: Option<Value>,
     /// Max connection duration (not enforced yet).
     #[serde(default)]
+    #[schemars(schema_with = "crate::cli::crds::any_value")]
     pub max_connection_duration: Option<Value>,
 }
 
 /// `connectionPool.http`.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpPool {
     /// Requests waiting for a connection.
@@ -688,7 +696,7 @@ pub struct HttpPool {
 }
 
 /// `outlierDetection`.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OutlierDetection {
     /// 5xx answers in a row that eject an endpoint.
@@ -717,6 +725,7 @@ pub struct OutlierDetection {
     pub split_external_local_origin_errors: Option<bool>,
     /// Local-origin failures in a row (not enforced yet).
     #[serde(default)]
+    #[schemars(schema_with = "crate::cli::crds::any_value")]
     pub consecutive_local_origin_failures: Option<Value>,
 }
 

@@ -18,7 +18,7 @@ pub const TRAFFIC_SPLIT_VERSIONS: &[&str] = &[
 ];
 
 /// `ServiceProfile`: named after the Service's FQDN.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceProfile {
     /// Metadata; `name` is `<service>.<namespace>.svc.<domain>`.
@@ -32,7 +32,7 @@ pub struct ServiceProfile {
 }
 
 /// `ServiceProfile.spec`.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ServiceProfileSpec {
     /// Routes, first match wins.
@@ -43,14 +43,16 @@ pub struct ServiceProfileSpec {
     pub retry_budget: Option<RetryBudget>,
     /// Traffic shifting (not enforced yet; use TrafficSplit).
     #[serde(default)]
+    #[schemars(schema_with = "crate::cli::crds::any_value")]
     pub dst_overrides: Option<Value>,
     /// OpenAPI source (informational).
     #[serde(default)]
+    #[schemars(schema_with = "crate::cli::crds::any_value")]
     pub opaque_ports: Option<Value>,
 }
 
 /// One route.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RouteSpec {
     /// Name, for metrics.
@@ -69,7 +71,7 @@ pub struct RouteSpec {
 }
 
 /// A request condition.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RequestMatch {
     /// Method.
@@ -90,7 +92,7 @@ pub struct RequestMatch {
 }
 
 /// A response class.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ResponseClass {
     /// Which responses.
@@ -101,7 +103,7 @@ pub struct ResponseClass {
 }
 
 /// A response condition.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ResponseMatch {
     /// Status range.
@@ -119,7 +121,7 @@ pub struct ResponseMatch {
 }
 
 /// `status: {min, max}` (inclusive; either may be absent).
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StatusRange {
     /// Lowest.
@@ -131,7 +133,7 @@ pub struct StatusRange {
 }
 
 /// `retryBudget`.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RetryBudget {
     /// Retries allowed per request, on average over `ttl`.
@@ -143,7 +145,7 @@ pub struct RetryBudget {
 }
 
 /// SMI `TrafficSplit`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TrafficSplit {
     /// Metadata.
@@ -157,7 +159,7 @@ pub struct TrafficSplit {
 }
 
 /// `TrafficSplit.spec`.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TrafficSplitSpec {
     /// The root Service clients dial.
@@ -166,16 +168,18 @@ pub struct TrafficSplitSpec {
     pub backends: Vec<TrafficSplitBackend>,
     /// HTTPRouteGroup matches (not enforced yet).
     #[serde(default)]
+    #[schemars(schema_with = "crate::cli::crds::any_value")]
     pub matches: Option<Value>,
 }
 
 /// A backend.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TrafficSplitBackend {
     /// Service name (same namespace).
     pub service: String,
     /// Kubernetes quantity (`900m`, `1`, `100`) in v1alpha1, an integer later.
+    #[schemars(schema_with = "crate::cli::crds::int_or_string")]
     pub weight: Value,
 }
 

@@ -19,7 +19,7 @@ use super::resources::ObjectMeta;
 pub const SECURITY_VERSIONS: &[&str] = &["security.istio.io/v1", "security.istio.io/v1beta1"];
 
 /// `spec.selector` of a security policy: the workloads it applies to.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct WorkloadSelector {
     /// Labels a pod must all carry.
@@ -35,7 +35,7 @@ impl WorkloadSelector {
 }
 
 /// `PeerAuthentication`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PeerAuthentication {
     /// Metadata.
@@ -48,11 +48,12 @@ pub struct PeerAuthentication {
     #[serde(default, rename = "kind")]
     _kind: Option<String>,
     #[serde(default)]
+    #[schemars(schema_with = "crate::cli::crds::any_value")]
     _status: Option<Value>,
 }
 
 /// `PeerAuthentication.spec`.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PeerAuthenticationSpec {
     /// Workloads in the policy's namespace it applies to; all of them when unset.
@@ -67,7 +68,7 @@ pub struct PeerAuthenticationSpec {
 }
 
 /// `MutualTLS`.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MutualTls {
     /// The mode; UNSET when absent.
@@ -76,7 +77,7 @@ pub struct MutualTls {
 }
 
 /// `MutualTLS.Mode`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum MtlsMode {
     /// Inherit from the namespace, then the mesh; PERMISSIVE at the top.
@@ -95,6 +96,15 @@ pub enum MtlsMode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PortNumber(pub u16);
 
+impl schemars::JsonSchema for PortNumber {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "PortNumber".into()
+    }
+    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        crate::cli::crds::int_or_string(generator)
+    }
+}
+
 impl<'de> Deserialize<'de> for PortNumber {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let v = Value::deserialize(d)?;
@@ -111,7 +121,7 @@ impl<'de> Deserialize<'de> for PortNumber {
 }
 
 /// `AuthorizationPolicy`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AuthorizationPolicy {
     /// Metadata.
@@ -124,6 +134,7 @@ pub struct AuthorizationPolicy {
     #[serde(default, rename = "kind")]
     _kind: Option<String>,
     #[serde(default)]
+    #[schemars(schema_with = "crate::cli::crds::any_value")]
     _status: Option<Value>,
 }
 
@@ -161,7 +172,7 @@ impl AuthorizationPolicy {
 const FAIL_CLOSED_ANNOTATION: &str = "mesh.internal/fail-closed";
 
 /// `AuthorizationPolicy.spec`.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuthorizationPolicySpec {
     /// Workloads it applies to; every workload in scope when unset.
@@ -169,9 +180,11 @@ pub struct AuthorizationPolicySpec {
     pub selector: Option<WorkloadSelector>,
     /// Gateway/waypoint attachment (refused: no waypoints here).
     #[serde(default)]
+    #[schemars(schema_with = "crate::cli::crds::any_value")]
     pub target_ref: Option<Value>,
     /// Gateway/waypoint attachment (refused: no waypoints here).
     #[serde(default)]
+    #[schemars(schema_with = "crate::cli::crds::any_value")]
     pub target_refs: Option<Value>,
     /// Rules; a match occurs when one rule matches. None: never matches.
     #[serde(default)]
@@ -181,11 +194,12 @@ pub struct AuthorizationPolicySpec {
     pub action: Action,
     /// Extension provider of a CUSTOM policy.
     #[serde(default)]
+    #[schemars(schema_with = "crate::cli::crds::any_value")]
     pub provider: Option<Value>,
 }
 
 /// `AuthorizationPolicy.Action`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum Action {
     /// Allow a request only if it matches.
@@ -201,7 +215,7 @@ pub enum Action {
 
 /// `Rule`: at least one source, one operation and every condition must match; an
 /// empty rule matches everything.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Rule {
     /// Sources; any source when empty.
@@ -216,7 +230,7 @@ pub struct Rule {
 }
 
 /// `Rule.From`.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RuleFrom {
     /// The source.
@@ -225,7 +239,7 @@ pub struct RuleFrom {
 }
 
 /// `Rule.To`.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RuleTo {
     /// The operation.
@@ -234,7 +248,7 @@ pub struct RuleTo {
 }
 
 /// `Source`: fields are ANDed, values within a field ORed.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Source {
     /// Peer identities `<trust-domain>/ns/<ns>/sa/<sa>` (mTLS only).
@@ -282,7 +296,7 @@ pub struct Source {
 }
 
 /// `Operation`: fields are ANDed, values within a field ORed.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Operation {
     /// HTTP Host (case-insensitive).
@@ -312,7 +326,7 @@ pub struct Operation {
 }
 
 /// `Condition`.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Condition {
     /// An Istio attribute name.

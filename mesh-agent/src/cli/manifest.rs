@@ -1,0 +1,663 @@
+//! The Kubernetes manifests of an install, built from typed k8s-openapi objects (so a
+//! field the API does not have cannot be written) for a profile and `--set` values,
+//! as `istioctl install --set profile=... --set values...` takes them.
+//!
+//! Least privilege by construction: no hostNetwork, no privileged mode; the agent gets
+//! exactly the capabilities it uses, read-only RBAC on what it watches, and read
+//! access to one Secret (the mesh CA) by name.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{DaemonSet, DaemonSetSpec, DaemonSetUpdateStrategy, RollingUpdateDaemonSet};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMap, ConfigMapEnvSource, Container, ContainerPort, EnvFromSource, EnvVar, EnvVarSource,
+    HTTPGetAction, HostPathVolumeSource, Namespace, ObjectFieldSelector, PodSpec, PodTemplateSpec, Probe,
+    ResourceRequirements, SeccompProfile, SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec,
+    Toleration, Volume, VolumeMount,
+};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, RoleRef, Subject};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use super::crds;
+
+/// Name of the agent's DaemonSet, ServiceAccount, roles and ConfigMap.
+pub const AGENT: &str = "mesh-agent";
+/// The Secret holding the mesh CA (Istio's plug-in CA layout: `ca-cert.pem`, ...).
+pub const CA_SECRET: &str = "cacerts";
+
+/// Errors of manifest generation.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// A `--set` without `=`.
+    #[error("--set {0:?}: expected key=value")]
+    NotKeyValue(String),
+    /// A key no profile reads.
+    #[error("--set {key}: unknown key{hint}; known keys: {known}")]
+    UnknownKey {
+        /// The key.
+        key: String,
+        /// ` (did you mean X?)` when one is close.
+        hint: String,
+        /// Every key.
+        known: String,
+    },
+    /// A value of the wrong shape.
+    #[error("--set {key}={value}: {reason}")]
+    BadValue {
+        /// The key.
+        key: String,
+        /// The value.
+        value: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// An install profile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Profile {
+    /// The agent only (CRDs come from an existing Istio/Linkerd install).
+    Minimal,
+    /// The agent, the CRDs of every API group it reads, a metrics Service.
+    Default,
+    /// Default with debug logging and small requests, for trying it out.
+    Demo,
+}
+
+impl Profile {
+    /// Every profile, by name.
+    pub const ALL: [(&'static str, Profile); 3] =
+        [("minimal", Profile::Minimal), ("default", Profile::Default), ("demo", Profile::Demo)];
+}
+
+/// What the manifests are made from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Values {
+    /// The profile the rest defaults from.
+    pub profile: Profile,
+    /// Namespace of the agent (`values.global.istioNamespace`).
+    pub namespace: String,
+    /// Image registry (`values.global.hub`).
+    pub hub: String,
+    /// Image tag (`values.global.tag`).
+    pub tag: String,
+    /// Agent log filter (`values.global.logging.level`).
+    pub log_level: String,
+    /// `meshConfig.trustDomain`.
+    pub trust_domain: String,
+    /// `meshConfig.rootNamespace`.
+    pub root_namespace: String,
+    /// Workload certificate lifetime (`values.global.workloadCertTtl`).
+    pub cert_ttl: String,
+    /// `values.global.proxy.resources.{requests,limits}.{cpu,memory}`.
+    pub resources: BTreeMap<(String, String), String>,
+    /// Whether the CRDs are part of the manifests (`values.base.enableCRDs`).
+    pub crds: bool,
+    /// Whether a Service exposes the agents' metrics port (`values.telemetry.enabled`).
+    pub metrics_service: bool,
+}
+
+impl Values {
+    /// The values of `profile` before any `--set`.
+    pub fn for_profile(profile: Profile) -> Self {
+        let (log_level, req_cpu, req_mem) = match profile {
+            Profile::Demo => ("info,mesh_agent=debug", "10m", "40Mi"),
+            _ => ("info", "50m", "64Mi"),
+        };
+        let resources = [
+            (("requests", "cpu"), req_cpu),
+            (("requests", "memory"), req_mem),
+            (("limits", "cpu"), "2"),
+            (("limits", "memory"), "512Mi"),
+        ]
+        .into_iter()
+        .map(|((a, b), v)| ((a.to_string(), b.to_string()), v.to_string()))
+        .collect();
+        Values {
+            profile,
+            namespace: "istio-system".into(),
+            hub: "ghcr.io/example/mesh".into(),
+            tag: env!("CARGO_PKG_VERSION").into(),
+            log_level: log_level.into(),
+            trust_domain: "cluster.local".into(),
+            root_namespace: "istio-system".into(),
+            cert_ttl: "24h".into(),
+            resources,
+            crds: profile != Profile::Minimal,
+            metrics_service: profile != Profile::Minimal,
+        }
+    }
+
+    /// Values from `--set key=value` arguments; `profile=` is read first, whatever
+    /// its position, so the other keys override the profile's defaults.
+    pub fn from_sets(sets: &[String]) -> Result<Self, Error> {
+        let mut pairs = Vec::new();
+        for s in sets {
+            let (k, v) = s.split_once('=').ok_or_else(|| Error::NotKeyValue(s.clone()))?;
+            pairs.push((k.trim().to_string(), v.trim().to_string()));
+        }
+        let profile = match pairs.iter().rev().find(|(k, _)| k == "profile") {
+            None => Profile::Default,
+            Some((_, v)) => {
+                Profile::ALL.iter().find(|(n, _)| n == v).map(|(_, p)| *p).ok_or_else(|| Error::BadValue {
+                    key: "profile".into(),
+                    value: v.clone(),
+                    reason: "profiles are minimal, default and demo".into(),
+                })?
+            }
+        };
+        let mut values = Values::for_profile(profile);
+        for (k, v) in pairs.into_iter().filter(|(k, _)| k != "profile") {
+            values.set(&k, v)?;
+        }
+        Ok(values)
+    }
+
+    fn set(&mut self, key: &str, value: String) -> Result<(), Error> {
+        let bad = |reason: &str| Error::BadValue { key: key.into(), value: value.clone(), reason: reason.into() };
+        let boolean = |v: &str| match v {
+            "true" => Ok(true),
+            "false" => Ok(false),
+            _ => Err(bad("expected true or false")),
+        };
+        if let Some(rest) = key.strip_prefix("values.global.proxy.resources.")
+            && let Some((kind, resource)) = rest.split_once('.')
+            && matches!(kind, "requests" | "limits")
+            && matches!(resource, "cpu" | "memory")
+        {
+            if !is_quantity(&value) {
+                return Err(bad("not a Kubernetes quantity (e.g. 100m, 0.5, 128Mi, 1Gi)"));
+            }
+            self.resources.insert((kind.to_string(), resource.to_string()), value);
+            return Ok(());
+        }
+        match key {
+            "values.global.istioNamespace" => self.namespace = dns_label(&value).map_err(|r| bad(&r))?,
+            "values.global.hub" => self.hub = value,
+            "values.global.tag" => self.tag = value,
+            "values.global.logging.level" => self.log_level = value,
+            "meshConfig.trustDomain" => self.trust_domain = value,
+            "meshConfig.rootNamespace" => self.root_namespace = dns_label(&value).map_err(|r| bad(&r))?,
+            "values.global.workloadCertTtl" => {
+                crate::settings::parse_duration(&value).map_err(|r| bad(&r))?;
+                self.cert_ttl = value;
+            }
+            "values.base.enableCRDs" => self.crds = boolean(&value)?,
+            "values.telemetry.enabled" => self.metrics_service = boolean(&value)?,
+            _ => {
+                let known = known_keys();
+                let hint = closest(key, &known).map(|k| format!(" (did you mean {k}?)")).unwrap_or_default();
+                return Err(Error::UnknownKey { key: key.into(), hint, known: known.join(", ") });
+            }
+        }
+        Ok(())
+    }
+
+    fn image(&self) -> String {
+        format!("{}/mesh-agent:{}", self.hub, self.tag)
+    }
+}
+
+/// Every `--set` key.
+pub fn known_keys() -> Vec<String> {
+    let mut keys: Vec<String> = [
+        "profile",
+        "values.global.istioNamespace",
+        "values.global.hub",
+        "values.global.tag",
+        "values.global.logging.level",
+        "values.global.workloadCertTtl",
+        "meshConfig.trustDomain",
+        "meshConfig.rootNamespace",
+        "values.base.enableCRDs",
+        "values.telemetry.enabled",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for kind in ["requests", "limits"] {
+        for r in ["cpu", "memory"] {
+            keys.push(format!("values.global.proxy.resources.{kind}.{r}"));
+        }
+    }
+    keys
+}
+
+fn closest<'a>(key: &str, known: &'a [String]) -> Option<&'a String> {
+    known
+        .iter()
+        .map(|k| (levenshtein(key, k), k))
+        .filter(|(d, k)| *d <= k.len() / 4 + 2)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k)
+}
+
+fn levenshtein(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            cur.push((prev[j] + usize::from(ca != *cb)).min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// Kubernetes quantities: a decimal number with an optional SI or binary suffix.
+fn is_quantity(v: &str) -> bool {
+    const SUFFIXES: &[&str] = &["Ki", "Mi", "Gi", "Ti", "Pi", "Ei", "m", "k", "M", "G", "T", "P", "E", ""];
+    SUFFIXES.iter().any(|s| {
+        v.strip_suffix(s).is_some_and(|n| !n.is_empty() && n.parse::<f64>().is_ok_and(|x| x >= 0.0 && x.is_finite()))
+    })
+}
+
+fn dns_label(v: &str) -> Result<String, String> {
+    let ok = !v.is_empty()
+        && v.len() <= 63
+        && v.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !v.starts_with('-')
+        && !v.ends_with('-');
+    if ok { Ok(v.to_string()) } else { Err("not a valid namespace name (DNS-1123 label)".into()) }
+}
+
+fn labels() -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app".to_string(), AGENT.to_string()),
+        ("app.kubernetes.io/name".to_string(), AGENT.to_string()),
+        ("app.kubernetes.io/part-of".to_string(), "mesh".to_string()),
+    ])
+}
+
+fn meta(name: &str, namespace: Option<&str>) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.into()),
+        namespace: namespace.map(Into::into),
+        labels: Some(labels()),
+        ..Default::default()
+    }
+}
+
+fn rule(groups: &[&str], resources: &[&str], verbs: &[&str]) -> PolicyRule {
+    PolicyRule {
+        api_groups: Some(groups.iter().map(|s| s.to_string()).collect()),
+        resources: Some(resources.iter().map(|s| s.to_string()).collect()),
+        verbs: verbs.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+const READ: &[&str] = &["get", "list", "watch"];
+
+/// The objects of an install, in apply order, as YAML documents.
+pub fn render(values: &Values) -> Result<String, serde_yaml::Error> {
+    let docs = objects(values);
+    let mut out = String::new();
+    for d in docs {
+        out.push_str("---\n");
+        out.push_str(&serde_yaml::to_string(&d)?);
+    }
+    Ok(out)
+}
+
+/// The objects of an install, in apply order.
+pub fn objects(v: &Values) -> Vec<serde_json::Value> {
+    let ns = v.namespace.as_str();
+    let mut out: Vec<serde_json::Value> = Vec::new();
+    let push = |out: &mut Vec<serde_json::Value>, o: serde_json::Value| out.push(o);
+    let mut ns_labels = labels();
+    // The agent's own namespace is never captured.
+    ns_labels.insert("istio.io/dataplane-mode".into(), "none".into());
+    push(
+        &mut out,
+        to_json(&Namespace {
+            metadata: ObjectMeta { labels: Some(ns_labels), ..meta(ns, None) },
+            ..Default::default()
+        }),
+    );
+    if v.crds {
+        out.extend(crds::all().iter().map(to_json));
+    }
+    push(&mut out, to_json(&ServiceAccount { metadata: meta(AGENT, Some(ns)), ..Default::default() }));
+    push(
+        &mut out,
+        to_json(&ClusterRole {
+            metadata: meta(AGENT, None),
+            rules: Some(vec![
+                rule(&[""], &["namespaces", "pods", "services", "serviceaccounts"], READ),
+                rule(&["discovery.k8s.io"], &["endpointslices"], READ),
+                rule(&["networking.istio.io"], &["virtualservices", "destinationrules"], READ),
+                rule(&["security.istio.io"], &["peerauthentications", "authorizationpolicies"], READ),
+                rule(&["linkerd.io"], &["serviceprofiles"], READ),
+                rule(&["split.smi-spec.io"], &["trafficsplits"], READ),
+            ]),
+            ..Default::default()
+        }),
+    );
+    let subject = || Subject {
+        kind: "ServiceAccount".into(),
+        name: AGENT.into(),
+        namespace: Some(ns.into()),
+        ..Default::default()
+    };
+    push(
+        &mut out,
+        to_json(&ClusterRoleBinding {
+            metadata: meta(AGENT, None),
+            role_ref: RoleRef {
+                api_group: "rbac.authorization.k8s.io".into(),
+                kind: "ClusterRole".into(),
+                name: AGENT.into(),
+            },
+            subjects: Some(vec![subject()]),
+        }),
+    );
+    // The CA key: readable by the agent's service account and nothing else in RBAC.
+    let ca_role = format!("{AGENT}-ca");
+    push(
+        &mut out,
+        to_json(&Role {
+            metadata: meta(&ca_role, Some(ns)),
+            rules: Some(vec![PolicyRule {
+                resource_names: Some(vec![CA_SECRET.into()]),
+                ..rule(&[""], &["secrets"], READ)
+            }]),
+        }),
+    );
+    push(
+        &mut out,
+        to_json(&RoleBinding {
+            metadata: meta(&ca_role, Some(ns)),
+            role_ref: RoleRef {
+                api_group: "rbac.authorization.k8s.io".into(),
+                kind: "Role".into(),
+                name: ca_role.clone(),
+            },
+            subjects: Some(vec![subject()]),
+        }),
+    );
+    push(
+        &mut out,
+        to_json(&ConfigMap {
+            metadata: meta(AGENT, Some(ns)),
+            data: Some(BTreeMap::from([
+                ("MESH_TRUST_DOMAIN".to_string(), v.trust_domain.clone()),
+                ("MESH_ROOT_NAMESPACE".to_string(), v.root_namespace.clone()),
+                ("MESH_CERT_TTL".to_string(), v.cert_ttl.clone()),
+                ("MESH_LOG".to_string(), v.log_level.clone()),
+                ("MESH_CONFIG_SOURCE".to_string(), "kubernetes".to_string()),
+                ("MESH_CA_SECRET".to_string(), format!("{ns}/{CA_SECRET}")),
+            ])),
+            ..Default::default()
+        }),
+    );
+    push(&mut out, to_json(&daemon_set(v)));
+    if v.metrics_service {
+        push(
+            &mut out,
+            to_json(&Service {
+                metadata: meta(&format!("{AGENT}-metrics"), Some(ns)),
+                spec: Some(ServiceSpec {
+                    cluster_ip: Some("None".into()),
+                    selector: Some(BTreeMap::from([("app".to_string(), AGENT.to_string())])),
+                    ports: Some(vec![ServicePort {
+                        name: Some("http-metrics".into()),
+                        port: 15020,
+                        target_port: Some(IntOrString::Int(15020)),
+                        ..Default::default()
+                    }]),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        );
+    }
+    out
+}
+
+fn to_json<T: serde::Serialize>(o: &T) -> serde_json::Value {
+    serde_json::to_value(o).expect("k8s-openapi objects serialize")
+}
+
+fn host_path(name: &str, path: &str, kind: &str) -> Volume {
+    Volume {
+        name: name.into(),
+        host_path: Some(HostPathVolumeSource { path: path.into(), type_: Some(kind.into()) }),
+        ..Default::default()
+    }
+}
+
+fn mount(name: &str, path: &str, read_only: bool, propagation: Option<&str>) -> VolumeMount {
+    VolumeMount {
+        name: name.into(),
+        mount_path: path.into(),
+        read_only: Some(read_only),
+        mount_propagation: propagation.map(Into::into),
+        ..Default::default()
+    }
+}
+
+fn daemon_set(v: &Values) -> DaemonSet {
+    let quantities = |kind: &str| -> BTreeMap<String, Quantity> {
+        v.resources.iter().filter(|((k, _), _)| k == kind).map(|((_, r), q)| (r.clone(), Quantity(q.clone()))).collect()
+    };
+    let env_field = |name: &str, path: &str| EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector { field_path: path.into(), ..Default::default() }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let container = Container {
+        name: AGENT.into(),
+        image: Some(v.image()),
+        args: Some(vec![
+            "--config-dir=/etc/mesh/config".into(),
+            "--node-cgroup=/host/sys/fs/cgroup".into(),
+            "--netns-dir=/host/var/run/netns".into(),
+        ]),
+        env: Some(vec![env_field("MESH_NODE_NAME", "spec.nodeName"), env_field("POD_NAMESPACE", "metadata.namespace")]),
+        env_from: Some(vec![EnvFromSource {
+            config_map_ref: Some(ConfigMapEnvSource { name: AGENT.into(), optional: Some(false) }),
+            ..Default::default()
+        }]),
+        ports: Some(vec![
+            ContainerPort { name: Some("http-metrics".into()), container_port: 15020, ..Default::default() },
+            ContainerPort { name: Some("http-ready".into()), container_port: 15021, ..Default::default() },
+        ]),
+        readiness_probe: Some(Probe {
+            http_get: Some(HTTPGetAction {
+                path: Some("/healthz/ready".into()),
+                port: IntOrString::Int(15021),
+                ..Default::default()
+            }),
+            period_seconds: Some(5),
+            failure_threshold: Some(3),
+            ..Default::default()
+        }),
+        resources: Some(ResourceRequirements {
+            requests: Some(quantities("requests")),
+            limits: Some(quantities("limits")),
+            ..Default::default()
+        }),
+        security_context: Some(SecurityContext {
+            privileged: Some(false),
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_user: Some(0),
+            run_as_non_root: Some(false),
+            capabilities: Some(Capabilities {
+                // BPF: programs and maps. NET_ADMIN: sockets in pod netns, SO_MARK.
+                // SYS_ADMIN: setns into pod netns, bpffs. SYS_PTRACE: open
+                // /proc/<pid>/ns/net of pod processes. SYS_RESOURCE: memlock on old kernels.
+                add: Some(["BPF", "NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE", "SYS_RESOURCE"].map(String::from).to_vec()),
+                drop: Some(vec!["ALL".into()]),
+            }),
+            seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..Default::default() }),
+            ..Default::default()
+        }),
+        volume_mounts: Some(vec![
+            mount("bpffs", "/sys/fs/bpf", false, Some("Bidirectional")),
+            mount("cgroup", "/host/sys/fs/cgroup", true, None),
+            mount("netns", "/host/var/run/netns", true, Some("HostToContainer")),
+            mount("proc", "/host/proc", true, None),
+            mount("config", "/etc/mesh/config", false, None),
+        ]),
+        ..Default::default()
+    };
+    DaemonSet {
+        metadata: meta(AGENT, Some(&v.namespace)),
+        spec: Some(DaemonSetSpec {
+            selector: LabelSelector {
+                match_labels: Some(BTreeMap::from([("app".to_string(), AGENT.to_string())])),
+                ..Default::default()
+            },
+            update_strategy: Some(DaemonSetUpdateStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateDaemonSet {
+                    max_unavailable: Some(IntOrString::Int(1)),
+                    ..Default::default()
+                }),
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels()),
+                    annotations: Some(BTreeMap::from([(
+                        "kubectl.kubernetes.io/default-container".to_string(),
+                        AGENT.to_string(),
+                    )])),
+                    ..Default::default()
+                }),
+                spec: Some(PodSpec {
+                    service_account_name: Some(AGENT.into()),
+                    priority_class_name: Some("system-node-critical".into()),
+                    // Pods of the node are found through its /proc and cgroups.
+                    host_pid: Some(true),
+                    host_network: Some(false),
+                    termination_grace_period_seconds: Some(30),
+                    tolerations: Some(vec![Toleration { operator: Some("Exists".into()), ..Default::default() }]),
+                    containers: vec![container],
+                    volumes: Some(vec![
+                        host_path("bpffs", "/sys/fs/bpf", "DirectoryOrCreate"),
+                        host_path("cgroup", "/sys/fs/cgroup", "Directory"),
+                        host_path("netns", "/var/run/netns", "DirectoryOrCreate"),
+                        host_path("proc", "/proc", "Directory"),
+                        Volume { name: "config".into(), empty_dir: Some(Default::default()), ..Default::default() },
+                    ]),
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use serde_json::Value;
+
+    use super::*;
+
+    /// Parses `doc` as the k8s-openapi type of its kind and back: equal only if every
+    /// field is one the Kubernetes API has, with the type it has.
+    fn round_trip(doc: &Value) -> Value {
+        fn through<T: serde::de::DeserializeOwned + serde::Serialize>(doc: &Value) -> Value {
+            serde_json::to_value(serde_json::from_value::<T>(doc.clone()).unwrap()).unwrap()
+        }
+        match doc["kind"].as_str().unwrap() {
+            "Namespace" => through::<Namespace>(doc),
+            "CustomResourceDefinition" => through::<CustomResourceDefinition>(doc),
+            "ServiceAccount" => through::<ServiceAccount>(doc),
+            "ClusterRole" => through::<ClusterRole>(doc),
+            "ClusterRoleBinding" => through::<ClusterRoleBinding>(doc),
+            "Role" => through::<Role>(doc),
+            "RoleBinding" => through::<RoleBinding>(doc),
+            "ConfigMap" => through::<ConfigMap>(doc),
+            "DaemonSet" => through::<DaemonSet>(doc),
+            "Service" => through::<Service>(doc),
+            other => panic!("unexpected kind {other}"),
+        }
+    }
+
+    fn parse_all(yaml: &str) -> Vec<Value> {
+        serde_yaml::Deserializer::from_str(yaml)
+            .map(|d| serde::Deserialize::deserialize(d).unwrap())
+            .filter(|v: &Value| !v.is_null())
+            .collect()
+    }
+
+    #[test]
+    fn every_profile_renders_objects_the_kubernetes_api_knows() {
+        for (name, profile) in Profile::ALL {
+            let yaml = render(&Values::for_profile(profile)).unwrap();
+            let docs = parse_all(&yaml);
+            assert!(docs.iter().any(|d| d["kind"] == "DaemonSet"), "{name}");
+            for d in &docs {
+                assert_eq!(
+                    &round_trip(d),
+                    d,
+                    "{name}: {} {} has fields the API does not",
+                    d["kind"],
+                    d["metadata"]["name"]
+                );
+            }
+            let crds = docs.iter().filter(|d| d["kind"] == "CustomResourceDefinition").count();
+            assert_eq!(crds, if profile == Profile::Minimal { 0 } else { 6 }, "{name}");
+        }
+    }
+
+    #[test]
+    fn the_daemon_set_runs_with_named_capabilities_and_no_host_network() {
+        let v = Values::for_profile(Profile::Default);
+        let ds = daemon_set(&v);
+        let pod = ds.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+        assert_eq!(pod.host_network, Some(false));
+        let c = &pod.containers[0];
+        let sc = c.security_context.as_ref().unwrap();
+        assert_eq!(sc.privileged, Some(false));
+        assert_eq!(sc.capabilities.as_ref().unwrap().drop.as_deref(), Some(&["ALL".to_string()][..]));
+        let probe = c.readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap();
+        assert_eq!(probe.port, IntOrString::Int(15021));
+        let strategy = ds.spec.as_ref().unwrap().update_strategy.as_ref().unwrap();
+        assert_eq!(strategy.rolling_update.as_ref().unwrap().max_unavailable, Some(IntOrString::Int(1)));
+    }
+
+    #[test]
+    fn sets_follow_istioctl_keys_and_refuse_unknown_ones_with_a_hint() {
+        // The reference document's production example, as written.
+        let sets: Vec<String> = [
+            "profile=default",
+            "values.global.proxy.resources.requests.cpu=100m",
+            "values.global.proxy.resources.requests.memory=128Mi",
+            "values.global.proxy.resources.limits.cpu=500m",
+            "values.global.proxy.resources.limits.memory=256Mi",
+        ]
+        .map(String::from)
+        .to_vec();
+        let v = Values::from_sets(&sets).unwrap();
+        let yaml = render(&v).unwrap();
+        let ds = parse_all(&yaml).into_iter().find(|d| d["kind"] == "DaemonSet").unwrap();
+        let res = &ds["spec"]["template"]["spec"]["containers"][0]["resources"];
+        assert_eq!(res["requests"]["cpu"], "100m");
+        assert_eq!(res["limits"]["memory"], "256Mi");
+        assert_eq!(Values::from_sets(&["profile=demo".into()]).unwrap().profile, Profile::Demo);
+
+        let e = Values::from_sets(&["values.global.proxy.resources.request.cpu=1".into()]).unwrap_err().to_string();
+        assert!(
+            e.contains("unknown key") && e.contains("did you mean values.global.proxy.resources.requests.cpu?"),
+            "{e}"
+        );
+        let e =
+            Values::from_sets(&["values.global.proxy.resources.limits.memory=lots".into()]).unwrap_err().to_string();
+        assert!(e.contains("not a Kubernetes quantity"), "{e}");
+        let e = Values::from_sets(&["profile=huge".into()]).unwrap_err().to_string();
+        assert!(e.contains("profiles are minimal, default and demo"), "{e}");
+        assert!(Values::from_sets(&["novalue".into()]).unwrap_err().to_string().contains("expected key=value"));
+    }
+}
