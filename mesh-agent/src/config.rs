@@ -1,12 +1,13 @@
 //! Users' configuration: the Kubernetes objects the mesh reads, parsed with errors that
 //! name file, object and field, and the sources that produce them (a watched directory
-//! of YAML in standalone mode).
+//! of YAML in standalone mode, the Kubernetes API in cluster mode).
 //!
 //! Architecture invariant: only this module knows YAML. Everything downstream works on
 //! the typed [`Object`]s and on the compiled [`crate::state::Snapshot`].
 
 pub mod hosts;
 pub mod istio;
+pub mod kube_source;
 pub mod linkerd;
 mod parse;
 mod references;
@@ -14,6 +15,7 @@ pub mod resources;
 pub mod security;
 mod source;
 
+pub use kube_source::KubeSource;
 pub use parse::parse_documents;
 pub use resources::Object;
 pub use source::{DirSource, Reload};

@@ -27,6 +27,10 @@ pub struct VirtualService {
     _api_version: Option<String>,
     #[serde(default, rename = "kind")]
     _kind: Option<String>,
+    /// Written by controllers (Istio's status conditions); not read.
+    #[serde(default, rename = "status")]
+    #[schemars(schema_with = "crate::cli::crds::any_value")]
+    _status: Option<Value>,
 }
 
 /// `VirtualService.spec`.
@@ -490,6 +494,10 @@ pub struct DestinationRule {
     _api_version: Option<String>,
     #[serde(default, rename = "kind")]
     _kind: Option<String>,
+    /// Written by controllers (Istio's status conditions); not read.
+    #[serde(default, rename = "status")]
+    #[schemars(schema_with = "crate::cli::crds::any_value")]
+    _status: Option<Value>,
 }
 
 /// `DestinationRule.spec`.

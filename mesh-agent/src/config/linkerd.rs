@@ -29,6 +29,10 @@ pub struct ServiceProfile {
     _api_version: Option<String>,
     #[serde(default, rename = "kind")]
     _kind: Option<String>,
+    /// Written by controllers (Istio's status conditions); not read.
+    #[serde(default, rename = "status")]
+    #[schemars(schema_with = "crate::cli::crds::any_value")]
+    _status: Option<Value>,
 }
 
 /// `ServiceProfile.spec`.
@@ -156,6 +160,10 @@ pub struct TrafficSplit {
     _api_version: Option<String>,
     #[serde(default, rename = "kind")]
     _kind: Option<String>,
+    /// Written by controllers (Istio's status conditions); not read.
+    #[serde(default, rename = "status")]
+    #[schemars(schema_with = "crate::cli::crds::any_value")]
+    _status: Option<Value>,
 }
 
 /// `TrafficSplit.spec`.

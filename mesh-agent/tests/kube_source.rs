@@ -1,0 +1,177 @@
+//! The cluster config source against an API server double that implements list, watch
+//! with resourceVersion, bookmarks and 410 Gone as the API conventions specify: adds,
+//! updates and deletes; invalid objects; a missing CRD; re-list after 410 without
+//! flapping; an API outage that keeps the last state.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use mesh_agent::config::kube_source::{KINDS, KubeSource};
+use mesh_agent::config::{Object, Reload};
+use serde_json::{Value, json};
+use support::api_server::{ApiServer, collection_path};
+
+fn path_of(kind: &str) -> String {
+    let k = KINDS.iter().find(|k| k.kind == kind).unwrap();
+    collection_path(k.group, k.version, k.plural)
+}
+
+fn all_collections() -> Vec<String> {
+    KINDS.iter().map(|k| collection_path(k.group, k.version, k.plural)).collect()
+}
+
+fn client(url: &str) -> kube::Client {
+    kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap()
+}
+
+fn namespace() -> Value {
+    json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "production", "labels": {"istio-injection": "enabled"}}})
+}
+
+fn pod() -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "myapp-v1", "namespace": "production", "uid": "0d5c", "labels": {"app": "myapp", "version": "v1"}},
+        "spec": {"serviceAccountName": "myapp", "nodeName": "node1", "containers": [{"name": "app", "image": "x", "ports": [{"containerPort": 8080, "name": "http"}]}]},
+        "status": {"phase": "Running", "podIP": "10.1.2.3", "podIPs": [{"ip": "10.1.2.3"}]}})
+}
+
+fn virtual_service(regex: &str) -> Value {
+    json!({"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+        "metadata": {"name": "myapp", "namespace": "production", "generation": 3},
+        "spec": {"hosts": ["myapp"], "http": [{"match": [{"uri": {"regex": regex}}], "route": [{"destination": {"host": "myapp"}}]}]},
+        "status": {"observedGeneration": 3}})
+}
+
+fn names(r: &Reload) -> Vec<String> {
+    let mut v: Vec<String> = r.objects.iter().map(|o| format!("{} {}/{}", o.key().0, o.key().1, o.key().2)).collect();
+    v.sort();
+    v
+}
+
+fn regex_of(r: &Reload) -> Option<String> {
+    r.objects.iter().find_map(|o| match o {
+        Object::VirtualService(v) => v.spec.http[0].matches[0].uri.as_ref()?.regex.clone(),
+        _ => None,
+    })
+}
+
+/// Reloads until `f` accepts the result (10 s at most).
+async fn until(source: &mut KubeSource, what: &str, mut f: impl FnMut(&Reload) -> bool) -> Reload {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = source.reload();
+        if (r.changed || !r.objects.is_empty()) && f(&r) {
+            return r;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn lists_then_follows_adds_updates_and_deletes() {
+    let api = ApiServer::new(&all_collections()).await;
+    api.apply(&path_of("Namespace"), namespace());
+    api.apply(&path_of("Pod"), pod());
+    let (mut source, _changes) = KubeSource::start(client(&api.url()));
+    let r = until(&mut source, "initial list", |r| r.objects.len() == 2).await;
+    assert!(r.new_errors.is_empty(), "{:?}", r.new_errors);
+    assert!(source.synced());
+
+    api.apply(&path_of("VirtualService"), virtual_service("/v1/.*"));
+    until(&mut source, "added", |r| regex_of(r).as_deref() == Some("/v1/.*")).await;
+    api.apply(&path_of("VirtualService"), virtual_service("/v2/.*"));
+    until(&mut source, "modified", |r| regex_of(r).as_deref() == Some("/v2/.*")).await;
+    api.delete(&path_of("VirtualService"), "production", "myapp");
+    let r = until(&mut source, "deleted", |r| regex_of(r).is_none()).await;
+    assert_eq!(names(&r), vec!["Namespace /production", "Pod production/myapp-v1"]);
+}
+
+#[tokio::test]
+async fn kinds_whose_crd_is_missing_do_not_hold_up_the_rest() {
+    // No Linkerd or SMI in this cluster: their collections answer 404.
+    let served: Vec<String> =
+        all_collections().into_iter().filter(|p| !p.contains("linkerd.io") && !p.contains("smi-spec.io")).collect();
+    let api = ApiServer::new(&served).await;
+    api.apply(&path_of("Namespace"), namespace());
+    let (mut source, _changes) = KubeSource::start(client(&api.url()));
+    let r = until(&mut source, "synced without the missing kinds", |r| r.objects.len() == 1).await;
+    assert_eq!(names(&r), vec!["Namespace /production"]);
+}
+
+#[tokio::test]
+async fn an_invalid_object_keeps_its_last_good_version_and_a_new_invalid_policy_fails_closed() {
+    let api = ApiServer::new(&all_collections()).await;
+    api.apply(&path_of("VirtualService"), virtual_service("/v1/.*"));
+    let (mut source, _changes) = KubeSource::start(client(&api.url()));
+    until(&mut source, "good version", |r| regex_of(r).is_some()).await;
+
+    api.apply(&path_of("VirtualService"), virtual_service("("));
+    let r = until(&mut source, "bad edit reported", |r| !r.new_errors.is_empty()).await;
+    let e = r.new_errors[0].to_string();
+    assert!(e.contains("VirtualService production/myapp") && e.contains("spec.http[0].match[0].uri.regex"), "{e}");
+    assert_eq!(regex_of(&r).as_deref(), Some("/v1/.*"), "the last good version stays in force");
+    assert_eq!(source.standing_errors().len(), 1);
+
+    let bad_policy = json!({"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": "p", "namespace": "production"},
+        "spec": {"selector": {"matchLabels": {"app": "myapp"}}, "rules": [{"from": [{"source": {"ipBlocks": ["10.0.0.0/99"]}}]}]}});
+    api.apply(&path_of("AuthorizationPolicy"), bad_policy);
+    let r = until(&mut source, "fail closed", |r| {
+        r.objects.iter().any(|o| matches!(o, Object::AuthorizationPolicy(a) if a.is_fail_closed_placeholder()))
+    })
+    .await;
+    assert!(r.new_errors.iter().any(|e| e.to_string().contains("allow nothing until it is fixed")));
+}
+
+#[tokio::test]
+async fn a_relist_after_410_gone_brings_news_without_flapping() {
+    let api = ApiServer::new(&all_collections()).await;
+    api.apply(&path_of("Namespace"), namespace());
+    api.apply(&path_of("Pod"), pod());
+    let (mut source, _changes) = KubeSource::start(client(&api.url()));
+    until(&mut source, "initial list", |r| r.objects.len() == 2).await;
+
+    // History compacted, then the watches end: resuming from their versions gets
+    // 410, so the watchers list again.
+    api.compact();
+    api.apply(&path_of("VirtualService"), virtual_service("/after/.*"));
+    api.drop_watches().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = source.reload();
+        if r.changed {
+            assert!(
+                names(&r).contains(&"Pod production/myapp-v1".to_string()),
+                "the pod flapped away: {:?}",
+                names(&r)
+            );
+        }
+        if regex_of(&r).as_deref() == Some("/after/.*") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "re-list never brought the VirtualService");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(api.gone_sent() > 0, "no watch was answered 410: the re-list path was not taken");
+}
+
+#[tokio::test]
+async fn an_api_outage_keeps_the_last_state_and_catches_up_after() {
+    let api = ApiServer::new(&all_collections()).await;
+    api.apply(&path_of("Namespace"), namespace());
+    let (mut source, _changes) = KubeSource::start(client(&api.url()));
+    until(&mut source, "initial list", |r| r.objects.len() == 1).await;
+
+    api.stop().await;
+    api.apply(&path_of("Pod"), pod());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let r = source.reload();
+    assert!(!r.changed, "nothing changes while the API is away");
+    assert!(source.synced());
+
+    api.start().await;
+    let r = until(&mut source, "caught up after the outage", |r| r.objects.len() == 2).await;
+    assert_eq!(names(&r), vec!["Namespace /production", "Pod production/myapp-v1"]);
+}
