@@ -13,11 +13,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, AdminState};
-use crate::config::DirSource;
+use crate::config::{DirSource, KubeSource, Reload};
 use crate::dataplane::{self, Dataplane, Netns, Paths, PlaintextVerdicts, PodEnrollment};
 use crate::identity::{CertStore, MeshCa, PeerVerifier};
 use crate::proxy::{PodProxy, Pool, ProxyContext};
-use crate::settings::Settings;
+use crate::settings::{ConfigSourceKind, Settings};
 use crate::state::{Snapshot, Workload};
 use crate::telemetry::Metrics;
 
@@ -45,6 +45,42 @@ pub enum Error {
     /// An admin endpoint could not be bound.
     #[error("admin endpoint: {0}")]
     Admin(std::io::Error),
+    /// The Kubernetes client could not be configured.
+    #[error("Kubernetes client: {0}")]
+    Kube(String),
+    /// A setting is missing or malformed.
+    #[error("{0}")]
+    Settings(String),
+}
+
+/// Where configuration comes from.
+enum Source {
+    Files(DirSource),
+    Kube(KubeSource),
+}
+
+impl Source {
+    fn reload(&mut self) -> Reload {
+        match self {
+            Source::Files(s) => s.reload(),
+            Source::Kube(s) => s.reload(),
+        }
+    }
+
+    fn standing_errors(&self) -> Vec<crate::config::Error> {
+        match self {
+            Source::Files(s) => s.standing_errors(),
+            Source::Kube(s) => s.standing_errors(),
+        }
+    }
+}
+
+async fn kube_client(settings: &Settings) -> Result<kube::Client, Error> {
+    let config = match &settings.kube_api_url {
+        Some(url) => kube::Config::new(url.parse().map_err(|e| Error::Kube(format!("--kube-api-url {url}: {e}")))?),
+        None => kube::Config::infer().await.map_err(|e| Error::Kube(e.to_string()))?,
+    };
+    kube::Client::try_from(config).map_err(|e| Error::Kube(e.to_string()))
 }
 
 /// A pod this agent serves.
@@ -58,6 +94,18 @@ struct RunningPod {
 /// Runs the agent until SIGTERM/SIGINT, then drains.
 pub async fn run(settings: Settings) -> Result<(), Error> {
     Netns::init_host()?;
+    let client = match settings.config_source {
+        ConfigSourceKind::Kubernetes => Some(kube_client(&settings).await?),
+        ConfigSourceKind::Files => None,
+    };
+    if let (Some(client), Some(secret)) = (&client, &settings.ca_secret) {
+        let (ns, name) = secret
+            .split_once('/')
+            .ok_or_else(|| Error::Settings(format!("--ca-secret {secret:?}: expected namespace/name")))?;
+        let data = crate::config::kube_source::read_secret(client, ns, name).await;
+        crate::identity::CaFiles::write_from_secret(&settings.ca_dir, &data)?;
+        tracing::info!(secret = %secret, dir = %settings.ca_dir.display(), "mesh CA read from its Secret");
+    }
     let ca = Arc::new(MeshCa::load_or_create(&settings.ca_dir, &settings.trust_domain)?);
     let verifier = PeerVerifier::new(ca.roots(), settings.accepted_trust_domains())?;
     let certs = Arc::new(CertStore::new(ca, settings.cert_ttl));
@@ -67,7 +115,27 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
 
     let mut registry = Registry::with_prefix("istio");
     let metrics = Arc::new(Metrics::new(&mut registry));
-    let mut source = DirSource::new(&settings.config_dir);
+    let (mut source, mut changes, _watcher) = match (&client, &settings.config_dir) {
+        (Some(client), _) => {
+            let (source, changes) = KubeSource::start(client.clone());
+            // A partial config would unenroll pods the API has not listed yet.
+            let mut waited = 0u32;
+            while !source.synced() {
+                if waited.is_multiple_of(50) {
+                    tracing::info!("waiting for the API server to list every kind the mesh reads");
+                }
+                waited += 1;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            (Source::Kube(source), changes, None)
+        }
+        (None, Some(dir)) => {
+            let source = DirSource::new(dir);
+            let (watcher, changes) = source.watch().map_err(|source| Error::Watch { dir: dir.clone(), source })?;
+            (Source::Files(source), changes, Some(watcher))
+        }
+        (None, None) => return Err(Error::Settings("--config-dir is required with --config-source files".into())),
+    };
     let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
     let shutdown = CancellationToken::new();
     let ctx = ProxyContext {
@@ -120,8 +188,6 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
     admin_state.ready.store(true, Ordering::Release);
     tracing::info!(node = %settings.node, pods = agent.pods.len(), "agent ready");
 
-    let (_watcher, mut changes) =
-        source.watch().map_err(|source| Error::Watch { dir: settings.config_dir.clone(), source })?;
     let mut resync = tokio::time::interval(RESYNC_INTERVAL);
     let mut renew = tokio::time::interval(ctx.certs.renewal_interval());
     loop {
@@ -191,7 +257,7 @@ struct Agent {
 
 impl Agent {
     /// Re-reads config; a change compiles and swaps in a new snapshot.
-    fn reload(&mut self, source: &mut DirSource) {
+    fn reload(&mut self, source: &mut Source) {
         let r = source.reload();
         for e in &r.new_errors {
             // One line per rejected input, naming file, object and field.

@@ -14,6 +14,15 @@ pub const DEFAULT_DRAIN: Duration = Duration::from_secs(10);
 /// 1337 is the mark Istio uses for the same purpose.
 pub const DEFAULT_BYPASS_MARK: u32 = 1337;
 
+/// Where configuration comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ConfigSourceKind {
+    /// A watched directory of YAML (standalone mode, the lab).
+    Files,
+    /// The Kubernetes API server (cluster mode).
+    Kubernetes,
+}
+
 /// Node agent of the mesh.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "mesh-agent", version, about = "eBPF-accelerated sidecarless service mesh: node agent")]
@@ -22,9 +31,25 @@ pub struct Settings {
     #[arg(long, env = "MESH_NODE_NAME")]
     pub node: String,
 
-    /// Directory of Kubernetes/Istio YAML manifests to serve (standalone mode); watched.
-    #[arg(long, env = "MESH_CONFIG_DIR")]
-    pub config_dir: PathBuf,
+    /// Where the configuration comes from: a watched directory of YAML (`files`) or the
+    /// Kubernetes API (`kubernetes`: in-cluster service account, KUBECONFIG, or
+    /// --kube-api-url).
+    #[arg(long, env = "MESH_CONFIG_SOURCE", value_enum, default_value_t = ConfigSourceKind::Files)]
+    pub config_source: ConfigSourceKind,
+
+    /// Directory of Kubernetes/Istio YAML manifests to serve (`--config-source files`); watched.
+    #[arg(long, env = "MESH_CONFIG_DIR", required_if_eq("config_source", "files"))]
+    pub config_dir: Option<PathBuf>,
+
+    /// API server URL for `--config-source kubernetes`, without credentials (tests,
+    /// `kubectl proxy`); by default the in-cluster service account or KUBECONFIG.
+    #[arg(long, env = "MESH_KUBE_API_URL")]
+    pub kube_api_url: Option<String>,
+
+    /// `namespace/name` of the Secret holding the mesh CA in cluster mode (Istio's
+    /// `cacerts` layout); written to --ca-dir, key 0600, before the CA loads.
+    #[arg(long, env = "MESH_CA_SECRET")]
+    pub ca_secret: Option<String>,
 
     /// Directory of the mesh CA (ca-cert.pem, ca-key.pem, root-cert.pem, cert-chain.pem);
     /// a self-signed root is created there when empty.

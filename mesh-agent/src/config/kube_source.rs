@@ -286,3 +286,22 @@ async fn watch_kind(
         let _ = changes.try_send(());
     }
 }
+
+/// The data of Secret `namespace/name`, waiting (and saying so) until it exists: the
+/// agent does not start without its CA.
+pub async fn read_secret(client: &kube::Client, namespace: &str, name: &str) -> BTreeMap<String, Vec<u8>> {
+    let api: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), namespace);
+    let mut wait = std::time::Duration::from_millis(500);
+    loop {
+        match api.get(name).await {
+            Ok(secret) => {
+                return secret.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect();
+            }
+            Err(e) => {
+                tracing::warn!(secret = %format!("{namespace}/{name}"), error = %e, "waiting for the mesh CA Secret");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(std::time::Duration::from_secs(30));
+            }
+        }
+    }
+}

@@ -194,6 +194,36 @@ fn check_key_permissions(path: &Path) -> Result<(), Error> {
     Ok(())
 }
 
+impl CaFiles {
+    /// Writes a plug-in CA delivered as a Secret's data (keys `ca-cert.pem`,
+    /// `ca-key.pem`, `root-cert.pem`, `cert-chain.pem`, as Istio's `cacerts` Secret has
+    /// them) into `dir`, the key 0600 and the directory 0700. `ca-cert.pem` and
+    /// `ca-key.pem` are required; the other two default as for files.
+    pub fn write_from_secret(dir: &Path, data: &std::collections::BTreeMap<String, Vec<u8>>) -> Result<Self, Error> {
+        let files = Self::in_dir(dir);
+        for required in ["ca-cert.pem", "ca-key.pem"] {
+            if !data.contains_key(required) {
+                return Err(Error::CaInvalid {
+                    path: dir.join(required),
+                    reason: format!("the CA Secret has no {required} key (expected Istio's cacerts layout)"),
+                });
+            }
+        }
+        create_dir_private(dir)?;
+        for (name, path, mode) in [
+            ("ca-cert.pem", &files.ca_cert, 0o644),
+            ("ca-key.pem", &files.ca_key, 0o600),
+            ("root-cert.pem", &files.root_cert, 0o644),
+            ("cert-chain.pem", &files.cert_chain, 0o644),
+        ] {
+            if let Some(bytes) = data.get(name) {
+                write_file(path, bytes, mode)?;
+            }
+        }
+        Ok(files)
+    }
+}
+
 fn create_dir_private(dir: &Path) -> Result<(), Error> {
     fs::create_dir_all(dir).map_err(|source| Error::CaFile { path: dir.to_owned(), source })?;
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
@@ -232,6 +262,24 @@ mod tests {
         fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).unwrap();
         let err = MeshCa::load_or_create(dir.path(), "cluster.local").unwrap_err();
         assert!(err.to_string().contains("chmod 600"), "{err}");
+    }
+
+    #[test]
+    fn a_ca_secret_becomes_private_plugin_files() {
+        let source = tempfile::tempdir().unwrap();
+        MeshCa::load_or_create(source.path(), "cluster.local").unwrap();
+        let data: std::collections::BTreeMap<String, Vec<u8>> = ["ca-cert.pem", "ca-key.pem"]
+            .iter()
+            .map(|n| (n.to_string(), fs::read(source.path().join(n)).unwrap()))
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let files = CaFiles::write_from_secret(&dir.path().join("ca"), &data).unwrap();
+        assert_eq!(fs::metadata(&files.ca_key).unwrap().permissions().mode() & 0o777, 0o600);
+        assert!(MeshCa::load(&files).is_ok());
+        let mut missing = data.clone();
+        missing.remove("ca-key.pem");
+        let e = CaFiles::write_from_secret(&dir.path().join("x"), &missing).unwrap_err().to_string();
+        assert!(e.contains("no ca-key.pem key"), "{e}");
     }
 
     #[test]

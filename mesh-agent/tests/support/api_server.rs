@@ -194,6 +194,17 @@ impl ApiServer {
             .filter_map(|kv| kv.split_once('='))
             .map(|(k, v)| (k.to_string(), percent_decode(v)))
             .collect();
+        // GET of one namespaced object: /api/v1/namespaces/<ns>/<plural>/<name>.
+        if let Some((collection, ns, name)) = single_object(&path) {
+            let st = self.state.lock().unwrap();
+            return match st.collections.get(&collection).and_then(|c| c.objects.get(&format!("{ns}/{name}"))) {
+                Some(o) => status(StatusCode::OK, o.clone()),
+                None => status(
+                    StatusCode::NOT_FOUND,
+                    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": format!("{name} not found")}),
+                ),
+            };
+        }
         if !self.state.lock().unwrap().collections.contains_key(&path) {
             return status(
                 StatusCode::NOT_FOUND,
@@ -295,6 +306,14 @@ impl ApiServer {
         r.headers_mut().insert(http::header::CONTENT_TYPE, "application/json".parse().unwrap());
         r
     }
+}
+
+/// `/api/v1/namespaces/<ns>/<plural>/<name>` as (collection path, ns, name).
+fn single_object(path: &str) -> Option<(String, String, String)> {
+    let rest = path.strip_prefix("/api/v1/namespaces/")?;
+    let mut parts = rest.split('/');
+    let (ns, plural, name) = (parts.next()?, parts.next()?, parts.next()?);
+    parts.next().is_none().then(|| (format!("/api/v1/{plural}"), ns.to_string(), name.to_string()))
 }
 
 fn tokio_stream_from(
