@@ -20,7 +20,7 @@
 
 use aya_ebpf::{
     bindings::{BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, bpf_sock_addr},
-    helpers::{bpf_get_current_cgroup_id, bpf_get_socket_cookie},
+    helpers::{bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
     maps::{Array, HashMap, LruHashMap, SockMap},
     programs::{SkLookupContext, SockAddrContext, SockOpsContext},
@@ -82,15 +82,40 @@ pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
     try_connect(&ctx, true).unwrap_or(REJECT)
 }
 
-/// The pod making this call, if it is enrolled.
+/// Deepest cgroup level at which a pod's cgroup is looked for. Kubernetes puts a pod at
+/// level 2 (`kubepods/pod<uid>`, Guaranteed) or 3 (`kubepods/<qos>/pod<uid>`) and its
+/// containers one level below; the lab puts pods at level 3.
+const MAX_POD_LEVEL: i32 = 6;
+
 #[inline(always)]
-fn enrolled_pod() -> Option<PodInfo> {
-    // SAFETY: the helper has no preconditions in cgroup programs.
-    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+fn enrolled(cgroup_id: u64) -> Option<PodInfo> {
     // SAFETY: the value is copied out at once; a concurrent update can at worst give a
     // torn read of a pod that is being re-enrolled, which the agent serialises.
     let pod = unsafe { ENROLLED_PODS.get(&cgroup_id) }.copied()?;
     (pod.flags & POD_FLAG_ENROLLED != 0).then_some(pod)
+}
+
+/// The pod making this call, if it is enrolled: the caller's own cgroup (the lab, a
+/// pod without per-container cgroups) or one of its ancestors (Kubernetes runs each
+/// container in a cgroup below its pod's).
+#[inline(always)]
+fn enrolled_pod() -> Option<PodInfo> {
+    // SAFETY: the helper has no preconditions in cgroup programs.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    if let Some(pod) = enrolled(cgroup_id) {
+        return Some(pod);
+    }
+    for level in 1..=MAX_POD_LEVEL {
+        // SAFETY: the helper has no preconditions; it returns 0 past the caller's depth.
+        let ancestor = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+        if ancestor == 0 || ancestor == cgroup_id {
+            break;
+        }
+        if let Some(pod) = enrolled(ancestor) {
+            return Some(pod);
+        }
+    }
+    None
 }
 
 /// True when the socket carries the agent's bypass mark.

@@ -255,3 +255,25 @@ fn sigterm_drains_in_flight_connections_then_fails_closed() {
     let (ok, body) = curl(&lab, "frontend", "http://myapp/");
     assert!(!ok, "reached myapp after the agent stopped: {body}");
 }
+
+#[test]
+fn a_process_in_a_container_cgroup_below_its_pod_is_captured() {
+    // Kubernetes runs each container in a cgroup below its pod's: capture must find the
+    // pod among the caller's ancestors, not only in its own cgroup.
+    let Some(lab) = lab("a_process_in_a_container_cgroup_below_its_pod_is_captured") else { return };
+    let pod = lab.pod("frontend").unwrap().clone();
+    let container = lab.cgroup_root.join(&pod.cgroup).join("container-app");
+    std::fs::create_dir_all(&container).unwrap();
+    let script = format!(
+        "echo $$ > {}/cgroup.procs && exec ip netns exec frontend curl -s -m 5 http://myapp/",
+        container.display()
+    );
+    let out = std::process::Command::new("bash").args(["-c", &script]).output().unwrap();
+    let body = String::from_utf8_lossy(&out.stdout);
+    // The container's processes have all exited; its cgroup can go.
+    let _ = std::fs::remove_dir(&container);
+    assert!(reply_pod(&body).is_some_and(|p| p.starts_with("myapp-")), "not captured from a child cgroup: {body}");
+    let m = metrics(&lab, "node1");
+    let through = opened(&m, "Outbound", "frontend", "myapp-v1") + opened(&m, "Outbound", "frontend", "myapp-v2");
+    assert!(through >= 1, "through the agent");
+}
