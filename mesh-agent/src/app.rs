@@ -234,7 +234,7 @@ fn resolve_paths(s: &Settings) -> Result<Paths, dataplane::Error> {
         None => node_cgroup.clone(),
     };
     let pin_dir = s.bpf_pin_dir.clone().unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/mesh").join(&s.node));
-    Ok(Paths { node_cgroup, pod_cgroup_dir, netns_dir: s.netns_dir.clone(), pin_dir })
+    Ok(Paths { node_cgroup, pod_cgroup_dir, netns_dir: s.netns_dir.clone(), proc_dir: s.proc_dir.clone(), pin_dir })
 }
 
 async fn shutdown_signal() {
@@ -342,9 +342,10 @@ impl Agent {
 
     fn start_pod(&self, w: &Arc<Workload>) -> Result<RunningPod, crate::proxy::Error> {
         let dp = &self.ctx.dataplane;
-        let netns = Arc::new(dp.pod_netns(&w.name)?);
+        let pod = dataplane::PodRef { name: &w.name, uid: w.uid.as_deref() };
+        let netns = Arc::new(dp.pod_netns(pod)?);
         let proxy = PodProxy::start(&self.ctx, w.clone(), netns.clone())?;
-        let enrollment = dp.enroll(&w.name, &netns, &w.ips, &proxy)?;
+        let enrollment = dp.enroll(pod, &netns, &w.ips, &proxy)?;
         Ok(RunningPod { proxy, enrollment, plaintext: None })
     }
 }

@@ -6,9 +6,11 @@
 //! place when the agent exits (links are pinned), so a dead agent fails closed: enrolled
 //! pods' connections are refused, never sent around the mesh in plaintext.
 
+mod locate;
 mod mounts;
 mod netns;
 
+pub use locate::PodRef;
 pub use mounts::{cgroup2_root, ensure_bpffs};
 pub use netns::Netns;
 
@@ -111,6 +113,8 @@ pub struct Paths {
     pub pod_cgroup_dir: PathBuf,
     /// Directory of pod network namespaces (`<dir>/<pod>`).
     pub netns_dir: PathBuf,
+    /// `/proc` of the host's PID namespace, for pods' namespaces found by process.
+    pub proc_dir: PathBuf,
     /// bpffs directory for this node's maps and links.
     pub pin_dir: PathBuf,
 }
@@ -342,14 +346,15 @@ impl Dataplane {
         v
     }
 
-    /// Opens the network namespace of pod `name`.
-    pub fn pod_netns(&self, name: &str) -> Result<Netns, Error> {
-        Netns::open(&self.paths.netns_dir.join(name))
+    /// Opens the network namespace of `pod` (see [`locate`] for how it is found).
+    pub fn pod_netns(&self, pod: PodRef<'_>) -> Result<Netns, Error> {
+        let cgroup = locate::pod_cgroup(&self.paths.pod_cgroup_dir, &self.paths.node_cgroup, &pod).ok();
+        Netns::open(&locate::pod_netns(&self.paths.netns_dir, &self.paths.proc_dir, cgroup.as_deref(), &pod)?)
     }
 
-    /// The cgroup v2 id of pod `name` (the inode number of its cgroup directory).
-    pub fn pod_cgroup_id(&self, name: &str) -> Result<u64, Error> {
-        let path = self.paths.pod_cgroup_dir.join(name);
+    /// The cgroup v2 id of `pod` (the inode number of its cgroup directory).
+    pub fn pod_cgroup_id(&self, pod: PodRef<'_>) -> Result<u64, Error> {
+        let path = locate::pod_cgroup(&self.paths.pod_cgroup_dir, &self.paths.node_cgroup, &pod)?;
         Ok(std::fs::metadata(&path).map_err(io_err(&path))?.ino())
     }
 
@@ -358,12 +363,13 @@ impl Dataplane {
     /// its outbound listener. Listeners must exist before this is called.
     pub fn enroll(
         &self,
-        name: &str,
+        pod: PodRef<'_>,
         netns: &Netns,
         ips: &[std::net::IpAddr],
         inbound_listener: &impl AsRawFd,
     ) -> Result<PodEnrollment, Error> {
-        let cgroup_id = self.pod_cgroup_id(name)?;
+        let name = pod.name;
+        let cgroup_id = self.pod_cgroup_id(pod)?;
         let slot = self.alloc_slot()?;
         let result = self.enroll_in_slot(name, netns, ips, inbound_listener, cgroup_id, slot);
         if result.is_err() {

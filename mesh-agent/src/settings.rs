@@ -77,9 +77,14 @@ pub struct Settings {
     #[arg(long, env = "MESH_POD_CGROUP_DIR")]
     pub pod_cgroup_dir: Option<PathBuf>,
 
-    /// Directory of named network namespaces, one per pod, named after the pod.
+    /// Directory of named network namespaces, one per pod, named after the pod. Pods
+    /// not found there (Kubernetes nodes) are found through their cgroup and a process.
     #[arg(long, env = "MESH_NETNS_DIR", default_value = "/var/run/netns")]
     pub netns_dir: PathBuf,
+
+    /// `/proc` of the host PID namespace (the DaemonSet runs with hostPID).
+    #[arg(long, env = "MESH_PROC_DIR", default_value = "/proc")]
+    pub proc_dir: PathBuf,
 
     /// bpffs directory where this node's maps and links are pinned.
     #[arg(long, env = "MESH_BPF_PIN_DIR")]

@@ -45,6 +45,8 @@ pub struct Workload {
     pub enrolled: bool,
     /// Container ports by name (for named `targetPort`s).
     pub named_ports: HashMap<String, u16>,
+    /// `metadata.uid` (cluster mode): how the node's cgroups name the pod.
+    pub uid: Option<String>,
 }
 
 impl Workload {
@@ -653,6 +655,7 @@ fn workload(pod: &Pod, trust_domain: &str, enrolled_ns: &HashMap<String, bool>) 
         node: pod.spec.node_name.clone(),
         ips,
         named_ports,
+        uid: pod.metadata.uid.clone(),
     }
 }
 

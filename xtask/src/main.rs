@@ -4,6 +4,8 @@
 mod bench;
 mod build;
 mod demo;
+mod image;
+mod kind;
 mod lab;
 mod setup;
 mod test;
@@ -45,6 +47,14 @@ enum Cmd {
     Demo,
     /// Regenerate deploy/ (profile manifests, Helm chart, kustomize) with meshctl.
     Manifests,
+    /// Build the agent image (deploy/Dockerfile) with docker, podman or buildah.
+    Image {
+        /// Image reference (default: the one the manifests use).
+        #[arg(long)]
+        tag: Option<String>,
+    },
+    /// The lab's scenarios on a kind cluster; says what is missing where it cannot run.
+    KindE2e,
     /// Benchmark direct vs mesh vs a HAProxy sidecar peer in the lab; writes
     /// target/bench/report.json and (full runs) docs/benchmarks.md.
     Bench(bench::BenchArgs),
@@ -58,6 +68,8 @@ pub fn root() -> PathBuf {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Manifests => build::manifests(),
+        Cmd::Image { tag } => image::run(tag).map(|_| ()),
+        Cmd::KindE2e => kind::e2e(),
         Cmd::Setup => setup::run(),
         Cmd::BuildEbpf => {
             setup::ensure()?;

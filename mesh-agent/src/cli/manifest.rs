@@ -493,7 +493,8 @@ fn daemon_set(v: &Values) -> DaemonSet {
             capabilities: Some(Capabilities {
                 // BPF: programs and maps. NET_ADMIN: sockets in pod netns, SO_MARK.
                 // SYS_ADMIN: setns into pod netns, bpffs. SYS_PTRACE: open
-                // /proc/<pid>/ns/net of pod processes. SYS_RESOURCE: memlock on old kernels.
+                // /proc/<pid>/ns/net of pod processes (hostPID). SYS_RESOURCE: memlock
+                // on old kernels.
                 add: Some(["BPF", "NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE", "SYS_RESOURCE"].map(String::from).to_vec()),
                 drop: Some(vec!["ALL".into()]),
             }),
@@ -504,7 +505,6 @@ fn daemon_set(v: &Values) -> DaemonSet {
             mount("bpffs", "/sys/fs/bpf", false, Some("Bidirectional")),
             mount("cgroup", "/host/sys/fs/cgroup", true, None),
             mount("netns", "/host/var/run/netns", true, Some("HostToContainer")),
-            mount("proc", "/host/proc", true, None),
             mount("config", "/etc/mesh/config", false, None),
         ]),
         ..Default::default()
@@ -545,7 +545,6 @@ fn daemon_set(v: &Values) -> DaemonSet {
                         host_path("bpffs", "/sys/fs/bpf", "DirectoryOrCreate"),
                         host_path("cgroup", "/sys/fs/cgroup", "Directory"),
                         host_path("netns", "/var/run/netns", "DirectoryOrCreate"),
-                        host_path("proc", "/proc", "Directory"),
                         Volume { name: "config".into(), empty_dir: Some(Default::default()), ..Default::default() },
                     ]),
                     ..Default::default()

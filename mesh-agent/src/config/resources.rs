@@ -63,6 +63,9 @@ impl Object {
 pub struct ObjectMeta {
     /// Object name.
     pub name: String,
+    /// `metadata.uid`, set by the API server.
+    #[serde(default)]
+    pub uid: Option<String>,
     /// Namespace; `default` when absent, as kubectl does.
     #[serde(default)]
     pub namespace: Option<String>,

@@ -953,6 +953,7 @@ mod tests {
             identity: crate::identity::Identity::new("cluster.local", "production", "frontend"),
             enrolled: true,
             named_ports: Default::default(),
+            uid: None,
         }
     }
 
