@@ -195,6 +195,11 @@ fn manifest_generate_and_install_dry_run_take_istioctl_sets() {
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out).contains("did you mean values.global.proxy.resources.requests.cpu?"), "{}", text(&out));
 
+    let out = meshctl().args(["uninstall", "--dry-run"]).output().unwrap();
+    let t = String::from_utf8_lossy(&out.stdout);
+    assert!(t.starts_with("would delete Service istio-system/mesh-agent-metrics"), "{t}");
+    assert!(t.trim_end().ends_with("would delete Namespace istio-system"), "the namespace goes last: {t}");
+
     // Without a cluster, install says so and how to get the manifests instead.
     let out = meshctl().args(["install", "-y"]).env("KUBECONFIG", "/nonexistent/kubeconfig").output().unwrap();
     assert_eq!(out.status.code(), Some(1));

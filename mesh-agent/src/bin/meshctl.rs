@@ -130,15 +130,16 @@ fn main() -> ExitCode {
         }
         Cmd::Uninstall { yes: _, dry_run } => {
             if dry_run {
-                let yaml = manifest_for(&[]).unwrap_or_default();
-                for doc in yaml.split("---\n").filter(|d| !d.trim().is_empty()) {
-                    let kind = doc.lines().find_map(|l| l.strip_prefix("kind: ")).unwrap_or("?");
-                    let name = doc
-                        .lines()
-                        .skip_while(|l| *l != "metadata:")
-                        .find_map(|l| l.strip_prefix("  name: "))
-                        .unwrap_or("?");
-                    println!("would delete {kind} {name}");
+                // Deleted in reverse apply order: the DaemonSet before its RBAC, the
+                // namespace last.
+                let objects = manifest::objects(&manifest::Values::for_profile(manifest::Profile::Default));
+                for o in objects.iter().rev() {
+                    let kind = o["kind"].as_str().unwrap_or("?");
+                    let name = o["metadata"]["name"].as_str().unwrap_or("?");
+                    match o["metadata"]["namespace"].as_str() {
+                        Some(ns) => println!("would delete {kind} {ns}/{name}"),
+                        None => println!("would delete {kind} {name}"),
+                    }
                 }
                 return ExitCode::SUCCESS;
             }
