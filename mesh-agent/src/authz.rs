@@ -15,7 +15,7 @@ pub mod mtls;
 pub mod path;
 mod rules;
 
-pub use rules::{Policy, StrMatch, principals_of};
+pub use rules::{Policy, StrMatch};
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -126,22 +126,6 @@ impl WorkloadAuthz {
     /// No policy selects the workload: everything is allowed without looking.
     pub fn is_empty(&self) -> bool {
         self.deny.is_empty() && self.allow.is_empty() && self.audit.is_empty() && self.dry_run.is_empty()
-    }
-
-    /// Some policy reads an HTTP attribute, so HTTP connections are judged per request.
-    pub fn needs_http(&self) -> bool {
-        self.has_http
-    }
-
-    /// Names of the policies, for the config dump.
-    pub fn policy_names(&self) -> Vec<String> {
-        let mut v: Vec<String> = [&self.deny, &self.allow, &self.audit, &self.dry_run]
-            .into_iter()
-            .flatten()
-            .map(|p| format!("{:?} {}", p.action, p.name))
-            .collect();
-        v.sort();
-        v
     }
 
     /// Judges a connection (`req` None: not HTTP) or one request on it, logging what

@@ -333,19 +333,6 @@ impl Dataplane {
         Ok(())
     }
 
-    /// The kernel's plaintext verdict entries, for the config dump: `(ip, port, drop)`.
-    pub fn plaintext_entries(&self) -> Vec<(std::net::IpAddr, u16, bool)> {
-        let t = self.tables.lock().unwrap_or_else(|p| p.into_inner());
-        let mut v: Vec<_> = t
-            .plaintext
-            .iter()
-            .filter_map(Result::ok)
-            .map(|(k, v)| (k.ip.to_ip(), k.port as u16, v == PLAINTEXT_DROP))
-            .collect();
-        v.sort();
-        v
-    }
-
     /// Opens the network namespace of `pod` (see [`locate`] for how it is found).
     pub fn pod_netns(&self, pod: PodRef<'_>) -> Result<Netns, Error> {
         let cgroup = locate::pod_cgroup(&self.paths.pod_cgroup_dir, &self.paths.node_cgroup, &pod).ok();

@@ -27,15 +27,6 @@ impl Mode {
     pub fn accepts_plaintext(self) -> bool {
         self != Mode::Strict
     }
-
-    /// Istio's spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Mode::Strict => "STRICT",
-            Mode::Permissive => "PERMISSIVE",
-            Mode::Disable => "DISABLE",
-        }
-    }
 }
 
 /// The modes of one workload's ports.

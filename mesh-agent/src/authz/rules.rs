@@ -403,7 +403,7 @@ impl Policy {
 
 /// The peer's principals under every name its trust domain goes by: the mesh's own,
 /// its aliases, and `cluster.local` (which policies use for "this mesh").
-pub fn principals_of(td: &str, ns: &str, sa: &str, equivalent_domains: &[String]) -> Vec<String> {
+fn principals_of(td: &str, ns: &str, sa: &str, equivalent_domains: &[String]) -> Vec<String> {
     let suffix = format!("/ns/{ns}/sa/{sa}");
     let mut out = vec![format!("{td}{suffix}")];
     if equivalent_domains.iter().any(|d| d == td) {

@@ -100,16 +100,6 @@ impl InboundConns {
         }
         closed
     }
-
-    /// Connections tracked now.
-    pub fn len(&self) -> usize {
-        self.live.lock().unwrap_or_else(|p| p.into_inner()).len()
-    }
-
-    /// Whether none are tracked.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 fn who(attrs: &ConnAttrs<'_>) -> String {
