@@ -23,8 +23,7 @@ use kube::runtime::WatchStreamExt as _;
 use kube::runtime::watcher::{self, Event};
 use tokio::sync::mpsc;
 
-use super::parse::{describe, intended_policies, parse_documents};
-use super::security::AuthorizationPolicy;
+use super::parse::{fail_closed_standins, parse_documents};
 use super::source::Reload;
 use super::{Error, Object};
 
@@ -83,7 +82,7 @@ struct Entry {
     /// The last version that parsed and validated.
     good: Option<Object>,
     /// Allow-nothing stand-in of an AuthorizationPolicy rejected before it applied.
-    fail_closed: Option<Object>,
+    fail_closed: Vec<Object>,
     /// The error of `raw`, when it was rejected.
     error: Option<Error>,
 }
@@ -111,22 +110,10 @@ impl Store {
             return p.clone();
         }
         match parse_documents(&PathBuf::from(ORIGIN), &raw) {
-            Ok(mut objects) => Entry { raw, good: objects.pop(), fail_closed: None, error: None },
+            Ok(mut objects) => Entry { raw, good: objects.pop(), fail_closed: Vec::new(), error: None },
             Err(mut e) => {
                 let good = previous.and_then(|p| p.good.clone());
-                let fail_closed = if good.is_none() {
-                    intended_policies(&raw).into_iter().next().map(|(ns, name, selector)| {
-                        Object::AuthorizationPolicy(Box::new(AuthorizationPolicy::allow_nothing(&ns, &name, selector)))
-                    })
-                } else {
-                    None
-                };
-                if let Some(o) = &fail_closed {
-                    e.reason.push_str(&format!(
-                        "; {} never applied, so the workloads it would select allow nothing until it is fixed",
-                        describe(&o.key())
-                    ));
-                }
+                let fail_closed = fail_closed_standins(&raw, good.as_slice(), &mut e);
                 if previous.and_then(|p| p.error.as_ref()) != Some(&e) {
                     self.new_errors.push(e.clone());
                 }

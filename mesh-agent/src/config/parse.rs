@@ -42,11 +42,32 @@ pub fn parse_documents(file: &Path, text: &str) -> Result<Vec<Object>, Error> {
     Ok(objects)
 }
 
+/// Allow-nothing stand-ins for the AuthorizationPolicies a rejected `text` meant to
+/// define that `good` (its source's last good version) lacks, with the rejection `e`
+/// told so: a broken policy fails closed instead of leaving its workloads open.
+pub fn fail_closed_standins(text: &str, good: &[Object], e: &mut Error) -> Vec<Object> {
+    let standins: Vec<Object> = intended_policies(text)
+        .into_iter()
+        .filter(|(ns, name, _)| !good.iter().any(|o| o.key() == ("AuthorizationPolicy", ns.clone(), name.clone())))
+        .map(|(ns, name, selector)| {
+            Object::AuthorizationPolicy(Box::new(AuthorizationPolicy::allow_nothing(&ns, &name, selector)))
+        })
+        .collect();
+    if !standins.is_empty() {
+        let names: Vec<String> = standins.iter().map(|o| describe(&o.key())).collect();
+        e.reason.push_str(&format!(
+            "; {} never applied, so the workloads it would select allow nothing until it is fixed",
+            names.join(", ")
+        ));
+    }
+    standins
+}
+
 /// The AuthorizationPolicies a rejected file meant to define, as far as they can be
 /// read: `(namespace, name, selector)`. A document that does not parse at all but says
 /// `kind: AuthorizationPolicy` counts too, scoped to its namespace (or `default`) with
 /// no selector: a broken policy must close more, not less, than its author meant.
-pub fn intended_policies(text: &str) -> Vec<(String, String, Option<WorkloadSelector>)> {
+fn intended_policies(text: &str) -> Vec<(String, String, Option<WorkloadSelector>)> {
     let mut out = Vec::new();
     // Documents are split by hand: a syntax error stops serde_yaml's document stream.
     let mut docs = vec![String::new()];

@@ -12,9 +12,8 @@ use std::time::Duration;
 use notify::{RecursiveMode, Watcher as _};
 use tokio::sync::mpsc;
 
-use super::parse::{describe, intended_policies, parse_documents};
+use super::parse::{describe, fail_closed_standins, parse_documents};
 use super::references::undefined_subsets;
-use super::security::AuthorizationPolicy;
 use super::{Error, Object};
 
 /// File extensions read from the directory.
@@ -117,14 +116,7 @@ impl DirSource {
                 }
                 Err(mut e) => {
                     let good = prev_good.unwrap_or_default();
-                    let fail_closed = fail_closed_policies(&contents, &good);
-                    if !fail_closed.is_empty() {
-                        let names: Vec<String> = fail_closed.iter().map(|o| describe(&o.key())).collect();
-                        e.reason.push_str(&format!(
-                            "; {} never applied, so the workloads it would select allow nothing until it is fixed",
-                            names.join(", ")
-                        ));
-                    }
+                    let fail_closed = fail_closed_standins(&contents, &good, &mut e);
                     out.new_errors.push(e.clone());
                     out.changed |= !fail_closed.is_empty();
                     FileState { contents, good, fail_closed, error: Some(e), recheck: false }
@@ -204,18 +196,6 @@ impl DirSource {
         }
         errors
     }
-}
-
-/// Allow-nothing stand-ins for the AuthorizationPolicies `text` meant to define that
-/// `good` (the file's last good version) does not have.
-fn fail_closed_policies(text: &str, good: &[Object]) -> Vec<Object> {
-    intended_policies(text)
-        .into_iter()
-        .filter(|(ns, name, _)| !good.iter().any(|o| o.key() == ("AuthorizationPolicy", ns.clone(), name.clone())))
-        .map(|(ns, name, selector)| {
-            Object::AuthorizationPolicy(Box::new(AuthorizationPolicy::allow_nothing(&ns, &name, selector)))
-        })
-        .collect()
 }
 
 fn list(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
