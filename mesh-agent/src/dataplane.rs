@@ -11,7 +11,7 @@ mod mounts;
 mod netns;
 
 pub use locate::PodRef;
-pub use mounts::{cgroup2_root, ensure_bpffs};
+pub use mounts::{cgroup2_mount, cgroup2_root, ensure_bpffs, is_bpffs};
 pub use netns::Netns;
 
 use std::collections::BTreeSet;

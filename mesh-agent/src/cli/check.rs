@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
+use crate::dataplane::{cgroup2_mount, is_bpffs};
 
 /// Oldest kernel with everything the data plane uses: sk_lookup (5.9), bpf links on
 /// cgroups (5.7), getpeername hooks (5.8), and the verifier features the programs
@@ -109,15 +109,6 @@ fn btf(host: &Host) -> Finding {
     }
 }
 
-/// The cgroup2 mount point in `mounts` (the text of /proc/mounts).
-pub fn cgroup2_mount(mounts: &str) -> Option<PathBuf> {
-    mounts.lines().find_map(|l| {
-        let mut f = l.split_whitespace();
-        let (_, dir, fstype) = (f.next()?, f.next()?, f.next()?);
-        (fstype == "cgroup2").then(|| PathBuf::from(dir))
-    })
-}
-
 fn cgroup2(host: &Host) -> Finding {
     let what = "cgroup v2";
     let mounts = std::fs::read_to_string(host.proc.join("mounts")).unwrap_or_default();
@@ -133,8 +124,7 @@ fn cgroup2(host: &Host) -> Finding {
 
 fn bpffs(host: &Host) -> Finding {
     let what = "bpffs";
-    let on_bpffs = statfs(&host.bpffs).map(|s| s.filesystem_type() == BPF_FS_MAGIC).unwrap_or(false);
-    if on_bpffs {
+    if is_bpffs(&host.bpffs) {
         Finding::pass(what, format!("mounted at {}", host.bpffs.display()))
     } else {
         Finding::fail(
