@@ -78,10 +78,15 @@ struct Answer {
 }
 
 fn local(status: StatusCode, flags: &'static str, body: &'static str) -> Answer {
+    Answer { response: text_response(status, body), flags, backend: None, endpoint: None }
+}
+
+/// An answer the agent makes itself: `status` with a plain-text `body`.
+pub(crate) fn text_response(status: StatusCode, body: &'static str) -> Response<RespBody> {
     let mut r = Response::new(full(Bytes::from_static(body.as_bytes())));
     *r.status_mut() = status;
     r.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-    Answer { response: r, flags, backend: None, endpoint: None }
+    r
 }
 
 fn full(b: Bytes) -> RespBody {
@@ -387,7 +392,7 @@ fn grpc_status(headers: &http::HeaderMap) -> Option<u32> {
 }
 
 /// An HTTP/1.1 request asking to switch protocols (`Connection: upgrade` + `Upgrade`).
-fn is_upgrade<B>(req: &Request<B>) -> bool {
+pub(crate) fn is_upgrade<B>(req: &Request<B>) -> bool {
     req.headers().contains_key(http::header::UPGRADE)
         && req
             .headers()

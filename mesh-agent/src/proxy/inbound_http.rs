@@ -10,9 +10,8 @@
 use std::convert::Infallible;
 use std::sync::Arc;
 
-use bytes::Bytes;
-use http::{HeaderValue, Request, Response, StatusCode, Uri};
-use http_body_util::{BodyExt as _, Full};
+use http::{Request, Response, StatusCode, Uri};
+use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -75,12 +74,7 @@ pub(super) async fn serve<S>(
 }
 
 fn local(status: StatusCode, body: &'static str) -> Response<RespBody> {
-    let mut r = Response::new(
-        Full::new(Bytes::from_static(body.as_bytes())).map_err(|n: Infallible| match n {}).boxed_unsync(),
-    );
-    *r.status_mut() = status;
-    r.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-    r
+    crate::l7::server::text_response(status, body)
 }
 
 async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<RespBody> {
@@ -170,10 +164,6 @@ fn strip_h2c_upgrade(headers: &mut http::HeaderMap) {
     }
 }
 
-fn is_upgrade(req: &Request<Incoming>) -> bool {
-    req.headers().contains_key(http::header::UPGRADE)
-}
-
 async fn app_stream(conn: &Conn, apps: &mut AppConns) -> Result<TcpStream, super::Error> {
     match apps.fresh.take() {
         Some(s) => Ok(s),
@@ -211,7 +201,7 @@ async fn forward(conn: &Conn, mut req: Request<Incoming>) -> Response<RespBody> 
         };
         sender.send_request(req).await
     } else {
-        let client_upgrade = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
+        let client_upgrade = crate::l7::server::is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
         let mut sender = {
             let mut apps = conn.app.lock().await;
             match apps.h1.take().filter(|s| !s.is_closed()) {
