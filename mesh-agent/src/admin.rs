@@ -117,7 +117,7 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                         namespace: s.namespace.clone(),
                         vips: s.vips.iter().map(ToString::to_string).collect(),
                         ports: s.ports.iter().map(|p| p.port).collect(),
-                        endpoints: s.endpoints.iter().map(|w| w.name.clone()).collect(),
+                        endpoints: s.endpoints.iter().map(|e| e.workload.name.clone()).collect(),
                     })
                     .collect(),
                 rejected_config: state.config_errors.lock().unwrap_or_else(|p| p.into_inner()).clone(),

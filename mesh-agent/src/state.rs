@@ -47,6 +47,8 @@ pub struct Workload {
     pub named_ports: HashMap<String, u16>,
     /// `metadata.uid` (cluster mode): how the node's cgroups name the pod.
     pub uid: Option<String>,
+    /// Takes new connections as a Service endpoint ([`Pod::is_serving`]).
+    pub serving: bool,
 }
 
 impl Workload {
@@ -67,8 +69,8 @@ pub struct Service {
     pub vips: Vec<IpAddr>,
     /// Ports.
     pub ports: Vec<ServicePort>,
-    /// Pods selected by the service, in a stable order.
-    pub endpoints: Vec<Arc<Workload>>,
+    /// Ready endpoints, in a stable order.
+    pub endpoints: Vec<Endpoint>,
     /// Round-robin cursor.
     next: AtomicUsize,
 }
@@ -77,6 +79,33 @@ impl Service {
     /// `namespace/name`.
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// One endpoint of a Service: a pod it selects, or an address from its EndpointSlices.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    /// The pod at the address, or a stand-in (not enrolled) for an address that is no
+    /// pod the mesh knows.
+    pub workload: Arc<Workload>,
+    /// Where it is reached.
+    pub ip: IpAddr,
+    /// Ports by Service port name, from the EndpointSlice; `None` for a selected pod,
+    /// whose target port resolves on the pod.
+    pub slice_ports: Option<Arc<BTreeMap<String, u16>>>,
+}
+
+impl Endpoint {
+    /// The address for service port `sp`, if this endpoint serves it.
+    fn addr(&self, sp: &ServicePort) -> Option<SocketAddr> {
+        let port = match &self.slice_ports {
+            Some(ports) => *ports.get(sp.name.as_deref().unwrap_or(""))?,
+            None => match &sp.target {
+                TargetPort::Number(p) => *p,
+                TargetPort::Named(n) => *self.workload.named_ports.get(n)?,
+            },
+        };
+        Some(SocketAddr::new(self.ip, port))
     }
 }
 
@@ -239,15 +268,15 @@ impl Snapshot {
             if let Object::Service(svc) = o {
                 let ns = svc.metadata.namespace_or_default();
                 let endpoints = if svc.spec.selector.is_empty() {
-                    Vec::new()
+                    slice_endpoints(&snap, objects, &ns, &svc.metadata.name, trust_domain)
                 } else {
                     snap.workloads
                         .iter()
                         .filter(|w| {
                             w.namespace == ns && svc.spec.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
                         })
-                        .filter(|w| !w.ips.is_empty())
-                        .cloned()
+                        .filter(|w| w.serving)
+                        .filter_map(|w| Some(Endpoint { workload: w.clone(), ip: *w.ips.first()?, slice_ports: None }))
                         .collect()
                 };
                 let mut vips: Vec<IpAddr> = svc.spec.cluster_ips.iter().filter_map(|s| s.parse().ok()).collect();
@@ -557,14 +586,8 @@ impl Snapshot {
         let Some(sp) = svc.ports.iter().find(|p| p.port == port) else { return Vec::new() };
         svc.endpoints
             .iter()
-            .filter(|w| labels.is_none_or(|l| l.iter().all(|(k, v)| w.labels.get(k) == Some(v))))
-            .filter_map(|w| {
-                let target = match &sp.target {
-                    TargetPort::Number(p) => *p,
-                    TargetPort::Named(n) => *w.named_ports.get(n)?,
-                };
-                Some((w.clone(), SocketAddr::new(w.ips[0], target)))
-            })
+            .filter(|e| labels.is_none_or(|l| l.iter().all(|(k, v)| e.workload.labels.get(k) == Some(v))))
+            .filter_map(|e| Some((e.workload.clone(), e.addr(sp)?)))
             .collect()
     }
 
@@ -596,16 +619,12 @@ impl Snapshot {
                 return Destination::NoEndpoints { service: name };
             }
             let start = svc.next.fetch_add(1, Ordering::Relaxed);
-            // Skip endpoints where a named target port does not exist.
+            // Skip endpoints that do not serve this port (a named target port the pod
+            // lacks, a port its EndpointSlice does not list).
             for i in 0..n {
-                let w = &svc.endpoints[(start + i) % n];
-                let target = match &port.target {
-                    TargetPort::Number(p) => Some(*p),
-                    TargetPort::Named(name) => w.named_ports.get(name).copied(),
-                };
-                if let Some(target) = target {
-                    let addr = SocketAddr::new(w.ips[0], target);
-                    return destination_for(w.clone(), addr, Some(name));
+                let e = &svc.endpoints[(start + i) % n];
+                if let Some(addr) = e.addr(port) {
+                    return destination_for(e.workload.clone(), addr, Some(name));
                 }
             }
             return Destination::NoEndpoints { service: name };
@@ -656,7 +675,67 @@ fn workload(pod: &Pod, trust_domain: &str, enrolled_ns: &HashMap<String, bool>) 
         ips,
         named_ports,
         uid: pod.metadata.uid.clone(),
+        serving: pod.is_serving(),
     }
+}
+
+/// Endpoints of Service `namespace/service` (one without a selector) from its
+/// EndpointSlices: ready endpoints only, each address once, in slice-name order. An
+/// address of a known pod is that pod (and enrolled if it is); any other address is a
+/// plaintext destination. FQDN slices are skipped: the agent resolves no names.
+fn slice_endpoints(
+    snap: &Snapshot,
+    objects: &[Object],
+    namespace: &str,
+    service: &str,
+    trust_domain: &str,
+) -> Vec<Endpoint> {
+    let mut slices: Vec<_> = objects
+        .iter()
+        .filter_map(|o| match o {
+            Object::EndpointSlice(s)
+                if s.metadata.namespace_or_default() == namespace && s.service() == Some(service) =>
+            {
+                Some(s)
+            }
+            _ => None,
+        })
+        .filter(|s| s.address_type != "FQDN")
+        .collect();
+    slices.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for slice in slices {
+        let ports: BTreeMap<String, u16> =
+            slice.ports.iter().filter_map(|p| Some((p.name.clone().unwrap_or_default(), p.port?))).collect();
+        let ports = Arc::new(ports);
+        for e in &slice.endpoints {
+            if e.conditions.ready == Some(false) || e.conditions.terminating == Some(true) {
+                continue;
+            }
+            let Some(ip) = e.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) else { continue };
+            if !seen.insert(ip) {
+                continue;
+            }
+            let workload = snap.by_ip.get(&ip).cloned().unwrap_or_else(|| {
+                let name = e.target_ref.as_ref().and_then(|r| r.name.clone()).unwrap_or_else(|| ip.to_string());
+                Arc::new(Workload {
+                    name,
+                    namespace: namespace.to_string(),
+                    labels: BTreeMap::new(),
+                    node: e.node_name.clone(),
+                    ips: vec![ip],
+                    identity: Identity::new(trust_domain, namespace, "default"),
+                    enrolled: false,
+                    named_ports: HashMap::new(),
+                    uid: None,
+                    serving: true,
+                })
+            });
+            out.push(Endpoint { workload, ip, slice_ports: Some(ports.clone()) });
+        }
+    }
+    out
 }
 
 /// The objects `pick` selects, in `namespace/name` order.
@@ -789,5 +868,112 @@ spec: {hosts: [myapp], http: [{route: [{destination: {host: myapp, subset: v1}}]
             s.endpoints("production/myapp", Some("v1"), 80).into_iter().map(|(w, a)| (w.name.clone(), a)).collect();
         assert_eq!(v1, vec![("myapp-v1".to_string(), "10.10.2.2:8080".parse().unwrap())]);
         assert!(s.endpoints("production/myapp", Some("v9"), 80).is_empty(), "unknown subset has no endpoints");
+    }
+
+    const ENDPOINTS: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: myapp-v3, namespace: production, labels: {app: myapp, version: v3}}
+spec: {serviceAccountName: myapp, nodeName: node1}
+status: {podIP: 10.10.1.7, phase: Running, conditions: [{type: Ready, status: "False"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: myapp-old, namespace: production, labels: {app: myapp}, deletionTimestamp: "2026-12-02T10:00:00Z"}
+spec: {serviceAccountName: myapp, nodeName: node1}
+status: {podIP: 10.10.1.8, phase: Running, conditions: [{type: Ready, status: "True"}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: production}
+spec: {clusterIP: 10.96.0.30, ports: [{name: sql, port: 5432}, {name: admin, port: 9000}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: db-b, namespace: production, labels: {kubernetes.io/service-name: db}}
+addressType: IPv4
+ports: [{name: sql, port: 15432}]
+endpoints:
+- {addresses: [192.0.2.10], conditions: {ready: true}}
+- {addresses: [192.0.2.11], conditions: {ready: false}}
+- {addresses: [10.10.2.2], targetRef: {kind: Pod, name: myapp-v1}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: db-a, namespace: production, labels: {kubernetes.io/service-name: db}}
+addressType: IPv4
+ports: [{name: sql, port: 15432}, {name: admin, port: 9001}]
+endpoints:
+- {addresses: [192.0.2.12], conditions: {terminating: true}}
+- {addresses: [192.0.2.10]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: db-names, namespace: production, labels: {kubernetes.io/service-name: db}}
+addressType: FQDN
+ports: [{name: sql, port: 5432}]
+endpoints: [{addresses: [db.example.com]}]
+"#;
+
+    fn with_endpoints() -> Snapshot {
+        let mut objs = parse_documents(Path::new("lab.yaml"), LAB).unwrap();
+        objs.extend(parse_documents(Path::new("endpoints.yaml"), ENDPOINTS).unwrap());
+        Snapshot::compile(&objs, "cluster.local", 1)
+    }
+
+    #[test]
+    fn selected_pods_that_are_not_ready_or_terminating_are_not_endpoints() {
+        let s = with_endpoints();
+        let names: Vec<_> =
+            s.endpoints("production/myapp", None, 80).into_iter().map(|(w, _)| w.name.clone()).collect();
+        assert_eq!(names, ["myapp-v1", "myapp-v2"]);
+        assert!(s.workload_by_ip("10.10.1.7".parse().unwrap()).is_some(), "still a workload: its traffic is captured");
+    }
+
+    #[test]
+    fn a_service_without_selector_takes_ready_endpoints_from_its_slices() {
+        let s = with_endpoints();
+        let sql: Vec<_> = s
+            .endpoints("production/db", None, 5432)
+            .into_iter()
+            .map(|(w, a)| (w.name.clone(), w.enrolled, a.to_string()))
+            .collect();
+        // Slice order by name (db-a first), each address once, not-ready and
+        // terminating ones left out, FQDN skipped; a pod's address is that pod.
+        assert_eq!(
+            sql,
+            [
+                ("192.0.2.10".to_string(), false, "192.0.2.10:15432".to_string()),
+                ("myapp-v1".to_string(), true, "10.10.2.2:15432".to_string()),
+            ]
+        );
+        // A port is served only where the endpoint's slice lists it.
+        let admin: Vec<_> = s.endpoints("production/db", None, 9000).into_iter().map(|(_, a)| a.to_string()).collect();
+        assert_eq!(admin, ["192.0.2.10:9001"]);
+        match s.resolve("10.96.0.30:9000".parse().unwrap()) {
+            Destination::Passthrough { addr, workload: Some(_) } => assert_eq!(addr.to_string(), "192.0.2.10:9001"),
+            other => panic!("unexpected {other:?}"),
+        }
+        // Round robin over both: the external address in plaintext, the pod over mTLS.
+        let mut kinds: Vec<&str> = (0..2)
+            .map(|_| match s.resolve("10.96.0.30:5432".parse().unwrap()) {
+                Destination::Mesh { .. } => "mesh",
+                Destination::Passthrough { .. } => "plaintext",
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        kinds.sort();
+        assert_eq!(kinds, ["mesh", "plaintext"]);
+    }
+
+    #[test]
+    fn endpoint_slices_are_validated_by_field() {
+        let bad = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: db-x, namespace: production}\naddressType: IPv4\nendpoints: [{addresses: [\"fe80::1\"]}]\n";
+        let e = parse_documents(Path::new("bad.yaml"), bad).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("endpoints[0].addresses[0]"));
+        assert!(e.reason.contains("not an IPv4 address"), "{e}");
+        let bad_type = bad.replace("IPv4", "IPX");
+        let e = parse_documents(Path::new("bad.yaml"), &bad_type).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("addressType"));
     }
 }

@@ -175,3 +175,37 @@ async fn an_api_outage_keeps_the_last_state_and_catches_up_after() {
     let r = until(&mut source, "caught up after the outage", |r| r.objects.len() == 2).await;
     assert_eq!(names(&r), vec!["Namespace /production", "Pod production/myapp-v1"]);
 }
+
+#[tokio::test]
+async fn a_service_without_selector_follows_its_endpoint_slices() {
+    use mesh_agent::state::Snapshot;
+    let api = ApiServer::new(&all_collections()).await;
+    api.apply(&path_of("Namespace"), namespace());
+    api.apply(
+        &path_of("Service"),
+        json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "db", "namespace": "production"},
+            "spec": {"clusterIP": "10.96.0.30", "ports": [{"name": "sql", "port": 5432}]}}),
+    );
+    let slice = |ready: bool| {
+        json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "db-x7k2p", "namespace": "production", "labels": {"kubernetes.io/service-name": "db"}},
+            "addressType": "IPv4", "ports": [{"name": "sql", "port": 15432, "protocol": "TCP"}],
+            "endpoints": [{"addresses": ["192.0.2.10"], "conditions": {"ready": ready}}]})
+    };
+    api.apply(&path_of("EndpointSlice"), slice(true));
+    let (mut source, _changes) = KubeSource::start(client(&api.url()));
+    let endpoints = |r: &Reload| {
+        Snapshot::compile(&r.objects, "cluster.local", 1)
+            .endpoints("production/db", None, 5432)
+            .into_iter()
+            .map(|(_, a)| a.to_string())
+            .collect::<Vec<_>>()
+    };
+    until(&mut source, "endpoint from the slice", |r| endpoints(r) == ["192.0.2.10:15432"]).await;
+    api.apply(&path_of("EndpointSlice"), slice(false));
+    until(&mut source, "not ready: no endpoint", |r| r.changed && endpoints(r).is_empty()).await;
+    api.apply(&path_of("EndpointSlice"), slice(true));
+    until(&mut source, "ready again", |r| endpoints(r).len() == 1).await;
+    api.delete(&path_of("EndpointSlice"), "production", "db-x7k2p");
+    until(&mut source, "slice deleted", |r| r.changed && endpoints(r).is_empty()).await;
+}

@@ -53,6 +53,7 @@ pub const KINDS: &[WatchedKind] = &[
     WatchedKind { group: "", version: "v1", kind: "ServiceAccount", plural: "serviceaccounts" },
     WatchedKind { group: "", version: "v1", kind: "Pod", plural: "pods" },
     WatchedKind { group: "", version: "v1", kind: "Service", plural: "services" },
+    WatchedKind { group: "discovery.k8s.io", version: "v1", kind: "EndpointSlice", plural: "endpointslices" },
     WatchedKind { group: "networking.istio.io", version: "v1", kind: "VirtualService", plural: "virtualservices" },
     WatchedKind { group: "networking.istio.io", version: "v1", kind: "DestinationRule", plural: "destinationrules" },
     WatchedKind {

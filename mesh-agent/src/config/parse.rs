@@ -10,13 +10,13 @@ use serde_yaml::Value;
 use super::Error;
 use super::istio::{DestinationRule, NETWORKING_VERSIONS, VirtualService};
 use super::linkerd::{SERVICE_PROFILE_VERSIONS, ServiceProfile, TRAFFIC_SPLIT_VERSIONS, TrafficSplit};
-use super::resources::{Namespace, Object, Pod, Service, ServiceAccount};
+use super::resources::{EndpointSlice, Namespace, Object, Pod, Service, ServiceAccount};
 use super::security::{AuthorizationPolicy, PeerAuthentication, SECURITY_VERSIONS, WorkloadSelector};
 
 /// Kinds from other API groups the mesh will read but this version does not enforce yet.
 /// They are refused by name rather than silently ignored: a policy that is accepted but
 /// not enforced is worse than an error.
-const NOT_YET_SUPPORTED: &[&str] = &["Gateway", "RequestAuthentication", "ServiceEntry", "Sidecar", "EndpointSlice"];
+const NOT_YET_SUPPORTED: &[&str] = &["Gateway", "RequestAuthentication", "ServiceEntry", "Sidecar"];
 
 /// Parses every YAML document in `text` (the contents of `file`).
 pub fn parse_documents(file: &Path, text: &str) -> Result<Vec<Object>, Error> {
@@ -155,6 +155,7 @@ fn parse_object(file: &Path, index: usize, value: Value) -> Result<Object, Error
 
     let expected_versions: &[&str] = match kind {
         "Namespace" | "Pod" | "Service" | "ServiceAccount" => &["v1"],
+        "EndpointSlice" => &["discovery.k8s.io/v1"],
         "VirtualService" | "DestinationRule" => NETWORKING_VERSIONS,
         "ServiceProfile" => SERVICE_PROFILE_VERSIONS,
         "TrafficSplit" => TRAFFIC_SPLIT_VERSIONS,
@@ -195,6 +196,9 @@ fn parse_object(file: &Path, index: usize, value: Value) -> Result<Object, Error
         "ServiceAccount" => {
             Object::ServiceAccount(typed::<ServiceAccount>(value).map_err(|(f, r)| err(label.clone(), &f, r))?)
         }
+        "EndpointSlice" => {
+            Object::EndpointSlice(typed::<EndpointSlice>(value).map_err(|(f, r)| err(label.clone(), &f, r))?)
+        }
         _ => Object::Service(typed::<Service>(value).map_err(|(f, r)| err(label.clone(), &f, r))?),
     };
     let key = object.key();
@@ -215,6 +219,36 @@ fn typed<T: DeserializeOwned>(value: Value) -> Result<T, (String, String)> {
     })
 }
 
+/// The API server's checks of an EndpointSlice: a known address type and addresses of
+/// that type.
+fn validate_slice(slice: &EndpointSlice) -> Result<(), (String, String)> {
+    let want_v4 = match slice.address_type.as_str() {
+        "IPv4" => Some(true),
+        "IPv6" => Some(false),
+        // Names the mesh cannot resolve to a socket without DNS: kept, never dialed.
+        "FQDN" => None,
+        other => return Err(("addressType".into(), format!("{other:?} is not IPv4, IPv6 or FQDN"))),
+    };
+    for (i, e) in slice.endpoints.iter().enumerate() {
+        if e.addresses.is_empty() {
+            return Err((format!("endpoints[{i}].addresses"), "must list at least one address".into()));
+        }
+        let Some(v4) = want_v4 else { continue };
+        for (j, a) in e.addresses.iter().enumerate() {
+            match a.parse::<std::net::IpAddr>() {
+                Ok(ip) if ip.is_ipv4() == v4 => {}
+                _ => {
+                    return Err((
+                        format!("endpoints[{i}].addresses[{j}]"),
+                        format!("{a:?} is not an {} address", slice.address_type),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Checks the API server would make before storing the object.
 fn validate(object: &Object) -> Result<(), (String, String)> {
     let meta = match object {
@@ -222,6 +256,7 @@ fn validate(object: &Object) -> Result<(), (String, String)> {
         Object::Pod(p) => &p.metadata,
         Object::Service(s) => &s.metadata,
         Object::ServiceAccount(s) => &s.metadata,
+        Object::EndpointSlice(e) => &e.metadata,
         Object::VirtualService(v) => &v.metadata,
         Object::DestinationRule(d) => &d.metadata,
         Object::ServiceProfile(p) => &p.metadata,
@@ -240,6 +275,9 @@ fn validate(object: &Object) -> Result<(), (String, String)> {
         Object::PeerAuthentication(p) => p.validate()?,
         Object::AuthorizationPolicy(a) => a.validate()?,
         _ => {}
+    }
+    if let Object::EndpointSlice(slice) = object {
+        validate_slice(slice)?;
     }
     if let Object::Service(svc) = object {
         let mut ports = HashSet::new();

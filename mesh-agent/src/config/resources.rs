@@ -16,6 +16,9 @@ pub enum Object {
     Pod(Pod),
     /// `v1/Service`.
     Service(Service),
+    /// `discovery.k8s.io/v1/EndpointSlice`: the endpoints of Services without a
+    /// selector (and of any the API server knows pods for that the mesh does not).
+    EndpointSlice(EndpointSlice),
     /// `v1/ServiceAccount`: read so manifests that declare them apply whole; a pod's
     /// identity comes from its `serviceAccountName`.
     ServiceAccount(ServiceAccount),
@@ -41,6 +44,7 @@ impl Object {
             Object::Pod(p) => ("Pod", p.metadata.namespace_or_default(), p.metadata.name.clone()),
             Object::Service(s) => ("Service", s.metadata.namespace_or_default(), s.metadata.name.clone()),
             Object::ServiceAccount(s) => ("ServiceAccount", s.metadata.namespace_or_default(), s.metadata.name.clone()),
+            Object::EndpointSlice(e) => ("EndpointSlice", e.metadata.namespace_or_default(), e.metadata.name.clone()),
             Object::VirtualService(v) => ("VirtualService", v.metadata.namespace_or_default(), v.metadata.name.clone()),
             Object::DestinationRule(d) => {
                 ("DestinationRule", d.metadata.namespace_or_default(), d.metadata.name.clone())
@@ -75,6 +79,9 @@ pub struct ObjectMeta {
     /// Annotations.
     #[serde(default)]
     pub annotations: BTreeMap<String, String>,
+    /// Set once deletion has begun: a terminating pod takes no new connections.
+    #[serde(default)]
+    pub deletion_timestamp: Option<String>,
 }
 
 impl ObjectMeta {
@@ -165,6 +172,33 @@ pub struct PodStatus {
     /// All addresses (dual stack).
     #[serde(default, rename = "podIPs")]
     pub pod_ips: Vec<PodIp>,
+    /// `Pending`, `Running`, `Succeeded`, `Failed` or `Unknown`.
+    #[serde(default)]
+    pub phase: Option<String>,
+    /// Conditions; `Ready` decides whether the pod is a Service endpoint.
+    #[serde(default)]
+    pub conditions: Vec<PodCondition>,
+}
+
+/// `Pod.status.conditions[]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct PodCondition {
+    /// `Ready`, `ContainersReady`, `PodScheduled`, ...
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+}
+
+impl Pod {
+    /// Whether the pod takes new connections as a Service endpoint, as kube-proxy
+    /// decides: not finished, not being deleted, and `Ready` unless it reports no
+    /// conditions at all (a manifest written by hand, as in the lab).
+    pub fn is_serving(&self) -> bool {
+        let finished = matches!(self.status.phase.as_deref(), Some("Succeeded" | "Failed"));
+        let ready = self.status.conditions.iter().find(|c| c.kind == "Ready").is_none_or(|c| c.status == "True");
+        !finished && self.metadata.deletion_timestamp.is_none() && ready
+    }
 }
 
 /// `Pod.status.podIPs[]`.
@@ -226,4 +260,83 @@ pub enum IntOrString {
     Int(u16),
     /// A name.
     String(String),
+}
+
+/// Label naming the Service an EndpointSlice belongs to.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// `discovery.k8s.io/v1/EndpointSlice`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointSlice {
+    /// Metadata; the `kubernetes.io/service-name` label names the Service.
+    pub metadata: ObjectMeta,
+    /// `IPv4`, `IPv6` or `FQDN`.
+    pub address_type: String,
+    /// Endpoints.
+    #[serde(default)]
+    pub endpoints: Vec<SliceEndpoint>,
+    /// Ports, named as the Service's ports.
+    #[serde(default)]
+    pub ports: Vec<SlicePort>,
+}
+
+impl EndpointSlice {
+    /// The Service (same namespace) it lists endpoints for.
+    pub fn service(&self) -> Option<&str> {
+        self.metadata.labels.get(SERVICE_NAME_LABEL).map(String::as_str)
+    }
+}
+
+/// `EndpointSlice.endpoints[]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SliceEndpoint {
+    /// Addresses (all of the slice's `addressType`).
+    pub addresses: Vec<String>,
+    /// Readiness; an absent `ready` means ready, as the API specifies.
+    #[serde(default)]
+    pub conditions: SliceConditions,
+    /// The pod (or other object) behind it.
+    #[serde(default)]
+    pub target_ref: Option<ObjectReference>,
+    /// Node it runs on.
+    #[serde(default)]
+    pub node_name: Option<String>,
+}
+
+/// `EndpointSlice.endpoints[].conditions`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct SliceConditions {
+    /// Ready for new connections.
+    #[serde(default)]
+    pub ready: Option<bool>,
+    /// Being deleted.
+    #[serde(default)]
+    pub terminating: Option<bool>,
+}
+
+/// `EndpointSlice.endpoints[].targetRef`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct ObjectReference {
+    /// Kind (`Pod`).
+    #[serde(default)]
+    pub kind: Option<String>,
+    /// Name.
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+/// `EndpointSlice.ports[]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct SlicePort {
+    /// The Service port's name (empty for a single unnamed port).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The endpoint's port.
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// `TCP` (default), `UDP` or `SCTP`.
+    #[serde(default)]
+    pub protocol: Option<String>,
 }

@@ -954,6 +954,7 @@ mod tests {
             enrolled: true,
             named_ports: Default::default(),
             uid: None,
+            serving: true,
         }
     }
 
