@@ -40,7 +40,9 @@ pub struct AdminState {
 #[derive(Serialize)]
 struct ConfigDump<'a> {
     node: &'a str,
+    agent_version: &'static str,
     version: u64,
+    config_digest: &'a str,
     enrolled_pods: Vec<String>,
     workloads: Vec<WorkloadView>,
     services: Vec<ServiceView>,
@@ -95,7 +97,9 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             let snap = state.snapshot.load();
             let dump = ConfigDump {
                 node: &state.node,
+                agent_version: env!("CARGO_PKG_VERSION"),
                 version: snap.version,
+                config_digest: &snap.config_digest,
                 enrolled_pods: state.enrolled.lock().unwrap_or_else(|p| p.into_inner()).clone(),
                 workloads: snap
                     .workloads

@@ -179,6 +179,10 @@ pub struct Snapshot {
     pub problems: Vec<Problem>,
     /// Monotonic version, for logs and the config dump.
     pub version: u64,
+    /// SHA-256 (hex, first 16 digits) of the objects in force: agents that read the same
+    /// config show the same digest, whatever order it arrived in (`meshctl
+    /// proxy-status` compares them).
+    pub config_digest: String,
 }
 
 /// An inconsistency between valid objects, with the analyzer code that names its kind
@@ -254,7 +258,7 @@ impl Snapshot {
                 enrolled_ns.insert(ns.metadata.name.clone(), by_label || by_annotation);
             }
         }
-        let mut snap = Snapshot { version, ..Default::default() };
+        let mut snap = Snapshot { version, config_digest: config_digest(objects), ..Default::default() };
         for o in objects {
             if let Object::Pod(pod) = o {
                 let w = Arc::new(workload(pod, trust_domain, &enrolled_ns));
@@ -679,6 +683,19 @@ fn workload(pod: &Pod, trust_domain: &str, enrolled_ns: &HashMap<String, bool>) 
     }
 }
 
+/// The digest of a config: objects hashed in key order. `Debug` output is stable here
+/// because config types hold only ordered maps.
+fn config_digest(objects: &[Object]) -> String {
+    let mut sorted: Vec<(_, &Object)> = objects.iter().map(|o| (o.key(), o)).collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for (_, o) in sorted {
+        ctx.update(format!("{o:?}").as_bytes());
+        ctx.update(b"\0");
+    }
+    ctx.finish().as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Endpoints of Service `namespace/service` (one without a selector) from its
 /// EndpointSlices: ready endpoints only, each address once, in slice-name order. An
 /// address of a known pod is that pod (and enrolled if it is); any other address is a
@@ -975,5 +992,17 @@ endpoints: [{addresses: [db.example.com]}]
         let bad_type = bad.replace("IPv4", "IPX");
         let e = parse_documents(Path::new("bad.yaml"), &bad_type).unwrap_err();
         assert_eq!(e.field.as_deref(), Some("addressType"));
+    }
+
+    #[test]
+    fn the_config_digest_follows_content_not_arrival_order() {
+        let objs = parse_documents(Path::new("lab.yaml"), LAB).unwrap();
+        let mut reversed = objs.clone();
+        reversed.reverse();
+        let a = Snapshot::compile(&objs, "cluster.local", 1).config_digest;
+        assert_eq!(a.len(), 16);
+        assert_eq!(a, Snapshot::compile(&reversed, "cluster.local", 7).config_digest);
+        let edited = parse_documents(Path::new("lab.yaml"), &LAB.replace("10.10.1.4", "10.10.1.5")).unwrap();
+        assert_ne!(a, Snapshot::compile(&edited, "cluster.local", 1).config_digest);
     }
 }

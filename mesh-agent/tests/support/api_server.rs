@@ -6,6 +6,13 @@
 //! `v` is older than the history it keeps (after [`ApiServer::compact`]). Unknown
 //! resources answer 404, as a cluster without the CRD does. [`ApiServer::stop`] and
 //! [`ApiServer::start`] make an outage on the same port.
+//!
+//! For `meshctl`, it also takes writes the way a client sees them: `POST` creates (409
+//! `AlreadyExists` if present), server-side apply `PATCH` creates or merges (top-level
+//! fields replaced, labels and annotations merged), `DELETE` removes (404 if absent);
+//! namespaced paths (`/api/v1/namespaces/<ns>/<plural>[/<name>]`) as well as
+//! cluster-scoped ones; `GET /version`; and the pod proxy subresource
+//! (`.../pods/<name>:<port>/proxy/<path>`), forwarded to the pod's `status.podIP`.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -48,6 +55,8 @@ pub struct ApiServer {
     running: Arc<Mutex<Option<watch::Sender<bool>>>>,
     /// 410 Gone answers sent.
     gone: Arc<std::sync::atomic::AtomicUsize>,
+    /// Writes taken from clients, in order.
+    writes: Arc<Mutex<Vec<String>>>,
 }
 
 /// `/api/v1/pods`, `/apis/networking.istio.io/v1/virtualservices`.
@@ -71,6 +80,7 @@ impl ApiServer {
             addr,
             running: Arc::new(Mutex::new(None)),
             gone: Arc::default(),
+            writes: Arc::default(),
         };
         s.start().await;
         s
@@ -104,7 +114,7 @@ impl ApiServer {
                         tokio::spawn(async move {
                             let svc = hyper::service::service_fn(move |req| {
                                 let (me, rx) = (me.clone(), rx.clone());
-                                async move { Ok::<_, Infallible>(me.handle(req, rx)) }
+                                async move { Ok::<_, Infallible>(me.handle(req, rx).await) }
                             });
                             let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc);
                             // An outage drops kept-alive connections too.
@@ -133,8 +143,9 @@ impl ApiServer {
         self.gone.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Creates or replaces an object (by namespace/name) in `collection`.
-    pub fn apply(&self, collection: &str, mut object: Value) {
+    /// Creates or replaces an object (by namespace/name) in `collection`; returns it as
+    /// stored.
+    pub fn apply(&self, collection: &str, mut object: Value) -> Value {
         let mut st = self.state.lock().unwrap();
         st.rv += 1;
         let rv = st.rv;
@@ -147,9 +158,10 @@ impl ApiServer {
         let c = st.collections.get_mut(collection).expect("collection served");
         let kind = if c.objects.contains_key(&key) { "MODIFIED" } else { "ADDED" };
         c.objects.insert(key, object.clone());
-        c.history.push((rv, kind, object));
+        c.history.push((rv, kind, object.clone()));
         drop(st);
         self.changed.notify_waiters();
+        object
     }
 
     /// Deletes an object.
@@ -184,7 +196,7 @@ impl ApiServer {
         self.start().await;
     }
 
-    fn handle(&self, req: Request<Incoming>, running: watch::Receiver<bool>) -> Response<Body> {
+    async fn handle(&self, req: Request<Incoming>, running: watch::Receiver<bool>) -> Response<Body> {
         let path = req.uri().path().to_string();
         let query: BTreeMap<String, String> = req
             .uri()
@@ -194,60 +206,195 @@ impl ApiServer {
             .filter_map(|kv| kv.split_once('='))
             .map(|(k, v)| (k.to_string(), percent_decode(v)))
             .collect();
-        // GET of one namespaced object: /api/v1/namespaces/<ns>/<plural>/<name>.
-        if let Some((collection, ns, name)) = single_object(&path) {
-            let st = self.state.lock().unwrap();
-            return match st.collections.get(&collection).and_then(|c| c.objects.get(&format!("{ns}/{name}"))) {
-                Some(o) => status(StatusCode::OK, o.clone()),
-                None => status(
-                    StatusCode::NOT_FOUND,
-                    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": format!("{name} not found")}),
-                ),
-            };
-        }
-        if !self.state.lock().unwrap().collections.contains_key(&path) {
+        if path == "/version" {
             return status(
-                StatusCode::NOT_FOUND,
-                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": format!("the server could not find the requested resource ({path})")}),
+                StatusCode::OK,
+                json!({"major": "1", "minor": "32", "gitVersion": "v1.32.4", "platform": "linux/amd64"}),
             );
         }
-        let selector = query.get("fieldSelector").cloned();
-        if query.get("watch").is_some_and(|w| w == "true" || w == "1") {
-            let from: u64 = query.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
-            return self.watch(
-                path,
-                from,
-                selector,
-                query.get("allowWatchBookmarks").is_some_and(|b| b == "true"),
-                running,
-            );
-        }
-        let st = self.state.lock().unwrap();
-        // As a real API server, list items carry no apiVersion or kind.
-        let items: Vec<Value> = st.collections[&path]
-            .objects
-            .values()
-            .filter(|o| selects(selector.as_deref(), o))
-            .map(|o| {
-                let mut item = o.clone();
-                if let Some(m) = item.as_object_mut() {
-                    m.remove("apiVersion");
-                    m.remove("kind");
+        let Some(target) = route(&path) else { return not_found(&path) };
+        let method = req.method().clone();
+        match target {
+            Target::Proxy { namespace, pod, port, rest } => self.proxy(&namespace, &pod, port, &rest).await,
+            Target::Object { collection, namespace, name } => {
+                if !self.serves(&collection) {
+                    return not_found(&path);
                 }
-                item
-            })
-            .collect();
-        status(
-            StatusCode::OK,
-            json!({"kind": "List", "apiVersion": "v1", "metadata": {"resourceVersion": st.rv.to_string()}, "items": items}),
-        )
+                let key = format!("{namespace}/{name}");
+                match method {
+                    http::Method::GET => {
+                        let st = self.state.lock().unwrap();
+                        match st.collections[&collection].objects.get(&key) {
+                            Some(o) => status(StatusCode::OK, o.clone()),
+                            None => not_found_named(&name),
+                        }
+                    }
+                    http::Method::PATCH => {
+                        let Ok(body) = req.into_body().collect().await else { return bad_request("unreadable body") };
+                        let Ok(patch) = serde_json::from_slice::<Value>(&body.to_bytes()) else {
+                            return bad_request("the body is not JSON");
+                        };
+                        let existing = self.state.lock().unwrap().collections[&collection].objects.get(&key).cloned();
+                        let created = existing.is_none();
+                        let mut merged = existing.unwrap_or_else(|| json!({"metadata": {}}));
+                        for (k, v) in patch.as_object().into_iter().flatten() {
+                            if k == "metadata" {
+                                for (mk, mv) in v.as_object().into_iter().flatten() {
+                                    if (mk == "labels" || mk == "annotations") && merged["metadata"][mk].is_object() {
+                                        for (lk, lv) in mv.as_object().into_iter().flatten() {
+                                            merged["metadata"][mk][lk] = lv.clone();
+                                        }
+                                    } else {
+                                        merged["metadata"][mk] = mv.clone();
+                                    }
+                                }
+                            } else {
+                                merged[k] = v.clone();
+                            }
+                        }
+                        if !namespace.is_empty() {
+                            merged["metadata"]["namespace"] = json!(namespace);
+                        }
+                        merged["metadata"]["name"] = json!(name);
+                        self.writes.lock().unwrap().push(format!("apply {collection} {key}"));
+                        let stored = self.apply(&collection, merged);
+                        status(if created { StatusCode::CREATED } else { StatusCode::OK }, stored)
+                    }
+                    http::Method::DELETE => {
+                        let gone = self.state.lock().unwrap().collections[&collection].objects.get(&key).cloned();
+                        match gone {
+                            Some(o) => {
+                                self.writes.lock().unwrap().push(format!("delete {collection} {key}"));
+                                self.delete(&collection, &namespace, &name);
+                                status(StatusCode::OK, o)
+                            }
+                            None => not_found_named(&name),
+                        }
+                    }
+                    _ => status(StatusCode::METHOD_NOT_ALLOWED, json!({"kind": "Status", "code": 405})),
+                }
+            }
+            Target::Collection { collection, namespace } => {
+                if !self.serves(&collection) {
+                    return not_found(&path);
+                }
+                if method == http::Method::POST {
+                    let Ok(body) = req.into_body().collect().await else { return bad_request("unreadable body") };
+                    let Ok(mut object) = serde_json::from_slice::<Value>(&body.to_bytes()) else {
+                        return bad_request("the body is not JSON");
+                    };
+                    if let Some(ns) = &namespace {
+                        object["metadata"]["namespace"] = json!(ns);
+                    }
+                    let name = object["metadata"]["name"].as_str().unwrap_or("").to_string();
+                    let key = format!("{}/{name}", namespace.as_deref().unwrap_or(""));
+                    if self.state.lock().unwrap().collections[&collection].objects.contains_key(&key) {
+                        return status(
+                            StatusCode::CONFLICT,
+                            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "AlreadyExists", "code": 409, "message": format!("{name} already exists")}),
+                        );
+                    }
+                    self.writes.lock().unwrap().push(format!("create {collection} {key}"));
+                    let stored = self.apply(&collection, object);
+                    return status(StatusCode::CREATED, stored);
+                }
+                let selector = query.get("fieldSelector").cloned();
+                let label_selector = query.get("labelSelector").cloned();
+                let in_namespace = move |o: &Value| {
+                    namespace.as_deref().is_none_or(|ns| o["metadata"]["namespace"].as_str() == Some(ns))
+                        && selects(selector.as_deref(), o)
+                        && selects_labels(label_selector.as_deref(), o)
+                };
+                if query.get("watch").is_some_and(|w| w == "true" || w == "1") {
+                    let from: u64 = query.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
+                    return self.watch(
+                        collection,
+                        from,
+                        Box::new(in_namespace),
+                        query.get("allowWatchBookmarks").is_some_and(|b| b == "true"),
+                        running,
+                    );
+                }
+                let st = self.state.lock().unwrap();
+                // As a real API server, list items carry no apiVersion or kind.
+                let items: Vec<Value> = st.collections[&collection]
+                    .objects
+                    .values()
+                    .filter(|o| in_namespace(o))
+                    .map(|o| {
+                        let mut item = o.clone();
+                        if let Some(m) = item.as_object_mut() {
+                            m.remove("apiVersion");
+                            m.remove("kind");
+                        }
+                        item
+                    })
+                    .collect();
+                status(
+                    StatusCode::OK,
+                    json!({"kind": "List", "apiVersion": "v1", "metadata": {"resourceVersion": st.rv.to_string()}, "items": items}),
+                )
+            }
+        }
+    }
+
+    fn serves(&self, collection: &str) -> bool {
+        self.state.lock().unwrap().collections.contains_key(collection)
+    }
+
+    /// Forwards a GET to the pod's address, as the API server's pod proxy does.
+    async fn proxy(&self, namespace: &str, pod: &str, port: u16, rest: &str) -> Response<Body> {
+        let ip = {
+            let st = self.state.lock().unwrap();
+            st.collections
+                .get("/api/v1/pods")
+                .and_then(|c| c.objects.get(&format!("{namespace}/{pod}")))
+                .and_then(|p| p["status"]["podIP"].as_str().map(str::to_owned))
+        };
+        let Some(ip) = ip else { return not_found_named(pod) };
+        let unavailable = |why: String| {
+            status(
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "ServiceUnavailable", "code": 503, "message": why}),
+            )
+        };
+        let tcp = match tokio::net::TcpStream::connect((ip.as_str(), port)).await {
+            Ok(t) => t,
+            Err(e) => return unavailable(format!("error trying to reach service: {e}")),
+        };
+        let Ok((mut sender, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await else {
+            return unavailable("handshake failed".into());
+        };
+        tokio::spawn(conn);
+        let req = Request::get(format!("/{rest}"))
+            .header(http::header::HOST, format!("{ip}:{port}"))
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        match sender.send_request(req).await {
+            Ok(resp) => {
+                let (parts, body) = resp.into_parts();
+                let bytes = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                Response::from_parts(parts, Full::new(bytes).boxed())
+            }
+            Err(e) => unavailable(e.to_string()),
+        }
+    }
+
+    /// Every write taken (`create|apply|delete <collection> <ns>/<name>`), in order.
+    pub fn writes(&self) -> Vec<String> {
+        self.writes.lock().unwrap().clone()
+    }
+
+    /// The stored object, if any.
+    pub fn get(&self, collection: &str, namespace: &str, name: &str) -> Option<Value> {
+        self.state.lock().unwrap().collections.get(collection)?.objects.get(&format!("{namespace}/{name}")).cloned()
     }
 
     fn watch(
         &self,
         path: String,
         from: u64,
-        selector: Option<String>,
+        filter: Box<dyn Fn(&Value) -> bool + Send + Sync>,
         bookmarks: bool,
         mut running: watch::Receiver<bool>,
     ) -> Response<Body> {
@@ -273,7 +420,7 @@ impl ApiServer {
                     let evs: Vec<Value> = st.collections[&path]
                         .history
                         .iter()
-                        .filter(|(rv, _, o)| *rv > seen && selects(selector.as_deref(), o))
+                        .filter(|(rv, _, o)| *rv > seen && filter(o))
                         .map(|(_, t, o)| json!({"type": t, "object": o}))
                         .collect();
                     (evs, st.rv)
@@ -308,12 +455,70 @@ impl ApiServer {
     }
 }
 
-/// `/api/v1/namespaces/<ns>/<plural>/<name>` as (collection path, ns, name).
-fn single_object(path: &str) -> Option<(String, String, String)> {
-    let rest = path.strip_prefix("/api/v1/namespaces/")?;
-    let mut parts = rest.split('/');
-    let (ns, plural, name) = (parts.next()?, parts.next()?, parts.next()?);
-    parts.next().is_none().then(|| (format!("/api/v1/{plural}"), ns.to_string(), name.to_string()))
+/// What a request path names.
+enum Target {
+    /// A collection, all namespaces or one.
+    Collection { collection: String, namespace: Option<String> },
+    /// One object (`namespace` empty for a cluster-scoped one).
+    Object { collection: String, namespace: String, name: String },
+    /// The pod proxy subresource.
+    Proxy { namespace: String, pod: String, port: u16, rest: String },
+}
+
+fn route(path: &str) -> Option<Target> {
+    let (prefix, rest) = if let Some(rest) = path.strip_prefix("/api/v1") {
+        ("/api/v1".to_string(), rest)
+    } else {
+        let rest = path.strip_prefix("/apis/")?;
+        let mut it = rest.splitn(3, '/');
+        let (group, version) = (it.next()?, it.next()?);
+        (format!("/apis/{group}/{version}"), it.next().map_or("", |r| r))
+    };
+    let parts: Vec<&str> = rest.trim_start_matches('/').split('/').filter(|p| !p.is_empty()).collect();
+    let coll = |plural: &str| format!("{prefix}/{plural}");
+    Some(match parts.as_slice() {
+        [plural] => Target::Collection { collection: coll(plural), namespace: None },
+        ["namespaces", ns, plural] => Target::Collection { collection: coll(plural), namespace: Some(ns.to_string()) },
+        ["namespaces", ns, "pods", target, "proxy", rest @ ..] => {
+            let (pod, port) = target.split_once(':')?;
+            Target::Proxy { namespace: ns.to_string(), pod: pod.into(), port: port.parse().ok()?, rest: rest.join("/") }
+        }
+        ["namespaces", ns, plural, name] => {
+            Target::Object { collection: coll(plural), namespace: ns.to_string(), name: name.to_string() }
+        }
+        [plural, name] => Target::Object { collection: coll(plural), namespace: String::new(), name: name.to_string() },
+        _ => return None,
+    })
+}
+
+fn not_found(path: &str) -> Response<Body> {
+    status(
+        StatusCode::NOT_FOUND,
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": format!("the server could not find the requested resource ({path})")}),
+    )
+}
+
+fn not_found_named(name: &str) -> Response<Body> {
+    status(
+        StatusCode::NOT_FOUND,
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": format!("{name} not found")}),
+    )
+}
+
+fn bad_request(why: &str) -> Response<Body> {
+    status(
+        StatusCode::BAD_REQUEST,
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "BadRequest", "code": 400, "message": why}),
+    )
+}
+
+/// `app=mesh-agent,tier=x` style equality label selectors.
+fn selects_labels(selector: Option<&str>, o: &Value) -> bool {
+    let Some(sel) = selector.filter(|s| !s.is_empty()) else { return true };
+    sel.split(',').all(|term| match term.split_once('=') {
+        Some((k, want)) => o["metadata"]["labels"][k].as_str() == Some(want),
+        None => true,
+    })
 }
 
 fn tokio_stream_from(
