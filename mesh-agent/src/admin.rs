@@ -1,7 +1,10 @@
 //! Admin, metrics and readiness endpoints (node-level, in the agent's own netns).
 //!
 //! `/healthz/ready` (200 once every local pod is served), `/metrics` (Prometheus text),
-//! `/config_dump` (JSON view of the snapshot and of rejected config).
+//! `/sync_status` (version, config digest, counts: what `meshctl proxy-status` reads
+//! through the API server's pod proxy), and, on the admin address only (loopback by
+//! default, as Envoy's 15000), `/config_dump` (the snapshot and rejected config): the
+//! mesh's topology is not for every pod that can reach the metrics port.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -34,6 +37,18 @@ pub struct AdminState {
     pub enrolled: Arc<std::sync::Mutex<Vec<String>>>,
     /// This node.
     pub node: String,
+}
+
+/// What `meshctl proxy-status` compares across agents; nothing about workloads.
+#[derive(Serialize)]
+struct SyncStatus<'a> {
+    node: &'a str,
+    agent_version: &'static str,
+    ready: bool,
+    version: u64,
+    config_digest: &'a str,
+    enrolled_pods: usize,
+    rejected_config: usize,
 }
 
 /// The config dump's own view type: compiled state is not `Serialize` on purpose.
@@ -77,8 +92,24 @@ fn respond(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Re
     r
 }
 
-fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+fn route(state: &AdminState, req: &Request<Incoming>, dump: bool) -> Response<Full<Bytes>> {
     match req.uri().path() {
+        "/sync_status" => {
+            let snap = state.snapshot.load();
+            let status = SyncStatus {
+                node: &state.node,
+                agent_version: env!("CARGO_PKG_VERSION"),
+                ready: state.ready.load(Ordering::Acquire),
+                version: snap.version,
+                config_digest: &snap.config_digest,
+                enrolled_pods: state.enrolled.lock().unwrap_or_else(|p| p.into_inner()).len(),
+                rejected_config: state.config_errors.lock().unwrap_or_else(|p| p.into_inner()).len(),
+            };
+            match serde_json::to_string(&status) {
+                Ok(j) => respond(StatusCode::OK, "application/json", j),
+                Err(e) => respond(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", e.to_string()),
+            }
+        }
         "/healthz/ready" | "/ready" => {
             if state.ready.load(Ordering::Acquire) {
                 respond(StatusCode::OK, "text/plain", "ready\n")
@@ -93,7 +124,7 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 Err(e) => respond(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", e.to_string()),
             }
         }
-        "/config_dump" => {
+        "/config_dump" if dump => {
             let snap = state.snapshot.load();
             let dump = ConfigDump {
                 node: &state.node,
@@ -131,12 +162,16 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 Err(e) => respond(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", e.to_string()),
             }
         }
-        _ => respond(StatusCode::NOT_FOUND, "text/plain", "endpoints: /healthz/ready /metrics /config_dump\n"),
+        _ => respond(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "endpoints: /healthz/ready /metrics /sync_status (/config_dump on the admin address)\n",
+        ),
     }
 }
 
-/// Serves the admin endpoints on `addr` until `stop`.
-pub async fn serve(addr: SocketAddr, state: AdminState, stop: CancellationToken) -> std::io::Result<()> {
+/// Serves the admin endpoints on `addr` until `stop`; `/config_dump` only if `dump`.
+pub async fn serve(addr: SocketAddr, state: AdminState, stop: CancellationToken, dump: bool) -> std::io::Result<()> {
     let listener = TcpListener::bind(addr).await?;
     tracing::info!(%addr, "admin endpoint listening");
     loop {
@@ -147,7 +182,7 @@ pub async fn serve(addr: SocketAddr, state: AdminState, stop: CancellationToken)
         let state = state.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
-                let r = route(&state, &req);
+                let r = route(&state, &req, dump);
                 async move { Ok::<_, std::convert::Infallible>(r) }
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())

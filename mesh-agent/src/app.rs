@@ -165,8 +165,9 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
         // Bind now so a port conflict stops start-up with a clear error.
         let probe = std::net::TcpListener::bind(addr).map_err(Error::Admin)?;
         drop(probe);
+        let dump = addr == settings.admin_addr;
         tokio::spawn(async move {
-            if let Err(e) = admin::serve(addr, listener_state, stop).await {
+            if let Err(e) = admin::serve(addr, listener_state, stop, dump).await {
                 tracing::error!(%addr, error = %e, "admin endpoint failed");
             }
         });

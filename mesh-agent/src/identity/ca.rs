@@ -107,24 +107,11 @@ impl MeshCa {
     }
 
     fn generate(files: &CaFiles, trust_domain: &str) -> Result<(), Error> {
-        let what = || format!("mesh root CA for {trust_domain}");
-        let key = KeyPair::generate().map_err(|source| Error::Generate { what: what(), source })?;
-        let mut params = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::OrganizationName, trust_domain);
-        dn.push(DnType::CommonName, "mesh root CA");
-        params.distinguished_name = dn;
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages =
-            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-        let now = SystemTime::now();
-        params.not_before = (now - CLOCK_SKEW).into();
-        params.not_after = (now + ROOT_VALIDITY).into();
-        let cert = params.self_signed(&key).map_err(|source| Error::Generate { what: what(), source })?;
-        write_file(&files.ca_key, key.serialize_pem().as_bytes(), 0o600)?;
-        write_file(&files.ca_cert, cert.pem().as_bytes(), 0o644)?;
-        write_file(&files.root_cert, cert.pem().as_bytes(), 0o644)?;
-        write_file(&files.cert_chain, cert.pem().as_bytes(), 0o644)?;
+        let root = SelfSignedRoot::generate(trust_domain)?;
+        write_file(&files.ca_key, root.key_pem.as_bytes(), 0o600)?;
+        write_file(&files.ca_cert, root.cert_pem.as_bytes(), 0o644)?;
+        write_file(&files.root_cert, root.cert_pem.as_bytes(), 0o644)?;
+        write_file(&files.cert_chain, root.cert_pem.as_bytes(), 0o644)?;
         tracing::info!(dir = %files.ca_cert.parent().unwrap_or(Path::new(".")).display(), "generated a new mesh root CA");
         Ok(())
     }
@@ -192,6 +179,43 @@ fn check_key_permissions(path: &Path) -> Result<(), Error> {
         });
     }
     Ok(())
+}
+
+/// A new self-signed mesh root, in PEM: what the agent creates in an empty CA
+/// directory and `meshctl install` puts in the `cacerts` Secret when there is none.
+pub struct SelfSignedRoot {
+    /// The root certificate (also the issuing CA, the chain and the trust anchor).
+    pub cert_pem: String,
+    /// Its private key (PKCS#8).
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for SelfSignedRoot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print key material.
+        f.debug_struct("SelfSignedRoot").finish_non_exhaustive()
+    }
+}
+
+impl SelfSignedRoot {
+    /// Generates a root for `trust_domain` (ECDSA P-256, 10 years).
+    pub fn generate(trust_domain: &str) -> Result<Self, Error> {
+        let what = || format!("mesh root CA for {trust_domain}");
+        let key = KeyPair::generate().map_err(|source| Error::Generate { what: what(), source })?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, trust_domain);
+        dn.push(DnType::CommonName, "mesh root CA");
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        let now = SystemTime::now();
+        params.not_before = (now - CLOCK_SKEW).into();
+        params.not_after = (now + ROOT_VALIDITY).into();
+        let cert = params.self_signed(&key).map_err(|source| Error::Generate { what: what(), source })?;
+        Ok(Self { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+    }
 }
 
 impl CaFiles {
