@@ -4,6 +4,7 @@
 
 pub mod analyze;
 pub mod check;
+pub mod cluster;
 pub mod crds;
 pub mod deploy;
 pub mod manifest;

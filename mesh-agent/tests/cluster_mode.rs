@@ -1,7 +1,8 @@
 //! The agent binary in cluster mode (`--config-source kubernetes`) against the API
 //! server double: it reads its CA from the `cacerts` Secret (key 0600), does not call
 //! itself ready before every kind is listed, then serves what the API lists and
-//! follows changes. Needs root (it loads its eBPF programs into a cgroup of its own);
+//! follows changes; `meshctl proxy-status` reaches it through the API server's pod
+//! proxy and reports it SYNCED with the digest of its config. Needs root (it loads its eBPF programs into a cgroup of its own);
 //! skips with a message without it, fails under MESH_REQUIRE_LAB.
 
 mod support;
@@ -175,4 +176,55 @@ async fn the_agent_waits_for_the_api_then_serves_and_follows_it() {
         assert!(Instant::now() < deadline, "the pod never reached the agent:\n{dump}\n{}", log());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+
+    // proxy-status: the agent's pod, as the DaemonSet would run it, reached through
+    // the API server's pod proxy on its http-metrics port.
+    let digest =
+        |dump: &str| serde_json::from_str::<serde_json::Value>(dump).ok()?["config_digest"].as_str().map(str::to_owned);
+    let agent_pod = |name: &str, node: &str, port: u16| {
+        json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "istio-system", "labels": {"app": "mesh-agent"}},
+            "spec": {"nodeName": node, "containers": [{"name": "mesh-agent", "image": "mesh-agent:test",
+                "ports": [{"name": "http-metrics", "containerPort": port}]}]},
+            "status": {"phase": "Running", "podIP": "127.0.0.1"}})
+    };
+    api.apply("/api/v1/pods", agent_pod("mesh-agent-abcde", "node1", metrics));
+    let kubeconfig = api.kubeconfig(dir.path());
+    let proxy_status = || {
+        let kc = kubeconfig.clone();
+        tokio::task::spawn_blocking(move || {
+            let out = Command::new(env!("CARGO_BIN_EXE_meshctl"))
+                .arg("proxy-status")
+                .env("KUBECONFIG", kc)
+                .env("NO_COLOR", "1")
+                .output()
+                .unwrap();
+            (
+                out.status.code(),
+                format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+            )
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (code, out) = proxy_status().await.unwrap();
+        let dump = get(&format!("http://127.0.0.1:{admin}/config_dump")).await.map(|(_, b)| b).unwrap_or_default();
+        let want = digest(&dump).expect("the dump has a digest");
+        // The agent may still be taking in its own pod: retry until the two agree.
+        if code == Some(0) && out.contains("mesh-agent-abcde") && out.contains("SYNCED") && out.contains(&want) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "proxy-status never showed the agent SYNCED at {want}:\n{out}\n{}", log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The metrics port gives any pod the sync status, not the config dump.
+    let (code, _) = get(&format!("http://127.0.0.1:{metrics}/config_dump")).await.unwrap();
+    assert_eq!(code, 404);
+
+    // An agent that does not answer is named, and the command fails.
+    api.apply("/api/v1/pods", agent_pod("mesh-agent-fghij", "node2", free_port()));
+    let (code, out) = proxy_status().await.unwrap();
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.lines().any(|l| l.contains("mesh-agent-fghij") && l.contains("UNREACHABLE")), "{out}");
+    assert!(out.lines().any(|l| l.contains("mesh-agent-abcde") && l.contains("SYNCED")), "{out}");
 }

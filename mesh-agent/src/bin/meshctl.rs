@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory as _, Parser, Subcommand};
 use mesh_agent::cli::analyze::{self, Level};
+use mesh_agent::cli::cluster::{self, Action};
 use mesh_agent::cli::{Style, check, deploy, manifest};
 use mesh_agent::state::MeshScope;
 
@@ -21,21 +22,35 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Check that a node can run the mesh (--pre) or that an install is healthy.
+    /// Check that an install is healthy (`verify-install`), or with --pre that a node
+    /// (or, with --cluster, a cluster) can run the mesh.
+    #[command(visible_alias = "verify-install")]
     Check {
         /// Pre-flight checks of this node: kernel, BTF, cgroup v2, bpffs, capabilities,
         /// and loading the agent's programs through the verifier.
         #[arg(long)]
         pre: bool,
+        /// With --pre: check the cluster instead (API version, every node's kernel).
+        #[arg(long, requires = "pre")]
+        cluster: bool,
         /// Skip loading the programs (no root needed for the other checks).
         #[arg(long)]
         no_load: bool,
+        /// Namespace of the install.
+        #[arg(short = 'i', long = "istio-namespace")]
+        namespace: Option<String>,
+        /// The values it was installed with (`profile=minimal`: CRDs come from Istio).
+        #[arg(long = "set")]
+        sets: Vec<String>,
     },
     /// Analyze configuration the way the agent validates it, plus checks across objects.
     Analyze {
         /// Files or directories of YAML to analyze.
-        #[arg(short = 'f', long = "filename", required = true)]
+        #[arg(short = 'f', long = "filename", required_unless_present = "cluster")]
         files: Vec<PathBuf>,
+        /// Analyze what is in the current cluster instead.
+        #[arg(long, conflicts_with = "files")]
+        cluster: bool,
         /// Trust domain of the mesh.
         #[arg(long, default_value = "cluster.local")]
         trust_domain: String,
@@ -63,12 +78,24 @@ enum Cmd {
     },
     /// Remove what `install` applied (`--dry-run`: list it).
     Uninstall {
+        /// The values it was installed with.
+        #[arg(long = "set")]
+        sets: Vec<String>,
+        /// Also remove the mesh's CRDs (and every resource of them) and its generated CA.
+        #[arg(long)]
+        purge: bool,
         /// Do not ask for confirmation.
         #[arg(short = 'y', long = "skip-confirmation")]
         yes: bool,
         /// List the objects instead of deleting them.
         #[arg(long)]
         dry_run: bool,
+    },
+    /// Each agent's config version and digest, and whether it matches the others.
+    ProxyStatus {
+        /// Namespace of the install.
+        #[arg(short = 'i', long = "istio-namespace", default_value = "istio-system")]
+        namespace: String,
     },
     /// Print this binary's version.
     Version,
@@ -96,17 +123,65 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let style = Style::stdout();
     match cli.cmd {
-        Cmd::Check { pre: true, no_load } => preflight(style, !no_load),
-        Cmd::Check { pre: false, .. } => {
-            eprintln!(
-                "meshctl check without --pre checks an installed mesh in a cluster; use `meshctl check --pre` on a node"
-            );
-            ExitCode::from(2)
+        Cmd::Check { pre: true, cluster: false, no_load, .. } => {
+            report(style, &check::preflight(&check::Host::default(), !no_load), PREFLIGHT_OK)
         }
-        Cmd::Analyze { files, trust_domain, root_namespace } => {
+        Cmd::Check { pre: true, cluster: true, .. } => {
+            on_cluster(|c| async move { Ok(report(style, &cluster::preflight(&c).await, CLUSTER_PREFLIGHT_OK)) })
+        }
+        Cmd::Check { pre: false, namespace, sets, .. } => {
+            let values = match values_for(&sets, namespace) {
+                Ok(v) => v,
+                Err(code) => return code,
+            };
+            on_cluster(|c| async move { Ok(report(style, &cluster::verify(&c, &values).await, VERIFY_OK)) })
+        }
+        Cmd::Analyze { cluster: true, trust_domain, root_namespace, .. } => {
+            let mesh = MeshScope { trust_domain, aliases: Vec::new(), root_namespace };
+            on_cluster(|c| async move {
+                let found = cluster::analyze_cluster(&c, &mesh).await?;
+                Ok(print_diagnostics(style, &found, "the cluster", || {
+                    style.ok("\u{2714} No validation issues found when analyzing the cluster.")
+                }))
+            })
+        }
+        Cmd::Analyze { files, trust_domain, root_namespace, .. } => {
             let mesh = MeshScope { trust_domain, aliases: Vec::new(), root_namespace };
             run_analyze(style, &files, &mesh)
         }
+        Cmd::ProxyStatus { namespace } => on_cluster(|c| async move {
+            let rows = cluster::proxy_status(&c, &namespace).await?;
+            if rows.is_empty() {
+                eprintln!(
+                    "meshctl proxy-status: no agent pods (app=mesh-agent) in {namespace}; is the mesh installed?"
+                );
+                return Ok(ExitCode::FAILURE);
+            }
+            println!(
+                "{:<28} {:<20} {:<10} {:<18} {:<12} {:>8} {:>8}",
+                "NAME", "NODE", "VERSION", "CONFIG", "STATUS", "ENROLLED", "REJECTED"
+            );
+            for r in &rows {
+                let (version, digest, enrolled, rejected) = match &r.report {
+                    Ok(s) => (
+                        s.agent_version.clone(),
+                        s.config_digest.clone(),
+                        s.enrolled_pods.to_string(),
+                        s.rejected_config.to_string(),
+                    ),
+                    Err(_) => ("-".into(), "-".into(), "-".into(), "-".into()),
+                };
+                let state = if r.state == "SYNCED" { style.ok(r.state) } else { style.bad(r.state) };
+                println!(
+                    "{:<28} {:<20} {:<10} {:<18} {:<12} {:>8} {:>8}",
+                    r.pod, r.node, version, digest, state, enrolled, rejected
+                );
+                if let Err(e) = &r.report {
+                    println!("    {}", style.bad(&format!("could not ask it: {e}")));
+                }
+            }
+            Ok(if rows.iter().all(|r| r.state == "SYNCED") { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }),
         Cmd::Manifest { cmd: ManifestCmd::Generate { sets, deploy_dir: None } } => match manifest_for(&sets) {
             Ok(yaml) => {
                 print!("{yaml}");
@@ -115,7 +190,7 @@ fn main() -> ExitCode {
             Err(code) => code,
         },
         Cmd::Manifest { cmd: ManifestCmd::Generate { deploy_dir: Some(dir), .. } } => write_deploy(&dir),
-        Cmd::Install { sets, yes: _, dry_run } => {
+        Cmd::Install { sets, yes, dry_run } => {
             let yaml = match manifest_for(&sets) {
                 Ok(y) => y,
                 Err(code) => return code,
@@ -126,13 +201,33 @@ fn main() -> ExitCode {
                 eprintln!("dry run: {n} objects would be applied");
                 return ExitCode::SUCCESS;
             }
-            no_cluster("install")
+            let values = match values_for(&sets, None) {
+                Ok(v) => v,
+                Err(code) => return code,
+            };
+            if !confirmed(yes, &format!("This will install the mesh ({:?} profile) into the cluster.", values.profile))
+            {
+                return ExitCode::FAILURE;
+            }
+            on_cluster(|c| async move {
+                let steps = cluster::install(&c, &values).await?;
+                print_steps(style, &steps);
+                println!(
+                    "{}",
+                    style.ok("\u{2714} Installation complete. Run `meshctl check` to see the agents come up.")
+                );
+                Ok(ExitCode::SUCCESS)
+            })
         }
-        Cmd::Uninstall { yes: _, dry_run } => {
+        Cmd::Uninstall { sets, purge, yes, dry_run } => {
+            let values = match values_for(&sets, None) {
+                Ok(v) => v,
+                Err(code) => return code,
+            };
             if dry_run {
                 // Deleted in reverse apply order: the DaemonSet before its RBAC, the
                 // namespace last.
-                let objects = manifest::objects(&manifest::Values::for_profile(manifest::Profile::Default));
+                let objects = manifest::objects(&values);
                 for o in objects.iter().rev() {
                     let kind = o["kind"].as_str().unwrap_or("?");
                     let name = o["metadata"]["name"].as_str().unwrap_or("?");
@@ -143,7 +238,15 @@ fn main() -> ExitCode {
                 }
                 return ExitCode::SUCCESS;
             }
-            no_cluster("uninstall")
+            if !confirmed(yes, "This will remove the mesh from the cluster; pods are no longer captured.") {
+                return ExitCode::FAILURE;
+            }
+            on_cluster(|c| async move {
+                let steps = cluster::uninstall(&c, &values, purge).await?;
+                print_steps(style, &steps);
+                println!("{}", style.ok("\u{2714} Uninstall complete."));
+                Ok(ExitCode::SUCCESS)
+            })
         }
         Cmd::Version => {
             println!("meshctl version {}", env!("CARGO_PKG_VERSION"));
@@ -156,21 +259,98 @@ fn main() -> ExitCode {
     }
 }
 
-fn preflight(style: Style, load: bool) -> ExitCode {
-    let findings = check::preflight(&check::Host::default(), load);
-    for f in &findings {
+const PREFLIGHT_OK: (&str, &str) =
+    ("All pre-flight checks passed: this node can run the mesh agent.", "pre-flight check(s) failed.");
+const CLUSTER_PREFLIGHT_OK: (&str, &str) =
+    ("All pre-flight checks passed: the cluster can run the mesh.", "pre-flight check(s) failed.");
+const VERIFY_OK: (&str, &str) = ("\u{2714} The mesh is installed and every agent is ready.", "check(s) failed.");
+
+/// Prints findings; exit 0 only when all passed.
+fn report(style: Style, findings: &[check::Finding], (ok, failed_msg): (&str, &str)) -> ExitCode {
+    for f in findings {
         match &f.fix {
             None => println!("{} {}: {}", style.ok("\u{2714}"), f.what, f.detail),
             Some(fix) => println!("{} {}: {}\n    fix: {fix}", style.bad("\u{2718}"), f.what, f.detail),
         }
     }
     if findings.iter().all(check::Finding::ok) {
-        println!("{}", style.ok("All pre-flight checks passed: this node can run the mesh agent."));
+        println!("{}", style.ok(ok));
         ExitCode::SUCCESS
     } else {
         let failed = findings.iter().filter(|f| !f.ok()).count();
-        println!("{}", style.bad(&format!("{failed} pre-flight check(s) failed.")));
+        println!("{}", style.bad(&format!("{failed} {failed_msg}")));
         ExitCode::FAILURE
+    }
+}
+
+/// Runs `f` with a client for the current cluster; errors end the command with their
+/// message (which says how to fix them).
+fn on_cluster<F, Fut>(f: F) -> ExitCode
+where
+    F: FnOnce(kube::Client) -> Fut,
+    Fut: std::future::Future<Output = Result<ExitCode, cluster::Error>>,
+{
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("meshctl: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async {
+        let client = match cluster::client().await {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("meshctl: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        f(client).await.unwrap_or_else(|e| {
+            eprintln!("meshctl: {e}");
+            ExitCode::FAILURE
+        })
+    })
+}
+
+fn values_for(sets: &[String], namespace: Option<String>) -> Result<manifest::Values, ExitCode> {
+    let mut values = manifest::Values::from_sets(sets).map_err(|e| {
+        eprintln!("meshctl: {e}");
+        ExitCode::from(2)
+    })?;
+    if let Some(ns) = namespace {
+        values.namespace = ns;
+    }
+    Ok(values)
+}
+
+/// `-y`, or a "y" typed at a terminal. Without a terminal to ask, nothing is changed.
+fn confirmed(yes: bool, what: &str) -> bool {
+    use std::io::{BufRead as _, IsTerminal as _, Write as _};
+    if yes {
+        return true;
+    }
+    if !std::io::stdin().is_terminal() {
+        eprintln!("meshctl: {what} Add -y to proceed without a terminal to confirm at.");
+        return false;
+    }
+    print!("{what} Proceed? (y/N) ");
+    let _ = std::io::stdout().flush();
+    let mut answer = String::new();
+    let _ = std::io::stdin().lock().read_line(&mut answer);
+    let yes = matches!(answer.trim(), "y" | "Y" | "yes");
+    if !yes {
+        eprintln!("meshctl: cancelled");
+    }
+    yes
+}
+
+fn print_steps(style: Style, steps: &[cluster::Step]) {
+    for s in steps {
+        let mark = match s.action {
+            Action::Kept(_) | Action::Absent => style.warn("-"),
+            _ => style.ok("\u{2714}"),
+        };
+        println!("{mark} {s}");
     }
 }
 
@@ -183,11 +363,16 @@ fn run_analyze(style: Style, inputs: &[PathBuf], mesh: &MeshScope) -> ExitCode {
         }
     };
     let found = analyze::analyze(&files, mesh);
+    print_diagnostics(style, &found, &format!("{} file(s)", files.len()), || style.ok(&analyze::clean_message(&files)))
+}
+
+/// Prints analyzer findings as istioctl does; exit 79 when any is an error.
+fn print_diagnostics(style: Style, found: &[analyze::Diagnostic], what: &str, clean: impl Fn() -> String) -> ExitCode {
     if found.is_empty() {
-        println!("{}", style.ok(&analyze::clean_message(&files)));
+        println!("{}", clean());
         return ExitCode::SUCCESS;
     }
-    for d in &found {
+    for d in found {
         let line = d.to_string();
         println!(
             "{}",
@@ -199,7 +384,7 @@ fn run_analyze(style: Style, inputs: &[PathBuf], mesh: &MeshScope) -> ExitCode {
         );
     }
     if found.iter().any(|d| d.level == Level::Error) {
-        println!("Error: Analyzers found issues when analyzing {} file(s).", files.len());
+        println!("Error: Analyzers found issues when analyzing {what}.");
         ExitCode::from(EXIT_ANALYSIS_ERRORS)
     } else {
         ExitCode::SUCCESS
@@ -228,15 +413,4 @@ fn write_deploy(dir: &std::path::Path) -> ExitCode {
         println!("wrote {}", path.display());
     }
     ExitCode::SUCCESS
-}
-
-/// Applying needs the Kubernetes API: say which cluster was looked for and how to get
-/// the manifests without one.
-fn no_cluster(what: &str) -> ExitCode {
-    let kubeconfig = std::env::var("KUBECONFIG").unwrap_or_else(|_| "~/.kube/config".into());
-    eprintln!(
-        "meshctl {what}: no Kubernetes cluster configured ({kubeconfig}, or in-cluster service account); \
-         use --dry-run to print the manifests, or `meshctl manifest generate | kubectl apply -f -`"
-    );
-    ExitCode::FAILURE
 }

@@ -1,4 +1,4 @@
-//! `meshctl analyze -f FILES`: the validation the agent runs on each file, then the
+//! `meshctl analyze -f FILES` (or `--cluster`): the validation the agent runs on each file, then the
 //! checks across objects that no single file shows (routes to subsets nobody defines,
 //! conflicting VirtualServices, policies selecting no workload), reported the way
 //! `istioctl analyze` reports them: a level, a code, the object, and what to do.
@@ -78,6 +78,16 @@ fn level_of(code: &str) -> Level {
     }
 }
 
+/// IST0106 for an object the agent refuses (and what it does instead).
+pub fn refused(e: &crate::config::Error, origin: &str) -> Diagnostic {
+    Diagnostic {
+        level: Level::Error,
+        code: "IST0106",
+        object: e.object.clone().unwrap_or_else(|| origin.to_string()),
+        message: format!("{e} (the agent refuses this object and keeps its last good version)"),
+    }
+}
+
 /// Analyzes `files` as one configuration.
 pub fn analyze(files: &[PathBuf], mesh: &MeshScope) -> Vec<Diagnostic> {
     let mut out = Vec::new();
@@ -92,16 +102,17 @@ pub fn analyze(files: &[PathBuf], mesh: &MeshScope) -> Vec<Diagnostic> {
             }),
             Ok(text) => match parse_documents(file, &text) {
                 Ok(o) => objects.extend(o),
-                Err(e) => out.push(Diagnostic {
-                    level: Level::Error,
-                    code: "IST0106",
-                    object: e.object.clone().unwrap_or_else(|| file.display().to_string()),
-                    message: format!("{e} (the agent refuses this file and keeps its last good version)"),
-                }),
+                Err(e) => out.push(refused(&e, &file.display().to_string())),
             },
         }
     }
-    let snap = Snapshot::compile_in(&objects, mesh, 1);
+    analyze_objects(&objects, mesh, out)
+}
+
+/// Analyzes objects already read (`found`: what reading them reported).
+pub fn analyze_objects(objects: &[Object], mesh: &MeshScope, found: Vec<Diagnostic>) -> Vec<Diagnostic> {
+    let mut out = found;
+    let snap = Snapshot::compile_in(objects, mesh, 1);
     for p in &snap.problems {
         out.push(Diagnostic {
             level: level_of(p.code),
@@ -110,8 +121,8 @@ pub fn analyze(files: &[PathBuf], mesh: &MeshScope) -> Vec<Diagnostic> {
             message: p.detail.clone(),
         });
     }
-    out.extend(selectors_matching_nothing(&objects, &snap, &mesh.root_namespace));
-    out.extend(namespaces_outside_the_mesh(&objects, &snap));
+    out.extend(selectors_matching_nothing(objects, &snap, &mesh.root_namespace));
+    out.extend(namespaces_outside_the_mesh(objects, &snap));
     out.sort();
     out.dedup();
     out

@@ -30,11 +30,13 @@ pub struct Finding {
 }
 
 impl Finding {
-    fn pass(what: &'static str, detail: impl Into<String>) -> Self {
+    /// A check that passed.
+    pub fn pass(what: &'static str, detail: impl Into<String>) -> Self {
         Self { what, detail: detail.into(), fix: None }
     }
 
-    fn fail(what: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Self {
+    /// A check that failed, with the fix.
+    pub fn fail(what: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Self {
         Self { what, detail: detail.into(), fix: Some(fix.into()) }
     }
 

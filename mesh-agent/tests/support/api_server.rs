@@ -91,6 +91,20 @@ impl ApiServer {
         format!("http://{}", self.addr)
     }
 
+    /// Writes a kubeconfig for this server into `dir` (for `meshctl`), and returns it.
+    pub fn kubeconfig(&self, dir: &std::path::Path) -> std::path::PathBuf {
+        let path = dir.join("kubeconfig");
+        let text = format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: double\n\
+             clusters: [{{name: double, cluster: {{server: \"{}\"}}}}]\n\
+             users: [{{name: admin, user: {{}}}}]\n\
+             contexts: [{{name: double, context: {{cluster: double, user: admin}}}}]\n",
+            self.url()
+        );
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
     /// Starts serving (again, after [`ApiServer::stop`]).
     pub async fn start(&self) {
         let listener = loop {

@@ -1,0 +1,681 @@
+//! `meshctl` against a live cluster (the kubeconfig's current context, or the pod's
+//! service account): `install` / `uninstall` by server-side apply (field manager
+//! `meshctl`), `check` (`verify-install`), `proxy-status`, the objects `analyze
+//! --cluster` reads, and the cluster half of `check --pre`.
+//!
+//! Invariants: install never takes over what it did not create (an existing namespace,
+//! another owner's CRDs such as Istio's, a plug-in CA in `cacerts`), and uninstall
+//! removes only what carries the mesh's label; key material is never printed.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::{Node, Pod, Secret};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{
+    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, PostParams,
+};
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::analyze::{self, Diagnostic};
+use super::check::Finding;
+use super::manifest::{self, AGENT, CA_SECRET, Values};
+use crate::config::kube_source::KINDS;
+use crate::config::{Object, parse_documents};
+use crate::identity::SelfSignedRoot;
+
+/// The label every object the mesh installs carries; uninstall removes only these.
+const PART_OF: (&str, &str) = ("app.kubernetes.io/part-of", "mesh");
+/// Field manager of server-side apply.
+const FIELD_MANAGER: &str = "meshctl";
+/// Keys a CA Secret must have (Istio's `cacerts` layout).
+const CA_KEYS: [&str; 2] = ["ca-cert.pem", "ca-key.pem"];
+
+/// Errors of the cluster commands.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No kubeconfig and not in a pod.
+    #[error(
+        "no Kubernetes cluster configured ({0}); set KUBECONFIG or ~/.kube/config, or use --dry-run / \
+         `meshctl manifest generate | kubectl apply -f -`"
+    )]
+    NoCluster(String),
+    /// An API call failed.
+    #[error("{action} {object}: {reason}{hint}")]
+    Api {
+        /// `apply`, `get`, `delete`, ...
+        action: &'static str,
+        /// `Kind namespace/name`.
+        object: String,
+        /// The API server's answer.
+        reason: String,
+        /// A fix, where the answer suggests one.
+        hint: String,
+    },
+    /// The manifests hold an object of a kind this module cannot address.
+    #[error("{0}: kind not known to meshctl")]
+    UnknownKind(String),
+    /// Generating the mesh CA failed.
+    #[error("generating the mesh CA: {0}")]
+    Ca(String),
+}
+
+fn api_error(action: &'static str, object: &str, e: kube::Error) -> Error {
+    let (reason, hint) = match &e {
+        kube::Error::Api(s) if s.code == 403 => (
+            s.message.clone(),
+            " (your kubeconfig user lacks this permission; meshctl install needs cluster-admin, as istioctl does)"
+                .to_string(),
+        ),
+        kube::Error::Api(s) => (format!("{} ({})", s.message, s.code), String::new()),
+        other => (other.to_string(), " (is the API server reachable? check `kubectl cluster-info`)".to_string()),
+    };
+    Error::Api { action, object: object.to_string(), reason, hint }
+}
+
+/// How long one agent may take to answer `proxy-status`.
+const AGENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A client for the current context, with a command line's patience: bounded
+/// timeouts and no minutes-long retrying of 503s (kube's default is a controller's).
+pub async fn client() -> Result<kube::Client, Error> {
+    let mut config = kube::Config::infer().await.map_err(|e| Error::NoCluster(e.to_string()))?;
+    config.default_retry = false;
+    config.connect_timeout = Some(std::time::Duration::from_secs(10));
+    config.read_timeout = Some(std::time::Duration::from_secs(60));
+    kube::Client::try_from(config).map_err(|e| Error::NoCluster(e.to_string()))
+}
+
+/// What one step of install or uninstall did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Server-side applied.
+    Applied,
+    /// Created (the CA Secret).
+    Created,
+    /// Deleted.
+    Deleted,
+    /// Left as it is, and why.
+    Kept(String),
+    /// Not there to delete.
+    Absent,
+}
+
+/// One object's step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Step {
+    /// `Kind namespace/name`.
+    pub object: String,
+    /// What happened to it.
+    pub action: Action,
+}
+
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.action {
+            Action::Applied => write!(f, "applied {}", self.object),
+            Action::Created => write!(f, "created {}", self.object),
+            Action::Deleted => write!(f, "deleted {}", self.object),
+            Action::Kept(why) => write!(f, "kept {}: {why}", self.object),
+            Action::Absent => write!(f, "{} was not there", self.object),
+        }
+    }
+}
+
+/// The REST resource of a kind the manifests use, and whether it is namespaced.
+fn resource_of(api_version: &str, kind: &str) -> Option<(ApiResource, bool)> {
+    let (plural, namespaced) = match kind {
+        "Namespace" => ("namespaces", false),
+        "ServiceAccount" => ("serviceaccounts", true),
+        "ConfigMap" => ("configmaps", true),
+        "Secret" => ("secrets", true),
+        "Service" => ("services", true),
+        "ClusterRole" => ("clusterroles", false),
+        "ClusterRoleBinding" => ("clusterrolebindings", false),
+        "Role" => ("roles", true),
+        "RoleBinding" => ("rolebindings", true),
+        "DaemonSet" => ("daemonsets", true),
+        "PodDisruptionBudget" => ("poddisruptionbudgets", true),
+        "CustomResourceDefinition" => ("customresourcedefinitions", false),
+        _ => return None,
+    };
+    let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
+    let gvk = GroupVersionKind::gvk(group, version, kind);
+    Some((ApiResource::from_gvk_with_plural(&gvk, plural), namespaced))
+}
+
+/// An installed object: its API, name and `Kind namespace/name`.
+struct Target {
+    api: Api<DynamicObject>,
+    name: String,
+    label: String,
+}
+
+fn target(client: &kube::Client, o: &Value) -> Result<Target, Error> {
+    let kind = o["kind"].as_str().unwrap_or("");
+    let name = o["metadata"]["name"].as_str().unwrap_or("").to_string();
+    let (ar, namespaced) =
+        resource_of(o["apiVersion"].as_str().unwrap_or(""), kind).ok_or_else(|| Error::UnknownKind(kind.into()))?;
+    Ok(match o["metadata"]["namespace"].as_str().filter(|_| namespaced) {
+        Some(ns) => {
+            Target { api: Api::namespaced_with(client.clone(), ns, &ar), label: format!("{kind} {ns}/{name}"), name }
+        }
+        None => Target { api: Api::all_with(client.clone(), &ar), label: format!("{kind} {name}"), name },
+    })
+}
+
+fn is_ours(meta: &ObjectMeta) -> bool {
+    meta.labels.as_ref().and_then(|l| l.get(PART_OF.0)).is_some_and(|v| v == PART_OF.1)
+}
+
+/// Applies the install for `values`: namespace, the CA Secret, then the rest in order.
+pub async fn install(client: &kube::Client, values: &Values) -> Result<Vec<Step>, Error> {
+    let mut steps = Vec::new();
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    for o in manifest::objects(values) {
+        let t = target(client, &o)?;
+        let existing = t.api.get_opt(&t.name).await.map_err(|e| api_error("get", &t.label, e))?;
+        match o["kind"].as_str() {
+            Some("Namespace") if existing.is_some() => {
+                // istio-system with Istio in it, say: used, not taken over (so
+                // uninstall will not delete it).
+                steps.push(Step { object: t.label, action: Action::Kept("exists; used as it is".into()) });
+                steps.push(ensure_ca(client, values).await?);
+                continue;
+            }
+            Some("CustomResourceDefinition") if existing.as_ref().is_some_and(|e| !is_ours(&e.metadata)) => {
+                steps.push(Step {
+                    object: t.label,
+                    action: Action::Kept("installed by another owner (Istio's own CRD?); the mesh reads it".into()),
+                });
+                continue;
+            }
+            _ => {}
+        }
+        t.api.patch(&t.name, &params, &Patch::Apply(&o)).await.map_err(|e| api_error("apply", &t.label, e))?;
+        let namespace = o["kind"] == "Namespace";
+        steps.push(Step { object: t.label, action: Action::Applied });
+        if namespace {
+            // Before the DaemonSet, so the agents find their CA when they start.
+            steps.push(ensure_ca(client, values).await?);
+        }
+    }
+    Ok(steps)
+}
+
+/// The `cacerts` Secret: a plug-in CA already there is used as it is; otherwise a new
+/// self-signed root is created (never printed).
+async fn ensure_ca(client: &kube::Client, values: &Values) -> Result<Step, Error> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), &values.namespace);
+    let label = format!("Secret {}/{CA_SECRET}", values.namespace);
+    if let Some(existing) = api.get_opt(CA_SECRET).await.map_err(|e| api_error("get", &label, e))? {
+        let data = existing.data.unwrap_or_default();
+        if let Some(missing) = CA_KEYS.iter().find(|k| !data.contains_key(**k)) {
+            return Err(Error::Api {
+                action: "use",
+                object: label,
+                reason: format!("it has no {missing} key, so the agents cannot issue certificates"),
+                hint: " (a plug-in CA needs ca-cert.pem, ca-key.pem and optionally root-cert.pem, cert-chain.pem; \
+                       or delete it to let meshctl create a self-signed root)"
+                    .into(),
+            });
+        }
+        return Ok(Step { object: label, action: Action::Kept("plug-in CA present; used as it is".into()) });
+    }
+    let root = SelfSignedRoot::generate(&values.trust_domain).map_err(|e| Error::Ca(e.to_string()))?;
+    let data: BTreeMap<String, ByteString> = [
+        ("ca-cert.pem", &root.cert_pem),
+        ("ca-key.pem", &root.key_pem),
+        ("root-cert.pem", &root.cert_pem),
+        ("cert-chain.pem", &root.cert_pem),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), ByteString(v.clone().into_bytes())))
+    .collect();
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some(CA_SECRET.into()),
+            namespace: Some(values.namespace.clone()),
+            labels: Some([(PART_OF.0.to_string(), PART_OF.1.to_string())].into()),
+            ..Default::default()
+        },
+        type_: Some("Opaque".into()),
+        data: Some(data),
+        ..Default::default()
+    };
+    match api.create(&PostParams::default(), &secret).await {
+        Ok(_) => Ok(Step { object: label, action: Action::Created }),
+        // Created by someone else meanwhile: theirs wins.
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            Ok(Step { object: label, action: Action::Kept("created meanwhile by another client".into()) })
+        }
+        Err(e) => Err(api_error("create", &label, e)),
+    }
+}
+
+/// Deletes what `install` applied, in reverse order. CRDs (and with them every custom
+/// resource) go only with `purge`, and only the mesh's own; the namespace and the CA
+/// Secret only if the mesh created them.
+pub async fn uninstall(client: &kube::Client, values: &Values, purge: bool) -> Result<Vec<Step>, Error> {
+    let mut steps = Vec::new();
+    let mut objects = manifest::objects(values);
+    objects.reverse();
+    for o in objects {
+        let t = target(client, &o)?;
+        let Some(existing) = t.api.get_opt(&t.name).await.map_err(|e| api_error("get", &t.label, e))? else {
+            steps.push(Step { object: t.label, action: Action::Absent });
+            continue;
+        };
+        let kept = match o["kind"].as_str() {
+            _ if !is_ours(&existing.metadata) => Some("not installed by the mesh".to_string()),
+            Some("CustomResourceDefinition") if !purge => {
+                Some("CRDs stay, and the configuration in them; --purge removes them".into())
+            }
+            _ => None,
+        };
+        if o["kind"] == "Namespace" && kept.is_none() {
+            steps.push(delete_ca(client, values).await?);
+        }
+        if let Some(why) = kept {
+            if o["kind"] == "Namespace" && purge {
+                steps.push(delete_ca(client, values).await?);
+            }
+            steps.push(Step { object: t.label, action: Action::Kept(why) });
+            continue;
+        }
+        t.api.delete(&t.name, &DeleteParams::default()).await.map_err(|e| api_error("delete", &t.label, e))?;
+        steps.push(Step { object: t.label, action: Action::Deleted });
+    }
+    Ok(steps)
+}
+
+/// The CA Secret goes only if meshctl generated it: a plug-in CA is the user's.
+async fn delete_ca(client: &kube::Client, values: &Values) -> Result<Step, Error> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), &values.namespace);
+    let label = format!("Secret {}/{CA_SECRET}", values.namespace);
+    match api.get_opt(CA_SECRET).await.map_err(|e| api_error("get", &label, e))? {
+        None => Ok(Step { object: label, action: Action::Absent }),
+        Some(s) if !is_ours(&s.metadata) => {
+            Ok(Step { object: label, action: Action::Kept("a plug-in CA, not generated by meshctl".into()) })
+        }
+        Some(_) => {
+            api.delete(CA_SECRET, &DeleteParams::default()).await.map_err(|e| api_error("delete", &label, e))?;
+            Ok(Step { object: label, action: Action::Deleted })
+        }
+    }
+}
+
+/// `meshctl check` / `verify-install`: every object of the install present, CRDs
+/// established and serving what the agent reads, the CA usable, the DaemonSet rolled
+/// out with an agent ready on every node, and agents at meshctl's version.
+pub async fn verify(client: &kube::Client, values: &Values) -> Vec<Finding> {
+    let mut out = Vec::new();
+    match client.apiserver_version().await {
+        Ok(v) => out.push(Finding::pass("Kubernetes API", format!("reachable, {}", v.git_version))),
+        Err(e) => {
+            out.push(Finding::fail(
+                "Kubernetes API",
+                format!("unreachable: {e}"),
+                "check the kubeconfig context (`kubectl config current-context`) and `kubectl cluster-info`",
+            ));
+            return out;
+        }
+    }
+    let mut missing = Vec::new();
+    for o in manifest::objects(values).iter().filter(|o| o["kind"] != "CustomResourceDefinition") {
+        match target(client, o) {
+            Ok(t) => match t.api.get_opt(&t.name).await {
+                Ok(Some(_)) => {}
+                Ok(None) => missing.push(t.label),
+                Err(e) => missing.push(format!("{} ({e})", t.label)),
+            },
+            Err(e) => missing.push(e.to_string()),
+        }
+    }
+    out.push(if missing.is_empty() {
+        Finding::pass("install objects", format!("all present in {}", values.namespace))
+    } else {
+        Finding::fail("install objects", format!("missing: {}", missing.join(", ")), "run `meshctl install`")
+    });
+    out.push(check_crds(client, values.crds).await);
+    out.push(check_ca(client, &values.namespace).await);
+    out.extend(check_agents(client, &values.namespace).await);
+    out
+}
+
+/// CRDs of the kinds the agent reads. Without the mesh's own CRDs (profile minimal),
+/// only Istio's are required: a missing Linkerd or SMI CRD means none of that kind.
+async fn check_crds(client: &kube::Client, mesh_crds: bool) -> Finding {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let mut problems = Vec::new();
+    let mut absent = Vec::new();
+    for k in KINDS.iter().filter(|k| k.group.contains('.') && k.group != "discovery.k8s.io") {
+        let name = format!("{}.{}", k.plural, k.group);
+        let required = mesh_crds || k.group.ends_with(".istio.io");
+        match api.get_opt(&name).await {
+            Ok(Some(crd)) => {
+                let established = crd
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|c| c.iter().any(|c| c.type_ == "Established" && c.status == "True"));
+                let serves = crd.spec.versions.iter().any(|v| v.name == k.version && v.served);
+                if !established {
+                    problems.push(format!("{name} is not Established yet"));
+                } else if !serves {
+                    problems.push(format!("{name} does not serve {} (the version the agent reads)", k.version));
+                }
+            }
+            Ok(None) if required => problems.push(format!("{name} is not installed")),
+            Ok(None) => absent.push(name),
+            Err(e) => problems.push(format!("{name}: {e}")),
+        }
+    }
+    if problems.is_empty() && absent.is_empty() {
+        Finding::pass("CRDs", "every API group the mesh reads is served")
+    } else if problems.is_empty() {
+        Finding::pass("CRDs", format!("served; not installed (so none read): {}", absent.join(", ")))
+    } else {
+        Finding::fail(
+            "CRDs",
+            problems.join("; "),
+            "install them with `meshctl install` (profile default), or Istio's/Linkerd's own CRDs",
+        )
+    }
+}
+
+async fn check_ca(client: &kube::Client, namespace: &str) -> Finding {
+    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    match api.get_opt(CA_SECRET).await {
+        Ok(Some(s)) => {
+            let data = s.data.unwrap_or_default();
+            match CA_KEYS.iter().find(|k| !data.contains_key(**k)) {
+                None => {
+                    Finding::pass("mesh CA", format!("Secret {namespace}/{CA_SECRET} has ca-cert.pem and ca-key.pem"))
+                }
+                Some(k) => Finding::fail(
+                    "mesh CA",
+                    format!("Secret {namespace}/{CA_SECRET} has no {k}"),
+                    "recreate it in Istio's cacerts layout (ca-cert.pem, ca-key.pem, root-cert.pem, cert-chain.pem)",
+                ),
+            }
+        }
+        Ok(None) => Finding::fail(
+            "mesh CA",
+            format!("Secret {namespace}/{CA_SECRET} does not exist: agents wait for it"),
+            "run `meshctl install` (creates a self-signed root) or create a plug-in CA Secret",
+        ),
+        Err(e) => Finding::fail("mesh CA", format!("cannot read Secret {namespace}/{CA_SECRET}: {e}"), "check RBAC"),
+    }
+}
+
+fn image_tag(pod: &Pod) -> Option<String> {
+    let image = pod.spec.as_ref()?.containers.iter().find(|c| c.name == AGENT)?.image.clone()?;
+    let tail = image.rsplit('/').next().unwrap_or(&image);
+    tail.split_once(':').map(|(_, tag)| tag.split('@').next().unwrap_or(tag).to_string())
+}
+
+fn pod_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+async fn agent_pods(client: &kube::Client, namespace: &str) -> Result<Vec<Pod>, kube::Error> {
+    let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    Ok(api.list(&ListParams::default().labels(&format!("app={AGENT}"))).await?.items)
+}
+
+async fn check_agents(client: &kube::Client, namespace: &str) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let ds_api: Api<DaemonSet> = Api::namespaced(client.clone(), namespace);
+    match ds_api.get_opt(AGENT).await {
+        Ok(Some(ds)) => {
+            let st = ds.status.unwrap_or_default();
+            let generation = ds.metadata.generation.unwrap_or(0);
+            let updated = st.updated_number_scheduled.unwrap_or(0);
+            let current = st.observed_generation.unwrap_or(0) >= generation;
+            if current
+                && st.desired_number_scheduled > 0
+                && st.number_ready == st.desired_number_scheduled
+                && updated == st.desired_number_scheduled
+            {
+                out.push(Finding::pass(
+                    "agent DaemonSet",
+                    format!("{}/{} ready and up to date", st.number_ready, st.desired_number_scheduled),
+                ));
+            } else {
+                out.push(Finding::fail(
+                    "agent DaemonSet",
+                    format!(
+                        "{} desired, {} ready, {updated} updated{}",
+                        st.desired_number_scheduled,
+                        st.number_ready,
+                        if current { "" } else { ", rollout not yet observed" }
+                    ),
+                    format!("kubectl -n {namespace} rollout status daemonset/{AGENT}; kubectl -n {namespace} describe daemonset/{AGENT}"),
+                ));
+            }
+        }
+        Ok(None) => {
+            out.push(Finding::fail(
+                "agent DaemonSet",
+                format!("{namespace}/{AGENT} does not exist"),
+                "run `meshctl install`",
+            ));
+            return out;
+        }
+        Err(e) => {
+            out.push(Finding::fail("agent DaemonSet", e.to_string(), "check RBAC and the namespace (-i)"));
+            return out;
+        }
+    }
+    let (nodes, pods) = match (
+        Api::<Node>::all(client.clone()).list(&ListParams::default()).await,
+        agent_pods(client, namespace).await,
+    ) {
+        (Ok(n), Ok(p)) => (n.items, p),
+        (Err(e), _) | (_, Err(e)) => {
+            out.push(Finding::fail("agents on nodes", e.to_string(), "check RBAC (list nodes, list pods)"));
+            return out;
+        }
+    };
+    let on_node = |node: &str| pods.iter().find(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node));
+    let mut without = Vec::new();
+    for n in &nodes {
+        let name = n.metadata.name.clone().unwrap_or_default();
+        match on_node(&name) {
+            Some(p) if pod_ready(p) => {}
+            Some(p) => {
+                without.push(format!("{name} (agent {} not ready)", p.metadata.name.clone().unwrap_or_default()))
+            }
+            None => without.push(format!("{name} (no agent)")),
+        }
+    }
+    out.push(if without.is_empty() {
+        Finding::pass("agents on nodes", format!("a ready agent on each of {} node(s)", nodes.len()))
+    } else {
+        Finding::fail(
+            "agents on nodes",
+            without.join(", "),
+            format!("kubectl -n {namespace} get pods -l app={AGENT} -o wide; `meshctl check --pre` on those nodes"),
+        )
+    });
+    let mine = env!("CARGO_PKG_VERSION");
+    let other: Vec<String> = pods
+        .iter()
+        .filter_map(|p| {
+            let tag = image_tag(p)?;
+            (tag != mine).then(|| format!("{} runs {tag}", p.metadata.name.clone().unwrap_or_default()))
+        })
+        .collect();
+    out.push(if other.is_empty() {
+        Finding::pass("versions", format!("agents and meshctl at {mine}"))
+    } else {
+        Finding::fail(
+            "versions",
+            format!("meshctl is {mine}; {}", other.join(", ")),
+            format!("upgrade with `meshctl install` (meshctl {mine}), or use the meshctl of the agents' version"),
+        )
+    });
+    out
+}
+
+/// What an agent reports on `/sync_status`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct SyncStatus {
+    /// Its node.
+    pub node: String,
+    /// Its version.
+    pub agent_version: String,
+    /// Serving every local pod.
+    pub ready: bool,
+    /// Config changes applied since start.
+    pub version: u64,
+    /// Digest of the config in force.
+    pub config_digest: String,
+    /// Pods enrolled on its node.
+    pub enrolled_pods: usize,
+    /// Objects it refuses.
+    pub rejected_config: usize,
+}
+
+/// One agent's line of `meshctl proxy-status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentStatus {
+    /// Agent pod name.
+    pub pod: String,
+    /// Its node.
+    pub node: String,
+    /// What it reported, or why it could not be asked.
+    pub report: Result<SyncStatus, String>,
+    /// `SYNCED` (same config as most agents), `STALE`, `NOT READY` or `UNREACHABLE`.
+    pub state: &'static str,
+}
+
+/// Asks every agent for its sync status through the API server's pod proxy and
+/// compares their config digests: an agent whose digest differs from the one most
+/// agents hold is `STALE`.
+pub async fn proxy_status(client: &kube::Client, namespace: &str) -> Result<Vec<AgentStatus>, Error> {
+    let pods = agent_pods(client, namespace)
+        .await
+        .map_err(|e| api_error("list", &format!("Pods {namespace} app={AGENT}"), e))?;
+    // Asked all at once: a cluster's worth of agents, each bounded by AGENT_TIMEOUT.
+    let asks = pods.into_iter().map(|p| async move {
+        let pod = p.metadata.name.clone().unwrap_or_default();
+        let node = p.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default();
+        let port = p
+            .spec
+            .as_ref()
+            .and_then(|s| s.containers.iter().find(|c| c.name == AGENT))
+            .and_then(|c| c.ports.as_ref()?.iter().find(|p| p.name.as_deref() == Some("http-metrics")))
+            .map_or(15020, |p| p.container_port);
+        let uri = format!("/api/v1/namespaces/{namespace}/pods/{pod}:{port}/proxy/sync_status");
+        let report = match http::Request::get(&uri).body(Vec::new()) {
+            Ok(req) => match tokio::time::timeout(AGENT_TIMEOUT, client.request::<SyncStatus>(req)).await {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(_) => Err(format!("no answer within {}s", AGENT_TIMEOUT.as_secs())),
+            },
+            Err(e) => Err(e.to_string()),
+        };
+        AgentStatus { pod, node, report, state: "" }
+    });
+    let mut rows = futures::future::join_all(asks).await;
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for r in rows.iter().filter_map(|r| r.report.as_ref().ok()) {
+        *counts.entry(r.config_digest.as_str()).or_default() += 1;
+    }
+    let majority = counts.iter().max_by_key(|(_, n)| **n).map(|(d, _)| d.to_string());
+    for r in &mut rows {
+        r.state = match &r.report {
+            Err(_) => "UNREACHABLE",
+            Ok(s) if !s.ready => "NOT READY",
+            Ok(s) if Some(&s.config_digest) == majority.as_ref() => "SYNCED",
+            Ok(_) => "STALE",
+        };
+    }
+    Ok(rows)
+}
+
+/// `meshctl analyze --cluster`: every object of the kinds the agent watches, read and
+/// validated as the agent does (each refused one reported), then analyzed together.
+pub async fn analyze_cluster(client: &kube::Client, mesh: &crate::state::MeshScope) -> Result<Vec<Diagnostic>, Error> {
+    let mut objects: Vec<Object> = Vec::new();
+    let mut found = Vec::new();
+    for k in KINDS {
+        let gvk = GroupVersionKind::gvk(k.group, k.version, k.kind);
+        let api: Api<DynamicObject> = Api::all_with(client.clone(), &ApiResource::from_gvk_with_plural(&gvk, k.plural));
+        let list = match api.list(&ListParams::default()).await {
+            Ok(l) => l,
+            // The CRD is not installed: none of this kind.
+            Err(kube::Error::Api(s)) if s.code == 404 => continue,
+            Err(e) => return Err(api_error("list", k.plural, e)),
+        };
+        for mut o in list.items {
+            o.types = Some(kube::api::TypeMeta { api_version: k.api_version(), kind: k.kind.into() });
+            let raw = serde_json::to_string(&o).unwrap_or_default();
+            match parse_documents(std::path::Path::new("cluster"), &raw) {
+                Ok(parsed) => objects.extend(parsed),
+                Err(e) => found.push(analyze::refused(&e, "cluster")),
+            }
+        }
+    }
+    Ok(analyze::analyze_objects(&objects, mesh, found))
+}
+
+/// The cluster half of `meshctl check --pre`: the API server's version, and the kernel
+/// of every node (as the kubelet reports it) against what the agent needs.
+pub async fn preflight(client: &kube::Client) -> Vec<Finding> {
+    let mut out = Vec::new();
+    match client.apiserver_version().await {
+        Ok(v) => {
+            let minor: u32 = v.minor.trim_end_matches('+').parse().unwrap_or(0);
+            out.push(if v.major == "1" && minor >= 26 {
+                Finding::pass("Kubernetes version", format!("{} (1.26 or later needed)", v.git_version))
+            } else {
+                Finding::fail(
+                    "Kubernetes version",
+                    format!("{} is older than 1.26", v.git_version),
+                    "upgrade the cluster: the mesh needs discovery.k8s.io/v1 EndpointSlices and policy/v1",
+                )
+            });
+        }
+        Err(e) => {
+            out.push(Finding::fail("Kubernetes API", format!("unreachable: {e}"), "check `kubectl cluster-info`"));
+            return out;
+        }
+    }
+    match Api::<Node>::all(client.clone()).list(&ListParams::default()).await {
+        Ok(nodes) => {
+            for n in nodes.items {
+                let name = n.metadata.name.clone().unwrap_or_default();
+                let info = n.status.and_then(|s| s.node_info);
+                let kernel = info.as_ref().map(|i| i.kernel_version.clone()).unwrap_or_default();
+                let what = "node kernel";
+                out.push(match super::check::parse_release(&kernel) {
+                    Some(v) if v >= super::check::MIN_KERNEL => Finding::pass(what, format!("{name}: {kernel}")),
+                    Some(_) => Finding::fail(
+                        what,
+                        format!(
+                            "{name}: {kernel} is older than {}.{}",
+                            super::check::MIN_KERNEL.0,
+                            super::check::MIN_KERNEL.1
+                        ),
+                        "use nodes with a newer kernel (cgroup sock_addr, sk_lookup and BTF are needed)",
+                    ),
+                    None => Finding::fail(
+                        what,
+                        format!("{name}: kernel version {kernel:?} not reported"),
+                        "check the node's kubelet",
+                    ),
+                });
+            }
+        }
+        Err(e) => out.push(Finding::fail("nodes", e.to_string(), "check RBAC (list nodes)")),
+    }
+    out
+}
