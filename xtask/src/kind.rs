@@ -1,7 +1,9 @@
 //! `cargo xtask kind-e2e`: the lab's scenarios on a real Kubernetes cluster (kind):
-//! build the image, create a two-node cluster, install with meshctl's manifests and a
-//! cacerts Secret, deploy the lab's workloads as Deployments, check that traffic flows
-//! over the mesh and that the reference policies hold, then delete the cluster.
+//! build the image, create a two-node cluster, `meshctl install` (which creates the
+//! cacerts Secret) and `meshctl verify-install`, deploy the lab's workloads as
+//! Deployments, check that traffic flows over the mesh and that the reference policies
+//! hold, `meshctl proxy-status`, `analyze --cluster` and `uninstall --purge`, then
+//! delete the cluster.
 //!
 //! It needs a container engine, kind, kubectl and images from a registry. Where any is
 //! missing (as on the build machines, which have no Docker daemon and no registry) it
@@ -32,7 +34,12 @@ pub fn missing() -> Vec<String> {
 fn run(cmd: &mut Command) -> anyhow::Result<String> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
-        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        // meshctl prints its findings on stdout, errors on stderr: show both.
+        bail!(
+            "{cmd:?} failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -69,10 +76,7 @@ pub fn e2e() -> anyhow::Result<()> {
 
 fn scenarios(tag: &str) -> anyhow::Result<()> {
     run(Command::new("kind").args(["load", "docker-image", tag, "--name", CLUSTER]))?;
-    // The mesh CA, as Istio's plug-in CA Secret, then the manifests.
-    let ca = root().join("target/kind-ca");
-    let _ = std::fs::remove_dir_all(&ca);
-    let meshctl = root().join("target/release/meshctl");
+    let meshctl_bin = root().join("target/release/meshctl");
     run(Command::new("cargo").current_dir(root()).args([
         "build",
         "--release",
@@ -81,23 +85,12 @@ fn scenarios(tag: &str) -> anyhow::Result<()> {
         "--bin",
         "meshctl",
     ]))?;
-    kubectl(&["create", "namespace", "istio-system"]).ok();
-    generate_ca(&ca)?;
-    kubectl(&[
-        "-n",
-        "istio-system",
-        "create",
-        "secret",
-        "generic",
-        "cacerts",
-        &format!("--from-file=ca-cert.pem={}", ca.join("ca-cert.pem").display()),
-        &format!("--from-file=ca-key.pem={}", ca.join("ca-key.pem").display()),
-    ])?;
-    let manifests = run(Command::new(&meshctl).args(["manifest", "generate", "--set", "profile=demo"]))?;
-    let file = root().join("target/kind-mesh.yaml");
-    std::fs::write(&file, manifests)?;
-    kubectl(&["apply", "-f", &file.display().to_string()])?;
+    // kind made its cluster the current context, which meshctl uses.
+    let meshctl = |args: &[&str]| run(Command::new(&meshctl_bin).env("NO_COLOR", "1").args(args));
+    // Creates the cacerts Secret (a new self-signed root), then the rest.
+    println!("{}", meshctl(&["install", "-y", "--set", "profile=demo"])?);
     kubectl(&["-n", "istio-system", "rollout", "status", "daemonset/mesh-agent", "--timeout=180s"])?;
+    println!("{}", meshctl(&["verify-install"])?);
     // The lab's workloads as Deployments, in the enrolled production namespace.
     kubectl(&["apply", "-f", &root().join("examples/kind/workloads.yaml").display().to_string()])?;
     kubectl(&["-n", "production", "wait", "--for=condition=available", "deployment", "--all", "--timeout=180s"])?;
@@ -129,6 +122,9 @@ fn scenarios(tag: &str) -> anyhow::Result<()> {
     std::thread::sleep(std::time::Duration::from_secs(3));
     expect("GET /api/users from frontend", &curl("/api/users", &[])?, "200")?;
     expect("DELETE /api/x from frontend", &curl("/api/x", &["-X", "DELETE"])?, "403")?;
+    println!("{}", meshctl(&["proxy-status"])?);
+    println!("{}", meshctl(&["analyze", "--cluster"])?);
+    println!("{}", meshctl(&["uninstall", "-y", "--purge", "--set", "profile=demo"])?);
     println!("kind-e2e: passed");
     Ok(())
 }
@@ -138,17 +134,5 @@ fn expect(what: &str, got: &str, want: &str) -> anyhow::Result<()> {
     if got.trim() != want {
         bail!("{what}: got {got}, want {want}");
     }
-    Ok(())
-}
-
-fn generate_ca(dir: &std::path::Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir)?;
-    let key = rcgen::KeyPair::generate()?;
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::DigitalSignature];
-    let cert = params.self_signed(&key)?;
-    std::fs::write(dir.join("ca-cert.pem"), cert.pem())?;
-    std::fs::write(dir.join("ca-key.pem"), key.serialize_pem())?;
     Ok(())
 }
