@@ -14,7 +14,7 @@ use arc_swap::ArcSwap;
 
 use crate::authz::{self, WorkloadAuthz, WorkloadSecurity};
 use crate::config::Object;
-use crate::config::resources::{IntOrString, Pod};
+use crate::config::resources::{EndpointSlice, IntOrString, Pod};
 use crate::identity::Identity;
 use crate::l7::policy::{DestinationPolicy, TrafficPolicy};
 use crate::l7::route::{self, ServiceRoutes};
@@ -268,11 +268,13 @@ impl Snapshot {
                 snap.workloads.push(w);
             }
         }
+        let slices = slices_by_service(objects);
         for o in objects {
             if let Object::Service(svc) = o {
                 let ns = svc.metadata.namespace_or_default();
                 let endpoints = if svc.spec.selector.is_empty() {
-                    slice_endpoints(&snap, objects, &ns, &svc.metadata.name, trust_domain)
+                    let of_service = slices.get(&(ns.clone(), svc.metadata.name.clone()));
+                    slice_endpoints(&snap, of_service.map_or(&[][..], Vec::as_slice), &ns, trust_domain)
                 } else {
                     snap.workloads
                         .iter()
@@ -696,30 +698,29 @@ fn config_digest(objects: &[Object]) -> String {
     ctx.finish().as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Endpoints of Service `namespace/service` (one without a selector) from its
-/// EndpointSlices: ready endpoints only, each address once, in slice-name order. An
-/// address of a known pod is that pod (and enrolled if it is); any other address is a
-/// plaintext destination. FQDN slices are skipped: the agent resolves no names.
-fn slice_endpoints(
-    snap: &Snapshot,
-    objects: &[Object],
-    namespace: &str,
-    service: &str,
-    trust_domain: &str,
-) -> Vec<Endpoint> {
-    let mut slices: Vec<_> = objects
-        .iter()
-        .filter_map(|o| match o {
-            Object::EndpointSlice(s)
-                if s.metadata.namespace_or_default() == namespace && s.service() == Some(service) =>
-            {
-                Some(s)
-            }
-            _ => None,
-        })
-        .filter(|s| s.address_type != "FQDN")
-        .collect();
-    slices.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+/// The IP EndpointSlices of each `(namespace, service)`, in slice-name order: indexed
+/// once per compile rather than searched once per Service. FQDN slices are left out:
+/// the agent resolves no names.
+fn slices_by_service(objects: &[Object]) -> HashMap<(String, String), Vec<&EndpointSlice>> {
+    let mut by_service: HashMap<(String, String), Vec<&EndpointSlice>> = HashMap::new();
+    for o in objects {
+        if let Object::EndpointSlice(s) = o
+            && s.address_type != "FQDN"
+            && let Some(service) = s.service()
+        {
+            by_service.entry((s.metadata.namespace_or_default(), service.to_string())).or_default().push(s);
+        }
+    }
+    for slices in by_service.values_mut() {
+        slices.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    }
+    by_service
+}
+
+/// Endpoints of a Service without a selector in `namespace`, from its EndpointSlices
+/// (in order): ready endpoints only, each address once. An address of a known pod is
+/// that pod (and enrolled if it is); any other address is a plaintext destination.
+fn slice_endpoints(snap: &Snapshot, slices: &[&EndpointSlice], namespace: &str, trust_domain: &str) -> Vec<Endpoint> {
     let mut seen = std::collections::HashSet::new();
     let mut out = Vec::new();
     for slice in slices {
