@@ -607,18 +607,14 @@ pub async fn analyze_cluster(client: &kube::Client, mesh: &crate::state::MeshSco
     let mut objects: Vec<Object> = Vec::new();
     let mut found = Vec::new();
     for k in KINDS {
-        let gvk = GroupVersionKind::gvk(k.group, k.version, k.kind);
-        let api: Api<DynamicObject> = Api::all_with(client.clone(), &ApiResource::from_gvk_with_plural(&gvk, k.plural));
-        let list = match api.list(&ListParams::default()).await {
+        let list = match k.api(client.clone()).list(&ListParams::default()).await {
             Ok(l) => l,
             // The CRD is not installed: none of this kind.
             Err(kube::Error::Api(s)) if s.code == 404 => continue,
             Err(e) => return Err(api_error("list", k.plural, e)),
         };
-        for mut o in list.items {
-            o.types = Some(kube::api::TypeMeta { api_version: k.api_version(), kind: k.kind.into() });
-            let raw = serde_json::to_string(&o).unwrap_or_default();
-            match parse_documents(std::path::Path::new("cluster"), &raw) {
+        for o in list.items {
+            match parse_documents(std::path::Path::new("cluster"), &k.to_json(o)) {
                 Ok(parsed) => objects.extend(parsed),
                 Err(e) => found.push(analyze::refused(&e, "cluster")),
             }

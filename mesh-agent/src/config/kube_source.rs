@@ -45,6 +45,19 @@ impl WatchedKind {
     pub fn api_version(&self) -> String {
         if self.group.is_empty() { self.version.to_string() } else { format!("{}/{}", self.group, self.version) }
     }
+
+    /// Its objects in every namespace.
+    pub fn api(&self, client: kube::Client) -> Api<DynamicObject> {
+        let gvk = GroupVersionKind::gvk(self.group, self.version, self.kind);
+        Api::all_with(client, &ApiResource::from_gvk_with_plural(&gvk, self.plural))
+    }
+
+    /// An object of this kind as JSON the parser reads: list items come without
+    /// apiVersion and kind, so they are put back.
+    pub fn to_json(&self, mut o: DynamicObject) -> String {
+        o.types = Some(kube::api::TypeMeta { api_version: self.api_version(), kind: self.kind.into() });
+        serde_json::to_string(&o).unwrap_or_default()
+    }
 }
 
 /// Everything the agent reads from the API server, in the order objects are handed on.
@@ -200,10 +213,7 @@ impl KubeSource {
         }));
         let (tx, rx) = mpsc::channel(1);
         for (i, k) in KINDS.iter().enumerate() {
-            let gvk = GroupVersionKind::gvk(k.group, k.version, k.kind);
-            let api: Api<DynamicObject> =
-                Api::all_with(client.clone(), &ApiResource::from_gvk_with_plural(&gvk, k.plural));
-            tokio::spawn(watch_kind(api, i, *k, store.clone(), tx.clone()));
+            tokio::spawn(watch_kind(k.api(client.clone()), i, *k, store.clone(), tx.clone()));
         }
         (Self { store }, rx)
     }
@@ -243,11 +253,9 @@ async fn watch_kind(
             let mut s = store.lock().unwrap_or_else(|p| p.into_inner());
             match event {
                 Ok(Event::Init) => s.kinds[index].relisting = Some(BTreeMap::new()),
-                Ok(Event::InitApply(mut o)) | Ok(Event::Apply(mut o)) => {
-                    // List items come without apiVersion and kind; the parser wants them.
-                    o.types = Some(kube::api::TypeMeta { api_version: kind.api_version(), kind: kind.kind.into() });
-                    let raw = serde_json::to_string(&o).unwrap_or_default();
-                    s.apply(index, key(&o), raw);
+                Ok(Event::InitApply(o)) | Ok(Event::Apply(o)) => {
+                    let key = key(&o);
+                    s.apply(index, key, kind.to_json(o));
                 }
                 Ok(Event::Delete(o)) => s.delete(index, &key(&o)),
                 Ok(Event::InitDone) => s.relist_done(index),
