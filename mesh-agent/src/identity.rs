@@ -6,7 +6,7 @@ mod certs;
 mod spiffe;
 mod verify;
 
-pub use ca::{CaFiles, MeshCa, SelfSignedRoot};
+pub use ca::{CaFiles, MeshCa, SECRET_REQUIRED_KEYS, SelfSignedRoot};
 pub use certs::{CertStore, WorkloadCert};
 pub use spiffe::Identity;
 pub use verify::{PeerVerifier, client_config, peer_identity, server_config};

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory as _, Parser, Subcommand};
 use mesh_agent::cli::analyze::{self, Level};
-use mesh_agent::cli::cluster::{self, Action};
+use mesh_agent::cli::cluster::{self, Action, SyncState};
 use mesh_agent::cli::{Style, check, deploy, manifest};
 use mesh_agent::state::MeshScope;
 
@@ -171,7 +171,8 @@ fn main() -> ExitCode {
                     ),
                     Err(_) => ("-".into(), "-".into(), "-".into(), "-".into()),
                 };
-                let state = if r.state == "SYNCED" { style.ok(r.state) } else { style.bad(r.state) };
+                let state = r.state.to_string();
+                let state = if r.state == SyncState::Synced { style.ok(&state) } else { style.bad(&state) };
                 println!(
                     "{:<28} {:<20} {:<10} {:<18} {:<12} {:>8} {:>8}",
                     r.pod, r.node, version, digest, state, enrolled, rejected
@@ -180,31 +181,33 @@ fn main() -> ExitCode {
                     println!("    {}", style.bad(&format!("could not ask it: {e}")));
                 }
             }
-            Ok(if rows.iter().all(|r| r.state == "SYNCED") { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            Ok(if rows.iter().all(|r| r.state == SyncState::Synced) { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }),
-        Cmd::Manifest { cmd: ManifestCmd::Generate { sets, deploy_dir: None } } => match manifest_for(&sets) {
-            Ok(yaml) => {
-                print!("{yaml}");
-                ExitCode::SUCCESS
+        Cmd::Manifest { cmd: ManifestCmd::Generate { sets, deploy_dir: None } } => {
+            match values_for(&sets, None).and_then(|v| manifest_for(&v)) {
+                Ok(yaml) => {
+                    print!("{yaml}");
+                    ExitCode::SUCCESS
+                }
+                Err(code) => code,
             }
-            Err(code) => code,
-        },
+        }
         Cmd::Manifest { cmd: ManifestCmd::Generate { deploy_dir: Some(dir), .. } } => write_deploy(&dir),
         Cmd::Install { sets, yes, dry_run } => {
-            let yaml = match manifest_for(&sets) {
-                Ok(y) => y,
+            let values = match values_for(&sets, None) {
+                Ok(v) => v,
                 Err(code) => return code,
             };
             if dry_run {
+                let yaml = match manifest_for(&values) {
+                    Ok(y) => y,
+                    Err(code) => return code,
+                };
                 print!("{yaml}");
                 let n = yaml.matches("\n---\n").count() + usize::from(yaml.starts_with("---"));
                 eprintln!("dry run: {n} objects would be applied");
                 return ExitCode::SUCCESS;
             }
-            let values = match values_for(&sets, None) {
-                Ok(v) => v,
-                Err(code) => return code,
-            };
             if !confirmed(yes, &format!("This will install the mesh ({:?} profile) into the cluster.", values.profile))
             {
                 return ExitCode::FAILURE;
@@ -227,14 +230,8 @@ fn main() -> ExitCode {
             if dry_run {
                 // Deleted in reverse apply order: the DaemonSet before its RBAC, the
                 // namespace last.
-                let objects = manifest::objects(&values);
-                for o in objects.iter().rev() {
-                    let kind = o["kind"].as_str().unwrap_or("?");
-                    let name = o["metadata"]["name"].as_str().unwrap_or("?");
-                    match o["metadata"]["namespace"].as_str() {
-                        Some(ns) => println!("would delete {kind} {ns}/{name}"),
-                        None => println!("would delete {kind} {name}"),
-                    }
+                for o in manifest::objects(&values).iter().rev() {
+                    println!("would delete {}", cluster::describe(o));
                 }
                 return ExitCode::SUCCESS;
             }
@@ -391,12 +388,8 @@ fn print_diagnostics(style: Style, found: &[analyze::Diagnostic], what: &str, cl
     }
 }
 
-fn manifest_for(sets: &[String]) -> Result<String, ExitCode> {
-    let values = manifest::Values::from_sets(sets).map_err(|e| {
-        eprintln!("meshctl: {e}");
-        ExitCode::from(2)
-    })?;
-    manifest::render(&values).map_err(|e| {
+fn manifest_for(values: &manifest::Values) -> Result<String, ExitCode> {
+    manifest::render(values).map_err(|e| {
         eprintln!("meshctl: rendering manifests: {e}");
         ExitCode::FAILURE
     })

@@ -25,14 +25,12 @@ use super::check::Finding;
 use super::manifest::{self, AGENT, CA_SECRET, Values};
 use crate::config::kube_source::KINDS;
 use crate::config::{Object, parse_documents};
-use crate::identity::SelfSignedRoot;
+use crate::identity::{SECRET_REQUIRED_KEYS, SelfSignedRoot};
 
 /// The label every object the mesh installs carries; uninstall removes only these.
 const PART_OF: (&str, &str) = ("app.kubernetes.io/part-of", "mesh");
 /// Field manager of server-side apply.
 const FIELD_MANAGER: &str = "meshctl";
-/// Keys a CA Secret must have (Istio's `cacerts` layout).
-const CA_KEYS: [&str; 2] = ["ca-cert.pem", "ca-key.pem"];
 
 /// Errors of the cluster commands.
 #[derive(Debug, thiserror::Error)]
@@ -154,17 +152,32 @@ struct Target {
     label: String,
 }
 
+/// `Kind namespace/name` (`Kind name` when cluster-scoped) of a manifest object.
+pub fn describe(o: &Value) -> String {
+    let kind = o["kind"].as_str().unwrap_or("?");
+    let name = o["metadata"]["name"].as_str().unwrap_or("?");
+    match o["metadata"]["namespace"].as_str() {
+        Some(ns) => format!("{kind} {ns}/{name}"),
+        None => format!("{kind} {name}"),
+    }
+}
+
 fn target(client: &kube::Client, o: &Value) -> Result<Target, Error> {
     let kind = o["kind"].as_str().unwrap_or("");
     let name = o["metadata"]["name"].as_str().unwrap_or("").to_string();
     let (ar, namespaced) =
         resource_of(o["apiVersion"].as_str().unwrap_or(""), kind).ok_or_else(|| Error::UnknownKind(kind.into()))?;
-    Ok(match o["metadata"]["namespace"].as_str().filter(|_| namespaced) {
-        Some(ns) => {
-            Target { api: Api::namespaced_with(client.clone(), ns, &ar), label: format!("{kind} {ns}/{name}"), name }
-        }
-        None => Target { api: Api::all_with(client.clone(), &ar), label: format!("{kind} {name}"), name },
-    })
+    let api = match o["metadata"]["namespace"].as_str().filter(|_| namespaced) {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, &ar),
+        None => Api::all_with(client.clone(), &ar),
+    };
+    Ok(Target { api, label: describe(o), name })
+}
+
+/// The first key of Istio's cacerts layout that `secret` lacks.
+fn missing_ca_key(secret: &Secret) -> Option<&'static str> {
+    let data = secret.data.as_ref();
+    SECRET_REQUIRED_KEYS.into_iter().find(|k| data.is_none_or(|d| !d.contains_key(*k)))
 }
 
 fn is_ours(meta: &ObjectMeta) -> bool {
@@ -178,26 +191,23 @@ pub async fn install(client: &kube::Client, values: &Values) -> Result<Vec<Step>
     for o in manifest::objects(values) {
         let t = target(client, &o)?;
         let existing = t.api.get_opt(&t.name).await.map_err(|e| api_error("get", &t.label, e))?;
-        match o["kind"].as_str() {
-            Some("Namespace") if existing.is_some() => {
-                // istio-system with Istio in it, say: used, not taken over (so
-                // uninstall will not delete it).
-                steps.push(Step { object: t.label, action: Action::Kept("exists; used as it is".into()) });
-                steps.push(ensure_ca(client, values).await?);
-                continue;
-            }
-            Some("CustomResourceDefinition") if existing.as_ref().is_some_and(|e| !is_ours(&e.metadata)) => {
-                steps.push(Step {
-                    object: t.label,
-                    action: Action::Kept("installed by another owner (Istio's own CRD?); the mesh reads it".into()),
-                });
-                continue;
-            }
-            _ => {}
-        }
-        t.api.patch(&t.name, &params, &Patch::Apply(&o)).await.map_err(|e| api_error("apply", &t.label, e))?;
         let namespace = o["kind"] == "Namespace";
-        steps.push(Step { object: t.label, action: Action::Applied });
+        let kept = match o["kind"].as_str() {
+            // istio-system with Istio in it, say: used, not taken over (so uninstall
+            // will not delete it).
+            Some("Namespace") if existing.is_some() => Some("exists; used as it is"),
+            Some("CustomResourceDefinition") if existing.as_ref().is_some_and(|e| !is_ours(&e.metadata)) => {
+                Some("installed by another owner (Istio's own CRD?); the mesh reads it")
+            }
+            _ => None,
+        };
+        match kept {
+            Some(why) => steps.push(Step { object: t.label, action: Action::Kept(why.into()) }),
+            None => {
+                t.api.patch(&t.name, &params, &Patch::Apply(&o)).await.map_err(|e| api_error("apply", &t.label, e))?;
+                steps.push(Step { object: t.label, action: Action::Applied });
+            }
+        }
         if namespace {
             // Before the DaemonSet, so the agents find their CA when they start.
             steps.push(ensure_ca(client, values).await?);
@@ -212,8 +222,7 @@ async fn ensure_ca(client: &kube::Client, values: &Values) -> Result<Step, Error
     let api: Api<Secret> = Api::namespaced(client.clone(), &values.namespace);
     let label = format!("Secret {}/{CA_SECRET}", values.namespace);
     if let Some(existing) = api.get_opt(CA_SECRET).await.map_err(|e| api_error("get", &label, e))? {
-        let data = existing.data.unwrap_or_default();
-        if let Some(missing) = CA_KEYS.iter().find(|k| !data.contains_key(**k)) {
+        if let Some(missing) = missing_ca_key(&existing) {
             return Err(Error::Api {
                 action: "use",
                 object: label,
@@ -276,13 +285,11 @@ pub async fn uninstall(client: &kube::Client, values: &Values, purge: bool) -> R
             }
             _ => None,
         };
-        if o["kind"] == "Namespace" && kept.is_none() {
+        // The generated CA goes with the mesh's own namespace, or with --purge.
+        if o["kind"] == "Namespace" && (kept.is_none() || purge) {
             steps.push(delete_ca(client, values).await?);
         }
         if let Some(why) = kept {
-            if o["kind"] == "Namespace" && purge {
-                steps.push(delete_ca(client, values).await?);
-            }
             steps.push(Step { object: t.label, action: Action::Kept(why) });
             continue;
         }
@@ -390,19 +397,14 @@ async fn check_crds(client: &kube::Client, mesh_crds: bool) -> Finding {
 async fn check_ca(client: &kube::Client, namespace: &str) -> Finding {
     let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
     match api.get_opt(CA_SECRET).await {
-        Ok(Some(s)) => {
-            let data = s.data.unwrap_or_default();
-            match CA_KEYS.iter().find(|k| !data.contains_key(**k)) {
-                None => {
-                    Finding::pass("mesh CA", format!("Secret {namespace}/{CA_SECRET} has ca-cert.pem and ca-key.pem"))
-                }
-                Some(k) => Finding::fail(
-                    "mesh CA",
-                    format!("Secret {namespace}/{CA_SECRET} has no {k}"),
-                    "recreate it in Istio's cacerts layout (ca-cert.pem, ca-key.pem, root-cert.pem, cert-chain.pem)",
-                ),
-            }
-        }
+        Ok(Some(s)) => match missing_ca_key(&s) {
+            None => Finding::pass("mesh CA", format!("Secret {namespace}/{CA_SECRET} has ca-cert.pem and ca-key.pem")),
+            Some(k) => Finding::fail(
+                "mesh CA",
+                format!("Secret {namespace}/{CA_SECRET} has no {k}"),
+                "recreate it in Istio's cacerts layout (ca-cert.pem, ca-key.pem, root-cert.pem, cert-chain.pem)",
+            ),
+        },
         Ok(None) => Finding::fail(
             "mesh CA",
             format!("Secret {namespace}/{CA_SECRET} does not exist: agents wait for it"),
@@ -553,8 +555,32 @@ pub struct AgentStatus {
     pub node: String,
     /// What it reported, or why it could not be asked.
     pub report: Result<SyncStatus, String>,
-    /// `SYNCED` (same config as most agents), `STALE`, `NOT READY` or `UNREACHABLE`.
-    pub state: &'static str,
+    /// How its config compares with the other agents'.
+    pub state: SyncState,
+}
+
+/// An agent's state in `meshctl proxy-status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncState {
+    /// Serving the config most agents hold.
+    Synced,
+    /// Serving another config.
+    Stale,
+    /// Answered, but does not serve every local pod yet.
+    NotReady,
+    /// Did not answer.
+    Unreachable,
+}
+
+impl std::fmt::Display for SyncState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SyncState::Synced => "SYNCED",
+            SyncState::Stale => "STALE",
+            SyncState::NotReady => "NOT READY",
+            SyncState::Unreachable => "UNREACHABLE",
+        })
+    }
 }
 
 /// Asks every agent for its sync status through the API server's pod proxy and
@@ -582,7 +608,7 @@ pub async fn proxy_status(client: &kube::Client, namespace: &str) -> Result<Vec<
             },
             Err(e) => Err(e.to_string()),
         };
-        AgentStatus { pod, node, report, state: "" }
+        AgentStatus { pod, node, report, state: SyncState::Unreachable }
     });
     let mut rows = futures::future::join_all(asks).await;
     let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
@@ -592,10 +618,10 @@ pub async fn proxy_status(client: &kube::Client, namespace: &str) -> Result<Vec<
     let majority = counts.iter().max_by_key(|(_, n)| **n).map(|(d, _)| d.to_string());
     for r in &mut rows {
         r.state = match &r.report {
-            Err(_) => "UNREACHABLE",
-            Ok(s) if !s.ready => "NOT READY",
-            Ok(s) if Some(&s.config_digest) == majority.as_ref() => "SYNCED",
-            Ok(_) => "STALE",
+            Err(_) => SyncState::Unreachable,
+            Ok(s) if !s.ready => SyncState::NotReady,
+            Ok(s) if Some(&s.config_digest) == majority.as_ref() => SyncState::Synced,
+            Ok(_) => SyncState::Stale,
         };
     }
     Ok(rows)

@@ -181,6 +181,10 @@ fn check_key_permissions(path: &Path) -> Result<(), Error> {
     Ok(())
 }
 
+/// Keys a CA Secret must have (Istio's `cacerts` layout); `root-cert.pem` and
+/// `cert-chain.pem` are optional.
+pub const SECRET_REQUIRED_KEYS: [&str; 2] = ["ca-cert.pem", "ca-key.pem"];
+
 /// A new self-signed mesh root, in PEM: what the agent creates in an empty CA
 /// directory and `meshctl install` puts in the `cacerts` Secret when there is none.
 pub struct SelfSignedRoot {
@@ -225,7 +229,7 @@ impl CaFiles {
     /// `ca-key.pem` are required; the other two default as for files.
     pub fn write_from_secret(dir: &Path, data: &std::collections::BTreeMap<String, Vec<u8>>) -> Result<Self, Error> {
         let files = Self::in_dir(dir);
-        for required in ["ca-cert.pem", "ca-key.pem"] {
+        for required in SECRET_REQUIRED_KEYS {
             if !data.contains_key(required) {
                 return Err(Error::CaInvalid {
                     path: dir.join(required),
