@@ -359,7 +359,12 @@ async fn check_crds(client: &kube::Client, mesh_crds: bool) -> Finding {
     let api: Api<CustomResourceDefinition> = Api::all(client.clone());
     let mut problems = Vec::new();
     let mut absent = Vec::new();
-    for k in KINDS.iter().filter(|k| k.group.contains('.') && k.group != "discovery.k8s.io") {
+    // The watched kinds that come from CRDs: those the mesh has a CRD of.
+    let mesh_crds_of = super::crds::all();
+    let from_crds = KINDS
+        .iter()
+        .filter(|k| mesh_crds_of.iter().any(|c| c.spec.group == k.group && c.spec.names.plural == k.plural));
+    for k in from_crds {
         let name = format!("{}.{}", k.plural, k.group);
         let required = mesh_crds || k.group.ends_with(".istio.io");
         match api.get_opt(&name).await {
