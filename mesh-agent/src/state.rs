@@ -262,8 +262,12 @@ impl Snapshot {
         for o in objects {
             if let Object::Pod(pod) = o {
                 let w = Arc::new(workload(pod, trust_domain, &enrolled_ns));
-                for ip in &w.ips {
-                    snap.by_ip.insert(*ip, w.clone());
+                // A hostNetwork pod's address is its node's, shared by every such pod
+                // and the node itself; a finished pod's address may be a new pod's.
+                if !pod.spec.host_network && !pod.is_finished() {
+                    for ip in &w.ips {
+                        snap.by_ip.insert(*ip, w.clone());
+                    }
                 }
                 snap.workloads.push(w);
             }
@@ -671,9 +675,12 @@ fn workload(pod: &Pod, trust_domain: &str, enrolled_ns: &HashMap<String, bool>) 
         .flat_map(|c| &c.ports)
         .filter_map(|p| p.name.clone().map(|n| (n, p.container_port)))
         .collect();
+    // A hostNetwork pod is the node as far as the network goes (enrolling it would
+    // put STRICT in front of the kubelet); a finished pod has nothing left to capture.
+    let capturable = !pod.spec.host_network && !pod.is_finished();
     Workload {
         name: pod.metadata.name.clone(),
-        enrolled: enrolled_ns.get(&namespace).copied().unwrap_or(false) && !opted_out,
+        enrolled: enrolled_ns.get(&namespace).copied().unwrap_or(false) && !opted_out && capturable,
         identity: Identity::new(trust_domain, &namespace, &sa),
         namespace,
         labels: pod.metadata.labels.clone(),
@@ -827,6 +834,41 @@ spec: {selector: {app: myapp}, clusterIP: 10.96.0.20, ports: [{port: 80, targetP
         let local: Vec<_> = s.local_enrolled("node1").map(|w| w.name.as_str()).collect();
         assert_eq!(local, ["myapp-v2"]);
         assert_eq!(s.workloads[0].identity.to_string(), "spiffe://cluster.local/ns/production/sa/myapp");
+    }
+
+    #[test]
+    fn host_network_and_finished_pods_are_never_enrolled_nor_found_by_address() {
+        let yaml = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: production, labels: {istio-injection: enabled}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: node-exporter, namespace: production, uid: 6f1e0c9a-0000-4000-8000-000000000001}
+spec: {nodeName: node1, hostNetwork: true}
+status: {podIP: 10.0.0.5, phase: Running}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: batch-job, namespace: production, uid: 6f1e0c9a-0000-4000-8000-000000000002}
+spec: {nodeName: node1}
+status: {podIP: 10.10.1.9, phase: Succeeded}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: production, uid: 6f1e0c9a-0000-4000-8000-000000000003}
+spec: {nodeName: node1}
+status: {podIP: 10.10.1.10, phase: Running}
+"#;
+        let s = Snapshot::compile(&parse_documents(Path::new("p.yaml"), yaml).unwrap(), "cluster.local", 1);
+        let local: Vec<_> = s.local_enrolled("node1").map(|w| w.name.as_str()).collect();
+        assert_eq!(local, ["web"], "STRICT in front of the node's own address would cut off the kubelet");
+        // The node's address belongs to no pod; a finished pod's address is free for reuse.
+        assert!(s.workload_by_ip("10.0.0.5".parse().unwrap()).is_none());
+        assert!(s.workload_by_ip("10.10.1.9".parse().unwrap()).is_none());
+        assert!(matches!(s.resolve("10.0.0.5:9100".parse().unwrap()), Destination::Passthrough { workload: None, .. }));
+        assert_eq!(s.workload_by_ip("10.10.1.10".parse().unwrap()).map(|w| w.name.as_str()), Some("web"));
     }
 
     #[test]

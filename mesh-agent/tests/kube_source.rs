@@ -101,6 +101,54 @@ async fn kinds_whose_crd_is_missing_do_not_hold_up_the_rest() {
 }
 
 #[tokio::test]
+async fn security_kinds_served_only_as_v1beta1_are_read_at_that_version() {
+    // Istio before 1.22 serves security.istio.io at v1beta1 only.
+    let served: Vec<String> = KINDS
+        .iter()
+        .map(|k| {
+            let version = if k.group == "security.istio.io" { "v1beta1" } else { k.version };
+            collection_path(k.group, version, k.plural)
+        })
+        .collect();
+    let api = ApiServer::new(&served).await;
+    let strict = json!({"apiVersion": "security.istio.io/v1beta1", "kind": "PeerAuthentication",
+        "metadata": {"name": "default", "namespace": "production"}, "spec": {"mtls": {"mode": "STRICT"}}});
+    api.apply(&collection_path("security.istio.io", "v1beta1", "peerauthentications"), strict);
+    let (mut source, _changes) = KubeSource::start(client(&api.url()));
+    let r = until(&mut source, "the v1beta1 policy", |r| r.objects.len() == 1).await;
+    assert_eq!(names(&r), vec!["PeerAuthentication production/default"]);
+    assert!(r.new_errors.is_empty(), "{:?}", r.new_errors);
+}
+
+#[tokio::test]
+async fn an_unserved_security_kind_is_an_error_and_nothing_applies_until_it_is_served() {
+    // No AuthorizationPolicy CRD at any version: "no policies" would be a guess.
+    let served: Vec<String> = all_collections().into_iter().filter(|p| !p.contains("authorizationpolicies")).collect();
+    let api = ApiServer::new(&served).await;
+    api.apply(&path_of("Namespace"), namespace());
+    let (mut source, _changes) = KubeSource::start(client(&api.url()));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let error = loop {
+        if let Some(e) = source.standing_errors().first() {
+            break e.to_string();
+        }
+        assert!(Instant::now() < deadline, "no error reported for the unserved kind");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        error.contains("authorizationpolicies.security.istio.io") && error.contains("v1, v1beta1"),
+        "names the CRD and the versions tried: {error}"
+    );
+    assert!(!source.synced(), "nothing is published without the policies");
+    assert!(source.reload().objects.is_empty());
+
+    api.serve(&path_of("AuthorizationPolicy"));
+    let r = until(&mut source, "published once the kind is served", |r| r.objects.len() == 1).await;
+    assert_eq!(names(&r), vec!["Namespace /production"]);
+    assert!(source.standing_errors().is_empty(), "the error clears");
+}
+
+#[tokio::test]
 async fn an_invalid_object_keeps_its_last_good_version_and_a_new_invalid_policy_fails_closed() {
     let api = ApiServer::new(&all_collections()).await;
     api.apply(&path_of("VirtualService"), virtual_service("/v1/.*"));

@@ -164,7 +164,11 @@ fn selectors_matching_nothing(objects: &[Object], snap: &Snapshot, root: &str) -
 }
 
 fn a_placeholder(o: &Object) -> bool {
-    matches!(o, Object::AuthorizationPolicy(a) if a.is_fail_closed_placeholder())
+    match o {
+        Object::AuthorizationPolicy(a) => a.is_fail_closed_placeholder(),
+        Object::PeerAuthentication(p) => p.is_fail_closed_placeholder(),
+        _ => false,
+    }
 }
 
 /// IST0102: a namespace with pods that the mesh does not capture.

@@ -374,11 +374,12 @@ async fn check_crds(client: &kube::Client, mesh_crds: bool) -> Finding {
                     .as_ref()
                     .and_then(|s| s.conditions.as_ref())
                     .is_some_and(|c| c.iter().any(|c| c.type_ == "Established" && c.status == "True"));
-                let serves = crd.spec.versions.iter().any(|v| v.name == k.version && v.served);
+                let serves = crd.spec.versions.iter().any(|v| v.served && k.versions().any(|r| r == v.name));
                 if !established {
                     problems.push(format!("{name} is not Established yet"));
                 } else if !serves {
-                    problems.push(format!("{name} does not serve {} (the version the agent reads)", k.version));
+                    let read: Vec<&str> = k.versions().collect();
+                    problems.push(format!("{name} serves none of {} (the versions the agent reads)", read.join(", ")));
                 }
             }
             Ok(None) if required => problems.push(format!("{name} is not installed")),
@@ -638,14 +639,21 @@ pub async fn analyze_cluster(client: &kube::Client, mesh: &crate::state::MeshSco
     let mut objects: Vec<Object> = Vec::new();
     let mut found = Vec::new();
     for k in KINDS {
-        let list = match k.api(client.clone()).list(&ListParams::default()).await {
-            Ok(l) => l,
-            // The CRD is not installed: none of this kind.
-            Err(kube::Error::Api(s)) if s.code == 404 => continue,
-            Err(e) => return Err(api_error("list", k.plural, e)),
-        };
+        let mut served = None;
+        for version in k.versions() {
+            match k.api_at(client.clone(), version).list(&ListParams::default()).await {
+                Ok(l) => {
+                    served = Some((version, l));
+                    break;
+                }
+                // This version is not served: try the next, then none of this kind.
+                Err(kube::Error::Api(s)) if s.code == 404 => continue,
+                Err(e) => return Err(api_error("list", k.plural, e)),
+            }
+        }
+        let Some((version, list)) = served else { continue };
         for o in list.items {
-            match parse_documents(std::path::Path::new("cluster"), &k.to_json(o)) {
+            match parse_documents(std::path::Path::new("cluster"), &k.to_json_at(o, version)) {
                 Ok(parsed) => objects.extend(parsed),
                 Err(e) => found.push(analyze::refused(&e, "cluster")),
             }

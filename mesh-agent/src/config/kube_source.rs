@@ -32,57 +32,112 @@ use super::{Error, Object};
 pub struct WatchedKind {
     /// API group (`""` for the core group).
     pub group: &'static str,
-    /// Version served.
+    /// Version read when the API server serves it.
     pub version: &'static str,
+    /// Older versions read instead when `version` is not served (Istio before 1.22
+    /// serves its security kinds as v1beta1 only). The API server converts between
+    /// served versions, so one of them is read, never several.
+    pub fallback_versions: &'static [&'static str],
     /// Kind.
     pub kind: &'static str,
     /// Resource (plural).
     pub plural: &'static str,
+    /// Security policy: when no version of it is served the agent cannot know the
+    /// policies, which is an error it reports (and it publishes nothing), never "no
+    /// policies". Other kinds that are not served simply have no objects.
+    pub required: bool,
 }
 
 impl WatchedKind {
     /// `group/version`, or `version` for the core group.
     pub fn api_version(&self) -> String {
-        if self.group.is_empty() { self.version.to_string() } else { format!("{}/{}", self.group, self.version) }
+        self.api_version_at(self.version)
     }
 
-    /// Its objects in every namespace.
+    fn api_version_at(&self, version: &str) -> String {
+        if self.group.is_empty() { version.to_string() } else { format!("{}/{version}", self.group) }
+    }
+
+    /// Every version read, preferred first.
+    pub fn versions(&self) -> impl Iterator<Item = &'static str> + '_ {
+        std::iter::once(self.version).chain(self.fallback_versions.iter().copied())
+    }
+
+    /// Its objects in every namespace, at the preferred version.
     pub fn api(&self, client: kube::Client) -> Api<DynamicObject> {
-        let gvk = GroupVersionKind::gvk(self.group, self.version, self.kind);
+        self.api_at(client, self.version)
+    }
+
+    /// Its objects in every namespace, at `version`.
+    pub fn api_at(&self, client: kube::Client, version: &str) -> Api<DynamicObject> {
+        let gvk = GroupVersionKind::gvk(self.group, version, self.kind);
         Api::all_with(client, &ApiResource::from_gvk_with_plural(&gvk, self.plural))
     }
 
     /// An object of this kind as JSON the parser reads: list items come without
     /// apiVersion and kind, so they are put back.
-    pub fn to_json(&self, mut o: DynamicObject) -> String {
-        o.types = Some(kube::api::TypeMeta { api_version: self.api_version(), kind: self.kind.into() });
+    pub fn to_json(&self, o: DynamicObject) -> String {
+        self.to_json_at(o, self.version)
+    }
+
+    /// [`WatchedKind::to_json`] for an object read at `version`.
+    pub fn to_json_at(&self, mut o: DynamicObject, version: &str) -> String {
+        o.types = Some(kube::api::TypeMeta { api_version: self.api_version_at(version), kind: self.kind.into() });
         serde_json::to_string(&o).unwrap_or_default()
+    }
+
+    /// The error standing while no version of a required kind is served.
+    fn unserved_error(&self) -> Error {
+        let versions: Vec<&str> = self.versions().collect();
+        Error {
+            file: PathBuf::from(ORIGIN),
+            object: Some(format!("CustomResourceDefinition {}.{}", self.plural, self.group)),
+            field: Some("spec.versions".into()),
+            reason: format!(
+                "no served version the agent reads ({}): without {} objects the security policies are unknown, so \
+                 the agent applies no configuration until the API server serves one; install the CRDs \
+                 (meshctl install, or Istio's base chart)",
+                versions.join(", "),
+                self.kind
+            ),
+        }
+    }
+}
+
+const fn kind(group: &'static str, version: &'static str, kind: &'static str, plural: &'static str) -> WatchedKind {
+    WatchedKind { group, version, fallback_versions: &[], kind, plural, required: false }
+}
+
+const fn security_kind(kind: &'static str, plural: &'static str) -> WatchedKind {
+    WatchedKind {
+        group: "security.istio.io",
+        version: "v1",
+        fallback_versions: &["v1beta1"],
+        kind,
+        plural,
+        required: true,
     }
 }
 
 /// Everything the agent reads from the API server, in the order objects are handed on.
 pub const KINDS: &[WatchedKind] = &[
-    WatchedKind { group: "", version: "v1", kind: "Namespace", plural: "namespaces" },
-    WatchedKind { group: "", version: "v1", kind: "ServiceAccount", plural: "serviceaccounts" },
-    WatchedKind { group: "", version: "v1", kind: "Pod", plural: "pods" },
-    WatchedKind { group: "", version: "v1", kind: "Service", plural: "services" },
-    WatchedKind { group: "discovery.k8s.io", version: "v1", kind: "EndpointSlice", plural: "endpointslices" },
-    WatchedKind { group: "networking.istio.io", version: "v1", kind: "VirtualService", plural: "virtualservices" },
-    WatchedKind { group: "networking.istio.io", version: "v1", kind: "DestinationRule", plural: "destinationrules" },
+    kind("", "v1", "Namespace", "namespaces"),
+    kind("", "v1", "ServiceAccount", "serviceaccounts"),
+    kind("", "v1", "Pod", "pods"),
+    kind("", "v1", "Service", "services"),
+    kind("discovery.k8s.io", "v1", "EndpointSlice", "endpointslices"),
     WatchedKind {
-        group: "security.istio.io",
-        version: "v1",
-        kind: "PeerAuthentication",
-        plural: "peerauthentications",
+        fallback_versions: &["v1beta1"],
+        ..kind("networking.istio.io", "v1", "VirtualService", "virtualservices")
     },
     WatchedKind {
-        group: "security.istio.io",
-        version: "v1",
-        kind: "AuthorizationPolicy",
-        plural: "authorizationpolicies",
+        fallback_versions: &["v1beta1"],
+        ..kind("networking.istio.io", "v1", "DestinationRule", "destinationrules")
     },
-    WatchedKind { group: "linkerd.io", version: "v1alpha2", kind: "ServiceProfile", plural: "serviceprofiles" },
-    WatchedKind { group: "split.smi-spec.io", version: "v1alpha2", kind: "TrafficSplit", plural: "trafficsplits" },
+    security_kind("PeerAuthentication", "peerauthentications"),
+    security_kind("AuthorizationPolicy", "authorizationpolicies"),
+    kind("linkerd.io", "v1alpha2", "ServiceProfile", "serviceprofiles"),
+    kind("split.smi-spec.io", "v1alpha2", "TrafficSplit", "trafficsplits"),
 ];
 
 /// Where errors about API objects say they come from.
@@ -105,6 +160,8 @@ struct Entry {
 struct KindState {
     /// Listed at least once (or known to be absent: its CRD is not installed).
     synced: bool,
+    /// Standing while a required kind has no served version.
+    unserved: Option<Error>,
     objects: BTreeMap<String, Entry>,
     /// Objects of a re-list in progress.
     relisting: Option<BTreeMap<String, Entry>>,
@@ -213,7 +270,7 @@ impl KubeSource {
         }));
         let (tx, rx) = mpsc::channel(1);
         for (i, k) in KINDS.iter().enumerate() {
-            tokio::spawn(watch_kind(k.api(client.clone()), i, *k, store.clone(), tx.clone()));
+            tokio::spawn(watch_kind(client.clone(), i, *k, store.clone(), tx.clone()));
         }
         (Self { store }, rx)
     }
@@ -236,17 +293,66 @@ impl KubeSource {
     /// Objects currently rejected.
     pub fn standing_errors(&self) -> Vec<Error> {
         let s = self.store.lock().unwrap_or_else(|p| p.into_inner());
-        s.kinds.iter().flat_map(|k| k.objects.values().filter_map(|e| e.error.clone())).collect()
+        s.kinds
+            .iter()
+            .flat_map(|k| k.unserved.iter().cloned().chain(k.objects.values().filter_map(|e| e.error.clone())))
+            .collect()
     }
 }
 
+/// How long to wait before asking again for a kind no version of which is served.
+const UNSERVED_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Follows one kind: its preferred version if served, else a fallback version; when
+/// none is served, says so (an error for a required kind) and asks again with back-off,
+/// since the CRD may be installed later.
 async fn watch_kind(
-    api: Api<DynamicObject>,
+    client: kube::Client,
     index: usize,
     kind: WatchedKind,
     store: Arc<Mutex<Store>>,
     changes: mpsc::Sender<()>,
 ) {
+    let mut wait = std::time::Duration::from_millis(500);
+    loop {
+        for version in kind.versions() {
+            follow(kind.api_at(client.clone(), version), index, kind, version, &store, &changes).await;
+        }
+        {
+            let mut s = store.lock().unwrap_or_else(|p| p.into_inner());
+            let k = &mut s.kinds[index];
+            if kind.required {
+                if k.unserved.is_none() {
+                    let e = kind.unserved_error();
+                    tracing::error!(error = %e, "security policy kind not served");
+                    k.unserved = Some(e.clone());
+                    s.new_errors.push(e);
+                }
+            } else if !k.synced {
+                // The CRD is not installed (no Linkerd, say): nothing of this kind exists.
+                tracing::info!(kind = kind.kind, group = kind.group, "not served by the API server; watching for it");
+                k.synced = true;
+                s.changed = true;
+            }
+        }
+        let _ = changes.try_send(());
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(UNSERVED_RETRY_MAX);
+    }
+}
+
+/// Runs the watcher of one version of a kind. Returns only when that version is not
+/// served (404 on the first list); otherwise it follows the kind for good, backing
+/// off through outages while the last state keeps serving.
+async fn follow(
+    api: Api<DynamicObject>,
+    index: usize,
+    kind: WatchedKind,
+    version: &str,
+    store: &Mutex<Store>,
+    changes: &mpsc::Sender<()>,
+) {
+    let mut listed = false;
     let mut events = std::pin::pin!(watcher::watcher(api, watcher::Config::default()).default_backoff());
     while let Some(event) = events.next().await {
         {
@@ -255,22 +361,18 @@ async fn watch_kind(
                 Ok(Event::Init) => s.kinds[index].relisting = Some(BTreeMap::new()),
                 Ok(Event::InitApply(o)) | Ok(Event::Apply(o)) => {
                     let key = key(&o);
-                    s.apply(index, key, kind.to_json(o));
+                    s.apply(index, key, kind.to_json_at(o, version));
                 }
                 Ok(Event::Delete(o)) => s.delete(index, &key(&o)),
-                Ok(Event::InitDone) => s.relist_done(index),
-                Err(watcher::Error::InitialListFailed(kube::Error::Api(status))) if status.code == 404 => {
-                    // The CRD is not installed (no Linkerd, say): nothing of this kind
-                    // exists. Keep asking (with back-off); it may be installed later.
-                    if !s.kinds[index].synced {
-                        tracing::info!(
-                            kind = kind.kind,
-                            group = kind.group,
-                            "not served by the API server; watching for it"
-                        );
-                        s.kinds[index].synced = true;
-                        s.changed = true;
+                Ok(Event::InitDone) => {
+                    listed = true;
+                    if s.kinds[index].unserved.take().is_some() {
+                        tracing::info!(kind = kind.kind, version, "served now; reading it");
                     }
+                    s.relist_done(index);
+                }
+                Err(watcher::Error::InitialListFailed(kube::Error::Api(status))) if status.code == 404 && !listed => {
+                    return;
                 }
                 Err(e) => {
                     // The last state keeps serving; the stream backs off and resumes.

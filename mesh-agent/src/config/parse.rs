@@ -42,32 +42,63 @@ pub fn parse_documents(file: &Path, text: &str) -> Result<Vec<Object>, Error> {
     Ok(objects)
 }
 
-/// Allow-nothing stand-ins for the AuthorizationPolicies a rejected `text` meant to
-/// define that `good` (its source's last good version) lacks, with the rejection `e`
-/// told so: a broken policy fails closed instead of leaving its workloads open.
+/// The security kinds whose rejection must fail closed, as the stand-in each gets.
+const FAIL_CLOSED_KINDS: [&str; 2] = ["AuthorizationPolicy", "PeerAuthentication"];
+
+/// Fail-closed stand-ins for the security policies a rejected `text` meant to define
+/// that `good` (its source's last good version) lacks, with the rejection `e` told so:
+/// an AuthorizationPolicy stands in as allow-nothing and a PeerAuthentication as
+/// STRICT, over the scope the broken object meant, so a broken policy closes instead of
+/// leaving its workloads open.
 pub fn fail_closed_standins(text: &str, good: &[Object], e: &mut Error) -> Vec<Object> {
     let standins: Vec<Object> = intended_policies(text)
         .into_iter()
-        .filter(|(ns, name, _)| !good.iter().any(|o| o.key() == ("AuthorizationPolicy", ns.clone(), name.clone())))
-        .map(|(ns, name, selector)| {
-            Object::AuthorizationPolicy(Box::new(AuthorizationPolicy::allow_nothing(&ns, &name, selector)))
+        .filter(|p| !good.iter().any(|o| o.key() == (p.kind, p.namespace.clone(), p.name.clone())))
+        .map(|p| match p.kind {
+            "PeerAuthentication" => Object::PeerAuthentication(Box::new(PeerAuthentication::strict_standin(
+                &p.namespace,
+                &p.name,
+                p.selector,
+            ))),
+            _ => Object::AuthorizationPolicy(Box::new(AuthorizationPolicy::allow_nothing(
+                &p.namespace,
+                &p.name,
+                p.selector,
+            ))),
         })
         .collect();
-    if !standins.is_empty() {
-        let names: Vec<String> = standins.iter().map(|o| describe(&o.key())).collect();
+    let names = |kind: &str| -> Vec<String> {
+        standins.iter().map(Object::key).filter(|k| k.0 == kind).map(|k| describe(&k)).collect()
+    };
+    let (policies, peer_auths) = (names("AuthorizationPolicy"), names("PeerAuthentication"));
+    if !policies.is_empty() {
         e.reason.push_str(&format!(
             "; {} never applied, so the workloads it would select allow nothing until it is fixed",
-            names.join(", ")
+            policies.join(", ")
+        ));
+    }
+    if !peer_auths.is_empty() {
+        e.reason.push_str(&format!(
+            "; {} never applied, so the workloads it would select refuse plaintext (STRICT) until it is fixed",
+            peer_auths.join(", ")
         ));
     }
     standins
 }
 
-/// The AuthorizationPolicies a rejected file meant to define, as far as they can be
-/// read: `(namespace, name, selector)`. A document that does not parse at all but says
-/// `kind: AuthorizationPolicy` counts too, scoped to its namespace (or `default`) with
-/// no selector: a broken policy must close more, not less, than its author meant.
-fn intended_policies(text: &str) -> Vec<(String, String, Option<WorkloadSelector>)> {
+/// A security policy a rejected file meant to define, as far as it can be read.
+struct IntendedPolicy {
+    kind: &'static str,
+    namespace: String,
+    name: String,
+    selector: Option<WorkloadSelector>,
+}
+
+/// The security policies a rejected file meant to define. A document that does not
+/// parse at all but names one of [`FAIL_CLOSED_KINDS`] counts too, scoped to its
+/// namespace (or `default`) with no selector: a broken policy must close more, not less,
+/// than its author meant.
+fn intended_policies(text: &str) -> Vec<IntendedPolicy> {
     let mut out = Vec::new();
     // Documents are split by hand: a syntax error stops serde_yaml's document stream.
     let mut docs = vec![String::new()];
@@ -82,40 +113,45 @@ fn intended_policies(text: &str) -> Vec<(String, String, Option<WorkloadSelector
     for doc in docs {
         match serde_yaml::from_str::<Value>(&doc) {
             Ok(v) => {
-                if v.get("kind").and_then(Value::as_str) != Some("AuthorizationPolicy") {
-                    continue;
-                }
+                let Some(kind) = v.get("kind").and_then(Value::as_str).and_then(fail_closed_kind) else { continue };
                 let meta = v.get("metadata");
                 let field = |k: &str| meta.and_then(|m| m.get(k)).and_then(Value::as_str).map(str::to_owned);
                 let selector = v
                     .get("spec")
                     .and_then(|s| s.get("selector"))
                     .and_then(|s| serde_yaml::from_value::<WorkloadSelector>(s.clone()).ok());
-                out.push((
-                    field("namespace").unwrap_or_else(|| "default".into()),
-                    field("name").unwrap_or_else(|| "unnamed".into()),
+                out.push(IntendedPolicy {
+                    kind,
+                    namespace: field("namespace").unwrap_or_else(|| "default".into()),
+                    name: field("name").unwrap_or_else(|| "unnamed".into()),
                     selector,
-                ));
+                });
             }
             Err(_) => {
-                let says_policy = doc.lines().any(|l| l.trim() == "kind: AuthorizationPolicy");
-                if says_policy {
+                let kind =
+                    doc.lines().find_map(|l| l.trim().strip_prefix("kind:").and_then(|k| fail_closed_kind(k.trim())));
+                if let Some(kind) = kind {
                     let value_of = |key: &str| {
                         doc.lines().find_map(|l| {
                             let t = l.trim_start();
                             (l.len() > t.len()).then(|| t.strip_prefix(key)).flatten().map(|v| v.trim().to_string())
                         })
                     };
-                    out.push((
-                        value_of("namespace:").filter(|v| !v.is_empty()).unwrap_or_else(|| "default".into()),
-                        value_of("name:").filter(|v| !v.is_empty()).unwrap_or_else(|| "unparsed".into()),
-                        None,
-                    ));
+                    out.push(IntendedPolicy {
+                        kind,
+                        namespace: value_of("namespace:").filter(|v| !v.is_empty()).unwrap_or_else(|| "default".into()),
+                        name: value_of("name:").filter(|v| !v.is_empty()).unwrap_or_else(|| "unparsed".into()),
+                        selector: None,
+                    });
                 }
             }
         }
     }
     out
+}
+
+fn fail_closed_kind(kind: &str) -> Option<&'static str> {
+    FAIL_CLOSED_KINDS.into_iter().find(|k| *k == kind)
 }
 
 /// `Kind namespace/name` or `Kind name`.

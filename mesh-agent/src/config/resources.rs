@@ -135,6 +135,10 @@ pub struct PodSpec {
     /// Containers (only their ports matter to the mesh).
     #[serde(default)]
     pub containers: Vec<Container>,
+    /// The pod shares the node's network namespace: its address is the node's, so it is
+    /// never enrolled (capturing it would capture the node) and never indexed by IP.
+    #[serde(default)]
+    pub host_network: bool,
 }
 
 /// `Pod.spec.containers[]`.
@@ -191,11 +195,17 @@ pub struct PodCondition {
 }
 
 impl Pod {
+    /// `Succeeded` or `Failed`: its containers are gone for good and its address may
+    /// already belong to a new pod.
+    pub fn is_finished(&self) -> bool {
+        matches!(self.status.phase.as_deref(), Some("Succeeded" | "Failed"))
+    }
+
     /// Whether the pod takes new connections as a Service endpoint, as kube-proxy
     /// decides: not finished, not being deleted, and `Ready` unless it reports no
     /// conditions at all (a manifest written by hand, as in the lab).
     pub fn is_serving(&self) -> bool {
-        let finished = matches!(self.status.phase.as_deref(), Some("Succeeded" | "Failed"));
+        let finished = self.is_finished();
         let ready = self.status.conditions.iter().find(|c| c.kind == "Ready").is_none_or(|c| c.status == "True");
         !finished && self.metadata.deletion_timestamp.is_none() && ready
     }

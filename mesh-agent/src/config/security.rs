@@ -52,6 +52,36 @@ pub struct PeerAuthentication {
     _status: Option<Value>,
 }
 
+impl PeerAuthentication {
+    /// A STRICT policy over `namespace` and `selector`: what stands in for a
+    /// PeerAuthentication that was rejected before it ever applied. Its author may have
+    /// meant STRICT, and a typo must not leave the workloads PERMISSIVE; plaintext is
+    /// refused until the policy is fixed.
+    pub fn strict_standin(namespace: &str, name: &str, selector: Option<WorkloadSelector>) -> Self {
+        PeerAuthentication {
+            metadata: ObjectMeta {
+                name: name.to_string(),
+                namespace: Some(namespace.to_string()),
+                annotations: BTreeMap::from([(FAIL_CLOSED_ANNOTATION.to_string(), "true".to_string())]),
+                ..Default::default()
+            },
+            spec: PeerAuthenticationSpec {
+                selector,
+                mtls: Some(MutualTls { mode: MtlsMode::Strict }),
+                port_level_mtls: BTreeMap::new(),
+            },
+            _api_version: None,
+            _kind: None,
+            _status: None,
+        }
+    }
+
+    /// True for the stand-in of a rejected policy ([`PeerAuthentication::strict_standin`]).
+    pub fn is_fail_closed_placeholder(&self) -> bool {
+        self.metadata.annotations.contains_key(FAIL_CLOSED_ANNOTATION)
+    }
+}
+
 /// `PeerAuthentication.spec`.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

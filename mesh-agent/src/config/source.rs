@@ -96,7 +96,13 @@ impl DirSource {
             out.changed = true;
         }
         for path in paths {
-            let Ok(contents) = std::fs::read_to_string(&path) else { continue };
+            let contents = match read_text(&path) {
+                Ok(text) => text,
+                Err(reason) => {
+                    self.reject_unreadable(&path, reason, &mut out);
+                    continue;
+                }
+            };
             if self.files.get(&path).is_some_and(|f| f.contents == contents) {
                 continue;
             }
@@ -161,6 +167,24 @@ impl DirSource {
         out
     }
 
+    /// Records `path` as rejected for `reason` (unreadable, not UTF-8): its last good
+    /// version stays in force, and the security policies it meant to define fail
+    /// closed, as for any other rejected file.
+    fn reject_unreadable(&mut self, path: &Path, reason: String, out: &mut Reload) {
+        // The bytes that did decode are enough to tell which policies the file meant.
+        let lossy = std::fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+        if self.files.get(path).is_some_and(|f| f.error.is_some() && f.contents == lossy) {
+            return;
+        }
+        let mut e = Error { file: path.to_owned(), object: None, field: None, reason };
+        let good = self.files.get(path).map(|f| f.good.clone()).unwrap_or_default();
+        let fail_closed = fail_closed_standins(&lossy, &good, &mut e);
+        out.new_errors.push(e.clone());
+        out.changed |= !fail_closed.is_empty();
+        self.files
+            .insert(path.to_owned(), FileState { contents: lossy, good, fail_closed, error: Some(e), recheck: false });
+    }
+
     /// Objects in force; on a name defined in two files, the first file (by name) wins
     /// and the later one is reported.
     fn objects(&self) -> Vec<Object> {
@@ -196,6 +220,18 @@ impl DirSource {
         }
         errors
     }
+}
+
+/// A file's text; a file that cannot be read or is not UTF-8 is an error to report,
+/// never a file to skip: skipping would drop what it defined without a word.
+fn read_text(path: &Path) -> Result<String, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read: {e}"))?;
+    String::from_utf8(bytes).map_err(|e| {
+        format!(
+            "not UTF-8 text (invalid byte at offset {}); Kubernetes manifests are UTF-8",
+            e.utf8_error().valid_up_to()
+        )
+    })
 }
 
 fn list(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
@@ -350,6 +386,60 @@ mod tests {
         std::fs::write(&file, GOOD_AP.replace("10.0.0.0/8", "nonsense")).unwrap();
         let r = src.reload();
         assert_eq!(policies(&r.objects), vec![("production/p".to_string(), false, true)]);
+    }
+
+    const GOOD_PA: &str = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: strict, namespace: production}\nspec:\n  selector: {matchLabels: {app: myapp}}\n  mtls: {mode: STRICT}\n";
+
+    fn peer_auths(objects: &[Object]) -> Vec<(String, bool, Option<crate::config::security::MtlsMode>)> {
+        objects
+            .iter()
+            .filter_map(|o| match o {
+                Object::PeerAuthentication(p) => {
+                    Some((p.metadata.key(), p.is_fail_closed_placeholder(), p.spec.mtls.as_ref().map(|m| m.mode)))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_peer_authentication_rejected_before_it_ever_applied_stands_in_as_strict() {
+        use crate::config::security::MtlsMode;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pa.yaml");
+        // A typo in the mode: Istio's webhook refuses it, and so do we.
+        std::fs::write(&file, GOOD_PA.replace("STRICT", "STRCT")).unwrap();
+        let mut src = DirSource::new(dir.path());
+        let r = src.reload();
+        assert_eq!(peer_auths(&r.objects), vec![("production/strict".to_string(), true, Some(MtlsMode::Strict))]);
+        let e = r.new_errors[0].to_string();
+        assert!(e.contains("refuse plaintext (STRICT) until it is fixed"), "{e}");
+
+        std::fs::write(&file, GOOD_PA).unwrap();
+        let r = src.reload();
+        assert_eq!(peer_auths(&r.objects), vec![("production/strict".to_string(), false, Some(MtlsMode::Strict))]);
+
+        // Broken after it applied: the last good version stays in force.
+        std::fs::write(&file, GOOD_PA.replace("STRICT", "PERMISIVE")).unwrap();
+        let r = src.reload();
+        assert_eq!(peer_auths(&r.objects), vec![("production/strict".to_string(), false, Some(MtlsMode::Strict))]);
+    }
+
+    #[test]
+    fn a_file_that_is_not_utf8_is_rejected_and_its_policies_fail_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut bytes = GOOD_PA.as_bytes().to_vec();
+        bytes.extend_from_slice(b"# caf\xe9\n");
+        std::fs::write(dir.path().join("pa.yaml"), &bytes).unwrap();
+        let mut src = DirSource::new(dir.path());
+        let r = src.reload();
+        assert_eq!(r.new_errors.len(), 1, "reported, not skipped");
+        let e = r.new_errors[0].to_string();
+        assert!(e.contains("pa.yaml") && e.contains("not UTF-8"), "{e}");
+        assert_eq!(peer_auths(&r.objects).len(), 1, "the policy it meant stands in, fail closed");
+        assert!(peer_auths(&r.objects)[0].1);
+        assert!(src.reload().new_errors.is_empty(), "reported once");
+        assert_eq!(src.standing_errors().len(), 1);
     }
 
     #[test]

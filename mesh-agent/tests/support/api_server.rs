@@ -86,6 +86,12 @@ impl ApiServer {
         s
     }
 
+    /// Starts serving `collection` (a CRD installed while clients run).
+    pub fn serve(&self, collection: &str) {
+        self.state.lock().unwrap().collections.entry(collection.to_string()).or_default();
+        self.changed.notify_waiters();
+    }
+
     /// `http://127.0.0.1:<port>`.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
