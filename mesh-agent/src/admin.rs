@@ -33,13 +33,15 @@ pub struct AdminState {
     pub snapshot: SharedSnapshot,
     /// Rejected config, rendered as text, shown in the dump.
     pub config_errors: Arc<std::sync::Mutex<Vec<String>>>,
-    /// Names of pods enrolled here.
-    pub enrolled: Arc<std::sync::Mutex<Vec<String>>>,
+    /// Every local pod that should be captured, with where it stands.
+    pub pods: Arc<std::sync::Mutex<Vec<crate::app::PodReport>>>,
     /// This node.
     pub node: String,
 }
 
-/// What `meshctl proxy-status` compares across agents; nothing about workloads.
+/// What `meshctl proxy-status` compares across agents, and the pods of this node the
+/// agent should capture and cannot (with why): an operator must see them without the
+/// config dump. Nothing about other workloads.
 #[derive(Serialize)]
 struct SyncStatus<'a> {
     node: &'a str,
@@ -48,6 +50,7 @@ struct SyncStatus<'a> {
     version: u64,
     config_digest: &'a str,
     enrolled_pods: usize,
+    failed_pods: Vec<crate::app::PodReport>,
     rejected_config: usize,
 }
 
@@ -59,6 +62,7 @@ struct ConfigDump<'a> {
     version: u64,
     config_digest: &'a str,
     enrolled_pods: Vec<String>,
+    local_pods: Vec<crate::app::PodReport>,
     workloads: Vec<WorkloadView>,
     services: Vec<ServiceView>,
     rejected_config: Vec<String>,
@@ -96,13 +100,19 @@ fn route(state: &AdminState, req: &Request<Incoming>, dump: bool) -> Response<Fu
     match req.uri().path() {
         "/sync_status" => {
             let snap = state.snapshot.load();
+            let pods = state.pods.lock().unwrap_or_else(|p| p.into_inner()).clone();
             let status = SyncStatus {
                 node: &state.node,
                 agent_version: env!("CARGO_PKG_VERSION"),
                 ready: state.ready.load(Ordering::Acquire),
                 version: snap.version,
                 config_digest: &snap.config_digest,
-                enrolled_pods: state.enrolled.lock().unwrap_or_else(|p| p.into_inner()).len(),
+                enrolled_pods: pods.iter().filter(|p| p.state == crate::app::PodState::Enrolled).count(),
+                failed_pods: pods
+                    .iter()
+                    .filter(|p| matches!(p.state, crate::app::PodState::Failed(_)))
+                    .cloned()
+                    .collect(),
                 rejected_config: state.config_errors.lock().unwrap_or_else(|p| p.into_inner()).len(),
             };
             match serde_json::to_string(&status) {
@@ -126,12 +136,18 @@ fn route(state: &AdminState, req: &Request<Incoming>, dump: bool) -> Response<Fu
         }
         "/config_dump" if dump => {
             let snap = state.snapshot.load();
+            let pods = state.pods.lock().unwrap_or_else(|p| p.into_inner()).clone();
             let dump = ConfigDump {
                 node: &state.node,
                 agent_version: env!("CARGO_PKG_VERSION"),
                 version: snap.version,
                 config_digest: &snap.config_digest,
-                enrolled_pods: state.enrolled.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+                enrolled_pods: pods
+                    .iter()
+                    .filter(|p| p.state == crate::app::PodState::Enrolled)
+                    .map(|p| p.pod.clone())
+                    .collect(),
+                local_pods: pods,
                 workloads: snap
                     .workloads
                     .iter()

@@ -1,7 +1,12 @@
-//! Wiring: identity, kernel programs, config source and per-pod proxies, and the
-//! reconcile loop that keeps them in step. Shutdown drains connections.
+//! Wiring: identity, kernel programs, config source, the CNI socket and per-pod
+//! proxies, and the reconcile loop that keeps them in step. Shutdown drains
+//! connections.
 
-use std::collections::HashMap;
+mod pods;
+
+pub use pods::{PodReport, PodState};
+
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -9,17 +14,20 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use prometheus_client::registry::Registry;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, AdminState};
+use crate::cni::CniRequest;
 use crate::config::{DirSource, KubeSource, Reload};
-use crate::dataplane::{self, Dataplane, Netns, Paths, PlaintextVerdicts, PodEnrollment};
+use crate::dataplane::{self, Dataplane, Netns, Paths};
 use crate::identity::{CertStore, MeshCa, PeerVerifier};
-use crate::proxy::{PodProxy, Pool, ProxyContext};
+use crate::proxy::{Pool, ProxyContext};
 use crate::settings::{ConfigSourceKind, Settings};
-use crate::state::{Snapshot, Workload};
+use crate::state::Snapshot;
 use crate::telemetry::Metrics;
+use pods::Pods;
 
 /// Pods whose netns or cgroup is not there yet are retried this often; also the
 /// fallback re-read of the config directory should a file event be missed.
@@ -51,6 +59,9 @@ pub enum Error {
     /// A setting is missing or malformed.
     #[error("{0}")]
     Settings(String),
+    /// The CNI socket could not be bound, or the plugin not installed.
+    #[error(transparent)]
+    Cni(#[from] crate::cni::Error),
 }
 
 /// Where configuration comes from.
@@ -83,14 +94,6 @@ async fn kube_client(settings: &Settings) -> Result<kube::Client, Error> {
     kube::Client::try_from(config).map_err(|e| Error::Kube(e.to_string()))
 }
 
-/// A pod this agent serves.
-struct RunningPod {
-    proxy: PodProxy,
-    enrollment: PodEnrollment,
-    /// What the kernel holds for the pod's plaintext, to write only changes.
-    plaintext: Option<PlaintextVerdicts>,
-}
-
 /// Runs the agent until SIGTERM/SIGINT, then drains.
 pub async fn run(settings: Settings) -> Result<(), Error> {
     Netns::init_host()?;
@@ -112,53 +115,24 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
 
     let paths = resolve_paths(&settings)?;
     let dataplane = Arc::new(Dataplane::load(paths, settings.bypass_mark, &settings.exclude_ports)?);
+    // Bound before anything waits, so a pod starting now waits for the agent instead of
+    // finding no socket; its request is answered once the config is in.
+    let cni_listener = crate::cni::bind(&settings.cni_socket)?;
+    install_cni_plugin(&settings)?;
 
     let mut registry = Registry::with_prefix("istio");
     let metrics = Arc::new(Metrics::new(&mut registry));
-    let (mut source, mut changes, _watcher) = match (&client, &settings.config_dir) {
-        (Some(client), _) => {
-            let (source, changes) = KubeSource::start(client.clone());
-            // A partial config would unenroll pods the API has not listed yet.
-            let mut waited = 0u32;
-            while !source.synced() {
-                if waited.is_multiple_of(50) {
-                    tracing::info!("waiting for the API server to list every kind the mesh reads");
-                }
-                waited += 1;
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            (Source::Kube(source), changes, None)
-        }
-        (None, Some(dir)) => {
-            let source = DirSource::new(dir);
-            let (watcher, changes) = source.watch().map_err(|source| Error::Watch { dir: dir.clone(), source })?;
-            (Source::Files(source), changes, Some(watcher))
-        }
-        (None, None) => return Err(Error::Settings("--config-dir is required with --config-source files".into())),
-    };
     let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
     let shutdown = CancellationToken::new();
-    let ctx = ProxyContext {
-        snapshot: snapshot.clone(),
-        dataplane: dataplane.clone(),
-        certs,
-        verifier,
-        pool: Arc::new(Pool::default()),
-        l7: Arc::default(),
-        metrics: metrics.clone(),
-        bypass_mark: settings.bypass_mark,
-        shutdown: shutdown.clone(),
-        tasks: TaskTracker::new(),
-        inbound: Arc::default(),
-    };
     let admin_state = AdminState {
         ready: Arc::new(AtomicBool::new(false)),
         registry: Arc::new(registry),
         snapshot: snapshot.clone(),
         config_errors: Default::default(),
-        enrolled: Default::default(),
+        pods: Default::default(),
         node: settings.node.clone(),
     };
+    // Up before the config is: a waiting agent answers "not ready" and says why.
     for addr in dedup([settings.admin_addr, settings.metrics_addr, settings.readiness_addr]) {
         let listener_state = admin_state.clone();
         let stop = shutdown.clone();
@@ -172,22 +146,58 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
             }
         });
     }
+    let (mut source, mut changes, _watcher) = match (&client, &settings.config_dir) {
+        (Some(client), _) => {
+            let (source, changes) = KubeSource::start(client.clone());
+            // A partial config would unenroll pods the API has not listed yet.
+            let mut waited = 0u32;
+            while !source.synced() {
+                if waited.is_multiple_of(50) {
+                    tracing::info!("waiting for the API server to list every kind the mesh reads");
+                    *admin_state.config_errors.lock().unwrap_or_else(|p| p.into_inner()) =
+                        source.standing_errors().iter().map(ToString::to_string).collect();
+                }
+                waited += 1;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            (Source::Kube(source), changes, None)
+        }
+        (None, Some(dir)) => {
+            let source = DirSource::new(dir);
+            let (watcher, changes) = source.watch().map_err(|source| Error::Watch { dir: dir.clone(), source })?;
+            (Source::Files(source), changes, Some(watcher))
+        }
+        (None, None) => return Err(Error::Settings("--config-dir is required with --config-source files".into())),
+    };
+    let ctx = ProxyContext {
+        snapshot: snapshot.clone(),
+        dataplane: dataplane.clone(),
+        certs,
+        verifier,
+        pool: Arc::new(Pool::default()),
+        l7: Arc::default(),
+        metrics: metrics.clone(),
+        bypass_mark: settings.bypass_mark,
+        shutdown: shutdown.clone(),
+        tasks: TaskTracker::new(),
+        inbound: Arc::default(),
+    };
+    let (cni_tx, mut cni_rx) = mpsc::channel::<CniRequest>(64);
+    tokio::spawn(crate::cni::serve(cni_listener, cni_tx, shutdown.clone()));
 
     let mut agent = Agent {
         settings: settings.clone(),
         ctx: ctx.clone(),
-        pods: HashMap::new(),
+        pods: Pods::default(),
         version: 0,
         admin: admin_state.clone(),
+        hinted: None,
     };
     agent.reload(&mut source);
     agent.reconcile();
-    let current: Vec<&PodEnrollment> = agent.pods.values().map(|p| &p.enrollment).collect();
-    if let Err(e) = dataplane.finish_takeover(&current) {
-        tracing::error!(error = %e, "cleaning up after the previous run");
-    }
+    agent.finish_takeover();
     admin_state.ready.store(true, Ordering::Release);
-    tracing::info!(node = %settings.node, pods = agent.pods.len(), "agent ready");
+    tracing::info!(node = %settings.node, pods = agent.pods.enrolled_count(), "agent ready");
 
     let mut resync = tokio::time::interval(RESYNC_INTERVAL);
     let mut renew = tokio::time::interval(ctx.certs.renewal_interval());
@@ -195,7 +205,19 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
         tokio::select! {
             _ = shutdown_signal() => break,
             Some(()) = changes.recv() => { agent.reload(&mut source); agent.reconcile(); }
-            _ = resync.tick() => { agent.reload(&mut source); agent.reconcile(); }
+            Some(r) = cni_rx.recv() => {
+                agent.pods.cni(&ctx, r.request, r.netns, r.reply);
+                // The config may already show the pod: answer without waiting a tick.
+                agent.reload(&mut source);
+                agent.reconcile();
+            }
+            _ = resync.tick() => {
+                agent.reload(&mut source);
+                agent.reconcile();
+                if dataplane.has_stale_links() {
+                    agent.finish_takeover();
+                }
+            }
             _ = renew.tick() => {
                 // Signing is CPU work; keep it off the runtime's I/O workers.
                 let certs = ctx.certs.clone();
@@ -216,6 +238,25 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
     Ok(())
 }
 
+/// Chains `mesh-cni` into the node's CNI configuration when the agent is told where
+/// it is (the DaemonSet does; the lab runs the plugin itself).
+fn install_cni_plugin(settings: &Settings) -> Result<(), Error> {
+    let (Some(conf_dir), Some(bin_dir)) = (&settings.cni_conf_dir, &settings.cni_bin_dir) else { return Ok(()) };
+    let plugin = match &settings.cni_plugin {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()
+            .map_err(|source| crate::cni::Error::Io { path: "/proc/self/exe".into(), source })?
+            .with_file_name(crate::cni::PLUGIN_TYPE),
+    };
+    let entry = serde_json::json!({
+        "socket": settings.cni_socket,
+        "excludeNamespaces": settings.cni_exclude_namespaces,
+    });
+    let written = crate::cni::install(&plugin, bin_dir, conf_dir, &entry)?;
+    tracing::info!(conf = %written.display(), "mesh-cni chained into the node's CNI configuration");
+    Ok(())
+}
+
 fn dedup<const N: usize>(addrs: [std::net::SocketAddr; N]) -> Vec<std::net::SocketAddr> {
     let mut out = Vec::new();
     for a in addrs {
@@ -229,13 +270,8 @@ fn dedup<const N: usize>(addrs: [std::net::SocketAddr; N]) -> Vec<std::net::Sock
 fn resolve_paths(s: &Settings) -> Result<Paths, dataplane::Error> {
     let cg_root = dataplane::cgroup2_root()?;
     let node_cgroup = if s.node_cgroup.is_absolute() { s.node_cgroup.clone() } else { cg_root.join(&s.node_cgroup) };
-    let pod_cgroup_dir = match &s.pod_cgroup_dir {
-        Some(p) if p.is_absolute() => p.clone(),
-        Some(p) => cg_root.join(p),
-        None => node_cgroup.clone(),
-    };
     let pin_dir = s.bpf_pin_dir.clone().unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/mesh").join(&s.node));
-    Ok(Paths { node_cgroup, pod_cgroup_dir, netns_dir: s.netns_dir.clone(), proc_dir: s.proc_dir.clone(), pin_dir })
+    Ok(Paths { node_cgroup, proc_dir: s.proc_dir.clone(), pin_dir })
 }
 
 async fn shutdown_signal() {
@@ -251,9 +287,11 @@ async fn shutdown_signal() {
 struct Agent {
     settings: Settings,
     ctx: ProxyContext,
-    pods: HashMap<String, RunningPod>,
+    pods: Pods,
     version: u64,
     admin: AdminState,
+    /// The enrolled namespaces last written for the CNI plugin.
+    hinted: Option<BTreeSet<String>>,
 }
 
 impl Agent {
@@ -284,69 +322,32 @@ impl Agent {
         }
     }
 
-    /// Brings the set of served pods in line with the snapshot.
+    /// Brings the served pods in line with the snapshot, answers the CNI plugin, and
+    /// publishes where every local pod stands.
     fn reconcile(&mut self) {
         let snap = self.ctx.snapshot.load_full();
-        let desired: HashMap<String, Arc<Workload>> =
-            snap.local_enrolled(&self.settings.node).map(|w| (w.key(), w.clone())).collect();
-        // Identities are issued before the pods' proxies start, so the first handshake
-        // finds its certificate.
-        self.ctx.certs.set_local(desired.values().map(|w| w.identity.clone()));
-        let stale: Vec<String> = self
-            .pods
-            .iter()
-            .filter(|(k, p)| {
-                desired.get(*k).is_none_or(|w| w.ips != p.proxy.workload.ips || w.identity != p.proxy.workload.identity)
-            })
-            .map(|(k, _)| k.clone())
-            .collect();
-        for key in stale {
-            if let Some(p) = self.pods.remove(&key) {
-                p.proxy.stop();
-                if let Err(e) = self.ctx.dataplane.unenroll(p.enrollment) {
-                    tracing::error!(pod = %key, error = %e, "unenroll failed");
-                }
-                tracing::info!(pod = %key, "pod no longer served here");
+        self.pods.reconcile(&self.ctx, &snap, &self.settings.node);
+        self.pods.answer_waiters(&snap, &self.settings.node);
+        self.ctx.metrics.enrolled_pods.set(self.pods.enrolled_count() as i64);
+        *self.admin.pods.lock().unwrap_or_else(|p| p.into_inner()) = self.pods.report();
+        let enrolled_namespaces = snap.enrolled_namespaces();
+        if self.hinted.as_ref() != Some(&enrolled_namespaces) {
+            match crate::cni::write_enrolled_namespaces(
+                &self.settings.cni_socket,
+                enrolled_namespaces.iter().map(String::as_str),
+            ) {
+                Ok(()) => self.hinted = Some(enrolled_namespaces),
+                Err(e) => tracing::warn!(error = %e, "writing the enrolled namespaces for the CNI plugin"),
             }
         }
-        for (key, w) in desired {
-            if self.pods.contains_key(&key) {
-                continue;
-            }
-            match self.start_pod(&w) {
-                Ok(p) => {
-                    self.pods.insert(key, p);
-                }
-                Err(e) => tracing::warn!(pod = %key, error = %e, "cannot serve pod yet; will retry"),
-            }
-        }
-        for (key, p) in self.pods.iter_mut() {
-            let (default_drop, ports) = snap.security(key).plaintext_verdicts();
-            let desired = PlaintextVerdicts { default_drop, ports };
-            if p.plaintext.as_ref() == Some(&desired) {
-                continue;
-            }
-            match self.ctx.dataplane.set_plaintext_verdicts(&p.enrollment, &desired) {
-                Ok(()) => {
-                    tracing::info!(pod = %key, drop_by_default = desired.default_drop, ports = ?desired.ports, "kernel plaintext verdicts set");
-                    p.plaintext = Some(desired);
-                }
-                // The agent still refuses what the kernel would have dropped.
-                Err(e) => tracing::error!(pod = %key, error = %e, "writing plaintext verdicts failed"),
-            }
-        }
-        self.ctx.metrics.enrolled_pods.set(self.pods.len() as i64);
-        let mut names: Vec<String> = self.pods.keys().cloned().collect();
-        names.sort();
-        *self.admin.enrolled.lock().unwrap_or_else(|p| p.into_inner()) = names;
     }
 
-    fn start_pod(&self, w: &Arc<Workload>) -> Result<RunningPod, crate::proxy::Error> {
-        let dp = &self.ctx.dataplane;
-        let pod = dataplane::PodRef { name: &w.name, uid: w.uid.as_deref() };
-        let netns = Arc::new(dp.pod_netns(pod)?);
-        let proxy = PodProxy::start(&self.ctx, w.clone(), netns.clone())?;
-        let enrollment = dp.enroll(pod, &netns, &w.ips, &proxy)?;
-        Ok(RunningPod { proxy, enrollment, plaintext: None })
+    /// Removes what the previous run left for pods that are not wanted here any more.
+    fn finish_takeover(&self) {
+        let snap = self.ctx.snapshot.load_full();
+        let wanted = Pods::wanted_uids(&snap, &self.settings.node);
+        if let Err(e) = self.ctx.dataplane.finish_takeover(&wanted, &self.pods.enrollments()) {
+            tracing::error!(error = %e, "cleaning up after the previous run");
+        }
     }
 }

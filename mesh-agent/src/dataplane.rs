@@ -10,11 +10,11 @@ mod locate;
 mod mounts;
 mod netns;
 
-pub use locate::PodRef;
+pub use locate::PodUid;
 pub use mounts::{cgroup2_mount, cgroup2_root, ensure_bpffs, is_bpffs};
 pub use netns::Netns;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::fs::File;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
@@ -28,8 +28,8 @@ use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps};
 use aya::{Ebpf, EbpfLoader};
 use mesh_common::{
-    CONFIG_FLAG_READY, InboundPod, IpKey, MeshConfig, OrigDst, PLAINTEXT_ALLOW, PLAINTEXT_DROP, POD_FLAG_ENROLLED,
-    POD_FLAG_HAS_IP6, PodInfo, PodPortKey, SockAddrKey, maps, programs,
+    CONFIG_FLAG_READY, IpKey, MeshConfig, NetnsPod, NetnsPortKey, OrigDst, PLAINTEXT_ALLOW, PLAINTEXT_DROP,
+    POD_FLAG_ENROLLED, POD_FLAG_HAS_IP6, PodInfo, SockAddrKey, capacity, globals, maps, programs,
 };
 
 /// The kernel object built by `mesh-ebpf` (see build.rs).
@@ -107,13 +107,10 @@ fn io_err(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
 /// Where the node's kernel objects live.
 #[derive(Debug, Clone)]
 pub struct Paths {
-    /// cgroup v2 directory the capture programs attach to.
+    /// cgroup v2 directory the capture programs attach to; pods' cgroups are found
+    /// below it by UID, in kubelet's layouts.
     pub node_cgroup: PathBuf,
-    /// Directory of pod cgroups (`<dir>/<pod>`).
-    pub pod_cgroup_dir: PathBuf,
-    /// Directory of pod network namespaces (`<dir>/<pod>`).
-    pub netns_dir: PathBuf,
-    /// `/proc` of the host's PID namespace, for pods' namespaces found by process.
+    /// `/proc` of the host's PID namespace, for the namespaces of running pods.
     pub proc_dir: PathBuf,
     /// bpffs directory for this node's maps and links.
     pub pin_dir: PathBuf,
@@ -122,11 +119,11 @@ pub struct Paths {
 /// Tables written by the reconcile loop; one lock, writes are rare.
 struct Tables {
     enrolled: BpfHashMap<MapData, u64, PodInfo>,
-    inbound_pods: BpfHashMap<MapData, IpKey, InboundPod>,
+    netns_pods: BpfHashMap<MapData, u64, NetnsPod>,
     listeners: SockMap<MapData>,
     config: Array<MapData, MeshConfig>,
     excluded_ports: BpfHashMap<MapData, u32, u32>,
-    plaintext: BpfHashMap<MapData, PodPortKey, u32>,
+    plaintext: BpfHashMap<MapData, NetnsPortKey, u32>,
 }
 
 /// A pod's plaintext verdicts as the kernel holds them (`true`: dropped in the kernel).
@@ -141,10 +138,18 @@ pub struct PlaintextVerdicts {
 /// A pod's kernel-side enrollment.
 #[derive(Debug)]
 pub struct PodEnrollment {
+    uid: PodUid,
     cgroup_id: u64,
+    netns: u64,
     slot: u32,
-    ips: Vec<IpKey>,
     sk_lookup_pin: PathBuf,
+}
+
+impl PodEnrollment {
+    /// The pod.
+    pub fn uid(&self) -> &PodUid {
+        &self.uid
+    }
 }
 
 /// The loaded programs and their maps.
@@ -155,9 +160,13 @@ pub struct Dataplane {
     paths: Paths,
     /// Suffix of this run's pinned links, so a restart can tell old links from new.
     generation: String,
-    /// Links pinned by an earlier run, detached once this run's are in place.
+    /// Links pinned by an earlier run, detached once this run's are in place (or the
+    /// pod they capture is gone).
     stale_links: Mutex<Vec<PathBuf>>,
-    used_slots: Mutex<BTreeSet<u32>>,
+    /// aya-log level of every program this run loads.
+    kernel_log_level: u8,
+    /// Links pinned by this run, to name each pin uniquely.
+    pins: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Dataplane {
@@ -179,6 +188,7 @@ impl Dataplane {
         let kernel_log_level: u8 = if tracing::enabled!(target: "mesh_ebpf", tracing::Level::DEBUG) { 4 } else { 2 };
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&paths.pin_dir)
+            .map_pin_path(maps::AYA_LOGS, paths.pin_dir.join(maps::AYA_LOGS))
             .override_global("AYA_LOG_LEVEL", &kernel_log_level, false)
             .load(EBPF_OBJECT)?;
         start_kernel_log(&mut ebpf);
@@ -190,8 +200,7 @@ impl Dataplane {
         let tables = Tables {
             enrolled: BpfHashMap::try_from(take(&mut ebpf, maps::ENROLLED_PODS)?)
                 .map_err(map_err(maps::ENROLLED_PODS))?,
-            inbound_pods: BpfHashMap::try_from(take(&mut ebpf, maps::INBOUND_PODS)?)
-                .map_err(map_err(maps::INBOUND_PODS))?,
+            netns_pods: BpfHashMap::try_from(take(&mut ebpf, maps::NETNS_PODS)?).map_err(map_err(maps::NETNS_PODS))?,
             listeners: SockMap::try_from(take(&mut ebpf, maps::INBOUND_LISTENERS)?)
                 .map_err(map_err(maps::INBOUND_LISTENERS))?,
             config: Array::try_from(take(&mut ebpf, maps::MESH_CONFIG)?).map_err(map_err(maps::MESH_CONFIG))?,
@@ -209,7 +218,8 @@ impl Dataplane {
             paths,
             generation,
             stale_links: Mutex::new(stale_links),
-            used_slots: Mutex::new(BTreeSet::new()),
+            kernel_log_level,
+            pins: std::sync::atomic::AtomicU64::new(0),
         };
         dp.write_config(bypass_mark, excluded_ports)?;
         dp.attach_cgroup_programs()?;
@@ -256,8 +266,6 @@ impl Dataplane {
         let link = prog.attach(&cgroup, CgroupAttachMode::Single).and_then(|id| prog.take_link(id));
         self.pin_link(name, link)?;
 
-        let prog: &mut SkLookup = program(&mut ebpf, programs::SK_LOOKUP)?;
-        prog.load().map_err(|source| Error::Program { program: programs::SK_LOOKUP, source })?;
         tracing::info!(cgroup = %self.paths.node_cgroup.display(), pin_dir = %self.paths.pin_dir.display(), "capture programs attached");
         Ok(())
     }
@@ -273,109 +281,150 @@ impl Dataplane {
     }
 
     fn pin(&self, link: FdLink, name: &str) -> Result<PathBuf, Error> {
-        let path = self.paths.pin_dir.join(LINKS_DIR).join(format!("{name}@{}", self.generation));
+        // A pod enrolled again in the same run gets a second link before its first goes.
+        // (bpffs refuses names with a dot.)
+        let seq = self.pins.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = self.paths.pin_dir.join(LINKS_DIR).join(format!("{name}@{}-{seq}", self.generation));
         link.pin(&path).map_err(|e| Error::Link { path: path.clone(), reason: e.to_string() })?;
         Ok(path)
     }
 
-    /// Detaches links left pinned by an earlier run and drops table entries of pods that
-    /// are no longer enrolled. Call once every current pod is enrolled.
-    pub fn finish_takeover(&self, current: &[&PodEnrollment]) -> Result<(), Error> {
-        let stale = std::mem::take(&mut *self.stale_links.lock().unwrap_or_else(|p| p.into_inner()));
-        for path in stale {
-            unpin(&path)?;
+    /// Removes what an earlier run left for pods that are no longer wanted here, and
+    /// its links where this run has replaced them. `wanted` are the pods that should be
+    /// enrolled on this node, `current` those this run has enrolled. The kernel state of
+    /// a wanted pod this run could not enroll yet stays: its capture fails closed
+    /// (connections refused) instead of letting it talk around the mesh.
+    pub fn finish_takeover(&self, wanted: &HashSet<PodUid>, current: &[&PodEnrollment]) -> Result<(), Error> {
+        let current_uids: HashSet<&PodUid> = current.iter().map(|p| &p.uid).collect();
+        let current_netns: BTreeSet<(u64, &PodUid)> = current.iter().map(|p| (p.netns, &p.uid)).collect();
+        {
+            let mut stale = self.stale_links.lock().unwrap_or_else(|p| p.into_inner());
+            let mut kept = Vec::new();
+            for path in std::mem::take(&mut *stale) {
+                match link_pod(&path) {
+                    Some(uid) if wanted.contains(&uid) && !current_uids.contains(&uid) => kept.push(path),
+                    _ => unpin(&path)?,
+                }
+            }
+            *stale = kept;
         }
-        let keep_cgroups: BTreeSet<u64> = current.iter().map(|p| p.cgroup_id).collect();
-        let keep_ips: BTreeSet<IpKey> = current.iter().flat_map(|p| p.ips.iter().copied()).collect();
         let mut t = self.tables.lock().unwrap_or_else(|p| p.into_inner());
-        let gone: Vec<u64> = t.enrolled.keys().filter_map(Result::ok).filter(|k| !keep_cgroups.contains(k)).collect();
+        let gone: Vec<u64> = t
+            .enrolled
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, pod)| !wanted.contains(&PodUid::from_bytes(&pod.uid)))
+            .map(|(k, _)| k)
+            .collect();
         for k in gone {
             t.enrolled.remove(&k).map_err(map_err(maps::ENROLLED_PODS))?;
         }
-        let gone: Vec<IpKey> = t.inbound_pods.keys().filter_map(Result::ok).filter(|k| !keep_ips.contains(k)).collect();
+        // A wanted pod's entry for another namespace than the one this run enrolled is
+        // that of a sandbox the pod no longer has.
+        let gone: Vec<u64> = t
+            .netns_pods
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(ino, pod)| {
+                let uid = PodUid::from_bytes(&pod.uid);
+                !wanted.contains(&uid) || (current_uids.contains(&uid) && !current_netns.contains(&(*ino, &uid)))
+            })
+            .map(|(k, _)| k)
+            .collect();
         for k in gone {
-            t.inbound_pods.remove(&k).map_err(map_err(maps::INBOUND_PODS))?;
+            t.netns_pods.remove(&k).map_err(map_err(maps::NETNS_PODS))?;
         }
-        let gone: Vec<PodPortKey> =
-            t.plaintext.keys().filter_map(Result::ok).filter(|k| !keep_ips.contains(&k.ip)).collect();
+        let kept: BTreeSet<u64> = t.netns_pods.keys().filter_map(Result::ok).collect();
+        let gone: Vec<NetnsPortKey> =
+            t.plaintext.keys().filter_map(Result::ok).filter(|k| !kept.contains(&k.netns)).collect();
         for k in gone {
             t.plaintext.remove(&k).map_err(map_err(maps::PLAINTEXT_POLICY))?;
         }
         Ok(())
     }
 
+    /// Whether links of an earlier run are still pinned for pods this run has not
+    /// enrolled yet ([`Dataplane::finish_takeover`] removes them once it has).
+    pub fn has_stale_links(&self) -> bool {
+        !self.stale_links.lock().unwrap_or_else(|p| p.into_inner()).is_empty()
+    }
+
     /// Makes the kernel's plaintext verdicts for `pod` exactly `v`: new entries first,
-    /// then the ones `v` no longer has.
-    pub fn set_plaintext_verdicts(&self, pod: &PodEnrollment, v: &PlaintextVerdicts) -> Result<(), Error> {
+    /// then the ones `v` no longer has. A pod whose verdicts would take more than its
+    /// share of the table ([`capacity::PLAINTEXT_PER_POD`]) gets none: the kernel then
+    /// passes its plaintext to the agent, which refuses what the verdicts would have.
+    /// Returns whether the kernel holds the verdicts.
+    pub fn set_plaintext_verdicts(&self, pod: &PodEnrollment, v: &PlaintextVerdicts) -> Result<bool, Error> {
         let verdict = |drop: bool| if drop { PLAINTEXT_DROP } else { PLAINTEXT_ALLOW };
+        let key = |port: u16| NetnsPortKey { netns: pod.netns, port: u32::from(port), _pad: 0 };
         let mut desired = Vec::new();
-        for ip in &pod.ips {
-            if v.default_drop {
-                desired.push((PodPortKey { ip: *ip, port: 0 }, PLAINTEXT_DROP));
-            }
-            for (port, drop) in &v.ports {
-                desired.push((PodPortKey { ip: *ip, port: u32::from(*port) }, verdict(*drop)));
-            }
+        if v.default_drop {
+            desired.push((key(0), PLAINTEXT_DROP));
+        }
+        for (port, drop) in &v.ports {
+            desired.push((key(*port), verdict(*drop)));
+        }
+        let fits = desired.len() <= capacity::PLAINTEXT_PER_POD as usize;
+        if !fits {
+            desired.clear();
         }
         let mut t = self.tables.lock().unwrap_or_else(|p| p.into_inner());
         for (k, value) in &desired {
             t.plaintext.insert(k, value, 0).map_err(map_err(maps::PLAINTEXT_POLICY))?;
         }
-        let stale: Vec<PodPortKey> = t
+        let stale: Vec<NetnsPortKey> = t
             .plaintext
             .keys()
             .filter_map(Result::ok)
-            .filter(|k| pod.ips.contains(&k.ip) && !desired.iter().any(|(d, _)| d == k))
+            .filter(|k| k.netns == pod.netns && !desired.iter().any(|(d, _)| d == k))
             .collect();
         for k in stale {
             t.plaintext.remove(&k).map_err(map_err(maps::PLAINTEXT_POLICY))?;
         }
-        Ok(())
+        Ok(fits)
     }
 
-    /// Opens the network namespace of `pod` (see [`locate`] for how it is found).
-    pub fn pod_netns(&self, pod: PodRef<'_>) -> Result<Netns, Error> {
-        let cgroup = locate::pod_cgroup(&self.paths.pod_cgroup_dir, &self.paths.node_cgroup, &pod).ok();
-        Netns::open(&locate::pod_netns(&self.paths.netns_dir, &self.paths.proc_dir, cgroup.as_deref(), &pod)?)
-    }
-
-    /// The cgroup v2 id of `pod` (the inode number of its cgroup directory).
-    pub fn pod_cgroup_id(&self, pod: PodRef<'_>) -> Result<u64, Error> {
-        let path = locate::pod_cgroup(&self.paths.pod_cgroup_dir, &self.paths.node_cgroup, &pod)?;
+    /// The cgroup v2 id of pod `uid` (the inode number of its cgroup directory).
+    pub fn pod_cgroup_id(&self, uid: &PodUid) -> Result<u64, Error> {
+        let path = locate::pod_cgroup(&self.paths.node_cgroup, uid)?;
         Ok(std::fs::metadata(&path).map_err(io_err(&path))?.ino())
     }
 
-    /// Starts capturing pod `name`: steers its inbound connections to `inbound_listener`
-    /// (a listening socket in the pod's netns) and redirects its outbound connections to
-    /// its outbound listener. Listeners must exist before this is called.
-    pub fn enroll(
-        &self,
-        pod: PodRef<'_>,
-        netns: &Netns,
-        ips: &[std::net::IpAddr],
-        inbound_listener: &impl AsRawFd,
-    ) -> Result<PodEnrollment, Error> {
-        let name = pod.name;
-        let cgroup_id = self.pod_cgroup_id(pod)?;
-        let slot = self.alloc_slot()?;
-        let result = self.enroll_in_slot(name, netns, ips, inbound_listener, cgroup_id, slot);
-        if result.is_err() {
-            self.free_slot(slot);
+    /// The network namespace of running pod `uid`: that of its sandbox process. Never
+    /// the node's own (the agent's, or init's): a process of the pod's cgroup that is
+    /// not in the pod's namespace yet must not make the agent capture the node.
+    pub fn running_pod_netns(&self, uid: &PodUid) -> Result<Netns, Error> {
+        let cgroup = locate::pod_cgroup(&self.paths.node_cgroup, uid)?;
+        let path = locate::running_pod_netns(&self.paths.proc_dir, &cgroup, uid)?;
+        let netns = Netns::open(&path)?;
+        let node_namespaces = [Path::new("/proc/self/ns/net").to_owned(), self.paths.proc_dir.join("1/ns/net")];
+        if node_namespaces.iter().filter_map(|p| std::fs::metadata(p).ok()).any(|m| m.ino() == netns.inode()) {
+            return Err(Error::Io {
+                path,
+                source: std::io::Error::other(format!(
+                    "the oldest process of pod uid {uid} is in the node's network namespace, not a pod's"
+                )),
+            });
         }
-        result
+        Ok(netns)
     }
 
-    fn enroll_in_slot(
+    /// Starts capturing pod `uid`: steers connections to any of its addresses to
+    /// `inbound_listener` (a listening socket in the pod's netns) and redirects its
+    /// outbound connections to its outbound listener. Listeners must exist before this
+    /// is called. Enrolling a pod again (new listeners) replaces its entries in place,
+    /// so it is never uncaptured in between.
+    pub fn enroll(
         &self,
-        name: &str,
+        uid: &PodUid,
         netns: &Netns,
         ips: &[std::net::IpAddr],
         inbound_listener: &impl AsRawFd,
-        cgroup_id: u64,
-        slot: u32,
     ) -> Result<PodEnrollment, Error> {
-        let ip_keys: Vec<IpKey> = ips.iter().map(|ip| IpKey::from_ip(*ip)).collect();
-        let mut info = PodInfo { flags: POD_FLAG_ENROLLED, ..Default::default() };
+        let cgroup_id = self.pod_cgroup_id(uid)?;
+        let uid_bytes = uid.to_bytes();
+        let ino = netns.inode();
+        let mut info = PodInfo { flags: POD_FLAG_ENROLLED, uid: uid_bytes, ..Default::default() };
         for ip in ips {
             match ip {
                 std::net::IpAddr::V4(v4) if info.ip4 == 0 => info.ip4 = mesh_common::ip4_word(*v4),
@@ -386,43 +435,104 @@ impl Dataplane {
                 _ => {}
             }
         }
-        // The sk_lookup link is attached to the pod's netns and pinned, so inbound
-        // capture survives an agent restart.
-        let pin = {
-            let mut ebpf = self.ebpf.lock().unwrap_or_else(|p| p.into_inner());
-            let prog: &mut SkLookup = program(&mut ebpf, programs::SK_LOOKUP)?;
-            let id =
-                prog.attach(netns.file()).map_err(|source| Error::Program { program: programs::SK_LOOKUP, source })?;
-            let link = prog.take_link(id).map_err(|source| Error::Program { program: programs::SK_LOOKUP, source })?;
-            self.pin(FdLink::from(link), &format!("{}@{name}", programs::SK_LOOKUP))?
+        let (slot, prior) = {
+            let mut t = self.tables.lock().unwrap_or_else(|p| p.into_inner());
+            let prior = t.netns_pods.get(&ino, 0).ok();
+            let slot = match prior {
+                // The same pod, enrolled by an earlier run or attempt: its slot stays.
+                Some(p) if p.uid == uid_bytes => p.slot,
+                _ => free_slot(&t.netns_pods)?,
+            };
+            // Reserves the slot (a slot is in use while an entry names it) and tells
+            // the pod's sk_lookup instance where its listener is.
+            let entry = NetnsPod { slot, flags: 0, uid: uid_bytes };
+            t.netns_pods.insert(ino, entry, 0).map_err(map_err(maps::NETNS_PODS))?;
+            (slot, prior)
         };
-        let mut t = self.tables.lock().unwrap_or_else(|p| p.into_inner());
-        t.listeners.set(slot, inbound_listener, 0).map_err(map_err(maps::INBOUND_LISTENERS))?;
-        for key in &ip_keys {
-            t.inbound_pods.insert(key, InboundPod { slot, flags: 0 }, 0).map_err(map_err(maps::INBOUND_PODS))?;
+        let result = self.attach_pod(uid, netns, inbound_listener, slot, cgroup_id, info);
+        if result.is_err() {
+            let mut t = self.tables.lock().unwrap_or_else(|p| p.into_inner());
+            match prior {
+                // An earlier run's capture of this namespace stays as it was: fail closed.
+                Some(p) => {
+                    let _ = t.netns_pods.insert(ino, p, 0);
+                }
+                None => {
+                    let _ = t.netns_pods.remove(&ino);
+                    let _ = t.listeners.clear_index(&slot);
+                }
+            }
         }
-        // Last: outbound capture starts only once everything that serves it exists.
-        t.enrolled.insert(cgroup_id, info, 0).map_err(map_err(maps::ENROLLED_PODS))?;
-        Ok(PodEnrollment { cgroup_id, slot, ips: ip_keys, sk_lookup_pin: pin })
+        result.map(|sk_lookup_pin| PodEnrollment { uid: uid.clone(), cgroup_id, netns: ino, slot, sk_lookup_pin })
     }
 
-    /// Stops capturing a pod.
+    fn attach_pod(
+        &self,
+        uid: &PodUid,
+        netns: &Netns,
+        inbound_listener: &impl AsRawFd,
+        slot: u32,
+        cgroup_id: u64,
+        info: PodInfo,
+    ) -> Result<PathBuf, Error> {
+        self.tables
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .listeners
+            .set(slot, inbound_listener, 0)
+            .map_err(map_err(maps::INBOUND_LISTENERS))?;
+        // The sk_lookup link is attached to the pod's netns and pinned, so inbound
+        // capture survives an agent restart.
+        let pin = self.attach_sk_lookup(uid, netns)?;
+        // Last: outbound capture starts only once everything that serves it exists.
+        let mut t = self.tables.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = t.enrolled.insert(cgroup_id, info, 0) {
+            drop(t);
+            let _ = unpin(&pin);
+            return Err(map_err(maps::ENROLLED_PODS)(e));
+        }
+        Ok(pin)
+    }
+
+    /// Loads an sk_lookup instance that knows `netns` (the program has no helper that
+    /// names its namespace on the kernels the mesh supports) and attaches it there.
+    /// Every instance shares the pinned maps, the log buffer included.
+    fn attach_sk_lookup(&self, uid: &PodUid, netns: &Netns) -> Result<PathBuf, Error> {
+        let ino = netns.inode();
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&self.paths.pin_dir)
+            .map_pin_path(maps::AYA_LOGS, self.paths.pin_dir.join(maps::AYA_LOGS))
+            .override_global("AYA_LOG_LEVEL", &self.kernel_log_level, false)
+            .override_global(globals::NETNS_INO, &ino, true)
+            .load(EBPF_OBJECT)?;
+        let prog: &mut SkLookup = program(&mut ebpf, programs::SK_LOOKUP)?;
+        let sk_err = |source| Error::Program { program: programs::SK_LOOKUP, source };
+        prog.load().map_err(sk_err)?;
+        let id = prog.attach(netns.file()).map_err(sk_err)?;
+        let link = prog.take_link(id).map_err(sk_err)?;
+        self.pin(FdLink::from(link), &format!("{}@{uid}", programs::SK_LOOKUP))
+    }
+
+    /// Stops capturing a pod that is gone or no longer in the mesh.
     pub fn unenroll(&self, pod: PodEnrollment) -> Result<(), Error> {
         {
             let mut t = self.tables.lock().unwrap_or_else(|p| p.into_inner());
             let _ = t.enrolled.remove(&pod.cgroup_id);
-            for k in &pod.ips {
-                let _ = t.inbound_pods.remove(k);
-            }
-            let verdicts: Vec<PodPortKey> =
-                t.plaintext.keys().filter_map(Result::ok).filter(|k| pod.ips.contains(&k.ip)).collect();
+            let verdicts: Vec<NetnsPortKey> =
+                t.plaintext.keys().filter_map(Result::ok).filter(|k| k.netns == pod.netns).collect();
             for k in verdicts {
                 let _ = t.plaintext.remove(&k);
             }
+            let _ = t.netns_pods.remove(&pod.netns);
             let _ = t.listeners.clear_index(&pod.slot);
         }
-        self.free_slot(pod.slot);
         unpin(&pod.sk_lookup_pin)
+    }
+
+    /// Removes the sk_lookup link of an enrollment another one of the same pod has
+    /// replaced (same namespace and cgroup, so the table entries are the new one's).
+    pub fn retire_link(&self, old: PodEnrollment) -> Result<(), Error> {
+        unpin(&old.sk_lookup_pin)
     }
 
     /// The original destination of a connection accepted on an outbound listener, looked
@@ -431,18 +541,21 @@ impl Dataplane {
         let key = SockAddrKey::from_socket_addr(client);
         self.orig_dst.get(&key, 0).ok().map(|o| o.socket_addr())
     }
+}
 
-    fn alloc_slot(&self) -> Result<u32, Error> {
-        let mut used = self.used_slots.lock().unwrap_or_else(|p| p.into_inner());
-        let slot =
-            (0..mesh_common::capacity::PODS).find(|s| !used.contains(s)).ok_or(Error::NoSlot(used.len() as u32))?;
-        used.insert(slot);
-        Ok(slot)
-    }
+/// A slot no pod's entry names. Entries left by an earlier run keep theirs until they
+/// are removed, so a pod whose old capture still runs is never steered to another pod.
+fn free_slot(netns_pods: &BpfHashMap<MapData, u64, NetnsPod>) -> Result<u32, Error> {
+    let used: BTreeSet<u32> = netns_pods.iter().filter_map(Result::ok).map(|(_, p)| p.slot).collect();
+    (0..capacity::PODS).find(|s| !used.contains(s)).ok_or(Error::NoSlot(used.len() as u32))
+}
 
-    fn free_slot(&self, slot: u32) {
-        self.used_slots.lock().unwrap_or_else(|p| p.into_inner()).remove(&slot);
-    }
+/// The pod whose sk_lookup link `path` is (`mesh_sk_lookup@<uid>@<generation>`); None
+/// for the node-wide programs' links.
+fn link_pod(path: &Path) -> Option<PodUid> {
+    let name = path.file_name()?.to_str()?;
+    let rest = name.strip_prefix(programs::SK_LOOKUP)?.strip_prefix('@')?;
+    PodUid::parse(rest.split('@').next()?).ok()
 }
 
 /// Loads every program of the agent's object through the kernel verifier without

@@ -8,6 +8,7 @@ pub mod admin;
 pub mod app;
 pub mod authz;
 pub mod cli;
+pub mod cni;
 pub mod config;
 pub mod dataplane;
 pub mod identity;

@@ -68,19 +68,39 @@ pub struct Settings {
     #[arg(long, env = "MESH_ROOT_NAMESPACE", default_value = "istio-system")]
     pub root_namespace: String,
 
-    /// cgroup v2 directory of this node's pods; the capture programs attach here.
+    /// cgroup v2 directory of this node's pods; the capture programs attach here, and
+    /// pods' cgroups are found below it by UID, in kubelet's layouts (never by name).
     /// Relative paths are resolved against the cgroup2 mount found in /proc/mounts.
     #[arg(long, env = "MESH_NODE_CGROUP")]
     pub node_cgroup: PathBuf,
 
-    /// Directory holding each pod's cgroup as `<dir>/<pod name>` (default: --node-cgroup).
-    #[arg(long, env = "MESH_POD_CGROUP_DIR")]
-    pub pod_cgroup_dir: Option<PathBuf>,
+    /// Unix socket on which the CNI plugin (`mesh-cni`) hands the agent each new pod
+    /// before its containers start. Its directory is made 0700, the socket 0600.
+    #[arg(long, env = "MESH_CNI_SOCKET", default_value = crate::cni::DEFAULT_SOCKET)]
+    pub cni_socket: PathBuf,
 
-    /// Directory of named network namespaces, one per pod, named after the pod. Pods
-    /// not found there (Kubernetes nodes) are found through their cgroup and a process.
-    #[arg(long, env = "MESH_NETNS_DIR", default_value = "/var/run/netns")]
-    pub netns_dir: PathBuf,
+    /// Node directory of CNI network configurations (`/etc/cni/net.d` as the agent sees
+    /// it): when set, the agent chains `mesh-cni` into the first one at start.
+    #[arg(long, env = "MESH_CNI_CONF_DIR", requires = "cni_bin_dir")]
+    pub cni_conf_dir: Option<PathBuf>,
+
+    /// Node directory of CNI plugin binaries (`/opt/cni/bin`), where `mesh-cni` is copied.
+    #[arg(long, env = "MESH_CNI_BIN_DIR", requires = "cni_conf_dir")]
+    pub cni_bin_dir: Option<PathBuf>,
+
+    /// The `mesh-cni` binary to install (default: next to the agent's own binary).
+    #[arg(long, env = "MESH_CNI_PLUGIN")]
+    pub cni_plugin: Option<PathBuf>,
+
+    /// Namespaces whose pods the CNI plugin never holds for the agent (the mesh's own,
+    /// so the agent's pod can always start).
+    #[arg(
+        long,
+        env = "MESH_CNI_EXCLUDE_NAMESPACES",
+        value_delimiter = ',',
+        default_value = "kube-system,istio-system"
+    )]
+    pub cni_exclude_namespaces: Vec<String>,
 
     /// `/proc` of the host PID namespace (the DaemonSet runs with hostPID).
     #[arg(long, env = "MESH_PROC_DIR", default_value = "/proc")]

@@ -27,7 +27,7 @@ const OPT_OUT_LABELS: &[(&str, &str)] = &[("istio.io/dataplane-mode", "none"), (
 const LINKERD_INJECT: (&str, &str) = ("linkerd.io/inject", "enabled");
 
 /// A pod as the mesh sees it.
-#[derive(Debug, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Workload {
     /// Pod name.
     pub name: String,
@@ -177,6 +177,8 @@ pub struct Snapshot {
     /// VirtualServices, routes to undefined subsets), logged when the snapshot applies
     /// and reported by `meshctl analyze`.
     pub problems: Vec<Problem>,
+    /// Namespaces whose pods are in the mesh.
+    enrolled_ns: std::collections::BTreeSet<String>,
     /// Monotonic version, for logs and the config dump.
     pub version: u64,
     /// SHA-256 (hex, first 16 digits) of the objects in force: agents that read the same
@@ -258,7 +260,12 @@ impl Snapshot {
                 enrolled_ns.insert(ns.metadata.name.clone(), by_label || by_annotation);
             }
         }
-        let mut snap = Snapshot { version, config_digest: config_digest(objects), ..Default::default() };
+        let mut snap = Snapshot {
+            version,
+            config_digest: config_digest(objects),
+            enrolled_ns: enrolled_ns.iter().filter(|(_, on)| **on).map(|(n, _)| n.clone()).collect(),
+            ..Default::default()
+        };
         for o in objects {
             if let Object::Pod(pod) = o {
                 let w = Arc::new(workload(pod, trust_domain, &enrolled_ns));
@@ -609,6 +616,11 @@ impl Snapshot {
     /// Enrolled workloads scheduled on `node`.
     pub fn local_enrolled<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Arc<Workload>> + 'a {
         self.workloads.iter().filter(move |w| w.enrolled && w.node.as_deref() == Some(node) && !w.ips.is_empty())
+    }
+
+    /// Namespaces whose pods are in the mesh (by label or annotation).
+    pub fn enrolled_namespaces(&self) -> std::collections::BTreeSet<String> {
+        self.enrolled_ns.clone()
     }
 
     /// Services, for the config dump.

@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use aya::maps::MapData;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use mesh_agent::config::kube_source::KINDS;
@@ -34,6 +35,12 @@ struct Scratch {
     agent: Option<Child>,
     cgroup: PathBuf,
     pins: PathBuf,
+    /// Processes the test started (pods' stand-ins), killed and reaped.
+    children: Vec<Child>,
+    /// cgroups below `cgroup`, removed deepest first.
+    cgroups: Vec<PathBuf>,
+    /// Network namespaces the test made, by name.
+    netns: Vec<String>,
     _dir: tempfile::TempDir,
 }
 
@@ -48,9 +55,26 @@ impl Drop for Scratch {
             let _ = a.kill();
             let _ = a.wait();
         }
-        // Unpinning the links detaches the programs; then the maps and the cgroup go.
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // Unpinning the links detaches the programs; then the maps and the cgroups go.
         let _ = std::fs::remove_dir_all(&self.pins);
-        let _ = std::fs::remove_dir(&self.cgroup);
+        for ns in &self.netns {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        let mut cgroups = self.cgroups.clone();
+        cgroups.sort_by_key(|c| std::cmp::Reverse(c.components().count()));
+        for cg in cgroups.iter().chain([&self.cgroup]) {
+            // Killed processes leave their cgroup a moment later.
+            for _ in 0..50 {
+                if !cg.exists() || std::fs::remove_dir(cg).is_ok() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
     }
 }
 
@@ -65,34 +89,47 @@ async fn get(url: &str) -> Option<(u16, String)> {
     Some((code.parse().ok()?, body.to_string()))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_agent_waits_for_the_api_then_serves_and_follows_it() {
-    if !is_root() {
-        assert!(std::env::var_os("MESH_REQUIRE_LAB").is_none(), "cluster-mode test required but not root");
-        eprintln!("skipping the_agent_waits_for_the_api_then_serves_and_follows_it: not root");
-        return;
-    }
+/// The cgroup2 mount.
+fn cgroup_root() -> PathBuf {
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
-    let cg_root = mounts
+    mounts
         .lines()
         .find_map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
             (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
         })
-        .expect("cgroup v2 mounted");
-    let id = std::process::id();
-    let dir = tempfile::tempdir().unwrap();
-    let mut scratch = Scratch {
+        .expect("cgroup v2 mounted")
+}
+
+/// Whether this test can run here (root); says why not, or fails under MESH_REQUIRE_LAB.
+fn can_run(test: &str) -> bool {
+    if is_root() {
+        return true;
+    }
+    assert!(std::env::var_os("MESH_REQUIRE_LAB").is_none(), "cluster-mode test required but not root");
+    eprintln!("skipping {test}: not root");
+    false
+}
+
+/// Scratch resources of one test, named after it and this process.
+fn scratch(test: &str) -> Scratch {
+    let id = format!("{test}-{}", std::process::id());
+    let s = Scratch {
         agent: None,
-        cgroup: cg_root.join(format!("mesh-cluster-test-{id}")),
-        pins: PathBuf::from(format!("/sys/fs/bpf/mesh-cluster-test-{id}")),
+        cgroup: cgroup_root().join(format!("mesh-cluster-{id}")),
+        pins: PathBuf::from(format!("/sys/fs/bpf/mesh-cluster-{id}")),
+        children: Vec::new(),
+        cgroups: Vec::new(),
+        netns: Vec::new(),
         _dir: tempfile::tempdir().unwrap(),
     };
-    std::fs::create_dir_all(&scratch.cgroup).unwrap();
-    std::fs::create_dir_all(dir.path().join("netns")).unwrap();
+    std::fs::create_dir_all(&s.cgroup).unwrap();
+    s
+}
 
-    // The mesh CA as a cluster has it: a cacerts Secret.
-    let ca_source = dir.path().join("ca-source");
+/// The mesh CA as a cluster has it: a `cacerts` Secret (JSON for the double).
+fn ca_secret(dir: &std::path::Path) -> serde_json::Value {
+    let ca_source = dir.join("ca-source");
     mesh_agent::identity::MeshCa::load_or_create(&ca_source, "cluster.local").unwrap();
     let data = ["ca-cert.pem", "ca-key.pem"]
         .iter()
@@ -107,13 +144,58 @@ async fn the_agent_waits_for_the_api_then_serves_and_follows_it() {
         data: Some(data),
         ..Default::default()
     };
-    let mut collections: Vec<String> = KINDS.iter().map(|k| collection_path(k.group, k.version, k.plural)).collect();
-    collections.push("/api/v1/secrets".into());
-    let api = ApiServer::new(&collections).await;
     let mut secret_json = serde_json::to_value(&secret).unwrap();
     secret_json["apiVersion"] = json!("v1");
     secret_json["kind"] = json!("Secret");
-    api.apply("/api/v1/secrets", secret_json);
+    secret_json
+}
+
+/// Admin, metrics and readiness ports of an agent started by [`spawn_agent`].
+struct Ports {
+    admin: u16,
+    metrics: u16,
+    ready: u16,
+}
+
+/// Starts the agent binary in cluster mode against `api_url`, on node1, with the
+/// scratch cgroup as its node cgroup; logs to `dir/agent.log`.
+fn spawn_agent(api_url: &str, dir: &std::path::Path, scratch: &mut Scratch) -> Ports {
+    let ports = Ports { admin: free_port(), metrics: free_port(), ready: free_port() };
+    let agent = Command::new(env!("CARGO_BIN_EXE_mesh-agent"))
+        .args(["--node", "node1", "--config-source", "kubernetes", "--kube-api-url", api_url])
+        .args(["--ca-secret", "istio-system/cacerts", "--ca-dir"])
+        .arg(dir.join("ca"))
+        .arg("--node-cgroup")
+        .arg(&scratch.cgroup)
+        .arg("--cni-socket")
+        .arg(dir.join("cni/cni.sock"))
+        .arg("--bpf-pin-dir")
+        .arg(&scratch.pins)
+        .args(["--admin-addr", &format!("127.0.0.1:{}", ports.admin)])
+        .args(["--metrics-addr", &format!("127.0.0.1:{}", ports.metrics)])
+        .args(["--readiness-addr", &format!("127.0.0.1:{}", ports.ready)])
+        .env("MESH_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("agent.log")).unwrap())
+        .spawn()
+        .unwrap();
+    scratch.agent = Some(agent);
+    ports
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_waits_for_the_api_then_serves_and_follows_it() {
+    if !can_run("the_agent_waits_for_the_api_then_serves_and_follows_it") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut scratch = scratch("follows");
+
+    let mut collections: Vec<String> = KINDS.iter().map(|k| collection_path(k.group, k.version, k.plural)).collect();
+    collections.push("/api/v1/secrets".into());
+    let api = ApiServer::new(&collections).await;
+    api.apply("/api/v1/secrets", ca_secret(dir.path()));
     api.apply(
         "/api/v1/namespaces",
         json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "production", "labels": {"istio-injection": "enabled"}}}),
@@ -121,28 +203,8 @@ async fn the_agent_waits_for_the_api_then_serves_and_follows_it() {
     // The API is down when the agent starts.
     api.stop().await;
 
-    let (admin, metrics, ready) = (free_port(), free_port(), free_port());
+    let Ports { admin, metrics, ready } = spawn_agent(&api.url(), dir.path(), &mut scratch);
     let ca_dir = dir.path().join("ca");
-    let agent = Command::new(env!("CARGO_BIN_EXE_mesh-agent"))
-        .args(["--node", "node1", "--config-source", "kubernetes", "--kube-api-url", &api.url()])
-        .args(["--ca-secret", "istio-system/cacerts", "--ca-dir"])
-        .arg(&ca_dir)
-        .arg("--node-cgroup")
-        .arg(&scratch.cgroup)
-        .arg("--netns-dir")
-        .arg(dir.path().join("netns"))
-        .arg("--bpf-pin-dir")
-        .arg(&scratch.pins)
-        .args(["--admin-addr", &format!("127.0.0.1:{admin}")])
-        .args(["--metrics-addr", &format!("127.0.0.1:{metrics}")])
-        .args(["--readiness-addr", &format!("127.0.0.1:{ready}")])
-        .env("MESH_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.path().join("agent.log")).unwrap())
-        .spawn()
-        .unwrap();
-    scratch.agent = Some(agent);
     let log = || std::fs::read_to_string(dir.path().join("agent.log")).unwrap_or_default();
 
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -221,10 +283,136 @@ async fn the_agent_waits_for_the_api_then_serves_and_follows_it() {
     let (code, _) = get(&format!("http://127.0.0.1:{metrics}/config_dump")).await.unwrap();
     assert_eq!(code, 404);
 
+    // A pod of this node the agent cannot capture (its UID cannot name a cgroup) makes
+    // the agent NOT READY, with the pod and the reason under its line.
+    api.apply(
+        "/api/v1/pods",
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "broken", "namespace": "production", "uid": "not-a-uuid"},
+               "spec": {"nodeName": "node1", "containers": [{"name": "app"}]}, "status": {"podIP": "10.1.2.9"}}),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let out = loop {
+        let (code, out) = proxy_status().await.unwrap();
+        if code == Some(1) && out.contains("pod production/broken (uid not-a-uuid) not captured") {
+            break out;
+        }
+        assert!(Instant::now() < deadline, "proxy-status never showed the failed pod:\n{out}\n{}", log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(out.lines().any(|l| l.contains("mesh-agent-abcde") && l.contains("NOT READY")), "{out}");
+    assert!(out.contains("metadata.uid is missing or not a UUID"), "{out}");
+    api.delete("/api/v1/pods", "production", "broken");
+
     // An agent that does not answer is named, and the command fails.
     api.apply("/api/v1/pods", agent_pod("mesh-agent-fghij", "node2", free_port()));
     let (code, out) = proxy_status().await.unwrap();
     assert_eq!(code, Some(1), "{out}");
     assert!(out.lines().any(|l| l.contains("mesh-agent-fghij") && l.contains("UNREACHABLE")), "{out}");
     assert!(out.lines().any(|l| l.contains("mesh-agent-abcde") && l.contains("SYNCED")), "{out}");
+}
+
+/// Runs `sleep` as a pod's process: inside `netns` (the host's when None), then in
+/// `cgroup`, in that order, as a runtime starts a sandbox.
+fn start_process(scratch: &mut Scratch, netns: Option<&str>, cgroup: &std::path::Path) {
+    std::fs::create_dir_all(cgroup).unwrap();
+    let mut c = scratch.cgroup.clone();
+    for part in cgroup.strip_prefix(&scratch.cgroup).unwrap().components() {
+        c.push(part);
+        scratch.cgroups.push(c.clone());
+    }
+    let join = format!("echo $$ > {}/cgroup.procs && exec sleep 600", cgroup.display());
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net=/var/run/netns/{ns}"));
+            c
+        }
+        None => Command::new("env"),
+    };
+    let child = cmd.args(["bash", "-c", &join]).stdin(Stdio::null()).spawn().unwrap();
+    scratch.children.push(child);
+}
+
+/// A pod named after a node-wide cgroup (as the old name lookup would have taken
+/// `<node cgroup>/<pod name>`) captures nothing: pods are found by UID only, so the
+/// node's `kubepods` tree and its processes stay uncaptured, and the agent binds nothing
+/// in the node's network namespace. A pod with a UID kubelet laid out is captured.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_named_like_a_node_cgroup_captures_nothing_but_pods_are_found_by_uid() {
+    if !can_run("a_pod_named_like_a_node_cgroup_captures_nothing_but_pods_are_found_by_uid") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut scratch = scratch("byuid");
+    // The node: kubelet's tree with a process in it (in the node's own netns), and a
+    // real pod (UID web) with its sandbox in a netns of its own.
+    let kubepods = scratch.cgroup.join("kubepods");
+    start_process(&mut scratch, None, &kubepods.join("system-daemon"));
+    let web_uid = "7d9e1f00-1111-4222-8333-444455556666";
+    let web_ns = format!("mesh-cluster-web-{}", std::process::id());
+    assert!(Command::new("ip").args(["netns", "add", &web_ns]).status().unwrap().success());
+    scratch.netns.push(web_ns.clone());
+    let web_cgroup = kubepods.join("besteffort").join(format!("pod{web_uid}"));
+    start_process(&mut scratch, Some(&web_ns), &web_cgroup.join("sandbox"));
+
+    let mut collections: Vec<String> = KINDS.iter().map(|k| collection_path(k.group, k.version, k.plural)).collect();
+    collections.push("/api/v1/secrets".into());
+    let api = ApiServer::new(&collections).await;
+    api.apply("/api/v1/secrets", ca_secret(dir.path()));
+    api.apply(
+        "/api/v1/namespaces",
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "production", "labels": {"istio-injection": "enabled"}}}),
+    );
+    let pod = |name: &str, uid: &str, ip: &str| {
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "production", "uid": uid},
+               "spec": {"nodeName": "node1", "containers": [{"name": "app"}]},
+               "status": {"phase": "Running", "podIP": ip}})
+    };
+    for (name, uid, ip) in [
+        ("kubepods", "00000000-aaaa-4bbb-8ccc-000000000001", "10.77.0.2"),
+        ("system.slice", "00000000-aaaa-4bbb-8ccc-000000000002", "10.77.0.3"),
+        ("web", web_uid, "10.77.0.4"),
+    ] {
+        api.apply("/api/v1/pods", pod(name, uid, ip));
+    }
+    let ports = spawn_agent(&api.url(), dir.path(), &mut scratch);
+    let log = || std::fs::read_to_string(dir.path().join("agent.log")).unwrap_or_default();
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let dump = loop {
+        let dump = get(&format!("http://127.0.0.1:{}/config_dump", ports.admin)).await.map(|(_, b)| b);
+        let v: serde_json::Value = dump.and_then(|d| serde_json::from_str(&d).ok()).unwrap_or_default();
+        if v["enrolled_pods"].as_array().is_some_and(|e| e.iter().any(|p| p == "production/web")) {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "web was never captured:\n{}", log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let state_of = |name: &str| {
+        dump["local_pods"].as_array().unwrap().iter().find(|p| p["pod"] == format!("production/{name}")).cloned()
+    };
+    for name in ["kubepods", "system.slice"] {
+        let s = state_of(name).unwrap_or_else(|| panic!("{name} not reported: {dump}"));
+        assert_eq!(s["state"], "not_started", "{s}");
+        assert!(s["reason"].as_str().unwrap().contains("no cgroup for pod uid"), "{s}");
+    }
+
+    // The kernel captures the web pod's cgroup and nothing else.
+    let enrolled = MapData::from_pin(scratch.pins.join("ENROLLED_PODS")).unwrap();
+    let enrolled: aya::maps::HashMap<_, u64, mesh_common::PodInfo> =
+        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(enrolled)).unwrap();
+    let ids: Vec<u64> = enrolled.keys().map(Result::unwrap).collect();
+    use std::os::unix::fs::MetadataExt as _;
+    let ino = |p: &std::path::Path| std::fs::metadata(p).unwrap().ino();
+    assert_eq!(ids, vec![ino(&web_cgroup)], "only web's cgroup is captured (kubepods is {})", ino(&kubepods));
+    let links: Vec<String> = std::fs::read_dir(scratch.pins.join("links"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("mesh_sk_lookup"))
+        .collect();
+    assert_eq!(links.len(), 1, "{links:?}");
+    assert!(links[0].contains(web_uid), "{links:?}");
+    // Nothing of the agent's per-pod listeners in the node's own namespace.
+    let out = Command::new("ss").args(["-ltnH", "sport = :15006"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).trim().is_empty(), "the agent listens in the node's namespace");
 }

@@ -35,6 +35,15 @@ pub mod ports {
     /// Ports the mesh owns; the kernel never steers or redirects connections to them.
     pub const MESH_OWNED: [u16; 6] = [OUTBOUND, INBOUND_PLAINTEXT, INBOUND_HBONE, ADMIN, METRICS, READINESS];
 
+    /// True for the ports of the agent's own listeners inside a pod's network namespace
+    /// (15001, 15006, 15008): `sk_lookup` leaves them to the agent. The node-level
+    /// ports (15000, 15020, 15021) are not among them: inside a pod they belong to the
+    /// application, whose connections are judged like any other.
+    #[inline(always)]
+    pub fn is_agent_in_pod(port: u16) -> bool {
+        port == OUTBOUND || port == INBOUND_PLAINTEXT || port == INBOUND_HBONE
+    }
+
     /// True when `port` is one of [`MESH_OWNED`].
     #[inline(always)]
     pub fn is_mesh_owned(port: u16) -> bool {
@@ -62,13 +71,28 @@ pub mod maps {
     pub const ORIG_DST: &str = "ORIG_DST";
     /// `HashMap<u32 port, u32>`: outbound destination ports never redirected.
     pub const EXCLUDED_PORTS: &str = "EXCLUDED_PORTS";
-    /// `HashMap<IpKey, InboundPod>`: enrolled pod addresses on this node.
-    pub const INBOUND_PODS: &str = "INBOUND_PODS";
+    /// `HashMap<u64 netns inode, NetnsPod>`: the enrolled pod whose network namespace
+    /// this is. Each pod's `sk_lookup` instance knows its netns (a load-time constant,
+    /// [`crate::globals::NETNS_INO`]), so every address of the pod, whatever a tenant
+    /// adds, is judged as the pod's, and no address decides which pod a connection is
+    /// for.
+    pub const NETNS_PODS: &str = "NETNS_PODS";
     /// `SockMap`: the agent's inbound plaintext listener of each pod, at its slot.
     pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
-    /// `HashMap<PodPortKey, u32>`: plaintext verdicts (`PLAINTEXT_*`) for enrolled pod
-    /// ports; port 0 holds the pod's verdict for every port without an entry of its own.
+    /// `HashMap<NetnsPortKey, u32>`: plaintext verdicts (`PLAINTEXT_*`) for enrolled
+    /// pods' ports; port 0 holds the pod's verdict for every port without an entry.
     pub const PLAINTEXT_POLICY: &str = "PLAINTEXT_POLICY";
+    /// aya-log's ring buffer. Pinned so that every per-pod `sk_lookup` instance writes
+    /// to the one buffer the agent reads, instead of each load creating its own.
+    pub const AYA_LOGS: &str = "AYA_LOGS";
+}
+
+/// Globals set at load time (`EbpfLoader::override_global`).
+pub mod globals {
+    /// `u64`: the inode of the network namespace an `sk_lookup` instance is attached to.
+    /// One instance is loaded per enrolled pod; an `sk_lookup` program has no helper
+    /// that names its netns on every kernel the mesh supports.
+    pub const NETNS_INO: &str = "NETNS_INO";
 }
 
 /// Program names (the Rust function names in `mesh-ebpf`).
@@ -97,8 +121,13 @@ pub mod capacity {
     pub const CONNECTIONS: u32 = 65536;
     /// Excluded ports.
     pub const EXCLUDED_PORTS: u32 = 256;
-    /// Plaintext verdicts: a default and a few named ports per pod address.
-    pub const PLAINTEXT_POLICY: u32 = 16384;
+    /// Plaintext verdict entries one pod may hold: its default and up to 15 ports. A
+    /// pod whose policies would need more gets no kernel verdicts at all (the agent,
+    /// which judges everything the kernel passes, still refuses what they refuse), so
+    /// one pod's policy can never use up the table for the others.
+    pub const PLAINTEXT_PER_POD: u32 = 16;
+    /// Plaintext verdicts: [`PLAINTEXT_PER_POD`] for every pod.
+    pub const PLAINTEXT_POLICY: u32 = PODS * PLAINTEXT_PER_POD;
 }
 
 /// `PodInfo.flags`: the pod's traffic is captured.
@@ -136,6 +165,12 @@ impl IpKey {
     }
 }
 
+/// A pod's `metadata.uid`, as its 16 UUID bytes. The kernel never reads it: it makes
+/// the pinned tables the agent's durable record of which pod an entry is for, so a
+/// restarted agent keeps the capture of a pod it cannot serve yet (fail closed) and
+/// removes only the entries of pods that are gone.
+pub type PodUidBytes = [u8; 16];
+
 /// Value of `ENROLLED_PODS` (key: the pod's cgroup v2 id).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -147,6 +182,8 @@ pub struct PodInfo {
     pub flags: u32,
     /// The pod's IPv6 address if `POD_FLAG_HAS_IP6`.
     pub ip6: IpKey,
+    /// The pod's UID (agent's record).
+    pub uid: PodUidBytes,
 }
 
 /// Original destination of a redirected connection.
@@ -174,25 +211,29 @@ pub struct SockAddrKey {
     pub port: u32,
 }
 
-/// Value of `INBOUND_PODS`.
+/// Value of `NETNS_PODS` (key: the inode of the pod's network namespace).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct InboundPod {
+pub struct NetnsPod {
     /// Index of this pod's plaintext listener in `INBOUND_LISTENERS`.
     pub slot: u32,
     /// Reserved; plaintext verdicts live in `PLAINTEXT_POLICY`, per port.
     pub flags: u32,
+    /// The pod's UID (agent's record).
+    pub uid: PodUidBytes,
 }
 
-/// Key of `PLAINTEXT_POLICY`: an enrolled pod's address and one of its ports (0: the
-/// pod's default for ports without an entry).
+/// Key of `PLAINTEXT_POLICY`: an enrolled pod's network namespace and one of its ports
+/// (0: the pod's default for ports without an entry).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub struct PodPortKey {
-    /// Pod address (IPv4-mapped for IPv4).
-    pub ip: IpKey,
+pub struct NetnsPortKey {
+    /// Inode of the pod's network namespace.
+    pub netns: u64,
     /// Port, host order (u32 so there is no implicit padding).
     pub port: u32,
+    /// Explicit padding.
+    pub _pad: u32,
 }
 
 /// `PLAINTEXT_POLICY` value: plaintext goes to the agent, which judges it.

@@ -5,7 +5,7 @@ extern crate std;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use crate::{InboundPod, IpKey, MeshConfig, OrigDst, PodInfo, PodPortKey, SockAddrKey};
+use crate::{IpKey, MeshConfig, NetnsPod, NetnsPortKey, OrigDst, PodInfo, SockAddrKey};
 
 // SAFETY: each type is #[repr(C)], Copy, made only of integers, with explicit padding
 // fields, so every bit pattern is valid and there are no uninitialised bytes.
@@ -17,11 +17,11 @@ unsafe impl aya::Pod for OrigDst {}
 // SAFETY: as above.
 unsafe impl aya::Pod for SockAddrKey {}
 // SAFETY: as above.
-unsafe impl aya::Pod for InboundPod {}
+unsafe impl aya::Pod for NetnsPod {}
 // SAFETY: as above.
 unsafe impl aya::Pod for MeshConfig {}
 // SAFETY: as above.
-unsafe impl aya::Pod for PodPortKey {}
+unsafe impl aya::Pod for NetnsPortKey {}
 
 impl IpKey {
     /// The key for `ip`; IPv4 (and IPv4-mapped IPv6) become `::ffff:a.b.c.d`.

@@ -7,11 +7,11 @@
 //!   original destination by the client's address, which is what the agent sees on
 //!   `accept()`.
 //! * `cgroup/getpeername4` / `getpeername6`: show the application its original peer.
-//! * `sk_lookup` (attached to each enrolled pod's netns): steer inbound connections for
-//!   the pod's ports to the agent's plaintext inbound listener in that netns; drop them
-//!   when the agent is not there (fail closed) or when the pod's plaintext verdict for
-//!   the port is to drop (PeerAuthentication STRICT, or authorization no plaintext
-//!   peer could pass).
+//! * `sk_lookup` (one instance per enrolled pod, attached to its netns, which it knows
+//!   by a load-time constant): steer inbound connections to any address of the pod to
+//!   the agent's plaintext inbound listener in that netns; drop them when the agent is
+//!   not there (fail closed) or when the pod's plaintext verdict for the port is to
+//!   drop (PeerAuthentication STRICT, or authorization no plaintext peer could pass).
 //!
 //! Every program is a thin wrapper around a `try_*` function so the body can use `?`;
 //! nothing here waits on user space, and an unknown pod passes through untouched.
@@ -19,7 +19,8 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, bpf_sock_addr},
+    Global,
+    bindings::{BPF_SK_LOOKUP_F_REPLACE, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, bpf_sock_addr},
     helpers::{bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
     maps::{Array, HashMap, LruHashMap, SockMap},
@@ -27,8 +28,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{debug, warn};
 use mesh_common::{
-    CONFIG_FLAG_READY, InboundPod, IpKey, MeshConfig, OrigDst, PLAINTEXT_DROP, POD_FLAG_ENROLLED, POD_FLAG_HAS_IP6,
-    PodInfo, PodPortKey, SockAddrKey, capacity, ports,
+    CONFIG_FLAG_READY, IpKey, MeshConfig, NetnsPod, NetnsPortKey, OrigDst, PLAINTEXT_DROP, POD_FLAG_ENROLLED,
+    POD_FLAG_HAS_IP6, PodInfo, SockAddrKey, capacity, ports,
 };
 
 /// `cgroup_sock_addr` verdicts.
@@ -61,14 +62,19 @@ static ORIG_DST: LruHashMap<SockAddrKey, OrigDst> = LruHashMap::pinned(capacity:
 #[map(name = "EXCLUDED_PORTS")]
 static EXCLUDED_PORTS: HashMap<u32, u32> = HashMap::pinned(capacity::EXCLUDED_PORTS, 0);
 
-#[map(name = "INBOUND_PODS")]
-static INBOUND_PODS: HashMap<IpKey, InboundPod> = HashMap::pinned(capacity::PODS, 0);
+#[map(name = "NETNS_PODS")]
+static NETNS_PODS: HashMap<u64, NetnsPod> = HashMap::pinned(capacity::PODS, 0);
 
 #[map(name = "INBOUND_LISTENERS")]
 static INBOUND_LISTENERS: SockMap = SockMap::pinned(capacity::PODS, 0);
 
 #[map(name = "PLAINTEXT_POLICY")]
-static PLAINTEXT_POLICY: HashMap<PodPortKey, u32> = HashMap::pinned(capacity::PLAINTEXT_POLICY, 0);
+static PLAINTEXT_POLICY: HashMap<NetnsPortKey, u32> = HashMap::pinned(capacity::PLAINTEXT_POLICY, 0);
+
+/// The inode of the network namespace this `sk_lookup` instance is attached to, set
+/// by the agent when it loads the instance for a pod ([`mesh_common::globals::NETNS_INO`]).
+#[unsafe(no_mangle)]
+static NETNS_INO: Global<u64> = Global::new(0);
 
 // === connect4 / connect6 ===
 
@@ -301,10 +307,12 @@ pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
     try_sk_lookup(&ctx)
 }
 
-/// Steers a connection for an enrolled pod's address to the agent's inbound listener of
-/// that pod. Mesh-owned ports (15008 HBONE, ...) are served by the agent's own sockets,
-/// and connections whose source is the pod itself (the agent delivering to the
-/// application, or the pod calling itself) pass through.
+/// Steers a connection to any address of this instance's pod to the agent's inbound
+/// listener of that pod. The agent's own listeners in the pod (15001, 15006, 15008),
+/// loopback, and connections from the pod to itself (the agent delivering to the
+/// application, or the pod calling itself) pass through. The pod is known by the netns
+/// the instance was loaded for, never by the address dialed: an address a tenant adds
+/// (a secondary IP, an IPv6 link-local address) is judged as the pod's.
 #[inline(always)]
 fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
     // SAFETY: the context pointer is valid for the whole program run.
@@ -318,19 +326,27 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
         _ => return SK_PASS,
     };
     let port = lk.local_port as u16;
-    if ports::is_mesh_owned(port) || local == remote {
+    if ports::is_agent_in_pod(port) || local == remote || is_loopback(&local) {
         return SK_PASS;
     }
+    let netns = NETNS_INO.load();
     // SAFETY: copied out at once.
-    let Some(pod) = (unsafe { INBOUND_PODS.get(&local) }).copied() else { return SK_PASS };
-    if plaintext_dropped(local, port) {
+    let Some(pod) = (unsafe { NETNS_PODS.get(&netns) }).copied() else {
+        // Attached only to enrolled pods' namespaces: an instance without its entry is
+        // one the agent is replacing or removing. Refuse rather than pass unjudged.
+        debug!(ctx, "mesh: no pod entry for this netns, dropping port {}", port);
+        return SK_DROP;
+    };
+    if plaintext_dropped(netns, port) {
         // STRICT mTLS, or no policy could admit a peer without an identity: the SYN
         // never reaches user space. Mesh clients use 15008, which is not steered here.
         debug!(ctx, "mesh: plaintext to port {} refused by policy", port);
         return SK_DROP;
     }
     let ready = MESH_CONFIG.get(0).is_some_and(|c| c.flags & CONFIG_FLAG_READY != 0);
-    if ready && INBOUND_LISTENERS.redirect_sk_lookup(ctx, pod.slot, 0).is_ok() {
+    // REPLACE: while a restarted agent takes over, the previous run's instance for the
+    // same netns runs first and may already have picked the (same) listener.
+    if ready && INBOUND_LISTENERS.redirect_sk_lookup(ctx, pod.slot, u64::from(BPF_SK_LOOKUP_F_REPLACE)).is_ok() {
         return SK_PASS;
     }
     // The pod is enrolled but its agent listener is gone (agent down or restarting):
@@ -339,12 +355,18 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
     SK_DROP
 }
 
+/// 127.0.0.0/8 (IPv4-mapped) or ::1: reachable only from inside the pod.
+#[inline(always)]
+fn is_loopback(ip: &IpKey) -> bool {
+    (ip.is_v4_mapped() && u32::from_be(ip.words[3]) >> 24 == LOOPBACK_FIRST_OCTET) || is_v6_loopback(ip)
+}
+
 /// The pod's verdict for plaintext to `port`: its own entry, else the pod's default.
 #[inline(always)]
-fn plaintext_dropped(ip: IpKey, port: u16) -> bool {
+fn plaintext_dropped(netns: u64, port: u16) -> bool {
     let verdict = |port: u32| {
         // SAFETY: copied out at once.
-        unsafe { PLAINTEXT_POLICY.get(&PodPortKey { ip, port }) }.copied()
+        unsafe { PLAINTEXT_POLICY.get(&NetnsPortKey { netns, port, _pad: 0 }) }.copied()
     };
     verdict(u32::from(port)).or_else(|| verdict(0)) == Some(PLAINTEXT_DROP)
 }

@@ -2,9 +2,16 @@
 //!
 //! Every node is a netns with a bridge (`br0`) for its pods; nodes meet on a "wire"
 //! bridge in one more netns, which is where the tunnel's bytes can be captured. Every pod
-//! is a netns (named after the pod) plus a cgroup under its node's cgroup, where the
+//! is a netns (named after the pod, or `<name>.<namespace>` when two pods share a name)
+//! plus a cgroup laid out as kubelet's cgroupfs driver does it
+//! (`<node cgroup>/kubepods/besteffort/pod<uid>`), under its node's cgroup, where the
 //! agent's capture programs are attached. Nothing in the lab has a route to any outside
 //! network: the lab's namespaces are never connected to the host's.
+//!
+//! The lab starts a pod as a container runtime does: network namespace and cgroup
+//! first, then the CNI plugin chain (`mesh-cni`, which hands the pod to its node's
+//! agent and answers only once the pod is captured or not in the mesh), and the pod's
+//! app only after that. A pod the plugin refuses never starts, and `status` says why.
 //!
 //! Everything the lab creates is recorded in `<state dir>/state.json`, and `down` removes
 //! exactly that: processes by pid and by the lab's own cgroups, namespaces, cgroups,
@@ -74,13 +81,23 @@ pub struct Node {
     pub pin_dir: PathBuf,
     /// Agent pid, when running.
     pub agent_pid: Option<u32>,
+    /// The agent's CNI socket.
+    #[serde(default)]
+    pub cni_socket: PathBuf,
 }
 
 /// A pod of the lab.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PodInfo {
-    /// Pod name, also its netns name.
+    /// Pod name.
     pub name: String,
+    /// `metadata.uid`: how the agent finds the pod's cgroup.
+    #[serde(default)]
+    pub uid: String,
+    /// Its network namespace (`ip netns` name): the pod name, or `<name>.<namespace>`
+    /// when another lab pod has the same name.
+    #[serde(default)]
+    pub netns: String,
     /// Namespace.
     pub namespace: String,
     /// Node.
@@ -95,6 +112,9 @@ pub struct PodInfo {
     pub veth: String,
     /// Echo app pid.
     pub app_pid: Option<u32>,
+    /// Why the CNI plugin refused the pod, which then never started.
+    #[serde(default)]
+    pub failed: Option<String>,
 }
 
 /// The recorded state of a running lab.
@@ -120,6 +140,9 @@ pub struct Lab {
     /// Helper processes (benchmark servers, sidecar proxies) started in pod netns.
     #[serde(default)]
     pub helpers: Vec<Helper>,
+    /// The echo app binary pods run.
+    #[serde(default)]
+    pub echo_bin: PathBuf,
 }
 
 /// A process the lab started next to a pod, in a cgroup of its own outside every
@@ -134,6 +157,46 @@ pub struct Helper {
     pub cgroup: String,
     /// Pid.
     pub pid: u32,
+}
+
+/// A lab pod from its manifest (its place in the lab is filled in later).
+fn pod_info(v: &Value) -> anyhow::Result<PodInfo> {
+    let s = |path: &[&str]| -> Option<String> {
+        let mut cur = v;
+        for p in path {
+            cur = cur.get(*p)?;
+        }
+        cur.as_str().map(str::to_owned)
+    };
+    let name = s(&["metadata", "name"]).context("Pod without metadata.name")?;
+    let namespace = s(&["metadata", "namespace"]).unwrap_or_else(|| "default".into());
+    let uid = s(&["metadata", "uid"]).with_context(|| {
+        format!("Pod {namespace}/{name}: metadata.uid is required in the lab (the agent finds pods by UID only)")
+    })?;
+    let node = s(&["spec", "nodeName"]).with_context(|| format!("Pod {name}: spec.nodeName is required in the lab"))?;
+    let ip: Ipv4Addr = s(&["status", "podIP"])
+        .with_context(|| format!("Pod {name}: status.podIP is required in the lab"))?
+        .parse()
+        .with_context(|| format!("Pod {name}: status.podIP must be IPv4"))?;
+    let labels = v
+        .get("metadata")
+        .and_then(|m| m.get("labels"))
+        .and_then(Value::as_mapping)
+        .map(|m| m.iter().filter_map(|(k, v)| Some((k.as_str()?.to_string(), v.as_str()?.to_string()))).collect())
+        .unwrap_or_default();
+    Ok(PodInfo {
+        name,
+        uid,
+        netns: String::new(),
+        namespace,
+        node,
+        ip,
+        labels,
+        cgroup: String::new(),
+        veth: String::new(),
+        app_pid: None,
+        failed: None,
+    })
 }
 
 /// Manifests read for the topology.
@@ -164,35 +227,7 @@ fn read_manifests(dir: &Path) -> anyhow::Result<Manifests> {
             };
             let ns = s(&["metadata", "namespace"]).unwrap_or_else(|| "default".into());
             match s(&["kind"]).as_deref() {
-                Some("Pod") => {
-                    let name = s(&["metadata", "name"]).context("Pod without metadata.name")?;
-                    let node = s(&["spec", "nodeName"])
-                        .with_context(|| format!("Pod {name}: spec.nodeName is required in the lab"))?;
-                    let ip: Ipv4Addr = s(&["status", "podIP"])
-                        .with_context(|| format!("Pod {name}: status.podIP is required in the lab"))?
-                        .parse()
-                        .with_context(|| format!("Pod {name}: status.podIP must be IPv4"))?;
-                    let labels = v
-                        .get("metadata")
-                        .and_then(|m| m.get("labels"))
-                        .and_then(Value::as_mapping)
-                        .map(|m| {
-                            m.iter()
-                                .filter_map(|(k, v)| Some((k.as_str()?.to_string(), v.as_str()?.to_string())))
-                                .collect()
-                        })
-                        .unwrap_or_default();
-                    pods.push(PodInfo {
-                        name,
-                        namespace: ns,
-                        node,
-                        ip,
-                        labels,
-                        cgroup: String::new(),
-                        veth: String::new(),
-                        app_pid: None,
-                    });
-                }
+                Some("Pod") => pods.push(pod_info(&v)?),
                 Some("Service") => {
                     let name = s(&["metadata", "name"]).context("Service without metadata.name")?;
                     if let Some(ip) = s(&["spec", "clusterIP"]).filter(|ip| ip != "None") {
@@ -243,12 +278,23 @@ impl Lab {
         self.state_dir.join("logs").join(format!("agent-{node}.log"))
     }
 
-    /// A pod by name.
+    /// A pod by name, or by `namespace/name` where two pods share a name.
     pub fn pod(&self, name: &str) -> anyhow::Result<&PodInfo> {
-        self.pods.iter().find(|p| p.name == name).with_context(|| {
-            let names: Vec<_> = self.pods.iter().map(|p| p.name.as_str()).collect();
-            format!("no pod {name:?} in the lab (pods: {})", names.join(", "))
-        })
+        let found: Vec<&PodInfo> = match name.split_once('/') {
+            Some((ns, n)) => self.pods.iter().filter(|p| p.namespace == ns && p.name == n).collect(),
+            None => self.pods.iter().filter(|p| p.name == name).collect(),
+        };
+        match found.as_slice() {
+            [one] => Ok(one),
+            [] => {
+                let names: Vec<_> = self.pods.iter().map(|p| format!("{}/{}", p.namespace, p.name)).collect();
+                bail!("no pod {name:?} in the lab (pods: {})", names.join(", "))
+            }
+            many => {
+                let names: Vec<_> = many.iter().map(|p| format!("{}/{}", p.namespace, p.name)).collect();
+                bail!("pod name {name:?} is ambiguous: say {}", names.join(" or "))
+            }
+        }
     }
 
     /// A node by name.
@@ -280,18 +326,13 @@ impl Lab {
                 agent_cgroup: format!("{CGROUP_NAME}/agent-{name}"),
                 pin_dir: Path::new(PIN_ROOT).join(name),
                 agent_pid: None,
+                cni_socket: opts.state_dir.join("cni").join(name).join("cni.sock"),
             });
         }
-        let pods = m
-            .pods
-            .into_iter()
-            .enumerate()
-            .map(|(i, mut p)| {
-                p.cgroup = format!("{CGROUP_NAME}/{}/{}", p.node, p.name);
-                p.veth = format!("vp{i}");
-                p
-            })
-            .collect();
+        let mut pods: Vec<PodInfo> = Vec::new();
+        for (i, p) in m.pods.into_iter().enumerate() {
+            pods.push(place_pod(p, i, &pods));
+        }
         fs::create_dir_all(opts.state_dir.join("logs"))?;
         let mut lab = Lab {
             state_dir: opts.state_dir.clone(),
@@ -303,6 +344,7 @@ impl Lab {
             agent_log: opts.agent_log.clone(),
             agent_env: opts.agent_env.clone(),
             helpers: Vec::new(),
+            echo_bin: opts.echo_bin.clone(),
         };
         // Record first, so `down` can clean up a half-built lab.
         lab.save()?;
@@ -342,14 +384,160 @@ impl Lab {
             self.start_agent(n)?;
         }
         for i in 0..self.pods.len() {
-            let pid = self.start_app(&self.pods[i], &opts.echo_bin)?;
-            self.pods[i].app_pid = Some(pid);
+            self.start_pod(i)?;
         }
         self.save()?;
-        for p in &self.pods {
+        for p in self.pods.iter().filter(|p| p.failed.is_none()) {
             self.wait_app(p)?;
         }
+        if let Some(p) = self.pods.iter().find(|p| p.failed.is_some()) {
+            bail!("pod {}/{} did not start: {}", p.namespace, p.name, p.failed.as_deref().unwrap_or(""));
+        }
         Ok(())
+    }
+
+    /// Starts pod `i` as a runtime does: the CNI chain first (the mesh's plugin hands
+    /// the pod to its node's agent), its app only once the chain succeeded. A pod the
+    /// plugin refuses is recorded as failed and never runs.
+    fn start_pod(&mut self, i: usize) -> anyhow::Result<()> {
+        let p = self.pods[i].clone();
+        match self.cni(&p, "ADD") {
+            Ok(()) => {
+                let pid = self.start_app(&p)?;
+                self.pods[i].app_pid = Some(pid);
+                self.pods[i].failed = None;
+            }
+            Err(e) => self.pods[i].failed = Some(format!("{e:#}")),
+        }
+        self.save()
+    }
+
+    /// Runs the CNI plugin for `p` as the container runtime would: CNI environment,
+    /// network configuration with the network plugin's result on stdin.
+    fn cni(&self, p: &PodInfo, command: &str) -> anyhow::Result<()> {
+        let node = self.node(&p.node)?;
+        let netconf = serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": "meshlab",
+            "type": "mesh-cni",
+            "socket": node.cni_socket,
+            "excludeNamespaces": [],
+            "prevResult": {
+                "cniVersion": "1.0.0",
+                "interfaces": [{"name": "eth0", "sandbox": format!("/var/run/netns/{}", p.netns)}],
+                "ips": [{"address": format!("{}/24", p.ip), "interface": 0, "gateway": node.gateway.to_string()}],
+            },
+        });
+        let args = format!(
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_INFRA_CONTAINER_ID={};K8S_POD_UID={}",
+            p.namespace, p.name, p.uid, p.uid
+        );
+        let mut child = Command::new(self.cni_bin())
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", &p.uid)
+            .env("CNI_NETNS", format!("/var/run/netns/{}", p.netns))
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", self.cni_bin().parent().unwrap_or(Path::new("/")))
+            .env("CNI_ARGS", args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("running mesh-cni")?;
+        {
+            use std::io::Write as _;
+            let mut stdin = child.stdin.take().context("mesh-cni stdin")?;
+            stdin.write_all(netconf.to_string().as_bytes())?;
+        }
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            bail!(
+                "CNI {command} refused: {}: {}",
+                result["msg"].as_str().unwrap_or("(no message)"),
+                result["details"].as_str().unwrap_or(&String::from_utf8_lossy(&out.stderr))
+            );
+        }
+        Ok(())
+    }
+
+    /// Waits until the agent of `p`'s node lists `p` in its config dump.
+    fn wait_agent_knows(&self, p: &PodInfo) -> anyhow::Result<()> {
+        let node = self.node(&p.node)?;
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while Instant::now() < deadline {
+            let out = output(&[
+                "ip",
+                "netns",
+                "exec",
+                &node.netns,
+                "curl",
+                "-s",
+                "-m",
+                "1",
+                "http://127.0.0.1:15000/config_dump",
+            ])?;
+            let dump: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            let known = dump["workloads"].as_array().is_some_and(|w| {
+                w.iter().any(|w| w["name"] == p.name.as_str() && w["namespace"] == p.namespace.as_str())
+            });
+            if known {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("the agent of {} never saw pod {}/{}", p.node, p.namespace, p.name)
+    }
+
+    /// The `mesh-cni` binary, built next to the agent.
+    fn cni_bin(&self) -> PathBuf {
+        self.agent_bin.with_file_name("mesh-cni")
+    }
+
+    /// Adds a pod from its manifest (YAML with `metadata.uid`, `spec.nodeName` on an
+    /// existing node and `status.podIP` in that node's subnet) to the running lab: its
+    /// manifest goes to the agents' config first, as the API server has a pod before its
+    /// node starts it, then it starts as every lab pod does. Returns the pod; a pod the
+    /// CNI plugin refused comes back with `failed` set and no app.
+    pub fn add_pod(&mut self, manifest: &str) -> anyhow::Result<PodInfo> {
+        self.add_pod_with(manifest, true)
+    }
+
+    /// [`Lab::add_pod`] for a pod whose cgroup kubelet has not made: the agent cannot
+    /// find it, so the pod must not start.
+    pub fn add_pod_without_cgroup(&mut self, manifest: &str) -> anyhow::Result<PodInfo> {
+        self.add_pod_with(manifest, false)
+    }
+
+    fn add_pod_with(&mut self, manifest: &str, make_cgroup: bool) -> anyhow::Result<PodInfo> {
+        let v: Value = serde_yaml::from_str(manifest).context("pod manifest")?;
+        let p = pod_info(&v)?;
+        self.node(&p.node)?;
+        if self.pods.iter().any(|x| x.name == p.name && x.namespace == p.namespace) {
+            bail!("pod {}/{} is already in the lab", p.namespace, p.name);
+        }
+        let i = self.pods.len();
+        let p = place_pod(p, i, &self.pods);
+        self.pods.push(p.clone());
+        self.save()?;
+        let file = self.config_dir().join(format!("pod-{}-{}.yaml", p.namespace, p.name));
+        let tmp = self.config_dir().join(format!(".pod-{}-{}.yaml.tmp", p.namespace, p.name));
+        fs::write(&tmp, manifest)?;
+        fs::rename(&tmp, &file)?;
+        // As on a node: the pod is in the API (and the agent's config) before the kubelet
+        // starts it, so a mesh that only captured on its own schedule would leave it open.
+        self.wait_agent_knows(&p)?;
+        self.build_pod_network(&p)?;
+        if make_cgroup {
+            fs::create_dir_all(self.cgroup_root.join(&p.cgroup))?;
+        }
+        self.write_hosts()?;
+        self.start_pod(i)?;
+        let p = self.pods[i].clone();
+        if p.failed.is_none() {
+            self.wait_app(&p)?;
+        }
+        Ok(p)
     }
 
     fn build_network(&self) -> anyhow::Result<()> {
@@ -376,29 +564,23 @@ impl Lab {
             }
         }
         for p in &self.pods {
-            let node = self.node(&p.node)?;
-            run(&["ip", "netns", "add", &p.name])?;
-            run(&["ip", "-n", &p.name, "link", "set", "lo", "up"])?;
-            run(&[
-                "ip",
-                "-n",
-                &node.netns,
-                "link",
-                "add",
-                &p.veth,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                &p.name,
-            ])?;
-            run(&["ip", "-n", &node.netns, "link", "set", &p.veth, "master", "br0", "up"])?;
-            run(&["ip", "-n", &p.name, "addr", "add", &format!("{}/24", p.ip), "dev", "eth0"])?;
-            run(&["ip", "-n", &p.name, "link", "set", "eth0", "up"])?;
-            run(&["ip", "-n", &p.name, "route", "add", "default", "via", &node.gateway.to_string()])?;
+            self.build_pod_network(p)?;
         }
+        Ok(())
+    }
+
+    /// The pod's netns, its veth on the node's bridge, its address and route: what the
+    /// network plugin does before `mesh-cni` runs.
+    fn build_pod_network(&self, p: &PodInfo) -> anyhow::Result<()> {
+        let node = self.node(&p.node)?;
+        let ns = p.netns.as_str();
+        run(&["ip", "netns", "add", ns])?;
+        run(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
+        run(&["ip", "-n", &node.netns, "link", "add", &p.veth, "type", "veth", "peer", "name", "eth0", "netns", ns])?;
+        run(&["ip", "-n", &node.netns, "link", "set", &p.veth, "master", "br0", "up"])?;
+        run(&["ip", "-n", ns, "addr", "add", &format!("{}/24", p.ip), "dev", "eth0"])?;
+        run(&["ip", "-n", ns, "link", "set", "eth0", "up"])?;
+        run(&["ip", "-n", ns, "route", "add", "default", "via", &node.gateway.to_string()])?;
         Ok(())
     }
 
@@ -417,7 +599,7 @@ impl Lab {
     /// pods resolve `svc`, `svc.ns` and `svc.ns.svc.cluster.local`.
     fn write_hosts(&self) -> anyhow::Result<()> {
         for p in &self.pods {
-            let dir = Path::new("/etc/netns").join(&p.name);
+            let dir = Path::new("/etc/netns").join(&p.netns);
             fs::create_dir_all(&dir)?;
             let mut hosts = String::from("127.0.0.1 localhost\n::1 localhost\n");
             hosts.push_str(&format!("{} {}\n", p.ip, p.name));
@@ -434,7 +616,7 @@ impl Lab {
     /// A command that runs `argv` inside `pod`'s netns and cgroup.
     pub fn pod_command(&self, pod: &str, argv: &[String]) -> anyhow::Result<Command> {
         let p = self.pod(pod)?;
-        Ok(in_cgroup_netns(&self.cgroup_root.join(&p.cgroup), &p.name, Enter::IpNetnsExec, argv))
+        Ok(in_cgroup_netns(&self.cgroup_root.join(&p.cgroup), &p.netns, Enter::IpNetnsExec, argv))
     }
 
     /// Runs `argv` in `pod` and returns its output.
@@ -449,7 +631,7 @@ impl Lab {
         if self.helpers.iter().any(|h| h.name == name) {
             bail!("helper {name} is already running");
         }
-        let netns = self.pod(pod)?.name.clone();
+        let netns = self.pod(pod)?.netns.clone();
         let cgroup = format!("{CGROUP_NAME}/helpers/{name}");
         fs::create_dir_all(self.cgroup_root.join(&cgroup))?;
         let log = fs::File::create(self.state_dir.join("logs").join(format!("helper-{name}.log")))?;
@@ -497,6 +679,8 @@ impl Lab {
             self.cgroup_root.join(&n.cgroup).display().to_string(),
             "--bpf-pin-dir".into(),
             n.pin_dir.display().to_string(),
+            "--cni-socket".into(),
+            n.cni_socket.display().to_string(),
             "--admin-addr".into(),
             "127.0.0.1:15000".into(),
             "--drain-timeout".into(),
@@ -526,7 +710,7 @@ impl Lab {
         let deadline = Instant::now() + READY_TIMEOUT;
         while Instant::now() < deadline {
             if let Some(pid) = n.agent_pid
-                && !Path::new(&format!("/proc/{pid}")).exists()
+                && !is_alive(pid)
             {
                 bail!("agent of {node} exited; see {}", self.agent_log_path(node).display());
             }
@@ -561,10 +745,10 @@ impl Lab {
         self.save()
     }
 
-    fn start_app(&self, p: &PodInfo, echo_bin: &Path) -> anyhow::Result<u32> {
+    fn start_app(&self, p: &PodInfo) -> anyhow::Result<u32> {
         let labels: Vec<String> = p.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let argv: Vec<String> = [
-            echo_bin.display().to_string(),
+            self.echo_bin.display().to_string(),
             "serve".into(),
             "--pod".into(),
             p.name.clone(),
@@ -574,8 +758,8 @@ impl Lab {
             labels.join(","),
         ]
         .into();
-        let log = fs::File::create(self.state_dir.join("logs").join(format!("app-{}.log", p.name)))?;
-        let child = in_cgroup_netns(&self.cgroup_root.join(&p.cgroup), &p.name, Enter::IpNetnsExec, &argv)
+        let log = fs::File::create(self.state_dir.join("logs").join(format!("app-{}.log", p.netns)))?;
+        let child = in_cgroup_netns(&self.cgroup_root.join(&p.cgroup), &p.netns, Enter::IpNetnsExec, &argv)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -589,7 +773,7 @@ impl Lab {
         while Instant::now() < deadline {
             // Loopback inside the pod is never captured, so this checks the app alone.
             let out =
-                output(&["ip", "netns", "exec", &p.name, "curl", "-sf", "-m", "1", "http://127.0.0.1:8080/ready"])?;
+                output(&["ip", "netns", "exec", &p.netns, "curl", "-sf", "-m", "1", "http://127.0.0.1:8080/ready"])?;
             if out.status.success() {
                 return Ok(());
             }
@@ -632,13 +816,14 @@ impl Lab {
         }
         for p in &self.pods {
             let up = p.app_pid.is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
+            let app = match (&p.failed, up) {
+                (Some(why), _) => format!("not started: {why}"),
+                (None, true) => "running".into(),
+                (None, false) => "down".into(),
+            };
             s.push_str(&format!(
                 "pod  {:<15} ns {:<11} node {:<6} ip {:<11} app {}\n",
-                p.name,
-                p.namespace,
-                p.node,
-                p.ip,
-                if up { "running" } else { "down" }
+                p.name, p.namespace, p.node, p.ip, app
             ));
         }
         s
@@ -673,8 +858,8 @@ impl Lab {
         }
         let _ = fs::remove_dir(PIN_ROOT);
         for p in &self.pods {
-            run_quiet(&["ip", "netns", "del", &p.name]);
-            let _ = fs::remove_dir_all(Path::new("/etc/netns").join(&p.name));
+            run_quiet(&["ip", "netns", "del", &p.netns]);
+            let _ = fs::remove_dir_all(Path::new("/etc/netns").join(&p.netns));
         }
         for n in &self.nodes {
             run_quiet(&["ip", "netns", "del", &n.netns]);
@@ -684,6 +869,9 @@ impl Lab {
             remove_cgroup(&self.cgroup_root.join(&p.cgroup));
         }
         for n in &self.nodes {
+            for parent in ["kubepods/besteffort", "kubepods"] {
+                remove_cgroup(&self.cgroup_root.join(&n.cgroup).join(parent));
+            }
             remove_cgroup(&self.cgroup_root.join(&n.cgroup));
             remove_cgroup(&self.cgroup_root.join(&n.agent_cgroup));
         }
@@ -696,24 +884,45 @@ impl Lab {
 /// How a lab process enters its network namespace.
 #[derive(Clone, Copy)]
 enum Enter {
-    /// `ip netns exec`: also bind-mounts `/etc/netns/<name>/hosts` (pods).
+    /// As `ip netns exec` does for what matters here: the netns, and
+    /// `/etc/netns/<name>/hosts` over /etc/hosts in a private mount namespace (pods
+    /// resolve Services by name). /sys is not remounted, so the cgroup2 mount stays.
     IpNetnsExec,
-    /// `nsenter --net`: keeps the host's mounts. `ip netns exec` remounts /sys, hiding
-    /// the cgroup2 and bpffs mounts the agent needs (a DaemonSet pod gets them as
-    /// hostPath mounts).
+    /// The netns alone, with the host's mounts: the agent needs the cgroup2 and bpffs
+    /// mounts (a DaemonSet pod gets them as hostPath mounts).
     Nsenter,
 }
 
-/// The shell moves itself into the cgroup, then execs into the netns and the program,
-/// so the program starts inside both with the same pid.
+/// Enters the netns first, then a shell there moves itself into the cgroup and execs
+/// the program, so the program starts inside both with the same pid. In that order, a
+/// process is never in a pod's cgroup while still in another namespace, as with a
+/// runtime, whose sandbox process starts in the pod's namespace.
 fn in_cgroup_netns(cgroup: &Path, netns: &str, enter: Enter, argv: &[String]) -> Command {
-    let prefix: Vec<String> = match enter {
-        Enter::IpNetnsExec => vec!["ip".into(), "netns".into(), "exec".into(), netns.into()],
-        Enter::Nsenter => vec!["nsenter".into(), format!("--net=/var/run/netns/{netns}")],
-    };
-    let mut cmd = Command::new("bash");
-    cmd.arg("-c").arg("echo $$ > \"$0/cgroup.procs\" && exec \"$@\"").arg(cgroup).args(prefix).args(argv);
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net=/var/run/netns/{netns}"));
+    let join = "echo $$ > \"$0/cgroup.procs\" && exec \"$@\"";
+    match enter {
+        Enter::IpNetnsExec => {
+            let hosts = Path::new("/etc/netns").join(netns).join("hosts");
+            let script = format!("[ -f {0} ] && mount --bind {0} /etc/hosts; {join}", hosts.display());
+            cmd.args(["unshare", "--mount", "--propagation", "private", "bash", "-c", &script]);
+        }
+        Enter::Nsenter => {
+            cmd.args(["bash", "-c", join]);
+        }
+    }
+    cmd.arg(cgroup).args(argv);
     cmd
+}
+
+/// Gives pod `p` (the `index`-th) its place in the lab: kubelet's cgroup for its UID,
+/// its veth, and its netns name (`<name>.<namespace>` if a pod in `others` has its name).
+fn place_pod(mut p: PodInfo, index: usize, others: &[PodInfo]) -> PodInfo {
+    p.cgroup = format!("{CGROUP_NAME}/{}/kubepods/besteffort/pod{}", p.node, p.uid);
+    p.veth = format!("vp{index}");
+    p.netns =
+        if others.iter().any(|o| o.name == p.name) { format!("{}.{}", p.name, p.namespace) } else { p.name.clone() };
+    p
 }
 
 fn stop_pid(pid: u32, signal: &str) {
@@ -735,6 +944,13 @@ fn stop_pid(pid: u32, signal: &str) {
     if Path::new(&proc).exists() && signal != "KILL" {
         run_quiet(&["kill", "-KILL", &pid.to_string()]);
     }
+}
+
+/// Whether `pid` runs (a child that exited and was not reaped yet is a zombie).
+fn is_alive(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .is_some_and(|stat| stat.rsplit(')').next().and_then(|r| r.split_whitespace().next()) != Some("Z"))
 }
 
 fn remove_cgroup(path: &Path) {

@@ -264,11 +264,15 @@ fn a_process_in_a_container_cgroup_below_its_pod_is_captured() {
     let pod = lab.pod("frontend").unwrap().clone();
     let container = lab.cgroup_root.join(&pod.cgroup).join("container-app");
     std::fs::create_dir_all(&container).unwrap();
-    let script = format!(
-        "echo $$ > {}/cgroup.procs && exec ip netns exec frontend curl -s -m 5 http://myapp/",
-        container.display()
-    );
-    let out = std::process::Command::new("bash").args(["-c", &script]).output().unwrap();
+    // Into the pod's netns first, then its (container) cgroup, as a runtime starts it.
+    // nsenter keeps the host's mounts (`ip netns exec` would hide the cgroup2 mount);
+    // without the pod's hosts file, the Service is dialed at its VIP.
+    let (_, vip) = &lab.services["production/myapp"];
+    let script = format!("echo $$ > {}/cgroup.procs && exec curl -s -m 5 http://{vip}/", container.display());
+    let out = std::process::Command::new("nsenter")
+        .args([&format!("--net=/var/run/netns/{}", pod.netns), "bash", "-c", &script])
+        .output()
+        .unwrap();
     let body = String::from_utf8_lossy(&out.stdout);
     // The container's processes have all exited; its cgroup can go.
     let _ = std::fs::remove_dir(&container);

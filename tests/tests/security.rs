@@ -132,7 +132,12 @@ fn port_level_mtls_opens_one_port_of_a_strict_workload() {
 fn seed_authorization_policy_allows_frontend_api_and_health_for_anyone_only() {
     let Some(lab) = lab("seed_authorization_policy_allows_frontend_api_and_health_for_anyone_only") else { return };
     apply_seed(&lab, "authorizationpolicy-myapp.yaml");
-    eventually("policy in force", || (code(&lab, "frontend", &["http://myapp/other"]) == "403").then_some(()));
+    // In force on both nodes: a connection admitted under the old policy is cut when
+    // its node applies the new one, so a request racing that moment would be reset.
+    let pods = [lab.pod("myapp-v1").unwrap().ip, lab.pod("myapp-v2").unwrap().ip];
+    eventually("policy in force on both nodes", || {
+        pods.iter().all(|ip| code(&lab, "frontend", &[&format!("http://{ip}:8080/other")]) == "403").then_some(())
+    });
     // frontend's identity: GET and POST under /api/.
     for (method, path, want) in [
         ("GET", "/api/users", "200"),

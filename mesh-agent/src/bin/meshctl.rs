@@ -177,8 +177,14 @@ fn main() -> ExitCode {
                     "{:<28} {:<20} {:<10} {:<18} {:<12} {:>8} {:>8}",
                     r.pod, r.node, version, digest, state, enrolled, rejected
                 );
-                if let Err(e) = &r.report {
-                    println!("    {}", style.bad(&format!("could not ask it: {e}")));
+                match &r.report {
+                    Err(e) => println!("    {}", style.bad(&format!("could not ask it: {e}"))),
+                    Ok(s) => {
+                        for f in &s.failed_pods {
+                            let line = format!("pod {} (uid {}) not captured: {}", f.pod, f.uid, f.reason);
+                            println!("    {}", style.bad(&line));
+                        }
+                    }
                 }
             }
             Ok(if rows.iter().all(|r| r.state == SyncState::Synced) { ExitCode::SUCCESS } else { ExitCode::FAILURE })

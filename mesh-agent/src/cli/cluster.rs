@@ -548,8 +548,24 @@ pub struct SyncStatus {
     pub config_digest: String,
     /// Pods enrolled on its node.
     pub enrolled_pods: usize,
+    /// Pods of its node it should capture and cannot, with why (agents before this
+    /// field report none).
+    #[serde(default)]
+    pub failed_pods: Vec<FailedPod>,
     /// Objects it refuses.
     pub rejected_config: usize,
+}
+
+/// A pod an agent should capture and cannot.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct FailedPod {
+    /// `namespace/name`.
+    pub pod: String,
+    /// `metadata.uid`.
+    pub uid: String,
+    /// Why.
+    #[serde(default)]
+    pub reason: String,
 }
 
 /// One agent's line of `meshctl proxy-status`.
@@ -572,7 +588,8 @@ pub enum SyncState {
     Synced,
     /// Serving another config.
     Stale,
-    /// Answered, but does not serve every local pod yet.
+    /// Answered, but does not serve every local pod (not ready yet, or a pod it
+    /// should capture failed).
     NotReady,
     /// Did not answer.
     Unreachable,
@@ -625,7 +642,7 @@ pub async fn proxy_status(client: &kube::Client, namespace: &str) -> Result<Vec<
     for r in &mut rows {
         r.state = match &r.report {
             Err(_) => SyncState::Unreachable,
-            Ok(s) if !s.ready => SyncState::NotReady,
+            Ok(s) if !s.ready || !s.failed_pods.is_empty() => SyncState::NotReady,
             Ok(s) if Some(&s.config_digest) == majority.as_ref() => SyncState::Synced,
             Ok(_) => SyncState::Stale,
         };

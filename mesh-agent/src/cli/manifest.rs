@@ -10,8 +10,8 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{DaemonSet, DaemonSetSpec, DaemonSetUpdateStrategy, RollingUpdateDaemonSet};
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMap, ConfigMapEnvSource, Container, ContainerPort, EnvFromSource, EnvVar, EnvVarSource,
-    HTTPGetAction, HostPathVolumeSource, Namespace, ObjectFieldSelector, PodSpec, PodTemplateSpec, Probe,
+    Capabilities, ConfigMap, ConfigMapEnvSource, Container, ContainerPort, EmptyDirVolumeSource, EnvFromSource, EnvVar,
+    EnvVarSource, HTTPGetAction, HostPathVolumeSource, Namespace, ObjectFieldSelector, PodSpec, PodTemplateSpec, Probe,
     ResourceRequirements, SeccompProfile, SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec,
     Toleration, Volume, VolumeMount,
 };
@@ -422,6 +422,9 @@ fn to_json<T: serde::Serialize>(o: &T) -> serde_json::Value {
     serde_json::to_value(o).expect("k8s-openapi objects serialize")
 }
 
+/// Where the agent's CNI socket lives, on the node and in the agent's container alike.
+const CNI_SOCKET_DIR: &str = "/var/run/mesh";
+
 fn host_path(name: &str, path: &str, kind: &str) -> Volume {
     Volume {
         name: name.into(),
@@ -458,7 +461,14 @@ fn daemon_set(v: &Values) -> DaemonSet {
         args: Some(vec![
             "--config-dir=/etc/mesh/config".into(),
             "--node-cgroup=/host/sys/fs/cgroup".into(),
-            "--netns-dir=/host/var/run/netns".into(),
+            // Pods reach the agent through the CNI plugin, chained into the node's
+            // network configuration at start; the socket's path is the same on the
+            // host (where the plugin runs) and here.
+            format!("--cni-socket={CNI_SOCKET_DIR}/cni.sock"),
+            "--cni-conf-dir=/host/etc/cni/net.d".into(),
+            "--cni-bin-dir=/host/opt/cni/bin".into(),
+            "--cni-plugin=/mesh-cni".into(),
+            format!("--cni-exclude-namespaces=kube-system,{}", v.namespace),
         ]),
         env: Some(vec![env_field("MESH_NODE_NAME", "spec.nodeName"), env_field("POD_NAMESPACE", "metadata.namespace")]),
         env_from: Some(vec![EnvFromSource {
@@ -502,10 +512,18 @@ fn daemon_set(v: &Values) -> DaemonSet {
             ..Default::default()
         }),
         volume_mounts: Some(vec![
-            mount("bpffs", "/sys/fs/bpf", false, Some("Bidirectional")),
+            // The node's own bpffs (systemd mounts it; `meshctl check --pre` checks):
+            // pins live there and outlive the agent's container. Bidirectional would
+            // need a privileged container, which the agent is not.
+            mount("bpffs", "/sys/fs/bpf", false, Some("HostToContainer")),
             mount("cgroup", "/host/sys/fs/cgroup", true, None),
-            mount("netns", "/host/var/run/netns", true, Some("HostToContainer")),
+            mount("cni-socket", CNI_SOCKET_DIR, false, None),
+            mount("cni-conf", "/host/etc/cni/net.d", false, None),
+            mount("cni-bin", "/host/opt/cni/bin", false, None),
             mount("config", "/etc/mesh/config", false, None),
+            // The root filesystem is read-only: the CA files the agent writes from its
+            // Secret go to memory.
+            mount("ca", "/var/lib/mesh", false, None),
         ]),
         ..Default::default()
     };
@@ -542,10 +560,20 @@ fn daemon_set(v: &Values) -> DaemonSet {
                     tolerations: Some(vec![Toleration { operator: Some("Exists".into()), ..Default::default() }]),
                     containers: vec![container],
                     volumes: Some(vec![
-                        host_path("bpffs", "/sys/fs/bpf", "DirectoryOrCreate"),
+                        host_path("bpffs", "/sys/fs/bpf", "Directory"),
                         host_path("cgroup", "/sys/fs/cgroup", "Directory"),
-                        host_path("netns", "/var/run/netns", "DirectoryOrCreate"),
+                        host_path("cni-socket", CNI_SOCKET_DIR, "DirectoryOrCreate"),
+                        host_path("cni-conf", "/etc/cni/net.d", "DirectoryOrCreate"),
+                        host_path("cni-bin", "/opt/cni/bin", "DirectoryOrCreate"),
                         Volume { name: "config".into(), empty_dir: Some(Default::default()), ..Default::default() },
+                        Volume {
+                            name: "ca".into(),
+                            empty_dir: Some(EmptyDirVolumeSource {
+                                medium: Some("Memory".into()),
+                                ..Default::default()
+                            }),
+                            ..Default::default()
+                        },
                     ]),
                     ..Default::default()
                 }),

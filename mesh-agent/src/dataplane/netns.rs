@@ -6,7 +6,8 @@
 //! `.await` in between, so no other task ever runs in the wrong namespace.
 
 use std::fs::File;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -14,14 +15,19 @@ use nix::sched::{CloneFlags, setns};
 
 use super::Error;
 
+/// `NSFS_MAGIC` from `linux/magic.h`.
+const NSFS_MAGIC: i64 = 0x6e73_6673;
+
 /// The agent's own netns, captured once at start-up before any switching.
 static HOST_NETNS: OnceLock<File> = OnceLock::new();
 
-/// A handle on a pod's network namespace.
+/// A handle on a pod's network namespace. Holding it keeps the namespace alive, so a
+/// pod the agent gives up on must drop every handle (and every socket in it).
 #[derive(Debug)]
 pub struct Netns {
     file: File,
     path: PathBuf,
+    inode: u64,
 }
 
 impl Netns {
@@ -33,10 +39,34 @@ impl Netns {
         Ok(())
     }
 
-    /// Opens a named netns (e.g. `/var/run/netns/<pod>`).
+    /// Opens the netns at `path` (`/proc/<pid>/ns/net`).
     pub fn open(path: &Path) -> Result<Self, Error> {
         let file = File::open(path).map_err(|source| Error::Io { path: path.into(), source })?;
-        Ok(Self { file, path: path.to_owned() })
+        Self::from_file(file, path.to_owned())
+    }
+
+    /// The netns of `fd` (handed over by the CNI plugin); `label` names it in errors.
+    pub fn from_fd(fd: OwnedFd, label: impl Into<PathBuf>) -> Result<Self, Error> {
+        Self::from_file(File::from(fd), label.into())
+    }
+
+    fn from_file(file: File, path: PathBuf) -> Result<Self, Error> {
+        let meta = file.metadata().map_err(|source| Error::Io { path: path.clone(), source })?;
+        // A network namespace file lives on nsfs; anything else (a regular file a
+        // caller passed by mistake) is not one, and setns would fail later.
+        if nix::sys::statfs::fstatfs(&file).map(|s| s.filesystem_type().0 != NSFS_MAGIC).unwrap_or(true) {
+            return Err(Error::Io {
+                path,
+                source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a namespace (nsfs) file"),
+            });
+        }
+        Ok(Self { file, inode: meta.ino(), path })
+    }
+
+    /// The namespace's inode: the same for every handle on it, and what the kernel
+    /// tables key the pod by.
+    pub fn inode(&self) -> u64 {
+        self.inode
     }
 
     /// The namespace file, for attaching programs.

@@ -44,8 +44,11 @@ async fn handle(
     peer: SocketAddr,
 ) -> Result<(), Error> {
     let dst = stream.local_addr().map_err(|source| Error::Io { what: "getsockname", addr: peer, source })?;
-    // A connection made straight to :15006 (not steered) has no application port.
-    if ports::is_mesh_owned(dst.port()) || !pod.ips.contains(&dst.ip()) {
+    let dst = sockets::canonical(dst);
+    // A connection made straight to :15006 (not steered) has no application port. Any
+    // other destination is an address of this pod: the listener is in the pod's own
+    // netns, and only the pod's own sk_lookup instance steers to it.
+    if ports::is_agent_in_pod(dst.port()) {
         sockets::reset(stream);
         return Ok(());
     }
@@ -67,7 +70,7 @@ async fn handle(
     }
     let source = snapshot.workload_by_ip(peer.ip()).cloned();
     let labels = ConnLabels::inbound(pod, source.as_deref(), false);
-    let app = sockets::connect_in(netns, dst, ctx.bypass_mark, CONNECT_TIMEOUT).await?;
+    let app = sockets::deliver_in(netns, dst, ctx.bypass_mark, CONNECT_TIMEOUT).await?;
     tracing::debug!(pod = %pod.name, %peer, %dst, "inbound plaintext");
     admission::serve(ctx.clone(), pod.clone(), netns.clone(), security, arrival, verdict, stream, app, labels).await;
     Ok(())

@@ -167,7 +167,7 @@ fn strip_h2c_upgrade(headers: &mut http::HeaderMap) {
 async fn app_stream(conn: &Conn, apps: &mut AppConns) -> Result<TcpStream, super::Error> {
     match apps.fresh.take() {
         Some(s) => Ok(s),
-        None => sockets::connect_in(&conn.netns, conn.arrival.dst, conn.ctx.bypass_mark, CONNECT_TIMEOUT).await,
+        None => sockets::deliver_in(&conn.netns, conn.arrival.dst, conn.ctx.bypass_mark, CONNECT_TIMEOUT).await,
     }
 }
 

@@ -1,6 +1,6 @@
 //! The listeners the agent keeps inside each enrolled pod's network namespace.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
@@ -13,6 +13,11 @@ use crate::dataplane::Netns;
 use crate::state::Workload;
 
 /// A running proxy for one pod: its listeners and accept loops.
+///
+/// Outbound: one listener per address family the pod has (`<pod ip>:15001`, where
+/// connect4/connect6 send its connections). Inbound plaintext (15006) and HBONE
+/// (15008): one dual-stack listener each, since the kernel steers connections to any
+/// address of the pod, IPv4 or IPv6, to them.
 #[derive(Debug)]
 pub struct PodProxy {
     /// The pod served.
@@ -28,14 +33,20 @@ impl PodProxy {
     /// Binds the pod's listeners in `netns` and starts serving.
     pub fn start(ctx: &ProxyContext, workload: Arc<Workload>, netns: Arc<Netns>) -> Result<Self, Error> {
         let stop = ctx.shutdown.child_token();
-        let primary = workload.ips[0];
-        let any: IpAddr = if primary.is_ipv4() { Ipv4Addr::UNSPECIFIED.into() } else { Ipv6Addr::UNSPECIFIED.into() };
-        let outbound = sockets::listen_in(&netns, SocketAddr::new(primary, ports::OUTBOUND))?;
-        let inbound = Arc::new(sockets::listen_in(&netns, SocketAddr::new(any, ports::INBOUND_PLAINTEXT))?);
-        let hbone = sockets::listen_in(&netns, SocketAddr::new(any, ports::INBOUND_HBONE))?;
+        let first_v4 = workload.ips.iter().find(|ip| ip.is_ipv4());
+        let first_v6 = workload.ips.iter().find(|ip| ip.is_ipv6());
+        let outbound: Vec<TcpListener> = first_v4
+            .into_iter()
+            .chain(first_v6)
+            .map(|ip| sockets::listen_in(&netns, SocketAddr::new(*ip, ports::OUTBOUND)))
+            .collect::<Result<_, _>>()?;
+        let inbound = Arc::new(sockets::listen_dual_stack_in(&netns, ports::INBOUND_PLAINTEXT)?);
+        let hbone = sockets::listen_dual_stack_in(&netns, ports::INBOUND_HBONE)?;
 
         let server_tls = crate::identity::server_config(ctx.certs.clone(), workload.identity.clone(), &ctx.verifier)?;
-        tokio::spawn(outbound::serve(ctx.clone(), workload.clone(), netns.clone(), outbound, stop.clone()));
+        for listener in outbound {
+            tokio::spawn(outbound::serve(ctx.clone(), workload.clone(), netns.clone(), listener, stop.clone()));
+        }
         tokio::spawn(inbound::serve(ctx.clone(), workload.clone(), netns.clone(), inbound.clone(), stop.clone()));
         tokio::spawn(hbone::serve(ctx.clone(), workload.clone(), netns, hbone, server_tls, stop.clone()));
         tracing::info!(pod = %workload.name, namespace = %workload.namespace, identity = %workload.identity, "pod proxy started");
@@ -78,7 +89,7 @@ pub(super) async fn accept_loop<F, Fut>(
             r = listener.accept() => match r {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    ctx.tasks.spawn(handle(stream, peer));
+                    ctx.tasks.spawn(handle(stream, sockets::canonical(peer)));
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.

@@ -111,6 +111,20 @@ enum Cmd {
         #[arg(long, default_value = "myapp")]
         host: String,
     },
+    /// Knock on ADDR with a plaintext `GET /` every --every-ms for --for-ms, each
+    /// attempt on its own (a slow one does not hold back the next), with short
+    /// timeouts; print how many attempts got an HTTP answer, as JSON. Samples a window
+    /// in which a server answers far more finely than a loop of curl can.
+    Knock {
+        /// Server address.
+        addr: SocketAddr,
+        /// How long to keep knocking.
+        #[arg(long, default_value_t = 5000)]
+        for_ms: u64,
+        /// Interval between attempts.
+        #[arg(long, default_value_t = 5)]
+        every_ms: u64,
+    },
     /// Run --conns concurrent TCP echo exchanges of --bytes each against ADDR and
     /// verify every byte came back.
     Load {
@@ -187,6 +201,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Load { addr, conns, bytes } => load(addr, conns, bytes).await,
+        Cmd::Knock { addr, for_ms, every_ms } => knock(addr, for_ms, every_ms).await,
         Cmd::Upgrade { addr, path, message } => upgrade_client(&addr, &path, &message).await,
         Cmd::Grpc { addr, message, headers } => grpc_client(&addr, &message, &headers).await,
         Cmd::Hbone { addr, target, cert, key, method, path, host } => {
@@ -197,10 +212,25 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
+/// Listens on every address of `port`, IPv4 and IPv6, as most servers do (`[::]`
+/// without IPV6_V6ONLY); IPv4 alone where the namespace has no IPv6.
+async fn listen_any(port: u16) -> anyhow::Result<TcpListener> {
+    match TcpListener::bind(("::", port)).await {
+        Ok(l) => Ok(l),
+        Err(_) => Ok(TcpListener::bind(("0.0.0.0", port)).await?),
+    }
+}
+
+/// An IPv4 peer of a dual-stack listener as IPv4.
+fn canonical(peer: SocketAddr) -> SocketAddr {
+    SocketAddr::new(peer.ip().to_canonical(), peer.port())
+}
+
 async fn serve_http(app: Arc<App>, port: u16) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(("0.0.0.0", port)).await?;
+    let listener = listen_any(port).await?;
     loop {
         let (stream, peer) = listener.accept().await?;
+        let peer = canonical(peer);
         let app = app.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
@@ -434,8 +464,39 @@ async fn handle(app: &App, peer: SocketAddr, mut req: Request<Incoming>) -> Resp
     resp
 }
 
+async fn knock(addr: SocketAddr, for_ms: u64, every_ms: u64) -> anyhow::Result<()> {
+    async fn once(addr: SocketAddr) -> Option<String> {
+        let attempt = async {
+            let mut s = TcpStream::connect(addr).await.ok()?;
+            s.write_all(b"GET / HTTP/1.0\r\nHost: knock\r\n\r\n").await.ok()?;
+            let mut buf = [0u8; 16];
+            let n = s.read(&mut buf).await.ok()?;
+            let line = String::from_utf8_lossy(&buf[..n]).into_owned();
+            line.split_whitespace().nth(1).map(str::to_owned)
+        };
+        tokio::time::timeout(Duration::from_millis(500), attempt).await.ok().flatten()
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(for_ms);
+    let mut tick = tokio::time::interval(Duration::from_millis(every_ms.max(1)));
+    let mut attempts = tokio::task::JoinSet::new();
+    while tokio::time::Instant::now() < deadline {
+        tick.tick().await;
+        attempts.spawn(once(addr));
+    }
+    let (mut tries, mut answered, mut first) = (0u64, 0u64, None);
+    while let Some(r) = attempts.join_next().await {
+        tries += 1;
+        if let Ok(Some(code)) = r {
+            answered += 1;
+            first.get_or_insert(code);
+        }
+    }
+    println!("{}", serde_json::json!({"tries": tries, "answered": answered, "first_status": first}));
+    Ok(())
+}
+
 async fn tcp_echo(port: u16) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(("0.0.0.0", port)).await?;
+    let listener = listen_any(port).await?;
     loop {
         let (mut s, _) = listener.accept().await?;
         tokio::spawn(async move {
