@@ -110,7 +110,7 @@ fn route(state: &AdminState, req: &Request<Incoming>, dump: bool) -> Response<Fu
                 enrolled_pods: pods.iter().filter(|p| p.state == crate::app::PodState::Enrolled).count(),
                 failed_pods: pods
                     .iter()
-                    .filter(|p| matches!(p.state, crate::app::PodState::Failed(_)))
+                    .filter(|p| matches!(p.state, crate::app::PodState::Failed(_) | crate::app::PodState::Pending(_)))
                     .cloned()
                     .collect(),
                 rejected_config: state.config_errors.lock().unwrap_or_else(|p| p.into_inner()).len(),

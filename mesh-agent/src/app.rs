@@ -22,7 +22,7 @@ use crate::admin::{self, AdminState};
 use crate::cni::CniRequest;
 use crate::config::{DirSource, KubeSource, Reload};
 use crate::dataplane::{self, Dataplane, Netns, Paths};
-use crate::identity::{CertStore, MeshCa, PeerVerifier};
+use crate::identity::{CaClient, CertStore, PeerVerifier};
 use crate::proxy::{Pool, ProxyContext};
 use crate::settings::{ConfigSourceKind, Settings};
 use crate::state::Snapshot;
@@ -101,17 +101,16 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
         ConfigSourceKind::Kubernetes => Some(kube_client(&settings).await?),
         ConfigSourceKind::Files => None,
     };
-    if let (Some(client), Some(secret)) = (&client, &settings.ca_secret) {
-        let (ns, name) = secret
-            .split_once('/')
-            .ok_or_else(|| Error::Settings(format!("--ca-secret {secret:?}: expected namespace/name")))?;
-        let data = crate::config::kube_source::read_secret(client, ns, name).await;
-        crate::identity::CaFiles::write_from_secret(&settings.ca_dir, &data)?;
-        tracing::info!(secret = %secret, dir = %settings.ca_dir.display(), "mesh CA read from its Secret");
-    }
-    let ca = Arc::new(MeshCa::load_or_create(&settings.ca_dir, &settings.trust_domain)?);
-    let verifier = PeerVerifier::new(ca.roots(), settings.accepted_trust_domains())?;
-    let certs = Arc::new(CertStore::new(ca, settings.cert_ttl));
+    let roots = read_roots(&settings.ca_root_cert)?;
+    let verifier = PeerVerifier::new(&roots, settings.accepted_trust_domains())?;
+    let ca_client = CaClient {
+        address: settings.ca_address.clone(),
+        server_name: settings.ca_server_name.clone(),
+        token_file: settings.ca_token_file.clone(),
+        root_file: Some(settings.ca_root_cert.clone()),
+        verifier: verifier.clone(),
+    };
+    let certs = Arc::new(CertStore::remote(ca_client, settings.cert_ttl));
 
     let paths = resolve_paths(&settings)?;
     let dataplane = Arc::new(Dataplane::load(paths, settings.bypass_mark, &settings.exclude_ports)?);
@@ -173,7 +172,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
         snapshot: snapshot.clone(),
         dataplane: dataplane.clone(),
         certs,
-        verifier,
+        verifier: verifier.clone(),
         pool: Arc::new(Pool::default()),
         l7: Arc::default(),
         metrics: metrics.clone(),
@@ -184,6 +183,12 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
     };
     let (cni_tx, mut cni_rx) = mpsc::channel::<CniRequest>(64);
     tokio::spawn(crate::cni::serve(cni_listener, cni_tx, shutdown.clone()));
+    let (issued_tx, mut issued_rx) = mpsc::channel::<()>(1);
+    let renewal = Renewal { certs: ctx.certs.clone(), running: Arc::default(), issued: issued_tx };
+    // The trust bundle first: the CA may already sign under a newer root than the file.
+    if let Err(e) = ctx.certs.refresh_trust(&verifier).await {
+        tracing::warn!(error = %e, "trust bundle not fetched yet; using {}", settings.ca_root_cert.display());
+    }
 
     let mut agent = Agent {
         settings: settings.clone(),
@@ -192,6 +197,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
         version: 0,
         admin: admin_state.clone(),
         hinted: None,
+        renewal,
     };
     agent.reload(&mut source);
     agent.reconcile();
@@ -201,10 +207,13 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
 
     let mut resync = tokio::time::interval(RESYNC_INTERVAL);
     let mut renew = tokio::time::interval(ctx.certs.renewal_interval());
+    let mut trust = tokio::time::interval(settings.trust_refresh);
     loop {
         tokio::select! {
             _ = shutdown_signal() => break,
             Some(()) = changes.recv() => { agent.reload(&mut source); agent.reconcile(); }
+            // Certificates arrived: pods waiting for theirs can start.
+            Some(()) = issued_rx.recv() => agent.reconcile(),
             Some(r) = cni_rx.recv() => {
                 agent.pods.cni(&ctx, r.request, r.netns, r.reply);
                 // The config may already show the pod: answer without waiting a tick.
@@ -218,10 +227,16 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
                     agent.finish_takeover();
                 }
             }
-            _ = renew.tick() => {
-                // Signing is CPU work; keep it off the runtime's I/O workers.
-                let certs = ctx.certs.clone();
-                let _ = tokio::task::spawn_blocking(move || certs.renew_due()).await;
+            _ = renew.tick() => agent.renewal.kick(),
+            _ = trust.tick() => {
+                let (certs, verifier, renewal) = (ctx.certs.clone(), verifier.clone(), agent.renewal.clone());
+                tokio::spawn(async move {
+                    match certs.refresh_trust(&verifier).await {
+                        Ok(true) => renewal.kick(),
+                        Ok(false) => {}
+                        Err(e) => tracing::warn!(error = %e, "trust bundle refresh failed; keeping the current roots"),
+                    }
+                });
             }
         }
     }
@@ -236,6 +251,45 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
     // Pinned links and maps stay: enrolled pods fail closed until an agent is back.
     tracing::info!("agent stopped");
     Ok(())
+}
+
+/// The PEM roots in `path`.
+fn read_roots(path: &std::path::Path) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, Error> {
+    let io = |source| crate::identity::Error::CaFile { path: path.to_owned(), source };
+    let pem = std::fs::read(path).map_err(io)?;
+    let roots = rustls_pemfile::certs(&mut pem.as_slice()).collect::<Result<Vec<_>, _>>().map_err(io)?;
+    if roots.is_empty() {
+        return Err(
+            crate::identity::Error::CaInvalid { path: path.to_owned(), reason: "no PEM certificate".into() }.into()
+        );
+    }
+    Ok(roots)
+}
+
+/// Runs certificate renewals in the background, one at a time, and tells the agent
+/// loop when something was issued (pods waiting for a certificate can then start).
+#[derive(Clone)]
+struct Renewal {
+    certs: Arc<CertStore>,
+    running: Arc<AtomicBool>,
+    issued: mpsc::Sender<()>,
+}
+
+impl Renewal {
+    /// Starts a renewal unless one runs.
+    fn kick(&self) {
+        if self.running.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            let issued = me.certs.renew_due().await;
+            me.running.store(false, Ordering::Release);
+            if issued > 0 {
+                let _ = me.issued.try_send(());
+            }
+        });
+    }
 }
 
 /// Chains `mesh-cni` into the node's CNI configuration when the agent is told where
@@ -292,6 +346,7 @@ struct Agent {
     admin: AdminState,
     /// The enrolled namespaces last written for the CNI plugin.
     hinted: Option<BTreeSet<String>>,
+    renewal: Renewal,
 }
 
 impl Agent {
@@ -327,6 +382,9 @@ impl Agent {
     fn reconcile(&mut self) {
         let snap = self.ctx.snapshot.load_full();
         self.pods.reconcile(&self.ctx, &snap, &self.settings.node);
+        if self.pods.waiting_for_certificates() {
+            self.renewal.kick();
+        }
         self.pods.answer_waiters(&snap, &self.settings.node);
         self.ctx.metrics.enrolled_pods.set(self.pods.enrolled_count() as i64);
         *self.admin.pods.lock().unwrap_or_else(|p| p.into_inner()) = self.pods.report();

@@ -2,12 +2,15 @@
 //! configurations built from them.
 
 mod ca;
+mod ca_client;
+pub mod ca_protocol;
 mod certs;
 mod spiffe;
 mod verify;
 
 pub use ca::{CaFiles, MeshCa, SECRET_REQUIRED_KEYS, SelfSignedRoot};
-pub use certs::{CertStore, WorkloadCert};
+pub use ca_client::{CaClient, Issued};
+pub use certs::{CertStore, Signer, WorkloadCert};
 pub use spiffe::Identity;
 pub use verify::{PeerVerifier, client_config, peer_identity, server_config};
 
@@ -46,6 +49,12 @@ pub enum Error {
     /// A certificate was asked for an identity no pod on this node has.
     #[error("refusing to issue a certificate for {0}: no pod on this node has that identity")]
     NotLocal(Identity),
+    /// No certificate has been issued for this identity yet (the CA has not answered).
+    #[error("no certificate for {0} yet: waiting for the CA")]
+    NotIssued(Identity),
+    /// The CA service could not be reached, or refused.
+    #[error("CA service: {0}")]
+    Ca(String),
     /// A rustls configuration could not be built.
     #[error("TLS configuration: {0}")]
     Tls(#[from] rustls::Error),

@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod app;
 pub mod authz;
+pub mod ca_service;
 pub mod cli;
 pub mod cni;
 pub mod config;

@@ -46,15 +46,30 @@ pub struct Settings {
     #[arg(long, env = "MESH_KUBE_API_URL")]
     pub kube_api_url: Option<String>,
 
-    /// `namespace/name` of the Secret holding the mesh CA in cluster mode (Istio's
-    /// `cacerts` layout); written to --ca-dir, key 0600, before the CA loads.
-    #[arg(long, env = "MESH_CA_SECRET")]
-    pub ca_secret: Option<String>,
+    /// `host:port` of the CA service that signs this node's workload certificates
+    /// (`mesh-ca`, or istiod: the same gRPC service). The signing key is never on the
+    /// node: the agent sends CSRs, authenticated by its token.
+    #[arg(long, env = "MESH_CA_ADDRESS", default_value = "mesh-ca.istio-system.svc:15012")]
+    pub ca_address: String,
 
-    /// Directory of the mesh CA (ca-cert.pem, ca-key.pem, root-cert.pem, cert-chain.pem);
-    /// a self-signed root is created there when empty.
-    #[arg(long, env = "MESH_CA_DIR", default_value = "/var/lib/mesh/ca")]
-    pub ca_dir: PathBuf,
+    /// The DNS name in the CA service's certificate.
+    #[arg(long, env = "MESH_CA_SERVER_NAME", default_value = "mesh-ca.istio-system.svc")]
+    pub ca_server_name: String,
+
+    /// PEM file of the mesh root(s): trusted at start, for the CA service and peers;
+    /// the CA's trust bundle replaces it while running.
+    #[arg(long, env = "MESH_CA_ROOT_CERT", default_value = "/var/run/mesh-ca/root-cert.pem")]
+    pub ca_root_cert: PathBuf,
+
+    /// The agent's token for the CA service (a projected service-account token in a
+    /// cluster), read at each request.
+    #[arg(long, env = "MESH_CA_TOKEN_FILE")]
+    pub ca_token_file: Option<PathBuf>,
+
+    /// How often the agent asks the CA service for the mesh's trust bundle, e.g. `30s`:
+    /// how soon a root rotation reaches it.
+    #[arg(long, env = "MESH_TRUST_REFRESH", default_value = "30s", value_parser = parse_duration)]
+    pub trust_refresh: Duration,
 
     /// SPIFFE trust domain of this mesh.
     #[arg(long, env = "MESH_TRUST_DOMAIN", default_value = "cluster.local")]

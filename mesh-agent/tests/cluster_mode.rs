@@ -13,11 +13,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use aya::maps::MapData;
-use k8s_openapi::ByteString;
-use k8s_openapi::api::core::v1::Secret;
 use mesh_agent::config::kube_source::KINDS;
 use serde_json::json;
 use support::api_server::{ApiServer, collection_path};
+use support::ca_secret;
 
 fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
@@ -127,29 +126,6 @@ fn scratch(test: &str) -> Scratch {
     s
 }
 
-/// The mesh CA as a cluster has it: a `cacerts` Secret (JSON for the double).
-fn ca_secret(dir: &std::path::Path) -> serde_json::Value {
-    let ca_source = dir.join("ca-source");
-    mesh_agent::identity::MeshCa::load_or_create(&ca_source, "cluster.local").unwrap();
-    let data = ["ca-cert.pem", "ca-key.pem"]
-        .iter()
-        .map(|n| (n.to_string(), ByteString(std::fs::read(ca_source.join(n)).unwrap())))
-        .collect();
-    let secret = Secret {
-        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
-            name: Some("cacerts".into()),
-            namespace: Some("istio-system".into()),
-            ..Default::default()
-        },
-        data: Some(data),
-        ..Default::default()
-    };
-    let mut secret_json = serde_json::to_value(&secret).unwrap();
-    secret_json["apiVersion"] = json!("v1");
-    secret_json["kind"] = json!("Secret");
-    secret_json
-}
-
 /// Admin, metrics and readiness ports of an agent started by [`spawn_agent`].
 struct Ports {
     admin: u16,
@@ -157,14 +133,72 @@ struct Ports {
     ready: u16,
 }
 
+/// Every collection the agent and the CA read or write.
+fn collections() -> Vec<String> {
+    let mut c: Vec<String> = KINDS.iter().map(|k| collection_path(k.group, k.version, k.plural)).collect();
+    c.extend(["/api/v1/secrets".to_string(), "/api/v1/configmaps".to_string()]);
+    c
+}
+
+/// The agent's service-account token, and the pod it is bound to (`mesh-agent-abcde`
+/// on node1), as TokenReview reports them.
+const AGENT_TOKEN: &str = "projected-token-of-mesh-agent-abcde";
+const AGENT_POD_UID: &str = "5a5a5a5a-0000-4000-8000-00000000abcd";
+
+/// Registers the agent's token and its pod with the double, for the CA's TokenReview.
+fn register_agent(api: &ApiServer, metrics_port: u16) {
+    api.add_token(
+        AGENT_TOKEN,
+        json!({"username": "system:serviceaccount:istio-system:mesh-agent",
+               "extra": {"authentication.kubernetes.io/pod-name": ["mesh-agent-abcde"],
+                         "authentication.kubernetes.io/pod-uid": [AGENT_POD_UID]}}),
+    );
+    api.apply("/api/v1/pods", agent_pod("mesh-agent-abcde", AGENT_POD_UID, "node1", metrics_port));
+}
+
+/// An agent pod as the DaemonSet makes it.
+fn agent_pod(name: &str, uid: &str, node: &str, port: u16) -> serde_json::Value {
+    json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": "istio-system", "uid": uid, "labels": {"app": "mesh-agent"}},
+        "spec": {"nodeName": node, "serviceAccountName": "mesh-agent", "containers": [{"name": "mesh-agent", "image": "mesh-agent:test",
+            "ports": [{"name": "http-metrics", "containerPort": port}]}]},
+        "status": {"phase": "Running", "podIP": "127.0.0.1"}})
+}
+
+/// Starts the CA service in cluster mode against `api_url` (its key from the `cacerts`
+/// Secret, agents known by TokenReview); returns its address.
+fn spawn_ca(api_url: &str, dir: &std::path::Path, scratch: &mut Scratch) -> String {
+    let port = free_port();
+    let ca = Command::new(env!("CARGO_BIN_EXE_mesh-ca"))
+        .args(["--config-source", "kubernetes", "--kube-api-url", api_url, "--ca-secret", "istio-system/cacerts"])
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--server-name", "mesh-ca.test", "--server-ip", "127.0.0.1"])
+        .args(["--root-configmap", "istio-system/mesh-ca-root-cert"])
+        .arg("--ca-dir")
+        .arg(dir.join("ca"))
+        .env("MESH_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("ca.log")).unwrap())
+        .spawn()
+        .unwrap();
+    scratch.children.push(ca);
+    format!("127.0.0.1:{port}")
+}
+
 /// Starts the agent binary in cluster mode against `api_url`, on node1, with the
-/// scratch cgroup as its node cgroup; logs to `dir/agent.log`.
-fn spawn_agent(api_url: &str, dir: &std::path::Path, scratch: &mut Scratch) -> Ports {
+/// scratch cgroup as its node cgroup and the CA at `ca`; logs to `dir/agent.log`. It
+/// trusts the root the `cacerts` Secret was made from (the ConfigMap mount, in a
+/// cluster) and holds no CA key.
+fn spawn_agent(api_url: &str, ca: &str, dir: &std::path::Path, scratch: &mut Scratch) -> Ports {
     let ports = Ports { admin: free_port(), metrics: free_port(), ready: free_port() };
+    std::fs::write(dir.join("agent-token"), AGENT_TOKEN).unwrap();
     let agent = Command::new(env!("CARGO_BIN_EXE_mesh-agent"))
         .args(["--node", "node1", "--config-source", "kubernetes", "--kube-api-url", api_url])
-        .args(["--ca-secret", "istio-system/cacerts", "--ca-dir"])
-        .arg(dir.join("ca"))
+        .args(["--ca-address", ca, "--ca-server-name", "mesh-ca.test", "--trust-refresh", "1s"])
+        .arg("--ca-root-cert")
+        .arg(dir.join("ca-source/root-cert.pem"))
+        .arg("--ca-token-file")
+        .arg(dir.join("agent-token"))
         .arg("--node-cgroup")
         .arg(&scratch.cgroup)
         .arg("--cni-socket")
@@ -192,25 +226,26 @@ async fn the_agent_waits_for_the_api_then_serves_and_follows_it() {
     let dir = tempfile::tempdir().unwrap();
     let mut scratch = scratch("follows");
 
-    let mut collections: Vec<String> = KINDS.iter().map(|k| collection_path(k.group, k.version, k.plural)).collect();
-    collections.push("/api/v1/secrets".into());
-    let api = ApiServer::new(&collections).await;
+    let api = ApiServer::new(&collections()).await;
     api.apply("/api/v1/secrets", ca_secret(dir.path()));
     api.apply(
         "/api/v1/namespaces",
         json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "production", "labels": {"istio-injection": "enabled"}}}),
     );
-    // The API is down when the agent starts.
+    // The API is down when the CA and the agent start.
     api.stop().await;
 
-    let Ports { admin, metrics, ready } = spawn_agent(&api.url(), dir.path(), &mut scratch);
+    let ca = spawn_ca(&api.url(), dir.path(), &mut scratch);
+    let Ports { admin, metrics, ready } = spawn_agent(&api.url(), &ca, dir.path(), &mut scratch);
+    register_agent(&api, metrics);
     let ca_dir = dir.path().join("ca");
     let log = || std::fs::read_to_string(dir.path().join("agent.log")).unwrap_or_default();
+    let ca_log = || std::fs::read_to_string(dir.path().join("ca.log")).unwrap_or_default();
 
     tokio::time::sleep(Duration::from_secs(2)).await;
     let before = get(&format!("http://127.0.0.1:{ready}/healthz/ready")).await;
     assert!(before.as_ref().is_none_or(|(c, _)| *c != 200), "ready without its API server: {before:?}\n{}", log());
-    assert!(log().contains("waiting for the mesh CA Secret"), "{}", log());
+    assert!(ca_log().contains("waiting for the mesh CA Secret"), "{}", ca_log());
 
     api.start().await;
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -218,9 +253,25 @@ async fn the_agent_waits_for_the_api_then_serves_and_follows_it() {
         assert!(Instant::now() < deadline, "never ready after the API came back:\n{}", log());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // The key is the CA's alone: 0600 in its own directory; the agent never reads it.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ca_log().contains("mesh CA read from its Secret") {
+        assert!(Instant::now() < deadline, "the CA never read its Secret:\n{}", ca_log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let key_mode = std::fs::metadata(ca_dir.join("ca-key.pem")).unwrap().permissions().mode() & 0o777;
     assert_eq!(key_mode, 0o600);
-    assert!(log().contains("mesh CA read from its Secret"), "{}", log());
+    assert!(ca_log().contains("mesh CA read from its Secret"), "{}", ca_log());
+    assert!(!log().contains("ca-key") && !log().contains("cacerts"), "{}", log());
+    // The CA publishes the roots agents mount.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while api.get("/api/v1/configmaps", "istio-system", "mesh-ca-root-cert").is_none() {
+        assert!(Instant::now() < deadline, "root ConfigMap never published:\n{}", ca_log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let published = api.get("/api/v1/configmaps", "istio-system", "mesh-ca-root-cert").unwrap();
+    let root = std::fs::read_to_string(dir.path().join("ca-source/root-cert.pem")).unwrap();
+    assert_eq!(published["data"]["root-cert.pem"], root.as_str());
 
     // What the API lists is served; a pod added later shows up.
     api.apply(
@@ -243,14 +294,6 @@ async fn the_agent_waits_for_the_api_then_serves_and_follows_it() {
     // the API server's pod proxy on its http-metrics port.
     let digest =
         |dump: &str| serde_json::from_str::<serde_json::Value>(dump).ok()?["config_digest"].as_str().map(str::to_owned);
-    let agent_pod = |name: &str, node: &str, port: u16| {
-        json!({"apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": "istio-system", "labels": {"app": "mesh-agent"}},
-            "spec": {"nodeName": node, "containers": [{"name": "mesh-agent", "image": "mesh-agent:test",
-                "ports": [{"name": "http-metrics", "containerPort": port}]}]},
-            "status": {"phase": "Running", "podIP": "127.0.0.1"}})
-    };
-    api.apply("/api/v1/pods", agent_pod("mesh-agent-abcde", "node1", metrics));
     let kubeconfig = api.kubeconfig(dir.path());
     let proxy_status = || {
         let kc = kubeconfig.clone();
@@ -304,7 +347,10 @@ async fn the_agent_waits_for_the_api_then_serves_and_follows_it() {
     api.delete("/api/v1/pods", "production", "broken");
 
     // An agent that does not answer is named, and the command fails.
-    api.apply("/api/v1/pods", agent_pod("mesh-agent-fghij", "node2", free_port()));
+    api.apply(
+        "/api/v1/pods",
+        agent_pod("mesh-agent-fghij", "5a5a5a5a-0000-4000-8000-00000000fghi", "node2", free_port()),
+    );
     let (code, out) = proxy_status().await.unwrap();
     assert_eq!(code, Some(1), "{out}");
     assert!(out.lines().any(|l| l.contains("mesh-agent-fghij") && l.contains("UNREACHABLE")), "{out}");
@@ -355,9 +401,7 @@ async fn a_pod_named_like_a_node_cgroup_captures_nothing_but_pods_are_found_by_u
     let web_cgroup = kubepods.join("besteffort").join(format!("pod{web_uid}"));
     start_process(&mut scratch, Some(&web_ns), &web_cgroup.join("sandbox"));
 
-    let mut collections: Vec<String> = KINDS.iter().map(|k| collection_path(k.group, k.version, k.plural)).collect();
-    collections.push("/api/v1/secrets".into());
-    let api = ApiServer::new(&collections).await;
+    let api = ApiServer::new(&collections()).await;
     api.apply("/api/v1/secrets", ca_secret(dir.path()));
     api.apply(
         "/api/v1/namespaces",
@@ -375,7 +419,9 @@ async fn a_pod_named_like_a_node_cgroup_captures_nothing_but_pods_are_found_by_u
     ] {
         api.apply("/api/v1/pods", pod(name, uid, ip));
     }
-    let ports = spawn_agent(&api.url(), dir.path(), &mut scratch);
+    let ca = spawn_ca(&api.url(), dir.path(), &mut scratch);
+    let ports = spawn_agent(&api.url(), &ca, dir.path(), &mut scratch);
+    register_agent(&api, ports.metrics);
     let log = || std::fs::read_to_string(dir.path().join("agent.log")).unwrap_or_default();
 
     let deadline = Instant::now() + Duration::from_secs(20);

@@ -25,6 +25,7 @@ async fn cluster() -> ApiServer {
         "/api/v1/configmaps",
         "/api/v1/nodes",
         "/apis/apps/v1/daemonsets",
+        "/apis/apps/v1/deployments",
         "/apis/rbac.authorization.k8s.io/v1/clusterroles",
         "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings",
         "/apis/rbac.authorization.k8s.io/v1/roles",

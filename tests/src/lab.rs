@@ -40,6 +40,12 @@ const PIN_ROOT: &str = "/sys/fs/bpf/meshlab";
 pub const WIRE_NETNS: &str = "meshlab-wire";
 /// The wire's subnet: node i is 10.255.0.i.
 const WIRE_PREFIX: [u8; 3] = [10, 255, 0];
+/// The CA service's netns, on the wire like a node, as a Deployment runs off the nodes.
+pub const CA_NETNS: &str = "meshlab-ca";
+/// The CA service's address on the wire, and its port (Istio's CA port).
+pub const CA_ADDR: &str = "10.255.0.250:15012";
+/// The DNS name in the CA service's certificate, which agents check.
+pub const CA_SERVER_NAME: &str = "mesh-ca.istio-system.svc";
 /// How long to wait for an agent or an app to come up.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -143,6 +149,9 @@ pub struct Lab {
     /// The echo app binary pods run.
     #[serde(default)]
     pub echo_bin: PathBuf,
+    /// The CA service's pid, when running.
+    #[serde(default)]
+    pub ca_pid: Option<u32>,
 }
 
 /// A process the lab started next to a pod, in a cgroup of its own outside every
@@ -268,9 +277,19 @@ impl Lab {
         self.state_dir.join("config")
     }
 
-    /// CA directory shared by the agents.
+    /// The CA service's directory (its key is here, and nowhere an agent reads).
     pub fn ca_dir(&self) -> PathBuf {
         self.state_dir.join("ca")
+    }
+
+    /// A node agent's token for the CA service.
+    pub fn agent_token_path(&self, node: &str) -> PathBuf {
+        self.state_dir.join("tokens").join(node)
+    }
+
+    /// Log file of the CA service.
+    pub fn ca_log_path(&self) -> PathBuf {
+        self.state_dir.join("logs").join("mesh-ca.log")
     }
 
     /// Log file of a node's agent.
@@ -345,6 +364,7 @@ impl Lab {
             agent_env: opts.agent_env.clone(),
             helpers: Vec::new(),
             echo_bin: opts.echo_bin.clone(),
+            ca_pid: None,
         };
         // Record first, so `down` can clean up a half-built lab.
         lab.save()?;
@@ -378,8 +398,8 @@ impl Lab {
                 fs::copy(&p, config.join(p.file_name().expect("file")))?;
             }
         }
+        self.start_ca()?;
         let names: Vec<String> = self.nodes.iter().map(|n| n.name.clone()).collect();
-        // One at a time: the first agent creates the shared CA.
         for n in &names {
             self.start_agent(n)?;
         }
@@ -394,6 +414,95 @@ impl Lab {
             bail!("pod {}/{} did not start: {}", p.namespace, p.name, p.failed.as_deref().unwrap_or(""));
         }
         Ok(())
+    }
+
+    /// Starts the CA service in its own netns on the wire, with a fresh token for each
+    /// node's agent, and waits until it answers.
+    fn start_ca(&mut self) -> anyhow::Result<()> {
+        run(&["ip", "netns", "add", CA_NETNS])?;
+        run(&["ip", "-n", CA_NETNS, "link", "set", "lo", "up"])?;
+        run(&[
+            "ip", "-n", WIRE_NETNS, "link", "add", "nwca", "type", "veth", "peer", "name", "wire0", "netns", CA_NETNS,
+        ])?;
+        run(&["ip", "-n", WIRE_NETNS, "link", "set", "nwca", "master", "br0", "up"])?;
+        let ip = CA_ADDR.split(':').next().expect("host:port");
+        run(&["ip", "-n", CA_NETNS, "addr", "add", &format!("{ip}/24"), "dev", "wire0"])?;
+        run(&["ip", "-n", CA_NETNS, "link", "set", "wire0", "up"])?;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let private = |path: &Path, text: &str| -> anyhow::Result<()> {
+            use std::io::Write as _;
+            let mut f = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+            f.write_all(text.as_bytes())?;
+            Ok(())
+        };
+        fs::create_dir_all(self.state_dir.join("tokens"))?;
+        let mut table = String::new();
+        for n in &self.nodes {
+            let mut raw = [0u8; 24];
+            fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut raw))?;
+            let token: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+            private(&self.agent_token_path(&n.name), &token)?;
+            table.push_str(&format!("{token} {}\n", n.name));
+        }
+        let table_path = self.state_dir.join("ca-tokens");
+        private(&table_path, &table)?;
+        let cgroup = format!("{CGROUP_NAME}/ca");
+        fs::create_dir_all(self.cgroup_root.join(&cgroup))?;
+        let argv: Vec<String> = [
+            self.agent_bin.with_file_name("mesh-ca").display().to_string(),
+            "--listen".into(),
+            format!("0.0.0.0:{}", CA_ADDR.split(':').nth(1).expect("host:port")),
+            "--ca-dir".into(),
+            self.ca_dir().display().to_string(),
+            "--config-dir".into(),
+            self.config_dir().display().to_string(),
+            "--token-file".into(),
+            table_path.display().to_string(),
+            "--server-name".into(),
+            CA_SERVER_NAME.into(),
+            "--server-ip".into(),
+            ip.into(),
+            "--reload-interval".into(),
+            "1s".into(),
+        ]
+        .into();
+        let log = fs::OpenOptions::new().create(true).append(true).open(self.ca_log_path())?;
+        let child = in_cgroup_netns(&self.cgroup_root.join(&cgroup), CA_NETNS, Enter::Nsenter, &argv)
+            .env("MESH_LOG", &self.agent_log)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting mesh-ca")?;
+        self.ca_pid = Some(child.id());
+        self.save()?;
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while Instant::now() < deadline {
+            if !is_alive(child.id()) {
+                bail!("mesh-ca exited; see {}", self.ca_log_path().display());
+            }
+            let out = output(&[
+                "ip",
+                "netns",
+                "exec",
+                CA_NETNS,
+                "curl",
+                "-sk",
+                "--http2",
+                "-m",
+                "1",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                &format!("https://{CA_ADDR}/v1/trust-bundle"),
+            ])?;
+            if String::from_utf8_lossy(&out.stdout) == "200" && self.ca_dir().join("root-cert.pem").exists() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("mesh-ca not answering after {READY_TIMEOUT:?}; see {}", self.ca_log_path().display())
     }
 
     /// Starts pod `i` as a runtime does: the CNI chain first (the mesh's plugin hands
@@ -673,8 +782,14 @@ impl Lab {
             n.name.clone(),
             "--config-dir".into(),
             self.config_dir().display().to_string(),
-            "--ca-dir".into(),
-            self.ca_dir().display().to_string(),
+            "--ca-address".into(),
+            CA_ADDR.into(),
+            "--ca-server-name".into(),
+            CA_SERVER_NAME.into(),
+            "--ca-root-cert".into(),
+            self.ca_dir().join("root-cert.pem").display().to_string(),
+            "--ca-token-file".into(),
+            self.agent_token_path(&n.name).display().to_string(),
             "--node-cgroup".into(),
             self.cgroup_root.join(&n.cgroup).display().to_string(),
             "--bpf-pin-dir".into(),
@@ -803,6 +918,11 @@ impl Lab {
     /// A human-readable status.
     pub fn status(&self) -> String {
         let mut s = format!("lab state: {}\n", self.state_dir.display());
+        let ca_up = self.ca_pid.is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
+        s.push_str(&format!(
+            "ca   mesh-ca  netns {CA_NETNS:<16} addr {CA_ADDR:<20} {}\n",
+            if ca_up { format!("running (pid {})", self.ca_pid.unwrap_or(0)) } else { "down".into() }
+        ));
         for n in &self.nodes {
             let up = n.agent_pid.is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
             s.push_str(&format!(
@@ -840,13 +960,23 @@ impl Lab {
                 stop_pid(pid, "TERM");
             }
         }
+        if let Some(pid) = self.ca_pid {
+            stop_pid(pid, "TERM");
+        }
         for p in &self.pods {
             if let Some(pid) = p.app_pid {
                 stop_pid(pid, "KILL");
             }
         }
         // Anything else started inside the lab's own cgroups (lab exec leftovers).
-        for cg in self.pods.iter().map(|p| &p.cgroup).chain(self.nodes.iter().map(|n| &n.agent_cgroup)) {
+        let ca_cgroup = format!("{CGROUP_NAME}/ca");
+        for cg in self
+            .pods
+            .iter()
+            .map(|p| &p.cgroup)
+            .chain(self.nodes.iter().map(|n| &n.agent_cgroup))
+            .chain(std::iter::once(&ca_cgroup))
+        {
             let kill = self.cgroup_root.join(cg).join("cgroup.kill");
             if kill.exists() {
                 let _ = fs::write(kill, "1");
@@ -864,6 +994,7 @@ impl Lab {
         for n in &self.nodes {
             run_quiet(&["ip", "netns", "del", &n.netns]);
         }
+        run_quiet(&["ip", "netns", "del", CA_NETNS]);
         run_quiet(&["ip", "netns", "del", WIRE_NETNS]);
         for p in &self.pods {
             remove_cgroup(&self.cgroup_root.join(&p.cgroup));
@@ -875,6 +1006,7 @@ impl Lab {
             remove_cgroup(&self.cgroup_root.join(&n.cgroup));
             remove_cgroup(&self.cgroup_root.join(&n.agent_cgroup));
         }
+        remove_cgroup(&self.cgroup_root.join(&ca_cgroup));
         remove_cgroup(&self.cgroup_root.join(CGROUP_NAME));
         fs::remove_dir_all(&self.state_dir).with_context(|| format!("removing {}", self.state_dir.display()))?;
         Ok(())

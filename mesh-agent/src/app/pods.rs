@@ -62,6 +62,8 @@ pub enum PodState {
     Failed(String),
     /// Nothing of it runs on this node yet (no sandbox, no process).
     NotStarted(String),
+    /// Waiting for its certificate from the CA service; kept closed until then.
+    Pending(String),
 }
 
 /// One pod in the agent's report.
@@ -101,6 +103,11 @@ impl Pods {
     /// The pods enrolled now.
     pub fn enrollments(&self) -> Vec<&PodEnrollment> {
         self.running.values().map(|p| &p.enrollment).collect()
+    }
+
+    /// Whether a pod waits for its certificate.
+    pub fn waiting_for_certificates(&self) -> bool {
+        self.state.values().any(|r| matches!(r.state, PodState::Pending(_)))
     }
 
     /// How many pods are captured now.
@@ -261,6 +268,10 @@ impl Pods {
         if w.ips.is_empty() {
             return Err(PodState::NotStarted("no address yet".into()));
         }
+        if !ctx.certs.has(&w.identity) {
+            let why = ctx.certs.last_error().map(|e| format!(" (last answer: {e})")).unwrap_or_default();
+            return Err(PodState::Pending(format!("waiting for a certificate for {} from the CA{why}", w.identity)));
+        }
         let netns = match self.sandboxes.get(&want.uid) {
             Some(s) => s.netns.clone(),
             None => match ctx.dataplane.running_pod_netns(&want.uid) {
@@ -328,10 +339,15 @@ impl Pods {
                     let _ = w.reply.send(reply);
                 }
                 None if w.since.elapsed() >= CNI_WAIT => {
-                    let reason = format!(
-                        "pod {} (uid {}) is not known to the agent after {CNI_WAIT:?}; the runtime will retry",
-                        w.pod, w.uid
-                    );
+                    let reason = match self.state.get(w.uid.as_str()).map(|r| &r.state) {
+                        Some(PodState::Pending(why) | PodState::NotStarted(why)) => {
+                            format!("pod {} not captured after {CNI_WAIT:?}: {why}; the runtime will retry", w.pod)
+                        }
+                        _ => format!(
+                            "pod {} (uid {}) is not known to the agent after {CNI_WAIT:?}; the runtime will retry",
+                            w.pod, w.uid
+                        ),
+                    };
                     tracing::warn!(pod = %w.pod, uid = %w.uid, "{reason}");
                     let _ = w.reply.send(Reply::Failed { reason });
                 }

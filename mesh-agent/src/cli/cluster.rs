@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::{Node, Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{
@@ -136,6 +136,7 @@ fn resource_of(api_version: &str, kind: &str) -> Option<(ApiResource, bool)> {
         "Role" => ("roles", true),
         "RoleBinding" => ("rolebindings", true),
         "DaemonSet" => ("daemonsets", true),
+        "Deployment" => ("deployments", true),
         "PodDisruptionBudget" => ("poddisruptionbudgets", true),
         "CustomResourceDefinition" => ("customresourcedefinitions", false),
         _ => return None,
@@ -209,16 +210,50 @@ pub async fn install(client: &kube::Client, values: &Values) -> Result<Vec<Step>
             }
         }
         if namespace {
-            // Before the DaemonSet, so the agents find their CA when they start.
-            steps.push(ensure_ca(client, values).await?);
+            // Before the CA service and the DaemonSet: the CA reads the Secret, the
+            // agents mount the roots.
+            let (step, root) = ensure_ca(client, values).await?;
+            steps.push(step);
+            steps.push(publish_root(client, values, &root).await?);
         }
     }
     Ok(steps)
 }
 
+/// The roots of a `cacerts` Secret's data (`root-cert.pem`, else `ca-cert.pem`).
+fn roots_of(data: &BTreeMap<String, ByteString>) -> String {
+    let pick = data.get("root-cert.pem").or_else(|| data.get("ca-cert.pem"));
+    pick.map(|b| String::from_utf8_lossy(&b.0).into_owned()).unwrap_or_default()
+}
+
+/// The `mesh-ca-root-cert` ConfigMap agents mount to trust the CA at start (the CA
+/// service keeps it current afterwards).
+async fn publish_root(client: &kube::Client, values: &Values, root: &str) -> Result<Step, Error> {
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), &values.namespace);
+    let label = format!("ConfigMap {}/{}", values.namespace, manifest::ROOT_CONFIGMAP);
+    let cm = ConfigMap {
+        metadata: ObjectMeta {
+            name: Some(manifest::ROOT_CONFIGMAP.into()),
+            namespace: Some(values.namespace.clone()),
+            labels: Some([(PART_OF.0.to_string(), PART_OF.1.to_string())].into()),
+            ..Default::default()
+        },
+        data: Some([("root-cert.pem".to_string(), root.to_string())].into()),
+        ..Default::default()
+    };
+    let mut json = serde_json::to_value(&cm).map_err(|e| Error::Ca(e.to_string()))?;
+    json["apiVersion"] = "v1".into();
+    json["kind"] = "ConfigMap".into();
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    api.patch(manifest::ROOT_CONFIGMAP, &params, &Patch::Apply(&json))
+        .await
+        .map_err(|e| api_error("apply", &label, e))?;
+    Ok(Step { object: label, action: Action::Applied })
+}
+
 /// The `cacerts` Secret: a plug-in CA already there is used as it is; otherwise a new
-/// self-signed root is created (never printed).
-async fn ensure_ca(client: &kube::Client, values: &Values) -> Result<Step, Error> {
+/// self-signed root is created (never printed). Returns the roots agents must trust.
+async fn ensure_ca(client: &kube::Client, values: &Values) -> Result<(Step, String), Error> {
     let api: Api<Secret> = Api::namespaced(client.clone(), &values.namespace);
     let label = format!("Secret {}/{CA_SECRET}", values.namespace);
     if let Some(existing) = api.get_opt(CA_SECRET).await.map_err(|e| api_error("get", &label, e))? {
@@ -232,7 +267,8 @@ async fn ensure_ca(client: &kube::Client, values: &Values) -> Result<Step, Error
                     .into(),
             });
         }
-        return Ok(Step { object: label, action: Action::Kept("plug-in CA present; used as it is".into()) });
+        let roots = roots_of(&existing.data.clone().unwrap_or_default());
+        return Ok((Step { object: label, action: Action::Kept("plug-in CA present; used as it is".into()) }, roots));
     }
     let root = SelfSignedRoot::generate(&values.trust_domain).map_err(|e| Error::Ca(e.to_string()))?;
     let data: BTreeMap<String, ByteString> = [
@@ -256,10 +292,12 @@ async fn ensure_ca(client: &kube::Client, values: &Values) -> Result<Step, Error
         ..Default::default()
     };
     match api.create(&PostParams::default(), &secret).await {
-        Ok(_) => Ok(Step { object: label, action: Action::Created }),
+        Ok(_) => Ok((Step { object: label, action: Action::Created }, root.cert_pem.clone())),
         // Created by someone else meanwhile: theirs wins.
         Err(kube::Error::Api(s)) if s.code == 409 => {
-            Ok(Step { object: label, action: Action::Kept("created meanwhile by another client".into()) })
+            let theirs = api.get(CA_SECRET).await.map_err(|e| api_error("get", &label, e))?;
+            let roots = roots_of(&theirs.data.unwrap_or_default());
+            Ok((Step { object: label, action: Action::Kept("created meanwhile by another client".into()) }, roots))
         }
         Err(e) => Err(api_error("create", &label, e)),
     }
@@ -287,6 +325,7 @@ pub async fn uninstall(client: &kube::Client, values: &Values, purge: bool) -> R
         };
         // The generated CA goes with the mesh's own namespace, or with --purge.
         if o["kind"] == "Namespace" && (kept.is_none() || purge) {
+            steps.push(delete_root(client, values).await?);
             steps.push(delete_ca(client, values).await?);
         }
         if let Some(why) = kept {
@@ -297,6 +336,21 @@ pub async fn uninstall(client: &kube::Client, values: &Values, purge: bool) -> R
         steps.push(Step { object: t.label, action: Action::Deleted });
     }
     Ok(steps)
+}
+
+/// The root ConfigMap the mesh published.
+async fn delete_root(client: &kube::Client, values: &Values) -> Result<Step, Error> {
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), &values.namespace);
+    let label = format!("ConfigMap {}/{}", values.namespace, manifest::ROOT_CONFIGMAP);
+    match api.get_opt(manifest::ROOT_CONFIGMAP).await.map_err(|e| api_error("get", &label, e))? {
+        None => Ok(Step { object: label, action: Action::Absent }),
+        Some(_) => {
+            api.delete(manifest::ROOT_CONFIGMAP, &DeleteParams::default())
+                .await
+                .map_err(|e| api_error("delete", &label, e))?;
+            Ok(Step { object: label, action: Action::Deleted })
+        }
+    }
 }
 
 /// The CA Secret goes only if meshctl generated it: a plug-in CA is the user's.

@@ -8,12 +8,15 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::apps::v1::{DaemonSet, DaemonSetSpec, DaemonSetUpdateStrategy, RollingUpdateDaemonSet};
+use k8s_openapi::api::apps::v1::{
+    DaemonSet, DaemonSetSpec, DaemonSetUpdateStrategy, Deployment, DeploymentSpec, RollingUpdateDaemonSet,
+};
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMap, ConfigMapEnvSource, Container, ContainerPort, EmptyDirVolumeSource, EnvFromSource, EnvVar,
-    EnvVarSource, HTTPGetAction, HostPathVolumeSource, Namespace, ObjectFieldSelector, PodSpec, PodTemplateSpec, Probe,
-    ResourceRequirements, SeccompProfile, SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec,
-    Toleration, Volume, VolumeMount,
+    Capabilities, ConfigMap, ConfigMapEnvSource, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
+    EnvFromSource, EnvVar, EnvVarSource, HTTPGetAction, HostPathVolumeSource, Namespace, ObjectFieldSelector, PodSpec,
+    PodTemplateSpec, Probe, ProjectedVolumeSource, ResourceRequirements, SeccompProfile, SecurityContext, Service,
+    ServiceAccount, ServiceAccountTokenProjection, ServicePort, ServiceSpec, TCPSocketAction, Toleration, Volume,
+    VolumeMount, VolumeProjection,
 };
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -24,8 +27,16 @@ use super::crds;
 
 /// Name of the agent's DaemonSet, ServiceAccount, roles and ConfigMap.
 pub const AGENT: &str = "mesh-agent";
-/// The Secret holding the mesh CA (Istio's plug-in CA layout: `ca-cert.pem`, ...).
+/// The Secret holding the mesh CA (Istio's plug-in CA layout: `ca-cert.pem`, ...),
+/// read by the CA service alone.
 pub const CA_SECRET: &str = "cacerts";
+/// Name of the CA service's Deployment, Service, ServiceAccount and roles.
+pub const CA: &str = "mesh-ca";
+/// The ConfigMap the CA publishes the mesh's roots in (`root-cert.pem`), which agents
+/// mount to trust the CA at start.
+pub const ROOT_CONFIGMAP: &str = "mesh-ca-root-cert";
+/// The audience of the agents' projected tokens for the CA.
+pub const CA_AUDIENCE: &str = "mesh-ca";
 
 /// Errors of manifest generation.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -265,20 +276,41 @@ fn dns_label(v: &str) -> Result<String, String> {
 }
 
 fn labels() -> BTreeMap<String, String> {
+    labels_of(AGENT)
+}
+
+fn labels_of(app: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
-        ("app".to_string(), AGENT.to_string()),
-        ("app.kubernetes.io/name".to_string(), AGENT.to_string()),
+        ("app".to_string(), app.to_string()),
+        ("app.kubernetes.io/name".to_string(), app.to_string()),
         ("app.kubernetes.io/part-of".to_string(), "mesh".to_string()),
     ])
 }
 
 fn meta(name: &str, namespace: Option<&str>) -> ObjectMeta {
+    meta_of(AGENT, name, namespace)
+}
+
+fn meta_of(app: &str, name: &str, namespace: Option<&str>) -> ObjectMeta {
     ObjectMeta {
         name: Some(name.into()),
         namespace: namespace.map(Into::into),
-        labels: Some(labels()),
+        labels: Some(labels_of(app)),
         ..Default::default()
     }
+}
+
+fn binding_subject(name: &str, namespace: &str) -> Subject {
+    Subject {
+        kind: "ServiceAccount".into(),
+        name: name.into(),
+        namespace: Some(namespace.into()),
+        ..Default::default()
+    }
+}
+
+fn role_ref(kind: &str, name: &str) -> RoleRef {
+    RoleRef { api_group: "rbac.authorization.k8s.io".into(), kind: kind.into(), name: name.into() }
 }
 
 fn rule(groups: &[&str], resources: &[&str], verbs: &[&str]) -> PolicyRule {
@@ -355,30 +387,7 @@ pub fn objects(v: &Values) -> Vec<serde_json::Value> {
             subjects: Some(vec![subject()]),
         }),
     );
-    // The CA key: readable by the agent's service account and nothing else in RBAC.
-    let ca_role = format!("{AGENT}-ca");
-    push(
-        &mut out,
-        to_json(&Role {
-            metadata: meta(&ca_role, Some(ns)),
-            rules: Some(vec![PolicyRule {
-                resource_names: Some(vec![CA_SECRET.into()]),
-                ..rule(&[""], &["secrets"], READ)
-            }]),
-        }),
-    );
-    push(
-        &mut out,
-        to_json(&RoleBinding {
-            metadata: meta(&ca_role, Some(ns)),
-            role_ref: RoleRef {
-                api_group: "rbac.authorization.k8s.io".into(),
-                kind: "Role".into(),
-                name: ca_role.clone(),
-            },
-            subjects: Some(vec![subject()]),
-        }),
-    );
+    out.extend(ca_objects(v));
     push(
         &mut out,
         to_json(&ConfigMap {
@@ -389,7 +398,8 @@ pub fn objects(v: &Values) -> Vec<serde_json::Value> {
                 ("MESH_CERT_TTL".to_string(), v.cert_ttl.clone()),
                 ("MESH_LOG".to_string(), v.log_level.clone()),
                 ("MESH_CONFIG_SOURCE".to_string(), "kubernetes".to_string()),
-                ("MESH_CA_SECRET".to_string(), format!("{ns}/{CA_SECRET}")),
+                ("MESH_CA_ADDRESS".to_string(), format!("{CA}.{ns}.svc:15012")),
+                ("MESH_CA_SERVER_NAME".to_string(), format!("{CA}.{ns}.svc")),
             ])),
             ..Default::default()
         }),
@@ -416,6 +426,129 @@ pub fn objects(v: &Values) -> Vec<serde_json::Value> {
         );
     }
     out
+}
+
+/// The CA service: the one workload that reads the CA key. A Deployment (not on every
+/// node), its Service on Istio's CA port, and RBAC for what it needs alone: TokenReview
+/// (who is asking), pods (which node they are on, and what runs there), the `cacerts`
+/// Secret and the root ConfigMap it publishes.
+fn ca_objects(v: &Values) -> Vec<serde_json::Value> {
+    let ns = v.namespace.as_str();
+    vec![
+        to_json(&ServiceAccount { metadata: meta_of(CA, CA, Some(ns)), ..Default::default() }),
+        to_json(&ClusterRole {
+            metadata: meta_of(CA, CA, None),
+            rules: Some(vec![
+                rule(&["authentication.k8s.io"], &["tokenreviews"], &["create"]),
+                rule(&[""], &["pods"], &["get", "list"]),
+            ]),
+            ..Default::default()
+        }),
+        to_json(&ClusterRoleBinding {
+            metadata: meta_of(CA, CA, None),
+            role_ref: role_ref("ClusterRole", CA),
+            subjects: Some(vec![binding_subject(CA, ns)]),
+        }),
+        to_json(&Role {
+            metadata: meta_of(CA, CA, Some(ns)),
+            rules: Some(vec![
+                PolicyRule { resource_names: Some(vec![CA_SECRET.into()]), ..rule(&[""], &["secrets"], &["get"]) },
+                // Creation cannot be limited by name in RBAC; the rest can.
+                rule(&[""], &["configmaps"], &["create"]),
+                PolicyRule {
+                    resource_names: Some(vec![ROOT_CONFIGMAP.into()]),
+                    ..rule(&[""], &["configmaps"], &["get", "patch", "update"])
+                },
+            ]),
+        }),
+        to_json(&RoleBinding {
+            metadata: meta_of(CA, CA, Some(ns)),
+            role_ref: role_ref("Role", CA),
+            subjects: Some(vec![binding_subject(CA, ns)]),
+        }),
+        to_json(&ca_deployment(v)),
+        to_json(&Service {
+            metadata: meta_of(CA, CA, Some(ns)),
+            spec: Some(ServiceSpec {
+                selector: Some(BTreeMap::from([("app".to_string(), CA.to_string())])),
+                ports: Some(vec![ServicePort {
+                    name: Some("grpc-tls".into()),
+                    port: 15012,
+                    target_port: Some(IntOrString::Int(15012)),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    ]
+}
+
+fn ca_deployment(v: &Values) -> Deployment {
+    let ns = v.namespace.as_str();
+    let container = Container {
+        name: CA.into(),
+        image: Some(v.image()),
+        command: Some(vec!["/mesh-ca".into()]),
+        args: Some(vec![
+            format!("--ca-secret={ns}/{CA_SECRET}"),
+            format!("--root-configmap={ns}/{ROOT_CONFIGMAP}"),
+            "--ca-dir=/var/lib/mesh-ca".into(),
+            format!("--trusted-agent={ns}/{AGENT}"),
+            format!("--audience={CA_AUDIENCE}"),
+            format!("--server-name={CA}.{ns}.svc,{CA}.{ns}.svc.cluster.local"),
+        ]),
+        // The mesh's settings (trust domain, config source, log level) as the agents
+        // have them.
+        env_from: Some(vec![EnvFromSource {
+            config_map_ref: Some(ConfigMapEnvSource { name: AGENT.into(), optional: Some(false) }),
+            ..Default::default()
+        }]),
+        ports: Some(vec![ContainerPort { name: Some("grpc-tls".into()), container_port: 15012, ..Default::default() }]),
+        readiness_probe: Some(Probe {
+            tcp_socket: Some(TCPSocketAction { port: IntOrString::Int(15012), ..Default::default() }),
+            period_seconds: Some(5),
+            ..Default::default()
+        }),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            run_as_user: Some(65532),
+            capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Default::default() }),
+            seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..Default::default() }),
+            ..Default::default()
+        }),
+        // The key is written here from the Secret: memory, never a node's disk.
+        volume_mounts: Some(vec![mount("ca", "/var/lib/mesh-ca", false, None)]),
+        ..Default::default()
+    };
+    Deployment {
+        metadata: meta_of(CA, CA, Some(ns)),
+        spec: Some(DeploymentSpec {
+            replicas: Some(1),
+            selector: LabelSelector {
+                match_labels: Some(BTreeMap::from([("app".to_string(), CA.to_string())])),
+                ..Default::default()
+            },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta { labels: Some(labels_of(CA)), ..Default::default() }),
+                spec: Some(PodSpec {
+                    service_account_name: Some(CA.into()),
+                    priority_class_name: Some("system-cluster-critical".into()),
+                    containers: vec![container],
+                    volumes: Some(vec![Volume {
+                        name: "ca".into(),
+                        empty_dir: Some(EmptyDirVolumeSource { medium: Some("Memory".into()), ..Default::default() }),
+                        ..Default::default()
+                    }]),
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
 }
 
 fn to_json<T: serde::Serialize>(o: &T) -> serde_json::Value {
@@ -468,6 +601,8 @@ fn daemon_set(v: &Values) -> DaemonSet {
             "--cni-conf-dir=/host/etc/cni/net.d".into(),
             "--cni-bin-dir=/host/opt/cni/bin".into(),
             "--cni-plugin=/mesh-cni".into(),
+            "--ca-root-cert=/var/run/mesh-ca/root-cert.pem".into(),
+            "--ca-token-file=/var/run/secrets/tokens/mesh-ca-token".into(),
             format!("--cni-exclude-namespaces=kube-system,{}", v.namespace),
         ]),
         env: Some(vec![env_field("MESH_NODE_NAME", "spec.nodeName"), env_field("POD_NAMESPACE", "metadata.namespace")]),
@@ -521,9 +656,10 @@ fn daemon_set(v: &Values) -> DaemonSet {
             mount("cni-conf", "/host/etc/cni/net.d", false, None),
             mount("cni-bin", "/host/opt/cni/bin", false, None),
             mount("config", "/etc/mesh/config", false, None),
-            // The root filesystem is read-only: the CA files the agent writes from its
-            // Secret go to memory.
-            mount("ca", "/var/lib/mesh", false, None),
+            // The mesh's roots, as the CA publishes them; and the agent's token for the
+            // CA. No CA key: signing happens in the CA service.
+            mount("ca-root", "/var/run/mesh-ca", true, None),
+            mount("ca-token", "/var/run/secrets/tokens", true, None),
         ]),
         ..Default::default()
     };
@@ -567,9 +703,24 @@ fn daemon_set(v: &Values) -> DaemonSet {
                         host_path("cni-bin", "/opt/cni/bin", "DirectoryOrCreate"),
                         Volume { name: "config".into(), empty_dir: Some(Default::default()), ..Default::default() },
                         Volume {
-                            name: "ca".into(),
-                            empty_dir: Some(EmptyDirVolumeSource {
-                                medium: Some("Memory".into()),
+                            name: "ca-root".into(),
+                            config_map: Some(ConfigMapVolumeSource {
+                                name: ROOT_CONFIGMAP.into(),
+                                ..Default::default()
+                            }),
+                            ..Default::default()
+                        },
+                        Volume {
+                            name: "ca-token".into(),
+                            projected: Some(ProjectedVolumeSource {
+                                sources: Some(vec![VolumeProjection {
+                                    service_account_token: Some(ServiceAccountTokenProjection {
+                                        audience: Some(CA_AUDIENCE.into()),
+                                        expiration_seconds: Some(3600),
+                                        path: "mesh-ca-token".into(),
+                                    }),
+                                    ..Default::default()
+                                }]),
                                 ..Default::default()
                             }),
                             ..Default::default()
@@ -607,6 +758,7 @@ mod tests {
             "RoleBinding" => through::<RoleBinding>(doc),
             "ConfigMap" => through::<ConfigMap>(doc),
             "DaemonSet" => through::<DaemonSet>(doc),
+            "Deployment" => through::<Deployment>(doc),
             "Service" => through::<Service>(doc),
             other => panic!("unexpected kind {other}"),
         }
@@ -636,6 +788,58 @@ mod tests {
             }
             let crds = docs.iter().filter(|d| d["kind"] == "CustomResourceDefinition").count();
             assert_eq!(crds, if profile == Profile::Minimal { 0 } else { 6 }, "{name}");
+        }
+    }
+
+    /// The RBAC rules every profile grants to the service account `name`, following
+    /// each (Cluster)RoleBinding to its role.
+    fn rules_of(docs: &[Value], name: &str) -> Vec<Value> {
+        let mut out = Vec::new();
+        for b in docs.iter().filter(|d| d["kind"] == "RoleBinding" || d["kind"] == "ClusterRoleBinding") {
+            let bound = b["subjects"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|s| s["kind"] == "ServiceAccount" && s["name"] == name);
+            if !bound {
+                continue;
+            }
+            let role_kind = b["roleRef"]["kind"].as_str().unwrap();
+            let role = docs
+                .iter()
+                .find(|d| d["kind"] == role_kind && d["metadata"]["name"] == b["roleRef"]["name"])
+                .unwrap_or_else(|| panic!("{role_kind} {} is not in the install", b["roleRef"]["name"]));
+            out.extend(role["rules"].as_array().into_iter().flatten().cloned());
+        }
+        out
+    }
+
+    #[test]
+    fn only_the_ca_service_may_read_the_ca_key_and_only_its_secret() {
+        for (name, profile) in Profile::ALL {
+            let docs = parse_all(&render(&Values::for_profile(profile)).unwrap());
+            let touches_secrets =
+                |r: &Value| r["resources"].as_array().into_iter().flatten().any(|x| x == "secrets" || x == "*");
+            // The node agents' token cannot read the key: no rule bound to them names
+            // Secrets, and none is a wildcard.
+            let agent = rules_of(&docs, AGENT);
+            assert!(!agent.is_empty(), "{name}: the agent has its read rules");
+            assert!(!agent.iter().any(touches_secrets), "{name}: the agent may read Secrets: {agent:?}");
+            // The CA may get the cacerts Secret, by name, and nothing else of Secrets.
+            let ca: Vec<Value> = rules_of(&docs, CA).into_iter().filter(|r| touches_secrets(r)).collect();
+            assert_eq!(ca.len(), 1, "{name}: {ca:?}");
+            assert_eq!(ca[0]["resourceNames"], serde_json::json!([CA_SECRET]), "{name}");
+            assert_eq!(ca[0]["verbs"], serde_json::json!(["get"]), "{name}");
+            // Nobody else is bound to anything.
+            for b in docs.iter().filter(|d| d["kind"] == "RoleBinding" || d["kind"] == "ClusterRoleBinding") {
+                for s in b["subjects"].as_array().into_iter().flatten() {
+                    assert!(s["name"] == AGENT || s["name"] == CA, "{name}: unexpected subject {s}");
+                }
+            }
+            // The agent mounts no Secret and no CA directory; only a projected token.
+            let ds = docs.iter().find(|d| d["kind"] == "DaemonSet").unwrap();
+            let volumes = ds["spec"]["template"]["spec"]["volumes"].as_array().unwrap();
+            assert!(!volumes.iter().any(|v| v.get("secret").is_some()), "{name}: {volumes:?}");
         }
     }
 

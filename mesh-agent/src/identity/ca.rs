@@ -53,6 +53,8 @@ pub struct MeshCa {
     roots: Vec<CertificateDer<'static>>,
     /// Intermediates between a leaf and the root, in order.
     chain: Vec<CertificateDer<'static>>,
+    /// The signing certificate.
+    ca_der: CertificateDer<'static>,
 }
 
 impl std::fmt::Debug for MeshCa {
@@ -99,11 +101,14 @@ impl MeshCa {
         } else {
             vec![ca_der.clone()]
         };
-        let chain =
-            if files.cert_chain.exists() { certs(&files.cert_chain, &read(&files.cert_chain)?)? } else { vec![ca_der] };
+        let chain = if files.cert_chain.exists() {
+            certs(&files.cert_chain, &read(&files.cert_chain)?)?
+        } else {
+            vec![ca_der.clone()]
+        };
         // The root is what peers trust; sending it in the chain is wasted bytes.
         let chain = chain.into_iter().filter(|c| !roots.contains(c)).collect();
-        Ok(Self { issuer, roots, chain })
+        Ok(Self { issuer, roots, chain, ca_der })
     }
 
     fn generate(files: &CaFiles, trust_domain: &str) -> Result<(), Error> {
@@ -121,8 +126,10 @@ impl MeshCa {
         &self.roots
     }
 
-    /// Issues a certificate for `identity`, valid for `ttl`; returns the chain (leaf
-    /// first) and the PKCS#8 private key.
+    /// Issues a certificate for `identity`, valid for `ttl`, with a key made here;
+    /// returns the chain (leaf first) and the PKCS#8 private key. For tests and
+    /// benchmarks: the mesh's agents never hold the signing key (see
+    /// [`MeshCa::issue_for_csr`]).
     pub fn issue(
         &self,
         identity: &Identity,
@@ -130,6 +137,31 @@ impl MeshCa {
     ) -> Result<(Vec<CertificateDer<'static>>, Vec<u8>, SystemTime), Error> {
         let what = || identity.to_string();
         let key = KeyPair::generate().map_err(|source| Error::Generate { what: what(), source })?;
+        let (chain, not_after) = self.sign(identity, &key, ttl)?;
+        Ok((chain, key.serialize_der(), not_after))
+    }
+
+    /// Issues a certificate for `identity`, valid for `ttl`, to the key of the CSR
+    /// `csr_pem` (whose signature proves the requester holds it). Whatever names the
+    /// CSR asks for are ignored: the certificate names `identity` alone.
+    pub fn issue_for_csr(
+        &self,
+        identity: &Identity,
+        csr_pem: &str,
+        ttl: Duration,
+    ) -> Result<(Vec<CertificateDer<'static>>, SystemTime), Error> {
+        let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| Error::Ca(format!("the CSR is not valid: {e}")))?;
+        self.sign(identity, &csr.public_key, ttl)
+    }
+
+    fn sign(
+        &self,
+        identity: &Identity,
+        key: &impl rcgen::PublicKeyData,
+        ttl: Duration,
+    ) -> Result<(Vec<CertificateDer<'static>>, SystemTime), Error> {
+        let what = || identity.to_string();
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
         let uri = identity.to_string().try_into().map_err(|source| Error::Generate { what: what(), source })?;
@@ -141,10 +173,40 @@ impl MeshCa {
         let not_after = now + ttl;
         params.not_before = (now - CLOCK_SKEW).into();
         params.not_after = not_after.into();
+        let cert = params.signed_by(key, &self.issuer).map_err(|source| Error::Generate { what: what(), source })?;
+        let mut chain = vec![cert.der().clone()];
+        chain.extend(self.chain.iter().cloned());
+        Ok((chain, not_after))
+    }
+
+    /// A TLS server certificate for the CA service itself (DNS `names`, `ips`), valid
+    /// for `ttl`: its chain and PKCS#8 key.
+    pub fn issue_server(
+        &self,
+        names: &[String],
+        ips: &[std::net::IpAddr],
+        ttl: Duration,
+    ) -> Result<(Vec<CertificateDer<'static>>, Vec<u8>), Error> {
+        let what = || format!("CA service certificate for {}", names.join(", "));
+        let key = KeyPair::generate().map_err(|source| Error::Generate { what: what(), source })?;
+        let mut params =
+            CertificateParams::new(names.to_vec()).map_err(|source| Error::Generate { what: what(), source })?;
+        params.subject_alt_names.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        let now = SystemTime::now();
+        params.not_before = (now - CLOCK_SKEW).into();
+        params.not_after = (now + ttl).into();
         let cert = params.signed_by(&key, &self.issuer).map_err(|source| Error::Generate { what: what(), source })?;
         let mut chain = vec![cert.der().clone()];
         chain.extend(self.chain.iter().cloned());
-        Ok((chain, key.serialize_der(), not_after))
+        Ok((chain, key.serialize_der()))
+    }
+
+    /// SHA-256 (hex) of the signing certificate: it changes when the CA is rotated.
+    pub fn issuer_digest(&self) -> String {
+        ring::digest::digest(&ring::digest::SHA256, &self.ca_der).as_ref().iter().map(|b| format!("{b:02x}")).collect()
     }
 }
 

@@ -1,13 +1,17 @@
-//! Workload certificates held in memory, issued on demand and re-issued before expiry.
+//! Workload certificates held in memory, issued by the CA service (or, in tests, a CA
+//! in the process) and re-issued before expiry.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::sign::CertifiedKey;
 
-use super::{Error, Identity, MeshCa};
+use super::{CaClient, Error, Identity, MeshCa, PeerVerifier};
+
+/// How many certificates are asked for at once.
+const CONCURRENT_ISSUES: usize = 8;
 
 /// One identity's certificate and key, ready for rustls.
 #[derive(Debug)]
@@ -22,75 +26,193 @@ pub struct WorkloadCert {
     refresh_at: Instant,
 }
 
+/// Who signs.
+#[derive(Debug)]
+pub enum Signer {
+    /// The CA service (the signing key is not on this node).
+    Remote(CaClient),
+    /// A CA in this process: tests and benchmarks only; an agent never holds the key.
+    Local(Arc<MeshCa>),
+}
+
 /// Issues and caches workload certificates for the pods of this node.
 ///
-/// Invariant: certificates are issued only for identities of pods scheduled on this
-/// node ([`CertStore::set_local`]); asking for any other is an error, so nothing running
-/// on a node can mint another node's identities through its agent.
+/// Invariants: certificates are asked for only for identities of pods scheduled on this
+/// node ([`CertStore::set_local`]); asking for any other is an error (and the CA
+/// refuses it too). A TLS handshake never waits for the CA: [`CertStore::get`] serves
+/// what was issued ahead of time by [`CertStore::renew_due`], and an identity without a
+/// certificate fails its handshakes (closed) until one arrives.
 #[derive(Debug)]
 pub struct CertStore {
-    ca: Arc<MeshCa>,
+    signer: Signer,
     ttl: Duration,
     certs: Mutex<HashMap<Identity, Arc<WorkloadCert>>>,
     local: Mutex<HashSet<Identity>>,
+    /// The CA's signing certificate the current certificates were issued under, as the
+    /// trust bundle names it: a new one means every certificate is re-issued.
+    issuer: Mutex<Option<String>>,
+    /// The last error from the CA, for pods waiting on it.
+    last_error: Mutex<Option<String>>,
 }
 
 impl CertStore {
-    /// A store signing with `ca`, issuing certificates valid for `ttl`.
+    /// A store signing with `ca` in this process (tests, benchmarks).
     pub fn new(ca: Arc<MeshCa>, ttl: Duration) -> Self {
-        Self { ca, ttl, certs: Mutex::new(HashMap::new()), local: Mutex::new(HashSet::new()) }
+        Self::with_signer(Signer::Local(ca), ttl)
     }
 
-    /// The CA behind this store.
-    pub fn ca(&self) -> &Arc<MeshCa> {
-        &self.ca
+    /// A store whose certificates come from the CA service.
+    pub fn remote(client: CaClient, ttl: Duration) -> Self {
+        Self::with_signer(Signer::Remote(client), ttl)
     }
 
-    /// The current certificate for `identity`, issuing one if there is none or the
-    /// current one is past its refresh time. Handshakes in flight keep the old one.
+    fn with_signer(signer: Signer, ttl: Duration) -> Self {
+        Self {
+            signer,
+            ttl,
+            certs: Mutex::new(HashMap::new()),
+            local: Mutex::new(HashSet::new()),
+            issuer: Mutex::new(None),
+            last_error: Mutex::new(None),
+        }
+    }
+
+    /// The current certificate for `identity`. With the CA service, only what was
+    /// issued ahead of time (a handshake never waits for the network); with a local CA,
+    /// one is issued on the spot if there is none or it is past its refresh time.
     pub fn get(&self, identity: &Identity) -> Result<Arc<WorkloadCert>, Error> {
         if !self.local.lock().unwrap_or_else(|p| p.into_inner()).contains(identity) {
             return Err(Error::NotLocal(identity.clone()));
         }
-        let mut certs = self.certs.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = certs.get(identity)
-            && Instant::now() < c.refresh_at
-        {
-            return Ok(c.clone());
+        let current = self.certs.lock().unwrap_or_else(|p| p.into_inner()).get(identity).cloned();
+        match (&self.signer, current) {
+            (_, Some(c)) if Instant::now() < c.refresh_at => Ok(c),
+            (Signer::Local(ca), _) => {
+                let (chain, key, not_after) = ca.issue(identity, self.ttl)?;
+                self.store(identity, chain, key, not_after)
+            }
+            // Past half-life but not expired: still good while the renewal runs.
+            (Signer::Remote(_), Some(c)) if SystemTime::now() < c.not_after => Ok(c),
+            (Signer::Remote(_), _) => Err(Error::NotIssued(identity.clone())),
         }
-        let (chain, key, not_after) = self.ca.issue(identity, self.ttl)?;
+    }
+
+    /// Whether `identity` has a certificate to serve now.
+    pub fn has(&self, identity: &Identity) -> bool {
+        self.get(identity).is_ok()
+    }
+
+    /// The last error the CA gave, if the last call failed.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn store(
+        &self,
+        identity: &Identity,
+        chain: Vec<CertificateDer<'static>>,
+        key: Vec<u8>,
+        not_after: SystemTime,
+    ) -> Result<Arc<WorkloadCert>, Error> {
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key));
         let signer = rustls::crypto::ring::sign::any_supported_type(&key)?;
+        let lifetime = not_after.duration_since(SystemTime::now()).unwrap_or_default();
         let cert = Arc::new(WorkloadCert {
             identity: identity.clone(),
             certified_key: Arc::new(CertifiedKey::new(chain, signer)),
             not_after,
-            refresh_at: Instant::now() + self.ttl / 2,
+            refresh_at: Instant::now() + lifetime / 2,
         });
         let expires = humantime_utc(not_after);
         tracing::info!(%identity, %expires, "workload certificate issued");
-        certs.insert(identity.clone(), cert.clone());
+        self.certs.lock().unwrap_or_else(|p| p.into_inner()).insert(identity.clone(), cert.clone());
         Ok(cert)
     }
 
-    /// Renews every local identity's certificate that is missing or past half-life, so
+    /// Issues every local identity's certificate that is missing or past half-life, so
     /// handshakes never wait for signing and a quiet identity is never left with an
     /// expiring certificate. Returns how many were issued.
-    pub fn renew_due(&self) -> usize {
+    pub async fn renew_due(&self) -> usize {
         let local: Vec<Identity> = self.local.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().collect();
         let due: Vec<Identity> = {
             let certs = self.certs.lock().unwrap_or_else(|p| p.into_inner());
             local.into_iter().filter(|id| certs.get(id).is_none_or(|c| Instant::now() >= c.refresh_at)).collect()
         };
-        due.iter()
-            .filter(|id| match self.get(id) {
-                Ok(_) => true,
-                Err(e) => {
-                    tracing::error!(identity = %id, error = %e, "certificate renewal failed; retrying");
-                    false
+        let mut issued = 0;
+        for batch in due.chunks(CONCURRENT_ISSUES) {
+            let results = futures::future::join_all(batch.iter().map(|id| self.issue(id))).await;
+            for (id, r) in batch.iter().zip(results) {
+                match r {
+                    Ok(_) => issued += 1,
+                    Err(e) => {
+                        tracing::error!(identity = %id, error = %e, "certificate renewal failed; retrying");
+                        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+                    }
                 }
-            })
-            .count()
+            }
+        }
+        issued
+    }
+
+    async fn issue(&self, identity: &Identity) -> Result<Arc<WorkloadCert>, Error> {
+        match &self.signer {
+            Signer::Local(ca) => {
+                let (chain, key, not_after) = ca.issue(identity, self.ttl)?;
+                self.store(identity, chain, key, not_after)
+            }
+            Signer::Remote(client) => {
+                let issued = client.sign(identity, self.ttl).await?;
+                let not_after = not_after(&issued.chain[0]).unwrap_or_else(|| SystemTime::now() + self.ttl);
+                *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                self.store(identity, issued.chain, issued.key, not_after)
+            }
+        }
+    }
+
+    /// Asks the CA service for its trust bundle and makes it `verifier`'s roots. A new
+    /// signing certificate (a root rotation, a new plug-in CA) makes every certificate
+    /// due, so the next [`CertStore::renew_due`] moves the node's workloads to it.
+    /// Returns whether anything changed.
+    pub async fn refresh_trust(&self, verifier: &PeerVerifier) -> Result<bool, Error> {
+        let Signer::Remote(client) = &self.signer else { return Ok(false) };
+        let bundle = client.trust_bundle().await?;
+        let mut roots = Vec::new();
+        for pem in &bundle.roots {
+            for der in rustls_pemfile::certs(&mut pem.as_bytes()) {
+                roots.push(der.map_err(|e| Error::Ca(format!("root in the trust bundle: {e}")))?);
+            }
+        }
+        if roots.is_empty() {
+            return Err(Error::Ca("the CA's trust bundle has no root".into()));
+        }
+        let roots_changed = verifier.set_roots(&roots)?;
+        let issuer_changed = {
+            let mut issuer = self.issuer.lock().unwrap_or_else(|p| p.into_inner());
+            let changed = issuer.as_ref().is_some_and(|i| *i != bundle.issuer);
+            *issuer = Some(bundle.issuer.clone());
+            changed
+        };
+        if roots_changed {
+            tracing::info!(roots = roots.len(), "mesh trust bundle updated");
+        }
+        if issuer_changed {
+            tracing::info!("the CA signs with a new certificate; re-issuing every workload certificate");
+            let now = Instant::now();
+            let mut certs = self.certs.lock().unwrap_or_else(|p| p.into_inner());
+            for c in certs.values_mut() {
+                if let Some(c) = Arc::get_mut(c) {
+                    c.refresh_at = now;
+                } else {
+                    *c = Arc::new(WorkloadCert {
+                        identity: c.identity.clone(),
+                        certified_key: c.certified_key.clone(),
+                        not_after: c.not_after,
+                        refresh_at: now,
+                    });
+                }
+            }
+        }
+        Ok(roots_changed || issuer_changed)
     }
 
     /// How often [`CertStore::renew_due`] should run: often enough to renew well
@@ -106,6 +228,13 @@ impl CertStore {
         self.certs.lock().unwrap_or_else(|p| p.into_inner()).retain(|id, _| local.contains(id));
         *self.local.lock().unwrap_or_else(|p| p.into_inner()) = local;
     }
+}
+
+/// The certificate's notAfter.
+fn not_after(cert: &CertificateDer<'_>) -> Option<SystemTime> {
+    let (_, x) = x509_parser::parse_x509_certificate(cert).ok()?;
+    let secs = u64::try_from(x.validity().not_after.timestamp()).ok()?;
+    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
 }
 
 /// `2026-12-02T10:00:00Z` for a log line.
@@ -144,18 +273,18 @@ mod tests {
         assert!(store.get(&mine).is_err(), "a pod that left the node gets no more certificates");
     }
 
-    #[test]
-    fn renewal_issues_missing_and_half_life_certificates_only() {
+    #[tokio::test]
+    async fn renewal_issues_missing_and_half_life_certificates_only() {
         let dir = tempfile::tempdir().unwrap();
         let ca = Arc::new(MeshCa::load_or_create(dir.path(), "cluster.local").unwrap());
         let store = CertStore::new(ca, Duration::from_millis(400));
         let id = Identity::new("cluster.local", "production", "frontend");
         store.set_local([id.clone()]);
-        assert_eq!(store.renew_due(), 1, "a new identity gets its certificate ahead of any handshake");
-        assert_eq!(store.renew_due(), 0, "fresh: nothing to do");
+        assert_eq!(store.renew_due().await, 1, "a new identity gets its certificate ahead of any handshake");
+        assert_eq!(store.renew_due().await, 0, "fresh: nothing to do");
         let first = store.get(&id).unwrap();
         std::thread::sleep(Duration::from_millis(250));
-        assert_eq!(store.renew_due(), 1, "past half-life: renewed");
+        assert_eq!(store.renew_due().await, 1, "past half-life: renewed");
         assert!(!Arc::ptr_eq(&first, &store.get(&id).unwrap()));
         assert_eq!(store.renewal_interval(), Duration::from_millis(500));
     }

@@ -37,27 +37,62 @@ pub fn peer_identity(cert: &CertificateDer<'_>) -> Option<Identity> {
     Identity::parse(first).ok()
 }
 
-/// Verifies peers against the mesh roots and a set of accepted trust domains.
+/// Verifies peers against the mesh roots and a set of accepted trust domains. The roots
+/// can be replaced while the agent runs (a root rotation): each handshake uses the roots
+/// current when it starts, and connections already established are not touched.
 #[derive(Debug, Clone)]
 pub struct PeerVerifier {
-    roots: Arc<RootCertStore>,
+    trust: Arc<arc_swap::ArcSwap<Trust>>,
     trust_domains: Arc<[String]>,
     algs: WebPkiSupportedAlgorithms,
+}
+
+/// One set of roots, and the client verifier built on it.
+#[derive(Debug)]
+struct Trust {
+    roots: Vec<CertificateDer<'static>>,
+    store: Arc<RootCertStore>,
+    clients: Arc<dyn ClientCertVerifier>,
+}
+
+impl Trust {
+    fn new(roots: &[CertificateDer<'static>]) -> Result<Self, Error> {
+        let mut store = RootCertStore::empty();
+        for r in roots {
+            store.add(r.clone())?;
+        }
+        let store = Arc::new(store);
+        let clients = WebPkiClientVerifier::builder_with_provider(store.clone(), provider())
+            .build()
+            .map_err(|e| Error::Tls(rustls::Error::General(e.to_string())))?;
+        Ok(Self { roots: roots.to_vec(), store, clients })
+    }
 }
 
 impl PeerVerifier {
     /// A verifier trusting `roots` and identities in `trust_domains` (the configured
     /// trust domain and its aliases).
     pub fn new(roots: &[CertificateDer<'static>], trust_domains: Vec<String>) -> Result<Self, Error> {
-        let mut store = RootCertStore::empty();
-        for r in roots {
-            store.add(r.clone())?;
-        }
         Ok(Self {
-            roots: Arc::new(store),
+            trust: Arc::new(arc_swap::ArcSwap::from_pointee(Trust::new(roots)?)),
             trust_domains: trust_domains.into(),
             algs: provider().signature_verification_algorithms,
         })
+    }
+
+    /// The roots trusted now.
+    pub fn roots(&self) -> Vec<CertificateDer<'static>> {
+        self.trust.load().roots.clone()
+    }
+
+    /// Trusts `roots` from the next handshake on; returns whether they differ from the
+    /// current ones.
+    pub fn set_roots(&self, roots: &[CertificateDer<'static>]) -> Result<bool, Error> {
+        if self.trust.load().roots == roots {
+            return Ok(false);
+        }
+        self.trust.store(Arc::new(Trust::new(roots)?));
+        Ok(true)
     }
 
     fn check_trust_domain(&self, id: &Identity) -> Result<(), rustls::Error> {
@@ -94,7 +129,7 @@ impl ServerCertVerifier for ExpectIdentity {
         let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
         rustls::client::verify_server_cert_signed_by_trust_anchor(
             &parsed,
-            &self.verifier.roots,
+            &self.verifier.trust.load().store,
             intermediates,
             now,
             self.verifier.algs.all,
@@ -134,13 +169,19 @@ impl ServerCertVerifier for ExpectIdentity {
 /// authentication, and is decided after the handshake.
 #[derive(Debug)]
 struct MeshClientVerifier {
-    inner: Arc<dyn ClientCertVerifier>,
     verifier: PeerVerifier,
+}
+
+impl MeshClientVerifier {
+    fn inner(&self) -> Arc<dyn ClientCertVerifier> {
+        self.verifier.trust.load().clients.clone()
+    }
 }
 
 impl ClientCertVerifier for MeshClientVerifier {
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.inner.root_hint_subjects()
+        // Mesh clients have one certificate; hints would only name the roots.
+        &[]
     }
 
     fn verify_client_cert(
@@ -149,7 +190,7 @@ impl ClientCertVerifier for MeshClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.inner.verify_client_cert(end_entity, intermediates, now)?;
+        self.inner().verify_client_cert(end_entity, intermediates, now)?;
         let id =
             peer_identity(end_entity).ok_or_else(|| cert_error("no SPIFFE identity in client certificate".into()))?;
         self.verifier.check_trust_domain(&id)?;
@@ -162,7 +203,7 @@ impl ClientCertVerifier for MeshClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
+        self.inner().verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -171,11 +212,11 @@ impl ClientCertVerifier for MeshClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
+        self.inner().verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
+        self.inner().supported_verify_schemes()
     }
 }
 
@@ -206,10 +247,7 @@ pub fn server_config(
     verifier: &PeerVerifier,
 ) -> Result<Arc<rustls::ServerConfig>, Error> {
     let provider = provider();
-    let webpki = WebPkiClientVerifier::builder_with_provider(verifier.roots.clone(), provider.clone())
-        .build()
-        .map_err(|e| Error::Tls(rustls::Error::General(e.to_string())))?;
-    let client_verifier = Arc::new(MeshClientVerifier { inner: webpki, verifier: verifier.clone() });
+    let client_verifier = Arc::new(MeshClientVerifier { verifier: verifier.clone() });
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(client_verifier)

@@ -13,6 +13,8 @@
 //! namespaced paths (`/api/v1/namespaces/<ns>/<plural>[/<name>]`) as well as
 //! cluster-scoped ones; `GET /version`; and the pod proxy subresource
 //! (`.../pods/<name>:<port>/proxy/<path>`), forwarded to the pod's `status.podIP`.
+//! `TokenReview` creates are answered from the tokens a test registered
+//! ([`ApiServer::add_token`]), as the API server answers for service-account tokens.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -57,6 +59,8 @@ pub struct ApiServer {
     gone: Arc<std::sync::atomic::AtomicUsize>,
     /// Writes taken from clients, in order.
     writes: Arc<Mutex<Vec<String>>>,
+    /// Tokens TokenReview authenticates: token -> `status.user`.
+    tokens: Arc<Mutex<BTreeMap<String, Value>>>,
 }
 
 /// `/api/v1/pods`, `/apis/networking.istio.io/v1/virtualservices`.
@@ -81,6 +85,7 @@ impl ApiServer {
             running: Arc::new(Mutex::new(None)),
             gone: Arc::default(),
             writes: Arc::default(),
+            tokens: Arc::default(),
         };
         s.start().await;
         s
@@ -90,6 +95,11 @@ impl ApiServer {
     pub fn serve(&self, collection: &str) {
         self.state.lock().unwrap().collections.entry(collection.to_string()).or_default();
         self.changed.notify_waiters();
+    }
+
+    /// Makes TokenReview authenticate `token` as `user` (`{"username": ..., "extra": ...}`).
+    pub fn add_token(&self, token: &str, user: Value) {
+        self.tokens.lock().unwrap().insert(token.to_string(), user);
     }
 
     /// `http://127.0.0.1:<port>`.
@@ -231,6 +241,18 @@ impl ApiServer {
                 StatusCode::OK,
                 json!({"major": "1", "minor": "32", "gitVersion": "v1.32.4", "platform": "linux/amd64"}),
             );
+        }
+        if path == "/apis/authentication.k8s.io/v1/tokenreviews" && req.method() == http::Method::POST {
+            let Ok(body) = req.into_body().collect().await else { return bad_request("unreadable body") };
+            let Ok(mut review) = serde_json::from_slice::<Value>(&body.to_bytes()) else {
+                return bad_request("the body is not JSON");
+            };
+            let token = review["spec"]["token"].as_str().unwrap_or("").to_string();
+            review["status"] = match self.tokens.lock().unwrap().get(&token) {
+                Some(user) => json!({"authenticated": true, "user": user, "audiences": review["spec"]["audiences"]}),
+                None => json!({"authenticated": false, "error": "invalid bearer token"}),
+            };
+            return status(StatusCode::CREATED, review);
         }
         let Some(target) = route(&path) else { return not_found(&path) };
         let method = req.method().clone();

@@ -1,0 +1,136 @@
+//! The CA service (`mesh-ca`): the one place that holds the mesh's signing key. Node
+//! agents send it certificate signing requests for the workloads of their node, each
+//! authenticated by the agent's own token; it signs only identities of pods scheduled
+//! on the requesting agent's node, as istiod does for ztunnel. A compromised node can
+//! then mint identities of its own pods and nothing else.
+//!
+//! `authn` tells which node a token belongs to (a static token file in the lab, the
+//! Kubernetes TokenReview API and the token's bound pod in a cluster); `workloads` says
+//! which identities run on a node; `server` speaks Istio's certificate service and the
+//! trust bundle over TLS, and follows the CA files (a root rotation is a new `cacerts`).
+
+mod authn;
+mod server;
+mod workloads;
+
+pub use authn::{Authenticator, Caller};
+pub use server::run;
+pub use workloads::NodeWorkloads;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::settings::{ConfigSourceKind, parse_duration};
+
+/// Errors that stop the CA service from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The CA files or the Secret could not be used.
+    #[error(transparent)]
+    Identity(#[from] crate::identity::Error),
+    /// A setting is missing or malformed.
+    #[error("{0}")]
+    Settings(String),
+    /// The listener could not be bound.
+    #[error("listening on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The Kubernetes client could not be configured.
+    #[error("Kubernetes client: {0}")]
+    Kube(String),
+}
+
+/// The CA service's settings.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "mesh-ca",
+    version,
+    about = "The mesh's certificate authority: signs workload certificates for node agents"
+)]
+pub struct Settings {
+    /// Where the service listens (Istio's CA port).
+    #[arg(long, env = "MESH_CA_LISTEN", default_value = "0.0.0.0:15012")]
+    pub listen: SocketAddr,
+
+    /// Directory of the CA files (Istio's cacerts layout); a self-signed root is made
+    /// there when it is empty. Re-read when it changes (root rotation).
+    #[arg(long, env = "MESH_CA_DIR", default_value = "/var/lib/mesh-ca")]
+    pub ca_dir: PathBuf,
+
+    /// `namespace/name` of the `cacerts` Secret to read the CA from (cluster mode),
+    /// written to --ca-dir (key 0600) and followed.
+    #[arg(long, env = "MESH_CA_SECRET")]
+    pub ca_secret: Option<String>,
+
+    /// `namespace/name` of a ConfigMap to publish the root bundle in (`root-cert.pem`),
+    /// which agents mount to trust the CA at start.
+    #[arg(long, env = "MESH_CA_ROOT_CONFIGMAP")]
+    pub root_configmap: Option<String>,
+
+    /// SPIFFE trust domain of the identities signed.
+    #[arg(long, env = "MESH_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+
+    /// DNS names in the service's own certificate (agents check one of them).
+    #[arg(
+        long = "server-name",
+        env = "MESH_CA_SERVER_NAMES",
+        value_delimiter = ',',
+        default_value = "mesh-ca.istio-system.svc,mesh-ca.istio-system.svc.cluster.local"
+    )]
+    pub server_names: Vec<String>,
+
+    /// IP addresses in the service's own certificate.
+    #[arg(long = "server-ip", env = "MESH_CA_SERVER_IPS", value_delimiter = ',')]
+    pub server_ips: Vec<IpAddr>,
+
+    /// The longest validity granted, e.g. `24h`; longer requests are cut to it.
+    #[arg(long, env = "MESH_CA_MAX_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub max_ttl: Duration,
+
+    /// How often the CA files (or the Secret) are checked for a new CA.
+    #[arg(long, env = "MESH_CA_RELOAD", default_value = "5s", value_parser = parse_duration)]
+    pub reload_interval: Duration,
+
+    /// Where pods and their nodes come from: the config directory (`files`, the lab) or
+    /// the Kubernetes API (`kubernetes`).
+    #[arg(long, env = "MESH_CONFIG_SOURCE", value_enum, default_value_t = ConfigSourceKind::Files)]
+    pub config_source: ConfigSourceKind,
+
+    /// Directory of Kubernetes YAML (`--config-source files`): the pods of every node.
+    #[arg(long, env = "MESH_CONFIG_DIR", required_if_eq("config_source", "files"))]
+    pub config_dir: Option<PathBuf>,
+
+    /// File of agent tokens, one `<token> <node>` per line (`--config-source files`).
+    #[arg(long, env = "MESH_CA_TOKEN_FILE", required_if_eq("config_source", "files"))]
+    pub token_file: Option<PathBuf>,
+
+    /// API server URL without credentials (tests); by default the in-cluster account.
+    #[arg(long, env = "MESH_KUBE_API_URL")]
+    pub kube_api_url: Option<String>,
+
+    /// Service accounts (`namespace/name`) of node agents: only they may ask for
+    /// other workloads' certificates (cluster mode).
+    #[arg(
+        long = "trusted-agent",
+        env = "MESH_CA_TRUSTED_AGENTS",
+        value_delimiter = ',',
+        default_value = "istio-system/mesh-agent"
+    )]
+    pub trusted_agents: Vec<String>,
+
+    /// Audience the agents' tokens are issued for (cluster mode).
+    #[arg(long, env = "MESH_CA_AUDIENCE", default_value = "mesh-ca")]
+    pub audience: String,
+
+    /// Log format: `text` or `json`.
+    #[arg(long, env = "MESH_LOG_FORMAT", default_value = "text")]
+    pub log_format: crate::settings::LogFormat,
+}

@@ -1,0 +1,207 @@
+//! The CA service in the lab: the signing key lives in the CA's own process and
+//! directory, node agents send CSRs with their node's token and get their own pods'
+//! identities only, and a root rotation (Istio's plug-in CA steps) reaches every agent
+//! and workload without a restart while traffic flows and old connections drain.
+#![forbid(unsafe_code)]
+
+use std::os::fd::AsFd as _;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use mesh_agent::identity::{CaClient, CaFiles, Identity, MeshCa, PeerVerifier};
+use mesh_tests::harness::{curl, eventually, lab, lab_with_env, reply_pod, root};
+use mesh_tests::lab::{CA_ADDR, CA_SERVER_NAME, Lab};
+use rustls::pki_types::CertificateDer;
+
+mod support;
+
+/// Runs `f` on a thread inside network namespace `netns` (the CA is on the lab's wire,
+/// which only the nodes reach).
+fn in_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/var/run/netns/{netns}");
+    std::thread::spawn(move || {
+        let ns = std::fs::File::open(&path).unwrap();
+        nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        f()
+    })
+    .join()
+    .unwrap()
+}
+
+fn roots_in(path: &Path) -> Vec<CertificateDer<'static>> {
+    rustls_pemfile::certs(&mut std::fs::read(path).unwrap().as_slice()).collect::<Result<_, _>>().unwrap()
+}
+
+/// A node agent's CA client, as the agent builds it.
+fn node_client(lab: &Lab, node: &str) -> CaClient {
+    let roots = roots_in(&lab.ca_dir().join("root-cert.pem"));
+    CaClient {
+        address: CA_ADDR.into(),
+        server_name: CA_SERVER_NAME.into(),
+        token_file: Some(lab.agent_token_path(node)),
+        root_file: None,
+        verifier: PeerVerifier::new(&roots, vec!["cluster.local".into()]).unwrap(),
+    }
+}
+
+/// Asks the CA, from `node`'s netns with `node`'s token, for `identity`.
+fn sign(lab: &Lab, node: &str, identity: Identity) -> Result<(), String> {
+    let client = node_client(lab, node);
+    let netns = lab.node(node).unwrap().netns.clone();
+    in_netns(&netns, move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(client.sign(&identity, Duration::from_secs(600))).map(|_| ()).map_err(|e| e.to_string())
+    })
+}
+
+fn production(sa: &str) -> Identity {
+    Identity::new("cluster.local", "production", sa)
+}
+
+#[test]
+fn a_node_agent_gets_its_own_pods_identities_and_never_holds_the_key() {
+    let Some(lab) = lab("a_node_agent_gets_its_own_pods_identities_and_never_holds_the_key") else { return };
+    // frontend runs on node1, legacy-service on node2 only.
+    sign(&lab, "node1", production("frontend")).unwrap();
+    let e = sign(&lab, "node1", production("legacy-service")).unwrap_err();
+    assert!(
+        e.contains(
+            "no pod with identity spiffe://cluster.local/ns/production/sa/legacy-service is scheduled on node node1"
+        ),
+        "{e}"
+    );
+    sign(&lab, "node2", production("legacy-service")).unwrap();
+    let log = std::fs::read_to_string(lab.ca_log_path()).unwrap();
+    assert!(log.contains("certificate request refused") && log.contains("node=node1"), "{log}");
+
+    // The key is in the CA's directory, 0600, and no agent opens or names it.
+    use std::os::unix::fs::PermissionsExt as _;
+    let key = lab.ca_dir().join("ca-key.pem");
+    assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+    for n in &lab.nodes {
+        let pid = n.agent_pid.unwrap();
+        let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap().replace('\0', " ");
+        assert!(!cmdline.contains("ca-key") && !cmdline.contains("--ca-dir"), "agent of {}: {cmdline}", n.name);
+        let open: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .map(|l| l.display().to_string())
+            .collect();
+        assert!(!open.iter().any(|l| l.contains("ca-key")), "agent of {} holds the key open", n.name);
+    }
+}
+
+/// Waits until both agents' logs have `needle` at least `times` times.
+fn wait_agents(lab: &Lab, what: &str, needle: &str, times: usize) {
+    eventually(what, || {
+        lab.nodes
+            .iter()
+            .all(|n| {
+                std::fs::read_to_string(lab.agent_log_path(&n.name)).unwrap_or_default().matches(needle).count()
+                    >= times
+            })
+            .then_some(())
+    });
+}
+
+#[test]
+fn a_root_rotation_reaches_every_agent_while_traffic_flows_and_old_connections_drain() {
+    let Some(lab) = lab_with_env(
+        "a_root_rotation_reaches_every_agent_while_traffic_flows_and_old_connections_drain",
+        &[("MESH_TRUST_REFRESH", "1s"), ("MESH_LOG", "info")],
+    ) else {
+        return;
+    };
+    let files = CaFiles::in_dir(&lab.ca_dir());
+    let scratch = lab.state_dir.join("scratch");
+    std::fs::create_dir_all(&scratch).unwrap();
+    // The old CA, kept to forge a certificate under the old root at the end.
+    let old = scratch.join("old-ca");
+    std::fs::create_dir_all(&old).unwrap();
+    for f in ["ca-cert.pem", "ca-key.pem"] {
+        std::fs::copy(lab.ca_dir().join(f), old.join(f)).unwrap();
+    }
+    let (ok, _) = curl(&lab, "frontend", "http://myapp/");
+    assert!(ok);
+
+    // A long-lived connection established under the old root (frontend -> myapp's TCP
+    // echo, through both agents), used again after the rotation.
+    let signal = scratch.join("rotated");
+    let script = format!(
+        "exec 3<>/dev/tcp/10.96.0.20/9000 || exit 2; echo before >&3; read -t 5 a <&3; \
+         while [ ! -f {} ]; do sleep 0.1; done; echo after >&3; read -t 5 b <&3; echo \"$a $b\"",
+        signal.display()
+    );
+    let held = lab
+        .pod_command("frontend", &["bash".into(), "-c".into(), script])
+        .unwrap()
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Steady traffic through the whole rotation: plain HTTP to myapp every 20 ms.
+    let echo = root().join("target/debug/mesh-echo").display().to_string();
+    let knock: Vec<String> =
+        [echo.as_str(), "knock", "10.96.0.20:80", "--for-ms", "25000", "--every-ms", "20"].map(String::from).into();
+    let knocker = lab.pod_command("frontend", &knock).unwrap().stdout(Stdio::piped()).spawn().unwrap();
+
+    // 1. The new root joins the bundle; the old CA still signs.
+    let new_dir = scratch.join("new-ca");
+    let new_ca = MeshCa::load_or_create(&new_dir, "cluster.local").unwrap();
+    let new_files = CaFiles::in_dir(&new_dir);
+    let old_root = std::fs::read_to_string(&files.root_cert).unwrap();
+    let new_root = std::fs::read_to_string(&new_files.root_cert).unwrap();
+    std::fs::write(&files.root_cert, format!("{old_root}{new_root}")).unwrap();
+    wait_agents(&lab, "both roots trusted on every node", "mesh trust bundle updated roots=2", 1);
+    // 2. The new CA signs: every agent re-issues every certificate under it.
+    std::fs::copy(&new_files.ca_key, &files.ca_key).unwrap();
+    std::fs::copy(&new_files.ca_cert, &files.ca_cert).unwrap();
+    std::fs::copy(&new_files.cert_chain, &files.cert_chain).unwrap();
+    wait_agents(&lab, "certificates re-issued under the new CA", "re-issuing every workload certificate", 1);
+    eventually("the new CA issued every identity again", || {
+        let log = std::fs::read_to_string(lab.ca_log_path()).unwrap_or_default();
+        let after = log.split("CA files changed").last().unwrap_or("");
+        (after.matches("certificate issued").count() >= 4).then_some(())
+    });
+    // 3. The old root leaves the bundle.
+    std::fs::write(&files.root_cert, &new_root).unwrap();
+    wait_agents(&lab, "only the new root trusted", "mesh trust bundle updated roots=1", 1);
+
+    // New connections, same node and across nodes, under the new root.
+    for _ in 0..4 {
+        let (ok, body) = curl(&lab, "frontend", "http://myapp/");
+        assert!(ok && reply_pod(&body).is_some_and(|p| p.starts_with("myapp-")), "{body}");
+    }
+    // The connection made under the old root was left to drain, not cut.
+    std::fs::write(&signal, "").unwrap();
+    let out = held.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "before after", "the old connection still carries bytes");
+    let knocks: serde_json::Value = serde_json::from_slice(&knocker.wait_with_output().unwrap().stdout).unwrap();
+    assert!(knocks["tries"].as_u64().unwrap() > 500, "{knocks}");
+    assert_eq!(knocks["answered"], knocks["tries"], "every request during the rotation was answered: {knocks}");
+
+    // A certificate under the old root is refused now.
+    let certs = scratch.join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    let old_issuer = {
+        let key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(old.join("ca-key.pem")).unwrap()).unwrap();
+        rcgen::Issuer::from_ca_cert_pem(&std::fs::read_to_string(old.join("ca-cert.pem")).unwrap(), key).unwrap()
+    };
+    support::write_leaf(&certs, "old-root", "spiffe://cluster.local/ns/production/sa/frontend", &old_issuer);
+    let v1 = lab.pod("myapp-v1").unwrap().ip;
+    let argv = [
+        echo.as_str(),
+        "hbone",
+        &format!("{v1}:15008"),
+        "--target",
+        &format!("{v1}:8080"),
+        "--cert",
+        &certs.join("old-root.pem").display().to_string(),
+        "--key",
+        &certs.join("old-root.key").display().to_string(),
+    ];
+    let out = lab.exec("outside", &argv).unwrap();
+    let outcome: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(outcome["tls_error"].is_string(), "a certificate under the removed root was accepted: {outcome}");
+    assert_eq!(new_ca.roots().len(), 1);
+}
