@@ -14,12 +14,13 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use prometheus_client::registry::Registry;
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::proxy::limits;
 use crate::state::SharedSnapshot;
 
 /// What the admin endpoints read.
@@ -37,6 +38,8 @@ pub struct AdminState {
     pub pods: Arc<std::sync::Mutex<Vec<crate::app::PodReport>>>,
     /// This node.
     pub node: String,
+    /// Admin connections closed at the cap.
+    pub refused: prometheus_client::metrics::counter::Counter,
 }
 
 /// What `meshctl proxy-status` compares across agents, and the pods of this node the
@@ -187,13 +190,29 @@ fn route(state: &AdminState, req: &Request<Incoming>, dump: bool) -> Response<Fu
 }
 
 /// Serves the admin endpoints on `addr` until `stop`; `/config_dump` only if `dump`.
+/// Anyone who can reach the port can open connections: they are capped
+/// ([`limits::ADMIN_MAX_CONNECTIONS`], more are closed at once), and each is held by
+/// the header read timeout and HTTP/2 limits of every agent server.
 pub async fn serve(addr: SocketAddr, state: AdminState, stop: CancellationToken, dump: bool) -> std::io::Result<()> {
     let listener = TcpListener::bind(addr).await?;
     tracing::info!(%addr, "admin endpoint listening");
+    let open = Arc::new(tokio::sync::Semaphore::new(limits::ADMIN_MAX_CONNECTIONS));
     loop {
         let (stream, _) = tokio::select! {
             _ = stop.cancelled() => return Ok(()),
-            r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(_) => {
+                    // Out of descriptors, say: back off instead of spinning.
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = open.clone().try_acquire_owned() else {
+            state.refused.inc();
+            drop(stream);
+            continue;
         };
         let state = state.clone();
         tokio::spawn(async move {
@@ -201,9 +220,8 @@ pub async fn serve(addr: SocketAddr, state: AdminState, stop: CancellationToken,
                 let r = route(&state, &req, dump);
                 async move { Ok::<_, std::convert::Infallible>(r) }
             });
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let _ = limits::http_server().serve_connection(TokioIo::new(stream), svc).await;
+            drop(permit);
         });
     }
 }

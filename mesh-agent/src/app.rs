@@ -97,6 +97,11 @@ async fn kube_client(settings: &Settings) -> Result<kube::Client, Error> {
 /// Runs the agent until SIGTERM/SIGINT, then drains.
 pub async fn run(settings: Settings) -> Result<(), Error> {
     Netns::init_host()?;
+    // Every proxied connection takes two descriptors: take what the node allows, and cap
+    // connections below it, so running out is a refusal the agent reports, not a crash.
+    let nofile = crate::proxy::limits::raise_nofile();
+    let per_node = settings.max_connections.unwrap_or_else(|| crate::proxy::limits::per_node_from_nofile(nofile));
+    tracing::info!(nofile, per_node, per_source = settings.max_connections_per_source, "connection limits");
     let client = match settings.config_source {
         ConfigSourceKind::Kubernetes => Some(kube_client(&settings).await?),
         ConfigSourceKind::Files => None,
@@ -121,6 +126,12 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
 
     let mut registry = Registry::with_prefix("istio");
     let metrics = Arc::new(Metrics::new(&mut registry));
+    let admin_refused = prometheus_client::metrics::counter::Counter::default();
+    registry.register(
+        "mesh_admin_connections_refused",
+        "Admin, metrics and readiness connections closed at the cap",
+        admin_refused.clone(),
+    );
     let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
     let shutdown = CancellationToken::new();
     let admin_state = AdminState {
@@ -130,6 +141,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
         config_errors: Default::default(),
         pods: Default::default(),
         node: settings.node.clone(),
+        refused: admin_refused,
     };
     // Up before the config is: a waiting agent answers "not ready" and says why.
     for addr in dedup([settings.admin_addr, settings.metrics_addr, settings.readiness_addr]) {
@@ -180,6 +192,8 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
         shutdown: shutdown.clone(),
         tasks: TaskTracker::new(),
         inbound: Arc::default(),
+        limits: Arc::new(crate::proxy::ConnLimits::new(settings.max_connections_per_source, per_node)),
+        tcp_idle_timeout: settings.tcp_idle_timeout,
     };
     let (cni_tx, mut cni_rx) = mpsc::channel::<CniRequest>(64);
     tokio::spawn(crate::cni::serve(cni_listener, cni_tx, shutdown.clone()));

@@ -20,13 +20,36 @@ use route::{Action, Backend, RetryPolicy, Rule, WeightedBackend};
 
 use crate::state::{Snapshot, Workload};
 
+/// Request-body bytes the agent holds at once, across every pod, to replay them for
+/// retries and mirrors: 32 MiB is 32 requests at the 1 MiB retry buffer. Past it, bodies
+/// stream through once (no retry, no mirror), so clients sending many slow bodies
+/// cannot make the agent buffer without bound.
+pub const BODY_BUDGET: usize = 32 << 20;
+/// Mirror copies in flight at once; more are skipped (mirrors are fire and forget).
+pub const MAX_MIRRORS: usize = 128;
+
 /// Counters and connections shared by every pod proxy of the agent.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Runtime {
     /// Per-cluster state.
     pub clusters: balance::Clusters,
     /// Idle upstream connections.
     pub upstreams: Arc<upstream::Upstreams>,
+    /// Buffered request-body bytes, [`BODY_BUDGET`] in all.
+    pub body_budget: Arc<tokio::sync::Semaphore>,
+    /// Mirror copies in flight, [`MAX_MIRRORS`] at most.
+    pub mirrors: Arc<tokio::sync::Semaphore>,
+}
+
+impl Default for Runtime {
+    fn default() -> Self {
+        Self {
+            clusters: Default::default(),
+            upstreams: Default::default(),
+            body_budget: Arc::new(tokio::sync::Semaphore::new(BODY_BUDGET)),
+            mirrors: Arc::new(tokio::sync::Semaphore::new(MAX_MIRRORS)),
+        }
+    }
 }
 
 /// A backend as one pod reaches it: the policy in force for the port, the endpoints,

@@ -7,6 +7,7 @@ mod hbone;
 mod inbound;
 mod inbound_http;
 mod inpod;
+pub mod limits;
 mod outbound;
 mod pool;
 mod prefixed;
@@ -14,6 +15,7 @@ mod sockets;
 
 pub use admission::InboundConns;
 pub use inpod::PodProxy;
+pub use limits::ConnLimits;
 pub use pool::Pool;
 pub(crate) use sockets::connect_in;
 
@@ -133,4 +135,8 @@ pub struct ProxyContext {
     pub tasks: TaskTracker,
     /// Spliced inbound connections, re-judged when the policies change.
     pub inbound: Arc<InboundConns>,
+    /// Connections per source pod and for the node.
+    pub limits: Arc<ConnLimits>,
+    /// A spliced connection idle this long is closed.
+    pub tcp_idle_timeout: Duration,
 }

@@ -153,6 +153,21 @@ pub struct Settings {
     #[arg(long, env = "MESH_EXCLUDE_PORTS", value_delimiter = ',')]
     pub exclude_ports: Vec<u16>,
 
+    /// Proxied connections one source pod may hold on this node; more are closed at
+    /// once, logged and counted (`istio_mesh_connections_refused_total`).
+    #[arg(long, env = "MESH_MAX_CONNECTIONS_PER_SOURCE", default_value_t = crate::proxy::limits::DEFAULT_PER_SOURCE)]
+    pub max_connections_per_source: usize,
+
+    /// Proxied connections the node may hold (default: from the file-descriptor limit,
+    /// raised to its hard limit at start, two per connection).
+    #[arg(long, env = "MESH_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+
+    /// A spliced TCP connection with no byte either way for this long is closed, e.g.
+    /// `1h` (Istio's default).
+    #[arg(long, env = "MESH_TCP_IDLE_TIMEOUT", default_value = "1h", value_parser = parse_duration)]
+    pub tcp_idle_timeout: Duration,
+
     /// Log format: `text` or `json`.
     #[arg(long, env = "MESH_LOG_FORMAT", default_value = "text")]
     pub log_format: LogFormat,

@@ -149,6 +149,17 @@ pub struct DenyLabels {
     pub reason: DenyReason,
 }
 
+/// Labels of `istio_mesh_connections_refused_total`: a cap or a resource the agent ran
+/// out of, never a workload (a flood must not grow the label space).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RefusedLabels {
+    /// `per_source`, `per_node`, `accept_error` (file descriptors), `body_budget`,
+    /// `mirror_budget`.
+    pub reason: String,
+    /// The listener: `outbound`, `inbound`, `hbone`, `hbone_stream`, `admin`, `l7`.
+    pub listener: String,
+}
+
 /// The agent's metrics.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -166,6 +177,7 @@ pub struct Metrics {
     /// Pods enrolled on this node.
     pub enrolled_pods: Gauge,
     denied: Family<DenyLabels, Counter>,
+    refused: Family<RefusedLabels, Counter>,
 }
 
 impl Metrics {
@@ -182,7 +194,17 @@ impl Metrics {
         registry.register("mesh_config_applied", "Config snapshots applied", m.config_applied.clone());
         registry.register("mesh_enrolled_pods", "Pods captured on this node", m.enrolled_pods.clone());
         registry.register("mesh_denied", "Connections and requests refused by policy", m.denied.clone());
+        registry.register(
+            "mesh_connections_refused",
+            "Connections closed or work shed at a resource cap (per source pod, per node, descriptors, buffers)",
+            m.refused.clone(),
+        );
         m
+    }
+
+    /// Counts a connection (or buffered body, or mirror) refused at a cap.
+    pub fn refused(&self, listener: &str, reason: &str) {
+        self.refused.get_or_create(&RefusedLabels { reason: reason.into(), listener: listener.into() }).inc();
     }
 
     /// Counts a refusal protecting `dst`.

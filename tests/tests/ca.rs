@@ -4,7 +4,6 @@
 //! and workload without a restart while traffic flows and old connections drain.
 #![forbid(unsafe_code)]
 
-use std::os::fd::AsFd as _;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
@@ -16,18 +15,7 @@ use rustls::pki_types::CertificateDer;
 
 mod support;
 
-/// Runs `f` on a thread inside network namespace `netns` (the CA is on the lab's wire,
-/// which only the nodes reach).
-fn in_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/var/run/netns/{netns}");
-    std::thread::spawn(move || {
-        let ns = std::fs::File::open(&path).unwrap();
-        nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-        f()
-    })
-    .join()
-    .unwrap()
-}
+use support::in_netns;
 
 fn roots_in(path: &Path) -> Vec<CertificateDer<'static>> {
     rustls_pemfile::certs(&mut std::fs::read(path).unwrap().as_slice()).collect::<Result<_, _>>().unwrap()

@@ -35,6 +35,10 @@ pub fn run(extra: &[String]) -> anyhow::Result<()> {
     if !status?.success() {
         bail!("tests failed");
     }
+    // The hostile-client suite's memory figures, for the log.
+    if let Ok(report) = std::fs::read_to_string(root().join("target/hostile/peak-rss.txt")) {
+        println!("[test] agent peak RSS per hostile case (target/hostile/peak-rss.txt):\n{report}");
+    }
     if extra.is_empty() && mesh_tests::sys::lab_unsupported().is_none() {
         bench_harness()?;
     }

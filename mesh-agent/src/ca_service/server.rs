@@ -18,7 +18,7 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt as _, Full, Limited, StreamBody};
 use hyper::body::{Frame, Incoming};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
@@ -190,7 +190,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
                     }))
                 }
             });
-            let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            let served = crate::proxy::limits::h2_server()
                 .max_concurrent_streams(MAX_STREAMS)
                 .serve_connection(TokioIo::new(tls), svc)
                 .await;

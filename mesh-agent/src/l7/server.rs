@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt as _, Full, combinators::UnsyncBoxBody};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use rand::Rng as _;
 use tokio::net::TcpStream;
 
@@ -52,7 +52,7 @@ pub async fn serve(
         let (ctx, pod, netns, service_key) = (ctx.clone(), pod.clone(), netns.clone(), service_key.clone());
         async move { Ok::<_, Infallible>(handle(&ctx, &pod, &netns, &service_key, orig, req).await) }
     });
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let builder = crate::proxy::limits::http_server();
     if let Err(e) = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).await {
         tracing::debug!(%orig, error = %e, "HTTP client connection ended");
     }
@@ -295,7 +295,7 @@ async fn route(caller: &Caller<'_>, service_key: &str, mut req: Request<Incoming
     let Some(chosen) = pick_weighted(backends) else {
         return local(StatusCode::SERVICE_UNAVAILABLE, "NR", "route has no destination\n");
     };
-    let body = match read_body(body).await {
+    let body = match read_body(body, caller.ctx).await {
         Ok(b) => b,
         Err(a) => return a,
     };
@@ -330,7 +330,7 @@ async fn route(caller: &Caller<'_>, service_key: &str, mut req: Request<Incoming
         *fwd.uri_mut() = uri;
     }
 
-    if let ReqBody::Buffered(bytes) = &body {
+    if let ReqBody::Buffered(bytes, _) = &body {
         for (mirror, share) in &rule.mirrors {
             if roll(*share) {
                 mirror_copy(caller, mirror, &fwd, bytes.clone());
@@ -461,50 +461,122 @@ fn hash_key(lb: &super::policy::LbPolicy, req: &Request<()>, pod: &Workload) -> 
 
 /// A request body as the agent holds it.
 enum ReqBody {
-    /// Read whole: can be sent again.
-    Buffered(Bytes),
-    /// Too large to keep: the part read so far, then the rest as it arrives.
+    /// Read whole: can be sent again. The permit holds its bytes' share of the
+    /// node's body budget until the request is done.
+    Buffered(Bytes, Option<tokio::sync::OwnedSemaphorePermit>),
+    /// Too large to keep (or no budget left): the part read so far, then the rest as
+    /// it arrives.
     Streaming(UpBody),
 }
 
 impl ReqBody {
     fn into_upstream(self) -> UpBody {
         match self {
-            ReqBody::Buffered(b) => buffered(b),
+            ReqBody::Buffered(b, _) => buffered(b),
             ReqBody::Streaming(s) => s,
         }
     }
 }
 
+/// How long a request body may go without a byte while the agent buffers it.
+const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
 fn buffered(b: Bytes) -> UpBody {
     Full::new(b).map_err(|never: Infallible| match never {}).boxed()
 }
 
-/// Reads the body up to [`RETRY_BUFFER`]; past that, hands back a stream of what was read
-/// followed by the rest.
-async fn read_body(mut body: Incoming) -> Result<ReqBody, Answer> {
-    let mut buf = bytes::BytesMut::new();
+/// Reads the body up to [`RETRY_BUFFER`], within the node's body budget; past either,
+/// hands back a stream of what was read followed by the rest. A body that stops
+/// arriving for [`BODY_IDLE_TIMEOUT`] while buffered ends the request (408).
+///
+/// The budget is charged for the buffer's capacity, before it grows: what the agent
+/// holds for bodies is the budget, not some multiple of it.
+async fn read_body(mut body: Incoming, ctx: &ProxyContext) -> Result<ReqBody, Answer> {
+    let mut buf = BodyBuffer::new(ctx.l7.body_budget.clone());
+    // A declared length is reserved whole, once.
+    if let Some(len) = http_body::Body::size_hint(&body).exact()
+        && let Ok(len) = usize::try_from(len)
+        && len <= RETRY_BUFFER
+        && !buf.grow_to(len)
+    {
+        ctx.metrics.refused("l7", "body_budget");
+        return Ok(ReqBody::Streaming(Prefixed::body(Vec::new(), body)));
+    }
     loop {
-        match body.frame().await {
-            None => return Ok(ReqBody::Buffered(buf.freeze())),
+        let frame = match tokio::time::timeout(BODY_IDLE_TIMEOUT, body.frame()).await {
+            Ok(f) => f,
+            Err(_) => return Err(local(StatusCode::REQUEST_TIMEOUT, "-", "request body stalled\n")),
+        };
+        match frame {
+            None => return Ok(buf.into_buffered()),
             Some(Err(_)) => return Err(local(StatusCode::BAD_REQUEST, "-", "request body ended early\n")),
             Some(Ok(frame)) => {
                 // Request trailers are rare; a buffered body ends at them.
-                let Ok(data) = frame.into_data() else { return Ok(ReqBody::Buffered(buf.freeze())) };
-                buf.extend_from_slice(&data);
-                if buf.len() > RETRY_BUFFER {
-                    let prefixed = Prefixed { prefix: Some(buf.freeze()), rest: body };
-                    return Ok(ReqBody::Streaming(prefixed.map_err(|e| Box::new(e) as BoxError).boxed()));
+                let Ok(data) = frame.into_data() else { return Ok(buf.into_buffered()) };
+                let needed = buf.bytes.len() + data.len();
+                let fits = needed <= RETRY_BUFFER
+                    && (needed <= buf.bytes.capacity()
+                        || buf.grow_to(needed.max(buf.bytes.capacity() * 2).min(RETRY_BUFFER)));
+                if !fits {
+                    if needed <= RETRY_BUFFER {
+                        ctx.metrics.refused("l7", "body_budget");
+                    }
+                    // Streaming: the bytes read so far go first; nothing is kept.
+                    let read = buf.bytes.freeze();
+                    return Ok(ReqBody::Streaming(Prefixed::body(vec![read, data], body)));
                 }
+                buf.bytes.extend_from_slice(&data);
             }
         }
     }
 }
 
+/// A body being buffered, with the budget share that pays for its capacity.
+struct BodyBuffer {
+    bytes: bytes::BytesMut,
+    budget: Arc<tokio::sync::Semaphore>,
+    held: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl BodyBuffer {
+    fn new(budget: Arc<tokio::sync::Semaphore>) -> Self {
+        BodyBuffer { bytes: bytes::BytesMut::new(), budget, held: None }
+    }
+
+    /// Makes room for `capacity` bytes, paid from the budget first; false (and no
+    /// growth) when the budget cannot pay.
+    fn grow_to(&mut self, capacity: usize) -> bool {
+        let paid = self.held.as_ref().map_or(0, |p| p.num_permits());
+        if capacity > paid {
+            let Ok(extra) = u32::try_from(capacity - paid) else { return false };
+            let Ok(permit) = self.budget.clone().try_acquire_many_owned(extra) else { return false };
+            match &mut self.held {
+                Some(h) => h.merge(permit),
+                None => self.held = Some(permit),
+            }
+        }
+        if capacity > self.bytes.capacity() {
+            self.bytes.reserve(capacity - self.bytes.len());
+        }
+        true
+    }
+
+    fn into_buffered(self) -> ReqBody {
+        ReqBody::Buffered(self.bytes.freeze(), self.held)
+    }
+}
+
 /// The bytes already read, then the rest of the client's body.
 struct Prefixed {
-    prefix: Option<Bytes>,
+    prefix: std::collections::VecDeque<Bytes>,
     rest: Incoming,
+}
+
+impl Prefixed {
+    fn body(prefix: Vec<Bytes>, rest: Incoming) -> UpBody {
+        let prefix = prefix.into_iter().filter(|b| !b.is_empty()).collect();
+        Prefixed { prefix, rest }.map_err(|e| Box::new(e) as BoxError).boxed()
+    }
 }
 
 impl http_body::Body for Prefixed {
@@ -515,7 +587,7 @@ impl http_body::Body for Prefixed {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
-        match self.prefix.take() {
+        match self.prefix.pop_front() {
             Some(p) => std::task::Poll::Ready(Some(Ok(http_body::Frame::data(p)))),
             None => std::pin::Pin::new(&mut self.rest).poll_frame(cx),
         }
@@ -527,8 +599,9 @@ impl http_body::Body for Prefixed {
 async fn forward(caller: &Caller<'_>, rule: &Rule, backend: &Backend, req: &Request<()>, body: ReqBody) -> Answer {
     let retries = &rule.retries;
     retries.on_request();
-    let bytes = match body {
-        ReqBody::Buffered(b) => b,
+    // The budget share is held until the last attempt is done.
+    let (bytes, _budget) = match body {
+        ReqBody::Buffered(b, permit) => (b, permit),
         ReqBody::Streaming(s) => {
             return try_once(caller, backend, req, s, retries.per_try_timeout).await.into_answer(backend);
         }
@@ -718,6 +791,9 @@ async fn try_once(
     }
 }
 
+/// How long a mirror copy may take; it is dropped after (its answer is not read).
+const MIRROR_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Sends a copy to the mirror, fire and forget: the answer is read and dropped, and
 /// the Host carries Istio's `-shadow` suffix so the mirror can tell copies apart.
 fn mirror_copy(caller: &Caller<'_>, mirror: &Backend, req: &Request<()>, body: Bytes) {
@@ -738,11 +814,16 @@ fn mirror_copy(caller: &Caller<'_>, mirror: &Backend, req: &Request<()>, body: B
             copy.headers_mut().insert(http::header::HOST, v);
         }
     }
+    let Ok(slot) = caller.ctx.l7.mirrors.clone().try_acquire_owned() else {
+        caller.ctx.metrics.refused("l7", "mirror_budget");
+        return;
+    };
     let (ctx, snap, pod, netns) = (caller.ctx.clone(), caller.snap.clone(), caller.pod.clone(), caller.netns.clone());
     let (mirror, orig) = (mirror.clone(), caller.orig);
     tokio::spawn(async move {
+        let _slot = slot;
         let caller = Caller { ctx: &ctx, snap: &snap, pod: &pod, netns: &netns, orig };
-        match try_once(&caller, &mirror, &copy, buffered(body), None).await {
+        match try_once(&caller, &mirror, &copy, buffered(body), Some(MIRROR_TIMEOUT)).await {
             TryOutcome::Answer(a) => {
                 // Drain so the connection goes back to the pool.
                 let _ = a.response.into_body().collect().await;
@@ -755,7 +836,9 @@ fn mirror_copy(caller: &Caller<'_>, mirror: &Backend, req: &Request<()>, body: B
 
 #[cfg(test)]
 mod tests {
-    use super::{cookie_endpoint, cookie_value};
+    use std::sync::Arc;
+
+    use super::{BodyBuffer, cookie_endpoint, cookie_value};
 
     #[test]
     fn affinity_cookie_names_its_endpoint() {
@@ -763,5 +846,23 @@ mod tests {
         assert_eq!(cookie_endpoint(&cookie_value(a)), Some(a));
         assert_eq!(cookie_endpoint("not-hex"), None);
         assert_eq!(cookie_endpoint("abc"), None, "odd length");
+    }
+
+    #[test]
+    fn a_buffered_body_pays_for_its_capacity_before_it_grows() {
+        let budget = Arc::new(tokio::sync::Semaphore::new(100_000));
+        let mut a = BodyBuffer::new(budget.clone());
+        assert!(a.grow_to(60_000));
+        assert!(a.bytes.capacity() >= 60_000);
+        assert_eq!(budget.available_permits(), 40_000, "charged for the capacity, not the bytes in it");
+        let mut b = BodyBuffer::new(budget.clone());
+        assert!(!b.grow_to(50_000), "the budget cannot pay");
+        assert_eq!(b.bytes.capacity(), 0, "and nothing was allocated");
+        assert!(b.grow_to(40_000));
+        assert_eq!(budget.available_permits(), 0);
+        drop(a);
+        assert_eq!(budget.available_permits(), 60_000, "a finished body gives its share back");
+        drop(b);
+        assert_eq!(budget.available_permits(), 100_000);
     }
 }

@@ -17,7 +17,6 @@ use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1::SendRequest, http2};
-use hyper_util::rt::TokioExecutor;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -69,7 +68,17 @@ pub struct Upstreams {
     idle: Mutex<HashMap<Key, Vec<IdleConn>>>,
     /// One multiplexed HTTP/2 connection per (pod, endpoint), for HTTP/2 clients (gRPC)
     /// and `h2UpgradePolicy: UPGRADE`.
-    h2: Mutex<HashMap<Key, http2::SendRequest<UpBody>>>,
+    h2: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<H2Slot>>>>,
+}
+
+/// The HTTP/2 connection of one (pod, endpoint). Its lock is held while dialing, so a
+/// burst of requests opens one connection, not one each.
+#[derive(Default)]
+struct H2Slot {
+    sender: Option<http2::SendRequest<UpBody>>,
+    /// The last dial that failed: requests that waited for it fail with it rather
+    /// than dial again one after another.
+    failed: Option<(Instant, String)>,
 }
 
 impl std::fmt::Debug for Upstreams {
@@ -169,23 +178,7 @@ impl Upstreams {
         mut req: Request<UpBody>,
         settings: ConnSettings,
     ) -> Result<Response<PooledBody>, SendError> {
-        let cached = self.h2.lock().unwrap_or_else(|p| p.into_inner()).get(&key).filter(|s| !s.is_closed()).cloned();
-        let mut sender = match cached {
-            Some(s) => s,
-            None => {
-                let io = self.connect_io(from, endpoint, addr, settings).await?;
-                let (sender, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(io))
-                    .await
-                    .map_err(|e| SendError::Connect { addr, reason: e.to_string() })?;
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(%addr, error = %e, "upstream HTTP/2 connection ended");
-                    }
-                });
-                self.h2.lock().unwrap_or_else(|p| p.into_inner()).insert(key, sender.clone());
-                sender
-            }
-        };
+        let mut sender = self.h2_sender(from, endpoint, addr, key, settings).await?;
         *req.version_mut() = http::Version::HTTP_2;
         // HTTP/2 carries the authority in :authority, not in Host.
         if let Some(host) = req.headers_mut().remove(http::header::HOST)
@@ -202,6 +195,56 @@ impl Upstreams {
         sender.ready().await.map_err(|source| SendError::Reset { addr, source })?;
         let res = sender.send_request(req).await.map_err(|source| SendError::Reset { addr, source })?;
         Ok(res.map(|inner| PooledBody { inner, back: None }))
+    }
+
+    /// The open HTTP/2 connection for `key`, dialed if there is none.
+    async fn h2_sender(
+        &self,
+        from: From<'_>,
+        endpoint: &Workload,
+        addr: SocketAddr,
+        key: Key,
+        settings: ConnSettings,
+    ) -> Result<http2::SendRequest<UpBody>, SendError> {
+        let waited_since = Instant::now();
+        let slot = Arc::clone(self.h2.lock().unwrap_or_else(|p| p.into_inner()).entry(key).or_default());
+        let mut slot = slot.lock().await;
+        if let Some(open) = slot.sender.as_ref().filter(|s| !s.is_closed()) {
+            return Ok(open.clone());
+        }
+        if let Some((at, reason)) = &slot.failed
+            && *at >= waited_since
+        {
+            return Err(SendError::Connect { addr, reason: reason.clone() });
+        }
+        slot.sender = None;
+        let dialed = async {
+            let io = self.connect_io(from, endpoint, addr, settings).await?;
+            crate::proxy::limits::h2_client()
+                .handshake(TokioIo::new(io))
+                .await
+                .map_err(|e| SendError::Connect { addr, reason: e.to_string() })
+        };
+        match dialed.await {
+            Ok((sender, conn)) => {
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(%addr, error = %e, "upstream HTTP/2 connection ended");
+                    }
+                });
+                slot.sender = Some(sender.clone());
+                slot.failed = None;
+                Ok(sender)
+            }
+            Err(e) => {
+                let reason = match &e {
+                    SendError::Connect { reason, .. } => reason.clone(),
+                    other => other.to_string(),
+                };
+                slot.failed = Some((Instant::now(), reason));
+                Err(e)
+            }
+        }
     }
 
     async fn connect_io(
@@ -236,7 +279,9 @@ impl Upstreams {
         settings: ConnSettings,
     ) -> Result<SendRequest<UpBody>, SendError> {
         let io = self.connect_io(from, endpoint, addr, settings).await?;
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        let (sender, conn) = hyper::client::conn::http1::Builder::new()
+            .max_buf_size(crate::proxy::limits::H1_MAX_BUF)
+            .handshake(TokioIo::new(io))
             .await
             .map_err(|e| SendError::Connect { addr, reason: e.to_string() })?;
         tokio::spawn(async move {

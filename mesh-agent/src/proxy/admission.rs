@@ -157,7 +157,7 @@ pub(super) async fn serve<S>(
         ConnVerdict::Decided(Decision::Deny(_)) => return,
         ConnVerdict::Decided(Decision::Allow) => {
             let tracked = ctx.inbound.track(&pod, &arrival);
-            copy::counted_until(&ctx.metrics, &labels, &mut client, &mut app, &tracked.stop).await
+            copy::counted_until(&ctx.metrics, &labels, &mut client, &mut app, ctx.tcp_idle_timeout, &tracked.stop).await
         }
         ConnVerdict::PerRequest => {
             let first = match read_first(&mut client, DETECT_TIMEOUT).await {
@@ -180,7 +180,15 @@ pub(super) async fn serve<S>(
             match security.authz.check(&attrs, None) {
                 Decision::Allow => {
                     let tracked = ctx.inbound.track(&pod, &arrival);
-                    copy::counted_until(&ctx.metrics, &labels, &mut client, &mut app, &tracked.stop).await
+                    copy::counted_until(
+                        &ctx.metrics,
+                        &labels,
+                        &mut client,
+                        &mut app,
+                        ctx.tcp_idle_timeout,
+                        &tracked.stop,
+                    )
+                    .await
                 }
                 Decision::Deny(reason) => {
                     denied(&ctx, &pod, &attrs, &reason, None);

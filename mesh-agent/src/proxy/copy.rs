@@ -1,6 +1,13 @@
-//! Bidirectional byte copy between two streams.
+//! Bidirectional byte copy between two streams, closed when idle.
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use std::pin::Pin;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::telemetry::{ConnLabels, Metrics};
@@ -21,19 +28,21 @@ where
 }
 
 /// Splices `client` and `server` and counts the connection in `metrics`: open while the
-/// copy runs, then closed with its bytes. Returns `(request bytes, response bytes)`,
-/// i.e. client -> server and server -> client, which Istio reports as received and sent.
+/// copy runs, then closed with its bytes. A connection with no byte either way for
+/// `idle` is closed. Returns `(request bytes, response bytes)`, i.e. client -> server
+/// and server -> client, which Istio reports as received and sent.
 pub async fn counted<C, S>(
     metrics: &Metrics,
     labels: &ConnLabels,
     client: &mut C,
     server: &mut S,
+    idle: Duration,
 ) -> std::io::Result<(u64, u64)>
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     S: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    splice_counted(metrics, labels, client, server, None).await
+    splice_counted(metrics, labels, client, server, idle, None).await
 }
 
 /// [`counted`], cut short when `stop` is cancelled (the connection is no longer
@@ -45,13 +54,14 @@ pub async fn counted_until<C, S>(
     labels: &ConnLabels,
     client: &mut C,
     server: &mut S,
+    idle: Duration,
     stop: &CancellationToken,
 ) -> std::io::Result<(u64, u64)>
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     S: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    splice_counted(metrics, labels, client, server, Some(stop)).await
+    splice_counted(metrics, labels, client, server, idle, Some(stop)).await
 }
 
 async fn splice_counted<C, S>(
@@ -59,6 +69,7 @@ async fn splice_counted<C, S>(
     labels: &ConnLabels,
     client: &mut C,
     server: &mut S,
+    idle: Duration,
     stop: Option<&CancellationToken>,
 ) -> std::io::Result<(u64, u64)>
 where
@@ -66,13 +77,21 @@ where
     S: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
     let open = metrics.opened(labels);
-    let copy = bidirectional(client, server);
-    let result = match stop {
-        None => copy.await,
-        Some(stop) => tokio::select! {
-            r = copy => r,
-            () = stop.cancelled() => Ok((0, 0)),
-        },
+    let activity = Activity::now();
+    let (mut c, mut s) =
+        (Watched { inner: client, activity: &activity }, Watched { inner: server, activity: &activity });
+    let copy = bidirectional(&mut c, &mut s);
+    let idle_out = activity.idle_for(idle);
+    let stopped = async {
+        match stop {
+            Some(stop) => stop.cancelled().await,
+            None => std::future::pending().await,
+        }
+    };
+    let result = tokio::select! {
+        r = copy => r,
+        () = stopped => Ok((0, 0)),
+        () = idle_out => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("idle for {idle:?}"))),
     };
     match result {
         Ok((request, response)) => {
@@ -83,5 +102,119 @@ where
             metrics.closed(labels, open, 0, 0);
             Err(e)
         }
+    }
+}
+
+/// When a connection last moved a byte, in milliseconds since the agent started.
+struct Activity(AtomicU64);
+
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn now_ms() -> u64 {
+    u64::try_from(epoch().elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+impl Activity {
+    fn now() -> Self {
+        Self(AtomicU64::new(now_ms()))
+    }
+
+    fn touch(&self) {
+        self.0.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// Completes once nothing has moved for `idle`.
+    async fn idle_for(&self, idle: Duration) {
+        loop {
+            let last = epoch() + Duration::from_millis(self.0.load(Ordering::Relaxed));
+            let deadline = last + idle;
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+}
+
+/// A stream that records its activity: a read that returned bytes, a write that took
+/// some. One relaxed store per call, nothing per byte.
+struct Watched<'a, S: ?Sized> {
+    inner: &'a mut S,
+    activity: &'a Activity,
+}
+
+impl<S: AsyncRead + Unpin + ?Sized> AsyncRead for Watched<'_, S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut *self.inner).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.activity.touch();
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin + ?Sized> AsyncWrite for Watched<'_, S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut *self.inner).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        r
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+    use crate::telemetry::Direction;
+
+    fn labels() -> ConnLabels {
+        ConnLabels {
+            reporter: "source".into(),
+            direction: Direction::Outbound,
+            source_workload: "a".into(),
+            source_workload_namespace: "n".into(),
+            source_principal: "p".into(),
+            destination_workload: "b".into(),
+            destination_workload_namespace: "n".into(),
+            destination_service: "s".into(),
+            connection_security_policy: "none".into(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_connection_is_closed_and_a_busy_one_is_not() {
+        let metrics = Metrics::default();
+        let (mut client, mut client_far) = tokio::io::duplex(1024);
+        let (mut server, mut server_far) = tokio::io::duplex(1024);
+        let idle = Duration::from_secs(60);
+        let splice = tokio::spawn(async move {
+            let m = metrics;
+            counted(&m, &labels(), &mut client, &mut server, idle).await
+        });
+        // Busy for three minutes, a byte every 30 s: still open.
+        for _ in 0..6 {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            client_far.write_all(b"x").await.unwrap();
+            let mut b = [0u8; 1];
+            server_far.read_exact(&mut b).await.unwrap();
+        }
+        assert!(!splice.is_finished(), "a connection that moves bytes stays open");
+        // Then quiet: closed after the idle timeout.
+        tokio::time::sleep(Duration::from_secs(61)).await;
+        let r = splice.await.unwrap();
+        assert_eq!(r.unwrap_err().kind(), std::io::ErrorKind::TimedOut);
     }
 }

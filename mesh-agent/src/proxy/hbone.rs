@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Empty;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use mesh_common::ports;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
@@ -16,19 +16,12 @@ use tokio_util::sync::CancellationToken;
 
 use super::admission::{self, Arrival};
 use super::inpod::accept_loop;
-use super::{CONNECT_TIMEOUT, Error, HANDSHAKE_TIMEOUT, ProxyContext, sockets};
+use super::{CONNECT_TIMEOUT, Error, HANDSHAKE_TIMEOUT, ProxyContext, limits, sockets};
 use crate::authz::{ConnVerdict, Decision, Peer};
 use crate::dataplane::Netns;
 use crate::identity::{Identity, peer_identity};
 use crate::state::Workload;
 use crate::telemetry::ConnLabels;
-
-/// Streams per tunnel connection. Clients open another connection past this.
-pub(super) const MAX_STREAMS: u32 = 1000;
-/// HTTP/2 windows sized for throughput over a low-latency link: a 4 MiB stream window
-/// keeps a 10 Gbit/s, 1 ms path full; the connection window covers four such streams.
-pub(super) const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
-pub(super) const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 
 pub(super) async fn serve(
     ctx: ProxyContext,
@@ -74,10 +67,7 @@ async fn connection(
         let (ctx, pod, netns, client) = (ctx.clone(), pod.clone(), netns.clone(), client.clone());
         async move { Ok::<_, std::convert::Infallible>(stream_request(ctx, pod, netns, client, peer, req).await) }
     });
-    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-        .max_concurrent_streams(MAX_STREAMS)
-        .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
+    limits::h2_server()
         .serve_connection(TokioIo::new(tls), service)
         .await
         .map_err(|source| Error::Http { addr: peer, source })
@@ -110,6 +100,15 @@ async fn stream_request(
         tracing::warn!(pod = %pod.name, %client, %target, "CONNECT to a target outside this pod; refused");
         return status(StatusCode::FORBIDDEN);
     }
+    // Each stream is a proxied connection of the source pod: its cap counts streams too,
+    // so a peer cannot multiply its share by multiplexing.
+    let permit = match ctx.limits.admit(peer.ip()) {
+        Ok(p) => p,
+        Err(hit) => {
+            super::inpod::refuse(&ctx, "hbone_stream", peer, hit);
+            return status(StatusCode::SERVICE_UNAVAILABLE);
+        }
+    };
     let snap = ctx.snapshot.load_full();
     let security = snap.security(&pod.key()).clone();
     let arrival =
@@ -134,6 +133,7 @@ async fn stream_request(
             Ok(upgraded) => {
                 let tunnel = TokioIo::new(upgraded);
                 admission::serve(ctx, pod, netns, security, arrival, verdict, tunnel, app, labels).await;
+                drop(permit);
             }
             Err(e) => tracing::warn!(%target, error = %e, "CONNECT stream not established"),
         }

@@ -67,7 +67,7 @@ pub(super) async fn serve<S>(
         let conn = conn.clone();
         async move { Ok::<_, Infallible>(handle(&conn, req).await) }
     });
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let builder = crate::proxy::limits::http_server();
     if let Err(e) = builder.serve_connection_with_upgrades(TokioIo::new(client), svc).await {
         tracing::debug!(%dst, error = %e, "inbound HTTP connection ended");
     }

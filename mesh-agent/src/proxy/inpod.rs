@@ -8,7 +8,7 @@ use mesh_common::ports;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use super::{Error, ProxyContext, hbone, inbound, outbound, sockets};
+use super::{Error, ProxyContext, hbone, inbound, limits, outbound, sockets};
 use crate::dataplane::Netns;
 use crate::state::Workload;
 
@@ -88,15 +88,41 @@ pub(super) async fn accept_loop<F, Fut>(
             _ = stop.cancelled() => break,
             r = listener.accept() => match r {
                 Ok((stream, peer)) => {
+                    let peer = sockets::canonical(peer);
+                    let permit = match ctx.limits.admit(peer.ip()) {
+                        Ok(p) => p,
+                        Err(hit) => {
+                            refuse(ctx, what, peer, hit);
+                            sockets::reset(stream);
+                            continue;
+                        }
+                    };
                     let _ = stream.set_nodelay(true);
-                    ctx.tasks.spawn(handle(stream, sockets::canonical(peer)));
+                    let conn = handle(stream, peer);
+                    ctx.tasks.spawn(async move {
+                        conn.await;
+                        drop(permit);
+                    });
                 }
                 Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
+                    // EMFILE and friends: back off instead of spinning, and say so.
+                    ctx.metrics.refused(what, "accept_error");
                     tracing::warn!(listener = what, error = %e, "accept failed");
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 }
             }
         }
+    }
+}
+
+/// Logs (at most once a second per source) and counts a connection over a cap.
+pub(super) fn refuse(ctx: &ProxyContext, listener: &str, peer: SocketAddr, hit: limits::LimitHit) {
+    ctx.metrics.refused(listener, hit.as_str());
+    if ctx.limits.should_log(peer.ip()) {
+        let cap = match hit {
+            limits::LimitHit::PerSource => ctx.limits.per_source,
+            limits::LimitHit::PerNode => ctx.limits.per_node,
+        };
+        tracing::warn!(listener, %peer, limit = hit.as_str(), cap, held = ctx.limits.held(), "connection refused: limit reached");
     }
 }

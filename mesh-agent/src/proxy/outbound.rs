@@ -170,7 +170,7 @@ async fn splice<S>(
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let (request, response) = copy::counted(&ctx.metrics, labels, client, server)
+    let (request, response) = copy::counted(&ctx.metrics, labels, client, server, ctx.tcp_idle_timeout)
         .await
         .map_err(|source| Error::Io { what: "copy to", addr: orig, source })?;
     tracing::debug!(pod = %pod.name, %orig, request, response, "outbound closed");

@@ -19,14 +19,13 @@ use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use http_body_util::Empty;
 use hyper::client::conn::http2::SendRequest;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use mesh_common::ports;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_rustls::TlsConnector;
 
-use super::hbone::{CONNECTION_WINDOW, STREAM_WINDOW};
-use super::{CONNECT_TIMEOUT, Error, HANDSHAKE_TIMEOUT, ProxyContext, sockets};
+use super::{CONNECT_TIMEOUT, Error, HANDSHAKE_TIMEOUT, ProxyContext, limits, sockets};
 use crate::dataplane::Netns;
 use crate::identity::Identity;
 use crate::state::Workload;
@@ -57,28 +56,45 @@ impl Pooled {
         }
         self.streams.try_reserve(MAX_STREAMS_PER_CONNECTION)
     }
+
+    /// Whether the connection has had no stream for [`limits::POOL_IDLE_TIMEOUT`].
+    fn idle_too_long(&self) -> bool {
+        self.streams.idle_for().is_some_and(|d| d >= limits::POOL_IDLE_TIMEOUT)
+    }
 }
 
-/// Open streams on one connection; each [`StreamSlot`] counts one until dropped.
+/// Open streams on one connection; each [`StreamSlot`] counts one until dropped. The
+/// last one out records when the connection went idle.
 #[derive(Debug, Clone, Default)]
-struct StreamCount(Arc<AtomicUsize>);
+struct StreamCount(Arc<(AtomicUsize, Mutex<Option<std::time::Instant>>)>);
 
 impl StreamCount {
     fn try_reserve(&self, max: usize) -> Option<StreamSlot> {
         self.0
+            .0
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
             .ok()
             .map(|_| StreamSlot(self.0.clone()))
+    }
+
+    /// How long the connection has had no stream, if it has none now.
+    fn idle_for(&self) -> Option<std::time::Duration> {
+        if self.0.0.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        self.0.1.lock().unwrap_or_else(|p| p.into_inner()).map(|t| t.elapsed())
     }
 }
 
 /// One reserved stream on a pooled connection, released on drop.
 #[derive(Debug)]
-struct StreamSlot(Arc<AtomicUsize>);
+struct StreamSlot(Arc<(AtomicUsize, Mutex<Option<std::time::Instant>>)>);
 
 impl Drop for StreamSlot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        if self.0.0.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *self.0.1.lock().unwrap_or_else(|p| p.into_inner()) = Some(std::time::Instant::now());
+        }
     }
 }
 
@@ -99,6 +115,19 @@ impl AsyncRead for Tunnel {
 impl AsyncWrite for Tunnel {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    /// One slice at a time (the stream takes it whole), but saying "vectored" keeps
+    /// hyper's HTTP/1 client from copying each body chunk into one flat buffer first.
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let first = bufs.iter().find(|b| !b.is_empty()).map_or(&[][..], |b| &b[..]);
+        Pin::new(&mut self.io).poll_write(cx, first)
+    }
+    fn is_write_vectored(&self) -> bool {
+        true
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.io).poll_flush(cx)
@@ -152,10 +181,19 @@ impl Pool {
             .uri(target.to_string())
             .body(Empty::new())
             .expect("CONNECT request from a socket address is always valid");
-        let res = sender.send_request(req).await.map_err(|source| {
-            self.forget_closed(&key);
-            Error::Http { addr: key.addr, source }
-        })?;
+        let res = match tokio::time::timeout(limits::CONNECT_RESPONSE_TIMEOUT, sender.send_request(req)).await {
+            Ok(r) => r.map_err(|source| {
+                self.forget_closed(&key);
+                Error::Http { addr: key.addr, source }
+            })?,
+            Err(_) => {
+                return Err(Error::Timeout {
+                    what: "CONNECT answer from",
+                    addr: key.addr,
+                    after: limits::CONNECT_RESPONSE_TIMEOUT,
+                });
+            }
+        };
         if res.status() != StatusCode::OK {
             return Err(Error::Refused { addr: key.addr, target, status: res.status() });
         }
@@ -167,8 +205,13 @@ impl Pool {
     /// Closed connections met on the way are dropped from the pool.
     fn reserve(&self, key: &Key) -> Option<(Pooled, StreamSlot)> {
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        // Idle connections anywhere in the pool go now (dropping the sender closes the
+        // connection once its task sees no user left).
+        conns.retain(|_, list| {
+            list.retain(|c| !c.sender.is_closed() && !c.idle_too_long());
+            !list.is_empty()
+        });
         let list = conns.get_mut(key)?;
-        list.retain(|c| !c.sender.is_closed());
         let found = list.iter().find_map(|c| c.try_reserve().map(|slot| (c.clone(), slot)));
         if list.is_empty() {
             conns.remove(key);
@@ -210,9 +253,7 @@ impl Pool {
                 return Err(Error::Timeout { what: "TLS handshake with", addr: key.addr, after: HANDSHAKE_TIMEOUT });
             }
         };
-        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .initial_stream_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
+        let (sender, conn) = limits::h2_client()
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|source| Error::Http { addr: key.addr, source })?;

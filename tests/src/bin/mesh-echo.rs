@@ -125,6 +125,28 @@ enum Cmd {
         #[arg(long, default_value_t = 5)]
         every_ms: u64,
     },
+    /// Open --conns HTTP/1.1 requests to ADDR at once, each announcing a --body byte
+    /// body and sending --send of it, hold them --hold-ms, then close: how a client
+    /// makes a proxy buffer unfinished bodies. Prints how many were written, as JSON.
+    Stall {
+        /// Server address.
+        addr: SocketAddr,
+        /// Concurrent requests.
+        #[arg(long, default_value_t = 200)]
+        conns: usize,
+        /// Announced body size.
+        #[arg(long, default_value_t = 1 << 20)]
+        body: usize,
+        /// Bytes of it actually sent.
+        #[arg(long, default_value_t = 1 << 19)]
+        send: usize,
+        /// How long to hold before closing.
+        #[arg(long, default_value_t = 3000)]
+        hold_ms: u64,
+        /// Host header.
+        #[arg(long, default_value = "myapp")]
+        host: String,
+    },
     /// Run --conns concurrent TCP echo exchanges of --bytes each against ADDR and
     /// verify every byte came back.
     Load {
@@ -202,6 +224,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Cmd::Load { addr, conns, bytes } => load(addr, conns, bytes).await,
         Cmd::Knock { addr, for_ms, every_ms } => knock(addr, for_ms, every_ms).await,
+        Cmd::Stall { addr, conns, body, send, hold_ms, host } => stall(addr, conns, body, send, hold_ms, &host).await,
         Cmd::Upgrade { addr, path, message } => upgrade_client(&addr, &path, &message).await,
         Cmd::Grpc { addr, message, headers } => grpc_client(&addr, &message, &headers).await,
         Cmd::Hbone { addr, target, cert, key, method, path, host } => {
@@ -462,6 +485,47 @@ async fn handle(app: &App, peer: SocketAddr, mut req: Request<Incoming>) -> Resp
     *resp.status_mut() = status;
     resp.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
     resp
+}
+
+async fn stall(
+    addr: SocketAddr,
+    conns: usize,
+    body: usize,
+    send: usize,
+    hold_ms: u64,
+    host: &str,
+) -> anyhow::Result<()> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..conns {
+        let head = format!("POST /upload HTTP/1.1\r\nHost: {host}\r\nContent-Length: {body}\r\n\r\n");
+        tasks.spawn(async move {
+            let mut s = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr)).await.ok()?.ok()?;
+            let chunk = vec![b'x'; 16 * 1024];
+            let written = tokio::time::timeout(Duration::from_secs(10), async {
+                s.write_all(head.as_bytes()).await?;
+                let mut left = send;
+                while left > 0 {
+                    let n = left.min(chunk.len());
+                    s.write_all(&chunk[..n]).await?;
+                    left -= n;
+                }
+                std::io::Result::Ok(())
+            })
+            .await;
+            let ok = matches!(written, Ok(Ok(())));
+            tokio::time::sleep(Duration::from_millis(hold_ms)).await;
+            Some(ok)
+        });
+    }
+    let (mut connected, mut sent) = (0u64, 0u64);
+    while let Some(r) = tasks.join_next().await {
+        if let Ok(Some(ok)) = r {
+            connected += 1;
+            sent += u64::from(ok);
+        }
+    }
+    println!("{}", serde_json::json!({"connected": connected, "sent_all": sent}));
+    Ok(())
 }
 
 async fn knock(addr: SocketAddr, for_ms: u64, every_ms: u64) -> anyhow::Result<()> {
