@@ -7,7 +7,8 @@ use std::process::Command;
 use anyhow::{Context as _, bail};
 use mesh_tests::sys::have;
 
-/// Debian packages: LLVM for bpf-linker, and the lab's tools.
+/// Debian packages: LLVM for bpf-linker, and the lab's tools (Prometheus scrapes the
+/// agents in a test).
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -18,9 +19,10 @@ const APT_PACKAGES: &[&str] = &[
     "tcpdump",
     "openssl",
     "procps",
+    "prometheus",
 ];
 /// Commands whose absence means the apt step must run.
-const REQUIRED_COMMANDS: &[&str] = &["ip", "curl", "tcpdump", "openssl", "sysctl"];
+const REQUIRED_COMMANDS: &[&str] = &["ip", "curl", "tcpdump", "openssl", "sysctl", "prometheus"];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
 /// The dated nightly that builds the kernel programs, pinned in
@@ -68,9 +70,26 @@ fn rust_src_installed() -> bool {
         .unwrap_or(false)
 }
 
-/// True when nothing is missing.
+/// Helm's library as the `helm-python-sdk` wheel bundles it: the chart is linted and
+/// rendered by real Helm in the tests, with no helm binary to download.
+const HELM_SDK: &str = "helm-python-sdk==0.2.2";
+
+/// The venv the Helm library is installed in (`MESH_HELM_PYTHON` points the tests at
+/// another).
+pub fn helm_venv() -> std::path::PathBuf {
+    crate::root().join("target/tools/helm")
+}
+
+fn helm_installed() -> bool {
+    Command::new(helm_venv().join("bin/python"))
+        .args(["-c", "import helm_python"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// True when nothing is missing (kubectl is asked for, not required: see [`run`]).
 pub fn complete() -> bool {
-    !apt_needed() && bpf_linker_installed() && rust_src_installed()
+    !apt_needed() && bpf_linker_installed() && rust_src_installed() && helm_installed()
 }
 
 /// Runs setup only if something is missing.
@@ -80,8 +99,8 @@ pub fn ensure() -> anyhow::Result<()> {
 
 /// Installs everything missing; idempotent.
 pub fn run() -> anyhow::Result<()> {
-    let total = 3;
-    step(1, total, "system packages (LLVM 22 for bpf-linker, iproute2, curl, tcpdump, openssl)");
+    let total = 5;
+    step(1, total, "system packages (LLVM 22 for bpf-linker, iproute2, curl, tcpdump, openssl, prometheus)");
     if apt_needed() {
         apt_install(APT_PACKAGES)?;
     } else {
@@ -108,6 +127,21 @@ pub fn run() -> anyhow::Result<()> {
         sh(Command::new("cargo")
             .args(["install", "--locked", "bpf-linker", "--no-default-features", "--features", "llvm-22"])
             .env("LLVM_PREFIX", LLVM_PREFIX))?;
+    }
+    step(4, total, &format!("Helm's library ({HELM_SDK}) in {}", helm_venv().display()));
+    if helm_installed() {
+        println!("  already installed");
+    } else {
+        sh(Command::new("python3").arg("-m").arg("venv").arg(helm_venv()))?;
+        sh(Command::new(helm_venv().join("bin/pip")).args(["install", "-q", HELM_SDK]))?;
+    }
+    // kubectl comes from the google-cloud-cli apt repository where one is configured;
+    // without it the kustomize test says it skipped.
+    step(5, total, "kubectl (for kubectl kustomize in the tests)");
+    if have("kubectl") {
+        println!("  already installed");
+    } else if let Err(e) = apt_install(&["kubectl"]) {
+        println!("  not installed ({e:#}); the kustomize test will skip and say so");
     }
     println!("[setup] done");
     Ok(())

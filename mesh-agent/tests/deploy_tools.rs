@@ -1,0 +1,164 @@
+//! The `deploy/` tree through the real tools users run it with: `kubectl kustomize`
+//! builds each overlay, and Helm's own library (the `helm-python-sdk` wheel, which
+//! bundles it) lints the chart strictly and renders it. What they make must be the
+//! objects `meshctl manifest generate` makes for the same profile.
+//!
+//! `cargo xtask setup` installs both (Helm in `target/tools/helm`). A missing tool
+//! skips its test with a message, and fails it under `MESH_REQUIRE_LAB=1` (set by
+//! `cargo xtask test`, which installed them).
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use mesh_agent::cli::manifest::{self, Profile, Values};
+use serde_json::Value;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|d| d.join(name)).find(|p| p.is_file())
+}
+
+/// The tool, or None after saying why the test skips (a failure where tools are
+/// required).
+fn tool(test: &str, found: Option<PathBuf>, what: &str) -> Option<PathBuf> {
+    if found.is_none() {
+        assert!(std::env::var_os("MESH_REQUIRE_LAB").is_none(), "{test}: {what} is not installed (cargo xtask setup)");
+        eprintln!("skipping {test}: {what} is not installed (cargo xtask setup)");
+    }
+    found
+}
+
+/// Python with `helm_python` importable: `MESH_HELM_PYTHON`, or setup's venv.
+fn helm_python() -> Option<PathBuf> {
+    let p = std::env::var_os("MESH_HELM_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("target/tools/helm/bin/python"));
+    let ok = Command::new(&p).args(["-c", "import helm_python"]).output().is_ok_and(|o| o.status.success());
+    ok.then_some(p)
+}
+
+fn parse(text: &str) -> Vec<Value> {
+    serde_yaml::Deserializer::from_str(text)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .filter(|v: &Value| !v.is_null())
+        .collect()
+}
+
+/// `0.0` and `0` are one number to YAML and the API server; kustomize writes the
+/// second where the generator's schemas have the first.
+fn normalized(v: &Value) -> Value {
+    match v {
+        Value::Number(n) if n.as_f64().is_some_and(|f| f.fract() == 0.0 && n.is_f64()) => {
+            Value::from(n.as_f64().unwrap_or_default() as i64)
+        }
+        Value::Array(a) => Value::Array(a.iter().map(normalized).collect()),
+        Value::Object(o) => Value::Object(o.iter().map(|(k, v)| (k.clone(), normalized(v))).collect()),
+        other => other.clone(),
+    }
+}
+
+fn as_set(objects: &[Value]) -> BTreeSet<String> {
+    objects
+        .iter()
+        .map(normalized)
+        .map(|o| format!("{} {}/{} {o}", o["kind"], o["metadata"]["namespace"], o["metadata"]["name"]))
+        .collect()
+}
+
+/// Asserts both hold the same objects; names only the ones that differ.
+fn assert_same(have: &[Value], want: &[Value], what: &str) {
+    let (have, want) = (as_set(have), as_set(want));
+    let short = |s: &&String| s.chars().take(300).collect::<String>();
+    let extra: Vec<_> = have.difference(&want).map(|s| short(&s)).collect();
+    let missing: Vec<_> = want.difference(&have).map(|s| short(&s)).collect();
+    assert!(extra.is_empty() && missing.is_empty(), "{what}:\nnot in the profile: {extra:#?}\nmissing: {missing:#?}");
+}
+
+fn profile(p: Profile) -> Vec<Value> {
+    manifest::objects(&Values::for_profile(p))
+}
+
+#[test]
+fn kubectl_kustomize_builds_each_overlay_as_its_profile() {
+    let Some(kubectl) = tool("kubectl_kustomize_builds_each_overlay_as_its_profile", which("kubectl"), "kubectl")
+    else {
+        return;
+    };
+    for (dir, p) in [
+        ("deploy/kustomize/base", Profile::Minimal),
+        ("deploy/kustomize/overlays/default", Profile::Default),
+        ("deploy/kustomize/overlays/demo", Profile::Demo),
+    ] {
+        let out = Command::new(&kubectl).arg("kustomize").arg(repo().join(dir)).output().unwrap();
+        assert!(out.status.success(), "kubectl kustomize {dir}: {}", String::from_utf8_lossy(&out.stderr));
+        let built = parse(&String::from_utf8_lossy(&out.stdout));
+        assert_same(&built, &profile(p), dir);
+    }
+}
+
+/// Runs `script` with the Helm-bundling Python; its stdout is JSON.
+fn helm(python: &Path, script: &str) -> Value {
+    let out = Command::new(python).args(["-c", script]).arg(repo().join("deploy/helm/mesh")).output().unwrap();
+    assert!(
+        out.status.success(),
+        "helm: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+const RENDER: &str = r#"
+import json, sys, helm_python
+chart = helm_python.Chart.load(sys.argv[1])
+values = json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
+rendered = chart.render(values, name="mesh", namespace="istio-system", is_install=True)
+print(json.dumps({"templates": rendered, "crds": [c["data"] for c in chart.crds]}))
+"#;
+
+/// The objects Helm renders with `values`, and the CRDs it would install first.
+fn render(python: &Path, values: &str) -> (Vec<Value>, Vec<Value>) {
+    let out =
+        Command::new(python).args(["-c", RENDER]).arg(repo().join("deploy/helm/mesh")).arg(values).output().unwrap();
+    assert!(out.status.success(), "helm render: {}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let objects = v["templates"].as_object().unwrap().values().flat_map(|t| parse(t.as_str().unwrap())).collect();
+    let crds = v["crds"].as_array().unwrap().iter().flat_map(|c| parse(c.as_str().unwrap())).collect();
+    (objects, crds)
+}
+
+#[test]
+fn helm_lints_the_chart_strictly_and_renders_the_default_profile() {
+    let test = "helm_lints_the_chart_strictly_and_renders_the_default_profile";
+    let Some(python) = tool(test, helm_python(), "Helm (helm-python-sdk)") else { return };
+    let lint = helm(
+        &python,
+        "import json, sys, helm_python; print(json.dumps(helm_python.lint(sys.argv[1], strict=True, namespace='istio-system')))",
+    );
+    assert_eq!(lint["errors"], serde_json::json!([]), "{lint}");
+    // Helm's strict lint fails on warnings too; an info ("icon is recommended") is fine.
+    let worse: Vec<_> =
+        lint["messages"].as_array().unwrap().iter().filter(|m| m["severity"].as_u64() > Some(1)).collect();
+    assert!(worse.is_empty(), "{lint}");
+
+    // Rendered with its own values: the default profile, less the namespace (Helm's
+    // `--create-namespace` makes it) and the CRDs (installed from crds/, untemplated).
+    let (mut chart, crds) = render(&python, "{}");
+    chart.extend(crds);
+    let want: Vec<Value> = profile(Profile::Default).into_iter().filter(|o| o["kind"] != "Namespace").collect();
+    assert_same(&chart, &want, "helm template");
+
+    // Values a user sets reach the objects; telemetry off drops the metrics Service.
+    let (objects, _) = render(
+        &python,
+        r#"{"global": {"hub": "registry.example/mesh", "tag": "9.9.9"}, "telemetry": {"enabled": false}}"#,
+    );
+    let ds = objects.iter().find(|o| o["kind"] == "DaemonSet").expect("the agent's DaemonSet");
+    assert_eq!(ds["spec"]["template"]["spec"]["containers"][0]["image"], "registry.example/mesh/mesh-agent:9.9.9");
+    assert!(!objects.iter().any(|o| o["metadata"]["name"] == "mesh-agent-metrics"), "telemetry.enabled=false");
+}
