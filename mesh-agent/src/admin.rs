@@ -1,6 +1,7 @@
 //! Admin, metrics and readiness endpoints (node-level, in the agent's own netns).
 //!
-//! `/healthz/ready` (200 once every local pod is served), `/metrics` (Prometheus text),
+//! `/healthz/ready` (200 once every local pod is served), `/metrics` (Prometheus text,
+//! for authenticated scrapers only off the admin address: see [`scrape_auth`]),
 //! `/sync_status` (version, config digest, counts: what `meshctl proxy-status` reads
 //! through the API server's pod proxy), and, on the admin address only (loopback by
 //! default, as Envoy's 15000), `/config_dump` (the snapshot and rejected config): the
@@ -23,6 +24,10 @@ use tokio_util::sync::CancellationToken;
 use crate::proxy::limits;
 use crate::state::SharedSnapshot;
 
+mod scrape_auth;
+
+pub use scrape_auth::{Refusal, ScrapeAuth, ScrapeAuthMode};
+
 /// What the admin endpoints read.
 #[derive(Clone)]
 pub struct AdminState {
@@ -40,6 +45,8 @@ pub struct AdminState {
     pub node: String,
     /// Admin connections closed at the cap.
     pub refused: prometheus_client::metrics::counter::Counter,
+    /// Who may read the metrics off the admin address.
+    pub scrape_auth: Arc<ScrapeAuth>,
 }
 
 /// What `meshctl proxy-status` compares across agents, and the pods of this node the
@@ -99,6 +106,23 @@ fn respond(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Re
     r
 }
 
+fn is_metrics(path: &str) -> bool {
+    matches!(path, "/metrics" | "/stats/prometheus")
+}
+
+fn refused(refusal: &Refusal) -> Response<Full<Bytes>> {
+    let status = match refusal {
+        Refusal::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+        Refusal::Forbidden(_) => StatusCode::FORBIDDEN,
+        Refusal::Busy => StatusCode::TOO_MANY_REQUESTS,
+    };
+    let mut r = respond(status, "text/plain", format!("{refusal}\n"));
+    if status == StatusCode::UNAUTHORIZED {
+        r.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+    }
+    r
+}
+
 fn route(state: &AdminState, req: &Request<Incoming>, dump: bool) -> Response<Full<Bytes>> {
     match req.uri().path() {
         "/sync_status" => {
@@ -130,7 +154,7 @@ fn route(state: &AdminState, req: &Request<Incoming>, dump: bool) -> Response<Fu
                 respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n")
             }
         }
-        "/metrics" | "/stats/prometheus" => {
+        p if is_metrics(p) => {
             let mut out = String::new();
             match prometheus_client::encoding::text::encode(&mut out, &state.registry) {
                 Ok(()) => respond(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", out),
@@ -216,9 +240,19 @@ pub async fn serve(addr: SocketAddr, state: AdminState, stop: CancellationToken,
         };
         let state = state.clone();
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
-                let r = route(&state, &req, dump);
-                async move { Ok::<_, std::convert::Infallible>(r) }
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let state = state.clone();
+                async move {
+                    let path = req.uri().path();
+                    if !dump && is_metrics(path) {
+                        let token = req.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes());
+                        if let Err(refusal) = state.scrape_auth.check(token, path).await {
+                            tracing::debug!(%refusal, "metrics scrape refused");
+                            return Ok::<_, std::convert::Infallible>(refused(&refusal));
+                        }
+                    }
+                    Ok(route(&state, &req, dump))
+                }
             });
             let _ = limits::http_server().serve_connection(TokioIo::new(stream), svc).await;
             drop(permit);

@@ -106,6 +106,11 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
         ConfigSourceKind::Kubernetes => Some(kube_client(&settings).await?),
         ConfigSourceKind::Files => None,
     };
+    let scrape_auth =
+        Arc::new(crate::admin::ScrapeAuth::new(&settings.metrics_auth, client.as_ref()).map_err(Error::Settings)?);
+    if matches!(*scrape_auth, crate::admin::ScrapeAuth::Open) && !settings.metrics_addr.ip().is_loopback() {
+        tracing::warn!(addr = %settings.metrics_addr, "metrics are open to anyone who reaches the port (--metrics-auth)");
+    }
     let roots = read_roots(&settings.ca_root_cert)?;
     let verifier = PeerVerifier::new(&roots, settings.accepted_trust_domains())?;
     let ca_client = CaClient {
@@ -142,6 +147,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
         pods: Default::default(),
         node: settings.node.clone(),
         refused: admin_refused,
+        scrape_auth,
     };
     // Up before the config is: a waiting agent answers "not ready" and says why.
     for addr in dedup([settings.admin_addr, settings.metrics_addr, settings.readiness_addr]) {
@@ -384,6 +390,10 @@ impl Agent {
             let snap = Arc::new(snap);
             self.ctx.snapshot.store(snap.clone());
             self.ctx.metrics.config_applied.inc();
+            let expired = self.ctx.metrics.forget_gone(&snap);
+            if expired > 0 {
+                tracing::debug!(version = self.version, expired, "metric series of departed workloads dropped");
+            }
             let closed = self.ctx.inbound.reassess(&snap);
             if closed > 0 {
                 tracing::info!(version = self.version, closed, "connections closed under the new policies");

@@ -133,6 +133,14 @@ pub struct Settings {
     #[arg(long, env = "MESH_METRICS_ADDR", default_value = "0.0.0.0:15020")]
     pub metrics_addr: SocketAddr,
 
+    /// Who may read `/metrics` on the metrics and readiness addresses: `kubernetes`
+    /// (TokenReview, then SubjectAccessReview for `get` on the path, as
+    /// kube-rbac-proxy does), `token-file:PATH` (bearer tokens, one per line), `none`,
+    /// or `auto` (`kubernetes` with the Kubernetes config source, else `none`). The
+    /// admin address (loopback) is not checked.
+    #[arg(long, env = "MESH_METRICS_AUTH", default_value = "auto")]
+    pub metrics_auth: crate::admin::ScrapeAuthMode,
+
     /// Readiness probe (`/healthz/ready`).
     #[arg(long, env = "MESH_READINESS_ADDR", default_value = "0.0.0.0:15021")]
     pub readiness_addr: SocketAddr,

@@ -1,8 +1,13 @@
 //! Metrics, named as Istio names them so existing dashboards (Kiali, Grafana) work:
 //! `istio_tcp_connections_opened_total`, `istio_tcp_connections_closed_total`,
 //! `istio_tcp_sent_bytes_total`, `istio_tcp_received_bytes_total`.
+//!
+//! Series name workloads; a workload that left the config takes its series with it
+//! ([`Metrics::forget_gone`]), so pod churn does not grow the agent or the scrape.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::sync::Mutex;
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
@@ -160,11 +165,19 @@ pub struct RefusedLabels {
     pub listener: String,
 }
 
+/// The label sets of every series that names a workload, to find those of workloads
+/// that are gone (prometheus-client's families cannot be walked).
+#[derive(Debug, Default)]
+struct SeriesIndex {
+    conns: HashSet<ConnLabels>,
+    requests: HashSet<RequestLabels>,
+    denied: HashSet<DenyLabels>,
+}
+
 /// The agent's metrics.
 #[derive(Debug, Default)]
 pub struct Metrics {
-    /// HTTP requests routed by the agent.
-    pub requests: Family<RequestLabels, Counter>,
+    requests: Family<RequestLabels, Counter>,
     opened: Family<ConnLabels, Counter>,
     closed: Family<ConnLabels, Counter>,
     sent: Family<ConnLabels, Counter>,
@@ -178,6 +191,7 @@ pub struct Metrics {
     pub enrolled_pods: Gauge,
     denied: Family<DenyLabels, Counter>,
     refused: Family<RefusedLabels, Counter>,
+    series: Mutex<SeriesIndex>,
 }
 
 impl Metrics {
@@ -207,6 +221,18 @@ impl Metrics {
         self.refused.get_or_create(&RefusedLabels { reason: reason.into(), listener: listener.into() }).inc();
     }
 
+    fn index(&self) -> std::sync::MutexGuard<'_, SeriesIndex> {
+        self.series.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counts one HTTP request (`istio_requests_total`).
+    pub fn request(&self, labels: &RequestLabels) {
+        if self.requests.get(labels).is_none() {
+            self.index().requests.insert(labels.clone());
+        }
+        self.requests.get_or_create(labels).inc();
+    }
+
     /// Counts a refusal protecting `dst`.
     pub fn denied(&self, dst: &Workload, reason: DenyReason) {
         let labels = DenyLabels {
@@ -214,11 +240,17 @@ impl Metrics {
             destination_workload_namespace: dst.namespace.clone(),
             reason,
         };
+        if self.denied.get(&labels).is_none() {
+            self.index().denied.insert(labels.clone());
+        }
         self.denied.get_or_create(&labels).inc();
     }
 
     /// Counts a connection as open.
     pub fn opened(&self, labels: &ConnLabels) -> OpenConn {
+        if self.opened.get(labels).is_none() {
+            self.index().conns.insert(labels.clone());
+        }
         self.opened.get_or_create(labels).inc();
         self.active.inc();
         OpenConn(())
@@ -227,9 +259,113 @@ impl Metrics {
     /// Counts a connection as closed with its byte counts: `sent` is response bytes
     /// (server to client), `received` request bytes, as Istio defines them.
     pub fn closed(&self, labels: &ConnLabels, _open: OpenConn, sent: u64, received: u64) {
+        if self.closed.get(labels).is_none() {
+            self.index().conns.insert(labels.clone());
+        }
         self.closed.get_or_create(labels).inc();
         self.sent.get_or_create(labels).inc_by(sent);
         self.received.get_or_create(labels).inc_by(received);
         self.active.dec();
+    }
+
+    /// Drops every series that names a workload `snapshot` no longer has; returns how
+    /// many. A connection still open re-creates its series when it closes.
+    pub fn forget_gone(&self, snapshot: &Snapshot) -> usize {
+        let known: HashSet<(&str, &str)> =
+            snapshot.workloads.iter().map(|w| (w.namespace.as_str(), w.name.as_str())).collect();
+        let names: HashSet<&str> = snapshot.workloads.iter().map(|w| w.name.as_str()).collect();
+        let gone = |ns: &str, name: &str| name != UNKNOWN && !known.contains(&(ns, name));
+        let mut index = self.index();
+        let mut dropped = 0;
+        index.conns.retain(|l| {
+            let keep = !gone(&l.source_workload_namespace, &l.source_workload)
+                && !gone(&l.destination_workload_namespace, &l.destination_workload);
+            if !keep {
+                for f in [&self.opened, &self.closed, &self.sent, &self.received] {
+                    f.remove(l);
+                }
+                dropped += 1;
+            }
+            keep
+        });
+        index.requests.retain(|l| {
+            // The request labels carry no destination namespace: a destination name no
+            // namespace has any more is gone.
+            let keep = !gone(&l.source_workload_namespace, &l.source_workload)
+                && (l.destination_workload == UNKNOWN || names.contains(l.destination_workload.as_str()));
+            if !keep {
+                self.requests.remove(l);
+                dropped += 1;
+            }
+            keep
+        });
+        index.denied.retain(|l| {
+            let keep = !gone(&l.destination_workload_namespace, &l.destination_workload);
+            if !keep {
+                self.denied.remove(l);
+                dropped += 1;
+            }
+            keep
+        });
+        dropped
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::config::parse_documents;
+
+    const PODS: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: shop, uid: 6f1e0c9a-0000-4000-8000-000000000001}
+spec: {nodeName: node1}
+status: {podIP: 10.10.1.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: batch, namespace: shop, uid: 6f1e0c9a-0000-4000-8000-000000000002}
+spec: {nodeName: node1}
+status: {podIP: 10.10.1.3}
+"#;
+
+    fn snapshot(yaml: &str) -> Snapshot {
+        Snapshot::compile(&parse_documents(Path::new("pods.yaml"), yaml).unwrap(), "cluster.local", 1)
+    }
+
+    fn encoded(registry: &Registry) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, registry).unwrap();
+        out
+    }
+
+    #[test]
+    fn series_of_a_departed_workload_expire_and_the_others_stay() {
+        let mut registry = Registry::with_prefix("istio");
+        let m = Metrics::new(&mut registry);
+        let both = snapshot(PODS);
+        let web = both.workloads.iter().find(|w| w.name == "web").unwrap().clone();
+        let batch = both.workloads.iter().find(|w| w.name == "batch").unwrap().clone();
+        let to_web = ConnLabels::new(Direction::Outbound, &batch, Some(&web), Some("shop/web"), true);
+        let open = m.opened(&to_web);
+        m.closed(&to_web, open, 10, 20);
+        let from_web = ConnLabels::inbound(&batch, Some(&web), true);
+        let open = m.opened(&from_web);
+        m.closed(&from_web, open, 1, 2);
+        m.denied(&batch, DenyReason::Policy);
+        m.denied(&web, DenyReason::Policy);
+        assert_eq!(m.forget_gone(&both), 0, "nothing departed");
+        assert!(encoded(&registry).contains("source_workload=\"batch\""));
+
+        // batch leaves: every series naming it goes, web's own denial stays.
+        let web_only: String = PODS.split("---").next().unwrap().to_string();
+        let dropped = m.forget_gone(&snapshot(&web_only));
+        assert_eq!(dropped, 3, "two connection label sets and one denial");
+        let text = encoded(&registry);
+        assert!(!text.contains("\"batch\""), "{text}");
+        assert!(text.contains("istio_mesh_denied_total{destination_workload=\"web\""), "{text}");
     }
 }

@@ -78,11 +78,17 @@ impl Drop for Scratch {
 }
 
 async fn get(url: &str) -> Option<(u16, String)> {
-    let out = tokio::process::Command::new("curl")
-        .args(["-s", "-m", "1", "-w", "\n%{http_code}", url])
-        .output()
-        .await
-        .ok()?;
+    get_as(url, None).await
+}
+
+/// GET with `token` as the bearer token, if any.
+async fn get_as(url: &str, token: Option<&str>) -> Option<(u16, String)> {
+    let mut curl = tokio::process::Command::new("curl");
+    curl.args(["-s", "-m", "5", "-w", "\n%{http_code}", url]);
+    if let Some(t) = token {
+        curl.args(["-H", &format!("Authorization: Bearer {t}")]);
+    }
+    let out = curl.output().await.ok()?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let (body, code) = text.rsplit_once('\n')?;
     Some((code.parse().ok()?, body.to_string()))
@@ -325,6 +331,22 @@ async fn the_agent_waits_for_the_api_then_serves_and_follows_it() {
     // The metrics port gives any pod the sync status, not the config dump.
     let (code, _) = get(&format!("http://127.0.0.1:{metrics}/config_dump")).await.unwrap();
     assert_eq!(code, 404);
+    // Nor the metrics: those are for a scraper whose account may `get /metrics`
+    // (TokenReview, then SubjectAccessReview).
+    let scrape = format!("http://127.0.0.1:{metrics}/metrics");
+    api.add_token("token-of-a-pod", json!({"username": "system:serviceaccount:production:myapp"}));
+    api.add_token("token-of-prometheus", json!({"username": "system:serviceaccount:monitoring:prometheus"}));
+    api.grant("system:serviceaccount:monitoring:prometheus", "get", "/metrics");
+    assert_eq!(get(&scrape).await.unwrap().0, 401, "no token");
+    assert_eq!(get_as(&scrape, Some("made-up")).await.unwrap().0, 401, "a token the API does not know");
+    let (code, body) = get_as(&scrape, Some("token-of-a-pod")).await.unwrap();
+    assert_eq!(code, 403, "an account without the permission: {body}");
+    let (code, body) = get_as(&scrape, Some("token-of-prometheus")).await.unwrap();
+    assert_eq!(code, 200, "{body}\n{}", log());
+    assert!(body.contains("istio_mesh_enrolled_pods"), "{body}");
+    assert!(!log().contains("token-of-"), "tokens are never logged");
+    // The admin address (loopback) is the node's own and is not asked.
+    assert_eq!(get(&format!("http://127.0.0.1:{admin}/metrics")).await.unwrap().0, 200);
 
     // A pod of this node the agent cannot capture (its UID cannot name a cgroup) makes
     // the agent NOT READY, with the pod and the reason under its line.

@@ -120,10 +120,23 @@ pub fn reply_pod(body: &str) -> Option<String> {
     serde_json::from_str::<serde_json::Value>(body).ok()?["pod"].as_str().map(str::to_owned)
 }
 
+/// `node`'s agent metrics, read as a scraper does: on the metrics port, with the lab's
+/// scraper token.
 pub fn metrics(lab: &Lab, node: &str) -> String {
     let n = lab.node(node).unwrap();
-    let out =
-        crate::sys::output(&["ip", "netns", "exec", &n.netns, "curl", "-s", "http://127.0.0.1:15020/metrics"]).unwrap();
+    let auth = format!("Authorization: Bearer {}", lab.metrics_token().unwrap());
+    let out = crate::sys::output(&[
+        "ip",
+        "netns",
+        "exec",
+        &n.netns,
+        "curl",
+        "-sf",
+        "-H",
+        &auth,
+        "http://127.0.0.1:15020/metrics",
+    ])
+    .unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 

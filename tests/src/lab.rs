@@ -287,6 +287,16 @@ impl Lab {
         self.state_dir.join("tokens").join(node)
     }
 
+    /// The token a scraper shows the agents' metrics port (one line, 0600).
+    pub fn metrics_token_path(&self) -> PathBuf {
+        self.state_dir.join("tokens").join("metrics")
+    }
+
+    /// The scraper's token.
+    pub fn metrics_token(&self) -> anyhow::Result<String> {
+        Ok(fs::read_to_string(self.metrics_token_path())?.trim().to_string())
+    }
+
     /// Log file of the CA service.
     pub fn ca_log_path(&self) -> PathBuf {
         self.state_dir.join("logs").join("mesh-ca.log")
@@ -428,19 +438,12 @@ impl Lab {
         let ip = CA_ADDR.split(':').next().expect("host:port");
         run(&["ip", "-n", CA_NETNS, "addr", "add", &format!("{ip}/24"), "dev", "wire0"])?;
         run(&["ip", "-n", CA_NETNS, "link", "set", "wire0", "up"])?;
-        use std::os::unix::fs::OpenOptionsExt as _;
-        let private = |path: &Path, text: &str| -> anyhow::Result<()> {
-            use std::io::Write as _;
-            let mut f = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
-            f.write_all(text.as_bytes())?;
-            Ok(())
-        };
         fs::create_dir_all(self.state_dir.join("tokens"))?;
+        // The scraper's token, which the agents accept on their metrics port.
+        private(&self.metrics_token_path(), &random_token()?)?;
         let mut table = String::new();
         for n in &self.nodes {
-            let mut raw = [0u8; 24];
-            fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut raw))?;
-            let token: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+            let token = random_token()?;
             private(&self.agent_token_path(&n.name), &token)?;
             table.push_str(&format!("{token} {}\n", n.name));
         }
@@ -796,6 +799,8 @@ impl Lab {
             n.pin_dir.display().to_string(),
             "--cni-socket".into(),
             n.cni_socket.display().to_string(),
+            "--metrics-auth".into(),
+            format!("token-file:{}", self.metrics_token_path().display()),
             "--admin-addr".into(),
             "127.0.0.1:15000".into(),
             "--drain-timeout".into(),
@@ -1094,4 +1099,20 @@ fn remove_cgroup(path: &Path) {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Writes `text` to a new file only root can read.
+fn private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    f.write_all(text.as_bytes())?;
+    Ok(())
+}
+
+/// 24 random bytes, hex.
+fn random_token() -> anyhow::Result<String> {
+    let mut raw = [0u8; 24];
+    fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut raw))?;
+    Ok(raw.iter().map(|b| format!("{b:02x}")).collect())
 }

@@ -27,9 +27,15 @@ pub fn run_quiet(args: &[&str]) {
     let _ = output(args);
 }
 
+/// Where `name` is on PATH.
+pub fn which(name: &str) -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|d| d.join(name)).find(|p| p.is_file())
+}
+
 /// True when `name` is on PATH.
 pub fn have(name: &str) -> bool {
-    std::env::var_os("PATH").map(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file())).unwrap_or(false)
+    which(name).is_some()
 }
 
 /// The cgroup v2 mount point from /proc/mounts.

@@ -481,9 +481,10 @@ fn set_enrollment(lab: &Lab, enrolled: bool) -> anyhow::Result<()> {
     }
 }
 
-/// `mesh_enrolled_pods` from the agent in `netns`.
+/// `mesh_enrolled_pods` from the agent in `netns` (its admin address: on the node, no
+/// scraper token needed).
 fn enrolled_pods(netns: &str) -> anyhow::Result<usize> {
-    let text = mesh_tests::sys::run(&["ip", "netns", "exec", netns, "curl", "-sf", "http://127.0.0.1:15020/metrics"])?;
+    let text = mesh_tests::sys::run(&["ip", "netns", "exec", netns, "curl", "-sf", "http://127.0.0.1:15000/metrics"])?;
     text.lines()
         .find(|l| l.contains("mesh_enrolled_pods ") && !l.starts_with('#'))
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())

@@ -1,7 +1,6 @@
 //! `cargo xtask demo`: the lab with real traffic, and proof that what crosses the wire
 //! between nodes is TLS 1.3.
 
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -57,12 +56,9 @@ pub fn run() -> anyhow::Result<()> {
 
     println!("\n[demo] agent metrics (istio_tcp_connections_opened_total)");
     for n in &lab.nodes {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &n.netns, "curl", "-s", "http://127.0.0.1:15020/metrics"])
-            .output()?;
-        for line in
-            String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.starts_with("istio_tcp_connections_opened_total"))
-        {
+        // As a scraper reads them: the metrics port with the lab's scraper token.
+        let text = mesh_tests::harness::metrics(&lab, &n.name);
+        for line in text.lines().filter(|l| l.starts_with("istio_tcp_connections_opened_total")) {
             println!("  {}: {}", n.name, shorten(line));
         }
     }

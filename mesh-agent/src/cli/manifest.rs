@@ -37,6 +37,8 @@ pub const CA: &str = "mesh-ca";
 pub const ROOT_CONFIGMAP: &str = "mesh-ca-root-cert";
 /// The audience of the agents' projected tokens for the CA.
 pub const CA_AUDIENCE: &str = "mesh-ca";
+/// The ClusterRole a metrics scraper's account needs (`get` on `/metrics`).
+pub const METRICS_READER: &str = "mesh-metrics-reader";
 
 /// Errors of manifest generation.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -365,7 +367,23 @@ pub fn objects(v: &Values) -> Vec<serde_json::Value> {
                 rule(&["security.istio.io"], &["peerauthentications", "authorizationpolicies"], READ),
                 rule(&["linkerd.io"], &["serviceprofiles"], READ),
                 rule(&["split.smi-spec.io"], &["trafficsplits"], READ),
+                // Who is scraping /metrics, and may they (as kube-rbac-proxy asks).
+                rule(&["authentication.k8s.io"], &["tokenreviews"], &["create"]),
+                rule(&["authorization.k8s.io"], &["subjectaccessreviews"], &["create"]),
             ]),
+            ..Default::default()
+        }),
+    );
+    // Bind this to the scraper's service account (Prometheus' usually has it already).
+    push(
+        &mut out,
+        to_json(&ClusterRole {
+            metadata: meta(METRICS_READER, None),
+            rules: Some(vec![PolicyRule {
+                non_resource_urls: Some(vec!["/metrics".into(), "/stats/prometheus".into()]),
+                verbs: vec!["get".into()],
+                ..Default::default()
+            }]),
             ..Default::default()
         }),
     );
@@ -398,6 +416,7 @@ pub fn objects(v: &Values) -> Vec<serde_json::Value> {
                 ("MESH_CERT_TTL".to_string(), v.cert_ttl.clone()),
                 ("MESH_LOG".to_string(), v.log_level.clone()),
                 ("MESH_CONFIG_SOURCE".to_string(), "kubernetes".to_string()),
+                ("MESH_METRICS_AUTH".to_string(), "kubernetes".to_string()),
                 ("MESH_CA_ADDRESS".to_string(), format!("{CA}.{ns}.svc:15012")),
                 ("MESH_CA_SERVER_NAME".to_string(), format!("{CA}.{ns}.svc")),
             ])),

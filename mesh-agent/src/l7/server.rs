@@ -125,7 +125,7 @@ async fn handle(
         .get(http::header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     if !is_grpc || !labels.grpc_response_status.is_empty() {
-        ctx.metrics.requests.get_or_create(&labels).inc();
+        ctx.metrics.request(&labels);
         return answer.response;
     }
     // A gRPC status travels in trailers: count the request when they arrive (or when
@@ -145,7 +145,7 @@ struct GrpcCounted {
 impl GrpcCounted {
     fn count(&mut self) {
         if let Some(labels) = self.labels.take() {
-            self.metrics.requests.get_or_create(&labels).inc();
+            self.metrics.request(&labels);
         }
     }
 }

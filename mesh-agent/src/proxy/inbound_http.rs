@@ -92,7 +92,7 @@ async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<RespBody> {
         response_flags: "-".into(),
         grpc_response_status: String::new(),
     };
-    conn.ctx.metrics.requests.get_or_create(&labels).inc();
+    conn.ctx.metrics.request(&labels);
     tracing::trace!(pod = %conn.pod.name, %method, status = %response.status(), "inbound request");
     response
 }

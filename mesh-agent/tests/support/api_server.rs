@@ -61,6 +61,8 @@ pub struct ApiServer {
     writes: Arc<Mutex<Vec<String>>>,
     /// Tokens TokenReview authenticates: token -> `status.user`.
     tokens: Arc<Mutex<BTreeMap<String, Value>>>,
+    /// What SubjectAccessReview allows: (username, verb, non-resource path).
+    grants: Arc<Mutex<Vec<(String, String, String)>>>,
 }
 
 /// `/api/v1/pods`, `/apis/networking.istio.io/v1/virtualservices`.
@@ -86,6 +88,7 @@ impl ApiServer {
             gone: Arc::default(),
             writes: Arc::default(),
             tokens: Arc::default(),
+            grants: Arc::default(),
         };
         s.start().await;
         s
@@ -100,6 +103,12 @@ impl ApiServer {
     /// Makes TokenReview authenticate `token` as `user` (`{"username": ..., "extra": ...}`).
     pub fn add_token(&self, token: &str, user: Value) {
         self.tokens.lock().unwrap().insert(token.to_string(), user);
+    }
+
+    /// Makes SubjectAccessReview allow `user` to `verb` the non-resource URL `path`, as
+    /// a ClusterRole with `nonResourceURLs` bound to it would.
+    pub fn grant(&self, user: &str, verb: &str, path: &str) {
+        self.grants.lock().unwrap().push((user.into(), verb.into(), path.into()));
     }
 
     /// `http://127.0.0.1:<port>`.
@@ -252,6 +261,21 @@ impl ApiServer {
                 Some(user) => json!({"authenticated": true, "user": user, "audiences": review["spec"]["audiences"]}),
                 None => json!({"authenticated": false, "error": "invalid bearer token"}),
             };
+            return status(StatusCode::CREATED, review);
+        }
+        if path == "/apis/authorization.k8s.io/v1/subjectaccessreviews" && req.method() == http::Method::POST {
+            let Ok(body) = req.into_body().collect().await else { return bad_request("unreadable body") };
+            let Ok(mut review) = serde_json::from_slice::<Value>(&body.to_bytes()) else {
+                return bad_request("the body is not JSON");
+            };
+            let spec = &review["spec"];
+            let asked = (
+                spec["user"].as_str().unwrap_or("").to_string(),
+                spec["nonResourceAttributes"]["verb"].as_str().unwrap_or("").to_string(),
+                spec["nonResourceAttributes"]["path"].as_str().unwrap_or("").to_string(),
+            );
+            let allowed = self.grants.lock().unwrap().contains(&asked);
+            review["status"] = json!({"allowed": allowed});
             return status(StatusCode::CREATED, review);
         }
         let Some(target) = route(&path) else { return not_found(&path) };

@@ -1,0 +1,133 @@
+//! The agents' metrics, as a scraper and as a tenant see them: a real Prometheus with
+//! the scraper's token reads every agent; a pod without one reads nothing; and the
+//! series of a pod that was deleted leave the agents.
+#![forbid(unsafe_code)]
+
+use std::time::{Duration, Instant};
+
+use mesh_tests::harness::{curl, eventually, lab, metrics};
+use mesh_tests::lab::Lab;
+
+/// `curl` from `pod`: the status code and body.
+fn get(lab: &Lab, pod: &str, url: &str, headers: &[&str]) -> (String, String) {
+    let mut argv = vec!["curl", "-s", "-m", "5", "-w", "\n%{http_code}"];
+    for h in headers {
+        argv.extend(["-H", h]);
+    }
+    argv.push(url);
+    let out = lab.exec(pod, &argv).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (code.to_string(), body.to_string())
+}
+
+#[test]
+fn prometheus_scrapes_the_agents_with_its_token_and_pods_read_nothing() {
+    let Some(mut lab) = lab("prometheus_scrapes_the_agents_with_its_token_and_pods_read_nothing") else { return };
+    let Some(prometheus) = mesh_tests::sys::which("prometheus") else {
+        // `cargo xtask setup` installs it; without it the lab tests above still ran.
+        assert!(std::env::var_os("MESH_REQUIRE_LAB").is_none(), "prometheus is not installed (cargo xtask setup)");
+        eprintln!("skipping the Prometheus part: prometheus is not installed (cargo xtask setup)");
+        return;
+    };
+    let gateways: Vec<String> = lab.nodes.iter().map(|n| format!("{}:15020", n.gateway)).collect();
+
+    // A pod reaches the metrics port and is refused; readiness stays open to probes.
+    let url = format!("http://{}/metrics", gateways[0]);
+    for pod in ["frontend", "outside"] {
+        let (code, body) = get(&lab, pod, &url, &[]);
+        assert_eq!(code, "401", "{pod} read the metrics: {body}");
+        assert!(!body.contains("istio_"), "{body}");
+        let (code, _) = get(&lab, pod, &url, &["Authorization: Bearer guessed"]);
+        assert_eq!(code, "401", "{pod} with a made-up token");
+    }
+    let ready = format!("http://{}:15021/healthz/ready", lab.nodes[0].gateway);
+    assert_eq!(get(&lab, "outside", &ready, &[]).0, "200", "the readiness probe needs no token");
+
+    // Traffic, so there is something to scrape.
+    assert!(curl(&lab, "frontend", "http://myapp/").0);
+
+    // Prometheus in the `outside` pod (as a cluster runs it: a pod scraping each
+    // node's agent), one job with the scraper's token and one without.
+    let dir = lab.state_dir.join("prometheus");
+    std::fs::create_dir_all(&dir).unwrap();
+    let targets = gateways.iter().map(|g| format!("'{g}'")).collect::<Vec<_>>().join(", ");
+    let config = format!(
+        "global: {{scrape_interval: 1s, scrape_timeout: 1s}}\n\
+         scrape_configs:\n\
+         - job_name: mesh-agents\n  \
+           authorization: {{type: Bearer, credentials_file: '{}'}}\n  \
+           static_configs: [{{targets: [{targets}]}}]\n\
+         - job_name: no-token\n  \
+           static_configs: [{{targets: ['{}']}}]\n",
+        lab.metrics_token_path().display(),
+        gateways[0],
+    );
+    std::fs::write(dir.join("prometheus.yml"), config).unwrap();
+    let argv: Vec<String> = vec![
+        prometheus.display().to_string(),
+        format!("--config.file={}", dir.join("prometheus.yml").display()),
+        format!("--storage.tsdb.path={}", dir.join("data").display()),
+        "--web.listen-address=127.0.0.1:19090".into(),
+    ];
+    lab.start_helper("prometheus", "outside", &argv).unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let targets = loop {
+        let (code, body) = get(&lab, "outside", "http://127.0.0.1:19090/api/v1/targets", &[]);
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        let active = v["data"]["activeTargets"].as_array().cloned().unwrap_or_default();
+        let scraped = active.iter().filter(|t| t["health"] != "unknown").count();
+        if code == "200" && active.len() == gateways.len() + 1 && scraped == active.len() {
+            break active;
+        }
+        assert!(Instant::now() < deadline, "Prometheus never scraped every target: {body}");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    for t in &targets {
+        let job = t["labels"]["job"].as_str().unwrap_or_default();
+        match job {
+            "mesh-agents" => assert_eq!(t["health"], "up", "the scraper with its token: {t}"),
+            _ => {
+                assert_eq!(t["health"], "down", "without a token: {t}");
+                assert!(t["lastError"].as_str().unwrap_or_default().contains("401"), "{t}");
+            }
+        }
+    }
+    // And what it stored is the agents' own figures.
+    let (_, body) = get(&lab, "outside", "http://127.0.0.1:19090/api/v1/query?query=istio_mesh_enrolled_pods", &[]);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let enrolled: f64 = v["data"]["result"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["value"][1].as_str()?.parse::<f64>().ok())
+        .sum();
+    let lab_enrolled = lab.pods.iter().filter(|p| p.namespace == "production").count() as f64;
+    assert_eq!(enrolled, lab_enrolled, "{body}");
+    lab.stop_helper("prometheus").unwrap();
+}
+
+#[test]
+fn the_series_of_a_deleted_pod_leave_the_agents() {
+    let Some(mut lab) = lab("the_series_of_a_deleted_pod_leave_the_agents") else { return };
+    let manifest = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: short-lived\n  namespace: production\n  \
+                    uid: 3f0e2d1c-0000-4000-8000-00000000005a\n  labels: {app: short-lived}\nspec:\n  \
+                    serviceAccountName: short-lived\n  nodeName: node1\n  \
+                    containers: [{name: app, image: mesh-echo, ports: [{name: http, containerPort: 8080}]}]\n\
+                    status: {podIP: 10.10.1.90}\n";
+    let pod = lab.add_pod(manifest).unwrap();
+    assert!(pod.failed.is_none(), "{:?}", pod.failed);
+    assert!(curl(&lab, "frontend", "http://myapp/").0);
+    // It talks to a pod on the other node: both agents count it.
+    assert!(curl(&lab, "short-lived", "http://legacy-service/").0);
+    let named = |node: &str| metrics(&lab, node).lines().any(|l| l.contains("\"short-lived\""));
+    eventually("both agents count the pod", || (named("node1") && named("node2")).then_some(()));
+
+    // Deleted from the API (the config directory here): its series go on both nodes.
+    std::fs::remove_file(lab.config_dir().join("pod-production-short-lived.yaml")).unwrap();
+    eventually("the pod's series expire", || (!named("node1") && !named("node2")).then_some(()));
+    // The others stay.
+    let node1 = metrics(&lab, "node1");
+    assert!(node1.contains("source_workload=\"frontend\""), "{node1}");
+}
