@@ -20,7 +20,10 @@
 
 use aya_ebpf::{
     Global,
-    bindings::{BPF_SK_LOOKUP_F_REPLACE, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, bpf_sock_addr},
+    bindings::{
+        BPF_SK_LOOKUP_F_REPLACE, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, bpf_sock_addr,
+    },
     helpers::{bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
     maps::{Array, HashMap, LruHashMap, SockMap},
@@ -244,29 +247,78 @@ pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
     1
 }
 
+/// Follows a redirected socket through its life. Its original destination is kept
+/// under its cookie from `connect()` (for `getpeername`) and, from `ACTIVE_ESTABLISHED`,
+/// under the client's address (for the agent's `accept()`); both entries go when the
+/// socket reaches `TCP_CLOSE`, so the maps hold the connections that exist, not the
+/// last 64k that ever did.
+#[inline(always)]
+fn try_sockops(ctx: &SockOpsContext) {
+    match ctx.op() {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => ask_for_state_changes(ctx),
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => record_client(ctx),
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => forget_connection(ctx),
+        _ => {}
+    }
+}
+
+/// Just before the SYN of a redirected socket: asks for its state changes, so its
+/// entries can go when it closes, whether it ever connected or not.
+#[inline(always)]
+fn ask_for_state_changes(ctx: &SockOpsContext) {
+    // SAFETY: valid in sockops programs since 4.20.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+    // SAFETY: only presence is read.
+    if unsafe { COOKIE_ORIG_DST.get(&cookie) }.is_none() {
+        return;
+    }
+    if ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32).is_err() {
+        // Without the callback the LRU still evicts the oldest entries.
+        warn!(ctx, "mesh: cannot follow socket {} to its close", cookie);
+    }
+}
+
 /// On `ACTIVE_ESTABLISHED` of a redirected socket, record its original destination under
 /// the client's address. This runs while the kernel processes the SYN-ACK, before the
 /// final ACK is sent, so the entry exists before the agent can `accept()`.
 #[inline(always)]
-fn try_sockops(ctx: &SockOpsContext) {
-    if ctx.op() != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
-        return;
-    }
+fn record_client(ctx: &SockOpsContext) {
     // SAFETY: valid in sockops programs since 4.20.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
     // SAFETY: copied out at once.
     let Some(orig) = (unsafe { COOKIE_ORIG_DST.get(&cookie) }).copied() else { return };
-    let ip = match ctx.family() {
-        AF_INET => IpKey::from_v4(ctx.local_ip4()),
-        // SAFETY: the context pointer is valid for the whole program run.
-        AF_INET6 => IpKey { words: read_ip6(unsafe { &(*ctx.ops).local_ip6 }) },
-        _ => return,
-    };
-    let key = SockAddrKey { ip, port: ctx.local_port() };
+    let Some(key) = client_key(ctx) else { return };
     if ORIG_DST.insert(&key, &orig, 0).is_err() {
         // The agent will not find the destination and closes the connection: fail closed.
         warn!(ctx, "mesh: cannot record client address for cookie {}", cookie);
     }
+}
+
+/// A redirected socket closed: its entries go.
+#[inline(always)]
+fn forget_connection(ctx: &SockOpsContext) {
+    // SAFETY: valid in sockops programs since 4.20.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+    // SAFETY: only presence is read.
+    if unsafe { COOKIE_ORIG_DST.get(&cookie) }.is_none() {
+        return;
+    }
+    let _ = COOKIE_ORIG_DST.remove(&cookie);
+    if let Some(key) = client_key(ctx) {
+        let _ = ORIG_DST.remove(&key);
+    }
+}
+
+/// The socket's local address, as `ORIG_DST` is keyed.
+#[inline(always)]
+fn client_key(ctx: &SockOpsContext) -> Option<SockAddrKey> {
+    let ip = match ctx.family() {
+        AF_INET => IpKey::from_v4(ctx.local_ip4()),
+        // SAFETY: the context pointer is valid for the whole program run.
+        AF_INET6 => IpKey { words: read_ip6(unsafe { &(*ctx.ops).local_ip6 }) },
+        _ => return None,
+    };
+    Some(SockAddrKey { ip, port: ctx.local_port() })
 }
 
 // === getpeername4 / getpeername6 ===

@@ -36,27 +36,52 @@ fn frontend_reaches_myapp_through_both_agents_over_mtls() {
 
 #[test]
 fn original_destination_in_bpf_map_matches_what_client_dialed() {
+    use std::io::BufRead as _;
+    use std::process::Stdio;
+
     use aya::maps::{HashMap, Map, MapData};
     use mesh_common::{OrigDst, SockAddrKey};
     let Some(lab) = lab("original_destination_in_bpf_map_matches_what_client_dialed") else { return };
     let echo = root().join("target/debug/mesh-echo").display().to_string();
+    let pins = lab.node("node1").unwrap().pin_dir.clone();
+    let orig_dst = || {
+        let map = MapData::from_pin(pins.join("ORIG_DST")).unwrap();
+        HashMap::<_, SockAddrKey, OrigDst>::try_from(Map::LruHashMap(map)).unwrap()
+    };
+    let by_cookie = || {
+        let map = MapData::from_pin(pins.join("COOKIE_ORIG_DST")).unwrap();
+        HashMap::<_, u64, OrigDst>::try_from(Map::LruHashMap(map)).unwrap()
+    };
+    let entries = || (orig_dst().keys().count(), by_cookie().keys().count());
+    let before = entries();
     for dialed in ["10.96.0.20:80", "[::ffff:10.96.0.20]:80"] {
-        let out = lab.exec("frontend", &[&echo, "dial", dialed, "--hold-ms", "0"]).unwrap();
-        assert!(out.status.success(), "dial {dialed}: {}", String::from_utf8_lossy(&out.stderr));
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        // Held open while the maps are read, then closed.
+        let argv: Vec<String> = [echo.as_str(), "dial", dialed, "--hold-ms", "1500"].map(String::from).to_vec();
+        let mut child = lab.pod_command("frontend", &argv).unwrap().stdout(Stdio::piped()).spawn().unwrap();
+        let mut first = String::new();
+        std::io::BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut first).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&first).unwrap_or_else(|e| panic!("dial {dialed}: {first:?}: {e}"));
         let local: SocketAddr = v["local"].as_str().unwrap().parse().unwrap();
         let peer: SocketAddr = v["peer"].as_str().unwrap().parse().unwrap();
         // getpeername shows what the application dialed, not the agent's listener.
         let want: SocketAddr = "10.96.0.20:80".parse().unwrap();
         assert_eq!(SocketAddr::new(peer.ip().to_canonical(), peer.port()), want, "getpeername for {dialed}");
-        let pin = lab.node("node1").unwrap().pin_dir.join("ORIG_DST");
-        let map = MapData::from_pin(&pin).unwrap();
-        let map: HashMap<_, SockAddrKey, OrigDst> = HashMap::try_from(Map::LruHashMap(map)).unwrap();
         let key = SockAddrKey::from_socket_addr(SocketAddr::new(local.ip().to_canonical(), local.port()));
-        let orig = map.get(&key, 0).unwrap_or_else(|e| panic!("no ORIG_DST entry for {local}: {e}"));
+        let orig = orig_dst().get(&key, 0).unwrap_or_else(|e| panic!("no ORIG_DST entry for {local}: {e}"));
         assert_eq!(orig.socket_addr(), want, "recorded original destination for {dialed}");
         assert_eq!(orig.family, if dialed.starts_with('[') { 6 } else { 4 });
+        assert!(child.wait().unwrap().success(), "dial {dialed}");
+        // Closed: its entries are gone, not left for the LRU to push out.
+        eventually("the closed connection's ORIG_DST entry goes", || orig_dst().get(&key, 0).is_err().then_some(()));
     }
+    // Many connections later, the maps hold what they held before.
+    let out = lab.exec("frontend", &[&echo, "load", "10.96.0.20:9000", "--conns", "300", "--bytes", "1024"]).unwrap();
+    assert!(out.status.success(), "load: {}", String::from_utf8_lossy(&out.stderr));
+    eventually("the maps hold no closed connection", || {
+        let now = entries();
+        (now.0 <= before.0 && now.1 <= before.1).then_some(())
+    });
 }
 
 #[test]
@@ -251,6 +276,9 @@ fn sigterm_drains_in_flight_connections_then_fails_closed() {
     let log = std::fs::read_to_string(lab.agent_log_path("node1")).unwrap();
     assert!(log.contains("draining") && log.contains("agent stopped"), "drain logged");
     assert!(log.contains("drain timeout reached"), "the connection cut at the timeout is reported");
+    // The kernel stopped steering new connections to it before anything else.
+    let released = log.find("inbound listeners out of the kernel's table").expect("listeners released");
+    assert!(released < log.find("drain timeout reached").unwrap_or(0), "listeners released first");
     // Once gone, new connections from its pods fail closed.
     let (ok, body) = curl(&lab, "frontend", "http://myapp/");
     assert!(!ok, "reached myapp after the agent stopped: {body}");
