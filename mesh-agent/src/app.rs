@@ -263,6 +263,10 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
 
     tracing::info!(timeout = ?settings.drain_timeout, "draining");
     admin_state.ready.store(false, Ordering::Release);
+    // In order: the kernel stops steering new connections to this agent, then
+    // listeners stop and HTTP servers send GOAWAY, then what is in flight finishes.
+    let released = dataplane.release_listeners();
+    tracing::info!(pods = released, "inbound listeners out of the kernel's table");
     shutdown.cancel();
     ctx.tasks.close();
     if tokio::time::timeout(settings.drain_timeout, ctx.tasks.wait()).await.is_err() {

@@ -513,6 +513,17 @@ impl Dataplane {
         self.pin(FdLink::from(link), &format!("{}@{uid}", programs::SK_LOOKUP))
     }
 
+    /// Takes every pod's inbound listener out of the kernel's table: the first step of a
+    /// drain. New plaintext connections to enrolled pods are then dropped in the kernel
+    /// (fail closed) instead of queueing on listeners that will not accept them again;
+    /// connections already accepted finish. Returns how many were taken out. A new agent
+    /// puts its own listeners back when it enrolls the pods.
+    pub fn release_listeners(&self) -> usize {
+        let mut t = self.tables.lock().unwrap_or_else(|p| p.into_inner());
+        let slots: Vec<u32> = t.netns_pods.iter().filter_map(Result::ok).map(|(_, pod)| pod.slot).collect();
+        slots.iter().filter(|slot| t.listeners.clear_index(slot).is_ok()).count()
+    }
+
     /// Stops capturing a pod that is gone or no longer in the mesh.
     pub fn unenroll(&self, pod: PodEnrollment) -> Result<(), Error> {
         {

@@ -110,6 +110,26 @@ fn tls_reason(e: &std::io::Error) -> String {
     e.to_string()
 }
 
+/// Serves an HTTP server connection until it ends. When the agent starts draining it
+/// is asked to finish (`goaway`: hyper's `graceful_shutdown`, an HTTP/2 GOAWAY or, on
+/// HTTP/1, a close after the response in flight), so peers open new streams elsewhere
+/// while the ones in flight complete.
+pub(crate) async fn until_drained<C, T>(
+    conn: C,
+    shutdown: &CancellationToken,
+    goaway: impl FnOnce(std::pin::Pin<&mut C>),
+) -> T
+where
+    C: std::future::Future<Output = T>,
+{
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => return r,
+        () = shutdown.cancelled() => goaway(conn.as_mut()),
+    }
+    conn.await
+}
+
 /// What every proxy task shares.
 #[derive(Debug, Clone)]
 pub struct ProxyContext {
@@ -139,4 +159,66 @@ pub struct ProxyContext {
     pub limits: Arc<ConnLimits>,
     /// A spliced connection idle this long is closed.
     pub tcp_idle_timeout: Duration,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use http_body_util::Empty;
+    use hyper::{Request, Response};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio::sync::Notify;
+    use tokio_util::sync::CancellationToken;
+
+    use super::{limits, until_drained};
+
+    #[tokio::test]
+    async fn a_draining_http2_server_says_goaway_and_finishes_what_is_in_flight() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (shutdown, release) = (CancellationToken::new(), Arc::new(Notify::new()));
+        let server = {
+            let (shutdown, release) = (shutdown.clone(), release.clone());
+            tokio::spawn(async move {
+                let (stream, _) = listener.accept().await.unwrap();
+                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let release = release.clone();
+                    async move {
+                        if req.uri().path() == "/slow" {
+                            release.notified().await;
+                        }
+                        Ok::<_, Infallible>(Response::new(Empty::<Bytes>::new()))
+                    }
+                });
+                let conn = limits::h2_server().serve_connection(TokioIo::new(stream), svc);
+                until_drained(conn, &shutdown, |c| c.graceful_shutdown()).await
+            })
+        };
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await.unwrap();
+        tokio::spawn(conn);
+        let get = |path: &str| Request::get(format!("http://mesh{path}")).body(Empty::<Bytes>::new()).unwrap();
+        let slow = tokio::spawn(sender.send_request(get("/slow")));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+
+        shutdown.cancel();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let refused = match sender.ready().await {
+            Err(_) => true,
+            Ok(()) => sender.send_request(get("/fast")).await.is_err(),
+        };
+        assert!(refused, "a new stream after GOAWAY is not served");
+
+        release.notify_one();
+        let slow = tokio::time::timeout(Duration::from_secs(5), slow).await.unwrap().unwrap();
+        assert_eq!(slow.unwrap().status(), 200, "the stream in flight finishes");
+        let served = tokio::time::timeout(Duration::from_secs(5), server).await.unwrap().unwrap();
+        assert!(served.is_ok(), "the connection ends cleanly: {served:?}");
+    }
 }

@@ -48,12 +48,14 @@ pub async fn serve(
 ) {
     // Named once per connection, not per request.
     let service_key: Arc<str> = service.key().into();
+    let shutdown = ctx.shutdown.clone();
     let svc = hyper::service::service_fn(move |req| {
         let (ctx, pod, netns, service_key) = (ctx.clone(), pod.clone(), netns.clone(), service_key.clone());
         async move { Ok::<_, Infallible>(handle(&ctx, &pod, &netns, &service_key, orig, req).await) }
     });
     let builder = crate::proxy::limits::http_server();
-    if let Err(e) = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).await {
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+    if let Err(e) = crate::proxy::until_drained(conn, &shutdown, |c| c.graceful_shutdown()).await {
         tracing::debug!(%orig, error = %e, "HTTP client connection ended");
     }
 }

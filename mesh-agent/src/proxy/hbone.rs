@@ -63,12 +63,13 @@ async fn connection(
         return Err(Error::Tls { addr: peer, source: std::io::Error::other("client presented no SPIFFE identity") });
     };
     tracing::debug!(pod = %pod.name, %peer, %client, "HBONE connection accepted");
+    let shutdown = ctx.shutdown.clone();
     let service = hyper::service::service_fn(move |req| {
         let (ctx, pod, netns, client) = (ctx.clone(), pod.clone(), netns.clone(), client.clone());
         async move { Ok::<_, std::convert::Infallible>(stream_request(ctx, pod, netns, client, peer, req).await) }
     });
-    limits::h2_server()
-        .serve_connection(TokioIo::new(tls), service)
+    let conn = limits::h2_server().serve_connection(TokioIo::new(tls), service);
+    super::until_drained(conn, &shutdown, |c| c.graceful_shutdown())
         .await
         .map_err(|source| Error::Http { addr: peer, source })
 }

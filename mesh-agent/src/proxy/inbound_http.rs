@@ -63,12 +63,14 @@ pub(super) async fn serve<S>(
     let conn =
         Arc::new(Conn { ctx, pod, netns, arrival, app: Mutex::new(AppConns { fresh: Some(app), h1: None, h2: None }) });
     let dst = conn.arrival.dst;
+    let shutdown = conn.ctx.shutdown.clone();
     let svc = hyper::service::service_fn(move |req| {
         let conn = conn.clone();
         async move { Ok::<_, Infallible>(handle(&conn, req).await) }
     });
     let builder = crate::proxy::limits::http_server();
-    if let Err(e) = builder.serve_connection_with_upgrades(TokioIo::new(client), svc).await {
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(client), svc);
+    if let Err(e) = super::until_drained(conn, &shutdown, |c| c.graceful_shutdown()).await {
         tracing::debug!(%dst, error = %e, "inbound HTTP connection ended");
     }
 }
