@@ -62,7 +62,7 @@ pub fn e2e() -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let tag = image::run(None)?;
+    let tag = image::run(None, "release")?;
     let config = root().join("target/kind-config.yaml");
     std::fs::write(
         &config,

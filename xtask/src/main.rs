@@ -47,11 +47,18 @@ enum Cmd {
     Demo,
     /// Regenerate deploy/ (profile manifests, Helm chart, kustomize) with meshctl.
     Manifests,
-    /// Build the agent image (deploy/Dockerfile) with docker, podman or buildah.
+    /// Build the agent image here: static binaries built on the host, `FROM scratch`,
+    /// with buildah, podman or docker (no registry needed).
     Image {
         /// Image reference (default: the one the manifests use).
         #[arg(long)]
         tag: Option<String>,
+        /// Cargo profile of the binaries.
+        #[arg(long, default_value = "release")]
+        profile: String,
+        /// Then run it with podman: `--version` and `meshctl check --pre`.
+        #[arg(long)]
+        check: bool,
     },
     /// The lab's scenarios on a kind cluster; says what is missing where it cannot run.
     KindE2e,
@@ -68,7 +75,10 @@ pub fn root() -> PathBuf {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Manifests => build::manifests(),
-        Cmd::Image { tag } => image::run(tag).map(|_| ()),
+        Cmd::Image { tag, profile, check } => {
+            let tag = image::run(tag, &profile)?;
+            if check { image::check(&tag) } else { Ok(()) }
+        }
         Cmd::KindE2e => kind::e2e(),
         Cmd::Setup => setup::run(),
         Cmd::BuildEbpf => {

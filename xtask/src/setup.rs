@@ -8,7 +8,7 @@ use anyhow::{Context as _, bail};
 use mesh_tests::sys::have;
 
 /// Debian packages: LLVM for bpf-linker, and the lab's tools (Prometheus scrapes the
-/// agents in a test).
+/// agents in a test; buildah builds the agent image and podman, with runc, runs it).
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -20,9 +20,13 @@ const APT_PACKAGES: &[&str] = &[
     "openssl",
     "procps",
     "prometheus",
+    "buildah",
+    "podman",
+    "runc",
 ];
 /// Commands whose absence means the apt step must run.
-const REQUIRED_COMMANDS: &[&str] = &["ip", "curl", "tcpdump", "openssl", "sysctl", "prometheus"];
+const REQUIRED_COMMANDS: &[&str] =
+    &["ip", "curl", "tcpdump", "openssl", "sysctl", "prometheus", "buildah", "podman", "runc"];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
 /// The dated nightly that builds the kernel programs, pinned in
@@ -100,7 +104,11 @@ pub fn ensure() -> anyhow::Result<()> {
 /// Installs everything missing; idempotent.
 pub fn run() -> anyhow::Result<()> {
     let total = 5;
-    step(1, total, "system packages (LLVM 22 for bpf-linker, iproute2, curl, tcpdump, openssl, prometheus)");
+    step(
+        1,
+        total,
+        "system packages (LLVM 22 for bpf-linker, iproute2, curl, tcpdump, openssl, prometheus, buildah, podman)",
+    );
     if apt_needed() {
         apt_install(APT_PACKAGES)?;
     } else {

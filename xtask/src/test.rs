@@ -40,9 +40,24 @@ pub fn run(extra: &[String]) -> anyhow::Result<()> {
         println!("[test] agent peak RSS per hostile case (target/hostile/peak-rss.txt):\n{report}");
     }
     if extra.is_empty() && mesh_tests::sys::lab_unsupported().is_none() {
+        image_check()?;
         bench_harness()?;
     }
     Ok(())
+}
+
+/// The agent image, built here (static binaries, `FROM scratch`) and run with podman:
+/// the agent's `--version` and `meshctl check --pre` inside it. The test's image is
+/// removed afterwards.
+fn image_check() -> anyhow::Result<()> {
+    const TAG: &str = "localhost/mesh-agent:xtask-test";
+    if !mesh_tests::sys::have("podman") {
+        bail!("podman is not installed (cargo xtask setup installs it): the image cannot be checked");
+    }
+    println!("[test] agent image: cargo xtask image --profile dev --check --tag {TAG}");
+    let result = crate::image::run(Some(TAG.into()), "dev").and_then(|tag| crate::image::check(&tag));
+    let _ = Command::new("podman").args(["rmi", "--force", TAG]).output();
+    result
 }
 
 /// `bench --quick` into its own report file (a full run's report.json stays), then
