@@ -19,7 +19,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -92,6 +92,29 @@ pub struct Node {
     pub cni_socket: PathBuf,
 }
 
+impl Node {
+    /// The node's IPv6 pod subnet, `fd00:a:b:c::/64` for the IPv4 subnet `a.b.c.0/24`:
+    /// every lab node is dual-stack, its pods are when their manifest says so.
+    pub fn subnet6(&self) -> String {
+        format!("{}/64", self.v6(0))
+    }
+
+    /// The IPv6 gateway of the pod subnet (on the node's bridge).
+    pub fn gateway6(&self) -> Ipv6Addr {
+        self.v6(1)
+    }
+
+    /// The node's IPv6 address on the wire, `fd00:ff::<i>` for `10.255.0.<i>`.
+    pub fn wire_ip6(&self) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd00, 0xff, 0, 0, 0, 0, 0, u16::from(self.wire_ip.octets()[3]))
+    }
+
+    fn v6(&self, host: u16) -> Ipv6Addr {
+        let o = self.gateway.octets();
+        Ipv6Addr::new(0xfd00, u16::from(o[0]), u16::from(o[1]), u16::from(o[2]), 0, 0, 0, host)
+    }
+}
+
 /// A pod of the lab.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PodInfo {
@@ -110,6 +133,10 @@ pub struct PodInfo {
     pub node: String,
     /// Address.
     pub ip: Ipv4Addr,
+    /// IPv6 address of a dual-stack pod (`status.podIPs`), in its node's IPv6 subnet
+    /// ([`Node::subnet6`]).
+    #[serde(default)]
+    pub ip6: Option<Ipv6Addr>,
     /// Labels.
     pub labels: BTreeMap<String, String>,
     /// cgroup, relative to the cgroup2 root.
@@ -187,6 +214,15 @@ fn pod_info(v: &Value) -> anyhow::Result<PodInfo> {
         .with_context(|| format!("Pod {name}: status.podIP is required in the lab"))?
         .parse()
         .with_context(|| format!("Pod {name}: status.podIP must be IPv4"))?;
+    // A dual-stack pod lists its IPv6 address in `status.podIPs`.
+    let ip6 = v
+        .get("status")
+        .and_then(|st| st.get("podIPs"))
+        .and_then(Value::as_sequence)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.get("ip")?.as_str()?.parse::<Ipv6Addr>().ok())
+        .next();
     let labels = v
         .get("metadata")
         .and_then(|m| m.get("labels"))
@@ -200,6 +236,7 @@ fn pod_info(v: &Value) -> anyhow::Result<PodInfo> {
         namespace,
         node,
         ip,
+        ip6,
         labels,
         cgroup: String::new(),
         veth: String::new(),
@@ -528,6 +565,12 @@ impl Lab {
     /// network configuration with the network plugin's result on stdin.
     fn cni(&self, p: &PodInfo, command: &str) -> anyhow::Result<()> {
         let node = self.node(&p.node)?;
+        let mut ips = vec![
+            serde_json::json!({"address": format!("{}/24", p.ip), "interface": 0, "gateway": node.gateway.to_string()}),
+        ];
+        if let Some(ip6) = p.ip6 {
+            ips.push(serde_json::json!({"address": format!("{ip6}/64"), "interface": 0, "gateway": node.gateway6().to_string()}));
+        }
         let netconf = serde_json::json!({
             "cniVersion": "1.0.0",
             "name": "meshlab",
@@ -537,7 +580,7 @@ impl Lab {
             "prevResult": {
                 "cniVersion": "1.0.0",
                 "interfaces": [{"name": "eth0", "sandbox": format!("/var/run/netns/{}", p.netns)}],
-                "ips": [{"address": format!("{}/24", p.ip), "interface": 0, "gateway": node.gateway.to_string()}],
+                "ips": ips,
             },
         });
         let args = format!(
@@ -671,8 +714,14 @@ impl Lab {
             run(&["ip", "-n", &n.netns, "addr", "add", &format!("{}/24", n.gateway), "dev", "br0"])?;
             run(&["ip", "-n", &n.netns, "link", "set", "br0", "up"])?;
             run(&["ip", "netns", "exec", &n.netns, "sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+            // Dual-stack: nodad, so the addresses are usable at once.
+            run(&["ip", "netns", "exec", &n.netns, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])?;
+            run(&["ip", "-n", &n.netns, "addr", "add", &format!("{}/64", n.wire_ip6()), "dev", "wire0", "nodad"])?;
+            run(&["ip", "-n", &n.netns, "addr", "add", &format!("{}/64", n.gateway6()), "dev", "br0", "nodad"])?;
             for other in self.nodes.iter().filter(|o| o.name != n.name) {
                 run(&["ip", "-n", &n.netns, "route", "add", &other.subnet, "via", &other.wire_ip.to_string()])?;
+                let via = other.wire_ip6().to_string();
+                run(&["ip", "-n", &n.netns, "-6", "route", "add", &other.subnet6(), "via", &via])?;
             }
         }
         for p in &self.pods {
@@ -693,6 +742,10 @@ impl Lab {
         run(&["ip", "-n", ns, "addr", "add", &format!("{}/24", p.ip), "dev", "eth0"])?;
         run(&["ip", "-n", ns, "link", "set", "eth0", "up"])?;
         run(&["ip", "-n", ns, "route", "add", "default", "via", &node.gateway.to_string()])?;
+        if let Some(ip6) = p.ip6 {
+            run(&["ip", "-n", ns, "addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"])?;
+            run(&["ip", "-n", ns, "-6", "route", "add", "default", "via", &node.gateway6().to_string()])?;
+        }
         Ok(())
     }
 

@@ -1,7 +1,8 @@
 //! Enrollment as a hostile tenant would test it, in the lab: pods are captured before
 //! their app runs (the CNI plugin), by UID (two pods may share a name), on every address
-//! they have (a secondary IP, IPv6 link-local, the ports the agent uses on the node), and
-//! a pod that cannot be captured never starts and is reported.
+//! they have (a secondary IP, IPv6 link-local, the ports the agent uses on the node, both
+//! families of a dual-stack pod), and a pod that cannot be captured never starts and is
+//! reported.
 #![forbid(unsafe_code)]
 
 use std::os::unix::fs::MetadataExt as _;
@@ -189,4 +190,62 @@ fn a_pod_that_cannot_be_captured_never_starts_and_is_reported() {
     assert!(held.is_empty(), "the agent holds the refused pod's namespace open: {held:?}");
     let sockets = mesh_tests::sys::run(&["ip", "netns", "exec", &p.netns, "ss", "-ltnH"]).unwrap();
     assert!(sockets.trim().is_empty(), "listeners left in the refused pod's namespace: {sockets}");
+}
+
+/// A dual-stack lab pod manifest.
+fn dual_stack_pod(name: &str, namespace: &str, uid_tail: &str, node: &str, ip: &str, ip6: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {namespace}\n  \
+         uid: 3f0e2d1c-0000-4000-8000-0000000000{uid_tail}\n  labels: {{app: {name}}}\nspec:\n  \
+         serviceAccountName: {name}\n  nodeName: {node}\n  \
+         containers: [{{name: app, image: mesh-echo, ports: [{{name: http, containerPort: 8080}}]}}]\n\
+         status:\n  podIP: {ip}\n  podIPs: [{{ip: {ip}}}, {{ip: '{ip6}'}}]\n"
+    )
+}
+
+#[test]
+fn a_dual_stack_pod_is_captured_and_judged_on_both_families() {
+    let Some(mut lab) = lab("a_dual_stack_pod_is_captured_and_judged_on_both_families") else { return };
+    let (n1, n2) = (lab.node("node1").unwrap().clone(), lab.node("node2").unwrap().clone());
+    let v6 = |n: &mesh_tests::lab::Node, host: &str| n.subnet6().replace("::/64", &format!("::{host}"));
+    let (a6, b6, out6) = (v6(&n1, "5c"), v6(&n2, "5d"), v6(&n2, "5e"));
+    for (name, ns, uid, node, ip, ip6) in [
+        ("dual-a", "production", "5c", "node1", "10.10.1.92", &a6),
+        ("dual-b", "production", "5d", "node2", "10.10.2.93", &b6),
+        // Outside the mesh, on the other node.
+        ("dual-outside", "default", "5e", "node2", "10.10.2.94", &out6),
+    ] {
+        let pod = lab.add_pod(&dual_stack_pod(name, ns, uid, node, ip, ip6)).unwrap();
+        assert!(pod.failed.is_none(), "{name}: {:?}", pod.failed);
+    }
+    let b4 = "http://10.10.2.93:8080/".to_string();
+    let b6_url = format!("http://[{b6}]:8080/");
+
+    // Mesh traffic over either family: captured on node1, tunnelled, delivered on node2.
+    for url in [&b4, &b6_url] {
+        eventually(&format!("dual-a reaches {url}"), || (status(&lab, "dual-a", url) == "200").then_some(()));
+    }
+    let opened = |node: &str, direction: &str| {
+        mesh_tests::harness::opened(&mesh_tests::harness::metrics(&lab, node), direction, "dual-a", "dual-b")
+    };
+    assert!(opened("node1", "Outbound") >= 2, "dual-a's connections over both families went through its agent");
+    assert!(opened("node2", "Inbound") >= 2, "and arrived over mTLS");
+
+    // Plaintext from outside the mesh, over either family: served while PERMISSIVE,
+    // dropped in the kernel under STRICT.
+    for url in [&b4, &b6_url] {
+        eventually(&format!("plaintext reaches {url} before any policy"), || {
+            (status(&lab, "dual-outside", url) == "200").then_some(())
+        });
+    }
+    apply_seed(&lab, "peerauthentication.yaml");
+    for url in [&b4, &b6_url] {
+        eventually(&format!("{url} refused under STRICT"), || {
+            (status(&lab, "dual-outside", url) == "000").then_some(())
+        });
+        for _ in 0..3 {
+            assert_eq!(status(&lab, "dual-outside", url), "000", "plaintext to {url} got through STRICT");
+        }
+        assert_eq!(status(&lab, "dual-a", url), "200", "mTLS to {url} still flows under STRICT");
+    }
 }
