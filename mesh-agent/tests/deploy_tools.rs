@@ -1,6 +1,8 @@
 //! The `deploy/` tree through the real tools users run it with: `kubectl kustomize`
-//! builds each overlay, and Helm's own library (the `helm-python-sdk` wheel, which
-//! bundles it) lints the chart strictly and renders it. What they make must be the
+//! builds each overlay, Helm's own library (the `helm-python-sdk` wheel, which bundles
+//! it) lints the chart strictly and renders it, and `kubectl apply --server-side
+//! --dry-run=server` applies each profile to the API-server double, whose strict field
+//! validation decodes every object into its Kubernetes type. What they make must be the
 //! objects `meshctl manifest generate` makes for the same profile.
 //!
 //! `cargo xtask setup` installs both (Helm in `target/tools/helm`). A missing tool
@@ -13,6 +15,9 @@ use std::process::Command;
 
 use mesh_agent::cli::manifest::{self, Profile, Values};
 use serde_json::Value;
+use support::api_server::ApiServer;
+
+mod support;
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -161,4 +166,55 @@ fn helm_lints_the_chart_strictly_and_renders_the_default_profile() {
     let ds = objects.iter().find(|o| o["kind"] == "DaemonSet").expect("the agent's DaemonSet");
     assert_eq!(ds["spec"]["template"]["spec"]["containers"][0]["image"], "registry.example/mesh/mesh-agent:9.9.9");
     assert!(!objects.iter().any(|o| o["metadata"]["name"] == "mesh-agent-metrics"), "telemetry.enabled=false");
+}
+
+/// `kubectl apply --server-side --dry-run=server --validate=strict -f file` against
+/// the double: success, and what kubectl printed.
+async fn kubectl_apply(kubectl: &Path, kubeconfig: &Path, file: &Path) -> (bool, String) {
+    let mut cmd = Command::new(kubectl);
+    cmd.arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(["apply", "--server-side", "--dry-run=server", "--validate=strict", "-f"])
+        .arg(file);
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap()).await.unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kubectl_applies_every_profile_and_the_api_refuses_a_field_it_does_not_declare() {
+    let test = "kubectl_applies_every_profile_and_the_api_refuses_a_field_it_does_not_declare";
+    let Some(kubectl) = tool(test, which("kubectl"), "kubectl") else { return };
+    let collections: Vec<String> = support::kinds::builtin().iter().map(|k| k.collection()).collect();
+    let api = ApiServer::new(&collections).await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = api.kubeconfig(dir.path());
+    for profile in ["minimal", "default", "demo"] {
+        let file = repo().join(format!("deploy/manifests/{profile}.yaml"));
+        let (ok, text) = kubectl_apply(&kubectl, &kubeconfig, &file).await;
+        assert!(ok, "kubectl apply of the {profile} profile: {text}");
+        let objects = std::fs::read_to_string(&file).unwrap().matches("\nkind: ").count();
+        assert_eq!(text.matches("serverside-applied (server dry run)").count(), objects, "{profile}: {text}");
+    }
+    assert!(api.writes().is_empty(), "a dry run stored nothing: {:?}", api.writes());
+
+    // The class of mistake a hand check misses: a misspelt field, a value of the wrong
+    // type. kubectl reports the API's refusal with the field's path.
+    let manifest = std::fs::read_to_string(repo().join("deploy/manifests/default.yaml")).unwrap();
+    for (from, to, field) in [
+        ("mountPropagation: HostToContainer", "mountPropagaton: HostToContainer", "mountPropagaton"),
+        ("readOnlyRootFilesystem: true", "readOnlyRootFilesystem: 'yes'", "readOnlyRootFilesystem"),
+        // What the DaemonSet once had: the agent's bpffs with Bidirectional propagation,
+        // which only a privileged container may use.
+        ("mountPropagation: HostToContainer", "mountPropagation: Bidirectional", "available only to privileged"),
+    ] {
+        assert!(manifest.contains(from), "{from}");
+        let file = dir.path().join("broken.yaml");
+        std::fs::write(&file, manifest.replacen(from, to, 1)).unwrap();
+        let (ok, text) = kubectl_apply(&kubectl, &kubeconfig, &file).await;
+        assert!(!ok, "kubectl applied {to:?}: {text}");
+        assert!(text.contains(field) && (text.contains("Error from server") || text.contains("is invalid")), "{text}");
+        let refusal = text.lines().find(|l| l.contains(field)).unwrap_or_default();
+        eprintln!("kubectl refused {to:?}: {refusal}");
+    }
 }

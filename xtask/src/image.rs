@@ -110,9 +110,7 @@ fn static_binaries(profile: &str) -> anyhow::Result<Vec<PathBuf>> {
     for bin in BINARIES {
         cmd.args(["--bin", bin]);
     }
-    println!(
-        "[image] static binaries: {flags_var}='-C target-feature=+crt-static' cargo build --profile {profile} --target {triple}"
-    );
+    println!("[image] static binaries: {flags_var}='{STATIC_FLAGS}' cargo build --profile {profile} --target {triple}");
     if !cmd.status().context("running cargo build")?.success() {
         bail!("building the static binaries failed");
     }

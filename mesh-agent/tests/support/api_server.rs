@@ -15,6 +15,10 @@
 //! (`.../pods/<name>:<port>/proxy/<path>`), forwarded to the pod's `status.podIP`.
 //! `TokenReview` creates are answered from the tokens a test registered
 //! ([`ApiServer::add_token`]), as the API server answers for service-account tokens.
+//!
+//! For a real `kubectl`: discovery and OpenAPI v3 of the built-in kinds it serves
+//! ([`super::kinds`]), `dryRun=All` (nothing stored), and `fieldValidation=Strict` on
+//! creates and applies (400 for undeclared or mistyped fields, 422 for a broken rule).
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -29,6 +33,8 @@ use hyper::body::{Frame, Incoming};
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::sync::{Notify, watch};
+
+use super::kinds;
 
 type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
@@ -278,6 +284,13 @@ impl ApiServer {
             review["status"] = json!({"allowed": allowed});
             return status(StatusCode::CREATED, review);
         }
+        if req.method() == http::Method::GET
+            && let Some(answer) = self.describe(&path)
+        {
+            return status(StatusCode::OK, answer);
+        }
+        let dry_run = query.get("dryRun").is_some_and(|d| d == "All");
+        let strict = query.get("fieldValidation").is_some_and(|v| v == "Strict");
         let Some(target) = route(&path) else { return not_found(&path) };
         let method = req.method().clone();
         match target {
@@ -322,6 +335,12 @@ impl ApiServer {
                             merged["metadata"]["namespace"] = json!(namespace);
                         }
                         merged["metadata"]["name"] = json!(name);
+                        if strict && let Some(refused) = refusal(&collection, &patch) {
+                            return refused;
+                        }
+                        if dry_run {
+                            return status(if created { StatusCode::CREATED } else { StatusCode::OK }, merged);
+                        }
                         self.writes.lock().unwrap().push(format!("apply {collection} {key}"));
                         let stored = self.apply(&collection, merged);
                         status(if created { StatusCode::CREATED } else { StatusCode::OK }, stored)
@@ -359,6 +378,12 @@ impl ApiServer {
                             StatusCode::CONFLICT,
                             json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "AlreadyExists", "code": 409, "message": format!("{name} already exists")}),
                         );
+                    }
+                    if strict && let Some(refused) = refusal(&collection, &object) {
+                        return refused;
+                    }
+                    if dry_run {
+                        return status(StatusCode::CREATED, object);
                     }
                     self.writes.lock().unwrap().push(format!("create {collection} {key}"));
                     let stored = self.apply(&collection, object);
@@ -400,6 +425,31 @@ impl ApiServer {
                     StatusCode::OK,
                     json!({"kind": "List", "apiVersion": "v1", "metadata": {"resourceVersion": st.rv.to_string()}, "items": items}),
                 )
+            }
+        }
+    }
+
+    /// Discovery and OpenAPI v3 for the built-in kinds the double serves.
+    fn describe(&self, path: &str) -> Option<Value> {
+        let all = kinds::builtin();
+        let served: Vec<&kinds::Kind> = all.iter().filter(|k| self.serves(&k.collection())).collect();
+        let group_version = |p: &str| -> Option<String> {
+            match p.strip_prefix("/apis/") {
+                Some(gv) if gv.matches('/').count() == 1 => Some(gv.to_string()),
+                _ => (p == "/api/v1").then(|| "v1".to_string()),
+            }
+        };
+        match path {
+            "/api" => Some(kinds::api_versions()),
+            "/apis" => Some(kinds::api_group_list(&served)),
+            "/openapi/v3" => Some(kinds::openapi_root(&served)),
+            _ => {
+                if let Some(doc) = path.strip_prefix("/openapi/v3") {
+                    let gv = group_version(doc)?;
+                    return Some(kinds::openapi_group_version(&gv, &served));
+                }
+                let gv = group_version(path)?;
+                served.iter().any(|k| k.group_version() == gv).then(|| kinds::api_resource_list(&gv, &served))
             }
         }
     }
@@ -555,6 +605,33 @@ fn route(path: &str) -> Option<Target> {
         [plural, name] => Target::Object { collection: coll(plural), namespace: String::new(), name: name.to_string() },
         _ => return None,
     })
+}
+
+/// `fieldValidation=Strict` for the built-in kinds, then validation: 400 naming every
+/// field the type does not have, 422 for a rule broken, as the API server answers.
+fn refusal(collection: &str, object: &Value) -> Option<Response<Body>> {
+    let kind = kinds::builtin().into_iter().find(|k| k.collection() == collection)?;
+    let name = object["metadata"]["name"].as_str().unwrap_or("");
+    let (code, reason, message) = match kind.validate(object) {
+        Ok(()) => return None,
+        Err(kinds::Refusal::Decoding(problems)) => (
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            format!("{} {name}: strict decoding error: {}", kind.kind, problems.join(", ")),
+        ),
+        Err(kinds::Refusal::Invalid(problems)) => {
+            let group = if kind.group.is_empty() { String::new() } else { format!(".{}", kind.group) };
+            (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "Invalid",
+                format!("{}{group} \"{name}\" is invalid: {}", kind.kind, problems.join(", ")),
+            )
+        }
+    };
+    Some(status(
+        code,
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason, "code": code.as_u16(), "message": message}),
+    ))
 }
 
 fn not_found(path: &str) -> Response<Body> {

@@ -2,6 +2,7 @@
 #![allow(dead_code, reason = "each test file uses the part it needs")]
 
 pub mod api_server;
+pub mod kinds;
 
 /// The mesh CA as a cluster has it: a `cacerts` Secret (JSON for the double), made from
 /// a new self-signed root in `dir/ca-source` (whose `root-cert.pem` agents can trust).
