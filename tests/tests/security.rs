@@ -129,6 +129,53 @@ fn port_level_mtls_opens_one_port_of_a_strict_workload() {
 }
 
 #[test]
+fn one_pods_port_level_policy_cannot_use_up_the_kernel_table_for_the_others() {
+    use std::os::unix::fs::MetadataExt as _;
+
+    use aya::maps::{HashMap, Map, MapData};
+    use mesh_common::NetnsPortKey;
+    let Some(lab) = lab("one_pods_port_level_policy_cannot_use_up_the_kernel_table_for_the_others") else { return };
+    let v2 = lab.pod("myapp-v2").unwrap().clone();
+    let echo = root().join("target/debug/mesh-echo").display().to_string();
+    let dial =
+        |port: u16| lab.exec("outside", &[&echo, "dial", &format!("{}:{port}", v2.ip)]).unwrap().status.success();
+    let netns = |pod: &str| {
+        let p = lab.pod(pod).unwrap();
+        std::fs::metadata(format!("/var/run/netns/{}", p.netns)).unwrap().ino()
+    };
+    let verdicts = || {
+        let map = MapData::from_pin(lab.node("node1").unwrap().pin_dir.join("PLAINTEXT_POLICY")).unwrap();
+        let map: HashMap<_, NetnsPortKey, u32> = HashMap::try_from(Map::HashMap(map)).unwrap();
+        map.keys().filter_map(Result::ok).map(|k| k.netns).collect::<Vec<u64>>()
+    };
+    apply_seed(&lab, "peerauthentication.yaml");
+    eventually("STRICT in the kernel for myapp-v2 and frontend", || {
+        let v = verdicts();
+        (v.contains(&netns("myapp-v2")) && v.contains(&netns("frontend"))).then_some(())
+    });
+    // Forty per-port exceptions for one workload: more than its share of the table.
+    let ports: String = (9000..9040).map(|p| format!("    {p}: {{mode: PERMISSIVE}}\n")).collect();
+    apply_yaml(
+        &lab,
+        "pa-v2-many-ports.yaml",
+        &format!(
+            "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: v2-many, namespace: production}}\nspec:\n  selector: {{matchLabels: {{version: v2}}}}\n  mtls: {{mode: UNSET}}\n  portLevelMtls:\n{ports}"
+        ),
+    );
+    // That pod holds no kernel verdicts; the agent judges its plaintext alone, and says so.
+    eventually("myapp-v2 out of the kernel table", || (!verdicts().contains(&netns("myapp-v2"))).then_some(()));
+    let log = std::fs::read_to_string(lab.agent_log_path("node1")).unwrap();
+    assert!(log.contains("too many per-port plaintext verdicts"), "the agent says why");
+    eventually("port 9000 open to plaintext", || dial(9000).then_some(()));
+    assert!(!curl(&lab, "outside", &format!("http://{}:8080/", v2.ip)).0, "8080 stays STRICT, judged by the agent");
+    // The other pods of the node keep theirs in the kernel.
+    assert!(verdicts().contains(&netns("frontend")), "frontend's STRICT verdict left the kernel");
+    assert!(!curl(&lab, "outside", &format!("http://{}:8080/", lab.pod("frontend").unwrap().ip)).0, "frontend STRICT");
+    let (ok, body) = curl(&lab, "frontend", "http://myapp/");
+    assert!(ok, "mesh traffic flows: {body}");
+}
+
+#[test]
 fn seed_authorization_policy_allows_frontend_api_and_health_for_anyone_only() {
     let Some(lab) = lab("seed_authorization_policy_allows_frontend_api_and_health_for_anyone_only") else { return };
     apply_seed(&lab, "authorizationpolicy-myapp.yaml");
