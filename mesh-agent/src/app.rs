@@ -243,6 +243,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
             _ = resync.tick() => {
                 agent.reload(&mut source);
                 agent.reconcile();
+                ctx.metrics.probes_seen(dataplane.probe_connections());
                 if dataplane.has_stale_links() {
                     agent.finish_takeover();
                 }
@@ -349,7 +350,12 @@ fn resolve_paths(s: &Settings) -> Result<Paths, dataplane::Error> {
     let cg_root = dataplane::cgroup2_root()?;
     let node_cgroup = if s.node_cgroup.is_absolute() { s.node_cgroup.clone() } else { cg_root.join(&s.node_cgroup) };
     let pin_dir = s.bpf_pin_dir.clone().unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/mesh").join(&s.node));
-    Ok(Paths { node_cgroup, proc_dir: s.proc_dir.clone(), pin_dir })
+    let kubelet_cgroup = match &s.kubelet_cgroup {
+        Some(p) if p.is_absolute() => Some(p.clone()),
+        Some(p) => Some(cg_root.join(p)),
+        None => Some(cg_root.join(dataplane::KUBELET_UNIT_CGROUP)).filter(|p| p.is_dir()),
+    };
+    Ok(Paths { node_cgroup, proc_dir: s.proc_dir.clone(), pin_dir, kubelet_cgroup })
 }
 
 async fn shutdown_signal() {

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use aya::maps::{Array, HashMap as BpfHashMap, MapData, SockMap};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, SockMap};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps};
 use aya::{Ebpf, EbpfLoader};
@@ -37,6 +37,10 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 
 /// Sub-directory of the pin directory holding pinned links.
 const LINKS_DIR: &str = "links";
+
+/// Where systemd puts the kubelet (its `kubelet.service` unit), relative to the cgroup2
+/// mount: the default kubelet cgroup.
+pub const KUBELET_UNIT_CGROUP: &str = "system.slice/kubelet.service";
 
 /// Errors of the data plane.
 #[derive(Debug, thiserror::Error)]
@@ -114,6 +118,9 @@ pub struct Paths {
     pub proc_dir: PathBuf,
     /// bpffs directory for this node's maps and links.
     pub pin_dir: PathBuf,
+    /// The kubelet's cgroup: its connections to pods are probes, which reach the
+    /// application whatever the pod's policy. None: probes are judged as any plaintext.
+    pub kubelet_cgroup: Option<PathBuf>,
 }
 
 /// Tables written by the reconcile loop; one lock, writes are rare.
@@ -157,6 +164,7 @@ pub struct Dataplane {
     ebpf: Mutex<Ebpf>,
     tables: Mutex<Tables>,
     orig_dst: BpfHashMap<MapData, SockAddrKey, OrigDst>,
+    probe_stats: PerCpuArray<MapData, u64>,
     paths: Paths,
     /// Suffix of this run's pinned links, so a restart can tell old links from new.
     generation: String,
@@ -210,11 +218,14 @@ impl Dataplane {
                 .map_err(map_err(maps::PLAINTEXT_POLICY))?,
         };
         let orig_dst = BpfHashMap::try_from(take(&mut ebpf, maps::ORIG_DST)?).map_err(map_err(maps::ORIG_DST))?;
+        let probe_stats =
+            PerCpuArray::try_from(take(&mut ebpf, maps::PROBE_STATS)?).map_err(map_err(maps::PROBE_STATS))?;
 
         let dp = Self {
             ebpf: Mutex::new(ebpf),
             tables: Mutex::new(tables),
             orig_dst,
+            probe_stats,
             paths,
             generation,
             stale_links: Mutex::new(stale_links),
@@ -267,7 +278,27 @@ impl Dataplane {
         self.pin_link(name, link)?;
 
         tracing::info!(cgroup = %self.paths.node_cgroup.display(), pin_dir = %self.paths.pin_dir.display(), "capture programs attached");
+
+        match &self.paths.kubelet_cgroup {
+            Some(kubelet) => {
+                let cgroup = File::open(kubelet).map_err(io_err(kubelet))?;
+                let name = programs::PROBE_SOCKOPS;
+                let prog: &mut SockOps = program(&mut ebpf, name)?;
+                prog.load().map_err(|source| Error::Program { program: name, source })?;
+                let link = prog.attach(&cgroup, CgroupAttachMode::Single).and_then(|id| prog.take_link(id));
+                self.pin_link(name, link)?;
+                tracing::info!(cgroup = %kubelet.display(), "kubelet probes recognised by their cgroup");
+            }
+            None => tracing::warn!(
+                "no kubelet cgroup (--kubelet-cgroup): the kubelet's plaintext probes are judged as any plaintext, and dropped for STRICT pods"
+            ),
+        }
         Ok(())
+    }
+
+    /// Kubelet probe connections the kernel has let through to pods' applications.
+    pub fn probe_connections(&self) -> u64 {
+        self.probe_stats.get(&0, 0).map(|per_cpu| per_cpu.iter().sum()).unwrap_or(0)
     }
 
     /// Pins a freshly attached program's link under this run's generation.
@@ -598,6 +629,9 @@ fn load_every_program(pin_dir: &Path) -> Result<Vec<&'static str>, Error> {
     let prog: &mut SkLookup = program(&mut ebpf, programs::SK_LOOKUP)?;
     prog.load().map_err(|source| Error::Program { program: programs::SK_LOOKUP, source })?;
     loaded.push(programs::SK_LOOKUP);
+    let prog: &mut SockOps = program(&mut ebpf, programs::PROBE_SOCKOPS)?;
+    prog.load().map_err(|source| Error::Program { program: programs::PROBE_SOCKOPS, source })?;
+    loaded.push(programs::PROBE_SOCKOPS);
     Ok(loaded)
 }
 

@@ -89,6 +89,14 @@ pub struct Settings {
     #[arg(long, env = "MESH_NODE_CGROUP")]
     pub node_cgroup: PathBuf,
 
+    /// cgroup v2 directory of the node's kubelet: its connections to pods are probes,
+    /// which the kernel lets through to the application even under STRICT (recognised
+    /// by the cgroup they come from, not by their address). Relative paths are resolved
+    /// against the cgroup2 mount. Default: `system.slice/kubelet.service` where it
+    /// exists (systemd's unit); without one, probes are judged as any plaintext.
+    #[arg(long, env = "MESH_KUBELET_CGROUP")]
+    pub kubelet_cgroup: Option<PathBuf>,
+
     /// Unix socket on which the CNI plugin (`mesh-cni`) hands the agent each new pod
     /// before its containers start. Its directory is made 0700, the socket 0600.
     #[arg(long, env = "MESH_CNI_SOCKET", default_value = crate::cni::DEFAULT_SOCKET)]

@@ -189,6 +189,8 @@ pub struct Metrics {
     pub config_applied: Counter,
     /// Pods enrolled on this node.
     pub enrolled_pods: Gauge,
+    /// Kubelet probe connections let through to applications (not mesh traffic).
+    pub probe_connections: Counter,
     denied: Family<DenyLabels, Counter>,
     refused: Family<RefusedLabels, Counter>,
     series: Mutex<SeriesIndex>,
@@ -209,11 +211,24 @@ impl Metrics {
         registry.register("mesh_enrolled_pods", "Pods captured on this node", m.enrolled_pods.clone());
         registry.register("mesh_denied", "Connections and requests refused by policy", m.denied.clone());
         registry.register(
+            "mesh_probe_connections",
+            "Kubelet probe connections the kernel let through to pods' applications (not mesh traffic)",
+            m.probe_connections.clone(),
+        );
+        registry.register(
             "mesh_connections_refused",
             "Connections closed or work shed at a resource cap (per source pod, per node, descriptors, buffers)",
             m.refused.clone(),
         );
         m
+    }
+
+    /// Brings `istio_mesh_probe_connections_total` up to the kernel's count.
+    pub fn probes_seen(&self, kernel_total: u64) {
+        let counted = self.probe_connections.get();
+        if kernel_total > counted {
+            self.probe_connections.inc_by(kernel_total - counted);
+        }
     }
 
     /// Counts a connection (or buffered body, or mirror) refused at a cap.

@@ -82,6 +82,12 @@ pub mod maps {
     /// `HashMap<NetnsPortKey, u32>`: plaintext verdicts (`PLAINTEXT_*`) for enrolled
     /// pods' ports; port 0 holds the pod's verdict for every port without an entry.
     pub const PLAINTEXT_POLICY: &str = "PLAINTEXT_POLICY";
+    /// `LruHashMap<FlowKey, u32>`: the open connections of the node's kubelet (written
+    /// by `mesh_probe_sockops`, attached to the kubelet's cgroup only). Plaintext on
+    /// one of these reaches a pod's application whatever its policy: a probe.
+    pub const PROBE_FLOWS: &str = "PROBE_FLOWS";
+    /// `PerCpuArray<u64>` with one entry: probe connections let through.
+    pub const PROBE_STATS: &str = "PROBE_STATS";
     /// aya-log's ring buffer. Pinned so that every per-pod `sk_lookup` instance writes
     /// to the one buffer the agent reads, instead of each load creating its own.
     pub const AYA_LOGS: &str = "AYA_LOGS";
@@ -109,6 +115,8 @@ pub mod programs {
     pub const GETPEERNAME6: &str = "mesh_getpeername6";
     /// `sk_lookup`.
     pub const SK_LOOKUP: &str = "mesh_sk_lookup";
+    /// `sockops` on the kubelet's cgroup: records its connections in `PROBE_FLOWS`.
+    pub const PROBE_SOCKOPS: &str = "mesh_probe_sockops";
 }
 
 /// Capacity of the maps; sizes are per node.
@@ -126,6 +134,9 @@ pub mod capacity {
     /// which judges everything the kernel passes, still refuses what they refuse), so
     /// one pod's policy can never use up the table for the others.
     pub const PLAINTEXT_PER_POD: u32 = 16;
+    /// Open connections of the kubelet remembered at once (an LRU map: the kubelet
+    /// runs a few probes per pod at a time).
+    pub const PROBE_FLOWS: u32 = 16384;
     /// Plaintext verdicts: [`PLAINTEXT_PER_POD`] for every pod.
     pub const PLAINTEXT_POLICY: u32 = PODS * PLAINTEXT_PER_POD;
 }
@@ -234,6 +245,21 @@ pub struct NetnsPortKey {
     pub port: u32,
     /// Explicit padding.
     pub _pad: u32,
+}
+
+/// Key of `PROBE_FLOWS`: a TCP connection as its client sees it (the pod sees the same
+/// four values from the other end, no address translation in between).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey {
+    /// Client (kubelet) address.
+    pub src: IpKey,
+    /// Server (pod) address.
+    pub dst: IpKey,
+    /// Client port, host order.
+    pub src_port: u32,
+    /// Server port, host order.
+    pub dst_port: u32,
 }
 
 /// `PLAINTEXT_POLICY` value: plaintext goes to the agent, which judges it.

@@ -26,12 +26,12 @@ use aya_ebpf::{
     },
     helpers::{bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
-    maps::{Array, HashMap, LruHashMap, SockMap},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, SockMap},
     programs::{SkLookupContext, SockAddrContext, SockOpsContext},
 };
 use aya_log_ebpf::{debug, warn};
 use mesh_common::{
-    CONFIG_FLAG_READY, IpKey, MeshConfig, NetnsPod, NetnsPortKey, OrigDst, PLAINTEXT_DROP, POD_FLAG_ENROLLED,
+    CONFIG_FLAG_READY, FlowKey, IpKey, MeshConfig, NetnsPod, NetnsPortKey, OrigDst, PLAINTEXT_DROP, POD_FLAG_ENROLLED,
     POD_FLAG_HAS_IP6, PodInfo, SockAddrKey, capacity, ports,
 };
 
@@ -73,6 +73,12 @@ static INBOUND_LISTENERS: SockMap = SockMap::pinned(capacity::PODS, 0);
 
 #[map(name = "PLAINTEXT_POLICY")]
 static PLAINTEXT_POLICY: HashMap<NetnsPortKey, u32> = HashMap::pinned(capacity::PLAINTEXT_POLICY, 0);
+
+#[map(name = "PROBE_FLOWS")]
+static PROBE_FLOWS: LruHashMap<FlowKey, u32> = LruHashMap::pinned(capacity::PROBE_FLOWS, 0);
+
+#[map(name = "PROBE_STATS")]
+static PROBE_STATS: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
 
 /// The inode of the network namespace this `sk_lookup` instance is attached to, set
 /// by the agent when it loads the instance for a pod ([`mesh_common::globals::NETNS_INO`]).
@@ -389,6 +395,14 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
         debug!(ctx, "mesh: no pod entry for this netns, dropping port {}", port);
         return SK_DROP;
     };
+    // SAFETY: the context pointer is valid for the whole program run.
+    let remote_port = u32::from(u16::from_be(unsafe { (*ctx.lookup).remote_port }));
+    if is_probe(&FlowKey { src: remote, dst: local, src_port: remote_port, dst_port: u32::from(port) }) {
+        // The kubelet's own connection (its cgroup's sockops recorded it): a probe,
+        // answered by the application itself whatever the pod's policy.
+        debug!(ctx, "mesh: kubelet probe to port {} passed", port);
+        return SK_PASS;
+    }
     if plaintext_dropped(netns, port) {
         // STRICT mTLS, or no policy could admit a peer without an identity: the SYN
         // never reaches user space. Mesh clients use 15008, which is not steered here.
@@ -411,6 +425,68 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
 #[inline(always)]
 fn is_loopback(ip: &IpKey) -> bool {
     (ip.is_v4_mapped() && u32::from_be(ip.words[3]) >> 24 == LOOPBACK_FIRST_OCTET) || is_v6_loopback(ip)
+}
+
+/// Whether `flow` is an open connection of the node's kubelet, and if so counts it.
+#[inline(always)]
+fn is_probe(flow: &FlowKey) -> bool {
+    // SAFETY: only presence is read.
+    if unsafe { PROBE_FLOWS.get(flow) }.is_none() {
+        return false;
+    }
+    if let Some(n) = PROBE_STATS.get_ptr_mut(0) {
+        // SAFETY: a per-CPU slot, written only by this CPU while this program runs.
+        unsafe { *n += 1 };
+    }
+    true
+}
+
+// === probe sockops (attached to the kubelet's cgroup only) ===
+
+#[sock_ops]
+pub fn mesh_probe_sockops(ctx: SockOpsContext) -> u32 {
+    try_probe_sockops(&ctx);
+    1
+}
+
+/// Records each connection of the kubelet while it is open: who sent a connection is
+/// known here, by the cgroup this program is attached to, and nowhere else on its way
+/// to the pod (marks do not cross network namespaces; source addresses are shared by
+/// every host process).
+#[inline(always)]
+fn try_probe_sockops(ctx: &SockOpsContext) {
+    match ctx.op() {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => {
+            let Some(flow) = flow_of(ctx) else { return };
+            if PROBE_FLOWS.insert(&flow, &1, 0).is_err() {
+                // Not recorded: the probe is judged as any plaintext (fail closed).
+                return;
+            }
+            let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+        }
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
+            if let Some(flow) = flow_of(ctx) {
+                let _ = PROBE_FLOWS.remove(&flow);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The socket's connection as its client sees it.
+#[inline(always)]
+fn flow_of(ctx: &SockOpsContext) -> Option<FlowKey> {
+    let (src, dst) = match ctx.family() {
+        AF_INET => (IpKey::from_v4(ctx.local_ip4()), IpKey::from_v4(ctx.remote_ip4())),
+        // SAFETY: the context pointer is valid for the whole program run.
+        AF_INET6 => unsafe {
+            (IpKey { words: read_ip6(&(*ctx.ops).local_ip6) }, IpKey { words: read_ip6(&(*ctx.ops).remote_ip6) })
+        },
+        _ => return None,
+    };
+    // local_port is in host order; remote_port holds the network-order port in its
+    // upper half on little-endian machines.
+    Some(FlowKey { src, dst, src_port: ctx.local_port(), dst_port: u32::from_be(ctx.remote_port()) })
 }
 
 /// The pod's verdict for plaintext to `port`: its own entry, else the pod's default.

@@ -93,6 +93,17 @@ pub struct Node {
 }
 
 impl Node {
+    /// The cgroup (relative to the cgroup2 root) of the node's kubelet stand-in: what
+    /// the agent is told is the kubelet (`--kubelet-cgroup`).
+    pub fn kubelet_cgroup(&self) -> String {
+        format!("{CGROUP_NAME}/kubelet-{}", self.name)
+    }
+
+    /// A cgroup for other processes of the node (not the kubelet, not a pod).
+    pub fn host_cgroup(&self) -> String {
+        format!("{CGROUP_NAME}/host-{}", self.name)
+    }
+
     /// The node's IPv6 pod subnet, `fd00:a:b:c::/64` for the IPv4 subnet `a.b.c.0/24`:
     /// every lab node is dual-stack, its pods are when their manifest says so.
     pub fn subnet6(&self) -> String {
@@ -753,6 +764,8 @@ impl Lab {
         for n in &self.nodes {
             fs::create_dir_all(self.cgroup_root.join(&n.cgroup))?;
             fs::create_dir_all(self.cgroup_root.join(&n.agent_cgroup))?;
+            fs::create_dir_all(self.cgroup_root.join(n.kubelet_cgroup()))?;
+            fs::create_dir_all(self.cgroup_root.join(n.host_cgroup()))?;
         }
         for p in &self.pods {
             fs::create_dir_all(self.cgroup_root.join(&p.cgroup))?;
@@ -782,6 +795,20 @@ impl Lab {
     pub fn pod_command(&self, pod: &str, argv: &[String]) -> anyhow::Result<Command> {
         let p = self.pod(pod)?;
         Ok(in_cgroup_netns(&self.cgroup_root.join(&p.cgroup), &p.netns, Enter::IpNetnsExec, argv))
+    }
+
+    /// A command that runs `argv` in `node`'s network namespace as its kubelet would:
+    /// in the kubelet's cgroup.
+    pub fn kubelet_command(&self, node: &str, argv: &[String]) -> anyhow::Result<Command> {
+        let n = self.node(node)?;
+        Ok(in_cgroup_netns(&self.cgroup_root.join(n.kubelet_cgroup()), &n.netns, Enter::Nsenter, argv))
+    }
+
+    /// A command that runs `argv` in `node`'s network namespace as another process of
+    /// the node (a hostNetwork pod, a daemon): outside the kubelet's cgroup.
+    pub fn host_command(&self, node: &str, argv: &[String]) -> anyhow::Result<Command> {
+        let n = self.node(node)?;
+        Ok(in_cgroup_netns(&self.cgroup_root.join(n.host_cgroup()), &n.netns, Enter::Nsenter, argv))
     }
 
     /// Runs `argv` in `pod` and returns its output.
@@ -852,6 +879,8 @@ impl Lab {
             n.pin_dir.display().to_string(),
             "--cni-socket".into(),
             n.cni_socket.display().to_string(),
+            "--kubelet-cgroup".into(),
+            self.cgroup_root.join(n.kubelet_cgroup()).display().to_string(),
             "--metrics-auth".into(),
             format!("token-file:{}", self.metrics_token_path().display()),
             "--admin-addr".into(),
@@ -1028,13 +1057,9 @@ impl Lab {
         }
         // Anything else started inside the lab's own cgroups (lab exec leftovers).
         let ca_cgroup = format!("{CGROUP_NAME}/ca");
-        for cg in self
-            .pods
-            .iter()
-            .map(|p| &p.cgroup)
-            .chain(self.nodes.iter().map(|n| &n.agent_cgroup))
-            .chain(std::iter::once(&ca_cgroup))
-        {
+        let node_cgroups: Vec<String> =
+            self.nodes.iter().flat_map(|n| [n.agent_cgroup.clone(), n.kubelet_cgroup(), n.host_cgroup()]).collect();
+        for cg in self.pods.iter().map(|p| &p.cgroup).chain(&node_cgroups).chain(std::iter::once(&ca_cgroup)) {
             let kill = self.cgroup_root.join(cg).join("cgroup.kill");
             if kill.exists() {
                 let _ = fs::write(kill, "1");
@@ -1063,6 +1088,8 @@ impl Lab {
             }
             remove_cgroup(&self.cgroup_root.join(&n.cgroup));
             remove_cgroup(&self.cgroup_root.join(&n.agent_cgroup));
+            remove_cgroup(&self.cgroup_root.join(n.kubelet_cgroup()));
+            remove_cgroup(&self.cgroup_root.join(n.host_cgroup()));
         }
         remove_cgroup(&self.cgroup_root.join(&ca_cgroup));
         remove_cgroup(&self.cgroup_root.join(CGROUP_NAME));
