@@ -87,6 +87,9 @@ pub struct Node {
     pub pin_dir: PathBuf,
     /// Agent pid, when running.
     pub agent_pid: Option<u32>,
+    /// The kubelet stand-in's pid, when running.
+    #[serde(default)]
+    pub kubelet_pid: Option<u32>,
     /// The agent's CNI socket.
     #[serde(default)]
     pub cni_socket: PathBuf,
@@ -403,6 +406,7 @@ impl Lab {
                 agent_cgroup: format!("{CGROUP_NAME}/agent-{name}"),
                 pin_dir: Path::new(PIN_ROOT).join(name),
                 agent_pid: None,
+                kubelet_pid: None,
                 cni_socket: opts.state_dir.join("cni").join(name).join("cni.sock"),
             });
         }
@@ -460,6 +464,7 @@ impl Lab {
         let names: Vec<String> = self.nodes.iter().map(|n| n.name.clone()).collect();
         for n in &names {
             self.start_agent(n)?;
+            self.start_kubelet(n)?;
         }
         for i in 0..self.pods.len() {
             self.start_pod(i)?;
@@ -854,6 +859,32 @@ impl Lab {
         remove_cgroup(&cg);
     }
 
+    /// Starts `node`'s kubelet stand-in (`mesh-kubelet`): in the node's network
+    /// namespace and the node's kubelet cgroup, probing the node's pods as their specs
+    /// say and publishing their readiness; it logs to `logs/kubelet-<node>.log`.
+    pub fn start_kubelet(&mut self, node: &str) -> anyhow::Result<()> {
+        let n = self.node(node)?.clone();
+        let log = fs::File::create(self.state_dir.join("logs").join(format!("kubelet-{node}.log")))?;
+        let argv: Vec<String> = vec![
+            self.echo_bin.with_file_name("mesh-kubelet").display().to_string(),
+            "--node".into(),
+            n.name.clone(),
+            "--config-dir".into(),
+            self.config_dir().display().to_string(),
+        ];
+        let child = in_cgroup_netns(&self.cgroup_root.join(n.kubelet_cgroup()), &n.netns, Enter::Nsenter, &argv)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting mesh-kubelet")?;
+        let pid = child.id();
+        if let Some(x) = self.nodes.iter_mut().find(|x| x.name == node) {
+            x.kubelet_pid = Some(pid);
+        }
+        self.save()
+    }
+
     /// Starts (or restarts) the agent of `node`.
     pub fn start_agent(&mut self, node: &str) -> anyhow::Result<()> {
         let n = self.node(node)?.clone();
@@ -1002,6 +1033,33 @@ impl Lab {
         fs::remove_file(&path).with_context(|| format!("{} is not applied", path.display()))
     }
 
+    /// The `Ready` condition of pod `namespace/name` as its node's kubelet stand-in
+    /// published it in the config directory; None when it has none (no readiness
+    /// probe: the pod counts as ready).
+    pub fn pod_ready(&self, namespace: &str, name: &str) -> Option<bool> {
+        for e in fs::read_dir(self.config_dir()).ok()?.flatten() {
+            let path = e.path();
+            if path.file_name().and_then(|n| n.to_str()).is_none_or(|n| n.starts_with('.')) {
+                continue;
+            }
+            let Ok(text) = fs::read_to_string(&path) else { continue };
+            for doc in serde_yaml::Deserializer::from_str(&text) {
+                let Ok(v) = <Value as serde::Deserialize>::deserialize(doc) else { continue };
+                let meta = &v["metadata"];
+                if v["kind"].as_str() != Some("Pod")
+                    || meta["name"].as_str() != Some(name)
+                    || meta["namespace"].as_str().unwrap_or("default") != namespace
+                {
+                    continue;
+                }
+                let conditions = v["status"]["conditions"].as_sequence()?;
+                let ready = conditions.iter().find(|c| c["type"].as_str() == Some("Ready"))?;
+                return Some(ready["status"].as_str() == Some("True"));
+            }
+        }
+        None
+    }
+
     /// A human-readable status.
     pub fn status(&self) -> String {
         let mut s = format!("lab state: {}\n", self.state_dir.display());
@@ -1028,9 +1086,14 @@ impl Lab {
                 (None, true) => "running".into(),
                 (None, false) => "down".into(),
             };
+            let ready = match self.pod_ready(&p.namespace, &p.name) {
+                Some(true) => "Ready",
+                Some(false) => "NotReady",
+                None => "Ready (no probe)",
+            };
             s.push_str(&format!(
-                "pod  {:<15} ns {:<11} node {:<6} ip {:<11} app {}\n",
-                p.name, p.namespace, p.node, p.ip, app
+                "pod  {:<15} ns {:<11} node {:<6} ip {:<11} {:<16} app {}\n",
+                p.name, p.namespace, p.node, p.ip, ready, app
             ));
         }
         s
@@ -1045,6 +1108,9 @@ impl Lab {
         for n in &self.nodes {
             if let Some(pid) = n.agent_pid {
                 stop_pid(pid, "TERM");
+            }
+            if let Some(pid) = n.kubelet_pid {
+                stop_pid(pid, "KILL");
             }
         }
         if let Some(pid) = self.ca_pid {

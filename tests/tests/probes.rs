@@ -69,3 +69,60 @@ fn kubelet_probes_reach_a_strict_pod_and_no_other_host_process_does() {
     // Counted apart from mesh traffic.
     eventually("probes counted", || (probes_counted(&lab) >= 6).then_some(()));
 }
+
+/// The backend named in an echo reply.
+fn replier(lab: &Lab) -> Option<String> {
+    let (ok, body) = mesh_tests::harness::curl(lab, "frontend", "http://myapp/");
+    ok.then(|| mesh_tests::harness::reply_pod(&body)).flatten()
+}
+
+#[test]
+fn a_pod_failing_its_readiness_probe_leaves_the_service_and_comes_back() {
+    let Some(mut lab) = lab("a_pod_failing_its_readiness_probe_leaves_the_service_and_comes_back") else { return };
+    // Probes go to a STRICT pod: they pass as the kubelet's.
+    apply_seed(&lab, "peerauthentication.yaml");
+    let manifest = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: myapp-v3\n  namespace: production\n  \
+                    uid: 3f0e2d1c-0000-4000-8000-00000000005f\n  labels: {app: myapp, version: v3}\nspec:\n  \
+                    serviceAccountName: myapp\n  nodeName: node1\n  containers:\n  - name: app\n    \
+                    image: mesh-echo\n    ports: [{name: http, containerPort: 8080}, {name: echo, containerPort: 9000}]\n    \
+                    readinessProbe: {httpGet: {path: /healthz, port: http}, periodSeconds: 1, failureThreshold: 1}\n    \
+                    livenessProbe: {httpGet: {path: /healthz, port: 8080}, initialDelaySeconds: 2, periodSeconds: 1, failureThreshold: 2}\n\
+                    status: {podIP: 10.10.1.95}\n";
+    let pod = lab.add_pod(manifest).unwrap();
+    assert!(pod.failed.is_none(), "{:?}", pod.failed);
+    eventually("myapp-v3 Ready (its probes pass STRICT)", || {
+        (lab.pod_ready("production", "myapp-v3") == Some(true)).then_some(())
+    });
+    eventually("myapp-v3 serves the Service", || (replier(&lab).as_deref() == Some("myapp-v3")).then_some(()));
+
+    // Its health endpoint fails: NotReady within the probe period, out of the Service.
+    let flip = |to: &str| {
+        let url = format!("http://127.0.0.1:8080/_health/{to}");
+        assert!(lab.exec("myapp-v3", &["curl", "-sf", "-X", "POST", &url]).unwrap().status.success());
+    };
+    let kubelet_log = || std::fs::read_to_string(lab.state_dir.join("logs/kubelet-node1.log")).unwrap();
+    assert!(!kubelet_log().contains("Killing"), "healthy so far:\n{}", kubelet_log());
+    flip("fail");
+    eventually("myapp-v3 NotReady", || (lab.pod_ready("production", "myapp-v3") == Some(false)).then_some(()));
+    eventually("myapp-v3 out of the endpoints", || {
+        (0..12).all(|_| replier(&lab).is_some_and(|p| p != "myapp-v3")).then_some(())
+    });
+    assert!(lab.status().contains("NotReady"), "lab status shows it:\n{}", lab.status());
+
+    eventually("the liveness failure reported", || kubelet_log().contains("will be restarted").then_some(()));
+
+    // Recovered: back in.
+    flip("ok");
+    eventually("myapp-v3 Ready again", || (lab.pod_ready("production", "myapp-v3") == Some(true)).then_some(()));
+    eventually("myapp-v3 serves again", || (replier(&lab).as_deref() == Some("myapp-v3")).then_some(()));
+    // Reported as the kubelet reports them: each failed probe an Unhealthy warning,
+    // and the liveness failure past its threshold a Killing event.
+    let log = kubelet_log();
+    for line in [
+        "pod/production/myapp-v3  Readiness probe failed: HTTP probe failed with statuscode: 503",
+        "pod/production/myapp-v3  Liveness probe failed: HTTP probe failed with statuscode: 503",
+        "pod/production/myapp-v3  Container failed liveness probe, will be restarted",
+    ] {
+        assert!(log.contains(line), "{line:?} not in:\n{log}");
+    }
+}

@@ -2,7 +2,8 @@
 //!
 //! `serve` answers HTTP (HTTP/1.1 and h2c) with JSON naming the pod and the request it
 //! saw, plus `/status/CODE`, `/delay/MS`, `/bytes/N`, `POST /echo`, `/_stats` (requests
-//! seen per path), `x-fail-on`/`x-slow-on: <pod or *>` headers, and an optional share of failing
+//! seen per path), `/healthz` (503 between `POST /_health/fail` and `POST /_health/ok`),
+//! `x-fail-on`/`x-slow-on: <pod or *>` headers, and an optional share of failing
 //! requests; it also echoes raw TCP on a second port. `dial` opens one TCP connection and
 //! reports both ends (and, held, whether the peer closed it); `load` runs concurrent TCP echo connections and checks every byte.
 #![forbid(unsafe_code)]
@@ -166,6 +167,9 @@ struct App {
     namespace: String,
     labels: BTreeMap<String, String>,
     fail_rate: f64,
+    /// `/healthz` answers 503 while set (`POST /_health/fail`, `POST /_health/ok`), so
+    /// tests can make a pod fail its probes and recover.
+    unhealthy: std::sync::atomic::AtomicBool,
     counter: AtomicU64,
     /// Requests seen per path, with the Host headers they carried (for retry and
     /// mirror tests: what reached this pod, not what the client saw).
@@ -192,6 +196,7 @@ async fn main() -> anyhow::Result<()> {
                 namespace,
                 labels,
                 fail_rate,
+                unhealthy: Default::default(),
                 counter: AtomicU64::new(0),
                 seen: Default::default(),
             });
@@ -418,6 +423,20 @@ async fn handle(app: &App, peer: SocketAddr, mut req: Request<Incoming>) -> Resp
     // Fixed-size bodies for benchmarks: no JSON work on the measured path.
     if let Some(n) = req.uri().path().strip_prefix("/bytes/").and_then(|n| n.parse::<usize>().ok()) {
         return Response::new(Full::new(BYTES_BODY.slice(..n.min(BYTES_BODY.len()))));
+    }
+    match (req.method(), req.uri().path()) {
+        (&http::Method::GET, "/healthz") => {
+            let mut r = Response::new(Full::new(Bytes::from_static(b"ok\n")));
+            if app.unhealthy.load(Ordering::Relaxed) {
+                *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+            }
+            return r;
+        }
+        (&http::Method::POST, "/_health/fail" | "/_health/ok") => {
+            app.unhealthy.store(req.uri().path() == "/_health/fail", Ordering::Relaxed);
+            return Response::new(Full::new(Bytes::new()));
+        }
+        _ => {}
     }
     if req.uri().path() == "/_stats" {
         let body = serde_json::to_string(&*app.seen.lock().unwrap_or_else(|p| p.into_inner())).unwrap_or_default();
