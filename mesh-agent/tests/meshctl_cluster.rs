@@ -30,6 +30,7 @@ async fn cluster() -> ApiServer {
         "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings",
         "/apis/rbac.authorization.k8s.io/v1/roles",
         "/apis/rbac.authorization.k8s.io/v1/rolebindings",
+        "/apis/networking.k8s.io/v1/networkpolicies",
         CRDS,
     ] {
         c.push(extra.into());
@@ -270,6 +271,28 @@ async fn analyze_and_preflight_read_the_cluster() {
     api.apply(&collection_path("networking.istio.io", "v1", "virtualservices"), bad);
     let (_, out) = run(&kc, &["analyze", "--cluster"]).await;
     assert!(out.contains("IST0106") && out.contains("spec.http[0].match[0].uri.regex"), "{out}");
+
+    // A NetworkPolicy that lets in only the application's port closes the tunnel to
+    // the enrolled pods it selects.
+    api.apply(
+        "/api/v1/namespaces",
+        json!({"apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": "production", "labels": {"istio.io/dataplane-mode": "ambient"}}}),
+    );
+    api.apply(
+        "/api/v1/pods",
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "myapp-v1", "namespace": "production", "labels": {"app": "myapp"}},
+            "spec": {"nodeName": "node1", "containers": [{"name": "app", "ports": [{"containerPort": 8080}]}]},
+            "status": {"podIP": "10.10.2.2"}}),
+    );
+    api.apply(
+        "/apis/networking.k8s.io/v1/networkpolicies",
+        json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": "myapp-in", "namespace": "production"},
+            "spec": {"podSelector": {"matchLabels": {"app": "myapp"}}, "ingress": [{"ports": [{"port": 8080}]}]}}),
+    );
+    let (_, out) = run(&kc, &["analyze", "--cluster"]).await;
+    assert!(out.contains("MESH0106") && out.contains("NetworkPolicy production/myapp-in"), "{out}");
 
     api.apply("/api/v1/nodes", node("node1", "6.1.0-28-amd64"));
     let (code, out) = run(&kc, &["check", "--pre", "--cluster"]).await;

@@ -123,6 +123,7 @@ pub fn analyze_objects(objects: &[Object], mesh: &MeshScope, found: Vec<Diagnost
     }
     out.extend(selectors_matching_nothing(objects, &snap, &mesh.root_namespace));
     out.extend(namespaces_outside_the_mesh(objects, &snap));
+    out.extend(network_policies_closing_the_tunnel(objects, &snap));
     out.sort();
     out.dedup();
     out
@@ -194,6 +195,58 @@ fn namespaces_outside_the_mesh(objects: &[Object], snap: &Snapshot) -> Vec<Diagn
         .collect()
 }
 
+/// MESH0106: a NetworkPolicy that selects enrolled pods and lets no one in on the
+/// tunnel port (15008), where every mesh connection to them arrives (from the client's
+/// pod). Probe ports need nothing: kubelet probes keep the node's address, and traffic
+/// from a pod's own node is always allowed by NetworkPolicy.
+fn network_policies_closing_the_tunnel(objects: &[Object], snap: &Snapshot) -> Vec<Diagnostic> {
+    let tunnel = mesh_common::ports::INBOUND_HBONE;
+    let mut out = Vec::new();
+    for o in objects {
+        let Object::NetworkPolicy(np) = o else { continue };
+        if !np.restricts_ingress() {
+            continue;
+        }
+        let ns = np.metadata.namespace_or_default();
+        let closed: Vec<String> = objects
+            .iter()
+            .filter_map(|o| match o {
+                Object::Pod(p) if p.metadata.namespace_or_default() == ns => Some(p),
+                _ => None,
+            })
+            .filter(|p| np.spec.pod_selector.selects(&p.metadata.labels))
+            .filter(|p| snap.workloads.iter().any(|w| w.namespace == ns && w.name == p.metadata.name && w.enrolled))
+            .filter(|p| {
+                let named = |name: &str| {
+                    p.spec
+                        .containers
+                        .iter()
+                        .flat_map(|c| &c.ports)
+                        .find(|cp| cp.name.as_deref() == Some(name))
+                        .map(|cp| cp.container_port)
+                };
+                !np.allows_tcp(tunnel, &named)
+            })
+            .map(|p| p.metadata.name.clone())
+            .collect();
+        if closed.is_empty() {
+            continue;
+        }
+        out.push(Diagnostic {
+            level: Level::Warning,
+            code: "MESH0106",
+            object: format!("NetworkPolicy {ns}/{}", np.metadata.name),
+            message: format!(
+                "selects enrolled pods ({}) but lets no one in on TCP {tunnel}, where all mesh traffic to them \
+                 arrives: add an ingress rule with `ports: [{{port: {tunnel}, protocol: TCP}}]` and the same `from` \
+                 as the application's ports",
+                closed.join(", ")
+            ),
+        });
+    }
+    out
+}
+
 /// The summary line `istioctl analyze` prints when nothing is wrong.
 pub fn clean_message(files: &[PathBuf]) -> String {
     let shown: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
@@ -203,4 +256,53 @@ pub fn clean_message(files: &[PathBuf]) -> String {
 /// Whether a file name is one the analyzer reads from a directory.
 pub fn is_config_file(p: &Path) -> bool {
     p.extension().and_then(|e| e.to_str()).is_some_and(|e| matches!(e, "yaml" | "yml" | "json"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PODS: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: production, labels: {istio.io/dataplane-mode: ambient}}\n---\n\
+        apiVersion: v1\nkind: Pod\nmetadata: {name: api, namespace: production, labels: {app: api}}\n\
+        spec: {nodeName: node1, containers: [{name: app, ports: [{name: http, containerPort: 8080}]}]}\n\
+        status: {podIP: 10.10.1.2}\n";
+
+    fn codes_for(policy: &str) -> Vec<Diagnostic> {
+        let text = format!("{PODS}---\n{policy}");
+        let objects = parse_documents(Path::new("netpol.yaml"), &text).unwrap();
+        let mesh = MeshScope::new("cluster.local");
+        analyze_objects(&objects, &mesh, Vec::new()).into_iter().filter(|d| d.code == "MESH0106").collect()
+    }
+
+    #[test]
+    fn a_network_policy_closing_the_tunnel_port_to_enrolled_pods_is_reported_with_the_fix() {
+        let app_only = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: api-in, namespace: production}\n\
+            spec:\n  podSelector: {matchLabels: {app: api}}\n  ingress: [{ports: [{port: 8080}]}]\n";
+        let found = codes_for(app_only);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].object, "NetworkPolicy production/api-in");
+        assert!(found[0].message.contains("(api)") && found[0].message.contains("port: 15008"), "{}", found[0].message);
+        // Deny-all ingress closes it too.
+        let deny_all = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: production}\n\
+            spec: {podSelector: {}, policyTypes: [Ingress]}\n";
+        assert_eq!(codes_for(deny_all).len(), 1);
+    }
+
+    #[test]
+    fn network_policies_that_let_the_tunnel_in_or_do_not_apply_are_quiet() {
+        for policy in [
+            // 15008 listed, or a range holding it, or a rule without ports.
+            "spec:\n  podSelector: {matchLabels: {app: api}}\n  ingress: [{ports: [{port: 8080}, {port: 15008, protocol: TCP}]}]\n",
+            "spec:\n  podSelector: {}\n  ingress: [{ports: [{port: 15000, endPort: 15010}]}]\n",
+            "spec:\n  podSelector: {}\n  ingress: [{from: [{podSelector: {}}]}]\n",
+            // Egress only, or selecting no enrolled pod.
+            "spec:\n  podSelector: {}\n  policyTypes: [Egress]\n",
+            "spec:\n  podSelector: {matchExpressions: [{key: app, operator: In, values: [web]}]}\n  ingress: []\n",
+        ] {
+            let np = format!(
+                "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: p, namespace: production}}\n{policy}"
+            );
+            assert!(codes_for(&np).is_empty(), "{policy}");
+        }
+    }
 }

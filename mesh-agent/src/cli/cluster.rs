@@ -730,6 +730,22 @@ pub async fn analyze_cluster(client: &kube::Client, mesh: &crate::state::MeshSco
             }
         }
     }
+    // NetworkPolicies: the agent does not watch them; read here for what they close.
+    let policies = Api::<k8s_openapi::api::networking::v1::NetworkPolicy>::all(client.clone());
+    match policies.list(&ListParams::default()).await {
+        Ok(list) => {
+            for np in list.items {
+                let json = serde_json::to_string(&np).unwrap_or_default();
+                match parse_documents(std::path::Path::new("cluster"), &json) {
+                    Ok(parsed) => objects.extend(parsed),
+                    Err(e) => found.push(analyze::refused(&e, "cluster")),
+                }
+            }
+        }
+        // Not served, or not readable by this user: nothing to say about them.
+        Err(kube::Error::Api(s)) if s.code == 404 || s.code == 403 => {}
+        Err(e) => return Err(api_error("list", "networkpolicies", e)),
+    }
     Ok(analyze::analyze_objects(&objects, mesh, found))
 }
 

@@ -10,7 +10,7 @@ use serde_yaml::Value;
 use super::Error;
 use super::istio::{DestinationRule, NETWORKING_VERSIONS, VirtualService};
 use super::linkerd::{SERVICE_PROFILE_VERSIONS, ServiceProfile, TRAFFIC_SPLIT_VERSIONS, TrafficSplit};
-use super::resources::{EndpointSlice, Namespace, Object, Pod, Service, ServiceAccount};
+use super::resources::{EndpointSlice, Namespace, NetworkPolicy, Object, Pod, Service, ServiceAccount};
 use super::security::{AuthorizationPolicy, PeerAuthentication, SECURITY_VERSIONS, WorkloadSelector};
 
 /// Kinds from other API groups the mesh will read but this version does not enforce yet.
@@ -196,6 +196,7 @@ fn parse_object(file: &Path, index: usize, value: Value) -> Result<Object, Error
         "ServiceProfile" => SERVICE_PROFILE_VERSIONS,
         "TrafficSplit" => TRAFFIC_SPLIT_VERSIONS,
         "PeerAuthentication" | "AuthorizationPolicy" => SECURITY_VERSIONS,
+        "NetworkPolicy" => &["networking.k8s.io/v1"],
         k if NOT_YET_SUPPORTED.contains(&k) => {
             return Err(err(label, "kind", format!("{k} ({api_version}) is not supported by this agent version yet")));
         }
@@ -234,6 +235,9 @@ fn parse_object(file: &Path, index: usize, value: Value) -> Result<Object, Error
         }
         "EndpointSlice" => {
             Object::EndpointSlice(typed::<EndpointSlice>(value).map_err(|(f, r)| err(label.clone(), &f, r))?)
+        }
+        "NetworkPolicy" => {
+            Object::NetworkPolicy(typed::<Box<NetworkPolicy>>(value).map_err(|(f, r)| err(label.clone(), &f, r))?)
         }
         _ => Object::Service(typed::<Service>(value).map_err(|(f, r)| err(label.clone(), &f, r))?),
     };
@@ -299,6 +303,7 @@ fn validate(object: &Object) -> Result<(), (String, String)> {
         Object::TrafficSplit(t) => &t.metadata,
         Object::PeerAuthentication(p) => &p.metadata,
         Object::AuthorizationPolicy(a) => &a.metadata,
+        Object::NetworkPolicy(n) => &n.metadata,
     };
     if !is_dns1123_subdomain(&meta.name) {
         return Err(("metadata.name".into(), format!("{:?} is not a valid DNS-1123 name", meta.name)));

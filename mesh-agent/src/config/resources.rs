@@ -34,6 +34,9 @@ pub enum Object {
     PeerAuthentication(Box<super::security::PeerAuthentication>),
     /// `security.istio.io/*/AuthorizationPolicy`.
     AuthorizationPolicy(Box<super::security::AuthorizationPolicy>),
+    /// `networking.k8s.io/v1/NetworkPolicy`: enforced by the network plugin, not by the
+    /// mesh; read so `meshctl analyze` can say when one blocks what the mesh needs.
+    NetworkPolicy(Box<NetworkPolicy>),
 }
 
 impl Object {
@@ -57,6 +60,7 @@ impl Object {
             Object::AuthorizationPolicy(a) => {
                 ("AuthorizationPolicy", a.metadata.namespace_or_default(), a.metadata.name.clone())
             }
+            Object::NetworkPolicy(n) => ("NetworkPolicy", n.metadata.namespace_or_default(), n.metadata.name.clone()),
         }
     }
 }
@@ -150,6 +154,129 @@ pub struct Container {
     /// Declared ports.
     #[serde(default)]
     pub ports: Vec<ContainerPort>,
+}
+
+/// A port by number or by name.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum PortRef {
+    /// A number.
+    Number(u16),
+    /// A container port's name.
+    Name(String),
+}
+
+/// `networking.k8s.io/v1/NetworkPolicy`, with what decides which ports it lets in.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct NetworkPolicy {
+    /// Metadata.
+    pub metadata: ObjectMeta,
+    /// Spec.
+    #[serde(default)]
+    pub spec: NetworkPolicySpec,
+}
+
+/// `NetworkPolicy.spec`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkPolicySpec {
+    /// The pods it applies to (in its namespace).
+    #[serde(default)]
+    pub pod_selector: LabelSelector,
+    /// `Ingress`, `Egress`; when absent, Ingress (and Egress if rules are given).
+    #[serde(default)]
+    pub policy_types: Vec<String>,
+    /// Ingress rules: what may come in (none: nothing).
+    #[serde(default)]
+    pub ingress: Vec<NetworkPolicyIngressRule>,
+}
+
+/// One ingress rule: its peers may reach its ports (all ports when none are listed).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct NetworkPolicyIngressRule {
+    /// Ports; empty: all.
+    #[serde(default)]
+    pub ports: Vec<NetworkPolicyPort>,
+}
+
+/// A port (or range) of an ingress rule.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkPolicyPort {
+    /// `TCP` (default), `UDP`, `SCTP`.
+    #[serde(default)]
+    pub protocol: Option<String>,
+    /// Number or named port; absent: every port.
+    #[serde(default)]
+    pub port: Option<PortRef>,
+    /// Last port of a range starting at `port`.
+    #[serde(default)]
+    pub end_port: Option<u16>,
+}
+
+/// A Kubernetes label selector.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LabelSelector {
+    /// Labels all required.
+    #[serde(default)]
+    pub match_labels: BTreeMap<String, String>,
+    /// Expressions all required.
+    #[serde(default)]
+    pub match_expressions: Vec<LabelSelectorRequirement>,
+}
+
+/// `In`, `NotIn`, `Exists`, `DoesNotExist`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct LabelSelectorRequirement {
+    /// Label key.
+    pub key: String,
+    /// Operator.
+    pub operator: String,
+    /// Values (for `In` and `NotIn`).
+    #[serde(default)]
+    pub values: Vec<String>,
+}
+
+impl LabelSelector {
+    /// Whether `labels` are selected (an empty selector selects everything).
+    pub fn selects(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.match_labels.iter().all(|(k, v)| labels.get(k) == Some(v))
+            && self.match_expressions.iter().all(|e| {
+                let value = labels.get(&e.key);
+                match e.operator.as_str() {
+                    "In" => value.is_some_and(|v| e.values.contains(v)),
+                    "NotIn" => value.is_none_or(|v| !e.values.contains(v)),
+                    "Exists" => value.is_some(),
+                    "DoesNotExist" => value.is_none(),
+                    _ => false,
+                }
+            })
+    }
+}
+
+impl NetworkPolicy {
+    /// Whether it restricts ingress.
+    pub fn restricts_ingress(&self) -> bool {
+        self.spec.policy_types.is_empty() || self.spec.policy_types.iter().any(|t| t == "Ingress")
+    }
+
+    /// Whether some ingress rule lets TCP `port` in (from some peer); `named` resolves
+    /// a port name on the selected pod.
+    pub fn allows_tcp(&self, port: u16, named: &dyn Fn(&str) -> Option<u16>) -> bool {
+        self.spec.ingress.iter().any(|rule| {
+            rule.ports.is_empty()
+                || rule.ports.iter().any(|p| {
+                    let tcp = p.protocol.as_deref().is_none_or(|proto| proto.eq_ignore_ascii_case("TCP"));
+                    let covers = match &p.port {
+                        None => true,
+                        Some(PortRef::Number(first)) => (*first..=p.end_port.unwrap_or(*first)).contains(&port),
+                        Some(PortRef::Name(name)) => named(name) == Some(port),
+                    };
+                    tcp && covers
+                })
+        })
+    }
 }
 
 /// `Pod.spec.containers[].ports[]`.
