@@ -66,7 +66,7 @@ impl Default for Host {
 /// Runs every pre-flight check on `host`. `load_programs` also loads the agent's
 /// programs (needs root and a mounted bpffs; skipped when an earlier check failed).
 pub fn preflight(host: &Host, load_programs: bool) -> Vec<Finding> {
-    let mut out = vec![kernel(host), btf(host), cgroup2(host), bpffs(host), capabilities(host)];
+    let mut out = vec![kernel(host), btf(host), cgroup2(host), kubelet(host), bpffs(host), capabilities(host)];
     if load_programs {
         out.push(if out.iter().all(Finding::ok) {
             programs(&host.bpffs)
@@ -121,6 +121,28 @@ fn cgroup2(host: &Host) -> Finding {
             "no cgroup2 mount in /proc/mounts",
             "boot with systemd.unified_cgroup_hierarchy=1, or mount cgroup2 (hybrid layouts work)",
         ),
+    }
+}
+
+/// Where the kubelet's cgroup is: its probes pass STRICT by it. Not a failure when
+/// missing (the kubelet may run elsewhere, given with `--kubelet-cgroup`), but said.
+fn kubelet(host: &Host) -> Finding {
+    let what = "kubelet cgroup";
+    let mounts = std::fs::read_to_string(host.proc.join("mounts")).unwrap_or_default();
+    let Some(root) = cgroup2_mount(&mounts) else {
+        return Finding::pass(what, "not looked for: no cgroup2 mount");
+    };
+    let unit = root.join(crate::dataplane::KUBELET_UNIT_CGROUP);
+    if unit.is_dir() {
+        Finding::pass(what, format!("{}: the kubelet's probes reach STRICT pods", unit.display()))
+    } else {
+        Finding::pass(
+            what,
+            format!(
+                "no {} here: unless the agent is given --kubelet-cgroup, kubelet probes to STRICT pods are dropped",
+                unit.display()
+            ),
+        )
     }
 }
 
@@ -208,12 +230,26 @@ mod tests {
         std::fs::write(proc.join("self/status"), "CapEff:\t0000000000000000\n").unwrap();
         let host = Host { proc, sys: dir.path().join("sys"), bpffs: dir.path().join("bpf") };
         let found = preflight(&host, true);
-        assert_eq!(found.len(), 6);
-        for f in &found {
+        assert_eq!(found.len(), 7);
+        for f in found.iter().filter(|f| f.what != "kubelet cgroup") {
             assert!(!f.ok(), "{f:?}");
             assert!(f.fix.as_deref().is_some_and(|x| !x.is_empty()));
         }
         assert!(found[0].detail.contains("4.19.0 is older than 5.10"));
-        assert!(found[4].detail.contains("CAP_BPF"));
+        assert!(found[5].detail.contains("CAP_BPF"));
+    }
+
+    #[test]
+    fn the_kubelet_cgroup_is_reported_found_or_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let (proc, cgroup) = (dir.path().join("proc"), dir.path().join("cgroup"));
+        std::fs::create_dir_all(&proc).unwrap();
+        std::fs::write(proc.join("mounts"), format!("cgroup2 {} cgroup2 rw 0 0\n", cgroup.display())).unwrap();
+        let host = Host { proc, sys: dir.path().join("sys"), bpffs: dir.path().join("bpf") };
+        let missing = kubelet(&host);
+        assert!(missing.ok() && missing.detail.contains("--kubelet-cgroup"), "{missing:?}");
+        std::fs::create_dir_all(cgroup.join("system.slice/kubelet.service")).unwrap();
+        let found = kubelet(&host);
+        assert!(found.detail.contains("kubelet.service: the kubelet's probes reach STRICT pods"), "{found:?}");
     }
 }
