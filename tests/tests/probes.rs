@@ -1,4 +1,4 @@
-//! Kubelet probes under STRICT mTLS, in the lab: the kubelet's plaintext connections to
+//! Kubelet probes (HTTP, TCP, gRPC) under STRICT mTLS, in the lab: the kubelet's plaintext connections to
 //! a STRICT pod reach its application, recognised in the kernel by the kubelet's cgroup
 //! (`mesh_probe_sockops` records its connections; the pod's `sk_lookup` lets those
 //! through), while the same plaintext from any other process of the node is dropped.
@@ -42,6 +42,13 @@ fn tcp_probe(lab: &Lab, from: From, addr: &str) -> bool {
     command(lab, from, &["timeout", "3", &echo, "dial", addr]).stdin(Stdio::null()).output().unwrap().status.success()
 }
 
+/// A gRPC probe (`grpc`): whether the call completes with `grpc-status: 0`.
+fn grpc_probe(lab: &Lab, from: From, addr: &str) -> bool {
+    let echo = root().join("target/debug/mesh-echo").display().to_string();
+    let out = command(lab, from, &["timeout", "3", &echo, "grpc", addr]).stdin(Stdio::null()).output().unwrap();
+    out.status.success() && String::from_utf8_lossy(&out.stdout).contains("\"grpc_status\":\"0\"")
+}
+
 fn probes_counted(lab: &Lab) -> u64 {
     metrics(lab, "node1")
         .lines()
@@ -55,7 +62,7 @@ fn kubelet_probes_reach_a_strict_pod_and_no_other_host_process_does() {
     let Some(lab) = lab("kubelet_probes_reach_a_strict_pod_and_no_other_host_process_does") else { return };
     // myapp-v2 runs on node1, as the kubelet that probes it.
     let v2 = lab.pod("myapp-v2").unwrap().ip;
-    let (health, tcp) = (format!("http://{v2}:8080/health"), format!("{v2}:9000"));
+    let (health, tcp, grpc) = (format!("http://{v2}:8080/health"), format!("{v2}:9000"), format!("{v2}:8080"));
     assert_eq!(http_probe(&lab, From::Host, &health), "200", "PERMISSIVE: any plaintext is served");
 
     apply_seed(&lab, "peerauthentication.yaml");
@@ -63,11 +70,13 @@ fn kubelet_probes_reach_a_strict_pod_and_no_other_host_process_does() {
     for _ in 0..3 {
         assert_eq!(http_probe(&lab, From::Kubelet, &health), "200", "the kubelet's HTTP probe under STRICT");
         assert!(tcp_probe(&lab, From::Kubelet, &tcp), "the kubelet's TCP probe under STRICT");
+        assert!(grpc_probe(&lab, From::Kubelet, &grpc), "the kubelet's gRPC probe under STRICT");
         assert_eq!(http_probe(&lab, From::Host, &health), "000", "plaintext from another host process");
         assert!(!tcp_probe(&lab, From::Host, &tcp), "a TCP connection from another host process");
+        assert!(!grpc_probe(&lab, From::Host, &grpc), "gRPC from another host process");
     }
     // Counted apart from mesh traffic.
-    eventually("probes counted", || (probes_counted(&lab) >= 6).then_some(()));
+    eventually("probes counted", || (probes_counted(&lab) >= 9).then_some(()));
 }
 
 /// The backend named in an echo reply.
@@ -86,7 +95,7 @@ fn a_pod_failing_its_readiness_probe_leaves_the_service_and_comes_back() {
                     serviceAccountName: myapp\n  nodeName: node1\n  containers:\n  - name: app\n    \
                     image: mesh-echo\n    ports: [{name: http, containerPort: 8080}, {name: echo, containerPort: 9000}]\n    \
                     readinessProbe: {httpGet: {path: /healthz, port: http}, periodSeconds: 1, failureThreshold: 1}\n    \
-                    livenessProbe: {httpGet: {path: /healthz, port: 8080}, initialDelaySeconds: 2, periodSeconds: 1, failureThreshold: 2}\n\
+                    livenessProbe: {grpc: {port: 8080}, initialDelaySeconds: 2, periodSeconds: 1, failureThreshold: 2}\n\
                     status: {podIP: 10.10.1.95}\n";
     let pod = lab.add_pod(manifest).unwrap();
     assert!(pod.failed.is_none(), "{:?}", pod.failed);
@@ -120,7 +129,7 @@ fn a_pod_failing_its_readiness_probe_leaves_the_service_and_comes_back() {
     let log = kubelet_log();
     for line in [
         "pod/production/myapp-v3  Readiness probe failed: HTTP probe failed with statuscode: 503",
-        "pod/production/myapp-v3  Liveness probe failed: HTTP probe failed with statuscode: 503",
+        "pod/production/myapp-v3  Liveness probe failed: service unhealthy (responded with \"NOT_SERVING\")",
         "pod/production/myapp-v3  Container failed liveness probe, will be restarted",
     ] {
         assert!(log.contains(line), "{line:?} not in:\n{log}");

@@ -2,7 +2,8 @@
 //!
 //! `serve` answers HTTP (HTTP/1.1 and h2c) with JSON naming the pod and the request it
 //! saw, plus `/status/CODE`, `/delay/MS`, `/bytes/N`, `POST /echo`, `/_stats` (requests
-//! seen per path), `/healthz` (503 between `POST /_health/fail` and `POST /_health/ok`),
+//! seen per path), `/healthz` and gRPC `grpc.health.v1.Health/Check` (503 / NOT_SERVING
+//! between `POST /_health/fail` and `POST /_health/ok`),
 //! `x-fail-on`/`x-slow-on: <pod or *>` headers, and an optional share of failing
 //! requests; it also echoes raw TCP on a second port. `dial` opens one TCP connection and
 //! reports both ends (and, held, whether the peer closed it); `load` runs concurrent TCP echo connections and checks every byte.
@@ -299,6 +300,17 @@ async fn grpc(app: &App, req: Request<Incoming>) -> Response<AnyBody> {
     let grpc_headers = |r: &mut Response<AnyBody>| {
         r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));
     };
+    if req.uri().path() == "/grpc.health.v1.Health/Check" {
+        // HealthCheckResponse { status: SERVING (1) | NOT_SERVING (2) }, as the
+        // /healthz switch says.
+        let status = if app.unhealthy.load(Ordering::Relaxed) { 2 } else { 1 };
+        let message = Bytes::from(vec![0, 0, 0, 0, 2, 0x08, status]);
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+        let mut r = Response::new(DataThenTrailers { data: Some(message), trailers: Some(trailers) }.boxed());
+        grpc_headers(&mut r);
+        return r;
+    }
     if fail {
         let mut r = Response::new(Full::new(Bytes::new()).boxed());
         grpc_headers(&mut r);

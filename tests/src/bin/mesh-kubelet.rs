@@ -1,8 +1,8 @@
 //! `mesh-kubelet`: the lab's kubelet stand-in, one per node, run in the node's network
 //! namespace and in the node's kubelet cgroup (the agent recognises its probes by that
 //! cgroup). It runs the `readinessProbe` and `livenessProbe` of each container of the
-//! node's pods as written in their specs (`httpGet` and `tcpSocket`, on a port number
-//! or a named port; `initialDelaySeconds`, `periodSeconds`, `timeoutSeconds`,
+//! node's pods as written in their specs (`httpGet`, `tcpSocket` and `grpc`, on a port
+//! number or a named port; `initialDelaySeconds`, `periodSeconds`, `timeoutSeconds`,
 //! `successThreshold`, `failureThreshold` with Kubernetes' defaults), and publishes
 //! readiness as the kubelet does: the pod's `Ready` condition, written into the pod's
 //! manifest in the lab's config directory (the lab's API). A liveness failure is
@@ -46,8 +46,18 @@ struct Probe {
 
 #[derive(Debug, Clone, PartialEq)]
 enum Action {
-    Http { port: u16, path: String },
-    Tcp { port: u16 },
+    Http {
+        port: u16,
+        path: String,
+    },
+    Tcp {
+        port: u16,
+    },
+    /// `grpc.health.v1.Health/Check` for `service`.
+    Grpc {
+        port: u16,
+        service: String,
+    },
 }
 
 /// Where a probe stands.
@@ -129,8 +139,12 @@ fn probe(container: &Value, kind: &str) -> Option<Probe> {
         Action::Http { port: port_of(h.get("port")?)?, path }
     } else if let Some(t) = p.get("tcpSocket") {
         Action::Tcp { port: port_of(t.get("port")?)? }
+    } else if let Some(g) = p.get("grpc") {
+        // A gRPC probe's port is a number only, as in the API.
+        let port = g.get("port")?.as_u64().and_then(|n| u16::try_from(n).ok())?;
+        Action::Grpc { port, service: g.get("service").and_then(Value::as_str).unwrap_or("").to_string() }
     } else {
-        eprintln!("mesh-kubelet: a {kind} other than httpGet or tcpSocket is not run in the lab");
+        eprintln!("mesh-kubelet: a {kind} without httpGet, tcpSocket or grpc is not run");
         return None;
     };
     let threshold = |key: &str, default: u64| p.get(key).and_then(Value::as_u64).unwrap_or(default) as u32;
@@ -147,6 +161,17 @@ fn probe(container: &Value, kind: &str) -> Option<Probe> {
 /// Runs `probe` against `ip`; Err says why it failed, as the kubelet words it.
 fn run(probe: &Probe, ip: std::net::IpAddr) -> Result<(), String> {
     match &probe.action {
+        Action::Grpc { port, service } => {
+            let addr = SocketAddr::new(ip, *port);
+            let runtime =
+                tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+            match runtime.block_on(async { tokio::time::timeout(probe.timeout, grpc_health(addr, service)).await }) {
+                Ok(Ok(1)) => Ok(()),
+                Ok(Ok(status)) => Err(format!("service unhealthy (responded with {:?})", serving_status(status))),
+                Ok(Err(e)) => Err(format!("failed to connect service {addr:?}: {e}")),
+                Err(_) => Err(format!("timeout: health rpc did not complete within {:?}", probe.timeout)),
+            }
+        }
         Action::Tcp { port } => TcpStream::connect_timeout(&SocketAddr::new(ip, *port), probe.timeout)
             .map(drop)
             .map_err(|e| format!("dial tcp {ip}:{port}: {e}")),
@@ -165,6 +190,57 @@ fn run(probe: &Probe, ip: std::net::IpAddr) -> Result<(), String> {
             let code: u16 = line.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
             if (200..400).contains(&code) { Ok(()) } else { Err(format!("HTTP probe failed with statuscode: {code}")) }
         }
+    }
+}
+
+fn serving_status(status: u8) -> &'static str {
+    match status {
+        1 => "SERVING",
+        2 => "NOT_SERVING",
+        3 => "SERVICE_UNKNOWN",
+        _ => "UNKNOWN",
+    }
+}
+
+/// `grpc.health.v1.Health/Check` over h2c: the `status` of the HealthCheckResponse.
+async fn grpc_health(addr: SocketAddr, service: &str) -> anyhow::Result<u8> {
+    use http_body_util::BodyExt as _;
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp))
+            .await?;
+    tokio::spawn(conn);
+    // HealthCheckRequest { service } (field 1, a string), in a gRPC frame.
+    let mut message = Vec::new();
+    if !service.is_empty() {
+        message.push(0x0a);
+        message.push(u8::try_from(service.len()).context("service name too long")?);
+        message.extend_from_slice(service.as_bytes());
+    }
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&message);
+    let req = http::Request::post(format!("http://{addr}/grpc.health.v1.Health/Check"))
+        .header(http::header::CONTENT_TYPE, "application/grpc")
+        .header("te", "trailers")
+        .body(http_body_util::Full::new(bytes::Bytes::from(frame)))?;
+    let res = sender.send_request(req).await?;
+    let mut grpc_status = res.headers().get("grpc-status").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let mut body = res.into_body();
+    let mut data = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame?;
+        if let Some(t) = frame.trailers_ref() {
+            grpc_status = t.get("grpc-status").and_then(|v| v.to_str().ok()).map(str::to_owned).or(grpc_status);
+        } else if let Some(d) = frame.data_ref() {
+            data.extend_from_slice(d);
+        }
+    }
+    anyhow::ensure!(grpc_status.as_deref() == Some("0"), "rpc error: grpc-status {grpc_status:?}");
+    // The frame's message: [0x08, status].
+    match data.get(5..) {
+        Some([0x08, status, ..]) => Ok(*status),
+        _ => Ok(0),
     }
 }
 
