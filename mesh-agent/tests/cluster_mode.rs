@@ -344,6 +344,9 @@ async fn the_agent_waits_for_the_api_then_serves_and_follows_it() {
     let (code, body) = get_as(&scrape, Some("token-of-prometheus")).await.unwrap();
     assert_eq!(code, 200, "{body}\n{}", log());
     assert!(body.contains("istio_mesh_enrolled_pods"), "{body}");
+    // Allowed /metrics only: the decision cached for it is not reused for another path.
+    let other = format!("http://127.0.0.1:{metrics}/stats/prometheus");
+    assert_eq!(get_as(&other, Some("token-of-prometheus")).await.unwrap().0, 403, "not granted /stats/prometheus");
     assert!(!log().contains("token-of-"), "tokens are never logged");
     // The admin address (loopback) is the node's own and is not asked.
     assert_eq!(get(&format!("http://127.0.0.1:{admin}/metrics")).await.unwrap().0, 200);

@@ -7,7 +7,8 @@
 //! the non-resource URL (`/metrics`); Prometheus' service account has that through a
 //! ClusterRole (`mesh-metrics-reader` in the manifests). In the lab, a file of tokens.
 //! The admin address (loopback) is not checked: whoever reaches it is on the node.
-//! Tokens are never logged; decisions are cached by the token's SHA-256 for a minute.
+//! Tokens are never logged; decisions are cached by the SHA-256 of the token and the
+//! path asked for (SubjectAccessReview judges one path) for a minute.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -69,7 +70,7 @@ pub enum Refusal {
     Busy,
 }
 
-/// Token digest -> (decided at, decision).
+/// Digest of (path, token) -> (decided at, decision).
 type DecisionCache = HashMap<[u8; 32], (Instant, Result<(), Refusal>)>;
 
 /// The check applied to `/metrics`.
@@ -82,7 +83,7 @@ pub enum ScrapeAuth {
     Kube {
         /// API client.
         client: kube::Client,
-        /// Token digest -> (decided at, decision).
+        /// Digest of (path, token) -> (decided at, decision).
         cache: Mutex<DecisionCache>,
         /// Reviews in flight.
         reviews: tokio::sync::Semaphore,
@@ -155,7 +156,8 @@ impl ScrapeAuth {
                 }
             }
             ScrapeAuth::Kube { client, cache, reviews } => {
-                let key = digest(token);
+                // The decision is for this path: a user allowed one is not allowed all.
+                let key = digest(&format!("{path}\n{token}"));
                 if let Some((at, decision)) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key)
                     && at.elapsed() < CACHE_TTL
                 {
