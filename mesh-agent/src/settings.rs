@@ -198,6 +198,24 @@ pub enum LogFormat {
     Json,
 }
 
+impl LogFormat {
+    /// Sends the process's logs to stderr in this format, filtered by `MESH_LOG`
+    /// (default `info`), coloured only on a terminal.
+    pub fn init(self) {
+        use std::io::IsTerminal as _;
+        let filter = tracing_subscriber::EnvFilter::try_from_env("MESH_LOG")
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        let builder = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal());
+        match self {
+            LogFormat::Json => builder.json().init(),
+            LogFormat::Text => builder.init(),
+        }
+    }
+}
+
 impl Settings {
     /// What the snapshot compilation needs of the mesh.
     pub fn mesh_scope(&self) -> crate::state::MeshScope {
