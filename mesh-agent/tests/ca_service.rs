@@ -40,23 +40,14 @@ fn start_ca() -> Ca {
     std::fs::create_dir_all(dir.path().join("config")).unwrap();
     std::fs::write(dir.path().join("config/pods.yaml"), PODS).unwrap();
     std::fs::write(dir.path().join("tokens"), "token-of-node1 node1\ntoken-of-node2 node2\n").unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let child = Command::new(env!("CARGO_BIN_EXE_mesh-ca"))
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--server-name", "mesh-ca.test", "--max-ttl", "1h"])
-        .args(["--reload-interval", "200ms"])
-        .arg("--ca-dir")
-        .arg(dir.path().join("ca"))
-        .arg("--config-dir")
-        .arg(dir.path().join("config"))
-        .arg("--token-file")
-        .arg(dir.path().join("tokens"))
-        .env("MESH_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.path().join("ca.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let ca = Ca { child, addr: format!("127.0.0.1:{port}"), dir };
+    let (config, tokens) = (dir.path().join("config"), dir.path().join("tokens"));
+    let ca = Ca::spawn(dir, |cmd| {
+        cmd.args(["--max-ttl", "1h", "--reload-interval", "200ms"])
+            .arg("--config-dir")
+            .arg(config)
+            .arg("--token-file")
+            .arg(tokens);
+    });
     let deadline = Instant::now() + Duration::from_secs(20);
     while std::net::TcpStream::connect(&ca.addr).is_err() || !ca.dir.path().join("ca/root-cert.pem").exists() {
         assert!(Instant::now() < deadline, "mesh-ca never listened: {}", ca.log());
@@ -66,6 +57,22 @@ fn start_ca() -> Ca {
 }
 
 impl Ca {
+    /// Starts `mesh-ca` on a free loopback port with its CA files in `dir/ca` and its
+    /// log in `dir/ca.log`; `configure` adds the mode's own arguments.
+    fn spawn(dir: tempfile::TempDir, configure: impl FnOnce(&mut Command)) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_mesh-ca"));
+        cmd.args(["--listen", &format!("127.0.0.1:{port}"), "--server-name", "mesh-ca.test"])
+            .arg("--ca-dir")
+            .arg(dir.path().join("ca"))
+            .env("MESH_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("ca.log")).unwrap());
+        configure(&mut cmd);
+        Ca { child: cmd.spawn().unwrap(), addr: format!("127.0.0.1:{port}"), dir }
+    }
+
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("ca.log")).unwrap_or_default()
     }
@@ -217,19 +224,16 @@ async fn in_a_cluster_agents_are_known_by_token_review_and_get_their_nodes_pods_
     );
     api.add_token("unbound", bound_user("istio-system:mesh-agent", None));
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let child = Command::new(env!("CARGO_BIN_EXE_mesh-ca"))
-        .args(["--config-source", "kubernetes", "--kube-api-url", &api.url(), "--ca-secret", "istio-system/cacerts"])
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--server-name", "mesh-ca.test"])
-        .arg("--ca-dir")
-        .arg(dir.path().join("ca"))
-        .env("MESH_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.path().join("ca.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let ca = Ca { child, addr: format!("127.0.0.1:{port}"), dir };
+    let ca = Ca::spawn(dir, |cmd| {
+        cmd.args([
+            "--config-source",
+            "kubernetes",
+            "--kube-api-url",
+            &api.url(),
+            "--ca-secret",
+            "istio-system/cacerts",
+        ]);
+    });
     let deadline = Instant::now() + Duration::from_secs(20);
     while std::net::TcpStream::connect(&ca.addr).is_err() {
         assert!(Instant::now() < deadline, "mesh-ca never listened: {}", ca.log());

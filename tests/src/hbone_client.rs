@@ -51,9 +51,10 @@ pub struct Outcome {
     pub error: Option<String>,
 }
 
-/// Accepts any server certificate: this client tests the server's checks, not its own.
+/// Accepts any server certificate: the clients that use it test the server's checks,
+/// not their own (here and in the hostile-client suite).
 #[derive(Debug)]
-struct AnyServer(Arc<rustls::crypto::CryptoProvider>);
+pub struct AnyServer(pub Arc<rustls::crypto::CryptoProvider>);
 
 impl ServerCertVerifier for AnyServer {
     fn verify_server_cert(

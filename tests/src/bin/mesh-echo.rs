@@ -349,35 +349,17 @@ impl http_body::Body for DataThenTrailers {
 }
 
 async fn grpc_client(addr: &str, message: &str, headers: &[String]) -> anyhow::Result<()> {
-    let tcp = TcpStream::connect(addr).await.with_context(|| format!("connect {addr}"))?;
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await?;
-    tokio::spawn(conn);
-    let mut frame = vec![0u8];
-    frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
-    frame.extend_from_slice(message.as_bytes());
-    let mut req = Request::post(format!("http://{addr}/echo.Echo/Say"))
-        .header(http::header::CONTENT_TYPE, "application/grpc")
-        .header("te", "trailers")
-        .body(Full::new(Bytes::from(frame)))?;
+    let mut extra = Vec::new();
     for h in headers {
         let (k, v) = h.split_once(':').context("--header wants name: value")?;
-        req.headers_mut().insert(http::HeaderName::from_bytes(k.trim().as_bytes())?, v.trim().parse()?);
+        extra.push((http::HeaderName::from_bytes(k.trim().as_bytes())?, v.trim().parse()?));
     }
-    let res = sender.send_request(req).await?;
-    let status = res.status().as_u16();
-    let mut grpc_status = res.headers().get("grpc-status").and_then(|v| v.to_str().ok()).map(str::to_owned);
-    let mut body = res.into_body();
-    let mut data = Vec::new();
-    while let Some(frame) = body.frame().await {
-        let frame = frame?;
-        if let Some(t) = frame.trailers_ref() {
-            grpc_status = t.get("grpc-status").and_then(|v| v.to_str().ok()).map(str::to_owned).or(grpc_status);
-        } else if let Some(d) = frame.data_ref() {
-            data.extend_from_slice(d);
-        }
-    }
-    let echoed = if data.len() >= 5 { String::from_utf8_lossy(&data[5..]).into_owned() } else { String::new() };
-    println!("{}", serde_json::json!({"http_status": status, "grpc_status": grpc_status, "message": echoed}));
+    let reply = mesh_tests::grpc::unary(addr, "/echo.Echo/Say", message.as_bytes(), &extra).await?;
+    let echoed = String::from_utf8_lossy(&reply.message).into_owned();
+    println!(
+        "{}",
+        serde_json::json!({"http_status": reply.http_status, "grpc_status": reply.grpc_status, "message": echoed})
+    );
     Ok(())
 }
 

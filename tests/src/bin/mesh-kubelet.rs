@@ -204,42 +204,18 @@ fn serving_status(status: u8) -> &'static str {
 
 /// `grpc.health.v1.Health/Check` over h2c: the `status` of the HealthCheckResponse.
 async fn grpc_health(addr: SocketAddr, service: &str) -> anyhow::Result<u8> {
-    use http_body_util::BodyExt as _;
-    let tcp = tokio::net::TcpStream::connect(addr).await?;
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp))
-            .await?;
-    tokio::spawn(conn);
-    // HealthCheckRequest { service } (field 1, a string), in a gRPC frame.
-    let mut message = Vec::new();
+    // HealthCheckRequest { service } (field 1, a string).
+    let mut request = Vec::new();
     if !service.is_empty() {
-        message.push(0x0a);
-        message.push(u8::try_from(service.len()).context("service name too long")?);
-        message.extend_from_slice(service.as_bytes());
+        request.push(0x0a);
+        request.push(u8::try_from(service.len()).context("service name too long")?);
+        request.extend_from_slice(service.as_bytes());
     }
-    let mut frame = vec![0u8];
-    frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
-    frame.extend_from_slice(&message);
-    let req = http::Request::post(format!("http://{addr}/grpc.health.v1.Health/Check"))
-        .header(http::header::CONTENT_TYPE, "application/grpc")
-        .header("te", "trailers")
-        .body(http_body_util::Full::new(bytes::Bytes::from(frame)))?;
-    let res = sender.send_request(req).await?;
-    let mut grpc_status = res.headers().get("grpc-status").and_then(|v| v.to_str().ok()).map(str::to_owned);
-    let mut body = res.into_body();
-    let mut data = Vec::new();
-    while let Some(frame) = body.frame().await {
-        let frame = frame?;
-        if let Some(t) = frame.trailers_ref() {
-            grpc_status = t.get("grpc-status").and_then(|v| v.to_str().ok()).map(str::to_owned).or(grpc_status);
-        } else if let Some(d) = frame.data_ref() {
-            data.extend_from_slice(d);
-        }
-    }
-    anyhow::ensure!(grpc_status.as_deref() == Some("0"), "rpc error: grpc-status {grpc_status:?}");
-    // The frame's message: [0x08, status].
-    match data.get(5..) {
-        Some([0x08, status, ..]) => Ok(*status),
+    let reply = mesh_tests::grpc::unary(&addr.to_string(), "/grpc.health.v1.Health/Check", &request, &[]).await?;
+    anyhow::ensure!(reply.grpc_status.as_deref() == Some("0"), "rpc error: grpc-status {:?}", reply.grpc_status);
+    // HealthCheckResponse { status } (field 1, a varint).
+    match reply.message.as_slice() {
+        [0x08, status, ..] => Ok(*status),
         _ => Ok(0),
     }
 }
