@@ -20,9 +20,9 @@ use std::path::Path;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use mesh_agent::config::parse_documents;
-use mesh_agent::l7::route::RequestView;
-use mesh_agent::proxy::copy;
-use mesh_agent::state::Snapshot;
+use mesh_agent::snapshot::{RoundRobin, Snapshot};
+use mesh_agent::traffic::route::RequestView;
+use mesh_agent::transport::copy;
 use mesh_common::{OrigDst, SockAddrKey};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
@@ -62,13 +62,15 @@ fn resolve(c: &mut Criterion) {
         objects.extend(parse_documents(Path::new(&file), &text).expect("lab manifests are valid"));
     }
     let snap = Snapshot::compile(&objects, "cluster.local", 1);
+    let turns = RoundRobin::default();
+    turns.fit(&snap);
     let vip: SocketAddr = "10.96.0.20:80".parse().unwrap();
     let pod: SocketAddr = "10.10.2.2:8080".parse().unwrap();
     let baseline: HashMap<IpAddr, u16> = [(vip.ip(), 8080)].into();
     let mut g = c.benchmark_group("resolve");
     g.bench_function("baseline_hash_lookup", |b| b.iter(|| baseline.get(&black_box(vip).ip()).copied()));
-    g.bench_function("service_vip", |b| b.iter(|| snap.resolve(black_box(vip))));
-    g.bench_function("pod_ip", |b| b.iter(|| snap.resolve(black_box(pod))));
+    g.bench_function("service_vip", |b| b.iter(|| snap.resolve(black_box(vip), &turns)));
+    g.bench_function("pod_ip", |b| b.iter(|| snap.resolve(black_box(pod), &turns)));
     g.finish();
 }
 

@@ -21,8 +21,8 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::proxy::limits;
-use crate::state::SharedSnapshot;
+use crate::snapshot::SharedSnapshot;
+use crate::transport::limits;
 
 mod scrape_auth;
 
@@ -40,7 +40,7 @@ pub struct AdminState {
     /// Rejected config, rendered as text, shown in the dump.
     pub config_errors: Arc<std::sync::Mutex<Vec<String>>>,
     /// Every local pod that should be captured, with where it stands.
-    pub pods: Arc<std::sync::Mutex<Vec<crate::app::PodReport>>>,
+    pub pods: Arc<std::sync::Mutex<Vec<PodReport>>>,
     /// This node.
     pub node: String,
     /// Admin connections closed at the cap.
@@ -60,7 +60,7 @@ struct SyncStatus<'a> {
     version: u64,
     config_digest: &'a str,
     enrolled_pods: usize,
-    failed_pods: Vec<crate::app::PodReport>,
+    failed_pods: Vec<PodReport>,
     rejected_config: usize,
 }
 
@@ -72,7 +72,7 @@ struct ConfigDump<'a> {
     version: u64,
     config_digest: &'a str,
     enrolled_pods: Vec<String>,
-    local_pods: Vec<crate::app::PodReport>,
+    local_pods: Vec<PodReport>,
     workloads: Vec<WorkloadView>,
     services: Vec<ServiceView>,
     rejected_config: Vec<String>,
@@ -134,10 +134,10 @@ fn route(state: &AdminState, req: &Request<Incoming>, dump: bool) -> Response<Fu
                 ready: state.ready.load(Ordering::Acquire),
                 version: snap.version,
                 config_digest: &snap.config_digest,
-                enrolled_pods: pods.iter().filter(|p| p.state == crate::app::PodState::Enrolled).count(),
+                enrolled_pods: pods.iter().filter(|p| p.state == PodState::Enrolled).count(),
                 failed_pods: pods
                     .iter()
-                    .filter(|p| matches!(p.state, crate::app::PodState::Failed(_) | crate::app::PodState::Pending(_)))
+                    .filter(|p| matches!(p.state, PodState::Failed(_) | PodState::Pending(_)))
                     .cloned()
                     .collect(),
                 rejected_config: state.config_errors.lock().unwrap_or_else(|p| p.into_inner()).len(),
@@ -169,11 +169,7 @@ fn route(state: &AdminState, req: &Request<Incoming>, dump: bool) -> Response<Fu
                 agent_version: env!("CARGO_PKG_VERSION"),
                 version: snap.version,
                 config_digest: &snap.config_digest,
-                enrolled_pods: pods
-                    .iter()
-                    .filter(|p| p.state == crate::app::PodState::Enrolled)
-                    .map(|p| p.pod.clone())
-                    .collect(),
+                enrolled_pods: pods.iter().filter(|p| p.state == PodState::Enrolled).map(|p| p.pod.clone()).collect(),
                 local_pods: pods,
                 workloads: snap
                     .workloads
@@ -258,4 +254,29 @@ pub async fn serve(addr: SocketAddr, state: AdminState, stop: CancellationToken,
             drop(permit);
         });
     }
+}
+/// Where a pod that should be captured stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "state", content = "reason", rename_all = "snake_case")]
+pub enum PodState {
+    /// Captured.
+    Enrolled,
+    /// Should be captured and is not; kept from starting (CNI) or failing closed.
+    Failed(String),
+    /// Nothing of it runs on this node yet (no sandbox, no process).
+    NotStarted(String),
+    /// Waiting for its certificate from the CA service; kept closed until then.
+    Pending(String),
+}
+
+/// One pod in the agent's report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PodReport {
+    /// `namespace/name`.
+    pub pod: String,
+    /// `metadata.uid`.
+    pub uid: String,
+    /// Its state.
+    #[serde(flatten)]
+    pub state: PodState,
 }

@@ -4,8 +4,6 @@
 
 mod pods;
 
-pub use pods::{PodReport, PodState};
-
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -23,10 +21,11 @@ use crate::cni::CniRequest;
 use crate::config::{DirSource, KubeSource, Reload};
 use crate::dataplane::{self, Dataplane, Netns, Paths};
 use crate::identity::{CaClient, CertStore, PeerVerifier};
-use crate::proxy::{Pool, ProxyContext};
+use crate::proxy::ProxyContext;
 use crate::settings::{ConfigSourceKind, Settings};
-use crate::state::Snapshot;
+use crate::snapshot::Snapshot;
 use crate::telemetry::Metrics;
+use crate::transport::Dialer;
 use pods::Pods;
 
 /// Pods whose netns or cgroup is not there yet are retried this often; also the
@@ -99,8 +98,8 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
     Netns::init_host()?;
     // Every proxied connection takes two descriptors: take what the node allows, and cap
     // connections below it, so running out is a refusal the agent reports, not a crash.
-    let nofile = crate::proxy::limits::raise_nofile();
-    let per_node = settings.max_connections.unwrap_or_else(|| crate::proxy::limits::per_node_from_nofile(nofile));
+    let nofile = crate::transport::limits::raise_nofile();
+    let per_node = settings.max_connections.unwrap_or_else(|| crate::transport::limits::per_node_from_nofile(nofile));
     tracing::info!(nofile, per_node, per_source = settings.max_connections_per_source, "connection limits");
     let client = match settings.config_source {
         ConfigSourceKind::Kubernetes => Some(kube_client(&settings).await?),
@@ -189,24 +188,21 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
     let ctx = ProxyContext {
         snapshot: snapshot.clone(),
         dataplane: dataplane.clone(),
-        certs,
-        verifier: verifier.clone(),
-        pool: Arc::new(Pool::default()),
+        dialer: Dialer::new(certs, verifier.clone(), settings.bypass_mark),
         l7: Arc::default(),
         metrics: metrics.clone(),
-        bypass_mark: settings.bypass_mark,
         shutdown: shutdown.clone(),
         tasks: TaskTracker::new(),
         inbound: Arc::default(),
-        limits: Arc::new(crate::proxy::ConnLimits::new(settings.max_connections_per_source, per_node)),
+        limits: Arc::new(crate::transport::limits::ConnLimits::new(settings.max_connections_per_source, per_node)),
         tcp_idle_timeout: settings.tcp_idle_timeout,
     };
     let (cni_tx, mut cni_rx) = mpsc::channel::<CniRequest>(64);
     tokio::spawn(crate::cni::serve(cni_listener, cni_tx, shutdown.clone()));
     let (issued_tx, mut issued_rx) = mpsc::channel::<()>(1);
-    let renewal = Renewal { certs: ctx.certs.clone(), running: Arc::default(), issued: issued_tx };
+    let renewal = Renewal { certs: ctx.dialer.certs.clone(), running: Arc::default(), issued: issued_tx };
     // The trust bundle first: the CA may already sign under a newer root than the file.
-    if let Err(e) = ctx.certs.refresh_trust(&verifier).await {
+    if let Err(e) = ctx.dialer.certs.refresh_trust(&verifier).await {
         tracing::warn!(error = %e, "trust bundle not fetched yet; using {}", settings.ca_root_cert.display());
     }
 
@@ -226,7 +222,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
     tracing::info!(node = %settings.node, pods = agent.pods.enrolled_count(), "agent ready");
 
     let mut resync = tokio::time::interval(RESYNC_INTERVAL);
-    let mut renew = tokio::time::interval(ctx.certs.renewal_interval());
+    let mut renew = tokio::time::interval(ctx.dialer.certs.renewal_interval());
     let mut trust = tokio::time::interval(settings.trust_refresh);
     loop {
         tokio::select! {
@@ -250,7 +246,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
             }
             _ = renew.tick() => agent.renewal.kick(),
             _ = trust.tick() => {
-                let (certs, verifier, renewal) = (ctx.certs.clone(), verifier.clone(), agent.renewal.clone());
+                let (certs, verifier, renewal) = (ctx.dialer.certs.clone(), verifier.clone(), agent.renewal.clone());
                 tokio::spawn(async move {
                     match certs.refresh_trust(&verifier).await {
                         Ok(true) => renewal.kick(),
@@ -398,6 +394,7 @@ impl Agent {
                 tracing::warn!(version = self.version, "{problem}");
             }
             let snap = Arc::new(snap);
+            self.ctx.l7.round_robin.fit(&snap);
             self.ctx.snapshot.store(snap.clone());
             self.ctx.metrics.config_applied.inc();
             let expired = self.ctx.metrics.forget_gone(&snap);

@@ -23,7 +23,8 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use crate::settings::{ConfigSourceKind, parse_duration};
+use crate::config::duration::parse_duration;
+use crate::settings::ConfigSourceKind;
 
 /// Errors that stop the CA service from starting.
 #[derive(Debug, thiserror::Error)]

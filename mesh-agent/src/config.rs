@@ -3,21 +3,24 @@
 //! of YAML in standalone mode, the Kubernetes API in cluster mode).
 //!
 //! Architecture invariant: only this module knows YAML. Everything downstream works on
-//! the typed [`Object`]s and on the compiled [`crate::state::Snapshot`].
+//! the typed [`Object`]s and on the compiled [`crate::snapshot::Snapshot`].
 
+pub mod duration;
 pub mod hosts;
 pub mod istio;
 pub mod kube_source;
 pub mod linkerd;
+mod object;
 mod parse;
 mod references;
 pub mod resources;
+pub mod schema;
 pub mod security;
 mod source;
 
 pub use kube_source::KubeSource;
+pub use object::Object;
 pub use parse::parse_documents;
-pub use resources::Object;
 pub use source::{DirSource, Reload};
 
 use std::fmt;

@@ -8,17 +8,20 @@
 //! lives in [`Runtime`], which outlives snapshots.
 
 pub mod balance;
-pub mod policy;
-pub mod route;
 pub mod server;
 pub mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use route::{Action, Backend, RetryPolicy, Rule, WeightedBackend};
+use crate::traffic::route::{Action, Backend, RetryPolicy, Rule, WeightedBackend};
 
-use crate::state::{Snapshot, Workload};
+use crate::state::Workload;
+use tokio_util::sync::CancellationToken;
+
+use crate::snapshot::{RoundRobin, SharedSnapshot, Snapshot};
+use crate::telemetry::Metrics;
+use crate::transport::Dialer;
 
 /// Request-body bytes the agent holds at once, across every pod, to replay them for
 /// retries and mirrors: 32 MiB is 32 requests at the 1 MiB retry buffer. Past it, bodies
@@ -27,6 +30,23 @@ use crate::state::{Snapshot, Workload};
 pub const BODY_BUDGET: usize = 32 << 20;
 /// Mirror copies in flight at once; more are skipped (mirrors are fire and forget).
 pub const MAX_MIRRORS: usize = 128;
+
+/// What the L7 proxy works with: the configuration, the way to reach endpoints, the
+/// counters that outlive snapshots, metrics, and the drain signal. Not the whole proxy
+/// context: L7 never sees listeners, the kernel tables or connection limits.
+#[derive(Debug, Clone)]
+pub struct Context {
+    /// The current configuration.
+    pub snapshot: SharedSnapshot,
+    /// Reaches endpoints (tunnel or plaintext).
+    pub dialer: Dialer,
+    /// Counters and idle connections.
+    pub runtime: Arc<Runtime>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Cancelled when the agent drains: connections finish what is in flight.
+    pub shutdown: CancellationToken,
+}
 
 /// Counters and connections shared by every pod proxy of the agent.
 #[derive(Debug)]
@@ -39,6 +59,8 @@ pub struct Runtime {
     pub body_budget: Arc<tokio::sync::Semaphore>,
     /// Mirror copies in flight, [`MAX_MIRRORS`] at most.
     pub mirrors: Arc<tokio::sync::Semaphore>,
+    /// Round-robin cursors of Service VIPs reached at L4.
+    pub round_robin: RoundRobin,
 }
 
 impl Default for Runtime {
@@ -48,6 +70,7 @@ impl Default for Runtime {
             upstreams: Default::default(),
             body_budget: Arc::new(tokio::sync::Semaphore::new(BODY_BUDGET)),
             mirrors: Arc::new(tokio::sync::Semaphore::new(MAX_MIRRORS)),
+            round_robin: RoundRobin::default(),
         }
     }
 }
@@ -58,7 +81,7 @@ impl Default for Runtime {
 #[derive(Debug)]
 pub struct Target {
     /// DestinationRule policy for the backend's subset and port.
-    pub policy: policy::TrafficPolicy,
+    pub policy: crate::traffic::policy::TrafficPolicy,
     /// Endpoints with the address for the port.
     pub endpoints: Vec<(Arc<Workload>, SocketAddr)>,
     /// Runtime state of (pod, service, subset).
@@ -81,7 +104,7 @@ impl Target {
     /// affinity), skipping ejected ones; the guard counts it as loaded until dropped.
     pub fn pick(
         &self,
-        lb: &policy::LbPolicy,
+        lb: &crate::traffic::policy::LbPolicy,
         hash_key: Option<&[u8]>,
         dialed: SocketAddr,
     ) -> Option<(Arc<Workload>, SocketAddr, balance::EndpointGuard)> {
@@ -115,39 +138,5 @@ pub fn default_rule(service_key: &str) -> Rule {
         rewrite_regex: None,
         rewrite_authority: None,
         cors: None,
-    }
-}
-
-/// Whether `first` bytes of a connection are HTTP (`Some(true)`), certainly not
-/// (`Some(false)`), or too few to tell (`None`).
-pub fn detect_http(first: &[u8]) -> Option<bool> {
-    if looks_like_http(first) {
-        Some(true)
-    } else if first.len() >= 14 || first.first().is_some_and(|b| !b.is_ascii_uppercase()) {
-        // Longer than every method prefix, or a first byte no method starts with.
-        Some(false)
-    } else {
-        None
-    }
-}
-
-/// Whether the first bytes of a connection are HTTP/1.x or an HTTP/2 preface.
-pub fn looks_like_http(first: &[u8]) -> bool {
-    const METHODS: &[&[u8]] =
-        &[b"GET ", b"POST ", b"PUT ", b"DELETE ", b"HEAD ", b"OPTIONS ", b"PATCH ", b"TRACE ", b"PRI * HTTP/2"];
-    METHODS.iter().any(|m| first.len() >= m.len() && first.starts_with(m))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::looks_like_http;
-
-    #[test]
-    fn detects_http_methods_and_the_h2_preface_only() {
-        assert!(looks_like_http(b"GET / HTTP/1.1\r\n"));
-        assert!(looks_like_http(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"));
-        assert!(!looks_like_http(b"\x16\x03\x01\x02\x00"), "TLS ClientHello is not HTTP");
-        assert!(!looks_like_http(b"GE"), "too short to tell");
-        assert!(!looks_like_http(b"SSH-2.0-OpenSSH"));
     }
 }

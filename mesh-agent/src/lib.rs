@@ -16,5 +16,8 @@ pub mod identity;
 pub mod l7;
 pub mod proxy;
 pub mod settings;
+pub mod snapshot;
 pub mod state;
 pub mod telemetry;
+pub mod traffic;
+pub mod transport;

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::config::duration::parse_duration;
+
 /// Workload certificate lifetime; Istio's default is 24 h, rotated at half-life.
 pub const DEFAULT_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
 /// How long SIGTERM waits for open connections before exiting.
@@ -171,7 +173,7 @@ pub struct Settings {
 
     /// Proxied connections one source pod may hold on this node; more are closed at
     /// once, logged and counted (`istio_mesh_connections_refused_total`).
-    #[arg(long, env = "MESH_MAX_CONNECTIONS_PER_SOURCE", default_value_t = crate::proxy::limits::DEFAULT_PER_SOURCE)]
+    #[arg(long, env = "MESH_MAX_CONNECTIONS_PER_SOURCE", default_value_t = crate::transport::limits::DEFAULT_PER_SOURCE)]
     pub max_connections_per_source: usize,
 
     /// Proxied connections the node may hold (default: from the file-descriptor limit,
@@ -231,51 +233,5 @@ impl Settings {
         let mut tds = vec![self.trust_domain.clone()];
         tds.extend(self.trust_domain_aliases.iter().cloned());
         tds
-    }
-}
-
-/// Parses durations the way Istio and Kubernetes write them: `500ms`, `10s`, `5m`, `24h`,
-/// or a combination such as `1h30m`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let bad = || format!("invalid duration {s:?}: use a number with a unit, e.g. 500ms, 10s, 5m, 24h");
-    if s.is_empty() {
-        return Err(bad());
-    }
-    let mut total = Duration::ZERO;
-    let mut rest = s;
-    while !rest.is_empty() {
-        let digits = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).ok_or_else(bad)?;
-        let (num, tail) = rest.split_at(digits);
-        let value: f64 = num.parse().map_err(|_| bad())?;
-        let unit_len = tail.find(|c: char| c.is_ascii_digit()).unwrap_or(tail.len());
-        let (unit, next) = tail.split_at(unit_len);
-        let secs = match unit {
-            "ns" => value / 1e9,
-            "us" | "µs" => value / 1e6,
-            "ms" => value / 1e3,
-            "s" => value,
-            "m" => value * 60.0,
-            "h" => value * 3600.0,
-            _ => return Err(bad()),
-        };
-        total += Duration::try_from_secs_f64(secs).map_err(|_| bad())?;
-        rest = next;
-    }
-    Ok(total)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations_in_istio_notation() {
-        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
-        assert_eq!(parse_duration("0.5s"), Ok(Duration::from_millis(500)));
-        for bad in ["", "10", "s", "-1s", "10x"] {
-            assert!(parse_duration(bad).is_err(), "{bad} accepted");
-        }
     }
 }

@@ -16,7 +16,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use crate::identity::Identity;
-use crate::state::{Snapshot, Workload};
+use crate::snapshot::Snapshot;
+use crate::state::Workload;
 
 /// Who reports a connection: the source side (outbound) or the destination (inbound).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]

@@ -226,7 +226,7 @@ async fn an_api_outage_keeps_the_last_state_and_catches_up_after() {
 
 #[tokio::test]
 async fn a_service_without_selector_follows_its_endpoint_slices() {
-    use mesh_agent::state::Snapshot;
+    use mesh_agent::snapshot::Snapshot;
     let api = ApiServer::new(&all_collections()).await;
     api.apply(&path_of("Namespace"), namespace());
     api.apply(

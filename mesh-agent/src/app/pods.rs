@@ -15,13 +15,14 @@ use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
 use tokio::sync::oneshot;
 
+use crate::admin::{PodReport, PodState};
 use crate::cni::{Reply, Request};
 use crate::dataplane::{Netns, PlaintextVerdicts, PodEnrollment, PodUid};
 use crate::proxy::{PodProxy, ProxyContext};
-use crate::state::{Snapshot, Workload};
+use crate::snapshot::Snapshot;
+use crate::state::Workload;
 
 /// How long a CNI `ADD` waits for the config source to show the pod (the API server
 /// has it before the runtime starts the sandbox, but the agent's watch may lag).
@@ -50,32 +51,6 @@ struct Waiter {
     pod: String,
     since: Instant,
     reply: oneshot::Sender<Reply>,
-}
-
-/// Where a pod that should be captured stands.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(tag = "state", content = "reason", rename_all = "snake_case")]
-pub enum PodState {
-    /// Captured.
-    Enrolled,
-    /// Should be captured and is not; kept from starting (CNI) or failing closed.
-    Failed(String),
-    /// Nothing of it runs on this node yet (no sandbox, no process).
-    NotStarted(String),
-    /// Waiting for its certificate from the CA service; kept closed until then.
-    Pending(String),
-}
-
-/// One pod in the agent's report.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct PodReport {
-    /// `namespace/name`.
-    pub pod: String,
-    /// `metadata.uid`.
-    pub uid: String,
-    /// Its state.
-    #[serde(flatten)]
-    pub state: PodState,
 }
 
 /// The node's pods.
@@ -204,7 +179,7 @@ impl Pods {
         }
         // Identities are issued before the pods' proxies start, so the first handshake
         // finds its certificate.
-        ctx.certs.set_local(wanted.iter().map(|w| w.workload.identity.clone()));
+        ctx.dialer.certs.set_local(wanted.iter().map(|w| w.workload.identity.clone()));
         for want in &wanted {
             let report = |state| PodReport { pod: want.workload.key(), uid: want.uid.to_string(), state };
             let changed = self.running.get(&want.uid).is_some_and(|p| {
@@ -268,8 +243,8 @@ impl Pods {
         if w.ips.is_empty() {
             return Err(PodState::NotStarted("no address yet".into()));
         }
-        if !ctx.certs.has(&w.identity) {
-            let why = ctx.certs.last_error().map(|e| format!(" (last answer: {e})")).unwrap_or_default();
+        if !ctx.dialer.certs.has(&w.identity) {
+            let why = ctx.dialer.certs.last_error().map(|e| format!(" (last answer: {e})")).unwrap_or_default();
             return Err(PodState::Pending(format!("waiting for a certificate for {} from the CA{why}", w.identity)));
         }
         let netns = match self.sandboxes.get(&want.uid) {

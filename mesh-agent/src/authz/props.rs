@@ -17,7 +17,8 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::config::parse_documents;
-use crate::state::{MeshScope, Snapshot};
+use crate::snapshot::Snapshot;
+use crate::state::MeshScope;
 
 const PRINCIPALS: &[&str] = &[
     "cluster.local/ns/production/sa/frontend",

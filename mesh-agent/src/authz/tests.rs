@@ -9,7 +9,8 @@ use http::HeaderMap;
 use super::mtls::Mode;
 use super::*;
 use crate::config::parse_documents;
-use crate::state::{MeshScope, Snapshot};
+use crate::snapshot::Snapshot;
+use crate::state::MeshScope;
 
 const LAB: &[&str] = &["namespaces.yaml", "pods.yaml", "services.yaml"];
 

@@ -190,7 +190,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
                     }))
                 }
             });
-            let served = crate::proxy::limits::h2_server()
+            let served = crate::transport::limits::h2_server()
                 .max_concurrent_streams(MAX_STREAMS)
                 .serve_connection(TokioIo::new(tls), svc)
                 .await;

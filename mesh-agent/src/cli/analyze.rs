@@ -7,7 +7,8 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use crate::config::{Object, parse_documents};
-use crate::state::{MeshScope, Snapshot};
+use crate::snapshot::Snapshot;
+use crate::state::MeshScope;
 
 /// How serious a finding is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]

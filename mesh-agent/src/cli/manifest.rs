@@ -194,7 +194,7 @@ impl Values {
             "meshConfig.trustDomain" => self.trust_domain = value,
             "meshConfig.rootNamespace" => self.root_namespace = dns_label(&value).map_err(|r| bad(&r))?,
             "values.global.workloadCertTtl" => {
-                crate::settings::parse_duration(&value).map_err(|r| bad(&r))?;
+                crate::config::duration::parse_duration(&value).map_err(|r| bad(&r))?;
                 self.cert_ttl = value;
             }
             "values.base.enableCRDs" => self.crds = boolean(&value)?,

@@ -4,10 +4,10 @@
 //! Fields the agent does not enforce yet are still typed (as raw YAML), so validation
 //! can refuse them by name instead of letting serde call them unknown.
 
+use super::schema::AnyValue;
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
-use serde_yaml::Value;
 
 use super::resources::ObjectMeta;
 
@@ -29,8 +29,7 @@ pub struct VirtualService {
     _kind: Option<String>,
     /// Written by controllers (Istio's status conditions); not read.
     #[serde(default, rename = "status")]
-    #[schemars(schema_with = "crate::cli::crds::any_value")]
-    _status: Option<Value>,
+    _status: Option<AnyValue>,
 }
 
 /// `VirtualService.spec`.
@@ -51,8 +50,7 @@ pub struct VirtualServiceSpec {
     pub tcp: Vec<TcpRoute>,
     /// TLS rules (not enforced yet).
     #[serde(default)]
-    #[schemars(schema_with = "crate::cli::crds::any_value")]
-    pub tls: Option<Value>,
+    pub tls: Option<AnyValue>,
     /// Visibility (the agent serves one cluster view; accepted as is).
     #[serde(default)]
     pub export_to: Vec<String>,
@@ -88,8 +86,7 @@ pub struct L4Match {
     pub gateways: Vec<String>,
     /// Destination subnets (not enforced yet).
     #[serde(default)]
-    #[schemars(schema_with = "crate::cli::crds::any_value")]
-    pub destination_subnets: Option<Value>,
+    pub destination_subnets: Option<AnyValue>,
 }
 
 /// One HTTP rule.
@@ -140,8 +137,7 @@ pub struct HttpRoute {
     pub cors_policy: Option<CorsPolicy>,
     /// Delegation (not enforced yet).
     #[serde(default)]
-    #[schemars(schema_with = "crate::cli::crds::any_value")]
-    pub delegate: Option<Value>,
+    pub delegate: Option<AnyValue>,
     /// Several shadow destinations, each with its own share.
     #[serde(default)]
     pub mirrors: Vec<HttpMirrorPolicy>,
@@ -496,8 +492,7 @@ pub struct DestinationRule {
     _kind: Option<String>,
     /// Written by controllers (Istio's status conditions); not read.
     #[serde(default, rename = "status")]
-    #[schemars(schema_with = "crate::cli::crds::any_value")]
-    _status: Option<Value>,
+    _status: Option<AnyValue>,
 }
 
 /// `DestinationRule.spec`.
@@ -517,8 +512,7 @@ pub struct DestinationRuleSpec {
     pub export_to: Vec<String>,
     /// Workload selector (not enforced yet).
     #[serde(default)]
-    #[schemars(schema_with = "crate::cli::crds::any_value")]
-    pub workload_selector: Option<Value>,
+    pub workload_selector: Option<AnyValue>,
 }
 
 /// A subset.
@@ -601,12 +595,10 @@ pub struct LoadBalancer {
     pub consistent_hash: Option<ConsistentHash>,
     /// Locality settings (not enforced yet).
     #[serde(default)]
-    #[schemars(schema_with = "crate::cli::crds::any_value")]
-    pub locality_lb_setting: Option<Value>,
+    pub locality_lb_setting: Option<AnyValue>,
     /// Warm-up (not enforced yet).
     #[serde(default)]
-    #[schemars(schema_with = "crate::cli::crds::any_value")]
-    pub warmup_duration_secs: Option<Value>,
+    pub warmup_duration_secs: Option<AnyValue>,
 }
 
 /// `consistentHash`.
@@ -668,12 +660,10 @@ pub struct TcpPool {
     pub connect_timeout: Option<String>,
     /// Keepalive (not enforced yet).
     #[serde(default)]
-    #[schemars(schema_with = "crate::cli::crds::any_value")]
-    pub tcp_keepalive: Option<Value>,
+    pub tcp_keepalive: Option<AnyValue>,
     /// Max connection duration (not enforced yet).
     #[serde(default)]
-    #[schemars(schema_with = "crate::cli::crds::any_value")]
-    pub max_connection_duration: Option<Value>,
+    pub max_connection_duration: Option<AnyValue>,
 }
 
 /// `connectionPool.http`.
@@ -733,8 +723,7 @@ pub struct OutlierDetection {
     pub split_external_local_origin_errors: Option<bool>,
     /// Local-origin failures in a row (not enforced yet).
     #[serde(default)]
-    #[schemars(schema_with = "crate::cli::crds::any_value")]
-    pub consecutive_local_origin_failures: Option<Value>,
+    pub consecutive_local_origin_failures: Option<AnyValue>,
 }
 
 /// A validation failure: (dotted field path, reason).
@@ -790,7 +779,7 @@ pub fn duration(field: &str, s: &str) -> Result<std::time::Duration, Invalid> {
     if s.trim_start().starts_with('-') {
         return Err((field.into(), format!("duration {s:?} must not be negative")));
     }
-    crate::settings::parse_duration(s.trim()).map_err(|e| (field.into(), e))
+    crate::config::duration::parse_duration(s.trim()).map_err(|e| (field.into(), e))
 }
 
 fn not_supported(field: String, present: bool) -> Result<(), Invalid> {
@@ -858,7 +847,7 @@ impl VirtualService {
             }
             validate_weighted(&at, &r.route)?;
         }
-        not_supported("spec.tls".into(), s.tls.as_ref().is_some_and(|v| !v.is_null()))?;
+        not_supported("spec.tls".into(), s.tls.as_ref().is_some_and(|v| !v.0.is_null()))?;
         for (i, r) in s.http.iter().enumerate() {
             validate_http_route(&format!("spec.http[{i}]"), r)?;
         }

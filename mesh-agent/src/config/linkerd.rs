@@ -1,6 +1,7 @@
 //! Linkerd `ServiceProfile` (linkerd.io/v1alpha2) and SMI `TrafficSplit`
 //! (split.smi-spec.io/v1alpha1 to v1alpha4).
 
+use super::schema::AnyValue;
 use serde::Deserialize;
 use serde_yaml::Value;
 
@@ -31,8 +32,7 @@ pub struct ServiceProfile {
     _kind: Option<String>,
     /// Written by controllers (Istio's status conditions); not read.
     #[serde(default, rename = "status")]
-    #[schemars(schema_with = "crate::cli::crds::any_value")]
-    _status: Option<Value>,
+    _status: Option<AnyValue>,
 }
 
 /// `ServiceProfile.spec`.
@@ -47,12 +47,10 @@ pub struct ServiceProfileSpec {
     pub retry_budget: Option<RetryBudget>,
     /// Traffic shifting (not enforced yet; use TrafficSplit).
     #[serde(default)]
-    #[schemars(schema_with = "crate::cli::crds::any_value")]
-    pub dst_overrides: Option<Value>,
+    pub dst_overrides: Option<AnyValue>,
     /// OpenAPI source (informational).
     #[serde(default)]
-    #[schemars(schema_with = "crate::cli::crds::any_value")]
-    pub opaque_ports: Option<Value>,
+    pub opaque_ports: Option<AnyValue>,
 }
 
 /// One route.
@@ -162,8 +160,7 @@ pub struct TrafficSplit {
     _kind: Option<String>,
     /// Written by controllers (Istio's status conditions); not read.
     #[serde(default, rename = "status")]
-    #[schemars(schema_with = "crate::cli::crds::any_value")]
-    _status: Option<Value>,
+    _status: Option<AnyValue>,
 }
 
 /// `TrafficSplit.spec`.
@@ -176,8 +173,7 @@ pub struct TrafficSplitSpec {
     pub backends: Vec<TrafficSplitBackend>,
     /// HTTPRouteGroup matches (not enforced yet).
     #[serde(default)]
-    #[schemars(schema_with = "crate::cli::crds::any_value")]
-    pub matches: Option<Value>,
+    pub matches: Option<AnyValue>,
 }
 
 /// A backend.
@@ -187,7 +183,7 @@ pub struct TrafficSplitBackend {
     /// Service name (same namespace).
     pub service: String,
     /// Kubernetes quantity (`900m`, `1`, `100`) in v1alpha1, an integer later.
-    #[schemars(schema_with = "crate::cli::crds::int_or_string")]
+    #[schemars(schema_with = "crate::config::schema::int_or_string")]
     pub weight: Value,
 }
 

@@ -8,9 +8,10 @@ use serde::de::DeserializeOwned;
 use serde_yaml::Value;
 
 use super::Error;
+use super::Object;
 use super::istio::{DestinationRule, NETWORKING_VERSIONS, VirtualService};
 use super::linkerd::{SERVICE_PROFILE_VERSIONS, ServiceProfile, TRAFFIC_SPLIT_VERSIONS, TrafficSplit};
-use super::resources::{EndpointSlice, Namespace, NetworkPolicy, Object, Pod, Service, ServiceAccount};
+use super::resources::{EndpointSlice, Namespace, NetworkPolicy, Pod, Service, ServiceAccount};
 use super::security::{AuthorizationPolicy, PeerAuthentication, SECURITY_VERSIONS, WorkloadSelector};
 
 /// Kinds from other API groups the mesh will read but this version does not enforce yet.

@@ -6,6 +6,7 @@
 //! templates) is refused by name: an authorization rule that is accepted and ignored
 //! would allow what its author meant to deny.
 
+use super::schema::AnyValue;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
@@ -48,8 +49,7 @@ pub struct PeerAuthentication {
     #[serde(default, rename = "kind")]
     _kind: Option<String>,
     #[serde(default)]
-    #[schemars(schema_with = "crate::cli::crds::any_value")]
-    _status: Option<Value>,
+    _status: Option<AnyValue>,
 }
 
 impl PeerAuthentication {
@@ -131,7 +131,7 @@ impl schemars::JsonSchema for PortNumber {
         "PortNumber".into()
     }
     fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
-        crate::cli::crds::int_or_string(generator)
+        crate::config::schema::int_or_string(generator)
     }
 }
 
@@ -164,8 +164,7 @@ pub struct AuthorizationPolicy {
     #[serde(default, rename = "kind")]
     _kind: Option<String>,
     #[serde(default)]
-    #[schemars(schema_with = "crate::cli::crds::any_value")]
-    _status: Option<Value>,
+    _status: Option<AnyValue>,
 }
 
 impl AuthorizationPolicy {
@@ -210,12 +209,10 @@ pub struct AuthorizationPolicySpec {
     pub selector: Option<WorkloadSelector>,
     /// Gateway/waypoint attachment (refused: no waypoints here).
     #[serde(default)]
-    #[schemars(schema_with = "crate::cli::crds::any_value")]
-    pub target_ref: Option<Value>,
+    pub target_ref: Option<AnyValue>,
     /// Gateway/waypoint attachment (refused: no waypoints here).
     #[serde(default)]
-    #[schemars(schema_with = "crate::cli::crds::any_value")]
-    pub target_refs: Option<Value>,
+    pub target_refs: Option<AnyValue>,
     /// Rules; a match occurs when one rule matches. None: never matches.
     #[serde(default)]
     pub rules: Vec<Rule>,
@@ -224,8 +221,7 @@ pub struct AuthorizationPolicySpec {
     pub action: Action,
     /// Extension provider of a CUSTOM policy.
     #[serde(default)]
-    #[schemars(schema_with = "crate::cli::crds::any_value")]
-    pub provider: Option<Value>,
+    pub provider: Option<AnyValue>,
 }
 
 /// `AuthorizationPolicy.Action`.

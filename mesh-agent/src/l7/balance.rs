@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use rand::Rng as _;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::policy::{LbPolicy, Outlier, PoolLimits};
+use crate::traffic::policy::{LbPolicy, Outlier, PoolLimits};
 
 /// One cluster's state.
 #[derive(Debug, Default)]

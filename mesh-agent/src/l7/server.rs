@@ -17,12 +17,12 @@ use rand::Rng as _;
 use tokio::net::TcpStream;
 
 use super::balance::{Outcome, Overflow};
-use super::route::{Abort, Action, Backend, CorsVerdict, RedirectPort, RequestView, Rule, WeightedBackend};
 use super::upstream::{ConnSettings, SendError, UpBody};
 use crate::dataplane::Netns;
-use crate::proxy::ProxyContext;
-use crate::state::{Service, Snapshot, Workload};
+use crate::snapshot::Snapshot;
+use crate::state::{Service, Workload};
 use crate::telemetry::RequestLabels;
+use crate::traffic::route::{Abort, Action, Backend, CorsVerdict, RedirectPort, RequestView, Rule};
 
 /// Request bodies up to this size are buffered, so retries and mirrors can replay them;
 /// a larger body streams through once, without retries or mirror copy (as Envoy does
@@ -39,7 +39,7 @@ pub type RespBody = UnsyncBoxBody<Bytes, BoxError>;
 
 /// Serves one client connection whose bytes are HTTP, dialed to `orig` on `service`.
 pub async fn serve(
-    ctx: ProxyContext,
+    ctx: super::Context,
     pod: Arc<Workload>,
     netns: Arc<Netns>,
     stream: TcpStream,
@@ -53,9 +53,9 @@ pub async fn serve(
         let (ctx, pod, netns, service_key) = (ctx.clone(), pod.clone(), netns.clone(), service_key.clone());
         async move { Ok::<_, Infallible>(handle(&ctx, &pod, &netns, &service_key, orig, req).await) }
     });
-    let builder = crate::proxy::limits::http_server();
+    let builder = crate::transport::limits::http_server();
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-    if let Err(e) = crate::proxy::until_drained(conn, &shutdown, |c| c.graceful_shutdown()).await {
+    if let Err(e) = crate::transport::until_drained(conn, &shutdown, |c| c.graceful_shutdown()).await {
         tracing::debug!(%orig, error = %e, "HTTP client connection ended");
     }
 }
@@ -63,7 +63,7 @@ pub async fn serve(
 /// Who calls, from where, to what: the same for every request of one connection (the
 /// snapshot is the one the request started with).
 struct Caller<'a> {
-    ctx: &'a ProxyContext,
+    ctx: &'a super::Context,
     snap: &'a Arc<Snapshot>,
     pod: &'a Arc<Workload>,
     netns: &'a Arc<Netns>,
@@ -100,7 +100,7 @@ fn roll(percent: f64) -> bool {
 }
 
 async fn handle(
-    ctx: &ProxyContext,
+    ctx: &super::Context,
     pod: &Arc<Workload>,
     netns: &Arc<Netns>,
     service_key: &str,
@@ -294,7 +294,7 @@ async fn route(caller: &Caller<'_>, service_key: &str, mut req: Request<Incoming
         }
         Action::Route(backends) => backends,
     };
-    let Some(chosen) = pick_weighted(backends) else {
+    let Some(chosen) = crate::traffic::route::pick_weighted(backends) else {
         return local(StatusCode::SERVICE_UNAVAILABLE, "NR", "route has no destination\n");
     };
     let body = match read_body(body, caller.ctx).await {
@@ -349,7 +349,7 @@ async fn route(caller: &Caller<'_>, service_key: &str, mut req: Request<Incoming
                 match tokio::try_join!(client_upgrade, server_upgrade) {
                     Ok((client, server)) => {
                         let (mut client, mut server) = (TokioIo::new(client), TokioIo::new(server));
-                        let _ = crate::proxy::copy::bidirectional(&mut client, &mut server).await;
+                        let _ = crate::transport::copy::bidirectional(&mut client, &mut server).await;
                     }
                     Err(e) => tracing::debug!(error = %e, "protocol upgrade not completed"),
                 }
@@ -384,7 +384,7 @@ async fn route(caller: &Caller<'_>, service_key: &str, mut req: Request<Incoming
 fn retry_slot(caller: &Caller<'_>, backend: &Backend) -> Option<super::balance::RetrySlot> {
     let port = backend.port.unwrap_or(caller.orig.port());
     let policy = caller.snap.traffic_policy(&backend.service, backend.subset.as_deref(), port);
-    let cluster = caller.ctx.l7.clusters.get(&caller.pod.key(), &backend.service, backend.subset.as_deref());
+    let cluster = caller.ctx.runtime.clusters.get(&caller.pod.key(), &backend.service, backend.subset.as_deref());
     cluster.try_retry(policy.pool.max_retries)
 }
 
@@ -402,22 +402,6 @@ pub(crate) fn is_upgrade<B>(req: &Request<B>) -> bool {
             .iter()
             .filter_map(|v| v.to_str().ok())
             .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
-}
-
-/// One of `backends` at random by weight (equal shares when no weights are set).
-pub(crate) fn pick_weighted(backends: &[WeightedBackend]) -> Option<&WeightedBackend> {
-    let total: u32 = backends.iter().map(|b| b.weight).sum();
-    if total == 0 {
-        return backends.get(rand::rng().random_range(0..backends.len().max(1))).filter(|_| !backends.is_empty());
-    }
-    let mut x = rand::rng().random_range(0..total);
-    for b in backends {
-        if x < b.weight {
-            return Some(b);
-        }
-        x -= b.weight;
-    }
-    backends.last()
 }
 
 fn cookie<'a>(req: &'a Request<()>, name: &str) -> Option<&'a str> {
@@ -443,8 +427,8 @@ fn cookie_endpoint(value: &str) -> Option<SocketAddr> {
     String::from_utf8(bytes?).ok()?.parse().ok()
 }
 
-fn hash_key(lb: &super::policy::LbPolicy, req: &Request<()>, pod: &Workload) -> Option<Vec<u8>> {
-    use super::policy::LbPolicy;
+fn hash_key(lb: &crate::traffic::policy::LbPolicy, req: &Request<()>, pod: &Workload) -> Option<Vec<u8>> {
+    use crate::traffic::policy::LbPolicy;
     match lb {
         LbPolicy::HashHeader(h) => req.headers().get(h).map(|v| v.as_bytes().to_vec()),
         LbPolicy::HashCookie(c) => cookie(req, &c.name).map(|v| v.as_bytes().to_vec()),
@@ -493,8 +477,8 @@ fn buffered(b: Bytes) -> UpBody {
 ///
 /// The budget is charged for the buffer's capacity, before it grows: what the agent
 /// holds for bodies is the budget, not some multiple of it.
-async fn read_body(mut body: Incoming, ctx: &ProxyContext) -> Result<ReqBody, Answer> {
-    let mut buf = BodyBuffer::new(ctx.l7.body_budget.clone());
+async fn read_body(mut body: Incoming, ctx: &super::Context) -> Result<ReqBody, Answer> {
+    let mut buf = BodyBuffer::new(ctx.runtime.body_budget.clone());
     // A declared length is reserved whole, once.
     if let Some(len) = http_body::Body::size_hint(&body).exact()
         && let Ok(len) = usize::try_from(len)
@@ -650,7 +634,7 @@ enum TryOutcome {
     /// The endpoint answered.
     Answer(Answer),
     /// No answer: maybe retried.
-    Failed { failure: super::route::Failure, endpoint: Option<String>, detail: String },
+    Failed { failure: crate::traffic::route::Failure, endpoint: Option<String>, detail: String },
     /// Answered locally, never retried (overflow, no endpoints).
     Final(Answer),
 }
@@ -662,10 +646,10 @@ impl TryOutcome {
             TryOutcome::Failed { failure, endpoint, detail } => {
                 tracing::debug!(service = %backend.service, ?failure, %detail, "request failed");
                 let mut a = match failure {
-                    super::route::Failure::Timeout => {
+                    crate::traffic::route::Failure::Timeout => {
                         local(StatusCode::GATEWAY_TIMEOUT, "UT", "upstream request timeout")
                     }
-                    super::route::Failure::Connect => local(
+                    crate::traffic::route::Failure::Connect => local(
                         StatusCode::SERVICE_UNAVAILABLE,
                         "UF",
                         "upstream connect error or disconnect/reset before headers. reset reason: connection failure",
@@ -693,7 +677,7 @@ async fn try_once(
     per_try_timeout: Option<Duration>,
 ) -> TryOutcome {
     let Caller { ctx, snap, pod, netns, orig } = *caller;
-    let target = super::Target::resolve(&ctx.l7, snap, pod, backend, orig.port());
+    let target = super::Target::resolve(&ctx.runtime, snap, pod, backend, orig.port());
     let (policy, cluster) = (&target.policy, &target.cluster);
     if target.endpoints.is_empty() {
         return TryOutcome::Final(local(StatusCode::SERVICE_UNAVAILABLE, "UH", "no healthy upstream"));
@@ -715,11 +699,11 @@ async fn try_once(
     let mut lb = policy.lb.clone();
     let mut pinned = orig;
     let mut set_cookie = None;
-    if let super::policy::LbPolicy::HashCookie(c) = &policy.lb {
+    if let crate::traffic::policy::LbPolicy::HashCookie(c) = &policy.lb {
         match key.as_deref().and_then(|v| std::str::from_utf8(v).ok()) {
             Some(v) => {
                 if let Some(a) = cookie_endpoint(v).filter(|a| target.endpoints.iter().any(|(_, e)| e == a)) {
-                    (lb, pinned) = (super::policy::LbPolicy::Passthrough, a);
+                    (lb, pinned) = (crate::traffic::policy::LbPolicy::Passthrough, a);
                 }
             }
             None => set_cookie = c.ttl.map(|ttl| (c.clone(), ttl)),
@@ -731,7 +715,7 @@ async fn try_once(
     if policy.istio_mutual && !workload.enrolled {
         // Istio would originate mTLS and fail against a plaintext pod; never send plaintext.
         return TryOutcome::Failed {
-            failure: super::route::Failure::Connect,
+            failure: crate::traffic::route::Failure::Connect,
             endpoint: Some(workload.name.clone()),
             detail: "DestinationRule tls ISTIO_MUTUAL, but the endpoint is outside the mesh".into(),
         };
@@ -748,8 +732,8 @@ async fn try_once(
         // Protocol upgrades (WebSocket) are HTTP/1.1 only.
         http2: (req.version() == http::Version::HTTP_2 || policy.pool.h2_upgrade) && !is_upgrade(req),
     };
-    let from = super::upstream::From { ctx, pod, netns };
-    let sent = ctx.l7.upstreams.send(from, &workload, addr, upstream_req, settings);
+    let from = super::upstream::From { dialer: &ctx.dialer, snapshot: snap, pod, netns };
+    let sent = ctx.runtime.upstreams.send(from, &workload, addr, upstream_req, settings);
     let result = match per_try_timeout {
         Some(t) => tokio::time::timeout(t, sent).await.map_err(|_| ()),
         None => Ok(sent.await),
@@ -781,14 +765,18 @@ async fn try_once(
         Ok(Err(e)) => {
             cluster.record(addr, Outcome::LocalFailure, outlier, n);
             let failure = match &e {
-                SendError::Connect { .. } => super::route::Failure::Connect,
-                SendError::Reset { .. } => super::route::Failure::Reset,
+                SendError::Connect { .. } => crate::traffic::route::Failure::Connect,
+                SendError::Reset { .. } => crate::traffic::route::Failure::Reset,
             };
             TryOutcome::Failed { failure, endpoint, detail: e.to_string() }
         }
         Err(()) => {
             cluster.record(addr, Outcome::LocalFailure, outlier, n);
-            TryOutcome::Failed { failure: super::route::Failure::Timeout, endpoint, detail: "per-try timeout".into() }
+            TryOutcome::Failed {
+                failure: crate::traffic::route::Failure::Timeout,
+                endpoint,
+                detail: "per-try timeout".into(),
+            }
         }
     }
 }
@@ -816,7 +804,7 @@ fn mirror_copy(caller: &Caller<'_>, mirror: &Backend, req: &Request<()>, body: B
             copy.headers_mut().insert(http::header::HOST, v);
         }
     }
-    let Ok(slot) = caller.ctx.l7.mirrors.clone().try_acquire_owned() else {
+    let Ok(slot) = caller.ctx.runtime.mirrors.clone().try_acquire_owned() else {
         caller.ctx.metrics.refused("l7", "mirror_budget");
         return;
     };

@@ -18,11 +18,11 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1::SendRequest, http2};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::dataplane::Netns;
-use crate::proxy::ProxyContext;
+use crate::snapshot::Snapshot;
 use crate::state::Workload;
+use crate::transport::{Dialer, Upstream};
 
 /// Idle connections unused this long are closed.
 const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -50,9 +50,6 @@ pub enum SendError {
         source: hyper::Error,
     },
 }
-
-trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 
 struct IdleConn {
     sender: SendRequest<UpBody>,
@@ -104,8 +101,10 @@ pub struct ConnSettings {
 /// The pod a request leaves from.
 #[derive(Debug, Clone, Copy)]
 pub struct From<'a> {
-    /// Shared proxy state (HBONE pool, bypass mark).
-    pub ctx: &'a ProxyContext,
+    /// Reaches the endpoint.
+    pub dialer: &'a Dialer,
+    /// The configuration the request is routed under.
+    pub snapshot: &'a Snapshot,
     /// The calling pod.
     pub pod: &'a Workload,
     /// Its network namespace.
@@ -220,7 +219,7 @@ impl Upstreams {
         slot.sender = None;
         let dialed = async {
             let io = self.connect_io(from, endpoint, addr, settings).await?;
-            crate::proxy::limits::h2_client()
+            crate::transport::limits::h2_client()
                 .handshake(TokioIo::new(io))
                 .await
                 .map_err(|e| SendError::Connect { addr, reason: e.to_string() })
@@ -253,17 +252,10 @@ impl Upstreams {
         endpoint: &Workload,
         addr: SocketAddr,
         settings: ConnSettings,
-    ) -> Result<Box<dyn Io>, SendError> {
-        let From { ctx, pod, netns } = from;
-        let timeout = settings.connect_timeout.unwrap_or(crate::proxy::CONNECT_TIMEOUT);
-        let connect = async {
-            let io: Box<dyn Io> = if ctx.snapshot.load().tunnels_to(endpoint, addr.port()) {
-                Box::new(ctx.pool.connect(ctx, pod, netns, endpoint, addr).await?)
-            } else {
-                Box::new(crate::proxy::connect_in(netns, addr, ctx.bypass_mark, timeout).await?)
-            };
-            Ok::<_, crate::proxy::Error>(io)
-        };
+    ) -> Result<Upstream, SendError> {
+        let From { dialer, snapshot, pod, netns } = from;
+        let timeout = settings.connect_timeout.unwrap_or(crate::transport::CONNECT_TIMEOUT);
+        let connect = dialer.connect(snapshot, pod, netns, Some(endpoint), addr, timeout);
         match tokio::time::timeout(timeout, connect).await {
             Ok(Ok(io)) => Ok(io),
             Ok(Err(e)) => Err(SendError::Connect { addr, reason: e.to_string() }),
@@ -280,7 +272,7 @@ impl Upstreams {
     ) -> Result<SendRequest<UpBody>, SendError> {
         let io = self.connect_io(from, endpoint, addr, settings).await?;
         let (sender, conn) = hyper::client::conn::http1::Builder::new()
-            .max_buf_size(crate::proxy::limits::H1_MAX_BUF)
+            .max_buf_size(crate::transport::limits::H1_MAX_BUF)
             .handshake(TokioIo::new(io))
             .await
             .map_err(|e| SendError::Connect { addr, reason: e.to_string() })?;

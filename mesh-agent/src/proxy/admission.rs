@@ -3,6 +3,8 @@
 //! application, or, when the policies read HTTP attributes, a judgement per request
 //! (HTTP) or of the whole connection as TCP (anything else).
 
+mod http;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,13 +14,15 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use super::outbound::DETECT_TIMEOUT;
-use super::prefixed::{Prefixed, read_first};
-use super::{ProxyContext, copy, inbound_http};
+use super::ProxyContext;
+use super::detect::{self, DETECT_TIMEOUT, read_first};
+use super::prefixed::Prefixed;
 use crate::authz::{ConnAttrs, ConnVerdict, Decision, Peer, WorkloadSecurity};
 use crate::dataplane::Netns;
-use crate::state::{Snapshot, Workload};
+use crate::snapshot::Snapshot;
+use crate::state::Workload;
 use crate::telemetry::{ConnLabels, DenyReason};
+use crate::transport::copy;
 
 /// A connection as the workload's policies see it.
 #[derive(Debug, Clone)]
@@ -168,10 +172,10 @@ pub(super) async fn serve<S>(
                 }
             };
             let mut client = Prefixed::new(first, client);
-            if crate::l7::looks_like_http(client.prefix()) {
+            if detect::is_http(client.prefix()) {
                 let open = ctx.metrics.opened(&labels);
                 let metrics = ctx.metrics.clone();
-                inbound_http::serve(ctx, pod, netns, arrival, client, app).await;
+                http::serve(ctx, pod, netns, arrival, client, app).await;
                 metrics.closed(&labels, open, 0, 0);
                 return;
             }

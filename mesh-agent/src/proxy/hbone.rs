@@ -14,14 +14,15 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
+use super::ProxyContext;
+use super::accept::accept_loop;
 use super::admission::{self, Arrival};
-use super::inpod::accept_loop;
-use super::{CONNECT_TIMEOUT, Error, HANDSHAKE_TIMEOUT, ProxyContext, limits, sockets};
 use crate::authz::{ConnVerdict, Decision, Peer};
 use crate::dataplane::Netns;
 use crate::identity::{Identity, peer_identity};
 use crate::state::Workload;
 use crate::telemetry::ConnLabels;
+use crate::transport::{CONNECT_TIMEOUT, Error, HANDSHAKE_TIMEOUT, limits, sockets};
 
 pub(super) async fn serve(
     ctx: ProxyContext,
@@ -69,7 +70,7 @@ async fn connection(
         async move { Ok::<_, std::convert::Infallible>(stream_request(ctx, pod, netns, client, peer, req).await) }
     });
     let conn = limits::h2_server().serve_connection(TokioIo::new(tls), service);
-    super::until_drained(conn, &shutdown, |c| c.graceful_shutdown())
+    crate::transport::until_drained(conn, &shutdown, |c| c.graceful_shutdown())
         .await
         .map_err(|source| Error::Http { addr: peer, source })
 }
@@ -106,7 +107,7 @@ async fn stream_request(
     let permit = match ctx.limits.admit(peer.ip()) {
         Ok(p) => p,
         Err(hit) => {
-            super::inpod::refuse(&ctx, "hbone_stream", peer, hit);
+            super::accept::refuse(&ctx, "hbone_stream", peer, hit);
             return status(StatusCode::SERVICE_UNAVAILABLE);
         }
     };
@@ -119,7 +120,7 @@ async fn stream_request(
         admission::denied(&ctx, &pod, &arrival.attrs(), reason, None);
         return status(StatusCode::FORBIDDEN);
     }
-    let app = match sockets::deliver_in(&netns, target, ctx.bypass_mark, CONNECT_TIMEOUT).await {
+    let app = match sockets::deliver_in(&netns, target, ctx.dialer.bypass_mark, CONNECT_TIMEOUT).await {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(pod = %pod.name, %client, %target, error = %e, "application unreachable");

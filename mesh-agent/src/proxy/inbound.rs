@@ -9,13 +9,14 @@ use mesh_common::ports;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
+use super::ProxyContext;
+use super::accept::accept_loop;
 use super::admission::{self, Arrival};
-use super::inpod::accept_loop;
-use super::{CONNECT_TIMEOUT, Error, ProxyContext, sockets};
 use crate::authz::{ConnVerdict, Decision};
 use crate::dataplane::Netns;
 use crate::state::Workload;
 use crate::telemetry::ConnLabels;
+use crate::transport::{CONNECT_TIMEOUT, Error, sockets};
 
 pub(super) async fn serve(
     ctx: ProxyContext,
@@ -70,7 +71,7 @@ async fn handle(
     }
     let source = snapshot.workload_by_ip(peer.ip()).cloned();
     let labels = ConnLabels::inbound(pod, source.as_deref(), false);
-    let app = sockets::deliver_in(netns, dst, ctx.bypass_mark, CONNECT_TIMEOUT).await?;
+    let app = sockets::deliver_in(netns, dst, ctx.dialer.bypass_mark, CONNECT_TIMEOUT).await?;
     tracing::debug!(pod = %pod.name, %peer, %dst, "inbound plaintext");
     admission::serve(ctx.clone(), pod.clone(), netns.clone(), security, arrival, verdict, stream, app, labels).await;
     Ok(())

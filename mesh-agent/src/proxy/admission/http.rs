@@ -19,13 +19,14 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 
-use super::admission::Arrival;
-use super::{CONNECT_TIMEOUT, ProxyContext, copy, sockets};
+use super::Arrival;
 use crate::authz::{Decision, RequestAttrs, path};
 use crate::dataplane::Netns;
 use crate::l7::server::RespBody;
+use crate::proxy::ProxyContext;
 use crate::state::Workload;
 use crate::telemetry::RequestLabels;
+use crate::transport::{CONNECT_TIMEOUT, copy, sockets};
 
 /// Envoy's RBAC filter body, which clients and tests recognise.
 const RBAC_DENIED: &str = "RBAC: access denied";
@@ -68,9 +69,9 @@ pub(super) async fn serve<S>(
         let conn = conn.clone();
         async move { Ok::<_, Infallible>(handle(&conn, req).await) }
     });
-    let builder = crate::proxy::limits::http_server();
+    let builder = crate::transport::limits::http_server();
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(client), svc);
-    if let Err(e) = super::until_drained(conn, &shutdown, |c| c.graceful_shutdown()).await {
+    if let Err(e) = crate::transport::until_drained(conn, &shutdown, |c| c.graceful_shutdown()).await {
         tracing::debug!(%dst, error = %e, "inbound HTTP connection ended");
     }
 }
@@ -131,7 +132,7 @@ async fn judge_and_forward(conn: &Conn, mut req: Request<Incoming>) -> Response<
     let snapshot = conn.ctx.snapshot.load();
     let security = snapshot.security(&conn.pod.key());
     if let Decision::Deny(reason) = security.authz.check(&attrs, Some(&request)) {
-        super::admission::denied(&conn.ctx, &conn.pod, &attrs, &reason, Some((req.method().as_str(), &normalized)));
+        super::denied(&conn.ctx, &conn.pod, &attrs, &reason, Some((req.method().as_str(), &normalized)));
         return local(StatusCode::FORBIDDEN, RBAC_DENIED);
     }
     // Forward what was judged: the normalized path with the original query.
@@ -166,10 +167,10 @@ fn strip_h2c_upgrade(headers: &mut http::HeaderMap) {
     }
 }
 
-async fn app_stream(conn: &Conn, apps: &mut AppConns) -> Result<TcpStream, super::Error> {
+async fn app_stream(conn: &Conn, apps: &mut AppConns) -> Result<TcpStream, crate::transport::Error> {
     match apps.fresh.take() {
         Some(s) => Ok(s),
-        None => sockets::deliver_in(&conn.netns, conn.arrival.dst, conn.ctx.bypass_mark, CONNECT_TIMEOUT).await,
+        None => sockets::deliver_in(&conn.netns, conn.arrival.dst, conn.ctx.dialer.bypass_mark, CONNECT_TIMEOUT).await,
     }
 }
 

@@ -25,7 +25,7 @@ use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_rustls::TlsConnector;
 
-use super::{CONNECT_TIMEOUT, Error, HANDSHAKE_TIMEOUT, ProxyContext, limits, sockets};
+use super::{CONNECT_TIMEOUT, Dialer, Error, HANDSHAKE_TIMEOUT, limits, sockets};
 use crate::dataplane::Netns;
 use crate::identity::Identity;
 use crate::state::Workload;
@@ -148,7 +148,7 @@ impl Pool {
     /// reusing a pooled HTTP/2 connection when one is open.
     pub async fn connect(
         &self,
-        ctx: &ProxyContext,
+        dialer: &Dialer,
         source: &Workload,
         netns: &Netns,
         dest: &Workload,
@@ -163,7 +163,7 @@ impl Pool {
             Some(found) => found,
             None => {
                 let pooled =
-                    Pooled { sender: self.dial(ctx, source, netns, &key).await?, streams: StreamCount::default() };
+                    Pooled { sender: self.dial(dialer, source, netns, &key).await?, streams: StreamCount::default() };
                 let slot = pooled.try_reserve().ok_or(Error::Closed { addr: key.addr })?;
                 self.conns
                     .lock()
@@ -231,18 +231,18 @@ impl Pool {
 
     async fn dial(
         &self,
-        ctx: &ProxyContext,
+        dialer: &Dialer,
         source: &Workload,
         netns: &Netns,
         key: &Key,
     ) -> Result<SendRequest<Empty<Bytes>>, Error> {
         let tls = crate::identity::client_config(
-            ctx.certs.clone(),
+            dialer.certs.clone(),
             source.identity.clone(),
             key.destination.clone(),
-            &ctx.verifier,
+            &dialer.verifier,
         )?;
-        let tcp = sockets::connect_in(netns, key.addr, ctx.bypass_mark, CONNECT_TIMEOUT).await?;
+        let tcp = sockets::connect_in(netns, key.addr, dialer.bypass_mark, CONNECT_TIMEOUT).await?;
         // The server name is not used for verification (the SPIFFE identity is); it only
         // fills SNI, so an IP address (which rustls does not send as SNI) is enough.
         let name = ServerName::IpAddress(key.addr.ip().into());

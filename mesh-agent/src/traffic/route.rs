@@ -924,6 +924,24 @@ pub fn compile_split(ts: &linkerd::TrafficSplit, ns: &str) -> Rule {
     }
 }
 
+/// One of `backends` at random by weight (equal shares when no weights are set).
+pub fn pick_weighted(backends: &[WeightedBackend]) -> Option<&WeightedBackend> {
+    let total: u32 = backends.iter().map(|b| b.weight).sum();
+    if total == 0 {
+        return backends
+            .get(rand::Rng::random_range(&mut rand::rng(), 0..backends.len().max(1)))
+            .filter(|_| !backends.is_empty());
+    }
+    let mut x = rand::Rng::random_range(&mut rand::rng(), 0..total);
+    for b in backends {
+        if x < b.weight {
+            return Some(b);
+        }
+        x -= b.weight;
+    }
+    backends.last()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

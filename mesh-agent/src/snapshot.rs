@@ -1,0 +1,190 @@
+//! The compiled view of the configuration: workloads, services and who is enrolled,
+//! built once per config change ([`compile`]) into lookup tables and swapped whole.
+//!
+//! Architecture invariant: a [`Snapshot`] is never mutated after [`Snapshot::compile`];
+//! readers hold an `Arc` to the one they started with, so a request never sees half of
+//! an update. What counts per connection (the round-robin cursors) lives in
+//! [`RoundRobin`], beside it.
+
+mod compile;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use arc_swap::ArcSwap;
+
+use crate::authz::{self, WorkloadSecurity};
+use crate::state::{Destination, Problem, Service, Workload, destination_for};
+use crate::traffic::policy::{DestinationPolicy, TrafficPolicy};
+use crate::traffic::route::ServiceRoutes;
+
+/// An immutable, compiled configuration.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// Every known workload.
+    pub workloads: Vec<Arc<Workload>>,
+    by_ip: HashMap<IpAddr, Arc<Workload>>,
+    services: Vec<Arc<Service>>,
+    by_vip: HashMap<IpAddr, Arc<Service>>,
+    by_key: HashMap<String, Arc<Service>>,
+    routes: HashMap<String, Arc<ServiceRoutes>>,
+    policies: HashMap<String, Arc<DestinationPolicy>>,
+    /// PeerAuthentication and AuthorizationPolicy per workload (`namespace/name`).
+    security: HashMap<String, Arc<WorkloadSecurity>>,
+    /// For workloads no policy selects.
+    no_security: Arc<WorkloadSecurity>,
+    /// Trust domains under which a policy's principal names the same identity.
+    pub equivalent_domains: Vec<String>,
+    /// Inconsistencies between objects that are each valid (conflicting
+    /// VirtualServices, routes to undefined subsets), logged when the snapshot applies
+    /// and reported by `meshctl analyze`.
+    pub problems: Vec<Problem>,
+    /// Namespaces whose pods are in the mesh.
+    enrolled_ns: std::collections::BTreeSet<String>,
+    /// Monotonic version, for logs and the config dump.
+    pub version: u64,
+    /// SHA-256 (hex, first 16 digits) of the objects in force: agents that read the same
+    /// config show the same digest, whatever order it arrived in (`meshctl
+    /// proxy-status` compares them).
+    pub config_digest: String,
+}
+
+impl Snapshot {
+    /// Whether a connection to `w` at its port `port` rides the mTLS tunnel: `w` is in
+    /// the mesh and its PeerAuthentication does not DISABLE the port (clients then send
+    /// plaintext, as Istio's auto-mTLS does).
+    pub fn tunnels_to(&self, w: &Workload, port: u16) -> bool {
+        w.enrolled && self.security(&w.key()).mtls.mode(port) != authz::mtls::Mode::Disable
+    }
+
+    /// The security settings of workload `key` (`namespace/name`).
+    pub fn security(&self, key: &str) -> &Arc<WorkloadSecurity> {
+        self.security.get(key).unwrap_or(&self.no_security)
+    }
+
+    /// The Service at this cluster IP.
+    pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<Service>> {
+        self.by_vip.get(&ip)
+    }
+
+    /// VirtualService rules for a Service (`namespace/name`).
+    pub fn routes(&self, service: &str) -> Option<&Arc<ServiceRoutes>> {
+        self.routes.get(service)
+    }
+
+    /// Whether HTTP to this Service is handled at L7 (HTTP rules or a DestinationRule).
+    pub fn has_traffic_rules(&self, service: &str) -> bool {
+        self.routes.get(service).is_some_and(|r| !r.rules.is_empty()) || self.policies.contains_key(service)
+    }
+
+    /// The traffic policy for a Service, optional subset and service port (defaults
+    /// without a rule).
+    pub fn traffic_policy(&self, service: &str, subset: Option<&str>, port: u16) -> TrafficPolicy {
+        self.policies.get(service).map_or_else(TrafficPolicy::default, |p| p.effective(subset, port))
+    }
+
+    /// Endpoints of a Service (restricted to a subset's labels) with the address for
+    /// service port `port`. An unknown subset has no endpoints.
+    pub fn endpoints(&self, service: &str, subset: Option<&str>, port: u16) -> Vec<(Arc<Workload>, SocketAddr)> {
+        let Some(svc) = self.by_key.get(service) else { return Vec::new() };
+        let labels = match subset {
+            None => None,
+            Some(s) => match self.policies.get(service).and_then(|p| p.subsets.get(s)) {
+                Some(sub) => Some(&sub.labels),
+                None => return Vec::new(),
+            },
+        };
+        let Some(sp) = svc.ports.iter().find(|p| p.port == port) else { return Vec::new() };
+        svc.endpoints
+            .iter()
+            .filter(|e| labels.is_none_or(|l| l.iter().all(|(k, v)| e.workload.labels.get(k) == Some(v))))
+            .filter_map(|e| Some((e.workload.clone(), e.addr(sp)?)))
+            .collect()
+    }
+
+    /// The workload with this address.
+    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
+        self.by_ip.get(&ip)
+    }
+
+    /// Enrolled workloads scheduled on `node`.
+    pub fn local_enrolled<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Arc<Workload>> + 'a {
+        self.workloads.iter().filter(move |w| w.enrolled && w.node.as_deref() == Some(node) && !w.ips.is_empty())
+    }
+
+    /// Namespaces whose pods are in the mesh (by label or annotation).
+    pub fn enrolled_namespaces(&self) -> std::collections::BTreeSet<String> {
+        self.enrolled_ns.clone()
+    }
+
+    /// Services, for the config dump.
+    pub fn services(&self) -> &[Arc<Service>] {
+        &self.services
+    }
+
+    /// Decides where a connection to `orig` goes. Service VIPs pick an endpoint round
+    /// robin (the cursor is in `turns`, kept outside the immutable snapshot); pod
+    /// addresses go to that pod.
+    pub fn resolve(&self, orig: SocketAddr, turns: &RoundRobin) -> Destination {
+        if let Some(svc) = self.by_vip.get(&orig.ip()) {
+            let name = svc.key();
+            let Some(port) = svc.ports.iter().find(|p| p.port == orig.port()) else {
+                return Destination::NoEndpoints { service: name };
+            };
+            let n = svc.endpoints.len();
+            if n == 0 {
+                return Destination::NoEndpoints { service: name };
+            }
+            let start = turns.next(svc);
+            // Skip endpoints that do not serve this port (a named target port the pod
+            // lacks, a port its EndpointSlice does not list).
+            for i in 0..n {
+                let e = &svc.endpoints[(start + i) % n];
+                if let Some(addr) = e.addr(port) {
+                    return destination_for(e.workload.clone(), addr, Some(name));
+                }
+            }
+            return Destination::NoEndpoints { service: name };
+        }
+        match self.by_ip.get(&orig.ip()) {
+            Some(w) => destination_for(w.clone(), orig, None),
+            None => Destination::Passthrough { addr: orig, workload: None },
+        }
+    }
+}
+
+/// The current snapshot, swapped atomically on each accepted config change.
+pub type SharedSnapshot = Arc<ArcSwap<Snapshot>>;
+
+/// Round-robin cursors of Service VIPs, one per Service of the snapshot in force (by
+/// [`Service::index`]): runtime state kept beside the snapshot, so the snapshot itself
+/// is never written to. Reading one is an atomic load and an index, as cheap as the
+/// counter inside the snapshot was.
+#[derive(Debug, Default)]
+pub struct RoundRobin {
+    cursors: ArcSwap<Box<[AtomicUsize]>>,
+    /// For a Service the cursors do not cover yet (a snapshot newer than the last
+    /// [`RoundRobin::fit`]).
+    spare: AtomicUsize,
+}
+
+impl RoundRobin {
+    /// The next turn for `service`.
+    pub fn next(&self, service: &Service) -> usize {
+        match self.cursors.load().get(service.index) {
+            Some(c) => c.fetch_add(1, Ordering::Relaxed),
+            None => self.spare.fetch_add(1, Ordering::Relaxed),
+        }
+    }
+
+    /// Sizes the cursors for `snapshot`'s Services (fresh cursors when their number
+    /// changed, as a new snapshot started its Services afresh).
+    pub fn fit(&self, snapshot: &Snapshot) {
+        if self.cursors.load().len() != snapshot.services.len() {
+            let fresh: Box<[AtomicUsize]> = snapshot.services.iter().map(|_| AtomicUsize::new(0)).collect();
+            self.cursors.store(Arc::new(fresh));
+        }
+    }
+}

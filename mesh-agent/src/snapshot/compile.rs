@@ -1,0 +1,742 @@
+//! [`Snapshot::compile`]: users' objects to lookup tables, with the problems found on
+//! the way.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use super::Snapshot;
+use crate::authz::{self, WorkloadAuthz, WorkloadSecurity};
+use crate::config::Object;
+use crate::config::resources::{EndpointSlice, IntOrString, Pod};
+use crate::identity::Identity;
+use crate::state::{Endpoint, MeshScope, Problem, Service, ServicePort, TargetPort, Workload};
+use crate::traffic::policy::DestinationPolicy;
+use crate::traffic::route::{self, ServiceRoutes};
+
+/// Namespace labels that enroll a namespace (Istio sidecar and ambient spellings).
+const ENROLL_LABELS: &[(&str, &str)] = &[("istio-injection", "enabled"), ("istio.io/dataplane-mode", "ambient")];
+/// Pod labels that opt a pod out of an enrolled namespace.
+const OPT_OUT_LABELS: &[(&str, &str)] = &[("istio.io/dataplane-mode", "none"), ("sidecar.istio.io/inject", "false")];
+/// Namespace annotation Linkerd users set for the same purpose.
+const LINKERD_INJECT: (&str, &str) = ("linkerd.io/inject", "enabled");
+
+impl Snapshot {
+    /// Compiles objects into lookup tables with the default [`MeshScope`].
+    pub fn compile(objects: &[Object], trust_domain: &str, version: u64) -> Self {
+        Self::compile_in(objects, &MeshScope::new(trust_domain), version)
+    }
+
+    /// Compiles objects into lookup tables.
+    pub fn compile_in(objects: &[Object], mesh: &MeshScope, version: u64) -> Self {
+        let trust_domain = mesh.trust_domain.as_str();
+        let mut enrolled_ns = HashMap::new();
+        for o in objects {
+            if let Object::Namespace(ns) = o {
+                let by_label = ENROLL_LABELS.iter().any(|(k, v)| ns.metadata.labels.get(*k).is_some_and(|x| x == v));
+                let by_annotation =
+                    ns.metadata.annotations.get(LINKERD_INJECT.0).is_some_and(|v| v == LINKERD_INJECT.1);
+                enrolled_ns.insert(ns.metadata.name.clone(), by_label || by_annotation);
+            }
+        }
+        let mut snap = Snapshot {
+            version,
+            config_digest: config_digest(objects),
+            enrolled_ns: enrolled_ns.iter().filter(|(_, on)| **on).map(|(n, _)| n.clone()).collect(),
+            ..Default::default()
+        };
+        for o in objects {
+            if let Object::Pod(pod) = o {
+                let w = Arc::new(workload(pod, trust_domain, &enrolled_ns));
+                // A hostNetwork pod's address is its node's, shared by every such pod
+                // and the node itself; a finished pod's address may be a new pod's.
+                if !pod.spec.host_network && !pod.is_finished() {
+                    for ip in &w.ips {
+                        snap.by_ip.insert(*ip, w.clone());
+                    }
+                }
+                snap.workloads.push(w);
+            }
+        }
+        let slices = slices_by_service(objects);
+        for o in objects {
+            if let Object::Service(svc) = o {
+                let ns = svc.metadata.namespace_or_default();
+                let endpoints = if svc.spec.selector.is_empty() {
+                    let of_service = slices.get(&(ns.clone(), svc.metadata.name.clone()));
+                    slice_endpoints(&snap, of_service.map_or(&[][..], Vec::as_slice), &ns, trust_domain)
+                } else {
+                    snap.workloads
+                        .iter()
+                        .filter(|w| {
+                            w.namespace == ns && svc.spec.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
+                        })
+                        .filter(|w| w.serving)
+                        .filter_map(|w| Some(Endpoint { workload: w.clone(), ip: *w.ips.first()?, slice_ports: None }))
+                        .collect()
+                };
+                let mut vips: Vec<IpAddr> = svc.spec.cluster_ips.iter().filter_map(|s| s.parse().ok()).collect();
+                if let Some(ip) = svc.spec.cluster_ip.as_deref().and_then(|s| s.parse().ok())
+                    && !vips.contains(&ip)
+                {
+                    vips.insert(0, ip);
+                }
+                let ports = svc
+                    .spec
+                    .ports
+                    .iter()
+                    .map(|p| ServicePort {
+                        name: p.name.clone(),
+                        port: p.port,
+                        target: match &p.target_port {
+                            None => TargetPort::Number(p.port),
+                            Some(IntOrString::Int(n)) => TargetPort::Number(*n),
+                            Some(IntOrString::String(s)) => match s.parse() {
+                                Ok(n) => TargetPort::Number(n),
+                                Err(_) => TargetPort::Named(s.clone()),
+                            },
+                        },
+                    })
+                    .collect();
+                let service = Arc::new(Service {
+                    name: svc.metadata.name.clone(),
+                    namespace: ns,
+                    vips: vips.clone(),
+                    ports,
+                    endpoints,
+                    index: snap.services.len(),
+                });
+                for vip in vips {
+                    snap.by_vip.insert(vip, service.clone());
+                }
+                snap.by_key.insert(service.key(), service.clone());
+                snap.services.push(service);
+            }
+        }
+        snap.compile_traffic(objects);
+        snap.compile_security(objects, mesh);
+        snap
+    }
+
+    /// PeerAuthentication modes and AuthorizationPolicies, per workload. A policy that
+    /// does not compile becomes allow-nothing for the workloads it selects.
+    fn compile_security(&mut self, objects: &[Object], mesh: &MeshScope) {
+        self.equivalent_domains = mesh.equivalent_domains();
+        let root = mesh.root_namespace.as_str();
+        let peer_auths = sorted(objects, |o| match o {
+            Object::PeerAuthentication(p) => Some((p.as_ref(), &p.metadata)),
+            _ => None,
+        });
+        for p in &peer_auths {
+            if p.metadata.namespace_or_default() == root && p.spec.selector.is_some() {
+                self.problems.push(Problem::new(
+                    "MESH0102",
+                    format!("PeerAuthentication {}", p.metadata.key()),
+                    format!("a workload selector in the root namespace {root} is ignored, as Istio does"),
+                ));
+            }
+        }
+        let mut authz_policies = Vec::new();
+        for ap in sorted(objects, |o| match o {
+            Object::AuthorizationPolicy(a) => Some((a.as_ref(), &a.metadata)),
+            _ => None,
+        }) {
+            let compiled = authz::Policy::compile(ap).unwrap_or_else(|e| {
+                self.problems.push(Problem::new(
+                    "MESH0103",
+                    format!("AuthorizationPolicy {}", ap.metadata.key()),
+                    format!("{e}; failing closed: the workloads it selects allow nothing"),
+                ));
+                authz::Policy::fail_closed(ap.metadata.key())
+            });
+            authz_policies.push((ap.metadata.namespace_or_default(), ap.spec.selector.clone(), Arc::new(compiled)));
+        }
+        let mut problems = Vec::new();
+        for w in &self.workloads {
+            let mtls = authz::mtls::resolve(w, &peer_auths, root, &mut problems);
+            let selected = authz_policies.iter().filter(|(ns, selector, _)| {
+                (*ns == w.namespace || ns == root) && selector.as_ref().is_none_or(|s| s.selects(&w.labels))
+            });
+            let authz = WorkloadAuthz::new(selected.map(|(_, _, p)| p.clone()));
+            self.security.insert(w.key(), Arc::new(WorkloadSecurity { mtls, authz }));
+        }
+        problems.sort();
+        problems.dedup();
+        self.problems.extend(problems);
+    }
+
+    /// VirtualServices and DestinationRules, resolved to the Services their hosts name.
+    /// Objects are taken in `namespace/name` order, so which of two conflicting
+    /// VirtualServices wins does not depend on file order.
+    fn compile_traffic(&mut self, objects: &[Object]) {
+        let known: HashMap<String, ()> = self.by_key.keys().map(|k| (k.clone(), ())).collect();
+        for vs in sorted(objects, |o| match o {
+            Object::VirtualService(v) => Some((v.as_ref(), &v.metadata)),
+            _ => None,
+        }) {
+            let gateways = &vs.spec.gateways;
+            if !gateways.is_empty() && !gateways.iter().any(|g| g == "mesh") {
+                continue; // gateway-only rules do not route mesh traffic
+            }
+            let ns = vs.metadata.namespace_or_default();
+            let name = vs.metadata.key();
+            let rules = route::compile_rules(vs, &ns, &known);
+            let tcp = route::compile_tcp_rules(vs, &ns, &known);
+            for host in &vs.spec.hosts {
+                for svc in route::services_for_host(host, &ns, &known) {
+                    let what = format!("VirtualService {name}");
+                    self.claim_routes(&what, svc, &name, || (rules.clone(), tcp.clone()));
+                }
+            }
+        }
+        // Linkerd and SMI route the hosts no VirtualService routes.
+        for ts in sorted(objects, |o| match o {
+            Object::TrafficSplit(t) => Some((t.as_ref(), &t.metadata)),
+            _ => None,
+        }) {
+            let ns = ts.metadata.namespace_or_default();
+            let name = format!("TrafficSplit {ns}/{}", ts.metadata.name);
+            match route::service_for_host(&ts.spec.service, &ns, &known) {
+                Some(svc) => self.claim_routes(&name, svc, &name, || (vec![route::compile_split(ts, &ns)], Vec::new())),
+                None => self.problems.push(Problem::new(
+                    "IST0101",
+                    name.clone(),
+                    format!("root service {} is not a known Service; ignored", ts.spec.service),
+                )),
+            }
+        }
+        for sp in sorted(objects, |o| match o {
+            Object::ServiceProfile(p) => Some((p.as_ref(), &p.metadata)),
+            _ => None,
+        }) {
+            let ns = sp.metadata.namespace_or_default();
+            let name = format!("ServiceProfile {ns}/{}", sp.metadata.name);
+            match route::service_for_host(&sp.metadata.name, &ns, &known) {
+                Some(svc) => {
+                    let key = svc.clone();
+                    self.claim_routes(&name, svc, &name, || (route::compile_profile(sp, &key), Vec::new()));
+                }
+                None => self.problems.push(Problem::new("IST0101", name.clone(), "names no known Service; ignored")),
+            }
+        }
+        for dr in sorted(objects, |o| match o {
+            Object::DestinationRule(d) => Some((d.as_ref(), &d.metadata)),
+            _ => None,
+        }) {
+            let ns = dr.metadata.namespace_or_default();
+            let compiled = DestinationPolicy::compile(dr);
+            for svc in route::services_for_host(&dr.spec.host, &ns, &known) {
+                match self.policies.get_mut(&svc) {
+                    Some(existing) => {
+                        self.problems.push(Problem::new(
+                            "MESH0104",
+                            format!("DestinationRule {}", compiled.rule),
+                            format!(
+                                "host {} is also configured by DestinationRule {}; subsets are merged, the traffic \
+                                 policy of {} applies",
+                                dr.spec.host, existing.rule, existing.rule
+                            ),
+                        ));
+                        Arc::make_mut(existing).merge_from(&compiled);
+                    }
+                    None => {
+                        self.policies.insert(svc, Arc::new(compiled.clone()));
+                    }
+                }
+            }
+        }
+        let mut missing = Vec::new();
+        for (svc, routes) in &self.routes {
+            let http = routes.rules.iter().flat_map(|rule| {
+                let routed: Vec<&route::Backend> = match &rule.action {
+                    route::Action::Route(b) => b.iter().map(|w| &w.backend).collect(),
+                    _ => Vec::new(),
+                };
+                routed.into_iter().chain(rule.mirrors.iter().map(|(b, _)| b)).map(move |b| (rule.name.as_str(), b))
+            });
+            let tcp = routes.tcp.iter().flat_map(|t| t.backends.iter().map(|w| ("tcp", &w.backend)));
+            for (rule, b) in http.chain(tcp) {
+                if !self.by_key.contains_key(&b.service) {
+                    missing.push(Problem::new(
+                        "IST0101",
+                        format!("VirtualService {}", routes.virtual_service),
+                        format!(
+                            "rule {rule} routes {svc} to host {}, which is not a known Service; those requests \
+                             answer 503",
+                            b.service
+                        ),
+                    ));
+                    continue;
+                }
+                if let Some(subset) = &b.subset
+                    && !self.policies.get(&b.service).is_some_and(|p| p.subsets.contains_key(subset))
+                {
+                    missing.push(Problem::new(
+                        "IST0101",
+                        format!("VirtualService {}", routes.virtual_service),
+                        format!(
+                            "rule {rule} routes {svc} to subset {subset} of {}, which no DestinationRule defines; \
+                             those requests answer 503",
+                            b.service
+                        ),
+                    ));
+                }
+            }
+        }
+        missing.sort();
+        missing.dedup();
+        self.problems.extend(missing);
+    }
+
+    /// Routes `svc` with `rules` from `owner`, unless another owner routes it already:
+    /// then the clash is reported (`what` names the loser) and the first owner stays.
+    fn claim_routes(
+        &mut self,
+        what: &str,
+        svc: String,
+        owner: &str,
+        rules: impl FnOnce() -> (Vec<route::Rule>, Vec<route::TcpRule>),
+    ) {
+        if let Some(existing) = self.routes.get(&svc) {
+            if existing.virtual_service != owner {
+                // Owners are `namespace/name` for VirtualServices, `Kind namespace/name`
+                // for the Linkerd and SMI kinds, which route only what no VirtualService does.
+                let both_virtual_services =
+                    what.starts_with("VirtualService ") && !existing.virtual_service.contains(' ');
+                let problem = if both_virtual_services {
+                    Problem::new(
+                        "IST0109",
+                        what,
+                        format!(
+                            "host {svc} is already routed by VirtualService {}; this one is ignored for it (as \
+                             Istio's IST0109 for conflicting VirtualServices)",
+                            existing.virtual_service
+                        ),
+                    )
+                } else {
+                    let by = if existing.virtual_service.contains(' ') {
+                        existing.virtual_service.clone()
+                    } else {
+                        format!("VirtualService {}", existing.virtual_service)
+                    };
+                    Problem::new(
+                        "MESH0105",
+                        what,
+                        format!(
+                            "host {svc} is routed by {by}, which takes precedence; these routes are not used for it"
+                        ),
+                    )
+                };
+                self.problems.push(problem);
+            }
+            return;
+        }
+        let (rules, tcp) = rules();
+        self.routes.insert(svc, Arc::new(ServiceRoutes { virtual_service: owner.to_string(), rules, tcp }));
+    }
+}
+
+fn workload(pod: &Pod, trust_domain: &str, enrolled_ns: &HashMap<String, bool>) -> Workload {
+    let namespace = pod.metadata.namespace_or_default();
+    let sa = pod.spec.service_account_name.clone().unwrap_or_else(|| "default".into());
+    let opted_out = OPT_OUT_LABELS.iter().any(|(k, v)| pod.metadata.labels.get(*k).is_some_and(|x| x == v));
+    let mut ips: Vec<IpAddr> = Vec::new();
+    if let Some(ip) = pod.status.pod_ip {
+        ips.push(ip);
+    }
+    for p in &pod.status.pod_ips {
+        if !ips.contains(&p.ip) {
+            ips.push(p.ip);
+        }
+    }
+    let named_ports = pod
+        .spec
+        .containers
+        .iter()
+        .flat_map(|c| &c.ports)
+        .filter_map(|p| p.name.clone().map(|n| (n, p.container_port)))
+        .collect();
+    // A hostNetwork pod is the node as far as the network goes (enrolling it would
+    // put STRICT in front of the kubelet); a finished pod has nothing left to capture.
+    let capturable = !pod.spec.host_network && !pod.is_finished();
+    Workload {
+        name: pod.metadata.name.clone(),
+        enrolled: enrolled_ns.get(&namespace).copied().unwrap_or(false) && !opted_out && capturable,
+        identity: Identity::new(trust_domain, &namespace, &sa),
+        namespace,
+        labels: pod.metadata.labels.clone(),
+        node: pod.spec.node_name.clone(),
+        ips,
+        named_ports,
+        uid: pod.metadata.uid.clone(),
+        serving: pod.is_serving(),
+    }
+}
+
+/// The digest of a config: objects hashed in key order. `Debug` output is stable here
+/// because config types hold only ordered maps.
+fn config_digest(objects: &[Object]) -> String {
+    let mut sorted: Vec<(_, &Object)> = objects.iter().map(|o| (o.key(), o)).collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for (_, o) in sorted {
+        ctx.update(format!("{o:?}").as_bytes());
+        ctx.update(b"\0");
+    }
+    ctx.finish().as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The IP EndpointSlices of each `(namespace, service)`, in slice-name order: indexed
+/// once per compile rather than searched once per Service. FQDN slices are left out:
+/// the agent resolves no names.
+fn slices_by_service(objects: &[Object]) -> HashMap<(String, String), Vec<&EndpointSlice>> {
+    let mut by_service: HashMap<(String, String), Vec<&EndpointSlice>> = HashMap::new();
+    for o in objects {
+        if let Object::EndpointSlice(s) = o
+            && s.address_type != "FQDN"
+            && let Some(service) = s.service()
+        {
+            by_service.entry((s.metadata.namespace_or_default(), service.to_string())).or_default().push(s);
+        }
+    }
+    for slices in by_service.values_mut() {
+        slices.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    }
+    by_service
+}
+
+/// Endpoints of a Service without a selector in `namespace`, from its EndpointSlices
+/// (in order): ready endpoints only, each address once. An address of a known pod is
+/// that pod (and enrolled if it is); any other address is a plaintext destination.
+fn slice_endpoints(snap: &Snapshot, slices: &[&EndpointSlice], namespace: &str, trust_domain: &str) -> Vec<Endpoint> {
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for slice in slices {
+        let ports: BTreeMap<String, u16> =
+            slice.ports.iter().filter_map(|p| Some((p.name.clone().unwrap_or_default(), p.port?))).collect();
+        let ports = Arc::new(ports);
+        for e in &slice.endpoints {
+            if e.conditions.ready == Some(false) || e.conditions.terminating == Some(true) {
+                continue;
+            }
+            let Some(ip) = e.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) else { continue };
+            if !seen.insert(ip) {
+                continue;
+            }
+            let workload = snap.by_ip.get(&ip).cloned().unwrap_or_else(|| {
+                let name = e.target_ref.as_ref().and_then(|r| r.name.clone()).unwrap_or_else(|| ip.to_string());
+                Arc::new(Workload {
+                    name,
+                    namespace: namespace.to_string(),
+                    labels: BTreeMap::new(),
+                    node: e.node_name.clone(),
+                    ips: vec![ip],
+                    identity: Identity::new(trust_domain, namespace, "default"),
+                    enrolled: false,
+                    named_ports: HashMap::new(),
+                    uid: None,
+                    serving: true,
+                })
+            });
+            out.push(Endpoint { workload, ip, slice_ports: Some(ports.clone()) });
+        }
+    }
+    out
+}
+
+/// The objects `pick` selects, in `namespace/name` order.
+fn sorted<'a, T>(
+    objects: &'a [Object],
+    pick: impl Fn(&'a Object) -> Option<(&'a T, &'a crate::config::resources::ObjectMeta)>,
+) -> Vec<&'a T> {
+    let mut found: Vec<_> = objects.iter().filter_map(pick).collect();
+    found.sort_by_key(|(_, m)| (m.namespace_or_default(), m.name.clone()));
+    found.into_iter().map(|(t, _)| t).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse_documents;
+    use crate::snapshot::RoundRobin;
+    use crate::state::Destination;
+    use std::net::SocketAddr;
+    use std::path::Path;
+
+    const LAB: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: production, labels: {istio-injection: enabled}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: default}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: myapp-v1, namespace: production, labels: {app: myapp, version: v1}}
+spec: {serviceAccountName: myapp, nodeName: node2, containers: [{name: app, ports: [{containerPort: 8080, name: http}]}]}
+status: {podIP: 10.10.2.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: myapp-v2, namespace: production, labels: {app: myapp, version: v2}}
+spec: {serviceAccountName: myapp, nodeName: node1}
+status: {podIP: 10.10.1.3}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: optout, namespace: production, labels: {app: other, istio.io/dataplane-mode: none}}
+spec: {nodeName: node1}
+status: {podIP: 10.10.1.9}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: outside, namespace: default}
+spec: {nodeName: node1}
+status: {podIP: 10.10.1.4}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: myapp, namespace: production}
+spec: {selector: {app: myapp}, clusterIP: 10.96.0.20, ports: [{port: 80, targetPort: 8080}]}
+"#;
+
+    fn lab() -> Snapshot {
+        let objs = parse_documents(Path::new("lab.yaml"), LAB).unwrap();
+        Snapshot::compile(&objs, "cluster.local", 1)
+    }
+
+    #[test]
+    fn enrollment_follows_namespace_label_and_pod_opt_out() {
+        let s = lab();
+        let enrolled: Vec<_> = s.workloads.iter().filter(|w| w.enrolled).map(|w| w.name.as_str()).collect();
+        assert_eq!(enrolled, ["myapp-v1", "myapp-v2"]);
+        let local: Vec<_> = s.local_enrolled("node1").map(|w| w.name.as_str()).collect();
+        assert_eq!(local, ["myapp-v2"]);
+        assert_eq!(s.workloads[0].identity.to_string(), "spiffe://cluster.local/ns/production/sa/myapp");
+    }
+
+    #[test]
+    fn host_network_and_finished_pods_are_never_enrolled_nor_found_by_address() {
+        let turns = RoundRobin::default();
+        let yaml = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: production, labels: {istio-injection: enabled}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: node-exporter, namespace: production, uid: 6f1e0c9a-0000-4000-8000-000000000001}
+spec: {nodeName: node1, hostNetwork: true}
+status: {podIP: 10.0.0.5, phase: Running}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: batch-job, namespace: production, uid: 6f1e0c9a-0000-4000-8000-000000000002}
+spec: {nodeName: node1}
+status: {podIP: 10.10.1.9, phase: Succeeded}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: production, uid: 6f1e0c9a-0000-4000-8000-000000000003}
+spec: {nodeName: node1}
+status: {podIP: 10.10.1.10, phase: Running}
+"#;
+        let s = Snapshot::compile(&parse_documents(Path::new("p.yaml"), yaml).unwrap(), "cluster.local", 1);
+        let local: Vec<_> = s.local_enrolled("node1").map(|w| w.name.as_str()).collect();
+        assert_eq!(local, ["web"], "STRICT in front of the node's own address would cut off the kubelet");
+        // The node's address belongs to no pod; a finished pod's address is free for reuse.
+        assert!(s.workload_by_ip("10.0.0.5".parse().unwrap()).is_none());
+        assert!(s.workload_by_ip("10.10.1.9".parse().unwrap()).is_none());
+        assert!(matches!(
+            s.resolve("10.0.0.5:9100".parse().unwrap(), &turns),
+            Destination::Passthrough { workload: None, .. }
+        ));
+        assert_eq!(s.workload_by_ip("10.10.1.10".parse().unwrap()).map(|w| w.name.as_str()), Some("web"));
+    }
+
+    #[test]
+    fn vip_resolves_round_robin_to_target_port() {
+        let turns = RoundRobin::default();
+        let s = lab();
+        let vip: SocketAddr = "10.96.0.20:80".parse().unwrap();
+        let mut seen = Vec::new();
+        for _ in 0..4 {
+            match s.resolve(vip, &turns) {
+                Destination::Mesh { addr, service, .. } => {
+                    assert_eq!(service.as_deref(), Some("production/myapp"));
+                    seen.push(addr.to_string());
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(seen, ["10.10.2.2:8080", "10.10.1.3:8080", "10.10.2.2:8080", "10.10.1.3:8080"]);
+    }
+
+    #[test]
+    fn unknown_port_of_vip_and_plain_addresses() {
+        let turns = RoundRobin::default();
+        let s = lab();
+        assert!(matches!(s.resolve("10.96.0.20:81".parse().unwrap(), &turns), Destination::NoEndpoints { .. }));
+        assert!(matches!(
+            s.resolve("10.10.1.4:8080".parse().unwrap(), &turns),
+            Destination::Passthrough { workload: Some(_), .. }
+        ));
+        assert!(matches!(
+            s.resolve("192.0.2.1:443".parse().unwrap(), &turns),
+            Destination::Passthrough { workload: None, .. }
+        ));
+    }
+
+    const ROUTES: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: myapp, namespace: production}
+spec: {host: myapp, subsets: [{name: v1, labels: {version: v1}}]}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: b-second, namespace: production}
+spec: {hosts: [myapp.production.svc.cluster.local], http: [{route: [{destination: {host: myapp}}]}]}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: a-first, namespace: production}
+spec: {hosts: [myapp], http: [{route: [{destination: {host: myapp, subset: v1}}]}]}
+"#;
+
+    #[test]
+    fn conflicting_virtualservices_first_by_name_wins_and_the_clash_is_reported() {
+        let mut objs = parse_documents(Path::new("lab.yaml"), LAB).unwrap();
+        objs.extend(parse_documents(Path::new("routes.yaml"), ROUTES).unwrap());
+        let s = Snapshot::compile(&objs, "cluster.local", 1);
+        let routes = s.routes("production/myapp").expect("routed");
+        assert_eq!(routes.virtual_service, "production/a-first");
+        assert!(s.problems.iter().any(|p| p.object.contains("b-second") && p.code == "IST0109"), "{:?}", s.problems);
+        let v1: Vec<_> =
+            s.endpoints("production/myapp", Some("v1"), 80).into_iter().map(|(w, a)| (w.name.clone(), a)).collect();
+        assert_eq!(v1, vec![("myapp-v1".to_string(), "10.10.2.2:8080".parse().unwrap())]);
+        assert!(s.endpoints("production/myapp", Some("v9"), 80).is_empty(), "unknown subset has no endpoints");
+    }
+
+    const ENDPOINTS: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: myapp-v3, namespace: production, labels: {app: myapp, version: v3}}
+spec: {serviceAccountName: myapp, nodeName: node1}
+status: {podIP: 10.10.1.7, phase: Running, conditions: [{type: Ready, status: "False"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: myapp-old, namespace: production, labels: {app: myapp}, deletionTimestamp: "2026-12-02T10:00:00Z"}
+spec: {serviceAccountName: myapp, nodeName: node1}
+status: {podIP: 10.10.1.8, phase: Running, conditions: [{type: Ready, status: "True"}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: production}
+spec: {clusterIP: 10.96.0.30, ports: [{name: sql, port: 5432}, {name: admin, port: 9000}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: db-b, namespace: production, labels: {kubernetes.io/service-name: db}}
+addressType: IPv4
+ports: [{name: sql, port: 15432}]
+endpoints:
+- {addresses: [192.0.2.10], conditions: {ready: true}}
+- {addresses: [192.0.2.11], conditions: {ready: false}}
+- {addresses: [10.10.2.2], targetRef: {kind: Pod, name: myapp-v1}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: db-a, namespace: production, labels: {kubernetes.io/service-name: db}}
+addressType: IPv4
+ports: [{name: sql, port: 15432}, {name: admin, port: 9001}]
+endpoints:
+- {addresses: [192.0.2.12], conditions: {terminating: true}}
+- {addresses: [192.0.2.10]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: db-names, namespace: production, labels: {kubernetes.io/service-name: db}}
+addressType: FQDN
+ports: [{name: sql, port: 5432}]
+endpoints: [{addresses: [db.example.com]}]
+"#;
+
+    fn with_endpoints() -> Snapshot {
+        let mut objs = parse_documents(Path::new("lab.yaml"), LAB).unwrap();
+        objs.extend(parse_documents(Path::new("endpoints.yaml"), ENDPOINTS).unwrap());
+        Snapshot::compile(&objs, "cluster.local", 1)
+    }
+
+    #[test]
+    fn selected_pods_that_are_not_ready_or_terminating_are_not_endpoints() {
+        let s = with_endpoints();
+        let names: Vec<_> =
+            s.endpoints("production/myapp", None, 80).into_iter().map(|(w, _)| w.name.clone()).collect();
+        assert_eq!(names, ["myapp-v1", "myapp-v2"]);
+        assert!(s.workload_by_ip("10.10.1.7".parse().unwrap()).is_some(), "still a workload: its traffic is captured");
+    }
+
+    #[test]
+    fn a_service_without_selector_takes_ready_endpoints_from_its_slices() {
+        let turns = RoundRobin::default();
+        let s = with_endpoints();
+        let sql: Vec<_> = s
+            .endpoints("production/db", None, 5432)
+            .into_iter()
+            .map(|(w, a)| (w.name.clone(), w.enrolled, a.to_string()))
+            .collect();
+        // Slice order by name (db-a first), each address once, not-ready and
+        // terminating ones left out, FQDN skipped; a pod's address is that pod.
+        assert_eq!(
+            sql,
+            [
+                ("192.0.2.10".to_string(), false, "192.0.2.10:15432".to_string()),
+                ("myapp-v1".to_string(), true, "10.10.2.2:15432".to_string()),
+            ]
+        );
+        // A port is served only where the endpoint's slice lists it.
+        let admin: Vec<_> = s.endpoints("production/db", None, 9000).into_iter().map(|(_, a)| a.to_string()).collect();
+        assert_eq!(admin, ["192.0.2.10:9001"]);
+        match s.resolve("10.96.0.30:9000".parse().unwrap(), &turns) {
+            Destination::Passthrough { addr, workload: Some(_) } => assert_eq!(addr.to_string(), "192.0.2.10:9001"),
+            other => panic!("unexpected {other:?}"),
+        }
+        // Round robin over both: the external address in plaintext, the pod over mTLS.
+        let mut kinds: Vec<&str> = (0..2)
+            .map(|_| match s.resolve("10.96.0.30:5432".parse().unwrap(), &turns) {
+                Destination::Mesh { .. } => "mesh",
+                Destination::Passthrough { .. } => "plaintext",
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        kinds.sort();
+        assert_eq!(kinds, ["mesh", "plaintext"]);
+    }
+
+    #[test]
+    fn endpoint_slices_are_validated_by_field() {
+        let bad = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: db-x, namespace: production}\naddressType: IPv4\nendpoints: [{addresses: [\"fe80::1\"]}]\n";
+        let e = parse_documents(Path::new("bad.yaml"), bad).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("endpoints[0].addresses[0]"));
+        assert!(e.reason.contains("not an IPv4 address"), "{e}");
+        let bad_type = bad.replace("IPv4", "IPX");
+        let e = parse_documents(Path::new("bad.yaml"), &bad_type).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("addressType"));
+    }
+
+    #[test]
+    fn the_config_digest_follows_content_not_arrival_order() {
+        let objs = parse_documents(Path::new("lab.yaml"), LAB).unwrap();
+        let mut reversed = objs.clone();
+        reversed.reverse();
+        let a = Snapshot::compile(&objs, "cluster.local", 1).config_digest;
+        assert_eq!(a.len(), 16);
+        assert_eq!(a, Snapshot::compile(&reversed, "cluster.local", 7).config_digest);
+        let edited = parse_documents(Path::new("lab.yaml"), &LAB.replace("10.10.1.4", "10.10.1.5")).unwrap();
+        assert_ne!(a, Snapshot::compile(&edited, "cluster.local", 1).config_digest);
+    }
+}

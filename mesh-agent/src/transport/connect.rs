@@ -1,0 +1,122 @@
+//! [`Dialer`]: the one place that decides how a pod's connection reaches a destination.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use super::pool::{Pool, Tunnel};
+use super::{Error, sockets};
+use crate::dataplane::Netns;
+use crate::identity::{CertStore, PeerVerifier};
+use crate::snapshot::Snapshot;
+use crate::state::Workload;
+
+/// Reaches destinations for the pods of this node: over the HBONE tunnel (mutual TLS
+/// as the source pod, to the destination's identity) when the destination is in the
+/// mesh and its PeerAuthentication does not DISABLE the port, in plaintext from the
+/// pod's network namespace otherwise.
+#[derive(Debug, Clone)]
+pub struct Dialer {
+    /// Workload certificates of this node's pods.
+    pub certs: Arc<CertStore>,
+    /// Peer verification.
+    pub verifier: PeerVerifier,
+    /// Pooled HBONE connections.
+    pub pool: Arc<Pool>,
+    /// `SO_MARK` of the agent's own sockets, which the kernel programs let through.
+    pub bypass_mark: u32,
+}
+
+impl Dialer {
+    /// A dialer with an empty pool.
+    pub fn new(certs: Arc<CertStore>, verifier: PeerVerifier, bypass_mark: u32) -> Self {
+        Self { certs, verifier, pool: Arc::default(), bypass_mark }
+    }
+
+    /// Connects `source` (in `netns`) to `addr`, the address of `dest` when it is a
+    /// workload the mesh knows; a plaintext connect gives up after `timeout`.
+    pub async fn connect(
+        &self,
+        snapshot: &Snapshot,
+        source: &Workload,
+        netns: &Netns,
+        dest: Option<&Workload>,
+        addr: SocketAddr,
+        timeout: Duration,
+    ) -> Result<Upstream, Error> {
+        match dest {
+            Some(dest) if snapshot.tunnels_to(dest, addr.port()) => {
+                Ok(Upstream::Tunnel(self.pool.connect(self, source, netns, dest, addr).await?))
+            }
+            _ => Ok(Upstream::Plain(sockets::connect_in(netns, addr, self.bypass_mark, timeout).await?)),
+        }
+    }
+}
+
+/// A connection [`Dialer::connect`] opened.
+#[derive(Debug)]
+pub enum Upstream {
+    /// One CONNECT stream of a pooled HBONE connection.
+    Tunnel(Tunnel),
+    /// A plain TCP connection.
+    Plain(TcpStream),
+}
+
+impl Upstream {
+    /// Whether it rides the mutual-TLS tunnel (the `mtls` label of connection metrics).
+    pub fn is_tunnel(&self) -> bool {
+        matches!(self, Upstream::Tunnel(_))
+    }
+}
+
+impl AsyncRead for Upstream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Tunnel(t) => Pin::new(t).poll_read(cx, buf),
+            Upstream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Upstream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Upstream::Tunnel(t) => Pin::new(t).poll_write(cx, buf),
+            Upstream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Upstream::Tunnel(t) => Pin::new(t).poll_write_vectored(cx, bufs),
+            Upstream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Upstream::Tunnel(t) => t.is_write_vectored(),
+            Upstream::Plain(s) => s.is_write_vectored(),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Tunnel(t) => Pin::new(t).poll_flush(cx),
+            Upstream::Plain(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Tunnel(t) => Pin::new(t).poll_shutdown(cx),
+            Upstream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
