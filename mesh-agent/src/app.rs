@@ -187,7 +187,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
     };
     let ctx = ProxyContext {
         snapshot: snapshot.clone(),
-        dataplane: dataplane.clone(),
+        orig_dst: dataplane.clone(),
         dialer: Dialer::new(certs, verifier.clone(), settings.bypass_mark),
         l7: Arc::default(),
         metrics: metrics.clone(),
@@ -209,6 +209,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
     let mut agent = Agent {
         settings: settings.clone(),
         ctx: ctx.clone(),
+        dataplane: dataplane.clone(),
         pods: Pods::default(),
         version: 0,
         admin: admin_state.clone(),
@@ -231,7 +232,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
             // Certificates arrived: pods waiting for theirs can start.
             Some(()) = issued_rx.recv() => agent.reconcile(),
             Some(r) = cni_rx.recv() => {
-                agent.pods.cni(&ctx, r.request, r.netns, r.reply);
+                agent.pods.cni(&dataplane, r.request, r.netns, r.reply);
                 // The config may already show the pod: answer without waiting a tick.
                 agent.reload(&mut source);
                 agent.reconcile();
@@ -367,6 +368,8 @@ async fn shutdown_signal() {
 struct Agent {
     settings: Settings,
     ctx: ProxyContext,
+    /// The kernel programs and tables: enrollment, verdicts, takeover.
+    dataplane: Arc<Dataplane>,
     pods: Pods,
     version: u64,
     admin: AdminState,
@@ -412,7 +415,7 @@ impl Agent {
     /// publishes where every local pod stands.
     fn reconcile(&mut self) {
         let snap = self.ctx.snapshot.load_full();
-        self.pods.reconcile(&self.ctx, &snap, &self.settings.node);
+        self.pods.reconcile(&self.ctx, &self.dataplane, &snap, &self.settings.node);
         if self.pods.waiting_for_certificates() {
             self.renewal.kick();
         }
@@ -435,7 +438,7 @@ impl Agent {
     fn finish_takeover(&self) {
         let snap = self.ctx.snapshot.load_full();
         let wanted = Pods::wanted_uids(&snap, &self.settings.node);
-        if let Err(e) = self.ctx.dataplane.finish_takeover(&wanted, &self.pods.enrollments()) {
+        if let Err(e) = self.dataplane.finish_takeover(&wanted, &self.pods.enrollments()) {
             tracing::error!(error = %e, "cleaning up after the previous run");
         }
     }

@@ -9,10 +9,13 @@ mod inbound;
 mod inpod;
 mod outbound;
 mod prefixed;
+#[cfg(test)]
+mod tests;
 
 pub use admission::InboundConns;
 pub use inpod::PodProxy;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,13 +30,28 @@ use crate::transport::limits::ConnLimits;
 
 pub use crate::transport::Error;
 
+/// The one thing the proxy asks of the kernel programs: where a captured outbound
+/// connection from `client` was going. The agent's [`Dataplane`] answers from the BPF
+/// map connect4/6 fill; in-process tests answer from a table of their own, so the
+/// proxy paths run on loopback without root.
+pub trait OrigDst: Send + Sync + std::fmt::Debug {
+    /// The original destination of `client`'s connection, if the kernel recorded one.
+    fn orig_dst(&self, client: SocketAddr) -> Option<SocketAddr>;
+}
+
+impl OrigDst for Dataplane {
+    fn orig_dst(&self, client: SocketAddr) -> Option<SocketAddr> {
+        Dataplane::orig_dst(self, client)
+    }
+}
+
 /// What every proxy task shares.
 #[derive(Debug, Clone)]
 pub struct ProxyContext {
     /// The current configuration.
     pub snapshot: SharedSnapshot,
-    /// Kernel tables (original destinations).
-    pub dataplane: Arc<Dataplane>,
+    /// Where captured outbound connections were going (the kernel's table).
+    pub orig_dst: Arc<dyn OrigDst>,
     /// Reaches destinations (tunnel or plaintext), with the pods' certificates.
     pub dialer: Dialer,
     /// L7 counters and upstream connections.

@@ -19,7 +19,7 @@ use tokio::sync::oneshot;
 
 use crate::admin::{PodReport, PodState};
 use crate::cni::{Reply, Request};
-use crate::dataplane::{Netns, PlaintextVerdicts, PodEnrollment, PodUid};
+use crate::dataplane::{Dataplane, Netns, PlaintextVerdicts, PodEnrollment, PodUid};
 use crate::proxy::{PodProxy, ProxyContext};
 use crate::snapshot::Snapshot;
 use crate::state::Workload;
@@ -102,7 +102,13 @@ impl Pods {
 
     /// A request from the CNI plugin. `ADD` is answered once the pod's state is known
     /// ([`Pods::answer_waiters`], after the next reconcile); `DEL` at once.
-    pub fn cni(&mut self, ctx: &ProxyContext, request: Request, netns: Option<OwnedFd>, reply: oneshot::Sender<Reply>) {
+    pub fn cni(
+        &mut self,
+        dataplane: &Dataplane,
+        request: Request,
+        netns: Option<OwnedFd>,
+        reply: oneshot::Sender<Reply>,
+    ) {
         match request {
             Request::Add { uid, namespace, name, ips } => {
                 let pod = format!("{namespace}/{name}");
@@ -130,7 +136,7 @@ impl Pods {
                 if let Some(old) = self.running.get(&uid)
                     && old.netns != netns.inode()
                 {
-                    self.stop(ctx, &uid, "its sandbox was recreated");
+                    self.stop(dataplane, &uid, "its sandbox was recreated");
                 }
                 self.sandboxes.insert(uid.clone(), Sandbox { netns, ips, since: Instant::now() });
                 self.waiting.push(Waiter { uid, pod, since: Instant::now(), reply });
@@ -139,7 +145,7 @@ impl Pods {
                 if let Ok(uid) = PodUid::parse(&uid) {
                     self.sandboxes.remove(&uid);
                     if self.running.contains_key(&uid) {
-                        self.stop(ctx, &uid, "CNI DEL: its sandbox is gone");
+                        self.stop(dataplane, &uid, "CNI DEL: its sandbox is gone");
                     }
                 }
                 let _ = reply.send(Reply::Removed);
@@ -148,7 +154,7 @@ impl Pods {
     }
 
     /// Brings the served pods in line with `snap`.
-    pub fn reconcile(&mut self, ctx: &ProxyContext, snap: &Snapshot, node: &str) {
+    pub fn reconcile(&mut self, ctx: &ProxyContext, dataplane: &Dataplane, snap: &Snapshot, node: &str) {
         let mut wanted = Vec::new();
         let mut state = BTreeMap::new();
         for w in local_pods(snap, node).filter(|w| w.enrolled) {
@@ -167,12 +173,12 @@ impl Pods {
         let wanted_uids: HashSet<&PodUid> = wanted.iter().map(|w| &w.uid).collect();
         let gone: Vec<PodUid> = self.running.keys().filter(|u| !wanted_uids.contains(u)).cloned().collect();
         for uid in gone {
-            self.stop(ctx, &uid, "it left this node or the mesh");
+            self.stop(dataplane, &uid, "it left this node or the mesh");
         }
         let gone: Vec<PodUid> = self.replaced.keys().filter(|u| !wanted_uids.contains(u)).cloned().collect();
         for uid in gone {
             if let Some(old) = self.replaced.remove(&uid)
-                && let Err(e) = ctx.dataplane.unenroll(old)
+                && let Err(e) = dataplane.unenroll(old)
             {
                 tracing::error!(%uid, error = %e, "unenroll failed");
             }
@@ -195,12 +201,12 @@ impl Pods {
                 state.insert(want.uid.to_string(), report(PodState::Enrolled));
                 continue;
             }
-            let result = self.start(ctx, want);
+            let result = self.start(ctx, dataplane, want);
             let pod_state = match result {
                 Ok(p) => {
                     tracing::info!(pod = %want.workload.key(), uid = %want.uid, "pod captured");
                     if let Some(old) = self.replaced.remove(&want.uid)
-                        && let Err(e) = ctx.dataplane.retire_link(old)
+                        && let Err(e) = dataplane.retire_link(old)
                     {
                         tracing::warn!(pod = %want.workload.key(), error = %e, "removing the replaced sk_lookup link");
                     }
@@ -217,7 +223,7 @@ impl Pods {
             state.insert(want.uid.to_string(), report(pod_state));
         }
         self.state = state;
-        self.set_plaintext_verdicts(ctx, snap);
+        self.set_plaintext_verdicts(dataplane, snap);
         // Namespaces announced by the plugin for pods the config never showed.
         self.sandboxes.retain(|uid, s| wanted_uids.contains(uid) || s.since.elapsed() < CNI_WAIT);
     }
@@ -238,7 +244,7 @@ impl Pods {
         Ok(Wanted { uid, workload })
     }
 
-    fn start(&self, ctx: &ProxyContext, want: &Wanted) -> Result<RunningPod, PodState> {
+    fn start(&self, ctx: &ProxyContext, dataplane: &Dataplane, want: &Wanted) -> Result<RunningPod, PodState> {
         let w = &want.workload;
         if w.ips.is_empty() {
             return Err(PodState::NotStarted("no address yet".into()));
@@ -249,7 +255,7 @@ impl Pods {
         }
         let netns = match self.sandboxes.get(&want.uid) {
             Some(s) => s.netns.clone(),
-            None => match ctx.dataplane.running_pod_netns(&want.uid) {
+            None => match dataplane.running_pod_netns(&want.uid) {
                 Ok(n) => Arc::new(n),
                 // No cgroup or no process: nothing of the pod runs here yet.
                 Err(crate::dataplane::Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
@@ -259,7 +265,7 @@ impl Pods {
             },
         };
         let proxy = PodProxy::start(ctx, w.clone(), netns.clone()).map_err(|e| PodState::Failed(e.to_string()))?;
-        match ctx.dataplane.enroll(&want.uid, &netns, &w.ips, &proxy) {
+        match dataplane.enroll(&want.uid, &netns, &w.ips, &proxy) {
             Ok(enrollment) => Ok(RunningPod { proxy, enrollment, netns: netns.inode(), plaintext: None }),
             Err(e) => {
                 // Dropping the proxy closes its listeners: no handle on the namespace stays.
@@ -269,11 +275,11 @@ impl Pods {
         }
     }
 
-    fn stop(&mut self, ctx: &ProxyContext, uid: &PodUid, why: &str) {
+    fn stop(&mut self, dataplane: &Dataplane, uid: &PodUid, why: &str) {
         if let Some(p) = self.running.remove(uid) {
             p.proxy.stop();
             let pod = p.proxy.workload.key();
-            if let Err(e) = ctx.dataplane.unenroll(p.enrollment) {
+            if let Err(e) = dataplane.unenroll(p.enrollment) {
                 tracing::error!(%pod, %uid, error = %e, "unenroll failed");
             }
             tracing::info!(%pod, %uid, why, "pod no longer served");
@@ -281,7 +287,7 @@ impl Pods {
         self.state.remove(uid.as_str());
     }
 
-    fn set_plaintext_verdicts(&mut self, ctx: &ProxyContext, snap: &Snapshot) {
+    fn set_plaintext_verdicts(&mut self, dataplane: &Dataplane, snap: &Snapshot) {
         for p in self.running.values_mut() {
             let key = p.proxy.workload.key();
             let (default_drop, ports) = snap.security(&key).plaintext_verdicts();
@@ -289,7 +295,7 @@ impl Pods {
             if p.plaintext.as_ref() == Some(&desired) {
                 continue;
             }
-            match ctx.dataplane.set_plaintext_verdicts(&p.enrollment, &desired) {
+            match dataplane.set_plaintext_verdicts(&p.enrollment, &desired) {
                 Ok(true) => {
                     tracing::info!(pod = %key, drop_by_default = desired.default_drop, ports = ?desired.ports, "kernel plaintext verdicts set");
                     p.plaintext = Some(desired);

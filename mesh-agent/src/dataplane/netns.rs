@@ -18,8 +18,9 @@ use super::Error;
 /// `NSFS_MAGIC` from `linux/magic.h`.
 const NSFS_MAGIC: i64 = 0x6e73_6673;
 
-/// The agent's own netns, captured once at start-up before any switching.
-static HOST_NETNS: OnceLock<File> = OnceLock::new();
+/// The agent's own netns, captured once at start-up before any switching, with its
+/// inode.
+static HOST_NETNS: OnceLock<(File, u64)> = OnceLock::new();
 
 /// A handle on a pod's network namespace. Holding it keeps the namespace alive, so a
 /// pod the agent gives up on must drop every handle (and every socket in it).
@@ -35,8 +36,17 @@ impl Netns {
     pub fn init_host() -> Result<(), Error> {
         let path = Path::new("/proc/thread-self/ns/net");
         let f = File::open(path).map_err(|source| Error::Io { path: path.into(), source })?;
-        let _ = HOST_NETNS.set(f);
+        let inode = f.metadata().map_err(|source| Error::Io { path: path.into(), source })?.ino();
+        let _ = HOST_NETNS.set((f, inode));
         Ok(())
+    }
+
+    /// A handle on the agent's own netns (recorded first if it was not): sockets "in"
+    /// it are made right here. What a pod that shares the host's network gets, and
+    /// what in-process tests run their pods in, without privileges.
+    pub fn host() -> Result<Self, Error> {
+        Self::init_host()?;
+        Self::open(Path::new("/proc/thread-self/ns/net"))
     }
 
     /// Opens the netns at `path` (`/proc/<pid>/ns/net`).
@@ -85,10 +95,14 @@ impl Netns {
     /// If the thread cannot return to the host netns: continuing would make every later
     /// socket on this thread land in the pod's namespace.
     pub fn run<R>(&self, f: impl FnOnce() -> R) -> Result<R, Error> {
-        let host = HOST_NETNS.get().ok_or_else(|| Error::Io {
+        let (host, host_inode) = HOST_NETNS.get().ok_or_else(|| Error::Io {
             path: "/proc/thread-self/ns/net".into(),
             source: std::io::Error::other("Netns::init_host was not called"),
         })?;
+        // Agent threads always stay in the host netns: nothing to switch.
+        if self.inode == *host_inode {
+            return Ok(f());
+        }
         setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET)
             .map_err(|source| Error::Sys { call: format!("setns {}", self.path.display()), source })?;
         let out = f();

@@ -3,21 +3,34 @@
 
 use std::net::SocketAddr;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use super::ProxyContext;
 use crate::transport::{limits, sockets};
 
-/// Accept loop shared by the listeners: runs `handle` per connection until `stop`.
+/// Where a listener learns what an accepted connection was meant for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum OrigFrom {
+    /// The kernel's table: connect4/6 rewrote the destination of a captured connect().
+    Kernel,
+    /// The accepted socket's own address: sk_lookup steering keeps the destination the
+    /// client dialed, and a client dialing the listener names it.
+    LocalAddr,
+}
+
+/// Accept loop shared by the listeners: runs `handle(stream, peer, original
+/// destination)` per connection until `stop`. A connection whose original destination
+/// cannot be found is refused here.
 pub(super) async fn accept_loop<F, Fut>(
     listener: &TcpListener,
     ctx: &ProxyContext,
     stop: CancellationToken,
     what: &'static str,
+    orig_from: OrigFrom,
     mut handle: F,
 ) where
-    F: FnMut(tokio::net::TcpStream, SocketAddr) -> Fut,
+    F: FnMut(TcpStream, SocketAddr, SocketAddr) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     loop {
@@ -34,8 +47,17 @@ pub(super) async fn accept_loop<F, Fut>(
                             continue;
                         }
                     };
+                    let orig = match orig_from {
+                        OrigFrom::Kernel => ctx.orig_dst.orig_dst(peer),
+                        OrigFrom::LocalAddr => stream.local_addr().ok().map(sockets::canonical),
+                    };
+                    let Some(orig) = orig else {
+                        tracing::warn!(listener = what, %peer, "no original destination recorded; refused");
+                        sockets::reset(stream);
+                        continue;
+                    };
                     let _ = stream.set_nodelay(true);
-                    let conn = handle(stream, peer);
+                    let conn = handle(stream, peer, orig);
                     ctx.tasks.spawn(async move {
                         conn.await;
                         drop(permit);

@@ -175,7 +175,7 @@ pub(super) async fn serve<S>(
             if detect::is_http(client.prefix()) {
                 let open = ctx.metrics.opened(&labels);
                 let metrics = ctx.metrics.clone();
-                http::serve(ctx, pod, netns, arrival, client, app).await;
+                http::serve(ctx, pod, netns, arrival, &labels, client, app).await;
                 metrics.closed(&labels, open, 0, 0);
                 return;
             }

@@ -15,7 +15,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use super::ProxyContext;
-use super::accept::accept_loop;
+use super::accept::{OrigFrom, accept_loop};
 use super::admission::{self, Arrival};
 use crate::authz::{ConnVerdict, Decision, Peer};
 use crate::dataplane::Netns;
@@ -34,7 +34,7 @@ pub(super) async fn serve(
 ) {
     let acceptor = TlsAcceptor::from(tls);
     let c = ctx.clone();
-    accept_loop(&listener, &c, stop, "hbone", |stream, peer| {
+    accept_loop(&listener, &c, stop, "hbone", OrigFrom::LocalAddr, |stream, peer, _| {
         let (ctx, pod, netns, acceptor) = (ctx.clone(), pod.clone(), netns.clone(), acceptor.clone());
         async move {
             if let Err(e) = connection(ctx, pod.clone(), netns, acceptor, stream, peer).await {

@@ -10,7 +10,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use super::ProxyContext;
-use super::accept::accept_loop;
+use super::accept::{OrigFrom, accept_loop};
 use super::admission::{self, Arrival};
 use crate::authz::{ConnVerdict, Decision};
 use crate::dataplane::Netns;
@@ -26,10 +26,10 @@ pub(super) async fn serve(
     stop: CancellationToken,
 ) {
     let c = ctx.clone();
-    accept_loop(&listener, &c, stop, "inbound", |stream, peer| {
+    accept_loop(&listener, &c, stop, "inbound", OrigFrom::LocalAddr, |stream, peer, dst| {
         let (ctx, pod, netns) = (ctx.clone(), pod.clone(), netns.clone());
         async move {
-            if let Err(e) = handle(&ctx, &pod, &netns, stream, peer).await {
+            if let Err(e) = handle(&ctx, &pod, &netns, stream, peer, dst).await {
                 tracing::warn!(pod = %pod.name, %peer, error = %e, "inbound plaintext connection failed");
             }
         }
@@ -43,9 +43,8 @@ async fn handle(
     netns: &Arc<Netns>,
     stream: TcpStream,
     peer: SocketAddr,
+    dst: SocketAddr,
 ) -> Result<(), Error> {
-    let dst = stream.local_addr().map_err(|source| Error::Io { what: "getsockname", addr: peer, source })?;
-    let dst = sockets::canonical(dst);
     // A connection made straight to :15006 (not steered) has no application port. Any
     // other destination is an address of this pod: the listener is in the pod's own
     // netns, and only the pod's own sk_lookup instance steers to it.

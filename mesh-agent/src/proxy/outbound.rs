@@ -8,7 +8,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use super::ProxyContext;
-use super::accept::accept_loop;
+use super::accept::{OrigFrom, accept_loop};
 use super::detect::{self, Protocol};
 use crate::dataplane::Netns;
 use crate::state::{Destination, Workload};
@@ -23,10 +23,10 @@ pub(super) async fn serve(
     stop: CancellationToken,
 ) {
     let c = ctx.clone();
-    accept_loop(&listener, &c, stop, "outbound", |stream, peer| {
+    accept_loop(&listener, &c, stop, "outbound", OrigFrom::Kernel, |stream, peer, orig| {
         let (ctx, pod, netns) = (ctx.clone(), pod.clone(), netns.clone());
         async move {
-            if let Err(e) = handle(&ctx, &pod, &netns, stream, peer).await {
+            if let Err(e) = handle(&ctx, &pod, &netns, stream, peer, orig).await {
                 tracing::warn!(pod = %pod.name, %peer, error = %e, "outbound connection failed");
             }
         }
@@ -40,6 +40,7 @@ async fn handle(
     netns: &Arc<Netns>,
     mut stream: TcpStream,
     peer: SocketAddr,
+    orig: SocketAddr,
 ) -> Result<(), Error> {
     // Only the pod itself reaches this listener through capture; anything else dialing
     // <pod ip>:15001 directly is refused.
@@ -48,11 +49,6 @@ async fn handle(
         sockets::reset(stream);
         return Ok(());
     }
-    let Some(orig) = ctx.dataplane.orig_dst(peer) else {
-        tracing::warn!(pod = %pod.name, %peer, "no original destination recorded; refused");
-        sockets::reset(stream);
-        return Ok(());
-    };
     let snapshot = ctx.snapshot.load_full();
     if let Some(service) = snapshot.service_by_vip(orig.ip())
         && snapshot.has_traffic_rules(&service.key())

@@ -25,7 +25,7 @@ use crate::dataplane::Netns;
 use crate::l7::server::RespBody;
 use crate::proxy::ProxyContext;
 use crate::state::Workload;
-use crate::telemetry::RequestLabels;
+use crate::telemetry::{ConnLabels, RequestLabels};
 use crate::transport::{CONNECT_TIMEOUT, copy, sockets};
 
 /// Envoy's RBAC filter body, which clients and tests recognise.
@@ -45,6 +45,9 @@ struct Conn {
     pod: Arc<Workload>,
     netns: Arc<Netns>,
     arrival: Arrival,
+    /// Source workload name and namespace, as the connection's metrics name them
+    /// (verified identity first, the address only for plaintext).
+    source: (String, String),
     app: Mutex<AppConns>,
 }
 
@@ -56,13 +59,15 @@ pub(super) async fn serve<S>(
     pod: Arc<Workload>,
     netns: Arc<Netns>,
     arrival: Arrival,
+    labels: &ConnLabels,
     client: S,
     app: TcpStream,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let conn =
-        Arc::new(Conn { ctx, pod, netns, arrival, app: Mutex::new(AppConns { fresh: Some(app), h1: None, h2: None }) });
+    let source = (labels.source_workload.clone(), labels.source_workload_namespace.clone());
+    let app = Mutex::new(AppConns { fresh: Some(app), h1: None, h2: None });
+    let conn = Arc::new(Conn { ctx, pod, netns, arrival, source, app });
     let dst = conn.arrival.dst;
     let shutdown = conn.ctx.shutdown.clone();
     let svc = hyper::service::service_fn(move |req| {
@@ -83,11 +88,10 @@ fn local(status: StatusCode, body: &'static str) -> Response<RespBody> {
 async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<RespBody> {
     let method = req.method().as_str().to_string();
     let response = judge_and_forward(conn, req).await;
-    let src = conn.ctx.snapshot.load().workload_by_ip(conn.arrival.src.ip()).cloned();
     let labels = RequestLabels {
         reporter: "destination".into(),
-        source_workload: src.as_ref().map_or_else(|| "unknown".into(), |w| w.name.clone()),
-        source_workload_namespace: src.as_ref().map_or_else(|| "unknown".into(), |w| w.namespace.clone()),
+        source_workload: conn.source.0.clone(),
+        source_workload_namespace: conn.source.1.clone(),
         destination_service: "unknown".into(),
         destination_version: conn.pod.labels.get("version").cloned().unwrap_or_else(|| "unknown".into()),
         destination_workload: conn.pod.name.clone(),

@@ -1,0 +1,420 @@
+//! The data path in-process, on loopback, without root: each test runs pods as
+//! addresses of 127.0.0.0/8 in the test's own network namespace, a table standing in
+//! for the kernel's original-destination map, real mutual TLS between the pods' HBONE
+//! listeners, and small HTTP applications. What needs the kernel (capture, sk_lookup,
+//! the SOCKMAP) stays in the lab tests of `tests/`.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt as _, Empty, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use mesh_common::ports;
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpSocket};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::{OrigDst, ProxyContext, hbone, inbound, outbound};
+use crate::config::parse_documents;
+use crate::dataplane::Netns;
+use crate::identity::{CertStore, MeshCa, PeerVerifier};
+use crate::snapshot::Snapshot;
+use crate::state::Workload;
+use crate::telemetry::Metrics;
+use crate::transport::Dialer;
+use crate::transport::limits::ConnLimits;
+
+/// The kernel's original-destination table, written by the test before it connects.
+#[derive(Debug, Default)]
+struct Captured(Mutex<HashMap<SocketAddr, SocketAddr>>);
+
+impl OrigDst for Captured {
+    fn orig_dst(&self, client: SocketAddr) -> Option<SocketAddr> {
+        self.0.lock().unwrap().get(&client).copied()
+    }
+}
+
+/// One agent serving every pod of the test, with the pods' listeners bound at their
+/// loopback addresses.
+struct Mesh {
+    ctx: ProxyContext,
+    captured: Arc<Captured>,
+    registry: Registry,
+    netns: Arc<Netns>,
+    stop: CancellationToken,
+    _ca_dir: tempfile::TempDir,
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl Mesh {
+    /// Compiles `yaml`, then starts the HBONE and plaintext inbound listeners of every
+    /// enrolled pod and an application on each pod port listed in `apps`.
+    async fn start(yaml: &str, apps: &[(&str, u16)]) -> Self {
+        let objects = parse_documents(Path::new("test.yaml"), yaml).expect("test config parses");
+        let snapshot = Arc::new(Snapshot::compile(&objects, "cluster.local", 1));
+        let ca_dir = tempfile::tempdir().unwrap();
+        let ca = Arc::new(MeshCa::load_or_create(ca_dir.path(), "cluster.local").unwrap());
+        let verifier = PeerVerifier::new(ca.roots(), vec!["cluster.local".into()]).unwrap();
+        let certs = Arc::new(CertStore::new(ca, Duration::from_secs(3600)));
+        let mut registry = Registry::default();
+        let metrics = Arc::new(Metrics::new(&mut registry));
+        let captured = Arc::new(Captured::default());
+        let stop = CancellationToken::new();
+        let ctx = ProxyContext {
+            snapshot: Arc::new(ArcSwap::from(snapshot.clone())),
+            orig_dst: captured.clone(),
+            dialer: Dialer::new(certs.clone(), verifier.clone(), 0),
+            l7: Arc::default(),
+            metrics,
+            shutdown: stop.clone(),
+            tasks: TaskTracker::new(),
+            inbound: Arc::default(),
+            limits: Arc::new(ConnLimits::new(1024, 4096)),
+            tcp_idle_timeout: Duration::from_secs(60),
+        };
+        ctx.l7.round_robin.fit(&snapshot);
+        let netns = Arc::new(Netns::host().expect("the test's own network namespace"));
+        certs.set_local(snapshot.workloads.iter().filter(|w| w.enrolled).map(|w| w.identity.clone()));
+        for w in snapshot.workloads.iter().filter(|w| w.enrolled) {
+            let ip = w.ips[0];
+            let tls = crate::identity::server_config(certs.clone(), w.identity.clone(), &verifier).unwrap();
+            let hbone_listener = TcpListener::bind((ip, ports::INBOUND_HBONE)).await.unwrap();
+            tokio::spawn(hbone::serve(ctx.clone(), w.clone(), netns.clone(), hbone_listener, tls, stop.clone()));
+            let plain = Arc::new(TcpListener::bind((ip, ports::INBOUND_PLAINTEXT)).await.unwrap());
+            tokio::spawn(inbound::serve(ctx.clone(), w.clone(), netns.clone(), plain, stop.clone()));
+        }
+        for (pod, port) in apps {
+            let w = workload(&snapshot, pod);
+            tokio::spawn(app(w.name.clone(), SocketAddr::new(w.ips[0], *port), stop.clone()));
+        }
+        Self { ctx, captured, registry, netns, stop, _ca_dir: ca_dir }
+    }
+
+    fn workload(&self, name: &str) -> Arc<Workload> {
+        workload(&self.ctx.snapshot.load(), name)
+    }
+
+    /// Sends `req` from pod `from` to `orig` as a captured connection would arrive:
+    /// the table learns the client's address and where it was going, then the client
+    /// reaches the pod's outbound listener.
+    async fn send(&self, from: &str, orig: SocketAddr, req: Request<Empty<Bytes>>) -> Response<Bytes> {
+        let pod = self.workload(from);
+        let listener = TcpListener::bind((pod.ips[0], 0)).await.unwrap();
+        let outbound_addr = listener.local_addr().unwrap();
+        tokio::spawn(outbound::serve(self.ctx.clone(), pod.clone(), self.netns.clone(), listener, self.stop.clone()));
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::new(pod.ips[0], 0)).unwrap();
+        self.captured.0.lock().unwrap().insert(socket.local_addr().unwrap(), orig);
+        let stream = socket.connect(outbound_addr).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+        tokio::spawn(conn);
+        let res = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req)).await.unwrap().unwrap();
+        let (parts, body) = res.into_parts();
+        Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    }
+
+    fn metrics(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).unwrap();
+        out
+    }
+}
+
+fn workload(snapshot: &Snapshot, name: &str) -> Arc<Workload> {
+    snapshot.workloads.iter().find(|w| w.name == name).unwrap_or_else(|| panic!("no pod {name}")).clone()
+}
+
+fn get(path: &str) -> Request<Empty<Bytes>> {
+    Request::get(path).header("host", "myapp").body(Empty::new()).unwrap()
+}
+
+/// A pod's application: answers with its pod name in `x-served-by`. `/fail-first/<n>`
+/// answers 503 to the first n requests it sees on that path; `/slow` answers after 2 s.
+async fn app(name: String, addr: SocketAddr, stop: CancellationToken) {
+    let listener = TcpListener::bind(addr).await.unwrap();
+    let seen: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+    loop {
+        let stream = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => r.unwrap().0,
+        };
+        let (name, seen) = (name.clone(), seen.clone());
+        let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+            let (name, seen) = (name.clone(), seen.clone());
+            async move {
+                let path = req.uri().path().to_string();
+                let count = {
+                    let mut seen = seen.lock().unwrap();
+                    let n = seen.entry(path.clone()).or_default();
+                    *n += 1;
+                    *n
+                };
+                let mut status = StatusCode::OK;
+                if let Some(n) = path.strip_prefix("/fail-first/").and_then(|n| n.parse::<usize>().ok())
+                    && count <= n
+                {
+                    status = StatusCode::SERVICE_UNAVAILABLE;
+                }
+                if path == "/slow" {
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                }
+                let res = Response::builder()
+                    .status(status)
+                    .header("x-served-by", name.as_str())
+                    .header("x-seen", count.to_string())
+                    .body(Full::new(Bytes::from(name)))
+                    .unwrap();
+                Ok::<_, Infallible>(res)
+            }
+        });
+        tokio::spawn(async move {
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn served_by(res: &Response<Bytes>) -> &str {
+    res.headers().get("x-served-by").and_then(|v| v.to_str().ok()).unwrap_or("-")
+}
+
+/// Pods at `127.<net>.0.x`, so tests running at once never share an address.
+fn config(net: u8, extra: &str) -> String {
+    format!(
+        r#"
+apiVersion: v1
+kind: Namespace
+metadata: {{name: shop, labels: {{istio.io/dataplane-mode: ambient}}}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: client, namespace: shop, labels: {{app: client}}}}
+spec: {{serviceAccountName: client, nodeName: node1}}
+status: {{podIP: 127.{net}.0.1}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: intruder, namespace: shop, labels: {{app: intruder}}}}
+spec: {{serviceAccountName: intruder, nodeName: node1}}
+status: {{podIP: 127.{net}.0.9}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: myapp-v1, namespace: shop, labels: {{app: myapp, version: v1}}}}
+spec: {{serviceAccountName: myapp, nodeName: node1, containers: [{{name: app, ports: [{{containerPort: 8080}}]}}]}}
+status: {{podIP: 127.{net}.0.2}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: myapp-v2, namespace: shop, labels: {{app: myapp, version: v2}}}}
+spec: {{serviceAccountName: myapp, nodeName: node1, containers: [{{name: app, ports: [{{containerPort: 8080}}]}}]}}
+status: {{podIP: 127.{net}.0.3}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: myapp, namespace: shop}}
+spec: {{selector: {{app: myapp}}, clusterIP: 10.96.{net}.20, ports: [{{port: 80, targetPort: 8080, name: http}}]}}
+{extra}"#
+    )
+}
+
+const APPS: &[(&str, u16)] = &[("myapp-v1", 8080), ("myapp-v2", 8080)];
+
+const SUBSETS: &str = r#"
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: myapp, namespace: shop}
+spec:
+  host: myapp
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+"#;
+
+fn vip(net: u8) -> SocketAddr {
+    SocketAddr::new(IpAddr::from([10, 96, net, 20]), 80)
+}
+
+#[tokio::test]
+async fn l4_to_a_service_alternates_endpoints_over_mutual_tls() {
+    let mesh = Mesh::start(&config(31, ""), APPS).await;
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        let res = mesh.send("client", vip(31), get("/")).await;
+        assert_eq!(res.status(), 200);
+        seen.push(served_by(&res).to_string());
+    }
+    assert_eq!(seen, ["myapp-v1", "myapp-v2", "myapp-v1", "myapp-v2"], "round robin over the Service's endpoints");
+    let metrics = mesh.metrics();
+    let inbound_mtls = metrics.lines().any(|l| {
+        l.starts_with("tcp_connections_opened_total")
+            && l.contains("reporter=\"destination\"")
+            && l.contains("connection_security_policy=\"mutual_tls\"")
+            && l.contains("source_principal=\"spiffe://cluster.local/ns/shop/sa/client\"")
+    });
+    assert!(inbound_mtls, "the destination saw the client's verified identity over mTLS:\n{metrics}");
+}
+
+#[tokio::test]
+async fn l7_routes_by_header_to_a_subset() {
+    let vs = r#"
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: myapp, namespace: shop}
+spec:
+  hosts: [myapp]
+  http:
+  - match: [{headers: {x-version: {exact: v2}}}]
+    route: [{destination: {host: myapp, subset: v2}}]
+  - route: [{destination: {host: myapp, subset: v1}}]
+"#;
+    let mesh = Mesh::start(&config(32, &format!("{SUBSETS}{vs}")), APPS).await;
+    for _ in 0..3 {
+        let plain = mesh.send("client", vip(32), get("/")).await;
+        assert_eq!(served_by(&plain), "myapp-v1");
+        let mut v2 = get("/");
+        v2.headers_mut().insert("x-version", "v2".parse().unwrap());
+        assert_eq!(served_by(&mesh.send("client", vip(32), v2).await), "myapp-v2");
+    }
+}
+
+#[tokio::test]
+async fn l7_retries_a_failed_attempt_on_5xx() {
+    let vs = r#"
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: myapp, namespace: shop}
+spec:
+  hosts: [myapp]
+  http:
+  - route: [{destination: {host: myapp, subset: v1}}]
+    retries: {attempts: 3, retryOn: 5xx}
+"#;
+    let mesh = Mesh::start(&config(33, &format!("{SUBSETS}{vs}")), APPS).await;
+    let res = mesh.send("client", vip(33), get("/fail-first/2")).await;
+    assert_eq!(res.status(), 200, "two 503s, then the third attempt answers");
+    assert_eq!(res.headers()["x-seen"], "3");
+
+    let no_retries = r#"
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: myapp, namespace: shop}
+spec:
+  hosts: [myapp]
+  http:
+  - route: [{destination: {host: myapp, subset: v1}}]
+    retries: {attempts: 0}
+"#;
+    let mesh = Mesh::start(&config(34, &format!("{SUBSETS}{no_retries}")), APPS).await;
+    let res = mesh.send("client", vip(34), get("/fail-first/1")).await;
+    assert_eq!(res.status(), 503, "without retries the first answer stands");
+}
+
+#[tokio::test]
+async fn l7_times_out_a_slow_route() {
+    let vs = r#"
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: myapp, namespace: shop}
+spec:
+  hosts: [myapp]
+  http:
+  - route: [{destination: {host: myapp, subset: v1}}]
+    timeout: 200ms
+"#;
+    let mesh = Mesh::start(&config(35, &format!("{SUBSETS}{vs}")), APPS).await;
+    let started = Instant::now();
+    let res = mesh.send("client", vip(35), get("/slow")).await;
+    assert_eq!(res.status(), 504);
+    assert!(started.elapsed() < Duration::from_millis(1500), "answered at the timeout, not the app's 2 s");
+}
+
+#[tokio::test]
+async fn l7_injects_aborts_and_delays() {
+    let vs = r#"
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: myapp, namespace: shop}
+spec:
+  hosts: [myapp]
+  http:
+  - match: [{uri: {prefix: /abort}}]
+    fault: {abort: {httpStatus: 418, percentage: {value: 100}}}
+    route: [{destination: {host: myapp, subset: v1}}]
+  - match: [{uri: {prefix: /delay}}]
+    fault: {delay: {fixedDelay: 300ms, percentage: {value: 100}}}
+    route: [{destination: {host: myapp, subset: v1}}]
+"#;
+    let mesh = Mesh::start(&config(36, &format!("{SUBSETS}{vs}")), APPS).await;
+    let aborted = mesh.send("client", vip(36), get("/abort")).await;
+    assert_eq!(aborted.status(), 418);
+    assert_eq!(served_by(&aborted), "-", "an injected abort never reaches the app");
+    let started = Instant::now();
+    let delayed = mesh.send("client", vip(36), get("/delay")).await;
+    assert_eq!(delayed.status(), 200);
+    assert!(started.elapsed() >= Duration::from_millis(300), "the delay was injected");
+}
+
+#[tokio::test]
+async fn inbound_authorization_judges_the_verified_identity_and_each_request() {
+    let policy = r#"
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: myapp, namespace: shop}
+spec:
+  selector: {matchLabels: {app: myapp}}
+  action: ALLOW
+  rules:
+  - from: [{source: {principals: [cluster.local/ns/shop/sa/client]}}]
+    to: [{operation: {paths: [/public/*]}}]
+"#;
+    let mesh = Mesh::start(&config(37, policy), APPS).await;
+    let allowed = mesh.send("client", vip(37), get("/public/x")).await;
+    assert_eq!(allowed.status(), 200);
+    let other_path = mesh.send("client", vip(37), get("/private")).await;
+    assert_eq!(other_path.status(), 403, "a path the rule does not list is denied per request");
+    assert_eq!(served_by(&other_path), "-");
+    let intruder = mesh.send("intruder", vip(37), get("/public/x")).await;
+    assert_eq!(intruder.status(), 403, "another identity is denied");
+    let metrics = mesh.metrics();
+    let denied_counted = metrics.lines().any(|l| l.contains("denied_total{") && !l.ends_with(" 0"));
+    assert!(denied_counted, "refusals are counted:\n{metrics}");
+}
+
+#[tokio::test]
+async fn a_connection_without_an_original_destination_is_refused() {
+    let mesh = Mesh::start(&config(40, ""), APPS).await;
+    let pod = mesh.workload("client");
+    let listener = TcpListener::bind((pod.ips[0], 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(outbound::serve(mesh.ctx.clone(), pod.clone(), mesh.netns.clone(), listener, mesh.stop.clone()));
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(pod.ips[0], 0)).unwrap();
+    let mut stream = socket.connect(addr).await.unwrap();
+    let _ = stream.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await.unwrap();
+    assert!(matches!(read, Ok(0) | Err(_)), "closed without an answer: {read:?}");
+}
