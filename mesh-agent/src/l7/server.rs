@@ -22,7 +22,7 @@ use crate::dataplane::Netns;
 use crate::snapshot::Snapshot;
 use crate::state::{Service, Workload};
 use crate::telemetry::RequestLabels;
-use crate::traffic::route::{Abort, Action, Backend, CorsVerdict, RedirectPort, RequestView, Rule};
+use crate::traffic::route::{Abort, Action, Backend, CorsVerdict, RedirectPort, RequestView, Rule, WeightedBackend};
 
 /// Request bodies up to this size are buffered, so retries and mirrors can replay them;
 /// a larger body streams through once, without retries or mirror copy (as Envoy does
@@ -187,18 +187,16 @@ impl Drop for GrpcCounted {
     }
 }
 
+/// Routes one request: the steps below, in Envoy's order (route match, CORS, faults,
+/// direct answers and redirects, then the forwarded request with mirrors, upgrade or
+/// timeout, then response headers).
 async fn route(caller: &Caller<'_>, service_key: &str, mut req: Request<Incoming>) -> Answer {
     let Caller { snap, pod, orig, .. } = *caller;
     // A protocol upgrade (WebSocket): routed like any request, then the two upgraded
     // connections are spliced.
     let client_upgrade = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
-    let authority = parts
-        .uri
-        .authority()
-        .map(|a| a.as_str().to_string())
-        .or_else(|| parts.headers.get(http::header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned))
-        .unwrap_or_default();
+    let authority = authority_of(&parts);
     let view = RequestView {
         method: parts.method.as_str(),
         path: parts.uri.path(),
@@ -221,17 +219,81 @@ async fn route(caller: &Caller<'_>, service_key: &str, mut req: Request<Incoming
         }
     };
     let cors = rule.cors.as_ref().map(|c| c.verdict(&parts.method, &parts.headers));
-    match cors {
-        Some(CorsVerdict::Preflight(headers)) => {
-            let mut r = Response::new(full(Bytes::new()));
-            r.headers_mut().extend(headers);
-            return Answer { response: r, flags: "-", backend: None, endpoint: None };
-        }
-        Some(CorsVerdict::RefusePreflight) => {
-            return Answer { response: Response::new(full(Bytes::new())), flags: "-", backend: None, endpoint: None };
-        }
-        _ => {}
+    if let Some(answer) = cors.as_ref().and_then(preflight_answer) {
+        return answer;
     }
+    let flags = match inject_faults(rule).await {
+        Ok(flags) => flags,
+        Err(aborted) => return aborted,
+    };
+    let backends = match &rule.action {
+        Action::Direct { status, body } => return direct_answer(rule, *status, body),
+        Action::Redirect { uri, authority: new_host, port, scheme, code } => {
+            let to = Redirect { uri, host: new_host, port, scheme, code: *code };
+            return redirect_answer(&to, &authority, &parts, orig.port());
+        }
+        Action::Route(backends) => backends,
+    };
+    let Some(chosen) = crate::traffic::route::pick_weighted(backends) else {
+        return local(StatusCode::SERVICE_UNAVAILABLE, "NR", "route has no destination\n");
+    };
+    let body = match read_body(body, caller.ctx).await {
+        Ok(b) => b,
+        Err(a) => return a,
+    };
+    let rewritten_path = rule.rewritten_path(&view);
+    let fwd = forwarded_request(parts, rule, chosen, rewritten_path, &authority);
+    if let ReqBody::Buffered(bytes, _) = &body {
+        for (mirror, share) in &rule.mirrors {
+            if roll(*share) {
+                mirror_copy(caller, mirror, &fwd, bytes.clone());
+            }
+        }
+    }
+    if let Some(client_upgrade) = client_upgrade {
+        return upgraded(caller, &chosen.backend, &fwd, body, client_upgrade).await;
+    }
+    let mut answer = forward_within_timeout(caller, rule, &chosen.backend, &fwd, body).await;
+    chosen.response_headers.apply(answer.response.headers_mut());
+    rule.response_headers.apply(answer.response.headers_mut());
+    if let Some(CorsVerdict::Decorate(headers)) = cors {
+        answer.response.headers_mut().extend(headers);
+    }
+    if answer.flags == "-" {
+        answer.flags = flags;
+    }
+    answer
+}
+
+/// The request's authority: from the URI (HTTP/2, absolute form) or the Host header.
+fn authority_of(parts: &http::request::Parts) -> String {
+    parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| parts.headers.get(http::header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned))
+        .unwrap_or_default()
+}
+
+/// The answer to a CORS preflight, which never reaches the application.
+fn preflight_answer(cors: &CorsVerdict) -> Option<Answer> {
+    match cors {
+        CorsVerdict::Preflight(headers) => {
+            let mut r = Response::new(full(Bytes::new()));
+            r.headers_mut().extend(headers.clone());
+            Some(Answer { response: r, flags: "-", backend: None, endpoint: None })
+        }
+        CorsVerdict::RefusePreflight => {
+            Some(Answer { response: Response::new(full(Bytes::new())), flags: "-", backend: None, endpoint: None })
+        }
+        _ => None,
+    }
+}
+
+/// The rule's fault injection, as Envoy's fault filter does it: the delay first, then
+/// the abort. Ok carries the response flag to report (`DI` when delayed); Err the
+/// aborted answer.
+async fn inject_faults(rule: &Rule) -> Result<&'static str, Answer> {
     let mut flags = "-";
     if let Some((delay, share)) = rule.fault.delay
         && roll(share)
@@ -239,11 +301,10 @@ async fn route(caller: &Caller<'_>, service_key: &str, mut req: Request<Incoming
         tokio::time::sleep(delay).await;
         flags = "DI";
     }
-    // Envoy's fault filter delays first, then aborts.
     if let Some((abort, share)) = rule.fault.abort
         && roll(share)
     {
-        return match abort {
+        return Err(match abort {
             Abort::Http(status) => local(
                 StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
                 "FI",
@@ -257,53 +318,64 @@ async fn route(caller: &Caller<'_>, service_key: &str, mut req: Request<Incoming
                 h.insert("grpc-message", HeaderValue::from_static("fault filter abort"));
                 a
             }
-        };
+        });
     }
-    let backends = match &rule.action {
-        Action::Direct { status, body } => {
-            let mut r = Response::new(full(body.clone()));
-            *r.status_mut() = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
-            rule.response_headers.apply(r.headers_mut());
-            return Answer { response: r, flags: "-", backend: None, endpoint: None };
-        }
-        Action::Redirect { uri, authority: new_host, port, scheme, code } => {
-            let (req_host, req_port) = match authority.rsplit_once(':') {
-                Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => (h, Some(p)),
-                _ => (authority.as_str(), None),
-            };
-            let name = new_host.clone().unwrap_or_else(|| req_host.to_string());
-            let host = match port {
-                RedirectPort::Fixed(p) => format!("{name}:{p}"),
-                RedirectPort::Request => {
-                    format!("{name}:{}", req_port.map_or_else(|| orig.port().to_string(), str::to_owned))
-                }
-                RedirectPort::ProtocolDefault => name,
-                RedirectPort::Keep => match (new_host, req_port) {
-                    (None, Some(p)) => format!("{name}:{p}"),
-                    _ => name,
-                },
-            };
-            let path = uri.clone().unwrap_or_else(|| parts.uri.path_and_query().map_or("/".into(), |p| p.to_string()));
-            let location = format!("{}://{host}{path}", scheme.as_deref().unwrap_or("http"));
-            let mut r = Response::new(full(Bytes::new()));
-            *r.status_mut() = StatusCode::from_u16(*code).unwrap_or(StatusCode::MOVED_PERMANENTLY);
-            if let Ok(v) = HeaderValue::from_str(&location) {
-                r.headers_mut().insert(http::header::LOCATION, v);
-            }
-            return Answer { response: r, flags: "-", backend: None, endpoint: None };
-        }
-        Action::Route(backends) => backends,
-    };
-    let Some(chosen) = crate::traffic::route::pick_weighted(backends) else {
-        return local(StatusCode::SERVICE_UNAVAILABLE, "NR", "route has no destination\n");
-    };
-    let body = match read_body(body, caller.ctx).await {
-        Ok(b) => b,
-        Err(a) => return a,
-    };
+    Ok(flags)
+}
 
-    // The request as forwarded: rewrites and header operations applied once.
-    let rewritten_path = rule.rewritten_path(&view);
+/// `directResponse`: the rule answers itself.
+fn direct_answer(rule: &Rule, status: u16, body: &Bytes) -> Answer {
+    let mut r = Response::new(full(body.clone()));
+    *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+    rule.response_headers.apply(r.headers_mut());
+    Answer { response: r, flags: "-", backend: None, endpoint: None }
+}
+
+/// A rule's `redirect`, borrowed from it.
+struct Redirect<'a> {
+    uri: &'a Option<String>,
+    host: &'a Option<String>,
+    port: &'a RedirectPort,
+    scheme: &'a Option<String>,
+    code: u16,
+}
+
+/// The redirect's answer: the `Location` built from the request's authority and path
+/// with the rule's replacements.
+fn redirect_answer(to: &Redirect<'_>, authority: &str, parts: &http::request::Parts, dialed_port: u16) -> Answer {
+    let (req_host, req_port) = match authority.rsplit_once(':') {
+        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => (h, Some(p)),
+        _ => (authority, None),
+    };
+    let name = to.host.clone().unwrap_or_else(|| req_host.to_string());
+    let host = match to.port {
+        RedirectPort::Fixed(p) => format!("{name}:{p}"),
+        RedirectPort::Request => format!("{name}:{}", req_port.map_or_else(|| dialed_port.to_string(), str::to_owned)),
+        RedirectPort::ProtocolDefault => name,
+        RedirectPort::Keep => match (to.host, req_port) {
+            (None, Some(p)) => format!("{name}:{p}"),
+            _ => name,
+        },
+    };
+    let path = to.uri.clone().unwrap_or_else(|| parts.uri.path_and_query().map_or("/".into(), |p| p.to_string()));
+    let location = format!("{}://{host}{path}", to.scheme.as_deref().unwrap_or("http"));
+    let mut r = Response::new(full(Bytes::new()));
+    *r.status_mut() = StatusCode::from_u16(to.code).unwrap_or(StatusCode::MOVED_PERMANENTLY);
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        r.headers_mut().insert(http::header::LOCATION, v);
+    }
+    Answer { response: r, flags: "-", backend: None, endpoint: None }
+}
+
+/// The request as forwarded: rewrites and header operations applied once, in origin
+/// form with the authority in `Host`.
+fn forwarded_request(
+    parts: http::request::Parts,
+    rule: &Rule,
+    chosen: &WeightedBackend,
+    rewritten_path: Option<String>,
+    authority: &str,
+) -> Request<()> {
     let mut fwd = Request::from_parts(parts, ());
     if let Some(path) = rewritten_path {
         let pq = match fwd.uri().query() {
@@ -321,9 +393,8 @@ async fn route(caller: &Caller<'_>, service_key: &str, mut req: Request<Incoming
     }
     rule.request_headers.apply(fwd.headers_mut());
     chosen.request_headers.apply(fwd.headers_mut());
-    // Requests leave in origin form; the Host header carries the authority.
     if fwd.headers().get(http::header::HOST).is_none()
-        && let Ok(v) = HeaderValue::from_str(&authority)
+        && let Ok(v) = HeaderValue::from_str(authority)
     {
         fwd.headers_mut().insert(http::header::HOST, v);
     }
@@ -331,53 +402,54 @@ async fn route(caller: &Caller<'_>, service_key: &str, mut req: Request<Incoming
     if let Ok(uri) = origin_form.parse() {
         *fwd.uri_mut() = uri;
     }
+    fwd
+}
 
-    if let ReqBody::Buffered(bytes, _) = &body {
-        for (mirror, share) in &rule.mirrors {
-            if roll(*share) {
-                mirror_copy(caller, mirror, &fwd, bytes.clone());
-            }
-        }
-    }
-
-    if let Some(client_upgrade) = client_upgrade {
-        let mut answer =
-            try_once(caller, &chosen.backend, &fwd, body.into_upstream(), None).await.into_answer(&chosen.backend);
-        if answer.response.status() == StatusCode::SWITCHING_PROTOCOLS {
-            let server_upgrade = hyper::upgrade::on(&mut answer.response);
-            tokio::spawn(async move {
-                match tokio::try_join!(client_upgrade, server_upgrade) {
-                    Ok((client, server)) => {
-                        let (mut client, mut server) = (TokioIo::new(client), TokioIo::new(server));
-                        let _ = crate::transport::copy::bidirectional(&mut client, &mut server).await;
-                    }
-                    Err(e) => tracing::debug!(error = %e, "protocol upgrade not completed"),
+/// An upgrade request (WebSocket): one attempt, then the two upgraded connections are
+/// spliced once the backend switched protocols.
+async fn upgraded(
+    caller: &Caller<'_>,
+    backend: &Backend,
+    fwd: &Request<()>,
+    body: ReqBody,
+    client_upgrade: hyper::upgrade::OnUpgrade,
+) -> Answer {
+    let mut answer = try_once(caller, backend, fwd, body.into_upstream(), None).await.into_answer(backend);
+    if answer.response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let server_upgrade = hyper::upgrade::on(&mut answer.response);
+        tokio::spawn(async move {
+            match tokio::try_join!(client_upgrade, server_upgrade) {
+                Ok((client, server)) => {
+                    let (mut client, mut server) = (TokioIo::new(client), TokioIo::new(server));
+                    let _ = crate::transport::copy::bidirectional(&mut client, &mut server).await;
                 }
-            });
-        }
-        return answer;
+                Err(e) => tracing::debug!(error = %e, "protocol upgrade not completed"),
+            }
+        });
     }
-    let forwarded = forward(caller, rule, &chosen.backend, &fwd, body);
-    let mut answer = match rule.timeout {
+    answer
+}
+
+/// Forwards with the rule's retries, within the rule's `timeout` (all tries together).
+async fn forward_within_timeout(
+    caller: &Caller<'_>,
+    rule: &Rule,
+    backend: &Backend,
+    fwd: &Request<()>,
+    body: ReqBody,
+) -> Answer {
+    let forwarded = forward(caller, rule, backend, fwd, body);
+    match rule.timeout {
         Some(t) => match tokio::time::timeout(t, forwarded).await {
             Ok(a) => a,
             Err(_) => {
                 let mut a = local(StatusCode::GATEWAY_TIMEOUT, "UT", "upstream request timeout");
-                a.backend = Some(chosen.backend.clone());
+                a.backend = Some(backend.clone());
                 a
             }
         },
         None => forwarded.await,
-    };
-    chosen.response_headers.apply(answer.response.headers_mut());
-    rule.response_headers.apply(answer.response.headers_mut());
-    if let Some(CorsVerdict::Decorate(headers)) = cors {
-        answer.response.headers_mut().extend(headers);
     }
-    if answer.flags == "-" {
-        answer.flags = flags;
-    }
-    answer
 }
 
 /// A slot under the destination's `maxRetries`, or None when they are all taken.
@@ -669,6 +741,8 @@ impl TryOutcome {
     }
 }
 
+/// One attempt: admission under the circuit breaker, an endpoint, the request sent
+/// within the per-try timeout, and the outcome recorded for outlier detection.
 async fn try_once(
     caller: &Caller<'_>,
     backend: &Backend,
@@ -682,34 +756,11 @@ async fn try_once(
     if target.endpoints.is_empty() {
         return TryOutcome::Final(local(StatusCode::SERVICE_UNAVAILABLE, "UH", "no healthy upstream"));
     }
-    let _admission = match cluster.admit(&policy.pool).await {
+    let _admission = match admit(cluster, policy, backend).await {
         Ok(a) => a,
-        Err(o) => {
-            tracing::debug!(service = %backend.service, overflow = ?o, "circuit breaker open");
-            let reason = match o {
-                Overflow::Requests => "upstream connect error: overflow (max requests)",
-                Overflow::Pending => "upstream connect error: overflow (pending requests)",
-            };
-            return TryOutcome::Final(local(StatusCode::SERVICE_UNAVAILABLE, "UO", reason));
-        }
+        Err(overflow) => return TryOutcome::Final(overflow),
     };
-    let key = hash_key(&policy.lb, req, pod);
-    // Cookie affinity: a cookie the agent generated names its endpoint; a missing one is
-    // generated for the endpoint chosen now when the rule has a ttl.
-    let mut lb = policy.lb.clone();
-    let mut pinned = orig;
-    let mut set_cookie = None;
-    if let crate::traffic::policy::LbPolicy::HashCookie(c) = &policy.lb {
-        match key.as_deref().and_then(|v| std::str::from_utf8(v).ok()) {
-            Some(v) => {
-                if let Some(a) = cookie_endpoint(v).filter(|a| target.endpoints.iter().any(|(_, e)| e == a)) {
-                    (lb, pinned) = (crate::traffic::policy::LbPolicy::Passthrough, a);
-                }
-            }
-            None => set_cookie = c.ttl.map(|ttl| (c.clone(), ttl)),
-        }
-    }
-    let Some((workload, addr, _guard)) = target.pick(&lb, key.as_deref(), pinned) else {
+    let Some(Chosen { workload, addr, _guard, set_cookie }) = choose_endpoint(&target, req, pod, orig) else {
         return TryOutcome::Final(local(StatusCode::SERVICE_UNAVAILABLE, "UH", "no healthy upstream"));
     };
     if policy.istio_mutual && !workload.enrolled {
@@ -720,26 +771,14 @@ async fn try_once(
             detail: "DestinationRule tls ISTIO_MUTUAL, but the endpoint is outside the mesh".into(),
         };
     }
-    let mut upstream_req = Request::new(body);
-    *upstream_req.method_mut() = req.method().clone();
-    *upstream_req.uri_mut() = req.uri().clone();
-    *upstream_req.headers_mut() = req.headers().clone();
-    let settings = ConnSettings {
-        connect_timeout: policy.pool.connect_timeout,
-        max_requests_per_connection: policy.pool.max_requests_per_connection,
-        idle_timeout: policy.pool.idle_timeout,
-        // HTTP/2 clients (gRPC needs it end to end) and h2UpgradePolicy: UPGRADE.
-        // Protocol upgrades (WebSocket) are HTTP/1.1 only.
-        http2: (req.version() == http::Version::HTTP_2 || policy.pool.h2_upgrade) && !is_upgrade(req),
-    };
     let from = super::upstream::From { dialer: &ctx.dialer, snapshot: snap, pod, netns };
-    let sent = ctx.runtime.upstreams.send(from, &workload, addr, upstream_req, settings);
+    let sent =
+        ctx.runtime.upstreams.send(from, &workload, addr, upstream_request(req, body), conn_settings(policy, req));
     let result = match per_try_timeout {
         Some(t) => tokio::time::timeout(t, sent).await.map_err(|_| ()),
         None => Ok(sent.await),
     };
-    let n = target.endpoints.len();
-    let outlier = policy.outlier.as_ref();
+    let (n, outlier) = (target.endpoints.len(), policy.outlier.as_ref());
     let endpoint = Some(workload.name.clone());
     match result {
         Ok(Ok(res)) => {
@@ -748,17 +787,10 @@ async fn try_once(
                 tracing::info!(service = %backend.service, endpoint = %workload.name, "endpoint ejected (outlier detection)");
             }
             let mut res = res.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed_unsync());
-            if let Some((c, ttl)) = set_cookie {
-                let mut v = format!("{}=\"{}\"; HttpOnly", c.name, cookie_value(addr));
-                if !ttl.is_zero() {
-                    v.push_str(&format!("; Max-Age={}", ttl.as_secs()));
-                }
-                if let Some(p) = &c.path {
-                    v.push_str(&format!("; Path={p}"));
-                }
-                if let Ok(h) = HeaderValue::from_str(&v) {
-                    res.headers_mut().append(http::header::SET_COOKIE, h);
-                }
+            if let Some((c, ttl)) = set_cookie
+                && let Some(h) = affinity_cookie(&c, ttl, addr)
+            {
+                res.headers_mut().append(http::header::SET_COOKIE, h);
             }
             TryOutcome::Answer(Answer { response: res, flags: "-", backend: None, endpoint })
         }
@@ -778,6 +810,88 @@ async fn try_once(
                 detail: "per-try timeout".into(),
             }
         }
+    }
+}
+
+/// A place under the DestinationRule's connection-pool limits, or the `UO` answer
+/// when the circuit breaker is open.
+async fn admit(
+    cluster: &Arc<super::balance::Cluster>,
+    policy: &crate::traffic::policy::TrafficPolicy,
+    backend: &Backend,
+) -> Result<super::balance::Admission, Answer> {
+    cluster.admit(&policy.pool).await.map_err(|o| {
+        tracing::debug!(service = %backend.service, overflow = ?o, "circuit breaker open");
+        let reason = match o {
+            Overflow::Requests => "upstream connect error: overflow (max requests)",
+            Overflow::Pending => "upstream connect error: overflow (pending requests)",
+        };
+        local(StatusCode::SERVICE_UNAVAILABLE, "UO", reason)
+    })
+}
+
+/// The endpoint an attempt goes to, held as loaded until dropped.
+struct Chosen {
+    workload: Arc<Workload>,
+    addr: SocketAddr,
+    _guard: super::balance::EndpointGuard,
+    /// Cookie affinity with a ttl and no cookie yet: set one naming this endpoint.
+    set_cookie: Option<(crate::traffic::policy::CookiePolicy, Duration)>,
+}
+
+/// Chooses the endpoint under the load-balancing policy. Cookie affinity: a cookie the
+/// agent generated names its endpoint; a missing one is generated for the endpoint
+/// chosen now when the rule has a ttl.
+fn choose_endpoint(target: &super::Target, req: &Request<()>, pod: &Workload, dialed: SocketAddr) -> Option<Chosen> {
+    let policy = &target.policy;
+    let key = hash_key(&policy.lb, req, pod);
+    let mut lb = policy.lb.clone();
+    let mut pinned = dialed;
+    let mut set_cookie = None;
+    if let crate::traffic::policy::LbPolicy::HashCookie(c) = &policy.lb {
+        match key.as_deref().and_then(|v| std::str::from_utf8(v).ok()) {
+            Some(v) => {
+                if let Some(a) = cookie_endpoint(v).filter(|a| target.endpoints.iter().any(|(_, e)| e == a)) {
+                    (lb, pinned) = (crate::traffic::policy::LbPolicy::Passthrough, a);
+                }
+            }
+            None => set_cookie = c.ttl.map(|ttl| (c.clone(), ttl)),
+        }
+    }
+    let (workload, addr, guard) = target.pick(&lb, key.as_deref(), pinned)?;
+    Some(Chosen { workload, addr, _guard: guard, set_cookie })
+}
+
+/// The `Set-Cookie` value pinning the client to `addr`.
+fn affinity_cookie(c: &crate::traffic::policy::CookiePolicy, ttl: Duration, addr: SocketAddr) -> Option<HeaderValue> {
+    let mut v = format!("{}=\"{}\"; HttpOnly", c.name, cookie_value(addr));
+    if !ttl.is_zero() {
+        v.push_str(&format!("; Max-Age={}", ttl.as_secs()));
+    }
+    if let Some(p) = &c.path {
+        v.push_str(&format!("; Path={p}"));
+    }
+    HeaderValue::from_str(&v).ok()
+}
+
+/// The forwarded request with this attempt's body.
+fn upstream_request(req: &Request<()>, body: UpBody) -> Request<UpBody> {
+    let mut upstream_req = Request::new(body);
+    *upstream_req.method_mut() = req.method().clone();
+    *upstream_req.uri_mut() = req.uri().clone();
+    *upstream_req.headers_mut() = req.headers().clone();
+    upstream_req
+}
+
+/// Per-request connection settings from the DestinationRule's connection pool.
+fn conn_settings(policy: &crate::traffic::policy::TrafficPolicy, req: &Request<()>) -> ConnSettings {
+    ConnSettings {
+        connect_timeout: policy.pool.connect_timeout,
+        max_requests_per_connection: policy.pool.max_requests_per_connection,
+        idle_timeout: policy.pool.idle_timeout,
+        // HTTP/2 clients (gRPC needs it end to end) and h2UpgradePolicy: UPGRADE.
+        // Protocol upgrades (WebSocket) are HTTP/1.1 only.
+        http2: (req.version() == http::Version::HTTP_2 || policy.pool.h2_upgrade) && !is_upgrade(req),
     }
 }
 
