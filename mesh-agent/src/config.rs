@@ -13,6 +13,7 @@ pub mod linkerd;
 mod object;
 mod parse;
 mod references;
+pub mod resource;
 pub mod resources;
 pub mod schema;
 pub mod security;

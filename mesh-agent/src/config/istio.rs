@@ -4,33 +4,18 @@
 //! Fields the agent does not enforce yet are still typed (as raw YAML), so validation
 //! can refuse them by name instead of letting serde call them unknown.
 
+use super::resource::Resource;
 use super::schema::AnyValue;
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
-
-use super::resources::ObjectMeta;
 
 /// API versions accepted for Istio networking kinds.
 pub const NETWORKING_VERSIONS: &[&str] =
     &["networking.istio.io/v1", "networking.istio.io/v1beta1", "networking.istio.io/v1alpha3"];
 
 /// `VirtualService`.
-#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct VirtualService {
-    /// Metadata.
-    pub metadata: ObjectMeta,
-    /// Spec.
-    pub spec: VirtualServiceSpec,
-    #[serde(default, rename = "apiVersion")]
-    _api_version: Option<String>,
-    #[serde(default, rename = "kind")]
-    _kind: Option<String>,
-    /// Written by controllers (Istio's status conditions); not read.
-    #[serde(default, rename = "status")]
-    _status: Option<AnyValue>,
-}
+pub type VirtualService = Resource<VirtualServiceSpec>;
 
 /// `VirtualService.spec`.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
@@ -479,21 +464,7 @@ pub struct HeaderOperations {
 }
 
 /// `DestinationRule`.
-#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct DestinationRule {
-    /// Metadata.
-    pub metadata: ObjectMeta,
-    /// Spec.
-    pub spec: DestinationRuleSpec,
-    #[serde(default, rename = "apiVersion")]
-    _api_version: Option<String>,
-    #[serde(default, rename = "kind")]
-    _kind: Option<String>,
-    /// Written by controllers (Istio's status conditions); not read.
-    #[serde(default, rename = "status")]
-    _status: Option<AnyValue>,
-}
+pub type DestinationRule = Resource<DestinationRuleSpec>;
 
 /// `DestinationRule.spec`.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]

@@ -1,12 +1,12 @@
 //! Linkerd `ServiceProfile` (linkerd.io/v1alpha2) and SMI `TrafficSplit`
 //! (split.smi-spec.io/v1alpha1 to v1alpha4).
 
+use super::resource::Resource;
 use super::schema::AnyValue;
 use serde::Deserialize;
 use serde_yaml::Value;
 
 use super::istio::{Invalid, valid_regex};
-use super::resources::ObjectMeta;
 
 /// API versions of ServiceProfile.
 pub const SERVICE_PROFILE_VERSIONS: &[&str] = &["linkerd.io/v1alpha2"];
@@ -19,21 +19,7 @@ pub const TRAFFIC_SPLIT_VERSIONS: &[&str] = &[
 ];
 
 /// `ServiceProfile`: named after the Service's FQDN.
-#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct ServiceProfile {
-    /// Metadata; `name` is `<service>.<namespace>.svc.<domain>`.
-    pub metadata: ObjectMeta,
-    /// Spec.
-    pub spec: ServiceProfileSpec,
-    #[serde(default, rename = "apiVersion")]
-    _api_version: Option<String>,
-    #[serde(default, rename = "kind")]
-    _kind: Option<String>,
-    /// Written by controllers (Istio's status conditions); not read.
-    #[serde(default, rename = "status")]
-    _status: Option<AnyValue>,
-}
+pub type ServiceProfile = Resource<ServiceProfileSpec>;
 
 /// `ServiceProfile.spec`.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
@@ -147,21 +133,7 @@ pub struct RetryBudget {
 }
 
 /// SMI `TrafficSplit`.
-#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct TrafficSplit {
-    /// Metadata.
-    pub metadata: ObjectMeta,
-    /// Spec.
-    pub spec: TrafficSplitSpec,
-    #[serde(default, rename = "apiVersion")]
-    _api_version: Option<String>,
-    #[serde(default, rename = "kind")]
-    _kind: Option<String>,
-    /// Written by controllers (Istio's status conditions); not read.
-    #[serde(default, rename = "status")]
-    _status: Option<AnyValue>,
-}
+pub type TrafficSplit = Resource<TrafficSplitSpec>;
 
 /// `TrafficSplit.spec`.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]

@@ -1,6 +1,6 @@
 //! [`Object`]: one parsed object of any kind the mesh reads.
 
-use super::resources::{EndpointSlice, Namespace, NetworkPolicy, Pod, Service, ServiceAccount};
+use super::resources::{EndpointSlice, Namespace, NetworkPolicy, ObjectMeta, Pod, Service, ServiceAccount};
 use super::{istio, linkerd, security};
 
 /// A parsed object from any source.
@@ -38,25 +38,47 @@ pub enum Object {
 impl Object {
     /// `(kind, namespace, name)`; cluster-scoped objects have an empty namespace.
     pub fn key(&self) -> (&'static str, String, String) {
+        let meta = self.metadata();
+        let namespace = match self {
+            Object::Namespace(_) => String::new(),
+            _ => meta.namespace_or_default(),
+        };
+        (self.kind(), namespace, meta.name.clone())
+    }
+
+    /// The kind's name, as `kind:` writes it.
+    pub fn kind(&self) -> &'static str {
         match self {
-            Object::Namespace(n) => ("Namespace", String::new(), n.metadata.name.clone()),
-            Object::Pod(p) => ("Pod", p.metadata.namespace_or_default(), p.metadata.name.clone()),
-            Object::Service(s) => ("Service", s.metadata.namespace_or_default(), s.metadata.name.clone()),
-            Object::ServiceAccount(s) => ("ServiceAccount", s.metadata.namespace_or_default(), s.metadata.name.clone()),
-            Object::EndpointSlice(e) => ("EndpointSlice", e.metadata.namespace_or_default(), e.metadata.name.clone()),
-            Object::VirtualService(v) => ("VirtualService", v.metadata.namespace_or_default(), v.metadata.name.clone()),
-            Object::DestinationRule(d) => {
-                ("DestinationRule", d.metadata.namespace_or_default(), d.metadata.name.clone())
-            }
-            Object::ServiceProfile(p) => ("ServiceProfile", p.metadata.namespace_or_default(), p.metadata.name.clone()),
-            Object::TrafficSplit(t) => ("TrafficSplit", t.metadata.namespace_or_default(), t.metadata.name.clone()),
-            Object::PeerAuthentication(p) => {
-                ("PeerAuthentication", p.metadata.namespace_or_default(), p.metadata.name.clone())
-            }
-            Object::AuthorizationPolicy(a) => {
-                ("AuthorizationPolicy", a.metadata.namespace_or_default(), a.metadata.name.clone())
-            }
-            Object::NetworkPolicy(n) => ("NetworkPolicy", n.metadata.namespace_or_default(), n.metadata.name.clone()),
+            Object::Namespace(_) => "Namespace",
+            Object::Pod(_) => "Pod",
+            Object::Service(_) => "Service",
+            Object::ServiceAccount(_) => "ServiceAccount",
+            Object::EndpointSlice(_) => "EndpointSlice",
+            Object::VirtualService(_) => "VirtualService",
+            Object::DestinationRule(_) => "DestinationRule",
+            Object::ServiceProfile(_) => "ServiceProfile",
+            Object::TrafficSplit(_) => "TrafficSplit",
+            Object::PeerAuthentication(_) => "PeerAuthentication",
+            Object::AuthorizationPolicy(_) => "AuthorizationPolicy",
+            Object::NetworkPolicy(_) => "NetworkPolicy",
+        }
+    }
+
+    /// `metadata`.
+    pub fn metadata(&self) -> &ObjectMeta {
+        match self {
+            Object::Namespace(o) => &o.metadata,
+            Object::Pod(o) => &o.metadata,
+            Object::Service(o) => &o.metadata,
+            Object::ServiceAccount(o) => &o.metadata,
+            Object::EndpointSlice(o) => &o.metadata,
+            Object::VirtualService(o) => &o.metadata,
+            Object::DestinationRule(o) => &o.metadata,
+            Object::ServiceProfile(o) => &o.metadata,
+            Object::TrafficSplit(o) => &o.metadata,
+            Object::PeerAuthentication(o) => &o.metadata,
+            Object::AuthorizationPolicy(o) => &o.metadata,
+            Object::NetworkPolicy(o) => &o.metadata,
         }
     }
 }

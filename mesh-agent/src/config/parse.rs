@@ -9,9 +9,9 @@ use serde_yaml::Value;
 
 use super::Error;
 use super::Object;
-use super::istio::{DestinationRule, NETWORKING_VERSIONS, VirtualService};
-use super::linkerd::{SERVICE_PROFILE_VERSIONS, ServiceProfile, TRAFFIC_SPLIT_VERSIONS, TrafficSplit};
-use super::resources::{EndpointSlice, Namespace, NetworkPolicy, Pod, Service, ServiceAccount};
+use super::istio::NETWORKING_VERSIONS;
+use super::linkerd::{SERVICE_PROFILE_VERSIONS, TRAFFIC_SPLIT_VERSIONS};
+use super::resources::EndpointSlice;
 use super::security::{AuthorizationPolicy, PeerAuthentication, SECURITY_VERSIONS, WorkloadSelector};
 
 /// Kinds from other API groups the mesh will read but this version does not enforce yet.
@@ -210,40 +210,31 @@ fn parse_object(file: &Path, index: usize, value: Value) -> Result<Object, Error
             format!("{kind} must be apiVersion {}, got {api_version}", expected_versions.join(" or ")),
         ));
     }
+    if super::resource::SPEC_REQUIRED.contains(&kind) && value.get("spec").is_none() {
+        return Err(err(label, "spec", "required field is missing".into()));
+    }
     let object = match kind {
-        "Namespace" => Object::Namespace(typed::<Namespace>(value).map_err(|(f, r)| err(label.clone(), &f, r))?),
-        "Pod" => Object::Pod(typed::<Pod>(value).map_err(|(f, r)| err(label.clone(), &f, r))?),
-        "VirtualService" => {
-            Object::VirtualService(typed::<Box<VirtualService>>(value).map_err(|(f, r)| err(label.clone(), &f, r))?)
-        }
-        "DestinationRule" => {
-            Object::DestinationRule(typed::<Box<DestinationRule>>(value).map_err(|(f, r)| err(label.clone(), &f, r))?)
-        }
-        "ServiceProfile" => {
-            Object::ServiceProfile(typed::<Box<ServiceProfile>>(value).map_err(|(f, r)| err(label.clone(), &f, r))?)
-        }
-        "TrafficSplit" => {
-            Object::TrafficSplit(typed::<Box<TrafficSplit>>(value).map_err(|(f, r)| err(label.clone(), &f, r))?)
-        }
-        "PeerAuthentication" => Object::PeerAuthentication(
-            typed::<Box<PeerAuthentication>>(value).map_err(|(f, r)| err(label.clone(), &f, r))?,
-        ),
-        "AuthorizationPolicy" => Object::AuthorizationPolicy(
-            typed::<Box<AuthorizationPolicy>>(value).map_err(|(f, r)| err(label.clone(), &f, r))?,
-        ),
-        "ServiceAccount" => {
-            Object::ServiceAccount(typed::<ServiceAccount>(value).map_err(|(f, r)| err(label.clone(), &f, r))?)
-        }
-        "EndpointSlice" => {
-            Object::EndpointSlice(typed::<EndpointSlice>(value).map_err(|(f, r)| err(label.clone(), &f, r))?)
-        }
-        "NetworkPolicy" => {
-            Object::NetworkPolicy(typed::<Box<NetworkPolicy>>(value).map_err(|(f, r)| err(label.clone(), &f, r))?)
-        }
-        _ => Object::Service(typed::<Service>(value).map_err(|(f, r)| err(label.clone(), &f, r))?),
-    };
+        "Namespace" => decode(value, Object::Namespace),
+        "Pod" => decode(value, Object::Pod),
+        "VirtualService" => decode(value, Object::VirtualService),
+        "DestinationRule" => decode(value, Object::DestinationRule),
+        "ServiceProfile" => decode(value, Object::ServiceProfile),
+        "TrafficSplit" => decode(value, Object::TrafficSplit),
+        "PeerAuthentication" => decode(value, Object::PeerAuthentication),
+        "AuthorizationPolicy" => decode(value, Object::AuthorizationPolicy),
+        "ServiceAccount" => decode(value, Object::ServiceAccount),
+        "EndpointSlice" => decode(value, Object::EndpointSlice),
+        "NetworkPolicy" => decode(value, Object::NetworkPolicy),
+        _ => decode(value, Object::Service),
+    }
+    .map_err(|(f, r)| err(label.clone(), &f, r))?;
     let key = object.key();
     validate(&object).map_err(|(f, r)| err(Some(describe(&key)), &f, r)).map(|()| object)
+}
+
+/// Deserializes one kind's object and wraps it as an [`Object`].
+fn decode<T: DeserializeOwned>(value: Value, wrap: fn(T) -> Object) -> Result<Object, (String, String)> {
+    typed(value).map(wrap)
 }
 
 /// Deserializes with the path of the failing field.
@@ -292,20 +283,7 @@ fn validate_slice(slice: &EndpointSlice) -> Result<(), (String, String)> {
 
 /// Checks the API server would make before storing the object.
 fn validate(object: &Object) -> Result<(), (String, String)> {
-    let meta = match object {
-        Object::Namespace(n) => &n.metadata,
-        Object::Pod(p) => &p.metadata,
-        Object::Service(s) => &s.metadata,
-        Object::ServiceAccount(s) => &s.metadata,
-        Object::EndpointSlice(e) => &e.metadata,
-        Object::VirtualService(v) => &v.metadata,
-        Object::DestinationRule(d) => &d.metadata,
-        Object::ServiceProfile(p) => &p.metadata,
-        Object::TrafficSplit(t) => &t.metadata,
-        Object::PeerAuthentication(p) => &p.metadata,
-        Object::AuthorizationPolicy(a) => &a.metadata,
-        Object::NetworkPolicy(n) => &n.metadata,
-    };
+    let meta = object.metadata();
     if !is_dns1123_subdomain(&meta.name) {
         return Err(("metadata.name".into(), format!("{:?} is not a valid DNS-1123 name", meta.name)));
     }
@@ -421,6 +399,14 @@ metadata: {name: myapp, namespace: production}
                 "t.yaml: Namespace <unnamed>: field metadata.name: required field is missing",
             ),
             ("kind: Pod\nmetadata: {name: a}\n", "t.yaml: Pod a: field apiVersion: missing or not a string"),
+            (
+                "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: a, namespace: n}\n",
+                "t.yaml: VirtualService a: field spec: required field is missing",
+            ),
+            (
+                "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: a, namespace: n}\nstatus: {}\n",
+                "ok 1",
+            ),
         ];
         for (yaml, want) in cases {
             assert_eq!(check(yaml), want, "for {yaml}");

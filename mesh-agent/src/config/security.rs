@@ -6,6 +6,7 @@
 //! templates) is refused by name: an authorization rule that is accepted and ignored
 //! would allow what its author meant to deny.
 
+use super::resource::Resource;
 use super::schema::AnyValue;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -36,21 +37,7 @@ impl WorkloadSelector {
 }
 
 /// `PeerAuthentication`.
-#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct PeerAuthentication {
-    /// Metadata.
-    pub metadata: ObjectMeta,
-    /// Spec.
-    #[serde(default)]
-    pub spec: PeerAuthenticationSpec,
-    #[serde(default, rename = "apiVersion")]
-    _api_version: Option<String>,
-    #[serde(default, rename = "kind")]
-    _kind: Option<String>,
-    #[serde(default)]
-    _status: Option<AnyValue>,
-}
+pub type PeerAuthentication = Resource<PeerAuthenticationSpec>;
 
 impl PeerAuthentication {
     /// A STRICT policy over `namespace` and `selector`: what stands in for a
@@ -58,22 +45,14 @@ impl PeerAuthentication {
     /// meant STRICT, and a typo must not leave the workloads PERMISSIVE; plaintext is
     /// refused until the policy is fixed.
     pub fn strict_standin(namespace: &str, name: &str, selector: Option<WorkloadSelector>) -> Self {
-        PeerAuthentication {
-            metadata: ObjectMeta {
-                name: name.to_string(),
-                namespace: Some(namespace.to_string()),
-                annotations: BTreeMap::from([(FAIL_CLOSED_ANNOTATION.to_string(), "true".to_string())]),
-                ..Default::default()
-            },
-            spec: PeerAuthenticationSpec {
+        Resource::new(
+            standin_meta(namespace, name),
+            PeerAuthenticationSpec {
                 selector,
                 mtls: Some(MutualTls { mode: MtlsMode::Strict }),
                 port_level_mtls: BTreeMap::new(),
             },
-            _api_version: None,
-            _kind: None,
-            _status: None,
-        }
+        )
     }
 
     /// True for the stand-in of a rejected policy ([`PeerAuthentication::strict_standin`]).
@@ -151,39 +130,14 @@ impl<'de> Deserialize<'de> for PortNumber {
 }
 
 /// `AuthorizationPolicy`.
-#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct AuthorizationPolicy {
-    /// Metadata.
-    pub metadata: ObjectMeta,
-    /// Spec; `spec: {}` (or none) allows nothing.
-    #[serde(default)]
-    pub spec: AuthorizationPolicySpec,
-    #[serde(default, rename = "apiVersion")]
-    _api_version: Option<String>,
-    #[serde(default, rename = "kind")]
-    _kind: Option<String>,
-    #[serde(default)]
-    _status: Option<AnyValue>,
-}
+pub type AuthorizationPolicy = Resource<AuthorizationPolicySpec>;
 
 impl AuthorizationPolicy {
     /// An ALLOW policy without rules (allow nothing) over `namespace` and `selector`:
     /// what stands in for a policy that was rejected before it ever applied, so a
     /// broken policy fails closed instead of leaving its workloads open.
     pub fn allow_nothing(namespace: &str, name: &str, selector: Option<WorkloadSelector>) -> Self {
-        AuthorizationPolicy {
-            metadata: ObjectMeta {
-                name: name.to_string(),
-                namespace: Some(namespace.to_string()),
-                annotations: BTreeMap::from([(FAIL_CLOSED_ANNOTATION.to_string(), "true".to_string())]),
-                ..Default::default()
-            },
-            spec: AuthorizationPolicySpec { selector, ..Default::default() },
-            _api_version: None,
-            _kind: None,
-            _status: None,
-        }
+        Resource::new(standin_meta(namespace, name), AuthorizationPolicySpec { selector, ..Default::default() })
     }
 
     /// True for the stand-in of a rejected policy ([`AuthorizationPolicy::allow_nothing`]).
@@ -194,6 +148,16 @@ impl AuthorizationPolicy {
     /// Whether the `istio.io/dry-run` annotation asks for evaluation without effect.
     pub fn dry_run(&self) -> bool {
         self.metadata.annotations.get("istio.io/dry-run").is_some_and(|v| v == "true")
+    }
+}
+
+/// The metadata of a stand-in for the rejected policy `namespace/name`, marked as one.
+fn standin_meta(namespace: &str, name: &str) -> ObjectMeta {
+    ObjectMeta {
+        name: name.to_string(),
+        namespace: Some(namespace.to_string()),
+        annotations: BTreeMap::from([(FAIL_CLOSED_ANNOTATION.to_string(), "true".to_string())]),
+        ..Default::default()
     }
 }
 

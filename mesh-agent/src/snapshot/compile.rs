@@ -8,6 +8,7 @@ use std::sync::Arc;
 use super::Snapshot;
 use crate::authz::{self, WorkloadAuthz, WorkloadSecurity};
 use crate::config::Object;
+use crate::config::resource::Resource;
 use crate::config::resources::{EndpointSlice, IntOrString, Pod};
 use crate::identity::Identity;
 use crate::state::{Endpoint, MeshScope, Problem, Service, ServicePort, TargetPort, Workload};
@@ -123,10 +124,7 @@ impl Snapshot {
     fn compile_security(&mut self, objects: &[Object], mesh: &MeshScope) {
         self.equivalent_domains = mesh.equivalent_domains();
         let root = mesh.root_namespace.as_str();
-        let peer_auths = sorted(objects, |o| match o {
-            Object::PeerAuthentication(p) => Some((p.as_ref(), &p.metadata)),
-            _ => None,
-        });
+        let peer_auths = sorted(objects, |o| if let Object::PeerAuthentication(p) = o { Some(&**p) } else { None });
         for p in &peer_auths {
             if p.metadata.namespace_or_default() == root && p.spec.selector.is_some() {
                 self.problems.push(Problem::new(
@@ -137,10 +135,7 @@ impl Snapshot {
             }
         }
         let mut authz_policies = Vec::new();
-        for ap in sorted(objects, |o| match o {
-            Object::AuthorizationPolicy(a) => Some((a.as_ref(), &a.metadata)),
-            _ => None,
-        }) {
+        for ap in sorted(objects, |o| if let Object::AuthorizationPolicy(a) = o { Some(&**a) } else { None }) {
             let compiled = authz::Policy::compile(ap).unwrap_or_else(|e| {
                 self.problems.push(Problem::new(
                     "MESH0103",
@@ -170,10 +165,7 @@ impl Snapshot {
     /// VirtualServices wins does not depend on file order.
     fn compile_traffic(&mut self, objects: &[Object]) {
         let known: HashMap<String, ()> = self.by_key.keys().map(|k| (k.clone(), ())).collect();
-        for vs in sorted(objects, |o| match o {
-            Object::VirtualService(v) => Some((v.as_ref(), &v.metadata)),
-            _ => None,
-        }) {
+        for vs in sorted(objects, |o| if let Object::VirtualService(v) = o { Some(&**v) } else { None }) {
             let gateways = &vs.spec.gateways;
             if !gateways.is_empty() && !gateways.iter().any(|g| g == "mesh") {
                 continue; // gateway-only rules do not route mesh traffic
@@ -190,10 +182,7 @@ impl Snapshot {
             }
         }
         // Linkerd and SMI route the hosts no VirtualService routes.
-        for ts in sorted(objects, |o| match o {
-            Object::TrafficSplit(t) => Some((t.as_ref(), &t.metadata)),
-            _ => None,
-        }) {
+        for ts in sorted(objects, |o| if let Object::TrafficSplit(t) = o { Some(&**t) } else { None }) {
             let ns = ts.metadata.namespace_or_default();
             let name = format!("TrafficSplit {ns}/{}", ts.metadata.name);
             match route::service_for_host(&ts.spec.service, &ns, &known) {
@@ -205,10 +194,7 @@ impl Snapshot {
                 )),
             }
         }
-        for sp in sorted(objects, |o| match o {
-            Object::ServiceProfile(p) => Some((p.as_ref(), &p.metadata)),
-            _ => None,
-        }) {
+        for sp in sorted(objects, |o| if let Object::ServiceProfile(p) = o { Some(&**p) } else { None }) {
             let ns = sp.metadata.namespace_or_default();
             let name = format!("ServiceProfile {ns}/{}", sp.metadata.name);
             match route::service_for_host(&sp.metadata.name, &ns, &known) {
@@ -219,10 +205,7 @@ impl Snapshot {
                 None => self.problems.push(Problem::new("IST0101", name.clone(), "names no known Service; ignored")),
             }
         }
-        for dr in sorted(objects, |o| match o {
-            Object::DestinationRule(d) => Some((d.as_ref(), &d.metadata)),
-            _ => None,
-        }) {
+        for dr in sorted(objects, |o| if let Object::DestinationRule(d) = o { Some(&**d) } else { None }) {
             let ns = dr.metadata.namespace_or_default();
             let compiled = DestinationPolicy::compile(dr);
             for svc in route::services_for_host(&dr.spec.host, &ns, &known) {
@@ -445,13 +428,13 @@ fn slice_endpoints(snap: &Snapshot, slices: &[&EndpointSlice], namespace: &str, 
 }
 
 /// The objects `pick` selects, in `namespace/name` order.
-fn sorted<'a, T>(
+fn sorted<'a, S: Default>(
     objects: &'a [Object],
-    pick: impl Fn(&'a Object) -> Option<(&'a T, &'a crate::config::resources::ObjectMeta)>,
-) -> Vec<&'a T> {
+    pick: impl Fn(&'a Object) -> Option<&'a Resource<S>>,
+) -> Vec<&'a Resource<S>> {
     let mut found: Vec<_> = objects.iter().filter_map(pick).collect();
-    found.sort_by_key(|(_, m)| (m.namespace_or_default(), m.name.clone()));
-    found.into_iter().map(|(t, _)| t).collect()
+    found.sort_by_key(|r| (r.metadata.namespace_or_default(), r.metadata.name.clone()));
+    found
 }
 
 #[cfg(test)]
