@@ -48,37 +48,28 @@ impl Object {
 
     /// The kind's name, as `kind:` writes it.
     pub fn kind(&self) -> &'static str {
-        match self {
-            Object::Namespace(_) => "Namespace",
-            Object::Pod(_) => "Pod",
-            Object::Service(_) => "Service",
-            Object::ServiceAccount(_) => "ServiceAccount",
-            Object::EndpointSlice(_) => "EndpointSlice",
-            Object::VirtualService(_) => "VirtualService",
-            Object::DestinationRule(_) => "DestinationRule",
-            Object::ServiceProfile(_) => "ServiceProfile",
-            Object::TrafficSplit(_) => "TrafficSplit",
-            Object::PeerAuthentication(_) => "PeerAuthentication",
-            Object::AuthorizationPolicy(_) => "AuthorizationPolicy",
-            Object::NetworkPolicy(_) => "NetworkPolicy",
-        }
+        self.kind_and_metadata().0
     }
 
     /// `metadata`.
     pub fn metadata(&self) -> &ObjectMeta {
+        self.kind_and_metadata().1
+    }
+
+    fn kind_and_metadata(&self) -> (&'static str, &ObjectMeta) {
         match self {
-            Object::Namespace(o) => &o.metadata,
-            Object::Pod(o) => &o.metadata,
-            Object::Service(o) => &o.metadata,
-            Object::ServiceAccount(o) => &o.metadata,
-            Object::EndpointSlice(o) => &o.metadata,
-            Object::VirtualService(o) => &o.metadata,
-            Object::DestinationRule(o) => &o.metadata,
-            Object::ServiceProfile(o) => &o.metadata,
-            Object::TrafficSplit(o) => &o.metadata,
-            Object::PeerAuthentication(o) => &o.metadata,
-            Object::AuthorizationPolicy(o) => &o.metadata,
-            Object::NetworkPolicy(o) => &o.metadata,
+            Object::Namespace(o) => ("Namespace", &o.metadata),
+            Object::Pod(o) => ("Pod", &o.metadata),
+            Object::Service(o) => ("Service", &o.metadata),
+            Object::ServiceAccount(o) => ("ServiceAccount", &o.metadata),
+            Object::EndpointSlice(o) => ("EndpointSlice", &o.metadata),
+            Object::VirtualService(o) => ("VirtualService", &o.metadata),
+            Object::DestinationRule(o) => ("DestinationRule", &o.metadata),
+            Object::ServiceProfile(o) => ("ServiceProfile", &o.metadata),
+            Object::TrafficSplit(o) => ("TrafficSplit", &o.metadata),
+            Object::PeerAuthentication(o) => ("PeerAuthentication", &o.metadata),
+            Object::AuthorizationPolicy(o) => ("AuthorizationPolicy", &o.metadata),
+            Object::NetworkPolicy(o) => ("NetworkPolicy", &o.metadata),
         }
     }
 }
