@@ -247,6 +247,13 @@ spec:
   - {name: v2, labels: {version: v2}}
 "#;
 
+/// A VirtualService for `myapp` with these `http` rules (YAML list items).
+fn virtual_service(http: &str) -> String {
+    format!(
+        "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: myapp, namespace: shop}}\nspec:\n  hosts: [myapp]\n  http:\n{http}"
+    )
+}
+
 fn vip(net: u8) -> SocketAddr {
     SocketAddr::new(IpAddr::from([10, 96, net, 20]), 80)
 }
@@ -273,18 +280,13 @@ async fn l4_to_a_service_alternates_endpoints_over_mutual_tls() {
 
 #[tokio::test]
 async fn l7_routes_by_header_to_a_subset() {
-    let vs = r#"
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: myapp, namespace: shop}
-spec:
-  hosts: [myapp]
-  http:
+    let vs = virtual_service(
+        r#"
   - match: [{headers: {x-version: {exact: v2}}}]
     route: [{destination: {host: myapp, subset: v2}}]
   - route: [{destination: {host: myapp, subset: v1}}]
-"#;
+"#,
+    );
     let mesh = Mesh::start(&config(32, &format!("{SUBSETS}{vs}")), APPS).await;
     for _ in 0..3 {
         let plain = mesh.send("client", vip(32), get("/")).await;
@@ -297,33 +299,23 @@ spec:
 
 #[tokio::test]
 async fn l7_retries_a_failed_attempt_on_5xx() {
-    let vs = r#"
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: myapp, namespace: shop}
-spec:
-  hosts: [myapp]
-  http:
+    let vs = virtual_service(
+        r#"
   - route: [{destination: {host: myapp, subset: v1}}]
     retries: {attempts: 3, retryOn: 5xx}
-"#;
+"#,
+    );
     let mesh = Mesh::start(&config(33, &format!("{SUBSETS}{vs}")), APPS).await;
     let res = mesh.send("client", vip(33), get("/fail-first/2")).await;
     assert_eq!(res.status(), 200, "two 503s, then the third attempt answers");
     assert_eq!(res.headers()["x-seen"], "3");
 
-    let no_retries = r#"
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: myapp, namespace: shop}
-spec:
-  hosts: [myapp]
-  http:
+    let no_retries = virtual_service(
+        r#"
   - route: [{destination: {host: myapp, subset: v1}}]
     retries: {attempts: 0}
-"#;
+"#,
+    );
     let mesh = Mesh::start(&config(34, &format!("{SUBSETS}{no_retries}")), APPS).await;
     let res = mesh.send("client", vip(34), get("/fail-first/1")).await;
     assert_eq!(res.status(), 503, "without retries the first answer stands");
@@ -331,17 +323,12 @@ spec:
 
 #[tokio::test]
 async fn l7_times_out_a_slow_route() {
-    let vs = r#"
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: myapp, namespace: shop}
-spec:
-  hosts: [myapp]
-  http:
+    let vs = virtual_service(
+        r#"
   - route: [{destination: {host: myapp, subset: v1}}]
     timeout: 200ms
-"#;
+"#,
+    );
     let mesh = Mesh::start(&config(35, &format!("{SUBSETS}{vs}")), APPS).await;
     let started = Instant::now();
     let res = mesh.send("client", vip(35), get("/slow")).await;
@@ -351,21 +338,16 @@ spec:
 
 #[tokio::test]
 async fn l7_injects_aborts_and_delays() {
-    let vs = r#"
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: myapp, namespace: shop}
-spec:
-  hosts: [myapp]
-  http:
+    let vs = virtual_service(
+        r#"
   - match: [{uri: {prefix: /abort}}]
     fault: {abort: {httpStatus: 418, percentage: {value: 100}}}
     route: [{destination: {host: myapp, subset: v1}}]
   - match: [{uri: {prefix: /delay}}]
     fault: {delay: {fixedDelay: 300ms, percentage: {value: 100}}}
     route: [{destination: {host: myapp, subset: v1}}]
-"#;
+"#,
+    );
     let mesh = Mesh::start(&config(36, &format!("{SUBSETS}{vs}")), APPS).await;
     let aborted = mesh.send("client", vip(36), get("/abort")).await;
     assert_eq!(aborted.status(), 418);
