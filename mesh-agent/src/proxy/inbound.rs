@@ -6,11 +6,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use mesh_common::ports;
-use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
+use tokio::net::TcpStream;
 
 use super::ProxyContext;
-use super::accept::{OrigFrom, accept_loop};
 use super::admission::{self, Arrival};
 use crate::authz::{ConnVerdict, Decision};
 use crate::dataplane::Netns;
@@ -18,26 +16,8 @@ use crate::state::Workload;
 use crate::telemetry::ConnLabels;
 use crate::transport::{CONNECT_TIMEOUT, Error, sockets};
 
-pub(super) async fn serve(
-    ctx: ProxyContext,
-    pod: Arc<Workload>,
-    netns: Arc<Netns>,
-    listener: Arc<TcpListener>,
-    stop: CancellationToken,
-) {
-    let c = ctx.clone();
-    accept_loop(&listener, &c, stop, "inbound", OrigFrom::LocalAddr, |stream, peer, dst| {
-        let (ctx, pod, netns) = (ctx.clone(), pod.clone(), netns.clone());
-        async move {
-            if let Err(e) = handle(&ctx, &pod, &netns, stream, peer, dst).await {
-                tracing::warn!(pod = %pod.name, %peer, error = %e, "inbound plaintext connection failed");
-            }
-        }
-    })
-    .await;
-}
-
-async fn handle(
+/// One plaintext connection to a pod's port, `dst`.
+pub(super) async fn handle(
     ctx: &ProxyContext,
     pod: &Arc<Workload>,
     netns: &Arc<Netns>,

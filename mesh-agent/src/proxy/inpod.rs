@@ -5,9 +5,12 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
 use mesh_common::ports;
+use std::borrow::Borrow;
+
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use super::accept::{OrigFrom, accept_loop};
 use super::{ProxyContext, hbone, inbound, outbound};
 use crate::dataplane::Netns;
 use crate::state::Workload;
@@ -47,9 +50,11 @@ impl PodProxy {
         let server_tls =
             crate::identity::server_config(ctx.dialer.certs.clone(), workload.identity.clone(), &ctx.dialer.verifier)?;
         for listener in outbound {
-            tokio::spawn(outbound::serve(ctx.clone(), workload.clone(), netns.clone(), listener, stop.clone()));
+            let pod = (workload.clone(), netns.clone());
+            tokio::spawn(serve_plain(ctx.clone(), pod, listener, Plain::Outbound, stop.clone()));
         }
-        tokio::spawn(inbound::serve(ctx.clone(), workload.clone(), netns.clone(), inbound.clone(), stop.clone()));
+        let pod = (workload.clone(), netns.clone());
+        tokio::spawn(serve_plain(ctx.clone(), pod, inbound.clone(), Plain::Inbound, stop.clone()));
         tokio::spawn(hbone::serve(ctx.clone(), workload.clone(), netns, hbone, server_tls, stop.clone()));
         tracing::info!(pod = %workload.name, namespace = %workload.namespace, identity = %workload.identity, "pod proxy started");
         Ok(Self { inbound_fd: inbound.as_raw_fd(), _inbound: inbound, workload, stop })
@@ -72,4 +77,42 @@ impl Drop for PodProxy {
     fn drop(&mut self) {
         self.stop.cancel();
     }
+}
+
+/// The pod's plaintext listeners (the HBONE one terminates TLS first: [`hbone::serve`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Plain {
+    /// `:15001`, the pod's own connections redirected by connect4/6.
+    Outbound,
+    /// `:15006`, connections to the pod's ports steered by sk_lookup.
+    Inbound,
+}
+
+/// Accepts on one of the pod's plaintext listeners until `stop`, each connection in its
+/// own task; a connection that fails is logged with the listener it came in on.
+pub(super) async fn serve_plain(
+    ctx: ProxyContext,
+    (pod, netns): (Arc<Workload>, Arc<Netns>),
+    listener: impl Borrow<TcpListener>,
+    which: Plain,
+    stop: CancellationToken,
+) {
+    let (what, orig_from) = match which {
+        Plain::Outbound => ("outbound", OrigFrom::Kernel),
+        Plain::Inbound => ("inbound", OrigFrom::LocalAddr),
+    };
+    let c = ctx.clone();
+    accept_loop(listener.borrow(), &c, stop, what, orig_from, |stream, peer, orig| {
+        let (ctx, pod, netns) = (ctx.clone(), pod.clone(), netns.clone());
+        async move {
+            let served = match which {
+                Plain::Outbound => outbound::handle(&ctx, &pod, &netns, stream, peer, orig).await,
+                Plain::Inbound => inbound::handle(&ctx, &pod, &netns, stream, peer, orig).await,
+            };
+            if let Err(e) = served {
+                tracing::warn!(listener = what, pod = %pod.name, %peer, error = %e, "connection failed");
+            }
+        }
+    })
+    .await;
 }

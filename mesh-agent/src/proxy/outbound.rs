@@ -4,37 +4,17 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
+use tokio::net::TcpStream;
 
 use super::ProxyContext;
-use super::accept::{OrigFrom, accept_loop};
 use super::detect::{self, Protocol};
 use crate::dataplane::Netns;
 use crate::state::{Destination, Workload};
 use crate::telemetry::{ConnLabels, Direction};
 use crate::transport::{CONNECT_TIMEOUT, Error, copy, sockets};
 
-pub(super) async fn serve(
-    ctx: ProxyContext,
-    pod: Arc<Workload>,
-    netns: Arc<Netns>,
-    listener: TcpListener,
-    stop: CancellationToken,
-) {
-    let c = ctx.clone();
-    accept_loop(&listener, &c, stop, "outbound", OrigFrom::Kernel, |stream, peer, orig| {
-        let (ctx, pod, netns) = (ctx.clone(), pod.clone(), netns.clone());
-        async move {
-            if let Err(e) = handle(&ctx, &pod, &netns, stream, peer, orig).await {
-                tracing::warn!(pod = %pod.name, %peer, error = %e, "outbound connection failed");
-            }
-        }
-    })
-    .await;
-}
-
-async fn handle(
+/// One connection the pod made to `orig`.
+pub(super) async fn handle(
     ctx: &ProxyContext,
     pod: &Arc<Workload>,
     netns: &Arc<Netns>,

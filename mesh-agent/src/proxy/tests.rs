@@ -23,7 +23,8 @@ use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{OrigDst, ProxyContext, hbone, inbound, outbound};
+use super::inpod::{Plain, serve_plain};
+use super::{OrigDst, ProxyContext, hbone};
 use crate::config::parse_documents;
 use crate::dataplane::Netns;
 use crate::identity::{CertStore, MeshCa, PeerVerifier};
@@ -95,7 +96,7 @@ impl Mesh {
             let hbone_listener = TcpListener::bind((ip, ports::INBOUND_HBONE)).await.unwrap();
             tokio::spawn(hbone::serve(ctx.clone(), w.clone(), netns.clone(), hbone_listener, tls, stop.clone()));
             let plain = Arc::new(TcpListener::bind((ip, ports::INBOUND_PLAINTEXT)).await.unwrap());
-            tokio::spawn(inbound::serve(ctx.clone(), w.clone(), netns.clone(), plain, stop.clone()));
+            tokio::spawn(serve_plain(ctx.clone(), (w.clone(), netns.clone()), plain, Plain::Inbound, stop.clone()));
         }
         for (pod, port) in apps {
             let w = workload(&snapshot, pod);
@@ -115,7 +116,8 @@ impl Mesh {
         let pod = self.workload(from);
         let listener = TcpListener::bind((pod.ips[0], 0)).await.unwrap();
         let outbound_addr = listener.local_addr().unwrap();
-        tokio::spawn(outbound::serve(self.ctx.clone(), pod.clone(), self.netns.clone(), listener, self.stop.clone()));
+        let scope = (pod.clone(), self.netns.clone());
+        tokio::spawn(serve_plain(self.ctx.clone(), scope, listener, Plain::Outbound, self.stop.clone()));
         let socket = TcpSocket::new_v4().unwrap();
         socket.bind(SocketAddr::new(pod.ips[0], 0)).unwrap();
         self.captured.0.lock().unwrap().insert(socket.local_addr().unwrap(), orig);
@@ -391,7 +393,8 @@ async fn a_connection_without_an_original_destination_is_refused() {
     let pod = mesh.workload("client");
     let listener = TcpListener::bind((pod.ips[0], 0)).await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(outbound::serve(mesh.ctx.clone(), pod.clone(), mesh.netns.clone(), listener, mesh.stop.clone()));
+    let scope = (pod.clone(), mesh.netns.clone());
+    tokio::spawn(serve_plain(mesh.ctx.clone(), scope, listener, Plain::Outbound, mesh.stop.clone()));
     let socket = TcpSocket::new_v4().unwrap();
     socket.bind(SocketAddr::new(pod.ips[0], 0)).unwrap();
     let mut stream = socket.connect(addr).await.unwrap();
