@@ -6,6 +6,7 @@
 //! the typed [`Object`]s and on the compiled [`crate::snapshot::Snapshot`].
 
 pub mod duration;
+pub mod gateway;
 pub mod hosts;
 pub mod istio;
 pub mod kube_source;

@@ -148,12 +148,20 @@ pub struct Problem {
     pub object: String,
     /// What is wrong and what the mesh does about it.
     pub detail: String,
+    /// The object names a Service that is not known: only meaningful where the
+    /// Services are part of what was compiled (a cluster, not a folder of config).
+    pub unknown_service: bool,
 }
 
 impl Problem {
     /// A problem of `object`.
     pub fn new(code: &'static str, object: impl Into<String>, detail: impl Into<String>) -> Self {
-        Self { code, object: object.into(), detail: detail.into() }
+        Self { code, object: object.into(), detail: detail.into(), unknown_service: false }
+    }
+
+    /// `object` refers to a Service there is none of (Istio's IST0101).
+    pub fn unknown_service(object: impl Into<String>, detail: impl Into<String>) -> Self {
+        Self { unknown_service: true, ..Self::new("IST0101", object, detail) }
     }
 }
 

@@ -90,6 +90,7 @@ fn settle(api: &ApiServer, nodes: &[&str]) {
     let crds: Vec<Value> = [
         "virtualservices.networking.istio.io",
         "destinationrules.networking.istio.io",
+        "gateways.networking.istio.io",
         "peerauthentications.security.istio.io",
         "authorizationpolicies.security.istio.io",
         "serviceprofiles.linkerd.io",

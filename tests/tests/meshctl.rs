@@ -37,6 +37,7 @@ fn analyze_accepts_the_reference_configs_and_lab() {
         "authorizationpolicy-myapp.yaml",
         "serviceprofile-myapp.yaml",
         "trafficsplit-canary.yaml",
+        "gateway-myapp.yaml",
     ] {
         args.extend(["-f".to_string(), seed.join(f).display().to_string()]);
     }
@@ -52,6 +53,16 @@ fn analyze_accepts_the_reference_configs_and_lab() {
     assert!(t.contains("Warning [MESH0105] (ServiceProfile production/myapp.production.svc.cluster.local)"), "{t}");
     assert!(t.contains("Warning [MESH0105] (TrafficSplit production/myapp-canary)"), "{t}");
     assert!(t.contains("routed by VirtualService production/myapp, which takes precedence"), "{t}");
+    // The VirtualService binds myapp-gateway, which the lab has no gateway workload for.
+    assert!(t.contains("Warning [IST0101] (Gateway production/myapp-gateway) referenced selector not found"), "{t}");
+}
+
+#[test]
+fn analyze_passes_the_reference_configs_alone() {
+    let out = meshctl().args(["analyze", "-f"]).arg(root().join("examples/seed")).output().unwrap();
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(t.contains("No validation issues found") && t.contains("gateway-myapp.yaml"), "{t}");
 }
 
 const SVC: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: myapp, namespace: production}\nspec: {selector: {app: myapp}, ports: [{port: 80, targetPort: 8080}]}\n";

@@ -7,6 +7,8 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use crate::config::{Object, parse_documents};
+
+mod gateways;
 use crate::snapshot::Snapshot;
 use crate::state::MeshScope;
 
@@ -114,7 +116,11 @@ pub fn analyze(files: &[PathBuf], mesh: &MeshScope) -> Vec<Diagnostic> {
 pub fn analyze_objects(objects: &[Object], mesh: &MeshScope, found: Vec<Diagnostic>) -> Vec<Diagnostic> {
     let mut out = found;
     let snap = Snapshot::compile_in(objects, mesh, 1);
-    for p in &snap.problems {
+    // Config files without the cluster they apply to name Services that live there:
+    // references to Services are checked only when the input has Services (as
+    // selectors are checked only when it has workloads).
+    let has_services = objects.iter().any(|o| matches!(o, Object::Service(_)));
+    for p in snap.problems.iter().filter(|p| has_services || !p.unknown_service) {
         out.push(Diagnostic {
             level: level_of(p.code),
             code: p.code,
@@ -125,6 +131,7 @@ pub fn analyze_objects(objects: &[Object], mesh: &MeshScope, found: Vec<Diagnost
     out.extend(selectors_matching_nothing(objects, &snap, &mesh.root_namespace));
     out.extend(namespaces_outside_the_mesh(objects, &snap));
     out.extend(network_policies_closing_the_tunnel(objects, &snap));
+    out.extend(gateways::analyze(objects, &snap));
     out.sort();
     out.dedup();
     out

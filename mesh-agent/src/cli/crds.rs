@@ -17,6 +17,7 @@ use schemars::JsonSchema;
 use schemars::generate::SchemaSettings;
 use serde_json::{Map, Value, json};
 
+use crate::config::gateway::GatewaySpec;
 use crate::config::istio::{DestinationRuleSpec, NETWORKING_VERSIONS, VirtualServiceSpec};
 use crate::config::linkerd::{SERVICE_PROFILE_VERSIONS, ServiceProfileSpec, TRAFFIC_SPLIT_VERSIONS, TrafficSplitSpec};
 use crate::config::security::{AuthorizationPolicySpec, PeerAuthenticationSpec, SECURITY_VERSIONS};
@@ -60,6 +61,14 @@ const KINDS: &[Kind] = &[
         short: &["dr"],
         versions: NETWORKING_VERSIONS,
         spec: spec_schema::<DestinationRuleSpec>,
+    },
+    Kind {
+        group: "networking.istio.io",
+        kind: "Gateway",
+        plural: "gateways",
+        short: &["gw"],
+        versions: NETWORKING_VERSIONS,
+        spec: spec_schema::<GatewaySpec>,
     },
     Kind {
         group: "security.istio.io",
@@ -394,7 +403,7 @@ mod tests {
                 let v: Value = serde::Deserialize::deserialize(doc).unwrap();
                 let Some(kind) = v["kind"].as_str() else { continue };
                 if !KINDS.iter().any(|k| k.kind == kind) {
-                    continue; // Gateway: not a kind the mesh reads
+                    continue; // a kind the mesh does not read
                 }
                 let mut errors = Vec::new();
                 validate(&schema_of(kind), &json!({"spec": v["spec"]}), "$", &mut errors);

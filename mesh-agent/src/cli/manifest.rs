@@ -363,7 +363,7 @@ pub fn objects(v: &Values) -> Vec<serde_json::Value> {
             rules: Some(vec![
                 rule(&[""], &["namespaces", "pods", "services", "serviceaccounts"], READ),
                 rule(&["discovery.k8s.io"], &["endpointslices"], READ),
-                rule(&["networking.istio.io"], &["virtualservices", "destinationrules"], READ),
+                rule(&["networking.istio.io"], &["virtualservices", "destinationrules", "gateways"], READ),
                 rule(&["security.istio.io"], &["peerauthentications", "authorizationpolicies"], READ),
                 rule(&["linkerd.io"], &["serviceprofiles"], READ),
                 rule(&["split.smi-spec.io"], &["trafficsplits"], READ),
@@ -806,7 +806,7 @@ mod tests {
                 );
             }
             let crds = docs.iter().filter(|d| d["kind"] == "CustomResourceDefinition").count();
-            assert_eq!(crds, if profile == Profile::Minimal { 0 } else { 6 }, "{name}");
+            assert_eq!(crds, if profile == Profile::Minimal { 0 } else { 7 }, "{name}");
         }
     }
 

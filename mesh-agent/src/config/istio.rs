@@ -24,7 +24,7 @@ pub struct VirtualServiceSpec {
     /// Hosts the rules apply to: short names, FQDNs, `*.suffix` wildcards.
     #[serde(default)]
     pub hosts: Vec<String>,
-    /// Gateways and/or `mesh`; empty means `mesh`.
+    /// Gateways (`name`, `namespace/name`) and/or `mesh`; empty means `mesh`.
     #[serde(default)]
     pub gateways: Vec<String>,
     /// HTTP rules, first match wins.
@@ -66,7 +66,7 @@ pub struct L4Match {
     /// Namespace of the calling pod.
     #[serde(default)]
     pub source_namespace: Option<String>,
-    /// Gateways this match applies to.
+    /// Gateways (and/or `mesh`) this match applies to, in place of the top-level list.
     #[serde(default)]
     pub gateways: Vec<String>,
     /// Destination subnets (not enforced yet).
@@ -262,7 +262,7 @@ pub struct HttpMatchRequest {
     /// Namespace of the calling pod.
     #[serde(default)]
     pub source_namespace: Option<String>,
-    /// Gateways this match applies to.
+    /// Gateways (and/or `mesh`) this match applies to, in place of the top-level list.
     #[serde(default)]
     pub gateways: Vec<String>,
     /// Case-insensitive uri match.
@@ -697,8 +697,7 @@ pub struct OutlierDetection {
     pub consecutive_local_origin_failures: Option<AnyValue>,
 }
 
-/// A validation failure: (dotted field path, reason).
-pub(super) type Invalid = (String, String);
+pub(super) use super::schema::Invalid;
 
 /// `retryOn` conditions Istio (Envoy) accepts, besides numeric status codes.
 pub const RETRY_ON: &[&str] = &[
@@ -803,6 +802,7 @@ impl VirtualService {
                 return Err((format!("spec.hosts[{i}]"), format!("{h:?} is not a host name or *.suffix wildcard")));
             }
         }
+        gateway_references("spec.gateways", &s.gateways)?;
         for (i, r) in s.tcp.iter().enumerate() {
             let at = format!("spec.tcp[{i}]");
             if r.route.is_empty() {
@@ -810,6 +810,7 @@ impl VirtualService {
             }
             for (j, m) in r.matches.iter().enumerate() {
                 not_supported(format!("{at}.match[{j}].destinationSubnets"), m.destination_subnets.is_some())?;
+                gateway_references(&format!("{at}.match[{j}].gateways"), &m.gateways)?;
                 if let Some(p) = m.port
                     && !(1..=65535).contains(&p)
                 {
@@ -824,6 +825,13 @@ impl VirtualService {
         }
         Ok(())
     }
+}
+
+fn gateway_references(at: &str, gateways: &[String]) -> Result<(), Invalid> {
+    for (i, g) in gateways.iter().enumerate() {
+        super::gateway::validate_gateway_reference(format!("{at}[{i}]"), g)?;
+    }
+    Ok(())
 }
 
 fn validate_http_route(at: &str, r: &HttpRoute) -> Result<(), Invalid> {
@@ -856,6 +864,7 @@ fn validate_http_route(at: &str, r: &HttpRoute) -> Result<(), Invalid> {
     }
     for (j, m) in r.matches.iter().enumerate() {
         let mf = format!("{at}.match[{j}]");
+        gateway_references(&format!("{mf}.gateways"), &m.gateways)?;
         for (name, sm) in [("uri", &m.uri), ("scheme", &m.scheme), ("method", &m.method), ("authority", &m.authority)] {
             if let Some(sm) = sm {
                 sm.validate(&format!("{mf}.{name}"))?;

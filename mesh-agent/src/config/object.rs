@@ -1,7 +1,7 @@
 //! [`Object`]: one parsed object of any kind the mesh reads.
 
 use super::resources::{EndpointSlice, Namespace, NetworkPolicy, ObjectMeta, Pod, Service, ServiceAccount};
-use super::{istio, linkerd, security};
+use super::{gateway, istio, linkerd, security};
 
 /// A parsed object from any source.
 #[derive(Debug, Clone, PartialEq)]
@@ -22,6 +22,9 @@ pub enum Object {
     VirtualService(Box<istio::VirtualService>),
     /// `networking.istio.io/*/DestinationRule`.
     DestinationRule(Box<istio::DestinationRule>),
+    /// `networking.istio.io/*/Gateway`: served by the gateway workloads it selects;
+    /// what VirtualServices bind to.
+    Gateway(Box<gateway::Gateway>),
     /// `linkerd.io/v1alpha2/ServiceProfile`.
     ServiceProfile(Box<linkerd::ServiceProfile>),
     /// `split.smi-spec.io/*/TrafficSplit`.
@@ -65,6 +68,7 @@ impl Object {
             Object::EndpointSlice(o) => ("EndpointSlice", &o.metadata),
             Object::VirtualService(o) => ("VirtualService", &o.metadata),
             Object::DestinationRule(o) => ("DestinationRule", &o.metadata),
+            Object::Gateway(o) => ("Gateway", &o.metadata),
             Object::ServiceProfile(o) => ("ServiceProfile", &o.metadata),
             Object::TrafficSplit(o) => ("TrafficSplit", &o.metadata),
             Object::PeerAuthentication(o) => ("PeerAuthentication", &o.metadata),

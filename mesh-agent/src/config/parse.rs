@@ -17,7 +17,7 @@ use super::security::{AuthorizationPolicy, PeerAuthentication, SECURITY_VERSIONS
 /// Kinds from other API groups the mesh will read but this version does not enforce yet.
 /// They are refused by name rather than silently ignored: a policy that is accepted but
 /// not enforced is worse than an error.
-const NOT_YET_SUPPORTED: &[&str] = &["Gateway", "RequestAuthentication", "ServiceEntry", "Sidecar"];
+const NOT_YET_SUPPORTED: &[&str] = &["RequestAuthentication", "ServiceEntry", "Sidecar"];
 
 /// Parses every YAML document in `text` (the contents of `file`).
 pub fn parse_documents(file: &Path, text: &str) -> Result<Vec<Object>, Error> {
@@ -193,7 +193,7 @@ fn parse_object(file: &Path, index: usize, value: Value) -> Result<Object, Error
     let expected_versions: &[&str] = match kind {
         "Namespace" | "Pod" | "Service" | "ServiceAccount" => &["v1"],
         "EndpointSlice" => &["discovery.k8s.io/v1"],
-        "VirtualService" | "DestinationRule" => NETWORKING_VERSIONS,
+        "VirtualService" | "DestinationRule" | "Gateway" => NETWORKING_VERSIONS,
         "ServiceProfile" => SERVICE_PROFILE_VERSIONS,
         "TrafficSplit" => TRAFFIC_SPLIT_VERSIONS,
         "PeerAuthentication" | "AuthorizationPolicy" => SECURITY_VERSIONS,
@@ -218,6 +218,7 @@ fn parse_object(file: &Path, index: usize, value: Value) -> Result<Object, Error
         "Pod" => decode(value, Object::Pod),
         "VirtualService" => decode(value, Object::VirtualService),
         "DestinationRule" => decode(value, Object::DestinationRule),
+        "Gateway" => decode(value, Object::Gateway),
         "ServiceProfile" => decode(value, Object::ServiceProfile),
         "TrafficSplit" => decode(value, Object::TrafficSplit),
         "PeerAuthentication" => decode(value, Object::PeerAuthentication),
@@ -290,6 +291,7 @@ fn validate(object: &Object) -> Result<(), (String, String)> {
     match object {
         Object::VirtualService(v) => v.validate()?,
         Object::DestinationRule(d) => d.validate()?,
+        Object::Gateway(g) => g.validate()?,
         Object::ServiceProfile(p) => p.validate()?,
         Object::TrafficSplit(t) => t.validate()?,
         Object::PeerAuthentication(p) => p.validate()?,
@@ -421,8 +423,8 @@ metadata: {name: myapp, namespace: production}
 
     #[test]
     fn not_yet_supported_kinds_are_refused_by_name() {
-        let got = check("apiVersion: networking.istio.io/v1beta1\nkind: Gateway\nmetadata: {name: gw}\n");
-        assert!(got.contains("Gateway (networking.istio.io/v1beta1) is not supported"), "{got}");
+        let got = check("apiVersion: networking.istio.io/v1beta1\nkind: ServiceEntry\nmetadata: {name: se}\n");
+        assert!(got.contains("ServiceEntry (networking.istio.io/v1beta1) is not supported"), "{got}");
     }
 
     #[test]

@@ -37,4 +37,4 @@ impl<S: Default> Resource<S> {
 
 /// Kinds whose objects must carry a `spec`; PeerAuthentication and
 /// AuthorizationPolicy may omit it (an empty AuthorizationPolicy allows nothing).
-pub const SPEC_REQUIRED: &[&str] = &["VirtualService", "DestinationRule", "ServiceProfile", "TrafficSplit"];
+pub const SPEC_REQUIRED: &[&str] = &["VirtualService", "DestinationRule", "Gateway", "ServiceProfile", "TrafficSplit"];

@@ -40,3 +40,6 @@ pub fn any_value(_: &mut SchemaGenerator) -> Schema {
 pub fn int_or_string(_: &mut SchemaGenerator) -> Schema {
     json_schema!({ "x-kubernetes-int-or-string": true })
 }
+
+/// A validation failure: (dotted field path, reason).
+pub(super) type Invalid = (String, String);

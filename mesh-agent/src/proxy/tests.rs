@@ -299,6 +299,30 @@ async fn l7_routes_by_header_to_a_subset() {
     }
 }
 
+/// A VirtualService bound to the mesh and a gateway: a match written for the gateway
+/// (match-level `gateways`) must not route mesh traffic, and a rule whose only match is
+/// for the gateway must not become a catch-all for the mesh.
+#[tokio::test]
+async fn matches_bound_to_a_gateway_leave_mesh_traffic_alone() {
+    let vs = format!(
+        "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: myapp, namespace: shop}}\n\
+         spec:\n  hosts: [myapp, myapp.example.com]\n  gateways: [mesh, edge]\n  http:\n{}",
+        r#"
+  - match: [{headers: {x-version: {exact: v2}}, gateways: [edge]}]
+    route: [{destination: {host: myapp, subset: v2}}]
+  - match: [{uri: {prefix: /edge-only}, gateways: [shop/edge]}, {uri: {prefix: /both}}]
+    route: [{destination: {host: myapp, subset: v2}}]
+  - route: [{destination: {host: myapp, subset: v1}}]
+"#
+    );
+    let mesh = Mesh::start(&config(38, &format!("{SUBSETS}{vs}")), APPS).await;
+    let mut v2 = get("/");
+    v2.headers_mut().insert("x-version", "v2".parse().unwrap());
+    assert_eq!(served_by(&mesh.send("client", vip(38), v2).await), "myapp-v1", "the header match is the gateway's");
+    assert_eq!(served_by(&mesh.send("client", vip(38), get("/edge-only")).await), "myapp-v1");
+    assert_eq!(served_by(&mesh.send("client", vip(38), get("/both")).await), "myapp-v2", "the match without gateways");
+}
+
 #[tokio::test]
 async fn l7_retries_a_failed_attempt_on_5xx() {
     let vs = virtual_service(

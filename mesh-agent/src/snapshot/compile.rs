@@ -13,7 +13,7 @@ use crate::config::resources::{EndpointSlice, IntOrString, Pod};
 use crate::identity::Identity;
 use crate::state::{Endpoint, MeshScope, Problem, Service, ServicePort, TargetPort, Workload};
 use crate::traffic::policy::DestinationPolicy;
-use crate::traffic::route::{self, ServiceRoutes};
+use crate::traffic::route::{self, Attachment, ServiceRoutes};
 
 /// Namespace labels that enroll a namespace (Istio sidecar and ambient spellings).
 const ENROLL_LABELS: &[(&str, &str)] = &[("istio-injection", "enabled"), ("istio.io/dataplane-mode", "ambient")];
@@ -166,14 +166,13 @@ impl Snapshot {
     fn compile_traffic(&mut self, objects: &[Object]) {
         let known: HashMap<String, ()> = self.by_key.keys().map(|k| (k.clone(), ())).collect();
         for vs in sorted(objects, |o| if let Object::VirtualService(v) = o { Some(&**v) } else { None }) {
-            let gateways = &vs.spec.gateways;
-            if !gateways.is_empty() && !gateways.iter().any(|g| g == "mesh") {
-                continue; // gateway-only rules do not route mesh traffic
-            }
             let ns = vs.metadata.namespace_or_default();
+            if !Attachment::Mesh.bound_by(&vs.spec.gateways, &ns) {
+                continue; // bound to gateways only: not for mesh traffic
+            }
             let name = vs.metadata.key();
-            let rules = route::compile_rules(vs, &ns, &known);
-            let tcp = route::compile_tcp_rules(vs, &ns, &known);
+            let rules = route::compile_rules(vs, &ns, &known, Attachment::Mesh);
+            let tcp = route::compile_tcp_rules(vs, &ns, &known, Attachment::Mesh);
             for host in &vs.spec.hosts {
                 for svc in route::services_for_host(host, &ns, &known) {
                     let what = format!("VirtualService {name}");
@@ -187,8 +186,7 @@ impl Snapshot {
             let name = format!("TrafficSplit {ns}/{}", ts.metadata.name);
             match route::service_for_host(&ts.spec.service, &ns, &known) {
                 Some(svc) => self.claim_routes(&name, svc, &name, || (vec![route::compile_split(ts, &ns)], Vec::new())),
-                None => self.problems.push(Problem::new(
-                    "IST0101",
+                None => self.problems.push(Problem::unknown_service(
                     name.clone(),
                     format!("root service {} is not a known Service; ignored", ts.spec.service),
                 )),
@@ -202,7 +200,7 @@ impl Snapshot {
                     let key = svc.clone();
                     self.claim_routes(&name, svc, &name, || (route::compile_profile(sp, &key), Vec::new()));
                 }
-                None => self.problems.push(Problem::new("IST0101", name.clone(), "names no known Service; ignored")),
+                None => self.problems.push(Problem::unknown_service(name.clone(), "names no known Service; ignored")),
             }
         }
         for dr in sorted(objects, |o| if let Object::DestinationRule(d) = o { Some(&**d) } else { None }) {
@@ -240,8 +238,7 @@ impl Snapshot {
             let tcp = routes.tcp.iter().flat_map(|t| t.backends.iter().map(|w| ("tcp", &w.backend)));
             for (rule, b) in http.chain(tcp) {
                 if !self.by_key.contains_key(&b.service) {
-                    missing.push(Problem::new(
-                        "IST0101",
+                    missing.push(Problem::unknown_service(
                         format!("VirtualService {}", routes.virtual_service),
                         format!(
                             "rule {rule} routes {svc} to host {}, which is not a known Service; those requests \

@@ -9,7 +9,8 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use regex::Regex;
 use tower::retry::budget::Budget as _;
 
-use crate::config::istio::{self, HttpRoute, StringMatch, VirtualService};
+use crate::config::gateway::{self, gateway_key};
+use crate::config::istio::{self, HttpMatchRequest, HttpRoute, StringMatch, VirtualService};
 use crate::config::linkerd;
 use crate::state::Workload;
 
@@ -661,15 +662,65 @@ impl TcpRule {
     }
 }
 
-/// Compiles the TCP rules of `vs` (namespace `ns`).
-pub fn compile_tcp_rules(vs: &VirtualService, ns: &str, known: &HashMap<String, ()>) -> Vec<TcpRule> {
+/// Where rules are compiled for: mesh traffic, or the servers of one gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attachment<'a> {
+    /// Sidecarless traffic between workloads: the `mesh` of `gateways:` lists.
+    Mesh,
+    /// The servers of one Gateway, `namespace/name`.
+    Gateway(&'a str),
+}
+
+impl Attachment<'_> {
+    /// Whether a VirtualService's top-level `gateways:` (written in namespace `ns`)
+    /// binds it here; an empty list means `mesh` only.
+    pub fn bound_by(&self, gateways: &[String], ns: &str) -> bool {
+        if gateways.is_empty() {
+            return *self == Attachment::Mesh;
+        }
+        gateways.iter().any(|g| self.is(&gateway_key(g, ns)))
+    }
+
+    /// Whether a match applies here: its own `gateways:` replace the top-level list
+    /// (which already bound the VirtualService here) when set.
+    fn takes_match(&self, gateways: &[String], ns: &str) -> bool {
+        gateways.is_empty() || gateways.iter().any(|g| self.is(&gateway_key(g, ns)))
+    }
+
+    fn is(&self, key: &str) -> bool {
+        match self {
+            Attachment::Mesh => key == gateway::MESH,
+            Attachment::Gateway(k) => key == *k,
+        }
+    }
+}
+
+/// The matches of a rule that apply at `at`, or None when the rule had matches and
+/// none of them apply here: the rule is for somewhere else, not a catch-all here.
+fn matches_at<'m, M>(
+    matches: &'m [M],
+    gateways: impl Fn(&M) -> &[String],
+    at: Attachment<'_>,
+    ns: &str,
+) -> Option<Vec<&'m M>> {
+    let kept: Vec<&M> = matches.iter().filter(|m| at.takes_match(gateways(m), ns)).collect();
+    (matches.is_empty() || !kept.is_empty()).then_some(kept)
+}
+
+/// Compiles the TCP rules of `vs` (namespace `ns`) that apply at `at`.
+pub fn compile_tcp_rules(
+    vs: &VirtualService,
+    ns: &str,
+    known: &HashMap<String, ()>,
+    at: Attachment<'_>,
+) -> Vec<TcpRule> {
     vs.spec
         .tcp
         .iter()
-        .map(|r| TcpRule {
-            matches: r
-                .matches
-                .iter()
+        .filter_map(|r| Some((r, matches_at(&r.matches, |m| &m.gateways, at, ns)?)))
+        .map(|(r, matches)| TcpRule {
+            matches: matches
+                .into_iter()
                 .map(|m| L4Match {
                     port: m.port.and_then(|p| u16::try_from(p).ok()),
                     source_labels: m.source_labels.clone(),
@@ -704,9 +755,13 @@ impl ServiceRoutes {
 
 pub use crate::config::hosts::{service_for_host, services_for_host};
 
-/// Compiles the HTTP rules of `vs` (namespace `ns`); hosts are resolved by the caller.
-pub fn compile_rules(vs: &VirtualService, ns: &str, known: &HashMap<String, ()>) -> Vec<Rule> {
-    vs.spec.http.iter().enumerate().map(|(i, r)| compile_rule(i, r, ns, known)).collect()
+/// Compiles the HTTP rules of `vs` (namespace `ns`) that apply at `at`; hosts are
+/// resolved by the caller.
+pub fn compile_rules(vs: &VirtualService, ns: &str, known: &HashMap<String, ()>, at: Attachment<'_>) -> Vec<Rule> {
+    let rules = vs.spec.http.iter().enumerate();
+    rules
+        .filter_map(|(i, r)| Some(compile_rule(i, r, &matches_at(&r.matches, |m| &m.gateways, at, ns)?, ns, known)))
+        .collect()
 }
 
 fn backend(d: &istio::Destination, ns: &str, known: &HashMap<String, ()>) -> Backend {
@@ -723,7 +778,7 @@ fn percentage(p: &Option<istio::Percent>, legacy: Option<u32>) -> f64 {
     p.as_ref().map(|p| p.value).or(legacy.map(f64::from)).unwrap_or(100.0)
 }
 
-fn compile_rule(i: usize, r: &HttpRoute, ns: &str, known: &HashMap<String, ()>) -> Rule {
+fn compile_rule(i: usize, r: &HttpRoute, matches: &[&HttpMatchRequest], ns: &str, known: &HashMap<String, ()>) -> Rule {
     let action = if let Some(rd) = &r.redirect {
         Action::Redirect {
             uri: rd.uri.clone(),
@@ -769,7 +824,7 @@ fn compile_rule(i: usize, r: &HttpRoute, ns: &str, known: &HashMap<String, ()>) 
     });
     Rule {
         name: r.name.clone().unwrap_or_else(|| format!("http[{i}]")),
-        matches: r.matches.iter().map(RequestMatch::compile).collect(),
+        matches: matches.iter().map(|m| RequestMatch::compile(m)).collect(),
         profile_condition: None,
         action,
         timeout: r.timeout.as_deref().and_then(|t| istio::duration("", t).ok()).filter(|t| !t.is_zero()),
@@ -954,7 +1009,7 @@ mod tests {
         let objs = parse_documents(std::path::Path::new("t.yaml"), &yaml).unwrap();
         let crate::config::Object::VirtualService(vs) = &objs[0] else { panic!() };
         let known: HashMap<String, ()> = [("production/myapp".to_string(), ())].into();
-        compile_rules(vs, "production", &known)
+        compile_rules(vs, "production", &known, Attachment::Mesh)
     }
 
     fn view<'a>(path: &'a str, headers: &'a HeaderMap, source: &'a Workload) -> RequestView<'a> {

@@ -1,0 +1,225 @@
+//! What `istioctl analyze` says of Gateways and the VirtualServices bound to them:
+//! references to gateways that do not exist (IST0101), bindings whose hosts no server
+//! of the gateway serves (IST0132), two gateways claiming one host on one port of the
+//! same workloads (IST0145), and gateways no workload serves.
+
+use std::collections::BTreeMap;
+
+use super::{Diagnostic, Level};
+use crate::config::Object;
+use crate::config::gateway::{Gateway, MESH, gateway_key};
+use crate::config::istio::VirtualService;
+use crate::snapshot::Snapshot;
+
+/// Every finding about gateways in `objects`.
+pub(super) fn analyze(objects: &[Object], snap: &Snapshot) -> Vec<Diagnostic> {
+    let gateways: BTreeMap<String, &Gateway> = objects
+        .iter()
+        .filter_map(|o| match o {
+            Object::Gateway(g) => Some((g.metadata.key(), &**g)),
+            _ => None,
+        })
+        .collect();
+    let mut out = Vec::new();
+    for o in objects {
+        if let Object::VirtualService(vs) = o {
+            out.extend(bindings(vs, &gateways));
+        }
+    }
+    out.extend(conflicting_servers(&gateways));
+    if !snap.workloads.is_empty() {
+        out.extend(gateways.iter().filter_map(|(key, gw)| served_by_nothing(key, gw, snap)));
+    }
+    out
+}
+
+/// Every `gateways:` entry of a VirtualService, with the field it is written in.
+fn references(vs: &VirtualService) -> Vec<(String, &str)> {
+    let top = vs.spec.gateways.iter().enumerate().map(|(i, g)| (format!("spec.gateways[{i}]"), g.as_str()));
+    let http = vs.spec.http.iter().map(|r| r.matches.iter().map(|m| m.gateways.as_slice()).collect());
+    let tcp = vs.spec.tcp.iter().map(|r| r.matches.iter().map(|m| m.gateways.as_slice()).collect());
+    top.chain(match_references("http", http.collect())).chain(match_references("tcp", tcp.collect())).collect()
+}
+
+/// The match-level `gateways:` of one section's rules (per rule, per match).
+fn match_references<'a>(
+    section: &'static str,
+    rules: Vec<Vec<&'a [String]>>,
+) -> impl Iterator<Item = (String, &'a str)> {
+    rules.into_iter().enumerate().flat_map(move |(i, matches)| {
+        matches.into_iter().enumerate().flat_map(move |(j, gateways)| {
+            let at = format!("spec.{section}[{i}].match[{j}].gateways");
+            gateways.iter().enumerate().map(move |(k, g)| (format!("{at}[{k}]"), g.as_str()))
+        })
+    })
+}
+
+fn bindings(vs: &VirtualService, gateways: &BTreeMap<String, &Gateway>) -> Vec<Diagnostic> {
+    let ns = vs.metadata.namespace_or_default();
+    let object = format!("VirtualService {}", vs.metadata.key());
+    let mut out = Vec::new();
+    let mut seen = Vec::new();
+    for (field, reference) in references(vs) {
+        let key = gateway_key(reference, &ns);
+        if key == MESH || seen.contains(&key) {
+            continue;
+        }
+        seen.push(key.clone());
+        let Some(gw) = gateways.get(&key) else {
+            out.push(Diagnostic {
+                level: Level::Error,
+                code: "IST0101",
+                object: object.clone(),
+                message: format!("referenced gateway not found: {key} ({field}); rules bound to it serve nowhere"),
+            });
+            continue;
+        };
+        let gw_ns = gw.metadata.namespace_or_default();
+        let served = gw.spec.servers.iter().flat_map(|s| &s.hosts).any(|h| {
+            let (host_ns, host) = h.split_once('/').unwrap_or(("*", h));
+            let visible = host_ns == "*" || host_ns == ns || (host_ns == "." && gw_ns == ns);
+            visible && vs.spec.hosts.iter().any(|v| hosts_overlap(host, v))
+        });
+        if !served {
+            out.push(Diagnostic {
+                level: Level::Warning,
+                code: "IST0132",
+                object: object.clone(),
+                message: format!(
+                    "one or more host [{}] defined in VirtualService {} not found in Gateway {key}; add the host \
+                     to a server of the gateway or drop the binding",
+                    vs.spec.hosts.join(", "),
+                    vs.metadata.key()
+                ),
+            });
+        }
+    }
+    out
+}
+
+/// Whether two host patterns (`*`, `*.suffix`, or a name) can name the same host.
+fn hosts_overlap(a: &str, b: &str) -> bool {
+    let (a, b) = (a.to_ascii_lowercase(), b.to_ascii_lowercase());
+    let covers = |wild: &str, other: &str| match wild.strip_prefix('*') {
+        Some("") => true,
+        Some(suffix) => other.ends_with(suffix),
+        None => false,
+    };
+    a == b || covers(&a, &b) || covers(&b, &a)
+}
+
+/// IST0145: two gateways for the same workloads serving one host on one port.
+fn conflicting_servers(gateways: &BTreeMap<String, &Gateway>) -> Vec<Diagnostic> {
+    let mut out = Vec::new();
+    let list: Vec<(&String, &&Gateway)> = gateways.iter().collect();
+    for (i, (a_key, a)) in list.iter().enumerate() {
+        for (b_key, b) in &list[i + 1..] {
+            if a.spec.selector != b.spec.selector {
+                continue;
+            }
+            for sa in &a.spec.servers {
+                for sb in &b.spec.servers {
+                    let (Some(pa), Some(pb)) = (&sa.port, &sb.port) else { continue };
+                    if pa.number != pb.number {
+                        continue;
+                    }
+                    let bare = |h: &String| h.split_once('/').map_or(h.clone(), |(_, h)| h.to_string());
+                    let Some(host) = sa.hosts.iter().map(bare).find(|h| sb.hosts.iter().map(bare).any(|o| o == *h))
+                    else {
+                        continue;
+                    };
+                    out.push(Diagnostic {
+                        level: Level::Error,
+                        code: "IST0145",
+                        object: format!("Gateway {a_key}"),
+                        message: format!(
+                            "conflict with gateway {b_key}: both serve host {host} on port {} of the same workloads; \
+                             merge the servers or give one a different port",
+                            pa.number
+                        ),
+                    });
+                }
+            }
+        }
+    }
+    out
+}
+
+/// A Gateway whose selector picks no workload serves nothing.
+fn served_by_nothing(key: &str, gw: &Gateway, snap: &Snapshot) -> Option<Diagnostic> {
+    let selected = snap.workloads.iter().any(|w| gw.spec.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)));
+    if selected {
+        return None;
+    }
+    let labels: Vec<String> = gw.spec.selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    Some(Diagnostic {
+        level: Level::Warning,
+        code: "IST0101",
+        object: format!("Gateway {key}"),
+        message: format!(
+            "referenced selector not found: {}; no gateway workload serves this Gateway yet (install a gateway \
+             with those labels)",
+            labels.join(",")
+        ),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::config::parse_documents;
+    use crate::state::MeshScope;
+
+    const GW: &str = "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: edge, namespace: production}\n\
+        spec:\n  selector: {istio: ingressgateway}\n  servers:\n  - port: {number: 443, name: https, protocol: HTTPS}\n    \
+        hosts: [\"*.example.com\"]\n    tls: {mode: SIMPLE, credentialName: edge-cert}\n";
+
+    fn findings(extra: &str) -> Vec<Diagnostic> {
+        let objects = parse_documents(Path::new("gw.yaml"), &format!("{GW}---\n{extra}")).unwrap();
+        let snap = Snapshot::compile_in(&objects, &MeshScope::new("cluster.local"), 1);
+        analyze(&objects, &snap)
+    }
+
+    fn vs(hosts: &str, gateways: &str) -> String {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: web, namespace: production}}\n\
+             spec:\n  hosts: {hosts}\n  gateways: {gateways}\n  http: [{{route: [{{destination: {{host: web}}}}]}}]\n"
+        )
+    }
+
+    #[test]
+    fn a_binding_to_a_gateway_that_serves_the_host_is_quiet() {
+        assert_eq!(findings(&vs("[shop.example.com]", "[mesh, edge]")), vec![]);
+        assert_eq!(findings(&vs("[shop.example.com]", "[production/edge]")), vec![]);
+    }
+
+    #[test]
+    fn a_missing_gateway_and_a_host_the_gateway_does_not_serve_are_reported() {
+        let found = findings(&vs("[shop.example.com]", "[edgee]"));
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!((found[0].code, found[0].level), ("IST0101", Level::Error));
+        assert!(found[0].message.contains("production/edgee (spec.gateways[0])"), "{}", found[0].message);
+        let found = findings(&vs("[shop.example.org]", "[edge]"));
+        assert_eq!(found.iter().map(|d| d.code).collect::<Vec<_>>(), ["IST0132"], "{found:?}");
+    }
+
+    #[test]
+    fn two_gateways_claiming_one_host_and_port_conflict() {
+        let other = GW.replace("name: edge,", "name: edge-2,").replace("*.example.com", "production/*.example.com");
+        let found = findings(&other);
+        assert_eq!(found.iter().map(|d| d.code).collect::<Vec<_>>(), ["IST0145"], "{found:?}");
+    }
+
+    #[test]
+    fn a_gateway_no_workload_serves_is_reported_when_workloads_are_known() {
+        let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: production, labels: {app: web}}\n\
+            spec: {nodeName: node1}\nstatus: {podIP: 10.10.1.2}\n";
+        let found = findings(pod);
+        assert_eq!(found.iter().map(|d| (d.code, d.level)).collect::<Vec<_>>(), [("IST0101", Level::Warning)]);
+        assert!(found[0].message.contains("istio=ingressgateway"), "{}", found[0].message);
+        let gateway_pod = pod.replace("app: web", "istio: ingressgateway");
+        assert_eq!(findings(&gateway_pod), vec![]);
+    }
+}
