@@ -10,7 +10,7 @@ mod inpod;
 mod outbound;
 mod prefixed;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 pub use admission::InboundConns;
 pub use inpod::PodProxy;

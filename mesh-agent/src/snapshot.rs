@@ -17,6 +17,7 @@ use arc_swap::ArcSwap;
 
 use crate::authz::{self, WorkloadSecurity};
 use crate::state::{Destination, Problem, Service, Workload, destination_for};
+use crate::traffic::gateway::CompiledGateway;
 use crate::traffic::policy::{DestinationPolicy, TrafficPolicy};
 use crate::traffic::route::ServiceRoutes;
 
@@ -30,6 +31,8 @@ pub struct Snapshot {
     by_vip: HashMap<IpAddr, Arc<Service>>,
     by_key: HashMap<String, Arc<Service>>,
     routes: HashMap<String, Arc<ServiceRoutes>>,
+    /// Every Gateway with the routes bound to it, by `namespace/name`.
+    gateways: std::collections::BTreeMap<String, Arc<CompiledGateway>>,
     policies: HashMap<String, Arc<DestinationPolicy>>,
     /// PeerAuthentication and AuthorizationPolicy per workload (`namespace/name`).
     security: HashMap<String, Arc<WorkloadSecurity>>,
@@ -72,6 +75,19 @@ impl Snapshot {
     /// VirtualService rules for a Service (`namespace/name`).
     pub fn routes(&self, service: &str) -> Option<&Arc<ServiceRoutes>> {
         self.routes.get(service)
+    }
+
+    /// The Gateway `namespace/name`, compiled.
+    pub fn gateway(&self, key: &str) -> Option<&Arc<CompiledGateway>> {
+        self.gateways.get(key)
+    }
+
+    /// The Gateways a workload with `labels` serves.
+    pub fn gateways_selecting<'a>(
+        &'a self,
+        labels: &'a std::collections::BTreeMap<String, String>,
+    ) -> impl Iterator<Item = &'a Arc<CompiledGateway>> + 'a {
+        self.gateways.values().filter(move |g| g.selects(labels))
     }
 
     /// Whether HTTP to this Service is handled at L7 (HTTP rules or a DestinationRule).

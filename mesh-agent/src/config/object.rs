@@ -1,6 +1,6 @@
 //! [`Object`]: one parsed object of any kind the mesh reads.
 
-use super::resources::{EndpointSlice, Namespace, NetworkPolicy, ObjectMeta, Pod, Service, ServiceAccount};
+use super::resources::{EndpointSlice, Namespace, NetworkPolicy, ObjectMeta, Pod, Secret, Service, ServiceAccount};
 use super::{gateway, istio, linkerd, security};
 
 /// A parsed object from any source.
@@ -18,6 +18,8 @@ pub enum Object {
     /// `v1/ServiceAccount`: read so manifests that declare them apply whole; a pod's
     /// identity comes from its `serviceAccountName`.
     ServiceAccount(ServiceAccount),
+    /// `v1/Secret`: read for the certificates gateways serve; never logged.
+    Secret(Box<Secret>),
     /// `networking.istio.io/*/VirtualService`.
     VirtualService(Box<istio::VirtualService>),
     /// `networking.istio.io/*/DestinationRule`.
@@ -66,6 +68,7 @@ impl Object {
             Object::Service(o) => ("Service", &o.metadata),
             Object::ServiceAccount(o) => ("ServiceAccount", &o.metadata),
             Object::EndpointSlice(o) => ("EndpointSlice", &o.metadata),
+            Object::Secret(o) => ("Secret", &o.metadata),
             Object::VirtualService(o) => ("VirtualService", &o.metadata),
             Object::DestinationRule(o) => ("DestinationRule", &o.metadata),
             Object::Gateway(o) => ("Gateway", &o.metadata),

@@ -191,7 +191,7 @@ fn parse_object(file: &Path, index: usize, value: Value) -> Result<Object, Error
         .ok_or_else(|| err(label.clone(), "apiVersion", "missing or not a string".into()))?;
 
     let expected_versions: &[&str] = match kind {
-        "Namespace" | "Pod" | "Service" | "ServiceAccount" => &["v1"],
+        "Namespace" | "Pod" | "Service" | "ServiceAccount" | "Secret" => &["v1"],
         "EndpointSlice" => &["discovery.k8s.io/v1"],
         "VirtualService" | "DestinationRule" | "Gateway" => NETWORKING_VERSIONS,
         "ServiceProfile" => SERVICE_PROFILE_VERSIONS,
@@ -224,6 +224,7 @@ fn parse_object(file: &Path, index: usize, value: Value) -> Result<Object, Error
         "PeerAuthentication" => decode(value, Object::PeerAuthentication),
         "AuthorizationPolicy" => decode(value, Object::AuthorizationPolicy),
         "ServiceAccount" => decode(value, Object::ServiceAccount),
+        "Secret" => decode(value, Object::Secret),
         "EndpointSlice" => decode(value, Object::EndpointSlice),
         "NetworkPolicy" => decode(value, Object::NetworkPolicy),
         _ => decode(value, Object::Service),
@@ -292,6 +293,7 @@ fn validate(object: &Object) -> Result<(), (String, String)> {
         Object::VirtualService(v) => v.validate()?,
         Object::DestinationRule(d) => d.validate()?,
         Object::Gateway(g) => g.validate()?,
+        Object::Secret(s) => s.validate()?,
         Object::ServiceProfile(p) => p.validate()?,
         Object::TrafficSplit(t) => t.validate()?,
         Object::PeerAuthentication(p) => p.validate()?,

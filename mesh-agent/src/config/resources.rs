@@ -49,6 +49,68 @@ pub struct Namespace {
     pub metadata: ObjectMeta,
 }
 
+/// `v1/Secret`: TLS certificates a gateway serves (`credentialName`). Values never
+/// appear in logs, errors or dumps: `Debug` names the keys only.
+#[derive(Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Secret {
+    /// Metadata.
+    pub metadata: ObjectMeta,
+    /// `kubernetes.io/tls`, `Opaque`, ...
+    #[serde(default, rename = "type")]
+    pub secret_type: Option<String>,
+    /// Base64 values.
+    #[serde(default)]
+    pub data: BTreeMap<String, String>,
+    /// Plain-text values (kubectl merges them into `data`).
+    #[serde(default)]
+    pub string_data: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let keys: Vec<&String> = self.data.keys().chain(self.string_data.keys()).collect();
+        f.debug_struct("Secret")
+            .field("metadata", &self.metadata)
+            .field("type", &self.secret_type)
+            .field("keys", &keys)
+            .finish()
+    }
+}
+
+impl Secret {
+    /// The value under `key` (`stringData` wins over `data`, as the API server merges
+    /// them); an error when `data` holds something that is not base64.
+    pub fn value(&self, key: &str) -> Result<Option<Vec<u8>>, String> {
+        use base64::Engine as _;
+        if let Some(v) = self.string_data.get(key) {
+            return Ok(Some(v.as_bytes().to_vec()));
+        }
+        let Some(v) = self.data.get(key) else { return Ok(None) };
+        let compact: String = v.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+        base64::engine::general_purpose::STANDARD
+            .decode(compact)
+            .map(Some)
+            .map_err(|_| format!("data.{key}: not base64"))
+    }
+
+    /// The checks the API server makes: base64 values, and `tls.crt` and `tls.key` in a
+    /// `kubernetes.io/tls` Secret.
+    pub(super) fn validate(&self) -> Result<(), (String, String)> {
+        for key in self.data.keys() {
+            self.value(key).map_err(|reason| (format!("data.{key}"), reason))?;
+        }
+        if self.secret_type.as_deref() == Some("kubernetes.io/tls") {
+            for key in ["tls.crt", "tls.key"] {
+                if !self.data.contains_key(key) && !self.string_data.contains_key(key) {
+                    return Err((format!("data.{key}"), "required in a kubernetes.io/tls Secret".into()));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// `v1/ServiceAccount`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct ServiceAccount {

@@ -14,7 +14,6 @@ use http_body_util::{BodyExt as _, Full, combinators::UnsyncBoxBody};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use rand::Rng as _;
-use tokio::net::TcpStream;
 
 use super::balance::{Outcome, Overflow};
 use super::upstream::{ConnSettings, SendError, UpBody};
@@ -37,21 +36,47 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Response body of every answer the agent gives.
 pub type RespBody = UnsyncBoxBody<Bytes, BoxError>;
 
-/// Serves one client connection whose bytes are HTTP, dialed to `orig` on `service`.
-pub async fn serve(
+/// Which rules route the requests of a connection.
+#[derive(Debug, Clone)]
+pub enum RouteTable {
+    /// A pod's connection to a Service (`namespace/name`): its VirtualService, or the
+    /// default rule when only a DestinationRule applies.
+    Service(Arc<str>),
+    /// A gateway server: the VirtualServices bound to the Gateways (`namespace/name`)
+    /// served on `port`, chosen by the request's host (the first Gateway serving it).
+    Gateway {
+        /// The Gateways, in the order they are asked.
+        gateways: Arc<[Arc<str>]>,
+        /// The server port.
+        port: u16,
+        /// Whether the gateway terminated TLS (the request's scheme is https).
+        tls: bool,
+    },
+}
+
+impl RouteTable {
+    /// The table of a pod's connections to `service`.
+    pub fn service(service: &Service) -> Self {
+        RouteTable::Service(service.key().into())
+    }
+}
+
+/// Serves one client connection whose bytes are HTTP, dialed to `orig`, routed by
+/// `table`.
+pub async fn serve<S>(
     ctx: super::Context,
     pod: Arc<Workload>,
     netns: Arc<Netns>,
-    stream: TcpStream,
+    stream: S,
     orig: SocketAddr,
-    service: Arc<Service>,
-) {
-    // Named once per connection, not per request.
-    let service_key: Arc<str> = service.key().into();
+    table: RouteTable,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let shutdown = ctx.shutdown.clone();
     let svc = hyper::service::service_fn(move |req| {
-        let (ctx, pod, netns, service_key) = (ctx.clone(), pod.clone(), netns.clone(), service_key.clone());
-        async move { Ok::<_, Infallible>(handle(&ctx, &pod, &netns, &service_key, orig, req).await) }
+        let (ctx, pod, netns, table) = (ctx.clone(), pod.clone(), netns.clone(), table.clone());
+        async move { Ok::<_, Infallible>(handle(&ctx, &pod, &netns, &table, orig, req).await) }
     });
     let builder = crate::transport::limits::http_server();
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
@@ -103,13 +128,17 @@ async fn handle(
     ctx: &super::Context,
     pod: &Arc<Workload>,
     netns: &Arc<Netns>,
-    service_key: &str,
+    table: &RouteTable,
     orig: SocketAddr,
     req: Request<Incoming>,
 ) -> Response<RespBody> {
     let snap = ctx.snapshot.load_full();
     let caller = Caller { ctx, snap: &snap, pod, netns, orig };
-    let answer = route(&caller, service_key, req).await;
+    let answer = route(&caller, table, req).await;
+    let service_key = match table {
+        RouteTable::Service(key) => key,
+        RouteTable::Gateway { .. } => "unknown",
+    };
     let labels = RequestLabels {
         reporter: "source".into(),
         source_workload: pod.name.clone(),
@@ -190,7 +219,7 @@ impl Drop for GrpcCounted {
 /// Routes one request: the steps below, in Envoy's order (route match, CORS, faults,
 /// direct answers and redirects, then the forwarded request with mirrors, upgrade or
 /// timeout, then response headers).
-async fn route(caller: &Caller<'_>, service_key: &str, mut req: Request<Incoming>) -> Answer {
+async fn route(caller: &Caller<'_>, table: &RouteTable, mut req: Request<Incoming>) -> Answer {
     let Caller { snap, pod, orig, .. } = *caller;
     // A protocol upgrade (WebSocket): routed like any request, then the two upgraded
     // connections are spliced.
@@ -202,21 +231,37 @@ async fn route(caller: &Caller<'_>, service_key: &str, mut req: Request<Incoming
         path: parts.uri.path(),
         query: parts.uri.query(),
         authority: &authority,
-        scheme: "http",
+        scheme: if matches!(table, RouteTable::Gateway { tls: true, .. }) { "https" } else { "http" },
         headers: &parts.headers,
         port: orig.port(),
         source: pod,
     };
     let default_rule;
-    let rule: &Rule = match snap.routes(service_key) {
-        Some(routes) => match routes.first_match(&view) {
+    let routes = match table {
+        RouteTable::Service(key) => snap.routes(key),
+        RouteTable::Gateway { gateways, port, tls } => {
+            let host = authority.rsplit_once(':').filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()));
+            let host = host.map_or(authority.as_str(), |(h, _)| h);
+            let mut ports = gateways.iter().filter_map(|g| snap.gateway(g)?.routes.get(port));
+            if !tls && ports.clone().any(|p| p.redirects(host)) {
+                return https_redirect(host, &parts);
+            }
+            match ports.find_map(|p| p.for_host(host)) {
+                Some(r) => Some(r),
+                None => return local(StatusCode::NOT_FOUND, "NR", "no route for this host\n"),
+            }
+        }
+    };
+    let rule: &Rule = match (routes, table) {
+        (Some(routes), _) => match routes.first_match(&view) {
             Some(r) => r,
             None => return local(StatusCode::NOT_FOUND, "NR", "no route matched\n"),
         },
-        None => {
-            default_rule = super::default_rule(service_key);
+        (None, RouteTable::Service(key)) => {
+            default_rule = super::default_rule(key);
             &default_rule
         }
+        (None, RouteTable::Gateway { .. }) => return local(StatusCode::NOT_FOUND, "NR", "no route\n"),
     };
     let cors = rule.cors.as_ref().map(|c| c.verdict(&parts.method, &parts.headers));
     if let Some(answer) = cors.as_ref().and_then(preflight_answer) {
@@ -263,6 +308,22 @@ async fn route(caller: &Caller<'_>, service_key: &str, mut req: Request<Incoming
         answer.flags = flags;
     }
     answer
+}
+
+/// A gateway server's `httpsRedirect`: the same host and path over https (port 443).
+fn https_redirect(host: &str, parts: &http::request::Parts) -> Answer {
+    // The host comes from the client: only a plain name goes into Location.
+    let plain_name = !host.is_empty() && host.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    if !plain_name {
+        return local(StatusCode::BAD_REQUEST, "-", "bad host\n");
+    }
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut r = Response::new(full(Bytes::new()));
+    *r.status_mut() = StatusCode::MOVED_PERMANENTLY;
+    if let Ok(location) = HeaderValue::from_str(&format!("https://{host}{path}")) {
+        r.headers_mut().insert(http::header::LOCATION, location);
+    }
+    Answer { response: r, flags: "-", backend: None, endpoint: None }
 }
 
 /// The request's authority: from the URI (HTTP/2, absolute form) or the Host header.

@@ -36,7 +36,8 @@ pub(super) async fn handle(
         && detect::peek(&stream).await == Protocol::Http
     {
         tracing::debug!(pod = %pod.name, %peer, %orig, service = %service.key(), "outbound HTTP, routed at L7");
-        crate::l7::server::serve(ctx.l7_context(), pod.clone(), netns.clone(), stream, orig, service.clone()).await;
+        let table = crate::l7::server::RouteTable::service(service);
+        crate::l7::server::serve(ctx.l7_context(), pod.clone(), netns.clone(), stream, orig, table).await;
         return Ok(());
     }
     // A VirtualService's tcp rules decide first; otherwise the Service's endpoints.

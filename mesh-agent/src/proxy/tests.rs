@@ -46,12 +46,12 @@ impl OrigDst for Captured {
 
 /// One agent serving every pod of the test, with the pods' listeners bound at their
 /// loopback addresses.
-struct Mesh {
-    ctx: ProxyContext,
+pub(crate) struct Mesh {
+    pub(crate) ctx: ProxyContext,
     captured: Arc<Captured>,
     registry: Registry,
-    netns: Arc<Netns>,
-    stop: CancellationToken,
+    pub(crate) netns: Arc<Netns>,
+    pub(crate) stop: CancellationToken,
     _ca_dir: tempfile::TempDir,
 }
 
@@ -64,7 +64,7 @@ impl Drop for Mesh {
 impl Mesh {
     /// Compiles `yaml`, then starts the HBONE and plaintext inbound listeners of every
     /// enrolled pod and an application on each pod port listed in `apps`.
-    async fn start(yaml: &str, apps: &[(&str, u16)]) -> Self {
+    pub(crate) async fn start(yaml: &str, apps: &[(&str, u16)]) -> Self {
         let objects = parse_documents(Path::new("test.yaml"), yaml).expect("test config parses");
         let snapshot = Arc::new(Snapshot::compile(&objects, "cluster.local", 1));
         let ca_dir = tempfile::tempdir().unwrap();
@@ -129,14 +129,14 @@ impl Mesh {
         Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
     }
 
-    fn metrics(&self) -> String {
+    pub(crate) fn metrics(&self) -> String {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry).unwrap();
         out
     }
 }
 
-fn workload(snapshot: &Snapshot, name: &str) -> Arc<Workload> {
+pub(crate) fn workload(snapshot: &Snapshot, name: &str) -> Arc<Workload> {
     snapshot.workloads.iter().find(|w| w.name == name).unwrap_or_else(|| panic!("no pod {name}")).clone()
 }
 
@@ -191,12 +191,12 @@ async fn app(name: String, addr: SocketAddr, stop: CancellationToken) {
     }
 }
 
-fn served_by(res: &Response<Bytes>) -> &str {
+pub(crate) fn served_by(res: &Response<Bytes>) -> &str {
     res.headers().get("x-served-by").and_then(|v| v.to_str().ok()).unwrap_or("-")
 }
 
 /// Pods at `127.<net>.0.x`, so tests running at once never share an address.
-fn config(net: u8, extra: &str) -> String {
+pub(crate) fn config(net: u8, extra: &str) -> String {
     format!(
         r#"
 apiVersion: v1
@@ -235,9 +235,9 @@ spec: {{selector: {{app: myapp}}, clusterIP: 10.96.{net}.20, ports: [{{port: 80,
     )
 }
 
-const APPS: &[(&str, u16)] = &[("myapp-v1", 8080), ("myapp-v2", 8080)];
+pub(crate) const APPS: &[(&str, u16)] = &[("myapp-v1", 8080), ("myapp-v2", 8080)];
 
-const SUBSETS: &str = r#"
+pub(crate) const SUBSETS: &str = r#"
 ---
 apiVersion: networking.istio.io/v1
 kind: DestinationRule

@@ -12,6 +12,7 @@ use crate::config::resource::Resource;
 use crate::config::resources::{EndpointSlice, IntOrString, Pod};
 use crate::identity::Identity;
 use crate::state::{Endpoint, MeshScope, Problem, Service, ServicePort, TargetPort, Workload};
+use crate::traffic::gateway::{CompiledGateway, PortRoutes, serve_domains};
 use crate::traffic::policy::DestinationPolicy;
 use crate::traffic::route::{self, Attachment, ServiceRoutes};
 
@@ -180,6 +181,7 @@ impl Snapshot {
                 }
             }
         }
+        self.compile_gateways(objects, &known);
         // Linkerd and SMI route the hosts no VirtualService routes.
         for ts in sorted(objects, |o| if let Object::TrafficSplit(t) = o { Some(&**t) } else { None }) {
             let ns = ts.metadata.namespace_or_default();
@@ -266,6 +268,74 @@ impl Snapshot {
         missing.sort();
         missing.dedup();
         self.problems.extend(missing);
+    }
+
+    /// Each Gateway with, per server port, the hosts of the VirtualServices bound to it.
+    fn compile_gateways(&mut self, objects: &[Object], known: &HashMap<String, ()>) {
+        let services: Vec<&crate::config::istio::VirtualService> =
+            sorted(objects, |o| if let Object::VirtualService(v) = o { Some(&**v) } else { None });
+        for gw in sorted(objects, |o| if let Object::Gateway(g) = o { Some(&**g) } else { None }) {
+            let key = gw.metadata.key();
+            let gw_ns = gw.metadata.namespace_or_default();
+            let at = Attachment::Gateway(&key);
+            let mut routes: BTreeMap<u16, PortRoutes> = BTreeMap::new();
+            for server in gw.spec.servers.iter().filter(|s| s.tls.as_ref().is_some_and(|t| t.https_redirect)) {
+                let Some(port) = server.port.as_ref().and_then(|p| u16::try_from(p.number).ok()) else { continue };
+                let hosts = server.hosts.iter().map(|h| h.split_once('/').map_or(h.as_str(), |(_, h)| h).to_string());
+                routes.entry(port).or_default().https_redirect.extend(hosts);
+            }
+            for vs in &services {
+                let ns = vs.metadata.namespace_or_default();
+                if !at.bound_by(&vs.spec.gateways, &ns) {
+                    continue;
+                }
+                let mut rules = route::compile_rules(vs, &ns, known, at);
+                for rule in &mut rules {
+                    self.default_backend_ports(rule);
+                }
+                let compiled = Arc::new(ServiceRoutes { virtual_service: vs.metadata.key(), rules, tcp: Vec::new() });
+                for server in &gw.spec.servers {
+                    let Some(port) = server.port.as_ref().and_then(|p| u16::try_from(p.number).ok()) else { continue };
+                    for domain in serve_domains(&server.hosts, &gw_ns, &vs.spec.hosts, &ns) {
+                        if let Some(owner) = routes.entry(port).or_default().add(domain.clone(), compiled.clone()) {
+                            self.problems.push(Problem::new(
+                                "IST0109",
+                                format!("VirtualService {}", vs.metadata.key()),
+                                format!(
+                                    "host {domain} on port {port} of gateway {key} is already routed by \
+                                     VirtualService {owner}; this one is ignored there"
+                                ),
+                            ));
+                        }
+                    }
+                }
+            }
+            let compiled = CompiledGateway {
+                key: key.clone(),
+                selector: gw.spec.selector.clone(),
+                servers: gw.spec.servers.clone(),
+                routes,
+            };
+            self.gateways.insert(key, Arc::new(compiled));
+        }
+    }
+
+    /// A gateway is not dialed on a Service's port, so a destination without a port
+    /// takes the Service's port when it has only one (as Istio requires the port
+    /// otherwise).
+    fn default_backend_ports(&self, rule: &mut route::Rule) {
+        let sole_port = |service: &str| match self.by_key.get(service).map(|s| s.ports.as_slice()) {
+            Some([only]) => Some(only.port),
+            _ => None,
+        };
+        if let route::Action::Route(backends) = &mut rule.action {
+            for b in backends.iter_mut().filter(|b| b.backend.port.is_none()) {
+                b.backend.port = sole_port(&b.backend.service);
+            }
+        }
+        for (m, _) in rule.mirrors.iter_mut().filter(|(m, _)| m.port.is_none()) {
+            m.port = sole_port(&m.service);
+        }
     }
 
     /// Routes `svc` with `rules` from `owner`, unless another owner routes it already:

@@ -1,0 +1,320 @@
+//! The gateway in-process, on loopback, without root: the agents' in-process mesh
+//! (`proxy::tests`) serves the pods, a gateway pod at `127.<net>.0.50` serves the
+//! Gateway, and a real TLS client (rustls) talks to it.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt as _, Empty};
+use hyper_util::rt::TokioIo;
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+use rustls::RootCertStore;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use super::tls::Secrets;
+use super::{Gateway, GatewayContext};
+use crate::config::parse_documents;
+use crate::proxy::tests::{APPS, Mesh, SUBSETS, config, served_by};
+use crate::snapshot::Snapshot;
+use crate::transport::limits::ConnLimits;
+
+const HTTP: u16 = 8080;
+const HTTPS: u16 = 8443;
+const MUTUAL: u16 = 9443;
+
+/// A CA and the PEM of a certificate it signed for `names`.
+struct TestCa {
+    cert: CertificateDer<'static>,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl TestCa {
+    fn new() -> Self {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let key = KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap().der().clone();
+        Self { cert, issuer: Issuer::new(params, key) }
+    }
+
+    /// (certificate PEM, key PEM) for `names`.
+    fn issue(&self, names: &[&str]) -> (String, String) {
+        let key = KeyPair::generate().unwrap();
+        let params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+        (params.signed_by(&key, &self.issuer).unwrap().pem(), key.serialize_pem())
+    }
+
+    fn pem(&self) -> String {
+        pem::encode(&pem::Pem::new("CERTIFICATE", self.cert.to_vec()))
+    }
+
+    fn roots(&self) -> RootCertStore {
+        let mut roots = RootCertStore::empty();
+        roots.add(self.cert.clone()).unwrap();
+        roots
+    }
+}
+
+fn indent(pem: &str) -> String {
+    pem.lines().map(|l| format!("    {l}\n")).collect()
+}
+
+/// The gateway's pod, the Gateway (HTTP with httpsRedirect, SIMPLE and MUTUAL HTTPS),
+/// its Secrets, and the reference VirtualService bound to it and the mesh.
+fn edge_yaml(net: u8, server: &(String, String), client_ca: &str) -> String {
+    let (cert, key) = server;
+    format!(
+        r#"
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: istio-ingressgateway, namespace: istio-ingress, labels: {{istio: ingressgateway}}}}
+spec: {{serviceAccountName: istio-ingressgateway, nodeName: node1}}
+status: {{podIP: 127.{net}.0.50}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: myapp-tls-secret, namespace: istio-ingress}}
+type: kubernetes.io/tls
+stringData:
+  tls.crt: |
+{}  tls.key: |
+{}---
+apiVersion: v1
+kind: Secret
+metadata: {{name: partner-tls, namespace: istio-ingress}}
+type: kubernetes.io/tls
+stringData:
+  tls.crt: |
+{}  tls.key: |
+{}  ca.crt: |
+{}---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: myapp-gateway, namespace: shop}}
+spec:
+  selector: {{istio: ingressgateway}}
+  servers:
+  - port: {{number: {HTTP}, name: http, protocol: HTTP}}
+    hosts: [myapp.example.com]
+    tls: {{httpsRedirect: true}}
+  - port: {{number: {HTTPS}, name: https, protocol: HTTPS}}
+    hosts: [myapp.example.com]
+    tls: {{mode: SIMPLE, credentialName: myapp-tls-secret}}
+  - port: {{number: {MUTUAL}, name: https-partner, protocol: HTTPS}}
+    hosts: [myapp.example.com]
+    tls: {{mode: MUTUAL, credentialName: partner-tls}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: myapp, namespace: shop}}
+spec:
+  hosts: [myapp, myapp.example.com]
+  gateways: [mesh, myapp-gateway]
+  http:
+  - match: [{{headers: {{x-version: {{exact: v2}}}}}}]
+    route: [{{destination: {{host: myapp, subset: v2}}}}]
+  - route: [{{destination: {{host: myapp, subset: v1}}}}]
+"#,
+        indent(cert),
+        indent(key),
+        indent(cert),
+        indent(key),
+        indent(client_ca),
+    )
+}
+
+/// The in-process mesh plus a gateway serving it.
+struct Edge {
+    mesh: Mesh,
+    gateway: Gateway,
+    ip: IpAddr,
+}
+
+impl Edge {
+    async fn start(net: u8, server_ca: &TestCa, client_ca: &TestCa) -> Self {
+        let yaml = format!(
+            "{}{}",
+            config(net, SUBSETS),
+            edge_yaml(net, &server_ca.issue(&["myapp.example.com"]), &client_ca.pem())
+        );
+        let mesh = Mesh::start(&yaml, APPS).await;
+        let snap = mesh.ctx.snapshot.load_full();
+        // The gateway holds its own identity, as the agents hold their pods'.
+        mesh.ctx.dialer.certs.set_local(snap.workloads.iter().map(|w| w.identity.clone()));
+        let ctx = GatewayContext {
+            l7: mesh.ctx.l7_context(),
+            netns: mesh.netns.clone(),
+            limits: Arc::new(ConnLimits::new(64, 256)),
+            tasks: Default::default(),
+        };
+        let ip = IpAddr::from([127, net, 0, 50]);
+        let mut gateway = Gateway::new(ctx, "istio-ingress/istio-ingressgateway".into(), ip);
+        let objects = parse_documents(Path::new("edge.yaml"), &yaml).unwrap();
+        let problems = gateway.apply(&snap, &Secrets::of_namespace(&objects, "istio-ingress")).await;
+        assert_eq!(problems, Vec::<String>::new());
+        assert_eq!(gateway.ports(), [HTTP, HTTPS, MUTUAL]);
+        Self { mesh, gateway, ip }
+    }
+
+    fn addr(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(self.ip, port)
+    }
+}
+
+fn get(path: &str, host: &str) -> Request<Empty<Bytes>> {
+    Request::get(path).header("host", host).body(Empty::new()).unwrap()
+}
+
+type ClientCert = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
+
+/// A TLS connection to `addr` with SNI `sni`, trusting `roots`.
+async fn connect(
+    addr: SocketAddr,
+    sni: &str,
+    roots: RootCertStore,
+    client: Option<ClientCert>,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let mut config = match client {
+        Some((chain, key)) => builder.with_client_auth_cert(chain, key).unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = TcpStream::connect(addr).await?;
+    let mut tls =
+        TlsConnector::from(Arc::new(config)).connect(ServerName::try_from(sni.to_string()).unwrap(), tcp).await?;
+    // TLS 1.3 reports a refused client certificate after the handshake: read once.
+    let _ = tokio::time::timeout(Duration::from_millis(100), tokio::io::AsyncReadExt::read(&mut tls, &mut [])).await;
+    Ok(tls)
+}
+
+async fn send<S>(stream: S, req: Request<Empty<Bytes>>) -> Result<Response<Bytes>, hyper::Error>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let res = sender.send_request(req).await?;
+    let (parts, body) = res.into_parts();
+    Ok(Response::from_parts(parts, body.collect().await?.to_bytes()))
+}
+
+fn client_cert(ca: &TestCa, name: &str) -> ClientCert {
+    let (cert, key) = ca.issue(&[name]);
+    let chain = rustls_pemfile::certs(&mut cert.as_bytes()).collect::<Result<Vec<_>, _>>().unwrap();
+    let key = rustls_pemfile::private_key(&mut key.as_bytes()).unwrap().unwrap();
+    (chain, key)
+}
+
+#[tokio::test]
+async fn plain_http_is_sent_to_https() {
+    let (server_ca, client_ca) = (TestCa::new(), TestCa::new());
+    let edge = Edge::start(41, &server_ca, &client_ca).await;
+    let tcp = TcpStream::connect(edge.addr(HTTP)).await.unwrap();
+    let res = send(tcp, get("/api/items?x=1", "myapp.example.com")).await.unwrap();
+    assert_eq!(res.status(), 301);
+    assert_eq!(res.headers()["location"], "https://myapp.example.com/api/items?x=1");
+}
+
+#[tokio::test]
+async fn https_is_routed_by_the_bound_virtual_service_into_the_mesh_over_mutual_tls() {
+    let (server_ca, client_ca) = (TestCa::new(), TestCa::new());
+    let edge = Edge::start(42, &server_ca, &client_ca).await;
+    for _ in 0..2 {
+        let tls = connect(edge.addr(HTTPS), "myapp.example.com", server_ca.roots(), None).await.unwrap();
+        let mut v2 = get("/", "myapp.example.com");
+        v2.headers_mut().insert("x-version", "v2".parse().unwrap());
+        assert_eq!(served_by(&send(tls, v2).await.unwrap()), "myapp-v2");
+        let tls = connect(edge.addr(HTTPS), "myapp.example.com", server_ca.roots(), None).await.unwrap();
+        assert_eq!(served_by(&send(tls, get("/", "myapp.example.com")).await.unwrap()), "myapp-v1");
+    }
+    // `myapp` is a mesh host of the VirtualService, not one the gateway's server serves.
+    let tls = connect(edge.addr(HTTPS), "myapp.example.com", server_ca.roots(), None).await.unwrap();
+    assert_eq!(send(tls, get("/", "myapp")).await.unwrap().status(), 404);
+    // The pods saw the gateway's own identity, over the mesh's mutual TLS.
+    let metrics = edge.mesh.metrics();
+    let from_gateway = metrics.lines().any(|l| {
+        l.starts_with("tcp_connections_opened_total")
+            && l.contains("reporter=\"destination\"")
+            && l.contains("connection_security_policy=\"mutual_tls\"")
+            && l.contains("source_principal=\"spiffe://cluster.local/ns/istio-ingress/sa/istio-ingressgateway\"")
+    });
+    assert!(from_gateway, "{metrics}");
+}
+
+#[tokio::test]
+async fn a_client_of_the_wrong_name_or_without_the_servers_ca_gets_nothing() {
+    let (server_ca, client_ca) = (TestCa::new(), TestCa::new());
+    let edge = Edge::start(43, &server_ca, &client_ca).await;
+    // No server for this SNI: closed before any certificate is shown.
+    assert!(connect(edge.addr(HTTPS), "other.example.com", server_ca.roots(), None).await.is_err());
+    // A client that does not trust the server's CA refuses it.
+    assert!(connect(edge.addr(HTTPS), "myapp.example.com", TestCa::new().roots(), None).await.is_err());
+}
+
+#[tokio::test]
+async fn mutual_tls_refuses_clients_without_a_certificate_from_the_client_ca() {
+    let (server_ca, client_ca) = (TestCa::new(), TestCa::new());
+    let edge = Edge::start(44, &server_ca, &client_ca).await;
+    let refused = match connect(edge.addr(MUTUAL), "myapp.example.com", server_ca.roots(), None).await {
+        Err(_) => true,
+        Ok(tls) => send(tls, get("/", "myapp.example.com")).await.is_err(),
+    };
+    assert!(refused, "no client certificate");
+    let stranger = client_cert(&TestCa::new(), "partner.example.org");
+    let refused = match connect(edge.addr(MUTUAL), "myapp.example.com", server_ca.roots(), Some(stranger)).await {
+        Err(_) => true,
+        Ok(tls) => send(tls, get("/", "myapp.example.com")).await.is_err(),
+    };
+    assert!(refused, "a certificate from another CA");
+    let partner = client_cert(&client_ca, "partner.example.org");
+    let tls = connect(edge.addr(MUTUAL), "myapp.example.com", server_ca.roots(), Some(partner)).await.unwrap();
+    assert_eq!(served_by(&send(tls, get("/", "myapp.example.com")).await.unwrap()), "myapp-v1");
+}
+
+#[tokio::test]
+async fn a_new_certificate_is_served_without_a_restart_and_open_connections_stay() {
+    let (server_ca, client_ca) = (TestCa::new(), TestCa::new());
+    let mut edge = Edge::start(45, &server_ca, &client_ca).await;
+    let old = connect(edge.addr(HTTPS), "myapp.example.com", server_ca.roots(), None).await.unwrap();
+    let (mut open, conn) = hyper::client::conn::http1::handshake(TokioIo::new(old)).await.unwrap();
+    tokio::spawn(conn);
+    assert_eq!(open.send_request(get("/", "myapp.example.com")).await.unwrap().status(), 200);
+
+    // The Secret now holds a certificate from another CA.
+    let rotated_ca = TestCa::new();
+    let yaml = format!(
+        "{}{}",
+        config(45, SUBSETS),
+        edge_yaml(45, &rotated_ca.issue(&["myapp.example.com"]), &client_ca.pem())
+    );
+    let objects = parse_documents(Path::new("edge.yaml"), &yaml).unwrap();
+    let snap = Arc::new(Snapshot::compile(&objects, "cluster.local", 2));
+    edge.mesh.ctx.snapshot.store(snap.clone());
+    let problems = edge.gateway.apply(&snap, &Secrets::of_namespace(&objects, "istio-ingress")).await;
+    assert_eq!(problems, Vec::<String>::new());
+
+    let fresh = connect(edge.addr(HTTPS), "myapp.example.com", rotated_ca.roots(), None).await.unwrap();
+    assert_eq!(served_by(&send(fresh, get("/", "myapp.example.com")).await.unwrap()), "myapp-v1");
+    assert!(connect(edge.addr(HTTPS), "myapp.example.com", server_ca.roots(), None).await.is_err(), "old cert gone");
+    let again = open.send_request(get("/", "myapp.example.com")).await.unwrap();
+    assert_eq!(again.status(), 200, "the connection opened before the change still serves");
+
+    // A broken certificate is refused and the last good one stays.
+    let broken = yaml.replace("BEGIN CERTIFICATE", "BEGIN NONSENSE");
+    let objects = parse_documents(Path::new("edge.yaml"), &broken).unwrap();
+    let problems = edge.gateway.apply(&snap, &Secrets::of_namespace(&objects, "istio-ingress")).await;
+    assert_eq!(problems, Vec::<String>::new(), "served with the last good certificate");
+    let still = connect(edge.addr(HTTPS), "myapp.example.com", rotated_ca.roots(), None).await.unwrap();
+    assert_eq!(send(still, get("/", "myapp.example.com")).await.unwrap().status(), 200);
+}
