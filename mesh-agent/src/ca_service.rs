@@ -127,6 +127,16 @@ pub struct Settings {
     )]
     pub trusted_agents: Vec<String>,
 
+    /// Service accounts (`namespace/name`) of gateways: each may ask for its own
+    /// identity only, for a pod of its own on the token's node (cluster mode).
+    #[arg(
+        long = "gateway-account",
+        env = "MESH_CA_GATEWAY_ACCOUNTS",
+        value_delimiter = ',',
+        default_value = "istio-ingress/istio-ingressgateway,istio-egress/istio-egressgateway"
+    )]
+    pub gateway_accounts: Vec<String>,
+
     /// Audience the agents' tokens are issued for (cluster mode).
     #[arg(long, env = "MESH_CA_AUDIENCE", default_value = "mesh-ca")]
     pub audience: String,

@@ -33,13 +33,19 @@ spec: {serviceAccountName: web, nodeName: node1}\nstatus: {podIP: 10.1.0.2}\n---
 apiVersion: v1\nkind: Pod\nmetadata: {name: db, namespace: shop, uid: 11111111-0000-4000-8000-000000000002}\n\
 spec: {serviceAccountName: db, nodeName: node2}\nstatus: {podIP: 10.2.0.2}\n---\n\
 apiVersion: v1\nkind: Pod\nmetadata: {name: old, namespace: shop, uid: 11111111-0000-4000-8000-000000000003}\n\
-spec: {serviceAccountName: batch, nodeName: node1}\nstatus: {podIP: 10.1.0.3, phase: Succeeded}\n";
+spec: {serviceAccountName: batch, nodeName: node1}\nstatus: {podIP: 10.1.0.3, phase: Succeeded}\n---\n\
+apiVersion: v1\nkind: Pod\nmetadata: {name: gw, namespace: istio-ingress, uid: 11111111-0000-4000-8000-000000000004}\n\
+spec: {serviceAccountName: istio-ingressgateway, nodeName: node1}\nstatus: {podIP: 10.1.0.4}\n";
 
 fn start_ca() -> Ca {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("config")).unwrap();
     std::fs::write(dir.path().join("config/pods.yaml"), PODS).unwrap();
-    std::fs::write(dir.path().join("tokens"), "token-of-node1 node1\ntoken-of-node2 node2\n").unwrap();
+    std::fs::write(
+        dir.path().join("tokens"),
+        "token-of-node1 node1\ntoken-of-node2 node2\ntoken-of-gw node1 istio-ingress/istio-ingressgateway\n",
+    )
+    .unwrap();
     let (config, tokens) = (dir.path().join("config"), dir.path().join("tokens"));
     let ca = Ca::spawn(dir, |cmd| {
         cmd.args(["--max-ttl", "1h", "--reload-interval", "200ms"])
@@ -136,6 +142,19 @@ async fn a_node_gets_its_own_pods_identities_and_nothing_else() {
 }
 
 #[tokio::test]
+async fn a_gateway_gets_its_own_identity_and_no_other() {
+    let ca = start_ca();
+    let gateway = ca.client("token-of-gw");
+    let own = id("istio-ingress", "istio-ingressgateway");
+    let issued = gateway.sign(&own, Duration::from_secs(3600)).await.unwrap();
+    assert_eq!(peer_identity(&issued.chain[0]), Some(own));
+    // Not the identity of another pod on its node, which that node's agent may ask for.
+    let e = gateway.sign(&id("shop", "web"), Duration::from_secs(60)).await.unwrap_err().to_string();
+    assert!(e.contains("may ask only for its own identity") && e.contains("gRPC 7"), "{e}");
+    assert!(ca.client("token-of-node1").sign(&id("shop", "web"), Duration::from_secs(60)).await.is_ok());
+}
+
+#[tokio::test]
 async fn a_root_rotation_in_the_ca_files_reaches_the_bundle_and_new_certificates() {
     let ca = start_ca();
     let client = ca.client("token-of-node1");
@@ -223,6 +242,9 @@ async fn in_a_cluster_agents_are_known_by_token_review_and_get_their_nodes_pods_
         bound_user("istio-system:mesh-agent", Some(("mesh-agent-x", "aaaaaaaa-0000-4000-8000-0000000000ff"))),
     );
     api.add_token("unbound", bound_user("istio-system:mesh-agent", None));
+    let gateway_uid = "aaaaaaaa-0000-4000-8000-000000000004";
+    api.apply("/api/v1/pods", api_pod("gw", "istio-ingress", gateway_uid, "istio-ingressgateway", "node1"));
+    api.add_token("gateway", bound_user("istio-ingress:istio-ingressgateway", Some(("gw", gateway_uid))));
 
     let ca = Ca::spawn(dir, |cmd| {
         cmd.args([
@@ -251,8 +273,13 @@ async fn in_a_cluster_agents_are_known_by_token_review_and_get_their_nodes_pods_
     assert_eq!(peer_identity(&issued.chain[0]), Some(id("shop", "web")));
     let e = agent.sign(&id("shop", "db"), Duration::from_secs(600)).await.unwrap_err().to_string();
     assert!(e.contains("is scheduled on node node1"), "another node's pod: {e}");
+    // A gateway's account (--gateway-account's default) gets its own identity only.
+    let gateway = client("gateway");
+    assert!(gateway.sign(&id("istio-ingress", "istio-ingressgateway"), Duration::from_secs(600)).await.is_ok());
+    let e = gateway.sign(&id("shop", "web"), Duration::from_secs(600)).await.unwrap_err().to_string();
+    assert!(e.contains("may ask only for its own identity"), "{e}");
     for (token, why) in [
-        ("workload", "is not a node agent's account"),
+        ("workload", "is not a node agent's or a gateway's account"),
         ("stale", "no longer exists"),
         ("unbound", "not bound to a pod"),
         ("nobody", "not authenticated"),

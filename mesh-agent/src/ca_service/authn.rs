@@ -19,18 +19,24 @@ pub struct Caller {
     pub node: String,
     /// What it authenticated as (for logs): `node-token:<node>` or the service account.
     pub account: String,
+    /// A gateway (or other workload that holds its own identity): the only identity it
+    /// may ask for, as `(namespace, service account)`. None for a node agent, which asks
+    /// for the pods of its node.
+    pub own_identity: Option<(String, String)>,
 }
 
 /// Tells which node a token belongs to.
 pub enum Authenticator {
-    /// SHA-256 of each token -> node.
-    Static(HashMap<[u8; 32], String>),
+    /// SHA-256 of each token -> the caller it names.
+    Static(HashMap<[u8; 32], Caller>),
     /// TokenReview, for these agent accounts and this audience.
     Kube {
         /// API client.
         client: kube::Client,
         /// `system:serviceaccount:<ns>:<name>` of the node agents.
         trusted: Vec<String>,
+        /// `system:serviceaccount:<ns>:<name>` of gateways, which get their own identity.
+        gateways: Vec<String>,
         /// The token audience.
         audience: String,
     },
@@ -41,9 +47,12 @@ impl std::fmt::Debug for Authenticator {
         // Never print token digests either.
         match self {
             Authenticator::Static(m) => f.debug_struct("Static").field("tokens", &m.len()).finish(),
-            Authenticator::Kube { trusted, audience, .. } => {
-                f.debug_struct("Kube").field("trusted", trusted).field("audience", audience).finish()
-            }
+            Authenticator::Kube { trusted, gateways, audience, .. } => f
+                .debug_struct("Kube")
+                .field("trusted", trusted)
+                .field("gateways", gateways)
+                .field("audience", audience)
+                .finish(),
         }
     }
 }
@@ -56,7 +65,9 @@ fn digest(token: &str) -> [u8; 32] {
 }
 
 impl Authenticator {
-    /// Reads `<token> <node>` lines (`#` comments, blank lines allowed).
+    /// Reads `<token> <node>` lines for node agents and `<token> <node>
+    /// <namespace>/<serviceaccount>` lines for gateways on that node (`#` comments,
+    /// blank lines allowed).
     pub fn from_token_file(path: &Path) -> Result<Self, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
         let mut tokens = HashMap::new();
@@ -66,12 +77,21 @@ impl Authenticator {
                 continue;
             }
             let mut f = line.split_whitespace();
-            match (f.next(), f.next(), f.next()) {
-                (Some(token), Some(node), None) => {
-                    tokens.insert(digest(token), node.to_string());
+            let bad = || {
+                format!("{}: line {}: expected `<token> <node> [<namespace>/<serviceaccount>]`", path.display(), n + 1)
+            };
+            let caller = match (f.next(), f.next(), f.next(), f.next()) {
+                (Some(token), Some(node), None, None) => {
+                    (token, Caller { node: node.into(), account: format!("node-token:{node}"), own_identity: None })
                 }
-                _ => return Err(format!("{}: line {}: expected `<token> <node>`", path.display(), n + 1)),
-            }
+                (Some(token), Some(node), Some(account), None) => {
+                    let (ns, sa) = account.split_once('/').ok_or_else(bad)?;
+                    let own_identity = Some((ns.to_string(), sa.to_string()));
+                    (token, Caller { node: node.into(), account: format!("workload-token:{account}"), own_identity })
+                }
+                _ => return Err(bad()),
+            };
+            tokens.insert(digest(caller.0), caller.1);
         }
         Ok(Authenticator::Static(tokens))
     }
@@ -79,11 +99,12 @@ impl Authenticator {
     /// The caller `token` belongs to, or why it is refused.
     pub async fn caller(&self, token: &str) -> Result<Caller, String> {
         match self {
-            Authenticator::Static(tokens) => tokens
-                .get(&digest(token))
-                .map(|node| Caller { node: node.clone(), account: format!("node-token:{node}") })
-                .ok_or_else(|| "unknown token".to_string()),
-            Authenticator::Kube { client, trusted, audience } => review(client, trusted, audience, token).await,
+            Authenticator::Static(tokens) => {
+                tokens.get(&digest(token)).cloned().ok_or_else(|| "unknown token".to_string())
+            }
+            Authenticator::Kube { client, trusted, gateways, audience } => {
+                review(client, trusted, gateways, audience, token).await
+            }
         }
     }
 }
@@ -92,7 +113,13 @@ const POD_NAME: &str = "authentication.kubernetes.io/pod-name";
 const POD_UID: &str = "authentication.kubernetes.io/pod-uid";
 const NODE_NAME: &str = "authentication.kubernetes.io/node-name";
 
-async fn review(client: &kube::Client, trusted: &[String], audience: &str, token: &str) -> Result<Caller, String> {
+async fn review(
+    client: &kube::Client,
+    trusted: &[String],
+    gateways: &[String],
+    audience: &str,
+    token: &str,
+) -> Result<Caller, String> {
     let review = TokenReview {
         spec: TokenReviewSpec { token: Some(token.to_string()), audiences: Some(vec![audience.to_string()]) },
         ..Default::default()
@@ -105,9 +132,14 @@ async fn review(client: &kube::Client, trusted: &[String], audience: &str, token
     }
     let user = status.user.ok_or("TokenReview answered without a user")?;
     let account = user.username.unwrap_or_default();
-    if !trusted.contains(&account) {
-        return Err(format!("{account} is not a node agent's account"));
-    }
+    let own_identity = if trusted.contains(&account) {
+        None
+    } else if gateways.contains(&account) {
+        let mut parts = account.strip_prefix("system:serviceaccount:").unwrap_or("").splitn(2, ':');
+        parts.next().zip(parts.next()).map(|(ns, sa)| (ns.to_string(), sa.to_string()))
+    } else {
+        return Err(format!("{account} is not a node agent's or a gateway's account"));
+    };
     let extra = user.extra.unwrap_or_default();
     let first = |k: &str| extra.get(k).and_then(|v| v.first()).cloned();
     // The pod the token is bound to: its node is the caller's. Kubernetes 1.30+ names
@@ -128,7 +160,7 @@ async fn review(client: &kube::Client, trusted: &[String], audience: &str, token
     {
         return Err(format!("the token names node {claimed}, its pod runs on {node}"));
     }
-    Ok(Caller { node, account })
+    Ok(Caller { node, account, own_identity })
 }
 
 #[cfg(test)]
@@ -145,6 +177,10 @@ mod tests {
         assert!(auth.caller("secret-three").await.is_err());
         assert!(auth.caller("").await.is_err());
         assert!(!format!("{auth:?}").contains("secret"), "tokens never printed");
+        std::fs::write(&file, "gw-secret node1 istio-ingress/istio-ingressgateway\n").unwrap();
+        let gateway = Authenticator::from_token_file(&file).unwrap().caller("gw-secret").await.unwrap();
+        assert_eq!(gateway.own_identity, Some(("istio-ingress".into(), "istio-ingressgateway".into())));
+        assert_eq!(gateway.node, "node1");
         std::fs::write(&file, "lonely-token\n").unwrap();
         assert!(Authenticator::from_token_file(&file).unwrap_err().contains("line 1"));
     }

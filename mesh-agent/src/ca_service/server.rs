@@ -113,15 +113,17 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
     }
     let ca = MeshCa::load_or_create(&settings.ca_dir, &settings.trust_domain)?;
     let authn = match (&client, &settings.token_file) {
-        (Some(client), _) => Authenticator::Kube {
-            client: client.clone(),
-            trusted: settings
-                .trusted_agents
-                .iter()
-                .map(|a| format!("system:serviceaccount:{}", a.replacen('/', ":", 1)))
-                .collect(),
-            audience: settings.audience.clone(),
-        },
+        (Some(client), _) => {
+            let accounts = |list: &[String]| {
+                list.iter().map(|a| format!("system:serviceaccount:{}", a.replacen('/', ":", 1))).collect()
+            };
+            Authenticator::Kube {
+                client: client.clone(),
+                trusted: accounts(&settings.trusted_agents),
+                gateways: accounts(&settings.gateway_accounts),
+                audience: settings.audience.clone(),
+            }
+        }
         (None, Some(file)) => Authenticator::from_token_file(file).map_err(Error::Settings)?,
         (None, None) => return Err(Error::Settings("--token-file is required with --config-source files".into())),
     };
@@ -275,6 +277,12 @@ async fn create_certificate(state: &State, req: Request<Incoming>) -> Result<Ist
     let identity = Identity::parse(asked).map_err(|e| refuse(status::INVALID_ARGUMENT, e.to_string()))?;
     if *identity.trust_domain != state.trust_domain {
         return Err(denied(format!("{identity} is outside trust domain {}", state.trust_domain)));
+    }
+    // A gateway holds its own identity and no other; a node agent those of its pods.
+    if let Some((ns, sa)) = &caller.own_identity
+        && (*identity.namespace != *ns || *identity.service_account != *sa)
+    {
+        return Err(denied(format!("{} may ask only for its own identity, not {identity}", caller.account)));
     }
     let on_node = state
         .workloads
