@@ -2,6 +2,7 @@
 //! proxies, and the reconcile loop that keeps them in step. Shutdown drains
 //! connections.
 
+pub mod gateway;
 mod pods;
 
 use std::collections::BTreeSet;
@@ -30,7 +31,7 @@ use pods::Pods;
 
 /// Pods whose netns or cgroup is not there yet are retried this often; also the
 /// fallback re-read of the config directory should a file event be missed.
-const RESYNC_INTERVAL: Duration = Duration::from_secs(2);
+pub(crate) const RESYNC_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Errors that stop the agent from starting.
 #[derive(Debug, thiserror::Error)]
@@ -64,20 +65,20 @@ pub enum Error {
 }
 
 /// Where configuration comes from.
-enum Source {
+pub(crate) enum Source {
     Files(DirSource),
     Kube(KubeSource),
 }
 
 impl Source {
-    fn reload(&mut self) -> Reload {
+    pub(crate) fn reload(&mut self) -> Reload {
         match self {
             Source::Files(s) => s.reload(),
             Source::Kube(s) => s.reload(),
         }
     }
 
-    fn standing_errors(&self) -> Vec<crate::config::Error> {
+    pub(crate) fn standing_errors(&self) -> Vec<crate::config::Error> {
         match self {
             Source::Files(s) => s.standing_errors(),
             Source::Kube(s) => s.standing_errors(),
@@ -85,7 +86,7 @@ impl Source {
     }
 }
 
-async fn kube_client(settings: &Settings) -> Result<kube::Client, Error> {
+pub(crate) async fn kube_client(settings: &Settings) -> Result<kube::Client, Error> {
     let config = match &settings.kube_api_url {
         Some(url) => kube::Config::new(url.parse().map_err(|e| Error::Kube(format!("--kube-api-url {url}: {e}")))?),
         None => kube::Config::infer().await.map_err(|e| Error::Kube(e.to_string()))?,
@@ -276,7 +277,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
 }
 
 /// The PEM roots in `path`.
-fn read_roots(path: &std::path::Path) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, Error> {
+pub(crate) fn read_roots(path: &std::path::Path) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, Error> {
     let io = |source| crate::identity::Error::CaFile { path: path.to_owned(), source };
     let pem = std::fs::read(path).map_err(io)?;
     let roots = rustls_pemfile::certs(&mut pem.as_slice()).collect::<Result<Vec<_>, _>>().map_err(io)?;
@@ -333,7 +334,7 @@ fn install_cni_plugin(settings: &Settings) -> Result<(), Error> {
     Ok(())
 }
 
-fn dedup<const N: usize>(addrs: [std::net::SocketAddr; N]) -> Vec<std::net::SocketAddr> {
+pub(crate) fn dedup<const N: usize>(addrs: [std::net::SocketAddr; N]) -> Vec<std::net::SocketAddr> {
     let mut out = Vec::new();
     for a in addrs {
         if !out.contains(&a) {
@@ -343,9 +344,11 @@ fn dedup<const N: usize>(addrs: [std::net::SocketAddr; N]) -> Vec<std::net::Sock
     out
 }
 
-fn resolve_paths(s: &Settings) -> Result<Paths, dataplane::Error> {
+fn resolve_paths(s: &Settings) -> Result<Paths, Error> {
     let cg_root = dataplane::cgroup2_root()?;
-    let node_cgroup = if s.node_cgroup.is_absolute() { s.node_cgroup.clone() } else { cg_root.join(&s.node_cgroup) };
+    let node_cgroup =
+        s.node_cgroup.clone().ok_or_else(|| Error::Settings("--node-cgroup is required for the node agent".into()))?;
+    let node_cgroup = if node_cgroup.is_absolute() { node_cgroup } else { cg_root.join(node_cgroup) };
     let pin_dir = s.bpf_pin_dir.clone().unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/mesh").join(&s.node));
     let kubelet_cgroup = match &s.kubelet_cgroup {
         Some(p) if p.is_absolute() => Some(p.clone()),
@@ -355,7 +358,7 @@ fn resolve_paths(s: &Settings) -> Result<Paths, dataplane::Error> {
     Ok(Paths { node_cgroup, proc_dir: s.proc_dir.clone(), pin_dir, kubelet_cgroup })
 }
 
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");

@@ -129,6 +129,11 @@ impl Gateway {
         Self { ctx, pod, bind, ports: BTreeMap::new(), last_good: HashMap::new() }
     }
 
+    /// The gateway's pod, `namespace/name`.
+    pub fn pod(&self) -> &str {
+        &self.pod
+    }
+
     /// The ports listening now.
     pub fn ports(&self) -> Vec<u16> {
         self.ports.keys().copied().collect()

@@ -9,6 +9,9 @@ fn main() -> anyhow::Result<()> {
     // The netns switch in dataplane::Netns is per thread and needs no extra threads;
     // two workers match a small node agent's budget and the 2-core lab.
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(mesh_agent::app::run(settings))?;
+    match settings.mode {
+        mesh_agent::settings::Mode::Agent => runtime.block_on(mesh_agent::app::run(settings))?,
+        mesh_agent::settings::Mode::Gateway => runtime.block_on(mesh_agent::app::gateway::run(settings))?,
+    }
     Ok(())
 }

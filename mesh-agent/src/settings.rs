@@ -25,10 +25,32 @@ pub enum ConfigSourceKind {
     Kubernetes,
 }
 
+/// What this process is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// The node agent (a DaemonSet): captures the node's enrolled pods.
+    Agent,
+    /// An ingress or egress gateway (a Deployment): serves the Gateways that select its
+    /// pod, with its own identity.
+    Gateway,
+}
+
 /// Node agent of the mesh.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "mesh-agent", version, about = "eBPF-accelerated sidecarless service mesh: node agent")]
 pub struct Settings {
+    /// `agent` (the node agent) or `gateway` (serves the Gateways selecting `--pod`).
+    #[arg(long, env = "MESH_MODE", value_enum, default_value_t = Mode::Agent)]
+    pub mode: Mode,
+
+    /// The gateway's own pod, `namespace/name` (gateway mode; from the downward API).
+    #[arg(long, env = "MESH_POD", required_if_eq("mode", "gateway"))]
+    pub pod: Option<String>,
+
+    /// Address gateway listeners bind (gateway mode).
+    #[arg(long, env = "MESH_GATEWAY_BIND", default_value = "0.0.0.0")]
+    pub gateway_bind: std::net::IpAddr,
+
     /// Name of this node; only pods whose spec.nodeName matches are enrolled here.
     #[arg(long, env = "MESH_NODE_NAME")]
     pub node: String,
@@ -88,8 +110,9 @@ pub struct Settings {
     /// cgroup v2 directory of this node's pods; the capture programs attach here, and
     /// pods' cgroups are found below it by UID, in kubelet's layouts (never by name).
     /// Relative paths are resolved against the cgroup2 mount found in /proc/mounts.
-    #[arg(long, env = "MESH_NODE_CGROUP")]
-    pub node_cgroup: PathBuf,
+    /// Required for the node agent; a gateway captures nothing.
+    #[arg(long, env = "MESH_NODE_CGROUP", required_if_eq("mode", "agent"))]
+    pub node_cgroup: Option<PathBuf>,
 
     /// cgroup v2 directory of the node's kubelet: its connections to pods are probes,
     /// which the kernel lets through to the application even under STRICT (recognised

@@ -46,6 +46,17 @@ pub const CA_NETNS: &str = "meshlab-ca";
 pub const CA_ADDR: &str = "10.255.0.250:15012";
 /// The DNS name in the CA service's certificate, which agents check.
 pub const CA_SERVER_NAME: &str = "mesh-ca.istio-system.svc";
+/// A client outside the cluster, on the wire like a load balancer's clients, with a
+/// route to every node's pods: what reaches the gateway pods.
+pub const CLIENT_NETNS: &str = "meshlab-client";
+/// The outside client's address.
+pub const CLIENT_ADDR: &str = "10.255.0.200";
+/// The image name that makes a lab pod run the mesh's gateway instead of the echo app.
+pub const GATEWAY_IMAGE: &str = "mesh-gateway";
+/// The TLS Secret the lab writes for the reference Gateway's `credentialName`, in the
+/// gateway pods' namespace, signed by the lab's edge CA (`edge-ca.pem` in the state
+/// directory) for `myapp.example.com` and `*.example.com`.
+pub const GATEWAY_SECRET: &str = "myapp-tls-secret";
 /// How long to wait for an agent or an app to come up.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -159,9 +170,19 @@ pub struct PodInfo {
     pub veth: String,
     /// Echo app pid.
     pub app_pid: Option<u32>,
+    /// The first container's image: [`GATEWAY_IMAGE`] runs the gateway.
+    #[serde(default)]
+    pub image: Option<String>,
     /// Why the CNI plugin refused the pod, which then never started.
     #[serde(default)]
     pub failed: Option<String>,
+}
+
+impl PodInfo {
+    /// Whether the pod runs the mesh's gateway.
+    pub fn runs_gateway(&self) -> bool {
+        self.image.as_deref() == Some(GATEWAY_IMAGE)
+    }
 }
 
 /// The recorded state of a running lab.
@@ -255,6 +276,13 @@ fn pod_info(v: &Value) -> anyhow::Result<PodInfo> {
         cgroup: String::new(),
         veth: String::new(),
         app_pid: None,
+        image: v
+            .get("spec")
+            .and_then(|s| s.get("containers"))
+            .and_then(|c| c.get(0))
+            .and_then(|c| c.get("image"))
+            .and_then(Value::as_str)
+            .map(str::to_owned),
         failed: None,
     })
 }
@@ -263,11 +291,14 @@ fn pod_info(v: &Value) -> anyhow::Result<PodInfo> {
 struct Manifests {
     pods: Vec<PodInfo>,
     services: BTreeMap<String, (String, String)>,
+    /// `namespace/pod` -> `spec.serviceAccountName`.
+    accounts: BTreeMap<String, String>,
 }
 
 fn read_manifests(dir: &Path) -> anyhow::Result<Manifests> {
     let mut pods = Vec::new();
     let mut services = BTreeMap::new();
+    let mut accounts = BTreeMap::new();
     let mut files: Vec<PathBuf> = fs::read_dir(dir)
         .with_context(|| format!("reading manifests in {}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -287,7 +318,13 @@ fn read_manifests(dir: &Path) -> anyhow::Result<Manifests> {
             };
             let ns = s(&["metadata", "namespace"]).unwrap_or_else(|| "default".into());
             match s(&["kind"]).as_deref() {
-                Some("Pod") => pods.push(pod_info(&v)?),
+                Some("Pod") => {
+                    let pod = pod_info(&v)?;
+                    if let Some(sa) = s(&["spec", "serviceAccountName"]) {
+                        accounts.insert(format!("{}/{}", pod.namespace, pod.name), sa);
+                    }
+                    pods.push(pod);
+                }
                 Some("Service") => {
                     let name = s(&["metadata", "name"]).context("Service without metadata.name")?;
                     if let Some(ip) = s(&["spec", "clusterIP"]).filter(|ip| ip != "None") {
@@ -301,7 +338,7 @@ fn read_manifests(dir: &Path) -> anyhow::Result<Manifests> {
     if pods.is_empty() {
         bail!("no Pod in {}", dir.display());
     }
-    Ok(Manifests { pods, services })
+    Ok(Manifests { pods, services, accounts })
 }
 
 impl Lab {
@@ -460,6 +497,7 @@ impl Lab {
                 fs::copy(&p, config.join(p.file_name().expect("file")))?;
             }
         }
+        self.write_gateway_secret()?;
         self.start_ca()?;
         let names: Vec<String> = self.nodes.iter().map(|n| n.name.clone()).collect();
         for n in &names {
@@ -491,6 +529,10 @@ impl Lab {
         let ip = CA_ADDR.split(':').next().expect("host:port");
         run(&["ip", "-n", CA_NETNS, "addr", "add", &format!("{ip}/24"), "dev", "wire0"])?;
         run(&["ip", "-n", CA_NETNS, "link", "set", "wire0", "up"])?;
+        // Gateways run in pods and ask for their own certificate.
+        for n in &self.nodes {
+            run(&["ip", "-n", CA_NETNS, "route", "add", &n.subnet, "via", &n.wire_ip.to_string()])?;
+        }
         fs::create_dir_all(self.state_dir.join("tokens"))?;
         // The scraper's token, which the agents accept on their metrics port.
         private(&self.metrics_token_path(), &random_token()?)?;
@@ -499,6 +541,13 @@ impl Lab {
             let token = random_token()?;
             private(&self.agent_token_path(&n.name), &token)?;
             table.push_str(&format!("{token} {}\n", n.name));
+        }
+        // A gateway's token names its node and the one identity it may hold.
+        for p in self.pods.iter().filter(|p| p.runs_gateway()) {
+            let token = random_token()?;
+            private(&self.gateway_token_path(p), &token)?;
+            let account = self.service_account_of(p)?;
+            table.push_str(&format!("{token} {} {}/{account}\n", p.node, p.namespace));
         }
         let table_path = self.state_dir.join("ca-tokens");
         private(&table_path, &table)?;
@@ -660,6 +709,55 @@ impl Lab {
         bail!("the agent of {} never saw pod {}/{}", p.node, p.namespace, p.name)
     }
 
+    /// The token a gateway pod authenticates to the CA with.
+    pub fn gateway_token_path(&self, p: &PodInfo) -> PathBuf {
+        self.state_dir.join("tokens").join(format!("gateway-{}", p.netns))
+    }
+
+    /// The CA that signed the lab's gateway certificate ([`GATEWAY_SECRET`]).
+    pub fn edge_ca_path(&self) -> PathBuf {
+        self.state_dir.join("edge-ca.pem")
+    }
+
+    /// `spec.serviceAccountName` of a lab pod, from the config directory's manifests.
+    fn service_account_of(&self, p: &PodInfo) -> anyhow::Result<String> {
+        let m = read_manifests(&self.config_dir())?;
+        Ok(m.accounts.get(&format!("{}/{}", p.namespace, p.name)).cloned().unwrap_or_else(|| "default".into()))
+    }
+
+    /// Writes the gateway certificate's Secret into the config directory (for every
+    /// namespace that has a gateway pod) and its CA where clients find it.
+    fn write_gateway_secret(&self) -> anyhow::Result<()> {
+        let namespaces: std::collections::BTreeSet<&str> =
+            self.pods.iter().filter(|p| p.runs_gateway()).map(|p| p.namespace.as_str()).collect();
+        if namespaces.is_empty() {
+            return Ok(());
+        }
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params.distinguished_name.push(rcgen::DnType::CommonName, "meshlab edge CA");
+        let ca_key = rcgen::KeyPair::generate()?;
+        let ca_cert = ca_params.self_signed(&ca_key)?;
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let mut params =
+            rcgen::CertificateParams::new(vec!["myapp.example.com".to_string(), "*.example.com".to_string()])?;
+        params.distinguished_name.push(rcgen::DnType::CommonName, "myapp.example.com");
+        let key = rcgen::KeyPair::generate()?;
+        let cert = params.signed_by(&key, &issuer)?;
+        fs::write(self.edge_ca_path(), ca_cert.pem())?;
+        let indent = |pem: &str| pem.lines().map(|l| format!("    {l}\n")).collect::<String>();
+        let mut yaml = String::new();
+        for ns in namespaces {
+            yaml.push_str(&format!(
+                "---\napiVersion: v1\nkind: Secret\nmetadata: {{name: {GATEWAY_SECRET}, namespace: {ns}}}\n\
+                 type: kubernetes.io/tls\nstringData:\n  tls.crt: |\n{}  tls.key: |\n{}",
+                indent(&cert.pem()),
+                indent(&key.serialize_pem())
+            ));
+        }
+        private(&self.config_dir().join("lab-gateway-secret.yaml"), &yaml)
+    }
+
     /// The `mesh-cni` binary, built next to the agent.
     fn cni_bin(&self) -> PathBuf {
         self.agent_bin.with_file_name("mesh-cni")
@@ -742,6 +840,34 @@ impl Lab {
         }
         for p in &self.pods {
             self.build_pod_network(p)?;
+        }
+        self.build_client_network()
+    }
+
+    /// The outside client: on the wire, with a route to each node's pods through it.
+    fn build_client_network(&self) -> anyhow::Result<()> {
+        run(&["ip", "netns", "add", CLIENT_NETNS])?;
+        run(&["ip", "-n", CLIENT_NETNS, "link", "set", "lo", "up"])?;
+        run(&[
+            "ip",
+            "-n",
+            WIRE_NETNS,
+            "link",
+            "add",
+            "nwclient",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "wire0",
+            "netns",
+            CLIENT_NETNS,
+        ])?;
+        run(&["ip", "-n", WIRE_NETNS, "link", "set", "nwclient", "master", "br0", "up"])?;
+        run(&["ip", "-n", CLIENT_NETNS, "addr", "add", &format!("{CLIENT_ADDR}/24"), "dev", "wire0"])?;
+        run(&["ip", "-n", CLIENT_NETNS, "link", "set", "wire0", "up"])?;
+        for n in &self.nodes {
+            run(&["ip", "-n", CLIENT_NETNS, "route", "add", &n.subnet, "via", &n.wire_ip.to_string()])?;
         }
         Ok(())
     }
@@ -979,6 +1105,9 @@ impl Lab {
     }
 
     fn start_app(&self, p: &PodInfo) -> anyhow::Result<u32> {
+        if p.runs_gateway() {
+            return self.start_gateway(p);
+        }
         let labels: Vec<String> = p.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let argv: Vec<String> = [
             self.echo_bin.display().to_string(),
@@ -1001,18 +1130,64 @@ impl Lab {
         Ok(child.id())
     }
 
+    /// A gateway pod's container: the agent binary in gateway mode, with the pod's own
+    /// token for the CA.
+    fn start_gateway(&self, p: &PodInfo) -> anyhow::Result<u32> {
+        let argv: Vec<String> = [
+            self.agent_bin.display().to_string(),
+            "--mode".into(),
+            "gateway".into(),
+            "--pod".into(),
+            format!("{}/{}", p.namespace, p.name),
+            "--node".into(),
+            p.node.clone(),
+            "--config-dir".into(),
+            self.config_dir().display().to_string(),
+            "--ca-address".into(),
+            CA_ADDR.into(),
+            "--ca-server-name".into(),
+            CA_SERVER_NAME.into(),
+            "--ca-root-cert".into(),
+            self.ca_dir().join("root-cert.pem").display().to_string(),
+            "--ca-token-file".into(),
+            self.gateway_token_path(p).display().to_string(),
+            "--admin-addr".into(),
+            "127.0.0.1:15000".into(),
+            "--metrics-addr".into(),
+            "0.0.0.0:15020".into(),
+            "--readiness-addr".into(),
+            "0.0.0.0:15021".into(),
+            "--drain-timeout".into(),
+            "2s".into(),
+        ]
+        .into();
+        let log = fs::File::create(self.state_dir.join("logs").join(format!("app-{}.log", p.netns)))?;
+        let child = in_cgroup_netns(&self.cgroup_root.join(&p.cgroup), &p.netns, Enter::IpNetnsExec, &argv)
+            .env("MESH_LOG", &self.agent_log)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting the gateway")?;
+        Ok(child.id())
+    }
+
     fn wait_app(&self, p: &PodInfo) -> anyhow::Result<()> {
         let deadline = Instant::now() + READY_TIMEOUT;
+        // Loopback inside the pod is never captured, so this checks the app alone.
+        let url = if p.runs_gateway() { "http://127.0.0.1:15021/healthz/ready" } else { "http://127.0.0.1:8080/ready" };
         while Instant::now() < deadline {
-            // Loopback inside the pod is never captured, so this checks the app alone.
-            let out =
-                output(&["ip", "netns", "exec", &p.netns, "curl", "-sf", "-m", "1", "http://127.0.0.1:8080/ready"])?;
+            let out = output(&["ip", "netns", "exec", &p.netns, "curl", "-sf", "-m", "1", url])?;
             if out.status.success() {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        bail!("app in pod {} not answering after {READY_TIMEOUT:?}", p.name)
+        // The state directory goes with a failed lab: say what the app said.
+        let log =
+            fs::read_to_string(self.state_dir.join("logs").join(format!("app-{}.log", p.netns))).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(12).collect::<Vec<_>>().into_iter().rev().collect();
+        bail!("app in pod {} not answering after {READY_TIMEOUT:?}; its last words:\n{}", p.name, tail.join("\n"))
     }
 
     /// Copies `file` into the config directory (replacing a file of the same name).
@@ -1091,11 +1266,15 @@ impl Lab {
                 Some(false) => "NotReady",
                 None => "Ready (no probe)",
             };
+            let app = if p.runs_gateway() { format!("{app} (gateway)") } else { app };
             s.push_str(&format!(
                 "pod  {:<15} ns {:<11} node {:<6} ip {:<11} {:<16} app {}\n",
                 p.name, p.namespace, p.node, p.ip, ready, app
             ));
         }
+        s.push_str(&format!(
+            "client       netns {CLIENT_NETNS:<16} addr {CLIENT_ADDR:<20} outside the cluster: reaches the gateway pods\n"
+        ));
         s
     }
 
@@ -1144,6 +1323,7 @@ impl Lab {
             run_quiet(&["ip", "netns", "del", &n.netns]);
         }
         run_quiet(&["ip", "netns", "del", CA_NETNS]);
+        run_quiet(&["ip", "netns", "del", CLIENT_NETNS]);
         run_quiet(&["ip", "netns", "del", WIRE_NETNS]);
         for p in &self.pods {
             remove_cgroup(&self.cgroup_root.join(&p.cgroup));

@@ -180,7 +180,8 @@ fn a_placeholder(o: &Object) -> bool {
     }
 }
 
-/// IST0102: a namespace with pods that the mesh does not capture.
+/// IST0102: a namespace with pods that the mesh does not capture (gateway workloads,
+/// which hold their own identity, do not count).
 fn namespaces_outside_the_mesh(objects: &[Object], snap: &Snapshot) -> Vec<Diagnostic> {
     objects
         .iter()
@@ -189,7 +190,8 @@ fn namespaces_outside_the_mesh(objects: &[Object], snap: &Snapshot) -> Vec<Diagn
             _ => None,
         })
         .filter(|ns| {
-            let pods: Vec<_> = snap.workloads.iter().filter(|w| w.namespace == *ns).collect();
+            let is_gateway = |w: &crate::state::Workload| snap.gateways_selecting(&w.labels).next().is_some();
+            let pods: Vec<_> = snap.workloads.iter().filter(|w| w.namespace == *ns && !is_gateway(w)).collect();
             !pods.is_empty() && pods.iter().all(|w| !w.enrolled)
         })
         .map(|ns| Diagnostic {

@@ -321,12 +321,26 @@ impl Snapshot {
     }
 
     /// A gateway is not dialed on a Service's port, so a destination without a port
-    /// takes the Service's port when it has only one (as Istio requires the port
-    /// otherwise).
+    /// takes the Service's only port, or else its only HTTP port (by Istio's port-name
+    /// protocol selection: `http`, `http-*`, `http2*`, `grpc*`). Istio asks for the
+    /// port in that case (IST0112); HTTP routes can only mean an HTTP port.
     fn default_backend_ports(&self, rule: &mut route::Rule) {
-        let sole_port = |service: &str| match self.by_key.get(service).map(|s| s.ports.as_slice()) {
-            Some([only]) => Some(only.port),
-            _ => None,
+        let sole_port = |service: &str| {
+            let ports = self.by_key.get(service).map(|s| s.ports.as_slice()).unwrap_or_default();
+            if let [only] = ports {
+                return Some(only.port);
+            }
+            let http = |p: &&ServicePort| {
+                p.name.as_deref().is_some_and(|n| {
+                    let protocol = n.split('-').next().unwrap_or(n);
+                    matches!(protocol, "http" | "http2" | "grpc" | "grpc-web")
+                })
+            };
+            let mut named_http = ports.iter().filter(http);
+            match (named_http.next(), named_http.next()) {
+                (Some(only), None) => Some(only.port),
+                _ => None,
+            }
         };
         if let route::Action::Route(backends) = &mut rule.action {
             for b in backends.iter_mut().filter(|b| b.backend.port.is_none()) {

@@ -1,0 +1,201 @@
+//! Gateway mode: the same binary as the node agent, in a gateway pod. No kernel
+//! programs and no other pod's traffic: it reads the configuration, holds its own
+//! identity (signed by the CA for its own service account only), and serves the
+//! Gateways that select its pod ([`crate::gateway`]).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::{Error, RESYNC_INTERVAL, Source, dedup, kube_client, read_roots, shutdown_signal};
+use crate::admin::{self, AdminState};
+use crate::config::{DirSource, KubeSource};
+use crate::dataplane::Netns;
+use crate::gateway::tls::Secrets;
+use crate::gateway::{Gateway, GatewayContext};
+use crate::identity::{CaClient, CertStore, PeerVerifier};
+use crate::settings::{ConfigSourceKind, Settings};
+use crate::snapshot::Snapshot;
+use crate::telemetry::Metrics;
+use crate::transport::Dialer;
+
+/// Runs a gateway until SIGTERM/SIGINT, then drains.
+pub async fn run(settings: Settings) -> Result<(), Error> {
+    let pod = settings.pod.clone().ok_or_else(|| Error::Settings("--pod is required in gateway mode".into()))?;
+    let Some((namespace, _)) = pod.split_once('/') else {
+        return Err(Error::Settings(format!("--pod {pod:?}: expected namespace/name")));
+    };
+    let namespace = namespace.to_string();
+    let nofile = crate::transport::limits::raise_nofile();
+    let per_node = settings.max_connections.unwrap_or_else(|| crate::transport::limits::per_node_from_nofile(nofile));
+    let client = match settings.config_source {
+        ConfigSourceKind::Kubernetes => Some(kube_client(&settings).await?),
+        ConfigSourceKind::Files => None,
+    };
+    let scrape_auth =
+        Arc::new(crate::admin::ScrapeAuth::new(&settings.metrics_auth, client.as_ref()).map_err(Error::Settings)?);
+    let roots = read_roots(&settings.ca_root_cert)?;
+    let verifier = PeerVerifier::new(&roots, settings.accepted_trust_domains())?;
+    let ca_client = CaClient {
+        address: settings.ca_address.clone(),
+        server_name: settings.ca_server_name.clone(),
+        token_file: settings.ca_token_file.clone(),
+        root_file: Some(settings.ca_root_cert.clone()),
+        verifier: verifier.clone(),
+    };
+    let certs = Arc::new(CertStore::remote(ca_client, settings.cert_ttl));
+
+    let mut registry = Registry::with_prefix("istio");
+    let metrics = Arc::new(Metrics::new(&mut registry));
+    let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
+    let shutdown = CancellationToken::new();
+    let admin_state = AdminState {
+        ready: Arc::new(AtomicBool::new(false)),
+        registry: Arc::new(registry),
+        snapshot: snapshot.clone(),
+        config_errors: Default::default(),
+        pods: Default::default(),
+        node: settings.node.clone(),
+        refused: Default::default(),
+        scrape_auth,
+    };
+    for addr in dedup([settings.admin_addr, settings.metrics_addr, settings.readiness_addr]) {
+        let (listener_state, stop, dump) = (admin_state.clone(), shutdown.clone(), addr == settings.admin_addr);
+        drop(std::net::TcpListener::bind(addr).map_err(Error::Admin)?);
+        tokio::spawn(async move {
+            if let Err(e) = admin::serve(addr, listener_state, stop, dump).await {
+                tracing::error!(%addr, error = %e, "admin endpoint failed");
+            }
+        });
+    }
+    let (mut source, mut changes, _watcher) = match (&client, &settings.config_dir) {
+        (Some(client), _) => {
+            let (source, changes) = KubeSource::start(client.clone());
+            while !source.synced() {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            tracing::warn!("credentialName Secrets are not read from the API server yet: TLS servers need files");
+            (Source::Kube(source), changes, None)
+        }
+        (None, Some(dir)) => {
+            let source = DirSource::new(dir);
+            let (watcher, changes) = source.watch().map_err(|source| Error::Watch { dir: dir.clone(), source })?;
+            (Source::Files(source), changes, Some(watcher))
+        }
+        (None, None) => return Err(Error::Settings("--config-dir is required with --config-source files".into())),
+    };
+    let tasks = TaskTracker::new();
+    let l7 = crate::l7::Context {
+        snapshot: snapshot.clone(),
+        // Not a captured pod: its own sockets need no bypass mark.
+        dialer: Dialer::new(certs.clone(), verifier.clone(), 0),
+        runtime: Arc::default(),
+        metrics: metrics.clone(),
+        shutdown: shutdown.clone(),
+    };
+    let ctx = GatewayContext {
+        l7,
+        netns: Arc::new(Netns::host()?),
+        limits: Arc::new(crate::transport::limits::ConnLimits::new(settings.max_connections_per_source, per_node)),
+        tasks: tasks.clone(),
+    };
+    if let Err(e) = certs.refresh_trust(&verifier).await {
+        tracing::warn!(error = %e, "trust bundle not fetched yet; using {}", settings.ca_root_cert.display());
+    }
+    let mut edge = Edge {
+        settings: settings.clone(),
+        namespace,
+        gateway: Gateway::new(ctx, pod.clone(), settings.gateway_bind),
+        certs,
+        version: 0,
+        admin: admin_state.clone(),
+        metrics,
+    };
+    edge.reload(&mut source).await;
+    tracing::info!(%pod, ports = ?edge.gateway.ports(), "gateway ready");
+
+    let mut resync = tokio::time::interval(RESYNC_INTERVAL);
+    let mut renew = tokio::time::interval(edge.certs.renewal_interval());
+    let mut trust = tokio::time::interval(settings.trust_refresh);
+    loop {
+        tokio::select! {
+            _ = shutdown_signal() => break,
+            Some(()) = changes.recv() => edge.reload(&mut source).await,
+            _ = resync.tick() => edge.reload(&mut source).await,
+            _ = renew.tick() => {
+                edge.certs.renew_due().await;
+                edge.publish_readiness();
+            }
+            _ = trust.tick() => {
+                if let Err(e) = edge.certs.refresh_trust(&verifier).await {
+                    tracing::warn!(error = %e, "trust bundle refresh failed; keeping the current roots");
+                }
+            }
+        }
+    }
+    tracing::info!(timeout = ?settings.drain_timeout, "draining");
+    admin_state.ready.store(false, Ordering::Release);
+    shutdown.cancel();
+    tasks.close();
+    if tokio::time::timeout(settings.drain_timeout, tasks.wait()).await.is_err() {
+        tracing::warn!(open = tasks.len(), "drain timeout reached; closing remaining connections");
+    }
+    tracing::info!("gateway stopped");
+    Ok(())
+}
+
+/// The gateway's state between configuration changes.
+struct Edge {
+    settings: Settings,
+    /// The gateway pod's namespace: where its Secrets are read.
+    namespace: String,
+    gateway: Gateway,
+    certs: Arc<CertStore>,
+    version: u64,
+    admin: AdminState,
+    metrics: Arc<Metrics>,
+}
+
+impl Edge {
+    /// Re-reads config; a change compiles a snapshot, asks for the gateway's own
+    /// certificate, and brings the listeners in line.
+    async fn reload(&mut self, source: &mut Source) {
+        let r = source.reload();
+        for e in &r.new_errors {
+            tracing::error!(error = %e, "config rejected; the last good version stays in force");
+            self.metrics.config_rejected.inc();
+        }
+        *self.admin.config_errors.lock().unwrap_or_else(|p| p.into_inner()) =
+            source.standing_errors().iter().map(ToString::to_string).collect();
+        if !r.changed && self.version > 0 {
+            return;
+        }
+        self.version += 1;
+        let snap = Arc::new(Snapshot::compile_in(&r.objects, &self.settings.mesh_scope(), self.version));
+        self.admin.snapshot.store(snap.clone());
+        self.metrics.config_applied.inc();
+        let own = snap.workloads.iter().find(|w| w.key() == self.gateway.pod()).map(|w| w.identity.clone());
+        self.certs.set_local(own);
+        self.certs.renew_due().await;
+        let secrets = Secrets::of_namespace(&r.objects, &self.namespace);
+        for problem in self.gateway.apply(&snap, &secrets).await {
+            tracing::warn!(version = self.version, "{problem}");
+        }
+        tracing::info!(version = self.version, ports = ?self.gateway.ports(), "gateway config applied");
+        self.publish_readiness();
+    }
+
+    /// Ready once the gateway has its certificate: it can serve whatever Gateway
+    /// selects it (none yet is a gateway at rest, as in Istio).
+    fn publish_readiness(&self) {
+        let snap = self.admin.snapshot.load();
+        let own = snap.workloads.iter().find(|w| w.key() == self.gateway.pod());
+        let ready = own.is_some_and(|w| self.certs.has(&w.identity));
+        self.admin.ready.store(ready, Ordering::Release);
+    }
+}
