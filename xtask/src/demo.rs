@@ -63,11 +63,13 @@ pub fn run() -> anyhow::Result<()> {
         }
     }
     let l7_ok = l7_routing(&lab)?;
+    let ingress_ok = ingress(&lab)?;
     let security_ok = zero_trust(&lab)?;
     let ok = rows.iter().all(|(_, a)| !a.starts_with("FAILED"))
         && wire.tls13_handshake
         && wire.plaintext.is_empty()
         && l7_ok
+        && ingress_ok
         && security_ok;
     println!(
         "\n[demo] {}",
@@ -83,6 +85,8 @@ pub fn run() -> anyhow::Result<()> {
          cargo xtask lab exec frontend -- curl -s -H 'x-version: v2' http://myapp/api/users\n  \
          cargo xtask lab exec frontend -- curl -s -X DELETE http://myapp/api/x\n  \
          cargo xtask lab delete examples/seed/authorizationpolicy-myapp.yaml   # lift the policy\n  \
+         ip netns exec meshlab-client curl -s --cacert /run/meshlab/edge-ca.pem \\\n    \
+         --resolve myapp.example.com:443:10.10.1.50 https://myapp.example.com/   # ingress\n  \
          cargo xtask lab delete examples/seed/virtualservice-myapp.yaml   # remove the routes again\n  \
          cargo xtask lab status\n  cargo xtask lab logs node1\n  cargo xtask lab down"
     );
@@ -134,6 +138,53 @@ fn l7_routing(lab: &mesh_tests::lab::Lab) -> anyhow::Result<bool> {
     );
     println!("  {:<45} myapp-v1 {}/{}", "http://myapp/home (default route)", count(&rest, "myapp-v1"), rest.len());
     Ok(count(&header, "myapp-v2") == 20 && api.len() == 200 && count(&rest, "myapp-v1") == 20)
+}
+
+/// Applies the reference Gateway as written and reaches myapp from outside the cluster
+/// through the lab's gateway pod: http is redirected, https is routed by the reference
+/// VirtualService, and the certificate is the credentialName Secret's.
+fn ingress(lab: &mesh_tests::lab::Lab) -> anyhow::Result<bool> {
+    use mesh_tests::lab::CLIENT_NETNS;
+    println!("\n[demo] ingress: the reference Gateway, served by the gateway pod, from a client outside the cluster");
+    lab.apply(&crate::root().join("examples/seed/gateway-myapp.yaml"))?;
+    println!("  applied gateway-myapp.yaml");
+    let ca = lab.edge_ca_path().display().to_string();
+    let curl = |extra: &[&str]| -> anyhow::Result<String> {
+        let mut argv = vec!["ip", "netns", "exec", CLIENT_NETNS, "curl", "-s", "-m", "5", "--cacert", &ca];
+        argv.extend(["-w", "@@%{http_code} %{redirect_url}"]);
+        argv.extend(extra);
+        let out = mesh_tests::sys::output(&argv)?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let redirect = loop {
+        let r = curl(&["--resolve", "myapp.example.com:80:10.10.1.50", "http://myapp.example.com/shop"])?;
+        if r.contains("@@301") || std::time::Instant::now() > deadline {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let (_, redirect) = redirect.rsplit_once("@@").unwrap_or(("", &redirect));
+    println!("  {:<45} {redirect}", "http://myapp.example.com/shop");
+    let https = |headers: &[&str]| -> anyhow::Result<(String, Option<String>)> {
+        let mut argv = vec!["--resolve", "myapp.example.com:443:10.10.1.50"];
+        for h in headers {
+            argv.extend(["-H", h]);
+        }
+        argv.push("https://myapp.example.com/");
+        let r = curl(&argv)?;
+        let (body, tail) = r.rsplit_once("@@").unwrap_or((&r, ""));
+        let pod =
+            serde_json::from_str::<serde_json::Value>(body).ok().and_then(|v| v["pod"].as_str().map(String::from));
+        Ok((tail.split(' ').next().unwrap_or("").to_string(), pod))
+    };
+    let v2 = https(&["x-version: v2"])?;
+    let plain = https(&[])?;
+    println!("  {:<45} {} {}", "https (x-version: v2), edge CA verified", v2.0, v2.1.as_deref().unwrap_or("-"));
+    println!("  {:<45} {} {}", "https (default route)", plain.0, plain.1.as_deref().unwrap_or("-"));
+    Ok(redirect.starts_with("301 https://myapp.example.com/shop")
+        && v2 == ("200".into(), Some("myapp-v2".into()))
+        && plain == ("200".into(), Some("myapp-v1".into())))
 }
 
 /// Applies the reference PeerAuthentication and AuthorizationPolicy as written and shows

@@ -3,18 +3,24 @@
 //! identity (signed by the CA for its own service account only), and serves the
 //! Gateways that select its pod ([`crate::gateway`]).
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use futures::StreamExt as _;
+use kube::Api;
+use kube::runtime::WatchStreamExt as _;
+use kube::runtime::watcher::{self, Event};
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{Error, RESYNC_INTERVAL, Source, dedup, kube_client, read_roots, shutdown_signal};
 use crate::admin::{self, AdminState};
-use crate::config::{DirSource, KubeSource};
+use crate::config::resources::{ObjectMeta, Secret};
+use crate::config::{DirSource, KubeSource, Object};
 use crate::dataplane::Netns;
 use crate::gateway::tls::Secrets;
 use crate::gateway::{Gateway, GatewayContext};
@@ -79,7 +85,6 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
             while !source.synced() {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            tracing::warn!("credentialName Secrets are not read from the API server yet: TLS servers need files");
             (Source::Kube(source), changes, None)
         }
         (None, Some(dir)) => {
@@ -89,6 +94,10 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
         }
         (None, None) => return Err(Error::Settings("--config-dir is required with --config-source files".into())),
     };
+    // In a cluster, credentialName Secrets come from the gateway's own namespace (its
+    // Role reads Secrets there and nowhere else).
+    let (secret_tx, mut secret_changes) = tokio::sync::mpsc::channel(1);
+    let secret_watch = client.as_ref().map(|c| SecretWatch::start(c.clone(), &namespace, secret_tx));
     let tasks = TaskTracker::new();
     let l7 = crate::l7::Context {
         snapshot: snapshot.clone(),
@@ -115,6 +124,8 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
         version: 0,
         admin: admin_state.clone(),
         metrics,
+        secret_watch,
+        secrets_seen: 0,
     };
     edge.reload(&mut source).await;
     tracing::info!(%pod, ports = ?edge.gateway.ports(), "gateway ready");
@@ -126,6 +137,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
         tokio::select! {
             _ = shutdown_signal() => break,
             Some(()) = changes.recv() => edge.reload(&mut source).await,
+            Some(()) = secret_changes.recv() => edge.reload(&mut source).await,
             _ = resync.tick() => edge.reload(&mut source).await,
             _ = renew.tick() => {
                 edge.certs.renew_due().await;
@@ -159,6 +171,10 @@ struct Edge {
     version: u64,
     admin: AdminState,
     metrics: Arc<Metrics>,
+    /// Secrets from the API server (cluster mode); files carry them in the lab.
+    secret_watch: Option<SecretWatch>,
+    /// The watch's version last applied.
+    secrets_seen: u64,
 }
 
 impl Edge {
@@ -172,17 +188,23 @@ impl Edge {
         }
         *self.admin.config_errors.lock().unwrap_or_else(|p| p.into_inner()) =
             source.standing_errors().iter().map(ToString::to_string).collect();
-        if !r.changed && self.version > 0 {
+        let mut objects = r.objects;
+        let secrets_version = self.secret_watch.as_ref().map_or(0, |w| w.version());
+        if let Some(w) = &self.secret_watch {
+            objects.extend(w.objects());
+        }
+        if !r.changed && self.version > 0 && secrets_version == self.secrets_seen {
             return;
         }
+        self.secrets_seen = secrets_version;
         self.version += 1;
-        let snap = Arc::new(Snapshot::compile_in(&r.objects, &self.settings.mesh_scope(), self.version));
+        let snap = Arc::new(Snapshot::compile_in(&objects, &self.settings.mesh_scope(), self.version));
         self.admin.snapshot.store(snap.clone());
         self.metrics.config_applied.inc();
         let own = snap.workloads.iter().find(|w| w.key() == self.gateway.pod()).map(|w| w.identity.clone());
         self.certs.set_local(own);
         self.certs.renew_due().await;
-        let secrets = Secrets::of_namespace(&r.objects, &self.namespace);
+        let secrets = Secrets::of_namespace(&objects, &self.namespace);
         for problem in self.gateway.apply(&snap, &secrets).await {
             tracing::warn!(version = self.version, "{problem}");
         }
@@ -198,4 +220,76 @@ impl Edge {
         let ready = own.is_some_and(|w| self.certs.has(&w.identity));
         self.admin.ready.store(ready, Ordering::Release);
     }
+}
+
+/// The Secrets of one namespace, followed in the API server.
+#[derive(Clone)]
+struct SecretWatch {
+    secrets: Arc<Mutex<BTreeMap<String, Object>>>,
+    version: Arc<AtomicU64>,
+}
+
+impl SecretWatch {
+    fn start(client: kube::Client, namespace: &str, changes: tokio::sync::mpsc::Sender<()>) -> Self {
+        let me = Self { secrets: Arc::default(), version: Arc::default() };
+        let api: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client, namespace);
+        let watch = me.clone();
+        tokio::spawn(async move {
+            let mut events = std::pin::pin!(watcher::watcher(api, watcher::Config::default()).default_backoff());
+            let mut relisting: Option<BTreeMap<String, Object>> = None;
+            while let Some(event) = events.next().await {
+                {
+                    let mut secrets = watch.secrets.lock().unwrap_or_else(|p| p.into_inner());
+                    match event {
+                        Ok(Event::Init) => relisting = Some(BTreeMap::new()),
+                        Ok(Event::InitApply(s)) => {
+                            if let (Some(list), Some((name, o))) = (relisting.as_mut(), converted(s)) {
+                                list.insert(name, o);
+                            }
+                            continue;
+                        }
+                        Ok(Event::InitDone) => *secrets = relisting.take().unwrap_or_default(),
+                        Ok(Event::Apply(s)) => {
+                            if let Some((name, o)) = converted(s) {
+                                secrets.insert(name, o);
+                            }
+                        }
+                        Ok(Event::Delete(s)) => {
+                            secrets.remove(&s.metadata.name.unwrap_or_default());
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "watching the gateway's Secrets; the last ones stay in use");
+                            continue;
+                        }
+                    }
+                }
+                watch.version.fetch_add(1, Ordering::AcqRel);
+                let _ = changes.try_send(());
+            }
+        });
+        me
+    }
+
+    fn version(&self) -> u64 {
+        self.version.load(Ordering::Acquire)
+    }
+
+    fn objects(&self) -> Vec<Object> {
+        self.secrets.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+    }
+}
+
+/// An API Secret as a config object (values base64 again, as `data` is written).
+fn converted(s: k8s_openapi::api::core::v1::Secret) -> Option<(String, Object)> {
+    use base64::Engine as _;
+    let name = s.metadata.name?;
+    let metadata = ObjectMeta { name: name.clone(), namespace: s.metadata.namespace, ..Default::default() };
+    let data = s
+        .data
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| (k, base64::engine::general_purpose::STANDARD.encode(v.0)))
+        .collect();
+    let secret = Secret { metadata, secret_type: s.type_, data, string_data: Default::default() };
+    Some((name, Object::Secret(Box::new(secret))))
 }
