@@ -70,10 +70,10 @@ pub struct Settings {
     #[arg(long, env = "MESH_CA_SECRET")]
     pub ca_secret: Option<String>,
 
-    /// `namespace/name` of a ConfigMap to publish the root bundle in (`root-cert.pem`),
-    /// which agents mount to trust the CA at start.
-    #[arg(long, env = "MESH_CA_ROOT_CONFIGMAP")]
-    pub root_configmap: Option<String>,
+    /// `namespace/name` of ConfigMaps to publish the root bundle in (`root-cert.pem`),
+    /// which agents and gateways mount to trust the CA at start.
+    #[arg(long, env = "MESH_CA_ROOT_CONFIGMAP", value_delimiter = ',')]
+    pub root_configmap: Vec<String>,
 
     /// SPIFFE trust domain of the identities signed.
     #[arg(long, env = "MESH_TRUST_DOMAIN", default_value = "cluster.local")]

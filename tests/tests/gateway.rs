@@ -9,7 +9,7 @@ use mesh_tests::lab::{CLIENT_NETNS, Lab};
 use mesh_tests::sys::output;
 
 /// The gateway pod's address (examples/lab/pods.yaml), as a load balancer would give it.
-const GATEWAY: &str = "10.10.1.50";
+const GATEWAY: &str = "10.10.1.100";
 const HOST: &str = "myapp.example.com";
 
 /// curl from outside the cluster: (status, redirect target, body).

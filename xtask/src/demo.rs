@@ -86,7 +86,7 @@ pub fn run() -> anyhow::Result<()> {
          cargo xtask lab exec frontend -- curl -s -X DELETE http://myapp/api/x\n  \
          cargo xtask lab delete examples/seed/authorizationpolicy-myapp.yaml   # lift the policy\n  \
          ip netns exec meshlab-client curl -s --cacert /run/meshlab/edge-ca.pem \\\n    \
-         --resolve myapp.example.com:443:10.10.1.50 https://myapp.example.com/   # ingress\n  \
+         --resolve myapp.example.com:443:10.10.1.100 https://myapp.example.com/   # ingress\n  \
          cargo xtask lab delete examples/seed/virtualservice-myapp.yaml   # remove the routes again\n  \
          cargo xtask lab status\n  cargo xtask lab logs node1\n  cargo xtask lab down"
     );
@@ -158,7 +158,7 @@ fn ingress(lab: &mesh_tests::lab::Lab) -> anyhow::Result<bool> {
     };
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let redirect = loop {
-        let r = curl(&["--resolve", "myapp.example.com:80:10.10.1.50", "http://myapp.example.com/shop"])?;
+        let r = curl(&["--resolve", "myapp.example.com:80:10.10.1.100", "http://myapp.example.com/shop"])?;
         if r.contains("@@301") || std::time::Instant::now() > deadline {
             break r;
         }
@@ -167,7 +167,7 @@ fn ingress(lab: &mesh_tests::lab::Lab) -> anyhow::Result<bool> {
     let (_, redirect) = redirect.rsplit_once("@@").unwrap_or(("", &redirect));
     println!("  {:<45} {redirect}", "http://myapp.example.com/shop");
     let https = |headers: &[&str]| -> anyhow::Result<(String, Option<String>)> {
-        let mut argv = vec!["--resolve", "myapp.example.com:443:10.10.1.50"];
+        let mut argv = vec!["--resolve", "myapp.example.com:443:10.10.1.100"];
         for h in headers {
             argv.extend(["-H", h]);
         }

@@ -393,7 +393,13 @@ async fn follow_ca(
 /// Publishes the roots in the configured ConfigMap (`root-cert.pem`), which agents
 /// mount to trust the CA at start.
 async fn publish_roots(client: Option<&kube::Client>, settings: &Settings, bundle: &TrustBundle) {
-    let (Some(client), Some(target)) = (client, &settings.root_configmap) else { return };
+    let Some(client) = client else { return };
+    for target in &settings.root_configmap {
+        publish_roots_in(client, target, bundle).await;
+    }
+}
+
+async fn publish_roots_in(client: &kube::Client, target: &str, bundle: &TrustBundle) {
     let Some((ns, name)) = target.split_once('/') else {
         return tracing::error!(configmap = %target, "--root-configmap: expected namespace/name");
     };

@@ -127,39 +127,56 @@ fn helm_chart() -> Vec<(PathBuf, String)> {
     ]
 }
 
+/// `kind namespace/name`: what kustomize calls a resource's id.
+fn id(o: &serde_json::Value) -> (String, String, String) {
+    let meta = &o["metadata"];
+    let field = |v: &serde_json::Value| v.as_str().unwrap_or("").to_string();
+    (kind(o).to_string(), field(&meta["namespace"]), field(&meta["name"]))
+}
+
+/// What an overlay adds to the objects of `under`: the objects it does not have (new
+/// resources) and those it has otherwise (whole-object strategic-merge patches).
+fn overlay(
+    under: &[serde_json::Value],
+    profile: &[serde_json::Value],
+) -> (Vec<serde_json::Value>, Vec<serde_json::Value>) {
+    let known: Vec<_> = under.iter().map(id).collect();
+    let added = profile.iter().filter(|o| !known.contains(&id(o))).cloned().collect();
+    let changed = profile.iter().filter(|o| known.contains(&id(o)) && !under.contains(o)).cloned().collect();
+    (added, changed)
+}
+
 fn kustomize() -> Vec<(PathBuf, String)> {
     let minimal = manifest::objects(&Values::for_profile(Profile::Minimal));
     let default = manifest::objects(&Values::for_profile(Profile::Default));
-    let demo = Values::for_profile(Profile::Demo);
-    let extra: Vec<_> = default.iter().filter(|o| !minimal.contains(o)).cloned().collect();
+    let demo = manifest::objects(&Values::for_profile(Profile::Demo));
+    let (extra, default_patches) = overlay(&minimal, &default);
     let crds: Vec<_> = extra.iter().filter(|o| kind(o) == "CustomResourceDefinition").cloned().collect();
     let rest: Vec<_> = extra.iter().filter(|o| kind(o) != "CustomResourceDefinition").cloned().collect();
-    let res = |k: &str, r: &str| demo.resources.get(&(k.to_string(), r.to_string())).cloned().unwrap_or_default();
-    let demo_patch = format!(
-        "# The demo profile's differences from default (strategic merge patch).\n\
-         apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {agent}\n  namespace: {ns}\ndata:\n  MESH_LOG: {log}\n---\n\
-         apiVersion: apps/v1\nkind: DaemonSet\nmetadata:\n  name: {agent}\n  namespace: {ns}\nspec:\n  template:\n    spec:\n      \
-         containers:\n      - name: {agent}\n        resources:\n          requests:\n            cpu: {rc}\n            memory: {rm}\n",
-        agent = manifest::AGENT,
-        ns = demo.namespace,
-        log = demo.log_level,
-        rc = res("requests", "cpu"),
-        rm = res("requests", "memory"),
-    );
+    let (demo_extra, demo_patches) = overlay(&default, &demo);
+    let header = |what: &str| format!("# {what} (whole objects, applied as strategic-merge patches).\n");
     vec![
         (PathBuf::from("kustomize/base/kustomization.yaml"), "resources:\n- mesh.yaml\n".into()),
         (PathBuf::from("kustomize/base/mesh.yaml"), yaml_docs(&minimal)),
         (
             PathBuf::from("kustomize/overlays/default/kustomization.yaml"),
-            "resources:\n- ../../base\n- crds.yaml\n- extras.yaml\n".into(),
+            "resources:\n- ../../base\n- crds.yaml\n- extras.yaml\npatches:\n- path: patches.yaml\n".into(),
         ),
         (PathBuf::from("kustomize/overlays/default/crds.yaml"), yaml_docs(&crds)),
         (PathBuf::from("kustomize/overlays/default/extras.yaml"), yaml_docs(&rest)),
         (
-            PathBuf::from("kustomize/overlays/demo/kustomization.yaml"),
-            "resources:\n- ../default\npatches:\n- path: demo.yaml\n".into(),
+            PathBuf::from("kustomize/overlays/default/patches.yaml"),
+            header("The default profile's changes to the minimal one") + &yaml_docs(&default_patches),
         ),
-        (PathBuf::from("kustomize/overlays/demo/demo.yaml"), demo_patch),
+        (
+            PathBuf::from("kustomize/overlays/demo/kustomization.yaml"),
+            "resources:\n- ../default\n- extras.yaml\npatches:\n- path: demo.yaml\n".into(),
+        ),
+        (PathBuf::from("kustomize/overlays/demo/extras.yaml"), yaml_docs(&demo_extra)),
+        (
+            PathBuf::from("kustomize/overlays/demo/demo.yaml"),
+            header("The demo profile's changes to the default one") + &yaml_docs(&demo_patches),
+        ),
     ]
 }
 

@@ -25,6 +25,8 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::crds;
 
+pub mod gateways;
+
 /// Name of the agent's DaemonSet, ServiceAccount, roles and ConfigMap.
 pub const AGENT: &str = "mesh-agent";
 /// The Secret holding the mesh CA (Istio's plug-in CA layout: `ca-cert.pem`, ...),
@@ -110,6 +112,9 @@ pub struct Values {
     pub crds: bool,
     /// Whether a Service exposes the agents' metrics port (`values.telemetry.enabled`).
     pub metrics_service: bool,
+    /// The gateways installed: the ingress gateway from `default` on, the egress
+    /// gateway in `demo`, as Istio's profiles have them.
+    pub gateways: Vec<gateways::GatewaySpec>,
 }
 
 impl Values {
@@ -140,6 +145,11 @@ impl Values {
             resources,
             crds: profile != Profile::Minimal,
             metrics_service: profile != Profile::Minimal,
+            gateways: match profile {
+                Profile::Minimal => Vec::new(),
+                Profile::Default => vec![gateways::INGRESS],
+                Profile::Demo => vec![gateways::INGRESS, gateways::EGRESS],
+            },
         }
     }
 
@@ -444,6 +454,9 @@ pub fn objects(v: &Values) -> Vec<serde_json::Value> {
             }),
         );
     }
+    for g in &v.gateways {
+        out.extend(gateways::objects(v, *g));
+    }
     out
 }
 
@@ -511,7 +524,13 @@ fn ca_deployment(v: &Values) -> Deployment {
         command: Some(vec!["/mesh-ca".into()]),
         args: Some(vec![
             format!("--ca-secret={ns}/{CA_SECRET}"),
-            format!("--root-configmap={ns}/{ROOT_CONFIGMAP}"),
+            format!(
+                "--root-configmap={}",
+                std::iter::once(format!("{ns}/{ROOT_CONFIGMAP}"))
+                    .chain(v.gateways.iter().map(|g| g.root_configmap()))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
             "--ca-dir=/var/lib/mesh-ca".into(),
             format!("--trusted-agent={ns}/{AGENT}"),
             format!("--audience={CA_AUDIENCE}"),
@@ -824,8 +843,12 @@ mod tests {
                 continue;
             }
             let role_kind = b["roleRef"]["kind"].as_str().unwrap();
+            // A RoleBinding names a Role of its own namespace.
+            let same_place =
+                |d: &&Value| role_kind == "ClusterRole" || d["metadata"]["namespace"] == b["metadata"]["namespace"];
             let role = docs
                 .iter()
+                .filter(same_place)
                 .find(|d| d["kind"] == role_kind && d["metadata"]["name"] == b["roleRef"]["name"])
                 .unwrap_or_else(|| panic!("{role_kind} {} is not in the install", b["roleRef"]["name"]));
             out.extend(role["rules"].as_array().into_iter().flatten().cloned());
@@ -849,10 +872,28 @@ mod tests {
             assert_eq!(ca.len(), 1, "{name}: {ca:?}");
             assert_eq!(ca[0]["resourceNames"], serde_json::json!([CA_SECRET]), "{name}");
             assert_eq!(ca[0]["verbs"], serde_json::json!(["get"]), "{name}");
+            // Gateways read Secrets in their own namespaces only, never where the key is.
+            let gateways = Values::for_profile(profile).gateways;
+            for g in &gateways {
+                for b in docs.iter().filter(|d| d["kind"] == "RoleBinding" || d["kind"] == "ClusterRoleBinding") {
+                    let bound = b["subjects"].as_array().into_iter().flatten().any(|s| s["name"] == g.name);
+                    let role = &b["roleRef"];
+                    let reads_secrets = docs
+                        .iter()
+                        .filter(|d| d["kind"] == role["kind"] && d["metadata"]["name"] == role["name"])
+                        .filter(|d| d["metadata"]["namespace"] == b["metadata"]["namespace"])
+                        .any(|d| d["rules"].as_array().into_iter().flatten().any(touches_secrets));
+                    if bound && reads_secrets {
+                        assert_eq!(b["kind"], "RoleBinding", "{name}: {b}");
+                        assert_eq!(b["metadata"]["namespace"], g.namespace, "{name}: {b}");
+                    }
+                }
+            }
             // Nobody else is bound to anything.
             for b in docs.iter().filter(|d| d["kind"] == "RoleBinding" || d["kind"] == "ClusterRoleBinding") {
                 for s in b["subjects"].as_array().into_iter().flatten() {
-                    assert!(s["name"] == AGENT || s["name"] == CA, "{name}: unexpected subject {s}");
+                    let known = s["name"] == AGENT || s["name"] == CA || gateways.iter().any(|g| s["name"] == g.name);
+                    assert!(known, "{name}: unexpected subject {s}");
                 }
             }
             // The agent mounts no Secret and no CA directory; only a projected token.

@@ -1,0 +1,256 @@
+//! The gateways of an install: the mesh's own binary in gateway mode, as a Deployment
+//! with a Service labelled as Istio's are (`istio: ingressgateway`, `istio:
+//! egressgateway`), each in a namespace of its own, outside the capture: the `default`
+//! profile installs the ingress gateway, `demo` adds the egress gateway.
+//!
+//! Least privilege: a gateway reads the mesh's config (the agents' read-only role), the
+//! Secrets of its own namespace (its certificates; never `istio-system`, where the CA
+//! key is), and holds one identity, which the CA signs for its service account only.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, Namespace,
+    ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource, SeccompProfile,
+    SecurityContext, Service, ServiceAccount, ServiceAccountTokenProjection, ServicePort, ServiceSpec, Sysctl, Volume,
+    VolumeProjection,
+};
+use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, PolicyRule, Role, RoleBinding};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use super::{
+    AGENT, CA, CA_AUDIENCE, READ, ROOT_CONFIGMAP, Values, binding_subject, labels_of, meta_of, mount, role_ref, rule,
+    to_json,
+};
+
+/// One gateway of an install.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GatewaySpec {
+    /// Deployment, Service and service account name.
+    pub name: &'static str,
+    /// Its namespace (Istio's recommended one, apart from `istio-system`).
+    pub namespace: &'static str,
+    /// The `istio:` label Gateways select it by.
+    pub istio_label: &'static str,
+    /// Whether its Service is a LoadBalancer (ingress) or cluster-internal (egress).
+    pub load_balancer: bool,
+}
+
+/// The ingress gateway (`default` and `demo`).
+pub const INGRESS: GatewaySpec = GatewaySpec {
+    name: "istio-ingressgateway",
+    namespace: "istio-ingress",
+    istio_label: "ingressgateway",
+    load_balancer: true,
+};
+
+/// The egress gateway (`demo`).
+pub const EGRESS: GatewaySpec = GatewaySpec {
+    name: "istio-egressgateway",
+    namespace: "istio-egress",
+    istio_label: "egressgateway",
+    load_balancer: false,
+};
+
+impl GatewaySpec {
+    fn labels(&self) -> BTreeMap<String, String> {
+        let mut l = labels_of(self.name);
+        l.insert("istio".into(), self.istio_label.into());
+        l
+    }
+
+    fn meta(&self, namespace: Option<&str>) -> ObjectMeta {
+        ObjectMeta { labels: Some(self.labels()), ..meta_of(self.name, self.name, namespace) }
+    }
+
+    /// `namespace/name` of the root bundle the CA publishes for it.
+    pub fn root_configmap(&self) -> String {
+        format!("{}/{ROOT_CONFIGMAP}", self.namespace)
+    }
+}
+
+/// Every object of gateway `g`.
+pub fn objects(v: &Values, g: GatewaySpec) -> Vec<serde_json::Value> {
+    let ns = g.namespace;
+    let mut ns_labels = labels_of(g.name);
+    // A gateway holds its own identity: its namespace is never captured.
+    ns_labels.insert("istio.io/dataplane-mode".into(), "none".into());
+    vec![
+        to_json(&Namespace {
+            metadata: ObjectMeta { labels: Some(ns_labels), ..meta_of(g.name, ns, None) },
+            ..Default::default()
+        }),
+        to_json(&ServiceAccount { metadata: g.meta(Some(ns)), ..Default::default() }),
+        // The mesh's config, read-only, as the agents read it.
+        to_json(&ClusterRoleBinding {
+            metadata: g.meta(None),
+            role_ref: role_ref("ClusterRole", AGENT),
+            subjects: Some(vec![binding_subject(g.name, ns)]),
+        }),
+        // Its certificates: the Secrets of its own namespace.
+        to_json(&Role { metadata: g.meta(Some(ns)), rules: Some(vec![rule(&[""], &["secrets"], READ)]) }),
+        to_json(&RoleBinding {
+            metadata: g.meta(Some(ns)),
+            role_ref: role_ref("Role", g.name),
+            subjects: Some(vec![binding_subject(g.name, ns)]),
+        }),
+        // The CA publishes the root bundle here, which the gateway mounts.
+        to_json(&Role {
+            metadata: meta_of(CA, CA, Some(ns)),
+            rules: Some(vec![
+                rule(&[""], &["configmaps"], &["create"]),
+                PolicyRule {
+                    resource_names: Some(vec![ROOT_CONFIGMAP.into()]),
+                    ..rule(&[""], &["configmaps"], &["get", "patch", "update"])
+                },
+            ]),
+        }),
+        to_json(&RoleBinding {
+            metadata: meta_of(CA, CA, Some(ns)),
+            role_ref: role_ref("Role", CA),
+            subjects: Some(vec![binding_subject(CA, &v.namespace)]),
+        }),
+        to_json(&deployment(v, g)),
+        to_json(&service(g)),
+    ]
+}
+
+fn deployment(v: &Values, g: GatewaySpec) -> Deployment {
+    let field = |name: &str, path: &str| EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector { field_path: path.into(), ..Default::default() }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let value = |name: &str, value: String| EnvVar { name: name.into(), value: Some(value), ..Default::default() };
+    let mesh_ns = v.namespace.as_str();
+    let container = Container {
+        name: "istio-proxy".into(),
+        image: Some(v.image()),
+        command: Some(vec!["/mesh-agent".into()]),
+        args: Some(vec![
+            "--mode=gateway".into(),
+            "--ca-root-cert=/var/run/mesh-ca/root-cert.pem".into(),
+            "--ca-token-file=/var/run/secrets/tokens/mesh-ca-token".into(),
+            "--metrics-addr=0.0.0.0:15020".into(),
+            "--readiness-addr=0.0.0.0:15021".into(),
+        ]),
+        env: Some(vec![
+            field("MESH_NODE_NAME", "spec.nodeName"),
+            field("POD_NAME", "metadata.name"),
+            field("POD_NAMESPACE", "metadata.namespace"),
+            value("MESH_POD", "$(POD_NAMESPACE)/$(POD_NAME)".into()),
+            value("MESH_CONFIG_SOURCE", "kubernetes".into()),
+            value("MESH_METRICS_AUTH", "kubernetes".into()),
+            value("MESH_TRUST_DOMAIN", v.trust_domain.clone()),
+            value("MESH_ROOT_NAMESPACE", v.root_namespace.clone()),
+            value("MESH_CERT_TTL", v.cert_ttl.clone()),
+            value("MESH_LOG", v.log_level.clone()),
+            value("MESH_CA_ADDRESS", format!("{CA}.{mesh_ns}.svc:15012")),
+            value("MESH_CA_SERVER_NAME", format!("{CA}.{mesh_ns}.svc")),
+        ]),
+        ports: Some(vec![
+            ContainerPort { name: Some("http2".into()), container_port: 80, ..Default::default() },
+            ContainerPort { name: Some("https".into()), container_port: 443, ..Default::default() },
+            ContainerPort { name: Some("http-metrics".into()), container_port: 15020, ..Default::default() },
+            ContainerPort { name: Some("http-ready".into()), container_port: 15021, ..Default::default() },
+        ]),
+        readiness_probe: Some(Probe {
+            http_get: Some(HTTPGetAction {
+                path: Some("/healthz/ready".into()),
+                port: IntOrString::Int(15021),
+                ..Default::default()
+            }),
+            period_seconds: Some(5),
+            ..Default::default()
+        }),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            run_as_user: Some(65532),
+            capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Default::default() }),
+            seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..Default::default() }),
+            ..Default::default()
+        }),
+        volume_mounts: Some(vec![
+            mount("ca-root", "/var/run/mesh-ca", true, None),
+            mount("ca-token", "/var/run/secrets/tokens", true, None),
+        ]),
+        ..Default::default()
+    };
+    let selector = BTreeMap::from([("istio".to_string(), g.istio_label.to_string())]);
+    Deployment {
+        metadata: g.meta(Some(g.namespace)),
+        spec: Some(DeploymentSpec {
+            replicas: Some(1),
+            selector: LabelSelector { match_labels: Some(selector), ..Default::default() },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta { labels: Some(g.labels()), ..Default::default() }),
+                spec: Some(PodSpec {
+                    service_account_name: Some(g.name.into()),
+                    // Ports 80 and 443 without a capability, as Istio's gateways do.
+                    security_context: Some(PodSecurityContext {
+                        sysctls: Some(vec![Sysctl {
+                            name: "net.ipv4.ip_unprivileged_port_start".into(),
+                            value: "0".into(),
+                        }]),
+                        ..Default::default()
+                    }),
+                    containers: vec![container],
+                    volumes: Some(vec![
+                        Volume {
+                            name: "ca-root".into(),
+                            config_map: Some(ConfigMapVolumeSource {
+                                name: ROOT_CONFIGMAP.into(),
+                                ..Default::default()
+                            }),
+                            ..Default::default()
+                        },
+                        Volume {
+                            name: "ca-token".into(),
+                            projected: Some(ProjectedVolumeSource {
+                                sources: Some(vec![VolumeProjection {
+                                    service_account_token: Some(ServiceAccountTokenProjection {
+                                        audience: Some(CA_AUDIENCE.into()),
+                                        expiration_seconds: Some(3600),
+                                        path: "mesh-ca-token".into(),
+                                    }),
+                                    ..Default::default()
+                                }]),
+                                ..Default::default()
+                            }),
+                            ..Default::default()
+                        },
+                    ]),
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn service(g: GatewaySpec) -> Service {
+    let port = |name: &str, port: i32| ServicePort {
+        name: Some(name.into()),
+        port,
+        target_port: Some(IntOrString::Int(port)),
+        ..Default::default()
+    };
+    Service {
+        metadata: g.meta(Some(g.namespace)),
+        spec: Some(ServiceSpec {
+            type_: Some(if g.load_balancer { "LoadBalancer" } else { "ClusterIP" }.into()),
+            selector: Some(BTreeMap::from([("istio".to_string(), g.istio_label.to_string())])),
+            ports: Some(vec![port("http2", 80), port("https", 443)]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
