@@ -151,7 +151,7 @@ fn ingress(lab: &mesh_tests::lab::Lab) -> anyhow::Result<bool> {
     let ca = lab.edge_ca_path().display().to_string();
     let curl = |extra: &[&str]| -> anyhow::Result<String> {
         let mut argv = vec!["ip", "netns", "exec", CLIENT_NETNS, "curl", "-s", "-m", "5", "--cacert", &ca];
-        argv.extend(["-w", "@@%{http_code} %{redirect_url}"]);
+        argv.extend(["-w", "\n@@%{http_code} %{redirect_url}"]);
         argv.extend(extra);
         let out = mesh_tests::sys::output(&argv)?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
