@@ -30,6 +30,46 @@ pub(super) fn analyze(objects: &[Object], snap: &Snapshot) -> Vec<Diagnostic> {
     if !snap.workloads.is_empty() {
         out.extend(gateways.iter().filter_map(|(key, gw)| served_by_nothing(key, gw, snap)));
     }
+    // Secrets are checked where the input has some (a cluster, or the lab's files).
+    if objects.iter().any(|o| matches!(o, Object::Secret(_))) {
+        out.extend(gateways.iter().flat_map(|(key, gw)| missing_credentials(key, gw, objects, snap)));
+    }
+    out
+}
+
+/// A server's `credentialName` must name a Secret in the namespace of each gateway
+/// workload that serves it (where Istio, and the mesh's gateways, read it).
+fn missing_credentials(key: &str, gw: &Gateway, objects: &[Object], snap: &Snapshot) -> Vec<Diagnostic> {
+    let exists = |ns: &str, name: &str| {
+        objects.iter().any(
+            |o| matches!(o, Object::Secret(s) if s.metadata.namespace_or_default() == ns && s.metadata.name == name),
+        )
+    };
+    let mut namespaces: Vec<&str> = snap
+        .workloads
+        .iter()
+        .filter(|w| gw.spec.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+        .map(|w| w.namespace.as_str())
+        .collect();
+    namespaces.sort();
+    namespaces.dedup();
+    let mut out = Vec::new();
+    for (i, server) in gw.spec.servers.iter().enumerate() {
+        let Some(tls) = &server.tls else { continue };
+        for name in tls.credential_name.iter().chain(&tls.credential_names) {
+            for ns in namespaces.iter().filter(|ns| !exists(ns, name)) {
+                out.push(Diagnostic {
+                    level: Level::Error,
+                    code: "IST0101",
+                    object: format!("Gateway {key}"),
+                    message: format!(
+                        "referenced credentialName not found: Secret {ns}/{name} (spec.servers[{i}].tls); the \
+                         gateway in {ns} cannot serve this server until it exists"
+                    ),
+                });
+            }
+        }
+    }
     out
 }
 
@@ -210,6 +250,19 @@ mod tests {
         let other = GW.replace("name: edge,", "name: edge-2,").replace("*.example.com", "production/*.example.com");
         let found = findings(&other);
         assert_eq!(found.iter().map(|d| d.code).collect::<Vec<_>>(), ["IST0145"], "{found:?}");
+    }
+
+    #[test]
+    fn a_credential_name_without_its_secret_is_reported_where_secrets_are_known() {
+        let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: gw, namespace: istio-ingress, labels: {istio: ingressgateway}}\n\
+            spec: {nodeName: node1}\nstatus: {podIP: 10.10.1.100}\n";
+        let other = "---\napiVersion: v1\nkind: Secret\nmetadata: {name: unrelated, namespace: istio-ingress}\n\
+            stringData: {a: b}\n";
+        let found = findings(&format!("{pod}{other}"));
+        assert_eq!(found.iter().map(|d| d.code).collect::<Vec<_>>(), ["IST0101"], "{found:?}");
+        assert!(found[0].message.contains("Secret istio-ingress/edge-cert"), "{}", found[0].message);
+        let right = other.replace("unrelated", "edge-cert");
+        assert_eq!(findings(&format!("{pod}{right}")), vec![]);
     }
 
     #[test]
