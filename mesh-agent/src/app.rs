@@ -111,16 +111,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
     if matches!(*scrape_auth, crate::admin::ScrapeAuth::Open) && !settings.metrics_addr.ip().is_loopback() {
         tracing::warn!(addr = %settings.metrics_addr, "metrics are open to anyone who reaches the port (--metrics-auth)");
     }
-    let roots = read_roots(&settings.ca_root_cert)?;
-    let verifier = PeerVerifier::new(&roots, settings.accepted_trust_domains())?;
-    let ca_client = CaClient {
-        address: settings.ca_address.clone(),
-        server_name: settings.ca_server_name.clone(),
-        token_file: settings.ca_token_file.clone(),
-        root_file: Some(settings.ca_root_cert.clone()),
-        verifier: verifier.clone(),
-    };
-    let certs = Arc::new(CertStore::remote(ca_client, settings.cert_ttl));
+    let (verifier, certs) = identity(&settings)?;
 
     let paths = resolve_paths(&settings)?;
     let dataplane = Arc::new(Dataplane::load(paths, settings.bypass_mark, &settings.exclude_ports)?);
@@ -150,42 +141,8 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
         scrape_auth,
     };
     // Up before the config is: a waiting agent answers "not ready" and says why.
-    for addr in dedup([settings.admin_addr, settings.metrics_addr, settings.readiness_addr]) {
-        let listener_state = admin_state.clone();
-        let stop = shutdown.clone();
-        // Bind now so a port conflict stops start-up with a clear error.
-        let probe = std::net::TcpListener::bind(addr).map_err(Error::Admin)?;
-        drop(probe);
-        let dump = addr == settings.admin_addr;
-        tokio::spawn(async move {
-            if let Err(e) = admin::serve(addr, listener_state, stop, dump).await {
-                tracing::error!(%addr, error = %e, "admin endpoint failed");
-            }
-        });
-    }
-    let (mut source, mut changes, _watcher) = match (&client, &settings.config_dir) {
-        (Some(client), _) => {
-            let (source, changes) = KubeSource::start(client.clone());
-            // A partial config would unenroll pods the API has not listed yet.
-            let mut waited = 0u32;
-            while !source.synced() {
-                if waited.is_multiple_of(50) {
-                    tracing::info!("waiting for the API server to list every kind the mesh reads");
-                    *admin_state.config_errors.lock().unwrap_or_else(|p| p.into_inner()) =
-                        source.standing_errors().iter().map(ToString::to_string).collect();
-                }
-                waited += 1;
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            (Source::Kube(source), changes, None)
-        }
-        (None, Some(dir)) => {
-            let source = DirSource::new(dir);
-            let (watcher, changes) = source.watch().map_err(|source| Error::Watch { dir: dir.clone(), source })?;
-            (Source::Files(source), changes, Some(watcher))
-        }
-        (None, None) => return Err(Error::Settings("--config-dir is required with --config-source files".into())),
-    };
+    serve_admin(&settings, &admin_state, &shutdown)?;
+    let (mut source, mut changes, _watcher) = open_source(&settings, client.as_ref(), &admin_state).await?;
     let ctx = ProxyContext {
         snapshot: snapshot.clone(),
         orig_dst: dataplane.clone(),
@@ -276,8 +233,72 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
     Ok(())
 }
 
+/// The peer verifier on the roots the process starts with, and the store of the
+/// certificates the CA service signs for it.
+pub(crate) fn identity(settings: &Settings) -> Result<(PeerVerifier, Arc<CertStore>), Error> {
+    let roots = read_roots(&settings.ca_root_cert)?;
+    let verifier = PeerVerifier::new(&roots, settings.accepted_trust_domains())?;
+    let ca_client = CaClient {
+        address: settings.ca_address.clone(),
+        server_name: settings.ca_server_name.clone(),
+        token_file: settings.ca_token_file.clone(),
+        root_file: Some(settings.ca_root_cert.clone()),
+        verifier: verifier.clone(),
+    };
+    Ok((verifier, Arc::new(CertStore::remote(ca_client, settings.cert_ttl))))
+}
+
+/// Starts the admin, metrics and readiness endpoints (one server per distinct
+/// address); the config dump only on the admin address.
+pub(crate) fn serve_admin(settings: &Settings, state: &AdminState, shutdown: &CancellationToken) -> Result<(), Error> {
+    for addr in dedup([settings.admin_addr, settings.metrics_addr, settings.readiness_addr]) {
+        let (listener_state, stop, dump) = (state.clone(), shutdown.clone(), addr == settings.admin_addr);
+        // Bind now so a port conflict stops start-up with a clear error.
+        drop(std::net::TcpListener::bind(addr).map_err(Error::Admin)?);
+        tokio::spawn(async move {
+            if let Err(e) = admin::serve(addr, listener_state, stop, dump).await {
+                tracing::error!(%addr, error = %e, "admin endpoint failed");
+            }
+        });
+    }
+    Ok(())
+}
+
+/// The config source the settings name, once it holds a whole config: in a cluster,
+/// every kind listed (a partial config would unenroll pods the API has not listed
+/// yet); with files, the directory watched. The watcher lives as long as the caller
+/// keeps it.
+pub(crate) async fn open_source(
+    settings: &Settings,
+    client: Option<&kube::Client>,
+    admin: &AdminState,
+) -> Result<(Source, mpsc::Receiver<()>, Option<notify::RecommendedWatcher>), Error> {
+    match (client, &settings.config_dir) {
+        (Some(client), _) => {
+            let (source, changes) = KubeSource::start(client.clone());
+            let mut waited = 0u32;
+            while !source.synced() {
+                if waited.is_multiple_of(50) {
+                    tracing::info!("waiting for the API server to list every kind the mesh reads");
+                    *admin.config_errors.lock().unwrap_or_else(|p| p.into_inner()) =
+                        source.standing_errors().iter().map(ToString::to_string).collect();
+                }
+                waited += 1;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Ok((Source::Kube(source), changes, None))
+        }
+        (None, Some(dir)) => {
+            let source = DirSource::new(dir);
+            let (watcher, changes) = source.watch().map_err(|source| Error::Watch { dir: dir.clone(), source })?;
+            Ok((Source::Files(source), changes, Some(watcher)))
+        }
+        (None, None) => Err(Error::Settings("--config-dir is required with --config-source files".into())),
+    }
+}
+
 /// The PEM roots in `path`.
-pub(crate) fn read_roots(path: &std::path::Path) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, Error> {
+fn read_roots(path: &std::path::Path) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, Error> {
     let io = |source| crate::identity::Error::CaFile { path: path.to_owned(), source };
     let pem = std::fs::read(path).map_err(io)?;
     let roots = rustls_pemfile::certs(&mut pem.as_slice()).collect::<Result<Vec<_>, _>>().map_err(io)?;
@@ -334,7 +355,7 @@ fn install_cni_plugin(settings: &Settings) -> Result<(), Error> {
     Ok(())
 }
 
-pub(crate) fn dedup<const N: usize>(addrs: [std::net::SocketAddr; N]) -> Vec<std::net::SocketAddr> {
+fn dedup<const N: usize>(addrs: [std::net::SocketAddr; N]) -> Vec<std::net::SocketAddr> {
     let mut out = Vec::new();
     for a in addrs {
         if !out.contains(&a) {

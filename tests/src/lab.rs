@@ -1120,13 +1120,19 @@ impl Lab {
             labels.join(","),
         ]
         .into();
+        self.spawn_app(p, &argv, &[])
+    }
+
+    /// Runs a pod's app in the pod's netns and cgroup, logging to `app-<netns>.log`.
+    fn spawn_app(&self, p: &PodInfo, argv: &[String], env: &[(&str, &str)]) -> anyhow::Result<u32> {
         let log = fs::File::create(self.state_dir.join("logs").join(format!("app-{}.log", p.netns)))?;
-        let child = in_cgroup_netns(&self.cgroup_root.join(&p.cgroup), &p.netns, Enter::IpNetnsExec, &argv)
+        let child = in_cgroup_netns(&self.cgroup_root.join(&p.cgroup), &p.netns, Enter::IpNetnsExec, argv)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
-            .context("starting mesh-echo")?;
+            .with_context(|| format!("starting the app of pod {}", p.name))?;
         Ok(child.id())
     }
 
@@ -1161,15 +1167,7 @@ impl Lab {
             "2s".into(),
         ]
         .into();
-        let log = fs::File::create(self.state_dir.join("logs").join(format!("app-{}.log", p.netns)))?;
-        let child = in_cgroup_netns(&self.cgroup_root.join(&p.cgroup), &p.netns, Enter::IpNetnsExec, &argv)
-            .env("MESH_LOG", &self.agent_log)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting the gateway")?;
-        Ok(child.id())
+        self.spawn_app(p, &argv, &[("MESH_LOG", &self.agent_log)])
     }
 
     fn wait_app(&self, p: &PodInfo) -> anyhow::Result<()> {

@@ -6,7 +6,6 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use futures::StreamExt as _;
@@ -17,14 +16,14 @@ use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{Error, RESYNC_INTERVAL, Source, dedup, kube_client, read_roots, shutdown_signal};
-use crate::admin::{self, AdminState};
+use super::{Error, RESYNC_INTERVAL, Source, identity, kube_client, open_source, serve_admin, shutdown_signal};
+use crate::admin::AdminState;
+use crate::config::Object;
 use crate::config::resources::{ObjectMeta, Secret};
-use crate::config::{DirSource, KubeSource, Object};
 use crate::dataplane::Netns;
 use crate::gateway::tls::Secrets;
 use crate::gateway::{Gateway, GatewayContext};
-use crate::identity::{CaClient, CertStore, PeerVerifier};
+use crate::identity::CertStore;
 use crate::settings::{ConfigSourceKind, Settings};
 use crate::snapshot::Snapshot;
 use crate::telemetry::Metrics;
@@ -45,16 +44,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
     };
     let scrape_auth =
         Arc::new(crate::admin::ScrapeAuth::new(&settings.metrics_auth, client.as_ref()).map_err(Error::Settings)?);
-    let roots = read_roots(&settings.ca_root_cert)?;
-    let verifier = PeerVerifier::new(&roots, settings.accepted_trust_domains())?;
-    let ca_client = CaClient {
-        address: settings.ca_address.clone(),
-        server_name: settings.ca_server_name.clone(),
-        token_file: settings.ca_token_file.clone(),
-        root_file: Some(settings.ca_root_cert.clone()),
-        verifier: verifier.clone(),
-    };
-    let certs = Arc::new(CertStore::remote(ca_client, settings.cert_ttl));
+    let (verifier, certs) = identity(&settings)?;
 
     let mut registry = Registry::with_prefix("istio");
     let metrics = Arc::new(Metrics::new(&mut registry));
@@ -70,30 +60,8 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
         refused: Default::default(),
         scrape_auth,
     };
-    for addr in dedup([settings.admin_addr, settings.metrics_addr, settings.readiness_addr]) {
-        let (listener_state, stop, dump) = (admin_state.clone(), shutdown.clone(), addr == settings.admin_addr);
-        drop(std::net::TcpListener::bind(addr).map_err(Error::Admin)?);
-        tokio::spawn(async move {
-            if let Err(e) = admin::serve(addr, listener_state, stop, dump).await {
-                tracing::error!(%addr, error = %e, "admin endpoint failed");
-            }
-        });
-    }
-    let (mut source, mut changes, _watcher) = match (&client, &settings.config_dir) {
-        (Some(client), _) => {
-            let (source, changes) = KubeSource::start(client.clone());
-            while !source.synced() {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            (Source::Kube(source), changes, None)
-        }
-        (None, Some(dir)) => {
-            let source = DirSource::new(dir);
-            let (watcher, changes) = source.watch().map_err(|source| Error::Watch { dir: dir.clone(), source })?;
-            (Source::Files(source), changes, Some(watcher))
-        }
-        (None, None) => return Err(Error::Settings("--config-dir is required with --config-source files".into())),
-    };
+    serve_admin(&settings, &admin_state, &shutdown)?;
+    let (mut source, mut changes, _watcher) = open_source(&settings, client.as_ref(), &admin_state).await?;
     // In a cluster, credentialName Secrets come from the gateway's own namespace (its
     // Role reads Secrets there and nowhere else).
     let (secret_tx, mut secret_changes) = tokio::sync::mpsc::channel(1);

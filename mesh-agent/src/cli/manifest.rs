@@ -483,15 +483,14 @@ fn ca_objects(v: &Values) -> Vec<serde_json::Value> {
         }),
         to_json(&Role {
             metadata: meta_of(CA, CA, Some(ns)),
-            rules: Some(vec![
-                PolicyRule { resource_names: Some(vec![CA_SECRET.into()]), ..rule(&[""], &["secrets"], &["get"]) },
-                // Creation cannot be limited by name in RBAC; the rest can.
-                rule(&[""], &["configmaps"], &["create"]),
-                PolicyRule {
-                    resource_names: Some(vec![ROOT_CONFIGMAP.into()]),
-                    ..rule(&[""], &["configmaps"], &["get", "patch", "update"])
-                },
-            ]),
+            rules: Some(
+                std::iter::once(PolicyRule {
+                    resource_names: Some(vec![CA_SECRET.into()]),
+                    ..rule(&[""], &["secrets"], &["get"])
+                })
+                .chain(root_publisher_rules())
+                .collect(),
+            ),
         }),
         to_json(&RoleBinding {
             metadata: meta_of(CA, CA, Some(ns)),
@@ -548,15 +547,7 @@ fn ca_deployment(v: &Values) -> Deployment {
             period_seconds: Some(5),
             ..Default::default()
         }),
-        security_context: Some(SecurityContext {
-            allow_privilege_escalation: Some(false),
-            read_only_root_filesystem: Some(true),
-            run_as_non_root: Some(true),
-            run_as_user: Some(65532),
-            capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Default::default() }),
-            seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..Default::default() }),
-            ..Default::default()
-        }),
+        security_context: Some(unprivileged()),
         // The key is written here from the Secret: memory, never a node's disk.
         volume_mounts: Some(vec![mount("ca", "/var/lib/mesh-ca", false, None)]),
         ..Default::default()
@@ -583,6 +574,59 @@ fn ca_deployment(v: &Values) -> Deployment {
                     ..Default::default()
                 }),
             },
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// What the CA needs in a namespace to publish the root bundle there: creation cannot
+/// be limited by name in RBAC; the rest can.
+fn root_publisher_rules() -> Vec<PolicyRule> {
+    vec![
+        rule(&[""], &["configmaps"], &["create"]),
+        PolicyRule {
+            resource_names: Some(vec![ROOT_CONFIGMAP.into()]),
+            ..rule(&[""], &["configmaps"], &["get", "patch", "update"])
+        },
+    ]
+}
+
+/// A container with no capability, no root, no writable root filesystem.
+fn unprivileged() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        run_as_non_root: Some(true),
+        run_as_user: Some(65532),
+        capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Default::default() }),
+        seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..Default::default() }),
+        ..Default::default()
+    }
+}
+
+/// The CA's root bundle, as it publishes it in the pod's namespace.
+fn ca_root_volume() -> Volume {
+    Volume {
+        name: "ca-root".into(),
+        config_map: Some(ConfigMapVolumeSource { name: ROOT_CONFIGMAP.into(), ..Default::default() }),
+        ..Default::default()
+    }
+}
+
+/// A projected token for the CA's audience, which the CA reviews to know who asks.
+fn ca_token_volume() -> Volume {
+    Volume {
+        name: "ca-token".into(),
+        projected: Some(ProjectedVolumeSource {
+            sources: Some(vec![VolumeProjection {
+                service_account_token: Some(ServiceAccountTokenProjection {
+                    audience: Some(CA_AUDIENCE.into()),
+                    expiration_seconds: Some(3600),
+                    path: "mesh-ca-token".into(),
+                }),
+                ..Default::default()
+            }]),
             ..Default::default()
         }),
         ..Default::default()
@@ -740,29 +784,8 @@ fn daemon_set(v: &Values) -> DaemonSet {
                         host_path("cni-conf", "/etc/cni/net.d", "DirectoryOrCreate"),
                         host_path("cni-bin", "/opt/cni/bin", "DirectoryOrCreate"),
                         Volume { name: "config".into(), empty_dir: Some(Default::default()), ..Default::default() },
-                        Volume {
-                            name: "ca-root".into(),
-                            config_map: Some(ConfigMapVolumeSource {
-                                name: ROOT_CONFIGMAP.into(),
-                                ..Default::default()
-                            }),
-                            ..Default::default()
-                        },
-                        Volume {
-                            name: "ca-token".into(),
-                            projected: Some(ProjectedVolumeSource {
-                                sources: Some(vec![VolumeProjection {
-                                    service_account_token: Some(ServiceAccountTokenProjection {
-                                        audience: Some(CA_AUDIENCE.into()),
-                                        expiration_seconds: Some(3600),
-                                        path: "mesh-ca-token".into(),
-                                    }),
-                                    ..Default::default()
-                                }]),
-                                ..Default::default()
-                            }),
-                            ..Default::default()
-                        },
+                        ca_root_volume(),
+                        ca_token_volume(),
                     ]),
                     ..Default::default()
                 }),

@@ -11,18 +11,16 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, Namespace,
-    ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource, SeccompProfile,
-    SecurityContext, Service, ServiceAccount, ServiceAccountTokenProjection, ServicePort, ServiceSpec, Sysctl, Volume,
-    VolumeProjection,
+    Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, Namespace, ObjectFieldSelector, PodSecurityContext,
+    PodSpec, PodTemplateSpec, Probe, Service, ServiceAccount, ServicePort, ServiceSpec, Sysctl,
 };
-use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, PolicyRule, Role, RoleBinding};
+use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::{
-    AGENT, CA, CA_AUDIENCE, READ, ROOT_CONFIGMAP, Values, binding_subject, labels_of, meta_of, mount, role_ref, rule,
-    to_json,
+    AGENT, CA, READ, ROOT_CONFIGMAP, Values, binding_subject, ca_root_volume, ca_token_volume, labels_of, meta_of,
+    mount, role_ref, root_publisher_rules, rule, to_json, unprivileged,
 };
 
 /// One gateway of an install.
@@ -97,16 +95,7 @@ pub fn objects(v: &Values, g: GatewaySpec) -> Vec<serde_json::Value> {
             subjects: Some(vec![binding_subject(g.name, ns)]),
         }),
         // The CA publishes the root bundle here, which the gateway mounts.
-        to_json(&Role {
-            metadata: meta_of(CA, CA, Some(ns)),
-            rules: Some(vec![
-                rule(&[""], &["configmaps"], &["create"]),
-                PolicyRule {
-                    resource_names: Some(vec![ROOT_CONFIGMAP.into()]),
-                    ..rule(&[""], &["configmaps"], &["get", "patch", "update"])
-                },
-            ]),
-        }),
+        to_json(&Role { metadata: meta_of(CA, CA, Some(ns)), rules: Some(root_publisher_rules()) }),
         to_json(&RoleBinding {
             metadata: meta_of(CA, CA, Some(ns)),
             role_ref: role_ref("Role", CA),
@@ -168,15 +157,7 @@ fn deployment(v: &Values, g: GatewaySpec) -> Deployment {
             period_seconds: Some(5),
             ..Default::default()
         }),
-        security_context: Some(SecurityContext {
-            allow_privilege_escalation: Some(false),
-            read_only_root_filesystem: Some(true),
-            run_as_non_root: Some(true),
-            run_as_user: Some(65532),
-            capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Default::default() }),
-            seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..Default::default() }),
-            ..Default::default()
-        }),
+        security_context: Some(unprivileged()),
         volume_mounts: Some(vec![
             mount("ca-root", "/var/run/mesh-ca", true, None),
             mount("ca-token", "/var/run/secrets/tokens", true, None),
@@ -202,31 +183,7 @@ fn deployment(v: &Values, g: GatewaySpec) -> Deployment {
                         ..Default::default()
                     }),
                     containers: vec![container],
-                    volumes: Some(vec![
-                        Volume {
-                            name: "ca-root".into(),
-                            config_map: Some(ConfigMapVolumeSource {
-                                name: ROOT_CONFIGMAP.into(),
-                                ..Default::default()
-                            }),
-                            ..Default::default()
-                        },
-                        Volume {
-                            name: "ca-token".into(),
-                            projected: Some(ProjectedVolumeSource {
-                                sources: Some(vec![VolumeProjection {
-                                    service_account_token: Some(ServiceAccountTokenProjection {
-                                        audience: Some(CA_AUDIENCE.into()),
-                                        expiration_seconds: Some(3600),
-                                        path: "mesh-ca-token".into(),
-                                    }),
-                                    ..Default::default()
-                                }]),
-                                ..Default::default()
-                            }),
-                            ..Default::default()
-                        },
-                    ]),
+                    volumes: Some(vec![ca_root_volume(), ca_token_volume()]),
                     ..Default::default()
                 }),
             },
