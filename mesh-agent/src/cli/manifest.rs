@@ -592,6 +592,28 @@ fn root_publisher_rules() -> Vec<PolicyRule> {
     ]
 }
 
+/// The metrics (15020) and readiness (15021) ports of the agent's binary, in any mode.
+fn status_ports() -> [ContainerPort; 2] {
+    [
+        ContainerPort { name: Some("http-metrics".into()), container_port: 15020, ..Default::default() },
+        ContainerPort { name: Some("http-ready".into()), container_port: 15021, ..Default::default() },
+    ]
+}
+
+/// Ready when `/healthz/ready` on 15021 says so.
+fn readiness_probe() -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some("/healthz/ready".into()),
+            port: IntOrString::Int(15021),
+            ..Default::default()
+        }),
+        period_seconds: Some(5),
+        failure_threshold: Some(3),
+        ..Default::default()
+    }
+}
+
 /// A container with no capability, no root, no writable root filesystem.
 fn unprivileged() -> SecurityContext {
     SecurityContext {
@@ -692,20 +714,8 @@ fn daemon_set(v: &Values) -> DaemonSet {
             config_map_ref: Some(ConfigMapEnvSource { name: AGENT.into(), optional: Some(false) }),
             ..Default::default()
         }]),
-        ports: Some(vec![
-            ContainerPort { name: Some("http-metrics".into()), container_port: 15020, ..Default::default() },
-            ContainerPort { name: Some("http-ready".into()), container_port: 15021, ..Default::default() },
-        ]),
-        readiness_probe: Some(Probe {
-            http_get: Some(HTTPGetAction {
-                path: Some("/healthz/ready".into()),
-                port: IntOrString::Int(15021),
-                ..Default::default()
-            }),
-            period_seconds: Some(5),
-            failure_threshold: Some(3),
-            ..Default::default()
-        }),
+        ports: Some(status_ports().to_vec()),
+        readiness_probe: Some(readiness_probe()),
         resources: Some(ResourceRequirements {
             requests: Some(quantities("requests")),
             limits: Some(quantities("limits")),

@@ -11,8 +11,8 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, Namespace, ObjectFieldSelector, PodSecurityContext,
-    PodSpec, PodTemplateSpec, Probe, Service, ServiceAccount, ServicePort, ServiceSpec, Sysctl,
+    Container, ContainerPort, EnvVar, EnvVarSource, Namespace, ObjectFieldSelector, PodSecurityContext, PodSpec,
+    PodTemplateSpec, Service, ServiceAccount, ServicePort, ServiceSpec, Sysctl,
 };
 use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -20,7 +20,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::{
     AGENT, CA, READ, ROOT_CONFIGMAP, Values, binding_subject, ca_root_volume, ca_token_volume, labels_of, meta_of,
-    mount, role_ref, root_publisher_rules, rule, to_json, unprivileged,
+    mount, readiness_probe, role_ref, root_publisher_rules, rule, status_ports, to_json, unprivileged,
 };
 
 /// One gateway of an install.
@@ -142,21 +142,16 @@ fn deployment(v: &Values, g: GatewaySpec) -> Deployment {
             value("MESH_CA_ADDRESS", format!("{CA}.{mesh_ns}.svc:15012")),
             value("MESH_CA_SERVER_NAME", format!("{CA}.{mesh_ns}.svc")),
         ]),
-        ports: Some(vec![
-            ContainerPort { name: Some("http2".into()), container_port: 80, ..Default::default() },
-            ContainerPort { name: Some("https".into()), container_port: 443, ..Default::default() },
-            ContainerPort { name: Some("http-metrics".into()), container_port: 15020, ..Default::default() },
-            ContainerPort { name: Some("http-ready".into()), container_port: 15021, ..Default::default() },
-        ]),
-        readiness_probe: Some(Probe {
-            http_get: Some(HTTPGetAction {
-                path: Some("/healthz/ready".into()),
-                port: IntOrString::Int(15021),
-                ..Default::default()
-            }),
-            period_seconds: Some(5),
-            ..Default::default()
-        }),
+        ports: Some(
+            [
+                ContainerPort { name: Some("http2".into()), container_port: 80, ..Default::default() },
+                ContainerPort { name: Some("https".into()), container_port: 443, ..Default::default() },
+            ]
+            .into_iter()
+            .chain(status_ports())
+            .collect(),
+        ),
+        readiness_probe: Some(readiness_probe()),
         security_context: Some(unprivileged()),
         volume_mounts: Some(vec![
             mount("ca-root", "/var/run/mesh-ca", true, None),
