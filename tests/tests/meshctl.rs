@@ -210,7 +210,9 @@ fn manifest_generate_and_install_dry_run_take_istioctl_sets() {
 
     let out = meshctl().args(["uninstall", "--dry-run"]).output().unwrap();
     let t = String::from_utf8_lossy(&out.stdout);
-    assert!(t.starts_with("would delete Service istio-system/mesh-agent-metrics"), "{t}");
+    // Reverse install order: the gateways first, then the agents, the CA, the CRDs.
+    assert!(t.starts_with("would delete Service istio-ingress/istio-ingressgateway"), "{t}");
+    assert!(t.contains("would delete Service istio-system/mesh-agent-metrics"), "{t}");
     assert!(t.trim_end().ends_with("would delete Namespace istio-system"), "the namespace goes last: {t}");
 
     // Without a cluster, install says so and how to get the manifests instead.
