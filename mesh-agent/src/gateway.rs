@@ -50,8 +50,10 @@ struct PlannedServer {
     gateway: Arc<str>,
     /// Host patterns (namespace part dropped): `*`, `*.suffix` or names.
     hosts: Vec<String>,
-    /// The TLS it terminates; None for plaintext HTTP.
+    /// The TLS it terminates; None for plaintext HTTP and for PASSTHROUGH.
     tls: Option<Terminated>,
+    /// PASSTHROUGH: TLS routed by SNI to a destination that terminates it.
+    passthrough: bool,
 }
 
 /// What one port serves, swapped whole on each change.
@@ -67,6 +69,15 @@ impl PortPlan {
     /// A port terminates TLS when its servers do (Istio refuses mixing on one port).
     fn terminates_tls(&self) -> bool {
         self.servers.iter().any(|s| s.tls.is_some())
+    }
+
+    /// Whether a PASSTHROUGH server of this port serves `sni`.
+    fn passes_through(&self, sni: &str) -> bool {
+        let sni = sni.to_ascii_lowercase();
+        self.servers.iter().filter(|s| s.passthrough).flat_map(|s| &s.hosts).any(|h| match h.strip_prefix('*') {
+            Some(suffix) => sni.ends_with(&suffix.to_ascii_lowercase()),
+            None => h.eq_ignore_ascii_case(&sni),
+        })
     }
 
     /// The TLS server for a client's SNI: the most specific host that covers it, then
@@ -162,7 +173,7 @@ impl Gateway {
         self.stop_ports(|port| !wanted.contains_key(&port));
         for (port, servers) in wanted {
             let plan = PortPlan { port, workload: workload.clone(), servers };
-            if plan.terminates_tls() && plan.servers.iter().any(|s| s.tls.is_none()) {
+            if plan.terminates_tls() && plan.servers.iter().any(|s| s.tls.is_none() && !s.passthrough) {
                 problems.push(format!(
                     "port {port}: plaintext and TLS servers on one port; the plaintext ones are not served"
                 ));
@@ -190,8 +201,13 @@ impl Gateway {
         let number = u16::try_from(port.number).map_err(|_| format!("port {} is not a port number", port.number))?;
         let hosts: Vec<String> =
             server.hosts.iter().map(|h| h.split_once('/').map_or(h.as_str(), |(_, h)| h).to_string()).collect();
+        let mut passthrough = false;
         let tls = match (&server.tls, port.is_tls(), port.is_plain_http()) {
             (_, false, true) => None,
+            (Some(tls), true, _) if tls.mode == TlsMode::Passthrough && !tls.https_redirect => {
+                passthrough = true;
+                None
+            }
             (Some(tls), true, _) if matches!(tls.mode, TlsMode::Simple | TlsMode::Mutual | TlsMode::OptionalMutual) => {
                 let key = format!("{gateway} {number} {}", hosts.join(","));
                 match tls::terminate(tls, secrets) {
@@ -213,7 +229,7 @@ impl Gateway {
                 return Err(format!("protocol {}{mode} is not served by this gateway yet", port.protocol));
             }
         };
-        Ok((number, PlannedServer { gateway: gateway.into(), hosts, tls }))
+        Ok((number, PlannedServer { gateway: gateway.into(), hosts, tls, passthrough }))
     }
 
     async fn start_port(&self, plan: PortPlan) -> std::io::Result<RunningPort> {

@@ -33,12 +33,49 @@ pub struct VirtualServiceSpec {
     /// TCP rules, first match wins, for connections that are not routed as HTTP.
     #[serde(default)]
     pub tcp: Vec<TcpRoute>,
-    /// TLS rules (not enforced yet).
+    /// TLS rules: connections routed by SNI without terminating TLS. Served at
+    /// gateways (PASSTHROUGH servers); refused for mesh traffic, where they are not
+    /// enforced yet.
     #[serde(default)]
-    pub tls: Option<AnyValue>,
+    pub tls: Vec<TlsRoute>,
     /// Visibility (the agent serves one cluster view; accepted as is).
     #[serde(default)]
     pub export_to: Vec<String>,
+}
+
+/// One TLS rule.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TlsRoute {
+    /// Conditions: any one matching selects the rule (at least one is required).
+    #[serde(rename = "match")]
+    pub matches: Vec<TlsMatch>,
+    /// Weighted destinations.
+    #[serde(default)]
+    pub route: Vec<HttpRouteDestination>,
+}
+
+/// `TLSMatchAttributes`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TlsMatch {
+    /// SNI values (`*.suffix` wildcards allowed); required.
+    pub sni_hosts: Vec<String>,
+    /// Destination port.
+    #[serde(default)]
+    pub port: Option<u32>,
+    /// Gateways this match applies to, in place of the top-level list.
+    #[serde(default)]
+    pub gateways: Vec<String>,
+    /// Destination subnets (not enforced yet).
+    #[serde(default)]
+    pub destination_subnets: Option<AnyValue>,
+    /// Labels of the calling workload (not enforced at gateways: no calling pod).
+    #[serde(default)]
+    pub source_labels: BTreeMap<String, String>,
+    /// Namespace of the calling workload (likewise).
+    #[serde(default)]
+    pub source_namespace: Option<String>,
 }
 
 /// One TCP rule.
@@ -819,7 +856,40 @@ impl VirtualService {
             }
             validate_weighted(&at, &r.route)?;
         }
-        not_supported("spec.tls".into(), s.tls.as_ref().is_some_and(|v| !v.0.is_null()))?;
+        let for_mesh = s.gateways.is_empty() || s.gateways.iter().any(|g| g == super::gateway::MESH);
+        if for_mesh && !s.tls.is_empty() {
+            return Err((
+                "spec.tls".into(),
+                "TLS routes for mesh traffic are not supported by this agent version yet; bind the \
+                 VirtualService to gateways only (spec.gateways without mesh) to route TLS by SNI there"
+                    .into(),
+            ));
+        }
+        for (i, r) in s.tls.iter().enumerate() {
+            let at = format!("spec.tls[{i}]");
+            if r.matches.is_empty() {
+                return Err((format!("{at}.match"), "at least one match with sniHosts is required".into()));
+            }
+            for (j, m) in r.matches.iter().enumerate() {
+                let mf = format!("{at}.match[{j}]");
+                if m.sni_hosts.is_empty() {
+                    return Err((format!("{mf}.sniHosts"), "at least one SNI host is required".into()));
+                }
+                not_supported(format!("{mf}.destinationSubnets"), m.destination_subnets.is_some())?;
+                not_supported(format!("{mf}.sourceLabels"), !m.source_labels.is_empty())?;
+                not_supported(format!("{mf}.sourceNamespace"), m.source_namespace.is_some())?;
+                gateway_references(&format!("{mf}.gateways"), &m.gateways)?;
+                if let Some(p) = m.port
+                    && !(1..=65535).contains(&p)
+                {
+                    return Err((format!("{mf}.port"), format!("{p} is not a port number")));
+                }
+            }
+            if r.route.is_empty() {
+                return Err((format!("{at}.route"), "at least one destination is required".into()));
+            }
+            validate_weighted(&at, &r.route)?;
+        }
         for (i, r) in s.http.iter().enumerate() {
             validate_http_route(&format!("spec.http[{i}]"), r)?;
         }

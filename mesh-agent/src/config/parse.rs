@@ -348,6 +348,22 @@ mod tests {
     }
 
     #[test]
+    fn tls_routes_are_served_at_gateways_and_refused_for_mesh_traffic() {
+        let vs = |gateways: &str| {
+            format!(
+                "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: s, namespace: n}}\nspec:\n  \
+                 hosts: [s.example.com]\n  gateways: {gateways}\n  tls:\n  - match: [{{sniHosts: [s.example.com]}}]\n    \
+                 route: [{{destination: {{host: s, port: {{number: 443}}}}}}]\n"
+            )
+        };
+        assert_eq!(check(&vs("[edge]")), "ok 1");
+        let got = check(&vs("[mesh, edge]"));
+        assert!(got.contains("field spec.tls") && got.contains("not supported"), "{got}");
+        let no_sni = vs("[edge]").replace("sniHosts: [s.example.com]", "port: 443");
+        assert!(check(&no_sni).contains("sniHosts"), "{}", check(&no_sni));
+    }
+
+    #[test]
     fn parses_lab_style_objects() {
         let yaml = r#"
 apiVersion: v1

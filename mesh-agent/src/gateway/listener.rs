@@ -66,6 +66,23 @@ pub(super) async fn serve(
 
 async fn handle(ctx: GatewayContext, stream: TcpStream, peer: SocketAddr, plan: Arc<PortPlan>) {
     let Ok(local) = stream.local_addr() else { return };
+    // PASSTHROUGH and terminated servers may share a port: the SNI decides.
+    if plan.servers.iter().any(|s| s.passthrough) {
+        let sni = match tokio::time::timeout(HANDSHAKE_TIMEOUT, peek_sni(&stream)).await {
+            Ok(Ok(sni)) => sni,
+            Ok(Err(why)) => return tracing::debug!(%peer, port = plan.port, %why, "closed"),
+            Err(_) => return tracing::debug!(%peer, port = plan.port, "no TLS client hello in time"),
+        };
+        if plan.passes_through(&sni) {
+            if let Err(why) = pass_through(&ctx, stream, peer, &plan, &sni).await {
+                tracing::debug!(%peer, port = plan.port, %sni, %why, "TLS passthrough connection closed");
+            }
+            return;
+        }
+        if !plan.terminates_tls() {
+            return tracing::debug!(%peer, port = plan.port, %sni, "no server for this SNI; closed");
+        }
+    }
     let (workload, netns) = (plan.workload.clone(), ctx.netns.clone());
     if !plan.terminates_tls() {
         let table = RouteTable::Gateway { gateways: plan.gateways(), port: plan.port, tls: false };
@@ -96,6 +113,81 @@ async fn handle(ctx: GatewayContext, stream: TcpStream, peer: SocketAddr, plan: 
     }
     let table = RouteTable::Gateway { gateways: Arc::new([server.gateway.clone()]), port: plan.port, tls: true };
     crate::l7::server::serve(ctx.l7, workload, netns, tls, local, table).await;
+}
+
+/// A PASSTHROUGH server: the SNI of the client hello, read without consuming it,
+/// picks the TLS route; the connection is spliced, still encrypted, to an endpoint of
+/// its destination (through the mesh's tunnel when the endpoint is in the mesh).
+async fn pass_through(
+    ctx: &GatewayContext,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    plan: &PortPlan,
+    sni: &str,
+) -> Result<(), String> {
+    let snap = ctx.l7.snapshot.load_full();
+    let backends = plan
+        .gateways()
+        .iter()
+        .find_map(|g| snap.gateway(g)?.routes.get(&plan.port)?.for_sni(sni).map(<[_]>::to_vec))
+        .ok_or_else(|| format!("no TLS route for SNI {sni}"))?;
+    let chosen = crate::traffic::route::pick_weighted(&backends).ok_or("the TLS route has no destination")?;
+    let pod = &plan.workload;
+    let target = crate::l7::Target::resolve(&ctx.l7.runtime, &snap, pod, &chosen.backend, plan.port);
+    let (endpoint, addr, _load) = target
+        .pick(&target.policy.lb, None, peer)
+        .ok_or_else(|| format!("no endpoint for {}", chosen.backend.service))?;
+    let mut upstream = ctx
+        .l7
+        .dialer
+        .connect(&snap, pod, &ctx.netns, Some(&endpoint), addr, crate::transport::CONNECT_TIMEOUT)
+        .await
+        .map_err(|e| e.to_string())?;
+    let labels = crate::telemetry::ConnLabels::new(
+        crate::telemetry::Direction::Outbound,
+        pod,
+        Some(&endpoint),
+        Some(&chosen.backend.service),
+        upstream.is_tunnel(),
+    );
+    let idle = Duration::from_secs(3600);
+    crate::transport::copy::counted(&ctx.l7.metrics, &labels, &mut stream, &mut upstream, idle)
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// The largest client hello read for its SNI: one TLS record.
+const MAX_HELLO: usize = 16 * 1024 + 5;
+
+/// The SNI of the TLS client hello waiting on `stream`, read with `peek` so the bytes
+/// stay for the destination.
+async fn peek_sni(stream: &TcpStream) -> Result<String, String> {
+    let mut buf = vec![0u8; MAX_HELLO];
+    let mut last = 0;
+    loop {
+        let n = stream.peek(&mut buf).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("closed before a client hello".into());
+        }
+        let mut acceptor = rustls::server::Acceptor::default();
+        let mut bytes = &buf[..n];
+        acceptor.read_tls(&mut bytes).map_err(|e| e.to_string())?;
+        match acceptor.accept() {
+            Ok(Some(hello)) => {
+                return hello.client_hello().server_name().map(str::to_owned).ok_or_else(|| "no SNI".to_string());
+            }
+            Ok(None) if n < buf.len() => {
+                if n == last {
+                    // Nothing new yet: wait for more bytes rather than spin on peek.
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                last = n;
+            }
+            Ok(None) => return Err("client hello larger than one record".into()),
+            Err((e, _)) => return Err(format!("not a TLS client hello: {e}")),
+        }
+    }
 }
 
 /// The DNS and URI names of a certificate.

@@ -27,6 +27,7 @@ use crate::transport::limits::ConnLimits;
 const HTTP: u16 = 8080;
 const HTTPS: u16 = 8443;
 const MUTUAL: u16 = 9443;
+const PASSTHROUGH: u16 = 9445;
 
 /// A CA and the PEM of a certificate it signed for `names`.
 struct TestCa {
@@ -110,6 +111,24 @@ spec:
   - port: {{number: {MUTUAL}, name: https-partner, protocol: HTTPS}}
     hosts: [myapp.example.com]
     tls: {{mode: MUTUAL, credentialName: partner-tls}}
+  - port: {{number: {PASSTHROUGH}, name: tls-secure, protocol: TLS}}
+    hosts: [secure.example.com]
+    tls: {{mode: PASSTHROUGH}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: secure, namespace: shop}}
+spec: {{selector: {{app: myapp, version: v1}}, clusterIP: 10.96.{net}.30, ports: [{{name: tls, port: 443, targetPort: 8443}}]}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: secure, namespace: shop}}
+spec:
+  hosts: [secure.example.com]
+  gateways: [myapp-gateway]
+  tls:
+  - match: [{{sniHosts: [secure.example.com]}}]
+    route: [{{destination: {{host: secure, port: {{number: 443}}}}}}]
 ---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -159,7 +178,7 @@ impl Edge {
         let objects = parse_documents(Path::new("edge.yaml"), &yaml).unwrap();
         let problems = gateway.apply(&snap, &Secrets::of_namespace(&objects, "istio-ingress")).await;
         assert_eq!(problems, Vec::<String>::new());
-        assert_eq!(gateway.ports(), [HTTP, HTTPS, MUTUAL]);
+        assert_eq!(gateway.ports(), [HTTP, HTTPS, MUTUAL, PASSTHROUGH]);
         Self { mesh, gateway, ip }
     }
 
@@ -317,4 +336,52 @@ async fn a_new_certificate_is_served_without_a_restart_and_open_connections_stay
     assert_eq!(problems, Vec::<String>::new(), "served with the last good certificate");
     let still = connect(edge.addr(HTTPS), "myapp.example.com", rotated_ca.roots(), None).await.unwrap();
     assert_eq!(send(still, get("/", "myapp.example.com")).await.unwrap().status(), 200);
+}
+
+/// A pod's own TLS server: terminates with `cert` and answers `name`.
+async fn tls_app(name: &'static str, addr: SocketAddr, cert: (String, String)) {
+    let chain = rustls_pemfile::certs(&mut cert.0.as_bytes()).collect::<Result<Vec<_>, _>>().unwrap();
+    let key = rustls_pemfile::private_key(&mut cert.1.as_bytes()).unwrap().unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { return };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                let svc = hyper::service::service_fn(move |_req| async move {
+                    Ok::<_, std::convert::Infallible>(
+                        Response::builder()
+                            .header("x-served-by", name)
+                            .body(http_body_util::Full::new(Bytes::from_static(name.as_bytes())))
+                            .unwrap(),
+                    )
+                });
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), svc).await;
+            });
+        }
+    });
+}
+
+#[tokio::test]
+async fn passthrough_routes_by_sni_to_a_pod_that_terminates_its_own_tls() {
+    let (server_ca, client_ca) = (TestCa::new(), TestCa::new());
+    let edge = Edge::start(46, &server_ca, &client_ca).await;
+    // myapp-v1 serves its own certificate, from a CA the gateway knows nothing of.
+    let pod_ca = TestCa::new();
+    tls_app("secure-v1", SocketAddr::from(([127, 46, 0, 2], 8443)), pod_ca.issue(&["secure.example.com"])).await;
+    let tls = connect(edge.addr(PASSTHROUGH), "secure.example.com", pod_ca.roots(), None).await.unwrap();
+    let res = send(tls, get("/", "secure.example.com")).await.unwrap();
+    assert_eq!(served_by(&res), "secure-v1", "the pod's own TLS, through the gateway and the mesh");
+    // Another name: no server, closed before any certificate.
+    assert!(connect(edge.addr(PASSTHROUGH), "other.example.com", pod_ca.roots(), None).await.is_err());
+    // The gateway did not terminate it: its own certificate's CA is not the one seen.
+    assert!(connect(edge.addr(PASSTHROUGH), "secure.example.com", server_ca.roots(), None).await.is_err());
 }

@@ -293,6 +293,8 @@ impl Snapshot {
                 for rule in &mut rules {
                     self.default_backend_ports(rule);
                 }
+                let tls = route::compile_tls_rules(vs, &ns, known, at);
+                self.add_sni_routes(&mut routes, gw, &gw_ns, vs, &ns, tls);
                 let compiled = Arc::new(ServiceRoutes { virtual_service: vs.metadata.key(), rules, tcp: Vec::new() });
                 for server in &gw.spec.servers {
                     let Some(port) = server.port.as_ref().and_then(|p| u16::try_from(p.number).ok()) else { continue };
@@ -320,6 +322,44 @@ impl Snapshot {
         }
     }
 
+    /// The TLS routes of `vs` on the PASSTHROUGH servers of `gw`: each SNI host a server
+    /// host covers, on the server's port (or the match's).
+    fn add_sni_routes(
+        &self,
+        routes: &mut BTreeMap<u16, PortRoutes>,
+        gw: &crate::config::gateway::Gateway,
+        gw_ns: &str,
+        vs: &crate::config::istio::VirtualService,
+        ns: &str,
+        tls: Vec<route::TlsRule>,
+    ) {
+        use crate::config::gateway::TlsMode;
+        for mut rule in tls {
+            for b in rule.backends.iter_mut().filter(|b| b.backend.port.is_none()) {
+                b.backend.port = self.sole_port(&b.backend.service);
+            }
+            for server in &gw.spec.servers {
+                let passthrough =
+                    server.tls.as_ref().is_some_and(|t| t.mode == TlsMode::Passthrough && !t.https_redirect);
+                let Some(port) = server.port.as_ref().and_then(|p| u16::try_from(p.number).ok()) else { continue };
+                if !passthrough || !server.port.as_ref().is_some_and(|p| p.is_tls()) {
+                    continue;
+                }
+                for (hosts, match_port) in &rule.matches {
+                    if match_port.is_some_and(|p| p != port) {
+                        continue;
+                    }
+                    for domain in serve_domains(&server.hosts, gw_ns, hosts, ns) {
+                        let entry = routes.entry(port).or_default();
+                        if !entry.sni.iter().any(|(d, _, _)| d.eq_ignore_ascii_case(&domain)) {
+                            entry.sni.push((domain, vs.metadata.key(), rule.backends.clone()));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// A gateway is not dialed on a Service's port, so a destination without a port
     /// takes the Service's only port, or else its only HTTP port (by Istio's port-name
     /// protocol selection: `http`, `http-*`, `http2*`, `grpc*`). Istio asks for the
@@ -327,8 +367,8 @@ impl Snapshot {
     fn default_backend_ports(&self, rule: &mut route::Rule) {
         let sole_port = |service: &str| {
             let ports = self.by_key.get(service).map(|s| s.ports.as_slice()).unwrap_or_default();
-            if let [only] = ports {
-                return Some(only.port);
+            if let Some(only) = self.sole_port(service) {
+                return Some(only);
             }
             let http = |p: &&ServicePort| {
                 p.name.as_deref().is_some_and(|n| {
@@ -349,6 +389,14 @@ impl Snapshot {
         }
         for (m, _) in rule.mirrors.iter_mut().filter(|(m, _)| m.port.is_none()) {
             m.port = sole_port(&m.service);
+        }
+    }
+
+    /// The port of a Service that has one.
+    fn sole_port(&self, service: &str) -> Option<u16> {
+        match self.by_key.get(service).map(|s| s.ports.as_slice()) {
+            Some([only]) => Some(only.port),
+            _ => None,
         }
     }
 

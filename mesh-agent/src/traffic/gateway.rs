@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::config::gateway::Server;
 
-use super::route::ServiceRoutes;
+use super::route::{ServiceRoutes, WeightedBackend};
 
 /// One Gateway as a gateway workload serves it.
 #[derive(Debug, Clone)]
@@ -38,9 +38,25 @@ pub struct PortRoutes {
     /// Host patterns of plaintext servers with `httpsRedirect`: answered with a 301 to
     /// https before any route.
     pub https_redirect: Vec<String>,
+    /// `(SNI pattern, owner, destinations)` of the TLS routes of PASSTHROUGH servers, in
+    /// the order added.
+    pub sni: Vec<(String, String, Vec<WeightedBackend>)>,
 }
 
 impl PortRoutes {
+    /// Where a passed-through TLS connection for `sni` goes: an exact name first, then
+    /// the longest `*.suffix`, then `*`.
+    pub fn for_sni(&self, sni: &str) -> Option<&[WeightedBackend]> {
+        let exact = self.sni.iter().find(|(d, _, _)| d.eq_ignore_ascii_case(sni));
+        let wildcard = || {
+            self.sni
+                .iter()
+                .filter(|(d, _, _)| d.strip_prefix('*').is_some_and(|s| s.is_empty() || covers(d, sni)))
+                .max_by_key(|(d, _, _)| d.len())
+        };
+        exact.or_else(wildcard).map(|(_, _, b)| b.as_slice())
+    }
+
     /// Whether plain HTTP for `host` is sent to https.
     pub fn redirects(&self, host: &str) -> bool {
         self.https_redirect.iter().any(|p| covers(p, host))

@@ -755,6 +755,46 @@ impl ServiceRoutes {
 
 pub use crate::config::hosts::{service_for_host, services_for_host};
 
+/// A TLS rule as a gateway serves it: the SNI hosts (and port) it matches, and where it
+/// sends the connection.
+#[derive(Debug, Clone)]
+pub struct TlsRule {
+    /// `(SNI hosts, port)` of each match that applies here.
+    pub matches: Vec<(Vec<String>, Option<u16>)>,
+    /// Weighted destinations.
+    pub backends: Vec<WeightedBackend>,
+}
+
+/// Compiles the TLS rules of `vs` (namespace `ns`) that apply at `at`.
+pub fn compile_tls_rules(
+    vs: &VirtualService,
+    ns: &str,
+    known: &HashMap<String, ()>,
+    at: Attachment<'_>,
+) -> Vec<TlsRule> {
+    vs.spec
+        .tls
+        .iter()
+        .filter_map(|r| Some((r, matches_at(&r.matches, |m| &m.gateways, at, ns)?)))
+        .map(|(r, matches)| TlsRule {
+            matches: matches
+                .into_iter()
+                .map(|m| (m.sni_hosts.clone(), m.port.and_then(|p| u16::try_from(p).ok())))
+                .collect(),
+            backends: r
+                .route
+                .iter()
+                .map(|d| WeightedBackend {
+                    backend: backend(&d.destination, ns, known),
+                    weight: d.weight.unwrap_or(0).max(0) as u32,
+                    request_headers: HeaderOps::default(),
+                    response_headers: HeaderOps::default(),
+                })
+                .collect(),
+        })
+        .collect()
+}
+
 /// Compiles the HTTP rules of `vs` (namespace `ns`) that apply at `at`; hosts are
 /// resolved by the caller.
 pub fn compile_rules(vs: &VirtualService, ns: &str, known: &HashMap<String, ()>, at: Attachment<'_>) -> Vec<Rule> {
