@@ -4,7 +4,7 @@
 //! netns outside the cluster.
 #![forbid(unsafe_code)]
 
-use mesh_tests::harness::{apply_seed, eventually, lab, metrics, reply_pod};
+use mesh_tests::harness::{apply_seed, apply_yaml, eventually, lab, metrics, reply_pod};
 use mesh_tests::lab::{CLIENT_NETNS, Lab};
 use mesh_tests::sys::output;
 
@@ -97,4 +97,112 @@ fn the_reference_gateway_serves_myapp_to_clients_outside_the_mesh() {
             .then_some(m)
     });
     assert!(seen.contains("myapp-v1"), "{seen}");
+}
+
+/// A certificate for `name` from a fresh CA: (CA PEM, certificate PEM, key PEM).
+fn self_made_cert(name: &str) -> (String, String, String) {
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    // Distinct names: openssl takes a leaf named as its issuer for self-signed.
+    ca.distinguished_name.push(rcgen::DnType::CommonName, "pod test CA");
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
+    params.distinguished_name.push(rcgen::DnType::CommonName, name);
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    (ca_pem, cert.pem(), key.serialize_pem())
+}
+
+#[test]
+fn passthrough_routes_by_sni_to_a_pod_that_terminates_its_own_tls() {
+    let Some(mut lab) = lab("passthrough_routes_by_sni_to_a_pod_that_terminates_its_own_tls") else { return };
+    // myapp-v1 (node2) runs its own TLS server, openssl's, with a certificate from a CA
+    // the gateway has never seen.
+    let dir = lab.state_dir.join("scratch");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (ca, cert, key) = self_made_cert("secure.example.com");
+    for (f, pem) in [("pod-ca.pem", &ca), ("pod-cert.pem", &cert), ("pod-key.pem", &key)] {
+        std::fs::write(dir.join(f), pem).unwrap();
+    }
+    let path = |f: &str| dir.join(f).display().to_string();
+    let argv: Vec<String> = ["openssl", "s_server", "-accept", "8443", "-www", "-quiet", "-cert"]
+        .into_iter()
+        .map(String::from)
+        .chain([path("pod-cert.pem"), "-key".into(), path("pod-key.pem")])
+        .collect();
+    lab.start_helper("secure-tls", "myapp-v1", &argv).unwrap();
+    apply_yaml(
+        &lab,
+        "secure.yaml",
+        r#"apiVersion: v1
+kind: Service
+metadata: {name: secure, namespace: production}
+spec: {selector: {app: myapp, version: v1}, clusterIP: 10.96.0.40, ports: [{name: tls, port: 443, targetPort: 8443}]}
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: secure-gateway, namespace: production}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - port: {number: 9443, name: tls-secure, protocol: TLS}
+    hosts: [secure.example.com]
+    tls: {mode: PASSTHROUGH}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: secure, namespace: production}
+spec:
+  hosts: [secure.example.com]
+  gateways: [secure-gateway]
+  tls:
+  - match: [{sniHosts: [secure.example.com]}]
+    route: [{destination: {host: secure, port: {number: 443}}}]
+"#,
+    );
+    let resolve = format!("secure.example.com:9443:{GATEWAY}");
+    let ca_file = path("pod-ca.pem");
+    let fetch = || {
+        let out = output(&[
+            "ip",
+            "netns",
+            "exec",
+            CLIENT_NETNS,
+            "curl",
+            "-sS",
+            "-m",
+            "5",
+            "--cacert",
+            &ca_file,
+            "--resolve",
+            &resolve,
+            "https://secure.example.com:9443/",
+        ])
+        .unwrap();
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let mut said = fetch();
+    while !said.contains("s_server") && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        said = fetch();
+    }
+    let log = |f: &str| std::fs::read_to_string(lab.state_dir.join("logs").join(f)).unwrap_or_default();
+    assert!(
+        said.contains("s_server"),
+        "curl said: {said}\nhelper: {}\ngateway: {}",
+        log("helper-secure-tls.log"),
+        log("app-istio-ingressgateway.log")
+    );
+    // The bytes crossed the wire in the mesh's tunnel, as the gateway's identity.
+    let m = metrics(&lab, "node2");
+    let tunneled = m.lines().any(|l| {
+        l.starts_with("istio_tcp_connections_opened_total")
+            && l.contains("reporter=\"destination\"")
+            && l.contains("destination_workload=\"myapp-v1\"")
+            && l.contains("source_principal=\"spiffe://cluster.local/ns/istio-ingress/sa/istio-ingressgateway\"")
+    });
+    assert!(tunneled, "{m}");
 }
