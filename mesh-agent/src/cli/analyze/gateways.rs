@@ -24,6 +24,7 @@ pub(super) fn analyze(objects: &[Object], snap: &Snapshot) -> Vec<Diagnostic> {
     for o in objects {
         if let Object::VirtualService(vs) = o {
             out.extend(bindings(vs, &gateways));
+            out.extend(ports_to_name(vs, snap));
         }
     }
     out.extend(conflicting_servers(&gateways));
@@ -137,6 +138,43 @@ fn bindings(vs: &VirtualService, gateways: &BTreeMap<String, &Gateway>) -> Vec<D
     out
 }
 
+/// IST0112: at a gateway a destination needs a port when its Service has several and
+/// not exactly one of them is HTTP (the gateway cannot tell which is meant).
+fn ports_to_name(vs: &VirtualService, snap: &Snapshot) -> Vec<Diagnostic> {
+    let ns = vs.metadata.namespace_or_default();
+    let gateway_only = !vs.spec.gateways.is_empty() && !vs.spec.gateways.iter().any(|g| g == MESH);
+    if !gateway_only {
+        return Vec::new();
+    }
+    let known: std::collections::HashMap<String, ()> = snap.services().iter().map(|s| (s.key(), ())).collect();
+    let mut out = Vec::new();
+    for (i, r) in vs.spec.http.iter().enumerate() {
+        for (k, d) in r.route.iter().enumerate().filter(|(_, d)| d.destination.port.is_none()) {
+            let Some(key) = crate::config::hosts::service_for_host(&d.destination.host, &ns, &known) else { continue };
+            let Some(svc) = snap.services().iter().find(|s| s.key() == key) else { continue };
+            let http = svc
+                .ports
+                .iter()
+                .filter(|p| {
+                    p.name.as_deref().is_some_and(|n| matches!(n.split('-').next(), Some("http" | "http2" | "grpc")))
+                })
+                .count();
+            if svc.ports.len() > 1 && http != 1 {
+                out.push(Diagnostic {
+                    level: Level::Warning,
+                    code: "IST0112",
+                    object: format!("VirtualService {}", vs.metadata.key()),
+                    message: format!(
+                        "spec.http[{i}].route[{k}].destination: {key} has {} ports; name one with port.number",
+                        svc.ports.len()
+                    ),
+                });
+            }
+        }
+    }
+    out
+}
+
 /// Whether two host patterns (`*`, `*.suffix`, or a name) can name the same host.
 fn hosts_overlap(a: &str, b: &str) -> bool {
     let (a, b) = (a.to_ascii_lowercase(), b.to_ascii_lowercase());
@@ -243,6 +281,22 @@ mod tests {
         assert!(found[0].message.contains("production/edgee (spec.gateways[0])"), "{}", found[0].message);
         let found = findings(&vs("[shop.example.org]", "[edge]"));
         assert_eq!(found.iter().map(|d| d.code).collect::<Vec<_>>(), ["IST0132"], "{found:?}");
+    }
+
+    #[test]
+    fn a_gateway_route_to_a_service_with_several_ports_needs_one_named() {
+        let svc = |ports: &str| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: production}}\n\
+                 spec: {{selector: {{app: web}}, clusterIP: 10.96.0.9, ports: {ports}}}\n---\n"
+            )
+        };
+        let vs = vs("[shop.example.com]", "[edge]");
+        let two_tcp = svc("[{name: tcp-a, port: 1}, {name: tcp-b, port: 2}]");
+        let found = findings(&format!("{two_tcp}{vs}"));
+        assert_eq!(found.iter().map(|d| d.code).collect::<Vec<_>>(), ["IST0112"], "{found:?}");
+        let one_http = svc("[{name: http, port: 80}, {name: tcp-echo, port: 9000}]");
+        assert_eq!(findings(&format!("{one_http}{vs}")), vec![], "the only HTTP port is the one");
     }
 
     #[test]
