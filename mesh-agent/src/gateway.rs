@@ -54,6 +54,8 @@ struct PlannedServer {
     tls: Option<Terminated>,
     /// PASSTHROUGH: TLS routed by SNI to a destination that terminates it.
     passthrough: bool,
+    /// TCP: bytes routed by VirtualService `tcp:` rules.
+    opaque: bool,
 }
 
 /// What one port serves, swapped whole on each change.
@@ -69,6 +71,11 @@ impl PortPlan {
     /// A port terminates TLS when its servers do (Istio refuses mixing on one port).
     fn terminates_tls(&self) -> bool {
         self.servers.iter().any(|s| s.tls.is_some())
+    }
+
+    /// A TCP port: its servers route bytes, not requests.
+    fn is_opaque(&self) -> bool {
+        self.servers.iter().all(|s| s.opaque)
     }
 
     /// Whether a PASSTHROUGH server of this port serves `sni`.
@@ -173,7 +180,10 @@ impl Gateway {
         self.stop_ports(|port| !wanted.contains_key(&port));
         for (port, servers) in wanted {
             let plan = PortPlan { port, workload: workload.clone(), servers };
-            if plan.terminates_tls() && plan.servers.iter().any(|s| s.tls.is_none() && !s.passthrough) {
+            if plan.servers.iter().any(|s| s.opaque) && !plan.is_opaque() {
+                problems.push(format!("port {port}: TCP and other servers on one port; only TCP is served there"));
+            }
+            if plan.terminates_tls() && plan.servers.iter().any(|s| s.tls.is_none() && !s.passthrough && !s.opaque) {
                 problems.push(format!(
                     "port {port}: plaintext and TLS servers on one port; the plaintext ones are not served"
                 ));
@@ -202,8 +212,10 @@ impl Gateway {
         let hosts: Vec<String> =
             server.hosts.iter().map(|h| h.split_once('/').map_or(h.as_str(), |(_, h)| h).to_string()).collect();
         let mut passthrough = false;
+        let opaque = port.is_opaque() && server.tls.is_none();
         let tls = match (&server.tls, port.is_tls(), port.is_plain_http()) {
             (_, false, true) => None,
+            (None, false, false) if opaque => None,
             (Some(tls), true, _) if tls.mode == TlsMode::Passthrough && !tls.https_redirect => {
                 passthrough = true;
                 None
@@ -229,7 +241,7 @@ impl Gateway {
                 return Err(format!("protocol {}{mode} is not served by this gateway yet", port.protocol));
             }
         };
-        Ok((number, PlannedServer { gateway: gateway.into(), hosts, tls, passthrough }))
+        Ok((number, PlannedServer { gateway: gateway.into(), hosts, tls, passthrough, opaque }))
     }
 
     async fn start_port(&self, plan: PortPlan) -> std::io::Result<RunningPort> {

@@ -169,6 +169,12 @@ impl ServerPort {
         ["HTTPS", "TLS"].iter().any(|p| p.eq_ignore_ascii_case(&self.protocol))
     }
 
+    /// Whether the port carries bytes the gateway does not read (TCP and the database
+    /// protocols Istio names), routed by VirtualService `tcp:` rules.
+    pub fn is_opaque(&self) -> bool {
+        ["TCP", "MONGO", "REDIS", "MYSQL"].iter().any(|p| p.eq_ignore_ascii_case(&self.protocol))
+    }
+
     /// Whether the port carries HTTP in the clear (HTTP, HTTP2, GRPC, GRPC-WEB).
     pub fn is_plain_http(&self) -> bool {
         ["HTTP", "HTTP2", "GRPC", "GRPC-WEB"].iter().any(|p| p.eq_ignore_ascii_case(&self.protocol))

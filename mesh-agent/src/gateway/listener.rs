@@ -66,6 +66,21 @@ pub(super) async fn serve(
 
 async fn handle(ctx: GatewayContext, stream: TcpStream, peer: SocketAddr, plan: Arc<PortPlan>) {
     let Ok(local) = stream.local_addr() else { return };
+    if plan.servers.iter().any(|s| s.opaque) {
+        let snap = ctx.l7.snapshot.load_full();
+        let rule = plan
+            .gateways()
+            .iter()
+            .filter_map(|g| snap.gateway(g)?.routes.get(&plan.port))
+            .find_map(|p| p.tcp.iter().find(|r| r.matches(plan.port, &plan.workload)).cloned());
+        let Some(rule) = rule else {
+            return tracing::debug!(%peer, port = plan.port, "no tcp route; closed");
+        };
+        if let Err(why) = splice_to(&ctx, stream, peer, &plan, &rule.backends).await {
+            tracing::debug!(%peer, port = plan.port, %why, "TCP connection closed");
+        }
+        return;
+    }
     // PASSTHROUGH and terminated servers may share a port: the SNI decides.
     if plan.servers.iter().any(|s| s.passthrough) {
         let sni = match tokio::time::timeout(HANDSHAKE_TIMEOUT, peek_sni(&stream)).await {
@@ -120,7 +135,7 @@ async fn handle(ctx: GatewayContext, stream: TcpStream, peer: SocketAddr, plan: 
 /// its destination (through the mesh's tunnel when the endpoint is in the mesh).
 async fn pass_through(
     ctx: &GatewayContext,
-    mut stream: TcpStream,
+    stream: TcpStream,
     peer: SocketAddr,
     plan: &PortPlan,
     sni: &str,
@@ -131,7 +146,21 @@ async fn pass_through(
         .iter()
         .find_map(|g| snap.gateway(g)?.routes.get(&plan.port)?.for_sni(sni).map(<[_]>::to_vec))
         .ok_or_else(|| format!("no TLS route for SNI {sni}"))?;
-    let chosen = crate::traffic::route::pick_weighted(&backends).ok_or("the TLS route has no destination")?;
+    splice_to(ctx, stream, peer, plan, &backends).await
+}
+
+/// Splices the client's bytes, as they are, to an endpoint of one of `backends` (by
+/// weight, then under the DestinationRule), through the mesh's tunnel when the endpoint
+/// is in the mesh.
+async fn splice_to(
+    ctx: &GatewayContext,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    plan: &PortPlan,
+    backends: &[crate::traffic::route::WeightedBackend],
+) -> Result<(), String> {
+    let snap = ctx.l7.snapshot.load_full();
+    let chosen = crate::traffic::route::pick_weighted(backends).ok_or("the route has no destination")?;
     let pod = &plan.workload;
     let target = crate::l7::Target::resolve(&ctx.l7.runtime, &snap, pod, &chosen.backend, plan.port);
     let (endpoint, addr, _load) = target

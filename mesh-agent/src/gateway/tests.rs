@@ -28,6 +28,7 @@ const HTTP: u16 = 8080;
 const HTTPS: u16 = 8443;
 const MUTUAL: u16 = 9443;
 const PASSTHROUGH: u16 = 9445;
+const TCP: u16 = 9446;
 
 /// A CA and the PEM of a certificate it signed for `names`.
 struct TestCa {
@@ -114,6 +115,18 @@ spec:
   - port: {{number: {PASSTHROUGH}, name: tls-secure, protocol: TLS}}
     hosts: [secure.example.com]
     tls: {{mode: PASSTHROUGH}}
+  - port: {{number: {TCP}, name: tcp-myapp, protocol: TCP}}
+    hosts: ["*"]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: myapp-tcp, namespace: shop}}
+spec:
+  hosts: ["*"]
+  gateways: [myapp-gateway]
+  tcp:
+  - match: [{{port: {TCP}}}]
+    route: [{{destination: {{host: myapp, subset: v2, port: {{number: 80}}}}}}]
 ---
 apiVersion: v1
 kind: Service
@@ -178,7 +191,7 @@ impl Edge {
         let objects = parse_documents(Path::new("edge.yaml"), &yaml).unwrap();
         let problems = gateway.apply(&snap, &Secrets::of_namespace(&objects, "istio-ingress")).await;
         assert_eq!(problems, Vec::<String>::new());
-        assert_eq!(gateway.ports(), [HTTP, HTTPS, MUTUAL, PASSTHROUGH]);
+        assert_eq!(gateway.ports(), [HTTP, HTTPS, MUTUAL, PASSTHROUGH, TCP]);
         Self { mesh, gateway, ip }
     }
 
@@ -384,4 +397,16 @@ async fn passthrough_routes_by_sni_to_a_pod_that_terminates_its_own_tls() {
     assert!(connect(edge.addr(PASSTHROUGH), "other.example.com", pod_ca.roots(), None).await.is_err());
     // The gateway did not terminate it: its own certificate's CA is not the one seen.
     assert!(connect(edge.addr(PASSTHROUGH), "secure.example.com", server_ca.roots(), None).await.is_err());
+}
+
+#[tokio::test]
+async fn a_tcp_server_splices_by_the_bound_tcp_route() {
+    let (server_ca, client_ca) = (TestCa::new(), TestCa::new());
+    let edge = Edge::start(47, &server_ca, &client_ca).await;
+    for _ in 0..3 {
+        // HTTP bytes, which the TCP server does not read: the tcp route's subset answers.
+        let tcp = TcpStream::connect(edge.addr(TCP)).await.unwrap();
+        let res = send(tcp, get("/", "anything")).await.unwrap();
+        assert_eq!(served_by(&res), "myapp-v2");
+    }
 }

@@ -295,6 +295,16 @@ impl Snapshot {
                 }
                 let tls = route::compile_tls_rules(vs, &ns, known, at);
                 self.add_sni_routes(&mut routes, gw, &gw_ns, vs, &ns, tls);
+                let mut tcp = route::compile_tcp_rules(vs, &ns, known, at);
+                for b in tcp.iter_mut().flat_map(|r| r.backends.iter_mut()).filter(|b| b.backend.port.is_none()) {
+                    b.backend.port = self.sole_port(&b.backend.service);
+                }
+                for server in gw.spec.servers.iter().filter(|s| s.port.as_ref().is_some_and(|p| p.is_opaque())) {
+                    let Some(port) = server.port.as_ref().and_then(|p| u16::try_from(p.number).ok()) else { continue };
+                    if !serve_domains(&server.hosts, &gw_ns, &vs.spec.hosts, &ns).is_empty() {
+                        routes.entry(port).or_default().tcp.extend(tcp.iter().cloned());
+                    }
+                }
                 let compiled = Arc::new(ServiceRoutes { virtual_service: vs.metadata.key(), rules, tcp: Vec::new() });
                 for server in &gw.spec.servers {
                     let Some(port) = server.port.as_ref().and_then(|p| u16::try_from(p.number).ok()) else { continue };

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::config::gateway::Server;
 
-use super::route::{ServiceRoutes, WeightedBackend};
+use super::route::{ServiceRoutes, TcpRule, WeightedBackend};
 
 /// One Gateway as a gateway workload serves it.
 #[derive(Debug, Clone)]
@@ -41,6 +41,9 @@ pub struct PortRoutes {
     /// `(SNI pattern, owner, destinations)` of the TLS routes of PASSTHROUGH servers, in
     /// the order added.
     pub sni: Vec<(String, String, Vec<WeightedBackend>)>,
+    /// The `tcp:` rules of the VirtualServices bound to a TCP server of this port, in
+    /// order (VirtualServices by namespace/name): the first that matches takes it.
+    pub tcp: Vec<TcpRule>,
 }
 
 impl PortRoutes {
