@@ -49,6 +49,28 @@ pub struct AdminState {
     pub scrape_auth: Arc<ScrapeAuth>,
 }
 
+impl AdminState {
+    /// Not ready yet, with no errors and no pods to report.
+    pub fn new(
+        registry: Registry,
+        snapshot: SharedSnapshot,
+        node: String,
+        refused: prometheus_client::metrics::counter::Counter,
+        scrape_auth: Arc<ScrapeAuth>,
+    ) -> Self {
+        Self {
+            ready: Arc::new(AtomicBool::new(false)),
+            registry: Arc::new(registry),
+            snapshot,
+            config_errors: Default::default(),
+            pods: Default::default(),
+            node,
+            refused,
+            scrape_auth,
+        }
+    }
+}
+
 /// What `meshctl proxy-status` compares across agents, and the pods of this node the
 /// agent should capture and cannot (with why): an operator must see them without the
 /// config dump. Nothing about other workloads.

@@ -130,16 +130,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
     );
     let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
     let shutdown = CancellationToken::new();
-    let admin_state = AdminState {
-        ready: Arc::new(AtomicBool::new(false)),
-        registry: Arc::new(registry),
-        snapshot: snapshot.clone(),
-        config_errors: Default::default(),
-        pods: Default::default(),
-        node: settings.node.clone(),
-        refused: admin_refused,
-        scrape_auth,
-    };
+    let admin_state = AdminState::new(registry, snapshot.clone(), settings.node.clone(), admin_refused, scrape_auth);
     // Up before the config is: a waiting agent answers "not ready" and says why.
     serve_admin(&settings, &admin_state, &shutdown)?;
     let (mut source, mut changes, _watcher) = open_source(&settings, client.as_ref(), &admin_state).await?;

@@ -4,7 +4,7 @@
 //! Gateways that select its pod ([`crate::gateway`]).
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -50,16 +50,8 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
     let metrics = Arc::new(Metrics::new(&mut registry));
     let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
     let shutdown = CancellationToken::new();
-    let admin_state = AdminState {
-        ready: Arc::new(AtomicBool::new(false)),
-        registry: Arc::new(registry),
-        snapshot: snapshot.clone(),
-        config_errors: Default::default(),
-        pods: Default::default(),
-        node: settings.node.clone(),
-        refused: Default::default(),
-        scrape_auth,
-    };
+    let admin_state =
+        AdminState::new(registry, snapshot.clone(), settings.node.clone(), Default::default(), scrape_auth);
     serve_admin(&settings, &admin_state, &shutdown)?;
     let (mut source, mut changes, _watcher) = open_source(&settings, client.as_ref(), &admin_state).await?;
     // In a cluster, credentialName Secrets come from the gateway's own namespace (its

@@ -727,16 +727,7 @@ pub fn compile_tcp_rules(
                     source_namespace: m.source_namespace.clone(),
                 })
                 .collect(),
-            backends: r
-                .route
-                .iter()
-                .map(|d| WeightedBackend {
-                    backend: backend(&d.destination, ns, known),
-                    weight: d.weight.unwrap_or(0).max(0) as u32,
-                    request_headers: HeaderOps::default(),
-                    response_headers: HeaderOps::default(),
-                })
-                .collect(),
+            backends: opaque_backends(&r.route, ns, known),
         })
         .collect()
 }
@@ -781,16 +772,7 @@ pub fn compile_tls_rules(
                 .into_iter()
                 .map(|m| (m.sni_hosts.clone(), m.port.and_then(|p| u16::try_from(p).ok())))
                 .collect(),
-            backends: r
-                .route
-                .iter()
-                .map(|d| WeightedBackend {
-                    backend: backend(&d.destination, ns, known),
-                    weight: d.weight.unwrap_or(0).max(0) as u32,
-                    request_headers: HeaderOps::default(),
-                    response_headers: HeaderOps::default(),
-                })
-                .collect(),
+            backends: opaque_backends(&r.route, ns, known),
         })
         .collect()
 }
@@ -801,6 +783,23 @@ pub fn compile_rules(vs: &VirtualService, ns: &str, known: &HashMap<String, ()>,
     let rules = vs.spec.http.iter().enumerate();
     rules
         .filter_map(|(i, r)| Some(compile_rule(i, r, &matches_at(&r.matches, |m| &m.gateways, at, ns)?, ns, known)))
+        .collect()
+}
+
+/// The destinations of a `tcp:` or `tls:` rule: no headers to change on bytes.
+fn opaque_backends(
+    route: &[istio::HttpRouteDestination],
+    ns: &str,
+    known: &HashMap<String, ()>,
+) -> Vec<WeightedBackend> {
+    route
+        .iter()
+        .map(|d| WeightedBackend {
+            backend: backend(&d.destination, ns, known),
+            weight: d.weight.unwrap_or(0).max(0) as u32,
+            request_headers: HeaderOps::default(),
+            response_headers: HeaderOps::default(),
+        })
         .collect()
 }
 
