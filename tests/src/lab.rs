@@ -709,6 +709,26 @@ impl Lab {
         bail!("the agent of {} never saw pod {}/{}", p.node, p.namespace, p.name)
     }
 
+    /// The agent binary with what every mode needs: its node, the config directory, the
+    /// CA and the token it authenticates with.
+    fn mesh_args(&self, node: &str, token: &Path) -> Vec<String> {
+        vec![
+            self.agent_bin.display().to_string(),
+            "--node".into(),
+            node.into(),
+            "--config-dir".into(),
+            self.config_dir().display().to_string(),
+            "--ca-address".into(),
+            CA_ADDR.into(),
+            "--ca-server-name".into(),
+            CA_SERVER_NAME.into(),
+            "--ca-root-cert".into(),
+            self.ca_dir().join("root-cert.pem").display().to_string(),
+            "--ca-token-file".into(),
+            token.display().to_string(),
+        ]
+    }
+
     /// The token a gateway pod authenticates to the CA with.
     pub fn gateway_token_path(&self, p: &PodInfo) -> PathBuf {
         self.state_dir.join("tokens").join(format!("gateway-{}", p.netns))
@@ -1016,20 +1036,8 @@ impl Lab {
         let n = self.node(node)?.clone();
         let log_path = self.agent_log_path(node);
         let log = fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
-        let argv: Vec<String> = [
-            self.agent_bin.display().to_string(),
-            "--node".into(),
-            n.name.clone(),
-            "--config-dir".into(),
-            self.config_dir().display().to_string(),
-            "--ca-address".into(),
-            CA_ADDR.into(),
-            "--ca-server-name".into(),
-            CA_SERVER_NAME.into(),
-            "--ca-root-cert".into(),
-            self.ca_dir().join("root-cert.pem").display().to_string(),
-            "--ca-token-file".into(),
-            self.agent_token_path(&n.name).display().to_string(),
+        let mut argv = self.mesh_args(&n.name, &self.agent_token_path(&n.name));
+        argv.extend::<[String; _]>([
             "--node-cgroup".into(),
             self.cgroup_root.join(&n.cgroup).display().to_string(),
             "--bpf-pin-dir".into(),
@@ -1044,8 +1052,7 @@ impl Lab {
             "127.0.0.1:15000".into(),
             "--drain-timeout".into(),
             "2s".into(),
-        ]
-        .into();
+        ]);
         let mut cmd = in_cgroup_netns(&self.cgroup_root.join(&n.agent_cgroup), &n.netns, Enter::Nsenter, &argv);
         let child = cmd
             .env("MESH_LOG", &self.agent_log)
@@ -1139,24 +1146,12 @@ impl Lab {
     /// A gateway pod's container: the agent binary in gateway mode, with the pod's own
     /// token for the CA.
     fn start_gateway(&self, p: &PodInfo) -> anyhow::Result<u32> {
-        let argv: Vec<String> = [
-            self.agent_bin.display().to_string(),
+        let mut argv = self.mesh_args(&p.node, &self.gateway_token_path(p));
+        argv.extend::<[String; _]>([
             "--mode".into(),
             "gateway".into(),
             "--pod".into(),
             format!("{}/{}", p.namespace, p.name),
-            "--node".into(),
-            p.node.clone(),
-            "--config-dir".into(),
-            self.config_dir().display().to_string(),
-            "--ca-address".into(),
-            CA_ADDR.into(),
-            "--ca-server-name".into(),
-            CA_SERVER_NAME.into(),
-            "--ca-root-cert".into(),
-            self.ca_dir().join("root-cert.pem").display().to_string(),
-            "--ca-token-file".into(),
-            self.gateway_token_path(p).display().to_string(),
             "--admin-addr".into(),
             "127.0.0.1:15000".into(),
             "--metrics-addr".into(),
@@ -1165,8 +1160,7 @@ impl Lab {
             "0.0.0.0:15021".into(),
             "--drain-timeout".into(),
             "2s".into(),
-        ]
-        .into();
+        ]);
         self.spawn_app(p, &argv, &[("MESH_LOG", &self.agent_log)])
     }
 
