@@ -206,3 +206,46 @@ spec:
     });
     assert!(tunneled, "{m}");
 }
+
+#[test]
+fn a_tcp_server_splices_to_the_route_of_its_bound_virtual_service() {
+    let Some(lab) = lab("a_tcp_server_splices_to_the_route_of_its_bound_virtual_service") else { return };
+    apply_yaml(
+        &lab,
+        "tcp-gateway.yaml",
+        r#"apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: tcp-gateway, namespace: production}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - port: {number: 9000, name: tcp-legacy, protocol: TCP}
+    hosts: ["*"]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: legacy-tcp, namespace: production}
+spec:
+  hosts: ["*"]
+  gateways: [tcp-gateway]
+  tcp:
+  - route: [{destination: {host: legacy-service, port: {number: 80}}}]
+"#,
+    );
+    // HTTP bytes the gateway does not read: legacy-service (node2) answers them.
+    let url = format!("http://{GATEWAY}:9000/");
+    let body = eventually("the TCP server splices to legacy-service", || {
+        let out = output(&["ip", "netns", "exec", CLIENT_NETNS, "curl", "-s", "-m", "5", &url]).unwrap();
+        let body = String::from_utf8_lossy(&out.stdout).into_owned();
+        (reply_pod(&body).as_deref() == Some("legacy-service")).then_some(body)
+    });
+    assert!(body.contains("legacy-service"), "{body}");
+    let m = metrics(&lab, "node2");
+    let tunneled = m.lines().any(|l| {
+        l.starts_with("istio_tcp_connections_opened_total")
+            && l.contains("reporter=\"destination\"")
+            && l.contains("destination_workload=\"legacy-service\"")
+            && l.contains("source_principal=\"spiffe://cluster.local/ns/istio-ingress/sa/istio-ingressgateway\"")
+    });
+    assert!(tunneled, "{m}");
+}
