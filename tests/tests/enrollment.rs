@@ -228,8 +228,15 @@ fn a_dual_stack_pod_is_captured_and_judged_on_both_families() {
     let opened = |node: &str, direction: &str| {
         mesh_tests::harness::opened(&mesh_tests::harness::metrics(&lab, node), direction, "dual-a", "dual-b")
     };
-    assert!(opened("node1", "Outbound") >= 2, "dual-a's connections over both families went through its agent");
-    assert!(opened("node2", "Inbound") >= 2, "and arrived over mTLS");
+    // node1's agent learns of dual-b (a pod of node2) on its own schedule: until then
+    // its connections go out as plaintext passthrough, which PERMISSIVE serves. Once
+    // it knows, both families go through it and the tunnel.
+    eventually("dual-a's connections over both families go through its agent and arrive over mTLS", || {
+        for url in [&b4, &b6_url] {
+            status(&lab, "dual-a", url);
+        }
+        (opened("node1", "Outbound") >= 2 && opened("node2", "Inbound") >= 2).then_some(())
+    });
 
     // Plaintext from outside the mesh, over either family: served while PERMISSIVE,
     // dropped in the kernel under STRICT.
