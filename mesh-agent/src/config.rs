@@ -3,7 +3,7 @@
 //! of YAML in standalone mode, the Kubernetes API in cluster mode).
 //!
 //! Architecture invariant: only this module knows YAML. Everything downstream works on
-//! the typed [`Object`]s and on the compiled [`crate::snapshot::Snapshot`].
+//! the typed [`Object`]s and on the compiled `Snapshot`.
 
 pub mod duration;
 pub mod gateway;

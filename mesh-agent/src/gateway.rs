@@ -41,6 +41,8 @@ pub struct GatewayContext {
     pub limits: Arc<ConnLimits>,
     /// Every connection task, for draining.
     pub tasks: TaskTracker,
+    /// A spliced (TCP or PASSTHROUGH) connection idle this long is closed.
+    pub tcp_idle_timeout: std::time::Duration,
 }
 
 /// One server a port serves.
@@ -65,6 +67,9 @@ struct PortPlan {
     /// The gateway's own workload (source of every request it forwards).
     workload: Arc<Workload>,
     servers: Vec<PlannedServer>,
+    /// The Gateways of `servers`, each once, in order: asked in turn for a request's
+    /// host or a connection's route (made once per change, not per connection).
+    gateways: Arc<[Arc<str>]>,
 }
 
 impl PortPlan {
@@ -111,15 +116,14 @@ impl PortPlan {
             .map(|(_, s)| s)
     }
 
-    /// The Gateways asked, in order, for a plaintext request's host.
-    fn gateways(&self) -> Arc<[Arc<str>]> {
-        let mut out: Vec<Arc<str>> = Vec::new();
-        for s in &self.servers {
-            if !out.contains(&s.gateway) {
-                out.push(s.gateway.clone());
+    fn new(port: u16, workload: Arc<Workload>, servers: Vec<PlannedServer>) -> Self {
+        let mut gateways: Vec<Arc<str>> = Vec::new();
+        for s in &servers {
+            if !gateways.contains(&s.gateway) {
+                gateways.push(s.gateway.clone());
             }
         }
-        out.into()
+        Self { port, workload, servers, gateways: gateways.into() }
     }
 }
 
@@ -179,7 +183,7 @@ impl Gateway {
         }
         self.stop_ports(|port| !wanted.contains_key(&port));
         for (port, servers) in wanted {
-            let plan = PortPlan { port, workload: workload.clone(), servers };
+            let plan = PortPlan::new(port, workload.clone(), servers);
             if plan.servers.iter().any(|s| s.opaque) && !plan.is_opaque() {
                 problems.push(format!("port {port}: TCP and other servers on one port; only TCP is served there"));
             }

@@ -1,6 +1,6 @@
 //! The mesh's plain types: workloads, services, where a connection goes, problems
 //! found in config, and the mesh-wide scope. They import nothing above `config` and
-//! `identity`; the compiled [`crate::snapshot::Snapshot`] is built from them.
+//! `identity`; the compiled `Snapshot` is built from them.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};

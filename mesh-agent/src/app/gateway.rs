@@ -72,6 +72,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
         netns: Arc::new(Netns::host()?),
         limits: Arc::new(crate::transport::limits::ConnLimits::new(settings.max_connections_per_source, per_node)),
         tasks: tasks.clone(),
+        tcp_idle_timeout: settings.tcp_idle_timeout,
     };
     if let Err(e) = certs.refresh_trust(&verifier).await {
         tracing::warn!(error = %e, "trust bundle not fetched yet; using {}", settings.ca_root_cert.display());

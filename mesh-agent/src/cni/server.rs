@@ -22,7 +22,7 @@ use super::{Error, fdpass};
 /// How long a client may take to send its request.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the agent may take to answer: longer than its wait for a pod the config
-/// source has not shown it yet ([`crate::app`]), shorter than the runtime's CNI timeout.
+/// source has not shown it yet (the agent's loop), shorter than the runtime's CNI timeout.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(40);
 /// Connections served at once; more wait in the listen backlog.
 const MAX_CONNECTIONS: usize = 32;

@@ -69,7 +69,7 @@ async fn handle(ctx: GatewayContext, stream: TcpStream, peer: SocketAddr, plan: 
     if plan.servers.iter().any(|s| s.opaque) {
         let snap = ctx.l7.snapshot.load_full();
         let rule = plan
-            .gateways()
+            .gateways
             .iter()
             .filter_map(|g| snap.gateway(g)?.routes.get(&plan.port))
             .find_map(|p| p.tcp.iter().find(|r| r.matches(plan.port, &plan.workload)).cloned());
@@ -100,7 +100,7 @@ async fn handle(ctx: GatewayContext, stream: TcpStream, peer: SocketAddr, plan: 
     }
     let (workload, netns) = (plan.workload.clone(), ctx.netns.clone());
     if !plan.terminates_tls() {
-        let table = RouteTable::Gateway { gateways: plan.gateways(), port: plan.port, tls: false };
+        let table = RouteTable::Gateway { gateways: plan.gateways.clone(), port: plan.port, tls: false };
         crate::l7::server::serve(ctx.l7, workload, netns, stream, local, table).await;
         return;
     }
@@ -142,7 +142,7 @@ async fn pass_through(
 ) -> Result<(), String> {
     let snap = ctx.l7.snapshot.load_full();
     let backends = plan
-        .gateways()
+        .gateways
         .iter()
         .find_map(|g| snap.gateway(g)?.routes.get(&plan.port)?.for_sni(sni).map(<[_]>::to_vec))
         .ok_or_else(|| format!("no TLS route for SNI {sni}"))?;
@@ -179,8 +179,7 @@ async fn splice_to(
         Some(&chosen.backend.service),
         upstream.is_tunnel(),
     );
-    let idle = Duration::from_secs(3600);
-    crate::transport::copy::counted(&ctx.l7.metrics, &labels, &mut stream, &mut upstream, idle)
+    crate::transport::copy::counted(&ctx.l7.metrics, &labels, &mut stream, &mut upstream, ctx.tcp_idle_timeout)
         .await
         .map(|_| ())
         .map_err(|e| e.to_string())

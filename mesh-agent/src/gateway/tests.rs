@@ -185,6 +185,7 @@ impl Edge {
             netns: mesh.netns.clone(),
             limits: Arc::new(ConnLimits::new(64, 256)),
             tasks: Default::default(),
+            tcp_idle_timeout: std::time::Duration::from_secs(60),
         };
         let ip = IpAddr::from([127, net, 0, 50]);
         let mut gateway = Gateway::new(ctx, "istio-ingress/istio-ingressgateway".into(), ip);
