@@ -119,10 +119,14 @@ fn the_series_of_a_deleted_pod_leave_the_agents() {
     let pod = lab.add_pod(manifest).unwrap();
     assert!(pod.failed.is_none(), "{:?}", pod.failed);
     assert!(curl(&lab, "frontend", "http://myapp/").0);
-    // It talks to a pod on the other node: both agents count it.
-    assert!(curl(&lab, "short-lived", "http://legacy-service/").0);
+    // It talks to a pod on the other node: both agents count it. node2's agent learns
+    // of the new pod on its own schedule (until then it names the source unknown), so
+    // the request is sent again until both have it.
     let named = |node: &str| metrics(&lab, node).lines().any(|l| l.contains("\"short-lived\""));
-    eventually("both agents count the pod", || (named("node1") && named("node2")).then_some(()));
+    eventually("both agents count the pod", || {
+        assert!(curl(&lab, "short-lived", "http://legacy-service/").0);
+        (named("node1") && named("node2")).then_some(())
+    });
 
     // Deleted from the API (the config directory here): its series go on both nodes.
     std::fs::remove_file(lab.config_dir().join("pod-production-short-lived.yaml")).unwrap();
