@@ -23,7 +23,7 @@ use crate::config::{DirSource, KubeSource, Reload};
 use crate::dataplane::{self, Dataplane, Netns, Paths};
 use crate::identity::{CaClient, CertStore, PeerVerifier};
 use crate::proxy::ProxyContext;
-use crate::settings::{ConfigSourceKind, Settings};
+use crate::settings::Settings;
 use crate::snapshot::Snapshot;
 use crate::telemetry::Metrics;
 use crate::transport::Dialer;
@@ -86,14 +86,6 @@ impl Source {
     }
 }
 
-pub(crate) async fn kube_client(settings: &Settings) -> Result<kube::Client, Error> {
-    let config = match &settings.kube_api_url {
-        Some(url) => kube::Config::new(url.parse().map_err(|e| Error::Kube(format!("--kube-api-url {url}: {e}")))?),
-        None => kube::Config::infer().await.map_err(|e| Error::Kube(e.to_string()))?,
-    };
-    kube::Client::try_from(config).map_err(|e| Error::Kube(e.to_string()))
-}
-
 /// Runs the agent until SIGTERM/SIGINT, then drains.
 pub async fn run(settings: Settings) -> Result<(), Error> {
     Netns::init_host()?;
@@ -102,10 +94,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
     let nofile = crate::transport::limits::raise_nofile();
     let per_node = settings.max_connections.unwrap_or_else(|| crate::transport::limits::per_node_from_nofile(nofile));
     tracing::info!(nofile, per_node, per_source = settings.max_connections_per_source, "connection limits");
-    let client = match settings.config_source {
-        ConfigSourceKind::Kubernetes => Some(kube_client(&settings).await?),
-        ConfigSourceKind::Files => None,
-    };
+    let client = settings.source.kube_client().await.map_err(Error::Kube)?;
     let scrape_auth =
         Arc::new(crate::admin::ScrapeAuth::new(&settings.metrics_auth, client.as_ref()).map_err(Error::Settings)?);
     if matches!(*scrape_auth, crate::admin::ScrapeAuth::Open) && !settings.metrics_addr.ip().is_loopback() {
@@ -264,7 +253,7 @@ pub(crate) async fn open_source(
     client: Option<&kube::Client>,
     admin: &AdminState,
 ) -> Result<(Source, mpsc::Receiver<()>, Option<notify::RecommendedWatcher>), Error> {
-    match (client, &settings.config_dir) {
+    match (client, &settings.source.config_dir) {
         (Some(client), _) => {
             let (source, changes) = KubeSource::start(client.clone());
             let mut waited = 0u32;

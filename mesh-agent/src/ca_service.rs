@@ -24,7 +24,6 @@ use std::time::Duration;
 use clap::Parser;
 
 use crate::config::duration::parse_duration;
-use crate::settings::ConfigSourceKind;
 
 /// Errors that stop the CA service from starting.
 #[derive(Debug, thiserror::Error)]
@@ -102,20 +101,12 @@ pub struct Settings {
 
     /// Where pods and their nodes come from: the config directory (`files`, the lab) or
     /// the Kubernetes API (`kubernetes`).
-    #[arg(long, env = "MESH_CONFIG_SOURCE", value_enum, default_value_t = ConfigSourceKind::Files)]
-    pub config_source: ConfigSourceKind,
-
-    /// Directory of Kubernetes YAML (`--config-source files`): the pods of every node.
-    #[arg(long, env = "MESH_CONFIG_DIR", required_if_eq("config_source", "files"))]
-    pub config_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub source: crate::settings::SourceArgs,
 
     /// File of agent tokens, one `<token> <node>` per line (`--config-source files`).
     #[arg(long, env = "MESH_CA_TOKEN_FILE", required_if_eq("config_source", "files"))]
     pub token_file: Option<PathBuf>,
-
-    /// API server URL without credentials (tests); by default the in-cluster account.
-    #[arg(long, env = "MESH_KUBE_API_URL")]
-    pub kube_api_url: Option<String>,
 
     /// Service accounts (`namespace/name`) of node agents: only they may ask for
     /// other workloads' certificates (cluster mode).

@@ -25,6 +25,40 @@ pub enum ConfigSourceKind {
     Kubernetes,
 }
 
+/// Where a process reads the mesh's objects: the flags the agent, the gateway and the
+/// CA service share, so they parse and connect the same way.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SourceArgs {
+    /// Where the configuration comes from: a watched directory of YAML (`files`) or the
+    /// Kubernetes API (`kubernetes`: in-cluster service account, KUBECONFIG, or
+    /// --kube-api-url).
+    #[arg(long, env = "MESH_CONFIG_SOURCE", value_enum, default_value_t = ConfigSourceKind::Files)]
+    pub config_source: ConfigSourceKind,
+
+    /// Directory of Kubernetes/Istio YAML manifests (`--config-source files`); watched.
+    #[arg(long, env = "MESH_CONFIG_DIR", required_if_eq("config_source", "files"))]
+    pub config_dir: Option<PathBuf>,
+
+    /// API server URL for `--config-source kubernetes`, without credentials (tests,
+    /// `kubectl proxy`); by default the in-cluster service account or KUBECONFIG.
+    #[arg(long, env = "MESH_KUBE_API_URL")]
+    pub kube_api_url: Option<String>,
+}
+
+impl SourceArgs {
+    /// The API client for `--config-source kubernetes`; `None` with files.
+    pub async fn kube_client(&self) -> Result<Option<kube::Client>, String> {
+        if self.config_source == ConfigSourceKind::Files {
+            return Ok(None);
+        }
+        let config = match &self.kube_api_url {
+            Some(url) => kube::Config::new(url.parse().map_err(|e| format!("--kube-api-url {url}: {e}"))?),
+            None => kube::Config::infer().await.map_err(|e| e.to_string())?,
+        };
+        kube::Client::try_from(config).map(Some).map_err(|e| e.to_string())
+    }
+}
+
 /// What this process is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
@@ -55,20 +89,9 @@ pub struct Settings {
     #[arg(long, env = "MESH_NODE_NAME")]
     pub node: String,
 
-    /// Where the configuration comes from: a watched directory of YAML (`files`) or the
-    /// Kubernetes API (`kubernetes`: in-cluster service account, KUBECONFIG, or
-    /// --kube-api-url).
-    #[arg(long, env = "MESH_CONFIG_SOURCE", value_enum, default_value_t = ConfigSourceKind::Files)]
-    pub config_source: ConfigSourceKind,
-
-    /// Directory of Kubernetes/Istio YAML manifests to serve (`--config-source files`); watched.
-    #[arg(long, env = "MESH_CONFIG_DIR", required_if_eq("config_source", "files"))]
-    pub config_dir: Option<PathBuf>,
-
-    /// API server URL for `--config-source kubernetes`, without credentials (tests,
-    /// `kubectl proxy`); by default the in-cluster service account or KUBECONFIG.
-    #[arg(long, env = "MESH_KUBE_API_URL")]
-    pub kube_api_url: Option<String>,
+    /// Where the configuration comes from.
+    #[command(flatten)]
+    pub source: SourceArgs,
 
     /// `host:port` of the CA service that signs this node's workload certificates
     /// (`mesh-ca`, or istiod: the same gRPC service). The signing key is never on the

@@ -16,7 +16,7 @@ use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{Error, RESYNC_INTERVAL, Source, identity, kube_client, open_source, serve_admin, shutdown_signal};
+use super::{Error, RESYNC_INTERVAL, Source, identity, open_source, serve_admin, shutdown_signal};
 use crate::admin::AdminState;
 use crate::config::Object;
 use crate::config::resources::{ObjectMeta, Secret};
@@ -24,7 +24,7 @@ use crate::dataplane::Netns;
 use crate::gateway::tls::Secrets;
 use crate::gateway::{Gateway, GatewayContext};
 use crate::identity::CertStore;
-use crate::settings::{ConfigSourceKind, Settings};
+use crate::settings::Settings;
 use crate::snapshot::Snapshot;
 use crate::telemetry::Metrics;
 use crate::transport::Dialer;
@@ -38,10 +38,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
     let namespace = namespace.to_string();
     let nofile = crate::transport::limits::raise_nofile();
     let per_node = settings.max_connections.unwrap_or_else(|| crate::transport::limits::per_node_from_nofile(nofile));
-    let client = match settings.config_source {
-        ConfigSourceKind::Kubernetes => Some(kube_client(&settings).await?),
-        ConfigSourceKind::Files => None,
-    };
+    let client = settings.source.kube_client().await.map_err(Error::Kube)?;
     let scrape_auth =
         Arc::new(crate::admin::ScrapeAuth::new(&settings.metrics_auth, client.as_ref()).map_err(Error::Settings)?);
     let (verifier, certs) = identity(&settings)?;

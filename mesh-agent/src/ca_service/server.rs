@@ -29,7 +29,6 @@ use crate::identity::ca_protocol::{
     self, GrpcStatus, IstioCertificateRequest, IstioCertificateResponse, TrustBundle, status,
 };
 use crate::identity::{CaFiles, Identity, MeshCa};
-use crate::settings::ConfigSourceKind;
 
 /// Connections served at once.
 const MAX_CONNECTIONS: usize = 256;
@@ -92,10 +91,7 @@ fn serving_cert(ca: &MeshCa, settings: &Settings) -> Result<CertifiedKey, Error>
 
 /// Runs the CA service until SIGTERM/SIGINT.
 pub async fn run(settings: Settings) -> Result<(), Error> {
-    let client = match settings.config_source {
-        ConfigSourceKind::Kubernetes => Some(kube_client(&settings).await?),
-        ConfigSourceKind::Files => None,
-    };
+    let client = settings.source.kube_client().await.map_err(Error::Kube)?;
     let secret = match &settings.ca_secret {
         Some(s) => Some(
             s.split_once('/')
@@ -127,7 +123,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
         (None, Some(file)) => Authenticator::from_token_file(file).map_err(Error::Settings)?,
         (None, None) => return Err(Error::Settings("--token-file is required with --config-source files".into())),
     };
-    let workloads = match (&client, &settings.config_dir) {
+    let workloads = match (&client, &settings.source.config_dir) {
         (Some(client), _) => NodeWorkloads::Kube(client.clone()),
         (None, Some(dir)) => NodeWorkloads::Files(std::sync::Mutex::new(crate::config::DirSource::new(dir))),
         (None, None) => return Err(Error::Settings("--config-dir is required with --config-source files".into())),
@@ -203,14 +199,6 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
     }
     tracing::info!("mesh CA service stopped");
     Ok(())
-}
-
-async fn kube_client(settings: &Settings) -> Result<kube::Client, Error> {
-    let config = match &settings.kube_api_url {
-        Some(url) => kube::Config::new(url.parse().map_err(|e| Error::Kube(format!("--kube-api-url {url}: {e}")))?),
-        None => kube::Config::infer().await.map_err(|e| Error::Kube(e.to_string()))?,
-    };
-    kube::Client::try_from(config).map_err(|e| Error::Kube(e.to_string()))
 }
 
 async fn shutdown_signal() {
