@@ -71,6 +71,11 @@ pub struct ProxyContext {
 }
 
 impl ProxyContext {
+    /// What bounds every listener of the pods' proxies.
+    pub fn caps(&self) -> crate::transport::accept::Caps<'_> {
+        crate::transport::accept::Caps { limits: &self.limits, metrics: &self.metrics, tasks: &self.tasks }
+    }
+
     /// What the L7 proxy gets of it.
     pub fn l7_context(&self) -> crate::l7::Context {
         crate::l7::Context {

@@ -7,6 +7,7 @@
 //! Everything above it (the L4 proxy, the L7 proxy, later the gateway) reaches a
 //! destination through [`Dialer::connect`]; nothing here knows about routes or policy.
 
+pub mod accept;
 mod connect;
 pub mod copy;
 pub mod limits;

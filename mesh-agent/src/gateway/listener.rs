@@ -14,7 +14,7 @@ use x509_parser::extensions::GeneralName;
 
 use super::{GatewayContext, PortPlan};
 use crate::l7::server::RouteTable;
-use crate::transport::sockets;
+use crate::transport::accept::{Caps, accept_loop};
 
 /// A client has this long to finish its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -30,38 +30,11 @@ pub(super) async fn serve(
     plan: Arc<ArcSwap<PortPlan>>,
     stop: CancellationToken,
 ) {
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    let peer = sockets::canonical(peer);
-                    let permit = match ctx.limits.admit(peer.ip()) {
-                        Ok(p) => p,
-                        Err(hit) => {
-                            ctx.l7.metrics.refused(LISTENER, hit.as_str());
-                            if ctx.limits.should_log(peer.ip()) {
-                                tracing::warn!(%peer, limit = hit.as_str(), "gateway connection refused at the cap");
-                            }
-                            sockets::reset(stream);
-                            continue;
-                        }
-                    };
-                    let _ = stream.set_nodelay(true);
-                    let (ctx, plan) = (ctx.clone(), plan.load_full());
-                    ctx.tasks.clone().spawn(async move {
-                        handle(ctx, stream, peer, plan).await;
-                        drop(permit);
-                    });
-                }
-                Err(e) => {
-                    ctx.l7.metrics.refused(LISTENER, "accept_error");
-                    tracing::warn!(error = %e, "gateway accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        }
-    }
+    let caps = Caps { limits: &ctx.limits, metrics: &ctx.l7.metrics, tasks: &ctx.tasks };
+    accept_loop(&listener, caps, stop, LISTENER, |stream, peer| {
+        Some(handle(ctx.clone(), stream, peer, plan.load_full()))
+    })
+    .await
 }
 
 async fn handle(ctx: GatewayContext, stream: TcpStream, peer: SocketAddr, plan: Arc<PortPlan>) {

@@ -107,7 +107,7 @@ async fn stream_request(
     let permit = match ctx.limits.admit(peer.ip()) {
         Ok(p) => p,
         Err(hit) => {
-            super::accept::refuse(&ctx, "hbone_stream", peer, hit);
+            ctx.caps().refuse("hbone_stream", peer, hit);
             return status(StatusCode::SERVICE_UNAVAILABLE);
         }
     };
