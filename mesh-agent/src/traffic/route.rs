@@ -714,22 +714,38 @@ pub fn compile_tcp_rules(
     known: &HashMap<String, ()>,
     at: Attachment<'_>,
 ) -> Vec<TcpRule> {
-    vs.spec
-        .tcp
-        .iter()
-        .filter_map(|r| Some((r, matches_at(&r.matches, |m| &m.gateways, at, ns)?)))
-        .map(|(r, matches)| TcpRule {
-            matches: matches
-                .into_iter()
-                .map(|m| L4Match {
-                    port: m.port.and_then(|p| u16::try_from(p).ok()),
-                    source_labels: m.source_labels.clone(),
-                    source_namespace: m.source_namespace.clone(),
-                })
-                .collect(),
-            backends: opaque_backends(&r.route, ns, known),
-        })
-        .collect()
+    let tcp = vs.spec.tcp.iter().map(|r| (r.matches.as_slice(), r.route.as_slice()));
+    compile_opaque(
+        tcp,
+        |m| &m.gateways,
+        at,
+        ns,
+        known,
+        |m| L4Match {
+            port: m.port.and_then(|p| u16::try_from(p).ok()),
+            source_labels: m.source_labels.clone(),
+            source_namespace: m.source_namespace.clone(),
+        },
+    )
+    .map(|(matches, backends)| TcpRule { matches, backends })
+    .collect()
+}
+
+/// The `tcp:` or `tls:` rules (each its matches and destinations) that apply at `at`:
+/// the matches kept here, each turned into `T` by `compile_match`, and the
+/// destinations, which carry no headers (bytes have none to change).
+fn compile_opaque<'v, M: 'v, T>(
+    rules: impl Iterator<Item = (&'v [M], &'v [istio::HttpRouteDestination])>,
+    gateways: impl Fn(&M) -> &[String],
+    at: Attachment<'_>,
+    ns: &str,
+    known: &HashMap<String, ()>,
+    compile_match: impl Fn(&M) -> T,
+) -> impl Iterator<Item = (Vec<T>, Vec<WeightedBackend>)> {
+    rules.filter_map(move |(matches, route)| {
+        let kept = matches_at(matches, &gateways, at, ns)?;
+        Some((kept.into_iter().map(&compile_match).collect(), opaque_backends(route, ns, known)))
+    })
 }
 
 impl ServiceRoutes {
@@ -763,18 +779,17 @@ pub fn compile_tls_rules(
     known: &HashMap<String, ()>,
     at: Attachment<'_>,
 ) -> Vec<TlsRule> {
-    vs.spec
-        .tls
-        .iter()
-        .filter_map(|r| Some((r, matches_at(&r.matches, |m| &m.gateways, at, ns)?)))
-        .map(|(r, matches)| TlsRule {
-            matches: matches
-                .into_iter()
-                .map(|m| (m.sni_hosts.clone(), m.port.and_then(|p| u16::try_from(p).ok())))
-                .collect(),
-            backends: opaque_backends(&r.route, ns, known),
-        })
-        .collect()
+    let tls = vs.spec.tls.iter().map(|r| (r.matches.as_slice(), r.route.as_slice()));
+    compile_opaque(
+        tls,
+        |m| &m.gateways,
+        at,
+        ns,
+        known,
+        |m| (m.sni_hosts.clone(), m.port.and_then(|p| u16::try_from(p).ok())),
+    )
+    .map(|(matches, backends)| TlsRule { matches, backends })
+    .collect()
 }
 
 /// Compiles the HTTP rules of `vs` (namespace `ns`) that apply at `at`; hosts are
