@@ -442,12 +442,7 @@ pub fn objects(v: &Values) -> Vec<serde_json::Value> {
                 spec: Some(ServiceSpec {
                     cluster_ip: Some("None".into()),
                     selector: Some(BTreeMap::from([("app".to_string(), AGENT.to_string())])),
-                    ports: Some(vec![ServicePort {
-                        name: Some("http-metrics".into()),
-                        port: 15020,
-                        target_port: Some(IntOrString::Int(15020)),
-                        ..Default::default()
-                    }]),
+                    ports: Some(vec![service_port("http-metrics", 15020)]),
                     ..Default::default()
                 }),
                 ..Default::default()
@@ -502,12 +497,7 @@ fn ca_objects(v: &Values) -> Vec<serde_json::Value> {
             metadata: meta_of(CA, CA, Some(ns)),
             spec: Some(ServiceSpec {
                 selector: Some(BTreeMap::from([("app".to_string(), CA.to_string())])),
-                ports: Some(vec![ServicePort {
-                    name: Some("grpc-tls".into()),
-                    port: 15012,
-                    target_port: Some(IntOrString::Int(15012)),
-                    ..Default::default()
-                }]),
+                ports: Some(vec![service_port("grpc-tls", 15012)]),
                 ..Default::default()
             }),
             ..Default::default()
@@ -655,6 +645,23 @@ fn ca_token_volume() -> Volume {
     }
 }
 
+/// An environment variable from the pod's own fields (the downward API).
+fn env_from_field(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector { field_path: path.into(), ..Default::default() }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// A Service port that targets the same port of the container.
+fn service_port(name: &str, port: i32) -> ServicePort {
+    ServicePort { name: Some(name.into()), port, target_port: Some(IntOrString::Int(port)), ..Default::default() }
+}
+
 fn to_json<T: serde::Serialize>(o: &T) -> serde_json::Value {
     serde_json::to_value(o).expect("k8s-openapi objects serialize")
 }
@@ -684,14 +691,6 @@ fn daemon_set(v: &Values) -> DaemonSet {
     let quantities = |kind: &str| -> BTreeMap<String, Quantity> {
         v.resources.iter().filter(|((k, _), _)| k == kind).map(|((_, r), q)| (r.clone(), Quantity(q.clone()))).collect()
     };
-    let env_field = |name: &str, path: &str| EnvVar {
-        name: name.into(),
-        value_from: Some(EnvVarSource {
-            field_ref: Some(ObjectFieldSelector { field_path: path.into(), ..Default::default() }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
     let container = Container {
         name: AGENT.into(),
         image: Some(v.image()),
@@ -709,7 +708,10 @@ fn daemon_set(v: &Values) -> DaemonSet {
             "--ca-token-file=/var/run/secrets/tokens/mesh-ca-token".into(),
             format!("--cni-exclude-namespaces=kube-system,{}", v.namespace),
         ]),
-        env: Some(vec![env_field("MESH_NODE_NAME", "spec.nodeName"), env_field("POD_NAMESPACE", "metadata.namespace")]),
+        env: Some(vec![
+            env_from_field("MESH_NODE_NAME", "spec.nodeName"),
+            env_from_field("POD_NAMESPACE", "metadata.namespace"),
+        ]),
         env_from: Some(vec![EnvFromSource {
             config_map_ref: Some(ConfigMapEnvSource { name: AGENT.into(), optional: Some(false) }),
             ..Default::default()

@@ -11,16 +11,16 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EnvVar, EnvVarSource, Namespace, ObjectFieldSelector, PodSecurityContext, PodSpec,
-    PodTemplateSpec, Service, ServiceAccount, ServicePort, ServiceSpec, Sysctl,
+    Container, ContainerPort, EnvVar, Namespace, PodSecurityContext, PodSpec, PodTemplateSpec, Service, ServiceAccount,
+    ServiceSpec, Sysctl,
 };
 use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
-use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::{
-    AGENT, CA, READ, ROOT_CONFIGMAP, Values, binding_subject, ca_root_volume, ca_token_volume, labels_of, meta_of,
-    mount, readiness_probe, role_ref, root_publisher_rules, rule, status_ports, to_json, unprivileged,
+    AGENT, CA, READ, ROOT_CONFIGMAP, Values, binding_subject, ca_root_volume, ca_token_volume, env_from_field,
+    labels_of, meta_of, mount, readiness_probe, role_ref, root_publisher_rules, rule, service_port, status_ports,
+    to_json, unprivileged,
 };
 
 /// One gateway of an install.
@@ -107,14 +107,6 @@ pub fn objects(v: &Values, g: GatewaySpec) -> Vec<serde_json::Value> {
 }
 
 fn deployment(v: &Values, g: GatewaySpec) -> Deployment {
-    let field = |name: &str, path: &str| EnvVar {
-        name: name.into(),
-        value_from: Some(EnvVarSource {
-            field_ref: Some(ObjectFieldSelector { field_path: path.into(), ..Default::default() }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
     let value = |name: &str, value: String| EnvVar { name: name.into(), value: Some(value), ..Default::default() };
     let mesh_ns = v.namespace.as_str();
     let container = Container {
@@ -129,9 +121,9 @@ fn deployment(v: &Values, g: GatewaySpec) -> Deployment {
             "--readiness-addr=0.0.0.0:15021".into(),
         ]),
         env: Some(vec![
-            field("MESH_NODE_NAME", "spec.nodeName"),
-            field("POD_NAME", "metadata.name"),
-            field("POD_NAMESPACE", "metadata.namespace"),
+            env_from_field("MESH_NODE_NAME", "spec.nodeName"),
+            env_from_field("POD_NAME", "metadata.name"),
+            env_from_field("POD_NAMESPACE", "metadata.namespace"),
             value("MESH_POD", "$(POD_NAMESPACE)/$(POD_NAME)".into()),
             value("MESH_CONFIG_SOURCE", "kubernetes".into()),
             value("MESH_METRICS_AUTH", "kubernetes".into()),
@@ -189,18 +181,12 @@ fn deployment(v: &Values, g: GatewaySpec) -> Deployment {
 }
 
 fn service(g: GatewaySpec) -> Service {
-    let port = |name: &str, port: i32| ServicePort {
-        name: Some(name.into()),
-        port,
-        target_port: Some(IntOrString::Int(port)),
-        ..Default::default()
-    };
     Service {
         metadata: g.meta(Some(g.namespace)),
         spec: Some(ServiceSpec {
             type_: Some(if g.load_balancer { "LoadBalancer" } else { "ClusterIP" }.into()),
             selector: Some(BTreeMap::from([("istio".to_string(), g.istio_label.to_string())])),
-            ports: Some(vec![port("http2", 80), port("https", 443)]),
+            ports: Some(vec![service_port("http2", 80), service_port("https", 443)]),
             ..Default::default()
         }),
         ..Default::default()
