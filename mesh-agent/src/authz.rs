@@ -38,6 +38,9 @@ pub enum Error {
     },
 }
 
+/// The body of a request an AuthorizationPolicy refused, as Envoy words it.
+pub const RBAC_DENIED: &str = "RBAC: access denied";
+
 /// The authenticated peer of an mTLS connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Peer {

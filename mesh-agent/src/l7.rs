@@ -8,6 +8,7 @@
 //! lives in [`Runtime`], which outlives snapshots.
 
 pub mod balance;
+pub mod edge;
 pub mod server;
 pub mod upstream;
 

@@ -5,7 +5,7 @@
 #![forbid(unsafe_code)]
 
 use mesh_tests::harness::{apply_seed, apply_yaml, eventually, lab, metrics, reply_pod};
-use mesh_tests::lab::{CLIENT_NETNS, Lab};
+use mesh_tests::lab::{CLIENT_ADDR, CLIENT_NETNS, Lab};
 use mesh_tests::sys::output;
 
 /// The gateway pod's address (examples/lab/pods.yaml), as a load balancer would give it.
@@ -57,6 +57,19 @@ fn the_reference_gateway_serves_myapp_to_clients_outside_the_mesh() {
     }
     let (status, _, _) = client_curl(&lab, &["--resolve", &https, "-H", "host: myapp", &url]);
     assert_eq!(status, "404", "myapp is a mesh host, not one the gateway serves");
+
+    // What the application reads of who called: the forwarding headers Istio's gateway
+    // sets, extended or replaced, never as the client wrote them.
+    let forged =
+        ["-H", "x-forwarded-for: 203.0.113.9", "-H", "x-request-id: forged", "-H", "x-envoy-external-address: 1.2.3.4"];
+    let (status, _, body) = client_curl(&lab, &[&["--resolve", &https, &url][..], &forged[..]].concat());
+    assert_eq!(status, "200", "{body}");
+    let seen: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let header = |n: &str| seen["headers"][n].as_str().unwrap_or_default().to_string();
+    assert_eq!(header("x-forwarded-for"), format!("203.0.113.9,{CLIENT_ADDR}"), "{body}");
+    assert_eq!(header("x-envoy-external-address"), CLIENT_ADDR, "{body}");
+    assert_eq!(header("x-forwarded-proto"), "https", "{body}");
+    assert!(header("x-request-id").len() == 36 && header("x-request-id") != "forged", "{body}");
 
     // openssl checks the certificate the gateway shows for the host.
     let ca = lab.edge_ca_path().display().to_string();
@@ -248,4 +261,100 @@ spec:
             && l.contains("source_principal=\"spiffe://cluster.local/ns/istio-ingress/sa/istio-ingressgateway\"")
     });
     assert!(tunneled, "{m}");
+}
+
+/// A CA and a certificate it signed for `name`, as (CA PEM, certificate PEM, key PEM),
+/// written to the lab's scratch directory as `<prefix>-ca.pem`, `-cert.pem`, `-key.pem`.
+fn write_cert(lab: &Lab, prefix: &str, name: &str) -> (String, String, String) {
+    let dir = lab.state_dir.join("scratch");
+    std::fs::create_dir_all(&dir).unwrap();
+    let made = self_made_cert(name);
+    for (suffix, pem) in [("ca", &made.0), ("cert", &made.1), ("key", &made.2)] {
+        std::fs::write(dir.join(format!("{prefix}-{suffix}.pem")), pem).unwrap();
+    }
+    made
+}
+
+fn indent(pem: &str) -> String {
+    pem.lines().map(|l| format!("    {l}\n")).collect()
+}
+
+#[test]
+fn mutual_tls_and_policies_on_the_gateway_judge_clients_from_outside() {
+    let Some(lab) = lab("mutual_tls_and_policies_on_the_gateway_judge_clients_from_outside") else { return };
+    let (_, server_cert, server_key) = write_cert(&lab, "partner-server", HOST);
+    let (client_ca, _, _) = write_cert(&lab, "partner-client", "partner.example.org");
+    apply_yaml(
+        &lab,
+        "partner-gateway.yaml",
+        &format!(
+            r#"apiVersion: v1
+kind: Secret
+metadata: {{name: partner-tls, namespace: istio-ingress}}
+type: kubernetes.io/tls
+stringData:
+  tls.crt: |
+{}  tls.key: |
+{}  ca.crt: |
+{}---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: partner-gateway, namespace: production}}
+spec:
+  selector: {{istio: ingressgateway}}
+  servers:
+  - port: {{number: 9447, name: https-partner, protocol: HTTPS}}
+    hosts: [{HOST}]
+    tls: {{mode: MUTUAL, credentialName: partner-tls}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: myapp-partner, namespace: production}}
+spec:
+  hosts: [{HOST}]
+  gateways: [partner-gateway]
+  http:
+  - route: [{{destination: {{host: myapp, port: {{number: 80}}}}}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: no-admin-from-outside, namespace: istio-ingress}}
+spec:
+  selector: {{matchLabels: {{istio: ingressgateway}}}}
+  action: DENY
+  rules:
+  - from: [{{source: {{remoteIpBlocks: [{CLIENT_ADDR}/32]}}}}]
+    to: [{{operation: {{paths: ["/admin*"]}}}}]
+"#,
+            indent(&server_cert),
+            indent(&server_key),
+            indent(&client_ca),
+        ),
+    );
+    let scratch = |f: &str| lab.state_dir.join("scratch").join(f).display().to_string();
+    let (ca, cert, key) =
+        (scratch("partner-server-ca.pem"), scratch("partner-client-cert.pem"), scratch("partner-client-key.pem"));
+    let resolve = format!("{HOST}:9447:{GATEWAY}");
+    let curl = |extra: &[&str], path: &str| {
+        let url = format!("https://{HOST}:9447{path}");
+        let mut argv = vec!["ip", "netns", "exec", CLIENT_NETNS, "curl", "-sS", "-m", "5", "--cacert", &ca];
+        argv.extend(["--resolve", &resolve, "-w", "\n@@ %{http_code}"]);
+        argv.extend(extra);
+        argv.push(&url);
+        let out = output(&argv).unwrap();
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    };
+    let with_cert = ["--cert", cert.as_str(), "--key", key.as_str()];
+    let said = eventually("the MUTUAL server admits a client with a certificate from its CA", || {
+        let said = curl(&with_cert, "/");
+        said.contains("@@ 200").then_some(said)
+    });
+    assert_eq!(reply_pod(said.split("\n@@").next().unwrap()).map(|p| p.starts_with("myapp-")), Some(true), "{said}");
+    let without = curl(&[], "/");
+    assert!(!without.contains("@@ 200") && !without.contains("\"pod\""), "no client certificate: {without}");
+    // The policy on the gateway's pod: this client's address may not reach /admin.
+    let denied = curl(&with_cert, "/admin/users");
+    assert!(denied.contains("RBAC: access denied") && denied.contains("@@ 403"), "{denied}");
+    let denied = curl(&[&with_cert[..], &["--path-as-is"]].concat(), "/api/../admin");
+    assert!(denied.contains("@@ 403"), "judged on the normalized path: {denied}");
 }

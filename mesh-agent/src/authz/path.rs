@@ -34,6 +34,14 @@ fn unreserved(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
 }
 
+/// `uri` with its path and query replaced (by what was judged); scheme and authority
+/// kept (HTTP/2).
+pub fn with_path(uri: &http::Uri, path_and_query: &str) -> Result<http::Uri, http::Error> {
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(path_and_query.parse()?);
+    Ok(http::Uri::from_parts(parts)?)
+}
+
 /// Normalizes the path part of a request target (no query).
 pub fn normalize(path: &str) -> Result<String, PathError> {
     let raw = path.as_bytes();

@@ -13,7 +13,9 @@ use tokio_util::sync::CancellationToken;
 use x509_parser::extensions::GeneralName;
 
 use super::{GatewayContext, PortPlan};
+use crate::authz::{ConnAttrs, Decision};
 use crate::l7::server::RouteTable;
+use crate::telemetry::DenyReason;
 use crate::transport::accept::{Caps, accept_loop};
 
 /// A client has this long to finish its TLS handshake.
@@ -37,6 +39,22 @@ pub(super) async fn serve(
     .await
 }
 
+/// Judges a connection the gateway carries as bytes (TCP, TLS passthrough) under the
+/// AuthorizationPolicies that select the gateway's pod, as TCP: rules that need HTTP
+/// attributes cannot admit it. Requests the gateway reads are judged one by one in L7.
+fn admits_bytes(ctx: &GatewayContext, plan: &PortPlan, peer: SocketAddr, local: SocketAddr) -> bool {
+    let snap = ctx.l7.snapshot.load();
+    let attrs = ConnAttrs { src: peer, dst: local, peer: None };
+    match snap.security(&plan.workload.key()).authz.check(&attrs, None) {
+        Decision::Allow => true,
+        Decision::Deny(reason) => {
+            tracing::info!(gateway = %plan.workload.name, client = %peer, port = plan.port, %reason, "denied by authorization policy");
+            ctx.l7.metrics.denied(&plan.workload, DenyReason::Policy);
+            false
+        }
+    }
+}
+
 async fn handle(ctx: GatewayContext, stream: TcpStream, peer: SocketAddr, plan: Arc<PortPlan>) {
     let Ok(local) = stream.local_addr() else { return };
     if plan.servers.iter().any(|s| s.opaque) {
@@ -49,6 +67,9 @@ async fn handle(ctx: GatewayContext, stream: TcpStream, peer: SocketAddr, plan: 
         let Some(rule) = rule else {
             return tracing::debug!(%peer, port = plan.port, "no tcp route; closed");
         };
+        if !admits_bytes(&ctx, &plan, peer, local) {
+            return;
+        }
         if let Err(why) = splice_to(&ctx, stream, peer, &plan, &rule.backends).await {
             tracing::debug!(%peer, port = plan.port, %why, "TCP connection closed");
         }
@@ -62,6 +83,9 @@ async fn handle(ctx: GatewayContext, stream: TcpStream, peer: SocketAddr, plan: 
             Err(_) => return tracing::debug!(%peer, port = plan.port, "no TLS client hello in time"),
         };
         if plan.passes_through(&sni) {
+            if !admits_bytes(&ctx, &plan, peer, local) {
+                return;
+            }
             if let Err(why) = pass_through(&ctx, stream, peer, &plan, &sni).await {
                 tracing::debug!(%peer, port = plan.port, %sni, %why, "TLS passthrough connection closed");
             }
@@ -73,7 +97,7 @@ async fn handle(ctx: GatewayContext, stream: TcpStream, peer: SocketAddr, plan: 
     }
     let (workload, netns) = (plan.workload.clone(), ctx.netns.clone());
     if !plan.terminates_tls() {
-        let table = RouteTable::Gateway { gateways: plan.gateways.clone(), port: plan.port, tls: false };
+        let table = RouteTable::Gateway { gateways: plan.gateways.clone(), port: plan.port, tls: false, client: peer };
         crate::l7::server::serve(ctx.l7, workload, netns, stream, local, table).await;
         return;
     }
@@ -99,7 +123,8 @@ async fn handle(ctx: GatewayContext, stream: TcpStream, peer: SocketAddr, plan: 
             return tracing::info!(%peer, ?sni, "client certificate names none of the server's subjectAltNames; closed");
         }
     }
-    let table = RouteTable::Gateway { gateways: Arc::new([server.gateway.clone()]), port: plan.port, tls: true };
+    let table =
+        RouteTable::Gateway { gateways: Arc::new([server.gateway.clone()]), port: plan.port, tls: true, client: peer };
     crate::l7::server::serve(ctx.l7, workload, netns, tls, local, table).await;
 }
 

@@ -171,8 +171,13 @@ struct Edge {
 
 impl Edge {
     async fn start(net: u8, server_ca: &TestCa, client_ca: &TestCa) -> Self {
+        Self::start_with(net, server_ca, client_ca, "").await
+    }
+
+    /// [`Edge::start`] with `extra` objects in the config.
+    async fn start_with(net: u8, server_ca: &TestCa, client_ca: &TestCa, extra: &str) -> Self {
         let yaml = format!(
-            "{}{}",
+            "{}{}{extra}",
             config(net, SUBSETS),
             edge_yaml(net, &server_ca.issue(&["myapp.example.com"]), &client_ca.pem())
         );
@@ -410,4 +415,98 @@ async fn a_tcp_server_splices_by_the_bound_tcp_route() {
         let res = send(tcp, get("/", "anything")).await.unwrap();
         assert_eq!(served_by(&res), "myapp-v2");
     }
+}
+
+#[tokio::test]
+async fn requests_enter_the_mesh_with_forwarding_headers_the_client_cannot_forge() {
+    let (server_ca, client_ca) = (TestCa::new(), TestCa::new());
+    let edge = Edge::start(48, &server_ca, &client_ca).await;
+    let tls = connect(edge.addr(HTTPS), "myapp.example.com", server_ca.roots(), None).await.unwrap();
+    let client = tls.get_ref().0.local_addr().unwrap().ip();
+    let mut req = get("/", "myapp.example.com");
+    let h = req.headers_mut();
+    h.insert("x-forwarded-for", "203.0.113.9".parse().unwrap());
+    h.insert("x-request-id", "chosen-by-client".parse().unwrap());
+    h.insert("x-envoy-external-address", "10.0.0.1".parse().unwrap());
+    h.insert("x-envoy-upstream-rq-timeout-ms", "1".parse().unwrap());
+    h.insert("x-forwarded-client-cert", "By=spiffe://cluster.local/ns/shop/sa/admin".parse().unwrap());
+    let res = send(tls, req).await.unwrap();
+    assert_eq!(served_by(&res), "myapp-v1");
+    let seen = |n: &str| res.headers().get(format!("x-echo-{n}")).map(|v| v.to_str().unwrap().to_string());
+    assert_eq!(seen("x-forwarded-for").unwrap(), format!("203.0.113.9,{client}"));
+    assert_eq!(seen("x-forwarded-proto").unwrap(), "https");
+    assert_eq!(seen("x-envoy-external-address").unwrap(), client.to_string());
+    let id = seen("x-request-id").unwrap();
+    assert!(id != "chosen-by-client" && id.len() == 36, "a request id of the gateway's own: {id}");
+    assert_eq!(seen("x-envoy-upstream-rq-timeout-ms"), None);
+    assert_eq!(seen("x-forwarded-client-cert"), None);
+
+    // Plain HTTP says so.
+    let tcp = TcpStream::connect(edge.addr(TCP)).await.unwrap();
+    let res = send(tcp, get("/", "anything")).await.unwrap();
+    assert_eq!(seen_on(&res, "x-forwarded-proto"), None, "a TCP route carries bytes, not headers");
+}
+
+fn seen_on(res: &Response<Bytes>, name: &str) -> Option<String> {
+    res.headers().get(format!("x-echo-{name}")).map(|v| v.to_str().unwrap().to_string())
+}
+
+/// Policies on the gateway's own pod: by the client's address, for a path (DENY), and
+/// for the TCP server's port (an ALLOW the loopback client is not in).
+const EDGE_POLICIES: &str = r#"
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-admin-from-outside, namespace: istio-ingress}
+spec:
+  selector: {matchLabels: {istio: ingressgateway}}
+  action: DENY
+  rules:
+  - from: [{source: {remoteIpBlocks: [127.0.0.0/8]}}]
+    to: [{operation: {paths: ["/admin*"]}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: tcp-from-partners-only, namespace: istio-ingress}
+spec:
+  selector: {matchLabels: {istio: ingressgateway}}
+  action: DENY
+  rules:
+  - from: [{source: {notRemoteIpBlocks: [192.0.2.0/24]}}]
+    to: [{operation: {ports: ["9446"]}}]
+"#;
+
+#[tokio::test]
+async fn authorization_policies_selecting_the_gateway_apply_to_what_arrives_from_outside() {
+    let (server_ca, client_ca) = (TestCa::new(), TestCa::new());
+    let edge = Edge::start_with(49, &server_ca, &client_ca, EDGE_POLICIES).await;
+    let ask = |path: &'static str| {
+        let roots = server_ca.roots();
+        let addr = edge.addr(HTTPS);
+        async move {
+            let tls = connect(addr, "myapp.example.com", roots, None).await.unwrap();
+            send(tls, get(path, "myapp.example.com")).await.unwrap()
+        }
+    };
+    let denied = ask("/admin/users").await;
+    assert_eq!(denied.status(), 403);
+    assert_eq!(denied.body(), "RBAC: access denied");
+    // Judged on the path the application would read.
+    assert_eq!(ask("/api/../admin/users").await.status(), 403);
+    assert_eq!(ask("/%61dmin").await.status(), 403);
+    let allowed = ask("/api/items").await;
+    assert_eq!(served_by(&allowed), "myapp-v1");
+    // The plain HTTP server judges before redirecting.
+    let tcp = TcpStream::connect(edge.addr(HTTP)).await.unwrap();
+    assert_eq!(send(tcp, get("/admin", "myapp.example.com")).await.unwrap().status(), 403);
+    // The TCP server: the connection is closed without reaching the mesh.
+    let tcp = TcpStream::connect(edge.addr(TCP)).await.unwrap();
+    assert!(send(tcp, get("/", "anything")).await.is_err(), "the TCP port refuses this client");
+    let metrics = edge.mesh.metrics();
+    assert!(
+        metrics.lines().any(|l| l.starts_with("mesh_denied_total")
+            && l.contains("destination_workload=\"istio-ingressgateway\"")
+            && l.contains("reason=\"HttpPolicy\"")),
+        "{metrics}"
+    );
 }

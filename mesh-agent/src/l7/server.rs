@@ -51,6 +51,8 @@ pub enum RouteTable {
         port: u16,
         /// Whether the gateway terminated TLS (the request's scheme is https).
         tls: bool,
+        /// The client outside the mesh, as the gateway's socket sees it.
+        client: SocketAddr,
     },
 }
 
@@ -134,7 +136,18 @@ async fn handle(
 ) -> Response<RespBody> {
     let snap = ctx.snapshot.load_full();
     let caller = Caller { ctx, snap: &snap, pod, netns, orig };
-    let answer = route(&caller, table, req).await;
+    let mut req = req;
+    let refused = match table {
+        RouteTable::Gateway { client, tls, .. } => {
+            let at = super::edge::Arrival { snapshot: &snap, gateway: pod, client: *client, local: orig, tls: *tls };
+            super::edge::admit(&at, &ctx.metrics, &mut req).err()
+        }
+        RouteTable::Service(_) => None,
+    };
+    let answer = match refused {
+        Some(r) => Answer { response: text_response(r.status, r.body), flags: r.flags, backend: None, endpoint: None },
+        None => route(&caller, table, req).await,
+    };
     let service_key = match table {
         RouteTable::Service(key) => key,
         RouteTable::Gateway { .. } => "unknown",
@@ -239,7 +252,7 @@ async fn route(caller: &Caller<'_>, table: &RouteTable, mut req: Request<Incomin
     let default_rule;
     let routes = match table {
         RouteTable::Service(key) => snap.routes(key),
-        RouteTable::Gateway { gateways, port, tls } => {
+        RouteTable::Gateway { gateways, port, tls, .. } => {
             let host = authority.rsplit_once(':').filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()));
             let host = host.map_or(authority.as_str(), |(h, _)| h);
             let mut ports = gateways.iter().filter_map(|g| snap.gateway(g)?.routes.get(port));

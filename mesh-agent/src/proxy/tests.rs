@@ -174,12 +174,20 @@ async fn app(name: String, addr: SocketAddr, stop: CancellationToken) {
                 if path == "/slow" {
                     tokio::time::sleep(Duration::from_secs(2)).await;
                 }
-                let res = Response::builder()
+                let mut res = Response::builder()
                     .status(status)
                     .header("x-served-by", name.as_str())
                     .header("x-seen", count.to_string())
                     .body(Full::new(Bytes::from(name)))
                     .unwrap();
+                // What the proxies said of the request, for tests to read back.
+                for (n, v) in req.headers() {
+                    let n = n.as_str();
+                    if n.starts_with("x-forwarded-") || n.starts_with("x-envoy-") || n == "x-request-id" {
+                        let echoed = http::HeaderName::try_from(format!("x-echo-{n}")).unwrap();
+                        res.headers_mut().append(echoed, v.clone());
+                    }
+                }
                 Ok::<_, Infallible>(res)
             }
         });

@@ -10,7 +10,7 @@
 use std::convert::Infallible;
 use std::sync::Arc;
 
-use http::{Request, Response, StatusCode, Uri};
+use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
@@ -20,16 +20,13 @@ use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 
 use super::Arrival;
-use crate::authz::{Decision, RequestAttrs, path};
+use crate::authz::{Decision, RBAC_DENIED, RequestAttrs, path};
 use crate::dataplane::Netns;
 use crate::l7::server::RespBody;
 use crate::proxy::ProxyContext;
 use crate::state::Workload;
 use crate::telemetry::{ConnLabels, RequestLabels};
 use crate::transport::{CONNECT_TIMEOUT, copy, sockets};
-
-/// Envoy's RBAC filter body, which clients and tests recognise.
-const RBAC_DENIED: &str = "RBAC: access denied";
 
 /// Connections to the application, opened as requests need them.
 struct AppConns {
@@ -144,18 +141,11 @@ async fn judge_and_forward(conn: &Conn, mut req: Request<Incoming>) -> Response<
         Some(q) => format!("{normalized}?{q}"),
         None => normalized,
     };
-    let Ok(uri) = rebuild_uri(req.uri(), &target) else {
+    let Ok(uri) = path::with_path(req.uri(), &target) else {
         return local(StatusCode::BAD_REQUEST, "invalid request target");
     };
     *req.uri_mut() = uri;
     forward(conn, req).await
-}
-
-/// The request URI with its path and query replaced; scheme and authority kept (HTTP/2).
-fn rebuild_uri(uri: &Uri, path_and_query: &str) -> Result<Uri, http::Error> {
-    let mut parts = uri.clone().into_parts();
-    parts.path_and_query = Some(path_and_query.parse()?);
-    Ok(Uri::from_parts(parts)?)
 }
 
 /// Removes an `Upgrade: h2c` offer: the request is served as plain HTTP/1.1.
