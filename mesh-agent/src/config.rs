@@ -18,6 +18,7 @@ pub mod resource;
 pub mod resources;
 pub mod schema;
 pub mod security;
+pub mod service_entry;
 mod source;
 
 pub use kube_source::KubeSource;

@@ -3,7 +3,8 @@
 
 mod accept;
 mod admission;
-mod detect;
+pub mod detect;
+mod egress;
 mod hbone;
 mod inbound;
 mod inpod;

@@ -232,6 +232,12 @@ pub struct Settings {
     #[arg(long, env = "MESH_TCP_IDLE_TIMEOUT", default_value = "1h", value_parser = parse_duration)]
     pub tcp_idle_timeout: Duration,
 
+    /// Where enrolled pods may connect outside the registry (Services, pods,
+    /// ServiceEntries): `ALLOW_ANY`, or `REGISTRY_ONLY` (the rest is refused, logged
+    /// and counted), as Istio's `meshConfig.outboundTrafficPolicy.mode`.
+    #[arg(long, env = "MESH_OUTBOUND_TRAFFIC_POLICY", value_enum, default_value = "ALLOW_ANY")]
+    pub outbound_traffic_policy: crate::state::OutboundPolicy,
+
     /// Log format: `text` or `json`.
     #[arg(long, env = "MESH_LOG_FORMAT", default_value = "text")]
     pub log_format: LogFormat,
@@ -271,6 +277,7 @@ impl Settings {
             trust_domain: self.trust_domain.clone(),
             aliases: self.trust_domain_aliases.clone(),
             root_namespace: self.root_namespace.clone(),
+            outbound: self.outbound_traffic_policy,
         }
     }
 

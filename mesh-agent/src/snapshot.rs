@@ -46,6 +46,10 @@ pub struct Snapshot {
     pub problems: Vec<Problem>,
     /// Namespaces whose pods are in the mesh.
     enrolled_ns: std::collections::BTreeSet<String>,
+    /// ServiceEntries: destinations outside the Services.
+    pub external: crate::traffic::external::ExternalServices,
+    /// Where pods may connect outside the registry.
+    pub outbound: crate::state::OutboundPolicy,
     /// Monotonic version, for logs and the config dump.
     pub version: u64,
     /// SHA-256 (hex, first 16 digits) of the objects in force: agents that read the same

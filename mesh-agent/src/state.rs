@@ -180,12 +180,33 @@ pub struct MeshScope {
     pub aliases: Vec<String>,
     /// Namespace whose policies apply mesh-wide (Istio's root namespace).
     pub root_namespace: String,
+    /// What pods may reach outside the registry (Istio's
+    /// `meshConfig.outboundTrafficPolicy.mode`).
+    pub outbound: OutboundPolicy,
+}
+
+/// Istio's `outboundTrafficPolicy.mode`: where an enrolled pod may connect that is
+/// neither a Service, a pod nor a ServiceEntry.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutboundPolicy {
+    /// Anywhere: unknown destinations are connected to as the pod asked.
+    #[default]
+    #[value(name = "ALLOW_ANY")]
+    AllowAny,
+    /// Only destinations the registry knows; the rest are refused, logged and counted.
+    #[value(name = "REGISTRY_ONLY")]
+    RegistryOnly,
 }
 
 impl MeshScope {
     /// The defaults: trust domain `cluster.local`, no aliases, root `istio-system`.
     pub fn new(trust_domain: &str) -> Self {
-        Self { trust_domain: trust_domain.into(), aliases: Vec::new(), root_namespace: "istio-system".into() }
+        Self {
+            trust_domain: trust_domain.into(),
+            aliases: Vec::new(),
+            root_namespace: "istio-system".into(),
+            outbound: OutboundPolicy::AllowAny,
+        }
     }
 
     /// Trust domains naming this mesh in policies: its own, its aliases, and

@@ -155,6 +155,17 @@ pub struct DenyLabels {
     pub reason: DenyReason,
 }
 
+/// Labels of `istio_mesh_outbound_blocked_total`: connections a pod made outside the
+/// registry under REGISTRY_ONLY (not the destination: any pod can dial any address,
+/// and that must not grow the label space).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct BlockedLabels {
+    /// The pod's workload.
+    pub source_workload: String,
+    /// Its namespace.
+    pub source_workload_namespace: String,
+}
+
 /// Labels of `istio_mesh_connections_refused_total`: a cap or a resource the agent ran
 /// out of, never a workload (a flood must not grow the label space).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -173,6 +184,7 @@ struct SeriesIndex {
     conns: HashSet<ConnLabels>,
     requests: HashSet<RequestLabels>,
     denied: HashSet<DenyLabels>,
+    blocked: HashSet<BlockedLabels>,
 }
 
 /// The agent's metrics.
@@ -194,6 +206,7 @@ pub struct Metrics {
     pub probe_connections: Counter,
     denied: Family<DenyLabels, Counter>,
     refused: Family<RefusedLabels, Counter>,
+    blocked: Family<BlockedLabels, Counter>,
     series: Mutex<SeriesIndex>,
 }
 
@@ -221,7 +234,22 @@ impl Metrics {
             "Connections closed or work shed at a resource cap (per source pod, per node, descriptors, buffers)",
             m.refused.clone(),
         );
+        registry.register(
+            "mesh_outbound_blocked",
+            "Connections to destinations outside the registry refused under outboundTrafficPolicy REGISTRY_ONLY",
+            m.blocked.clone(),
+        );
         m
+    }
+
+    /// Counts a connection `src` made outside the registry, refused (REGISTRY_ONLY).
+    pub fn outbound_blocked(&self, src: &Workload) {
+        let labels =
+            BlockedLabels { source_workload: src.name.clone(), source_workload_namespace: src.namespace.clone() };
+        if self.blocked.get(&labels).is_none() {
+            self.index().blocked.insert(labels.clone());
+        }
+        self.blocked.get_or_create(&labels).inc();
     }
 
     /// Brings `istio_mesh_probe_connections_total` up to the kernel's count.
@@ -319,6 +347,14 @@ impl Metrics {
             let keep = !gone(&l.destination_workload_namespace, &l.destination_workload);
             if !keep {
                 self.denied.remove(l);
+                dropped += 1;
+            }
+            keep
+        });
+        index.blocked.retain(|l| {
+            let keep = !gone(&l.source_workload_namespace, &l.source_workload);
+            if !keep {
+                self.blocked.remove(l);
                 dropped += 1;
             }
             keep

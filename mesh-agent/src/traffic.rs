@@ -3,6 +3,7 @@
 //! made on them (which rule matches, which backend, retry and fault settings). Nothing
 //! here does I/O or keeps counters; the L7 proxy in `l7` acts on them.
 
+pub mod external;
 pub mod gateway;
 pub mod policy;
 pub mod route;

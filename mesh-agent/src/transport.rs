@@ -82,6 +82,10 @@ pub enum Error {
         /// The status.
         status: http::StatusCode,
     },
+    /// A ServiceEntry's destination could not be found (a DNS lookup failed or found
+    /// nothing).
+    #[error("{0}")]
+    Lookup(String),
     /// Entering a pod netns or another data-plane operation failed.
     #[error(transparent)]
     Dataplane(#[from] crate::dataplane::Error),

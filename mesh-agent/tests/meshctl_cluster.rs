@@ -91,6 +91,7 @@ fn settle(api: &ApiServer, nodes: &[&str]) {
         "virtualservices.networking.istio.io",
         "destinationrules.networking.istio.io",
         "gateways.networking.istio.io",
+        "serviceentries.networking.istio.io",
         "peerauthentications.security.istio.io",
         "authorizationpolicies.security.istio.io",
         "serviceprofiles.linkerd.io",

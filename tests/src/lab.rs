@@ -968,13 +968,16 @@ impl Lab {
         Ok(self.pod_command(pod, &argv)?.stdin(Stdio::null()).output()?)
     }
 
-    /// Starts `argv` as helper `name` in `pod`'s netns, in its own cgroup outside the
+    /// Starts `argv` as helper `name` in `pod`'s netns (or the outside client's, for
+    /// `CLIENT_NETNS`), in its own cgroup outside the
     /// node's subtree, logging to `logs/helper-<name>.log`. `down` stops it.
     pub fn start_helper(&mut self, name: &str, pod: &str, argv: &[String]) -> anyhow::Result<u32> {
         if self.helpers.iter().any(|h| h.name == name) {
             bail!("helper {name} is already running");
         }
-        let netns = self.pod(pod)?.netns.clone();
+        // The outside client's netns stands for "the internet" too: servers there are
+        // reached by no Service, only by address.
+        let netns = if pod == CLIENT_NETNS { CLIENT_NETNS.to_string() } else { self.pod(pod)?.netns.clone() };
         let cgroup = format!("{CGROUP_NAME}/helpers/{name}");
         fs::create_dir_all(self.cgroup_root.join(&cgroup))?;
         let log = fs::File::create(self.state_dir.join("logs").join(format!("helper-{name}.log")))?;

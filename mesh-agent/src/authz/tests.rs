@@ -213,6 +213,7 @@ spec:
         trust_domain: "new.example".into(),
         aliases: vec!["old.example".into()],
         root_namespace: "istio-system".into(),
+        outbound: Default::default(),
     };
     let snap = snapshot_with(&mesh, &[policy(yaml)]);
     let a = &snap.security("production/myapp-v1").authz;

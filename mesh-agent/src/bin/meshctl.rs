@@ -137,7 +137,7 @@ fn main() -> ExitCode {
             on_cluster(|c| async move { Ok(report(style, &cluster::verify(&c, &values).await, VERIFY_OK)) })
         }
         Cmd::Analyze { cluster: true, trust_domain, root_namespace, .. } => {
-            let mesh = MeshScope { trust_domain, aliases: Vec::new(), root_namespace };
+            let mesh = MeshScope { root_namespace, ..MeshScope::new(&trust_domain) };
             on_cluster(|c| async move {
                 let found = cluster::analyze_cluster(&c, &mesh).await?;
                 Ok(print_diagnostics(style, &found, "the cluster", || {
@@ -146,7 +146,7 @@ fn main() -> ExitCode {
             })
         }
         Cmd::Analyze { files, trust_domain, root_namespace, .. } => {
-            let mesh = MeshScope { trust_domain, aliases: Vec::new(), root_namespace };
+            let mesh = MeshScope { root_namespace, ..MeshScope::new(&trust_domain) };
             run_analyze(style, &files, &mesh)
         }
         Cmd::ProxyStatus { namespace } => on_cluster(|c| async move {

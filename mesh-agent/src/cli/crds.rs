@@ -21,6 +21,7 @@ use crate::config::gateway::GatewaySpec;
 use crate::config::istio::{DestinationRuleSpec, NETWORKING_VERSIONS, VirtualServiceSpec};
 use crate::config::linkerd::{SERVICE_PROFILE_VERSIONS, ServiceProfileSpec, TRAFFIC_SPLIT_VERSIONS, TrafficSplitSpec};
 use crate::config::security::{AuthorizationPolicySpec, PeerAuthenticationSpec, SECURITY_VERSIONS};
+use crate::config::service_entry::ServiceEntrySpec;
 
 pub use crate::config::schema::{any_value, int_or_string};
 
@@ -69,6 +70,14 @@ const KINDS: &[Kind] = &[
         short: &["gw"],
         versions: NETWORKING_VERSIONS,
         spec: spec_schema::<GatewaySpec>,
+    },
+    Kind {
+        group: "networking.istio.io",
+        kind: "ServiceEntry",
+        plural: "serviceentries",
+        short: &["se"],
+        versions: NETWORKING_VERSIONS,
+        spec: spec_schema::<ServiceEntrySpec>,
     },
     Kind {
         group: "security.istio.io",

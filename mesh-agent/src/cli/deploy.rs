@@ -23,6 +23,7 @@ const HELM: &[(&str, &str)] = &[
     ("helm-log-level", "{{ .Values.global.logging.level | quote }}"),
     ("helm-trust-domain", "{{ .Values.meshConfig.trustDomain | quote }}"),
     ("helm-root-namespace", "{{ .Values.meshConfig.rootNamespace | quote }}"),
+    ("helm-outbound-traffic-policy", "{{ .Values.meshConfig.outboundTrafficPolicy.mode | quote }}"),
     ("helm-cert-ttl", "{{ .Values.global.workloadCertTtl | quote }}"),
     ("helm-requests-cpu", "{{ .Values.global.proxy.resources.requests.cpu | quote }}"),
     ("helm-requests-memory", "{{ .Values.global.proxy.resources.requests.memory | quote }}"),
@@ -81,7 +82,11 @@ fn helm_chart() -> Vec<(PathBuf, String)> {
                 "limits": {"cpu": res("limits", "cpu"), "memory": res("limits", "memory")},
             }},
         },
-        "meshConfig": {"trustDomain": defaults.trust_domain, "rootNamespace": defaults.root_namespace},
+        "meshConfig": {
+            "trustDomain": defaults.trust_domain,
+            "rootNamespace": defaults.root_namespace,
+            "outboundTrafficPolicy": {"mode": defaults.outbound_traffic_policy},
+        },
         "telemetry": {"enabled": true},
     });
     let values = format!(
@@ -95,6 +100,7 @@ fn helm_chart() -> Vec<(PathBuf, String)> {
     marked.log_level = "helm-log-level".into();
     marked.trust_domain = "helm-trust-domain".into();
     marked.root_namespace = "helm-root-namespace".into();
+    marked.outbound_traffic_policy = "helm-outbound-traffic-policy".into();
     marked.cert_ttl = "helm-cert-ttl".into();
     for k in ["requests", "limits"] {
         for r in ["cpu", "memory"] {

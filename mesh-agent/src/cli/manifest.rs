@@ -104,6 +104,8 @@ pub struct Values {
     pub trust_domain: String,
     /// `meshConfig.rootNamespace`.
     pub root_namespace: String,
+    /// `meshConfig.outboundTrafficPolicy.mode`: `ALLOW_ANY` or `REGISTRY_ONLY`.
+    pub outbound_traffic_policy: String,
     /// Workload certificate lifetime (`values.global.workloadCertTtl`).
     pub cert_ttl: String,
     /// `values.global.proxy.resources.{requests,limits}.{cpu,memory}`.
@@ -141,6 +143,7 @@ impl Values {
             log_level: log_level.into(),
             trust_domain: "cluster.local".into(),
             root_namespace: "istio-system".into(),
+            outbound_traffic_policy: "ALLOW_ANY".into(),
             cert_ttl: "24h".into(),
             resources,
             crds: profile != Profile::Minimal,
@@ -203,6 +206,10 @@ impl Values {
             "values.global.logging.level" => self.log_level = value,
             "meshConfig.trustDomain" => self.trust_domain = value,
             "meshConfig.rootNamespace" => self.root_namespace = dns_label(&value).map_err(|r| bad(&r))?,
+            "meshConfig.outboundTrafficPolicy.mode" => match value.as_str() {
+                "ALLOW_ANY" | "REGISTRY_ONLY" => self.outbound_traffic_policy = value,
+                _ => return Err(bad("expected ALLOW_ANY or REGISTRY_ONLY")),
+            },
             "values.global.workloadCertTtl" => {
                 crate::config::duration::parse_duration(&value).map_err(|r| bad(&r))?;
                 self.cert_ttl = value;
@@ -234,6 +241,7 @@ pub fn known_keys() -> Vec<String> {
         "values.global.workloadCertTtl",
         "meshConfig.trustDomain",
         "meshConfig.rootNamespace",
+        "meshConfig.outboundTrafficPolicy.mode",
         "values.base.enableCRDs",
         "values.telemetry.enabled",
     ]
@@ -373,7 +381,11 @@ pub fn objects(v: &Values) -> Vec<serde_json::Value> {
             rules: Some(vec![
                 rule(&[""], &["namespaces", "pods", "services", "serviceaccounts"], READ),
                 rule(&["discovery.k8s.io"], &["endpointslices"], READ),
-                rule(&["networking.istio.io"], &["virtualservices", "destinationrules", "gateways"], READ),
+                rule(
+                    &["networking.istio.io"],
+                    &["virtualservices", "destinationrules", "gateways", "serviceentries"],
+                    READ,
+                ),
                 rule(&["security.istio.io"], &["peerauthentications", "authorizationpolicies"], READ),
                 rule(&["linkerd.io"], &["serviceprofiles"], READ),
                 rule(&["split.smi-spec.io"], &["trafficsplits"], READ),
@@ -423,6 +435,7 @@ pub fn objects(v: &Values) -> Vec<serde_json::Value> {
             data: Some(BTreeMap::from([
                 ("MESH_TRUST_DOMAIN".to_string(), v.trust_domain.clone()),
                 ("MESH_ROOT_NAMESPACE".to_string(), v.root_namespace.clone()),
+                ("MESH_OUTBOUND_TRAFFIC_POLICY".to_string(), v.outbound_traffic_policy.clone()),
                 ("MESH_CERT_TTL".to_string(), v.cert_ttl.clone()),
                 ("MESH_LOG".to_string(), v.log_level.clone()),
                 ("MESH_CONFIG_SOURCE".to_string(), "kubernetes".to_string()),
@@ -860,7 +873,7 @@ mod tests {
                 );
             }
             let crds = docs.iter().filter(|d| d["kind"] == "CustomResourceDefinition").count();
-            assert_eq!(crds, if profile == Profile::Minimal { 0 } else { 7 }, "{name}");
+            assert_eq!(crds, if profile == Profile::Minimal { 0 } else { 8 }, "{name}");
         }
     }
 

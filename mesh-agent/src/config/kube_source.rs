@@ -135,6 +135,10 @@ pub const KINDS: &[WatchedKind] = &[
         ..kind("networking.istio.io", "v1", "DestinationRule", "destinationrules")
     },
     WatchedKind { fallback_versions: &["v1beta1"], ..kind("networking.istio.io", "v1", "Gateway", "gateways") },
+    WatchedKind {
+        fallback_versions: &["v1beta1"],
+        ..kind("networking.istio.io", "v1", "ServiceEntry", "serviceentries")
+    },
     security_kind("PeerAuthentication", "peerauthentications"),
     security_kind("AuthorizationPolicy", "authorizationpolicies"),
     kind("linkerd.io", "v1alpha2", "ServiceProfile", "serviceprofiles"),

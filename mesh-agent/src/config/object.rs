@@ -1,7 +1,7 @@
 //! [`Object`]: one parsed object of any kind the mesh reads.
 
 use super::resources::{EndpointSlice, Namespace, NetworkPolicy, ObjectMeta, Pod, Secret, Service, ServiceAccount};
-use super::{gateway, istio, linkerd, security};
+use super::{gateway, istio, linkerd, security, service_entry};
 
 /// A parsed object from any source.
 #[derive(Debug, Clone, PartialEq)]
@@ -27,6 +27,8 @@ pub enum Object {
     /// `networking.istio.io/*/Gateway`: served by the gateway workloads it selects;
     /// what VirtualServices bind to.
     Gateway(Box<gateway::Gateway>),
+    /// `networking.istio.io/*/ServiceEntry`: destinations outside the Services.
+    ServiceEntry(Box<service_entry::ServiceEntry>),
     /// `linkerd.io/v1alpha2/ServiceProfile`.
     ServiceProfile(Box<linkerd::ServiceProfile>),
     /// `split.smi-spec.io/*/TrafficSplit`.
@@ -72,6 +74,7 @@ impl Object {
             Object::VirtualService(o) => ("VirtualService", &o.metadata),
             Object::DestinationRule(o) => ("DestinationRule", &o.metadata),
             Object::Gateway(o) => ("Gateway", &o.metadata),
+            Object::ServiceEntry(o) => ("ServiceEntry", &o.metadata),
             Object::ServiceProfile(o) => ("ServiceProfile", &o.metadata),
             Object::TrafficSplit(o) => ("TrafficSplit", &o.metadata),
             Object::PeerAuthentication(o) => ("PeerAuthentication", &o.metadata),

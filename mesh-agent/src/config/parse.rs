@@ -17,7 +17,7 @@ use super::security::{AuthorizationPolicy, PeerAuthentication, SECURITY_VERSIONS
 /// Kinds from other API groups the mesh will read but this version does not enforce yet.
 /// They are refused by name rather than silently ignored: a policy that is accepted but
 /// not enforced is worse than an error.
-const NOT_YET_SUPPORTED: &[&str] = &["RequestAuthentication", "ServiceEntry", "Sidecar"];
+const NOT_YET_SUPPORTED: &[&str] = &["RequestAuthentication", "Sidecar"];
 
 /// Parses every YAML document in `text` (the contents of `file`).
 pub fn parse_documents(file: &Path, text: &str) -> Result<Vec<Object>, Error> {
@@ -193,7 +193,7 @@ fn parse_object(file: &Path, index: usize, value: Value) -> Result<Object, Error
     let expected_versions: &[&str] = match kind {
         "Namespace" | "Pod" | "Service" | "ServiceAccount" | "Secret" => &["v1"],
         "EndpointSlice" => &["discovery.k8s.io/v1"],
-        "VirtualService" | "DestinationRule" | "Gateway" => NETWORKING_VERSIONS,
+        "VirtualService" | "DestinationRule" | "Gateway" | "ServiceEntry" => NETWORKING_VERSIONS,
         "ServiceProfile" => SERVICE_PROFILE_VERSIONS,
         "TrafficSplit" => TRAFFIC_SPLIT_VERSIONS,
         "PeerAuthentication" | "AuthorizationPolicy" => SECURITY_VERSIONS,
@@ -219,6 +219,7 @@ fn parse_object(file: &Path, index: usize, value: Value) -> Result<Object, Error
         "VirtualService" => decode(value, Object::VirtualService),
         "DestinationRule" => decode(value, Object::DestinationRule),
         "Gateway" => decode(value, Object::Gateway),
+        "ServiceEntry" => decode(value, Object::ServiceEntry),
         "ServiceProfile" => decode(value, Object::ServiceProfile),
         "TrafficSplit" => decode(value, Object::TrafficSplit),
         "PeerAuthentication" => decode(value, Object::PeerAuthentication),
@@ -293,6 +294,7 @@ fn validate(object: &Object) -> Result<(), (String, String)> {
         Object::VirtualService(v) => v.validate()?,
         Object::DestinationRule(d) => d.validate()?,
         Object::Gateway(g) => g.validate()?,
+        Object::ServiceEntry(e) => e.spec.validate()?,
         Object::Secret(s) => s.validate()?,
         Object::ServiceProfile(p) => p.validate()?,
         Object::TrafficSplit(t) => t.validate()?,
@@ -441,8 +443,8 @@ metadata: {name: myapp, namespace: production}
 
     #[test]
     fn not_yet_supported_kinds_are_refused_by_name() {
-        let got = check("apiVersion: networking.istio.io/v1beta1\nkind: ServiceEntry\nmetadata: {name: se}\n");
-        assert!(got.contains("ServiceEntry (networking.istio.io/v1beta1) is not supported"), "{got}");
+        let got = check("apiVersion: networking.istio.io/v1beta1\nkind: Sidecar\nmetadata: {name: se}\n");
+        assert!(got.contains("Sidecar (networking.istio.io/v1beta1) is not supported"), "{got}");
     }
 
     #[test]

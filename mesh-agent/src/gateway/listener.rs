@@ -77,7 +77,7 @@ async fn handle(ctx: GatewayContext, stream: TcpStream, peer: SocketAddr, plan: 
     }
     // PASSTHROUGH and terminated servers may share a port: the SNI decides.
     if plan.servers.iter().any(|s| s.passthrough) {
-        let sni = match tokio::time::timeout(HANDSHAKE_TIMEOUT, peek_sni(&stream)).await {
+        let sni = match tokio::time::timeout(HANDSHAKE_TIMEOUT, crate::proxy::detect::peek_sni(&stream)).await {
             Ok(Ok(sni)) => sni,
             Ok(Err(why)) => return tracing::debug!(%peer, port = plan.port, %why, "closed"),
             Err(_) => return tracing::debug!(%peer, port = plan.port, "no TLS client hello in time"),
@@ -181,39 +181,6 @@ async fn splice_to(
         .await
         .map(|_| ())
         .map_err(|e| e.to_string())
-}
-
-/// The largest client hello read for its SNI: one TLS record.
-const MAX_HELLO: usize = 16 * 1024 + 5;
-
-/// The SNI of the TLS client hello waiting on `stream`, read with `peek` so the bytes
-/// stay for the destination.
-async fn peek_sni(stream: &TcpStream) -> Result<String, String> {
-    let mut buf = vec![0u8; MAX_HELLO];
-    let mut last = 0;
-    loop {
-        let n = stream.peek(&mut buf).await.map_err(|e| e.to_string())?;
-        if n == 0 {
-            return Err("closed before a client hello".into());
-        }
-        let mut acceptor = rustls::server::Acceptor::default();
-        let mut bytes = &buf[..n];
-        acceptor.read_tls(&mut bytes).map_err(|e| e.to_string())?;
-        match acceptor.accept() {
-            Ok(Some(hello)) => {
-                return hello.client_hello().server_name().map(str::to_owned).ok_or_else(|| "no SNI".to_string());
-            }
-            Ok(None) if n < buf.len() => {
-                if n == last {
-                    // Nothing new yet: wait for more bytes rather than spin on peek.
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                last = n;
-            }
-            Ok(None) => return Err("client hello larger than one record".into()),
-            Err((e, _)) => return Err(format!("not a TLS client hello: {e}")),
-        }
-    }
 }
 
 /// The DNS and URI names of a certificate.

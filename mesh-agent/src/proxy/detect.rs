@@ -61,6 +61,118 @@ pub async fn peek(stream: &TcpStream) -> Protocol {
     }
 }
 
+/// The largest client hello read for its SNI: one TLS record.
+const MAX_HELLO: usize = 16 * 1024 + 5;
+
+/// The SNI of the TLS client hello waiting on `stream`, read with `peek` so the bytes
+/// stay for the destination.
+pub async fn peek_sni(stream: &TcpStream) -> Result<String, String> {
+    let mut buf = vec![0u8; MAX_HELLO];
+    let mut last = 0;
+    loop {
+        let n = stream.peek(&mut buf).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("closed before a client hello".into());
+        }
+        let mut acceptor = rustls::server::Acceptor::default();
+        let mut bytes = &buf[..n];
+        acceptor.read_tls(&mut bytes).map_err(|e| e.to_string())?;
+        match acceptor.accept() {
+            Ok(Some(hello)) => {
+                return hello.client_hello().server_name().map(str::to_owned).ok_or_else(|| "no SNI".to_string());
+            }
+            Ok(None) if n < buf.len() => {
+                if n == last {
+                    // Nothing new yet: wait for more bytes rather than spin on peek.
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                last = n;
+            }
+            Ok(None) => return Err("client hello larger than one record".into()),
+            Err((e, _)) => return Err(format!("not a TLS client hello: {e}")),
+        }
+    }
+}
+
+/// How long a connection to an unknown address may take to show the name it is for.
+const NAME_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The name a connection waiting on `stream` asks for, read with `peek` so the bytes
+/// stay for the destination: the Host header of an HTTP/1 request, or the SNI of a
+/// TLS client hello. None when the bytes carry no name, the client stays silent for
+/// [`NAME_TIMEOUT`], or they are neither.
+pub async fn peek_name(stream: &TcpStream) -> Option<String> {
+    let mut first = [0u8; 1];
+    let n = tokio::time::timeout(NAME_TIMEOUT, stream.peek(&mut first)).await.ok()?.ok()?;
+    if n == 0 {
+        return None;
+    }
+    if first[0] == 0x16 {
+        return tokio::time::timeout(NAME_TIMEOUT, peek_sni(stream)).await.ok()?.ok();
+    }
+    tokio::time::timeout(NAME_TIMEOUT, peek_host(stream)).await.ok()?
+}
+
+/// The largest HTTP/1 head read for its Host header.
+const MAX_HEAD: usize = 8 * 1024;
+
+async fn peek_host(stream: &TcpStream) -> Option<String> {
+    let mut buf = vec![0u8; MAX_HEAD];
+    let mut last = 0;
+    loop {
+        let n = stream.peek(&mut buf).await.ok()?;
+        if n == 0 || classify(&buf[..n]) == Some(Protocol::Opaque) {
+            return None;
+        }
+        match host_in_head(&buf[..n]) {
+            HeadScan::Found(host) => return Some(host),
+            HeadScan::Ended => return None,
+            HeadScan::Partial if n == buf.len() => return None,
+            HeadScan::Partial => {
+                if n == last {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                last = n;
+            }
+        }
+    }
+}
+
+/// What the start of an HTTP/1 request says of its Host.
+#[derive(Debug, PartialEq, Eq)]
+enum HeadScan {
+    /// The Host header, lower-cased, without a port.
+    Found(String),
+    /// The head ended without one.
+    Ended,
+    /// Not all of the head is here yet.
+    Partial,
+}
+
+fn host_in_head(bytes: &[u8]) -> HeadScan {
+    // Whole lines only: the request line first, then headers until the empty line.
+    let mut lines = bytes.split(|b| *b == b'\n');
+    let complete = bytes.iter().filter(|b| **b == b'\n').count();
+    let _request_line = lines.next();
+    for line in lines.take(complete.saturating_sub(1)) {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            return HeadScan::Ended;
+        }
+        let Some(colon) = line.iter().position(|b| *b == b':') else { continue };
+        if line[..colon].eq_ignore_ascii_case(b"host") {
+            let value = String::from_utf8_lossy(&line[colon + 1..]).trim().to_ascii_lowercase();
+            // `name:port`, or `[v6]:port`.
+            let host = match value.strip_prefix('[') {
+                Some(v6) => format!("[{}]", v6.split(']').next().unwrap_or_default()),
+                None => value.split(':').next().unwrap_or_default().to_string(),
+            };
+            return HeadScan::Found(host);
+        }
+    }
+    HeadScan::Partial
+}
+
 /// Reads the first bytes of `s` (a stream that cannot be peeked, such as an HBONE
 /// tunnel) until they tell the protocol, `timeout` passes or the peer stops sending.
 /// The caller replays them ([`super::prefixed::Prefixed`]).
@@ -139,5 +251,14 @@ mod tests {
         let started = std::time::Instant::now();
         assert!(read_first(&mut server_first, Duration::from_millis(100)).await.unwrap().is_empty());
         assert!(started.elapsed() < Duration::from_secs(2));
+    }
+
+    #[test]
+    fn the_host_header_is_found_in_whole_lines_only() {
+        let head = b"GET / HTTP/1.1\r\nUser-Agent: x\r\nHOST: API.Example.com:8080\r\n\r\n";
+        assert_eq!(host_in_head(head), HeadScan::Found("api.example.com".into()));
+        assert_eq!(host_in_head(b"GET / HTTP/1.1\r\nHost: api.exa"), HeadScan::Partial);
+        assert_eq!(host_in_head(b"GET / HTTP/1.1\r\nAccept: */*\r\n\r\n"), HeadScan::Ended);
+        assert_eq!(host_in_head(b"GET / HTTP/1.1\nHost: plain.example\n\n"), HeadScan::Found("plain.example".into()));
     }
 }

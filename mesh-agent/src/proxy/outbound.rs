@@ -8,6 +8,7 @@ use tokio::net::TcpStream;
 
 use super::ProxyContext;
 use super::detect::{self, Protocol};
+use super::egress::{self, Egress};
 use crate::dataplane::Netns;
 use crate::state::{Destination, Workload};
 use crate::telemetry::{ConnLabels, Direction};
@@ -53,6 +54,9 @@ pub(super) async fn handle(
     tracing::debug!(pod = %pod.name, %peer, %orig, ?dest, "outbound");
     let (workload, addr, service) = match dest {
         Destination::Mesh { workload, addr, service } => (Some(workload), addr, service),
+        Destination::Passthrough { addr, workload: None } => {
+            return leave_the_registry(ctx, &snapshot, pod, netns, stream, orig, addr).await;
+        }
         Destination::Passthrough { addr, workload } => (workload, addr, None),
         Destination::NoEndpoints { service } => {
             tracing::warn!(pod = %pod.name, %orig, %service, "service has no endpoint for this port; refused");
@@ -63,6 +67,38 @@ pub(super) async fn handle(
     let mut upstream = ctx.dialer.connect(&snapshot, pod, netns, workload.as_deref(), addr, CONNECT_TIMEOUT).await?;
     let labels =
         ConnLabels::new(Direction::Outbound, pod, workload.as_deref(), service.as_deref(), upstream.is_tunnel());
+    splice(ctx, &labels, &mut stream, &mut upstream, pod, orig).await
+}
+
+/// A connection to an address that is no Service and no pod: where a ServiceEntry
+/// says, the address dialed (ALLOW_ANY), or nowhere (REGISTRY_ONLY).
+async fn leave_the_registry(
+    ctx: &ProxyContext,
+    snapshot: &crate::snapshot::Snapshot,
+    pod: &Arc<Workload>,
+    netns: &Arc<Netns>,
+    mut stream: TcpStream,
+    orig: SocketAddr,
+    dialed: SocketAddr,
+) -> Result<(), Error> {
+    let (mut upstream, service, reached) = match egress::decide(snapshot, pod, &stream, orig).await {
+        Egress::Anywhere => {
+            (ctx.dialer.connect(snapshot, pod, netns, None, dialed, CONNECT_TIMEOUT).await?, None, None)
+        }
+        Egress::Blocked => {
+            tracing::info!(pod = %pod.name, namespace = %pod.namespace, dst = %orig, "outbound connection outside the registry refused (outboundTrafficPolicy REGISTRY_ONLY)");
+            ctx.metrics.outbound_blocked(pod);
+            sockets::reset(stream);
+            return Ok(());
+        }
+        Egress::Entry(entry, target) => {
+            let (up, addr) = egress::connect(&ctx.dialer, snapshot, pod, netns, &target).await?;
+            tracing::debug!(pod = %pod.name, %orig, entry = %entry.key, %addr, "outbound to a ServiceEntry");
+            (up, Some(entry.host.clone()), snapshot.workload_by_ip(addr.ip()))
+        }
+    };
+    let labels =
+        ConnLabels::new(Direction::Outbound, pod, reached.map(|w| &**w), service.as_deref(), upstream.is_tunnel());
     splice(ctx, &labels, &mut stream, &mut upstream, pod, orig).await
 }
 

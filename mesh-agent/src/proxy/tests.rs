@@ -29,7 +29,7 @@ use crate::config::parse_documents;
 use crate::dataplane::Netns;
 use crate::identity::{CertStore, MeshCa, PeerVerifier};
 use crate::snapshot::Snapshot;
-use crate::state::Workload;
+use crate::state::{MeshScope, OutboundPolicy, Workload};
 use crate::telemetry::Metrics;
 use crate::transport::Dialer;
 use crate::transport::limits::ConnLimits;
@@ -113,6 +113,17 @@ impl Mesh {
     /// the table learns the client's address and where it was going, then the client
     /// reaches the pod's outbound listener.
     async fn send(&self, from: &str, orig: SocketAddr, req: Request<Empty<Bytes>>) -> Response<Bytes> {
+        self.try_send(from, orig, req).await.expect("an answer")
+    }
+
+    /// [`Mesh::send`], saying what went wrong instead of panicking: a refused
+    /// connection is an error here.
+    async fn try_send(
+        &self,
+        from: &str,
+        orig: SocketAddr,
+        req: Request<Empty<Bytes>>,
+    ) -> Result<Response<Bytes>, hyper::Error> {
         let pod = self.workload(from);
         let listener = TcpListener::bind((pod.ips[0], 0)).await.unwrap();
         let outbound_addr = listener.local_addr().unwrap();
@@ -122,11 +133,19 @@ impl Mesh {
         socket.bind(SocketAddr::new(pod.ips[0], 0)).unwrap();
         self.captured.0.lock().unwrap().insert(socket.local_addr().unwrap(), orig);
         let stream = socket.connect(outbound_addr).await.unwrap();
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(conn);
-        let res = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req)).await.unwrap().unwrap();
+        let res = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req)).await.unwrap()?;
         let (parts, body) = res.into_parts();
-        Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+        Ok(Response::from_parts(parts, body.collect().await?.to_bytes()))
+    }
+
+    /// Compiles `yaml` again under `mesh`, as a config change does.
+    fn reconfigure(&self, yaml: &str, mesh: &MeshScope) {
+        let objects = parse_documents(Path::new("test.yaml"), yaml).expect("test config parses");
+        let snapshot = Arc::new(Snapshot::compile_in(&objects, mesh, 2));
+        self.ctx.l7.round_robin.fit(&snapshot);
+        self.ctx.snapshot.store(snapshot);
     }
 
     pub(crate) fn metrics(&self) -> String {
@@ -434,4 +453,92 @@ async fn a_connection_without_an_original_destination_is_refused() {
     let mut buf = [0u8; 16];
     let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await.unwrap();
     assert!(matches!(read, Ok(0) | Err(_)), "closed without an answer: {read:?}");
+}
+
+/// Three "internet" servers: by address only, by a name, and one found by DNS
+/// (`localhost`).
+fn egress_entries(net: u8, dns_port: u16) -> String {
+    format!(
+        r#"
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: by-name, namespace: shop}}
+spec:
+  hosts: [api.example.com]
+  ports: [{{number: 8080, name: http, protocol: HTTP}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: by-address, namespace: shop}}
+spec:
+  hosts: [legacy.example.com]
+  addresses: [192.0.2.10/32]
+  ports: [{{number: 8080, name: http}}]
+  resolution: STATIC
+  endpoints: [{{address: 127.{net}.0.201}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: by-dns, namespace: shop}}
+spec:
+  hosts: [dns.example.com]
+  addresses: [192.0.2.20/32]
+  ports: [{{number: 80, name: http}}]
+  resolution: DNS
+  endpoints: [{{address: localhost, ports: {{http: {dns_port}}}}}]
+"#
+    )
+}
+
+#[tokio::test]
+async fn outbound_traffic_policy_and_service_entries_decide_what_leaves_the_mesh() {
+    let net = 61;
+    let internet = SocketAddr::from(([127, net, 0, 200], 8080));
+    let dns_port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let mesh = Mesh::start(&config(net, ""), APPS).await;
+    tokio::spawn(app("internet".into(), internet, mesh.stop.clone()));
+    tokio::spawn(app("internet-static".into(), SocketAddr::from(([127, net, 0, 201], 8080)), mesh.stop.clone()));
+    tokio::spawn(app("internet-dns".into(), SocketAddr::from(([127, 0, 0, 1], dns_port)), mesh.stop.clone()));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let host = |h: &str| Request::get("/").header("host", h).body(Empty::new()).unwrap();
+
+    // ALLOW_ANY (Istio's default): an address nobody declared is reached as dialed.
+    assert_eq!(served_by(&mesh.send("client", internet, host("anything.example")).await), "internet");
+
+    // REGISTRY_ONLY without entries: refused, logged and counted.
+    let registry_only = MeshScope { outbound: OutboundPolicy::RegistryOnly, ..MeshScope::new("cluster.local") };
+    mesh.reconfigure(&config(net, ""), &registry_only);
+    assert!(mesh.try_send("client", internet, host("api.example.com")).await.is_err());
+    let blocked = mesh.metrics();
+    assert!(
+        blocked.lines().any(|l| l.starts_with("mesh_outbound_blocked_total")
+            && l.contains("source_workload=\"client\"")
+            && l.ends_with(" 1")),
+        "{blocked}"
+    );
+    // Mesh destinations stay reachable.
+    assert_eq!(mesh.send("client", vip(net), get("/")).await.status(), 200);
+
+    // With entries: a declared name on the entry's port, wherever it was dialed; a
+    // declared address, sent to the entry's endpoint; a name looked up in DNS.
+    mesh.reconfigure(&config(net, &egress_entries(net, dns_port)), &registry_only);
+    assert_eq!(served_by(&mesh.send("client", internet, host("api.example.com")).await), "internet");
+    assert!(mesh.try_send("client", internet, host("other.example.com")).await.is_err(), "an undeclared name");
+    let elsewhere = SocketAddr::from(([127, net, 0, 200], 8081));
+    assert!(mesh.try_send("client", elsewhere, host("api.example.com")).await.is_err(), "a port the entry lacks");
+    let legacy = SocketAddr::from(([192, 0, 2, 10], 8080));
+    assert_eq!(served_by(&mesh.send("client", legacy, host("x")).await), "internet-static");
+    let by_dns = SocketAddr::from(([192, 0, 2, 20], 80));
+    assert_eq!(served_by(&mesh.send("client", by_dns, host("dns.example.com")).await), "internet-dns");
+    let metrics = mesh.metrics();
+    assert!(
+        metrics.lines().any(|l| l.starts_with("tcp_connections_opened_total")
+            && l.contains("reporter=\"source\"")
+            && l.contains("destination_service=\"legacy.example.com\"")),
+        "{metrics}"
+    );
 }

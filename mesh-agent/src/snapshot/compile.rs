@@ -12,6 +12,7 @@ use crate::config::resource::Resource;
 use crate::config::resources::{EndpointSlice, IntOrString, Pod};
 use crate::identity::Identity;
 use crate::state::{Endpoint, MeshScope, Problem, Service, ServicePort, TargetPort, Workload};
+use crate::traffic::external::ExternalServices;
 use crate::traffic::gateway::{CompiledGateway, PortRoutes, serve_domains};
 use crate::traffic::policy::DestinationPolicy;
 use crate::traffic::route::{self, Attachment, ServiceRoutes};
@@ -117,6 +118,11 @@ impl Snapshot {
         }
         snap.compile_traffic(objects);
         snap.compile_security(objects, mesh);
+        snap.external = ExternalServices::new(objects.iter().filter_map(|o| match o {
+            Object::ServiceEntry(e) => Some(&**e),
+            _ => None,
+        }));
+        snap.outbound = mesh.outbound;
         snap
     }
 
