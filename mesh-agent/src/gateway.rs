@@ -270,4 +270,4 @@ impl Gateway {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -34,6 +34,8 @@ pub struct Snapshot {
     /// Every Gateway with the routes bound to it, by `namespace/name`.
     gateways: std::collections::BTreeMap<String, Arc<CompiledGateway>>,
     policies: HashMap<String, Arc<DestinationPolicy>>,
+    /// DestinationRules of ServiceEntries, by the entry's `namespace/name`.
+    external_policies: HashMap<String, Arc<DestinationPolicy>>,
     /// PeerAuthentication and AuthorizationPolicy per workload (`namespace/name`).
     security: HashMap<String, Arc<WorkloadSecurity>>,
     /// For workloads no policy selects.
@@ -103,6 +105,11 @@ impl Snapshot {
     /// without a rule).
     pub fn traffic_policy(&self, service: &str, subset: Option<&str>, port: u16) -> TrafficPolicy {
         self.policies.get(service).map_or_else(TrafficPolicy::default, |p| p.effective(subset, port))
+    }
+
+    /// The DestinationRule policy for ServiceEntry `entry` (`namespace/name`) on `port`.
+    pub fn external_policy(&self, entry: &str, port: u16) -> TrafficPolicy {
+        self.external_policies.get(entry).map_or_else(TrafficPolicy::default, |p| p.effective(None, port))
     }
 
     /// Endpoints of a Service (restricted to a subset's labels) with the address for

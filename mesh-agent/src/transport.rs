@@ -11,6 +11,7 @@ pub mod accept;
 mod connect;
 pub mod copy;
 pub mod limits;
+pub mod originate;
 mod pool;
 pub mod sockets;
 
@@ -81,6 +82,15 @@ pub enum Error {
         target: SocketAddr,
         /// The status.
         status: http::StatusCode,
+    },
+    /// TLS toward a destination outside the mesh could not be set up (a file the
+    /// DestinationRule names, a bad SNI).
+    #[error("TLS origination to {addr}: {reason}")]
+    Origination {
+        /// The destination.
+        addr: SocketAddr,
+        /// Why.
+        reason: String,
     },
     /// A ServiceEntry's destination could not be found (a DNS lookup failed or found
     /// nothing).

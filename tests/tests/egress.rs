@@ -78,3 +78,69 @@ spec:
         "{m}"
     );
 }
+
+/// A certificate for `name` from a fresh CA, written to the lab's scratch directory:
+/// (CA file, certificate file, key file).
+fn write_cert(lab: &Lab, prefix: &str, name: &str) -> (String, String, String) {
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    // Distinct names: openssl takes a leaf named as its issuer for self-signed.
+    ca.distinguished_name.push(rcgen::DnType::CommonName, "internet test CA");
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
+    params.distinguished_name.push(rcgen::DnType::CommonName, name);
+    let cert = params.signed_by(&key, &issuer).unwrap().pem();
+    let dir = lab.state_dir.join("scratch");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut paths = Vec::new();
+    for (suffix, pem) in [("ca", ca_pem), ("cert", cert), ("key", key.serialize_pem())] {
+        let p = dir.join(format!("{prefix}-{suffix}.pem"));
+        std::fs::write(&p, pem).unwrap();
+        paths.push(p.display().to_string());
+    }
+    (paths[0].clone(), paths[1].clone(), paths[2].clone())
+}
+
+#[test]
+fn tls_is_originated_by_the_agent_toward_a_service_entry_host() {
+    let Some(mut lab) = lab_with_env("tls_is_originated_by_the_agent_toward_a_service_entry_host", &[]) else { return };
+    let (ca, cert, key) = write_cert(&lab, "api-tls", "api-tls.example.com");
+    let argv: Vec<String> = ["openssl", "s_server", "-accept", "8443", "-www", "-quiet", "-cert", &cert, "-key", &key]
+        .map(String::from)
+        .into();
+    lab.start_helper("internet-tls", CLIENT_NETNS, &argv).unwrap();
+    apply_yaml(
+        &lab,
+        "egress-tls.yaml",
+        &format!(
+            r#"apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: api-tls, namespace: production}}
+spec:
+  hosts: [api-tls.example.com]
+  addresses: [192.0.2.11]
+  ports: [{{number: 80, name: http, targetPort: 8443}}]
+  resolution: STATIC
+  endpoints: [{{address: {CLIENT_ADDR}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: api-tls, namespace: production}}
+spec:
+  host: api-tls.example.com
+  trafficPolicy:
+    tls: {{mode: SIMPLE, caCertificates: {ca}}}
+"#
+        ),
+    );
+    // frontend speaks plain HTTP to port 80; what answers is openssl's TLS server.
+    let said = eventually("the agent's TLS reaches the server", || {
+        let out = lab.exec("frontend", &["curl", "-s", "-m", "5", "http://192.0.2.11/"]).unwrap();
+        let body = String::from_utf8_lossy(&out.stdout).into_owned();
+        body.contains("s_server").then_some(body)
+    });
+    assert!(said.contains("TLSv1.3"), "the server saw a TLS 1.3 session: {said}");
+}

@@ -227,22 +227,23 @@ pub struct ClientTls {
     /// SNI (accepted with ISTIO_MUTUAL: the tunnel verifies SPIFFE identities).
     #[serde(default)]
     pub sni: Option<String>,
-    /// Subject alt names to verify (not enforced yet).
+    /// Subject alt names to verify (refused for SIMPLE/MUTUAL: `sni` is checked).
     #[serde(default)]
     pub subject_alt_names: Vec<String>,
-    /// Accepted as is.
+    /// Refused when true: the agent always verifies.
     #[serde(default)]
     pub insecure_skip_verify: Option<bool>,
-    /// Certificates for MUTUAL/SIMPLE (not enforced yet).
+    /// A Secret with the certificates (refused: node agents read no Secrets).
     #[serde(default)]
     pub credential_name: Option<String>,
-    /// Certificates for MUTUAL/SIMPLE (not enforced yet).
+    /// Client certificate chain file (MUTUAL).
     #[serde(default)]
     pub client_certificate: Option<String>,
-    /// Certificates for MUTUAL/SIMPLE (not enforced yet).
+    /// Client key file (MUTUAL).
     #[serde(default)]
     pub private_key: Option<String>,
-    /// Certificates for MUTUAL/SIMPLE (not enforced yet).
+    /// Roots file the server's certificate must chain to (SIMPLE, MUTUAL); the
+    /// system's roots when unset.
     #[serde(default)]
     pub ca_certificates: Option<String>,
 }
@@ -1108,19 +1109,62 @@ fn non_negative(field: String, v: Option<i64>) -> Result<(), Invalid> {
     }
 }
 
-fn validate_policy(at: &str, p: &TrafficPolicy) -> Result<(), Invalid> {
-    if let Some(t) = &p.tls {
-        // The mesh's own mTLS is what ISTIO_MUTUAL asks for; originating other TLS is not
-        // supported yet, and plaintext to a mesh endpoint would bypass identity.
-        match t.mode.as_deref() {
-            Some("ISTIO_MUTUAL") => {}
-            other => {
-                return Err((
-                    format!("{at}.tls.mode"),
-                    format!("{other:?} is not supported by this agent version yet (only ISTIO_MUTUAL)"),
-                ));
+/// `trafficPolicy.tls`: the mesh's own mTLS (ISTIO_MUTUAL), or TLS the agent
+/// originates (SIMPLE, MUTUAL) from files it can read. Plaintext to a mesh endpoint
+/// would bypass identity, and what the agent cannot check it refuses.
+fn validate_client_tls(at: &str, t: &ClientTls) -> Result<(), Invalid> {
+    let mutual = match t.mode.as_deref() {
+        Some("ISTIO_MUTUAL") => return Ok(()),
+        Some("SIMPLE") => false,
+        Some("MUTUAL") => true,
+        other => {
+            return Err((
+                format!("{at}.mode"),
+                format!("{other:?} is not supported by this agent version (ISTIO_MUTUAL, SIMPLE or MUTUAL)"),
+            ));
+        }
+    };
+    if t.credential_name.is_some() {
+        return Err((
+            format!("{at}.credentialName"),
+            "node agents read no Secrets: mount the files and name them in caCertificates, clientCertificate and \
+             privateKey"
+                .into(),
+        ));
+    }
+    if t.insecure_skip_verify == Some(true) {
+        return Err((format!("{at}.insecureSkipVerify"), "the agent always verifies the server's certificate".into()));
+    }
+    if !t.subject_alt_names.is_empty() {
+        return Err((
+            format!("{at}.subjectAltNames"),
+            "not supported by this agent version yet: the certificate is checked for `sni` (or the host)".into(),
+        ));
+    }
+    for (field, path) in [
+        ("caCertificates", &t.ca_certificates),
+        ("clientCertificate", &t.client_certificate),
+        ("privateKey", &t.private_key),
+    ] {
+        if let Some(p) = path
+            && !p.starts_with('/')
+        {
+            return Err((format!("{at}.{field}"), format!("{p:?} must be an absolute path")));
+        }
+    }
+    if mutual {
+        for (field, path) in [("clientCertificate", &t.client_certificate), ("privateKey", &t.private_key)] {
+            if path.is_none() {
+                return Err((format!("{at}.{field}"), "required with mode MUTUAL".into()));
             }
         }
+    }
+    Ok(())
+}
+
+fn validate_policy(at: &str, p: &TrafficPolicy) -> Result<(), Invalid> {
+    if let Some(t) = &p.tls {
+        validate_client_tls(&format!("{at}.tls"), t)?;
     }
     let mut ports = std::collections::HashSet::new();
     for (i, pl) in p.port_level_settings.iter().enumerate() {

@@ -350,6 +350,34 @@ mod tests {
     }
 
     #[test]
+    fn destination_rule_tls_is_the_mesh_s_own_or_originated_from_files_the_agent_can_read() {
+        let dr = |tls: &str| {
+            check(&format!(
+                "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: d}}\nspec:\n  host: api.example.com\n  trafficPolicy:\n    tls: {tls}\n"
+            ))
+        };
+        for ok in [
+            "{mode: ISTIO_MUTUAL}",
+            "{mode: SIMPLE}",
+            "{mode: SIMPLE, caCertificates: /etc/certs/ca.pem, sni: api.example.com}",
+            "{mode: MUTUAL, clientCertificate: /etc/certs/c.pem, privateKey: /etc/certs/k.pem}",
+        ] {
+            assert_eq!(dr(ok), "ok 1", "{ok}");
+        }
+        for (bad, field) in [
+            ("{mode: DISABLE}", "spec.trafficPolicy.tls.mode"),
+            ("{mode: MUTUAL, clientCertificate: /c.pem}", "spec.trafficPolicy.tls.privateKey"),
+            ("{mode: SIMPLE, credentialName: api-tls}", "spec.trafficPolicy.tls.credentialName"),
+            ("{mode: SIMPLE, insecureSkipVerify: true}", "spec.trafficPolicy.tls.insecureSkipVerify"),
+            ("{mode: SIMPLE, caCertificates: certs/ca.pem}", "spec.trafficPolicy.tls.caCertificates"),
+            ("{mode: SIMPLE, subjectAltNames: [api.example.com]}", "spec.trafficPolicy.tls.subjectAltNames"),
+        ] {
+            let got = dr(bad);
+            assert!(got.contains(&format!("field {field}")) || got.contains(field), "{bad}: {got}");
+        }
+    }
+
+    #[test]
     fn tls_routes_are_served_at_gateways_and_refused_for_mesh_traffic() {
         let vs = |gateways: &str| {
             format!(

@@ -31,13 +31,13 @@ const PASSTHROUGH: u16 = 9445;
 const TCP: u16 = 9446;
 
 /// A CA and the PEM of a certificate it signed for `names`.
-struct TestCa {
+pub(crate) struct TestCa {
     cert: CertificateDer<'static>,
     issuer: Issuer<'static, KeyPair>,
 }
 
 impl TestCa {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         let key = KeyPair::generate().unwrap();
@@ -46,13 +46,13 @@ impl TestCa {
     }
 
     /// (certificate PEM, key PEM) for `names`.
-    fn issue(&self, names: &[&str]) -> (String, String) {
+    pub(crate) fn issue(&self, names: &[&str]) -> (String, String) {
         let key = KeyPair::generate().unwrap();
         let params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
         (params.signed_by(&key, &self.issuer).unwrap().pem(), key.serialize_pem())
     }
 
-    fn pem(&self) -> String {
+    pub(crate) fn pem(&self) -> String {
         pem::encode(&pem::Pem::new("CERTIFICATE", self.cert.to_vec()))
     }
 
@@ -357,16 +357,23 @@ async fn a_new_certificate_is_served_without_a_restart_and_open_connections_stay
     assert_eq!(send(still, get("/", "myapp.example.com")).await.unwrap().status(), 200);
 }
 
-/// A pod's own TLS server: terminates with `cert` and answers `name`.
-async fn tls_app(name: &'static str, addr: SocketAddr, cert: (String, String)) {
+/// A pod's own TLS server: terminates with `cert` and answers `name`; with
+/// `client_ca`, only clients with a certificate it signed.
+pub(crate) async fn tls_app(name: &'static str, addr: SocketAddr, cert: (String, String), client_ca: Option<&TestCa>) {
     let chain = rustls_pemfile::certs(&mut cert.0.as_bytes()).collect::<Result<Vec<_>, _>>().unwrap();
     let key = rustls_pemfile::private_key(&mut cert.1.as_bytes()).unwrap().unwrap();
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder =
+        rustls::ServerConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions().unwrap();
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => builder.with_client_cert_verifier(
+            rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(ca.roots()), provider)
+                .build()
+                .unwrap(),
+        ),
+    };
+    let config = builder.with_single_cert(chain, key).unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     tokio::spawn(async move {
@@ -395,7 +402,7 @@ async fn passthrough_routes_by_sni_to_a_pod_that_terminates_its_own_tls() {
     let edge = Edge::start(46, &server_ca, &client_ca).await;
     // myapp-v1 serves its own certificate, from a CA the gateway knows nothing of.
     let pod_ca = TestCa::new();
-    tls_app("secure-v1", SocketAddr::from(([127, 46, 0, 2], 8443)), pod_ca.issue(&["secure.example.com"])).await;
+    tls_app("secure-v1", SocketAddr::from(([127, 46, 0, 2], 8443)), pod_ca.issue(&["secure.example.com"]), None).await;
     let tls = connect(edge.addr(PASSTHROUGH), "secure.example.com", pod_ca.roots(), None).await.unwrap();
     let res = send(tls, get("/", "secure.example.com")).await.unwrap();
     assert_eq!(served_by(&res), "secure-v1", "the pod's own TLS, through the gateway and the mesh");

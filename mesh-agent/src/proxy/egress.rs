@@ -21,8 +21,9 @@ const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
 /// What becomes of a connection to an address the registry does not hold.
 #[derive(Debug)]
 pub(super) enum Egress<'s> {
-    /// A ServiceEntry's destination.
-    Entry(&'s ExternalService, ExternalTarget),
+    /// A ServiceEntry's destination, and the name the connection asked for, when it
+    /// was read.
+    Entry(&'s ExternalService, ExternalTarget, Option<String>),
     /// Nothing in the registry, and ALLOW_ANY: the address the pod dialed.
     Anywhere,
     /// Nothing in the registry, and REGISTRY_ONLY: refused.
@@ -40,7 +41,7 @@ pub(super) async fn decide<'s>(
 ) -> Egress<'s> {
     let registry = &snapshot.external;
     if let Some(entry) = registry.by_address(orig, &pod.namespace) {
-        return Egress::Entry(entry, entry.target(orig, None));
+        return Egress::Entry(entry, entry.target(orig, None), None);
     }
     let registry_only = snapshot.outbound == OutboundPolicy::RegistryOnly;
     if !registry_only && !registry.has_named_port(orig.port(), &pod.namespace) {
@@ -49,7 +50,8 @@ pub(super) async fn decide<'s>(
     if let Some(host) = detect::peek_name(stream).await
         && let Some(entry) = registry.by_host(&host, orig.port(), &pod.namespace)
     {
-        return Egress::Entry(entry, entry.target(orig, Some(&host)));
+        let target = entry.target(orig, Some(&host));
+        return Egress::Entry(entry, target, Some(host));
     }
     if registry_only { Egress::Blocked } else { Egress::Anywhere }
 }

@@ -12,7 +12,7 @@ use super::egress::{self, Egress};
 use crate::dataplane::Netns;
 use crate::state::{Destination, Workload};
 use crate::telemetry::{ConnLabels, Direction};
-use crate::transport::{CONNECT_TIMEOUT, Error, copy, sockets};
+use crate::transport::{CONNECT_TIMEOUT, Error, Upstream, copy, sockets};
 
 /// One connection the pod made to `orig`.
 pub(super) async fn handle(
@@ -81,9 +81,10 @@ async fn leave_the_registry(
     orig: SocketAddr,
     dialed: SocketAddr,
 ) -> Result<(), Error> {
-    let (mut upstream, service, reached) = match egress::decide(snapshot, pod, &stream, orig).await {
+    let (upstream, service, reached, origination) = match egress::decide(snapshot, pod, &stream, orig).await {
         Egress::Anywhere => {
-            (ctx.dialer.connect(snapshot, pod, netns, None, dialed, CONNECT_TIMEOUT).await?, None, None)
+            let up = ctx.dialer.connect(snapshot, pod, netns, None, dialed, CONNECT_TIMEOUT).await?;
+            (up, None, None, None)
         }
         Egress::Blocked => {
             tracing::info!(pod = %pod.name, namespace = %pod.namespace, dst = %orig, "outbound connection outside the registry refused (outboundTrafficPolicy REGISTRY_ONLY)");
@@ -91,15 +92,23 @@ async fn leave_the_registry(
             sockets::reset(stream);
             return Ok(());
         }
-        Egress::Entry(entry, target) => {
+        Egress::Entry(entry, target, asked) => {
             let (up, addr) = egress::connect(&ctx.dialer, snapshot, pod, netns, &target).await?;
             tracing::debug!(pod = %pod.name, %orig, entry = %entry.key, %addr, "outbound to a ServiceEntry");
-            (up, Some(entry.host.clone()), snapshot.workload_by_ip(addr.ip()))
+            let tls = snapshot.external_policy(&entry.key, orig.port()).origination;
+            let origination = tls.map(|o| (o, addr, asked.unwrap_or_else(|| entry.host.clone())));
+            (up, Some(entry.host.clone()), snapshot.workload_by_ip(addr.ip()), origination)
         }
     };
     let labels =
         ConnLabels::new(Direction::Outbound, pod, reached.map(|w| &**w), service.as_deref(), upstream.is_tunnel());
-    splice(ctx, &labels, &mut stream, &mut upstream, pod, orig).await
+    match (upstream, origination) {
+        (Upstream::Plain(tcp), Some((o, addr, host))) => {
+            let mut tls = crate::transport::originate::originate(tcp, addr, &o, &host).await?;
+            splice(ctx, &labels, &mut stream, &mut tls, pod, orig).await
+        }
+        (mut upstream, _) => splice(ctx, &labels, &mut stream, &mut upstream, pod, orig).await,
+    }
 }
 
 /// The destination a VirtualService `tcp` rule picks for a connection to `orig`, with

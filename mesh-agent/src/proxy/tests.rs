@@ -542,3 +542,80 @@ async fn outbound_traffic_policy_and_service_entries_decide_what_leaves_the_mesh
         "{metrics}"
     );
 }
+
+#[tokio::test]
+async fn tls_is_originated_toward_service_entry_hosts_as_the_destination_rule_says() {
+    use crate::gateway::tests::{TestCa, tls_app};
+    let net = 62;
+    let (server_ca, client_ca, stranger_ca) = (TestCa::new(), TestCa::new(), TestCa::new());
+    let dir = tempfile::tempdir().unwrap();
+    let file = |name: &str, pem: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, pem).unwrap();
+        p.display().to_string()
+    };
+    let ca = file("ca.pem", &server_ca.pem());
+    let stranger = file("stranger.pem", &stranger_ca.pem());
+    let (cert, key) = client_ca.issue(&["client.shop.example"]);
+    let (cert, key) = (file("client.pem", &cert), file("client-key.pem", &key));
+    let mesh = Mesh::start(&config(net, ""), APPS).await;
+    let simple = SocketAddr::from(([127, net, 0, 201], 8443));
+    let mutual = SocketAddr::from(([127, net, 0, 200], 8443));
+    tls_app("internet-tls", simple, server_ca.issue(&["api.example.com"]), None).await;
+    tls_app("internet-mtls", mutual, server_ca.issue(&["partner.example.com"]), Some(&client_ca)).await;
+    let entries = |api_ca: &str| {
+        format!(
+            r#"
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: api, namespace: shop}}
+spec:
+  hosts: [api.example.com]
+  addresses: [192.0.2.30]
+  ports: [{{number: 80, name: http}}]
+  resolution: STATIC
+  endpoints: [{{address: 127.{net}.0.201, ports: {{http: 8443}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: api, namespace: shop}}
+spec:
+  host: api.example.com
+  trafficPolicy:
+    portLevelSettings:
+    - port: {{number: 80}}
+      tls: {{mode: SIMPLE, caCertificates: {api_ca}}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: partner, namespace: shop}}
+spec:
+  hosts: [partner.example.com]
+  addresses: [192.0.2.31]
+  ports: [{{number: 80, name: http, targetPort: 8443}}]
+  resolution: STATIC
+  endpoints: [{{address: 127.{net}.0.200}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: partner, namespace: shop}}
+spec:
+  host: partner.example.com
+  trafficPolicy:
+    tls: {{mode: MUTUAL, caCertificates: {ca}, clientCertificate: {cert}, privateKey: {key}, sni: partner.example.com}}
+"#
+        )
+    };
+    let scope = MeshScope::new("cluster.local");
+    mesh.reconfigure(&config(net, &entries(&ca)), &scope);
+    let host = |h: &str| Request::get("/").header("host", h).body(Empty::new()).unwrap();
+    // The pod speaks plaintext HTTP; the agent's TLS reaches the servers.
+    let api = SocketAddr::from(([192, 0, 2, 30], 80));
+    assert_eq!(served_by(&mesh.send("client", api, host("api.example.com")).await), "internet-tls");
+    let partner = SocketAddr::from(([192, 0, 2, 31], 80));
+    assert_eq!(served_by(&mesh.send("client", partner, host("partner.example.com")).await), "internet-mtls");
+    // A server whose certificate does not chain to caCertificates is not talked to.
+    mesh.reconfigure(&config(net, &entries(&stranger)), &scope);
+    assert!(mesh.try_send("client", api, host("api.example.com")).await.is_err());
+}

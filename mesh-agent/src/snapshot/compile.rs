@@ -116,13 +116,13 @@ impl Snapshot {
                 snap.services.push(service);
             }
         }
-        snap.compile_traffic(objects);
-        snap.compile_security(objects, mesh);
         snap.external = ExternalServices::new(objects.iter().filter_map(|o| match o {
             Object::ServiceEntry(e) => Some(&**e),
             _ => None,
         }));
         snap.outbound = mesh.outbound;
+        snap.compile_traffic(objects);
+        snap.compile_security(objects, mesh);
         snap
     }
 
@@ -214,7 +214,22 @@ impl Snapshot {
         for dr in sorted(objects, |o| if let Object::DestinationRule(d) = o { Some(&**d) } else { None }) {
             let ns = dr.metadata.namespace_or_default();
             let compiled = DestinationPolicy::compile(dr);
-            for svc in route::services_for_host(&dr.spec.host, &ns, &known) {
+            for entry in self.external.keys_naming(&dr.spec.host) {
+                self.external_policies.entry(entry).or_insert_with(|| Arc::new(compiled.clone()));
+            }
+            let services = route::services_for_host(&dr.spec.host, &ns, &known);
+            if !services.is_empty() && compiled.originates_tls() {
+                self.problems.push(Problem::new(
+                    "MESH0105",
+                    format!("DestinationRule {}", compiled.rule),
+                    format!(
+                        "tls.mode SIMPLE/MUTUAL is originated toward ServiceEntry hosts only; traffic to {} keeps \
+                         the mesh's mutual TLS",
+                        services.join(", ")
+                    ),
+                ));
+            }
+            for svc in services {
                 match self.policies.get_mut(&svc) {
                     Some(existing) => {
                         self.problems.push(Problem::new(

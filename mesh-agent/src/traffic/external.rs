@@ -188,6 +188,13 @@ impl ExternalServices {
             .find(|e| e.visible_to(namespace) && e.addresses.is_empty() && e.port(port).is_some() && e.names(&host))
     }
 
+    /// The entries (`namespace/name`) that list `host` as written: what a
+    /// DestinationRule for `host` configures.
+    pub fn keys_naming(&self, host: &str) -> Vec<String> {
+        let host = host.to_ascii_lowercase();
+        self.entries.iter().filter(|e| e.hosts.contains(&host)).map(|e| e.key.clone()).collect()
+    }
+
     /// Whether a name on `port` could match an entry: only then is a connection to an
     /// unknown address worth reading for its Host or SNI.
     pub fn has_named_port(&self, port: u16, namespace: &str) -> bool {

@@ -95,6 +95,43 @@ pub struct TrafficPolicy {
     pub outlier: Option<Outlier>,
     /// `tls.mode: ISTIO_MUTUAL`: only mesh endpoints (reached over mTLS) may serve.
     pub istio_mutual: bool,
+    /// `tls.mode: SIMPLE` or `MUTUAL`: the agent opens TLS to the destination itself,
+    /// for a pod that sends plaintext (ServiceEntry hosts).
+    pub origination: Option<TlsOrigination>,
+}
+
+/// TLS the agent originates toward a destination outside the mesh.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsOrigination {
+    /// `MUTUAL`: the agent presents `client_certificate`.
+    pub mutual: bool,
+    /// The SNI (and the name the certificate is checked for); the host when unset.
+    pub sni: Option<String>,
+    /// Roots the server's certificate must chain to; the system's when unset.
+    pub ca_certificates: Option<std::path::PathBuf>,
+    /// Client certificate chain (MUTUAL).
+    pub client_certificate: Option<std::path::PathBuf>,
+    /// Its key (MUTUAL).
+    pub private_key: Option<std::path::PathBuf>,
+}
+
+impl TlsOrigination {
+    /// What `tls` asks the agent to originate, if anything.
+    fn of(tls: &istio::ClientTls) -> Option<Self> {
+        let mutual = match tls.mode.as_deref() {
+            Some("SIMPLE") => false,
+            Some("MUTUAL") => true,
+            _ => return None,
+        };
+        let path = |p: &Option<String>| p.as_ref().map(std::path::PathBuf::from);
+        Some(Self {
+            mutual,
+            sni: tls.sni.clone(),
+            ca_certificates: path(&tls.ca_certificates),
+            client_certificate: path(&tls.client_certificate),
+            private_key: path(&tls.private_key),
+        })
+    }
 }
 
 /// A DestinationRule compiled for its Service.
@@ -209,10 +246,19 @@ fn merge(base: &TrafficPolicy, p: Option<&istio::TrafficPolicy>) -> TrafficPolic
         pool: p.connection_pool.as_ref().map_or_else(|| base.pool.clone(), pool),
         outlier: p.outlier_detection.as_ref().map(outlier).or_else(|| base.outlier.clone()),
         istio_mutual: p.tls.as_ref().map_or(base.istio_mutual, |t| t.mode.as_deref() == Some("ISTIO_MUTUAL")),
+        origination: p.tls.as_ref().map_or_else(|| base.origination.clone(), TlsOrigination::of),
     }
 }
 
 impl DestinationPolicy {
+    /// Whether any level of it asks the agent to originate TLS.
+    pub fn originates_tls(&self) -> bool {
+        let levels = std::iter::once(&self.policy)
+            .chain(self.ports.values())
+            .chain(self.subsets.values().flat_map(|s| std::iter::once(&s.policy).chain(s.ports.values())));
+        levels.into_iter().any(|p| p.origination.is_some())
+    }
+
     /// Compiles `dr`.
     /// Compiles `dr`. Order of precedence, later wins group by group: top level, its
     /// port-level settings, the subset, the subset's port-level settings.
