@@ -36,7 +36,8 @@ fn sources() -> Vec<Source> {
         let lines: Vec<&str> = raw.lines().collect();
         for w in lines.windows(2) {
             if w[0].trim() == "#[cfg(test)]"
-                && let Some(name) = w[1].trim().strip_prefix("mod ").and_then(|r| r.strip_suffix(';'))
+                && let Some(name) =
+                    w[1].trim().trim_start_matches("pub(crate) ").strip_prefix("mod ").and_then(|r| r.strip_suffix(';'))
             {
                 let mut child = module.clone();
                 child.push(name.to_string());
