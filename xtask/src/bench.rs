@@ -9,6 +9,14 @@
 //! - `mesh-l7`: the same pods through the Service VIP with a VirtualService (and a
 //!   DestinationRule subset) on the route: HTTP parsed, matched and routed.
 //!
+//! And on the `ingress` path, from the outside client (netns `meshlab-client`) to
+//! `myapp-v1` over HTTPS:
+//! - `direct`: plain HTTP to the pod, no proxy;
+//! - `peer`: an HAProxy HTTPS edge in the gateway pod's netns, terminating TLS and
+//!   forwarding plain HTTP to the pod, as a conventional ingress does;
+//! - `gateway`: the mesh's ingress gateway (a Gateway and a VirtualService bound to
+//!   it), terminating TLS and carrying each request over the HBONE tunnel to the pod.
+//!
 //! Each scenario gets a fixed-rate latency run (oha, coordinated-omission corrected), a
 //! closed-loop maximum at fixed concurrency, an iperf3 throughput run, and the proxies'
 //! RSS (idle and under load) and CPU time, read from their own cgroups.
@@ -26,7 +34,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use mesh_tests::lab::{DEFAULT_STATE_DIR, Lab, Options};
+use mesh_tests::lab::{CLIENT_NETNS, DEFAULT_STATE_DIR, Lab, Options};
 use mesh_tests::measure;
 use serde_json::Value;
 
@@ -214,6 +222,8 @@ fn baseline_phase(lab: &mut Lab, tools: &Tools, args: &BenchArgs, d: Durations) 
             url: format!("http://{ip}:8080/bytes/{}", args.body),
             iperf: Some((ip.to_string(), IPERF_PORT)),
             proxies: Vec::new(),
+            origin: Origin::ClientPod,
+            oha_args: Vec::new(),
         };
         scenarios.push(measure_scenario(lab, tools, args, d, &target)?);
         let (http_port, iperf_port) = peer.local_ports(server)?;
@@ -223,10 +233,35 @@ fn baseline_phase(lab: &mut Lab, tools: &Tools, args: &BenchArgs, d: Durations) 
             url: format!("http://127.0.0.1:{http_port}/bytes/{}", args.body),
             iperf: Some(("127.0.0.1".into(), iperf_port)),
             proxies: peer.cgroups(lab, server)?,
+            origin: Origin::ClientPod,
+            oha_args: Vec::new(),
         };
         scenarios.push(measure_scenario(lab, tools, args, d, &target)?);
     }
     peer.stop(lab)?;
+    // The ingress path: straight to the pod, then through the HAProxy HTTPS edge.
+    let target = Target {
+        name: "direct",
+        path: INGRESS,
+        url: format!("http://{cross_ip}:8080/bytes/{}", args.body),
+        iperf: None,
+        proxies: Vec::new(),
+        origin: Origin::Outside,
+        oha_args: Vec::new(),
+    };
+    scenarios.push(measure_scenario(lab, tools, args, d, &target)?);
+    let edge = peer::Edge::start(lab, &tools.haproxy, GATEWAY_POD, cross_ip)?;
+    let target = Target {
+        name: "peer",
+        path: INGRESS,
+        url: format!("https://{INGRESS_HOST}:{}/bytes/{}", edge.port, args.body),
+        iperf: None,
+        proxies: edge.cgroups(lab)?,
+        origin: Origin::Outside,
+        oha_args: edge.oha_args(),
+    };
+    scenarios.push(measure_scenario(lab, tools, args, d, &target)?);
+    edge.stop(lab)?;
     Ok(scenarios)
 }
 
@@ -248,6 +283,8 @@ fn mesh_phase(lab: &mut Lab, tools: &Tools, args: &BenchArgs, d: Durations) -> a
             url: format!("http://{ip}:8080/bytes/{}", args.body),
             iperf: Some((ip.to_string(), IPERF_PORT)),
             proxies,
+            origin: Origin::ClientPod,
+            oha_args: Vec::new(),
         };
         let l7_proxies = target.proxies.clone();
         scenarios.push(measure_scenario(lab, tools, args, d, &target)?);
@@ -262,11 +299,92 @@ fn mesh_phase(lab: &mut Lab, tools: &Tools, args: &BenchArgs, d: Durations) -> a
             url: format!("http://{vip}/bytes/{}", args.body),
             iperf: None,
             proxies: l7_proxies,
+            origin: Origin::ClientPod,
+            oha_args: Vec::new(),
         };
         scenarios.push(measure_scenario(lab, tools, args, d, &target)?);
         lab.delete(Path::new(L7_CONFIG))?;
     }
+    // The ingress path through the mesh's gateway: TLS there, HBONE to myapp-v1.
+    let ca = lab.edge_ca_path().display().to_string();
+    route_ingress_to(lab, SERVER_CROSS)?;
+    let mut proxies = vec![lab.cgroup_root.join(&lab.pod(GATEWAY_POD)?.cgroup)];
+    proxies.push(agent_cgroup(lab, &lab.pod(SERVER_CROSS)?.node)?);
+    let gateway_ip = lab.pod(GATEWAY_POD)?.ip;
+    let target = Target {
+        name: "gateway",
+        path: INGRESS,
+        url: format!("https://{INGRESS_HOST}/bytes/{}", args.body),
+        iperf: None,
+        proxies,
+        origin: Origin::Outside,
+        oha_args: vec!["--cacert".into(), ca, "--connect-to".into(), format!("{INGRESS_HOST}:443:{gateway_ip}:443")],
+    };
+    scenarios.push(measure_scenario(lab, tools, args, d, &target)?);
+    lab.delete(Path::new(INGRESS_CONFIG))?;
     Ok(scenarios)
+}
+
+/// The path name of the ingress scenarios.
+const INGRESS: &str = "ingress";
+/// The host the ingress scenarios ask for (the lab gateway Secret's certificate names it).
+const INGRESS_HOST: &str = "myapp.example.com";
+/// The lab's ingress gateway pod.
+const GATEWAY_POD: &str = "istio-ingressgateway";
+/// File name of the gateway scenario's config in the agents' config directory.
+const INGRESS_CONFIG: &str = "bench-ingress.yaml";
+
+/// Applies a Gateway on the lab's ingress gateway and a VirtualService bound to it that
+/// sends every request to `server` (through a DestinationRule subset); waits until the
+/// gateway answers from `server`.
+fn route_ingress_to(lab: &Lab, server: &str) -> anyhow::Result<()> {
+    let subset = lab.pod(server)?.labels.get("version").cloned().context("server pod has a version label")?;
+    let yaml = format!(
+        "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: bench-ingress, namespace: production}}\n\
+         spec:\n  selector: {{istio: ingressgateway}}\n  servers:\n  - port: {{number: 443, name: https, protocol: HTTPS}}\n\
+         \x20   hosts: [{INGRESS_HOST}]\n    tls: {{mode: SIMPLE, credentialName: {secret}}}\n---\n\
+         apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: bench-ingress, namespace: production}}\n\
+         spec:\n  host: myapp\n  subsets: [{{name: {subset}, labels: {{version: {subset}}}}}]\n---\n\
+         apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: bench-ingress, namespace: production}}\n\
+         spec:\n  hosts: [{INGRESS_HOST}]\n  gateways: [bench-ingress]\n  http:\n\
+         \x20 - route: [{{destination: {{host: myapp, subset: {subset}, port: {{number: 80}}}}}}]\n",
+        secret = mesh_tests::lab::GATEWAY_SECRET,
+    );
+    let dir = lab.state_dir.join("bench");
+    std::fs::create_dir_all(&dir)?;
+    let file = dir.join(INGRESS_CONFIG);
+    std::fs::write(&file, yaml)?;
+    lab.apply(&file)?;
+    let ca = lab.edge_ca_path().display().to_string();
+    let gateway_ip = lab.pod(GATEWAY_POD)?.ip;
+    let resolve = format!("{INGRESS_HOST}:443:{gateway_ip}");
+    let url = format!("https://{INGRESS_HOST}/probe");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let argv = [
+            "ip",
+            "netns",
+            "exec",
+            CLIENT_NETNS,
+            "curl",
+            "-s",
+            "-m",
+            "2",
+            "--cacert",
+            &ca,
+            "--resolve",
+            &resolve,
+            &url,
+        ];
+        let body = mesh_tests::sys::output(&argv).map(|o| String::from_utf8_lossy(&o.stdout).into_owned())?;
+        if body.contains(&format!("\"pod\":\"{server}\"")) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the ingress gateway does not route {INGRESS_HOST} to {server} after 20 s: {body}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// What one scenario sends its load to, and which proxies it charges.
@@ -278,6 +396,19 @@ struct Target {
     iperf: Option<(String, u16)>,
     /// cgroups of the proxies on the path.
     proxies: Vec<PathBuf>,
+    /// Where the load comes from.
+    origin: Origin,
+    /// More oha arguments (CA, address override).
+    oha_args: Vec<String>,
+}
+
+/// Where a scenario's load comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// The client pod (captured by the mesh when enrolled).
+    ClientPod,
+    /// The outside client's netns, as a user of an ingress is.
+    Outside,
 }
 
 fn agent_cgroup(lab: &Lab, node: &str) -> anyhow::Result<PathBuf> {
@@ -287,7 +418,12 @@ fn agent_cgroup(lab: &Lab, node: &str) -> anyhow::Result<PathBuf> {
 fn measure_scenario(lab: &Lab, tools: &Tools, args: &BenchArgs, d: Durations, t: &Target) -> anyhow::Result<Scenario> {
     println!("[bench] {} ({}): {}", t.name, t.path, t.url);
     // Warm up: connections, pools, certificates, caches.
-    oha(lab, tools, &t.url, &["-n", "200", "-c", "4"])?;
+    let oha = |extra: &[&str]| {
+        let mut all: Vec<&str> = t.oha_args.iter().map(String::as_str).collect();
+        all.extend(extra);
+        oha(lab, tools, t.origin, &t.url, &all)
+    };
+    oha(&["-n", "200", "-c", "4"])?;
     std::thread::sleep(Duration::from_millis(300));
     let rss_idle = rss_mib(&t.proxies)?;
 
@@ -295,14 +431,12 @@ fn measure_scenario(lab: &Lab, tools: &Tools, args: &BenchArgs, d: Durations, t:
     let secs = format!("{}s", d.latency.as_secs());
     let rate = args.rate.to_string();
     let conns = LATENCY_CONNECTIONS.to_string();
-    let (fixed, rss_load) = sample_rss_while(&t.proxies, || {
-        oha(lab, tools, &t.url, &["-z", &secs, "-q", &rate, "-c", &conns, "--latency-correction"])
-    })?;
+    let (fixed, rss_load) =
+        sample_rss_while(&t.proxies, || oha(&["-z", &secs, "-q", &rate, "-c", &conns, "--latency-correction"]))?;
     let cpu_used = cpu_usec(&t.proxies)? - cpu_before;
     let latency = Latency::from_oha(&fixed)?;
 
-    let max =
-        oha(lab, tools, &t.url, &["-z", &format!("{}s", d.max_rps.as_secs()), "-c", &args.concurrency.to_string()])?;
+    let max = oha(&["-z", &format!("{}s", d.max_rps.as_secs()), "-c", &args.concurrency.to_string()])?;
     let max_rps = max["summary"]["requestsPerSec"].as_f64().context("oha: summary.requestsPerSec")?;
 
     let throughput = match &t.iperf {
@@ -333,13 +467,22 @@ fn measure_scenario(lab: &Lab, tools: &Tools, args: &BenchArgs, d: Durations, t:
 }
 
 /// Runs oha in the client pod (inside its netns and cgroup, so the mesh captures it when
-/// enrolled) and returns its JSON summary; fails if any request failed.
-fn oha(lab: &Lab, tools: &Tools, url: &str, extra: &[&str]) -> anyhow::Result<Value> {
+/// enrolled) or in the outside client's netns, and returns its JSON summary; fails if
+/// any request failed.
+fn oha(lab: &Lab, tools: &Tools, origin: Origin, url: &str, extra: &[&str]) -> anyhow::Result<Value> {
     let mut argv: Vec<String> =
         vec![tools.oha.display().to_string(), "--no-tui".into(), "--output-format".into(), "json".into()];
     argv.extend(extra.iter().map(|s| s.to_string()));
     argv.push(url.into());
-    let out = lab.pod_command(CLIENT, &argv)?.stdin(Stdio::null()).output().context("running oha")?;
+    let mut command = match origin {
+        Origin::ClientPod => lab.pod_command(CLIENT, &argv)?,
+        Origin::Outside => {
+            let mut c = std::process::Command::new("ip");
+            c.args(["netns", "exec", CLIENT_NETNS]).args(&argv);
+            c
+        }
+    };
+    let out = command.stdin(Stdio::null()).output().context("running oha")?;
     if !out.status.success() {
         bail!("oha {url} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
     }

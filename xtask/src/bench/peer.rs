@@ -139,6 +139,85 @@ fn wait_http(lab: &Lab, client: &str, port: u16) -> anyhow::Result<()> {
     }
 }
 
+/// Port the HAProxy HTTPS edge listens on, in the gateway pod's netns (the gateway's
+/// own servers keep 80 and 443).
+const EDGE_PORT: u16 = 18445;
+
+/// The ingress baseline: HAProxy as a conventional HTTPS edge, terminating TLS with a
+/// certificate for the ingress host and forwarding plain HTTP to the pod.
+pub struct Edge {
+    helper: String,
+    ca: PathBuf,
+    ip: Ipv4Addr,
+    /// The port clients reach it on.
+    pub port: u16,
+}
+
+impl Edge {
+    /// Starts it in `pod`'s netns, in front of `server_ip:8080`; returns once it answers.
+    pub fn start(lab: &mut Lab, haproxy: &Path, pod: &str, server_ip: Ipv4Addr) -> anyhow::Result<Self> {
+        let dir = lab.state_dir.join("bench/edge");
+        fs::create_dir_all(&dir)?;
+        let ca_dir = lab.ca_dir();
+        let crt = Issuer::load(&ca_dir)?.write_dns_leaf(&dir, "edge", super::INGRESS_HOST)?;
+        let ip = lab.pod(pod)?.ip;
+        let cfg = format!(
+            "global\n  maxconn 4000\n\
+             defaults\n  mode http\n  timeout connect 5s\n  timeout client 120s\n  timeout server 120s\n\
+             frontend https\n  bind {ip}:{EDGE_PORT} ssl crt {c} ssl-min-ver TLSv1.2\n  default_backend app\n\
+             backend app\n  http-reuse always\n  server app {server_ip}:8080\n",
+            c = crt.display(),
+        );
+        let file = dir.join("edge.cfg");
+        fs::write(&file, cfg)?;
+        let helper = "edge-https".to_string();
+        lab.start_helper(&helper, pod, &haproxy_argv(haproxy, &file))?;
+        let edge = Self { helper, ca: ca_dir.join("ca-cert.pem"), ip, port: EDGE_PORT };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let url = format!("https://{}:{EDGE_PORT}/bytes/1", super::INGRESS_HOST);
+        loop {
+            let args = edge.curl_args();
+            let mut argv =
+                vec!["ip", "netns", "exec", mesh_tests::lab::CLIENT_NETNS, "curl", "-sf", "-m", "2", "-o", "/dev/null"];
+            argv.extend(args.iter().map(String::as_str));
+            argv.push(&url);
+            if mesh_tests::sys::output(&argv).is_ok_and(|o| o.status.success()) {
+                return Ok(edge);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the HAProxy edge is not answering on {url}; see {}/logs/helper-edge-https.log",
+                    lab.state_dir.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn curl_args(&self) -> Vec<String> {
+        let resolve = format!("{}:{}:{}", super::INGRESS_HOST, self.port, self.ip);
+        vec!["--cacert".into(), self.ca.display().to_string(), "--resolve".into(), resolve]
+    }
+
+    /// oha's arguments to reach it by name.
+    pub fn oha_args(&self) -> Vec<String> {
+        let to = format!("{host}:{p}:{ip}:{p}", host = super::INGRESS_HOST, p = self.port, ip = self.ip);
+        vec!["--cacert".into(), self.ca.display().to_string(), "--connect-to".into(), to]
+    }
+
+    /// Its cgroup.
+    pub fn cgroups(&self, lab: &Lab) -> anyhow::Result<Vec<PathBuf>> {
+        let h =
+            lab.helpers.iter().find(|h| h.name == self.helper).with_context(|| format!("helper {}", self.helper))?;
+        Ok(vec![lab.cgroup_root.join(&h.cgroup)])
+    }
+
+    /// Stops it.
+    pub fn stop(self, lab: &mut Lab) -> anyhow::Result<()> {
+        lab.stop_helper(&self.helper)
+    }
+}
+
 /// The lab's mesh CA, to sign the peer's certificates.
 struct Issuer(rcgen::Issuer<'static, rcgen::KeyPair>);
 
@@ -153,9 +232,18 @@ impl Issuer {
 
     /// Writes `<name>.pem`: certificate then key, as HAProxy's `crt` wants; mode 0600.
     fn write_leaf(&self, dir: &Path, name: &str, spiffe: &str) -> anyhow::Result<PathBuf> {
+        self.write_with(dir, name, rcgen::SanType::URI(spiffe.try_into()?))
+    }
+
+    /// [`Issuer::write_leaf`] for a DNS name.
+    fn write_dns_leaf(&self, dir: &Path, name: &str, dns: &str) -> anyhow::Result<PathBuf> {
+        self.write_with(dir, name, rcgen::SanType::DnsName(dns.try_into()?))
+    }
+
+    fn write_with(&self, dir: &Path, name: &str, san: rcgen::SanType) -> anyhow::Result<PathBuf> {
         let key = rcgen::KeyPair::generate()?;
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-        params.subject_alt_names = vec![rcgen::SanType::URI(spiffe.try_into()?)];
+        params.subject_alt_names = vec![san];
         let cert = params.signed_by(&key, &self.0)?;
         let path = dir.join(format!("{name}.pem"));
         fs::write(&path, "")?;

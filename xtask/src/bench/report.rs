@@ -326,38 +326,41 @@ impl Report {
     pub fn check_shape(&self) -> (usize, Vec<String>) {
         let mut passed = 0;
         let mut failed = Vec::new();
-        for name in ["direct", "peer", "mesh-l4", "mesh-l7"] {
-            for path in ["cross-node", "same-node"] {
-                let Some(s) = self.scenarios.iter().find(|s| s.name == name && s.path == path) else {
-                    failed.push(format!("{name} {path}: missing"));
-                    continue;
-                };
-                let problem = match s.status.as_str() {
-                    "skipped" if s.reason.as_deref().is_some_and(|r| !r.is_empty()) => None,
-                    "skipped" => Some("skipped without a reason".to_string()),
-                    "ok" => {
-                        let l = s.latency.as_ref();
-                        // Throughput is an L4 figure: mesh-l7 has none.
-                        let throughput = if name == "mesh-l7" { Some(1.0) } else { s.throughput_gbps };
-                        let positive = [l.map(|l| l.p50_ms), l.map(|l| l.p99_ms), s.max_rps, throughput];
-                        let has_proxy_costs = s.proxies == 0
-                            || (s.proxy_rss_load_mib.is_some_and(|v| v > 0.0) && s.proxy_cpu_s_per_1000_req.is_some());
-                        if positive.iter().any(|v| !v.is_some_and(|v| v > 0.0)) {
-                            Some("a latency, rate or throughput figure is missing".into())
-                        } else if !has_proxy_costs {
-                            Some("proxy memory or CPU missing".into())
-                        } else if name != "direct" && s.ratio_to_direct.is_none() {
-                            Some("no ratio to direct".into())
-                        } else {
-                            None
-                        }
+        let expected = ["direct", "peer", "mesh-l4", "mesh-l7"]
+            .into_iter()
+            .flat_map(|name| ["cross-node", "same-node"].map(|path| (name, path)))
+            .chain(["direct", "peer", "gateway"].map(|name| (name, "ingress")));
+        for (name, path) in expected {
+            let Some(s) = self.scenarios.iter().find(|s| s.name == name && s.path == path) else {
+                failed.push(format!("{name} {path}: missing"));
+                continue;
+            };
+            let problem = match s.status.as_str() {
+                "skipped" if s.reason.as_deref().is_some_and(|r| !r.is_empty()) => None,
+                "skipped" => Some("skipped without a reason".to_string()),
+                "ok" => {
+                    let l = s.latency.as_ref();
+                    // Throughput is an L4 figure: L7 and ingress scenarios have none.
+                    let l4 = name != "mesh-l7" && path != "ingress";
+                    let throughput = if l4 { s.throughput_gbps } else { Some(1.0) };
+                    let positive = [l.map(|l| l.p50_ms), l.map(|l| l.p99_ms), s.max_rps, throughput];
+                    let has_proxy_costs = s.proxies == 0
+                        || (s.proxy_rss_load_mib.is_some_and(|v| v > 0.0) && s.proxy_cpu_s_per_1000_req.is_some());
+                    if positive.iter().any(|v| !v.is_some_and(|v| v > 0.0)) {
+                        Some("a latency, rate or throughput figure is missing".into())
+                    } else if !has_proxy_costs {
+                        Some("proxy memory or CPU missing".into())
+                    } else if name != "direct" && s.ratio_to_direct.is_none() {
+                        Some("no ratio to direct".into())
+                    } else {
+                        None
                     }
-                    other => Some(format!("unknown status {other}")),
-                };
-                match problem {
-                    Some(p) => failed.push(format!("{name} {path}: {p}")),
-                    None => passed += 1,
                 }
+                other => Some(format!("unknown status {other}")),
+            };
+            match problem {
+                Some(p) => failed.push(format!("{name} {path}: {p}")),
+                None => passed += 1,
             }
         }
         (passed, failed)
@@ -483,7 +486,11 @@ impl Report {
              connections, with coordinated-omission correction, {} byte responses; maximum with oha closed\n\
              loop at concurrency {} for {} s; throughput with iperf3 for {} s. Proxy RSS is the sum over the\n\
              path's proxies (two sidecars; one agent same-node, two cross-node), idle before the load and peak\n\
-             during the fixed-rate run; CPU is their cgroups' `usage_usec` over the fixed-rate run.\n",
+             during the fixed-rate run; CPU is their cgroups' `usage_usec` over the fixed-rate run. The\n\
+             `ingress` path runs from the outside client (netns `meshlab-client`) to `myapp-v1` over HTTPS:\n\
+             `direct` is plain HTTP to the pod, `peer` an HAProxy HTTPS edge (HTTP mode, TLS terminated, plain\n\
+             HTTP to the pod), `gateway` the mesh's ingress gateway (TLS terminated, HBONE to the pod); its\n\
+             proxies are the gateway and the server node's agent.\n",
             s.rounds.max(1),
             s.rate,
             s.latency_secs,
