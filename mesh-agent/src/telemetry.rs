@@ -343,24 +343,29 @@ impl Metrics {
             }
             keep
         });
-        index.denied.retain(|l| {
-            let keep = !gone(&l.destination_workload_namespace, &l.destination_workload);
-            if !keep {
-                self.denied.remove(l);
-                dropped += 1;
-            }
-            keep
+        dropped += drop_series(&mut index.denied, &self.denied, |l| {
+            gone(&l.destination_workload_namespace, &l.destination_workload)
         });
-        index.blocked.retain(|l| {
-            let keep = !gone(&l.source_workload_namespace, &l.source_workload);
-            if !keep {
-                self.blocked.remove(l);
-                dropped += 1;
-            }
-            keep
-        });
+        dropped +=
+            drop_series(&mut index.blocked, &self.blocked, |l| gone(&l.source_workload_namespace, &l.source_workload));
         dropped
     }
+}
+
+/// Removes from `family` (and from `index`) the series `is_gone` picks; returns how many.
+fn drop_series<L>(index: &mut HashSet<L>, family: &Family<L, Counter>, is_gone: impl Fn(&L) -> bool) -> usize
+where
+    L: Clone + std::hash::Hash + Eq + EncodeLabelSet + std::fmt::Debug,
+{
+    let before = index.len();
+    index.retain(|l| {
+        let keep = !is_gone(l);
+        if !keep {
+            family.remove(l);
+        }
+        keep
+    });
+    before - index.len()
 }
 
 #[cfg(test)]

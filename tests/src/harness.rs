@@ -153,3 +153,34 @@ pub fn opened(metrics: &str, direction: &str, src: &str, dst: &str) -> u64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
         .sum()
 }
+
+/// A certificate for `name` from a fresh CA: (CA PEM, certificate PEM, key PEM).
+pub fn cert_from_fresh_ca(name: &str) -> (String, String, String) {
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    // Distinct names: openssl takes a leaf named as its issuer for self-signed.
+    ca.distinguished_name.push(rcgen::DnType::CommonName, "test CA");
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
+    params.distinguished_name.push(rcgen::DnType::CommonName, name);
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    (ca_pem, cert.pem(), key.serialize_pem())
+}
+
+/// [`cert_from_fresh_ca`], written to the lab's scratch directory as
+/// `<prefix>-ca.pem`, `<prefix>-cert.pem` and `<prefix>-key.pem`; returns the three paths.
+pub fn write_cert_from_fresh_ca(lab: &Lab, prefix: &str, name: &str) -> (String, String, String) {
+    let dir = lab.state_dir.join("scratch");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (ca, cert, key) = cert_from_fresh_ca(name);
+    let mut paths = Vec::new();
+    for (suffix, pem) in [("ca", ca), ("cert", cert), ("key", key)] {
+        let p = dir.join(format!("{prefix}-{suffix}.pem"));
+        std::fs::write(&p, pem).unwrap();
+        paths.push(p.display().to_string());
+    }
+    (paths[0].clone(), paths[1].clone(), paths[2].clone())
+}

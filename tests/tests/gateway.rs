@@ -4,7 +4,9 @@
 //! netns outside the cluster.
 #![forbid(unsafe_code)]
 
-use mesh_tests::harness::{apply_seed, apply_yaml, eventually, lab, metrics, reply_pod};
+use mesh_tests::harness::{
+    apply_seed, apply_yaml, cert_from_fresh_ca, eventually, lab, metrics, reply_pod, write_cert_from_fresh_ca,
+};
 use mesh_tests::lab::{CLIENT_ADDR, CLIENT_NETNS, Lab};
 use mesh_tests::sys::output;
 
@@ -112,22 +114,6 @@ fn the_reference_gateway_serves_myapp_to_clients_outside_the_mesh() {
     assert!(seen.contains("myapp-v1"), "{seen}");
 }
 
-/// A certificate for `name` from a fresh CA: (CA PEM, certificate PEM, key PEM).
-fn self_made_cert(name: &str) -> (String, String, String) {
-    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    // Distinct names: openssl takes a leaf named as its issuer for self-signed.
-    ca.distinguished_name.push(rcgen::DnType::CommonName, "pod test CA");
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
-    let issuer = rcgen::Issuer::new(ca, ca_key);
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut params = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
-    params.distinguished_name.push(rcgen::DnType::CommonName, name);
-    let cert = params.signed_by(&key, &issuer).unwrap();
-    (ca_pem, cert.pem(), key.serialize_pem())
-}
-
 #[test]
 fn passthrough_routes_by_sni_to_a_pod_that_terminates_its_own_tls() {
     let Some(mut lab) = lab("passthrough_routes_by_sni_to_a_pod_that_terminates_its_own_tls") else { return };
@@ -135,7 +121,7 @@ fn passthrough_routes_by_sni_to_a_pod_that_terminates_its_own_tls() {
     // the gateway has never seen.
     let dir = lab.state_dir.join("scratch");
     std::fs::create_dir_all(&dir).unwrap();
-    let (ca, cert, key) = self_made_cert("secure.example.com");
+    let (ca, cert, key) = cert_from_fresh_ca("secure.example.com");
     for (f, pem) in [("pod-ca.pem", &ca), ("pod-cert.pem", &cert), ("pod-key.pem", &key)] {
         std::fs::write(dir.join(f), pem).unwrap();
     }
@@ -263,18 +249,6 @@ spec:
     assert!(tunneled, "{m}");
 }
 
-/// A CA and a certificate it signed for `name`, as (CA PEM, certificate PEM, key PEM),
-/// written to the lab's scratch directory as `<prefix>-ca.pem`, `-cert.pem`, `-key.pem`.
-fn write_cert(lab: &Lab, prefix: &str, name: &str) -> (String, String, String) {
-    let dir = lab.state_dir.join("scratch");
-    std::fs::create_dir_all(&dir).unwrap();
-    let made = self_made_cert(name);
-    for (suffix, pem) in [("ca", &made.0), ("cert", &made.1), ("key", &made.2)] {
-        std::fs::write(dir.join(format!("{prefix}-{suffix}.pem")), pem).unwrap();
-    }
-    made
-}
-
 fn indent(pem: &str) -> String {
     pem.lines().map(|l| format!("    {l}\n")).collect()
 }
@@ -282,8 +256,9 @@ fn indent(pem: &str) -> String {
 #[test]
 fn mutual_tls_and_policies_on_the_gateway_judge_clients_from_outside() {
     let Some(lab) = lab("mutual_tls_and_policies_on_the_gateway_judge_clients_from_outside") else { return };
-    let (_, server_cert, server_key) = write_cert(&lab, "partner-server", HOST);
-    let (client_ca, _, _) = write_cert(&lab, "partner-client", "partner.example.org");
+    let (_, server_cert, server_key) = write_cert_from_fresh_ca(&lab, "partner-server", HOST);
+    let (client_ca, _, _) = write_cert_from_fresh_ca(&lab, "partner-client", "partner.example.org");
+    let pem = |path: &str| std::fs::read_to_string(path).unwrap();
     apply_yaml(
         &lab,
         "partner-gateway.yaml",
@@ -326,9 +301,9 @@ spec:
   - from: [{{source: {{remoteIpBlocks: [{CLIENT_ADDR}/32]}}}}]
     to: [{{operation: {{paths: ["/admin*"]}}}}]
 "#,
-            indent(&server_cert),
-            indent(&server_key),
-            indent(&client_ca),
+            indent(&pem(&server_cert)),
+            indent(&pem(&server_key)),
+            indent(&pem(&client_ca)),
         ),
     );
     let scratch = |f: &str| lab.state_dir.join("scratch").join(f).display().to_string();
