@@ -34,6 +34,9 @@ pub struct Snapshot {
     /// Every Gateway with the routes bound to it, by `namespace/name`.
     gateways: std::collections::BTreeMap<String, Arc<CompiledGateway>>,
     policies: HashMap<String, Arc<DestinationPolicy>>,
+    /// `tls:` routes of mesh-bound VirtualServices for ServiceEntry hosts, by the
+    /// entry's `namespace/name` (the egress-gateway pattern).
+    external_tls: HashMap<String, Arc<Vec<crate::traffic::route::TlsRule>>>,
     /// DestinationRules of ServiceEntries, by the entry's `namespace/name`.
     external_policies: HashMap<String, Arc<DestinationPolicy>>,
     /// PeerAuthentication and AuthorizationPolicy per workload (`namespace/name`).
@@ -105,6 +108,16 @@ impl Snapshot {
     /// without a rule).
     pub fn traffic_policy(&self, service: &str, subset: Option<&str>, port: u16) -> TrafficPolicy {
         self.policies.get(service).map_or_else(TrafficPolicy::default, |p| p.effective(subset, port))
+    }
+
+    /// The first mesh `tls:` rule for ServiceEntry `entry` that takes `sni` on `port`.
+    pub fn external_tls_route(&self, entry: &str, sni: &str, port: u16) -> Option<&crate::traffic::route::TlsRule> {
+        self.external_tls.get(entry)?.iter().find(|r| r.takes(sni, port))
+    }
+
+    /// Whether mesh `tls:` rules exist for ServiceEntry `entry`.
+    pub fn has_external_tls_routes(&self, entry: &str) -> bool {
+        self.external_tls.contains_key(entry)
     }
 
     /// The DestinationRule policy for ServiceEntry `entry` (`namespace/name`) on `port`.

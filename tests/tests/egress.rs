@@ -3,7 +3,7 @@
 //! that open it by name (HTTP Host) and by address (STATIC endpoints).
 #![forbid(unsafe_code)]
 
-use mesh_tests::harness::{apply_yaml, eventually, lab_with_env, metrics, reply_pod};
+use mesh_tests::harness::{apply_yaml, eventually, lab_with_env, metrics, reply_pod, write_cert_from_fresh_ca};
 use mesh_tests::lab::{CLIENT_ADDR, CLIENT_NETNS, Lab};
 use mesh_tests::sys::output;
 
@@ -79,35 +79,10 @@ spec:
     );
 }
 
-/// A certificate for `name` from a fresh CA, written to the lab's scratch directory:
-/// (CA file, certificate file, key file).
-fn write_cert(lab: &Lab, prefix: &str, name: &str) -> (String, String, String) {
-    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    // Distinct names: openssl takes a leaf named as its issuer for self-signed.
-    ca.distinguished_name.push(rcgen::DnType::CommonName, "internet test CA");
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
-    let issuer = rcgen::Issuer::new(ca, ca_key);
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut params = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
-    params.distinguished_name.push(rcgen::DnType::CommonName, name);
-    let cert = params.signed_by(&key, &issuer).unwrap().pem();
-    let dir = lab.state_dir.join("scratch");
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut paths = Vec::new();
-    for (suffix, pem) in [("ca", ca_pem), ("cert", cert), ("key", key.serialize_pem())] {
-        let p = dir.join(format!("{prefix}-{suffix}.pem"));
-        std::fs::write(&p, pem).unwrap();
-        paths.push(p.display().to_string());
-    }
-    (paths[0].clone(), paths[1].clone(), paths[2].clone())
-}
-
 #[test]
 fn tls_is_originated_by_the_agent_toward_a_service_entry_host() {
     let Some(mut lab) = lab_with_env("tls_is_originated_by_the_agent_toward_a_service_entry_host", &[]) else { return };
-    let (ca, cert, key) = write_cert(&lab, "api-tls", "api-tls.example.com");
+    let (ca, cert, key) = write_cert_from_fresh_ca(&lab, "api-tls", "api-tls.example.com");
     let argv: Vec<String> = ["openssl", "s_server", "-accept", "8443", "-www", "-quiet", "-cert", &cert, "-key", &key]
         .map(String::from)
         .into();
@@ -143,4 +118,90 @@ spec:
         body.contains("s_server").then_some(body)
     });
     assert!(said.contains("TLSv1.3"), "the server saw a TLS 1.3 session: {said}");
+}
+
+#[test]
+fn https_to_an_outside_host_leaves_through_the_egress_gateway() {
+    let Some(mut lab) = lab_with_env("https_to_an_outside_host_leaves_through_the_egress_gateway", &[]) else { return };
+    let (ca, cert, key) = write_cert_from_fresh_ca(&lab, "api-egress", "api.example.com");
+    let argv: Vec<String> = ["openssl", "s_server", "-accept", "8443", "-www", "-quiet", "-cert", &cert, "-key", &key]
+        .map(String::from)
+        .into();
+    lab.start_helper("internet-egress", CLIENT_NETNS, &argv).unwrap();
+    // The lab's gateway pod plays the egress gateway: a Service in front of it, a
+    // PASSTHROUGH server, and Istio's egress-gateway VirtualService.
+    apply_yaml(
+        &lab,
+        "egress-gateway.yaml",
+        &format!(
+            r#"apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: api, namespace: production}}
+spec:
+  hosts: [api.example.com]
+  ports: [{{number: 443, name: tls, protocol: TLS}}]
+  resolution: STATIC
+  endpoints: [{{address: {CLIENT_ADDR}, ports: {{tls: 8443}}}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: istio-egressgateway, namespace: istio-ingress}}
+spec: {{selector: {{istio: ingressgateway}}, clusterIP: 10.96.0.60, ports: [{{name: tls, port: 443, targetPort: 9448}}]}}
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: egress, namespace: istio-ingress}}
+spec:
+  selector: {{istio: ingressgateway}}
+  servers:
+  - port: {{number: 9448, name: tls-egress, protocol: TLS}}
+    hosts: [api.example.com]
+    tls: {{mode: PASSTHROUGH}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: api-through-egress, namespace: production}}
+spec:
+  hosts: [api.example.com]
+  gateways: [mesh, istio-ingress/egress]
+  tls:
+  - match: [{{gateways: [mesh], port: 443, sniHosts: [api.example.com]}}]
+    route: [{{destination: {{host: istio-egressgateway.istio-ingress.svc.cluster.local, port: {{number: 443}}}}}}]
+  - match: [{{gateways: [istio-ingress/egress], port: 9448, sniHosts: [api.example.com]}}]
+    route: [{{destination: {{host: api.example.com, port: {{number: 443}}}}}}]
+"#
+        ),
+    );
+    // frontend's own TLS to api.example.com, at whatever address its resolver gave.
+    let said = eventually("frontend reaches api.example.com through the egress gateway", || {
+        let out = lab
+            .exec(
+                "frontend",
+                &[
+                    "curl",
+                    "-s",
+                    "-m",
+                    "5",
+                    "--cacert",
+                    &ca,
+                    "--resolve",
+                    "api.example.com:443:192.0.2.50",
+                    "https://api.example.com/",
+                ],
+            )
+            .unwrap();
+        let body = String::from_utf8_lossy(&out.stdout).into_owned();
+        body.contains("s_server").then_some(body)
+    });
+    assert!(said.contains("TLSv1.3"), "{said}");
+    // The gateway opened the connection to the entry; node1's agent sent frontend's
+    // connection to the gateway.
+    let m = metrics(&lab, "node1");
+    assert!(
+        m.lines().any(|l| l.starts_with("istio_tcp_connections_opened_total")
+            && l.contains("reporter=\"source\"")
+            && l.contains("source_workload=\"frontend\"")
+            && l.contains("destination_service=\"istio-ingress/istio-egressgateway\"")),
+        "{m}"
+    );
 }

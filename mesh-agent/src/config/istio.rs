@@ -857,15 +857,6 @@ impl VirtualService {
             }
             validate_weighted(&at, &r.route)?;
         }
-        let for_mesh = s.gateways.is_empty() || s.gateways.iter().any(|g| g == super::gateway::MESH);
-        if for_mesh && !s.tls.is_empty() {
-            return Err((
-                "spec.tls".into(),
-                "TLS routes for mesh traffic are not supported by this agent version yet; bind the \
-                 VirtualService to gateways only (spec.gateways without mesh) to route TLS by SNI there"
-                    .into(),
-            ));
-        }
         for (i, r) in s.tls.iter().enumerate() {
             let at = format!("spec.tls[{i}]");
             if r.matches.is_empty() {

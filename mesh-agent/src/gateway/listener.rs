@@ -160,6 +160,38 @@ async fn splice_to(
     let snap = ctx.l7.snapshot.load_full();
     let chosen = crate::traffic::route::pick_weighted(backends).ok_or("the route has no destination")?;
     let pod = &plan.workload;
+    // A ServiceEntry host (an egress gateway's destination): where the entry says.
+    let port = chosen.backend.port.unwrap_or(plan.port);
+    if let Some(entry) = snap.external.by_name(&chosen.backend.service, port, &pod.namespace) {
+        if entry.resolution == crate::config::service_entry::Resolution::None {
+            return Err(format!(
+                "ServiceEntry {} resolves NONE: a gateway has no address the client dialed to send it to",
+                entry.key
+            ));
+        }
+        // STATIC and DNS targets do not depend on the address dialed.
+        let unspecified = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), port);
+        let target = entry.target(unspecified, Some(&chosen.backend.service));
+        let (mut upstream, _) =
+            ctx.l7.dialer.connect_external(&snap, pod, &ctx.netns, &target).await.map_err(|e| e.to_string())?;
+        let labels = crate::telemetry::ConnLabels::new(
+            crate::telemetry::Direction::Outbound,
+            pod,
+            None,
+            Some(&entry.host),
+            upstream.is_tunnel(),
+        );
+        return crate::transport::copy::counted(
+            &ctx.l7.metrics,
+            &labels,
+            &mut stream,
+            &mut upstream,
+            ctx.tcp_idle_timeout,
+        )
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string());
+    }
     let target = crate::l7::Target::resolve(&ctx.l7.runtime, &snap, pod, &chosen.backend, plan.port);
     let (endpoint, addr, _load) = target
         .pick(&target.policy.lb, None, peer)

@@ -4,19 +4,13 @@
 //! REGISTRY_ONLY nothing else is reached, and each refusal is logged and counted.
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use tokio::net::TcpStream;
 
 use super::detect;
-use crate::dataplane::Netns;
 use crate::snapshot::Snapshot;
 use crate::state::{OutboundPolicy, Workload};
 use crate::traffic::external::{ExternalService, ExternalTarget};
-use crate::transport::{CONNECT_TIMEOUT, Dialer, Error, Upstream};
-
-/// How long a DNS lookup for a `resolution: DNS` entry may take.
-const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What becomes of a connection to an address the registry does not hold.
 #[derive(Debug)]
@@ -54,38 +48,4 @@ pub(super) async fn decide<'s>(
         return Egress::Entry(entry, target, Some(host));
     }
     if registry_only { Egress::Blocked } else { Egress::Anywhere }
-}
-
-/// Connects to an entry's destination from the pod: over the tunnel when an address is
-/// a mesh pod (a MESH_INTERNAL entry's endpoints), in plaintext otherwise. Addresses
-/// are tried in turn until one answers.
-pub(super) async fn connect(
-    dialer: &Dialer,
-    snapshot: &Snapshot,
-    pod: &Workload,
-    netns: &Netns,
-    target: &ExternalTarget,
-) -> Result<(Upstream, SocketAddr), Error> {
-    let addrs = match target {
-        ExternalTarget::Dialed(a) => vec![*a],
-        ExternalTarget::Addresses(list) => list.clone(),
-        ExternalTarget::Lookup(host, port) => lookup(host, *port).await?,
-    };
-    let mut last = None;
-    for addr in addrs {
-        let dest = snapshot.workload_by_ip(addr.ip()).map(|w| &**w);
-        match dialer.connect(snapshot, pod, netns, dest, addr, CONNECT_TIMEOUT).await {
-            Ok(up) => return Ok((up, addr)),
-            Err(e) => last = Some(e),
-        }
-    }
-    Err(last.unwrap_or_else(|| Error::Lookup(format!("{target:?}: no address to connect to"))))
-}
-
-async fn lookup(host: &str, port: u16) -> Result<Vec<SocketAddr>, Error> {
-    let found = tokio::time::timeout(LOOKUP_TIMEOUT, tokio::net::lookup_host((host, port)))
-        .await
-        .map_err(|_| Error::Lookup(format!("DNS lookup of {host} timed out")))?
-        .map_err(|e| Error::Lookup(format!("DNS lookup of {host}: {e}")))?;
-    Ok(found.collect())
 }

@@ -92,8 +92,17 @@ async fn leave_the_registry(
             sockets::reset(stream);
             return Ok(());
         }
+        Egress::Entry(entry, _, _) if snapshot.has_external_tls_routes(&entry.key) => {
+            if let Some(routed) = route_tls_to_entry(ctx, snapshot, pod, netns, &stream, orig, &entry.key).await? {
+                let (mut upstream, labels, _endpoint_guard) = routed;
+                return splice(ctx, &labels, &mut stream, &mut upstream, pod, orig).await;
+            }
+            let target = entry.target(orig, None);
+            let (up, addr) = ctx.dialer.connect_external(snapshot, pod, netns, &target).await?;
+            (up, Some(entry.host.clone()), snapshot.workload_by_ip(addr.ip()), None)
+        }
         Egress::Entry(entry, target, asked) => {
-            let (up, addr) = egress::connect(&ctx.dialer, snapshot, pod, netns, &target).await?;
+            let (up, addr) = ctx.dialer.connect_external(snapshot, pod, netns, &target).await?;
             tracing::debug!(pod = %pod.name, %orig, entry = %entry.key, %addr, "outbound to a ServiceEntry");
             let tls = snapshot.external_policy(&entry.key, orig.port()).origination;
             let origination = tls.map(|o| (o, addr, asked.unwrap_or_else(|| entry.host.clone())));
@@ -111,6 +120,52 @@ async fn leave_the_registry(
     }
 }
 
+/// A TLS connection to a ServiceEntry's host that a mesh VirtualService's `tls:` rule
+/// takes (by SNI and port): connected where the rule sends it, a Service (an egress
+/// gateway) or the entry itself, with the endpoint's load-balancing slot (held while
+/// the connection lives). None when no rule takes it.
+async fn route_tls_to_entry(
+    ctx: &ProxyContext,
+    snapshot: &crate::snapshot::Snapshot,
+    pod: &Arc<Workload>,
+    netns: &Arc<Netns>,
+    stream: &TcpStream,
+    orig: SocketAddr,
+    entry: &str,
+) -> Result<Option<(Upstream, ConnLabels, Option<crate::l7::balance::EndpointGuard>)>, Error> {
+    let Ok(Ok(sni)) = tokio::time::timeout(detect::DETECT_TIMEOUT * 4, detect::peek_sni(stream)).await else {
+        return Ok(None);
+    };
+    let Some(rule) = snapshot.external_tls_route(entry, &sni, orig.port()) else { return Ok(None) };
+    let Some(chosen) = crate::traffic::route::pick_weighted(&rule.backends) else { return Ok(None) };
+    let port = chosen.backend.port.unwrap_or(orig.port());
+    let external = snapshot.external.by_name(&chosen.backend.service, port, &pod.namespace).map(|e| (e, port));
+    if let Some((e, port)) = external {
+        let target = e.target(SocketAddr::new(orig.ip(), port), Some(&sni));
+        let (up, addr) = ctx.dialer.connect_external(snapshot, pod, netns, &target).await?;
+        let reached = snapshot.workload_by_ip(addr.ip()).cloned();
+        let labels = ConnLabels::new(Direction::Outbound, pod, reached.as_deref(), Some(&e.host), up.is_tunnel());
+        return Ok(Some((up, labels, None)));
+    }
+    let (dest, guard) = match to_backend(ctx, snapshot, pod, std::slice::from_ref(chosen), orig) {
+        Ok(d) => d,
+        Err(reason) => {
+            tracing::warn!(pod = %pod.name, %orig, %sni, %reason, "tls route has no endpoint; refused");
+            return Ok(None);
+        }
+    };
+    let (workload, addr) = match dest {
+        Destination::Mesh { workload, addr, .. } => (Some(workload), addr),
+        Destination::Passthrough { addr, workload } => (workload, addr),
+        Destination::NoEndpoints { .. } => return Ok(None),
+    };
+    let up = ctx.dialer.connect(snapshot, pod, netns, workload.as_deref(), addr, CONNECT_TIMEOUT).await?;
+    let service = Some(chosen.backend.service.as_str());
+    let labels = ConnLabels::new(Direction::Outbound, pod, workload.as_deref(), service, up.is_tunnel());
+    tracing::debug!(pod = %pod.name, %orig, %sni, %addr, "TLS to a ServiceEntry host routed by a mesh tls rule");
+    Ok(Some((up, labels, guard)))
+}
+
 /// The destination a VirtualService `tcp` rule picks for a connection to `orig`, with
 /// the endpoint's load-balancing slot (held while the connection lives); None when no
 /// tcp rule applies.
@@ -122,21 +177,33 @@ fn tcp_route(
 ) -> Option<Result<(Destination, Option<crate::l7::balance::EndpointGuard>), String>> {
     let service = snapshot.service_by_vip(orig.ip())?;
     let rule = snapshot.routes(&service.key())?.first_tcp_match(orig.port(), pod)?;
-    let Some(chosen) = crate::traffic::route::pick_weighted(&rule.backends) else {
-        return Some(Err("the rule has no destination".into()));
+    Some(to_backend(ctx, snapshot, pod, &rule.backends, orig))
+}
+
+/// An endpoint of one of `backends` (by weight, then under its DestinationRule) for a
+/// connection to `orig`, with its load-balancing slot.
+fn to_backend(
+    ctx: &ProxyContext,
+    snapshot: &crate::snapshot::Snapshot,
+    pod: &Workload,
+    backends: &[crate::traffic::route::WeightedBackend],
+    orig: SocketAddr,
+) -> Result<(Destination, Option<crate::l7::balance::EndpointGuard>), String> {
+    let Some(chosen) = crate::traffic::route::pick_weighted(backends) else {
+        return Err("the rule has no destination".into());
     };
     let b = &chosen.backend;
     let target = crate::l7::Target::resolve(&ctx.l7, snapshot, pod, b, orig.port());
     let key = pod.ips.first().map(|ip| ip.to_string().into_bytes());
     let Some((workload, addr, guard)) = target.pick(&target.policy.lb, key.as_deref(), orig) else {
-        return Some(Err(format!(
+        return Err(format!(
             "no endpoint for {} subset {:?} port {}",
             b.service,
             b.subset,
             b.port.unwrap_or(orig.port())
-        )));
+        ));
     };
-    Some(Ok((crate::state::destination_for(workload, addr, Some(b.service.clone())), Some(guard))))
+    Ok((crate::state::destination_for(workload, addr, Some(b.service.clone())), Some(guard)))
 }
 
 /// Ports named `tcp`/`tls`/`mongo`/`mysql`/`redis` (or `tcp-*` ...) are L4 by

@@ -124,6 +124,18 @@ impl Mesh {
         orig: SocketAddr,
         req: Request<Empty<Bytes>>,
     ) -> Result<Response<Bytes>, hyper::Error> {
+        let stream = self.dial(from, orig).await;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        let res = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req)).await.unwrap()?;
+        let (parts, body) = res.into_parts();
+        Ok(Response::from_parts(parts, body.collect().await?.to_bytes()))
+    }
+
+    /// A connection from pod `from` to `orig` as a captured one arrives: the table
+    /// learns the client's address and where it was going, then the client reaches the
+    /// pod's outbound listener.
+    pub(crate) async fn dial(&self, from: &str, orig: SocketAddr) -> tokio::net::TcpStream {
         let pod = self.workload(from);
         let listener = TcpListener::bind((pod.ips[0], 0)).await.unwrap();
         let outbound_addr = listener.local_addr().unwrap();
@@ -132,12 +144,7 @@ impl Mesh {
         let socket = TcpSocket::new_v4().unwrap();
         socket.bind(SocketAddr::new(pod.ips[0], 0)).unwrap();
         self.captured.0.lock().unwrap().insert(socket.local_addr().unwrap(), orig);
-        let stream = socket.connect(outbound_addr).await.unwrap();
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-        tokio::spawn(conn);
-        let res = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req)).await.unwrap()?;
-        let (parts, body) = res.into_parts();
-        Ok(Response::from_parts(parts, body.collect().await?.to_bytes()))
+        socket.connect(outbound_addr).await.unwrap()
     }
 
     /// Compiles `yaml` again under `mesh`, as a config change does.

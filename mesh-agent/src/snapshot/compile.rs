@@ -180,10 +180,27 @@ impl Snapshot {
             let name = vs.metadata.key();
             let rules = route::compile_rules(vs, &ns, &known, Attachment::Mesh);
             let tcp = route::compile_tcp_rules(vs, &ns, &known, Attachment::Mesh);
+            let tls = route::compile_tls_rules(vs, &ns, &known, Attachment::Mesh);
             for host in &vs.spec.hosts {
-                for svc in route::services_for_host(host, &ns, &known) {
+                let services = route::services_for_host(host, &ns, &known);
+                if !tls.is_empty() && !services.is_empty() {
+                    self.problems.push(Problem::new(
+                        "MESH0106",
+                        format!("VirtualService {name}"),
+                        format!(
+                            "tls routes for mesh traffic apply to ServiceEntry hosts; {host} is a Service, whose \
+                             connections keep the mesh's own routing"
+                        ),
+                    ));
+                }
+                for svc in services {
                     let what = format!("VirtualService {name}");
                     self.claim_routes(&what, svc, &name, || (rules.clone(), tcp.clone()));
+                }
+                if !tls.is_empty() {
+                    for entry in self.external.keys_naming(host) {
+                        self.external_tls.entry(entry).or_insert_with(|| Arc::new(tls.clone()));
+                    }
                 }
             }
         }

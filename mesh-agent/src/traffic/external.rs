@@ -195,6 +195,13 @@ impl ExternalServices {
         self.entries.iter().filter(|e| e.hosts.contains(&host)).map(|e| e.key.clone()).collect()
     }
 
+    /// The entry that declares `host` on `port`, addresses or not: where a route whose
+    /// destination is `host` goes.
+    pub fn by_name(&self, host: &str, port: u16, namespace: &str) -> Option<&ExternalService> {
+        let host = host.to_ascii_lowercase();
+        self.entries.iter().find(|e| e.visible_to(namespace) && e.port(port).is_some() && e.names(&host))
+    }
+
     /// Whether a name on `port` could match an entry: only then is a connection to an
     /// unknown address worth reading for its Host or SNI.
     pub fn has_named_port(&self, port: u16, namespace: &str) -> bool {

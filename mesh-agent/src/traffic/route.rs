@@ -772,6 +772,20 @@ pub struct TlsRule {
     pub backends: Vec<WeightedBackend>,
 }
 
+impl TlsRule {
+    /// Whether a connection with `sni` to `port` takes this rule: a match names the SNI
+    /// (exactly, or under `*.`) and, when it names a port, that port.
+    pub fn takes(&self, sni: &str, port: u16) -> bool {
+        self.matches.iter().any(|(hosts, p)| {
+            p.is_none_or(|p| p == port)
+                && hosts.iter().any(|h| match h.strip_prefix('*') {
+                    Some(suffix) => suffix.is_empty() || (sni.len() > suffix.len() && sni.ends_with(suffix)),
+                    None => h.eq_ignore_ascii_case(sni),
+                })
+        })
+    }
+}
+
 /// Compiles the TLS rules of `vs` (namespace `ns`) that apply at `at`.
 pub fn compile_tls_rules(
     vs: &VirtualService,

@@ -16,6 +16,7 @@ use crate::dataplane::Netns;
 use crate::identity::{CertStore, PeerVerifier};
 use crate::snapshot::Snapshot;
 use crate::state::Workload;
+use crate::traffic::external::ExternalTarget;
 
 /// Reaches destinations for the pods of this node: over the HBONE tunnel (mutual TLS
 /// as the source pod, to the destination's identity) when the destination is in the
@@ -57,6 +58,46 @@ impl Dialer {
             _ => Ok(Upstream::Plain(sockets::connect_in(netns, addr, self.bypass_mark, timeout).await?)),
         }
     }
+}
+
+impl Dialer {
+    /// Connects `source` to a ServiceEntry's destination: over the tunnel when an
+    /// address is a mesh pod (a MESH_INTERNAL entry's endpoints), in plaintext
+    /// otherwise. Addresses are tried in turn until one answers; returns the one that
+    /// did.
+    pub async fn connect_external(
+        &self,
+        snapshot: &Snapshot,
+        source: &Workload,
+        netns: &Netns,
+        target: &ExternalTarget,
+    ) -> Result<(Upstream, SocketAddr), Error> {
+        let addrs = match target {
+            ExternalTarget::Dialed(a) => vec![*a],
+            ExternalTarget::Addresses(list) => list.clone(),
+            ExternalTarget::Lookup(host, port) => lookup(host, *port).await?,
+        };
+        let mut last = None;
+        for addr in addrs {
+            let dest = snapshot.workload_by_ip(addr.ip()).map(|w| &**w);
+            match self.connect(snapshot, source, netns, dest, addr, super::CONNECT_TIMEOUT).await {
+                Ok(up) => return Ok((up, addr)),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::Lookup(format!("{target:?}: no address to connect to"))))
+    }
+}
+
+/// How long a DNS lookup for a `resolution: DNS` entry may take.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
+
+async fn lookup(host: &str, port: u16) -> Result<Vec<SocketAddr>, Error> {
+    let found = tokio::time::timeout(LOOKUP_TIMEOUT, tokio::net::lookup_host((host, port)))
+        .await
+        .map_err(|_| Error::Lookup(format!("DNS lookup of {host} timed out")))?
+        .map_err(|e| Error::Lookup(format!("DNS lookup of {host}: {e}")))?;
+    Ok(found.collect())
 }
 
 /// A connection [`Dialer::connect`] opened.
