@@ -190,7 +190,7 @@ impl Snapshot {
         }
         match self.by_ip.get(&orig.ip()) {
             Some(w) => destination_for(w.clone(), orig, None),
-            None => Destination::Passthrough { addr: orig, workload: None },
+            None => Destination::Passthrough { addr: orig, workload: None, service: None },
         }
     }
 }

@@ -130,6 +130,8 @@ pub enum Destination {
         addr: SocketAddr,
         /// The pod, if it is one we know.
         workload: Option<Arc<Workload>>,
+        /// The Service dialed, when the client dialed a VIP.
+        service: Option<String>,
     },
     /// A Service VIP with no ready endpoint: refuse the connection.
     NoEndpoints {
@@ -227,6 +229,6 @@ pub fn destination_for(workload: Arc<Workload>, addr: SocketAddr, service: Optio
     if workload.enrolled {
         Destination::Mesh { workload, addr, service }
     } else {
-        Destination::Passthrough { addr, workload: Some(workload) }
+        Destination::Passthrough { addr, workload: Some(workload), service }
     }
 }

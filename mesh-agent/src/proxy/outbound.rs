@@ -54,10 +54,10 @@ pub(super) async fn handle(
     tracing::debug!(pod = %pod.name, %peer, %orig, ?dest, "outbound");
     let (workload, addr, service) = match dest {
         Destination::Mesh { workload, addr, service } => (Some(workload), addr, service),
-        Destination::Passthrough { addr, workload: None } => {
+        Destination::Passthrough { addr, workload: None, .. } => {
             return leave_the_registry(ctx, &snapshot, pod, netns, stream, orig, addr).await;
         }
-        Destination::Passthrough { addr, workload } => (workload, addr, None),
+        Destination::Passthrough { addr, workload, service } => (workload, addr, service),
         Destination::NoEndpoints { service } => {
             tracing::warn!(pod = %pod.name, %orig, %service, "service has no endpoint for this port; refused");
             sockets::reset(stream);
@@ -156,7 +156,7 @@ async fn route_tls_to_entry(
     };
     let (workload, addr) = match dest {
         Destination::Mesh { workload, addr, .. } => (Some(workload), addr),
-        Destination::Passthrough { addr, workload } => (workload, addr),
+        Destination::Passthrough { addr, workload, .. } => (workload, addr),
         Destination::NoEndpoints { .. } => return Ok(None),
     };
     let up = ctx.dialer.connect(snapshot, pod, netns, workload.as_deref(), addr, CONNECT_TIMEOUT).await?;

@@ -626,3 +626,35 @@ spec:
     mesh.reconfigure(&config(net, &entries(&stranger)), &scope);
     assert!(mesh.try_send("client", api, host("api.example.com")).await.is_err());
 }
+
+#[tokio::test]
+async fn a_service_whose_pods_are_outside_the_mesh_is_still_named_in_the_metrics() {
+    let net = 63;
+    let outside = format!(
+        r#"
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: legacy, namespace: plain, labels: {{app: legacy}}}}
+spec: {{serviceAccountName: legacy, nodeName: node1, containers: [{{name: app, ports: [{{containerPort: 8080}}]}}]}}
+status: {{podIP: 127.{net}.0.40}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: legacy, namespace: plain}}
+spec: {{selector: {{app: legacy}}, clusterIP: 10.96.{net}.40, ports: [{{port: 80, targetPort: 8080, name: http}}]}}
+"#
+    );
+    let mesh = Mesh::start(&config(net, &outside), &[("legacy", 8080)]).await;
+    let vip = SocketAddr::from(([10, 96, net, 40], 80));
+    assert_eq!(served_by(&mesh.send("client", vip, get("/")).await), "legacy");
+    let metrics = mesh.metrics();
+    let named = metrics.lines().any(|l| {
+        l.starts_with("tcp_connections_opened_total")
+            && l.contains("reporter=\"source\"")
+            && l.contains("destination_workload=\"legacy\"")
+            && l.contains("destination_service=\"plain/legacy\"")
+            && l.contains("connection_security_policy=\"none\"")
+    });
+    assert!(named, "{metrics}");
+}

@@ -862,7 +862,7 @@ endpoints: [{addresses: [db.example.com]}]
         let admin: Vec<_> = s.endpoints("production/db", None, 9000).into_iter().map(|(_, a)| a.to_string()).collect();
         assert_eq!(admin, ["192.0.2.10:9001"]);
         match s.resolve("10.96.0.30:9000".parse().unwrap(), &turns) {
-            Destination::Passthrough { addr, workload: Some(_) } => assert_eq!(addr.to_string(), "192.0.2.10:9001"),
+            Destination::Passthrough { addr, workload: Some(_), .. } => assert_eq!(addr.to_string(), "192.0.2.10:9001"),
             other => panic!("unexpected {other:?}"),
         }
         // Round robin over both: the external address in plaintext, the pod over mTLS.
