@@ -134,6 +134,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
         inbound: Arc::default(),
         limits: Arc::new(crate::transport::limits::ConnLimits::new(settings.max_connections_per_source, per_node)),
         tcp_idle_timeout: settings.tcp_idle_timeout,
+        egress_tls_dir: settings.egress_tls_dir.clone().into(),
     };
     let (cni_tx, mut cni_rx) = mpsc::channel::<CniRequest>(64);
     tokio::spawn(crate::cni::serve(cni_listener, cni_tx, shutdown.clone()));

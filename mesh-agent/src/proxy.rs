@@ -69,6 +69,8 @@ pub struct ProxyContext {
     pub limits: Arc<ConnLimits>,
     /// A spliced connection idle this long is closed.
     pub tcp_idle_timeout: Duration,
+    /// The only directory whose files DestinationRules may name for TLS origination.
+    pub egress_tls_dir: Arc<std::path::Path>,
 }
 
 impl ProxyContext {

@@ -238,6 +238,13 @@ pub struct Settings {
     #[arg(long, env = "MESH_OUTBOUND_TRAFFIC_POLICY", value_enum, default_value = "ALLOW_ANY")]
     pub outbound_traffic_policy: crate::state::OutboundPolicy,
 
+    /// The only directory whose files a DestinationRule's TLS origination may name
+    /// (`caCertificates`, `clientCertificate`, `privateKey`): the agent is shared by every
+    /// tenant of the node, so a rule may not make it read any other file. Mount the
+    /// certificates there (a Secret volume).
+    #[arg(long, env = "MESH_EGRESS_TLS_DIR", default_value = "/etc/mesh/egress-tls")]
+    pub egress_tls_dir: PathBuf,
+
     /// Log format: `text` or `json`.
     #[arg(long, env = "MESH_LOG_FORMAT", default_value = "text")]
     pub log_format: LogFormat,

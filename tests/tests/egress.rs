@@ -4,7 +4,7 @@
 #![forbid(unsafe_code)]
 
 use mesh_tests::harness::{apply_yaml, eventually, lab_with_env, metrics, reply_pod, write_cert_from_fresh_ca};
-use mesh_tests::lab::{CLIENT_ADDR, CLIENT_NETNS, Lab};
+use mesh_tests::lab::{CLIENT_ADDR, CLIENT_NETNS, DEFAULT_STATE_DIR, Lab};
 use mesh_tests::sys::output;
 
 /// curl from pod `frontend` to `url` with `Host: host`: the pod that answered, or None
@@ -81,7 +81,12 @@ spec:
 
 #[test]
 fn tls_is_originated_by_the_agent_toward_a_service_entry_host() {
-    let Some(mut lab) = lab_with_env("tls_is_originated_by_the_agent_toward_a_service_entry_host", &[]) else { return };
+    // The agents read origination files from the lab's scratch directory only.
+    let scratch = format!("{DEFAULT_STATE_DIR}/scratch");
+    let env = [("MESH_EGRESS_TLS_DIR", scratch.as_str())];
+    let Some(mut lab) = lab_with_env("tls_is_originated_by_the_agent_toward_a_service_entry_host", &env) else {
+        return;
+    };
     let (ca, cert, key) = write_cert_from_fresh_ca(&lab, "api-tls", "api-tls.example.com");
     let argv: Vec<String> = ["openssl", "s_server", "-accept", "8443", "-www", "-quiet", "-cert", &cert, "-key", &key]
         .map(String::from)

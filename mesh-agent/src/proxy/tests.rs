@@ -86,6 +86,7 @@ impl Mesh {
             inbound: Arc::default(),
             limits: Arc::new(ConnLimits::new(1024, 4096)),
             tcp_idle_timeout: Duration::from_secs(60),
+            egress_tls_dir: std::path::Path::new("/nonexistent").into(),
         };
         ctx.l7.round_robin.fit(&snapshot);
         let netns = Arc::new(Netns::host().expect("the test's own network namespace"));
@@ -556,6 +557,7 @@ async fn tls_is_originated_toward_service_entry_hosts_as_the_destination_rule_sa
     let net = 62;
     let (server_ca, client_ca, stranger_ca) = (TestCa::new(), TestCa::new(), TestCa::new());
     let dir = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
     let file = |name: &str, pem: &str| {
         let p = dir.path().join(name);
         std::fs::write(&p, pem).unwrap();
@@ -565,7 +567,8 @@ async fn tls_is_originated_toward_service_entry_hosts_as_the_destination_rule_sa
     let stranger = file("stranger.pem", &stranger_ca.pem());
     let (cert, key) = client_ca.issue(&["client.shop.example"]);
     let (cert, key) = (file("client.pem", &cert), file("client-key.pem", &key));
-    let mesh = Mesh::start(&config(net, ""), APPS).await;
+    let mut mesh = Mesh::start(&config(net, ""), APPS).await;
+    mesh.ctx.egress_tls_dir = dir.path().into();
     let simple = SocketAddr::from(([127, net, 0, 201], 8443));
     let mutual = SocketAddr::from(([127, net, 0, 200], 8443));
     tls_app("internet-tls", simple, server_ca.issue(&["api.example.com"]), None).await;
@@ -625,6 +628,15 @@ spec:
     // A server whose certificate does not chain to caCertificates is not talked to.
     mesh.reconfigure(&config(net, &entries(&stranger)), &scope);
     assert!(mesh.try_send("client", api, host("api.example.com")).await.is_err());
+    // Files outside the agent's egress TLS directory are never read, whoever names them.
+    let elsewhere = outside.path().join("ca.pem");
+    std::fs::write(&elsewhere, server_ca.pem()).unwrap();
+    mesh.reconfigure(&config(net, &entries(&elsewhere.display().to_string())), &scope);
+    assert!(mesh.try_send("client", api, host("api.example.com")).await.is_err());
+    let traversal =
+        format!("{}/../{}/ca.pem", dir.path().display(), outside.path().file_name().unwrap().to_string_lossy());
+    mesh.reconfigure(&config(net, &entries(&traversal)), &scope);
+    assert!(mesh.try_send("client", api, host("api.example.com")).await.is_err(), "no way out with ..");
 }
 
 #[tokio::test]

@@ -18,17 +18,19 @@ use crate::traffic::policy::TlsOrigination;
 const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 /// Opens TLS on `tcp` (connected to `addr`) as `o` says, for `host` when `o` names no
-/// SNI. The files are read for each connection, so rotated ones apply at once.
+/// SNI. The files are read for each connection, so rotated ones apply at once, and only
+/// from `allowed_dir` (plus the system's roots).
 pub async fn originate(
     tcp: TcpStream,
     addr: SocketAddr,
     o: &TlsOrigination,
     host: &str,
+    allowed_dir: &Path,
 ) -> Result<TlsStream<TcpStream>, Error> {
     let sni = o.sni.as_deref().unwrap_or(host);
     let name = ServerName::try_from(sni.to_string())
         .map_err(|_| Error::Origination { addr, reason: format!("{sni:?} is not a server name") })?;
-    let config = client_config(o).map_err(|reason| Error::Origination { addr, reason })?;
+    let config = client_config(o, allowed_dir).map_err(|reason| Error::Origination { addr, reason })?;
     let connect = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp);
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, connect).await {
         Ok(Ok(tls)) => Ok(tls),
@@ -37,7 +39,22 @@ pub async fn originate(
     }
 }
 
-fn client_config(o: &TlsOrigination) -> Result<rustls::ClientConfig, String> {
+/// Whether `path` names a file under `dir`, read lexically: no `..` may climb out.
+fn is_under(path: &Path, dir: &Path) -> bool {
+    use std::path::Component;
+    path.starts_with(dir) && !path.components().any(|c| matches!(c, Component::ParentDir))
+}
+
+fn client_config(o: &TlsOrigination, allowed_dir: &Path) -> Result<rustls::ClientConfig, String> {
+    for f in [&o.ca_certificates, &o.client_certificate, &o.private_key].into_iter().flatten() {
+        if !is_under(f, allowed_dir) {
+            return Err(format!(
+                "{} is outside {}, the only directory the agent reads TLS origination files from (--egress-tls-dir)",
+                f.display(),
+                allowed_dir.display()
+            ));
+        }
+    }
     let roots_file = o.ca_certificates.as_deref().unwrap_or(Path::new(SYSTEM_ROOTS));
     let mut roots = rustls::RootCertStore::empty();
     for cert in pem_certs(roots_file)? {
@@ -70,4 +87,18 @@ fn pem_certs(path: &Path) -> Result<Vec<rustls::pki_types::CertificateDer<'stati
         return Err(format!("{}: no certificate", path.display()));
     }
     Ok(certs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_files_under_the_directory_are_read() {
+        let dir = Path::new("/etc/mesh/egress-tls");
+        assert!(is_under(Path::new("/etc/mesh/egress-tls/api/ca.pem"), dir));
+        assert!(!is_under(Path::new("/etc/mesh/egress-tls/../../shadow"), dir));
+        assert!(!is_under(Path::new("/etc/mesh/egress-tls-other/ca.pem"), dir));
+        assert!(!is_under(Path::new("/var/run/secrets/token"), dir));
+    }
 }
