@@ -185,7 +185,7 @@ impl Snapshot {
                 let services = route::services_for_host(host, &ns, &known);
                 if !tls.is_empty() && !services.is_empty() {
                     self.problems.push(Problem::new(
-                        "MESH0106",
+                        "MESH0108",
                         format!("VirtualService {name}"),
                         format!(
                             "tls routes for mesh traffic apply to ServiceEntry hosts; {host} is a Service, whose \
@@ -193,12 +193,23 @@ impl Snapshot {
                         ),
                     ));
                 }
-                for svc in services {
+                for svc in services.iter().cloned() {
                     let what = format!("VirtualService {name}");
                     self.claim_routes(&what, svc, &name, || (rules.clone(), tcp.clone()));
                 }
                 if !tls.is_empty() {
-                    for entry in self.external.keys_naming(host) {
+                    let entries = self.external.keys_naming(host);
+                    if entries.is_empty() && services.is_empty() {
+                        self.problems.push(Problem::new(
+                            "MESH0109",
+                            format!("VirtualService {name}"),
+                            format!(
+                                "tls routes for mesh traffic to {host}: no ServiceEntry declares that host, so no \
+                                 connection takes them"
+                            ),
+                        ));
+                    }
+                    for entry in entries {
                         self.external_tls.entry(entry).or_insert_with(|| Arc::new(tls.clone()));
                     }
                 }
@@ -237,7 +248,7 @@ impl Snapshot {
             let services = route::services_for_host(&dr.spec.host, &ns, &known);
             if !services.is_empty() && compiled.originates_tls() {
                 self.problems.push(Problem::new(
-                    "MESH0105",
+                    "MESH0107",
                     format!("DestinationRule {}", compiled.rule),
                     format!(
                         "tls.mode SIMPLE/MUTUAL is originated toward ServiceEntry hosts only; traffic to {} keeps \
@@ -665,6 +676,41 @@ spec: {selector: {app: myapp}, clusterIP: 10.96.0.20, ports: [{port: 80, targetP
     fn lab() -> Snapshot {
         let objs = parse_documents(Path::new("lab.yaml"), LAB).unwrap();
         Snapshot::compile(&objs, "cluster.local", 1)
+    }
+
+    #[test]
+    fn egress_rules_that_no_connection_takes_are_reported() {
+        let extra = r#"
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api, namespace: production}
+spec:
+  hosts: [api.example.com]
+  ports: [{number: 443, name: tls}]
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: tls-everywhere, namespace: production}
+spec:
+  hosts: [api.example.com, myapp, nowhere.example.com]
+  tls:
+  - match: [{port: 443, sniHosts: [api.example.com, myapp, nowhere.example.com]}]
+    route: [{destination: {host: api.example.com, port: {number: 443}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: myapp-tls, namespace: production}
+spec: {host: myapp, trafficPolicy: {tls: {mode: SIMPLE}}}
+"#;
+        let objs = parse_documents(Path::new("lab.yaml"), &format!("{LAB}{extra}")).unwrap();
+        let s = Snapshot::compile(&objs, "cluster.local", 1);
+        let codes: Vec<(&str, &str)> = s.problems.iter().map(|p| (p.code, p.object.as_str())).collect();
+        assert!(codes.contains(&("MESH0107", "DestinationRule production/myapp-tls")), "{codes:?}");
+        assert!(codes.contains(&("MESH0108", "VirtualService production/tls-everywhere")), "{codes:?}");
+        assert!(codes.contains(&("MESH0109", "VirtualService production/tls-everywhere")), "{codes:?}");
+        assert!(s.has_external_tls_routes("production/api"));
     }
 
     #[test]
