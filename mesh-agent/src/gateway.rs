@@ -270,4 +270,4 @@ impl Gateway {
 }
 
 #[cfg(test)]
-pub(crate) mod tests;
+mod tests;

@@ -79,6 +79,17 @@ spec:
     );
 }
 
+/// openssl's TLS server on port 8443 of the outside netns ("the internet"), as helper
+/// `name`, with a certificate for `host` from a fresh CA; returns the CA file.
+fn start_internet_tls(lab: &mut Lab, name: &str, host: &str) -> String {
+    let (ca, cert, key) = write_cert_from_fresh_ca(lab, name, host);
+    let argv: Vec<String> = ["openssl", "s_server", "-accept", "8443", "-www", "-quiet", "-cert", &cert, "-key", &key]
+        .map(String::from)
+        .into();
+    lab.start_helper(name, CLIENT_NETNS, &argv).unwrap();
+    ca
+}
+
 #[test]
 fn tls_is_originated_by_the_agent_toward_a_service_entry_host() {
     // The agents read origination files from the lab's scratch directory only.
@@ -87,11 +98,7 @@ fn tls_is_originated_by_the_agent_toward_a_service_entry_host() {
     let Some(mut lab) = lab_with_env("tls_is_originated_by_the_agent_toward_a_service_entry_host", &env) else {
         return;
     };
-    let (ca, cert, key) = write_cert_from_fresh_ca(&lab, "api-tls", "api-tls.example.com");
-    let argv: Vec<String> = ["openssl", "s_server", "-accept", "8443", "-www", "-quiet", "-cert", &cert, "-key", &key]
-        .map(String::from)
-        .into();
-    lab.start_helper("internet-tls", CLIENT_NETNS, &argv).unwrap();
+    let ca = start_internet_tls(&mut lab, "internet-tls", "api-tls.example.com");
     apply_yaml(
         &lab,
         "egress-tls.yaml",
@@ -128,11 +135,7 @@ spec:
 #[test]
 fn https_to_an_outside_host_leaves_through_the_egress_gateway() {
     let Some(mut lab) = lab_with_env("https_to_an_outside_host_leaves_through_the_egress_gateway", &[]) else { return };
-    let (ca, cert, key) = write_cert_from_fresh_ca(&lab, "api-egress", "api.example.com");
-    let argv: Vec<String> = ["openssl", "s_server", "-accept", "8443", "-www", "-quiet", "-cert", &cert, "-key", &key]
-        .map(String::from)
-        .into();
-    lab.start_helper("internet-egress", CLIENT_NETNS, &argv).unwrap();
+    let ca = start_internet_tls(&mut lab, "internet-egress", "api.example.com");
     // The lab's gateway pod plays the egress gateway: a Service in front of it, a
     // PASSTHROUGH server, and Istio's egress-gateway VirtualService.
     apply_yaml(

@@ -11,7 +11,6 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::{BodyExt as _, Empty};
 use hyper_util::rt::TokioIo;
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use rustls::RootCertStore;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::net::TcpStream;
@@ -20,7 +19,7 @@ use tokio_rustls::TlsConnector;
 use super::tls::Secrets;
 use super::{Gateway, GatewayContext};
 use crate::config::parse_documents;
-use crate::proxy::tests::{APPS, Mesh, SUBSETS, config, served_by};
+use crate::proxy::tests::{APPS, Mesh, SUBSETS, TestCa, config, served_by, tls_app};
 use crate::snapshot::Snapshot;
 use crate::transport::limits::ConnLimits;
 
@@ -29,39 +28,6 @@ const HTTPS: u16 = 8443;
 const MUTUAL: u16 = 9443;
 const PASSTHROUGH: u16 = 9445;
 const TCP: u16 = 9446;
-
-/// A CA and the PEM of a certificate it signed for `names`.
-pub(crate) struct TestCa {
-    cert: CertificateDer<'static>,
-    issuer: Issuer<'static, KeyPair>,
-}
-
-impl TestCa {
-    pub(crate) fn new() -> Self {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let key = KeyPair::generate().unwrap();
-        let cert = params.self_signed(&key).unwrap().der().clone();
-        Self { cert, issuer: Issuer::new(params, key) }
-    }
-
-    /// (certificate PEM, key PEM) for `names`.
-    pub(crate) fn issue(&self, names: &[&str]) -> (String, String) {
-        let key = KeyPair::generate().unwrap();
-        let params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
-        (params.signed_by(&key, &self.issuer).unwrap().pem(), key.serialize_pem())
-    }
-
-    pub(crate) fn pem(&self) -> String {
-        pem::encode(&pem::Pem::new("CERTIFICATE", self.cert.to_vec()))
-    }
-
-    fn roots(&self) -> RootCertStore {
-        let mut roots = RootCertStore::empty();
-        roots.add(self.cert.clone()).unwrap();
-        roots
-    }
-}
 
 fn indent(pem: &str) -> String {
     pem.lines().map(|l| format!("    {l}\n")).collect()
@@ -355,45 +321,6 @@ async fn a_new_certificate_is_served_without_a_restart_and_open_connections_stay
     assert_eq!(problems, Vec::<String>::new(), "served with the last good certificate");
     let still = connect(edge.addr(HTTPS), "myapp.example.com", rotated_ca.roots(), None).await.unwrap();
     assert_eq!(send(still, get("/", "myapp.example.com")).await.unwrap().status(), 200);
-}
-
-/// A pod's own TLS server: terminates with `cert` and answers `name`; with
-/// `client_ca`, only clients with a certificate it signed.
-pub(crate) async fn tls_app(name: &'static str, addr: SocketAddr, cert: (String, String), client_ca: Option<&TestCa>) {
-    let chain = rustls_pemfile::certs(&mut cert.0.as_bytes()).collect::<Result<Vec<_>, _>>().unwrap();
-    let key = rustls_pemfile::private_key(&mut cert.1.as_bytes()).unwrap().unwrap();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder =
-        rustls::ServerConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions().unwrap();
-    let builder = match client_ca {
-        None => builder.with_no_client_auth(),
-        Some(ca) => builder.with_client_cert_verifier(
-            rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(ca.roots()), provider)
-                .build()
-                .unwrap(),
-        ),
-    };
-    let config = builder.with_single_cert(chain, key).unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else { return };
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else { return };
-                let svc = hyper::service::service_fn(move |_req| async move {
-                    Ok::<_, std::convert::Infallible>(
-                        Response::builder()
-                            .header("x-served-by", name)
-                            .body(http_body_util::Full::new(Bytes::from_static(name.as_bytes())))
-                            .unwrap(),
-                    )
-                });
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), svc).await;
-            });
-        }
-    });
 }
 
 #[tokio::test]

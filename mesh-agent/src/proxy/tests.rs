@@ -553,7 +553,6 @@ async fn outbound_traffic_policy_and_service_entries_decide_what_leaves_the_mesh
 
 #[tokio::test]
 async fn tls_is_originated_toward_service_entry_hosts_as_the_destination_rule_says() {
-    use crate::gateway::tests::{TestCa, tls_app};
     let net = 62;
     let (server_ca, client_ca, stranger_ca) = (TestCa::new(), TestCa::new(), TestCa::new());
     let dir = tempfile::tempdir().unwrap();
@@ -669,4 +668,76 @@ spec: {{selector: {{app: legacy}}, clusterIP: 10.96.{net}.40, ports: [{{port: 80
             && l.contains("connection_security_policy=\"none\"")
     });
     assert!(named, "{metrics}");
+}
+
+/// A CA and the PEM of a certificate it signed for `names`.
+pub(crate) struct TestCa {
+    cert: rustls::pki_types::CertificateDer<'static>,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl TestCa {
+    pub(crate) fn new() -> Self {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap().der().clone();
+        Self { cert, issuer: rcgen::Issuer::new(params, key) }
+    }
+
+    /// (certificate PEM, key PEM) for `names`.
+    pub(crate) fn issue(&self, names: &[&str]) -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+        (params.signed_by(&key, &self.issuer).unwrap().pem(), key.serialize_pem())
+    }
+
+    pub(crate) fn pem(&self) -> String {
+        pem::encode(&pem::Pem::new("CERTIFICATE", self.cert.to_vec()))
+    }
+
+    pub(crate) fn roots(&self) -> rustls::RootCertStore {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.cert.clone()).unwrap();
+        roots
+    }
+}
+
+/// A pod's own TLS server: terminates with `cert` and answers `name`; with
+/// `client_ca`, only clients with a certificate it signed.
+pub(crate) async fn tls_app(name: &'static str, addr: SocketAddr, cert: (String, String), client_ca: Option<&TestCa>) {
+    let chain = rustls_pemfile::certs(&mut cert.0.as_bytes()).collect::<Result<Vec<_>, _>>().unwrap();
+    let key = rustls_pemfile::private_key(&mut cert.1.as_bytes()).unwrap().unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder =
+        rustls::ServerConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions().unwrap();
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => builder.with_client_cert_verifier(
+            rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(ca.roots()), provider)
+                .build()
+                .unwrap(),
+        ),
+    };
+    let config = builder.with_single_cert(chain, key).unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { return };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                let svc = hyper::service::service_fn(move |_req| async move {
+                    Ok::<_, std::convert::Infallible>(
+                        Response::builder()
+                            .header("x-served-by", name)
+                            .body(http_body_util::Full::new(Bytes::from_static(name.as_bytes())))
+                            .unwrap(),
+                    )
+                });
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), svc).await;
+            });
+        }
+    });
 }
