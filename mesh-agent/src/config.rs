@@ -7,6 +7,7 @@
 
 pub mod duration;
 pub mod gateway;
+pub mod gateway_api;
 pub mod hosts;
 pub mod istio;
 pub mod kube_source;

@@ -172,7 +172,7 @@ impl Gateway {
             return problems;
         };
         let mut wanted: BTreeMap<u16, Vec<PlannedServer>> = BTreeMap::new();
-        for gw in snap.gateways_selecting(&workload.labels) {
+        for gw in snap.gateways_selecting(&workload) {
             for (i, server) in gw.servers.iter().enumerate() {
                 let what = format!("Gateway {} spec.servers[{i}]", gw.key);
                 match self.plan_server(&gw.key, server, secrets) {

@@ -55,6 +55,9 @@ pub struct Snapshot {
     pub external: crate::traffic::external::ExternalServices,
     /// Where pods may connect outside the registry.
     pub outbound: crate::state::OutboundPolicy,
+    /// The status each Gateway API object the mesh controls should carry (written back
+    /// by the gateways in cluster mode).
+    pub gateway_api_status: Arc<Vec<crate::config::gateway_api::translate::ObjectStatus>>,
     /// Monotonic version, for logs and the config dump.
     pub version: u64,
     /// SHA-256 (hex, first 16 digits) of the objects in force: agents that read the same
@@ -91,12 +94,12 @@ impl Snapshot {
         self.gateways.get(key)
     }
 
-    /// The Gateways a workload with `labels` serves.
+    /// The Gateways `workload` serves.
     pub fn gateways_selecting<'a>(
         &'a self,
-        labels: &'a std::collections::BTreeMap<String, String>,
+        workload: &'a Workload,
     ) -> impl Iterator<Item = &'a Arc<CompiledGateway>> + 'a {
-        self.gateways.values().filter(move |g| g.selects(labels))
+        self.gateways.values().filter(move |g| g.selects(workload))
     }
 
     /// Whether HTTP to this Service is handled at L7 (HTTP rules or a DestinationRule).

@@ -96,6 +96,11 @@ fn settle(api: &ApiServer, nodes: &[&str]) {
         "authorizationpolicies.security.istio.io",
         "serviceprofiles.linkerd.io",
         "trafficsplits.split.smi-spec.io",
+        "gatewayclasses.gateway.networking.k8s.io",
+        "gateways.gateway.networking.k8s.io",
+        "httproutes.gateway.networking.k8s.io",
+        "grpcroutes.gateway.networking.k8s.io",
+        "referencegrants.gateway.networking.k8s.io",
     ]
     .iter()
     .filter_map(|n| api.get(CRDS, "", n))

@@ -190,7 +190,7 @@ fn namespaces_outside_the_mesh(objects: &[Object], snap: &Snapshot) -> Vec<Diagn
             _ => None,
         })
         .filter(|ns| {
-            let is_gateway = |w: &crate::state::Workload| snap.gateways_selecting(&w.labels).next().is_some();
+            let is_gateway = |w: &crate::state::Workload| snap.gateways_selecting(w).next().is_some();
             let pods: Vec<_> = snap.workloads.iter().filter(|w| w.namespace == *ns && !is_gateway(w)).collect();
             !pods.is_empty() && pods.iter().all(|w| !w.enrolled)
         })

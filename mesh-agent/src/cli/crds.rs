@@ -10,7 +10,8 @@
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
     CustomResourceDefinition, CustomResourceDefinitionNames, CustomResourceDefinitionSpec,
-    CustomResourceDefinitionVersion, CustomResourceValidation, JSONSchemaProps,
+    CustomResourceDefinitionVersion, CustomResourceSubresourceStatus, CustomResourceSubresources,
+    CustomResourceValidation, JSONSchemaProps,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use schemars::JsonSchema;
@@ -18,6 +19,10 @@ use schemars::generate::SchemaSettings;
 use serde_json::{Map, Value, json};
 
 use crate::config::gateway::GatewaySpec;
+use crate::config::gateway_api::{
+    GATEWAY_API_VERSIONS, GROUP, GRPC_ROUTE_VERSIONS, GatewayClassSpec, GrpcRouteSpec, HttpRouteSpec, KubeGatewaySpec,
+    REFERENCE_GRANT_VERSIONS, ReferenceGrantSpec,
+};
 use crate::config::istio::{DestinationRuleSpec, NETWORKING_VERSIONS, VirtualServiceSpec};
 use crate::config::linkerd::{SERVICE_PROFILE_VERSIONS, ServiceProfileSpec, TRAFFIC_SPLIT_VERSIONS, TrafficSplitSpec};
 use crate::config::security::{AuthorizationPolicySpec, PeerAuthenticationSpec, SECURITY_VERSIONS};
@@ -34,6 +39,34 @@ struct Kind {
     /// `group/version` strings the agent accepts; the first is stored.
     versions: &'static [&'static str],
     spec: fn() -> Value,
+    /// Cluster-scoped rather than namespaced.
+    cluster: bool,
+    /// `status` is a subresource, written by the controller alone (the Gateway API's).
+    status_subresource: bool,
+}
+
+/// A namespaced kind whose status is written with the object (Istio's, Linkerd's, SMI's).
+const fn namespaced(
+    group: &'static str,
+    kind: &'static str,
+    plural: &'static str,
+    short: &'static [&'static str],
+    versions: &'static [&'static str],
+    spec: fn() -> Value,
+) -> Kind {
+    Kind { group, kind, plural, short, versions, spec, cluster: false, status_subresource: false }
+}
+
+/// A Gateway API kind: status is a subresource.
+const fn gateway_api(
+    kind: &'static str,
+    plural: &'static str,
+    short: &'static [&'static str],
+    versions: &'static [&'static str],
+    spec: fn() -> Value,
+    cluster: bool,
+) -> Kind {
+    Kind { group: GROUP, kind, plural, short, versions, spec, cluster, status_subresource: true }
 }
 
 fn spec_schema<T: JsonSchema>() -> Value {
@@ -47,70 +80,75 @@ fn spec_schema<T: JsonSchema>() -> Value {
 }
 
 const KINDS: &[Kind] = &[
-    Kind {
-        group: "networking.istio.io",
-        kind: "VirtualService",
-        plural: "virtualservices",
-        short: &["vs"],
-        versions: NETWORKING_VERSIONS,
-        spec: spec_schema::<VirtualServiceSpec>,
-    },
-    Kind {
-        group: "networking.istio.io",
-        kind: "DestinationRule",
-        plural: "destinationrules",
-        short: &["dr"],
-        versions: NETWORKING_VERSIONS,
-        spec: spec_schema::<DestinationRuleSpec>,
-    },
-    Kind {
-        group: "networking.istio.io",
-        kind: "Gateway",
-        plural: "gateways",
-        short: &["gw"],
-        versions: NETWORKING_VERSIONS,
-        spec: spec_schema::<GatewaySpec>,
-    },
-    Kind {
-        group: "networking.istio.io",
-        kind: "ServiceEntry",
-        plural: "serviceentries",
-        short: &["se"],
-        versions: NETWORKING_VERSIONS,
-        spec: spec_schema::<ServiceEntrySpec>,
-    },
-    Kind {
-        group: "security.istio.io",
-        kind: "PeerAuthentication",
-        plural: "peerauthentications",
-        short: &["pa"],
-        versions: SECURITY_VERSIONS,
-        spec: spec_schema::<PeerAuthenticationSpec>,
-    },
-    Kind {
-        group: "security.istio.io",
-        kind: "AuthorizationPolicy",
-        plural: "authorizationpolicies",
-        short: &["ap"],
-        versions: SECURITY_VERSIONS,
-        spec: spec_schema::<AuthorizationPolicySpec>,
-    },
-    Kind {
-        group: "linkerd.io",
-        kind: "ServiceProfile",
-        plural: "serviceprofiles",
-        short: &["sp"],
-        versions: SERVICE_PROFILE_VERSIONS,
-        spec: spec_schema::<ServiceProfileSpec>,
-    },
-    Kind {
-        group: "split.smi-spec.io",
-        kind: "TrafficSplit",
-        plural: "trafficsplits",
-        short: &["ts"],
-        versions: TRAFFIC_SPLIT_VERSIONS,
-        spec: spec_schema::<TrafficSplitSpec>,
-    },
+    namespaced(
+        "networking.istio.io",
+        "VirtualService",
+        "virtualservices",
+        &["vs"],
+        NETWORKING_VERSIONS,
+        spec_schema::<VirtualServiceSpec>,
+    ),
+    namespaced(
+        "networking.istio.io",
+        "DestinationRule",
+        "destinationrules",
+        &["dr"],
+        NETWORKING_VERSIONS,
+        spec_schema::<DestinationRuleSpec>,
+    ),
+    namespaced("networking.istio.io", "Gateway", "gateways", &["gw"], NETWORKING_VERSIONS, spec_schema::<GatewaySpec>),
+    namespaced(
+        "networking.istio.io",
+        "ServiceEntry",
+        "serviceentries",
+        &["se"],
+        NETWORKING_VERSIONS,
+        spec_schema::<ServiceEntrySpec>,
+    ),
+    namespaced(
+        "security.istio.io",
+        "PeerAuthentication",
+        "peerauthentications",
+        &["pa"],
+        SECURITY_VERSIONS,
+        spec_schema::<PeerAuthenticationSpec>,
+    ),
+    namespaced(
+        "security.istio.io",
+        "AuthorizationPolicy",
+        "authorizationpolicies",
+        &["ap"],
+        SECURITY_VERSIONS,
+        spec_schema::<AuthorizationPolicySpec>,
+    ),
+    namespaced(
+        "linkerd.io",
+        "ServiceProfile",
+        "serviceprofiles",
+        &["sp"],
+        SERVICE_PROFILE_VERSIONS,
+        spec_schema::<ServiceProfileSpec>,
+    ),
+    namespaced(
+        "split.smi-spec.io",
+        "TrafficSplit",
+        "trafficsplits",
+        &["ts"],
+        TRAFFIC_SPLIT_VERSIONS,
+        spec_schema::<TrafficSplitSpec>,
+    ),
+    gateway_api("GatewayClass", "gatewayclasses", &["gc"], GATEWAY_API_VERSIONS, spec_schema::<GatewayClassSpec>, true),
+    gateway_api("Gateway", "gateways", &["gtw"], GATEWAY_API_VERSIONS, spec_schema::<KubeGatewaySpec>, false),
+    gateway_api("HTTPRoute", "httproutes", &[], GATEWAY_API_VERSIONS, spec_schema::<HttpRouteSpec>, false),
+    gateway_api("GRPCRoute", "grpcroutes", &[], GRPC_ROUTE_VERSIONS, spec_schema::<GrpcRouteSpec>, false),
+    gateway_api(
+        "ReferenceGrant",
+        "referencegrants",
+        &["refgrant"],
+        REFERENCE_GRANT_VERSIONS,
+        spec_schema::<ReferenceGrantSpec>,
+        false,
+    ),
 ];
 
 /// Every CRD, in a stable order.
@@ -141,7 +179,10 @@ fn crd(k: &Kind) -> CustomResourceDefinition {
             served: true,
             storage: i == 0,
             schema: Some(CustomResourceValidation { open_api_v3_schema: Some(props.clone()) }),
-            subresources: None,
+            subresources: k.status_subresource.then(|| CustomResourceSubresources {
+                status: Some(CustomResourceSubresourceStatus(serde_json::json!({}))),
+                ..Default::default()
+            }),
             ..Default::default()
         })
         .collect();
@@ -154,7 +195,7 @@ fn crd(k: &Kind) -> CustomResourceDefinition {
         },
         spec: CustomResourceDefinitionSpec {
             group: k.group.into(),
-            scope: "Namespaced".into(),
+            scope: if k.cluster { "Cluster" } else { "Namespaced" }.into(),
             names: CustomResourceDefinitionNames {
                 kind: k.kind.into(),
                 list_kind: Some(format!("{}List", k.kind)),

@@ -388,6 +388,11 @@ pub fn objects(v: &Values) -> Vec<serde_json::Value> {
                 ),
                 rule(&["security.istio.io"], &["peerauthentications", "authorizationpolicies"], READ),
                 rule(&["linkerd.io"], &["serviceprofiles"], READ),
+                rule(
+                    &["gateway.networking.k8s.io"],
+                    &["gatewayclasses", "gateways", "httproutes", "grpcroutes", "referencegrants"],
+                    READ,
+                ),
                 rule(&["split.smi-spec.io"], &["trafficsplits"], READ),
                 // Who is scraping /metrics, and may they (as kube-rbac-proxy asks).
                 rule(&["authentication.k8s.io"], &["tokenreviews"], &["create"]),
@@ -873,7 +878,7 @@ mod tests {
                 );
             }
             let crds = docs.iter().filter(|d| d["kind"] == "CustomResourceDefinition").count();
-            assert_eq!(crds, if profile == Profile::Minimal { 0 } else { 8 }, "{name}");
+            assert_eq!(crds, if profile == Profile::Minimal { 0 } else { 13 }, "{name}");
         }
     }
 

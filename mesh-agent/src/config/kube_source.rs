@@ -143,7 +143,18 @@ pub const KINDS: &[WatchedKind] = &[
     security_kind("AuthorizationPolicy", "authorizationpolicies"),
     kind("linkerd.io", "v1alpha2", "ServiceProfile", "serviceprofiles"),
     kind("split.smi-spec.io", "v1alpha2", "TrafficSplit", "trafficsplits"),
+    WatchedKind { fallback_versions: &["v1beta1"], ..kind(GATEWAY_API, "v1", "GatewayClass", "gatewayclasses") },
+    WatchedKind { fallback_versions: &["v1beta1"], ..kind(GATEWAY_API, "v1", "Gateway", "gateways") },
+    WatchedKind { fallback_versions: &["v1beta1"], ..kind(GATEWAY_API, "v1", "HTTPRoute", "httproutes") },
+    WatchedKind { fallback_versions: &["v1alpha2"], ..kind(GATEWAY_API, "v1", "GRPCRoute", "grpcroutes") },
+    WatchedKind {
+        fallback_versions: &["v1alpha2"],
+        ..kind(GATEWAY_API, "v1beta1", "ReferenceGrant", "referencegrants")
+    },
 ];
+
+/// The Gateway API's group.
+const GATEWAY_API: &str = super::gateway_api::GROUP;
 
 /// Where errors about API objects say they come from.
 const ORIGIN: &str = "kubernetes";

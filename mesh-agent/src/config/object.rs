@@ -1,7 +1,8 @@
 //! [`Object`]: one parsed object of any kind the mesh reads.
 
+use super::resource::KUBE_GATEWAY;
 use super::resources::{EndpointSlice, Namespace, NetworkPolicy, ObjectMeta, Pod, Secret, Service, ServiceAccount};
-use super::{gateway, istio, linkerd, security, service_entry};
+use super::{gateway, gateway_api, istio, linkerd, security, service_entry};
 
 /// A parsed object from any source.
 #[derive(Debug, Clone, PartialEq)]
@@ -37,6 +38,17 @@ pub enum Object {
     PeerAuthentication(Box<security::PeerAuthentication>),
     /// `security.istio.io/*/AuthorizationPolicy`.
     AuthorizationPolicy(Box<security::AuthorizationPolicy>),
+    /// `gateway.networking.k8s.io/*/GatewayClass` (cluster-scoped).
+    GatewayClass(Box<gateway_api::GatewayClass>),
+    /// `gateway.networking.k8s.io/*/Gateway`: a Gateway API gateway, kind
+    /// `Gateway.gateway.networking.k8s.io` here to tell it from Istio's.
+    KubeGateway(Box<gateway_api::KubeGateway>),
+    /// `gateway.networking.k8s.io/*/HTTPRoute`.
+    HttpRoute(Box<gateway_api::HttpRoute>),
+    /// `gateway.networking.k8s.io/*/GRPCRoute`.
+    GrpcRoute(Box<gateway_api::GrpcRoute>),
+    /// `gateway.networking.k8s.io/*/ReferenceGrant`.
+    ReferenceGrant(Box<gateway_api::ReferenceGrant>),
     /// `networking.k8s.io/v1/NetworkPolicy`: enforced by the network plugin, not by the
     /// mesh; read so `meshctl analyze` can say when one blocks what the mesh needs.
     NetworkPolicy(Box<NetworkPolicy>),
@@ -47,7 +59,7 @@ impl Object {
     pub fn key(&self) -> (&'static str, String, String) {
         let meta = self.metadata();
         let namespace = match self {
-            Object::Namespace(_) => String::new(),
+            Object::Namespace(_) | Object::GatewayClass(_) => String::new(),
             _ => meta.namespace_or_default(),
         };
         (self.kind(), namespace, meta.name.clone())
@@ -80,6 +92,11 @@ impl Object {
             Object::PeerAuthentication(o) => ("PeerAuthentication", &o.metadata),
             Object::AuthorizationPolicy(o) => ("AuthorizationPolicy", &o.metadata),
             Object::NetworkPolicy(o) => ("NetworkPolicy", &o.metadata),
+            Object::GatewayClass(o) => ("GatewayClass", &o.metadata),
+            Object::KubeGateway(o) => (KUBE_GATEWAY, &o.metadata),
+            Object::HttpRoute(o) => ("HTTPRoute", &o.metadata),
+            Object::GrpcRoute(o) => ("GRPCRoute", &o.metadata),
+            Object::ReferenceGrant(o) => ("ReferenceGrant", &o.metadata),
         }
     }
 }

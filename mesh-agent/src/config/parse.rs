@@ -9,6 +9,7 @@ use serde_yaml::Value;
 
 use super::Error;
 use super::Object;
+use super::gateway_api::{GATEWAY_API_VERSIONS, GRPC_ROUTE_VERSIONS, REFERENCE_GRANT_VERSIONS};
 use super::istio::NETWORKING_VERSIONS;
 use super::linkerd::{SERVICE_PROFILE_VERSIONS, TRAFFIC_SPLIT_VERSIONS};
 use super::resources::EndpointSlice;
@@ -190,6 +191,12 @@ fn parse_object(file: &Path, index: usize, value: Value) -> Result<Object, Error
         .and_then(Value::as_str)
         .ok_or_else(|| err(label.clone(), "apiVersion", "missing or not a string".into()))?;
 
+    // Two API groups name a kind `Gateway`: the group says which.
+    let kind = if kind == "Gateway" && api_version.starts_with("gateway.networking.k8s.io/") {
+        super::resource::KUBE_GATEWAY
+    } else {
+        kind
+    };
     let expected_versions: &[&str] = match kind {
         "Namespace" | "Pod" | "Service" | "ServiceAccount" | "Secret" => &["v1"],
         "EndpointSlice" => &["discovery.k8s.io/v1"],
@@ -198,6 +205,9 @@ fn parse_object(file: &Path, index: usize, value: Value) -> Result<Object, Error
         "TrafficSplit" => TRAFFIC_SPLIT_VERSIONS,
         "PeerAuthentication" | "AuthorizationPolicy" => SECURITY_VERSIONS,
         "NetworkPolicy" => &["networking.k8s.io/v1"],
+        "GatewayClass" | "HTTPRoute" | super::resource::KUBE_GATEWAY => GATEWAY_API_VERSIONS,
+        "GRPCRoute" => GRPC_ROUTE_VERSIONS,
+        "ReferenceGrant" => REFERENCE_GRANT_VERSIONS,
         k if NOT_YET_SUPPORTED.contains(&k) => {
             return Err(err(label, "kind", format!("{k} ({api_version}) is not supported by this agent version yet")));
         }
@@ -228,6 +238,11 @@ fn parse_object(file: &Path, index: usize, value: Value) -> Result<Object, Error
         "Secret" => decode(value, Object::Secret),
         "EndpointSlice" => decode(value, Object::EndpointSlice),
         "NetworkPolicy" => decode(value, Object::NetworkPolicy),
+        "GatewayClass" => decode(value, Object::GatewayClass),
+        "HTTPRoute" => decode(value, Object::HttpRoute),
+        "GRPCRoute" => decode(value, Object::GrpcRoute),
+        "ReferenceGrant" => decode(value, Object::ReferenceGrant),
+        super::resource::KUBE_GATEWAY => decode(value, Object::KubeGateway),
         _ => decode(value, Object::Service),
     }
     .map_err(|(f, r)| err(label.clone(), &f, r))?;
@@ -300,6 +315,11 @@ fn validate(object: &Object) -> Result<(), (String, String)> {
         Object::TrafficSplit(t) => t.validate()?,
         Object::PeerAuthentication(p) => p.validate()?,
         Object::AuthorizationPolicy(a) => a.validate()?,
+        Object::GatewayClass(c) => c.validate()?,
+        Object::KubeGateway(g) => g.validate()?,
+        Object::HttpRoute(r) => r.validate()?,
+        Object::GrpcRoute(r) => r.validate()?,
+        Object::ReferenceGrant(g) => g.validate()?,
         _ => {}
     }
     if let Object::EndpointSlice(slice) = object {

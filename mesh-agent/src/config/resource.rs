@@ -35,6 +35,20 @@ impl<S: Default> Resource<S> {
     }
 }
 
+/// The kind a Gateway API Gateway is known by, beside Istio's `Gateway`.
+pub const KUBE_GATEWAY: &str = "Gateway.gateway.networking.k8s.io";
+
 /// Kinds whose objects must carry a `spec`; PeerAuthentication and
 /// AuthorizationPolicy may omit it (an empty AuthorizationPolicy allows nothing).
-pub const SPEC_REQUIRED: &[&str] = &["VirtualService", "DestinationRule", "Gateway", "ServiceProfile", "TrafficSplit"];
+pub const SPEC_REQUIRED: &[&str] = &[
+    "VirtualService",
+    "DestinationRule",
+    "Gateway",
+    "ServiceProfile",
+    "TrafficSplit",
+    "GatewayClass",
+    KUBE_GATEWAY,
+    "HTTPRoute",
+    "GRPCRoute",
+    "ReferenceGrant",
+];

@@ -28,6 +28,12 @@ pub struct ObjectMeta {
     /// Set once deletion has begun: a terminating pod takes no new connections.
     #[serde(default)]
     pub deletion_timestamp: Option<String>,
+    /// When the API server stored it first (RFC 3339); orders Gateway API routes.
+    #[serde(default)]
+    pub creation_timestamp: Option<String>,
+    /// The spec's version, which status conditions report as `observedGeneration`.
+    #[serde(default)]
+    pub generation: Option<i64>,
 }
 
 impl ObjectMeta {
@@ -219,7 +225,7 @@ pub struct NetworkPolicyPort {
 }
 
 /// A Kubernetes label selector.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LabelSelector {
     /// Labels all required.
@@ -231,7 +237,7 @@ pub struct LabelSelector {
 }
 
 /// `In`, `NotIn`, `Exists`, `DoesNotExist`.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
 pub struct LabelSelectorRequirement {
     /// Label key.
     pub key: String,

@@ -536,3 +536,165 @@ async fn tls_over(tcp: TcpStream, sni: &str, roots: RootCertStore) -> tokio_rust
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     TlsConnector::from(Arc::new(config)).connect(ServerName::try_from(sni.to_string()).unwrap(), tcp).await.unwrap()
 }
+
+/// The Gateway API on the same gateway pod: a Gateway of class `istio` bound to the
+/// pod's Service (Istio's manual deployment), an HTTPRoute splitting by weight with a
+/// prefix rewrite and a header filter, a GRPCRoute by service name, and a route whose
+/// backend is in a namespace that granted nothing.
+fn gateway_api_yaml(net: u8) -> String {
+    format!(
+        r#"
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: istio-ingressgateway, namespace: istio-ingress}}
+spec: {{selector: {{istio: ingressgateway}}, clusterIP: 10.96.{net}.61, ports: [{{name: http, port: 80, targetPort: {API_HTTP}}}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: myapp-v1, namespace: shop}}
+spec: {{selector: {{app: myapp, version: v1}}, clusterIP: 10.96.{net}.21, ports: [{{port: 80, targetPort: 8080, name: http}}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: myapp-v2, namespace: shop}}
+spec: {{selector: {{app: myapp, version: v2}}, clusterIP: 10.96.{net}.22, ports: [{{port: 80, targetPort: 8080, name: http}}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: myapp, namespace: istio-ingress}}
+spec: {{selector: {{app: myapp}}, clusterIP: 10.96.{net}.23, ports: [{{port: 80, targetPort: 8080, name: http}}]}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GatewayClass
+metadata: {{name: istio}}
+spec: {{controllerName: istio.io/gateway-controller}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: web, namespace: istio-ingress}}
+spec:
+  gatewayClassName: istio
+  addresses: [{{type: Hostname, value: istio-ingressgateway.istio-ingress.svc.cluster.local}}]
+  listeners:
+  - name: http
+    port: {API_HTTP}
+    protocol: HTTP
+    allowedRoutes: {{namespaces: {{from: All}}}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: web, namespace: shop}}
+spec:
+  parentRefs: [{{name: web, namespace: istio-ingress}}]
+  hostnames: [web.example.com]
+  rules:
+  - matches: [{{path: {{type: PathPrefix, value: /v2}}}}]
+    filters:
+    - type: URLRewrite
+      urlRewrite: {{path: {{type: ReplacePrefixMatch, replacePrefixMatch: /}}}}
+    - type: RequestHeaderModifier
+      requestHeaderModifier: {{set: [{{name: x-route, value: v2-only}}]}}
+    backendRefs: [{{name: myapp-v2, port: 80}}]
+  - backendRefs:
+    - {{name: myapp-v1, port: 80, weight: 3}}
+    - {{name: myapp-v2, port: 80, weight: 1}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {{name: grpc, namespace: shop}}
+spec:
+  parentRefs: [{{name: web, namespace: istio-ingress, sectionName: http}}]
+  hostnames: [grpc.example.com]
+  rules:
+  - matches: [{{method: {{service: mesh.Echo}}}}]
+    backendRefs: [{{name: myapp-v2, port: 80}}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: elsewhere, namespace: istio-ingress}}
+spec:
+  parentRefs: [{{name: web}}]
+  hostnames: [elsewhere.example.com]
+  rules:
+  - backendRefs: [{{name: myapp-v1, namespace: shop, port: 80}}]
+"#
+    )
+}
+
+/// The Gateway API listener's port in the tests.
+const API_HTTP: u16 = 9450;
+
+#[tokio::test]
+async fn gateway_api_routes_split_by_weight_rewrite_and_route_grpc_by_service() {
+    let net = 51;
+    let (server_ca, client_ca) = (TestCa::new(), TestCa::new());
+    let edge = Edge::start_with(net, &server_ca, &client_ca, &gateway_api_yaml(net)).await;
+    assert!(edge.gateway.ports().contains(&API_HTTP), "{:?}", edge.gateway.ports());
+    let request = |path: &str, host: &str| {
+        let (addr, req) = (edge.addr(API_HTTP), get(path, host));
+        async move { send(TcpStream::connect(addr).await.unwrap(), req).await.unwrap() }
+    };
+    // `/v2` and below: v2 only, the prefix rewritten to `/`, the header set.
+    let res = request("/v2/items", "web.example.com").await;
+    assert_eq!((res.status().as_u16(), served_by(&res)), (200, "myapp-v2"));
+    assert_eq!(res.headers()["x-path"], "/items");
+    assert_eq!(seen_on(&res, "x-route").as_deref(), Some("v2-only"));
+    let res = request("/v2", "web.example.com").await;
+    assert_eq!((served_by(&res), &res.headers()["x-path"]), ("myapp-v2", &"/".parse::<http::HeaderValue>().unwrap()));
+    // `/v2x` is not under the prefix `/v2`: the weighted rule, path untouched.
+    let (mut v1, mut v2) = (0, 0);
+    for _ in 0..40 {
+        let res = request("/v2x", "web.example.com").await;
+        assert_eq!(res.headers()["x-path"], "/v2x");
+        match served_by(&res) {
+            "myapp-v1" => v1 += 1,
+            "myapp-v2" => v2 += 1,
+            other => panic!("served by {other}"),
+        }
+    }
+    assert!(v1 > v2 && v2 > 0, "weights 3:1 gave v1={v1} v2={v2}");
+    // A host no route names.
+    assert_eq!(request("/", "other.example.com").await.status(), 404);
+    // A backend in a namespace that granted nothing: answered 500, never reached.
+    let res = request("/", "elsewhere.example.com").await;
+    assert_eq!((res.status().as_u16(), served_by(&res)), (500, "-"));
+    // gRPC by service name, over HTTP/2 without TLS.
+    let tcp = TcpStream::connect(edge.addr(API_HTTP)).await.unwrap();
+    let (mut h2, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), TokioIo::new(tcp)).await.unwrap();
+    tokio::spawn(conn);
+    let call = |path: &str| {
+        Request::post(format!("http://grpc.example.com{path}"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(Empty::<Bytes>::new())
+            .unwrap()
+    };
+    let res = h2.send_request(call("/mesh.Echo/Say")).await.unwrap();
+    assert_eq!((res.status().as_u16(), served_by_parts(res.headers())), (200, "myapp-v2".to_string()));
+    assert_eq!(res.headers()["x-path"], "/mesh.Echo/Say");
+    let res = h2.send_request(call("/other.Service/Say")).await.unwrap();
+    assert_eq!(res.status(), 404, "a service no rule matches");
+    // The status a controller writes back.
+    let snap = edge.mesh.ctx.snapshot.load_full();
+    let status = |kind: &str, name: &str| {
+        snap.gateway_api_status.iter().find(|s| s.kind == kind && s.name == name).map(|s| s.status.clone()).unwrap()
+    };
+    let cond = |v: &serde_json::Value, t: &str| {
+        v["conditions"].as_array().unwrap().iter().find(|c| c["type"] == t).map(|c| c["status"].clone()).unwrap()
+    };
+    let gw = status("Gateway", "web");
+    assert_eq!((cond(&gw, "Accepted"), cond(&gw, "Programmed")), ("True".into(), "True".into()), "{gw}");
+    assert_eq!(gw["listeners"][0]["attachedRoutes"], 3, "{gw}");
+    let web = status("HTTPRoute", "web");
+    assert_eq!(cond(&web["parents"][0], "ResolvedRefs"), "True", "{web}");
+    let elsewhere = status("HTTPRoute", "elsewhere");
+    assert_eq!(cond(&elsewhere["parents"][0], "Accepted"), "True", "{elsewhere}");
+    assert_eq!(cond(&elsewhere["parents"][0], "ResolvedRefs"), "False", "{elsewhere}");
+    assert!(snap.problems.iter().any(|p| p.to_string().contains("no ReferenceGrant")), "{:?}", snap.problems);
+}
+
+fn served_by_parts(headers: &http::HeaderMap) -> String {
+    headers.get("x-served-by").and_then(|v| v.to_str().ok()).unwrap_or("-").to_string()
+}

@@ -205,12 +205,17 @@ async fn app(name: String, addr: SocketAddr, stop: CancellationToken) {
                     .status(status)
                     .header("x-served-by", name.as_str())
                     .header("x-seen", count.to_string())
+                    .header("x-path", path.as_str())
                     .body(Full::new(Bytes::from(name)))
                     .unwrap();
                 // What the proxies said of the request, for tests to read back.
                 for (n, v) in req.headers() {
                     let n = n.as_str();
-                    if n.starts_with("x-forwarded-") || n.starts_with("x-envoy-") || n == "x-request-id" {
+                    if n.starts_with("x-forwarded-")
+                        || n.starts_with("x-envoy-")
+                        || n == "x-request-id"
+                        || n == "x-route"
+                    {
                         let echoed = http::HeaderName::try_from(format!("x-echo-{n}")).unwrap();
                         res.headers_mut().append(echoed, v.clone());
                     }

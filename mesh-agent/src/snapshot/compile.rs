@@ -8,6 +8,9 @@ use std::sync::Arc;
 use super::Snapshot;
 use crate::authz::{self, WorkloadAuthz, WorkloadSecurity};
 use crate::config::Object;
+use crate::config::gateway::Gateway;
+use crate::config::gateway_api::translate::translate;
+use crate::config::istio::VirtualService;
 use crate::config::resource::Resource;
 use crate::config::resources::{EndpointSlice, IntOrString, Pod};
 use crate::identity::Identity;
@@ -215,7 +218,24 @@ impl Snapshot {
                 }
             }
         }
-        self.compile_gateways(objects, &known);
+        let istio_gateways: Vec<(&Gateway, Option<&str>)> =
+            sorted(objects, |o| if let Object::Gateway(g) = o { Some(&**g) } else { None })
+                .into_iter()
+                .map(|g| (g, None))
+                .collect();
+        let services: Vec<&VirtualService> =
+            sorted(objects, |o| if let Object::VirtualService(v) = o { Some(&**v) } else { None });
+        self.compile_gateways(&istio_gateways, &services, &known);
+        // Gateway API objects, as the Istio Gateways and VirtualServices they amount to.
+        let api = translate(objects);
+        let api_gateways: Vec<(&Gateway, Option<&str>)> =
+            api.gateways.iter().map(|(g, ns)| (g, Some(ns.as_str()))).collect();
+        let api_services: Vec<&VirtualService> = api.virtual_services.iter().collect();
+        self.compile_gateways(&api_gateways, &api_services, &known);
+        for (object, why) in &api.problems {
+            self.problems.push(Problem::new("MESH0110", object.clone(), why.clone()));
+        }
+        self.gateway_api_status = Arc::new(api.statuses);
         // Linkerd and SMI route the hosts no VirtualService routes.
         for ts in sorted(objects, |o| if let Object::TrafficSplit(t) = o { Some(&**t) } else { None }) {
             let ns = ts.metadata.namespace_or_default();
@@ -319,11 +339,15 @@ impl Snapshot {
         self.problems.extend(missing);
     }
 
-    /// Each Gateway with, per server port, the hosts of the VirtualServices bound to it.
-    fn compile_gateways(&mut self, objects: &[Object], known: &HashMap<String, ()>) {
-        let services: Vec<&crate::config::istio::VirtualService> =
-            sorted(objects, |o| if let Object::VirtualService(v) = o { Some(&**v) } else { None });
-        for gw in sorted(objects, |o| if let Object::Gateway(g) = o { Some(&**g) } else { None }) {
+    /// Each Gateway (with the namespace its pods must be in, for a Gateway API one) with,
+    /// per server port, the hosts of the VirtualServices among `services` bound to it.
+    fn compile_gateways(
+        &mut self,
+        gateways: &[(&Gateway, Option<&str>)],
+        services: &[&VirtualService],
+        known: &HashMap<String, ()>,
+    ) {
+        for &(gw, pods_namespace) in gateways {
             let key = gw.metadata.key();
             let gw_ns = gw.metadata.namespace_or_default();
             let at = Attachment::Gateway(&key);
@@ -333,7 +357,7 @@ impl Snapshot {
                 let hosts = server.hosts.iter().map(|h| h.split_once('/').map_or(h.as_str(), |(_, h)| h).to_string());
                 routes.entry(port).or_default().https_redirect.extend(hosts);
             }
-            for vs in &services {
+            for vs in services {
                 let ns = vs.metadata.namespace_or_default();
                 if !at.bound_by(&vs.spec.gateways, &ns) {
                     continue;
@@ -374,6 +398,7 @@ impl Snapshot {
             let compiled = CompiledGateway {
                 key: key.clone(),
                 selector: gw.spec.selector.clone(),
+                namespace: pods_namespace.map(str::to_owned),
                 servers: gw.spec.servers.clone(),
                 routes,
             };
@@ -386,9 +411,9 @@ impl Snapshot {
     fn add_sni_routes(
         &self,
         routes: &mut BTreeMap<u16, PortRoutes>,
-        gw: &crate::config::gateway::Gateway,
+        gw: &Gateway,
         gw_ns: &str,
-        vs: &crate::config::istio::VirtualService,
+        vs: &VirtualService,
         ns: &str,
         tls: Vec<route::TlsRule>,
     ) {

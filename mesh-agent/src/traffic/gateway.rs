@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::config::gateway::Server;
+use crate::state::Workload;
 
 use super::route::{ServiceRoutes, TcpRule, WeightedBackend};
 
@@ -16,6 +17,9 @@ pub struct CompiledGateway {
     pub key: String,
     /// Labels of the workloads that serve it.
     pub selector: BTreeMap<String, String>,
+    /// The namespace those workloads must be in (a Gateway API Gateway's own); any when
+    /// unset, as Istio's Gateway selector.
+    pub namespace: Option<String>,
     /// The servers as written (ports, hosts, TLS).
     pub servers: Vec<Server>,
     /// Per server port, the virtual hosts bound VirtualServices route there.
@@ -23,9 +27,10 @@ pub struct CompiledGateway {
 }
 
 impl CompiledGateway {
-    /// Whether a workload with `labels` serves this Gateway.
-    pub fn selects(&self, labels: &BTreeMap<String, String>) -> bool {
-        self.selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+    /// Whether `workload` serves this Gateway.
+    pub fn selects(&self, workload: &Workload) -> bool {
+        self.namespace.as_ref().is_none_or(|ns| *ns == workload.namespace)
+            && self.selector.iter().all(|(k, v)| workload.labels.get(k) == Some(v))
     }
 }
 
