@@ -333,3 +333,112 @@ spec:
     let denied = curl(&[&with_cert[..], &["--path-as-is"]].concat(), "/api/../admin");
     assert!(denied.contains("@@ 403"), "judged on the normalized path: {denied}");
 }
+
+/// The Gateway API on the lab's gateway pod: a Gateway of class `istio` bound to the
+/// pod's Service (Istio's manual deployment), an HTTPRoute splitting 3:1 by weight, and
+/// a GRPCRoute called by a real gRPC client (grpcio).
+const GATEWAY_API: &str = r#"apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: web, namespace: istio-ingress}
+spec:
+  gatewayClassName: istio
+  addresses: [{type: Hostname, value: istio-ingressgateway.istio-ingress.svc.cluster.local}]
+  listeners:
+  - {name: http, port: 8080, protocol: HTTP, allowedRoutes: {namespaces: {from: All}}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: web, namespace: production}
+spec:
+  parentRefs: [{name: web, namespace: istio-ingress}]
+  hostnames: [web.example.com]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /only-v2}}]
+    backendRefs: [{name: myapp-v2, port: 80}]
+  - backendRefs:
+    - {name: myapp-v1, port: 80, weight: 3}
+    - {name: myapp-v2, port: 80, weight: 1}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: echo, namespace: production}
+spec:
+  parentRefs: [{name: web, namespace: istio-ingress, sectionName: http}]
+  hostnames: [grpc.example.com]
+  rules:
+  - matches: [{method: {service: mesh.Echo, method: Say}}]
+    backendRefs: [{name: myapp-v2, port: 80}]
+"#;
+
+/// One unary gRPC call with grpcio from the client netns: the reply, the pod that
+/// answered, or the status code of a failed call.
+const GRPC_CALL: &str = r#"
+import grpc, json, sys
+target, authority, method, message = sys.argv[1:5]
+channel = grpc.insecure_channel(target, options=[("grpc.default_authority", authority)])
+call = channel.unary_unary(method, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+try:
+    reply, info = call.with_call(message.encode(), timeout=5)
+    pod = dict(info.initial_metadata()).get("x-served-by")
+    print(json.dumps({"code": "OK", "message": reply.decode(), "pod": pod}))
+except grpc.RpcError as e:
+    print(json.dumps({"code": e.code().name}))
+"#;
+
+/// Debian's Python, which has grpcio from `cargo xtask setup` (python3-grpcio).
+const PYTHON: &str = "/usr/bin/python3";
+
+fn grpc_call(method: &str, message: &str) -> serde_json::Value {
+    let target = format!("{GATEWAY}:8080");
+    let out = output(&[
+        "ip",
+        "netns",
+        "exec",
+        CLIENT_NETNS,
+        PYTHON,
+        "-c",
+        GRPC_CALL,
+        &target,
+        "grpc.example.com",
+        method,
+        message,
+    ])
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.trim())
+        .unwrap_or_else(|e| panic!("grpc client: {e}: {text} {}", String::from_utf8_lossy(&out.stderr)))
+}
+
+#[test]
+fn gateway_api_routes_split_by_weight_and_route_grpc_calls() {
+    let Some(lab) = lab("gateway_api_routes_split_by_weight_and_route_grpc_calls") else { return };
+    apply_yaml(&lab, "gateway-api.yaml", GATEWAY_API);
+    let url = format!("http://{GATEWAY}:8080/");
+    let get = |path: &str| {
+        let r = client_curl(&lab, &["-H", "host: web.example.com", &format!("{url}{path}")]);
+        (r.0, reply_pod(&r.2))
+    };
+    eventually("the HTTPRoute is served", || {
+        (get("only-v2/x") == ("200".into(), Some("myapp-v2".into()))).then_some(())
+    });
+    let (mut v1, mut v2) = (0, 0);
+    for _ in 0..40 {
+        match get("items") {
+            (s, Some(p)) if s == "200" && p == "myapp-v1" => v1 += 1,
+            (s, Some(p)) if s == "200" && p == "myapp-v2" => v2 += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(v1 > v2 && v2 > 0, "weights 3:1 gave v1={v1} v2={v2}");
+    let (status, _, _) = client_curl(&lab, &["-H", "host: other.example.com", &url]);
+    assert_eq!(status, "404", "a host no route names");
+
+    // A real gRPC client: the matching method reaches myapp-v2 and its message comes back.
+    let reply = eventually("the GRPCRoute is served", || {
+        let r = grpc_call("/mesh.Echo/Say", "over the gateway");
+        (r["code"] == "OK").then_some(r)
+    });
+    assert_eq!((reply["message"].as_str(), reply["pod"].as_str()), (Some("over the gateway"), Some("myapp-v2")));
+    // A method no rule matches: the gateway answers 404, which gRPC reads as UNIMPLEMENTED.
+    assert_eq!(grpc_call("/mesh.Echo/Other", "x")["code"], "UNIMPLEMENTED");
+}

@@ -23,7 +23,10 @@ const APT_PACKAGES: &[&str] = &[
     "buildah",
     "podman",
     "runc",
+    "python3-grpcio",
 ];
+/// Python modules the tests import (a real gRPC client: grpcio).
+const REQUIRED_PYTHON_MODULES: &[&str] = &["grpc"];
 /// Commands whose absence means the apt step must run.
 const REQUIRED_COMMANDS: &[&str] =
     &["ip", "curl", "tcpdump", "openssl", "sysctl", "prometheus", "buildah", "podman", "runc"];
@@ -52,7 +55,18 @@ fn sh(cmd: &mut Command) -> anyhow::Result<()> {
 }
 
 fn apt_needed() -> bool {
-    !Path::new(LLVM_PREFIX).join("bin/llvm-config").exists() || REQUIRED_COMMANDS.iter().any(|c| !have(c))
+    !Path::new(LLVM_PREFIX).join("bin/llvm-config").exists()
+        || REQUIRED_COMMANDS.iter().any(|c| !have(c))
+        || REQUIRED_PYTHON_MODULES.iter().any(|m| !python_has(m))
+}
+
+/// Whether Debian's Python (where apt puts python3-* modules, whatever `python3` is
+/// first on PATH) imports `module`.
+fn python_has(module: &str) -> bool {
+    Command::new("/usr/bin/python3")
+        .args(["-c", &format!("import {module}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 fn bpf_linker_installed() -> bool {

@@ -297,8 +297,13 @@ async fn grpc(app: &App, req: Request<Incoming>) -> Response<AnyBody> {
         let mut seen = app.seen.lock().unwrap_or_else(|p| p.into_inner());
         seen.entry(req.uri().path().to_string()).or_default().count += 1;
     }
+    let pod = http::HeaderValue::from_str(&app.pod).ok();
     let grpc_headers = |r: &mut Response<AnyBody>| {
         r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));
+        // Which pod answered, as initial metadata a gRPC client can read.
+        if let Some(pod) = pod.clone() {
+            r.headers_mut().insert("x-served-by", pod);
+        }
     };
     if req.uri().path() == "/grpc.health.v1.Health/Check" {
         // HealthCheckResponse { status: SERVING (1) | NOT_SERVING (2) }, as the
