@@ -3,6 +3,7 @@
 //! connections.
 
 pub mod gateway;
+mod gateway_status;
 mod pods;
 
 use std::collections::BTreeSet;

@@ -55,6 +55,11 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
     // Role reads Secrets there and nowhere else).
     let (secret_tx, mut secret_changes) = tokio::sync::mpsc::channel(1);
     let secret_watch = client.as_ref().map(|c| SecretWatch::start(c.clone(), &namespace, secret_tx));
+    // In a cluster, the Gateway API status of what this namespace's gateways serve.
+    let (status_tx, status_rx) = tokio::sync::watch::channel(Arc::default());
+    if let Some(c) = &client {
+        super::gateway_status::spawn(c.clone(), namespace.clone(), status_rx, RESYNC_INTERVAL);
+    }
     let tasks = TaskTracker::new();
     let l7 = crate::l7::Context {
         snapshot: snapshot.clone(),
@@ -84,6 +89,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
         metrics,
         secret_watch,
         secrets_seen: 0,
+        status: status_tx,
     };
     edge.reload(&mut source).await;
     tracing::info!(%pod, ports = ?edge.gateway.ports(), "gateway ready");
@@ -133,6 +139,8 @@ struct Edge {
     secret_watch: Option<SecretWatch>,
     /// The watch's version last applied.
     secrets_seen: u64,
+    /// The Gateway API status of each snapshot, for the status writer (cluster mode).
+    status: tokio::sync::watch::Sender<Arc<Vec<crate::config::gateway_api::translate::ObjectStatus>>>,
 }
 
 impl Edge {
@@ -158,6 +166,7 @@ impl Edge {
         self.version += 1;
         let snap = Arc::new(Snapshot::compile_in(&objects, &self.settings.mesh_scope(), self.version));
         self.admin.snapshot.store(snap.clone());
+        self.status.send_replace(snap.gateway_api_status.clone());
         self.metrics.config_applied.inc();
         let own = snap.workloads.iter().find(|w| w.key() == self.gateway.pod()).map(|w| w.identity.clone());
         self.certs.set_local(own);

@@ -295,6 +295,37 @@ impl ApiServer {
         let method = req.method().clone();
         match target {
             Target::Proxy { namespace, pod, port, rest } => self.proxy(&namespace, &pod, port, &rest).await,
+            Target::Status { collection, namespace, name } => {
+                if !self.serves(&collection) {
+                    return not_found(&path);
+                }
+                let key = format!("{namespace}/{name}");
+                let Some(existing) = self.state.lock().unwrap().collections[&collection].objects.get(&key).cloned()
+                else {
+                    return not_found_named(&name);
+                };
+                if method == http::Method::GET {
+                    return status(StatusCode::OK, existing);
+                }
+                if method != http::Method::PATCH {
+                    return status(StatusCode::METHOD_NOT_ALLOWED, json!({"kind": "Status", "code": 405}));
+                }
+                let Ok(body) = req.into_body().collect().await else { return bad_request("unreadable body") };
+                let Ok(patch) = serde_json::from_slice::<Value>(&body.to_bytes()) else {
+                    return bad_request("the body is not JSON");
+                };
+                let wanted = &patch["metadata"]["resourceVersion"];
+                if wanted.is_string() && *wanted != existing["metadata"]["resourceVersion"] {
+                    return status(
+                        StatusCode::CONFLICT,
+                        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409, "message": "the object has been modified"}),
+                    );
+                }
+                let mut updated = existing;
+                updated["status"] = patch["status"].clone();
+                self.writes.lock().unwrap().push(format!("status {collection} {key}"));
+                status(StatusCode::OK, self.apply(&collection, updated))
+            }
             Target::Object { collection, namespace, name } => {
                 if !self.serves(&collection) {
                     return not_found(&path);
@@ -577,6 +608,9 @@ enum Target {
     Collection { collection: String, namespace: Option<String> },
     /// One object (`namespace` empty for a cluster-scoped one).
     Object { collection: String, namespace: String, name: String },
+    /// An object's `status` subresource: a PATCH changes `status` alone, and is refused
+    /// (409) when it names a `resourceVersion` the object no longer has.
+    Status { collection: String, namespace: String, name: String },
     /// The pod proxy subresource.
     Proxy { namespace: String, pod: String, port: u16, rest: String },
 }
@@ -603,6 +637,12 @@ fn route(path: &str) -> Option<Target> {
             Target::Object { collection: coll(plural), namespace: ns.to_string(), name: name.to_string() }
         }
         [plural, name] => Target::Object { collection: coll(plural), namespace: String::new(), name: name.to_string() },
+        ["namespaces", ns, plural, name, "status"] => {
+            Target::Status { collection: coll(plural), namespace: ns.to_string(), name: name.to_string() }
+        }
+        [plural, name, "status"] => {
+            Target::Status { collection: coll(plural), namespace: String::new(), name: name.to_string() }
+        }
         _ => return None,
     })
 }

@@ -5,7 +5,8 @@
 //!
 //! Least privilege: a gateway reads the mesh's config (the agents' read-only role), the
 //! Secrets of its own namespace (its certificates; never `istio-system`, where the CA
-//! key is), and holds one identity, which the CA signs for its service account only.
+//! key is), writes the Gateway API `status` subresources (nothing else of those
+//! objects), and holds one identity, which the CA signs for its service account only.
 
 use std::collections::BTreeMap;
 
@@ -14,7 +15,7 @@ use k8s_openapi::api::core::v1::{
     Container, ContainerPort, EnvVar, Namespace, PodSecurityContext, PodSpec, PodTemplateSpec, Service, ServiceAccount,
     ServiceSpec, Sysctl,
 };
-use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, Role, RoleBinding};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 
 use super::{
@@ -75,6 +76,7 @@ pub fn objects(v: &Values, g: GatewaySpec) -> Vec<serde_json::Value> {
     let mut ns_labels = labels_of(g.name);
     // A gateway holds its own identity: its namespace is never captured.
     ns_labels.insert("istio.io/dataplane-mode".into(), "none".into());
+    let status_role = format!("{}-gateway-status", g.name);
     vec![
         to_json(&Namespace {
             metadata: ObjectMeta { labels: Some(ns_labels), ..meta_of(g.name, ns, None) },
@@ -85,6 +87,21 @@ pub fn objects(v: &Values, g: GatewaySpec) -> Vec<serde_json::Value> {
         to_json(&ClusterRoleBinding {
             metadata: g.meta(None),
             role_ref: role_ref("ClusterRole", AGENT),
+            subjects: Some(vec![binding_subject(g.name, ns)]),
+        }),
+        // The Gateway API status of what it serves, as a controller writes it.
+        to_json(&ClusterRole {
+            metadata: ObjectMeta { labels: Some(g.labels()), ..meta_of(g.name, &status_role, None) },
+            rules: Some(vec![rule(
+                &["gateway.networking.k8s.io"],
+                &["gatewayclasses/status", "gateways/status", "httproutes/status", "grpcroutes/status"],
+                &["get", "patch", "update"],
+            )]),
+            ..Default::default()
+        }),
+        to_json(&ClusterRoleBinding {
+            metadata: ObjectMeta { labels: Some(g.labels()), ..meta_of(g.name, &status_role, None) },
+            role_ref: role_ref("ClusterRole", &status_role),
             subjects: Some(vec![binding_subject(g.name, ns)]),
         }),
         // Its certificates: the Secrets of its own namespace.
