@@ -977,3 +977,77 @@ pub fn valid_hostname(h: &str) -> bool {
         && !name.is_empty()
         && name.split('.').all(|l| is_section_name(&l.to_ascii_lowercase()))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::config::{Object, parse_documents};
+
+    const GATEWAY: &str = "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: web, namespace: edge}\nspec:\n  gatewayClassName: istio\n  listeners:\n";
+    const ROUTE: &str = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: shop}\nspec:\n  parentRefs: [{name: web, namespace: edge}]\n  rules:\n";
+
+    fn field_of(yaml: &str) -> Result<Vec<Object>, String> {
+        parse_documents(Path::new("t.yaml"), yaml).map_err(|e| e.field.unwrap_or_default())
+    }
+
+    #[test]
+    fn what_the_crds_accept_parses_and_istios_gateway_keeps_its_kind() {
+        let yaml = format!(
+            "{GATEWAY}  - {{name: http, port: 80, protocol: HTTP}}\n  - {{name: https, port: 443, protocol: HTTPS, hostname: \"*.example.com\", tls: {{certificateRefs: [{{name: cert}}]}}}}\n---\n{ROUTE}  - matches: [{{path: {{type: PathPrefix, value: /a}}, headers: [{{name: x-v, value: \"2\"}}], method: GET}}]\n    filters:\n    - {{type: URLRewrite, urlRewrite: {{path: {{type: ReplacePrefixMatch, replacePrefixMatch: /b}}}}}}\n    - {{type: RequestHeaderModifier, requestHeaderModifier: {{add: [{{name: x-a, value: b}}], remove: [x-c]}}}}\n    backendRefs: [{{name: svc, port: 80, weight: 3}}]\n    timeouts: {{request: 10s}}\n---\napiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: web, namespace: edge}}\nspec: {{servers: [{{port: {{number: 80, name: http, protocol: HTTP}}, hosts: [\"*\"]}}]}}\n"
+        );
+        let objects = field_of(&yaml).unwrap();
+        let kinds: Vec<&str> = objects.iter().map(Object::kind).collect();
+        assert_eq!(kinds, ["Gateway.gateway.networking.k8s.io", "HTTPRoute", "Gateway"]);
+    }
+
+    #[test]
+    fn what_the_crds_refuse_is_refused_with_the_field() {
+        let listeners = [
+            ("  - {name: https, port: 443, protocol: HTTPS}\n", "spec.listeners[0].tls"),
+            (
+                "  - {name: http, port: 80, protocol: HTTP, tls: {certificateRefs: [{name: c}]}}\n",
+                "spec.listeners[0].tls",
+            ),
+            (
+                "  - {name: h, port: 80, protocol: HTTP}\n  - {name: h, port: 81, protocol: HTTP}\n",
+                "spec.listeners[1].name",
+            ),
+            ("  - {name: h, port: 0, protocol: HTTP}\n", "spec.listeners[0].port"),
+            ("  - {name: h, port: 80, protocol: QUIC}\n", "spec.listeners[0].protocol"),
+            ("  - {name: h, port: 80, protocol: HTTP, hostname: \"a.*.com\"}\n", "spec.listeners[0].hostname"),
+            (
+                "  - {name: h, port: 80, protocol: HTTP, allowedRoutes: {namespaces: {from: Selector}}}\n",
+                "spec.listeners[0].allowedRoutes.namespaces.selector",
+            ),
+        ];
+        for (l, field) in listeners {
+            assert_eq!(field_of(&format!("{GATEWAY}{l}")).err().as_deref(), Some(field), "{l}");
+        }
+        let rules = [
+            ("  - matches: [{path: {value: a}}]\n", "spec.rules[0].matches[0].path.value"),
+            ("  - matches: [{path: {type: RegularExpression, value: \"(\"}}]\n", "spec.rules[0].matches[0].path.value"),
+            ("  - matches: [{method: FETCH}]\n", "spec.rules[0].matches[0].method"),
+            ("  - backendRefs: [{name: s}]\n", "spec.rules[0].backendRefs[0].port"),
+            ("  - backendRefs: [{name: s, port: 80, weight: 1000001}]\n", "spec.rules[0].backendRefs[0].weight"),
+            ("  - filters: [{type: RequestHeaderModifier}]\n", "spec.rules[0].filters[0].requestHeaderModifier"),
+            (
+                "  - filters: [{type: RequestRedirect, requestRedirect: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /}}}]\n",
+                "spec.rules[0].filters[0].requestRedirect.path.type",
+            ),
+            (
+                "  - matches: [{path: {type: Exact, value: /a}}]\n    filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /}}}]\n",
+                "spec.rules[0].matches",
+            ),
+            (
+                "  - filters: [{type: RequestRedirect, requestRedirect: {statusCode: 307}}]\n",
+                "spec.rules[0].filters[0].requestRedirect.statusCode",
+            ),
+            ("  - filters: [{type: ExtensionRef}]\n", "spec.rules[0].filters[0].type"),
+            ("  - timeouts: {request: soon}\n", "spec.rules[0].timeouts.request"),
+        ];
+        for (r, field) in rules {
+            assert_eq!(field_of(&format!("{ROUTE}{r}")).err().as_deref(), Some(field), "{r}");
+        }
+    }
+}

@@ -214,7 +214,12 @@ pub fn translate(objects: &[Object]) -> Translation {
             let Some(gw) =
                 gateways.iter().find(|g| g.metadata.namespace_or_default() == gw_ns && g.metadata.name == parent.name)
             else {
-                continue; // no such Gateway: nobody's to report on
+                // No controller owns a missing Gateway's status: say it here.
+                out.problems.push((
+                    object,
+                    format!("parentRefs[{pi}] names Gateway {gw_ns}/{}, which does not exist", parent.name),
+                ));
+                continue;
             };
             if !ours(&gw.spec.gateway_class_name) {
                 continue;
@@ -802,7 +807,9 @@ fn http_route<'a>(r: &'a HttpRoute, refs: &Refs<'_>) -> Route<'a> {
             rank.no_method = m.method.is_none();
             rank.headers = std::cmp::Reverse(m.headers.len());
             rank.query = std::cmp::Reverse(m.query_params.len());
-            rank.path_len = std::cmp::Reverse(value.len());
+            // A prefix's trailing `/` means nothing, so it does not make it longer.
+            let significant = if path.is_prefix() { value.trim_end_matches('/') } else { value.as_str() };
+            rank.path_len = std::cmp::Reverse(significant.len());
             // (uri condition, what ReplacePrefixMatch makes of the path there)
             let branches: Vec<(Option<StringMatch>, PathBranch)> = match path.match_type.as_deref() {
                 Some("Exact") => {
@@ -921,5 +928,138 @@ fn grpc_route<'a>(r: &'a GrpcRoute, refs: &Refs<'_>) -> Route<'a> {
         hostnames: &r.spec.hostnames,
         rules,
         unresolved,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::config::parse_documents;
+
+    const BASE: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: a, namespace: shop}
+spec: {ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: b, namespace: shop}
+spec: {ports: [{port: 80}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: web, namespace: shop}
+spec:
+  gatewayClassName: istio
+  listeners: [{name: http, port: 80, protocol: HTTP, hostname: "*.example.com"}]
+"#;
+
+    fn translated(routes: &str) -> Translation {
+        translate(&parse_documents(Path::new("t.yaml"), &format!("{BASE}{routes}")).unwrap())
+    }
+
+    fn uris(vs: &VirtualService) -> Vec<String> {
+        vs.spec
+            .http
+            .iter()
+            .map(|r| {
+                let u = r.matches[0].uri.clone().unwrap_or_default();
+                match (u.exact, u.prefix, u.regex) {
+                    (Some(e), _, _) => format!("={e}"),
+                    (_, Some(p), _) => format!("^{p}"),
+                    (_, _, Some(r)) => format!("~{r}"),
+                    _ => "*".into(),
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn matches_of_every_route_for_a_host_are_ordered_by_the_apis_precedence() {
+        let t = translated(
+            r#"
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: broad, namespace: shop, creationTimestamp: "2026-01-01T00:00:00Z"}
+spec:
+  parentRefs: [{name: web}]
+  hostnames: [shop.example.com]
+  rules: [{backendRefs: [{name: a, port: 80}]}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: narrow, namespace: shop, creationTimestamp: "2026-02-01T00:00:00Z"}
+spec:
+  parentRefs: [{name: web}]
+  hostnames: [shop.example.com, other.org]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /api/}}, {path: {type: Exact, value: /login}}, {path: {value: /api}, method: POST}]
+    backendRefs: [{name: b, port: 80}]
+"#,
+        );
+        assert_eq!(t.gateways.len(), 1);
+        assert_eq!((t.gateways[0].0.metadata.name.as_str(), t.gateways[0].1.as_str()), ("web~http", "shop"));
+        let [vs] = &t.virtual_services[..] else { panic!("{:?}", t.virtual_services) };
+        assert_eq!(vs.spec.hosts, ["shop.example.com"], "other.org is not on the listener");
+        assert_eq!(vs.spec.gateways, ["shop/web~http"]);
+        // Exact first; then the longer prefix, the one with a method first; `/` last.
+        assert_eq!(uris(vs), ["=/login", "=/api", "^/api/", "=/api", "^/api/", "^/"]);
+        assert!(vs.spec.http[1].matches[0].method.is_some(), "the method match wins the tie");
+        assert!(t.problems.is_empty(), "{:?}", t.problems);
+    }
+
+    #[test]
+    fn routes_the_listener_does_not_allow_are_told_why() {
+        let t = translated(
+            r#"
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: foreign, namespace: other}
+spec:
+  parentRefs: [{name: web, namespace: shop}]
+  rules: [{backendRefs: [{name: a, namespace: shop, port: 80}]}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: elsewhere, namespace: shop}
+spec:
+  parentRefs: [{name: web}]
+  hostnames: [example.org]
+  rules: [{backendRefs: [{name: a, port: 80}]}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: lost, namespace: shop}
+spec:
+  parentRefs: [{name: nowhere}]
+  rules: [{backendRefs: [{name: a, port: 80}]}]
+"#,
+        );
+        assert!(t.virtual_services.is_empty(), "{:?}", t.virtual_services);
+        let reason = |name: &str| {
+            let s = t.statuses.iter().find(|s| s.name == name).unwrap();
+            let c = s.status["parents"][0]["conditions"].as_array().unwrap();
+            (c[0]["reason"].clone(), c[1]["reason"].clone())
+        };
+        assert_eq!(reason("foreign"), (json!("NotAllowedByListeners"), json!("RefNotPermitted")));
+        assert_eq!(reason("elsewhere").0, json!("NoMatchingListenerHostname"));
+        assert!(t.problems.iter().any(|(o, why)| o == "HTTPRoute shop/lost" && why.contains("does not exist")));
+        let gw = t.statuses.iter().find(|s| s.kind == "Gateway").unwrap();
+        assert_eq!(gw.status["listeners"][0]["attachedRoutes"], 0);
+    }
+
+    #[test]
+    fn listener_and_route_hostnames_intersect() {
+        let hosts = |l: Option<&str>, r: &[&str]| intersect(l, &r.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(hosts(None, &[]), ["*"]);
+        assert_eq!(hosts(Some("*.example.com"), &[]), ["*.example.com"]);
+        assert_eq!(hosts(Some("*.example.com"), &["a.example.com", "example.com", "b.org"]), ["a.example.com"]);
+        assert_eq!(hosts(Some("a.example.com"), &["*.example.com"]), ["a.example.com"]);
+        assert_eq!(hosts(Some("*.a.example.com"), &["*.example.com"]), ["*.a.example.com"]);
     }
 }
