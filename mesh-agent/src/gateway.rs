@@ -175,7 +175,7 @@ impl Gateway {
         for gw in snap.gateways_selecting(&workload) {
             for (i, server) in gw.servers.iter().enumerate() {
                 let what = format!("Gateway {} spec.servers[{i}]", gw.key);
-                match self.plan_server(&gw.key, server, secrets) {
+                match self.plan_server(&gw.key, server, secrets, &workload.identity) {
                     Ok((port, planned)) => wanted.entry(port).or_default().push(planned),
                     Err(reason) => problems.push(format!("{what}: {reason}")),
                 }
@@ -210,6 +210,7 @@ impl Gateway {
         gateway: &str,
         server: &Server,
         secrets: &Secrets,
+        own: &crate::identity::Identity,
     ) -> Result<(u16, PlannedServer), String> {
         let port = server.port.as_ref().ok_or("no port")?;
         let number = u16::try_from(port.number).map_err(|_| format!("port {} is not a port number", port.number))?;
@@ -223,6 +224,10 @@ impl Gateway {
             (Some(tls), true, _) if tls.mode == TlsMode::Passthrough && !tls.https_redirect => {
                 passthrough = true;
                 None
+            }
+            (Some(tls), true, _) if tls.mode == TlsMode::IstioMutual => {
+                let dialer = &self.ctx.l7.dialer;
+                Some(tls::terminate_mesh(tls, dialer.certs.clone(), own.clone(), &dialer.verifier)?)
             }
             (Some(tls), true, _) if matches!(tls.mode, TlsMode::Simple | TlsMode::Mutual | TlsMode::OptionalMutual) => {
                 let key = format!("{gateway} {number} {}", hosts.join(","));

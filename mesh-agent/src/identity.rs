@@ -12,7 +12,7 @@ pub use ca::{CaFiles, MeshCa, SECRET_REQUIRED_KEYS, SelfSignedRoot};
 pub use ca_client::{CaClient, Issued};
 pub use certs::{CertStore, Signer, WorkloadCert};
 pub use spiffe::Identity;
-pub use verify::{PeerVerifier, client_config, peer_identity, server_config};
+pub use verify::{PeerVerifier, client_config, edge_server_config, peer_identity, server_config};
 
 use std::path::PathBuf;
 

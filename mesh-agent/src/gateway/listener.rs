@@ -97,7 +97,13 @@ async fn handle(ctx: GatewayContext, stream: TcpStream, peer: SocketAddr, plan: 
     }
     let (workload, netns) = (plan.workload.clone(), ctx.netns.clone());
     if !plan.terminates_tls() {
-        let table = RouteTable::Gateway { gateways: plan.gateways.clone(), port: plan.port, tls: false, client: peer };
+        let table = RouteTable::Gateway {
+            gateways: plan.gateways.clone(),
+            port: plan.port,
+            tls: false,
+            client: peer,
+            peer: None,
+        };
         crate::l7::server::serve(ctx.l7, workload, netns, stream, local, table).await;
         return;
     }
@@ -123,8 +129,18 @@ async fn handle(ctx: GatewayContext, stream: TcpStream, peer: SocketAddr, plan: 
             return tracing::info!(%peer, ?sni, "client certificate names none of the server's subjectAltNames; closed");
         }
     }
-    let table =
-        RouteTable::Gateway { gateways: Arc::new([server.gateway.clone()]), port: plan.port, tls: true, client: peer };
+    // An ISTIO_MUTUAL client is a mesh workload: its identity is what policies name.
+    let mesh_peer = match server.tls.as_ref().is_some_and(|t| t.mesh) {
+        true => tls.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(crate::identity::peer_identity),
+        false => None,
+    };
+    let table = RouteTable::Gateway {
+        gateways: Arc::new([server.gateway.clone()]),
+        port: plan.port,
+        tls: true,
+        client: peer,
+        peer: mesh_peer,
+    };
     crate::l7::server::serve(ctx.l7, workload, netns, tls, local, table).await;
 }
 

@@ -698,3 +698,85 @@ async fn gateway_api_routes_split_by_weight_rewrite_and_route_grpc_by_service() 
 fn served_by_parts(headers: &http::HeaderMap) -> String {
     headers.get("x-served-by").and_then(|v| v.to_str().ok()).unwrap_or("-").to_string()
 }
+
+/// An ISTIO_MUTUAL server (a gateway other mesh workloads call, as an east-west or
+/// internal gateway): the gateway's own mesh certificate, mesh clients only, and an
+/// AuthorizationPolicy on the gateway naming the client by its principal.
+fn istio_mutual_yaml() -> String {
+    format!(
+        r#"
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: internal, namespace: istio-ingress}}
+spec:
+  selector: {{istio: ingressgateway}}
+  servers:
+  - port: {{number: {ISTIO_MUTUAL}, name: https-mesh, protocol: HTTPS}}
+    hosts: ["*"]
+    tls: {{mode: ISTIO_MUTUAL}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: internal, namespace: shop}}
+spec:
+  hosts: [myapp.internal.example]
+  gateways: [istio-ingress/internal]
+  http: [{{route: [{{destination: {{host: myapp, subset: v1}}}}]}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: internal-callers, namespace: istio-ingress}}
+spec:
+  selector: {{matchLabels: {{istio: ingressgateway}}}}
+  action: ALLOW
+  rules:
+  - from: [{{source: {{principals: [cluster.local/ns/shop/sa/client]}}}}]
+    to: [{{operation: {{ports: ["{ISTIO_MUTUAL}"]}}}}]
+"#
+    )
+}
+
+/// The ISTIO_MUTUAL server's port in the tests.
+const ISTIO_MUTUAL: u16 = 9452;
+
+#[tokio::test]
+async fn istio_mutual_serves_mesh_clients_by_identity_and_refuses_others() {
+    let net = 52;
+    let (server_ca, client_ca) = (TestCa::new(), TestCa::new());
+    let edge = Edge::start_with(net, &server_ca, &client_ca, &istio_mutual_yaml()).await;
+    assert!(edge.gateway.ports().contains(&ISTIO_MUTUAL), "{:?}", edge.gateway.ports());
+    let snap = edge.mesh.ctx.snapshot.load_full();
+    let identity = |name: &str| snap.workloads.iter().find(|w| w.name == name).unwrap().identity.clone();
+    let dialer = &edge.mesh.ctx.dialer;
+    // A mesh workload's client: its own certificate, the gateway's identity expected.
+    let call = |source: crate::identity::Identity| {
+        let config = crate::identity::client_config(
+            dialer.certs.clone(),
+            source,
+            identity("istio-ingressgateway"),
+            &dialer.verifier,
+        )
+        .unwrap();
+        let addr = edge.addr(ISTIO_MUTUAL);
+        async move {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let name = ServerName::try_from("istio-ingressgateway").unwrap();
+            let tls = TlsConnector::from(config).connect(name, tcp).await?;
+            let (mut h2, conn) =
+                hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), TokioIo::new(tls))
+                    .await
+                    .map_err(std::io::Error::other)?;
+            tokio::spawn(conn);
+            let req = Request::get("https://myapp.internal.example/").body(Empty::<Bytes>::new()).unwrap();
+            let res = h2.send_request(req).await.map_err(std::io::Error::other)?;
+            Ok::<_, std::io::Error>((res.status().as_u16(), served_by_parts(res.headers())))
+        }
+    };
+    assert_eq!(call(identity("client")).await.unwrap(), (200, "myapp-v1".to_string()));
+    // Another mesh workload: a valid certificate, but not the principal the policy names.
+    assert_eq!(call(identity("intruder")).await.unwrap(), (403, "-".to_string()));
+    // No mesh certificate (an identity the store has none for): no connection at all.
+    let nobody = crate::identity::Identity::parse("spiffe://cluster.local/ns/shop/sa/nobody").unwrap();
+    assert!(call(nobody).await.is_err(), "a client without a mesh certificate is served");
+}

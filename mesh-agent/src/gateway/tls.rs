@@ -61,6 +61,21 @@ pub struct Terminated {
     pub config: Arc<ServerConfig>,
     /// `subjectAltNames`: one must be in the client certificate.
     pub client_names: Vec<String>,
+    /// ISTIO_MUTUAL: the client is a mesh workload, known by its SPIFFE identity.
+    pub mesh: bool,
+}
+
+/// ISTIO_MUTUAL: the gateway's own mesh identity, and clients with mesh certificates
+/// (of an accepted trust domain) only; `subjectAltNames` narrows them to those SPIFFE
+/// identities.
+pub fn terminate_mesh(
+    tls: &ServerTls,
+    certs: Arc<crate::identity::CertStore>,
+    own: crate::identity::Identity,
+    verifier: &crate::identity::PeerVerifier,
+) -> Result<Terminated, String> {
+    let config = crate::identity::edge_server_config(certs, own, verifier, ALPN).map_err(|e| e.to_string())?;
+    Ok(Terminated { config, client_names: tls.subject_alt_names.clone(), mesh: true })
 }
 
 /// Builds the TLS a server terminates; the error says what is missing or wrong,
@@ -93,7 +108,7 @@ pub fn terminate(tls: &ServerTls, secrets: &Secrets) -> Result<Terminated, Strin
     };
     let mut config = builder.with_single_cert(chain, key).map_err(|e| format!("certificate and key: {e}"))?;
     config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
-    Ok(Terminated { config: Arc::new(config), client_names: tls.subject_alt_names.clone() })
+    Ok(Terminated { config: Arc::new(config), client_names: tls.subject_alt_names.clone(), mesh: false })
 }
 
 type Material = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>, Option<Vec<CertificateDer<'static>>>);

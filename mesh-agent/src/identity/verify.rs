@@ -245,6 +245,24 @@ pub fn server_config(
     Ok(Arc::new(cfg))
 }
 
+/// TLS 1.3 server configuration for a gateway server in ISTIO_MUTUAL mode: the
+/// gateway's own mesh certificate, a mesh client certificate required, HTTP (`alpn`)
+/// on top rather than HBONE.
+pub fn edge_server_config(
+    store: Arc<CertStore>,
+    identity: Identity,
+    verifier: &PeerVerifier,
+    alpn: &[&[u8]],
+) -> Result<Arc<rustls::ServerConfig>, Error> {
+    let client_verifier = Arc::new(MeshClientVerifier { verifier: verifier.clone() });
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(client_verifier)
+        .with_cert_resolver(Arc::new(CurrentCert { store, identity }));
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(cfg))
+}
+
 /// TLS 1.3 client configuration for a tunnel from `source` to a server that must be
 /// `expected`.
 pub fn client_config(

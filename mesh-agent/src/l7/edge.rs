@@ -10,7 +10,7 @@ use std::net::{IpAddr, SocketAddr};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, StatusCode};
 use rand::Rng as _;
 
-use crate::authz::{ConnAttrs, Decision, RBAC_DENIED, RequestAttrs, path};
+use crate::authz::{ConnAttrs, Decision, Peer, RBAC_DENIED, RequestAttrs, path};
 use crate::snapshot::Snapshot;
 use crate::state::Workload;
 use crate::telemetry::{DenyReason, Metrics};
@@ -45,6 +45,8 @@ pub struct Arrival<'a> {
     pub local: SocketAddr,
     /// Whether the gateway terminated TLS for it.
     pub tls: bool,
+    /// The client's mesh identity (ISTIO_MUTUAL servers): what `principals` match.
+    pub peer: Option<&'a crate::identity::Identity>,
 }
 
 /// Judges `req` and prepares it for routing, or says how to refuse it.
@@ -65,7 +67,8 @@ pub fn admit<B>(at: &Arrival<'_>, metrics: &Metrics, req: &mut Request<B>) -> Re
         .map(|a| a.as_str().to_ascii_lowercase())
         .or_else(|| req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()).map(str::to_ascii_lowercase))
         .unwrap_or_default();
-    let attrs = ConnAttrs { src: at.client, dst: at.local, peer: None };
+    let peer = at.peer.map(|id| Peer::from_identity(id, &at.snapshot.equivalent_domains));
+    let attrs = ConnAttrs { src: at.client, dst: at.local, peer: peer.as_ref() };
     let request = RequestAttrs {
         method: req.method().as_str(),
         path: &normalized,

@@ -53,6 +53,8 @@ pub enum RouteTable {
         tls: bool,
         /// The client outside the mesh, as the gateway's socket sees it.
         client: SocketAddr,
+        /// The client's mesh identity, when an ISTIO_MUTUAL server verified it.
+        peer: Option<crate::identity::Identity>,
     },
 }
 
@@ -138,8 +140,15 @@ async fn handle(
     let caller = Caller { ctx, snap: &snap, pod, netns, orig };
     let mut req = req;
     let refused = match table {
-        RouteTable::Gateway { client, tls, .. } => {
-            let at = super::edge::Arrival { snapshot: &snap, gateway: pod, client: *client, local: orig, tls: *tls };
+        RouteTable::Gateway { client, tls, peer, .. } => {
+            let at = super::edge::Arrival {
+                snapshot: &snap,
+                gateway: pod,
+                client: *client,
+                local: orig,
+                tls: *tls,
+                peer: peer.as_ref(),
+            };
             super::edge::admit(&at, &ctx.metrics, &mut req).err()
         }
         RouteTable::Service(_) => None,
