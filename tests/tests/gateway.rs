@@ -5,7 +5,7 @@
 #![forbid(unsafe_code)]
 
 use mesh_tests::harness::{
-    apply_seed, apply_yaml, cert_from_fresh_ca, eventually, lab, metrics, reply_pod, write_cert_from_fresh_ca,
+    apply_seed, apply_yaml, cert_from_fresh_ca, eventually, lab, metrics, reply_pod, root, write_cert_from_fresh_ca,
 };
 use mesh_tests::lab::{CLIENT_ADDR, CLIENT_NETNS, Lab};
 use mesh_tests::sys::output;
@@ -334,42 +334,6 @@ spec:
     assert!(denied.contains("@@ 403"), "judged on the normalized path: {denied}");
 }
 
-/// The Gateway API on the lab's gateway pod: a Gateway of class `istio` bound to the
-/// pod's Service (Istio's manual deployment), an HTTPRoute splitting 3:1 by weight, and
-/// a GRPCRoute called by a real gRPC client (grpcio).
-const GATEWAY_API: &str = r#"apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {name: web, namespace: istio-ingress}
-spec:
-  gatewayClassName: istio
-  addresses: [{type: Hostname, value: istio-ingressgateway.istio-ingress.svc.cluster.local}]
-  listeners:
-  - {name: http, port: 8080, protocol: HTTP, allowedRoutes: {namespaces: {from: All}}}
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {name: web, namespace: production}
-spec:
-  parentRefs: [{name: web, namespace: istio-ingress}]
-  hostnames: [web.example.com]
-  rules:
-  - matches: [{path: {type: PathPrefix, value: /only-v2}}]
-    backendRefs: [{name: myapp-v2, port: 80}]
-  - backendRefs:
-    - {name: myapp-v1, port: 80, weight: 3}
-    - {name: myapp-v2, port: 80, weight: 1}
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: GRPCRoute
-metadata: {name: echo, namespace: production}
-spec:
-  parentRefs: [{name: web, namespace: istio-ingress, sectionName: http}]
-  hostnames: [grpc.example.com]
-  rules:
-  - matches: [{method: {service: mesh.Echo, method: Say}}]
-    backendRefs: [{name: myapp-v2, port: 80}]
-"#;
-
 /// One unary gRPC call with grpcio from the client netns: the reply, the pod that
 /// answered, or the status code of a failed call.
 const GRPC_CALL: &str = r#"
@@ -412,7 +376,10 @@ fn grpc_call(method: &str, message: &str) -> serde_json::Value {
 #[test]
 fn gateway_api_routes_split_by_weight_and_route_grpc_calls() {
     let Some(lab) = lab("gateway_api_routes_split_by_weight_and_route_grpc_calls") else { return };
-    apply_yaml(&lab, "gateway-api.yaml", GATEWAY_API);
+    // The example as users read it: a Gateway of class istio bound to the gateway
+    // pod's Service, an HTTPRoute split 3:1 and a GRPCRoute.
+    let example = std::fs::read_to_string(root().join("examples/gateway-api/web.yaml")).unwrap();
+    apply_yaml(&lab, "gateway-api.yaml", &example);
     let url = format!("http://{GATEWAY}:8080/");
     let get = |path: &str| {
         let r = client_curl(&lab, &["-H", "host: web.example.com", &format!("{url}{path}")]);

@@ -60,6 +60,34 @@ fn analyze_accepts_the_reference_configs_and_lab() {
 }
 
 #[test]
+fn analyze_knows_the_gateway_api_example_and_says_what_a_route_cannot_do() {
+    let example = root().join("examples/gateway-api");
+    let lab = root().join("examples/lab");
+    let out = meshctl().arg("analyze").arg("-f").arg(&example).arg("-f").arg(&lab).output().unwrap();
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(!t.contains("MESH0110"), "{t}");
+    // A backend in another namespace without a ReferenceGrant, and a missing Gateway.
+    let dir = scratch(&[(
+        "routes.yaml",
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: cross, namespace: default}\nspec:\n  parentRefs: [{name: web, namespace: istio-ingress}]\n  rules: [{backendRefs: [{name: myapp, namespace: production, port: 80}]}]\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: lost, namespace: production}\nspec:\n  parentRefs: [{name: nowhere}]\n  rules: [{backendRefs: [{name: myapp, port: 80}]}]\n",
+    )]);
+    let out = meshctl()
+        .arg("analyze")
+        .arg("-f")
+        .arg(&example)
+        .arg("-f")
+        .arg(&lab)
+        .arg("-f")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let t = text(&out);
+    assert!(t.contains("[MESH0110] (HTTPRoute default/cross)") && t.contains("no ReferenceGrant in production"), "{t}");
+    assert!(t.contains("[MESH0110] (HTTPRoute production/lost)") && t.contains("does not exist"), "{t}");
+}
+
+#[test]
 fn analyze_passes_the_reference_configs_alone() {
     let out = meshctl().args(["analyze", "-f"]).arg(root().join("examples/seed")).output().unwrap();
     let t = text(&out);
