@@ -159,8 +159,9 @@ pub fn translate(objects: &[Object]) -> Translation {
             _ => {}
         }
     }
-    if gateways.is_empty() && !objects.iter().any(|o| matches!(o, Object::GatewayClass(_))) {
-        return out;
+    let any_route = objects.iter().any(|o| matches!(o, Object::HttpRoute(_) | Object::GrpcRoute(_)));
+    if gateways.is_empty() && classes.is_empty() && !any_route {
+        return out; // no Gateway API objects: the common case costs one pass
     }
     let refs = Refs { services, grants: Grants(grants) };
     for o in objects {
@@ -282,7 +283,6 @@ fn parent_ref_json(p: &ParentReference) -> Value {
 
 /// One Gateway: its listeners as Istio Gateways, the routes attached to each as
 /// VirtualServices, and its status.
-#[allow(clippy::too_many_arguments)]
 fn translate_gateway<'a>(
     gw: &KubeGateway,
     objects: &[Object],
@@ -1051,6 +1051,15 @@ spec:
         assert!(t.problems.iter().any(|(o, why)| o == "HTTPRoute shop/lost" && why.contains("does not exist")));
         let gw = t.statuses.iter().find(|s| s.kind == "Gateway").unwrap();
         assert_eq!(gw.status["listeners"][0]["attachedRoutes"], 0);
+    }
+
+    #[test]
+    fn a_route_alone_still_says_its_gateway_is_missing() {
+        let yaml = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: lost, namespace: shop}\nspec:\n  parentRefs: [{name: web}]\n";
+        let t = translate(&parse_documents(Path::new("t.yaml"), yaml).unwrap());
+        assert_eq!(t.problems.len(), 1, "{:?}", t.problems);
+        assert!(t.problems[0].1.contains("Gateway shop/web, which does not exist"), "{:?}", t.problems);
+        assert!(translate(&[]).problems.is_empty());
     }
 
     #[test]
