@@ -190,20 +190,30 @@ pub struct ParentReference {
     pub port: Option<u32>,
 }
 
-/// `HTTPRoute.spec`.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
+/// The spec of a route of either kind: where it attaches, for which hosts, and its
+/// rules (across routes of one host the most specific match wins).
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct HttpRouteSpec {
+pub struct RouteSpec<R> {
     /// Gateways (and listeners) the route attaches to.
     #[serde(default)]
     pub parent_refs: Vec<ParentReference>,
     /// Hosts the route serves; the listener's when empty.
     #[serde(default)]
     pub hostnames: Vec<String>,
-    /// Rules; across routes of one host the most specific match wins.
+    /// Rules.
     #[serde(default)]
-    pub rules: Vec<HttpRouteRule>,
+    pub rules: Vec<R>,
 }
+
+impl<R> Default for RouteSpec<R> {
+    fn default() -> Self {
+        Self { parent_refs: Vec::new(), hostnames: Vec::new(), rules: Vec::new() }
+    }
+}
+
+/// `HTTPRoute.spec`.
+pub type HttpRouteSpec = RouteSpec<HttpRouteRule>;
 
 /// One HTTPRoute rule.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
@@ -415,19 +425,7 @@ pub struct BackendRef {
 }
 
 /// `GRPCRoute.spec`.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct GrpcRouteSpec {
-    /// Gateways (and listeners) the route attaches to.
-    #[serde(default)]
-    pub parent_refs: Vec<ParentReference>,
-    /// Hosts the route serves; the listener's when empty.
-    #[serde(default)]
-    pub hostnames: Vec<String>,
-    /// Rules.
-    #[serde(default)]
-    pub rules: Vec<GrpcRouteRule>,
-}
+pub type GrpcRouteSpec = RouteSpec<GrpcRouteRule>;
 
 /// One GRPCRoute rule.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]

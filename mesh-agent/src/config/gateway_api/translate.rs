@@ -83,6 +83,17 @@ struct Route<'a> {
     unresolved: Option<(&'static str, String)>,
 }
 
+impl<'a> Route<'a> {
+    fn of<R>(
+        kind: &'static str,
+        r: &'a super::super::resource::Resource<super::RouteSpec<R>>,
+        rules: Vec<Vec<Entry>>,
+        unresolved: Option<(&'static str, String)>,
+    ) -> Self {
+        Route { kind, meta: &r.metadata, parents: &r.spec.parent_refs, hostnames: &r.spec.hostnames, rules, unresolved }
+    }
+}
+
 /// One Istio rule with the precedence of its match.
 #[derive(Clone)]
 struct Entry {
@@ -845,14 +856,7 @@ fn http_route<'a>(r: &'a HttpRoute, refs: &Refs<'_>) -> Route<'a> {
         }
         rules.push(entries);
     }
-    Route {
-        kind: "HTTPRoute",
-        meta: &r.metadata,
-        parents: &r.spec.parent_refs,
-        hostnames: &r.spec.hostnames,
-        rules,
-        unresolved,
-    }
+    Route::of("HTTPRoute", r, rules, unresolved)
 }
 
 /// Which part of the path a match took: all of it, or a prefix ending in `/`.
@@ -921,14 +925,7 @@ fn grpc_route<'a>(r: &'a GrpcRoute, refs: &Refs<'_>) -> Route<'a> {
         }
         rules.push(entries);
     }
-    Route {
-        kind: "GRPCRoute",
-        meta: &r.metadata,
-        parents: &r.spec.parent_refs,
-        hostnames: &r.spec.hostnames,
-        rules,
-        unresolved,
-    }
+    Route::of("GRPCRoute", r, rules, unresolved)
 }
 
 #[cfg(test)]
