@@ -525,6 +525,14 @@ fn at_most<T>(list: &[T], max: usize, field: &str) -> Result<(), Invalid> {
     Ok(())
 }
 
+/// One to `max` entries.
+fn between<T>(list: &[T], max: usize, field: &str) -> Result<(), Invalid> {
+    if list.is_empty() {
+        return Err((field.into(), "at least one entry is required".into()));
+    }
+    at_most(list, max, field)
+}
+
 impl GatewayClass {
     /// The CRD's checks.
     pub(super) fn validate(&self) -> Result<(), Invalid> {
@@ -542,10 +550,7 @@ impl KubeGateway {
         if self.spec.gateway_class_name.is_empty() {
             return Err(("spec.gatewayClassName".into(), "required".into()));
         }
-        if self.spec.listeners.is_empty() {
-            return Err(("spec.listeners".into(), "a Gateway must have at least one listener".into()));
-        }
-        at_most(&self.spec.listeners, MAX_LISTENERS, "spec.listeners")?;
+        between(&self.spec.listeners, MAX_LISTENERS, "spec.listeners")?;
         let mut names = HashSet::new();
         let mut bound = HashSet::new();
         for (i, l) in self.spec.listeners.iter().enumerate() {
@@ -763,15 +768,8 @@ impl GrpcRoute {
 impl ReferenceGrant {
     /// The CRD's checks.
     pub(super) fn validate(&self) -> Result<(), Invalid> {
-        if self.spec.from.is_empty() {
-            return Err(("spec.from".into(), "at least one entry is required".into()));
-        }
-        if self.spec.to.is_empty() {
-            return Err(("spec.to".into(), "at least one entry is required".into()));
-        }
-        at_most(&self.spec.from, MAX_HOSTNAMES, "spec.from")?;
-        at_most(&self.spec.to, MAX_HOSTNAMES, "spec.to")?;
-        Ok(())
+        between(&self.spec.from, MAX_HOSTNAMES, "spec.from")?;
+        between(&self.spec.to, MAX_HOSTNAMES, "spec.to")
     }
 }
 
