@@ -201,10 +201,22 @@ pub fn translate(objects: &[Object]) -> Translation {
     }
     gateways.sort_by_key(|g| g.metadata.key());
     routes.sort_by(|a, b| (a.meta.key(), a.kind).cmp(&(b.meta.key(), b.kind)));
+    let by_key: HashMap<(String, &str), &KubeGateway> =
+        gateways.iter().map(|g| ((g.metadata.namespace_or_default(), g.metadata.name.as_str()), *g)).collect();
+    // The (route, parent) pairs naming each Gateway, found once rather than per listener.
+    let mut naming: HashMap<(String, &str), Vec<(usize, usize)>> = HashMap::new();
+    for (ri, route) in routes.iter().enumerate() {
+        for (pi, parent) in route.parents.iter().enumerate().filter(|(_, p)| parent_is_gateway(p)) {
+            let gw_ns = parent.namespace.clone().unwrap_or_else(|| route.meta.namespace_or_default());
+            naming.entry((gw_ns, parent.name.as_str())).or_default().push((ri, pi));
+        }
+    }
     // Per route and parent index: (listeners accepted on, why not where refused).
     let mut attachments: Attachments = HashMap::new();
     for gw in gateways.iter().filter(|g| ours(&g.spec.gateway_class_name)) {
-        translate_gateway(gw, objects, &refs.services, &namespaces, &routes, &mut attachments, &mut out);
+        let key = (gw.metadata.namespace_or_default(), gw.metadata.name.as_str());
+        let naming = naming.get(&key).map_or(&[][..], Vec::as_slice);
+        translate_gateway(gw, objects, &refs.services, &namespaces, (&routes, naming), &mut attachments, &mut out);
     }
     for (ri, route) in routes.iter().enumerate() {
         let ns = route.meta.namespace_or_default();
@@ -223,9 +235,7 @@ pub fn translate(objects: &[Object]) -> Translation {
                 continue;
             }
             let gw_ns = parent.namespace.clone().unwrap_or_else(|| ns.clone());
-            let Some(gw) =
-                gateways.iter().find(|g| g.metadata.namespace_or_default() == gw_ns && g.metadata.name == parent.name)
-            else {
+            let Some(gw) = by_key.get(&(gw_ns.clone(), parent.name.as_str())) else {
                 // No controller owns a missing Gateway's status: say it here.
                 out.problems.push((
                     object,
@@ -299,7 +309,7 @@ fn translate_gateway<'a>(
     objects: &[Object],
     services: &HashMap<(String, String), &Service>,
     namespaces: &HashMap<&str, &BTreeMap<String, String>>,
-    routes: &[Route<'a>],
+    (routes, naming): (&[Route<'a>], &[(usize, usize)]),
     attachments: &mut Attachments,
     out: &mut Translation,
 ) {
@@ -394,44 +404,38 @@ fn translate_gateway<'a>(
             conditions.push(condition("Accepted", true, "Accepted", "Accepted", generation));
         }
         let mut by_domain: BTreeMap<String, Vec<Entry>> = BTreeMap::new();
-        for (ri, route) in routes.iter().enumerate() {
+        for &(ri, pi) in naming {
+            let (route, parent) = (&routes[ri], &routes[ri].parents[pi]);
             let route_ns = route.meta.namespace_or_default();
-            for (pi, parent) in route.parents.iter().enumerate() {
-                let targets = parent_is_gateway(parent)
-                    && parent.namespace.as_deref().unwrap_or(&route_ns) == ns
-                    && parent.name == *name;
-                if !targets
-                    || parent.section_name.as_ref().is_some_and(|s| *s != listener.name)
-                    || parent.port.is_some_and(|p| p != listener.port)
-                {
-                    continue;
-                }
-                let slot = attachments.entry((ri, pi)).or_insert((0, None));
-                if !supported {
-                    slot.1
-                        .get_or_insert(("NotAllowedByListeners", format!("listener {} is not served", listener.name)));
-                    continue;
-                }
-                if !allowed_kinds.contains(&route.kind) || !namespace_allowed(listener, &ns, &route_ns, namespaces) {
-                    slot.1.get_or_insert((
-                        "NotAllowedByListeners",
-                        format!("listener {} does not allow {}s from namespace {route_ns}", listener.name, route.kind),
-                    ));
-                    continue;
-                }
-                let domains = intersect(listener.hostname.as_deref(), route.hostnames);
-                if domains.is_empty() {
-                    slot.1.get_or_insert((
-                        "NoMatchingListenerHostname",
-                        format!("no hostname of the route is served by listener {}", listener.name),
-                    ));
-                    continue;
-                }
-                slot.0 += 1;
-                attached += 1;
-                for domain in domains {
-                    by_domain.entry(domain).or_default().extend(route.rules.iter().flatten().cloned());
-                }
+            if parent.section_name.as_ref().is_some_and(|s| *s != listener.name)
+                || parent.port.is_some_and(|p| p != listener.port)
+            {
+                continue;
+            }
+            let slot = attachments.entry((ri, pi)).or_insert((0, None));
+            if !supported {
+                slot.1.get_or_insert(("NotAllowedByListeners", format!("listener {} is not served", listener.name)));
+                continue;
+            }
+            if !allowed_kinds.contains(&route.kind) || !namespace_allowed(listener, &ns, &route_ns, namespaces) {
+                slot.1.get_or_insert((
+                    "NotAllowedByListeners",
+                    format!("listener {} does not allow {}s from namespace {route_ns}", listener.name, route.kind),
+                ));
+                continue;
+            }
+            let domains = intersect(listener.hostname.as_deref(), route.hostnames);
+            if domains.is_empty() {
+                slot.1.get_or_insert((
+                    "NoMatchingListenerHostname",
+                    format!("no hostname of the route is served by listener {}", listener.name),
+                ));
+                continue;
+            }
+            slot.0 += 1;
+            attached += 1;
+            for domain in domains {
+                by_domain.entry(domain).or_default().extend(route.rules.iter().flatten().cloned());
             }
         }
         let resolved = match &certificate {
