@@ -130,9 +130,11 @@ async fn handle(ctx: GatewayContext, stream: TcpStream, peer: SocketAddr, plan: 
         }
     }
     // An ISTIO_MUTUAL client is a mesh workload: its identity is what policies name.
-    let mesh_peer = match server.tls.as_ref().is_some_and(|t| t.mesh) {
-        true => tls.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(crate::identity::peer_identity),
-        false => None,
+    let mesh_peer = if server.tls.as_ref().is_some_and(|t| t.mesh) {
+        let id = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(crate::identity::peer_identity);
+        id.map(|id| crate::authz::Peer::from_identity(&id, &ctx.l7.snapshot.load().equivalent_domains))
+    } else {
+        None
     };
     let table = RouteTable::Gateway {
         gateways: Arc::new([server.gateway.clone()]),

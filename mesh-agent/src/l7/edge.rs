@@ -45,8 +45,8 @@ pub struct Arrival<'a> {
     pub local: SocketAddr,
     /// Whether the gateway terminated TLS for it.
     pub tls: bool,
-    /// The client's mesh identity (ISTIO_MUTUAL servers): what `principals` match.
-    pub peer: Option<&'a crate::identity::Identity>,
+    /// The client as a mesh peer (ISTIO_MUTUAL servers): what `principals` match.
+    pub peer: Option<&'a Peer>,
 }
 
 /// Judges `req` and prepares it for routing, or says how to refuse it.
@@ -67,8 +67,7 @@ pub fn admit<B>(at: &Arrival<'_>, metrics: &Metrics, req: &mut Request<B>) -> Re
         .map(|a| a.as_str().to_ascii_lowercase())
         .or_else(|| req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()).map(str::to_ascii_lowercase))
         .unwrap_or_default();
-    let peer = at.peer.map(|id| Peer::from_identity(id, &at.snapshot.equivalent_domains));
-    let attrs = ConnAttrs { src: at.client, dst: at.local, peer: peer.as_ref() };
+    let attrs = ConnAttrs { src: at.client, dst: at.local, peer: at.peer };
     let request = RequestAttrs {
         method: req.method().as_str(),
         path: &normalized,

@@ -53,8 +53,9 @@ pub enum RouteTable {
         tls: bool,
         /// The client outside the mesh, as the gateway's socket sees it.
         client: SocketAddr,
-        /// The client's mesh identity, when an ISTIO_MUTUAL server verified it.
-        peer: Option<crate::identity::Identity>,
+        /// The client as a mesh peer, when an ISTIO_MUTUAL server verified its
+        /// identity (principals built once per connection).
+        peer: Option<crate::authz::Peer>,
     },
 }
 
