@@ -57,16 +57,15 @@ const fn namespaced(
     Kind { group, kind, plural, short, versions, spec, cluster: false, status_subresource: false }
 }
 
-/// A Gateway API kind: status is a subresource.
+/// A Gateway API kind: status is a subresource, written by the controller alone.
 const fn gateway_api(
     kind: &'static str,
     plural: &'static str,
     short: &'static [&'static str],
     versions: &'static [&'static str],
     spec: fn() -> Value,
-    cluster: bool,
 ) -> Kind {
-    Kind { group: GROUP, kind, plural, short, versions, spec, cluster, status_subresource: true }
+    Kind { status_subresource: true, ..namespaced(GROUP, kind, plural, short, versions, spec) }
 }
 
 fn spec_schema<T: JsonSchema>() -> Value {
@@ -137,17 +136,19 @@ const KINDS: &[Kind] = &[
         TRAFFIC_SPLIT_VERSIONS,
         spec_schema::<TrafficSplitSpec>,
     ),
-    gateway_api("GatewayClass", "gatewayclasses", &["gc"], GATEWAY_API_VERSIONS, spec_schema::<GatewayClassSpec>, true),
-    gateway_api("Gateway", "gateways", &["gtw"], GATEWAY_API_VERSIONS, spec_schema::<KubeGatewaySpec>, false),
-    gateway_api("HTTPRoute", "httproutes", &[], GATEWAY_API_VERSIONS, spec_schema::<HttpRouteSpec>, false),
-    gateway_api("GRPCRoute", "grpcroutes", &[], GRPC_ROUTE_VERSIONS, spec_schema::<GrpcRouteSpec>, false),
+    Kind {
+        cluster: true,
+        ..gateway_api("GatewayClass", "gatewayclasses", &["gc"], GATEWAY_API_VERSIONS, spec_schema::<GatewayClassSpec>)
+    },
+    gateway_api("Gateway", "gateways", &["gtw"], GATEWAY_API_VERSIONS, spec_schema::<KubeGatewaySpec>),
+    gateway_api("HTTPRoute", "httproutes", &[], GATEWAY_API_VERSIONS, spec_schema::<HttpRouteSpec>),
+    gateway_api("GRPCRoute", "grpcroutes", &[], GRPC_ROUTE_VERSIONS, spec_schema::<GrpcRouteSpec>),
     gateway_api(
         "ReferenceGrant",
         "referencegrants",
         &["refgrant"],
         REFERENCE_GRANT_VERSIONS,
         spec_schema::<ReferenceGrantSpec>,
-        false,
     ),
 ];
 
