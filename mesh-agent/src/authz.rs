@@ -218,8 +218,3 @@ impl WorkloadSecurity {
         (default, overrides)
     }
 }
-
-#[cfg(test)]
-mod props;
-#[cfg(test)]
-mod tests;

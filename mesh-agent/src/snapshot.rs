@@ -8,6 +8,13 @@
 
 mod compile;
 
+// Policy semantics judged on compiled snapshots (the seed policies, evaluation order,
+// properties): they build whole snapshots, so they live here, above authz.
+#[cfg(test)]
+mod authz_props;
+#[cfg(test)]
+mod authz_tests;
+
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;

@@ -15,7 +15,7 @@ use std::path::Path;
 use http::HeaderMap;
 use proptest::prelude::*;
 
-use super::*;
+use crate::authz::*;
 use crate::config::parse_documents;
 use crate::snapshot::Snapshot;
 use crate::state::MeshScope;

@@ -6,8 +6,8 @@ use std::path::Path;
 
 use http::HeaderMap;
 
-use super::mtls::Mode;
-use super::*;
+use crate::authz::mtls::Mode;
+use crate::authz::*;
 use crate::config::parse_documents;
 use crate::snapshot::Snapshot;
 use crate::state::MeshScope;
