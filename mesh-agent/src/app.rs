@@ -136,6 +136,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
         limits: Arc::new(crate::transport::limits::ConnLimits::new(settings.max_connections_per_source, per_node)),
         tcp_idle_timeout: settings.tcp_idle_timeout,
         egress_tls_dir: settings.egress_tls_dir.clone().into(),
+        dns_upstream: Arc::new(dns_upstream(&settings)),
     };
     let (cni_tx, mut cni_rx) = mpsc::channel::<CniRequest>(64);
     tokio::spawn(crate::cni::serve(cni_listener, cni_tx, shutdown.clone()));
@@ -320,6 +321,24 @@ impl Renewal {
 
 /// Chains `mesh-cni` into the node's CNI configuration when the agent is told where
 /// it is (the DaemonSet does; the lab runs the plugin itself).
+/// Where the DNS proxies forward: `--dns-upstream`, else the agent's own resolv.conf.
+fn dns_upstream(settings: &Settings) -> crate::proxy::dns::Upstream {
+    let servers = if settings.dns_upstream.is_empty() {
+        let conf = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        crate::proxy::dns::Upstream::from_resolv_conf(&conf)
+    } else {
+        settings.dns_upstream.clone()
+    };
+    if servers.is_empty() {
+        tracing::warn!(
+            "no DNS upstream (--dns-upstream, /etc/resolv.conf): captured pods' unknown names go unanswered"
+        );
+    } else {
+        tracing::info!(?servers, capture = ?settings.dns_capture, "DNS proxy upstream");
+    }
+    crate::proxy::dns::Upstream::new(servers)
+}
+
 fn install_cni_plugin(settings: &Settings) -> Result<(), Error> {
     let (Some(conf_dir), Some(bin_dir)) = (&settings.cni_conf_dir, &settings.cni_bin_dir) else { return Ok(()) };
     let plugin = match &settings.cni_plugin {

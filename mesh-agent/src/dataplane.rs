@@ -29,7 +29,7 @@ use aya::programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps};
 use aya::{Ebpf, EbpfLoader};
 use mesh_common::{
     CONFIG_FLAG_READY, IpKey, MeshConfig, NetnsPod, NetnsPortKey, OrigDst, PLAINTEXT_ALLOW, PLAINTEXT_DROP,
-    POD_FLAG_ENROLLED, POD_FLAG_HAS_IP6, PodInfo, SockAddrKey, capacity, globals, maps, programs,
+    POD_FLAG_DNS, POD_FLAG_ENROLLED, POD_FLAG_HAS_IP6, PodInfo, SockAddrKey, capacity, globals, maps, programs,
 };
 
 /// The kernel object built by `mesh-ebpf` (see build.rs).
@@ -261,7 +261,7 @@ impl Dataplane {
     fn attach_cgroup_programs(&self) -> Result<(), Error> {
         let cgroup = File::open(&self.paths.node_cgroup).map_err(io_err(&self.paths.node_cgroup))?;
         let mut ebpf = self.ebpf.lock().unwrap_or_else(|p| p.into_inner());
-        for name in [programs::CONNECT4, programs::CONNECT6, programs::GETPEERNAME4, programs::GETPEERNAME6] {
+        for name in programs::CGROUP_SOCK_ADDR {
             let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
             prog.load().map_err(|source| Error::Program { program: name, source })?;
             // Attached through a bpf link (kernel >= 5.7), which coexists with other links
@@ -444,18 +444,21 @@ impl Dataplane {
     /// `inbound_listener` (a listening socket in the pod's netns) and redirects its
     /// outbound connections to its outbound listener. Listeners must exist before this
     /// is called. Enrolling a pod again (new listeners) replaces its entries in place,
-    /// so it is never uncaptured in between.
+    /// so it is never uncaptured in between. With `dns`, its DNS queries go to its DNS
+    /// proxy too.
     pub fn enroll(
         &self,
         uid: &PodUid,
         netns: &Netns,
         ips: &[std::net::IpAddr],
         inbound_listener: &impl AsRawFd,
+        dns: bool,
     ) -> Result<PodEnrollment, Error> {
         let cgroup_id = self.pod_cgroup_id(uid)?;
         let uid_bytes = uid.to_bytes();
         let ino = netns.inode();
-        let mut info = PodInfo { flags: POD_FLAG_ENROLLED, uid: uid_bytes, ..Default::default() };
+        let flags = if dns { POD_FLAG_ENROLLED | POD_FLAG_DNS } else { POD_FLAG_ENROLLED };
+        let mut info = PodInfo { flags, uid: uid_bytes, ..Default::default() };
         for ip in ips {
             match ip {
                 std::net::IpAddr::V4(v4) if info.ip4 == 0 => info.ip4 = mesh_common::ip4_word(*v4),
@@ -571,6 +574,14 @@ impl Dataplane {
         unpin(&pod.sk_lookup_pin)
     }
 
+    /// Turns the capture of an enrolled pod's DNS queries on or off.
+    pub fn set_dns_capture(&self, pod: &PodEnrollment, on: bool) -> Result<(), Error> {
+        let mut t = self.tables.lock().unwrap_or_else(|p| p.into_inner());
+        let mut info = t.enrolled.get(&pod.cgroup_id, 0).map_err(map_err(maps::ENROLLED_PODS))?;
+        info.flags = if on { info.flags | POD_FLAG_DNS } else { info.flags & !POD_FLAG_DNS };
+        t.enrolled.insert(pod.cgroup_id, info, 0).map_err(map_err(maps::ENROLLED_PODS))
+    }
+
     /// Removes the sk_lookup link of an enrollment another one of the same pod has
     /// replaced (same namespace and cgroup, so the table entries are the new one's).
     pub fn retire_link(&self, old: PodEnrollment) -> Result<(), Error> {
@@ -618,7 +629,7 @@ pub fn probe_programs(bpffs: &Path) -> Result<Vec<&'static str>, Error> {
 fn load_every_program(pin_dir: &Path) -> Result<Vec<&'static str>, Error> {
     let mut ebpf = EbpfLoader::new().default_map_pin_directory(pin_dir).load(EBPF_OBJECT)?;
     let mut loaded = Vec::new();
-    for name in [programs::CONNECT4, programs::CONNECT6, programs::GETPEERNAME4, programs::GETPEERNAME6] {
+    for name in programs::CGROUP_SOCK_ADDR {
         let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
         prog.load().map_err(|source| Error::Program { program: name, source })?;
         loaded.push(name);

@@ -4,6 +4,7 @@
 mod accept;
 mod admission;
 pub mod detect;
+pub mod dns;
 mod egress;
 mod hbone;
 mod inbound;
@@ -71,6 +72,8 @@ pub struct ProxyContext {
     pub tcp_idle_timeout: Duration,
     /// The only directory whose files DestinationRules may name for TLS origination.
     pub egress_tls_dir: Arc<std::path::Path>,
+    /// Where the pods' DNS proxies forward what the mesh does not answer.
+    pub dns_upstream: Arc<dns::Upstream>,
 }
 
 impl ProxyContext {

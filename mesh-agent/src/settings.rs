@@ -248,6 +248,32 @@ pub struct Settings {
     /// Log format: `text` or `json`.
     #[arg(long, env = "MESH_LOG_FORMAT", default_value = "text")]
     pub log_format: LogFormat,
+
+    /// Whether enrolled pods' DNS queries (UDP to port 53) go to the agent's DNS proxy,
+    /// which answers for Services and ServiceEntry hosts and forwards the rest
+    /// unchanged: `on` or `off` (`true`/`false`, as Istio's
+    /// `values.cni.ambient.dnsCapture`). A namespace label or pod annotation
+    /// `ambient.istio.io/dns-capture: "true"|"false"` overrides it for its pods.
+    #[arg(long, env = "MESH_DNS_CAPTURE", value_enum, default_value = "off")]
+    pub dns_capture: DnsCapture,
+
+    /// Where the DNS proxy forwards what it does not answer (`ip:port`, comma
+    /// separated, tried in order); default: the nameservers of the agent's own
+    /// `/etc/resolv.conf` (the cluster DNS, for a DaemonSet with
+    /// `dnsPolicy: ClusterFirstWithHostNet`).
+    #[arg(long, env = "MESH_DNS_UPSTREAM", value_delimiter = ',')]
+    pub dns_upstream: Vec<SocketAddr>,
+}
+
+/// `--dns-capture`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DnsCapture {
+    /// Pods' DNS goes where they send it, unless their namespace or pod says otherwise.
+    #[value(alias = "false")]
+    Off,
+    /// Pods' DNS goes to the agent, unless their namespace or pod says otherwise.
+    #[value(alias = "true")]
+    On,
 }
 
 /// Log output format.
@@ -285,6 +311,7 @@ impl Settings {
             aliases: self.trust_domain_aliases.clone(),
             root_namespace: self.root_namespace.clone(),
             outbound: self.outbound_traffic_policy,
+            dns_capture: self.dns_capture == DnsCapture::On,
         }
     }
 

@@ -169,6 +169,35 @@ impl Snapshot {
         self.enrolled_ns.clone()
     }
 
+    /// The addresses the DNS proxy answers for `name` (lower case, no trailing dot) to
+    /// a pod of `namespace`: a Service's (`<svc>.<ns>.svc.cluster.local`: its cluster
+    /// IPs, or for a headless one the addresses of its ready endpoints), else a
+    /// ServiceEntry host's. None: the mesh does not know the name, and the query goes
+    /// upstream as it came.
+    pub fn dns_addresses(&self, name: &str, namespace: &str) -> Option<Vec<IpAddr>> {
+        let service = name
+            .strip_suffix(crate::state::SERVICE_DOMAIN)
+            .and_then(|rest| rest.split_once('.'))
+            .filter(|(_, ns)| !ns.contains('.'))
+            .and_then(|(svc, ns)| self.by_key.get(&format!("{ns}/{svc}")));
+        if let Some(s) = service {
+            let mut addresses = s.vips.clone();
+            if addresses.is_empty() {
+                for e in &s.endpoints {
+                    for ip in &e.workload.ips {
+                        if !addresses.contains(ip) {
+                            addresses.push(*ip);
+                        }
+                    }
+                }
+            }
+            if !addresses.is_empty() {
+                return Some(addresses);
+            }
+        }
+        self.external.dns_addresses(name, namespace)
+    }
+
     /// Services, for the config dump.
     pub fn services(&self) -> &[Arc<Service>] {
         &self.services

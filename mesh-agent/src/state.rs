@@ -8,6 +8,9 @@ use std::sync::Arc;
 
 use crate::identity::Identity;
 
+/// The DNS suffix of Services' names (`<name>.<namespace>` before it).
+pub const SERVICE_DOMAIN: &str = ".svc.cluster.local";
+
 /// A pod as the mesh sees it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Workload {
@@ -25,6 +28,10 @@ pub struct Workload {
     pub identity: Identity,
     /// Whether its traffic is captured and carried over mTLS.
     pub enrolled: bool,
+    /// Whether its DNS queries go to the agent's DNS proxy (an enrolled pod only): the
+    /// pod's `ambient.istio.io/dns-capture` annotation, else its namespace's label of
+    /// that name, else the mesh's setting.
+    pub dns_capture: bool,
     /// Container ports by name (for named `targetPort`s).
     pub named_ports: HashMap<String, u16>,
     /// `metadata.uid` (cluster mode): how the node's cgroups name the pod.
@@ -185,6 +192,9 @@ pub struct MeshScope {
     /// What pods may reach outside the registry (Istio's
     /// `meshConfig.outboundTrafficPolicy.mode`).
     pub outbound: OutboundPolicy,
+    /// Whether enrolled pods' DNS is captured where neither the pod nor its namespace
+    /// says.
+    pub dns_capture: bool,
 }
 
 /// Istio's `outboundTrafficPolicy.mode`: where an enrolled pod may connect that is
@@ -208,6 +218,7 @@ impl MeshScope {
             aliases: Vec::new(),
             root_namespace: "istio-system".into(),
             outbound: OutboundPolicy::AllowAny,
+            dns_capture: false,
         }
     }
 

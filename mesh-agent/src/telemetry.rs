@@ -177,6 +177,15 @@ pub struct RefusedLabels {
     pub listener: String,
 }
 
+/// Labels of `istio_mesh_dns_requests_total`: what the DNS proxies did with a query
+/// (`answered`, `forwarded`, `upstream_failed`, `refused` for a datagram not from the
+/// pod), never the name asked.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct DnsLabels {
+    /// What happened.
+    pub outcome: &'static str,
+}
+
 /// The label sets of every series that names a workload, to find those of workloads
 /// that are gone (prometheus-client's families cannot be walked).
 #[derive(Debug, Default)]
@@ -207,6 +216,7 @@ pub struct Metrics {
     denied: Family<DenyLabels, Counter>,
     refused: Family<RefusedLabels, Counter>,
     blocked: Family<BlockedLabels, Counter>,
+    dns: Family<DnsLabels, Counter>,
     series: Mutex<SeriesIndex>,
 }
 
@@ -239,7 +249,17 @@ impl Metrics {
             "Connections to destinations outside the registry refused under outboundTrafficPolicy REGISTRY_ONLY",
             m.blocked.clone(),
         );
+        registry.register(
+            "mesh_dns_requests",
+            "DNS queries of captured pods: answered by the mesh, forwarded upstream, failed upstream, refused",
+            m.dns.clone(),
+        );
         m
+    }
+
+    /// Counts a DNS query by what the proxy did with it.
+    pub fn dns(&self, outcome: &'static str) {
+        self.dns.get_or_create(&DnsLabels { outcome }).inc();
     }
 
     /// Counts a connection `src` made outside the registry, refused (REGISTRY_ONLY).

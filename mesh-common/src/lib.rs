@@ -31,9 +31,14 @@ pub mod ports {
     pub const METRICS: u16 = 15020;
     /// Node-level readiness probe.
     pub const READINESS: u16 = 15021;
+    /// DNS proxy (UDP): a pod's queries to port 53 are sent here when its DNS is
+    /// captured.
+    pub const DNS: u16 = 15053;
+    /// The port DNS queries are sent to, and the only one whose UDP is captured.
+    pub const DNS_SERVER: u16 = 53;
 
     /// Ports the mesh owns; the kernel never steers or redirects connections to them.
-    pub const MESH_OWNED: [u16; 6] = [OUTBOUND, INBOUND_PLAINTEXT, INBOUND_HBONE, ADMIN, METRICS, READINESS];
+    pub const MESH_OWNED: [u16; 7] = [OUTBOUND, INBOUND_PLAINTEXT, INBOUND_HBONE, ADMIN, METRICS, READINESS, DNS];
 
     /// True for the ports of the agent's own listeners inside a pod's network namespace
     /// (15001, 15006, 15008): `sk_lookup` leaves them to the agent. The node-level
@@ -55,6 +60,7 @@ pub mod ports {
             || port == ADMIN
             || port == METRICS
             || port == READINESS
+            || port == DNS
     }
 }
 
@@ -88,6 +94,8 @@ pub mod maps {
     pub const PROBE_FLOWS: &str = "PROBE_FLOWS";
     /// `PerCpuArray<u64>` with one entry: probe connections let through.
     pub const PROBE_STATS: &str = "PROBE_STATS";
+    /// Socket cookie -> the DNS server a pod's UDP socket last asked (LRU).
+    pub const DNS_ORIG_DST: &str = "DNS_ORIG_DST";
     /// aya-log's ring buffer. Pinned so that every per-pod `sk_lookup` instance writes
     /// to the one buffer the agent reads, instead of each load creating its own.
     pub const AYA_LOGS: &str = "AYA_LOGS";
@@ -117,6 +125,17 @@ pub mod programs {
     pub const SK_LOOKUP: &str = "mesh_sk_lookup";
     /// `sockops` on the kubelet's cgroup: records its connections in `PROBE_FLOWS`.
     pub const PROBE_SOCKOPS: &str = "mesh_probe_sockops";
+    /// `cgroup/sendmsg4`: DNS queries sent with an address (unconnected UDP).
+    pub const SENDMSG4: &str = "mesh_sendmsg4";
+    /// `cgroup/sendmsg6`.
+    pub const SENDMSG6: &str = "mesh_sendmsg6";
+    /// `cgroup/recvmsg4`: DNS answers shown as coming from the server the pod asked.
+    pub const RECVMSG4: &str = "mesh_recvmsg4";
+    /// `cgroup/recvmsg6`.
+    pub const RECVMSG6: &str = "mesh_recvmsg6";
+    /// Every `cgroup_sock_addr` program, all attached to the node's cgroup.
+    pub const CGROUP_SOCK_ADDR: [&str; 8] =
+        [CONNECT4, CONNECT6, GETPEERNAME4, GETPEERNAME6, SENDMSG4, SENDMSG6, RECVMSG4, RECVMSG6];
 }
 
 /// Capacity of the maps; sizes are per node.
@@ -127,6 +146,10 @@ pub mod capacity {
     /// needed only between `connect()` and the agent's `accept()`, so the oldest going
     /// first under pressure is the right eviction.
     pub const CONNECTIONS: u32 = 65536;
+    /// UDP sockets whose DNS queries were sent to the agent, remembered so answers
+    /// show the server the pod asked (an LRU map: a resolver's socket lives for one
+    /// lookup, and nothing tells the kernel side when it closes).
+    pub const DNS_SOCKETS: u32 = 16384;
     /// Excluded ports.
     pub const EXCLUDED_PORTS: u32 = 256;
     /// Plaintext verdict entries one pod may hold: its default and up to 15 ports. A
@@ -145,6 +168,9 @@ pub mod capacity {
 pub const POD_FLAG_ENROLLED: u32 = 1;
 /// `PodInfo.flags`: the pod has an IPv6 address in `ip6`.
 pub const POD_FLAG_HAS_IP6: u32 = 2;
+/// `PodInfo.flags`: the pod's DNS queries (UDP to port 53) go to the agent's DNS proxy
+/// at `<pod ip>:15053`.
+pub const POD_FLAG_DNS: u32 = 4;
 
 /// `MeshConfig.flags`: the agent is up and configured. When zero, capture still
 /// redirects (fail closed) but nothing else is assumed.

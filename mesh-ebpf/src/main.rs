@@ -7,6 +7,12 @@
 //!   original destination by the client's address, which is what the agent sees on
 //!   `accept()`.
 //! * `cgroup/getpeername4` / `getpeername6`: show the application its original peer.
+//! * DNS capture, for pods whose `PodInfo` has `POD_FLAG_DNS`: UDP to port 53 is sent
+//!   to the agent's DNS proxy at `<pod ip>:15053`, by `connect4`/`connect6` for a
+//!   connected socket and `cgroup/sendmsg4`/`sendmsg6` for a datagram sent with an
+//!   address; `cgroup/recvmsg4`/`recvmsg6` (and `getpeername`) show the answers as
+//!   coming from the server the pod asked, so resolvers that check the source accept
+//!   them.
 //! * `sk_lookup` (one instance per enrolled pod, attached to its netns, which it knows
 //!   by a load-time constant): steer inbound connections to any address of the pod to
 //!   the agent's plaintext inbound listener in that netns; drop them when the agent is
@@ -31,8 +37,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{debug, warn};
 use mesh_common::{
-    CONFIG_FLAG_READY, FlowKey, IpKey, MeshConfig, NetnsPod, NetnsPortKey, OrigDst, PLAINTEXT_DROP, POD_FLAG_ENROLLED,
-    POD_FLAG_HAS_IP6, PodInfo, SockAddrKey, capacity, ports,
+    CONFIG_FLAG_READY, FlowKey, IpKey, MeshConfig, NetnsPod, NetnsPortKey, OrigDst, PLAINTEXT_DROP, POD_FLAG_DNS,
+    POD_FLAG_ENROLLED, POD_FLAG_HAS_IP6, PodInfo, SockAddrKey, capacity, ports,
 };
 
 /// `cgroup_sock_addr` verdicts.
@@ -45,6 +51,7 @@ const SK_DROP: u32 = 0;
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
 const IPPROTO_TCP: u32 = 6;
+const IPPROTO_UDP: u32 = 17;
 /// 127.0.0.0/8 in network order, as the first byte of `user_ip4`.
 const LOOPBACK_FIRST_OCTET: u32 = 127;
 
@@ -79,6 +86,11 @@ static PROBE_FLOWS: LruHashMap<FlowKey, u32> = LruHashMap::pinned(capacity::PROB
 
 #[map(name = "PROBE_STATS")]
 static PROBE_STATS: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
+
+// Kept apart from COOKIE_ORIG_DST: UDP sockets never tell the kernel side they closed,
+// so their entries leave only by eviction, which must not push out TCP connections'.
+#[map(name = "DNS_ORIG_DST")]
+static DNS_ORIG_DST: LruHashMap<u64, OrigDst> = LruHashMap::pinned(capacity::DNS_SOCKETS, 0);
 
 /// The inode of the network namespace this `sk_lookup` instance is attached to, set
 /// by the agent when it loads the instance for a pod ([`mesh_common::globals::NETNS_INO`]).
@@ -152,6 +164,9 @@ fn has_bypass_mark(sa: &bpf_sock_addr) -> bool {
 fn try_connect(ctx: &SockAddrContext, v6_hook: bool) -> Result<i32, i32> {
     // SAFETY: the context pointer is valid for the whole program run.
     let sa = unsafe { &mut *ctx.sock_addr };
+    if sa.protocol == IPPROTO_UDP {
+        return redirect_dns(ctx, v6_hook);
+    }
     if sa.protocol != IPPROTO_TCP {
         return Ok(ALLOW);
     }
@@ -242,6 +257,106 @@ fn is_excluded_port(port: u16) -> bool {
 #[inline(always)]
 fn is_v6_loopback(ip: &IpKey) -> bool {
     ip.words[0] == 0 && ip.words[1] == 0 && ip.words[2] == 0 && ip.words[3] == u32::from_be(1)
+}
+
+// === DNS capture: sendmsg4 / sendmsg6 / recvmsg4 / recvmsg6 ===
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn mesh_sendmsg4(ctx: SockAddrContext) -> i32 {
+    redirect_dns(&ctx, false).unwrap_or(REJECT)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn mesh_sendmsg6(ctx: SockAddrContext) -> i32 {
+    redirect_dns(&ctx, true).unwrap_or(REJECT)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn mesh_recvmsg4(ctx: SockAddrContext) -> i32 {
+    restore_dns_server(&ctx, false);
+    ALLOW
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn mesh_recvmsg6(ctx: SockAddrContext) -> i32 {
+    restore_dns_server(&ctx, true);
+    ALLOW
+}
+
+/// Sends a DNS query (UDP to port 53, `connect()` or `sendmsg()` with an address) of a
+/// pod whose DNS is captured to the agent's DNS proxy at `<pod ip>:15053`, and records
+/// the server it was meant for under the socket's cookie. Loopback (a resolver inside
+/// the pod) and the pod's own address are left alone. `Err` only when the server cannot
+/// be recorded, which refuses the send: an answer the resolver would discard as coming
+/// from the wrong server is worse than a clear error.
+#[inline(always)]
+fn redirect_dns(ctx: &SockAddrContext, v6_hook: bool) -> Result<i32, i32> {
+    // SAFETY: the context pointer is valid for the whole program run.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if sa.protocol != IPPROTO_UDP || u16::from_be(sa.user_port as u16) != ports::DNS_SERVER {
+        return Ok(ALLOW);
+    }
+    let Some(pod) = enrolled_pod() else { return Ok(ALLOW) };
+    if pod.flags & POD_FLAG_DNS == 0 || has_bypass_mark(sa) {
+        return Ok(ALLOW);
+    }
+    let dst = if v6_hook { IpKey { words: read_ip6(&sa.user_ip6) } } else { IpKey::from_v4(sa.user_ip4) };
+    let to_v4 = dst.is_v4_mapped();
+    if to_v4 {
+        let ip4 = dst.words[3];
+        if u32::from_be(ip4) >> 24 == LOOPBACK_FIRST_OCTET || ip4 == pod.ip4 {
+            return Ok(ALLOW);
+        }
+    } else if is_v6_loopback(&dst) || pod.flags & POD_FLAG_HAS_IP6 == 0 || dst == pod.ip6 {
+        return Ok(ALLOW);
+    }
+    // SAFETY: valid in cgroup sock_addr programs since 5.7.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    let orig = OrigDst { ip: dst, port: ports::DNS_SERVER, family: if v6_hook { 6 } else { 4 }, _pad: 0 };
+    if DNS_ORIG_DST.insert(&cookie, &orig, 0).is_err() {
+        warn!(ctx, "mesh: cannot record the DNS server asked, refusing the query");
+        return Err(REJECT);
+    }
+    if v6_hook {
+        write_ip6(&mut sa.user_ip6, if to_v4 { IpKey::from_v4(pod.ip4).words } else { pod.ip6.words });
+    } else {
+        sa.user_ip4 = pod.ip4;
+    }
+    sa.user_port = u32::from(ports::DNS.to_be());
+    Ok(ALLOW)
+}
+
+/// Shows an answer from the agent's DNS proxy (`<pod ip>:15053`, received by a socket
+/// whose query was redirected) as coming from the server the pod asked.
+#[inline(always)]
+fn restore_dns_server(ctx: &SockAddrContext, v6_hook: bool) {
+    // SAFETY: the context pointer is valid for the whole program run.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if u16::from_be(sa.user_port as u16) != ports::DNS {
+        return;
+    }
+    // SAFETY: valid in cgroup sock_addr programs since 5.7.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    // SAFETY: copied out at once.
+    let Some(orig) = (unsafe { DNS_ORIG_DST.get(&cookie) }).copied() else { return };
+    let Some(pod) = enrolled_pod() else { return };
+    // Only the proxy's own address is rewritten: a datagram from port 15053 of any
+    // other host stays what it is.
+    let from = if v6_hook { IpKey { words: read_ip6(&sa.user_ip6) } } else { IpKey::from_v4(sa.user_ip4) };
+    let from_proxy = if from.is_v4_mapped() {
+        from.words[3] == pod.ip4
+    } else {
+        pod.flags & POD_FLAG_HAS_IP6 != 0 && from == pod.ip6
+    };
+    if !from_proxy {
+        return;
+    }
+    if v6_hook {
+        write_ip6(&mut sa.user_ip6, orig.ip.words);
+    } else {
+        sa.user_ip4 = orig.ip.words[3];
+    }
+    sa.user_port = u32::from(orig.port.to_be());
 }
 
 // === sockops ===
@@ -346,10 +461,11 @@ pub fn mesh_getpeername6(ctx: SockAddrContext) -> i32 {
 fn restore_peer(ctx: &SockAddrContext, v6_hook: bool) {
     // SAFETY: valid in cgroup sock_addr programs since 5.7.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
-    // SAFETY: copied out at once.
-    let Some(orig) = (unsafe { COOKIE_ORIG_DST.get(&cookie) }).copied() else { return };
     // SAFETY: the context pointer is valid for the whole program run.
     let sa = unsafe { &mut *ctx.sock_addr };
+    let table = if sa.protocol == IPPROTO_UDP { &DNS_ORIG_DST } else { &COOKIE_ORIG_DST };
+    // SAFETY: copied out at once.
+    let Some(orig) = (unsafe { table.get(&cookie) }).copied() else { return };
     if v6_hook {
         write_ip6(&mut sa.user_ip6, orig.ip.words);
     } else {

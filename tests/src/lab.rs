@@ -51,6 +51,10 @@ pub const CA_SERVER_NAME: &str = "mesh-ca.istio-system.svc";
 pub const CLIENT_NETNS: &str = "meshlab-client";
 /// The outside client's address.
 pub const CLIENT_ADDR: &str = "10.255.0.200";
+/// The lab's cluster DNS: pods' resolv.conf names it, and agents forward to it what
+/// their DNS proxies do not answer. Nothing listens there unless a test starts a
+/// server in the outside client's netns (which also stands for "the internet").
+pub const CLUSTER_DNS: &str = CLIENT_ADDR;
 /// The image name that makes a lab pod run the mesh's gateway instead of the echo app.
 pub const GATEWAY_IMAGE: &str = "mesh-gateway";
 /// The TLS Secret the lab writes for the reference Gateway's `credentialName`, in the
@@ -925,11 +929,22 @@ impl Lab {
     }
 
     /// `/etc/netns/<pod>/hosts`: `ip netns exec` bind-mounts it over /etc/hosts, so
-    /// pods resolve `svc`, `svc.ns` and `svc.ns.svc.cluster.local`.
+    /// pods resolve `svc`, `svc.ns` and `svc.ns.svc.cluster.local`; and
+    /// `/etc/netns/<pod>/resolv.conf`, a kubelet's for the pod, naming [`CLUSTER_DNS`].
     fn write_hosts(&self) -> anyhow::Result<()> {
         for p in &self.pods {
             let dir = Path::new("/etc/netns").join(&p.netns);
             fs::create_dir_all(&dir)?;
+            let ns = &p.namespace;
+            fs::write(
+                dir.join("resolv.conf"),
+                format!(
+                    "nameserver {CLUSTER_DNS}
+search {ns}.svc.cluster.local svc.cluster.local cluster.local
+                     options ndots:5 timeout:1 attempts:2
+"
+                ),
+            )?;
             let mut hosts = String::from("127.0.0.1 localhost\n::1 localhost\n");
             hosts.push_str(&format!("{} {}\n", p.ip, p.name));
             for (key, (name, ip)) in &self.services {
@@ -1059,6 +1074,7 @@ impl Lab {
         let mut cmd = in_cgroup_netns(&self.cgroup_root.join(&n.agent_cgroup), &n.netns, Enter::Nsenter, &argv);
         let child = cmd
             .env("MESH_LOG", &self.agent_log)
+            .env("MESH_DNS_UPSTREAM", format!("{CLUSTER_DNS}:53"))
             .envs(&self.agent_env)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -1343,8 +1359,8 @@ impl Lab {
 #[derive(Clone, Copy)]
 enum Enter {
     /// As `ip netns exec` does for what matters here: the netns, and
-    /// `/etc/netns/<name>/hosts` over /etc/hosts in a private mount namespace (pods
-    /// resolve Services by name). /sys is not remounted, so the cgroup2 mount stays.
+    /// `/etc/netns/<name>/hosts` and `resolv.conf` over /etc's in a private mount
+    /// namespace (pods resolve Services by name). /sys is not remounted, so the cgroup2 mount stays.
     IpNetnsExec,
     /// The netns alone, with the host's mounts: the agent needs the cgroup2 and bpffs
     /// mounts (a DaemonSet pod gets them as hostPath mounts).
@@ -1361,8 +1377,12 @@ fn in_cgroup_netns(cgroup: &Path, netns: &str, enter: Enter, argv: &[String]) ->
     let join = "echo $$ > \"$0/cgroup.procs\" && exec \"$@\"";
     match enter {
         Enter::IpNetnsExec => {
-            let hosts = Path::new("/etc/netns").join(netns).join("hosts");
-            let script = format!("[ -f {0} ] && mount --bind {0} /etc/hosts; {join}", hosts.display());
+            let dir = Path::new("/etc/netns").join(netns);
+            let script = format!(
+                "[ -f {0}/hosts ] && mount --bind {0}/hosts /etc/hosts; \
+                 [ -f {0}/resolv.conf ] && mount --bind {0}/resolv.conf /etc/resolv.conf; {join}",
+                dir.display()
+            );
             cmd.args(["unshare", "--mount", "--propagation", "private", "bash", "-c", &script]);
         }
         Enter::Nsenter => {

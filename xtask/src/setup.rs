@@ -8,7 +8,8 @@ use anyhow::{Context as _, bail};
 use mesh_tests::sys::have;
 
 /// Debian packages: LLVM for bpf-linker, and the lab's tools (Prometheus scrapes the
-/// agents in a test; buildah builds the agent image and podman, with runc, runs it).
+/// agents in a test; buildah builds the agent image and podman, with runc, runs it;
+/// dnsmasq plays the cluster DNS behind the DNS proxy and dig asks it).
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -24,12 +25,14 @@ const APT_PACKAGES: &[&str] = &[
     "podman",
     "runc",
     "python3-grpcio",
+    "dnsmasq-base",
+    "bind9-dnsutils",
 ];
 /// Python modules the tests import (a real gRPC client: grpcio).
 const REQUIRED_PYTHON_MODULES: &[&str] = &["grpc"];
 /// Commands whose absence means the apt step must run.
 const REQUIRED_COMMANDS: &[&str] =
-    &["ip", "curl", "tcpdump", "openssl", "sysctl", "prometheus", "buildah", "podman", "runc"];
+    &["ip", "curl", "tcpdump", "openssl", "sysctl", "prometheus", "buildah", "podman", "runc", "dnsmasq", "dig"];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
 /// The dated nightly that builds the kernel programs, pinned in
@@ -121,7 +124,7 @@ pub fn run() -> anyhow::Result<()> {
     step(
         1,
         total,
-        "system packages (LLVM 22 for bpf-linker, iproute2, curl, tcpdump, openssl, prometheus, buildah, podman)",
+        "system packages (LLVM 22 for bpf-linker, iproute2, curl, tcpdump, openssl, prometheus, buildah, podman, dnsmasq, dig)",
     );
     if apt_needed() {
         apt_install(APT_PACKAGES)?;

@@ -36,6 +36,8 @@ struct RunningPod {
     netns: u64,
     /// What the kernel holds for the pod's plaintext, to write only changes.
     plaintext: Option<PlaintextVerdicts>,
+    /// Whether the kernel sends the pod's DNS queries to its proxy.
+    dns_capture: bool,
 }
 
 /// A sandbox the CNI plugin announced: the pod's namespace and addresses.
@@ -224,6 +226,7 @@ impl Pods {
         }
         self.state = state;
         self.set_plaintext_verdicts(dataplane, snap);
+        self.set_dns_capture(dataplane, &wanted);
         // Namespaces announced by the plugin for pods the config never showed.
         self.sandboxes.retain(|uid, s| wanted_uids.contains(uid) || s.since.elapsed() < CNI_WAIT);
     }
@@ -265,8 +268,10 @@ impl Pods {
             },
         };
         let proxy = PodProxy::start(ctx, w.clone(), netns.clone()).map_err(|e| PodState::Failed(e.to_string()))?;
-        match dataplane.enroll(&want.uid, &netns, &w.ips, &proxy) {
-            Ok(enrollment) => Ok(RunningPod { proxy, enrollment, netns: netns.inode(), plaintext: None }),
+        match dataplane.enroll(&want.uid, &netns, &w.ips, &proxy, w.dns_capture) {
+            Ok(enrollment) => {
+                Ok(RunningPod { proxy, enrollment, netns: netns.inode(), plaintext: None, dns_capture: w.dns_capture })
+            }
             Err(e) => {
                 // Dropping the proxy closes its listeners: no handle on the namespace stays.
                 proxy.stop();
@@ -285,6 +290,24 @@ impl Pods {
             tracing::info!(%pod, %uid, why, "pod no longer served");
         }
         self.state.remove(uid.as_str());
+    }
+
+    /// Follows a namespace's or pod's DNS capture setting changing while the pod runs.
+    fn set_dns_capture(&mut self, dataplane: &Dataplane, wanted: &[Wanted]) {
+        for want in wanted {
+            let Some(p) = self.running.get_mut(&want.uid) else { continue };
+            let on = want.workload.dns_capture;
+            if p.dns_capture == on {
+                continue;
+            }
+            match dataplane.set_dns_capture(&p.enrollment, on) {
+                Ok(()) => {
+                    tracing::info!(pod = %want.workload.key(), dns_capture = on, "DNS capture changed");
+                    p.dns_capture = on;
+                }
+                Err(e) => tracing::error!(pod = %want.workload.key(), error = %e, "changing DNS capture failed"),
+            }
+        }
     }
 
     fn set_plaintext_verdicts(&mut self, dataplane: &Dataplane, snap: &Snapshot) {

@@ -25,6 +25,7 @@ const HELM: &[(&str, &str)] = &[
     ("helm-root-namespace", "{{ .Values.meshConfig.rootNamespace | quote }}"),
     ("helm-outbound-traffic-policy", "{{ .Values.meshConfig.outboundTrafficPolicy.mode | quote }}"),
     ("helm-cert-ttl", "{{ .Values.global.workloadCertTtl | quote }}"),
+    ("helm-dns-capture", "{{ .Values.cni.ambient.dnsCapture | quote }}"),
     ("helm-requests-cpu", "{{ .Values.global.proxy.resources.requests.cpu | quote }}"),
     ("helm-requests-memory", "{{ .Values.global.proxy.resources.requests.memory | quote }}"),
     ("helm-limits-cpu", "{{ .Values.global.proxy.resources.limits.cpu | quote }}"),
@@ -88,6 +89,7 @@ fn helm_chart() -> Vec<(PathBuf, String)> {
             "outboundTrafficPolicy": {"mode": defaults.outbound_traffic_policy},
         },
         "telemetry": {"enabled": true},
+        "cni": {"ambient": {"dnsCapture": defaults.dns_capture == "true"}},
     });
     let values = format!(
         "# Defaults of the `default` profile; the keys are the ones `meshctl install --set` takes.\n{}",
@@ -102,6 +104,7 @@ fn helm_chart() -> Vec<(PathBuf, String)> {
     marked.root_namespace = "helm-root-namespace".into();
     marked.outbound_traffic_policy = "helm-outbound-traffic-policy".into();
     marked.cert_ttl = "helm-cert-ttl".into();
+    marked.dns_capture = "helm-dns-capture".into();
     for k in ["requests", "limits"] {
         for r in ["cpu", "memory"] {
             marked.resources.insert((k.into(), r.into()), format!("helm-{k}-{r}"));

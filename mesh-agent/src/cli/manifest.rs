@@ -106,6 +106,9 @@ pub struct Values {
     pub root_namespace: String,
     /// `meshConfig.outboundTrafficPolicy.mode`: `ALLOW_ANY` or `REGISTRY_ONLY`.
     pub outbound_traffic_policy: String,
+    /// `values.cni.ambient.dnsCapture`: `true` or `false`, whether enrolled pods' DNS
+    /// goes to the agents' DNS proxies where their namespace or pod does not say.
+    pub dns_capture: String,
     /// Workload certificate lifetime (`values.global.workloadCertTtl`).
     pub cert_ttl: String,
     /// `values.global.proxy.resources.{requests,limits}.{cpu,memory}`.
@@ -144,6 +147,7 @@ impl Values {
             trust_domain: "cluster.local".into(),
             root_namespace: "istio-system".into(),
             outbound_traffic_policy: "ALLOW_ANY".into(),
+            dns_capture: "false".into(),
             cert_ttl: "24h".into(),
             resources,
             crds: profile != Profile::Minimal,
@@ -215,6 +219,7 @@ impl Values {
                 self.cert_ttl = value;
             }
             "values.base.enableCRDs" => self.crds = boolean(&value)?,
+            "values.cni.ambient.dnsCapture" => self.dns_capture = boolean(&value)?.to_string(),
             "values.telemetry.enabled" => self.metrics_service = boolean(&value)?,
             _ => {
                 let known = known_keys();
@@ -243,6 +248,7 @@ pub fn known_keys() -> Vec<String> {
         "meshConfig.rootNamespace",
         "meshConfig.outboundTrafficPolicy.mode",
         "values.base.enableCRDs",
+        "values.cni.ambient.dnsCapture",
         "values.telemetry.enabled",
     ]
     .iter()
@@ -441,6 +447,7 @@ pub fn objects(v: &Values) -> Vec<serde_json::Value> {
                 ("MESH_TRUST_DOMAIN".to_string(), v.trust_domain.clone()),
                 ("MESH_ROOT_NAMESPACE".to_string(), v.root_namespace.clone()),
                 ("MESH_OUTBOUND_TRAFFIC_POLICY".to_string(), v.outbound_traffic_policy.clone()),
+                ("MESH_DNS_CAPTURE".to_string(), v.dns_capture.clone()),
                 ("MESH_CERT_TTL".to_string(), v.cert_ttl.clone()),
                 ("MESH_LOG".to_string(), v.log_level.clone()),
                 ("MESH_CONFIG_SOURCE".to_string(), "kubernetes".to_string()),

@@ -7,11 +7,11 @@ use std::sync::Arc;
 use mesh_common::ports;
 use std::borrow::Borrow;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UdpSocket};
 use tokio_util::sync::CancellationToken;
 
 use super::accept::{OrigFrom, accept_loop};
-use super::{ProxyContext, hbone, inbound, outbound};
+use super::{ProxyContext, dns, hbone, inbound, outbound};
 use crate::dataplane::Netns;
 use crate::state::Workload;
 use crate::transport::{Error, sockets};
@@ -21,7 +21,9 @@ use crate::transport::{Error, sockets};
 /// Outbound: one listener per address family the pod has (`<pod ip>:15001`, where
 /// connect4/connect6 send its connections). Inbound plaintext (15006) and HBONE
 /// (15008): one dual-stack listener each, since the kernel steers connections to any
-/// address of the pod, IPv4 or IPv6, to them.
+/// address of the pod, IPv4 or IPv6, to them. DNS (UDP 15053): one socket per family,
+/// at the address the kernel sends the pod's queries to when its DNS is captured
+/// (bound whether or not it is, so capture can be turned on without a restart).
 #[derive(Debug)]
 pub struct PodProxy {
     /// The pod served.
@@ -46,6 +48,11 @@ impl PodProxy {
             .collect::<Result<_, _>>()?;
         let inbound = Arc::new(sockets::listen_dual_stack_in(&netns, ports::INBOUND_PLAINTEXT)?);
         let hbone = sockets::listen_dual_stack_in(&netns, ports::INBOUND_HBONE)?;
+        let dns_sockets: Vec<UdpSocket> = first_v4
+            .into_iter()
+            .chain(first_v6)
+            .map(|ip| sockets::bind_udp_in(&netns, SocketAddr::new(*ip, ports::DNS)))
+            .collect::<Result<_, _>>()?;
 
         let server_tls =
             crate::identity::server_config(ctx.dialer.certs.clone(), workload.identity.clone(), &ctx.dialer.verifier)?;
@@ -56,6 +63,15 @@ impl PodProxy {
         let pod = (workload.clone(), netns.clone());
         tokio::spawn(serve_plain(ctx.clone(), pod, inbound.clone(), Plain::Inbound, stop.clone()));
         tokio::spawn(hbone::serve(ctx.clone(), workload.clone(), netns, hbone, server_tls, stop.clone()));
+        for socket in dns_sockets {
+            let dns = dns::DnsContext {
+                workload: workload.clone(),
+                snapshot: ctx.snapshot.clone(),
+                upstream: ctx.dns_upstream.clone(),
+                metrics: ctx.metrics.clone(),
+            };
+            tokio::spawn(dns::serve(dns, socket, stop.clone()));
+        }
         tracing::info!(pod = %workload.name, namespace = %workload.namespace, identity = %workload.identity, "pod proxy started");
         Ok(Self { inbound_fd: inbound.as_raw_fd(), _inbound: inbound, workload, stop })
     }

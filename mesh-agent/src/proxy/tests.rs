@@ -87,6 +87,7 @@ impl Mesh {
             limits: Arc::new(ConnLimits::new(1024, 4096)),
             tcp_idle_timeout: Duration::from_secs(60),
             egress_tls_dir: std::path::Path::new("/nonexistent").into(),
+            dns_upstream: Arc::default(),
         };
         ctx.l7.round_robin.fit(&snapshot);
         let netns = Arc::new(Netns::host().expect("the test's own network namespace"));

@@ -214,6 +214,7 @@ spec:
         aliases: vec!["old.example".into()],
         root_namespace: "istio-system".into(),
         outbound: Default::default(),
+        dns_capture: false,
     };
     let snap = snapshot_with(&mesh, &[policy(yaml)]);
     let a = &snap.security("production/myapp-v1").authz;

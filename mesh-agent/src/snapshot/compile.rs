@@ -26,6 +26,26 @@ const ENROLL_LABELS: &[(&str, &str)] = &[("istio-injection", "enabled"), ("istio
 const OPT_OUT_LABELS: &[(&str, &str)] = &[("istio.io/dataplane-mode", "none"), ("sidecar.istio.io/inject", "false")];
 /// Namespace annotation Linkerd users set for the same purpose.
 const LINKERD_INJECT: (&str, &str) = ("linkerd.io/inject", "enabled");
+/// Namespace label, or pod annotation or label, turning DNS capture on (`"true"`) or
+/// off (`"false"`) for its pods, whatever the mesh's default (Istio ambient's key).
+const DNS_CAPTURE: &str = "ambient.istio.io/dns-capture";
+
+/// What a namespace says about its pods.
+#[derive(Debug, Clone, Copy, Default)]
+struct NamespaceModes {
+    enrolled: bool,
+    /// `DNS_CAPTURE`, when it says.
+    dns_capture: Option<bool>,
+}
+
+/// `"true"` / `"false"` (any case); anything else says nothing.
+fn switch(value: Option<&String>) -> Option<bool> {
+    match value?.to_ascii_lowercase().as_str() {
+        "true" => Some(true),
+        "false" => Some(false),
+        _ => None,
+    }
+}
 
 impl Snapshot {
     /// Compiles objects into lookup tables with the default [`MeshScope`].
@@ -36,24 +56,28 @@ impl Snapshot {
     /// Compiles objects into lookup tables.
     pub fn compile_in(objects: &[Object], mesh: &MeshScope, version: u64) -> Self {
         let trust_domain = mesh.trust_domain.as_str();
-        let mut enrolled_ns = HashMap::new();
+        let mut namespaces = HashMap::new();
         for o in objects {
             if let Object::Namespace(ns) = o {
                 let by_label = ENROLL_LABELS.iter().any(|(k, v)| ns.metadata.labels.get(*k).is_some_and(|x| x == v));
                 let by_annotation =
                     ns.metadata.annotations.get(LINKERD_INJECT.0).is_some_and(|v| v == LINKERD_INJECT.1);
-                enrolled_ns.insert(ns.metadata.name.clone(), by_label || by_annotation);
+                let modes = NamespaceModes {
+                    enrolled: by_label || by_annotation,
+                    dns_capture: switch(ns.metadata.labels.get(DNS_CAPTURE)),
+                };
+                namespaces.insert(ns.metadata.name.clone(), modes);
             }
         }
         let mut snap = Snapshot {
             version,
             config_digest: config_digest(objects),
-            enrolled_ns: enrolled_ns.iter().filter(|(_, on)| **on).map(|(n, _)| n.clone()).collect(),
+            enrolled_ns: namespaces.iter().filter(|(_, m)| m.enrolled).map(|(n, _)| n.clone()).collect(),
             ..Default::default()
         };
         for o in objects {
             if let Object::Pod(pod) = o {
-                let w = Arc::new(workload(pod, trust_domain, &enrolled_ns));
+                let w = Arc::new(workload(pod, mesh, &namespaces));
                 // A hostNetwork pod's address is its node's, shared by every such pod
                 // and the node itself; a finished pod's address may be a new pod's.
                 if !pod.spec.host_network && !pod.is_finished() {
@@ -532,8 +556,9 @@ impl Snapshot {
     }
 }
 
-fn workload(pod: &Pod, trust_domain: &str, enrolled_ns: &HashMap<String, bool>) -> Workload {
+fn workload(pod: &Pod, mesh: &MeshScope, namespaces: &HashMap<String, NamespaceModes>) -> Workload {
     let namespace = pod.metadata.namespace_or_default();
+    let ns = namespaces.get(&namespace).copied().unwrap_or_default();
     let sa = pod.spec.service_account_name.clone().unwrap_or_else(|| "default".into());
     let opted_out = OPT_OUT_LABELS.iter().any(|(k, v)| pod.metadata.labels.get(*k).is_some_and(|x| x == v));
     let mut ips: Vec<IpAddr> = Vec::new();
@@ -555,10 +580,15 @@ fn workload(pod: &Pod, trust_domain: &str, enrolled_ns: &HashMap<String, bool>) 
     // A hostNetwork pod is the node as far as the network goes (enrolling it would
     // put STRICT in front of the kubelet); a finished pod has nothing left to capture.
     let capturable = !pod.spec.host_network && !pod.is_finished();
+    let enrolled = ns.enrolled && !opted_out && capturable;
+    // The pod's own say first: it decides only where its own queries go.
+    let pod_dns =
+        switch(pod.metadata.annotations.get(DNS_CAPTURE)).or_else(|| switch(pod.metadata.labels.get(DNS_CAPTURE)));
     Workload {
         name: pod.metadata.name.clone(),
-        enrolled: enrolled_ns.get(&namespace).copied().unwrap_or(false) && !opted_out && capturable,
-        identity: Identity::new(trust_domain, &namespace, &sa),
+        enrolled,
+        dns_capture: enrolled && pod_dns.or(ns.dns_capture).unwrap_or(mesh.dns_capture),
+        identity: Identity::new(&mesh.trust_domain, &namespace, &sa),
         namespace,
         labels: pod.metadata.labels.clone(),
         node: pod.spec.node_name.clone(),
@@ -629,6 +659,7 @@ fn slice_endpoints(snap: &Snapshot, slices: &[&EndpointSlice], namespace: &str, 
                     ips: vec![ip],
                     identity: Identity::new(trust_domain, namespace, "default"),
                     enrolled: false,
+                    dns_capture: false,
                     named_ports: HashMap::new(),
                     uid: None,
                     serving: true,
@@ -746,6 +777,66 @@ spec: {host: myapp, trafficPolicy: {tls: {mode: SIMPLE}}}
         let local: Vec<_> = s.local_enrolled("node1").map(|w| w.name.as_str()).collect();
         assert_eq!(local, ["myapp-v2"]);
         assert_eq!(s.workloads[0].identity.to_string(), "spiffe://cluster.local/ns/production/sa/myapp");
+    }
+
+    #[test]
+    fn dns_capture_follows_the_pod_then_its_namespace_then_the_mesh() {
+        let yaml = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: on, labels: {istio-injection: enabled, ambient.istio.io/dns-capture: "true"}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: off, labels: {istio-injection: enabled, ambient.istio.io/dns-capture: "False"}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: silent, labels: {istio-injection: enabled}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: outside, labels: {ambient.istio.io/dns-capture: "true"}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: on}
+spec: {nodeName: node1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: b, namespace: on, annotations: {ambient.istio.io/dns-capture: "false"}}
+spec: {nodeName: node1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: c, namespace: off}
+spec: {nodeName: node1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: d, namespace: off, annotations: {ambient.istio.io/dns-capture: "true"}}
+spec: {nodeName: node1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: e, namespace: silent}
+spec: {nodeName: node1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: f, namespace: outside, annotations: {ambient.istio.io/dns-capture: "true"}}
+spec: {nodeName: node1}
+"#;
+        let objects = parse_documents(Path::new("dns.yaml"), yaml).unwrap();
+        let captured = |mesh_default: bool| -> Vec<String> {
+            let mesh = MeshScope { dns_capture: mesh_default, ..MeshScope::new("cluster.local") };
+            let s = Snapshot::compile_in(&objects, &mesh, 1);
+            s.workloads.iter().filter(|w| w.dns_capture).map(|w| w.name.clone()).collect()
+        };
+        // A pod outside the mesh is never captured, whatever it says.
+        assert_eq!(captured(false), ["a", "d"]);
+        assert_eq!(captured(true), ["a", "d", "e"]);
     }
 
     #[test]

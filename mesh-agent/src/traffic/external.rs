@@ -1,9 +1,15 @@
 //! ServiceEntries compiled for the outbound path: which entry an address or a host name
 //! (with a port) belongs to, for a pod in a given namespace, and where a connection to
-//! it goes.
+//! it goes; and the addresses the DNS proxy gives their hosts.
+//!
+//! Hosts of entries without `addresses` (resolution STATIC or DNS, not wildcards) get
+//! an address of their own from 240.240.0.0/16 (class E, never routed), as Istio's DNS
+//! auto-allocation does: a pod that looks such a host up through the DNS proxy
+//! connects to that address, and the connection is known to be for the entry by its
+//! address alone, TCP included.
 
-use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use ipnet::IpNet;
 
@@ -25,6 +31,10 @@ pub struct ExternalService {
     namespace: String,
     /// Namespaces that see it; None: all.
     export_to: Option<Vec<String>>,
+    /// Addresses given to its hosts (auto-allocation), by host.
+    allocated: Vec<(String, IpAddr)>,
+    /// `metadata.creationTimestamp`: older entries keep their allocated addresses.
+    created: Option<String>,
 }
 
 /// A port an entry serves.
@@ -99,7 +109,29 @@ impl ExternalService {
                 .collect(),
             namespace,
             export_to,
+            allocated: Vec::new(),
+            created: e.metadata.creation_timestamp.clone(),
         }
+    }
+
+    /// Whether its hosts get allocated addresses: no `addresses` of its own, and
+    /// somewhere to send the connections (not NONE, which goes where the pod dialed).
+    fn wants_allocation(&self) -> bool {
+        self.addresses.is_empty() && self.resolution != Resolution::None
+    }
+
+    /// The addresses the DNS proxy answers for `host` (a host it names): its own
+    /// `addresses` that are single IPs, else the one allocated to the host.
+    fn dns_addresses(&self, host: &str) -> Vec<IpAddr> {
+        if !self.addresses.is_empty() {
+            return self.addresses.iter().filter(|n| n.prefix_len() == n.max_prefix_len()).map(IpNet::addr).collect();
+        }
+        self.allocated.iter().filter(|(h, _)| h == host).map(|(_, ip)| *ip).collect()
+    }
+
+    /// Whether `ip` is one of its addresses, given or allocated.
+    fn holds(&self, ip: &IpAddr) -> bool {
+        self.addresses.iter().any(|n| n.contains(ip)) || self.allocated.iter().any(|(_, a)| a == ip)
     }
 
     /// Whether pods of `namespace` see the entry (`exportTo`).
@@ -140,9 +172,14 @@ impl ExternalService {
             ),
             Resolution::Dns => match self.endpoints.first() {
                 Some(e) => ExternalTarget::Lookup(e.address.clone(), endpoint_port(e)),
-                // No endpoints: the host itself, the one asked for when it is a wildcard's.
+                // No endpoints: the host itself: the one its allocated address stands
+                // for, or the one asked for when it is a wildcard's.
                 None => {
-                    let name = host.filter(|_| self.host.starts_with("*.")).unwrap_or(&self.host);
+                    let dialed_ip = dialed.ip().to_canonical();
+                    let name = match self.allocated.iter().find(|(_, ip)| *ip == dialed_ip) {
+                        Some((allocated_for, _)) => allocated_for.as_str(),
+                        None => host.filter(|_| self.host.starts_with("*.")).unwrap_or(&self.host),
+                    };
                     ExternalTarget::Lookup(name.to_string(), port.target.unwrap_or(port.number))
                 }
             },
@@ -161,8 +198,20 @@ impl ExternalServices {
     /// The registry of `entries` (validated).
     pub fn new<'a>(entries: impl IntoIterator<Item = &'a ServiceEntry>) -> Self {
         let mut entries: Vec<ExternalService> = entries.into_iter().map(ExternalService::compile).collect();
+        allocate_addresses(&mut entries);
         entries.sort_by(|a, b| a.key.cmp(&b.key));
         Self { entries }
+    }
+
+    /// The addresses the DNS proxy answers for `host` to a pod of `namespace`: those of
+    /// the first entry it sees that names the host and has any; None when no entry
+    /// knows (the query goes upstream).
+    pub fn dns_addresses(&self, host: &str, namespace: &str) -> Option<Vec<IpAddr>> {
+        self.entries
+            .iter()
+            .filter(|e| e.visible_to(namespace) && e.names(host))
+            .map(|e| e.dns_addresses(host))
+            .find(|a| !a.is_empty())
     }
 
     /// Whether there are none.
@@ -174,9 +223,7 @@ impl ExternalServices {
     /// `namespace` see them.
     pub fn by_address(&self, dst: SocketAddr, namespace: &str) -> Option<&ExternalService> {
         let ip = dst.ip().to_canonical();
-        self.entries.iter().find(|e| {
-            e.visible_to(namespace) && e.port(dst.port()).is_some() && e.addresses.iter().any(|n| n.contains(&ip))
-        })
+        self.entries.iter().find(|e| e.visible_to(namespace) && e.port(dst.port()).is_some() && e.holds(&ip))
     }
 
     /// The entry without `addresses` that names `host` on `port`: such entries are
@@ -207,6 +254,50 @@ impl ExternalServices {
     pub fn has_named_port(&self, port: u16, namespace: &str) -> bool {
         self.entries.iter().any(|e| e.visible_to(namespace) && e.addresses.is_empty() && e.port(port).is_some())
     }
+}
+
+/// Addresses 240.240.0.1 to 240.240.255.254: one per host.
+const ALLOCATION_SLOTS: u32 = 65534;
+
+/// Gives every host of the entries that want it ([`ExternalService::wants_allocation`])
+/// an address in 240.240.0.0/16: at a slot its name hashes to, or the next free one.
+/// The same host in two entries gets the same address. Entries are served oldest
+/// first, so one created later can never move an address an older entry's host had
+/// (which pods may still hold from an earlier answer) onto a host of its own.
+fn allocate_addresses(entries: &mut [ExternalService]) {
+    let mut order: Vec<usize> = (0..entries.len()).filter(|i| entries[*i].wants_allocation()).collect();
+    order.sort_by(|a, b| {
+        let (a, b) = (&entries[*a], &entries[*b]);
+        // An entry without a timestamp (read from files) sorts by its key alone.
+        (a.created.is_none(), &a.created, &a.key).cmp(&(b.created.is_none(), &b.created, &b.key))
+    });
+    let mut by_host: HashMap<String, IpAddr> = HashMap::new();
+    let mut taken: std::collections::HashSet<u32> = std::collections::HashSet::new();
+    for i in order {
+        let hosts: Vec<String> = entries[i].hosts.iter().filter(|h| !h.starts_with('*')).cloned().collect();
+        for host in hosts {
+            let ip = match by_host.get(&host) {
+                Some(ip) => *ip,
+                None if taken.len() >= ALLOCATION_SLOTS as usize => continue,
+                None => {
+                    let mut slot = fnv1a(host.as_bytes()) % ALLOCATION_SLOTS;
+                    while !taken.insert(slot) {
+                        slot = (slot + 1) % ALLOCATION_SLOTS;
+                    }
+                    let n = slot + 1;
+                    let ip = IpAddr::V4(Ipv4Addr::new(240, 240, (n >> 8) as u8, n as u8));
+                    by_host.insert(host.clone(), ip);
+                    ip
+                }
+            };
+            entries[i].allocated.push((host, ip));
+        }
+    }
+}
+
+/// FNV-1a: a stable hash, the same in every agent and every run.
+fn fnv1a(bytes: &[u8]) -> u32 {
+    bytes.iter().fold(0x811c_9dc5_u32, |h, b| (h ^ u32::from(*b)).wrapping_mul(0x0100_0193))
 }
 
 #[cfg(test)]
@@ -264,6 +355,45 @@ spec:
         assert_eq!(r.by_host("partner.example", 80, "shop"), None, "a wildcard needs a label before it");
         assert_eq!(r.by_host("db.internal", 5432, "shop"), None, "entries with addresses match by address");
         assert!(r.has_named_port(80, "shop") && !r.has_named_port(80, "other") && !r.has_named_port(5432, "shop"));
+    }
+
+    fn entry(name: &str, host: &str, created: &str) -> String {
+        format!(
+            "---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\n\
+             metadata: {{name: {name}, namespace: shop, creationTimestamp: \"{created}\"}}\n\
+             spec: {{hosts: [{host}], ports: [{{number: 443, name: tls, protocol: TLS}}], resolution: DNS}}\n"
+        )
+    }
+
+    #[test]
+    fn allocated_addresses_are_stable_and_never_move_to_a_newer_entry() {
+        let r = registry(&entry("a", "one.example", "2026-01-01T00:00:00Z"));
+        let one = r.dns_addresses("one.example", "shop").unwrap();
+        assert_eq!(one.len(), 1);
+        // Every host hashes somewhere; find one that lands on one.example's slot.
+        let rival = (0..200_000)
+            .map(|i| format!("h{i}.example"))
+            .find(|h| fnv1a(h.as_bytes()) % ALLOCATION_SLOTS == fnv1a(b"one.example") % ALLOCATION_SLOTS)
+            .expect("a colliding host");
+        // Newer, and sorting first by name: it still takes the next slot, not one's.
+        let both = registry(&format!(
+            "{}{}",
+            entry("a", "one.example", "2026-01-01T00:00:00Z"),
+            entry("0-rival", &rival, "2026-06-01T00:00:00Z")
+        ));
+        assert_eq!(both.dns_addresses("one.example", "shop").unwrap(), one);
+        let theirs = both.dns_addresses(&rival, "shop").unwrap();
+        assert_ne!(theirs, one);
+        // The same host in two entries has one address.
+        let twice = registry(&format!(
+            "{}{}",
+            entry("a", "one.example", "2026-01-01T00:00:00Z"),
+            entry("b", "one.example", "2026-02-01T00:00:00Z")
+        ));
+        assert_eq!(twice.dns_addresses("one.example", "shop").unwrap(), one);
+        let dialed = SocketAddr::new(one[0], 443);
+        assert_eq!(twice.by_address(dialed, "shop").unwrap().key, "shop/a");
+        assert_eq!(twice.by_address(SocketAddr::new(one[0], 80), "shop"), None, "a port it does not serve");
     }
 
     #[test]

@@ -1093,6 +1093,7 @@ mod tests {
             ips: vec![],
             identity: crate::identity::Identity::new("cluster.local", "production", "frontend"),
             enrolled: true,
+            dns_capture: false,
             named_ports: Default::default(),
             uid: None,
             serving: true,

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
 use super::Error;
 use crate::dataplane::Netns;
@@ -47,6 +47,23 @@ fn listen(netns: &Netns, addr: SocketAddr, dual_stack: bool) -> Result<TcpListen
         Ok(s.into())
     })?;
     TcpListener::from_std(std_listener.map_err(io)?).map_err(io)
+}
+
+/// Binds a UDP socket at `addr` inside `netns` (the pod's DNS proxy).
+pub fn bind_udp_in(netns: &Netns, addr: SocketAddr) -> Result<UdpSocket, Error> {
+    let io = |source| Error::Io { what: "bind", addr, source };
+    let std_socket = netns.run(|| -> std::io::Result<std::net::UdpSocket> {
+        let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+        if addr.is_ipv6() {
+            s.set_only_v6(true)?;
+        }
+        // As for the listeners: the pod's address may not be configured yet.
+        s.set_freebind_v4(true)?;
+        s.set_nonblocking(true)?;
+        s.bind(&addr.into())?;
+        Ok(s.into())
+    })?;
+    UdpSocket::from_std(std_socket.map_err(io)?).map_err(io)
 }
 
 /// Connects to `addr` from inside `netns`, with the bypass mark set.
