@@ -15,6 +15,7 @@ pub mod upstream;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use crate::traffic::external::ExternalTarget;
 use crate::traffic::route::{Action, Backend, RetryPolicy, Rule, WeightedBackend};
 
 use crate::state::Workload;
@@ -47,6 +48,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Cancelled when the agent drains: connections finish what is in flight.
     pub shutdown: CancellationToken,
+    /// The only directory whose files DestinationRules may name for TLS origination.
+    pub egress_tls_dir: Arc<std::path::Path>,
 }
 
 /// Counters and connections shared by every pod proxy of the agent.
@@ -62,6 +65,39 @@ pub struct Runtime {
     pub mirrors: Arc<tokio::sync::Semaphore>,
     /// Round-robin cursors of Service VIPs reached at L4.
     pub round_robin: RoundRobin,
+    /// Addresses of ServiceEntry hosts with `resolution: DNS` reached at L7.
+    pub lookups: Lookups,
+}
+
+/// How long a looked-up address list of a `resolution: DNS` host is used (as the
+/// DNS proxy's answers live).
+const LOOKUP_TTL: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// One looked-up host: when, and what it resolved to.
+type Lookup = (std::time::Instant, Arc<[SocketAddr]>);
+
+/// The addresses of the `resolution: DNS` hosts HTTP routes send requests to, looked
+/// up at most once per [`LOOKUP_TTL`] per host. Only names from the config are looked
+/// up (a route's destination, an entry's endpoints), so the table is as large as the
+/// config, and older results go whenever a new one is stored.
+#[derive(Debug, Default)]
+pub struct Lookups(std::sync::Mutex<std::collections::HashMap<(String, u16), Lookup>>);
+
+impl Lookups {
+    /// The addresses of `host` at `port`.
+    pub async fn get(&self, host: &str, port: u16) -> Result<Arc<[SocketAddr]>, String> {
+        let key = (host.to_string(), port);
+        if let Some((at, addrs)) = self.0.lock().unwrap_or_else(|p| p.into_inner()).get(&key)
+            && at.elapsed() < LOOKUP_TTL
+        {
+            return Ok(addrs.clone());
+        }
+        let found: Arc<[SocketAddr]> = crate::transport::lookup(host, port).await.map_err(|e| e.to_string())?.into();
+        let mut table = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        table.retain(|_, (at, _)| at.elapsed() < LOOKUP_TTL);
+        table.insert(key, (std::time::Instant::now(), found.clone()));
+        Ok(found)
+    }
 }
 
 impl Default for Runtime {
@@ -72,6 +108,7 @@ impl Default for Runtime {
             body_budget: Arc::new(tokio::sync::Semaphore::new(BODY_BUDGET)),
             mirrors: Arc::new(tokio::sync::Semaphore::new(MAX_MIRRORS)),
             round_robin: RoundRobin::default(),
+            lookups: Lookups::default(),
         }
     }
 }
@@ -99,6 +136,46 @@ impl Target {
             endpoints: snap.endpoints(&backend.service, subset, port),
             cluster: runtime.clusters.get(&pod.key(), &backend.service, subset),
         }
+    }
+
+    /// [`Target::resolve`], where `backend` may be a ServiceEntry host rather than a
+    /// Service: its endpoints are then where the entry says (STATIC addresses, the host
+    /// looked up for DNS, the address the pod dialed for NONE), its policy the entry's
+    /// DestinationRule. Err: why the entry gives no address to send the request to.
+    pub async fn reach(
+        runtime: &Runtime,
+        snap: &Snapshot,
+        pod: &Workload,
+        backend: &Backend,
+        dialed: SocketAddr,
+    ) -> Result<Self, String> {
+        let port = backend.port.unwrap_or(dialed.port());
+        let entry = match snap.service(&backend.service) {
+            Some(_) => None,
+            None => snap.external.by_name(&backend.service, port, &pod.namespace),
+        };
+        let Some(entry) = entry else { return Ok(Self::resolve(runtime, snap, pod, backend, dialed.port())) };
+        let addrs: Vec<SocketAddr> = match entry.target(SocketAddr::new(dialed.ip(), port), Some(&backend.service)) {
+            // The pod's own address is where a gateway was reached, not the entry.
+            ExternalTarget::Dialed(a) if pod.ips.contains(&a.ip()) => {
+                return Err(format!("ServiceEntry {} resolves NONE: there is no address the client dialed", entry.key));
+            }
+            ExternalTarget::Dialed(a) => vec![a],
+            ExternalTarget::Addresses(list) => list,
+            ExternalTarget::Lookup(host, port) => runtime.lookups.get(&host, port).await?.to_vec(),
+        };
+        let endpoints = addrs
+            .into_iter()
+            .map(|a| {
+                let w = snap.workload_by_ip(a.ip()).cloned();
+                (w.unwrap_or_else(|| Arc::new(Workload::outside(&entry.host, entry.namespace(), a.ip()))), a)
+            })
+            .collect();
+        Ok(Self {
+            policy: snap.external_policy(&entry.key, port),
+            endpoints,
+            cluster: runtime.clusters.get(&pod.key(), &entry.key, None),
+        })
     }
 
     /// Chooses an endpoint under `lb` (the policy's, or an override such as cookie

@@ -90,6 +90,7 @@ impl ProxyContext {
             runtime: self.l7.clone(),
             metrics: self.metrics.clone(),
             shutdown: self.shutdown.clone(),
+            egress_tls_dir: self.egress_tls_dir.clone(),
         }
     }
 }

@@ -44,6 +44,9 @@ pub struct Snapshot {
     /// `tls:` routes of mesh-bound VirtualServices for ServiceEntry hosts, by the
     /// entry's `namespace/name` (the egress-gateway pattern).
     external_tls: HashMap<String, Arc<Vec<crate::traffic::route::TlsRule>>>,
+    /// `http:` routes of mesh-bound VirtualServices for ServiceEntry hosts, by the
+    /// entry's `namespace/name` (the plain-HTTP egress-gateway pattern).
+    external_http: HashMap<String, Arc<ServiceRoutes>>,
     /// DestinationRules of ServiceEntries, by the entry's `namespace/name`.
     external_policies: HashMap<String, Arc<DestinationPolicy>>,
     /// PeerAuthentication and AuthorizationPolicy per workload (`namespace/name`).
@@ -154,6 +157,11 @@ impl Snapshot {
             .collect()
     }
 
+    /// The Service `namespace/name`.
+    pub fn service(&self, key: &str) -> Option<&Arc<Service>> {
+        self.by_key.get(key)
+    }
+
     /// The workload with this address.
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
         self.by_ip.get(&ip)
@@ -196,6 +204,11 @@ impl Snapshot {
             }
         }
         self.external.dns_addresses(name, namespace)
+    }
+
+    /// The `http:` routes mesh traffic to ServiceEntry `entry` (`namespace/name`) takes.
+    pub fn external_routes(&self, entry: &str) -> Option<&Arc<ServiceRoutes>> {
+        self.external_http.get(entry)
     }
 
     /// Services, for the config dump.

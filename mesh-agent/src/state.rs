@@ -41,6 +41,24 @@ pub struct Workload {
 }
 
 impl Workload {
+    /// What stands for an endpoint outside the mesh (a ServiceEntry's address): named
+    /// `name` in `namespace`, never enrolled, so it is reached in plaintext.
+    pub fn outside(name: &str, namespace: &str, ip: IpAddr) -> Self {
+        Self {
+            name: name.to_string(),
+            namespace: namespace.to_string(),
+            labels: BTreeMap::new(),
+            node: None,
+            ips: vec![ip],
+            identity: Identity::new("cluster.local", namespace, "default"),
+            enrolled: false,
+            dns_capture: false,
+            named_ports: HashMap::new(),
+            uid: None,
+            serving: true,
+        }
+    }
+
     /// `namespace/name`.
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)

@@ -15,7 +15,7 @@ pub mod originate;
 mod pool;
 pub mod sockets;
 
-pub use connect::{Dialer, Upstream};
+pub use connect::{Dialer, Upstream, lookup};
 pub use pool::{Pool, Tunnel};
 
 use std::net::SocketAddr;

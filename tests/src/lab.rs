@@ -1163,7 +1163,7 @@ search {ns}.svc.cluster.local svc.cluster.local cluster.local
     }
 
     /// A gateway pod's container: the agent binary in gateway mode, with the pod's own
-    /// token for the CA.
+    /// token for the CA and the agents' `MESH_*` settings (the same binary reads them).
     fn start_gateway(&self, p: &PodInfo) -> anyhow::Result<u32> {
         let mut argv = self.mesh_args(&p.node, &self.gateway_token_path(p));
         argv.extend::<[String; _]>([
@@ -1180,7 +1180,9 @@ search {ns}.svc.cluster.local svc.cluster.local cluster.local
             "--drain-timeout".into(),
             "2s".into(),
         ]);
-        self.spawn_app(p, &argv, &[("MESH_LOG", &self.agent_log)])
+        let mut env: Vec<(&str, &str)> = vec![("MESH_LOG", &self.agent_log)];
+        env.extend(self.agent_env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        self.spawn_app(p, &argv, &env)
     }
 
     fn wait_app(&self, p: &PodInfo) -> anyhow::Result<()> {

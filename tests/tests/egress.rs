@@ -213,3 +213,99 @@ spec:
         "{m}"
     );
 }
+
+#[test]
+fn plain_http_leaves_through_the_egress_gateway_which_originates_tls() {
+    // The gateway reads origination files from the lab's scratch directory only.
+    let scratch = format!("{DEFAULT_STATE_DIR}/scratch");
+    let env = [("MESH_EGRESS_TLS_DIR", scratch.as_str())];
+    let Some(mut lab) = lab_with_env("plain_http_leaves_through_the_egress_gateway_which_originates_tls", &env) else {
+        return;
+    };
+    let ca = start_internet_tls(&mut lab, "internet-http-egress", "edition.example.com");
+    // Istio's "egress gateway with TLS origination": the lab's gateway pod plays the
+    // egress gateway, a mesh rule sends the pods' HTTP to it, its rule sends it on to
+    // the entry's port 443, where the DestinationRule makes it open TLS.
+    apply_yaml(
+        &lab,
+        "egress-gateway-http.yaml",
+        &format!(
+            r#"apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: cnn, namespace: production}}
+spec:
+  hosts: [edition.example.com]
+  ports:
+  - {{number: 80, name: http-port, protocol: HTTP}}
+  - {{number: 443, name: https-port, protocol: HTTPS}}
+  resolution: STATIC
+  endpoints: [{{address: {CLIENT_ADDR}, ports: {{https-port: 8443}}}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: istio-egressgateway, namespace: istio-ingress}}
+spec: {{selector: {{istio: ingressgateway}}, clusterIP: 10.96.0.61, ports: [{{name: http, port: 80, targetPort: 9449}}]}}
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: egress-http, namespace: istio-ingress}}
+spec:
+  selector: {{istio: ingressgateway}}
+  servers:
+  - port: {{number: 9449, name: http, protocol: HTTP}}
+    hosts: [edition.example.com]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: cnn-through-egress, namespace: production}}
+spec:
+  hosts: [edition.example.com]
+  gateways: [mesh, istio-ingress/egress-http]
+  http:
+  - match: [{{gateways: [mesh], port: 80}}]
+    route: [{{destination: {{host: istio-egressgateway.istio-ingress.svc.cluster.local, port: {{number: 80}}}}}}]
+  - match: [{{gateways: [istio-ingress/egress-http], port: 9449}}]
+    route: [{{destination: {{host: edition.example.com, port: {{number: 443}}}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: originate-tls-for-cnn, namespace: production}}
+spec:
+  host: edition.example.com
+  trafficPolicy:
+    portLevelSettings:
+    - port: {{number: 443}}
+      tls: {{mode: SIMPLE, caCertificates: {ca}}}
+"#
+        ),
+    );
+    // frontend speaks plain HTTP to whatever address its resolver gave.
+    let said = eventually("frontend's HTTP reaches the server through the egress gateway", || {
+        let out = lab
+            .exec(
+                "frontend",
+                &[
+                    "curl",
+                    "-s",
+                    "-m",
+                    "5",
+                    "--resolve",
+                    "edition.example.com:80:192.0.2.51",
+                    "http://edition.example.com/",
+                ],
+            )
+            .unwrap();
+        let body = String::from_utf8_lossy(&out.stdout).into_owned();
+        body.contains("s_server").then_some(body)
+    });
+    assert!(said.contains("TLSv1.3"), "the gateway's TLS 1.3 session: {said}");
+    // node1's agent routed frontend's request to the gateway's Service at L7.
+    let m = metrics(&lab, "node1");
+    assert!(
+        m.lines().any(|l| l.starts_with("istio_requests_total")
+            && l.contains("source_workload=\"frontend\"")
+            && l.contains("destination_service=\"istio-ingress/istio-egressgateway\"")
+            && l.contains("response_code=\"200\"")),
+        "{m}"
+    );
+}

@@ -68,6 +68,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
         runtime: Arc::default(),
         metrics: metrics.clone(),
         shutdown: shutdown.clone(),
+        egress_tls_dir: settings.egress_tls_dir.clone().into(),
     };
     let ctx = GatewayContext {
         l7,

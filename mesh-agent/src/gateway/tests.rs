@@ -142,12 +142,27 @@ impl Edge {
 
     /// [`Edge::start`] with `extra` objects in the config.
     async fn start_with(net: u8, server_ca: &TestCa, client_ca: &TestCa, extra: &str) -> Self {
+        Self::start_in(net, server_ca, client_ca, extra, None).await
+    }
+
+    /// [`Edge::start_with`], the agents and the gateway reading TLS origination files
+    /// from `egress_tls_dir`.
+    async fn start_in(
+        net: u8,
+        server_ca: &TestCa,
+        client_ca: &TestCa,
+        extra: &str,
+        egress_tls_dir: Option<&Path>,
+    ) -> Self {
         let yaml = format!(
             "{}{}{extra}",
             config(net, SUBSETS),
             edge_yaml(net, &server_ca.issue(&["myapp.example.com"]), &client_ca.pem())
         );
-        let mesh = Mesh::start(&yaml, APPS).await;
+        let mut mesh = Mesh::start(&yaml, APPS).await;
+        if let Some(dir) = egress_tls_dir {
+            mesh.ctx.egress_tls_dir = dir.into();
+        }
         let snap = mesh.ctx.snapshot.load_full();
         // The gateway holds its own identity, as the agents hold their pods'.
         mesh.ctx.dialer.certs.set_local(snap.workloads.iter().map(|w| w.identity.clone()));
@@ -524,6 +539,98 @@ async fn https_to_an_outside_host_leaves_through_the_egress_gateway() {
             && l.contains("destination_service=\"api.example.com\"")
     });
     assert!(via_gateway, "{metrics}");
+}
+
+/// Istio's egress gateway for plain HTTP with TLS origination at the gateway: the
+/// pods speak HTTP to the outside host, a mesh VirtualService's `http:` rule sends them
+/// to the egress gateway's Service, the gateway's rule on to the entry's port 443, and
+/// the entry's DestinationRule makes the gateway open TLS there.
+fn http_egress_yaml(net: u8, ca: &Path) -> String {
+    format!(
+        r#"
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: cnn, namespace: shop}}
+spec:
+  hosts: [edition.example.com]
+  ports:
+  - {{number: 80, name: http-port, protocol: HTTP}}
+  - {{number: 443, name: https-port, protocol: HTTPS}}
+  resolution: STATIC
+  endpoints: [{{address: 127.{net}.0.202, ports: {{https-port: 8443}}}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: istio-egressgateway, namespace: istio-ingress}}
+spec: {{selector: {{istio: ingressgateway}}, clusterIP: 10.96.{net}.61, ports: [{{name: http, port: 80, targetPort: {EGRESS_HTTP}}}]}}
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: egress-http, namespace: istio-ingress}}
+spec:
+  selector: {{istio: ingressgateway}}
+  servers:
+  - port: {{number: {EGRESS_HTTP}, name: http, protocol: HTTP}}
+    hosts: [edition.example.com]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: cnn-through-egress, namespace: shop}}
+spec:
+  hosts: [edition.example.com]
+  gateways: [mesh, istio-ingress/egress-http]
+  http:
+  - match: [{{gateways: [mesh], port: 80}}]
+    route: [{{destination: {{host: istio-egressgateway.istio-ingress.svc.cluster.local, port: {{number: 80}}}}}}]
+  - match: [{{gateways: [istio-ingress/egress-http], port: {EGRESS_HTTP}}}]
+    route: [{{destination: {{host: edition.example.com, port: {{number: 443}}}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: originate-tls-for-cnn, namespace: shop}}
+spec:
+  host: edition.example.com
+  trafficPolicy:
+    portLevelSettings:
+    - port: {{number: 443}}
+      tls: {{mode: SIMPLE, caCertificates: {ca}}}
+"#,
+        ca = ca.display()
+    )
+}
+
+/// The egress gateway's plain HTTP port in the tests.
+const EGRESS_HTTP: u16 = 9449;
+
+#[tokio::test]
+async fn plain_http_leaves_through_the_egress_gateway_which_originates_tls() {
+    let net = 51;
+    let (server_ca, client_ca, internet_ca) = (TestCa::new(), TestCa::new(), TestCa::new());
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("internet-ca.pem");
+    std::fs::write(&ca, internet_ca.pem()).unwrap();
+    let yaml = http_egress_yaml(net, &ca);
+    let edge = Edge::start_in(net, &server_ca, &client_ca, &yaml, Some(dir.path())).await;
+    assert!(edge.gateway.ports().contains(&EGRESS_HTTP), "{:?}", edge.gateway.ports());
+    let internet = SocketAddr::from(([127, net, 0, 202], 8443));
+    tls_app("internet-tls", internet, internet_ca.issue(&["edition.example.com"]), None).await;
+    // The pod dials whatever address DNS gave it, on 80, in plaintext.
+    let somewhere = SocketAddr::from(([203, 0, 113, 9], 80));
+    let res = send(edge.mesh.dial("client", somewhere).await, get("/politics", "edition.example.com")).await.unwrap();
+    assert_eq!(served_by(&res), "internet-tls", "HTTP from the pod, TLS from the gateway");
+    // Through the gateway: the gateway sent the request to the entry.
+    let metrics = edge.mesh.metrics();
+    let hop = |source: &str, dest: &str| {
+        metrics.lines().any(|l| {
+            l.starts_with("requests_total")
+                && l.contains(&format!("source_workload=\"{source}\""))
+                && l.contains(&format!("destination_service=\"{dest}\""))
+                && l.contains("response_code=\"200\"")
+        })
+    };
+    assert!(hop("client", "istio-ingress/istio-egressgateway"), "{metrics}");
+    assert!(hop("istio-ingressgateway", "edition.example.com"), "{metrics}");
 }
 
 /// A TLS client on an open connection.

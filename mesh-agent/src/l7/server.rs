@@ -42,6 +42,14 @@ pub enum RouteTable {
     /// A pod's connection to a Service (`namespace/name`): its VirtualService, or the
     /// default rule when only a DestinationRule applies.
     Service(Arc<str>),
+    /// A pod's connection to a ServiceEntry's host that a mesh VirtualService's
+    /// `http:` routes take (such as to an egress gateway).
+    Entry {
+        /// The entry, `namespace/name`.
+        key: Arc<str>,
+        /// Its first host, what metrics call the destination.
+        host: Arc<str>,
+    },
     /// A gateway server: the VirtualServices bound to the Gateways (`namespace/name`)
     /// served on `port`, chosen by the request's host (the first Gateway serving it).
     Gateway {
@@ -152,7 +160,7 @@ async fn handle(
             };
             super::edge::admit(&at, &ctx.metrics, &mut req).err()
         }
-        RouteTable::Service(_) => None,
+        RouteTable::Service(_) | RouteTable::Entry { .. } => None,
     };
     let answer = match refused {
         Some(r) => Answer { response: text_response(r.status, r.body), flags: r.flags, backend: None, endpoint: None },
@@ -160,6 +168,7 @@ async fn handle(
     };
     let service_key = match table {
         RouteTable::Service(key) => key,
+        RouteTable::Entry { host, .. } => host,
         RouteTable::Gateway { .. } => "unknown",
     };
     let labels = RequestLabels {
@@ -262,6 +271,7 @@ async fn route(caller: &Caller<'_>, table: &RouteTable, mut req: Request<Incomin
     let default_rule;
     let routes = match table {
         RouteTable::Service(key) => snap.routes(key),
+        RouteTable::Entry { key, .. } => snap.external_routes(key),
         RouteTable::Gateway { gateways, port, tls, .. } => {
             let host = authority.rsplit_once(':').filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()));
             let host = host.map_or(authority.as_str(), |(h, _)| h);
@@ -284,7 +294,9 @@ async fn route(caller: &Caller<'_>, table: &RouteTable, mut req: Request<Incomin
             default_rule = super::default_rule(key);
             &default_rule
         }
-        (None, RouteTable::Gateway { .. }) => return local(StatusCode::NOT_FOUND, "NR", "no route\n"),
+        (None, RouteTable::Gateway { .. } | RouteTable::Entry { .. }) => {
+            return local(StatusCode::NOT_FOUND, "NR", "no route\n");
+        }
     };
     let cors = rule.cors.as_ref().map(|c| c.verdict(&parts.method, &parts.headers));
     if let Some(answer) = cors.as_ref().and_then(preflight_answer) {
@@ -835,7 +847,13 @@ async fn try_once(
     per_try_timeout: Option<Duration>,
 ) -> TryOutcome {
     let Caller { ctx, snap, pod, netns, orig } = *caller;
-    let target = super::Target::resolve(&ctx.runtime, snap, pod, backend, orig.port());
+    let target = match super::Target::reach(&ctx.runtime, snap, pod, backend, orig).await {
+        Ok(t) => t,
+        Err(why) => {
+            tracing::debug!(pod = %pod.name, service = %backend.service, %why, "no address for the destination");
+            return TryOutcome::Final(local(StatusCode::SERVICE_UNAVAILABLE, "UH", "no healthy upstream"));
+        }
+    };
     let (policy, cluster) = (&target.policy, &target.cluster);
     if target.endpoints.is_empty() {
         return TryOutcome::Final(local(StatusCode::SERVICE_UNAVAILABLE, "UH", "no healthy upstream"));
@@ -855,7 +873,12 @@ async fn try_once(
             detail: "DestinationRule tls ISTIO_MUTUAL, but the endpoint is outside the mesh".into(),
         };
     }
-    let from = super::upstream::From { dialer: &ctx.dialer, snapshot: snap, pod, netns };
+    let tls = policy.origination.as_ref().map(|settings| super::upstream::Originate {
+        settings,
+        host: &backend.service,
+        allowed_dir: &ctx.egress_tls_dir,
+    });
+    let from = super::upstream::From { dialer: &ctx.dialer, snapshot: snap, pod, netns, tls };
     let sent =
         ctx.runtime.upstreams.send(from, &workload, addr, upstream_request(req, body), conn_settings(policy, req));
     let result = match per_try_timeout {

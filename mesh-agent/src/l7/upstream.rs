@@ -109,6 +109,31 @@ pub struct From<'a> {
     pub pod: &'a Workload,
     /// Its network namespace.
     pub netns: &'a Netns,
+    /// TLS the agent opens itself to the endpoint (a ServiceEntry host's
+    /// DestinationRule), over a plain connection.
+    pub tls: Option<Originate<'a>>,
+}
+
+/// TLS origination toward an endpoint outside the mesh.
+#[derive(Debug, Clone, Copy)]
+pub struct Originate<'a> {
+    /// The DestinationRule's settings.
+    pub settings: &'a crate::traffic::policy::TlsOrigination,
+    /// The host asked for: the SNI and the name checked, unless `sni` says.
+    pub host: &'a str,
+    /// The only directory the settings' files may be in (`--egress-tls-dir`).
+    pub allowed_dir: &'a std::path::Path,
+}
+
+impl From<'_> {
+    /// The pool key: the pod, and the TLS it asks of the endpoint (a plain and an
+    /// originated connection to one address are never shared).
+    fn key(&self, addr: SocketAddr) -> Key {
+        match &self.tls {
+            None => (self.pod.key(), addr),
+            Some(t) => (format!("{}|tls:{}", self.pod.key(), t.settings.sni.as_deref().unwrap_or(t.host)), addr),
+        }
+    }
 }
 
 impl Upstreams {
@@ -121,7 +146,7 @@ impl Upstreams {
         req: Request<UpBody>,
         settings: ConnSettings,
     ) -> Result<Response<PooledBody>, SendError> {
-        let key: Key = (from.pod.key(), addr);
+        let key: Key = from.key(addr);
         if settings.http2 {
             return self.send_h2(from, endpoint, addr, key, req, settings).await;
         }
@@ -253,13 +278,23 @@ impl Upstreams {
         addr: SocketAddr,
         settings: ConnSettings,
     ) -> Result<Upstream, SendError> {
-        let From { dialer, snapshot, pod, netns } = from;
+        let From { dialer, snapshot, pod, netns, tls } = from;
         let timeout = settings.connect_timeout.unwrap_or(crate::transport::CONNECT_TIMEOUT);
         let connect = dialer.connect(snapshot, pod, netns, Some(endpoint), addr, timeout);
-        match tokio::time::timeout(timeout, connect).await {
-            Ok(Ok(io)) => Ok(io),
-            Ok(Err(e)) => Err(SendError::Connect { addr, reason: e.to_string() }),
-            Err(_) => Err(SendError::Connect { addr, reason: format!("timed out after {timeout:?}") }),
+        let io = match tokio::time::timeout(timeout, connect).await {
+            Ok(Ok(io)) => io,
+            Ok(Err(e)) => return Err(SendError::Connect { addr, reason: e.to_string() }),
+            Err(_) => return Err(SendError::Connect { addr, reason: format!("timed out after {timeout:?}") }),
+        };
+        match (io, tls) {
+            // Through the tunnel the mesh's own mutual TLS carries it, as at L4.
+            (Upstream::Plain(tcp), Some(t)) => {
+                crate::transport::originate::originate(tcp, addr, t.settings, t.host, t.allowed_dir)
+                    .await
+                    .map(|s| Upstream::Originated(Box::new(s)))
+                    .map_err(|e| SendError::Connect { addr, reason: e.to_string() })
+            }
+            (io, _) => Ok(io),
         }
     }
 

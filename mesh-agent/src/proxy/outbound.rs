@@ -81,7 +81,19 @@ async fn leave_the_registry(
     orig: SocketAddr,
     dialed: SocketAddr,
 ) -> Result<(), Error> {
-    let (upstream, service, reached, origination) = match egress::decide(snapshot, pod, &stream, orig).await {
+    let decision = egress::decide(snapshot, pod, &stream, orig).await;
+    // A mesh VirtualService's `http:` routes for the entry's host decide first, at L7.
+    if let Egress::Entry(entry, _, _) = &decision
+        && snapshot.external_routes(&entry.key).is_some()
+        && detect::peek(&stream).await == Protocol::Http
+    {
+        tracing::debug!(pod = %pod.name, %orig, entry = %entry.key, "outbound HTTP to a ServiceEntry, routed at L7");
+        let table =
+            crate::l7::server::RouteTable::Entry { key: entry.key.as_str().into(), host: entry.host.as_str().into() };
+        crate::l7::server::serve(ctx.l7_context(), pod.clone(), netns.clone(), stream, orig, table).await;
+        return Ok(());
+    }
+    let (upstream, service, reached, origination) = match decision {
         Egress::Anywhere => {
             let up = ctx.dialer.connect(snapshot, pod, netns, None, dialed, CONNECT_TIMEOUT).await?;
             (up, None, None, None)

@@ -645,6 +645,92 @@ spec:
 }
 
 #[tokio::test]
+async fn http_routes_of_a_mesh_virtual_service_apply_to_service_entry_hosts() {
+    let net = 64;
+    let server_ca = TestCa::new();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, server_ca.pem()).unwrap();
+    let mut mesh = Mesh::start(&config(net, ""), APPS).await;
+    mesh.ctx.egress_tls_dir = dir.path().into();
+    tokio::spawn(app("internet".into(), SocketAddr::from(([127, net, 0, 201], 8080)), mesh.stop.clone()));
+    tls_app(
+        "internet-tls",
+        SocketAddr::from(([127, net, 0, 202], 8443)),
+        server_ca.issue(&["secure.example.com"]),
+        None,
+    )
+    .await;
+    let entries = format!(
+        r#"
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: ext, namespace: shop}}
+spec:
+  hosts: [ext.example.com]
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints: [{{address: 127.{net}.0.201, ports: {{http: 8080}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: secure, namespace: shop}}
+spec:
+  hosts: [secure.example.com]
+  ports: [{{number: 443, name: https, protocol: HTTPS}}]
+  resolution: STATIC
+  endpoints: [{{address: 127.{net}.0.202, ports: {{https: 8443}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: secure, namespace: shop}}
+spec:
+  host: secure.example.com
+  trafficPolicy: {{tls: {{mode: SIMPLE, caCertificates: {ca}}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: ext, namespace: shop}}
+spec:
+  hosts: [ext.example.com]
+  http:
+  - match: [{{headers: {{x-to: {{exact: secure}}}}}}]
+    route: [{{destination: {{host: secure.example.com, port: {{number: 443}}}}}}]
+  - match: [{{headers: {{x-to: {{exact: mesh}}}}}}]
+    route: [{{destination: {{host: myapp}}}}]
+  - match: [{{uri: {{prefix: /gone}}}}]
+    fault: {{abort: {{httpStatus: 418, percentage: {{value: 100}}}}}}
+    route: [{{destination: {{host: ext.example.com}}}}]
+  - route: [{{destination: {{host: ext.example.com}}}}]
+"#,
+        ca = ca.display()
+    );
+    mesh.reconfigure(&config(net, &entries), &MeshScope::new("cluster.local"));
+    // Wherever DNS said ext.example.com is: the entry has no addresses, its Host names it.
+    let dialed = SocketAddr::from(([198, 51, 100, 9], 80));
+    let to = |header: Option<&str>, path: &str| {
+        let mut req = Request::get(path).header("host", "ext.example.com");
+        if let Some(h) = header {
+            req = req.header("x-to", h);
+        }
+        req.body(Empty::new()).unwrap()
+    };
+    assert_eq!(served_by(&mesh.send("client", dialed, to(None, "/")).await), "internet", "the entry's endpoint");
+    assert!(served_by(&mesh.send("client", dialed, to(Some("mesh"), "/")).await).starts_with("myapp-"));
+    assert_eq!(mesh.send("client", dialed, to(None, "/gone")).await.status(), 418, "the rule's fault applies");
+    // Another entry's host, with TLS the agent opens for the plaintext request.
+    assert_eq!(served_by(&mesh.send("client", dialed, to(Some("secure"), "/")).await), "internet-tls");
+    let metrics = mesh.metrics();
+    assert!(
+        metrics.lines().any(|l| l.starts_with("requests_total")
+            && l.contains("destination_service=\"secure.example.com\"")
+            && l.contains("response_code=\"200\"")),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
 async fn a_service_whose_pods_are_outside_the_mesh_is_still_named_in_the_metrics() {
     let net = 63;
     let outside = format!(

@@ -224,6 +224,13 @@ impl Snapshot {
                     let what = format!("VirtualService {name}");
                     self.claim_routes(&what, svc, &name, || (rules.clone(), tcp.clone()));
                 }
+                if !rules.is_empty() && services.is_empty() {
+                    for entry in self.external.keys_naming(host) {
+                        let routes =
+                            ServiceRoutes { virtual_service: name.clone(), rules: rules.clone(), tcp: Vec::new() };
+                        self.external_http.entry(entry).or_insert_with(|| Arc::new(routes));
+                    }
+                }
                 if !tls.is_empty() {
                     let entries = self.external.keys_naming(host);
                     if entries.is_empty() && services.is_empty() {

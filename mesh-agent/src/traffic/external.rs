@@ -134,6 +134,11 @@ impl ExternalService {
         self.addresses.iter().any(|n| n.contains(ip)) || self.allocated.iter().any(|(_, a)| a == ip)
     }
 
+    /// The entry's namespace.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
     /// Whether pods of `namespace` see the entry (`exportTo`).
     fn visible_to(&self, namespace: &str) -> bool {
         self.export_to.as_ref().is_none_or(|to| to.iter().any(|n| n == namespace))

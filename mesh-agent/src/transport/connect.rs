@@ -92,7 +92,8 @@ impl Dialer {
 /// How long a DNS lookup for a `resolution: DNS` entry may take.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
 
-async fn lookup(host: &str, port: u16) -> Result<Vec<SocketAddr>, Error> {
+/// The addresses of `host` (the agent's resolver), at `port`, within [`LOOKUP_TIMEOUT`].
+pub async fn lookup(host: &str, port: u16) -> Result<Vec<SocketAddr>, Error> {
     let found = tokio::time::timeout(LOOKUP_TIMEOUT, tokio::net::lookup_host((host, port)))
         .await
         .map_err(|_| Error::Lookup(format!("DNS lookup of {host} timed out")))?
@@ -107,6 +108,9 @@ pub enum Upstream {
     Tunnel(Tunnel),
     /// A plain TCP connection.
     Plain(TcpStream),
+    /// TLS the agent opened itself toward a ServiceEntry's host (a DestinationRule's
+    /// `tls.mode: SIMPLE`/`MUTUAL`, for a client speaking plaintext).
+    Originated(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
 impl Upstream {
@@ -121,6 +125,7 @@ impl AsyncRead for Upstream {
         match self.get_mut() {
             Upstream::Tunnel(t) => Pin::new(t).poll_read(cx, buf),
             Upstream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Upstream::Originated(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
 }
@@ -130,6 +135,7 @@ impl AsyncWrite for Upstream {
         match self.get_mut() {
             Upstream::Tunnel(t) => Pin::new(t).poll_write(cx, buf),
             Upstream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Upstream::Originated(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
     fn poll_write_vectored(
@@ -140,24 +146,28 @@ impl AsyncWrite for Upstream {
         match self.get_mut() {
             Upstream::Tunnel(t) => Pin::new(t).poll_write_vectored(cx, bufs),
             Upstream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Upstream::Originated(s) => Pin::new(s).poll_write_vectored(cx, bufs),
         }
     }
     fn is_write_vectored(&self) -> bool {
         match self {
             Upstream::Tunnel(t) => t.is_write_vectored(),
             Upstream::Plain(s) => s.is_write_vectored(),
+            Upstream::Originated(s) => s.is_write_vectored(),
         }
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Upstream::Tunnel(t) => Pin::new(t).poll_flush(cx),
             Upstream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Upstream::Originated(s) => Pin::new(s).poll_flush(cx),
         }
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Upstream::Tunnel(t) => Pin::new(t).poll_shutdown(cx),
             Upstream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Upstream::Originated(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
 }
