@@ -82,6 +82,16 @@ impl ProxyContext {
         crate::transport::accept::Caps { limits: &self.limits, metrics: &self.metrics, tasks: &self.tasks }
     }
 
+    /// What the DNS proxy of `workload` takes of this context.
+    pub fn dns_context(&self, workload: Arc<crate::state::Workload>) -> dns::DnsContext {
+        dns::DnsContext {
+            workload,
+            snapshot: self.snapshot.clone(),
+            upstream: self.dns_upstream.clone(),
+            metrics: self.metrics.clone(),
+        }
+    }
+
     /// What the L7 proxy gets of it.
     pub fn l7_context(&self) -> crate::l7::Context {
         crate::l7::Context {

@@ -78,6 +78,11 @@ fn captured_pods_get_the_meshs_names_and_everything_else_from_the_cluster_dns() 
     assert_eq!(srv.as_deref(), Some("0 50 8080 myapp-v1.production.svc.cluster.local."));
     // So do names the mesh does not know.
     assert_eq!(dig(&lab, &[&format!("@{NOWHERE}"), "world.example"]).as_deref(), Some("203.0.113.50"));
+    // Over TCP (a resolver retrying a truncated answer) the same, both ways.
+    let nowhere = format!("@{NOWHERE}");
+    assert_eq!(dig(&lab, &["+tcp", &nowhere, "myapp.production.svc.cluster.local"]).as_deref(), Some("10.96.0.20"));
+    let srv = dig(&lab, &["+tcp", &nowhere, "SRV", "_http._tcp.myapp.production.svc.cluster.local"]);
+    assert_eq!(srv.as_deref(), Some("0 50 8080 myapp-v1.production.svc.cluster.local."));
 
     // A ServiceEntry host no DNS server knows: given an address from 240.240.0.0/16,
     // which the pod's connection then reaches the entry by (plain TCP, no Host to read).

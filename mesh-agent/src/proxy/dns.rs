@@ -1,7 +1,9 @@
 //! The DNS proxy of each enrolled pod whose DNS is captured (ambient's DNS capture).
 //!
-//! The kernel sends the pod's queries (UDP to port 53) to `<pod ip>:15053`, where the
-//! agent answers A and AAAA questions for the names the mesh knows: Services
+//! The kernel sends the pod's queries (UDP to port 53) to `<pod ip>:15053`, and its
+//! TCP connections to port 53 to the outbound listener like every connection, which
+//! hands them here ([`serve_tcp`]). The agent answers A and AAAA questions for the
+//! names the mesh knows: Services
 //! (`<name>.<namespace>.svc.cluster.local`) and ServiceEntry hosts, with the addresses
 //! allocated to entries that have none. Every other query is forwarded upstream as it
 //! came and its answer relayed as it came back: SRV, TXT, PTR and the names the mesh
@@ -89,6 +91,17 @@ pub enum Reply {
 /// answered; a name it knows with no address of the asked family gets an empty answer
 /// (NODATA), as the cluster DNS gives it.
 pub fn answer(snapshot: &Snapshot, namespace: &str, query: &[u8]) -> Reply {
+    answer_within(snapshot, namespace, query, None)
+}
+
+/// [`answer`] for a query over TCP, where an answer is never truncated.
+pub fn answer_tcp(snapshot: &Snapshot, namespace: &str, query: &[u8]) -> Reply {
+    answer_within(snapshot, namespace, query, Some(usize::from(u16::MAX)))
+}
+
+/// [`answer`], with the largest answer the transport takes (None: UDP's, from the
+/// query's EDNS size or 512 bytes).
+fn answer_within(snapshot: &Snapshot, namespace: &str, query: &[u8], size: Option<usize>) -> Reply {
     if query.len() > MAX_QUERY {
         return Reply::Forward;
     }
@@ -126,7 +139,7 @@ pub fn answer(snapshot: &Snapshot, namespace: &str, query: &[u8]) -> Reply {
         };
         response.add_answer(Record::from_rdata(question.name().clone(), ANSWER_TTL, rdata));
     }
-    let limit = match &request.edns {
+    let udp_limit = match &request.edns {
         Some(edns) => {
             let mut ours = Edns::new();
             ours.set_max_payload(edns.max_payload().max(CLASSIC_UDP_SIZE as u16));
@@ -135,6 +148,7 @@ pub fn answer(snapshot: &Snapshot, namespace: &str, query: &[u8]) -> Reply {
         }
         None => CLASSIC_UDP_SIZE,
     };
+    let limit = size.unwrap_or(udp_limit);
     match response.to_vec() {
         Ok(bytes) if bytes.len() <= limit => Reply::Answered(bytes),
         // Too many addresses for UDP: the truncated answer sends the resolver to TCP.
@@ -211,6 +225,84 @@ pub async fn serve(ctx: DnsContext, socket: UdpSocket, stop: CancellationToken) 
             }
         }
     }
+}
+
+/// How long a DNS-over-TCP connection may wait for its next query.
+const TCP_IDLE: Duration = Duration::from_secs(10);
+
+/// Serves DNS over TCP (RFC 7766: two-byte length, then the message) on a pod's
+/// connection to port 53: the mesh's names answered, the rest forwarded upstream over
+/// TCP and relayed unchanged, one query at a time.
+pub async fn serve_tcp<S>(ctx: DnsContext, mut stream: S)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut query = Vec::new();
+    loop {
+        let mut len = [0u8; 2];
+        match tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut len)).await {
+            Ok(Ok(_)) => {}
+            _ => return,
+        }
+        let len = usize::from(u16::from_be_bytes(len));
+        if len == 0 {
+            return;
+        }
+        query.resize(len, 0);
+        if tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut query)).await.map_or(true, |r| r.is_err()) {
+            return;
+        }
+        let snapshot = ctx.snapshot.load();
+        let reply = match answer_tcp(&snapshot, &ctx.workload.namespace, &query) {
+            Reply::Answered(bytes) => {
+                ctx.metrics.dns("answered");
+                bytes
+            }
+            Reply::Forward => {
+                let Ok(_permit) = ctx.upstream.pending.clone().try_acquire_owned() else {
+                    ctx.metrics.refused("dns", "per_node");
+                    return;
+                };
+                match forward_tcp(ctx.upstream.servers(), &query).await {
+                    Some(bytes) => {
+                        ctx.metrics.dns("forwarded");
+                        bytes
+                    }
+                    None => {
+                        ctx.metrics.dns("upstream_failed");
+                        return;
+                    }
+                }
+            }
+        };
+        let Ok(len) = u16::try_from(reply.len()) else { return };
+        if stream.write_all(&len.to_be_bytes()).await.is_err() || stream.write_all(&reply).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// [`forward`] over TCP: each server in turn, a connection per query.
+async fn forward_tcp(servers: &[SocketAddr], query: &[u8]) -> Option<Vec<u8>> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let len = u16::try_from(query.len()).ok()?.to_be_bytes();
+    for server in servers {
+        let exchange = async {
+            let mut tcp = tokio::net::TcpStream::connect(server).await.ok()?;
+            tcp.write_all(&len).await.ok()?;
+            tcp.write_all(query).await.ok()?;
+            let mut reply_len = [0u8; 2];
+            tcp.read_exact(&mut reply_len).await.ok()?;
+            let mut reply = vec![0u8; usize::from(u16::from_be_bytes(reply_len))];
+            tcp.read_exact(&mut reply).await.ok()?;
+            Some(reply)
+        };
+        if let Ok(Some(reply)) = tokio::time::timeout(FORWARD_TIMEOUT, exchange).await {
+            return Some(reply);
+        }
+    }
+    None
 }
 
 /// Sends `query` to each server in turn until one answers it (same message ID):

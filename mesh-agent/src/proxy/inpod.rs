@@ -64,13 +64,7 @@ impl PodProxy {
         tokio::spawn(serve_plain(ctx.clone(), pod, inbound.clone(), Plain::Inbound, stop.clone()));
         tokio::spawn(hbone::serve(ctx.clone(), workload.clone(), netns, hbone, server_tls, stop.clone()));
         for socket in dns_sockets {
-            let dns = dns::DnsContext {
-                workload: workload.clone(),
-                snapshot: ctx.snapshot.clone(),
-                upstream: ctx.dns_upstream.clone(),
-                metrics: ctx.metrics.clone(),
-            };
-            tokio::spawn(dns::serve(dns, socket, stop.clone()));
+            tokio::spawn(dns::serve(ctx.dns_context(workload.clone()), socket, stop.clone()));
         }
         tracing::info!(pod = %workload.name, namespace = %workload.namespace, identity = %workload.identity, "pod proxy started");
         Ok(Self { inbound_fd: inbound.as_raw_fd(), _inbound: inbound, workload, stop })

@@ -31,6 +31,14 @@ pub(super) async fn handle(
         return Ok(());
     }
     let snapshot = ctx.snapshot.load_full();
+    // DNS over TCP of a pod whose DNS is captured (as it is now, not when its proxy
+    // started): the pod's DNS proxy answers, whatever server it dialed.
+    if orig.port() == mesh_common::ports::DNS_SERVER
+        && snapshot.workload_by_ip(peer.ip()).is_some_and(|w| w.key() == pod.key() && w.dns_capture)
+    {
+        super::dns::serve_tcp(ctx.dns_context(pod.clone()), stream).await;
+        return Ok(());
+    }
     if let Some(service) = snapshot.service_by_vip(orig.ip())
         && snapshot.has_traffic_rules(&service.key())
         && !is_declared_opaque(service, orig.port())

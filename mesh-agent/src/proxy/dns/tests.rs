@@ -14,7 +14,7 @@ use prometheus_client::registry::Registry;
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 
-use super::{DnsContext, Reply, Upstream, answer, serve};
+use super::{DnsContext, Reply, Upstream, answer, serve, serve_tcp};
 use crate::config::parse_documents;
 use crate::snapshot::Snapshot;
 use crate::telemetry::Metrics;
@@ -218,6 +218,9 @@ fn an_answer_too_large_for_udp_is_truncated_so_the_resolver_asks_over_tcp() {
     edns.set_max_payload(4096);
     big.set_edns(edns);
     assert_eq!(addresses(answer(&s, "big", &big.to_vec().unwrap())).len(), 100);
+    // Over TCP nothing is truncated.
+    let tcp = super::answer_tcp(&s, "big", &query("many.big.svc.cluster.local.", RecordType::A));
+    assert_eq!(addresses(tcp).len(), 100);
 }
 
 /// An upstream server on loopback: answers every query with one SRV record, and says
@@ -297,6 +300,64 @@ async fn the_pods_proxy_answers_it_forwards_the_rest_unchanged_and_serves_only_t
         assert!(text.contains(&format!("mesh_dns_requests_total{{outcome=\"{outcome}\"}} 1")), "{outcome}: {text}");
     }
     stop.cancel();
+}
+
+/// A DNS-over-TCP upstream on loopback: answers each query with one SRV record.
+async fn tcp_upstream() -> SocketAddr {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let mut len = [0u8; 2];
+            tcp.read_exact(&mut len).await.unwrap();
+            let mut buf = vec![0u8; usize::from(u16::from_be_bytes(len))];
+            tcp.read_exact(&mut buf).await.unwrap();
+            let q = Message::from_vec(&buf).unwrap();
+            let mut r = Message::response(q.metadata.id, q.metadata.op_code);
+            r.add_queries(q.queries.iter().cloned());
+            let target = Name::from_ascii("web-0.web.production.svc.cluster.local.").unwrap();
+            r.add_answer(Record::from_rdata(q.queries[0].name().clone(), 5, RData::SRV(SRV::new(0, 50, 80, target))));
+            let bytes = r.to_vec().unwrap();
+            tcp.write_all(&(bytes.len() as u16).to_be_bytes()).await.unwrap();
+            tcp.write_all(&bytes).await.unwrap();
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn over_tcp_the_mesh_answers_in_full_and_the_rest_goes_upstream_over_tcp() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut registry = Registry::default();
+    let snap = snapshot();
+    let ctx = DnsContext {
+        workload: snap.workloads[0].clone(),
+        snapshot: Arc::new(ArcSwap::from_pointee(snap)),
+        upstream: Arc::new(Upstream::new(vec![tcp_upstream().await])),
+        metrics: Arc::new(Metrics::new(&mut registry)),
+    };
+    let (mut client, server) = tokio::io::duplex(64 * 1024);
+    tokio::spawn(serve_tcp(ctx, server));
+    // Two queries on one connection, as RFC 7766 allows.
+    for (name, kind) in [
+        ("myapp.production.svc.cluster.local.", RecordType::A),
+        ("_http._tcp.web.production.svc.cluster.local.", RecordType::SRV),
+    ] {
+        let q = query(name, kind);
+        client.write_all(&(q.len() as u16).to_be_bytes()).await.unwrap();
+        client.write_all(&q).await.unwrap();
+        let mut len = [0u8; 2];
+        tokio::time::timeout(Duration::from_secs(5), client.read_exact(&mut len)).await.unwrap().unwrap();
+        let mut buf = vec![0u8; usize::from(u16::from_be_bytes(len))];
+        client.read_exact(&mut buf).await.unwrap();
+        let m = Message::from_vec(&buf).unwrap();
+        assert_eq!(m.metadata.id, 0x4242);
+        match kind {
+            RecordType::A => assert!(matches!(&m.answers[0].data, RData::A(ip) if ip.0.to_string() == "10.96.0.20")),
+            _ => assert!(matches!(&m.answers[0].data, RData::SRV(s) if s.port == 80), "{m:?}"),
+        }
+    }
 }
 
 #[test]
