@@ -18,6 +18,7 @@ mod references;
 pub mod resource;
 pub mod resources;
 pub mod schema;
+pub mod secrets;
 pub mod security;
 pub mod service_entry;
 mod source;

@@ -50,6 +50,9 @@ pub struct Context {
     pub shutdown: CancellationToken,
     /// The only directory whose files DestinationRules may name for TLS origination.
     pub egress_tls_dir: Arc<std::path::Path>,
+    /// A gateway's: the Secrets of its namespace, for a DestinationRule's
+    /// `credentialName`. None for node agents, which read no Secrets.
+    pub secrets: Option<Arc<arc_swap::ArcSwap<crate::config::secrets::Secrets>>>,
 }
 
 /// Counters and connections shared by every pod proxy of the agent.

@@ -101,6 +101,7 @@ impl ProxyContext {
             metrics: self.metrics.clone(),
             shutdown: self.shutdown.clone(),
             egress_tls_dir: self.egress_tls_dir.clone(),
+            secrets: None,
         }
     }
 }

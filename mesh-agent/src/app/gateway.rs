@@ -61,6 +61,8 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
         super::gateway_status::spawn(c.clone(), namespace.clone(), status_rx, RESYNC_INTERVAL);
     }
     let tasks = TaskTracker::new();
+    // The same Secrets the servers read, for the TLS the gateway originates.
+    let origination_secrets: Arc<ArcSwap<Secrets>> = Arc::default();
     let l7 = crate::l7::Context {
         snapshot: snapshot.clone(),
         // Not a captured pod: its own sockets need no bypass mark.
@@ -69,6 +71,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
         metrics: metrics.clone(),
         shutdown: shutdown.clone(),
         egress_tls_dir: settings.egress_tls_dir.clone().into(),
+        secrets: Some(origination_secrets.clone()),
     };
     let ctx = GatewayContext {
         l7,
@@ -90,6 +93,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
         metrics,
         secret_watch,
         secrets_seen: 0,
+        origination_secrets,
         status: status_tx,
     };
     edge.reload(&mut source).await;
@@ -140,6 +144,8 @@ struct Edge {
     secret_watch: Option<SecretWatch>,
     /// The watch's version last applied.
     secrets_seen: u64,
+    /// The Secrets the gateway's originated TLS reads (`credentialName`).
+    origination_secrets: Arc<ArcSwap<Secrets>>,
     /// The Gateway API status of each snapshot, for the status writer (cluster mode).
     status: tokio::sync::watch::Sender<Arc<Vec<crate::config::gateway_api::translate::ObjectStatus>>>,
 }
@@ -176,6 +182,7 @@ impl Edge {
         for problem in self.gateway.apply(&snap, &secrets).await {
             tracing::warn!(version = self.version, "{problem}");
         }
+        self.origination_secrets.store(Arc::new(secrets));
         tracing::info!(version = self.version, ports = ?self.gateway.ports(), "gateway config applied");
         self.publish_readiness();
     }

@@ -233,7 +233,9 @@ pub struct ClientTls {
     /// Refused when true: the agent always verifies.
     #[serde(default)]
     pub insecure_skip_verify: Option<bool>,
-    /// A Secret with the certificates (refused: node agents read no Secrets).
+    /// A Secret with the certificates (`tls.crt`, `tls.key`, `ca.crt`), in the
+    /// namespace of the proxy that originates: read by gateways; node agents read no
+    /// Secrets, and refuse such connections.
     #[serde(default)]
     pub credential_name: Option<String>,
     /// Client certificate chain file (MUTUAL).
@@ -1116,12 +1118,16 @@ fn validate_client_tls(at: &str, t: &ClientTls) -> Result<(), Invalid> {
         }
     };
     if t.credential_name.is_some() {
-        return Err((
-            format!("{at}.credentialName"),
-            "node agents read no Secrets: mount the files and name them in caCertificates, clientCertificate and \
-             privateKey"
-                .into(),
-        ));
+        // As Istio's validation: the Secret holds every certificate, or none.
+        for (field, path) in [
+            ("caCertificates", &t.ca_certificates),
+            ("clientCertificate", &t.client_certificate),
+            ("privateKey", &t.private_key),
+        ] {
+            if path.is_some() {
+                return Err((format!("{at}.{field}"), "cannot be set together with credentialName".into()));
+            }
+        }
     }
     if t.insecure_skip_verify == Some(true) {
         return Err((format!("{at}.insecureSkipVerify"), "the agent always verifies the server's certificate".into()));
@@ -1143,7 +1149,7 @@ fn validate_client_tls(at: &str, t: &ClientTls) -> Result<(), Invalid> {
             return Err((format!("{at}.{field}"), format!("{p:?} must be an absolute path")));
         }
     }
-    if mutual {
+    if mutual && t.credential_name.is_none() {
         for (field, path) in [("clientCertificate", &t.client_certificate), ("privateKey", &t.private_key)] {
             if path.is_none() {
                 return Err((format!("{at}.{field}"), "required with mode MUTUAL".into()));

@@ -370,7 +370,7 @@ mod tests {
     }
 
     #[test]
-    fn destination_rule_tls_is_the_mesh_s_own_or_originated_from_files_the_agent_can_read() {
+    fn destination_rule_tls_is_the_mesh_s_own_or_originated_from_files_or_a_gateway_s_secret() {
         let dr = |tls: &str| {
             check(&format!(
                 "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: d}}\nspec:\n  host: api.example.com\n  trafficPolicy:\n    tls: {tls}\n"
@@ -381,13 +381,18 @@ mod tests {
             "{mode: SIMPLE}",
             "{mode: SIMPLE, caCertificates: /etc/certs/ca.pem, sni: api.example.com}",
             "{mode: MUTUAL, clientCertificate: /etc/certs/c.pem, privateKey: /etc/certs/k.pem}",
+            // A gateway reads it from its namespace; a node agent refuses to originate.
+            "{mode: MUTUAL, credentialName: client-credential}",
         ] {
             assert_eq!(dr(ok), "ok 1", "{ok}");
         }
         for (bad, field) in [
             ("{mode: DISABLE}", "spec.trafficPolicy.tls.mode"),
             ("{mode: MUTUAL, clientCertificate: /c.pem}", "spec.trafficPolicy.tls.privateKey"),
-            ("{mode: SIMPLE, credentialName: api-tls}", "spec.trafficPolicy.tls.credentialName"),
+            (
+                "{mode: SIMPLE, credentialName: api-tls, caCertificates: /c.pem}",
+                "spec.trafficPolicy.tls.caCertificates",
+            ),
             ("{mode: SIMPLE, insecureSkipVerify: true}", "spec.trafficPolicy.tls.insecureSkipVerify"),
             ("{mode: SIMPLE, caCertificates: certs/ca.pem}", "spec.trafficPolicy.tls.caCertificates"),
             ("{mode: SIMPLE, subjectAltNames: [api.example.com]}", "spec.trafficPolicy.tls.subjectAltNames"),

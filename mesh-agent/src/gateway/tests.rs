@@ -166,8 +166,13 @@ impl Edge {
         let snap = mesh.ctx.snapshot.load_full();
         // The gateway holds its own identity, as the agents hold their pods'.
         mesh.ctx.dialer.certs.set_local(snap.workloads.iter().map(|w| w.identity.clone()));
+        let objects = parse_documents(Path::new("edge.yaml"), &yaml).unwrap();
+        let secrets = Secrets::of_namespace(&objects, "istio-ingress");
+        let mut l7 = mesh.ctx.l7_context();
+        // A gateway reads its namespace's Secrets for the TLS it originates too.
+        l7.secrets = Some(Arc::new(arc_swap::ArcSwap::from_pointee(secrets.clone())));
         let ctx = GatewayContext {
-            l7: mesh.ctx.l7_context(),
+            l7,
             netns: mesh.netns.clone(),
             limits: Arc::new(ConnLimits::new(64, 256)),
             tasks: Default::default(),
@@ -175,8 +180,7 @@ impl Edge {
         };
         let ip = IpAddr::from([127, net, 0, 50]);
         let mut gateway = Gateway::new(ctx, "istio-ingress/istio-ingressgateway".into(), ip);
-        let objects = parse_documents(Path::new("edge.yaml"), &yaml).unwrap();
-        let problems = gateway.apply(&snap, &Secrets::of_namespace(&objects, "istio-ingress")).await;
+        let problems = gateway.apply(&snap, &secrets).await;
         assert_eq!(problems, Vec::<String>::new());
         assert!(gateway.ports().starts_with(&[HTTP, HTTPS, MUTUAL, PASSTHROUGH, TCP]), "{:?}", gateway.ports());
         Self { mesh, gateway, ip }
@@ -545,7 +549,7 @@ async fn https_to_an_outside_host_leaves_through_the_egress_gateway() {
 /// pods speak HTTP to the outside host, a mesh VirtualService's `http:` rule sends them
 /// to the egress gateway's Service, the gateway's rule on to the entry's port 443, and
 /// the entry's DestinationRule makes the gateway open TLS there.
-fn http_egress_yaml(net: u8, ca: &Path) -> String {
+fn http_egress_yaml(net: u8, tls: &str) -> String {
     format!(
         r#"
 ---
@@ -594,9 +598,8 @@ spec:
   trafficPolicy:
     portLevelSettings:
     - port: {{number: 443}}
-      tls: {{mode: SIMPLE, caCertificates: {ca}}}
-"#,
-        ca = ca.display()
+      tls: {tls}
+"#
     )
 }
 
@@ -610,7 +613,7 @@ async fn plain_http_leaves_through_the_egress_gateway_which_originates_tls() {
     let dir = tempfile::tempdir().unwrap();
     let ca = dir.path().join("internet-ca.pem");
     std::fs::write(&ca, internet_ca.pem()).unwrap();
-    let yaml = http_egress_yaml(net, &ca);
+    let yaml = http_egress_yaml(net, &format!("{{mode: SIMPLE, caCertificates: {}}}", ca.display()));
     let edge = Edge::start_in(net, &server_ca, &client_ca, &yaml, Some(dir.path())).await;
     assert!(edge.gateway.ports().contains(&EGRESS_HTTP), "{:?}", edge.gateway.ports());
     let internet = SocketAddr::from(([127, net, 0, 202], 8443));
@@ -631,6 +634,31 @@ async fn plain_http_leaves_through_the_egress_gateway_which_originates_tls() {
     };
     assert!(hop("client", "istio-ingress/istio-egressgateway"), "{metrics}");
     assert!(hop("istio-ingressgateway", "edition.example.com"), "{metrics}");
+}
+
+#[tokio::test]
+async fn the_egress_gateway_originates_mutual_tls_with_a_secret_of_its_namespace() {
+    let net = 52;
+    let (server_ca, client_ca, internet_ca, internet_clients) =
+        (TestCa::new(), TestCa::new(), TestCa::new(), TestCa::new());
+    let (cert, key) = internet_clients.issue(&["egress.example.com"]);
+    // Istio's "mutual TLS origination with an egress gateway": the client credential
+    // and the server's CA in one Secret of the gateway's namespace.
+    let secret = format!(
+        "---\napiVersion: v1\nkind: Secret\nmetadata: {{name: client-credential, namespace: istio-ingress}}\n\
+         type: Opaque\nstringData:\n  tls.crt: |\n{}  tls.key: |\n{}  ca.crt: |\n{}",
+        indent(&cert),
+        indent(&key),
+        indent(&internet_ca.pem())
+    );
+    let tls = "{mode: MUTUAL, credentialName: client-credential, sni: edition.example.com}";
+    let yaml = format!("{}{secret}", http_egress_yaml(net, tls));
+    let edge = Edge::start_with(net, &server_ca, &client_ca, &yaml).await;
+    let internet = SocketAddr::from(([127, net, 0, 202], 8443));
+    tls_app("internet-mtls", internet, internet_ca.issue(&["edition.example.com"]), Some(&internet_clients)).await;
+    let somewhere = SocketAddr::from(([203, 0, 113, 9], 80));
+    let res = send(edge.mesh.dial("client", somewhere).await, get("/", "edition.example.com")).await.unwrap();
+    assert_eq!(served_by(&res), "internet-mtls", "the gateway presented the Secret's client certificate");
 }
 
 /// A TLS client on an open connection.

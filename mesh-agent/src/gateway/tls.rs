@@ -2,7 +2,6 @@
 //! `credentialName` names, or files), the client verification of MUTUAL and
 //! OPTIONAL_MUTUAL, and the protocol versions and cipher suites it allows.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use rustls::crypto::CryptoProvider;
@@ -10,9 +9,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{CipherSuite, RootCertStore, ServerConfig, SupportedCipherSuite};
 
-use crate::config::Object;
 use crate::config::gateway::{ServerTls, TlsMode, TlsVersion};
-use crate::config::resources::Secret;
+pub use crate::config::secrets::Secrets;
 
 /// ALPN a gateway offers on TLS: HTTP/2, then HTTP/1.1.
 const ALPN: &[&[u8]] = &[b"h2", b"http/1.1"];
@@ -27,31 +25,6 @@ const TLS12_SUITES: &[(&str, CipherSuite)] = &[
     ("ECDHE-RSA-AES256-GCM-SHA384", CipherSuite::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384),
     ("ECDHE-RSA-CHACHA20-POLY1305", CipherSuite::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256),
 ];
-
-/// The Secrets a gateway may read: those of its own namespace, by name.
-#[derive(Debug, Clone, Default)]
-pub struct Secrets(HashMap<String, Arc<Secret>>);
-
-impl Secrets {
-    /// The Secrets of `namespace` among `objects`.
-    pub fn of_namespace(objects: &[Object], namespace: &str) -> Self {
-        Self(
-            objects
-                .iter()
-                .filter_map(|o| match o {
-                    Object::Secret(s) if s.metadata.namespace_or_default() == namespace => {
-                        Some((s.metadata.name.clone(), Arc::new((**s).clone())))
-                    }
-                    _ => None,
-                })
-                .collect(),
-        )
-    }
-
-    fn get(&self, name: &str) -> Result<&Secret, String> {
-        self.0.get(name).map(|s| &**s).ok_or_else(|| format!("no Secret {name:?} in the gateway's namespace"))
-    }
-}
 
 /// What a server's TLS settings make: the rustls configuration, and the client
 /// certificate names MUTUAL requires (empty: any certificate the CA signed).

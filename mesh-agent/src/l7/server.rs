@@ -873,10 +873,14 @@ async fn try_once(
             detail: "DestinationRule tls ISTIO_MUTUAL, but the endpoint is outside the mesh".into(),
         };
     }
+    let secrets = ctx.secrets.as_ref().map(|s| s.load_full());
     let tls = policy.origination.as_ref().map(|settings| super::upstream::Originate {
         settings,
         host: &backend.service,
-        allowed_dir: &ctx.egress_tls_dir,
+        credentials: crate::transport::originate::Credentials {
+            allowed_dir: &ctx.egress_tls_dir,
+            secrets: secrets.as_deref(),
+        },
     });
     let from = super::upstream::From { dialer: &ctx.dialer, snapshot: snap, pod, netns, tls };
     let sent =

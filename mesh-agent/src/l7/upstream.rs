@@ -121,8 +121,8 @@ pub struct Originate<'a> {
     pub settings: &'a crate::traffic::policy::TlsOrigination,
     /// The host asked for: the SNI and the name checked, unless `sni` says.
     pub host: &'a str,
-    /// The only directory the settings' files may be in (`--egress-tls-dir`).
-    pub allowed_dir: &'a std::path::Path,
+    /// Where the certificates may come from.
+    pub credentials: crate::transport::originate::Credentials<'a>,
 }
 
 impl From<'_> {
@@ -289,7 +289,7 @@ impl Upstreams {
         match (io, tls) {
             // Through the tunnel the mesh's own mutual TLS carries it, as at L4.
             (Upstream::Plain(tcp), Some(t)) => {
-                crate::transport::originate::originate(tcp, addr, t.settings, t.host, t.allowed_dir)
+                crate::transport::originate::originate(tcp, addr, t.settings, t.host, &t.credentials)
                     .await
                     .map(|s| Upstream::Originated(Box::new(s)))
                     .map_err(|e| SendError::Connect { addr, reason: e.to_string() })

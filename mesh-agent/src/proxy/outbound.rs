@@ -133,7 +133,8 @@ async fn leave_the_registry(
         ConnLabels::new(Direction::Outbound, pod, reached.map(|w| &**w), service.as_deref(), upstream.is_tunnel());
     match (upstream, origination) {
         (Upstream::Plain(tcp), Some((o, addr, host))) => {
-            let mut tls = crate::transport::originate::originate(tcp, addr, &o, &host, &ctx.egress_tls_dir).await?;
+            let from = crate::transport::originate::Credentials { allowed_dir: &ctx.egress_tls_dir, secrets: None };
+            let mut tls = crate::transport::originate::originate(tcp, addr, &o, &host, &from).await?;
             splice(ctx, &labels, &mut stream, &mut tls, pod, orig).await
         }
         (mut upstream, _) => splice(ctx, &labels, &mut stream, &mut upstream, pod, orig).await,

@@ -690,11 +690,29 @@ spec:
   trafficPolicy: {{tls: {{mode: SIMPLE, caCertificates: {ca}}}}}
 ---
 apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: vault, namespace: shop}}
+spec:
+  host: vault.example.com
+  trafficPolicy: {{tls: {{mode: SIMPLE, credentialName: vault-ca}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: vault, namespace: shop}}
+spec:
+  hosts: [vault.example.com]
+  ports: [{{number: 443, name: https, protocol: HTTPS}}]
+  resolution: STATIC
+  endpoints: [{{address: 127.{net}.0.202, ports: {{https: 8443}}}}]
+---
+apiVersion: networking.istio.io/v1
 kind: VirtualService
 metadata: {{name: ext, namespace: shop}}
 spec:
   hosts: [ext.example.com]
   http:
+  - match: [{{headers: {{x-to: {{exact: vault}}}}}}]
+    route: [{{destination: {{host: vault.example.com, port: {{number: 443}}}}}}]
   - match: [{{headers: {{x-to: {{exact: secure}}}}}}]
     route: [{{destination: {{host: secure.example.com, port: {{number: 443}}}}}}]
   - match: [{{headers: {{x-to: {{exact: mesh}}}}}}]
@@ -721,6 +739,9 @@ spec:
     assert_eq!(mesh.send("client", dialed, to(None, "/gone")).await.status(), 418, "the rule's fault applies");
     // Another entry's host, with TLS the agent opens for the plaintext request.
     assert_eq!(served_by(&mesh.send("client", dialed, to(Some("secure"), "/")).await), "internet-tls");
+    // A credentialName is a gateway's to read: a node agent reads no Secrets, and never
+    // sends the request without the TLS the rule asks for.
+    assert_eq!(mesh.send("client", dialed, to(Some("vault"), "/")).await.status(), 503);
     let metrics = mesh.metrics();
     assert!(
         metrics.lines().any(|l| l.starts_with("requests_total")

@@ -113,6 +113,8 @@ pub struct TlsOrigination {
     pub client_certificate: Option<std::path::PathBuf>,
     /// Its key (MUTUAL).
     pub private_key: Option<std::path::PathBuf>,
+    /// A Secret of the originating gateway's namespace holding all of them instead.
+    pub credential_name: Option<String>,
 }
 
 impl TlsOrigination {
@@ -130,6 +132,7 @@ impl TlsOrigination {
             ca_certificates: path(&tls.ca_certificates),
             client_certificate: path(&tls.client_certificate),
             private_key: path(&tls.private_key),
+            credential_name: tls.credential_name.clone(),
         })
     }
 }
