@@ -207,14 +207,28 @@ fn try_connect(ctx: &SockAddrContext, v6_hook: bool) -> Result<i32, i32> {
         return Err(REJECT);
     }
 
-    if v6_hook {
-        write_ip6(&mut sa.user_ip6, if redirect_v4 { IpKey::from_v4(pod.ip4).words } else { pod.ip6.words });
-    } else {
-        sa.user_ip4 = pod.ip4;
-    }
-    sa.user_port = u32::from(ports::OUTBOUND.to_be());
+    set_address(sa, v6_hook, pod_address(&pod, redirect_v4), ports::OUTBOUND);
     debug!(ctx, "mesh: redirected connect cookie={} dport={}", cookie, port);
     Ok(ALLOW)
+}
+
+/// The pod's own address to send a redirected socket to: IPv4 (as an IPv4-mapped
+/// address in a v6 hook) when the socket was going to an IPv4 address, else its IPv6.
+#[inline(always)]
+fn pod_address(pod: &PodInfo, to_v4: bool) -> IpKey {
+    if to_v4 { IpKey::from_v4(pod.ip4) } else { pod.ip6 }
+}
+
+/// Writes `ip:port` (port in host order) into a `cgroup_sock_addr` context: the whole
+/// address in a v6 hook, its last word in a v4 hook.
+#[inline(always)]
+fn set_address(sa: &mut bpf_sock_addr, v6_hook: bool, ip: IpKey, port: u16) {
+    if v6_hook {
+        write_ip6(&mut sa.user_ip6, ip.words);
+    } else {
+        sa.user_ip4 = ip.words[3];
+    }
+    sa.user_port = u32::from(port.to_be());
 }
 
 /// Reads an IPv6 address from a context field one 32-bit word at a time: the verifier
@@ -317,12 +331,7 @@ fn redirect_dns(ctx: &SockAddrContext, v6_hook: bool) -> Result<i32, i32> {
         warn!(ctx, "mesh: cannot record the DNS server asked, refusing the query");
         return Err(REJECT);
     }
-    if v6_hook {
-        write_ip6(&mut sa.user_ip6, if to_v4 { IpKey::from_v4(pod.ip4).words } else { pod.ip6.words });
-    } else {
-        sa.user_ip4 = pod.ip4;
-    }
-    sa.user_port = u32::from(ports::DNS.to_be());
+    set_address(sa, v6_hook, pod_address(&pod, to_v4), ports::DNS);
     Ok(ALLOW)
 }
 
@@ -351,12 +360,7 @@ fn restore_dns_server(ctx: &SockAddrContext, v6_hook: bool) {
     if !from_proxy {
         return;
     }
-    if v6_hook {
-        write_ip6(&mut sa.user_ip6, orig.ip.words);
-    } else {
-        sa.user_ip4 = orig.ip.words[3];
-    }
-    sa.user_port = u32::from(orig.port.to_be());
+    set_address(sa, v6_hook, orig.ip, orig.port);
 }
 
 // === sockops ===
@@ -466,12 +470,7 @@ fn restore_peer(ctx: &SockAddrContext, v6_hook: bool) {
     let table = if sa.protocol == IPPROTO_UDP { &DNS_ORIG_DST } else { &COOKIE_ORIG_DST };
     // SAFETY: copied out at once.
     let Some(orig) = (unsafe { table.get(&cookie) }).copied() else { return };
-    if v6_hook {
-        write_ip6(&mut sa.user_ip6, orig.ip.words);
-    } else {
-        sa.user_ip4 = orig.ip.words[3];
-    }
-    sa.user_port = u32::from(orig.port.to_be());
+    set_address(sa, v6_hook, orig.ip, orig.port);
 }
 
 // === sk_lookup ===

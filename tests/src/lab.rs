@@ -51,9 +51,11 @@ pub const CA_SERVER_NAME: &str = "mesh-ca.istio-system.svc";
 pub const CLIENT_NETNS: &str = "meshlab-client";
 /// The outside client's address.
 pub const CLIENT_ADDR: &str = "10.255.0.200";
-/// The lab's cluster DNS: pods' resolv.conf names it, and agents forward to it what
-/// their DNS proxies do not answer. Nothing listens there unless a test starts a
-/// server in the outside client's netns (which also stands for "the internet").
+/// The lab's cluster DNS: agents forward to it what their DNS proxies do not answer,
+/// and a pod given a resolv.conf ([`Lab::use_cluster_dns`]) asks it. Nothing listens
+/// there unless a test starts a server in the outside client's netns (which also
+/// stands for "the internet"): pods have no resolv.conf of their own by default, as a
+/// resolver that waits on a silent server stalls tools that never needed one.
 pub const CLUSTER_DNS: &str = CLIENT_ADDR;
 /// The image name that makes a lab pod run the mesh's gateway instead of the echo app.
 pub const GATEWAY_IMAGE: &str = "mesh-gateway";
@@ -928,23 +930,28 @@ impl Lab {
         Ok(())
     }
 
+    /// Gives `pod` the resolv.conf a kubelet writes (search list of its namespace),
+    /// naming [`CLUSTER_DNS`]: `/etc/netns/<pod>/resolv.conf`, which the pod's
+    /// commands see over /etc/resolv.conf. `down` removes it with the pod.
+    pub fn use_cluster_dns(&self, pod: &str) -> anyhow::Result<()> {
+        let p = self.pod(pod)?;
+        let ns = &p.namespace;
+        fs::write(
+            Path::new("/etc/netns").join(&p.netns).join("resolv.conf"),
+            format!(
+                "nameserver {CLUSTER_DNS}\nsearch {ns}.svc.cluster.local svc.cluster.local cluster.local\n\
+                 options ndots:5 timeout:1 attempts:2\n"
+            ),
+        )?;
+        Ok(())
+    }
+
     /// `/etc/netns/<pod>/hosts`: `ip netns exec` bind-mounts it over /etc/hosts, so
-    /// pods resolve `svc`, `svc.ns` and `svc.ns.svc.cluster.local`; and
-    /// `/etc/netns/<pod>/resolv.conf`, a kubelet's for the pod, naming [`CLUSTER_DNS`].
+    /// pods resolve `svc`, `svc.ns` and `svc.ns.svc.cluster.local`.
     fn write_hosts(&self) -> anyhow::Result<()> {
         for p in &self.pods {
             let dir = Path::new("/etc/netns").join(&p.netns);
             fs::create_dir_all(&dir)?;
-            let ns = &p.namespace;
-            fs::write(
-                dir.join("resolv.conf"),
-                format!(
-                    "nameserver {CLUSTER_DNS}
-search {ns}.svc.cluster.local svc.cluster.local cluster.local
-                     options ndots:5 timeout:1 attempts:2
-"
-                ),
-            )?;
             let mut hosts = String::from("127.0.0.1 localhost\n::1 localhost\n");
             hosts.push_str(&format!("{} {}\n", p.ip, p.name));
             for (key, (name, ip)) in &self.services {
