@@ -37,7 +37,9 @@ const PENDING_PER_POD: usize = 32;
 const PENDING_PER_NODE: usize = 256;
 /// The largest datagram: an upstream answer is relayed whole, never cut.
 const MAX_DATAGRAM: usize = 65_535;
-/// A query larger than this is no question a resolver asks; it is forwarded as is.
+/// A query larger than this is no question a resolver asks: over UDP it is dropped
+/// (each pod's socket keeps a buffer of this size, not of a whole datagram), over
+/// TCP forwarded as it is.
 const MAX_QUERY: usize = 4096;
 /// The size of an answer without EDNS (RFC 1035).
 const CLASSIC_UDP_SIZE: usize = 512;
@@ -174,7 +176,8 @@ pub struct DnsContext {
 pub async fn serve(ctx: DnsContext, socket: UdpSocket, stop: CancellationToken) {
     let socket = Arc::new(socket);
     let pending = Arc::new(Semaphore::new(PENDING_PER_POD));
-    let mut buf = vec![0u8; MAX_DATAGRAM];
+    // One byte more than a query may have: a longer datagram fills it and is dropped.
+    let mut buf = vec![0u8; MAX_QUERY + 1];
     loop {
         let (len, from) = tokio::select! {
             _ = stop.cancelled() => return,
@@ -188,7 +191,7 @@ pub async fn serve(ctx: DnsContext, socket: UdpSocket, stop: CancellationToken) 
         };
         // Only the pod itself: its address is reachable by others, its proxy is not
         // theirs (nor a reflector for spoofed sources).
-        if !ctx.workload.ips.contains(&from.ip().to_canonical()) {
+        if !ctx.workload.ips.contains(&from.ip().to_canonical()) || len > MAX_QUERY {
             ctx.metrics.dns("refused");
             continue;
         }

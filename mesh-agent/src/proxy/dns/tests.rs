@@ -287,6 +287,8 @@ async fn the_pods_proxy_answers_it_forwards_the_rest_unchanged_and_serves_only_t
     assert!(matches!(&srv.answers[0].data, RData::SRV(s) if s.port == 80 && s.weight == 50), "{srv:?}");
     assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 1);
 
+    // A datagram larger than any query: dropped, nothing sent upstream.
+    client.send_to(&vec![0u8; 5000], proxy_addr).await.unwrap();
     // Another address reaching the pod's proxy is not the pod: no answer, nothing sent.
     let stranger = UdpSocket::bind("127.0.0.63:0").await.unwrap();
     stranger.send_to(&query("example.org.", RecordType::A), proxy_addr).await.unwrap();
@@ -296,8 +298,8 @@ async fn the_pods_proxy_answers_it_forwards_the_rest_unchanged_and_serves_only_t
 
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
-    for outcome in ["answered", "forwarded", "refused"] {
-        assert!(text.contains(&format!("mesh_dns_requests_total{{outcome=\"{outcome}\"}} 1")), "{outcome}: {text}");
+    for (outcome, n) in [("answered", 1), ("forwarded", 1), ("refused", 2)] {
+        assert!(text.contains(&format!("mesh_dns_requests_total{{outcome=\"{outcome}\"}} {n}")), "{outcome}: {text}");
     }
     stop.cancel();
 }
