@@ -15,9 +15,14 @@ const NOWHERE: &str = "192.0.2.53";
 /// `dig` in pod `frontend`: its short answer, or None when it got none at all. Fails
 /// the test when dig says the answer did not come from the server it asked.
 fn dig(lab: &Lab, args: &[&str]) -> Option<String> {
+    dig_in(lab, "frontend", args)
+}
+
+/// [`dig`] in `pod`.
+fn dig_in(lab: &Lab, pod: &str, args: &[&str]) -> Option<String> {
     let mut argv = vec!["dig", "+time=1", "+tries=1", "+short"];
     argv.extend_from_slice(args);
-    let out = lab.exec("frontend", &argv).unwrap();
+    let out = lab.exec(pod, &argv).unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!format!("{stdout}{stderr}").contains("unexpected source"), "dig {args:?}: {stdout}{stderr}");
@@ -76,6 +81,20 @@ fn captured_pods_get_the_meshs_names_and_everything_else_from_the_cluster_dns() 
     // SRV goes to the cluster DNS and comes back as it answered.
     let srv = dig(&lab, &[&dns, "SRV", "_http._tcp.myapp.production.svc.cluster.local"]);
     assert_eq!(srv.as_deref(), Some("0 50 8080 myapp-v1.production.svc.cluster.local."));
+    // Over native IPv6 too: a dual-stack pod asking a v6 server that does not exist.
+    let ip6 = lab.node("node1").unwrap().subnet6().replace("::/64", "::5f");
+    let dual = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: dns-dual\n  namespace: production\n  \
+         uid: 3f0e2d1c-0000-4000-8000-00000000005f\n  labels: {{app: dns-dual}}\nspec:\n  \
+         serviceAccountName: dns-dual\n  nodeName: node1\n  \
+         containers: [{{name: app, image: mesh-echo, ports: [{{name: http, containerPort: 8080}}]}}]\n\
+         status:\n  podIP: 10.10.1.95\n  podIPs: [{{ip: 10.10.1.95}}, {{ip: '{ip6}'}}]\n"
+    );
+    let pod = lab.add_pod(&dual).unwrap();
+    assert!(pod.failed.is_none(), "{:?}", pod.failed);
+    eventually("a query over IPv6 is answered by the pod's proxy", || {
+        dig_in(&lab, "dns-dual", &["@2001:db8::53", "myapp.production.svc.cluster.local"]).filter(|a| a == "10.96.0.20")
+    });
     // So do names the mesh does not know.
     assert_eq!(dig(&lab, &[&format!("@{NOWHERE}"), "world.example"]).as_deref(), Some("203.0.113.50"));
     // Over TCP (a resolver retrying a truncated answer) the same, both ways.
