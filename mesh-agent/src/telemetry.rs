@@ -13,6 +13,7 @@ use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::identity::Identity;
@@ -186,6 +187,23 @@ pub struct DnsLabels {
     pub outcome: &'static str,
 }
 
+/// Envoy's default histogram buckets, which Istio's request duration (milliseconds)
+/// and size (bytes) histograms use, so dashboards' quantiles read the same.
+pub const ENVOY_BUCKETS: [f64; 19] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0, 60000.0, 300000.0,
+    600000.0, 1800000.0, 3600000.0,
+];
+
+/// A histogram per request label set, with [`ENVOY_BUCKETS`].
+#[derive(Debug, Clone)]
+pub struct RequestHistograms(Family<RequestLabels, Histogram, fn() -> Histogram>);
+
+impl Default for RequestHistograms {
+    fn default() -> Self {
+        Self(Family::new_with_constructor(|| Histogram::new(ENVOY_BUCKETS)))
+    }
+}
+
 /// The label sets of every series that names a workload, to find those of workloads
 /// that are gone (prometheus-client's families cannot be walked).
 #[derive(Debug, Default)]
@@ -217,6 +235,8 @@ pub struct Metrics {
     refused: Family<RefusedLabels, Counter>,
     blocked: Family<BlockedLabels, Counter>,
     dns: Family<DnsLabels, Counter>,
+    request_duration: RequestHistograms,
+    response_bytes: RequestHistograms,
     series: Mutex<SeriesIndex>,
 }
 
@@ -225,6 +245,16 @@ impl Metrics {
     pub fn new(registry: &mut Registry) -> Self {
         let m = Self::default();
         registry.register("requests", "HTTP requests routed (reporter=source)", m.requests.clone());
+        registry.register(
+            "request_duration_milliseconds",
+            "Time from the request's arrival to the end of its response (reporter=source)",
+            m.request_duration.0.clone(),
+        );
+        registry.register(
+            "response_bytes",
+            "Size of response bodies, counted as they pass (reporter=source)",
+            m.response_bytes.0.clone(),
+        );
         registry.register("tcp_connections_opened", "TCP connections opened", m.opened.clone());
         registry.register("tcp_connections_closed", "TCP connections closed", m.closed.clone());
         registry.register("tcp_sent_bytes", "Bytes sent in responses (server to client)", m.sent.clone());
@@ -297,6 +327,17 @@ impl Metrics {
         self.requests.get_or_create(labels).inc();
     }
 
+    /// Records a request whose response has ended (or was dropped): how long it took
+    /// from its arrival, and how many response body bytes passed. The request itself
+    /// is counted by [`Metrics::request`].
+    pub fn request_done(&self, labels: &RequestLabels, duration: std::time::Duration, response_bytes: u64) {
+        if self.requests.get(labels).is_none() {
+            self.index().requests.insert(labels.clone());
+        }
+        self.request_duration.0.get_or_create(labels).observe(duration.as_secs_f64() * 1000.0);
+        self.response_bytes.0.get_or_create(labels).observe(response_bytes as f64);
+    }
+
     /// Counts a refusal protecting `dst`.
     pub fn denied(&self, dst: &Workload, reason: DenyReason) {
         let labels = DenyLabels {
@@ -359,6 +400,8 @@ impl Metrics {
                 && (l.destination_workload == UNKNOWN || names.contains(l.destination_workload.as_str()));
             if !keep {
                 self.requests.remove(l);
+                self.request_duration.0.remove(l);
+                self.response_bytes.0.remove(l);
                 dropped += 1;
             }
             keep

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use mesh_tests::harness::{curl, eventually, lab, metrics};
+use mesh_tests::harness::{apply_seed, curl, eventually, lab, metrics};
 use mesh_tests::lab::Lab;
 
 /// `curl` from `pod`: the status code and body.
@@ -44,8 +44,21 @@ fn prometheus_scrapes_the_agents_with_its_token_and_pods_read_nothing() {
     let ready = format!("http://{}:15021/healthz/ready", lab.nodes[0].gateway);
     assert_eq!(get(&lab, "outside", &ready, &[]).0, "200", "the readiness probe needs no token");
 
-    // Traffic, so there is something to scrape.
-    assert!(curl(&lab, "frontend", "http://myapp/").0);
+    // Traffic, so there is something to scrape: HTTP the agent routes (the reference
+    // DestinationRule puts myapp's requests through L7), measured per request.
+    apply_seed(&lab, "destinationrule-myapp.yaml");
+    eventually("frontend's requests to myapp are routed at L7", || {
+        assert!(curl(&lab, "frontend", "http://myapp/").0);
+        metrics(&lab, "node1").contains("istio_requests_total{").then_some(())
+    });
+    let before = requests_measured(&metrics(&lab, "node1"));
+    const SENT: u64 = 5;
+    for _ in 0..SENT {
+        assert!(curl(&lab, "frontend", "http://myapp/").0);
+    }
+    eventually("each request's duration is measured", || {
+        (requests_measured(&metrics(&lab, "node1")) == before + SENT).then_some(())
+    });
 
     // Prometheus in the `outside` pod (as a cluster runs it: a pod scraping each
     // node's agent), one job with the scraper's token and one without.
@@ -105,7 +118,44 @@ fn prometheus_scrapes_the_agents_with_its_token_and_pods_read_nothing() {
         .sum();
     let lab_enrolled = lab.pods.iter().filter(|p| p.namespace == "production").count() as f64;
     assert_eq!(enrolled, lab_enrolled, "{body}");
+    // The request duration histogram, as Istio's dashboards query it.
+    let query = |q: &str| -> Vec<f64> {
+        // Percent-encoded: curl would read `{...}` as a glob, and quotes need escaping.
+        let encoded: String = q
+            .chars()
+            .map(|c| match c {
+                'a'..='z' | 'A'..='Z' | '0'..='9' | '_' | '.' | '(' | ')' | ',' => c.to_string(),
+                other => format!("%{:02X}", other as u32),
+            })
+            .collect();
+        let url = format!("http://127.0.0.1:19090/api/v1/query?query={encoded}");
+        let (_, body) = get(&lab, "outside", &url, &[]);
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        let results = v["data"]["result"].as_array().cloned().unwrap_or_default();
+        results.iter().filter_map(|r| r["value"][1].as_str()?.parse::<f64>().ok()).collect()
+    };
+    let measured = eventually("Prometheus has the duration histogram", || {
+        let n = query("sum(istio_request_duration_milliseconds_count{reporter=\"source\"})");
+        n.first().copied().filter(|n| *n as u64 == before + SENT)
+    });
+    assert_eq!(measured as u64, before + SENT);
+    let p99 =
+        query("histogram_quantile(0.99,sum(istio_request_duration_milliseconds_bucket{reporter=\"source\"})by(le))");
+    assert!(
+        p99.first().is_some_and(|ms| *ms > 0.0 && *ms <= 5000.0),
+        "p99 of {} lab requests: {p99:?} ms",
+        before + SENT
+    );
     lab.stop_helper("prometheus").unwrap();
+}
+
+/// `istio_request_duration_milliseconds_count` of every series in an agent's metrics.
+fn requests_measured(metrics: &str) -> u64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("istio_request_duration_milliseconds_count{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
 }
 
 #[test]

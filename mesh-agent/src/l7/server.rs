@@ -145,6 +145,7 @@ async fn handle(
     orig: SocketAddr,
     req: Request<Incoming>,
 ) -> Response<RespBody> {
+    let started = std::time::Instant::now();
     let snap = ctx.snapshot.load_full();
     let caller = Caller { ctx, snap: &snap, pod, netns, orig };
     let mut req = req;
@@ -187,33 +188,43 @@ async fn handle(
         .headers()
         .get(http::header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-    if !is_grpc || !labels.grpc_response_status.is_empty() {
+    // Counted now, as the answer leaves, unless a gRPC status is still to come in
+    // trailers: then when they arrive (or the body ends or is dropped without them).
+    let counted = !is_grpc || !labels.grpc_response_status.is_empty();
+    if counted {
         ctx.metrics.request(&labels);
-        return answer.response;
     }
-    // A gRPC status travels in trailers: count the request when they arrive (or when
-    // the body ends or is dropped without them).
     let metrics = ctx.metrics.clone();
-    answer.response.map(|inner| GrpcCounted { inner, labels: Some(labels), metrics }.boxed_unsync())
+    answer
+        .response
+        .map(|inner| Completion { inner, labels: Some(labels), counted, metrics, started, bytes: 0 }.boxed_unsync())
 }
 
-/// A gRPC response body that counts its request, with the status from the trailers,
-/// once the trailers pass (or the body ends or is dropped).
-struct GrpcCounted {
+/// A response body on its way to the client: counts its bytes, and when it ends (or
+/// is dropped) records the request's duration and response size; a gRPC request not
+/// counted yet is counted then, with the status from the trailers.
+struct Completion {
     inner: RespBody,
     labels: Option<RequestLabels>,
+    /// Whether `istio_requests_total` already has it.
+    counted: bool,
     metrics: Arc<crate::telemetry::Metrics>,
+    started: std::time::Instant,
+    bytes: u64,
 }
 
-impl GrpcCounted {
+impl Completion {
     fn count(&mut self) {
         if let Some(labels) = self.labels.take() {
-            self.metrics.request(&labels);
+            if !self.counted {
+                self.metrics.request(&labels);
+            }
+            self.metrics.request_done(&labels, self.started.elapsed(), self.bytes);
         }
     }
 }
 
-impl http_body::Body for GrpcCounted {
+impl http_body::Body for Completion {
     type Data = Bytes;
     type Error = BoxError;
 
@@ -224,8 +235,13 @@ impl http_body::Body for GrpcCounted {
         let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
             std::task::Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.bytes += data.len() as u64;
+                }
                 if let Some(code) = frame.trailers_ref().and_then(grpc_status) {
-                    if let Some(l) = self.labels.as_mut() {
+                    if !self.counted
+                        && let Some(l) = self.labels.as_mut()
+                    {
                         l.grpc_response_status = code.to_string();
                     }
                     self.count();
@@ -240,9 +256,14 @@ impl http_body::Body for GrpcCounted {
     fn is_end_stream(&self) -> bool {
         self.inner.is_end_stream()
     }
+
+    // The client sees the length the upstream declared (Content-Length, not chunks).
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
-impl Drop for GrpcCounted {
+impl Drop for Completion {
     fn drop(&mut self) {
         self.count();
     }

@@ -340,6 +340,50 @@ async fn l7_routes_by_header_to_a_subset() {
     }
 }
 
+#[tokio::test]
+async fn request_duration_and_response_size_are_recorded_when_the_response_ends() {
+    let vs = virtual_service("  - route: [{destination: {host: myapp, subset: v1}}]\n");
+    let mesh = Mesh::start(&config(33, &format!("{SUBSETS}{vs}")), APPS).await;
+    let mut sizes = 0;
+    for _ in 0..3 {
+        let res = mesh.send("client", vip(33), get("/")).await;
+        assert_eq!(served_by(&res), "myapp-v1");
+        sizes += res.body().len();
+    }
+    assert!(sizes > 0);
+    // The series of one label set: the histogram's sum, count and a bucket.
+    let series = |name: &str, text: &str| -> Option<f64> {
+        text.lines()
+            .find(|l| {
+                l.starts_with(name)
+                    && l.contains("destination_workload=\"myapp-v1\"")
+                    && l.contains("response_code=\"200\"")
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    };
+    // Recorded as each response body ends, which may be just after the client has read it.
+    let mut text = String::new();
+    for _ in 0..50 {
+        text = mesh.metrics();
+        if series("request_duration_milliseconds_count", &text) == Some(3.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(series("request_duration_milliseconds_count", &text), Some(3.0), "{text}");
+    assert_eq!(series("response_bytes_count", &text), Some(3.0), "{text}");
+    assert_eq!(series("response_bytes_sum", &text), Some(sizes as f64), "the bytes that passed: {text}");
+    let in_a_second = text.lines().any(|l| {
+        l.starts_with("request_duration_milliseconds_bucket")
+            && l.contains("destination_workload=\"myapp-v1\"")
+            && l.contains("le=\"1000.0\"")
+            && l.ends_with(" 3")
+    });
+    assert!(in_a_second, "three requests under a second, in Envoy's buckets: {text}");
+    // Istio's dashboards read exactly these bucket bounds.
+    assert!(text.contains("le=\"3600000.0\""), "{text}");
+}
+
 /// A VirtualService bound to the mesh and a gateway: a match written for the gateway
 /// (match-level `gateways`) must not route mesh traffic, and a rule whose only match is
 /// for the gateway must not become a catch-all for the mesh.
