@@ -236,6 +236,7 @@ pub struct Metrics {
     blocked: Family<BlockedLabels, Counter>,
     dns: Family<DnsLabels, Counter>,
     request_duration: RequestHistograms,
+    request_bytes: RequestHistograms,
     response_bytes: RequestHistograms,
     series: Mutex<SeriesIndex>,
 }
@@ -249,6 +250,11 @@ impl Metrics {
             "request_duration_milliseconds",
             "Time from the request's arrival to the end of its response (reporter=source)",
             m.request_duration.0.clone(),
+        );
+        registry.register(
+            "request_bytes",
+            "Size of request bodies read from the client (reporter=source)",
+            m.request_bytes.0.clone(),
         );
         registry.register(
             "response_bytes",
@@ -328,13 +334,20 @@ impl Metrics {
     }
 
     /// Records a request whose response has ended (or was dropped): how long it took
-    /// from its arrival, and how many response body bytes passed. The request itself
-    /// is counted by [`Metrics::request`].
-    pub fn request_done(&self, labels: &RequestLabels, duration: std::time::Duration, response_bytes: u64) {
+    /// from its arrival, and how many request and response body bytes passed. The
+    /// request itself is counted by [`Metrics::request`].
+    pub fn request_done(
+        &self,
+        labels: &RequestLabels,
+        duration: std::time::Duration,
+        request_bytes: u64,
+        response_bytes: u64,
+    ) {
         if self.requests.get(labels).is_none() {
             self.index().requests.insert(labels.clone());
         }
         self.request_duration.0.get_or_create(labels).observe(duration.as_secs_f64() * 1000.0);
+        self.request_bytes.0.get_or_create(labels).observe(request_bytes as f64);
         self.response_bytes.0.get_or_create(labels).observe(response_bytes as f64);
     }
 
@@ -401,6 +414,7 @@ impl Metrics {
             if !keep {
                 self.requests.remove(l);
                 self.request_duration.0.remove(l);
+                self.request_bytes.0.remove(l);
                 self.response_bytes.0.remove(l);
                 dropped += 1;
             }

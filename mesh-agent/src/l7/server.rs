@@ -107,6 +107,8 @@ struct Caller<'a> {
     netns: &'a Arc<Netns>,
     /// The address the pod dialed.
     orig: SocketAddr,
+    /// Request body bytes read from the client so far.
+    request_bytes: &'a Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// The answer and what the metrics say of it.
@@ -147,7 +149,8 @@ async fn handle(
 ) -> Response<RespBody> {
     let started = std::time::Instant::now();
     let snap = ctx.snapshot.load_full();
-    let caller = Caller { ctx, snap: &snap, pod, netns, orig };
+    let request_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let caller = Caller { ctx, snap: &snap, pod, netns, orig, request_bytes: &request_bytes };
     let mut req = req;
     let refused = match table {
         RouteTable::Gateway { client, tls, peer, .. } => {
@@ -195,9 +198,10 @@ async fn handle(
         ctx.metrics.request(&labels);
     }
     let metrics = ctx.metrics.clone();
-    answer
-        .response
-        .map(|inner| Completion { inner, labels: Some(labels), counted, metrics, started, bytes: 0 }.boxed_unsync())
+    let request_bytes = request_bytes.clone();
+    answer.response.map(|inner| {
+        Completion { inner, labels: Some(labels), counted, metrics, started, request_bytes, bytes: 0 }.boxed_unsync()
+    })
 }
 
 /// A response body on its way to the client: counts its bytes, and when it ends (or
@@ -210,6 +214,9 @@ struct Completion {
     counted: bool,
     metrics: Arc<crate::telemetry::Metrics>,
     started: std::time::Instant,
+    /// The request body bytes read from the client (the request's own count).
+    request_bytes: Arc<std::sync::atomic::AtomicU64>,
+    /// The response body bytes that passed.
     bytes: u64,
 }
 
@@ -219,7 +226,8 @@ impl Completion {
             if !self.counted {
                 self.metrics.request(&labels);
             }
-            self.metrics.request_done(&labels, self.started.elapsed(), self.bytes);
+            let request_bytes = self.request_bytes.load(std::sync::atomic::Ordering::Relaxed);
+            self.metrics.request_done(&labels, self.started.elapsed(), request_bytes, self.bytes);
         }
     }
 }
@@ -338,7 +346,7 @@ async fn route(caller: &Caller<'_>, table: &RouteTable, mut req: Request<Incomin
     let Some(chosen) = crate::traffic::route::pick_weighted(backends) else {
         return local(StatusCode::SERVICE_UNAVAILABLE, "NR", "route has no destination\n");
     };
-    let body = match read_body(body, caller.ctx).await {
+    let body = match read_body(body, caller.ctx, caller.request_bytes).await {
         Ok(b) => b,
         Err(a) => return a,
     };
@@ -666,7 +674,11 @@ fn buffered(b: Bytes) -> UpBody {
 ///
 /// The budget is charged for the buffer's capacity, before it grows: what the agent
 /// holds for bodies is the budget, not some multiple of it.
-async fn read_body(mut body: Incoming, ctx: &super::Context) -> Result<ReqBody, Answer> {
+async fn read_body(
+    mut body: Incoming,
+    ctx: &super::Context,
+    counted: &Arc<std::sync::atomic::AtomicU64>,
+) -> Result<ReqBody, Answer> {
     let mut buf = BodyBuffer::new(ctx.runtime.body_budget.clone());
     // A declared length is reserved whole, once.
     if let Some(len) = http_body::Body::size_hint(&body).exact()
@@ -675,7 +687,7 @@ async fn read_body(mut body: Incoming, ctx: &super::Context) -> Result<ReqBody, 
         && !buf.grow_to(len)
     {
         ctx.metrics.refused("l7", "body_budget");
-        return Ok(ReqBody::Streaming(Prefixed::body(Vec::new(), body)));
+        return Ok(ReqBody::Streaming(Prefixed::body(Vec::new(), body, counted.clone())));
     }
     loop {
         let frame = match tokio::time::timeout(BODY_IDLE_TIMEOUT, body.frame()).await {
@@ -683,11 +695,11 @@ async fn read_body(mut body: Incoming, ctx: &super::Context) -> Result<ReqBody, 
             Err(_) => return Err(local(StatusCode::REQUEST_TIMEOUT, "-", "request body stalled\n")),
         };
         match frame {
-            None => return Ok(buf.into_buffered()),
+            None => return Ok(buf.into_buffered(counted)),
             Some(Err(_)) => return Err(local(StatusCode::BAD_REQUEST, "-", "request body ended early\n")),
             Some(Ok(frame)) => {
                 // Request trailers are rare; a buffered body ends at them.
-                let Ok(data) = frame.into_data() else { return Ok(buf.into_buffered()) };
+                let Ok(data) = frame.into_data() else { return Ok(buf.into_buffered(counted)) };
                 let needed = buf.bytes.len() + data.len();
                 let fits = needed <= RETRY_BUFFER
                     && (needed <= buf.bytes.capacity()
@@ -698,7 +710,7 @@ async fn read_body(mut body: Incoming, ctx: &super::Context) -> Result<ReqBody, 
                     }
                     // Streaming: the bytes read so far go first; nothing is kept.
                     let read = buf.bytes.freeze();
-                    return Ok(ReqBody::Streaming(Prefixed::body(vec![read, data], body)));
+                    return Ok(ReqBody::Streaming(Prefixed::body(vec![read, data], body, counted.clone())));
                 }
                 buf.bytes.extend_from_slice(&data);
             }
@@ -736,21 +748,24 @@ impl BodyBuffer {
         true
     }
 
-    fn into_buffered(self) -> ReqBody {
+    /// The whole body, its size stored in `counted`.
+    fn into_buffered(self, counted: &std::sync::atomic::AtomicU64) -> ReqBody {
+        counted.store(self.bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
         ReqBody::Buffered(self.bytes.freeze(), self.held)
     }
 }
 
-/// The bytes already read, then the rest of the client's body.
+/// The bytes already read, then the rest of the client's body, counted as they pass.
 struct Prefixed {
     prefix: std::collections::VecDeque<Bytes>,
     rest: Incoming,
+    counted: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Prefixed {
-    fn body(prefix: Vec<Bytes>, rest: Incoming) -> UpBody {
+    fn body(prefix: Vec<Bytes>, rest: Incoming, counted: Arc<std::sync::atomic::AtomicU64>) -> UpBody {
         let prefix = prefix.into_iter().filter(|b| !b.is_empty()).collect();
-        Prefixed { prefix, rest }.map_err(|e| Box::new(e) as BoxError).boxed()
+        Prefixed { prefix, rest, counted }.map_err(|e| Box::new(e) as BoxError).boxed()
     }
 }
 
@@ -762,10 +777,16 @@ impl http_body::Body for Prefixed {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
-        match self.prefix.pop_front() {
+        let polled = match self.prefix.pop_front() {
             Some(p) => std::task::Poll::Ready(Some(Ok(http_body::Frame::data(p)))),
             None => std::pin::Pin::new(&mut self.rest).poll_frame(cx),
+        };
+        if let std::task::Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            self.counted.fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
         }
+        polled
     }
 }
 
@@ -867,7 +888,7 @@ async fn try_once(
     body: UpBody,
     per_try_timeout: Option<Duration>,
 ) -> TryOutcome {
-    let Caller { ctx, snap, pod, netns, orig } = *caller;
+    let Caller { ctx, snap, pod, netns, orig, .. } = *caller;
     let target = match super::Target::reach(&ctx.runtime, snap, pod, backend, orig).await {
         Ok(t) => t,
         Err(why) => {
@@ -1058,7 +1079,9 @@ fn mirror_copy(caller: &Caller<'_>, mirror: &Backend, req: &Request<()>, body: B
     let (mirror, orig) = (mirror.clone(), caller.orig);
     tokio::spawn(async move {
         let _slot = slot;
-        let caller = Caller { ctx: &ctx, snap: &snap, pod: &pod, netns: &netns, orig };
+        // A mirror's body is the original's copy: not counted again.
+        let uncounted = Arc::default();
+        let caller = Caller { ctx: &ctx, snap: &snap, pod: &pod, netns: &netns, orig, request_bytes: &uncounted };
         match try_once(&caller, &mirror, &copy, buffered(body), Some(MIRROR_TIMEOUT)).await {
             TryOutcome::Answer(a) => {
                 // Drain so the connection goes back to the pool.

@@ -186,6 +186,10 @@ async fn app(name: String, addr: SocketAddr, stop: CancellationToken) {
         let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
             let (name, seen) = (name.clone(), seen.clone());
             async move {
+                // Read the whole body, as an application does, so large ones flow.
+                let (parts, body) = req.into_parts();
+                let _ = body.collect().await;
+                let req = Request::from_parts(parts, ());
                 let path = req.uri().path().to_string();
                 let count = {
                     let mut seen = seen.lock().unwrap();
@@ -341,7 +345,7 @@ async fn l7_routes_by_header_to_a_subset() {
 }
 
 #[tokio::test]
-async fn request_duration_and_response_size_are_recorded_when_the_response_ends() {
+async fn request_duration_and_body_sizes_are_recorded_when_the_response_ends() {
     let vs = virtual_service("  - route: [{destination: {host: myapp, subset: v1}}]\n");
     let mesh = Mesh::start(&config(33, &format!("{SUBSETS}{vs}")), APPS).await;
     let mut sizes = 0;
@@ -351,6 +355,17 @@ async fn request_duration_and_response_size_are_recorded_when_the_response_ends(
         sizes += res.body().len();
     }
     assert!(sizes > 0);
+    // Two bodies: one buffered (and so replayable), one too large for that, streamed.
+    for len in [1000usize, 1536 * 1024] {
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(mesh.dial("client", vip(33)).await)).await.unwrap();
+        tokio::spawn(conn);
+        let req =
+            Request::post("/upload").header("host", "myapp").body(Full::new(Bytes::from(vec![7u8; len]))).unwrap();
+        let res = sender.send_request(req).await.unwrap();
+        assert_eq!(res.status(), 200);
+        sizes += res.into_body().collect().await.unwrap().to_bytes().len();
+    }
     // The series of one label set: the histogram's sum, count and a bucket.
     let series = |name: &str, text: &str| -> Option<f64> {
         text.lines()
@@ -365,21 +380,23 @@ async fn request_duration_and_response_size_are_recorded_when_the_response_ends(
     let mut text = String::new();
     for _ in 0..50 {
         text = mesh.metrics();
-        if series("request_duration_milliseconds_count", &text) == Some(3.0) {
+        if series("request_duration_milliseconds_count", &text) == Some(5.0) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(series("request_duration_milliseconds_count", &text), Some(3.0), "{text}");
-    assert_eq!(series("response_bytes_count", &text), Some(3.0), "{text}");
+    assert_eq!(series("request_duration_milliseconds_count", &text), Some(5.0), "{text}");
+    assert_eq!(series("response_bytes_count", &text), Some(5.0), "{text}");
     assert_eq!(series("response_bytes_sum", &text), Some(sizes as f64), "the bytes that passed: {text}");
+    let sent = (1000 + 1536 * 1024) as f64;
+    assert_eq!(series("request_bytes_sum", &text), Some(sent), "buffered and streamed bodies: {text}");
     let in_a_second = text.lines().any(|l| {
         l.starts_with("request_duration_milliseconds_bucket")
             && l.contains("destination_workload=\"myapp-v1\"")
             && l.contains("le=\"1000.0\"")
-            && l.ends_with(" 3")
+            && l.ends_with(" 5")
     });
-    assert!(in_a_second, "three requests under a second, in Envoy's buckets: {text}");
+    assert!(in_a_second, "five requests under a second, in Envoy's buckets: {text}");
     // Istio's dashboards read exactly these bucket bounds.
     assert!(text.contains("le=\"3600000.0\""), "{text}");
 }
