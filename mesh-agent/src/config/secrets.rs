@@ -32,4 +32,25 @@ impl Secrets {
     pub fn get(&self, name: &str) -> Result<&Secret, String> {
         self.0.get(name).map(|s| &**s).ok_or_else(|| format!("no Secret {name:?} in the gateway's namespace"))
     }
+
+    /// The value of the first of `keys` the Secret `name` holds.
+    pub fn field(&self, name: &str, keys: &[&str]) -> Result<Option<Vec<u8>>, String> {
+        let secret = self.get(name)?;
+        for k in keys {
+            if let Some(v) = secret.value(k).map_err(|e| format!("Secret {name}: {e}"))? {
+                return Ok(Some(v));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The CA certificates of the Secret `name` (the first of `keys` it holds), else
+    /// those of the Secret `<name>-cacert`, as Istio reads them.
+    pub fn ca(&self, name: &str, keys: &[&str]) -> Result<Option<Vec<u8>>, String> {
+        if let Some(ca) = self.field(name, keys)? {
+            return Ok(Some(ca));
+        }
+        let separate = format!("{name}-cacert");
+        if self.0.contains_key(&separate) { self.field(&separate, keys) } else { Ok(None) }
+    }
 }

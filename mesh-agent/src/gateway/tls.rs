@@ -91,19 +91,10 @@ fn certificate(tls: &ServerTls, secrets: &Secrets) -> Result<Material, String> {
     let name = tls.credential_name.as_ref().or(tls.credential_names.first());
     let (cert_pem, key_pem, ca_pem) = match name {
         Some(name) => {
-            let secret = secrets.get(name)?;
-            let field = |key: &str| secret.value(key).map_err(|e| format!("Secret {name}: {e}"));
-            let cert = field("tls.crt")?.ok_or_else(|| format!("Secret {name} has no tls.crt"))?;
-            let key = field("tls.key")?.ok_or_else(|| format!("Secret {name} has no tls.key"))?;
+            let cert = secrets.field(name, &["tls.crt"])?.ok_or_else(|| format!("Secret {name} has no tls.crt"))?;
+            let key = secrets.field(name, &["tls.key"])?.ok_or_else(|| format!("Secret {name} has no tls.key"))?;
             // Istio reads the client CA from the same Secret, or from `<name>-cacert`.
-            let ca = match field("ca.crt")? {
-                Some(ca) => Some(ca),
-                None => match secrets.get(&format!("{name}-cacert")) {
-                    Ok(s) => s.value("ca.crt").map_err(|e| format!("Secret {name}-cacert: {e}"))?,
-                    Err(_) => None,
-                },
-            };
-            (cert, key, ca)
+            (cert, key, secrets.ca(name, &["ca.crt"])?)
         }
         None => {
             let read = |what: &str, path: &Option<String>| -> Result<Option<Vec<u8>>, String> {

@@ -121,27 +121,12 @@ fn from_secret(name: &str, mutual: bool, secrets: Option<&Secrets>) -> Result<Ma
              files in caCertificates, clientCertificate and privateKey"
         ));
     };
-    let secret = secrets.get(name)?;
-    let field = |s: &crate::config::resources::Secret, keys: &[&str]| -> Result<Option<Vec<u8>>, String> {
-        for k in keys {
-            if let Some(v) = s.value(k).map_err(|e| format!("Secret {}: {e}", s.metadata.name))? {
-                return Ok(Some(v));
-            }
-        }
-        Ok(None)
-    };
-    let roots = match field(secret, &["ca.crt", "cacert"])? {
-        Some(ca) => Some(ca),
-        None => match secrets.get(&format!("{name}-cacert")) {
-            Ok(s) => field(s, &["ca.crt", "cacert"])?,
-            Err(_) => None,
-        },
-    };
+    let roots = secrets.ca(name, &["ca.crt", "cacert"])?;
     if !mutual {
         return Ok(Material { roots, client: None });
     }
-    let cert = field(secret, &["tls.crt", "cert"])?.ok_or_else(|| format!("Secret {name} has no tls.crt"))?;
-    let key = field(secret, &["tls.key", "key"])?.ok_or_else(|| format!("Secret {name} has no tls.key"))?;
+    let cert = secrets.field(name, &["tls.crt", "cert"])?.ok_or_else(|| format!("Secret {name} has no tls.crt"))?;
+    let key = secrets.field(name, &["tls.key", "key"])?.ok_or_else(|| format!("Secret {name} has no tls.key"))?;
     Ok(Material { roots, client: Some((cert, key)) })
 }
 
