@@ -319,8 +319,6 @@ impl Renewal {
     }
 }
 
-/// Chains `mesh-cni` into the node's CNI configuration when the agent is told where
-/// it is (the DaemonSet does; the lab runs the plugin itself).
 /// Where the DNS proxies forward: `--dns-upstream`, else the agent's own resolv.conf.
 fn dns_upstream(settings: &Settings) -> crate::proxy::dns::Upstream {
     let servers = if settings.dns_upstream.is_empty() {
@@ -339,6 +337,8 @@ fn dns_upstream(settings: &Settings) -> crate::proxy::dns::Upstream {
     crate::proxy::dns::Upstream::new(servers)
 }
 
+/// Chains `mesh-cni` into the node's CNI configuration when the agent is told where
+/// it is (the DaemonSet does; the lab runs the plugin itself).
 fn install_cni_plugin(settings: &Settings) -> Result<(), Error> {
     let (Some(conf_dir), Some(bin_dir)) = (&settings.cni_conf_dir, &settings.cni_bin_dir) else { return Ok(()) };
     let plugin = match &settings.cni_plugin {

@@ -915,7 +915,8 @@ async fn try_once(
             detail: "DestinationRule tls ISTIO_MUTUAL, but the endpoint is outside the mesh".into(),
         };
     }
-    let secrets = ctx.secrets.as_ref().map(|s| s.load_full());
+    // Only a request whose TLS the agent originates reads the gateway's Secrets.
+    let secrets = policy.origination.as_ref().and(ctx.secrets.as_ref()).map(|s| s.load_full());
     let tls = policy.origination.as_ref().map(|settings| super::upstream::Originate {
         settings,
         host: &backend.service,

@@ -34,7 +34,9 @@ pub(super) async fn handle(
     // DNS over TCP of a pod whose DNS is captured (as it is now, not when its proxy
     // started): the pod's DNS proxy answers, whatever server it dialed.
     if orig.port() == mesh_common::ports::DNS_SERVER
-        && snapshot.workload_by_ip(peer.ip()).is_some_and(|w| w.key() == pod.key() && w.dns_capture)
+        && snapshot
+            .workload_by_ip(peer.ip())
+            .is_some_and(|w| w.namespace == pod.namespace && w.name == pod.name && w.dns_capture)
     {
         super::dns::serve_tcp(ctx.dns_context(pod.clone()), stream).await;
         return Ok(());
