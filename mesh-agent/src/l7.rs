@@ -171,7 +171,12 @@ impl Target {
             .into_iter()
             .map(|a| {
                 let w = snap.workload_by_ip(a.ip()).cloned();
-                (w.unwrap_or_else(|| Arc::new(Workload::outside(&entry.host, entry.namespace(), a.ip()))), a)
+                (
+                    w.unwrap_or_else(|| {
+                        Arc::new(Workload::outside(&entry.host, entry.namespace(), a.ip(), snap.trust_domain()))
+                    }),
+                    a,
+                )
             })
             .collect();
         Ok(Self {

@@ -74,6 +74,9 @@ pub struct ProxyContext {
     pub egress_tls_dir: Arc<std::path::Path>,
     /// Where the pods' DNS proxies forward what the mesh does not answer.
     pub dns_upstream: Arc<dns::Upstream>,
+    /// Whether allowed inbound HTTP is served per request, for request metrics
+    /// reported by the destination (`--l7-telemetry`).
+    pub l7_telemetry: bool,
 }
 
 impl ProxyContext {

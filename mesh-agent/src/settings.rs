@@ -263,6 +263,19 @@ pub struct Settings {
     /// `dnsPolicy: ClusterFirstWithHostNet`).
     #[arg(long, env = "MESH_DNS_UPSTREAM", value_delimiter = ',')]
     pub dns_upstream: Vec<SocketAddr>,
+
+    /// Whether allowed inbound HTTP (by protocol selection, or detected on ports that
+    /// declare nothing) is served per request so the destination's agent reports
+    /// request metrics (`istio_requests_total{reporter="destination"}`) for every HTTP
+    /// workload, not only those with L7 policies: `on` or `off` (spliced as TCP, which
+    /// costs less per request).
+    #[arg(long, env = "MESH_L7_TELEMETRY", value_enum, default_value = "on")]
+    pub l7_telemetry: Switch,
+
+    /// The cluster's id, which metrics, access logs and traces report as
+    /// `source_cluster`/`destination_cluster` (Istio's `CLUSTER_ID`).
+    #[arg(long, env = "MESH_CLUSTER_ID", default_value = crate::state::DEFAULT_CLUSTER_ID)]
+    pub cluster_id: String,
 }
 
 /// `--dns-capture`.
@@ -272,6 +285,17 @@ pub enum DnsCapture {
     #[value(alias = "false")]
     Off,
     /// Pods' DNS goes to the agent, unless their namespace or pod says otherwise.
+    #[value(alias = "true")]
+    On,
+}
+
+/// A feature that is `on` or `off` (`true`/`false`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Switch {
+    /// Off.
+    #[value(alias = "false")]
+    Off,
+    /// On.
     #[value(alias = "true")]
     On,
 }
@@ -312,6 +336,7 @@ impl Settings {
             root_namespace: self.root_namespace.clone(),
             outbound: self.outbound_traffic_policy,
             dns_capture: self.dns_capture == DnsCapture::On,
+            cluster_id: self.cluster_id.clone(),
         }
     }
 

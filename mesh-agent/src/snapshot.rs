@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use arc_swap::ArcSwap;
 
 use crate::authz::{self, WorkloadSecurity};
-use crate::state::{Destination, Problem, Service, Workload, destination_for};
+use crate::state::{Destination, Problem, Service, ServicePort, Workload, destination_for};
 use crate::traffic::gateway::CompiledGateway;
 use crate::traffic::policy::{DestinationPolicy, TrafficPolicy};
 use crate::traffic::route::ServiceRoutes;
@@ -37,6 +37,10 @@ pub struct Snapshot {
     services: Vec<Arc<Service>>,
     by_vip: HashMap<IpAddr, Arc<Service>>,
     by_key: HashMap<String, Arc<Service>>,
+    /// The first Service (by `namespace/name`) with an endpoint at an address, and
+    /// the index of its port there: names the Service of inbound traffic and says
+    /// what the port speaks.
+    by_endpoint: HashMap<SocketAddr, (Arc<Service>, usize)>,
     routes: HashMap<String, Arc<ServiceRoutes>>,
     /// Every Gateway with the routes bound to it, by `namespace/name`.
     gateways: std::collections::BTreeMap<String, Arc<CompiledGateway>>,
@@ -77,6 +81,11 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// This mesh's own trust domain (the first of the equivalent ones).
+    pub fn trust_domain(&self) -> &str {
+        self.equivalent_domains.first().map_or("cluster.local", String::as_str)
+    }
+
     /// Whether a connection to `w` at its port `port` rides the mTLS tunnel: `w` is in
     /// the mesh and its PeerAuthentication does not DISABLE the port (clients then send
     /// plaintext, as Istio's auto-mTLS does).
@@ -87,6 +96,12 @@ impl Snapshot {
     /// The security settings of workload `key` (`namespace/name`).
     pub fn security(&self, key: &str) -> &Arc<WorkloadSecurity> {
         self.security.get(key).unwrap_or(&self.no_security)
+    }
+
+    /// The Service whose endpoint `w` is at its port `port`, and that Service's port.
+    pub fn service_at(&self, w: &Workload, port: u16) -> Option<(&Arc<Service>, &ServicePort)> {
+        let (service, i) = w.ips.iter().find_map(|ip| self.by_endpoint.get(&SocketAddr::new(*ip, port)))?;
+        Some((service, service.ports.get(*i)?))
     }
 
     /// The Service at this cluster IP.

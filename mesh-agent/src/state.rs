@@ -11,6 +11,10 @@ use crate::identity::Identity;
 /// The DNS suffix of Services' names (`<name>.<namespace>` before it).
 pub const SERVICE_DOMAIN: &str = ".svc.cluster.local";
 
+/// Istio's default cluster id, which metrics report as `source_cluster` and
+/// `destination_cluster`.
+pub const DEFAULT_CLUSTER_ID: &str = "Kubernetes";
+
 /// A pod as the mesh sees it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Workload {
@@ -38,19 +42,83 @@ pub struct Workload {
     pub uid: Option<String>,
     /// Takes new connections as a Service endpoint ([`Pod::is_serving`]).
     pub serving: bool,
+    /// How metrics, access logs and traces name it; shared, so a connection's labels
+    /// cost a reference count rather than copies of every name.
+    pub meta: Arc<WorkloadMeta>,
+}
+
+/// A workload as Istio's telemetry names it, derived once when the snapshot is
+/// compiled. The names come from the pod's own metadata (owner references, labels),
+/// which its author chooses: they label what is observed and never decide capture,
+/// identity or policy. The namespace and principal are the mesh's, not the pod's say.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct WorkloadMeta {
+    /// The owning workload: the Deployment behind a ReplicaSet, the CronJob behind a
+    /// Job, another controller by its name; a pod without one by its own name.
+    pub workload: String,
+    /// Namespace.
+    pub namespace: String,
+    /// SPIFFE identity, `spiffe://…`.
+    pub principal: String,
+    /// Canonical service: `service.istio.io/canonical-name`, else
+    /// `app.kubernetes.io/name`, else `app`, else the workload.
+    pub canonical_service: String,
+    /// Canonical revision: `service.istio.io/canonical-revision`, else
+    /// `app.kubernetes.io/version`, else `version`, else `latest`.
+    pub canonical_revision: String,
+    /// The cluster it runs in (Istio's cluster id).
+    pub cluster: String,
+}
+
+impl WorkloadMeta {
+    /// What stands for a side the agent cannot name (an address outside the mesh, a
+    /// plaintext client it does not know).
+    pub fn unknown() -> Arc<Self> {
+        static UNKNOWN: std::sync::OnceLock<Arc<WorkloadMeta>> = std::sync::OnceLock::new();
+        UNKNOWN
+            .get_or_init(|| {
+                let u = || "unknown".to_string();
+                Arc::new(WorkloadMeta {
+                    workload: u(),
+                    namespace: u(),
+                    principal: u(),
+                    canonical_service: u(),
+                    canonical_revision: u(),
+                    cluster: u(),
+                })
+            })
+            .clone()
+    }
+
+    /// Names a pod without telemetry labels: workload and canonical service are its
+    /// name, revision `latest`.
+    pub fn plain(name: &str, namespace: &str, identity: &Identity, cluster: &str) -> Self {
+        Self {
+            workload: name.to_string(),
+            namespace: namespace.to_string(),
+            principal: identity.to_string(),
+            canonical_service: name.to_string(),
+            canonical_revision: "latest".into(),
+            cluster: cluster.to_string(),
+        }
+    }
 }
 
 impl Workload {
-    /// What stands for an endpoint outside the mesh (a ServiceEntry's address): named
-    /// `name` in `namespace`, never enrolled, so it is reached in plaintext.
-    pub fn outside(name: &str, namespace: &str, ip: IpAddr) -> Self {
+    /// What stands for an endpoint outside the mesh (a ServiceEntry's address, an
+    /// EndpointSlice address that is no pod): named `name` in `namespace`, never
+    /// enrolled, so it is reached in plaintext.
+    pub fn outside(name: &str, namespace: &str, ip: IpAddr, trust_domain: &str) -> Self {
+        let identity = Identity::new(trust_domain, namespace, "default");
         Self {
             name: name.to_string(),
             namespace: namespace.to_string(),
             labels: BTreeMap::new(),
             node: None,
             ips: vec![ip],
-            identity: Identity::new("cluster.local", namespace, "default"),
+            // Istio names no workload outside the mesh, only the Service.
+            meta: WorkloadMeta::unknown(),
+            identity,
             enrolled: false,
             dns_capture: false,
             named_ports: HashMap::new(),
@@ -121,10 +189,47 @@ impl Endpoint {
 pub struct ServicePort {
     /// Port name: `tcp-*` / `tls-*` names (Istio's protocol selection) keep a port L4.
     pub name: Option<String>,
+    /// `appProtocol`, which Istio's protocol selection reads before the name.
+    pub app_protocol: Option<String>,
     /// What clients dial.
     pub port: u16,
     /// Where the pod listens.
     pub target: TargetPort,
+}
+
+/// What a port speaks by declaration (Istio's protocol selection).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Declared {
+    /// HTTP/1.1, HTTP/2 or gRPC.
+    Http,
+    /// TCP, TLS, or a database protocol: never read as HTTP.
+    Opaque,
+    /// Nothing said: the first bytes tell.
+    Undeclared,
+}
+
+impl ServicePort {
+    /// What the port declares it speaks: `appProtocol` first, then the name's prefix
+    /// before `-` (`http-web`, `grpc`, `tcp-db`...).
+    pub fn declared(&self) -> Declared {
+        const HTTP: &[&str] = &["http", "http2", "grpc", "grpc-web", "h2c", "kubernetes.io/h2c"];
+        const OPAQUE: &[&str] =
+            &["tcp", "tls", "https", "mongo", "mysql", "redis", "kubernetes.io/ws", "kubernetes.io/wss"];
+        let by = |p: &str| {
+            let p = p.to_ascii_lowercase();
+            if HTTP.contains(&p.as_str()) {
+                Declared::Http
+            } else if OPAQUE.contains(&p.as_str()) {
+                Declared::Opaque
+            } else {
+                Declared::Undeclared
+            }
+        };
+        match self.app_protocol.as_deref().map(by) {
+            Some(d) if d != Declared::Undeclared => d,
+            _ => self.name.as_deref().map_or(Declared::Undeclared, |n| by(n.split('-').next().unwrap_or(n))),
+        }
+    }
 }
 
 /// A Service `targetPort`.
@@ -213,6 +318,8 @@ pub struct MeshScope {
     /// Whether enrolled pods' DNS is captured where neither the pod nor its namespace
     /// says.
     pub dns_capture: bool,
+    /// This cluster's id (Istio's `CLUSTER_ID`), as telemetry names it.
+    pub cluster_id: String,
 }
 
 /// Istio's `outboundTrafficPolicy.mode`: where an enrolled pod may connect that is
@@ -237,6 +344,7 @@ impl MeshScope {
             root_namespace: "istio-system".into(),
             outbound: OutboundPolicy::AllowAny,
             dns_capture: false,
+            cluster_id: DEFAULT_CLUSTER_ID.into(),
         }
     }
 

@@ -9,7 +9,9 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Mutex;
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use std::sync::Arc;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelSetEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -18,7 +20,7 @@ use prometheus_client::registry::Registry;
 
 use crate::identity::Identity;
 use crate::snapshot::Snapshot;
-use crate::state::Workload;
+use crate::state::{SERVICE_DOMAIN, Workload, WorkloadMeta};
 
 /// Who reports a connection: the source side (outbound) or the destination (inbound).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
@@ -29,101 +31,227 @@ pub enum Direction {
     Inbound,
 }
 
+/// One side of a connection or request under Istio's label names: `source_*` when
+/// `SOURCE`, else `destination_*`. It holds the workload's shared names, so building
+/// labels per connection copies no string.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Side<const SOURCE: bool>(pub Arc<WorkloadMeta>);
+
+const SOURCE_KEYS: [&str; 8] = [
+    "source_workload",
+    "source_workload_namespace",
+    "source_principal",
+    "source_app",
+    "source_version",
+    "source_canonical_service",
+    "source_canonical_revision",
+    "source_cluster",
+];
+
+const DESTINATION_KEYS: [&str; 8] = [
+    "destination_workload",
+    "destination_workload_namespace",
+    "destination_principal",
+    "destination_app",
+    "destination_version",
+    "destination_canonical_service",
+    "destination_canonical_revision",
+    "destination_cluster",
+];
+
+impl<const SOURCE: bool> Side<SOURCE> {
+    /// The side of `w`, or `unknown` in every label.
+    pub fn of(w: Option<&Workload>) -> Self {
+        Self(w.map_or_else(WorkloadMeta::unknown, |w| w.meta.clone()))
+    }
+}
+
+impl<const SOURCE: bool> EncodeLabelSet for Side<SOURCE> {
+    fn encode(&self, encoder: &mut LabelSetEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let m = &*self.0;
+        let keys = if SOURCE { SOURCE_KEYS } else { DESTINATION_KEYS };
+        // Istio's app and version are the canonical service and revision (as ztunnel
+        // reports them), so the app graph and the workload graph agree.
+        let values = [
+            m.workload.as_str(),
+            &m.namespace,
+            &m.principal,
+            &m.canonical_service,
+            &m.canonical_revision,
+            &m.canonical_service,
+            &m.canonical_revision,
+            &m.cluster,
+        ];
+        let pairs: [(&str, &str); 8] = std::array::from_fn(|i| (keys[i], values[i]));
+        pairs.encode(encoder)
+    }
+}
+
+/// The source side.
+pub type Source = Side<true>;
+/// The destination side.
+pub type Destination = Side<false>;
+
+/// The Service a connection or request went to: `destination_service` is its FQDN (a
+/// ServiceEntry's host), with its name and namespace apart.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ServiceLabels {
+    /// `<name>.<namespace>.svc.cluster.local`, or the ServiceEntry host.
+    pub destination_service: String,
+    /// The Service's name (the host, for a ServiceEntry).
+    pub destination_service_name: String,
+    /// Its namespace.
+    pub destination_service_namespace: String,
+}
+
+impl ServiceLabels {
+    /// No Service: `unknown`.
+    pub fn unknown() -> Self {
+        Self::host(UNKNOWN, UNKNOWN)
+    }
+
+    /// The Service `namespace/name` (a routing key), or `unknown` for None.
+    pub fn service(key: Option<&str>) -> Self {
+        match key.and_then(|k| k.split_once('/')) {
+            Some((namespace, name)) => Self {
+                destination_service: format!("{name}.{namespace}{SERVICE_DOMAIN}"),
+                destination_service_name: name.to_string(),
+                destination_service_namespace: namespace.to_string(),
+            },
+            None => Self::unknown(),
+        }
+    }
+
+    /// A ServiceEntry host of `namespace`.
+    pub fn host(host: &str, namespace: &str) -> Self {
+        Self {
+            destination_service: host.to_string(),
+            destination_service_name: host.to_string(),
+            destination_service_namespace: namespace.to_string(),
+        }
+    }
+}
+
+/// Who saw it, between whom, to which Service, how protected: the labels every
+/// standard metric carries.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct PeerLabels {
+    /// `source` (the client's agent) or `destination` (the server's).
+    pub reporter: &'static str,
+    /// The client.
+    #[prometheus(flatten)]
+    pub source: Source,
+    /// The server.
+    #[prometheus(flatten)]
+    pub destination: Destination,
+    /// The Service asked for.
+    #[prometheus(flatten)]
+    pub service: ServiceLabels,
+    /// `mutual_tls` or `none`.
+    pub connection_security_policy: &'static str,
+}
+
+impl PeerLabels {
+    /// As the client's agent reports it.
+    pub fn source(src: &Workload, dst: Option<&Workload>, service: ServiceLabels, mtls: bool) -> Self {
+        Self {
+            reporter: "source",
+            source: Side::of(Some(src)),
+            destination: Side::of(dst),
+            service,
+            connection_security_policy: security(mtls),
+        }
+    }
+
+    /// As the server's agent reports it.
+    pub fn destination(dst: &Workload, src: Option<&Workload>, service: ServiceLabels, mtls: bool) -> Self {
+        Self {
+            reporter: "destination",
+            source: Side::of(src),
+            destination: Side::of(Some(dst)),
+            service,
+            connection_security_policy: security(mtls),
+        }
+    }
+}
+
 /// Labels of the TCP metrics (Istio's standard label names).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct ConnLabels {
-    /// `source` or `destination`, as Istio reports it.
-    pub reporter: String,
-    /// Direction, for our own dashboards.
+    /// Who, between whom, to what.
+    #[prometheus(flatten)]
+    pub peers: PeerLabels,
+    /// Direction, for our own dashboards (the same as the reporter).
     pub direction: Direction,
-    /// Source pod name.
-    pub source_workload: String,
-    /// Source namespace.
-    pub source_workload_namespace: String,
-    /// Source identity.
-    pub source_principal: String,
-    /// Destination pod name.
-    pub destination_workload: String,
-    /// Destination namespace.
-    pub destination_workload_namespace: String,
-    /// Destination service `namespace/name`, when a VIP was dialed.
-    pub destination_service: String,
-    /// `mutual_tls` or `none`.
-    pub connection_security_policy: String,
+    /// `tcp`.
+    pub request_protocol: &'static str,
+    /// Envoy's response flags; `-` for a connection that was made.
+    pub response_flags: &'static str,
 }
 
 const UNKNOWN: &str = "unknown";
 
-fn security(mtls: bool) -> String {
-    if mtls { "mutual_tls" } else { "none" }.into()
+fn security(mtls: bool) -> &'static str {
+    if mtls { "mutual_tls" } else { "none" }
 }
 
 impl ConnLabels {
-    /// Labels of an outbound connection from `src`.
-    pub fn new(
-        direction: Direction,
-        src: &Workload,
-        dst: Option<&Workload>,
-        service: Option<&str>,
-        mtls: bool,
+    /// Labels of an outbound connection from `src` to `dst` (if a workload) for
+    /// `service`.
+    pub fn outbound(src: &Workload, dst: Option<&Workload>, service: ServiceLabels, mtls: bool) -> Self {
+        Self::of(PeerLabels::source(src, dst, service, mtls), Direction::Outbound)
+    }
+
+    /// Labels of an inbound connection to `dst` from `src` (if known) at `port` of
+    /// `dst`, which names the Service it serves there.
+    pub fn inbound(snapshot: &Snapshot, dst: &Workload, port: u16, src: Option<&Workload>, mtls: bool) -> Self {
+        let service = ServiceLabels::service(snapshot.service_at(dst, port).map(|(s, _)| s.key()).as_deref());
+        Self::of(PeerLabels::destination(dst, src, service, mtls), Direction::Inbound)
+    }
+
+    /// Labels of an HBONE stream to `dst`'s `port` from an authenticated `client`: the
+    /// workload at the peer's address only if it holds that identity; the principal is
+    /// the client's certificate's either way.
+    pub fn inbound_from_identity(
+        snapshot: &Snapshot,
+        dst: &Workload,
+        port: u16,
+        client: &Identity,
+        peer: SocketAddr,
     ) -> Self {
-        Self {
-            reporter: "source".into(),
-            direction,
-            source_workload: src.name.clone(),
-            source_workload_namespace: src.namespace.clone(),
-            source_principal: src.identity.to_string(),
-            destination_workload: dst.map_or(UNKNOWN.into(), |w| w.name.clone()),
-            destination_workload_namespace: dst.map_or(UNKNOWN.into(), |w| w.namespace.clone()),
-            destination_service: service.unwrap_or(UNKNOWN).into(),
-            connection_security_policy: security(mtls),
-        }
-    }
-
-    /// Labels of an inbound connection to `dst` from `src` (if known).
-    pub fn inbound(dst: &Workload, src: Option<&Workload>, mtls: bool) -> Self {
-        Self {
-            reporter: "destination".into(),
-            direction: Direction::Inbound,
-            source_workload: src.map_or(UNKNOWN.into(), |w| w.name.clone()),
-            source_workload_namespace: src.map_or(UNKNOWN.into(), |w| w.namespace.clone()),
-            source_principal: src.map_or(UNKNOWN.into(), |w| w.identity.to_string()),
-            destination_workload: dst.name.clone(),
-            destination_workload_namespace: dst.namespace.clone(),
-            destination_service: UNKNOWN.into(),
-            connection_security_policy: security(mtls),
-        }
-    }
-
-    /// Labels of an HBONE stream to `dst` from an authenticated `client`.
-    pub fn inbound_from_identity(dst: &Workload, client: &Identity, snapshot: &Snapshot, peer: SocketAddr) -> Self {
         let src = snapshot.workload_by_ip(peer.ip()).filter(|w| w.identity == *client);
-        let mut l = Self::inbound(dst, src.map(|w| &**w), true);
-        l.source_principal = client.to_string();
+        let mut l = Self::inbound(snapshot, dst, port, src.map(|w| &**w), true);
+        if src.is_none() {
+            let meta = WorkloadMeta { principal: client.to_string(), ..(*WorkloadMeta::unknown()).clone() };
+            l.peers.source = Side(Arc::new(meta));
+        }
         l
+    }
+
+    fn of(peers: PeerLabels, direction: Direction) -> Self {
+        Self { peers, direction, request_protocol: "tcp", response_flags: "-" }
     }
 }
 
-/// A connection counted as open; hand it back to [`Metrics::closed`].
+/// A connection counted as open; hand it back to [`Metrics::closed`]. It holds the
+/// connection's byte counters, which advance as bytes pass.
 #[derive(Debug)]
-pub struct OpenConn(());
+pub struct OpenConn {
+    /// `istio_tcp_received_bytes_total`: client to server.
+    pub received: Counter,
+    /// `istio_tcp_sent_bytes_total`: server to client.
+    pub sent: Counter,
+}
 
-/// Labels of `istio_requests_total`, reported by the source's agent.
+/// Labels of the request metrics.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct RequestLabels {
-    /// `source` (the client's agent routed it) or `destination` (the server's agent
-    /// judged it under an AuthorizationPolicy).
-    pub reporter: String,
-    /// Source pod name.
-    pub source_workload: String,
-    /// Source namespace.
-    pub source_workload_namespace: String,
-    /// Service routed to, `namespace/name`.
-    pub destination_service: String,
-    /// Subset of the DestinationRule, or `unknown`.
-    pub destination_version: String,
-    /// Pod that answered, or `unknown` when none did.
-    pub destination_workload: String,
+    /// Who, between whom, to what. Reporter `source`: the client's agent routed it;
+    /// `destination`: the server's agent judged it.
+    #[prometheus(flatten)]
+    pub peers: PeerLabels,
+    /// `http` or `grpc`.
+    pub request_protocol: &'static str,
     /// HTTP status returned to the client.
     pub response_code: String,
     /// Envoy response flags: `-`, `UO` (overflow), `UF` (connect failure), `UT`
@@ -300,8 +428,10 @@ impl Metrics {
 
     /// Counts a connection `src` made outside the registry, refused (REGISTRY_ONLY).
     pub fn outbound_blocked(&self, src: &Workload) {
-        let labels =
-            BlockedLabels { source_workload: src.name.clone(), source_workload_namespace: src.namespace.clone() };
+        let labels = BlockedLabels {
+            source_workload: src.meta.workload.clone(),
+            source_workload_namespace: src.namespace.clone(),
+        };
         if self.blocked.get(&labels).is_none() {
             self.index().blocked.insert(labels.clone());
         }
@@ -334,27 +464,30 @@ impl Metrics {
     }
 
     /// Records a request whose response has ended (or was dropped): how long it took
-    /// from its arrival, and how many request and response body bytes passed. The
-    /// request itself is counted by [`Metrics::request`].
+    /// from its arrival, and how many request (where the path counted them) and
+    /// response body bytes passed. The request itself is counted by
+    /// [`Metrics::request`].
     pub fn request_done(
         &self,
         labels: &RequestLabels,
         duration: std::time::Duration,
-        request_bytes: u64,
+        request_bytes: Option<u64>,
         response_bytes: u64,
     ) {
         if self.requests.get(labels).is_none() {
             self.index().requests.insert(labels.clone());
         }
         self.request_duration.0.get_or_create(labels).observe(duration.as_secs_f64() * 1000.0);
-        self.request_bytes.0.get_or_create(labels).observe(request_bytes as f64);
+        if let Some(n) = request_bytes {
+            self.request_bytes.0.get_or_create(labels).observe(n as f64);
+        }
         self.response_bytes.0.get_or_create(labels).observe(response_bytes as f64);
     }
 
     /// Counts a refusal protecting `dst`.
     pub fn denied(&self, dst: &Workload, reason: DenyReason) {
         let labels = DenyLabels {
-            destination_workload: dst.name.clone(),
+            destination_workload: dst.meta.workload.clone(),
             destination_workload_namespace: dst.namespace.clone(),
             reason,
         };
@@ -371,18 +504,20 @@ impl Metrics {
         }
         self.opened.get_or_create(labels).inc();
         self.active.inc();
-        OpenConn(())
+        OpenConn {
+            received: self.received.get_or_create(labels).clone(),
+            sent: self.sent.get_or_create(labels).clone(),
+        }
     }
 
-    /// Counts a connection as closed with its byte counts: `sent` is response bytes
-    /// (server to client), `received` request bytes, as Istio defines them.
-    pub fn closed(&self, labels: &ConnLabels, _open: OpenConn, sent: u64, received: u64) {
+    /// Counts a connection as closed. Its bytes were counted as they passed, on the
+    /// counters [`OpenConn`] holds (`sent` is server to client, `received` client to
+    /// server, as Istio defines them).
+    pub fn closed(&self, labels: &ConnLabels, _open: OpenConn) {
         if self.closed.get(labels).is_none() {
             self.index().conns.insert(labels.clone());
         }
         self.closed.get_or_create(labels).inc();
-        self.sent.get_or_create(labels).inc_by(sent);
-        self.received.get_or_create(labels).inc_by(received);
         self.active.dec();
     }
 
@@ -390,14 +525,14 @@ impl Metrics {
     /// many. A connection still open re-creates its series when it closes.
     pub fn forget_gone(&self, snapshot: &Snapshot) -> usize {
         let known: HashSet<(&str, &str)> =
-            snapshot.workloads.iter().map(|w| (w.namespace.as_str(), w.name.as_str())).collect();
-        let names: HashSet<&str> = snapshot.workloads.iter().map(|w| w.name.as_str()).collect();
-        let gone = |ns: &str, name: &str| name != UNKNOWN && !known.contains(&(ns, name));
+            snapshot.workloads.iter().map(|w| (w.meta.namespace.as_str(), w.meta.workload.as_str())).collect();
+        let gone = |ns: &str, workload: &str| workload != UNKNOWN && !known.contains(&(ns, workload));
+        let gone_side = |m: &WorkloadMeta| gone(&m.namespace, &m.workload);
+        let peers_gone = |p: &PeerLabels| gone_side(&p.source.0) || gone_side(&p.destination.0);
         let mut index = self.index();
         let mut dropped = 0;
         index.conns.retain(|l| {
-            let keep = !gone(&l.source_workload_namespace, &l.source_workload)
-                && !gone(&l.destination_workload_namespace, &l.destination_workload);
+            let keep = !peers_gone(&l.peers);
             if !keep {
                 for f in [&self.opened, &self.closed, &self.sent, &self.received] {
                     f.remove(l);
@@ -407,10 +542,7 @@ impl Metrics {
             keep
         });
         index.requests.retain(|l| {
-            // The request labels carry no destination namespace: a destination name no
-            // namespace has any more is gone.
-            let keep = !gone(&l.source_workload_namespace, &l.source_workload)
-                && (l.destination_workload == UNKNOWN || names.contains(l.destination_workload.as_str()));
+            let keep = !peers_gone(&l.peers);
             if !keep {
                 self.requests.remove(l);
                 self.request_duration.0.remove(l);
@@ -483,12 +615,13 @@ status: {podIP: 10.10.1.3}
         let both = snapshot(PODS);
         let web = both.workloads.iter().find(|w| w.name == "web").unwrap().clone();
         let batch = both.workloads.iter().find(|w| w.name == "batch").unwrap().clone();
-        let to_web = ConnLabels::new(Direction::Outbound, &batch, Some(&web), Some("shop/web"), true);
+        let to_web = ConnLabels::outbound(&batch, Some(&web), ServiceLabels::service(Some("shop/web")), true);
         let open = m.opened(&to_web);
-        m.closed(&to_web, open, 10, 20);
-        let from_web = ConnLabels::inbound(&batch, Some(&web), true);
+        open.sent.inc_by(10);
+        m.closed(&to_web, open);
+        let from_web = ConnLabels::inbound(&both, &batch, 8080, Some(&web), true);
         let open = m.opened(&from_web);
-        m.closed(&from_web, open, 1, 2);
+        m.closed(&from_web, open);
         m.denied(&batch, DenyReason::Policy);
         m.denied(&web, DenyReason::Policy);
         assert_eq!(m.forget_gone(&both), 0, "nothing departed");
@@ -501,5 +634,98 @@ status: {podIP: 10.10.1.3}
         let text = encoded(&registry);
         assert!(!text.contains("\"batch\""), "{text}");
         assert!(text.contains("istio_mesh_denied_total{destination_workload=\"web\""), "{text}");
+    }
+
+    const DEPLOYED: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata:
+  name: reviews-v2-7d9c5b6f4-x2k8q
+  namespace: bookinfo
+  labels: {app: reviews, version: v2, pod-template-hash: 7d9c5b6f4}
+  ownerReferences: [{apiVersion: apps/v1, kind: ReplicaSet, name: reviews-v2-7d9c5b6f4, controller: true, uid: u1}]
+spec: {nodeName: node1, serviceAccountName: bookinfo-reviews}
+status: {podIP: 10.10.1.2}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: report-28915200-abcde
+  namespace: bookinfo
+  labels: {service.istio.io/canonical-name: nightly, app: report}
+  ownerReferences: [{apiVersion: batch/v1, kind: Job, name: report-28915200, controller: true, uid: u2}]
+spec: {nodeName: node1}
+status: {podIP: 10.10.1.3}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db-0, namespace: bookinfo, ownerReferences: [{kind: StatefulSet, name: db, controller: true}]}
+spec: {nodeName: node1}
+status: {podIP: 10.10.1.4}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: bookinfo}
+spec: {selector: {app: reviews}, clusterIP: 10.96.0.20, ports: [{name: http, port: 9080}]}
+"#;
+
+    fn line<'a>(text: &'a str, prefix: &str) -> &'a str {
+        text.lines().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("no {prefix} in {text}"))
+    }
+
+    /// Every label Kiali's graph, security view and workload pages query, named as
+    /// Istio names them, with workloads by their controllers.
+    #[test]
+    fn connections_carry_istios_full_label_set_with_workloads_by_owner() {
+        let mut registry = Registry::with_prefix("istio");
+        let m = Metrics::new(&mut registry);
+        let snap = snapshot(DEPLOYED);
+        let find = |name: &str| snap.workloads.iter().find(|w| w.name == name).unwrap().clone();
+        let (reviews, report, db) = (find("reviews-v2-7d9c5b6f4-x2k8q"), find("report-28915200-abcde"), find("db-0"));
+        let l = ConnLabels::inbound(&snap, &reviews, 9080, Some(&report), true);
+        let open = m.opened(&l);
+        open.received.inc_by(7);
+        open.sent.inc_by(11);
+        let text = encoded(&registry);
+        // Counted while the connection is open, not only when it closes.
+        let received = line(&text, "istio_tcp_received_bytes_total{");
+        assert!(received.ends_with(" 7"), "{received}");
+        for label in [
+            "reporter=\"destination\"",
+            "source_workload=\"report\"",
+            "source_workload_namespace=\"bookinfo\"",
+            "source_principal=\"spiffe://cluster.local/ns/bookinfo/sa/default\"",
+            "source_app=\"nightly\"",
+            "source_version=\"latest\"",
+            "source_canonical_service=\"nightly\"",
+            "source_canonical_revision=\"latest\"",
+            "source_cluster=\"Kubernetes\"",
+            "destination_workload=\"reviews-v2\"",
+            "destination_workload_namespace=\"bookinfo\"",
+            "destination_principal=\"spiffe://cluster.local/ns/bookinfo/sa/bookinfo-reviews\"",
+            "destination_app=\"reviews\"",
+            "destination_version=\"v2\"",
+            "destination_canonical_service=\"reviews\"",
+            "destination_canonical_revision=\"v2\"",
+            "destination_cluster=\"Kubernetes\"",
+            "destination_service=\"reviews.bookinfo.svc.cluster.local\"",
+            "destination_service_name=\"reviews\"",
+            "destination_service_namespace=\"bookinfo\"",
+            "request_protocol=\"tcp\"",
+            "response_flags=\"-\"",
+            "connection_security_policy=\"mutual_tls\"",
+        ] {
+            assert!(received.contains(label), "{label} missing: {received}");
+        }
+        m.closed(&l, open);
+        assert!(line(&encoded(&registry), "istio_tcp_sent_bytes_total{").ends_with(" 11"));
+
+        // A StatefulSet's pod is the StatefulSet; no Service serves a port it was not
+        // dialed at.
+        let l = ConnLabels::outbound(&db, None, ServiceLabels::unknown(), false);
+        assert_eq!(l.peers.source.0.workload, "db");
+        assert_eq!(l.peers.destination.0.workload, "unknown");
+        let elsewhere = ConnLabels::inbound(&snap, &reviews, 7000, None, false);
+        assert_eq!(elsewhere.peers.service, ServiceLabels::unknown());
     }
 }

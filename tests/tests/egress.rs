@@ -209,7 +209,7 @@ spec:
         m.lines().any(|l| l.starts_with("istio_tcp_connections_opened_total")
             && l.contains("reporter=\"source\"")
             && l.contains("source_workload=\"frontend\"")
-            && l.contains("destination_service=\"istio-ingress/istio-egressgateway\"")),
+            && l.contains("destination_service=\"istio-egressgateway.istio-ingress.svc.cluster.local\"")),
         "{m}"
     );
 }
@@ -304,7 +304,7 @@ spec:
     assert!(
         m.lines().any(|l| l.starts_with("istio_requests_total")
             && l.contains("source_workload=\"frontend\"")
-            && l.contains("destination_service=\"istio-ingress/istio-egressgateway\"")
+            && l.contains("destination_service=\"istio-egressgateway.istio-ingress.svc.cluster.local\"")
             && l.contains("response_code=\"200\"")),
         "{m}"
     );

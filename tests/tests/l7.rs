@@ -90,7 +90,7 @@ fn seed_virtualservice_routes_header_to_v2_splits_api_and_defaults_to_v1() {
 
     let m = metrics(&lab, "node1");
     assert!(
-        m.lines().any(|l| l.starts_with("istio_requests_total")
+        m.lines().any(|l| l.starts_with("istio_requests_total{reporter=\"source\"")
             && l.contains("destination_version=\"v2\"")
             && l.contains("response_code=\"200\"")),
         "requests counted by subset"
@@ -207,7 +207,7 @@ fn least_request_prefers_the_less_loaded_endpoint() {
     eventually("rule applied", || {
         let m = metrics(&lab, "node1");
         requests(&lab, "http://myapp/probe", &[], false);
-        m.contains("istio_requests_total").then_some(())
+        m.contains("istio_requests_total{reporter=\"source\"").then_some(())
     });
     // myapp-v1 takes 500 ms per request, myapp-v2 answers at once: with requests in
     // flight counted, most go to v2. Round robin would give each half. Counted by the
@@ -319,7 +319,7 @@ fn seed_trafficsplit_shares_myapp_between_version_services() {
     apply_seed(&lab, "trafficsplit-canary.yaml");
     eventually("split in force", || {
         requests(&lab, "http://myapp/probe", &[], false);
-        metrics(&lab, "node1").contains("destination_service=\"production/myapp-v1\"").then_some(())
+        metrics(&lab, "node1").contains("destination_service=\"myapp-v1.production.svc.cluster.local\"").then_some(())
     });
     let r = requests(&lab, "http://myapp/ts?i=[1-1000]", &[], false);
     assert_eq!(r.len(), 1000);
@@ -328,7 +328,7 @@ fn seed_trafficsplit_shares_myapp_between_version_services() {
     let v2 = c.get("myapp-v2").copied().unwrap_or(0);
     assert!((60..=140).contains(&v2), "900m/100m split, got {c:?}");
     let m = metrics(&lab, "node1");
-    assert!(m.contains("destination_service=\"production/myapp-v2\""), "backend services reported");
+    assert!(m.contains("destination_service=\"myapp-v2.production.svc.cluster.local\""), "backend services reported");
 }
 
 #[test]

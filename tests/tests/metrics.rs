@@ -49,7 +49,7 @@ fn prometheus_scrapes_the_agents_with_its_token_and_pods_read_nothing() {
     apply_seed(&lab, "destinationrule-myapp.yaml");
     eventually("frontend's requests to myapp are routed at L7", || {
         assert!(curl(&lab, "frontend", "http://myapp/").0);
-        metrics(&lab, "node1").contains("istio_requests_total{").then_some(())
+        metrics(&lab, "node1").contains("istio_requests_total{reporter=\"source\"").then_some(())
     });
     let before = requests_measured(&metrics(&lab, "node1"));
     const SENT: u64 = 5;
@@ -119,21 +119,8 @@ fn prometheus_scrapes_the_agents_with_its_token_and_pods_read_nothing() {
     let lab_enrolled = lab.pods.iter().filter(|p| p.namespace == "production").count() as f64;
     assert_eq!(enrolled, lab_enrolled, "{body}");
     // The request duration histogram, as Istio's dashboards query it.
-    let query = |q: &str| -> Vec<f64> {
-        // Percent-encoded: curl would read `{...}` as a glob, and quotes need escaping.
-        let encoded: String = q
-            .chars()
-            .map(|c| match c {
-                'a'..='z' | 'A'..='Z' | '0'..='9' | '_' | '.' | '(' | ')' | ',' => c.to_string(),
-                other => format!("%{:02X}", other as u32),
-            })
-            .collect();
-        let url = format!("http://127.0.0.1:19090/api/v1/query?query={encoded}");
-        let (_, body) = get(&lab, "outside", &url, &[]);
-        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-        let results = v["data"]["result"].as_array().cloned().unwrap_or_default();
-        results.iter().filter_map(|r| r["value"][1].as_str()?.parse::<f64>().ok()).collect()
-    };
+    let series = |q: &str| prometheus_query(&lab, q);
+    let query = |q: &str| -> Vec<f64> { series(q).into_iter().map(|(_, v)| v).collect() };
     let measured = eventually("Prometheus has the duration histogram", || {
         let n = query("sum(istio_request_duration_milliseconds_count{reporter=\"source\"})");
         n.first().copied().filter(|n| *n as u64 == before + SENT)
@@ -146,14 +133,132 @@ fn prometheus_scrapes_the_agents_with_its_token_and_pods_read_nothing() {
         "p99 of {} lab requests: {p99:?} ms",
         before + SENT
     );
+
+    kiali_graph_sees_the_traffic_sent(&lab, &series);
     lab.stop_helper("prometheus").unwrap();
 }
 
-/// `istio_request_duration_milliseconds_count` of every series in an agent's metrics.
+/// What Kiali's graph asks Prometheus (its query, its labels), checked against
+/// traffic sent now: HTTP to legacy-service, which has no route and no L7 policy, so
+/// only its own agent (reporter=destination) reads the requests; raw TCP to myapp's
+/// `tcp-echo` port, spliced and counted in bytes as they pass.
+fn kiali_graph_sees_the_traffic_sent(lab: &Lab, series: &dyn Fn(&str) -> Vec<(serde_json::Value, f64)>) {
+    let echo = mesh_tests::harness::root().join("target/debug/mesh-echo").display().to_string();
+    let send = |ok: usize, teapots: usize, conns: &str| {
+        for _ in 0..ok {
+            assert_eq!(get(lab, "frontend", "http://legacy-service/", &[]).0, "200");
+        }
+        for _ in 0..teapots {
+            assert_eq!(get(lab, "frontend", "http://legacy-service/status/418", &[]).0, "418");
+        }
+        let out =
+            lab.exec("frontend", &[&echo, "load", "10.96.0.20:9000", "--conns", conns, "--bytes", "4096"]).unwrap();
+        assert!(out.status.success(), "load: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    // The series exist before the traffic measured: rate() counts increases.
+    send(1, 1, "1");
+    let by_code = "sum(istio_requests_total{reporter=\"destination\",source_workload=\"frontend\",\
+                   destination_workload=\"legacy-service\"})by(response_code)";
+    let counts = |code: &str| -> u64 {
+        series(by_code).iter().find(|(m, _)| m["response_code"] == code).map_or(0, |(_, v)| *v as u64)
+    };
+    eventually("Prometheus has legacy-service's requests", || (counts("200") >= 1 && counts("418") >= 1).then_some(()));
+    let before = (counts("200"), counts("418"));
+    send(4, 2, "4");
+    // The agent's own count, as Prometheus stores it: what was sent.
+    eventually("Prometheus has every request, by response code", || {
+        (counts("200") == before.0 + 4 && counts("418") == before.1 + 2).then_some(())
+    });
+
+    // Kiali's graph query (its grouping labels, as its graph appender sends them).
+    let kiali = "sum(rate(istio_requests_total{reporter=\"destination\"}[1m]))by(source_cluster,\
+                 source_workload_namespace,source_workload,source_canonical_service,source_canonical_revision,\
+                 destination_cluster,destination_service_namespace,destination_service,destination_service_name,\
+                 destination_workload_namespace,destination_workload,destination_canonical_service,\
+                 destination_canonical_revision,request_protocol,response_code,grpc_response_status,response_flags)>0";
+    let edges = series(kiali);
+    let edge = |code: &str| {
+        edges.iter().find(|(m, _)| {
+            m["source_workload"] == "frontend"
+                && m["destination_workload"] == "legacy-service"
+                && m["response_code"] == code
+        })
+    };
+    for code in ["200", "418"] {
+        let (m, rate) = edge(code).unwrap_or_else(|| panic!("no frontend -> legacy-service {code} edge in {edges:?}"));
+        assert!(*rate > 0.0, "{m}");
+        assert_eq!(m["source_workload_namespace"], "production", "{m}");
+        assert_eq!(m["source_canonical_service"], "frontend", "{m}");
+        assert_eq!(m["source_cluster"], "Kubernetes", "{m}");
+        assert_eq!(m["destination_service"], "legacy-service.production.svc.cluster.local", "{m}");
+        assert_eq!(m["destination_service_name"], "legacy-service", "{m}");
+        assert_eq!(m["destination_canonical_service"], "legacy-service", "{m}");
+        assert_eq!(m["request_protocol"], "http", "{m}");
+        assert_eq!(m["response_flags"], "-", "{m}");
+    }
+    // The security view: mTLS between them, under the verified identity.
+    let secured = series(
+        "sum(istio_requests_total{reporter=\"destination\",source_workload=\"frontend\",\
+         destination_workload=\"legacy-service\"})by(connection_security_policy,source_principal)",
+    );
+    assert_eq!(secured.len(), 1, "{secured:?}");
+    assert_eq!(secured[0].0["connection_security_policy"], "mutual_tls");
+    assert_eq!(secured[0].0["source_principal"], "spiffe://cluster.local/ns/production/sa/frontend");
+
+    // TCP: bytes from frontend to myapp's tcp-echo port, at both ends. Five
+    // connections of 4096 bytes each way, at least (other tests may have sent more).
+    let tcp = |metric: &str, reporter: &str| -> f64 {
+        let q = format!(
+            "sum({metric}{{reporter=\"{reporter}\",source_workload=\"frontend\",\
+             destination_service=\"myapp.production.svc.cluster.local\",request_protocol=\"tcp\"}})"
+        );
+        series(&q).first().map_or(0.0, |(_, v)| *v)
+    };
+    eventually("the TCP byte counters reached Prometheus", || {
+        let all = ["istio_tcp_received_bytes_total", "istio_tcp_sent_bytes_total"]
+            .iter()
+            .flat_map(|m| [tcp(m, "source"), tcp(m, "destination")])
+            .all(|bytes| bytes >= 5.0 * 4096.0);
+        all.then_some(())
+    });
+    let rate = series(
+        "sum(rate(istio_tcp_received_bytes_total{reporter=\"destination\",source_workload=\"frontend\"}[1m]))\
+         by(destination_workload)",
+    );
+    assert!(rate.iter().any(|(_, r)| *r > 0.0), "TCP byte rate: {rate:?}");
+}
+
+/// An instant query to the lab's Prometheus (in the `outside` pod): each series' labels
+/// and value.
+fn prometheus_query(lab: &Lab, q: &str) -> Vec<(serde_json::Value, f64)> {
+    // Percent-encoded: curl would read `{...}` as a glob, and quotes need escaping.
+    let encoded: String = q
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .map(|c| match c {
+            'a'..='z' | 'A'..='Z' | '0'..='9' | '_' | '.' | '(' | ')' | ',' => c.to_string(),
+            other => format!("%{:02X}", other as u32),
+        })
+        .collect();
+    let url = format!("http://127.0.0.1:19090/api/v1/query?query={encoded}");
+    let (_, body) = get(lab, "outside", &url, &[]);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    let results = v["data"]["result"].as_array().cloned().unwrap_or_default();
+    results
+        .into_iter()
+        .filter_map(|r| {
+            let value = r["value"][1].as_str()?.parse::<f64>().ok()?;
+            Some((r["metric"].clone(), value))
+        })
+        .collect()
+}
+
+/// `istio_request_duration_milliseconds_count` of every series an agent reports as the
+/// source.
 fn requests_measured(metrics: &str) -> u64 {
     metrics
         .lines()
-        .filter(|l| l.starts_with("istio_request_duration_milliseconds_count{"))
+        .filter(|l| l.starts_with("istio_request_duration_milliseconds_count{reporter=\"source\""))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
         .sum()
 }

@@ -34,6 +34,24 @@ pub struct ObjectMeta {
     /// The spec's version, which status conditions report as `observedGeneration`.
     #[serde(default)]
     pub generation: Option<i64>,
+    /// Objects it belongs to; a pod's controller names its workload in telemetry.
+    #[serde(default)]
+    pub owner_references: Vec<OwnerReference>,
+}
+
+/// `metadata.ownerReferences[]`: only what names an owner.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OwnerReference {
+    /// Kind of the owner (`ReplicaSet`, `Job`, `StatefulSet`...).
+    #[serde(default)]
+    pub kind: String,
+    /// Name of the owner.
+    #[serde(default)]
+    pub name: String,
+    /// Whether the owner is the managing controller.
+    #[serde(default)]
+    pub controller: Option<bool>,
 }
 
 impl ObjectMeta {
@@ -397,6 +415,9 @@ pub struct ServicePort {
     /// `TCP` (default).
     #[serde(default)]
     pub protocol: Option<String>,
+    /// The application protocol (`http`, `kubernetes.io/h2c`, `tcp`...).
+    #[serde(default)]
+    pub app_protocol: Option<String>,
 }
 
 /// Kubernetes `IntOrString`.

@@ -15,7 +15,7 @@ use x509_parser::extensions::GeneralName;
 use super::{GatewayContext, PortPlan};
 use crate::authz::{ConnAttrs, Decision};
 use crate::l7::server::RouteTable;
-use crate::telemetry::DenyReason;
+use crate::telemetry::{ConnLabels, DenyReason, ServiceLabels};
 use crate::transport::accept::{Caps, accept_loop};
 
 /// A client has this long to finish its TLS handshake.
@@ -192,13 +192,8 @@ async fn splice_to(
         let target = entry.target(unspecified, Some(&chosen.backend.service));
         let (mut upstream, _) =
             ctx.l7.dialer.connect_external(&snap, pod, &ctx.netns, &target).await.map_err(|e| e.to_string())?;
-        let labels = crate::telemetry::ConnLabels::new(
-            crate::telemetry::Direction::Outbound,
-            pod,
-            None,
-            Some(&entry.host),
-            upstream.is_tunnel(),
-        );
+        let service = ServiceLabels::host(&entry.host, entry.namespace());
+        let labels = ConnLabels::outbound(pod, None, service, upstream.is_tunnel());
         return crate::transport::copy::counted(
             &ctx.l7.metrics,
             &labels,
@@ -220,13 +215,8 @@ async fn splice_to(
         .connect(&snap, pod, &ctx.netns, Some(&endpoint), addr, crate::transport::CONNECT_TIMEOUT)
         .await
         .map_err(|e| e.to_string())?;
-    let labels = crate::telemetry::ConnLabels::new(
-        crate::telemetry::Direction::Outbound,
-        pod,
-        Some(&endpoint),
-        Some(&chosen.backend.service),
-        upstream.is_tunnel(),
-    );
+    let service = ServiceLabels::service(Some(&chosen.backend.service));
+    let labels = ConnLabels::outbound(pod, Some(&endpoint), service, upstream.is_tunnel());
     crate::transport::copy::counted(&ctx.l7.metrics, &labels, &mut stream, &mut upstream, ctx.tcp_idle_timeout)
         .await
         .map(|_| ())

@@ -632,7 +632,7 @@ async fn plain_http_leaves_through_the_egress_gateway_which_originates_tls() {
                 && l.contains("response_code=\"200\"")
         })
     };
-    assert!(hop("client", "istio-ingress/istio-egressgateway"), "{metrics}");
+    assert!(hop("client", "istio-egressgateway.istio-ingress.svc.cluster.local"), "{metrics}");
     assert!(hop("istio-ingressgateway", "edition.example.com"), "{metrics}");
 }
 

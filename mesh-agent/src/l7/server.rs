@@ -20,7 +20,7 @@ use super::upstream::{ConnSettings, SendError, UpBody};
 use crate::dataplane::Netns;
 use crate::snapshot::Snapshot;
 use crate::state::{Service, Workload};
-use crate::telemetry::RequestLabels;
+use crate::telemetry::{PeerLabels, RequestLabels, ServiceLabels};
 use crate::traffic::route::{Abort, Action, Backend, CorsVerdict, RedirectPort, RequestView, Rule, WeightedBackend};
 
 /// Request bodies up to this size are buffered, so retries and mirrors can replay them;
@@ -116,7 +116,14 @@ struct Answer {
     response: Response<RespBody>,
     flags: &'static str,
     backend: Option<Backend>,
-    endpoint: Option<String>,
+    endpoint: Option<Reached>,
+}
+
+/// The endpoint a request was sent to, and whether over mTLS.
+#[derive(Clone)]
+struct Reached {
+    workload: Arc<Workload>,
+    mtls: bool,
 }
 
 fn local(status: StatusCode, flags: &'static str, body: &'static str) -> Answer {
@@ -170,38 +177,70 @@ async fn handle(
         Some(r) => Answer { response: text_response(r.status, r.body), flags: r.flags, backend: None, endpoint: None },
         None => route(&caller, table, req).await,
     };
-    let service_key = match table {
-        RouteTable::Service(key) => key,
-        RouteTable::Entry { host, .. } => host,
-        RouteTable::Gateway { .. } => "unknown",
-    };
-    let labels = RequestLabels {
-        reporter: "source".into(),
-        source_workload: pod.name.clone(),
-        source_workload_namespace: pod.namespace.clone(),
-        destination_service: answer.backend.as_ref().map_or_else(|| service_key.to_string(), |b| b.service.clone()),
-        destination_version: answer.backend.as_ref().and_then(|b| b.subset.clone()).unwrap_or_else(|| "unknown".into()),
-        destination_workload: answer.endpoint.clone().unwrap_or_else(|| "unknown".into()),
-        response_code: answer.response.status().as_u16().to_string(),
-        response_flags: answer.flags.into(),
-        grpc_response_status: grpc_status(answer.response.headers()).map(|c| c.to_string()).unwrap_or_default(),
-    };
-    let is_grpc = answer
-        .response
-        .headers()
-        .get(http::header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-    // Counted now, as the answer leaves, unless a gRPC status is still to come in
-    // trailers: then when they arrive (or the body ends or is dropped without them).
-    let counted = !is_grpc || !labels.grpc_response_status.is_empty();
-    if counted {
-        ctx.metrics.request(&labels);
+    let peers = PeerLabels::source(
+        pod,
+        answer.endpoint.as_ref().map(|r| &*r.workload),
+        service_labels(table, answer.backend.as_ref()),
+        answer.endpoint.as_ref().is_some_and(|r| r.mtls),
+    );
+    let measured = Measured { metrics: ctx.metrics.clone(), started, request_bytes: Some(request_bytes.clone()) };
+    measured.answer(peers, answer.flags, answer.response)
+}
+
+/// What measures one request: counted as its answer leaves (`istio_requests_total`),
+/// timed and sized as its body ends (the request histograms).
+pub(crate) struct Measured {
+    /// Where it is counted.
+    pub metrics: Arc<crate::telemetry::Metrics>,
+    /// When the request arrived.
+    pub started: std::time::Instant,
+    /// Request body bytes read from the client, where the path counts them.
+    pub request_bytes: Option<Arc<std::sync::atomic::AtomicU64>>,
+}
+
+impl Measured {
+    /// Labels `response` (status, gRPC or HTTP, the gRPC status when the headers carry
+    /// it) and counts it now, unless a gRPC status is still to come in trailers: then
+    /// when they arrive, or the body ends or is dropped without them.
+    pub(crate) fn answer(self, peers: PeerLabels, flags: &str, response: Response<RespBody>) -> Response<RespBody> {
+        let is_grpc = response
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        let labels = RequestLabels {
+            peers,
+            request_protocol: if is_grpc { "grpc" } else { "http" },
+            response_code: response.status().as_u16().to_string(),
+            response_flags: flags.into(),
+            grpc_response_status: grpc_status(response.headers()).map(|c| c.to_string()).unwrap_or_default(),
+        };
+        let counted = !is_grpc || !labels.grpc_response_status.is_empty();
+        if counted {
+            self.metrics.request(&labels);
+        }
+        response
+            .map(|inner| Completion { inner, labels: Some(labels), counted, measured: self, bytes: 0 }.boxed_unsync())
     }
-    let metrics = ctx.metrics.clone();
-    let request_bytes = request_bytes.clone();
-    answer.response.map(|inner| {
-        Completion { inner, labels: Some(labels), counted, metrics, started, request_bytes, bytes: 0 }.boxed_unsync()
-    })
+}
+
+/// The Service a request went to: the backend routed to (a Service `namespace/name`
+/// or a ServiceEntry host), else what the table serves.
+fn service_labels(table: &RouteTable, backend: Option<&Backend>) -> ServiceLabels {
+    let entry_namespace = match table {
+        RouteTable::Entry { key, .. } => key.split_once('/').map(|(ns, _)| ns),
+        _ => None,
+    };
+    let name = match (backend, table) {
+        (Some(b), _) => b.service.as_str(),
+        (None, RouteTable::Service(key)) => key,
+        (None, RouteTable::Entry { host, .. }) => host,
+        (None, RouteTable::Gateway { .. }) => return ServiceLabels::unknown(),
+    };
+    if name.contains('/') {
+        ServiceLabels::service(Some(name))
+    } else {
+        ServiceLabels::host(name, entry_namespace.unwrap_or("unknown"))
+    }
 }
 
 /// A response body on its way to the client: counts its bytes, and when it ends (or
@@ -212,10 +251,7 @@ struct Completion {
     labels: Option<RequestLabels>,
     /// Whether `istio_requests_total` already has it.
     counted: bool,
-    metrics: Arc<crate::telemetry::Metrics>,
-    started: std::time::Instant,
-    /// The request body bytes read from the client (the request's own count).
-    request_bytes: Arc<std::sync::atomic::AtomicU64>,
+    measured: Measured,
     /// The response body bytes that passed.
     bytes: u64,
 }
@@ -223,11 +259,12 @@ struct Completion {
 impl Completion {
     fn count(&mut self) {
         if let Some(labels) = self.labels.take() {
+            let m = &self.measured;
             if !self.counted {
-                self.metrics.request(&labels);
+                m.metrics.request(&labels);
             }
-            let request_bytes = self.request_bytes.load(std::sync::atomic::Ordering::Relaxed);
-            self.metrics.request_done(&labels, self.started.elapsed(), request_bytes, self.bytes);
+            let request_bytes = m.request_bytes.as_ref().map(|b| b.load(std::sync::atomic::Ordering::Relaxed));
+            m.metrics.request_done(&labels, m.started.elapsed(), request_bytes, self.bytes);
         }
     }
 }
@@ -844,7 +881,7 @@ enum TryOutcome {
     /// The endpoint answered.
     Answer(Answer),
     /// No answer: maybe retried.
-    Failed { failure: crate::traffic::route::Failure, endpoint: Option<String>, detail: String },
+    Failed { failure: crate::traffic::route::Failure, endpoint: Option<Reached>, detail: String },
     /// Answered locally, never retried (overflow, no endpoints).
     Final(Answer),
 }
@@ -911,7 +948,7 @@ async fn try_once(
         // Istio would originate mTLS and fail against a plaintext pod; never send plaintext.
         return TryOutcome::Failed {
             failure: crate::traffic::route::Failure::Connect,
-            endpoint: Some(workload.name.clone()),
+            endpoint: Some(Reached { workload: workload.clone(), mtls: false }),
             detail: "DestinationRule tls ISTIO_MUTUAL, but the endpoint is outside the mesh".into(),
         };
     }
@@ -933,7 +970,7 @@ async fn try_once(
         None => Ok(sent.await),
     };
     let (n, outlier) = (target.endpoints.len(), policy.outlier.as_ref());
-    let endpoint = Some(workload.name.clone());
+    let endpoint = Some(Reached { mtls: snap.tunnels_to(&workload, addr.port()), workload: workload.clone() });
     match result {
         Ok(Ok(res)) => {
             let status = res.status().as_u16();

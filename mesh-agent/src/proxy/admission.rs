@@ -20,7 +20,7 @@ use super::prefixed::Prefixed;
 use crate::authz::{ConnAttrs, ConnVerdict, Decision, Peer, WorkloadSecurity};
 use crate::dataplane::Netns;
 use crate::snapshot::Snapshot;
-use crate::state::Workload;
+use crate::state::{Declared, Workload};
 use crate::telemetry::{ConnLabels, DenyReason};
 use crate::transport::copy;
 
@@ -141,6 +141,15 @@ pub(super) fn denied_plaintext(
     ctx.metrics.denied(pod, DenyReason::MtlsStrict);
 }
 
+/// Whether an allowed connection to `pod`'s `port` is read as HTTP for its request
+/// metrics: when L7 telemetry is on and the port is not declared opaque (Istio's
+/// protocol selection: `appProtocol`, then the Service port's name). An undeclared
+/// port is detected from the first bytes.
+fn reads_http(ctx: &ProxyContext, pod: &Workload, port: u16) -> bool {
+    ctx.l7_telemetry
+        && ctx.snapshot.load().service_at(pod, port).is_none_or(|(_, sp)| sp.declared() != Declared::Opaque)
+}
+
 /// Serves a connection whose accept-time verdict was not a denial.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn serve<S>(
@@ -157,50 +166,48 @@ pub(super) async fn serve<S>(
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let dst = arrival.dst;
-    let result = match verdict {
+    let per_request = match verdict {
         ConnVerdict::Decided(Decision::Deny(_)) => return,
-        ConnVerdict::Decided(Decision::Allow) => {
-            let tracked = ctx.inbound.track(&pod, &arrival);
-            copy::counted_until(&ctx.metrics, &labels, &mut client, &mut app, ctx.tcp_idle_timeout, &tracked.stop).await
+        ConnVerdict::Decided(Decision::Allow) => false,
+        ConnVerdict::PerRequest => true,
+    };
+    if !per_request && !reads_http(&ctx, &pod, dst.port()) {
+        let tracked = ctx.inbound.track(&pod, &arrival);
+        let result =
+            copy::counted_until(&ctx.metrics, &labels, &mut client, &mut app, ctx.tcp_idle_timeout, &tracked.stop)
+                .await;
+        if let Err(e) = result {
+            tracing::debug!(%dst, error = %e, "inbound connection ended with an error");
         }
-        ConnVerdict::PerRequest => {
-            let first = match read_first(&mut client, DETECT_TIMEOUT).await {
-                Ok(first) => first,
-                Err(e) => {
-                    tracing::debug!(%dst, error = %e, "connection ended before its first bytes");
-                    return;
-                }
-            };
-            let mut client = Prefixed::new(first, client);
-            if detect::is_http(client.prefix()) {
-                let open = ctx.metrics.opened(&labels);
-                let metrics = ctx.metrics.clone();
-                http::serve(ctx, pod, netns, arrival, &labels, client, app).await;
-                metrics.closed(&labels, open, 0, 0);
-                return;
-            }
-            // Not HTTP: judged once, with the HTTP attributes unreadable.
-            let attrs = arrival.attrs();
-            match security.authz.check(&attrs, None) {
-                Decision::Allow => {
-                    let tracked = ctx.inbound.track(&pod, &arrival);
-                    copy::counted_until(
-                        &ctx.metrics,
-                        &labels,
-                        &mut client,
-                        &mut app,
-                        ctx.tcp_idle_timeout,
-                        &tracked.stop,
-                    )
-                    .await
-                }
-                Decision::Deny(reason) => {
-                    denied(&ctx, &pod, &attrs, &reason, None);
-                    return;
-                }
-            }
+        return;
+    }
+    let first = match read_first(&mut client, DETECT_TIMEOUT).await {
+        Ok(first) => first,
+        Err(e) => {
+            tracing::debug!(%dst, error = %e, "connection ended before its first bytes");
+            return;
         }
     };
+    let mut client = Prefixed::new(first, client);
+    if detect::is_http(client.prefix()) {
+        // Each request judged (an allowed connection's requests are allowed alike)
+        // and measured, reporter=destination.
+        let open = ctx.metrics.opened(&labels);
+        let metrics = ctx.metrics.clone();
+        http::serve(ctx, pod, netns, arrival, &labels, client, app).await;
+        metrics.closed(&labels, open);
+        return;
+    }
+    // Not HTTP: judged once (with the HTTP attributes unreadable) when the policies
+    // read HTTP, then spliced.
+    let attrs = arrival.attrs();
+    if per_request && let Decision::Deny(reason) = security.authz.check(&attrs, None) {
+        denied(&ctx, &pod, &attrs, &reason, None);
+        return;
+    }
+    let tracked = ctx.inbound.track(&pod, &arrival);
+    let result =
+        copy::counted_until(&ctx.metrics, &labels, &mut client, &mut app, ctx.tcp_idle_timeout, &tracked.stop).await;
     if let Err(e) = result {
         tracing::debug!(%dst, error = %e, "inbound connection ended with an error");
     }

@@ -128,7 +128,7 @@ async fn stream_request(
         }
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
-    let labels = ConnLabels::inbound_from_identity(&pod, &client, &snap, peer);
+    let labels = ConnLabels::inbound_from_identity(&snap, &pod, target.port(), &client, peer);
     let tasks = ctx.tasks.clone();
     tasks.spawn(async move {
         match on_upgrade.await {

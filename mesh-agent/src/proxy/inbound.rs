@@ -49,7 +49,7 @@ pub(super) async fn handle(
         return Ok(());
     }
     let source = snapshot.workload_by_ip(peer.ip()).cloned();
-    let labels = ConnLabels::inbound(pod, source.as_deref(), false);
+    let labels = ConnLabels::inbound(&snapshot, pod, dst.port(), source.as_deref(), false);
     let app = sockets::deliver_in(netns, dst, ctx.dialer.bypass_mark, CONNECT_TIMEOUT).await?;
     tracing::debug!(pod = %pod.name, %peer, %dst, "inbound plaintext");
     admission::serve(ctx.clone(), pod.clone(), netns.clone(), security, arrival, verdict, stream, app, labels).await;

@@ -11,7 +11,7 @@ use super::detect::{self, Protocol};
 use super::egress::{self, Egress};
 use crate::dataplane::Netns;
 use crate::state::{Destination, Workload};
-use crate::telemetry::{ConnLabels, Direction};
+use crate::telemetry::{ConnLabels, ServiceLabels};
 use crate::transport::{CONNECT_TIMEOUT, Error, Upstream, copy, sockets};
 
 /// One connection the pod made to `orig`.
@@ -75,8 +75,8 @@ pub(super) async fn handle(
         }
     };
     let mut upstream = ctx.dialer.connect(&snapshot, pod, netns, workload.as_deref(), addr, CONNECT_TIMEOUT).await?;
-    let labels =
-        ConnLabels::new(Direction::Outbound, pod, workload.as_deref(), service.as_deref(), upstream.is_tunnel());
+    let service = ServiceLabels::service(service.as_deref());
+    let labels = ConnLabels::outbound(pod, workload.as_deref(), service, upstream.is_tunnel());
     splice(ctx, &labels, &mut stream, &mut upstream, pod, orig).await
 }
 
@@ -106,7 +106,7 @@ async fn leave_the_registry(
     let (upstream, service, reached, origination) = match decision {
         Egress::Anywhere => {
             let up = ctx.dialer.connect(snapshot, pod, netns, None, dialed, CONNECT_TIMEOUT).await?;
-            (up, None, None, None)
+            (up, ServiceLabels::unknown(), None, None)
         }
         Egress::Blocked => {
             tracing::info!(pod = %pod.name, namespace = %pod.namespace, dst = %orig, "outbound connection outside the registry refused (outboundTrafficPolicy REGISTRY_ONLY)");
@@ -121,18 +121,18 @@ async fn leave_the_registry(
             }
             let target = entry.target(orig, None);
             let (up, addr) = ctx.dialer.connect_external(snapshot, pod, netns, &target).await?;
-            (up, Some(entry.host.clone()), snapshot.workload_by_ip(addr.ip()), None)
+            (up, ServiceLabels::host(&entry.host, entry.namespace()), snapshot.workload_by_ip(addr.ip()), None)
         }
         Egress::Entry(entry, target, asked) => {
             let (up, addr) = ctx.dialer.connect_external(snapshot, pod, netns, &target).await?;
             tracing::debug!(pod = %pod.name, %orig, entry = %entry.key, %addr, "outbound to a ServiceEntry");
             let tls = snapshot.external_policy(&entry.key, orig.port()).origination;
             let origination = tls.map(|o| (o, addr, asked.unwrap_or_else(|| entry.host.clone())));
-            (up, Some(entry.host.clone()), snapshot.workload_by_ip(addr.ip()), origination)
+            let service = ServiceLabels::host(&entry.host, entry.namespace());
+            (up, service, snapshot.workload_by_ip(addr.ip()), origination)
         }
     };
-    let labels =
-        ConnLabels::new(Direction::Outbound, pod, reached.map(|w| &**w), service.as_deref(), upstream.is_tunnel());
+    let labels = ConnLabels::outbound(pod, reached.map(|w| &**w), service, upstream.is_tunnel());
     match (upstream, origination) {
         (Upstream::Plain(tcp), Some((o, addr, host))) => {
             let from = crate::transport::originate::Credentials { allowed_dir: &ctx.egress_tls_dir, secrets: None };
@@ -167,7 +167,8 @@ async fn route_tls_to_entry(
         let target = e.target(SocketAddr::new(orig.ip(), port), Some(&sni));
         let (up, addr) = ctx.dialer.connect_external(snapshot, pod, netns, &target).await?;
         let reached = snapshot.workload_by_ip(addr.ip()).cloned();
-        let labels = ConnLabels::new(Direction::Outbound, pod, reached.as_deref(), Some(&e.host), up.is_tunnel());
+        let service = ServiceLabels::host(&e.host, e.namespace());
+        let labels = ConnLabels::outbound(pod, reached.as_deref(), service, up.is_tunnel());
         return Ok(Some((up, labels, None)));
     }
     let (dest, guard) = match to_backend(ctx, snapshot, pod, std::slice::from_ref(chosen), orig) {
@@ -183,8 +184,8 @@ async fn route_tls_to_entry(
         Destination::NoEndpoints { .. } => return Ok(None),
     };
     let up = ctx.dialer.connect(snapshot, pod, netns, workload.as_deref(), addr, CONNECT_TIMEOUT).await?;
-    let service = Some(chosen.backend.service.as_str());
-    let labels = ConnLabels::new(Direction::Outbound, pod, workload.as_deref(), service, up.is_tunnel());
+    let service = ServiceLabels::service(Some(&chosen.backend.service));
+    let labels = ConnLabels::outbound(pod, workload.as_deref(), service, up.is_tunnel());
     tracing::debug!(pod = %pod.name, %orig, %sni, %addr, "TLS to a ServiceEntry host routed by a mesh tls rule");
     Ok(Some((up, labels, guard)))
 }
@@ -229,14 +230,10 @@ fn to_backend(
     Ok((crate::state::destination_for(workload, addr, Some(b.service.clone())), Some(guard)))
 }
 
-/// Ports named `tcp`/`tls`/`mongo`/`mysql`/`redis` (or `tcp-*` ...) are L4 by
-/// declaration, as Istio's protocol selection reads port names.
+/// Ports declared TCP, TLS or a database protocol (by `appProtocol` or a name such as
+/// `tcp-*`) are L4, as Istio's protocol selection reads them.
 fn is_declared_opaque(service: &crate::state::Service, port: u16) -> bool {
-    const OPAQUE: &[&str] = &["tcp", "tls", "mongo", "mysql", "redis"];
-    service.ports.iter().find(|p| p.port == port).and_then(|p| p.name.as_deref()).is_some_and(|n| {
-        let proto = n.split('-').next().unwrap_or(n);
-        OPAQUE.contains(&proto)
-    })
+    service.ports.iter().find(|p| p.port == port).is_some_and(|p| p.declared() == crate::state::Declared::Opaque)
 }
 
 async fn splice<S>(

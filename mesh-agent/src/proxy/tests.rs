@@ -88,6 +88,7 @@ impl Mesh {
             tcp_idle_timeout: Duration::from_secs(60),
             egress_tls_dir: std::path::Path::new("/nonexistent").into(),
             dns_upstream: Arc::default(),
+            l7_telemetry: true,
         };
         ctx.l7.round_robin.fit(&snapshot);
         let netns = Arc::new(Netns::host().expect("the test's own network namespace"));
@@ -838,7 +839,7 @@ spec: {{selector: {{app: legacy}}, clusterIP: 10.96.{net}.40, ports: [{{port: 80
         l.starts_with("tcp_connections_opened_total")
             && l.contains("reporter=\"source\"")
             && l.contains("destination_workload=\"legacy\"")
-            && l.contains("destination_service=\"plain/legacy\"")
+            && l.contains("destination_service=\"legacy.plain.svc.cluster.local\"")
             && l.contains("connection_security_policy=\"none\"")
     });
     assert!(named, "{metrics}");
@@ -914,4 +915,59 @@ pub(crate) async fn tls_app(name: &'static str, addr: SocketAddr, cert: (String,
             });
         }
     });
+}
+
+/// Istio's protocol selection at the destination: HTTP to a port that declares nothing
+/// (or HTTP) is read per request and reported by the destination's agent, with no
+/// route or L7 policy asking for it; a port declared `tcp-*` is spliced untouched.
+#[tokio::test]
+async fn the_destination_reports_each_http_request_and_splices_declared_tcp_ports() {
+    let raw = r#"
+---
+apiVersion: v1
+kind: Service
+metadata: {name: myapp-raw, namespace: shop}
+spec: {selector: {app: myapp}, clusterIP: 10.96.41.21, ports: [{port: 9000, targetPort: 9000, name: tcp-raw}]}
+"#;
+    let apps = [("myapp-v1", 8080), ("myapp-v2", 8080), ("myapp-v1", 9000), ("myapp-v2", 9000)];
+    let mesh = Mesh::start(&config(41, raw), &apps).await;
+    for path in ["/", "/", "/fail-first/1"] {
+        mesh.send("client", vip(41), get(path)).await;
+    }
+    let raw_vip = SocketAddr::from(([10, 96, 41, 21], 9000));
+    assert_eq!(mesh.send("client", raw_vip, get("/")).await.status(), 200);
+    let metrics = mesh.metrics();
+    let reported = |code: &str| -> u64 {
+        metrics
+            .lines()
+            .filter(|l| {
+                l.starts_with("requests_total{")
+                    && l.contains("reporter=\"destination\"")
+                    // The workload at the tunnel's source address only if it holds the
+                    // verified identity (here the tunnel comes from loopback).
+                    && l.contains("source_principal=\"spiffe://cluster.local/ns/shop/sa/client\"")
+                    && l.contains("destination_service=\"myapp.shop.svc.cluster.local\"")
+                    && l.contains("destination_canonical_service=\"myapp\"")
+                    && l.contains("request_protocol=\"http\"")
+                    && l.contains("connection_security_policy=\"mutual_tls\"")
+                    && l.contains(&format!("response_code=\"{code}\""))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    assert_eq!(reported("200"), 2, "{metrics}");
+    assert_eq!(reported("503"), 1, "{metrics}");
+    let timed: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("request_duration_milliseconds_count{reporter=\"destination\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(timed, 3, "each request timed at the destination:\n{metrics}");
+    assert!(!metrics.contains("myapp-raw.shop.svc.cluster.local\",request_protocol=\"http"), "{metrics}");
+    let spliced = metrics.lines().any(|l| {
+        l.starts_with("tcp_connections_opened_total{")
+            && l.contains("reporter=\"destination\"")
+            && l.contains("destination_service=\"myapp-raw.shop.svc.cluster.local\"")
+    });
+    assert!(spliced, "the tcp-declared port is counted as TCP:\n{metrics}");
 }

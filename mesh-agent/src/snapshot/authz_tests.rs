@@ -215,6 +215,7 @@ spec:
         root_namespace: "istio-system".into(),
         outbound: Default::default(),
         dns_capture: false,
+        cluster_id: crate::state::DEFAULT_CLUSTER_ID.into(),
     };
     let snap = snapshot_with(&mesh, &[policy(yaml)]);
     let a = &snap.security("production/myapp-v1").authz;

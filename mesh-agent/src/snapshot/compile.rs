@@ -14,7 +14,7 @@ use crate::config::istio::VirtualService;
 use crate::config::resource::Resource;
 use crate::config::resources::{EndpointSlice, IntOrString, Pod};
 use crate::identity::Identity;
-use crate::state::{Endpoint, MeshScope, Problem, Service, ServicePort, TargetPort, Workload};
+use crate::state::{Endpoint, MeshScope, Problem, Service, ServicePort, TargetPort, Workload, WorkloadMeta};
 use crate::traffic::external::ExternalServices;
 use crate::traffic::gateway::{CompiledGateway, PortRoutes, serve_domains};
 use crate::traffic::policy::DestinationPolicy;
@@ -117,6 +117,7 @@ impl Snapshot {
                     .iter()
                     .map(|p| ServicePort {
                         name: p.name.clone(),
+                        app_protocol: p.app_protocol.clone(),
                         port: p.port,
                         target: match &p.target_port {
                             None => TargetPort::Number(p.port),
@@ -138,6 +139,16 @@ impl Snapshot {
                 });
                 for vip in vips {
                     snap.by_vip.insert(vip, service.clone());
+                }
+                // The first by name, whatever order the config arrived in.
+                let name = (&service.namespace, &service.name);
+                for e in &service.endpoints {
+                    for (i, addr) in service.ports.iter().enumerate().filter_map(|(i, sp)| Some((i, e.addr(sp)?))) {
+                        let first = snap.by_endpoint.entry(addr).or_insert_with(|| (service.clone(), i));
+                        if name < (&first.0.namespace, &first.0.name) {
+                            *first = (service.clone(), i);
+                        }
+                    }
                 }
                 snap.by_key.insert(service.key(), service.clone());
                 snap.services.push(service);
@@ -591,11 +602,13 @@ fn workload(pod: &Pod, mesh: &MeshScope, namespaces: &HashMap<String, NamespaceM
     // The pod's own say first: it decides only where its own queries go.
     let pod_dns =
         switch(pod.metadata.annotations.get(DNS_CAPTURE)).or_else(|| switch(pod.metadata.labels.get(DNS_CAPTURE)));
+    let identity = Identity::new(&mesh.trust_domain, &namespace, &sa);
     Workload {
         name: pod.metadata.name.clone(),
         enrolled,
         dns_capture: enrolled && pod_dns.or(ns.dns_capture).unwrap_or(mesh.dns_capture),
-        identity: Identity::new(&mesh.trust_domain, &namespace, &sa),
+        meta: Arc::new(workload_meta(pod, &namespace, &identity, &mesh.cluster_id)),
+        identity,
         namespace,
         labels: pod.metadata.labels.clone(),
         node: pod.spec.node_name.clone(),
@@ -603,6 +616,42 @@ fn workload(pod: &Pod, mesh: &MeshScope, namespaces: &HashMap<String, NamespaceM
         named_ports,
         uid: pod.metadata.uid.clone(),
         serving: pod.is_serving(),
+    }
+}
+
+/// How telemetry names `pod`, as Istio does: the workload is its controller (the
+/// Deployment behind a ReplicaSet named `<deployment>-<pod-template-hash>`, the
+/// CronJob behind a Job named `<cronjob>-<8 to 11 digits>`), else the pod itself;
+/// canonical service and revision from Istio's labels with their fallbacks.
+fn workload_meta(pod: &Pod, namespace: &str, identity: &Identity, cluster: &str) -> WorkloadMeta {
+    let labels = &pod.metadata.labels;
+    let controller = pod.metadata.owner_references.iter().find(|o| o.controller == Some(true));
+    let workload = match controller {
+        Some(owner) if owner.kind == "ReplicaSet" => labels
+            .get("pod-template-hash")
+            .filter(|h| !h.is_empty())
+            .and_then(|hash| owner.name.strip_suffix(hash.as_str())?.strip_suffix('-'))
+            .filter(|d| !d.is_empty())
+            .unwrap_or(&owner.name)
+            .to_string(),
+        Some(owner) if owner.kind == "Job" => owner
+            .name
+            .rsplit_once('-')
+            .filter(|(cron, stamp)| {
+                !cron.is_empty() && (8..=11).contains(&stamp.len()) && stamp.bytes().all(|b| b.is_ascii_digit())
+            })
+            .map_or(owner.name.as_str(), |(cron, _)| cron)
+            .to_string(),
+        Some(owner) => owner.name.clone(),
+        None => pod.metadata.name.clone(),
+    };
+    let first = |keys: &[&str]| keys.iter().find_map(|k| labels.get(*k)).filter(|v| !v.is_empty()).cloned();
+    WorkloadMeta {
+        canonical_service: first(&["service.istio.io/canonical-name", "app.kubernetes.io/name", "app"])
+            .unwrap_or_else(|| workload.clone()),
+        canonical_revision: first(&["service.istio.io/canonical-revision", "app.kubernetes.io/version", "version"])
+            .unwrap_or_else(|| "latest".into()),
+        ..WorkloadMeta::plain(&workload, namespace, identity, cluster)
     }
 }
 
@@ -658,19 +707,9 @@ fn slice_endpoints(snap: &Snapshot, slices: &[&EndpointSlice], namespace: &str, 
             }
             let workload = snap.by_ip.get(&ip).cloned().unwrap_or_else(|| {
                 let name = e.target_ref.as_ref().and_then(|r| r.name.clone()).unwrap_or_else(|| ip.to_string());
-                Arc::new(Workload {
-                    name,
-                    namespace: namespace.to_string(),
-                    labels: BTreeMap::new(),
-                    node: e.node_name.clone(),
-                    ips: vec![ip],
-                    identity: Identity::new(trust_domain, namespace, "default"),
-                    enrolled: false,
-                    dns_capture: false,
-                    named_ports: HashMap::new(),
-                    uid: None,
-                    serving: true,
-                })
+                let mut outside = Workload::outside(&name, namespace, ip, trust_domain);
+                outside.node = e.node_name.clone();
+                Arc::new(outside)
             });
             out.push(Endpoint { workload, ip, slice_ports: Some(ports.clone()) });
         }

@@ -1097,6 +1097,7 @@ mod tests {
             named_ports: Default::default(),
             uid: None,
             serving: true,
+            meta: crate::state::WorkloadMeta::unknown(),
         }
     }
 

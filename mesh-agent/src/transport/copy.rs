@@ -10,6 +10,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use prometheus_client::metrics::counter::Counter;
+
 use crate::telemetry::{ConnLabels, Metrics};
 
 /// Buffer per direction: one TLS record carries at most 16 KiB of plaintext and an
@@ -78,8 +80,8 @@ where
 {
     let open = metrics.opened(labels);
     let activity = Activity::now();
-    let (mut c, mut s) =
-        (Watched { inner: client, activity: &activity }, Watched { inner: server, activity: &activity });
+    let mut c = Watched { inner: client, activity: &activity, read: &open.received };
+    let mut s = Watched { inner: server, activity: &activity, read: &open.sent };
     let copy = bidirectional(&mut c, &mut s);
     let idle_out = activity.idle_for(idle);
     let stopped = async {
@@ -93,16 +95,8 @@ where
         () = stopped => Ok((0, 0)),
         () = idle_out => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("idle for {idle:?}"))),
     };
-    match result {
-        Ok((request, response)) => {
-            metrics.closed(labels, open, response, request);
-            Ok((request, response))
-        }
-        Err(e) => {
-            metrics.closed(labels, open, 0, 0);
-            Err(e)
-        }
-    }
+    metrics.closed(labels, open);
+    result
 }
 
 /// When a connection last moved a byte, in milliseconds since the agent started.
@@ -139,19 +133,23 @@ impl Activity {
     }
 }
 
-/// A stream that records its activity: a read that returned bytes, a write that took
-/// some. One relaxed store per call, nothing per byte.
+/// A stream that records its activity (a read that returned bytes, a write that took
+/// some) and counts the bytes read from it, so byte metrics advance while the
+/// connection is open. A relaxed store and add per call, nothing per byte.
 struct Watched<'a, S: ?Sized> {
     inner: &'a mut S,
     activity: &'a Activity,
+    read: &'a Counter,
 }
 
 impl<S: AsyncRead + Unpin + ?Sized> AsyncRead for Watched<'_, S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let r = Pin::new(&mut *self.inner).poll_read(cx, buf);
-        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+        let n = buf.filled().len() - before;
+        if matches!(r, Poll::Ready(Ok(()))) && n > 0 {
             self.activity.touch();
+            self.read.inc_by(n as u64);
         }
         r
     }
@@ -178,20 +176,10 @@ mod tests {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     use super::*;
-    use crate::telemetry::Direction;
 
     fn labels() -> ConnLabels {
-        ConnLabels {
-            reporter: "source".into(),
-            direction: Direction::Outbound,
-            source_workload: "a".into(),
-            source_workload_namespace: "n".into(),
-            source_principal: "p".into(),
-            destination_workload: "b".into(),
-            destination_workload_namespace: "n".into(),
-            destination_service: "s".into(),
-            connection_security_policy: "none".into(),
-        }
+        let w = crate::state::Workload::outside("a", "n", "10.0.0.1".parse().unwrap(), "cluster.local");
+        ConnLabels::outbound(&w, None, crate::telemetry::ServiceLabels::unknown(), false)
     }
 
     #[tokio::test(start_paused = true)]

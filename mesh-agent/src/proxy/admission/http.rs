@@ -22,10 +22,10 @@ use tokio::sync::Mutex;
 use super::Arrival;
 use crate::authz::{Decision, RBAC_DENIED, RequestAttrs, path};
 use crate::dataplane::Netns;
-use crate::l7::server::RespBody;
+use crate::l7::server::{Measured, RespBody};
 use crate::proxy::ProxyContext;
 use crate::state::Workload;
-use crate::telemetry::{ConnLabels, RequestLabels};
+use crate::telemetry::{ConnLabels, PeerLabels};
 use crate::transport::{CONNECT_TIMEOUT, copy, sockets};
 
 /// Connections to the application, opened as requests need them.
@@ -42,9 +42,9 @@ struct Conn {
     pod: Arc<Workload>,
     netns: Arc<Netns>,
     arrival: Arrival,
-    /// Source workload name and namespace, as the connection's metrics name them
-    /// (verified identity first, the address only for plaintext).
-    source: (String, String),
+    /// Who, between whom, as the connection's metrics name them (verified identity
+    /// first, the address only for plaintext).
+    peers: PeerLabels,
     app: Mutex<AppConns>,
 }
 
@@ -62,9 +62,9 @@ pub(super) async fn serve<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let source = (labels.source_workload.clone(), labels.source_workload_namespace.clone());
+    let peers = labels.peers.clone();
     let app = Mutex::new(AppConns { fresh: Some(app), h1: None, h2: None });
-    let conn = Arc::new(Conn { ctx, pod, netns, arrival, source, app });
+    let conn = Arc::new(Conn { ctx, pod, netns, arrival, peers, app });
     let dst = conn.arrival.dst;
     let shutdown = conn.ctx.shutdown.clone();
     let svc = hyper::service::service_fn(move |req| {
@@ -83,22 +83,13 @@ fn local(status: StatusCode, body: &'static str) -> Response<RespBody> {
 }
 
 async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<RespBody> {
+    let started = std::time::Instant::now();
     let method = req.method().as_str().to_string();
     let response = judge_and_forward(conn, req).await;
-    let labels = RequestLabels {
-        reporter: "destination".into(),
-        source_workload: conn.source.0.clone(),
-        source_workload_namespace: conn.source.1.clone(),
-        destination_service: "unknown".into(),
-        destination_version: conn.pod.labels.get("version").cloned().unwrap_or_else(|| "unknown".into()),
-        destination_workload: conn.pod.name.clone(),
-        response_code: response.status().as_u16().to_string(),
-        response_flags: "-".into(),
-        grpc_response_status: String::new(),
-    };
-    conn.ctx.metrics.request(&labels);
     tracing::trace!(pod = %conn.pod.name, %method, status = %response.status(), "inbound request");
-    response
+    // The request body goes to the application unread: its size is not measured here.
+    let measured = Measured { metrics: conn.ctx.metrics.clone(), started, request_bytes: None };
+    measured.answer(conn.peers.clone(), "-", response)
 }
 
 async fn judge_and_forward(conn: &Conn, mut req: Request<Incoming>) -> Response<RespBody> {
