@@ -87,6 +87,21 @@ pub enum Decision {
     Deny(String),
 }
 
+/// How a denial by a DENY policy begins; the policy's `namespace/name` follows.
+const DENIED_BY: &str = "denied by DENY policy ";
+
+/// Envoy's `rbac_access_denied_matched_policy[...]` response details for a denial
+/// `reason`: the DENY policy that matched as `ns[<namespace>]-policy[<name>]`, or
+/// `none` when no ALLOW policy matched (as Envoy reports it). No spaces: the text
+/// access log splits on them.
+pub fn denial_details(reason: &str) -> String {
+    let policy = reason
+        .strip_prefix(DENIED_BY)
+        .and_then(|p| p.split_once('/'))
+        .map_or_else(|| "none".to_string(), |(ns, name)| format!("ns[{ns}]-policy[{name}]"));
+    format!("rbac_access_denied_matched_policy[{policy}]")
+}
+
 /// What to do with a new connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConnVerdict {
@@ -148,7 +163,7 @@ impl WorkloadAuthz {
     /// when policies change.
     pub fn decide(&self, c: &ConnAttrs<'_>, req: Option<&RequestAttrs<'_>>) -> Decision {
         if let Some(p) = self.deny.iter().find(|p| p.matches(c, req)) {
-            return Decision::Deny(format!("denied by DENY policy {}", p.name));
+            return Decision::Deny(format!("{DENIED_BY}{}", p.name));
         }
         if self.allow.is_empty() || self.allow.iter().any(|p| p.matches(c, req)) {
             return Decision::Allow;

@@ -272,6 +272,14 @@ pub struct Settings {
     #[arg(long, env = "MESH_L7_TELEMETRY", value_enum, default_value = "on")]
     pub l7_telemetry: Switch,
 
+    /// Access log of every HTTP request and TCP connection, on standard output: `off`,
+    /// `text` (Envoy's default format, as Istio's `accessLogFile` writes it) or `json`
+    /// (Istio's JSON field names, plus both sides' SPIFFE identities). Written by a task
+    /// of its own: when standard output falls behind, lines are dropped and counted
+    /// (`istio_mesh_access_log_dropped_total`), never waited for.
+    #[arg(long, env = "MESH_ACCESS_LOG", value_enum, default_value = "off")]
+    pub access_log: crate::telemetry::access_log::Format,
+
     /// The cluster's id, which metrics, access logs and traces report as
     /// `source_cluster`/`destination_cluster` (Istio's `CLUSTER_ID`).
     #[arg(long, env = "MESH_CLUSTER_ID", default_value = crate::state::DEFAULT_CLUSTER_ID)]

@@ -5,6 +5,8 @@
 //! Series name workloads; a workload that left the config takes its series with it
 //! ([`Metrics::forget_gone`]), so pod churn does not grow the agent or the scrape.
 
+pub mod access_log;
+
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Mutex;
@@ -367,6 +369,8 @@ pub struct Metrics {
     request_bytes: RequestHistograms,
     response_bytes: RequestHistograms,
     series: Mutex<SeriesIndex>,
+    access_log: std::sync::OnceLock<access_log::AccessLog>,
+    access_log_dropped: Counter,
 }
 
 impl Metrics {
@@ -414,11 +418,32 @@ impl Metrics {
             m.blocked.clone(),
         );
         registry.register(
+            "mesh_access_log_dropped",
+            "Access log lines dropped because the writer fell behind (the data path never waits for it)",
+            m.access_log_dropped.clone(),
+        );
+        registry.register(
             "mesh_dns_requests",
             "DNS queries of captured pods: answered by the mesh, forwarded upstream, failed upstream, refused",
             m.dns.clone(),
         );
         m
+    }
+
+    /// Writes access log lines in `format` to `out` from now on (once; later calls do
+    /// nothing).
+    pub fn start_access_log<W>(&self, format: access_log::Format, out: W)
+    where
+        W: tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        if let Some(log) = access_log::AccessLog::start(format, out, self.access_log_dropped.clone()) {
+            let _ = self.access_log.set(log);
+        }
+    }
+
+    /// The access log, when one is written.
+    pub fn access_log(&self) -> Option<&access_log::AccessLog> {
+        self.access_log.get()
     }
 
     /// Counts a DNS query by what the proxy did with it.

@@ -45,6 +45,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
 
     let mut registry = Registry::with_prefix("istio");
     let metrics = Arc::new(Metrics::new(&mut registry));
+    metrics.start_access_log(settings.access_log, tokio::io::stdout());
     let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
     let shutdown = CancellationToken::new();
     let admin_state =

@@ -104,7 +104,7 @@ async fn handle(ctx: GatewayContext, stream: TcpStream, peer: SocketAddr, plan: 
             client: peer,
             peer: None,
         };
-        crate::l7::server::serve(ctx.l7, workload, netns, stream, local, table).await;
+        crate::l7::server::serve(ctx.l7, workload, netns, stream, (peer, local), table).await;
         return;
     }
     let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream);
@@ -143,7 +143,7 @@ async fn handle(ctx: GatewayContext, stream: TcpStream, peer: SocketAddr, plan: 
         client: peer,
         peer: mesh_peer,
     };
-    crate::l7::server::serve(ctx.l7, workload, netns, tls, local, table).await;
+    crate::l7::server::serve(ctx.l7, workload, netns, tls, (peer, local), table).await;
 }
 
 /// A PASSTHROUGH server: the SNI of the client hello, read without consuming it,
@@ -178,6 +178,7 @@ async fn splice_to(
     let snap = ctx.l7.snapshot.load_full();
     let chosen = crate::traffic::route::pick_weighted(backends).ok_or("the route has no destination")?;
     let pod = &plan.workload;
+    let dialed = stream.local_addr().unwrap_or(peer);
     // A ServiceEntry host (an egress gateway's destination): where the entry says.
     let port = chosen.backend.port.unwrap_or(plan.port);
     if let Some(entry) = snap.external.by_name(&chosen.backend.service, port, &pod.namespace) {
@@ -194,9 +195,10 @@ async fn splice_to(
             ctx.l7.dialer.connect_external(&snap, pod, &ctx.netns, &target).await.map_err(|e| e.to_string())?;
         let service = ServiceLabels::host(&entry.host, entry.namespace());
         let labels = ConnLabels::outbound(pod, None, service, upstream.is_tunnel());
+        let ends = crate::transport::copy::Ends { client: peer, dialed, upstream: upstream.peer() };
         return crate::transport::copy::counted(
             &ctx.l7.metrics,
-            &labels,
+            (&labels, ends),
             &mut stream,
             &mut upstream,
             ctx.tcp_idle_timeout,
@@ -217,7 +219,8 @@ async fn splice_to(
         .map_err(|e| e.to_string())?;
     let service = ServiceLabels::service(Some(&chosen.backend.service));
     let labels = ConnLabels::outbound(pod, Some(&endpoint), service, upstream.is_tunnel());
-    crate::transport::copy::counted(&ctx.l7.metrics, &labels, &mut stream, &mut upstream, ctx.tcp_idle_timeout)
+    let ends = crate::transport::copy::Ends { client: peer, dialed, upstream: Some(addr) };
+    crate::transport::copy::counted(&ctx.l7.metrics, (&labels, ends), &mut stream, &mut upstream, ctx.tcp_idle_timeout)
         .await
         .map(|_| ())
         .map_err(|e| e.to_string())

@@ -20,6 +20,7 @@ use super::upstream::{ConnSettings, SendError, UpBody};
 use crate::dataplane::Netns;
 use crate::snapshot::Snapshot;
 use crate::state::{Service, Workload};
+use crate::telemetry::access_log;
 use crate::telemetry::{PeerLabels, RequestLabels, ServiceLabels};
 use crate::traffic::route::{Abort, Action, Backend, CorsVerdict, RedirectPort, RequestView, Rule, WeightedBackend};
 
@@ -74,14 +75,14 @@ impl RouteTable {
     }
 }
 
-/// Serves one client connection whose bytes are HTTP, dialed to `orig`, routed by
-/// `table`.
+/// Serves one client connection whose bytes are HTTP, from `client`, dialed to
+/// `orig`, routed by `table`.
 pub async fn serve<S>(
     ctx: super::Context,
     pod: Arc<Workload>,
     netns: Arc<Netns>,
     stream: S,
-    orig: SocketAddr,
+    (client, orig): (SocketAddr, SocketAddr),
     table: RouteTable,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -89,7 +90,7 @@ pub async fn serve<S>(
     let shutdown = ctx.shutdown.clone();
     let svc = hyper::service::service_fn(move |req| {
         let (ctx, pod, netns, table) = (ctx.clone(), pod.clone(), netns.clone(), table.clone());
-        async move { Ok::<_, Infallible>(handle(&ctx, &pod, &netns, &table, orig, req).await) }
+        async move { Ok::<_, Infallible>(handle(&ctx, &pod, &netns, &table, (client, orig), req).await) }
     });
     let builder = crate::transport::limits::http_server();
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
@@ -123,6 +124,7 @@ struct Answer {
 #[derive(Clone)]
 struct Reached {
     workload: Arc<Workload>,
+    addr: SocketAddr,
     mtls: bool,
 }
 
@@ -151,10 +153,11 @@ async fn handle(
     pod: &Arc<Workload>,
     netns: &Arc<Netns>,
     table: &RouteTable,
-    orig: SocketAddr,
+    (client, orig): (SocketAddr, SocketAddr),
     req: Request<Incoming>,
 ) -> Response<RespBody> {
     let started = std::time::Instant::now();
+    let logged = ctx.metrics.access_log().map(|_| (std::time::SystemTime::now(), access_log::Request::of(&req)));
     let snap = ctx.snapshot.load_full();
     let request_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let caller = Caller { ctx, snap: &snap, pod, netns, orig, request_bytes: &request_bytes };
@@ -183,8 +186,54 @@ async fn handle(
         service_labels(table, answer.backend.as_ref()),
         answer.endpoint.as_ref().is_some_and(|r| r.mtls),
     );
-    let measured = Measured { metrics: ctx.metrics.clone(), started, request_bytes: Some(request_bytes.clone()) };
+    let log = logged.map(|(start, request)| {
+        let port = answer.backend.as_ref().and_then(|b| b.port).unwrap_or(orig.port());
+        let subset = answer.backend.as_ref().and_then(|b| b.subset.as_deref()).unwrap_or("");
+        Box::new(LogLine {
+            start,
+            request,
+            upstream_host: answer.endpoint.as_ref().map(|r| r.addr),
+            upstream_cluster: format!("outbound|{port}|{subset}|{}", peers.service.destination_service),
+            details: details(answer.flags, answer.endpoint.is_some()).into(),
+            client,
+            dialed: orig,
+        })
+    });
+    let measured = Measured { metrics: ctx.metrics.clone(), started, request_bytes: Some(request_bytes.clone()), log };
     measured.answer(peers, answer.flags, answer.response)
+}
+
+/// Envoy's `%RESPONSE_CODE_DETAILS%` for an answer with these response flags.
+fn details(flags: &str, upstream_answered: bool) -> &'static str {
+    match flags {
+        "UF" => "upstream_reset_before_response_started{connection_failure}",
+        "UC" => "upstream_reset_before_response_started{connection_termination}",
+        "UT" => "response_timeout",
+        "UH" => "no_healthy_upstream",
+        "UO" => "upstream_reset_before_response_started{overflow}",
+        "NR" => "route_not_found",
+        "FI" => "fault_filter_abort",
+        _ if upstream_answered => "via_upstream",
+        _ => "direct_response",
+    }
+}
+
+/// What a request's access log line needs besides its labels and measures.
+pub(crate) struct LogLine {
+    /// When the request arrived.
+    pub start: std::time::SystemTime,
+    /// The request's method, path, headers.
+    pub request: access_log::Request,
+    /// The endpoint it was sent to.
+    pub upstream_host: Option<SocketAddr>,
+    /// Envoy's cluster name.
+    pub upstream_cluster: String,
+    /// Envoy's response code details.
+    pub details: String,
+    /// The client's address.
+    pub client: SocketAddr,
+    /// The address the client dialed.
+    pub dialed: SocketAddr,
 }
 
 /// What measures one request: counted as its answer leaves (`istio_requests_total`),
@@ -196,6 +245,8 @@ pub(crate) struct Measured {
     pub started: std::time::Instant,
     /// Request body bytes read from the client, where the path counts them.
     pub request_bytes: Option<Arc<std::sync::atomic::AtomicU64>>,
+    /// The access log line to write when the response ends (when one is written).
+    pub log: Option<Box<LogLine>>,
 }
 
 impl Measured {
@@ -259,12 +310,34 @@ struct Completion {
 impl Completion {
     fn count(&mut self) {
         if let Some(labels) = self.labels.take() {
-            let m = &self.measured;
+            let m = &mut self.measured;
             if !self.counted {
                 m.metrics.request(&labels);
             }
             let request_bytes = m.request_bytes.as_ref().map(|b| b.load(std::sync::atomic::Ordering::Relaxed));
-            m.metrics.request_done(&labels, m.started.elapsed(), request_bytes, self.bytes);
+            let duration = m.started.elapsed();
+            m.metrics.request_done(&labels, duration, request_bytes, self.bytes);
+            if let (Some(line), Some(log)) = (m.log.take(), m.metrics.access_log()) {
+                let principal =
+                    |side: &crate::state::WorkloadMeta| (side.principal != "unknown").then(|| side.principal.clone());
+                log.record(access_log::Entry {
+                    start: line.start,
+                    reporter: labels.peers.reporter,
+                    request: Some(line.request),
+                    response_code: labels.response_code.parse().unwrap_or(0),
+                    response_flags: labels.response_flags.clone(),
+                    response_code_details: line.details,
+                    bytes_received: request_bytes,
+                    bytes_sent: self.bytes,
+                    duration,
+                    upstream_host: line.upstream_host,
+                    upstream_cluster: line.upstream_cluster,
+                    downstream_local: line.dialed,
+                    downstream_remote: line.client,
+                    source_principal: principal(&labels.peers.source.0),
+                    destination_principal: principal(&labels.peers.destination.0),
+                });
+            }
         }
     }
 }
@@ -948,7 +1021,7 @@ async fn try_once(
         // Istio would originate mTLS and fail against a plaintext pod; never send plaintext.
         return TryOutcome::Failed {
             failure: crate::traffic::route::Failure::Connect,
-            endpoint: Some(Reached { workload: workload.clone(), mtls: false }),
+            endpoint: Some(Reached { workload: workload.clone(), addr, mtls: false }),
             detail: "DestinationRule tls ISTIO_MUTUAL, but the endpoint is outside the mesh".into(),
         };
     }
@@ -970,7 +1043,7 @@ async fn try_once(
         None => Ok(sent.await),
     };
     let (n, outlier) = (target.endpoints.len(), policy.outlier.as_ref());
-    let endpoint = Some(Reached { mtls: snap.tunnels_to(&workload, addr.port()), workload: workload.clone() });
+    let endpoint = Some(Reached { mtls: snap.tunnels_to(&workload, addr.port()), workload: workload.clone(), addr });
     match result {
         Ok(Ok(res)) => {
             let status = res.status().as_u16();

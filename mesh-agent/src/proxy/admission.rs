@@ -166,6 +166,7 @@ pub(super) async fn serve<S>(
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let dst = arrival.dst;
+    let ends = copy::Ends { client: arrival.src, dialed: dst, upstream: Some(dst) };
     let per_request = match verdict {
         ConnVerdict::Decided(Decision::Deny(_)) => return,
         ConnVerdict::Decided(Decision::Allow) => false,
@@ -173,9 +174,15 @@ pub(super) async fn serve<S>(
     };
     if !per_request && !reads_http(&ctx, &pod, dst.port()) {
         let tracked = ctx.inbound.track(&pod, &arrival);
-        let result =
-            copy::counted_until(&ctx.metrics, &labels, &mut client, &mut app, ctx.tcp_idle_timeout, &tracked.stop)
-                .await;
+        let result = copy::counted_until(
+            &ctx.metrics,
+            (&labels, ends),
+            &mut client,
+            &mut app,
+            ctx.tcp_idle_timeout,
+            &tracked.stop,
+        )
+        .await;
         if let Err(e) = result {
             tracing::debug!(%dst, error = %e, "inbound connection ended with an error");
         }
@@ -207,7 +214,8 @@ pub(super) async fn serve<S>(
     }
     let tracked = ctx.inbound.track(&pod, &arrival);
     let result =
-        copy::counted_until(&ctx.metrics, &labels, &mut client, &mut app, ctx.tcp_idle_timeout, &tracked.stop).await;
+        copy::counted_until(&ctx.metrics, (&labels, ends), &mut client, &mut app, ctx.tcp_idle_timeout, &tracked.stop)
+            .await;
     if let Err(e) = result {
         tracing::debug!(%dst, error = %e, "inbound connection ended with an error");
     }

@@ -48,7 +48,7 @@ pub(super) async fn handle(
     {
         tracing::debug!(pod = %pod.name, %peer, %orig, service = %service.key(), "outbound HTTP, routed at L7");
         let table = crate::l7::server::RouteTable::service(service);
-        crate::l7::server::serve(ctx.l7_context(), pod.clone(), netns.clone(), stream, orig, table).await;
+        crate::l7::server::serve(ctx.l7_context(), pod.clone(), netns.clone(), stream, (peer, orig), table).await;
         return Ok(());
     }
     // A VirtualService's tcp rules decide first; otherwise the Service's endpoints.
@@ -77,7 +77,8 @@ pub(super) async fn handle(
     let mut upstream = ctx.dialer.connect(&snapshot, pod, netns, workload.as_deref(), addr, CONNECT_TIMEOUT).await?;
     let service = ServiceLabels::service(service.as_deref());
     let labels = ConnLabels::outbound(pod, workload.as_deref(), service, upstream.is_tunnel());
-    splice(ctx, &labels, &mut stream, &mut upstream, pod, orig).await
+    let to = upstream.peer();
+    splice(ctx, &labels, &mut stream, &mut upstream, pod, (orig, to)).await
 }
 
 /// A connection to an address that is no Service and no pod: where a ServiceEntry
@@ -100,7 +101,8 @@ async fn leave_the_registry(
         tracing::debug!(pod = %pod.name, %orig, entry = %entry.key, "outbound HTTP to a ServiceEntry, routed at L7");
         let table =
             crate::l7::server::RouteTable::Entry { key: entry.key.as_str().into(), host: entry.host.as_str().into() };
-        crate::l7::server::serve(ctx.l7_context(), pod.clone(), netns.clone(), stream, orig, table).await;
+        let client = stream.peer_addr().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
+        crate::l7::server::serve(ctx.l7_context(), pod.clone(), netns.clone(), stream, (client, orig), table).await;
         return Ok(());
     }
     let (upstream, service, reached, origination) = match decision {
@@ -117,7 +119,8 @@ async fn leave_the_registry(
         Egress::Entry(entry, _, _) if snapshot.has_external_tls_routes(&entry.key) => {
             if let Some(routed) = route_tls_to_entry(ctx, snapshot, pod, netns, &stream, orig, &entry.key).await? {
                 let (mut upstream, labels, _endpoint_guard) = routed;
-                return splice(ctx, &labels, &mut stream, &mut upstream, pod, orig).await;
+                let to = upstream.peer();
+                return splice(ctx, &labels, &mut stream, &mut upstream, pod, (orig, to)).await;
             }
             let target = entry.target(orig, None);
             let (up, addr) = ctx.dialer.connect_external(snapshot, pod, netns, &target).await?;
@@ -133,13 +136,14 @@ async fn leave_the_registry(
         }
     };
     let labels = ConnLabels::outbound(pod, reached.map(|w| &**w), service, upstream.is_tunnel());
+    let to = upstream.peer();
     match (upstream, origination) {
         (Upstream::Plain(tcp), Some((o, addr, host))) => {
             let from = crate::transport::originate::Credentials { allowed_dir: &ctx.egress_tls_dir, secrets: None };
             let mut tls = crate::transport::originate::originate(tcp, addr, &o, &host, &from).await?;
-            splice(ctx, &labels, &mut stream, &mut tls, pod, orig).await
+            splice(ctx, &labels, &mut stream, &mut tls, pod, (orig, to)).await
         }
-        (mut upstream, _) => splice(ctx, &labels, &mut stream, &mut upstream, pod, orig).await,
+        (mut upstream, _) => splice(ctx, &labels, &mut stream, &mut upstream, pod, (orig, to)).await,
     }
 }
 
@@ -242,12 +246,14 @@ async fn splice<S>(
     client: &mut TcpStream,
     server: &mut S,
     pod: &Workload,
-    orig: SocketAddr,
+    (orig, upstream): (SocketAddr, Option<SocketAddr>),
 ) -> Result<(), Error>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let (request, response) = copy::counted(&ctx.metrics, labels, client, server, ctx.tcp_idle_timeout)
+    let client_addr = client.peer_addr().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
+    let ends = copy::Ends { client: client_addr, dialed: orig, upstream };
+    let (request, response) = copy::counted(&ctx.metrics, (labels, ends), client, server, ctx.tcp_idle_timeout)
         .await
         .map_err(|source| Error::Io { what: "copy to", addr: orig, source })?;
     tracing::debug!(pod = %pod.name, %orig, request, response, "outbound closed");

@@ -18,7 +18,7 @@ use http_body_util::{BodyExt as _, Empty, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use mesh_common::ports;
 use prometheus_client::registry::Registry;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -970,4 +970,89 @@ spec: {selector: {app: myapp}, clusterIP: 10.96.41.21, ports: [{port: 9000, targ
             && l.contains("destination_service=\"myapp-raw.shop.svc.cluster.local\"")
     });
     assert!(spliced, "the tcp-declared port is counted as TCP:\n{metrics}");
+}
+
+/// Access log lines, as JSON, for an allowed request, a denied one (403, the DENY
+/// policy named) and a TCP connection, from both agents' sides.
+#[tokio::test]
+async fn access_logs_name_each_request_and_connection_field_by_field() {
+    let extra = r#"
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-admin, namespace: shop}
+spec:
+  selector: {matchLabels: {app: myapp}}
+  action: DENY
+  rules: [{to: [{operation: {paths: [/admin]}}]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: myapp-raw, namespace: shop}
+spec: {selector: {app: myapp}, clusterIP: 10.96.42.21, ports: [{port: 9000, targetPort: 9000, name: tcp-raw}]}
+"#;
+    let vs = virtual_service("  - route: [{destination: {host: myapp, subset: v1}}]\n");
+    let apps = [("myapp-v1", 8080), ("myapp-v2", 8080), ("myapp-v1", 9000), ("myapp-v2", 9000)];
+    let mesh = Mesh::start(&config(42, &format!("{SUBSETS}{vs}{extra}")), &apps).await;
+    let (out, far) = tokio::io::duplex(1 << 16);
+    mesh.ctx.metrics.start_access_log(crate::telemetry::access_log::Format::Json, out);
+
+    let mut ok = get("/ok?x=1");
+    ok.headers_mut().insert("x-request-id", "req-ok".parse().unwrap());
+    assert_eq!(mesh.send("client", vip(42), ok).await.status(), 200);
+    let mut admin = get("/admin");
+    admin.headers_mut().insert("x-request-id", "req-admin".parse().unwrap());
+    assert_eq!(mesh.send("client", vip(42), admin).await.status(), 403);
+    let raw = SocketAddr::from(([10, 96, 42, 21], 9000));
+    assert_eq!(mesh.send("client", raw, get("/raw")).await.status(), 200);
+
+    // Five HTTP lines (two per request, one per side; the source's line for /admin
+    // too) and two TCP lines, in whatever order the sides finished.
+    let mut lines = tokio::io::BufReader::new(far).lines();
+    let mut entries: Vec<serde_json::Value> = Vec::new();
+    while entries.len() < 6 {
+        let line = tokio::time::timeout(Duration::from_secs(5), lines.next_line()).await;
+        let line = line.expect("access log lines in time").unwrap().unwrap();
+        entries.push(serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}")));
+    }
+    let find = |reporter: &str, id: &str| {
+        entries
+            .iter()
+            .find(|e| e["reporter"] == reporter && e["request_id"] == id)
+            .unwrap_or_else(|| panic!("no {reporter} line for {id} in {entries:#?}"))
+    };
+    let src_ok = find("source", "req-ok");
+    assert_eq!(src_ok["method"], "GET");
+    assert_eq!(src_ok["path"], "/ok?x=1");
+    assert_eq!(src_ok["protocol"], "HTTP/1.1");
+    assert_eq!(src_ok["response_code"], 200);
+    assert_eq!(src_ok["response_flags"], "-");
+    assert_eq!(src_ok["response_code_details"], "via_upstream");
+    assert_eq!(src_ok["authority"], "myapp");
+    assert_eq!(src_ok["upstream_host"], "127.42.0.2:8080", "subset v1's pod");
+    assert_eq!(src_ok["upstream_cluster"], "outbound|80|v1|myapp.shop.svc.cluster.local");
+    assert_eq!(src_ok["downstream_local_address"], "10.96.42.20:80");
+    assert_eq!(src_ok["source_principal"], "spiffe://cluster.local/ns/shop/sa/client");
+    assert_eq!(src_ok["upstream_peer_principal"], "spiffe://cluster.local/ns/shop/sa/myapp");
+    assert!(src_ok["bytes_sent"].as_u64().unwrap() > 0, "{src_ok}");
+    assert!(src_ok["start_time"].as_str().unwrap().ends_with('Z'), "{src_ok}");
+
+    let dst_ok = find("destination", "req-ok");
+    assert_eq!(dst_ok["response_code"], 200);
+    assert_eq!(dst_ok["upstream_cluster"], "inbound|8080||");
+    assert_eq!(dst_ok["source_principal"], "spiffe://cluster.local/ns/shop/sa/client");
+
+    let denied = find("destination", "req-admin");
+    assert_eq!(denied["response_code"], 403);
+    assert_eq!(denied["response_code_details"], "rbac_access_denied_matched_policy[ns[shop]-policy[deny-admin]]");
+    assert_eq!(denied["upstream_host"], serde_json::Value::Null, "never sent to the application");
+    assert_eq!(find("source", "req-admin")["response_code"], 403);
+
+    let tcp: Vec<_> = entries.iter().filter(|e| e["protocol"] == "TCP").collect();
+    assert!(!tcp.is_empty(), "{entries:#?}");
+    for e in tcp {
+        assert_eq!(e["response_code"], 0);
+        assert!(e["bytes_received"].as_u64().unwrap() > 0 && e["bytes_sent"].as_u64().unwrap() > 0, "{e}");
+        assert!(e["upstream_cluster"].as_str().unwrap().contains("|9000|"), "{e}");
+    }
 }

@@ -118,6 +118,15 @@ impl Upstream {
     pub fn is_tunnel(&self) -> bool {
         matches!(self, Upstream::Tunnel(_))
     }
+
+    /// The address it reaches: the workload a tunnel carries to, or the TCP peer.
+    pub fn peer(&self) -> Option<SocketAddr> {
+        match self {
+            Upstream::Tunnel(t) => Some(t.target),
+            Upstream::Plain(tcp) => tcp.peer_addr().ok(),
+            Upstream::Originated(tls) => tls.get_ref().0.peer_addr().ok(),
+        }
+    }
 }
 
 impl AsyncRead for Upstream {

@@ -1,5 +1,6 @@
 //! Bidirectional byte copy between two streams, closed when idle.
 
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,7 +13,8 @@ use tokio_util::sync::CancellationToken;
 
 use prometheus_client::metrics::counter::Counter;
 
-use crate::telemetry::{ConnLabels, Metrics};
+use crate::telemetry::access_log::Entry;
+use crate::telemetry::{ConnLabels, Direction, Metrics};
 
 /// Buffer per direction: one TLS record carries at most 16 KiB of plaintext and an
 /// HTTP/2 DATA frame is 16 KiB by default, so a larger buffer only adds memory per
@@ -29,13 +31,25 @@ where
     tokio::io::copy_bidirectional_with_sizes(a, b, BUFFER_SIZE, BUFFER_SIZE).await
 }
 
+/// Where a spliced connection came from and went, for its access log line.
+#[derive(Debug, Clone, Copy)]
+pub struct Ends {
+    /// The client's address.
+    pub client: SocketAddr,
+    /// The address the client dialed.
+    pub dialed: SocketAddr,
+    /// Where the agent connected it.
+    pub upstream: Option<SocketAddr>,
+}
+
 /// Splices `client` and `server` and counts the connection in `metrics`: open while the
-/// copy runs, then closed with its bytes. A connection with no byte either way for
-/// `idle` is closed. Returns `(request bytes, response bytes)`, i.e. client -> server
-/// and server -> client, which Istio reports as received and sent.
+/// copy runs, bytes as they pass, then closed (and its access log line written). A
+/// connection with no byte either way for `idle` is closed. Returns `(request bytes,
+/// response bytes)`, i.e. client -> server and server -> client, which Istio reports
+/// as received and sent.
 pub async fn counted<C, S>(
     metrics: &Metrics,
-    labels: &ConnLabels,
+    (labels, ends): (&ConnLabels, Ends),
     client: &mut C,
     server: &mut S,
     idle: Duration,
@@ -44,7 +58,7 @@ where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     S: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    splice_counted(metrics, labels, client, server, idle, None).await
+    splice_counted(metrics, (labels, ends), client, server, idle, None).await
 }
 
 /// [`counted`], cut short when `stop` is cancelled (the connection is no longer
@@ -53,7 +67,7 @@ where
 /// report half-way.
 pub async fn counted_until<C, S>(
     metrics: &Metrics,
-    labels: &ConnLabels,
+    (labels, ends): (&ConnLabels, Ends),
     client: &mut C,
     server: &mut S,
     idle: Duration,
@@ -63,12 +77,12 @@ where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     S: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    splice_counted(metrics, labels, client, server, idle, Some(stop)).await
+    splice_counted(metrics, (labels, ends), client, server, idle, Some(stop)).await
 }
 
 async fn splice_counted<C, S>(
     metrics: &Metrics,
-    labels: &ConnLabels,
+    (labels, ends): (&ConnLabels, Ends),
     client: &mut C,
     server: &mut S,
     idle: Duration,
@@ -79,9 +93,11 @@ where
     S: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
     let open = metrics.opened(labels);
+    let (start, started) = (std::time::SystemTime::now(), Instant::now());
     let activity = Activity::now();
-    let mut c = Watched { inner: client, activity: &activity, read: &open.received };
-    let mut s = Watched { inner: server, activity: &activity, read: &open.sent };
+    let (received, sent) = (AtomicU64::new(0), AtomicU64::new(0));
+    let mut c = Watched { inner: client, activity: &activity, read: (&open.received, &received) };
+    let mut s = Watched { inner: server, activity: &activity, read: (&open.sent, &sent) };
     let copy = bidirectional(&mut c, &mut s);
     let idle_out = activity.idle_for(idle);
     let stopped = async {
@@ -96,7 +112,44 @@ where
         () = idle_out => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("idle for {idle:?}"))),
     };
     metrics.closed(labels, open);
+    if let Some(log) = metrics.access_log() {
+        log.record(tcp_entry(labels, ends, start, started.elapsed(), (received.into_inner(), sent.into_inner())));
+    }
     result
+}
+
+/// The access log line of a spliced connection.
+fn tcp_entry(
+    labels: &ConnLabels,
+    ends: Ends,
+    start: std::time::SystemTime,
+    duration: Duration,
+    (received, sent): (u64, u64),
+) -> Entry {
+    let peers = &labels.peers;
+    let port = ends.dialed.port();
+    let upstream_cluster = match labels.direction {
+        Direction::Outbound => format!("outbound|{port}||{}", peers.service.destination_service),
+        Direction::Inbound => format!("inbound|{port}||"),
+    };
+    let principal = |p: &str| (p != "unknown").then(|| p.to_string());
+    Entry {
+        start,
+        reporter: peers.reporter,
+        request: None,
+        response_code: 0,
+        response_flags: labels.response_flags.into(),
+        response_code_details: String::new(),
+        bytes_received: Some(received),
+        bytes_sent: sent,
+        duration,
+        upstream_host: ends.upstream,
+        upstream_cluster,
+        downstream_local: ends.dialed,
+        downstream_remote: ends.client,
+        source_principal: principal(&peers.source.0.principal),
+        destination_principal: principal(&peers.destination.0.principal),
+    }
 }
 
 /// When a connection last moved a byte, in milliseconds since the agent started.
@@ -139,7 +192,8 @@ impl Activity {
 struct Watched<'a, S: ?Sized> {
     inner: &'a mut S,
     activity: &'a Activity,
-    read: &'a Counter,
+    /// The series' counter and this connection's own count.
+    read: (&'a Counter, &'a AtomicU64),
 }
 
 impl<S: AsyncRead + Unpin + ?Sized> AsyncRead for Watched<'_, S> {
@@ -149,7 +203,8 @@ impl<S: AsyncRead + Unpin + ?Sized> AsyncRead for Watched<'_, S> {
         let n = buf.filled().len() - before;
         if matches!(r, Poll::Ready(Ok(()))) && n > 0 {
             self.activity.touch();
-            self.read.inc_by(n as u64);
+            self.read.0.inc_by(n as u64);
+            self.read.1.fetch_add(n as u64, Ordering::Relaxed);
         }
         r
     }
@@ -190,7 +245,9 @@ mod tests {
         let idle = Duration::from_secs(60);
         let splice = tokio::spawn(async move {
             let m = metrics;
-            counted(&m, &labels(), &mut client, &mut server, idle).await
+            let a = SocketAddr::from(([127, 0, 0, 1], 1));
+            let ends = Ends { client: a, dialed: a, upstream: None };
+            counted(&m, (&labels(), ends), &mut client, &mut server, idle).await
         });
         // Busy for three minutes, a byte every 30 s: still open.
         for _ in 0..6 {

@@ -104,6 +104,8 @@ impl Drop for StreamSlot {
 pub struct Tunnel {
     io: TokioIo<hyper::upgrade::Upgraded>,
     _slot: StreamSlot,
+    /// The workload address the CONNECT asked for.
+    pub target: SocketAddr,
 }
 
 impl AsyncRead for Tunnel {
@@ -198,7 +200,7 @@ impl Pool {
             return Err(Error::Refused { addr: key.addr, target, status: res.status() });
         }
         let upgraded = hyper::upgrade::on(res).await.map_err(|source| Error::Http { addr: key.addr, source })?;
-        Ok(Tunnel { io: TokioIo::new(upgraded), _slot: slot })
+        Ok(Tunnel { io: TokioIo::new(upgraded), _slot: slot, target })
     }
 
     /// A pooled connection for `key` with room for one more stream, with the slot taken.

@@ -22,9 +22,10 @@ use tokio::sync::Mutex;
 use super::Arrival;
 use crate::authz::{Decision, RBAC_DENIED, RequestAttrs, path};
 use crate::dataplane::Netns;
-use crate::l7::server::{Measured, RespBody};
+use crate::l7::server::{LogLine, Measured, RespBody};
 use crate::proxy::ProxyContext;
 use crate::state::Workload;
+use crate::telemetry::access_log;
 use crate::telemetry::{ConnLabels, PeerLabels};
 use crate::transport::{CONNECT_TIMEOUT, copy, sockets};
 
@@ -78,18 +79,47 @@ pub(super) async fn serve<S>(
     }
 }
 
+/// Why the agent answered a request itself, carried out of the handler on the
+/// response for the metrics and the access log.
+#[derive(Debug, Clone)]
+struct LocalReply {
+    flags: &'static str,
+    details: String,
+}
+
 fn local(status: StatusCode, body: &'static str) -> Response<RespBody> {
-    crate::l7::server::text_response(status, body)
+    local_because(status, body, "-", "direct_response".into())
+}
+
+fn local_because(status: StatusCode, body: &'static str, flags: &'static str, details: String) -> Response<RespBody> {
+    let mut r = crate::l7::server::text_response(status, body);
+    r.extensions_mut().insert(LocalReply { flags, details });
+    r
 }
 
 async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<RespBody> {
     let started = std::time::Instant::now();
+    let logged = conn.ctx.metrics.access_log().map(|_| (std::time::SystemTime::now(), access_log::Request::of(&req)));
     let method = req.method().as_str().to_string();
-    let response = judge_and_forward(conn, req).await;
+    let mut response = judge_and_forward(conn, req).await;
     tracing::trace!(pod = %conn.pod.name, %method, status = %response.status(), "inbound request");
+    let reply = response.extensions_mut().remove::<LocalReply>();
+    let flags = reply.as_ref().map_or("-", |r| r.flags);
+    let dst = conn.arrival.dst;
+    let log = logged.map(|(start, request)| {
+        Box::new(LogLine {
+            start,
+            request,
+            upstream_host: reply.is_none().then_some(dst),
+            upstream_cluster: format!("inbound|{}||", dst.port()),
+            details: reply.map_or_else(|| "via_upstream".into(), |r| r.details),
+            client: conn.arrival.src,
+            dialed: dst,
+        })
+    });
     // The request body goes to the application unread: its size is not measured here.
-    let measured = Measured { metrics: conn.ctx.metrics.clone(), started, request_bytes: None };
-    measured.answer(conn.peers.clone(), "-", response)
+    let measured = Measured { metrics: conn.ctx.metrics.clone(), started, request_bytes: None, log };
+    measured.answer(conn.peers.clone(), flags, response)
 }
 
 async fn judge_and_forward(conn: &Conn, mut req: Request<Incoming>) -> Response<RespBody> {
@@ -125,7 +155,8 @@ async fn judge_and_forward(conn: &Conn, mut req: Request<Incoming>) -> Response<
     let security = snapshot.security(&conn.pod.key());
     if let Decision::Deny(reason) = security.authz.check(&attrs, Some(&request)) {
         super::denied(&conn.ctx, &conn.pod, &attrs, &reason, Some((req.method().as_str(), &normalized)));
-        return local(StatusCode::FORBIDDEN, RBAC_DENIED);
+        let details = crate::authz::denial_details(&reason);
+        return local_because(StatusCode::FORBIDDEN, RBAC_DENIED, "-", details);
     }
     // Forward what was judged: the normalized path with the original query.
     let target = match req.uri().query() {
@@ -163,7 +194,8 @@ async fn forward(conn: &Conn, mut req: Request<Incoming>) -> Response<RespBody> 
     let dst = conn.arrival.dst;
     let unavailable = |what: &str, e: &dyn std::fmt::Display| {
         tracing::warn!(pod = %conn.pod.name, %dst, error = %e, "{what}");
-        local(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error")
+        let details = "upstream_reset_before_response_started{connection_failure}".into();
+        local_because(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error", "UF", details)
     };
     let result = if req.version() == http::Version::HTTP_2 {
         let mut sender = {
