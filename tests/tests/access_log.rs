@@ -46,7 +46,7 @@ fn access_log_lines_name_requests_denials_and_connections() {
     assert_eq!(curl(&lab, "http://legacy-service/ok", "req-allowed"), "200");
     assert_eq!(curl(&lab, "http://legacy-service/admin", "req-denied"), "403");
     let echo = root().join("target/debug/mesh-echo").display().to_string();
-    let out = lab.exec("frontend", &[&echo, "load", "10.96.0.30:9000", "--conns", "1", "--bytes", "4096"]).unwrap();
+    let out = lab.exec("frontend", &[&echo, "load", "10.96.0.20:9000", "--conns", "1", "--bytes", "4096"]).unwrap();
     assert!(out.status.success(), "load: {}", String::from_utf8_lossy(&out.stderr));
 
     // legacy-service runs on node2: its agent is the destination.
@@ -79,25 +79,26 @@ fn access_log_lines_name_requests_denials_and_connections() {
     assert_eq!(denied["upstream_host"], serde_json::Value::Null, "never reached the application");
     assert_eq!(denied["source_principal"], "spiffe://cluster.local/ns/production/sa/frontend");
 
-    // The TCP connection: at the source (node1) and at the destination (node2), with
-    // its bytes, once it closed.
-    let tcp = |node: &str, reporter: &str| {
-        eventually(&format!("{node} logged the TCP connection"), || {
-            access_lines(&lab, node).into_iter().find(|e| {
+    // The TCP connection (to myapp, not legacy-service: the DENY policy's HTTP-only
+    // rule refuses all TCP to it, as Istio's does): at the source (node1) and at the
+    // destination (either node: myapp has a pod on each), with its bytes, once closed.
+    let tcp = |nodes: &[&str], reporter: &str| {
+        eventually(&format!("{nodes:?} logged the TCP connection"), || {
+            nodes.iter().flat_map(|n| access_lines(&lab, n)).find(|e| {
                 e["protocol"] == "TCP"
                     && e["reporter"] == reporter
                     && e["upstream_cluster"].as_str().is_some_and(|c| c.contains("|9000|"))
             })
         })
     };
-    let source = tcp("node1", "source");
-    assert_eq!(source["upstream_cluster"], "outbound|9000||legacy-service.production.svc.cluster.local");
-    assert_eq!(source["downstream_local_address"], "10.96.0.30:9000");
+    let source = tcp(&["node1"], "source");
+    assert_eq!(source["upstream_cluster"], "outbound|9000||myapp.production.svc.cluster.local");
+    assert_eq!(source["downstream_local_address"], "10.96.0.20:9000");
     assert_eq!(source["response_code"], 0);
     assert!(source["bytes_received"].as_u64().unwrap() >= 4096, "{source}");
     assert!(source["bytes_sent"].as_u64().unwrap() >= 4096, "{source}");
     assert_eq!(source["source_principal"], "spiffe://cluster.local/ns/production/sa/frontend");
-    let destination = tcp("node2", "destination");
+    let destination = tcp(&["node1", "node2"], "destination");
     assert_eq!(destination["upstream_cluster"], "inbound|9000||");
     assert!(destination["bytes_received"].as_u64().unwrap() >= 4096, "{destination}");
 }
