@@ -113,6 +113,9 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
     let mut registry = Registry::with_prefix("istio");
     let metrics = Arc::new(Metrics::new(&mut registry));
     metrics.start_access_log(settings.access_log, tokio::io::stdout());
+    if let Some(endpoint) = settings.trace_endpoint.clone() {
+        metrics.start_tracing(endpoint, settings.trace_sampling, settings.node.clone(), settings.trust_domain.clone());
+    }
     let admin_refused = prometheus_client::metrics::counter::Counter::default();
     registry.register(
         "mesh_admin_connections_refused",

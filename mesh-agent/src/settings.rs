@@ -280,6 +280,19 @@ pub struct Settings {
     #[arg(long, env = "MESH_ACCESS_LOG", value_enum, default_value = "off")]
     pub access_log: crate::telemetry::access_log::Format,
 
+    /// Where to export trace spans over OTLP: `http://host:port[/path]` (OTLP/HTTP,
+    /// protobuf, `/v1/traces` by default) or `grpc://host:port` (OTLP/gRPC), such as
+    /// Jaeger's collector. Unset: requests are not traced (their trace headers pass
+    /// unchanged).
+    #[arg(long, env = "MESH_TRACE_ENDPOINT")]
+    pub trace_endpoint: Option<crate::telemetry::trace::Endpoint>,
+
+    /// Percent of new traces recorded, 0 to 100 (Istio's
+    /// `meshConfig.defaultConfig.tracing.sampling`, default 1). A request that carries a
+    /// trace context keeps its caller's decision.
+    #[arg(long, env = "MESH_TRACE_SAMPLING", default_value_t = 1.0, value_parser = parse_percent)]
+    pub trace_sampling: f64,
+
     /// The cluster's id, which metrics, access logs and traces report as
     /// `source_cluster`/`destination_cluster` (Istio's `CLUSTER_ID`).
     #[arg(long, env = "MESH_CLUSTER_ID", default_value = crate::state::DEFAULT_CLUSTER_ID)]
@@ -295,6 +308,13 @@ pub enum DnsCapture {
     /// Pods' DNS goes to the agent, unless their namespace or pod says otherwise.
     #[value(alias = "true")]
     On,
+}
+
+fn parse_percent(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(p) if (0.0..=100.0).contains(&p) => Ok(p),
+        _ => Err(format!("{s}: a percentage from 0 to 100")),
+    }
 }
 
 /// A feature that is `on` or `off` (`true`/`false`).

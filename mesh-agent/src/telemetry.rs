@@ -6,6 +6,7 @@
 //! ([`Metrics::forget_gone`]), so pod churn does not grow the agent or the scrape.
 
 pub mod access_log;
+pub mod trace;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -371,6 +372,8 @@ pub struct Metrics {
     series: Mutex<SeriesIndex>,
     access_log: std::sync::OnceLock<access_log::AccessLog>,
     access_log_dropped: Counter,
+    tracer: std::sync::OnceLock<trace::Tracer>,
+    trace_counters: trace::TraceCounters,
 }
 
 impl Metrics {
@@ -423,6 +426,17 @@ impl Metrics {
             m.access_log_dropped.clone(),
         );
         registry.register(
+            "mesh_spans_exported",
+            "Trace spans the collector accepted",
+            m.trace_counters.exported.clone(),
+        );
+        registry.register(
+            "mesh_spans_dropped",
+            "Trace spans dropped because the exporter fell behind (the data path never waits for it)",
+            m.trace_counters.dropped.clone(),
+        );
+        registry.register("mesh_trace_export_failures", "Trace exports that failed", m.trace_counters.failed.clone());
+        registry.register(
             "mesh_dns_requests",
             "DNS queries of captured pods: answered by the mesh, forwarded upstream, failed upstream, refused",
             m.dns.clone(),
@@ -439,6 +453,18 @@ impl Metrics {
         if let Some(log) = access_log::AccessLog::start(format, out, self.access_log_dropped.clone()) {
             let _ = self.access_log.set(log);
         }
+    }
+
+    /// Traces requests from now on, exporting to `endpoint` (once; later calls do
+    /// nothing).
+    pub fn start_tracing(&self, endpoint: trace::Endpoint, sampling: f64, node: String, mesh_id: String) {
+        let tracer = trace::Tracer::start(endpoint, sampling, node, mesh_id, self.trace_counters.clone());
+        let _ = self.tracer.set(tracer);
+    }
+
+    /// The tracer, when requests are traced.
+    pub fn tracer(&self) -> Option<&trace::Tracer> {
+        self.tracer.get()
     }
 
     /// The access log, when one is written.

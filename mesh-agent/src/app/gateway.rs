@@ -46,6 +46,9 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
     let mut registry = Registry::with_prefix("istio");
     let metrics = Arc::new(Metrics::new(&mut registry));
     metrics.start_access_log(settings.access_log, tokio::io::stdout());
+    if let Some(endpoint) = settings.trace_endpoint.clone() {
+        metrics.start_tracing(endpoint, settings.trace_sampling, settings.node.clone(), settings.trust_domain.clone());
+    }
     let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
     let shutdown = CancellationToken::new();
     let admin_state =

@@ -8,7 +8,6 @@
 use std::net::{IpAddr, SocketAddr};
 
 use http::{HeaderMap, HeaderName, HeaderValue, Request, StatusCode};
-use rand::Rng as _;
 
 use crate::authz::{ConnAttrs, Decision, Peer, RBAC_DENIED, RequestAttrs, path};
 use crate::snapshot::Snapshot;
@@ -121,17 +120,7 @@ pub fn set_forwarding_headers(headers: &mut HeaderMap, client: IpAddr, tls: bool
     };
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(if tls { "https" } else { "http" }));
     headers.insert(X_ENVOY_EXTERNAL_ADDRESS, HeaderValue::from_str(&client).expect("an IP address is a header value"));
-    headers.insert(X_REQUEST_ID, new_request_id());
-}
-
-/// A random (version 4) UUID, as Envoy makes for `x-request-id`.
-fn new_request_id() -> HeaderValue {
-    let mut b: [u8; 16] = rand::rng().random();
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    let id = format!("{}-{}-{}-{}-{}", &hex[..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..]);
-    HeaderValue::from_str(&id).expect("hex and dashes are a header value")
+    headers.insert(X_REQUEST_ID, crate::telemetry::trace::new_request_id());
 }
 
 #[cfg(test)]

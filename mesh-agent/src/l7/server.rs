@@ -20,8 +20,8 @@ use super::upstream::{ConnSettings, SendError, UpBody};
 use crate::dataplane::Netns;
 use crate::snapshot::Snapshot;
 use crate::state::{Service, Workload};
-use crate::telemetry::access_log;
 use crate::telemetry::{PeerLabels, RequestLabels, ServiceLabels};
+use crate::telemetry::{access_log, trace};
 use crate::traffic::route::{Abort, Action, Backend, CorsVerdict, RedirectPort, RequestView, Rule, WeightedBackend};
 
 /// Request bodies up to this size are buffered, so retries and mirrors can replay them;
@@ -157,7 +157,6 @@ async fn handle(
     req: Request<Incoming>,
 ) -> Response<RespBody> {
     let started = std::time::Instant::now();
-    let logged = ctx.metrics.access_log().map(|_| (std::time::SystemTime::now(), access_log::Request::of(&req)));
     let snap = ctx.snapshot.load_full();
     let request_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let caller = Caller { ctx, snap: &snap, pod, netns, orig, request_bytes: &request_bytes };
@@ -176,6 +175,7 @@ async fn handle(
         }
         RouteTable::Service(_) | RouteTable::Entry { .. } => None,
     };
+    let (span, logged) = observe(&ctx.metrics, &mut req, trace::Kind::Client);
     let answer = match refused {
         Some(r) => Answer { response: text_response(r.status, r.body), flags: r.flags, backend: None, endpoint: None },
         None => route(&caller, table, req).await,
@@ -199,8 +199,85 @@ async fn handle(
             dialed: orig,
         })
     });
-    let measured = Measured { metrics: ctx.metrics.clone(), started, request_bytes: Some(request_bytes.clone()), log };
+    let measured =
+        Measured { metrics: ctx.metrics.clone(), started, request_bytes: Some(request_bytes.clone()), log, span };
     measured.answer(peers, answer.flags, answer.response)
+}
+
+/// Gives a request its `x-request-id` (when it has none, as Envoy does) and, when
+/// requests are traced, this hop's span, whose context is injected into the request
+/// going on. Returns the span, and what the access log line and the span will need of
+/// the request when either is written.
+pub(crate) fn observe<B>(
+    metrics: &crate::telemetry::Metrics,
+    req: &mut Request<B>,
+    kind: trace::Kind,
+) -> (Option<trace::Begun>, Option<(std::time::SystemTime, access_log::Request)>) {
+    trace::ensure_request_id(req.headers_mut());
+    let span = metrics.tracer().map(|t| t.begin(trace::SpanContext::extract(req.headers()), kind));
+    if let Some(s) = &span {
+        s.inject(req.headers_mut());
+    }
+    let recorded = metrics.access_log().is_some() || span.is_some_and(|s| s.ctx.sampled);
+    (span, recorded.then(|| (std::time::SystemTime::now(), access_log::Request::of(req))))
+}
+
+/// The span of a request that ended, with Istio's attributes: the request's, the
+/// answer's, and both sides' workloads.
+fn finished_span(
+    tracer: &trace::Tracer,
+    begun: trace::Begun,
+    line: &LogLine,
+    labels: &RequestLabels,
+    (request_bytes, response_bytes): (Option<u64>, u64),
+) -> trace::Finished {
+    let peers = &labels.peers;
+    let (src, dst) = (&peers.source.0, &peers.destination.0);
+    let own = match begun.kind {
+        trace::Kind::Client => src,
+        trace::Kind::Server => dst,
+    };
+    let r = &line.request;
+    let authority = r.authority.as_deref().unwrap_or("-");
+    let code: u16 = labels.response_code.parse().unwrap_or(0);
+    let attributes = vec![
+        ("component", "proxy".to_string()),
+        ("node_id", tracer.node.clone()),
+        ("guid:x-request-id", r.request_id.clone().unwrap_or_default()),
+        ("http.url", format!("http://{authority}{}", r.path)),
+        ("http.method", r.method.clone()),
+        ("http.protocol", r.protocol.to_string()),
+        ("http.status_code", labels.response_code.clone()),
+        ("user_agent", r.user_agent.clone().unwrap_or_else(|| "-".into())),
+        ("downstream_cluster", "-".to_string()),
+        ("peer.address", line.client.ip().to_string()),
+        ("request_size", request_bytes.unwrap_or(0).to_string()),
+        ("response_size", response_bytes.to_string()),
+        ("response_flags", labels.response_flags.clone()),
+        ("upstream_cluster", line.upstream_cluster.clone()),
+        ("upstream_cluster.name", line.upstream_cluster.clone()),
+        ("istio.mesh_id", tracer.mesh_id.clone()),
+        ("istio.reporter", peers.reporter.to_string()),
+        ("istio.canonical_service", own.canonical_service.clone()),
+        ("istio.canonical_revision", own.canonical_revision.clone()),
+        ("istio.namespace", own.namespace.clone()),
+        ("istio.source_workload", src.workload.clone()),
+        ("istio.source_namespace", src.namespace.clone()),
+        ("istio.source_principal", src.principal.clone()),
+        ("istio.destination_workload", dst.workload.clone()),
+        ("istio.destination_namespace", dst.namespace.clone()),
+        ("istio.destination_principal", dst.principal.clone()),
+        ("istio.destination_service", peers.service.destination_service.clone()),
+        ("istio.destination_service_name", peers.service.destination_service_name.clone()),
+    ];
+    trace::Finished {
+        begun,
+        name: format!("{}:{}/*", peers.service.destination_service, line.dialed.port()),
+        end: std::time::SystemTime::now(),
+        attributes,
+        error: code == 0 || code >= 500,
+        workload: own.clone(),
+    }
 }
 
 /// Envoy's `%RESPONSE_CODE_DETAILS%` for an answer with these response flags.
@@ -245,8 +322,10 @@ pub(crate) struct Measured {
     pub started: std::time::Instant,
     /// Request body bytes read from the client, where the path counts them.
     pub request_bytes: Option<Arc<std::sync::atomic::AtomicU64>>,
-    /// The access log line to write when the response ends (when one is written).
+    /// What the access log line and the span need (when either is written).
     pub log: Option<Box<LogLine>>,
+    /// This hop's span, when requests are traced.
+    pub span: Option<trace::Begun>,
 }
 
 impl Measured {
@@ -317,7 +396,11 @@ impl Completion {
             let request_bytes = m.request_bytes.as_ref().map(|b| b.load(std::sync::atomic::Ordering::Relaxed));
             let duration = m.started.elapsed();
             m.metrics.request_done(&labels, duration, request_bytes, self.bytes);
-            if let (Some(line), Some(log)) = (m.log.take(), m.metrics.access_log()) {
+            let Some(line) = m.log.take() else { return };
+            if let (Some(begun), Some(tracer)) = (m.span, m.metrics.tracer()) {
+                tracer.finish(finished_span(tracer, begun, &line, &labels, (request_bytes, self.bytes)));
+            }
+            if let Some(log) = m.metrics.access_log() {
                 let principal =
                     |side: &crate::state::WorkloadMeta| (side.principal != "unknown").then(|| side.principal.clone());
                 log.record(access_log::Entry {

@@ -221,6 +221,7 @@ async fn app(name: String, addr: SocketAddr, stop: CancellationToken) {
                         || n.starts_with("x-envoy-")
                         || n == "x-request-id"
                         || n == "x-route"
+                        || n == "traceparent"
                     {
                         let echoed = http::HeaderName::try_from(format!("x-echo-{n}")).unwrap();
                         res.headers_mut().append(echoed, v.clone());
@@ -1054,5 +1055,150 @@ spec: {selector: {app: myapp}, clusterIP: 10.96.42.21, ports: [{port: 9000, targ
         assert_eq!(e["response_code"], 0);
         assert!(e["bytes_received"].as_u64().unwrap() > 0 && e["bytes_sent"].as_u64().unwrap() > 0, "{e}");
         assert!(e["upstream_cluster"].as_str().unwrap().contains("|9000|"), "{e}");
+    }
+}
+
+/// A collector for the test: takes OTLP trace exports over HTTP (`/v1/traces`) and
+/// gRPC (`TraceService/Export`) on one port, and keeps every span with its service.
+pub(crate) struct OtlpReceiver {
+    pub addr: SocketAddr,
+    spans: Arc<Mutex<Vec<(String, opentelemetry_proto::tonic::trace::v1::Span)>>>,
+}
+
+impl OtlpReceiver {
+    pub(crate) async fn start(ip: [u8; 4]) -> Self {
+        use prost::Message as _;
+        let listener = TcpListener::bind(SocketAddr::from((ip, 0))).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let spans: Arc<Mutex<Vec<_>>> = Arc::default();
+        let kept = spans.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { return };
+                let kept = kept.clone();
+                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let kept = kept.clone();
+                    async move {
+                        let grpc = req.uri().path() == "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+                        assert!(grpc || req.uri().path() == "/v1/traces", "{}", req.uri());
+                        let body = req.into_body().collect().await.unwrap().to_bytes();
+                        let message = if grpc { body.slice(5..) } else { body };
+                        let export =
+                            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest::decode(
+                                message,
+                            )
+                            .unwrap();
+                        for rs in export.resource_spans {
+                            let service = rs
+                                .resource
+                                .iter()
+                                .flat_map(|r| &r.attributes)
+                                .find(|kv| kv.key == "service.name")
+                                .map(|kv| format!("{:?}", kv.value))
+                                .unwrap_or_default();
+                            for span in rs.scope_spans.into_iter().flat_map(|s| s.spans) {
+                                kept.lock().unwrap().push((service.clone(), span));
+                            }
+                        }
+                        let mut res = Response::new(Full::new(Bytes::new()));
+                        if grpc {
+                            res.headers_mut().insert("content-type", "application/grpc".parse().unwrap());
+                            res.headers_mut().insert("grpc-status", "0".parse().unwrap());
+                        }
+                        Ok::<_, Infallible>(res)
+                    }
+                });
+                tokio::spawn(async move {
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Self { addr, spans }
+    }
+
+    /// The spans received once there are `n`, within five seconds.
+    pub(crate) async fn spans(&self, n: usize) -> Vec<(String, opentelemetry_proto::tonic::trace::v1::Span)> {
+        for _ in 0..100 {
+            if self.spans.lock().unwrap().len() >= n {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.spans.lock().unwrap().clone()
+    }
+}
+
+fn attribute(span: &opentelemetry_proto::tonic::trace::v1::Span, key: &str) -> String {
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    span.attributes
+        .iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
+            Value::StringValue(s) => Some(s.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no attribute {key} in {span:?}"))
+}
+
+/// A request from client through its agent (a routed Service: the client span) to
+/// myapp's agent (the server span): both exported over OTLP, HTTP and gRPC, in one
+/// trace under the caller's context, parent to child, with Istio's attributes; the
+/// application gets the server span as its parent.
+#[tokio::test]
+async fn spans_of_both_hops_reach_an_otlp_collector_linked_parent_to_child() {
+    use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+    for (net, scheme) in [(43u8, "http"), (44, "grpc")] {
+        let vs = virtual_service("  - route: [{destination: {host: myapp, subset: v1}}]\n");
+        let mesh = Mesh::start(&config(net, &format!("{SUBSETS}{vs}")), APPS).await;
+        let collector = OtlpReceiver::start([127, net, 0, 100]).await;
+        let endpoint = format!("{scheme}://{}", collector.addr).parse().unwrap();
+        mesh.ctx.metrics.start_tracing(endpoint, 100.0, "node1".into(), "cluster.local".into());
+
+        // The caller's own span, as its application would propagate it.
+        let caller = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let mut req = get("/traced");
+        req.headers_mut().insert("traceparent", caller.parse().unwrap());
+        let res = mesh.send("client", vip(net), req).await;
+        assert_eq!(res.status(), 200);
+
+        let spans = collector.spans(2).await;
+        assert_eq!(spans.len(), 2, "{scheme}: {spans:#?}");
+        let of = |kind: SpanKind| spans.iter().find(|(_, s)| s.kind == kind as i32).unwrap().clone();
+        let (client_service, client) = of(SpanKind::Client);
+        let (server_service, server) = of(SpanKind::Server);
+        let trace = crate::telemetry::trace::SpanContext::extract(&{
+            let mut h = http::HeaderMap::new();
+            h.insert("traceparent", caller.parse().unwrap());
+            h
+        })
+        .unwrap();
+        assert_eq!(client.trace_id, trace.trace_id.to_vec(), "the caller's trace");
+        assert_eq!(server.trace_id, client.trace_id);
+        assert_eq!(client.parent_span_id, trace.span_id.to_vec(), "the client span is the caller's child");
+        assert_eq!(server.parent_span_id, client.span_id, "the server span is the client span's child");
+        assert!(client_service.contains("client.shop"), "{client_service}");
+        assert!(server_service.contains("myapp.shop"), "{server_service}");
+        // (The server names the client's workload only when the tunnel comes from its
+        // address; here it comes from loopback: the principal says who it is.)
+        assert_eq!(attribute(&client, "istio.source_workload"), "client");
+        for span in [&client, &server] {
+            assert_eq!(attribute(span, "istio.destination_workload"), "myapp-v1");
+            assert_eq!(attribute(span, "istio.destination_service"), "myapp.shop.svc.cluster.local");
+            assert_eq!(attribute(span, "http.method"), "GET");
+            assert_eq!(attribute(span, "http.status_code"), "200");
+            assert_eq!(attribute(span, "istio.mesh_id"), "cluster.local");
+            assert!(!attribute(span, "guid:x-request-id").is_empty());
+            assert!(span.end_time_unix_nano >= span.start_time_unix_nano);
+        }
+        assert_eq!(attribute(&client, "istio.reporter"), "source");
+        assert_eq!(attribute(&client, "upstream_cluster"), "outbound|80|v1|myapp.shop.svc.cluster.local");
+        assert_eq!(attribute(&server, "istio.canonical_service"), "myapp");
+        assert_eq!(attribute(&server, "istio.source_principal"), "spiffe://cluster.local/ns/shop/sa/client");
+        // The application's parent is the server span.
+        let seen = res.headers()["x-echo-traceparent"].to_str().unwrap().to_string();
+        let server_hex: String = server.span_id.iter().map(|b| format!("{b:02x}")).collect();
+        assert!(seen.contains(&server_hex), "{seen} names {server_hex}");
     }
 }

@@ -25,7 +25,7 @@ use crate::dataplane::Netns;
 use crate::l7::server::{LogLine, Measured, RespBody};
 use crate::proxy::ProxyContext;
 use crate::state::Workload;
-use crate::telemetry::access_log;
+use crate::telemetry::trace;
 use crate::telemetry::{ConnLabels, PeerLabels};
 use crate::transport::{CONNECT_TIMEOUT, copy, sockets};
 
@@ -99,7 +99,8 @@ fn local_because(status: StatusCode, body: &'static str, flags: &'static str, de
 
 async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<RespBody> {
     let started = std::time::Instant::now();
-    let logged = conn.ctx.metrics.access_log().map(|_| (std::time::SystemTime::now(), access_log::Request::of(&req)));
+    let mut req = req;
+    let (span, logged) = crate::l7::server::observe(&conn.ctx.metrics, &mut req, trace::Kind::Server);
     let method = req.method().as_str().to_string();
     let mut response = judge_and_forward(conn, req).await;
     tracing::trace!(pod = %conn.pod.name, %method, status = %response.status(), "inbound request");
@@ -118,7 +119,7 @@ async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<RespBody> {
         })
     });
     // The request body goes to the application unread: its size is not measured here.
-    let measured = Measured { metrics: conn.ctx.metrics.clone(), started, request_bytes: None, log };
+    let measured = Measured { metrics: conn.ctx.metrics.clone(), started, request_bytes: None, log, span };
     measured.answer(conn.peers.clone(), flags, response)
 }
 
