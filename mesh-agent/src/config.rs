@@ -22,6 +22,7 @@ pub mod secrets;
 pub mod security;
 pub mod service_entry;
 mod source;
+pub mod telemetry;
 
 pub use kube_source::KubeSource;
 pub use object::Object;

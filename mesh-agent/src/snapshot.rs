@@ -57,6 +57,10 @@ pub struct Snapshot {
     security: HashMap<String, Arc<WorkloadSecurity>>,
     /// For workloads no policy selects.
     no_security: Arc<WorkloadSecurity>,
+    /// Telemetry API settings per workload (`namespace/name`).
+    telemetry: HashMap<String, Arc<crate::state::TelemetryPolicy>>,
+    /// For workloads no Telemetry covers.
+    no_telemetry: Arc<crate::state::TelemetryPolicy>,
     /// Trust domains under which a policy's principal names the same identity.
     pub equivalent_domains: Vec<String>,
     /// Inconsistencies between objects that are each valid (conflicting
@@ -96,6 +100,11 @@ impl Snapshot {
     /// The security settings of workload `key` (`namespace/name`).
     pub fn security(&self, key: &str) -> &Arc<WorkloadSecurity> {
         self.security.get(key).unwrap_or(&self.no_security)
+    }
+
+    /// The Telemetry API settings of workload `key` (`namespace/name`).
+    pub fn telemetry(&self, key: &str) -> &Arc<crate::state::TelemetryPolicy> {
+        self.telemetry.get(key).unwrap_or(&self.no_telemetry)
     }
 
     /// The Service whose endpoint `w` is at its port `port`, and that Service's port.

@@ -369,3 +369,89 @@ pub fn destination_for(workload: Arc<Workload>, addr: SocketAddr, service: Optio
         Destination::Passthrough { addr, workload: Some(workload), service }
     }
 }
+
+/// What the Telemetry API says for one workload's traffic: metrics turned off, access
+/// logs on or off and which, tracing settings. The default says nothing (the agent's
+/// flags decide).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TelemetryPolicy {
+    /// Metrics turned off: bit `2 * metric + side` (side 0: the source's agent, 1: the
+    /// destination's), metrics in the order of `config::telemetry::METRICS`.
+    pub disabled_metrics: u32,
+    /// Access logging, when a Telemetry says.
+    pub access_log: Option<AccessLogPolicy>,
+    /// Tracing, when a Telemetry says.
+    pub tracing: Option<TracingPolicy>,
+}
+
+/// Which sides a setting applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sides {
+    /// The source's agent (Istio's CLIENT).
+    pub client: bool,
+    /// The destination's agent (Istio's SERVER).
+    pub server: bool,
+}
+
+impl Sides {
+    /// Whether the reporter `source` (client) or `destination` (server) is in.
+    pub fn has(&self, source: bool) -> bool {
+        if source { self.client } else { self.server }
+    }
+}
+
+/// `accessLogging` for a workload.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AccessLogPolicy {
+    /// Lines are written.
+    pub enabled: bool,
+    /// For which sides' traffic.
+    pub sides: Sides,
+    /// Only entries whose response code passes.
+    pub filter: Option<crate::config::telemetry::CodeFilter>,
+}
+
+impl AccessLogPolicy {
+    /// Whether an entry with this response code (0 for TCP), written by the source's
+    /// agent or not, is logged.
+    pub fn logs(&self, source: bool, code: u16) -> bool {
+        self.enabled
+            && self.sides.has(source)
+            && self.filter.as_ref().is_none_or(|f| f.iter().any(|all| all.iter().all(|(op, n)| op.holds(code, *n))))
+    }
+}
+
+/// A span tag's value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TagValue {
+    /// Fixed.
+    Literal(String),
+    /// From a request header, with a default.
+    Header {
+        /// The header.
+        name: String,
+        /// When the request has none.
+        default: Option<String>,
+    },
+}
+
+/// `tracing` for a workload.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TracingPolicy {
+    /// Percent of new traces sampled, overriding `--trace-sampling`.
+    pub sampling: Option<f64>,
+    /// Spans are reported (context propagates either way).
+    pub report: bool,
+    /// For which sides' spans.
+    pub sides: Sides,
+    /// Tags added to the spans.
+    pub tags: Vec<(String, TagValue)>,
+}
+
+impl TelemetryPolicy {
+    /// Whether `metric` (an index of `config::telemetry::METRICS`) is reported by the
+    /// source's agent (`source`) or the destination's.
+    pub fn metric_on(&self, metric: usize, source: bool) -> bool {
+        self.disabled_metrics & (1 << (2 * metric + usize::from(!source))) == 0
+    }
+}

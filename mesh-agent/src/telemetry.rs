@@ -23,7 +23,7 @@ use prometheus_client::registry::Registry;
 
 use crate::identity::Identity;
 use crate::snapshot::Snapshot;
-use crate::state::{SERVICE_DOMAIN, Workload, WorkloadMeta};
+use crate::state::{SERVICE_DOMAIN, TelemetryPolicy, Workload, WorkloadMeta};
 
 /// Who reports a connection: the source side (outbound) or the destination (inbound).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
@@ -194,6 +194,16 @@ pub struct ConnLabels {
 
 const UNKNOWN: &str = "unknown";
 
+// Indexes of `config::telemetry::METRICS`, which Telemetry overrides name.
+const REQUEST_COUNT: usize = 0;
+const REQUEST_DURATION: usize = 1;
+const REQUEST_SIZE: usize = 2;
+const RESPONSE_SIZE: usize = 3;
+const TCP_OPENED: usize = 4;
+const TCP_CLOSED: usize = 5;
+const TCP_SENT: usize = 6;
+const TCP_RECEIVED: usize = 7;
+
 fn security(mtls: bool) -> &'static str {
     if mtls { "mutual_tls" } else { "none" }
 }
@@ -244,6 +254,8 @@ pub struct OpenConn {
     pub received: Counter,
     /// `istio_tcp_sent_bytes_total`: server to client.
     pub sent: Counter,
+    /// Whether its closing is counted.
+    closed: bool,
 }
 
 /// Labels of the request metrics.
@@ -444,15 +456,14 @@ impl Metrics {
         m
     }
 
-    /// Writes access log lines in `format` to `out` from now on (once; later calls do
-    /// nothing).
+    /// Writes access log lines to `out` from now on (once; later calls do nothing): in
+    /// `format` for every workload, or, with `Off`, as text for the workloads a
+    /// Telemetry turns access logging on for.
     pub fn start_access_log<W>(&self, format: access_log::Format, out: W)
     where
         W: tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        if let Some(log) = access_log::AccessLog::start(format, out, self.access_log_dropped.clone()) {
-            let _ = self.access_log.set(log);
-        }
+        let _ = self.access_log.set(access_log::AccessLog::start(format, out, self.access_log_dropped.clone()));
     }
 
     /// Traces requests from now on, exporting to `endpoint` (once; later calls do
@@ -467,7 +478,7 @@ impl Metrics {
         self.tracer.get()
     }
 
-    /// The access log, when one is written.
+    /// The access log, once started.
     pub fn access_log(&self) -> Option<&access_log::AccessLog> {
         self.access_log.get()
     }
@@ -506,8 +517,11 @@ impl Metrics {
         self.series.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Counts one HTTP request (`istio_requests_total`).
-    pub fn request(&self, labels: &RequestLabels) {
+    /// Counts one HTTP request (`istio_requests_total`), unless `policy` turned it off.
+    pub fn request(&self, labels: &RequestLabels, policy: &TelemetryPolicy) {
+        if !policy.metric_on(REQUEST_COUNT, labels.peers.reporter == "source") {
+            return;
+        }
         if self.requests.get(labels).is_none() {
             self.index().requests.insert(labels.clone());
         }
@@ -521,18 +535,28 @@ impl Metrics {
     pub fn request_done(
         &self,
         labels: &RequestLabels,
+        policy: &TelemetryPolicy,
         duration: std::time::Duration,
-        request_bytes: Option<u64>,
-        response_bytes: u64,
+        (request_bytes, response_bytes): (Option<u64>, u64),
     ) {
+        let on = |metric| policy.metric_on(metric, labels.peers.reporter == "source");
+        let (timed, request_sized, response_sized) =
+            (on(REQUEST_DURATION), on(REQUEST_SIZE) && request_bytes.is_some(), on(RESPONSE_SIZE));
+        if !(timed || request_sized || response_sized) {
+            return;
+        }
         if self.requests.get(labels).is_none() {
             self.index().requests.insert(labels.clone());
         }
-        self.request_duration.0.get_or_create(labels).observe(duration.as_secs_f64() * 1000.0);
-        if let Some(n) = request_bytes {
+        if timed {
+            self.request_duration.0.get_or_create(labels).observe(duration.as_secs_f64() * 1000.0);
+        }
+        if let Some(n) = request_bytes.filter(|_| request_sized) {
             self.request_bytes.0.get_or_create(labels).observe(n as f64);
         }
-        self.response_bytes.0.get_or_create(labels).observe(response_bytes as f64);
+        if response_sized {
+            self.response_bytes.0.get_or_create(labels).observe(response_bytes as f64);
+        }
     }
 
     /// Counts a refusal protecting `dst`.
@@ -548,27 +572,38 @@ impl Metrics {
         self.denied.get_or_create(&labels).inc();
     }
 
-    /// Counts a connection as open.
-    pub fn opened(&self, labels: &ConnLabels) -> OpenConn {
-        if self.opened.get(labels).is_none() {
+    /// Counts a connection as open (the metrics `policy` leaves on). The byte counters
+    /// it hands back count into no series when their metric is off.
+    pub fn opened(&self, labels: &ConnLabels, policy: &TelemetryPolicy) -> OpenConn {
+        let source = labels.peers.reporter == "source";
+        let on = |metric| policy.metric_on(metric, source);
+        if [TCP_OPENED, TCP_CLOSED, TCP_SENT, TCP_RECEIVED].into_iter().any(on) && self.opened.get(labels).is_none() {
             self.index().conns.insert(labels.clone());
         }
-        self.opened.get_or_create(labels).inc();
+        if on(TCP_OPENED) {
+            self.opened.get_or_create(labels).inc();
+        }
         self.active.inc();
+        let counter = |family: &Family<ConnLabels, Counter>, metric| {
+            if on(metric) { family.get_or_create(labels).clone() } else { Counter::default() }
+        };
         OpenConn {
-            received: self.received.get_or_create(labels).clone(),
-            sent: self.sent.get_or_create(labels).clone(),
+            received: counter(&self.received, TCP_RECEIVED),
+            sent: counter(&self.sent, TCP_SENT),
+            closed: on(TCP_CLOSED),
         }
     }
 
     /// Counts a connection as closed. Its bytes were counted as they passed, on the
     /// counters [`OpenConn`] holds (`sent` is server to client, `received` client to
     /// server, as Istio defines them).
-    pub fn closed(&self, labels: &ConnLabels, _open: OpenConn) {
-        if self.closed.get(labels).is_none() {
-            self.index().conns.insert(labels.clone());
+    pub fn closed(&self, labels: &ConnLabels, open: OpenConn) {
+        if open.closed {
+            if self.closed.get(labels).is_none() {
+                self.index().conns.insert(labels.clone());
+            }
+            self.closed.get_or_create(labels).inc();
         }
-        self.closed.get_or_create(labels).inc();
         self.active.dec();
     }
 
@@ -667,11 +702,11 @@ status: {podIP: 10.10.1.3}
         let web = both.workloads.iter().find(|w| w.name == "web").unwrap().clone();
         let batch = both.workloads.iter().find(|w| w.name == "batch").unwrap().clone();
         let to_web = ConnLabels::outbound(&batch, Some(&web), ServiceLabels::service(Some("shop/web")), true);
-        let open = m.opened(&to_web);
+        let open = m.opened(&to_web, &TelemetryPolicy::default());
         open.sent.inc_by(10);
         m.closed(&to_web, open);
         let from_web = ConnLabels::inbound(&both, &batch, 8080, Some(&web), true);
-        let open = m.opened(&from_web);
+        let open = m.opened(&from_web, &TelemetryPolicy::default());
         m.closed(&from_web, open);
         m.denied(&batch, DenyReason::Policy);
         m.denied(&web, DenyReason::Policy);
@@ -724,6 +759,24 @@ spec: {selector: {app: reviews}, clusterIP: 10.96.0.20, ports: [{name: http, por
         text.lines().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("no {prefix} in {text}"))
     }
 
+    #[test]
+    fn metric_indexes_are_the_telemetry_apis() {
+        use crate::config::telemetry::{METRICS, metric_index};
+        for (i, name) in [
+            (REQUEST_COUNT, "REQUEST_COUNT"),
+            (REQUEST_DURATION, "REQUEST_DURATION"),
+            (REQUEST_SIZE, "REQUEST_SIZE"),
+            (RESPONSE_SIZE, "RESPONSE_SIZE"),
+            (TCP_OPENED, "TCP_OPENED_CONNECTIONS"),
+            (TCP_CLOSED, "TCP_CLOSED_CONNECTIONS"),
+            (TCP_SENT, "TCP_SENT_BYTES"),
+            (TCP_RECEIVED, "TCP_RECEIVED_BYTES"),
+        ] {
+            assert_eq!(METRICS[i], name);
+            assert_eq!(metric_index(name), Some(i));
+        }
+    }
+
     /// Every label Kiali's graph, security view and workload pages query, named as
     /// Istio names them, with workloads by their controllers.
     #[test]
@@ -734,7 +787,7 @@ spec: {selector: {app: reviews}, clusterIP: 10.96.0.20, ports: [{name: http, por
         let find = |name: &str| snap.workloads.iter().find(|w| w.name == name).unwrap().clone();
         let (reviews, report, db) = (find("reviews-v2-7d9c5b6f4-x2k8q"), find("report-28915200-abcde"), find("db-0"));
         let l = ConnLabels::inbound(&snap, &reviews, 9080, Some(&report), true);
-        let open = m.opened(&l);
+        let open = m.opened(&l, &TelemetryPolicy::default());
         open.received.inc_by(7);
         open.sent.inc_by(11);
         let text = encoded(&registry);

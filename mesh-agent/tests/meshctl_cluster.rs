@@ -101,6 +101,7 @@ fn settle(api: &ApiServer, nodes: &[&str]) {
         "httproutes.gateway.networking.k8s.io",
         "grpcroutes.gateway.networking.k8s.io",
         "referencegrants.gateway.networking.k8s.io",
+        "telemetries.telemetry.istio.io",
     ]
     .iter()
     .filter_map(|n| api.get(CRDS, "", n))

@@ -27,6 +27,7 @@ use crate::config::istio::{DestinationRuleSpec, NETWORKING_VERSIONS, VirtualServ
 use crate::config::linkerd::{SERVICE_PROFILE_VERSIONS, ServiceProfileSpec, TRAFFIC_SPLIT_VERSIONS, TrafficSplitSpec};
 use crate::config::security::{AuthorizationPolicySpec, PeerAuthenticationSpec, SECURITY_VERSIONS};
 use crate::config::service_entry::ServiceEntrySpec;
+use crate::config::telemetry::{TELEMETRY_VERSIONS, TelemetrySpec};
 
 pub use crate::config::schema::{any_value, int_or_string};
 
@@ -119,6 +120,14 @@ const KINDS: &[Kind] = &[
         &["ap"],
         SECURITY_VERSIONS,
         spec_schema::<AuthorizationPolicySpec>,
+    ),
+    namespaced(
+        "telemetry.istio.io",
+        "Telemetry",
+        "telemetries",
+        &["telemetry"],
+        TELEMETRY_VERSIONS,
+        spec_schema::<TelemetrySpec>,
     ),
     namespaced(
         "linkerd.io",

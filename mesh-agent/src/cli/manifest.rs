@@ -400,6 +400,7 @@ pub fn objects(v: &Values) -> Vec<serde_json::Value> {
                     READ,
                 ),
                 rule(&["split.smi-spec.io"], &["trafficsplits"], READ),
+                rule(&["telemetry.istio.io"], &["telemetries"], READ),
                 // Who is scraping /metrics, and may they (as kube-rbac-proxy asks).
                 rule(&["authentication.k8s.io"], &["tokenreviews"], &["create"]),
                 rule(&["authorization.k8s.io"], &["subjectaccessreviews"], &["create"]),
@@ -885,7 +886,7 @@ mod tests {
                 );
             }
             let crds = docs.iter().filter(|d| d["kind"] == "CustomResourceDefinition").count();
-            assert_eq!(crds, if profile == Profile::Minimal { 0 } else { 13 }, "{name}");
+            assert_eq!(crds, if profile == Profile::Minimal { 0 } else { 14 }, "{name}");
         }
     }
 

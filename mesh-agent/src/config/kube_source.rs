@@ -151,6 +151,7 @@ pub const KINDS: &[WatchedKind] = &[
         fallback_versions: &["v1alpha2"],
         ..kind(GATEWAY_API, "v1beta1", "ReferenceGrant", "referencegrants")
     },
+    WatchedKind { fallback_versions: &["v1alpha1"], ..kind("telemetry.istio.io", "v1", "Telemetry", "telemetries") },
 ];
 
 /// The Gateway API's group.

@@ -2,7 +2,7 @@
 
 use super::resource::KUBE_GATEWAY;
 use super::resources::{EndpointSlice, Namespace, NetworkPolicy, ObjectMeta, Pod, Secret, Service, ServiceAccount};
-use super::{gateway, gateway_api, istio, linkerd, security, service_entry};
+use super::{gateway, gateway_api, istio, linkerd, security, service_entry, telemetry};
 
 /// A parsed object from any source.
 #[derive(Debug, Clone, PartialEq)]
@@ -49,6 +49,8 @@ pub enum Object {
     GrpcRoute(Box<gateway_api::GrpcRoute>),
     /// `gateway.networking.k8s.io/*/ReferenceGrant`.
     ReferenceGrant(Box<gateway_api::ReferenceGrant>),
+    /// `telemetry.istio.io/*/Telemetry`: metrics, access log and tracing settings.
+    Telemetry(Box<telemetry::Telemetry>),
     /// `networking.k8s.io/v1/NetworkPolicy`: enforced by the network plugin, not by the
     /// mesh; read so `meshctl analyze` can say when one blocks what the mesh needs.
     NetworkPolicy(Box<NetworkPolicy>),
@@ -92,6 +94,7 @@ impl Object {
             Object::PeerAuthentication(o) => ("PeerAuthentication", &o.metadata),
             Object::AuthorizationPolicy(o) => ("AuthorizationPolicy", &o.metadata),
             Object::NetworkPolicy(o) => ("NetworkPolicy", &o.metadata),
+            Object::Telemetry(o) => ("Telemetry", &o.metadata),
             Object::GatewayClass(o) => ("GatewayClass", &o.metadata),
             Object::KubeGateway(o) => (KUBE_GATEWAY, &o.metadata),
             Object::HttpRoute(o) => ("HTTPRoute", &o.metadata),

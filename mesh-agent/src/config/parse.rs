@@ -208,6 +208,7 @@ fn parse_object(file: &Path, index: usize, value: Value) -> Result<Object, Error
         "GatewayClass" | "HTTPRoute" | super::resource::KUBE_GATEWAY => GATEWAY_API_VERSIONS,
         "GRPCRoute" => GRPC_ROUTE_VERSIONS,
         "ReferenceGrant" => REFERENCE_GRANT_VERSIONS,
+        "Telemetry" => super::telemetry::TELEMETRY_VERSIONS,
         k if NOT_YET_SUPPORTED.contains(&k) => {
             return Err(err(label, "kind", format!("{k} ({api_version}) is not supported by this agent version yet")));
         }
@@ -238,6 +239,7 @@ fn parse_object(file: &Path, index: usize, value: Value) -> Result<Object, Error
         "Secret" => decode(value, Object::Secret),
         "EndpointSlice" => decode(value, Object::EndpointSlice),
         "NetworkPolicy" => decode(value, Object::NetworkPolicy),
+        "Telemetry" => decode(value, Object::Telemetry),
         "GatewayClass" => decode(value, Object::GatewayClass),
         "HTTPRoute" => decode(value, Object::HttpRoute),
         "GRPCRoute" => decode(value, Object::GrpcRoute),
@@ -320,6 +322,7 @@ fn validate(object: &Object) -> Result<(), (String, String)> {
         Object::HttpRoute(r) => r.validate()?,
         Object::GrpcRoute(r) => r.validate()?,
         Object::ReferenceGrant(g) => g.validate()?,
+        Object::Telemetry(t) => t.spec.validate()?,
         _ => {}
     }
     if let Object::EndpointSlice(slice) = object {

@@ -195,7 +195,8 @@ async fn splice_to(
             ctx.l7.dialer.connect_external(&snap, pod, &ctx.netns, &target).await.map_err(|e| e.to_string())?;
         let service = ServiceLabels::host(&entry.host, entry.namespace());
         let labels = ConnLabels::outbound(pod, None, service, upstream.is_tunnel());
-        let ends = crate::transport::copy::Ends { client: peer, dialed, upstream: upstream.peer() };
+        let policy = snap.telemetry(&pod.key()).clone();
+        let ends = crate::transport::copy::Ends { policy, client: peer, dialed, upstream: upstream.peer() };
         return crate::transport::copy::counted(
             &ctx.l7.metrics,
             (&labels, ends),
@@ -219,7 +220,8 @@ async fn splice_to(
         .map_err(|e| e.to_string())?;
     let service = ServiceLabels::service(Some(&chosen.backend.service));
     let labels = ConnLabels::outbound(pod, Some(&endpoint), service, upstream.is_tunnel());
-    let ends = crate::transport::copy::Ends { client: peer, dialed, upstream: Some(addr) };
+    let policy = snap.telemetry(&pod.key()).clone();
+    let ends = crate::transport::copy::Ends { policy, client: peer, dialed, upstream: Some(addr) };
     crate::transport::copy::counted(&ctx.l7.metrics, (&labels, ends), &mut stream, &mut upstream, ctx.tcp_idle_timeout)
         .await
         .map(|_| ())

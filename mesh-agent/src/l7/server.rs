@@ -19,7 +19,7 @@ use super::balance::{Outcome, Overflow};
 use super::upstream::{ConnSettings, SendError, UpBody};
 use crate::dataplane::Netns;
 use crate::snapshot::Snapshot;
-use crate::state::{Service, Workload};
+use crate::state::{Service, TagValue, TelemetryPolicy, Workload};
 use crate::telemetry::{PeerLabels, RequestLabels, ServiceLabels};
 use crate::telemetry::{access_log, trace};
 use crate::traffic::route::{Abort, Action, Backend, CorsVerdict, RedirectPort, RequestView, Rule, WeightedBackend};
@@ -175,7 +175,8 @@ async fn handle(
         }
         RouteTable::Service(_) | RouteTable::Entry { .. } => None,
     };
-    let (span, logged) = observe(&ctx.metrics, &mut req, trace::Kind::Client);
+    let policy = snap.telemetry(&pod.key()).clone();
+    let (span, logged) = observe(&ctx.metrics, &policy, &mut req, trace::Kind::Client);
     let answer = match refused {
         Some(r) => Answer { response: text_response(r.status, r.body), flags: r.flags, backend: None, endpoint: None },
         None => route(&caller, table, req).await,
@@ -186,12 +187,13 @@ async fn handle(
         service_labels(table, answer.backend.as_ref()),
         answer.endpoint.as_ref().is_some_and(|r| r.mtls),
     );
-    let log = logged.map(|(start, request)| {
+    let log = logged.map(|(start, request, tags)| {
         let port = answer.backend.as_ref().and_then(|b| b.port).unwrap_or(orig.port());
         let subset = answer.backend.as_ref().and_then(|b| b.subset.as_deref()).unwrap_or("");
         Box::new(LogLine {
             start,
             request,
+            tags,
             upstream_host: answer.endpoint.as_ref().map(|r| r.addr),
             upstream_cluster: format!("outbound|{port}|{subset}|{}", peers.service.destination_service),
             details: details(answer.flags, answer.endpoint.is_some()).into(),
@@ -199,8 +201,14 @@ async fn handle(
             dialed: orig,
         })
     });
-    let measured =
-        Measured { metrics: ctx.metrics.clone(), started, request_bytes: Some(request_bytes.clone()), log, span };
+    let measured = Measured {
+        metrics: ctx.metrics.clone(),
+        policy,
+        started,
+        request_bytes: Some(request_bytes.clone()),
+        log,
+        span,
+    };
     measured.answer(peers, answer.flags, answer.response)
 }
 
@@ -208,18 +216,50 @@ async fn handle(
 /// requests are traced, this hop's span, whose context is injected into the request
 /// going on. Returns the span, and what the access log line and the span will need of
 /// the request when either is written.
+#[allow(clippy::type_complexity)]
 pub(crate) fn observe<B>(
     metrics: &crate::telemetry::Metrics,
+    policy: &TelemetryPolicy,
     req: &mut Request<B>,
     kind: trace::Kind,
-) -> (Option<trace::Begun>, Option<(std::time::SystemTime, access_log::Request)>) {
+) -> (Option<trace::Begun>, Option<(std::time::SystemTime, access_log::Request, Vec<(String, String)>)>) {
     trace::ensure_request_id(req.headers_mut());
-    let span = metrics.tracer().map(|t| t.begin(trace::SpanContext::extract(req.headers()), kind));
+    let source = kind == trace::Kind::Client;
+    let tracing = policy.tracing.as_ref();
+    let span = metrics.tracer().map(|t| {
+        let report = tracing.is_none_or(|p| p.report && p.sides.has(source));
+        t.begin(trace::SpanContext::extract(req.headers()), kind, tracing.and_then(|p| p.sampling), report)
+    });
     if let Some(s) = &span {
         s.inject(req.headers_mut());
     }
-    let recorded = metrics.access_log().is_some() || span.is_some_and(|s| s.ctx.sampled);
-    (span, recorded.then(|| (std::time::SystemTime::now(), access_log::Request::of(req))))
+    let traced = span.is_some_and(|s| s.ctx.sampled && s.report);
+    let logged = metrics.access_log().is_some_and(|l| l.may_log(policy, source));
+    if !(traced || logged) {
+        return (span, None);
+    }
+    // Custom tags read the request now, while it is here.
+    let tags = match tracing {
+        Some(p) if traced => p
+            .tags
+            .iter()
+            .map(|(name, value)| {
+                let v = match value {
+                    TagValue::Literal(v) => v.clone(),
+                    TagValue::Header { name, default } => req
+                        .headers()
+                        .get(name.as_str())
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string)
+                        .or_else(|| default.clone())
+                        .unwrap_or_default(),
+                };
+                (name.clone(), v)
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    (span, Some((std::time::SystemTime::now(), access_log::Request::of(req), tags)))
 }
 
 /// The span of a request that ended, with Istio's attributes: the request's, the
@@ -270,6 +310,8 @@ fn finished_span(
         ("istio.destination_service", peers.service.destination_service.clone()),
         ("istio.destination_service_name", peers.service.destination_service_name.clone()),
     ];
+    let mut attributes: Vec<(String, String)> = attributes.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    attributes.extend(line.tags.iter().cloned());
     trace::Finished {
         begun,
         name: format!("{}:{}/*", peers.service.destination_service, line.dialed.port()),
@@ -307,6 +349,8 @@ pub(crate) struct LogLine {
     pub upstream_cluster: String,
     /// Envoy's response code details.
     pub details: String,
+    /// The Telemetry API's custom tags for the span, read from the request.
+    pub tags: Vec<(String, String)>,
     /// The client's address.
     pub client: SocketAddr,
     /// The address the client dialed.
@@ -318,6 +362,8 @@ pub(crate) struct LogLine {
 pub(crate) struct Measured {
     /// Where it is counted.
     pub metrics: Arc<crate::telemetry::Metrics>,
+    /// What the Telemetry API says for the reporting workload.
+    pub policy: Arc<TelemetryPolicy>,
     /// When the request arrived.
     pub started: std::time::Instant,
     /// Request body bytes read from the client, where the path counts them.
@@ -346,7 +392,7 @@ impl Measured {
         };
         let counted = !is_grpc || !labels.grpc_response_status.is_empty();
         if counted {
-            self.metrics.request(&labels);
+            self.metrics.request(&labels, &self.policy);
         }
         response
             .map(|inner| Completion { inner, labels: Some(labels), counted, measured: self, bytes: 0 }.boxed_unsync())
@@ -391,16 +437,19 @@ impl Completion {
         if let Some(labels) = self.labels.take() {
             let m = &mut self.measured;
             if !self.counted {
-                m.metrics.request(&labels);
+                m.metrics.request(&labels, &m.policy);
             }
             let request_bytes = m.request_bytes.as_ref().map(|b| b.load(std::sync::atomic::Ordering::Relaxed));
             let duration = m.started.elapsed();
-            m.metrics.request_done(&labels, duration, request_bytes, self.bytes);
+            m.metrics.request_done(&labels, &m.policy, duration, (request_bytes, self.bytes));
             let Some(line) = m.log.take() else { return };
             if let (Some(begun), Some(tracer)) = (m.span, m.metrics.tracer()) {
                 tracer.finish(finished_span(tracer, begun, &line, &labels, (request_bytes, self.bytes)));
             }
-            if let Some(log) = m.metrics.access_log() {
+            let code = labels.response_code.parse().unwrap_or(0);
+            if let Some(log) =
+                m.metrics.access_log().filter(|l| l.logs(&m.policy, labels.peers.reporter == "source", code))
+            {
                 let principal =
                     |side: &crate::state::WorkloadMeta| (side.principal != "unknown").then(|| side.principal.clone());
                 log.record(access_log::Entry {

@@ -142,12 +142,21 @@ pub(super) fn denied_plaintext(
 }
 
 /// Whether an allowed connection to `pod`'s `port` is read as HTTP for its request
-/// metrics: when L7 telemetry is on and the port is not declared opaque (Istio's
+/// metrics, access log lines and spans: when L7 telemetry is on, something is wanted
+/// of the requests (a Telemetry may turn every request metric, the access log and
+/// tracing off for the workload), and the port is not declared opaque (Istio's
 /// protocol selection: `appProtocol`, then the Service port's name). An undeclared
 /// port is detected from the first bytes.
 fn reads_http(ctx: &ProxyContext, pod: &Workload, port: u16) -> bool {
-    ctx.l7_telemetry
-        && ctx.snapshot.load().service_at(pod, port).is_none_or(|(_, sp)| sp.declared() != Declared::Opaque)
+    if !ctx.l7_telemetry {
+        return false;
+    }
+    let snapshot = ctx.snapshot.load();
+    let policy = snapshot.telemetry(&pod.key());
+    let request_metrics = (0..4).any(|metric| policy.metric_on(metric, false));
+    let logged = ctx.metrics.access_log().is_some_and(|l| l.may_log(policy, false));
+    let wanted = request_metrics || logged || ctx.metrics.tracer().is_some();
+    wanted && snapshot.service_at(pod, port).is_none_or(|(_, sp)| sp.declared() != Declared::Opaque)
 }
 
 /// Serves a connection whose accept-time verdict was not a denial.
@@ -166,7 +175,8 @@ pub(super) async fn serve<S>(
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let dst = arrival.dst;
-    let ends = copy::Ends { client: arrival.src, dialed: dst, upstream: Some(dst) };
+    let policy = ctx.snapshot.load().telemetry(&pod.key()).clone();
+    let ends = copy::Ends { policy, client: arrival.src, dialed: dst, upstream: Some(dst) };
     let per_request = match verdict {
         ConnVerdict::Decided(Decision::Deny(_)) => return,
         ConnVerdict::Decided(Decision::Allow) => false,
@@ -199,7 +209,7 @@ pub(super) async fn serve<S>(
     if detect::is_http(client.prefix()) {
         // Each request judged (an allowed connection's requests are allowed alike)
         // and measured, reporter=destination.
-        let open = ctx.metrics.opened(&labels);
+        let open = ctx.metrics.opened(&labels, &ends.policy);
         let metrics = ctx.metrics.clone();
         http::serve(ctx, pod, netns, arrival, &labels, client, app).await;
         metrics.closed(&labels, open);
@@ -213,9 +223,15 @@ pub(super) async fn serve<S>(
         return;
     }
     let tracked = ctx.inbound.track(&pod, &arrival);
-    let result =
-        copy::counted_until(&ctx.metrics, (&labels, ends), &mut client, &mut app, ctx.tcp_idle_timeout, &tracked.stop)
-            .await;
+    let result = copy::counted_until(
+        &ctx.metrics,
+        (&labels, ends.clone()),
+        &mut client,
+        &mut app,
+        ctx.tcp_idle_timeout,
+        &tracked.stop,
+    )
+    .await;
     if let Err(e) = result {
         tracing::debug!(%dst, error = %e, "inbound connection ended with an error");
     }

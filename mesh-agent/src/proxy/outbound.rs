@@ -252,7 +252,8 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let client_addr = client.peer_addr().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
-    let ends = copy::Ends { client: client_addr, dialed: orig, upstream };
+    let policy = ctx.snapshot.load().telemetry(&pod.key()).clone();
+    let ends = copy::Ends { policy, client: client_addr, dialed: orig, upstream };
     let (request, response) = copy::counted(&ctx.metrics, (labels, ends), client, server, ctx.tcp_idle_timeout)
         .await
         .map_err(|source| Error::Io { what: "copy to", addr: orig, source })?;

@@ -1202,3 +1202,86 @@ async fn spans_of_both_hops_reach_an_otlp_collector_linked_parent_to_child() {
         assert!(seen.contains(&server_hex), "{seen} names {server_hex}");
     }
 }
+
+/// The Telemetry API at work: a workload-level Telemetry turns the destination's
+/// request count off for myapp, and turns access logging on (with the agent's flag
+/// off) for 5xx answers only; a namespace-level one traces every request of the
+/// namespace (the agent samples 0%) with custom tags, client side only.
+#[tokio::test]
+async fn telemetry_objects_turn_metrics_logs_and_spans_on_and_off_by_scope() {
+    let telemetry = r#"
+---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: myapp, namespace: shop}
+spec:
+  selector: {matchLabels: {app: myapp}}
+  metrics:
+  - providers: [{name: prometheus}]
+    overrides: [{match: {metric: REQUEST_COUNT, mode: SERVER}, disabled: true}]
+  accessLogging:
+  - providers: [{name: envoy}]
+    filter: {expression: "response.code >= 500"}
+---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: namespace-wide, namespace: shop}
+spec:
+  tracing:
+  - randomSamplingPercentage: 100
+    match: {mode: CLIENT}
+    customTags:
+      team: {literal: {value: payments}}
+      tenant: {header: {name: x-tenant, defaultValue: none}}
+"#;
+    let vs = virtual_service("  - route: [{destination: {host: myapp, subset: v1}}]\n");
+    let mesh = Mesh::start(&config(45, &format!("{SUBSETS}{vs}{telemetry}")), APPS).await;
+    let collector = OtlpReceiver::start([127, 45, 0, 100]).await;
+    let endpoint = format!("http://{}", collector.addr).parse().unwrap();
+    mesh.ctx.metrics.start_tracing(endpoint, 0.0, "node1".into(), "cluster.local".into());
+    let (out, far) = tokio::io::duplex(1 << 16);
+    mesh.ctx.metrics.start_access_log(crate::telemetry::access_log::Format::Off, out);
+
+    let mut tenant = get("/ok");
+    tenant.headers_mut().insert("x-tenant", "acme".parse().unwrap());
+    assert_eq!(mesh.send("client", vip(45), tenant).await.status(), 200);
+    // Retried by the default route's policy, failing every time.
+    assert_eq!(mesh.send("client", vip(45), get("/fail-first/9")).await.status(), 503);
+
+    // Metrics: the source still counts both; myapp's agent counts none of the
+    // attempts, but still measures their duration (only REQUEST_COUNT was turned off).
+    let metrics = mesh.metrics();
+    let count = |prefix: &str| -> u64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    assert_eq!(count("requests_total{reporter=\"source\""), 2, "{metrics}");
+    assert_eq!(count("requests_total{reporter=\"destination\""), 0, "{metrics}");
+    assert!(count("request_duration_milliseconds_count{reporter=\"destination\"") >= 2, "{metrics}");
+
+    // Access log: only myapp's 503s, from its own agent (client has no Telemetry that
+    // logs, and the flag is off), as text.
+    let mut lines = tokio::io::BufReader::new(far).lines();
+    let mut logged = Vec::new();
+    while let Ok(Ok(Some(line))) = tokio::time::timeout(Duration::from_millis(1500), lines.next_line()).await {
+        logged.push(line);
+    }
+    assert!(!logged.is_empty(), "the 5xx answers are logged");
+    for line in &logged {
+        assert!(line.contains("\"GET /fail-first/9 HTTP/1.1\" 503 - via_upstream"), "5xx only: {line}");
+        assert!(line.contains(" inbound|8080|| "), "from the destination's agent: {line}");
+    }
+
+    // Tracing: the namespace's Telemetry samples every trace, client spans only.
+    let spans = collector.spans(2).await;
+    assert_eq!(spans.len(), 2, "two requests, one client span each: {spans:#?}");
+    for (_, span) in &spans {
+        assert_eq!(span.kind, opentelemetry_proto::tonic::trace::v1::span::SpanKind::Client as i32);
+        assert_eq!(attribute(span, "team"), "payments");
+    }
+    let tenants: Vec<String> = spans.iter().map(|(_, s)| attribute(s, "tenant")).collect();
+    assert!(tenants.contains(&"acme".to_string()) && tenants.contains(&"none".to_string()), "{tenants:?}");
+}

@@ -13,8 +13,12 @@ use crate::config::gateway_api::translate::translate;
 use crate::config::istio::VirtualService;
 use crate::config::resource::Resource;
 use crate::config::resources::{EndpointSlice, IntOrString, Pod};
+use crate::config::telemetry::TelemetrySpec;
 use crate::identity::Identity;
-use crate::state::{Endpoint, MeshScope, Problem, Service, ServicePort, TargetPort, Workload, WorkloadMeta};
+use crate::state::{
+    AccessLogPolicy, Endpoint, MeshScope, Problem, Service, ServicePort, Sides, TagValue, TargetPort, TelemetryPolicy,
+    TracingPolicy, Workload, WorkloadMeta,
+};
 use crate::traffic::external::ExternalServices;
 use crate::traffic::gateway::{CompiledGateway, PortRoutes, serve_domains};
 use crate::traffic::policy::DestinationPolicy;
@@ -161,7 +165,44 @@ impl Snapshot {
         snap.outbound = mesh.outbound;
         snap.compile_traffic(objects);
         snap.compile_security(objects, mesh);
+        snap.compile_telemetry(objects, &mesh.root_namespace);
         snap
+    }
+
+    /// Telemetry objects, per workload: for each of metrics, access logging and tracing,
+    /// the most specific Telemetry that says anything decides (the workload's own by
+    /// selector, else its namespace's, else the root namespace's); of several at one
+    /// level, the first by name.
+    fn compile_telemetry(&mut self, objects: &[Object], root: &str) {
+        let all = sorted(objects, |o| if let Object::Telemetry(t) = o { Some(&**t) } else { None });
+        if all.is_empty() {
+            return;
+        }
+        let mut cache: HashMap<Vec<usize>, Arc<crate::state::TelemetryPolicy>> = HashMap::new();
+        for w in &self.workloads {
+            // Most specific first.
+            let level = |t: &&crate::config::telemetry::Telemetry| {
+                let ns = t.metadata.namespace_or_default();
+                match &t.spec.selector {
+                    Some(s) if ns == w.namespace && s.selects(&w.labels) => Some(0),
+                    None if ns == w.namespace && ns != root => Some(1),
+                    None if ns == root => Some(2),
+                    _ => None,
+                }
+            };
+            let mut applying: Vec<(usize, usize)> =
+                all.iter().enumerate().filter_map(|(i, t)| Some((level(t)?, i))).collect();
+            applying.sort();
+            let key: Vec<usize> = applying.iter().map(|(_, i)| *i).collect();
+            if key.is_empty() {
+                continue;
+            }
+            let policy = cache
+                .entry(key.clone())
+                .or_insert_with(|| Arc::new(telemetry_policy(key.iter().map(|i| &all[*i].spec))))
+                .clone();
+            self.telemetry.insert(w.key(), policy);
+        }
     }
 
     /// PeerAuthentication modes and AuthorizationPolicies, per workload. A policy that
@@ -617,6 +658,69 @@ fn workload(pod: &Pod, mesh: &MeshScope, namespaces: &HashMap<String, NamespaceM
         uid: pod.metadata.uid.clone(),
         serving: pod.is_serving(),
     }
+}
+
+/// The settings of Telemetry specs, most specific first: each section from the first
+/// spec that has it. Specs are validated: what does not parse here was refused then.
+fn telemetry_policy<'a>(specs: impl Iterator<Item = &'a TelemetrySpec> + Clone) -> TelemetryPolicy {
+    use crate::config::telemetry as t;
+    let sides = |mode: Option<&str>| {
+        let (client, server) = t::sides(mode).unwrap_or((true, true));
+        Sides { client, server }
+    };
+    let mut policy = TelemetryPolicy::default();
+    if let Some(metrics) = specs.clone().find(|s| !s.metrics.is_empty()) {
+        for o in metrics.metrics.iter().flat_map(|m| &m.overrides) {
+            let sel = o.match_.clone().unwrap_or_default();
+            let which: Vec<usize> = match sel.metric.as_deref() {
+                None | Some("ALL_METRICS") => (0..t::METRICS.len()).collect(),
+                Some(m) => t::metric_index(m).into_iter().collect(),
+            };
+            let s = sides(sel.mode.as_deref());
+            for m in which {
+                for (side, on) in [(0, s.client), (1, s.server)] {
+                    let bit = 1u32 << (2 * m + side);
+                    match o.disabled {
+                        Some(true) if on => policy.disabled_metrics |= bit,
+                        Some(false) if on => policy.disabled_metrics &= !bit,
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    if let Some(spec) = specs.clone().find(|s| !s.access_logging.is_empty()) {
+        let a = &spec.access_logging[0];
+        policy.access_log = Some(AccessLogPolicy {
+            enabled: a.disabled != Some(true),
+            sides: sides(a.match_.as_ref().and_then(|m| m.mode.as_deref())),
+            filter: a.filter.as_ref().and_then(|f| t::parse_filter(&f.expression).ok()),
+        });
+    }
+    if let Some(spec) = specs.clone().find(|s| !s.tracing.is_empty()) {
+        let tr = &spec.tracing[0];
+        let tags = tr
+            .custom_tags
+            .iter()
+            .filter_map(|(name, tag)| {
+                let value = match (&tag.literal, &tag.header) {
+                    (Some(l), _) => TagValue::Literal(l.value.clone()),
+                    (None, Some(h)) => {
+                        TagValue::Header { name: h.name.to_ascii_lowercase(), default: h.default_value.clone() }
+                    }
+                    (None, None) => return None,
+                };
+                Some((name.clone(), value))
+            })
+            .collect();
+        policy.tracing = Some(TracingPolicy {
+            sampling: tr.random_sampling_percentage,
+            report: tr.disable_span_reporting != Some(true),
+            sides: sides(tr.match_.as_ref().and_then(|m| m.mode.as_deref())),
+            tags,
+        });
+    }
+    policy
 }
 
 /// How telemetry names `pod`, as Istio does: the workload is its controller (the

@@ -14,13 +14,15 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncWrite, AsyncWriteExt as _};
 use tokio::sync::mpsc;
 
+use crate::state::TelemetryPolicy;
+
 /// Entries waiting for the writer; beyond this they are dropped.
 const QUEUE: usize = 4096;
 
 /// How lines are written (`--access-log`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
-    /// No access log.
+    /// None, unless a Telemetry turns access logging on for a workload (then text).
     Off,
     /// Envoy's default format, as Istio's `accessLogFile` writes it.
     Text,
@@ -108,21 +110,33 @@ pub struct Entry {
 pub struct AccessLog {
     queue: mpsc::Sender<Entry>,
     dropped: Counter,
+    /// Whether workloads no Telemetry speaks for are logged.
+    default_on: bool,
 }
 
 impl AccessLog {
-    /// Starts the writer task on `out` in `format`; None when the format is `Off`.
-    /// Entries the queue cannot take are counted on `dropped`.
-    pub fn start<W>(format: Format, out: W, dropped: Counter) -> Option<Self>
+    /// Starts the writer task on `out` in `format` (text for `Off`, which logs only
+    /// the workloads a Telemetry turns logging on for). Entries the queue cannot take
+    /// are counted on `dropped`.
+    pub fn start<W>(format: Format, out: W, dropped: Counter) -> Self
     where
         W: AsyncWrite + Unpin + Send + 'static,
     {
-        if format == Format::Off {
-            return None;
-        }
         let (queue, rx) = mpsc::channel(QUEUE);
         tokio::spawn(write_lines(rx, format, out));
-        Some(Self { queue, dropped })
+        Self { queue, dropped, default_on: format != Format::Off }
+    }
+
+    /// Whether traffic of a workload under `policy`, seen by the source's agent
+    /// (`source`) or the destination's, may be logged (its response code not known
+    /// yet).
+    pub fn may_log(&self, policy: &TelemetryPolicy, source: bool) -> bool {
+        policy.access_log.as_ref().map_or(self.default_on, |p| p.enabled && p.sides.has(source))
+    }
+
+    /// Whether an entry with response `code` (0 for TCP) is logged.
+    pub fn logs(&self, policy: &TelemetryPolicy, source: bool, code: u16) -> bool {
+        policy.access_log.as_ref().map_or(self.default_on, |p| p.logs(source, code))
     }
 
     /// Queues `entry` for the writer, or drops it when the queue is full.
@@ -302,7 +316,7 @@ mod tests {
     async fn a_stalled_writer_sheds_lines_and_never_blocks() {
         let (out, far) = tokio::io::duplex(64);
         let dropped = Counter::default();
-        let log = AccessLog::start(Format::Json, out, dropped.clone()).unwrap();
+        let log = AccessLog::start(Format::Json, out, dropped.clone());
         for _ in 0..QUEUE * 2 {
             log.record(entry());
         }

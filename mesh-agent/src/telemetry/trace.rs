@@ -167,6 +167,8 @@ pub struct Begun {
     pub kind: Kind,
     /// When it began.
     pub start: SystemTime,
+    /// Whether it is reported when sampled (a Telemetry may keep a side's spans in).
+    pub report: bool,
 }
 
 impl Begun {
@@ -186,7 +188,7 @@ pub struct Finished {
     /// When it ended.
     pub end: SystemTime,
     /// Istio's span attributes.
-    pub attributes: Vec<(&'static str, String)>,
+    pub attributes: Vec<(String, String)>,
     /// Whether it failed (5xx, or no upstream answer).
     pub error: bool,
     /// The workload whose hop it is: names the exporting service.
@@ -259,22 +261,24 @@ impl Tracer {
     }
 
     /// Begins a span of `kind` under the request's incoming context: the same trace and
-    /// sampling decision, or a new trace sampled at the configured percentage.
-    pub fn begin(&self, incoming: Option<SpanContext>, kind: Kind) -> Begun {
+    /// sampling decision, or a new trace sampled at `sampling` percent (the configured
+    /// percentage when None). `report`: whether the span is exported when sampled.
+    pub fn begin(&self, incoming: Option<SpanContext>, kind: Kind, sampling: Option<f64>, report: bool) -> Begun {
         let mut rng = rand::rng();
+        let percent = sampling.unwrap_or(self.sampling);
         let sampled = match incoming {
             Some(c) => c.sampled,
-            None => self.sampling >= 100.0 || (self.sampling > 0.0 && rng.random_range(0.0..100.0) < self.sampling),
+            None => percent >= 100.0 || (percent > 0.0 && rng.random_range(0.0..100.0) < percent),
         };
         let trace_id = incoming.map_or_else(|| rng.random(), |c| c.trace_id);
         let ctx = SpanContext { trace_id, span_id: rng.random(), sampled };
-        Begun { ctx, parent: incoming.map(|c| c.span_id), kind, start: SystemTime::now() }
+        Begun { ctx, parent: incoming.map(|c| c.span_id), kind, start: SystemTime::now(), report }
     }
 
-    /// Queues a finished span for export (sampled ones only); drops it when the
-    /// exporter is behind.
+    /// Queues a finished span for export (sampled and reported ones only); drops it
+    /// when the exporter is behind.
     pub fn finish(&self, span: Finished) {
-        if span.begun.ctx.sampled && self.queue.try_send(span).is_err() {
+        if span.begun.ctx.sampled && span.begun.report && self.queue.try_send(span).is_err() {
             self.dropped.inc();
         }
     }
@@ -350,7 +354,7 @@ pub fn export_request(spans: Vec<Finished>) -> ExportTraceServiceRequest {
             },
             start_time_unix_nano: nanos(f.begun.start),
             end_time_unix_nano: nanos(f.end),
-            attributes: f.attributes.into_iter().map(|(k, v)| string(k, v)).collect(),
+            attributes: f.attributes.into_iter().map(|(k, v)| string(&k, v)).collect(),
             status: Some(Status {
                 code: if f.error { status::StatusCode::Error } else { status::StatusCode::Unset } as i32,
                 ..Default::default()
@@ -492,7 +496,7 @@ mod tests {
             mesh_id: "cluster.local".into(),
         };
         let parent = SpanContext { trace_id: [7; 16], span_id: [9; 8], sampled: true };
-        let child = tracer.begin(Some(parent), Kind::Client);
+        let child = tracer.begin(Some(parent), Kind::Client, None, true);
         assert_eq!(child.ctx.trace_id, parent.trace_id);
         assert_ne!(child.ctx.span_id, parent.span_id);
         assert!(child.ctx.sampled, "the caller's decision wins over 0%");
@@ -504,7 +508,8 @@ mod tests {
         assert_eq!(SpanContext::extract(&h), Some(child.ctx), "so do the B3 headers");
         assert_eq!(h["x-b3-parentspanid"], "0909090909090909");
         assert_eq!(h["tracestate"], "vendor=1");
-        assert!(!tracer.begin(None, Kind::Server).ctx.sampled, "a new trace at 0% is not recorded");
+        assert!(!tracer.begin(None, Kind::Server, None, true).ctx.sampled, "a new trace at 0% is not recorded");
+        assert!(tracer.begin(None, Kind::Server, Some(100.0), true).ctx.sampled, "a Telemetry's percentage wins");
     }
 
     #[test]

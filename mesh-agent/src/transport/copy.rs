@@ -13,6 +13,9 @@ use tokio_util::sync::CancellationToken;
 
 use prometheus_client::metrics::counter::Counter;
 
+use std::sync::Arc;
+
+use crate::state::TelemetryPolicy;
 use crate::telemetry::access_log::Entry;
 use crate::telemetry::{ConnLabels, Direction, Metrics};
 
@@ -31,9 +34,12 @@ where
     tokio::io::copy_bidirectional_with_sizes(a, b, BUFFER_SIZE, BUFFER_SIZE).await
 }
 
-/// Where a spliced connection came from and went, for its access log line.
-#[derive(Debug, Clone, Copy)]
+/// Where a spliced connection came from and went, for its access log line, and what
+/// the Telemetry API says for the reporting workload.
+#[derive(Debug, Clone)]
 pub struct Ends {
+    /// The reporting workload's Telemetry settings.
+    pub policy: Arc<TelemetryPolicy>,
     /// The client's address.
     pub client: SocketAddr,
     /// The address the client dialed.
@@ -92,7 +98,7 @@ where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     S: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    let open = metrics.opened(labels);
+    let open = metrics.opened(labels, &ends.policy);
     let (start, started) = (std::time::SystemTime::now(), Instant::now());
     let activity = Activity::now();
     let (received, sent) = (AtomicU64::new(0), AtomicU64::new(0));
@@ -112,8 +118,9 @@ where
         () = idle_out => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("idle for {idle:?}"))),
     };
     metrics.closed(labels, open);
-    if let Some(log) = metrics.access_log() {
-        log.record(tcp_entry(labels, ends, start, started.elapsed(), (received.into_inner(), sent.into_inner())));
+    let source = labels.peers.reporter == "source";
+    if let Some(log) = metrics.access_log().filter(|l| l.logs(&ends.policy, source, 0)) {
+        log.record(tcp_entry(labels, &ends, start, started.elapsed(), (received.into_inner(), sent.into_inner())));
     }
     result
 }
@@ -121,7 +128,7 @@ where
 /// The access log line of a spliced connection.
 fn tcp_entry(
     labels: &ConnLabels,
-    ends: Ends,
+    ends: &Ends,
     start: std::time::SystemTime,
     duration: Duration,
     (received, sent): (u64, u64),
@@ -246,7 +253,7 @@ mod tests {
         let splice = tokio::spawn(async move {
             let m = metrics;
             let a = SocketAddr::from(([127, 0, 0, 1], 1));
-            let ends = Ends { client: a, dialed: a, upstream: None };
+            let ends = Ends { policy: Arc::default(), client: a, dialed: a, upstream: None };
             counted(&m, (&labels(), ends), &mut client, &mut server, idle).await
         });
         // Busy for three minutes, a byte every 30 s: still open.

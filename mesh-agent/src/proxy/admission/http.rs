@@ -100,17 +100,19 @@ fn local_because(status: StatusCode, body: &'static str, flags: &'static str, de
 async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<RespBody> {
     let started = std::time::Instant::now();
     let mut req = req;
-    let (span, logged) = crate::l7::server::observe(&conn.ctx.metrics, &mut req, trace::Kind::Server);
+    let policy = conn.ctx.snapshot.load().telemetry(&conn.pod.key()).clone();
+    let (span, logged) = crate::l7::server::observe(&conn.ctx.metrics, &policy, &mut req, trace::Kind::Server);
     let method = req.method().as_str().to_string();
     let mut response = judge_and_forward(conn, req).await;
     tracing::trace!(pod = %conn.pod.name, %method, status = %response.status(), "inbound request");
     let reply = response.extensions_mut().remove::<LocalReply>();
     let flags = reply.as_ref().map_or("-", |r| r.flags);
     let dst = conn.arrival.dst;
-    let log = logged.map(|(start, request)| {
+    let log = logged.map(|(start, request, tags)| {
         Box::new(LogLine {
             start,
             request,
+            tags,
             upstream_host: reply.is_none().then_some(dst),
             upstream_cluster: format!("inbound|{}||", dst.port()),
             details: reply.map_or_else(|| "via_upstream".into(), |r| r.details),
@@ -119,7 +121,7 @@ async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<RespBody> {
         })
     });
     // The request body goes to the application unread: its size is not measured here.
-    let measured = Measured { metrics: conn.ctx.metrics.clone(), started, request_bytes: None, log, span };
+    let measured = Measured { metrics: conn.ctx.metrics.clone(), policy, started, request_bytes: None, log, span };
     measured.answer(conn.peers.clone(), flags, response)
 }
 
