@@ -5,7 +5,10 @@
 //! - `direct`: no mesh (the pods' namespace is unenrolled for this phase);
 //! - `peer`: HAProxy as an mTLS client proxy in the client pod and an mTLS server proxy
 //!   in the server pod (TLS 1.3, certificates from the mesh CA), as sidecars run;
-//! - `mesh-l4`: the same pods enrolled: both node agents and the HBONE mTLS tunnel;
+//! - `mesh-l4`: the same pods enrolled: both node agents and the HBONE mTLS tunnel
+//!   (the server's agent reads each HTTP request for its metrics: L7 telemetry);
+//! - `mesh-l4-tcp`: the same, with a Telemetry turning the request metrics off at the
+//!   server's agent, which then splices: the difference is what L7 telemetry costs;
 //! - `mesh-l7`: the same pods through the Service VIP with a VirtualService (and a
 //!   DestinationRule subset) on the route: HTTP parsed, matched and routed.
 //!
@@ -288,6 +291,13 @@ fn mesh_phase(lab: &mut Lab, tools: &Tools, args: &BenchArgs, d: Durations) -> a
         };
         let l7_proxies = target.proxies.clone();
         scenarios.push(measure_scenario(lab, tools, args, d, &target)?);
+        // mesh-l4-tcp: the same, with the server's agent splicing instead of reading
+        // each request for its metrics (a Telemetry turns the request metrics off at
+        // the destination): what L7 telemetry costs.
+        let telemetry = splice_at_destination(lab, server)?;
+        let spliced = Target { name: "mesh-l4-tcp", proxies: l7_proxies.clone(), ..target };
+        scenarios.push(measure_scenario(lab, tools, args, d, &spliced)?);
+        lab.delete(&telemetry)?;
         // mesh-l7: the Service VIP, with a VirtualService routing every request to the
         // same server pod (through a DestinationRule subset), so HTTP is parsed and
         // routed on the same path.
@@ -586,6 +596,53 @@ fn route_all_to_subset(lab: &Lab, subset: &str, server: &str) -> anyhow::Result<
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// Applies a Telemetry that turns the request metrics off at `server`'s agent (so it
+/// splices the pod's traffic), and waits until a request to the pod is no longer
+/// counted there. Returns the file to delete afterwards.
+fn splice_at_destination(lab: &Lab, server: &str) -> anyhow::Result<PathBuf> {
+    let pod = lab.pod(server)?;
+    let version = pod.labels.get("version").context("server pod has a version label")?;
+    let yaml = format!(
+        "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {{name: bench-splice, namespace: production}}\n\
+         spec:\n  selector: {{matchLabels: {{version: {version}}}}}\n  metrics:\n  - overrides:\n\
+         {}",
+        ["REQUEST_COUNT", "REQUEST_DURATION", "REQUEST_SIZE", "RESPONSE_SIZE"]
+            .map(|m| format!("    - {{match: {{metric: {m}, mode: SERVER}}, disabled: true}}\n"))
+            .concat()
+    );
+    let dir = lab.state_dir.join("bench");
+    std::fs::create_dir_all(&dir)?;
+    let file = dir.join(TELEMETRY_CONFIG);
+    std::fs::write(&file, yaml)?;
+    lab.apply(&file)?;
+    let counted = || -> u64 {
+        mesh_tests::harness::metrics(lab, &pod.node)
+            .lines()
+            .filter(|l| {
+                l.starts_with("istio_requests_total{reporter=\"destination\"")
+                    && l.contains(&format!("destination_workload=\"{server}\""))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    let url = format!("http://{}:8080/probe", pod.ip);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let before = counted();
+        lab.exec(CLIENT, &["curl", "-s", "-m", "2", "-o", "/dev/null", &url])?;
+        if counted() == before {
+            return Ok(file);
+        }
+        if Instant::now() > deadline {
+            bail!("the Telemetry for the mesh-l4-tcp scenario not in force after 20 s");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// File name of the mesh-l4-tcp scenario's Telemetry in the agents' config directory.
+const TELEMETRY_CONFIG: &str = "bench-telemetry.yaml";
 
 /// Enrolls or unenrolls the `production` namespace by rewriting the lab's namespaces
 /// file, then waits until every agent has caught up.

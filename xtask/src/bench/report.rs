@@ -59,7 +59,7 @@ impl Latency {
 /// One scenario on one path.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Scenario {
-    /// `direct`, `peer`, `mesh-l4`, `mesh-l7`.
+    /// `direct`, `peer`, `mesh-l4`, `mesh-l4-tcp`, `mesh-l7`.
     pub name: String,
     /// `cross-node` or `same-node`.
     pub path: String,
@@ -326,7 +326,7 @@ impl Report {
     pub fn check_shape(&self) -> (usize, Vec<String>) {
         let mut passed = 0;
         let mut failed = Vec::new();
-        let expected = ["direct", "peer", "mesh-l4", "mesh-l7"]
+        let expected = ["direct", "peer", "mesh-l4", "mesh-l4-tcp", "mesh-l7"]
             .into_iter()
             .flat_map(|name| ["cross-node", "same-node"].map(|path| (name, path)))
             .chain(["direct", "peer", "gateway"].map(|name| (name, "ingress")));
@@ -479,7 +479,10 @@ impl Report {
              cross-node) and `myapp-v2` (node1, same-node). `direct` and `peer` run with the namespace\n\
              unenrolled; `mesh-*` with it enrolled. `peer` is HAProxy in TCP mode as an mTLS client sidecar in\n\
              the client pod and an mTLS server sidecar in the server pod (TLS 1.3, certificates from the mesh\n\
-             CA). Every scenario is measured in {} rounds; the phases (unenrolled, enrolled) alternate which\n\
+             CA). `mesh-l4` has the server's agent read each HTTP request for its metrics (L7 telemetry, the\n\
+             default); `mesh-l4-tcp` is the same with a Telemetry turning request metrics off at the server,\n\
+             whose agent then splices: the difference between them is the cost of L7 telemetry. Every\n\
+             scenario is measured in {} rounds; the phases (unenrolled, enrolled) alternate which\n\
              goes first, and each figure is the median round's (slowest request and peak RSS: the worst\n\
              round's); the p99 of each round is listed, and an added p99 smaller than that spread is marked\n\
              noise. Per round: latency with oha at a fixed {} requests/s for {} s over {} keep-alive\n\
