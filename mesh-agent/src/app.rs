@@ -32,6 +32,23 @@ use pods::Pods;
 
 /// Pods whose netns or cgroup is not there yet are retried this often; also the
 /// fallback re-read of the config directory should a file event be missed.
+/// The metrics registry (Istio's under the `istio` prefix, the process's own under the
+/// standard `process_*` names) and the agent's metrics, access log and tracer as the
+/// settings ask.
+pub(crate) fn observability(settings: &Settings, certs: &Arc<CertStore>) -> (Registry, Arc<Metrics>) {
+    let mut registry = Registry::default();
+    let metrics = Arc::new(Metrics::new(registry.sub_registry_with_prefix("istio")));
+    registry.register_collector(Box::new(crate::telemetry::health::Health { certs: Some(certs.clone()) }));
+    metrics.start_access_log(settings.access_log, tokio::io::stdout());
+    if let Some(endpoint) = settings.trace_endpoint.clone() {
+        metrics.start_tracing(endpoint, settings.trace_sampling, settings.node.clone(), settings.trust_domain.clone());
+    }
+    (registry, metrics)
+}
+
+/// Resyncs between two counts of the BPF maps' entries (30 s).
+const MAP_FILL_EVERY: u64 = 15;
+
 pub(crate) const RESYNC_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Errors that stop the agent from starting.
@@ -110,14 +127,9 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
     let cni_listener = crate::cni::bind(&settings.cni_socket)?;
     install_cni_plugin(&settings)?;
 
-    let mut registry = Registry::with_prefix("istio");
-    let metrics = Arc::new(Metrics::new(&mut registry));
-    metrics.start_access_log(settings.access_log, tokio::io::stdout());
-    if let Some(endpoint) = settings.trace_endpoint.clone() {
-        metrics.start_tracing(endpoint, settings.trace_sampling, settings.node.clone(), settings.trust_domain.clone());
-    }
+    let (mut registry, metrics) = observability(&settings, &certs);
     let admin_refused = prometheus_client::metrics::counter::Counter::default();
-    registry.register(
+    registry.sub_registry_with_prefix("istio").register(
         "mesh_admin_connections_refused",
         "Admin, metrics and readiness connections closed at the cap",
         admin_refused.clone(),
@@ -169,6 +181,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
     tracing::info!(node = %settings.node, pods = agent.pods.enrolled_count(), "agent ready");
 
     let mut resync = tokio::time::interval(RESYNC_INTERVAL);
+    let mut ticks: u64 = 0;
     let mut renew = tokio::time::interval(ctx.dialer.certs.renewal_interval());
     let mut trust = tokio::time::interval(settings.trust_refresh);
     loop {
@@ -187,6 +200,12 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
                 agent.reload(&mut source);
                 agent.reconcile();
                 ctx.metrics.probes_seen(dataplane.probe_connections());
+                ctx.metrics.kernel_events_seen(&dataplane.kernel_events());
+                // Counting walks the maps' keys: seldom.
+                ticks += 1;
+                if ticks % MAP_FILL_EVERY == 1 {
+                    ctx.metrics.map_fill(&dataplane.map_fill());
+                }
                 if dataplane.has_stale_links() {
                     agent.finish_takeover();
                 }

@@ -165,6 +165,8 @@ pub struct Dataplane {
     tables: Mutex<Tables>,
     orig_dst: BpfHashMap<MapData, SockAddrKey, OrigDst>,
     probe_stats: PerCpuArray<MapData, u64>,
+    /// What the kernel programs did, per `mesh_common::events` index and CPU.
+    kernel_events: PerCpuArray<MapData, u64>,
     paths: Paths,
     /// Suffix of this run's pinned links, so a restart can tell old links from new.
     generation: String,
@@ -220,12 +222,15 @@ impl Dataplane {
         let orig_dst = BpfHashMap::try_from(take(&mut ebpf, maps::ORIG_DST)?).map_err(map_err(maps::ORIG_DST))?;
         let probe_stats =
             PerCpuArray::try_from(take(&mut ebpf, maps::PROBE_STATS)?).map_err(map_err(maps::PROBE_STATS))?;
+        let kernel_events =
+            PerCpuArray::try_from(take(&mut ebpf, maps::KERNEL_EVENTS)?).map_err(map_err(maps::KERNEL_EVENTS))?;
 
         let dp = Self {
             ebpf: Mutex::new(ebpf),
             tables: Mutex::new(tables),
             orig_dst,
             probe_stats,
+            kernel_events,
             paths,
             generation,
             stale_links: Mutex::new(stale_links),
@@ -299,6 +304,28 @@ impl Dataplane {
     /// Kubelet probe connections the kernel has let through to pods' applications.
     pub fn probe_connections(&self) -> u64 {
         self.probe_stats.get(&0, 0).map(|per_cpu| per_cpu.iter().sum()).unwrap_or(0)
+    }
+
+    /// How full the maps the agent keeps are: `(map, entries, capacity)`. Counting walks
+    /// each map's keys (one system call a key): call it seldom.
+    pub fn map_fill(&self) -> Vec<(&'static str, usize, u32)> {
+        use mesh_common::capacity;
+        let t = self.tables.lock().unwrap_or_else(|p| p.into_inner());
+        vec![
+            (maps::ENROLLED_PODS, t.enrolled.keys().count(), capacity::PODS),
+            (maps::NETNS_PODS, t.netns_pods.keys().count(), capacity::PODS),
+            (maps::PLAINTEXT_POLICY, t.plaintext.keys().count(), capacity::PLAINTEXT_POLICY),
+            (maps::ORIG_DST, self.orig_dst.keys().count(), capacity::CONNECTIONS),
+        ]
+    }
+
+    /// What the kernel programs did so far, summed over the CPUs, by
+    /// `mesh_common::events` index.
+    pub fn kernel_events(&self) -> [u64; mesh_common::events::COUNT as usize] {
+        std::array::from_fn(|i| {
+            let index = u32::try_from(i).unwrap_or(u32::MAX);
+            self.kernel_events.get(&index, 0).map(|per_cpu| per_cpu.iter().sum()).unwrap_or(0)
+        })
     }
 
     /// Pins a freshly attached program's link under this run's generation.

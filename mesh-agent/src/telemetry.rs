@@ -6,6 +6,7 @@
 //! ([`Metrics::forget_gone`]), so pod churn does not grow the agent or the scrape.
 
 pub mod access_log;
+pub mod health;
 pub mod trace;
 
 use std::collections::HashSet;
@@ -330,6 +331,21 @@ pub struct DnsLabels {
     pub outcome: &'static str,
 }
 
+/// Labels of `istio_mesh_kernel_events_total`: one of a fixed set of events.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct KernelEventLabels {
+    /// `outbound_redirected`, `dns_redirected`, `inbound_steered`, `plaintext_dropped`,
+    /// `no_listener_dropped`, `unknown_pod_dropped`, `record_failed`.
+    pub event: &'static str,
+}
+
+/// Labels of the BPF map gauges: one of the agent's maps.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct MapLabels {
+    /// The map's name.
+    pub map: &'static str,
+}
+
 /// Envoy's default histogram buckets, which Istio's request duration (milliseconds)
 /// and size (bytes) histograms use, so dashboards' quantiles read the same.
 pub const ENVOY_BUCKETS: [f64; 19] = [
@@ -385,6 +401,9 @@ pub struct Metrics {
     access_log: std::sync::OnceLock<access_log::AccessLog>,
     access_log_dropped: Counter,
     tracer: std::sync::OnceLock<trace::Tracer>,
+    kernel_events: Family<KernelEventLabels, Counter>,
+    map_entries: Family<MapLabels, Gauge>,
+    map_capacity: Family<MapLabels, Gauge>,
     trace_counters: trace::TraceCounters,
 }
 
@@ -437,6 +456,13 @@ impl Metrics {
             "Access log lines dropped because the writer fell behind (the data path never waits for it)",
             m.access_log_dropped.clone(),
         );
+        registry.register(
+            "mesh_kernel_events",
+            "What the kernel programs did with pods' sockets, summed over CPUs: redirects, steering, and drops by reason",
+            m.kernel_events.clone(),
+        );
+        registry.register("mesh_bpf_map_entries", "Entries in the agent's BPF maps", m.map_entries.clone());
+        registry.register("mesh_bpf_map_capacity", "Capacity of the agent's BPF maps", m.map_capacity.clone());
         registry.register(
             "mesh_spans_exported",
             "Trace spans the collector accepted",
@@ -498,6 +524,27 @@ impl Metrics {
             self.index().blocked.insert(labels.clone());
         }
         self.blocked.get_or_create(&labels).inc();
+    }
+
+    /// Brings `istio_mesh_kernel_events_total{event}` up to the kernel's counts (by
+    /// `mesh_common::events` index).
+    pub fn kernel_events_seen(&self, totals: &[u64]) {
+        for (event, total) in mesh_common::events::NAMES.iter().zip(totals) {
+            let counter = self.kernel_events.get_or_create(&KernelEventLabels { event });
+            let counted = counter.get();
+            if *total > counted {
+                counter.inc_by(total - counted);
+            }
+        }
+    }
+
+    /// Sets the BPF maps' fill levels: `(map, entries, capacity)`.
+    pub fn map_fill(&self, fill: &[(&'static str, usize, u32)]) {
+        for (map, entries, capacity) in fill {
+            let labels = MapLabels { map };
+            self.map_entries.get_or_create(&labels).set(i64::try_from(*entries).unwrap_or(i64::MAX));
+            self.map_capacity.get_or_create(&labels).set(i64::from(*capacity));
+        }
     }
 
     /// Brings `istio_mesh_probe_connections_total` up to the kernel's count.

@@ -94,6 +94,9 @@ pub mod maps {
     pub const PROBE_FLOWS: &str = "PROBE_FLOWS";
     /// `PerCpuArray<u64>` with one entry: probe connections let through.
     pub const PROBE_STATS: &str = "PROBE_STATS";
+    /// `PerCpuArray<u64>` with [`crate::events::COUNT`] entries: what the kernel side
+    /// did, by [`crate::events`] index.
+    pub const KERNEL_EVENTS: &str = "KERNEL_EVENTS";
     /// Socket cookie -> the DNS server a pod's UDP socket last asked (LRU).
     pub const DNS_ORIG_DST: &str = "DNS_ORIG_DST";
     /// aya-log's ring buffer. Pinned so that every per-pod `sk_lookup` instance writes
@@ -136,6 +139,36 @@ pub mod programs {
     /// Every `cgroup_sock_addr` program, all attached to the node's cgroup.
     pub const CGROUP_SOCK_ADDR: [&str; 8] =
         [CONNECT4, CONNECT6, GETPEERNAME4, GETPEERNAME6, SENDMSG4, SENDMSG6, RECVMSG4, RECVMSG6];
+}
+
+/// Indexes of `KERNEL_EVENTS`: what the kernel programs did with a socket.
+pub mod events {
+    /// A pod's TCP `connect()` sent to the agent's outbound listener.
+    pub const OUTBOUND_REDIRECTED: u32 = 0;
+    /// A pod's DNS query sent to the agent's DNS proxy.
+    pub const DNS_REDIRECTED: u32 = 1;
+    /// A connection to a pod steered to the agent's inbound listener.
+    pub const INBOUND_STEERED: u32 = 2;
+    /// Plaintext to a pod dropped by its policy (STRICT, or no plaintext peer allowed).
+    pub const PLAINTEXT_DROPPED: u32 = 3;
+    /// A connection to an enrolled pod dropped: its agent listener is gone.
+    pub const NO_LISTENER_DROPPED: u32 = 4;
+    /// A connection dropped in a netns whose pod entry is gone (being replaced).
+    pub const UNKNOWN_POD_DROPPED: u32 = 5;
+    /// A connect or DNS query refused: its original destination could not be recorded.
+    pub const RECORD_FAILED: u32 = 6;
+    /// Entries.
+    pub const COUNT: u32 = 7;
+    /// Their names, as the agent's metrics label them.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "outbound_redirected",
+        "dns_redirected",
+        "inbound_steered",
+        "plaintext_dropped",
+        "no_listener_dropped",
+        "unknown_pod_dropped",
+        "record_failed",
+    ];
 }
 
 /// Capacity of the maps; sizes are per node.

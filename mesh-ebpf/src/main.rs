@@ -38,7 +38,7 @@ use aya_ebpf::{
 use aya_log_ebpf::{debug, warn};
 use mesh_common::{
     CONFIG_FLAG_READY, FlowKey, IpKey, MeshConfig, NetnsPod, NetnsPortKey, OrigDst, PLAINTEXT_DROP, POD_FLAG_DNS,
-    POD_FLAG_ENROLLED, POD_FLAG_HAS_IP6, PodInfo, SockAddrKey, capacity, ports,
+    POD_FLAG_ENROLLED, POD_FLAG_HAS_IP6, PodInfo, SockAddrKey, capacity, events, ports,
 };
 
 /// `cgroup_sock_addr` verdicts.
@@ -86,6 +86,18 @@ static PROBE_FLOWS: LruHashMap<FlowKey, u32> = LruHashMap::pinned(capacity::PROB
 
 #[map(name = "PROBE_STATS")]
 static PROBE_STATS: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
+
+#[map(name = "KERNEL_EVENTS")]
+static KERNEL_EVENTS: PerCpuArray<u64> = PerCpuArray::pinned(events::COUNT, 0);
+
+/// Counts one kernel event (an `events` index) on this CPU.
+#[inline(always)]
+fn count(event: u32) {
+    if let Some(n) = KERNEL_EVENTS.get_ptr_mut(event) {
+        // SAFETY: a per-CPU slot, written only by this CPU while this program runs.
+        unsafe { *n += 1 };
+    }
+}
 
 // Kept apart from COOKIE_ORIG_DST: UDP sockets never tell the kernel side they closed,
 // so their entries leave only by eviction, which must not push out TCP connections'.
@@ -204,10 +216,12 @@ fn try_connect(ctx: &SockAddrContext, v6_hook: bool) -> Result<i32, i32> {
     let orig = OrigDst { ip: dst, port, family: if v6_hook { 6 } else { 4 }, _pad: 0 };
     if COOKIE_ORIG_DST.insert(&cookie, &orig, 0).is_err() {
         warn!(ctx, "mesh: cannot record original destination, rejecting connect");
+        count(events::RECORD_FAILED);
         return Err(REJECT);
     }
 
     set_address(sa, v6_hook, pod_address(&pod, redirect_v4), ports::OUTBOUND);
+    count(events::OUTBOUND_REDIRECTED);
     debug!(ctx, "mesh: redirected connect cookie={} dport={}", cookie, port);
     Ok(ALLOW)
 }
@@ -329,9 +343,11 @@ fn redirect_dns(ctx: &SockAddrContext, v6_hook: bool) -> Result<i32, i32> {
     let orig = OrigDst { ip: dst, port: ports::DNS_SERVER, family: if v6_hook { 6 } else { 4 }, _pad: 0 };
     if DNS_ORIG_DST.insert(&cookie, &orig, 0).is_err() {
         warn!(ctx, "mesh: cannot record the DNS server asked, refusing the query");
+        count(events::RECORD_FAILED);
         return Err(REJECT);
     }
     set_address(sa, v6_hook, pod_address(&pod, to_v4), ports::DNS);
+    count(events::DNS_REDIRECTED);
     Ok(ALLOW)
 }
 
@@ -508,6 +524,7 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
         // Attached only to enrolled pods' namespaces: an instance without its entry is
         // one the agent is replacing or removing. Refuse rather than pass unjudged.
         debug!(ctx, "mesh: no pod entry for this netns, dropping port {}", port);
+        count(events::UNKNOWN_POD_DROPPED);
         return SK_DROP;
     };
     // SAFETY: the context pointer is valid for the whole program run.
@@ -522,17 +539,20 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
         // STRICT mTLS, or no policy could admit a peer without an identity: the SYN
         // never reaches user space. Mesh clients use 15008, which is not steered here.
         debug!(ctx, "mesh: plaintext to port {} refused by policy", port);
+        count(events::PLAINTEXT_DROPPED);
         return SK_DROP;
     }
     let ready = MESH_CONFIG.get(0).is_some_and(|c| c.flags & CONFIG_FLAG_READY != 0);
     // REPLACE: while a restarted agent takes over, the previous run's instance for the
     // same netns runs first and may already have picked the (same) listener.
     if ready && INBOUND_LISTENERS.redirect_sk_lookup(ctx, pod.slot, u64::from(BPF_SK_LOOKUP_F_REPLACE)).is_ok() {
+        count(events::INBOUND_STEERED);
         return SK_PASS;
     }
     // The pod is enrolled but its agent listener is gone (agent down or restarting):
     // refuse rather than let plaintext reach the application unchecked.
     debug!(ctx, "mesh: no inbound listener for enrolled pod, dropping port {}", port);
+    count(events::NO_LISTENER_DROPPED);
     SK_DROP
 }
 

@@ -290,3 +290,34 @@ fn the_series_of_a_deleted_pod_leave_the_agents() {
     let node1 = metrics(&lab, "node1");
     assert!(node1.contains("source_workload=\"frontend\""), "{node1}");
 }
+
+/// The agents' own health and the kernel's counters, as a scraper reads them: the
+/// process (memory, CPU, descriptors), the runtime, the certificates, the BPF maps'
+/// fill, and what the kernel programs did (redirected, steered).
+#[test]
+fn agents_report_their_health_and_the_kernels_counters() {
+    let Some(lab) = lab("agents_report_their_health_and_the_kernels_counters") else { return };
+    assert!(curl(&lab, "frontend", "http://myapp/").0);
+    // Plaintext from a pod outside the mesh to an enrolled pod on node1: steered to
+    // its agent by sk_lookup (PERMISSIVE by default).
+    assert!(curl(&lab, "outside", "http://10.10.1.3:8080/").0);
+    let value = |text: &str, prefix: &str| -> Option<f64> {
+        text.lines().find(|l| l.starts_with(prefix))?.rsplit(' ').next()?.parse().ok()
+    };
+    let node1 = eventually("node1 has counted the kernel's events", || {
+        let m = metrics(&lab, "node1");
+        let redirected = value(&m, "istio_mesh_kernel_events_total{event=\"outbound_redirected\"}")?;
+        let steered = value(&m, "istio_mesh_kernel_events_total{event=\"inbound_steered\"}")?;
+        (redirected >= 1.0 && steered >= 1.0).then_some(m)
+    });
+    assert_eq!(value(&node1, "istio_mesh_kernel_events_total{event=\"record_failed\"}"), Some(0.0), "{node1}");
+    assert!(value(&node1, "process_resident_memory_bytes ").is_some_and(|v| v > 1e6), "{node1}");
+    assert!(value(&node1, "process_cpu_seconds_total ").is_some_and(|v| v > 0.0), "{node1}");
+    assert!(value(&node1, "process_open_fds ").is_some_and(|v| v > 3.0), "{node1}");
+    assert!(value(&node1, "process_max_fds ").is_some_and(|v| v > 1024.0), "{node1}");
+    assert!(value(&node1, "istio_mesh_tokio_alive_tasks ").is_some_and(|v| v > 0.0), "{node1}");
+    assert!(value(&node1, "istio_mesh_workload_certs ").is_some_and(|v| v >= 1.0), "{node1}");
+    assert!(value(&node1, "istio_agent_cert_expiry_seconds ").is_some_and(|v| v > 0.0), "{node1}");
+    assert_eq!(value(&node1, "istio_mesh_bpf_map_capacity{map=\"ENROLLED_PODS\"}"), Some(4096.0), "{node1}");
+    assert!(value(&node1, "istio_mesh_bpf_map_entries{map=\"ORIG_DST\"}").is_some(), "{node1}");
+}

@@ -12,7 +12,6 @@ use futures::StreamExt as _;
 use kube::Api;
 use kube::runtime::WatchStreamExt as _;
 use kube::runtime::watcher::{self, Event};
-use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -43,12 +42,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
         Arc::new(crate::admin::ScrapeAuth::new(&settings.metrics_auth, client.as_ref()).map_err(Error::Settings)?);
     let (verifier, certs) = identity(&settings)?;
 
-    let mut registry = Registry::with_prefix("istio");
-    let metrics = Arc::new(Metrics::new(&mut registry));
-    metrics.start_access_log(settings.access_log, tokio::io::stdout());
-    if let Some(endpoint) = settings.trace_endpoint.clone() {
-        metrics.start_tracing(endpoint, settings.trace_sampling, settings.node.clone(), settings.trust_domain.clone());
-    }
+    let (registry, metrics) = super::observability(&settings, &certs);
     let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
     let shutdown = CancellationToken::new();
     let admin_state =

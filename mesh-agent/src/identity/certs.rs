@@ -215,6 +215,12 @@ impl CertStore {
         Ok(roots_changed || issuer_changed)
     }
 
+    /// How many workload certificates are held, and when the first of them expires.
+    pub fn expiry(&self) -> (usize, Option<SystemTime>) {
+        let certs = self.certs.lock().unwrap_or_else(|p| p.into_inner());
+        (certs.len(), certs.values().map(|c| c.not_after).min())
+    }
+
     /// How often [`CertStore::renew_due`] should run: often enough to renew well
     /// within the second half of a certificate's life.
     pub fn renewal_interval(&self) -> Duration {
