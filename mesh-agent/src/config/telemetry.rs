@@ -204,6 +204,13 @@ pub struct Filter {
     pub expression: String,
 }
 
+/// Custom tags one tracing setting may add: the shared agent copies each into every
+/// span of the workloads it covers.
+pub const MAX_CUSTOM_TAGS: usize = 16;
+
+/// The longest custom tag value kept (longer header values are cut).
+pub const MAX_TAG_VALUE: usize = 256;
+
 /// The metrics a Telemetry can name, in the order of [`metric_index`].
 pub const METRICS: [&str; 8] = [
     "REQUEST_COUNT",
@@ -325,6 +332,12 @@ impl TelemetrySpec {
                     "not supported: traces are sampled at random, per trace".into(),
                 ));
             }
+            if t.custom_tags.len() > MAX_CUSTOM_TAGS {
+                return Err((
+                    format!("{at}.customTags"),
+                    format!("{} tags; at most {MAX_CUSTOM_TAGS} (each is copied into every span)", t.custom_tags.len()),
+                ));
+            }
             for (name, tag) in &t.custom_tags {
                 let field = format!("{at}.customTags.{name}");
                 if name.is_empty() {
@@ -412,6 +425,10 @@ mod tests {
                 "spec.tracing[0].customTags.pod.environment",
             ),
             ("tracing: [{customTags: {x: {}}}]", "spec.tracing[0].customTags.x"),
+            (
+                "tracing: [{customTags: {a: {literal: {value: x}}, b: {literal: {value: x}}, c: {literal: {value: x}}, d: {literal: {value: x}}, e: {literal: {value: x}}, f: {literal: {value: x}}, g: {literal: {value: x}}, h: {literal: {value: x}}, i: {literal: {value: x}}, j: {literal: {value: x}}, k: {literal: {value: x}}, l: {literal: {value: x}}, m: {literal: {value: x}}, n: {literal: {value: x}}, o: {literal: {value: x}}, p: {literal: {value: x}}, q: {literal: {value: x}}}}]",
+                "spec.tracing[0].customTags",
+            ),
             (
                 "tracing: [{customTags: {x: {header: {name: 'bad header'}}}}]",
                 "spec.tracing[0].customTags.x.header.name",

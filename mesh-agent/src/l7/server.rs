@@ -250,7 +250,13 @@ pub(crate) fn observe<B>(
                         .headers()
                         .get(name.as_str())
                         .and_then(|v| v.to_str().ok())
-                        .map(str::to_string)
+                        .map(|v| {
+                            let mut end = v.len().min(crate::config::telemetry::MAX_TAG_VALUE);
+                            while !v.is_char_boundary(end) {
+                                end -= 1;
+                            }
+                            v[..end].to_string()
+                        })
                         .or_else(|| default.clone())
                         .unwrap_or_default(),
                 };
@@ -828,8 +834,12 @@ fn retry_slot(caller: &Caller<'_>, backend: &Backend) -> Option<super::balance::
 }
 
 /// `grpc-status` of a trailers-only gRPC answer (the status rides in the headers).
+/// The gRPC status an answer carries. A code gRPC does not define (above 16) is
+/// UNKNOWN (2), as gRPC's own clients read it: the metric label stays one of 17 values,
+/// whatever an application sends.
 fn grpc_status(headers: &http::HeaderMap) -> Option<u32> {
-    headers.get("grpc-status")?.to_str().ok()?.parse().ok()
+    let code: u32 = headers.get("grpc-status")?.to_str().ok()?.trim().parse().ok()?;
+    Some(if code > 16 { 2 } else { code })
 }
 
 /// An HTTP/1.1 request asking to switch protocols (`Connection: upgrade` + `Upgrade`).
@@ -1340,7 +1350,22 @@ fn mirror_copy(caller: &Caller<'_>, mirror: &Backend, req: &Request<()>, body: B
 mod tests {
     use std::sync::Arc;
 
-    use super::{BodyBuffer, cookie_endpoint, cookie_value};
+    use super::{BodyBuffer, cookie_endpoint, cookie_value, grpc_status};
+
+    /// An application cannot grow the metric's label space with made-up codes.
+    #[test]
+    fn grpc_statuses_beyond_grpcs_own_are_unknown() {
+        let status = |v: &str| {
+            let mut h = http::HeaderMap::new();
+            h.insert("grpc-status", v.parse().unwrap());
+            grpc_status(&h)
+        };
+        assert_eq!(status("0"), Some(0));
+        assert_eq!(status("16"), Some(16));
+        assert_eq!(status("17"), Some(2));
+        assert_eq!(status("4294967295"), Some(2));
+        assert_eq!(status("x"), None);
+    }
 
     #[test]
     fn affinity_cookie_names_its_endpoint() {

@@ -169,7 +169,7 @@ pub(super) async fn serve<S>(
     arrival: Arrival,
     verdict: ConnVerdict,
     mut client: S,
-    mut app: TcpStream,
+    app: TcpStream,
     labels: ConnLabels,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -183,20 +183,7 @@ pub(super) async fn serve<S>(
         ConnVerdict::PerRequest => true,
     };
     if !per_request && !reads_http(&ctx, &pod, dst.port()) {
-        let tracked = ctx.inbound.track(&pod, &arrival);
-        let result = copy::counted_until(
-            &ctx.metrics,
-            (&labels, ends),
-            &mut client,
-            &mut app,
-            ctx.tcp_idle_timeout,
-            &tracked.stop,
-        )
-        .await;
-        if let Err(e) = result {
-            tracing::debug!(%dst, error = %e, "inbound connection ended with an error");
-        }
-        return;
+        return splice_tracked(&ctx, &pod, &arrival, (&labels, ends), client, app).await;
     }
     let first = match read_first(&mut client, DETECT_TIMEOUT).await {
         Ok(first) => first,
@@ -205,7 +192,7 @@ pub(super) async fn serve<S>(
             return;
         }
     };
-    let mut client = Prefixed::new(first, client);
+    let client = Prefixed::new(first, client);
     if detect::is_http(client.prefix()) {
         // Each request judged (an allowed connection's requests are allowed alike)
         // and measured, reporter=destination.
@@ -222,17 +209,25 @@ pub(super) async fn serve<S>(
         denied(&ctx, &pod, &attrs, &reason, None);
         return;
     }
-    let tracked = ctx.inbound.track(&pod, &arrival);
-    let result = copy::counted_until(
-        &ctx.metrics,
-        (&labels, ends.clone()),
-        &mut client,
-        &mut app,
-        ctx.tcp_idle_timeout,
-        &tracked.stop,
-    )
-    .await;
+    splice_tracked(&ctx, &pod, &arrival, (&labels, ends), client, app).await;
+}
+
+/// Splices an allowed connection to the application, tracked so a policy change that
+/// would refuse it closes it.
+async fn splice_tracked<S>(
+    ctx: &ProxyContext,
+    pod: &Workload,
+    arrival: &Arrival,
+    observed: (&ConnLabels, copy::Ends),
+    mut client: S,
+    mut app: TcpStream,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let tracked = ctx.inbound.track(pod, arrival);
+    let result =
+        copy::counted_until(&ctx.metrics, observed, &mut client, &mut app, ctx.tcp_idle_timeout, &tracked.stop).await;
     if let Err(e) = result {
-        tracing::debug!(%dst, error = %e, "inbound connection ended with an error");
+        tracing::debug!(dst = %arrival.dst, error = %e, "inbound connection ended with an error");
     }
 }
