@@ -762,7 +762,7 @@ const API_HTTP: u16 = 9450;
 
 #[tokio::test]
 async fn gateway_api_routes_split_by_weight_rewrite_and_route_grpc_by_service() {
-    let net = 51;
+    let net = 53;
     let (server_ca, client_ca) = (TestCa::new(), TestCa::new());
     let edge = Edge::start_with(net, &server_ca, &client_ca, &gateway_api_yaml(net)).await;
     assert!(edge.gateway.ports().contains(&API_HTTP), "{:?}", edge.gateway.ports());
@@ -877,7 +877,7 @@ const ISTIO_MUTUAL: u16 = 9452;
 
 #[tokio::test]
 async fn istio_mutual_serves_mesh_clients_by_identity_and_refuses_others() {
-    let net = 52;
+    let net = 54;
     let (server_ca, client_ca) = (TestCa::new(), TestCa::new());
     let edge = Edge::start_with(net, &server_ca, &client_ca, &istio_mutual_yaml()).await;
     assert!(edge.gateway.ports().contains(&ISTIO_MUTUAL), "{:?}", edge.gateway.ports());

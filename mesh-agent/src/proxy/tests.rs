@@ -928,14 +928,14 @@ async fn the_destination_reports_each_http_request_and_splices_declared_tcp_port
 apiVersion: v1
 kind: Service
 metadata: {name: myapp-raw, namespace: shop}
-spec: {selector: {app: myapp}, clusterIP: 10.96.41.21, ports: [{port: 9000, targetPort: 9000, name: tcp-raw}]}
+spec: {selector: {app: myapp}, clusterIP: 10.96.71.21, ports: [{port: 9000, targetPort: 9000, name: tcp-raw}]}
 "#;
     let apps = [("myapp-v1", 8080), ("myapp-v2", 8080), ("myapp-v1", 9000), ("myapp-v2", 9000)];
-    let mesh = Mesh::start(&config(41, raw), &apps).await;
+    let mesh = Mesh::start(&config(71, raw), &apps).await;
     for path in ["/", "/", "/fail-first/1"] {
-        mesh.send("client", vip(41), get(path)).await;
+        mesh.send("client", vip(71), get(path)).await;
     }
-    let raw_vip = SocketAddr::from(([10, 96, 41, 21], 9000));
+    let raw_vip = SocketAddr::from(([10, 96, 71, 21], 9000));
     assert_eq!(mesh.send("client", raw_vip, get("/")).await.status(), 200);
     let metrics = mesh.metrics();
     let reported = |code: &str| -> u64 {
@@ -990,21 +990,21 @@ spec:
 apiVersion: v1
 kind: Service
 metadata: {name: myapp-raw, namespace: shop}
-spec: {selector: {app: myapp}, clusterIP: 10.96.42.21, ports: [{port: 9000, targetPort: 9000, name: tcp-raw}]}
+spec: {selector: {app: myapp}, clusterIP: 10.96.72.21, ports: [{port: 9000, targetPort: 9000, name: tcp-raw}]}
 "#;
     let vs = virtual_service("  - route: [{destination: {host: myapp, subset: v1}}]\n");
     let apps = [("myapp-v1", 8080), ("myapp-v2", 8080), ("myapp-v1", 9000), ("myapp-v2", 9000)];
-    let mesh = Mesh::start(&config(42, &format!("{SUBSETS}{vs}{extra}")), &apps).await;
+    let mesh = Mesh::start(&config(72, &format!("{SUBSETS}{vs}{extra}")), &apps).await;
     let (out, far) = tokio::io::duplex(1 << 16);
     mesh.ctx.metrics.start_access_log(crate::telemetry::access_log::Format::Json, out);
 
     let mut ok = get("/ok?x=1");
     ok.headers_mut().insert("x-request-id", "req-ok".parse().unwrap());
-    assert_eq!(mesh.send("client", vip(42), ok).await.status(), 200);
+    assert_eq!(mesh.send("client", vip(72), ok).await.status(), 200);
     let mut admin = get("/admin");
     admin.headers_mut().insert("x-request-id", "req-admin".parse().unwrap());
-    assert_eq!(mesh.send("client", vip(42), admin).await.status(), 403);
-    let raw = SocketAddr::from(([10, 96, 42, 21], 9000));
+    assert_eq!(mesh.send("client", vip(72), admin).await.status(), 403);
+    let raw = SocketAddr::from(([10, 96, 72, 21], 9000));
     assert_eq!(mesh.send("client", raw, get("/raw")).await.status(), 200);
 
     // Five HTTP lines (two per request, one per side; the source's line for /admin
@@ -1030,9 +1030,9 @@ spec: {selector: {app: myapp}, clusterIP: 10.96.42.21, ports: [{port: 9000, targ
     assert_eq!(src_ok["response_flags"], "-");
     assert_eq!(src_ok["response_code_details"], "via_upstream");
     assert_eq!(src_ok["authority"], "myapp");
-    assert_eq!(src_ok["upstream_host"], "127.42.0.2:8080", "subset v1's pod");
+    assert_eq!(src_ok["upstream_host"], "127.72.0.2:8080", "subset v1's pod");
     assert_eq!(src_ok["upstream_cluster"], "outbound|80|v1|myapp.shop.svc.cluster.local");
-    assert_eq!(src_ok["downstream_local_address"], "10.96.42.20:80");
+    assert_eq!(src_ok["downstream_local_address"], "10.96.72.20:80");
     assert_eq!(src_ok["source_principal"], "spiffe://cluster.local/ns/shop/sa/client");
     assert_eq!(src_ok["upstream_peer_principal"], "spiffe://cluster.local/ns/shop/sa/myapp");
     assert!(src_ok["bytes_sent"].as_u64().unwrap() > 0, "{src_ok}");
@@ -1149,7 +1149,7 @@ fn attribute(span: &opentelemetry_proto::tonic::trace::v1::Span, key: &str) -> S
 #[tokio::test]
 async fn spans_of_both_hops_reach_an_otlp_collector_linked_parent_to_child() {
     use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
-    for (net, scheme) in [(43u8, "http"), (44, "grpc")] {
+    for (net, scheme) in [(73u8, "http"), (74, "grpc")] {
         let vs = virtual_service("  - route: [{destination: {host: myapp, subset: v1}}]\n");
         let mesh = Mesh::start(&config(net, &format!("{SUBSETS}{vs}")), APPS).await;
         let collector = OtlpReceiver::start([127, net, 0, 100]).await;
@@ -1235,8 +1235,8 @@ spec:
       tenant: {header: {name: x-tenant, defaultValue: none}}
 "#;
     let vs = virtual_service("  - route: [{destination: {host: myapp, subset: v1}}]\n");
-    let mesh = Mesh::start(&config(45, &format!("{SUBSETS}{vs}{telemetry}")), APPS).await;
-    let collector = OtlpReceiver::start([127, 45, 0, 100]).await;
+    let mesh = Mesh::start(&config(75, &format!("{SUBSETS}{vs}{telemetry}")), APPS).await;
+    let collector = OtlpReceiver::start([127, 75, 0, 100]).await;
     let endpoint = format!("http://{}", collector.addr).parse().unwrap();
     mesh.ctx.metrics.start_tracing(endpoint, 0.0, "node1".into(), "cluster.local".into());
     let (out, far) = tokio::io::duplex(1 << 16);
@@ -1244,9 +1244,9 @@ spec:
 
     let mut tenant = get("/ok");
     tenant.headers_mut().insert("x-tenant", "acme".parse().unwrap());
-    assert_eq!(mesh.send("client", vip(45), tenant).await.status(), 200);
+    assert_eq!(mesh.send("client", vip(75), tenant).await.status(), 200);
     // Retried by the default route's policy, failing every time.
-    assert_eq!(mesh.send("client", vip(45), get("/fail-first/9")).await.status(), 503);
+    assert_eq!(mesh.send("client", vip(75), get("/fail-first/9")).await.status(), 503);
 
     // Metrics: the source still counts both; myapp's agent counts none of the
     // attempts, but still measures their duration (only REQUEST_COUNT was turned off).
