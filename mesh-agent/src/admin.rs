@@ -7,6 +7,7 @@
 //! default, as Envoy's 15000), `/config_dump` (the snapshot and rejected config): the
 //! mesh's topology is not for every pod that can reach the metrics port.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -45,6 +46,8 @@ pub struct AdminState {
     pub node: String,
     /// Admin connections closed at the cap.
     pub refused: prometheus_client::metrics::counter::Counter,
+    /// The workload certificates, listed (never their keys) in the config dump.
+    pub certs: Option<Arc<crate::identity::CertStore>>,
     /// Who may read the metrics off the admin address.
     pub scrape_auth: Arc<ScrapeAuth>,
 }
@@ -66,6 +69,7 @@ impl AdminState {
             pods: Default::default(),
             node,
             refused,
+            certs: None,
             scrape_auth,
         }
     }
@@ -97,7 +101,46 @@ struct ConfigDump<'a> {
     local_pods: Vec<PodReport>,
     workloads: Vec<WorkloadView>,
     services: Vec<ServiceView>,
+    routes: Vec<RouteView>,
+    endpoints: Vec<EndpointView>,
+    secrets: Vec<SecretView>,
+    policies: Vec<PolicyView>,
     rejected_config: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct RouteView {
+    service: String,
+    virtual_service: String,
+    http_rules: usize,
+    tcp_rules: usize,
+}
+
+#[derive(Serialize)]
+struct EndpointView {
+    service: String,
+    port: u16,
+    address: String,
+    workload: String,
+    /// Reached over the mTLS tunnel.
+    mtls: bool,
+}
+
+/// A workload certificate held: never its key.
+#[derive(Serialize)]
+struct SecretView {
+    identity: String,
+    not_after: String,
+    expires_in_seconds: u64,
+}
+
+#[derive(Serialize)]
+struct PolicyView {
+    workload: String,
+    mtls: String,
+    port_mtls: BTreeMap<u16, String>,
+    peer_authentications: Vec<String>,
+    authorization: BTreeMap<&'static str, Vec<String>>,
 }
 
 #[derive(Serialize)]
@@ -117,6 +160,77 @@ struct ServiceView {
     vips: Vec<String>,
     ports: Vec<u16>,
     endpoints: Vec<String>,
+}
+
+fn route_views(snap: &crate::snapshot::Snapshot) -> Vec<RouteView> {
+    let mut v: Vec<RouteView> = snap
+        .all_routes()
+        .map(|(service, r)| RouteView {
+            service: service.to_string(),
+            virtual_service: r.virtual_service.clone(),
+            http_rules: r.rules.len(),
+            tcp_rules: r.tcp.len(),
+        })
+        .collect();
+    v.sort_by(|a, b| a.service.cmp(&b.service));
+    v
+}
+
+fn endpoint_views(snap: &crate::snapshot::Snapshot) -> Vec<EndpointView> {
+    let mut v = Vec::new();
+    for s in snap.services() {
+        for sp in &s.ports {
+            for e in &s.endpoints {
+                let Some(addr) = e.addr(sp) else { continue };
+                v.push(EndpointView {
+                    service: s.key(),
+                    port: sp.port,
+                    address: addr.to_string(),
+                    workload: e.workload.key(),
+                    mtls: snap.tunnels_to(&e.workload, addr.port()),
+                });
+            }
+        }
+    }
+    v
+}
+
+fn secret_views(certs: &crate::identity::CertStore) -> Vec<SecretView> {
+    let now = std::time::SystemTime::now();
+    certs
+        .held()
+        .into_iter()
+        .map(|(identity, not_after)| SecretView {
+            identity: identity.to_string(),
+            not_after: jiff::Timestamp::try_from(not_after).map_or_else(|_| "-".into(), |t| format!("{t:.0}")),
+            expires_in_seconds: not_after.duration_since(now).map_or(0, |d| d.as_secs()),
+        })
+        .collect()
+}
+
+/// The policies in force for this node's pods.
+fn policy_views(snap: &crate::snapshot::Snapshot, node: &str) -> Vec<PolicyView> {
+    let mode = |m: crate::authz::mtls::Mode| format!("{m:?}").to_uppercase();
+    snap.workloads
+        .iter()
+        .filter(|w| w.enrolled && w.node.as_deref() == Some(node))
+        .map(|w| {
+            let security = snap.security(&w.key());
+            PolicyView {
+                workload: w.key(),
+                mtls: mode(security.mtls.default),
+                port_mtls: security.mtls.ports.iter().map(|(p, m)| (*p, mode(*m))).collect(),
+                peer_authentications: security.mtls.from.clone(),
+                authorization: security
+                    .authz
+                    .policy_names()
+                    .into_iter()
+                    .filter(|(_, names)| !names.is_empty())
+                    .map(|(action, names)| (action, names.into_iter().map(str::to_string).collect()))
+                    .collect(),
+            }
+        })
+        .collect()
 }
 
 fn respond(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
@@ -216,6 +330,10 @@ fn route(state: &AdminState, req: &Request<Incoming>, dump: bool) -> Response<Fu
                         endpoints: s.endpoints.iter().map(|e| e.workload.name.clone()).collect(),
                     })
                     .collect(),
+                routes: route_views(&snap),
+                endpoints: endpoint_views(&snap),
+                secrets: state.certs.as_ref().map(|c| secret_views(c)).unwrap_or_default(),
+                policies: policy_views(&snap, &state.node),
                 rejected_config: state.config_errors.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             };
             match serde_json::to_string_pretty(&dump) {

@@ -136,7 +136,9 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
     );
     let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
     let shutdown = CancellationToken::new();
-    let admin_state = AdminState::new(registry, snapshot.clone(), settings.node.clone(), admin_refused, scrape_auth);
+    let mut admin_state =
+        AdminState::new(registry, snapshot.clone(), settings.node.clone(), admin_refused, scrape_auth);
+    admin_state.certs = Some(certs.clone());
     // Up before the config is: a waiting agent answers "not ready" and says why.
     serve_admin(&settings, &admin_state, &shutdown)?;
     let (mut source, mut changes, _watcher) = open_source(&settings, client.as_ref(), &admin_state).await?;

@@ -123,6 +123,20 @@ pub struct WorkloadAuthz {
 }
 
 impl WorkloadAuthz {
+    /// The policies in force, `namespace/name`, by what they do: `DENY`, `ALLOW`,
+    /// `AUDIT`, and `DRY_RUN` (evaluated and logged only).
+    pub fn policy_names(&self) -> [(&'static str, Vec<&str>); 4] {
+        fn names(list: &[Arc<Policy>]) -> Vec<&str> {
+            list.iter().map(|p| p.name.as_str()).collect()
+        }
+        [
+            ("DENY", names(&self.deny)),
+            ("ALLOW", names(&self.allow)),
+            ("AUDIT", names(&self.audit)),
+            ("DRY_RUN", names(&self.dry_run)),
+        ]
+    }
+
     /// Groups `policies` (in name order) by action.
     pub fn new(policies: impl IntoIterator<Item = Arc<Policy>>) -> Self {
         let mut out = WorkloadAuthz::default();

@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod crds;
 pub mod deploy;
 pub mod manifest;
+pub mod proxy_config;
 
 use std::io::IsTerminal as _;
 

@@ -102,6 +102,11 @@ impl Snapshot {
         self.security.get(key).unwrap_or(&self.no_security)
     }
 
+    /// Every Service's compiled routes, by `namespace/name`.
+    pub fn all_routes(&self) -> impl Iterator<Item = (&str, &Arc<ServiceRoutes>)> {
+        self.routes.iter().map(|(k, r)| (k.as_str(), r))
+    }
+
     /// The Telemetry API settings of workload `key` (`namespace/name`).
     pub fn telemetry(&self, key: &str) -> &Arc<crate::state::TelemetryPolicy> {
         self.telemetry.get(key).unwrap_or(&self.no_telemetry)

@@ -320,4 +320,27 @@ fn agents_report_their_health_and_the_kernels_counters() {
     assert!(value(&node1, "istio_agent_cert_expiry_seconds ").is_some_and(|v| v > 0.0), "{node1}");
     assert_eq!(value(&node1, "istio_mesh_bpf_map_capacity{map=\"ENROLLED_PODS\"}"), Some(4096.0), "{node1}");
     assert!(value(&node1, "istio_mesh_bpf_map_entries{map=\"ORIG_DST\"}").is_some(), "{node1}");
+
+    // What the agent holds, as `meshctl proxy-config` reads it on the node.
+    let meshctl = mesh_tests::harness::root().join("target/debug/meshctl").display().to_string();
+    let netns = lab.node("node1").unwrap().netns.clone();
+    let proxy_config = |section: &str| {
+        let out = mesh_tests::sys::output(&["ip", "netns", "exec", &netns, &meshctl, "proxy-config", section]).unwrap();
+        assert!(out.status.success(), "{section}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let secrets = proxy_config("secrets");
+    assert!(secrets.contains("spiffe://cluster.local/ns/production/sa/frontend"), "{secrets}");
+    assert!(!secrets.contains("PRIVATE KEY"), "{secrets}");
+    let endpoints = proxy_config("endpoints");
+    let line = endpoints
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some("production/myapp") && l.contains("10.10.2.2:8080"));
+    assert!(line.is_some_and(|l| l.ends_with("HBONE")), "{endpoints}");
+    let policies = proxy_config("policies");
+    let frontend = policies.lines().find(|l| l.split_whitespace().next() == Some("production/frontend"));
+    assert!(frontend.is_some_and(|l| l.contains("PERMISSIVE")), "{policies}");
+    let clusters = proxy_config("clusters");
+    let myapp = clusters.lines().find(|l| l.split_whitespace().take(2).eq(["production", "myapp"]));
+    assert!(myapp.is_some_and(|l| l.contains("10.96.0.20") && l.ends_with(" 2")), "{clusters}");
 }

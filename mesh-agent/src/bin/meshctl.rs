@@ -97,6 +97,23 @@ enum Cmd {
         #[arg(short = 'i', long = "istio-namespace", default_value = "istio-system")]
         namespace: String,
     },
+    /// What this node's agent holds: workloads, services (clusters), endpoints, routes,
+    /// certificates (secrets), policies. Reads the agent's admin address, so run it on
+    /// the node (or in the agent's pod), or give a saved `/config_dump` with --file.
+    ProxyConfig {
+        /// Which section.
+        #[arg(value_enum, default_value = "all")]
+        section: mesh_agent::cli::proxy_config::Section,
+        /// The agent's admin address.
+        #[arg(long, default_value = "127.0.0.1:15000")]
+        admin: std::net::SocketAddr,
+        /// A saved config dump instead of asking the agent.
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// `table` or `json`.
+        #[arg(short = 'o', long, default_value = "table")]
+        output: String,
+    },
     /// Print this binary's version.
     Version,
     /// Print shell completions.
@@ -149,6 +166,7 @@ fn main() -> ExitCode {
             let mesh = MeshScope { root_namespace, ..MeshScope::new(&trust_domain) };
             run_analyze(style, &files, &mesh)
         }
+        Cmd::ProxyConfig { section, admin, file, output } => run_proxy_config(section, admin, file, &output),
         Cmd::ProxyStatus { namespace } => on_cluster(|c| async move {
             let rows = cluster::proxy_status(&c, &namespace).await?;
             if rows.is_empty() {
@@ -354,6 +372,42 @@ fn print_steps(style: Style, steps: &[cluster::Step]) {
             _ => style.ok("\u{2714}"),
         };
         println!("{mark} {s}");
+    }
+}
+
+fn run_proxy_config(
+    section: mesh_agent::cli::proxy_config::Section,
+    admin: std::net::SocketAddr,
+    file: Option<PathBuf>,
+    output: &str,
+) -> ExitCode {
+    use mesh_agent::cli::proxy_config;
+    if output != "table" && output != "json" {
+        eprintln!("meshctl proxy-config: --output {output:?}: table or json");
+        return ExitCode::from(2);
+    }
+    let dump = match file {
+        Some(f) => std::fs::read_to_string(&f)
+            .map_err(|e| format!("{}: {e}", f.display()))
+            .and_then(|t| serde_json::from_str(&t).map_err(|e| format!("{}: not a config dump: {e}", f.display()))),
+        None => match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(rt) => rt.block_on(proxy_config::fetch(admin)),
+            Err(e) => Err(e.to_string()),
+        },
+    };
+    match dump {
+        Ok(dump) if output == "json" => {
+            println!("{:#}", proxy_config::json(section, &dump));
+            ExitCode::SUCCESS
+        }
+        Ok(dump) => {
+            print!("{}", proxy_config::render(section, &dump));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("meshctl proxy-config: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -215,6 +215,14 @@ impl CertStore {
         Ok(roots_changed || issuer_changed)
     }
 
+    /// The workload certificates held, by identity, with when each expires.
+    pub fn held(&self) -> Vec<(Identity, SystemTime)> {
+        let certs = self.certs.lock().unwrap_or_else(|p| p.into_inner());
+        let mut held: Vec<_> = certs.iter().map(|(id, c)| (id.clone(), c.not_after)).collect();
+        held.sort_by_key(|(id, _)| id.to_string());
+        held
+    }
+
     /// How many workload certificates are held, and when the first of them expires.
     pub fn expiry(&self) -> (usize, Option<SystemTime>) {
         let certs = self.certs.lock().unwrap_or_else(|p| p.into_inner());
