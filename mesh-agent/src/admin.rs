@@ -202,7 +202,7 @@ fn secret_views(certs: &crate::identity::CertStore) -> Vec<SecretView> {
         .into_iter()
         .map(|(identity, not_after)| SecretView {
             identity: identity.to_string(),
-            not_after: jiff::Timestamp::try_from(not_after).map_or_else(|_| "-".into(), |t| format!("{t:.0}")),
+            not_after: crate::identity::humantime_utc(not_after),
             expires_in_seconds: not_after.duration_since(now).map_or(0, |d| d.as_secs()),
         })
         .collect()

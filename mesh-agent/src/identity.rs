@@ -10,6 +10,7 @@ mod verify;
 
 pub use ca::{CaFiles, MeshCa, SECRET_REQUIRED_KEYS, SelfSignedRoot};
 pub use ca_client::{CaClient, Issued};
+pub(crate) use certs::humantime_utc;
 pub use certs::{CertStore, Signer, WorkloadCert};
 pub use spiffe::Identity;
 pub use verify::{PeerVerifier, client_config, edge_server_config, peer_identity, server_config};

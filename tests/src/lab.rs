@@ -30,6 +30,9 @@ use serde_yaml::Value;
 
 use crate::sys::{cgroup2_root, output, run, run_quiet};
 
+/// Where [`Lab::start_prometheus`]'s Prometheus listens, in the `outside` pod's netns.
+pub const PROMETHEUS_ADDR: &str = "127.0.0.1:19090";
+
 /// Default state directory.
 pub const DEFAULT_STATE_DIR: &str = "/run/meshlab";
 /// Name of the cgroup subtree holding every lab cgroup.
@@ -988,6 +991,78 @@ impl Lab {
     pub fn exec(&self, pod: &str, argv: &[&str]) -> anyhow::Result<std::process::Output> {
         let argv: Vec<String> = argv.iter().map(|s| s.to_string()).collect();
         Ok(self.pod_command(pod, &argv)?.stdin(Stdio::null()).output()?)
+    }
+
+    /// Starts a real Prometheus (Debian's `prometheus`) in the `outside` pod, as a
+    /// cluster runs one: scraping every node's agent every second with the scraper's
+    /// token, on [`PROMETHEUS_ADDR`] in that pod's netns. A second job without a token
+    /// shows the agents refusing it. Waits until every target was scraped once.
+    pub fn start_prometheus(&mut self) -> anyhow::Result<()> {
+        let Some(prometheus) = crate::sys::which("prometheus") else {
+            bail!("prometheus is not installed (cargo xtask setup installs it)");
+        };
+        let gateways: Vec<String> = self.nodes.iter().map(|n| format!("'{}:15020'", n.gateway)).collect();
+        let dir = self.state_dir.join("prometheus");
+        fs::create_dir_all(&dir)?;
+        let config = format!(
+            "global: {{scrape_interval: 1s, scrape_timeout: 1s}}\n\
+             scrape_configs:\n\
+             - job_name: mesh-agents\n  \
+               authorization: {{type: Bearer, credentials_file: '{}'}}\n  \
+               static_configs: [{{targets: [{}]}}]\n\
+             - job_name: no-token\n  \
+               static_configs: [{{targets: [{}]}}]\n",
+            self.metrics_token_path().display(),
+            gateways.join(", "),
+            gateways[0],
+        );
+        fs::write(dir.join("prometheus.yml"), config)?;
+        let argv: Vec<String> = vec![
+            prometheus.display().to_string(),
+            format!("--config.file={}", dir.join("prometheus.yml").display()),
+            format!("--storage.tsdb.path={}", dir.join("data").display()),
+            format!("--web.listen-address={PROMETHEUS_ADDR}"),
+        ];
+        self.start_helper("prometheus", "outside", &argv)?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let out =
+                self.exec("outside", &["curl", "-s", "-m", "2", &format!("http://{PROMETHEUS_ADDR}/api/v1/targets")])?;
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            let active = v["data"]["activeTargets"].as_array().cloned().unwrap_or_default();
+            if active.len() == gateways.len() + 1 && active.iter().all(|t| t["health"] != "unknown") {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("Prometheus did not scrape every agent within 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    /// An instant query to the Prometheus [`Lab::start_prometheus`] started: each
+    /// series' labels and value.
+    pub fn prometheus_query(&self, q: &str) -> anyhow::Result<Vec<(serde_json::Value, f64)>> {
+        // Percent-encoded: curl would read `{...}` as a glob, and quotes need escaping.
+        let encoded: String = q
+            .chars()
+            .filter(|c| !c.is_whitespace())
+            .map(|c| match c {
+                'a'..='z' | 'A'..='Z' | '0'..='9' | '_' | '.' | '(' | ')' | ',' => c.to_string(),
+                other => format!("%{:02X}", other as u32),
+            })
+            .collect();
+        let url = format!("http://{PROMETHEUS_ADDR}/api/v1/query?query={encoded}");
+        let out = self.exec("outside", &["curl", "-s", "-m", "5", &url])?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let results = v["data"]["result"].as_array().cloned().unwrap_or_default();
+        Ok(results
+            .into_iter()
+            .filter_map(|r| {
+                let value = r["value"][1].as_str()?.parse::<f64>().ok()?;
+                Some((r["metric"].clone(), value))
+            })
+            .collect())
     }
 
     /// Starts `argv` as helper `name` in `pod`'s netns (or the outside client's, for

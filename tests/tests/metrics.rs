@@ -3,8 +3,6 @@
 //! series of a pod that was deleted leave the agents.
 #![forbid(unsafe_code)]
 
-use std::time::{Duration, Instant};
-
 use mesh_tests::harness::{apply_seed, curl, eventually, lab, metrics};
 use mesh_tests::lab::Lab;
 
@@ -24,12 +22,12 @@ fn get(lab: &Lab, pod: &str, url: &str, headers: &[&str]) -> (String, String) {
 #[test]
 fn prometheus_scrapes_the_agents_with_its_token_and_pods_read_nothing() {
     let Some(mut lab) = lab("prometheus_scrapes_the_agents_with_its_token_and_pods_read_nothing") else { return };
-    let Some(prometheus) = mesh_tests::sys::which("prometheus") else {
+    if mesh_tests::sys::which("prometheus").is_none() {
         // `cargo xtask setup` installs it; without it the lab tests above still ran.
         assert!(std::env::var_os("MESH_REQUIRE_LAB").is_none(), "prometheus is not installed (cargo xtask setup)");
         eprintln!("skipping the Prometheus part: prometheus is not installed (cargo xtask setup)");
         return;
-    };
+    }
     let gateways: Vec<String> = lab.nodes.iter().map(|n| format!("{}:15020", n.gateway)).collect();
 
     // A pod reaches the metrics port and is refused; readiness stays open to probes.
@@ -62,41 +60,11 @@ fn prometheus_scrapes_the_agents_with_its_token_and_pods_read_nothing() {
 
     // Prometheus in the `outside` pod (as a cluster runs it: a pod scraping each
     // node's agent), one job with the scraper's token and one without.
-    let dir = lab.state_dir.join("prometheus");
-    std::fs::create_dir_all(&dir).unwrap();
-    let targets = gateways.iter().map(|g| format!("'{g}'")).collect::<Vec<_>>().join(", ");
-    let config = format!(
-        "global: {{scrape_interval: 1s, scrape_timeout: 1s}}\n\
-         scrape_configs:\n\
-         - job_name: mesh-agents\n  \
-           authorization: {{type: Bearer, credentials_file: '{}'}}\n  \
-           static_configs: [{{targets: [{targets}]}}]\n\
-         - job_name: no-token\n  \
-           static_configs: [{{targets: ['{}']}}]\n",
-        lab.metrics_token_path().display(),
-        gateways[0],
-    );
-    std::fs::write(dir.join("prometheus.yml"), config).unwrap();
-    let argv: Vec<String> = vec![
-        prometheus.display().to_string(),
-        format!("--config.file={}", dir.join("prometheus.yml").display()),
-        format!("--storage.tsdb.path={}", dir.join("data").display()),
-        "--web.listen-address=127.0.0.1:19090".into(),
-    ];
-    lab.start_helper("prometheus", "outside", &argv).unwrap();
-
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let targets = loop {
-        let (code, body) = get(&lab, "outside", "http://127.0.0.1:19090/api/v1/targets", &[]);
-        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-        let active = v["data"]["activeTargets"].as_array().cloned().unwrap_or_default();
-        let scraped = active.iter().filter(|t| t["health"] != "unknown").count();
-        if code == "200" && active.len() == gateways.len() + 1 && scraped == active.len() {
-            break active;
-        }
-        assert!(Instant::now() < deadline, "Prometheus never scraped every target: {body}");
-        std::thread::sleep(Duration::from_millis(500));
-    };
+    lab.start_prometheus().unwrap();
+    let (_, body) = get(&lab, "outside", &format!("http://{}/api/v1/targets", mesh_tests::lab::PROMETHEUS_ADDR), &[]);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    let targets = v["data"]["activeTargets"].as_array().cloned().unwrap_or_default();
+    assert_eq!(targets.len(), gateways.len() + 1, "{body}");
     for t in &targets {
         let job = t["labels"]["job"].as_str().unwrap_or_default();
         match job {
@@ -108,18 +76,12 @@ fn prometheus_scrapes_the_agents_with_its_token_and_pods_read_nothing() {
         }
     }
     // And what it stored is the agents' own figures.
-    let (_, body) = get(&lab, "outside", "http://127.0.0.1:19090/api/v1/query?query=istio_mesh_enrolled_pods", &[]);
-    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    let enrolled: f64 = v["data"]["result"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|r| r["value"][1].as_str()?.parse::<f64>().ok())
-        .sum();
+    let stored = lab.prometheus_query("istio_mesh_enrolled_pods").unwrap();
+    let enrolled: f64 = stored.iter().map(|(_, v)| v).sum();
     let lab_enrolled = lab.pods.iter().filter(|p| p.namespace == "production").count() as f64;
-    assert_eq!(enrolled, lab_enrolled, "{body}");
+    assert_eq!(enrolled, lab_enrolled, "{stored:?}");
     // The request duration histogram, as Istio's dashboards query it.
-    let series = |q: &str| prometheus_query(&lab, q);
+    let series = |q: &str| lab.prometheus_query(q).unwrap();
     let query = |q: &str| -> Vec<f64> { series(q).into_iter().map(|(_, v)| v).collect() };
     let measured = eventually("Prometheus has the duration histogram", || {
         let n = query("sum(istio_request_duration_milliseconds_count{reporter=\"source\"})");
@@ -226,31 +188,6 @@ fn kiali_graph_sees_the_traffic_sent(lab: &Lab, series: &dyn Fn(&str) -> Vec<(se
          by(destination_workload)",
     );
     assert!(rate.iter().any(|(_, r)| *r > 0.0), "TCP byte rate: {rate:?}");
-}
-
-/// An instant query to the lab's Prometheus (in the `outside` pod): each series' labels
-/// and value.
-fn prometheus_query(lab: &Lab, q: &str) -> Vec<(serde_json::Value, f64)> {
-    // Percent-encoded: curl would read `{...}` as a glob, and quotes need escaping.
-    let encoded: String = q
-        .chars()
-        .filter(|c| !c.is_whitespace())
-        .map(|c| match c {
-            'a'..='z' | 'A'..='Z' | '0'..='9' | '_' | '.' | '(' | ')' | ',' => c.to_string(),
-            other => format!("%{:02X}", other as u32),
-        })
-        .collect();
-    let url = format!("http://127.0.0.1:19090/api/v1/query?query={encoded}");
-    let (_, body) = get(lab, "outside", &url, &[]);
-    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-    let results = v["data"]["result"].as_array().cloned().unwrap_or_default();
-    results
-        .into_iter()
-        .filter_map(|r| {
-            let value = r["value"][1].as_str()?.parse::<f64>().ok()?;
-            Some((r["metric"].clone(), value))
-        })
-        .collect()
 }
 
 /// `istio_request_duration_milliseconds_count` of every series an agent reports as the

@@ -16,7 +16,7 @@ pub fn run() -> anyhow::Result<()> {
         lab::down()?;
     }
     println!("[demo] building and starting the lab (2 nodes, 5 pods, one agent per node)");
-    let lab = lab::up(None, false)?;
+    let mut lab = lab::up(None, false)?;
     print!("{}", lab.status());
 
     // Tunnel port only: the outside pod is not in the mesh, its plaintext is expected
@@ -65,6 +65,7 @@ pub fn run() -> anyhow::Result<()> {
     let l7_ok = l7_routing(&lab)?;
     let ingress_ok = ingress(&lab)?;
     let security_ok = zero_trust(&lab)?;
+    prometheus(&mut lab);
     let ok = rows.iter().all(|(_, a)| !a.starts_with("FAILED"))
         && wire.tls13_handshake
         && wire.plaintext.is_empty()
@@ -94,6 +95,67 @@ pub fn run() -> anyhow::Result<()> {
         anyhow::bail!("demo checks failed");
     }
     Ok(())
+}
+
+/// Starts a real Prometheus scraping both agents and prints what it read back: the
+/// request graph Kiali draws and the connection counts. Informational: a machine
+/// without Prometheus still runs the demo.
+fn prometheus(lab: &mut Lab) {
+    println!(
+        "\n[demo] Prometheus (Debian's prometheus in pod `outside`, scraping both agents with the scraper's token)"
+    );
+    if let Err(e) = lab.start_prometheus() {
+        println!("  not started: {e:#}");
+        return;
+    }
+    // Traffic after the first scrape, so rates have two points.
+    for _ in 0..5 {
+        let _ = lab.exec("frontend", &["curl", "-s", "-m", "5", "-o", "/dev/null", "http://myapp/"]);
+        let _ = lab.exec("frontend", &["curl", "-s", "-m", "5", "-o", "/dev/null", "http://legacy-service/health"]);
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let graph =
+        "sum(istio_requests_total{reporter=\"destination\"})by(source_workload,destination_workload,response_code)";
+    println!(
+        "  query: cargo xtask lab exec outside -- curl -s 'http://{}/api/v1/query?query=<PromQL>'",
+        mesh_tests::lab::PROMETHEUS_ADDR
+    );
+    println!("  {graph}:");
+    match lab.prometheus_query(graph) {
+        Ok(rows) if !rows.is_empty() => {
+            for (m, v) in rows {
+                let s = |k: &str| m[k].as_str().unwrap_or("-").to_string();
+                println!(
+                    "    {:<15} -> {:<15} {:<4} {v}",
+                    s("source_workload"),
+                    s("destination_workload"),
+                    s("response_code")
+                );
+            }
+        }
+        Ok(_) => println!("    (no series yet)"),
+        Err(e) => println!("    query failed: {e:#}"),
+    }
+    let tcp = "sum(istio_tcp_connections_opened_total)by(reporter,connection_security_policy)";
+    println!("  {tcp}:");
+    // Both agents' latest scrape: each reports one side.
+    let both = |rows: &[(serde_json::Value, f64)]| {
+        ["source", "destination"].iter().all(|r| rows.iter().any(|(m, _)| m["reporter"] == *r))
+    };
+    let mut read = lab.prometheus_query(tcp);
+    for _ in 0..20 {
+        if read.as_ref().is_ok_and(|rows| both(rows)) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        read = lab.prometheus_query(tcp);
+    }
+    if let Ok(rows) = read {
+        for (m, v) in rows {
+            let s = |k: &str| m[k].as_str().unwrap_or("-").to_string();
+            println!("    {:<12} {:<12} {v}", s("reporter"), s("connection_security_policy"));
+        }
+    }
 }
 
 /// Applies the reference DestinationRule and VirtualService as written and shows their

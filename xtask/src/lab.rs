@@ -17,6 +17,11 @@ pub enum LabCmd {
         /// Run release builds of the agent and the test app (for profiling).
         #[arg(long)]
         release: bool,
+        /// Also start a real Prometheus (Debian's `prometheus`) in pod `outside`,
+        /// scraping both agents; query it with `lab exec outside -- curl
+        /// http://127.0.0.1:19090/api/v1/query?query=...`.
+        #[arg(long)]
+        prometheus: bool,
     },
     /// Remove every namespace, veth, cgroup, pinned map and process of the lab.
     Down,
@@ -84,9 +89,18 @@ pub fn down() -> anyhow::Result<()> {
 
 pub fn run(cmd: LabCmd) -> anyhow::Result<()> {
     match cmd {
-        LabCmd::Up { dir, release } => {
-            let lab = up(dir, release)?;
+        LabCmd::Up { dir, release, prometheus } => {
+            let mut lab = up(dir, release)?;
             print!("{}", lab.status());
+            if prometheus {
+                lab.start_prometheus()?;
+                println!(
+                    "prometheus   in pod outside at {} (scraping both agents): cargo xtask lab exec outside -- \\\n  \
+                     curl -s 'http://{}/api/v1/query?query=sum(istio_requests_total)by(source_workload,destination_workload)'",
+                    mesh_tests::lab::PROMETHEUS_ADDR,
+                    mesh_tests::lab::PROMETHEUS_ADDR
+                );
+            }
         }
         LabCmd::Down => down()?,
         LabCmd::Status => print!("{}", Lab::load(&state_dir())?.status()),
