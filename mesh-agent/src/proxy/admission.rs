@@ -147,11 +147,10 @@ pub(super) fn denied_plaintext(
 /// tracing off for the workload), and the port is not declared opaque (Istio's
 /// protocol selection: `appProtocol`, then the Service port's name). An undeclared
 /// port is detected from the first bytes.
-fn reads_http(ctx: &ProxyContext, pod: &Workload, port: u16) -> bool {
+fn reads_http(ctx: &ProxyContext, snapshot: &Snapshot, pod: &Workload, port: u16) -> bool {
     if !ctx.l7_telemetry {
         return false;
     }
-    let snapshot = ctx.snapshot.load();
     let policy = snapshot.telemetry(&pod.key());
     let request_metrics = (0..4).any(|metric| policy.metric_on(metric, false));
     let logged = ctx.metrics.access_log().is_some_and(|l| l.may_log(policy, false));
@@ -175,14 +174,18 @@ pub(super) async fn serve<S>(
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let dst = arrival.dst;
-    let policy = ctx.snapshot.load().telemetry(&pod.key()).clone();
+    let snapshot = ctx.snapshot.load();
+    let policy = snapshot.telemetry(&pod.key()).clone();
     let ends = copy::Ends { policy, client: arrival.src, dialed: dst, upstream: Some(dst) };
     let per_request = match verdict {
         ConnVerdict::Decided(Decision::Deny(_)) => return,
         ConnVerdict::Decided(Decision::Allow) => false,
         ConnVerdict::PerRequest => true,
     };
-    if !per_request && !reads_http(&ctx, &pod, dst.port()) {
+    let spliced = !per_request && !reads_http(&ctx, &snapshot, &pod, dst.port());
+    // Not held while the connection lives: each request loads the snapshot in force.
+    drop(snapshot);
+    if spliced {
         return splice_tracked(&ctx, &pod, &arrival, (&labels, ends), client, app).await;
     }
     let first = match read_first(&mut client, DETECT_TIMEOUT).await {

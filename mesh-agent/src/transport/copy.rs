@@ -2,18 +2,15 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-
-use prometheus_client::metrics::counter::Counter;
-
-use std::sync::Arc;
 
 use crate::state::TelemetryPolicy;
 use crate::telemetry::access_log::Entry;
