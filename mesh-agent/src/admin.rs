@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use crate::snapshot::SharedSnapshot;
 use crate::transport::limits;
 
+pub mod dashboard;
 mod scrape_auth;
 
 pub use scrape_auth::{Refusal, ScrapeAuth, ScrapeAuthMode};
@@ -50,6 +51,10 @@ pub struct AdminState {
     pub certs: Option<Arc<crate::identity::CertStore>>,
     /// Who may read the metrics off the admin address.
     pub scrape_auth: Arc<ScrapeAuth>,
+    /// The service graph, sampled from `registry` ([`sample_traffic`]).
+    pub traffic: Arc<crate::telemetry::graph::Sampler>,
+    /// Refusals the dashboard lists.
+    pub denials: crate::telemetry::RecentDenials,
 }
 
 impl AdminState {
@@ -71,6 +76,8 @@ impl AdminState {
             refused,
             certs: None,
             scrape_auth,
+            traffic: Arc::default(),
+            denials: Default::default(),
         }
     }
 }
@@ -259,8 +266,44 @@ fn refused(refusal: &Refusal) -> Response<Full<Bytes>> {
     r
 }
 
+/// Whether the request names the admin address by a loopback address or `localhost`:
+/// a web page the operator's browser opened elsewhere and pointed at the loopback
+/// port by DNS rebinding names its own host, and is refused.
+fn host_is_local(req: &Request<Incoming>) -> bool {
+    let Some(host) = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()) else { return true };
+    let host = host
+        .rsplit_once(':')
+        .filter(|(h, p)| !h.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+        .map_or(host, |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
 fn route(state: &AdminState, req: &Request<Incoming>, dump: bool) -> Response<Full<Bytes>> {
-    match req.uri().path() {
+    let path = req.uri().path();
+    if dump && (path == "/config_dump" || path.starts_with("/dashboard")) && !host_is_local(req) {
+        return respond(StatusCode::FORBIDDEN, "text/plain", "the admin pages answer only to a loopback Host\n");
+    }
+    match path {
+        "/dashboard" | "/dashboard/" if dump => {
+            let mut r = respond(StatusCode::OK, "text/html; charset=utf-8", dashboard::PAGE);
+            r.headers_mut().insert("content-security-policy", header::HeaderValue::from_static(dashboard::CSP));
+            r
+        }
+        "/dashboard/data" if dump => {
+            let snap = state.snapshot.load();
+            let data = dashboard::DashboardData::of_agent(
+                &state.node,
+                state.ready.load(Ordering::Acquire),
+                &snap,
+                state.traffic.graph(),
+                &state.denials,
+            );
+            match serde_json::to_string(&data) {
+                Ok(j) => respond(StatusCode::OK, "application/json", j),
+                Err(e) => respond(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", e.to_string()),
+            }
+        }
         "/sync_status" => {
             let snap = state.snapshot.load();
             let pods = state.pods.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -344,8 +387,26 @@ fn route(state: &AdminState, req: &Request<Incoming>, dump: bool) -> Response<Fu
         _ => respond(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "endpoints: /healthz/ready /metrics /sync_status (/config_dump on the admin address)\n",
+            "endpoints: /healthz/ready /metrics /sync_status (/config_dump and /dashboard on the admin address)\n",
         ),
+    }
+}
+
+/// Samples the metrics into the service graph every
+/// [`crate::telemetry::graph::SAMPLE_EVERY`] until `stop`: the dashboard's rates cover
+/// the minute before it is opened.
+pub async fn sample_traffic(state: AdminState, stop: CancellationToken) {
+    let mut every = tokio::time::interval(crate::telemetry::graph::SAMPLE_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        let mut text = String::new();
+        if prometheus_client::encoding::text::encode(&mut text, &state.registry).is_ok() {
+            state.traffic.sample(std::time::Instant::now(), &text);
+        }
     }
 }
 

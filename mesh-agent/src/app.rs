@@ -139,6 +139,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
     let mut admin_state =
         AdminState::new(registry, snapshot.clone(), settings.node.clone(), admin_refused, scrape_auth);
     admin_state.certs = Some(certs.clone());
+    admin_state.denials = metrics.recent_denials();
     // Up before the config is: a waiting agent answers "not ready" and says why.
     serve_admin(&settings, &admin_state, &shutdown)?;
     let (mut source, mut changes, _watcher) = open_source(&settings, client.as_ref(), &admin_state).await?;
@@ -260,6 +261,7 @@ pub(crate) fn identity(settings: &Settings) -> Result<(PeerVerifier, Arc<CertSto
 /// Starts the admin, metrics and readiness endpoints (one server per distinct
 /// address); the config dump only on the admin address.
 pub(crate) fn serve_admin(settings: &Settings, state: &AdminState, shutdown: &CancellationToken) -> Result<(), Error> {
+    tokio::spawn(admin::sample_traffic(state.clone(), shutdown.clone()));
     for addr in dedup([settings.admin_addr, settings.metrics_addr, settings.readiness_addr]) {
         let (listener_state, stop, dump) = (state.clone(), shutdown.clone(), addr == settings.admin_addr);
         // Bind now so a port conflict stops start-up with a clear error.

@@ -82,6 +82,11 @@ pub struct Snapshot {
     /// config show the same digest, whatever order it arrived in (`meshctl
     /// proxy-status` compares them).
     pub config_digest: String,
+    /// How many objects of each kind the snapshot was compiled from.
+    pub kinds_held: std::collections::BTreeMap<&'static str, usize>,
+    /// The mesh's own config objects among them (routing, security, telemetry, gateways:
+    /// not pods, Services and the like), as `(kind, namespace, name)`, sorted.
+    pub config_held: Vec<(&'static str, String, String)>,
 }
 
 impl Snapshot {

@@ -6,6 +6,7 @@
 //! ([`Metrics::forget_gone`]), so pod churn does not grow the agent or the scrape.
 
 pub mod access_log;
+pub mod graph;
 pub mod health;
 pub mod trace;
 
@@ -279,7 +280,8 @@ pub struct RequestLabels {
 }
 
 /// Why a connection or request was refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum DenyReason {
     /// Plaintext to a port whose PeerAuthentication is STRICT.
     MtlsStrict,
@@ -287,6 +289,44 @@ pub enum DenyReason {
     Policy,
     /// An AuthorizationPolicy, for one HTTP request.
     HttpPolicy,
+}
+
+/// Refusals kept for the dashboard: the newest [`RecentDenials::KEPT`].
+#[derive(Debug, Clone, Default)]
+pub struct RecentDenials(Arc<Mutex<std::collections::VecDeque<Denial>>>);
+
+/// One refusal, as the dashboard lists it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Denial {
+    /// When (UTC, RFC 3339).
+    pub at: String,
+    /// The protected workload, `namespace/workload`.
+    pub workload: String,
+    /// Who was refused: its principal or `plaintext`, and its address.
+    pub source: String,
+    /// Why.
+    pub reason: DenyReason,
+    /// The decision's own words (which policy, or which port is STRICT).
+    pub detail: String,
+}
+
+impl RecentDenials {
+    /// How many are kept: a peer that is refused over and over replaces the older
+    /// ones, it does not grow the list.
+    pub const KEPT: usize = 64;
+
+    fn push(&self, denial: Denial) {
+        let mut kept = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if kept.len() == Self::KEPT {
+            kept.pop_front();
+        }
+        kept.push_back(denial);
+    }
+
+    /// Newest first.
+    pub fn list(&self) -> Vec<Denial> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).iter().rev().cloned().collect()
+    }
 }
 
 /// Labels of `istio_mesh_denied_total`.
@@ -405,6 +445,7 @@ pub struct Metrics {
     map_entries: Family<MapLabels, Gauge>,
     map_capacity: Family<MapLabels, Gauge>,
     trace_counters: trace::TraceCounters,
+    recent_denials: RecentDenials,
 }
 
 impl Metrics {
@@ -606,8 +647,21 @@ impl Metrics {
         }
     }
 
-    /// Counts a refusal protecting `dst`.
-    pub fn denied(&self, dst: &Workload, reason: DenyReason) {
+    /// The newest refusals, for the dashboard.
+    pub fn recent_denials(&self) -> RecentDenials {
+        self.recent_denials.clone()
+    }
+
+    /// Counts a refusal protecting `dst`, and keeps it among the recent ones with who
+    /// was refused (`source`) and the decision's words (`detail`).
+    pub fn denied(&self, dst: &Workload, reason: DenyReason, source: String, detail: &str) {
+        self.recent_denials.push(Denial {
+            at: crate::identity::humantime_utc(std::time::SystemTime::now()),
+            workload: format!("{}/{}", dst.namespace, dst.meta.workload),
+            source,
+            reason,
+            detail: detail.to_string(),
+        });
         let labels = DenyLabels {
             destination_workload: dst.meta.workload.clone(),
             destination_workload_namespace: dst.namespace.clone(),
@@ -755,8 +809,8 @@ status: {podIP: 10.10.1.3}
         let from_web = ConnLabels::inbound(&both, &batch, 8080, Some(&web), true);
         let open = m.opened(&from_web, &TelemetryPolicy::default());
         m.closed(&from_web, open);
-        m.denied(&batch, DenyReason::Policy);
-        m.denied(&web, DenyReason::Policy);
+        m.denied(&batch, DenyReason::Policy, "plaintext 10.0.0.9".into(), "denied by default/deny-batch");
+        m.denied(&web, DenyReason::Policy, "plaintext 10.0.0.9".into(), "denied by default/deny-web");
         assert_eq!(m.forget_gone(&both), 0, "nothing departed");
         assert!(encoded(&registry).contains("source_workload=\"batch\""));
 

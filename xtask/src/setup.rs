@@ -27,12 +27,25 @@ const APT_PACKAGES: &[&str] = &[
     "python3-grpcio",
     "dnsmasq-base",
     "bind9-dnsutils",
+    "chromium",
 ];
 /// Python modules the tests import (a real gRPC client: grpcio).
 const REQUIRED_PYTHON_MODULES: &[&str] = &["grpc"];
 /// Commands whose absence means the apt step must run.
-const REQUIRED_COMMANDS: &[&str] =
-    &["ip", "curl", "tcpdump", "openssl", "sysctl", "prometheus", "buildah", "podman", "runc", "dnsmasq", "dig"];
+const REQUIRED_COMMANDS: &[&str] = &[
+    "ip",
+    "curl",
+    "tcpdump",
+    "openssl",
+    "sysctl",
+    "prometheus",
+    "buildah",
+    "podman",
+    "runc",
+    "dnsmasq",
+    "dig",
+    "chromium",
+];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
 /// The dated nightly that builds the kernel programs, pinned in
@@ -124,7 +137,7 @@ pub fn run() -> anyhow::Result<()> {
     step(
         1,
         total,
-        "system packages (LLVM 22 for bpf-linker, iproute2, curl, tcpdump, openssl, prometheus, buildah, podman, dnsmasq, dig)",
+        "system packages (LLVM 22 for bpf-linker, iproute2, curl, tcpdump, openssl, prometheus, buildah, podman, dnsmasq, dig, chromium)",
     );
     if apt_needed() {
         apt_install(APT_PACKAGES)?;

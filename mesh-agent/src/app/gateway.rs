@@ -45,8 +45,9 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
     let (registry, metrics) = super::observability(&settings, &certs);
     let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
     let shutdown = CancellationToken::new();
-    let admin_state =
+    let mut admin_state =
         AdminState::new(registry, snapshot.clone(), settings.node.clone(), Default::default(), scrape_auth);
+    admin_state.denials = metrics.recent_denials();
     serve_admin(&settings, &admin_state, &shutdown)?;
     let (mut source, mut changes, _watcher) = open_source(&settings, client.as_ref(), &admin_state).await?;
     // In a cluster, credentialName Secrets come from the gateway's own namespace (its

@@ -78,7 +78,11 @@ pub fn admit<B>(at: &Arrival<'_>, metrics: &Metrics, req: &mut Request<B>) -> Re
             gateway = %at.gateway.name, client = %at.client, method = %req.method(), path = %normalized, %reason,
             "denied by authorization policy"
         );
-        metrics.denied(at.gateway, DenyReason::HttpPolicy);
+        let who = at
+            .peer
+            .and_then(|p| p.principals.first())
+            .map_or_else(|| "plaintext".to_string(), |p| format!("spiffe://{p}"));
+        metrics.denied(at.gateway, DenyReason::HttpPolicy, format!("{who} {}", at.client.ip()), &reason);
         return Err(Refusal { status: StatusCode::FORBIDDEN, flags: "RBAC", body: RBAC_DENIED });
     }
     let target = match req.uri().query() {

@@ -123,7 +123,8 @@ pub(super) fn denied(
         pod = %pod.name, src = %attrs.src, source = %who(attrs), dst = %attrs.dst, method, path, %reason,
         "denied by authorization policy"
     );
-    ctx.metrics.denied(pod, if request.is_some() { DenyReason::HttpPolicy } else { DenyReason::Policy });
+    let kind = if request.is_some() { DenyReason::HttpPolicy } else { DenyReason::Policy };
+    ctx.metrics.denied(pod, kind, format!("{} {}", who(attrs), attrs.src.ip()), reason);
 }
 
 /// Logs and counts plaintext refused because the port is STRICT.
@@ -138,7 +139,8 @@ pub(super) fn denied_plaintext(
         pod = %pod.name, %src, %dst, decided_by = %policies.join(", "),
         "plaintext refused: mTLS is STRICT for this port"
     );
-    ctx.metrics.denied(pod, DenyReason::MtlsStrict);
+    let detail = format!("plaintext to STRICT port {} ({})", dst.port(), policies.join(", "));
+    ctx.metrics.denied(pod, DenyReason::MtlsStrict, format!("plaintext {}", src.ip()), &detail);
 }
 
 /// Whether an allowed connection to `pod`'s `port` is read as HTTP for its request

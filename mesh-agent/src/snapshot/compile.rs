@@ -76,6 +76,11 @@ impl Snapshot {
         let mut snap = Snapshot {
             version,
             config_digest: config_digest(objects),
+            kinds_held: objects.iter().fold(Default::default(), |mut counts, o| {
+                *counts.entry(o.kind()).or_default() += 1;
+                counts
+            }),
+            config_held: config_held(objects),
             enrolled_ns: namespaces.iter().filter(|(_, m)| m.enrolled).map(|(n, _)| n.clone()).collect(),
             ..Default::default()
         };
@@ -757,6 +762,28 @@ fn workload_meta(pod: &Pod, namespace: &str, identity: &Identity, cluster: &str)
             .unwrap_or_else(|| "latest".into()),
         ..WorkloadMeta::plain(&workload, namespace, identity, cluster)
     }
+}
+
+/// The mesh config objects among `objects`, sorted.
+fn config_held(objects: &[Object]) -> Vec<(&'static str, String, String)> {
+    let mut held: Vec<_> = objects
+        .iter()
+        .filter(|o| {
+            !matches!(
+                o,
+                Object::Namespace(_)
+                    | Object::Pod(_)
+                    | Object::Service(_)
+                    | Object::EndpointSlice(_)
+                    | Object::ServiceAccount(_)
+                    | Object::Secret(_)
+                    | Object::NetworkPolicy(_)
+            )
+        })
+        .map(Object::key)
+        .collect();
+    held.sort();
+    held
 }
 
 /// The digest of a config: objects hashed in key order. `Debug` output is stable here
