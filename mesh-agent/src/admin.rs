@@ -266,22 +266,9 @@ fn refused(refusal: &Refusal) -> Response<Full<Bytes>> {
     r
 }
 
-/// Whether the request names the admin address by a loopback address or `localhost`:
-/// a web page the operator's browser opened elsewhere and pointed at the loopback
-/// port by DNS rebinding names its own host, and is refused.
-fn host_is_local(req: &Request<Incoming>) -> bool {
-    let Some(host) = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()) else { return true };
-    let host = host
-        .rsplit_once(':')
-        .filter(|(h, p)| !h.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
-        .map_or(host, |(h, _)| h);
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
-}
-
 fn route(state: &AdminState, req: &Request<Incoming>, dump: bool) -> Response<Full<Bytes>> {
     let path = req.uri().path();
-    if dump && (path == "/config_dump" || path.starts_with("/dashboard")) && !host_is_local(req) {
+    if dump && (path == "/config_dump" || path.starts_with("/dashboard")) && !dashboard::host_is_local(req.headers()) {
         return respond(StatusCode::FORBIDDEN, "text/plain", "the admin pages answer only to a loopback Host\n");
     }
     match path {

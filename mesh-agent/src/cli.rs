@@ -6,6 +6,7 @@ pub mod analyze;
 pub mod check;
 pub mod cluster;
 pub mod crds;
+pub mod dashboard;
 pub mod deploy;
 pub mod manifest;
 pub mod proxy_config;

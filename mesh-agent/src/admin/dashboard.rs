@@ -152,6 +152,19 @@ impl DashboardData {
     }
 }
 
+/// Whether a request names its server by a loopback address or `localhost`: a web page
+/// the operator's browser opened elsewhere and pointed at a loopback port by DNS
+/// rebinding names its own host, and is refused. No `Host` (HTTP/1.0 clients) passes.
+pub fn host_is_local(headers: &http::HeaderMap) -> bool {
+    let Some(host) = headers.get(http::header::HOST).and_then(|h| h.to_str().ok()) else { return true };
+    let host = host
+        .rsplit_once(':')
+        .filter(|(h, p)| !h.is_empty() && !h.ends_with(':') && p.bytes().all(|b| b.is_ascii_digit()))
+        .map_or(host, |(h, _)| h);
+    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
 fn held_name(kind: &str, namespace: &str, name: &str) -> String {
     if namespace.is_empty() { format!("{kind} {name}") } else { format!("{kind} {namespace}/{name}") }
 }
@@ -228,6 +241,24 @@ spec:
         let json = serde_json::to_string(&merged).unwrap();
         let back: DashboardData = serde_json::from_str(&json).unwrap();
         assert_eq!(back.workloads.len(), 2, "meshctl reads what agents write");
+    }
+
+    #[test]
+    fn only_loopback_hosts_reach_the_admin_pages() {
+        let with = |host: &str| {
+            let mut h = http::HeaderMap::new();
+            h.insert(http::header::HOST, host.parse().unwrap());
+            host_is_local(&h)
+        };
+        for ok in ["127.0.0.1:15000", "localhost", "LOCALHOST:15100", "[::1]:15000", "::1", "127.9.9.9"] {
+            assert!(with(ok), "{ok}");
+        }
+        for bad in
+            ["evil.example", "evil.example:15000", "10.0.0.1:15000", "[2001:db8::1]:15000", "localhost.evil.example"]
+        {
+            assert!(!with(bad), "{bad}");
+        }
+        assert!(host_is_local(&http::HeaderMap::new()));
     }
 
     #[test]

@@ -114,6 +114,31 @@ enum Cmd {
         #[arg(short = 'o', long, default_value = "table")]
         output: String,
     },
+    /// Open a dashboard on a local port, as `istioctl dashboard` does: the mesh's own
+    /// page (default; reads the agents at --admin), or an addon's UI (kiali, jaeger,
+    /// prometheus, grafana from deploy/addons) through the API server's pod proxy.
+    Dashboard {
+        /// Which dashboard.
+        #[arg(value_enum, default_value = "mesh")]
+        target: mesh_agent::cli::dashboard::Target,
+        /// Agents' admin addresses whose data the mesh page merges; repeat for several
+        /// (on a node, or after `kubectl port-forward` to each agent's 15000).
+        #[arg(long = "admin", default_value = "127.0.0.1:15000")]
+        admins: Vec<std::net::SocketAddr>,
+        /// Local address to listen on.
+        #[arg(long, default_value = "localhost")]
+        address: String,
+        /// Local port (default: the dashboard's own, as istioctl: kiali 20001, jaeger
+        /// 16686, prometheus 9090, grafana 3000, mesh 15100).
+        #[arg(short = 'p', long)]
+        port: Option<u16>,
+        /// Open a browser on it (`--browser=false` only prints the address).
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        browser: bool,
+        /// Namespace of the addons.
+        #[arg(short = 'n', long = "namespace", default_value = "istio-system")]
+        namespace: String,
+    },
     /// Print this binary's version.
     Version,
     /// Print shell completions.
@@ -167,6 +192,9 @@ fn main() -> ExitCode {
             run_analyze(style, &files, &mesh)
         }
         Cmd::ProxyConfig { section, admin, file, output } => run_proxy_config(section, admin, file, &output),
+        Cmd::Dashboard { target, admins, address, port, browser, namespace } => {
+            run_dashboard(target, admins, &address, port.unwrap_or_else(|| target.default_port()), browser, &namespace)
+        }
         Cmd::ProxyStatus { namespace } => on_cluster(|c| async move {
             let rows = cluster::proxy_status(&c, &namespace).await?;
             if rows.is_empty() {
@@ -373,6 +401,71 @@ fn print_steps(style: Style, steps: &[cluster::Step]) {
         };
         println!("{mark} {s}");
     }
+}
+
+fn run_dashboard(
+    target: mesh_agent::cli::dashboard::Target,
+    admins: Vec<std::net::SocketAddr>,
+    address: &str,
+    port: u16,
+    browser: bool,
+    namespace: &str,
+) -> ExitCode {
+    use mesh_agent::cli::dashboard::{self, Backend};
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("meshctl: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async {
+        let backend = match target.addon() {
+            None => Backend::Mesh(std::sync::Arc::new(admins)),
+            Some(_) => {
+                let client = match cluster::client().await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        eprintln!("meshctl: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                };
+                match dashboard::addon_pod(&client, namespace, target).await {
+                    Ok((pod, pod_port)) => Backend::addon(client, namespace, &pod, pod_port),
+                    Err(e) => {
+                        eprintln!("meshctl: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            }
+        };
+        let listener = match tokio::net::TcpListener::bind((address, port)).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("meshctl: cannot listen on {address}:{port}: {e} (pick another with --port)");
+                return ExitCode::FAILURE;
+            }
+        };
+        let local = listener.local_addr().map_or_else(|_| format!("{address}:{port}"), |a| a.to_string());
+        let url = format!("http://{local}/");
+        println!("{url}");
+        if browser {
+            // Best effort, as istioctl: a headless machine just prints the address.
+            let _ = std::process::Command::new("xdg-open")
+                .arg(&url)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn();
+        }
+        let stop = tokio_util::sync::CancellationToken::new();
+        let on_signal = stop.clone();
+        tokio::spawn(async move {
+            let _ = tokio::signal::ctrl_c().await;
+            on_signal.cancel();
+        });
+        dashboard::serve(listener, backend, stop).await;
+        ExitCode::SUCCESS
+    })
 }
 
 fn run_proxy_config(

@@ -33,14 +33,20 @@ pub enum Section {
 
 /// Reads the agent's config dump from its admin address.
 pub async fn fetch(admin: SocketAddr) -> Result<Value, String> {
+    get_json(admin, "/config_dump").await
+}
+
+/// GETs `path` from the agent's admin address as JSON. The admin pages answer to a
+/// loopback `Host` only, which is what this names, whatever address it dials.
+pub async fn get_json(admin: SocketAddr, path: &str) -> Result<Value, String> {
     let tcp = tokio::net::TcpStream::connect(admin).await.map_err(|e| {
         format!("cannot reach the agent's admin address {admin}: {e} (run on the node, or pass --file)")
     })?;
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.map_err(|e| format!("{admin}: {e}"))?;
     tokio::spawn(conn);
-    let req = http::Request::get("/config_dump")
-        .header(http::header::HOST, admin.to_string())
+    let req = http::Request::get(path)
+        .header(http::header::HOST, format!("localhost:{}", admin.port()))
         .body(Empty::<bytes::Bytes>::new())
         .map_err(|e| e.to_string())?;
     let res = sender.send_request(req).await.map_err(|e| format!("{admin}: {e}"))?;
@@ -49,7 +55,7 @@ pub async fn fetch(admin: SocketAddr) -> Result<Value, String> {
     if !status.is_success() {
         return Err(format!("{admin} answered {status}: {}", String::from_utf8_lossy(&body).trim()));
     }
-    serde_json::from_slice(&body).map_err(|e| format!("{admin}: not a config dump: {e}"))
+    serde_json::from_slice(&body).map_err(|e| format!("{admin}{path}: {e}"))
 }
 
 fn s(v: &Value) -> String {

@@ -294,7 +294,7 @@ impl ApiServer {
         let Some(target) = route(&path) else { return not_found(&path) };
         let method = req.method().clone();
         match target {
-            Target::Proxy { namespace, pod, port, rest } => self.proxy(&namespace, &pod, port, &rest).await,
+            Target::Proxy { namespace, pod, port, rest } => self.proxy(&namespace, &pod, port, &rest, req).await,
             Target::Status { collection, namespace, name } => {
                 if !self.serves(&collection) {
                     return not_found(&path);
@@ -489,8 +489,9 @@ impl ApiServer {
         self.state.lock().unwrap().collections.contains_key(collection)
     }
 
-    /// Forwards a GET to the pod's address, as the API server's pod proxy does.
-    async fn proxy(&self, namespace: &str, pod: &str, port: u16, rest: &str) -> Response<Body> {
+    /// Forwards a request (method, query, body, end-to-end headers) to the pod's
+    /// address, as the API server's pod proxy does.
+    async fn proxy(&self, namespace: &str, pod: &str, port: u16, rest: &str, req: Request<Incoming>) -> Response<Body> {
         let ip = {
             let st = self.state.lock().unwrap();
             st.collections
@@ -513,10 +514,19 @@ impl ApiServer {
             return unavailable("handshake failed".into());
         };
         tokio::spawn(conn);
-        let req = Request::get(format!("/{rest}"))
-            .header(http::header::HOST, format!("{ip}:{port}"))
-            .body(http_body_util::Empty::<Bytes>::new())
-            .unwrap();
+        let (parts, body) = req.into_parts();
+        let Ok(body) = body.collect().await.map(|b| b.to_bytes()) else { return bad_request("unreadable body") };
+        let target = match parts.uri.query() {
+            Some(q) => format!("/{rest}?{q}"),
+            None => format!("/{rest}"),
+        };
+        let mut forwarded = Request::builder().method(parts.method).uri(target);
+        for (name, value) in &parts.headers {
+            if ![http::header::HOST, http::header::AUTHORIZATION, http::header::CONNECTION].contains(name) {
+                forwarded = forwarded.header(name, value);
+            }
+        }
+        let req = forwarded.header(http::header::HOST, format!("{ip}:{port}")).body(Full::new(body)).unwrap();
         match sender.send_request(req).await {
             Ok(resp) => {
                 let (parts, body) = resp.into_parts();
