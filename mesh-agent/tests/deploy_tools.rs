@@ -218,3 +218,93 @@ async fn kubectl_applies_every_profile_and_the_api_refuses_a_field_it_does_not_d
         eprintln!("kubectl refused {to:?}: {refusal}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_addons_build_apply_strictly_and_are_what_meshctl_dashboard_opens() {
+    let test = "the_addons_build_apply_strictly_and_are_what_meshctl_dashboard_opens";
+    let Some(kubectl) = tool(test, which("kubectl"), "kubectl") else { return };
+    let out = Command::new(&kubectl).arg("kustomize").arg(repo().join("deploy/addons")).output().unwrap();
+    assert!(out.status.success(), "kubectl kustomize deploy/addons: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let objects = parse(&text);
+
+    // The API (strict field validation) takes every object as written.
+    let collections: Vec<String> = support::kinds::builtin().iter().map(|k| k.collection()).collect();
+    let api = ApiServer::new(&collections).await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = api.kubeconfig(dir.path());
+    let file = dir.path().join("addons.yaml");
+    std::fs::write(&file, &text).unwrap();
+    let (ok, said) = kubectl_apply(&kubectl, &kubeconfig, &file).await;
+    assert!(ok, "kubectl apply of deploy/addons: {said}");
+    assert_eq!(said.matches("serverside-applied (server dry run)").count(), objects.len(), "{said}");
+
+    // What `meshctl dashboard <addon>` looks for: a pod labelled app=<addon> in
+    // istio-system declaring the port it proxies to.
+    use mesh_agent::cli::dashboard::Target;
+    for target in [Target::Kiali, Target::Jaeger, Target::Prometheus, Target::Grafana] {
+        let (app, port) = target.addon().unwrap();
+        let deployment = objects
+            .iter()
+            .find(|o| o["kind"] == "Deployment" && o["spec"]["template"]["metadata"]["labels"]["app"] == app)
+            .unwrap_or_else(|| panic!("no Deployment of app={app}"));
+        assert_eq!(deployment["metadata"]["namespace"], "istio-system", "{app}");
+        let ports: Vec<i64> = deployment["spec"]["template"]["spec"]["containers"][0]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|p| p["containerPort"].as_i64())
+            .collect();
+        assert!(ports.contains(&i64::from(port)), "{app} declares {ports:?}, meshctl opens {port}");
+    }
+    // The demo profile's agents export spans to the Jaeger collector Service here.
+    let endpoint = manifest::DEMO_TRACE_ENDPOINT.trim_start_matches("grpc://");
+    let (host, port) = endpoint.rsplit_once(':').unwrap();
+    let collector = objects
+        .iter()
+        .find(|o| {
+            o["kind"] == "Service"
+                && host.starts_with(&format!("{}.istio-system.", o["metadata"]["name"].as_str().unwrap()))
+        })
+        .expect("the collector Service the demo profile names");
+    assert!(collector["spec"]["ports"].as_array().unwrap().iter().any(|p| p["port"].as_i64() == port.parse().ok()));
+    // Prometheus sends its token only to the mesh's pods: the job with credentials keeps
+    // only the agents' and gateways' app labels in the mesh's namespaces.
+    let config = objects.iter().find(|o| o["kind"] == "ConfigMap" && o["metadata"]["name"] == "prometheus").unwrap();
+    let prometheus_yml = config["data"]["prometheus.yml"].as_str().unwrap();
+    let scrape: Value = serde_yaml::from_str(prometheus_yml).unwrap();
+    for job in scrape["scrape_configs"].as_array().unwrap() {
+        if job.get("authorization").is_some() {
+            let keeps: Vec<&Value> =
+                job["relabel_configs"].as_array().unwrap().iter().filter(|r| r["action"] == "keep").collect();
+            assert!(keeps.iter().any(|r| r["source_labels"][0] == "__meta_kubernetes_pod_label_app"), "{job}");
+            assert_eq!(job["kubernetes_sd_configs"][0]["namespaces"]["names"][0], "istio-system", "{job}");
+        }
+    }
+    // And Prometheus's own checker accepts it: relabel rules, regexes, auth. Debian
+    // builds Prometheus without Kubernetes discovery, so each job's discovery is
+    // swapped for a static target first; the rest is checked as written.
+    if let Some(promtool) = tool(test, which("promtool"), "promtool (Debian's prometheus)") {
+        let mut checked = scrape.clone();
+        for job in checked["scrape_configs"].as_array_mut().unwrap() {
+            let job = job.as_object_mut().unwrap();
+            assert!(job.remove("kubernetes_sd_configs").is_some());
+            job.insert("static_configs".into(), serde_json::json!([{"targets": ["127.0.0.1:9"]}]));
+        }
+        let path = dir.path().join("prometheus.yml");
+        std::fs::write(&path, serde_yaml::to_string(&checked).unwrap()).unwrap();
+        let out = Command::new(promtool).args(["check", "config", "--syntax-only"]).arg(&path).output().unwrap();
+        assert!(
+            out.status.success(),
+            "promtool check config: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // The Grafana dashboard is provisioned from the file (lab: metrics.rs runs its
+    // queries against a real Prometheus scraping real agents).
+    let dashboards = objects.iter().find(|o| o["metadata"]["name"] == "grafana-mesh-dashboards").unwrap();
+    let json: Value = serde_json::from_str(dashboards["data"]["mesh-agents.json"].as_str().unwrap()).unwrap();
+    assert_eq!(json["uid"], "mesh-agents");
+    assert!(api.writes().is_empty());
+}

@@ -1042,7 +1042,8 @@ impl Lab {
 
     /// An instant query to the Prometheus [`Lab::start_prometheus`] started: each
     /// series' labels and value.
-    pub fn prometheus_query(&self, q: &str) -> anyhow::Result<Vec<(serde_json::Value, f64)>> {
+    /// Prometheus's whole answer to the instant query `q` (status, error, data).
+    pub fn prometheus_answer(&self, q: &str) -> anyhow::Result<serde_json::Value> {
         // Percent-encoded: curl would read `{...}` as a glob, and quotes need escaping.
         let encoded: String = q
             .chars()
@@ -1054,7 +1055,11 @@ impl Lab {
             .collect();
         let url = format!("http://{PROMETHEUS_ADDR}/api/v1/query?query={encoded}");
         let out = self.exec("outside", &["curl", "-s", "-m", "5", &url])?;
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        Ok(serde_json::from_slice(&out.stdout).unwrap_or_default())
+    }
+
+    pub fn prometheus_query(&self, q: &str) -> anyhow::Result<Vec<(serde_json::Value, f64)>> {
+        let v = self.prometheus_answer(q)?;
         let results = v["data"]["result"].as_array().cloned().unwrap_or_default();
         Ok(results
             .into_iter()

@@ -6,6 +6,16 @@
 use mesh_tests::harness::{apply_seed, curl, eventually, lab, metrics};
 use mesh_tests::lab::Lab;
 
+const DENY_ADMIN: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-admin, namespace: production}
+spec:
+  selector: {matchLabels: {app: legacy-service}}
+  action: DENY
+  rules: [{to: [{operation: {paths: [/admin]}}]}]
+"#;
+
 /// `curl` from `pod`: the status code and body.
 fn get(lab: &Lab, pod: &str, url: &str, headers: &[&str]) -> (String, String) {
     let mut argv = vec!["curl", "-s", "-m", "5", "-w", "\n%{http_code}"];
@@ -97,6 +107,7 @@ fn prometheus_scrapes_the_agents_with_its_token_and_pods_read_nothing() {
     );
 
     kiali_graph_sees_the_traffic_sent(&lab, &series);
+    grafana_dashboard_reads_what_the_agents_export(&lab);
     lab.stop_helper("prometheus").unwrap();
 }
 
@@ -188,6 +199,54 @@ fn kiali_graph_sees_the_traffic_sent(lab: &Lab, series: &dyn Fn(&str) -> Vec<(se
          by(destination_workload)",
     );
     assert!(rate.iter().any(|(_, r)| *r > 0.0), "TCP byte rate: {rate:?}");
+}
+
+/// The Grafana dashboard of `deploy/addons`: every query is one Prometheus accepts, and
+/// every metric it names is one a real agent exports (under the same job name).
+fn grafana_dashboard_reads_what_the_agents_export(lab: &Lab) {
+    // A family is exported once it has a series: a refusal gives the denial panel one.
+    mesh_tests::harness::apply_yaml(lab, "deny-admin.yaml", DENY_ADMIN);
+    eventually("a request is refused by policy", || {
+        (get(lab, "frontend", "http://legacy-service/admin", &[]).0 == "403").then_some(())
+    });
+    // Counted only when a cap is hit, which this test does not provoke (hostile.rs does).
+    const ONLY_WHEN_IT_HAPPENS: &[&str] = &["istio_mesh_connections_refused_total"];
+    let path = mesh_tests::harness::root().join("deploy/addons/dashboards/mesh-agents.json");
+    let dashboard: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let exposition = metrics(lab, "node1") + &metrics(lab, "node2");
+    let exported: std::collections::BTreeSet<String> = exposition
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .flat_map(|l| {
+            let mut it = l.split_whitespace();
+            let (name, kind) = (it.next().unwrap_or_default().to_string(), it.next().unwrap_or_default());
+            match kind {
+                "counter" => vec![format!("{name}_total")],
+                "histogram" => ["_bucket", "_sum", "_count"].iter().map(|s| format!("{name}{s}")).collect(),
+                _ => vec![name],
+            }
+        })
+        .collect();
+    let exprs: Vec<String> = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .filter_map(|t| t["expr"].as_str().map(str::to_string))
+        .collect();
+    assert!(exprs.len() >= 15, "{exprs:?}");
+    for expr in &exprs {
+        for name in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+            if (name.starts_with("istio_") || name.starts_with("process_")) && !ONLY_WHEN_IT_HAPPENS.contains(&name) {
+                assert!(exported.contains(name), "the dashboard reads {name}, which no agent exports: {expr}");
+            }
+        }
+        let answer = lab.prometheus_answer(&expr.replace("$namespace", ".*")).unwrap();
+        assert_eq!(answer["status"], "success", "Prometheus refused the dashboard's {expr}: {answer}");
+    }
+    // And with the lab's traffic, its first panel has a series.
+    let first = exprs[0].replace("$namespace", ".*");
+    assert!(!lab.prometheus_query(&first).unwrap().is_empty(), "{first}");
 }
 
 /// `istio_request_duration_milliseconds_count` of every series an agent reports as the

@@ -120,6 +120,17 @@ pub struct Values {
     /// The gateways installed: the ingress gateway from `default` on, the egress
     /// gateway in `demo`, as Istio's profiles have them.
     pub gateways: Vec<gateways::GatewaySpec>,
+    /// Access log (`meshConfig.accessLogFile` `/dev/stdout` or empty, with
+    /// `meshConfig.accessLogEncoding`): `off`, `text` or `json`. On in `demo`, as Istio's
+    /// demo profile has it.
+    pub access_log: String,
+    /// Where agents export spans over OTLP (`values.telemetry.tracing.endpoint`,
+    /// `grpc://host:port` or `http://host:port`); empty: not traced. `demo` points at
+    /// the Jaeger of `deploy/addons`.
+    pub trace_endpoint: String,
+    /// Percent of new traces sampled (`meshConfig.defaultConfig.tracing.sampling`);
+    /// empty: the agent's default (1).
+    pub trace_sampling: String,
 }
 
 impl Values {
@@ -157,6 +168,9 @@ impl Values {
                 Profile::Default => vec![gateways::INGRESS],
                 Profile::Demo => vec![gateways::INGRESS, gateways::EGRESS],
             },
+            access_log: if profile == Profile::Demo { "text" } else { "off" }.into(),
+            trace_endpoint: if profile == Profile::Demo { DEMO_TRACE_ENDPOINT } else { "" }.into(),
+            trace_sampling: if profile == Profile::Demo { "100" } else { "" }.into(),
         }
     }
 
@@ -221,6 +235,33 @@ impl Values {
             "values.base.enableCRDs" => self.crds = boolean(&value)?,
             "values.cni.ambient.dnsCapture" => self.dns_capture = boolean(&value)?.to_string(),
             "values.telemetry.enabled" => self.metrics_service = boolean(&value)?,
+            "meshConfig.accessLogFile" => match value.as_str() {
+                "" => self.access_log = "off".into(),
+                "/dev/stdout" if self.access_log == "off" => self.access_log = "text".into(),
+                "/dev/stdout" => {}
+                _ => return Err(bad("agents write their access log to /dev/stdout (or nowhere: empty)")),
+            },
+            "meshConfig.accessLogEncoding" => match value.as_str() {
+                "TEXT" | "JSON" if self.access_log == "off" => {
+                    return Err(bad("set meshConfig.accessLogFile=/dev/stdout first"));
+                }
+                "TEXT" => self.access_log = "text".into(),
+                "JSON" => self.access_log = "json".into(),
+                _ => return Err(bad("expected TEXT or JSON")),
+            },
+            "values.telemetry.tracing.endpoint" => {
+                if !value.is_empty() {
+                    value.parse::<crate::telemetry::trace::Endpoint>().map_err(|r| bad(&r))?;
+                }
+                self.trace_endpoint = value;
+            }
+            "meshConfig.defaultConfig.tracing.sampling" => {
+                match value.parse::<f64>() {
+                    Ok(p) if (0.0..=100.0).contains(&p) => {}
+                    _ => return Err(bad("a percentage, 0 to 100")),
+                }
+                self.trace_sampling = value;
+            }
             _ => {
                 let known = known_keys();
                 let hint = closest(key, &known).map(|k| format!(" (did you mean {k}?)")).unwrap_or_default();
@@ -233,6 +274,25 @@ impl Values {
     fn image(&self) -> String {
         format!("{}/mesh-agent:{}", self.hub, self.tag)
     }
+}
+
+/// Where the demo profile's agents send spans: the Jaeger collector of
+/// `deploy/addons` (OTLP/gRPC).
+pub const DEMO_TRACE_ENDPOINT: &str = "grpc://jaeger-collector.istio-system.svc:4317";
+
+/// The agents' telemetry settings that differ from their defaults.
+fn telemetry_env(v: &Values) -> Vec<(String, String)> {
+    let mut env = Vec::new();
+    if v.access_log != "off" {
+        env.push(("MESH_ACCESS_LOG".to_string(), v.access_log.clone()));
+    }
+    if !v.trace_endpoint.is_empty() {
+        env.push(("MESH_TRACE_ENDPOINT".to_string(), v.trace_endpoint.clone()));
+    }
+    if !v.trace_sampling.is_empty() {
+        env.push(("MESH_TRACE_SAMPLING".to_string(), v.trace_sampling.clone()));
+    }
+    env
 }
 
 /// Every `--set` key.
@@ -250,6 +310,10 @@ pub fn known_keys() -> Vec<String> {
         "values.base.enableCRDs",
         "values.cni.ambient.dnsCapture",
         "values.telemetry.enabled",
+        "values.telemetry.tracing.endpoint",
+        "meshConfig.accessLogFile",
+        "meshConfig.accessLogEncoding",
+        "meshConfig.defaultConfig.tracing.sampling",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -444,18 +508,23 @@ pub fn objects(v: &Values) -> Vec<serde_json::Value> {
         &mut out,
         to_json(&ConfigMap {
             metadata: meta(AGENT, Some(ns)),
-            data: Some(BTreeMap::from([
-                ("MESH_TRUST_DOMAIN".to_string(), v.trust_domain.clone()),
-                ("MESH_ROOT_NAMESPACE".to_string(), v.root_namespace.clone()),
-                ("MESH_OUTBOUND_TRAFFIC_POLICY".to_string(), v.outbound_traffic_policy.clone()),
-                ("MESH_DNS_CAPTURE".to_string(), v.dns_capture.clone()),
-                ("MESH_CERT_TTL".to_string(), v.cert_ttl.clone()),
-                ("MESH_LOG".to_string(), v.log_level.clone()),
-                ("MESH_CONFIG_SOURCE".to_string(), "kubernetes".to_string()),
-                ("MESH_METRICS_AUTH".to_string(), "kubernetes".to_string()),
-                ("MESH_CA_ADDRESS".to_string(), format!("{CA}.{ns}.svc:15012")),
-                ("MESH_CA_SERVER_NAME".to_string(), format!("{CA}.{ns}.svc")),
-            ])),
+            data: Some(
+                BTreeMap::from([
+                    ("MESH_TRUST_DOMAIN".to_string(), v.trust_domain.clone()),
+                    ("MESH_ROOT_NAMESPACE".to_string(), v.root_namespace.clone()),
+                    ("MESH_OUTBOUND_TRAFFIC_POLICY".to_string(), v.outbound_traffic_policy.clone()),
+                    ("MESH_DNS_CAPTURE".to_string(), v.dns_capture.clone()),
+                    ("MESH_CERT_TTL".to_string(), v.cert_ttl.clone()),
+                    ("MESH_LOG".to_string(), v.log_level.clone()),
+                    ("MESH_CONFIG_SOURCE".to_string(), "kubernetes".to_string()),
+                    ("MESH_METRICS_AUTH".to_string(), "kubernetes".to_string()),
+                    ("MESH_CA_ADDRESS".to_string(), format!("{CA}.{ns}.svc:15012")),
+                    ("MESH_CA_SERVER_NAME".to_string(), format!("{CA}.{ns}.svc")),
+                ])
+                .into_iter()
+                .chain(telemetry_env(v))
+                .collect(),
+            ),
             ..Default::default()
         }),
     );
@@ -868,6 +937,45 @@ mod tests {
             .map(|d| serde::Deserialize::deserialize(d).unwrap())
             .filter(|v: &Value| !v.is_null())
             .collect()
+    }
+
+    fn agent_config(v: &Values) -> Value {
+        objects(v).into_iter().find(|o| o["kind"] == "ConfigMap" && o["metadata"]["name"] == AGENT).unwrap()["data"]
+            .clone()
+    }
+
+    #[test]
+    fn the_demo_profile_logs_and_traces_to_the_addons_and_others_do_not() {
+        let demo = agent_config(&Values::for_profile(Profile::Demo));
+        assert_eq!(demo["MESH_ACCESS_LOG"], "text");
+        assert_eq!(demo["MESH_TRACE_ENDPOINT"], DEMO_TRACE_ENDPOINT);
+        assert_eq!(demo["MESH_TRACE_SAMPLING"], "100");
+        let default = agent_config(&Values::for_profile(Profile::Default));
+        for key in ["MESH_ACCESS_LOG", "MESH_TRACE_ENDPOINT", "MESH_TRACE_SAMPLING"] {
+            assert!(default.get(key).is_none(), "{key} stays at the agent's default");
+        }
+        let sets = |s: &[&str]| Values::from_sets(&s.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        let v = sets(&[
+            "meshConfig.accessLogFile=/dev/stdout",
+            "meshConfig.accessLogEncoding=JSON",
+            "values.telemetry.tracing.endpoint=http://otel.observability:4318",
+            "meshConfig.defaultConfig.tracing.sampling=2.5",
+        ])
+        .unwrap();
+        let cm = agent_config(&v);
+        assert_eq!((cm["MESH_ACCESS_LOG"].as_str(), cm["MESH_TRACE_SAMPLING"].as_str()), (Some("json"), Some("2.5")));
+        assert_eq!(cm["MESH_TRACE_ENDPOINT"], "http://otel.observability:4318");
+        let off = sets(&["profile=demo", "meshConfig.accessLogFile="]).unwrap();
+        assert!(agent_config(&off).get("MESH_ACCESS_LOG").is_none());
+        for (bad, why) in [
+            ("meshConfig.accessLogFile=/var/log/mesh.log", "/dev/stdout"),
+            ("meshConfig.accessLogEncoding=JSON", "accessLogFile=/dev/stdout first"),
+            ("values.telemetry.tracing.endpoint=jaeger:4317", "expected http://host:port or grpc://host:port"),
+            ("meshConfig.defaultConfig.tracing.sampling=150", "0 to 100"),
+        ] {
+            let e = sets(&[bad]).unwrap_err().to_string();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
     }
 
     #[test]
