@@ -9,6 +9,7 @@
 
 pub mod balance;
 pub mod edge;
+pub(crate) mod grpc_messages;
 pub mod server;
 pub mod upstream;
 

@@ -205,6 +205,8 @@ const TCP_OPENED: usize = 4;
 const TCP_CLOSED: usize = 5;
 const TCP_SENT: usize = 6;
 const TCP_RECEIVED: usize = 7;
+const GRPC_REQUEST_MESSAGES: usize = 8;
+const GRPC_RESPONSE_MESSAGES: usize = 9;
 
 fn security(mtls: bool) -> &'static str {
     if mtls { "mutual_tls" } else { "none" }
@@ -434,6 +436,8 @@ pub struct Metrics {
     refused: Family<RefusedLabels, Counter>,
     blocked: Family<BlockedLabels, Counter>,
     dns: Family<DnsLabels, Counter>,
+    request_messages: Family<RequestLabels, Counter>,
+    response_messages: Family<RequestLabels, Counter>,
     request_duration: RequestHistograms,
     request_bytes: RequestHistograms,
     response_bytes: RequestHistograms,
@@ -468,6 +472,12 @@ impl Metrics {
             "Size of response bodies, counted as they pass (reporter=source)",
             m.response_bytes.0.clone(),
         );
+        registry.register(
+            "request_messages",
+            "gRPC messages the client sent, counted as they passed (reporter=source)",
+            m.request_messages.clone(),
+        );
+        registry.register("response_messages", "gRPC messages the server sent", m.response_messages.clone());
         registry.register("tcp_connections_opened", "TCP connections opened", m.opened.clone());
         registry.register("tcp_connections_closed", "TCP connections closed", m.closed.clone());
         registry.register("tcp_sent_bytes", "Bytes sent in responses (server to client)", m.sent.clone());
@@ -652,6 +662,21 @@ impl Metrics {
         self.recent_denials.clone()
     }
 
+    /// Counts a gRPC request's messages, each way (the request's where the path read
+    /// them).
+    pub fn grpc_messages(&self, labels: &RequestLabels, policy: &TelemetryPolicy, request: Option<u64>, response: u64) {
+        let source = labels.peers.reporter == "source";
+        if self.requests.get(labels).is_none() {
+            self.index().requests.insert(labels.clone());
+        }
+        if let Some(n) = request.filter(|_| policy.metric_on(GRPC_REQUEST_MESSAGES, source)) {
+            self.request_messages.get_or_create(labels).inc_by(n);
+        }
+        if policy.metric_on(GRPC_RESPONSE_MESSAGES, source) {
+            self.response_messages.get_or_create(labels).inc_by(response);
+        }
+    }
+
     /// Counts a refusal protecting `dst`, and keeps it among the recent ones with who
     /// was refused (`source`) and the decision's words (`detail`).
     pub fn denied(&self, dst: &Workload, reason: DenyReason, source: String, detail: &str) {
@@ -732,6 +757,8 @@ impl Metrics {
             let keep = !peers_gone(&l.peers);
             if !keep {
                 self.requests.remove(l);
+                self.request_messages.remove(l);
+                self.response_messages.remove(l);
                 self.request_duration.0.remove(l);
                 self.request_bytes.0.remove(l);
                 self.response_bytes.0.remove(l);

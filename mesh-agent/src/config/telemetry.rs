@@ -166,7 +166,8 @@ pub struct MetricsOverride {
 pub struct MetricSelector {
     /// `ALL_METRICS`, `REQUEST_COUNT`, `REQUEST_DURATION`, `REQUEST_SIZE`,
     /// `RESPONSE_SIZE`, `TCP_OPENED_CONNECTIONS`, `TCP_CLOSED_CONNECTIONS`,
-    /// `TCP_SENT_BYTES`, `TCP_RECEIVED_BYTES`.
+    /// `TCP_SENT_BYTES`, `TCP_RECEIVED_BYTES`, `GRPC_REQUEST_MESSAGES`,
+    /// `GRPC_RESPONSE_MESSAGES`.
     #[serde(default)]
     pub metric: Option<String>,
     /// Refused: custom metrics.
@@ -212,7 +213,7 @@ pub const MAX_CUSTOM_TAGS: usize = 16;
 pub const MAX_TAG_VALUE: usize = 256;
 
 /// The metrics a Telemetry can name, in the order of [`metric_index`].
-pub const METRICS: [&str; 8] = [
+pub const METRICS: [&str; 10] = [
     "REQUEST_COUNT",
     "REQUEST_DURATION",
     "REQUEST_SIZE",
@@ -221,6 +222,8 @@ pub const METRICS: [&str; 8] = [
     "TCP_CLOSED_CONNECTIONS",
     "TCP_SENT_BYTES",
     "TCP_RECEIVED_BYTES",
+    "GRPC_REQUEST_MESSAGES",
+    "GRPC_RESPONSE_MESSAGES",
 ];
 
 /// The index of a metric name in [`METRICS`].

@@ -3,6 +3,7 @@
 //! forwarded to an endpoint chosen under the DestinationRule, with timeouts, retries,
 //! faults, header operations and mirroring.
 
+use crate::l7::grpc_messages::GrpcMessages;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -109,7 +110,7 @@ struct Caller<'a> {
     /// The address the pod dialed.
     orig: SocketAddr,
     /// Request body bytes read from the client so far.
-    request_bytes: &'a Arc<std::sync::atomic::AtomicU64>,
+    request_bytes: &'a Arc<RequestTally>,
 }
 
 /// The answer and what the metrics say of it.
@@ -158,7 +159,7 @@ async fn handle(
 ) -> Response<RespBody> {
     let started = std::time::Instant::now();
     let snap = ctx.snapshot.load_full();
-    let request_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let request_bytes = Arc::new(RequestTally::default());
     let caller = Caller { ctx, snap: &snap, pod, netns, orig, request_bytes: &request_bytes };
     let mut req = req;
     let refused = match table {
@@ -372,8 +373,9 @@ pub(crate) struct Measured {
     pub policy: Arc<TelemetryPolicy>,
     /// When the request arrived.
     pub started: std::time::Instant,
-    /// Request body bytes read from the client, where the path counts them.
-    pub request_bytes: Option<Arc<std::sync::atomic::AtomicU64>>,
+    /// Request body bytes and gRPC messages read from the client, where the path
+    /// counts them.
+    pub request_bytes: Option<Arc<RequestTally>>,
     /// What the access log line and the span need (when either is written).
     pub log: Option<Box<LogLine>>,
     /// This hop's span, when requests are traced.
@@ -400,8 +402,10 @@ impl Measured {
         if counted {
             self.metrics.request(&labels, &self.policy);
         }
-        response
-            .map(|inner| Completion { inner, labels: Some(labels), counted, measured: self, bytes: 0 }.boxed_unsync())
+        response.map(|inner| {
+            let messages = is_grpc.then(GrpcMessages::default);
+            Completion { inner, labels: Some(labels), counted, measured: self, bytes: 0, messages }.boxed_unsync()
+        })
     }
 }
 
@@ -436,6 +440,8 @@ struct Completion {
     measured: Measured,
     /// The response body bytes that passed.
     bytes: u64,
+    /// The response's gRPC messages, for a gRPC request.
+    messages: Option<GrpcMessages>,
 }
 
 impl Completion {
@@ -445,9 +451,13 @@ impl Completion {
             if !self.counted {
                 m.metrics.request(&labels, &m.policy);
             }
-            let request_bytes = m.request_bytes.as_ref().map(|b| b.load(std::sync::atomic::Ordering::Relaxed));
+            let request_bytes = m.request_bytes.as_ref().map(|b| b.bytes.load(std::sync::atomic::Ordering::Relaxed));
             let duration = m.started.elapsed();
             m.metrics.request_done(&labels, &m.policy, duration, (request_bytes, self.bytes));
+            if let Some(messages) = &self.messages {
+                let sent = m.request_bytes.as_ref().map(|b| b.messages.load(std::sync::atomic::Ordering::Relaxed));
+                m.metrics.grpc_messages(&labels, &m.policy, sent, messages.count);
+            }
             let Some(line) = m.log.take() else { return };
             if let (Some(begun), Some(tracer)) = (m.span, m.metrics.tracer()) {
                 tracer.finish(finished_span(tracer, begun, &line, &labels, (request_bytes, self.bytes)));
@@ -493,6 +503,9 @@ impl http_body::Body for Completion {
             std::task::Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     self.bytes += data.len() as u64;
+                    if let Some(m) = self.messages.as_mut() {
+                        m.feed(data);
+                    }
                 }
                 if let Some(code) = frame.trailers_ref().and_then(grpc_status) {
                     if !self.counted
@@ -926,11 +939,7 @@ fn buffered(b: Bytes) -> UpBody {
 ///
 /// The budget is charged for the buffer's capacity, before it grows: what the agent
 /// holds for bodies is the budget, not some multiple of it.
-async fn read_body(
-    mut body: Incoming,
-    ctx: &super::Context,
-    counted: &Arc<std::sync::atomic::AtomicU64>,
-) -> Result<ReqBody, Answer> {
+async fn read_body(mut body: Incoming, ctx: &super::Context, counted: &Arc<RequestTally>) -> Result<ReqBody, Answer> {
     let mut buf = BodyBuffer::new(ctx.runtime.body_budget.clone());
     // A declared length is reserved whole, once.
     if let Some(len) = http_body::Body::size_hint(&body).exact()
@@ -1000,24 +1009,39 @@ impl BodyBuffer {
         true
     }
 
-    /// The whole body, its size stored in `counted`.
-    fn into_buffered(self, counted: &std::sync::atomic::AtomicU64) -> ReqBody {
-        counted.store(self.bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    /// The whole body, its size and gRPC messages stored in `counted`.
+    fn into_buffered(self, counted: &RequestTally) -> ReqBody {
+        counted.bytes.store(self.bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        let mut messages = GrpcMessages::default();
+        messages.feed(&self.bytes);
+        counted.messages.store(messages.count, std::sync::atomic::Ordering::Relaxed);
         ReqBody::Buffered(self.bytes.freeze(), self.held)
     }
+}
+
+/// A request body's bytes and gRPC messages, counted as they pass to the upstream.
+#[derive(Debug, Default)]
+pub(crate) struct RequestTally {
+    /// Bytes.
+    pub bytes: std::sync::atomic::AtomicU64,
+    /// gRPC messages begun (meaningful for gRPC requests only).
+    pub messages: std::sync::atomic::AtomicU64,
 }
 
 /// The bytes already read, then the rest of the client's body, counted as they pass.
 struct Prefixed {
     prefix: std::collections::VecDeque<Bytes>,
     rest: Incoming,
-    counted: Arc<std::sync::atomic::AtomicU64>,
+    counted: Arc<RequestTally>,
+    messages: GrpcMessages,
 }
 
 impl Prefixed {
-    fn body(prefix: Vec<Bytes>, rest: Incoming, counted: Arc<std::sync::atomic::AtomicU64>) -> UpBody {
+    fn body(prefix: Vec<Bytes>, rest: Incoming, counted: Arc<RequestTally>) -> UpBody {
         let prefix = prefix.into_iter().filter(|b| !b.is_empty()).collect();
-        Prefixed { prefix, rest, counted }.map_err(|e| Box::new(e) as BoxError).boxed()
+        Prefixed { prefix, rest, counted, messages: GrpcMessages::default() }
+            .map_err(|e| Box::new(e) as BoxError)
+            .boxed()
     }
 }
 
@@ -1036,7 +1060,11 @@ impl http_body::Body for Prefixed {
         if let std::task::Poll::Ready(Some(Ok(frame))) = &polled
             && let Some(data) = frame.data_ref()
         {
-            self.counted.fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            self.counted.bytes.fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            // Prefixed is Unpin: its fields can be borrowed apart.
+            let this = &mut *self;
+            this.messages.feed(data);
+            this.counted.messages.store(this.messages.count, std::sync::atomic::Ordering::Relaxed);
         }
         polled
     }
@@ -1351,6 +1379,60 @@ mod tests {
     use std::sync::Arc;
 
     use super::{BodyBuffer, cookie_endpoint, cookie_value, grpc_status};
+
+    /// A gRPC stream's messages both ways: the request's as the path counted them, the
+    /// response's as they pass (a message split across frames counts once), under the
+    /// request's labels with the status from the trailers.
+    #[tokio::test]
+    async fn grpc_messages_are_counted_each_way() {
+        use http_body_util::BodyExt as _;
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = Arc::new(crate::telemetry::Metrics::new(&mut registry));
+        let tally = Arc::new(super::RequestTally::default());
+        tally.messages.store(2, std::sync::atomic::Ordering::Relaxed);
+        let measured = super::Measured {
+            metrics,
+            policy: Arc::default(),
+            started: std::time::Instant::now(),
+            request_bytes: Some(tally),
+            log: None,
+            span: None,
+        };
+        let message = |len: u8| [&[0, 0, 0, 0, len][..], &vec![9; len as usize]].concat();
+        let stream = [message(4), message(10), message(0)].concat();
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", "0".parse().unwrap());
+        let frames: Vec<Result<http_body::Frame<bytes::Bytes>, super::BoxError>> = vec![
+            Ok(http_body::Frame::data(bytes::Bytes::copy_from_slice(&stream[..7]))),
+            Ok(http_body::Frame::data(bytes::Bytes::copy_from_slice(&stream[7..]))),
+            Ok(http_body::Frame::trailers(trailers)),
+        ];
+        let body = http_body_util::StreamBody::new(futures::stream::iter(frames)).boxed_unsync();
+        let response = http::Response::builder().header("content-type", "application/grpc").body(body).unwrap();
+        let w = crate::state::Workload::outside("client", "shop", "10.0.0.1".parse().unwrap(), "cluster.local");
+        let peers = crate::telemetry::PeerLabels::source(
+            &w,
+            None,
+            crate::telemetry::ServiceLabels::service(Some("shop/cart")),
+            true,
+        );
+        let answered = measured.answer(peers, "-", response);
+        let _ = answered.into_body().collect().await.unwrap();
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let value = |name: &str| {
+            text.lines()
+                .find(|l| {
+                    l.starts_with(name)
+                        && l.contains("request_protocol=\"grpc\"")
+                        && l.contains("grpc_response_status=\"0\"")
+                })
+                .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        };
+        assert_eq!(value("request_messages_total{"), Some(2), "{text}");
+        assert_eq!(value("response_messages_total{"), Some(3), "{text}");
+        assert_eq!(value("requests_total{"), Some(1), "{text}");
+    }
 
     /// An application cannot grow the metric's label space with made-up codes.
     #[test]

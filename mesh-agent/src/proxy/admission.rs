@@ -203,6 +203,8 @@ pub(super) async fn serve<S>(
         // and measured, reporter=destination.
         let open = ctx.metrics.opened(&labels, &ends.policy);
         let metrics = ctx.metrics.clone();
+        // Its bytes count as they pass, as a spliced connection's do.
+        let client = copy::Counted::new(client, &open);
         http::serve(ctx, pod, netns, arrival, &labels, client, app).await;
         metrics.closed(&labels, open);
         return;

@@ -971,6 +971,21 @@ spec: {selector: {app: myapp}, clusterIP: 10.96.71.21, ports: [{port: 9000, targ
             && l.contains("destination_service=\"myapp-raw.shop.svc.cluster.local\"")
     });
     assert!(spliced, "the tcp-declared port is counted as TCP:\n{metrics}");
+    // The connections the destination reads as HTTP count their bytes too, both ways,
+    // while they are open.
+    let bytes = |metric: &str| -> u64 {
+        metrics
+            .lines()
+            .filter(|l| {
+                l.starts_with(&format!("{metric}{{"))
+                    && l.contains("reporter=\"destination\"")
+                    && l.contains("destination_service=\"myapp.shop.svc.cluster.local\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    assert!(bytes("tcp_received_bytes_total") > 3 * 30, "the requests' bytes:\n{metrics}");
+    assert!(bytes("tcp_sent_bytes_total") > 3 * 30, "the responses' bytes:\n{metrics}");
 }
 
 /// Access log lines, as JSON, for an allowed request, a denied one (403, the DENY
