@@ -10,7 +10,10 @@
 //! - `mesh-l4-tcp`: the same, with a Telemetry turning the request metrics off at the
 //!   server's agent, which then splices: the difference is what L7 telemetry costs;
 //! - `mesh-l7`: the same pods through the Service VIP with a VirtualService (and a
-//!   DestinationRule subset) on the route: HTTP parsed, matched and routed.
+//!   DestinationRule subset) on the route: HTTP parsed, matched and routed;
+//! - `mesh-l7-trace1`, `mesh-l7-trace100`: `mesh-l7` with the agents tracing (OTLP/HTTP
+//!   to a collector in pod `outside`) at 1% and 100% sampling: a client span at the
+//!   source's agent and a server span at the destination's for each sampled request.
 //!
 //! And on the `ingress` path, from the outside client (netns `meshlab-client`) to
 //! `myapp-v1` over HTTPS:
@@ -315,6 +318,7 @@ fn mesh_phase(lab: &mut Lab, tools: &Tools, args: &BenchArgs, d: Durations) -> a
         scenarios.push(measure_scenario(lab, tools, args, d, &target)?);
         lab.delete(Path::new(L7_CONFIG))?;
     }
+    scenarios.extend(tracing_phase(lab, tools, args, d)?);
     // The ingress path through the mesh's gateway: TLS there, HBONE to myapp-v1.
     let ca = lab.edge_ca_path().display().to_string();
     route_ingress_to(lab, SERVER_CROSS)?;
@@ -639,6 +643,90 @@ fn splice_at_destination(lab: &Lab, server: &str) -> anyhow::Result<PathBuf> {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// The tracing scenarios' names and their sampling percentages.
+const TRACED: [(&str, u32); 2] = [("mesh-l7-trace1", 1), ("mesh-l7-trace100", 100)];
+
+/// `mesh-l7` with tracing on at each of [`TRACED`]'s samplings: the agents restarted
+/// with an OTLP endpoint (the `outside` pod's HTTP server, which answers the exports
+/// 200) and the sampling, measured, then restarted as they were. A phase that cannot
+/// trace reports its scenarios skipped with why (the other figures stand).
+fn tracing_phase(lab: &mut Lab, tools: &Tools, args: &BenchArgs, d: Durations) -> anyhow::Result<Vec<Scenario>> {
+    let saved = lab.agent_env.clone();
+    let measured = traced_scenarios(lab, tools, args, d);
+    lab.agent_env = saved;
+    restart_agents(lab)?;
+    Ok(measured.unwrap_or_else(|e| {
+        println!("[bench] tracing scenarios skipped: {e:#}");
+        TRACED
+            .iter()
+            .flat_map(|(name, _)| ["cross-node", "same-node"].map(|path| Scenario::skipped(name, path, &format!("{e:#}"))))
+            .collect()
+    }))
+}
+
+fn traced_scenarios(lab: &mut Lab, tools: &Tools, args: &BenchArgs, d: Durations) -> anyhow::Result<Vec<Scenario>> {
+    let collector = format!("http://{}:8080/v1/traces", lab.pod("outside")?.ip);
+    let mut scenarios = Vec::new();
+    for (name, sampling) in TRACED {
+        lab.agent_env.insert("MESH_TRACE_ENDPOINT".into(), collector.clone());
+        lab.agent_env.insert("MESH_TRACE_SAMPLING".into(), sampling.to_string());
+        restart_agents(lab)?;
+        let exported_before = spans_exported(lab);
+        for (path, server) in [("cross-node", SERVER_CROSS), ("same-node", SERVER_SAME)] {
+            let mut proxies = vec![agent_cgroup(lab, &lab.pod(CLIENT)?.node)?];
+            let server_node = lab.pod(server)?.node.clone();
+            if server_node != lab.pod(CLIENT)?.node {
+                proxies.push(agent_cgroup(lab, &server_node)?);
+            }
+            let subset = lab.pod(server)?.labels.get("version").cloned().context("server pod has a version label")?;
+            let vip = route_all_to_subset(lab, &subset, server)?;
+            let target = Target {
+                name,
+                path,
+                url: format!("http://{vip}/bytes/{}", args.body),
+                iperf: None,
+                proxies,
+                origin: Origin::ClientPod,
+                oha_args: Vec::new(),
+            };
+            scenarios.push(measure_scenario(lab, tools, args, d, &target)?);
+            lab.delete(Path::new(L7_CONFIG))?;
+        }
+        // The spans were made and reached the collector: the figures are tracing's.
+        let exported = spans_exported(lab) - exported_before;
+        if exported == 0 {
+            bail!("no span reached the collector at {collector} ({sampling}% sampling)");
+        }
+        println!("[bench] {name}: {exported} spans exported");
+    }
+    Ok(scenarios)
+}
+
+/// Spans the node agents' exporters had accepted by the collector.
+fn spans_exported(lab: &Lab) -> u64 {
+    lab.nodes
+        .iter()
+        .map(|n| mesh_tests::harness::metrics(lab, &n.name))
+        .flat_map(|m| {
+            m.lines()
+                .filter(|l| l.starts_with("istio_mesh_spans_exported_total"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                .collect::<Vec<_>>()
+        })
+        .sum()
+}
+
+/// Restarts every node agent with the lab's current `agent_env` (pods stay captured:
+/// the kernel's maps are pinned).
+fn restart_agents(lab: &mut Lab) -> anyhow::Result<()> {
+    let nodes: Vec<String> = lab.nodes.iter().map(|n| n.name.clone()).collect();
+    for node in nodes {
+        lab.stop_agent(&node, "TERM")?;
+        lab.start_agent(&node)?;
+    }
+    Ok(())
 }
 
 /// File name of the mesh-l4-tcp scenario's Telemetry in the agents' config directory.

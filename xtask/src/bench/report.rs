@@ -59,7 +59,8 @@ impl Latency {
 /// One scenario on one path.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Scenario {
-    /// `direct`, `peer`, `mesh-l4`, `mesh-l4-tcp`, `mesh-l7`.
+    /// `direct`, `peer`, `mesh-l4`, `mesh-l4-tcp`, `mesh-l7`, `mesh-l7-trace1`,
+    /// `mesh-l7-trace100`.
     pub name: String,
     /// `cross-node` or `same-node`.
     pub path: String,
@@ -155,6 +156,29 @@ pub fn combine_rounds(rounds: Vec<Vec<Scenario>>) -> Vec<Scenario> {
 }
 
 impl Scenario {
+    /// A scenario that could not be measured, and why.
+    pub fn skipped(name: &str, path: &str, reason: &str) -> Self {
+        Scenario {
+            name: name.into(),
+            path: path.into(),
+            status: "skipped".into(),
+            reason: Some(reason.into()),
+            latency: None,
+            max_rps: None,
+            throughput_gbps: None,
+            proxies: 0,
+            proxy_rss_idle_mib: None,
+            proxy_rss_load_mib: None,
+            proxy_cpu_s_per_1000_req: None,
+            ratio_to_direct: None,
+            ratio_to_peer: None,
+            added_p99_ms_vs_direct: None,
+            added_p99_within_noise: None,
+            rounds: 0,
+            round_p99_ms: Vec::new(),
+        }
+    }
+
     /// Named figures, for ratios.
     fn figures(&self) -> BTreeMap<String, f64> {
         let mut f = BTreeMap::new();
@@ -326,7 +350,7 @@ impl Report {
     pub fn check_shape(&self) -> (usize, Vec<String>) {
         let mut passed = 0;
         let mut failed = Vec::new();
-        let expected = ["direct", "peer", "mesh-l4", "mesh-l4-tcp", "mesh-l7"]
+        let expected = ["direct", "peer", "mesh-l4", "mesh-l4-tcp", "mesh-l7", "mesh-l7-trace1", "mesh-l7-trace100"]
             .into_iter()
             .flat_map(|name| ["cross-node", "same-node"].map(|path| (name, path)))
             .chain(["direct", "peer", "gateway"].map(|name| (name, "ingress")));
@@ -341,7 +365,7 @@ impl Report {
                 "ok" => {
                     let l = s.latency.as_ref();
                     // Throughput is an L4 figure: L7 and ingress scenarios have none.
-                    let l4 = name != "mesh-l7" && path != "ingress";
+                    let l4 = !name.starts_with("mesh-l7") && path != "ingress";
                     let throughput = if l4 { s.throughput_gbps } else { Some(1.0) };
                     let positive = [l.map(|l| l.p50_ms), l.map(|l| l.p99_ms), s.max_rps, throughput];
                     let has_proxy_costs = s.proxies == 0
@@ -481,7 +505,9 @@ impl Report {
              the client pod and an mTLS server sidecar in the server pod (TLS 1.3, certificates from the mesh\n\
              CA). `mesh-l4` has the server's agent read each HTTP request for its metrics (L7 telemetry, the\n\
              default); `mesh-l4-tcp` is the same with a Telemetry turning request metrics off at the server,\n\
-             whose agent then splices: the difference between them is the cost of L7 telemetry. Every\n\
+             whose agent then splices: the difference between them is the cost of L7 telemetry.\n\
+             `mesh-l7-trace1` and `mesh-l7-trace100` are `mesh-l7` with the agents tracing at 1% and 100%\n\
+             sampling (OTLP/HTTP to a collector in pod `outside`): against `mesh-l7`, the cost of tracing. Every\n\
              scenario is measured in {} rounds; the phases (unenrolled, enrolled) alternate which\n\
              goes first, and each figure is the median round's (slowest request and peak RSS: the worst\n\
              round's); the p99 of each round is listed, and an added p99 smaller than that spread is marked\n\
