@@ -147,7 +147,7 @@ struct PolicyView {
     mtls: String,
     port_mtls: BTreeMap<u16, String>,
     peer_authentications: Vec<String>,
-    authorization: BTreeMap<&'static str, Vec<String>>,
+    authorization: BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Serialize)]
@@ -228,13 +228,7 @@ fn policy_views(snap: &crate::snapshot::Snapshot, node: &str) -> Vec<PolicyView>
                 mtls: mode(security.mtls.default),
                 port_mtls: security.mtls.ports.iter().map(|(p, m)| (*p, mode(*m))).collect(),
                 peer_authentications: security.mtls.from.clone(),
-                authorization: security
-                    .authz
-                    .policy_names()
-                    .into_iter()
-                    .filter(|(_, names)| !names.is_empty())
-                    .map(|(action, names)| (action, names.into_iter().map(str::to_string).collect()))
-                    .collect(),
+                authorization: security.authz.in_force(),
             }
         })
         .collect()

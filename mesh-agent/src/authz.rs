@@ -137,6 +137,16 @@ impl WorkloadAuthz {
         ]
     }
 
+    /// The policies in force by action (`DENY`, `ALLOW`, ...), actions without any left
+    /// out: what the config dump and the dashboard show.
+    pub fn in_force(&self) -> std::collections::BTreeMap<String, Vec<String>> {
+        self.policy_names()
+            .into_iter()
+            .filter(|(_, names)| !names.is_empty())
+            .map(|(action, names)| (action.to_string(), names.into_iter().map(str::to_string).collect()))
+            .collect()
+    }
+
     /// Groups `policies` (in name order) by action.
     pub fn new(policies: impl IntoIterator<Item = Arc<Policy>>) -> Self {
         let mut out = WorkloadAuthz::default();

@@ -96,6 +96,17 @@ pub fn apply_yaml(lab: &Lab, name: &str, yaml: &str) {
     lab.apply(&f).unwrap();
 }
 
+/// An AuthorizationPolicy refusing `/admin` on legacy-service: the lab tests' denial.
+pub const DENY_ADMIN: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-admin, namespace: production}
+spec:
+  selector: {matchLabels: {app: legacy-service}}
+  action: DENY
+  rules: [{to: [{operation: {paths: [/admin]}}]}]
+"#;
+
 /// Retries `f` until it returns Some or the patience (MESH_TEST_PATIENCE_MS, default
 /// 10 s) runs out.
 pub fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {

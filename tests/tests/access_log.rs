@@ -3,18 +3,8 @@
 //! request, a request a DENY policy refuses, and a raw TCP connection.
 #![forbid(unsafe_code)]
 
-use mesh_tests::harness::{apply_yaml, eventually, lab_with_env, root};
+use mesh_tests::harness::{DENY_ADMIN, apply_yaml, eventually, lab_with_env, root};
 use mesh_tests::lab::Lab;
-
-const DENY_ADMIN: &str = r#"
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: deny-admin, namespace: production}
-spec:
-  selector: {matchLabels: {app: legacy-service}}
-  action: DENY
-  rules: [{to: [{operation: {paths: [/admin]}}]}]
-"#;
 
 /// The JSON access log lines in `node`'s agent log.
 fn access_lines(lab: &Lab, node: &str) -> Vec<serde_json::Value> {

@@ -7,18 +7,8 @@
 
 use std::process::Stdio;
 
-use mesh_tests::harness::{apply_yaml, eventually, lab, root};
+use mesh_tests::harness::{DENY_ADMIN, apply_yaml, eventually, lab, root};
 use mesh_tests::lab::Lab;
-
-const DENY_ADMIN: &str = r#"
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: deny-admin, namespace: production}
-spec:
-  selector: {matchLabels: {app: legacy-service}}
-  action: DENY
-  rules: [{to: [{operation: {paths: [/admin]}}]}]
-"#;
 
 fn status(lab: &Lab, url: &str) -> String {
     let out = lab.exec("frontend", &["curl", "-s", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}", url]);

@@ -3,18 +3,8 @@
 //! series of a pod that was deleted leave the agents.
 #![forbid(unsafe_code)]
 
-use mesh_tests::harness::{apply_seed, curl, eventually, lab, metrics};
+use mesh_tests::harness::{DENY_ADMIN, apply_seed, curl, eventually, lab, metrics};
 use mesh_tests::lab::Lab;
-
-const DENY_ADMIN: &str = r#"
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: deny-admin, namespace: production}
-spec:
-  selector: {matchLabels: {app: legacy-service}}
-  action: DENY
-  rules: [{to: [{operation: {paths: [/admin]}}]}]
-"#;
 
 /// `curl` from `pod`: the status code and body.
 fn get(lab: &Lab, pod: &str, url: &str, headers: &[&str]) -> (String, String) {

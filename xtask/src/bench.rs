@@ -661,7 +661,9 @@ fn tracing_phase(lab: &mut Lab, tools: &Tools, args: &BenchArgs, d: Durations) -
         println!("[bench] tracing scenarios skipped: {e:#}");
         TRACED
             .iter()
-            .flat_map(|(name, _)| ["cross-node", "same-node"].map(|path| Scenario::skipped(name, path, &format!("{e:#}"))))
+            .flat_map(|(name, _)| {
+                ["cross-node", "same-node"].map(|path| Scenario::skipped(name, path, &format!("{e:#}")))
+            })
             .collect()
     }))
 }

@@ -99,13 +99,7 @@ impl DashboardData {
                     app: format!("{} {}", w.meta.canonical_service, w.meta.canonical_revision),
                     mtls,
                     peer_authentications: security.mtls.from.clone(),
-                    authorization: security
-                        .authz
-                        .policy_names()
-                        .into_iter()
-                        .filter(|(_, names)| !names.is_empty())
-                        .map(|(action, names)| (action.to_string(), names.into_iter().map(str::to_string).collect()))
-                        .collect(),
+                    authorization: security.authz.in_force(),
                     denials: denials.iter().filter(|d| d.workload == id).cloned().collect(),
                 }
             });
