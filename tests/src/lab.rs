@@ -854,6 +854,12 @@ impl Lab {
             run(&["ip", "-n", &n.netns, "addr", "add", &format!("{}/24", n.wire_ip), "dev", "wire0"])?;
             run(&["ip", "-n", &n.netns, "link", "set", "wire0", "up"])?;
             run(&["ip", "-n", &n.netns, "link", "add", "br0", "type", "bridge"])?;
+            // A bridge without an address of its own takes the lowest of its ports'
+            // (random) MACs, so a pod added later could change the pods' gateway MAC
+            // under their ARP caches: their traffic off the pod would then vanish until
+            // the entries expire. CNI bridges fix it; so does the lab.
+            let mac = format!("02:6d:65:73:68:{:02x}", i + 1);
+            run(&["ip", "-n", &n.netns, "link", "set", "br0", "address", &mac])?;
             run(&["ip", "-n", &n.netns, "addr", "add", &format!("{}/24", n.gateway), "dev", "br0"])?;
             run(&["ip", "-n", &n.netns, "link", "set", "br0", "up"])?;
             run(&["ip", "netns", "exec", &n.netns, "sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
