@@ -1028,8 +1028,9 @@ pub(crate) struct RequestTally {
     pub messages: std::sync::atomic::AtomicU64,
 }
 
-/// The bytes already read, then the rest of the client's body, counted as they pass.
-struct Prefixed {
+/// The bytes already read, then the rest of the client's body, counted as they pass
+/// (bytes and gRPC messages).
+pub(crate) struct Prefixed {
     prefix: std::collections::VecDeque<Bytes>,
     rest: Incoming,
     counted: Arc<RequestTally>,
@@ -1037,6 +1038,11 @@ struct Prefixed {
 }
 
 impl Prefixed {
+    /// The client's body as it comes, counted into `counted`.
+    pub(crate) fn counted(rest: Incoming, counted: Arc<RequestTally>) -> Self {
+        Prefixed { prefix: Default::default(), rest, counted, messages: GrpcMessages::default() }
+    }
+
     fn body(prefix: Vec<Bytes>, rest: Incoming, counted: Arc<RequestTally>) -> UpBody {
         let prefix = prefix.into_iter().filter(|b| !b.is_empty()).collect();
         Prefixed { prefix, rest, counted, messages: GrpcMessages::default() }

@@ -964,6 +964,12 @@ spec: {selector: {app: myapp}, clusterIP: 10.96.71.21, ports: [{port: 9000, targ
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
         .sum();
     assert_eq!(timed, 3, "each request timed at the destination:\n{metrics}");
+    let sized: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("request_bytes_count{reporter=\"destination\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(sized, 3, "each request's body sized at the destination too:\n{metrics}");
     assert!(!metrics.contains("myapp-raw.shop.svc.cluster.local\",request_protocol=\"http"), "{metrics}");
     let spliced = metrics.lines().any(|l| {
         l.starts_with("tcp_connections_opened_total{")

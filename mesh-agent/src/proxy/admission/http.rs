@@ -22,7 +22,7 @@ use tokio::sync::Mutex;
 use super::Arrival;
 use crate::authz::{Decision, RBAC_DENIED, RequestAttrs, path};
 use crate::dataplane::Netns;
-use crate::l7::server::{LogLine, Measured, RespBody};
+use crate::l7::server::{LogLine, Measured, Prefixed, RequestTally, RespBody};
 use crate::proxy::ProxyContext;
 use crate::state::Workload;
 use crate::telemetry::trace;
@@ -33,8 +33,8 @@ use crate::transport::{CONNECT_TIMEOUT, copy, sockets};
 struct AppConns {
     /// The connection dialed when the tunnel was accepted, used first.
     fresh: Option<TcpStream>,
-    h1: Option<http1::SendRequest<Incoming>>,
-    h2: Option<http2::SendRequest<Incoming>>,
+    h1: Option<http1::SendRequest<Prefixed>>,
+    h2: Option<http2::SendRequest<Prefixed>>,
 }
 
 /// Everything one request needs, shared by the connection's requests.
@@ -103,7 +103,9 @@ async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<RespBody> {
     let policy = conn.ctx.snapshot.load().telemetry(&conn.pod.key()).clone();
     let (span, logged) = crate::l7::server::observe(&conn.ctx.metrics, &policy, &mut req, trace::Kind::Server);
     let method = req.method().as_str().to_string();
-    let mut response = judge_and_forward(conn, req).await;
+    let tally = Arc::new(RequestTally::default());
+    let counted = tally.clone();
+    let mut response = judge_and_forward(conn, req.map(|body| Prefixed::counted(body, counted))).await;
     tracing::trace!(pod = %conn.pod.name, %method, status = %response.status(), "inbound request");
     let reply = response.extensions_mut().remove::<LocalReply>();
     let flags = reply.as_ref().map_or("-", |r| r.flags);
@@ -120,12 +122,13 @@ async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<RespBody> {
             dialed: dst,
         })
     });
-    // The request body goes to the application unread: its size is not measured here.
-    let measured = Measured { metrics: conn.ctx.metrics.clone(), policy, started, request_bytes: None, log, span };
+    // The request body went to the application counted as it passed.
+    let request_bytes = Some(tally);
+    let measured = Measured { metrics: conn.ctx.metrics.clone(), policy, started, request_bytes, log, span };
     measured.answer(conn.peers.clone(), flags, response)
 }
 
-async fn judge_and_forward(conn: &Conn, mut req: Request<Incoming>) -> Response<RespBody> {
+async fn judge_and_forward(conn: &Conn, mut req: Request<Prefixed>) -> Response<RespBody> {
     // Methods are tokens compared case-sensitively; a lower-case verb is refused, as
     // Istio does, rather than judged as a different method than the app may read.
     if req.method().as_str().bytes().any(|b| b.is_ascii_lowercase()) {
@@ -193,7 +196,7 @@ async fn app_stream(conn: &Conn, apps: &mut AppConns) -> Result<TcpStream, crate
     }
 }
 
-async fn forward(conn: &Conn, mut req: Request<Incoming>) -> Response<RespBody> {
+async fn forward(conn: &Conn, mut req: Request<Prefixed>) -> Response<RespBody> {
     let dst = conn.arrival.dst;
     let unavailable = |what: &str, e: &dyn std::fmt::Display| {
         tracing::warn!(pod = %conn.pod.name, %dst, error = %e, "{what}");
