@@ -267,6 +267,11 @@ impl Pods {
                 Err(e) => return Err(PodState::Failed(e.to_string())),
             },
         };
+        // What enrolling needs first, looked up before any listener is bound: a pod that
+        // cannot be captured leaves no listener behind whose task has yet to notice it
+        // was stopped (the next attempt would find its port taken and report that
+        // instead of why).
+        dataplane.pod_cgroup_id(&want.uid).map_err(|e| PodState::Failed(e.to_string()))?;
         let proxy = PodProxy::start(ctx, w.clone(), netns.clone()).map_err(|e| PodState::Failed(e.to_string()))?;
         match dataplane.enroll(&want.uid, &netns, &w.ips, &proxy, w.dns_capture) {
             Ok(enrollment) => {
