@@ -65,6 +65,20 @@ pub struct ConnAttrs<'a> {
     pub peer: Option<&'a Peer>,
 }
 
+impl ConnAttrs<'_> {
+    /// Who the client is, for logs: its verified principal, or `plaintext`.
+    pub fn who(&self) -> String {
+        self.peer
+            .and_then(|p| p.principals.first())
+            .map_or_else(|| "plaintext".to_string(), |p| format!("spiffe://{p}"))
+    }
+
+    /// Who the client is and where it came from: what the dashboard lists of a denial.
+    pub fn client(&self) -> String {
+        format!("{} {}", self.who(), self.src.ip())
+    }
+}
+
 /// What is known of one HTTP request.
 #[derive(Debug, Clone, Copy)]
 pub struct RequestAttrs<'a> {

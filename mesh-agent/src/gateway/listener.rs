@@ -49,7 +49,7 @@ fn admits_bytes(ctx: &GatewayContext, plan: &PortPlan, peer: SocketAddr, local: 
         Decision::Allow => true,
         Decision::Deny(reason) => {
             tracing::info!(gateway = %plan.workload.name, client = %peer, port = plan.port, %reason, "denied by authorization policy");
-            ctx.l7.metrics.denied(&plan.workload, DenyReason::Policy, format!("plaintext {}", peer.ip()), &reason);
+            ctx.l7.metrics.denied(&plan.workload, DenyReason::Policy, attrs.client(), &reason);
             false
         }
     }

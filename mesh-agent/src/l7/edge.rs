@@ -78,11 +78,7 @@ pub fn admit<B>(at: &Arrival<'_>, metrics: &Metrics, req: &mut Request<B>) -> Re
             gateway = %at.gateway.name, client = %at.client, method = %req.method(), path = %normalized, %reason,
             "denied by authorization policy"
         );
-        let who = at
-            .peer
-            .and_then(|p| p.principals.first())
-            .map_or_else(|| "plaintext".to_string(), |p| format!("spiffe://{p}"));
-        metrics.denied(at.gateway, DenyReason::HttpPolicy, format!("{who} {}", at.client.ip()), &reason);
+        metrics.denied(at.gateway, DenyReason::HttpPolicy, attrs.client(), &reason);
         return Err(Refusal { status: StatusCode::FORBIDDEN, flags: "RBAC", body: RBAC_DENIED });
     }
     let target = match req.uri().query() {

@@ -97,17 +97,13 @@ impl InboundConns {
                 Decision::Deny("plaintext, and the port is now STRICT".into())
             };
             if let Decision::Deny(reason) = verdict {
-                tracing::info!(workload = %t.workload, src = %attrs.src, source = %who(&attrs), dst = %attrs.dst, %reason, "closing a connection the current policy no longer allows");
+                tracing::info!(workload = %t.workload, src = %attrs.src, source = %attrs.who(), dst = %attrs.dst, %reason, "closing a connection the current policy no longer allows");
                 t.stop.cancel();
                 closed += 1;
             }
         }
         closed
     }
-}
-
-fn who(attrs: &ConnAttrs<'_>) -> String {
-    attrs.peer.and_then(|p| p.principals.first()).map_or_else(|| "plaintext".to_string(), |p| format!("spiffe://{p}"))
 }
 
 /// Logs and counts a refusal by an authorization policy.
@@ -120,11 +116,11 @@ pub(super) fn denied(
 ) {
     let (method, path) = request.unzip();
     tracing::info!(
-        pod = %pod.name, src = %attrs.src, source = %who(attrs), dst = %attrs.dst, method, path, %reason,
+        pod = %pod.name, src = %attrs.src, source = %attrs.who(), dst = %attrs.dst, method, path, %reason,
         "denied by authorization policy"
     );
     let kind = if request.is_some() { DenyReason::HttpPolicy } else { DenyReason::Policy };
-    ctx.metrics.denied(pod, kind, format!("{} {}", who(attrs), attrs.src.ip()), reason);
+    ctx.metrics.denied(pod, kind, attrs.client(), reason);
 }
 
 /// Logs and counts plaintext refused because the port is STRICT.
