@@ -474,7 +474,7 @@ impl Metrics {
         );
         registry.register(
             "request_messages",
-            "gRPC messages the client sent, counted as they passed (reporter=source)",
+            "gRPC messages the client sent, counted as they passed",
             m.request_messages.clone(),
         );
         registry.register("response_messages", "gRPC messages the server sent", m.response_messages.clone());

@@ -3,7 +3,6 @@
 //! forwarded to an endpoint chosen under the DestinationRule, with timeouts, retries,
 //! faults, header operations and mirroring.
 
-use crate::l7::grpc_messages::GrpcMessages;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,6 +18,7 @@ use rand::Rng as _;
 use super::balance::{Outcome, Overflow};
 use super::upstream::{ConnSettings, SendError, UpBody};
 use crate::dataplane::Netns;
+use crate::l7::grpc_messages::GrpcMessages;
 use crate::snapshot::Snapshot;
 use crate::state::{Service, TagValue, TelemetryPolicy, Workload};
 use crate::telemetry::{PeerLabels, RequestLabels, ServiceLabels};
@@ -159,7 +159,7 @@ async fn handle(
 ) -> Response<RespBody> {
     let started = std::time::Instant::now();
     let snap = ctx.snapshot.load_full();
-    let request_bytes = Arc::new(RequestTally::default());
+    let request_bytes = Arc::new(RequestTally::of(req.headers()));
     let caller = Caller { ctx, snap: &snap, pod, netns, orig, request_bytes: &request_bytes };
     let mut req = req;
     let refused = match table {
@@ -387,10 +387,7 @@ impl Measured {
     /// it) and counts it now, unless a gRPC status is still to come in trailers: then
     /// when they arrive, or the body ends or is dropped without them.
     pub(crate) fn answer(self, peers: PeerLabels, flags: &str, response: Response<RespBody>) -> Response<RespBody> {
-        let is_grpc = response
-            .headers()
-            .get(http::header::CONTENT_TYPE)
-            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        let is_grpc = is_grpc(response.headers());
         let labels = RequestLabels {
             peers,
             request_protocol: if is_grpc { "grpc" } else { "http" },
@@ -1012,11 +1009,18 @@ impl BodyBuffer {
     /// The whole body, its size and gRPC messages stored in `counted`.
     fn into_buffered(self, counted: &RequestTally) -> ReqBody {
         counted.bytes.store(self.bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        let mut messages = GrpcMessages::default();
-        messages.feed(&self.bytes);
-        counted.messages.store(messages.count, std::sync::atomic::Ordering::Relaxed);
+        if counted.grpc {
+            let mut messages = GrpcMessages::default();
+            messages.feed(&self.bytes);
+            counted.messages.store(messages.count, std::sync::atomic::Ordering::Relaxed);
+        }
         ReqBody::Buffered(self.bytes.freeze(), self.held)
     }
+}
+
+/// Whether headers say gRPC (`content-type: application/grpc[+proto|...]`).
+fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers.get(http::header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
 /// A request body's bytes and gRPC messages, counted as they pass to the upstream.
@@ -1024,8 +1028,17 @@ impl BodyBuffer {
 pub(crate) struct RequestTally {
     /// Bytes.
     pub bytes: std::sync::atomic::AtomicU64,
-    /// gRPC messages begun (meaningful for gRPC requests only).
+    /// gRPC messages begun (for gRPC requests only: other bodies are not parsed).
     pub messages: std::sync::atomic::AtomicU64,
+    /// Whether the request is gRPC, so its body's messages are counted.
+    grpc: bool,
+}
+
+impl RequestTally {
+    /// The tally of the request with `headers`.
+    pub(crate) fn of(headers: &http::HeaderMap) -> Self {
+        Self { grpc: is_grpc(headers), ..Self::default() }
+    }
 }
 
 /// The bytes already read, then the rest of the client's body, counted as they pass
@@ -1067,10 +1080,12 @@ impl http_body::Body for Prefixed {
             && let Some(data) = frame.data_ref()
         {
             self.counted.bytes.fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
-            // Prefixed is Unpin: its fields can be borrowed apart.
-            let this = &mut *self;
-            this.messages.feed(data);
-            this.counted.messages.store(this.messages.count, std::sync::atomic::Ordering::Relaxed);
+            if self.counted.grpc {
+                // Prefixed is Unpin: its fields can be borrowed apart.
+                let this = &mut *self;
+                this.messages.feed(data);
+                this.counted.messages.store(this.messages.count, std::sync::atomic::Ordering::Relaxed);
+            }
         }
         polled
     }
@@ -1438,6 +1453,24 @@ mod tests {
         assert_eq!(value("request_messages_total{"), Some(2), "{text}");
         assert_eq!(value("response_messages_total{"), Some(3), "{text}");
         assert_eq!(value("requests_total{"), Some(1), "{text}");
+    }
+
+    /// Request bodies are parsed for gRPC messages only when the request is gRPC: other
+    /// bodies are counted in bytes and nothing more.
+    #[test]
+    fn only_grpc_request_bodies_are_parsed_for_messages() {
+        let budget = Arc::new(tokio::sync::Semaphore::new(1024));
+        for (content_type, messages) in [("application/grpc", 2), ("application/json", 0)] {
+            let mut headers = http::HeaderMap::new();
+            headers.insert(http::header::CONTENT_TYPE, content_type.parse().unwrap());
+            let tally = super::RequestTally::of(&headers);
+            let mut buf = BodyBuffer::new(budget.clone());
+            assert!(buf.grow_to(64));
+            buf.bytes.extend_from_slice(&[0, 0, 0, 0, 1, 7, 0, 0, 0, 0, 0]);
+            let _ = buf.into_buffered(&tally);
+            assert_eq!(tally.bytes.load(std::sync::atomic::Ordering::Relaxed), 11);
+            assert_eq!(tally.messages.load(std::sync::atomic::Ordering::Relaxed), messages, "{content_type}");
+        }
     }
 
     /// An application cannot grow the metric's label space with made-up codes.

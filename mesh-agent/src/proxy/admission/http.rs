@@ -103,7 +103,7 @@ async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<RespBody> {
     let policy = conn.ctx.snapshot.load().telemetry(&conn.pod.key()).clone();
     let (span, logged) = crate::l7::server::observe(&conn.ctx.metrics, &policy, &mut req, trace::Kind::Server);
     let method = req.method().as_str().to_string();
-    let tally = Arc::new(RequestTally::default());
+    let tally = Arc::new(RequestTally::of(req.headers()));
     let counted = tally.clone();
     let mut response = judge_and_forward(conn, req.map(|body| Prefixed::counted(body, counted))).await;
     tracing::trace!(pod = %conn.pod.name, %method, status = %response.status(), "inbound request");
