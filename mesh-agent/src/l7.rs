@@ -202,8 +202,8 @@ impl Target {
     }
 }
 
-/// The rule used for a Service that has a DestinationRule but no VirtualService:
-/// everything to the Service, with Istio's default retries.
+/// The rule used for a Service (`namespace/name`) or ServiceEntry host that no
+/// VirtualService routes: everything to it, with Istio's default retries.
 pub fn default_rule(service_key: &str) -> Rule {
     Rule {
         name: "default".into(),

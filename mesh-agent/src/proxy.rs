@@ -95,6 +95,24 @@ impl ProxyContext {
         }
     }
 
+    /// Whether the requests of `pod`'s connections are wanted, as the source's agent
+    /// (`source`) or the destination's sees them: L7 telemetry is on, and a Telemetry
+    /// leaves some request metric, the access log or tracing on for the workload.
+    pub fn wants_requests(
+        &self,
+        snapshot: &crate::snapshot::Snapshot,
+        pod: &crate::state::Workload,
+        source: bool,
+    ) -> bool {
+        if !self.l7_telemetry {
+            return false;
+        }
+        let policy = snapshot.telemetry(&pod.key());
+        let request_metrics = (0..4).any(|metric| policy.metric_on(metric, source));
+        let logged = self.metrics.access_log().is_some_and(|l| l.may_log(policy, source));
+        request_metrics || logged || self.metrics.tracer().is_some()
+    }
+
     /// What the L7 proxy gets of it.
     pub fn l7_context(&self) -> crate::l7::Context {
         crate::l7::Context {

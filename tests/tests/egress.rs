@@ -77,6 +77,15 @@ spec:
             && l.contains("destination_service=\"legacy-api.example.com\"")),
         "{m}"
     );
+    // No agent reads the entries' traffic at the destination: the port declared HTTP
+    // is read at the source, request by request (the undeclared one stays TCP).
+    assert!(
+        m.lines().any(|l| l.starts_with("istio_requests_total{reporter=\"source\"")
+            && l.contains("source_workload=\"frontend\"")
+            && l.contains("destination_service=\"api.example.com\"")
+            && l.contains("response_code=\"200\"")),
+        "{m}"
+    );
 }
 
 /// openssl's TLS server on port 8443 of the outside netns ("the internet"), as helper

@@ -44,8 +44,9 @@ pub enum RouteTable {
     /// A pod's connection to a Service (`namespace/name`): its VirtualService, or the
     /// default rule when only a DestinationRule applies.
     Service(Arc<str>),
-    /// A pod's connection to a ServiceEntry's host that a mesh VirtualService's
-    /// `http:` routes take (such as to an egress gateway).
+    /// A pod's connection to a ServiceEntry's host: a mesh VirtualService's `http:`
+    /// routes for it (such as to an egress gateway), or, without any, the entry's
+    /// destination (a port declared HTTP, read for its request metrics).
     Entry {
         /// The entry, `namespace/name`.
         key: Arc<str>,
@@ -577,13 +578,12 @@ async fn route(caller: &Caller<'_>, table: &RouteTable, mut req: Request<Incomin
             Some(r) => r,
             None => return local(StatusCode::NOT_FOUND, "NR", "no route matched\n"),
         },
-        (None, RouteTable::Service(key)) => {
+        // Without routes, everything goes where the pod was going.
+        (None, RouteTable::Service(key) | RouteTable::Entry { host: key, .. }) => {
             default_rule = super::default_rule(key);
             &default_rule
         }
-        (None, RouteTable::Gateway { .. } | RouteTable::Entry { .. }) => {
-            return local(StatusCode::NOT_FOUND, "NR", "no route\n");
-        }
+        (None, RouteTable::Gateway { .. }) => return local(StatusCode::NOT_FOUND, "NR", "no route\n"),
     };
     let cors = rule.cors.as_ref().map(|c| c.verdict(&parts.method, &parts.headers));
     if let Some(answer) = cors.as_ref().and_then(preflight_answer) {

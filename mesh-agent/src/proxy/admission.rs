@@ -146,14 +146,8 @@ pub(super) fn denied_plaintext(
 /// protocol selection: `appProtocol`, then the Service port's name). An undeclared
 /// port is detected from the first bytes.
 fn reads_http(ctx: &ProxyContext, snapshot: &Snapshot, pod: &Workload, port: u16) -> bool {
-    if !ctx.l7_telemetry {
-        return false;
-    }
-    let policy = snapshot.telemetry(&pod.key());
-    let request_metrics = (0..4).any(|metric| policy.metric_on(metric, false));
-    let logged = ctx.metrics.access_log().is_some_and(|l| l.may_log(policy, false));
-    let wanted = request_metrics || logged || ctx.metrics.tracer().is_some();
-    wanted && snapshot.service_at(pod, port).is_none_or(|(_, sp)| sp.declared() != Declared::Opaque)
+    ctx.wants_requests(snapshot, pod, false)
+        && snapshot.service_at(pod, port).is_none_or(|(_, sp)| sp.declared() != Declared::Opaque)
 }
 
 /// Serves a connection whose accept-time verdict was not a denial.

@@ -10,7 +10,7 @@ use super::ProxyContext;
 use super::detect::{self, Protocol};
 use super::egress::{self, Egress};
 use crate::dataplane::Netns;
-use crate::state::{Destination, Workload};
+use crate::state::{Declared, Destination, Workload};
 use crate::telemetry::{ConnLabels, ServiceLabels};
 use crate::transport::{CONNECT_TIMEOUT, Error, Upstream, copy, sockets};
 
@@ -41,7 +41,8 @@ pub(super) async fn handle(
         super::dns::serve_tcp(ctx.dns_context(pod.clone()), stream).await;
         return Ok(());
     }
-    if let Some(service) = snapshot.service_by_vip(orig.ip())
+    let dialed_service = snapshot.service_by_vip(orig.ip());
+    if let Some(service) = dialed_service
         && snapshot.has_traffic_rules(&service.key())
         && !is_declared_opaque(service, orig.port())
         && detect::peek(&stream).await == Protocol::Http
@@ -74,6 +75,19 @@ pub(super) async fn handle(
             return Ok(());
         }
     };
+    // A port declared HTTP whose endpoint no agent reads (outside the mesh, reached in
+    // plaintext) is read here, so its requests are measured at least at the source.
+    if let Some(service) = dialed_service
+        && !workload.as_deref().is_some_and(|w| snapshot.tunnels_to(w, addr.port()))
+        && service.ports.iter().any(|p| p.port == orig.port() && p.declared() == Declared::Http)
+        && ctx.wants_requests(&snapshot, pod, true)
+        && detect::peek(&stream).await == Protocol::Http
+    {
+        tracing::debug!(pod = %pod.name, %orig, service = %service.key(), "outbound HTTP outside the mesh, read at L7");
+        let table = crate::l7::server::RouteTable::service(service);
+        crate::l7::server::serve(ctx.l7_context(), pod.clone(), netns.clone(), stream, (peer, orig), table).await;
+        return Ok(());
+    }
     let mut upstream = ctx.dialer.connect(&snapshot, pod, netns, workload.as_deref(), addr, CONNECT_TIMEOUT).await?;
     let service = ServiceLabels::service(service.as_deref());
     let labels = ConnLabels::outbound(pod, workload.as_deref(), service, upstream.is_tunnel());
@@ -93,12 +107,14 @@ async fn leave_the_registry(
     dialed: SocketAddr,
 ) -> Result<(), Error> {
     let decision = egress::decide(snapshot, pod, &stream, orig).await;
-    // A mesh VirtualService's `http:` routes for the entry's host decide first, at L7.
+    // A mesh VirtualService's `http:` routes for the entry's host decide first, at L7;
+    // a port the entry declares HTTP is read at L7 for its request metrics.
     if let Egress::Entry(entry, _, _) = &decision
-        && snapshot.external_routes(&entry.key).is_some()
+        && (snapshot.external_routes(&entry.key).is_some()
+            || (entry.serves_http(orig.port()) && ctx.wants_requests(snapshot, pod, true)))
         && detect::peek(&stream).await == Protocol::Http
     {
-        tracing::debug!(pod = %pod.name, %orig, entry = %entry.key, "outbound HTTP to a ServiceEntry, routed at L7");
+        tracing::debug!(pod = %pod.name, %orig, entry = %entry.key, "outbound HTTP to a ServiceEntry, read at L7");
         let table =
             crate::l7::server::RouteTable::Entry { key: entry.key.as_str().into(), host: entry.host.as_str().into() };
         let client = stream.peer_addr().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));

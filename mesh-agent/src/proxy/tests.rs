@@ -618,6 +618,22 @@ async fn outbound_traffic_policy_and_service_entries_decide_what_leaves_the_mesh
             && l.contains("destination_service=\"legacy.example.com\"")),
         "{metrics}"
     );
+    // No agent reads an entry's traffic at its destination: a port it declares HTTP
+    // is read at the source, request by request; an undeclared one stays TCP.
+    let requests = |service: &str| {
+        metrics
+            .lines()
+            .filter(|l| {
+                l.starts_with("requests_total{")
+                    && l.contains("reporter=\"source\"")
+                    && l.contains(&format!("destination_service=\"{service}\""))
+                    && l.contains("response_code=\"200\"")
+            })
+            .map(|l| l.rsplit(' ').next().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(requests("api.example.com"), ["1"], "{metrics}");
+    assert!(requests("legacy.example.com").is_empty(), "{metrics}");
 }
 
 #[tokio::test]
@@ -836,12 +852,16 @@ spec: {{selector: {{app: legacy}}, clusterIP: 10.96.{net}.40, ports: [{{port: 80
     let vip = SocketAddr::from(([10, 96, net, 40], 80));
     assert_eq!(served_by(&mesh.send("client", vip, get("/")).await), "legacy");
     let metrics = mesh.metrics();
+    // Its port is declared HTTP and no agent reads it at the destination: the source
+    // reads its requests, and names the pod and the Service.
     let named = metrics.lines().any(|l| {
-        l.starts_with("tcp_connections_opened_total")
+        l.starts_with("requests_total{")
             && l.contains("reporter=\"source\"")
             && l.contains("destination_workload=\"legacy\"")
             && l.contains("destination_service=\"legacy.plain.svc.cluster.local\"")
             && l.contains("connection_security_policy=\"none\"")
+            && l.contains("response_code=\"200\"")
+            && l.ends_with(" 1")
     });
     assert!(named, "{metrics}");
 }

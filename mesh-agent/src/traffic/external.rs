@@ -43,6 +43,8 @@ struct ExternalPort {
     number: u16,
     name: Option<String>,
     target: Option<u16>,
+    /// Declared HTTP, HTTP2, gRPC or gRPC-Web: requests can be read one by one.
+    http: bool,
 }
 
 /// An endpoint of an entry: an IP (STATIC) or a name (DNS), and its own port numbers.
@@ -88,6 +90,9 @@ impl ExternalService {
                         number: u16::try_from(p.number).ok()?,
                         name: p.name.clone(),
                         target: p.target_port.and_then(|t| u16::try_from(t).ok()),
+                        http: p.protocol.as_deref().is_some_and(|proto| {
+                            ["HTTP", "HTTP2", "GRPC", "GRPC-WEB"].iter().any(|h| proto.eq_ignore_ascii_case(h))
+                        }),
                     })
                 })
                 .collect(),
@@ -142,6 +147,14 @@ impl ExternalService {
     /// Whether pods of `namespace` see the entry (`exportTo`).
     fn visible_to(&self, namespace: &str) -> bool {
         self.export_to.as_ref().is_none_or(|to| to.iter().any(|n| n == namespace))
+    }
+
+    /// Whether connections to `port` are read request by request at the source: the
+    /// port declares an HTTP protocol, and the entry's name is a plain host (a
+    /// wildcard's requests would be named by whatever Host a client sends, which must
+    /// not become a metric label).
+    pub fn serves_http(&self, port: u16) -> bool {
+        !self.host.starts_with('*') && self.port(port).is_some_and(|p| p.http)
     }
 
     fn port(&self, number: u16) -> Option<&ExternalPort> {
