@@ -1,7 +1,8 @@
 //! `meshctl dashboard` over real sockets, no root: the mesh page merges two agents'
-//! admin data (each agent sees only its node), and the addon dashboards go through the
-//! API server's pod proxy (the API-server double here, with a real Prometheus behind it
-//! when one is installed).
+//! admin data (each agent sees only its node), and the addon dashboards are
+//! port-forwarded through the API server (the API-server double's WebSocket
+//! port-forward here, with a real Prometheus behind it when one is installed, and a
+//! WebSocket server for the upgrades istioctl's port-forward carries).
 
 mod support;
 
@@ -157,7 +158,7 @@ async fn the_mesh_page_merges_every_agent_and_answers_only_to_loopback() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_addon_dashboard_goes_through_the_api_servers_pod_proxy() {
+async fn an_addon_dashboard_is_port_forwarded_through_the_api_server() {
     let Some(prometheus) =
         ["/usr/bin/prometheus", "/usr/local/bin/prometheus"].into_iter().find(|p| std::path::Path::new(p).exists())
     else {
@@ -211,8 +212,8 @@ async fn an_addon_dashboard_goes_through_the_api_servers_pod_proxy() {
             .await
             .unwrap();
 
-    // Prometheus answers through the proxy once it is up: the query string and a POST
-    // body are carried.
+    // Prometheus answers through the port-forward once it is up: the query string and
+    // a POST body are carried.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let (code, _, body) =
@@ -224,7 +225,7 @@ async fn an_addon_dashboard_goes_through_the_api_servers_pod_proxy() {
             assert_eq!(v["data"]["result"][0]["value"][1], "42", "{v}");
             break;
         }
-        assert!(Instant::now() < deadline, "Prometheus never answered through the pod proxy: {code} {body}");
+        assert!(Instant::now() < deadline, "Prometheus never answered through the port-forward: {code} {body}");
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     let (code, _, body) =
@@ -237,5 +238,67 @@ async fn an_addon_dashboard_goes_through_the_api_servers_pod_proxy() {
     let (code, _, _) =
         tokio::task::spawn_blocking(move || http(addr, "GET", "/graph", "evil.example", "")).await.unwrap();
     assert_eq!(code, 403);
+    api.stop().await;
+}
+
+/// A WebSocket server that echoes each text message, on a free loopback port.
+async fn websocket_echo() -> u16 {
+    use futures::{SinkExt as _, StreamExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else { return };
+                while let Some(Ok(msg)) = ws.next().await {
+                    if msg.is_text() && ws.send(msg).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_upgrades_reach_an_addon_through_the_port_forward() {
+    use futures::{SinkExt as _, StreamExt as _};
+    use tokio_tungstenite::tungstenite::Message;
+    let live = websocket_echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    let api = ApiServer::new(&["/api/v1/pods".to_string(), "/api/v1/namespaces".to_string()]).await;
+    api.apply(
+        "/api/v1/pods",
+        json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "grafana-5d8f-abc", "namespace": "istio-system", "labels": {"app": "grafana"}},
+            "spec": {"containers": [{"name": "grafana", "ports": [{"containerPort": live}]}]},
+            "status": {"phase": "Running", "podIP": "127.0.0.1"}}),
+    );
+    let kubeconfig = api.kubeconfig(dir.path());
+    let port = free_port().to_string();
+    let (_meshctl, addr) = tokio::task::spawn_blocking(move || {
+        Meshctl::start(vec!["grafana".into(), "--port".into(), port], Some(&kubeconfig))
+    })
+    .await
+    .unwrap();
+    // Grafana Live's way: an upgrade to a WebSocket, then messages both ways.
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut ws, answer) = tokio_tungstenite::client_async(format!("ws://localhost:{}/api/live/ws", addr.port()), tcp)
+        .await
+        .expect("the upgrade is carried to the pod");
+    assert_eq!(answer.status(), 101);
+    for text in ["ping", "a second message on the same stream"] {
+        ws.send(Message::text(text)).await.unwrap();
+        let echoed = tokio::time::timeout(Duration::from_secs(10), ws.next()).await.unwrap().unwrap().unwrap();
+        assert_eq!(echoed.into_text().unwrap().as_str(), text);
+    }
+    // A page elsewhere cannot open one (DNS rebinding): refused before any forwarding.
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let refused = tokio_tungstenite::client_async(format!("ws://evil.example:{}/api/live/ws", addr.port()), tcp).await;
+    match refused {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 403),
+        other => panic!("expected a 403, got {other:?}"),
+    }
     api.stop().await;
 }

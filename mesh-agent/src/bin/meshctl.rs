@@ -116,7 +116,7 @@ enum Cmd {
     },
     /// Open a dashboard on a local port, as `istioctl dashboard` does: the mesh's own
     /// page (default; reads the agents at --admin), or an addon's UI (kiali, jaeger,
-    /// prometheus, grafana from deploy/addons) through the API server's pod proxy.
+    /// prometheus, grafana from deploy/addons) port-forwarded through the API server.
     Dashboard {
         /// Which dashboard.
         #[arg(value_enum, default_value = "mesh")]

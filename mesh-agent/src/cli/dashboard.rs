@@ -3,13 +3,13 @@
 //! - `mesh` (the default): the mesh's own page, with the data of every agent named by
 //!   `--admin` merged (each agent only sees its own node).
 //! - `kiali`, `jaeger`, `prometheus`, `grafana`: the addon's pod (by its `app` label in
-//!   the addons' namespace), reached through the API server's pod proxy: every request
-//!   to the local port goes to `…/pods/<pod>:<port>/proxy/<path>` with the user's
-//!   credentials, as `kubectl proxy` carries it. Plain HTTP only: unlike istioctl's
-//!   port-forward stream, WebSocket upgrades are not carried (Grafana's live panels).
+//!   the addons' namespace), port-forwarded as istioctl does: each connection to the
+//!   local port becomes a port-forward stream through the API server (the pod's
+//!   `portforward` subresource over WebSocket, with the user's credentials), so
+//!   anything HTTP carries, WebSocket upgrades included, reaches the addon.
 //!
-//! The local server answers only to a loopback `Host`, so a web page cannot reach it by
-//! DNS rebinding.
+//! The local port answers only to a loopback `Host` (the first request of each
+//! connection is read for it), so a web page cannot reach it by DNS rebinding.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -159,82 +159,146 @@ fn reply(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>)
 pub enum Backend {
     /// The mesh page, with the data of these agents.
     Mesh(std::sync::Arc<Vec<SocketAddr>>),
-    /// An addon's pod through the API server's pod proxy.
+    /// An addon's pod, port-forwarded.
     Addon {
-        /// Client with the user's credentials.
-        client: kube::Client,
-        /// `/api/v1/namespaces/<ns>/pods/<pod>:<port>/proxy`.
-        base: String,
+        /// The pods of the addon's namespace, with the user's credentials.
+        pods: kube::Api<k8s_openapi::api::core::v1::Pod>,
+        /// The addon's pod.
+        pod: String,
+        /// Its port.
+        port: u16,
     },
 }
 
 impl Backend {
-    /// The pod proxy of `pod`'s `port` in `namespace`.
+    /// `pod`'s `port` in `namespace`, port-forwarded.
     pub fn addon(client: kube::Client, namespace: &str, pod: &str, port: u16) -> Self {
-        Backend::Addon { client, base: format!("/api/v1/namespaces/{namespace}/pods/{pod}:{port}/proxy") }
+        Backend::Addon { pods: kube::Api::namespaced(client, namespace), pod: pod.into(), port }
     }
 
-    async fn answer(&self, req: Request<Incoming>) -> Reply {
+    /// The mesh page's answer to one request.
+    async fn answer(admins: &[SocketAddr], req: Request<Incoming>) -> Reply {
         if !host_is_local(req.headers()) {
             return reply(StatusCode::FORBIDDEN, "text/plain", "meshctl dashboard answers only to a loopback Host\n");
         }
-        match self {
-            Backend::Mesh(admins) => match req.uri().path() {
-                "/" | "/dashboard" | "/dashboard/" => {
-                    let mut r = reply(StatusCode::OK, "text/html; charset=utf-8", PAGE);
-                    r.headers_mut().insert("content-security-policy", header::HeaderValue::from_static(CSP));
-                    r
-                }
-                "/dashboard/data" => match serde_json::to_string(&gather(admins).await) {
-                    Ok(j) => reply(StatusCode::OK, "application/json", j),
-                    Err(e) => reply(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", e.to_string()),
-                },
-                _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
+        match req.uri().path() {
+            "/" | "/dashboard" | "/dashboard/" => {
+                let mut r = reply(StatusCode::OK, "text/html; charset=utf-8", PAGE);
+                r.headers_mut().insert("content-security-policy", header::HeaderValue::from_static(CSP));
+                r
+            }
+            "/dashboard/data" => match serde_json::to_string(&gather(admins).await) {
+                Ok(j) => reply(StatusCode::OK, "application/json", j),
+                Err(e) => reply(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", e.to_string()),
             },
-            Backend::Addon { client, base } => forward(client, base, req).await,
+            _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
         }
     }
 }
 
-/// Request headers not carried to the pod proxy: hop-by-hop ones, and `Authorization`,
-/// which on the way to the API server is the user's kubeconfig credential (a browser's
-/// own would replace it). Cookies are carried: Grafana and Kiali log in with them.
-const DROPPED: [header::HeaderName; 6] = [
-    header::HOST,
-    header::CONNECTION,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    header::AUTHORIZATION,
-    header::PROXY_AUTHORIZATION,
-];
+/// The largest request head read for its `Host` before a connection is forwarded.
+const MAX_HEAD: usize = 16 << 10;
+/// How long a client may take to send its first request head.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Largest request body carried to an addon (a Grafana dashboard save, say).
-const MAX_BODY: usize = 16 << 20;
+/// Why a local connection was not forwarded.
+#[derive(Debug, thiserror::Error)]
+enum ForwardError {
+    #[error("reading the first request: {0}")]
+    Read(#[from] std::io::Error),
+    #[error("no request head within {0} bytes")]
+    HeadTooLarge(usize),
+    #[error("not an HTTP/1 request: {0}")]
+    NotHttp(httparse::Error),
+    #[error("the first request did not arrive in time")]
+    Timeout,
+}
 
-async fn forward(client: &kube::Client, base: &str, req: Request<Incoming>) -> Reply {
-    let (parts, body) = req.into_parts();
-    let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let body = match http_body_util::Limited::new(body, MAX_BODY).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) => return reply(StatusCode::PAYLOAD_TOO_LARGE, "text/plain", format!("request body: {e}\n")),
-    };
-    let mut out = Request::builder().method(parts.method).uri(format!("{base}{path_and_query}"));
-    for (name, value) in parts.headers.iter().filter(|(n, _)| !DROPPED.contains(n)) {
-        out = out.header(name, value);
-    }
-    let Ok(out) = out.body(kube::client::Body::from(body)) else {
-        return reply(StatusCode::BAD_REQUEST, "text/plain", "bad request\n");
-    };
-    match client.send(out).await {
-        Ok(res) => {
-            let (mut parts, body) = res.into_parts();
-            for h in [header::CONNECTION, header::TRANSFER_ENCODING] {
-                parts.headers.remove(h);
-            }
-            Response::from_parts(parts, body.map_err(std::io::Error::other).boxed_unsync())
+/// Reads the first request head of `client` (all of it, and whatever came after):
+/// whether its `Host` is a loopback one.
+async fn first_request(client: &mut tokio::net::TcpStream) -> Result<(Vec<u8>, bool), ForwardError> {
+    use tokio::io::AsyncReadExt as _;
+    let mut buf = Vec::with_capacity(1024);
+    loop {
+        let mut chunk = [0u8; 2048];
+        let n = match tokio::time::timeout(HEAD_TIMEOUT, client.read(&mut chunk)).await {
+            Ok(read) => read?,
+            Err(_) => return Err(ForwardError::Timeout),
+        };
+        if n == 0 {
+            return Err(ForwardError::Read(std::io::ErrorKind::UnexpectedEof.into()));
         }
-        Err(e) => reply(StatusCode::BAD_GATEWAY, "text/plain", format!("the API server's pod proxy: {e}\n")),
+        buf.extend_from_slice(&chunk[..n]);
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(&buf) {
+            Ok(httparse::Status::Complete(_)) => {
+                let mut map = http::HeaderMap::new();
+                if let Some(h) = req.headers.iter().find(|h| h.name.eq_ignore_ascii_case("host"))
+                    && let Ok(v) = header::HeaderValue::from_bytes(h.value)
+                {
+                    map.insert(header::HOST, v);
+                }
+                let local = host_is_local(&map);
+                return Ok((buf, local));
+            }
+            Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => continue,
+            Ok(httparse::Status::Partial) => return Err(ForwardError::HeadTooLarge(MAX_HEAD)),
+            Err(e) => return Err(ForwardError::NotHttp(e)),
+        }
     }
+}
+
+/// Carries one local connection to the addon's pod over a port-forward stream, once
+/// its first request names a loopback `Host`.
+async fn port_forward(
+    pods: &kube::Api<k8s_openapi::api::core::v1::Pod>,
+    pod: &str,
+    port: u16,
+    mut client: tokio::net::TcpStream,
+) {
+    use tokio::io::AsyncWriteExt as _;
+    let plain = |status: &str, why: &str| {
+        format!(
+            "HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{why}",
+            why.len()
+        )
+    };
+    let head = match first_request(&mut client).await {
+        Ok((head, true)) => head,
+        Ok((_, false)) => {
+            let answer = plain("403 Forbidden", "meshctl dashboard answers only to a loopback Host\n");
+            let _ = client.write_all(answer.as_bytes()).await;
+            return;
+        }
+        Err(e) => {
+            let _ = client.write_all(plain("400 Bad Request", &format!("{e}\n")).as_bytes()).await;
+            return;
+        }
+    };
+    let mut forwarder = match pods.portforward(pod, &[port]).await {
+        Ok(f) => f,
+        Err(e) => {
+            let why = format!("port-forward to pod {pod} port {port}: {e}\n");
+            eprintln!("meshctl: {}", why.trim_end());
+            let _ = client.write_all(plain("502 Bad Gateway", &why).as_bytes()).await;
+            return;
+        }
+    };
+    let (Some(mut upstream), Some(errors)) = (forwarder.take_stream(port), forwarder.take_error(port)) else {
+        return;
+    };
+    let pod_name = pod.to_string();
+    tokio::spawn(async move {
+        if let Some(e) = errors.await {
+            eprintln!("meshctl: port-forward to pod {pod_name} port {port}: {e}");
+        }
+    });
+    if upstream.write_all(&head).await.is_ok() {
+        let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+    }
+    drop(upstream);
+    let _ = forwarder.join().await;
 }
 
 /// Serves `backend` on `listener` until `stop`.
@@ -252,13 +316,18 @@ pub async fn serve(listener: TcpListener, backend: Backend, stop: tokio_util::sy
         };
         let backend = backend.clone();
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
-                let backend = backend.clone();
-                async move { Ok::<_, std::convert::Infallible>(backend.answer(req).await) }
-            });
-            let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            match backend {
+                Backend::Mesh(admins) => {
+                    let svc = hyper::service::service_fn(move |req| {
+                        let admins = admins.clone();
+                        async move { Ok::<_, std::convert::Infallible>(Backend::answer(&admins, req).await) }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                }
+                Backend::Addon { pods, pod, port } => port_forward(&pods, &pod, port, stream).await,
+            }
         });
     }
 }

@@ -12,7 +12,9 @@
 //! fields replaced, labels and annotations merged), `DELETE` removes (404 if absent);
 //! namespaced paths (`/api/v1/namespaces/<ns>/<plural>[/<name>]`) as well as
 //! cluster-scoped ones; `GET /version`; and the pod proxy subresource
-//! (`.../pods/<name>:<port>/proxy/<path>`), forwarded to the pod's `status.podIP`.
+//! (`.../pods/<name>:<port>/proxy/<path>`), forwarded to the pod's `status.podIP`; and
+//! the `portforward` subresource over WebSocket (`v4.channel.k8s.io`: per port a data
+//! and an error channel, each opened with the port number), to the pod's address.
 //! `TokenReview` creates are answered from the tokens a test registered
 //! ([`ApiServer::add_token`]), as the API server answers for service-account tokens.
 //!
@@ -161,7 +163,9 @@ impl ApiServer {
                                 let (me, rx) = (me.clone(), rx.clone());
                                 async move { Ok::<_, Infallible>(me.handle(req, rx).await) }
                             });
-                            let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc);
+                            let conn = hyper::server::conn::http1::Builder::new()
+                                .serve_connection(TokioIo::new(tcp), svc)
+                                .with_upgrades();
                             // An outage drops kept-alive connections too.
                             tokio::select! {
                                 _ = conn => {}
@@ -295,6 +299,11 @@ impl ApiServer {
         let method = req.method().clone();
         match target {
             Target::Proxy { namespace, pod, port, rest } => self.proxy(&namespace, &pod, port, &rest, req).await,
+            Target::PortForward { namespace, pod } => {
+                let port = query.get("ports").and_then(|p| p.parse::<u16>().ok());
+                let Some(port) = port else { return bad_request("one port in ?ports= is served here") };
+                self.port_forward(&namespace, &pod, port, req)
+            }
             Target::Status { collection, namespace, name } => {
                 if !self.serves(&collection) {
                     return not_found(&path);
@@ -489,17 +498,99 @@ impl ApiServer {
         self.state.lock().unwrap().collections.contains_key(collection)
     }
 
+    /// The address of pod `namespace/pod`, from its `status.podIP`.
+    fn pod_ip(&self, namespace: &str, pod: &str) -> Option<String> {
+        let st = self.state.lock().unwrap();
+        st.collections
+            .get("/api/v1/pods")
+            .and_then(|c| c.objects.get(&format!("{namespace}/{pod}")))
+            .and_then(|p| p["status"]["podIP"].as_str().map(str::to_owned))
+    }
+
+    /// Upgrades to a WebSocket speaking `v4.channel.k8s.io` and carries channel 0 to and
+    /// from the pod's `port`; a pod that refuses gets its error on channel 1.
+    fn port_forward(&self, namespace: &str, pod: &str, port: u16, req: Request<Incoming>) -> Response<Body> {
+        use futures::{SinkExt as _, StreamExt as _};
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        use tokio_tungstenite::tungstenite::{Message, handshake::derive_accept_key, protocol::Role};
+        let Some(ip) = self.pod_ip(namespace, pod) else { return not_found_named(pod) };
+        let offered = req
+            .headers()
+            .get_all(http::header::SEC_WEBSOCKET_PROTOCOL)
+            .iter()
+            .any(|v| v.to_str().is_ok_and(|v| v.split(',').any(|p| p.trim() == "v4.channel.k8s.io")));
+        let Some(key) = req.headers().get(http::header::SEC_WEBSOCKET_KEY).map(|k| derive_accept_key(k.as_bytes()))
+        else {
+            return bad_request("port-forward needs a WebSocket upgrade");
+        };
+        if !offered {
+            return bad_request("port-forward speaks v4.channel.k8s.io only here");
+        }
+        let upgrade = hyper::upgrade::on(req);
+        tokio::spawn(async move {
+            let Ok(upgraded) = upgrade.await else { return };
+            let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None);
+            let (mut sink, mut from_client) = ws.await.split();
+            let [lo, hi] = port.to_le_bytes();
+            for channel in [0u8, 1] {
+                if sink.send(Message::binary(vec![channel, lo, hi])).await.is_err() {
+                    return;
+                }
+            }
+            let mut tcp = match tokio::net::TcpStream::connect((ip.as_str(), port)).await {
+                Ok(t) => t,
+                Err(e) => {
+                    let why = format!("error forwarding port {port} to pod {ip}: {e}");
+                    let mut frame = vec![1u8];
+                    frame.extend_from_slice(why.as_bytes());
+                    let _ = sink.send(Message::binary(frame)).await;
+                    let _ = sink.send(Message::Close(None)).await;
+                    return;
+                }
+            };
+            let mut buf = vec![0u8; 16 << 10];
+            loop {
+                tokio::select! {
+                    read = tcp.read(&mut buf) => match read {
+                        Ok(n) if n > 0 => {
+                            let mut frame = Vec::with_capacity(n + 1);
+                            frame.push(0u8);
+                            frame.extend_from_slice(&buf[..n]);
+                            if sink.send(Message::binary(frame)).await.is_err() {
+                                return;
+                            }
+                        }
+                        _ => {
+                            let _ = sink.send(Message::Close(None)).await;
+                            return;
+                        }
+                    },
+                    msg = from_client.next() => match msg {
+                        Some(Ok(Message::Binary(data))) if data.first() == Some(&0) => {
+                            if tcp.write_all(&data[1..]).await.is_err() {
+                                return;
+                            }
+                        }
+                        Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
+                        Some(Ok(_)) => {}
+                    },
+                }
+            }
+        });
+        Response::builder()
+            .status(StatusCode::SWITCHING_PROTOCOLS)
+            .header(http::header::CONNECTION, "Upgrade")
+            .header(http::header::UPGRADE, "websocket")
+            .header(http::header::SEC_WEBSOCKET_ACCEPT, key)
+            .header(http::header::SEC_WEBSOCKET_PROTOCOL, "v4.channel.k8s.io")
+            .body(Full::new(Bytes::new()).boxed())
+            .unwrap()
+    }
+
     /// Forwards a request (method, query, body, end-to-end headers) to the pod's
     /// address, as the API server's pod proxy does.
     async fn proxy(&self, namespace: &str, pod: &str, port: u16, rest: &str, req: Request<Incoming>) -> Response<Body> {
-        let ip = {
-            let st = self.state.lock().unwrap();
-            st.collections
-                .get("/api/v1/pods")
-                .and_then(|c| c.objects.get(&format!("{namespace}/{pod}")))
-                .and_then(|p| p["status"]["podIP"].as_str().map(str::to_owned))
-        };
-        let Some(ip) = ip else { return not_found_named(pod) };
+        let Some(ip) = self.pod_ip(namespace, pod) else { return not_found_named(pod) };
         let unavailable = |why: String| {
             status(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -623,6 +714,8 @@ enum Target {
     Status { collection: String, namespace: String, name: String },
     /// The pod proxy subresource.
     Proxy { namespace: String, pod: String, port: u16, rest: String },
+    /// The pod's `portforward` subresource.
+    PortForward { namespace: String, pod: String },
 }
 
 fn route(path: &str) -> Option<Target> {
@@ -642,6 +735,9 @@ fn route(path: &str) -> Option<Target> {
         ["namespaces", ns, "pods", target, "proxy", rest @ ..] => {
             let (pod, port) = target.split_once(':')?;
             Target::Proxy { namespace: ns.to_string(), pod: pod.into(), port: port.parse().ok()?, rest: rest.join("/") }
+        }
+        ["namespaces", ns, "pods", pod, "portforward"] => {
+            Target::PortForward { namespace: ns.to_string(), pod: pod.to_string() }
         }
         ["namespaces", ns, plural, name] => {
             Target::Object { collection: coll(plural), namespace: ns.to_string(), name: name.to_string() }
