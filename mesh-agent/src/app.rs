@@ -171,7 +171,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
         settings: settings.clone(),
         ctx: ctx.clone(),
         dataplane: dataplane.clone(),
-        pods: Pods::default(),
+        pods: Pods::new(settings.inbound_transparent == crate::settings::Switch::On),
         version: 0,
         admin: admin_state.clone(),
         hinted: None,

@@ -9,6 +9,7 @@
 mod locate;
 mod mounts;
 mod netns;
+pub mod transparent;
 
 pub use locate::PodUid;
 pub use mounts::{cgroup2_mount, cgroup2_root, ensure_bpffs, is_bpffs};
@@ -164,6 +165,8 @@ pub struct Dataplane {
     ebpf: Mutex<Ebpf>,
     tables: Mutex<Tables>,
     orig_dst: BpfHashMap<MapData, SockAddrKey, OrigDst>,
+    /// The agent's transparent deliveries being connected.
+    deliveries: std::sync::Arc<transparent::Deliveries>,
     probe_stats: PerCpuArray<MapData, u64>,
     /// What the kernel programs did, per `mesh_common::events` index and CPU.
     kernel_events: PerCpuArray<MapData, u64>,
@@ -220,6 +223,9 @@ impl Dataplane {
                 .map_err(map_err(maps::PLAINTEXT_POLICY))?,
         };
         let orig_dst = BpfHashMap::try_from(take(&mut ebpf, maps::ORIG_DST)?).map_err(map_err(maps::ORIG_DST))?;
+        let deliveries = transparent::Deliveries::new(
+            BpfHashMap::try_from(take(&mut ebpf, maps::DELIVERIES)?).map_err(map_err(maps::DELIVERIES))?,
+        );
         let probe_stats =
             PerCpuArray::try_from(take(&mut ebpf, maps::PROBE_STATS)?).map_err(map_err(maps::PROBE_STATS))?;
         let kernel_events =
@@ -229,6 +235,7 @@ impl Dataplane {
             ebpf: Mutex::new(ebpf),
             tables: Mutex::new(tables),
             orig_dst,
+            deliveries: std::sync::Arc::new(deliveries),
             probe_stats,
             kernel_events,
             paths,
@@ -613,6 +620,11 @@ impl Dataplane {
     /// replaced (same namespace and cgroup, so the table entries are the new one's).
     pub fn retire_link(&self, old: PodEnrollment) -> Result<(), Error> {
         unpin(&old.sk_lookup_pin)
+    }
+
+    /// Where transparent deliveries are recorded for the kernel's sk_lookup.
+    pub fn deliveries(&self) -> std::sync::Arc<transparent::Deliveries> {
+        self.deliveries.clone()
     }
 
     /// The original destination of a connection accepted on an outbound listener, looked

@@ -272,6 +272,14 @@ pub struct Settings {
     #[arg(long, env = "MESH_L7_TELEMETRY", value_enum, default_value = "on")]
     pub l7_telemetry: Switch,
 
+    /// Whether applications see their client's address as the peer of connections
+    /// the agent delivers (as without a mesh, and as ztunnel's in-pod mode does): `on`
+    /// sets each pod's namespace up for it (a routing rule and route for marked
+    /// sockets, `net.ipv4.tcp_fwmark_accept`); `off` delivers from the pod's own
+    /// address.
+    #[arg(long, env = "MESH_INBOUND_TRANSPARENT", value_enum, default_value = "on")]
+    pub inbound_transparent: Switch,
+
     /// Access log of every HTTP request and TCP connection, on standard output: `off`,
     /// `text` (Envoy's default format, as Istio's `accessLogFile` writes it) or `json`
     /// (Istio's JSON field names, plus both sides' SPIFFE identities). Written by a task

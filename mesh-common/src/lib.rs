@@ -94,6 +94,11 @@ pub mod maps {
     pub const PROBE_FLOWS: &str = "PROBE_FLOWS";
     /// `PerCpuArray<u64>` with one entry: probe connections let through.
     pub const PROBE_STATS: &str = "PROBE_STATS";
+    /// `LruHashMap<FlowKey, u8>`: the agent's transparent deliveries being connected
+    /// (client address -> pod address), written by the agent around its `connect()`;
+    /// `mesh_sk_lookup` passes them to the application instead of steering them back
+    /// to the agent.
+    pub const DELIVERIES: &str = "DELIVERIES";
     /// `PerCpuArray<u64>` with [`crate::events::COUNT`] entries: what the kernel side
     /// did, by [`crate::events`] index.
     pub const KERNEL_EVENTS: &str = "KERNEL_EVENTS";
@@ -193,6 +198,9 @@ pub mod capacity {
     /// Open connections of the kubelet remembered at once (an LRU map: the kubelet
     /// runs a few probes per pod at a time).
     pub const PROBE_FLOWS: u32 = 16384;
+    /// Deliveries being connected at once (an LRU map: each entry lives for one
+    /// `connect()`).
+    pub const DELIVERIES: u32 = 16384;
     /// Plaintext verdicts: [`PLAINTEXT_PER_POD`] for every pod.
     pub const PLAINTEXT_POLICY: u32 = PODS * PLAINTEXT_PER_POD;
 }
@@ -306,12 +314,13 @@ pub struct NetnsPortKey {
     pub _pad: u32,
 }
 
-/// Key of `PROBE_FLOWS`: a TCP connection as its client sees it (the pod sees the same
-/// four values from the other end, no address translation in between).
+/// Key of `PROBE_FLOWS` and `DELIVERIES`: a TCP connection as its client sees it (the
+/// pod sees the same four values from the other end, no address translation in
+/// between).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct FlowKey {
-    /// Client (kubelet) address.
+    /// Client address (the kubelet's, or the client the agent delivers for).
     pub src: IpKey,
     /// Server (pod) address.
     pub dst: IpKey,

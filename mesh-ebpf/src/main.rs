@@ -15,7 +15,9 @@
 //!   them.
 //! * `sk_lookup` (one instance per enrolled pod, attached to its netns, which it knows
 //!   by a load-time constant): steer inbound connections to any address of the pod to
-//!   the agent's plaintext inbound listener in that netns; drop them when the agent is
+//!   the agent's plaintext inbound listener in that netns (not the agent's own
+//!   deliveries to the application, which `DELIVERIES` records while they connect);
+//!   drop them when the agent is
 //!   not there (fail closed) or when the pod's plaintext verdict for the port is to
 //!   drop (PeerAuthentication STRICT, or authorization no plaintext peer could pass).
 //!
@@ -83,6 +85,9 @@ static PLAINTEXT_POLICY: HashMap<NetnsPortKey, u32> = HashMap::pinned(capacity::
 
 #[map(name = "PROBE_FLOWS")]
 static PROBE_FLOWS: LruHashMap<FlowKey, u32> = LruHashMap::pinned(capacity::PROBE_FLOWS, 0);
+
+#[map(name = "DELIVERIES")]
+static DELIVERIES: LruHashMap<FlowKey, u8> = LruHashMap::pinned(capacity::DELIVERIES, 0);
 
 #[map(name = "PROBE_STATS")]
 static PROBE_STATS: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
@@ -498,8 +503,9 @@ pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
 
 /// Steers a connection to any address of this instance's pod to the agent's inbound
 /// listener of that pod. The agent's own listeners in the pod (15001, 15006, 15008),
-/// loopback, and connections from the pod to itself (the agent delivering to the
-/// application, or the pod calling itself) pass through. The pod is known by the netns
+/// loopback, the pod calling itself, and the agent delivering to the application (from
+/// the pod's own address, or from the client's as `DELIVERIES` records) pass through.
+/// The pod is known by the netns
 /// the instance was loaded for, never by the address dialed: an address a tenant adds
 /// (a secondary IP, an IPv6 link-local address) is judged as the pod's.
 #[inline(always)]
@@ -518,6 +524,14 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
     if ports::is_agent_in_pod(port) || local == remote || is_loopback(&local) {
         return SK_PASS;
     }
+    let remote_port = u32::from(u16::from_be(lk.remote_port));
+    let flow = FlowKey { src: remote, dst: local, src_port: remote_port, dst_port: u32::from(port) };
+    // SAFETY: only presence is read.
+    if unsafe { DELIVERIES.get(&flow) }.is_some() {
+        // The agent's own delivery from the client's address (it recorded the
+        // connection just before connecting): for the application.
+        return SK_PASS;
+    }
     let netns = NETNS_INO.load();
     // SAFETY: copied out at once.
     let Some(pod) = (unsafe { NETNS_PODS.get(&netns) }).copied() else {
@@ -527,9 +541,7 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
         count(events::UNKNOWN_POD_DROPPED);
         return SK_DROP;
     };
-    // SAFETY: the context pointer is valid for the whole program run.
-    let remote_port = u32::from(u16::from_be(unsafe { (*ctx.lookup).remote_port }));
-    if is_probe(&FlowKey { src: remote, dst: local, src_port: remote_port, dst_port: u32::from(port) }) {
+    if is_probe(&flow) {
         // The kubelet's own connection (its cgroup's sockops recorded it): a probe,
         // answered by the application itself whatever the pod's policy.
         debug!(ctx, "mesh: kubelet probe to port {} passed", port);

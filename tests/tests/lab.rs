@@ -34,6 +34,35 @@ fn frontend_reaches_myapp_through_both_agents_over_mtls() {
     assert!(opened(&metrics(&lab, "node1"), "Inbound", "frontend", "myapp-v2") >= 1);
 }
 
+/// The address the echo application saw as its peer, from its JSON reply.
+fn app_peer(body: &str) -> std::net::IpAddr {
+    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("not an echo reply: {body}: {e}"));
+    let peer: SocketAddr = v["peer"].as_str().unwrap().parse().unwrap();
+    peer.ip().to_canonical()
+}
+
+#[test]
+fn applications_see_their_clients_address() {
+    let Some(lab) = lab("applications_see_their_clients_address") else { return };
+    let frontend = std::net::IpAddr::V4(lab.pod("frontend").unwrap().ip);
+    // Over the tunnel, cross-node (myapp-v1 on node2) and same-node (myapp-v2 on
+    // node1): the destination's agent delivers from frontend's address.
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..4 {
+        let (ok, body) = curl(&lab, "frontend", "http://myapp/");
+        assert!(ok, "curl failed: {body}");
+        assert_eq!(app_peer(&body), frontend, "{body}");
+        seen.insert(reply_pod(&body).unwrap());
+    }
+    assert_eq!(seen.len(), 2, "both myapp pods answered: {seen:?}");
+    // Plaintext from outside the mesh: the outside client's own address.
+    let outside = std::net::IpAddr::V4(lab.pod("outside").unwrap().ip);
+    let v1 = lab.pod("myapp-v1").unwrap().ip;
+    let (ok, body) = curl(&lab, "outside", &format!("http://{v1}:8080/"));
+    assert!(ok, "curl failed: {body}");
+    assert_eq!(app_peer(&body), outside, "{body}");
+}
+
 #[test]
 fn original_destination_in_bpf_map_matches_what_client_dialed() {
     use std::io::BufRead as _;

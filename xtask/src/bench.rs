@@ -9,6 +9,9 @@
 //!   (the server's agent reads each HTTP request for its metrics: L7 telemetry);
 //! - `mesh-l4-tcp`: the same, with a Telemetry turning the request metrics off at the
 //!   server's agent, which then splices: the difference is what L7 telemetry costs;
+//! - `mesh-l4-podaddr`: `mesh-l4` with the agents delivering from the server pod's own
+//!   address (`--inbound-transparent off`): against `mesh-l4`, what showing the
+//!   application its client's address costs;
 //! - `mesh-l7`: the same pods through the Service VIP with a VirtualService (and a
 //!   DestinationRule subset) on the route: HTTP parsed, matched and routed;
 //! - `mesh-l7-trace1`, `mesh-l7-trace100`: `mesh-l7` with the agents tracing (OTLP/HTTP
@@ -318,6 +321,7 @@ fn mesh_phase(lab: &mut Lab, tools: &Tools, args: &BenchArgs, d: Durations) -> a
         scenarios.push(measure_scenario(lab, tools, args, d, &target)?);
         lab.delete(Path::new(L7_CONFIG))?;
     }
+    scenarios.extend(pod_address_phase(lab, tools, args, d)?);
     scenarios.extend(tracing_phase(lab, tools, args, d)?);
     // The ingress path through the mesh's gateway: TLS there, HBONE to myapp-v1.
     let ca = lab.edge_ca_path().display().to_string();
@@ -477,7 +481,34 @@ fn measure_scenario(lab: &Lab, tools: &Tools, args: &BenchArgs, d: Durations, t:
         added_p99_within_noise: None,
         rounds: 1,
         round_p99_ms: Vec::new(),
+        server_saw_peer: server_saw_peer(lab, t),
     })
+}
+
+/// Whom the server application saw as the peer of one request of `t` (the echo app
+/// answers `/` with the peer it accepted): for scenarios from the client pod.
+fn server_saw_peer(lab: &Lab, t: &Target) -> Option<String> {
+    if !matches!(t.origin, Origin::ClientPod) {
+        return None;
+    }
+    let base = t.url.split("/bytes/").next()?;
+    let out = lab.exec(CLIENT, &["curl", "-s", "-m", "5", &format!("{base}/")]).ok()?;
+    let reply: Value = serde_json::from_slice(&out.stdout).ok()?;
+    let peer: std::net::SocketAddr = reply["peer"].as_str()?.parse().ok()?;
+    let server = reply["pod"].as_str().and_then(|pod| lab.pod(pod).ok()).map(|p| std::net::IpAddr::V4(p.ip));
+    let seen = peer.ip().to_canonical();
+    Some(
+        if seen == std::net::IpAddr::V4(lab.pod(CLIENT).ok()?.ip) {
+            "client"
+        } else if Some(seen) == server {
+            "server"
+        } else if seen.is_loopback() {
+            "loopback"
+        } else {
+            "other"
+        }
+        .into(),
+    )
 }
 
 /// Runs oha in the client pod (inside its netns and cgroup, so the mesh captures it when
@@ -643,6 +674,39 @@ fn splice_at_destination(lab: &Lab, server: &str) -> anyhow::Result<PathBuf> {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// `mesh-l4` with the agents restarted under `--inbound-transparent off`: deliveries
+/// come from the server pod's own address instead of the client's, so `mesh-l4` against
+/// it is what showing the application its client costs.
+fn pod_address_phase(lab: &mut Lab, tools: &Tools, args: &BenchArgs, d: Durations) -> anyhow::Result<Vec<Scenario>> {
+    let saved = lab.agent_env.clone();
+    lab.agent_env.insert("MESH_INBOUND_TRANSPARENT".into(), "off".into());
+    let measured = restart_agents(lab).and_then(|()| {
+        let mut scenarios = Vec::new();
+        for (path, server) in [("cross-node", SERVER_CROSS), ("same-node", SERVER_SAME)] {
+            let ip = lab.pod(server)?.ip;
+            let mut proxies = vec![agent_cgroup(lab, &lab.pod(CLIENT)?.node)?];
+            let server_node = lab.pod(server)?.node.clone();
+            if server_node != lab.pod(CLIENT)?.node {
+                proxies.push(agent_cgroup(lab, &server_node)?);
+            }
+            let target = Target {
+                name: "mesh-l4-podaddr",
+                path,
+                url: format!("http://{ip}:8080/bytes/{}", args.body),
+                iperf: Some((ip.to_string(), IPERF_PORT)),
+                proxies,
+                origin: Origin::ClientPod,
+                oha_args: Vec::new(),
+            };
+            scenarios.push(measure_scenario(lab, tools, args, d, &target)?);
+        }
+        Ok(scenarios)
+    });
+    lab.agent_env = saved;
+    restart_agents(lab)?;
+    measured
 }
 
 /// The tracing scenarios' names and their sampling percentages.

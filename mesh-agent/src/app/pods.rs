@@ -68,6 +68,9 @@ pub(super) struct Pods {
     state: BTreeMap<String, PodReport>,
     sandboxes: HashMap<PodUid, Sandbox>,
     waiting: Vec<Waiter>,
+    /// Whether pods' namespaces are set up so deliveries come from the client's
+    /// address (`--inbound-transparent`).
+    transparent_delivery: bool,
 }
 
 /// A local pod that should be captured, with the addresses to serve it at.
@@ -77,6 +80,12 @@ struct Wanted {
 }
 
 impl Pods {
+    /// No pods yet; `transparent_delivery`: whether to set pods' namespaces up so
+    /// deliveries come from the client's address.
+    pub fn new(transparent_delivery: bool) -> Self {
+        Self { transparent_delivery, ..Self::default() }
+    }
+
     /// The pods enrolled now.
     pub fn enrollments(&self) -> Vec<&PodEnrollment> {
         self.running.values().map(|p| &p.enrollment).collect()
@@ -272,6 +281,14 @@ impl Pods {
         // was stopped (the next attempt would find its port taken and report that
         // instead of why).
         dataplane.pod_cgroup_id(&want.uid).map_err(|e| PodState::Failed(e.to_string()))?;
+        if self.transparent_delivery && netns.transparent().is_none() && !netns.is_host() {
+            // Fidelity, not security: without it the application sees the pod's own
+            // address as every peer's, as before.
+            match crate::dataplane::transparent::prepare(&netns) {
+                Ok(()) => netns.set_transparent(Some(dataplane.deliveries())),
+                Err(e) => tracing::warn!(pod = %w.name, error = %e, "deliveries will not show the client's address"),
+            }
+        }
         let proxy = PodProxy::start(ctx, w.clone(), netns.clone()).map_err(|e| PodState::Failed(e.to_string()))?;
         match dataplane.enroll(&want.uid, &netns, &w.ips, &proxy, w.dns_capture) {
             Ok(enrollment) => {

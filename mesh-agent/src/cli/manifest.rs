@@ -825,7 +825,8 @@ fn daemon_set(v: &Values) -> DaemonSet {
             run_as_user: Some(0),
             run_as_non_root: Some(false),
             capabilities: Some(Capabilities {
-                // BPF: programs and maps. NET_ADMIN: sockets in pod netns, SO_MARK.
+                // BPF: programs and maps. NET_ADMIN: sockets in pod netns, SO_MARK,
+                // IP_TRANSPARENT, the delivery rule and route in pod netns.
                 // SYS_ADMIN: setns into pod netns, bpffs. SYS_PTRACE: open
                 // /proc/<pid>/ns/net of pod processes (hostPID). SYS_RESOURCE: memlock
                 // on old kernels.

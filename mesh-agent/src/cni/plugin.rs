@@ -165,6 +165,14 @@ fn add(env: &HashMap<String, String>, conf: &NetConf) -> Result<String, CniError
         // pod here can be captured, and none is expected to be.
         return Ok(result);
     }
+    // Before the agent enrolls the pod: its container cannot write the namespace's
+    // sysctls. Best effort: without it the agent delivers from the pod's own address.
+    if let Err(e) = crate::dataplane::Netns::init_host()
+        .and_then(|()| crate::dataplane::Netns::open(&netns_path))
+        .and_then(|ns| crate::dataplane::transparent::enable_mark_inheritance(&ns))
+    {
+        eprintln!("mesh-cni: pod {namespace}/{name}: net.ipv4.tcp_fwmark_accept not set: {e}");
+    }
     let request = Request::Add { uid, namespace: namespace.clone(), name: name.clone(), ips: prev_ips(prev) };
     match ask_agent(&socket, &request, Some(&netns_path)) {
         Ok(Reply::Enrolled) | Ok(Reply::NotInMesh { .. }) => Ok(result),

@@ -9,11 +9,12 @@ use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use nix::sched::{CloneFlags, setns};
 
 use super::Error;
+use super::transparent::DeliveryRecord;
 
 /// `NSFS_MAGIC` from `linux/magic.h`.
 const NSFS_MAGIC: i64 = 0x6e73_6673;
@@ -29,6 +30,10 @@ pub struct Netns {
     file: File,
     path: PathBuf,
     inode: u64,
+    /// Set once the namespace is set up for transparent delivery
+    /// ([`super::transparent`]): the agent then connects to the application from its
+    /// client's address, recording each delivery here while it connects.
+    transparent: Mutex<Option<Arc<dyn DeliveryRecord>>>,
 }
 
 impl Netns {
@@ -70,7 +75,7 @@ impl Netns {
                 source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a namespace (nsfs) file"),
             });
         }
-        Ok(Self { file, inode: meta.ino(), path })
+        Ok(Self { file, inode: meta.ino(), path, transparent: Mutex::new(None) })
     }
 
     /// The namespace's inode: the same for every handle on it, and what the kernel
@@ -87,6 +92,24 @@ impl Netns {
     /// The namespace path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Whether this is the agent's own namespace (a host-network pod, or in-process
+    /// tests), which the agent never reconfigures.
+    pub fn is_host(&self) -> bool {
+        HOST_NETNS.get().is_some_and(|(_, inode)| *inode == self.inode)
+    }
+
+    /// Where deliveries into the namespace are recorded, when they come from the
+    /// client's address.
+    pub fn transparent(&self) -> Option<Arc<dyn DeliveryRecord>> {
+        self.transparent.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Records that [`super::transparent::prepare`] set the namespace up (Some, with
+    /// the kernel's table), or that deliveries come from the pod's own address (None).
+    pub fn set_transparent(&self, record: Option<Arc<dyn DeliveryRecord>>) {
+        *self.transparent.lock().unwrap_or_else(|p| p.into_inner()) = record;
     }
 
     /// Runs `f` with the current thread inside this netns.

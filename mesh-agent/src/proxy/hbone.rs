@@ -120,7 +120,7 @@ async fn stream_request(
         admission::denied(&ctx, &pod, &arrival.attrs(), reason, None);
         return status(StatusCode::FORBIDDEN);
     }
-    let app = match sockets::deliver_in(&netns, target, ctx.dialer.bypass_mark, CONNECT_TIMEOUT).await {
+    let app = match sockets::deliver_in(&netns, target, peer.ip(), ctx.dialer.bypass_mark, CONNECT_TIMEOUT).await {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(pod = %pod.name, %client, %target, error = %e, "application unreachable");

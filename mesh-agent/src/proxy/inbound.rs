@@ -32,6 +32,14 @@ pub(super) async fn handle(
         sockets::reset(stream);
         return Ok(());
     }
+    // The agent's own delivery, steered back to it (the accepted socket inherits the
+    // delivery's mark): only kernel programs of an older agent, still attached while
+    // this one takes over, do that. Refused, or it would be delivered again, forever.
+    if netns.transparent().is_some() && sockets::mark(&stream) == Some(crate::dataplane::transparent::DELIVERY_MARK) {
+        tracing::warn!(pod = %pod.name, %peer, %dst, "a delivery came back to the agent; refused");
+        sockets::reset(stream);
+        return Ok(());
+    }
     let snapshot = ctx.snapshot.load_full();
     let security = snapshot.security(&pod.key()).clone();
     // The kernel drops plaintext to STRICT ports before it gets here; this holds the
@@ -50,7 +58,7 @@ pub(super) async fn handle(
     }
     let source = snapshot.workload_by_ip(peer.ip()).cloned();
     let labels = ConnLabels::inbound(&snapshot, pod, dst.port(), source.as_deref(), false);
-    let app = sockets::deliver_in(netns, dst, ctx.dialer.bypass_mark, CONNECT_TIMEOUT).await?;
+    let app = sockets::deliver_in(netns, dst, peer.ip(), ctx.dialer.bypass_mark, CONNECT_TIMEOUT).await?;
     tracing::debug!(pod = %pod.name, %peer, %dst, "inbound plaintext");
     admission::serve(ctx.clone(), pod.clone(), netns.clone(), security, arrival, verdict, stream, app, labels).await;
     Ok(())

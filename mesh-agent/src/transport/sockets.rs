@@ -1,13 +1,16 @@
 //! Sockets created inside a pod's network namespace.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
 use super::Error;
+use mesh_common::{FlowKey, IpKey};
+
 use crate::dataplane::Netns;
+use crate::dataplane::transparent::{self, DeliveryRecord};
 
 /// Backlog of the per-pod listeners.
 const BACKLOG: i32 = 1024;
@@ -68,24 +71,76 @@ pub fn bind_udp_in(netns: &Netns, addr: SocketAddr) -> Result<UdpSocket, Error> 
 
 /// Connects to `addr` from inside `netns`, with the bypass mark set.
 pub async fn connect_in(netns: &Netns, addr: SocketAddr, mark: u32, timeout: Duration) -> Result<TcpStream, Error> {
-    connect(netns, addr, mark, timeout, false).await
+    connect(netns, addr, Source::Any, mark, timeout).await
+}
+
+/// Where a connection the agent makes in a pod's namespace comes from.
+#[derive(Debug, Clone, Copy)]
+enum Source<'r> {
+    /// Wherever the kernel routes it from.
+    Any,
+    /// The address it goes to (the pod's own).
+    Destination,
+    /// The client's address, on a transparent socket with the delivery mark, recorded
+    /// for the kernel while it connects.
+    Client(IpAddr, &'r dyn DeliveryRecord),
 }
 
 /// Connects to the pod's own application at `addr` (an address of the pod) from inside
-/// its `netns`, from that same address: the kernel's sk_lookup passes a connection whose
-/// source is its destination, so the agent's delivery is never steered back to the
-/// agent. Left to the kernel, a secondary address would be reached from the primary
-/// one, and the delivery would loop through the agent for ever.
-pub async fn deliver_in(netns: &Netns, addr: SocketAddr, mark: u32, timeout: Duration) -> Result<TcpStream, Error> {
-    connect(netns, addr, mark, timeout, true).await
+/// its `netns`, for `client`.
+///
+/// Where the namespace is set up for it ([`crate::dataplane::transparent`]), the
+/// connection comes from the client's address, so the application sees who called
+/// (as without a mesh). Otherwise, and for a client the pod cannot be shown (its own,
+/// loopback, another family), it comes from `addr` itself: the kernel's sk_lookup
+/// passes a connection whose source is its destination, so the agent's delivery is
+/// never steered back to the agent (left to the kernel, a secondary address would be
+/// reached from the primary one, and the delivery would loop through the agent).
+pub async fn deliver_in(
+    netns: &Netns,
+    addr: SocketAddr,
+    client: IpAddr,
+    mark: u32,
+    timeout: Duration,
+) -> Result<TcpStream, Error> {
+    if let Some((client, record)) = shown_client(netns, addr, client) {
+        match connect(netns, addr, Source::Client(client, &*record), transparent::DELIVERY_MARK, timeout).await {
+            // The client's address and a free port cannot pair with the destination
+            // (a connection of the real client holds the 4-tuple), or the kernel's
+            // table took no record: from the pod's own address.
+            Err(Error::Io { source, .. })
+                if matches!(source.raw_os_error(), Some(libc::EADDRNOTAVAIL | libc::EADDRINUSE | libc::ENOSPC)) => {}
+            other => return other,
+        }
+    }
+    connect(netns, addr, Source::Destination, mark, timeout).await
+}
+
+/// The client address a delivery to `addr` can come from, and where to record it, if
+/// the namespace delivers transparently and the client is a remote unicast address of
+/// `addr`'s family.
+pub(crate) fn shown_client(
+    netns: &Netns,
+    addr: SocketAddr,
+    client: IpAddr,
+) -> Option<(IpAddr, std::sync::Arc<dyn DeliveryRecord>)> {
+    let client = client.to_canonical();
+    let remote_unicast = match client {
+        IpAddr::V4(v4) => !(v4.is_loopback() || v4.is_unspecified() || v4.is_multicast() || v4.is_broadcast()),
+        IpAddr::V6(v6) => !(v6.is_loopback() || v6.is_unspecified() || v6.is_multicast() || v6.is_unicast_link_local()),
+    };
+    if !remote_unicast || client.is_ipv4() != addr.is_ipv4() || client == addr.ip() {
+        return None;
+    }
+    netns.transparent().map(|record| (client, record))
 }
 
 async fn connect(
     netns: &Netns,
     addr: SocketAddr,
+    from: Source<'_>,
     mark: u32,
     timeout: Duration,
-    from_destination: bool,
 ) -> Result<TcpStream, Error> {
     let io = |source| Error::Io { what: "connect", addr, source };
     let socket = netns.run(|| -> std::io::Result<Socket> {
@@ -93,21 +148,55 @@ async fn connect(
         if mark != 0 {
             s.set_mark(mark)?;
         }
-        if from_destination {
-            // Port 0: any free port; the address (and an IPv6 link-local scope) is addr's.
-            let mut source = addr;
-            source.set_port(0);
-            s.bind(&source.into())?;
+        // Port 0: any free port; the address (and an IPv6 link-local scope) is addr's.
+        match from {
+            Source::Any => {}
+            Source::Destination => {
+                let mut source = addr;
+                source.set_port(0);
+                s.bind(&source.into())?;
+            }
+            Source::Client(ip, _) => {
+                if ip.is_ipv4() {
+                    s.set_ip_transparent_v4(true)?;
+                } else {
+                    s.set_ip_transparent_v6(true)?;
+                }
+                s.bind(&SocketAddr::new(ip, 0).into())?;
+            }
         }
         s.set_tcp_nodelay(true)?;
         s.set_nonblocking(true)?;
         Ok(s)
     })?;
-    let socket = tokio::net::TcpSocket::from_std_stream(socket.map_err(io)?.into());
-    match tokio::time::timeout(timeout, socket.connect(addr)).await {
+    let socket = socket.map_err(io)?;
+    // The delivery's 4-tuple, recorded until the connection is made (its SYN has then
+    // been through the kernel's lookup).
+    let recorded = match from {
+        Source::Client(ip, record) => {
+            let local = socket.local_addr().map_err(io)?.as_socket().map_or(0, |a| a.port());
+            let flow = FlowKey {
+                src: IpKey::from_ip(ip),
+                dst: IpKey::from_ip(addr.ip()),
+                src_port: u32::from(local),
+                dst_port: u32::from(addr.port()),
+            };
+            if !record.begin(flow) {
+                return Err(io(std::io::Error::from_raw_os_error(libc::ENOSPC)));
+            }
+            Some((record, flow))
+        }
+        _ => None,
+    };
+    let socket = tokio::net::TcpSocket::from_std_stream(socket.into());
+    let connected = match tokio::time::timeout(timeout, socket.connect(addr)).await {
         Ok(r) => r.map_err(io),
         Err(_) => Err(Error::Timeout { what: "connect", addr, after: timeout }),
+    };
+    if let Some((record, flow)) = recorded {
+        record.end(&flow);
     }
+    connected
 }
 
 /// `addr` with an IPv4-mapped IPv6 address written as IPv4 (what a dual-stack listener
@@ -120,6 +209,11 @@ pub fn canonical(addr: SocketAddr) -> SocketAddr {
         },
         v4 => v4,
     }
+}
+
+/// The socket mark of `stream`, when it can be read.
+pub fn mark(stream: &TcpStream) -> Option<u32> {
+    socket2::SockRef::from(stream).mark().ok()
 }
 
 /// Closes `stream` with a RST, so the client sees "connection reset" at once rather

@@ -59,8 +59,8 @@ impl Latency {
 /// One scenario on one path.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Scenario {
-    /// `direct`, `peer`, `mesh-l4`, `mesh-l4-tcp`, `mesh-l7`, `mesh-l7-trace1`,
-    /// `mesh-l7-trace100`.
+    /// `direct`, `peer`, `mesh-l4`, `mesh-l4-tcp`, `mesh-l4-podaddr`, `mesh-l7`,
+    /// `mesh-l7-trace1`, `mesh-l7-trace100`.
     pub name: String,
     /// `cross-node` or `same-node`.
     pub path: String,
@@ -99,6 +99,11 @@ pub struct Scenario {
     /// p99 of each round, ms (the reported p99 is their median).
     #[serde(default)]
     pub round_p99_ms: Vec<f64>,
+    /// Whom the server application saw as its peer, for scenarios from the client pod:
+    /// `client` (the client pod's address, as without a proxy), `server` (its own pod's
+    /// address), `loopback` (a proxy in its pod), or `other`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_saw_peer: Option<String>,
 }
 
 fn median(mut v: Vec<f64>) -> Option<f64> {
@@ -176,6 +181,7 @@ impl Scenario {
             added_p99_within_noise: None,
             rounds: 0,
             round_p99_ms: Vec::new(),
+            server_saw_peer: None,
         }
     }
 
@@ -350,10 +356,19 @@ impl Report {
     pub fn check_shape(&self) -> (usize, Vec<String>) {
         let mut passed = 0;
         let mut failed = Vec::new();
-        let expected = ["direct", "peer", "mesh-l4", "mesh-l4-tcp", "mesh-l7", "mesh-l7-trace1", "mesh-l7-trace100"]
-            .into_iter()
-            .flat_map(|name| ["cross-node", "same-node"].map(|path| (name, path)))
-            .chain(["direct", "peer", "gateway"].map(|name| (name, "ingress")));
+        let expected = [
+            "direct",
+            "peer",
+            "mesh-l4",
+            "mesh-l4-tcp",
+            "mesh-l4-podaddr",
+            "mesh-l7",
+            "mesh-l7-trace1",
+            "mesh-l7-trace100",
+        ]
+        .into_iter()
+        .flat_map(|name| ["cross-node", "same-node"].map(|path| (name, path)))
+        .chain(["direct", "peer", "gateway"].map(|name| (name, "ingress")));
         for (name, path) in expected {
             let Some(s) = self.scenarios.iter().find(|s| s.name == name && s.path == path) else {
                 failed.push(format!("{name} {path}: missing"));
@@ -391,6 +406,15 @@ impl Report {
     }
 
     /// The results as a Markdown table.
+    /// Whom each server application saw as its peer, per scenario from the client pod.
+    pub fn peer_table(&self) -> String {
+        let mut t = String::from("| scenario | path | server saw |\n|---|---|---|\n");
+        for s in self.scenarios.iter().filter(|s| s.server_saw_peer.is_some()) {
+            let _ = writeln!(t, "| {} | {} | {} |", s.name, s.path, s.server_saw_peer.as_deref().unwrap_or("-"));
+        }
+        t
+    }
+
     pub fn table(&self) -> String {
         let mut t = String::from(
             "| scenario | path | p50 ms | p90 ms | p99 ms (rounds) | max ms | added p99 ms | max req/s (c64) | iperf3 Gbit/s | proxy RSS idle / load MiB | proxy CPU s per 1000 req |\n\
@@ -506,6 +530,9 @@ impl Report {
              CA). `mesh-l4` has the server's agent read each HTTP request for its metrics (L7 telemetry, the\n\
              default); `mesh-l4-tcp` is the same with a Telemetry turning request metrics off at the server,\n\
              whose agent then splices: the difference between them is the cost of L7 telemetry.\n\
+             `mesh-l4-podaddr` is `mesh-l4` with the agents delivering from the server pod's own address\n\
+             (`--inbound-transparent off`): against `mesh-l4`, the cost of showing the application its\n\
+             client's address (the \"peer seen\" table says what each server application saw).\n\
              `mesh-l7-trace1` and `mesh-l7-trace100` are `mesh-l7` with the agents tracing at 1% and 100%\n\
              sampling (OTLP/HTTP to a collector in pod `outside`): against `mesh-l7`, the cost of tracing. Every\n\
              scenario is measured in {} rounds; the phases (unenrolled, enrolled) alternate which\n\
@@ -530,6 +557,7 @@ impl Report {
             s.iperf_secs
         );
         let _ = writeln!(md, "## Results\n\n{}\n## Ratios\n\n{}", self.table(), self.ratio_table());
+        let _ = writeln!(md, "## Peer seen by the server application\n\n{}", self.peer_table());
         md.push_str(ANALYSIS_MARKER);
         md.push_str(&analysis);
         fs::write(path, md).with_context(|| format!("writing {}", path.display()))

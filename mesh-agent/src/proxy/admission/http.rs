@@ -192,7 +192,10 @@ fn strip_h2c_upgrade(headers: &mut http::HeaderMap) {
 async fn app_stream(conn: &Conn, apps: &mut AppConns) -> Result<TcpStream, crate::transport::Error> {
     match apps.fresh.take() {
         Some(s) => Ok(s),
-        None => sockets::deliver_in(&conn.netns, conn.arrival.dst, conn.ctx.dialer.bypass_mark, CONNECT_TIMEOUT).await,
+        None => {
+            let (dst, client) = (conn.arrival.dst, conn.arrival.src.ip());
+            sockets::deliver_in(&conn.netns, dst, client, conn.ctx.dialer.bypass_mark, CONNECT_TIMEOUT).await
+        }
     }
 }
 
