@@ -19,8 +19,11 @@ use super::{Error, Object};
 /// File extensions read from the directory.
 const EXTENSIONS: &[&str] = &["yaml", "yml", "json"];
 /// Editors write files in several steps; wait this long after the last event before
-/// re-reading, so one save is one reload.
-const DEBOUNCE: Duration = Duration::from_millis(100);
+/// re-reading, so one save is one reload. A rename into place (what tools and the lab
+/// do) is one burst within a millisecond, and an editor's save is done within a few
+/// ms: longer would only delay every change (a half-written file is refused and the
+/// last good version stays, until the next event brings the rest).
+const DEBOUNCE: Duration = Duration::from_millis(25);
 
 #[derive(Debug)]
 struct FileState {
@@ -253,7 +256,10 @@ fn list(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 pub fn watch(dir: &Path) -> notify::Result<(notify::RecommendedWatcher, mpsc::Receiver<()>)> {
     let (raw_tx, mut raw_rx) = mpsc::unbounded_channel();
     let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-        if ev.is_ok() {
+        // Opening and reading a file is no change; counting it as one would make every
+        // reload (which reads the files) trigger the next, 100 ms later, for ever, and
+        // every agent reading the same directory would trigger the others.
+        if ev.is_ok_and(|e| !e.kind.is_access()) {
             let _ = raw_tx.send(());
         }
     })?;
@@ -283,6 +289,21 @@ mod tests {
     use super::*;
 
     const NS: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n";
+
+    #[tokio::test]
+    async fn reading_the_files_is_no_change_writing_one_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("ns.yaml");
+        std::fs::write(&file, NS).unwrap();
+        let (_watcher, mut changes) = watch(dir.path()).unwrap();
+        // What a reload does: open and read every file.
+        let _ = DirSource::new(dir.path()).reload();
+        let early = tokio::time::timeout(DEBOUNCE * 4, changes.recv()).await;
+        assert!(early.is_err(), "a reload's own reads must not trigger the next one");
+        std::fs::write(&file, "apiVersion: v1\nkind: Namespace\nmetadata: {name: b}\n").unwrap();
+        let got = tokio::time::timeout(DEBOUNCE * 20, changes.recv()).await;
+        assert!(matches!(got, Ok(Some(()))), "a write is a change");
+    }
 
     #[test]
     fn bad_edit_keeps_last_good_version_and_reports_once() {
