@@ -55,6 +55,20 @@ pub struct AdminState {
     pub traffic: Arc<crate::telemetry::graph::Sampler>,
     /// Refusals the dashboard lists.
     pub denials: crate::telemetry::RecentDenials,
+    /// The last config change applied, and how long it took.
+    pub last_apply: Arc<std::sync::Mutex<Option<LastApply>>>,
+}
+
+/// A config change applied: the snapshot compiled and swapped in, and the pods and
+/// kernel tables brought in line with it.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct LastApply {
+    /// The snapshot version it made.
+    pub version: u64,
+    /// From reading the config to reconciled, ms.
+    pub took_ms: f64,
+    /// When it was done, ms since the Unix epoch (to time a change end to end).
+    pub at_unix_ms: f64,
 }
 
 impl AdminState {
@@ -78,6 +92,7 @@ impl AdminState {
             scrape_auth,
             traffic: Arc::default(),
             denials: Default::default(),
+            last_apply: Default::default(),
         }
     }
 }
@@ -95,6 +110,8 @@ struct SyncStatus<'a> {
     enrolled_pods: usize,
     failed_pods: Vec<PodReport>,
     rejected_config: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_apply: Option<LastApply>,
 }
 
 /// The config dump's own view type: compiled state is not `Serialize` on purpose.
@@ -301,6 +318,7 @@ fn route(state: &AdminState, req: &Request<Incoming>, dump: bool) -> Response<Fu
                     .cloned()
                     .collect(),
                 rejected_config: state.config_errors.lock().unwrap_or_else(|p| p.into_inner()).len(),
+                last_apply: *state.last_apply.lock().unwrap_or_else(|p| p.into_inner()),
             };
             match serde_json::to_string(&status) {
                 Ok(j) => respond(StatusCode::OK, "application/json", j),

@@ -177,8 +177,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
         hinted: None,
         renewal,
     };
-    agent.reload(&mut source);
-    agent.reconcile();
+    agent.apply(&mut source);
     agent.finish_takeover();
     admin_state.ready.store(true, Ordering::Release);
     tracing::info!(node = %settings.node, pods = agent.pods.enrolled_count(), "agent ready");
@@ -190,18 +189,16 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
     loop {
         tokio::select! {
             _ = shutdown_signal() => break,
-            Some(()) = changes.recv() => { agent.reload(&mut source); agent.reconcile(); }
+            Some(()) = changes.recv() => agent.apply(&mut source),
             // Certificates arrived: pods waiting for theirs can start.
             Some(()) = issued_rx.recv() => agent.reconcile(),
             Some(r) = cni_rx.recv() => {
                 agent.pods.cni(&dataplane, r.request, r.netns, r.reply);
                 // The config may already show the pod: answer without waiting a tick.
-                agent.reload(&mut source);
-                agent.reconcile();
+                agent.apply(&mut source);
             }
             _ = resync.tick() => {
-                agent.reload(&mut source);
-                agent.reconcile();
+                agent.apply(&mut source);
                 ctx.metrics.probes_seen(dataplane.probe_connections());
                 ctx.metrics.kernel_events_seen(&dataplane.kernel_events());
                 // Counting walks the maps' keys: seldom.
@@ -432,6 +429,26 @@ struct Agent {
 }
 
 impl Agent {
+    /// Re-reads config and brings the pods in line; a change is stamped for
+    /// `/sync_status` with how long it took (what a scale test times).
+    fn apply(&mut self, source: &mut Source) {
+        let started = std::time::Instant::now();
+        let before = self.version;
+        self.reload(source);
+        self.reconcile();
+        if self.version != before {
+            let at_unix_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64() * 1000.0);
+            let applied = crate::admin::LastApply {
+                version: self.version,
+                took_ms: started.elapsed().as_secs_f64() * 1000.0,
+                at_unix_ms,
+            };
+            *self.admin.last_apply.lock().unwrap_or_else(|p| p.into_inner()) = Some(applied);
+        }
+    }
+
     /// Re-reads config; a change compiles and swaps in a new snapshot.
     fn reload(&mut self, source: &mut Source) {
         let r = source.reload();

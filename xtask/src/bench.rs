@@ -37,6 +37,7 @@
 
 mod peer;
 mod report;
+pub mod scale;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -76,6 +77,11 @@ pub struct BenchArgs {
     /// Where the JSON report is written.
     #[arg(long, default_value = "target/bench/report.json")]
     pub report: PathBuf,
+    /// Measure the control plane instead of the data path: the node agents with 100,
+    /// 1,000 and 10,000 generated Services (`scale.json` beside the report, and
+    /// docs/benchmarks-scale.md on a full run; --quick: 100 and 1,000).
+    #[arg(long)]
+    pub scale: bool,
 }
 
 /// How long each part of a scenario runs.
@@ -120,11 +126,21 @@ const IPERF_PORT: u16 = 5201;
 
 /// Runs the benchmark and writes the report (and, on full runs, docs/benchmarks.md).
 pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
+    setup::ensure_bench_tools()?;
+    let tools = Tools::find()?;
+    in_release_lab(|lab| run_in_lab(lab, args, &tools))
+}
+
+/// `--scale`: the control plane at 100, 1,000 and 10,000 Services ([`scale`]).
+pub fn run_scale(args: &BenchArgs) -> anyhow::Result<scale::ScaleReport> {
+    in_release_lab(|lab| scale::run(lab, args))
+}
+
+/// Brings a release-built lab up, runs `f` in it, and takes it down.
+fn in_release_lab<T>(f: impl FnOnce(&mut Lab) -> anyhow::Result<T>) -> anyhow::Result<T> {
     if let Some(why) = mesh_tests::sys::lab_unsupported() {
         bail!("the benchmark runs in the lab, which cannot run here: {why}");
     }
-    setup::ensure_bench_tools()?;
-    let tools = Tools::find()?;
     let bins = build::binaries(true)?;
     let state_dir = PathBuf::from(DEFAULT_STATE_DIR);
     if Lab::exists(&state_dir) {
@@ -142,7 +158,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
     };
     println!("[bench] lab up (release build)");
     let mut lab = Lab::up(&opts)?;
-    let result = run_in_lab(&mut lab, args, &tools);
+    let result = f(&mut lab);
     if result.is_err() {
         print_helper_logs(&lab);
     }
@@ -185,6 +201,8 @@ fn run_in_lab(lab: &mut Lab, args: &BenchArgs, tools: &Tools) -> anyhow::Result<
         let argv = vec![tools.iperf3.display().to_string(), "-s".into(), "-p".into(), IPERF_PORT.to_string()];
         lab.start_helper(&format!("iperf3-{server}"), server, &argv)?;
     }
+    set_enrollment(lab, true)?;
+    let fresh = agents_memory(lab)?;
     let rounds = args.rounds();
     let mut per_round = Vec::new();
     for round in 0..rounds {
@@ -204,6 +222,7 @@ fn run_in_lab(lab: &mut Lab, args: &BenchArgs, tools: &Tools) -> anyhow::Result<
     let scenarios = report::combine_rounds(per_round);
 
     let mut report = Report::new(args, d.latency, d.max_rps, d.iperf, scenarios);
+    report.agent_memory = memory_phase(lab, args, tools, d, fresh)?;
     report.compute_ratios();
     report.print_table();
     let path = report_path(&args.report);
@@ -215,6 +234,68 @@ fn run_in_lab(lab: &mut Lab, args: &BenchArgs, tools: &Tools) -> anyhow::Result<
         println!("[bench] {} regenerated", docs.display());
     }
     Ok(report)
+}
+
+/// Each node agent's resident memory now, by node.
+fn agents_memory(lab: &Lab) -> anyhow::Result<Vec<(String, measure::ResidentMemory)>> {
+    lab.nodes.iter().map(|n| Ok((n.name.clone(), measure::cgroup_memory(&agent_cgroup(lab, &n.name)?)?))).collect()
+}
+
+/// After every scenario: the agents' idle memory, a closed-loop L7 burst cross-node
+/// (both agents on the path) with their `RssAnon` sampled, and their memory a while
+/// after it (30 s; 5 with --quick), against `fresh` (enrolled, before any load).
+fn memory_phase(
+    lab: &mut Lab,
+    args: &BenchArgs,
+    tools: &Tools,
+    d: Durations,
+    fresh: Vec<(String, measure::ResidentMemory)>,
+) -> anyhow::Result<Vec<report::AgentMemory>> {
+    set_enrollment(lab, true)?;
+    std::thread::sleep(Duration::from_secs(2));
+    let after_bench = agents_memory(lab)?;
+    let subset = lab.pod(SERVER_CROSS)?.labels.get("version").cloned().context("server pod has a version label")?;
+    let vip = route_all_to_subset(lab, &subset, SERVER_CROSS)?;
+    let cgroups: Vec<(String, PathBuf)> =
+        lab.nodes.iter().map(|n| Ok((n.name.clone(), agent_cgroup(lab, &n.name)?))).collect::<anyhow::Result<_>>()?;
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let url = format!("http://{vip}/bytes/{}", args.body);
+    let (burst, peaks) = std::thread::scope(|s| {
+        let sampler = s.spawn(|| {
+            let mut peaks = vec![0u64; cgroups.len()];
+            while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                for (peak, (_, cg)) in peaks.iter_mut().zip(&cgroups) {
+                    *peak = (*peak).max(measure::cgroup_memory(cg).map_or(0, |m| m.rss_anon_kib));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            peaks
+        });
+        let secs = format!("{}s", d.max_rps.as_secs().max(2));
+        let burst = oha(lab, tools, Origin::ClientPod, &url, &["-z", &secs, "-c", &args.concurrency.to_string()]);
+        stop.store(true, std::sync::atomic::Ordering::Release);
+        (burst, sampler.join().unwrap_or_default())
+    });
+    lab.delete(Path::new(L7_CONFIG))?;
+    burst.context("the L7 burst")?;
+    let settle = if args.quick { 5 } else { 30 };
+    std::thread::sleep(Duration::from_secs(settle));
+    let after_burst = agents_memory(lab)?;
+    let of = |list: &[(String, measure::ResidentMemory)], node: &str| {
+        list.iter().find(|(n, _)| n == node).map(|(_, m)| *m).unwrap_or_default()
+    };
+    Ok(cgroups
+        .iter()
+        .zip(peaks)
+        .map(|((node, _), peak)| report::AgentMemory {
+            node: node.clone(),
+            fresh: of(&fresh, node),
+            after_bench: of(&after_bench, node),
+            l7_burst_peak_rss_anon_kib: peak,
+            after_burst: of(&after_burst, node),
+            settle_secs: settle,
+        })
+        .collect())
 }
 
 /// Phase 1, unenrolled: the physical limit and the sidecar peer, on both paths.

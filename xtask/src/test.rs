@@ -72,6 +72,7 @@ fn bench_harness() -> anyhow::Result<()> {
         body: 1024,
         concurrency: 64,
         report: "target/bench/quick/report.json".into(),
+        scale: false,
     };
     let report = crate::bench::run(&args)?;
     let (passed, failed) = report.check_shape();

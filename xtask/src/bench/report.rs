@@ -8,6 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use mesh_tests::measure::ResidentMemory;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -294,6 +295,37 @@ pub struct Report {
     pub settings: Settings,
     /// What was measured.
     pub scenarios: Vec<Scenario>,
+    /// Each node agent's resident memory at the points the targets name.
+    #[serde(default)]
+    pub agent_memory: Vec<AgentMemory>,
+}
+
+/// One node agent's resident memory through the run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentMemory {
+    /// The agent's node.
+    pub node: String,
+    /// With the lab's pods enrolled, before any load.
+    pub fresh: ResidentMemory,
+    /// After every scenario's bursts, idle again.
+    pub after_bench: ResidentMemory,
+    /// Highest `RssAnon` seen during the closed-loop L7 burst, KiB.
+    pub l7_burst_peak_rss_anon_kib: u64,
+    /// `settle_secs` after that burst.
+    pub after_burst: ResidentMemory,
+    /// How long after the burst `after_burst` was read, s.
+    pub settle_secs: u64,
+}
+
+/// Memory targets (issue 17): idle VmRSS and RssAnon, RssAnon during the burst, and
+/// how much of the burst's growth is handed back.
+const IDLE_VM_RSS_MIB: f64 = 8.0;
+const IDLE_RSS_ANON_MIB: f64 = 4.0;
+const BURST_RSS_ANON_MIB: f64 = 16.0;
+const SETTLED_TO_IDLE: f64 = 1.5;
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
 }
 
 impl Report {
@@ -320,7 +352,66 @@ impl Report {
                 rounds: args.rounds(),
             },
             scenarios,
+            agent_memory: Vec::new(),
         }
+    }
+
+    /// The agents' memory, and each memory target met or not.
+    pub fn memory_table(&self) -> String {
+        let mut t = String::from(
+            "| agent | fresh VmRSS / RssAnon / RssFile MiB | after the bench | L7 burst peak RssAnon MiB | after the burst |\n\
+             |---|---|---|---|---|\n",
+        );
+        let m = |r: &ResidentMemory| {
+            format!("{:.1} / {:.1} / {:.1}", mib(r.vm_rss_kib), mib(r.rss_anon_kib), mib(r.rss_file_kib))
+        };
+        for a in &self.agent_memory {
+            let _ = writeln!(
+                t,
+                "| {} | {} | {} | {:.1} | {} ({} s after) |",
+                a.node,
+                m(&a.fresh),
+                m(&a.after_bench),
+                mib(a.l7_burst_peak_rss_anon_kib),
+                m(&a.after_burst),
+                a.settle_secs
+            );
+        }
+        t.push_str("\n| target | agent | figure | met |\n|---|---|---|---|\n");
+        let verdict = |ok: bool| if ok { "met" } else { "not met" };
+        for a in &self.agent_memory {
+            for (when, r) in [("fresh", &a.fresh), ("after the bench", &a.after_bench)] {
+                let (vm, anon) = (mib(r.vm_rss_kib), mib(r.rss_anon_kib));
+                let _ = writeln!(
+                    t,
+                    "| idle VmRSS ≤ {IDLE_VM_RSS_MIB} MiB, {when} | {} | {vm:.1} | {} |",
+                    a.node,
+                    verdict(vm <= IDLE_VM_RSS_MIB)
+                );
+                let _ = writeln!(
+                    t,
+                    "| idle RssAnon ≤ {IDLE_RSS_ANON_MIB} MiB, {when} | {} | {anon:.1} | {} |",
+                    a.node,
+                    verdict(anon <= IDLE_RSS_ANON_MIB)
+                );
+            }
+            let peak = mib(a.l7_burst_peak_rss_anon_kib);
+            let _ = writeln!(
+                t,
+                "| RssAnon ≤ {BURST_RSS_ANON_MIB} MiB during the L7 burst | {} | {peak:.1} | {} |",
+                a.node,
+                verdict(peak <= BURST_RSS_ANON_MIB)
+            );
+            let ratio = a.after_burst.rss_anon_kib as f64 / a.after_bench.rss_anon_kib.max(1) as f64;
+            let _ = writeln!(
+                t,
+                "| RssAnon ≤ {SETTLED_TO_IDLE}× idle {} s after the burst | {} | {ratio:.2}× | {} |",
+                a.settle_secs,
+                a.node,
+                verdict(ratio <= SETTLED_TO_IDLE)
+            );
+        }
+        t
     }
 
     /// Fills each scenario's ratios to `direct` and `peer` on the same path.
@@ -485,7 +576,7 @@ impl Report {
 
     /// Prints both tables.
     pub fn print_table(&self) {
-        println!("\n{}\n{}", self.table(), self.ratio_table());
+        println!("\n{}\n{}\n{}", self.table(), self.ratio_table(), self.memory_table());
     }
 
     /// Writes `report.json`.
@@ -558,6 +649,7 @@ impl Report {
         );
         let _ = writeln!(md, "## Results\n\n{}\n## Ratios\n\n{}", self.table(), self.ratio_table());
         let _ = writeln!(md, "## Peer seen by the server application\n\n{}", self.peer_table());
+        let _ = writeln!(md, "## Agent memory\n\n{}", self.memory_table());
         md.push_str(ANALYSIS_MARKER);
         md.push_str(&analysis);
         fs::write(path, md).with_context(|| format!("writing {}", path.display()))
