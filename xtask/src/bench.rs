@@ -306,15 +306,7 @@ fn baseline_phase(lab: &mut Lab, tools: &Tools, args: &BenchArgs, d: Durations) 
     set_enrollment(lab, false)?;
     let peer = peer::Peer::start(lab, &tools.haproxy, CLIENT, [(SERVER_CROSS, cross_ip), (SERVER_SAME, same_ip)])?;
     for (path, ip, server) in [("cross-node", cross_ip, SERVER_CROSS), ("same-node", same_ip, SERVER_SAME)] {
-        let target = Target {
-            name: "direct",
-            path,
-            url: format!("http://{ip}:8080/bytes/{}", args.body),
-            iperf: Some((ip.to_string(), IPERF_PORT)),
-            proxies: Vec::new(),
-            origin: Origin::ClientPod,
-            oha_args: Vec::new(),
-        };
+        let target = Target::to_pod("direct", path, &ip.to_string(), args.body, Vec::new());
         scenarios.push(measure_scenario(lab, tools, args, d, &target)?);
         let (http_port, iperf_port) = peer.local_ports(server)?;
         let target = Target {
@@ -362,20 +354,8 @@ fn mesh_phase(lab: &mut Lab, tools: &Tools, args: &BenchArgs, d: Durations) -> a
     let mut scenarios = Vec::new();
     set_enrollment(lab, true)?;
     for (path, ip, server) in [("cross-node", cross_ip, SERVER_CROSS), ("same-node", same_ip, SERVER_SAME)] {
-        let mut proxies = vec![agent_cgroup(lab, &lab.pod(CLIENT)?.node)?];
-        let server_node = lab.pod(server)?.node.clone();
-        if server_node != lab.pod(CLIENT)?.node {
-            proxies.push(agent_cgroup(lab, &server_node)?);
-        }
-        let target = Target {
-            name: "mesh-l4",
-            path,
-            url: format!("http://{ip}:8080/bytes/{}", args.body),
-            iperf: Some((ip.to_string(), IPERF_PORT)),
-            proxies,
-            origin: Origin::ClientPod,
-            oha_args: Vec::new(),
-        };
+        let proxies = path_agents(lab, server)?;
+        let target = Target::to_pod("mesh-l4", path, &ip.to_string(), args.body, proxies);
         let l7_proxies = target.proxies.clone();
         scenarios.push(measure_scenario(lab, tools, args, d, &target)?);
         // mesh-l4-tcp: the same, with the server's agent splicing instead of reading
@@ -501,6 +481,22 @@ struct Target {
     oha_args: Vec<String>,
 }
 
+impl Target {
+    /// From the client pod straight to a server pod's port 8080 at `ip` (iperf3 too),
+    /// through `proxies`.
+    fn to_pod(name: &'static str, path: &'static str, ip: &str, body: usize, proxies: Vec<PathBuf>) -> Self {
+        Target {
+            name,
+            path,
+            url: format!("http://{ip}:8080/bytes/{body}"),
+            iperf: Some((ip.to_string(), IPERF_PORT)),
+            proxies,
+            origin: Origin::ClientPod,
+            oha_args: Vec::new(),
+        }
+    }
+}
+
 /// Where a scenario's load comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Origin {
@@ -508,6 +504,18 @@ enum Origin {
     ClientPod,
     /// The outside client's netns, as a user of an ingress is.
     Outside,
+}
+
+/// The node agents on the path from the client pod to `server`: one same-node, two
+/// cross-node.
+fn path_agents(lab: &Lab, server: &str) -> anyhow::Result<Vec<PathBuf>> {
+    let client_node = &lab.pod(CLIENT)?.node;
+    let server_node = &lab.pod(server)?.node;
+    let mut agents = vec![agent_cgroup(lab, client_node)?];
+    if server_node != client_node {
+        agents.push(agent_cgroup(lab, server_node)?);
+    }
+    Ok(agents)
 }
 
 fn agent_cgroup(lab: &Lab, node: &str) -> anyhow::Result<PathBuf> {
@@ -767,20 +775,8 @@ fn pod_address_phase(lab: &mut Lab, tools: &Tools, args: &BenchArgs, d: Duration
         let mut scenarios = Vec::new();
         for (path, server) in [("cross-node", SERVER_CROSS), ("same-node", SERVER_SAME)] {
             let ip = lab.pod(server)?.ip;
-            let mut proxies = vec![agent_cgroup(lab, &lab.pod(CLIENT)?.node)?];
-            let server_node = lab.pod(server)?.node.clone();
-            if server_node != lab.pod(CLIENT)?.node {
-                proxies.push(agent_cgroup(lab, &server_node)?);
-            }
-            let target = Target {
-                name: "mesh-l4-podaddr",
-                path,
-                url: format!("http://{ip}:8080/bytes/{}", args.body),
-                iperf: Some((ip.to_string(), IPERF_PORT)),
-                proxies,
-                origin: Origin::ClientPod,
-                oha_args: Vec::new(),
-            };
+            let proxies = path_agents(lab, server)?;
+            let target = Target::to_pod("mesh-l4-podaddr", path, &ip.to_string(), args.body, proxies);
             scenarios.push(measure_scenario(lab, tools, args, d, &target)?);
         }
         Ok(scenarios)
@@ -822,11 +818,7 @@ fn traced_scenarios(lab: &mut Lab, tools: &Tools, args: &BenchArgs, d: Durations
         restart_agents(lab)?;
         let exported_before = spans_exported(lab);
         for (path, server) in [("cross-node", SERVER_CROSS), ("same-node", SERVER_SAME)] {
-            let mut proxies = vec![agent_cgroup(lab, &lab.pod(CLIENT)?.node)?];
-            let server_node = lab.pod(server)?.node.clone();
-            if server_node != lab.pod(CLIENT)?.node {
-                proxies.push(agent_cgroup(lab, &server_node)?);
-            }
+            let proxies = path_agents(lab, server)?;
             let subset = lab.pod(server)?.labels.get("version").cloned().context("server pod has a version label")?;
             let vip = route_all_to_subset(lab, &subset, server)?;
             let target = Target {
