@@ -82,6 +82,10 @@ pub struct BenchArgs {
     /// docs/benchmarks-scale.md on a full run; --quick: 100 and 1,000).
     #[arg(long)]
     pub scale: bool,
+    /// Measure nothing: render docs/benchmarks.md again from the report at --report
+    /// (after the generator changed; the analysis section is kept).
+    #[arg(long)]
+    pub render: bool,
 }
 
 /// How long each part of a scenario runs.
@@ -123,6 +127,18 @@ const SERVER_SAME: &str = "myapp-v2";
 const LATENCY_CONNECTIONS: u32 = 16;
 /// iperf3's server port in each server pod.
 const IPERF_PORT: u16 = 5201;
+
+/// `--render`: docs/benchmarks.md from the report already at `--report`.
+pub fn render(args: &BenchArgs) -> anyhow::Result<Report> {
+    let path = report_path(&args.report);
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let report: Report = serde_json::from_str(&text).with_context(|| format!("{} is not a report", path.display()))?;
+    if report.settings.quick {
+        bail!("{} is a --quick run: its figures do not go into docs/benchmarks.md", path.display());
+    }
+    report.write_markdown(&root().join("docs/benchmarks.md"))?;
+    Ok(report)
+}
 
 /// Runs the benchmark and writes the report (and, on full runs, docs/benchmarks.md).
 pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {

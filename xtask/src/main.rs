@@ -92,6 +92,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Test { args } => test::run(&args),
         Cmd::Lab { cmd } => lab::run(cmd),
         Cmd::Demo => demo::run(),
+        Cmd::Bench(args) if args.render => bench::render(&args).map(|_| ()),
         Cmd::Bench(args) if args.scale => bench::run_scale(&args).map(|_| ()),
         Cmd::Bench(args) => bench::run(&args).map(|_| ()),
     }

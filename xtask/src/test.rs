@@ -73,6 +73,7 @@ fn bench_harness() -> anyhow::Result<()> {
         concurrency: 64,
         report: "target/bench/quick/report.json".into(),
         scale: false,
+        render: false,
     };
     let report = crate::bench::run(&args)?;
     let (passed, failed) = report.check_shape();

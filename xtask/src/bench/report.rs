@@ -356,6 +356,63 @@ impl Report {
         }
     }
 
+    /// Issue 17's latency, throughput and CPU targets against the peer and direct on
+    /// the same path, each marked met or not (memory: [`Report::memory_table`]).
+    pub fn targets_table(&self) -> String {
+        let find = |name: &str, path: &str| {
+            self.scenarios.iter().find(|s| s.name == name && s.path == path && s.status == "ok")
+        };
+        let p50 = |s: &Scenario| s.latency.as_ref().map(|l| l.p50_ms);
+        let p99 = |s: &Scenario| s.latency.as_ref().map(|l| l.p99_ms);
+        let spread_of = |s: &Scenario| spread(&s.round_p99_ms);
+        let mut t = String::from("| target | path | figure | met |\n|---|---|---|---|\n");
+        let mut row = |target: &str, path: &str, figure: Option<(f64, bool)>, unit: &str| {
+            let (fig, met) = match figure {
+                Some((v, ok)) => (format!("{v:.3}{unit}"), if ok { "met" } else { "not met" }),
+                None => ("-".into(), "not measured"),
+            };
+            let _ = writeln!(t, "| {target} | {path} | {fig} | {met} |");
+        };
+        for path in ["cross-node", "same-node"] {
+            let (Some(mesh), Some(peer), Some(direct)) =
+                (find("mesh-l4", path), find("peer", path), find("direct", path))
+            else {
+                continue;
+            };
+            let added = |f: &dyn Fn(&Scenario) -> Option<f64>, s: &Scenario| Some(f(s)? - f(direct)?);
+            let ratio = |a: Option<f64>, b: Option<f64>| Some(a? / b?);
+            let peer_added_p50 = ratio(added(&p50, mesh), added(&p50, peer));
+            let peer_added_p99 = ratio(added(&p99, mesh), added(&p99, peer));
+            let rps_peer = ratio(mesh.max_rps, peer.max_rps);
+            let rps_direct = ratio(mesh.max_rps, direct.max_rps);
+            let gbps_peer = ratio(mesh.throughput_gbps, peer.throughput_gbps);
+            let gbps_direct = ratio(mesh.throughput_gbps, direct.throughput_gbps);
+            if path == "cross-node" {
+                row("mesh-l4 added p50 ≤ 0.35× peer's", path, peer_added_p50.map(|r| (r, r <= 0.35)), "×");
+                row("mesh-l4 added p99 ≤ 0.35× peer's", path, peer_added_p99.map(|r| (r, r <= 0.35)), "×");
+                // One round has no spread to compare.
+                let spread = (mesh.round_p99_ms.len() > 1 && direct.round_p99_ms.len() > 1)
+                    .then(|| (spread_of(mesh), spread_of(mesh) <= spread_of(direct)));
+                row("mesh-l4 rounds' p99 spread ≤ direct's", path, spread, " ms");
+                row("mesh-l4 max req/s ≥ 1.5× peer", path, rps_peer.map(|r| (r, r >= 1.5)), "×");
+                row("mesh-l4 iperf3 ≥ 1.5× peer", path, gbps_peer.map(|r| (r, r >= 1.5)), "×");
+            } else {
+                row("mesh-l4 added p99 ≤ 0.25× peer's", path, peer_added_p99.map(|r| (r, r <= 0.25)), "×");
+                row("mesh-l4 max req/s ≥ 0.8× direct", path, rps_direct.map(|r| (r, r >= 0.8)), "×");
+                row("mesh-l4 iperf3 ≥ 0.8× direct", path, gbps_direct.map(|r| (r, r >= 0.8)), "×");
+            }
+            let cpu = mesh.proxy_cpu_s_per_1000_req.map(|c| c / mesh.proxies.max(1) as f64);
+            row("mesh-l4 CPU ≤ 0.05 s per 1000 req per agent", path, cpu.map(|c| (c, c <= 0.05)), " s");
+            if let Some(l7) = find("mesh-l7", path) {
+                let l7_added = added(&p99, l7);
+                let peer_l4 = added(&p99, peer);
+                row("mesh-l7 added p99 ≤ peer's (L4)", path, l7_added.zip(peer_l4).map(|(a, b)| (a, a <= b)), " ms");
+                row("mesh-l7 max req/s ≥ 1.2× peer", path, ratio(l7.max_rps, peer.max_rps).map(|r| (r, r >= 1.2)), "×");
+            }
+        }
+        t
+    }
+
     /// The agents' memory, and each memory target met or not.
     pub fn memory_table(&self) -> String {
         let mut t = String::from(
@@ -649,6 +706,7 @@ impl Report {
         );
         let _ = writeln!(md, "## Results\n\n{}\n## Ratios\n\n{}", self.table(), self.ratio_table());
         let _ = writeln!(md, "## Peer seen by the server application\n\n{}", self.peer_table());
+        let _ = writeln!(md, "## Targets (issue 17)\n\n{}", self.targets_table());
         let _ = writeln!(md, "## Agent memory\n\n{}", self.memory_table());
         md.push_str(ANALYSIS_MARKER);
         md.push_str(&analysis);
