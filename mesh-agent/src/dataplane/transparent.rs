@@ -296,6 +296,27 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), delivered.read_exact(&mut buf)).await.unwrap().unwrap();
         assert_eq!(&buf, b"hello");
 
+        // An attempt abandoned half-way (whoever asked went away while the SYN waited:
+        // here, an application whose accept queue is full) forgets its record too.
+        let full = netns
+            .run(|| {
+                let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+                s.bind(&SocketAddr::from(([10, 123, 0, 2], 0)).into())?;
+                s.listen(0)?;
+                Ok::<_, io::Error>(s)
+            })
+            .unwrap()
+            .unwrap();
+        let full_at = full.local_addr().unwrap().as_socket().unwrap();
+        // Backlog 0: one connection waiting to be accepted fills the queue.
+        let _queued = netns.run(|| std::net::TcpStream::connect(full_at)).unwrap().unwrap();
+        recorded.0.lock().unwrap().clear();
+        let abandoned = sockets::deliver_in(&netns, full_at, client, 0, Duration::from_secs(5));
+        assert!(tokio::time::timeout(Duration::from_millis(300), abandoned).await.is_err(), "the SYN waits");
+        let seen = recorded.0.lock().unwrap().clone();
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        assert_eq!((seen[0].0, seen[0].1, seen[1].1), (seen[1].0, true, false), "begun, then forgotten on drop");
+
         // Not set up: from the pod's own address, as before.
         netns.set_transparent(None);
         let delivered = sockets::deliver_in(&netns, at, client, 0, Duration::from_secs(5));

@@ -148,10 +148,11 @@ async fn connect(
         if mark != 0 {
             s.set_mark(mark)?;
         }
-        // Port 0: any free port; the address (and an IPv6 link-local scope) is addr's.
         match from {
             Source::Any => {}
             Source::Destination => {
+                // Port 0: any free port; the address (and an IPv6 link-local scope) is
+                // addr's.
                 let mut source = addr;
                 source.set_port(0);
                 s.bind(&source.into())?;
@@ -171,8 +172,10 @@ async fn connect(
     })?;
     let socket = socket.map_err(io)?;
     // The delivery's 4-tuple, recorded until the connection is made (its SYN has then
-    // been through the kernel's lookup).
-    let recorded = match from {
+    // been through the kernel's lookup), or the attempt ends any other way: fails,
+    // times out, or is dropped because whoever asked went away. A record left behind
+    // would let that 4-tuple past the kernel's steering later.
+    let _recorded = match from {
         Source::Client(ip, record) => {
             let local = socket.local_addr().map_err(io)?.as_socket().map_or(0, |a| a.port());
             let flow = FlowKey {
@@ -184,19 +187,27 @@ async fn connect(
             if !record.begin(flow) {
                 return Err(io(std::io::Error::from_raw_os_error(libc::ENOSPC)));
             }
-            Some((record, flow))
+            Some(Recorded { record, flow })
         }
         _ => None,
     };
     let socket = tokio::net::TcpSocket::from_std_stream(socket.into());
-    let connected = match tokio::time::timeout(timeout, socket.connect(addr)).await {
+    match tokio::time::timeout(timeout, socket.connect(addr)).await {
         Ok(r) => r.map_err(io),
         Err(_) => Err(Error::Timeout { what: "connect", addr, after: timeout }),
-    };
-    if let Some((record, flow)) = recorded {
-        record.end(&flow);
     }
-    connected
+}
+
+/// A delivery recorded for the kernel, forgotten when dropped.
+struct Recorded<'r> {
+    record: &'r dyn DeliveryRecord,
+    flow: FlowKey,
+}
+
+impl Drop for Recorded<'_> {
+    fn drop(&mut self) {
+        self.record.end(&self.flow);
+    }
 }
 
 /// `addr` with an IPv4-mapped IPv6 address written as IPv4 (what a dual-stack listener
