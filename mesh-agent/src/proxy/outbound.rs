@@ -42,8 +42,9 @@ pub(super) async fn handle(
         return Ok(());
     }
     let dialed_service = snapshot.service_by_vip(orig.ip());
+    let routed = dialed_service.is_some_and(|s| snapshot.has_traffic_rules(&s.key()));
     if let Some(service) = dialed_service
-        && snapshot.has_traffic_rules(&service.key())
+        && routed
         && !is_declared_opaque(service, orig.port())
         && detect::peek(&stream).await == Protocol::Http
     {
@@ -76,8 +77,10 @@ pub(super) async fn handle(
         }
     };
     // A port declared HTTP whose endpoint no agent reads (outside the mesh, reached in
-    // plaintext) is read here, so its requests are measured at least at the source.
+    // plaintext) is read here, so its requests are measured at least at the source. A
+    // routed Service's connection was looked at above already: not peeked again.
     if let Some(service) = dialed_service
+        && !routed
         && !workload.as_deref().is_some_and(|w| snapshot.tunnels_to(w, addr.port()))
         && service.ports.iter().any(|p| p.port == orig.port() && p.declared() == Declared::Http)
         && ctx.wants_requests(&snapshot, pod, true)
