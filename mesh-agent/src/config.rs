@@ -32,6 +32,12 @@ pub use source::{DirSource, Reload};
 use std::fmt;
 use std::path::PathBuf;
 
+/// Whether an Istio port protocol (a Gateway server's, a ServiceEntry port's; any
+/// case) carries HTTP in the clear: HTTP, HTTP2, GRPC or GRPC-WEB.
+pub fn is_plain_http_protocol(protocol: &str) -> bool {
+    ["HTTP", "HTTP2", "GRPC", "GRPC-WEB"].iter().any(|p| p.eq_ignore_ascii_case(protocol))
+}
+
 /// A rejected configuration input, precise enough to fix without reading the agent's code.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub struct Error {

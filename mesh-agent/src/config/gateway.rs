@@ -177,7 +177,7 @@ impl ServerPort {
 
     /// Whether the port carries HTTP in the clear (HTTP, HTTP2, GRPC, GRPC-WEB).
     pub fn is_plain_http(&self) -> bool {
-        ["HTTP", "HTTP2", "GRPC", "GRPC-WEB"].iter().any(|p| p.eq_ignore_ascii_case(&self.protocol))
+        super::is_plain_http_protocol(&self.protocol)
     }
 }
 

@@ -90,9 +90,7 @@ impl ExternalService {
                         number: u16::try_from(p.number).ok()?,
                         name: p.name.clone(),
                         target: p.target_port.and_then(|t| u16::try_from(t).ok()),
-                        http: p.protocol.as_deref().is_some_and(|proto| {
-                            ["HTTP", "HTTP2", "GRPC", "GRPC-WEB"].iter().any(|h| proto.eq_ignore_ascii_case(h))
-                        }),
+                        http: p.protocol.as_deref().is_some_and(crate::config::is_plain_http_protocol),
                     })
                 })
                 .collect(),
