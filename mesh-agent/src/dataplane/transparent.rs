@@ -20,7 +20,10 @@
 //! ([`DeliveryRecord`]), and sk_lookup passes what it finds there.
 
 use std::io;
+use std::sync::Mutex;
 
+use aya::maps::{HashMap as BpfHashMap, MapData};
+use mesh_common::FlowKey;
 use netlink_packet_core::{
     NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload,
 };
@@ -28,11 +31,6 @@ use netlink_packet_route::route::{RouteAttribute, RouteHeader, RouteMessage, Rou
 use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{Socket, SocketAddr as NetlinkAddr, protocols::NETLINK_ROUTE};
-
-use std::sync::Mutex;
-
-use aya::maps::{HashMap as BpfHashMap, MapData};
-use mesh_common::FlowKey;
 
 use super::{Error, Netns};
 
@@ -80,15 +78,12 @@ impl DeliveryRecord for Deliveries {
 /// Sets the pod's namespace up for transparent delivery (idempotent: a restarted
 /// agent finds its rule and route in place). Never touches the agent's own namespace.
 pub fn prepare(netns: &Netns) -> Result<(), Error> {
-    if netns.is_host() {
-        return Err(Error::Sys { call: "transparent delivery".into(), source: nix::errno::Errno::EPERM });
-    }
+    enable_mark_inheritance(netns)?;
     let fail = |what: &str, source: io::Error| Error::Io {
         path: format!("{} ({what})", netns.path().display()).into(),
         source,
     };
     netns.run(|| -> Result<(), Error> {
-        inherit_marks().map_err(|e| fail("net.ipv4.tcp_fwmark_accept", e))?;
         let mut socket = Socket::new(NETLINK_ROUTE).map_err(|e| fail("netlink socket", e))?;
         socket.bind_auto().map_err(|e| fail("netlink bind", e))?;
         socket.connect(&NetlinkAddr::new(0, 0)).map_err(|e| fail("netlink connect", e))?;
@@ -119,14 +114,16 @@ fn inherit_marks() -> io::Result<()> {
     std::fs::write(FWMARK_ACCEPT, b"1")
 }
 
-/// [`inherit_marks`] in `netns`: what the CNI plugin does for each pod sandbox it hands
-/// the agent. Harmless for a pod the mesh never captures: connections arriving from
-/// outside the namespace have no mark to inherit.
+/// [`inherit_marks`] in `netns` (never the agent's own): what the CNI plugin does for
+/// each pod sandbox it hands the agent, and the first step of [`prepare`]. Harmless for
+/// a pod the mesh never captures: connections arriving from outside the namespace have
+/// no mark to inherit.
 pub fn enable_mark_inheritance(netns: &Netns) -> Result<(), Error> {
     if netns.is_host() {
         return Err(Error::Sys { call: "tcp_fwmark_accept".into(), source: nix::errno::Errno::EPERM });
     }
-    netns.run(inherit_marks)?.map_err(|source| Error::Io { path: FWMARK_ACCEPT.into(), source })
+    let path = format!("{} ({FWMARK_ACCEPT})", netns.path().display());
+    netns.run(inherit_marks)?.map_err(|source| Error::Io { path: path.into(), source })
 }
 
 /// `ip rule add fwmark DELIVERY_MARK lookup ROUTE_TABLE pref RULE_PRIORITY`; an
