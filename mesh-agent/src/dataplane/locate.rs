@@ -4,11 +4,12 @@
 //! where kubelet puts pod `uid` (`kubepods/<qos>/pod<uid>` with the cgroupfs driver,
 //! `kubepods.slice/kubepods-<qos>.slice/kubepods-<qos>-pod<uid_with_underscores>.slice`
 //! with systemd); the UID is the API server's, checked to be a UUID before it is used in
-//! a path. The network namespace comes from the CNI plugin when the pod starts
-//! ([`crate::cni`]), or, for a pod that was already running, from the oldest process in
-//! its cgroup tree: the sandbox (pause) process, which the runtime starts in the pod's
-//! namespace before any container of the tenant runs. The agent runs with the host's
-//! PID namespace, so `/proc/<pid>/ns/net` is that process's namespace.
+//! a path. The network namespace comes from the CNI plugin when the pod starts (the
+//! `cni` module, which builds on this one), or, for a pod that was already running, from
+//! the oldest process in its cgroup tree: the sandbox (pause) process, which the runtime
+//! starts in the pod's namespace before any container of the tenant runs. The agent
+//! runs with the host's PID namespace, so `/proc/<pid>/ns/net` is that process's
+//! namespace.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
