@@ -274,23 +274,11 @@ fn memory_phase(
     let vip = route_all_to_subset(lab, &subset, SERVER_CROSS)?;
     let cgroups: Vec<(String, PathBuf)> =
         lab.nodes.iter().map(|n| Ok((n.name.clone(), agent_cgroup(lab, &n.name)?))).collect::<anyhow::Result<_>>()?;
-    let stop = std::sync::atomic::AtomicBool::new(false);
     let url = format!("http://{vip}/bytes/{}", args.body);
-    let (burst, peaks) = std::thread::scope(|s| {
-        let sampler = s.spawn(|| {
-            let mut peaks = vec![0u64; cgroups.len()];
-            while !stop.load(std::sync::atomic::Ordering::Acquire) {
-                for (peak, (_, cg)) in peaks.iter_mut().zip(&cgroups) {
-                    *peak = (*peak).max(measure::cgroup_memory(cg).map_or(0, |m| m.rss_anon_kib));
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            peaks
-        });
-        let secs = format!("{}s", d.max_rps.as_secs().max(2));
-        let burst = oha(lab, tools, Origin::ClientPod, &url, &["-z", &secs, "-c", &args.concurrency.to_string()]);
-        stop.store(true, std::sync::atomic::Ordering::Release);
-        (burst, sampler.join().unwrap_or_default())
+    let secs = format!("{}s", d.max_rps.as_secs().max(2));
+    let rss_anon_kib = |i: usize| measure::cgroup_memory(&cgroups[i].1).map_or(0.0, |m| m.rss_anon_kib as f64);
+    let (burst, peaks) = peaks_while(cgroups.len(), Duration::from_millis(100), rss_anon_kib, || {
+        oha(lab, tools, Origin::ClientPod, &url, &["-z", &secs, "-c", &args.concurrency.to_string()])
     });
     lab.delete(Path::new(L7_CONFIG))?;
     burst.context("the L7 burst")?;
@@ -307,7 +295,7 @@ fn memory_phase(
             node: node.clone(),
             fresh: of(&fresh, node),
             after_bench: of(&after_bench, node),
-            l7_burst_peak_rss_anon_kib: peak,
+            l7_burst_peak_rss_anon_kib: peak as u64,
             after_burst: of(&after_burst, node),
             settle_secs: settle,
         })
@@ -686,20 +674,33 @@ fn cpu_usec(cgroups: &[PathBuf]) -> anyhow::Result<u64> {
 /// Runs `f` on this thread while another samples the proxies' RSS; returns f's result and
 /// the peak RSS seen, in MiB.
 fn sample_rss_while<T>(cgroups: &[PathBuf], f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<(T, f64)> {
+    let (r, peaks) = peaks_while(1, Duration::from_millis(200), |_| rss_mib(cgroups).unwrap_or(0.0), f);
+    r.map(|v| (v, peaks[0]))
+}
+
+/// Runs `f` on this thread while another reads `sample(i)` for each `i` in `0..n`
+/// every `period`; returns f's result and each sample's peak.
+fn peaks_while<T>(
+    n: usize,
+    period: Duration,
+    sample: impl Fn(usize) -> f64 + Sync,
+    f: impl FnOnce() -> T,
+) -> (T, Vec<f64>) {
     let stop = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|s| {
         let sampler = s.spawn(|| {
-            let mut peak = 0.0f64;
+            let mut peaks = vec![0.0f64; n];
             while !stop.load(std::sync::atomic::Ordering::Acquire) {
-                peak = peak.max(rss_mib(cgroups).unwrap_or(0.0));
-                std::thread::sleep(Duration::from_millis(200));
+                for (i, peak) in peaks.iter_mut().enumerate() {
+                    *peak = peak.max(sample(i));
+                }
+                std::thread::sleep(period);
             }
-            peak
+            peaks
         });
         let r = f();
         stop.store(true, std::sync::atomic::Ordering::Release);
-        let peak = sampler.join().expect("RSS sampler does not panic");
-        r.map(|v| (v, peak))
+        (r, sampler.join().expect("the sampler does not panic"))
     })
 }
 
