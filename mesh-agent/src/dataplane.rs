@@ -9,6 +9,8 @@
 mod locate;
 mod mounts;
 mod netns;
+mod sockopt;
+pub mod splice;
 pub mod transparent;
 
 pub use locate::PodUid;
@@ -24,9 +26,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, SockMap};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, SockHash, SockMap};
 use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SkSkb, SockOps};
 use aya::{Ebpf, EbpfLoader};
 use mesh_common::{
     CONFIG_FLAG_READY, IpKey, MeshConfig, NetnsPod, NetnsPortKey, OrigDst, PLAINTEXT_ALLOW, PLAINTEXT_DROP,
@@ -170,6 +172,9 @@ pub struct Dataplane {
     probe_stats: PerCpuArray<MapData, u64>,
     /// What the kernel programs did, per `mesh_common::events` index and CPU.
     kernel_events: PerCpuArray<MapData, u64>,
+    /// Admitted connections spliced in the kernel; None where the verdict program
+    /// could not be attached (the agent then copies every connection itself).
+    splice: Option<std::sync::Arc<splice::KernelSplice>>,
     paths: Paths,
     /// Suffix of this run's pinned links, so a restart can tell old links from new.
     generation: String,
@@ -230,6 +235,13 @@ impl Dataplane {
             PerCpuArray::try_from(take(&mut ebpf, maps::PROBE_STATS)?).map_err(map_err(maps::PROBE_STATS))?;
         let kernel_events =
             PerCpuArray::try_from(take(&mut ebpf, maps::KERNEL_EVENTS)?).map_err(map_err(maps::KERNEL_EVENTS))?;
+        let splice = match attach_splice(&mut ebpf) {
+            Ok(s) => Some(std::sync::Arc::new(s)),
+            Err(e) => {
+                tracing::warn!(error = %e, "admitted connections will be copied by the agent, not spliced in the kernel");
+                None
+            }
+        };
 
         let dp = Self {
             ebpf: Mutex::new(ebpf),
@@ -238,6 +250,7 @@ impl Dataplane {
             deliveries: std::sync::Arc::new(deliveries),
             probe_stats,
             kernel_events,
+            splice,
             paths,
             generation,
             stale_links: Mutex::new(stale_links),
@@ -622,6 +635,11 @@ impl Dataplane {
         unpin(&old.sk_lookup_pin)
     }
 
+    /// The kernel splice, where the verdict program is attached.
+    pub fn kernel_splice(&self) -> Option<std::sync::Arc<splice::KernelSplice>> {
+        self.splice.clone()
+    }
+
     /// Where transparent deliveries are recorded for the kernel's sk_lookup.
     pub fn deliveries(&self) -> std::sync::Arc<transparent::Deliveries> {
         self.deliveries.clone()
@@ -683,6 +701,59 @@ fn load_every_program(pin_dir: &Path) -> Result<Vec<&'static str>, Error> {
     prog.load().map_err(|source| Error::Program { program: programs::PROBE_SOCKOPS, source })?;
     loaded.push(programs::PROBE_SOCKOPS);
     Ok(loaded)
+}
+
+/// Loads the splice verdict program and attaches it to `SPLICE_SOCKETS`. The program
+/// stays attached for as long as the map lives, which is as long as this agent does.
+fn attach_splice(ebpf: &mut Ebpf) -> Result<splice::KernelSplice, Error> {
+    let take = |ebpf: &mut Ebpf, name: &'static str| {
+        ebpf.take_map(name).ok_or(Error::Map { map: name, reason: "missing from the object".into() })
+    };
+    let sockets: SockHash<MapData, u64> =
+        SockHash::try_from(take(ebpf, maps::SPLICE_SOCKETS)?).map_err(map_err(maps::SPLICE_SOCKETS))?;
+    let ends = BpfHashMap::try_from(take(ebpf, maps::SPLICE_ENDS)?).map_err(map_err(maps::SPLICE_ENDS))?;
+    let name = programs::SPLICE;
+    let prog: &mut SkSkb = program(ebpf, name)?;
+    prog.load().map_err(|source| Error::Program { program: name, source })?;
+    prog.attach(sockets.fd()).map_err(|source| Error::Program { program: name, source })?;
+    Ok(splice::KernelSplice::new(sockets, ends))
+}
+
+/// A kernel splice of a test's own: the object loaded with its pinned maps in a fresh
+/// bpffs directory, removed with the returned guard. None (with the reason printed)
+/// where this is not root or has no bpffs at `/sys/fs/bpf`.
+#[cfg(test)]
+pub(crate) fn test_kernel_splice() -> Option<(std::sync::Arc<splice::KernelSplice>, TestPins)> {
+    let root = Path::new("/sys/fs/bpf");
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = root.join(format!("mesh-test-splice-{}-{n}", std::process::id()));
+    if !is_bpffs(root) || std::fs::create_dir(&dir).is_err() {
+        assert!(std::env::var_os("MESH_REQUIRE_LAB").is_none(), "no root or no bpffs: the kernel splice cannot load");
+        eprintln!("skipping: the kernel splice needs root and bpffs at /sys/fs/bpf");
+        return None;
+    }
+    let mut ebpf = EbpfLoader::new().default_map_pin_directory(&dir).load(EBPF_OBJECT).expect("object loads");
+    let splice = attach_splice(&mut ebpf).expect("splice attaches");
+    // The attachment lasts as long as the loaded object.
+    Some((std::sync::Arc::new(splice), TestPins(dir, ebpf)))
+}
+
+/// Whether no socket and no entry is left in `splice`'s tables.
+#[cfg(test)]
+pub(crate) fn test_splice_is_empty(splice: &splice::KernelSplice) -> bool {
+    splice.is_empty()
+}
+
+/// A test's loaded object and bpffs directory, removed on drop.
+#[cfg(test)]
+pub(crate) struct TestPins(PathBuf, #[allow(dead_code, reason = "held for its attachments")] Ebpf);
+
+#[cfg(test)]
+impl Drop for TestPins {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, Error>

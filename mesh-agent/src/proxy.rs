@@ -77,6 +77,9 @@ pub struct ProxyContext {
     /// Whether allowed inbound HTTP is served per request, for request metrics
     /// reported by the destination (`--l7-telemetry`).
     pub l7_telemetry: bool,
+    /// Splices admitted TCP connections in the kernel; None: the agent copies them
+    /// (no verdict program, `--kernel-splice off`, in-process tests).
+    pub kernel_splice: Option<Arc<crate::dataplane::splice::KernelSplice>>,
 }
 
 impl ProxyContext {

@@ -280,6 +280,12 @@ pub struct Settings {
     #[arg(long, env = "MESH_INBOUND_TRANSPARENT", value_enum, default_value = "on")]
     pub inbound_transparent: Switch,
 
+    /// Whether connections the agent has admitted and only copies (TCP both ways, no
+    /// HTTP read) are spliced in the kernel (`on`: a sockmap verdict program passes
+    /// their bytes on without waking the agent) or copied by the agent (`off`).
+    #[arg(long, env = "MESH_KERNEL_SPLICE", value_enum, default_value = "on")]
+    pub kernel_splice: Switch,
+
     /// Access log of every HTTP request and TCP connection, on standard output: `off`,
     /// `text` (Envoy's default format, as Istio's `accessLogFile` writes it) or `json`
     /// (Istio's JSON field names, plus both sides' SPIFFE identities). Written by a task

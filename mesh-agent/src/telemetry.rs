@@ -432,6 +432,8 @@ pub struct Metrics {
     pub enrolled_pods: Gauge,
     /// Kubelet probe connections let through to applications (not mesh traffic).
     pub probe_connections: Counter,
+    /// Connections whose bytes the kernel passed on once admitted, without the agent.
+    pub kernel_spliced: Counter,
     denied: Family<DenyLabels, Counter>,
     refused: Family<RefusedLabels, Counter>,
     blocked: Family<BlockedLabels, Counter>,
@@ -487,6 +489,11 @@ impl Metrics {
         registry.register("mesh_config_applied", "Config snapshots applied", m.config_applied.clone());
         registry.register("mesh_enrolled_pods", "Pods captured on this node", m.enrolled_pods.clone());
         registry.register("mesh_denied", "Connections and requests refused by policy", m.denied.clone());
+        registry.register(
+            "mesh_kernel_spliced_connections",
+            "Admitted connections whose bytes the kernel passed on (sockmap), without waking the agent",
+            m.kernel_spliced.clone(),
+        );
         registry.register(
             "mesh_probe_connections",
             "Kubelet probe connections the kernel let through to pods' applications (not mesh traffic)",

@@ -102,6 +102,13 @@ pub mod maps {
     /// `PerCpuArray<u64>` with [`crate::events::COUNT`] entries: what the kernel side
     /// did, by [`crate::events`] index.
     pub const KERNEL_EVENTS: &str = "KERNEL_EVENTS";
+    /// `SockHash<u64 socket cookie>`: both sockets of each connection the kernel
+    /// splices (a client's and the agent's delivery, once admitted). Not pinned: the
+    /// sockets are the running agent's own, and go with it.
+    pub const SPLICE_SOCKETS: &str = "SPLICE_SOCKETS";
+    /// `HashMap<u64 socket cookie, SpliceEnd>`: for each socket in `SPLICE_SOCKETS`,
+    /// the socket its bytes go to and how many have gone. Not pinned.
+    pub const SPLICE_ENDS: &str = "SPLICE_ENDS";
     /// Socket cookie -> the DNS server a pod's UDP socket last asked (LRU).
     pub const DNS_ORIG_DST: &str = "DNS_ORIG_DST";
     /// aya-log's ring buffer. Pinned so that every per-pod `sk_lookup` instance writes
@@ -141,6 +148,9 @@ pub mod programs {
     pub const RECVMSG4: &str = "mesh_recvmsg4";
     /// `cgroup/recvmsg6`.
     pub const RECVMSG6: &str = "mesh_recvmsg6";
+    /// `sk_skb/stream_verdict` on `SPLICE_SOCKETS`: sends what a spliced socket
+    /// receives out of its peer socket.
+    pub const SPLICE: &str = "mesh_splice";
     /// Every `cgroup_sock_addr` program, all attached to the node's cgroup.
     pub const CGROUP_SOCK_ADDR: [&str; 8] =
         [CONNECT4, CONNECT6, GETPEERNAME4, GETPEERNAME6, SENDMSG4, SENDMSG6, RECVMSG4, RECVMSG6];
@@ -201,6 +211,9 @@ pub mod capacity {
     /// Deliveries being connected at once (an LRU map: each entry lives for one
     /// `connect()`).
     pub const DELIVERIES: u32 = 16384;
+    /// Sockets spliced in the kernel at once (two a connection); a connection that
+    /// finds the table full is copied by the agent instead.
+    pub const SPLICED_SOCKETS: u32 = 65536;
     /// Plaintext verdicts: [`PLAINTEXT_PER_POD`] for every pod.
     pub const PLAINTEXT_POLICY: u32 = PODS * PLAINTEXT_PER_POD;
 }
@@ -328,6 +341,16 @@ pub struct FlowKey {
     pub src_port: u32,
     /// Server port, host order.
     pub dst_port: u32,
+}
+
+/// Value of `SPLICE_ENDS`: one socket of a connection spliced in the kernel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SpliceEnd {
+    /// Cookie of the socket that sends what this one receives.
+    pub peer: u64,
+    /// Bytes this socket received and handed to its peer so far.
+    pub bytes: u64,
 }
 
 /// `PLAINTEXT_POLICY` value: plaintext goes to the agent, which judges it.

@@ -21,6 +21,13 @@
 //!   not there (fail closed) or when the pod's plaintext verdict for the port is to
 //!   drop (PeerAuthentication STRICT, or authorization no plaintext peer could pass).
 //!
+//! * `sk_skb/stream_verdict` on `SPLICE_SOCKETS`: a connection the agent has admitted
+//!   and only copies from then on (its client's socket and the agent's delivery to the
+//!   application, both the agent's) is spliced here: what one socket receives is sent
+//!   out of the other, counted in `SPLICE_ENDS`, without waking user space. The agent
+//!   keeps both sockets, so it still sees the ends, closes what a policy change
+//!   refuses, and takes the connections with it when it dies.
+//!
 //! Every program is a thin wrapper around a `try_*` function so the body can use `?`;
 //! nothing here waits on user space, and an unknown pod passes through untouched.
 #![no_std]
@@ -33,14 +40,14 @@ use aya_ebpf::{
         BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, bpf_sock_addr,
     },
     helpers::{bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_socket_cookie},
-    macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, SockMap},
-    programs::{SkLookupContext, SockAddrContext, SockOpsContext},
+    macros::{cgroup_sock_addr, map, sk_lookup, sock_ops, stream_verdict},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash, SockMap},
+    programs::{SkBuffContext, SkLookupContext, SockAddrContext, SockOpsContext},
 };
 use aya_log_ebpf::{debug, warn};
 use mesh_common::{
     CONFIG_FLAG_READY, FlowKey, IpKey, MeshConfig, NetnsPod, NetnsPortKey, OrigDst, PLAINTEXT_DROP, POD_FLAG_DNS,
-    POD_FLAG_ENROLLED, POD_FLAG_HAS_IP6, PodInfo, SockAddrKey, capacity, events, ports,
+    POD_FLAG_ENROLLED, POD_FLAG_HAS_IP6, PodInfo, SockAddrKey, SpliceEnd, capacity, events, ports,
 };
 
 /// `cgroup_sock_addr` verdicts.
@@ -108,6 +115,13 @@ fn count(event: u32) {
 // so their entries leave only by eviction, which must not push out TCP connections'.
 #[map(name = "DNS_ORIG_DST")]
 static DNS_ORIG_DST: LruHashMap<u64, OrigDst> = LruHashMap::pinned(capacity::DNS_SOCKETS, 0);
+
+// The agent's own sockets: not pinned, a new agent starts with empty tables.
+#[map(name = "SPLICE_SOCKETS")]
+static SPLICE_SOCKETS: SockHash<u64> = SockHash::with_max_entries(capacity::SPLICED_SOCKETS, 0);
+
+#[map(name = "SPLICE_ENDS")]
+static SPLICE_ENDS: HashMap<u64, SpliceEnd> = HashMap::with_max_entries(capacity::SPLICED_SOCKETS, 0);
 
 /// The inode of the network namespace this `sk_lookup` instance is attached to, set
 /// by the agent when it loads the instance for a pod ([`mesh_common::globals::NETNS_INO`]).
@@ -586,6 +600,39 @@ fn is_probe(flow: &FlowKey) -> bool {
         unsafe { *n += 1 };
     }
     true
+}
+
+// === splice (sk_skb stream verdict on SPLICE_SOCKETS) ===
+
+#[stream_verdict]
+pub fn mesh_splice(ctx: SkBuffContext) -> u32 {
+    try_splice(&ctx)
+}
+
+/// Sends what a spliced socket received out of its peer socket. A socket without an
+/// entry (never the case while the agent keeps its sockets in the map: it writes the
+/// entries first and removes them last) loses the bytes rather than passing them on
+/// to a socket nobody reads.
+#[inline(always)]
+fn try_splice(ctx: &SkBuffContext) -> u32 {
+    // A FIN on its own: TCP has taken note of it already, and the agent passes it on
+    // as a shutdown once the bytes before it are through. Sent on, an empty buffer
+    // would fail the peer's transmit queue (the kernel reads a zero-byte send as a
+    // broken pipe).
+    if ctx.len() == 0 {
+        return SK_DROP;
+    }
+    // SAFETY: bpf_get_socket_cookie takes the program's own sk_buff (sk_skb programs
+    // may call it); the cookie is of the socket that received it.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
+    let Some(end) = SPLICE_ENDS.get_ptr_mut(&cookie) else { return SK_DROP };
+    // SAFETY: a live map value. One socket's bytes are handed on under its socket lock,
+    // so this entry is never written by two programs at once; the agent only reads it.
+    let peer = unsafe {
+        (*end).bytes += u64::from(ctx.len());
+        (*end).peer
+    };
+    SPLICE_SOCKETS.redirect_skb(ctx, peer, 0) as u32
 }
 
 // === probe sockops (attached to the kubelet's cgroup only) ===

@@ -210,7 +210,8 @@ pub(super) async fn serve<S>(
 }
 
 /// Splices an allowed connection to the application, tracked so a policy change that
-/// would refuse it closes it.
+/// would refuse it closes it. A plain TCP client (nothing read of it yet) is spliced in
+/// the kernel where it can be.
 async fn splice_tracked<S>(
     ctx: &ProxyContext,
     pod: &Workload,
@@ -219,11 +220,25 @@ async fn splice_tracked<S>(
     mut client: S,
     mut app: TcpStream,
 ) where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin + 'static,
 {
     let tracked = ctx.inbound.track(pod, arrival);
-    let result =
-        copy::counted_until(&ctx.metrics, observed, &mut client, &mut app, ctx.tcp_idle_timeout, &tracked.stop).await;
+    let idle = ctx.tcp_idle_timeout;
+    let result = match (&mut client as &mut dyn std::any::Any).downcast_mut::<TcpStream>() {
+        Some(tcp) => {
+            let sockets = (tcp, &mut app);
+            copy::counted_sockets(
+                &ctx.metrics,
+                observed,
+                sockets,
+                idle,
+                Some(&tracked.stop),
+                ctx.kernel_splice.as_ref(),
+            )
+            .await
+        }
+        None => copy::counted_until(&ctx.metrics, observed, &mut client, &mut app, idle, &tracked.stop).await,
+    };
     if let Err(e) = result {
         tracing::debug!(dst = %arrival.dst, error = %e, "inbound connection ended with an error");
     }

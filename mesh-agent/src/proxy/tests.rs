@@ -89,6 +89,7 @@ impl Mesh {
             egress_tls_dir: std::path::Path::new("/nonexistent").into(),
             dns_upstream: Arc::default(),
             l7_telemetry: true,
+            kernel_splice: None,
         };
         ctx.l7.round_robin.fit(&snapshot);
         let netns = Arc::new(Netns::host().expect("the test's own network namespace"));

@@ -8,10 +8,12 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::dataplane::splice::{self, Joined, KernelSplice};
 use crate::state::TelemetryPolicy;
 use crate::telemetry::access_log::Entry;
 use crate::telemetry::{ConnLabels, Direction, Metrics};
@@ -81,6 +83,138 @@ where
     S: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
     splice_counted(metrics, (labels, ends), client, server, idle, Some(stop)).await
+}
+
+/// [`counted_until`] for two TCP sockets, which the kernel splices when `kernel` is
+/// there (and has room): the agent then only watches the connection's ends, passes on
+/// each half-close once every byte before it has been handed on, and counts the bytes
+/// from the kernel's table every [`KERNEL_PROGRESS_EVERY`]. Otherwise the agent copies.
+pub async fn counted_sockets(
+    metrics: &Metrics,
+    (labels, ends): (&ConnLabels, Ends),
+    (client, server): (&mut TcpStream, &mut TcpStream),
+    idle: Duration,
+    stop: Option<&CancellationToken>,
+    kernel: Option<&Arc<KernelSplice>>,
+) -> std::io::Result<(u64, u64)> {
+    let joined = match kernel.map(|k| k.join(&*client, &*server)) {
+        Some(Ok(joined)) => joined,
+        Some(Err(e @ splice::Error::Broken(_))) => return Err(std::io::Error::other(e)),
+        Some(Err(e)) => {
+            tracing::debug!(error = %e, "copied by the agent");
+            return splice_counted(metrics, (labels, ends), client, server, idle, stop).await;
+        }
+        None => return splice_counted(metrics, (labels, ends), client, server, idle, stop).await,
+    };
+    metrics.kernel_spliced.inc();
+    let open = metrics.opened(labels, &ends.policy);
+    let (start, started) = (std::time::SystemTime::now(), Instant::now());
+    let progress = |[received, sent]: [u64; 2]| {
+        open.received.inc_by(received);
+        open.sent.inc_by(sent);
+    };
+    let result = watch_kernel_splice(&joined, [&*client, &*server], idle, stop, progress).await;
+    let totals = joined.moved();
+    drop(joined);
+    metrics.closed(labels, open);
+    let source = labels.peers.reporter == "source";
+    if let Some(log) = metrics.access_log().filter(|l| l.logs(&ends.policy, source, 0)) {
+        log.record(tcp_entry(labels, &ends, start, started.elapsed(), (totals[0], totals[1])));
+    }
+    result.map(|()| (totals[0], totals[1]))
+}
+
+/// How often the bytes of a kernel-spliced connection are read into its metrics (and
+/// its idleness checked).
+pub const KERNEL_PROGRESS_EVERY: Duration = Duration::from_secs(1);
+
+/// Watches a connection the kernel splices until both sides have closed (each
+/// half-close passed on), one is reset, `stop` is cancelled, or nothing moved for
+/// `idle`. `progress` gets the bytes moved since its last call (client to server,
+/// server to client).
+async fn watch_kernel_splice(
+    joined: &Joined,
+    sockets: [&TcpStream; 2],
+    idle: Duration,
+    stop: Option<&CancellationToken>,
+    mut progress: impl FnMut([u64; 2]),
+) -> std::io::Result<()> {
+    let mut closed = [false; 2];
+    let mut reported = [0u64; 2];
+    let mut last_move = Instant::now();
+    let mut report = |reported: &mut [u64; 2]| {
+        let now = joined.moved();
+        let delta = [now[0].saturating_sub(reported[0]), now[1].saturating_sub(reported[1])];
+        *reported = now;
+        progress(delta);
+        delta != [0, 0]
+    };
+    let mut tick = tokio::time::interval_at(Instant::now() + KERNEL_PROGRESS_EVERY, KERNEL_PROGRESS_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let stopped = async {
+        match stop {
+            Some(stop) => stop.cancelled().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(stopped);
+    let outcome = loop {
+        if closed == [true, true] {
+            break Ok(());
+        }
+        let side = tokio::select! {
+            r = sockets[0].ready(Interest::READABLE), if !closed[0] => (0, r?),
+            r = sockets[1].ready(Interest::READABLE), if !closed[1] => (1, r?),
+            _ = tick.tick() => {
+                if report(&mut reported) {
+                    last_move = Instant::now();
+                } else if last_move.elapsed() >= idle {
+                    break Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("idle for {idle:?}")));
+                }
+                continue;
+            }
+            () = &mut stopped => break Ok(()),
+        };
+        let (from, ready) = side;
+        let (socket, other) = (sockets[from], sockets[1 - from]);
+        if !ready.is_read_closed() {
+            // Woken with nothing to do (the bytes went to the other socket): wait for
+            // the next event.
+            let _ = socket.try_io(Interest::READABLE, || Err::<(), _>(std::io::ErrorKind::WouldBlock.into()));
+            continue;
+        }
+        if let Ok(Some(e)) = socket.take_error() {
+            // Reset: the other side is closed when the sockets are dropped.
+            break Err(e);
+        }
+        // A half-close: passed on once everything before it is in the other socket.
+        hand_on_before_close(joined, (from, socket), other, idle).await;
+        let _ = socket2::SockRef::from(other).shutdown(std::net::Shutdown::Write);
+        closed[from] = true;
+    };
+    report(&mut reported);
+    outcome
+}
+
+/// Waits until every byte side `from` received is queued on `other` (the FIN wakes the
+/// agent before the kernel has taken the bytes that came with it, and the kernel
+/// hands bytes on from a work queue), or for at most `idle`.
+async fn hand_on_before_close(joined: &Joined, (from, socket): (usize, &TcpStream), other: &TcpStream, idle: Duration) {
+    use std::os::fd::AsFd as _;
+    let mut pause = Duration::from_micros(200);
+    let give_up = Instant::now() + idle;
+    loop {
+        match joined.handed_on((from, socket.as_fd()), other.as_fd()) {
+            Ok(true) | Err(_) => return,
+            Ok(false) if Instant::now() >= give_up => {
+                tracing::debug!("kernel splice: bytes not handed on before the close; closing anyway");
+                return;
+            }
+            Ok(false) => {}
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(20));
+    }
 }
 
 async fn splice_counted<C, S>(
@@ -298,6 +432,87 @@ mod tests {
     fn labels() -> ConnLabels {
         let w = crate::state::Workload::outside("a", "n", "10.0.0.1".parse().unwrap(), "cluster.local");
         ConnLabels::outbound(&w, None, crate::telemetry::ServiceLabels::unknown(), false)
+    }
+
+    /// A connection on loopback as the agent holds one: the client's socket accepted
+    /// (`agent_side` of `client`) and the agent's own to the server (`server`'s
+    /// accepted end is `app`).
+    async fn proxied_pair() -> [TcpStream; 4] {
+        let front = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let back = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(front.local_addr().unwrap()).await.unwrap();
+        let (agent_side, _) = front.accept().await.unwrap();
+        let server = TcpStream::connect(back.local_addr().unwrap()).await.unwrap();
+        let (app, _) = back.accept().await.unwrap();
+        [client, agent_side, server, app]
+    }
+
+    #[tokio::test]
+    async fn the_kernel_passes_bytes_on_in_order_and_each_half_close_after_them() {
+        let Some((kernel, _pins)) = crate::dataplane::test_kernel_splice() else { return };
+        let metrics = Arc::new(Metrics::default());
+        let [mut client, mut agent_side, mut server, mut app] = proxied_pair().await;
+        // Sent before the splice starts: waits in the agent's socket, handed on at join.
+        client.write_all(b"hello").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let (m, k) = (metrics.clone(), kernel.clone());
+        let splice = tokio::spawn(async move {
+            let a = SocketAddr::from(([127, 0, 0, 1], 1));
+            let ends = Ends { policy: Arc::default(), client: a, dialed: a, upstream: None };
+            let sockets = (&mut agent_side, &mut server);
+            counted_sockets(&m, (&labels(), ends), sockets, Duration::from_secs(30), None, Some(&k)).await
+        });
+        let mut hello = [0u8; 5];
+        app.read_exact(&mut hello).await.unwrap();
+        assert_eq!(&hello, b"hello", "bytes queued before the splice are passed on");
+        assert_eq!(metrics.kernel_spliced.get(), 1, "spliced in the kernel, not copied");
+        // Bulk both ways, in order, then the client's half-close after its last byte.
+        let bulk: Vec<u8> = (0..4 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+        let sent = bulk.clone();
+        let writer = tokio::spawn(async move {
+            client.write_all(&sent).await.unwrap();
+            client.shutdown().await.unwrap();
+            client
+        });
+        let mut got = Vec::new();
+        app.read_to_end(&mut got).await.unwrap();
+        assert!(got == bulk, "4 MiB arrive whole and in order, then the end of the stream");
+        let mut client = writer.await.unwrap();
+        // The answer after the half-close, then the server's own.
+        app.write_all(b"bye").await.unwrap();
+        app.shutdown().await.unwrap();
+        let mut answer = Vec::new();
+        client.read_to_end(&mut answer).await.unwrap();
+        assert_eq!(answer, b"bye");
+        let (request, response) = splice.await.unwrap().unwrap();
+        assert_eq!((request, response), (5 + bulk.len() as u64, 3), "bytes counted by the kernel");
+        let tables_empty = crate::dataplane::test_splice_is_empty(&kernel);
+        assert!(tables_empty, "both sockets and their entries left the tables");
+    }
+
+    #[tokio::test]
+    async fn a_reset_ends_a_kernel_splice() {
+        let Some((kernel, _pins)) = crate::dataplane::test_kernel_splice() else { return };
+        let metrics = Metrics::default();
+        let [client, mut agent_side, mut server, mut app] = proxied_pair().await;
+        let splice = async {
+            let a = SocketAddr::from(([127, 0, 0, 1], 1));
+            let ends = Ends { policy: Arc::default(), client: a, dialed: a, upstream: None };
+            let sockets = (&mut agent_side, &mut server);
+            counted_sockets(&metrics, (&labels(), ends), sockets, Duration::from_secs(30), None, Some(&kernel)).await
+        };
+        let reset = async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            client.set_linger(Some(Duration::ZERO)).unwrap();
+            drop(client);
+        };
+        let (result, ()) = tokio::time::timeout(Duration::from_secs(10), async { tokio::join!(splice, reset) })
+            .await
+            .expect("a reset ends the splice");
+        assert!(result.is_err(), "ended by the reset: {result:?}");
+        drop((agent_side, server));
+        let mut rest = Vec::new();
+        let _ = app.read_to_end(&mut rest).await;
     }
 
     #[tokio::test(start_paused = true)]

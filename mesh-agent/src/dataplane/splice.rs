@@ -1,0 +1,165 @@
+//! Connections spliced in the kernel: once the agent has admitted a connection and has
+//! nothing left to do but copy it, both of its sockets (the client's, accepted by the
+//! agent, and the agent's own to the other end) join `SPLICE_SOCKETS`, and the
+//! `mesh_splice` verdict program sends what each receives out of the other. The bytes
+//! no longer wake the agent; it keeps both sockets and only watches their ends.
+//!
+//! Invariants:
+//! - a socket's `SPLICE_ENDS` entry exists for as long as the socket is in
+//!   `SPLICE_SOCKETS` (written before it joins, removed after it leaves);
+//! - a connection is joined before the agent has read a byte of it (or after it has
+//!   read everything queued), so the kernel sends every byte once and in order;
+//! - the tables are the running agent's own (not pinned): if it dies, its sockets close
+//!   and take their connections with them (fail closed).
+
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::{Arc, Mutex};
+
+use aya::maps::{HashMap as BpfHashMap, MapData, SockHash};
+use mesh_common::SpliceEnd;
+
+use super::sockopt;
+
+/// Why a connection is not spliced in the kernel.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A socket option or the table refused; nothing was handed to the kernel, so the
+    /// agent copies the connection itself.
+    #[error("not spliced in the kernel: {0}")]
+    NotJoined(String),
+    /// Bytes may have been lost while joining failed half-way: the connection must be
+    /// closed.
+    #[error("kernel splice failed half-way; the connection is broken: {0}")]
+    Broken(String),
+}
+
+/// The splice tables of the running agent.
+pub struct KernelSplice {
+    sockets: Mutex<SockHash<MapData, u64>>,
+    ends: Mutex<BpfHashMap<MapData, u64, SpliceEnd>>,
+}
+
+impl std::fmt::Debug for KernelSplice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KernelSplice").finish_non_exhaustive()
+    }
+}
+
+impl KernelSplice {
+    /// The tables, with the verdict program already attached to `sockets`.
+    pub(super) fn new(sockets: SockHash<MapData, u64>, ends: BpfHashMap<MapData, u64, SpliceEnd>) -> Self {
+        Self { sockets: Mutex::new(sockets), ends: Mutex::new(ends) }
+    }
+
+    /// Hands the connection between `a` and `b` to the kernel: from now on what `a`
+    /// receives is sent out of `b` and the other way round. Call before reading
+    /// anything from either socket (a peek is fine). The splice lasts until the
+    /// returned [`Joined`] is dropped.
+    pub fn join(self: &Arc<Self>, a: &impl AsFd, b: &impl AsFd) -> Result<Joined, Error> {
+        let not_joined = |what: &str, e: &dyn std::fmt::Display| Error::NotJoined(format!("{what}: {e}"));
+        let (a, b) = (a.as_fd(), b.as_fd());
+        let cookies = [
+            sockopt::cookie(a).map_err(|e| not_joined("cookie", &e))?,
+            sockopt::cookie(b).map_err(|e| not_joined("cookie", &e))?,
+        ];
+        let queued_before = [
+            sockopt::bytes_queued_to_send(a).map_err(|e| not_joined("tcp info", &e))?,
+            sockopt::bytes_queued_to_send(b).map_err(|e| not_joined("tcp info", &e))?,
+        ];
+        let joined = Joined { splice: self.clone(), cookies, queued_before, in_table: [false; 2] };
+        {
+            let mut ends = self.ends.lock().unwrap_or_else(|p| p.into_inner());
+            ends.insert(cookies[0], SpliceEnd { peer: cookies[1], bytes: 0 }, 0)
+                .map_err(|e| not_joined("SPLICE_ENDS", &e))?;
+            if let Err(e) = ends.insert(cookies[1], SpliceEnd { peer: cookies[0], bytes: 0 }, 0) {
+                let _ = ends.remove(&cookies[0]);
+                return Err(not_joined("SPLICE_ENDS", &e));
+            }
+        }
+        let mut joined = joined;
+        {
+            let mut sockets = self.sockets.lock().unwrap_or_else(|p| p.into_inner());
+            sockets.insert(cookies[0], a, 0).map_err(|e| not_joined("SPLICE_SOCKETS", &e))?;
+            joined.in_table[0] = true;
+            if let Err(e) = sockets.insert(cookies[1], b, 0) {
+                let _ = sockets.remove(&cookies[0]);
+                joined.in_table[0] = false;
+                // What `a` received meanwhile went nowhere (its peer was not in the table).
+                return match joined.moved() {
+                    [0, 0] => Err(not_joined("SPLICE_SOCKETS", &e)),
+                    _ => Err(Error::Broken(e.to_string())),
+                };
+            }
+            joined.in_table[1] = true;
+        }
+        // Bytes that arrived before a socket joined wait in its queue for the next
+        // segment: have the kernel look at them now.
+        for fd in [a, b] {
+            sockopt::signal_queued(fd).map_err(|e| Error::Broken(format!("SO_RCVLOWAT: {e}")))?;
+        }
+        Ok(joined)
+    }
+
+    /// Whether both tables are empty.
+    #[cfg(test)]
+    pub(super) fn is_empty(&self) -> bool {
+        let sockets = self.sockets.lock().unwrap_or_else(|p| p.into_inner());
+        let ends = self.ends.lock().unwrap_or_else(|p| p.into_inner());
+        sockets.keys().next().is_none() && ends.keys().next().is_none()
+    }
+
+    fn end(&self, cookie: u64) -> SpliceEnd {
+        let ends = self.ends.lock().unwrap_or_else(|p| p.into_inner());
+        ends.get(&cookie, 0).unwrap_or_default()
+    }
+}
+
+/// A connection spliced in the kernel; dropping it hands the sockets back (they leave
+/// the tables, first the sockets, then their entries).
+#[derive(Debug)]
+pub struct Joined {
+    splice: Arc<KernelSplice>,
+    /// The cookies of `a` and `b`.
+    cookies: [u64; 2],
+    /// What each socket had been given to send before it joined.
+    queued_before: [u64; 2],
+    in_table: [bool; 2],
+}
+
+impl Joined {
+    /// Bytes the kernel has taken from `a` for `b`, and from `b` for `a`, so far.
+    pub fn moved(&self) -> [u64; 2] {
+        self.cookies.map(|c| self.splice.end(c).bytes)
+    }
+
+    /// Whether every byte socket `from` (0: `a`, 1: `b`) received before its peer's
+    /// FIN has been taken by the kernel and is in the other socket's (`to`) send queue
+    /// or sent: only then may `to`'s sending side be shut down without losing the
+    /// tail. The FIN wakes the agent before the kernel has handed on the bytes that
+    /// came with it. Call only once `from` has seen the FIN.
+    pub fn handed_on(&self, (from, from_socket): (usize, BorrowedFd<'_>), to: BorrowedFd<'_>) -> io::Result<bool> {
+        let taken = self.splice.end(self.cookies[from]).bytes;
+        // The socket was joined before anything was read from it: every byte it ever
+        // received is the kernel's to hand on (the FIN counts one in the sequence).
+        let received = sockopt::sequence_received(from_socket)?.saturating_sub(1);
+        let queued = sockopt::bytes_queued_to_send(to)?.saturating_sub(self.queued_before[1 - from]);
+        Ok(taken >= received && queued >= taken)
+    }
+}
+
+impl Drop for Joined {
+    fn drop(&mut self) {
+        {
+            let mut sockets = self.splice.sockets.lock().unwrap_or_else(|p| p.into_inner());
+            for (cookie, _) in self.cookies.iter().zip(self.in_table).filter(|(_, joined)| *joined) {
+                // Already gone when the socket closed first.
+                let _ = sockets.remove(cookie);
+            }
+        }
+        let mut ends = self.splice.ends.lock().unwrap_or_else(|p| p.into_inner());
+        for cookie in &self.cookies {
+            let _ = ends.remove(cookie);
+        }
+    }
+}
