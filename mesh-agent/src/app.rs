@@ -157,6 +157,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
         egress_tls_dir: settings.egress_tls_dir.clone().into(),
         dns_upstream: Arc::new(dns_upstream(&settings)),
         l7_telemetry: settings.l7_telemetry == crate::settings::Switch::On,
+        local_pods: Arc::default(),
         kernel_splice: dataplane.kernel_splice().filter(|_| settings.kernel_splice == crate::settings::Switch::On),
     };
     let (cni_tx, mut cni_rx) = mpsc::channel::<CniRequest>(64);

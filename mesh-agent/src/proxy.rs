@@ -9,6 +9,7 @@ mod egress;
 mod hbone;
 mod inbound;
 mod inpod;
+mod local;
 mod outbound;
 mod prefixed;
 #[cfg(test)]
@@ -16,6 +17,7 @@ pub(crate) mod tests;
 
 pub use admission::InboundConns;
 pub use inpod::PodProxy;
+pub use local::LocalPods;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -80,6 +82,8 @@ pub struct ProxyContext {
     /// Splices admitted TCP connections in the kernel; None: the agent copies them
     /// (no verdict program, `--kernel-splice off`, in-process tests).
     pub kernel_splice: Option<Arc<crate::dataplane::splice::KernelSplice>>,
+    /// The pods this agent serves now, for connections between two of them.
+    pub local_pods: Arc<LocalPods>,
 }
 
 impl ProxyContext {

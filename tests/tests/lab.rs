@@ -9,7 +9,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use mesh_tests::harness::{curl, eventually, lab, metrics, opened, reply_pod, root};
+use mesh_tests::harness::{apply_yaml, curl, eventually, lab, metrics, opened, reply_pod, root};
 use mesh_tests::wire::Capture;
 use support::{foreign_issuer, mesh_issuer, write_leaf};
 
@@ -271,6 +271,62 @@ fn two_hundred_concurrent_connections_keep_every_byte() {
     }
     let m = metrics(&lab, "node1");
     assert!(opened(&m, "Outbound", "frontend", "myapp-v1") >= 200, "load went through the mesh");
+}
+
+/// The sum of the samples of `name` whose labels contain every one of `with`.
+fn sum_of(metrics: &str, name: &str, with: &[&str]) -> u64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .filter(|l| with.iter().all(|w| l.contains(w)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// frontend and myapp-v2 share node1: their TCP is admitted by node1's agent and then
+/// passed on by the kernel (sockmap), every byte intact, counted at both ends from the
+/// kernel's tally, and still under myapp's policy: a live connection is closed and new
+/// ones refused once a DENY names frontend.
+#[test]
+fn same_node_tcp_is_spliced_in_the_kernel_and_still_judged() {
+    let Some(lab) = lab("same_node_tcp_is_spliced_in_the_kernel_and_still_judged") else { return };
+    let echo = root().join("target/debug/mesh-echo").display().to_string();
+    let target = format!("{}:9000", lab.pod("myapp-v2").unwrap().ip);
+    let spliced = |m: &str| sum_of(m, "istio_mesh_kernel_spliced_connections_total", &[]);
+    let before = spliced(&metrics(&lab, "node1"));
+    let out = lab.exec("frontend", &[&echo, "load", &target, "--conns", "50", "--bytes", "262144"]).unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "load: {report}{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((v["conns"].as_u64(), v["failed"].as_u64()), (Some(50), Some(0)), "{report}");
+    let m = metrics(&lab, "node1");
+    assert!(spliced(&m) >= before + 50, "spliced in the kernel: {} -> {}", before, spliced(&m));
+    let pair = ["source_workload=\"frontend\"", "destination_workload=\"myapp-v2\""];
+    for reporter in ["reporter=\"source\"", "reporter=\"destination\""] {
+        let with = [pair[0], pair[1], reporter];
+        let received = sum_of(&m, "istio_tcp_received_bytes_total", &with);
+        let sent = sum_of(&m, "istio_tcp_sent_bytes_total", &with);
+        assert!(received >= 50 * 262_144 && sent >= 50 * 262_144, "{reporter}: {received} / {sent} bytes counted");
+    }
+    // A connection held open while a DENY for frontend arrives is closed by the agent.
+    let held = std::thread::scope(|s| {
+        let dial = s.spawn(|| lab.exec("frontend", &[&echo, "dial", &target, "--hold-ms", "15000"]).unwrap());
+        std::thread::sleep(Duration::from_secs(1));
+        apply_yaml(
+            &lab,
+            "deny-frontend-v2.yaml",
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-frontend-v2, namespace: production}\nspec:\n  selector: {matchLabels: {app: myapp, version: v2}}\n  action: DENY\n  rules: [{from: [{source: {principals: [cluster.local/ns/production/sa/frontend]}}]}]\n",
+        );
+        dial.join().unwrap()
+    });
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&held.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let end = lines.last().expect("dial reported");
+    assert_eq!(end["closed_by_peer"], true, "the spliced connection was not closed: {end}");
+    assert!(end["held_ms"].as_u64().unwrap() < 10_000, "{end}");
+    let out = lab.exec("frontend", &[&echo, "load", &target, "--conns", "1", "--bytes", "1024"]).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    assert_ne!(v["failed"].as_u64(), Some(0), "refused once denied: {}", String::from_utf8_lossy(&out.stdout));
 }
 
 #[test]

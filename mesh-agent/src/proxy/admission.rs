@@ -145,7 +145,7 @@ pub(super) fn denied_plaintext(
 /// tracing off for the workload), and the port is not declared opaque (Istio's
 /// protocol selection: `appProtocol`, then the Service port's name). An undeclared
 /// port is detected from the first bytes.
-fn reads_http(ctx: &ProxyContext, snapshot: &Snapshot, pod: &Workload, port: u16) -> bool {
+pub(super) fn reads_http(ctx: &ProxyContext, snapshot: &Snapshot, pod: &Workload, port: u16) -> bool {
     ctx.wants_requests(snapshot, pod, false)
         && snapshot.service_at(pod, port).is_none_or(|(_, sp)| sp.declared() != Declared::Opaque)
 }
@@ -229,7 +229,7 @@ async fn splice_tracked<S>(
             let sockets = (tcp, &mut app);
             copy::counted_sockets(
                 &ctx.metrics,
-                observed,
+                std::slice::from_ref(&observed),
                 sockets,
                 idle,
                 Some(&tracked.stop),

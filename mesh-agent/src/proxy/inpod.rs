@@ -33,6 +33,8 @@ pub struct PodProxy {
     /// Keeps the listener open while the accept loop runs.
     _inbound: Arc<TcpListener>,
     stop: CancellationToken,
+    /// This proxy's entry among the agent's local pods.
+    local: (Arc<super::LocalPods>, u64),
 }
 
 impl PodProxy {
@@ -62,17 +64,20 @@ impl PodProxy {
         }
         let pod = (workload.clone(), netns.clone());
         tokio::spawn(serve_plain(ctx.clone(), pod, inbound.clone(), Plain::Inbound, stop.clone()));
+        let netns_for_local = netns.clone();
         tokio::spawn(hbone::serve(ctx.clone(), workload.clone(), netns, hbone, server_tls, stop.clone()));
         for socket in dns_sockets {
             tokio::spawn(dns::serve(ctx.dns_context(workload.clone()), socket, stop.clone()));
         }
+        let local = (ctx.local_pods.clone(), ctx.local_pods.insert(workload.key(), netns_for_local));
         tracing::info!(pod = %workload.name, namespace = %workload.namespace, identity = %workload.identity, "pod proxy started");
-        Ok(Self { inbound_fd: inbound.as_raw_fd(), _inbound: inbound, workload, stop })
+        Ok(Self { inbound_fd: inbound.as_raw_fd(), _inbound: inbound, workload, stop, local })
     }
 
     /// Stops accepting; connections in flight finish on their own.
     pub fn stop(&self) {
         self.stop.cancel();
+        self.local.0.remove(&self.workload.key(), self.local.1);
     }
 }
 
@@ -85,7 +90,7 @@ impl AsRawFd for PodProxy {
 
 impl Drop for PodProxy {
     fn drop(&mut self) {
-        self.stop.cancel();
+        self.stop();
     }
 }
 

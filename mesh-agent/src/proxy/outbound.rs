@@ -9,6 +9,7 @@ use tokio::net::TcpStream;
 use super::ProxyContext;
 use super::detect::{self, Protocol};
 use super::egress::{self, Egress};
+use super::local::{self, Local};
 use crate::dataplane::Netns;
 use crate::state::{Declared, Destination, Workload};
 use crate::telemetry::{ConnLabels, ServiceLabels};
@@ -90,6 +91,13 @@ pub(super) async fn handle(
         let table = crate::l7::server::RouteTable::service(service);
         crate::l7::server::serve(ctx.l7_context(), pod.clone(), netns.clone(), stream, (peer, orig), table).await;
         return Ok(());
+    }
+    // A pod of this node: admitted here, without a tunnel from the agent to itself.
+    if let Some(dest) = workload.as_ref().filter(|w| snapshot.tunnels_to(w, addr.port())) {
+        match local::deliver(ctx, &snapshot, pod, dest, stream, (peer, orig, addr), service.as_deref()).await {
+            Local::Served(result) => return result,
+            Local::Tunnel(s) => stream = s,
+        }
     }
     let mut upstream = ctx.dialer.connect(&snapshot, pod, netns, workload.as_deref(), addr, CONNECT_TIMEOUT).await?;
     let service = ServiceLabels::service(service.as_deref());
@@ -183,7 +191,7 @@ async fn splice_upstream(
     let ends = copy::Ends { policy, client: client_addr, dialed: orig, upstream: to };
     let idle = ctx.tcp_idle_timeout;
     let (request, response) =
-        copy::counted_sockets(&ctx.metrics, (labels, ends), (client, tcp), idle, None, ctx.kernel_splice.as_ref())
+        copy::counted_sockets(&ctx.metrics, &[(labels, ends)], (client, tcp), idle, None, ctx.kernel_splice.as_ref())
             .await
             .map_err(|source| Error::Io { what: "copy to", addr: orig, source })?;
     tracing::debug!(pod = %pod.name, %orig, request, response, "outbound closed");

@@ -44,6 +44,15 @@ impl OrigDst for Captured {
     }
 }
 
+/// What the test's agent serves of its pods.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Serving {
+    /// Their HBONE servers (the tunnel's far end).
+    pub hbone: bool,
+    /// The pods as the agent's own, so connections between them need no tunnel.
+    pub local: bool,
+}
+
 /// One agent serving every pod of the test, with the pods' listeners bound at their
 /// loopback addresses.
 pub(crate) struct Mesh {
@@ -65,6 +74,13 @@ impl Mesh {
     /// Compiles `yaml`, then starts the HBONE and plaintext inbound listeners of every
     /// enrolled pod and an application on each pod port listed in `apps`.
     pub(crate) async fn start(yaml: &str, apps: &[(&str, u16)]) -> Self {
+        Self::start_with(yaml, apps, Serving { hbone: true, local: false }).await
+    }
+
+    /// [`Mesh::start`], saying whether the pods' HBONE servers run and whether the
+    /// agent serves the pods as its own (connections between them admitted without a
+    /// tunnel, as on one node).
+    pub(crate) async fn start_with(yaml: &str, apps: &[(&str, u16)], serving: Serving) -> Self {
         let objects = parse_documents(Path::new("test.yaml"), yaml).expect("test config parses");
         let snapshot = Arc::new(Snapshot::compile(&objects, "cluster.local", 1));
         let ca_dir = tempfile::tempdir().unwrap();
@@ -90,15 +106,21 @@ impl Mesh {
             dns_upstream: Arc::default(),
             l7_telemetry: true,
             kernel_splice: None,
+            local_pods: Arc::default(),
         };
         ctx.l7.round_robin.fit(&snapshot);
         let netns = Arc::new(Netns::host().expect("the test's own network namespace"));
         certs.set_local(snapshot.workloads.iter().filter(|w| w.enrolled).map(|w| w.identity.clone()));
         for w in snapshot.workloads.iter().filter(|w| w.enrolled) {
             let ip = w.ips[0];
-            let tls = crate::identity::server_config(certs.clone(), w.identity.clone(), &verifier).unwrap();
-            let hbone_listener = TcpListener::bind((ip, ports::INBOUND_HBONE)).await.unwrap();
-            tokio::spawn(hbone::serve(ctx.clone(), w.clone(), netns.clone(), hbone_listener, tls, stop.clone()));
+            if serving.hbone {
+                let tls = crate::identity::server_config(certs.clone(), w.identity.clone(), &verifier).unwrap();
+                let hbone_listener = TcpListener::bind((ip, ports::INBOUND_HBONE)).await.unwrap();
+                tokio::spawn(hbone::serve(ctx.clone(), w.clone(), netns.clone(), hbone_listener, tls, stop.clone()));
+            }
+            if serving.local {
+                ctx.local_pods.insert(w.key(), netns.clone());
+            }
             let plain = Arc::new(TcpListener::bind((ip, ports::INBOUND_PLAINTEXT)).await.unwrap());
             tokio::spawn(serve_plain(ctx.clone(), (w.clone(), netns.clone()), plain, Plain::Inbound, stop.clone()));
         }
@@ -1326,4 +1348,88 @@ spec:
     }
     let tenants: Vec<String> = spans.iter().map(|(_, s)| attribute(s, "tenant")).collect();
     assert!(tenants.contains(&"acme".to_string()) && tenants.contains(&"none".to_string()), "{tenants:?}");
+}
+
+/// A TCP Service on the pods' port 9000 and a DENY of `intruder` for myapp.
+fn same_node_config(net: u8) -> String {
+    let extra = format!(
+        r#"
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: myapp-raw, namespace: shop}}
+spec: {{selector: {{app: myapp}}, clusterIP: 10.96.{net}.21, ports: [{{port: 9000, targetPort: 9000, name: tcp-raw}}]}}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: no-intruder, namespace: shop}}
+spec:
+  selector: {{matchLabels: {{app: myapp}}}}
+  action: DENY
+  rules: [{{from: [{{source: {{principals: [cluster.local/ns/shop/sa/intruder]}}}}]}}]
+"#
+    );
+    config(net, &extra)
+}
+
+/// One HTTP/1.1 request written on a raw connection; the answer's head.
+async fn raw_get(stream: &mut tokio::net::TcpStream) -> std::io::Result<String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    stream.write_all(b"GET / HTTP/1.1\r\nhost: myapp-raw\r\n\r\n").await?;
+    let mut buf = vec![0u8; 4096];
+    let n =
+        tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await.map_err(std::io::Error::other)??;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+/// Between two pods the agent serves, a TCP connection is admitted by the agent itself
+/// (no HBONE server runs here at all), under the destination's policy: the source's
+/// identity allowed or denied as the tunnel would have it, both reporters counted, and
+/// a live connection closed once a new policy refuses it.
+#[tokio::test]
+async fn same_node_tcp_is_admitted_without_a_tunnel_under_the_destinations_policy() {
+    let net = 76;
+    let apps = [("myapp-v1", 9000), ("myapp-v2", 9000)];
+    let mesh = Mesh::start_with(&same_node_config(net), &apps, Serving { hbone: false, local: true }).await;
+    let raw_vip = SocketAddr::from(([10, 96, net, 21], 9000));
+    let mut held = mesh.dial("client", raw_vip).await;
+    let head = raw_get(&mut held).await.unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "delivered without a tunnel: {head}");
+    let refused = raw_get(&mut mesh.dial("intruder", raw_vip).await).await;
+    assert!(refused.as_deref().map_or(true, str::is_empty), "intruder denied by myapp's policy: {refused:?}");
+    let metrics = mesh.metrics();
+    let opened = |reporter: &str| {
+        metrics.lines().any(|l| {
+            l.starts_with("tcp_connections_opened_total{")
+                && l.contains(&format!("reporter=\"{reporter}\""))
+                && l.contains("destination_service=\"myapp-raw.shop.svc.cluster.local\"")
+                && l.contains("source_principal=\"spiffe://cluster.local/ns/shop/sa/client\"")
+                && l.contains("connection_security_policy=\"mutual_tls\"")
+        })
+    };
+    assert!(opened("source") && opened("destination"), "reported by both sides:\n{metrics}");
+    let denied = metrics.lines().any(|l| l.starts_with("mesh_denied_total{") && l.contains("reason=\"Policy\""));
+    assert!(denied, "the denial counted:\n{metrics}");
+    // A policy that now refuses the client closes its live connection.
+    let deny_client = same_node_config(net).replace("sa/intruder", "sa/client");
+    mesh.reconfigure(&deny_client, &MeshScope::new("cluster.local"));
+    assert_eq!(mesh.ctx.inbound.reassess(&mesh.ctx.snapshot.load()), 1, "the held connection re-judged");
+    let after = raw_get(&mut held).await;
+    assert!(after.as_deref().map_or(true, str::is_empty), "closed once refused: {after:?}");
+}
+
+/// HTTP that the destination reads for its request metrics still goes through the
+/// destination's HBONE server between two pods of one agent.
+#[tokio::test]
+async fn same_node_http_the_destination_reads_still_takes_the_tunnel() {
+    let net = 77;
+    let mesh = Mesh::start_with(&same_node_config(net), APPS, Serving { hbone: true, local: true }).await;
+    assert_eq!(mesh.send("client", vip(net), get("/")).await.status(), 200);
+    let metrics = mesh.metrics();
+    let read = metrics.lines().any(|l| {
+        l.starts_with("requests_total{")
+            && l.contains("reporter=\"destination\"")
+            && l.contains("destination_service=\"myapp.shop.svc.cluster.local\"")
+    });
+    assert!(read, "the destination read the request:\n{metrics}");
 }

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::dataplane::splice::{self, Joined, KernelSplice};
 use crate::state::TelemetryPolicy;
 use crate::telemetry::access_log::Entry;
-use crate::telemetry::{ConnLabels, Direction, Metrics};
+use crate::telemetry::{ConnLabels, Direction, Metrics, OpenConn};
 
 /// Buffer per direction: one TLS record carries at most 16 KiB of plaintext and an
 /// HTTP/2 DATA frame is 16 KiB by default, so a larger buffer only adds memory per
@@ -63,7 +63,7 @@ where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     S: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    splice_counted(metrics, (labels, ends), client, server, idle, None).await
+    splice_counted(metrics, &[(labels, ends)], client, server, idle, None).await
 }
 
 /// [`counted`], cut short when `stop` is cancelled (the connection is no longer
@@ -82,16 +82,18 @@ where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     S: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    splice_counted(metrics, (labels, ends), client, server, idle, Some(stop)).await
+    splice_counted(metrics, &[(labels, ends)], client, server, idle, Some(stop)).await
 }
 
 /// [`counted_until`] for two TCP sockets, which the kernel splices when `kernel` is
 /// there (and has room): the agent then only watches the connection's ends, passes on
 /// each half-close once every byte before it has been handed on, and counts the bytes
 /// from the kernel's table every [`KERNEL_PROGRESS_EVERY`]. Otherwise the agent copies.
+/// The connection is counted once for each of `observed` (the agent reports a
+/// connection between two of its own pods as source and as destination).
 pub async fn counted_sockets(
     metrics: &Metrics,
-    (labels, ends): (&ConnLabels, Ends),
+    observed: &[(&ConnLabels, Ends)],
     (client, server): (&mut TcpStream, &mut TcpStream),
     idle: Duration,
     stop: Option<&CancellationToken>,
@@ -102,26 +104,42 @@ pub async fn counted_sockets(
         Some(Err(e @ splice::Error::Broken(_))) => return Err(std::io::Error::other(e)),
         Some(Err(e)) => {
             tracing::debug!(error = %e, "copied by the agent");
-            return splice_counted(metrics, (labels, ends), client, server, idle, stop).await;
+            return splice_counted(metrics, observed, client, server, idle, stop).await;
         }
-        None => return splice_counted(metrics, (labels, ends), client, server, idle, stop).await,
+        None => return splice_counted(metrics, observed, client, server, idle, stop).await,
     };
     metrics.kernel_spliced.inc();
-    let open = metrics.opened(labels, &ends.policy);
+    let open: Vec<OpenConn> = observed.iter().map(|(labels, ends)| metrics.opened(labels, &ends.policy)).collect();
     let (start, started) = (std::time::SystemTime::now(), Instant::now());
     let progress = |[received, sent]: [u64; 2]| {
-        open.received.inc_by(received);
-        open.sent.inc_by(sent);
+        for o in &open {
+            o.received.inc_by(received);
+            o.sent.inc_by(sent);
+        }
     };
     let result = watch_kernel_splice(&joined, [&*client, &*server], idle, stop, progress).await;
     let totals = joined.moved();
     drop(joined);
-    metrics.closed(labels, open);
-    let source = labels.peers.reporter == "source";
-    if let Some(log) = metrics.access_log().filter(|l| l.logs(&ends.policy, source, 0)) {
-        log.record(tcp_entry(labels, &ends, start, started.elapsed(), (totals[0], totals[1])));
-    }
+    close_observed(metrics, observed, open, (start, started.elapsed()), (totals[0], totals[1]));
     result.map(|()| (totals[0], totals[1]))
+}
+
+/// Counts a spliced connection closed for each of `observed` and writes its access
+/// log lines.
+fn close_observed(
+    metrics: &Metrics,
+    observed: &[(&ConnLabels, Ends)],
+    open: Vec<OpenConn>,
+    (start, duration): (std::time::SystemTime, Duration),
+    bytes: (u64, u64),
+) {
+    for ((labels, ends), open) in observed.iter().zip(open) {
+        metrics.closed(labels, open);
+        let source = labels.peers.reporter == "source";
+        if let Some(log) = metrics.access_log().filter(|l| l.logs(&ends.policy, source, 0)) {
+            log.record(tcp_entry(labels, ends, start, duration, bytes));
+        }
+    }
 }
 
 /// How often the bytes of a kernel-spliced connection are read into its metrics (and
@@ -219,7 +237,7 @@ async fn hand_on_before_close(joined: &Joined, (from, socket): (usize, &TcpStrea
 
 async fn splice_counted<C, S>(
     metrics: &Metrics,
-    (labels, ends): (&ConnLabels, Ends),
+    observed: &[(&ConnLabels, Ends)],
     client: &mut C,
     server: &mut S,
     idle: Duration,
@@ -229,12 +247,14 @@ where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     S: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    let open = metrics.opened(labels, &ends.policy);
+    let open: Vec<OpenConn> = observed.iter().map(|(labels, ends)| metrics.opened(labels, &ends.policy)).collect();
     let (start, started) = (std::time::SystemTime::now(), Instant::now());
     let activity = Activity::now();
     let (received, sent) = (AtomicU64::new(0), AtomicU64::new(0));
-    let mut c = Watched { inner: client, activity: &activity, read: (&open.received, &received) };
-    let mut s = Watched { inner: server, activity: &activity, read: (&open.sent, &sent) };
+    let received_series: Vec<&Counter> = open.iter().map(|o| &o.received).collect();
+    let sent_series: Vec<&Counter> = open.iter().map(|o| &o.sent).collect();
+    let mut c = Watched { inner: client, activity: &activity, read: (&received_series, &received) };
+    let mut s = Watched { inner: server, activity: &activity, read: (&sent_series, &sent) };
     let copy = bidirectional(&mut c, &mut s);
     let idle_out = activity.idle_for(idle);
     let stopped = async {
@@ -248,11 +268,8 @@ where
         () = stopped => Ok((0, 0)),
         () = idle_out => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("idle for {idle:?}"))),
     };
-    metrics.closed(labels, open);
-    let source = labels.peers.reporter == "source";
-    if let Some(log) = metrics.access_log().filter(|l| l.logs(&ends.policy, source, 0)) {
-        log.record(tcp_entry(labels, &ends, start, started.elapsed(), (received.into_inner(), sent.into_inner())));
-    }
+    let bytes = (received.into_inner(), sent.into_inner());
+    close_observed(metrics, observed, open, (start, started.elapsed()), bytes);
     result
 }
 
@@ -330,8 +347,8 @@ impl Activity {
 struct Watched<'a, S: ?Sized> {
     inner: &'a mut S,
     activity: &'a Activity,
-    /// The series' counter and this connection's own count.
-    read: (&'a Counter, &'a AtomicU64),
+    /// The series' counters (one per reporter) and this connection's own count.
+    read: (&'a [&'a Counter], &'a AtomicU64),
 }
 
 impl<S: AsyncRead + Unpin + ?Sized> AsyncRead for Watched<'_, S> {
@@ -341,7 +358,9 @@ impl<S: AsyncRead + Unpin + ?Sized> AsyncRead for Watched<'_, S> {
         let n = buf.filled().len() - before;
         if matches!(r, Poll::Ready(Ok(()))) && n > 0 {
             self.activity.touch();
-            self.read.0.inc_by(n as u64);
+            for series in self.read.0 {
+                series.inc_by(n as u64);
+            }
             self.read.1.fetch_add(n as u64, Ordering::Relaxed);
         }
         r
@@ -460,7 +479,7 @@ mod tests {
             let a = SocketAddr::from(([127, 0, 0, 1], 1));
             let ends = Ends { policy: Arc::default(), client: a, dialed: a, upstream: None };
             let sockets = (&mut agent_side, &mut server);
-            counted_sockets(&m, (&labels(), ends), sockets, Duration::from_secs(30), None, Some(&k)).await
+            counted_sockets(&m, &[(&labels(), ends)], sockets, Duration::from_secs(30), None, Some(&k)).await
         });
         let mut hello = [0u8; 5];
         app.read_exact(&mut hello).await.unwrap();
@@ -499,7 +518,7 @@ mod tests {
             let a = SocketAddr::from(([127, 0, 0, 1], 1));
             let ends = Ends { policy: Arc::default(), client: a, dialed: a, upstream: None };
             let sockets = (&mut agent_side, &mut server);
-            counted_sockets(&metrics, (&labels(), ends), sockets, Duration::from_secs(30), None, Some(&kernel)).await
+            counted_sockets(&metrics, &[(&labels(), ends)], sockets, Duration::from_secs(30), None, Some(&kernel)).await
         };
         let reset = async {
             tokio::time::sleep(Duration::from_millis(50)).await;
