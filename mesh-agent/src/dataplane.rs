@@ -712,11 +712,12 @@ fn attach_splice(ebpf: &mut Ebpf) -> Result<splice::KernelSplice, Error> {
     let sockets: SockHash<MapData, u64> =
         SockHash::try_from(take(ebpf, maps::SPLICE_SOCKETS)?).map_err(map_err(maps::SPLICE_SOCKETS))?;
     let ends = BpfHashMap::try_from(take(ebpf, maps::SPLICE_ENDS)?).map_err(map_err(maps::SPLICE_ENDS))?;
+    let limits = BpfHashMap::try_from(take(ebpf, maps::SPLICE_LIMITS)?).map_err(map_err(maps::SPLICE_LIMITS))?;
     let name = programs::SPLICE;
     let prog: &mut SkSkb = program(ebpf, name)?;
     prog.load().map_err(|source| Error::Program { program: name, source })?;
     prog.attach(sockets.fd()).map_err(|source| Error::Program { program: name, source })?;
-    Ok(splice::KernelSplice::new(sockets, ends))
+    Ok(splice::KernelSplice::new(sockets, ends, limits))
 }
 
 /// A kernel splice of a test's own: the object loaded with its pinned maps in a fresh

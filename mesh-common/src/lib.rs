@@ -109,6 +109,9 @@ pub mod maps {
     /// `HashMap<u64 socket cookie, SpliceEnd>`: for each socket in `SPLICE_SOCKETS`,
     /// the socket its bytes go to and how many have gone. Not pinned.
     pub const SPLICE_ENDS: &str = "SPLICE_ENDS";
+    /// `HashMap<u64 socket cookie, SpliceLimit>`: the agent's flow control of each
+    /// socket in `SPLICE_SOCKETS`. Not pinned.
+    pub const SPLICE_LIMITS: &str = "SPLICE_LIMITS";
     /// Socket cookie -> the DNS server a pod's UDP socket last asked (LRU).
     pub const DNS_ORIG_DST: &str = "DNS_ORIG_DST";
     /// aya-log's ring buffer. Pinned so that every per-pod `sk_lookup` instance writes
@@ -343,14 +346,36 @@ pub struct FlowKey {
     pub dst_port: u32,
 }
 
-/// Value of `SPLICE_ENDS`: one socket of a connection spliced in the kernel.
+/// Value of `SPLICE_ENDS`: one socket of a connection spliced in the kernel, written
+/// by the verdict program only.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct SpliceEnd {
     /// Cookie of the socket that sends what this one receives.
     pub peer: u64,
-    /// Bytes this socket received and handed to its peer so far.
-    pub bytes: u64,
+    /// Bytes this socket received that the kernel handed to its peer.
+    pub taken: u64,
+    /// Bytes this socket received that the kernel held back for the agent (queued
+    /// on this socket itself, charged to it, so TCP closes its window as they pile up).
+    pub passed: u64,
+    /// 1 while the kernel holds this socket's bytes back for the agent.
+    pub held: u32,
+    /// Padding.
+    pub _pad: u32,
+}
+
+/// Value of `SPLICE_LIMITS`: the agent's side of a spliced socket's flow control,
+/// written by the agent only.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SpliceLimit {
+    /// The kernel may hand on bytes while `taken` stays within this; past it, it holds
+    /// them back (so what waits in the kernel for a slow peer is bounded). The agent
+    /// raises it as the peer socket takes what the kernel handed on.
+    pub allowance: u64,
+    /// Bytes the agent has read of what was held back and written to the peer: once it
+    /// equals `passed`, the kernel may hand on again without overtaking them.
+    pub copied: u64,
 }
 
 /// `PLAINTEXT_POLICY` value: plaintext goes to the agent, which judges it.

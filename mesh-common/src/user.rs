@@ -5,7 +5,9 @@ extern crate std;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use crate::{FlowKey, IpKey, MeshConfig, NetnsPod, NetnsPortKey, OrigDst, PodInfo, SockAddrKey, SpliceEnd};
+use crate::{
+    FlowKey, IpKey, MeshConfig, NetnsPod, NetnsPortKey, OrigDst, PodInfo, SockAddrKey, SpliceEnd, SpliceLimit,
+};
 
 // SAFETY: each type is #[repr(C)], Copy, made only of integers, with explicit padding
 // fields, so every bit pattern is valid and there are no uninitialised bytes.
@@ -24,8 +26,10 @@ unsafe impl aya::Pod for MeshConfig {}
 unsafe impl aya::Pod for NetnsPortKey {}
 // SAFETY: as above (two IpKeys and two u32s: no padding at all).
 unsafe impl aya::Pod for FlowKey {}
-// SAFETY: as above (two u64s).
+// SAFETY: as above (three u64s and two u32s: no padding).
 unsafe impl aya::Pod for SpliceEnd {}
+// SAFETY: as above (two u64s).
+unsafe impl aya::Pod for SpliceLimit {}
 
 impl IpKey {
     /// The key for `ip`; IPv4 (and IPv4-mapped IPv6) become `::ffff:a.b.c.d`.

@@ -47,7 +47,7 @@ use aya_ebpf::{
 use aya_log_ebpf::{debug, warn};
 use mesh_common::{
     CONFIG_FLAG_READY, FlowKey, IpKey, MeshConfig, NetnsPod, NetnsPortKey, OrigDst, PLAINTEXT_DROP, POD_FLAG_DNS,
-    POD_FLAG_ENROLLED, POD_FLAG_HAS_IP6, PodInfo, SockAddrKey, SpliceEnd, capacity, events, ports,
+    POD_FLAG_ENROLLED, POD_FLAG_HAS_IP6, PodInfo, SockAddrKey, SpliceEnd, SpliceLimit, capacity, events, ports,
 };
 
 /// `cgroup_sock_addr` verdicts.
@@ -122,6 +122,9 @@ static SPLICE_SOCKETS: SockHash<u64> = SockHash::with_max_entries(capacity::SPLI
 
 #[map(name = "SPLICE_ENDS")]
 static SPLICE_ENDS: HashMap<u64, SpliceEnd> = HashMap::with_max_entries(capacity::SPLICED_SOCKETS, 0);
+
+#[map(name = "SPLICE_LIMITS")]
+static SPLICE_LIMITS: HashMap<u64, SpliceLimit> = HashMap::with_max_entries(capacity::SPLICED_SOCKETS, 0);
 
 /// The inode of the network namespace this `sk_lookup` instance is attached to, set
 /// by the agent when it loads the instance for a pod ([`mesh_common::globals::NETNS_INO`]).
@@ -609,10 +612,16 @@ pub fn mesh_splice(ctx: SkBuffContext) -> u32 {
     try_splice(&ctx)
 }
 
-/// Sends what a spliced socket received out of its peer socket. A socket without an
-/// entry (never the case while the agent keeps its sockets in the map: it writes the
-/// entries first and removes them last) loses the bytes rather than passing them on
-/// to a socket nobody reads.
+/// Sends what a spliced socket received out of its peer socket, within the agent's
+/// allowance. The kernel queues what it hands on without limit, so past the allowance
+/// (which the agent raises as the peer socket takes the bytes: a peer that reads slower
+/// than this socket receives does not raise it) the bytes are held back on this socket
+/// itself instead (`SK_PASS`): charged to it, so TCP closes its window, and read by the
+/// agent, which writes them on. Handing on resumes only once the agent has written
+/// every held byte, so nothing overtakes. A socket without an entry (never the case
+/// while the agent keeps its sockets in the map: it writes the entries first and
+/// removes them last) loses the bytes rather than passing them on to a socket nobody
+/// reads.
 #[inline(always)]
 fn try_splice(ctx: &SkBuffContext) -> u32 {
     // A FIN on its own: TCP has taken note of it already, and the agent passes it on
@@ -626,10 +635,22 @@ fn try_splice(ctx: &SkBuffContext) -> u32 {
     // may call it); the cookie is of the socket that received it.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
     let Some(end) = SPLICE_ENDS.get_ptr_mut(&cookie) else { return SK_DROP };
+    // SAFETY: copied out at once. Missing: no allowance, every byte held back.
+    let limit = unsafe { SPLICE_LIMITS.get(&cookie) }.copied().unwrap_or_default();
+    let len = u64::from(ctx.len());
     // SAFETY: a live map value. One socket's bytes are handed on under its socket lock,
     // so this entry is never written by two programs at once; the agent only reads it.
     let peer = unsafe {
-        (*end).bytes += u64::from(ctx.len());
+        let within = (*end).taken + len <= limit.allowance;
+        if (*end).held != 0 && (*end).passed == limit.copied && within {
+            (*end).held = 0;
+        }
+        if (*end).held != 0 || !within {
+            (*end).held = 1;
+            (*end).passed += len;
+            return SK_PASS;
+        }
+        (*end).taken += len;
         (*end).peer
     };
     SPLICE_SOCKETS.redirect_skb(ctx, peer, 0) as u32

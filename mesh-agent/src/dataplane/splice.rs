@@ -10,14 +10,21 @@
 //! - a connection is joined before the agent has read a byte of it (or after it has
 //!   read everything queued), so the kernel sends every byte once and in order;
 //! - the tables are the running agent's own (not pinned): if it dies, its sockets close
-//!   and take their connections with them (fail closed).
+//!   and take their connections with them (fail closed);
+//! - what waits in the kernel for a slow peer is bounded: the kernel hands on at most
+//!   [`WINDOW`] bytes beyond what the peer socket had taken into its send queue when the
+//!   agent last looked (it looks more often the faster the connection moves); past
+//!   that it holds the bytes back on the receiving socket (charged to it: TCP closes
+//!   the sender's window), and the agent writes them on itself before the kernel takes
+//!   over again.
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use aya::maps::{HashMap as BpfHashMap, MapData, SockHash};
-use mesh_common::SpliceEnd;
+use mesh_common::{SpliceEnd, SpliceLimit};
 
 use super::sockopt;
 
@@ -34,10 +41,16 @@ pub enum Error {
     Broken(String),
 }
 
+/// Bytes the kernel may hand on from one socket beyond what its peer had taken into its
+/// send queue when the agent last renewed the allowance: the most a slow peer leaves
+/// waiting in the kernel, per direction, on top of the sockets' own buffers.
+pub const WINDOW: u64 = 4 << 20;
+
 /// The splice tables of the running agent.
 pub struct KernelSplice {
     sockets: Mutex<SockHash<MapData, u64>>,
     ends: Mutex<BpfHashMap<MapData, u64, SpliceEnd>>,
+    limits: Mutex<BpfHashMap<MapData, u64, SpliceLimit>>,
 }
 
 impl std::fmt::Debug for KernelSplice {
@@ -48,8 +61,12 @@ impl std::fmt::Debug for KernelSplice {
 
 impl KernelSplice {
     /// The tables, with the verdict program already attached to `sockets`.
-    pub(super) fn new(sockets: SockHash<MapData, u64>, ends: BpfHashMap<MapData, u64, SpliceEnd>) -> Self {
-        Self { sockets: Mutex::new(sockets), ends: Mutex::new(ends) }
+    pub(super) fn new(
+        sockets: SockHash<MapData, u64>,
+        ends: BpfHashMap<MapData, u64, SpliceEnd>,
+        limits: BpfHashMap<MapData, u64, SpliceLimit>,
+    ) -> Self {
+        Self { sockets: Mutex::new(sockets), ends: Mutex::new(ends), limits: Mutex::new(limits) }
     }
 
     /// Hands the connection between `a` and `b` to the kernel: from now on what `a`
@@ -67,14 +84,20 @@ impl KernelSplice {
             sockopt::bytes_queued_to_send(a).map_err(|e| not_joined("tcp info", &e))?,
             sockopt::bytes_queued_to_send(b).map_err(|e| not_joined("tcp info", &e))?,
         ];
-        let joined = Joined { splice: self.clone(), cookies, queued_before, in_table: [false; 2] };
+
+        let joined =
+            Joined { splice: self.clone(), cookies, queued_before, copied: Default::default(), in_table: [false; 2] };
+        // Dropping `joined` from here on removes whatever entries were written.
         {
+            let mut limits = self.limits.lock().unwrap_or_else(|p| p.into_inner());
+            for cookie in cookies {
+                let first = SpliceLimit { allowance: WINDOW, copied: 0 };
+                limits.insert(cookie, first, 0).map_err(|e| not_joined("SPLICE_LIMITS", &e))?;
+            }
             let mut ends = self.ends.lock().unwrap_or_else(|p| p.into_inner());
-            ends.insert(cookies[0], SpliceEnd { peer: cookies[1], bytes: 0 }, 0)
-                .map_err(|e| not_joined("SPLICE_ENDS", &e))?;
-            if let Err(e) = ends.insert(cookies[1], SpliceEnd { peer: cookies[0], bytes: 0 }, 0) {
-                let _ = ends.remove(&cookies[0]);
-                return Err(not_joined("SPLICE_ENDS", &e));
+            for (cookie, peer) in [(cookies[0], cookies[1]), (cookies[1], cookies[0])] {
+                let end = SpliceEnd { peer, ..SpliceEnd::default() };
+                ends.insert(cookie, end, 0).map_err(|e| not_joined("SPLICE_ENDS", &e))?;
             }
         }
         let mut joined = joined;
@@ -86,8 +109,9 @@ impl KernelSplice {
                 let _ = sockets.remove(&cookies[0]);
                 joined.in_table[0] = false;
                 // What `a` received meanwhile went nowhere (its peer was not in the table).
-                return match joined.moved() {
-                    [0, 0] => Err(not_joined("SPLICE_SOCKETS", &e)),
+                let end = self.end(cookies[0]);
+                return match end.taken + end.passed {
+                    0 => Err(not_joined("SPLICE_SOCKETS", &e)),
                     _ => Err(Error::Broken(e.to_string())),
                 };
             }
@@ -106,7 +130,8 @@ impl KernelSplice {
     pub(super) fn is_empty(&self) -> bool {
         let sockets = self.sockets.lock().unwrap_or_else(|p| p.into_inner());
         let ends = self.ends.lock().unwrap_or_else(|p| p.into_inner());
-        sockets.keys().next().is_none() && ends.keys().next().is_none()
+        let limits = self.limits.lock().unwrap_or_else(|p| p.into_inner());
+        sockets.keys().next().is_none() && ends.keys().next().is_none() && limits.keys().next().is_none()
     }
 
     fn end(&self, cookie: u64) -> SpliceEnd {
@@ -116,7 +141,8 @@ impl KernelSplice {
 }
 
 /// A connection spliced in the kernel; dropping it hands the sockets back (they leave
-/// the tables, first the sockets, then their entries).
+/// the tables, first the sockets, then their entries). Sides are numbered as joined:
+/// 0 for `a`, 1 for `b`.
 #[derive(Debug)]
 pub struct Joined {
     splice: Arc<KernelSplice>,
@@ -124,27 +150,63 @@ pub struct Joined {
     cookies: [u64; 2],
     /// What each socket had been given to send before it joined.
     queued_before: [u64; 2],
+    /// Bytes the agent wrote on itself, from each side, of what the kernel held back.
+    copied: [AtomicU64; 2],
     in_table: [bool; 2],
 }
 
 impl Joined {
-    /// Bytes the kernel has taken from `a` for `b`, and from `b` for `a`, so far.
+    /// Bytes delivered from `a` to `b` and from `b` to `a` so far: handed on by the
+    /// kernel, or held back and written on by the agent.
     pub fn moved(&self) -> [u64; 2] {
-        self.cookies.map(|c| self.splice.end(c).bytes)
+        [0, 1].map(|side| self.splice.end(self.cookies[side]).taken + self.copied[side].load(Ordering::Relaxed))
     }
 
-    /// Whether every byte socket `from` (0: `a`, 1: `b`) received before its peer's
-    /// FIN has been taken by the kernel and is in the other socket's (`to`) send queue
-    /// or sent: only then may `to`'s sending side be shut down without losing the
-    /// tail. The FIN wakes the agent before the kernel has handed on the bytes that
-    /// came with it. Call only once `from` has seen the FIN.
-    pub fn handed_on(&self, (from, from_socket): (usize, BorrowedFd<'_>), to: BorrowedFd<'_>) -> io::Result<bool> {
-        let taken = self.splice.end(self.cookies[from]).bytes;
-        // The socket was joined before anything was read from it: every byte it ever
-        // received is the kernel's to hand on (the FIN counts one in the sequence).
-        let received = sockopt::sequence_received(from_socket)?.saturating_sub(1);
+    /// Whether every byte the kernel took from side `from` for `to` (the other socket)
+    /// is in `to`'s send queue or sent: the agent writes held-back bytes on only then,
+    /// so they never overtake the kernel's.
+    pub fn kernel_caught_up(&self, from: usize, to: BorrowedFd<'_>) -> io::Result<bool> {
+        let taken = self.splice.end(self.cookies[from]).taken;
+        Ok(self.written_by_kernel(from, to)? >= taken)
+    }
+
+    /// Bytes from side `from` in `to`'s send queue (or sent) that the kernel wrote.
+    fn written_by_kernel(&self, from: usize, to: BorrowedFd<'_>) -> io::Result<u64> {
         let queued = sockopt::bytes_queued_to_send(to)?.saturating_sub(self.queued_before[1 - from]);
-        Ok(taken >= received && queued >= taken)
+        Ok(queued.saturating_sub(self.copied[from].load(Ordering::Relaxed)))
+    }
+
+    /// Records `n` held-back bytes of side `from` written on by the agent (to `to`),
+    /// and renews the side's allowance.
+    pub fn copied(&self, from: usize, n: u64, to: BorrowedFd<'_>) -> io::Result<()> {
+        self.copied[from].fetch_add(n, Ordering::Relaxed);
+        self.renew_allowance(from, to).map(drop)
+    }
+
+    /// Lets the kernel hand on [`WINDOW`] bytes of side `from` beyond what `to` (the
+    /// other socket) has taken into its send queue by now; returns the bytes the
+    /// kernel has taken from `from` so far.
+    pub fn renew_allowance(&self, from: usize, to: BorrowedFd<'_>) -> io::Result<u64> {
+        let allowance = self.written_by_kernel(from, to)? + WINDOW;
+        let limit = SpliceLimit { allowance, copied: self.copied[from].load(Ordering::Relaxed) };
+        let mut limits = self.splice.limits.lock().unwrap_or_else(|p| p.into_inner());
+        limits.insert(self.cookies[from], limit, 0).map_err(io::Error::other)?;
+        Ok(self.splice.end(self.cookies[from]).taken)
+    }
+
+    /// Whether every byte socket `from` received before its peer's FIN has reached the
+    /// other socket (`to`): taken and in its send queue, or held back and written on
+    /// by the agent. Only then may `to`'s sending side be shut down without losing the
+    /// tail. The FIN wakes the agent before the kernel has handed on the bytes that
+    /// came with it. Call only once `from` has seen the FIN and the agent has read what
+    /// was held back up to it.
+    pub fn handed_on(&self, (from, from_socket): (usize, BorrowedFd<'_>), to: BorrowedFd<'_>) -> io::Result<bool> {
+        let end = self.splice.end(self.cookies[from]);
+        // The socket was joined before anything was read from it: every byte it ever
+        // received is the kernel's to hand on or hold (the FIN counts one).
+        let received = sockopt::sequence_received(from_socket)?.saturating_sub(1);
+        let copied = self.copied[from].load(Ordering::Relaxed);
+        Ok(end.taken + end.passed >= received && copied >= end.passed && self.kernel_caught_up(from, to)?)
     }
 }
 
@@ -158,8 +220,10 @@ impl Drop for Joined {
             }
         }
         let mut ends = self.splice.ends.lock().unwrap_or_else(|p| p.into_inner());
+        let mut limits = self.splice.limits.lock().unwrap_or_else(|p| p.into_inner());
         for cookie in &self.cookies {
             let _ = ends.remove(cookie);
+            let _ = limits.remove(cookie);
         }
     }
 }

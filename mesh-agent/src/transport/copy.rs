@@ -176,11 +176,29 @@ async fn watch_kernel_splice(
         }
     };
     tokio::pin!(stopped);
+    // The kernel's allowance is renewed as often as the connection needs: about a
+    // quarter of the window used between renewals.
+    let mut renew_every = RENEW_FIRST;
+    let renew = tokio::time::sleep(renew_every);
+    tokio::pin!(renew);
+    let mut taken_at_renewal = [0u64; 2];
     let outcome = loop {
         if closed == [true, true] {
             break Ok(());
         }
         let side = tokio::select! {
+            () = &mut renew => {
+                let mut used = 0;
+                for from in [0, 1] {
+                    if let Ok(taken) = joined.renew_allowance(from, std::os::fd::AsFd::as_fd(sockets[1 - from])) {
+                        used = used.max(taken.saturating_sub(taken_at_renewal[from]));
+                        taken_at_renewal[from] = taken;
+                    }
+                }
+                renew_every = next_renewal(renew_every, used);
+                renew.as_mut().reset(Instant::now() + renew_every);
+                continue;
+            }
             r = sockets[0].ready(Interest::READABLE), if !closed[0] => (0, r?),
             r = sockets[1].ready(Interest::READABLE), if !closed[1] => (1, r?),
             _ = tick.tick() => {
@@ -195,18 +213,33 @@ async fn watch_kernel_splice(
         };
         let (from, ready) = side;
         let (socket, other) = (sockets[from], sockets[1 - from]);
-        if !ready.is_read_closed() {
-            // Woken with nothing to do (the bytes went to the other socket): wait for
-            // the next event.
-            let _ = socket.try_io(Interest::READABLE, || Err::<(), _>(std::io::ErrorKind::WouldBlock.into()));
+        // Woken by bytes the kernel held back (the other side reads slower than this
+        // one sends), by the end of the stream, or for nothing: what is held is written
+        // on here.
+        let forwarded = tokio::select! {
+            r = tokio::time::timeout(idle, forward_held(joined, from, socket, other)) => r,
+            () = &mut stopped => break Ok(()),
+        };
+        let at_end = match forwarded {
+            Ok(Ok(at_end)) => at_end,
+            // A reset, or the other side gone.
+            Ok(Err(e)) => break Err(e),
+            Err(_) => break Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("stalled for {idle:?}"))),
+        };
+        if !at_end && !ready.is_read_closed() {
             continue;
         }
         if let Ok(Some(e)) = socket.take_error() {
-            // Reset: the other side is closed when the sockets are dropped.
             break Err(e);
         }
         // A half-close: passed on once everything before it is in the other socket.
-        hand_on_before_close(joined, (from, socket), other, idle).await;
+        let finished = tokio::select! {
+            r = finish_direction(joined, from, socket, other, idle) => r,
+            () = &mut stopped => break Ok(()),
+        };
+        if let Err(e) = finished {
+            break Err(e);
+        }
         let _ = socket2::SockRef::from(other).shutdown(std::net::Shutdown::Write);
         closed[from] = true;
     };
@@ -214,21 +247,79 @@ async fn watch_kernel_splice(
     outcome
 }
 
-/// Waits until every byte side `from` received is queued on `other` (the FIN wakes the
-/// agent before the kernel has taken the bytes that came with it, and the kernel
-/// hands bytes on from a work queue), or for at most `idle`.
-async fn hand_on_before_close(joined: &Joined, (from, socket): (usize, &TcpStream), other: &TcpStream, idle: Duration) {
+/// The first renewal of a kernel splice's allowance: soon, so a bulk transfer does not
+/// run out of its first window before the agent has looked.
+const RENEW_FIRST: Duration = Duration::from_millis(1);
+/// The longest between two renewals (a quiet connection).
+const RENEW_LONGEST: Duration = Duration::from_secs(1);
+
+/// The time to the next renewal of an allowance, after `used` bytes were taken in
+/// `last`: a quarter of the window per period, twice as long when nothing moved.
+fn next_renewal(last: Duration, used: u64) -> Duration {
+    if used == 0 {
+        return (last * 2).min(RENEW_LONGEST);
+    }
+    let aim = splice::WINDOW as f64 / 4.0;
+    last.mul_f64(aim / used as f64).clamp(RENEW_FIRST, RENEW_LONGEST)
+}
+
+/// How much of what the kernel held back the agent reads at a time.
+const HELD_CHUNK: usize = 16 * 1024;
+
+/// Writes on what the kernel held back on `socket` (side `from`) to `other`, once
+/// every byte the kernel took before it is in `other`; returns true at the end of the
+/// stream.
+async fn forward_held(joined: &Joined, from: usize, socket: &TcpStream, other: &TcpStream) -> std::io::Result<bool> {
+    use std::os::fd::AsFd as _;
+    // Allocated per wake-up: the kernel holds bytes back only for a peer slower than
+    // its client, so a connection that keeps up never allocates here.
+    let mut buf = vec![0u8; HELD_CHUNK];
+    loop {
+        let n = match socket.try_read(&mut buf) {
+            Ok(0) => return Ok(true),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        let mut pause = Duration::from_micros(200);
+        while !joined.kernel_caught_up(from, other.as_fd())? {
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(20));
+        }
+        let mut rest = &buf[..n];
+        while !rest.is_empty() {
+            other.writable().await?;
+            match other.try_write(rest) {
+                Ok(written) => rest = &rest[written..],
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        joined.copied(from, n as u64, other.as_fd())?;
+    }
+}
+
+/// Waits until every byte side `from` received is in `other` (the FIN wakes the agent
+/// before the kernel has taken the bytes that came with it, and the kernel hands bytes
+/// on from a work queue), writing on what was held back, for at most `idle`.
+async fn finish_direction(
+    joined: &Joined,
+    from: usize,
+    socket: &TcpStream,
+    other: &TcpStream,
+    idle: Duration,
+) -> std::io::Result<()> {
     use std::os::fd::AsFd as _;
     let mut pause = Duration::from_micros(200);
     let give_up = Instant::now() + idle;
     loop {
-        match joined.handed_on((from, socket.as_fd()), other.as_fd()) {
-            Ok(true) | Err(_) => return,
-            Ok(false) if Instant::now() >= give_up => {
-                tracing::debug!("kernel splice: bytes not handed on before the close; closing anyway");
-                return;
-            }
-            Ok(false) => {}
+        forward_held(joined, from, socket, other).await?;
+        if joined.handed_on((from, socket.as_fd()), other.as_fd())? {
+            return Ok(());
+        }
+        if Instant::now() >= give_up {
+            tracing::debug!("kernel splice: bytes not handed on before the close; closing anyway");
+            return Ok(());
         }
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(20));
@@ -485,8 +576,10 @@ mod tests {
         app.read_exact(&mut hello).await.unwrap();
         assert_eq!(&hello, b"hello", "bytes queued before the splice are passed on");
         assert_eq!(metrics.kernel_spliced.get(), 1, "spliced in the kernel, not copied");
-        // Bulk both ways, in order, then the client's half-close after its last byte.
-        let bulk: Vec<u8> = (0..4 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+        // Bulk, in order (well past the kernel's window: held back and written on by
+        // the agent, then handed to the kernel again, many times), then the client's
+        // half-close after its last byte.
+        let bulk: Vec<u8> = (0..16 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
         let sent = bulk.clone();
         let writer = tokio::spawn(async move {
             client.write_all(&sent).await.unwrap();
@@ -495,7 +588,7 @@ mod tests {
         });
         let mut got = Vec::new();
         app.read_to_end(&mut got).await.unwrap();
-        assert!(got == bulk, "4 MiB arrive whole and in order, then the end of the stream");
+        assert!(got == bulk, "16 MiB arrive whole and in order, then the end of the stream");
         let mut client = writer.await.unwrap();
         // The answer after the half-close, then the server's own.
         app.write_all(b"bye").await.unwrap();
@@ -507,6 +600,42 @@ mod tests {
         assert_eq!((request, response), (5 + bulk.len() as u64, 3), "bytes counted by the kernel");
         let tables_empty = crate::dataplane::test_splice_is_empty(&kernel);
         assert!(tables_empty, "both sockets and their entries left the tables");
+    }
+
+    /// A server that stops reading pushes back on its client through the kernel
+    /// splice as through the agent's copy: what is in flight stays bounded by the
+    /// sockets' buffers, so no client makes the node hold its bytes without bound.
+    #[tokio::test]
+    async fn a_server_that_stops_reading_holds_its_client_back() {
+        let Some((kernel, _pins)) = crate::dataplane::test_kernel_splice() else { return };
+        let metrics = Metrics::default();
+        let [mut client, mut agent_side, mut server, app] = proxied_pair().await;
+        let splice = async {
+            let a = SocketAddr::from(([127, 0, 0, 1], 1));
+            let ends = Ends { policy: Arc::default(), client: a, dialed: a, upstream: None };
+            let sockets = (&mut agent_side, &mut server);
+            counted_sockets(&metrics, &[(&labels(), ends)], sockets, Duration::from_secs(30), None, Some(&kernel)).await
+        };
+        let flood = async {
+            let chunk = vec![7u8; 64 * 1024];
+            let mut written = 0usize;
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+            while written < 512 * 1024 * 1024 {
+                match tokio::time::timeout_at(deadline, client.write(&chunk)).await {
+                    Ok(Ok(n)) => written += n,
+                    Ok(Err(e)) => panic!("write failed: {e}"),
+                    Err(_) => break,
+                }
+            }
+            written
+        };
+        let written = tokio::select! {
+            r = splice => panic!("the splice ended: {r:?}"),
+            w = flood => w,
+        };
+        eprintln!("written before the client was held back: {written} bytes");
+        assert!(written < 64 * 1024 * 1024, "{written} bytes taken from a client whose server reads nothing");
+        drop(app);
     }
 
     #[tokio::test]
