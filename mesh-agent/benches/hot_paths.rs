@@ -11,7 +11,11 @@
 //!   tokio's plain `copy` one way);
 //! - authz: the reference AuthorizationPolicy judging a request (allowed and denied),
 //!   an L4-only policy judging a connection, and path normalization (baseline: one
-//!   string comparison).
+//!   string comparison);
+//! - socket splice: a 1 KiB round trip and a 4 MiB transfer through an admitted
+//!   connection on loopback TCP, copied by the agent or spliced in the kernel
+//!   (baseline: the same client and server connected directly). The kernel variant
+//!   needs root and bpffs and is left out, with a message, without them.
 
 use std::collections::HashMap;
 use std::hint::black_box;
@@ -20,10 +24,15 @@ use std::path::Path;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use mesh_agent::config::parse_documents;
+use mesh_agent::dataplane::splice::KernelSplice;
 use mesh_agent::snapshot::{RoundRobin, Snapshot};
+use mesh_agent::state::Workload;
+use mesh_agent::telemetry::{ConnLabels, Metrics, ServiceLabels};
 use mesh_agent::traffic::route::RequestView;
 use mesh_agent::transport::copy;
 use mesh_common::{OrigDst, SockAddrKey};
+use std::sync::Arc;
+use std::time::Duration;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 fn lab_manifests() -> Vec<(String, String)> {
@@ -217,5 +226,122 @@ fn authz(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, map_keys, resolve, route_match, config_parse, copy_loop, authz);
+/// A server on loopback: echoes what it reads (`echo`), or reads everything and answers
+/// one byte at the end of the stream (`sink`).
+async fn loopback_server(echo: bool) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) if echo => {
+                            if s.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                        Ok(_) => {}
+                    }
+                }
+                if !echo {
+                    let _ = s.write_all(b"k").await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A relay on loopback as the agent runs one for an admitted connection: each client
+/// it accepts is connected to `server` and spliced (in the kernel with `kernel`).
+async fn loopback_relay(server: SocketAddr, kernel: Option<Arc<KernelSplice>>) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut client, peer)) = listener.accept().await {
+            let kernel = kernel.clone();
+            tokio::spawn(async move {
+                let mut upstream = tokio::net::TcpStream::connect(server).await.expect("server");
+                let _ = (client.set_nodelay(true), upstream.set_nodelay(true));
+                let metrics = Metrics::default();
+                let w = Workload::outside("bench", "bench", peer.ip(), "cluster.local");
+                let labels = ConnLabels::outbound(&w, None, ServiceLabels::unknown(), false);
+                let ends = copy::Ends { policy: Arc::default(), client: peer, dialed: server, upstream: Some(server) };
+                let sockets = (&mut client, &mut upstream);
+                let idle = Duration::from_secs(60);
+                let _ = copy::counted_sockets(&metrics, &[(&labels, ends)], sockets, idle, None, kernel.as_ref()).await;
+            });
+        }
+    });
+    addr
+}
+
+/// One 1 KiB request and its echo on an open connection.
+async fn round_trip(stream: &mut tokio::net::TcpStream, buf: &mut [u8]) {
+    stream.write_all(&buf[..1024]).await.expect("write");
+    stream.read_exact(&mut buf[..1024]).await.expect("echo");
+}
+
+/// `total` bytes to a sink server on a new connection, until its one-byte answer.
+async fn transfer(to: SocketAddr, total: usize) {
+    let mut s = tokio::net::TcpStream::connect(to).await.expect("connect");
+    let chunk = vec![7u8; 64 * 1024];
+    let mut left = total;
+    while left > 0 {
+        let n = left.min(chunk.len());
+        s.write_all(&chunk[..n]).await.expect("write");
+        left -= n;
+    }
+    s.shutdown().await.expect("shutdown");
+    let mut k = [0u8; 1];
+    s.read_exact(&mut k).await.expect("answer");
+}
+
+fn socket_splice(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let pins = Path::new("/sys/fs/bpf").join(format!("mesh-bench-splice-{}", std::process::id()));
+    let kernel = std::fs::create_dir(&pins).ok().and_then(|()| {
+        mesh_agent::dataplane::standalone_kernel_splice(&pins)
+            .map_err(|e| eprintln!("socket_splice: the kernel variant is left out: {e}"))
+            .ok()
+    });
+    if kernel.is_none() {
+        eprintln!("socket_splice: the kernel variant needs root and bpffs at /sys/fs/bpf; left out");
+    }
+    let (echo, sink) = rt.block_on(async { (loopback_server(true).await, loopback_server(false).await) });
+    let mut paths = vec![("baseline_direct", echo, sink), ("agent_copy", echo, sink)];
+    let agent = rt.block_on(async { (loopback_relay(echo, None).await, loopback_relay(sink, None).await) });
+    paths[1] = ("agent_copy", agent.0, agent.1);
+    if let Some((splice, _)) = &kernel {
+        let k = rt.block_on(async {
+            (loopback_relay(echo, Some(splice.clone())).await, loopback_relay(sink, Some(splice.clone())).await)
+        });
+        paths.push(("kernel_splice", k.0, k.1));
+    }
+    let mut g = c.benchmark_group("socket_splice_round_trip_1k");
+    for (name, echo_at, _) in &paths {
+        let mut stream = rt.block_on(async {
+            let s = tokio::net::TcpStream::connect(echo_at).await.expect("connect");
+            s.set_nodelay(true).expect("nodelay");
+            s
+        });
+        let mut buf = vec![7u8; 1024];
+        g.bench_function(*name, |b| b.iter(|| rt.block_on(round_trip(&mut stream, &mut buf))));
+    }
+    g.finish();
+    let total = 4 << 20;
+    let mut g = c.benchmark_group("socket_splice_transfer_4m");
+    g.throughput(Throughput::Bytes(total as u64));
+    for (name, _, sink_at) in &paths {
+        g.bench_function(*name, |b| b.iter(|| rt.block_on(transfer(*sink_at, total))));
+    }
+    g.finish();
+    drop(kernel);
+    let _ = std::fs::remove_dir_all(&pins);
+}
+
+criterion_group!(benches, map_keys, resolve, route_match, config_parse, copy_loop, authz, socket_splice);
 criterion_main!(benches);

@@ -720,9 +720,23 @@ fn attach_splice(ebpf: &mut Ebpf) -> Result<splice::KernelSplice, Error> {
     Ok(splice::KernelSplice::new(sockets, ends, limits))
 }
 
-/// A kernel splice of a test's own: the object loaded with its pinned maps in a fresh
-/// bpffs directory, removed with the returned guard. None (with the reason printed)
-/// where this is not root or has no bpffs at `/sys/fs/bpf`.
+/// The kernel splice alone, for benchmarks and tests: the object loaded with its pinned
+/// maps in `pin_dir` (a bpffs directory the caller owns and removes). The program stays
+/// attached while the returned [`StandaloneSplice`] lives.
+pub fn standalone_kernel_splice(
+    pin_dir: &Path,
+) -> Result<(std::sync::Arc<splice::KernelSplice>, StandaloneSplice), Error> {
+    let mut ebpf = EbpfLoader::new().default_map_pin_directory(pin_dir).load(EBPF_OBJECT)?;
+    let splice = attach_splice(&mut ebpf)?;
+    Ok((std::sync::Arc::new(splice), StandaloneSplice(ebpf)))
+}
+
+/// The loaded object behind [`standalone_kernel_splice`].
+pub struct StandaloneSplice(#[allow(dead_code, reason = "held for its attachment")] Ebpf);
+
+/// A kernel splice of a test's own, in a fresh bpffs directory removed with the
+/// returned guard. None (with the reason printed) where this is not root or has no
+/// bpffs at `/sys/fs/bpf`.
 #[cfg(test)]
 pub(crate) fn test_kernel_splice() -> Option<(std::sync::Arc<splice::KernelSplice>, TestPins)> {
     let root = Path::new("/sys/fs/bpf");
@@ -734,10 +748,8 @@ pub(crate) fn test_kernel_splice() -> Option<(std::sync::Arc<splice::KernelSplic
         eprintln!("skipping: the kernel splice needs root and bpffs at /sys/fs/bpf");
         return None;
     }
-    let mut ebpf = EbpfLoader::new().default_map_pin_directory(&dir).load(EBPF_OBJECT).expect("object loads");
-    let splice = attach_splice(&mut ebpf).expect("splice attaches");
-    // The attachment lasts as long as the loaded object.
-    Some((std::sync::Arc::new(splice), TestPins(dir, ebpf)))
+    let (splice, loaded) = standalone_kernel_splice(&dir).expect("the splice loads and attaches");
+    Some((splice, TestPins(dir, loaded)))
 }
 
 /// Whether no socket and no entry is left in `splice`'s tables.
@@ -748,7 +760,7 @@ pub(crate) fn test_splice_is_empty(splice: &splice::KernelSplice) -> bool {
 
 /// A test's loaded object and bpffs directory, removed on drop.
 #[cfg(test)]
-pub(crate) struct TestPins(PathBuf, #[allow(dead_code, reason = "held for its attachments")] Ebpf);
+pub(crate) struct TestPins(PathBuf, #[allow(dead_code, reason = "held for its attachments")] StandaloneSplice);
 
 #[cfg(test)]
 impl Drop for TestPins {

@@ -46,11 +46,14 @@ pub enum Error {
 /// waiting in the kernel, per direction, on top of the sockets' own buffers.
 pub const WINDOW: u64 = 4 << 20;
 
-/// The splice tables of the running agent.
-pub struct KernelSplice {
-    sockets: Mutex<SockHash<MapData, u64>>,
-    ends: Mutex<BpfHashMap<MapData, u64, SpliceEnd>>,
-    limits: Mutex<BpfHashMap<MapData, u64, SpliceLimit>>,
+/// The splice tables of the running agent, behind one lock (so no two are ever taken
+/// in different orders).
+pub struct KernelSplice(Mutex<Tables>);
+
+struct Tables {
+    sockets: SockHash<MapData, u64>,
+    ends: BpfHashMap<MapData, u64, SpliceEnd>,
+    limits: BpfHashMap<MapData, u64, SpliceLimit>,
 }
 
 impl std::fmt::Debug for KernelSplice {
@@ -66,7 +69,7 @@ impl KernelSplice {
         ends: BpfHashMap<MapData, u64, SpliceEnd>,
         limits: BpfHashMap<MapData, u64, SpliceLimit>,
     ) -> Self {
-        Self { sockets: Mutex::new(sockets), ends: Mutex::new(ends), limits: Mutex::new(limits) }
+        Self(Mutex::new(Tables { sockets, ends, limits }))
     }
 
     /// Hands the connection between `a` and `b` to the kernel: from now on what `a`
@@ -85,37 +88,39 @@ impl KernelSplice {
             sockopt::bytes_queued_to_send(b).map_err(|e| not_joined("tcp info", &e))?,
         ];
 
-        let joined =
-            Joined { splice: self.clone(), cookies, queued_before, copied: Default::default(), in_table: [false; 2] };
         // Dropping `joined` from here on removes whatever entries were written.
+        let mut joined =
+            Joined { splice: self.clone(), cookies, queued_before, copied: Default::default(), in_table: [false; 2] };
         {
-            let mut limits = self.limits.lock().unwrap_or_else(|p| p.into_inner());
+            let mut t = self.tables();
+            // No allowance until both sockets are in the table: a redirect to a peer
+            // not in it yet would lose the bytes, so until then they are held back.
             for cookie in cookies {
-                let first = SpliceLimit { allowance: WINDOW, copied: 0 };
-                limits.insert(cookie, first, 0).map_err(|e| not_joined("SPLICE_LIMITS", &e))?;
+                let first = SpliceLimit { allowance: 0, copied: 0 };
+                t.limits.insert(cookie, first, 0).map_err(|e| not_joined("SPLICE_LIMITS", &e))?;
             }
-            let mut ends = self.ends.lock().unwrap_or_else(|p| p.into_inner());
             for (cookie, peer) in [(cookies[0], cookies[1]), (cookies[1], cookies[0])] {
                 let end = SpliceEnd { peer, ..SpliceEnd::default() };
-                ends.insert(cookie, end, 0).map_err(|e| not_joined("SPLICE_ENDS", &e))?;
+                t.ends.insert(cookie, end, 0).map_err(|e| not_joined("SPLICE_ENDS", &e))?;
             }
-        }
-        let mut joined = joined;
-        {
-            let mut sockets = self.sockets.lock().unwrap_or_else(|p| p.into_inner());
-            sockets.insert(cookies[0], a, 0).map_err(|e| not_joined("SPLICE_SOCKETS", &e))?;
+            t.sockets.insert(cookies[0], a, 0).map_err(|e| not_joined("SPLICE_SOCKETS", &e))?;
             joined.in_table[0] = true;
-            if let Err(e) = sockets.insert(cookies[1], b, 0) {
-                let _ = sockets.remove(&cookies[0]);
+            if let Err(e) = t.sockets.insert(cookies[1], b, 0) {
+                let _ = t.sockets.remove(&cookies[0]);
                 joined.in_table[0] = false;
-                // What `a` received meanwhile went nowhere (its peer was not in the table).
-                let end = self.end(cookies[0]);
+                // What `a` received meanwhile was held back on it (no allowance yet),
+                // and leaving the table drops what is held.
+                let end = t.ends.get(&cookies[0], 0).unwrap_or_default();
                 return match end.taken + end.passed {
                     0 => Err(not_joined("SPLICE_SOCKETS", &e)),
                     _ => Err(Error::Broken(e.to_string())),
                 };
             }
             joined.in_table[1] = true;
+            for cookie in cookies {
+                let open = SpliceLimit { allowance: WINDOW, copied: 0 };
+                t.limits.insert(cookie, open, 0).map_err(|e| Error::Broken(format!("SPLICE_LIMITS: {e}")))?;
+            }
         }
         // Bytes that arrived before a socket joined wait in its queue for the next
         // segment: have the kernel look at them now.
@@ -125,18 +130,19 @@ impl KernelSplice {
         Ok(joined)
     }
 
-    /// Whether both tables are empty.
+    /// Whether every table is empty.
     #[cfg(test)]
     pub(super) fn is_empty(&self) -> bool {
-        let sockets = self.sockets.lock().unwrap_or_else(|p| p.into_inner());
-        let ends = self.ends.lock().unwrap_or_else(|p| p.into_inner());
-        let limits = self.limits.lock().unwrap_or_else(|p| p.into_inner());
-        sockets.keys().next().is_none() && ends.keys().next().is_none() && limits.keys().next().is_none()
+        let t = self.tables();
+        t.sockets.keys().next().is_none() && t.ends.keys().next().is_none() && t.limits.keys().next().is_none()
+    }
+
+    fn tables(&self) -> std::sync::MutexGuard<'_, Tables> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn end(&self, cookie: u64) -> SpliceEnd {
-        let ends = self.ends.lock().unwrap_or_else(|p| p.into_inner());
-        ends.get(&cookie, 0).unwrap_or_default()
+        self.tables().ends.get(&cookie, 0).unwrap_or_default()
     }
 }
 
@@ -189,8 +195,7 @@ impl Joined {
     pub fn renew_allowance(&self, from: usize, to: BorrowedFd<'_>) -> io::Result<u64> {
         let allowance = self.written_by_kernel(from, to)? + WINDOW;
         let limit = SpliceLimit { allowance, copied: self.copied[from].load(Ordering::Relaxed) };
-        let mut limits = self.splice.limits.lock().unwrap_or_else(|p| p.into_inner());
-        limits.insert(self.cookies[from], limit, 0).map_err(io::Error::other)?;
+        self.splice.tables().limits.insert(self.cookies[from], limit, 0).map_err(io::Error::other)?;
         Ok(self.splice.end(self.cookies[from]).taken)
     }
 
@@ -212,18 +217,14 @@ impl Joined {
 
 impl Drop for Joined {
     fn drop(&mut self) {
-        {
-            let mut sockets = self.splice.sockets.lock().unwrap_or_else(|p| p.into_inner());
-            for (cookie, _) in self.cookies.iter().zip(self.in_table).filter(|(_, joined)| *joined) {
-                // Already gone when the socket closed first.
-                let _ = sockets.remove(cookie);
-            }
+        let mut t = self.splice.tables();
+        for (cookie, _) in self.cookies.iter().zip(self.in_table).filter(|(_, joined)| *joined) {
+            // Already gone when the socket closed first.
+            let _ = t.sockets.remove(cookie);
         }
-        let mut ends = self.splice.ends.lock().unwrap_or_else(|p| p.into_inner());
-        let mut limits = self.splice.limits.lock().unwrap_or_else(|p| p.into_inner());
         for cookie in &self.cookies {
-            let _ = ends.remove(cookie);
-            let _ = limits.remove(cookie);
+            let _ = t.ends.remove(cookie);
+            let _ = t.limits.remove(cookie);
         }
     }
 }

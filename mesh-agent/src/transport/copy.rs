@@ -638,6 +638,86 @@ mod tests {
         drop(app);
     }
 
+    /// A client that has sent everything and half-closed before the agent joins its
+    /// connection (the kernel refuses a closing socket): the agent copies it, every
+    /// byte and the half-close through, and the answer back.
+    #[tokio::test]
+    async fn a_client_done_before_the_splice_is_copied_by_the_agent() {
+        let Some((kernel, _pins)) = crate::dataplane::test_kernel_splice() else { return };
+        let metrics = Metrics::default();
+        let [mut client, mut agent_side, mut server, mut app] = proxied_pair().await;
+        client.write_all(&[5u8; 4096]).await.unwrap();
+        client.shutdown().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let splice = async {
+            let a = SocketAddr::from(([127, 0, 0, 1], 1));
+            let ends = Ends { policy: Arc::default(), client: a, dialed: a, upstream: None };
+            let sockets = (&mut agent_side, &mut server);
+            counted_sockets(&metrics, &[(&labels(), ends)], sockets, Duration::from_secs(30), None, Some(&kernel)).await
+        };
+        let echo = async {
+            let mut got = Vec::new();
+            app.read_to_end(&mut got).await.unwrap();
+            app.write_all(&got).await.unwrap();
+            app.shutdown().await.unwrap();
+            let mut back = Vec::new();
+            client.read_to_end(&mut back).await.unwrap();
+            (got.len(), back.len())
+        };
+        let (spliced, echoed) =
+            tokio::time::timeout(Duration::from_secs(10), async { tokio::join!(splice, echo) }).await.expect("no hang");
+        assert_eq!(echoed, (4096, 4096));
+        assert_eq!(spliced.unwrap(), (4096, 4096));
+        assert_eq!(metrics.kernel_spliced.get(), 0, "copied by the agent");
+    }
+
+    /// Short exchanges whose clients half-close while the agent joins them (before,
+    /// during or after): every one completes, spliced or copied.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn short_connections_racing_their_close_all_complete() {
+        let Some((kernel, _pins)) = crate::dataplane::test_kernel_splice() else { return };
+        let metrics = Arc::new(Metrics::default());
+        let mut runs = Vec::new();
+        for i in 0..200u64 {
+            let (metrics, kernel) = (metrics.clone(), kernel.clone());
+            runs.push(tokio::spawn(async move {
+                let [mut client, mut agent_side, mut server, mut app] = proxied_pair().await;
+                let sending = tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_micros((200 - i) * 10)).await;
+                    client.write_all(&[3u8; 4096]).await.unwrap();
+                    client.shutdown().await.unwrap();
+                    let mut back = Vec::new();
+                    let read = tokio::time::timeout(Duration::from_secs(20), client.read_to_end(&mut back)).await;
+                    read.map(|_| back.len()).unwrap_or(0)
+                });
+                tokio::time::sleep(Duration::from_micros(i * 10)).await;
+                let echoing = tokio::spawn(async move {
+                    let mut got = Vec::new();
+                    let read = tokio::time::timeout(Duration::from_secs(20), app.read_to_end(&mut got)).await;
+                    app.write_all(&got).await.unwrap();
+                    app.shutdown().await.unwrap();
+                    read.map(|_| got.len()).unwrap_or(0)
+                });
+                let a = SocketAddr::from(([127, 0, 0, 1], 1));
+                let ends = Ends { policy: Arc::default(), client: a, dialed: a, upstream: None };
+                let sockets = (&mut agent_side, &mut server);
+                let idle = Duration::from_secs(30);
+                let labels = labels();
+                let observed = [(&labels, ends)];
+                let spliced = counted_sockets(&metrics, &observed, sockets, idle, None, Some(&kernel));
+                let spliced = tokio::time::timeout(Duration::from_secs(10), spliced).await;
+                drop((agent_side, server));
+                (i, spliced.map(|r| r.map_err(|e| e.to_string())), echoing.await.unwrap(), sending.await.unwrap())
+            }));
+        }
+        for run in runs {
+            let (i, spliced, echoed, back) = run.await.unwrap();
+            assert_eq!(spliced, Ok(Ok((4096, 4096))), "connection {i}");
+            assert_eq!((echoed, back), (4096, 4096), "connection {i}");
+        }
+        eprintln!("spliced in the kernel: {} of 200", metrics.kernel_spliced.get());
+    }
+
     #[tokio::test]
     async fn a_reset_ends_a_kernel_splice() {
         let Some((kernel, _pins)) = crate::dataplane::test_kernel_splice() else { return };
