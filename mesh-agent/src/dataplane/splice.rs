@@ -186,25 +186,17 @@ impl Joined {
     /// and renews the side's allowance.
     pub fn copied(&self, from: usize, n: u64, to: BorrowedFd<'_>) -> io::Result<()> {
         self.copied[from].fetch_add(n, Ordering::Relaxed);
-        let taken = self.taken(from);
-        self.renew_allowance(from, taken, to).map(drop)
-    }
-
-    /// Bytes the kernel has taken from side `from` so far.
-    pub fn taken(&self, from: usize) -> u64 {
-        self.splice.end(self.cookies[from]).taken
+        self.renew_allowance(from, to).map(drop)
     }
 
     /// Lets the kernel hand on [`WINDOW`] bytes of side `from` beyond what `to` (the
-    /// other socket) has taken into its send queue by now. Returns whether `to` had
-    /// taken all of `taken` (the bytes the kernel had taken from `from`, read just
-    /// before): then, until the kernel takes more, renewing again would set the same
-    /// allowance.
-    pub fn renew_allowance(&self, from: usize, taken: u64, to: BorrowedFd<'_>) -> io::Result<bool> {
-        let written = self.written_by_kernel(from, to)?;
-        let limit = SpliceLimit { allowance: written + WINDOW, copied: self.copied[from].load(Ordering::Relaxed) };
+    /// other socket) has taken into its send queue by now; returns the bytes the
+    /// kernel has taken from `from` so far.
+    pub fn renew_allowance(&self, from: usize, to: BorrowedFd<'_>) -> io::Result<u64> {
+        let allowance = self.written_by_kernel(from, to)? + WINDOW;
+        let limit = SpliceLimit { allowance, copied: self.copied[from].load(Ordering::Relaxed) };
         self.splice.tables().limits.insert(self.cookies[from], limit, 0).map_err(io::Error::other)?;
-        Ok(written >= taken)
+        Ok(self.splice.end(self.cookies[from]).taken)
     }
 
     /// Whether every byte socket `from` received before its peer's FIN has reached the

@@ -223,9 +223,22 @@ async fn splice_tracked<S>(
     S: AsyncRead + AsyncWrite + Unpin + 'static,
 {
     let tracked = ctx.inbound.track(pod, arrival);
-    let observed = std::slice::from_ref(&observed);
-    let (idle, kernel) = (ctx.tcp_idle_timeout, ctx.kernel_splice.as_ref());
-    let result = copy::spliced(&ctx.metrics, observed, &mut client, &mut app, idle, Some(&tracked.stop), kernel).await;
+    let idle = ctx.tcp_idle_timeout;
+    let result = match (&mut client as &mut dyn std::any::Any).downcast_mut::<TcpStream>() {
+        Some(tcp) => {
+            let sockets = (tcp, &mut app);
+            copy::counted_sockets(
+                &ctx.metrics,
+                std::slice::from_ref(&observed),
+                sockets,
+                idle,
+                Some(&tracked.stop),
+                ctx.kernel_splice.as_ref(),
+            )
+            .await
+        }
+        None => copy::counted_until(&ctx.metrics, observed, &mut client, &mut app, idle, &tracked.stop).await,
+    };
     if let Err(e) = result {
         tracing::debug!(dst = %arrival.dst, error = %e, "inbound connection ended with an error");
     }

@@ -102,8 +102,7 @@ pub(super) async fn handle(
     let mut upstream = ctx.dialer.connect(&snapshot, pod, netns, workload.as_deref(), addr, CONNECT_TIMEOUT).await?;
     let service = ServiceLabels::service(service.as_deref());
     let labels = ConnLabels::outbound(pod, workload.as_deref(), service, upstream.is_tunnel());
-    let to = upstream.peer();
-    splice(ctx, &labels, &mut stream, &mut upstream, pod, (orig, to)).await
+    splice_upstream(ctx, &labels, &mut stream, &mut upstream, pod, orig).await
 }
 
 /// A connection to an address that is no Service and no pod: where a ServiceEntry
@@ -163,15 +162,40 @@ async fn leave_the_registry(
         }
     };
     let labels = ConnLabels::outbound(pod, reached.map(|w| &**w), service, upstream.is_tunnel());
-    let to = upstream.peer();
     match (upstream, origination) {
         (Upstream::Plain(tcp), Some((o, addr, host))) => {
+            let to = tcp.peer_addr().ok();
             let from = crate::transport::originate::Credentials { allowed_dir: &ctx.egress_tls_dir, secrets: None };
             let mut tls = crate::transport::originate::originate(tcp, addr, &o, &host, &from).await?;
             splice(ctx, &labels, &mut stream, &mut tls, pod, (orig, to)).await
         }
-        (mut upstream, _) => splice(ctx, &labels, &mut stream, &mut upstream, pod, (orig, to)).await,
+        (mut upstream, _) => splice_upstream(ctx, &labels, &mut stream, &mut upstream, pod, orig).await,
     }
+}
+
+/// Splices the pod's connection to where the agent connected it: a plain TCP upstream
+/// in the kernel where it can be, anything else (a tunnel stream, TLS the agent
+/// originated) by the agent.
+async fn splice_upstream(
+    ctx: &ProxyContext,
+    labels: &ConnLabels,
+    client: &mut TcpStream,
+    upstream: &mut Upstream,
+    pod: &Workload,
+    orig: SocketAddr,
+) -> Result<(), Error> {
+    let to = upstream.peer();
+    let Upstream::Plain(tcp) = upstream else { return splice(ctx, labels, client, upstream, pod, (orig, to)).await };
+    let policy = ctx.snapshot.load().telemetry(&pod.key()).clone();
+    let client_addr = client.peer_addr().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
+    let ends = copy::Ends { policy, client: client_addr, dialed: orig, upstream: to };
+    let idle = ctx.tcp_idle_timeout;
+    let (request, response) =
+        copy::counted_sockets(&ctx.metrics, &[(labels, ends)], (client, tcp), idle, None, ctx.kernel_splice.as_ref())
+            .await
+            .map_err(|source| Error::Io { what: "copy to", addr: orig, source })?;
+    tracing::debug!(pod = %pod.name, %orig, request, response, "outbound closed");
+    Ok(())
 }
 
 /// A TLS connection to a ServiceEntry's host that a mesh VirtualService's `tls:` rule
@@ -267,8 +291,6 @@ fn is_declared_opaque(service: &crate::state::Service, port: u16) -> bool {
     service.ports.iter().find(|p| p.port == port).is_some_and(|p| p.declared() == crate::state::Declared::Opaque)
 }
 
-/// Splices the pod's connection to where the agent connected it: in the kernel when the
-/// upstream is a plain TCP socket ([`copy::spliced`] decides), by the agent otherwise.
 async fn splice<S>(
     ctx: &ProxyContext,
     labels: &ConnLabels,
@@ -278,13 +300,12 @@ async fn splice<S>(
     (orig, upstream): (SocketAddr, Option<SocketAddr>),
 ) -> Result<(), Error>
 where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let client_addr = client.peer_addr().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
     let policy = ctx.snapshot.load().telemetry(&pod.key()).clone();
     let ends = copy::Ends { policy, client: client_addr, dialed: orig, upstream };
-    let (idle, kernel) = (ctx.tcp_idle_timeout, ctx.kernel_splice.as_ref());
-    let (request, response) = copy::spliced(&ctx.metrics, &[(labels, ends)], client, server, idle, None, kernel)
+    let (request, response) = copy::counted(&ctx.metrics, (labels, ends), client, server, ctx.tcp_idle_timeout)
         .await
         .map_err(|source| Error::Io { what: "copy to", addr: orig, source })?;
     tracing::debug!(pod = %pod.name, %orig, request, response, "outbound closed");

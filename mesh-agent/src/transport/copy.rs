@@ -89,42 +89,6 @@ where
     splice_counted(metrics, &[(labels, ends)], client, server, idle, Some(stop)).await
 }
 
-/// [`counted_until`], spliced in the kernel (through `kernel`) when both ends are plain
-/// TCP sockets (a `TcpStream`, or an [`Upstream::Plain`]) nothing has been read from;
-/// otherwise copied by the agent. The one place that chooses between the two.
-pub async fn spliced<C, S>(
-    metrics: &Metrics,
-    observed: &[(&ConnLabels, Ends)],
-    client: &mut C,
-    server: &mut S,
-    idle: Duration,
-    stop: Option<&CancellationToken>,
-    kernel: Option<&Arc<KernelSplice>>,
-) -> std::io::Result<(u64, u64)>
-where
-    C: AsyncRead + AsyncWrite + Unpin + 'static,
-    S: AsyncRead + AsyncWrite + Unpin + 'static,
-{
-    if kernel.is_some()
-        && let (Some(c), Some(s)) = (plain_tcp(client), plain_tcp(server))
-    {
-        return counted_sockets(metrics, observed, (c, s), idle, stop, kernel).await;
-    }
-    splice_counted(metrics, observed, client, server, idle, stop).await
-}
-
-/// The plain TCP socket `stream` is, if it is one.
-fn plain_tcp<S: 'static>(stream: &mut S) -> Option<&mut TcpStream> {
-    let any = stream as &mut dyn std::any::Any;
-    if any.is::<TcpStream>() {
-        return any.downcast_mut::<TcpStream>();
-    }
-    match any.downcast_mut::<super::Upstream>() {
-        Some(super::Upstream::Plain(tcp)) => Some(tcp),
-        _ => None,
-    }
-}
-
 /// [`counted_until`] for two TCP sockets, which the kernel splices when `kernel` is
 /// there (and has room): the agent then only watches the connection's ends, passes on
 /// each half-close once every byte before it has been handed on, and counts the bytes

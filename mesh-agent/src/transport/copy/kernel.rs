@@ -51,9 +51,6 @@ pub(super) async fn watch_kernel_splice(
     let renew = tokio::time::sleep(renew_every);
     tokio::pin!(renew);
     let mut taken_at_renewal = [0u64; 2];
-    // Whether the other socket had taken everything at the last renewal: renewing
-    // again before the kernel takes more would set the same allowance.
-    let mut caught_up = [false; 2];
     let outcome = loop {
         if closed == [true, true] {
             break Ok(());
@@ -62,14 +59,8 @@ pub(super) async fn watch_kernel_splice(
             () = &mut renew => {
                 let mut used = 0;
                 for from in [0, 1] {
-                    let taken = joined.taken(from);
-                    used = used.max(taken.saturating_sub(taken_at_renewal[from]));
-                    if taken == taken_at_renewal[from] && caught_up[from] {
-                        continue;
-                    }
-                    let to = std::os::fd::AsFd::as_fd(sockets[1 - from]);
-                    if let Ok(done) = joined.renew_allowance(from, taken, to) {
-                        caught_up[from] = done;
+                    if let Ok(taken) = joined.renew_allowance(from, std::os::fd::AsFd::as_fd(sockets[1 - from])) {
+                        used = used.max(taken.saturating_sub(taken_at_renewal[from]));
                         taken_at_renewal[from] = taken;
                     }
                 }
