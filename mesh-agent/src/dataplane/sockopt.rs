@@ -1,6 +1,7 @@
-//! The three socket facts the kernel splice needs that no safe wrapper offers: a
-//! socket's cookie (its key in the splice tables), a nudge that makes the kernel look
-//! at bytes already queued, and how many bytes a socket has been given to send.
+//! The socket facts the kernel splice needs that no safe wrapper offers: a socket's
+//! cookie (its key in the splice tables), a nudge that makes the kernel look at bytes
+//! already queued, a receive buffer above the system's cap, and how many bytes a
+//! socket has been given to send.
 #![expect(unsafe_code, reason = "getsockopt, setsockopt and ioctl on sockets the caller owns")]
 
 use std::io;
@@ -38,6 +39,28 @@ pub fn signal_queued(socket: BorrowedFd<'_>) -> io::Result<()> {
         )
     };
     if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
+/// Sets the receive buffer of `socket` to `bytes` (the kernel doubles it for its
+/// bookkeeping), past `net.core.rmem_max` where the agent holds `CAP_NET_ADMIN`
+/// (`SO_RCVBUFFORCE`), else up to that cap (`SO_RCVBUF`). Either turns the buffer's
+/// autotuning off for this socket.
+pub fn set_receive_buffer(socket: BorrowedFd<'_>, bytes: u32) -> io::Result<()> {
+    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    let set = |option| {
+        // SAFETY: a valid fd, and a c_int option value of the size passed.
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                option,
+                (&raw const value).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    };
+    set(libc::SO_RCVBUFFORCE).or_else(|_| set(libc::SO_RCVBUF))
 }
 
 /// Bytes ever queued for sending on the TCP `socket`: acknowledged by the peer

@@ -46,6 +46,11 @@ pub enum Error {
 /// waiting in the kernel, per direction, on top of the sockets' own buffers.
 pub const WINDOW: u64 = 4 << 20;
 
+/// The receive buffer of a spliced socket: wide enough that bytes the kernel has
+/// taken but not yet written into the peer (at most [`WINDOW`]) never close the
+/// window (the kernel doubles the value; TCP advertises part of it).
+const RECEIVE_BUFFER: u32 = WINDOW as u32;
+
 /// The splice tables of the running agent, behind one lock (so no two are ever taken
 /// in different orders).
 pub struct KernelSplice(Mutex<Tables>);
@@ -87,6 +92,17 @@ impl KernelSplice {
             sockopt::bytes_queued_to_send(a).map_err(|e| not_joined("tcp info", &e))?,
             sockopt::bytes_queued_to_send(b).map_err(|e| not_joined("tcp info", &e))?,
         ];
+
+        // The kernel charges what it hands on to the receiving socket until its work
+        // queue has written it into the peer, and sends no window update when it lets
+        // go: a window that closed meanwhile stays closed until the sender's zero-window
+        // probe, 200 ms or more later. A window wider than the allowance never closes
+        // for that reason (only for bytes held back, which the agent reads).
+        for fd in [a, b] {
+            if let Err(e) = sockopt::set_receive_buffer(fd, RECEIVE_BUFFER) {
+                tracing::debug!(error = %e, "kernel splice: receive buffer left as it was");
+            }
+        }
 
         // Dropping `joined` from here on removes whatever entries were written.
         let mut joined =

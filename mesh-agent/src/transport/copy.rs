@@ -428,6 +428,23 @@ mod tests {
         assert!(tables_empty, "both sockets and their entries left the tables");
     }
 
+    /// The kernel charges bytes it has taken but not yet written into the peer to
+    /// the receiving socket and sends no window update when it lets go of them: a
+    /// spliced socket's window must stay open past the allowance, or a one-shot
+    /// transfer stalls on its sender's zero-window probe (200 ms or more; criterion
+    /// `socket_splice_transfer_4m` showed 98 ms on average).
+    #[tokio::test]
+    async fn a_spliced_socket_receives_past_the_kernels_allowance() {
+        let Some((kernel, _pins)) = crate::dataplane::test_kernel_splice() else { return };
+        let [_client, agent_side, server, _app] = proxied_pair().await;
+        let joined = kernel.join(&agent_side, &server).unwrap();
+        for socket in [&agent_side, &server] {
+            let buffer = socket2::SockRef::from(socket).recv_buffer_size().unwrap() as u64;
+            assert!(buffer > splice::WINDOW, "receive buffer {buffer} not past the allowance");
+        }
+        drop(joined);
+    }
+
     /// A server that stops reading pushes back on its client through the kernel
     /// splice as through the agent's copy: what is in flight stays bounded by the
     /// sockets' buffers, so no client makes the node hold its bytes without bound.

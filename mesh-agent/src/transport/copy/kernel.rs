@@ -150,10 +150,9 @@ async fn forward_held(joined: &Joined, from: usize, socket: &TcpStream, other: &
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(false),
             Err(e) => return Err(e),
         };
-        let mut pause = Duration::from_micros(200);
+        let mut backoff = Backoff::default();
         while !joined.kernel_caught_up(from, other.as_fd())? {
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(20));
+            backoff.wait().await;
         }
         let mut rest = &buf[..n];
         while !rest.is_empty() {
@@ -179,7 +178,7 @@ async fn finish_direction(
     idle: Duration,
 ) -> std::io::Result<()> {
     use std::os::fd::AsFd as _;
-    let mut pause = Duration::from_micros(200);
+    let mut backoff = Backoff::default();
     let give_up = Instant::now() + idle;
     loop {
         forward_held(joined, from, socket, other).await?;
@@ -190,7 +189,36 @@ async fn finish_direction(
             tracing::debug!("kernel splice: bytes not handed on before the close; closing anyway");
             return Ok(());
         }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_millis(20));
+        backoff.wait().await;
+    }
+}
+
+/// The pauses between looks at what the kernel's work queue has done, which has no
+/// event to wait on: none for the first [`Backoff::QUICK_LOOKS`] (it usually finishes
+/// within microseconds, and a timer is a millisecond at best), then sleeps from 1 ms
+/// doubling to 20 ms.
+struct Backoff {
+    looks: u32,
+    pause: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self { looks: 0, pause: Duration::from_millis(1) }
+    }
+}
+
+impl Backoff {
+    /// About 100 µs of looking (each look is a few syscalls) before the first sleep.
+    const QUICK_LOOKS: u32 = 16;
+
+    async fn wait(&mut self) {
+        if self.looks < Self::QUICK_LOOKS {
+            self.looks += 1;
+            tokio::task::yield_now().await;
+            return;
+        }
+        tokio::time::sleep(self.pause).await;
+        self.pause = (self.pause * 2).min(Duration::from_millis(20));
     }
 }
