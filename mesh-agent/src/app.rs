@@ -4,6 +4,7 @@
 
 pub mod gateway;
 mod gateway_status;
+mod heap;
 mod pods;
 
 use std::collections::BTreeSet;
@@ -142,6 +143,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
     admin_state.denials = metrics.recent_denials();
     // Up before the config is: a waiting agent answers "not ready" and says why.
     serve_admin(&settings, &admin_state, &shutdown)?;
+    tokio::spawn(heap::hand_back_after_bursts(shutdown.clone()));
     let (mut source, mut changes, _watcher) = open_source(&settings, client.as_ref(), &admin_state).await?;
     let ctx = ProxyContext {
         snapshot: snapshot.clone(),
