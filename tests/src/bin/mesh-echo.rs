@@ -114,9 +114,10 @@ enum Cmd {
         host: String,
     },
     /// Knock on ADDR with a plaintext `GET /` every --every-ms for --for-ms, each
-    /// attempt on its own (a slow one does not hold back the next), with short
-    /// timeouts; print how many attempts got an HTTP answer, as JSON. Samples a window
-    /// in which a server answers far more finely than a loop of curl can.
+    /// attempt on its own (a slow one does not hold back the next), each given
+    /// --timeout-ms; print how many attempts got an HTTP answer, and why the others
+    /// did not, as JSON. Samples a window in which a server answers far more finely
+    /// than a loop of curl can.
     Knock {
         /// Server address.
         addr: SocketAddr,
@@ -126,6 +127,9 @@ enum Cmd {
         /// Interval between attempts.
         #[arg(long, default_value_t = 5)]
         every_ms: u64,
+        /// How long one attempt may take before it counts as unanswered.
+        #[arg(long, default_value_t = 500)]
+        timeout_ms: u64,
     },
     /// Open --conns HTTP/1.1 requests to ADDR at once, each announcing a --body byte
     /// body and sending --send of it, hold them --hold-ms, then close: how a client
@@ -229,7 +233,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Load { addr, conns, bytes } => load(addr, conns, bytes).await,
-        Cmd::Knock { addr, for_ms, every_ms } => knock(addr, for_ms, every_ms).await,
+        Cmd::Knock { addr, for_ms, every_ms, timeout_ms } => knock(addr, for_ms, every_ms, timeout_ms).await,
         Cmd::Stall { addr, conns, body, send, hold_ms, host } => stall(addr, conns, body, send, hold_ms, &host).await,
         Cmd::Upgrade { addr, path, message } => upgrade_client(&addr, &path, &message).await,
         Cmd::Grpc { addr, message, headers } => grpc_client(&addr, &message, &headers).await,
@@ -546,34 +550,43 @@ async fn stall(
     Ok(())
 }
 
-async fn knock(addr: SocketAddr, for_ms: u64, every_ms: u64) -> anyhow::Result<()> {
-    async fn once(addr: SocketAddr) -> Option<String> {
+async fn knock(addr: SocketAddr, for_ms: u64, every_ms: u64, timeout_ms: u64) -> anyhow::Result<()> {
+    /// One request on a new connection: its status code, or why there was none.
+    async fn once(addr: SocketAddr, timeout: Duration) -> Result<String, &'static str> {
         let attempt = async {
-            let mut s = TcpStream::connect(addr).await.ok()?;
-            s.write_all(b"GET / HTTP/1.0\r\nHost: knock\r\n\r\n").await.ok()?;
+            let mut s = TcpStream::connect(addr).await.map_err(|_| "connect")?;
+            s.write_all(b"GET / HTTP/1.0\r\nHost: knock\r\n\r\n").await.map_err(|_| "write")?;
             let mut buf = [0u8; 16];
-            let n = s.read(&mut buf).await.ok()?;
+            let n = s.read(&mut buf).await.map_err(|_| "read")?;
             let line = String::from_utf8_lossy(&buf[..n]).into_owned();
-            line.split_whitespace().nth(1).map(str::to_owned)
+            line.split_whitespace().nth(1).map(str::to_owned).ok_or(if n == 0 { "closed" } else { "not http" })
         };
-        tokio::time::timeout(Duration::from_millis(500), attempt).await.ok().flatten()
+        tokio::time::timeout(timeout, attempt).await.unwrap_or(Err("timeout"))
     }
     let deadline = tokio::time::Instant::now() + Duration::from_millis(for_ms);
     let mut tick = tokio::time::interval(Duration::from_millis(every_ms.max(1)));
     let mut attempts = tokio::task::JoinSet::new();
     while tokio::time::Instant::now() < deadline {
         tick.tick().await;
-        attempts.spawn(once(addr));
+        attempts.spawn(once(addr, Duration::from_millis(timeout_ms)));
     }
     let (mut tries, mut answered, mut first) = (0u64, 0u64, None);
+    let mut failures: std::collections::BTreeMap<&str, u64> = std::collections::BTreeMap::new();
     while let Some(r) = attempts.join_next().await {
         tries += 1;
-        if let Ok(Some(code)) = r {
-            answered += 1;
-            first.get_or_insert(code);
+        match r {
+            Ok(Ok(code)) => {
+                answered += 1;
+                first.get_or_insert(code);
+            }
+            Ok(Err(why)) => *failures.entry(why).or_default() += 1,
+            Err(_) => *failures.entry("panicked").or_default() += 1,
         }
     }
-    println!("{}", serde_json::json!({"tries": tries, "answered": answered, "first_status": first}));
+    println!(
+        "{}",
+        serde_json::json!({"tries": tries, "answered": answered, "first_status": first, "failures": failures})
+    );
     Ok(())
 }
 
