@@ -2,6 +2,7 @@
 //! the way.
 
 use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -790,13 +791,23 @@ fn config_held(objects: &[Object]) -> Vec<(&'static str, String, String)> {
 /// because config types hold only ordered maps.
 fn config_digest(objects: &[Object]) -> String {
     let mut sorted: Vec<(_, &Object)> = objects.iter().map(|o| (o.key(), o)).collect();
-    sorted.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    sorted.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    let mut digest = DigestWriter(ring::digest::Context::new(&ring::digest::SHA256));
     for (_, o) in sorted {
-        ctx.update(format!("{o:?}").as_bytes());
-        ctx.update(b"\0");
+        // Streamed into the hash: no string of each object's text is built.
+        let _ = write!(digest, "{o:?}\0");
     }
-    ctx.finish().as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect()
+    digest.0.finish().as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Feeds formatted text straight into a SHA-256 context.
+struct DigestWriter(ring::digest::Context);
+
+impl std::fmt::Write for DigestWriter {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.0.update(s.as_bytes());
+        Ok(())
+    }
 }
 
 /// The IP EndpointSlices of each `(namespace, service)`, in slice-name order: indexed
