@@ -18,6 +18,7 @@ use crate::state::TelemetryPolicy;
 use crate::telemetry::access_log::Entry;
 use crate::telemetry::{ConnLabels, Direction, Metrics, OpenConn};
 
+mod both_ways;
 mod kernel;
 
 pub use kernel::KERNEL_PROGRESS_EVERY;
@@ -29,12 +30,14 @@ pub use kernel::KERNEL_PROGRESS_EVERY;
 const BUFFER_SIZE: usize = 16 * 1024;
 
 /// Copies both ways until both sides are done; returns bytes `a -> b` and `b -> a`.
+/// A side whose writes fail still has what it sent delivered to the other before the
+/// copy ends (`both_ways`).
 pub async fn bidirectional<A, B>(a: &mut A, b: &mut B) -> std::io::Result<(u64, u64)>
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    tokio::io::copy_bidirectional_with_sizes(a, b, BUFFER_SIZE, BUFFER_SIZE).await
+    both_ways::copy_both_ways(a, b, BUFFER_SIZE).await
 }
 
 /// Where a spliced connection came from and went, for its access log line, and what

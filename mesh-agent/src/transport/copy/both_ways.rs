@@ -1,0 +1,276 @@
+//! Copying both ways between two streams, as `tokio::io::copy_bidirectional` does, with
+//! one difference: when writing to one side fails, what that side already sent is still
+//! delivered to the other before the copy ends. An HBONE stream the server resets once
+//! its answer is out (`RST_STREAM(NO_ERROR)` after a complete HTTP/1.0 response) fails
+//! the next write or flush towards it; tokio's copy then returned at once and the client
+//! lost the answer that was waiting to be read, now and then, under load.
+//!
+//! A failed read ends the copy at once, as before: the side it came from is gone, and
+//! nothing it sent is left to deliver.
+
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Copies `a` to `b` and `b` to `a` with a buffer of `buffer` bytes each way, until
+/// both directions are done: each one's end of stream passed on as a shutdown, or its
+/// writes failed and the other direction has finished delivering what it read. Returns
+/// the bytes each way, or the first error.
+pub(crate) async fn copy_both_ways<A, B>(a: &mut A, b: &mut B, buffer: usize) -> io::Result<(u64, u64)>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    let mut a_to_b = Direction::new(buffer);
+    let mut b_to_a = Direction::new(buffer);
+    poll_fn(|cx| {
+        let forward = a_to_b.poll(cx, &mut *a, &mut *b);
+        let back = b_to_a.poll(cx, &mut *b, &mut *a);
+        for state in [&mut a_to_b, &mut b_to_a] {
+            if let State::ReadFailed(_) = state.state {
+                return Poll::Ready(Err(state.take_error()));
+            }
+        }
+        if forward.is_pending() || back.is_pending() {
+            return Poll::Pending;
+        }
+        match (a_to_b.take_result(), b_to_a.take_result()) {
+            (Ok(forward), Ok(back)) => Poll::Ready(Ok((forward, back))),
+            (Err(e), _) | (_, Err(e)) => Poll::Ready(Err(e)),
+        }
+    })
+    .await
+}
+
+/// One direction of the copy.
+struct Direction {
+    state: State,
+    buf: Box<[u8]>,
+    /// Bytes in `buf` not yet written: `buf[pos..cap]`.
+    pos: usize,
+    cap: usize,
+    read_done: bool,
+    need_flush: bool,
+    copied: u64,
+}
+
+enum State {
+    Copying,
+    ShuttingDown,
+    Done,
+    /// The reader failed: the whole copy ends.
+    ReadFailed(io::Error),
+    /// The writer failed: this direction is over; the other one still delivers.
+    WriteFailed(io::Error),
+    /// The error was handed out.
+    Taken,
+}
+
+impl Direction {
+    fn new(buffer: usize) -> Self {
+        Self {
+            state: State::Copying,
+            buf: vec![0; buffer].into_boxed_slice(),
+            pos: 0,
+            cap: 0,
+            read_done: false,
+            need_flush: false,
+            copied: 0,
+        }
+    }
+
+    /// Moves this direction on; Ready once it is over (done or failed).
+    fn poll<R, W>(&mut self, cx: &mut Context<'_>, reader: &mut R, writer: &mut W) -> Poll<()>
+    where
+        R: AsyncRead + Unpin + ?Sized,
+        W: AsyncWrite + Unpin + ?Sized,
+    {
+        loop {
+            match self.state {
+                State::Copying => match ready!(self.poll_copy(cx, reader, writer)) {
+                    Ok(()) => self.state = State::ShuttingDown,
+                    Err(Failure::Read(e)) => self.state = State::ReadFailed(e),
+                    Err(Failure::Write(e)) => self.state = State::WriteFailed(e),
+                },
+                State::ShuttingDown => {
+                    self.state = match ready!(Pin::new(&mut *writer).poll_shutdown(cx)) {
+                        Ok(()) => State::Done,
+                        Err(e) => State::WriteFailed(e),
+                    };
+                }
+                State::Done | State::ReadFailed(_) | State::WriteFailed(_) | State::Taken => return Poll::Ready(()),
+            }
+        }
+    }
+
+    /// Reads and writes until the reader's end of stream is written and flushed.
+    fn poll_copy<R, W>(&mut self, cx: &mut Context<'_>, reader: &mut R, writer: &mut W) -> Poll<Result<(), Failure>>
+    where
+        R: AsyncRead + Unpin + ?Sized,
+        W: AsyncWrite + Unpin + ?Sized,
+    {
+        loop {
+            // Every pass moves bytes; the budget keeps one busy connection from holding
+            // its worker thread.
+            let coop = ready!(tokio::task::coop::poll_proceed(cx));
+            if self.cap < self.buf.len() && !self.read_done {
+                let mut read = ReadBuf::new(&mut self.buf[self.cap..]);
+                match Pin::new(&mut *reader).poll_read(cx, &mut read) {
+                    Poll::Ready(Ok(())) => {
+                        let n = read.filled().len();
+                        self.read_done = n == 0;
+                        self.cap += n;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(Failure::Read(e))),
+                    Poll::Pending if self.pos == self.cap => {
+                        // Nothing to write: flush what was written, in case the reader
+                        // waits on it.
+                        if self.need_flush {
+                            ready!(Pin::new(&mut *writer).poll_flush(cx)).map_err(Failure::Write)?;
+                            self.need_flush = false;
+                        }
+                        return Poll::Pending;
+                    }
+                    Poll::Pending => {}
+                }
+            }
+            while self.pos < self.cap {
+                let n = ready!(Pin::new(&mut *writer).poll_write(cx, &self.buf[self.pos..self.cap]))
+                    .map_err(Failure::Write)?;
+                if n == 0 {
+                    let e = io::Error::new(io::ErrorKind::WriteZero, "write zero bytes into the writer");
+                    return Poll::Ready(Err(Failure::Write(e)));
+                }
+                self.pos += n;
+                self.copied += n as u64;
+                self.need_flush = true;
+                coop.made_progress();
+            }
+            self.pos = 0;
+            self.cap = 0;
+            if self.read_done {
+                ready!(Pin::new(&mut *writer).poll_flush(cx)).map_err(Failure::Write)?;
+                return Poll::Ready(Ok(()));
+            }
+        }
+    }
+
+    fn take_error(&mut self) -> io::Error {
+        match std::mem::replace(&mut self.state, State::Taken) {
+            State::ReadFailed(e) | State::WriteFailed(e) => e,
+            _ => io::Error::other("the copy's error was already taken"),
+        }
+    }
+
+    fn take_result(&mut self) -> io::Result<u64> {
+        match self.state {
+            State::Done => Ok(self.copied),
+            _ => Err(self.take_error()),
+        }
+    }
+}
+
+/// Which end of a direction failed.
+enum Failure {
+    Read(io::Error),
+    Write(io::Error),
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+
+    /// A stream that delivers `answer` and then its end, and fails every write: a peer
+    /// that reset its receiving side once it had answered.
+    struct AnsweredThenReset {
+        answer: &'static [u8],
+    }
+
+    impl AsyncRead for AnsweredThenReset {
+        fn poll_read(mut self: Pin<&mut Self>, _: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+            let n = self.answer.len().min(buf.remaining());
+            buf.put_slice(&self.answer[..n]);
+            self.answer = &self.answer[n..];
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncWrite for AnsweredThenReset {
+        fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, _: &[u8]) -> Poll<io::Result<usize>> {
+            Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_stops_receiving_still_gets_its_answer_delivered() {
+        let (mut client, mut agent_side) = tokio::io::duplex(1024);
+        client.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
+        let mut server = AnsweredThenReset { answer: b"HTTP/1.0 200 OK\r\n\r\nhello" };
+        let copy = tokio::spawn(async move { copy_both_ways(&mut agent_side, &mut server, 64).await });
+        let mut answer = Vec::new();
+        client.read_to_end(&mut answer).await.unwrap();
+        assert_eq!(answer, b"HTTP/1.0 200 OK\r\n\r\nhello", "the answer reached the client, then its end");
+        let result = copy.await.unwrap();
+        assert_eq!(result.unwrap_err().kind(), io::ErrorKind::BrokenPipe, "the failed write is still reported");
+    }
+
+    #[tokio::test]
+    async fn a_failed_read_ends_the_copy_at_once() {
+        struct Broken;
+        impl AsyncRead for Broken {
+            fn poll_read(self: Pin<&mut Self>, _: &mut Context<'_>, _: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+                Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()))
+            }
+        }
+        impl AsyncWrite for Broken {
+            fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, b: &[u8]) -> Poll<io::Result<usize>> {
+                Poll::Ready(Ok(b.len()))
+            }
+            fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+                Poll::Ready(Ok(()))
+            }
+            fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+                Poll::Ready(Ok(()))
+            }
+        }
+        // The other side never sends nor closes: only the failed read can end the copy.
+        let (_client, mut agent_side) = tokio::io::duplex(1024);
+        let result = copy_both_ways(&mut agent_side, &mut Broken, 64).await;
+        assert_eq!(result.unwrap_err().kind(), io::ErrorKind::ConnectionReset);
+    }
+
+    #[tokio::test]
+    async fn both_ways_in_order_with_each_end_passed_on() {
+        let (mut client, mut agent_client) = tokio::io::duplex(4096);
+        let (mut agent_server, mut server) = tokio::io::duplex(4096);
+        let copy = tokio::spawn(async move { copy_both_ways(&mut agent_client, &mut agent_server, 1000).await });
+        let request: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let sent = request.clone();
+        let writer = tokio::spawn(async move {
+            client.write_all(&sent).await.unwrap();
+            client.shutdown().await.unwrap();
+            client
+        });
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        assert!(got == request, "100 kB in order, then the end of the stream");
+        server.write_all(b"done").await.unwrap();
+        server.shutdown().await.unwrap();
+        let mut client = writer.await.unwrap();
+        let mut answer = Vec::new();
+        client.read_to_end(&mut answer).await.unwrap();
+        assert_eq!(answer, b"done");
+        assert_eq!(copy.await.unwrap().unwrap(), (100_000, 4));
+    }
+}
