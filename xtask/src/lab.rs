@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::bail;
+use anyhow::{Context as _, bail};
 use clap::Subcommand;
 use mesh_tests::lab::{DEFAULT_STATE_DIR, Lab, Options};
 
@@ -34,6 +34,16 @@ pub enum LabCmd {
         /// Command and arguments.
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
+    },
+    /// Restart a node's agent (SIGTERM: it drains, then a new one takes over its pinned
+    /// maps and pods), with the agent binary at --binary from now on if given; returns
+    /// once the new agent answers ready.
+    RestartAgent {
+        /// Node name.
+        node: String,
+        /// Another agent binary (an upgrade or a downgrade).
+        #[arg(long)]
+        binary: Option<PathBuf>,
     },
     /// Print a node agent's log.
     Logs {
@@ -107,6 +117,18 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<()> {
         LabCmd::Exec { pod, cmd } => {
             let status = Lab::load(&state_dir())?.pod_command(&pod, &cmd)?.status()?;
             std::process::exit(status.code().unwrap_or(1));
+        }
+        LabCmd::RestartAgent { node, binary } => {
+            let mut lab = Lab::load(&state_dir())?;
+            lab.node(&node)?;
+            if let Some(binary) = binary {
+                lab.agent_bin =
+                    std::fs::canonicalize(&binary).with_context(|| format!("--binary {}", binary.display()))?;
+            }
+            let started = std::time::Instant::now();
+            lab.stop_agent(&node, "TERM")?;
+            lab.start_agent(&node)?;
+            println!("agent of {node} restarted ({}), ready after {:?}", lab.agent_bin.display(), started.elapsed());
         }
         LabCmd::Logs { node } => {
             let lab = Lab::load(&state_dir())?;
