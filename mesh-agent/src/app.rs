@@ -180,11 +180,12 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
         admin: admin_state.clone(),
         hinted: None,
         renewal,
+        started: false,
     };
     agent.apply(&mut source);
     agent.finish_takeover();
-    admin_state.ready.store(true, Ordering::Release);
-    tracing::info!(node = %settings.node, pods = agent.pods.enrolled_count(), "agent ready");
+    agent.started = true;
+    agent.publish_readiness();
 
     let mut resync = tokio::time::interval(RESYNC_INTERVAL);
     let mut ticks: u64 = 0;
@@ -430,6 +431,8 @@ struct Agent {
     /// The enrolled namespaces last written for the CNI plugin.
     hinted: Option<BTreeSet<String>>,
     renewal: Renewal,
+    /// The first config is applied and the previous run's leftovers are cleaned up.
+    started: bool,
 }
 
 impl Agent {
@@ -485,6 +488,18 @@ impl Agent {
         }
     }
 
+    /// Answers ready once the agent has started and no local pod waits for its
+    /// certificate: every pod it should capture is served (or reported failed). A
+    /// restarted agent that answered ready before its pods' certificates came back
+    /// refused the connections that arrived in between.
+    fn publish_readiness(&self) {
+        if !self.started || self.admin.ready.load(Ordering::Acquire) || self.pods.waiting_for_certificates() {
+            return;
+        }
+        self.admin.ready.store(true, Ordering::Release);
+        tracing::info!(node = %self.settings.node, pods = self.pods.enrolled_count(), "agent ready");
+    }
+
     /// Brings the served pods in line with the snapshot, answers the CNI plugin, and
     /// publishes where every local pod stands.
     fn reconcile(&mut self) {
@@ -494,6 +509,7 @@ impl Agent {
             self.renewal.kick();
         }
         self.pods.answer_waiters(&snap, &self.settings.node);
+        self.publish_readiness();
         self.ctx.metrics.enrolled_pods.set(self.pods.enrolled_count() as i64);
         *self.admin.pods.lock().unwrap_or_else(|p| p.into_inner()) = self.pods.report();
         let enrolled_namespaces = snap.enrolled_namespaces();
