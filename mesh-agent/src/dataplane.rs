@@ -212,9 +212,7 @@ impl Dataplane {
         start_kernel_log(&mut ebpf);
 
         let generation = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0).to_string();
-        let take = |ebpf: &mut Ebpf, name: &'static str| {
-            ebpf.take_map(name).ok_or(Error::Map { map: name, reason: "missing from the object".into() })
-        };
+        let take = take_map;
         let tables = Tables {
             enrolled: BpfHashMap::try_from(take(&mut ebpf, maps::ENROLLED_PODS)?)
                 .map_err(map_err(maps::ENROLLED_PODS))?,
@@ -703,12 +701,15 @@ fn load_every_program(pin_dir: &Path) -> Result<Vec<&'static str>, Error> {
     Ok(loaded)
 }
 
+/// Takes map `name` out of the loaded object.
+fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, Error> {
+    ebpf.take_map(name).ok_or(Error::Map { map: name, reason: "missing from the object".into() })
+}
+
 /// Loads the splice verdict program and attaches it to `SPLICE_SOCKETS`. The program
 /// stays attached for as long as the map lives, which is as long as this agent does.
 fn attach_splice(ebpf: &mut Ebpf) -> Result<splice::KernelSplice, Error> {
-    let take = |ebpf: &mut Ebpf, name: &'static str| {
-        ebpf.take_map(name).ok_or(Error::Map { map: name, reason: "missing from the object".into() })
-    };
+    let take = take_map;
     let sockets: SockHash<MapData, u64> =
         SockHash::try_from(take(ebpf, maps::SPLICE_SOCKETS)?).map_err(map_err(maps::SPLICE_SOCKETS))?;
     let ends = BpfHashMap::try_from(take(ebpf, maps::SPLICE_ENDS)?).map_err(map_err(maps::SPLICE_ENDS))?;
