@@ -182,7 +182,7 @@ pub fn quantity_milli(v: &Value) -> Result<u64, String> {
     };
     let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a quantity"))?;
     if n < 0.0 || !n.is_finite() {
-        return Err(format!("{s:?} must not be negative"));
+        return Err(format!("{s:?} must be a finite quantity, not negative"));
     }
     Ok((n * scale).round() as u64)
 }
@@ -259,10 +259,17 @@ impl TrafficSplit {
         if self.spec.backends.is_empty() {
             return Err(("spec.backends".into(), "at least one backend is required".into()));
         }
-        let mut total = 0;
+        let mut total: u64 = 0;
         let mut names = std::collections::HashSet::new();
         for (i, b) in self.spec.backends.iter().enumerate() {
             total += quantity_milli(&b.weight).map_err(|e| (format!("spec.backends[{i}].weight"), e))?;
+            // Weights are compiled into thousandths that must add up within 32 bits.
+            if total > u64::from(u32::MAX) {
+                return Err((
+                    format!("spec.backends[{i}].weight"),
+                    format!("weights add up to more than {}m", u32::MAX),
+                ));
+            }
             if !names.insert(b.service.as_str()) {
                 return Err((format!("spec.backends[{i}].service"), format!("{:?} is listed twice", b.service)));
             }

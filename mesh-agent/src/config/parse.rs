@@ -185,7 +185,13 @@ fn parse_object(file: &Path, index: usize, value: Value) -> Result<Object, Error
     let kind =
         value.get("kind").and_then(Value::as_str).ok_or_else(|| err(None, "kind", "missing or not a string".into()))?;
     let name = value.get("metadata").and_then(|m| m.get("name")).and_then(Value::as_str).map(str::to_owned);
-    let label = Some(format!("{kind} {}", name.as_deref().unwrap_or("<unnamed>")));
+    let namespace = value.get("metadata").and_then(|m| m.get("namespace")).and_then(Value::as_str);
+    let name = name.as_deref().unwrap_or("<unnamed>");
+    // Named as everywhere else: `Kind namespace/name` when the object says its namespace.
+    let label = Some(match namespace {
+        Some(ns) if !ns.is_empty() => format!("{kind} {ns}/{name}"),
+        _ => format!("{kind} {name}"),
+    });
     let api_version = value
         .get("apiVersion")
         .and_then(Value::as_str)
@@ -478,7 +484,7 @@ metadata: {name: myapp, namespace: production}
             ("kind: Pod\nmetadata: {name: a}\n", "t.yaml: Pod a: field apiVersion: missing or not a string"),
             (
                 "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: a, namespace: n}\n",
-                "t.yaml: VirtualService a: field spec: required field is missing",
+                "t.yaml: VirtualService n/a: field spec: required field is missing",
             ),
             (
                 "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: a, namespace: n}\nstatus: {}\n",
@@ -561,6 +567,11 @@ metadata: {name: myapp, namespace: production}
             (
                 "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec:\n  host: myapp\n  trafficPolicy: {outlierDetection: {baseEjectionTime: -30s}}\n".to_string(),
                 "field spec.trafficPolicy.outlierDetection.baseEjectionTime: duration \"-30s\" must not be negative",
+            ),
+            (
+                // Found by the config fuzz target: two huge weights overflowed the sum.
+                "apiVersion: split.smi-spec.io/v1alpha2\nkind: TrafficSplit\nmetadata: {name: t, namespace: production}\nspec:\n  service: myapp\n  backends: [{service: a, weight: 4000000}, {service: b, weight: 1000000G}]\n".to_string(),
+                "field spec.backends[1].weight: weights add up to more than 4294967295m",
             ),
         ];
         for (yaml, want) in cases {

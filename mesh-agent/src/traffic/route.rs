@@ -1049,7 +1049,8 @@ pub fn compile_split(ts: &linkerd::TrafficSplit, ns: &str) -> Rule {
 
 /// One of `backends` at random by weight (equal shares when no weights are set).
 pub fn pick_weighted(backends: &[WeightedBackend]) -> Option<&WeightedBackend> {
-    let total: u32 = backends.iter().map(|b| b.weight).sum();
+    // Summed wide: no set of u32 weights overflows it.
+    let total: u64 = backends.iter().map(|b| u64::from(b.weight)).sum();
     if total == 0 {
         return backends
             .get(rand::Rng::random_range(&mut rand::rng(), 0..backends.len().max(1)))
@@ -1057,10 +1058,10 @@ pub fn pick_weighted(backends: &[WeightedBackend]) -> Option<&WeightedBackend> {
     }
     let mut x = rand::Rng::random_range(&mut rand::rng(), 0..total);
     for b in backends {
-        if x < b.weight {
+        if x < u64::from(b.weight) {
             return Some(b);
         }
-        x -= b.weight;
+        x -= u64::from(b.weight);
     }
     backends.last()
 }
