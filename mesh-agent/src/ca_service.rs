@@ -75,7 +75,7 @@ pub struct Settings {
     pub root_configmap: Vec<String>,
 
     /// SPIFFE trust domain of the identities signed.
-    #[arg(long, env = "MESH_TRUST_DOMAIN", default_value = "cluster.local")]
+    #[arg(long, env = "MESH_TRUST_DOMAIN", default_value = "cluster.local", value_parser = crate::identity::parse_trust_domain)]
     pub trust_domain: String,
 
     /// DNS names in the service's own certificate (agents check one of them).

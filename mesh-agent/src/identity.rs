@@ -12,7 +12,7 @@ pub use ca::{CaFiles, MeshCa, SECRET_REQUIRED_KEYS, SelfSignedRoot};
 pub use ca_client::{CaClient, Issued};
 pub(crate) use certs::humantime_utc;
 pub use certs::{CertStore, Signer, WorkloadCert};
-pub use spiffe::Identity;
+pub use spiffe::{Identity, parse_trust_domain};
 pub use verify::{PeerVerifier, client_config, edge_server_config, peer_identity, server_config};
 
 use std::path::PathBuf;

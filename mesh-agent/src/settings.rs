@@ -119,11 +119,16 @@ pub struct Settings {
     pub trust_refresh: Duration,
 
     /// SPIFFE trust domain of this mesh.
-    #[arg(long, env = "MESH_TRUST_DOMAIN", default_value = "cluster.local")]
+    #[arg(long, env = "MESH_TRUST_DOMAIN", default_value = "cluster.local", value_parser = crate::identity::parse_trust_domain)]
     pub trust_domain: String,
 
     /// Other trust domains whose identities are accepted (migrations, multi-cluster).
-    #[arg(long = "trust-domain-alias", env = "MESH_TRUST_DOMAIN_ALIASES", value_delimiter = ',')]
+    #[arg(
+        long = "trust-domain-alias",
+        env = "MESH_TRUST_DOMAIN_ALIASES",
+        value_delimiter = ',',
+        value_parser = crate::identity::parse_trust_domain
+    )]
     pub trust_domain_aliases: Vec<String>,
 
     /// Namespace whose PeerAuthentication and AuthorizationPolicy apply mesh-wide

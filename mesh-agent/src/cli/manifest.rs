@@ -222,7 +222,9 @@ impl Values {
             "values.global.hub" => self.hub = value,
             "values.global.tag" => self.tag = value,
             "values.global.logging.level" => self.log_level = value,
-            "meshConfig.trustDomain" => self.trust_domain = value,
+            "meshConfig.trustDomain" => {
+                self.trust_domain = crate::identity::parse_trust_domain(&value).map_err(|r| bad(&r))?
+            }
             "meshConfig.rootNamespace" => self.root_namespace = dns_label(&value).map_err(|r| bad(&r))?,
             "meshConfig.outboundTrafficPolicy.mode" => match value.as_str() {
                 "ALLOW_ANY" | "REGISTRY_ONLY" => self.outbound_traffic_policy = value,

@@ -28,7 +28,9 @@ impl Identity {
         let rest = uri.strip_prefix("spiffe://").ok_or_else(bad)?;
         let parts: Vec<&str> = rest.split('/').collect();
         match parts.as_slice() {
-            [td, "ns", ns, "sa", sa] if !td.is_empty() && !ns.is_empty() && !sa.is_empty() => Ok(Self::new(td, ns, sa)),
+            [td, "ns", ns, "sa", sa] if trust_domain_ok(td) && segment_ok(ns) && segment_ok(sa) => {
+                Ok(Self::new(td, ns, sa))
+            }
             _ => Err(bad()),
         }
     }
@@ -37,6 +39,31 @@ impl Identity {
     pub fn principal(&self) -> String {
         format!("{}/ns/{}/sa/{}", self.trust_domain, self.namespace, self.service_account)
     }
+}
+
+/// Checks a trust domain given on the command line: the same rule a peer's identity
+/// is read with, so the mesh never issues identities it would refuse.
+pub fn parse_trust_domain(td: &str) -> Result<String, String> {
+    if trust_domain_ok(td) {
+        Ok(td.to_string())
+    } else {
+        Err(format!("trust domain {td:?} must be non-empty lower-case letters, digits, '.', '-' or '_' (SPIFFE)"))
+    }
+}
+
+/// The SPIFFE ID spec's trust domain characters: lower-case letters, digits, `.`, `-`
+/// and `_`. Nothing a peer's certificate carries reaches logs, metric labels or policy
+/// matching with any other byte.
+fn trust_domain_ok(td: &str) -> bool {
+    !td.is_empty()
+        && td.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_'))
+}
+
+/// The SPIFFE ID spec's path segment characters (letters, digits, `.`, `-`, `_`), and
+/// not a dot segment.
+fn segment_ok(segment: &str) -> bool {
+    !matches!(segment, "" | "." | "..")
+        && segment.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
 }
 
 impl fmt::Display for Identity {
@@ -65,6 +92,12 @@ mod tests {
             "spiffe:///ns/a/sa/b",
             "spiffe://td/ns/a/sa/b/extra",
             "spiffe://td/sa/a/ns/b",
+            "spiffe://Cluster.local/ns/a/sa/b",
+            "spiffe://td/ns/a b/sa/c",
+            "spiffe://td/ns/a/sa/b\nforged=1",
+            "spiffe://td/ns/../sa/b",
+            "spiffe://td:8080/ns/a/sa/b",
+            "spiffe://td/ns/a%2F/sa/b",
         ] {
             assert!(Identity::parse(bad).is_err(), "{bad} accepted");
         }
