@@ -11,6 +11,7 @@
 //! Invariants: a policy that cannot be compiled denies (fail closed); TCP is never
 //! allowed more than an HTTP request would be (see `rules`).
 
+pub mod head;
 pub mod mtls;
 pub mod path;
 mod rules;

@@ -6,7 +6,7 @@ mod admission;
 pub mod detect;
 pub mod dns;
 mod egress;
-mod hbone;
+pub(crate) mod hbone;
 mod inbound;
 mod inpod;
 mod local;

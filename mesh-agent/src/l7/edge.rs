@@ -9,7 +9,8 @@ use std::net::{IpAddr, SocketAddr};
 
 use http::{HeaderMap, HeaderName, HeaderValue, Request, StatusCode};
 
-use crate::authz::{ConnAttrs, Decision, Peer, RBAC_DENIED, RequestAttrs, path};
+use crate::authz::head::{self, BadHead};
+use crate::authz::{ConnAttrs, Decision, Peer, RBAC_DENIED, RequestAttrs};
 use crate::snapshot::Snapshot;
 use crate::state::Workload;
 use crate::telemetry::{DenyReason, Metrics};
@@ -50,46 +51,30 @@ pub struct Arrival<'a> {
 
 /// Judges `req` and prepares it for routing, or says how to refuse it.
 pub fn admit<B>(at: &Arrival<'_>, metrics: &Metrics, req: &mut Request<B>) -> Result<(), Refusal> {
-    // Methods are tokens compared case-sensitively: a lower-case verb would be judged
-    // as a method the application may read differently.
-    if req.method().as_str().bytes().any(|b| b.is_ascii_lowercase()) {
-        return Err(Refusal { status: StatusCode::BAD_REQUEST, flags: "DPE", body: "method must be upper case\n" });
-    }
-    let normalized = path::normalize(req.uri().path()).map_err(|_| Refusal {
-        status: StatusCode::BAD_REQUEST,
-        flags: "DPE",
-        body: "invalid request path\n",
+    let judged = head::judge(req.method(), req.uri(), req.headers()).map_err(|e| {
+        let body = match e {
+            BadHead::LowerCaseMethod => "method must be upper case\n",
+            BadHead::Path(_) => "invalid request path\n",
+            BadHead::Target => "invalid request target\n",
+        };
+        Refusal { status: StatusCode::BAD_REQUEST, flags: "DPE", body }
     })?;
-    let host = req
-        .uri()
-        .authority()
-        .map(|a| a.as_str().to_ascii_lowercase())
-        .or_else(|| req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()).map(str::to_ascii_lowercase))
-        .unwrap_or_default();
     let attrs = ConnAttrs { src: at.client, dst: at.local, peer: at.peer };
     let request = RequestAttrs {
         method: req.method().as_str(),
-        path: &normalized,
-        host_lowercase: &host,
+        path: &judged.path,
+        host_lowercase: &judged.host_lowercase,
         headers: req.headers(),
     };
     if let Decision::Deny(reason) = at.snapshot.security(&at.gateway.key()).authz.check(&attrs, Some(&request)) {
         tracing::info!(
-            gateway = %at.gateway.name, client = %at.client, method = %req.method(), path = %normalized, %reason,
+            gateway = %at.gateway.name, client = %at.client, method = %req.method(), path = %judged.path, %reason,
             "denied by authorization policy"
         );
         metrics.denied(at.gateway, DenyReason::HttpPolicy, attrs.client(), &reason);
         return Err(Refusal { status: StatusCode::FORBIDDEN, flags: "RBAC", body: RBAC_DENIED });
     }
-    let target = match req.uri().query() {
-        Some(q) => format!("{normalized}?{q}"),
-        None => normalized,
-    };
-    *req.uri_mut() = path::with_path(req.uri(), &target).map_err(|_| Refusal {
-        status: StatusCode::BAD_REQUEST,
-        flags: "DPE",
-        body: "invalid request target\n",
-    })?;
+    *req.uri_mut() = judged.target;
     set_forwarding_headers(req.headers_mut(), at.client.ip(), at.tls);
     Ok(())
 }

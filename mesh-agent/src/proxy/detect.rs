@@ -74,23 +74,32 @@ pub async fn peek_sni(stream: &TcpStream) -> Result<String, String> {
         if n == 0 {
             return Err("closed before a client hello".into());
         }
-        let mut acceptor = rustls::server::Acceptor::default();
-        let mut bytes = &buf[..n];
-        acceptor.read_tls(&mut bytes).map_err(|e| e.to_string())?;
-        match acceptor.accept() {
-            Ok(Some(hello)) => {
-                return hello.client_hello().server_name().map(str::to_owned).ok_or_else(|| "no SNI".to_string());
-            }
-            Ok(None) if n < buf.len() => {
+        match sni_in_hello(&buf[..n])? {
+            Some(name) => return Ok(name),
+            None if n < buf.len() => {
                 if n == last {
                     // Nothing new yet: wait for more bytes rather than spin on peek.
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
                 last = n;
             }
-            Ok(None) => return Err("client hello larger than one record".into()),
-            Err((e, _)) => return Err(format!("not a TLS client hello: {e}")),
+            None => return Err("client hello larger than one record".into()),
         }
+    }
+}
+
+/// The SNI of the TLS client hello that `bytes` start with: None while the hello is
+/// incomplete, an error when the bytes are not a client hello or name no server.
+pub fn sni_in_hello(bytes: &[u8]) -> Result<Option<String>, String> {
+    let mut acceptor = rustls::server::Acceptor::default();
+    let mut rest = bytes;
+    acceptor.read_tls(&mut rest).map_err(|e| e.to_string())?;
+    match acceptor.accept() {
+        Ok(Some(hello)) => {
+            hello.client_hello().server_name().map(|n| Some(n.to_owned())).ok_or_else(|| "no SNI".to_string())
+        }
+        Ok(None) => Ok(None),
+        Err((e, _)) => Err(format!("not a TLS client hello: {e}")),
     }
 }
 
@@ -140,7 +149,7 @@ async fn peek_host(stream: &TcpStream) -> Option<String> {
 
 /// What the start of an HTTP/1 request says of its Host.
 #[derive(Debug, PartialEq, Eq)]
-enum HeadScan {
+pub enum HeadScan {
     /// The Host header, lower-cased, without a port.
     Found(String),
     /// The head ended without one.
@@ -149,7 +158,8 @@ enum HeadScan {
     Partial,
 }
 
-fn host_in_head(bytes: &[u8]) -> HeadScan {
+/// What the start of an HTTP/1 request (`bytes`) says of its Host.
+pub fn host_in_head(bytes: &[u8]) -> HeadScan {
     // Whole lines only: the request line first, then headers until the empty line.
     let mut lines = bytes.split(|b| *b == b'\n');
     let complete = bytes.iter().filter(|b| **b == b'\n').count();

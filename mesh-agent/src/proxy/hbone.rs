@@ -81,6 +81,42 @@ fn status(code: StatusCode) -> Response<Empty<Bytes>> {
     r
 }
 
+/// Why a CONNECT stream's request names no target the pod's tunnel may reach.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refused {
+    /// Not a CONNECT.
+    NotConnect,
+    /// The authority is not `ip:port`.
+    BadTarget,
+    /// An address of another pod, or a port of the mesh's own.
+    Outside(SocketAddr),
+}
+
+impl Refused {
+    /// The status the stream is answered with.
+    pub(crate) fn status(self) -> StatusCode {
+        match self {
+            Refused::NotConnect => StatusCode::METHOD_NOT_ALLOWED,
+            Refused::BadTarget => StatusCode::BAD_REQUEST,
+            Refused::Outside(_) => StatusCode::FORBIDDEN,
+        }
+    }
+}
+
+/// The address a CONNECT stream to `pod`'s tunnel asks for. The tunnel terminates in
+/// this pod's netns: only this pod's application ports are reachable through it, never
+/// another address (no open relay).
+pub(crate) fn connect_target<B>(req: &Request<B>, pod: &Workload) -> Result<SocketAddr, Refused> {
+    if req.method() != Method::CONNECT {
+        return Err(Refused::NotConnect);
+    }
+    let target = req.uri().authority().and_then(|a| a.as_str().parse::<SocketAddr>().ok()).ok_or(Refused::BadTarget)?;
+    if !pod.ips.contains(&target.ip()) || ports::is_mesh_owned(target.port()) {
+        return Err(Refused::Outside(target));
+    }
+    Ok(target)
+}
+
 /// One CONNECT stream: dial the pod and splice.
 async fn stream_request(
     ctx: ProxyContext,
@@ -90,18 +126,14 @@ async fn stream_request(
     peer: SocketAddr,
     mut req: Request<Incoming>,
 ) -> Response<Empty<Bytes>> {
-    if req.method() != Method::CONNECT {
-        return status(StatusCode::METHOD_NOT_ALLOWED);
-    }
-    let Some(target) = req.uri().authority().and_then(|a| a.as_str().parse::<SocketAddr>().ok()) else {
-        return status(StatusCode::BAD_REQUEST);
+    let target = match connect_target(&req, &pod) {
+        Ok(target) => target,
+        Err(Refused::Outside(target)) => {
+            tracing::warn!(pod = %pod.name, %client, %target, "CONNECT to a target outside this pod; refused");
+            return status(StatusCode::FORBIDDEN);
+        }
+        Err(refused) => return status(refused.status()),
     };
-    // The tunnel terminates in this pod's netns: only this pod's application ports are
-    // reachable through it, never another address (no open relay).
-    if !pod.ips.contains(&target.ip()) || ports::is_mesh_owned(target.port()) {
-        tracing::warn!(pod = %pod.name, %client, %target, "CONNECT to a target outside this pod; refused");
-        return status(StatusCode::FORBIDDEN);
-    }
     // Each stream is a proxied connection of the source pod: its cap counts streams too,
     // so a peer cannot multiply its share by multiplexing.
     let permit = match ctx.limits.admit(peer.ip()) {

@@ -20,7 +20,8 @@ use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 
 use super::Arrival;
-use crate::authz::{Decision, RBAC_DENIED, RequestAttrs, path};
+use crate::authz::head::{self, BadHead};
+use crate::authz::{Decision, RBAC_DENIED, RequestAttrs};
 use crate::dataplane::Netns;
 use crate::l7::server::{LogLine, Measured, Prefixed, RequestTally, RespBody};
 use crate::proxy::ProxyContext;
@@ -129,50 +130,33 @@ async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<RespBody> {
 }
 
 async fn judge_and_forward(conn: &Conn, mut req: Request<Prefixed>) -> Response<RespBody> {
-    // Methods are tokens compared case-sensitively; a lower-case verb is refused, as
-    // Istio does, rather than judged as a different method than the app may read.
-    if req.method().as_str().bytes().any(|b| b.is_ascii_lowercase()) {
-        return local(StatusCode::BAD_REQUEST, "method must be upper case");
-    }
-    let normalized = match path::normalize(req.uri().path()) {
-        Ok(p) => p,
-        Err(e) => {
+    let judged = match head::judge(req.method(), req.uri(), req.headers()) {
+        Ok(j) => j,
+        Err(e @ BadHead::Path(_)) => {
             tracing::info!(pod = %conn.pod.name, src = %conn.arrival.src, error = %e, "inbound request refused: bad path");
             return local(StatusCode::BAD_REQUEST, "invalid request path");
         }
+        Err(BadHead::LowerCaseMethod) => return local(StatusCode::BAD_REQUEST, "method must be upper case"),
+        Err(BadHead::Target) => return local(StatusCode::BAD_REQUEST, "invalid request target"),
     };
-    let host = req
-        .uri()
-        .authority()
-        .map(|a| a.as_str().to_string())
-        .or_else(|| req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string))
-        .unwrap_or_default()
-        .to_ascii_lowercase();
     strip_h2c_upgrade(req.headers_mut());
     let attrs = conn.arrival.attrs();
     let request = RequestAttrs {
         method: req.method().as_str(),
-        path: &normalized,
-        host_lowercase: &host,
+        path: &judged.path,
+        host_lowercase: &judged.host_lowercase,
         headers: req.headers(),
     };
     // The policies in force now, not those the connection was accepted under.
     let snapshot = conn.ctx.snapshot.load();
     let security = snapshot.security(&conn.pod.key());
     if let Decision::Deny(reason) = security.authz.check(&attrs, Some(&request)) {
-        super::denied(&conn.ctx, &conn.pod, &attrs, &reason, Some((req.method().as_str(), &normalized)));
+        super::denied(&conn.ctx, &conn.pod, &attrs, &reason, Some((req.method().as_str(), &judged.path)));
         let details = crate::authz::denial_details(&reason);
         return local_because(StatusCode::FORBIDDEN, RBAC_DENIED, "-", details);
     }
     // Forward what was judged: the normalized path with the original query.
-    let target = match req.uri().query() {
-        Some(q) => format!("{normalized}?{q}"),
-        None => normalized,
-    };
-    let Ok(uri) = path::with_path(req.uri(), &target) else {
-        return local(StatusCode::BAD_REQUEST, "invalid request target");
-    };
-    *req.uri_mut() = uri;
+    *req.uri_mut() = judged.target;
     forward(conn, req).await
 }
 
