@@ -104,6 +104,18 @@ pub enum Error {
     Identity(#[from] crate::identity::Error),
 }
 
+impl Error {
+    /// A peer ended a connection mid-copy with a reset (a client that gave up, a
+    /// server that closed early): the connection's business, not the agent's, so
+    /// it is logged at debug rather than as a warning per connection.
+    pub fn is_reset_mid_copy(&self) -> bool {
+        matches!(self, Error::Io { what: "copy to", source, .. } if matches!(
+            source.kind(),
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionAborted
+        ))
+    }
+}
+
 /// A TLS failure as an operator reads it: our own verifier's reason (wrong identity,
 /// foreign trust domain) in plain words rather than rustls' nested debug form.
 fn tls_reason(e: &std::io::Error) -> String {
@@ -145,7 +157,20 @@ mod tests {
     use tokio::sync::Notify;
     use tokio_util::sync::CancellationToken;
 
-    use super::{limits, until_drained};
+    use super::{Error, limits, until_drained};
+
+    #[test]
+    fn only_a_reset_mid_copy_is_the_peers_business() {
+        let io = |what, kind: std::io::ErrorKind| Error::Io {
+            what,
+            addr: "10.0.0.1:80".parse().unwrap(),
+            source: kind.into(),
+        };
+        assert!(io("copy to", std::io::ErrorKind::ConnectionReset).is_reset_mid_copy());
+        assert!(io("copy to", std::io::ErrorKind::BrokenPipe).is_reset_mid_copy());
+        assert!(!io("connect", std::io::ErrorKind::ConnectionReset).is_reset_mid_copy(), "a destination refusing");
+        assert!(!io("copy to", std::io::ErrorKind::TimedOut).is_reset_mid_copy());
+    }
 
     #[tokio::test]
     async fn a_draining_http2_server_says_goaway_and_finishes_what_is_in_flight() {

@@ -124,8 +124,12 @@ pub(super) async fn serve_plain(
                 Plain::Outbound => outbound::handle(&ctx, &pod, &netns, stream, peer, orig).await,
                 Plain::Inbound => inbound::handle(&ctx, &pod, &netns, stream, peer, orig).await,
             };
-            if let Err(e) = served {
-                tracing::warn!(listener = what, pod = %pod.name, %peer, error = %e, "connection failed");
+            match served {
+                Err(e) if e.is_reset_mid_copy() => {
+                    tracing::debug!(listener = what, pod = %pod.name, %peer, error = %e, "connection reset by a peer");
+                }
+                Err(e) => tracing::warn!(listener = what, pod = %pod.name, %peer, error = %e, "connection failed"),
+                Ok(()) => {}
             }
         }
     })
