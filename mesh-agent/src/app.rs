@@ -52,6 +52,11 @@ const MAP_FILL_EVERY: u64 = 15;
 
 pub(crate) const RESYNC_INTERVAL: Duration = Duration::from_secs(2);
 
+/// How long after start readiness waits for the local pods' certificates: long
+/// enough for a CA that is restarting too, short enough that one pod the CA refuses
+/// does not stall a rolling update of every agent.
+const CERTIFICATE_WAIT: Duration = Duration::from_secs(60);
+
 /// Errors that stop the agent from starting.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -180,11 +185,11 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
         admin: admin_state.clone(),
         hinted: None,
         renewal,
-        started: false,
+        started: None,
     };
     agent.apply(&mut source);
     agent.finish_takeover();
-    agent.started = true;
+    agent.started = Some(std::time::Instant::now());
     agent.publish_readiness();
 
     let mut resync = tokio::time::interval(RESYNC_INTERVAL);
@@ -431,8 +436,8 @@ struct Agent {
     /// The enrolled namespaces last written for the CNI plugin.
     hinted: Option<BTreeSet<String>>,
     renewal: Renewal,
-    /// The first config is applied and the previous run's leftovers are cleaned up.
-    started: bool,
+    /// When the first config was applied and the previous run's leftovers cleaned up.
+    started: Option<std::time::Instant>,
 }
 
 impl Agent {
@@ -493,8 +498,21 @@ impl Agent {
     /// restarted agent that answered ready before its pods' certificates came back
     /// refused the connections that arrived in between.
     fn publish_readiness(&self) {
-        if !self.started || self.admin.ready.load(Ordering::Acquire) || self.pods.waiting_for_certificates() {
+        let Some(started) = self.started else { return };
+        if self.admin.ready.load(Ordering::Acquire) {
             return;
+        }
+        if self.pods.waiting_for_certificates() {
+            // A pod the CA never signs for must not hold the node's agent unready for
+            // good (a rolling update would stall on it): past the wait it is served
+            // closed, as reported, and the agent's other pods count.
+            if started.elapsed() < CERTIFICATE_WAIT {
+                return;
+            }
+            tracing::warn!(
+                pods = ?self.pods.pending(), waited = ?CERTIFICATE_WAIT,
+                "ready while these pods still wait for a certificate: their connections are refused until the CA signs"
+            );
         }
         self.admin.ready.store(true, Ordering::Release);
         tracing::info!(node = %self.settings.node, pods = self.pods.enrolled_count(), "agent ready");

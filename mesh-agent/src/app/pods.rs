@@ -96,6 +96,11 @@ impl Pods {
         self.state.values().any(|r| matches!(r.state, PodState::Pending(_)))
     }
 
+    /// `namespace/name` of the pods waiting for a certificate.
+    pub fn pending(&self) -> Vec<&str> {
+        self.state.values().filter(|r| matches!(r.state, PodState::Pending(_))).map(|r| r.pod.as_str()).collect()
+    }
+
     /// How many pods are captured now.
     pub fn enrolled_count(&self) -> usize {
         self.running.len()
