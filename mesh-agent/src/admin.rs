@@ -57,6 +57,8 @@ pub struct AdminState {
     pub denials: crate::telemetry::RecentDenials,
     /// The last config change applied, and how long it took.
     pub last_apply: Arc<std::sync::Mutex<Option<LastApply>>>,
+    /// Why the config source cannot be read, and since when (None while it answers).
+    pub source_unavailable: Arc<std::sync::Mutex<Option<(String, std::time::Instant)>>>,
 }
 
 /// A config change applied: the snapshot compiled and swapped in, and the pods and
@@ -93,7 +95,35 @@ impl AdminState {
             traffic: Arc::default(),
             denials: Default::default(),
             last_apply: Default::default(),
+            source_unavailable: Default::default(),
         }
+    }
+
+    /// Records whether the config source answered at the last reload, logging and
+    /// counting the start and the end of an outage. What is in force meanwhile is
+    /// the last config read: the mesh fails static, as Istio's proxies do when istiod
+    /// is gone.
+    pub fn note_source(&self, unavailable: Option<String>, up: &prometheus_client::metrics::gauge::Gauge) {
+        let mut held = self.source_unavailable.lock().unwrap_or_else(|p| p.into_inner());
+        match (unavailable, held.as_ref()) {
+            (None, Some((reason, since))) => {
+                tracing::info!(after = ?since.elapsed(), was = %reason, "config source answers again");
+                *held = None;
+            }
+            (Some(reason), None) => {
+                tracing::warn!(%reason, "config source unavailable; the last config read keeps serving");
+                *held = Some((reason, std::time::Instant::now()));
+            }
+            (Some(reason), Some((_, since))) => *held = Some((reason, *since)),
+            (None, None) => {}
+        }
+        up.set(i64::from(held.is_none()));
+    }
+
+    /// The outage readiness and `/sync_status` report: `<reason>` and its age.
+    fn source_outage(&self) -> Option<String> {
+        let held = self.source_unavailable.lock().unwrap_or_else(|p| p.into_inner());
+        held.as_ref().map(|(reason, since)| format!("{reason} (for {}s)", since.elapsed().as_secs()))
     }
 }
 
@@ -112,6 +142,9 @@ struct SyncStatus<'a> {
     rejected_config: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     last_apply: Option<LastApply>,
+    /// Why the config source cannot be read, and for how long (absent while it answers).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    config_source_unavailable: Option<String>,
 }
 
 /// The config dump's own view type: compiled state is not `Serialize` on purpose.
@@ -319,6 +352,7 @@ fn route(state: &AdminState, req: &Request<Incoming>, dump: bool) -> Response<Fu
                     .collect(),
                 rejected_config: state.config_errors.lock().unwrap_or_else(|p| p.into_inner()).len(),
                 last_apply: *state.last_apply.lock().unwrap_or_else(|p| p.into_inner()),
+                config_source_unavailable: state.source_outage(),
             };
             match serde_json::to_string(&status) {
                 Ok(j) => respond(StatusCode::OK, "application/json", j),
@@ -327,7 +361,16 @@ fn route(state: &AdminState, req: &Request<Incoming>, dump: bool) -> Response<Fu
         }
         "/healthz/ready" | "/ready" => {
             if state.ready.load(Ordering::Acquire) {
-                respond(StatusCode::OK, "text/plain", "ready\n")
+                // An outage of the config source is shown, not made an unreadiness:
+                // a gateway taken out of its Service for an API server outage would
+                // turn a control-plane outage into a data-plane one.
+                let body = match state.source_outage() {
+                    Some(outage) => {
+                        format!("ready; config source unavailable: {outage}; serving the last config read\n")
+                    }
+                    None => "ready\n".to_string(),
+                };
+                respond(StatusCode::OK, "text/plain", body)
             } else {
                 respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n")
             }
@@ -479,4 +522,29 @@ pub struct PodReport {
     /// Its state.
     #[serde(flatten)]
     pub state: PodState,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_config_source_outage_is_shown_counted_and_cleared() {
+        let state = AdminState::new(
+            Registry::default(),
+            Arc::default(),
+            "node1".into(),
+            Default::default(),
+            Arc::new(ScrapeAuth::Open),
+        );
+        let up = prometheus_client::metrics::gauge::Gauge::<i64>::default();
+        state.note_source(None, &up);
+        assert_eq!((up.get(), state.source_outage()), (1, None));
+        state.note_source(Some("watching Pod: connection refused".into()), &up);
+        state.note_source(Some("watching Pod: connection refused".into()), &up);
+        assert_eq!(up.get(), 0);
+        assert_eq!(state.source_outage().as_deref(), Some("watching Pod: connection refused (for 0s)"));
+        state.note_source(None, &up);
+        assert_eq!((up.get(), state.source_outage()), (1, None));
+    }
 }

@@ -464,6 +464,7 @@ impl Agent {
     /// Re-reads config; a change compiles and swaps in a new snapshot.
     fn reload(&mut self, source: &mut Source) {
         let r = source.reload();
+        self.admin.note_source(r.unavailable.clone(), &self.ctx.metrics.config_source_up);
         for e in &r.new_errors {
             // One line per rejected input, naming file, object and field.
             tracing::error!(error = %e, "config rejected; the last good version stays in force");

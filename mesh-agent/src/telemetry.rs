@@ -430,6 +430,8 @@ pub struct Metrics {
     pub config_applied: Counter,
     /// Pods enrolled on this node.
     pub enrolled_pods: Gauge,
+    /// 1 while the config source answers, 0 while the last config read keeps serving.
+    pub config_source_up: Gauge,
     /// Kubelet probe connections let through to applications (not mesh traffic).
     pub probe_connections: Counter,
     /// Connections whose bytes the kernel passed on once admitted, without the agent.
@@ -488,6 +490,11 @@ impl Metrics {
         registry.register("mesh_config_rejected", "Config inputs rejected", m.config_rejected.clone());
         registry.register("mesh_config_applied", "Config snapshots applied", m.config_applied.clone());
         registry.register("mesh_enrolled_pods", "Pods captured on this node", m.enrolled_pods.clone());
+        registry.register(
+            "mesh_config_source_up",
+            "1 while the config source (directory or API server) answers; 0 while the last config read keeps serving",
+            m.config_source_up.clone(),
+        );
         registry.register("mesh_denied", "Connections and requests refused by policy", m.denied.clone());
         registry.register(
             "mesh_kernel_spliced_connections",

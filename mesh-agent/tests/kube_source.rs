@@ -214,14 +214,17 @@ async fn an_api_outage_keeps_the_last_state_and_catches_up_after() {
 
     api.stop().await;
     api.apply(&path_of("Pod"), pod());
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let r = source.reload();
+    let r = until(&mut source, "the outage is seen", |r| r.unavailable.is_some()).await;
     assert!(!r.changed, "nothing changes while the API is away");
+    assert_eq!(r.objects.len(), 1, "the last state keeps serving");
+    assert!(r.unavailable.as_deref().is_some_and(|u| u.starts_with("watching ")), "{:?}", r.unavailable);
     assert!(source.synced());
 
     api.start().await;
     let r = until(&mut source, "caught up after the outage", |r| r.objects.len() == 2).await;
     assert_eq!(names(&r), vec!["Namespace /production", "Pod production/myapp-v1"]);
+    let r = until(&mut source, "the outage is over", |r| r.unavailable.is_none()).await;
+    assert_eq!(r.objects.len(), 2);
 }
 
 #[tokio::test]

@@ -155,6 +155,7 @@ impl Edge {
     /// certificate, and brings the listeners in line.
     async fn reload(&mut self, source: &mut Source) {
         let r = source.reload();
+        self.admin.note_source(r.unavailable.clone(), &self.metrics.config_source_up);
         for e in &r.new_errors {
             tracing::error!(error = %e, "config rejected; the last good version stays in force");
             self.metrics.config_rejected.inc();

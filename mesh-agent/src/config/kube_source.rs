@@ -182,6 +182,8 @@ struct KindState {
     objects: BTreeMap<String, Entry>,
     /// Objects of a re-list in progress.
     relisting: Option<BTreeMap<String, Entry>>,
+    /// The watch's last error, until it answers again.
+    failing: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -289,6 +291,7 @@ impl KubeSource {
         for (i, k) in KINDS.iter().enumerate() {
             tokio::spawn(watch_kind(client.clone(), i, *k, store.clone(), tx.clone()));
         }
+        tokio::spawn(clear_when_answering(client, store.clone(), tx));
         (Self { store }, rx)
     }
 
@@ -304,7 +307,8 @@ impl KubeSource {
             return Reload::default();
         }
         let changed = std::mem::take(&mut s.changed);
-        Reload { objects: s.objects(), new_errors: std::mem::take(&mut s.new_errors), changed }
+        let unavailable = s.kinds.iter().find_map(|k| k.failing.clone());
+        Reload { objects: s.objects(), new_errors: std::mem::take(&mut s.new_errors), changed, unavailable }
     }
 
     /// Objects currently rejected.
@@ -314,6 +318,37 @@ impl KubeSource {
             .iter()
             .flat_map(|k| k.unserved.iter().cloned().chain(k.objects.values().filter_map(|e| e.error.clone())))
             .collect()
+    }
+}
+
+/// How often an unreachable API server is asked whether it answers again.
+const OUTAGE_PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Clears the kinds' outage marks once the API server answers again. A watch that
+/// resumes sends nothing until something changes, so its own stream cannot say the
+/// outage is over; a kind whose watch still fails marks itself again.
+async fn clear_when_answering(client: kube::Client, store: Arc<Mutex<Store>>, changes: mpsc::Sender<()>) {
+    loop {
+        tokio::time::sleep(OUTAGE_PROBE_EVERY).await;
+        let failing = store.lock().unwrap_or_else(|p| p.into_inner()).kinds.iter().any(|k| k.failing.is_some());
+        if failing && client.apiserver_version().await.is_ok() {
+            for k in &mut store.lock().unwrap_or_else(|p| p.into_inner()).kinds {
+                k.failing = None;
+            }
+            tracing::info!("the API server answers again");
+            let _ = changes.try_send(());
+        }
+    }
+}
+
+/// Whether a watch error means the API server could not be reached (rather than an
+/// answer from it, such as a 403 or an expired resource version).
+fn unreachable(e: &watcher::Error) -> bool {
+    match e {
+        watcher::Error::InitialListFailed(e) | watcher::Error::WatchStartFailed(e) | watcher::Error::WatchFailed(e) => {
+            !matches!(e, kube::Error::Api(_))
+        }
+        watcher::Error::WatchError(_) | watcher::Error::NoResourceVersion => false,
     }
 }
 
@@ -374,6 +409,9 @@ async fn follow(
     while let Some(event) = events.next().await {
         {
             let mut s = store.lock().unwrap_or_else(|p| p.into_inner());
+            if event.is_ok() {
+                s.kinds[index].failing = None;
+            }
             match event {
                 Ok(Event::Init) => s.kinds[index].relisting = Some(BTreeMap::new()),
                 Ok(Event::InitApply(o)) | Ok(Event::Apply(o)) => {
@@ -389,11 +427,18 @@ async fn follow(
                     s.relist_done(index);
                 }
                 Err(watcher::Error::InitialListFailed(kube::Error::Api(status))) if status.code == 404 && !listed => {
+                    // The API answered (this version is not served): no outage.
+                    s.kinds[index].failing = None;
                     return;
                 }
                 Err(e) => {
                     // The last state keeps serving; the stream backs off and resumes.
                     tracing::warn!(kind = kind.kind, error = %e, "watch failed; keeping the last state");
+                    if unreachable(&e) {
+                        s.kinds[index].failing = Some(format!("watching {}: {e}", kind.kind));
+                        drop(s);
+                        let _ = changes.try_send(());
+                    }
                     continue;
                 }
             }

@@ -49,6 +49,9 @@ pub struct Reload {
     pub new_errors: Vec<Error>,
     /// Whether anything in force changed.
     pub changed: bool,
+    /// Why the source cannot be read now (a directory gone, an API server down): what
+    /// is in force is the last state read. None while it answers.
+    pub unavailable: Option<String>,
 }
 
 /// A watched directory of YAML manifests.
@@ -56,12 +59,14 @@ pub struct Reload {
 pub struct DirSource {
     dir: PathBuf,
     files: BTreeMap<PathBuf, FileState>,
+    /// Why the directory could not be listed at the last reload.
+    unlisted: Option<String>,
 }
 
 impl DirSource {
     /// A source reading `dir` (created if missing).
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into(), files: BTreeMap::new() }
+        Self { dir: dir.into(), files: BTreeMap::new(), unlisted: None }
     }
 
     /// The directory.
@@ -80,17 +85,24 @@ impl DirSource {
         let paths = match list(&self.dir) {
             Ok(p) => p,
             Err(e) => {
-                // An unreadable directory changes nothing: keep serving what we have.
-                out.new_errors.push(Error {
-                    file: self.dir.clone(),
-                    object: None,
-                    field: None,
-                    reason: format!("cannot list config directory: {e}"),
-                });
+                // An unreadable directory changes nothing: keep serving what we have,
+                // and say so once (not at every reload while it lasts).
+                let reason = format!("cannot list config directory: {e}");
+                if self.unlisted.as_ref() != Some(&reason) {
+                    out.new_errors.push(Error {
+                        file: self.dir.clone(),
+                        object: None,
+                        field: None,
+                        reason: reason.clone(),
+                    });
+                }
+                self.unlisted = Some(reason.clone());
+                out.unavailable = Some(reason);
                 out.objects = self.objects();
                 return out;
             }
         };
+        self.unlisted = None;
         // Files accepted alone in this pass, with the version they replace.
         let mut accepted: Vec<(PathBuf, Arc<Vec<Object>>)> = Vec::new();
         let before: Vec<PathBuf> = self.files.keys().cloned().collect();
@@ -303,6 +315,32 @@ mod tests {
         std::fs::write(&file, "apiVersion: v1\nkind: Namespace\nmetadata: {name: b}\n").unwrap();
         let got = tokio::time::timeout(DEBOUNCE * 20, changes.recv()).await;
         assert!(matches!(got, Ok(Some(()))), "a write is a change");
+    }
+
+    #[test]
+    fn a_directory_gone_keeps_the_last_config_says_so_once_and_catches_up() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("config");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("ns.yaml"), NS).unwrap();
+        let mut src = DirSource::new(&dir);
+        assert!(src.reload().unavailable.is_none());
+
+        std::fs::remove_dir_all(&dir).unwrap();
+        let r = src.reload();
+        assert_eq!(r.objects.len(), 1, "the last config keeps serving");
+        assert!(!r.changed);
+        assert!(r.unavailable.as_deref().is_some_and(|u| u.starts_with("cannot list config directory")), "{r:?}");
+        assert_eq!(r.new_errors.len(), 1);
+        let r = src.reload();
+        assert!(r.new_errors.is_empty(), "an outage is reported once, not at every reload");
+        assert!(r.unavailable.is_some());
+
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("ns.yaml"), "apiVersion: v1\nkind: Namespace\nmetadata: {name: b}\n").unwrap();
+        let r = src.reload();
+        assert!(r.unavailable.is_none() && r.changed, "caught up when the directory is back");
+        assert_eq!(r.objects.len(), 1);
     }
 
     #[test]
