@@ -26,7 +26,7 @@ pub mod telemetry;
 
 pub use kube_source::KubeSource;
 pub use object::Object;
-pub use parse::parse_documents;
+pub use parse::{fail_closed_standins, parse_documents};
 pub use source::{DirSource, Reload};
 
 use std::fmt;

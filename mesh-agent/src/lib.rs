@@ -12,6 +12,7 @@ pub mod cli;
 pub mod cni;
 pub mod config;
 pub mod dataplane;
+pub mod fuzzing;
 pub mod gateway;
 pub mod identity;
 pub mod l7;

@@ -4,6 +4,7 @@
 mod bench;
 mod build;
 mod demo;
+mod fuzz;
 mod image;
 mod kind;
 mod lab;
@@ -65,6 +66,9 @@ enum Cmd {
     /// Benchmark direct vs mesh vs a HAProxy sidecar peer in the lab; writes
     /// target/bench/report.json and (full runs) docs/benchmarks.md.
     Bench(bench::BenchArgs),
+    /// The libFuzzer targets in fuzz/ (parsers of hostile input), each for a while from
+    /// its seeds; writes target/fuzz/report.json, fails on any crash, hang or leak.
+    Fuzz(fuzz::FuzzArgs),
 }
 
 /// The workspace root (xtask's parent directory).
@@ -95,5 +99,6 @@ fn main() -> anyhow::Result<()> {
         Cmd::Bench(args) if args.render => bench::render(&args).map(|_| ()),
         Cmd::Bench(args) if args.scale => bench::run_scale(&args).map(|_| ()),
         Cmd::Bench(args) => bench::run(&args).map(|_| ()),
+        Cmd::Fuzz(args) => fuzz::run(&args),
     }
 }

@@ -41,6 +41,7 @@ pub fn run(extra: &[String]) -> anyhow::Result<()> {
     }
     if extra.is_empty() && mesh_tests::sys::lab_unsupported().is_none() {
         image_check()?;
+        fuzz_smoke()?;
         bench_harness()?;
     }
     Ok(())
@@ -58,6 +59,14 @@ fn image_check() -> anyhow::Result<()> {
     let result = crate::image::run(Some(TAG.into()), "dev").and_then(|tag| crate::image::check(&tag));
     let _ = Command::new("podman").args(["rmi", "--force", TAG]).output();
     result
+}
+
+/// Every libFuzzer target for a few seconds from its seeds (`cargo xtask fuzz`): the
+/// targets build and run, and nothing the seeds' neighbourhood holds crashes them. The
+/// long runs are `cargo xtask fuzz --seconds N`.
+fn fuzz_smoke() -> anyhow::Result<()> {
+    println!("[test] fuzz targets: cargo xtask fuzz --seconds 10 --jobs 2");
+    crate::fuzz::run(&crate::fuzz::FuzzArgs { seconds: 10, targets: Vec::new(), jobs: 2 })
 }
 
 /// `bench --quick` into its own report file (a full run's report.json stays), then

@@ -1,0 +1,6 @@
+//! `mesh_agent::fuzzing::hbone_connect` under libFuzzer.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    let _ = mesh_agent::fuzzing::hbone_connect(data);
+});
