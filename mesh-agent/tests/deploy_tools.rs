@@ -308,3 +308,89 @@ async fn the_addons_build_apply_strictly_and_are_what_meshctl_dashboard_opens() 
     assert_eq!(json["uid"], "mesh-agents");
     assert!(api.writes().is_empty());
 }
+
+/// The addons' alert rules, by Prometheus' own `promtool`: they load, and over series
+/// the agents would export they fire when they should and not before (a certificate
+/// whose renewal keeps failing, a config source outage, a rejected config), and stay
+/// quiet for a healthy agent.
+#[test]
+fn the_alert_rules_load_and_fire_on_what_they_name() {
+    let test = "the_alert_rules_load_and_fire_on_what_they_name";
+    let Some(promtool) = tool(test, which("promtool"), "promtool (Debian's prometheus)") else { return };
+    let objects = parse(&std::fs::read_to_string(repo().join("deploy/addons/prometheus.yaml")).unwrap());
+    let config = objects.iter().find(|o| o["kind"] == "ConfigMap" && o["metadata"]["name"] == "prometheus").unwrap();
+    let rules = config["data"]["mesh-alerts.yml"].as_str().expect("the ConfigMap carries mesh-alerts.yml");
+    let prometheus_yml = config["data"]["prometheus.yml"].as_str().unwrap();
+    assert!(prometheus_yml.contains("rule_files: [/etc/prometheus/mesh-alerts.yml]"), "Prometheus loads the rules");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("mesh-alerts.yml"), rules).unwrap();
+    let checked =
+        Command::new(&promtool).arg("check").arg("rules").arg(dir.path().join("mesh-alerts.yml")).output().unwrap();
+    assert!(checked.status.success(), "promtool check rules: {}", String::from_utf8_lossy(&checked.stderr));
+
+    let cases = r#"
+rule_files: [mesh-alerts.yml]
+evaluation_interval: 1m
+tests:
+- interval: 1m
+  input_series:
+  # Agent a: its certificate's renewal fails; 25000 s left, 600 s less each minute.
+  - series: 'istio_agent_cert_expiry_seconds{pod="mesh-agent-a", node="node1"}'
+    values: '25000-600x30'
+  # Agent b: its config source goes away at 2m; a config is rejected at 3m.
+  - series: 'istio_mesh_config_source_up{pod="mesh-agent-b", node="node2"}'
+    values: '1 1 0 0 0 0 0 0 0 0'
+  - series: 'istio_mesh_config_rejected_total{pod="mesh-agent-b", node="node2"}'
+    values: '0 0 0 1 1 1 1 1 1 1'
+  # Agent c: healthy, its certificate renewed at half-life.
+  - series: 'istio_agent_cert_expiry_seconds{pod="mesh-agent-c", node="node2"}'
+    values: '50000-60x30'
+  - series: 'istio_mesh_config_source_up{pod="mesh-agent-c", node="node2"}'
+    values: '1x30'
+  - series: 'istio_mesh_config_rejected_total{pod="mesh-agent-c", node="node2"}'
+    values: '0x30'
+  - series: 'up{job="mesh-agents", pod="mesh-agent-c", node="node2"}'
+    values: '1x30'
+  alert_rule_test:
+  # Under 6 h from 7m on; 5 minutes later it fires.
+  - eval_time: 10m
+    alertname: MeshWorkloadCertificateExpiring
+    exp_alerts: []
+  - eval_time: 13m
+    alertname: MeshWorkloadCertificateExpiring
+    exp_alerts:
+    - exp_labels: {severity: warning, pod: mesh-agent-a, node: node1}
+      exp_annotations:
+        summary: "A workload certificate held by mesh-agent-a expires in 4h 46m 40s"
+        description: "Renewal from the mesh CA has been failing; its pods' connections are refused once it expires."
+  - eval_time: 13m
+    alertname: MeshWorkloadCertificateExpiringSoon
+    exp_alerts: []
+  - eval_time: 3m
+    alertname: MeshConfigSourceDown
+    exp_alerts: []
+  - eval_time: 5m
+    alertname: MeshConfigSourceDown
+    exp_alerts:
+    - exp_labels: {severity: warning, pod: mesh-agent-b, node: node2}
+      exp_annotations:
+        summary: "mesh-agent-b cannot read its config source; it serves the last config read"
+  - eval_time: 5m
+    alertname: MeshConfigRejected
+    exp_alerts:
+    - exp_labels: {severity: warning, pod: mesh-agent-b, node: node2}
+      exp_annotations:
+        summary: "mesh-agent-b rejected config (see meshctl analyze or /config_dump); the last good version stays"
+  - eval_time: 20m
+    alertname: MeshAgentDown
+    exp_alerts: []
+"#;
+    std::fs::write(dir.path().join("cases.yml"), cases).unwrap();
+    let out = Command::new(&promtool).current_dir(dir.path()).args(["test", "rules", "cases.yml"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool test rules:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -39,6 +39,7 @@ const REQUIRED_COMMANDS: &[&str] = &[
     "openssl",
     "sysctl",
     "prometheus",
+    "promtool",
     "buildah",
     "podman",
     "runc",
