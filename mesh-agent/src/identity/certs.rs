@@ -53,6 +53,19 @@ pub struct CertStore {
     issuer: Mutex<Option<String>>,
     /// The last error from the CA, for pods waiting on it.
     last_error: Mutex<Option<String>>,
+    /// Identities whose last issue failed: how many times in a row, and when the CA may
+    /// be asked again for them.
+    backoff: Mutex<HashMap<Identity, (u32, Instant)>>,
+}
+
+/// The first wait after a failed issue; it doubles with each failure in a row.
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+/// The longest wait between two asks for one identity while the CA fails.
+const RETRY_LONGEST: Duration = Duration::from_secs(60);
+
+/// The wait after `failures` failed issues in a row.
+fn retry_delay(failures: u32) -> Duration {
+    RETRY_FIRST.saturating_mul(1 << failures.saturating_sub(1).min(16)).min(RETRY_LONGEST)
 }
 
 impl CertStore {
@@ -73,6 +86,7 @@ impl CertStore {
             certs: Mutex::new(HashMap::new()),
             local: Mutex::new(HashSet::new()),
             issuer: Mutex::new(None),
+            backoff: Mutex::new(HashMap::new()),
             last_error: Mutex::new(None),
         }
     }
@@ -134,18 +148,33 @@ impl CertStore {
     /// expiring certificate. Returns how many were issued.
     pub async fn renew_due(&self) -> usize {
         let local: Vec<Identity> = self.local.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().collect();
+        let now = Instant::now();
         let due: Vec<Identity> = {
             let certs = self.certs.lock().unwrap_or_else(|p| p.into_inner());
-            local.into_iter().filter(|id| certs.get(id).is_none_or(|c| Instant::now() >= c.refresh_at)).collect()
+            let backoff = self.backoff.lock().unwrap_or_else(|p| p.into_inner());
+            local
+                .into_iter()
+                .filter(|id| certs.get(id).is_none_or(|c| now >= c.refresh_at))
+                // An identity the CA just failed waits its turn: an unreachable CA is
+                // asked ever less often, not at every reconcile of every node.
+                .filter(|id| backoff.get(id).is_none_or(|(_, not_before)| now >= *not_before))
+                .collect()
         };
         let mut issued = 0;
         for batch in due.chunks(CONCURRENT_ISSUES) {
             let results = futures::future::join_all(batch.iter().map(|id| self.issue(id))).await;
             for (id, r) in batch.iter().zip(results) {
+                let mut backoff = self.backoff.lock().unwrap_or_else(|p| p.into_inner());
                 match r {
-                    Ok(_) => issued += 1,
+                    Ok(_) => {
+                        issued += 1;
+                        backoff.remove(id);
+                    }
                     Err(e) => {
-                        tracing::error!(identity = %id, error = %e, "certificate renewal failed; retrying");
+                        let failures = backoff.get(id).map_or(0, |(n, _)| *n) + 1;
+                        let wait = retry_delay(failures);
+                        backoff.insert(id.clone(), (failures, Instant::now() + wait));
+                        tracing::error!(identity = %id, error = %e, failures, retry_in = ?wait, "certificate renewal failed");
                         *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
                     }
                 }
@@ -213,6 +242,13 @@ impl CertStore {
             }
         }
         Ok(roots_changed || issuer_changed)
+    }
+
+    /// How long until the CA is asked again for `identity` after failures (None when
+    /// its last issue did not fail).
+    pub fn retry_in(&self, identity: &Identity) -> Option<Duration> {
+        let backoff = self.backoff.lock().unwrap_or_else(|p| p.into_inner());
+        backoff.get(identity).map(|(_, not_before)| not_before.saturating_duration_since(Instant::now()))
     }
 
     /// The workload certificates held, by identity, with when each expires.
@@ -289,6 +325,47 @@ mod tests {
         assert_eq!(store.renew_due().await, 1, "past half-life: renewed");
         assert!(!Arc::ptr_eq(&first, &store.get(&id).unwrap()));
         assert_eq!(store.renewal_interval(), Duration::from_millis(500));
+    }
+
+    #[test]
+    fn a_failing_ca_is_asked_ever_less_often() {
+        assert_eq!(
+            [1, 2, 3, 6, 7, 40].map(retry_delay),
+            [1, 2, 4, 32, 60, 60].map(Duration::from_secs),
+            "1 s doubling to a minute"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_ca_backs_off_per_identity_and_fails_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = MeshCa::load_or_create(dir.path(), "cluster.local").unwrap();
+        // A CA address nothing listens on: every ask is refused at once.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = closed.local_addr().unwrap().to_string();
+        drop(closed);
+        let client = CaClient {
+            address,
+            server_name: "mesh-ca.istio-system.svc".into(),
+            token_file: None,
+            root_file: None,
+            verifier: crate::identity::PeerVerifier::new(ca.roots(), vec!["cluster.local".into()]).unwrap(),
+        };
+        let store = CertStore::remote(client, Duration::from_secs(3600));
+        let id = Identity::new("cluster.local", "production", "frontend");
+        store.set_local([id.clone()]);
+        assert_eq!(store.renew_due().await, 0);
+        assert!(store.last_error().is_some());
+        let wait = store.retry_in(&id).expect("backing off");
+        assert!(wait > Duration::from_millis(800) && wait <= RETRY_FIRST, "{wait:?}");
+        assert!(store.get(&id).is_err(), "no certificate: the pod's connections fail closed");
+        // Asked again at once: not sent to the CA, the wait is not restarted.
+        assert_eq!(store.renew_due().await, 0);
+        assert!(store.retry_in(&id).unwrap() <= wait);
+        tokio::time::sleep(RETRY_FIRST).await;
+        assert_eq!(store.renew_due().await, 0);
+        let second = store.retry_in(&id).unwrap();
+        assert!(second > Duration::from_millis(1800), "doubled after the second failure: {second:?}");
     }
 
     #[test]
