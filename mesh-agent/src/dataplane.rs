@@ -212,27 +212,18 @@ impl Dataplane {
         start_kernel_log(&mut ebpf);
 
         let generation = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0).to_string();
-        let take = take_map;
         let tables = Tables {
-            enrolled: BpfHashMap::try_from(take(&mut ebpf, maps::ENROLLED_PODS)?)
-                .map_err(map_err(maps::ENROLLED_PODS))?,
-            netns_pods: BpfHashMap::try_from(take(&mut ebpf, maps::NETNS_PODS)?).map_err(map_err(maps::NETNS_PODS))?,
-            listeners: SockMap::try_from(take(&mut ebpf, maps::INBOUND_LISTENERS)?)
-                .map_err(map_err(maps::INBOUND_LISTENERS))?,
-            config: Array::try_from(take(&mut ebpf, maps::MESH_CONFIG)?).map_err(map_err(maps::MESH_CONFIG))?,
-            excluded_ports: BpfHashMap::try_from(take(&mut ebpf, maps::EXCLUDED_PORTS)?)
-                .map_err(map_err(maps::EXCLUDED_PORTS))?,
-            plaintext: BpfHashMap::try_from(take(&mut ebpf, maps::PLAINTEXT_POLICY)?)
-                .map_err(map_err(maps::PLAINTEXT_POLICY))?,
+            enrolled: take_map(&mut ebpf, maps::ENROLLED_PODS)?,
+            netns_pods: take_map(&mut ebpf, maps::NETNS_PODS)?,
+            listeners: take_map(&mut ebpf, maps::INBOUND_LISTENERS)?,
+            config: take_map(&mut ebpf, maps::MESH_CONFIG)?,
+            excluded_ports: take_map(&mut ebpf, maps::EXCLUDED_PORTS)?,
+            plaintext: take_map(&mut ebpf, maps::PLAINTEXT_POLICY)?,
         };
-        let orig_dst = BpfHashMap::try_from(take(&mut ebpf, maps::ORIG_DST)?).map_err(map_err(maps::ORIG_DST))?;
-        let deliveries = transparent::Deliveries::new(
-            BpfHashMap::try_from(take(&mut ebpf, maps::DELIVERIES)?).map_err(map_err(maps::DELIVERIES))?,
-        );
-        let probe_stats =
-            PerCpuArray::try_from(take(&mut ebpf, maps::PROBE_STATS)?).map_err(map_err(maps::PROBE_STATS))?;
-        let kernel_events =
-            PerCpuArray::try_from(take(&mut ebpf, maps::KERNEL_EVENTS)?).map_err(map_err(maps::KERNEL_EVENTS))?;
+        let orig_dst = take_map(&mut ebpf, maps::ORIG_DST)?;
+        let deliveries = transparent::Deliveries::new(take_map(&mut ebpf, maps::DELIVERIES)?);
+        let probe_stats = take_map(&mut ebpf, maps::PROBE_STATS)?;
+        let kernel_events = take_map(&mut ebpf, maps::KERNEL_EVENTS)?;
         let splice = match attach_splice(&mut ebpf) {
             Ok(s) => Some(std::sync::Arc::new(s)),
             Err(e) => {
@@ -701,19 +692,21 @@ fn load_every_program(pin_dir: &Path) -> Result<Vec<&'static str>, Error> {
     Ok(loaded)
 }
 
-/// Takes map `name` out of the loaded object.
-fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, Error> {
-    ebpf.take_map(name).ok_or(Error::Map { map: name, reason: "missing from the object".into() })
+/// Takes map `name` out of the loaded object as the map type `T` it must be.
+fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, Error>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(Error::Map { map: name, reason: "missing from the object".into() })?;
+    T::try_from(map).map_err(map_err(name))
 }
 
 /// Loads the splice verdict program and attaches it to `SPLICE_SOCKETS`. The program
 /// stays attached for as long as the map lives, which is as long as this agent does.
 fn attach_splice(ebpf: &mut Ebpf) -> Result<splice::KernelSplice, Error> {
-    let take = take_map;
-    let sockets: SockHash<MapData, u64> =
-        SockHash::try_from(take(ebpf, maps::SPLICE_SOCKETS)?).map_err(map_err(maps::SPLICE_SOCKETS))?;
-    let ends = BpfHashMap::try_from(take(ebpf, maps::SPLICE_ENDS)?).map_err(map_err(maps::SPLICE_ENDS))?;
-    let limits = BpfHashMap::try_from(take(ebpf, maps::SPLICE_LIMITS)?).map_err(map_err(maps::SPLICE_LIMITS))?;
+    let sockets: SockHash<MapData, u64> = take_map(ebpf, maps::SPLICE_SOCKETS)?;
+    let ends = take_map(ebpf, maps::SPLICE_ENDS)?;
+    let limits = take_map(ebpf, maps::SPLICE_LIMITS)?;
     let name = programs::SPLICE;
     let prog: &mut SkSkb = program(ebpf, name)?;
     prog.load().map_err(|source| Error::Program { program: name, source })?;
