@@ -39,8 +39,8 @@ pub fn judge(method: &http::Method, uri: &http::Uri, headers: &http::HeaderMap) 
     let normalized = path::normalize(uri.path())?;
     let host_lowercase = uri
         .authority()
-        .map(|a| a.as_str().to_string())
-        .or_else(|| headers.get(http::header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string))
+        .map(http::uri::Authority::as_str)
+        .or_else(|| headers.get(http::header::HOST).and_then(|h| h.to_str().ok()))
         .unwrap_or_default()
         .to_ascii_lowercase();
     let target = match uri.query() {
