@@ -128,11 +128,12 @@ async fn stream_request(
 ) -> Response<Empty<Bytes>> {
     let target = match connect_target(&req, &pod) {
         Ok(target) => target,
-        Err(Refused::Outside(target)) => {
-            tracing::warn!(pod = %pod.name, %client, %target, "CONNECT to a target outside this pod; refused");
-            return status(StatusCode::FORBIDDEN);
+        Err(refused) => {
+            if let Refused::Outside(target) = refused {
+                tracing::warn!(pod = %pod.name, %client, %target, "CONNECT to a target outside this pod; refused");
+            }
+            return status(refused.status());
         }
-        Err(refused) => return status(refused.status()),
     };
     // Each stream is a proxied connection of the source pod: its cap counts streams too,
     // so a peer cannot multiply its share by multiplexing.
