@@ -33,27 +33,19 @@ use crate::transport::limits;
 /// A target run on one input, its findings dropped (libFuzzer watches for panics).
 pub type Target = fn(&[u8]);
 
+/// Each named function as a [`Target`], under its own name: the name cannot drift
+/// from the function it stands for.
+macro_rules! targets {
+    ($($name:ident),* $(,)?) => {
+        &[$((stringify!($name), |data| {
+            let _ = $name(data);
+        })),*]
+    };
+}
+
 /// Every target, by the name its libFuzzer binary and seed folder carry.
-pub const TARGETS: &[(&str, Target)] = &[
-    ("config_yaml", |d| {
-        let _ = config_yaml(d);
-    }),
-    ("http_request", |d| {
-        let _ = http_request(d);
-    }),
-    ("hbone_connect", |d| {
-        let _ = hbone_connect(d);
-    }),
-    ("detection", |d| {
-        let _ = detection(d);
-    }),
-    ("authz_path", |d| {
-        let _ = authz_path(d);
-    }),
-    ("spiffe_uri", |d| {
-        let _ = spiffe_uri(d);
-    }),
-];
+pub const TARGETS: &[(&str, Target)] =
+    targets!(config_yaml, http_request, hbone_connect, detection, authz_path, spiffe_uri);
 
 /// The lab's namespaces, pods and Services with the user's reference policies and
 /// routes: what the HTTP and HBONE targets judge against.
