@@ -8,7 +8,6 @@
 //! mesh's topology is not for every pod that can reach the metrics port.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -456,9 +455,15 @@ pub async fn sample_traffic(state: AdminState, stop: CancellationToken) {
 /// Anyone who can reach the port can open connections: they are capped
 /// ([`limits::ADMIN_MAX_CONNECTIONS`], more are closed at once), and each is held by
 /// the header read timeout and HTTP/2 limits of every agent server.
-pub async fn serve(addr: SocketAddr, state: AdminState, stop: CancellationToken, dump: bool) -> std::io::Result<()> {
-    let listener = TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "admin endpoint listening");
+pub async fn serve(
+    listener: std::net::TcpListener,
+    state: AdminState,
+    stop: CancellationToken,
+    dump: bool,
+) -> std::io::Result<()> {
+    listener.set_nonblocking(true)?;
+    let listener = TcpListener::from_std(listener)?;
+    tracing::info!(addr = %listener.local_addr()?, "admin endpoint listening");
     let open = Arc::new(tokio::sync::Semaphore::new(limits::ADMIN_MAX_CONNECTIONS));
     loop {
         let (stream, _) = tokio::select! {

@@ -4,6 +4,7 @@
 
 pub mod gateway;
 mod gateway_status;
+mod handoff;
 mod heap;
 mod pods;
 
@@ -19,6 +20,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use std::os::fd::{AsFd as _, OwnedFd};
+
 use crate::admin::{self, AdminState};
 use crate::cni::CniRequest;
 use crate::config::{DirSource, KubeSource, Reload};
@@ -29,6 +32,7 @@ use crate::settings::Settings;
 use crate::snapshot::Snapshot;
 use crate::telemetry::Metrics;
 use crate::transport::Dialer;
+use crate::transport::inherited::{Inherited, SocketKey};
 use pods::Pods;
 
 /// Pods whose netns or cgroup is not there yet are retried this often; also the
@@ -86,6 +90,9 @@ pub enum Error {
     /// The CNI socket could not be bound, or the plugin not installed.
     #[error(transparent)]
     Cni(#[from] crate::cni::Error),
+    /// The running agent could not hand over, or its successors cannot reach this one.
+    #[error(transparent)]
+    Handoff(#[from] handoff::Error),
 }
 
 /// Where configuration comes from.
@@ -113,6 +120,14 @@ impl Source {
 /// Runs the agent until SIGTERM/SIGINT, then drains.
 pub async fn run(settings: Settings) -> Result<(), Error> {
     Netns::init_host()?;
+    // Before anything is loaded or bound: an agent running on this node hands its
+    // sockets over and stops changing the kernel tables (an upgrade or a restart).
+    let handoff_path = settings.cni_socket.with_file_name(handoff::SOCKET_NAME);
+    let inherited = Arc::new(Inherited::default());
+    let predecessor = handoff::Predecessor::take_over(&handoff_path, &own_version(), &inherited)?;
+    if let Some(p) = &predecessor {
+        tracing::info!(predecessor = %p.version, sockets = inherited.len(), "took over the running agent's sockets");
+    }
     // Every proxied connection takes two descriptors: take what the node allows, and cap
     // connections below it, so running out is a refusal the agent reports, not a crash.
     let nofile = crate::transport::limits::raise_nofile();
@@ -131,6 +146,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
     // Bound before anything waits, so a pod starting now waits for the agent instead of
     // finding no socket; its request is answered once the config is in.
     let cni_listener = crate::cni::bind(&settings.cni_socket)?;
+    let successors = handoff::Listener::bind(&handoff_path)?;
     install_cni_plugin(&settings)?;
 
     let (mut registry, metrics) = observability(&settings, &certs);
@@ -147,7 +163,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
     admin_state.certs = Some(certs.clone());
     admin_state.denials = metrics.recent_denials();
     // Up before the config is: a waiting agent answers "not ready" and says why.
-    serve_admin(&settings, &admin_state, &shutdown)?;
+    let mut admin_servers = serve_admin(&settings, &admin_state, &shutdown, &inherited)?;
     tokio::spawn(heap::hand_back_after_bursts(shutdown.clone()));
     let (mut source, mut changes, _watcher) = open_source(&settings, client.as_ref(), &admin_state).await?;
     let ctx = ProxyContext {
@@ -165,6 +181,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
         dns_upstream: Arc::new(dns_upstream(&settings)),
         l7_telemetry: settings.l7_telemetry == crate::settings::Switch::On,
         local_pods: Arc::default(),
+        inherited,
         kernel_splice: dataplane.kernel_splice().filter(|_| settings.kernel_splice == crate::settings::Switch::On),
     };
     let (cni_tx, mut cni_rx) = mpsc::channel::<CniRequest>(64);
@@ -186,12 +203,15 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
         hinted: None,
         renewal,
         started: None,
+        predecessor,
     };
     agent.apply(&mut source);
     agent.finish_takeover();
     agent.started = Some(std::time::Instant::now());
     agent.publish_readiness();
 
+    let mut successors = handoff::Successors::accept(successors);
+    let mut handed_over = false;
     let mut resync = tokio::time::interval(RESYNC_INTERVAL);
     let mut ticks: u64 = 0;
     let mut renew = tokio::time::interval(ctx.dialer.certs.renewal_interval());
@@ -199,6 +219,12 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
     loop {
         tokio::select! {
             _ = shutdown_signal() => break,
+            Some(successor) = successors.recv() => {
+                if agent.hand_over(successor, &mut admin_servers).await == handoff::Outcome::Adopted {
+                    handed_over = true;
+                    break;
+                }
+            }
             Some(()) = changes.recv() => agent.apply(&mut source),
             // Certificates arrived: pods waiting for theirs can start.
             Some(()) = issued_rx.recv() => agent.reconcile(),
@@ -234,6 +260,15 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
         }
     }
 
+    if handed_over {
+        // The listeners are the successor's now and stay in the kernel's tables.
+        shutdown.cancel();
+        ctx.tasks.close();
+        agent.serve_until_drained(&mut source, &mut changes).await;
+        tracing::info!("agent stopped");
+        return Ok(());
+    }
+    successors.close();
     tracing::info!(timeout = ?settings.drain_timeout, "draining");
     admin_state.ready.store(false, Ordering::Release);
     // In order: the kernel stops steering new connections to this agent, then
@@ -266,20 +301,76 @@ pub(crate) fn identity(settings: &Settings) -> Result<(PeerVerifier, Arc<CertSto
 }
 
 /// Starts the admin, metrics and readiness endpoints (one server per distinct
-/// address); the config dump only on the admin address.
-pub(crate) fn serve_admin(settings: &Settings, state: &AdminState, shutdown: &CancellationToken) -> Result<(), Error> {
+/// address; the config dump only on the admin address) on the listeners a predecessor
+/// handed over, else on new ones.
+pub(crate) fn serve_admin(
+    settings: &Settings,
+    state: &AdminState,
+    shutdown: &CancellationToken,
+    inherited: &Inherited,
+) -> Result<AdminServers, Error> {
     tokio::spawn(admin::sample_traffic(state.clone(), shutdown.clone()));
+    let host = Netns::host_inode().unwrap_or(0);
+    let mut listeners = Vec::new();
     for addr in dedup([settings.admin_addr, settings.metrics_addr, settings.readiness_addr]) {
-        let (listener_state, stop, dump) = (state.clone(), shutdown.clone(), addr == settings.admin_addr);
-        // Bind now so a port conflict stops start-up with a clear error.
-        drop(std::net::TcpListener::bind(addr).map_err(Error::Admin)?);
-        tokio::spawn(async move {
-            if let Err(e) = admin::serve(addr, listener_state, stop, dump).await {
-                tracing::error!(%addr, error = %e, "admin endpoint failed");
-            }
-        });
+        let listener = match inherited.tcp_listener(host, addr) {
+            Some(l) => l,
+            // Bound now so a port conflict stops start-up with a clear error.
+            None => std::net::TcpListener::bind(addr).map_err(Error::Admin)?,
+        };
+        listeners.push((listener, addr == settings.admin_addr));
     }
-    Ok(())
+    let mut servers = AdminServers { listeners, state: state.clone(), stop: shutdown.child_token() };
+    servers.start(shutdown);
+    Ok(servers)
+}
+
+/// The admin servers' listeners, kept to hand to a successor and to serve again should
+/// it leave before it took over.
+pub(crate) struct AdminServers {
+    /// Each listener, and whether it serves the config dump.
+    listeners: Vec<(std::net::TcpListener, bool)>,
+    state: AdminState,
+    stop: CancellationToken,
+}
+
+impl AdminServers {
+    /// Serves every listener until `shutdown` or [`AdminServers::stop`].
+    fn start(&mut self, shutdown: &CancellationToken) {
+        self.stop = shutdown.child_token();
+        for (listener, dump) in &self.listeners {
+            let served = match listener.try_clone() {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!(error = %e, "admin listener not served");
+                    continue;
+                }
+            };
+            let (state, stop, dump) = (self.state.clone(), self.stop.clone(), *dump);
+            tokio::spawn(async move {
+                if let Err(e) = admin::serve(served, state, stop, dump).await {
+                    tracing::error!(error = %e, "admin endpoint failed");
+                }
+            });
+        }
+    }
+
+    /// Stops serving; the listeners stay open.
+    fn stop(&self) {
+        self.stop.cancel();
+    }
+
+    /// A copy of each listener, named for a successor.
+    fn sockets(&self) -> Vec<(SocketKey, OwnedFd)> {
+        let host = Netns::host_inode().unwrap_or(0);
+        self.listeners
+            .iter()
+            .filter_map(|(l, _)| {
+                let fd = l.as_fd().try_clone_to_owned().ok()?;
+                Some((SocketKey::of(&fd, host).ok()?, fd))
+            })
+            .collect()
+    }
 }
 
 /// The config source the settings name, once it holds a whole config: in a cluster,
@@ -438,6 +529,8 @@ struct Agent {
     renewal: Renewal,
     /// When the first config was applied and the previous run's leftovers cleaned up.
     started: Option<std::time::Instant>,
+    /// The agent that handed its sockets over, told once this one is ready.
+    predecessor: Option<handoff::Predecessor>,
 }
 
 impl Agent {
@@ -498,7 +591,7 @@ impl Agent {
     /// certificate: every pod it should capture is served (or reported failed). A
     /// restarted agent that answered ready before its pods' certificates came back
     /// refused the connections that arrived in between.
-    fn publish_readiness(&self) {
+    fn publish_readiness(&mut self) {
         let Some(started) = self.started else { return };
         if self.admin.ready.load(Ordering::Acquire) {
             return;
@@ -517,6 +610,15 @@ impl Agent {
         }
         self.admin.ready.store(true, Ordering::Release);
         tracing::info!(node = %self.settings.node, pods = self.pods.enrolled_count(), "agent ready");
+        if let Some(predecessor) = self.predecessor.take() {
+            let unused = self.ctx.inherited.close_rest();
+            tracing::info!(predecessor = %predecessor.version, unused, "serving; the previous agent stops accepting");
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = predecessor.adopted() {
+                    tracing::warn!(error = %e, "telling the previous agent it was taken over");
+                }
+            });
+        }
     }
 
     /// Brings the served pods in line with the snapshot, answers the CNI plugin, and
@@ -543,6 +645,69 @@ impl Agent {
         }
     }
 
+    /// Hands this agent's sockets to `successor` and waits until it serves (this agent
+    /// then stops accepting and drains) or leaves (this agent serves on, in control).
+    /// Meanwhile nothing changes the kernel tables or the pods: the successor is
+    /// starting on them.
+    async fn hand_over(&mut self, successor: handoff::Successor, admin: &mut AdminServers) -> handoff::Outcome {
+        tracing::info!(successor = %successor.version, "a new agent asks for this one's sockets; handing over");
+        // Not ready from here: a 200 on the shared readiness port is the successor's.
+        self.admin.ready.store(false, Ordering::Release);
+        admin.stop();
+        let mut sockets = self.pods.sockets();
+        sockets.extend(admin.sockets());
+        let count = sockets.len();
+        let outcome = tokio::task::spawn_blocking(move || successor.hand_over(&own_version(), &sockets))
+            .await
+            .unwrap_or_else(|e| Err(handoff::Error::Protocol(format!("handoff task: {e}"))));
+        match outcome {
+            Ok(handoff::Outcome::Adopted) => {
+                tracing::info!(sockets = count, "taken over; serving open connections until they end");
+                handoff::Outcome::Adopted
+            }
+            Ok(handoff::Outcome::Abandoned) | Err(_) => {
+                if let Err(e) = outcome {
+                    tracing::error!(error = %e, "handing over failed");
+                }
+                tracing::warn!("the new agent left before it served; this one keeps control");
+                admin.start(&self.ctx.shutdown);
+                self.publish_readiness();
+                self.reconcile();
+                handoff::Outcome::Abandoned
+            }
+        }
+    }
+
+    /// After a handoff: serves the connections this agent has until they end, still
+    /// judging them against config changes; after a SIGTERM, for `--drain-timeout` at
+    /// most. Touches no kernel table and no pod: they are the successor's.
+    async fn serve_until_drained(&mut self, source: &mut Source, changes: &mut mpsc::Receiver<()>) {
+        let mut deadline: Option<tokio::time::Instant> = None;
+        loop {
+            let until_deadline = async {
+                match deadline {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = self.ctx.tasks.wait() => {
+                    tracing::info!("every connection ended");
+                    return;
+                }
+                _ = shutdown_signal(), if deadline.is_none() => {
+                    tracing::info!(timeout = ?self.settings.drain_timeout, open = self.ctx.tasks.len(), "draining");
+                    deadline = Some(tokio::time::Instant::now() + self.settings.drain_timeout);
+                }
+                () = until_deadline => {
+                    tracing::warn!(open = self.ctx.tasks.len(), "drain timeout reached; closing remaining connections");
+                    return;
+                }
+                Some(()) = changes.recv() => self.reload(source),
+            }
+        }
+    }
+
     /// Removes what the previous run left for pods that are not wanted here any more.
     fn finish_takeover(&self) {
         let snap = self.ctx.snapshot.load_full();
@@ -551,6 +716,11 @@ impl Agent {
             tracing::error!(error = %e, "cleaning up after the previous run");
         }
     }
+}
+
+/// This agent's version and process, as a handoff names it in the other side's log.
+fn own_version() -> String {
+    format!("{} (pid {})", env!("CARGO_PKG_VERSION"), std::process::id())
 }
 
 /// Lets go of a replaced snapshot on a blocking thread, off the apply path: with

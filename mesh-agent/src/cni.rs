@@ -9,7 +9,7 @@
 //! `plugin` is the CNI side (environment, network configuration, results); `install`
 //! chains the plugin into the node's CNI configuration.
 
-mod fdpass;
+pub(crate) mod fdpass;
 mod install;
 mod plugin;
 mod protocol;

@@ -84,6 +84,8 @@ pub struct ProxyContext {
     pub kernel_splice: Option<Arc<crate::dataplane::splice::KernelSplice>>,
     /// The pods this agent serves now, for connections between two of them.
     pub local_pods: Arc<LocalPods>,
+    /// Sockets the agent before this one handed over, taken in place of binding anew.
+    pub inherited: Arc<crate::transport::inherited::Inherited>,
 }
 
 impl ProxyContext {

@@ -10,6 +10,7 @@
 pub mod accept;
 mod connect;
 pub mod copy;
+pub mod inherited;
 pub mod limits;
 pub mod originate;
 mod pool;
@@ -141,6 +142,49 @@ where
         () = shutdown.cancelled() => goaway(conn.as_mut()),
     }
     conn.await
+}
+
+/// How long a client's HTTP connection keeps being served once the agent drains
+/// before it is asked to finish: an HTTP/1 client in the middle of its requests gets
+/// `connection: close` on its next response ([`close_when_draining`]) and closes itself,
+/// which no request can race; one that sent nothing meanwhile is closed.
+pub const CLIENT_DRAIN_GRACE: Duration = Duration::from_secs(1);
+
+/// Serves a pod's HTTP connection (the client's side) until it ends; once the agent
+/// drains, [`until_drained`] after [`CLIENT_DRAIN_GRACE`].
+pub async fn until_drained_gently<C, T>(
+    conn: C,
+    shutdown: &CancellationToken,
+    goaway: impl FnOnce(std::pin::Pin<&mut C>),
+) -> T
+where
+    C: std::future::Future<Output = T>,
+{
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => return r,
+        () = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(CLIENT_DRAIN_GRACE).await;
+        } => goaway(conn.as_mut()),
+    }
+    conn.await
+}
+
+/// Marks an HTTP/1 response `connection: close` once the agent drains, so the client
+/// takes its next request elsewhere (the agent that took over) instead of racing a
+/// close. Upgrades are left alone; HTTP/2 hears GOAWAY instead.
+pub fn close_when_draining<B>(
+    request_version: http::Version,
+    shutdown: &CancellationToken,
+    resp: &mut http::Response<B>,
+) {
+    if shutdown.is_cancelled()
+        && request_version < http::Version::HTTP_2
+        && resp.status() != http::StatusCode::SWITCHING_PROTOCOLS
+    {
+        resp.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+    }
 }
 
 #[cfg(test)]

@@ -57,8 +57,9 @@ async fn agent(node: &str, reporter: &str, requests: f64, stop: &CancellationTok
     let t0 = Instant::now();
     state.traffic.sample(t0, &series(reporter, 0.0));
     state.traffic.sample(t0 + Duration::from_secs(10), &series(reporter, requests));
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    tokio::spawn(admin::serve(addr, state, stop.clone(), true));
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(admin::serve(listener, state, stop.clone(), true));
     wait_listening(addr).await;
     addr
 }

@@ -1144,6 +1144,45 @@ impl Lab {
 
     /// Starts (or restarts) the agent of `node`.
     pub fn start_agent(&mut self, node: &str) -> anyhow::Result<()> {
+        self.spawn_agent(node)?;
+        self.wait_agent(node)
+    }
+
+    /// Replaces the running agent of `node` as a rolling update does: the new one
+    /// (`agent_bin`, which may be another build) starts beside it and takes its sockets
+    /// over (`agent-handoff.sock`, beside the CNI socket); once the new one answers
+    /// ready the old one stops accepting and serves its open connections until they
+    /// end. Returns when the new one is ready, with the old one's pid (still running
+    /// while it drains; `down` stops it with the node's agent cgroup).
+    pub fn upgrade_agent(&mut self, node: &str) -> anyhow::Result<Option<u32>> {
+        use std::os::unix::fs::MetadataExt as _;
+        let n = self.node(node)?.clone();
+        let old = n.agent_pid.filter(|pid| is_alive(*pid));
+        let handoff = n.cni_socket.with_file_name("agent-handoff.sock");
+        let before = fs::metadata(&handoff).ok().map(|m| m.ino());
+        self.spawn_agent(node)?;
+        if old.is_some() {
+            // The new agent binds a socket of its own once it holds the old one's: a
+            // ready answer from then on is its own (the old one answers not ready
+            // from the hello on).
+            let deadline = Instant::now() + READY_TIMEOUT;
+            while fs::metadata(&handoff).ok().map(|m| m.ino()) == before {
+                let pid = self.node(node)?.agent_pid.unwrap_or(0);
+                if !is_alive(pid) {
+                    bail!("the new agent of {node} exited; see {}", self.agent_log_path(node).display());
+                }
+                if Instant::now() > deadline {
+                    bail!("the new agent of {node} did not take over in {READY_TIMEOUT:?}");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        self.wait_agent(node)?;
+        Ok(old)
+    }
+
+    /// Starts an agent for `node` and records it as the node's, without waiting.
+    fn spawn_agent(&mut self, node: &str) -> anyhow::Result<()> {
         let n = self.node(node)?.clone();
         let log_path = self.agent_log_path(node);
         let log = fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
@@ -1178,8 +1217,7 @@ impl Lab {
         for x in self.nodes.iter_mut().filter(|x| x.name == node) {
             x.agent_pid = Some(pid);
         }
-        self.save()?;
-        self.wait_agent(node)
+        self.save()
     }
 
     /// Waits until the agent of `node` answers ready.

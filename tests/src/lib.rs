@@ -9,5 +9,6 @@ pub mod harness;
 pub mod hbone_client;
 pub mod lab;
 pub mod measure;
+pub mod steady;
 pub mod sys;
 pub mod wire;

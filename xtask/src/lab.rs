@@ -35,15 +35,21 @@ pub enum LabCmd {
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
     },
-    /// Restart a node's agent (SIGTERM: it drains, then a new one takes over its pinned
-    /// maps and pods), with the agent binary at --binary from now on if given; returns
-    /// once the new agent answers ready.
+    /// Restart a node's agent as a rolling update does: a new agent (the binary at
+    /// --binary from now on, if given) starts beside the running one and takes its
+    /// listening sockets over; the old one stops accepting once the new one is ready
+    /// and serves its open connections until they end. Returns once the new agent
+    /// answers ready. With --stop-first, the old one is stopped (SIGTERM, drain) before
+    /// the new one starts: pods refuse connections in between.
     RestartAgent {
         /// Node name.
         node: String,
         /// Another agent binary (an upgrade or a downgrade).
         #[arg(long)]
         binary: Option<PathBuf>,
+        /// Stop the running agent first instead of handing over.
+        #[arg(long)]
+        stop_first: bool,
     },
     /// Print a node agent's log.
     Logs {
@@ -118,7 +124,7 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<()> {
             let status = Lab::load(&state_dir())?.pod_command(&pod, &cmd)?.status()?;
             std::process::exit(status.code().unwrap_or(1));
         }
-        LabCmd::RestartAgent { node, binary } => {
+        LabCmd::RestartAgent { node, binary, stop_first } => {
             let mut lab = Lab::load(&state_dir())?;
             lab.node(&node)?;
             if let Some(binary) = binary {
@@ -126,8 +132,12 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<()> {
                     std::fs::canonicalize(&binary).with_context(|| format!("--binary {}", binary.display()))?;
             }
             let started = std::time::Instant::now();
-            lab.stop_agent(&node, "TERM")?;
-            lab.start_agent(&node)?;
+            if stop_first {
+                lab.stop_agent(&node, "TERM")?;
+                lab.start_agent(&node)?;
+            } else if let Some(old) = lab.upgrade_agent(&node)? {
+                println!("agent of {node}: pid {old} handed over and serves its open connections until they end");
+            }
             println!("agent of {node} restarted ({}), ready after {:?}", lab.agent_bin.display(), started.elapsed());
         }
         LabCmd::Logs { node } => {

@@ -106,6 +106,11 @@ impl Pods {
         self.running.len()
     }
 
+    /// A copy of every socket of the pods served, named for a successor agent.
+    pub fn sockets(&self) -> Vec<(crate::transport::inherited::SocketKey, std::os::fd::OwnedFd)> {
+        self.running.values().flat_map(|pod| pod.proxy.sockets()).collect()
+    }
+
     /// Every local pod that should be captured, with its state.
     pub fn report(&self) -> Vec<PodReport> {
         self.state.values().cloned().collect()

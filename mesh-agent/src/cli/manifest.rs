@@ -766,6 +766,10 @@ fn to_json<T: serde::Serialize>(o: &T) -> serde_json::Value {
 /// Where the agent's CNI socket lives, on the node and in the agent's container alike.
 const CNI_SOCKET_DIR: &str = "/var/run/mesh";
 
+/// How long an agent that was sent SIGTERM serves its open connections (after a
+/// handoff to its successor, or when it leaves the node), in seconds.
+const DRAIN_SECONDS: i64 = 60;
+
 fn host_path(name: &str, path: &str, kind: &str) -> Volume {
     Volume {
         name: name.into(),
@@ -804,6 +808,7 @@ fn daemon_set(v: &Values) -> DaemonSet {
             "--ca-root-cert=/var/run/mesh-ca/root-cert.pem".into(),
             "--ca-token-file=/var/run/secrets/tokens/mesh-ca-token".into(),
             format!("--cni-exclude-namespaces=kube-system,{}", v.namespace),
+            format!("--drain-timeout={DRAIN_SECONDS}s"),
         ]),
         env: Some(vec![
             env_from_field("MESH_NODE_NAME", "spec.nodeName"),
@@ -862,11 +867,14 @@ fn daemon_set(v: &Values) -> DaemonSet {
                 match_labels: Some(BTreeMap::from([("app".to_string(), AGENT.to_string())])),
                 ..Default::default()
             },
+            // The new agent starts beside the old one and takes its sockets over
+            // (app::handoff); only once it is ready is the old one sent SIGTERM. A
+            // node never goes without an agent, so none is unavailable.
             update_strategy: Some(DaemonSetUpdateStrategy {
                 type_: Some("RollingUpdate".into()),
                 rolling_update: Some(RollingUpdateDaemonSet {
-                    max_unavailable: Some(IntOrString::Int(1)),
-                    ..Default::default()
+                    max_surge: Some(IntOrString::Int(1)),
+                    max_unavailable: Some(IntOrString::Int(0)),
                 }),
             }),
             template: PodTemplateSpec {
@@ -884,7 +892,10 @@ fn daemon_set(v: &Values) -> DaemonSet {
                     // Pods of the node are found through its /proc and cgroups.
                     host_pid: Some(true),
                     host_network: Some(false),
-                    termination_grace_period_seconds: Some(30),
+                    // The drain (--drain-timeout) and a margin: the kubelet's SIGKILL
+                    // comes after the agent has let its last connections go. No
+                    // preStop: SIGTERM itself starts the drain.
+                    termination_grace_period_seconds: Some(DRAIN_SECONDS + 5),
                     tolerations: Some(vec![Toleration { operator: Some("Exists".into()), ..Default::default() }]),
                     containers: vec![container],
                     volumes: Some(vec![
@@ -1088,7 +1099,12 @@ mod tests {
         let probe = c.readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap();
         assert_eq!(probe.port, IntOrString::Int(15021));
         let strategy = ds.spec.as_ref().unwrap().update_strategy.as_ref().unwrap();
-        assert_eq!(strategy.rolling_update.as_ref().unwrap().max_unavailable, Some(IntOrString::Int(1)));
+        let rolling = strategy.rolling_update.as_ref().unwrap();
+        assert_eq!(
+            (&rolling.max_surge, &rolling.max_unavailable),
+            (&Some(IntOrString::Int(1)), &Some(IntOrString::Int(0)))
+        );
+        assert!(pod.termination_grace_period_seconds.unwrap() > DRAIN_SECONDS, "the kubelet waits out the drain");
     }
 
     #[test]

@@ -46,6 +46,11 @@ impl Netns {
         Ok(())
     }
 
+    /// The inode of the agent's own netns, once [`Netns::init_host`] recorded it.
+    pub fn host_inode() -> Option<u64> {
+        HOST_NETNS.get().map(|(_, inode)| *inode)
+    }
+
     /// A handle on the agent's own netns (recorded first if it was not): sockets "in"
     /// it are made right here. What a pod that shares the host's network gets, and
     /// what in-process tests run their pods in, without privileges.

@@ -90,13 +90,18 @@ pub async fn serve<S>(
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let shutdown = ctx.shutdown.clone();
-    let svc = hyper::service::service_fn(move |req| {
+    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
         let (ctx, pod, netns, table) = (ctx.clone(), pod.clone(), netns.clone(), table.clone());
-        async move { Ok::<_, Infallible>(handle(&ctx, &pod, &netns, &table, (client, orig), req).await) }
+        async move {
+            let version = req.version();
+            let mut resp = handle(&ctx, &pod, &netns, &table, (client, orig), req).await;
+            crate::transport::close_when_draining(version, &ctx.shutdown, &mut resp);
+            Ok::<_, Infallible>(resp)
+        }
     });
     let builder = crate::transport::limits::http_server();
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-    if let Err(e) = crate::transport::until_drained(conn, &shutdown, |c| c.graceful_shutdown()).await {
+    if let Err(e) = crate::transport::until_drained_gently(conn, &shutdown, |c| c.graceful_shutdown()).await {
         tracing::debug!(%orig, error = %e, "HTTP client connection ended");
     }
 }

@@ -173,8 +173,7 @@ pub struct DnsContext {
 }
 
 /// Serves the pod's queries arriving on `socket` until `stop`.
-pub async fn serve(ctx: DnsContext, socket: UdpSocket, stop: CancellationToken) {
-    let socket = Arc::new(socket);
+pub async fn serve(ctx: DnsContext, socket: Arc<UdpSocket>, stop: CancellationToken) {
     let pending = Arc::new(Semaphore::new(PENDING_PER_POD));
     // One byte more than a query may have: a longer datagram fills it and is dropped.
     let mut buf = vec![0u8; MAX_QUERY + 1];

@@ -26,9 +26,8 @@ use crate::transport::{CONNECT_TIMEOUT, Error, HANDSHAKE_TIMEOUT, limits, socket
 
 pub(super) async fn serve(
     ctx: ProxyContext,
-    pod: Arc<Workload>,
-    netns: Arc<Netns>,
-    listener: TcpListener,
+    (pod, netns): (Arc<Workload>, Arc<Netns>),
+    listener: Arc<TcpListener>,
     tls: Arc<rustls::ServerConfig>,
     stop: CancellationToken,
 ) {

@@ -1,7 +1,7 @@
 //! The listeners the agent keeps inside each enrolled pod's network namespace.
 
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd as _, AsRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 
 use mesh_common::ports;
@@ -14,7 +14,8 @@ use super::accept::{OrigFrom, accept_loop};
 use super::{ProxyContext, dns, hbone, inbound, outbound};
 use crate::dataplane::Netns;
 use crate::state::Workload;
-use crate::transport::{Error, sockets};
+use crate::transport::Error;
+use crate::transport::inherited::SocketKey;
 
 /// A running proxy for one pod: its listeners and accept loops.
 ///
@@ -30,8 +31,12 @@ pub struct PodProxy {
     pub workload: Arc<Workload>,
     /// Raw fd of the plaintext inbound listener, for the kernel's SOCKMAP.
     inbound_fd: RawFd,
-    /// Keeps the listener open while the accept loop runs.
-    _inbound: Arc<TcpListener>,
+    /// Every socket of the pod's proxy, kept open while the loops run and handed to a
+    /// successor agent from here ([`PodProxy::sockets`]).
+    listeners: Vec<Arc<TcpListener>>,
+    dns: Vec<Arc<UdpSocket>>,
+    /// The namespace's inode, which names the sockets to a successor.
+    netns: u64,
     stop: CancellationToken,
     /// This proxy's entry among the agent's local pods.
     local: (Arc<super::LocalPods>, u64),
@@ -43,35 +48,50 @@ impl PodProxy {
         let stop = ctx.shutdown.child_token();
         let first_v4 = workload.ips.iter().find(|ip| ip.is_ipv4());
         let first_v6 = workload.ips.iter().find(|ip| ip.is_ipv6());
-        let outbound: Vec<TcpListener> = first_v4
+        let inherited = &ctx.inherited;
+        let outbound: Vec<Arc<TcpListener>> = first_v4
             .into_iter()
             .chain(first_v6)
-            .map(|ip| sockets::listen_in(&netns, SocketAddr::new(*ip, ports::OUTBOUND)))
+            .map(|ip| inherited.listen_in(&netns, SocketAddr::new(*ip, ports::OUTBOUND)).map(Arc::new))
             .collect::<Result<_, _>>()?;
-        let inbound = Arc::new(sockets::listen_dual_stack_in(&netns, ports::INBOUND_PLAINTEXT)?);
-        let hbone = sockets::listen_dual_stack_in(&netns, ports::INBOUND_HBONE)?;
-        let dns_sockets: Vec<UdpSocket> = first_v4
+        let inbound = Arc::new(inherited.listen_dual_stack_in(&netns, ports::INBOUND_PLAINTEXT)?);
+        let hbone = Arc::new(inherited.listen_dual_stack_in(&netns, ports::INBOUND_HBONE)?);
+        let dns: Vec<Arc<UdpSocket>> = first_v4
             .into_iter()
             .chain(first_v6)
-            .map(|ip| sockets::bind_udp_in(&netns, SocketAddr::new(*ip, ports::DNS)))
+            .map(|ip| inherited.bind_udp_in(&netns, SocketAddr::new(*ip, ports::DNS)).map(Arc::new))
             .collect::<Result<_, _>>()?;
 
         let server_tls =
             crate::identity::server_config(ctx.dialer.certs.clone(), workload.identity.clone(), &ctx.dialer.verifier)?;
-        for listener in outbound {
+        for listener in &outbound {
             let pod = (workload.clone(), netns.clone());
-            tokio::spawn(serve_plain(ctx.clone(), pod, listener, Plain::Outbound, stop.clone()));
+            tokio::spawn(serve_plain(ctx.clone(), pod, listener.clone(), Plain::Outbound, stop.clone()));
         }
         let pod = (workload.clone(), netns.clone());
         tokio::spawn(serve_plain(ctx.clone(), pod, inbound.clone(), Plain::Inbound, stop.clone()));
-        let netns_for_local = netns.clone();
-        tokio::spawn(hbone::serve(ctx.clone(), workload.clone(), netns, hbone, server_tls, stop.clone()));
-        for socket in dns_sockets {
-            tokio::spawn(dns::serve(ctx.dns_context(workload.clone()), socket, stop.clone()));
+        let pod = (workload.clone(), netns.clone());
+        tokio::spawn(hbone::serve(ctx.clone(), pod, hbone.clone(), server_tls, stop.clone()));
+        for socket in &dns {
+            tokio::spawn(dns::serve(ctx.dns_context(workload.clone()), socket.clone(), stop.clone()));
         }
-        let local = (ctx.local_pods.clone(), ctx.local_pods.insert(workload.key(), netns_for_local));
+        let local = (ctx.local_pods.clone(), ctx.local_pods.insert(workload.key(), netns.clone()));
         tracing::info!(pod = %workload.name, namespace = %workload.namespace, identity = %workload.identity, "pod proxy started");
-        Ok(Self { inbound_fd: inbound.as_raw_fd(), _inbound: inbound, workload, stop, local })
+        let listeners = outbound.into_iter().chain([inbound.clone(), hbone]).collect();
+        Ok(Self { inbound_fd: inbound.as_raw_fd(), listeners, dns, netns: netns.inode(), workload, stop, local })
+    }
+
+    /// A copy of each of the pod's sockets, named for a successor agent.
+    pub fn sockets(&self) -> Vec<(SocketKey, OwnedFd)> {
+        let tcp = self.listeners.iter().map(|l| l.as_fd().try_clone_to_owned());
+        let udp = self.dns.iter().map(|s| s.as_fd().try_clone_to_owned());
+        tcp.chain(udp)
+            .filter_map(|fd| {
+                let fd =
+                    fd.map_err(|e| tracing::warn!(pod = %self.workload.name, error = %e, "socket not copied")).ok()?;
+                Some((SocketKey::of(&fd, self.netns).ok()?, fd))
+            })
+            .collect()
     }
 
     /// Stops accepting; connections in flight finish on their own.

@@ -107,6 +107,7 @@ impl Mesh {
             l7_telemetry: true,
             kernel_splice: None,
             local_pods: Arc::default(),
+            inherited: Arc::default(),
         };
         ctx.l7.round_robin.fit(&snapshot);
         let netns = Arc::new(Netns::host().expect("the test's own network namespace"));
@@ -116,7 +117,13 @@ impl Mesh {
             if serving.hbone {
                 let tls = crate::identity::server_config(certs.clone(), w.identity.clone(), &verifier).unwrap();
                 let hbone_listener = TcpListener::bind((ip, ports::INBOUND_HBONE)).await.unwrap();
-                tokio::spawn(hbone::serve(ctx.clone(), w.clone(), netns.clone(), hbone_listener, tls, stop.clone()));
+                tokio::spawn(hbone::serve(
+                    ctx.clone(),
+                    (w.clone(), netns.clone()),
+                    hbone_listener.into(),
+                    tls,
+                    stop.clone(),
+                ));
             }
             if serving.local {
                 ctx.local_pods.insert(w.key(), netns.clone());

@@ -161,22 +161,27 @@ impl Pool {
             destination: dest.identity.clone(),
             addr: SocketAddr::new(target.ip(), ports::INBOUND_HBONE),
         };
-        let (pooled, slot) = match self.reserve(&key) {
-            Some(found) => found,
-            None => {
-                let pooled =
-                    Pooled { sender: self.dial(dialer, source, netns, &key).await?, streams: StreamCount::default() };
-                let slot = pooled.try_reserve().ok_or(Error::Closed { addr: key.addr })?;
-                self.conns
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .entry(key.clone())
-                    .or_default()
-                    .push(pooled.clone());
-                (pooled, slot)
+        if let Some((pooled, slot)) = self.reserve(&key) {
+            match self.open(&pooled, slot, &key, target).await {
+                Err(Error::Http { source, .. }) if never_reached_the_peer(&source) => {
+                    // The peer agent is going away (a handoff to its successor sends
+                    // GOAWAY): this CONNECT was not taken, so it is safe to send again on
+                    // a new connection, which the successor answers.
+                    self.retire(&key, &pooled);
+                    tracing::debug!(addr = %key.addr, error = %source, "pooled HBONE connection going away; CONNECT sent on a new one");
+                }
+                other => return other,
             }
-        };
-        let mut sender = pooled.sender;
+        }
+        let pooled = Pooled { sender: self.dial(dialer, source, netns, &key).await?, streams: StreamCount::default() };
+        let slot = pooled.try_reserve().ok_or(Error::Closed { addr: key.addr })?;
+        self.conns.lock().unwrap_or_else(|p| p.into_inner()).entry(key.clone()).or_default().push(pooled.clone());
+        self.open(&pooled, slot, &key, target).await
+    }
+
+    /// One CONNECT stream to `target` on `pooled`.
+    async fn open(&self, pooled: &Pooled, slot: StreamSlot, key: &Key, target: SocketAddr) -> Result<Tunnel, Error> {
+        let mut sender = pooled.sender.clone();
         sender.ready().await.map_err(|source| Error::Http { addr: key.addr, source })?;
         let req = Request::builder()
             .method(Method::CONNECT)
@@ -185,7 +190,7 @@ impl Pool {
             .expect("CONNECT request from a socket address is always valid");
         let res = match tokio::time::timeout(limits::CONNECT_RESPONSE_TIMEOUT, sender.send_request(req)).await {
             Ok(r) => r.map_err(|source| {
-                self.forget_closed(&key);
+                self.forget_closed(key);
                 Error::Http { addr: key.addr, source }
             })?,
             Err(_) => {
@@ -201,6 +206,17 @@ impl Pool {
         }
         let upgraded = hyper::upgrade::on(res).await.map_err(|source| Error::Http { addr: key.addr, source })?;
         Ok(Tunnel { io: TokioIo::new(upgraded), _slot: slot, target })
+    }
+
+    /// Takes `pooled` out of the pool: no new stream goes on it (those open finish).
+    fn retire(&self, key: &Key, pooled: &Pooled) {
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(list) = conns.get_mut(key) {
+            list.retain(|c| !Arc::ptr_eq(&c.streams.0, &pooled.streams.0));
+            if list.is_empty() {
+                conns.remove(key);
+            }
+        }
     }
 
     /// A pooled connection for `key` with room for one more stream, with the slot taken.
@@ -268,6 +284,23 @@ impl Pool {
         tracing::debug!(source = %key.source_pod, destination = %key.destination, %addr, "HBONE connection opened");
         Ok(sender)
     }
+}
+
+/// Whether a failed CONNECT never reached the peer's application: hyper cancelled it
+/// (the connection was closing) or the peer refused the stream unprocessed
+/// (`REFUSED_STREAM`, what a server sends for streams past its GOAWAY).
+fn never_reached_the_peer(e: &hyper::Error) -> bool {
+    if e.is_canceled() {
+        return true;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(h2) = s.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        source = s.source();
+    }
+    false
 }
 
 #[cfg(test)]

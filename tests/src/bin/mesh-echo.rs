@@ -6,7 +6,8 @@
 //! between `POST /_health/fail` and `POST /_health/ok`),
 //! `x-fail-on`/`x-slow-on: <pod or *>` headers, and an optional share of failing
 //! requests; it also echoes raw TCP on a second port. `dial` opens one TCP connection and
-//! reports both ends (and, held, whether the peer closed it); `load` runs concurrent TCP echo connections and checks every byte.
+//! reports both ends (and, held, whether the peer closed it); `load` runs concurrent TCP echo connections and checks every byte; `steady` holds
+//! traffic of every kind across an event.
 #![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
@@ -153,6 +154,30 @@ enum Cmd {
         #[arg(long, default_value = "myapp")]
         host: String,
     },
+    /// Hold steady traffic for --seconds (`mesh_tests::steady`): --rps HTTP/1.1
+    /// requests to --http, --new-per-second new TCP connections and --conns long-lived
+    /// ones (idle, streaming, HTTP/2 with a stream open) to the --tcp echo servers,
+    /// every one checked end to end; prints what happened as JSON.
+    Steady {
+        /// Raw TCP echo servers.
+        #[arg(long, required = true)]
+        tcp: Vec<SocketAddr>,
+        /// HTTP server.
+        #[arg(long)]
+        http: SocketAddr,
+        /// Long-lived connections.
+        #[arg(long, default_value_t = 99)]
+        conns: usize,
+        /// HTTP requests per second.
+        #[arg(long, default_value_t = 1000)]
+        rps: u64,
+        /// New TCP connections per second.
+        #[arg(long, default_value_t = 20)]
+        new_per_second: u64,
+        /// How long.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
     /// Run --conns concurrent TCP echo exchanges of --bytes each against ADDR and
     /// verify every byte came back.
     Load {
@@ -233,6 +258,11 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Load { addr, conns, bytes } => load(addr, conns, bytes).await,
+        Cmd::Steady { tcp, http, conns, rps, new_per_second, seconds } => {
+            let plan = mesh_tests::steady::Plan { tcp, http, conns, rps, new_per_second, seconds };
+            println!("{}", serde_json::to_string(&mesh_tests::steady::run(plan).await)?);
+            Ok(())
+        }
         Cmd::Knock { addr, for_ms, every_ms, timeout_ms } => knock(addr, for_ms, every_ms, timeout_ms).await,
         Cmd::Stall { addr, conns, body, send, hold_ms, host } => stall(addr, conns, body, send, hold_ms, &host).await,
         Cmd::Upgrade { addr, path, message } => upgrade_client(&addr, &path, &message).await,

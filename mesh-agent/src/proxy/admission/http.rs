@@ -69,13 +69,18 @@ pub(super) async fn serve<S>(
     let conn = Arc::new(Conn { ctx, pod, netns, arrival, peers, app });
     let dst = conn.arrival.dst;
     let shutdown = conn.ctx.shutdown.clone();
-    let svc = hyper::service::service_fn(move |req| {
+    let svc = hyper::service::service_fn(move |req: http::Request<_>| {
         let conn = conn.clone();
-        async move { Ok::<_, Infallible>(handle(&conn, req).await) }
+        async move {
+            let version = req.version();
+            let mut resp = handle(&conn, req).await;
+            crate::transport::close_when_draining(version, &conn.ctx.shutdown, &mut resp);
+            Ok::<_, Infallible>(resp)
+        }
     });
     let builder = crate::transport::limits::http_server();
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(client), svc);
-    if let Err(e) = crate::transport::until_drained(conn, &shutdown, |c| c.graceful_shutdown()).await {
+    if let Err(e) = crate::transport::until_drained_gently(conn, &shutdown, |c| c.graceful_shutdown()).await {
         tracing::debug!(%dst, error = %e, "inbound HTTP connection ended");
     }
 }

@@ -262,7 +262,7 @@ async fn the_pods_proxy_answers_it_forwards_the_rest_unchanged_and_serves_only_t
     let proxy = UdpSocket::bind("127.0.0.62:0").await.unwrap();
     let proxy_addr = proxy.local_addr().unwrap();
     let stop = CancellationToken::new();
-    tokio::spawn(serve(ctx, proxy, stop.clone()));
+    tokio::spawn(serve(ctx, proxy.into(), stop.clone()));
 
     let client = UdpSocket::bind("127.0.0.61:0").await.unwrap();
     let ask = |bytes: Vec<u8>| {
