@@ -40,6 +40,8 @@ pub struct PodProxy {
     stop: CancellationToken,
     /// This proxy's entry among the agent's local pods.
     local: (Arc<super::LocalPods>, u64),
+    /// The agent's HBONE pool, whose connections to this pod end with it.
+    pool: Arc<crate::transport::Pool>,
 }
 
 impl PodProxy {
@@ -78,7 +80,8 @@ impl PodProxy {
         let local = (ctx.local_pods.clone(), ctx.local_pods.insert(workload.key(), netns.clone()));
         tracing::info!(pod = %workload.name, namespace = %workload.namespace, identity = %workload.identity, "pod proxy started");
         let listeners = outbound.into_iter().chain([inbound.clone(), hbone]).collect();
-        Ok(Self { inbound_fd: inbound.as_raw_fd(), listeners, dns, netns: netns.inode(), workload, stop, local })
+        let pool = ctx.dialer.pool.clone();
+        Ok(Self { inbound_fd: inbound.as_raw_fd(), listeners, dns, netns: netns.inode(), workload, stop, local, pool })
     }
 
     /// A copy of each of the pod's sockets, named for a successor agent.
@@ -94,10 +97,12 @@ impl PodProxy {
             .collect()
     }
 
-    /// Stops accepting; connections in flight finish on their own.
+    /// Stops accepting; connections in flight finish on their own, and new ones to the
+    /// pod's addresses open new tunnels.
     pub fn stop(&self) {
         self.stop.cancel();
         self.local.0.remove(&self.workload.key(), self.local.1);
+        self.pool.forget_addresses(&self.workload.ips);
     }
 }
 

@@ -25,8 +25,8 @@ pub use kernel::KERNEL_PROGRESS_EVERY;
 
 /// Buffer per direction: one TLS record carries at most 16 KiB of plaintext and an
 /// HTTP/2 DATA frame is 16 KiB by default, so a larger buffer only adds memory per
-/// connection without fewer syscalls. The buffers are allocated once per connection,
-/// never per chunk.
+/// connection without fewer syscalls. A direction holds one only while it has bytes to
+/// move (`both_ways`), taken from and given back to a few spares per worker thread.
 const BUFFER_SIZE: usize = 16 * 1024;
 
 /// Copies both ways until both sides are done; returns bytes `a -> b` and `b -> a`.

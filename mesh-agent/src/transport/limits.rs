@@ -212,10 +212,21 @@ pub fn per_node_from_nofile(nofile: u64) -> usize {
     usize::try_from(nofile.saturating_sub(1024) / 2).unwrap_or(usize::MAX).max(64)
 }
 
-/// Raises the soft file-descriptor limit to the hard one; returns the limit in force.
+/// The most descriptors the agent asks for: two per proxied connection for half a
+/// million connections, as ztunnel's and Envoy's deployments allow.
+const NOFILE_WANTED: u64 = 1 << 20;
+
+/// Raises the file-descriptor limit: to [`NOFILE_WANTED`] (at most the kernel's
+/// `fs.nr_open`) where the agent may (`CAP_SYS_RESOURCE`, which the DaemonSet grants),
+/// else the soft limit to the hard one. Returns the limit in force.
 pub fn raise_nofile() -> u64 {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else { return 1024 };
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open").ok().and_then(|s| s.trim().parse::<u64>().ok());
+    let wanted = nr_open.unwrap_or(hard).min(NOFILE_WANTED);
+    if wanted > hard && setrlimit(Resource::RLIMIT_NOFILE, wanted, wanted).is_ok() {
+        return wanted;
+    }
     if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
         return hard;
     }

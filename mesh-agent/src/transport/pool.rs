@@ -143,7 +143,16 @@ impl AsyncWrite for Tunnel {
 #[derive(Debug, Default)]
 pub struct Pool {
     conns: Mutex<HashMap<Key, Vec<Pooled>>>,
+    /// One dial at a time per key: a connection that finds no room waits for the dial
+    /// in flight and takes a stream on it, instead of opening a tunnel of its own (a
+    /// burst of a hundred new connections opened a hundred tunnels). Each gate holds
+    /// when its last dial failed and why, so those waiting give up with it at once
+    /// rather than each waiting out a connect timeout in turn.
+    dialing: Mutex<HashMap<Key, Arc<DialGate>>>,
 }
+
+/// The turn to dial for one key, and the last failure.
+type DialGate = tokio::sync::Mutex<Option<(std::time::Instant, String)>>;
 
 impl Pool {
     /// Opens a tunnelled connection from `source` to `target` (a port of `dest`),
@@ -173,10 +182,53 @@ impl Pool {
                 other => return other,
             }
         }
-        let pooled = Pooled { sender: self.dial(dialer, source, netns, &key).await?, streams: StreamCount::default() };
-        let slot = pooled.try_reserve().ok_or(Error::Closed { addr: key.addr })?;
-        self.conns.lock().unwrap_or_else(|p| p.into_inner()).entry(key.clone()).or_default().push(pooled.clone());
+        let (pooled, slot) = self.reserve_or_dial(dialer, source, netns, &key).await?;
         self.open(&pooled, slot, &key, target).await
+    }
+
+    /// A stream slot on a pooled connection for `key`: on one opened while this call
+    /// waited its turn, else on a connection it dials.
+    async fn reserve_or_dial(
+        &self,
+        dialer: &Dialer,
+        source: &Workload,
+        netns: &Netns,
+        key: &Key,
+    ) -> Result<(Pooled, StreamSlot), Error> {
+        let waited_from = std::time::Instant::now();
+        let gate = self.dialing.lock().unwrap_or_else(|p| p.into_inner()).entry(key.clone()).or_default().clone();
+        let mut turn = gate.lock().await;
+        let result = match (self.reserve(key), &*turn) {
+            (Some(found), _) => Ok(found),
+            (None, Some((at, why))) if *at >= waited_from => {
+                Err(Error::Io { what: "HBONE dial (shared) to", addr: key.addr, source: io::Error::other(why.clone()) })
+            }
+            (None, _) => match self.dial(dialer, source, netns, key).await {
+                Ok(sender) => {
+                    *turn = None;
+                    let pooled = Pooled { sender, streams: StreamCount::default() };
+                    let slot = pooled.try_reserve().ok_or(Error::Closed { addr: key.addr })?;
+                    self.conns
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .entry(key.clone())
+                        .or_default()
+                        .push(pooled.clone());
+                    Ok((pooled, slot))
+                }
+                Err(e) => {
+                    *turn = Some((std::time::Instant::now(), e.to_string()));
+                    Err(e)
+                }
+            },
+        };
+        drop(turn);
+        let mut dialing = self.dialing.lock().unwrap_or_else(|p| p.into_inner());
+        // The map's and this call's: nobody else waits on this gate.
+        if Arc::strong_count(&gate) <= 2 {
+            dialing.remove(key);
+        }
+        result
     }
 
     /// One CONNECT stream to `target` on `pooled`.
@@ -206,6 +258,14 @@ impl Pool {
         }
         let upgraded = hyper::upgrade::on(res).await.map_err(|source| Error::Http { addr: key.addr, source })?;
         Ok(Tunnel { io: TokioIo::new(upgraded), _slot: slot, target })
+    }
+
+    /// Takes every connection to `ips` out of the pool (new streams open new ones): a
+    /// local pod stopped or its sandbox was recreated, so a pooled connection to its
+    /// old listener leads nowhere, and would only be found dead by the next CONNECT.
+    pub fn forget_addresses(&self, ips: &[std::net::IpAddr]) {
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        conns.retain(|key, _| !ips.contains(&key.addr.ip()));
     }
 
     /// Takes `pooled` out of the pool: no new stream goes on it (those open finish).
@@ -287,8 +347,9 @@ impl Pool {
 }
 
 /// Whether a failed CONNECT never reached the peer's application: hyper cancelled it
-/// (the connection was closing) or the peer refused the stream unprocessed
-/// (`REFUSED_STREAM`, what a server sends for streams past its GOAWAY).
+/// (the connection was closing), the peer refused the stream unprocessed
+/// (`REFUSED_STREAM`), or the peer's GOAWAY named a last stream before it (RFC 9113
+/// §6.8: such streams were not processed).
 fn never_reached_the_peer(e: &hyper::Error) -> bool {
     if e.is_canceled() {
         return true;
@@ -296,7 +357,7 @@ fn never_reached_the_peer(e: &hyper::Error) -> bool {
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {
         if let Some(h2) = s.downcast_ref::<h2::Error>() {
-            return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM) || (h2.is_go_away() && h2.is_remote());
         }
         source = s.source();
     }

@@ -7,7 +7,13 @@
 //!
 //! A failed read ends the copy at once, as before: the side it came from is gone, and
 //! nothing it sent is left to deliver.
+//!
+//! A direction holds its buffer only while it has bytes to move: when its reader has
+//! nothing and everything read was written, the buffer goes back to a small spare list
+//! of the worker thread, and the next read takes one from there. An idle connection
+//! holds no buffer at all (tokio's copy holds two for the connection's whole life).
 
+use std::cell::RefCell;
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
@@ -45,10 +51,40 @@ where
     .await
 }
 
+/// Spare buffers kept per worker thread: enough for the directions that wake on one
+/// thread together, few enough that what a burst leaves behind stays small.
+const SPARE_PER_THREAD: usize = 16;
+
+thread_local! {
+    static SPARE: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A buffer of `size` bytes: a spare one of this thread's, else a new one.
+fn take_buffer(size: usize) -> Box<[u8]> {
+    let spare = SPARE.with(|s| {
+        let mut s = s.borrow_mut();
+        let i = s.iter().rposition(|b| b.len() == size)?;
+        Some(s.swap_remove(i))
+    });
+    spare.unwrap_or_else(|| vec![0; size].into_boxed_slice())
+}
+
+/// Keeps `buf` for the next direction with bytes to move on this thread, or frees it.
+fn give_back(buf: Box<[u8]>) {
+    SPARE.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.len() < SPARE_PER_THREAD {
+            s.push(buf);
+        }
+    });
+}
+
 /// One direction of the copy.
 struct Direction {
     state: State,
-    buf: Box<[u8]>,
+    /// Held only while there are bytes to move (see the module's doc).
+    buf: Option<Box<[u8]>>,
+    size: usize,
     /// Bytes in `buf` not yet written: `buf[pos..cap]`.
     pos: usize,
     cap: usize,
@@ -73,7 +109,8 @@ impl Direction {
     fn new(buffer: usize) -> Self {
         Self {
             state: State::Copying,
-            buf: vec![0; buffer].into_boxed_slice(),
+            buf: None,
+            size: buffer,
             pos: 0,
             cap: 0,
             read_done: false,
@@ -116,8 +153,9 @@ impl Direction {
             // Every pass moves bytes; the budget keeps one busy connection from holding
             // its worker thread.
             let coop = ready!(tokio::task::coop::poll_proceed(cx));
-            if self.cap < self.buf.len() && !self.read_done {
-                let mut read = ReadBuf::new(&mut self.buf[self.cap..]);
+            if self.cap < self.size && !self.read_done {
+                let buf = self.buf.get_or_insert_with(|| take_buffer(self.size));
+                let mut read = ReadBuf::new(&mut buf[self.cap..]);
                 match Pin::new(&mut *reader).poll_read(cx, &mut read) {
                     Poll::Ready(Ok(())) => {
                         let n = read.filled().len();
@@ -126,8 +164,12 @@ impl Direction {
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(Failure::Read(e))),
                     Poll::Pending if self.pos == self.cap => {
-                        // Nothing to write: flush what was written, in case the reader
-                        // waits on it.
+                        // Nothing to write, nothing read: the buffer is not needed
+                        // until the reader has bytes again.
+                        if let Some(buf) = self.buf.take() {
+                            give_back(buf);
+                        }
+                        // Flush what was written, in case the reader waits on it.
                         if self.need_flush {
                             ready!(Pin::new(&mut *writer).poll_flush(cx)).map_err(Failure::Write)?;
                             self.need_flush = false;
@@ -138,8 +180,9 @@ impl Direction {
                 }
             }
             while self.pos < self.cap {
-                let n = ready!(Pin::new(&mut *writer).poll_write(cx, &self.buf[self.pos..self.cap]))
-                    .map_err(Failure::Write)?;
+                let buf = self.buf.as_deref().expect("bytes to write are in the held buffer");
+                let n =
+                    ready!(Pin::new(&mut *writer).poll_write(cx, &buf[self.pos..self.cap])).map_err(Failure::Write)?;
                 if n == 0 {
                     let e = io::Error::new(io::ErrorKind::WriteZero, "write zero bytes into the writer");
                     return Poll::Ready(Err(Failure::Write(e)));
@@ -152,6 +195,9 @@ impl Direction {
             self.pos = 0;
             self.cap = 0;
             if self.read_done {
+                if let Some(buf) = self.buf.take() {
+                    give_back(buf);
+                }
                 ready!(Pin::new(&mut *writer).poll_flush(cx)).map_err(Failure::Write)?;
                 return Poll::Ready(Ok(()));
             }
@@ -169,6 +215,14 @@ impl Direction {
         match self.state {
             State::Done => Ok(self.copied),
             _ => Err(self.take_error()),
+        }
+    }
+}
+
+impl Drop for Direction {
+    fn drop(&mut self) {
+        if let Some(buf) = self.buf.take() {
+            give_back(buf);
         }
     }
 }
@@ -272,5 +326,25 @@ mod tests {
         client.read_to_end(&mut answer).await.unwrap();
         assert_eq!(answer, b"done");
         assert_eq!(copy.await.unwrap().unwrap(), (100_000, 4));
+    }
+
+    #[tokio::test]
+    async fn a_direction_holds_its_buffer_only_while_it_has_bytes_to_move() {
+        let (mut client, mut agent_side) = tokio::io::duplex(4096);
+        let (mut agent_out, mut server) = tokio::io::duplex(4096);
+        let mut direction = Direction::new(1024);
+        let mut poll = |d: &mut Direction| {
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            d.poll(&mut cx, &mut agent_side, &mut agent_out)
+        };
+        assert!(poll(&mut direction).is_pending());
+        assert!(direction.buf.is_none(), "idle from the start: no buffer");
+        client.write_all(b"hello").await.unwrap();
+        assert!(poll(&mut direction).is_pending());
+        assert!(direction.buf.is_none(), "idle again once the bytes were written");
+        let mut got = [0u8; 5];
+        server.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"hello");
+        assert_eq!(direction.copied, 5);
     }
 }
