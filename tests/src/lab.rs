@@ -838,6 +838,87 @@ impl Lab {
         Ok(p)
     }
 
+    /// Kills `pod`'s application (SIGKILL, as a crash): its sandbox and capture stay.
+    pub fn kill_app(&mut self, pod: &str) -> anyhow::Result<()> {
+        let i = self.pods.iter().position(|p| p.name == pod).with_context(|| format!("no pod {pod}"))?;
+        if let Some(pid) = self.pods[i].app_pid.take() {
+            stop_pid(pid, "KILL");
+        }
+        self.save()
+    }
+
+    /// Starts `pod`'s application again (after [`Lab::kill_app`]) and waits until it
+    /// answers.
+    pub fn restart_app(&mut self, pod: &str) -> anyhow::Result<()> {
+        let i = self.pods.iter().position(|p| p.name == pod).with_context(|| format!("no pod {pod}"))?;
+        let p = self.pods[i].clone();
+        let pid = self.start_app(&p)?;
+        self.pods[i].app_pid = Some(pid);
+        self.save()?;
+        self.wait_app(&p)
+    }
+
+    /// Drops `percent` of the packets crossing the wire in or out of every node (100: a
+    /// partition), at random, until called with `None`. This kernel has no queueing
+    /// disciplines (`tc netem` cannot add latency here); the loss is iptables'
+    /// `statistic` match in each node's forwarding path, in a chain of the lab's own.
+    pub fn wire_loss(&self, percent: Option<u32>) -> anyhow::Result<()> {
+        const CHAIN: &str = "MESHLAB-FAULT";
+        for n in &self.nodes {
+            let ipt = |args: &[&str]| -> anyhow::Result<String> {
+                let mut argv = vec!["ip", "netns", "exec", n.netns.as_str(), "iptables", "-w"];
+                argv.extend(args);
+                run(&argv)
+            };
+            if ipt(&["-S", CHAIN]).is_err() {
+                ipt(&["-N", CHAIN])?;
+                ipt(&["-I", "FORWARD", "1", "-j", CHAIN])?;
+            }
+            ipt(&["-F", CHAIN])?;
+            let Some(percent) = percent else { continue };
+            let probability = format!("{:.2}", f64::from(percent.min(100)) / 100.0);
+            for dir in ["-i", "-o"] {
+                let mut rule = vec!["-A", CHAIN, dir, "wire0"];
+                if percent < 100 {
+                    rule.extend(["-m", "statistic", "--mode", "random", "--probability", &probability]);
+                }
+                rule.extend(["-j", "DROP"]);
+                ipt(&rule)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Recreates `pod`'s sandbox as a container runtime does when it died: the app is
+    /// killed, CNI DEL, the network plugin removes the pod's veth and the namespace is
+    /// deleted; then a new namespace of the same name, address and UID is built, CNI
+    /// ADD, and the app starts again. Returns once the app answers.
+    pub fn recreate_sandbox(&mut self, pod: &str) -> anyhow::Result<()> {
+        let i = self.pods.iter().position(|p| p.name == pod).with_context(|| format!("no pod {pod}"))?;
+        let p = self.pods[i].clone();
+        if let Some(pid) = p.app_pid {
+            stop_pid(pid, "KILL");
+        }
+        self.cni(&p, "DEL")?;
+        let node = self.node(&p.node)?.netns.clone();
+        run(&["ip", "-n", &node, "link", "del", &p.veth])?;
+        run(&["ip", "netns", "del", &p.netns])?;
+        self.build_pod_network(&p)?;
+        // The new interface has a new MAC: what a CNI's gratuitous ARP does for the
+        // neighbours (the node and the pods on its bridge) that cached the old one.
+        let ip = p.ip.to_string();
+        let neighbours = self.pods.iter().filter(|o| o.node == p.node && o.name != p.name).map(|o| o.netns.clone());
+        for ns in std::iter::once(node).chain(neighbours) {
+            run_quiet(&["ip", "-n", &ns, "neigh", "flush", "to", &ip]);
+        }
+        self.start_pod(i)?;
+        let p = self.pods[i].clone();
+        if let Some(why) = &p.failed {
+            bail!("pod {pod} did not start again: {why}");
+        }
+        self.wait_app(&p)
+    }
+
     fn build_network(&self) -> anyhow::Result<()> {
         run(&["ip", "netns", "add", WIRE_NETNS])?;
         run(&["ip", "-n", WIRE_NETNS, "link", "add", "br0", "type", "bridge"])?;

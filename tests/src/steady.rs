@@ -295,3 +295,75 @@ async fn new_connections(targets: Vec<SocketAddr>, every: Duration, until: Insta
     }
     while running.join_next().await.is_some() {}
 }
+
+/// What [`hold`] prints once every connection is open, then once they are closed.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct Held {
+    /// Connections that echoed (on opening; at the end: echoed again and closed cleanly).
+    pub ok: u64,
+    /// Connections that failed, with the first few reasons.
+    pub failed: u64,
+    /// The first failures.
+    pub errors: Vec<String>,
+}
+
+/// Opens `conns` connections to `addr` (at most 100 connecting at once), each echoing
+/// once, and prints a [`Held`] line; holds them idle until stdin closes (or `seconds`
+/// pass), then echoes once more on each, closes them cleanly and prints another.
+pub async fn hold(addr: SocketAddr, conns: usize, seconds: u64) -> (Held, Held) {
+    let gate = Arc::new(tokio::sync::Semaphore::new(100));
+    let mut opening = tokio::task::JoinSet::new();
+    for i in 0..conns {
+        let gate = gate.clone();
+        opening.spawn(async move {
+            let _permit = gate.acquire_owned().await.map_err(|e| format!("conn {i}: {e}"))?;
+            let mut s = TcpStream::connect(addr).await.map_err(|e| format!("conn {i}: connect: {e}"))?;
+            echo(&mut s, b"hi\n").await.map_err(|e| format!("conn {i}: echo: {e}"))?;
+            Ok::<_, String>(s)
+        });
+    }
+    let mut open = Vec::with_capacity(conns);
+    let mut opened = Held::default();
+    while let Some(r) = opening.join_next().await {
+        match r {
+            Ok(Ok(s)) => {
+                open.push(s);
+                opened.ok += 1;
+            }
+            Ok(Err(e)) => note(&mut opened, e),
+            Err(e) => note(&mut opened, e.to_string()),
+        }
+    }
+    println!("{}", serde_json::to_string(&opened).unwrap_or_default());
+    let stdin_closed = async {
+        let mut sink = Vec::new();
+        let _ = tokio::io::stdin().read_to_end(&mut sink).await;
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(seconds), stdin_closed).await;
+    let mut closing = tokio::task::JoinSet::new();
+    for (i, mut s) in open.into_iter().enumerate() {
+        let gate = gate.clone();
+        closing.spawn(async move {
+            let _permit = gate.acquire_owned().await.map_err(|e| format!("conn {i}: {e}"))?;
+            echo(&mut s, b"bye\n").await.map_err(|e| format!("conn {i}: echo after holding: {e}"))?;
+            close_cleanly(s).await.map_err(|e| format!("conn {i}: close: {e}"))
+        });
+    }
+    let mut closed = Held::default();
+    while let Some(r) = closing.join_next().await {
+        match r {
+            Ok(Ok(())) => closed.ok += 1,
+            Ok(Err(e)) => note(&mut closed, e),
+            Err(e) => note(&mut closed, e.to_string()),
+        }
+    }
+    println!("{}", serde_json::to_string(&closed).unwrap_or_default());
+    (opened, closed)
+}
+
+fn note(held: &mut Held, error: String) {
+    held.failed += 1;
+    if held.errors.len() < 10 {
+        held.errors.push(error);
+    }
+}

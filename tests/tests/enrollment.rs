@@ -256,3 +256,35 @@ fn a_dual_stack_pod_is_captured_and_judged_on_both_families() {
         assert_eq!(status(&lab, "dual-a", url), "200", "mTLS to {url} still flows under STRICT");
     }
 }
+
+#[test]
+fn a_recreated_sandbox_is_captured_again_in_its_new_namespace() {
+    let Some(mut lab) = lab("a_recreated_sandbox_is_captured_again_in_its_new_namespace") else { return };
+    apply_seed(&lab, "peerauthentication.yaml");
+    wait_strict(&lab);
+    let pod = lab.pod("myapp-v2").unwrap().clone();
+    let netns_ino = |name: &str| std::fs::metadata(format!("/var/run/netns/{name}")).unwrap().ino();
+    let before = netns_ino(&pod.netns);
+    let url = format!("http://{}:8080/", pod.ip);
+    assert_eq!(status(&lab, "frontend", &url), "200");
+
+    lab.recreate_sandbox("myapp-v2").unwrap();
+    assert_ne!(netns_ino(&pod.netns), before, "a new namespace");
+    // Captured again, in the new namespace, from its first connection (CNI ADD is
+    // answered before the app starts; tunnels to the old one were let go): mesh
+    // traffic reaches the app, plaintext is refused in the kernel as before.
+    assert_eq!(status(&lab, "frontend", &url), "200", "the recreated pod's first connection");
+    for _ in 0..3 {
+        assert_eq!(status(&lab, "outside", &url), "000", "plaintext reached the recreated pod under STRICT");
+    }
+    let log = std::fs::read_to_string(lab.agent_log_path("node1")).unwrap();
+    assert!(log.contains("CNI DEL: its sandbox is gone"), "the old sandbox's capture was dropped");
+    // One sk_lookup link for the pod: the old namespace's went with it.
+    let uid = &pod.uid;
+    let links: Vec<String> = std::fs::read_dir(lab.node("node1").unwrap().pin_dir.join("links"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|l| l.contains(uid.as_str()))
+        .collect();
+    assert_eq!(links.len(), 1, "sk_lookup links of {uid}: {links:?}");
+}

@@ -207,6 +207,67 @@ fn killed_agent_fails_closed_and_restart_restores_service_with_pinned_maps() {
     assert_eq!(connect4, 1, "links after restart: {links:?}");
 }
 
+/// How many kernel programs and maps of each mesh name are loaded, machine-wide (both
+/// lab nodes' and any other mesh on this kernel).
+fn kernel_objects() -> std::collections::BTreeMap<String, usize> {
+    let mut counts = std::collections::BTreeMap::new();
+    let programs = aya::programs::loaded_programs().filter_map(Result::ok).filter_map(|p| {
+        let name = p.name_as_str()?;
+        name.starts_with("mesh_").then(|| format!("program {name}"))
+    });
+    let maps = aya::maps::loaded_maps().filter_map(Result::ok).filter_map(|m| {
+        let name = m.name_as_str()?;
+        // The kernel object's maps are named in upper case (`ENROLLED_PODS`, ...).
+        (name.len() > 3 && name.chars().all(|c| c.is_ascii_uppercase() || c == '_')).then(|| format!("map {name}"))
+    });
+    for name in programs.chain(maps) {
+        *counts.entry(name).or_insert(0) += 1;
+    }
+    counts
+}
+
+/// What an OOM kill does to a process: SIGKILL, no drain. Three times over, the
+/// agent's pods fail closed while it is gone, and each new agent comes back with every
+/// pod captured and the kernel holding exactly what it held before: no program, map or
+/// pinned link left behind by the killed one.
+#[test]
+fn sigkilled_agent_comes_back_with_every_pod_and_no_duplicate_kernel_objects() {
+    let Some(mut lab) = lab("sigkilled_agent_comes_back_with_every_pod_and_no_duplicate_kernel_objects") else {
+        return;
+    };
+    let links = |lab: &mesh_tests::lab::Lab| -> Vec<String> {
+        let dir = lab.node("node1").unwrap().pin_dir.join("links");
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            // `<program>[@<pod uid>]@<generation>-<n>`: what is linked, not when.
+            .map(|l| l.rsplit_once('@').map_or(l.clone(), |(what, _)| what.to_string()))
+            .collect();
+        names.sort();
+        names
+    };
+    let before = (kernel_objects(), links(&lab));
+    assert!(before.0.keys().any(|k| k == "program mesh_connect4"), "{:?}", before.0);
+    for round in 1..=3 {
+        lab.stop_agent("node1", "KILL").unwrap();
+        let (ok, body) = curl(&lab, "frontend", "http://10.10.2.2:8080/");
+        assert!(!ok, "round {round}: reached without the agent: {body}");
+        let (ok, body) = curl(&lab, "outside", "http://10.10.1.3:8080/");
+        assert!(!ok, "round {round}: plaintext reached myapp-v2 without its agent: {body}");
+        lab.start_agent("node1").unwrap();
+        for pod in ["frontend", "outside"] {
+            let (ok, body) = curl(&lab, pod, "http://10.10.1.3:8080/");
+            assert!(ok, "round {round}: {pod} -> myapp-v2: {body}");
+        }
+        let (ok, body) = curl(&lab, "frontend", "http://10.10.2.2:8080/");
+        assert!(ok, "round {round}: frontend -> myapp-v1: {body}");
+        eventually(&format!("round {round}: the killed agent's kernel objects are gone"), || {
+            let now = (kernel_objects(), links(&lab));
+            (now == before).then_some(())
+        });
+    }
+}
+
 #[test]
 fn bad_yaml_keeps_old_config_serving_and_logs_one_clear_error() {
     let Some(lab) = lab("bad_yaml_keeps_old_config_serving_and_logs_one_clear_error") else { return };

@@ -96,9 +96,20 @@ fn rolling_upgrade_and_downgrade_under_traffic_drop_nothing() {
     let reports = [(report(frontend, "frontend"), 1000, 99), (report(inbound, "myapp-v1"), 200, 30)];
     let wire = capture.finish();
 
+    // What the agents said went wrong, to read beside a failure.
+    let warnings: Vec<String> = ["node1", "node2"]
+        .iter()
+        .flat_map(|n| {
+            let log = std::fs::read_to_string(lab.agent_log_path(n)).unwrap_or_default();
+            log.lines()
+                .filter(|l| (l.contains(" WARN ") || l.contains(" ERROR ")) && !l.contains("mesh_ebpf"))
+                .map(|l| format!("{n}: {l}"))
+                .collect::<Vec<_>>()
+        })
+        .collect();
     for (r, rps, conns) in &reports {
         eprintln!("{}", serde_json::to_string(r).unwrap());
-        assert!(r.errors.is_empty(), "failures across the upgrades: {:#?}", r.errors);
+        assert!(r.errors.is_empty(), "failures across the upgrades: {:#?}\nagents:\n{}", r.errors, warnings.join("\n"));
         assert_eq!((r.requests_failed, r.new_conns_failed, r.long_lived_failed), (0, 0, 0));
         // The rate was kept (the client paces itself; a stall would show here).
         assert!(r.requests_ok >= rps * seconds * 7 / 10, "{} requests at {rps}/s in {seconds} s", r.requests_ok);

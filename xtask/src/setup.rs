@@ -16,6 +16,7 @@ const APT_PACKAGES: &[&str] = &[
     "libzstd-dev",
     "zlib1g-dev",
     "iproute2",
+    "iptables",
     "curl",
     "tcpdump",
     "openssl",
@@ -34,6 +35,7 @@ const REQUIRED_PYTHON_MODULES: &[&str] = &["grpc"];
 /// Commands whose absence means the apt step must run.
 const REQUIRED_COMMANDS: &[&str] = &[
     "ip",
+    "iptables",
     "curl",
     "tcpdump",
     "openssl",
@@ -138,7 +140,7 @@ pub fn run() -> anyhow::Result<()> {
     step(
         1,
         total,
-        "system packages (LLVM 22 for bpf-linker, iproute2, curl, tcpdump, openssl, prometheus, buildah, podman, dnsmasq, dig, chromium)",
+        "system packages (LLVM 22 for bpf-linker, iproute2, iptables, curl, tcpdump, openssl, prometheus, buildah, podman, dnsmasq, dig, chromium)",
     );
     if apt_needed() {
         apt_install(APT_PACKAGES)?;

@@ -178,6 +178,19 @@ enum Cmd {
         #[arg(long, default_value_t = 10)]
         seconds: u64,
     },
+    /// Open --conns TCP connections to the echo server ADDR and hold them idle until
+    /// stdin closes or --seconds pass, then echo on each once more and close
+    /// (`mesh_tests::steady::hold`); one JSON line when all are open, one at the end.
+    Hold {
+        /// Echo server address.
+        addr: SocketAddr,
+        /// Connections.
+        #[arg(long, default_value_t = 1000)]
+        conns: usize,
+        /// Longest hold.
+        #[arg(long, default_value_t = 300)]
+        seconds: u64,
+    },
     /// Run --conns concurrent TCP echo exchanges of --bytes each against ADDR and
     /// verify every byte came back.
     Load {
@@ -258,6 +271,13 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Load { addr, conns, bytes } => load(addr, conns, bytes).await,
+        Cmd::Hold { addr, conns, seconds } => {
+            let (opened, closed) = mesh_tests::steady::hold(addr, conns, seconds).await;
+            if opened.failed + closed.failed > 0 {
+                bail!("{} connections failed", opened.failed + closed.failed);
+            }
+            Ok(())
+        }
         Cmd::Steady { tcp, http, conns, rps, new_per_second, seconds } => {
             let plan = mesh_tests::steady::Plan { tcp, http, conns, rps, new_per_second, seconds };
             println!("{}", serde_json::to_string(&mesh_tests::steady::run(plan).await)?);

@@ -1,0 +1,123 @@
+//! Ten thousand connections through one agent, from four pods on both nodes, held idle
+//! and then closed: what each costs the agent (memory, descriptors), and that all of it
+//! is handed back. Figures go to `target/conns/report.txt` and docs/benchmarks.md.
+//!
+//! Lab test: it skips with a message where the lab cannot run, unless
+//! `MESH_REQUIRE_LAB` is set.
+#![forbid(unsafe_code)]
+
+use std::io::{BufRead as _, BufReader};
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+use mesh_tests::harness::{lab_with_env, root};
+use mesh_tests::lab::Lab;
+use mesh_tests::steady::Held;
+
+mod support;
+
+/// Connections per client; four clients.
+const PER_CLIENT: usize = 2500;
+/// Streams one pooled HBONE connection carries (`transport::pool`).
+const MAX_STREAMS_PER_TUNNEL: usize = 100;
+
+/// Starts `mesh-echo hold` in `pod` and returns it once every connection is open, with
+/// what opening them gave.
+fn hold(lab: &Lab, pod: &str, target: &str) -> (Child, Held) {
+    let echo = root().join("target/debug/mesh-echo").display().to_string();
+    let argv: Vec<String> =
+        [echo.as_str(), "hold", target, "--conns", &PER_CLIENT.to_string()].iter().map(|s| s.to_string()).collect();
+    let mut child = lab.pod_command(pod, &argv).unwrap().stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut first).unwrap();
+    let opened: Held = serde_json::from_str(&first).unwrap_or_else(|e| panic!("{pod}: {e}: {first}"));
+    (child, opened)
+}
+
+/// The agent's resident memory (KiB) and descriptors, after its heap trimmer ran.
+fn footprint(pid: u32) -> (u64, usize) {
+    std::thread::sleep(Duration::from_secs(3));
+    (support::status_kib(pid, "VmRSS"), support::fds(pid))
+}
+
+#[test]
+fn ten_thousand_idle_connections_through_one_agent_cost_little_and_are_all_handed_back() {
+    // The agent caps connections at half its descriptor limit by default (two each, as
+    // a plaintext or same-node connection takes); tunnelled ones take one, so 10,000 of
+    // them fit where the node allows 20,000 descriptors (this machine's hard limit).
+    let Some(lab) = lab_with_env(
+        "ten_thousand_idle_connections_through_one_agent_cost_little_and_are_all_handed_back",
+        &[("MESH_MAX_CONNECTIONS", "16000")],
+    ) else {
+        return;
+    };
+    let agent = lab.node("node1").unwrap().agent_pid.unwrap();
+    // Warm the paths (tunnels, pools) so the baseline is a serving agent's.
+    let echo = root().join("target/debug/mesh-echo").display().to_string();
+    for (pod, target) in [("frontend", "10.10.2.2:9000"), ("myapp-v1", "10.10.1.3:9000")] {
+        let out = lab.exec(pod, &[&echo, "load", target, "--conns", "20", "--bytes", "1024"]).unwrap();
+        assert!(out.status.success(), "{pod}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let (rss_before, fds_before) = footprint(agent);
+
+    // Through node1's agent: out of its two pods (to myapp-v1 across the tunnel) and
+    // into myapp-v2 from node2's two pods (over HBONE).
+    let clients = [
+        ("frontend", "10.10.2.2:9000"),
+        ("myapp-v2", "10.10.2.2:9000"),
+        ("myapp-v1", "10.10.1.3:9000"),
+        ("legacy-service", "10.10.1.3:9000"),
+    ];
+    let mut held = Vec::new();
+    for (pod, target) in clients {
+        let (child, opened) = hold(&lab, pod, target);
+        assert_eq!(opened.failed, 0, "{pod} -> {target}: {:?}", opened.errors);
+        held.push((pod, child));
+    }
+    let total = PER_CLIENT * clients.len();
+    let (rss_held, fds_held) = footprint(agent);
+    let per_conn_kib = (rss_held.saturating_sub(rss_before)) as f64 / total as f64;
+    let fds_per_conn = (fds_held.saturating_sub(fds_before)) as f64 / total as f64;
+
+    // Closing: each echoes once more (all still alive after the hold) and closes.
+    for (pod, mut child) in held {
+        drop(child.stdin.take());
+        let out = child.wait_with_output().unwrap();
+        let last = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or_default().to_string();
+        let closed: Held = serde_json::from_str(&last).unwrap_or_else(|e| panic!("{pod}: {e}: {last}"));
+        assert_eq!((closed.ok, closed.failed), (PER_CLIENT as u64, 0), "{pod}: {:?}", closed.errors);
+    }
+    // Closed connections' descriptors go at once; the tunnels they rode stay pooled
+    // (one per 100 streams, per source pod and destination) until idle for 5 minutes.
+    let tunnels = total / MAX_STREAMS_PER_TUNNEL;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let (rss_after, fds_after) = loop {
+        let (rss, fds) = footprint(agent);
+        if fds <= fds_before + 2 * tunnels || std::time::Instant::now() > deadline {
+            break (rss, fds);
+        }
+    };
+    let report = format!(
+        "{total} idle connections through node1's agent (2 pods out across the tunnel, 2 pods in over HBONE)\n\
+         agent VmRSS: {rss_before} KiB before, {rss_held} KiB holding them, {rss_after} KiB after\n\
+         per idle connection: {per_conn_kib:.2} KiB, {fds_per_conn:.2} descriptors\n\
+         descriptors: {fds_before} before, {fds_held} holding, {fds_after} after\n"
+    );
+    eprintln!("{report}");
+    let dir = root().join("target/conns");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("report.txt"), &report).unwrap();
+
+    assert!(
+        fds_after <= fds_before + 2 * tunnels,
+        "descriptors handed back but the pooled tunnels': {fds_before} -> {fds_held} -> {fds_after}"
+    );
+    assert!(fds_per_conn < 1.05, "one descriptor per connection (tunnels are shared): {fds_per_conn:.2}");
+    // Issue 18's target is 4 KiB; measured 12.8 (release) to 15 (debug) KiB today. This
+    // bound catches a regression (buffers held while idle cost 32 KiB each) until then.
+    assert!(per_conn_kib <= 16.0, "an idle connection costs the agent {per_conn_kib:.2} KiB");
+    assert!(
+        rss_after <= rss_before + (rss_held - rss_before) / 3,
+        "memory handed back: {rss_before} -> {rss_held} -> {rss_after} KiB"
+    );
+}

@@ -1,0 +1,153 @@
+//! Faults a user of Istio expects the mesh to ride out, in the lab: an endpoint that
+//! crashes mid-request, and loss or a partition on the wire between the nodes
+//! (docs/operating.md, "Faults").
+//!
+//! Lab tests: they skip with a message where the lab cannot run, unless
+//! `MESH_REQUIRE_LAB` is set.
+#![forbid(unsafe_code)]
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use mesh_tests::harness::{apply_yaml, curl, eventually, lab, reply_pod, root};
+use mesh_tests::lab::Lab;
+use mesh_tests::steady::Report;
+
+/// Retries on a reset, a 5xx or a refused connect, and ejection after one 5xx, for
+/// the myapp Service; the response header says the route is in force.
+const CRASH_POLICY: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: myapp-crash, namespace: production}
+spec:
+  hosts: [myapp]
+  http:
+  - route: [{destination: {host: myapp}}]
+    retries: {attempts: 3, perTryTimeout: 10s, retryOn: "5xx,reset,connect-failure"}
+    timeout: 30s
+    headers: {response: {add: {x-crash-policy: "on"}}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: myapp-crash, namespace: production}
+spec:
+  host: myapp
+  trafficPolicy:
+    outlierDetection: {consecutive5xxErrors: 1, interval: 1s, baseEjectionTime: 5s, maxEjectionPercent: 100}
+"#;
+
+/// (status, answering pod) of each of `n` GETs of `path` from frontend to myapp, all
+/// at once, each its own curl on its own connection.
+fn parallel_gets(lab: &Lab, path: &str, n: usize) -> Vec<(u16, Option<String>)> {
+    std::thread::scope(|scope| {
+        let gets: Vec<_> = (0..n)
+            .map(|i| {
+                scope.spawn(move || {
+                    let url = format!("http://myapp{path}?i={i}");
+                    let out =
+                        lab.exec("frontend", &["curl", "-s", "-m", "30", "-w", "\n@@ %{http_code}", &url]).unwrap();
+                    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+                    let (body, code) = text.rsplit_once("\n@@ ").unwrap_or(("", "0"));
+                    (code.trim().parse().unwrap_or(0), reply_pod(body))
+                })
+            })
+            .collect();
+        gets.into_iter().map(|g| g.join().unwrap()).collect()
+    })
+}
+
+#[test]
+fn an_endpoint_that_crashes_mid_request_is_retried_around_then_ejected_and_readmitted() {
+    let Some(mut lab) = lab("an_endpoint_that_crashes_mid_request_is_retried_around_then_ejected_and_readmitted")
+    else {
+        return;
+    };
+    apply_yaml(&lab, "crash-policy.yaml", CRASH_POLICY);
+    eventually("the retry policy is in force", || {
+        let out = lab.exec("frontend", &["curl", "-s", "-D", "-", "-o", "/dev/null", "http://myapp/"]).unwrap();
+        String::from_utf8_lossy(&out.stdout).contains("x-crash-policy: on").then_some(())
+    });
+    // Eight slow requests at once: round robin puts half of them on myapp-v2, whose
+    // process then dies under them (SIGKILL, as a crash: the pod's sandbox and capture
+    // stay).
+    let v2_app = lab.pod("myapp-v2").unwrap().app_pid.expect("myapp-v2 runs");
+    let started = Instant::now();
+    let requests = std::thread::scope(|scope| {
+        let requests = scope.spawn(|| parallel_gets(&lab, "/delay/3000", 8));
+        std::thread::sleep(Duration::from_millis(1000));
+        mesh_tests::sys::run(&["kill", "-KILL", &v2_app.to_string()]).unwrap();
+        requests.join().unwrap()
+    });
+    let crashed_at = started.elapsed();
+    assert_eq!(requests.len(), 8);
+    assert!(requests.iter().all(|r| r.0 == 200), "every request answered despite the crash: {requests:?}");
+    assert!(
+        requests.iter().all(|r| r.1.as_deref() == Some("myapp-v1")),
+        "the ones on the crashed endpoint were retried on the other: {requests:?}"
+    );
+    assert!(crashed_at < Duration::from_secs(15), "retried, not timed out: {crashed_at:?}");
+    // The crashed endpoint is ejected: everything goes to myapp-v1 without a failure.
+    let after = parallel_gets(&lab, "/", 10);
+    assert!(after.iter().all(|r| r.0 == 200 && r.1.as_deref() == Some("myapp-v1")), "{after:?}");
+    let log = std::fs::read_to_string(lab.agent_log_path("node1")).unwrap();
+    assert!(log.contains("endpoint ejected"), "the ejection is logged");
+    // Back up, it is readmitted once its ejection time is over.
+    lab.restart_app("myapp-v2").unwrap();
+    eventually("myapp-v2 is readmitted", || {
+        parallel_gets(&lab, "/", 6).iter().any(|r| r.1.as_deref() == Some("myapp-v2")).then_some(())
+    });
+}
+
+fn steady(lab: &Lab, args: &[&str]) -> std::process::Child {
+    let echo = root().join("target/debug/mesh-echo").display().to_string();
+    let argv: Vec<String> = [echo.as_str(), "steady"].iter().chain(args).map(|s| s.to_string()).collect();
+    lab.pod_command("frontend", &argv).unwrap().stdin(Stdio::null()).stdout(Stdio::piped()).spawn().unwrap()
+}
+
+fn report(child: std::process::Child) -> Report {
+    let out = child.wait_with_output().unwrap();
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not a report ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+#[test]
+fn loss_and_a_partition_between_nodes_lose_no_byte_and_hang_nothing() {
+    let Some(lab) = lab("loss_and_a_partition_between_nodes_lose_no_byte_and_hang_nothing") else { return };
+    let echo = root().join("target/debug/mesh-echo").display().to_string();
+    let cross = ["--tcp", "10.10.2.2:9000", "--http", "10.10.2.2:8080"];
+
+    // 5% loss both ways: TCP under the tunnel retransmits; every byte arrives, every
+    // request is answered, long-lived connections hold.
+    lab.wire_loss(Some(5)).unwrap();
+    let out = lab.exec("frontend", &[&echo, "load", "10.10.2.2:9000", "--conns", "50", "--bytes", "262144"]).unwrap();
+    assert!(out.status.success(), "bulk under loss: {}", String::from_utf8_lossy(&out.stderr));
+    let lossy = report(steady(&lab, &[&cross[..], &["--rps", "100", "--conns", "30", "--seconds", "6"]].concat()));
+    eprintln!("5% loss: {}", serde_json::to_string(&lossy).unwrap());
+    assert!(lossy.errors.is_empty(), "under 5% loss: {:#?}", lossy.errors);
+    assert!(lossy.requests_ok >= 400, "{} requests", lossy.requests_ok);
+
+    // A 4 s partition in the middle of steady traffic: what was sent waits and gets
+    // through once the wire is back (TCP's retransmissions, within every timeout).
+    let during = steady(&lab, &[&cross[..], &["--rps", "50", "--conns", "30", "--seconds", "10"]].concat());
+    std::thread::sleep(Duration::from_secs(3));
+    lab.wire_loss(Some(100)).unwrap();
+    std::thread::sleep(Duration::from_secs(4));
+    lab.wire_loss(None).unwrap();
+    let healed = report(during);
+    eprintln!("4 s partition: {}", serde_json::to_string(&healed).unwrap());
+    assert_eq!(healed.long_lived_failed, 0, "long-lived connections survive the partition: {:#?}", healed.errors);
+    assert_eq!(healed.idle_ok + healed.streaming_ok + healed.h2_streams_ok, 30);
+    assert!(healed.requests_failed == 0 && healed.new_conns_failed == 0, "{:#?}", healed.errors);
+
+    // A partition that outlasts the timeouts: a new connection through the tunnel is
+    // given up by the agent after its CONNECT timeout, not left hanging, and service
+    // comes back once the wire does.
+    lab.wire_loss(Some(100)).unwrap();
+    let started = Instant::now();
+    let out = lab.exec("frontend", &["curl", "-s", "-m", "60", "-o", "/dev/null", "http://10.10.2.2:8080/"]).unwrap();
+    let gave_up = started.elapsed();
+    assert!(!out.status.success(), "nothing crosses a partition");
+    assert!(gave_up < Duration::from_secs(30), "the agent gave up in {gave_up:?}, before the client's 60 s");
+    lab.wire_loss(None).unwrap();
+    eventually("service is back after the partition", || curl(&lab, "frontend", "http://myapp-v1/").0.then_some(()));
+}
