@@ -38,6 +38,7 @@
 mod peer;
 mod report;
 pub mod scale;
+pub mod soak;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -82,6 +83,12 @@ pub struct BenchArgs {
     /// docs/benchmarks-scale.md on a full run; --quick: 100 and 1,000).
     #[arg(long)]
     pub scale: bool,
+    /// Soak instead: fixed-rate HTTP at L4 and L7 for DURATION (`10m`, `1h`), RSS,
+    /// descriptors and p99 sampled every 10 s; fails when an agent's RSS grows more
+    /// than 1% after warm-up. Writes target/bench/soak.json and soak.svg (and, from an
+    /// hour, its result into docs/benchmarks.md).
+    #[arg(long, value_name = "DURATION", value_parser = soak::parse_duration)]
+    pub soak: Option<Duration>,
     /// Measure nothing: render docs/benchmarks.md again from the report at --report
     /// (after the generator changed; the analysis section is kept).
     #[arg(long)]
@@ -150,6 +157,12 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
 /// `--scale`: the control plane at 100, 1,000 and 10,000 Services ([`scale`]).
 pub fn run_scale(args: &BenchArgs) -> anyhow::Result<scale::ScaleReport> {
     in_release_lab(|lab| scale::run(lab, args))
+}
+
+/// `--soak`: the agents under steady load for a long time ([`soak`]).
+pub fn run_soak(args: &BenchArgs, duration: Duration) -> anyhow::Result<soak::SoakReport> {
+    setup::ensure_bench_tools()?;
+    in_release_lab(|lab| soak::run(lab, args, duration))
 }
 
 /// Brings a release-built lab up, runs `f` in it, and takes it down.

@@ -43,6 +43,7 @@ pub fn run(extra: &[String]) -> anyhow::Result<()> {
         image_check()?;
         fuzz_smoke()?;
         bench_harness()?;
+        soak_harness()?;
     }
     Ok(())
 }
@@ -69,11 +70,9 @@ fn fuzz_smoke() -> anyhow::Result<()> {
     crate::fuzz::run(&crate::fuzz::FuzzArgs { seconds: 10, targets: Vec::new(), jobs: 2 })
 }
 
-/// `bench --quick` into its own report file (a full run's report.json stays), then
-/// checks the report's shape: every scenario present, measured ones with figures.
-fn bench_harness() -> anyhow::Result<()> {
-    println!("[test] benchmark harness: cargo xtask bench --quick");
-    let args = crate::bench::BenchArgs {
+/// `bench --quick` at 200 requests/s, into its own report file.
+fn quick_bench_args() -> crate::bench::BenchArgs {
+    crate::bench::BenchArgs {
         quick: true,
         rate: 200,
         duration: 2,
@@ -82,8 +81,34 @@ fn bench_harness() -> anyhow::Result<()> {
         concurrency: 64,
         report: "target/bench/quick/report.json".into(),
         scale: false,
+        soak: None,
         render: false,
-    };
+    }
+}
+
+/// `bench --soak 30s` at 200 requests/s: the soak runs, samples and plots (its verdict
+/// on RSS growth needs the long runs: `cargo xtask bench --soak 1h`).
+fn soak_harness() -> anyhow::Result<()> {
+    println!("[test] soak harness: cargo xtask bench --soak 30s --rate 200");
+    let args = quick_bench_args();
+    let report = crate::bench::run_soak(&args, std::time::Duration::from_secs(30))?;
+    println!(
+        "soak: {} samples, {} requests, {} failed",
+        report.samples.len(),
+        report.ok + report.failed,
+        report.failed
+    );
+    if report.samples.len() < 2 {
+        bail!("the soak took {} samples in 30 s", report.samples.len());
+    }
+    Ok(())
+}
+
+/// `bench --quick` into its own report file (a full run's report.json stays), then
+/// checks the report's shape: every scenario present, measured ones with figures.
+fn bench_harness() -> anyhow::Result<()> {
+    println!("[test] benchmark harness: cargo xtask bench --quick");
+    let args = quick_bench_args();
     let report = crate::bench::run(&args)?;
     let (passed, failed) = report.check_shape();
     println!("bench: {passed} passed, {} failed", failed.len());
