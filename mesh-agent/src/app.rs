@@ -261,8 +261,12 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
     }
 
     if handed_over {
-        // The listeners are the successor's now and stay in the kernel's tables.
+        // The listeners are the successor's now and stay in the kernel's tables; this
+        // agent's copies go, so its addresses are free should the successor fail and
+        // another start afresh while this one drains.
         shutdown.cancel();
+        agent.pods.close_listeners();
+        drop(admin_servers);
         ctx.tasks.close();
         agent.serve_until_drained(&mut source, &mut changes).await;
         tracing::info!("agent stopped");
@@ -276,6 +280,9 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
     let released = dataplane.release_listeners();
     tracing::info!(pods = released, "inbound listeners out of the kernel's table");
     shutdown.cancel();
+    // Closed, not left to queue: a pod's new connection is refused at once (fail
+    // closed) rather than waiting in a backlog nobody accepts from during the drain.
+    agent.pods.close_listeners();
     ctx.tasks.close();
     if tokio::time::timeout(settings.drain_timeout, ctx.tasks.wait()).await.is_err() {
         tracing::warn!(open = ctx.tasks.len(), "drain timeout reached; closing remaining connections");

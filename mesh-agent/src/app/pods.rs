@@ -106,6 +106,14 @@ impl Pods {
         self.running.len()
     }
 
+    /// Closes this agent's listening sockets of every pod served (draining: the
+    /// accept loops have stopped; the connections they took go on).
+    pub fn close_listeners(&mut self) {
+        for pod in self.running.values_mut() {
+            pod.proxy.close_listeners();
+        }
+    }
+
     /// A copy of every socket of the pods served, named for a successor agent.
     pub fn sockets(&self) -> Vec<(crate::transport::inherited::SocketKey, std::os::fd::OwnedFd)> {
         self.running.values().flat_map(|pod| pod.proxy.sockets()).collect()

@@ -84,6 +84,13 @@ impl PodProxy {
         Ok(Self { inbound_fd: inbound.as_raw_fd(), listeners, dns, netns: netns.inode(), workload, stop, local, pool })
     }
 
+    /// Lets go of the pod's listening and DNS sockets (the accept loops hold theirs
+    /// until they stop): once every holder has, they close.
+    pub fn close_listeners(&mut self) {
+        self.listeners.clear();
+        self.dns.clear();
+    }
+
     /// A copy of each of the pod's sockets, named for a successor agent.
     pub fn sockets(&self) -> Vec<(SocketKey, OwnedFd)> {
         let tcp = self.listeners.iter().map(|l| l.as_fd().try_clone_to_owned());

@@ -232,7 +232,7 @@ pub fn plot(r: &SoakReport) -> String {
     const W: f64 = 900.0;
     const PANEL: f64 = 170.0;
     const LEFT: f64 = 70.0;
-    const TOP: f64 = 40.0;
+    const TOP: f64 = 70.0;
     const GAP: f64 = 40.0;
     let span = r.samples.last().map_or(1, |s| s.at_s).max(1) as f64;
     let x = |t: u64| LEFT + (W - LEFT - 20.0) * t as f64 / span;
@@ -244,9 +244,12 @@ pub fn plot(r: &SoakReport) -> String {
     );
     let _ = writeln!(
         svg,
-        r#"<text x="{LEFT}" y="20" font-size="14">Soak: {} s at {} req/s each at L4 and L7; RSS growth after warm-up {:.2}% (node1) / {:.2}% (node2); {} failed of {}</text>"#,
-        r.duration_s,
-        r.rate,
+        r#"<text x="{LEFT}" y="18" font-size="14">Soak: {} s at {} req/s each at L4 and L7 (warm-up shaded)</text>"#,
+        r.duration_s, r.rate
+    );
+    let _ = writeln!(
+        svg,
+        r#"<text x="{LEFT}" y="36" font-size="13">RSS growth after warm-up: {:+.2}% (node1), {:+.2}% (node2); {} failed of {} requests</text>"#,
         r.rss_growth[0] * 100.0,
         r.rss_growth[1] * 100.0,
         r.failed,
