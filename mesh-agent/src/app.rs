@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use std::os::fd::{AsFd as _, OwnedFd};
+use std::os::fd::OwnedFd;
 
 use crate::admin::{self, AdminState};
 use crate::cni::CniRequest;
@@ -124,7 +124,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
     // sockets over and stops changing the kernel tables (an upgrade or a restart).
     let handoff_path = settings.cni_socket.with_file_name(handoff::SOCKET_NAME);
     let inherited = Arc::new(Inherited::default());
-    let predecessor = handoff::Predecessor::take_over(&handoff_path, &own_version(), &inherited)?;
+    let predecessor = handoff::Predecessor::take_over(&handoff_path, &handoff::own_version(), &inherited)?;
     if let Some(p) = &predecessor {
         tracing::info!(predecessor = %p.version, sockets = inherited.len(), "took over the running agent's sockets");
     }
@@ -370,13 +370,7 @@ impl AdminServers {
     /// A copy of each listener, named for a successor.
     fn sockets(&self) -> Vec<(SocketKey, OwnedFd)> {
         let host = Netns::host_inode().unwrap_or(0);
-        self.listeners
-            .iter()
-            .filter_map(|(l, _)| {
-                let fd = l.as_fd().try_clone_to_owned().ok()?;
-                Some((SocketKey::of(&fd, host).ok()?, fd))
-            })
-            .collect()
+        self.listeners.iter().filter_map(|(l, _)| SocketKey::copy_of(l, host).ok()).collect()
     }
 }
 
@@ -664,7 +658,7 @@ impl Agent {
         let mut sockets = self.pods.sockets();
         sockets.extend(admin.sockets());
         let count = sockets.len();
-        let outcome = tokio::task::spawn_blocking(move || successor.hand_over(&own_version(), &sockets))
+        let outcome = tokio::task::spawn_blocking(move || successor.hand_over(&handoff::own_version(), &sockets))
             .await
             .unwrap_or_else(|e| Err(handoff::Error::Protocol(format!("handoff task: {e}"))));
         match outcome {
@@ -723,11 +717,6 @@ impl Agent {
             tracing::error!(error = %e, "cleaning up after the previous run");
         }
     }
-}
-
-/// This agent's version and process, as a handoff names it in the other side's log.
-fn own_version() -> String {
-    format!("{} (pid {})", env!("CARGO_PKG_VERSION"), std::process::id())
 }
 
 /// Lets go of a replaced snapshot on a blocking thread, off the apply path: with

@@ -136,12 +136,7 @@ pub async fn until_drained<C, T>(conn: C, shutdown: &CancellationToken, goaway: 
 where
     C: std::future::Future<Output = T>,
 {
-    let mut conn = std::pin::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => return r,
-        () = shutdown.cancelled() => goaway(conn.as_mut()),
-    }
-    conn.await
+    serve_until(conn, shutdown.cancelled(), goaway).await
 }
 
 /// How long a client's HTTP connection keeps being served once the agent drains
@@ -160,13 +155,26 @@ pub async fn until_drained_gently<C, T>(
 where
     C: std::future::Future<Output = T>,
 {
+    let drained_a_while = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(CLIENT_DRAIN_GRACE).await;
+    };
+    serve_until(conn, drained_a_while, goaway).await
+}
+
+/// Serves `conn` until it ends, asking it to finish (`goaway`) once `finish` is done.
+async fn serve_until<C, T>(
+    conn: C,
+    finish: impl std::future::Future<Output = ()>,
+    goaway: impl FnOnce(std::pin::Pin<&mut C>),
+) -> T
+where
+    C: std::future::Future<Output = T>,
+{
     let mut conn = std::pin::pin!(conn);
     tokio::select! {
         r = conn.as_mut() => return r,
-        () = async {
-            shutdown.cancelled().await;
-            tokio::time::sleep(CLIENT_DRAIN_GRACE).await;
-        } => goaway(conn.as_mut()),
+        () = finish => goaway(conn.as_mut()),
     }
     conn.await
 }

@@ -211,6 +211,11 @@ impl Listener {
     }
 }
 
+/// This agent's version and process, as a handoff names it in the other side's log.
+pub fn own_version() -> String {
+    format!("{} (pid {})", env!("CARGO_PKG_VERSION"), std::process::id())
+}
+
 /// Successors that said hello, accepted on a thread of their own (accepting blocks)
 /// and passed to the agent's loop one at a time.
 #[derive(Debug)]
@@ -225,7 +230,7 @@ impl Successors {
     pub fn accept(listener: Listener) -> Self {
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         let handle = listener.socket.try_clone().ok();
-        let version = format!("{} (pid {})", env!("CARGO_PKG_VERSION"), std::process::id());
+        let version = own_version();
         let spawned = std::thread::Builder::new().name("handoff".into()).spawn(move || {
             loop {
                 match listener.next(&version) {

@@ -1,7 +1,7 @@
 //! The listeners the agent keeps inside each enrolled pod's network namespace.
 
 use std::net::SocketAddr;
-use std::os::fd::{AsFd as _, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 
 use mesh_common::ports;
@@ -93,13 +93,11 @@ impl PodProxy {
 
     /// A copy of each of the pod's sockets, named for a successor agent.
     pub fn sockets(&self) -> Vec<(SocketKey, OwnedFd)> {
-        let tcp = self.listeners.iter().map(|l| l.as_fd().try_clone_to_owned());
-        let udp = self.dns.iter().map(|s| s.as_fd().try_clone_to_owned());
+        let tcp = self.listeners.iter().map(|l| SocketKey::copy_of(&**l, self.netns));
+        let udp = self.dns.iter().map(|s| SocketKey::copy_of(&**s, self.netns));
         tcp.chain(udp)
-            .filter_map(|fd| {
-                let fd =
-                    fd.map_err(|e| tracing::warn!(pod = %self.workload.name, error = %e, "socket not copied")).ok()?;
-                Some((SocketKey::of(&fd, self.netns).ok()?, fd))
+            .filter_map(|copy| {
+                copy.map_err(|e| tracing::warn!(pod = %self.workload.name, error = %e, "socket not copied")).ok()
             })
             .collect()
     }

@@ -9,11 +9,11 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
-use socket2::{Socket, Type};
+use socket2::{SockRef, Socket, Type};
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -45,8 +45,8 @@ pub struct SocketKey {
 impl SocketKey {
     /// The key of `socket` in the namespace with inode `netns`, from the kernel's own
     /// account of its type and address.
-    pub fn of(socket: &OwnedFd, netns: u64) -> std::io::Result<Self> {
-        let s = Socket::from(socket.try_clone()?);
+    pub fn of(socket: &impl AsFd, netns: u64) -> std::io::Result<Self> {
+        let s = SockRef::from(socket);
         let kind = match s.r#type()? {
             Type::STREAM => Kind::TcpListener,
             Type::DGRAM => Kind::Udp,
@@ -57,6 +57,12 @@ impl SocketKey {
             .as_socket()
             .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "not an IP socket"))?;
         Ok(Self { kind, netns, addr: canonical(addr) })
+    }
+
+    /// A descriptor of its own for `socket` (in the namespace with inode `netns`), with
+    /// its key: what is handed to a successor while this agent keeps serving `socket`.
+    pub fn copy_of(socket: &impl AsFd, netns: u64) -> std::io::Result<(Self, OwnedFd)> {
+        Ok((Self::of(socket, netns)?, socket.as_fd().try_clone_to_owned()?))
     }
 }
 
@@ -78,7 +84,7 @@ impl Inherited {
                 format!("announced as {key:?}, the kernel says {actual:?}"),
             ));
         }
-        if key.kind == Kind::TcpListener && !Socket::from(socket.try_clone()?).is_listener()? {
+        if key.kind == Kind::TcpListener && !SockRef::from(&socket).is_listener()? {
             return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{key:?} is not listening")));
         }
         self.lock().insert(key, socket);
@@ -88,18 +94,19 @@ impl Inherited {
     /// Takes the TCP listener bound to `addr` in namespace `netns`, if one was handed
     /// over, ready for tokio (non-blocking).
     pub fn tcp_listener(&self, netns: u64, addr: SocketAddr) -> Option<std::net::TcpListener> {
-        let fd = self.lock().remove(&SocketKey { kind: Kind::TcpListener, netns, addr: canonical(addr) })?;
-        let socket = Socket::from(fd);
-        socket.set_nonblocking(true).ok()?;
-        Some(socket.into())
+        self.take(Kind::TcpListener, netns, addr).map(Into::into)
     }
 
     /// Takes the UDP socket bound to `addr` in namespace `netns`, if one was handed over.
     pub fn udp(&self, netns: u64, addr: SocketAddr) -> Option<std::net::UdpSocket> {
-        let fd = self.lock().remove(&SocketKey { kind: Kind::Udp, netns, addr: canonical(addr) })?;
-        let socket = Socket::from(fd);
+        self.take(Kind::Udp, netns, addr).map(Into::into)
+    }
+
+    /// Takes the socket of `kind` bound to `addr` in namespace `netns`, non-blocking.
+    fn take(&self, kind: Kind, netns: u64, addr: SocketAddr) -> Option<Socket> {
+        let socket = Socket::from(self.lock().remove(&SocketKey { kind, netns, addr: canonical(addr) })?);
         socket.set_nonblocking(true).ok()?;
-        Some(socket.into())
+        Some(socket)
     }
 
     /// The listener on `addr` in `netns`: the one handed over, else a new one.

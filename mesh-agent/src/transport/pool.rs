@@ -207,14 +207,14 @@ impl Pool {
                 Ok(sender) => {
                     *turn = None;
                     let pooled = Pooled { sender, streams: StreamCount::default() };
-                    let slot = pooled.try_reserve().ok_or(Error::Closed { addr: key.addr })?;
                     self.conns
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .entry(key.clone())
                         .or_default()
                         .push(pooled.clone());
-                    Ok((pooled, slot))
+                    // No `?` here: the gate is let go of below whatever happens.
+                    pooled.try_reserve().map(|slot| (pooled, slot)).ok_or(Error::Closed { addr: key.addr })
                 }
                 Err(e) => {
                     *turn = Some((std::time::Instant::now(), e.to_string()));
@@ -270,9 +270,14 @@ impl Pool {
 
     /// Takes `pooled` out of the pool: no new stream goes on it (those open finish).
     fn retire(&self, key: &Key, pooled: &Pooled) {
+        self.drop_where(key, |c| Arc::ptr_eq(&c.streams.0, &pooled.streams.0));
+    }
+
+    /// Drops `key`'s pooled connections that `gone` picks, and the key once it has none.
+    fn drop_where(&self, key: &Key, gone: impl Fn(&Pooled) -> bool) {
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(list) = conns.get_mut(key) {
-            list.retain(|c| !Arc::ptr_eq(&c.streams.0, &pooled.streams.0));
+            list.retain(|c| !gone(c));
             if list.is_empty() {
                 conns.remove(key);
             }
@@ -298,13 +303,7 @@ impl Pool {
     }
 
     fn forget_closed(&self, key: &Key) {
-        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(list) = conns.get_mut(key) {
-            list.retain(|c| !c.sender.is_closed());
-            if list.is_empty() {
-                conns.remove(key);
-            }
-        }
+        self.drop_where(key, |c| c.sender.is_closed());
     }
 
     async fn dial(
