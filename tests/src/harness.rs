@@ -195,3 +195,24 @@ pub fn write_cert_from_fresh_ca(lab: &Lab, prefix: &str, name: &str) -> (String,
     }
     (paths[0].clone(), paths[1].clone(), paths[2].clone())
 }
+
+/// Starts `mesh-echo steady ARGS` in `pod` ([`crate::steady`]); read its report with
+/// [`steady_report`].
+pub fn start_steady(lab: &Lab, pod: &str, args: &[&str]) -> std::process::Child {
+    let echo = root().join("target/debug/mesh-echo").display().to_string();
+    let argv: Vec<String> = [echo.as_str(), "steady"].iter().chain(args).map(|s| s.to_string()).collect();
+    lab.pod_command(pod, &argv)
+        .unwrap()
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits for a [`start_steady`] client and reads what it reported; `who` names it in a
+/// panic.
+pub fn steady_report(child: std::process::Child, who: &str) -> crate::steady::Report {
+    let out = child.wait_with_output().unwrap();
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{who}: not a report ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+}

@@ -6,12 +6,10 @@
 //! `MESH_REQUIRE_LAB` is set.
 #![forbid(unsafe_code)]
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use mesh_tests::harness::{apply_yaml, curl, eventually, lab, reply_pod, root};
+use mesh_tests::harness::{apply_yaml, curl, eventually, lab, reply_pod, root, start_steady, steady_report};
 use mesh_tests::lab::Lab;
-use mesh_tests::steady::Report;
 
 /// Retries on a reset, a 5xx or a refused connect, and ejection after one 5xx, for
 /// the myapp Service; the response header says the route is in force.
@@ -98,18 +96,6 @@ fn an_endpoint_that_crashes_mid_request_is_retried_around_then_ejected_and_readm
     });
 }
 
-fn steady(lab: &Lab, args: &[&str]) -> std::process::Child {
-    let echo = root().join("target/debug/mesh-echo").display().to_string();
-    let argv: Vec<String> = [echo.as_str(), "steady"].iter().chain(args).map(|s| s.to_string()).collect();
-    lab.pod_command("frontend", &argv).unwrap().stdin(Stdio::null()).stdout(Stdio::piped()).spawn().unwrap()
-}
-
-fn report(child: std::process::Child) -> Report {
-    let out = child.wait_with_output().unwrap();
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("not a report ({e}): {}", String::from_utf8_lossy(&out.stdout)))
-}
-
 #[test]
 fn loss_and_a_partition_between_nodes_lose_no_byte_and_hang_nothing() {
     let Some(lab) = lab("loss_and_a_partition_between_nodes_lose_no_byte_and_hang_nothing") else { return };
@@ -121,19 +107,23 @@ fn loss_and_a_partition_between_nodes_lose_no_byte_and_hang_nothing() {
     lab.wire_loss(Some(5)).unwrap();
     let out = lab.exec("frontend", &[&echo, "load", "10.10.2.2:9000", "--conns", "50", "--bytes", "262144"]).unwrap();
     assert!(out.status.success(), "bulk under loss: {}", String::from_utf8_lossy(&out.stderr));
-    let lossy = report(steady(&lab, &[&cross[..], &["--rps", "100", "--conns", "30", "--seconds", "6"]].concat()));
+    let lossy = steady_report(
+        start_steady(&lab, "frontend", &[&cross[..], &["--rps", "100", "--conns", "30", "--seconds", "6"]].concat()),
+        "under loss",
+    );
     eprintln!("5% loss: {}", serde_json::to_string(&lossy).unwrap());
     assert!(lossy.errors.is_empty(), "under 5% loss: {:#?}", lossy.errors);
     assert!(lossy.requests_ok >= 400, "{} requests", lossy.requests_ok);
 
     // A 4 s partition in the middle of steady traffic: what was sent waits and gets
     // through once the wire is back (TCP's retransmissions, within every timeout).
-    let during = steady(&lab, &[&cross[..], &["--rps", "50", "--conns", "30", "--seconds", "10"]].concat());
+    let during =
+        start_steady(&lab, "frontend", &[&cross[..], &["--rps", "50", "--conns", "30", "--seconds", "10"]].concat());
     std::thread::sleep(Duration::from_secs(3));
     lab.wire_loss(Some(100)).unwrap();
     std::thread::sleep(Duration::from_secs(4));
     lab.wire_loss(None).unwrap();
-    let healed = report(during);
+    let healed = steady_report(during, "across the partition");
     eprintln!("4 s partition: {}", serde_json::to_string(&healed).unwrap());
     assert_eq!(healed.long_lived_failed, 0, "long-lived connections survive the partition: {:#?}", healed.errors);
     assert_eq!(healed.idle_ok + healed.streaming_ok + healed.h2_streams_ok, 30);

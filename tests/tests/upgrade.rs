@@ -6,28 +6,13 @@
 //! `MESH_REQUIRE_LAB` is set.
 #![forbid(unsafe_code)]
 
-use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use mesh_tests::harness::{eventually, lab, root};
+use mesh_tests::harness::{eventually, lab, root, start_steady, steady_report};
 use mesh_tests::lab::Lab;
-use mesh_tests::steady::Report;
 use mesh_tests::wire::Capture;
 
 mod support;
-
-/// Starts `mesh-echo steady` in `pod` with `args`.
-fn steady(lab: &Lab, pod: &str, args: &[&str]) -> Child {
-    let echo = root().join("target/debug/mesh-echo").display().to_string();
-    let argv: Vec<String> = [echo.as_str(), "steady"].iter().chain(args).map(|s| s.to_string()).collect();
-    lab.pod_command(pod, &argv).unwrap().stdin(Stdio::null()).stdout(Stdio::piped()).spawn().unwrap()
-}
-
-fn report(child: Child, who: &str) -> Report {
-    let out = child.wait_with_output().unwrap();
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("{who}: not a report ({e}): {}", String::from_utf8_lossy(&out.stdout)))
-}
 
 /// Replaces `node`'s agent with `binary` and returns the old agent's pid.
 fn upgrade(lab: &mut Lab, node: &str, binary: &std::path::Path) -> u32 {
@@ -51,7 +36,7 @@ fn rolling_upgrade_and_downgrade_under_traffic_drop_nothing() {
     // to myapp-v2 on its own node; 1000 requests/s to the myapp Service, 99 long-lived
     // connections. myapp-v1 (node2): into node1's agent over HBONE, to myapp-v2.
     let seconds = 14;
-    let frontend = steady(
+    let frontend = start_steady(
         &lab,
         "frontend",
         &[
@@ -69,7 +54,7 @@ fn rolling_upgrade_and_downgrade_under_traffic_drop_nothing() {
             &seconds.to_string(),
         ],
     );
-    let inbound = steady(
+    let inbound = start_steady(
         &lab,
         "myapp-v1",
         &[
@@ -93,7 +78,7 @@ fn rolling_upgrade_and_downgrade_under_traffic_drop_nothing() {
     std::thread::sleep(Duration::from_secs(9).saturating_sub(t0.elapsed()));
     // The downgrade: back to the binary the lab started with.
     old.push(upgrade(&mut lab, "node1", &original));
-    let reports = [(report(frontend, "frontend"), 1000, 99), (report(inbound, "myapp-v1"), 200, 30)];
+    let reports = [(steady_report(frontend, "frontend"), 1000, 99), (steady_report(inbound, "myapp-v1"), 200, 30)];
     let wire = capture.finish();
 
     // What the agents said went wrong, to read beside a failure.
