@@ -93,6 +93,11 @@ pub struct BenchArgs {
     /// (after the generator changed; the analysis section is kept).
     #[arg(long)]
     pub render: bool,
+    /// With --quick: run the lab on the debug build instead of a release one. Proves
+    /// the harness without a release build (what `cargo xtask test` does); the figures
+    /// say nothing of the agent's speed.
+    #[arg(long, requires = "quick")]
+    pub dev_build: bool,
 }
 
 /// How long each part of a scenario runs.
@@ -151,29 +156,31 @@ pub fn render(args: &BenchArgs) -> anyhow::Result<Report> {
 pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
     setup::ensure_bench_tools()?;
     let tools = Tools::find()?;
-    in_release_lab(|lab| run_in_lab(lab, args, &tools))
+    in_bench_lab(args, |lab| run_in_lab(lab, args, &tools))
 }
 
 /// `--scale`: the control plane at 100, 1,000 and 10,000 Services ([`scale`]).
 pub fn run_scale(args: &BenchArgs) -> anyhow::Result<scale::ScaleReport> {
-    in_release_lab(|lab| scale::run(lab, args))
+    in_bench_lab(args, |lab| scale::run(lab, args))
 }
 
 /// `--soak`: the agents under steady load for a long time ([`soak`]).
 pub fn run_soak(args: &BenchArgs, duration: Duration) -> anyhow::Result<soak::SoakReport> {
     setup::ensure_bench_tools()?;
-    in_release_lab(|lab| soak::run(lab, args, duration))
+    in_bench_lab(args, |lab| soak::run(lab, args, duration))
 }
 
-/// Brings a release-built lab up, runs `f` in it, and takes it down.
-fn in_release_lab<T>(f: impl FnOnce(&mut Lab) -> anyhow::Result<T>) -> anyhow::Result<T> {
+/// Brings a release-built lab up (debug-built with `--dev-build`), runs `f` in it, and
+/// takes it down.
+fn in_bench_lab<T>(args: &BenchArgs, f: impl FnOnce(&mut Lab) -> anyhow::Result<T>) -> anyhow::Result<T> {
     if let Some(why) = mesh_tests::sys::lab_unsupported() {
         bail!("the benchmark runs in the lab, which cannot run here: {why}");
     }
-    let bins = build::binaries(true)?;
+    let release = !args.dev_build;
+    let bins = build::binaries(release)?;
     let state_dir = PathBuf::from(DEFAULT_STATE_DIR);
     if Lab::exists(&state_dir) {
-        println!("[bench] a lab is up; taking it down to start from a clean, release-built one");
+        println!("[bench] a lab is up; taking it down to start from a clean one");
         Lab::load(&state_dir)?.down()?;
     }
     let opts = Options {
@@ -185,7 +192,7 @@ fn in_release_lab<T>(f: impl FnOnce(&mut Lab) -> anyhow::Result<T>) -> anyhow::R
         agent_log: "warn".into(),
         agent_env: Default::default(),
     };
-    println!("[bench] lab up (release build)");
+    println!("[bench] lab up ({} build)", if release { "release" } else { "debug" });
     let mut lab = Lab::up(&opts)?;
     let result = f(&mut lab);
     if result.is_err() {

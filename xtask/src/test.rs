@@ -1,6 +1,7 @@
 //! `cargo xtask test`: unit tests, then the lab integration tests (root), cleaning up the
-//! lab whatever the outcome; then one `bench --quick` to prove the benchmark harness
-//! works end to end (its figures are not judged).
+//! lab whatever the outcome; then the agent image, a short fuzz run, one `bench --quick`
+//! and a 30-s soak to prove those harnesses work end to end (on the debug build the
+//! tests made: their figures are not judged).
 
 use std::process::Command;
 
@@ -83,13 +84,16 @@ fn quick_bench_args() -> crate::bench::BenchArgs {
         scale: false,
         soak: None,
         render: false,
+        // The tests built the debug binaries already; a release build would add
+        // minutes to CI for figures nobody reads.
+        dev_build: true,
     }
 }
 
 /// `bench --soak 30s` at 200 requests/s: the soak runs, samples and plots (its verdict
 /// on RSS growth needs the long runs: `cargo xtask bench --soak 1h`).
 fn soak_harness() -> anyhow::Result<()> {
-    println!("[test] soak harness: cargo xtask bench --soak 30s --rate 200");
+    println!("[test] soak harness: cargo xtask bench --soak 30s --rate 200 --quick --dev-build");
     let args = quick_bench_args();
     let report = crate::bench::run_soak(&args, std::time::Duration::from_secs(30))?;
     println!(
@@ -107,7 +111,7 @@ fn soak_harness() -> anyhow::Result<()> {
 /// `bench --quick` into its own report file (a full run's report.json stays), then
 /// checks the report's shape: every scenario present, measured ones with figures.
 fn bench_harness() -> anyhow::Result<()> {
-    println!("[test] benchmark harness: cargo xtask bench --quick");
+    println!("[test] benchmark harness: cargo xtask bench --quick --dev-build");
     let args = quick_bench_args();
     let report = crate::bench::run(&args)?;
     let (passed, failed) = report.check_shape();

@@ -282,6 +282,9 @@ pub struct Settings {
     /// Rounds of every scenario; the run lengths above are per round.
     #[serde(default)]
     pub rounds: u32,
+    /// Run on debug-built binaries (`--dev-build`): the harness proved, nothing measured.
+    #[serde(default)]
+    pub dev_build: bool,
 }
 
 /// The whole report.
@@ -350,6 +353,7 @@ impl Report {
                 iperf_secs: iperf.as_secs(),
                 body_bytes: args.body,
                 rounds: args.rounds(),
+                dev_build: args.dev_build,
             },
             scenarios,
             agent_memory: Vec::new(),
