@@ -5,7 +5,7 @@
 pub mod gateway;
 mod gateway_status;
 mod handoff;
-mod heap;
+pub(crate) mod heap;
 mod pods;
 
 use std::collections::BTreeSet;

@@ -60,7 +60,7 @@ impl Bursts {
 /// The bytes the program has allocated and not freed, over every arena; None where
 /// the allocator is not glibc's.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn bytes_in_use() -> Option<usize> {
+pub(crate) fn bytes_in_use() -> Option<usize> {
     // SAFETY: mallinfo2 takes no argument and returns a plain struct by value; glibc
     // takes each arena's lock while it reads.
     let info = unsafe { libc::mallinfo2() };
@@ -68,7 +68,7 @@ fn bytes_in_use() -> Option<usize> {
 }
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn bytes_in_use() -> Option<usize> {
+pub(crate) fn bytes_in_use() -> Option<usize> {
     None
 }
 

@@ -151,9 +151,13 @@ pub(super) fn reads_http(ctx: &ProxyContext, snapshot: &Snapshot, pod: &Workload
 }
 
 /// Serves a connection whose accept-time verdict was not a denial.
+///
+/// Not an `async fn`: one keeps its arguments twice (as passed, and moved into the
+/// body) for as long as the connection lives; an `async move` block keeps them once.
 #[allow(clippy::too_many_arguments)]
-pub(super) async fn serve<S>(
-    ctx: ProxyContext,
+#[expect(clippy::manual_async_fn, reason = "an async fn would hold its arguments twice, as said above")]
+pub(super) fn serve<S>(
+    ctx: Arc<ProxyContext>,
     pod: Arc<Workload>,
     netns: Arc<Netns>,
     security: Arc<WorkloadSecurity>,
@@ -162,51 +166,55 @@ pub(super) async fn serve<S>(
     mut client: S,
     app: TcpStream,
     labels: ConnLabels,
-) where
+) -> impl Future<Output = ()> + Send
+where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let dst = arrival.dst;
-    let snapshot = ctx.snapshot.load();
-    let policy = snapshot.telemetry(&pod.key()).clone();
-    let ends = copy::Ends { policy, client: arrival.src, dialed: dst, upstream: Some(dst) };
-    let per_request = match verdict {
-        ConnVerdict::Decided(Decision::Deny(_)) => return,
-        ConnVerdict::Decided(Decision::Allow) => false,
-        ConnVerdict::PerRequest => true,
-    };
-    let spliced = !per_request && !reads_http(&ctx, &snapshot, &pod, dst.port());
-    // Not held while the connection lives: each request loads the snapshot in force.
-    drop(snapshot);
-    if spliced {
-        return splice_tracked(&ctx, &pod, &arrival, (&labels, ends), client, app).await;
-    }
-    let first = match read_first(&mut client, DETECT_TIMEOUT).await {
-        Ok(first) => first,
-        Err(e) => {
-            tracing::debug!(%dst, error = %e, "connection ended before its first bytes");
+    async move {
+        let dst = arrival.dst;
+        let snapshot = ctx.snapshot.load();
+        let policy = snapshot.telemetry(&pod.key()).clone();
+        let ends = copy::Ends { policy, client: arrival.src, dialed: dst, upstream: Some(dst) };
+        let per_request = match verdict {
+            ConnVerdict::Decided(Decision::Deny(_)) => return,
+            ConnVerdict::Decided(Decision::Allow) => false,
+            ConnVerdict::PerRequest => true,
+        };
+        let spliced = !per_request && !reads_http(&ctx, &snapshot, &pod, dst.port());
+        // Not held while the connection lives: each request loads the snapshot in force.
+        drop(snapshot);
+        if spliced {
+            return splice_tracked(&ctx, &pod, &arrival, (&labels, ends), client, app).await;
+        }
+        let first = match read_first(&mut client, DETECT_TIMEOUT).await {
+            Ok(first) => first,
+            Err(e) => {
+                tracing::debug!(%dst, error = %e, "connection ended before its first bytes");
+                return;
+            }
+        };
+        let client = Prefixed::new(first, client);
+        if detect::is_http(client.prefix()) {
+            // Each request judged (an allowed connection's requests are allowed alike)
+            // and measured, reporter=destination.
+            let open = ctx.metrics.opened(&labels, &ends.policy);
+            let metrics = ctx.metrics.clone();
+            // Its bytes count as they pass, as a spliced connection's do.
+            let client = copy::Counted::new(client, &open);
+            // Boxed: HTTP serving is large, and a spliced connection should not carry it.
+            Box::pin(http::serve(ProxyContext::clone(&ctx), pod, netns, arrival, &labels, client, app)).await;
+            metrics.closed(&labels, open);
             return;
         }
-    };
-    let client = Prefixed::new(first, client);
-    if detect::is_http(client.prefix()) {
-        // Each request judged (an allowed connection's requests are allowed alike)
-        // and measured, reporter=destination.
-        let open = ctx.metrics.opened(&labels, &ends.policy);
-        let metrics = ctx.metrics.clone();
-        // Its bytes count as they pass, as a spliced connection's do.
-        let client = copy::Counted::new(client, &open);
-        http::serve(ctx, pod, netns, arrival, &labels, client, app).await;
-        metrics.closed(&labels, open);
-        return;
+        // Not HTTP: judged once (with the HTTP attributes unreadable) when the policies
+        // read HTTP, then spliced.
+        let attrs = arrival.attrs();
+        if per_request && let Decision::Deny(reason) = security.authz.check(&attrs, None) {
+            denied(&ctx, &pod, &attrs, &reason, None);
+            return;
+        }
+        splice_tracked(&ctx, &pod, &arrival, (&labels, ends), client, app).await;
     }
-    // Not HTTP: judged once (with the HTTP attributes unreadable) when the policies
-    // read HTTP, then spliced.
-    let attrs = arrival.attrs();
-    if per_request && let Decision::Deny(reason) = security.authz.check(&attrs, None) {
-        denied(&ctx, &pod, &attrs, &reason, None);
-        return;
-    }
-    splice_tracked(&ctx, &pod, &arrival, (&labels, ends), client, app).await;
 }
 
 /// Splices an allowed connection to the application, tracked so a policy change that

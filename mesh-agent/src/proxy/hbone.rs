@@ -5,6 +5,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures::FutureExt as _;
+use futures::future::Either;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Empty;
 use hyper::body::Incoming;
@@ -32,8 +34,9 @@ pub(super) async fn serve(
     stop: CancellationToken,
 ) {
     let acceptor = TlsAcceptor::from(tls);
-    let c = ctx.clone();
-    accept_loop(&listener, &c, stop, "hbone", OrigFrom::LocalAddr, |stream, peer, _| {
+    // Shared by the connections and their streams: each holds a pointer, not a copy.
+    let ctx = Arc::new(ctx);
+    accept_loop(&listener, &ctx, stop, "hbone", OrigFrom::LocalAddr, |stream, peer, _| {
         let (ctx, pod, netns, acceptor) = (ctx.clone(), pod.clone(), netns.clone(), acceptor.clone());
         async move {
             if let Err(e) = connection(ctx, pod.clone(), netns, acceptor, stream, peer).await {
@@ -45,7 +48,7 @@ pub(super) async fn serve(
 }
 
 async fn connection(
-    ctx: ProxyContext,
+    ctx: Arc<ProxyContext>,
     pod: Arc<Workload>,
     netns: Arc<Netns>,
     acceptor: TlsAcceptor,
@@ -118,7 +121,7 @@ pub(crate) fn connect_target<B>(req: &Request<B>, pod: &Workload) -> Result<Sock
 
 /// One CONNECT stream: dial the pod and splice.
 async fn stream_request(
-    ctx: ProxyContext,
+    ctx: Arc<ProxyContext>,
     pod: Arc<Workload>,
     netns: Arc<Netns>,
     client: Identity,
@@ -162,15 +165,19 @@ async fn stream_request(
     let on_upgrade = hyper::upgrade::on(&mut req);
     let labels = ConnLabels::inbound_from_identity(&snap, &pod, target.port(), &client, peer);
     let tasks = ctx.tasks.clone();
-    tasks.spawn(async move {
-        match on_upgrade.await {
-            Ok(upgraded) => {
-                let tunnel = TokioIo::new(upgraded);
-                admission::serve(ctx, pod, netns, security, arrival, verdict, tunnel, app, labels).await;
-                drop(permit);
-            }
-            Err(e) => tracing::warn!(%target, error = %e, "CONNECT stream not established"),
+    // `then`, not an async block: the block would keep what it moves into the serving
+    // future twice, for as long as the stream lives.
+    let serving = on_upgrade.then(move |upgraded| match upgraded {
+        Ok(upgraded) => {
+            let tunnel = TokioIo::new(upgraded);
+            let serve = admission::serve(ctx, pod, netns, security, arrival, verdict, tunnel, app, labels);
+            Either::Left(serve.map(move |()| drop(permit)))
+        }
+        Err(e) => {
+            tracing::warn!(%target, error = %e, "CONNECT stream not established");
+            Either::Right(std::future::ready(()))
         }
     });
+    tasks.spawn(serving);
     status(StatusCode::OK)
 }

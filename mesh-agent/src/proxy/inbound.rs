@@ -18,7 +18,7 @@ use crate::transport::{CONNECT_TIMEOUT, Error, sockets};
 
 /// One plaintext connection to a pod's port, `dst`.
 pub(super) async fn handle(
-    ctx: &ProxyContext,
+    ctx: &Arc<ProxyContext>,
     pod: &Arc<Workload>,
     netns: &Arc<Netns>,
     stream: TcpStream,

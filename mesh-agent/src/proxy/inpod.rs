@@ -146,13 +146,16 @@ pub(super) async fn serve_plain(
         Plain::Outbound => ("outbound", OrigFrom::Kernel),
         Plain::Inbound => ("inbound", OrigFrom::LocalAddr),
     };
-    let c = ctx.clone();
-    accept_loop(listener.borrow(), &c, stop, what, orig_from, |stream, peer, orig| {
+    // Shared by the connections' tasks: each holds a pointer, not a copy.
+    let ctx = Arc::new(ctx);
+    accept_loop(listener.borrow(), &ctx, stop, what, orig_from, |stream, peer, orig| {
         let (ctx, pod, netns) = (ctx.clone(), pod.clone(), netns.clone());
         async move {
             let served = match which {
                 Plain::Outbound => outbound::handle(&ctx, &pod, &netns, stream, peer, orig).await,
-                Plain::Inbound => inbound::handle(&ctx, &pod, &netns, stream, peer, orig).await,
+                // Boxed: each task is sized for the larger of the two, and outbound
+                // connections are the many.
+                Plain::Inbound => Box::pin(inbound::handle(&ctx, &pod, &netns, stream, peer, orig)).await,
             };
             match served {
                 Err(e) if e.is_reset_mid_copy() => {

@@ -16,6 +16,12 @@ use crate::telemetry::{ConnLabels, ServiceLabels};
 use crate::transport::{CONNECT_TIMEOUT, Error, Upstream, copy, sockets};
 
 /// One connection the pod made to `orig`.
+///
+/// Each task holds its connection's future for as long as the connection lives, sized
+/// for the largest step it may await. So the common case, a connection spliced to its
+/// upstream, awaits only the splice inline; connecting (TLS and HTTP/2 handshakes) and
+/// the other ways a connection may be served (L7, DNS, same-node delivery, egress)
+/// run boxed: allocated when taken, freed when done.
 pub(super) async fn handle(
     ctx: &ProxyContext,
     pod: &Arc<Workload>,
@@ -39,7 +45,7 @@ pub(super) async fn handle(
             .workload_by_ip(peer.ip())
             .is_some_and(|w| w.namespace == pod.namespace && w.name == pod.name && w.dns_capture)
     {
-        super::dns::serve_tcp(ctx.dns_context(pod.clone()), stream).await;
+        Box::pin(super::dns::serve_tcp(ctx.dns_context(pod.clone()), stream)).await;
         return Ok(());
     }
     let dialed_service = snapshot.service_by_vip(orig.ip());
@@ -51,7 +57,8 @@ pub(super) async fn handle(
     {
         tracing::debug!(pod = %pod.name, %peer, %orig, service = %service.key(), "outbound HTTP, routed at L7");
         let table = crate::l7::server::RouteTable::service(service);
-        crate::l7::server::serve(ctx.l7_context(), pod.clone(), netns.clone(), stream, (peer, orig), table).await;
+        Box::pin(crate::l7::server::serve(ctx.l7_context(), pod.clone(), netns.clone(), stream, (peer, orig), table))
+            .await;
         return Ok(());
     }
     // A VirtualService's tcp rules decide first; otherwise the Service's endpoints.
@@ -68,7 +75,7 @@ pub(super) async fn handle(
     let (workload, addr, service) = match dest {
         Destination::Mesh { workload, addr, service } => (Some(workload), addr, service),
         Destination::Passthrough { addr, workload: None, .. } => {
-            return leave_the_registry(ctx, &snapshot, pod, netns, stream, orig, addr).await;
+            return Box::pin(leave_the_registry(ctx, &snapshot, pod, netns, stream, orig, addr)).await;
         }
         Destination::Passthrough { addr, workload, service } => (workload, addr, service),
         Destination::NoEndpoints { service } => {
@@ -89,17 +96,20 @@ pub(super) async fn handle(
     {
         tracing::debug!(pod = %pod.name, %orig, service = %service.key(), "outbound HTTP outside the mesh, read at L7");
         let table = crate::l7::server::RouteTable::service(service);
-        crate::l7::server::serve(ctx.l7_context(), pod.clone(), netns.clone(), stream, (peer, orig), table).await;
+        Box::pin(crate::l7::server::serve(ctx.l7_context(), pod.clone(), netns.clone(), stream, (peer, orig), table))
+            .await;
         return Ok(());
     }
     // A pod of this node: admitted here, without a tunnel from the agent to itself.
     if let Some(dest) = workload.as_ref().filter(|w| snapshot.tunnels_to(w, addr.port())) {
-        match local::deliver(ctx, &snapshot, pod, dest, stream, (peer, orig, addr), service.as_deref()).await {
+        match Box::pin(local::deliver(ctx, &snapshot, pod, dest, stream, (peer, orig, addr), service.as_deref())).await
+        {
             Local::Served(result) => return result,
             Local::Tunnel(s) => stream = s,
         }
     }
-    let mut upstream = ctx.dialer.connect(&snapshot, pod, netns, workload.as_deref(), addr, CONNECT_TIMEOUT).await?;
+    let connecting = Box::pin(ctx.dialer.connect(&snapshot, pod, netns, workload.as_deref(), addr, CONNECT_TIMEOUT));
+    let mut upstream = connecting.await?;
     let service = ServiceLabels::service(service.as_deref());
     let labels = ConnLabels::outbound(pod, workload.as_deref(), service, upstream.is_tunnel());
     splice_upstream(ctx, &labels, &mut stream, &mut upstream, pod, orig).await

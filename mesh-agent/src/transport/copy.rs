@@ -59,37 +59,40 @@ pub struct Ends {
 /// connection with no byte either way for `idle` is closed. Returns `(request bytes,
 /// response bytes)`, i.e. client -> server and server -> client, which Istio reports
 /// as received and sent.
-pub async fn counted<C, S>(
-    metrics: &Metrics,
-    (labels, ends): (&ConnLabels, Ends),
-    client: &mut C,
-    server: &mut S,
+///
+/// Not an `async fn` (nor is [`counted_until`]): the copy's future is held for as long
+/// as the connection lives, and a wrapping `async fn` would add its arguments to it.
+pub fn counted<'a, C, S>(
+    metrics: &'a Metrics,
+    (labels, ends): (&'a ConnLabels, Ends),
+    client: &'a mut C,
+    server: &'a mut S,
     idle: Duration,
-) -> std::io::Result<(u64, u64)>
+) -> impl Future<Output = std::io::Result<(u64, u64)>> + 'a
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     S: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    splice_counted(metrics, &[(labels, ends)], client, server, idle, None).await
+    splice_counted(metrics, [(labels, ends)], client, server, idle, None)
 }
 
 /// [`counted`], cut short when `stop` is cancelled (the connection is no longer
 /// allowed): the copy stops and the caller drops both streams, which closes them. A
 /// cut connection is counted closed without byte counts, which the copy does not
 /// report half-way.
-pub async fn counted_until<C, S>(
-    metrics: &Metrics,
-    (labels, ends): (&ConnLabels, Ends),
-    client: &mut C,
-    server: &mut S,
+pub fn counted_until<'a, C, S>(
+    metrics: &'a Metrics,
+    (labels, ends): (&'a ConnLabels, Ends),
+    client: &'a mut C,
+    server: &'a mut S,
     idle: Duration,
-    stop: &CancellationToken,
-) -> std::io::Result<(u64, u64)>
+    stop: &'a CancellationToken,
+) -> impl Future<Output = std::io::Result<(u64, u64)>> + 'a
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     S: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    splice_counted(metrics, &[(labels, ends)], client, server, idle, Some(stop)).await
+    splice_counted(metrics, [(labels, ends)], client, server, idle, Some(stop))
 }
 
 /// [`counted_until`] for two TCP sockets, which the kernel splices when `kernel` is
@@ -149,9 +152,9 @@ fn close_observed(
     }
 }
 
-async fn splice_counted<C, S>(
+async fn splice_counted<'a, C, S>(
     metrics: &Metrics,
-    observed: &[(&ConnLabels, Ends)],
+    observed: impl AsRef<[(&'a ConnLabels, Ends)]>,
     client: &mut C,
     server: &mut S,
     idle: Duration,
@@ -161,6 +164,7 @@ where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     S: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
+    let observed = observed.as_ref();
     let open: Vec<OpenConn> = observed.iter().map(|(labels, ends)| metrics.opened(labels, &ends.policy)).collect();
     let (start, started) = (std::time::SystemTime::now(), Instant::now());
     let activity = Activity::now();
