@@ -169,7 +169,8 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
     let ctx = ProxyContext {
         snapshot: snapshot.clone(),
         orig_dst: dataplane.clone(),
-        dialer: Dialer::new(certs, verifier.clone(), settings.bypass_mark),
+        dialer: Dialer::new(certs, verifier.clone(), settings.bypass_mark)
+            .with_pool_idle_timeout(settings.pool_idle_timeout),
         l7: Arc::default(),
         metrics: metrics.clone(),
         shutdown: shutdown.clone(),

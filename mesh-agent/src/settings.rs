@@ -237,6 +237,11 @@ pub struct Settings {
     #[arg(long, env = "MESH_TCP_IDLE_TIMEOUT", default_value = "1h", value_parser = parse_duration)]
     pub tcp_idle_timeout: Duration,
 
+    /// A pooled HBONE connection to a peer agent with no stream for this long is closed
+    /// (ztunnel's pool closes after 5 minutes too).
+    #[arg(long, env = "MESH_POOL_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    pub pool_idle_timeout: Duration,
+
     /// Where enrolled pods may connect outside the registry (Services, pods,
     /// ServiceEntries): `ALLOW_ANY`, or `REGISTRY_ONLY` (the rest is refused, logged
     /// and counted), as Istio's `meshConfig.outboundTrafficPolicy.mode`.

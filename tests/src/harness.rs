@@ -53,10 +53,13 @@ pub fn lab(test: &str) -> Option<LabGuard> {
     lab_with_env(test, &[])
 }
 
-/// [`lab`], with more environment for the agents (`MESH_*` settings).
+/// [`lab`], with more environment for the agents (`MESH_*` settings). The lab runs the
+/// debug build; `MESH_LAB_PROFILE=release` runs the release build instead (built by
+/// `cargo build --release`), for figures such as `tests/connections.rs`'s.
 pub fn lab_with_env(test: &str, agent_env: &[(&str, &str)]) -> Option<LabGuard> {
     let lock = LAB_LOCK.lock().unwrap_or_else(|p| p.into_inner());
-    let bins = root().join("target/debug");
+    let profile = std::env::var("MESH_LAB_PROFILE").unwrap_or_else(|_| "debug".into());
+    let bins = root().join("target").join(&profile);
     let missing = ["mesh-agent", "mesh-echo"].iter().find(|b| !bins.join(b).exists());
     let why =
         crate::sys::lab_unsupported().or_else(|| missing.map(|b| format!("{b} not built (run cargo xtask test)")));

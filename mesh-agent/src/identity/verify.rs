@@ -242,6 +242,12 @@ pub fn server_config(
         .with_client_cert_verifier(client_verifier)
         .with_cert_resolver(Arc::new(CurrentCert { store, identity }));
     cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
+    // No resumption: every tunnel presents and verifies a certificate in full (a
+    // resumed session would skip a check against the current trust bundle), and the
+    // agent's clients never resume, so storing and sending tickets is only memory and
+    // work per handshake.
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    cfg.send_tls13_tickets = 0;
     Ok(Arc::new(cfg))
 }
 
@@ -277,6 +283,9 @@ pub fn client_config(
         .with_custom_certificate_verifier(Arc::new(ExpectIdentity { verifier: verifier.clone(), expected }))
         .with_client_cert_resolver(Arc::new(ClientCert { store, identity: source }));
     cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
+    // Each tunnel has a configuration of its own, so a session cache would never be
+    // read again: none (and no resumption, as the server side).
+    cfg.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(cfg))
 }
 

@@ -40,6 +40,11 @@ impl Dialer {
         Self { certs, verifier, pool: Arc::default(), bypass_mark }
     }
 
+    /// This dialer with an empty pool whose tunnels close after `idle` without a stream.
+    pub fn with_pool_idle_timeout(self, idle: Duration) -> Self {
+        Self { pool: Arc::new(Pool::new(idle)), ..self }
+    }
+
     /// Connects `source` (in `netns`) to `addr`, the address of `dest` when it is a
     /// workload the mesh knows; a plaintext connect gives up after `timeout`.
     pub async fn connect(

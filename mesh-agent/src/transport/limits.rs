@@ -50,7 +50,8 @@ pub const H2_MAX_PENDING_RESETS: usize = 20;
 pub const H2_MAX_LOCAL_RESETS: usize = 256;
 /// How long the peer agent may take to answer a CONNECT.
 pub const CONNECT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
-/// An HBONE connection of the pool with no stream for this long is closed.
+/// An HBONE connection of the pool with no stream for this long is closed (the default
+/// of `--pool-idle-timeout`).
 pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// A spliced connection with no byte either way for this long is closed (Istio's TCP
 /// idle timeout default).

@@ -14,6 +14,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
@@ -57,9 +58,9 @@ impl Pooled {
         self.streams.try_reserve(MAX_STREAMS_PER_CONNECTION)
     }
 
-    /// Whether the connection has had no stream for [`limits::POOL_IDLE_TIMEOUT`].
-    fn idle_too_long(&self) -> bool {
-        self.streams.idle_for().is_some_and(|d| d >= limits::POOL_IDLE_TIMEOUT)
+    /// Whether the connection has had no stream for `idle_timeout`.
+    fn idle_too_long(&self, idle_timeout: Duration) -> bool {
+        self.streams.idle_for().is_some_and(|d| d >= idle_timeout)
     }
 }
 
@@ -83,6 +84,21 @@ impl StreamCount {
             return None;
         }
         self.0.1.lock().unwrap_or_else(|p| p.into_inner()).map(|t| t.elapsed())
+    }
+
+    /// Returns once the connection has had no stream for `timeout`: its driver then
+    /// ends, which closes it. Without this an idle connection would stay open (a
+    /// descriptor, its TLS and HTTP/2 state) until the next dial to anywhere swept it.
+    async fn idle_past(&self, timeout: Duration) {
+        let mut wait = timeout;
+        loop {
+            tokio::time::sleep(wait).await;
+            match self.idle_for() {
+                Some(idle) if idle >= timeout => return,
+                Some(idle) => wait = timeout - idle,
+                None => wait = timeout,
+            }
+        }
     }
 }
 
@@ -140,9 +156,11 @@ impl AsyncWrite for Tunnel {
 }
 
 /// The pool.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Pool {
     conns: Mutex<HashMap<Key, Vec<Pooled>>>,
+    /// A connection with no stream for this long is closed.
+    idle_timeout: Duration,
     /// One dial at a time per key: a connection that finds no room waits for the dial
     /// in flight and takes a stream on it, instead of opening a tunnel of its own (a
     /// burst of a hundred new connections opened a hundred tunnels). Each gate holds
@@ -151,10 +169,21 @@ pub struct Pool {
     dialing: Mutex<HashMap<Key, Arc<DialGate>>>,
 }
 
+impl Default for Pool {
+    fn default() -> Self {
+        Self::new(limits::POOL_IDLE_TIMEOUT)
+    }
+}
+
 /// The turn to dial for one key, and the last failure.
 type DialGate = tokio::sync::Mutex<Option<(std::time::Instant, String)>>;
 
 impl Pool {
+    /// An empty pool whose connections close after `idle_timeout` without a stream.
+    pub fn new(idle_timeout: Duration) -> Self {
+        Self { conns: Mutex::default(), idle_timeout, dialing: Mutex::default() }
+    }
+
     /// Opens a tunnelled connection from `source` to `target` (a port of `dest`),
     /// reusing a pooled HTTP/2 connection when one is open.
     pub async fn connect(
@@ -204,9 +233,8 @@ impl Pool {
                 Err(Error::Io { what: "HBONE dial (shared) to", addr: key.addr, source: io::Error::other(why.clone()) })
             }
             (None, _) => match self.dial(dialer, source, netns, key).await {
-                Ok(sender) => {
+                Ok(pooled) => {
                     *turn = None;
-                    let pooled = Pooled { sender, streams: StreamCount::default() };
                     self.conns
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
@@ -291,7 +319,7 @@ impl Pool {
         // Idle connections anywhere in the pool go now (dropping the sender closes the
         // connection once its task sees no user left).
         conns.retain(|_, list| {
-            list.retain(|c| !c.sender.is_closed() && !c.idle_too_long());
+            list.retain(|c| !c.sender.is_closed() && !c.idle_too_long(self.idle_timeout));
             !list.is_empty()
         });
         let list = conns.get_mut(key)?;
@@ -306,13 +334,7 @@ impl Pool {
         self.drop_where(key, |c| c.sender.is_closed());
     }
 
-    async fn dial(
-        &self,
-        dialer: &Dialer,
-        source: &Workload,
-        netns: &Netns,
-        key: &Key,
-    ) -> Result<SendRequest<Empty<Bytes>>, Error> {
+    async fn dial(&self, dialer: &Dialer, source: &Workload, netns: &Netns, key: &Key) -> Result<Pooled, Error> {
         let tls = crate::identity::client_config(
             dialer.certs.clone(),
             source.identity.clone(),
@@ -334,14 +356,20 @@ impl Pool {
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|source| Error::Http { addr: key.addr, source })?;
-        let addr = key.addr;
+        let (addr, streams, idle_timeout) = (key.addr, StreamCount::default(), self.idle_timeout);
+        let idle = streams.clone();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%addr, error = %e, "HBONE connection closed");
+            tokio::select! {
+                result = conn => if let Err(e) = result {
+                    tracing::debug!(%addr, error = %e, "HBONE connection closed");
+                },
+                () = idle.idle_past(idle_timeout) => {
+                    tracing::debug!(%addr, ?idle_timeout, "HBONE connection idle; closed");
+                }
             }
         });
         tracing::debug!(source = %key.source_pod, destination = %key.destination, %addr, "HBONE connection opened");
-        Ok(sender)
+        Ok(Pooled { sender, streams })
     }
 }
 
@@ -365,6 +393,8 @@ fn never_reached_the_peer(e: &hyper::Error) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::StreamCount;
 
     #[test]
@@ -375,5 +405,18 @@ mod tests {
         assert!(count.try_reserve(3).is_none(), "a full connection takes no more streams");
         drop(slots);
         assert!(count.try_reserve(3).is_some(), "dropped tunnels free their slots");
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_let_go_once_idle_past_its_timeout_and_not_before() {
+        let count = StreamCount::default();
+        let slot = count.try_reserve(1).unwrap();
+        let timeout = Duration::from_millis(100);
+        let open = tokio::time::timeout(Duration::from_millis(400), count.idle_past(timeout)).await;
+        assert!(open.is_err(), "a connection with a stream open is not idle");
+        drop(slot);
+        let since = std::time::Instant::now();
+        tokio::time::timeout(Duration::from_secs(10), count.idle_past(timeout)).await.expect("let go once idle");
+        assert!(since.elapsed() >= timeout, "not before the timeout");
     }
 }
