@@ -35,6 +35,7 @@
 //! alternating which goes first; each figure reported is the median round's, with the
 //! p99 spread across rounds kept to tell a difference from noise.
 
+pub mod churn;
 mod peer;
 mod report;
 pub mod scale;
@@ -89,6 +90,13 @@ pub struct BenchArgs {
     /// hour, its result into docs/benchmarks.md).
     #[arg(long, value_name = "DURATION", value_parser = soak::parse_duration)]
     pub soak: Option<Duration>,
+    /// Connection churn instead: --rate new connections per second (one HTTP request
+    /// each, no keep-alive) across the tunnel for DURATION; reports each agent's CPU per
+    /// 1,000 new connections and fails unless its descriptors and memory come back
+    /// after the load. Writes target/bench/churn.json (and, from 10 minutes, its result
+    /// into docs/benchmarks.md).
+    #[arg(long, value_name = "DURATION", value_parser = soak::parse_duration, conflicts_with = "soak")]
+    pub churn: Option<Duration>,
     /// Measure nothing: render docs/benchmarks.md again from the report at --report
     /// (after the generator changed; the analysis section is kept).
     #[arg(long)]
@@ -168,6 +176,12 @@ pub fn run_scale(args: &BenchArgs) -> anyhow::Result<scale::ScaleReport> {
 pub fn run_soak(args: &BenchArgs, duration: Duration) -> anyhow::Result<soak::SoakReport> {
     setup::ensure_bench_tools()?;
     in_bench_lab(args, |lab| soak::run(lab, args, duration))
+}
+
+/// `--churn`: new connections at a fixed rate ([`churn`]).
+pub fn run_churn(args: &BenchArgs, duration: Duration) -> anyhow::Result<churn::ChurnReport> {
+    setup::ensure_bench_tools()?;
+    in_bench_lab(args, |lab| churn::run(lab, args, duration))
 }
 
 /// Brings a release-built lab up (debug-built with `--dev-build`), runs `f` in it, and

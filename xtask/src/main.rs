@@ -98,9 +98,10 @@ fn main() -> anyhow::Result<()> {
         Cmd::Demo => demo::run(),
         Cmd::Bench(args) if args.render => bench::render(&args).map(|_| ()),
         Cmd::Bench(args) if args.scale => bench::run_scale(&args).map(|_| ()),
-        Cmd::Bench(args) => match args.soak {
-            Some(duration) => bench::run_soak(&args, duration).map(|_| ()),
-            None => bench::run(&args).map(|_| ()),
+        Cmd::Bench(args) => match (args.soak, args.churn) {
+            (Some(duration), _) => bench::run_soak(&args, duration).map(|_| ()),
+            (None, Some(duration)) => bench::run_churn(&args, duration).map(|_| ()),
+            (None, None) => bench::run(&args).map(|_| ()),
         },
         Cmd::Fuzz(args) => fuzz::run(&args),
     }

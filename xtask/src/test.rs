@@ -45,6 +45,7 @@ pub fn run(extra: &[String]) -> anyhow::Result<()> {
         fuzz_smoke()?;
         bench_harness()?;
         soak_harness()?;
+        churn_harness()?;
     }
     Ok(())
 }
@@ -83,6 +84,7 @@ fn quick_bench_args() -> crate::bench::BenchArgs {
         report: "target/bench/quick/report.json".into(),
         scale: false,
         soak: None,
+        churn: None,
         render: false,
         // The tests built the debug binaries already; a release build would add
         // minutes to CI for figures nobody reads.
@@ -105,6 +107,20 @@ fn soak_harness() -> anyhow::Result<()> {
     if report.samples.len() < 2 {
         bail!("the soak took {} samples in 30 s", report.samples.len());
     }
+    Ok(())
+}
+
+/// `bench --churn 30s` at 200 new connections/s: the churn runs, samples and judges
+/// (the figures that go into the docs need `cargo xtask bench --churn 10m`).
+fn churn_harness() -> anyhow::Result<()> {
+    println!("[test] churn harness: cargo xtask bench --churn 30s --rate 200 --quick --dev-build");
+    let report = crate::bench::run_churn(&quick_bench_args(), std::time::Duration::from_secs(30))?;
+    println!(
+        "churn: {} windows, {} connections, {} failed",
+        report.windows.len(),
+        report.ok + report.failed,
+        report.failed
+    );
     Ok(())
 }
 

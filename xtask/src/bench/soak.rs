@@ -22,7 +22,7 @@ use super::{BenchArgs, CLIENT, SERVER_CROSS, Tools, route_all_to_subset};
 use crate::root;
 
 /// Length of one window: load, then a sample.
-const WINDOW: Duration = Duration::from_secs(10);
+pub(super) const WINDOW: Duration = Duration::from_secs(10);
 /// Keep-alive connections of each load generator.
 const CONNECTIONS: &str = "16";
 /// Growth of an agent's RSS past warm-up that fails the soak.
@@ -163,7 +163,7 @@ pub fn run(lab: &mut Lab, args: &BenchArgs, duration: Duration) -> anyhow::Resul
     Ok(report)
 }
 
-fn agent_pid(lab: &Lab, node: &str) -> anyhow::Result<u32> {
+pub(super) fn agent_pid(lab: &Lab, node: &str) -> anyhow::Result<u32> {
     lab.node(node)?.agent_pid.with_context(|| format!("no agent on {node}"))
 }
 
@@ -187,7 +187,7 @@ fn spawn_oha(lab: &Lab, tools: &Tools, url: &str, rate: u32) -> anyhow::Result<C
 }
 
 /// p99 (ms), requests answered 200 and the rest, of one oha window.
-fn window_result(child: Child) -> anyhow::Result<(f64, u64, u64)> {
+pub(super) fn window_result(child: Child) -> anyhow::Result<(f64, u64, u64)> {
     let out = child.wait_with_output()?;
     let v: Value = serde_json::from_slice(&out.stdout).context("oha output is not JSON")?;
     Ok(window_figures(&v))
@@ -349,7 +349,7 @@ fn document(r: &SoakReport, svg: &str) -> anyhow::Result<()> {
 }
 
 /// Today's date from `date -u +%F` (the xtask has no date library).
-fn chrono_free_date() -> String {
+pub(super) fn chrono_free_date() -> String {
     std::process::Command::new("date")
         .args(["-u", "+%F"])
         .output()
