@@ -12,6 +12,7 @@ mod connect;
 pub mod copy;
 pub mod inherited;
 pub mod limits;
+pub mod linger;
 pub mod originate;
 mod pool;
 pub mod sockets;

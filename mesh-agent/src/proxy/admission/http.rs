@@ -79,6 +79,9 @@ pub(super) async fn serve<S>(
         }
     });
     let builder = crate::transport::limits::http_server();
+    // hyper lets go of the stream once it wrote its last response; the stream then
+    // waits for the client's end rather than resetting (`transport::linger`).
+    let client = crate::transport::linger::Lingering::new(client);
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(client), svc);
     if let Err(e) = crate::transport::until_drained_gently(conn, &shutdown, |c| c.graceful_shutdown()).await {
         tracing::debug!(%dst, error = %e, "inbound HTTP connection ended");
