@@ -8,7 +8,7 @@
 //! also writes its result into docs/benchmarks.md (between the churn markers).
 
 use std::fmt::Write as _;
-use std::process::{Child, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
@@ -106,14 +106,14 @@ pub fn run(lab: &mut Lab, args: &BenchArgs, duration: Duration) -> anyhow::Resul
         args.rate
     );
     // One window to open the pools and fill the caches, then the baseline.
-    window_result(spawn_oha(lab, &tools, &url, args.rate)?)?;
+    window_result(spawn_churn(lab, &tools, &url, args.rate)?)?;
     std::thread::sleep(SETTLE);
     let before = sample(pids)?;
     println!("[churn] before: {}", describe(&before));
     let started = Instant::now();
     let mut windows = Vec::new();
     while started.elapsed() + WINDOW <= duration + Duration::from_secs(1) {
-        let (p99_ms, ok, failed) = window_result(spawn_oha(lab, &tools, &url, args.rate)?)?;
+        let (p99_ms, ok, failed) = window_result(spawn_churn(lab, &tools, &url, args.rate)?)?;
         let window = Window { at_s: started.elapsed().as_secs(), agents: sample(pids)?, ok, failed, p99_ms };
         println!(
             "[churn] {:>5} s  {}  ok {}  failed {}  p99 {:.2} ms",
@@ -152,23 +152,9 @@ pub fn run(lab: &mut Lab, args: &BenchArgs, duration: Duration) -> anyhow::Resul
     Ok(report)
 }
 
-fn spawn_oha(lab: &Lab, tools: &Tools, url: &str, rate: u32) -> anyhow::Result<Child> {
-    let argv: Vec<String> = [
-        tools.oha.display().to_string(),
-        "--no-tui".into(),
-        "--output-format".into(),
-        "json".into(),
-        "-z".into(),
-        format!("{}s", WINDOW.as_secs()),
-        "-q".into(),
-        rate.to_string(),
-        "-c".into(),
-        CONCURRENCY.into(),
-        "--disable-keepalive".into(),
-        url.into(),
-    ]
-    .into();
-    Ok(lab.pod_command(CLIENT, &argv)?.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?)
+/// One window of new connections: oha without keep-alive.
+fn spawn_churn(lab: &Lab, tools: &Tools, url: &str, rate: u32) -> anyhow::Result<Child> {
+    super::soak::spawn_oha(lab, tools, url, (rate, CONCURRENCY), &["--disable-keepalive"])
 }
 
 /// Both agents' anonymous memory, descriptors and CPU time now.

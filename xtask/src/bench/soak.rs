@@ -101,7 +101,10 @@ pub fn run(lab: &mut Lab, args: &BenchArgs, duration: Duration) -> anyhow::Resul
     let started = Instant::now();
     let mut samples = Vec::new();
     while started.elapsed() + WINDOW <= duration + Duration::from_secs(1) {
-        let loads: Vec<Child> = urls.iter().map(|u| spawn_oha(lab, &tools, u, args.rate)).collect::<Result<_, _>>()?;
+        let loads: Vec<Child> = urls
+            .iter()
+            .map(|u| spawn_oha(lab, &tools, u, (args.rate, CONNECTIONS), &["--latency-correction"]))
+            .collect::<Result<_, _>>()?;
         let mut p99_ms = [0.0; 2];
         let mut ok = [0; 2];
         let mut failed = [0; 2];
@@ -167,8 +170,16 @@ pub(super) fn agent_pid(lab: &Lab, node: &str) -> anyhow::Result<u32> {
     lab.node(node)?.agent_pid.with_context(|| format!("no agent on {node}"))
 }
 
-fn spawn_oha(lab: &Lab, tools: &Tools, url: &str, rate: u32) -> anyhow::Result<Child> {
-    let argv: Vec<String> = [
+/// One window of oha from the client pod at `rate` requests/s over `connections`, with
+/// `extra` options (as `--latency-correction` or `--disable-keepalive`).
+pub(super) fn spawn_oha(
+    lab: &Lab,
+    tools: &Tools,
+    url: &str,
+    (rate, connections): (u32, &str),
+    extra: &[&str],
+) -> anyhow::Result<Child> {
+    let mut argv: Vec<String> = [
         tools.oha.display().to_string(),
         "--no-tui".into(),
         "--output-format".into(),
@@ -178,11 +189,11 @@ fn spawn_oha(lab: &Lab, tools: &Tools, url: &str, rate: u32) -> anyhow::Result<C
         "-q".into(),
         rate.to_string(),
         "-c".into(),
-        CONNECTIONS.into(),
-        "--latency-correction".into(),
-        url.into(),
+        connections.into(),
     ]
     .into();
+    argv.extend(extra.iter().map(|s| s.to_string()));
+    argv.push(url.into());
     Ok(lab.pod_command(CLIENT, &argv)?.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?)
 }
 
