@@ -27,7 +27,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     inner: Option<S>,
-    /// The peer's end was read.
+    /// The peer's end was read, or the stream is not to linger: dropped at once.
     ended: bool,
 }
 
@@ -35,9 +35,15 @@ impl<S> Lingering<S>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    /// Wraps `inner`.
-    pub fn new(inner: S) -> Self {
-        Self { inner: Some(inner), ended: false }
+    /// Wraps `inner`, which lingers when `linger` (else it is dropped as it would be).
+    ///
+    /// Only streams whose count the caller's limits keep should linger: a lingering
+    /// stream has left the connection caps (its task is over), so a client able to
+    /// end connections faster than they linger would otherwise hold without bound. An
+    /// HBONE stream stays counted by its HTTP/2 connection's stream limit, and the
+    /// connection by the per-source cap; a plain TCP socket would not.
+    pub fn new(inner: S, linger: bool) -> Self {
+        Self { inner: Some(inner), ended: !linger }
     }
 
     fn inner(&mut self) -> &mut S {
@@ -123,7 +129,7 @@ mod tests {
     #[tokio::test]
     async fn a_stream_let_go_early_sends_its_end_and_waits_for_the_peers() {
         let (ours, mut peer) = tokio::io::duplex(1024);
-        drop(Lingering::new(ours));
+        drop(Lingering::new(ours, true));
         // Our end arrives although the stream was dropped, not shut down, by its user.
         let mut got = Vec::new();
         peer.read_to_end(&mut got).await.unwrap();
@@ -137,7 +143,7 @@ mod tests {
     async fn a_peer_that_never_ends_is_let_go_after_the_linger() {
         let (ours, peer) = tokio::io::duplex(1024);
         let started = Instant::now();
-        drop(Lingering::new(ours));
+        drop(Lingering::new(ours, true));
         // The lingering task holds our end; once it gives up, the peer sees it closed.
         let mut peer = peer;
         let mut buf = [0u8; 8];
@@ -153,9 +159,16 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_stream_not_to_linger_is_dropped_at_once() {
+        let (ours, mut peer) = tokio::io::duplex(1024);
+        drop(Lingering::new(ours, false));
+        assert!(peer.write_all(b"x").await.is_err(), "closed, not lingering");
+    }
+
+    #[tokio::test]
     async fn a_stream_whose_peer_ended_is_dropped_at_once() {
         let (ours, mut peer) = tokio::io::duplex(1024);
-        let mut ours = Lingering::new(ours);
+        let mut ours = Lingering::new(ours, true);
         peer.shutdown().await.unwrap();
         let mut buf = [0u8; 8];
         assert_eq!(ours.read(&mut buf).await.unwrap(), 0);

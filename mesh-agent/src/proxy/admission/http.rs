@@ -68,6 +68,7 @@ pub(super) async fn serve<S>(
     let app = Mutex::new(AppConns { fresh: Some(app), h1: None, h2: None });
     let conn = Arc::new(Conn { ctx, pod, netns, arrival, peers, app });
     let dst = conn.arrival.dst;
+    let hbone = conn.arrival.peer.is_some();
     let shutdown = conn.ctx.shutdown.clone();
     let svc = hyper::service::service_fn(move |req: http::Request<_>| {
         let conn = conn.clone();
@@ -79,9 +80,10 @@ pub(super) async fn serve<S>(
         }
     });
     let builder = crate::transport::limits::http_server();
-    // hyper lets go of the stream once it wrote its last response; the stream then
-    // waits for the client's end rather than resetting (`transport::linger`).
-    let client = crate::transport::linger::Lingering::new(client);
+    // hyper lets go of the stream once it wrote its last response; an HBONE stream
+    // (an authenticated peer) then waits for the client's end rather than resetting
+    // (`transport::linger`). A plaintext TCP client's socket closes as it did.
+    let client = crate::transport::linger::Lingering::new(client, hbone);
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(client), svc);
     if let Err(e) = crate::transport::until_drained_gently(conn, &shutdown, |c| c.graceful_shutdown()).await {
         tracing::debug!(%dst, error = %e, "inbound HTTP connection ended");
