@@ -282,10 +282,7 @@ fn document(r: &ChurnReport) -> anyhow::Result<()> {
         r.after.fds[1],
     );
     let _ = writeln!(section, "{END}");
-    let text = match (text.find(BEGIN), text.find(END)) {
-        (Some(b), Some(e)) if b < e => format!("{}{}{}", &text[..b], section.trim_end(), &text[e + END.len()..]),
-        _ => format!("{}\n\n### Connection churn\n\n{}", text.trim_end(), section),
-    };
+    let text = super::soak::between_markers(&text, (BEGIN, END), &section, "\n\n### Connection churn\n\n");
     std::fs::write(&path, text)?;
     println!("[churn] wrote the result into docs/benchmarks.md");
     Ok(())

@@ -350,13 +350,19 @@ fn document(r: &SoakReport, svg: &str) -> anyhow::Result<()> {
         last.p99_ms[1]
     );
     let _ = writeln!(section, "{END}");
-    let text = match (text.find(BEGIN), text.find(END)) {
-        (Some(b), Some(e)) if b < e => format!("{}{}{}", &text[..b], section.trim_end(), &text[e + END.len()..]),
-        _ => format!("{}\n## Soak\n\n{}", text.trim_end(), section),
-    };
-    std::fs::write(&path, text)?;
+    std::fs::write(&path, between_markers(&text, (BEGIN, END), &section, "\n## Soak\n\n"))?;
     println!("[soak] wrote the result into docs/benchmarks.md and docs/soak.svg");
     Ok(())
+}
+
+/// `text` with what lies between the `begin` and `end` markers (both included)
+/// replaced by `section` (which carries them); `section` appended under `heading` where
+/// the markers are missing. The generated part of a doc, kept among hand-written text.
+pub(super) fn between_markers(text: &str, (begin, end): (&str, &str), section: &str, heading: &str) -> String {
+    match (text.find(begin), text.find(end)) {
+        (Some(b), Some(e)) if b < e => format!("{}{}{}", &text[..b], section.trim_end(), &text[e + end.len()..]),
+        _ => format!("{}{heading}{section}", text.trim_end()),
+    }
 }
 
 /// Today's date from `date -u +%F` (the xtask has no date library).
@@ -386,6 +392,18 @@ mod tests {
         let (p99, ok, failed) = window_figures(&v);
         assert!((p99 - 0.81).abs() < 1e-9);
         assert_eq!((ok, failed), (9998, 2), "the 503 and the reset count; the deadline does not");
+    }
+
+    #[test]
+    fn a_generated_section_replaces_its_markers_and_keeps_the_rest() {
+        let markers = ("<!-- x:begin -->", "<!-- x:end -->");
+        let section = "<!-- x:begin -->\nnew\n<!-- x:end -->\n";
+        let doc = "# Doc\n\n<!-- x:begin -->\nold\n<!-- x:end -->\n\nhand-written\n";
+        assert_eq!(
+            between_markers(doc, markers, section, "\n## X\n\n"),
+            "# Doc\n\n<!-- x:begin -->\nnew\n<!-- x:end -->\n\nhand-written\n"
+        );
+        assert_eq!(between_markers("# Doc\n", markers, section, "\n## X\n\n"), format!("# Doc\n## X\n\n{section}"));
     }
 
     #[test]
