@@ -5,7 +5,6 @@
 pub mod gateway;
 mod gateway_status;
 mod handoff;
-pub(crate) mod heap;
 mod pods;
 
 use std::collections::BTreeSet;
@@ -164,7 +163,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
     admin_state.denials = metrics.recent_denials();
     // Up before the config is: a waiting agent answers "not ready" and says why.
     let mut admin_servers = serve_admin(&settings, &admin_state, &shutdown, &inherited)?;
-    tokio::spawn(heap::hand_back_after_bursts(shutdown.clone()));
+    tokio::spawn(crate::heap::hand_back_after_bursts(shutdown.clone()));
     let (mut source, mut changes, _watcher) = open_source(&settings, client.as_ref(), &admin_state).await?;
     let ctx = ProxyContext {
         snapshot: snapshot.clone(),

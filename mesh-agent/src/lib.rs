@@ -14,6 +14,7 @@ pub mod config;
 pub mod dataplane;
 pub mod fuzzing;
 pub mod gateway;
+pub mod heap;
 pub mod identity;
 pub mod l7;
 pub mod proxy;

@@ -49,7 +49,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
         AdminState::new(registry, snapshot.clone(), settings.node.clone(), Default::default(), scrape_auth);
     admin_state.denials = metrics.recent_denials();
     let _admin = serve_admin(&settings, &admin_state, &shutdown, &Default::default())?;
-    tokio::spawn(super::heap::hand_back_after_bursts(shutdown.clone()));
+    tokio::spawn(crate::heap::hand_back_after_bursts(shutdown.clone()));
     let (mut source, mut changes, _watcher) = open_source(&settings, client.as_ref(), &admin_state).await?;
     // In a cluster, credentialName Secrets come from the gateway's own namespace (its
     // Role reads Secrets there and nowhere else).

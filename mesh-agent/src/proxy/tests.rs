@@ -1450,7 +1450,7 @@ async fn same_node_http_the_destination_reads_still_takes_the_tunnel() {
 fn an_idle_proxied_connection_costs_the_agent_little_heap() {
     /// Heap bytes for both halves of one idle connection, at most.
     const BOUND: f64 = 14.0 * 1024.0;
-    if crate::app::heap::bytes_in_use().is_none() {
+    if crate::heap::bytes_in_use().is_none() {
         eprintln!("skipping: the heap's bytes in use are read from glibc's allocator, not this one");
         return;
     }
@@ -1476,7 +1476,7 @@ fn an_idle_proxied_connection_costs_the_agent_little_heap() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "run alone, in a process of its own, by an_idle_proxied_connection_costs_the_agent_little_heap"]
 async fn idle_connection_heap() {
-    use crate::app::heap::bytes_in_use;
+    use crate::heap::bytes_in_use;
     /// Under the per-source cap of the test's limits.
     const N: usize = 900;
     let mesh = Mesh::start(&config(97, ""), &[]).await;
