@@ -60,6 +60,8 @@ pub(super) async fn handle(
     let labels = ConnLabels::inbound(&snapshot, pod, dst.port(), source.as_deref(), false);
     let app = sockets::deliver_in(netns, dst, peer.ip(), ctx.dialer.bypass_mark, CONNECT_TIMEOUT).await?;
     tracing::debug!(pod = %pod.name, %peer, %dst, "inbound plaintext");
+    // Not held while the connection lives: each request loads the snapshot in force.
+    drop(snapshot);
     admission::serve(ctx.clone(), pod.clone(), netns.clone(), security, arrival, verdict, stream, app, labels).await;
     Ok(())
 }

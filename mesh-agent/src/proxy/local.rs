@@ -19,13 +19,14 @@ use mesh_common::ports;
 use tokio::net::TcpStream;
 
 use super::ProxyContext;
-use super::admission::{self, Arrival};
+use super::admission::{self, Arrival, TrackedConn};
 use super::detect::{self, Protocol};
 use crate::authz::{ConnVerdict, Decision, Peer};
 use crate::dataplane::Netns;
 use crate::snapshot::Snapshot;
 use crate::state::Workload;
 use crate::telemetry::{ConnLabels, ServiceLabels};
+use crate::transport::limits::ConnPermit;
 use crate::transport::{CONNECT_TIMEOUT, Error, copy, sockets};
 
 /// The pods whose proxies run on this agent now, by workload key, with the namespace
@@ -60,11 +61,44 @@ impl LocalPods {
 
 /// What became of a connection offered to [`deliver`].
 pub(super) enum Local {
-    /// Served here (delivered, or refused as the destination's policy says).
+    /// Served here: refused as the destination's policy says, or its application
+    /// unreachable.
     Served(Result<(), Error>),
+    /// Admitted and connected to the application: [`Delivery::splice`] moves its bytes,
+    /// once the caller has let go of the snapshot it was decided under.
+    Admitted(Box<Delivery>),
     /// Not for this path: the stream comes back, untouched but perhaps peeked, for the
     /// tunnel.
     Tunnel(TcpStream),
+}
+
+/// A same-node connection admitted and delivered, with what it is counted as and what
+/// it holds while it lives (its cap permit, its re-judging entry). Owns everything it
+/// needs: no snapshot is kept alive by a connection, however long it lasts.
+pub(super) struct Delivery {
+    stream: TcpStream,
+    app: TcpStream,
+    addr: SocketAddr,
+    /// Reported as the source, then as the destination.
+    source: (ConnLabels, copy::Ends),
+    destination: (ConnLabels, copy::Ends),
+    tracked: TrackedConn,
+    _permit: ConnPermit,
+}
+
+impl Delivery {
+    /// Splices the pod's socket and the application's, in the kernel where it can,
+    /// until either ends or the current policy no longer allows the connection.
+    pub(super) async fn splice(self, ctx: &ProxyContext) -> Result<(), Error> {
+        let Delivery { mut stream, mut app, addr, source, destination, tracked, _permit } = self;
+        let observed = [(&source.0, source.1), (&destination.0, destination.1)];
+        let sockets = (&mut stream, &mut app);
+        let idle = ctx.tcp_idle_timeout;
+        let stop = Some(&tracked.stop);
+        let result =
+            copy::counted_sockets(&ctx.metrics, &observed, sockets, idle, stop, ctx.kernel_splice.as_ref()).await;
+        result.map(drop).map_err(|source| Error::Io { what: "copy to", addr, source })
+    }
 }
 
 /// Where `src`'s connection `stream` (from `peer`, to `orig`) goes when its chosen
@@ -114,7 +148,7 @@ pub(super) async fn deliver(
             return Local::Served(Ok(()));
         }
     };
-    let mut app = match sockets::deliver_in(&netns, addr, peer.ip(), ctx.dialer.bypass_mark, CONNECT_TIMEOUT).await {
+    let app = match sockets::deliver_in(&netns, addr, peer.ip(), ctx.dialer.bypass_mark, CONNECT_TIMEOUT).await {
         Ok(app) => app,
         Err(e) => {
             tracing::warn!(pod = %dest.name, source = %src.identity, %addr, error = %e, "application unreachable");
@@ -131,14 +165,13 @@ pub(super) async fn deliver(
         dialed,
         upstream: Some(addr),
     };
-    let observed = [(&source, ends(src, orig)), (&destination, ends(dest, addr))];
-    let tracked = ctx.inbound.track(dest, &arrival);
-    let mut stream = stream;
-    let sockets = (&mut stream, &mut app);
-    let idle = ctx.tcp_idle_timeout;
-    let result =
-        copy::counted_sockets(&ctx.metrics, &observed, sockets, idle, Some(&tracked.stop), ctx.kernel_splice.as_ref())
-            .await;
-    drop(permit);
-    Local::Served(result.map(drop).map_err(|source| Error::Io { what: "copy to", addr, source }))
+    Local::Admitted(Box::new(Delivery {
+        stream,
+        app,
+        addr,
+        source: (source, ends(src, orig)),
+        destination: (destination, ends(dest, addr)),
+        tracked: ctx.inbound.track(dest, &arrival),
+        _permit: permit,
+    }))
 }

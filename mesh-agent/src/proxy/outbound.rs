@@ -45,6 +45,7 @@ pub(super) async fn handle(
             .workload_by_ip(peer.ip())
             .is_some_and(|w| w.namespace == pod.namespace && w.name == pod.name && w.dns_capture)
     {
+        drop(snapshot);
         Box::pin(super::dns::serve_tcp(ctx.dns_context(pod.clone()), stream)).await;
         return Ok(());
     }
@@ -57,6 +58,7 @@ pub(super) async fn handle(
     {
         tracing::debug!(pod = %pod.name, %peer, %orig, service = %service.key(), "outbound HTTP, routed at L7");
         let table = crate::l7::server::RouteTable::service(service);
+        drop(snapshot);
         Box::pin(crate::l7::server::serve(ctx.l7_context(), pod.clone(), netns.clone(), stream, (peer, orig), table))
             .await;
         return Ok(());
@@ -75,7 +77,7 @@ pub(super) async fn handle(
     let (workload, addr, service) = match dest {
         Destination::Mesh { workload, addr, service } => (Some(workload), addr, service),
         Destination::Passthrough { addr, workload: None, .. } => {
-            return Box::pin(leave_the_registry(ctx, &snapshot, pod, netns, stream, orig, addr)).await;
+            return Box::pin(leave_the_registry(ctx, snapshot, pod, netns, stream, orig, addr)).await;
         }
         Destination::Passthrough { addr, workload, service } => (workload, addr, service),
         Destination::NoEndpoints { service } => {
@@ -96,6 +98,7 @@ pub(super) async fn handle(
     {
         tracing::debug!(pod = %pod.name, %orig, service = %service.key(), "outbound HTTP outside the mesh, read at L7");
         let table = crate::l7::server::RouteTable::service(service);
+        drop(snapshot);
         Box::pin(crate::l7::server::serve(ctx.l7_context(), pod.clone(), netns.clone(), stream, (peer, orig), table))
             .await;
         return Ok(());
@@ -105,6 +108,10 @@ pub(super) async fn handle(
         match Box::pin(local::deliver(ctx, &snapshot, pod, dest, stream, (peer, orig, addr), service.as_deref())).await
         {
             Local::Served(result) => return result,
+            Local::Admitted(delivery) => {
+                drop(snapshot);
+                return Box::pin(delivery.splice(ctx)).await;
+            }
             Local::Tunnel(s) => stream = s,
         }
     }
@@ -112,6 +119,9 @@ pub(super) async fn handle(
     let mut upstream = connecting.await?;
     let service = ServiceLabels::service(service.as_deref());
     let labels = ConnLabels::outbound(pod, workload.as_deref(), service, upstream.is_tunnel());
+    // Let go before the splice: a connection that holds the snapshot it began under
+    // keeps every config since alive for as long as it lasts.
+    drop(snapshot);
     splice_upstream(ctx, &labels, &mut stream, &mut upstream, pod, orig).await
 }
 
@@ -119,13 +129,14 @@ pub(super) async fn handle(
 /// says, the address dialed (ALLOW_ANY), or nowhere (REGISTRY_ONLY).
 async fn leave_the_registry(
     ctx: &ProxyContext,
-    snapshot: &crate::snapshot::Snapshot,
+    held: Arc<crate::snapshot::Snapshot>,
     pod: &Arc<Workload>,
     netns: &Arc<Netns>,
     mut stream: TcpStream,
     orig: SocketAddr,
     dialed: SocketAddr,
 ) -> Result<(), Error> {
+    let snapshot = &*held;
     let decision = egress::decide(snapshot, pod, &stream, orig).await;
     // A mesh VirtualService's `http:` routes for the entry's host decide first, at L7;
     // a port the entry declares HTTP is read at L7 for its request metrics.
@@ -138,6 +149,7 @@ async fn leave_the_registry(
         let table =
             crate::l7::server::RouteTable::Entry { key: entry.key.as_str().into(), host: entry.host.as_str().into() };
         let client = stream.peer_addr().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
+        drop(held);
         crate::l7::server::serve(ctx.l7_context(), pod.clone(), netns.clone(), stream, (client, orig), table).await;
         return Ok(());
     }
@@ -156,6 +168,7 @@ async fn leave_the_registry(
             if let Some(routed) = route_tls_to_entry(ctx, snapshot, pod, netns, &stream, orig, &entry.key).await? {
                 let (mut upstream, labels, _endpoint_guard) = routed;
                 let to = upstream.peer();
+                drop(held);
                 return splice(ctx, &labels, &mut stream, &mut upstream, pod, (orig, to)).await;
             }
             let target = entry.target(orig, None);
@@ -172,6 +185,8 @@ async fn leave_the_registry(
         }
     };
     let labels = ConnLabels::outbound(pod, reached.map(|w| &**w), service, upstream.is_tunnel());
+    // Not held while the connection lives (as in `handle`).
+    drop(held);
     match (upstream, origination) {
         (Upstream::Plain(tcp), Some((o, addr, host))) => {
             let to = tcp.peer_addr().ok();

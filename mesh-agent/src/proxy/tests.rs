@@ -1441,6 +1441,52 @@ async fn same_node_http_the_destination_reads_still_takes_the_tunnel() {
     assert!(read, "the destination read the request:\n{metrics}");
 }
 
+/// Waits (up to 2 s) until nothing holds the snapshot `old` any more.
+async fn released(old: &std::sync::Weak<Snapshot>) -> bool {
+    for _ in 0..100 {
+        if old.strong_count() == 0 {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+/// A live connection keeps no replaced config alive, through a tunnel or between two
+/// pods of one agent: each let go of the snapshot it was decided under. Otherwise the
+/// agent would hold one config per change for as long as any connection from before it
+/// lasts.
+#[tokio::test]
+async fn live_connections_keep_no_replaced_config_alive() {
+    // Through a tunnel: outbound, HBONE, inbound, to the application's port.
+    let net = 78;
+    let mesh = Mesh::start(&config(net, ""), &[]).await;
+    let sink_addr = SocketAddr::from(([127, net, 0, 2], 9000));
+    let sink = TcpListener::bind(sink_addr).await.unwrap();
+    let mut client = mesh.dial("client", sink_addr).await;
+    client.write_all(b"ping").await.unwrap();
+    let (mut app, _) = tokio::time::timeout(Duration::from_secs(10), sink.accept()).await.unwrap().unwrap();
+    let old = Arc::downgrade(&mesh.ctx.snapshot.load_full());
+    mesh.reconfigure(&config(net, ""), &MeshScope::new("cluster.local"));
+    assert!(released(&old).await, "a tunnelled connection still holds the config it began under");
+    let mut got = [0u8; 4];
+    app.read_exact(&mut got).await.unwrap();
+    app.write_all(b"pong").await.unwrap();
+    client.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"pong", "the connection still serves");
+
+    // Between two pods of this agent, admitted without a tunnel.
+    let net = 79;
+    let apps = [("myapp-v1", 9000), ("myapp-v2", 9000)];
+    let mesh = Mesh::start_with(&same_node_config(net), &apps, Serving { hbone: false, local: true }).await;
+    let mut held = mesh.dial("client", SocketAddr::from(([10, 96, net, 21], 9000))).await;
+    assert!(raw_get(&mut held).await.unwrap().starts_with("HTTP/1.1 200"));
+    let old = Arc::downgrade(&mesh.ctx.snapshot.load_full());
+    mesh.reconfigure(&same_node_config(net), &MeshScope::new("cluster.local"));
+    assert!(released(&old).await, "a same-node connection still holds the config it began under");
+    assert!(raw_get(&mut held).await.unwrap().starts_with("HTTP/1.1 200"), "the connection still serves");
+}
+
 /// What an idle proxied connection costs the agent's heap, both halves (the source
 /// agent's outbound and the destination's inbound over HBONE, in this one process):
 /// the number issue 18 bounds. Measured by the ignored test below in a process of its
