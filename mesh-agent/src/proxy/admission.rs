@@ -10,6 +10,9 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use futures::FutureExt as _;
+use futures::future::Either;
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -150,13 +153,75 @@ pub(super) fn reads_http(ctx: &ProxyContext, snapshot: &Snapshot, pod: &Workload
         && snapshot.service_at(pod, port).is_none_or(|(_, sp)| sp.declared() != Declared::Opaque)
 }
 
-/// Serves a connection whose accept-time verdict was not a denial.
-///
-/// Not an `async fn`: one keeps its arguments twice (as passed, and moved into the
-/// body) for as long as the connection lives; an `async move` block keeps them once.
+/// Serves a connection whose accept-time verdict was not a denial: decided boxed
+/// (detection, HTTP serving and their state are freed once done), then, when it is to
+/// be spliced, spliced. A combinator rather than an `async` block, which would keep the
+/// arguments and the decision's state beside the splice: the task holds the splice
+/// alone for as long as the connection lives.
 #[allow(clippy::too_many_arguments)]
-#[expect(clippy::manual_async_fn, reason = "an async fn would hold its arguments twice, as said above")]
 pub(super) fn serve<S>(
+    ctx: Arc<ProxyContext>,
+    pod: Arc<Workload>,
+    netns: Arc<Netns>,
+    security: Arc<WorkloadSecurity>,
+    arrival: Arrival,
+    verdict: ConnVerdict,
+    client: S,
+    app: TcpStream,
+    labels: ConnLabels,
+) -> impl Future<Output = ()> + Send
+where
+    S: Spliceable,
+    Prefixed<S>: Spliceable,
+{
+    let deciding = Box::pin(admit(ctx, pod, netns, security, arrival, verdict, client, app, labels));
+    deciding.then(|admitted| match admitted {
+        Admitted::Spliced(spliced) => Either::Left(Either::Left(spliced.run())),
+        Admitted::Peeked(spliced) => Either::Left(Either::Right(spliced.run())),
+        Admitted::Served => Either::Right(std::future::ready(())),
+    })
+}
+
+/// What [`admit`] made of a connection.
+enum Admitted<S> {
+    /// To be spliced, nothing read of it.
+    Spliced(Spliced<S>),
+    /// To be spliced, its first bytes read (and found not to be HTTP).
+    Peeked(Spliced<Prefixed<S>>),
+    /// Served, or refused, already.
+    Served,
+}
+
+/// A connection admitted to be spliced to its application: all it holds while it
+/// lives, and nothing of the decision.
+struct Spliced<C> {
+    ctx: Arc<ProxyContext>,
+    client: C,
+    app: TcpStream,
+    labels: ConnLabels,
+    ends: copy::Ends,
+    /// Tracked so a policy change that would refuse it closes it.
+    tracked: TrackedConn,
+}
+
+impl<C: Spliceable> Spliced<C> {
+    #[expect(clippy::manual_async_fn, reason = "an async fn would hold `self` twice for the connection's life")]
+    fn run(mut self) -> impl Future<Output = ()> + Send {
+        async move {
+            let dst = self.ends.dialed;
+            let observed = (&self.labels, self.ends);
+            let copied = self.client.splice_to(&mut self.app, &self.ctx, observed, &self.tracked.stop).await;
+            if let Err(e) = copied {
+                tracing::debug!(%dst, error = %e, "inbound connection ended with an error");
+            }
+        }
+    }
+}
+
+/// Decides how an admitted connection is served: spliced (returned to be), or read
+/// as HTTP and judged request by request (served here).
+#[allow(clippy::too_many_arguments)]
+async fn admit<S>(
     ctx: Arc<ProxyContext>,
     pod: Arc<Workload>,
     netns: Arc<Netns>,
@@ -166,88 +231,122 @@ pub(super) fn serve<S>(
     mut client: S,
     app: TcpStream,
     labels: ConnLabels,
-) -> impl Future<Output = ()> + Send
+) -> Admitted<S>
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: Spliceable,
 {
-    async move {
-        let dst = arrival.dst;
-        let snapshot = ctx.snapshot.load();
-        let policy = snapshot.telemetry(&pod.key()).clone();
-        let ends = copy::Ends { policy, client: arrival.src, dialed: dst, upstream: Some(dst) };
-        let per_request = match verdict {
-            ConnVerdict::Decided(Decision::Deny(_)) => return,
-            ConnVerdict::Decided(Decision::Allow) => false,
-            ConnVerdict::PerRequest => true,
-        };
-        let spliced = !per_request && !reads_http(&ctx, &snapshot, &pod, dst.port());
-        // Not held while the connection lives: each request loads the snapshot in force.
-        drop(snapshot);
-        if spliced {
-            return splice_tracked(&ctx, &pod, &arrival, (&labels, ends), client, app).await;
+    let dst = arrival.dst;
+    let snapshot = ctx.snapshot.load();
+    let policy = snapshot.telemetry(&pod.key()).clone();
+    let ends = copy::Ends { policy, client: arrival.src, dialed: dst, upstream: Some(dst) };
+    let per_request = match verdict {
+        ConnVerdict::Decided(Decision::Deny(_)) => return Admitted::Served,
+        ConnVerdict::Decided(Decision::Allow) => false,
+        ConnVerdict::PerRequest => true,
+    };
+    let spliced = !per_request && !reads_http(&ctx, &snapshot, &pod, dst.port());
+    // Not held while the connection lives: each request loads the snapshot in force.
+    drop(snapshot);
+    if spliced {
+        let tracked = ctx.inbound.track(&pod, &arrival);
+        return Admitted::Spliced(Spliced { ctx, client, app, labels, ends, tracked });
+    }
+    let first = match read_first(&mut client, DETECT_TIMEOUT).await {
+        Ok(first) => first,
+        Err(e) => {
+            tracing::debug!(%dst, error = %e, "connection ended before its first bytes");
+            return Admitted::Served;
         }
-        let first = match read_first(&mut client, DETECT_TIMEOUT).await {
-            Ok(first) => first,
-            Err(e) => {
-                tracing::debug!(%dst, error = %e, "connection ended before its first bytes");
-                return;
-            }
-        };
-        let client = Prefixed::new(first, client);
-        if detect::is_http(client.prefix()) {
-            // Each request judged (an allowed connection's requests are allowed alike)
-            // and measured, reporter=destination.
-            let open = ctx.metrics.opened(&labels, &ends.policy);
-            let metrics = ctx.metrics.clone();
-            // Its bytes count as they pass, as a spliced connection's do.
-            let client = copy::Counted::new(client, &open);
-            // Boxed: HTTP serving is large, and a spliced connection should not carry it.
-            Box::pin(http::serve(ProxyContext::clone(&ctx), pod, netns, arrival, &labels, client, app)).await;
-            metrics.closed(&labels, open);
-            return;
+    };
+    let client = Prefixed::new(first, client);
+    if detect::is_http(client.prefix()) {
+        // Each request judged (an allowed connection's requests are allowed alike)
+        // and measured, reporter=destination.
+        let open = ctx.metrics.opened(&labels, &ends.policy);
+        let metrics = ctx.metrics.clone();
+        // Its bytes count as they pass, as a spliced connection's do.
+        let client = copy::Counted::new(client, &open);
+        http::serve(ProxyContext::clone(&ctx), pod, netns, arrival, &labels, client, app).await;
+        metrics.closed(&labels, open);
+        return Admitted::Served;
+    }
+    // Not HTTP: judged once (with the HTTP attributes unreadable) when the policies
+    // read HTTP, then spliced.
+    let attrs = arrival.attrs();
+    if per_request && let Decision::Deny(reason) = security.authz.check(&attrs, None) {
+        denied(&ctx, &pod, &attrs, &reason, None);
+        return Admitted::Served;
+    }
+    let tracked = ctx.inbound.track(&pod, &arrival);
+    Admitted::Peeked(Spliced { ctx, client, app, labels, ends, tracked })
+}
+
+/// A client stream as admission splices it to the application: a plain TCP socket (of
+/// which nothing was read yet) in the kernel where it can be, anything else by the
+/// agent. A trait rather than a run-time check, so a tunnel's task is not sized for the
+/// kernel's path it never takes.
+pub(super) trait Spliceable: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// Copies both ways between `self` and `app` until either ends, the connection is
+    /// idle for the context's timeout, or `stop` is cancelled; counted as `observed`.
+    fn splice_to<'a>(
+        &'a mut self,
+        app: &'a mut TcpStream,
+        ctx: &'a ProxyContext,
+        observed: (&'a ConnLabels, copy::Ends),
+        stop: &'a CancellationToken,
+    ) -> impl Future<Output = std::io::Result<(u64, u64)>> + Send + 'a;
+}
+
+impl Spliceable for TcpStream {
+    #[expect(clippy::manual_async_fn, reason = "the trait's signature, which its other impls meet without a block")]
+    fn splice_to<'a>(
+        &'a mut self,
+        app: &'a mut TcpStream,
+        ctx: &'a ProxyContext,
+        observed: (&'a ConnLabels, copy::Ends),
+        stop: &'a CancellationToken,
+    ) -> impl Future<Output = std::io::Result<(u64, u64)>> + Send + 'a {
+        async move {
+            let (metrics, idle, kernel) = (&ctx.metrics, ctx.tcp_idle_timeout, ctx.kernel_splice.as_ref());
+            copy::counted_sockets(metrics, std::slice::from_ref(&observed), (self, app), idle, Some(stop), kernel).await
         }
-        // Not HTTP: judged once (with the HTTP attributes unreadable) when the policies
-        // read HTTP, then spliced.
-        let attrs = arrival.attrs();
-        if per_request && let Decision::Deny(reason) = security.authz.check(&attrs, None) {
-            denied(&ctx, &pod, &attrs, &reason, None);
-            return;
-        }
-        splice_tracked(&ctx, &pod, &arrival, (&labels, ends), client, app).await;
     }
 }
 
-/// Splices an allowed connection to the application, tracked so a policy change that
-/// would refuse it closes it. A plain TCP client (nothing read of it yet) is spliced in
-/// the kernel where it can be.
-async fn splice_tracked<S>(
-    ctx: &ProxyContext,
-    pod: &Workload,
-    arrival: &Arrival,
-    observed: (&ConnLabels, copy::Ends),
-    mut client: S,
-    mut app: TcpStream,
-) where
-    S: AsyncRead + AsyncWrite + Unpin + 'static,
+/// Copied by the agent (no kernel splice for it).
+fn copied_by_the_agent<'a, S>(
+    client: &'a mut S,
+    app: &'a mut TcpStream,
+    ctx: &'a ProxyContext,
+    observed: (&'a ConnLabels, copy::Ends),
+    stop: &'a CancellationToken,
+) -> impl Future<Output = std::io::Result<(u64, u64)>> + Send + 'a
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let tracked = ctx.inbound.track(pod, arrival);
-    let idle = ctx.tcp_idle_timeout;
-    let result = match (&mut client as &mut dyn std::any::Any).downcast_mut::<TcpStream>() {
-        Some(tcp) => {
-            let sockets = (tcp, &mut app);
-            copy::counted_sockets(
-                &ctx.metrics,
-                std::slice::from_ref(&observed),
-                sockets,
-                idle,
-                Some(&tracked.stop),
-                ctx.kernel_splice.as_ref(),
-            )
-            .await
-        }
-        None => copy::counted_until(&ctx.metrics, observed, &mut client, &mut app, idle, &tracked.stop).await,
-    };
-    if let Err(e) = result {
-        tracing::debug!(dst = %arrival.dst, error = %e, "inbound connection ended with an error");
+    copy::counted_until(&ctx.metrics, observed, client, app, ctx.tcp_idle_timeout, stop)
+}
+
+impl Spliceable for TokioIo<hyper::upgrade::Upgraded> {
+    fn splice_to<'a>(
+        &'a mut self,
+        app: &'a mut TcpStream,
+        ctx: &'a ProxyContext,
+        observed: (&'a ConnLabels, copy::Ends),
+        stop: &'a CancellationToken,
+    ) -> impl Future<Output = std::io::Result<(u64, u64)>> + Send + 'a {
+        copied_by_the_agent(self, app, ctx, observed, stop)
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Spliceable for Prefixed<S> {
+    fn splice_to<'a>(
+        &'a mut self,
+        app: &'a mut TcpStream,
+        ctx: &'a ProxyContext,
+        observed: (&'a ConnLabels, copy::Ends),
+        stop: &'a CancellationToken,
+    ) -> impl Future<Output = std::io::Result<(u64, u64)>> + Send + 'a {
+        copied_by_the_agent(self, app, ctx, observed, stop)
     }
 }

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use mesh_common::ports;
 use std::borrow::Borrow;
 
-use tokio::net::{TcpListener, UdpSocket};
+use futures::FutureExt as _;
+use futures::future::Either;
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio_util::sync::CancellationToken;
 
 use super::accept::{OrigFrom, accept_loop};
@@ -150,21 +152,52 @@ pub(super) async fn serve_plain(
     let ctx = Arc::new(ctx);
     accept_loop(listener.borrow(), &ctx, stop, what, orig_from, |stream, peer, orig| {
         let (ctx, pod, netns) = (ctx.clone(), pod.clone(), netns.clone());
-        async move {
-            let served = match which {
-                Plain::Outbound => outbound::handle(&ctx, &pod, &netns, stream, peer, orig).await,
-                // Boxed: each task is sized for the larger of the two, and outbound
-                // connections are the many.
-                Plain::Inbound => Box::pin(inbound::handle(&ctx, &pod, &netns, stream, peer, orig)).await,
-            };
-            match served {
-                Err(e) if e.is_reset_mid_copy() => {
-                    tracing::debug!(listener = what, pod = %pod.name, %peer, error = %e, "connection reset by a peer");
-                }
-                Err(e) => tracing::warn!(listener = what, pod = %pod.name, %peer, error = %e, "connection failed"),
-                Ok(()) => {}
-            }
+        match which {
+            Plain::Outbound => Either::Left(outbound_connection(ctx, pod, netns, stream, peer, orig)),
+            // Boxed whole: inbound plaintext is the rarer kind, and each task is sized
+            // for the larger of the two.
+            Plain::Inbound => Either::Right(Box::pin(async move {
+                let served = inbound::handle(&ctx, &pod, &netns, stream, peer, orig).await;
+                log_served("inbound", &pod, peer, served);
+            })),
         }
     })
     .await;
+}
+
+/// One outbound connection's task: decided boxed (its steps, handshakes included, are
+/// freed once done), then spliced. A combinator rather than an `async` block, which
+/// would keep the decision's result and the task's arguments beside the splice: the
+/// task holds the splice alone for as long as the connection lives.
+fn outbound_connection(
+    ctx: Arc<ProxyContext>,
+    pod: Arc<Workload>,
+    netns: Arc<Netns>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    orig: SocketAddr,
+) -> impl Future<Output = ()> + Send {
+    let deciding = Box::pin(async move {
+        let decided = outbound::handle(&ctx, &pod, &netns, stream, peer, orig).await;
+        (decided, ctx, pod)
+    });
+    deciding.then(move |(decided, ctx, pod)| match decided {
+        Ok(Some(connected)) => Either::Left(connected.splice(ctx, pod, peer)),
+        Ok(None) => Either::Right(std::future::ready(())),
+        Err(e) => {
+            log_served("outbound", &pod, peer, Err(e));
+            Either::Right(std::future::ready(()))
+        }
+    })
+}
+
+/// Logs how a connection on one of the pod's listeners (`what`) ended, when it failed.
+pub(super) fn log_served(what: &str, pod: &Workload, peer: SocketAddr, served: Result<(), Error>) {
+    match served {
+        Err(e) if e.is_reset_mid_copy() => {
+            tracing::debug!(listener = what, pod = %pod.name, %peer, error = %e, "connection reset by a peer");
+        }
+        Err(e) => tracing::warn!(listener = what, pod = %pod.name, %peer, error = %e, "connection failed"),
+        Ok(()) => {}
+    }
 }

@@ -15,13 +15,62 @@ use crate::state::{Declared, Destination, Workload};
 use crate::telemetry::{ConnLabels, ServiceLabels};
 use crate::transport::{CONNECT_TIMEOUT, Error, Upstream, copy, sockets};
 
-/// One connection the pod made to `orig`.
+/// A connection decided and connected, spliced for the rest of its life by
+/// [`Connected::splice`]: what it holds while it lives, and nothing more (no snapshot,
+/// no state of the decision).
+pub(super) struct Connected {
+    stream: TcpStream,
+    upstream: Upstream,
+    labels: ConnLabels,
+    /// The address the pod dialed.
+    orig: SocketAddr,
+    /// The endpoint's load-balancing slot, when a rule picked it.
+    _endpoint_guard: Option<crate::l7::balance::EndpointGuard>,
+}
+
+impl Connected {
+    /// Splices the pod's connection to where the agent connected it: a plain TCP
+    /// upstream in the kernel where it can be, anything else (a tunnel stream, TLS the
+    /// agent originated) by the agent.
+    ///
+    /// Not an `async fn`, which would keep `self` twice for the connection's life.
+    #[expect(clippy::manual_async_fn, reason = "an async fn would hold `self` twice, as said above")]
+    pub(super) fn splice(
+        mut self,
+        ctx: Arc<ProxyContext>,
+        pod: Arc<Workload>,
+        peer: SocketAddr,
+    ) -> impl Future<Output = ()> + Send {
+        async move {
+            let client = self.stream.peer_addr().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
+            let policy = ctx.snapshot.load().telemetry(&pod.key()).clone();
+            let ends = copy::Ends { policy, client, dialed: self.orig, upstream: self.upstream.peer() };
+            let (metrics, idle) = (&ctx.metrics, ctx.tcp_idle_timeout);
+            let copied = match &mut self.upstream {
+                Upstream::Plain(tcp) => {
+                    let sockets = (&mut self.stream, tcp);
+                    let observed = [(&self.labels, ends)];
+                    copy::counted_sockets(metrics, &observed, sockets, idle, None, ctx.kernel_splice.as_ref()).await
+                }
+                other => copy::counted(metrics, (&self.labels, ends), &mut self.stream, other, idle).await,
+            };
+            let orig = self.orig;
+            let served = copied.map(|(request, response)| {
+                tracing::debug!(pod = %pod.name, %orig, request, response, "outbound closed");
+            });
+            let served = served.map_err(|source| Error::Io { what: "copy to", addr: orig, source });
+            super::inpod::log_served("outbound", &pod, peer, served);
+        }
+    }
+}
+
+/// One connection the pod made to `orig`, decided: served here when its way is not a
+/// plain splice (L7, DNS, same-node delivery, egress, refusals), else connected and
+/// handed back to be spliced.
 ///
-/// Each task holds its connection's future for as long as the connection lives, sized
-/// for the largest step it may await. So the common case, a connection spliced to its
-/// upstream, awaits only the splice inline; connecting (TLS and HTTP/2 handshakes) and
-/// the other ways a connection may be served (L7, DNS, same-node delivery, egress)
-/// run boxed: allocated when taken, freed when done.
+/// The caller runs this boxed and splices what it returns: the connection's task, held
+/// for as long as the connection lives, is then sized for the splice alone, not for
+/// the decision's steps (TLS and HTTP/2 handshakes, peeking, lookups).
 pub(super) async fn handle(
     ctx: &ProxyContext,
     pod: &Arc<Workload>,
@@ -29,13 +78,13 @@ pub(super) async fn handle(
     mut stream: TcpStream,
     peer: SocketAddr,
     orig: SocketAddr,
-) -> Result<(), Error> {
+) -> Result<Option<Connected>, Error> {
     // Only the pod itself reaches this listener through capture; anything else dialing
     // <pod ip>:15001 directly is refused.
     if !pod.ips.contains(&peer.ip()) {
         tracing::warn!(pod = %pod.name, %peer, "outbound listener reached by a foreign address; refused");
         sockets::reset(stream);
-        return Ok(());
+        return Ok(None);
     }
     let snapshot = ctx.snapshot.load_full();
     // DNS over TCP of a pod whose DNS is captured (as it is now, not when its proxy
@@ -46,8 +95,8 @@ pub(super) async fn handle(
             .is_some_and(|w| w.namespace == pod.namespace && w.name == pod.name && w.dns_capture)
     {
         drop(snapshot);
-        Box::pin(super::dns::serve_tcp(ctx.dns_context(pod.clone()), stream)).await;
-        return Ok(());
+        super::dns::serve_tcp(ctx.dns_context(pod.clone()), stream).await;
+        return Ok(None);
     }
     let dialed_service = snapshot.service_by_vip(orig.ip());
     let routed = dialed_service.is_some_and(|s| snapshot.has_traffic_rules(&s.key()));
@@ -59,9 +108,8 @@ pub(super) async fn handle(
         tracing::debug!(pod = %pod.name, %peer, %orig, service = %service.key(), "outbound HTTP, routed at L7");
         let table = crate::l7::server::RouteTable::service(service);
         drop(snapshot);
-        Box::pin(crate::l7::server::serve(ctx.l7_context(), pod.clone(), netns.clone(), stream, (peer, orig), table))
-            .await;
-        return Ok(());
+        crate::l7::server::serve(ctx.l7_context(), pod.clone(), netns.clone(), stream, (peer, orig), table).await;
+        return Ok(None);
     }
     // A VirtualService's tcp rules decide first; otherwise the Service's endpoints.
     let (dest, _endpoint_guard) = match tcp_route(ctx, &snapshot, pod, orig) {
@@ -69,7 +117,7 @@ pub(super) async fn handle(
         Some(Err(reason)) => {
             tracing::warn!(pod = %pod.name, %orig, %reason, "tcp route has no endpoint; refused");
             sockets::reset(stream);
-            return Ok(());
+            return Ok(None);
         }
         None => (snapshot.resolve(orig, &ctx.l7.round_robin), None),
     };
@@ -77,13 +125,13 @@ pub(super) async fn handle(
     let (workload, addr, service) = match dest {
         Destination::Mesh { workload, addr, service } => (Some(workload), addr, service),
         Destination::Passthrough { addr, workload: None, .. } => {
-            return Box::pin(leave_the_registry(ctx, snapshot, pod, netns, stream, orig, addr)).await;
+            return leave_the_registry(ctx, snapshot, pod, netns, stream, orig, addr).await;
         }
         Destination::Passthrough { addr, workload, service } => (workload, addr, service),
         Destination::NoEndpoints { service } => {
             tracing::warn!(pod = %pod.name, %orig, %service, "service has no endpoint for this port; refused");
             sockets::reset(stream);
-            return Ok(());
+            return Ok(None);
         }
     };
     // A port declared HTTP whose endpoint no agent reads (outside the mesh, reached in
@@ -99,30 +147,26 @@ pub(super) async fn handle(
         tracing::debug!(pod = %pod.name, %orig, service = %service.key(), "outbound HTTP outside the mesh, read at L7");
         let table = crate::l7::server::RouteTable::service(service);
         drop(snapshot);
-        Box::pin(crate::l7::server::serve(ctx.l7_context(), pod.clone(), netns.clone(), stream, (peer, orig), table))
-            .await;
-        return Ok(());
+        crate::l7::server::serve(ctx.l7_context(), pod.clone(), netns.clone(), stream, (peer, orig), table).await;
+        return Ok(None);
     }
     // A pod of this node: admitted here, without a tunnel from the agent to itself.
     if let Some(dest) = workload.as_ref().filter(|w| snapshot.tunnels_to(w, addr.port())) {
-        match Box::pin(local::deliver(ctx, &snapshot, pod, dest, stream, (peer, orig, addr), service.as_deref())).await
-        {
-            Local::Served(result) => return result,
+        match local::deliver(ctx, &snapshot, pod, dest, stream, (peer, orig, addr), service.as_deref()).await {
+            Local::Served(result) => return result.map(|()| None),
             Local::Admitted(delivery) => {
                 drop(snapshot);
-                return Box::pin(delivery.splice(ctx)).await;
+                return delivery.splice(ctx).await.map(|()| None);
             }
             Local::Tunnel(s) => stream = s,
         }
     }
-    let connecting = Box::pin(ctx.dialer.connect(&snapshot, pod, netns, workload.as_deref(), addr, CONNECT_TIMEOUT));
-    let mut upstream = connecting.await?;
+    let upstream = ctx.dialer.connect(&snapshot, pod, netns, workload.as_deref(), addr, CONNECT_TIMEOUT).await?;
     let service = ServiceLabels::service(service.as_deref());
     let labels = ConnLabels::outbound(pod, workload.as_deref(), service, upstream.is_tunnel());
-    // Let go before the splice: a connection that holds the snapshot it began under
-    // keeps every config since alive for as long as it lasts.
-    drop(snapshot);
-    splice_upstream(ctx, &labels, &mut stream, &mut upstream, pod, orig).await
+    // What is spliced holds no snapshot: a connection that held the one it began
+    // under would keep every config since alive for as long as it lasts.
+    Ok(Some(Connected { stream, upstream, labels, orig, _endpoint_guard }))
 }
 
 /// A connection to an address that is no Service and no pod: where a ServiceEntry
@@ -132,10 +176,10 @@ async fn leave_the_registry(
     held: Arc<crate::snapshot::Snapshot>,
     pod: &Arc<Workload>,
     netns: &Arc<Netns>,
-    mut stream: TcpStream,
+    stream: TcpStream,
     orig: SocketAddr,
     dialed: SocketAddr,
-) -> Result<(), Error> {
+) -> Result<Option<Connected>, Error> {
     let snapshot = &*held;
     let decision = egress::decide(snapshot, pod, &stream, orig).await;
     // A mesh VirtualService's `http:` routes for the entry's host decide first, at L7;
@@ -151,7 +195,7 @@ async fn leave_the_registry(
         let client = stream.peer_addr().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
         drop(held);
         crate::l7::server::serve(ctx.l7_context(), pod.clone(), netns.clone(), stream, (client, orig), table).await;
-        return Ok(());
+        return Ok(None);
     }
     let (upstream, service, reached, origination) = match decision {
         Egress::Anywhere => {
@@ -162,14 +206,12 @@ async fn leave_the_registry(
             tracing::info!(pod = %pod.name, namespace = %pod.namespace, dst = %orig, "outbound connection outside the registry refused (outboundTrafficPolicy REGISTRY_ONLY)");
             ctx.metrics.outbound_blocked(pod);
             sockets::reset(stream);
-            return Ok(());
+            return Ok(None);
         }
         Egress::Entry(entry, _, _) if snapshot.has_external_tls_routes(&entry.key) => {
             if let Some(routed) = route_tls_to_entry(ctx, snapshot, pod, netns, &stream, orig, &entry.key).await? {
-                let (mut upstream, labels, _endpoint_guard) = routed;
-                let to = upstream.peer();
-                drop(held);
-                return splice(ctx, &labels, &mut stream, &mut upstream, pod, (orig, to)).await;
+                let (upstream, labels, _endpoint_guard) = routed;
+                return Ok(Some(Connected { stream, upstream, labels, orig, _endpoint_guard }));
             }
             let target = entry.target(orig, None);
             let (up, addr) = ctx.dialer.connect_external(snapshot, pod, netns, &target).await?;
@@ -185,42 +227,15 @@ async fn leave_the_registry(
         }
     };
     let labels = ConnLabels::outbound(pod, reached.map(|w| &**w), service, upstream.is_tunnel());
-    // Not held while the connection lives (as in `handle`).
-    drop(held);
-    match (upstream, origination) {
+    let upstream = match (upstream, origination) {
         (Upstream::Plain(tcp), Some((o, addr, host))) => {
-            let to = tcp.peer_addr().ok();
             let from = crate::transport::originate::Credentials { allowed_dir: &ctx.egress_tls_dir, secrets: None };
-            let mut tls = crate::transport::originate::originate(tcp, addr, &o, &host, &from).await?;
-            splice(ctx, &labels, &mut stream, &mut tls, pod, (orig, to)).await
+            let tls = crate::transport::originate::originate(tcp, addr, &o, &host, &from).await?;
+            Upstream::Originated(Box::new(tls))
         }
-        (mut upstream, _) => splice_upstream(ctx, &labels, &mut stream, &mut upstream, pod, orig).await,
-    }
-}
-
-/// Splices the pod's connection to where the agent connected it: a plain TCP upstream
-/// in the kernel where it can be, anything else (a tunnel stream, TLS the agent
-/// originated) by the agent.
-async fn splice_upstream(
-    ctx: &ProxyContext,
-    labels: &ConnLabels,
-    client: &mut TcpStream,
-    upstream: &mut Upstream,
-    pod: &Workload,
-    orig: SocketAddr,
-) -> Result<(), Error> {
-    let to = upstream.peer();
-    let Upstream::Plain(tcp) = upstream else { return splice(ctx, labels, client, upstream, pod, (orig, to)).await };
-    let policy = ctx.snapshot.load().telemetry(&pod.key()).clone();
-    let client_addr = client.peer_addr().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
-    let ends = copy::Ends { policy, client: client_addr, dialed: orig, upstream: to };
-    let idle = ctx.tcp_idle_timeout;
-    let (request, response) =
-        copy::counted_sockets(&ctx.metrics, &[(labels, ends)], (client, tcp), idle, None, ctx.kernel_splice.as_ref())
-            .await
-            .map_err(|source| Error::Io { what: "copy to", addr: orig, source })?;
-    tracing::debug!(pod = %pod.name, %orig, request, response, "outbound closed");
-    Ok(())
+        (upstream, _) => upstream,
+    };
+    Ok(Some(Connected { stream, upstream, labels, orig, _endpoint_guard: None }))
 }
 
 /// A TLS connection to a ServiceEntry's host that a mesh VirtualService's `tls:` rule
@@ -314,25 +329,4 @@ fn to_backend(
 /// `tcp-*`) are L4, as Istio's protocol selection reads them.
 fn is_declared_opaque(service: &crate::state::Service, port: u16) -> bool {
     service.ports.iter().find(|p| p.port == port).is_some_and(|p| p.declared() == crate::state::Declared::Opaque)
-}
-
-async fn splice<S>(
-    ctx: &ProxyContext,
-    labels: &ConnLabels,
-    client: &mut TcpStream,
-    server: &mut S,
-    pod: &Workload,
-    (orig, upstream): (SocketAddr, Option<SocketAddr>),
-) -> Result<(), Error>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    let client_addr = client.peer_addr().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
-    let policy = ctx.snapshot.load().telemetry(&pod.key()).clone();
-    let ends = copy::Ends { policy, client: client_addr, dialed: orig, upstream };
-    let (request, response) = copy::counted(&ctx.metrics, (labels, ends), client, server, ctx.tcp_idle_timeout)
-        .await
-        .map_err(|source| Error::Io { what: "copy to", addr: orig, source })?;
-    tracing::debug!(pod = %pod.name, %orig, request, response, "outbound closed");
-    Ok(())
 }

@@ -2,8 +2,7 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -152,43 +151,69 @@ fn close_observed(
     }
 }
 
-async fn splice_counted<'a, C, S>(
-    metrics: &Metrics,
-    observed: impl AsRef<[(&'a ConnLabels, Ends)]>,
-    client: &mut C,
-    server: &mut S,
+/// The copy of [`counted`] and [`counted_until`]: one `poll_fn` over the copy's state,
+/// the idle timer and the stop signal, not a `select!` of three futures each holding
+/// its own references. This is what an idle spliced connection keeps for its life.
+///
+/// Not an `async fn`, which would keep its arguments twice for the connection's life.
+#[expect(clippy::manual_async_fn, reason = "an async fn would hold its arguments twice, as said above")]
+fn splice_counted<'a, C, S>(
+    metrics: &'a Metrics,
+    observed: impl AsRef<[(&'a ConnLabels, Ends)]> + 'a,
+    client: &'a mut C,
+    server: &'a mut S,
     idle: Duration,
-    stop: Option<&CancellationToken>,
-) -> std::io::Result<(u64, u64)>
+    stop: Option<&'a CancellationToken>,
+) -> impl Future<Output = std::io::Result<(u64, u64)>> + 'a
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     S: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    let observed = observed.as_ref();
-    let open: Vec<OpenConn> = observed.iter().map(|(labels, ends)| metrics.opened(labels, &ends.policy)).collect();
-    let (start, started) = (std::time::SystemTime::now(), Instant::now());
-    let activity = Activity::now();
-    let (received, sent) = (AtomicU64::new(0), AtomicU64::new(0));
-    let received_series: Vec<&Counter> = open.iter().map(|o| &o.received).collect();
-    let sent_series: Vec<&Counter> = open.iter().map(|o| &o.sent).collect();
-    let mut c = Watched { inner: client, activity: &activity, read: (&received_series, &received) };
-    let mut s = Watched { inner: server, activity: &activity, read: (&sent_series, &sent) };
-    let copy = bidirectional(&mut c, &mut s);
-    let idle_out = activity.idle_for(idle);
-    let stopped = async {
-        match stop {
-            Some(stop) => stop.cancelled().await,
-            None => std::future::pending().await,
-        }
-    };
-    let result = tokio::select! {
-        r = copy => r,
-        () = stopped => Ok((0, 0)),
-        () = idle_out => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("idle for {idle:?}"))),
-    };
-    let bytes = (received.into_inner(), sent.into_inner());
-    close_observed(metrics, observed, open, (start, started.elapsed()), bytes);
-    result
+    async move {
+        let observed = observed.as_ref();
+        let open: Vec<OpenConn> = observed.iter().map(|(labels, ends)| metrics.opened(labels, &ends.policy)).collect();
+        let (start, started) = (std::time::SystemTime::now(), Instant::now());
+        let mut copy = both_ways::BothWays::new(BUFFER_SIZE);
+        // Bytes already added to the series (client -> server, server -> client), and the
+        // copy's progress when it last moved.
+        let mut counted = [0u64; 2];
+        let (mut moved, mut last_active) = (0, started);
+        // Re-armed only when it fires: moving bytes costs no timer update.
+        let mut idle_timer = std::pin::pin!(tokio::time::sleep(idle));
+        let mut stopped = std::pin::pin!(stop.map(CancellationToken::cancelled));
+        let result = std::future::poll_fn(|cx| {
+            if stopped.as_mut().as_pin_mut().is_some_and(|s| s.poll(cx).is_ready()) {
+                return Poll::Ready(Ok((0, 0)));
+            }
+            let copied = copy.poll(cx, &mut *client, &mut *server);
+            let read = copy.read();
+            if read != counted {
+                for o in &open {
+                    o.received.inc_by(read[0] - counted[0]);
+                    o.sent.inc_by(read[1] - counted[1]);
+                }
+                counted = read;
+            }
+            if copy.moved() != moved {
+                (moved, last_active) = (copy.moved(), Instant::now());
+            }
+            if copied.is_ready() {
+                return copied;
+            }
+            while idle_timer.as_mut().poll(cx).is_ready() {
+                let deadline = last_active + idle;
+                if Instant::now() >= deadline {
+                    let timed_out = std::io::Error::new(std::io::ErrorKind::TimedOut, format!("idle for {idle:?}"));
+                    return Poll::Ready(Err(timed_out));
+                }
+                idle_timer.as_mut().reset(deadline);
+            }
+            Poll::Pending
+        })
+        .await;
+        close_observed(metrics, observed, open, (start, started.elapsed()), (counted[0], counted[1]));
+        result
+    }
 }
 
 /// The access log line of a spliced connection.
@@ -222,82 +247,6 @@ fn tcp_entry(
         downstream_remote: ends.client,
         source_principal: principal(&peers.source.0.principal),
         destination_principal: principal(&peers.destination.0.principal),
-    }
-}
-
-/// When a connection last moved a byte, in milliseconds since the agent started.
-struct Activity(AtomicU64);
-
-fn epoch() -> Instant {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    *EPOCH.get_or_init(Instant::now)
-}
-
-fn now_ms() -> u64 {
-    u64::try_from(epoch().elapsed().as_millis()).unwrap_or(u64::MAX)
-}
-
-impl Activity {
-    fn now() -> Self {
-        Self(AtomicU64::new(now_ms()))
-    }
-
-    fn touch(&self) {
-        self.0.store(now_ms(), Ordering::Relaxed);
-    }
-
-    /// Completes once nothing has moved for `idle`.
-    async fn idle_for(&self, idle: Duration) {
-        loop {
-            let last = epoch() + Duration::from_millis(self.0.load(Ordering::Relaxed));
-            let deadline = last + idle;
-            if Instant::now() >= deadline {
-                return;
-            }
-            tokio::time::sleep_until(deadline).await;
-        }
-    }
-}
-
-/// A stream that records its activity (a read that returned bytes, a write that took
-/// some) and counts the bytes read from it, so byte metrics advance while the
-/// connection is open. A relaxed store and add per call, nothing per byte.
-struct Watched<'a, S: ?Sized> {
-    inner: &'a mut S,
-    activity: &'a Activity,
-    /// The series' counters (one per reporter) and this connection's own count.
-    read: (&'a [&'a Counter], &'a AtomicU64),
-}
-
-impl<S: AsyncRead + Unpin + ?Sized> AsyncRead for Watched<'_, S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut *self.inner).poll_read(cx, buf);
-        let n = buf.filled().len() - before;
-        if matches!(r, Poll::Ready(Ok(()))) && n > 0 {
-            self.activity.touch();
-            for series in self.read.0 {
-                series.inc_by(n as u64);
-            }
-            self.read.1.fetch_add(n as u64, Ordering::Relaxed);
-        }
-        r
-    }
-}
-
-impl<S: AsyncWrite + Unpin + ?Sized> AsyncWrite for Watched<'_, S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        let r = Pin::new(&mut *self.inner).poll_write(cx, buf);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        r
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut *self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut *self.inner).poll_shutdown(cx)
     }
 }
 

@@ -30,12 +30,34 @@ where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    let mut a_to_b = Direction::new(buffer);
-    let mut b_to_a = Direction::new(buffer);
-    poll_fn(|cx| {
-        let forward = a_to_b.poll(cx, &mut *a, &mut *b);
-        let back = b_to_a.poll(cx, &mut *b, &mut *a);
-        for state in [&mut a_to_b, &mut b_to_a] {
+    let mut copy = BothWays::new(buffer);
+    poll_fn(|cx| copy.poll(cx, &mut *a, &mut *b)).await
+}
+
+/// The state of a copy both ways, polled by whoever holds the two streams: what a
+/// spliced connection keeps for its whole life, so it is kept small (two directions,
+/// no future of its own).
+pub(crate) struct BothWays {
+    a_to_b: Direction,
+    b_to_a: Direction,
+}
+
+impl BothWays {
+    /// A copy with a buffer of `buffer` bytes each way, taken only while bytes move.
+    pub(crate) fn new(buffer: usize) -> Self {
+        Self { a_to_b: Direction::new(buffer), b_to_a: Direction::new(buffer) }
+    }
+
+    /// Moves bytes both ways; Ready with the bytes written each way once both are
+    /// done, or with the first error (see [`copy_both_ways`]).
+    pub(crate) fn poll<A, B>(&mut self, cx: &mut Context<'_>, a: &mut A, b: &mut B) -> Poll<io::Result<(u64, u64)>>
+    where
+        A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+        B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    {
+        let forward = self.a_to_b.poll(cx, &mut *a, &mut *b);
+        let back = self.b_to_a.poll(cx, &mut *b, &mut *a);
+        for state in [&mut self.a_to_b, &mut self.b_to_a] {
             if let State::ReadFailed(_) = state.state {
                 return Poll::Ready(Err(state.take_error()));
             }
@@ -43,12 +65,21 @@ where
         if forward.is_pending() || back.is_pending() {
             return Poll::Pending;
         }
-        match (a_to_b.take_result(), b_to_a.take_result()) {
+        match (self.a_to_b.take_result(), self.b_to_a.take_result()) {
             (Ok(forward), Ok(back)) => Poll::Ready(Ok((forward, back))),
             (Err(e), _) | (_, Err(e)) => Poll::Ready(Err(e)),
         }
-    })
-    .await
+    }
+
+    /// Bytes read so far from `a` and from `b`.
+    pub(crate) fn read(&self) -> [u64; 2] {
+        [self.a_to_b.read, self.b_to_a.read]
+    }
+
+    /// Bytes read and written so far, both ways: it changes whenever the copy moved.
+    pub(crate) fn moved(&self) -> u64 {
+        self.a_to_b.read + self.a_to_b.copied + self.b_to_a.read + self.b_to_a.copied
+    }
 }
 
 /// Spare buffers kept per worker thread: enough for the directions that wake on one
@@ -90,6 +121,8 @@ struct Direction {
     cap: usize,
     read_done: bool,
     need_flush: bool,
+    /// Bytes read from the reader, and written to the writer.
+    read: u64,
     copied: u64,
 }
 
@@ -115,6 +148,7 @@ impl Direction {
             cap: 0,
             read_done: false,
             need_flush: false,
+            read: 0,
             copied: 0,
         }
     }
@@ -161,6 +195,7 @@ impl Direction {
                         let n = read.filled().len();
                         self.read_done = n == 0;
                         self.cap += n;
+                        self.read += n as u64;
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(Failure::Read(e))),
                     Poll::Pending if self.pos == self.cap => {
