@@ -34,13 +34,14 @@ pub(super) struct Arrival {
     pub src: SocketAddr,
     /// The workload address and port.
     pub dst: SocketAddr,
-    /// The authenticated peer (HBONE), None for plaintext.
-    pub peer: Option<Peer>,
+    /// The authenticated peer (HBONE), None for plaintext: shared by the streams of
+    /// one tunnel and by the connection's re-judging entry.
+    pub peer: Option<Arc<Peer>>,
 }
 
 impl Arrival {
     pub fn attrs(&self) -> ConnAttrs<'_> {
-        ConnAttrs { src: self.src, dst: self.dst, peer: self.peer.as_ref() }
+        ConnAttrs { src: self.src, dst: self.dst, peer: self.peer.as_deref() }
     }
 }
 
@@ -58,7 +59,7 @@ pub struct InboundConns {
 
 #[derive(Debug)]
 struct Tracked {
-    workload: String,
+    workload: Arc<Workload>,
     arrival: Arrival,
     stop: CancellationToken,
 }
@@ -78,10 +79,10 @@ impl Drop for TrackedConn {
 }
 
 impl InboundConns {
-    pub(super) fn track(self: &Arc<Self>, workload: &Workload, arrival: &Arrival) -> TrackedConn {
+    pub(super) fn track(self: &Arc<Self>, workload: &Arc<Workload>, arrival: &Arrival) -> TrackedConn {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let stop = CancellationToken::new();
-        let t = Tracked { workload: workload.key(), arrival: arrival.clone(), stop: stop.clone() };
+        let t = Tracked { workload: workload.clone(), arrival: arrival.clone(), stop: stop.clone() };
         self.live.lock().unwrap_or_else(|p| p.into_inner()).insert(id, t);
         TrackedConn { id, conns: self.clone(), stop }
     }
@@ -91,7 +92,7 @@ impl InboundConns {
         let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
         let mut closed = 0;
         for t in live.values().filter(|t| !t.stop.is_cancelled()) {
-            let security = snap.security(&t.workload);
+            let security = snap.security(&t.workload.key());
             let attrs = t.arrival.attrs();
             let plaintext_ok = t.arrival.peer.is_some() || security.mtls.mode(attrs.dst.port()).accepts_plaintext();
             let verdict = if plaintext_ok {
@@ -100,7 +101,7 @@ impl InboundConns {
                 Decision::Deny("plaintext, and the port is now STRICT".into())
             };
             if let Decision::Deny(reason) = verdict {
-                tracing::info!(workload = %t.workload, src = %attrs.src, source = %attrs.who(), dst = %attrs.dst, %reason, "closing a connection the current policy no longer allows");
+                tracing::info!(workload = %t.workload.key(), src = %attrs.src, source = %attrs.who(), dst = %attrs.dst, %reason, "closing a connection the current policy no longer allows");
                 t.stop.cancel();
                 closed += 1;
             }

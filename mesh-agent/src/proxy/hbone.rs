@@ -2,7 +2,7 @@
 //! CONNECT stream is one tunnelled TCP connection to the pod.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use futures::FutureExt as _;
@@ -67,6 +67,7 @@ async fn connection(
     };
     tracing::debug!(pod = %pod.name, %peer, %client, "HBONE connection accepted");
     let shutdown = ctx.shutdown.clone();
+    let client = Arc::new(Client { identity: client, as_peer: Mutex::default() });
     let service = hyper::service::service_fn(move |req| {
         let (ctx, pod, netns, client) = (ctx.clone(), pod.clone(), netns.clone(), client.clone());
         async move { Ok::<_, std::convert::Infallible>(stream_request(ctx, pod, netns, client, peer, req).await) }
@@ -75,6 +76,28 @@ async fn connection(
     crate::transport::until_drained(conn, &shutdown, |c| c.graceful_shutdown())
         .await
         .map_err(|source| Error::Http { addr: peer, source })
+}
+
+/// The authenticated client of one HBONE connection, and the peer its policies read,
+/// made once for all the connection's streams (each live stream's re-judging entry
+/// shares it) and again only when the mesh's equivalent trust domains change.
+struct Client {
+    identity: Identity,
+    as_peer: Mutex<Option<(Vec<String>, Arc<Peer>)>>,
+}
+
+impl Client {
+    fn peer(&self, equivalent_domains: &[String]) -> Arc<Peer> {
+        let mut cached = self.as_peer.lock().unwrap_or_else(|p| p.into_inner());
+        match &*cached {
+            Some((domains, peer)) if domains == equivalent_domains => peer.clone(),
+            _ => {
+                let peer = Arc::new(Peer::from_identity(&self.identity, equivalent_domains));
+                *cached = Some((equivalent_domains.to_vec(), peer.clone()));
+                peer
+            }
+        }
+    }
 }
 
 fn status(code: StatusCode) -> Response<Empty<Bytes>> {
@@ -124,7 +147,7 @@ async fn stream_request(
     ctx: Arc<ProxyContext>,
     pod: Arc<Workload>,
     netns: Arc<Netns>,
-    client: Identity,
+    client: Arc<Client>,
     peer: SocketAddr,
     mut req: Request<Incoming>,
 ) -> Response<Empty<Bytes>> {
@@ -132,7 +155,7 @@ async fn stream_request(
         Ok(target) => target,
         Err(refused) => {
             if let Refused::Outside(target) = refused {
-                tracing::warn!(pod = %pod.name, %client, %target, "CONNECT to a target outside this pod; refused");
+                tracing::warn!(pod = %pod.name, client = %client.identity, %target, "CONNECT to a target outside this pod; refused");
             }
             return status(refused.status());
         }
@@ -148,8 +171,7 @@ async fn stream_request(
     };
     let snap = ctx.snapshot.load_full();
     let security = snap.security(&pod.key()).clone();
-    let arrival =
-        Arrival { src: peer, dst: target, peer: Some(Peer::from_identity(&client, &snap.equivalent_domains)) };
+    let arrival = Arrival { src: peer, dst: target, peer: Some(client.peer(&snap.equivalent_domains)) };
     let verdict = security.authz.check_connection(&arrival.attrs());
     if let ConnVerdict::Decided(Decision::Deny(reason)) = &verdict {
         admission::denied(&ctx, &pod, &arrival.attrs(), reason, None);
@@ -158,12 +180,12 @@ async fn stream_request(
     let app = match sockets::deliver_in(&netns, target, peer.ip(), ctx.dialer.bypass_mark, CONNECT_TIMEOUT).await {
         Ok(s) => s,
         Err(e) => {
-            tracing::warn!(pod = %pod.name, %client, %target, error = %e, "application unreachable");
+            tracing::warn!(pod = %pod.name, client = %client.identity, %target, error = %e, "application unreachable");
             return status(StatusCode::SERVICE_UNAVAILABLE);
         }
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
-    let labels = ConnLabels::inbound_from_identity(&snap, &pod, target.port(), &client, peer);
+    let labels = ConnLabels::inbound_from_identity(&snap, &pod, target.port(), &client.identity, peer);
     let tasks = ctx.tasks.clone();
     // `then`, not an async block: the block would keep what it moves into the serving
     // future twice, for as long as the stream lives.

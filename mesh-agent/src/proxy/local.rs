@@ -125,8 +125,11 @@ pub(super) async fn deliver(
         return Local::Tunnel(stream);
     }
     let security = snapshot.security(&dest_key).clone();
-    let arrival =
-        Arrival { src: peer, dst: addr, peer: Some(Peer::from_identity(&src.identity, &snapshot.equivalent_domains)) };
+    let arrival = Arrival {
+        src: peer,
+        dst: addr,
+        peer: Some(Arc::new(Peer::from_identity(&src.identity, &snapshot.equivalent_domains))),
+    };
     match security.authz.check_connection(&arrival.attrs()) {
         ConnVerdict::Decided(Decision::Allow) => {}
         ConnVerdict::Decided(Decision::Deny(reason)) => {

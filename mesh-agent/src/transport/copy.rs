@@ -100,37 +100,47 @@ where
 /// from the kernel's table every [`KERNEL_PROGRESS_EVERY`]. Otherwise the agent copies.
 /// The connection is counted once for each of `observed` (the agent reports a
 /// connection between two of its own pods as source and as destination).
-pub async fn counted_sockets(
-    metrics: &Metrics,
-    observed: &[(&ConnLabels, Ends)],
-    (client, server): (&mut TcpStream, &mut TcpStream),
+///
+/// Not an `async fn`, which would keep its arguments twice for the connection's life.
+#[expect(clippy::manual_async_fn, reason = "an async fn would hold its arguments twice, as said above")]
+pub fn counted_sockets<'a>(
+    metrics: &'a Metrics,
+    observed: &'a [(&'a ConnLabels, Ends)],
+    (client, server): (&'a mut TcpStream, &'a mut TcpStream),
     idle: Duration,
-    stop: Option<&CancellationToken>,
-    kernel: Option<&Arc<KernelSplice>>,
-) -> std::io::Result<(u64, u64)> {
-    let joined = match kernel.map(|k| k.join(&*client, &*server)) {
-        Some(Ok(joined)) => joined,
-        Some(Err(e @ splice::Error::Broken(_))) => return Err(std::io::Error::other(e)),
-        Some(Err(e)) => {
-            tracing::debug!(error = %e, "copied by the agent");
+    stop: Option<&'a CancellationToken>,
+    kernel: Option<&'a Arc<KernelSplice>>,
+) -> impl Future<Output = std::io::Result<(u64, u64)>> + 'a {
+    async move {
+        // Decided before anything is awaited, so the join's result is not kept beside
+        // the copy.
+        let joined = match kernel.map(|k| k.join(&*client, &*server)) {
+            Some(Ok(joined)) => Some(joined),
+            Some(Err(e @ splice::Error::Broken(_))) => return Err(std::io::Error::other(e)),
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "copied by the agent");
+                None
+            }
+            None => None,
+        };
+        let Some(joined) = joined else {
             return splice_counted(metrics, observed, client, server, idle, stop).await;
-        }
-        None => return splice_counted(metrics, observed, client, server, idle, stop).await,
-    };
-    metrics.kernel_spliced.inc();
-    let open: Vec<OpenConn> = observed.iter().map(|(labels, ends)| metrics.opened(labels, &ends.policy)).collect();
-    let (start, started) = (std::time::SystemTime::now(), Instant::now());
-    let progress = |[received, sent]: [u64; 2]| {
-        for o in &open {
-            o.received.inc_by(received);
-            o.sent.inc_by(sent);
-        }
-    };
-    let result = kernel::watch_kernel_splice(&joined, [&*client, &*server], idle, stop, progress).await;
-    let totals = joined.moved();
-    drop(joined);
-    close_observed(metrics, observed, open, (start, started.elapsed()), (totals[0], totals[1]));
-    result.map(|()| (totals[0], totals[1]))
+        };
+        metrics.kernel_spliced.inc();
+        let open: Vec<OpenConn> = observed.iter().map(|(labels, ends)| metrics.opened(labels, &ends.policy)).collect();
+        let (start, started) = (std::time::SystemTime::now(), Instant::now());
+        let progress = |[received, sent]: [u64; 2]| {
+            for o in &open {
+                o.received.inc_by(received);
+                o.sent.inc_by(sent);
+            }
+        };
+        let result = kernel::watch_kernel_splice(&joined, [&*client, &*server], idle, stop, progress).await;
+        let totals = joined.moved();
+        drop(joined);
+        close_observed(metrics, observed, open, (start, started.elapsed()), (totals[0], totals[1]));
+        result.map(|()| (totals[0], totals[1]))
+    }
 }
 
 /// Counts a spliced connection closed for each of `observed` and writes its access

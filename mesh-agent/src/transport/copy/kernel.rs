@@ -2,9 +2,9 @@
 //! ends, keeps the kernel's allowance moving, writes on what the kernel held back for
 //! a slow peer, and passes each half-close on once the bytes before it are through.
 
+use std::task::Poll;
 use std::time::Duration;
 
-use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -38,25 +38,42 @@ pub(super) async fn watch_kernel_splice(
     };
     let mut tick = tokio::time::interval_at(Instant::now() + KERNEL_PROGRESS_EVERY, KERNEL_PROGRESS_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let stopped = async {
-        match stop {
-            Some(stop) => stop.cancelled().await,
-            None => std::future::pending().await,
-        }
-    };
-    tokio::pin!(stopped);
+    // Pinned here, polled in place: the watch is what a kernel-spliced connection holds
+    // for its whole life, so it keeps no futures of its own (no `select!` over them).
+    let mut stopped = std::pin::pin!(stop.map(CancellationToken::cancelled));
     // The kernel's allowance is renewed as often as the connection needs: about a
     // quarter of the window used between renewals.
     let mut renew_every = RENEW_FIRST;
-    let renew = tokio::time::sleep(renew_every);
-    tokio::pin!(renew);
+    let mut renew = std::pin::pin!(tokio::time::sleep(renew_every));
     let mut taken_at_renewal = [0u64; 2];
     let outcome = loop {
         if closed == [true, true] {
             break Ok(());
         }
-        let side = tokio::select! {
-            () = &mut renew => {
+        let woken = std::future::poll_fn(|cx| {
+            if stopped.as_mut().as_pin_mut().is_some_and(|s| s.poll(cx).is_ready()) {
+                return Poll::Ready(Ok(Wake::Stopped));
+            }
+            if renew.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Ok(Wake::Renew));
+            }
+            if tick.poll_tick(cx).is_ready() {
+                return Poll::Ready(Ok(Wake::Tick));
+            }
+            for side in [0, 1] {
+                if !closed[side]
+                    && let Poll::Ready(r) = sockets[side].poll_read_ready(cx)
+                {
+                    return Poll::Ready(r.map(|()| Wake::Readable(side)));
+                }
+            }
+            Poll::Pending
+        })
+        .await;
+        let from = match woken {
+            Err(e) => break Err(e),
+            Ok(Wake::Stopped) => break Ok(()),
+            Ok(Wake::Renew) => {
                 let mut used = 0;
                 for from in [0, 1] {
                     if let Ok(taken) = joined.renew_allowance(from, std::os::fd::AsFd::as_fd(sockets[1 - from])) {
@@ -68,9 +85,7 @@ pub(super) async fn watch_kernel_splice(
                 renew.as_mut().reset(Instant::now() + renew_every);
                 continue;
             }
-            r = sockets[0].ready(Interest::READABLE), if !closed[0] => (0, r?),
-            r = sockets[1].ready(Interest::READABLE), if !closed[1] => (1, r?),
-            _ = tick.tick() => {
+            Ok(Wake::Tick) => {
                 if report(&mut reported) {
                     last_move = Instant::now();
                 } else if last_move.elapsed() >= idle {
@@ -78,16 +93,17 @@ pub(super) async fn watch_kernel_splice(
                 }
                 continue;
             }
-            () = &mut stopped => break Ok(()),
+            Ok(Wake::Readable(side)) => side,
         };
-        let (from, ready) = side;
         let (socket, other) = (sockets[from], sockets[1 - from]);
         // Woken by bytes the kernel held back (the other side reads slower than this
-        // one sends), by the end of the stream, or for nothing: what is held is written
-        // on here.
+        // one sends), by the end of the stream (a read of none), or for nothing: what
+        // is held is written on here.
+        // Boxed, as below: rare and short, not worth a place in what the connection
+        // holds for its life (like the buffer `forward_held` takes per wake-up).
         let forwarded = tokio::select! {
-            r = tokio::time::timeout(idle, forward_held(joined, from, socket, other)) => r,
-            () = &mut stopped => break Ok(()),
+            r = Box::pin(tokio::time::timeout(idle, forward_held(joined, from, socket, other))) => r,
+            () = until_stopped(stopped.as_mut()) => break Ok(()),
         };
         let at_end = match forwarded {
             Ok(Ok(at_end)) => at_end,
@@ -95,7 +111,7 @@ pub(super) async fn watch_kernel_splice(
             Ok(Err(e)) => break Err(e),
             Err(_) => break Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("stalled for {idle:?}"))),
         };
-        if !at_end && !ready.is_read_closed() {
+        if !at_end {
             continue;
         }
         if let Ok(Some(e)) = socket.take_error() {
@@ -103,8 +119,8 @@ pub(super) async fn watch_kernel_splice(
         }
         // A half-close: passed on once everything before it is in the other socket.
         let finished = tokio::select! {
-            r = finish_direction(joined, from, socket, other, idle) => r,
-            () = &mut stopped => break Ok(()),
+            r = Box::pin(finish_direction(joined, from, socket, other, idle)) => r,
+            () = until_stopped(stopped.as_mut()) => break Ok(()),
         };
         if let Err(e) = finished {
             break Err(e);
@@ -114,6 +130,24 @@ pub(super) async fn watch_kernel_splice(
     };
     report(&mut reported);
     outcome
+}
+
+/// What woke the watch of a kernel-spliced connection.
+enum Wake {
+    Stopped,
+    Renew,
+    Tick,
+    Readable(usize),
+}
+
+/// Completes when `stopped` (the connection's stop signal, if it has one) does.
+fn until_stopped<'a, F: Future<Output = ()>>(
+    mut stopped: std::pin::Pin<&'a mut Option<F>>,
+) -> impl Future<Output = ()> + 'a {
+    std::future::poll_fn(move |cx| match stopped.as_mut().as_pin_mut() {
+        Some(stop) => stop.poll(cx),
+        None => Poll::Pending,
+    })
 }
 
 /// The first renewal of a kernel splice's allowance: soon, so a bulk transfer does not
