@@ -308,9 +308,10 @@ pub struct Held {
 }
 
 /// Opens `conns` connections to `addr` (at most 100 connecting at once), each echoing
-/// once, and prints a [`Held`] line; holds them idle until stdin closes (or `seconds`
-/// pass), then echoes once more on each, closes them cleanly and prints another.
-pub async fn hold(addr: SocketAddr, conns: usize, seconds: u64) -> (Held, Held) {
+/// once, and prints a [`Held`] line; holds them until stdin closes (or `seconds` pass),
+/// idle, or when `active` each echoing 16 KiB after 16 KiB all along; then echoes once
+/// more on each, closes them cleanly and prints another.
+pub async fn hold(addr: SocketAddr, conns: usize, seconds: u64, active: bool) -> (Held, Held) {
     let gate = Arc::new(tokio::sync::Semaphore::new(100));
     let mut opening = tokio::task::JoinSet::new();
     for i in 0..conns {
@@ -339,7 +340,30 @@ pub async fn hold(addr: SocketAddr, conns: usize, seconds: u64) -> (Held, Held) 
         let mut sink = Vec::new();
         let _ = tokio::io::stdin().read_to_end(&mut sink).await;
     };
+    let mut closed = Held::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut busy = tokio::task::JoinSet::new();
+    if active {
+        for (i, mut s) in std::mem::take(&mut open).into_iter().enumerate() {
+            let stop = stop.clone();
+            busy.spawn(async move {
+                let chunk: Vec<u8> = (0..16 * 1024u32).map(|b| (b % 251) as u8).collect();
+                while !stop.load(Ordering::Relaxed) {
+                    echo(&mut s, &chunk).await.map_err(|e| format!("conn {i}: echo while active: {e}"))?;
+                }
+                Ok::<_, String>(s)
+            });
+        }
+    }
     let _ = tokio::time::timeout(Duration::from_secs(seconds), stdin_closed).await;
+    stop.store(true, Ordering::Relaxed);
+    while let Some(r) = busy.join_next().await {
+        match r {
+            Ok(Ok(s)) => open.push(s),
+            Ok(Err(e)) => note(&mut closed, e),
+            Err(e) => note(&mut closed, e.to_string()),
+        }
+    }
     let mut closing = tokio::task::JoinSet::new();
     for (i, mut s) in open.into_iter().enumerate() {
         let gate = gate.clone();
@@ -349,7 +373,6 @@ pub async fn hold(addr: SocketAddr, conns: usize, seconds: u64) -> (Held, Held) 
             close_cleanly(s).await.map_err(|e| format!("conn {i}: close: {e}"))
         });
     }
-    let mut closed = Held::default();
     while let Some(r) = closing.join_next().await {
         match r {
             Ok(Ok(())) => closed.ok += 1,

@@ -1,6 +1,7 @@
 //! Ten thousand connections through one agent, from four pods on both nodes, held idle
 //! and then closed: what each costs the agent (memory, descriptors), and that all of it
-//! is handed back. Figures go to `target/conns/report.txt` and docs/benchmarks.md.
+//! is handed back; then five hundred busy ones, and what each costs while it moves
+//! bytes. Figures go to `target/conns/report.txt` and docs/benchmarks.md.
 //!
 //! Lab test: it skips with a message where the lab cannot run, unless
 //! `MESH_REQUIRE_LAB` is set.
@@ -19,12 +20,19 @@ mod support;
 /// Connections per client; four clients.
 const PER_CLIENT: usize = 2500;
 
-/// Starts `mesh-echo hold` in `pod` and returns it once every connection is open, with
-/// what opening them gave.
-fn hold(lab: &Lab, pod: &str, target: &str) -> (Child, Held) {
+/// Active connections per client in the second phase; two clients.
+const ACTIVE_PER_CLIENT: usize = 250;
+
+/// Starts `mesh-echo hold` of `conns` connections in `pod` (each kept busy when
+/// `active`) and returns it once every connection is open, with what opening them gave.
+fn hold(lab: &Lab, pod: &str, target: &str, conns: usize, active: bool) -> (Child, Held) {
     let echo = root().join("target/debug/mesh-echo").display().to_string();
-    let argv: Vec<String> =
-        [echo.as_str(), "hold", target, "--conns", &PER_CLIENT.to_string()].iter().map(|s| s.to_string()).collect();
+    let conns = conns.to_string();
+    let mut argv: Vec<String> =
+        [echo.as_str(), "hold", target, "--conns", &conns].iter().map(|s| s.to_string()).collect();
+    if active {
+        argv.push("--active".into());
+    }
     let mut child = lab.pod_command(pod, &argv).unwrap().stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
     let mut first = String::new();
     BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut first).unwrap();
@@ -71,7 +79,7 @@ fn ten_thousand_idle_connections_through_one_agent_cost_little_and_are_all_hande
     ];
     let mut held = Vec::new();
     for (pod, target) in clients {
-        let (child, opened) = hold(&lab, pod, target);
+        let (child, opened) = hold(&lab, pod, target, PER_CLIENT, false);
         assert_eq!(opened.failed, 0, "{pod} -> {target}: {:?}", opened.errors);
         held.push((pod, child));
     }
@@ -81,13 +89,7 @@ fn ten_thousand_idle_connections_through_one_agent_cost_little_and_are_all_hande
     let fds_per_conn = (fds_held.saturating_sub(fds_before)) as f64 / total as f64;
 
     // Closing: each echoes once more (all still alive after the hold) and closes.
-    for (pod, mut child) in held {
-        drop(child.stdin.take());
-        let out = child.wait_with_output().unwrap();
-        let last = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or_default().to_string();
-        let closed: Held = serde_json::from_str(&last).unwrap_or_else(|e| panic!("{pod}: {e}: {last}"));
-        assert_eq!((closed.ok, closed.failed), (PER_CLIENT as u64, 0), "{pod}: {:?}", closed.errors);
-    }
+    close_all(held, PER_CLIENT);
     // Closed connections' descriptors go at once; the tunnels they rode (one per 100
     // streams, per source pod and destination) once idle for the pool's timeout, 3 s.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -104,12 +106,27 @@ fn ten_thousand_idle_connections_through_one_agent_cost_little_and_are_all_hande
     } else {
         (rss_after, vm_after)
     };
+    // Active: connections each echoing 16 KiB after 16 KiB, out across the tunnel and
+    // in over HBONE, measured while they move bytes (each direction holds a buffer only
+    // while it has bytes to move).
+    let mut busy = Vec::new();
+    for (pod, target) in [clients[0], clients[2]] {
+        let (child, opened) = hold(&lab, pod, target, ACTIVE_PER_CLIENT, true);
+        assert_eq!(opened.failed, 0, "{pod} -> {target}: {:?}", opened.errors);
+        busy.push((pod, child));
+    }
+    let active = ACTIVE_PER_CLIENT * busy.len();
+    let (rss_active, _, _) = footprint(agent);
+    close_all(busy, ACTIVE_PER_CLIENT);
+    let per_active_kib = (rss_active.saturating_sub(rss_after)) as f64 / active as f64;
     let report = format!(
         "{total} idle connections through node1's agent (2 pods out across the tunnel, 2 pods in over HBONE)\n\
          agent RssAnon: {rss_before} KiB before, {rss_held} KiB holding them, {rss_after} KiB after\n\
          agent VmRSS: {vm_before} KiB before, {vm_held} KiB holding them, {vm_after} KiB after\n\
          per idle connection: {per_conn_kib:.2} KiB, {fds_per_conn:.2} descriptors\n\
-         descriptors: {fds_before} before, {fds_held} holding, {fds_after} after\n"
+         descriptors: {fds_before} before, {fds_held} holding, {fds_after} after\n\
+         {active} active connections (16 KiB echoes back to back, half out, half in): agent RssAnon {rss_after} KiB \
+         before, {rss_active} KiB while active, {per_active_kib:.2} KiB per active connection\n"
     );
     eprintln!("{report}");
     let dir = root().join("target/conns");
@@ -125,4 +142,18 @@ fn ten_thousand_idle_connections_through_one_agent_cost_little_and_are_all_hande
         rss_after <= rss_before + (rss_held - rss_before) / 5,
         "memory handed back: {rss_before} -> {rss_held} -> {rss_after} KiB"
     );
+    // At most a buffer each way while bytes move (2 x 16 KiB) over the idle cost.
+    assert!(per_active_kib <= 40.0, "an active connection costs the agent {per_active_kib:.2} KiB");
+}
+
+/// Closes the `held` clients (stdin closed): each connection echoes once more and
+/// closes cleanly, `per_client` of them each.
+fn close_all(held: Vec<(&str, Child)>, per_client: usize) {
+    for (pod, mut child) in held {
+        drop(child.stdin.take());
+        let out = child.wait_with_output().unwrap();
+        let last = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or_default().to_string();
+        let closed: Held = serde_json::from_str(&last).unwrap_or_else(|e| panic!("{pod}: {e}: {last}"));
+        assert_eq!((closed.ok, closed.failed), (per_client as u64, 0), "{pod}: {:?}", closed.errors);
+    }
 }

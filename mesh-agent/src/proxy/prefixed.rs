@@ -34,6 +34,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
             let start = self.pos;
             buf.put_slice(&self.prefix[start..start + n]);
             self.pos += n;
+            if self.pos == self.prefix.len() {
+                // Replayed: a long-lived connection does not keep it.
+                (self.prefix, self.pos) = (Vec::new(), 0);
+            }
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.inner).poll_read(cx, buf)
@@ -76,5 +80,6 @@ mod tests {
         let mut all = vec![0u8; 19];
         p.read_exact(&mut all).await.unwrap();
         assert_eq!(&all, b"GET /x HTTP/1.1\r\n\r\n");
+        assert_eq!(p.prefix.capacity(), 0, "the replayed bytes are let go");
     }
 }

@@ -190,6 +190,9 @@ enum Cmd {
         /// Longest hold.
         #[arg(long, default_value_t = 300)]
         seconds: u64,
+        /// Keep every connection busy (16 KiB echoes, one after another) while held.
+        #[arg(long)]
+        active: bool,
     },
     /// Run --conns concurrent TCP echo exchanges of --bytes each against ADDR and
     /// verify every byte came back.
@@ -271,8 +274,8 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Load { addr, conns, bytes } => load(addr, conns, bytes).await,
-        Cmd::Hold { addr, conns, seconds } => {
-            let (opened, closed) = mesh_tests::steady::hold(addr, conns, seconds).await;
+        Cmd::Hold { addr, conns, seconds, active } => {
+            let (opened, closed) = mesh_tests::steady::hold(addr, conns, seconds, active).await;
             if opened.failed + closed.failed > 0 {
                 bail!("{} connections failed", opened.failed + closed.failed);
             }
