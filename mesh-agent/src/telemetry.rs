@@ -454,9 +454,35 @@ pub struct Metrics {
     map_capacity: Family<MapLabels, Gauge>,
     trace_counters: trace::TraceCounters,
     recent_denials: RecentDenials,
+    shared_labels: Mutex<SharedLabels>,
+}
+
+/// The label sets of live connections, one copy each: the connections between the same
+/// two workloads share it (its strings are most of what a label set costs, and a
+/// connection holds its own for as long as it lives).
+#[derive(Debug, Default)]
+struct SharedLabels {
+    set: HashSet<Arc<ConnLabels>>,
+    /// When the set grows to this, sets no connection holds any more are let go.
+    prune_at: usize,
 }
 
 impl Metrics {
+    /// `labels` as a shared copy, for a connection to hold while it lives.
+    pub fn shared(&self, labels: ConnLabels) -> Arc<ConnLabels> {
+        let mut shared = self.shared_labels.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(known) = shared.set.get(&labels) {
+            return known.clone();
+        }
+        if shared.set.len() >= shared.prune_at {
+            shared.set.retain(|l| Arc::strong_count(l) > 1);
+            shared.prune_at = (shared.set.len() * 2).max(64);
+        }
+        let labels = Arc::new(labels);
+        shared.set.insert(labels.clone());
+        labels
+    }
+
     /// Registers every metric in `registry` (which carries the `istio` prefix).
     pub fn new(registry: &mut Registry) -> Self {
         let m = Self::default();
@@ -834,6 +860,32 @@ status: {podIP: 10.10.1.3}
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, registry).unwrap();
         out
+    }
+
+    /// Connections between the same two workloads hold one copy of their labels, and
+    /// copies no connection holds are let go as new ones come.
+    #[test]
+    fn live_connections_share_their_label_sets_and_departed_ones_are_let_go() {
+        let m = Metrics::default();
+        let pods = snapshot(PODS);
+        let web = pods.workloads.iter().find(|w| w.name == "web").unwrap().clone();
+        let batch = pods.workloads.iter().find(|w| w.name == "batch").unwrap().clone();
+        let to_web = || ConnLabels::outbound(&batch, Some(&web), ServiceLabels::service(Some("shop/web")), true);
+        let (a, b) = (m.shared(to_web()), m.shared(to_web()));
+        assert!(Arc::ptr_eq(&a, &b), "one copy for both connections");
+        let to_none = ConnLabels::outbound(&batch, None, ServiceLabels::unknown(), false);
+        let other = m.shared(to_none);
+        assert!(!Arc::ptr_eq(&a, &other));
+        let old = Arc::downgrade(&other);
+        drop(other);
+        for port in 0..200u16 {
+            let mut l = to_web();
+            l.peers.service.destination_service = format!("svc-{port}");
+            drop(m.shared(l));
+        }
+        assert_eq!(old.strong_count(), 0, "a label set no connection holds is let go");
+        assert!(m.shared_labels.lock().unwrap().set.len() < 130, "the set stays near what connections hold");
+        assert!(Arc::ptr_eq(&a, &m.shared(to_web())), "one still held stays shared");
     }
 
     #[test]

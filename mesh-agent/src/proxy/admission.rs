@@ -169,7 +169,7 @@ pub(super) fn serve<S>(
     verdict: ConnVerdict,
     client: S,
     app: TcpStream,
-    labels: ConnLabels,
+    labels: Arc<ConnLabels>,
 ) -> impl Future<Output = ()> + Send
 where
     S: Spliceable,
@@ -199,7 +199,7 @@ struct Spliced<C> {
     ctx: Arc<ProxyContext>,
     client: C,
     app: TcpStream,
-    labels: ConnLabels,
+    labels: Arc<ConnLabels>,
     ends: copy::Ends,
     /// Tracked so a policy change that would refuse it closes it.
     tracked: TrackedConn,
@@ -210,7 +210,7 @@ impl<C: Spliceable> Spliced<C> {
     fn run(mut self) -> impl Future<Output = ()> + Send {
         async move {
             let dst = self.ends.dialed;
-            let observed = (&self.labels, self.ends);
+            let observed = (&*self.labels, self.ends);
             let copied = self.client.splice_to(&mut self.app, &self.ctx, observed, &self.tracked.stop).await;
             if let Err(e) = copied {
                 tracing::debug!(%dst, error = %e, "inbound connection ended with an error");
@@ -231,7 +231,7 @@ async fn admit<S>(
     verdict: ConnVerdict,
     mut client: S,
     app: TcpStream,
-    labels: ConnLabels,
+    labels: Arc<ConnLabels>,
 ) -> Admitted<S>
 where
     S: Spliceable,

@@ -185,7 +185,8 @@ async fn stream_request(
         }
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
-    let labels = ConnLabels::inbound_from_identity(&snap, &pod, target.port(), &client.identity, peer);
+    let labels =
+        ctx.metrics.shared(ConnLabels::inbound_from_identity(&snap, &pod, target.port(), &client.identity, peer));
     let tasks = ctx.tasks.clone();
     // `then`, not an async block: the block would keep what it moves into the serving
     // future twice, for as long as the stream lives.

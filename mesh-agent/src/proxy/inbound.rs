@@ -57,7 +57,7 @@ pub(super) async fn handle(
         return Ok(());
     }
     let source = snapshot.workload_by_ip(peer.ip()).cloned();
-    let labels = ConnLabels::inbound(&snapshot, pod, dst.port(), source.as_deref(), false);
+    let labels = ctx.metrics.shared(ConnLabels::inbound(&snapshot, pod, dst.port(), source.as_deref(), false));
     let app = sockets::deliver_in(netns, dst, peer.ip(), ctx.dialer.bypass_mark, CONNECT_TIMEOUT).await?;
     tracing::debug!(pod = %pod.name, %peer, %dst, "inbound plaintext");
     // Not held while the connection lives: each request loads the snapshot in force.

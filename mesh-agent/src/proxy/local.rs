@@ -80,8 +80,8 @@ pub(super) struct Delivery {
     app: TcpStream,
     addr: SocketAddr,
     /// Reported as the source, then as the destination.
-    source: (ConnLabels, copy::Ends),
-    destination: (ConnLabels, copy::Ends),
+    source: (Arc<ConnLabels>, copy::Ends),
+    destination: (Arc<ConnLabels>, copy::Ends),
     tracked: TrackedConn,
     _permit: ConnPermit,
 }
@@ -91,7 +91,7 @@ impl Delivery {
     /// until either ends or the current policy no longer allows the connection.
     pub(super) async fn splice(self, ctx: &ProxyContext) -> Result<(), Error> {
         let Delivery { mut stream, mut app, addr, source, destination, tracked, _permit } = self;
-        let observed = [(&source.0, source.1), (&destination.0, destination.1)];
+        let observed = [(&*source.0, source.1), (&*destination.0, destination.1)];
         let sockets = (&mut stream, &mut app);
         let idle = ctx.tcp_idle_timeout;
         let stop = Some(&tracked.stop);
@@ -160,8 +160,9 @@ pub(super) async fn deliver(
         }
     };
     tracing::debug!(pod = %src.name, %peer, %orig, dest = %dest.name, %addr, "same-node connection admitted by the agent");
-    let source = ConnLabels::outbound(src, Some(dest), ServiceLabels::service(service), true);
-    let destination = ConnLabels::inbound_from_identity(snapshot, dest, addr.port(), &src.identity, peer);
+    let source = ctx.metrics.shared(ConnLabels::outbound(src, Some(dest), ServiceLabels::service(service), true));
+    let destination =
+        ctx.metrics.shared(ConnLabels::inbound_from_identity(snapshot, dest, addr.port(), &src.identity, peer));
     let ends = |pod: &Workload, dialed| copy::Ends {
         policy: snapshot.telemetry(&pod.key()).clone(),
         client: peer,

@@ -21,7 +21,7 @@ use crate::transport::{CONNECT_TIMEOUT, Error, Upstream, copy, sockets};
 pub(super) struct Connected {
     stream: TcpStream,
     upstream: Upstream,
-    labels: ConnLabels,
+    labels: Arc<ConnLabels>,
     /// The address the pod dialed.
     orig: SocketAddr,
     /// The endpoint's load-balancing slot, when a rule picked it.
@@ -49,10 +49,10 @@ impl Connected {
             let copied = match &mut self.upstream {
                 Upstream::Plain(tcp) => {
                     let sockets = (&mut self.stream, tcp);
-                    let observed = [(&self.labels, ends)];
+                    let observed = [(&*self.labels, ends)];
                     copy::counted_sockets(metrics, &observed, sockets, idle, None, ctx.kernel_splice.as_ref()).await
                 }
-                other => copy::counted(metrics, (&self.labels, ends), &mut self.stream, other, idle).await,
+                other => copy::counted(metrics, (&*self.labels, ends), &mut self.stream, other, idle).await,
             };
             let orig = self.orig;
             let served = copied.map(|(request, response)| {
@@ -163,7 +163,7 @@ pub(super) async fn handle(
     }
     let upstream = ctx.dialer.connect(&snapshot, pod, netns, workload.as_deref(), addr, CONNECT_TIMEOUT).await?;
     let service = ServiceLabels::service(service.as_deref());
-    let labels = ConnLabels::outbound(pod, workload.as_deref(), service, upstream.is_tunnel());
+    let labels = ctx.metrics.shared(ConnLabels::outbound(pod, workload.as_deref(), service, upstream.is_tunnel()));
     // What is spliced holds no snapshot: a connection that held the one it began
     // under would keep every config since alive for as long as it lasts.
     Ok(Some(Connected { stream, upstream, labels, orig, _endpoint_guard }))
@@ -211,6 +211,7 @@ async fn leave_the_registry(
         Egress::Entry(entry, _, _) if snapshot.has_external_tls_routes(&entry.key) => {
             if let Some(routed) = route_tls_to_entry(ctx, snapshot, pod, netns, &stream, orig, &entry.key).await? {
                 let (upstream, labels, _endpoint_guard) = routed;
+                let labels = ctx.metrics.shared(labels);
                 return Ok(Some(Connected { stream, upstream, labels, orig, _endpoint_guard }));
             }
             let target = entry.target(orig, None);
@@ -226,7 +227,7 @@ async fn leave_the_registry(
             (up, service, snapshot.workload_by_ip(addr.ip()), origination)
         }
     };
-    let labels = ConnLabels::outbound(pod, reached.map(|w| &**w), service, upstream.is_tunnel());
+    let labels = ctx.metrics.shared(ConnLabels::outbound(pod, reached.map(|w| &**w), service, upstream.is_tunnel()));
     let upstream = match (upstream, origination) {
         (Upstream::Plain(tcp), Some((o, addr, host))) => {
             let from = crate::transport::originate::Credentials { allowed_dir: &ctx.egress_tls_dir, secrets: None };
