@@ -13,6 +13,7 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio_util::sync::CancellationToken;
 
 use super::accept::{OrigFrom, accept_loop};
+use super::outbound::Decided;
 use super::{ProxyContext, dns, hbone, inbound, outbound};
 use crate::dataplane::Netns;
 use crate::state::Workload;
@@ -182,7 +183,10 @@ fn outbound_connection(
         (decided, ctx, pod)
     });
     deciding.then(move |(decided, ctx, pod)| match decided {
-        Ok(Some(connected)) => Either::Left(connected.splice(ctx, pod, peer)),
+        Ok(Some(Decided::Upstream(connected))) => Either::Left(Either::Left(connected.splice(ctx, pod, peer))),
+        Ok(Some(Decided::SameNode(delivery))) => Either::Left(Either::Right(
+            delivery.splice(ctx).map(move |served| log_served("outbound", &pod, peer, served)),
+        )),
         Ok(None) => Either::Right(std::future::ready(())),
         Err(e) => {
             log_served("outbound", &pod, peer, Err(e));

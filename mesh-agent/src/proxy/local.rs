@@ -89,15 +89,19 @@ pub(super) struct Delivery {
 impl Delivery {
     /// Splices the pod's socket and the application's, in the kernel where it can,
     /// until either ends or the current policy no longer allows the connection.
-    pub(super) async fn splice(self, ctx: &ProxyContext) -> Result<(), Error> {
-        let Delivery { mut stream, mut app, addr, source, destination, tracked, _permit } = self;
-        let observed = [(&*source.0, source.1), (&*destination.0, destination.1)];
-        let sockets = (&mut stream, &mut app);
-        let idle = ctx.tcp_idle_timeout;
-        let stop = Some(&tracked.stop);
-        let result =
-            copy::counted_sockets(&ctx.metrics, &observed, sockets, idle, stop, ctx.kernel_splice.as_ref()).await;
-        result.map(drop).map_err(|source| Error::Io { what: "copy to", addr, source })
+    ///
+    /// Not an `async fn`, which would keep `self` twice for the connection's life.
+    #[expect(clippy::manual_async_fn, reason = "an async fn would hold `self` twice, as said above")]
+    pub(super) fn splice(mut self, ctx: Arc<ProxyContext>) -> impl Future<Output = Result<(), Error>> + Send {
+        async move {
+            let observed = [(&*self.source.0, self.source.1), (&*self.destination.0, self.destination.1)];
+            let sockets = (&mut self.stream, &mut self.app);
+            let (idle, stop) = (ctx.tcp_idle_timeout, Some(&self.tracked.stop));
+            let result =
+                copy::counted_sockets(&ctx.metrics, &observed, sockets, idle, stop, ctx.kernel_splice.as_ref()).await;
+            let addr = self.addr;
+            result.map(drop).map_err(|source| Error::Io { what: "copy to", addr, source })
+        }
     }
 }
 

@@ -15,6 +15,14 @@ use crate::state::{Declared, Destination, Workload};
 use crate::telemetry::{ConnLabels, ServiceLabels};
 use crate::transport::{CONNECT_TIMEOUT, Error, Upstream, copy, sockets};
 
+/// A connection decided, to be spliced for the rest of its life.
+pub(super) enum Decided {
+    /// Connected to its upstream (a tunnel, a plain or an originated TLS connection).
+    Upstream(Connected),
+    /// Admitted to a pod of this node and delivered.
+    SameNode(Box<super::local::Delivery>),
+}
+
 /// A connection decided and connected, spliced for the rest of its life by
 /// [`Connected::splice`]: what it holds while it lives, and nothing more (no snapshot,
 /// no state of the decision).
@@ -78,7 +86,7 @@ pub(super) async fn handle(
     mut stream: TcpStream,
     peer: SocketAddr,
     orig: SocketAddr,
-) -> Result<Option<Connected>, Error> {
+) -> Result<Option<Decided>, Error> {
     // Only the pod itself reaches this listener through capture; anything else dialing
     // <pod ip>:15001 directly is refused.
     if !pod.ips.contains(&peer.ip()) {
@@ -154,10 +162,7 @@ pub(super) async fn handle(
     if let Some(dest) = workload.as_ref().filter(|w| snapshot.tunnels_to(w, addr.port())) {
         match local::deliver(ctx, &snapshot, pod, dest, stream, (peer, orig, addr), service.as_deref()).await {
             Local::Served(result) => return result.map(|()| None),
-            Local::Admitted(delivery) => {
-                drop(snapshot);
-                return delivery.splice(ctx).await.map(|()| None);
-            }
+            Local::Admitted(delivery) => return Ok(Some(Decided::SameNode(delivery))),
             Local::Tunnel(s) => stream = s,
         }
     }
@@ -166,7 +171,7 @@ pub(super) async fn handle(
     let labels = ctx.metrics.shared(ConnLabels::outbound(pod, workload.as_deref(), service, upstream.is_tunnel()));
     // What is spliced holds no snapshot: a connection that held the one it began
     // under would keep every config since alive for as long as it lasts.
-    Ok(Some(Connected { stream, upstream, labels, orig, _endpoint_guard }))
+    Ok(Some(Decided::Upstream(Connected { stream, upstream, labels, orig, _endpoint_guard })))
 }
 
 /// A connection to an address that is no Service and no pod: where a ServiceEntry
@@ -179,7 +184,7 @@ async fn leave_the_registry(
     stream: TcpStream,
     orig: SocketAddr,
     dialed: SocketAddr,
-) -> Result<Option<Connected>, Error> {
+) -> Result<Option<Decided>, Error> {
     let snapshot = &*held;
     let decision = egress::decide(snapshot, pod, &stream, orig).await;
     // A mesh VirtualService's `http:` routes for the entry's host decide first, at L7;
@@ -212,7 +217,7 @@ async fn leave_the_registry(
             if let Some(routed) = route_tls_to_entry(ctx, snapshot, pod, netns, &stream, orig, &entry.key).await? {
                 let (upstream, labels, _endpoint_guard) = routed;
                 let labels = ctx.metrics.shared(labels);
-                return Ok(Some(Connected { stream, upstream, labels, orig, _endpoint_guard }));
+                return Ok(Some(Decided::Upstream(Connected { stream, upstream, labels, orig, _endpoint_guard })));
             }
             let target = entry.target(orig, None);
             let (up, addr) = ctx.dialer.connect_external(snapshot, pod, netns, &target).await?;
@@ -236,7 +241,7 @@ async fn leave_the_registry(
         }
         (upstream, _) => upstream,
     };
-    Ok(Some(Connected { stream, upstream, labels, orig, _endpoint_guard: None }))
+    Ok(Some(Decided::Upstream(Connected { stream, upstream, labels, orig, _endpoint_guard: None })))
 }
 
 /// A TLS connection to a ServiceEntry's host that a mesh VirtualService's `tls:` rule
