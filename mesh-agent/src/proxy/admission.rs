@@ -289,17 +289,21 @@ where
 pub(super) trait Spliceable: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     /// Copies both ways between `self` and `app` until either ends, the connection is
     /// idle for the context's timeout, or `stop` is cancelled; counted as `observed`.
+    /// By the agent, unless the stream's type says otherwise.
     fn splice_to<'a>(
         &'a mut self,
         app: &'a mut TcpStream,
         ctx: &'a ProxyContext,
         observed: (&'a ConnLabels, copy::Ends),
         stop: &'a CancellationToken,
-    ) -> impl Future<Output = std::io::Result<(u64, u64)>> + Send + 'a;
+    ) -> impl Future<Output = std::io::Result<(u64, u64)>> + Send + 'a {
+        copy::counted_until(&ctx.metrics, observed, self, app, ctx.tcp_idle_timeout, stop)
+    }
 }
 
+/// Spliced in the kernel where it can be.
 impl Spliceable for TcpStream {
-    #[expect(clippy::manual_async_fn, reason = "the trait's signature, which its other impls meet without a block")]
+    #[expect(clippy::manual_async_fn, reason = "the trait's signature, which its default meets without a block")]
     fn splice_to<'a>(
         &'a mut self,
         app: &'a mut TcpStream,
@@ -314,40 +318,6 @@ impl Spliceable for TcpStream {
     }
 }
 
-/// Copied by the agent (no kernel splice for it).
-fn copied_by_the_agent<'a, S>(
-    client: &'a mut S,
-    app: &'a mut TcpStream,
-    ctx: &'a ProxyContext,
-    observed: (&'a ConnLabels, copy::Ends),
-    stop: &'a CancellationToken,
-) -> impl Future<Output = std::io::Result<(u64, u64)>> + Send + 'a
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
-{
-    copy::counted_until(&ctx.metrics, observed, client, app, ctx.tcp_idle_timeout, stop)
-}
+impl Spliceable for TokioIo<hyper::upgrade::Upgraded> {}
 
-impl Spliceable for TokioIo<hyper::upgrade::Upgraded> {
-    fn splice_to<'a>(
-        &'a mut self,
-        app: &'a mut TcpStream,
-        ctx: &'a ProxyContext,
-        observed: (&'a ConnLabels, copy::Ends),
-        stop: &'a CancellationToken,
-    ) -> impl Future<Output = std::io::Result<(u64, u64)>> + Send + 'a {
-        copied_by_the_agent(self, app, ctx, observed, stop)
-    }
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Spliceable for Prefixed<S> {
-    fn splice_to<'a>(
-        &'a mut self,
-        app: &'a mut TcpStream,
-        ctx: &'a ProxyContext,
-        observed: (&'a ConnLabels, copy::Ends),
-        stop: &'a CancellationToken,
-    ) -> impl Future<Output = std::io::Result<(u64, u64)>> + Send + 'a {
-        copied_by_the_agent(self, app, ctx, observed, stop)
-    }
-}
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Spliceable for Prefixed<S> {}
