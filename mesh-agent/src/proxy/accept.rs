@@ -7,7 +7,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use super::ProxyContext;
-use crate::transport::{accept, sockets};
+use crate::state::Workload;
+use crate::transport::{Error, accept, sockets};
 
 /// Where a listener learns what an accepted connection was meant for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,4 +47,15 @@ pub(super) async fn accept_loop<F, Fut>(
         Some(handle(stream, peer, orig))
     })
     .await
+}
+
+/// Logs how a connection on one of the pod's listeners (`what`) ended, when it failed.
+pub(super) fn log_served(what: &str, pod: &Workload, peer: SocketAddr, served: Result<(), Error>) {
+    match served {
+        Err(e) if e.is_reset_mid_copy() => {
+            tracing::debug!(listener = what, pod = %pod.name, %peer, error = %e, "connection reset by a peer");
+        }
+        Err(e) => tracing::warn!(listener = what, pod = %pod.name, %peer, error = %e, "connection failed"),
+        Ok(()) => {}
+    }
 }

@@ -12,7 +12,7 @@ use futures::future::Either;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio_util::sync::CancellationToken;
 
-use super::accept::{OrigFrom, accept_loop};
+use super::accept::{OrigFrom, accept_loop, log_served};
 use super::outbound::Decided;
 use super::{ProxyContext, dns, hbone, inbound, outbound};
 use crate::dataplane::Netns;
@@ -193,15 +193,4 @@ fn outbound_connection(
             Either::Right(std::future::ready(()))
         }
     })
-}
-
-/// Logs how a connection on one of the pod's listeners (`what`) ended, when it failed.
-pub(super) fn log_served(what: &str, pod: &Workload, peer: SocketAddr, served: Result<(), Error>) {
-    match served {
-        Err(e) if e.is_reset_mid_copy() => {
-            tracing::debug!(listener = what, pod = %pod.name, %peer, error = %e, "connection reset by a peer");
-        }
-        Err(e) => tracing::warn!(listener = what, pod = %pod.name, %peer, error = %e, "connection failed"),
-        Ok(()) => {}
-    }
 }

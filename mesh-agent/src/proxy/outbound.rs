@@ -67,7 +67,7 @@ impl Connected {
                 tracing::debug!(pod = %pod.name, %orig, request, response, "outbound closed");
             });
             let served = served.map_err(|source| Error::Io { what: "copy to", addr: orig, source });
-            super::inpod::log_served("outbound", &pod, peer, served);
+            super::accept::log_served("outbound", &pod, peer, served);
         }
     }
 }
