@@ -92,7 +92,8 @@ impl InboundConns {
         let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
         let mut closed = 0;
         for t in live.values().filter(|t| !t.stop.is_cancelled()) {
-            let security = snap.security(&t.workload.key());
+            let workload = t.workload.key();
+            let security = snap.security(&workload);
             let attrs = t.arrival.attrs();
             let plaintext_ok = t.arrival.peer.is_some() || security.mtls.mode(attrs.dst.port()).accepts_plaintext();
             let verdict = if plaintext_ok {
@@ -101,7 +102,7 @@ impl InboundConns {
                 Decision::Deny("plaintext, and the port is now STRICT".into())
             };
             if let Decision::Deny(reason) = verdict {
-                tracing::info!(workload = %t.workload.key(), src = %attrs.src, source = %attrs.who(), dst = %attrs.dst, %reason, "closing a connection the current policy no longer allows");
+                tracing::info!(%workload, src = %attrs.src, source = %attrs.who(), dst = %attrs.dst, %reason, "closing a connection the current policy no longer allows");
                 t.stop.cancel();
                 closed += 1;
             }

@@ -192,7 +192,7 @@ where
         let mut idle_timer = std::pin::pin!(tokio::time::sleep(idle));
         let mut stopped = std::pin::pin!(stop.map(CancellationToken::cancelled));
         let result = std::future::poll_fn(|cx| {
-            if stopped.as_mut().as_pin_mut().is_some_and(|s| s.poll(cx).is_ready()) {
+            if poll_stopped(stopped.as_mut(), cx).is_ready() {
                 return Poll::Ready(Ok((0, 0)));
             }
             let copied = copy.poll(cx, &mut *client, &mut *server);
@@ -223,6 +223,15 @@ where
         .await;
         close_observed(metrics, observed, open, (start, started.elapsed()), (counted[0], counted[1]));
         result
+    }
+}
+
+/// Polls a connection's stop signal, pinned where the copy holds it: ready once it is
+/// cancelled; a connection without one (None) is never stopped.
+fn poll_stopped<F: Future<Output = ()>>(stopped: Pin<&mut Option<F>>, cx: &mut Context<'_>) -> Poll<()> {
+    match stopped.as_pin_mut() {
+        Some(stop) => stop.poll(cx),
+        None => Poll::Pending,
     }
 }
 

@@ -51,7 +51,7 @@ pub(super) async fn watch_kernel_splice(
             break Ok(());
         }
         let woken = std::future::poll_fn(|cx| {
-            if stopped.as_mut().as_pin_mut().is_some_and(|s| s.poll(cx).is_ready()) {
+            if super::poll_stopped(stopped.as_mut(), cx).is_ready() {
                 return Poll::Ready(Ok(Wake::Stopped));
             }
             if renew.as_mut().poll(cx).is_ready() {
@@ -144,10 +144,7 @@ enum Wake {
 fn until_stopped<'a, F: Future<Output = ()>>(
     mut stopped: std::pin::Pin<&'a mut Option<F>>,
 ) -> impl Future<Output = ()> + 'a {
-    std::future::poll_fn(move |cx| match stopped.as_mut().as_pin_mut() {
-        Some(stop) => stop.poll(cx),
-        None => Poll::Pending,
-    })
+    std::future::poll_fn(move |cx| super::poll_stopped(stopped.as_mut(), cx))
 }
 
 /// The first renewal of a kernel splice's allowance: soon, so a bulk transfer does not
