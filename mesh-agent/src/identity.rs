@@ -10,8 +10,8 @@ mod verify;
 
 pub use ca::{CaFiles, MeshCa, SECRET_REQUIRED_KEYS, SelfSignedRoot};
 pub use ca_client::{CaClient, Issued};
-pub(crate) use certs::humantime_utc;
 pub use certs::{CertStore, Signer, WorkloadCert};
+pub(crate) use certs::{cert_not_after, humantime_utc};
 pub use spiffe::{Identity, parse_trust_domain};
 pub use verify::{PeerVerifier, client_config, edge_server_config, peer_identity, server_config};
 
@@ -53,6 +53,15 @@ pub enum Error {
     /// No certificate has been issued for this identity yet (the CA has not answered).
     #[error("no certificate for {0} yet: waiting for the CA")]
     NotIssued(Identity),
+    /// The identity's certificate expired and no new one came (the CA unreachable or
+    /// refusing past the certificate's lifetime): its connections fail closed.
+    #[error("the certificate of {identity} expired at {at} and the CA has not issued another")]
+    Expired {
+        /// Whose certificate.
+        identity: Identity,
+        /// Its notAfter, UTC.
+        at: String,
+    },
     /// The CA service could not be reached, or refused.
     #[error("CA service: {0}")]
     Ca(String),

@@ -112,9 +112,15 @@ spec:
 
 /// Retries `f` until it returns Some or the patience (MESH_TEST_PATIENCE_MS, default
 /// 10 s) runs out.
-pub fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+pub fn eventually<T>(what: &str, f: impl FnMut() -> Option<T>) -> T {
     let patience = std::env::var("MESH_TEST_PATIENCE_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
-    let deadline = Instant::now() + Duration::from_millis(patience);
+    eventually_within(what, Duration::from_millis(patience), f)
+}
+
+/// [`eventually`] for what is known to take longer than the usual patience (a timeout
+/// or a back-off on the way).
+pub fn eventually_within<T>(what: &str, patience: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + patience;
     loop {
         if let Some(v) = f() {
             return v;

@@ -858,6 +858,13 @@ impl Lab {
         self.wait_app(&p)
     }
 
+    /// Cuts the CA service off the wire (`false`: its port on the bridge goes down, so
+    /// what is sent to it is lost, as in a partition) or joins it back (`true`).
+    pub fn ca_reachable(&self, reachable: bool) -> anyhow::Result<()> {
+        run(&["ip", "-n", WIRE_NETNS, "link", "set", "nwca", if reachable { "up" } else { "down" }])?;
+        Ok(())
+    }
+
     /// Drops `percent` of the packets crossing the wire in or out of every node (100: a
     /// partition), at random, until called with `None`. This kernel has no queueing
     /// disciplines (`tc netem` cannot add latency here); the loss is iptables'

@@ -1,16 +1,18 @@
 //! The CA service in the lab: the signing key lives in the CA's own process and
 //! directory, node agents send CSRs with their node's token and get their own pods'
-//! identities only, and a root rotation (Istio's plug-in CA steps) reaches every agent
-//! and workload without a restart while traffic flows and old connections drain.
+//! identities only, a root rotation (Istio's plug-in CA steps) reaches every agent
+//! and workload without a restart while traffic flows and old connections drain, and a
+//! CA cut off past the certificates' lifetime fails closed at expiry, then recovers.
 #![forbid(unsafe_code)]
 
 use std::path::Path;
 use std::process::Stdio;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mesh_agent::identity::{CaClient, CaFiles, Identity, MeshCa, PeerVerifier};
-use mesh_tests::harness::{curl, eventually, lab, lab_with_env, reply_pod, root};
+use mesh_tests::harness::{curl, eventually, eventually_within, lab, lab_with_env, metrics, reply_pod, root};
 use mesh_tests::lab::{CA_ADDR, CA_SERVER_NAME, Lab};
+use mesh_tests::wire::Capture;
 use rustls::pki_types::CertificateDer;
 
 mod support;
@@ -198,4 +200,84 @@ fn a_root_rotation_reaches_every_agent_while_traffic_flows_and_old_connections_d
     let outcome: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(outcome["tls_error"].is_string(), "a certificate under the removed root was accepted: {outcome}");
     assert_eq!(new_ca.roots().len(), 1);
+}
+
+/// The lifetime of the workload certificates in the outage test: renewed at half of it.
+const SHORT_TTL: Duration = Duration::from_secs(16);
+
+/// Seconds until `node`'s first workload certificate expires, as its metrics say.
+fn expiry_seconds(lab: &Lab, node: &str) -> f64 {
+    let m = metrics(lab, node);
+    let line = m.lines().find(|l| l.starts_with("istio_agent_cert_expiry_seconds "));
+    line.and_then(|l| l.split_whitespace().nth(1)?.parse().ok()).unwrap_or_else(|| panic!("no expiry gauge:\n{m}"))
+}
+
+#[test]
+fn an_unreachable_ca_past_the_certificate_lifetime_fails_closed_at_expiry_and_recovers() {
+    let ttl = format!("{}s", SHORT_TTL.as_secs());
+    let Some(lab) = lab_with_env(
+        "an_unreachable_ca_past_the_certificate_lifetime_fails_closed_at_expiry_and_recovers",
+        &[("MESH_CERT_TTL", ttl.as_str()), ("MESH_LOG", "info")],
+    ) else {
+        return;
+    };
+    // frontend (node1) to myapp-v1 (node2) by pod address: through the tunnel, which
+    // presents and checks both certificates.
+    let url = format!("http://{}:8080/", lab.pod("myapp-v1").unwrap().ip);
+    let answered = |lab: &Lab| {
+        let (_, body) = curl(lab, "frontend", &url);
+        reply_pod(&body).is_some_and(|p| p == "myapp-v1")
+    };
+    assert!(answered(&lab), "served before the outage");
+    let capture = Capture::start(&lab, "ca-outage.pcap", "tcp").unwrap();
+
+    lab.ca_reachable(false).unwrap();
+    let cut = Instant::now();
+    // Within the certificates' lifetime the outage does not show.
+    assert!(answered(&lab), "served on the certificates held");
+    let left = expiry_seconds(&lab, "node1");
+    assert!(left > 0.0 && left <= SHORT_TTL.as_secs_f64(), "the time left is measured: {left}");
+
+    // At expiry: the certificates are not served, every new connection is refused.
+    std::thread::sleep((cut + SHORT_TTL + Duration::from_secs(1)).saturating_duration_since(Instant::now()));
+    for node in ["node1", "node2"] {
+        assert_eq!(expiry_seconds(&lab, node), 0.0, "{node}: the gauge the expiry alerts read is at 0");
+    }
+    for _ in 0..3 {
+        let (_, body) = curl(&lab, "frontend", &url);
+        assert!(reply_pod(&body).is_none(), "a connection after expiry was served: {body}");
+    }
+    let node1 = std::fs::read_to_string(lab.agent_log_path("node1")).unwrap();
+    assert!(
+        node1.contains("spiffe://cluster.local/ns/production/sa/frontend expired at"),
+        "the refusal names the expired certificate:\n{node1}"
+    );
+    // Meanwhile renewal is retried, less often each time: a call lost in the partition
+    // gives up after 10 s, then waits 1 s, 2 s, ...
+    eventually_within("renewals retried with back-off on both nodes", Duration::from_secs(40), || {
+        lab.nodes
+            .iter()
+            .all(|n| {
+                let log = std::fs::read_to_string(lab.agent_log_path(&n.name)).unwrap_or_default();
+                log.lines().any(|l| l.contains("certificate renewal failed") && l.contains("failures=2"))
+            })
+            .then_some(())
+    });
+    let log = std::fs::read_to_string(lab.agent_log_path("node2")).unwrap();
+    let failed = log.lines().find(|l| l.contains("certificate renewal failed") && l.contains("failures=2")).unwrap();
+    assert!(failed.contains("retry_in=2s"), "the second failure waits twice as long: {failed}");
+
+    // The CA comes back: certificates are issued again and traffic flows.
+    lab.ca_reachable(true).unwrap();
+    let back = Instant::now();
+    eventually_within("traffic served again once the CA answers", Duration::from_secs(60), || {
+        answered(&lab).then_some(())
+    });
+    eprintln!("outage {:?}; served again {:?} after the CA came back", back - cut, back.elapsed());
+    for node in ["node1", "node2"] {
+        let left = expiry_seconds(&lab, node);
+        assert!(left > 0.0, "{node}: fresh certificates: {left}");
+    }
+    let wire = capture.finish();
+    assert!(wire.plaintext.is_empty(), "plaintext on the wire: {:?} ({})", wire.plaintext, wire.pcap.display());
 }

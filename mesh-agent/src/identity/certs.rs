@@ -107,7 +107,10 @@ impl CertStore {
             }
             // Past half-life but not expired: still good while the renewal runs.
             (Signer::Remote(_), Some(c)) if SystemTime::now() < c.not_after => Ok(c),
-            (Signer::Remote(_), _) => Err(Error::NotIssued(identity.clone())),
+            (Signer::Remote(_), Some(c)) => {
+                Err(Error::Expired { identity: identity.clone(), at: humantime_utc(c.not_after) })
+            }
+            (Signer::Remote(_), None) => Err(Error::NotIssued(identity.clone())),
         }
     }
 
@@ -191,7 +194,7 @@ impl CertStore {
             }
             Signer::Remote(client) => {
                 let issued = client.sign(identity, self.ttl).await?;
-                let not_after = not_after(&issued.chain[0]).unwrap_or_else(|| SystemTime::now() + self.ttl);
+                let not_after = cert_not_after(&issued.chain[0]).unwrap_or_else(|| SystemTime::now() + self.ttl);
                 *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 self.store(identity, issued.chain, issued.key, not_after)
             }
@@ -280,8 +283,8 @@ impl CertStore {
     }
 }
 
-/// The certificate's notAfter.
-fn not_after(cert: &CertificateDer<'_>) -> Option<SystemTime> {
+/// The certificate's notAfter (None if it does not parse as X.509).
+pub(crate) fn cert_not_after(cert: &CertificateDer<'_>) -> Option<SystemTime> {
     let (_, x) = x509_parser::parse_x509_certificate(cert).ok()?;
     let secs = u64::try_from(x.validity().not_after.timestamp()).ok()?;
     Some(SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
@@ -336,22 +339,46 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn an_unreachable_ca_backs_off_per_identity_and_fails_closed() {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = MeshCa::load_or_create(dir.path(), "cluster.local").unwrap();
-        // A CA address nothing listens on: every ask is refused at once.
+    /// A client of a CA address nothing listens on: every ask is refused at once.
+    fn unreachable(ca: &MeshCa) -> CaClient {
         let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let address = closed.local_addr().unwrap().to_string();
         drop(closed);
-        let client = CaClient {
+        CaClient {
             address,
             server_name: "mesh-ca.istio-system.svc".into(),
             token_file: None,
             root_file: None,
             verifier: crate::identity::PeerVerifier::new(ca.roots(), vec!["cluster.local".into()]).unwrap(),
-        };
-        let store = CertStore::remote(client, Duration::from_secs(3600));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_certificate_past_its_expiry_is_not_served_and_the_error_says_since_when() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = MeshCa::load_or_create(dir.path(), "cluster.local").unwrap();
+        let store = CertStore::remote(unreachable(&ca), Duration::from_secs(3600));
+        let id = Identity::new("cluster.local", "production", "frontend");
+        store.set_local([id.clone()]);
+        let (chain, key, _) = ca.issue(&id, Duration::from_secs(60)).unwrap();
+        let expired = SystemTime::UNIX_EPOCH + Duration::from_secs(1_796_205_600);
+        store.store(&id, chain, key, expired).unwrap();
+        assert_eq!(store.renew_due().await, 0, "due, but the CA is unreachable");
+        let e = store.get(&id).unwrap_err();
+        assert!(matches!(&e, Error::Expired { identity, .. } if *identity == id), "{e:?}");
+        assert_eq!(
+            e.to_string(),
+            "the certificate of spiffe://cluster.local/ns/production/sa/frontend expired at 2026-12-02T10:00:00Z \
+             and the CA has not issued another"
+        );
+        assert!(!store.has(&id), "an expired certificate is not served: its connections fail closed");
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_ca_backs_off_per_identity_and_fails_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = MeshCa::load_or_create(dir.path(), "cluster.local").unwrap();
+        let store = CertStore::remote(unreachable(&ca), Duration::from_secs(3600));
         let id = Identity::new("cluster.local", "production", "frontend");
         store.set_local([id.clone()]);
         assert_eq!(store.renew_due().await, 0);

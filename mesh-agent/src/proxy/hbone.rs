@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use futures::FutureExt as _;
@@ -21,7 +22,7 @@ use super::accept::{OrigFrom, accept_loop};
 use super::admission::{self, Arrival};
 use crate::authz::{ConnVerdict, Decision, Peer};
 use crate::dataplane::Netns;
-use crate::identity::{Identity, peer_identity};
+use crate::identity::{Identity, cert_not_after, humantime_utc, peer_identity};
 use crate::state::Workload;
 use crate::telemetry::ConnLabels;
 use crate::transport::{CONNECT_TIMEOUT, Error, HANDSHAKE_TIMEOUT, limits, sockets};
@@ -60,14 +61,15 @@ async fn connection(
         Ok(Err(source)) => return Err(Error::Tls { addr: peer, source }),
         Err(_) => return Err(Error::Timeout { what: "TLS handshake with", addr: peer, after: HANDSHAKE_TIMEOUT }),
     };
-    let client = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(peer_identity);
-    // The verifier already refused certificates without an identity; this is belt and braces.
-    let Some(client) = client else {
+    let leaf = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
+    // The verifier already refused certificates without an identity or that do not
+    // parse; this is belt and braces.
+    let (Some(client), Some(not_after)) = (leaf.and_then(peer_identity), leaf.and_then(cert_not_after)) else {
         return Err(Error::Tls { addr: peer, source: std::io::Error::other("client presented no SPIFFE identity") });
     };
     tracing::debug!(pod = %pod.name, %peer, %client, "HBONE connection accepted");
     let shutdown = ctx.shutdown.clone();
-    let client = Arc::new(Client { identity: client, as_peer: Mutex::default() });
+    let client = Arc::new(Client { identity: client, not_after, as_peer: Mutex::default() });
     let service = hyper::service::service_fn(move |req| {
         let (ctx, pod, netns, client) = (ctx.clone(), pod.clone(), netns.clone(), client.clone());
         async move { Ok::<_, std::convert::Infallible>(stream_request(ctx, pod, netns, client, peer, req).await) }
@@ -83,6 +85,8 @@ async fn connection(
 /// shares it) and again only when the mesh's equivalent trust domains change.
 struct Client {
     identity: Identity,
+    /// The notAfter of the certificate it presented: no stream is taken after it.
+    not_after: SystemTime,
     as_peer: Mutex<Option<(Vec<String>, Arc<Peer>)>>,
 }
 
@@ -142,6 +146,26 @@ pub(crate) fn connect_target<B>(req: &Request<B>, pod: &Workload) -> Result<Sock
     Ok(target)
 }
 
+/// Why a stream may not be taken on a connection whose certificates no longer hold.
+struct Expired {
+    status: StatusCode,
+    reason: String,
+}
+
+/// Whether the pod can still vouch for itself (its certificate valid now) and the
+/// client's certificate has not expired since the handshake.
+fn credentials_valid(ctx: &ProxyContext, pod: &Workload, client: &Client) -> Result<(), Expired> {
+    if SystemTime::now() >= client.not_after {
+        let reason = format!("the client's certificate expired at {}", humantime_utc(client.not_after));
+        return Err(Expired { status: StatusCode::UNAUTHORIZED, reason });
+    }
+    ctx.dialer
+        .certs
+        .get(&pod.identity)
+        .map(drop)
+        .map_err(|e| Expired { status: StatusCode::SERVICE_UNAVAILABLE, reason: e.to_string() })
+}
+
 /// One CONNECT stream: dial the pod and splice.
 async fn stream_request(
     ctx: Arc<ProxyContext>,
@@ -160,6 +184,12 @@ async fn stream_request(
             return status(refused.status());
         }
     };
+    // A connection outlives the certificates it was opened with; a new stream is a new
+    // proxied connection, and takes valid ones on both ends (fail closed at expiry).
+    if let Err(refusal) = credentials_valid(&ctx, &pod, &client) {
+        tracing::warn!(pod = %pod.name, client = %client.identity, %target, reason = %refusal.reason, "CONNECT refused");
+        return status(refusal.status);
+    }
     // Each stream is a proxied connection of the source pod: its cap counts streams too,
     // so a peer cannot multiply its share by multiplexing.
     let permit = match ctx.limits.admit(peer.ip()) {

@@ -61,6 +61,8 @@ pub(crate) struct Mesh {
     registry: Registry,
     pub(crate) netns: Arc<Netns>,
     pub(crate) stop: CancellationToken,
+    /// The mesh's CA, for certificates a test presents itself.
+    ca: Arc<MeshCa>,
     _ca_dir: tempfile::TempDir,
 }
 
@@ -86,7 +88,7 @@ impl Mesh {
         let ca_dir = tempfile::tempdir().unwrap();
         let ca = Arc::new(MeshCa::load_or_create(ca_dir.path(), "cluster.local").unwrap());
         let verifier = PeerVerifier::new(ca.roots(), vec!["cluster.local".into()]).unwrap();
-        let certs = Arc::new(CertStore::new(ca, Duration::from_secs(3600)));
+        let certs = Arc::new(CertStore::new(ca.clone(), Duration::from_secs(3600)));
         let mut registry = Registry::default();
         let metrics = Arc::new(Metrics::new(&mut registry));
         let captured = Arc::new(Captured::default());
@@ -135,7 +137,7 @@ impl Mesh {
             let w = workload(&snapshot, pod);
             tokio::spawn(app(w.name.clone(), SocketAddr::new(w.ips[0], *port), stop.clone()));
         }
-        Self { ctx, captured, registry, netns, stop, _ca_dir: ca_dir }
+        Self { ctx, captured, registry, netns, stop, ca, _ca_dir: ca_dir }
     }
 
     fn workload(&self, name: &str) -> Arc<Workload> {
@@ -1423,6 +1425,46 @@ async fn same_node_tcp_is_admitted_without_a_tunnel_under_the_destinations_polic
     assert_eq!(mesh.ctx.inbound.reassess(&mesh.ctx.snapshot.load()), 1, "the held connection re-judged");
     let after = raw_get(&mut held).await;
     assert!(after.as_deref().map_or(true, str::is_empty), "closed once refused: {after:?}");
+}
+
+/// A certificate holds for the streams opened while it is valid, not for the life of
+/// the connection it was presented on: once the client's has expired, its HBONE
+/// connection takes no more CONNECTs (a CA outage past a certificate's lifetime fails
+/// closed for tunnels opened before it too), while the stream opened before goes on.
+#[tokio::test]
+async fn a_tunnel_takes_no_new_stream_once_the_clients_certificate_expired() {
+    let mesh = Mesh::start(&config(81, ""), &[("myapp-v1", 9000)]).await;
+    let (client, v1) = (mesh.workload("client"), mesh.workload("myapp-v1"));
+    let short_lived = Arc::new(CertStore::new(mesh.ca.clone(), Duration::from_secs(2)));
+    short_lived.set_local([client.identity.clone()]);
+    let verifier = &mesh.ctx.dialer.verifier;
+    let tls =
+        crate::identity::client_config(short_lived.clone(), client.identity.clone(), v1.identity.clone(), verifier)
+            .unwrap();
+    let tcp = tokio::net::TcpStream::connect((v1.ips[0], ports::INBOUND_HBONE)).await.unwrap();
+    let name = rustls::pki_types::ServerName::IpAddress(v1.ips[0].into());
+    let tls = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await.unwrap();
+    let (_, not_after) = short_lived.held()[0].clone();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls)).await.unwrap();
+    tokio::spawn(conn);
+    let connect = || {
+        let target = SocketAddr::new(v1.ips[0], 9000);
+        Request::builder().method(http::Method::CONNECT).uri(target.to_string()).body(Empty::<Bytes>::new()).unwrap()
+    };
+    let res = sender.send_request(connect()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK, "valid: the stream opens");
+    let mut open = TokioIo::new(hyper::upgrade::on(res).await.unwrap());
+
+    let left = not_after.duration_since(std::time::SystemTime::now()).unwrap_or_default();
+    tokio::time::sleep(left + Duration::from_millis(100)).await;
+    let res = sender.send_request(connect()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED, "expired: no new stream on the old connection");
+    // The stream opened under the valid certificate is left to finish.
+    open.write_all(b"GET / HTTP/1.1\r\nhost: myapp\r\n\r\n").await.unwrap();
+    let mut head = [0u8; 12];
+    open.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
 }
 
 /// HTTP that the destination reads for its request metrics still goes through the

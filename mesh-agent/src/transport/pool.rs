@@ -5,7 +5,11 @@
 //! destination address), so a stream never rides a connection authenticated as another
 //! workload; a connection that failed or closed is never handed out again; no connection
 //! carries more than [`MAX_STREAMS_PER_CONNECTION`] open streams (a busy key fans out to
-//! more connections, so one TLS session is not the bottleneck for a hot pair of pods).
+//! more connections, so one TLS session is not the bottleneck for a hot pair of pods);
+//! no stream opens under an expired certificate: not the source's (checked at each
+//! connection), not the peer's (a pooled connection is not used past the notAfter of
+//! the certificate its peer presented), so a CA outage past a certificate's lifetime
+//! fails closed for tunnels opened before it too.
 
 use std::collections::HashMap;
 use std::io;
@@ -14,7 +18,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
@@ -47,15 +51,23 @@ pub const MAX_STREAMS_PER_CONNECTION: usize = 100;
 struct Pooled {
     sender: SendRequest<Empty<Bytes>>,
     streams: StreamCount,
+    /// The notAfter of the certificate the peer presented.
+    peer_not_after: SystemTime,
 }
 
 impl Pooled {
-    /// Reserves a stream slot if the connection is open and has room.
+    /// Reserves a stream slot if the connection is open, its peer's certificate has
+    /// not expired, and it has room.
     fn try_reserve(&self) -> Option<StreamSlot> {
-        if self.sender.is_closed() {
+        if !self.usable() {
             return None;
         }
         self.streams.try_reserve(MAX_STREAMS_PER_CONNECTION)
+    }
+
+    /// Open, and authenticated by a certificate that is still valid.
+    fn usable(&self) -> bool {
+        !self.sender.is_closed() && SystemTime::now() < self.peer_not_after
     }
 
     /// Whether the connection has had no stream for `idle_timeout`.
@@ -194,6 +206,10 @@ impl Pool {
         dest: &Workload,
         target: SocketAddr,
     ) -> Result<Tunnel, Error> {
+        // The stream goes out under the source's certificate: without a valid one (never
+        // issued, or expired while the CA was unreachable) no stream opens, not even on a
+        // connection made while it was valid.
+        dialer.certs.get(&source.identity)?;
         let key = Key {
             source_pod: source.key(),
             destination: dest.identity.clone(),
@@ -319,7 +335,7 @@ impl Pool {
         // Idle connections anywhere in the pool go now (dropping the sender closes the
         // connection once its task sees no user left).
         conns.retain(|_, list| {
-            list.retain(|c| !c.sender.is_closed() && !c.idle_too_long(self.idle_timeout));
+            list.retain(|c| c.usable() && !c.idle_too_long(self.idle_timeout));
             !list.is_empty()
         });
         let list = conns.get_mut(key)?;
@@ -352,6 +368,14 @@ impl Pool {
                 return Err(Error::Timeout { what: "TLS handshake with", addr: key.addr, after: HANDSHAKE_TIMEOUT });
             }
         };
+        let peer_not_after = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .and_then(crate::identity::cert_not_after)
+            // Verified, so it parses; were it not, the connection would take no stream.
+            .unwrap_or(SystemTime::UNIX_EPOCH);
         let (sender, conn) = limits::h2_client()
             .handshake(TokioIo::new(stream))
             .await
@@ -369,7 +393,7 @@ impl Pool {
             }
         });
         tracing::debug!(source = %key.source_pod, destination = %key.destination, %addr, "HBONE connection opened");
-        Ok(Pooled { sender, streams })
+        Ok(Pooled { sender, streams, peer_not_after })
     }
 }
 
@@ -395,7 +419,7 @@ fn never_reached_the_peer(e: &hyper::Error) -> bool {
 mod tests {
     use std::time::Duration;
 
-    use super::StreamCount;
+    use super::{Pooled, StreamCount};
 
     #[test]
     fn stream_slots_are_capped_and_released_on_drop() {
@@ -405,6 +429,18 @@ mod tests {
         assert!(count.try_reserve(3).is_none(), "a full connection takes no more streams");
         drop(slots);
         assert!(count.try_reserve(3).is_some(), "dropped tunnels free their slots");
+    }
+
+    #[tokio::test]
+    async fn a_connection_takes_no_stream_once_its_peers_certificate_expired() {
+        let (io, _peer) = tokio::io::duplex(64 * 1024);
+        let (sender, conn) = super::limits::h2_client().handshake(hyper_util::rt::TokioIo::new(io)).await.unwrap();
+        tokio::spawn(conn);
+        let pooled =
+            |peer_not_after| Pooled { sender: sender.clone(), streams: StreamCount::default(), peer_not_after };
+        let now = std::time::SystemTime::now();
+        assert!(pooled(now + Duration::from_secs(60)).try_reserve().is_some(), "valid: takes a stream");
+        assert!(pooled(now - Duration::from_secs(1)).try_reserve().is_none(), "expired: takes none");
     }
 
     #[tokio::test]
