@@ -865,6 +865,53 @@ impl Lab {
         Ok(())
     }
 
+    /// Delays every packet a node sends onto the wire by `delay` (so a round trip
+    /// between the nodes takes twice that more), until called with `None`. The kernel
+    /// has no `tc netem`: an iptables rule in each node's forwarding path hands the
+    /// packets to a netfilter queue, where a helper (`mesh-echo delay`, named
+    /// `delay-<node>`) lets each through `delay` after it arrived.
+    pub fn wire_delay(&mut self, delay: Option<Duration>) -> anyhow::Result<()> {
+        const CHAIN: &str = "MESHLAB-DELAY";
+        for n in self.nodes.clone() {
+            let ipt = |args: &[&str]| -> anyhow::Result<String> {
+                let mut argv = vec!["ip", "netns", "exec", n.netns.as_str(), "iptables", "-w"];
+                argv.extend(args);
+                run(&argv)
+            };
+            if ipt(&["-S", CHAIN]).is_err() {
+                ipt(&["-N", CHAIN])?;
+                ipt(&["-I", "FORWARD", "1", "-j", CHAIN])?;
+            }
+            ipt(&["-F", CHAIN])?;
+            let helper = format!("delay-{}", n.name);
+            if self.helpers.iter().any(|h| h.name == helper) {
+                self.stop_helper(&helper)?;
+            }
+            let Some(delay) = delay else { continue };
+            let argv: Vec<String> = [
+                self.echo_bin.display().to_string(),
+                "delay".into(),
+                "--queue".into(),
+                "0".into(),
+                "--ms".into(),
+                delay.as_millis().to_string(),
+            ]
+            .into();
+            self.start_helper_in(&helper, &n.name, &n.netns, &argv)?;
+            let log = self.state_dir.join("logs").join(format!("helper-{helper}.log"));
+            let deadline = Instant::now() + READY_TIMEOUT;
+            while !fs::read_to_string(&log).unwrap_or_default().contains("ready") {
+                if Instant::now() > deadline {
+                    bail!("{helper} did not bind its queue: {}", fs::read_to_string(&log).unwrap_or_default());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            // --queue-bypass: were the helper gone, packets would pass rather than drop.
+            ipt(&["-A", CHAIN, "-o", "wire0", "-j", "NFQUEUE", "--queue-num", "0", "--queue-bypass"])?;
+        }
+        Ok(())
+    }
+
     /// Drops `percent` of the packets crossing the wire in or out of every node (100: a
     /// partition), at random, until called with `None`. This kernel has no queueing
     /// disciplines (`tc netem` cannot add latency here); the loss is iptables'
@@ -1168,23 +1215,29 @@ impl Lab {
     /// `CLIENT_NETNS`), in its own cgroup outside the
     /// node's subtree, logging to `logs/helper-<name>.log`. `down` stops it.
     pub fn start_helper(&mut self, name: &str, pod: &str, argv: &[String]) -> anyhow::Result<u32> {
-        if self.helpers.iter().any(|h| h.name == name) {
-            bail!("helper {name} is already running");
-        }
         // The outside client's netns stands for "the internet" too: servers there are
         // reached by no Service, only by address.
         let netns = if pod == CLIENT_NETNS { CLIENT_NETNS.to_string() } else { self.pod(pod)?.netns.clone() };
+        self.start_helper_in(name, pod, &netns, argv)
+    }
+
+    /// [`Lab::start_helper`] in the network namespace `netns`, for `owner` (a pod, or
+    /// a node for what runs on its wire).
+    fn start_helper_in(&mut self, name: &str, owner: &str, netns: &str, argv: &[String]) -> anyhow::Result<u32> {
+        if self.helpers.iter().any(|h| h.name == name) {
+            bail!("helper {name} is already running");
+        }
         let cgroup = format!("{CGROUP_NAME}/helpers/{name}");
         fs::create_dir_all(self.cgroup_root.join(&cgroup))?;
         let log = fs::File::create(self.state_dir.join("logs").join(format!("helper-{name}.log")))?;
-        let child = in_cgroup_netns(&self.cgroup_root.join(&cgroup), &netns, Enter::IpNetnsExec, argv)
+        let child = in_cgroup_netns(&self.cgroup_root.join(&cgroup), netns, Enter::IpNetnsExec, argv)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
             .with_context(|| format!("starting helper {name}"))?;
         let pid = child.id();
-        self.helpers.push(Helper { name: name.into(), pod: pod.into(), cgroup, pid });
+        self.helpers.push(Helper { name: name.into(), pod: owner.into(), cgroup, pid });
         self.save()?;
         Ok(pid)
     }

@@ -4,6 +4,7 @@
 //! (`hbone_client`).
 #![forbid(unsafe_code)]
 
+pub mod delay;
 pub mod grpc;
 pub mod harness;
 pub mod hbone_client;

@@ -1,5 +1,5 @@
 //! Faults a user of Istio expects the mesh to ride out, in the lab: an endpoint that
-//! crashes mid-request, and loss or a partition on the wire between the nodes
+//! crashes mid-request, and loss, latency or a partition on the wire between the nodes
 //! (docs/operating.md, "Faults").
 //!
 //! Lab tests: they skip with a message where the lab cannot run, unless
@@ -143,4 +143,82 @@ fn loss_and_a_partition_between_nodes_lose_no_byte_and_hang_nothing() {
     assert!(gave_up < Duration::from_secs(30), "the agent gave up in {gave_up:?}, before the client's 60 s");
     lab.wire_loss(None).unwrap();
     eventually("service is back after the partition", || curl(&lab, "frontend", "http://myapp-v1/").0.then_some(()));
+}
+
+/// A 1-s timeout on the route to myapp-v1 (node2); the response header says it is in force.
+const TIMEOUT_ROUTE: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: myapp-v1-timeout, namespace: production}
+spec:
+  hosts: [myapp-v1]
+  http:
+  - route: [{destination: {host: myapp-v1}}]
+    timeout: 1s
+    headers: {response: {add: {x-timeout-policy: "on"}}}
+"#;
+
+/// Seconds one GET from frontend to myapp-v1's address takes over the warm tunnel
+/// (the median of five); each must be answered.
+fn cross_node_get_seconds(lab: &Lab) -> f64 {
+    let mut times: Vec<f64> = (0..5)
+        .map(|_| {
+            let argv = ["curl", "-s", "-m", "10", "-o", "/dev/null", "-w", "%{http_code} %{time_total}"];
+            let out = lab.exec("frontend", &[&argv[..], &["http://10.10.2.2:8080/"]].concat()).unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            let (code, seconds) = text.split_once(' ').unwrap_or(("0", "0"));
+            assert_eq!(code, "200", "a request across the nodes failed: {text}");
+            seconds.trim().parse().unwrap()
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times[2]
+}
+
+#[test]
+fn latency_between_nodes_slows_the_tunnel_and_breaks_nothing() {
+    let Some(mut lab) = lab("latency_between_nodes_slows_the_tunnel_and_breaks_nothing") else { return };
+    let echo = root().join("target/debug/mesh-echo").display().to_string();
+    let cross = ["--tcp", "10.10.2.2:9000", "--http", "10.10.2.2:8080"];
+    let before = cross_node_get_seconds(&lab);
+
+    // 50 ms each way (a round trip 100 ms longer): slower, and nothing else changes.
+    lab.wire_delay(Some(Duration::from_millis(50))).unwrap();
+    let slowed = cross_node_get_seconds(&lab);
+    eprintln!("GET across the nodes: {:.1} ms, {:.1} ms with 50 ms each way", before * 1e3, slowed * 1e3);
+    // A request crosses the wire at least once each way: this only shows the delay is
+    // in force (a lower bound the wire sets, not a speed the mesh must reach).
+    assert!(slowed >= before + 0.1, "the delay is not in force: {before} s, then {slowed} s");
+    let out = lab.exec("frontend", &[&echo, "load", "10.10.2.2:9000", "--conns", "50", "--bytes", "262144"]).unwrap();
+    assert!(out.status.success(), "bulk under latency: {}", String::from_utf8_lossy(&out.stderr));
+    let delayed = steady_report(
+        start_steady(&lab, "frontend", &[&cross[..], &["--rps", "100", "--conns", "30", "--seconds", "6"]].concat()),
+        "under latency",
+    );
+    eprintln!("50 ms each way: {}", serde_json::to_string(&delayed).unwrap());
+    assert!(delayed.errors.is_empty(), "under latency: {:#?}", delayed.errors);
+    assert!(delayed.requests_ok >= 50 && delayed.requests_failed == 0, "{} requests", delayed.requests_ok);
+    assert_eq!(delayed.long_lived_failed, 0);
+
+    // Latency beyond a route's timeout: the source's agent answers 504 when the timeout
+    // says, the request is not left hanging on the slow wire.
+    apply_yaml(&lab, "myapp-v1-timeout.yaml", TIMEOUT_ROUTE);
+    eventually("the timeout route in force", || {
+        let out = lab.exec("frontend", &["curl", "-s", "-o", "/dev/null", "-D", "-", "http://myapp-v1/"]).unwrap();
+        String::from_utf8_lossy(&out.stdout).contains("x-timeout-policy: on").then_some(())
+    });
+    lab.wire_delay(Some(Duration::from_millis(1500))).unwrap();
+    let started = Instant::now();
+    let out = lab
+        .exec("frontend", &["curl", "-s", "-m", "30", "-o", "/dev/null", "-w", "%{http_code}", "http://myapp-v1/"])
+        .unwrap();
+    let answered = started.elapsed();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "504", "the route's timeout answered");
+    assert!(answered < Duration::from_secs(10), "answered after {answered:?}, not when the 1 s timeout said");
+
+    // The wire fast again: so is service.
+    lab.wire_delay(None).unwrap();
+    eventually("service back once the wire is fast", || curl(&lab, "frontend", "http://myapp-v1/").0.then_some(()));
+    let after = cross_node_get_seconds(&lab);
+    eprintln!("GET across the nodes after the delay was lifted: {:.1} ms", after * 1e3);
 }

@@ -194,6 +194,16 @@ enum Cmd {
         #[arg(long)]
         active: bool,
     },
+    /// Hold the packets netfilter queue --queue receives for --ms, then let them
+    /// through (latency where `tc netem` is missing; `mesh_tests::delay`).
+    Delay {
+        /// The NFQUEUE number.
+        #[arg(long, default_value_t = 0)]
+        queue: u16,
+        /// Added delay, ms.
+        #[arg(long)]
+        ms: u64,
+    },
     /// Run --conns concurrent TCP echo exchanges of --bytes each against ADDR and
     /// verify every byte came back.
     Load {
@@ -274,6 +284,9 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Load { addr, conns, bytes } => load(addr, conns, bytes).await,
+        Cmd::Delay { queue, ms } => {
+            tokio::task::spawn_blocking(move || mesh_tests::delay::run(queue, Duration::from_millis(ms))).await?
+        }
         Cmd::Hold { addr, conns, seconds, active } => {
             let (opened, closed) = mesh_tests::steady::hold(addr, conns, seconds, active).await;
             if opened.failed + closed.failed > 0 {
