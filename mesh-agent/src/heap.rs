@@ -1,60 +1,90 @@
-//! Hands the heap's freed memory back to the kernel once a burst is over. glibc's
-//! allocator keeps what a burst freed in its arenas (one per worker thread) for the next
-//! burst, so an agent that served a c64 L7 burst kept 2.7× its idle anonymous memory
-//! long after it. Every [`LOOK_EVERY`] the agent compares the heap's bytes in use with
-//! their peak since it last looked; when they fell by more than [`FELL_BY`], it asks
-//! glibc to release the free pages (`malloc_trim`).
+//! Hands the heap's freed memory back to the kernel once the allocator holds much more
+//! than the program uses. glibc's allocator keeps what the program freed in its arenas
+//! (one per worker thread) for the next allocations, so an agent that served a c64 L7
+//! burst kept 2.7× its idle anonymous memory long after it, and one that took 1,000 new
+//! connections a second for ten minutes kept 1 MiB more than before, freed but resident
+//! in fragmented arenas. Every [`LOOK_EVERY`] the agent compares its resident anonymous
+//! memory with the heap's bytes in use: when the difference (what the allocator holds
+//! beyond the program's use) grew by more than [`SLACK_GREW_BY`] since the last
+//! hand-back, it asks glibc to release the free pages (`malloc_trim`). A burst's end
+//! shows as such growth (the bytes in use fall, the memory stays); so does slow
+//! fragmentation under steady churn, which no fall of the bytes in use would show.
 #![expect(unsafe_code, reason = "glibc's mallinfo2 and malloc_trim have no safe wrapper")]
 
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-/// How often the heap is looked at: `mallinfo2` walks the arenas' free lists, cheap
-/// at this agent's heap sizes.
+/// How often the heap is looked at: `mallinfo2` walks the arenas' free lists, and
+/// `/proc/self/statm` is one small read; cheap at this agent's heap sizes.
 pub const LOOK_EVERY: Duration = Duration::from_secs(2);
 
-/// How far the bytes in use must fall from their peak before the free pages are
-/// handed back: less would trim after every few requests for nothing.
-pub const FELL_BY: usize = 1 << 20;
+/// How much more the allocator may come to hold beyond the program's use before the
+/// free pages are handed back: less would trim for a few requests' worth of memory;
+/// a trim walks every arena under its lock.
+pub const SLACK_GREW_BY: usize = 256 << 10;
 
 /// Looks at the heap every [`LOOK_EVERY`] until `shutdown`, handing freed memory back
-/// after each burst.
+/// whenever the allocator's slack grew.
 pub async fn hand_back_after_bursts(shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(LOOK_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let mut bursts = Bursts::default();
+    let mut slack = Slack::default();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             () = shutdown.cancelled() => return,
         }
-        let Some(in_use) = bytes_in_use() else { return };
-        if bursts.ended(in_use) {
+        let (Some(in_use), Some(anon)) = (bytes_in_use(), resident_anonymous_bytes()) else { return };
+        if slack.grew(anon, in_use) {
             let released = release_free_pages();
-            tracing::debug!(in_use, released, "heap: freed memory handed back after a burst");
+            let (Some(in_use), Some(anon_after)) = (bytes_in_use(), resident_anonymous_bytes()) else { return };
+            slack.handed_back(anon_after, in_use);
+            tracing::debug!(in_use, released, before = anon, after = anon_after, "heap: freed memory handed back");
         }
     }
 }
 
-/// The peak of the heap's bytes in use since the last hand-back, and whether a burst
-/// has ended.
+/// The allocator's slack (resident anonymous memory beyond the heap's bytes in use)
+/// right after the last hand-back, or its lowest since.
 #[derive(Debug, Default)]
-struct Bursts {
-    peak: usize,
+struct Slack {
+    floor: Option<usize>,
 }
 
-impl Bursts {
-    /// Takes a new reading of the bytes in use; true when they fell more than
-    /// [`FELL_BY`] below the peak (the peak then starts again from here).
-    fn ended(&mut self, in_use: usize) -> bool {
-        self.peak = self.peak.max(in_use);
-        if self.peak - in_use > FELL_BY {
-            self.peak = in_use;
-            return true;
+impl Slack {
+    /// Takes a reading; true when the slack grew more than [`SLACK_GREW_BY`] over its
+    /// floor (the first reading sets the floor).
+    fn grew(&mut self, resident_anonymous: usize, in_use: usize) -> bool {
+        let slack = resident_anonymous.saturating_sub(in_use);
+        match self.floor {
+            Some(floor) if slack > floor + SLACK_GREW_BY => true,
+            Some(floor) if slack >= floor => false,
+            _ => {
+                self.floor = Some(slack);
+                false
+            }
         }
-        false
     }
+
+    /// The reading after a hand-back is the new floor: what could not be released (a
+    /// free page between two in use) does not make the next look trim again.
+    fn handed_back(&mut self, resident_anonymous: usize, in_use: usize) {
+        self.floor = Some(resident_anonymous.saturating_sub(in_use));
+    }
+}
+
+/// Resident anonymous memory of this process (resident pages less those backed by a
+/// file or shared memory), from `/proc/self/statm`.
+fn resident_anonymous_bytes() -> Option<usize> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let mut fields = statm.split_whitespace().skip(1).map(|f| f.parse::<usize>().ok());
+    let (resident, shared) = (fields.next()??, fields.next()??);
+    Some(resident.saturating_sub(shared) * page_size())
+}
+
+fn page_size() -> usize {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE).ok().flatten().map_or(4096, |p| p as usize)
 }
 
 /// The bytes the program has allocated and not freed, over every arena; None where
@@ -74,14 +104,14 @@ pub(crate) fn bytes_in_use() -> Option<usize> {
 
 /// Releases the free pages of every arena; whether any memory was released.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn release_free_pages() -> bool {
+pub(crate) fn release_free_pages() -> bool {
     // SAFETY: malloc_trim takes the padding to keep (0) and works under the arenas'
     // own locks; no pointer is passed.
     unsafe { libc::malloc_trim(0) == 1 }
 }
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn release_free_pages() -> bool {
+pub(crate) fn release_free_pages() -> bool {
     false
 }
 
@@ -90,15 +120,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_burst_ends_when_the_heap_falls_well_below_its_peak() {
-        let mut bursts = Bursts::default();
-        let idle = 4 << 20;
-        assert!(!bursts.ended(idle), "the first reading is the peak");
-        assert!(!bursts.ended(idle + (12 << 20)), "rising is no end");
-        assert!(!bursts.ended(idle + (12 << 20) - 1000), "a few requests' worth is no end");
-        assert!(bursts.ended(idle), "12 MiB freed: handed back");
-        assert!(!bursts.ended(idle), "and not again until the next burst");
-        assert!(!bursts.ended(idle - (512 << 10)), "a small fall from the new peak is no end");
+    fn freed_memory_the_allocator_keeps_past_the_slack_is_handed_back() {
+        let mut slack = Slack::default();
+        let (idle, anon) = (4 << 20, 6 << 20);
+        assert!(!slack.grew(anon, idle), "the first reading is the floor");
+        assert!(!slack.grew(anon + (12 << 20), idle + (12 << 20)), "a burst in use is no slack");
+        assert!(!slack.grew(anon + 1000, idle), "a few requests' worth is no reason to trim");
+        assert!(slack.grew(anon + (12 << 20), idle), "a burst freed and kept: handed back");
+        slack.handed_back(anon + (1 << 20), idle);
+        assert!(!slack.grew(anon + (1 << 20), idle), "what a trim could not release is the new floor");
+        assert!(!slack.grew(anon, idle), "less slack lowers the floor");
+        assert!(slack.grew(anon + SLACK_GREW_BY + 4096, idle), "slow fragmentation adds up to a hand-back");
+    }
+
+    #[test]
+    fn resident_anonymous_memory_is_read() {
+        let anon = resident_anonymous_bytes().expect("/proc/self/statm");
+        let status_kib = rss_anon_kib();
+        // Both read the same counters a moment apart.
+        assert!((anon / 1024).abs_diff(status_kib as usize) < 4096, "{anon} B vs RssAnon {status_kib} KiB");
     }
 
     /// Memory freed in other threads' arenas, below a block still in use (so no arena

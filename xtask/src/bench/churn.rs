@@ -38,6 +38,9 @@ const FD_SLACK: usize = 2;
 pub struct AgentSample {
     /// `RssAnon` of node1's and node2's agent, KiB.
     pub rss_anon_kib: [u64; 2],
+    /// Heap bytes allocated and not freed (the agents' `istio_mesh_heap_in_use_bytes`),
+    /// KiB: anonymous memory above it is what the allocator keeps.
+    pub heap_in_use_kib: [u64; 2],
     /// Open descriptors.
     pub fds: [usize; 2],
     /// User and system CPU time since the agent started, s.
@@ -108,13 +111,13 @@ pub fn run(lab: &mut Lab, args: &BenchArgs, duration: Duration) -> anyhow::Resul
     // One window to open the pools and fill the caches, then the baseline.
     window_result(spawn_churn(lab, &tools, &url, args.rate)?)?;
     std::thread::sleep(SETTLE);
-    let before = sample(pids)?;
+    let before = sample(lab, pids)?;
     println!("[churn] before: {}", describe(&before));
     let started = Instant::now();
     let mut windows = Vec::new();
     while started.elapsed() + WINDOW <= duration + Duration::from_secs(1) {
         let (p99_ms, ok, failed) = window_result(spawn_churn(lab, &tools, &url, args.rate)?)?;
-        let window = Window { at_s: started.elapsed().as_secs(), agents: sample(pids)?, ok, failed, p99_ms };
+        let window = Window { at_s: started.elapsed().as_secs(), agents: sample(lab, pids)?, ok, failed, p99_ms };
         println!(
             "[churn] {:>5} s  {}  ok {}  failed {}  p99 {:.2} ms",
             window.at_s,
@@ -127,7 +130,7 @@ pub fn run(lab: &mut Lab, args: &BenchArgs, duration: Duration) -> anyhow::Resul
     }
     let elapsed = started.elapsed();
     std::thread::sleep(SETTLE);
-    let after = sample(pids)?;
+    let after = sample(lab, pids)?;
     println!("[churn] after ({} s settled): {}", SETTLE.as_secs(), describe(&after));
     let report = verdict(duration, args.rate, before, windows, after, elapsed);
     let dir = root().join("target/bench");
@@ -158,15 +161,23 @@ fn spawn_churn(lab: &Lab, tools: &Tools, url: &str, rate: u32) -> anyhow::Result
 }
 
 /// Both agents' anonymous memory, descriptors and CPU time now.
-fn sample(pids: [u32; 2]) -> anyhow::Result<AgentSample> {
-    let mut s = AgentSample { rss_anon_kib: [0; 2], fds: [0; 2], cpu_s: [0.0; 2] };
+fn sample(lab: &Lab, pids: [u32; 2]) -> anyhow::Result<AgentSample> {
+    let mut s = AgentSample { rss_anon_kib: [0; 2], heap_in_use_kib: [0; 2], fds: [0; 2], cpu_s: [0.0; 2] };
     for (i, pid) in pids.iter().enumerate() {
+        s.heap_in_use_kib[i] = heap_in_use_kib(lab, ["node1", "node2"][i]);
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).context("an agent exited")?;
         s.rss_anon_kib[i] = ResidentMemory::parse(&status).map_or(0, |m| m.rss_anon_kib);
         s.fds[i] = std::fs::read_dir(format!("/proc/{pid}/fd"))?.count();
         s.cpu_s[i] = cpu_seconds(&std::fs::read_to_string(format!("/proc/{pid}/stat"))?)?;
     }
     Ok(s)
+}
+
+/// What `node`'s agent says its heap holds, KiB (0 if it does not say).
+fn heap_in_use_kib(lab: &Lab, node: &str) -> u64 {
+    let metrics = mesh_tests::harness::metrics(lab, node);
+    let line = metrics.lines().find(|l| l.starts_with("istio_mesh_heap_in_use_bytes "));
+    line.and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()).map_or(0, |b| (b / 1024.0) as u64)
 }
 
 /// User plus system time of a process from its `/proc/<pid>/stat`, seconds (clock
@@ -182,8 +193,15 @@ fn cpu_seconds(stat: &str) -> anyhow::Result<f64> {
 
 fn describe(s: &AgentSample) -> String {
     format!(
-        "anon {} / {} KiB  fds {} / {}  cpu {:.1} / {:.1} s",
-        s.rss_anon_kib[0], s.rss_anon_kib[1], s.fds[0], s.fds[1], s.cpu_s[0], s.cpu_s[1]
+        "anon {} / {} KiB  heap {} / {} KiB  fds {} / {}  cpu {:.1} / {:.1} s",
+        s.rss_anon_kib[0],
+        s.rss_anon_kib[1],
+        s.heap_in_use_kib[0],
+        s.heap_in_use_kib[1],
+        s.fds[0],
+        s.fds[1],
+        s.cpu_s[0],
+        s.cpu_s[1]
     )
 }
 
@@ -293,7 +311,12 @@ mod tests {
     use super::*;
 
     fn agents(anon: u64, fds: usize, cpu: f64) -> AgentSample {
-        AgentSample { rss_anon_kib: [anon, anon], fds: [fds, fds], cpu_s: [cpu, cpu / 2.0] }
+        AgentSample {
+            rss_anon_kib: [anon, anon],
+            heap_in_use_kib: [anon / 2, anon / 2],
+            fds: [fds, fds],
+            cpu_s: [cpu, cpu / 2.0],
+        }
     }
 
     #[test]
