@@ -45,7 +45,7 @@ pub(crate) fn observability(settings: &Settings, certs: &Arc<CertStore>) -> (Reg
     registry.register_collector(Box::new(crate::telemetry::health::Health { certs: Some(certs.clone()) }));
     metrics.start_access_log(settings.access_log, tokio::io::stdout());
     if let Some(endpoint) = settings.trace_endpoint.clone() {
-        metrics.start_tracing(endpoint, settings.trace_sampling, settings.node.clone(), settings.trust_domain.clone());
+        metrics.start_tracing(endpoint, settings.trace_sampling, settings.node.clone(), settings.mesh_id());
     }
     (registry, metrics)
 }

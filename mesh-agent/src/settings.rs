@@ -321,6 +321,18 @@ pub struct Settings {
     /// `source_cluster`/`destination_cluster` (Istio's `CLUSTER_ID`).
     #[arg(long, env = "MESH_CLUSTER_ID", default_value = crate::state::DEFAULT_CLUSTER_ID)]
     pub cluster_id: String,
+
+    /// The network this cluster's pods are on (Istio's `values.global.network`):
+    /// pods labelled `topology.istio.io/network` (or in a namespace so labelled) with
+    /// another network are not Service endpoints, being reachable only through an
+    /// east-west gateway. Empty: no network named, every pod reached directly.
+    #[arg(long, env = "MESH_NETWORK", default_value = "")]
+    pub network: String,
+
+    /// The mesh's id (Istio's `values.global.meshID`), which traces report as
+    /// `istio.mesh_id`. Empty: the trust domain, as Istio defaults it.
+    #[arg(long, env = "MESH_MESH_ID", default_value = "")]
+    pub mesh_id: String,
 }
 
 /// `--dns-capture`.
@@ -389,7 +401,13 @@ impl Settings {
             outbound: self.outbound_traffic_policy,
             dns_capture: self.dns_capture == DnsCapture::On,
             cluster_id: self.cluster_id.clone(),
+            network: self.network.clone(),
         }
+    }
+
+    /// The mesh's id: `--mesh-id`, else the trust domain.
+    pub fn mesh_id(&self) -> String {
+        if self.mesh_id.is_empty() { self.trust_domain.clone() } else { self.mesh_id.clone() }
     }
 
     /// Every trust domain whose identities are accepted.
@@ -397,5 +415,32 @@ impl Settings {
         let mut tds = vec![self.trust_domain.clone()];
         tds.extend(self.trust_domain_aliases.iter().cloned());
         tds
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    #[test]
+    fn the_install_values_for_a_cluster_reach_the_mesh_scope_and_traces() {
+        let s = Settings::try_parse_from([
+            "mesh-agent",
+            "--node",
+            "node1",
+            "--cluster-id",
+            "cluster1",
+            "--network",
+            "network1",
+        ])
+        .unwrap();
+        let mesh = s.mesh_scope();
+        assert_eq!((mesh.cluster_id.as_str(), mesh.network.as_str()), ("cluster1", "network1"));
+        assert_eq!(s.mesh_id(), "cluster.local", "without a mesh id, traces name the trust domain, as Istio's do");
+        let s = Settings::try_parse_from(["mesh-agent", "--node", "node1", "--mesh-id", "mesh1"]).unwrap();
+        assert_eq!(s.mesh_id(), "mesh1");
+        assert!(s.mesh_scope().network.is_empty(), "no network named: every pod is reached directly");
     }
 }

@@ -320,6 +320,9 @@ pub struct MeshScope {
     pub dns_capture: bool,
     /// This cluster's id (Istio's `CLUSTER_ID`), as telemetry names it.
     pub cluster_id: String,
+    /// The network this cluster's pods are on (Istio's `values.global.network`); empty:
+    /// none named, every pod is reached directly.
+    pub network: String,
 }
 
 /// Istio's `outboundTrafficPolicy.mode`: where an enrolled pod may connect that is
@@ -345,6 +348,7 @@ impl MeshScope {
             outbound: OutboundPolicy::AllowAny,
             dns_capture: false,
             cluster_id: DEFAULT_CLUSTER_ID.into(),
+            network: String::new(),
         }
     }
 

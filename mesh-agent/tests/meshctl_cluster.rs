@@ -317,3 +317,39 @@ async fn analyze_and_preflight_read_the_cluster() {
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("Kubernetes API: unreachable"), "{out}");
 }
+
+/// The reference document's multi-cluster step, `istioctl install -f` with its
+/// IstioOperator, through meshctl: the agents are told their cluster, network and mesh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_istio_operator_file_installs_the_cluster_it_names() {
+    let api = cluster().await;
+    let dir = tempfile::tempdir().unwrap();
+    let kc = api.kubeconfig(dir.path());
+    let iop = dir.path().join("iop.yaml");
+    std::fs::write(
+        &iop,
+        "apiVersion: install.istio.io/v1alpha1\nkind: IstioOperator\nspec:\n  values:\n    global:\n      meshID: mesh1\n      \
+         multiCluster:\n        clusterName: cluster1\n      network: network1\n",
+    )
+    .unwrap();
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "apiVersion: install.istio.io/v1alpha1\nkind: IstioOperator\nspec: {values: {global: {netwrok: n1}}}\n",
+    )
+    .unwrap();
+    let (code, out) = run(&kc, &["install", "-y", "-f", bad.to_str().unwrap()]).await;
+    assert_eq!(code, Some(2), "{out}");
+    assert!(
+        out.contains("spec.values.global.netwrok: not a value meshctl reads (did you mean values.global.network?)"),
+        "{out}"
+    );
+    assert!(api.writes().is_empty(), "a refused file changes nothing: {:?}", api.writes());
+
+    let (code, out) = run(&kc, &["install", "-y", "-f", iop.to_str().unwrap()]).await;
+    assert_eq!(code, Some(0), "{out}");
+    let cm = api.get("/api/v1/configmaps", "istio-system", "mesh-agent").expect("the agents' ConfigMap");
+    assert_eq!(cm["data"]["MESH_CLUSTER_ID"], "cluster1", "{cm}");
+    assert_eq!(cm["data"]["MESH_NETWORK"], "network1");
+    assert_eq!(cm["data"]["MESH_MESH_ID"], "mesh1");
+}

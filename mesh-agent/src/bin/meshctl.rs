@@ -42,6 +42,10 @@ enum Cmd {
         /// The values it was installed with (`profile=minimal`: CRDs come from Istio).
         #[arg(long = "set")]
         sets: Vec<String>,
+        /// IstioOperator files (`install.istio.io/v1alpha1`): `spec.profile`, `spec.values`,
+        /// `spec.meshConfig`, ... as `--set` names them; `--set` overrides them.
+        #[arg(short = 'f', long = "filename")]
+        files: Vec<PathBuf>,
     },
     /// Analyze configuration the way the agent validates it, plus checks across objects.
     Analyze {
@@ -69,6 +73,10 @@ enum Cmd {
         /// `values.global.proxy.resources.requests.cpu=100m`.
         #[arg(long = "set")]
         sets: Vec<String>,
+        /// IstioOperator files (`install.istio.io/v1alpha1`): `spec.profile`, `spec.values`,
+        /// `spec.meshConfig`, ... as `--set` names them; `--set` overrides them.
+        #[arg(short = 'f', long = "filename")]
+        files: Vec<PathBuf>,
         /// Do not ask for confirmation.
         #[arg(short = 'y', long = "skip-confirmation")]
         yes: bool,
@@ -81,6 +89,10 @@ enum Cmd {
         /// The values it was installed with.
         #[arg(long = "set")]
         sets: Vec<String>,
+        /// IstioOperator files (`install.istio.io/v1alpha1`): `spec.profile`, `spec.values`,
+        /// `spec.meshConfig`, ... as `--set` names them; `--set` overrides them.
+        #[arg(short = 'f', long = "filename")]
+        files: Vec<PathBuf>,
         /// Also remove the mesh's CRDs (and every resource of them) and its generated CA.
         #[arg(long)]
         purge: bool,
@@ -155,6 +167,10 @@ enum ManifestCmd {
         /// `profile=minimal|default|demo` or a value (see `meshctl install --help`).
         #[arg(long = "set")]
         sets: Vec<String>,
+        /// IstioOperator files (`install.istio.io/v1alpha1`): `spec.profile`, `spec.values`,
+        /// `spec.meshConfig`, ... as `--set` names them; `--set` overrides them.
+        #[arg(short = 'f', long = "filename")]
+        files: Vec<PathBuf>,
         /// Instead, write the whole deploy/ tree (profiles, Helm chart, kustomize) here.
         #[arg(long)]
         deploy_dir: Option<PathBuf>,
@@ -171,8 +187,8 @@ fn main() -> ExitCode {
         Cmd::Check { pre: true, cluster: true, .. } => {
             on_cluster(|c| async move { Ok(report(style, &cluster::preflight(&c).await, CLUSTER_PREFLIGHT_OK)) })
         }
-        Cmd::Check { pre: false, namespace, sets, .. } => {
-            let values = match values_for(&sets, namespace) {
+        Cmd::Check { pre: false, namespace, sets, files, .. } => {
+            let values = match values_for(&sets, &files, namespace) {
                 Ok(v) => v,
                 Err(code) => return code,
             };
@@ -235,8 +251,8 @@ fn main() -> ExitCode {
             }
             Ok(if rows.iter().all(|r| r.state == SyncState::Synced) { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }),
-        Cmd::Manifest { cmd: ManifestCmd::Generate { sets, deploy_dir: None } } => {
-            match values_for(&sets, None).and_then(|v| manifest_for(&v)) {
+        Cmd::Manifest { cmd: ManifestCmd::Generate { sets, files, deploy_dir: None } } => {
+            match values_for(&sets, &files, None).and_then(|v| manifest_for(&v)) {
                 Ok(yaml) => {
                     print!("{yaml}");
                     ExitCode::SUCCESS
@@ -245,8 +261,8 @@ fn main() -> ExitCode {
             }
         }
         Cmd::Manifest { cmd: ManifestCmd::Generate { deploy_dir: Some(dir), .. } } => write_deploy(&dir),
-        Cmd::Install { sets, yes, dry_run } => {
-            let values = match values_for(&sets, None) {
+        Cmd::Install { sets, files, yes, dry_run } => {
+            let values = match values_for(&sets, &files, None) {
                 Ok(v) => v,
                 Err(code) => return code,
             };
@@ -274,8 +290,8 @@ fn main() -> ExitCode {
                 Ok(ExitCode::SUCCESS)
             })
         }
-        Cmd::Uninstall { sets, purge, yes, dry_run } => {
-            let values = match values_for(&sets, None) {
+        Cmd::Uninstall { sets, files, purge, yes, dry_run } => {
+            let values = match values_for(&sets, &files, None) {
                 Ok(v) => v,
                 Err(code) => return code,
             };
@@ -361,8 +377,21 @@ where
     })
 }
 
-fn values_for(sets: &[String], namespace: Option<String>) -> Result<manifest::Values, ExitCode> {
-    let mut values = manifest::Values::from_sets(sets).map_err(|e| {
+fn values_for(sets: &[String], files: &[PathBuf], namespace: Option<String>) -> Result<manifest::Values, ExitCode> {
+    let mut operators = Vec::new();
+    for f in files {
+        // `-f -`: the IstioOperator on standard input, as istioctl reads it.
+        let read =
+            if f.as_os_str() == "-" { std::io::read_to_string(std::io::stdin()) } else { std::fs::read_to_string(f) };
+        match read {
+            Ok(text) => operators.push((f.display().to_string(), text)),
+            Err(e) => {
+                eprintln!("meshctl: {}: {e}", f.display());
+                return Err(ExitCode::from(2));
+            }
+        }
+    }
+    let mut values = manifest::Values::from_sources(&operators, sets).map_err(|e| {
         eprintln!("meshctl: {e}");
         ExitCode::from(2)
     })?;

@@ -26,6 +26,9 @@ const HELM: &[(&str, &str)] = &[
     ("helm-outbound-traffic-policy", "{{ .Values.meshConfig.outboundTrafficPolicy.mode | quote }}"),
     ("helm-cert-ttl", "{{ .Values.global.workloadCertTtl | quote }}"),
     ("helm-dns-capture", "{{ .Values.cni.ambient.dnsCapture | quote }}"),
+    ("helm-cluster-name", "{{ .Values.global.multiCluster.clusterName | quote }}"),
+    ("helm-mesh-id", "{{ .Values.global.meshID | quote }}"),
+    ("helm-network", "{{ .Values.global.network | quote }}"),
     ("helm-requests-cpu", "{{ .Values.global.proxy.resources.requests.cpu | quote }}"),
     ("helm-requests-memory", "{{ .Values.global.proxy.resources.requests.memory | quote }}"),
     ("helm-limits-cpu", "{{ .Values.global.proxy.resources.limits.cpu | quote }}"),
@@ -78,6 +81,9 @@ fn helm_chart() -> Vec<(PathBuf, String)> {
             "tag": defaults.tag,
             "logging": {"level": defaults.log_level},
             "workloadCertTtl": defaults.cert_ttl,
+            "meshID": defaults.mesh_id,
+            "multiCluster": {"clusterName": defaults.cluster_name},
+            "network": defaults.network,
             "proxy": {"resources": {
                 "requests": {"cpu": res("requests", "cpu"), "memory": res("requests", "memory")},
                 "limits": {"cpu": res("limits", "cpu"), "memory": res("limits", "memory")},
@@ -105,6 +111,9 @@ fn helm_chart() -> Vec<(PathBuf, String)> {
     marked.outbound_traffic_policy = "helm-outbound-traffic-policy".into();
     marked.cert_ttl = "helm-cert-ttl".into();
     marked.dns_capture = "helm-dns-capture".into();
+    marked.cluster_name = "helm-cluster-name".into();
+    marked.mesh_id = "helm-mesh-id".into();
+    marked.network = "helm-network".into();
     for k in ["requests", "limits"] {
         for r in ["cpu", "memory"] {
             marked.resources.insert((k.into(), r.into()), format!("helm-{k}-{r}"));

@@ -68,6 +68,129 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// An IstioOperator file (`-f`) that cannot be read as one, or one of its fields.
+    #[error("{file}: {field}: {reason}")]
+    Operator {
+        /// The file as given.
+        file: String,
+        /// The field, e.g. `spec.values.global.network`.
+        field: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// One value and where it was said: a `--set`, or a field of an IstioOperator file.
+struct Said {
+    key: String,
+    value: String,
+    /// (file, field) for a value from a file.
+    from: Option<(String, String)>,
+}
+
+impl Said {
+    /// `e`, which `--set` would word as its own, worded for the file's field instead.
+    fn locate(&self, e: Error) -> Error {
+        let Some((file, field)) = &self.from else { return e };
+        let reason = match e {
+            Error::UnknownKey { hint, .. } => format!("not a value meshctl reads{hint}"),
+            Error::BadValue { value, reason, .. } => format!("{value:?}: {reason}"),
+            other => other.to_string(),
+        };
+        Error::Operator { file: file.clone(), field: field.clone(), reason }
+    }
+}
+
+/// The apiVersion and kind of the IstioOperator files `-f` takes.
+const OPERATOR_API: (&str, &str) = ("install.istio.io/v1alpha1", "IstioOperator");
+
+/// The values an IstioOperator file `file` (its text `yaml`) says, as `--set` keys:
+/// `spec.profile`, `spec.hub`, `spec.tag`, `spec.namespace`, and every scalar under
+/// `spec.values` and `spec.meshConfig` (`spec.values.global.network` is
+/// `values.global.network`).
+fn operator_values(file: &str, yaml: &str) -> Result<Vec<Said>, Error> {
+    let at = |field: &str, reason: String| Error::Operator { file: file.into(), field: field.into(), reason };
+    let doc: serde_yaml::Value = serde_yaml::from_str(yaml).map_err(|e| at("(document)", e.to_string()))?;
+    for (field, want) in [("apiVersion", OPERATOR_API.0), ("kind", OPERATOR_API.1)] {
+        let got = doc.get(field).and_then(serde_yaml::Value::as_str);
+        if got != Some(want) {
+            return Err(at(field, format!("expected {want}, found {}", got.unwrap_or("nothing"))));
+        }
+    }
+    let mut said = Vec::new();
+    let Some(spec) = doc.get("spec").filter(|s| !s.is_null()) else { return Ok(said) };
+    let spec = spec.as_mapping().ok_or_else(|| at("spec", "expected a mapping".into()))?;
+    for (k, v) in spec {
+        let k = k.as_str().unwrap_or_default();
+        let field = format!("spec.{k}");
+        let key = match k {
+            "profile" => "profile",
+            "hub" => "values.global.hub",
+            "tag" => "values.global.tag",
+            "namespace" => "values.global.istioNamespace",
+            "values" | "meshConfig" => {
+                flatten(file, k, &field, v, &mut said)?;
+                continue;
+            }
+            _ => {
+                return Err(at(
+                    &field,
+                    "not read by meshctl, which takes spec.profile, spec.hub, spec.tag, spec.namespace, spec.values \
+                     and spec.meshConfig"
+                        .into(),
+                ));
+            }
+        };
+        let value = scalar(v).ok_or_else(|| at(&field, "expected a single value".into()))?;
+        said.push(Said { key: key.into(), value, from: Some((file.into(), field)) });
+    }
+    Ok(said)
+}
+
+/// Every scalar under `v` as `key.sub.key` (the file's `field.sub.key`).
+fn flatten(file: &str, key: &str, field: &str, v: &serde_yaml::Value, said: &mut Vec<Said>) -> Result<(), Error> {
+    let at = |reason: &str| Error::Operator { file: file.into(), field: field.into(), reason: reason.into() };
+    match v {
+        serde_yaml::Value::Null => Ok(()),
+        serde_yaml::Value::Mapping(m) => {
+            for (k, sub) in m {
+                let k = k.as_str().ok_or_else(|| at("a key that is not a string"))?;
+                flatten(file, &format!("{key}.{k}"), &format!("{field}.{k}"), sub, said)?;
+            }
+            Ok(())
+        }
+        other => {
+            let value = scalar(other).ok_or_else(|| at("a list; meshctl's values are single values"))?;
+            said.push(Said { key: key.into(), value, from: Some((file.into(), field.into())) });
+            Ok(())
+        }
+    }
+}
+
+/// A YAML scalar as `--set` would write it.
+fn scalar(v: &serde_yaml::Value) -> Option<String> {
+    match v {
+        serde_yaml::Value::String(s) => Some(s.clone()),
+        serde_yaml::Value::Bool(b) => Some(b.to_string()),
+        serde_yaml::Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// A name for a cluster, network or mesh: letters, digits, `-`, `_` and `.`, starting
+/// and ending with a letter or digit, at most 63 (it becomes a label value and a
+/// metric label).
+fn mesh_name(value: &str) -> Result<String, String> {
+    let ok = !value.is_empty()
+        && value.len() <= 63
+        && value.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && value.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && value.ends_with(|c: char| c.is_ascii_alphanumeric());
+    if ok {
+        Ok(value.into())
+    } else {
+        Err("at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit".into())
+    }
 }
 
 /// An install profile.
@@ -131,6 +254,13 @@ pub struct Values {
     /// Percent of new traces sampled (`meshConfig.defaultConfig.tracing.sampling`);
     /// empty: the agent's default (1).
     pub trace_sampling: String,
+    /// The mesh's id (`values.global.meshID`); empty: the trust domain.
+    pub mesh_id: String,
+    /// This cluster's name (`values.global.multiCluster.clusterName`), which metrics
+    /// report as `source_cluster`/`destination_cluster`.
+    pub cluster_name: String,
+    /// The network of this cluster's pods (`values.global.network`); empty: none named.
+    pub network: String,
 }
 
 impl Values {
@@ -171,30 +301,43 @@ impl Values {
             access_log: if profile == Profile::Demo { "text" } else { "off" }.into(),
             trace_endpoint: if profile == Profile::Demo { DEMO_TRACE_ENDPOINT } else { "" }.into(),
             trace_sampling: if profile == Profile::Demo { "100" } else { "" }.into(),
+            mesh_id: String::new(),
+            cluster_name: crate::state::DEFAULT_CLUSTER_ID.into(),
+            network: String::new(),
         }
     }
 
     /// Values from `--set key=value` arguments; `profile=` is read first, whatever
     /// its position, so the other keys override the profile's defaults.
     pub fn from_sets(sets: &[String]) -> Result<Self, Error> {
-        let mut pairs = Vec::new();
+        Self::from_sources(&[], sets)
+    }
+
+    /// Values from IstioOperator files (`-f`: each a file name and its text) and then
+    /// `--set` arguments, which override the files as with istioctl; the last
+    /// `profile` said is read first.
+    pub fn from_sources(operators: &[(String, String)], sets: &[String]) -> Result<Self, Error> {
+        let mut said = Vec::new();
+        for (file, yaml) in operators {
+            said.extend(operator_values(file, yaml)?);
+        }
         for s in sets {
             let (k, v) = s.split_once('=').ok_or_else(|| Error::NotKeyValue(s.clone()))?;
-            pairs.push((k.trim().to_string(), v.trim().to_string()));
+            said.push(Said { key: k.trim().to_string(), value: v.trim().to_string(), from: None });
         }
-        let profile = match pairs.iter().rev().find(|(k, _)| k == "profile") {
+        let profile = match said.iter().rev().find(|s| s.key == "profile") {
             None => Profile::Default,
-            Some((_, v)) => {
-                Profile::ALL.iter().find(|(n, _)| n == v).map(|(_, p)| *p).ok_or_else(|| Error::BadValue {
+            Some(s) => Profile::ALL.iter().find(|(n, _)| *n == s.value).map(|(_, p)| *p).ok_or_else(|| {
+                s.locate(Error::BadValue {
                     key: "profile".into(),
-                    value: v.clone(),
+                    value: s.value.clone(),
                     reason: "profiles are minimal, default and demo".into(),
-                })?
-            }
+                })
+            })?,
         };
         let mut values = Values::for_profile(profile);
-        for (k, v) in pairs.into_iter().filter(|(k, _)| k != "profile") {
-            values.set(&k, v)?;
+        for s in said.into_iter().filter(|s| s.key != "profile") {
+            values.set(&s.key, s.value.clone()).map_err(|e| s.locate(e))?;
         }
         Ok(values)
     }
@@ -257,6 +400,9 @@ impl Values {
                 }
                 self.trace_endpoint = value;
             }
+            "values.global.meshID" => self.mesh_id = mesh_name(&value).map_err(|r| bad(&r))?,
+            "values.global.multiCluster.clusterName" => self.cluster_name = mesh_name(&value).map_err(|r| bad(&r))?,
+            "values.global.network" => self.network = mesh_name(&value).map_err(|r| bad(&r))?,
             "meshConfig.defaultConfig.tracing.sampling" => {
                 match value.parse::<f64>() {
                     Ok(p) if (0.0..=100.0).contains(&p) => {}
@@ -316,6 +462,9 @@ pub fn known_keys() -> Vec<String> {
         "meshConfig.accessLogFile",
         "meshConfig.accessLogEncoding",
         "meshConfig.defaultConfig.tracing.sampling",
+        "values.global.meshID",
+        "values.global.multiCluster.clusterName",
+        "values.global.network",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -517,6 +666,9 @@ pub fn objects(v: &Values) -> Vec<serde_json::Value> {
                     ("MESH_OUTBOUND_TRAFFIC_POLICY".to_string(), v.outbound_traffic_policy.clone()),
                     ("MESH_DNS_CAPTURE".to_string(), v.dns_capture.clone()),
                     ("MESH_CERT_TTL".to_string(), v.cert_ttl.clone()),
+                    ("MESH_CLUSTER_ID".to_string(), v.cluster_name.clone()),
+                    ("MESH_MESH_ID".to_string(), v.mesh_id.clone()),
+                    ("MESH_NETWORK".to_string(), v.network.clone()),
                     ("MESH_LOG".to_string(), v.log_level.clone()),
                     ("MESH_CONFIG_SOURCE".to_string(), "kubernetes".to_string()),
                     ("MESH_METRICS_AUTH".to_string(), "kubernetes".to_string()),
@@ -1138,5 +1290,70 @@ mod tests {
         let e = Values::from_sets(&["profile=huge".into()]).unwrap_err().to_string();
         assert!(e.contains("profiles are minimal, default and demo"), "{e}");
         assert!(Values::from_sets(&["novalue".into()]).unwrap_err().to_string().contains("expected key=value"));
+    }
+
+    /// The reference document's multi-cluster IstioOperator, as written.
+    const MULTI_CLUSTER_IOP: &str = "\
+apiVersion: install.istio.io/v1alpha1
+kind: IstioOperator
+spec:
+  values:
+    global:
+      meshID: mesh1
+      multiCluster:
+        clusterName: cluster1
+      network: network1
+";
+
+    /// The agents' environment from the ConfigMap the manifests carry.
+    fn agent_env(v: &Values) -> serde_json::Value {
+        let yaml = render(v).unwrap();
+        let cm = parse_all(&yaml).into_iter().find(|d| d["kind"] == "ConfigMap" && d["metadata"]["name"] == AGENT);
+        cm.expect("the agents' ConfigMap")["data"].clone()
+    }
+
+    #[test]
+    fn an_istio_operator_file_sets_what_its_fields_say_and_set_overrides_it() {
+        let iop = ("iop.yaml".to_string(), MULTI_CLUSTER_IOP.to_string());
+        let v = Values::from_sources(std::slice::from_ref(&iop), &[]).unwrap();
+        let env = agent_env(&v);
+        assert_eq!(env["MESH_CLUSTER_ID"], "cluster1", "metrics name the cluster");
+        assert_eq!(env["MESH_NETWORK"], "network1");
+        assert_eq!(env["MESH_MESH_ID"], "mesh1");
+        // --set over the file, as with istioctl; the file's profile and meshConfig too.
+        let with_profile = (
+            "demo.yaml".to_string(),
+            format!("{MULTI_CLUSTER_IOP}  profile: demo\n  meshConfig: {{trustDomain: example.org}}\n"),
+        );
+        let sets = ["values.global.network=network9".to_string()];
+        let v = Values::from_sources(&[with_profile], &sets).unwrap();
+        assert_eq!(
+            (v.profile, v.trust_domain.as_str(), v.network.as_str()),
+            (Profile::Demo, "example.org", "network9")
+        );
+        // Defaults: Istio's cluster name, no network, the trust domain as the mesh's id.
+        let env = agent_env(&Values::from_sets(&[]).unwrap());
+        assert_eq!((env["MESH_CLUSTER_ID"].as_str(), env["MESH_NETWORK"].as_str()), (Some("Kubernetes"), Some("")));
+    }
+
+    #[test]
+    fn a_bad_istio_operator_file_is_refused_naming_the_file_and_field() {
+        let refused = |yaml: &str| {
+            Values::from_sources(&[("iop.yaml".to_string(), yaml.to_string())], &[]).unwrap_err().to_string()
+        };
+        let e = refused("apiVersion: install.istio.io/v1alpha1\nkind: IstioOperatr\n");
+        assert_eq!(e, "iop.yaml: kind: expected IstioOperator, found IstioOperatr");
+        let e = refused(&MULTI_CLUSTER_IOP.replace("network: network1", "networks: network1"));
+        assert!(e.starts_with("iop.yaml: spec.values.global.networks: not a value meshctl reads"), "{e}");
+        assert!(e.contains("did you mean values.global.network?"), "{e}");
+        let e = refused(&MULTI_CLUSTER_IOP.replace("clusterName: cluster1", "clusterName: \"cluster 1\""));
+        assert!(
+            e.starts_with("iop.yaml: spec.values.global.multiCluster.clusterName: \"cluster 1\": at most 63"),
+            "{e}"
+        );
+        let e = refused(&format!("{MULTI_CLUSTER_IOP}  components: {{cni: {{enabled: true}}}}\n"));
+        assert!(e.starts_with("iop.yaml: spec.components: not read by meshctl"), "{e}");
+        let e = refused(&MULTI_CLUSTER_IOP.replace("network: network1", "network: [a, b]"));
+        assert!(e.contains("spec.values.global.network: a list"), "{e}");
     }
 }

@@ -216,6 +216,7 @@ spec:
         outbound: Default::default(),
         dns_capture: false,
         cluster_id: crate::state::DEFAULT_CLUSTER_ID.into(),
+        network: String::new(),
     };
     let snap = snapshot_with(&mesh, &[policy(yaml)]);
     let a = &snap.security("production/myapp-v1").authz;

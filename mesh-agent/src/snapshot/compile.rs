@@ -1,7 +1,7 @@
 //! [`Snapshot::compile`]: users' objects to lookup tables, with the problems found on
 //! the way.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -36,12 +36,19 @@ const LINKERD_INJECT: (&str, &str) = ("linkerd.io/inject", "enabled");
 const DNS_CAPTURE: &str = "ambient.istio.io/dns-capture";
 
 /// What a namespace says about its pods.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 struct NamespaceModes {
     enrolled: bool,
     /// `DNS_CAPTURE`, when it says.
     dns_capture: Option<bool>,
+    /// [`NETWORK_LABEL`], when it says.
+    network: Option<String>,
 }
+
+/// Istio's network label, on a pod or its namespace: the network its addresses are on.
+/// Another network than this cluster's is reached only through that network's
+/// east-west gateway.
+const NETWORK_LABEL: &str = "topology.istio.io/network";
 
 /// `"true"` / `"false"` (any case); anything else says nothing.
 fn switch(value: Option<&String>) -> Option<bool> {
@@ -70,6 +77,7 @@ impl Snapshot {
                 let modes = NamespaceModes {
                     enrolled: by_label || by_annotation,
                     dns_capture: switch(ns.metadata.labels.get(DNS_CAPTURE)),
+                    network: ns.metadata.labels.get(NETWORK_LABEL).cloned(),
                 };
                 namespaces.insert(ns.metadata.name.clone(), modes);
             }
@@ -85,9 +93,25 @@ impl Snapshot {
             enrolled_ns: namespaces.iter().filter(|(_, m)| m.enrolled).map(|(n, _)| n.clone()).collect(),
             ..Default::default()
         };
+        // Pods whose addresses this cluster's network does not reach: no Service sends
+        // them traffic (Istio reaches them through their network's east-west gateway,
+        // which this mesh does not have yet).
+        let mut off_network: HashSet<IpAddr> = HashSet::new();
         for o in objects {
             if let Object::Pod(pod) = o {
                 let w = Arc::new(workload(pod, mesh, &namespaces));
+                if let Some(network) = network_of(pod, &namespaces, mesh) {
+                    off_network.extend(&w.ips);
+                    snap.problems.push(Problem::new(
+                        "MESH0111",
+                        format!("Pod {}/{}", w.namespace, w.name),
+                        format!(
+                            "on network {network}, not this cluster's {}: it is reached only through an east-west \
+                             gateway, and none is configured; no Service sends it traffic",
+                            mesh.network
+                        ),
+                    ));
+                }
                 // A hostNetwork pod's address is its node's, shared by every such pod
                 // and the node itself; a finished pod's address may be a new pod's.
                 if !pod.spec.host_network && !pod.is_finished() {
@@ -104,7 +128,10 @@ impl Snapshot {
                 let ns = svc.metadata.namespace_or_default();
                 let endpoints = if svc.spec.selector.is_empty() {
                     let of_service = slices.get(&(ns.clone(), svc.metadata.name.clone()));
-                    slice_endpoints(&snap, of_service.map_or(&[][..], Vec::as_slice), &ns, trust_domain)
+                    let mut endpoints =
+                        slice_endpoints(&snap, of_service.map_or(&[][..], Vec::as_slice), &ns, trust_domain);
+                    endpoints.retain(|e| !off_network.contains(&e.ip));
+                    endpoints
                 } else {
                     snap.workloads
                         .iter()
@@ -113,6 +140,7 @@ impl Snapshot {
                         })
                         .filter(|w| w.serving)
                         .filter_map(|w| Some(Endpoint { workload: w.clone(), ip: *w.ips.first()?, slice_ports: None }))
+                        .filter(|e| !off_network.contains(&e.ip))
                         .collect()
                 };
                 let mut vips: Vec<IpAddr> = svc.spec.cluster_ips.iter().filter_map(|s| s.parse().ok()).collect();
@@ -621,9 +649,24 @@ impl Snapshot {
     }
 }
 
+/// The network `pod` is on when it is not this cluster's (both named): the pod's
+/// [`NETWORK_LABEL`], else its namespace's. Without a network of its own the mesh
+/// makes no such distinction, as Istio with `values.global.network` unset.
+fn network_of<'a>(pod: &'a Pod, namespaces: &'a HashMap<String, NamespaceModes>, mesh: &MeshScope) -> Option<&'a str> {
+    if mesh.network.is_empty() {
+        return None;
+    }
+    let labelled = pod
+        .metadata
+        .labels
+        .get(NETWORK_LABEL)
+        .or_else(|| namespaces.get(&pod.metadata.namespace_or_default()).and_then(|ns| ns.network.as_ref()))?;
+    (labelled.as_str() != mesh.network).then_some(labelled.as_str())
+}
+
 fn workload(pod: &Pod, mesh: &MeshScope, namespaces: &HashMap<String, NamespaceModes>) -> Workload {
     let namespace = pod.metadata.namespace_or_default();
-    let ns = namespaces.get(&namespace).copied().unwrap_or_default();
+    let ns = namespaces.get(&namespace).cloned().unwrap_or_default();
     let sa = pod.spec.service_account_name.clone().unwrap_or_else(|| "default".into());
     let opted_out = OPT_OUT_LABELS.iter().any(|(k, v)| pod.metadata.labels.get(*k).is_some_and(|x| x == v));
     let mut ips: Vec<IpAddr> = Vec::new();
@@ -920,6 +963,59 @@ spec: {selector: {app: myapp}, clusterIP: 10.96.0.20, ports: [{port: 80, targetP
     fn lab() -> Snapshot {
         let objs = parse_documents(Path::new("lab.yaml"), LAB).unwrap();
         Snapshot::compile(&objs, "cluster.local", 1)
+    }
+
+    #[test]
+    fn pods_on_another_network_are_no_endpoints_once_the_cluster_names_its_own() {
+        let extra = r#"
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: elsewhere, labels: {istio.io/dataplane-mode: ambient, topology.istio.io/network: network2}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: myapp-far, namespace: production, labels: {app: myapp, topology.istio.io/network: network2}}
+spec: {serviceAccountName: myapp, nodeName: node2}
+status: {podIP: 10.20.1.5}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db-far, namespace: elsewhere, labels: {app: db}}
+spec: {nodeName: node2}
+status: {podIP: 10.20.1.6}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db-near, namespace: elsewhere, labels: {app: db, topology.istio.io/network: network1}}
+spec: {nodeName: node1}
+status: {podIP: 10.10.1.7}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: elsewhere}
+spec: {selector: {app: db}, clusterIP: 10.96.0.30, ports: [{port: 5432}]}
+"#;
+        let objs = parse_documents(Path::new("lab.yaml"), &format!("{LAB}{extra}")).unwrap();
+        let names = |s: &Snapshot, svc: &str, port: u16| -> Vec<String> {
+            let mut n: Vec<String> = s.endpoints(svc, None, port).into_iter().map(|(w, _)| w.name.clone()).collect();
+            n.sort();
+            n
+        };
+        // No network named: every pod is reached directly, whatever its labels.
+        let flat = Snapshot::compile(&objs, "cluster.local", 1);
+        assert_eq!(names(&flat, "production/myapp", 80), ["myapp-far", "myapp-v1", "myapp-v2"]);
+        assert!(flat.problems.iter().all(|p| p.code != "MESH0111"));
+
+        let mut mesh = MeshScope::new("cluster.local");
+        mesh.network = "network1".into();
+        let s = Snapshot::compile_in(&objs, &mesh, 1);
+        assert_eq!(names(&s, "production/myapp", 80), ["myapp-v1", "myapp-v2"], "the pod's own label");
+        assert_eq!(names(&s, "elsewhere/db", 5432), ["db-near"], "its namespace's label, unless the pod says");
+        let reported: Vec<&str> =
+            s.problems.iter().filter(|p| p.code == "MESH0111").map(|p| p.object.as_str()).collect();
+        assert_eq!(reported, ["Pod production/myapp-far", "Pod elsewhere/db-far"]);
+        assert!(s.workload_by_ip("10.20.1.5".parse().unwrap()).is_some(), "still a known workload, as a peer");
     }
 
     #[test]
