@@ -45,6 +45,17 @@ pub async fn hand_back_after_bursts(shutdown: CancellationToken) {
     }
 }
 
+/// Keeps glibc to `max` arenas (`M_ARENA_MAX`); call before any thread starts.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+pub fn limit_arenas(max: i32) {
+    // SAFETY: mallopt takes two integers and changes only the allocator's parameters.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, max) };
+}
+
+/// Keeps glibc to `max` arenas: nothing to do with another allocator.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+pub fn limit_arenas(_max: i32) {}
+
 /// The allocator's slack (resident anonymous memory beyond the heap's bytes in use)
 /// right after the last hand-back, or its lowest since.
 #[derive(Debug, Default)]
@@ -54,14 +65,14 @@ struct Slack {
 
 impl Slack {
     /// Takes a reading; true when the slack grew more than [`SLACK_GREW_BY`] over its
-    /// floor (the first reading sets the floor).
+    /// floor, and at the first reading (what starting up freed goes back at once).
     fn grew(&mut self, resident_anonymous: usize, in_use: usize) -> bool {
         let slack = resident_anonymous.saturating_sub(in_use);
         match self.floor {
+            None => true,
             Some(floor) if slack > floor + SLACK_GREW_BY => true,
-            Some(floor) if slack >= floor => false,
-            _ => {
-                self.floor = Some(slack);
+            Some(floor) => {
+                self.floor = Some(floor.min(slack));
                 false
             }
         }
@@ -123,7 +134,8 @@ mod tests {
     fn freed_memory_the_allocator_keeps_past_the_slack_is_handed_back() {
         let mut slack = Slack::default();
         let (idle, anon) = (4 << 20, 6 << 20);
-        assert!(!slack.grew(anon, idle), "the first reading is the floor");
+        assert!(slack.grew(anon, idle), "what starting up freed is handed back at the first look");
+        slack.handed_back(anon, idle);
         assert!(!slack.grew(anon + (12 << 20), idle + (12 << 20)), "a burst in use is no slack");
         assert!(!slack.grew(anon + 1000, idle), "a few requests' worth is no reason to trim");
         assert!(slack.grew(anon + (12 << 20), idle), "a burst freed and kept: handed back");

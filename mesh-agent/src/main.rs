@@ -5,6 +5,8 @@ use mesh_agent::settings::Settings;
 
 fn main() -> anyhow::Result<()> {
     let settings = Settings::parse();
+    // Before any other thread starts: each thread's first allocation picks its arena.
+    mesh_agent::heap::limit_arenas(settings.malloc_arenas);
     settings.log_format.init();
     // The netns switch in dataplane::Netns is per thread and needs no extra threads;
     // two workers match a small node agent's budget and the 2-core lab.

@@ -329,6 +329,14 @@ pub struct Settings {
     #[arg(long, env = "MESH_NETWORK", default_value = "")]
     pub network: String,
 
+    /// glibc malloc arenas at most (`M_ARENA_MAX`). One: under 1,000 new connections a
+    /// second for minutes the agent's memory stays flat, where an arena per worker
+    /// thread (glibc's default) kept 1 MiB more, fragmented beyond what a trim
+    /// releases, at about the same CPU per connection (within 4% in a 2-minute run of
+    /// each; docs/benchmarks.md, "Connection churn").
+    #[arg(long, env = "MESH_MALLOC_ARENAS", default_value_t = 1, value_parser = clap::value_parser!(i32).range(1..=64))]
+    pub malloc_arenas: i32,
+
     /// The mesh's id (Istio's `values.global.meshID`), which traces report as
     /// `istio.mesh_id`. Empty: the trust domain, as Istio defaults it.
     #[arg(long, env = "MESH_MESH_ID", default_value = "")]
