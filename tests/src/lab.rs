@@ -873,16 +873,7 @@ impl Lab {
     pub fn wire_delay(&mut self, delay: Option<Duration>) -> anyhow::Result<()> {
         const CHAIN: &str = "MESHLAB-DELAY";
         for n in self.nodes.clone() {
-            let ipt = |args: &[&str]| -> anyhow::Result<String> {
-                let mut argv = vec!["ip", "netns", "exec", n.netns.as_str(), "iptables", "-w"];
-                argv.extend(args);
-                run(&argv)
-            };
-            if ipt(&["-S", CHAIN]).is_err() {
-                ipt(&["-N", CHAIN])?;
-                ipt(&["-I", "FORWARD", "1", "-j", CHAIN])?;
-            }
-            ipt(&["-F", CHAIN])?;
+            let ipt = empty_fault_chain(&n.netns, CHAIN)?;
             let helper = format!("delay-{}", n.name);
             if self.helpers.iter().any(|h| h.name == helper) {
                 self.stop_helper(&helper)?;
@@ -919,16 +910,7 @@ impl Lab {
     pub fn wire_loss(&self, percent: Option<u32>) -> anyhow::Result<()> {
         const CHAIN: &str = "MESHLAB-FAULT";
         for n in &self.nodes {
-            let ipt = |args: &[&str]| -> anyhow::Result<String> {
-                let mut argv = vec!["ip", "netns", "exec", n.netns.as_str(), "iptables", "-w"];
-                argv.extend(args);
-                run(&argv)
-            };
-            if ipt(&["-S", CHAIN]).is_err() {
-                ipt(&["-N", CHAIN])?;
-                ipt(&["-I", "FORWARD", "1", "-j", CHAIN])?;
-            }
-            ipt(&["-F", CHAIN])?;
+            let ipt = empty_fault_chain(&n.netns, CHAIN)?;
             let Some(percent) = percent else { continue };
             let probability = format!("{:.2}", f64::from(percent.min(100)) / 100.0);
             for dir in ["-i", "-o"] {
@@ -1726,6 +1708,23 @@ fn private(path: &Path, text: &str) -> anyhow::Result<()> {
 }
 
 /// 24 random bytes, hex.
+/// iptables in network namespace `netns`, with `chain` there, jumped to first from
+/// FORWARD and emptied: a fault's rules go in it, and emptying it lifts the fault.
+fn empty_fault_chain(netns: &str, chain: &str) -> anyhow::Result<impl Fn(&[&str]) -> anyhow::Result<String>> {
+    let netns = netns.to_string();
+    let ipt = move |args: &[&str]| -> anyhow::Result<String> {
+        let mut argv = vec!["ip", "netns", "exec", netns.as_str(), "iptables", "-w"];
+        argv.extend(args);
+        run(&argv)
+    };
+    if ipt(&["-S", chain]).is_err() {
+        ipt(&["-N", chain])?;
+        ipt(&["-I", "FORWARD", "1", "-j", chain])?;
+    }
+    ipt(&["-F", chain])?;
+    Ok(ipt)
+}
+
 fn random_token() -> anyhow::Result<String> {
     let mut raw = [0u8; 24];
     fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut raw))?;

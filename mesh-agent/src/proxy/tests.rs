@@ -1539,25 +1539,35 @@ async fn live_connections_keep_no_replaced_config_alive() {
 fn an_idle_proxied_connection_costs_the_agent_little_heap() {
     /// Heap bytes for both halves of one idle connection, at most.
     const BOUND: f64 = 9.0 * 1024.0;
+    let Some(per_conn) = measured_alone("idle_connection_heap", &[], "heap per idle connection: ") else { return };
+    eprintln!("heap per idle connection (both agent halves): {per_conn:.0} B");
+    assert!(per_conn <= BOUND, "an idle connection costs the agent {per_conn:.0} B of heap (bound {BOUND})");
+}
+
+/// Runs the ignored test `measurement` alone in a process of its own (with `env`) and
+/// reads the number after `prefix` in what it printed; None where the heap's bytes in
+/// use cannot be read (not glibc's allocator).
+fn measured_alone(measurement: &str, env: &[(&str, &str)], prefix: &str) -> Option<f64> {
     if crate::heap::bytes_in_use().is_none() {
         eprintln!("skipping: the heap's bytes in use are read from glibc's allocator, not this one");
-        return;
+        return None;
     }
     let exe = std::env::current_exe().unwrap();
+    let name = format!("proxy::tests::{measurement}");
     let out = std::process::Command::new(exe)
-        .args(["--exact", "proxy::tests::idle_connection_heap", "--ignored", "--nocapture", "--test-threads=1"])
+        .args(["--exact", name.as_str(), "--ignored", "--nocapture", "--test-threads=1"])
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "the measurement failed:\n{text}");
-    let per_conn: f64 = text
+    let value = text
         .lines()
-        .find_map(|l| l.strip_prefix("heap per idle connection: "))
+        .find_map(|l| l.strip_prefix(prefix))
         .and_then(|l| l.split_whitespace().next())
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no measurement in:\n{text}"));
-    eprintln!("heap per idle connection (both agent halves): {per_conn:.0} B");
-    assert!(per_conn <= BOUND, "an idle connection costs the agent {per_conn:.0} B of heap (bound {BOUND})");
+    Some(value)
 }
 
 /// The measurement: `N` connections from a pod through the agent (outbound, HBONE,
@@ -1637,25 +1647,10 @@ fn churned_connections_leave_no_heap_behind() {
     /// Heap bytes in use per churned connection, at most (a leak of one small map entry
     /// per connection is 50 and more).
     const BOUND: f64 = 4.0;
-    if crate::heap::bytes_in_use().is_none() {
-        eprintln!("skipping: the heap's bytes in use are read from glibc's allocator, not this one");
+    let tunables = [("GLIBC_TUNABLES", "glibc.malloc.tcache_count=0")];
+    let Some(per_conn) = measured_alone("churn_heap", &tunables, "heap growth per churned connection: ") else {
         return;
-    }
-    let exe = std::env::current_exe().unwrap();
-    let out = std::process::Command::new(exe)
-        .args(["--exact", "proxy::tests::churn_heap", "--ignored", "--nocapture", "--test-threads=1"])
-        .env("GLIBC_TUNABLES", "glibc.malloc.tcache_count=0")
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "the measurement failed:\n{text}");
-    let per_conn: f64 = text
-        .lines()
-        .find_map(|l| l.strip_prefix("heap growth per churned connection: "))
-        .and_then(|l| l.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no measurement in:\n{text}"));
-    eprintln!("{text}");
+    };
     assert!(per_conn <= BOUND, "each churned connection leaves {per_conn:.1} B of heap behind (bound {BOUND})");
 }
 
