@@ -58,16 +58,16 @@ struct Pooled {
 impl Pooled {
     /// Reserves a stream slot if the connection is open, its peer's certificate has
     /// not expired, and it has room.
-    fn try_reserve(&self) -> Option<StreamSlot> {
-        if !self.usable() {
+    fn try_reserve(&self, now: SystemTime) -> Option<StreamSlot> {
+        if !self.usable(now) {
             return None;
         }
         self.streams.try_reserve(MAX_STREAMS_PER_CONNECTION)
     }
 
-    /// Open, and authenticated by a certificate that is still valid.
-    fn usable(&self) -> bool {
-        !self.sender.is_closed() && SystemTime::now() < self.peer_not_after
+    /// Open, and authenticated by a certificate that is still valid `now`.
+    fn usable(&self, now: SystemTime) -> bool {
+        !self.sender.is_closed() && now < self.peer_not_after
     }
 
     /// Whether the connection has had no stream for `idle_timeout`.
@@ -258,7 +258,8 @@ impl Pool {
                         .or_default()
                         .push(pooled.clone());
                     // No `?` here: the gate is let go of below whatever happens.
-                    pooled.try_reserve().map(|slot| (pooled, slot)).ok_or(Error::Closed { addr: key.addr })
+                    let slot = pooled.try_reserve(SystemTime::now());
+                    slot.map(|slot| (pooled, slot)).ok_or(Error::Closed { addr: key.addr })
                 }
                 Err(e) => {
                     *turn = Some((std::time::Instant::now(), e.to_string()));
@@ -331,15 +332,16 @@ impl Pool {
     /// A pooled connection for `key` with room for one more stream, with the slot taken.
     /// Closed connections met on the way are dropped from the pool.
     fn reserve(&self, key: &Key) -> Option<(Pooled, StreamSlot)> {
+        let now = SystemTime::now();
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
-        // Idle connections anywhere in the pool go now (dropping the sender closes the
-        // connection once its task sees no user left).
+        // Idle and expired connections anywhere in the pool go now (dropping the sender
+        // closes the connection once its task sees no user left and no stream open).
         conns.retain(|_, list| {
-            list.retain(|c| c.usable() && !c.idle_too_long(self.idle_timeout));
+            list.retain(|c| c.usable(now) && !c.idle_too_long(self.idle_timeout));
             !list.is_empty()
         });
         let list = conns.get_mut(key)?;
-        let found = list.iter().find_map(|c| c.try_reserve().map(|slot| (c.clone(), slot)));
+        let found = list.iter().find_map(|c| c.try_reserve(now).map(|slot| (c.clone(), slot)));
         if list.is_empty() {
             conns.remove(key);
         }
@@ -439,8 +441,8 @@ mod tests {
         let pooled =
             |peer_not_after| Pooled { sender: sender.clone(), streams: StreamCount::default(), peer_not_after };
         let now = std::time::SystemTime::now();
-        assert!(pooled(now + Duration::from_secs(60)).try_reserve().is_some(), "valid: takes a stream");
-        assert!(pooled(now - Duration::from_secs(1)).try_reserve().is_none(), "expired: takes none");
+        assert!(pooled(now + Duration::from_secs(60)).try_reserve(now).is_some(), "valid: takes a stream");
+        assert!(pooled(now - Duration::from_secs(1)).try_reserve(now).is_none(), "expired: takes none");
     }
 
     #[tokio::test]
