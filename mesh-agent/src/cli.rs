@@ -10,6 +10,7 @@ pub mod dashboard;
 pub mod deploy;
 pub mod manifest;
 pub mod proxy_config;
+pub mod remote_secret;
 
 use std::io::IsTerminal as _;
 

@@ -353,3 +353,70 @@ async fn an_istio_operator_file_installs_the_cluster_it_names() {
     assert_eq!(cm["data"]["MESH_NETWORK"], "network1");
     assert_eq!(cm["data"]["MESH_MESH_ID"], "mesh1");
 }
+
+/// The reference document's `istioctl x create-remote-secret --context=cluster1
+/// --name=cluster1 | kubectl apply -f - --context=cluster2`, through meshctl: a Secret
+/// labelled for the other cluster's agents, holding a kubeconfig whose user is the
+/// install's read-only reader account.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_secret_holds_a_read_only_kubeconfig_for_the_cluster() {
+    use base64::Engine as _;
+    let api = cluster().await;
+    let dir = tempfile::tempdir().unwrap();
+    let kc = api.kubeconfig(dir.path());
+    let create = ["x", "create-remote-secret", "--context", "double", "--name", "cluster1"];
+    let (code, out) = run(&kc, &create).await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("no ServiceAccount istio-system/mesh-reader in context double: install the mesh there first"),
+        "{out}"
+    );
+
+    let (code, out) = run(&kc, &["install", "-y"]).await;
+    assert_eq!(code, Some(0), "{out}");
+    let role =
+        api.get("/apis/rbac.authorization.k8s.io/v1/clusterroles", "", "mesh-reader").expect("the reader's role");
+    let verbs: Vec<&str> = role["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r["verbs"].as_array().unwrap())
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(verbs.iter().all(|v| ["get", "list", "watch"].contains(v)), "the reader only reads: {verbs:?}");
+
+    // The cluster's token controller fills the token Secret meshctl creates.
+    let filler = tokio::spawn({
+        let api = api.clone();
+        async move {
+            loop {
+                if let Some(mut s) = api.get(SECRETS, "istio-system", "mesh-reader-token") {
+                    s["data"] = json!({"token": base64::engine::general_purpose::STANDARD.encode("r3ader-t0ken")});
+                    api.apply(SECRETS, s);
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    });
+    let (code, out) = run(&kc, &create).await;
+    assert_eq!(code, Some(0), "{out}");
+    filler.await.unwrap();
+    let token_secret = api.get(SECRETS, "istio-system", "mesh-reader-token").unwrap();
+    assert_eq!(token_secret["type"], "kubernetes.io/service-account-token");
+    assert_eq!(token_secret["metadata"]["annotations"]["kubernetes.io/service-account.name"], "mesh-reader");
+
+    let secret: Value = serde_yaml::from_str(&out).unwrap();
+    assert_eq!(secret["kind"], "Secret");
+    assert_eq!(secret["metadata"]["name"], "istio-remote-secret-cluster1");
+    assert_eq!(secret["metadata"]["labels"]["istio/multiCluster"], "true");
+    assert_eq!(secret["metadata"]["annotations"]["networking.istio.io/cluster"], "cluster1");
+    let kubeconfig: Value = serde_yaml::from_str(secret["stringData"]["cluster1"].as_str().unwrap()).unwrap();
+    assert_eq!(kubeconfig["clusters"][0]["cluster"]["server"], api.url());
+    assert_eq!(kubeconfig["users"][0]["user"]["token"], "r3ader-t0ken");
+    assert_eq!(kubeconfig["current-context"], "cluster1");
+
+    let (code, out) = run(&kc, &["x", "create-remote-secret", "--context", "double", "--name", "Cluster_1"]).await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("--name \"Cluster_1\": lowercase letters"), "{out}");
+}

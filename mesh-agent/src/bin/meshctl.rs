@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{CommandFactory as _, Parser, Subcommand};
 use mesh_agent::cli::analyze::{self, Level};
 use mesh_agent::cli::cluster::{self, Action, SyncState};
-use mesh_agent::cli::{Style, check, deploy, manifest};
+use mesh_agent::cli::{Style, check, deploy, manifest, remote_secret};
 use mesh_agent::state::MeshScope;
 
 /// Exit status when analysis finds errors (what `istioctl analyze` uses).
@@ -61,6 +61,11 @@ enum Cmd {
         /// Namespace whose policies apply mesh-wide.
         #[arg(long, default_value = "istio-system")]
         root_namespace: String,
+    },
+    /// Experimental commands, as istioctl's `x`.
+    X {
+        #[command(subcommand)]
+        cmd: XCmd,
     },
     /// Manifests of an install.
     Manifest {
@@ -157,6 +162,25 @@ enum Cmd {
     Completion {
         /// bash, zsh, fish, elvish or powershell.
         shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Subcommand)]
+enum XCmd {
+    /// Print a Secret that lets another cluster's agents read this one (a kubeconfig
+    /// for the install's read-only `mesh-reader` account), for
+    /// `| kubectl apply -f - --context=OTHER`.
+    CreateRemoteSecret {
+        /// The kubeconfig context of the cluster to read (default: the current one).
+        #[arg(long)]
+        context: Option<String>,
+        /// The cluster's name as the other clusters know it (its
+        /// `values.global.multiCluster.clusterName`; default: the context's name).
+        #[arg(long)]
+        name: Option<String>,
+        /// Namespace of the install.
+        #[arg(short = 'i', long = "istio-namespace", default_value = "istio-system")]
+        namespace: String,
     },
 }
 
@@ -261,6 +285,30 @@ fn main() -> ExitCode {
             }
         }
         Cmd::Manifest { cmd: ManifestCmd::Generate { deploy_dir: Some(dir), .. } } => write_deploy(&dir),
+        Cmd::X { cmd: XCmd::CreateRemoteSecret { context, name, namespace } } => {
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("meshctl: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let made = rt.block_on(async {
+                let context = remote_secret::Context::load(context.as_deref()).await?;
+                let name = name.unwrap_or_else(|| context.name.clone());
+                remote_secret::create(&context, &name, &namespace).await
+            });
+            match made {
+                Ok(yaml) => {
+                    print!("{yaml}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("meshctl: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Cmd::Install { sets, files, yes, dry_run } => {
             let values = match values_for(&sets, &files, None) {
                 Ok(v) => v,

@@ -28,7 +28,7 @@ use crate::config::{Object, parse_documents};
 use crate::identity::{SECRET_REQUIRED_KEYS, SelfSignedRoot};
 
 /// The label every object the mesh installs carries; uninstall removes only these.
-const PART_OF: (&str, &str) = ("app.kubernetes.io/part-of", "mesh");
+pub(crate) const PART_OF: (&str, &str) = ("app.kubernetes.io/part-of", "mesh");
 /// Field manager of server-side apply.
 const FIELD_MANAGER: &str = "meshctl";
 
@@ -61,7 +61,7 @@ pub enum Error {
     Ca(String),
 }
 
-fn api_error(action: &'static str, object: &str, e: kube::Error) -> Error {
+pub(crate) fn api_error(action: &'static str, object: &str, e: kube::Error) -> Error {
     let (reason, hint) = match &e {
         kube::Error::Api(s) if s.code == 403 => (
             s.message.clone(),

@@ -565,6 +565,28 @@ fn rule(groups: &[&str], resources: &[&str], verbs: &[&str]) -> PolicyRule {
 
 const READ: &[&str] = &["get", "list", "watch"];
 
+/// The account whose token a remote secret carries (Istio's
+/// `istio-reader-service-account`), and its ClusterRole.
+pub const READER: &str = "mesh-reader";
+
+/// Reads of everything the agents' config comes from.
+fn discovery_rules() -> Vec<PolicyRule> {
+    vec![
+        rule(&[""], &["namespaces", "pods", "services", "serviceaccounts"], READ),
+        rule(&["discovery.k8s.io"], &["endpointslices"], READ),
+        rule(&["networking.istio.io"], &["virtualservices", "destinationrules", "gateways", "serviceentries"], READ),
+        rule(&["security.istio.io"], &["peerauthentications", "authorizationpolicies"], READ),
+        rule(&["linkerd.io"], &["serviceprofiles"], READ),
+        rule(
+            &["gateway.networking.k8s.io"],
+            &["gatewayclasses", "gateways", "httproutes", "grpcroutes", "referencegrants"],
+            READ,
+        ),
+        rule(&["split.smi-spec.io"], &["trafficsplits"], READ),
+        rule(&["telemetry.istio.io"], &["telemetries"], READ),
+    ]
+}
+
 /// The objects of an install, in apply order, as YAML documents.
 pub fn render(values: &Values) -> Result<String, serde_yaml::Error> {
     let docs = objects(values);
@@ -599,28 +621,41 @@ pub fn objects(v: &Values) -> Vec<serde_json::Value> {
         &mut out,
         to_json(&ClusterRole {
             metadata: meta(AGENT, None),
-            rules: Some(vec![
-                rule(&[""], &["namespaces", "pods", "services", "serviceaccounts"], READ),
-                rule(&["discovery.k8s.io"], &["endpointslices"], READ),
-                rule(
-                    &["networking.istio.io"],
-                    &["virtualservices", "destinationrules", "gateways", "serviceentries"],
-                    READ,
-                ),
-                rule(&["security.istio.io"], &["peerauthentications", "authorizationpolicies"], READ),
-                rule(&["linkerd.io"], &["serviceprofiles"], READ),
-                rule(
-                    &["gateway.networking.k8s.io"],
-                    &["gatewayclasses", "gateways", "httproutes", "grpcroutes", "referencegrants"],
-                    READ,
-                ),
-                rule(&["split.smi-spec.io"], &["trafficsplits"], READ),
-                rule(&["telemetry.istio.io"], &["telemetries"], READ),
-                // Who is scraping /metrics, and may they (as kube-rbac-proxy asks).
-                rule(&["authentication.k8s.io"], &["tokenreviews"], &["create"]),
-                rule(&["authorization.k8s.io"], &["subjectaccessreviews"], &["create"]),
-            ]),
+            rules: Some(
+                discovery_rules()
+                    .into_iter()
+                    .chain([
+                        // Who is scraping /metrics, and may they (as kube-rbac-proxy asks).
+                        rule(&["authentication.k8s.io"], &["tokenreviews"], &["create"]),
+                        rule(&["authorization.k8s.io"], &["subjectaccessreviews"], &["create"]),
+                    ])
+                    .collect(),
+            ),
             ..Default::default()
+        }),
+    );
+    // What another cluster's agents read of this one, through the kubeconfig
+    // `meshctl x create-remote-secret` prints: the same reads, nothing else.
+    push(&mut out, to_json(&ServiceAccount { metadata: meta(READER, Some(ns)), ..Default::default() }));
+    push(
+        &mut out,
+        to_json(&ClusterRole { metadata: meta(READER, None), rules: Some(discovery_rules()), ..Default::default() }),
+    );
+    push(
+        &mut out,
+        to_json(&ClusterRoleBinding {
+            metadata: meta(READER, None),
+            role_ref: RoleRef {
+                api_group: "rbac.authorization.k8s.io".into(),
+                kind: "ClusterRole".into(),
+                name: READER.into(),
+            },
+            subjects: Some(vec![Subject {
+                kind: "ServiceAccount".into(),
+                name: READER.into(),
+                namespace: Some(ns.into()),
+                ..Default::default()
+            }]),
         }),
     );
     // Bind this to the scraper's service account (Prometheus' usually has it already).
@@ -1224,10 +1259,19 @@ mod tests {
                     }
                 }
             }
+            // The reader another cluster holds a token of reads what the agents read, and
+            // no Secret.
+            let reader = rules_of(&docs, READER);
+            assert!(!reader.is_empty(), "{name}: the reader has its rules");
+            for r in &reader {
+                assert_eq!(r["verbs"], serde_json::json!(["get", "list", "watch"]), "{name}: {r}");
+                assert!(!touches_secrets(r), "{name}: the reader may read Secrets: {r}");
+            }
             // Nobody else is bound to anything.
             for b in docs.iter().filter(|d| d["kind"] == "RoleBinding" || d["kind"] == "ClusterRoleBinding") {
                 for s in b["subjects"].as_array().into_iter().flatten() {
-                    let known = s["name"] == AGENT || s["name"] == CA || gateways.iter().any(|g| s["name"] == g.name);
+                    let known = [AGENT, CA, READER].iter().any(|n| s["name"] == *n)
+                        || gateways.iter().any(|g| s["name"] == g.name);
                     assert!(known, "{name}: unexpected subject {s}");
                 }
             }
