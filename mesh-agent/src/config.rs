@@ -27,7 +27,7 @@ pub mod telemetry;
 pub use kube_source::KubeSource;
 pub use object::Object;
 pub use parse::{fail_closed_standins, parse_documents};
-pub use source::{DirSource, Reload};
+pub use source::{DirSource, Reload, RemoteObjects};
 
 use std::fmt;
 use std::path::PathBuf;

@@ -7,6 +7,7 @@
 //! [`RoundRobin`], beside it.
 
 mod compile;
+mod remote;
 
 // Policy semantics judged on compiled snapshots (the seed policies, evaluation order,
 // properties): they build whole snapshots, so they live here, above authz.

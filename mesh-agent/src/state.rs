@@ -42,6 +42,9 @@ pub struct Workload {
     pub uid: Option<String>,
     /// Takes new connections as a Service endpoint ([`Pod::is_serving`]).
     pub serving: bool,
+    /// The network its addresses are on (Istio's `topology.istio.io/network`); empty
+    /// when none is named.
+    pub network: String,
     /// How metrics, access logs and traces name it; shared, so a connection's labels
     /// cost a reference count rather than copies of every name.
     pub meta: Arc<WorkloadMeta>,
@@ -124,6 +127,7 @@ impl Workload {
             named_ports: HashMap::new(),
             uid: None,
             serving: true,
+            network: String::new(),
         }
     }
 

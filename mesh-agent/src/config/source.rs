@@ -54,6 +54,17 @@ pub struct Reload {
     pub unavailable: Option<String>,
 }
 
+/// What the agents read of another cluster of the mesh: its Namespaces, Pods, Services
+/// and EndpointSlices, never its policies or routes (each cluster's own config governs
+/// its own pods, as in Istio's multi-primary mesh).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RemoteObjects {
+    /// The cluster's name, as its remote secret gives it.
+    pub cluster: String,
+    /// Its discovery objects.
+    pub objects: Vec<Object>,
+}
+
 /// A watched directory of YAML manifests.
 #[derive(Debug)]
 pub struct DirSource {

@@ -8,13 +8,13 @@ use std::sync::Arc;
 
 use super::Snapshot;
 use crate::authz::{self, WorkloadAuthz, WorkloadSecurity};
-use crate::config::Object;
 use crate::config::gateway::Gateway;
 use crate::config::gateway_api::translate::translate;
 use crate::config::istio::VirtualService;
 use crate::config::resource::Resource;
 use crate::config::resources::{EndpointSlice, IntOrString, Pod};
 use crate::config::telemetry::TelemetrySpec;
+use crate::config::{Object, RemoteObjects};
 use crate::identity::Identity;
 use crate::state::{
     AccessLogPolicy, Endpoint, MeshScope, Problem, Service, ServicePort, Sides, TagValue, TargetPort, TelemetryPolicy,
@@ -37,18 +37,18 @@ const DNS_CAPTURE: &str = "ambient.istio.io/dns-capture";
 
 /// What a namespace says about its pods.
 #[derive(Debug, Clone, Default)]
-struct NamespaceModes {
+pub(super) struct NamespaceModes {
     enrolled: bool,
     /// `DNS_CAPTURE`, when it says.
     dns_capture: Option<bool>,
     /// [`NETWORK_LABEL`], when it says.
-    network: Option<String>,
+    pub(super) network: Option<String>,
 }
 
 /// Istio's network label, on a pod or its namespace: the network its addresses are on.
 /// Another network than this cluster's is reached only through that network's
 /// east-west gateway.
-const NETWORK_LABEL: &str = "topology.istio.io/network";
+pub(super) const NETWORK_LABEL: &str = "topology.istio.io/network";
 
 /// `"true"` / `"false"` (any case); anything else says nothing.
 fn switch(value: Option<&String>) -> Option<bool> {
@@ -67,24 +67,20 @@ impl Snapshot {
 
     /// Compiles objects into lookup tables.
     pub fn compile_in(objects: &[Object], mesh: &MeshScope, version: u64) -> Self {
+        Self::compile_mesh(objects, &[], mesh, version)
+    }
+
+    /// Compiles this cluster's objects, with what the agent reads of the mesh's other
+    /// clusters: their pods as workloads (never captured here) and their Services'
+    /// endpoints, merged into this cluster's Service of the same namespace and name
+    /// (Istio's namespace sameness) or, for a Service this cluster does not have, under
+    /// the remote cluster's addresses where no local Service holds them.
+    pub fn compile_mesh(objects: &[Object], remotes: &[RemoteObjects], mesh: &MeshScope, version: u64) -> Self {
         let trust_domain = mesh.trust_domain.as_str();
-        let mut namespaces = HashMap::new();
-        for o in objects {
-            if let Object::Namespace(ns) = o {
-                let by_label = ENROLL_LABELS.iter().any(|(k, v)| ns.metadata.labels.get(*k).is_some_and(|x| x == v));
-                let by_annotation =
-                    ns.metadata.annotations.get(LINKERD_INJECT.0).is_some_and(|v| v == LINKERD_INJECT.1);
-                let modes = NamespaceModes {
-                    enrolled: by_label || by_annotation,
-                    dns_capture: switch(ns.metadata.labels.get(DNS_CAPTURE)),
-                    network: ns.metadata.labels.get(NETWORK_LABEL).cloned(),
-                };
-                namespaces.insert(ns.metadata.name.clone(), modes);
-            }
-        }
+        let namespaces = namespace_modes(objects);
         let mut snap = Snapshot {
             version,
-            config_digest: config_digest(objects),
+            config_digest: config_digest(objects, remotes),
             kinds_held: objects.iter().fold(Default::default(), |mut counts, o| {
                 *counts.entry(o.kind()).or_default() += 1;
                 counts
@@ -99,7 +95,7 @@ impl Snapshot {
         let mut off_network: HashSet<IpAddr> = HashSet::new();
         for o in objects {
             if let Object::Pod(pod) = o {
-                let w = Arc::new(workload(pod, mesh, &namespaces));
+                let w = Arc::new(workload(pod, mesh, &namespaces, &mesh.cluster_id));
                 if let Some(network) = network_of(pod, &namespaces, mesh) {
                     off_network.extend(&w.ips);
                     snap.problems.push(Problem::new(
@@ -122,75 +118,31 @@ impl Snapshot {
                 snap.workloads.push(w);
             }
         }
+        let mut drafts = Vec::new();
         let slices = slices_by_service(objects);
         for o in objects {
             if let Object::Service(svc) = o {
                 let ns = svc.metadata.namespace_or_default();
                 let endpoints = if svc.spec.selector.is_empty() {
                     let of_service = slices.get(&(ns.clone(), svc.metadata.name.clone()));
+                    let local = |ip: &IpAddr| snap.by_ip.get(ip).cloned();
                     let mut endpoints =
-                        slice_endpoints(&snap, of_service.map_or(&[][..], Vec::as_slice), &ns, trust_domain);
+                        slice_endpoints(local, of_service.map_or(&[][..], Vec::as_slice), &ns, trust_domain);
                     endpoints.retain(|e| !off_network.contains(&e.ip));
                     endpoints
                 } else {
-                    snap.workloads
-                        .iter()
-                        .filter(|w| {
-                            w.namespace == ns && svc.spec.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
-                        })
-                        .filter(|w| w.serving)
-                        .filter_map(|w| Some(Endpoint { workload: w.clone(), ip: *w.ips.first()?, slice_ports: None }))
+                    selected_endpoints(&snap.workloads, &ns, &svc.spec.selector)
                         .filter(|e| !off_network.contains(&e.ip))
                         .collect()
                 };
-                let mut vips: Vec<IpAddr> = svc.spec.cluster_ips.iter().filter_map(|s| s.parse().ok()).collect();
-                if let Some(ip) = svc.spec.cluster_ip.as_deref().and_then(|s| s.parse().ok())
-                    && !vips.contains(&ip)
-                {
-                    vips.insert(0, ip);
-                }
-                let ports = svc
-                    .spec
-                    .ports
-                    .iter()
-                    .map(|p| ServicePort {
-                        name: p.name.clone(),
-                        app_protocol: p.app_protocol.clone(),
-                        port: p.port,
-                        target: match &p.target_port {
-                            None => TargetPort::Number(p.port),
-                            Some(IntOrString::Int(n)) => TargetPort::Number(*n),
-                            Some(IntOrString::String(s)) => match s.parse() {
-                                Ok(n) => TargetPort::Number(n),
-                                Err(_) => TargetPort::Named(s.clone()),
-                            },
-                        },
-                    })
-                    .collect();
-                let service = Arc::new(Service {
-                    name: svc.metadata.name.clone(),
-                    namespace: ns,
-                    vips: vips.clone(),
-                    ports,
-                    endpoints,
-                    index: snap.services.len(),
-                });
-                for vip in vips {
-                    snap.by_vip.insert(vip, service.clone());
-                }
-                // The first by name, whatever order the config arrived in.
-                let name = (&service.namespace, &service.name);
-                for e in &service.endpoints {
-                    for (i, addr) in service.ports.iter().enumerate().filter_map(|(i, sp)| Some((i, e.addr(sp)?))) {
-                        let first = snap.by_endpoint.entry(addr).or_insert_with(|| (service.clone(), i));
-                        if name < (&first.0.namespace, &first.0.name) {
-                            *first = (service.clone(), i);
-                        }
-                    }
-                }
-                snap.by_key.insert(service.key(), service.clone());
-                snap.services.push(service);
+                drafts.push(ServiceDraft::of(svc, ns, endpoints));
             }
+        }
+        for remote in remotes {
+            snap.merge_remote(remote, mesh, &mut drafts);
+        }
+        for draft in drafts {
+            snap.add_service(draft);
         }
         snap.external = ExternalServices::new(objects.iter().filter_map(|o| match o {
             Object::ServiceEntry(e) => Some(&**e),
@@ -649,6 +601,102 @@ impl Snapshot {
     }
 }
 
+/// What each Namespace among `objects` says about its pods.
+pub(super) fn namespace_modes(objects: &[Object]) -> HashMap<String, NamespaceModes> {
+    let mut namespaces = HashMap::new();
+    for o in objects {
+        if let Object::Namespace(ns) = o {
+            let by_label = ENROLL_LABELS.iter().any(|(k, v)| ns.metadata.labels.get(*k).is_some_and(|x| x == v));
+            let by_annotation = ns.metadata.annotations.get(LINKERD_INJECT.0).is_some_and(|v| v == LINKERD_INJECT.1);
+            let modes = NamespaceModes {
+                enrolled: by_label || by_annotation,
+                dns_capture: switch(ns.metadata.labels.get(DNS_CAPTURE)),
+                network: ns.metadata.labels.get(NETWORK_LABEL).cloned(),
+            };
+            namespaces.insert(ns.metadata.name.clone(), modes);
+        }
+    }
+    namespaces
+}
+
+/// A Service whose endpoints are being gathered, from this cluster and then the
+/// others, before it is frozen into the snapshot.
+pub(super) struct ServiceDraft {
+    pub(super) name: String,
+    pub(super) namespace: String,
+    pub(super) vips: Vec<IpAddr>,
+    pub(super) ports: Vec<ServicePort>,
+    pub(super) endpoints: Vec<Endpoint>,
+}
+
+impl ServiceDraft {
+    /// `svc` (in namespace `ns`) with `endpoints`.
+    pub(super) fn of(svc: &crate::config::resources::Service, namespace: String, endpoints: Vec<Endpoint>) -> Self {
+        let mut vips: Vec<IpAddr> = svc.spec.cluster_ips.iter().filter_map(|s| s.parse().ok()).collect();
+        if let Some(ip) = svc.spec.cluster_ip.as_deref().and_then(|s| s.parse().ok())
+            && !vips.contains(&ip)
+        {
+            vips.insert(0, ip);
+        }
+        let ports = svc
+            .spec
+            .ports
+            .iter()
+            .map(|p| ServicePort {
+                name: p.name.clone(),
+                app_protocol: p.app_protocol.clone(),
+                port: p.port,
+                target: match &p.target_port {
+                    None => TargetPort::Number(p.port),
+                    Some(IntOrString::Int(n)) => TargetPort::Number(*n),
+                    Some(IntOrString::String(s)) => match s.parse() {
+                        Ok(n) => TargetPort::Number(n),
+                        Err(_) => TargetPort::Named(s.clone()),
+                    },
+                },
+            })
+            .collect();
+        Self { name: svc.metadata.name.clone(), namespace, vips, ports, endpoints }
+    }
+}
+
+/// The serving workloads in `namespace` that `selector` selects, as endpoints.
+pub(super) fn selected_endpoints<'a>(
+    workloads: &'a [Arc<Workload>],
+    namespace: &'a str,
+    selector: &'a BTreeMap<String, String>,
+) -> impl Iterator<Item = Endpoint> + 'a {
+    workloads
+        .iter()
+        .filter(move |w| w.namespace == namespace && selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+        .filter(|w| w.serving)
+        .filter_map(|w| Some(Endpoint { workload: w.clone(), ip: *w.ips.first()?, slice_ports: None }))
+}
+
+impl Snapshot {
+    /// Freezes `draft` into the snapshot's Services and indexes it.
+    fn add_service(&mut self, draft: ServiceDraft) {
+        let ServiceDraft { name, namespace, vips, ports, endpoints } = draft;
+        let service =
+            Arc::new(Service { name, namespace, vips: vips.clone(), ports, endpoints, index: self.services.len() });
+        for vip in vips {
+            self.by_vip.insert(vip, service.clone());
+        }
+        // The first by name, whatever order the config arrived in.
+        let name = (&service.namespace, &service.name);
+        for e in &service.endpoints {
+            for (i, addr) in service.ports.iter().enumerate().filter_map(|(i, sp)| Some((i, e.addr(sp)?))) {
+                let first = self.by_endpoint.entry(addr).or_insert_with(|| (service.clone(), i));
+                if name < (&first.0.namespace, &first.0.name) {
+                    *first = (service.clone(), i);
+                }
+            }
+        }
+        self.by_key.insert(service.key(), service.clone());
+        self.services.push(service);
+    }
+}
+
 /// The network `pod` is on when it is not this cluster's (both named): the pod's
 /// [`NETWORK_LABEL`], else its namespace's. Without a network of its own the mesh
 /// makes no such distinction, as Istio with `values.global.network` unset.
@@ -664,7 +712,12 @@ fn network_of<'a>(pod: &'a Pod, namespaces: &'a HashMap<String, NamespaceModes>,
     (labelled.as_str() != mesh.network).then_some(labelled.as_str())
 }
 
-fn workload(pod: &Pod, mesh: &MeshScope, namespaces: &HashMap<String, NamespaceModes>) -> Workload {
+pub(super) fn workload(
+    pod: &Pod,
+    mesh: &MeshScope,
+    namespaces: &HashMap<String, NamespaceModes>,
+    cluster: &str,
+) -> Workload {
     let namespace = pod.metadata.namespace_or_default();
     let ns = namespaces.get(&namespace).cloned().unwrap_or_default();
     let sa = pod.spec.service_account_name.clone().unwrap_or_else(|| "default".into());
@@ -697,7 +750,7 @@ fn workload(pod: &Pod, mesh: &MeshScope, namespaces: &HashMap<String, NamespaceM
         name: pod.metadata.name.clone(),
         enrolled,
         dns_capture: enrolled && pod_dns.or(ns.dns_capture).unwrap_or(mesh.dns_capture),
-        meta: Arc::new(workload_meta(pod, &namespace, &identity, &mesh.cluster_id)),
+        meta: Arc::new(workload_meta(pod, &namespace, &identity, cluster)),
         identity,
         namespace,
         labels: pod.metadata.labels.clone(),
@@ -706,6 +759,12 @@ fn workload(pod: &Pod, mesh: &MeshScope, namespaces: &HashMap<String, NamespaceM
         named_ports,
         uid: pod.metadata.uid.clone(),
         serving: pod.is_serving(),
+        network: pod
+            .metadata
+            .labels
+            .get(NETWORK_LABEL)
+            .or(ns.network.as_ref())
+            .map_or_else(|| mesh.network.clone(), Clone::clone),
     }
 }
 
@@ -832,13 +891,24 @@ fn config_held(objects: &[Object]) -> Vec<(&'static str, String, String)> {
 
 /// The digest of a config: objects hashed in key order. `Debug` output is stable here
 /// because config types hold only ordered maps.
-fn config_digest(objects: &[Object]) -> String {
-    let mut sorted: Vec<(_, &Object)> = objects.iter().map(|o| (o.key(), o)).collect();
-    sorted.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+fn config_digest(objects: &[Object], remotes: &[RemoteObjects]) -> String {
     let mut digest = DigestWriter(ring::digest::Context::new(&ring::digest::SHA256));
-    for (_, o) in sorted {
-        // Streamed into the hash: no string of each object's text is built.
-        let _ = write!(digest, "{o:?}\0");
+    let feed = |digest: &mut DigestWriter, objects: &[Object]| {
+        let mut sorted: Vec<(_, &Object)> = objects.iter().map(|o| (o.key(), o)).collect();
+        sorted.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        for (_, o) in sorted {
+            // Streamed into the hash: no string of each object's text is built.
+            let _ = write!(digest, "{o:?}\0");
+        }
+    };
+    feed(&mut digest, objects);
+    // Without remote clusters the digest is what it was before they existed, so agents
+    // of both versions agree during an upgrade.
+    let mut remotes: Vec<&RemoteObjects> = remotes.iter().collect();
+    remotes.sort_by(|a, b| a.cluster.cmp(&b.cluster));
+    for r in remotes {
+        let _ = write!(digest, "cluster {}\0", r.cluster);
+        feed(&mut digest, &r.objects);
     }
     digest.0.finish().as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -856,7 +926,7 @@ impl std::fmt::Write for DigestWriter {
 /// The IP EndpointSlices of each `(namespace, service)`, in slice-name order: indexed
 /// once per compile rather than searched once per Service. FQDN slices are left out:
 /// the agent resolves no names.
-fn slices_by_service(objects: &[Object]) -> HashMap<(String, String), Vec<&EndpointSlice>> {
+pub(super) fn slices_by_service(objects: &[Object]) -> HashMap<(String, String), Vec<&EndpointSlice>> {
     let mut by_service: HashMap<(String, String), Vec<&EndpointSlice>> = HashMap::new();
     for o in objects {
         if let Object::EndpointSlice(s) = o
@@ -875,7 +945,12 @@ fn slices_by_service(objects: &[Object]) -> HashMap<(String, String), Vec<&Endpo
 /// Endpoints of a Service without a selector in `namespace`, from its EndpointSlices
 /// (in order): ready endpoints only, each address once. An address of a known pod is
 /// that pod (and enrolled if it is); any other address is a plaintext destination.
-fn slice_endpoints(snap: &Snapshot, slices: &[&EndpointSlice], namespace: &str, trust_domain: &str) -> Vec<Endpoint> {
+pub(super) fn slice_endpoints(
+    known: impl Fn(&IpAddr) -> Option<Arc<Workload>>,
+    slices: &[&EndpointSlice],
+    namespace: &str,
+    trust_domain: &str,
+) -> Vec<Endpoint> {
     let mut seen = std::collections::HashSet::new();
     let mut out = Vec::new();
     for slice in slices {
@@ -890,7 +965,7 @@ fn slice_endpoints(snap: &Snapshot, slices: &[&EndpointSlice], namespace: &str, 
             if !seen.insert(ip) {
                 continue;
             }
-            let workload = snap.by_ip.get(&ip).cloned().unwrap_or_else(|| {
+            let workload = known(&ip).unwrap_or_else(|| {
                 let name = e.target_ref.as_ref().and_then(|r| r.name.clone()).unwrap_or_else(|| ip.to_string());
                 let mut outside = Workload::outside(&name, namespace, ip, trust_domain);
                 outside.node = e.node_name.clone();

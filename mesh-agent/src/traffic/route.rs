@@ -1099,6 +1099,7 @@ mod tests {
             uid: None,
             serving: true,
             meta: crate::state::WorkloadMeta::unknown(),
+            network: String::new(),
         }
     }
 

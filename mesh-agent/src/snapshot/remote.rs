@@ -1,0 +1,266 @@
+//! The mesh's other clusters in a snapshot: their pods become workloads this agent may
+//! dial but never captures, and their Services' endpoints join this cluster's Service
+//! of the same namespace and name (Istio's namespace sameness).
+//!
+//! Invariants: nothing read from another cluster enrolls, captures or names a pod of
+//! this node (remote workloads have no node and no UID, whatever their `nodeName`);
+//! this cluster's objects win every conflict (a pod address, a Service address); a
+//! remote pod on another network than this cluster's is no endpoint until an east-west
+//! gateway reaches it.
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use super::Snapshot;
+use super::compile::{
+    NETWORK_LABEL, ServiceDraft, namespace_modes, selected_endpoints, slice_endpoints, slices_by_service, workload,
+};
+use crate::config::{Object, RemoteObjects};
+use crate::state::{MeshScope, Problem, Workload};
+
+impl Snapshot {
+    /// Adds `remote`'s pods as workloads and its Services' endpoints to `drafts`.
+    pub(super) fn merge_remote(&mut self, remote: &RemoteObjects, mesh: &MeshScope, drafts: &mut Vec<ServiceDraft>) {
+        let cluster = remote.cluster.as_str();
+        let namespaces = namespace_modes(&remote.objects);
+        // Istio's convention: the network of a cluster is the label on its system
+        // namespace; a namespace's or a pod's own label says otherwise.
+        let cluster_network = namespaces.get(&mesh.root_namespace).and_then(|ns| ns.network.clone());
+        let reachable = |network: Option<&str>| match network {
+            Some(n) if !mesh.network.is_empty() => n == mesh.network,
+            _ => true,
+        };
+        let mut by_ip: HashMap<IpAddr, Arc<Workload>> = HashMap::new();
+        let mut workloads = Vec::new();
+        let mut elsewhere: Vec<(String, &str)> = Vec::new();
+        for o in &remote.objects {
+            let Object::Pod(pod) = o else { continue };
+            // A hostNetwork pod's address is its node's; a finished pod has none.
+            if pod.spec.host_network || pod.is_finished() {
+                continue;
+            }
+            let namespace = pod.metadata.namespace_or_default();
+            let network = pod
+                .metadata
+                .labels
+                .get(NETWORK_LABEL)
+                .or_else(|| namespaces.get(&namespace).and_then(|ns| ns.network.as_ref()))
+                .or(cluster_network.as_ref());
+            if !reachable(network.map(String::as_str)) {
+                elsewhere.push((format!("{namespace}/{}", pod.metadata.name), network.map_or("", |n| n.as_str())));
+                continue;
+            }
+            let mut w = workload(pod, mesh, &namespaces, cluster);
+            // Never this node's to capture, whatever node name that cluster gave it.
+            w.node = None;
+            w.uid = None;
+            w.dns_capture = false;
+            w.network = network.cloned().unwrap_or_default();
+            let w = Arc::new(w);
+            for ip in &w.ips {
+                by_ip.entry(*ip).or_insert_with(|| w.clone());
+                // This cluster's pod keeps its address.
+                self.by_ip.entry(*ip).or_insert_with(|| w.clone());
+            }
+            workloads.push(w);
+        }
+        if let Some((first, network)) = elsewhere.first() {
+            self.problems.push(Problem::new(
+                "MESH0112",
+                format!("cluster {cluster}"),
+                format!(
+                    "{} pod(s) on another network than this cluster's {} ({first} on {network}, ...): reached only \
+                     through an east-west gateway, and none is configured; no Service sends them traffic",
+                    elsewhere.len(),
+                    mesh.network
+                ),
+            ));
+        }
+        let all_reachable = reachable(cluster_network.as_deref());
+        let slices = slices_by_service(&remote.objects);
+        for o in &remote.objects {
+            let Object::Service(svc) = o else { continue };
+            let ns = svc.metadata.namespace_or_default();
+            let endpoints: Vec<_> = if svc.spec.selector.is_empty() {
+                let of_service = slices.get(&(ns.clone(), svc.metadata.name.clone()));
+                let known = |ip: &IpAddr| by_ip.get(ip).cloned();
+                slice_endpoints(known, of_service.map_or(&[][..], Vec::as_slice), &ns, &mesh.trust_domain)
+                    .into_iter()
+                    // An address no pod explains is on the cluster's network.
+                    .filter(|e| by_ip.contains_key(&e.ip) || all_reachable)
+                    .collect()
+            } else {
+                selected_endpoints(&workloads, &ns, &svc.spec.selector).collect()
+            };
+            match drafts.iter_mut().find(|d| d.namespace == ns && d.name == svc.metadata.name) {
+                Some(local) => {
+                    let held: HashSet<IpAddr> = local.endpoints.iter().map(|e| e.ip).collect();
+                    local.endpoints.extend(endpoints.into_iter().filter(|e| !held.contains(&e.ip)));
+                }
+                None => {
+                    // A Service only that cluster has: reached under its own addresses
+                    // where no Service here holds them.
+                    let mut draft = ServiceDraft::of(svc, ns, endpoints);
+                    draft.vips.retain(|vip| !drafts.iter().any(|d| d.vips.contains(vip)));
+                    drafts.push(draft);
+                }
+            }
+        }
+        self.workloads.extend(workloads);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+    use std::path::Path;
+
+    use super::*;
+    use crate::config::parse_documents;
+
+    const LOCAL: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: production, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: myapp-v1, namespace: production, labels: {app: myapp}}
+spec: {serviceAccountName: myapp, nodeName: node1}
+status: {podIP: 10.10.1.2}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: myapp, namespace: production}
+spec: {selector: {app: myapp}, clusterIP: 10.96.0.20, ports: [{port: 80, targetPort: 8080}]}
+"#;
+
+    /// Cluster2: myapp too (same name and namespace), db only there, a pod that claims
+    /// this cluster's node and another that claims a local pod's address.
+    const REMOTE: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: production, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: myapp-far, namespace: production, uid: far-uid, labels: {app: myapp}}
+spec: {serviceAccountName: myapp, nodeName: node1}
+status: {podIP: 10.20.1.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db-0, namespace: production, labels: {app: db}}
+spec: {serviceAccountName: db, nodeName: node1}
+status: {podIP: 10.20.1.3}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: impostor, namespace: production, labels: {app: impostor}}
+spec: {serviceAccountName: admin, nodeName: node9}
+status: {podIP: 10.10.1.2}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: myapp, namespace: production}
+spec: {selector: {app: myapp}, clusterIP: 10.96.0.77, ports: [{port: 80, targetPort: 8080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: production}
+spec: {selector: {app: db}, clusterIP: 10.96.0.30, ports: [{port: 5432}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: shadow, namespace: production}
+spec: {selector: {app: db}, clusterIP: 10.96.0.20, ports: [{port: 80}]}
+"#;
+
+    fn objects(yaml: &str) -> Vec<Object> {
+        parse_documents(Path::new("t.yaml"), yaml).unwrap()
+    }
+
+    fn cluster2(extra: &str) -> RemoteObjects {
+        RemoteObjects { cluster: "cluster2".into(), objects: objects(&format!("{REMOTE}{extra}")) }
+    }
+
+    fn compile(remotes: &[RemoteObjects], network: &str) -> Snapshot {
+        let mut mesh = MeshScope::new("cluster.local");
+        mesh.cluster_id = "cluster1".into();
+        mesh.network = network.into();
+        Snapshot::compile_mesh(&objects(LOCAL), remotes, &mesh, 1)
+    }
+
+    fn endpoint_clusters(s: &Snapshot, service: &str) -> Vec<(String, String)> {
+        s.service(service)
+            .map(|svc| svc.endpoints.iter().map(|e| (e.ip.to_string(), e.workload.meta.cluster.clone())).collect())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn a_service_in_both_clusters_has_the_endpoints_of_both_each_naming_its_cluster() {
+        let s = compile(&[cluster2("")], "");
+        assert_eq!(
+            endpoint_clusters(&s, "production/myapp"),
+            [("10.10.1.2".to_string(), "cluster1".to_string()), ("10.20.1.2".into(), "cluster2".into())]
+        );
+        // This cluster's addresses stay the Service's; the other cluster's own VIP is
+        // not taken over.
+        let myapp = s.service("production/myapp").unwrap();
+        assert_eq!(myapp.vips, ["10.96.0.20".parse::<IpAddr>().unwrap()]);
+        assert!(s.service_by_vip("10.96.0.77".parse().unwrap()).is_none());
+        // The same identity across clusters that share a trust domain.
+        let far = s.workload_by_ip("10.20.1.2".parse().unwrap()).unwrap();
+        assert_eq!(far.identity.to_string(), "spiffe://cluster.local/ns/production/sa/myapp");
+        assert!(far.enrolled, "a remote pod in the mesh is dialled over HBONE");
+    }
+
+    #[test]
+    fn a_service_only_the_other_cluster_has_is_reached_at_its_address_there() {
+        let s = compile(&[cluster2("")], "");
+        assert_eq!(endpoint_clusters(&s, "production/db"), [("10.20.1.3".to_string(), "cluster2".to_string())]);
+        assert_eq!(s.service_by_vip("10.96.0.30".parse().unwrap()).unwrap().key(), "production/db");
+        let dest: SocketAddr = "10.96.0.30:5432".parse().unwrap();
+        assert!(s.endpoints("production/db", None, dest.port()).iter().any(|(w, _)| w.meta.cluster == "cluster2"));
+        // Its address taken by a Service here: the local Service keeps it.
+        assert_eq!(s.service_by_vip("10.96.0.20".parse().unwrap()).unwrap().key(), "production/myapp");
+        assert!(s.service("production/shadow").unwrap().vips.is_empty());
+    }
+
+    #[test]
+    fn nothing_from_another_cluster_is_captured_here_or_takes_a_local_address() {
+        let s = compile(&[cluster2("")], "");
+        // The remote pods say nodeName node1: still never this node's.
+        let local: Vec<&str> = s.local_enrolled("node1").map(|w| w.name.as_str()).collect();
+        assert_eq!(local, ["myapp-v1"]);
+        assert!(s.workloads.iter().filter(|w| w.meta.cluster == "cluster2").all(|w| w.uid.is_none()));
+        // A remote pod claiming a local pod's address does not become it.
+        let at = s.workload_by_ip("10.10.1.2".parse().unwrap()).unwrap();
+        assert_eq!((at.name.as_str(), at.meta.cluster.as_str()), ("myapp-v1", "cluster1"));
+        assert!(s.enrolled_namespaces().contains("production"));
+    }
+
+    #[test]
+    fn another_networks_pods_are_no_endpoints_and_the_snapshot_says_why() {
+        let network2 = "---\napiVersion: v1\nkind: Namespace\nmetadata: {name: istio-system, labels: {topology.istio.io/network: network2}}\n";
+        let s = compile(&[cluster2(network2)], "network1");
+        assert_eq!(endpoint_clusters(&s, "production/myapp"), [("10.10.1.2".to_string(), "cluster1".to_string())]);
+        assert!(endpoint_clusters(&s, "production/db").is_empty());
+        let problem = s.problems.iter().find(|p| p.code == "MESH0112").expect("the unreachable pods are reported");
+        assert!(problem.to_string().contains("network2"), "{problem}");
+        // The same cluster on this network: reached directly.
+        let network1 = network2.replace("network2", "network1");
+        let s = compile(&[cluster2(&network1)], "network1");
+        assert_eq!(endpoint_clusters(&s, "production/db"), [("10.20.1.3".to_string(), "cluster2".to_string())]);
+    }
+
+    #[test]
+    fn the_digest_names_what_other_clusters_hold_and_is_unchanged_without_them() {
+        let mesh = MeshScope::new("cluster.local");
+        let alone = Snapshot::compile_in(&objects(LOCAL), &mesh, 1);
+        let none = compile(&[], "");
+        assert_eq!(alone.config_digest, none.config_digest);
+        assert_ne!(compile(&[cluster2("")], "").config_digest, none.config_digest);
+    }
+}
