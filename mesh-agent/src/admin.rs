@@ -58,6 +58,24 @@ pub struct AdminState {
     pub last_apply: Arc<std::sync::Mutex<Option<LastApply>>>,
     /// Why the config source cannot be read, and since when (None while it answers).
     pub source_unavailable: Arc<std::sync::Mutex<Option<(String, std::time::Instant)>>>,
+    /// The mesh's other clusters this agent follows, as of the last reload.
+    pub remote_clusters: Arc<std::sync::Mutex<Vec<RemoteClusterStatus>>>,
+}
+
+/// Where one remote cluster stands, as `/sync_status` and `meshctl remote-clusters`
+/// report it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RemoteClusterStatus {
+    /// The cluster's name.
+    pub cluster: String,
+    /// Every kind of it listed: its Services and pods are in the snapshot.
+    pub synced: bool,
+    /// Why it is not followed, or why its API server does not answer now.
+    pub error: Option<String>,
+    /// Its Services held.
+    pub services: usize,
+    /// Its pods held.
+    pub pods: usize,
 }
 
 /// A config change applied: the snapshot compiled and swapped in, and the pods and
@@ -95,6 +113,7 @@ impl AdminState {
             denials: Default::default(),
             last_apply: Default::default(),
             source_unavailable: Default::default(),
+            remote_clusters: Default::default(),
         }
     }
 
@@ -144,6 +163,9 @@ struct SyncStatus<'a> {
     /// Why the config source cannot be read, and for how long (absent while it answers).
     #[serde(skip_serializing_if = "Option::is_none")]
     config_source_unavailable: Option<String>,
+    /// The mesh's other clusters followed (absent when none).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    remote_clusters: Vec<RemoteClusterStatus>,
 }
 
 /// The config dump's own view type: compiled state is not `Serialize` on purpose.
@@ -180,6 +202,10 @@ struct EndpointView {
     workload: String,
     /// Reached over the mTLS tunnel.
     mtls: bool,
+    /// The cluster the endpoint runs in.
+    cluster: String,
+    /// Its network (empty: none named).
+    network: String,
 }
 
 /// A workload certificate held: never its key.
@@ -207,6 +233,7 @@ struct WorkloadView {
     ips: Vec<String>,
     identity: String,
     enrolled: bool,
+    cluster: String,
 }
 
 #[derive(Serialize)]
@@ -244,6 +271,8 @@ fn endpoint_views(snap: &crate::snapshot::Snapshot) -> Vec<EndpointView> {
                     address: addr.to_string(),
                     workload: e.workload.key(),
                     mtls: snap.tunnels_to(&e.workload, addr.port()),
+                    cluster: e.workload.meta.cluster.clone(),
+                    network: e.workload.network.clone(),
                 });
             }
         }
@@ -352,6 +381,7 @@ fn route(state: &AdminState, req: &Request<Incoming>, dump: bool) -> Response<Fu
                 rejected_config: state.config_errors.lock().unwrap_or_else(|p| p.into_inner()).len(),
                 last_apply: *state.last_apply.lock().unwrap_or_else(|p| p.into_inner()),
                 config_source_unavailable: state.source_outage(),
+                remote_clusters: state.remote_clusters.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             };
             match serde_json::to_string(&status) {
                 Ok(j) => respond(StatusCode::OK, "application/json", j),
@@ -401,6 +431,7 @@ fn route(state: &AdminState, req: &Request<Incoming>, dump: bool) -> Response<Fu
                         ips: w.ips.iter().map(ToString::to_string).collect(),
                         identity: w.identity.to_string(),
                         enrolled: w.enrolled,
+                        cluster: w.meta.cluster.clone(),
                     })
                     .collect(),
                 services: snap

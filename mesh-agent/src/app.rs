@@ -6,6 +6,7 @@ pub mod gateway;
 mod gateway_status;
 mod handoff;
 mod pods;
+pub mod remote_clusters;
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -33,6 +34,7 @@ use crate::telemetry::Metrics;
 use crate::transport::Dialer;
 use crate::transport::inherited::{Inherited, SocketKey};
 use pods::Pods;
+use remote_clusters::RemoteClusters;
 
 /// Pods whose netns or cgroup is not there yet are retried this often; also the
 /// fallback re-read of the config directory should a file event be missed.
@@ -165,6 +167,12 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
     let mut admin_servers = serve_admin(&settings, &admin_state, &shutdown, &inherited)?;
     tokio::spawn(crate::heap::hand_back_after_bursts(shutdown.clone()));
     let (mut source, mut changes, _watcher) = open_source(&settings, client.as_ref(), &admin_state).await?;
+    let (remotes, mut remote_changes) = RemoteClusters::start(
+        ca_client(&settings, &verifier),
+        settings.cluster_id.clone(),
+        settings.remote_clusters_refresh,
+        shutdown.clone(),
+    );
     let ctx = ProxyContext {
         snapshot: snapshot.clone(),
         orig_dst: dataplane.clone(),
@@ -204,6 +212,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
         renewal,
         started: None,
         predecessor,
+        remotes,
     };
     agent.apply(&mut source);
     agent.finish_takeover();
@@ -226,6 +235,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
                 }
             }
             Some(()) = changes.recv() => agent.apply(&mut source),
+            Some(()) = remote_changes.recv() => agent.apply(&mut source),
             // Certificates arrived: pods waiting for theirs can start.
             Some(()) = issued_rx.recv() => agent.reconcile(),
             Some(r) = cni_rx.recv() => {
@@ -297,14 +307,19 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
 pub(crate) fn identity(settings: &Settings) -> Result<(PeerVerifier, Arc<CertStore>), Error> {
     let roots = read_roots(&settings.ca_root_cert)?;
     let verifier = PeerVerifier::new(&roots, settings.accepted_trust_domains())?;
-    let ca_client = CaClient {
+    let ca_client = ca_client(settings, &verifier);
+    Ok((verifier, Arc::new(CertStore::remote(ca_client, settings.cert_ttl))))
+}
+
+/// How the process reaches the CA service, trusting the mesh's roots.
+fn ca_client(settings: &Settings, verifier: &PeerVerifier) -> CaClient {
+    CaClient {
         address: settings.ca_address.clone(),
         server_name: settings.ca_server_name.clone(),
         token_file: settings.ca_token_file.clone(),
         root_file: Some(settings.ca_root_cert.clone()),
         verifier: verifier.clone(),
-    };
-    Ok((verifier, Arc::new(CertStore::remote(ca_client, settings.cert_ttl))))
+    }
 }
 
 /// Starts the admin, metrics and readiness endpoints (one server per distinct
@@ -532,6 +547,8 @@ struct Agent {
     started: Option<std::time::Instant>,
     /// The agent that handed its sockets over, told once this one is ready.
     predecessor: Option<handoff::Predecessor>,
+    /// The mesh's other clusters this agent follows.
+    remotes: RemoteClusters,
 }
 
 impl Agent {
@@ -566,9 +583,11 @@ impl Agent {
         }
         *self.admin.config_errors.lock().unwrap_or_else(|p| p.into_inner()) =
             source.standing_errors().iter().map(ToString::to_string).collect();
-        if r.changed || self.version == 0 {
+        let remote = self.remotes.reload();
+        *self.admin.remote_clusters.lock().unwrap_or_else(|p| p.into_inner()) = self.remotes.status();
+        if r.changed || remote.changed || self.version == 0 {
             self.version += 1;
-            let snap = Snapshot::compile_in(&r.objects, &self.settings.mesh_scope(), self.version);
+            let snap = Snapshot::compile_mesh(&r.objects, &remote.objects, &self.settings.mesh_scope(), self.version);
             tracing::info!(version = self.version, workloads = snap.workloads.len(), "config applied");
             for problem in &snap.problems {
                 tracing::warn!(version = self.version, "{problem}");

@@ -4,16 +4,21 @@
 //! on the requesting agent's node, as istiod does for ztunnel. A compromised node can
 //! then mint identities of its own pods and nothing else.
 //!
+//! It also hands agents the kubeconfigs of the mesh's other clusters from the remote
+//! secrets (`remote_secrets`): agents may read no Secret.
+//!
 //! `authn` tells which node a token belongs to (a static token file in the lab, the
 //! Kubernetes TokenReview API and the token's bound pod in a cluster); `workloads` says
 //! which identities run on a node; `server` speaks Istio's certificate service and the
 //! trust bundle over TLS, and follows the CA files (a root rotation is a new `cacerts`).
 
 mod authn;
+mod remote_secrets;
 mod server;
 mod workloads;
 
 pub use authn::{Authenticator, Caller};
+pub use remote_secrets::{MULTI_CLUSTER_LABEL, RemoteSecrets, cluster_name};
 pub use server::run;
 pub use workloads::NodeWorkloads;
 
@@ -131,6 +136,13 @@ pub struct Settings {
     /// Audience the agents' tokens are issued for (cluster mode).
     #[arg(long, env = "MESH_CA_AUDIENCE", default_value = "mesh-ca")]
     pub audience: String,
+
+    /// Namespace whose remote secrets (`istio/multiCluster: "true"`) name the mesh's
+    /// other clusters, handed to agents (cluster mode; default: --ca-secret's
+    /// namespace, else `istio-system`). With files, Secrets so labelled in the config
+    /// directory.
+    #[arg(long, env = "MESH_CA_REMOTE_SECRETS_NAMESPACE")]
+    pub remote_secrets_namespace: Option<String>,
 
     /// Log format: `text` or `json`.
     #[arg(long, env = "MESH_LOG_FORMAT", default_value = "text")]

@@ -118,6 +118,12 @@ pub struct Settings {
     #[arg(long, env = "MESH_TRUST_REFRESH", default_value = "30s", value_parser = parse_duration)]
     pub trust_refresh: Duration,
 
+    /// How often the agent asks the CA service which other clusters the mesh has (the
+    /// remote secrets), e.g. `10s`: how soon a new or removed remote secret takes
+    /// effect.
+    #[arg(long, env = "MESH_REMOTE_CLUSTERS_REFRESH", default_value = "10s", value_parser = parse_duration)]
+    pub remote_clusters_refresh: Duration,
+
     /// SPIFFE trust domain of this mesh.
     #[arg(long, env = "MESH_TRUST_DOMAIN", default_value = "cluster.local", value_parser = crate::identity::parse_trust_domain)]
     pub trust_domain: String,

@@ -287,4 +287,11 @@ async fn in_a_cluster_agents_are_known_by_token_review_and_get_their_nodes_pods_
         let e = client(token).sign(&id("shop", "web"), Duration::from_secs(600)).await.unwrap_err().to_string();
         assert!(e.contains(why), "{token}: {e}");
     }
+    // The remote clusters' kubeconfigs hold tokens: for agents and gateways only.
+    assert_eq!(agent.remote_clusters().await.unwrap(), []);
+    assert!(gateway.remote_clusters().await.is_ok());
+    for token in ["nobody", "workload"] {
+        let e = client(token).remote_clusters().await.unwrap_err().to_string();
+        assert!(e.contains("401"), "{token}: {e}");
+    }
 }

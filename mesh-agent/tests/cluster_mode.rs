@@ -214,6 +214,7 @@ fn spawn_agent(api_url: &str, ca: &str, dir: &std::path::Path, scratch: &mut Scr
         .args(["--admin-addr", &format!("127.0.0.1:{}", ports.admin)])
         .args(["--metrics-addr", &format!("127.0.0.1:{}", ports.metrics)])
         .args(["--readiness-addr", &format!("127.0.0.1:{}", ports.ready)])
+        .args(["--cluster-id", "cluster1", "--remote-clusters-refresh", "1s"])
         .env("MESH_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -380,6 +381,166 @@ async fn the_agent_waits_for_the_api_then_serves_and_follows_it() {
     assert_eq!(code, Some(1), "{out}");
     assert!(out.lines().any(|l| l.contains("mesh-agent-fghij") && l.contains("UNREACHABLE")), "{out}");
     assert!(out.lines().any(|l| l.contains("mesh-agent-abcde") && l.contains("SYNCED")), "{out}");
+}
+
+/// A pod of an API server double: `name` in production, labelled `app`, at `ip`.
+fn app_pod(name: &str, app: &str, node: &str, ip: &str) -> serde_json::Value {
+    json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "production", "labels": {"app": app}},
+           "spec": {"serviceAccountName": app, "nodeName": node, "containers": [{"name": "app", "ports": [{"containerPort": 8080}]}]},
+           "status": {"phase": "Running", "podIP": ip, "conditions": [{"type": "Ready", "status": "True"}]}})
+}
+
+/// A Service of an API server double selecting `app` in production.
+fn app_service(app: &str, cluster_ip: &str) -> serde_json::Value {
+    json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": app, "namespace": "production"},
+           "spec": {"selector": {"app": app}, "clusterIP": cluster_ip, "ports": [{"port": 80, "targetPort": 8080}]}})
+}
+
+/// The agent's `/config_dump` as JSON, once it answers.
+async fn config_dump(admin: u16) -> serde_json::Value {
+    let body = get(&format!("http://127.0.0.1:{admin}/config_dump")).await.map(|(_, b)| b).unwrap_or_default();
+    serde_json::from_str(&body).unwrap_or_default()
+}
+
+/// `(service, address, cluster)` of every endpoint in a config dump, sorted.
+fn endpoints_of(dump: &serde_json::Value) -> Vec<(String, String, String)> {
+    let mut v: Vec<_> = dump["endpoints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            let field = |k: &str| e[k].as_str().unwrap_or_default().to_string();
+            (field("service"), field("address"), field("cluster"))
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_secret_brings_in_the_other_clusters_services_until_it_is_removed() {
+    if !can_run("a_remote_secret_brings_in_the_other_clusters_services_until_it_is_removed") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut scratch = scratch("remote");
+    let namespace = json!({"apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": "production", "labels": {"istio.io/dataplane-mode": "ambient"}}});
+    // Cluster1, where the agent runs: myapp with one pod.
+    let api = ApiServer::new(&collections()).await;
+    api.apply("/api/v1/secrets", ca_secret(dir.path()));
+    api.apply("/api/v1/namespaces", namespace.clone());
+    api.apply("/api/v1/pods", app_pod("myapp-v1", "myapp", "node2", "10.1.2.3"));
+    api.apply("/api/v1/services", app_service("myapp", "10.96.0.20"));
+    // Cluster2, read with its reader's token only: myapp too, and db, which cluster1
+    // does not have. Its pods name node1, this agent's node, as clusters' nodes may.
+    let remote = ApiServer::new(&collections()).await;
+    const READER_TOKEN: &str = "reader-token-of-cluster2";
+    remote.require_token(READER_TOKEN);
+    remote.apply("/api/v1/namespaces", namespace);
+    remote.apply("/api/v1/pods", app_pod("myapp-far", "myapp", "node1", "10.2.0.5"));
+    remote.apply("/api/v1/pods", app_pod("db-0", "db", "node1", "10.2.0.6"));
+    remote.apply("/api/v1/services", app_service("myapp", "10.97.0.20"));
+    remote.apply("/api/v1/services", app_service("db", "10.97.0.30"));
+
+    let ca = spawn_ca(&api.url(), dir.path(), &mut scratch);
+    let Ports { admin, metrics, ready } = spawn_agent(&api.url(), &ca, dir.path(), &mut scratch);
+    register_agent(&api, metrics);
+    let log = || std::fs::read_to_string(dir.path().join("agent.log")).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while get(&format!("http://127.0.0.1:{ready}/healthz/ready")).await.is_none_or(|(c, _)| c != 200) {
+        assert!(Instant::now() < deadline, "never ready:\n{}", log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let local_only = vec![("production/myapp".to_string(), "10.1.2.3:8080".to_string(), "cluster1".to_string())];
+    assert_eq!(endpoints_of(&config_dump(admin).await), local_only);
+
+    // The remote secret, as `meshctl x create-remote-secret` prints it, applied in
+    // cluster1: the agent follows cluster2.
+    let kubeconfig = format!(
+        "apiVersion: v1\nkind: Config\ncurrent-context: cluster2\n\
+         clusters: [{{name: cluster2, cluster: {{server: \"{}\"}}}}]\n\
+         users: [{{name: cluster2, user: {{token: {READER_TOKEN}}}}}]\n\
+         contexts: [{{name: cluster2, context: {{cluster: cluster2, user: cluster2}}}}]\n",
+        remote.url()
+    );
+    api.apply(
+        "/api/v1/secrets",
+        json!({"apiVersion": "v1", "kind": "Secret",
+               "metadata": {"name": "istio-remote-secret-cluster2", "namespace": "istio-system",
+                            "labels": {"istio/multiCluster": "true"}, "annotations": {"networking.istio.io/cluster": "cluster2"}},
+               "type": "Opaque", "data": {"cluster2": base64(&kubeconfig)}}),
+    );
+    let merged = vec![
+        ("production/db".to_string(), "10.2.0.6:8080".to_string(), "cluster2".to_string()),
+        ("production/myapp".to_string(), "10.1.2.3:8080".to_string(), "cluster1".to_string()),
+        ("production/myapp".to_string(), "10.2.0.5:8080".to_string(), "cluster2".to_string()),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let dump = loop {
+        let dump = config_dump(admin).await;
+        if endpoints_of(&dump) == merged {
+            break dump;
+        }
+        assert!(Instant::now() < deadline, "cluster2's endpoints never merged: {:?}\n{}", endpoints_of(&dump), log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // db, only in cluster2, is reached at cluster2's address for it; myapp keeps its own.
+    let service =
+        |name: &str| dump["services"].as_array().unwrap().iter().find(|s| s["name"] == name).cloned().unwrap();
+    assert_eq!(service("db")["vips"], json!(["10.97.0.30"]));
+    assert_eq!(service("myapp")["vips"], json!(["10.96.0.20"]));
+    // Cluster2's pods say node1: this agent still captures none of them.
+    assert_eq!(dump["enrolled_pods"], json!([]), "{dump}");
+    assert!(remote.unauthorized() == 0, "every request to cluster2 carried the reader's token");
+    assert!(!log().contains(READER_TOKEN), "the token is never logged");
+
+    // meshctl remote-clusters, through the API server's pod proxy to the agent.
+    let kubeconfig_path = api.kubeconfig(dir.path());
+    let remote_clusters = || {
+        let kc = kubeconfig_path.clone();
+        tokio::task::spawn_blocking(move || {
+            let out = Command::new(env!("CARGO_BIN_EXE_meshctl"))
+                // The double's kubeconfig context, named as a user would (`--context`).
+                .args(["remote-clusters", "--context", "double"])
+                .env("KUBECONFIG", kc)
+                .env("NO_COLOR", "1")
+                .output()
+                .unwrap();
+            (
+                out.status.code(),
+                format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+            )
+        })
+    };
+    let (code, out) = remote_clusters().await.unwrap();
+    assert_eq!(code, Some(0), "{out}");
+    let line = out.lines().find(|l| l.contains("mesh-agent-abcde")).unwrap_or_default().to_string();
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(fields, ["mesh-agent-abcde", "node1", "cluster2", "SYNCED", "2", "2"], "{out}");
+
+    // Cluster2 changes: followed.
+    remote.delete("/api/v1/pods", "production", "myapp-far");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while endpoints_of(&config_dump(admin).await).len() != 2 {
+        assert!(Instant::now() < deadline, "cluster2's change never arrived:\n{}", log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The secret removed: cluster2 is no longer followed.
+    api.delete("/api/v1/secrets", "istio-system", "istio-remote-secret-cluster2");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while endpoints_of(&config_dump(admin).await) != local_only {
+        assert!(Instant::now() < deadline, "cluster2 still followed after its secret went:\n{}", log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (code, out) = remote_clusters().await.unwrap();
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.lines().any(|l| l.contains("mesh-agent-abcde") && l.contains("(none)")), "{out}");
+}
+
+fn base64(text: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(text)
 }
 
 /// Runs `sleep` as a pod's process: inside `netns` (the host's when None), then in

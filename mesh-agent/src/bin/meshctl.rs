@@ -18,6 +18,10 @@ const EXIT_ANALYSIS_ERRORS: u8 = 79;
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// The kubeconfig context of the cluster the command acts on (default: the current
+    /// one), as istioctl's and kubectl's `--context`.
+    #[arg(long, global = true)]
+    context: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -61,6 +65,13 @@ enum Cmd {
         /// Namespace whose policies apply mesh-wide.
         #[arg(long, default_value = "istio-system")]
         root_namespace: String,
+    },
+    /// The mesh's other clusters each agent follows (from the remote secrets), and
+    /// whether it is synced with them, as `istioctl remote-clusters`.
+    RemoteClusters {
+        /// Namespace of the install.
+        #[arg(short = 'i', long = "istio-namespace", default_value = "istio-system")]
+        namespace: String,
     },
     /// Experimental commands, as istioctl's `x`.
     X {
@@ -171,9 +182,6 @@ enum XCmd {
     /// for the install's read-only `mesh-reader` account), for
     /// `| kubectl apply -f - --context=OTHER`.
     CreateRemoteSecret {
-        /// The kubeconfig context of the cluster to read (default: the current one).
-        #[arg(long)]
-        context: Option<String>,
         /// The cluster's name as the other clusters know it (its
         /// `values.global.multiCluster.clusterName`; default: the context's name).
         #[arg(long)]
@@ -204,23 +212,26 @@ enum ManifestCmd {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let style = Style::stdout();
+    let context = cli.context;
     match cli.cmd {
         Cmd::Check { pre: true, cluster: false, no_load, .. } => {
             report(style, &check::preflight(&check::Host::default(), !no_load), PREFLIGHT_OK)
         }
-        Cmd::Check { pre: true, cluster: true, .. } => {
-            on_cluster(|c| async move { Ok(report(style, &cluster::preflight(&c).await, CLUSTER_PREFLIGHT_OK)) })
-        }
+        Cmd::Check { pre: true, cluster: true, .. } => on_cluster(context.as_deref(), |c| async move {
+            Ok(report(style, &cluster::preflight(&c).await, CLUSTER_PREFLIGHT_OK))
+        }),
         Cmd::Check { pre: false, namespace, sets, files, .. } => {
             let values = match values_for(&sets, &files, namespace) {
                 Ok(v) => v,
                 Err(code) => return code,
             };
-            on_cluster(|c| async move { Ok(report(style, &cluster::verify(&c, &values).await, VERIFY_OK)) })
+            on_cluster(context.as_deref(), |c| async move {
+                Ok(report(style, &cluster::verify(&c, &values).await, VERIFY_OK))
+            })
         }
         Cmd::Analyze { cluster: true, trust_domain, root_namespace, .. } => {
             let mesh = MeshScope { root_namespace, ..MeshScope::new(&trust_domain) };
-            on_cluster(|c| async move {
+            on_cluster(context.as_deref(), |c| async move {
                 let found = cluster::analyze_cluster(&c, &mesh).await?;
                 Ok(print_diagnostics(style, &found, "the cluster", || {
                     style.ok("\u{2714} No validation issues found when analyzing the cluster.")
@@ -232,10 +243,16 @@ fn main() -> ExitCode {
             run_analyze(style, &files, &mesh)
         }
         Cmd::ProxyConfig { section, admin, file, output } => run_proxy_config(section, admin, file, &output),
-        Cmd::Dashboard { target, admins, address, port, browser, namespace } => {
-            run_dashboard(target, admins, &address, port.unwrap_or_else(|| target.default_port()), browser, &namespace)
-        }
-        Cmd::ProxyStatus { namespace } => on_cluster(|c| async move {
+        Cmd::Dashboard { target, admins, address, port, browser, namespace } => run_dashboard(
+            target,
+            admins,
+            &address,
+            port.unwrap_or_else(|| target.default_port()),
+            browser,
+            &namespace,
+            context.as_deref(),
+        ),
+        Cmd::ProxyStatus { namespace } => on_cluster(context.as_deref(), |c| async move {
             let rows = cluster::proxy_status(&c, &namespace).await?;
             if rows.is_empty() {
                 eprintln!(
@@ -275,6 +292,48 @@ fn main() -> ExitCode {
             }
             Ok(if rows.iter().all(|r| r.state == SyncState::Synced) { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }),
+        Cmd::RemoteClusters { namespace } => on_cluster(context.as_deref(), |c| async move {
+            let rows = cluster::proxy_status(&c, &namespace).await?;
+            if rows.is_empty() {
+                eprintln!(
+                    "meshctl remote-clusters: no agent pods (app=mesh-agent) in {namespace}; is the mesh installed?"
+                );
+                return Ok(ExitCode::FAILURE);
+            }
+            println!(
+                "{:<28} {:<20} {:<20} {:<12} {:>8} {:>8}",
+                "AGENT", "NODE", "CLUSTER", "STATUS", "SERVICES", "PODS"
+            );
+            let mut all_synced = true;
+            for r in &rows {
+                let clusters = match &r.report {
+                    Err(e) => {
+                        all_synced = false;
+                        let state = style.bad("UNREACHABLE");
+                        println!("{:<28} {:<20} {:<20} {:<12}", r.pod, r.node, "-", state);
+                        println!("    {}", style.bad(&format!("could not ask it: {e}")));
+                        continue;
+                    }
+                    Ok(s) => &s.remote_clusters,
+                };
+                if clusters.is_empty() {
+                    println!("{:<28} {:<20} {:<20}", r.pod, r.node, "(none)");
+                }
+                for c in clusters {
+                    let state = c.state();
+                    all_synced &= state == "SYNCED";
+                    let shown = if state == "SYNCED" { style.ok(state) } else { style.bad(state) };
+                    println!(
+                        "{:<28} {:<20} {:<20} {:<12} {:>8} {:>8}",
+                        r.pod, r.node, c.cluster, shown, c.services, c.pods
+                    );
+                    if let Some(e) = &c.error {
+                        println!("    {}", style.bad(e));
+                    }
+                }
+            }
+            Ok(if all_synced { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }),
         Cmd::Manifest { cmd: ManifestCmd::Generate { sets, files, deploy_dir: None } } => {
             match values_for(&sets, &files, None).and_then(|v| manifest_for(&v)) {
                 Ok(yaml) => {
@@ -285,7 +344,7 @@ fn main() -> ExitCode {
             }
         }
         Cmd::Manifest { cmd: ManifestCmd::Generate { deploy_dir: Some(dir), .. } } => write_deploy(&dir),
-        Cmd::X { cmd: XCmd::CreateRemoteSecret { context, name, namespace } } => {
+        Cmd::X { cmd: XCmd::CreateRemoteSecret { name, namespace } } => {
             let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => {
@@ -328,7 +387,7 @@ fn main() -> ExitCode {
             {
                 return ExitCode::FAILURE;
             }
-            on_cluster(|c| async move {
+            on_cluster(context.as_deref(), |c| async move {
                 let steps = cluster::install(&c, &values).await?;
                 print_steps(style, &steps);
                 println!(
@@ -354,7 +413,7 @@ fn main() -> ExitCode {
             if !confirmed(yes, "This will remove the mesh from the cluster; pods are no longer captured.") {
                 return ExitCode::FAILURE;
             }
-            on_cluster(|c| async move {
+            on_cluster(context.as_deref(), |c| async move {
                 let steps = cluster::uninstall(&c, &values, purge).await?;
                 print_steps(style, &steps);
                 println!("{}", style.ok("\u{2714} Uninstall complete."));
@@ -398,7 +457,7 @@ fn report(style: Style, findings: &[check::Finding], (ok, failed_msg): (&str, &s
 
 /// Runs `f` with a client for the current cluster; errors end the command with their
 /// message (which says how to fix them).
-fn on_cluster<F, Fut>(f: F) -> ExitCode
+fn on_cluster<F, Fut>(context: Option<&str>, f: F) -> ExitCode
 where
     F: FnOnce(kube::Client) -> Fut,
     Fut: std::future::Future<Output = Result<ExitCode, cluster::Error>>,
@@ -411,7 +470,7 @@ where
         }
     };
     rt.block_on(async {
-        let client = match cluster::client().await {
+        let client = match cluster::client(context).await {
             Ok(c) => c,
             Err(e) => {
                 eprintln!("meshctl: {e}");
@@ -487,6 +546,7 @@ fn run_dashboard(
     port: u16,
     browser: bool,
     namespace: &str,
+    context: Option<&str>,
 ) -> ExitCode {
     use mesh_agent::cli::dashboard::{self, Backend};
     let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
@@ -500,7 +560,7 @@ fn run_dashboard(
         let backend = match target.addon() {
             None => Backend::Mesh(std::sync::Arc::new(admins)),
             Some(_) => {
-                let client = match cluster::client().await {
+                let client = match cluster::client(context).await {
                     Ok(c) => c,
                     Err(e) => {
                         eprintln!("meshctl: {e}");

@@ -24,7 +24,7 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use tokio::sync::Semaphore;
 
-use super::{Authenticator, Error, NodeWorkloads, Settings};
+use super::{Authenticator, Error, NodeWorkloads, RemoteSecrets, Settings};
 use crate::identity::ca_protocol::{
     self, GrpcStatus, IstioCertificateRequest, IstioCertificateResponse, TrustBundle, status,
 };
@@ -53,6 +53,7 @@ struct State {
     bundle: ArcSwap<TrustBundle>,
     authn: Authenticator,
     workloads: NodeWorkloads,
+    remotes: RemoteSecrets,
     trust_domain: String,
     max_ttl: Duration,
 }
@@ -128,6 +129,18 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
         (None, Some(dir)) => NodeWorkloads::Files(std::sync::Mutex::new(crate::config::DirSource::new(dir))),
         (None, None) => return Err(Error::Settings("--config-dir is required with --config-source files".into())),
     };
+    let remotes = match (&client, &settings.source.config_dir) {
+        (Some(client), _) => {
+            let namespace = settings
+                .remote_secrets_namespace
+                .clone()
+                .or_else(|| secret.as_ref().map(|(ns, _)| ns.clone()))
+                .unwrap_or_else(|| "istio-system".into());
+            RemoteSecrets::follow(client.clone(), &namespace)
+        }
+        (None, Some(dir)) => RemoteSecrets::Files(std::sync::Mutex::new(crate::config::DirSource::new(dir))),
+        (None, None) => return Err(Error::Settings("--config-dir is required with --config-source files".into())),
+    };
     let state = Arc::new(State {
         serving: ArcSwap::from_pointee(serving_cert(&ca, &settings)?),
         serving_since: std::sync::Mutex::new(Instant::now()),
@@ -135,6 +148,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
         ca: ArcSwap::from_pointee(ca),
         authn,
         workloads,
+        remotes,
         trust_domain: settings.trust_domain.clone(),
         max_ttl: settings.max_ttl,
     });
@@ -224,6 +238,7 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Body> {
             Ok(answer) => grpc_ok(&answer),
             Err(s) => grpc_error(s),
         },
+        (&Method::GET, ca_protocol::REMOTE_CLUSTERS) => remote_clusters(state, &req).await,
         _ => {
             let mut r = Response::new(Full::new(Bytes::from_static(b"not found\n")).boxed());
             *r.status_mut() = StatusCode::NOT_FOUND;
@@ -232,18 +247,41 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Body> {
     }
 }
 
+/// The remote clusters' kubeconfigs, for an authenticated agent or gateway only: they
+/// hold the other clusters' reader tokens.
+async fn remote_clusters(state: &State, req: &Request<Incoming>) -> Response<Body> {
+    let answer = |code: StatusCode, body: Vec<u8>| {
+        let mut r = Response::new(Full::new(Bytes::from(body)).boxed());
+        *r.status_mut() = code;
+        r
+    };
+    let Some(token) = bearer(req) else {
+        return answer(StatusCode::UNAUTHORIZED, b"no bearer token\n".to_vec());
+    };
+    if let Err(why) = state.authn.caller(&token).await {
+        tracing::warn!(%why, "remote clusters refused: caller not authenticated");
+        return answer(StatusCode::UNAUTHORIZED, format!("{why}\n").into_bytes());
+    }
+    let mut r = answer(StatusCode::OK, serde_json::to_vec(&state.remotes.clusters()).unwrap_or_default());
+    r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    r
+}
+
+/// The request's bearer token.
+fn bearer<B>(req: &Request<B>) -> Option<String> {
+    req.headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_owned)
+}
+
 fn refuse(code: u32, message: impl Into<String>) -> GrpcStatus {
     GrpcStatus { code, message: message.into() }
 }
 
 async fn create_certificate(state: &State, req: Request<Incoming>) -> Result<IstioCertificateResponse, GrpcStatus> {
-    let token = req
-        .headers()
-        .get(http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::to_owned)
-        .ok_or_else(|| refuse(status::UNAUTHENTICATED, "no bearer token"))?;
+    let token = bearer(&req).ok_or_else(|| refuse(status::UNAUTHENTICATED, "no bearer token"))?;
     let caller = state.authn.caller(&token).await.map_err(|why| {
         tracing::warn!(%why, "certificate request refused: caller not authenticated");
         refuse(status::UNAUTHENTICATED, why)

@@ -77,10 +77,18 @@ pub(crate) fn api_error(action: &'static str, object: &str, e: kube::Error) -> E
 /// How long one agent may take to answer `proxy-status`.
 const AGENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// A client for the current context, with a command line's patience: bounded
+/// A client for `context` (default: the current one), with a command line's patience: bounded
 /// timeouts and no minutes-long retrying of 503s (kube's default is a controller's).
-pub async fn client() -> Result<kube::Client, Error> {
-    let mut config = kube::Config::infer().await.map_err(|e| Error::NoCluster(e.to_string()))?;
+pub async fn client(context: Option<&str>) -> Result<kube::Client, Error> {
+    let mut config = match context {
+        None => kube::Config::infer().await.map_err(|e| Error::NoCluster(e.to_string()))?,
+        Some(c) => {
+            let options = kube::config::KubeConfigOptions { context: Some(c.into()), ..Default::default() };
+            kube::Config::from_kubeconfig(&options)
+                .await
+                .map_err(|e| Error::NoCluster(format!("--context {c}: {e}")))?
+        }
+    };
     config.default_retry = false;
     config.connect_timeout = Some(std::time::Duration::from_secs(10));
     config.read_timeout = Some(std::time::Duration::from_secs(60));
@@ -608,6 +616,37 @@ pub struct SyncStatus {
     pub failed_pods: Vec<FailedPod>,
     /// Objects it refuses.
     pub rejected_config: usize,
+    /// The mesh's other clusters it follows (agents before this field report none).
+    #[serde(default)]
+    pub remote_clusters: Vec<RemoteClusterReport>,
+}
+
+/// Where an agent stands with one of the mesh's other clusters.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct RemoteClusterReport {
+    /// The cluster's name.
+    pub cluster: String,
+    /// Every kind of it listed: its Services are in the agent's config.
+    pub synced: bool,
+    /// Why it is not followed, or why its API server does not answer now.
+    #[serde(default)]
+    pub error: Option<String>,
+    /// Its Services held.
+    pub services: usize,
+    /// Its pods held.
+    pub pods: usize,
+}
+
+impl RemoteClusterReport {
+    /// `SYNCED`; `STALE` while its API server does not answer (the last state serves);
+    /// `NOT SYNCED` before it was listed or when it cannot be followed.
+    pub fn state(&self) -> &'static str {
+        match (self.synced, &self.error) {
+            (true, None) => "SYNCED",
+            (true, Some(_)) => "STALE",
+            (false, _) => "NOT SYNCED",
+        }
+    }
 }
 
 /// A pod an agent should capture and cannot.

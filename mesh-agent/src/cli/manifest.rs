@@ -742,7 +742,7 @@ pub fn objects(v: &Values) -> Vec<serde_json::Value> {
 /// The CA service: the one workload that reads the CA key. A Deployment (not on every
 /// node), its Service on Istio's CA port, and RBAC for what it needs alone: TokenReview
 /// (who is asking), pods (which node they are on, and what runs there), the `cacerts`
-/// Secret and the root ConfigMap it publishes.
+/// Secret, the remote secrets beside it, and the root ConfigMap it publishes.
 fn ca_objects(v: &Values) -> Vec<serde_json::Value> {
     let ns = v.namespace.as_str();
     vec![
@@ -763,10 +763,15 @@ fn ca_objects(v: &Values) -> Vec<serde_json::Value> {
         to_json(&Role {
             metadata: meta_of(CA, CA, Some(ns)),
             rules: Some(
-                std::iter::once(PolicyRule {
-                    resource_names: Some(vec![CA_SECRET.into()]),
-                    ..rule(&[""], &["secrets"], &["get"])
-                })
+                [
+                    PolicyRule { resource_names: Some(vec![CA_SECRET.into()]), ..rule(&[""], &["secrets"], &["get"]) },
+                    // The remote secrets (`istio/multiCluster: "true"`), handed to the
+                    // agents, which may read no Secret: RBAC cannot narrow a list to a
+                    // label, so this is every Secret of the install's namespace, where
+                    // the CA already holds the most sensitive one.
+                    rule(&[""], &["secrets"], &["list", "watch"]),
+                ]
+                .into_iter()
                 .chain(root_publisher_rules())
                 .collect(),
             ),
@@ -1237,11 +1242,19 @@ mod tests {
             let agent = rules_of(&docs, AGENT);
             assert!(!agent.is_empty(), "{name}: the agent has its read rules");
             assert!(!agent.iter().any(touches_secrets), "{name}: the agent may read Secrets: {agent:?}");
-            // The CA may get the cacerts Secret, by name, and nothing else of Secrets.
+            // The CA may get the cacerts Secret, by name, and list and watch the remote
+            // secrets in its own namespace (a Role); it writes no Secret.
             let ca: Vec<Value> = rules_of(&docs, CA).into_iter().filter(|r| touches_secrets(r)).collect();
-            assert_eq!(ca.len(), 1, "{name}: {ca:?}");
+            assert_eq!(ca.len(), 2, "{name}: {ca:?}");
             assert_eq!(ca[0]["resourceNames"], serde_json::json!([CA_SECRET]), "{name}");
             assert_eq!(ca[0]["verbs"], serde_json::json!(["get"]), "{name}");
+            assert_eq!(ca[1]["verbs"], serde_json::json!(["list", "watch"]), "{name}");
+            let ca_roles: Vec<&Value> = docs
+                .iter()
+                .filter(|d| d["metadata"]["name"] == CA && d["kind"].as_str().is_some_and(|k| k.ends_with("Role")))
+                .filter(|d| d["rules"].as_array().into_iter().flatten().any(touches_secrets))
+                .collect();
+            assert!(ca_roles.iter().all(|d| d["kind"] == "Role"), "{name}: Secrets cluster-wide: {ca_roles:?}");
             // Gateways read Secrets in their own namespaces only, never where the key is.
             let gateways = Values::for_profile(profile).gateways;
             for g in &gateways {

@@ -154,6 +154,15 @@ pub const KINDS: &[WatchedKind] = &[
     WatchedKind { fallback_versions: &["v1alpha1"], ..kind("telemetry.istio.io", "v1", "Telemetry", "telemetries") },
 ];
 
+/// What the agents read of another cluster of the mesh: where its pods are and what
+/// its Services select, never its policies or routes.
+pub const DISCOVERY_KINDS: &[WatchedKind] = &[
+    kind("", "v1", "Namespace", "namespaces"),
+    kind("", "v1", "Pod", "pods"),
+    kind("", "v1", "Service", "services"),
+    kind("discovery.k8s.io", "v1", "EndpointSlice", "endpointslices"),
+];
+
 /// The Gateway API's group.
 const GATEWAY_API: &str = super::gateway_api::GROUP;
 
@@ -273,6 +282,20 @@ impl Store {
 #[derive(Debug, Clone)]
 pub struct KubeSource {
     store: Arc<Mutex<Store>>,
+    /// Its watchers: they stop when the last clone of the source goes.
+    _watchers: Arc<Watchers>,
+}
+
+/// Tasks aborted on drop.
+#[derive(Debug, Default)]
+struct Watchers(Vec<tokio::task::AbortHandle>);
+
+impl Drop for Watchers {
+    fn drop(&mut self) {
+        for w in &self.0 {
+            w.abort();
+        }
+    }
 }
 
 fn key(o: &DynamicObject) -> String {
@@ -283,16 +306,25 @@ impl KubeSource {
     /// Starts one watcher per kind; the receiver gets a message after each batch of
     /// changes.
     pub fn start(client: kube::Client) -> (Self, mpsc::Receiver<()>) {
+        let (tx, rx) = mpsc::channel(1);
+        (Self::start_kinds(client, KINDS, tx), rx)
+    }
+
+    /// Starts one watcher per kind of `kinds`; `changes` gets a message after each
+    /// batch of changes.
+    pub fn start_kinds(client: kube::Client, kinds: &'static [WatchedKind], changes: mpsc::Sender<()>) -> Self {
         let store = Arc::new(Mutex::new(Store {
-            kinds: KINDS.iter().map(|_| KindState::default()).collect(),
+            kinds: kinds.iter().map(|_| KindState::default()).collect(),
             ..Default::default()
         }));
-        let (tx, rx) = mpsc::channel(1);
-        for (i, k) in KINDS.iter().enumerate() {
-            tokio::spawn(watch_kind(client.clone(), i, *k, store.clone(), tx.clone()));
+        let mut watchers = Watchers::default();
+        for (i, k) in kinds.iter().enumerate() {
+            watchers
+                .0
+                .push(tokio::spawn(watch_kind(client.clone(), i, *k, store.clone(), changes.clone())).abort_handle());
         }
-        tokio::spawn(clear_when_answering(client, store.clone(), tx));
-        (Self { store }, rx)
+        watchers.0.push(tokio::spawn(clear_when_answering(client, store.clone(), changes)).abort_handle());
+        Self { store, _watchers: Arc::new(watchers) }
     }
 
     /// Whether every kind has been listed once: before that nothing is published.

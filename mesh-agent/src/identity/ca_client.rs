@@ -140,6 +140,24 @@ impl CaClient {
         serde_json::from_slice(&body).map_err(|e| ca_error(format!("trust bundle: {e}")))
     }
 
+    /// The mesh's other clusters, from the remote secrets the CA holds.
+    pub async fn remote_clusters(&self) -> Result<Vec<ca_protocol::RemoteCluster>, Error> {
+        let mut builder = http::Request::get(format!("https://{}{}", self.server_name, ca_protocol::REMOTE_CLUSTERS));
+        if let Some(token) = self.token()? {
+            builder = builder.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let req = builder.body(Full::new(Bytes::new())).map_err(|e| ca_error(e.to_string()))?;
+        let (parts, body, _) = self.call(req).await?;
+        if parts_status(&parts) != "200" {
+            let why = String::from_utf8_lossy(&body[..body.len().min(200)]).trim().to_string();
+            return Err(ca_error(format!(
+                "the CA answered HTTP {} for the remote clusters: {why}",
+                parts_status(&parts)
+            )));
+        }
+        serde_json::from_slice(&body).map_err(|e| ca_error(format!("remote clusters: {e}")))
+    }
+
     fn token(&self) -> Result<Option<String>, Error> {
         let Some(path) = &self.token_file else { return Ok(None) };
         let token = std::fs::read_to_string(path).map_err(|source| Error::CaFile { path: path.clone(), source })?;

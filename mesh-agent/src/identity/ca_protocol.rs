@@ -16,12 +16,30 @@ use serde::{Deserialize, Serialize};
 pub const CREATE_CERTIFICATE: &str = "/istio.v1.auth.IstioCertificateService/CreateCertificate";
 /// The trust bundle's path.
 pub const TRUST_BUNDLE: &str = "/v1/trust-bundle";
+/// The kubeconfigs of the mesh's other clusters (from the remote secrets), for agents.
+pub const REMOTE_CLUSTERS: &str = "/v1/remote-clusters";
 /// The metadata key naming the identity asked for on a workload's behalf.
 pub const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
 /// The port istiod serves its CA on, and the mesh's CA service too.
 pub const CA_PORT: u16 = 15012;
 /// The largest request body the CA reads: a CSR is well under 2 KiB.
 pub const MAX_REQUEST: usize = 64 * 1024;
+
+/// A cluster of the mesh other than the caller's, as a remote secret names it: what the
+/// agents watch it with. The kubeconfig holds a token: never logged.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteCluster {
+    /// The cluster's name (the remote secret's data key).
+    pub name: String,
+    /// A kubeconfig for its API server (YAML).
+    pub kubeconfig: String,
+}
+
+impl std::fmt::Debug for RemoteCluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteCluster").field("name", &self.name).finish_non_exhaustive()
+    }
+}
 
 /// `istio.v1.auth.IstioCertificateRequest`.
 #[derive(Clone, PartialEq, prost::Message)]

@@ -71,6 +71,10 @@ pub struct ApiServer {
     tokens: Arc<Mutex<BTreeMap<String, Value>>>,
     /// What SubjectAccessReview allows: (username, verb, non-resource path).
     grants: Arc<Mutex<Vec<(String, String, String)>>>,
+    /// When set, the only bearer token any request is served with (others get 401).
+    required_token: Arc<Mutex<Option<String>>>,
+    /// Requests refused for their token.
+    unauthorized: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// `/api/v1/pods`, `/apis/networking.istio.io/v1/virtualservices`.
@@ -97,6 +101,8 @@ impl ApiServer {
             writes: Arc::default(),
             tokens: Arc::default(),
             grants: Arc::default(),
+            required_token: Arc::default(),
+            unauthorized: Arc::default(),
         };
         s.start().await;
         s
@@ -117,6 +123,17 @@ impl ApiServer {
     /// a ClusterRole with `nonResourceURLs` bound to it would.
     pub fn grant(&self, user: &str, verb: &str, path: &str) {
         self.grants.lock().unwrap().push((user.into(), verb.into(), path.into()));
+    }
+
+    /// Serves only requests that carry `Authorization: Bearer <token>`, as an API server
+    /// serves a service account's client; the rest get 401.
+    pub fn require_token(&self, token: &str) {
+        *self.required_token.lock().unwrap() = Some(token.to_string());
+    }
+
+    /// Requests refused 401 for their token.
+    pub fn unauthorized(&self) -> usize {
+        self.unauthorized.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// `http://127.0.0.1:<port>`.
@@ -247,6 +264,17 @@ impl ApiServer {
 
     async fn handle(&self, req: Request<Incoming>, running: watch::Receiver<bool>) -> Response<Body> {
         let path = req.uri().path().to_string();
+        let required = self.required_token.lock().unwrap().clone();
+        if let Some(token) = required {
+            let given = req.headers().get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+            if given != Some(format!("Bearer {token}").as_str()) {
+                self.unauthorized.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return status(
+                    StatusCode::UNAUTHORIZED,
+                    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Unauthorized", "code": 401}),
+                );
+            }
+        }
         let query: BTreeMap<String, String> = req
             .uri()
             .query()
