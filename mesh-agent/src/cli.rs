@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod crds;
 pub mod dashboard;
 pub mod deploy;
+pub mod inject;
 pub mod manifest;
 pub mod proxy_config;
 pub mod remote_secret;

@@ -7,6 +7,7 @@
 //! [`RoundRobin`], beside it.
 
 mod compile;
+pub use compile::LINKERD_INJECT;
 mod remote;
 
 // Policy semantics judged on compiled snapshots (the seed policies, evaluation order,

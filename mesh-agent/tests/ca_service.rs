@@ -295,3 +295,44 @@ async fn in_a_cluster_agents_are_known_by_token_review_and_get_their_nodes_pods_
         assert!(e.contains("401"), "{token}: {e}");
     }
 }
+
+#[tokio::test]
+async fn in_a_cluster_without_a_ca_secret_the_ca_makes_one_and_keeps_it() {
+    let api = ApiServer::new(&["/api/v1/pods".into(), "/api/v1/secrets".into(), "/api/v1/configmaps".into()]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::spawn(dir, |cmd| {
+        cmd.args([
+            "--config-source",
+            "kubernetes",
+            "--kube-api-url",
+            &api.url(),
+            "--ca-secret",
+            "istio-system/cacerts",
+            "--root-configmap",
+            "istio-system/mesh-ca-root-cert",
+        ]);
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(&ca.addr).is_err() {
+        assert!(Instant::now() < deadline, "mesh-ca never listened: {}", ca.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Istio's plug-in layout, a root that is its own issuer, and the root published
+    // for the agents is that one.
+    let secret = api.get("/api/v1/secrets", "istio-system", "cacerts").expect("the CA made its Secret");
+    let data = |k: &str| {
+        use base64::Engine as _;
+        let b64 = secret["data"][k].as_str().unwrap_or_else(|| panic!("no {k}"));
+        String::from_utf8(base64::engine::general_purpose::STANDARD.decode(b64).unwrap()).unwrap()
+    };
+    assert!(data("ca-key.pem").contains("PRIVATE KEY"));
+    assert_eq!(data("root-cert.pem"), data("ca-cert.pem"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while api.get("/api/v1/configmaps", "istio-system", "mesh-ca-root-cert").is_none() {
+        assert!(Instant::now() < deadline, "root ConfigMap never published:\n{}", ca.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let published = api.get("/api/v1/configmaps", "istio-system", "mesh-ca-root-cert").unwrap();
+    assert_eq!(published["data"]["root-cert.pem"], data("root-cert.pem").as_str());
+    assert!(!ca.log().contains("PRIVATE KEY"), "the key is never logged");
+}

@@ -394,3 +394,67 @@ tests:
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Runs `script` with bash (`pipefail`), `$MESHCTL` and `$KUBECTL` set and the double's kubeconfig:
+/// success, standard output and standard error.
+async fn pipeline(script: &str, kubectl: &Path, kubeconfig: &Path) -> (bool, String, String) {
+    let mut cmd = Command::new("bash");
+    cmd.args(["-c", &format!("set -eu -o pipefail; {script}")])
+        .env("MESHCTL", env!("CARGO_BIN_EXE_meshctl"))
+        .env("KUBECTL", kubectl)
+        .env("KUBECONFIG", kubeconfig)
+        .env("NO_COLOR", "1");
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap()).await.unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn linkerds_install_and_inject_pipelines_apply_with_kubectl() {
+    let test = "linkerds_install_and_inject_pipelines_apply_with_kubectl";
+    let Some(kubectl) = tool(test, which("kubectl"), "kubectl") else { return };
+    let collections: Vec<String> = support::kinds::builtin().iter().map(|k| k.collection()).collect();
+    let api = ApiServer::new(&collections).await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = api.kubeconfig(dir.path());
+    // The double does server-side apply (what the whole object sends); kubectl's
+    // client-side apply sends strategic merge patches, which it does not implement.
+    let apply = "$KUBECTL apply --server-side -f -";
+
+    // `linkerd install --crds | kubectl apply -f -`: the CRDs alone.
+    let (ok, out, err) = pipeline(&format!("$MESHCTL install --crds | {apply}"), &kubectl, &kubeconfig).await;
+    assert!(ok, "{out}{err}");
+    let crds = manifest::crd_objects(&Values::for_profile(Profile::Default)).len();
+    assert!(crds > 0);
+    assert_eq!(out.matches("serverside-applied").count(), crds, "{out}");
+    assert!(out.lines().all(|l| l.starts_with("customresourcedefinition")), "{out}");
+
+    // `linkerd install | kubectl apply -f -`: the rest, printed because standard output
+    // is a pipe (-y would apply it itself).
+    let (ok, out, err) = pipeline(&format!("$MESHCTL install | {apply}"), &kubectl, &kubeconfig).await;
+    assert!(ok, "{out}{err}");
+    assert!(err.contains("printed the manifests"), "{err}");
+    let objects = manifest::objects(&Values::for_profile(Profile::Default)).len();
+    assert_eq!(out.matches("serverside-applied").count(), objects, "{out}");
+    assert!(api.get("/apis/apps/v1/daemonsets", "istio-system", "mesh-agent").is_some());
+
+    // `kubectl get deploy -o yaml | linkerd inject - | kubectl apply -f -`.
+    api.apply(
+        "/apis/apps/v1/deployments",
+        serde_json::json!({"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "web", "namespace": "production"},
+            "spec": {"selector": {"matchLabels": {"app": "web"}},
+                     "template": {"metadata": {"labels": {"app": "web"}},
+                                  "spec": {"containers": [{"name": "web", "image": "web:1"}]}}}}),
+    );
+    let script = format!("$KUBECTL get deploy -n production -o yaml | $MESHCTL inject - | {apply}");
+    let (ok, out, err) = pipeline(&script, &kubectl, &kubeconfig).await;
+    assert!(ok, "{out}{err}");
+    assert!(err.contains("deployment \"web\" injected"), "{err}");
+    let web = api.get("/apis/apps/v1/deployments", "production", "web").unwrap();
+    assert_eq!(web["spec"]["template"]["metadata"]["annotations"]["linkerd.io/inject"], "enabled", "{web}");
+    assert_eq!(web["spec"]["template"]["spec"]["containers"].as_array().unwrap().len(), 1, "no sidecar: {web}");
+}

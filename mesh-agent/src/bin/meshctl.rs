@@ -66,6 +66,14 @@ enum Cmd {
         #[arg(long, default_value = "istio-system")]
         root_namespace: String,
     },
+    /// Enroll workloads: reads them (YAML or JSON, `-` for standard input) and writes
+    /// them back with their pod templates annotated `linkerd.io/inject: enabled`, as
+    /// `linkerd inject -` (no container is added: the node's agent captures the pods).
+    Inject {
+        /// Files of workloads, `-` for standard input.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
     /// The mesh's other clusters each agent follows (from the remote secrets), and
     /// whether it is synced with them, as `istioctl remote-clusters`.
     RemoteClusters {
@@ -83,8 +91,14 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ManifestCmd,
     },
-    /// Install the mesh into the current cluster (`--dry-run`: print what would be applied).
+    /// Install the mesh into the current cluster (`--dry-run`: print what would be
+    /// applied). Without `-y` and with standard output not a terminal, print the
+    /// manifests instead, for `meshctl install | kubectl apply -f -` (Linkerd's way).
     Install {
+        /// Only the mesh's CustomResourceDefinitions (`meshctl install --crds |
+        /// kubectl apply -f -`, then `meshctl install`), as `linkerd install --crds`.
+        #[arg(long)]
+        crds: bool,
         /// `profile=minimal|default|demo` or a value, e.g.
         /// `values.global.proxy.resources.requests.cpu=100m`.
         #[arg(long = "set")]
@@ -368,13 +382,35 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Cmd::Install { sets, files, yes, dry_run } => {
+        Cmd::Inject { files } => inject(&files),
+        Cmd::Install { crds, sets, files, yes, dry_run } => {
+            use std::io::IsTerminal as _;
             let values = match values_for(&sets, &files, None) {
                 Ok(v) => v,
                 Err(code) => return code,
             };
+            // `--crds`: the CRDs alone, installed first; the rest with `meshctl install`.
+            let objects = if crds { manifest::crd_objects(&values) } else { manifest::objects(&values) };
+            let rendered = || {
+                manifest::render_objects(&objects).map_err(|e| {
+                    eprintln!("meshctl: rendering manifests: {e}");
+                    ExitCode::FAILURE
+                })
+            };
+            if !yes && !dry_run && !std::io::stdout().is_terminal() {
+                let yaml = match rendered() {
+                    Ok(y) => y,
+                    Err(code) => return code,
+                };
+                print!("{yaml}");
+                eprintln!(
+                    "meshctl: printed the manifests for `| kubectl apply -f -` (standard output is not a terminal); \
+                     -y applies them itself"
+                );
+                return ExitCode::SUCCESS;
+            }
             if dry_run {
-                let yaml = match manifest_for(&values) {
+                let yaml = match rendered() {
                     Ok(y) => y,
                     Err(code) => return code,
                 };
@@ -388,6 +424,11 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
             on_cluster(context.as_deref(), |c| async move {
+                if crds {
+                    print_steps(style, &cluster::install_crds(&c, &values).await?);
+                    println!("{}", style.ok("\u{2714} CRDs installed. Run `meshctl install` for the rest."));
+                    return Ok(ExitCode::SUCCESS);
+                }
                 let steps = cluster::install(&c, &values).await?;
                 print_steps(style, &steps);
                 println!(
@@ -439,12 +480,7 @@ const VERIFY_OK: (&str, &str) = ("\u{2714} The mesh is installed and every agent
 
 /// Prints findings; exit 0 only when all passed.
 fn report(style: Style, findings: &[check::Finding], (ok, failed_msg): (&str, &str)) -> ExitCode {
-    for f in findings {
-        match &f.fix {
-            None => println!("{} {}: {}", style.ok("\u{2714}"), f.what, f.detail),
-            Some(fix) => println!("{} {}: {}\n    fix: {fix}", style.bad("\u{2718}"), f.what, f.detail),
-        }
-    }
+    print!("{}", check::render(findings, style));
     if findings.iter().all(check::Finding::ok) {
         println!("{}", style.ok(ok));
         ExitCode::SUCCESS
@@ -676,6 +712,44 @@ fn print_diagnostics(style: Style, found: &[analyze::Diagnostic], what: &str, cl
     } else {
         ExitCode::SUCCESS
     }
+}
+
+/// `meshctl inject`: each file's workloads, enrolled, on standard output; what was
+/// done to each object on standard error, as `linkerd inject` reports it.
+fn inject(files: &[PathBuf]) -> ExitCode {
+    use std::io::Read as _;
+    let mut out = String::new();
+    for f in files {
+        let name = f.display().to_string();
+        let mut text = String::new();
+        let read = if name == "-" {
+            std::io::stdin().read_to_string(&mut text).map(|_| ())
+        } else {
+            std::fs::read_to_string(f).map(|t| text = t)
+        };
+        if let Err(e) = read {
+            eprintln!("meshctl inject: {name}: {e}");
+            return ExitCode::FAILURE;
+        }
+        match mesh_agent::cli::inject::inject(&name, &text) {
+            Ok((yaml, outcomes)) => {
+                out.push_str(&yaml);
+                for o in outcomes {
+                    match o.result {
+                        Ok(mesh_agent::cli::inject::Injected::Added) => eprintln!("{} injected", o.object),
+                        Ok(mesh_agent::cli::inject::Injected::Already) => eprintln!("{} already injected", o.object),
+                        Err(why) => eprintln!("{} skipped: {why}", o.object),
+                    }
+                }
+            }
+            Err(e) => {
+                eprintln!("meshctl inject: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    print!("{out}");
+    ExitCode::SUCCESS
 }
 
 fn manifest_for(values: &manifest::Values) -> Result<String, ExitCode> {

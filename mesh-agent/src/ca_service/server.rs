@@ -103,7 +103,15 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
     };
     let mut secret_data = None;
     if let (Some(client), Some((ns, name))) = (&client, &secret) {
-        let data = crate::config::kube_source::read_secret(client, ns, name).await;
+        let trust_domain = settings.trust_domain.clone();
+        let make_root = move || match crate::identity::SelfSignedRoot::generate(&trust_domain) {
+            Ok(root) => Some(root.secret_data()),
+            Err(e) => {
+                tracing::error!(error = %e, "generating a self-signed root");
+                None
+            }
+        };
+        let data = crate::config::kube_source::read_or_create_secret(client, ns, name, make_root).await;
         CaFiles::write_from_secret(&settings.ca_dir, &data)?;
         tracing::info!(secret = %format!("{ns}/{name}"), "mesh CA read from its Secret");
         secret_data = Some(data);

@@ -44,6 +44,49 @@ impl Finding {
     pub fn ok(&self) -> bool {
         self.fix.is_none()
     }
+
+    /// The heading it is listed under, as `linkerd check` groups its checks.
+    pub fn group(&self) -> &'static str {
+        match self.what {
+            "Kubernetes API" | "nodes" => "kubernetes-api",
+            "Kubernetes version" => "kubernetes-version",
+            "install objects" => "mesh-existence",
+            "CRDs" => "mesh-config",
+            "mesh CA" => "mesh-identity",
+            "agent DaemonSet" | "agents on nodes" => "mesh-data-plane",
+            "versions" => "mesh-version",
+            // The node's own checks (`check --pre` on a node).
+            _ => "pre-node-setup",
+        }
+    }
+}
+
+/// Findings as `linkerd check` prints them: each group under its heading, a mark and
+/// the finding per line, the fix below a failure, and a last line that sums up.
+pub fn render(findings: &[Finding], style: super::Style) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let mut heading = None;
+    for f in findings {
+        if heading != Some(f.group()) {
+            if heading.is_some() {
+                out.push('\n');
+            }
+            let _ = writeln!(out, "{}\n{}", f.group(), "-".repeat(f.group().len()));
+            heading = Some(f.group());
+        }
+        match &f.fix {
+            None => {
+                let _ = writeln!(out, "{} {}: {}", style.ok("\u{2714}"), f.what, f.detail);
+            }
+            Some(fix) => {
+                let _ = writeln!(out, "{} {}: {}\n    fix: {fix}", style.bad("\u{2718}"), f.what, f.detail);
+            }
+        }
+    }
+    let mark = if findings.iter().all(Finding::ok) { style.ok("\u{2714}") } else { style.bad("\u{2718}") };
+    let _ = writeln!(out, "\nStatus check results are {mark}");
+    out
 }
 
 /// Where the checks look: the real host, or a test's stand-ins.
@@ -206,6 +249,23 @@ fn programs(bpffs: &Path) -> Finding {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn findings_print_grouped_under_headings_as_linkerd_check_does() {
+        let findings = [
+            Finding::pass("Kubernetes API", "reachable, v1.32.4"),
+            Finding::pass("install objects", "all present in istio-system"),
+            Finding::fail("mesh CA", "no ca-key.pem", "add it"),
+            Finding::pass("agents on nodes", "a ready agent on each of 2 node(s)"),
+        ];
+        let out = render(&findings, crate::cli::Style::plain());
+        let want = "kubernetes-api\n--------------\n\u{2714} Kubernetes API: reachable, v1.32.4\n\n\
+                    mesh-existence\n--------------\n\u{2714} install objects: all present in istio-system\n\n\
+                    mesh-identity\n-------------\n\u{2718} mesh CA: no ca-key.pem\n    fix: add it\n\n\
+                    mesh-data-plane\n---------------\n\u{2714} agents on nodes: a ready agent on each of 2 node(s)\n\n\
+                    Status check results are \u{2718}\n";
+        assert_eq!(out, want);
+    }
 
     #[test]
     fn releases_and_capabilities_parse() {

@@ -195,9 +195,22 @@ fn is_ours(meta: &ObjectMeta) -> bool {
 
 /// Applies the install for `values`: namespace, the CA Secret, then the rest in order.
 pub async fn install(client: &kube::Client, values: &Values) -> Result<Vec<Step>, Error> {
+    install_objects(client, values, manifest::objects(values)).await
+}
+
+/// Server-side applies the mesh's CustomResourceDefinitions alone (`install --crds`).
+pub async fn install_crds(client: &kube::Client, values: &Values) -> Result<Vec<Step>, Error> {
+    install_objects(client, values, manifest::crd_objects(values)).await
+}
+
+async fn install_objects(
+    client: &kube::Client,
+    values: &Values,
+    objects: Vec<serde_json::Value>,
+) -> Result<Vec<Step>, Error> {
     let mut steps = Vec::new();
     let params = PatchParams::apply(FIELD_MANAGER).force();
-    for o in manifest::objects(values) {
+    for o in objects {
         let t = target(client, &o)?;
         let existing = t.api.get_opt(&t.name).await.map_err(|e| api_error("get", &t.label, e))?;
         let namespace = o["kind"] == "Namespace";
@@ -279,15 +292,7 @@ async fn ensure_ca(client: &kube::Client, values: &Values) -> Result<(Step, Stri
         return Ok((Step { object: label, action: Action::Kept("plug-in CA present; used as it is".into()) }, roots));
     }
     let root = SelfSignedRoot::generate(&values.trust_domain).map_err(|e| Error::Ca(e.to_string()))?;
-    let data: BTreeMap<String, ByteString> = [
-        ("ca-cert.pem", &root.cert_pem),
-        ("ca-key.pem", &root.key_pem),
-        ("root-cert.pem", &root.cert_pem),
-        ("cert-chain.pem", &root.cert_pem),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), ByteString(v.clone().into_bytes())))
-    .collect();
+    let data: BTreeMap<String, ByteString> = root.secret_data().into_iter().map(|(k, v)| (k, ByteString(v))).collect();
     let secret = Secret {
         metadata: ObjectMeta {
             name: Some(CA_SECRET.into()),

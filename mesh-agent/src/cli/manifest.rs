@@ -589,11 +589,22 @@ fn discovery_rules() -> Vec<PolicyRule> {
 
 /// The objects of an install, in apply order, as YAML documents.
 pub fn render(values: &Values) -> Result<String, serde_yaml::Error> {
-    let docs = objects(values);
+    render_objects(&objects(values))
+}
+
+/// The CustomResourceDefinitions of an install (whatever `values.base.enableCRDs`
+/// says), as `install --crds` applies or prints them.
+pub fn crd_objects(values: &Values) -> Vec<serde_json::Value> {
+    let with_crds = Values { crds: true, ..values.clone() };
+    objects(&with_crds).into_iter().filter(|o| o["kind"] == "CustomResourceDefinition").collect()
+}
+
+/// Objects as YAML documents.
+pub fn render_objects(docs: &[serde_json::Value]) -> Result<String, serde_yaml::Error> {
     let mut out = String::new();
     for d in docs {
         out.push_str("---\n");
-        out.push_str(&serde_yaml::to_string(&d)?);
+        out.push_str(&serde_yaml::to_string(d)?);
     }
     Ok(out)
 }
@@ -768,8 +779,10 @@ fn ca_objects(v: &Values) -> Vec<serde_json::Value> {
                     // The remote secrets (`istio/multiCluster: "true"`), handed to the
                     // agents, which may read no Secret: RBAC cannot narrow a list to a
                     // label, so this is every Secret of the install's namespace, where
-                    // the CA already holds the most sensitive one.
-                    rule(&[""], &["secrets"], &["list", "watch"]),
+                    // the CA already holds the most sensitive one. And `create`, for
+                    // `cacerts` when nobody made it (the manifests applied without
+                    // meshctl): RBAC cannot narrow a create to a name either.
+                    rule(&[""], &["secrets"], &["list", "watch", "create"]),
                 ]
                 .into_iter()
                 .chain(root_publisher_rules())
@@ -1242,13 +1255,14 @@ mod tests {
             let agent = rules_of(&docs, AGENT);
             assert!(!agent.is_empty(), "{name}: the agent has its read rules");
             assert!(!agent.iter().any(touches_secrets), "{name}: the agent may read Secrets: {agent:?}");
-            // The CA may get the cacerts Secret, by name, and list and watch the remote
-            // secrets in its own namespace (a Role); it writes no Secret.
+            // The CA may get the cacerts Secret, by name, list and watch the remote
+            // secrets and create cacerts in its own namespace (a Role); it updates or
+            // deletes no Secret.
             let ca: Vec<Value> = rules_of(&docs, CA).into_iter().filter(|r| touches_secrets(r)).collect();
             assert_eq!(ca.len(), 2, "{name}: {ca:?}");
             assert_eq!(ca[0]["resourceNames"], serde_json::json!([CA_SECRET]), "{name}");
             assert_eq!(ca[0]["verbs"], serde_json::json!(["get"]), "{name}");
-            assert_eq!(ca[1]["verbs"], serde_json::json!(["list", "watch"]), "{name}");
+            assert_eq!(ca[1]["verbs"], serde_json::json!(["list", "watch", "create"]), "{name}");
             let ca_roles: Vec<&Value> = docs
                 .iter()
                 .filter(|d| d["metadata"]["name"] == CA && d["kind"].as_str().is_some_and(|k| k.ends_with("Role")))

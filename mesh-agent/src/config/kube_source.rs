@@ -479,21 +479,57 @@ async fn follow(
     }
 }
 
-/// The data of Secret `namespace/name`, waiting (and saying so) until it exists: the
-/// agent does not start without its CA.
-pub async fn read_secret(client: &kube::Client, namespace: &str, name: &str) -> BTreeMap<String, Vec<u8>> {
-    let api: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), namespace);
+/// The data of Secret `namespace/name`, waiting (and saying so) while the API server
+/// cannot be asked: the CA service does not start without its CA. When the API server
+/// says there is no such Secret, `create` makes its data (a new self-signed root),
+/// which is stored under that name, as istiod stores the root it makes itself; a
+/// Secret created meanwhile by someone else wins.
+pub async fn read_or_create_secret(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+    create: impl Fn() -> Option<BTreeMap<String, Vec<u8>>>,
+) -> BTreeMap<String, Vec<u8>> {
+    use k8s_openapi::api::core::v1::Secret;
+    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
     let mut wait = std::time::Duration::from_millis(500);
+    let data_of = |secret: Secret| secret.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect();
     loop {
-        match api.get(name).await {
-            Ok(secret) => {
-                return secret.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect();
+        match api.get_opt(name).await {
+            Ok(Some(secret)) => return data_of(secret),
+            Ok(None) => {
+                if let Some(data) = create() {
+                    let secret = Secret {
+                        metadata: kube::api::ObjectMeta {
+                            name: Some(name.into()),
+                            namespace: Some(namespace.into()),
+                            labels: Some([("app.kubernetes.io/part-of".to_string(), "mesh".to_string())].into()),
+                            ..Default::default()
+                        },
+                        type_: Some("Opaque".into()),
+                        data: Some(data.into_iter().map(|(k, v)| (k, k8s_openapi::ByteString(v))).collect()),
+                        ..Default::default()
+                    };
+                    match api.create(&kube::api::PostParams::default(), &secret).await {
+                        Ok(created) => {
+                            tracing::info!(secret = %format!("{namespace}/{name}"), "no CA Secret: created one with a new self-signed root");
+                            return data_of(created);
+                        }
+                        // Someone else's came first: read it.
+                        Err(kube::Error::Api(s)) if s.code == 409 => continue,
+                        Err(e) => {
+                            tracing::warn!(secret = %format!("{namespace}/{name}"), error = %e, "creating the mesh CA Secret")
+                        }
+                    }
+                } else {
+                    tracing::warn!(secret = %format!("{namespace}/{name}"), "waiting for the mesh CA Secret");
+                }
             }
             Err(e) => {
                 tracing::warn!(secret = %format!("{namespace}/{name}"), error = %e, "waiting for the mesh CA Secret");
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(std::time::Duration::from_secs(30));
             }
         }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(std::time::Duration::from_secs(30));
     }
 }

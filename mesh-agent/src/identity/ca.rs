@@ -282,6 +282,20 @@ impl SelfSignedRoot {
         let cert = params.self_signed(&key).map_err(|source| Error::Generate { what: what(), source })?;
         Ok(Self { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
     }
+
+    /// The root as a `cacerts` Secret's data (Istio's plug-in CA layout: the root is
+    /// also the issuer and the whole chain).
+    pub fn secret_data(&self) -> std::collections::BTreeMap<String, Vec<u8>> {
+        [
+            ("ca-cert.pem", &self.cert_pem),
+            ("ca-key.pem", &self.key_pem),
+            ("root-cert.pem", &self.cert_pem),
+            ("cert-chain.pem", &self.cert_pem),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.clone().into_bytes()))
+        .collect()
+    }
 }
 
 impl CaFiles {

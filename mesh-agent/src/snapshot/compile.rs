@@ -29,8 +29,12 @@ use crate::traffic::route::{self, Attachment, ServiceRoutes};
 const ENROLL_LABELS: &[(&str, &str)] = &[("istio-injection", "enabled"), ("istio.io/dataplane-mode", "ambient")];
 /// Pod labels that opt a pod out of an enrolled namespace.
 const OPT_OUT_LABELS: &[(&str, &str)] = &[("istio.io/dataplane-mode", "none"), ("sidecar.istio.io/inject", "false")];
-/// Namespace annotation Linkerd users set for the same purpose.
-const LINKERD_INJECT: (&str, &str) = ("linkerd.io/inject", "enabled");
+/// Namespace annotation Linkerd users set for the same purpose (also a pod's own:
+/// what `linkerd inject` and `meshctl inject` write into a pod template).
+pub const LINKERD_INJECT: (&str, &str) = ("linkerd.io/inject", "enabled");
+/// Pod labels that enroll the pod itself in a namespace that is not enrolled (Istio
+/// ambient's per-pod label; the sidecar injector's per-pod opt-in).
+const OPT_IN_LABELS: &[(&str, &str)] = &[("istio.io/dataplane-mode", "ambient"), ("sidecar.istio.io/inject", "true")];
 /// Namespace label, or pod annotation or label, turning DNS capture on (`"true"`) or
 /// off (`"false"`) for its pods, whatever the mesh's default (Istio ambient's key).
 const DNS_CAPTURE: &str = "ambient.istio.io/dns-capture";
@@ -741,7 +745,10 @@ pub(super) fn workload(
     // A hostNetwork pod is the node as far as the network goes (enrolling it would
     // put STRICT in front of the kubelet); a finished pod has nothing left to capture.
     let capturable = !pod.spec.host_network && !pod.is_finished();
-    let enrolled = ns.enrolled && !opted_out && capturable;
+    // A pod's own labels and annotations decide only about its own traffic.
+    let opted_in = OPT_IN_LABELS.iter().any(|(k, v)| pod.metadata.labels.get(*k).is_some_and(|x| x == v))
+        || pod.metadata.annotations.get(LINKERD_INJECT.0).is_some_and(|v| v == LINKERD_INJECT.1);
+    let enrolled = (ns.enrolled || opted_in) && !opted_out && capturable;
     // The pod's own say first: it decides only where its own queries go.
     let pod_dns =
         switch(pod.metadata.annotations.get(DNS_CAPTURE)).or_else(|| switch(pod.metadata.labels.get(DNS_CAPTURE)));
@@ -1136,6 +1143,44 @@ spec: {host: myapp, trafficPolicy: {tls: {mode: SIMPLE}}}
         let local: Vec<_> = s.local_enrolled("node1").map(|w| w.name.as_str()).collect();
         assert_eq!(local, ["myapp-v2"]);
         assert_eq!(s.workloads[0].identity.to_string(), "spiffe://cluster.local/ns/production/sa/myapp");
+    }
+
+    #[test]
+    fn a_pod_enrolls_itself_in_a_namespace_that_is_not_and_opting_out_wins() {
+        let yaml = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: plain}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: injected, namespace: plain, annotations: {linkerd.io/inject: enabled}}
+spec: {nodeName: node1}
+status: {podIP: 10.10.1.21}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: ambient, namespace: plain, labels: {istio.io/dataplane-mode: ambient}}
+spec: {nodeName: node1}
+status: {podIP: 10.10.1.22}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: both, namespace: plain, labels: {istio.io/dataplane-mode: none, sidecar.istio.io/inject: "true"}}
+spec: {nodeName: node1}
+status: {podIP: 10.10.1.23}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: neighbour, namespace: plain}
+spec: {nodeName: node1}
+status: {podIP: 10.10.1.24}
+"#;
+        let s = Snapshot::compile(&parse_documents(Path::new("p.yaml"), yaml).unwrap(), "cluster.local", 1);
+        let local: Vec<_> = s.local_enrolled("node1").map(|w| w.name.as_str()).collect();
+        assert_eq!(local, ["injected", "ambient"]);
+        // The namespace itself is not enrolled: its other pods are not.
+        assert!(!s.enrolled_namespaces().contains("plain"));
     }
 
     #[test]

@@ -489,9 +489,16 @@ impl ApiServer {
                         item
                     })
                     .collect();
+                // As a real API server: `<Kind>List` of the collection's group version
+                // (kubectl reads the items' kind from it).
+                let kind = kinds::builtin().into_iter().find(|k| k.collection() == collection);
+                let (list_kind, api_version) = match kind {
+                    Some(k) => (format!("{}List", k.kind), k.group_version()),
+                    None => ("List".to_string(), "v1".to_string()),
+                };
                 status(
                     StatusCode::OK,
-                    json!({"kind": "List", "apiVersion": "v1", "metadata": {"resourceVersion": st.rv.to_string()}, "items": items}),
+                    json!({"kind": list_kind, "apiVersion": api_version, "metadata": {"resourceVersion": st.rv.to_string()}, "items": items}),
                 )
             }
         }

@@ -165,6 +165,21 @@ pub fn api_group_list(kinds: &[&Kind]) -> Value {
     json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
 }
 
+/// The short names kubectl knows a resource by (`kubectl get deploy`), as the API
+/// server's discovery lists them.
+fn short_names(plural: &str) -> Vec<&'static str> {
+    match plural {
+        "deployments" => vec!["deploy"],
+        "daemonsets" => vec!["ds"],
+        "services" => vec!["svc"],
+        "namespaces" => vec!["ns"],
+        "configmaps" => vec!["cm"],
+        "serviceaccounts" => vec!["sa"],
+        "customresourcedefinitions" => vec!["crd", "crds"],
+        _ => Vec::new(),
+    }
+}
+
 /// `GET /api/v1` or `/apis/<group>/<version>`: the resources of `kinds` there.
 pub fn api_resource_list(group_version: &str, kinds: &[&Kind]) -> Value {
     let resources: Vec<Value> = kinds
@@ -177,6 +192,7 @@ pub fn api_resource_list(group_version: &str, kinds: &[&Kind]) -> Value {
                 "namespaced": k.namespaced,
                 "kind": k.kind,
                 "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"],
+                "shortNames": short_names(k.plural),
             })
         })
         .collect();
