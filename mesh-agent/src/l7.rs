@@ -17,6 +17,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use crate::traffic::external::ExternalTarget;
+use crate::traffic::policy::LocalityPolicy;
 use crate::traffic::route::{Action, Backend, RetryPolicy, Rule, WeightedBackend};
 
 use crate::state::Workload;
@@ -128,6 +129,9 @@ pub struct Target {
     pub endpoints: Vec<(Arc<Workload>, SocketAddr)>,
     /// Runtime state of (pod, service, subset).
     pub cluster: Arc<balance::Cluster>,
+    /// Each endpoint's rank for the client under locality-aware load balancing (in
+    /// the order of `endpoints`); None when it is off or ranks them all alike.
+    pub priorities: Option<Vec<u32>>,
 }
 
 impl Target {
@@ -135,11 +139,12 @@ impl Target {
     pub fn resolve(runtime: &Runtime, snap: &Snapshot, pod: &Workload, backend: &Backend, dialed_port: u16) -> Self {
         let port = backend.port.unwrap_or(dialed_port);
         let subset = backend.subset.as_deref();
-        Self {
-            policy: snap.traffic_policy(&backend.service, subset, port),
-            endpoints: snap.endpoints(&backend.service, subset, port),
-            cluster: runtime.clusters.get(&pod.key(), &backend.service, subset),
-        }
+        let policy = snap.traffic_policy(&backend.service, subset, port);
+        let endpoints = snap.endpoints(&backend.service, subset, port);
+        let priorities = LocalityPolicy::applies(&policy)
+            .then(|| endpoints.iter().map(|(w, _)| policy.locality.priority(pod, w)).collect::<Vec<u32>>())
+            .filter(|p| p.iter().any(|x| *x != p[0]));
+        Self { policy, endpoints, cluster: runtime.clusters.get(&pod.key(), &backend.service, subset), priorities }
     }
 
     /// [`Target::resolve`], where `backend` may be a ServiceEntry host rather than a
@@ -184,6 +189,7 @@ impl Target {
             policy: snap.external_policy(&entry.key, port),
             endpoints,
             cluster: runtime.clusters.get(&pod.key(), &entry.key, None),
+            priorities: None,
         })
     }
 
@@ -196,7 +202,14 @@ impl Target {
         dialed: SocketAddr,
     ) -> Option<(Arc<Workload>, SocketAddr, balance::EndpointGuard)> {
         let addrs: Vec<SocketAddr> = self.endpoints.iter().map(|(_, a)| *a).collect();
-        let (addr, guard) = self.cluster.pick(&addrs, lb, self.policy.outlier.as_ref(), hash_key, dialed)?;
+        let (addr, guard) = self.cluster.pick(
+            &addrs,
+            self.priorities.as_deref(),
+            lb,
+            self.policy.outlier.as_ref(),
+            hash_key,
+            dialed,
+        )?;
         let workload = self.endpoints.iter().find(|(_, a)| *a == addr).map(|(w, _)| w.clone())?;
         Some((workload, addr, guard))
     }

@@ -45,9 +45,45 @@ pub struct Workload {
     /// The network its addresses are on (Istio's `topology.istio.io/network`); empty
     /// when none is named.
     pub network: String,
+    /// Where it runs, for locality-aware load balancing.
+    pub locality: Locality,
     /// How metrics, access logs and traces name it; shared, so a connection's labels
     /// cost a reference count rather than copies of every name.
     pub meta: Arc<WorkloadMeta>,
+}
+
+/// A workload's locality (Istio's `region/zone/subzone`): the pod's `istio-locality`
+/// label (`region.zone.subzone`), else its `topology.kubernetes.io/region` and
+/// `topology.kubernetes.io/zone` labels and `topology.istio.io/subzone`. Empty parts
+/// are unknown.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Locality {
+    /// Region.
+    pub region: String,
+    /// Zone.
+    pub zone: String,
+    /// Subzone.
+    pub subzone: String,
+}
+
+impl Locality {
+    /// The locality a pod's labels give it.
+    pub fn of_labels(labels: &BTreeMap<String, String>) -> Self {
+        if let Some(l) = labels.get("istio-locality") {
+            let mut parts = l.splitn(3, '.').map(str::to_string);
+            return Self {
+                region: parts.next().unwrap_or_default(),
+                zone: parts.next().unwrap_or_default(),
+                subzone: parts.next().unwrap_or_default(),
+            };
+        }
+        let label = |k: &str| labels.get(k).cloned().unwrap_or_default();
+        Self {
+            region: label("topology.kubernetes.io/region"),
+            zone: label("topology.kubernetes.io/zone"),
+            subzone: label("topology.istio.io/subzone"),
+        }
+    }
 }
 
 /// A workload as Istio's telemetry names it, derived once when the snapshot is
@@ -128,6 +164,7 @@ impl Workload {
             uid: None,
             serving: true,
             network: String::new(),
+            locality: Locality::default(),
         }
     }
 

@@ -604,12 +604,43 @@ pub struct LoadBalancer {
     /// Session affinity.
     #[serde(default)]
     pub consistent_hash: Option<ConsistentHash>,
-    /// Locality settings (not enforced yet).
+    /// Locality-aware load balancing: which endpoints serve first, and where traffic
+    /// fails over to (applied with `outlierDetection`, as Istio does).
     #[serde(default)]
-    pub locality_lb_setting: Option<AnyValue>,
+    pub locality_lb_setting: Option<LocalityLbSetting>,
     /// Warm-up (not enforced yet).
     #[serde(default)]
     pub warmup_duration_secs: Option<AnyValue>,
+}
+
+/// `localityLbSetting`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LocalityLbSetting {
+    /// Off with `false`; on by default, as Istio's mesh-wide default is.
+    #[serde(default)]
+    pub enabled: Option<bool>,
+    /// Weights per locality (not supported yet: refused).
+    #[serde(default)]
+    pub distribute: Option<AnyValue>,
+    /// Where traffic goes when the client's region has no healthy endpoint.
+    #[serde(default)]
+    pub failover: Vec<LocalityFailover>,
+    /// Labels, in order, whose match with the client's ranks endpoints
+    /// (`topology.istio.io/cluster`, `topology.istio.io/network`,
+    /// `topology.kubernetes.io/region`, `topology.kubernetes.io/zone` or pod labels).
+    #[serde(default)]
+    pub failover_priority: Vec<String>,
+}
+
+/// `localityLbSetting.failover[]`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LocalityFailover {
+    /// The client's region.
+    pub from: String,
+    /// The region its traffic fails over to.
+    pub to: String,
 }
 
 /// `consistentHash`.
@@ -1175,7 +1206,33 @@ fn validate_policy(at: &str, p: &TrafficPolicy) -> Result<(), Invalid> {
         validate_policy(&pf, &pl.as_policy())?;
     }
     if let Some(lb) = &p.load_balancer {
-        not_supported(format!("{at}.loadBalancer.localityLbSetting"), lb.locality_lb_setting.is_some())?;
+        if let Some(l) = &lb.locality_lb_setting {
+            let lf = format!("{at}.loadBalancer.localityLbSetting");
+            not_supported(format!("{lf}.distribute"), l.distribute.is_some())?;
+            for (i, f) in l.failover.iter().enumerate() {
+                for (name, region) in [("from", &f.from), ("to", &f.to)] {
+                    if region.is_empty() || region.contains('/') {
+                        return Err((
+                            format!("{lf}.failover[{i}].{name}"),
+                            format!("{region:?} is not a region (a non-empty name without '/')"),
+                        ));
+                    }
+                }
+                if f.from == f.to {
+                    return Err((format!("{lf}.failover[{i}]"), format!("fails {:?} over to itself", f.from)));
+                }
+            }
+            if l.failover_priority.len() > 8 {
+                return Err((format!("{lf}.failoverPriority"), "more than 8 labels".into()));
+            }
+            for (i, label) in l.failover_priority.iter().enumerate() {
+                // `label=value` pins a value (Istio's form); the name is what is matched.
+                let name = label.split_once('=').map_or(label.as_str(), |(n, _)| n);
+                if name.is_empty() || name.len() > 317 || name.chars().any(char::is_whitespace) {
+                    return Err((format!("{lf}.failoverPriority[{i}]"), format!("{label:?} is not a label name")));
+                }
+            }
+        }
         not_supported(format!("{at}.loadBalancer.warmupDurationSecs"), lb.warmup_duration_secs.is_some())?;
         match (&lb.simple, &lb.consistent_hash) {
             (Some(_), Some(_)) => {

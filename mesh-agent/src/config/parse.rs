@@ -412,6 +412,33 @@ mod tests {
     }
 
     #[test]
+    fn locality_settings_are_checked_and_weights_are_refused_by_name() {
+        let dr = |lb: &str| {
+            check(&format!(
+                "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: d}}\nspec:\n  host: myapp\n  trafficPolicy:\n    loadBalancer: {{localityLbSetting: {lb}}}\n"
+            ))
+        };
+        for ok in [
+            "{enabled: true}",
+            "{enabled: false}",
+            "{failover: [{from: us-east, to: us-west}]}",
+            "{failoverPriority: [topology.istio.io/network, topology.istio.io/cluster]}",
+            "{failoverPriority: [topology.istio.io/cluster=cluster1]}",
+        ] {
+            assert_eq!(dr(ok), "ok 1", "{ok}");
+        }
+        for (bad, field) in [
+            ("{distribute: [{from: us-east/*, to: {us-east/*: 100}}]}", "localityLbSetting.distribute"),
+            ("{failover: [{from: us-east, to: us-east}]}", "localityLbSetting.failover[0]"),
+            ("{failover: [{from: us-east/a, to: us-west}]}", "localityLbSetting.failover[0].from"),
+            ("{failoverPriority: ['']}", "localityLbSetting.failoverPriority[0]"),
+        ] {
+            let got = dr(bad);
+            assert!(got.contains(field), "{bad}: {got}");
+        }
+    }
+
+    #[test]
     fn tls_routes_are_accepted_at_gateways_and_for_mesh_traffic_with_sni_matches() {
         let vs = |gateways: &str| {
             format!(

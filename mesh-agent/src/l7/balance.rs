@@ -145,10 +145,14 @@ impl Cluster {
 
     /// Chooses an endpoint among `candidates` (addresses in a stable order), skipping
     /// ejected ones unless too few would be left (`minHealthPercent`, Envoy's panic
-    /// threshold).
+    /// threshold). With `priorities` (one per candidate, lowest first), only the best
+    /// rank that has an endpoint to choose from serves: traffic fails over to the next
+    /// rank when every endpoint of the best is ejected or gone, and comes back when one
+    /// returns.
     pub fn pick(
         self: &Arc<Self>,
         candidates: &[SocketAddr],
+        priorities: Option<&[u32]>,
         lb: &LbPolicy,
         outlier: Option<&Outlier>,
         hash_key: Option<&[u8]>,
@@ -169,6 +173,16 @@ impl Cluster {
             candidates
         } else {
             &healthy
+        };
+        let ranked: Vec<SocketAddr>;
+        let pool: &[SocketAddr] = match priorities.filter(|p| p.len() == candidates.len()) {
+            Some(ranks) => {
+                let rank = |a: &SocketAddr| candidates.iter().position(|c| c == a).map_or(u32::MAX, |i| ranks[i]);
+                let best = pool.iter().map(rank).min().unwrap_or(u32::MAX);
+                ranked = pool.iter().copied().filter(|a| rank(a) == best).collect();
+                &ranked
+            }
+            None => pool,
         };
         let chosen = match lb {
             LbPolicy::RoundRobin => pool[self.rr.fetch_add(1, Ordering::Relaxed) % pool.len()],
@@ -319,11 +333,34 @@ mod tests {
         let eps = addrs(2);
         let mut held = Vec::new();
         for _ in 0..5 {
-            held.push(c.pick(&eps[..1], &LbPolicy::RoundRobin, None, None, eps[0]).unwrap());
+            held.push(c.pick(&eps[..1], None, &LbPolicy::RoundRobin, None, None, eps[0]).unwrap());
         }
         let picks: Vec<_> =
-            (0..50).map(|_| c.pick(&eps, &LbPolicy::LeastRequest, None, None, eps[0]).unwrap().0).collect();
+            (0..50).map(|_| c.pick(&eps, None, &LbPolicy::LeastRequest, None, None, eps[0]).unwrap().0).collect();
         assert!(picks.iter().all(|a| *a == eps[1]), "busy endpoint chosen: {picks:?}");
+    }
+
+    #[test]
+    fn the_best_rank_serves_until_its_endpoints_are_ejected_and_again_when_they_return() {
+        let c = Arc::new(Cluster::default());
+        let eps = addrs(3);
+        // eps[0] and eps[1] near the client, eps[2] in the next rank.
+        let ranks = [0, 0, 1];
+        let o = Outlier {
+            interval: Duration::from_millis(20),
+            base_ejection: Duration::from_millis(60),
+            ..outlier(1, 100)
+        };
+        let pick = || c.pick(&eps, Some(&ranks), &LbPolicy::RoundRobin, Some(&o), None, eps[0]).unwrap().0;
+        let seen: std::collections::BTreeSet<_> = (0..10).map(|_| pick()).collect();
+        assert_eq!(seen, [eps[0], eps[1]].into(), "only the near rank serves");
+        assert!(c.record(eps[0], Outcome::Status(503), Some(&o), 3));
+        assert!((0..10).all(|_| pick() == eps[1]), "one near endpoint left: it serves alone");
+        assert!(c.record(eps[1], Outcome::Status(503), Some(&o), 3));
+        assert!((0..10).all(|_| pick() == eps[2]), "the near rank ejected: the next serves");
+        std::thread::sleep(Duration::from_millis(150));
+        let seen: std::collections::BTreeSet<_> = (0..10).map(|_| pick()).collect();
+        assert_eq!(seen, [eps[0], eps[1]].into(), "back to the near rank once its ejections end");
     }
 
     #[test]
@@ -336,7 +373,7 @@ mod tests {
         assert!(c.record(eps[0], Outcome::Status(503), Some(&o), 2), "third 5xx ejects");
         assert_eq!(c.ejected(), vec![eps[0]]);
         for _ in 0..10 {
-            assert_eq!(c.pick(&eps, &LbPolicy::RoundRobin, Some(&o), None, eps[0]).unwrap().0, eps[1]);
+            assert_eq!(c.pick(&eps, None, &LbPolicy::RoundRobin, Some(&o), None, eps[0]).unwrap().0, eps[1]);
         }
         for _ in 0..3 {
             c.record(eps[1], Outcome::LocalFailure, Some(&o), 2);
@@ -431,9 +468,9 @@ mod tests {
         let c = Arc::new(Cluster::default());
         let eps = addrs(4);
         let lb = LbPolicy::HashSourceIp;
-        let first = c.pick(&eps, &lb, None, Some(b"10.1.1.1"), eps[0]).unwrap().0;
+        let first = c.pick(&eps, None, &lb, None, Some(b"10.1.1.1"), eps[0]).unwrap().0;
         for _ in 0..10 {
-            assert_eq!(c.pick(&eps, &lb, None, Some(b"10.1.1.1"), eps[0]).unwrap().0, first);
+            assert_eq!(c.pick(&eps, None, &lb, None, Some(b"10.1.1.1"), eps[0]).unwrap().0, first);
         }
     }
 }

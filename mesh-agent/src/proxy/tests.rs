@@ -1710,3 +1710,68 @@ async fn churn_heap() {
     let grown = settled().await as f64 - after_first as f64;
     eprintln!("heap growth per churned connection: {:.1} B", grown / ((ROUNDS - 1) * N) as f64);
 }
+
+#[tokio::test]
+async fn l7_prefers_the_clients_locality_fails_over_when_it_is_ejected_and_comes_back() {
+    let dr = r#"
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: myapp, namespace: shop}
+spec:
+  host: myapp
+  trafficPolicy:
+    outlierDetection: {consecutive5xxErrors: 2, interval: 50ms, baseEjectionTime: 1s, maxEjectionPercent: 100}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: myapp, namespace: shop}
+spec:
+  hosts: [myapp]
+  http:
+  - route: [{destination: {host: myapp}}]
+    retries: {attempts: 0}
+"#;
+    // The client and myapp-v1 in us-east zone a; myapp-v2 in us-west.
+    let yaml = config(99, dr)
+        .replace("labels: {app: client}", "labels: {app: client, istio-locality: us-east.a}")
+        .replace("labels: {app: myapp, version: v1}", "labels: {app: myapp, version: v1, istio-locality: us-east.a}")
+        .replace("labels: {app: myapp, version: v2}", "labels: {app: myapp, version: v2, istio-locality: us-west.b}");
+    let mesh = Mesh::start(&yaml, APPS).await;
+    let served = |path: &'static str| {
+        let mesh = &mesh;
+        async move {
+            let res = mesh.send("client", vip(99), get(path)).await;
+            (res.status(), served_by(&res).to_string())
+        }
+    };
+    for _ in 0..6 {
+        assert_eq!(served("/").await, (StatusCode::OK, "myapp-v1".to_string()), "the client's own locality serves");
+    }
+    // myapp-v1 fails twice: ejected, and us-west takes the traffic at once.
+    for _ in 0..2 {
+        assert_eq!(served("/fail-first/2").await, (StatusCode::SERVICE_UNAVAILABLE, "myapp-v1".to_string()));
+    }
+    for _ in 0..4 {
+        assert_eq!(served("/").await, (StatusCode::OK, "myapp-v2".to_string()), "failed over to the next locality");
+    }
+    // After baseEjectionTime (at the next sweep), the near endpoint takes it back.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while served("/").await.1 != "myapp-v1" {
+        assert!(Instant::now() < deadline, "never came back to the client's locality");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Without outlier detection nothing says an endpoint is unhealthy: no preference,
+    // as Istio does.
+    let spread = config(100, "")
+        .replace("labels: {app: client}", "labels: {app: client, istio-locality: us-east.a}")
+        .replace("labels: {app: myapp, version: v1}", "labels: {app: myapp, version: v1, istio-locality: us-east.a}");
+    let mesh = Mesh::start(&spread, APPS).await;
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..20 {
+        let res = mesh.send("client", vip(100), get("/")).await;
+        seen.insert(served_by(&res).to_string());
+    }
+    assert_eq!(seen.len(), 2, "{seen:?}");
+}

@@ -772,6 +772,7 @@ pub(super) fn workload(
             .get(NETWORK_LABEL)
             .or(ns.network.as_ref())
             .map_or_else(|| mesh.network.clone(), Clone::clone),
+        locality: crate::state::Locality::of_labels(&pod.metadata.labels),
     }
 }
 

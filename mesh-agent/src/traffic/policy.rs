@@ -8,6 +8,7 @@ use std::time::Duration;
 use http::HeaderName;
 
 use crate::config::istio::{self, DestinationRule};
+use crate::state::Workload;
 
 /// How an endpoint is chosen.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -98,6 +99,84 @@ pub struct TrafficPolicy {
     /// `tls.mode: SIMPLE` or `MUTUAL`: the agent opens TLS to the destination itself,
     /// for a pod that sends plaintext (ServiceEntry hosts).
     pub origination: Option<TlsOrigination>,
+    /// Locality-aware load balancing (`loadBalancer.localityLbSetting`), in force
+    /// where outlier detection is.
+    pub locality: LocalityPolicy,
+}
+
+/// Which endpoints serve first, by how they stand to the client: Istio's
+/// `localityLbSetting`. On by default (Istio's mesh default) and applied only with
+/// outlier detection, which is what says an endpoint is unhealthy.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LocalityPolicy {
+    /// `enabled: false`.
+    pub disabled: bool,
+    /// `failover`: (client region, region to fail over to).
+    pub failover: Vec<(String, String)>,
+    /// `failoverPriority`: label names (or `name=value`), most important first.
+    pub failover_priority: Vec<String>,
+}
+
+impl LocalityPolicy {
+    fn of(l: &istio::LocalityLbSetting) -> Self {
+        Self {
+            disabled: l.enabled == Some(false),
+            failover: l.failover.iter().map(|f| (f.from.clone(), f.to.clone())).collect(),
+            failover_priority: l.failover_priority.clone(),
+        }
+    }
+
+    /// Whether it ranks endpoints under `policy`.
+    pub fn applies(policy: &TrafficPolicy) -> bool {
+        !policy.locality.disabled && policy.outlier.is_some()
+    }
+
+    /// The rank of `endpoint` for `client`, lowest first: the leading
+    /// `failoverPriority` labels it shares with the client, then its locality (same
+    /// subzone, zone, region, the region `failover` names, anywhere), as Envoy's
+    /// priority levels. A client of unknown locality prefers no locality.
+    pub fn priority(&self, client: &Workload, endpoint: &Workload) -> u32 {
+        let labels = u32::try_from(self.failover_priority.len()).unwrap_or(u32::MAX);
+        let shared = self.failover_priority.iter().take_while(|l| label_matches(l, client, endpoint)).count();
+        let label_rank = labels - u32::try_from(shared).unwrap_or(0);
+        let (c, e) = (&client.locality, &endpoint.locality);
+        let same_place = e.region == c.region && e.zone == c.zone && e.subzone == c.subzone;
+        let locality_rank = if c.region.is_empty() || same_place {
+            0
+        } else if e.region == c.region && e.zone == c.zone {
+            1
+        } else if e.region == c.region {
+            2
+        } else if self.failover.iter().any(|(from, to)| *from == c.region && *to == e.region) {
+            3
+        } else {
+            4
+        };
+        label_rank * 5 + locality_rank
+    }
+}
+
+/// The value of label `name` for `w`, with Istio's topology labels from what the mesh
+/// knows of it (its cluster, network and locality).
+fn topology_label<'a>(w: &'a Workload, name: &str) -> Option<&'a str> {
+    let known = match name {
+        "topology.istio.io/cluster" => w.meta.cluster.as_str(),
+        "topology.istio.io/network" => w.network.as_str(),
+        "topology.kubernetes.io/region" => w.locality.region.as_str(),
+        "topology.kubernetes.io/zone" => w.locality.zone.as_str(),
+        "topology.istio.io/subzone" => w.locality.subzone.as_str(),
+        _ => return w.labels.get(name).map(String::as_str),
+    };
+    (!known.is_empty()).then_some(known)
+}
+
+/// `failoverPriority` entry `label` (`name`, or `name=value` pinning the value) holds
+/// for `endpoint` as seen from `client`.
+fn label_matches(label: &str, client: &Workload, endpoint: &Workload) -> bool {
+    match label.split_once('=') {
+        Some((name, value)) => topology_label(endpoint, name) == Some(value),
+        None => topology_label(client, label).is_some_and(|v| topology_label(endpoint, label) == Some(v)),
+    }
 }
 
 /// TLS the agent originates toward a destination outside the mesh.
@@ -250,6 +329,11 @@ fn merge(base: &TrafficPolicy, p: Option<&istio::TrafficPolicy>) -> TrafficPolic
         outlier: p.outlier_detection.as_ref().map(outlier).or_else(|| base.outlier.clone()),
         istio_mutual: p.tls.as_ref().map_or(base.istio_mutual, |t| t.mode.as_deref() == Some("ISTIO_MUTUAL")),
         origination: p.tls.as_ref().map_or_else(|| base.origination.clone(), TlsOrigination::of),
+        locality: p
+            .load_balancer
+            .as_ref()
+            .and_then(|l| l.locality_lb_setting.as_ref())
+            .map_or_else(|| base.locality.clone(), LocalityPolicy::of),
     }
 }
 
@@ -305,6 +389,47 @@ impl DestinationPolicy {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+    use std::net::IpAddr;
+    use std::sync::Arc;
+
+    use crate::state::{Locality, WorkloadMeta};
+
+    fn at(locality: &str, cluster: &str) -> Workload {
+        let mut w = Workload::outside("w", "production", IpAddr::from([10, 0, 0, 1]), "cluster.local");
+        w.locality = Locality::of_labels(&BTreeMap::from([("istio-locality".to_string(), locality.to_string())]));
+        w.meta = Arc::new(WorkloadMeta { cluster: cluster.into(), ..(*WorkloadMeta::unknown()).clone() });
+        w
+    }
+
+    #[test]
+    fn endpoints_rank_by_shared_labels_then_locality_as_istio_orders_them() {
+        let client = at("us-east.a.1", "cluster1");
+        let plain = LocalityPolicy::default();
+        let rank = |p: &LocalityPolicy, e: &str, cluster: &str| p.priority(&client, &at(e, cluster));
+        assert_eq!(rank(&plain, "us-east.a.1", "cluster1"), 0);
+        assert_eq!(rank(&plain, "us-east.a.2", "cluster1"), 1);
+        assert_eq!(rank(&plain, "us-east.b.1", "cluster1"), 2);
+        assert_eq!(rank(&plain, "us-west.a.1", "cluster1"), 4);
+        let failover = LocalityPolicy { failover: vec![("us-east".into(), "us-west".into())], ..Default::default() };
+        assert_eq!(rank(&failover, "us-west.a.1", "cluster1"), 3, "the failover region before the rest");
+        assert_eq!(rank(&failover, "eu.a.1", "cluster1"), 4);
+        // failoverPriority first: this cluster's endpoints before any other's, whatever
+        // their locality; `name=value` pins the value.
+        let by_cluster =
+            LocalityPolicy { failover_priority: vec!["topology.istio.io/cluster".into()], ..Default::default() };
+        assert!(rank(&by_cluster, "us-west.a.1", "cluster1") < rank(&by_cluster, "us-east.a.1", "cluster2"));
+        let pinned = LocalityPolicy {
+            failover_priority: vec!["topology.istio.io/cluster=cluster2".into()],
+            ..Default::default()
+        };
+        assert!(rank(&pinned, "us-east.a.1", "cluster2") < rank(&pinned, "us-east.a.1", "cluster1"));
+        // A client of unknown locality prefers none.
+        let nowhere = at("", "cluster1");
+        assert_eq!(plain.priority(&nowhere, &at("us-east.a.1", "cluster1")), 0);
+        assert_eq!(plain.priority(&nowhere, &at("eu.b.2", "cluster1")), 0);
+    }
+
     use super::*;
     use crate::config::{Object, parse_documents};
 

@@ -1100,6 +1100,7 @@ mod tests {
             serving: true,
             meta: crate::state::WorkloadMeta::unknown(),
             network: String::new(),
+            locality: Default::default(),
         }
     }
 
