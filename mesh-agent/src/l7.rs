@@ -222,12 +222,7 @@ pub fn default_rule(service_key: &str) -> Rule {
         name: "default".into(),
         matches: Vec::new(),
         profile_condition: None,
-        action: Action::Route(vec![WeightedBackend {
-            backend: Backend { service: service_key.to_string(), subset: None, port: None },
-            weight: 0,
-            request_headers: Default::default(),
-            response_headers: Default::default(),
-        }]),
+        action: Action::Route(vec![WeightedBackend::to(service_key.to_string())]),
         timeout: None,
         retries: RetryPolicy::istio_default(),
         fault: Default::default(),

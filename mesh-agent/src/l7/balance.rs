@@ -79,6 +79,15 @@ pub struct EndpointGuard {
     addr: SocketAddr,
 }
 
+impl EndpointGuard {
+    /// Records that connecting to the endpoint failed (the L4 path, which reads no
+    /// answer), under the ejection rules it was chosen with among `endpoints`; true
+    /// when that ejected it.
+    pub fn connect_failed(&self, outlier: Option<&Outlier>, endpoints: usize) -> bool {
+        self.cluster.record(self.addr, Outcome::LocalFailure, outlier, endpoints)
+    }
+}
+
 impl Drop for EndpointGuard {
     fn drop(&mut self) {
         if let Some(s) = self.cluster.endpoints.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&self.addr) {

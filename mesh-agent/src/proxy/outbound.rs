@@ -120,14 +120,31 @@ pub(super) async fn handle(
         return Ok(None);
     }
     // A VirtualService's tcp rules decide first; otherwise the Service's endpoints.
-    let (dest, _endpoint_guard) = match tcp_route(ctx, &snapshot, pod, orig) {
+    let (dest, _endpoint_guard, judged) = match tcp_route(ctx, &snapshot, pod, orig) {
         Some(Ok(routed)) => routed,
         Some(Err(reason)) => {
             tracing::warn!(pod = %pod.name, %orig, %reason, "tcp route has no endpoint; refused");
             sockets::reset(stream);
             return Ok(None);
         }
-        None => (snapshot.resolve(orig, &ctx.l7.round_robin), None),
+        // A DestinationRule ranking the endpoints by locality (with outlier
+        // detection) chooses under its policy, as for HTTP; otherwise round robin.
+        None => match dialed_service.filter(|s| {
+            crate::traffic::policy::LocalityPolicy::applies(&snapshot.traffic_policy(&s.key(), None, orig.port()))
+        }) {
+            Some(service) => {
+                let whole = [crate::traffic::route::WeightedBackend::to(service.key())];
+                match to_backend(ctx, &snapshot, pod, &whole, orig) {
+                    Ok(chosen) => chosen,
+                    Err(reason) => {
+                        tracing::warn!(pod = %pod.name, %orig, %reason, "service has no endpoint; refused");
+                        sockets::reset(stream);
+                        return Ok(None);
+                    }
+                }
+            }
+            None => (snapshot.resolve(orig, &ctx.l7.round_robin), None, None),
+        },
     };
     tracing::debug!(pod = %pod.name, %peer, %orig, ?dest, "outbound");
     let (workload, addr, service) = match dest {
@@ -166,7 +183,14 @@ pub(super) async fn handle(
             Local::Tunnel(s) => stream = s,
         }
     }
-    let upstream = ctx.dialer.connect(&snapshot, pod, netns, workload.as_deref(), addr, CONNECT_TIMEOUT).await?;
+    let connected = ctx.dialer.connect(&snapshot, pod, netns, workload.as_deref(), addr, CONNECT_TIMEOUT).await;
+    if connected.is_err()
+        && let (Some(guard), Some(judged)) = (&_endpoint_guard, &judged)
+        && guard.connect_failed(judged.outlier.as_ref(), judged.endpoints)
+    {
+        tracing::info!(pod = %pod.name, %addr, "endpoint ejected after failed connects (outlierDetection)");
+    }
+    let upstream = connected?;
     let service = ServiceLabels::service(service.as_deref());
     let labels = ctx.metrics.shared(ConnLabels::outbound(pod, workload.as_deref(), service, upstream.is_tunnel()));
     // What is spliced holds no snapshot: a connection that held the one it began
@@ -272,7 +296,7 @@ async fn route_tls_to_entry(
         let labels = ConnLabels::outbound(pod, reached.as_deref(), service, up.is_tunnel());
         return Ok(Some((up, labels, None)));
     }
-    let (dest, guard) = match to_backend(ctx, snapshot, pod, std::slice::from_ref(chosen), orig) {
+    let (dest, guard, _) = match to_backend(ctx, snapshot, pod, std::slice::from_ref(chosen), orig) {
         Ok(d) => d,
         Err(reason) => {
             tracing::warn!(pod = %pod.name, %orig, %sni, %reason, "tls route has no endpoint; refused");
@@ -299,11 +323,22 @@ fn tcp_route(
     snapshot: &crate::snapshot::Snapshot,
     pod: &Workload,
     orig: SocketAddr,
-) -> Option<Result<(Destination, Option<crate::l7::balance::EndpointGuard>), String>> {
+) -> Option<Result<Chosen, String>> {
     let service = snapshot.service_by_vip(orig.ip())?;
     let rule = snapshot.routes(&service.key())?.first_tcp_match(orig.port(), pod)?;
     Some(to_backend(ctx, snapshot, pod, &rule.backends, orig))
 }
+
+/// What judges a failed connect to a chosen endpoint: the DestinationRule's ejection
+/// rules, among how many endpoints. Held only until the connect is done.
+struct Judged {
+    outlier: Option<crate::traffic::policy::Outlier>,
+    endpoints: usize,
+}
+
+/// A destination chosen under a DestinationRule: where, the endpoint's load-balancing
+/// slot (held while the connection lives), and what judges a failed connect to it.
+type Chosen = (Destination, Option<crate::l7::balance::EndpointGuard>, Option<Judged>);
 
 /// An endpoint of one of `backends` (by weight, then under its DestinationRule) for a
 /// connection to `orig`, with its load-balancing slot.
@@ -313,7 +348,7 @@ fn to_backend(
     pod: &Workload,
     backends: &[crate::traffic::route::WeightedBackend],
     orig: SocketAddr,
-) -> Result<(Destination, Option<crate::l7::balance::EndpointGuard>), String> {
+) -> Result<Chosen, String> {
     let Some(chosen) = crate::traffic::route::pick_weighted(backends) else {
         return Err("the rule has no destination".into());
     };
@@ -328,7 +363,8 @@ fn to_backend(
             b.port.unwrap_or(orig.port())
         ));
     };
-    Ok((crate::state::destination_for(workload, addr, Some(b.service.clone())), Some(guard)))
+    let judged = Judged { endpoints: target.endpoints.len(), outlier: target.policy.outlier };
+    Ok((crate::state::destination_for(workload, addr, Some(b.service.clone())), Some(guard), Some(judged)))
 }
 
 /// Ports declared TCP, TLS or a database protocol (by `appProtocol` or a name such as

@@ -1775,3 +1775,31 @@ spec:
     }
     assert_eq!(seen.len(), 2, "{seen:?}");
 }
+
+#[tokio::test]
+async fn l4_fails_over_to_the_next_locality_when_connects_to_the_near_endpoint_fail() {
+    let dr = r#"
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: myapp, namespace: shop}
+spec:
+  host: myapp
+  trafficPolicy:
+    outlierDetection: {consecutive5xxErrors: 1, interval: 50ms, baseEjectionTime: 30s, maxEjectionPercent: 100}
+"#;
+    // An opaque port: the agent copies bytes and reads no answer. myapp-v1, near the
+    // client, has no application listening: connecting to it fails.
+    let yaml = config(101, dr)
+        .replace("name: http}", "name: tcp}")
+        .replace("labels: {app: client}", "labels: {app: client, istio-locality: us-east.a}")
+        .replace("labels: {app: myapp, version: v1}", "labels: {app: myapp, version: v1, istio-locality: us-east.a}")
+        .replace("labels: {app: myapp, version: v2}", "labels: {app: myapp, version: v2, istio-locality: us-west.b}");
+    let mesh = Mesh::start(&yaml, &[("myapp-v2", 8080)]).await;
+    let first = mesh.try_send("client", vip(101), get("/")).await;
+    assert!(first.is_err(), "the near endpoint is tried first, and fails: {first:?}");
+    for _ in 0..4 {
+        let res = mesh.send("client", vip(101), get("/")).await;
+        assert_eq!(served_by(&res), "myapp-v2", "ejected after the failed connect: the far locality serves");
+    }
+}

@@ -300,6 +300,18 @@ pub struct WeightedBackend {
     pub response_headers: HeaderOps,
 }
 
+impl WeightedBackend {
+    /// All of `service` (`namespace/name`), nothing rewritten.
+    pub fn to(service: String) -> Self {
+        Self {
+            backend: Backend { service, subset: None, port: None },
+            weight: 0,
+            request_headers: Default::default(),
+            response_headers: Default::default(),
+        }
+    }
+}
+
 /// The port of a redirect's Location.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RedirectPort {
