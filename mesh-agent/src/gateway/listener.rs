@@ -103,6 +103,7 @@ async fn handle(ctx: GatewayContext, stream: TcpStream, peer: SocketAddr, plan: 
             tls: false,
             client: peer,
             peer: None,
+            client_not_after: None,
         };
         crate::l7::server::serve(ctx.l7, workload, netns, stream, (peer, local), table).await;
         return;
@@ -136,12 +137,17 @@ async fn handle(ctx: GatewayContext, stream: TcpStream, peer: SocketAddr, plan: 
     } else {
         None
     };
+    // A verified client certificate ends: the connection's requests are refused from
+    // then on (fail closed), as the mesh's tunnel refuses new streams.
+    let client_not_after =
+        tls.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(crate::identity::cert_not_after);
     let table = RouteTable::Gateway {
         gateways: Arc::new([server.gateway.clone()]),
         port: plan.port,
         tls: true,
         client: peer,
         peer: mesh_peer,
+        client_not_after,
     };
     crate::l7::server::serve(ctx.l7, workload, netns, tls, (peer, local), table).await;
 }

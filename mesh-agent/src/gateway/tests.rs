@@ -915,3 +915,36 @@ async fn istio_mutual_serves_mesh_clients_by_identity_and_refuses_others() {
     let nobody = crate::identity::Identity::parse("spiffe://cluster.local/ns/shop/sa/nobody").unwrap();
     assert!(call(nobody).await.is_err(), "a client without a mesh certificate is served");
 }
+
+/// A gateway's requests are served under a client certificate while it is valid, not
+/// for the life of the connection it was presented on (as the mesh's tunnel takes no
+/// new stream once it expired): past its notAfter, the same connection gets 401.
+#[tokio::test]
+async fn istio_mutual_serves_no_request_past_the_clients_certificate() {
+    let net = 57;
+    let (server_ca, client_ca) = (TestCa::new(), TestCa::new());
+    let edge = Edge::start_with(net, &server_ca, &client_ca, &istio_mutual_yaml()).await;
+    let snap = edge.mesh.ctx.snapshot.load_full();
+    let identity = |name: &str| snap.workloads.iter().find(|w| w.name == name).unwrap().identity.clone();
+    let short_lived = Arc::new(crate::identity::CertStore::new(edge.mesh.ca.clone(), Duration::from_secs(2)));
+    short_lived.set_local([identity("client")]);
+    let config = crate::identity::client_config(
+        short_lived.clone(),
+        identity("client"),
+        identity("istio-ingressgateway"),
+        &edge.mesh.ctx.dialer.verifier,
+    )
+    .unwrap();
+    let tcp = TcpStream::connect(edge.addr(ISTIO_MUTUAL)).await.unwrap();
+    let name = ServerName::try_from("istio-ingressgateway").unwrap();
+    let tls = TlsConnector::from(config).connect(name, tcp).await.unwrap();
+    let (_, not_after) = short_lived.held()[0].clone();
+    let (mut h2, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), TokioIo::new(tls)).await.unwrap();
+    tokio::spawn(conn);
+    let get = || Request::get("https://myapp.internal.example/").body(Empty::<Bytes>::new()).unwrap();
+    assert_eq!(h2.send_request(get()).await.unwrap().status(), 200, "valid: served");
+    let left = not_after.duration_since(std::time::SystemTime::now()).unwrap_or_default();
+    tokio::time::sleep(left + Duration::from_millis(100)).await;
+    assert_eq!(h2.send_request(get()).await.unwrap().status(), 401, "expired: refused on the same connection");
+}

@@ -67,6 +67,9 @@ pub enum RouteTable {
         /// The client as a mesh peer, when an ISTIO_MUTUAL server verified its
         /// identity (principals built once per connection).
         peer: Option<crate::authz::Peer>,
+        /// When the client certificate the server verified expires: no request is
+        /// served under it past then.
+        client_not_after: Option<std::time::SystemTime>,
     },
 }
 
@@ -169,6 +172,13 @@ async fn handle(
     let caller = Caller { ctx, snap: &snap, pod, netns, orig, request_bytes: &request_bytes };
     let mut req = req;
     let refused = match table {
+        RouteTable::Gateway { client_not_after: Some(t), .. } if std::time::SystemTime::now() >= *t => {
+            Some(super::edge::Refusal {
+                status: StatusCode::UNAUTHORIZED,
+                flags: "UAEX",
+                body: "the client certificate has expired\n",
+            })
+        }
         RouteTable::Gateway { client, tls, peer, .. } => {
             let at = super::edge::Arrival {
                 snapshot: &snap,

@@ -62,7 +62,7 @@ pub(crate) struct Mesh {
     pub(crate) netns: Arc<Netns>,
     pub(crate) stop: CancellationToken,
     /// The mesh's CA, for certificates a test presents itself.
-    ca: Arc<MeshCa>,
+    pub(crate) ca: Arc<MeshCa>,
     _ca_dir: tempfile::TempDir,
 }
 
