@@ -1711,18 +1711,31 @@ async fn churn_heap() {
     eprintln!("heap growth per churned connection: {:.1} B", grown / ((ROUNDS - 1) * N) as f64);
 }
 
-#[tokio::test]
-async fn l7_prefers_the_clients_locality_fails_over_when_it_is_ejected_and_comes_back() {
-    let dr = r#"
+/// `config(net, ...)` with a DestinationRule for myapp ejecting after `errors`
+/// consecutive failures (`ejection` long), the client and myapp-v1 in us-east zone a,
+/// myapp-v2 in us-west (`extra` appended).
+fn near_and_far(net: u8, errors: u32, ejection: &str, extra: &str) -> String {
+    let dr = format!(
+        r#"
 ---
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
-metadata: {name: myapp, namespace: shop}
+metadata: {{name: myapp, namespace: shop}}
 spec:
   host: myapp
   trafficPolicy:
-    outlierDetection: {consecutive5xxErrors: 2, interval: 50ms, baseEjectionTime: 1s, maxEjectionPercent: 100}
----
+    outlierDetection: {{consecutive5xxErrors: {errors}, interval: 50ms, baseEjectionTime: {ejection}, maxEjectionPercent: 100}}
+{extra}"#
+    );
+    config(net, &dr)
+        .replace("labels: {app: client}", "labels: {app: client, istio-locality: us-east.a}")
+        .replace("labels: {app: myapp, version: v1}", "labels: {app: myapp, version: v1, istio-locality: us-east.a}")
+        .replace("labels: {app: myapp, version: v2}", "labels: {app: myapp, version: v2, istio-locality: us-west.b}")
+}
+
+#[tokio::test]
+async fn l7_prefers_the_clients_locality_fails_over_when_it_is_ejected_and_comes_back() {
+    let no_retries = r#"---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
 metadata: {name: myapp, namespace: shop}
@@ -1732,12 +1745,7 @@ spec:
   - route: [{destination: {host: myapp}}]
     retries: {attempts: 0}
 "#;
-    // The client and myapp-v1 in us-east zone a; myapp-v2 in us-west.
-    let yaml = config(99, dr)
-        .replace("labels: {app: client}", "labels: {app: client, istio-locality: us-east.a}")
-        .replace("labels: {app: myapp, version: v1}", "labels: {app: myapp, version: v1, istio-locality: us-east.a}")
-        .replace("labels: {app: myapp, version: v2}", "labels: {app: myapp, version: v2, istio-locality: us-west.b}");
-    let mesh = Mesh::start(&yaml, APPS).await;
+    let mesh = Mesh::start(&near_and_far(99, 2, "1s", no_retries), APPS).await;
     let served = |path: &'static str| {
         let mesh = &mesh;
         async move {
@@ -1778,23 +1786,9 @@ spec:
 
 #[tokio::test]
 async fn l4_fails_over_to_the_next_locality_when_connects_to_the_near_endpoint_fail() {
-    let dr = r#"
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: myapp, namespace: shop}
-spec:
-  host: myapp
-  trafficPolicy:
-    outlierDetection: {consecutive5xxErrors: 1, interval: 50ms, baseEjectionTime: 30s, maxEjectionPercent: 100}
-"#;
     // An opaque port: the agent copies bytes and reads no answer. myapp-v1, near the
     // client, has no application listening: connecting to it fails.
-    let yaml = config(101, dr)
-        .replace("name: http}", "name: tcp}")
-        .replace("labels: {app: client}", "labels: {app: client, istio-locality: us-east.a}")
-        .replace("labels: {app: myapp, version: v1}", "labels: {app: myapp, version: v1, istio-locality: us-east.a}")
-        .replace("labels: {app: myapp, version: v2}", "labels: {app: myapp, version: v2, istio-locality: us-west.b}");
+    let yaml = near_and_far(101, 1, "30s", "").replace("name: http}", "name: tcp}");
     let mesh = Mesh::start(&yaml, &[("myapp-v2", 8080)]).await;
     let first = mesh.try_send("client", vip(101), get("/")).await;
     assert!(first.is_err(), "the near endpoint is tried first, and fails: {first:?}");
