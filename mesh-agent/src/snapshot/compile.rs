@@ -99,8 +99,8 @@ impl Snapshot {
         let mut off_network: HashSet<IpAddr> = HashSet::new();
         for o in objects {
             if let Object::Pod(pod) = o {
-                let w = Arc::new(workload(pod, mesh, &namespaces, &mesh.cluster_id));
-                if let Some(network) = network_of(pod, &namespaces, mesh) {
+                let w = Arc::new(workload(pod, mesh, &namespaces, &Origin::local(mesh)));
+                if let Some(network) = other_network(&w.network, mesh) {
                     off_network.extend(&w.ips);
                     snap.problems.push(Problem::new(
                         "MESH0111",
@@ -122,7 +122,7 @@ impl Snapshot {
                 snap.workloads.push(w);
             }
         }
-        let mut drafts = Vec::new();
+        let mut drafts = ServiceDrafts::default();
         let slices = slices_by_service(objects);
         for o in objects {
             if let Object::Service(svc) = o {
@@ -145,7 +145,7 @@ impl Snapshot {
         for remote in remotes {
             snap.merge_remote(remote, mesh, &mut drafts);
         }
-        for draft in drafts {
+        for draft in drafts.list {
             snap.add_service(draft);
         }
         snap.external = ExternalServices::new(objects.iter().filter_map(|o| match o {
@@ -633,6 +633,35 @@ pub(super) struct ServiceDraft {
     pub(super) endpoints: Vec<Endpoint>,
 }
 
+/// The Services being gathered, in order, found by namespace and name, with the
+/// addresses they hold: each remote Service is merged or placed in constant time.
+#[derive(Default)]
+pub(super) struct ServiceDrafts {
+    pub(super) list: Vec<ServiceDraft>,
+    by_name: HashMap<(String, String), usize>,
+    vips: HashSet<IpAddr>,
+}
+
+impl ServiceDrafts {
+    /// Adds `draft`, which names a Service not held yet.
+    pub(super) fn push(&mut self, draft: ServiceDraft) {
+        self.by_name.insert((draft.namespace.clone(), draft.name.clone()), self.list.len());
+        self.vips.extend(&draft.vips);
+        self.list.push(draft);
+    }
+
+    /// The Service `namespace/name`, when held.
+    pub(super) fn get_mut(&mut self, namespace: &str, name: &str) -> Option<&mut ServiceDraft> {
+        let i = *self.by_name.get(&(namespace.to_string(), name.to_string()))?;
+        self.list.get_mut(i)
+    }
+
+    /// Whether a Service held has address `vip`.
+    pub(super) fn holds_vip(&self, vip: &IpAddr) -> bool {
+        self.vips.contains(vip)
+    }
+}
+
 impl ServiceDraft {
     /// `svc` (in namespace `ns`) with `endpoints`.
     pub(super) fn of(svc: &crate::config::resources::Service, namespace: String, endpoints: Vec<Endpoint>) -> Self {
@@ -701,26 +730,32 @@ impl Snapshot {
     }
 }
 
-/// The network `pod` is on when it is not this cluster's (both named): the pod's
-/// [`NETWORK_LABEL`], else its namespace's. Without a network of its own the mesh
-/// makes no such distinction, as Istio with `values.global.network` unset.
-fn network_of<'a>(pod: &'a Pod, namespaces: &'a HashMap<String, NamespaceModes>, mesh: &MeshScope) -> Option<&'a str> {
-    if mesh.network.is_empty() {
-        return None;
+/// Where a pod's workload is read from: its cluster, and the network its pods are on
+/// when neither the pod nor its namespace names one (empty: none named).
+pub(super) struct Origin<'a> {
+    pub(super) cluster: &'a str,
+    pub(super) network: &'a str,
+}
+
+impl<'a> Origin<'a> {
+    /// This cluster, on the network `values.global.network` names.
+    fn local(mesh: &'a MeshScope) -> Self {
+        Self { cluster: &mesh.cluster_id, network: &mesh.network }
     }
-    let labelled = pod
-        .metadata
-        .labels
-        .get(NETWORK_LABEL)
-        .or_else(|| namespaces.get(&pod.metadata.namespace_or_default()).and_then(|ns| ns.network.as_ref()))?;
-    (labelled.as_str() != mesh.network).then_some(labelled.as_str())
+}
+
+/// The network `network` when it is not this cluster's (both named). Without a
+/// network of its own the mesh makes no such distinction, as Istio with
+/// `values.global.network` unset.
+pub(super) fn other_network<'a>(network: &'a str, mesh: &MeshScope) -> Option<&'a str> {
+    (!mesh.network.is_empty() && !network.is_empty() && network != mesh.network).then_some(network)
 }
 
 pub(super) fn workload(
     pod: &Pod,
     mesh: &MeshScope,
     namespaces: &HashMap<String, NamespaceModes>,
-    cluster: &str,
+    origin: &Origin<'_>,
 ) -> Workload {
     let namespace = pod.metadata.namespace_or_default();
     let ns = namespaces.get(&namespace).cloned().unwrap_or_default();
@@ -757,7 +792,7 @@ pub(super) fn workload(
         name: pod.metadata.name.clone(),
         enrolled,
         dns_capture: enrolled && pod_dns.or(ns.dns_capture).unwrap_or(mesh.dns_capture),
-        meta: Arc::new(workload_meta(pod, &namespace, &identity, cluster)),
+        meta: Arc::new(workload_meta(pod, &namespace, &identity, origin.cluster)),
         identity,
         namespace,
         labels: pod.metadata.labels.clone(),
@@ -771,7 +806,7 @@ pub(super) fn workload(
             .labels
             .get(NETWORK_LABEL)
             .or(ns.network.as_ref())
-            .map_or_else(|| mesh.network.clone(), Clone::clone),
+            .map_or_else(|| origin.network.to_string(), Clone::clone),
         locality: crate::state::Locality::of_labels(&pod.metadata.labels),
     }
 }

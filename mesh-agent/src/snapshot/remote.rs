@@ -14,49 +14,42 @@ use std::sync::Arc;
 
 use super::Snapshot;
 use super::compile::{
-    NETWORK_LABEL, ServiceDraft, namespace_modes, selected_endpoints, slice_endpoints, slices_by_service, workload,
+    Origin, ServiceDraft, ServiceDrafts, namespace_modes, other_network, selected_endpoints, slice_endpoints,
+    slices_by_service, workload,
 };
 use crate::config::{Object, RemoteObjects};
 use crate::state::{MeshScope, Problem, Workload};
 
 impl Snapshot {
     /// Adds `remote`'s pods as workloads and its Services' endpoints to `drafts`.
-    pub(super) fn merge_remote(&mut self, remote: &RemoteObjects, mesh: &MeshScope, drafts: &mut Vec<ServiceDraft>) {
-        let cluster = remote.cluster.as_str();
+    pub(super) fn merge_remote(&mut self, remote: &RemoteObjects, mesh: &MeshScope, drafts: &mut ServiceDrafts) {
         let namespaces = namespace_modes(&remote.objects);
         // Istio's convention: the network of a cluster is the label on its system
         // namespace; a namespace's or a pod's own label says otherwise.
-        let cluster_network = namespaces.get(&mesh.root_namespace).and_then(|ns| ns.network.clone());
-        let reachable = |network: Option<&str>| match network {
-            Some(n) if !mesh.network.is_empty() => n == mesh.network,
-            _ => true,
-        };
+        let cluster_network = namespaces.get(&mesh.root_namespace).and_then(|ns| ns.network.as_deref());
+        let origin = Origin { cluster: &remote.cluster, network: cluster_network.unwrap_or("") };
         let mut by_ip: HashMap<IpAddr, Arc<Workload>> = HashMap::new();
         let mut workloads = Vec::new();
-        let mut elsewhere: Vec<(String, &str)> = Vec::new();
+        // Addresses of pods on another network: no Service of this cluster's reaches
+        // them, by selector or by EndpointSlice.
+        let mut off_network: HashSet<IpAddr> = HashSet::new();
+        let mut elsewhere: Vec<(String, String)> = Vec::new();
         for o in &remote.objects {
             let Object::Pod(pod) = o else { continue };
             // A hostNetwork pod's address is its node's; a finished pod has none.
             if pod.spec.host_network || pod.is_finished() {
                 continue;
             }
-            let namespace = pod.metadata.namespace_or_default();
-            let network = pod
-                .metadata
-                .labels
-                .get(NETWORK_LABEL)
-                .or_else(|| namespaces.get(&namespace).and_then(|ns| ns.network.as_ref()))
-                .or(cluster_network.as_ref());
-            if !reachable(network.map(String::as_str)) {
-                elsewhere.push((format!("{namespace}/{}", pod.metadata.name), network.map_or("", |n| n.as_str())));
+            let mut w = workload(pod, mesh, &namespaces, &origin);
+            if let Some(network) = other_network(&w.network, mesh) {
+                off_network.extend(&w.ips);
+                elsewhere.push((w.key(), network.to_string()));
                 continue;
             }
-            let mut w = workload(pod, mesh, &namespaces, cluster);
             // Never this node's to capture, whatever node name that cluster gave it.
             w.node = None;
             w.uid = None;
             w.dns_capture = false;
-            w.network = network.cloned().unwrap_or_default();
             let w = Arc::new(w);
             for ip in &w.ips {
                 by_ip.entry(*ip).or_insert_with(|| w.clone());
@@ -68,7 +61,7 @@ impl Snapshot {
         if let Some((first, network)) = elsewhere.first() {
             self.problems.push(Problem::new(
                 "MESH0112",
-                format!("cluster {cluster}"),
+                format!("cluster {}", remote.cluster),
                 format!(
                     "{} pod(s) on another network than this cluster's {} ({first} on {network}, ...): reached only \
                      through an east-west gateway, and none is configured; no Service sends them traffic",
@@ -77,7 +70,7 @@ impl Snapshot {
                 ),
             ));
         }
-        let all_reachable = reachable(cluster_network.as_deref());
+        let cluster_reachable = other_network(origin.network, mesh).is_none();
         let slices = slices_by_service(&remote.objects);
         for o in &remote.objects {
             let Object::Service(svc) = o else { continue };
@@ -88,12 +81,12 @@ impl Snapshot {
                 slice_endpoints(known, of_service.map_or(&[][..], Vec::as_slice), &ns, &mesh.trust_domain)
                     .into_iter()
                     // An address no pod explains is on the cluster's network.
-                    .filter(|e| by_ip.contains_key(&e.ip) || all_reachable)
+                    .filter(|e| by_ip.contains_key(&e.ip) || (cluster_reachable && !off_network.contains(&e.ip)))
                     .collect()
             } else {
                 selected_endpoints(&workloads, &ns, &svc.spec.selector).collect()
             };
-            match drafts.iter_mut().find(|d| d.namespace == ns && d.name == svc.metadata.name) {
+            match drafts.get_mut(&ns, &svc.metadata.name) {
                 Some(local) => {
                     let held: HashSet<IpAddr> = local.endpoints.iter().map(|e| e.ip).collect();
                     local.endpoints.extend(endpoints.into_iter().filter(|e| !held.contains(&e.ip)));
@@ -102,7 +95,7 @@ impl Snapshot {
                     // A Service only that cluster has: reached under its own addresses
                     // where no Service here holds them.
                     let mut draft = ServiceDraft::of(svc, ns, endpoints);
-                    draft.vips.retain(|vip| !drafts.iter().any(|d| d.vips.contains(vip)));
+                    draft.vips.retain(|vip| !drafts.holds_vip(vip));
                     drafts.push(draft);
                 }
             }
@@ -239,6 +232,42 @@ spec: {selector: {app: db}, clusterIP: 10.96.0.20, ports: [{port: 80}]}
         let at = s.workload_by_ip("10.10.1.2".parse().unwrap()).unwrap();
         assert_eq!((at.name.as_str(), at.meta.cluster.as_str()), ("myapp-v1", "cluster1"));
         assert!(s.enrolled_namespaces().contains("production"));
+    }
+
+    #[test]
+    fn an_endpoint_slice_naming_a_pod_on_another_network_gives_no_endpoint() {
+        // Cluster2 on this network, one pod of it labelled onto network2, and a Service
+        // without a selector whose slice names that pod and an address no pod has.
+        let extra = r#"
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: istio-system, labels: {topology.istio.io/network: network1}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: far-away, namespace: production, labels: {app: far, topology.istio.io/network: network2}}
+spec: {nodeName: node1}
+status: {podIP: 10.20.1.9}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: sliced, namespace: production}
+spec: {clusterIP: 10.96.0.40, ports: [{port: 80}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: sliced-a, namespace: production, labels: {kubernetes.io/service-name: sliced}}
+addressType: IPv4
+ports: [{port: 80}]
+endpoints:
+- {addresses: [10.20.1.9], targetRef: {kind: Pod, name: far-away}}
+- {addresses: [10.20.7.7]}
+"#;
+        let s = compile(&[cluster2(extra)], "network1");
+        let sliced: Vec<String> =
+            s.service("production/sliced").unwrap().endpoints.iter().map(|e| e.ip.to_string()).collect();
+        assert_eq!(sliced, ["10.20.7.7"], "the pod on network2 is not reached directly, even through a slice");
     }
 
     #[test]
