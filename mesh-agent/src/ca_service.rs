@@ -18,7 +18,7 @@ mod server;
 mod workloads;
 
 pub use authn::{Authenticator, Caller};
-pub use remote_secrets::{MULTI_CLUSTER_LABEL, RemoteSecrets, cluster_name};
+pub use remote_secrets::{MULTI_CLUSTER_LABEL, RemoteSecrets};
 pub use server::run;
 pub use workloads::NodeWorkloads;
 

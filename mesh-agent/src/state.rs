@@ -52,6 +52,19 @@ pub struct Workload {
     pub meta: Arc<WorkloadMeta>,
 }
 
+/// A name of a cluster of the mesh, as a remote secret's data key, a Secret's name and
+/// a metric label value carry it: lowercase letters, digits, '-' and '.', starting and
+/// ending with a letter or digit, at most 63 characters. `meshctl x
+/// create-remote-secret` and the CA service that reads remote secrets hold to this one
+/// rule, so a secret meshctl prints is never skipped.
+pub fn is_cluster_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '.'))
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.ends_with(|c: char| c.is_ascii_alphanumeric())
+}
+
 /// A workload's locality (Istio's `region/zone/subzone`): the pod's `istio-locality`
 /// label (`region.zone.subzone`), else its `topology.kubernetes.io/region` and
 /// `topology.kubernetes.io/zone` labels and `topology.istio.io/subzone`. Empty parts

@@ -21,14 +21,11 @@ use kube::runtime::WatchStreamExt as _;
 use kube::runtime::watcher::{self, Event};
 
 use crate::config::{DirSource, Object};
-use crate::identity::ca_protocol::RemoteCluster;
+use crate::identity::ca_protocol::{MAX_KUBECONFIG, MAX_REMOTE_CLUSTERS, RemoteCluster};
+use crate::state::is_cluster_name;
 
 /// The label that makes a Secret a remote secret, and its value.
 pub const MULTI_CLUSTER_LABEL: (&str, &str) = ("istio/multiCluster", "true");
-/// The most clusters handed out; more is a misconfiguration, not a mesh.
-const MAX_CLUSTERS: usize = 64;
-/// The largest kubeconfig taken (a token and a CA are a few KiB).
-const MAX_KUBECONFIG: usize = 64 * 1024;
 
 /// Where remote secrets come from.
 pub enum RemoteSecrets {
@@ -89,7 +86,7 @@ impl RemoteSecrets {
                 out.entry(c.name.clone()).or_insert(c);
             }
         }
-        out.into_values().take(MAX_CLUSTERS).collect()
+        out.into_values().take(MAX_REMOTE_CLUSTERS).collect()
     }
 }
 
@@ -102,7 +99,7 @@ fn clusters_in(secret: &str, entries: impl Iterator<Item = (String, Vec<u8>)>) -
     let mut out = Vec::new();
     for (name, value) in entries {
         let skip = |why: &str| tracing::warn!(secret, key = %name, why, "remote secret entry skipped");
-        if !cluster_name(&name) {
+        if !is_cluster_name(&name) {
             skip("the key must name a cluster: lowercase letters, digits, '-' and '.'");
             continue;
         }
@@ -111,20 +108,16 @@ fn clusters_in(secret: &str, entries: impl Iterator<Item = (String, Vec<u8>)>) -
             continue;
         }
         match String::from_utf8(value) {
+            // YAML has no other control characters; without them JSON escapes a byte
+            // to at most two, which the agents' answer bound counts on.
+            Ok(k) if k.chars().any(|c| c.is_control() && !matches!(c, '\t' | '\n' | '\r')) => {
+                skip("the kubeconfig holds control characters");
+            }
             Ok(kubeconfig) => out.push(RemoteCluster { name, kubeconfig }),
             Err(_) => skip("the kubeconfig is not UTF-8"),
         }
     }
     out
-}
-
-/// A cluster name as a Secret key and a label value can carry it.
-pub fn cluster_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 63
-        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '.'))
-        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && name.ends_with(|c: char| c.is_ascii_alphanumeric())
 }
 
 /// Follows the labelled Secrets; a re-list replaces the set at its end.
@@ -177,10 +170,25 @@ mod tests {
             ("Cluster 3".to_string(), b"x".to_vec()),
             ("cluster4".to_string(), vec![0xff, 0xfe]),
             ("cluster5".to_string(), vec![b'a'; MAX_KUBECONFIG + 1]),
+            ("cluster6".to_string(), b"apiVersion: v1\x01".to_vec()),
         ];
         let got = clusters_in("istio-remote-secret-x", entries.into_iter());
         assert_eq!(got.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(), ["cluster2"]);
         // A kubeconfig holds a token: it is not in the Debug output.
         assert!(!format!("{got:?}").contains("apiVersion"));
+    }
+
+    #[test]
+    fn the_largest_answer_the_ca_can_give_fits_what_agents_read() {
+        // Every cluster at the longest name and the largest kubeconfig, all of it the
+        // characters JSON escapes.
+        let entries = (0..MAX_REMOTE_CLUSTERS + 3).map(|i| {
+            let name = format!("{i:02}{}", "c".repeat(61));
+            (name, "\"\n".repeat(MAX_KUBECONFIG / 2).into_bytes())
+        });
+        let mut clusters = clusters_in("s", entries);
+        clusters.truncate(MAX_REMOTE_CLUSTERS);
+        let answer = serde_json::to_vec(&clusters).unwrap();
+        assert!(answer.len() <= crate::identity::ca_protocol::MAX_REMOTE_CLUSTERS_ANSWER, "{}", answer.len());
     }
 }

@@ -28,7 +28,9 @@ pub enum Error {
     #[error("kubeconfig: {0}")]
     Kubeconfig(String),
     /// The cluster name cannot name a Secret.
-    #[error("--name {0:?}: lowercase letters, digits, '-' and '.', starting and ending with a letter or digit")]
+    #[error(
+        "--name {0:?}: lowercase letters, digits, '-' and '.', starting and ending with a letter or digit, at most 63"
+    )]
     BadName(String),
     /// An API call.
     #[error(transparent)]
@@ -111,7 +113,7 @@ impl Context {
 /// The remote secret for `context`'s cluster, named `cluster` for the clusters that
 /// apply it, as YAML. The reader account's token Secret is created if missing.
 pub async fn create(context: &Context, cluster: &str, namespace: &str) -> Result<String, Error> {
-    if !dns_subdomain(cluster) {
+    if !crate::state::is_cluster_name(cluster) {
         return Err(Error::BadName(cluster.into()));
     }
     let accounts: Api<ServiceAccount> = Api::namespaced(context.client.clone(), namespace);
@@ -184,13 +186,4 @@ async fn reader_token(client: &kube::Client, namespace: &str) -> Result<String, 
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-}
-
-/// A DNS subdomain as a Secret's name needs it (and a data key accepts).
-fn dns_subdomain(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 220
-        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '.'))
-        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && name.ends_with(|c: char| c.is_ascii_alphanumeric())
 }

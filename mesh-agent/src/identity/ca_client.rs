@@ -20,7 +20,8 @@ use super::{Error, Identity, PeerVerifier};
 
 /// How long one call to the CA may take, connection and TLS included.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
-/// The largest answer read from the CA: a chain of a few certificates.
+/// The largest certificate or trust-bundle answer read from the CA: a chain of a few
+/// certificates.
 const MAX_RESPONSE: usize = 256 * 1024;
 
 /// Where the CA is and how the agent proves who it is.
@@ -105,7 +106,7 @@ impl CaClient {
             builder = builder.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
         }
         let req = builder.body(Full::new(ca_protocol::frame(&request))).map_err(|e| ca_error(e.to_string()))?;
-        let (parts, body, trailers) = self.call(req).await?;
+        let (parts, body, trailers) = self.call(req, MAX_RESPONSE).await?;
         let status = trailers.as_ref().and_then(ca_protocol::read_status).or_else(|| ca_protocol::read_status(&parts));
         match status {
             Some(s) if s.code == ca_protocol::status::OK => {}
@@ -133,7 +134,7 @@ impl CaClient {
         let req = http::Request::get(format!("https://{}{}", self.server_name, ca_protocol::TRUST_BUNDLE))
             .body(Full::new(Bytes::new()))
             .map_err(|e| ca_error(e.to_string()))?;
-        let (parts, body, _) = self.call(req).await?;
+        let (parts, body, _) = self.call(req, MAX_RESPONSE).await?;
         if parts_status(&parts) != "200" {
             return Err(ca_error(format!("the CA answered HTTP {} for its trust bundle", parts_status(&parts))));
         }
@@ -147,7 +148,7 @@ impl CaClient {
             builder = builder.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
         }
         let req = builder.body(Full::new(Bytes::new())).map_err(|e| ca_error(e.to_string()))?;
-        let (parts, body, _) = self.call(req).await?;
+        let (parts, body, _) = self.call(req, ca_protocol::MAX_REMOTE_CLUSTERS_ANSWER).await?;
         if parts_status(&parts) != "200" {
             let why = String::from_utf8_lossy(&body[..body.len().min(200)]).trim().to_string();
             return Err(ca_error(format!(
@@ -169,8 +170,9 @@ impl CaClient {
     async fn call(
         &self,
         req: http::Request<Full<Bytes>>,
+        limit: usize,
     ) -> Result<(http::HeaderMap, Bytes, Option<http::HeaderMap>), Error> {
-        tokio::time::timeout(CALL_TIMEOUT, self.call_inner(req))
+        tokio::time::timeout(CALL_TIMEOUT, self.call_inner(req, limit))
             .await
             .map_err(|_| ca_error(format!("no answer from the CA at {} within {CALL_TIMEOUT:?}", self.address)))?
     }
@@ -178,6 +180,7 @@ impl CaClient {
     async fn call_inner(
         &self,
         req: http::Request<Full<Bytes>>,
+        limit: usize,
     ) -> Result<(http::HeaderMap, Bytes, Option<http::HeaderMap>), Error> {
         let unreachable = |e: &dyn std::fmt::Display| ca_error(format!("CA at {}: {e}", self.address));
         let tcp = tokio::net::TcpStream::connect(&self.address).await.map_err(|e| unreachable(&e))?;
@@ -200,7 +203,7 @@ impl CaClient {
         tokio::spawn(conn);
         let res = sender.send_request(req).await.map_err(|e| unreachable(&e))?;
         let (parts, body) = res.into_parts();
-        let collected = Limited::new(body, MAX_RESPONSE).collect().await.map_err(|e| unreachable(&e))?;
+        let collected = Limited::new(body, limit).collect().await.map_err(|e| unreachable(&e))?;
         let trailers = collected.trailers().cloned();
         let mut headers = parts.headers;
         headers.insert("x-mesh-http-status", http::HeaderValue::from(parts.status.as_u16()));

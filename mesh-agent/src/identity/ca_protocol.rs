@@ -18,6 +18,13 @@ pub const CREATE_CERTIFICATE: &str = "/istio.v1.auth.IstioCertificateService/Cre
 pub const TRUST_BUNDLE: &str = "/v1/trust-bundle";
 /// The kubeconfigs of the mesh's other clusters (from the remote secrets), for agents.
 pub const REMOTE_CLUSTERS: &str = "/v1/remote-clusters";
+/// The most clusters the CA hands out; more is a misconfiguration, not a mesh.
+pub const MAX_REMOTE_CLUSTERS: usize = 64;
+/// The largest kubeconfig the CA hands out (a token and a CA are a few KiB).
+pub const MAX_KUBECONFIG: usize = 64 * 1024;
+/// The largest remote-clusters answer: every cluster at the largest kubeconfig, each
+/// byte escaped at most to two in JSON, and the names and punctuation around it.
+pub const MAX_REMOTE_CLUSTERS_ANSWER: usize = MAX_REMOTE_CLUSTERS * (2 * MAX_KUBECONFIG + 512);
 /// The metadata key naming the identity asked for on a workload's behalf.
 pub const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
 /// The port istiod serves its CA on, and the mesh's CA service too.
