@@ -186,9 +186,25 @@ impl Cluster {
         let ranked: Vec<SocketAddr>;
         let pool: &[SocketAddr] = match priorities.filter(|p| p.len() == candidates.len()) {
             Some(ranks) => {
-                let rank = |a: &SocketAddr| candidates.iter().position(|c| c == a).map_or(u32::MAX, |i| ranks[i]);
-                let best = pool.iter().map(rank).min().unwrap_or(u32::MAX);
-                ranked = pool.iter().copied().filter(|a| rank(a) == best).collect();
+                // The pool is the candidates or an in-order part of them: one walk of
+                // both keeps the pool's members of the best rank.
+                let mut best_of_pool = Vec::with_capacity(pool.len());
+                let mut best = u32::MAX;
+                let mut next = pool.iter().peekable();
+                for (a, rank) in candidates.iter().zip(ranks) {
+                    if next.peek() != Some(&a) {
+                        continue;
+                    }
+                    next.next();
+                    if *rank < best {
+                        best = *rank;
+                        best_of_pool.clear();
+                    }
+                    if *rank == best {
+                        best_of_pool.push(*a);
+                    }
+                }
+                ranked = best_of_pool;
                 &ranked
             }
             None => pool,

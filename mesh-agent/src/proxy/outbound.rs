@@ -129,8 +129,10 @@ pub(super) async fn handle(
         }
         // A DestinationRule ranking the endpoints by locality (with outlier
         // detection) chooses under its policy, as for HTTP; otherwise round robin.
+        // Only a Service with rules is asked: the rest pay nothing per connection.
         None => match dialed_service.filter(|s| {
-            crate::traffic::policy::LocalityPolicy::applies(&snapshot.traffic_policy(&s.key(), None, orig.port()))
+            use crate::traffic::policy::LocalityPolicy;
+            routed && LocalityPolicy::applies(&snapshot.traffic_policy(&s.key(), None, orig.port()))
         }) {
             Some(service) => {
                 let whole = [crate::traffic::route::WeightedBackend::to(service.key())];
