@@ -6,7 +6,7 @@ pub mod gateway;
 mod gateway_status;
 mod handoff;
 mod pods;
-pub mod remote_clusters;
+mod remote_clusters;
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;

@@ -391,32 +391,26 @@ fn main() -> ExitCode {
             };
             // `--crds`: the CRDs alone, installed first; the rest with `meshctl install`.
             let objects = if crds { manifest::crd_objects(&values) } else { manifest::objects(&values) };
-            let rendered = || {
-                manifest::render_objects(&objects).map_err(|e| {
-                    eprintln!("meshctl: rendering manifests: {e}");
-                    ExitCode::FAILURE
-                })
-            };
-            if !yes && !dry_run && !std::io::stdout().is_terminal() {
-                let yaml = match rendered() {
+            // Printed instead of applied: asked for, or (Linkerd's way, for
+            // `| kubectl apply -f -`) no -y and no terminal to confirm at.
+            let piped = !yes && !std::io::stdout().is_terminal();
+            if dry_run || piped {
+                let yaml = match manifest::render_objects(&objects) {
                     Ok(y) => y,
-                    Err(code) => return code,
+                    Err(e) => {
+                        eprintln!("meshctl: rendering manifests: {e}");
+                        return ExitCode::FAILURE;
+                    }
                 };
                 print!("{yaml}");
-                eprintln!(
-                    "meshctl: printed the manifests for `| kubectl apply -f -` (standard output is not a terminal); \
-                     -y applies them itself"
-                );
-                return ExitCode::SUCCESS;
-            }
-            if dry_run {
-                let yaml = match rendered() {
-                    Ok(y) => y,
-                    Err(code) => return code,
-                };
-                print!("{yaml}");
-                let n = yaml.matches("\n---\n").count() + usize::from(yaml.starts_with("---"));
-                eprintln!("dry run: {n} objects would be applied");
+                if dry_run {
+                    eprintln!("dry run: {} objects would be applied", objects.len());
+                } else {
+                    eprintln!(
+                        "meshctl: printed the manifests for `| kubectl apply -f -` (standard output is not a \
+                         terminal); -y applies them itself"
+                    );
+                }
                 return ExitCode::SUCCESS;
             }
             if !confirmed(yes, &format!("This will install the mesh ({:?} profile) into the cluster.", values.profile))

@@ -132,21 +132,20 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
         (None, Some(file)) => Authenticator::from_token_file(file).map_err(Error::Settings)?,
         (None, None) => return Err(Error::Settings("--token-file is required with --config-source files".into())),
     };
-    let workloads = match (&client, &settings.source.config_dir) {
-        (Some(client), _) => NodeWorkloads::Kube(client.clone()),
-        (None, Some(dir)) => NodeWorkloads::Files(std::sync::Mutex::new(crate::config::DirSource::new(dir))),
-        (None, None) => return Err(Error::Settings("--config-dir is required with --config-source files".into())),
-    };
-    let remotes = match (&client, &settings.source.config_dir) {
+    // Pods and remote secrets come from the same place: the API server or the files.
+    let (workloads, remotes) = match (&client, &settings.source.config_dir) {
         (Some(client), _) => {
             let namespace = settings
                 .remote_secrets_namespace
                 .clone()
                 .or_else(|| secret.as_ref().map(|(ns, _)| ns.clone()))
                 .unwrap_or_else(|| "istio-system".into());
-            RemoteSecrets::follow(client.clone(), &namespace)
+            (NodeWorkloads::Kube(client.clone()), RemoteSecrets::follow(client.clone(), &namespace))
         }
-        (None, Some(dir)) => RemoteSecrets::Files(std::sync::Mutex::new(crate::config::DirSource::new(dir))),
+        (None, Some(dir)) => {
+            let files = || std::sync::Mutex::new(crate::config::DirSource::new(dir));
+            (NodeWorkloads::Files(files()), RemoteSecrets::Files(files()))
+        }
         (None, None) => return Err(Error::Settings("--config-dir is required with --config-source files".into())),
     };
     let state = Arc::new(State {
