@@ -12,6 +12,7 @@
 //!
 //! [`Dialer`]: crate::transport::Dialer
 
+mod east_west;
 mod listener;
 pub mod tls;
 
@@ -58,6 +59,8 @@ struct PlannedServer {
     passthrough: bool,
     /// TCP: bytes routed by VirtualService `tcp:` rules.
     opaque: bool,
+    /// HBONE: the outer tunnel of double HBONE ends here (an east-west gateway).
+    east_west: bool,
 }
 
 /// What one port serves, swapped whole on each change.
@@ -216,6 +219,9 @@ impl Gateway {
         let number = u16::try_from(port.number).map_err(|_| format!("port {} is not a port number", port.number))?;
         let hosts: Vec<String> =
             server.hosts.iter().map(|h| h.split_once('/').map_or(h.as_str(), |(_, h)| h).to_string()).collect();
+        if port.protocol.eq_ignore_ascii_case("HBONE") {
+            return self.plan_east_west(gateway, server, number, hosts, own);
+        }
         let mut passthrough = false;
         let opaque = port.is_opaque() && server.tls.is_none();
         let tls = match (&server.tls, port.is_tls(), port.is_plain_http()) {
@@ -250,7 +256,32 @@ impl Gateway {
                 return Err(format!("protocol {}{mode} is not served by this gateway yet", port.protocol));
             }
         };
-        Ok((number, PlannedServer { gateway: gateway.into(), hosts, tls, passthrough, opaque }))
+        Ok((number, PlannedServer { gateway: gateway.into(), hosts, tls, passthrough, opaque, east_west: false }))
+    }
+
+    /// An HBONE server (Istio ambient's east-west gateway): the mesh's own mutual TLS
+    /// and HTTP/2, whatever `tls` says short of another mode.
+    fn plan_east_west(
+        &self,
+        gateway: &str,
+        server: &Server,
+        number: u16,
+        hosts: Vec<String>,
+        own: &crate::identity::Identity,
+    ) -> Result<(u16, PlannedServer), String> {
+        if let Some(tls) = server.tls.as_ref().filter(|t| t.mode != TlsMode::IstioMutual) {
+            return Err(format!(
+                "protocol HBONE ends the mesh's own mutual TLS (ISTIO_MUTUAL); tls mode {:?} is not served",
+                tls.mode
+            ));
+        }
+        let dialer = &self.ctx.l7.dialer;
+        let config = crate::identity::server_config(dialer.certs.clone(), own.clone(), &dialer.verifier)
+            .map_err(|e| e.to_string())?;
+        let tls = Some(Terminated { config, client_names: Vec::new(), mesh: true });
+        let planned =
+            PlannedServer { gateway: gateway.into(), hosts, tls, passthrough: false, opaque: false, east_west: true };
+        Ok((number, planned))
     }
 
     async fn start_port(&self, plan: PortPlan) -> std::io::Result<RunningPort> {

@@ -8,6 +8,8 @@
 
 mod compile;
 pub use compile::LINKERD_INJECT;
+mod network_gateway;
+pub use network_gateway::{NetworkGateway, Reach};
 mod remote;
 
 // Policy semantics judged on compiled snapshots (the seed policies, evaluation order,
@@ -78,6 +80,10 @@ pub struct Snapshot {
     /// The status each Gateway API object the mesh controls should carry (written back
     /// by the gateways in cluster mode).
     pub gateway_api_status: Arc<Vec<crate::config::gateway_api::translate::ObjectStatus>>,
+    /// The network this cluster's pods are on (empty: none named).
+    pub network: String,
+    /// The east-west gateway of each other network, by network name.
+    pub network_gateways: std::collections::BTreeMap<String, NetworkGateway>,
     /// Monotonic version, for logs and the config dump.
     pub version: u64,
     /// SHA-256 (hex, first 16 digits) of the objects in force: agents that read the same
@@ -102,6 +108,14 @@ impl Snapshot {
     /// plaintext, as Istio's auto-mTLS does).
     pub fn tunnels_to(&self, w: &Workload, port: u16) -> bool {
         w.enrolled && self.security(&w.key()).mtls.mode(port) != authz::mtls::Mode::Disable
+    }
+
+    /// How `w`'s addresses are reached from this cluster's network.
+    pub fn reach(&self, w: &Workload) -> Reach<'_> {
+        if self.network.is_empty() || w.network.is_empty() || w.network == self.network {
+            return Reach::Direct;
+        }
+        self.network_gateways.get(&w.network).map_or(Reach::Unreachable, Reach::Via)
     }
 
     /// The security settings of workload `key` (`namespace/name`).

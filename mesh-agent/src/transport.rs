@@ -10,6 +10,7 @@
 pub mod accept;
 mod connect;
 pub mod copy;
+mod double;
 pub mod inherited;
 pub mod limits;
 pub mod linger;
@@ -74,6 +75,14 @@ pub enum Error {
         addr: SocketAddr,
         /// The error.
         source: hyper::Error,
+    },
+    /// The destination is on another network, and no east-west gateway leads there.
+    #[error("{target} is on network {network}, which no east-west gateway leads to")]
+    NoRoute {
+        /// The destination.
+        target: SocketAddr,
+        /// Its network.
+        network: String,
     },
     /// The peer agent refused the CONNECT.
     #[error("HBONE to {addr}: CONNECT {target} answered {status}")]

@@ -31,6 +31,11 @@ pub const GROUP: &str = "gateway.networking.k8s.io";
 pub const CONTROLLER_NAME: &str = "istio.io/gateway-controller";
 /// The class Istio installs, served even when no GatewayClass object names it.
 pub const DEFAULT_CLASS: &str = "istio";
+/// The class of Istio ambient's east-west gateways (an `HBONE` listener ending the
+/// outer tunnel of double HBONE), served as Istio installs it.
+pub const EAST_WEST_CLASS: &str = "istio-east-west";
+/// The listener protocol of an east-west gateway's port.
+pub const HBONE_PROTOCOL: &str = "HBONE";
 /// The label a Gateway's own deployment carries (Istio's automated deployment).
 pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
 
@@ -113,6 +118,10 @@ pub struct ListenerTls {
     /// The certificate: a `kubernetes.io/tls` Secret.
     #[serde(default)]
     pub certificate_refs: Vec<ObjectReference>,
+    /// Implementation options (`gateway.istio.io/tls-terminate-mode: ISTIO_MUTUAL` on
+    /// an HBONE listener, which is what it does whatever is said).
+    #[serde(default)]
+    pub options: std::collections::BTreeMap<String, String>,
 }
 
 /// A reference to another object.
@@ -598,7 +607,21 @@ impl Listener {
             ("HTTPS" | "TLS", None) => {
                 Err((format!("{at}.tls"), format!("a {} listener needs its tls settings", self.protocol)))
             }
-            ("HTTP" | "TCP" | "UDP", None) => Ok(()),
+            ("HTTP" | "TCP" | "UDP" | HBONE_PROTOCOL, None) => Ok(()),
+            (HBONE_PROTOCOL, Some(tls)) => match tls.mode.as_deref().unwrap_or("Terminate") {
+                "Terminate" => match tls.options.get("gateway.istio.io/tls-terminate-mode").map(String::as_str) {
+                    None | Some("ISTIO_MUTUAL") => Ok(()),
+                    Some(other) => Err((
+                        format!("{at}.tls.options"),
+                        format!(
+                            "an HBONE listener ends the mesh's mutual TLS: tls-terminate-mode {other:?} is not ISTIO_MUTUAL"
+                        ),
+                    )),
+                },
+                other => {
+                    Err((format!("{at}.tls.mode"), format!("an HBONE listener terminates; {other:?} is not Terminate")))
+                }
+            },
             ("HTTPS" | "TLS", Some(tls)) => {
                 let mode = tls.mode.as_deref().unwrap_or("Terminate");
                 match mode {
@@ -612,7 +635,9 @@ impl Listener {
                     other => Err((format!("{at}.tls.mode"), format!("{other:?} is not Terminate or Passthrough"))),
                 }
             }
-            (other, _) => Err((format!("{at}.protocol"), format!("{other:?} is not HTTP, HTTPS, TLS, TCP or UDP"))),
+            (other, _) => {
+                Err((format!("{at}.protocol"), format!("{other:?} is not HTTP, HTTPS, TLS, TCP, UDP or HBONE")))
+            }
         }?;
         if let Some(ns) = self.allowed_routes.as_ref().and_then(|a| a.namespaces.as_ref()) {
             match (ns.from.as_deref().unwrap_or("Same"), &ns.selector) {

@@ -380,6 +380,43 @@ pub struct Service {
     pub metadata: ObjectMeta,
     /// Spec.
     pub spec: ServiceSpec,
+    /// Status: the load balancer's addresses.
+    #[serde(default)]
+    pub status: ServiceStatus,
+}
+
+/// `Service.status`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceStatus {
+    /// The load balancer in front of a `LoadBalancer` Service.
+    #[serde(default)]
+    pub load_balancer: LoadBalancerStatus,
+}
+
+/// `Service.status.loadBalancer`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct LoadBalancerStatus {
+    /// Its addresses.
+    #[serde(default)]
+    pub ingress: Vec<LoadBalancerIngress>,
+}
+
+/// `Service.status.loadBalancer.ingress[]`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct LoadBalancerIngress {
+    /// An IP address (a hostname-only ingress has none).
+    #[serde(default)]
+    pub ip: Option<String>,
+}
+
+impl Service {
+    /// The addresses the Service is reached at from outside its cluster: the load
+    /// balancer's, then `spec.externalIPs`; the ones that do not parse are skipped.
+    pub fn external_addresses(&self) -> Vec<IpAddr> {
+        let lb = self.status.load_balancer.ingress.iter().filter_map(|i| i.ip.as_deref());
+        lb.chain(self.spec.external_ips.iter().map(String::as_str)).filter_map(|a| a.parse().ok()).collect()
+    }
 }
 
 /// `Service.spec`.
@@ -398,6 +435,9 @@ pub struct ServiceSpec {
     /// All virtual IPs (dual stack).
     #[serde(default, rename = "clusterIPs")]
     pub cluster_ips: Vec<String>,
+    /// Addresses outside the cluster that route to the Service.
+    #[serde(default, rename = "externalIPs")]
+    pub external_ips: Vec<String>,
 }
 
 /// `Service.spec.ports[]`.

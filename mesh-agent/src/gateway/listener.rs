@@ -56,6 +56,9 @@ fn admits_bytes(ctx: &GatewayContext, plan: &PortPlan, peer: SocketAddr, local: 
 }
 
 async fn handle(ctx: GatewayContext, stream: TcpStream, peer: SocketAddr, plan: Arc<PortPlan>) {
+    if plan.servers.iter().any(|s| s.east_west) {
+        return super::east_west::serve(ctx, stream, peer, plan).await;
+    }
     let Ok(local) = stream.local_addr() else { return };
     if plan.servers.iter().any(|s| s.opaque) {
         let snap = ctx.l7.snapshot.load_full();

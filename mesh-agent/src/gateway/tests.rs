@@ -21,6 +21,7 @@ use super::{Gateway, GatewayContext};
 use crate::config::parse_documents;
 use crate::proxy::tests::{APPS, Mesh, SUBSETS, TestCa, config, served_by, tls_app};
 use crate::snapshot::Snapshot;
+use crate::state::MeshScope;
 use crate::transport::limits::ConnLimits;
 
 const HTTP: u16 = 8080;
@@ -947,4 +948,172 @@ async fn istio_mutual_serves_no_request_past_the_clients_certificate() {
     let left = not_after.duration_since(std::time::SystemTime::now()).unwrap_or_default();
     tokio::time::sleep(left + Duration::from_millis(100)).await;
     assert_eq!(h2.send_request(get()).await.unwrap().status(), 401, "expired: refused on the same connection");
+}
+
+/// Two networks on loopback: `client` and `other` on network1, `web` on network2 behind
+/// network2's east-west gateway (Istio ambient's `istio-east-west` Gateway and its
+/// Service), which only lets `sleep` reach it.
+fn two_networks(net: u8) -> String {
+    format!(
+        r#"
+apiVersion: v1
+kind: Namespace
+metadata: {{name: shop, labels: {{istio.io/dataplane-mode: ambient}}}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: client, namespace: shop, labels: {{app: client, topology.istio.io/network: network1}}}}
+spec: {{serviceAccountName: sleep, nodeName: node1}}
+status: {{podIP: 127.{net}.0.10}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: other, namespace: shop, labels: {{app: other, topology.istio.io/network: network1}}}}
+spec: {{serviceAccountName: other, nodeName: node1}}
+status: {{podIP: 127.{net}.0.11}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: web, namespace: shop, labels: {{app: web, topology.istio.io/network: network2}}}}
+spec: {{serviceAccountName: web, nodeName: node2}}
+status: {{podIP: 127.{net}.0.20}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: shop}}
+spec: {{selector: {{app: web}}, clusterIP: 10.96.{net}.10, ports: [{{name: http, port: 80, targetPort: 8080}}]}}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: web-from-sleep, namespace: shop}}
+spec:
+  selector: {{matchLabels: {{app: web}}}}
+  action: ALLOW
+  rules: [{{from: [{{source: {{principals: [cluster.local/ns/shop/sa/sleep]}}}}]}}]
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: eastwest
+  namespace: istio-system
+  labels: {{gateway.networking.k8s.io/gateway-name: istio-eastwestgateway, topology.istio.io/network: network2}}
+spec: {{serviceAccountName: istio-eastwestgateway, nodeName: node2}}
+status: {{podIP: 127.{net}.0.50}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: istio-eastwestgateway, namespace: istio-system, labels: {{topology.istio.io/network: network2}}}}
+spec:
+  selector: {{gateway.networking.k8s.io/gateway-name: istio-eastwestgateway}}
+  ports: [{{name: mesh, port: 15008}}]
+  externalIPs: [127.{net}.0.50]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: istio-eastwestgateway, namespace: istio-system, labels: {{topology.istio.io/network: network2}}}}
+spec:
+  gatewayClassName: istio-east-west
+  listeners:
+  - name: mesh
+    port: 15008
+    protocol: HBONE
+    tls:
+      mode: Terminate
+      options: {{gateway.istio.io/tls-terminate-mode: ISTIO_MUTUAL}}
+"#
+    )
+}
+
+/// The mesh of [`two_networks`] as seen from network1, and network2's east-west
+/// gateway serving from its own view of it.
+async fn across_networks(net: u8) -> (Mesh, Gateway) {
+    let yaml = two_networks(net);
+    let mesh = Mesh::start(&yaml, &[("web", 8080)]).await;
+    let scope = |network: &str| MeshScope { network: network.into(), ..MeshScope::new("cluster.local") };
+    mesh.reconfigure(&yaml, &scope("network1"));
+    let objects = parse_documents(Path::new("east-west.yaml"), &yaml).unwrap();
+    let seen_from_network2 = Snapshot::compile_in(&objects, &scope("network2"), 1);
+    mesh.ctx.dialer.certs.set_local(seen_from_network2.workloads.iter().map(|w| w.identity.clone()));
+    let mut l7 = mesh.ctx.l7_context();
+    l7.snapshot = Arc::new(arc_swap::ArcSwap::from_pointee(seen_from_network2));
+    let ctx = GatewayContext {
+        l7,
+        netns: mesh.netns.clone(),
+        limits: Arc::new(ConnLimits::new(64, 256)),
+        tasks: Default::default(),
+        tcp_idle_timeout: Duration::from_secs(60),
+    };
+    let mut gateway = Gateway::new(ctx, "istio-system/eastwest".into(), IpAddr::from([127, net, 0, 50]));
+    let snap = gateway.ctx.l7.snapshot.load_full();
+    assert_eq!(gateway.apply(&snap, &Secrets::default()).await, Vec::<String>::new());
+    assert_eq!(gateway.ports(), vec![15008]);
+    (mesh, gateway)
+}
+
+#[tokio::test]
+async fn a_pod_on_another_network_is_reached_through_its_east_west_gateway_as_the_client() {
+    let (mesh, _gateway) = across_networks(60).await;
+    let snap = mesh.ctx.snapshot.load_full();
+    let web = snap.workloads.iter().find(|w| w.name == "web").unwrap();
+    assert!(
+        matches!(snap.reach(web), crate::snapshot::Reach::Via(gw) if gw.addr.to_string() == "127.60.0.50:15008"),
+        "network2's pod is reached through its gateway: {:?}",
+        snap.reach(web)
+    );
+    let vip = SocketAddr::from(([10, 96, 60, 10], 80));
+    for _ in 0..3 {
+        let res = send(mesh.dial("client", vip).await, get("/", "web")).await.unwrap();
+        assert_eq!(served_by(&res), "web");
+    }
+    let metrics = mesh.metrics();
+    let through_gateway = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("tcp_connections_opened_total")
+                && l.contains(r#"source_workload="eastwest""#)
+                && l.contains(r#"destination_workload="web""#)
+        })
+        .unwrap_or_else(|| panic!("the gateway carried the streams:\n{metrics}"));
+    assert!(through_gateway.ends_with(" 3"), "{through_gateway}");
+    // The pod's agent judged the client's own identity through both tunnels: sleep
+    // is allowed, other is not (the gateway's identity would be neither).
+    let refused = send(mesh.dial("other", vip).await, get("/", "web")).await;
+    assert!(refused.is_err(), "other's connection is refused at web: {refused:?}");
+}
+
+#[tokio::test]
+async fn the_east_west_gateway_reaches_only_the_hbone_port_of_its_own_networks_mesh_pods() {
+    let (mesh, gateway) = across_networks(61).await;
+    let snap = mesh.ctx.snapshot.load_full();
+    let client = snap.workloads.iter().find(|w| w.name == "client").unwrap().clone();
+    let gw = snap.network_gateways["network2"].clone();
+    let dialer = &mesh.ctx.dialer;
+    let through = |target: &str| {
+        let (client, gw, target) = (client.clone(), gw.clone(), target.parse::<SocketAddr>().unwrap());
+        let netns = mesh.netns.clone();
+        async move { dialer.pool.connect_through(dialer, &client, &netns, (&gw.identity, gw.addr), target).await }
+    };
+    assert!(through("127.61.0.20:8080").await.is_ok(), "web, on network2: carried");
+    for (target, why) in [
+        ("127.61.0.11:8080", "other is on network1, not the gateway's"),
+        ("127.61.0.99:8080", "no pod has this address"),
+        ("127.61.0.20:15008", "a port of the mesh's own"),
+        ("127.61.0.50:8080", "the gateway itself is no mesh pod"),
+    ] {
+        match through(target).await {
+            Err(crate::transport::Error::Refused { status, .. }) => assert_eq!(status, 403, "{target}: {why}"),
+            other => panic!("{target} ({why}) is refused with 403: {other:?}"),
+        }
+    }
+    // A client without a mesh certificate gets no stream at all.
+    let tls = connect(SocketAddr::new(gateway_ip(&gateway), 15008), "gw", TestCa::new().roots(), None).await;
+    let refused = match tls {
+        Ok(tls) => send(tls, get("/", "gw")).await.is_err(),
+        Err(_) => true,
+    };
+    assert!(refused, "no TLS session without a client certificate");
+}
+
+fn gateway_ip(gateway: &Gateway) -> IpAddr {
+    gateway.bind
 }

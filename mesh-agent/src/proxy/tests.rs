@@ -183,7 +183,7 @@ impl Mesh {
     }
 
     /// Compiles `yaml` again under `mesh`, as a config change does.
-    fn reconfigure(&self, yaml: &str, mesh: &MeshScope) {
+    pub(crate) fn reconfigure(&self, yaml: &str, mesh: &MeshScope) {
         let objects = parse_documents(Path::new("test.yaml"), yaml).expect("test config parses");
         let snapshot = Arc::new(Snapshot::compile_in(&objects, mesh, 2));
         self.ctx.l7.round_robin.fit(&snapshot);

@@ -93,14 +93,17 @@ impl Snapshot {
             enrolled_ns: namespaces.iter().filter(|(_, m)| m.enrolled).map(|(n, _)| n.clone()).collect(),
             ..Default::default()
         };
-        // Pods whose addresses this cluster's network does not reach: no Service sends
-        // them traffic (Istio reaches them through their network's east-west gateway,
-        // which this mesh does not have yet).
+        snap.network = mesh.network.clone();
+        snap.find_network_gateways(objects, &namespaces, remotes, mesh);
+        // Pods whose addresses this cluster's network does not reach, and no east-west
+        // gateway leads to: no Service sends them traffic.
         let mut off_network: HashSet<IpAddr> = HashSet::new();
         for o in objects {
             if let Object::Pod(pod) = o {
                 let w = Arc::new(workload(pod, mesh, &namespaces, &Origin::local(mesh)));
-                if let Some(network) = other_network(&w.network, mesh) {
+                if let Some(network) =
+                    other_network(&w.network, mesh).filter(|n| !snap.network_gateways.contains_key(*n))
+                {
                     off_network.extend(&w.ips);
                     snap.problems.push(Problem::new(
                         "MESH0111",
@@ -157,6 +160,33 @@ impl Snapshot {
         snap.compile_security(objects, mesh);
         snap.compile_telemetry(objects, &mesh.root_namespace);
         snap
+    }
+
+    /// The east-west gateways of the other networks, from this cluster's objects first,
+    /// then the remote clusters' in order: the first one found for a network is its.
+    fn find_network_gateways(
+        &mut self,
+        objects: &[Object],
+        namespaces: &HashMap<String, NamespaceModes>,
+        remotes: &[RemoteObjects],
+        mesh: &MeshScope,
+    ) {
+        let mut found = super::network_gateway::discover(objects, namespaces, mesh, &Origin::local(mesh));
+        for remote in remotes {
+            let namespaces = namespace_modes(&remote.objects);
+            let network = super::remote::cluster_network(&namespaces, mesh).to_string();
+            let origin = Origin { cluster: &remote.cluster, network: &network };
+            let (gateways, problems) = super::network_gateway::discover(&remote.objects, &namespaces, mesh, &origin);
+            found.0.extend(gateways);
+            found.1.extend(problems);
+        }
+        let (gateways, problems) = found;
+        self.problems.extend(problems);
+        for gw in gateways {
+            if other_network(&gw.network, mesh).is_some() {
+                self.network_gateways.entry(gw.network.clone()).or_insert(gw);
+            }
+        }
     }
 
     /// Telemetry objects, per workload: for each of metrics, access logging and tracing,

@@ -14,20 +14,23 @@ use std::sync::Arc;
 
 use super::Snapshot;
 use super::compile::{
-    Origin, ServiceDraft, ServiceDrafts, namespace_modes, other_network, selected_endpoints, slice_endpoints,
-    slices_by_service, workload,
+    NamespaceModes, Origin, ServiceDraft, ServiceDrafts, namespace_modes, other_network, selected_endpoints,
+    slice_endpoints, slices_by_service, workload,
 };
 use crate::config::{Object, RemoteObjects};
 use crate::state::{MeshScope, Problem, Workload};
+
+/// Istio's convention: the network of a cluster is the label on its system namespace
+/// (a namespace's or a pod's own label says otherwise); empty when it names none.
+pub(super) fn cluster_network<'a>(namespaces: &'a HashMap<String, NamespaceModes>, mesh: &MeshScope) -> &'a str {
+    namespaces.get(&mesh.root_namespace).and_then(|ns| ns.network.as_deref()).unwrap_or("")
+}
 
 impl Snapshot {
     /// Adds `remote`'s pods as workloads and its Services' endpoints to `drafts`.
     pub(super) fn merge_remote(&mut self, remote: &RemoteObjects, mesh: &MeshScope, drafts: &mut ServiceDrafts) {
         let namespaces = namespace_modes(&remote.objects);
-        // Istio's convention: the network of a cluster is the label on its system
-        // namespace; a namespace's or a pod's own label says otherwise.
-        let cluster_network = namespaces.get(&mesh.root_namespace).and_then(|ns| ns.network.as_deref());
-        let origin = Origin { cluster: &remote.cluster, network: cluster_network.unwrap_or("") };
+        let origin = Origin { cluster: &remote.cluster, network: cluster_network(&namespaces, mesh) };
         let mut by_ip: HashMap<IpAddr, Arc<Workload>> = HashMap::new();
         let mut workloads = Vec::new();
         // Addresses of pods on another network: no Service of this cluster's reaches
@@ -41,7 +44,7 @@ impl Snapshot {
                 continue;
             }
             let mut w = workload(pod, mesh, &namespaces, &origin);
-            if let Some(network) = other_network(&w.network, mesh) {
+            if let Some(network) = other_network(&w.network, mesh).filter(|n| !self.network_gateways.contains_key(*n)) {
                 off_network.extend(&w.ips);
                 elsewhere.push((w.key(), network.to_string()));
                 continue;
@@ -70,7 +73,8 @@ impl Snapshot {
                 ),
             ));
         }
-        let cluster_reachable = other_network(origin.network, mesh).is_none();
+        let cluster_reachable =
+            other_network(origin.network, mesh).is_none_or(|n| self.network_gateways.contains_key(n));
         let slices = slices_by_service(&remote.objects);
         for o in &remote.objects {
             let Object::Service(svc) = o else { continue };
@@ -111,6 +115,7 @@ mod tests {
 
     use super::*;
     use crate::config::parse_documents;
+    use crate::snapshot::Reach;
 
     const LOCAL: &str = r#"
 apiVersion: v1
@@ -282,6 +287,61 @@ endpoints:
         let network1 = network2.replace("network2", "network1");
         let s = compile(&[cluster2(&network1)], "network1");
         assert_eq!(endpoint_clusters(&s, "production/db"), [("10.20.1.3".to_string(), "cluster2".to_string())]);
+    }
+
+    /// Cluster2 on network2, with its east-west gateway's Service as `gateway` says.
+    fn behind_a_gateway(gateway: &str) -> RemoteObjects {
+        cluster2(&format!(
+            r#"
+---
+apiVersion: v1
+kind: Namespace
+metadata: {{name: istio-system, labels: {{topology.istio.io/network: network2}}}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: eastwest-1, namespace: istio-system, labels: {{istio: eastwestgateway}}}}
+spec: {{serviceAccountName: istio-eastwestgateway, nodeName: node9}}
+status: {{podIP: 10.20.9.9}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: istio-eastwestgateway, namespace: istio-system, labels: {{topology.istio.io/network: network2}}}}
+{gateway}
+"#
+        ))
+    }
+
+    #[test]
+    fn another_networks_pods_are_reached_through_its_east_west_gateway() {
+        let gateway = "spec: {selector: {istio: eastwestgateway}, ports: [{name: mesh, port: 15008}]}\n\
+                       status: {loadBalancer: {ingress: [{ip: 192.0.2.8}]}}";
+        let s = compile(&[behind_a_gateway(gateway)], "network1");
+        let gw = &s.network_gateways["network2"];
+        assert_eq!(gw.addr.to_string(), "192.0.2.8:15008");
+        assert_eq!(gw.identity.to_string(), "spiffe://cluster.local/ns/istio-system/sa/istio-eastwestgateway");
+        assert_eq!(gw.cluster, "cluster2");
+        assert_eq!(endpoint_clusters(&s, "production/db"), [("10.20.1.3".to_string(), "cluster2".to_string())]);
+        let db = s.workloads.iter().find(|w| w.ips.contains(&"10.20.1.3".parse().unwrap())).unwrap();
+        assert_eq!(s.reach(db), Reach::Via(gw));
+        assert!(s.problems.iter().all(|p| p.code != "MESH0112"), "{:?}", s.problems);
+        // This cluster's own pods are reached directly.
+        let local = s.workloads.iter().find(|w| w.name == "myapp-v1").unwrap();
+        assert_eq!(s.reach(local), Reach::Direct);
+    }
+
+    #[test]
+    fn a_gateway_without_an_address_or_one_identity_is_not_used_and_the_snapshot_says_why() {
+        for (gateway, why) in [
+            ("spec: {selector: {istio: eastwestgateway}, ports: [{port: 15008}]}", "no address"),
+            ("spec: {selector: {istio: nothing}, ports: [{port: 15008}], externalIPs: [192.0.2.8]}", "selects no pod"),
+        ] {
+            let s = compile(&[behind_a_gateway(gateway)], "network1");
+            assert!(s.network_gateways.is_empty(), "{why}");
+            assert!(endpoint_clusters(&s, "production/db").is_empty(), "{why}: network2's pods stay unreachable");
+            let problem = s.problems.iter().find(|p| p.code == "MESH0113").unwrap_or_else(|| panic!("{why}"));
+            assert!(problem.to_string().contains(why), "{problem}");
+        }
     }
 
     #[test]

@@ -14,7 +14,7 @@ use super::pool::{Pool, Tunnel};
 use super::{Error, sockets};
 use crate::dataplane::Netns;
 use crate::identity::{CertStore, PeerVerifier};
-use crate::snapshot::Snapshot;
+use crate::snapshot::{Reach, Snapshot};
 use crate::state::Workload;
 use crate::traffic::external::ExternalTarget;
 
@@ -57,9 +57,13 @@ impl Dialer {
         timeout: Duration,
     ) -> Result<Upstream, Error> {
         match dest {
-            Some(dest) if snapshot.tunnels_to(dest, addr.port()) => {
-                Ok(Upstream::Tunnel(self.pool.connect(self, source, netns, dest, addr).await?))
-            }
+            Some(dest) if snapshot.tunnels_to(dest, addr.port()) => match snapshot.reach(dest) {
+                Reach::Direct => Ok(Upstream::Tunnel(self.pool.connect(self, source, netns, dest, addr).await?)),
+                Reach::Via(gateway) => {
+                    Ok(Upstream::Tunnel(super::double::connect(self, source, netns, gateway, dest, addr).await?))
+                }
+                Reach::Unreachable => Err(Error::NoRoute { target: addr, network: dest.network.clone() }),
+            },
             _ => Ok(Upstream::Plain(sockets::connect_in(netns, addr, self.bypass_mark, timeout).await?)),
         }
     }

@@ -131,9 +131,18 @@ impl Drop for StreamSlot {
 #[derive(Debug)]
 pub struct Tunnel {
     io: TokioIo<hyper::upgrade::Upgraded>,
-    _slot: StreamSlot,
+    /// The pooled connection's slot; none for a stream on a connection of its own
+    /// (which lives as long as its one stream).
+    _slot: Option<StreamSlot>,
     /// The workload address the CONNECT asked for.
     pub target: SocketAddr,
+}
+
+impl Tunnel {
+    /// The one stream of a connection opened for it alone.
+    pub(super) fn on_own_connection(upgraded: hyper::upgrade::Upgraded, target: SocketAddr) -> Self {
+        Self { io: TokioIo::new(upgraded), _slot: None, target }
+    }
 }
 
 impl AsyncRead for Tunnel {
@@ -206,15 +215,26 @@ impl Pool {
         dest: &Workload,
         target: SocketAddr,
     ) -> Result<Tunnel, Error> {
+        let hbone = SocketAddr::new(target.ip(), ports::INBOUND_HBONE);
+        self.connect_through(dialer, source, netns, (&dest.identity, hbone), target).await
+    }
+
+    /// Opens a CONNECT stream to `target` on a pooled HTTP/2 connection to the HBONE
+    /// server at `hbone`, authenticated as `identity`: the target's own agent, or a
+    /// network's east-west gateway that carries the stream on to it.
+    pub async fn connect_through(
+        &self,
+        dialer: &Dialer,
+        source: &Workload,
+        netns: &Netns,
+        (identity, hbone): (&Identity, SocketAddr),
+        target: SocketAddr,
+    ) -> Result<Tunnel, Error> {
         // The stream goes out under the source's certificate: without a valid one (never
         // issued, or expired while the CA was unreachable) no stream opens, not even on a
         // connection made while it was valid.
         dialer.certs.get(&source.identity)?;
-        let key = Key {
-            source_pod: source.key(),
-            destination: dest.identity.clone(),
-            addr: SocketAddr::new(target.ip(), ports::INBOUND_HBONE),
-        };
+        let key = Key { source_pod: source.key(), destination: identity.clone(), addr: hbone };
         if let Some((pooled, slot)) = self.reserve(&key) {
             match self.open(&pooled, slot, &key, target).await {
                 Err(Error::Http { source, .. }) if never_reached_the_peer(&source) => {
@@ -278,31 +298,12 @@ impl Pool {
 
     /// One CONNECT stream to `target` on `pooled`.
     async fn open(&self, pooled: &Pooled, slot: StreamSlot, key: &Key, target: SocketAddr) -> Result<Tunnel, Error> {
-        let mut sender = pooled.sender.clone();
-        sender.ready().await.map_err(|source| Error::Http { addr: key.addr, source })?;
-        let req = Request::builder()
-            .method(Method::CONNECT)
-            .uri(target.to_string())
-            .body(Empty::new())
-            .expect("CONNECT request from a socket address is always valid");
-        let res = match tokio::time::timeout(limits::CONNECT_RESPONSE_TIMEOUT, sender.send_request(req)).await {
-            Ok(r) => r.map_err(|source| {
+        let upgraded = request_stream(pooled.sender.clone(), key.addr, target).await.inspect_err(|e| {
+            if matches!(e, Error::Http { .. }) {
                 self.forget_closed(key);
-                Error::Http { addr: key.addr, source }
-            })?,
-            Err(_) => {
-                return Err(Error::Timeout {
-                    what: "CONNECT answer from",
-                    addr: key.addr,
-                    after: limits::CONNECT_RESPONSE_TIMEOUT,
-                });
             }
-        };
-        if res.status() != StatusCode::OK {
-            return Err(Error::Refused { addr: key.addr, target, status: res.status() });
-        }
-        let upgraded = hyper::upgrade::on(res).await.map_err(|source| Error::Http { addr: key.addr, source })?;
-        Ok(Tunnel { io: TokioIo::new(upgraded), _slot: slot, target })
+        })?;
+        Ok(Tunnel { io: TokioIo::new(upgraded), _slot: Some(slot), target })
     }
 
     /// Takes every connection to `ips` out of the pool (new streams open new ones): a
@@ -353,35 +354,9 @@ impl Pool {
     }
 
     async fn dial(&self, dialer: &Dialer, source: &Workload, netns: &Netns, key: &Key) -> Result<Pooled, Error> {
-        let tls = crate::identity::client_config(
-            dialer.certs.clone(),
-            source.identity.clone(),
-            key.destination.clone(),
-            &dialer.verifier,
-        )?;
         let tcp = sockets::connect_in(netns, key.addr, dialer.bypass_mark, CONNECT_TIMEOUT).await?;
-        // The server name is not used for verification (the SPIFFE identity is); it only
-        // fills SNI, so an IP address (which rustls does not send as SNI) is enough.
-        let name = ServerName::IpAddress(key.addr.ip().into());
-        let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsConnector::from(tls).connect(name, tcp)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(source)) => return Err(Error::Tls { addr: key.addr, source }),
-            Err(_) => {
-                return Err(Error::Timeout { what: "TLS handshake with", addr: key.addr, after: HANDSHAKE_TIMEOUT });
-            }
-        };
-        let peer_not_after = stream
-            .get_ref()
-            .1
-            .peer_certificates()
-            .and_then(|chain| chain.first())
-            .and_then(crate::identity::cert_not_after)
-            // Verified, so it parses; were it not, the connection would take no stream.
-            .unwrap_or(SystemTime::UNIX_EPOCH);
-        let (sender, conn) = limits::h2_client()
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|source| Error::Http { addr: key.addr, source })?;
+        let (sender, conn, peer_not_after) =
+            handshake(dialer, &source.identity, &key.destination, key.addr, tcp).await?;
         let (addr, streams, idle_timeout) = (key.addr, StreamCount::default(), self.idle_timeout);
         let idle = streams.clone();
         tokio::spawn(async move {
@@ -397,6 +372,74 @@ impl Pool {
         tracing::debug!(source = %key.source_pod, destination = %key.destination, %addr, "HBONE connection opened");
         Ok(Pooled { sender, streams, peer_not_after })
     }
+}
+
+/// A driver of one HTTP/2 client connection over `Io`.
+pub(super) type Driver<Io> = hyper::client::conn::http2::Connection<
+    TokioIo<tokio_rustls::client::TlsStream<Io>>,
+    Empty<Bytes>,
+    hyper_util::rt::TokioExecutor,
+>;
+
+/// Mutual TLS as `source` with the HBONE server at `addr` over `io`, which must present
+/// `destination`, then HTTP/2: the sender, the connection's driver (to be spawned), and
+/// the notAfter of the certificate the server presented.
+pub(super) async fn handshake<Io>(
+    dialer: &Dialer,
+    source: &Identity,
+    destination: &Identity,
+    addr: SocketAddr,
+    io: Io,
+) -> Result<(SendRequest<Empty<Bytes>>, Driver<Io>, SystemTime), Error>
+where
+    Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let tls =
+        crate::identity::client_config(dialer.certs.clone(), source.clone(), destination.clone(), &dialer.verifier)?;
+    // The server name is not used for verification (the SPIFFE identity is); it only
+    // fills SNI, so an IP address (which rustls does not send as SNI) is enough.
+    let name = ServerName::IpAddress(addr.ip().into());
+    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsConnector::from(tls).connect(name, io)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(source)) => return Err(Error::Tls { addr, source }),
+        Err(_) => return Err(Error::Timeout { what: "TLS handshake with", addr, after: HANDSHAKE_TIMEOUT }),
+    };
+    let peer_not_after = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .and_then(crate::identity::cert_not_after)
+        // Verified, so it parses; were it not, the connection would take no stream.
+        .unwrap_or(SystemTime::UNIX_EPOCH);
+    let (sender, conn) =
+        limits::h2_client().handshake(TokioIo::new(stream)).await.map_err(|source| Error::Http { addr, source })?;
+    Ok((sender, conn, peer_not_after))
+}
+
+/// Sends a CONNECT for `target` on `sender` (a connection to the HBONE server at
+/// `addr`) and returns the stream once the server answered 200.
+pub(super) async fn request_stream(
+    mut sender: SendRequest<Empty<Bytes>>,
+    addr: SocketAddr,
+    target: SocketAddr,
+) -> Result<hyper::upgrade::Upgraded, Error> {
+    sender.ready().await.map_err(|source| Error::Http { addr, source })?;
+    let req = Request::builder()
+        .method(Method::CONNECT)
+        .uri(target.to_string())
+        .body(Empty::new())
+        .expect("CONNECT request from a socket address is always valid");
+    let res = match tokio::time::timeout(limits::CONNECT_RESPONSE_TIMEOUT, sender.send_request(req)).await {
+        Ok(r) => r.map_err(|source| Error::Http { addr, source })?,
+        Err(_) => {
+            return Err(Error::Timeout { what: "CONNECT answer from", addr, after: limits::CONNECT_RESPONSE_TIMEOUT });
+        }
+    };
+    if res.status() != StatusCode::OK {
+        return Err(Error::Refused { addr, target, status: res.status() });
+    }
+    hyper::upgrade::on(res).await.map_err(|source| Error::Http { addr, source })
 }
 
 /// Whether a failed CONNECT never reached the peer's application: hyper cancelled it

@@ -26,8 +26,9 @@ use super::super::istio::{
 };
 use super::super::resources::{ObjectMeta, Service};
 use super::{
-    BackendRef, CONTROLLER_NAME, DEFAULT_CLASS, GATEWAY_NAME_LABEL, GROUP, GatewayClass, GrpcRoute, HeaderModifier,
-    HttpRoute, HttpRouteFilter, KubeGateway, Listener, ParentReference, ReferenceGrant, ValueMatch,
+    BackendRef, CONTROLLER_NAME, DEFAULT_CLASS, EAST_WEST_CLASS, GATEWAY_NAME_LABEL, GROUP, GatewayClass, GrpcRoute,
+    HBONE_PROTOCOL, HeaderModifier, HttpRoute, HttpRouteFilter, KubeGateway, Listener, ParentReference, ReferenceGrant,
+    ValueMatch,
 };
 
 /// What the Gateway API objects among a config amount to.
@@ -184,7 +185,7 @@ pub fn translate(objects: &[Object]) -> Translation {
     }
     let ours = |class: &str| match classes.get(class) {
         Some(c) => c.spec.controller_name == CONTROLLER_NAME,
-        None => class == DEFAULT_CLASS,
+        None => class == DEFAULT_CLASS || class == EAST_WEST_CLASS,
     };
     let mut class_names: Vec<&&str> = classes.keys().collect();
     class_names.sort();
@@ -378,8 +379,11 @@ fn translate_gateway<'a>(
     let mut listener_statuses = Vec::new();
     for listener in &gw.spec.listeners {
         let mut conditions = Vec::new();
-        let supported = listener.protocol == "HTTP" || listener.protocol == "HTTPS";
+        let east_west = listener.protocol == HBONE_PROTOCOL;
+        let supported = listener.protocol == "HTTP" || listener.protocol == "HTTPS" || east_west;
         let allowed_kinds: Vec<&str> = match listener.allowed_routes.as_ref().map(|a| a.kinds.as_slice()) {
+            // No route attaches to an HBONE listener: its streams name their pods.
+            _ if east_west => Vec::new(),
             Some(kinds) if !kinds.is_empty() => kinds
                 .iter()
                 .filter(|k| k.group.as_deref().unwrap_or(GROUP) == GROUP)
@@ -388,14 +392,14 @@ fn translate_gateway<'a>(
             _ => vec!["HTTPRoute", "GRPCRoute"],
         };
         let certificate = match (&listener.tls, supported) {
-            (Some(tls), true) => Some(certificate_ref(tls.certificate_refs.first(), &ns, objects)),
+            (Some(tls), true) if !east_west => Some(certificate_ref(tls.certificate_refs.first(), &ns, objects)),
             _ => None,
         };
         let mut attached = 0usize;
         let server_key = format!("{ns}/{name}~{}", listener.name);
         if !supported {
             let message = format!(
-                "protocol {} is not served by this version (HTTP and HTTPS are; TLSRoute and TCPRoute are not)",
+                "protocol {} is not served by this version (HTTP, HTTPS and HBONE are; TLSRoute and TCPRoute are not)",
                 listener.protocol
             );
             out.problems.push((object.clone(), format!("listener {}: {message}", listener.name)));
@@ -466,6 +470,7 @@ fn translate_gateway<'a>(
             Some(Ok(secret)) => {
                 Some(ServerTls { mode: TlsMode::Simple, credential_name: Some(secret), ..ServerTls::default() })
             }
+            _ if east_west => Some(ServerTls { mode: TlsMode::IstioMutual, ..ServerTls::default() }),
             _ => None,
         };
         let server = Server {

@@ -1,0 +1,149 @@
+//! The east-west gateway's HBONE port (Istio ambient's `istio-east-west` Gateway:
+//! listener `protocol: HBONE`, port 15008): the outer tunnel of double HBONE ends
+//! here. A mesh client (mutual TLS, any identity of the mesh's trust domains) asks with
+//! CONNECT for a pod address of this network; the stream is spliced, as it is, to that
+//! pod's HBONE port, where the client's inner tunnel to the pod ends. The gateway reads
+//! none of it: the pod's agent authenticates and judges the client itself.
+//!
+//! Invariants: the gateway reaches only the HBONE port of enrolled pods of its own
+//! network (never another port, address or network: no open relay); a stream is taken
+//! only under a client certificate still valid and the gateway's AuthorizationPolicies
+//! (at L4, with the client's identity); each stream counts against the client address's
+//! connection cap.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use futures::FutureExt as _;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Empty;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use mesh_common::ports;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+
+use super::{GatewayContext, PortPlan};
+use crate::authz::{ConnAttrs, Decision, Peer};
+use crate::identity::{Identity, cert_not_after, peer_identity};
+use crate::snapshot::Reach;
+use crate::telemetry::{ConnLabels, DenyReason, ServiceLabels};
+use crate::transport::{CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT, limits, sockets};
+
+/// The client of one outer tunnel.
+struct Client {
+    identity: Identity,
+    /// The notAfter of its certificate: no stream is taken after it.
+    not_after: SystemTime,
+    addr: SocketAddr,
+}
+
+/// Serves one connection to the HBONE port: mutual TLS, then HTTP/2 CONNECT streams.
+pub(super) async fn serve(ctx: GatewayContext, stream: TcpStream, peer: SocketAddr, plan: Arc<PortPlan>) {
+    let Some(config) = plan.servers.iter().find(|s| s.east_west).and_then(|s| s.tls.as_ref()).map(|t| t.config.clone())
+    else {
+        return;
+    };
+    let Ok(local) = stream.local_addr() else { return };
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsAcceptor::from(config).accept(stream)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "east-west: TLS handshake failed"),
+        Err(_) => return tracing::debug!(%peer, "east-west: TLS handshake timed out"),
+    };
+    let leaf = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
+    let (Some(identity), Some(not_after)) = (leaf.and_then(peer_identity), leaf.and_then(cert_not_after)) else {
+        return tracing::info!(%peer, "east-west: client presented no SPIFFE identity; closed");
+    };
+    let client = Arc::new(Client { identity, not_after, addr: peer });
+    let shutdown = ctx.l7.shutdown.clone();
+    let service = hyper::service::service_fn(move |req| {
+        let (ctx, plan, client) = (ctx.clone(), plan.clone(), client.clone());
+        async move { Ok::<_, std::convert::Infallible>(stream_request(ctx, plan, client, local, req).await) }
+    });
+    let conn = limits::h2_server().serve_connection(TokioIo::new(tls), service);
+    if let Err(e) = crate::transport::until_drained(conn, &shutdown, |c| c.graceful_shutdown()).await {
+        tracing::debug!(%peer, error = %e, "east-west: connection ended");
+    }
+}
+
+fn status(code: StatusCode) -> Response<Empty<Bytes>> {
+    let mut r = Response::new(Empty::new());
+    *r.status_mut() = code;
+    r
+}
+
+/// One CONNECT stream: check the target, the client and the policies, dial the pod's
+/// HBONE port and splice.
+async fn stream_request(
+    ctx: GatewayContext,
+    plan: Arc<PortPlan>,
+    client: Arc<Client>,
+    local: SocketAddr,
+    mut req: Request<Incoming>,
+) -> Response<Empty<Bytes>> {
+    if req.method() != Method::CONNECT {
+        return status(StatusCode::METHOD_NOT_ALLOWED);
+    }
+    let Some(target) = req.uri().authority().and_then(|a| a.as_str().parse::<SocketAddr>().ok()) else {
+        return status(StatusCode::BAD_REQUEST);
+    };
+    if SystemTime::now() >= client.not_after {
+        tracing::info!(client = %client.identity, %target, "east-west: the client's certificate has expired; refused");
+        return status(StatusCode::UNAUTHORIZED);
+    }
+    let snap = ctx.l7.snapshot.load_full();
+    let gateway = &plan.workload;
+    let dest = snap
+        .workload_by_ip(target.ip())
+        .filter(|w| w.enrolled && snap.reach(w) == Reach::Direct && !ports::is_mesh_owned(target.port()))
+        .cloned();
+    let Some(dest) = dest else {
+        tracing::warn!(client = %client.identity, %target, "east-west: not a mesh pod of this network; refused");
+        return status(StatusCode::FORBIDDEN);
+    };
+    let peer = Peer::from_identity(&client.identity, &snap.equivalent_domains);
+    let attrs = ConnAttrs { src: client.addr, dst: local, peer: Some(&peer) };
+    if let Decision::Deny(reason) = snap.security(&gateway.key()).authz.check(&attrs, None) {
+        tracing::info!(gateway = %gateway.name, client = %client.identity, %target, %reason, "east-west: denied by authorization policy");
+        ctx.l7.metrics.denied(gateway, DenyReason::Policy, attrs.client(), &reason);
+        return status(StatusCode::FORBIDDEN);
+    }
+    let Ok(permit) = ctx.limits.admit(client.addr.ip()) else {
+        tracing::info!(client = %client.identity, "east-west: connection cap reached; refused");
+        return status(StatusCode::SERVICE_UNAVAILABLE);
+    };
+    let hbone = SocketAddr::new(target.ip(), ports::INBOUND_HBONE);
+    let mut upstream = match sockets::connect_in(&ctx.netns, hbone, ctx.l7.dialer.bypass_mark, CONNECT_TIMEOUT).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(client = %client.identity, %target, error = %e, "east-west: the pod's HBONE port is unreachable");
+            return status(StatusCode::SERVICE_UNAVAILABLE);
+        }
+    };
+    let labels = ConnLabels::outbound(gateway, Some(&dest), ServiceLabels::unknown(), true);
+    let policy = snap.telemetry(&gateway.key()).clone();
+    let ends = crate::transport::copy::Ends { policy, client: client.addr, dialed: target, upstream: Some(hbone) };
+    drop(snap);
+    tracing::debug!(client = %client.identity, %target, "east-west: stream spliced to the pod's HBONE port");
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let tasks = ctx.tasks.clone();
+    tasks.spawn(on_upgrade.then(move |upgraded| async move {
+        let Ok(upgraded) = upgraded else { return };
+        let mut tunnel = TokioIo::new(upgraded);
+        let copied = crate::transport::copy::counted(
+            &ctx.l7.metrics,
+            (&labels, ends),
+            &mut tunnel,
+            &mut upstream,
+            ctx.tcp_idle_timeout,
+        )
+        .await;
+        if let Err(e) = copied {
+            tracing::debug!(%target, error = %e, "east-west: stream ended");
+        }
+        drop(permit);
+    }));
+    status(StatusCode::OK)
+}
