@@ -1,8 +1,7 @@
 //! Test doubles for the agent's integration tests.
-#![allow(dead_code, reason = "each test file uses the part it needs")]
+#![allow(dead_code, unused_imports, reason = "each test file uses the part it needs")]
 
-pub mod api_server;
-pub mod kinds;
+pub use mesh_tests::{api_server, kinds};
 
 /// The mesh CA as a cluster has it: a `cacerts` Secret (JSON for the double), made from
 /// a new self-signed root in `dir/ca-source` (whose `root-cert.pem` agents can trust).

@@ -36,7 +36,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::sync::{Notify, watch};
 
-use super::kinds;
+use crate::kinds;
 
 type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
@@ -88,6 +88,11 @@ impl ApiServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         drop(listener);
+        Self::new_at(addr, collections).await
+    }
+
+    /// Serves the collections named (others answer 404) at `addr`.
+    pub async fn new_at(addr: SocketAddr, collections: &[String]) -> Self {
         let mut st = State { rv: 1, ..Default::default() };
         for c in collections {
             st.collections.insert(c.clone(), Collection::default());
