@@ -171,7 +171,7 @@ fn add(env: &HashMap<String, String>, conf: &NetConf) -> Result<String, CniError
         .and_then(|()| crate::dataplane::Netns::open(&netns_path))
         .and_then(|ns| crate::dataplane::transparent::enable_mark_inheritance(&ns))
     {
-        eprintln!("mesh-cni: pod {namespace}/{name}: net.ipv4.tcp_fwmark_accept not set: {e}");
+        eprintln!("mesh-cni: pod {namespace}/{name}: tcp_fwmark_accept and fwmark_reflect not set: {e}");
     }
     let request = Request::Add { uid, namespace: namespace.clone(), name: name.clone(), ips: prev_ips(prev) };
     match ask_agent(&socket, &request, Some(&netns_path)) {

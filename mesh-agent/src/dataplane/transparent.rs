@@ -8,7 +8,9 @@
 //!   `net.ipv4.tcp_fwmark_accept` on, the application's accepted socket inherits the
 //!   mark of the SYN that opened it (both address families);
 //! - a rule sends packets with that mark to [`ROUTE_TABLE`], whose only route makes
-//!   every destination local: the answers reach the agent's socket, never the wire.
+//!   every destination local: the answers reach the agent's socket, never the wire;
+//! - with `fwmark_reflect` on, so do the kernel's own answers to the delivery (the RST
+//!   of a port nothing listens on), so a dead application is refused at once.
 //!
 //! Nothing else in the namespace carries the mark (the agent's other sockets carry the
 //! bypass mark, and connections arriving from outside have their mark cleared when
@@ -102,16 +104,28 @@ pub fn prepare(netns: &Netns) -> Result<(), Error> {
 
 /// The sysctl that makes accepted sockets inherit their SYN's mark.
 const FWMARK_ACCEPT: &str = "/proc/sys/net/ipv4/tcp_fwmark_accept";
+/// The sysctls that give the kernel's own answers (a RST from a closed port, an ICMP
+/// error) the mark of the packet they answer, per address family: a delivery to a port
+/// nothing listens on is then refused at once, as the RST reaches the agent's socket
+/// instead of leaving for the client's address, where it would be lost and the
+/// connect would wait out its timeout.
+const FWMARK_REFLECT: [&str; 2] = ["/proc/sys/net/ipv4/fwmark_reflect", "/proc/sys/net/ipv6/fwmark_reflect"];
 
-/// Turns `net.ipv4.tcp_fwmark_accept` on in the calling thread's namespace, unless it
-/// is already: a container's `/proc/sys` is read-only, so in a cluster the CNI plugin
-/// (which runs on the node) turns it on as the pod's sandbox starts, and the agent only
-/// reads it.
+/// Turns `net.ipv4.tcp_fwmark_accept` and `fwmark_reflect` on in the calling thread's
+/// namespace, unless they are already: a container's `/proc/sys` is read-only, so in a
+/// cluster the CNI plugin (which runs on the node) turns them on as the pod's sandbox
+/// starts, and the agent only reads them.
 fn inherit_marks() -> io::Result<()> {
-    if std::fs::read_to_string(FWMARK_ACCEPT)?.trim() == "1" {
-        return Ok(());
+    for path in std::iter::once(FWMARK_ACCEPT).chain(FWMARK_REFLECT) {
+        // A kernel without IPv6 has no IPv6 sysctls, and no IPv6 delivery to refuse.
+        if path.contains("ipv6") && !std::path::Path::new(path).exists() {
+            continue;
+        }
+        if std::fs::read_to_string(path)?.trim() != "1" {
+            std::fs::write(path, b"1")?;
+        }
     }
-    std::fs::write(FWMARK_ACCEPT, b"1")
+    Ok(())
 }
 
 /// [`inherit_marks`] in `netns` (never the agent's own): what the CNI plugin does for
