@@ -43,6 +43,31 @@ impl Drop for LabGuard {
     }
 }
 
+/// The lab's lock and the directory of the binaries it runs, with any lab left over
+/// (one or two clusters) removed; None (after saying why) where the lab cannot run.
+fn lab_turn(test: &str) -> Option<(std::sync::MutexGuard<'static, ()>, PathBuf)> {
+    let lock = LAB_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let profile = std::env::var("MESH_LAB_PROFILE").unwrap_or_else(|_| "debug".into());
+    let bins = root().join("target").join(&profile);
+    let missing = ["mesh-agent", "mesh-echo", "mesh-apiserver"].iter().find(|b| !bins.join(b).exists());
+    let why =
+        crate::sys::lab_unsupported().or_else(|| missing.map(|b| format!("{b} not built (run cargo xtask test)")));
+    if let Some(why) = why {
+        if std::env::var_os("MESH_REQUIRE_LAB").is_some() {
+            panic!("{test}: lab required but unavailable: {why}");
+        }
+        eprintln!("skipping {test}: {why}");
+        return None;
+    }
+    let (one, two) = crate::multicluster::state_dirs(DEFAULT_STATE_DIR.as_ref());
+    for dir in [two, one] {
+        if Lab::exists(&dir) {
+            Lab::load(&dir).unwrap().down().unwrap();
+        }
+    }
+    Some((lock, bins))
+}
+
 /// The workspace root.
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is inside the workspace").to_path_buf()
@@ -57,22 +82,7 @@ pub fn lab(test: &str) -> Option<LabGuard> {
 /// debug build; `MESH_LAB_PROFILE=release` runs the release build instead (built by
 /// `cargo build --release`), for figures such as `tests/connections.rs`'s.
 pub fn lab_with_env(test: &str, agent_env: &[(&str, &str)]) -> Option<LabGuard> {
-    let lock = LAB_LOCK.lock().unwrap_or_else(|p| p.into_inner());
-    let profile = std::env::var("MESH_LAB_PROFILE").unwrap_or_else(|_| "debug".into());
-    let bins = root().join("target").join(&profile);
-    let missing = ["mesh-agent", "mesh-echo"].iter().find(|b| !bins.join(b).exists());
-    let why =
-        crate::sys::lab_unsupported().or_else(|| missing.map(|b| format!("{b} not built (run cargo xtask test)")));
-    if let Some(why) = why {
-        if std::env::var_os("MESH_REQUIRE_LAB").is_some() {
-            panic!("{test}: lab required but unavailable: {why}");
-        }
-        eprintln!("skipping {test}: {why}");
-        return None;
-    }
-    if Lab::exists(DEFAULT_STATE_DIR.as_ref()) {
-        Lab::load(DEFAULT_STATE_DIR.as_ref()).unwrap().down().unwrap();
-    }
+    let (lock, bins) = lab_turn(test)?;
     let opts = Options {
         manifests: root().join("examples/lab"),
         state_dir: DEFAULT_STATE_DIR.into(),
@@ -80,9 +90,61 @@ pub fn lab_with_env(test: &str, agent_env: &[(&str, &str)]) -> Option<LabGuard> 
         echo_bin: bins.join("mesh-echo"),
         agent_log: "info,mesh_agent=debug,mesh_ebpf=debug".into(),
         agent_env: agent_env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        placement: Default::default(),
+        plugin_ca: None,
     };
     let lab = Lab::up(&opts).unwrap_or_else(|e| panic!("{test}: lab up: {e:#}"));
     Some(LabGuard { lab: Some(lab), _lock: lock })
+}
+
+/// Owns a running two-cluster lab for one test and removes it on drop.
+pub struct ClustersGuard {
+    clusters: Option<crate::multicluster::Clusters>,
+    _lock: std::sync::MutexGuard<'static, ()>,
+}
+
+impl std::ops::Deref for ClustersGuard {
+    type Target = crate::multicluster::Clusters;
+    fn deref(&self) -> &Self::Target {
+        self.clusters.as_ref().expect("the clusters are up")
+    }
+}
+
+impl std::ops::DerefMut for ClustersGuard {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        self.clusters.as_mut().expect("the clusters are up")
+    }
+}
+
+impl Drop for ClustersGuard {
+    fn drop(&mut self) {
+        if let Some(c) = self.clusters.take()
+            && let Err(e) = c.down()
+        {
+            eprintln!("two-cluster lab teardown: {e:#}");
+        }
+    }
+}
+
+/// Brings the two-cluster lab (`examples/multicluster`) up, or returns None (after
+/// saying why) where the lab cannot run.
+pub fn two_clusters(test: &str) -> Option<ClustersGuard> {
+    let (lock, bins) = lab_turn(test)?;
+    let (one, two) = crate::multicluster::state_dirs(DEFAULT_STATE_DIR.as_ref());
+    let dir = root().join("examples/multicluster");
+    let opts = |manifests: PathBuf, state_dir: PathBuf| Options {
+        manifests,
+        state_dir,
+        agent_bin: bins.join("mesh-agent"),
+        echo_bin: bins.join("mesh-echo"),
+        agent_log: "info,mesh_agent=debug".into(),
+        agent_env: [("MESH_REMOTE_CLUSTERS_REFRESH".to_string(), "1s".to_string())].into_iter().collect(),
+        placement: Default::default(),
+        plugin_ca: None,
+    };
+    let clusters = crate::multicluster::Clusters::up(opts(dir.join("cluster1"), one), opts(dir.join("cluster2"), two))
+        .unwrap_or_else(|e| panic!("{test}: two clusters up: {e:#}"));
+    Some(ClustersGuard { clusters: Some(clusters), _lock: lock })
 }
 
 /// Applies `examples/seed/<name>`, the reference configs as written.

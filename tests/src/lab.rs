@@ -47,6 +47,10 @@ const WIRE_PREFIX: [u8; 3] = [10, 255, 0];
 pub const CA_NETNS: &str = "meshlab-ca";
 /// The CA service's address on the wire, and its port (Istio's CA port).
 pub const CA_ADDR: &str = "10.255.0.250:15012";
+/// [`CA_ADDR`]'s address.
+const CA_IP: Ipv4Addr = Ipv4Addr::new(10, 255, 0, 250);
+/// [`CA_ADDR`]'s port.
+const CA_PORT: u16 = 15012;
 /// The DNS name in the CA service's certificate, which agents check.
 pub const CA_SERVER_NAME: &str = "mesh-ca.istio-system.svc";
 /// A client outside the cluster, on the wire like a load balancer's clients, with a
@@ -84,7 +88,96 @@ pub struct Options {
     pub agent_log: String,
     /// More environment for the agents (`MESH_*` settings such as `MESH_CERT_TTL`).
     pub agent_env: BTreeMap<String, String>,
+    /// Which cluster of the lab this is.
+    pub placement: Placement,
+    /// A plug-in CA directory (Istio's `cacerts` files) the CA service signs with;
+    /// None: the CA makes its own root.
+    pub plugin_ca: Option<PathBuf>,
 }
+
+/// Where one cluster of the lab sits: what differs between the clusters of a
+/// multi-cluster lab (`cargo xtask lab up --clusters 2`), which share the wire. The
+/// default is the single-cluster lab's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    /// Istio's cluster name (`MESH_CLUSTER_ID`); empty: the mesh's default.
+    pub cluster: String,
+    /// Istio's network (`MESH_NETWORK`); empty: none named.
+    pub network: String,
+    /// Node `i` (from 0) is at `10.255.0.<wire_base + i>` on the wire.
+    pub wire_base: u8,
+    /// The CA service's netns.
+    pub ca_netns: String,
+    /// The CA service's address on the wire (its API server double's too, in a
+    /// multi-cluster lab).
+    pub ca_ip: Ipv4Addr,
+    /// Whether this cluster's lab makes (and removes) the wire and the outside client:
+    /// the first cluster's does.
+    pub owns_wire: bool,
+}
+
+impl Default for Placement {
+    fn default() -> Self {
+        Self {
+            cluster: String::new(),
+            network: String::new(),
+            wire_base: 1,
+            ca_netns: CA_NETNS.into(),
+            ca_ip: CA_IP,
+            owns_wire: true,
+        }
+    }
+}
+
+impl Placement {
+    /// Cluster `n` (from 1) of a multi-cluster lab: `cluster<n>` on `network<n>`.
+    pub fn cluster(n: u8) -> Self {
+        let first = n == 1;
+        Self {
+            cluster: format!("cluster{n}"),
+            network: format!("network{n}"),
+            wire_base: 1 + 10 * (n - 1),
+            ca_netns: if first { CA_NETNS.into() } else { format!("{CA_NETNS}{n}") },
+            ca_ip: Ipv4Addr::new(WIRE_PREFIX[0], WIRE_PREFIX[1], WIRE_PREFIX[2], 251 - n),
+            owns_wire: first,
+        }
+    }
+
+    /// The CA service's `host:port`.
+    pub fn ca_addr(&self) -> String {
+        format!("{}:{CA_PORT}", self.ca_ip)
+    }
+
+    /// The cgroup of the CA service (and its API server double).
+    fn ca_cgroup(&self) -> String {
+        if self.ca_netns == CA_NETNS { format!("{CGROUP_NAME}/ca") } else { format!("{CGROUP_NAME}/{}", self.ca_netns) }
+    }
+
+    /// The CA's end of its veth, in the wire's netns.
+    fn ca_wire_end(&self) -> String {
+        if self.ca_netns == CA_NETNS {
+            "nwca".into()
+        } else {
+            format!("nw{}", self.ca_netns.trim_start_matches("meshlab-"))
+        }
+    }
+
+    /// The settings the cluster's agents and gateways run with.
+    fn agent_env(&self) -> BTreeMap<String, String> {
+        let mut env = BTreeMap::new();
+        if !self.cluster.is_empty() {
+            env.insert("MESH_CLUSTER_ID".into(), self.cluster.clone());
+        }
+        if !self.network.is_empty() {
+            env.insert("MESH_NETWORK".into(), self.network.clone());
+        }
+        env
+    }
+}
+
+/// Where a cluster's API server double listens (in its CA's netns), for the other
+/// clusters' remote secrets.
+pub const API_PORT: u16 = 6443;
 
 /// A node of the lab.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -223,6 +316,12 @@ pub struct Lab {
     /// The CA service's pid, when running.
     #[serde(default)]
     pub ca_pid: Option<u32>,
+    /// Which cluster of the lab this is.
+    #[serde(default)]
+    pub placement: Placement,
+    /// The API server double's pid (a multi-cluster lab's), when running.
+    #[serde(default)]
+    pub api_pid: Option<u32>,
 }
 
 /// A process the lab started next to a pod, in a cgroup of its own outside every
@@ -237,6 +336,17 @@ pub struct Helper {
     pub cgroup: String,
     /// Pid.
     pub pid: u32,
+}
+
+/// Copies Istio's plug-in CA files (`ca-cert.pem`, `ca-key.pem`, `root-cert.pem`,
+/// `cert-chain.pem`) from `from` into the CA service's directory, the key 0600.
+fn copy_plugin_ca(from: &Path, ca_dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    fs::DirBuilder::new().recursive(true).mode(0o700).create(ca_dir)?;
+    for name in ["ca-cert.pem", "root-cert.pem", "cert-chain.pem"] {
+        fs::copy(from.join(name), ca_dir.join(name)).with_context(|| format!("plug-in CA {name}"))?;
+    }
+    private(&ca_dir.join("ca-key.pem"), &fs::read_to_string(from.join("ca-key.pem")).context("plug-in CA key")?)
 }
 
 /// A lab pod from its manifest (its place in the lab is filled in later).
@@ -364,9 +474,18 @@ impl Lab {
         state_dir.join("state.json").exists()
     }
 
-    fn save(&self) -> anyhow::Result<()> {
+    pub(crate) fn save(&self) -> anyhow::Result<()> {
         fs::write(self.state_dir.join("state.json"), serde_json::to_string_pretty(self)?)?;
         Ok(())
+    }
+
+    /// A command that runs `argv` in the CA service's netns and cgroup (the cluster's
+    /// control plane).
+    pub(crate) fn ca_command(&self, argv: &[String]) -> Command {
+        let cgroup = self.cgroup_root.join(self.placement.ca_cgroup());
+        let mut cmd = in_cgroup_netns(&cgroup, &self.placement.ca_netns, Enter::Nsenter, argv);
+        cmd.env("MESH_LOG", &self.agent_log);
+        cmd
     }
 
     /// Config directory every agent watches.
@@ -445,7 +564,12 @@ impl Lab {
             nodes.push(Node {
                 name: name.clone(),
                 netns: format!("meshlab-{name}"),
-                wire_ip: Ipv4Addr::new(WIRE_PREFIX[0], WIRE_PREFIX[1], WIRE_PREFIX[2], (i + 1) as u8),
+                wire_ip: Ipv4Addr::new(
+                    WIRE_PREFIX[0],
+                    WIRE_PREFIX[1],
+                    WIRE_PREFIX[2],
+                    opts.placement.wire_base + i as u8,
+                ),
                 subnet: format!("{}.{}.{}.0/24", o[0], o[1], o[2]),
                 gateway: Ipv4Addr::new(o[0], o[1], o[2], 1),
                 cgroup: format!("{CGROUP_NAME}/{name}"),
@@ -469,10 +593,12 @@ impl Lab {
             services: m.services,
             agent_bin: opts.agent_bin.clone(),
             agent_log: opts.agent_log.clone(),
-            agent_env: opts.agent_env.clone(),
+            agent_env: opts.placement.agent_env().into_iter().chain(opts.agent_env.clone()).collect(),
             helpers: Vec::new(),
             echo_bin: opts.echo_bin.clone(),
             ca_pid: None,
+            placement: opts.placement.clone(),
+            api_pid: None,
         };
         // Record first, so `down` can clean up a half-built lab.
         lab.save()?;
@@ -507,6 +633,9 @@ impl Lab {
             }
         }
         self.write_gateway_secret()?;
+        if let Some(plugin) = &opts.plugin_ca {
+            copy_plugin_ca(plugin, &self.ca_dir())?;
+        }
         self.start_ca()?;
         let names: Vec<String> = self.nodes.iter().map(|n| n.name.clone()).collect();
         for n in &names {
@@ -529,18 +658,22 @@ impl Lab {
     /// Starts the CA service in its own netns on the wire, with a fresh token for each
     /// node's agent, and waits until it answers.
     fn start_ca(&mut self) -> anyhow::Result<()> {
-        run(&["ip", "netns", "add", CA_NETNS])?;
-        run(&["ip", "-n", CA_NETNS, "link", "set", "lo", "up"])?;
+        let (ca_netns, wire_end) = (self.placement.ca_netns.clone(), self.placement.ca_wire_end());
+        let ca_netns = ca_netns.as_str();
+        run(&["ip", "netns", "add", ca_netns])?;
+        run(&["ip", "-n", ca_netns, "link", "set", "lo", "up"])?;
         run(&[
-            "ip", "-n", WIRE_NETNS, "link", "add", "nwca", "type", "veth", "peer", "name", "wire0", "netns", CA_NETNS,
+            "ip", "-n", WIRE_NETNS, "link", "add", &wire_end, "type", "veth", "peer", "name", "wire0", "netns",
+            ca_netns,
         ])?;
-        run(&["ip", "-n", WIRE_NETNS, "link", "set", "nwca", "master", "br0", "up"])?;
-        let ip = CA_ADDR.split(':').next().expect("host:port");
-        run(&["ip", "-n", CA_NETNS, "addr", "add", &format!("{ip}/24"), "dev", "wire0"])?;
-        run(&["ip", "-n", CA_NETNS, "link", "set", "wire0", "up"])?;
+        run(&["ip", "-n", WIRE_NETNS, "link", "set", &wire_end, "master", "br0", "up"])?;
+        let ip = self.placement.ca_ip.to_string();
+        let ip = ip.as_str();
+        run(&["ip", "-n", ca_netns, "addr", "add", &format!("{ip}/24"), "dev", "wire0"])?;
+        run(&["ip", "-n", ca_netns, "link", "set", "wire0", "up"])?;
         // Gateways run in pods and ask for their own certificate.
         for n in &self.nodes {
-            run(&["ip", "-n", CA_NETNS, "route", "add", &n.subnet, "via", &n.wire_ip.to_string()])?;
+            run(&["ip", "-n", ca_netns, "route", "add", &n.subnet, "via", &n.wire_ip.to_string()])?;
         }
         fs::create_dir_all(self.state_dir.join("tokens"))?;
         // The scraper's token, which the agents accept on their metrics port.
@@ -560,12 +693,12 @@ impl Lab {
         }
         let table_path = self.state_dir.join("ca-tokens");
         private(&table_path, &table)?;
-        let cgroup = format!("{CGROUP_NAME}/ca");
+        let cgroup = self.placement.ca_cgroup();
         fs::create_dir_all(self.cgroup_root.join(&cgroup))?;
         let argv: Vec<String> = [
             self.agent_bin.with_file_name("mesh-ca").display().to_string(),
             "--listen".into(),
-            format!("0.0.0.0:{}", CA_ADDR.split(':').nth(1).expect("host:port")),
+            format!("0.0.0.0:{CA_PORT}"),
             "--ca-dir".into(),
             self.ca_dir().display().to_string(),
             "--config-dir".into(),
@@ -581,7 +714,7 @@ impl Lab {
         ]
         .into();
         let log = fs::OpenOptions::new().create(true).append(true).open(self.ca_log_path())?;
-        let child = in_cgroup_netns(&self.cgroup_root.join(&cgroup), CA_NETNS, Enter::Nsenter, &argv)
+        let child = in_cgroup_netns(&self.cgroup_root.join(&cgroup), ca_netns, Enter::Nsenter, &argv)
             .env("MESH_LOG", &self.agent_log)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -599,7 +732,7 @@ impl Lab {
                 "ip",
                 "netns",
                 "exec",
-                CA_NETNS,
+                ca_netns,
                 "curl",
                 "-sk",
                 "--http2",
@@ -609,7 +742,7 @@ impl Lab {
                 "/dev/null",
                 "-w",
                 "%{http_code}",
-                &format!("https://{CA_ADDR}/v1/trust-bundle"),
+                &format!("https://{}/v1/trust-bundle", self.placement.ca_addr()),
             ])?;
             if String::from_utf8_lossy(&out.stdout) == "200" && self.ca_dir().join("root-cert.pem").exists() {
                 return Ok(());
@@ -728,7 +861,7 @@ impl Lab {
             "--config-dir".into(),
             self.config_dir().display().to_string(),
             "--ca-address".into(),
-            CA_ADDR.into(),
+            self.placement.ca_addr(),
             "--ca-server-name".into(),
             CA_SERVER_NAME.into(),
             "--ca-root-cert".into(),
@@ -861,7 +994,8 @@ impl Lab {
     /// Cuts the CA service off the wire (`false`: its port on the bridge goes down, so
     /// what is sent to it is lost, as in a partition) or joins it back (`true`).
     pub fn ca_reachable(&self, reachable: bool) -> anyhow::Result<()> {
-        run(&["ip", "-n", WIRE_NETNS, "link", "set", "nwca", if reachable { "up" } else { "down" }])?;
+        let wire_end = self.placement.ca_wire_end();
+        run(&["ip", "-n", WIRE_NETNS, "link", "set", &wire_end, if reachable { "up" } else { "down" }])?;
         Ok(())
     }
 
@@ -956,11 +1090,13 @@ impl Lab {
     }
 
     fn build_network(&self) -> anyhow::Result<()> {
-        run(&["ip", "netns", "add", WIRE_NETNS])?;
-        run(&["ip", "-n", WIRE_NETNS, "link", "add", "br0", "type", "bridge"])?;
-        run(&["ip", "-n", WIRE_NETNS, "link", "set", "br0", "up"])?;
+        if self.placement.owns_wire {
+            run(&["ip", "netns", "add", WIRE_NETNS])?;
+            run(&["ip", "-n", WIRE_NETNS, "link", "add", "br0", "type", "bridge"])?;
+            run(&["ip", "-n", WIRE_NETNS, "link", "set", "br0", "up"])?;
+        }
         for (i, n) in self.nodes.iter().enumerate() {
-            let wire_end = format!("nw{i}");
+            let wire_end = format!("nw{}", n.wire_ip.octets()[3]);
             run(&["ip", "netns", "add", &n.netns])?;
             run(&["ip", "-n", &n.netns, "link", "set", "lo", "up"])?;
             run(&[
@@ -993,7 +1129,10 @@ impl Lab {
         for p in &self.pods {
             self.build_pod_network(p)?;
         }
-        self.build_client_network()
+        if self.placement.owns_wire {
+            self.build_client_network()?;
+        }
+        Ok(())
     }
 
     /// The outside client: on the wire, with a route to each node's pods through it.
@@ -1505,9 +1644,14 @@ impl Lab {
     /// A human-readable status.
     pub fn status(&self) -> String {
         let mut s = format!("lab state: {}\n", self.state_dir.display());
+        if !self.placement.cluster.is_empty() {
+            s.push_str(&format!("cluster {} on network {}\n", self.placement.cluster, self.placement.network));
+        }
         let ca_up = self.ca_pid.is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
         s.push_str(&format!(
-            "ca   mesh-ca  netns {CA_NETNS:<16} addr {CA_ADDR:<20} {}\n",
+            "ca   mesh-ca  netns {:<16} addr {:<20} {}\n",
+            self.placement.ca_netns,
+            self.placement.ca_addr(),
             if ca_up { format!("running (pid {})", self.ca_pid.unwrap_or(0)) } else { "down".into() }
         ));
         for n in &self.nodes {
@@ -1539,9 +1683,17 @@ impl Lab {
                 p.name, p.namespace, p.node, p.ip, ready, app
             ));
         }
-        s.push_str(&format!(
-            "client       netns {CLIENT_NETNS:<16} addr {CLIENT_ADDR:<20} outside the cluster: reaches the gateway pods\n"
-        ));
+        if self.placement.owns_wire {
+            s.push_str(&format!(
+                "client       netns {CLIENT_NETNS:<16} addr {CLIENT_ADDR:<20} outside the cluster: reaches the gateway pods\n"
+            ));
+        }
+        if let Some(pid) = self.api_pid {
+            s.push_str(&format!(
+                "api  mesh-apiserver at http://{}:{API_PORT} (pid {pid}): what the other cluster's agents read\n",
+                self.placement.ca_ip
+            ));
+        }
         s
     }
 
@@ -1568,7 +1720,10 @@ impl Lab {
             }
         }
         // Anything else started inside the lab's own cgroups (lab exec leftovers).
-        let ca_cgroup = format!("{CGROUP_NAME}/ca");
+        if let Some(pid) = self.api_pid {
+            stop_pid(pid, "TERM");
+        }
+        let ca_cgroup = self.placement.ca_cgroup();
         let node_cgroups: Vec<String> =
             self.nodes.iter().flat_map(|n| [n.agent_cgroup.clone(), n.kubelet_cgroup(), n.host_cgroup()]).collect();
         for cg in self.pods.iter().map(|p| &p.cgroup).chain(&node_cgroups).chain(std::iter::once(&ca_cgroup)) {
@@ -1589,9 +1744,11 @@ impl Lab {
         for n in &self.nodes {
             run_quiet(&["ip", "netns", "del", &n.netns]);
         }
-        run_quiet(&["ip", "netns", "del", CA_NETNS]);
-        run_quiet(&["ip", "netns", "del", CLIENT_NETNS]);
-        run_quiet(&["ip", "netns", "del", WIRE_NETNS]);
+        run_quiet(&["ip", "netns", "del", &self.placement.ca_netns]);
+        if self.placement.owns_wire {
+            run_quiet(&["ip", "netns", "del", CLIENT_NETNS]);
+            run_quiet(&["ip", "netns", "del", WIRE_NETNS]);
+        }
         for p in &self.pods {
             remove_cgroup(&self.cgroup_root.join(&p.cgroup));
         }
@@ -1699,7 +1856,8 @@ fn remove_cgroup(path: &Path) {
 }
 
 /// Writes `text` to a new file only root can read.
-fn private(path: &Path, text: &str) -> anyhow::Result<()> {
+/// Writes `text` to `path`, readable by its owner only (0600).
+pub(crate) fn private(path: &Path, text: &str) -> anyhow::Result<()> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
     let mut f = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
@@ -1725,7 +1883,7 @@ fn empty_fault_chain(netns: &str, chain: &str) -> anyhow::Result<impl Fn(&[&str]
     Ok(ipt)
 }
 
-fn random_token() -> anyhow::Result<String> {
+pub(crate) fn random_token() -> anyhow::Result<String> {
     let mut raw = [0u8; 24];
     fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut raw))?;
     Ok(raw.iter().map(|b| format!("{b:02x}")).collect())

@@ -14,6 +14,7 @@ pub mod hbone_client;
 pub mod kinds;
 pub mod lab;
 pub mod measure;
+pub mod multicluster;
 pub mod steady;
 pub mod sys;
 pub mod wire;

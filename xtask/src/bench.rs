@@ -205,6 +205,8 @@ fn in_bench_lab<T>(args: &BenchArgs, f: impl FnOnce(&mut Lab) -> anyhow::Result<
         // Logging at warn: the benchmark measures the proxy, not its log writer.
         agent_log: "warn".into(),
         agent_env: Default::default(),
+        placement: Default::default(),
+        plugin_ca: None,
     };
     println!("[bench] lab up ({} build)", if release { "release" } else { "debug" });
     let mut lab = Lab::up(&opts)?;

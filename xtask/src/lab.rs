@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, bail};
 use clap::Subcommand;
 use mesh_tests::lab::{DEFAULT_STATE_DIR, Lab, Options};
+use mesh_tests::multicluster::{self, Clusters};
 
 use crate::{build, root, setup};
 
@@ -17,6 +18,12 @@ pub enum LabCmd {
         /// Run release builds of the agent and the test app (for profiling).
         #[arg(long)]
         release: bool,
+        /// How many clusters: 1 (the lab of DIR), or 2 (`examples/multicluster`: cluster1
+        /// on network1 and cluster2 on network2, one root CA, each cluster's agents
+        /// discovering the other's through a remote secret, joined only through their
+        /// east-west gateways).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
+        clusters: u8,
         /// Also start a real Prometheus (Debian's `prometheus`) in pod `outside`,
         /// scraping both agents; query it with `lab exec outside -- curl
         /// http://127.0.0.1:19090/api/v1/query?query=...`.
@@ -60,11 +67,17 @@ pub enum LabCmd {
     Apply {
         /// The file.
         file: PathBuf,
+        /// The cluster whose config it goes to (a two-cluster lab).
+        #[arg(long, default_value = "cluster1")]
+        cluster: String,
     },
     /// Remove a manifest (by file name) from the config directory.
     Delete {
         /// The file.
         file: PathBuf,
+        /// The cluster whose config it leaves (a two-cluster lab).
+        #[arg(long, default_value = "cluster1")]
+        cluster: String,
     },
 }
 
@@ -74,26 +87,44 @@ fn state_dir() -> PathBuf {
 
 /// Brings the lab up with freshly built binaries.
 pub fn up(dir: Option<PathBuf>, release: bool) -> anyhow::Result<Lab> {
+    Lab::up(&options(dir.unwrap_or_else(|| root().join("examples/lab")), state_dir(), release)?)
+}
+
+/// Brings the two-cluster lab up (`examples/multicluster`) with freshly built binaries.
+pub fn up_two(release: bool) -> anyhow::Result<Clusters> {
+    let (one, two) = multicluster::state_dirs(&state_dir());
+    let dir = root().join("examples/multicluster");
+    Clusters::up(options(dir.join("cluster1"), one, release)?, options(dir.join("cluster2"), two, release)?)
+}
+
+/// How `lab up` runs a cluster of the lab from `manifests`, after checking the machine
+/// and building the binaries.
+fn options(manifests: PathBuf, state_dir: PathBuf, release: bool) -> anyhow::Result<Options> {
     if let Some(why) = mesh_tests::sys::lab_unsupported() {
         bail!("the lab cannot run here: {why}");
     }
     setup::ensure()?;
     let bins = build::binaries(release)?;
-    let opts = Options {
-        manifests: dir.unwrap_or_else(|| root().join("examples/lab")),
-        state_dir: state_dir(),
+    Ok(Options {
+        manifests,
+        state_dir,
         agent_bin: bins.agent,
         echo_bin: bins.echo,
         agent_log: std::env::var("MESH_LOG").unwrap_or_else(|_| "info,mesh_ebpf=debug".into()),
         agent_env: Default::default(),
-    };
-    let lab = Lab::up(&opts)?;
-    Ok(lab)
+        placement: Default::default(),
+        plugin_ca: None,
+    })
 }
 
-/// Tears the lab down if one is up.
+/// Tears the lab down if one is up (both clusters of a two-cluster lab).
 pub fn down() -> anyhow::Result<()> {
     let dir = state_dir();
+    if Clusters::exists() {
+        let (_, two) = multicluster::state_dirs(&dir);
+        Lab::load(&two)?.down()?;
+        println!("cluster2 removed");
+    }
     if Lab::exists(&dir) {
         Lab::load(&dir)?.down()?;
         println!("lab removed");
@@ -103,9 +134,50 @@ pub fn down() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The running lab's clusters: one, or both of a two-cluster lab.
+fn labs() -> anyhow::Result<Vec<Lab>> {
+    let dir = state_dir();
+    let mut labs = vec![Lab::load(&dir)?];
+    if Clusters::exists() {
+        labs.push(Lab::load(&multicluster::state_dirs(&dir).1)?);
+    }
+    Ok(labs)
+}
+
+/// The cluster that has pod `pod`.
+fn lab_of_pod(pod: &str) -> anyhow::Result<Lab> {
+    let labs = labs()?;
+    let first_error = labs[0].pod(pod).err();
+    labs.into_iter().find(|l| l.pod(pod).is_ok()).ok_or_else(|| first_error.expect("not found in the first"))
+}
+
+/// The cluster that has node `node`.
+fn lab_of_node(node: &str) -> anyhow::Result<Lab> {
+    let labs = labs()?;
+    let first_error = labs[0].node(node).err();
+    labs.into_iter().find(|l| l.node(node).is_ok()).ok_or_else(|| first_error.expect("not found in the first"))
+}
+
+/// The cluster named `cluster` (`cluster1` is the single lab too).
+fn lab_named(cluster: &str) -> anyhow::Result<Lab> {
+    let labs = labs()?;
+    let n = labs.len();
+    labs.into_iter()
+        .enumerate()
+        .find(|(i, l)| l.placement.cluster == cluster || (*i == 0 && cluster == "cluster1"))
+        .map(|(_, l)| l)
+        .with_context(|| format!("no cluster {cluster:?} in this lab ({n} cluster(s))"))
+}
+
 pub fn run(cmd: LabCmd) -> anyhow::Result<()> {
     match cmd {
-        LabCmd::Up { dir, release, prometheus } => {
+        LabCmd::Up { dir, release, clusters: 2, prometheus } => {
+            if dir.is_some() || prometheus {
+                bail!("--clusters 2 runs examples/multicluster; DIR and --prometheus are for one cluster");
+            }
+            print!("{}", up_two(release)?.status());
+        }
+        LabCmd::Up { dir, release, prometheus, .. } => {
             let mut lab = up(dir, release)?;
             print!("{}", lab.status());
             if prometheus {
@@ -119,14 +191,17 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<()> {
             }
         }
         LabCmd::Down => down()?,
-        LabCmd::Status => print!("{}", Lab::load(&state_dir())?.status()),
+        LabCmd::Status => {
+            for lab in labs()? {
+                print!("{}", lab.status());
+            }
+        }
         LabCmd::Exec { pod, cmd } => {
-            let status = Lab::load(&state_dir())?.pod_command(&pod, &cmd)?.status()?;
+            let status = lab_of_pod(&pod)?.pod_command(&pod, &cmd)?.status()?;
             std::process::exit(status.code().unwrap_or(1));
         }
         LabCmd::RestartAgent { node, binary, stop_first } => {
-            let mut lab = Lab::load(&state_dir())?;
-            lab.node(&node)?;
+            let mut lab = lab_of_node(&node)?;
             if let Some(binary) = binary {
                 lab.agent_bin =
                     std::fs::canonicalize(&binary).with_context(|| format!("--binary {}", binary.display()))?;
@@ -141,16 +216,15 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<()> {
             println!("agent of {node} restarted ({}), ready after {:?}", lab.agent_bin.display(), started.elapsed());
         }
         LabCmd::Logs { node } => {
-            let lab = Lab::load(&state_dir())?;
-            lab.node(&node)?;
+            let lab = lab_of_node(&node)?;
             print!("{}", std::fs::read_to_string(lab.agent_log_path(&node))?);
         }
-        LabCmd::Apply { file } => {
-            let dest = Lab::load(&state_dir())?.apply(Path::new(&file))?;
+        LabCmd::Apply { file, cluster } => {
+            let dest = lab_named(&cluster)?.apply(Path::new(&file))?;
             println!("applied {} -> {}", file.display(), dest.display());
         }
-        LabCmd::Delete { file } => {
-            Lab::load(&state_dir())?.delete(&file)?;
+        LabCmd::Delete { file, cluster } => {
+            lab_named(&cluster)?.delete(&file)?;
             println!("deleted {}", file.display());
         }
     }
