@@ -198,8 +198,31 @@ pub fn curl(lab: &Lab, pod: &str, url: &str) -> (bool, String) {
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// The echo pod that answered a GET of `url` from `pod`, and the peer address it saw;
+/// None when the request failed.
+pub fn answered_by(lab: &Lab, pod: &str, url: &str) -> Option<(String, String)> {
+    let (ok, body) = curl(lab, pod, url);
+    let v: serde_json::Value = serde_json::from_str(&body).ok().filter(|_| ok)?;
+    Some((v["pod"].as_str()?.to_string(), v["peer"].as_str()?.to_string()))
+}
+
+/// The `pod` field of an echo app's answer.
 pub fn reply_pod(body: &str) -> Option<String> {
     serde_json::from_str::<serde_json::Value>(body).ok()?["pod"].as_str().map(str::to_owned)
+}
+
+/// Connections `lab`'s `node` counted as the server side (reporter destination) for
+/// workload `dst` from clients that authenticated as `principal`.
+pub fn inbound_from(lab: &Lab, node: &str, dst: &str, principal: &str) -> u64 {
+    metrics(lab, node)
+        .lines()
+        .filter(|l| l.starts_with("istio_tcp_connections_opened_total{"))
+        .filter(|l| l.contains(r#"reporter="destination""#))
+        .filter(|l| l.contains(&format!(r#"destination_workload="{dst}""#)))
+        .filter(|l| l.contains(&format!(r#"source_principal="{principal}""#)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum()
 }
 
 /// `node`'s agent metrics, read as a scraper does: on the metrics port, with the lab's

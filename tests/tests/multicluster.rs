@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use mesh_tests::harness::{apply_yaml, curl, eventually, eventually_within, metrics, reply_pod, two_clusters};
+use mesh_tests::harness::{answered_by, apply_yaml, eventually, eventually_within, inbound_from, two_clusters};
 use mesh_tests::lab::Lab;
 
 /// `greeter`, only in cluster2.
@@ -19,23 +19,7 @@ const NETWORK2_GATEWAY: &str = "10.20.1.100";
 
 /// The pod that answered a GET of `url` from `sleep`, and the peer it saw.
 fn answered(lab: &Lab, url: &str) -> Option<(String, String)> {
-    let (ok, body) = curl(lab, "sleep", url);
-    let v: serde_json::Value = serde_json::from_str(&body).ok().filter(|_| ok)?;
-    Some((reply_pod(&body)?, v["peer"].as_str()?.to_string()))
-}
-
-/// Connections cluster2's `node` counted for `dst` from `principal`, as the server's
-/// agent authenticated it.
-fn inbound_from(lab: &Lab, node: &str, dst: &str, principal: &str) -> u64 {
-    metrics(lab, node)
-        .lines()
-        .filter(|l| l.starts_with("istio_tcp_connections_opened_total{"))
-        .filter(|l| l.contains(r#"reporter="destination""#))
-        .filter(|l| l.contains(&format!(r#"destination_workload="{dst}""#)))
-        .filter(|l| l.contains(&format!(r#"source_principal="{principal}""#)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .map(|v| v as u64)
-        .sum()
+    answered_by(lab, "sleep", url)
 }
 
 #[test]

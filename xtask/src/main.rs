@@ -45,7 +45,12 @@ enum Cmd {
         cmd: lab::LabCmd,
     },
     /// Set up, build, bring the lab up, send real traffic, show it is mTLS, leave it up.
-    Demo,
+    Demo {
+        /// 2: the two-cluster part instead (examples/multicluster): cross-cluster calls
+        /// through the east-west gateways, locality failover and back.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
+        clusters: u8,
+    },
     /// Regenerate deploy/ (profile manifests, Helm chart, kustomize) with meshctl.
     Manifests,
     /// Build the agent image here: static binaries built on the host, `FROM scratch`,
@@ -95,7 +100,8 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Test { args } => test::run(&args),
         Cmd::Lab { cmd } => lab::run(cmd),
-        Cmd::Demo => demo::run(),
+        Cmd::Demo { clusters: 2 } => demo::run_two_clusters(),
+        Cmd::Demo { .. } => demo::run(),
         Cmd::Bench(args) if args.render => bench::render(&args).map(|_| ()),
         Cmd::Bench(args) if args.scale => bench::run_scale(&args).map(|_| ()),
         Cmd::Bench(args) => match (args.soak, args.churn) {
