@@ -330,8 +330,9 @@ pub struct Settings {
 
     /// The network this cluster's pods are on (Istio's `values.global.network`):
     /// pods labelled `topology.istio.io/network` (or in a namespace so labelled) with
-    /// another network are not Service endpoints, being reachable only through an
-    /// east-west gateway. Empty: no network named, every pod reached directly.
+    /// another network are reached through that network's east-west gateway (double
+    /// HBONE), and are no Service endpoints while none is known. Empty: no network
+    /// named, every pod reached directly.
     #[arg(long, env = "MESH_NETWORK", default_value = "")]
     pub network: String,
 
