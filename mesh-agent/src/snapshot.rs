@@ -84,6 +84,10 @@ pub struct Snapshot {
     pub network: String,
     /// The east-west gateway of each other network, by network name.
     pub network_gateways: std::collections::BTreeMap<String, NetworkGateway>,
+    /// Who runs as each identity on another network, where that is one workload: a
+    /// connection from there arrives from its gateway's address, so the server names
+    /// its source by the identity it authenticated (None: several workloads share it).
+    behind_gateways: HashMap<crate::identity::Identity, Option<Arc<crate::state::WorkloadMeta>>>,
     /// Monotonic version, for logs and the config dump.
     pub version: u64,
     /// SHA-256 (hex, first 16 digits) of the objects in force: agents that read the same
@@ -215,6 +219,27 @@ impl Snapshot {
     /// The workload with this address.
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
         self.by_ip.get(&ip)
+    }
+
+    /// The workload that runs as `identity` on another network, when exactly one does.
+    pub fn behind_gateway(&self, identity: &crate::identity::Identity) -> Option<&Arc<crate::state::WorkloadMeta>> {
+        self.behind_gateways.get(identity)?.as_ref()
+    }
+
+    /// Notes the workloads reached through a gateway, by identity ([`Self::behind_gateway`]).
+    fn index_behind_gateways(&mut self) {
+        let mut index: HashMap<crate::identity::Identity, Option<Arc<crate::state::WorkloadMeta>>> = HashMap::new();
+        for w in self.workloads.iter().filter(|w| matches!(self.reach(w), Reach::Via(_))) {
+            index
+                .entry(w.identity.clone())
+                .and_modify(|held| {
+                    if held.as_ref().is_some_and(|m| **m != *w.meta) {
+                        *held = None;
+                    }
+                })
+                .or_insert_with(|| Some(w.meta.clone()));
+        }
+        self.behind_gateways = index;
     }
 
     /// Enrolled workloads scheduled on `node`.

@@ -239,8 +239,13 @@ impl ConnLabels {
         let src = snapshot.workload_by_ip(peer.ip()).filter(|w| w.identity == *client);
         let mut l = Self::inbound(snapshot, dst, port, src.map(|w| &**w), true);
         if src.is_none() {
-            let meta = WorkloadMeta { principal: client.to_string(), ..(*WorkloadMeta::unknown()).clone() };
-            l.peers.source = Side(Arc::new(meta));
+            // From another network the peer is its gateway: the identity names the
+            // source when one workload there runs as it.
+            let meta = match snapshot.behind_gateway(client) {
+                Some(meta) => meta.clone(),
+                None => Arc::new(WorkloadMeta { principal: client.to_string(), ..(*WorkloadMeta::unknown()).clone() }),
+            };
+            l.peers.source = Side(meta);
         }
         l
     }

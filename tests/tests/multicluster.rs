@@ -41,6 +41,15 @@ fn a_client_in_cluster1_reaches_cluster2_through_the_gateways_as_itself() {
     // The server's agent authenticated sleep itself (the inner tunnel), not the gateway.
     let sleep = "spiffe://cluster.local/ns/sample/sa/sleep";
     assert!(inbound_from(two, "c2-node2", "greeter", sleep) >= 1, "greeter's agent saw {sleep}");
+    // ... and names its source by that identity, with the cluster it runs in.
+    let named = mesh_tests::harness::metrics(two, "c2-node2").lines().any(|l| {
+        l.starts_with("istio_tcp_connections_opened_total{")
+            && l.contains(r#"reporter="destination""#)
+            && l.contains(r#"source_workload="sleep""#)
+            && l.contains(r#"source_cluster="cluster1""#)
+            && l.contains(r#"destination_cluster="cluster2""#)
+    });
+    assert!(named, "greeter's agent reports source_workload sleep of cluster1");
     assert_eq!(
         inbound_from(two, "c2-node2", "greeter", "spiffe://cluster.local/ns/istio-system/sa/istio-eastwestgateway"),
         0

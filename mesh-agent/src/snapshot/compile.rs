@@ -151,6 +151,9 @@ impl Snapshot {
         for draft in drafts.list {
             snap.add_service(draft);
         }
+        if !snap.network_gateways.is_empty() {
+            snap.index_behind_gateways();
+        }
         snap.external = ExternalServices::new(objects.iter().filter_map(|o| match o {
             Object::ServiceEntry(e) => Some(&**e),
             _ => None,

@@ -325,6 +325,9 @@ metadata: {{name: istio-eastwestgateway, namespace: istio-system, labels: {{topo
         let db = s.workloads.iter().find(|w| w.ips.contains(&"10.20.1.3".parse().unwrap())).unwrap();
         assert_eq!(s.reach(db), Reach::Via(gw));
         assert!(s.problems.iter().all(|p| p.code != "MESH0112"), "{:?}", s.problems);
+        // A connection from db arrives from the gateway's address: its identity names it.
+        let source = s.behind_gateway(&db.identity).expect("one workload runs as db's identity there");
+        assert_eq!((source.workload.as_str(), source.cluster.as_str()), ("db-0", "cluster2"));
         // This cluster's own pods are reached directly.
         let local = s.workloads.iter().find(|w| w.name == "myapp-v1").unwrap();
         assert_eq!(s.reach(local), Reach::Direct);
