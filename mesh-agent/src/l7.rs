@@ -129,9 +129,9 @@ pub struct Target {
     pub endpoints: Vec<(Arc<Workload>, SocketAddr)>,
     /// Runtime state of (pod, service, subset).
     pub cluster: Arc<balance::Cluster>,
-    /// Each endpoint's rank for the client under locality-aware load balancing (in
-    /// the order of `endpoints`); None when it is off or ranks them all alike.
-    pub priorities: Option<Vec<u32>>,
+    /// How locality-aware load balancing splits the endpoints for the client (in the
+    /// order of `endpoints`); None when it is off or makes no difference.
+    pub localities: Option<balance::Localities>,
 }
 
 impl Target {
@@ -141,10 +141,9 @@ impl Target {
         let subset = backend.subset.as_deref();
         let policy = snap.traffic_policy(&backend.service, subset, port);
         let endpoints = snap.endpoints(&backend.service, subset, port);
-        let priorities = LocalityPolicy::applies(&policy)
-            .then(|| endpoints.iter().map(|(w, _)| policy.locality.priority(pod, w)).collect::<Vec<u32>>())
-            .filter(|p| p.iter().any(|x| *x != p[0]));
-        Self { policy, endpoints, cluster: runtime.clusters.get(&pod.key(), &backend.service, subset), priorities }
+        let localities =
+            LocalityPolicy::applies(&policy).then(|| localities(&policy.locality, pod, &endpoints)).flatten();
+        Self { policy, endpoints, cluster: runtime.clusters.get(&pod.key(), &backend.service, subset), localities }
     }
 
     /// [`Target::resolve`], where `backend` may be a ServiceEntry host rather than a
@@ -189,7 +188,7 @@ impl Target {
             policy: snap.external_policy(&entry.key, port),
             endpoints,
             cluster: runtime.clusters.get(&pod.key(), &entry.key, None),
-            priorities: None,
+            localities: None,
         })
     }
 
@@ -202,17 +201,28 @@ impl Target {
         dialed: SocketAddr,
     ) -> Option<(Arc<Workload>, SocketAddr, balance::EndpointGuard)> {
         let addrs: Vec<SocketAddr> = self.endpoints.iter().map(|(_, a)| *a).collect();
-        let (addr, guard) = self.cluster.pick(
-            &addrs,
-            self.priorities.as_deref(),
-            lb,
-            self.policy.outlier.as_ref(),
-            hash_key,
-            dialed,
-        )?;
+        let (addr, guard) =
+            self.cluster.pick(&addrs, self.localities.as_ref(), lb, self.policy.outlier.as_ref(), hash_key, dialed)?;
         let workload = self.endpoints.iter().find(|(_, a)| *a == addr).map(|(w, _)| w.clone())?;
         Some((workload, addr, guard))
     }
+}
+
+/// How `locality` splits `endpoints` for `pod`: `distribute`'s shares when an entry
+/// covers the pod, else the ranks; None when all rank alike.
+fn localities(
+    locality: &LocalityPolicy,
+    pod: &Workload,
+    endpoints: &[(Arc<Workload>, SocketAddr)],
+) -> Option<balance::Localities> {
+    if let Some(shares) = locality.shares(pod) {
+        let covers =
+            |w: &Workload| shares.iter().position(|(to, _)| crate::traffic::policy::locality_covers(to, &w.locality));
+        let group = endpoints.iter().map(|(w, _)| covers(w).and_then(|i| u32::try_from(i).ok())).collect();
+        return Some(balance::Localities::Weighted { group, weights: shares.iter().map(|(_, w)| *w).collect() });
+    }
+    let ranks: Vec<u32> = endpoints.iter().map(|(w, _)| locality.priority(pod, w)).collect();
+    ranks.iter().any(|r| *r != ranks[0]).then_some(balance::Localities::Ranked(ranks))
 }
 
 /// The rule used for a Service (`namespace/name`) or ServiceEntry host that no

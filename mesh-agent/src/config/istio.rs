@@ -613,6 +613,19 @@ pub struct LoadBalancer {
     pub warmup_duration_secs: Option<AnyValue>,
 }
 
+/// A locality as `distribute` names it: `region`, `region/zone` or
+/// `region/zone/subzone`, where a part may be `*` (then the last one).
+fn validate_locality_pattern(at: &str, pattern: &str) -> Result<(), Invalid> {
+    let parts: Vec<&str> = pattern.split('/').collect();
+    let bad = parts.len() > 3
+        || parts.iter().any(|p| p.is_empty() || (p.contains('*') && *p != "*"))
+        || parts.iter().position(|p| *p == "*").is_some_and(|i| i + 1 != parts.len());
+    if bad {
+        return Err((at.into(), format!("{pattern:?} is not region/zone/subzone (a part may be *, last)")));
+    }
+    Ok(())
+}
+
 /// `localityLbSetting`.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -620,9 +633,9 @@ pub struct LocalityLbSetting {
     /// Off with `false`; on by default, as Istio's mesh-wide default is.
     #[serde(default)]
     pub enabled: Option<bool>,
-    /// Weights per locality (not supported yet: refused).
+    /// Weights per locality, for clients of the `from` locality.
     #[serde(default)]
-    pub distribute: Option<AnyValue>,
+    pub distribute: Vec<LocalityDistribute>,
     /// Where traffic goes when the client's region has no healthy endpoint.
     #[serde(default)]
     pub failover: Vec<LocalityFailover>,
@@ -631,6 +644,17 @@ pub struct LocalityLbSetting {
     /// `topology.kubernetes.io/region`, `topology.kubernetes.io/zone` or pod labels).
     #[serde(default)]
     pub failover_priority: Vec<String>,
+}
+
+/// `localityLbSetting.distribute[]`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LocalityDistribute {
+    /// The clients' locality, `region/zone/subzone` (`*` for any part that follows).
+    pub from: String,
+    /// Localities (same form) and the share of the traffic each gets, summing to 100.
+    #[serde(default)]
+    pub to: std::collections::BTreeMap<String, u32>,
 }
 
 /// `localityLbSetting.failover[]`.
@@ -1208,7 +1232,33 @@ fn validate_policy(at: &str, p: &TrafficPolicy) -> Result<(), Invalid> {
     if let Some(lb) = &p.load_balancer {
         if let Some(l) = &lb.locality_lb_setting {
             let lf = format!("{at}.loadBalancer.localityLbSetting");
-            not_supported(format!("{lf}.distribute"), l.distribute.is_some())?;
+            if !l.distribute.is_empty() && (!l.failover.is_empty() || !l.failover_priority.is_empty()) {
+                return Err((
+                    format!("{lf}.distribute"),
+                    "only one of distribute, failover and failoverPriority may be set".into(),
+                ));
+            }
+            let mut froms = std::collections::HashSet::new();
+            for (i, d) in l.distribute.iter().enumerate() {
+                let df = format!("{lf}.distribute[{i}]");
+                validate_locality_pattern(&format!("{df}.from"), &d.from)?;
+                if !froms.insert(d.from.as_str()) {
+                    return Err((format!("{df}.from"), format!("{:?} is named by another entry", d.from)));
+                }
+                if d.to.is_empty() {
+                    return Err((format!("{df}.to"), "names no locality".into()));
+                }
+                for (locality, weight) in &d.to {
+                    validate_locality_pattern(&format!("{df}.to[{locality}]"), locality)?;
+                    if !(1..=100).contains(weight) {
+                        return Err((format!("{df}.to[{locality}]"), format!("weight {weight} is not in 1..=100")));
+                    }
+                }
+                let total: u32 = d.to.values().sum();
+                if total != 100 {
+                    return Err((format!("{df}.to"), format!("the weights sum to {total}, not 100")));
+                }
+            }
             for (i, f) in l.failover.iter().enumerate() {
                 for (name, region) in [("from", &f.from), ("to", &f.to)] {
                     if region.is_empty() || region.contains('/') {

@@ -412,7 +412,7 @@ mod tests {
     }
 
     #[test]
-    fn locality_settings_are_checked_and_weights_are_refused_by_name() {
+    fn locality_settings_are_checked_with_the_field_named() {
         let dr = |lb: &str| {
             check(&format!(
                 "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: d}}\nspec:\n  host: myapp\n  trafficPolicy:\n    loadBalancer: {{localityLbSetting: {lb}}}\n"
@@ -424,11 +424,19 @@ mod tests {
             "{failover: [{from: us-east, to: us-west}]}",
             "{failoverPriority: [topology.istio.io/network, topology.istio.io/cluster]}",
             "{failoverPriority: [topology.istio.io/cluster=cluster1]}",
+            "{distribute: [{from: us-east/*, to: {us-east/*: 80, us-west/*: 20}}]}",
+            "{distribute: [{from: us-east/a/*, to: {us-east/a/*: 100}}, {from: '*', to: {us-east: 100}}]}",
         ] {
             assert_eq!(dr(ok), "ok 1", "{ok}");
         }
         for (bad, field) in [
-            ("{distribute: [{from: us-east/*, to: {us-east/*: 100}}]}", "localityLbSetting.distribute"),
+            ("{distribute: [{from: us-east/*, to: {us-east/*: 90}}]}", "localityLbSetting.distribute[0].to"),
+            ("{distribute: [{from: us-east/*, to: {us-east/*: 0, b: 100}}]}", "distribute[0].to[us-east/*]"),
+            ("{distribute: [{from: 'us-*', to: {a: 100}}]}", "localityLbSetting.distribute[0].from"),
+            ("{distribute: [{from: '*/a', to: {a: 100}}]}", "localityLbSetting.distribute[0].from"),
+            ("{distribute: [{from: a, to: {}}]}", "localityLbSetting.distribute[0].to"),
+            ("{distribute: [{from: a, to: {a: 100}}, {from: a, to: {b: 100}}]}", "distribute[1].from"),
+            ("{distribute: [{from: a, to: {a: 100}}], failover: [{from: a, to: b}]}", "localityLbSetting.distribute"),
             ("{failover: [{from: us-east, to: us-east}]}", "localityLbSetting.failover[0]"),
             ("{failover: [{from: us-east/a, to: us-west}]}", "localityLbSetting.failover[0].from"),
             ("{failoverPriority: ['']}", "localityLbSetting.failoverPriority[0]"),

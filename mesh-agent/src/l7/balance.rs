@@ -17,6 +17,72 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::traffic::policy::{LbPolicy, Outlier, PoolLimits};
 
+/// How locality-aware load balancing splits a target's endpoints for one client (one
+/// entry per endpoint, in the target's order).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Localities {
+    /// `failover`/`failoverPriority` ranks, lowest first: only the best rank with a
+    /// healthy endpoint serves.
+    Ranked(Vec<u32>),
+    /// `distribute`: each endpoint's locality group (the index of the `to` entry that
+    /// covers it; None: a locality `to` does not name), and each group's share.
+    Weighted {
+        /// Per endpoint.
+        group: Vec<Option<u32>>,
+        /// Per group.
+        weights: Vec<u32>,
+    },
+}
+
+impl Localities {
+    fn len(&self) -> usize {
+        match self {
+            Localities::Ranked(r) => r.len(),
+            Localities::Weighted { group, .. } => group.len(),
+        }
+    }
+}
+
+/// The part of `pool` (an in-order part of `candidates`) in one locality group, drawn
+/// by the groups' shares among those with an endpoint in the pool. A locality the
+/// shares do not name gets no traffic, unless no named one has an endpoint left.
+fn weighted_locality(
+    candidates: &[SocketAddr],
+    pool: &[SocketAddr],
+    group: &[Option<u32>],
+    weights: &[u32],
+) -> Vec<SocketAddr> {
+    let mut next = pool.iter().peekable();
+    let mut in_pool: Vec<(SocketAddr, Option<u32>)> = Vec::with_capacity(pool.len());
+    for (a, g) in candidates.iter().zip(group) {
+        if next.peek() == Some(&a) {
+            next.next();
+            in_pool.push((*a, *g));
+        }
+    }
+    let mut present: Vec<u32> = in_pool.iter().filter_map(|(_, g)| *g).collect();
+    present.sort_unstable();
+    present.dedup();
+    let share = |g: u32| weights.get(g as usize).copied().unwrap_or(0);
+    let total: u32 = present.iter().map(|g| share(*g)).sum();
+    if total == 0 {
+        return pool.to_vec();
+    }
+    let mut draw = rand::rng().random_range(0..total);
+    let chosen = present
+        .iter()
+        .copied()
+        .find(|g| {
+            if draw < share(*g) {
+                return true;
+            }
+            draw -= share(*g);
+            false
+        })
+        .unwrap_or(present[0]);
+    in_pool.into_iter().filter(|(_, g)| *g == Some(chosen)).map(|(a, _)| a).collect()
+}
+
 /// One cluster's state.
 #[derive(Debug, Default)]
 pub struct Cluster {
@@ -161,7 +227,7 @@ impl Cluster {
     pub fn pick(
         self: &Arc<Self>,
         candidates: &[SocketAddr],
-        priorities: Option<&[u32]>,
+        localities: Option<&Localities>,
         lb: &LbPolicy,
         outlier: Option<&Outlier>,
         hash_key: Option<&[u8]>,
@@ -184,8 +250,12 @@ impl Cluster {
             &healthy
         };
         let ranked: Vec<SocketAddr>;
-        let pool: &[SocketAddr] = match priorities.filter(|p| p.len() == candidates.len()) {
-            Some(ranks) => {
+        let pool: &[SocketAddr] = match localities.filter(|l| l.len() == candidates.len()) {
+            Some(Localities::Weighted { group, weights }) => {
+                ranked = weighted_locality(candidates, pool, group, weights);
+                &ranked
+            }
+            Some(Localities::Ranked(ranks)) => {
                 // The pool is the candidates or an in-order part of them: one walk of
                 // both keeps the pool's members of the best rank.
                 let mut best_of_pool = Vec::with_capacity(pool.len());
@@ -370,7 +440,7 @@ mod tests {
         let c = Arc::new(Cluster::default());
         let eps = addrs(3);
         // eps[0] and eps[1] near the client, eps[2] in the next rank.
-        let ranks = [0, 0, 1];
+        let ranks = Localities::Ranked(vec![0, 0, 1]);
         let o = Outlier {
             interval: Duration::from_millis(20),
             base_ejection: Duration::from_millis(60),
@@ -386,6 +456,33 @@ mod tests {
         std::thread::sleep(Duration::from_millis(150));
         let seen: std::collections::BTreeSet<_> = (0..10).map(|_| pick()).collect();
         assert_eq!(seen, [eps[0], eps[1]].into(), "back to the near rank once its ejections end");
+    }
+
+    #[test]
+    fn distribute_splits_by_locality_shares_and_moves_a_dead_localitys_share_to_the_rest() {
+        let c = Arc::new(Cluster::default());
+        let eps = addrs(4);
+        // eps[0], eps[1] in the 80% locality, eps[2] in the 20% one, eps[3] in one
+        // the shares do not name.
+        let split = Localities::Weighted { group: vec![Some(0), Some(0), Some(1), None], weights: vec![80, 20] };
+        let o = outlier(1, 100);
+        let pick = || c.pick(&eps, Some(&split), &LbPolicy::RoundRobin, Some(&o), None, eps[0]).unwrap().0;
+        let mut counts = [0usize; 4];
+        for _ in 0..2000 {
+            let chosen = pick();
+            counts[eps.iter().position(|a| *a == chosen).unwrap()] += 1;
+        }
+        let first = counts[0] + counts[1];
+        assert!((1450..=1750).contains(&first), "about 80% to the first locality: {counts:?}");
+        assert!(counts[0] > 500 && counts[1] > 500, "spread within it: {counts:?}");
+        assert_eq!(counts[3], 0, "a locality the shares do not name gets nothing: {counts:?}");
+        // The 20% locality ejected: its share goes to the rest that are named.
+        assert!(c.record(eps[2], Outcome::Status(503), Some(&o), 4));
+        assert!((0..200).map(|_| pick()).all(|a| a == eps[0] || a == eps[1]));
+        // Every named locality ejected: the unnamed one serves rather than nothing.
+        assert!(c.record(eps[0], Outcome::Status(503), Some(&o), 4));
+        assert!(c.record(eps[1], Outcome::Status(503), Some(&o), 4));
+        assert!((0..20).map(|_| pick()).all(|a| a == eps[3]));
     }
 
     #[test]

@@ -1797,3 +1797,21 @@ async fn l4_fails_over_to_the_next_locality_when_connects_to_the_near_endpoint_f
         assert_eq!(served_by(&res), "myapp-v2", "ejected after the failed connect: the far locality serves");
     }
 }
+
+#[tokio::test]
+async fn distribute_sends_each_locality_its_share_of_the_clients_requests() {
+    // The client is in us-east.a: a fifth of its requests stay there, the rest go west.
+    let yaml = near_and_far(102, 5, "30s", "").replace(
+        "maxEjectionPercent: 100}",
+        "maxEjectionPercent: 100}\n    loadBalancer:\n      localityLbSetting:\n        \
+         distribute: [{from: us-east/*, to: {us-east/*: 20, us-west/*: 80}}]",
+    );
+    let mesh = Mesh::start(&yaml, APPS).await;
+    let mut west = 0;
+    for _ in 0..100 {
+        let res = mesh.send("client", vip(102), get("/")).await;
+        assert_eq!(res.status(), StatusCode::OK);
+        west += usize::from(served_by(&res) == "myapp-v2");
+    }
+    assert!((65..=93).contains(&west), "about 80 of 100 to us-west: {west}");
+}

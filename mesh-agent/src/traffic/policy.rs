@@ -115,6 +115,9 @@ pub struct LocalityPolicy {
     pub failover: Vec<(String, String)>,
     /// `failoverPriority`: label names (or `name=value`), most important first.
     pub failover_priority: Vec<String>,
+    /// `distribute`: (the clients' locality, the localities their traffic goes to
+    /// with each one's share), in order; the first that covers a client applies.
+    pub distribute: Vec<(String, Vec<(String, u32)>)>,
 }
 
 impl LocalityPolicy {
@@ -123,7 +126,14 @@ impl LocalityPolicy {
             disabled: l.enabled == Some(false),
             failover: l.failover.iter().map(|f| (f.from.clone(), f.to.clone())).collect(),
             failover_priority: l.failover_priority.clone(),
+            distribute: l.distribute.iter().map(|d| (d.from.clone(), d.to.clone().into_iter().collect())).collect(),
         }
+    }
+
+    /// `distribute`'s shares for `client`: the localities its traffic goes to and the
+    /// share of each, from the first entry whose `from` covers the client's locality.
+    pub fn shares(&self, client: &Workload) -> Option<&[(String, u32)]> {
+        self.distribute.iter().find(|(from, _)| locality_covers(from, &client.locality)).map(|(_, to)| to.as_slice())
     }
 
     /// Whether it ranks endpoints under `policy`.
@@ -154,6 +164,20 @@ impl LocalityPolicy {
         };
         label_rank * 5 + locality_rank
     }
+}
+
+/// Whether `pattern` (`region[/zone[/subzone]]`, a part `*` covering the rest) covers
+/// `locality`.
+pub fn locality_covers(pattern: &str, locality: &crate::state::Locality) -> bool {
+    for (part, value) in pattern.split('/').zip([&locality.region, &locality.zone, &locality.subzone]) {
+        if part == "*" {
+            return true;
+        }
+        if part != value {
+            return false;
+        }
+    }
+    true
 }
 
 /// The value of label `name` for `w`, with Istio's topology labels from what the mesh
@@ -400,6 +424,27 @@ mod tests {
         w.locality = Locality::of_labels(&BTreeMap::from([("istio-locality".to_string(), locality.to_string())]));
         w.meta = Arc::new(WorkloadMeta { cluster: cluster.into(), ..(*WorkloadMeta::unknown()).clone() });
         w
+    }
+
+    #[test]
+    fn distribute_entries_cover_localities_by_pattern_and_the_first_covering_one_applies() {
+        let l = |s: &str| at(s, "c").locality;
+        assert!(locality_covers("us-east/a/*", &l("us-east.a.1")));
+        assert!(locality_covers("us-east/*", &l("us-east.b.2")));
+        assert!(locality_covers("us-east", &l("us-east.b.2")));
+        assert!(locality_covers("*", &l("eu.c.3")));
+        assert!(!locality_covers("us-east/a/*", &l("us-east.b.1")));
+        assert!(!locality_covers("us-east/a/1", &l("us-east.a.2")));
+        let policy = LocalityPolicy {
+            distribute: vec![
+                ("us-east/a/*".into(), vec![("us-east/a/*".into(), 100)]),
+                ("us-east/*".into(), vec![("us-west/*".into(), 100)]),
+            ],
+            ..Default::default()
+        };
+        assert_eq!(policy.shares(&at("us-east.a.1", "c")).unwrap()[0].0, "us-east/a/*");
+        assert_eq!(policy.shares(&at("us-east.b.1", "c")).unwrap()[0].0, "us-west/*");
+        assert!(policy.shares(&at("eu.a.1", "c")).is_none(), "no entry for eu: ranks apply");
     }
 
     #[test]
