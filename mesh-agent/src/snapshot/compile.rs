@@ -165,33 +165,6 @@ impl Snapshot {
         snap
     }
 
-    /// The east-west gateways of the other networks, from this cluster's objects first,
-    /// then the remote clusters' in order: the first one found for a network is its.
-    fn find_network_gateways(
-        &mut self,
-        objects: &[Object],
-        namespaces: &HashMap<String, NamespaceModes>,
-        remotes: &[RemoteObjects],
-        mesh: &MeshScope,
-    ) {
-        let mut found = super::network_gateway::discover(objects, namespaces, mesh, &Origin::local(mesh));
-        for remote in remotes {
-            let namespaces = namespace_modes(&remote.objects);
-            let network = super::remote::cluster_network(&namespaces, mesh).to_string();
-            let origin = Origin { cluster: &remote.cluster, network: &network };
-            let (gateways, problems) = super::network_gateway::discover(&remote.objects, &namespaces, mesh, &origin);
-            found.0.extend(gateways);
-            found.1.extend(problems);
-        }
-        let (gateways, problems) = found;
-        self.problems.extend(problems);
-        for gw in gateways {
-            if other_network(&gw.network, mesh).is_some() {
-                self.network_gateways.entry(gw.network.clone()).or_insert(gw);
-            }
-        }
-    }
-
     /// Telemetry objects, per workload: for each of metrics, access logging and tracing,
     /// the most specific Telemetry that says anything decides (the workload's own by
     /// selector, else its namespace's, else the root namespace's); of several at one
@@ -772,9 +745,15 @@ pub(super) struct Origin<'a> {
 
 impl<'a> Origin<'a> {
     /// This cluster, on the network `values.global.network` names.
-    fn local(mesh: &'a MeshScope) -> Self {
+    pub(super) fn local(mesh: &'a MeshScope) -> Self {
         Self { cluster: &mesh.cluster_id, network: &mesh.network }
     }
+}
+
+/// Istio's convention: the network of a cluster is the label on its system namespace
+/// (a namespace's or a pod's own label says otherwise); empty when it names none.
+pub(super) fn cluster_network<'a>(namespaces: &'a HashMap<String, NamespaceModes>, mesh: &MeshScope) -> &'a str {
+    namespaces.get(&mesh.root_namespace).and_then(|ns| ns.network.as_deref()).unwrap_or("")
 }
 
 /// The network `network` when it is not this cluster's (both named). Without a

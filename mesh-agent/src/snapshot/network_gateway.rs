@@ -17,8 +17,11 @@ use std::net::SocketAddr;
 
 use mesh_common::ports;
 
-use super::compile::{NETWORK_LABEL, NamespaceModes, Origin, workload};
-use crate::config::Object;
+use super::Snapshot;
+use super::compile::{
+    NETWORK_LABEL, NamespaceModes, Origin, cluster_network, namespace_modes, other_network, workload,
+};
+use crate::config::{Object, RemoteObjects};
 use crate::identity::Identity;
 use crate::state::{MeshScope, Problem};
 
@@ -46,6 +49,35 @@ pub enum Reach<'a> {
     Via(&'a NetworkGateway),
     /// Not at all: another network without a gateway.
     Unreachable,
+}
+
+impl Snapshot {
+    /// The east-west gateways of the other networks, from this cluster's objects first,
+    /// then the remote clusters' in order: the first one found for a network is its.
+    pub(super) fn find_network_gateways(
+        &mut self,
+        objects: &[Object],
+        namespaces: &HashMap<String, NamespaceModes>,
+        remotes: &[RemoteObjects],
+        mesh: &MeshScope,
+    ) {
+        let mut found = discover(objects, namespaces, mesh, &Origin::local(mesh));
+        for remote in remotes {
+            let namespaces = namespace_modes(&remote.objects);
+            let network = cluster_network(&namespaces, mesh).to_string();
+            let origin = Origin { cluster: &remote.cluster, network: &network };
+            let (gateways, problems) = discover(&remote.objects, &namespaces, mesh, &origin);
+            found.0.extend(gateways);
+            found.1.extend(problems);
+        }
+        let (gateways, problems) = found;
+        self.problems.extend(problems);
+        for gw in gateways {
+            if other_network(&gw.network, mesh).is_some() {
+                self.network_gateways.entry(gw.network.clone()).or_insert(gw);
+            }
+        }
+    }
 }
 
 /// The network gateways one cluster's objects declare, with a problem for each Service

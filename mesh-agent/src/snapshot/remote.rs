@@ -14,17 +14,11 @@ use std::sync::Arc;
 
 use super::Snapshot;
 use super::compile::{
-    NamespaceModes, Origin, ServiceDraft, ServiceDrafts, namespace_modes, other_network, selected_endpoints,
+    Origin, ServiceDraft, ServiceDrafts, cluster_network, namespace_modes, other_network, selected_endpoints,
     slice_endpoints, slices_by_service, workload,
 };
 use crate::config::{Object, RemoteObjects};
 use crate::state::{MeshScope, Problem, Workload};
-
-/// Istio's convention: the network of a cluster is the label on its system namespace
-/// (a namespace's or a pod's own label says otherwise); empty when it names none.
-pub(super) fn cluster_network<'a>(namespaces: &'a HashMap<String, NamespaceModes>, mesh: &MeshScope) -> &'a str {
-    namespaces.get(&mesh.root_namespace).and_then(|ns| ns.network.as_deref()).unwrap_or("")
-}
 
 impl Snapshot {
     /// Adds `remote`'s pods as workloads and its Services' endpoints to `drafts`.
