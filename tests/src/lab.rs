@@ -479,13 +479,18 @@ impl Lab {
         Ok(())
     }
 
-    /// A command that runs `argv` in the CA service's netns and cgroup (the cluster's
-    /// control plane).
-    pub(crate) fn ca_command(&self, argv: &[String]) -> Command {
+    /// Starts `argv` in the CA service's netns and cgroup (the cluster's control
+    /// plane), its output appended to `log`.
+    pub(crate) fn spawn_in_ca(&self, argv: &[String], log: &Path) -> anyhow::Result<std::process::Child> {
         let cgroup = self.cgroup_root.join(self.placement.ca_cgroup());
-        let mut cmd = in_cgroup_netns(&cgroup, &self.placement.ca_netns, Enter::Nsenter, argv);
-        cmd.env("MESH_LOG", &self.agent_log);
-        cmd
+        let log = fs::OpenOptions::new().create(true).append(true).open(log)?;
+        in_cgroup_netns(&cgroup, &self.placement.ca_netns, Enter::Nsenter, argv)
+            .env("MESH_LOG", &self.agent_log)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", argv[0]))
     }
 
     /// Config directory every agent watches.
@@ -713,14 +718,7 @@ impl Lab {
             "1s".into(),
         ]
         .into();
-        let log = fs::OpenOptions::new().create(true).append(true).open(self.ca_log_path())?;
-        let child = in_cgroup_netns(&self.cgroup_root.join(&cgroup), ca_netns, Enter::Nsenter, &argv)
-            .env("MESH_LOG", &self.agent_log)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting mesh-ca")?;
+        let child = self.spawn_in_ca(&argv, &self.ca_log_path())?;
         self.ca_pid = Some(child.id());
         self.save()?;
         let deadline = Instant::now() + READY_TIMEOUT;

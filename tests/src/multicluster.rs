@@ -19,7 +19,6 @@
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
@@ -160,14 +159,7 @@ impl Lab {
             "--token-file".into(),
             token_file.display().to_string(),
         ];
-        let log = std::fs::File::create(self.state_dir.join("logs").join("mesh-apiserver.log"))?;
-        let child = self
-            .ca_command(&argv)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting mesh-apiserver")?;
+        let child = self.spawn_in_ca(&argv, &self.state_dir.join("logs").join("mesh-apiserver.log"))?;
         self.api_pid = Some(child.id());
         self.save()?;
         let url = format!("http://{addr}");

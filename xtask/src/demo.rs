@@ -44,16 +44,7 @@ pub fn run() -> anyhow::Result<()> {
     for (what, answer) in &rows {
         println!("  {what:<45} answered by {answer}");
     }
-    println!(
-        "\n[demo] wire between nodes (tunnel port 15008), {} bytes captured in {}",
-        wire.bytes,
-        wire.pcap.display()
-    );
-    println!("  TLS 1.3 handshake seen:        {}", if wire.tls13_handshake { "yes" } else { "NO" });
-    println!(
-        "  plaintext HTTP visible:        {}",
-        if wire.plaintext.is_empty() { "none".to_string() } else { wire.plaintext.join(", ") }
-    );
+    show_wire("wire between nodes (tunnel port 15008)", &wire);
 
     println!("\n[demo] agent metrics (istio_tcp_connections_opened_total)");
     for n in &lab.nodes {
@@ -294,6 +285,17 @@ fn zero_trust(lab: &Lab) -> anyhow::Result<bool> {
     Ok(ok)
 }
 
+/// Prints what a capture on the wire saw; true when it was TLS 1.3 and nothing else.
+fn show_wire(title: &str, wire: &mesh_tests::wire::WireReport) -> bool {
+    println!("\n[demo] {title}, {} bytes captured in {}", wire.bytes, wire.pcap.display());
+    println!("  TLS 1.3 handshake seen:        {}", if wire.tls13_handshake { "yes" } else { "NO" });
+    println!(
+        "  plaintext HTTP visible:        {}",
+        if wire.plaintext.is_empty() { "none".to_string() } else { wire.plaintext.join(", ") }
+    );
+    wire.tls13_handshake && wire.plaintext.is_empty()
+}
+
 fn shorten(line: &str) -> String {
     let keep = ["direction", "source_workload=", "destination_workload=", "connection_security_policy"];
     let (labels, value) = line.rsplit_once(' ').unwrap_or((line, ""));
@@ -369,17 +371,7 @@ pub fn run_two_clusters() -> anyhow::Result<()> {
     println!("  lifted: sleep -> greeter answered again");
 
     let wire = capture.finish();
-    println!(
-        "\n[demo] the wire (port 15008: tunnels to the gateways), {} bytes captured in {}",
-        wire.bytes,
-        wire.pcap.display()
-    );
-    println!("  TLS 1.3 handshake seen:        {}", if wire.tls13_handshake { "yes" } else { "NO" });
-    println!(
-        "  plaintext HTTP visible:        {}",
-        if wire.plaintext.is_empty() { "none".to_string() } else { wire.plaintext.join(", ") }
-    );
-    ok &= wire.tls13_handshake && wire.plaintext.is_empty();
+    ok &= show_wire("the wire (port 15008: tunnels to the gateways)", &wire);
     println!(
         "\n[demo] {}",
         if ok {
