@@ -7,9 +7,9 @@
 //!
 //! Invariants: the gateway reaches only the HBONE port of enrolled pods of its own
 //! network (never another port, address or network: no open relay); a stream is taken
-//! only under a client certificate still valid and the gateway's AuthorizationPolicies
-//! (at L4, with the client's identity); each stream counts against the client address's
-//! connection cap.
+//! only while the client's certificate and the gateway's own are valid, under the
+//! gateway's AuthorizationPolicies (at L4, with the client's identity); each stream
+//! counts against the client address's connection cap.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -93,8 +93,14 @@ async fn stream_request(
         tracing::info!(client = %client.identity, %target, "east-west: the client's certificate has expired; refused");
         return status(StatusCode::UNAUTHORIZED);
     }
-    let snap = ctx.l7.snapshot.load_full();
     let gateway = &plan.workload;
+    // A connection outlives the certificate the gateway presented: a new stream
+    // takes a valid one (fail closed at expiry, as the pods' HBONE servers do).
+    if let Err(e) = ctx.l7.dialer.certs.get(&gateway.identity) {
+        tracing::warn!(client = %client.identity, %target, error = %e, "east-west: no valid certificate of its own; refused");
+        return status(StatusCode::SERVICE_UNAVAILABLE);
+    }
+    let snap = ctx.l7.snapshot.load_full();
     let dest = snap
         .workload_by_ip(target.ip())
         .filter(|w| w.enrolled && snap.reach(w) == Reach::Direct && !ports::is_mesh_owned(target.port()))
