@@ -1023,6 +1023,27 @@ mod tests {
     }
 
     #[test]
+    fn an_east_west_gateways_hbone_listener_is_read_as_istio_writes_it() {
+        let yaml = "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\n\
+                    metadata: {name: istio-eastwestgateway, namespace: istio-system}\n\
+                    spec:\n  gatewayClassName: istio-east-west\n  listeners:\n  \
+                    - {name: mesh, port: 15008, protocol: HBONE, tls: {mode: Terminate, \
+                    options: {gateway.istio.io/tls-terminate-mode: ISTIO_MUTUAL}}}\n";
+        let objects = field_of(yaml).unwrap();
+        let t = super::translate::translate(&objects);
+        let [(gw, ns)] = t.gateways.as_slice() else { panic!("one Istio Gateway: {:?}", t.problems) };
+        assert_eq!(ns, "istio-system");
+        let server = &gw.spec.servers[0];
+        assert_eq!(server.port.as_ref().map(|p| (p.number, p.protocol.as_str())), Some((15008, "HBONE")));
+        assert_eq!(server.tls.as_ref().map(|t| t.mode), Some(crate::config::gateway::TlsMode::IstioMutual));
+        assert_eq!(
+            gw.spec.selector.get("gateway.networking.k8s.io/gateway-name").map(String::as_str),
+            Some("istio-eastwestgateway")
+        );
+        assert!(t.problems.is_empty(), "{:?}", t.problems);
+    }
+
+    #[test]
     fn what_the_crds_refuse_is_refused_with_the_field() {
         let listeners = [
             ("  - {name: https, port: 443, protocol: HTTPS}\n", "spec.listeners[0].tls"),
@@ -1036,6 +1057,14 @@ mod tests {
             ),
             ("  - {name: h, port: 0, protocol: HTTP}\n", "spec.listeners[0].port"),
             ("  - {name: h, port: 80, protocol: QUIC}\n", "spec.listeners[0].protocol"),
+            (
+                "  - {name: mesh, port: 15008, protocol: HBONE, tls: {mode: Passthrough}}\n",
+                "spec.listeners[0].tls.mode",
+            ),
+            (
+                "  - {name: mesh, port: 15008, protocol: HBONE, tls: {options: {gateway.istio.io/tls-terminate-mode: SIMPLE}}}\n",
+                "spec.listeners[0].tls.options",
+            ),
             ("  - {name: h, port: 80, protocol: HTTP, hostname: \"a.*.com\"}\n", "spec.listeners[0].hostname"),
             (
                 "  - {name: h, port: 80, protocol: HTTP, allowedRoutes: {namespaces: {from: Selector}}}\n",
