@@ -182,7 +182,7 @@ pub fn hbone_connect(data: &[u8]) -> Vec<StatusCode> {
     serve(data, |io, answered| async move {
         let pod = reference().server.clone();
         let service = hyper::service::service_fn(move |req| {
-            let status = match connect_target(&req, &pod) {
+            let status = match connect_target(&req, &pod, &reference().snapshot) {
                 Ok(target) => {
                     assert!(pod.ips.contains(&target.ip()), "a tunnel reaches its own pod only");
                     StatusCode::OK

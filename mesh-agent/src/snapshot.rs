@@ -258,12 +258,7 @@ impl Snapshot {
     /// ServiceEntry host's. None: the mesh does not know the name, and the query goes
     /// upstream as it came.
     pub fn dns_addresses(&self, name: &str, namespace: &str) -> Option<Vec<IpAddr>> {
-        let service = name
-            .strip_suffix(crate::state::SERVICE_DOMAIN)
-            .and_then(|rest| rest.split_once('.'))
-            .filter(|(_, ns)| !ns.contains('.'))
-            .and_then(|(svc, ns)| self.by_key.get(&format!("{ns}/{svc}")));
-        if let Some(s) = service {
+        if let Some(s) = self.service_by_hostname(name) {
             let mut addresses = s.vips.clone();
             if addresses.is_empty() {
                 for e in &s.endpoints {
@@ -279,6 +274,15 @@ impl Snapshot {
             }
         }
         self.external.dns_addresses(name, namespace)
+    }
+
+    /// The Service a fully qualified name (`<svc>.<ns>.svc.cluster.local`, lower case)
+    /// names.
+    pub fn service_by_hostname(&self, name: &str) -> Option<&Arc<Service>> {
+        name.strip_suffix(crate::state::SERVICE_DOMAIN)
+            .and_then(|rest| rest.split_once('.'))
+            .filter(|(_, ns)| !ns.contains('.'))
+            .and_then(|(svc, ns)| self.by_key.get(&format!("{ns}/{svc}")))
     }
 
     /// The `http:` routes mesh traffic to ServiceEntry `entry` (`namespace/name`) takes.

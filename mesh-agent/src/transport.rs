@@ -19,6 +19,8 @@ mod pool;
 pub mod sockets;
 
 pub use connect::{Dialer, Upstream, lookup};
+#[cfg(test)]
+pub(crate) use pool::handshake;
 pub use pool::{Pool, Tunnel};
 
 use std::net::SocketAddr;

@@ -1,8 +1,10 @@
 //! The east-west gateway's HBONE port (Istio ambient's `istio-east-west` Gateway:
 //! listener `protocol: HBONE`, port 15008): the outer tunnel of double HBONE ends
 //! here. A mesh client (mutual TLS, any identity of the mesh's trust domains) asks with
-//! CONNECT for a pod address of this network; the stream is spliced, as it is, to that
-//! pod's HBONE port, where the client's inner tunnel to the pod ends. The gateway reads
+//! CONNECT for a pod address of this network (as this mesh's agents ask) or a
+//! Service's `host:port` (as ztunnel asks; a serving endpoint of this network is
+//! drawn); the stream is spliced, as it is, to that pod's HBONE port, where the
+//! client's inner tunnel to the pod ends. The gateway reads
 //! none of it: the pod's agent authenticates and judges the client itself.
 //!
 //! Invariants: the gateway reaches only the HBONE port of enrolled pods of its own
@@ -17,18 +19,21 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 use futures::FutureExt as _;
+use http::uri::Authority;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Empty;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use mesh_common::ports;
+use rand::Rng as _;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
 use super::{GatewayContext, PortPlan};
 use crate::authz::{ConnAttrs, Decision, Peer};
 use crate::identity::{Identity, cert_not_after, peer_identity};
-use crate::snapshot::Reach;
+use crate::snapshot::{Reach, Snapshot};
+use crate::state::Workload;
 use crate::telemetry::{ConnLabels, DenyReason, ServiceLabels};
 use crate::transport::{CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT, limits, sockets};
 
@@ -68,6 +73,26 @@ pub(super) async fn serve(ctx: GatewayContext, stream: TcpStream, peer: SocketAd
     }
 }
 
+/// The pod a CONNECT's authority asks for, and the address it names: `ip:port` of a
+/// pod, or a Service's `host:port` (as ztunnel asks), whose serving endpoints of this
+/// network are drawn at random. Only enrolled pods of the gateway's own network, at a
+/// port that is not the mesh's own.
+fn destination(snap: &Snapshot, authority: &Authority) -> Option<(Arc<Workload>, SocketAddr)> {
+    let of_this_network =
+        |w: &Workload, at: SocketAddr| w.enrolled && snap.reach(w) == Reach::Direct && !ports::is_mesh_owned(at.port());
+    if let Ok(target) = authority.as_str().parse::<SocketAddr>() {
+        let dest = snap.workload_by_ip(target.ip()).filter(|w| of_this_network(w, target))?;
+        return Some((dest.clone(), target));
+    }
+    let service = snap.service_by_hostname(&authority.host().to_ascii_lowercase())?;
+    let serving: Vec<(Arc<Workload>, SocketAddr)> = snap
+        .endpoints(&service.key(), None, authority.port_u16()?)
+        .into_iter()
+        .filter(|(w, at)| w.serving && of_this_network(w, *at))
+        .collect();
+    serving.get(rand::rng().random_range(0..serving.len().max(1))).cloned()
+}
+
 fn status(code: StatusCode) -> Response<Empty<Bytes>> {
     let mut r = Response::new(Empty::new());
     *r.status_mut() = code;
@@ -86,27 +111,23 @@ async fn stream_request(
     if req.method() != Method::CONNECT {
         return status(StatusCode::METHOD_NOT_ALLOWED);
     }
-    let Some(target) = req.uri().authority().and_then(|a| a.as_str().parse::<SocketAddr>().ok()) else {
+    let Some(authority) = req.uri().authority().cloned() else {
         return status(StatusCode::BAD_REQUEST);
     };
     if SystemTime::now() >= client.not_after {
-        tracing::info!(client = %client.identity, %target, "east-west: the client's certificate has expired; refused");
+        tracing::info!(client = %client.identity, %authority, "east-west: the client's certificate has expired; refused");
         return status(StatusCode::UNAUTHORIZED);
     }
     let gateway = &plan.workload;
     // A connection outlives the certificate the gateway presented: a new stream
     // takes a valid one (fail closed at expiry, as the pods' HBONE servers do).
     if let Err(e) = ctx.l7.dialer.certs.get(&gateway.identity) {
-        tracing::warn!(client = %client.identity, %target, error = %e, "east-west: no valid certificate of its own; refused");
+        tracing::warn!(client = %client.identity, %authority, error = %e, "east-west: no valid certificate of its own; refused");
         return status(StatusCode::SERVICE_UNAVAILABLE);
     }
     let snap = ctx.l7.snapshot.load_full();
-    let dest = snap
-        .workload_by_ip(target.ip())
-        .filter(|w| w.enrolled && snap.reach(w) == Reach::Direct && !ports::is_mesh_owned(target.port()))
-        .cloned();
-    let Some(dest) = dest else {
-        tracing::warn!(client = %client.identity, %target, "east-west: not a mesh pod of this network; refused");
+    let Some((dest, target)) = destination(&snap, &authority) else {
+        tracing::warn!(client = %client.identity, %authority, "east-west: not a mesh pod of this network; refused");
         return status(StatusCode::FORBIDDEN);
     };
     let peer = Peer::from_identity(&client.identity, &snap.equivalent_domains);

@@ -983,6 +983,11 @@ kind: Service
 metadata: {{name: web, namespace: shop}}
 spec: {{selector: {{app: web}}, clusterIP: 10.96.{net}.10, ports: [{{name: http, port: 80, targetPort: 8080}}]}}
 ---
+apiVersion: v1
+kind: Service
+metadata: {{name: client, namespace: shop}}
+spec: {{selector: {{app: client}}, clusterIP: 10.96.{net}.11, ports: [{{name: http, port: 80, targetPort: 8080}}]}}
+---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata: {{name: web-from-sleep, namespace: shop}}
@@ -1116,4 +1121,38 @@ async fn the_east_west_gateway_reaches_only_the_hbone_port_of_its_own_networks_m
 
 fn gateway_ip(gateway: &Gateway) -> IpAddr {
     gateway.bind
+}
+
+#[tokio::test]
+async fn a_ztunnel_style_double_hbone_by_service_hostname_reaches_the_pod_as_the_client() {
+    // ztunnel names the Service, not the pod, in both CONNECTs: the gateway draws an
+    // endpoint of its network, and the pod's agent maps the Service's port to its own.
+    let (mesh, _gateway) = across_networks(62).await;
+    let snap = mesh.ctx.snapshot.load_full();
+    let client = snap.workloads.iter().find(|w| w.name == "client").unwrap().clone();
+    let web = snap.workloads.iter().find(|w| w.name == "web").unwrap().clone();
+    let gw = snap.network_gateways["network2"].clone();
+    let dialer = &mesh.ctx.dialer;
+    let host = "web.shop.svc.cluster.local:80";
+    let connect = |authority: &str| {
+        http::Request::builder().method(http::Method::CONNECT).uri(authority).body(Empty::<Bytes>::new()).unwrap()
+    };
+    let tcp = TcpStream::connect(gw.addr).await.unwrap();
+    let (mut outer, conn, _) =
+        crate::transport::handshake(dialer, &client.identity, &gw.identity, gw.addr, tcp).await.unwrap();
+    tokio::spawn(conn);
+    let res = outer.send_request(connect(host)).await.unwrap();
+    assert_eq!(res.status(), 200, "the gateway takes a Service's host:port");
+    let stream = TokioIo::new(hyper::upgrade::on(res).await.unwrap());
+    let (mut inner, conn, _) =
+        crate::transport::handshake(dialer, &client.identity, &web.identity, gw.addr, stream).await.unwrap();
+    tokio::spawn(conn);
+    let res = inner.send_request(connect(host)).await.unwrap();
+    assert_eq!(res.status(), 200, "web's agent maps the Service's port to web's 8080");
+    let app = TokioIo::new(hyper::upgrade::on(res).await.unwrap());
+    assert_eq!(served_by(&send(app, get("/", "web")).await.unwrap()), "web");
+    // A Service's host:port with no endpoint on the gateway's network, or unknown, is refused.
+    for authority in ["client.shop.svc.cluster.local:80", "nothing.shop.svc.cluster.local:80"] {
+        assert_eq!(outer.send_request(connect(authority)).await.unwrap().status(), 403, "{authority}");
+    }
 }

@@ -23,6 +23,7 @@ use super::admission::{self, Arrival};
 use crate::authz::{ConnVerdict, Decision, Peer};
 use crate::dataplane::Netns;
 use crate::identity::{Identity, cert_not_after, humantime_utc, peer_identity};
+use crate::snapshot::Snapshot;
 use crate::state::Workload;
 use crate::telemetry::ConnLabels;
 use crate::transport::{CONNECT_TIMEOUT, Error, HANDSHAKE_TIMEOUT, limits, sockets};
@@ -115,7 +116,7 @@ fn status(code: StatusCode) -> Response<Empty<Bytes>> {
 pub(crate) enum Refused {
     /// Not a CONNECT.
     NotConnect,
-    /// The authority is not `ip:port`.
+    /// The authority is neither `ip:port` nor a Service's `host:port`.
     BadTarget,
     /// An address of another pod, or a port of the mesh's own.
     Outside(SocketAddr),
@@ -132,14 +133,27 @@ impl Refused {
     }
 }
 
-/// The address a CONNECT stream to `pod`'s tunnel asks for. The tunnel terminates in
-/// this pod's netns: only this pod's application ports are reachable through it, never
-/// another address (no open relay).
-pub(crate) fn connect_target<B>(req: &Request<B>, pod: &Workload) -> Result<SocketAddr, Refused> {
+/// The address a CONNECT stream to `pod`'s tunnel asks for: `ip:port`, or a Service's
+/// `host:port` (`<svc>.<ns>.svc.cluster.local`, as ztunnel names the target of double
+/// HBONE) that `pod` is an endpoint of, at the pod's port for it. The tunnel terminates
+/// in this pod's netns: only this pod's application ports are reachable through it,
+/// never another address (no open relay).
+pub(crate) fn connect_target<B>(req: &Request<B>, pod: &Workload, snap: &Snapshot) -> Result<SocketAddr, Refused> {
     if req.method() != Method::CONNECT {
         return Err(Refused::NotConnect);
     }
-    let target = req.uri().authority().and_then(|a| a.as_str().parse::<SocketAddr>().ok()).ok_or(Refused::BadTarget)?;
+    let authority = req.uri().authority().ok_or(Refused::BadTarget)?;
+    let target = match authority.as_str().parse::<SocketAddr>() {
+        Ok(target) => target,
+        Err(_) => {
+            let (host, port) = (authority.host().to_ascii_lowercase(), authority.port_u16().ok_or(Refused::BadTarget)?);
+            let service = snap.service_by_hostname(&host).ok_or(Refused::BadTarget)?;
+            let sp = service.ports.iter().find(|p| p.port == port).ok_or(Refused::BadTarget)?;
+            let endpoint = service.endpoints.iter().find(|e| e.workload.key() == pod.key() && pod.ips.contains(&e.ip));
+            let unspecified = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), port);
+            endpoint.and_then(|e| e.addr(sp)).ok_or(Refused::Outside(unspecified))?
+        }
+    };
     if !pod.ips.contains(&target.ip()) || ports::is_mesh_owned(target.port()) {
         return Err(Refused::Outside(target));
     }
@@ -175,7 +189,7 @@ async fn stream_request(
     peer: SocketAddr,
     mut req: Request<Incoming>,
 ) -> Response<Empty<Bytes>> {
-    let target = match connect_target(&req, &pod) {
+    let target = match connect_target(&req, &pod, &ctx.snapshot.load()) {
         Ok(target) => target,
         Err(refused) => {
             if let Refused::Outside(target) = refused {

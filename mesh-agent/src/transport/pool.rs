@@ -375,7 +375,7 @@ impl Pool {
 }
 
 /// A driver of one HTTP/2 client connection over `Io`.
-pub(super) type Driver<Io> = hyper::client::conn::http2::Connection<
+pub(crate) type Driver<Io> = hyper::client::conn::http2::Connection<
     TokioIo<tokio_rustls::client::TlsStream<Io>>,
     Empty<Bytes>,
     hyper_util::rt::TokioExecutor,
@@ -384,7 +384,7 @@ pub(super) type Driver<Io> = hyper::client::conn::http2::Connection<
 /// Mutual TLS as `source` with the HBONE server at `addr` over `io`, which must present
 /// `destination`, then HTTP/2: the sender, the connection's driver (to be spawned), and
 /// the notAfter of the certificate the server presented.
-pub(super) async fn handshake<Io>(
+pub(crate) async fn handshake<Io>(
     dialer: &Dialer,
     source: &Identity,
     destination: &Identity,
