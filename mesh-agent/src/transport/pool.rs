@@ -7,9 +7,11 @@
 //! carries more than [`MAX_STREAMS_PER_CONNECTION`] open streams (a busy key fans out to
 //! more connections, so one TLS session is not the bottleneck for a hot pair of pods);
 //! no stream opens under an expired certificate: not the source's (checked at each
-//! connection), not the peer's (a pooled connection is not used past the notAfter of
-//! the certificate its peer presented), so a CA outage past a certificate's lifetime
-//! fails closed for tunnels opened before it too.
+//! connection, and a pooled connection is not used past the notAfter of the source
+//! certificate it was made with, which the peer would refuse), not the peer's (nor
+//! past the notAfter of the certificate the peer presented), so a CA outage past a
+//! certificate's lifetime fails closed for tunnels opened before it too, and a
+//! rotation moves new streams to connections made with the renewed certificates.
 
 use std::collections::HashMap;
 use std::io;
@@ -43,6 +45,11 @@ struct Key {
     addr: SocketAddr,
 }
 
+/// How long before either side's certificate expires a pooled connection stops taking
+/// streams (new ones go on a connection made with the renewed certificates, which a
+/// workload holds from half its certificate's life on).
+const EXPIRY_MARGIN: Duration = Duration::from_secs(1);
+
 /// Streams one pooled connection carries before another is opened for the same key
 /// (ztunnel's default too).
 pub const MAX_STREAMS_PER_CONNECTION: usize = 100;
@@ -53,6 +60,9 @@ struct Pooled {
     streams: StreamCount,
     /// The notAfter of the certificate the peer presented.
     peer_not_after: SystemTime,
+    /// The notAfter of the source's certificate when the connection was made (the one
+    /// it presented, or an older one): the peer refuses streams past it.
+    own_not_after: SystemTime,
 }
 
 impl Pooled {
@@ -65,9 +75,12 @@ impl Pooled {
         self.streams.try_reserve(MAX_STREAMS_PER_CONNECTION)
     }
 
-    /// Open, and authenticated by a certificate that is still valid `now`.
+    /// Open, and authenticated both ways by certificates still valid `now`, with
+    /// [`EXPIRY_MARGIN`] to spare: a stream taken just before either expires would be
+    /// refused by the peer (or by this side's own check) a moment later.
     fn usable(&self, now: SystemTime) -> bool {
-        !self.sender.is_closed() && now < self.peer_not_after
+        let soon = now + EXPIRY_MARGIN;
+        !self.sender.is_closed() && soon < self.peer_not_after && soon < self.own_not_after
     }
 
     /// Whether the connection has had no stream for `idle_timeout`.
@@ -354,6 +367,8 @@ impl Pool {
     }
 
     async fn dial(&self, dialer: &Dialer, source: &Workload, netns: &Netns, key: &Key) -> Result<Pooled, Error> {
+        // The certificate the handshake presents is this one or a newer one.
+        let own_not_after = dialer.certs.get(&source.identity)?.not_after;
         let tcp = sockets::connect_in(netns, key.addr, dialer.bypass_mark, CONNECT_TIMEOUT).await?;
         let (sender, conn, peer_not_after) =
             handshake(dialer, &source.identity, &key.destination, key.addr, tcp).await?;
@@ -370,7 +385,7 @@ impl Pool {
             }
         });
         tracing::debug!(source = %key.source_pod, destination = %key.destination, %addr, "HBONE connection opened");
-        Ok(Pooled { sender, streams, peer_not_after })
+        Ok(Pooled { sender, streams, peer_not_after, own_not_after })
     }
 }
 
@@ -477,15 +492,23 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_connection_takes_no_stream_once_its_peers_certificate_expired() {
+    async fn a_connection_takes_no_stream_once_either_sides_certificate_expires() {
         let (io, _peer) = tokio::io::duplex(64 * 1024);
         let (sender, conn) = super::limits::h2_client().handshake(hyper_util::rt::TokioIo::new(io)).await.unwrap();
         tokio::spawn(conn);
-        let pooled =
-            |peer_not_after| Pooled { sender: sender.clone(), streams: StreamCount::default(), peer_not_after };
+        let pooled = |peer_not_after, own_not_after| Pooled {
+            sender: sender.clone(),
+            streams: StreamCount::default(),
+            peer_not_after,
+            own_not_after,
+        };
         let now = std::time::SystemTime::now();
-        assert!(pooled(now + Duration::from_secs(60)).try_reserve(now).is_some(), "valid: takes a stream");
-        assert!(pooled(now - Duration::from_secs(1)).try_reserve(now).is_none(), "expired: takes none");
+        let (valid, expired) = (now + Duration::from_secs(60), now - Duration::from_secs(1));
+        assert!(pooled(valid, valid).try_reserve(now).is_some(), "valid: takes a stream");
+        assert!(pooled(expired, valid).try_reserve(now).is_none(), "the peer's expired: takes none");
+        assert!(pooled(valid, expired).try_reserve(now).is_none(), "its own expired: the peer would refuse it");
+        let expiring = now + Duration::from_millis(500);
+        assert!(pooled(valid, expiring).try_reserve(now).is_none(), "about to expire: a fresh connection instead");
     }
 
     #[tokio::test]
