@@ -493,6 +493,15 @@ impl Lab {
             .with_context(|| format!("starting {}", argv[0]))
     }
 
+    /// The HTTP status curl gets from the CA service's netns for `args` (its URL last),
+    /// within a second; `000` when nothing answered.
+    pub(crate) fn status_from_ca(&self, args: &[&str]) -> anyhow::Result<String> {
+        let mut argv = vec!["ip", "netns", "exec", &self.placement.ca_netns, "curl", "-s", "-m", "1"];
+        argv.extend(["-o", "/dev/null", "-w", "%{http_code}"]);
+        argv.extend(args);
+        Ok(String::from_utf8_lossy(&output(&argv)?.stdout).into_owned())
+    }
+
     /// Config directory every agent watches.
     pub fn config_dir(&self) -> PathBuf {
         self.state_dir.join("config")
@@ -726,23 +735,8 @@ impl Lab {
             if !is_alive(child.id()) {
                 bail!("mesh-ca exited; see {}", self.ca_log_path().display());
             }
-            let out = output(&[
-                "ip",
-                "netns",
-                "exec",
-                ca_netns,
-                "curl",
-                "-sk",
-                "--http2",
-                "-m",
-                "1",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                &format!("https://{}/v1/trust-bundle", self.placement.ca_addr()),
-            ])?;
-            if String::from_utf8_lossy(&out.stdout) == "200" && self.ca_dir().join("root-cert.pem").exists() {
+            let url = format!("https://{}/v1/trust-bundle", self.placement.ca_addr());
+            if self.status_from_ca(&["-k", "--http2", &url])? == "200" && self.ca_dir().join("root-cert.pem").exists() {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(50));

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 
 use crate::lab::{API_PORT, Lab, Options, Placement, private};
-use crate::sys::{output, run};
+use crate::sys::run;
 
 /// Where cluster2's lab state lives (cluster1's is the single lab's).
 pub const CLUSTER2_STATE_DIR: &str = "/run/meshlab-cluster2";
@@ -165,24 +165,8 @@ impl Lab {
         let url = format!("http://{addr}");
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            let out = output(&[
-                "ip",
-                "netns",
-                "exec",
-                &self.placement.ca_netns,
-                "curl",
-                "-s",
-                "-m",
-                "1",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                "-H",
-                &format!("Authorization: Bearer {token}"),
-                &format!("{url}/api/v1/pods"),
-            ])?;
-            if String::from_utf8_lossy(&out.stdout) == "200" {
+            let auth = format!("Authorization: Bearer {token}");
+            if self.status_from_ca(&["-H", &auth, &format!("{url}/api/v1/pods")])? == "200" {
                 return Ok(ApiEndpoint { url, token });
             }
             std::thread::sleep(Duration::from_millis(50));
