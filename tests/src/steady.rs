@@ -39,6 +39,9 @@ pub struct Report {
     pub requests_ok: u64,
     /// Requests that failed (error or another status).
     pub requests_failed: u64,
+    /// The slowest answered request, ms: a stall shows here.
+    #[serde(default)]
+    pub request_max_ms: u64,
     /// New connections that echoed.
     pub new_conns_ok: u64,
     /// New connections refused, reset or timed out.
@@ -63,6 +66,7 @@ pub struct Report {
 struct Tally {
     requests_ok: AtomicU64,
     requests_failed: AtomicU64,
+    max_request_ms: AtomicU64,
     new_ok: AtomicU64,
     new_failed: AtomicU64,
     max_connect_ms: AtomicU64,
@@ -137,6 +141,7 @@ pub async fn run(plan: Plan) -> Report {
     Report {
         requests_ok: load(&t.requests_ok),
         requests_failed: load(&t.requests_failed),
+        request_max_ms: load(&t.max_request_ms),
         new_conns_ok: load(&t.new_ok),
         new_conns_failed: load(&t.new_failed),
         new_conn_max_connect_ms: load(&t.max_connect_ms),
@@ -239,6 +244,7 @@ async fn requests(addr: SocketAddr, every: Duration, until: Instant, t: Arc<Tall
     let mut conn: Option<hyper::client::conn::http1::SendRequest<Empty<Bytes>>> = None;
     while Instant::now() < until {
         tick.tick().await;
+        let started = Instant::now();
         let result: anyhow::Result<()> = async {
             if conn.as_ref().is_none_or(|c| c.is_closed()) {
                 let stream = TcpStream::connect(addr).await?;
@@ -257,7 +263,11 @@ async fn requests(addr: SocketAddr, every: Duration, until: Instant, t: Arc<Tall
         }
         .await;
         match result {
-            Ok(()) => drop(t.requests_ok.fetch_add(1, Ordering::Relaxed)),
+            Ok(()) => {
+                t.requests_ok.fetch_add(1, Ordering::Relaxed);
+                let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+                t.max_request_ms.fetch_max(ms, Ordering::Relaxed);
+            }
             Err(e) => {
                 conn = None;
                 t.error(&t.requests_failed, format!("request client {client}: {e:#}"));

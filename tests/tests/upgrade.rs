@@ -96,8 +96,12 @@ fn rolling_upgrade_and_downgrade_under_traffic_drop_nothing() {
         eprintln!("{}", serde_json::to_string(r).unwrap());
         assert!(r.errors.is_empty(), "failures across the upgrades: {:#?}\nagents:\n{}", r.errors, warnings.join("\n"));
         assert_eq!((r.requests_failed, r.new_conns_failed, r.long_lived_failed), (0, 0, 0));
-        // The rate was kept (the client paces itself; a stall would show here).
-        assert!(r.requests_ok >= rps * seconds * 7 / 10, "{} requests at {rps}/s in {seconds} s", r.requests_ok);
+        // No request waited through a handoff: a stall shows as one slow request. The
+        // rate only has to stay within reach of the pace: on two cores the debug build's
+        // requests slow down while two agents per node run, which a stall check need
+        // not fail on (a run kept 68% of the pace with no request over 210 ms).
+        assert!(r.request_max_ms < 2000, "a request waited {} ms across the handoffs", r.request_max_ms);
+        assert!(r.requests_ok >= rps * seconds / 2, "{} requests at {rps}/s in {seconds} s", r.requests_ok);
         assert_eq!(r.idle_ok + r.streaming_ok + r.h2_streams_ok, *conns, "every long-lived connection held");
         assert!(r.new_conns_ok >= 200, "new connections all along: {}", r.new_conns_ok);
         // Arrivals during a handoff wait in the listener's backlog; none is refused.
