@@ -41,15 +41,22 @@ fn a_client_in_cluster1_reaches_cluster2_through_the_gateways_as_itself() {
     // The server's agent authenticated sleep itself (the inner tunnel), not the gateway.
     let sleep = "spiffe://cluster.local/ns/sample/sa/sleep";
     assert!(inbound_from(two, "c2-node2", "greeter", sleep) >= 1, "greeter's agent saw {sleep}");
-    // ... and names its source by that identity, with the cluster it runs in.
-    let named = mesh_tests::harness::metrics(two, "c2-node2").lines().any(|l| {
-        l.starts_with("istio_tcp_connections_opened_total{")
-            && l.contains(r#"reporter="destination""#)
-            && l.contains(r#"source_workload="sleep""#)
-            && l.contains(r#"source_cluster="cluster1""#)
-            && l.contains(r#"destination_cluster="cluster2""#)
+    // ... and names its source by that identity, with the cluster it runs in, once
+    // cluster2 has read cluster1 through its own remote secret (a connection opened
+    // before then is labelled with the identity alone).
+    let named = || {
+        mesh_tests::harness::metrics(two, "c2-node2").lines().any(|l| {
+            l.starts_with("istio_tcp_connections_opened_total{")
+                && l.contains(r#"reporter="destination""#)
+                && l.contains(r#"source_workload="sleep""#)
+                && l.contains(r#"source_cluster="cluster1""#)
+                && l.contains(r#"destination_cluster="cluster2""#)
+        })
+    };
+    eventually("greeter's agent reports source_workload sleep of cluster1", || {
+        answered(one, GREETER);
+        named().then_some(())
     });
-    assert!(named, "greeter's agent reports source_workload sleep of cluster1");
     assert_eq!(
         inbound_from(two, "c2-node2", "greeter", "spiffe://cluster.local/ns/istio-system/sa/istio-eastwestgateway"),
         0
@@ -86,8 +93,9 @@ fn a_service_in_both_clusters_prefers_local_fails_over_to_cluster2_and_comes_bac
     else {
         return;
     };
-    // Local endpoints first: helloworld-v1 is in cluster1, v2 in cluster2.
-    eventually("helloworld answers", || answered(&clusters.cluster1, HELLOWORLD));
+    // Local endpoints first: helloworld-v1 is in cluster1, v2 in cluster2, once
+    // cluster1 has read cluster2 (greeter, only there, answering says it has).
+    eventually("cluster1 reads cluster2", || answered(&clusters.cluster1, GREETER));
     for _ in 0..6 {
         let (pod, _) = answered(&clusters.cluster1, HELLOWORLD).expect("helloworld answers");
         assert_eq!(pod, "helloworld-v1", "the local cluster's endpoint serves while it is healthy");
