@@ -31,11 +31,12 @@ use tokio_rustls::TlsAcceptor;
 
 use super::{GatewayContext, PortPlan};
 use crate::authz::{ConnAttrs, Decision, Peer};
-use crate::identity::{Identity, cert_not_after, peer_identity};
+use crate::identity::Identity;
+use crate::proxy::hbone::{accept_mesh_client, status};
 use crate::snapshot::{Reach, Snapshot};
 use crate::state::Workload;
 use crate::telemetry::{ConnLabels, DenyReason, ServiceLabels};
-use crate::transport::{CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT, limits, sockets};
+use crate::transport::{CONNECT_TIMEOUT, limits, sockets};
 
 /// The client of one outer tunnel.
 struct Client {
@@ -52,14 +53,9 @@ pub(super) async fn serve(ctx: GatewayContext, stream: TcpStream, peer: SocketAd
         return;
     };
     let Ok(local) = stream.local_addr() else { return };
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsAcceptor::from(config).accept(stream)).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "east-west: TLS handshake failed"),
-        Err(_) => return tracing::debug!(%peer, "east-west: TLS handshake timed out"),
-    };
-    let leaf = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
-    let (Some(identity), Some(not_after)) = (leaf.and_then(peer_identity), leaf.and_then(cert_not_after)) else {
-        return tracing::info!(%peer, "east-west: client presented no SPIFFE identity; closed");
+    let (tls, identity, not_after) = match accept_mesh_client(&TlsAcceptor::from(config), stream, peer).await {
+        Ok(accepted) => accepted,
+        Err(e) => return tracing::info!(%peer, error = %e, "east-west: connection refused"),
     };
     let client = Arc::new(Client { identity, not_after, addr: peer });
     let shutdown = ctx.l7.shutdown.clone();
@@ -85,18 +81,15 @@ fn destination(snap: &Snapshot, authority: &Authority) -> Option<(Arc<Workload>,
         return Some((dest.clone(), target));
     }
     let service = snap.service_by_hostname(&authority.host().to_ascii_lowercase())?;
-    let serving: Vec<(Arc<Workload>, SocketAddr)> = snap
+    let mut serving: Vec<(Arc<Workload>, SocketAddr)> = snap
         .endpoints(&service.key(), None, authority.port_u16()?)
         .into_iter()
         .filter(|(w, at)| w.serving && of_this_network(w, *at))
         .collect();
-    serving.get(rand::rng().random_range(0..serving.len().max(1))).cloned()
-}
-
-fn status(code: StatusCode) -> Response<Empty<Bytes>> {
-    let mut r = Response::new(Empty::new());
-    *r.status_mut() = code;
-    r
+    if serving.is_empty() {
+        return None;
+    }
+    Some(serving.swap_remove(rand::rng().random_range(0..serving.len())))
 }
 
 /// One CONNECT stream: check the target, the client and the policies, dial the pod's

@@ -57,17 +57,7 @@ async fn connection(
     stream: TcpStream,
     peer: SocketAddr,
 ) -> Result<(), Error> {
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(source)) => return Err(Error::Tls { addr: peer, source }),
-        Err(_) => return Err(Error::Timeout { what: "TLS handshake with", addr: peer, after: HANDSHAKE_TIMEOUT }),
-    };
-    let leaf = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
-    // The verifier already refused certificates without an identity or that do not
-    // parse; this is belt and braces.
-    let (Some(client), Some(not_after)) = (leaf.and_then(peer_identity), leaf.and_then(cert_not_after)) else {
-        return Err(Error::Tls { addr: peer, source: std::io::Error::other("client presented no SPIFFE identity") });
-    };
+    let (tls, client, not_after) = accept_mesh_client(&acceptor, stream, peer).await?;
     tracing::debug!(pod = %pod.name, %peer, %client, "HBONE connection accepted");
     let shutdown = ctx.shutdown.clone();
     let client = Arc::new(Client { identity: client, not_after, as_peer: Mutex::default() });
@@ -79,6 +69,28 @@ async fn connection(
     crate::transport::until_drained(conn, &shutdown, |c| c.graceful_shutdown())
         .await
         .map_err(|source| Error::Http { addr: peer, source })
+}
+
+/// Mutual TLS with a mesh client on an HBONE port (a pod's, or an east-west
+/// gateway's): the session, the SPIFFE identity the client proved, and the notAfter
+/// of the certificate it proved it with.
+pub(crate) async fn accept_mesh_client(
+    acceptor: &TlsAcceptor,
+    stream: TcpStream,
+    peer: SocketAddr,
+) -> Result<(tokio_rustls::server::TlsStream<TcpStream>, Identity, SystemTime), Error> {
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(source)) => return Err(Error::Tls { addr: peer, source }),
+        Err(_) => return Err(Error::Timeout { what: "TLS handshake with", addr: peer, after: HANDSHAKE_TIMEOUT }),
+    };
+    let leaf = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
+    // The verifier already refused certificates without an identity or that do not
+    // parse; this is belt and braces.
+    let (Some(client), Some(not_after)) = (leaf.and_then(peer_identity), leaf.and_then(cert_not_after)) else {
+        return Err(Error::Tls { addr: peer, source: std::io::Error::other("client presented no SPIFFE identity") });
+    };
+    Ok((tls, client, not_after))
 }
 
 /// The authenticated client of one HBONE connection, and the peer its policies read,
@@ -105,7 +117,8 @@ impl Client {
     }
 }
 
-fn status(code: StatusCode) -> Response<Empty<Bytes>> {
+/// An answer to a CONNECT with `code` and no body.
+pub(crate) fn status(code: StatusCode) -> Response<Empty<Bytes>> {
     let mut r = Response::new(Empty::new());
     *r.status_mut() = code;
     r
@@ -189,7 +202,8 @@ async fn stream_request(
     peer: SocketAddr,
     mut req: Request<Incoming>,
 ) -> Response<Empty<Bytes>> {
-    let target = match connect_target(&req, &pod, &ctx.snapshot.load()) {
+    let snap = ctx.snapshot.load_full();
+    let target = match connect_target(&req, &pod, &snap) {
         Ok(target) => target,
         Err(refused) => {
             if let Refused::Outside(target) = refused {
@@ -213,7 +227,6 @@ async fn stream_request(
             return status(StatusCode::SERVICE_UNAVAILABLE);
         }
     };
-    let snap = ctx.snapshot.load_full();
     let security = snap.security(&pod.key()).clone();
     let arrival = Arrival { src: peer, dst: target, peer: Some(client.peer(&snap.equivalent_domains)) };
     let verdict = security.authz.check_connection(&arrival.attrs());
