@@ -7,7 +7,9 @@
 //! gateway's identity, carrying an inner one to the pod, as the pod's identity, so the
 //! gateway never sees the inner mutual TLS and identity holds end to end.
 //!
-//! Invariant: a gateway is used only with the one identity its pods share, read from
+//! Invariant: only a Service of the mesh's root namespace names a gateway (a tenant's
+//! cannot draw other pods' traffic to itself); a gateway is used only with the one
+//! identity its pods share, read from
 //! the same cluster's pods; a Service that selects no pod, pods of several service
 //! accounts, or has no outside address is no gateway (a problem says why), so the
 //! network's pods stay unreachable rather than reached through an unverified hop.
@@ -98,6 +100,19 @@ pub(super) fn discover(
         }
         let ns = svc.metadata.namespace_or_default();
         let object = format!("Service {ns}/{} (cluster {})", svc.metadata.name, origin.cluster);
+        // The gateway carries every pod's traffic to its network: only the mesh's own
+        // namespace may name it, never a tenant's Service.
+        if ns != mesh.root_namespace {
+            problems.push(Problem::new(
+                "MESH0113",
+                object,
+                format!(
+                    "labelled as network {network}'s east-west gateway outside the mesh's root namespace {}; not used",
+                    mesh.root_namespace
+                ),
+            ));
+            continue;
+        }
         let Some(ip) = svc.external_addresses().into_iter().next() else {
             problems.push(Problem::new(
                 "MESH0113",

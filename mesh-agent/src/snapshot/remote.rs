@@ -342,6 +342,17 @@ metadata: {{name: istio-eastwestgateway, namespace: istio-system, labels: {{topo
     }
 
     #[test]
+    fn a_tenants_service_labelled_as_a_gateway_draws_no_traffic() {
+        let tenant = "---\napiVersion: v1\nkind: Namespace\nmetadata: {name: istio-system, labels: {topology.istio.io/network: network2}}\n\
+                      ---\napiVersion: v1\nkind: Service\nmetadata: {name: fake, namespace: production, labels: {topology.istio.io/network: network2}}\n\
+                      spec: {selector: {app: db}, ports: [{port: 15008}], externalIPs: [192.0.2.66]}\n";
+        let s = compile(&[cluster2(tenant)], "network1");
+        assert!(s.network_gateways.is_empty(), "{:?}", s.network_gateways);
+        let problem = s.problems.iter().find(|p| p.code == "MESH0113").expect("said");
+        assert!(problem.to_string().contains("root namespace"), "{problem}");
+    }
+
+    #[test]
     fn the_digest_names_what_other_clusters_hold_and_is_unchanged_without_them() {
         let mesh = MeshScope::new("cluster.local");
         let alone = Snapshot::compile_in(&objects(LOCAL), &mesh, 1);
