@@ -269,7 +269,7 @@ fn endpoint_views(snap: &crate::snapshot::Snapshot) -> Vec<EndpointView> {
                     service: s.key(),
                     port: sp.port,
                     address: addr.to_string(),
-                    workload: e.workload.key(),
+                    workload: format!("{}/{}", e.workload.namespace, e.name()),
                     mtls: snap.tunnels_to(&e.workload, addr.port()),
                     cluster: e.workload.meta.cluster.clone(),
                     network: e.workload.network.clone(),
@@ -442,7 +442,7 @@ fn route(state: &AdminState, req: &Request<Incoming>, dump: bool) -> Response<Fu
                         namespace: s.namespace.clone(),
                         vips: s.vips.iter().map(ToString::to_string).collect(),
                         ports: s.ports.iter().map(|p| p.port).collect(),
-                        endpoints: s.endpoints.iter().map(|e| e.workload.name.clone()).collect(),
+                        endpoints: s.endpoints.iter().map(crate::state::Endpoint::name).collect(),
                     })
                     .collect(),
                 routes: route_views(&snap),

@@ -262,9 +262,9 @@ impl Snapshot {
             let mut addresses = s.vips.clone();
             if addresses.is_empty() {
                 for e in &s.endpoints {
-                    for ip in &e.workload.ips {
-                        if !addresses.contains(ip) {
-                            addresses.push(*ip);
+                    for ip in e.addresses() {
+                        if !addresses.contains(&ip) {
+                            addresses.push(ip);
                         }
                     }
                 }

@@ -181,6 +181,14 @@ impl Workload {
         }
     }
 
+    /// What stands for every EndpointSlice address of Service `service` that is no
+    /// pod: one workload for all of them (a Service with 100,000 such addresses would
+    /// otherwise hold 100,000 copies of the same names), without addresses of its own:
+    /// each [`Endpoint`] carries its address.
+    pub fn outside_service(service: &str, namespace: &str, trust_domain: &str) -> Self {
+        Self { ips: Vec::new(), ..Self::outside(service, namespace, IpAddr::from([0, 0, 0, 0]), trust_domain) }
+    }
+
     /// `namespace/name`.
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
@@ -225,6 +233,16 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
+    /// How the endpoint is named: its pod, or its address when it is no pod.
+    pub fn name(&self) -> String {
+        if self.workload.ips.is_empty() { self.ip.to_string() } else { self.workload.name.clone() }
+    }
+
+    /// Its addresses: the endpoint's, then its pod's others (a dual-stack pod's).
+    pub fn addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        std::iter::once(self.ip).chain(self.workload.ips.iter().copied().filter(|ip| *ip != self.ip))
+    }
+
     /// The address for service port `sp`, if this endpoint serves it.
     pub fn addr(&self, sp: &ServicePort) -> Option<SocketAddr> {
         let port = match &self.slice_ports {

@@ -1254,7 +1254,7 @@ async fn try_once(
         Ok(Ok(res)) => {
             let status = res.status().as_u16();
             if cluster.record(addr, Outcome::Status(status), outlier, n) {
-                tracing::info!(service = %backend.service, endpoint = %workload.name, "endpoint ejected (outlier detection)");
+                tracing::info!(service = %backend.service, endpoint = %workload.name, %addr, "endpoint ejected (outlier detection)");
             }
             let mut res = res.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed_unsync());
             if let Some((c, ttl)) = set_cookie

@@ -76,11 +76,16 @@ impl Snapshot {
             let endpoints: Vec<_> = if svc.spec.selector.is_empty() {
                 let of_service = slices.get(&(ns.clone(), svc.metadata.name.clone()));
                 let known = |ip: &IpAddr| by_ip.get(ip).cloned();
-                slice_endpoints(known, of_service.map_or(&[][..], Vec::as_slice), &ns, &mesh.trust_domain)
-                    .into_iter()
-                    // An address no pod explains is on the cluster's network.
-                    .filter(|e| by_ip.contains_key(&e.ip) || (cluster_reachable && !off_network.contains(&e.ip)))
-                    .collect()
+                slice_endpoints(
+                    known,
+                    of_service.map_or(&[][..], Vec::as_slice),
+                    (&ns, &svc.metadata.name),
+                    &mesh.trust_domain,
+                )
+                .into_iter()
+                // An address no pod explains is on the cluster's network.
+                .filter(|e| by_ip.contains_key(&e.ip) || (cluster_reachable && !off_network.contains(&e.ip)))
+                .collect()
             } else {
                 selected_endpoints(&workloads, &ns, &svc.spec.selector).collect()
             };
