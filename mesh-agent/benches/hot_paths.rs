@@ -7,6 +7,9 @@
 //! - route match: the reference VirtualService's first-match rules for a request that
 //!   falls through to the last rule (baseline: comparing the path with one string);
 //! - config parse: the lab manifests to typed objects (the reload path);
+//! - config compile: a snapshot of the lab's objects and 1,000 Services without a
+//!   selector, 10 EndpointSlice addresses each, the scale bench's shape (baseline:
+//!   taking a copy of the objects in force, as every reload hands them on);
 //! - copy loop: the agent's bidirectional splice over in-memory streams (baseline:
 //!   tokio's plain `copy` one way);
 //! - authz: the reference AuthorizationPolicy judging a request (allowed and denied),
@@ -136,6 +139,39 @@ fn config_parse(c: &mut Criterion) {
                 .map(|(f, t)| parse_documents(Path::new(f), black_box(t)).map(|o| o.len()).unwrap_or(0))
                 .sum::<usize>()
         })
+    });
+    g.finish();
+}
+
+fn config_compile(c: &mut Criterion) {
+    use std::fmt::Write as _;
+    let mut yaml = String::new();
+    for i in 0..1000usize {
+        let _ = write!(
+            yaml,
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: svc-{i}, namespace: scale}}\n\
+             spec: {{clusterIP: 10.100.{}.{}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {{name: svc-{i}-a, namespace: scale, labels: {{kubernetes.io/service-name: svc-{i}}}}}\n\
+             addressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints:\n",
+            i >> 8,
+            i & 0xff
+        );
+        for e in 0..10 {
+            let n = i * 10 + e;
+            let _ = writeln!(yaml, "- {{addresses: [172.16.{}.{}], conditions: {{ready: true}}}}", n >> 8, n & 0xff);
+        }
+        yaml.push_str("---\n");
+    }
+    let mut objects = parse_documents(Path::new("scale.yaml"), &yaml).expect("generated objects parse");
+    for (f, t) in lab_manifests() {
+        objects.extend(parse_documents(Path::new(&f), &t).expect("lab manifests parse"));
+    }
+    let mut g = c.benchmark_group("config_compile");
+    g.sample_size(20);
+    g.bench_function("baseline_objects_copy", |b| b.iter(|| black_box(&objects).clone()));
+    g.bench_function("services_1000_endpoints_10000", |b| {
+        b.iter(|| Snapshot::compile(black_box(&objects), "cluster.local", 1))
     });
     g.finish();
 }
@@ -343,5 +379,15 @@ fn socket_splice(c: &mut Criterion) {
     let _ = std::fs::remove_dir_all(&pins);
 }
 
-criterion_group!(benches, map_keys, resolve, route_match, config_parse, copy_loop, authz, socket_splice);
+criterion_group!(
+    benches,
+    map_keys,
+    resolve,
+    route_match,
+    config_parse,
+    config_compile,
+    copy_loop,
+    authz,
+    socket_splice
+);
 criterion_main!(benches);

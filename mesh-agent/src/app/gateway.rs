@@ -267,5 +267,5 @@ fn converted(s: k8s_openapi::api::core::v1::Secret) -> Option<(String, Object)> 
         .map(|(k, v)| (k, base64::engine::general_purpose::STANDARD.encode(v.0)))
         .collect();
     let secret = Secret { metadata, secret_type: s.type_, data, string_data: Default::default() };
-    Some((name, Object::Secret(Box::new(secret))))
+    Some((name, Object::Secret(std::sync::Arc::new(secret))))
 }

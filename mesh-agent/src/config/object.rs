@@ -1,5 +1,7 @@
 //! [`Object`]: one parsed object of any kind the mesh reads.
 
+use std::sync::Arc;
+
 use super::resource::KUBE_GATEWAY;
 use super::resources::{EndpointSlice, Namespace, NetworkPolicy, ObjectMeta, Pod, Secret, Service, ServiceAccount};
 use super::{gateway, gateway_api, istio, linkerd, security, service_entry, telemetry};
@@ -8,52 +10,52 @@ use super::{gateway, gateway_api, istio, linkerd, security, service_entry, telem
 #[derive(Debug, Clone, PartialEq)]
 pub enum Object {
     /// `v1/Namespace`.
-    Namespace(Namespace),
+    Namespace(Arc<Namespace>),
     /// `v1/Pod`.
-    Pod(Pod),
+    Pod(Arc<Pod>),
     /// `v1/Service`.
-    Service(Service),
+    Service(Arc<Service>),
     /// `discovery.k8s.io/v1/EndpointSlice`: the endpoints of Services without a
     /// selector (and of any the API server knows pods for that the mesh does not).
-    EndpointSlice(EndpointSlice),
+    EndpointSlice(Arc<EndpointSlice>),
     /// `v1/ServiceAccount`: read so manifests that declare them apply whole; a pod's
     /// identity comes from its `serviceAccountName`.
-    ServiceAccount(ServiceAccount),
+    ServiceAccount(Arc<ServiceAccount>),
     /// `v1/Secret`: read for the certificates gateways serve; never logged.
-    Secret(Box<Secret>),
+    Secret(Arc<Secret>),
     /// `networking.istio.io/*/VirtualService`.
-    VirtualService(Box<istio::VirtualService>),
+    VirtualService(Arc<istio::VirtualService>),
     /// `networking.istio.io/*/DestinationRule`.
-    DestinationRule(Box<istio::DestinationRule>),
+    DestinationRule(Arc<istio::DestinationRule>),
     /// `networking.istio.io/*/Gateway`: served by the gateway workloads it selects;
     /// what VirtualServices bind to.
-    Gateway(Box<gateway::Gateway>),
+    Gateway(Arc<gateway::Gateway>),
     /// `networking.istio.io/*/ServiceEntry`: destinations outside the Services.
-    ServiceEntry(Box<service_entry::ServiceEntry>),
+    ServiceEntry(Arc<service_entry::ServiceEntry>),
     /// `linkerd.io/v1alpha2/ServiceProfile`.
-    ServiceProfile(Box<linkerd::ServiceProfile>),
+    ServiceProfile(Arc<linkerd::ServiceProfile>),
     /// `split.smi-spec.io/*/TrafficSplit`.
-    TrafficSplit(Box<linkerd::TrafficSplit>),
+    TrafficSplit(Arc<linkerd::TrafficSplit>),
     /// `security.istio.io/*/PeerAuthentication`.
-    PeerAuthentication(Box<security::PeerAuthentication>),
+    PeerAuthentication(Arc<security::PeerAuthentication>),
     /// `security.istio.io/*/AuthorizationPolicy`.
-    AuthorizationPolicy(Box<security::AuthorizationPolicy>),
+    AuthorizationPolicy(Arc<security::AuthorizationPolicy>),
     /// `gateway.networking.k8s.io/*/GatewayClass` (cluster-scoped).
-    GatewayClass(Box<gateway_api::GatewayClass>),
+    GatewayClass(Arc<gateway_api::GatewayClass>),
     /// `gateway.networking.k8s.io/*/Gateway`: a Gateway API gateway, kind
     /// `Gateway.gateway.networking.k8s.io` here to tell it from Istio's.
-    KubeGateway(Box<gateway_api::KubeGateway>),
+    KubeGateway(Arc<gateway_api::KubeGateway>),
     /// `gateway.networking.k8s.io/*/HTTPRoute`.
-    HttpRoute(Box<gateway_api::HttpRoute>),
+    HttpRoute(Arc<gateway_api::HttpRoute>),
     /// `gateway.networking.k8s.io/*/GRPCRoute`.
-    GrpcRoute(Box<gateway_api::GrpcRoute>),
+    GrpcRoute(Arc<gateway_api::GrpcRoute>),
     /// `gateway.networking.k8s.io/*/ReferenceGrant`.
-    ReferenceGrant(Box<gateway_api::ReferenceGrant>),
+    ReferenceGrant(Arc<gateway_api::ReferenceGrant>),
     /// `telemetry.istio.io/*/Telemetry`: metrics, access log and tracing settings.
-    Telemetry(Box<telemetry::Telemetry>),
+    Telemetry(Arc<telemetry::Telemetry>),
     /// `networking.k8s.io/v1/NetworkPolicy`: enforced by the network plugin, not by the
     /// mesh; read so `meshctl analyze` can say when one blocks what the mesh needs.
-    NetworkPolicy(Box<NetworkPolicy>),
+    NetworkPolicy(Arc<NetworkPolicy>),
 }
 
 impl Object {

@@ -57,12 +57,10 @@ pub fn fail_closed_standins(text: &str, good: &[Object], e: &mut Error) -> Vec<O
         .into_iter()
         .filter(|p| !good.iter().any(|o| o.key() == (p.kind, p.namespace.clone(), p.name.clone())))
         .map(|p| match p.kind {
-            "PeerAuthentication" => Object::PeerAuthentication(Box::new(PeerAuthentication::strict_standin(
-                &p.namespace,
-                &p.name,
-                p.selector,
-            ))),
-            _ => Object::AuthorizationPolicy(Box::new(AuthorizationPolicy::allow_nothing(
+            "PeerAuthentication" => Object::PeerAuthentication(std::sync::Arc::new(
+                PeerAuthentication::strict_standin(&p.namespace, &p.name, p.selector),
+            )),
+            _ => Object::AuthorizationPolicy(std::sync::Arc::new(AuthorizationPolicy::allow_nothing(
                 &p.namespace,
                 &p.name,
                 p.selector,

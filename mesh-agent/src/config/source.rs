@@ -72,12 +72,14 @@ pub struct DirSource {
     files: BTreeMap<PathBuf, FileState>,
     /// Why the directory could not be listed at the last reload.
     unlisted: Option<String>,
+    /// The objects in force as of the last reload; None once a file's state changed.
+    in_force: Option<Vec<Object>>,
 }
 
 impl DirSource {
     /// A source reading `dir` (created if missing).
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into(), files: BTreeMap::new(), unlisted: None }
+        Self { dir: dir.into(), files: BTreeMap::new(), unlisted: None, in_force: None }
     }
 
     /// The directory.
@@ -109,7 +111,7 @@ impl DirSource {
                 }
                 self.unlisted = Some(reason.clone());
                 out.unavailable = Some(reason);
-                out.objects = self.objects();
+                out.objects = self.in_force();
                 return out;
             }
         };
@@ -119,6 +121,7 @@ impl DirSource {
         let before: Vec<PathBuf> = self.files.keys().cloned().collect();
         for gone in before.iter().filter(|p| !paths.contains(p)) {
             self.files.remove(gone);
+            self.in_force = None;
             out.changed = true;
         }
         for path in paths {
@@ -155,6 +158,7 @@ impl DirSource {
                 }
             };
             self.files.insert(path, state);
+            self.in_force = None;
         }
         if out.changed {
             let retry: Vec<PathBuf> = self.files.iter().filter(|(_, f)| f.recheck).map(|(p, _)| p.clone()).collect();
@@ -162,14 +166,18 @@ impl DirSource {
                 let f = self.files.get_mut(&path).expect("listed above");
                 if let Ok(objects) = parse_documents(&path, &f.contents) {
                     accepted.push((path.clone(), std::mem::replace(&mut f.good, Arc::new(objects))));
+                    self.in_force = None;
                     f.recheck = false;
                 }
             }
         }
         // A file accepted now that routes to an undefined subset is rejected whole; its
         // previous version stays in force, as for any other error.
-        let dangling =
-            undefined_subsets(self.files.iter().flat_map(|(p, f)| f.good.iter().map(move |o| (p.as_path(), o))));
+        let dangling = if accepted.is_empty() {
+            Vec::new()
+        } else {
+            undefined_subsets(self.files.iter().flat_map(|(p, f)| f.good.iter().map(move |o| (p.as_path(), o))))
+        };
         for (path, previous) in accepted {
             let Some(f) = self.files.get_mut(&path) else { continue };
             match dangling.iter().find(|e| e.file == path) {
@@ -178,6 +186,7 @@ impl DirSource {
                         out.new_errors.push(e.clone());
                     }
                     f.good = previous;
+                    self.in_force = None;
                     f.error = Some(e.clone());
                     f.recheck = true;
                 }
@@ -189,8 +198,17 @@ impl DirSource {
         if out.changed {
             out.new_errors.extend(self.duplicates_across_files());
         }
-        out.objects = self.objects();
+        out.objects = self.in_force();
         out
+    }
+
+    /// The objects in force: built again only after a file's state changed, so the
+    /// periodic re-read of an unchanged directory costs no walk over every object.
+    fn in_force(&mut self) -> Vec<Object> {
+        if self.in_force.is_none() {
+            self.in_force = Some(self.objects());
+        }
+        self.in_force.clone().unwrap_or_default()
     }
 
     /// Records `path` as rejected for `reason` (unreadable, not UTF-8): its last good
@@ -209,6 +227,7 @@ impl DirSource {
         out.changed |= !fail_closed.is_empty();
         self.files
             .insert(path.to_owned(), FileState { contents: lossy, good, fail_closed, error: Some(e), recheck: false });
+        self.in_force = None;
     }
 
     /// Objects in force; on a name defined in two files, the first file (by name) wins
@@ -326,6 +345,32 @@ mod tests {
         std::fs::write(&file, "apiVersion: v1\nkind: Namespace\nmetadata: {name: b}\n").unwrap();
         let got = tokio::time::timeout(DEBOUNCE * 20, changes.recv()).await;
         assert!(matches!(got, Ok(Some(()))), "a write is a change");
+    }
+
+    /// The periodic re-read of an unchanged directory hands on the objects it holds
+    /// (shared, not copied); a change to any file, or a file gone, builds them anew.
+    #[test]
+    fn an_unchanged_directory_hands_on_the_same_objects() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.yaml"), NS).unwrap();
+        std::fs::write(dir.path().join("b.yaml"), "apiVersion: v1\nkind: Namespace\nmetadata: {name: b}\n").unwrap();
+        let mut src = DirSource::new(dir.path());
+        let first = src.reload();
+        let again = src.reload();
+        assert!(!again.changed);
+        let same = |a: &Object, b: &Object| matches!((a, b), (Object::Namespace(x), Object::Namespace(y)) if Arc::ptr_eq(x, y));
+        assert!(
+            first.objects.iter().zip(&again.objects).all(|(a, b)| same(a, b)),
+            "shared, not parsed or copied again"
+        );
+        std::fs::write(dir.path().join("a.yaml"), "apiVersion: v1\nkind: Namespace\nmetadata: {name: c}\n").unwrap();
+        let changed = src.reload();
+        let names: Vec<_> = changed.objects.iter().map(|o| o.key().2).collect();
+        assert_eq!(names, ["c", "b"]);
+        assert!(same(&first.objects[1], &changed.objects[1]), "the unchanged file's object is still shared");
+        std::fs::remove_file(dir.path().join("b.yaml")).unwrap();
+        let names: Vec<_> = src.reload().objects.iter().map(|o| o.key().2).collect();
+        assert_eq!(names, ["c"]);
     }
 
     #[test]
