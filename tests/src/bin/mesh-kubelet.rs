@@ -220,40 +220,72 @@ async fn grpc_health(addr: SocketAddr, service: &str) -> anyhow::Result<u8> {
     }
 }
 
-/// The node's pods with probes, in the config directory: (file, document index) ->
-/// (namespace/name, address, containers).
-fn node_pods(dir: &Path, node: &str) -> Vec<(PathBuf, usize, String, std::net::IpAddr, Vec<Value>)> {
+/// A node's probed pod: (file, document index, namespace/name, address, containers).
+type ProbedPod = (PathBuf, usize, String, std::net::IpAddr, Vec<Value>);
+
+/// What one file held for this node, as of its size and modification time.
+type FileCache = BTreeMap<PathBuf, (FileStamp, Vec<ProbedPod>)>;
+
+/// Size, modification time and inode: a file replaced by a rename (as `lab apply` and
+/// this kubelet write them) is a new inode.
+type FileStamp = (u64, Option<std::time::SystemTime>, u64);
+
+/// The node's pods with probes, in the config directory. A file is parsed again only
+/// when its size or modification time changed: the scale bench puts 10 MB of
+/// generated objects in the directory, and parsing them five times a second took more
+/// CPU than the agents whose apply time it measures.
+fn node_pods(dir: &Path, node: &str, cache: &mut FileCache) -> Vec<ProbedPod> {
     let mut out = Vec::new();
     let Ok(entries) = std::fs::read_dir(dir) else { return out };
+    let mut seen = Vec::new();
     for e in entries.flatten() {
         let path = e.path();
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
         if name.starts_with('.') || !(name.ends_with(".yaml") || name.ends_with(".yml")) {
             continue;
         }
-        let Ok(text) = std::fs::read_to_string(&path) else { continue };
-        for (i, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
-            let Ok(v) = Value::deserialize(doc) else { continue };
-            if v.get("kind").and_then(Value::as_str) != Some("Pod")
-                || v.get("spec").and_then(|s| s.get("nodeName")).and_then(Value::as_str) != Some(node)
-            {
-                continue;
-            }
-            let containers = v["spec"]["containers"].as_sequence().cloned().unwrap_or_default();
-            if !containers.iter().any(|c| c.get("readinessProbe").is_some() || c.get("livenessProbe").is_some()) {
-                continue;
-            }
-            let meta = &v["metadata"];
-            let key = format!(
-                "{}/{}",
-                meta.get("namespace").and_then(Value::as_str).unwrap_or("default"),
-                meta.get("name").and_then(Value::as_str).unwrap_or("")
-            );
-            let Some(ip) = v["status"].get("podIP").and_then(Value::as_str).and_then(|s| s.parse().ok()) else {
-                continue;
-            };
-            out.push((path.clone(), i, key, ip, containers));
+        let Ok(meta) = e.metadata() else { continue };
+        let stamp = (meta.len(), meta.modified().ok(), std::os::unix::fs::MetadataExt::ino(&meta));
+        seen.push(path.clone());
+        if let Some((cached, pods)) = cache.get(&path)
+            && *cached == stamp
+        {
+            out.extend(pods.iter().cloned());
+            continue;
         }
+        let pods = file_pods(&path, node);
+        out.extend(pods.iter().cloned());
+        cache.insert(path, (stamp, pods));
+    }
+    cache.retain(|p, _| seen.contains(p));
+    out
+}
+
+/// The node's pods with probes in one file.
+fn file_pods(path: &Path, node: &str) -> Vec<ProbedPod> {
+    let mut out = Vec::new();
+    let Ok(text) = std::fs::read_to_string(path) else { return out };
+    for (i, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
+        let Ok(v) = Value::deserialize(doc) else { continue };
+        if v.get("kind").and_then(Value::as_str) != Some("Pod")
+            || v.get("spec").and_then(|s| s.get("nodeName")).and_then(Value::as_str) != Some(node)
+        {
+            continue;
+        }
+        let containers = v["spec"]["containers"].as_sequence().cloned().unwrap_or_default();
+        if !containers.iter().any(|c| c.get("readinessProbe").is_some() || c.get("livenessProbe").is_some()) {
+            continue;
+        }
+        let meta = &v["metadata"];
+        let key = format!(
+            "{}/{}",
+            meta.get("namespace").and_then(Value::as_str).unwrap_or("default"),
+            meta.get("name").and_then(Value::as_str).unwrap_or("")
+        );
+        let Some(ip) = v["status"].get("podIP").and_then(Value::as_str).and_then(|s| s.parse().ok()) else {
+            continue;
+        };
+        out.push((path.to_owned(), i, key, ip, containers));
     }
     out
 }
@@ -292,10 +324,11 @@ fn publish_ready(file: &Path, index: usize, ready: bool) -> anyhow::Result<bool>
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let mut pods: BTreeMap<String, PodProbes> = BTreeMap::new();
+    let mut files = FileCache::new();
     println!("mesh-kubelet: probing the pods of {} from {}", cli.node, cli.config_dir.display());
     loop {
         let now = Instant::now();
-        let present = node_pods(&cli.config_dir, &cli.node);
+        let present = node_pods(&cli.config_dir, &cli.node, &mut files);
         pods.retain(|k, _| present.iter().any(|p| &p.2 == k));
         for (file, index, key, ip, containers) in present {
             let entry = pods.entry(key.clone()).or_insert_with(|| {

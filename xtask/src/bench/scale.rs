@@ -120,9 +120,12 @@ pub fn run(lab: &Lab, args: &BenchArgs) -> anyhow::Result<ScaleReport> {
         };
         println!("[bench] scale: {point:?}");
         points.push(point);
+        // Versions read before the files go: an agent quick to apply the removal would
+        // otherwise already be past the version the wait starts from.
+        let (before, start) = (versions(lab)?, now_ms());
         lab.delete(Path::new(SCALE_FILE))?;
         lab.delete(Path::new(CHANGE_FILE))?;
-        wait_applied(lab, &versions(lab)?, now_ms())?;
+        wait_applied(lab, &before, start)?;
     }
     let date = mesh_tests::sys::run(&["date", "-u", "+%Y-%m-%dT%H:%M:%SZ"]).unwrap_or_default().trim().to_string();
     let report = ScaleReport { date, points };
