@@ -87,9 +87,10 @@ impl Collector for Health {
         gauge(&mut e, "process_max_fds", "The limit on open file descriptors", p.max_fds)?;
         gauge(&mut e, "process_threads", "Threads", p.threads)?;
         gauge(&mut e, "process_start_time_seconds", "Start time, seconds since the epoch", p.start_time)?;
-        if let Some(in_use) = crate::heap::bytes_in_use() {
+        if let Some(in_use) = crate::heap::last_bytes_in_use() {
             // Beside the resident memory: what the allocator keeps that the program
-            // freed is the difference (caches and fragmentation, not a leak).
+            // freed is the difference (caches and fragmentation, not a leak). The
+            // heap loop's figure: a walk per scrape would hold the arena each time.
             gauge(&mut e, "istio_mesh_heap_in_use_bytes", "Heap bytes allocated and not freed", in_use as f64)?;
         }
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
