@@ -371,7 +371,7 @@ fn route(state: &AdminState, req: &Request<Incoming>, dump: bool) -> Response<Fu
                 agent_version: env!("CARGO_PKG_VERSION"),
                 ready: state.ready.load(Ordering::Acquire),
                 version: snap.version,
-                config_digest: &snap.config_digest,
+                config_digest: snap.config_digest(),
                 enrolled_pods: pods.iter().filter(|p| p.state == PodState::Enrolled).count(),
                 failed_pods: pods
                     .iter()
@@ -418,7 +418,7 @@ fn route(state: &AdminState, req: &Request<Incoming>, dump: bool) -> Response<Fu
                 node: &state.node,
                 agent_version: env!("CARGO_PKG_VERSION"),
                 version: snap.version,
-                config_digest: &snap.config_digest,
+                config_digest: snap.config_digest(),
                 enrolled_pods: pods.iter().filter(|p| p.state == PodState::Enrolled).map(|p| p.pod.clone()).collect(),
                 local_pods: pods,
                 workloads: snap

@@ -595,6 +595,11 @@ impl Agent {
             let snap = Arc::new(snap);
             self.ctx.l7.round_robin.fit(&snap);
             retire(self.ctx.snapshot.swap(snap.clone()));
+            // In force first; the digest `/sync_status` shows is worked out beside it.
+            let digested = snap.clone();
+            tokio::task::spawn_blocking(move || {
+                digested.config_digest();
+            });
             self.ctx.metrics.config_applied.inc();
             let expired = self.ctx.metrics.forget_gone(&snap);
             if expired > 0 {

@@ -109,7 +109,7 @@ impl DashboardData {
             node: node.to_string(),
             ready,
             version: snap.version,
-            config_digest: snap.config_digest.clone(),
+            config_digest: snap.config_digest().to_string(),
             kinds: snap.kinds_held.iter().map(|(k, n)| (k.to_string(), *n)).collect(),
             config: snap.config_held.iter().map(|(kind, ns, name)| held_name(kind, ns, name)).collect(),
             error: None,

@@ -84,7 +84,7 @@ impl Snapshot {
         let namespaces = namespace_modes(objects);
         let mut snap = Snapshot {
             version,
-            config_digest: config_digest(objects, remotes),
+            digest: ConfigDigest::of(objects, remotes),
             kinds_held: objects.iter().fold(Default::default(), |mut counts, o| {
                 *counts.entry(o.kind()).or_default() += 1;
                 counts
@@ -948,6 +948,33 @@ fn config_held(objects: &[Object]) -> Vec<(&'static str, String, String)> {
     held
 }
 
+/// A snapshot's config digest, computed once, when first asked for, from the objects
+/// the snapshot was compiled from (shared with the source: holding them costs a
+/// reference each).
+#[derive(Default)]
+pub(crate) struct ConfigDigest {
+    objects: Vec<Object>,
+    remotes: Vec<RemoteObjects>,
+    hex: std::sync::OnceLock<String>,
+}
+
+impl ConfigDigest {
+    fn of(objects: &[Object], remotes: &[RemoteObjects]) -> Self {
+        Self { objects: objects.to_vec(), remotes: remotes.to_vec(), hex: std::sync::OnceLock::new() }
+    }
+
+    /// The digest ([`config_digest`]).
+    pub(crate) fn get(&self) -> &str {
+        self.hex.get_or_init(|| config_digest(&self.objects, &self.remotes))
+    }
+}
+
+impl std::fmt::Debug for ConfigDigest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("ConfigDigest").field(&self.hex.get()).finish()
+    }
+}
+
 /// The digest of a config: objects hashed in key order. `Debug` output is stable here
 /// because config types hold only ordered maps.
 fn config_digest(objects: &[Object], remotes: &[RemoteObjects]) -> String {
@@ -1566,11 +1593,11 @@ endpoints: [{addresses: [db.example.com]}]
         let objs = parse_documents(Path::new("lab.yaml"), LAB).unwrap();
         let mut reversed = objs.clone();
         reversed.reverse();
-        let a = Snapshot::compile(&objs, "cluster.local", 1).config_digest;
+        let a = Snapshot::compile(&objs, "cluster.local", 1).config_digest().to_string();
         assert_eq!(a.len(), 16);
-        assert_eq!(a, Snapshot::compile(&reversed, "cluster.local", 7).config_digest);
+        assert_eq!(a, Snapshot::compile(&reversed, "cluster.local", 7).config_digest());
         let edited = parse_documents(Path::new("lab.yaml"), &LAB.replace("10.10.1.4", "10.10.1.5")).unwrap();
-        assert_ne!(a, Snapshot::compile(&edited, "cluster.local", 1).config_digest);
+        assert_ne!(a, Snapshot::compile(&edited, "cluster.local", 1).config_digest());
     }
 
     /// The digest is SHA-256 over each object's `Debug` text in key order, however the

@@ -362,7 +362,7 @@ metadata: {{name: istio-eastwestgateway, namespace: istio-system, labels: {{topo
         let mesh = MeshScope::new("cluster.local");
         let alone = Snapshot::compile_in(&objects(LOCAL), &mesh, 1);
         let none = compile(&[], "");
-        assert_eq!(alone.config_digest, none.config_digest);
-        assert_ne!(compile(&[cluster2("")], "").config_digest, none.config_digest);
+        assert_eq!(alone.config_digest(), none.config_digest());
+        assert_ne!(compile(&[cluster2("")], "").config_digest(), none.config_digest());
     }
 }
