@@ -72,7 +72,8 @@ pub struct DirSource {
     files: BTreeMap<PathBuf, FileState>,
     /// Why the directory could not be listed at the last reload.
     unlisted: Option<String>,
-    /// The objects in force as of the last reload; None once a file's state changed.
+    /// The objects in force as of the last reload; None once a file's state changed
+    /// ([`Self::files_mut`]).
     in_force: Option<Vec<Object>>,
 }
 
@@ -120,8 +121,7 @@ impl DirSource {
         let mut accepted: Vec<(PathBuf, Arc<Vec<Object>>)> = Vec::new();
         let before: Vec<PathBuf> = self.files.keys().cloned().collect();
         for gone in before.iter().filter(|p| !paths.contains(p)) {
-            self.files.remove(gone);
-            self.in_force = None;
+            self.files_mut().remove(gone);
             out.changed = true;
         }
         for path in paths {
@@ -157,16 +157,14 @@ impl DirSource {
                     FileState { contents, good, fail_closed, error: Some(e), recheck: false }
                 }
             };
-            self.files.insert(path, state);
-            self.in_force = None;
+            self.files_mut().insert(path, state);
         }
         if out.changed {
             let retry: Vec<PathBuf> = self.files.iter().filter(|(_, f)| f.recheck).map(|(p, _)| p.clone()).collect();
             for path in retry {
-                let f = self.files.get_mut(&path).expect("listed above");
+                let f = self.files_mut().get_mut(&path).expect("listed above");
                 if let Ok(objects) = parse_documents(&path, &f.contents) {
                     accepted.push((path.clone(), std::mem::replace(&mut f.good, Arc::new(objects))));
-                    self.in_force = None;
                     f.recheck = false;
                 }
             }
@@ -179,14 +177,13 @@ impl DirSource {
             undefined_subsets(self.files.iter().flat_map(|(p, f)| f.good.iter().map(move |o| (p.as_path(), o))))
         };
         for (path, previous) in accepted {
-            let Some(f) = self.files.get_mut(&path) else { continue };
+            let Some(f) = self.files_mut().get_mut(&path) else { continue };
             match dangling.iter().find(|e| e.file == path) {
                 Some(e) => {
                     if f.error.as_ref() != Some(e) {
                         out.new_errors.push(e.clone());
                     }
                     f.good = previous;
-                    self.in_force = None;
                     f.error = Some(e.clone());
                     f.recheck = true;
                 }
@@ -202,8 +199,16 @@ impl DirSource {
         out
     }
 
-    /// The objects in force: built again only after a file's state changed, so the
-    /// periodic re-read of an unchanged directory costs no walk over every object.
+    /// The files' states, to change: the objects in force are built again after any
+    /// change goes through here (the one way to change them).
+    fn files_mut(&mut self) -> &mut BTreeMap<PathBuf, FileState> {
+        self.in_force = None;
+        &mut self.files
+    }
+
+    /// The objects in force: built again only after a file's state changed
+    /// ([`Self::files_mut`]), so the periodic re-read of an unchanged directory costs
+    /// no walk over every object.
     fn in_force(&mut self) -> Vec<Object> {
         if self.in_force.is_none() {
             self.in_force = Some(self.objects());
@@ -225,9 +230,8 @@ impl DirSource {
         let fail_closed = fail_closed_standins(&lossy, &good, &mut e);
         out.new_errors.push(e.clone());
         out.changed |= !fail_closed.is_empty();
-        self.files
+        self.files_mut()
             .insert(path.to_owned(), FileState { contents: lossy, good, fail_closed, error: Some(e), recheck: false });
-        self.in_force = None;
     }
 
     /// Objects in force; on a name defined in two files, the first file (by name) wins
