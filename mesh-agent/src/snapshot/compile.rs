@@ -950,22 +950,24 @@ fn config_held(objects: &[Object]) -> Vec<(&'static str, String, String)> {
 
 /// A snapshot's config digest, computed once, when first asked for, from the objects
 /// the snapshot was compiled from (shared with the source: holding them costs a
-/// reference each).
+/// reference each). Empty for the snapshot an agent starts with, before any config.
 #[derive(Default)]
 pub(crate) struct ConfigDigest {
-    objects: Vec<Object>,
-    remotes: Vec<RemoteObjects>,
+    compiled_from: Option<(Vec<Object>, Vec<RemoteObjects>)>,
     hex: std::sync::OnceLock<String>,
 }
 
 impl ConfigDigest {
     fn of(objects: &[Object], remotes: &[RemoteObjects]) -> Self {
-        Self { objects: objects.to_vec(), remotes: remotes.to_vec(), hex: std::sync::OnceLock::new() }
+        Self { compiled_from: Some((objects.to_vec(), remotes.to_vec())), hex: std::sync::OnceLock::new() }
     }
 
     /// The digest ([`config_digest`]).
     pub(crate) fn get(&self) -> &str {
-        self.hex.get_or_init(|| config_digest(&self.objects, &self.remotes))
+        self.hex.get_or_init(|| match &self.compiled_from {
+            Some((objects, remotes)) => config_digest(objects, remotes),
+            None => String::new(),
+        })
     }
 }
 
@@ -1598,6 +1600,7 @@ endpoints: [{addresses: [db.example.com]}]
         assert_eq!(a, Snapshot::compile(&reversed, "cluster.local", 7).config_digest());
         let edited = parse_documents(Path::new("lab.yaml"), &LAB.replace("10.10.1.4", "10.10.1.5")).unwrap();
         assert_ne!(a, Snapshot::compile(&edited, "cluster.local", 1).config_digest());
+        assert_eq!(Snapshot::default().config_digest(), "", "no config yet: no digest");
     }
 
     /// The digest is SHA-256 over each object's `Debug` text in key order, however the
