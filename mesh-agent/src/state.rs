@@ -161,13 +161,25 @@ impl Workload {
     /// EndpointSlice address that is no pod): named `name` in `namespace`, never
     /// enrolled, so it is reached in plaintext.
     pub fn outside(name: &str, namespace: &str, ip: IpAddr, trust_domain: &str) -> Self {
+        Self::outside_at(name, namespace, vec![ip], trust_domain)
+    }
+
+    /// What stands for every EndpointSlice address of Service `service` that is no
+    /// pod: one workload for all of them (a Service with 100,000 such addresses would
+    /// otherwise hold 100,000 copies of the same names), without addresses of its own:
+    /// each [`Endpoint`] carries its address.
+    pub fn outside_service(service: &str, namespace: &str, trust_domain: &str) -> Self {
+        Self::outside_at(service, namespace, Vec::new(), trust_domain)
+    }
+
+    fn outside_at(name: &str, namespace: &str, ips: Vec<IpAddr>, trust_domain: &str) -> Self {
         let identity = Identity::new(trust_domain, namespace, "default");
         Self {
             name: name.to_string(),
             namespace: namespace.to_string(),
             labels: BTreeMap::new(),
             node: None,
-            ips: vec![ip],
+            ips,
             // Istio names no workload outside the mesh, only the Service.
             meta: WorkloadMeta::unknown(),
             identity,
@@ -179,14 +191,6 @@ impl Workload {
             network: String::new(),
             locality: Locality::default(),
         }
-    }
-
-    /// What stands for every EndpointSlice address of Service `service` that is no
-    /// pod: one workload for all of them (a Service with 100,000 such addresses would
-    /// otherwise hold 100,000 copies of the same names), without addresses of its own:
-    /// each [`Endpoint`] carries its address.
-    pub fn outside_service(service: &str, namespace: &str, trust_domain: &str) -> Self {
-        Self { ips: Vec::new(), ..Self::outside(service, namespace, IpAddr::from([0, 0, 0, 0]), trust_domain) }
     }
 
     /// `namespace/name`.
