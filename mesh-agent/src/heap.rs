@@ -3,10 +3,11 @@
 //! (one per worker thread) for the next allocations, so an agent that served a c64 L7
 //! burst kept 2.7× its idle anonymous memory long after it, and one that took 1,000 new
 //! connections a second for ten minutes kept 1 MiB more than before, freed but resident
-//! in fragmented arenas. Every [`LOOK_EVERY`] the agent compares its resident anonymous
-//! memory with the heap's bytes in use: when the difference (what the allocator holds
-//! beyond the program's use) grew by more than [`SLACK_GREW_BY`] since the last
-//! hand-back, it asks glibc to release the free pages (`malloc_trim`). A burst's end
+//! in fragmented arenas. Every [`LOOK_EVERY`] (or later, see below) the agent compares
+//! its resident anonymous memory with the heap's bytes in use: when the difference
+//! (what the allocator holds beyond the program's use) grew by more than
+//! [`SLACK_GREW_BY`] since the last hand-back, it asks glibc to release the free pages
+//! (`malloc_trim`). A burst's end
 //! shows as such growth (the bytes in use fall, the memory stays); so does slow
 //! fragmentation under steady churn, which no fall of the bytes in use would show.
 //!
@@ -42,8 +43,8 @@ static LAST_IN_USE: AtomicUsize = AtomicUsize::new(usize::MAX);
 /// a trim walks every arena under its lock.
 pub const SLACK_GREW_BY: usize = 256 << 10;
 
-/// Looks at the heap every [`LOOK_EVERY`] until `shutdown`, handing freed memory back
-/// whenever the allocator's slack grew.
+/// Looks at the heap until `shutdown`, every [`LOOK_EVERY`] or later after a slow look
+/// ([`next_look`]), handing freed memory back whenever the allocator's slack grew.
 pub async fn hand_back_after_bursts(shutdown: CancellationToken) {
     let mut slack = Slack::default();
     let mut wait = Duration::ZERO;

@@ -223,7 +223,7 @@ async fn grpc_health(addr: SocketAddr, service: &str) -> anyhow::Result<u8> {
 /// A node's probed pod: (file, document index, namespace/name, address, containers).
 type ProbedPod = (PathBuf, usize, String, std::net::IpAddr, Vec<Value>);
 
-/// What one file held for this node, as of its size and modification time.
+/// What one file held for this node, as of its [`FileStamp`].
 type FileCache = BTreeMap<PathBuf, (FileStamp, Vec<ProbedPod>)>;
 
 /// Size, modification time and inode: a file replaced by a rename (as `lab apply` and
@@ -231,7 +231,7 @@ type FileCache = BTreeMap<PathBuf, (FileStamp, Vec<ProbedPod>)>;
 type FileStamp = (u64, Option<std::time::SystemTime>, u64);
 
 /// The node's pods with probes, in the config directory. A file is parsed again only
-/// when its size or modification time changed: the scale bench puts 10 MB of
+/// when its [`FileStamp`] changed: the scale bench puts 10 MB of
 /// generated objects in the directory, and parsing them five times a second took more
 /// CPU than the agents whose apply time it measures.
 fn node_pods(dir: &Path, node: &str, cache: &mut FileCache) -> Vec<ProbedPod> {
