@@ -6,6 +6,8 @@
 //! the typed [`Object`]s and on the compiled `Snapshot`.
 
 pub mod duration;
+mod file_keys;
+mod file_stamp;
 pub mod gateway;
 pub mod gateway_api;
 pub mod hosts;

@@ -61,12 +61,25 @@ pub enum Object {
 impl Object {
     /// `(kind, namespace, name)`; cluster-scoped objects have an empty namespace.
     pub fn key(&self) -> (&'static str, String, String) {
-        let meta = self.metadata();
+        let (kind, namespace, name) = self.key_ref();
+        (kind, namespace.to_string(), name.to_string())
+    }
+
+    /// [`Object::key`], borrowed from the object: what a pass over every object of the
+    /// config hashes, without two strings allocated per object.
+    pub fn key_ref(&self) -> (&'static str, &str, &str) {
+        let (kind, meta) = self.kind_and_metadata();
         let namespace = match self {
-            Object::Namespace(_) | Object::GatewayClass(_) => String::new(),
-            _ => meta.namespace_or_default(),
+            Object::Namespace(_) | Object::GatewayClass(_) => "",
+            _ => meta.namespace_str(),
         };
-        (self.kind(), namespace, meta.name.clone())
+        (kind, namespace, &meta.name)
+    }
+
+    /// Where the object is held: two `Object`s have the same address only when they
+    /// are one parsed object (the metadata lives in the object's own allocation).
+    pub fn address(&self) -> usize {
+        std::ptr::from_ref(self.metadata()) as usize
     }
 
     /// The kind's name, as `kind:` writes it.

@@ -5,12 +5,17 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use super::hosts::{service_for_host, services_for_host};
-use super::istio::Destination;
+use super::istio::{Destination, VirtualService};
 use super::{Error, Object};
 
 /// Routes (and mirrors) to subsets no DestinationRule defines, for hosts that name a
 /// known Service. Each error names the VirtualService's file, the object and the field.
 pub(super) fn undefined_subsets<'a>(objects: impl Iterator<Item = (&'a Path, &'a Object)> + Clone) -> Vec<Error> {
+    // Most configs route to no subset at all: then there is nothing to look up, and no
+    // index of every Service to build at each change.
+    if !objects.clone().any(|(_, o)| matches!(o, Object::VirtualService(vs) if routes_to_a_subset(vs))) {
+        return Vec::new();
+    }
     let known: HashMap<String, ()> = objects
         .clone()
         .filter_map(|(_, o)| match o {
@@ -64,4 +69,14 @@ pub(super) fn undefined_subsets<'a>(objects: impl Iterator<Item = (&'a Path, &'a
         }
     }
     errors
+}
+
+/// Whether any route or mirror of `vs` names a subset.
+fn routes_to_a_subset(vs: &VirtualService) -> bool {
+    vs.spec.tcp.iter().flat_map(|r| &r.route).any(|d| d.destination.subset.is_some())
+        || vs.spec.http.iter().any(|r| {
+            r.route.iter().any(|d| d.destination.subset.is_some())
+                || r.mirror.as_ref().is_some_and(|m| m.subset.is_some())
+                || r.mirrors.iter().any(|m| m.destination.subset.is_some())
+        })
 }

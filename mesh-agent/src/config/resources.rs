@@ -57,7 +57,13 @@ pub struct OwnerReference {
 impl ObjectMeta {
     /// The namespace, `default` when unset.
     pub fn namespace_or_default(&self) -> String {
-        self.namespace.clone().unwrap_or_else(|| "default".to_string())
+        self.namespace_str().to_string()
+    }
+
+    /// The namespace, `default` when unset, borrowed: for lookups that run once per
+    /// object of the whole config.
+    pub fn namespace_str(&self) -> &str {
+        self.namespace.as_deref().unwrap_or("default")
     }
 
     /// `namespace/name`, as objects are named in logs and lookups.

@@ -4,7 +4,7 @@
 //! in force (or contributes nothing if it never had one), so a typo never takes down
 //! traffic that was flowing.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,6 +12,8 @@ use std::time::Duration;
 use notify::{RecursiveMode, Watcher as _};
 use tokio::sync::mpsc;
 
+use super::file_keys::{FileKeys, Listed};
+use super::file_stamp::ReadStamps;
 use super::parse::{describe, fail_closed_standins, parse_documents};
 use super::references::undefined_subsets;
 use super::{Error, Object};
@@ -38,6 +40,26 @@ struct FileState {
     /// Rejected for a reference to another file's object: tried again whenever
     /// another file changes (the DestinationRule may arrive after the route).
     recheck: bool,
+    /// The keys of `good` and `fail_closed`, kept in step by [`FileState::new`] and
+    /// [`FileState::set_good`].
+    keys: FileKeys,
+}
+
+impl FileState {
+    fn new(contents: String, good: Arc<Vec<Object>>, fail_closed: Vec<Object>, error: Option<Error>) -> Self {
+        let keys = FileKeys::of(Listed { good: &good, fail_closed: &fail_closed });
+        Self { contents, good, fail_closed, error, recheck: false, keys }
+    }
+
+    /// Puts `good` in force for this file; returns what was.
+    fn set_good(&mut self, good: Arc<Vec<Object>>) -> Arc<Vec<Object>> {
+        self.keys = FileKeys::of(Listed { good: &good, fail_closed: &self.fail_closed });
+        std::mem::replace(&mut self.good, good)
+    }
+
+    fn listed(&self) -> Listed<'_> {
+        Listed { good: &self.good, fail_closed: &self.fail_closed }
+    }
 }
 
 /// The result of one reload.
@@ -75,12 +97,15 @@ pub struct DirSource {
     /// The objects in force as of the last reload; None once a file's state changed
     /// ([`Self::files_mut`]).
     in_force: Option<Vec<Object>>,
+    /// What each file's metadata was when it was read: a re-read of the directory
+    /// reads only the files that may have changed.
+    stamps: ReadStamps,
 }
 
 impl DirSource {
     /// A source reading `dir` (created if missing).
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into(), files: BTreeMap::new(), unlisted: None, in_force: None }
+        Self { dir: dir.into(), files: BTreeMap::new(), unlisted: None, in_force: None, stamps: ReadStamps::default() }
     }
 
     /// The directory.
@@ -124,14 +149,18 @@ impl DirSource {
             self.files_mut().remove(gone);
             out.changed = true;
         }
+        self.stamps.retain(&paths);
         for path in paths {
+            let Some(stamp) = self.stamps.check(&path) else { continue };
             let contents = match read_text(&path) {
                 Ok(text) => text,
                 Err(reason) => {
+                    self.stamps.record(&path, None);
                     self.reject_unreadable(&path, reason, &mut out);
                     continue;
                 }
             };
+            self.stamps.record(&path, stamp);
             if self.files.get(&path).is_some_and(|f| f.contents == contents) {
                 continue;
             }
@@ -141,20 +170,14 @@ impl DirSource {
                 Ok(objects) => {
                     out.changed = true;
                     accepted.push((path.clone(), prev_good.unwrap_or_default()));
-                    FileState {
-                        contents,
-                        good: Arc::new(objects),
-                        fail_closed: Vec::new(),
-                        error: None,
-                        recheck: false,
-                    }
+                    FileState::new(contents, Arc::new(objects), Vec::new(), None)
                 }
                 Err(mut e) => {
                     let good = prev_good.unwrap_or_default();
                     let fail_closed = fail_closed_standins(&contents, &good, &mut e);
                     out.new_errors.push(e.clone());
                     out.changed |= !fail_closed.is_empty();
-                    FileState { contents, good, fail_closed, error: Some(e), recheck: false }
+                    FileState::new(contents, good, fail_closed, Some(e))
                 }
             };
             self.files_mut().insert(path, state);
@@ -164,7 +187,7 @@ impl DirSource {
             for path in retry {
                 let f = self.files_mut().get_mut(&path).expect("listed above");
                 if let Ok(objects) = parse_documents(&path, &f.contents) {
-                    accepted.push((path.clone(), std::mem::replace(&mut f.good, Arc::new(objects))));
+                    accepted.push((path.clone(), f.set_good(Arc::new(objects))));
                     f.recheck = false;
                 }
             }
@@ -183,7 +206,7 @@ impl DirSource {
                     if f.error.as_ref() != Some(e) {
                         out.new_errors.push(e.clone());
                     }
-                    f.good = previous;
+                    f.set_good(previous);
                     f.error = Some(e.clone());
                     f.recheck = true;
                 }
@@ -230,41 +253,48 @@ impl DirSource {
         let fail_closed = fail_closed_standins(&lossy, &good, &mut e);
         out.new_errors.push(e.clone());
         out.changed |= !fail_closed.is_empty();
-        self.files_mut()
-            .insert(path.to_owned(), FileState { contents: lossy, good, fail_closed, error: Some(e), recheck: false });
+        self.files_mut().insert(path.to_owned(), FileState::new(lossy, good, fail_closed, Some(e)));
     }
 
     /// Objects in force; on a name defined in two files, the first file (by name) wins
     /// and the later one is reported.
     fn objects(&self) -> Vec<Object> {
-        let mut seen = HashMap::new();
+        let files: Vec<&FileState> = self.files.values().collect();
         let mut objects = Vec::new();
-        for (path, f) in &self.files {
-            for o in f.good.iter().chain(&f.fail_closed) {
-                if seen.insert(o.key(), path).is_none() {
-                    objects.push(o.clone());
-                }
+        for (i, f) in files.iter().enumerate() {
+            let mut hidden: Vec<usize> = f.keys.repeated(false).collect();
+            for earlier in &files[..i] {
+                hidden.extend(earlier.keys.shared_with(earlier.listed(), &f.keys, f.listed(), false));
             }
+            hidden.sort_unstable();
+            objects.extend(f.listed().iter().filter(|(p, _)| hidden.binary_search(p).is_err()).map(|(_, o)| o.clone()));
         }
         objects
     }
 
+    /// An error for each good object whose name an earlier good object (of an earlier
+    /// file, or of the same file) holds, naming the first file that holds it.
     fn duplicates_across_files(&self) -> Vec<Error> {
-        let mut seen: HashMap<_, &PathBuf> = HashMap::new();
+        let files: Vec<(&PathBuf, &FileState)> = self.files.iter().collect();
         let mut errors = Vec::new();
-        for (path, f) in &self.files {
-            for o in f.good.iter() {
-                let key = o.key();
-                if let Some(first) = seen.get(&key) {
-                    errors.push(Error {
-                        file: path.clone(),
-                        object: Some(describe(&key)),
-                        field: Some("metadata.name".into()),
-                        reason: format!("already defined in {}; this definition is ignored", first.display()),
-                    });
-                } else {
-                    seen.insert(key, path);
+        for (i, (path, f)) in files.iter().enumerate() {
+            let mut first: BTreeMap<usize, &PathBuf> = BTreeMap::new();
+            for (earlier_path, earlier) in &files[..i] {
+                for place in earlier.keys.shared_with(earlier.listed(), &f.keys, f.listed(), true) {
+                    first.entry(place).or_insert(earlier_path);
                 }
+            }
+            for place in f.keys.repeated(true) {
+                first.entry(place).or_insert(path);
+            }
+            for (place, first) in first {
+                let object = f.good[place].key();
+                errors.push(Error {
+                    file: (*path).clone(),
+                    object: Some(describe(&object)),
+                    field: Some("metadata.name".into()),
+                    reason: format!("already defined in {}; this definition is ignored", first.display()),
+                });
             }
         }
         errors
@@ -438,6 +468,43 @@ mod tests {
         assert_eq!(r.objects.len(), 1);
         assert_eq!(r.new_errors.len(), 1);
         assert!(r.new_errors[0].to_string().contains("b.yaml: Namespace a: field metadata.name: already defined in"));
+    }
+
+    /// Files of very different sizes, overlapping both ways: the smaller side of each
+    /// pair is looked up in the larger, and the result is the same as one walk in file
+    /// order would give.
+    #[test]
+    fn names_shared_by_a_large_and_a_small_file_go_to_the_earlier_file() {
+        let ns = |names: std::ops::Range<usize>| -> String {
+            names.map(|i| format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: n{i}}}\n---\n")).collect()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.yaml"), ns(0..3)).unwrap();
+        std::fs::write(dir.path().join("b.yaml"), ns(0..500)).unwrap();
+        std::fs::write(dir.path().join("c.yaml"), ns(498..502)).unwrap();
+        let mut src = DirSource::new(dir.path());
+        let r = src.reload();
+        let names: Vec<String> = r.objects.iter().map(|o| o.key().2).collect();
+        let want: Vec<String> = (0..502).map(|i| format!("n{i}")).collect();
+        assert_eq!(names, want, "each name once, from the first file that has it, in file order");
+        let errors: Vec<String> = r.new_errors.iter().map(ToString::to_string).collect();
+        assert_eq!(errors.len(), 5, "{errors:#?}");
+        for (e, (file, name, first)) in errors.iter().zip([
+            ("b.yaml", "n0", "a.yaml"),
+            ("b.yaml", "n1", "a.yaml"),
+            ("b.yaml", "n2", "a.yaml"),
+            ("c.yaml", "n498", "b.yaml"),
+            ("c.yaml", "n499", "b.yaml"),
+        ]) {
+            assert!(e.contains(&format!("{file}: Namespace {name}: field metadata.name")), "{e}");
+            assert!(e.contains(&format!("{first}; this definition is ignored")), "{e}");
+        }
+        // The small file changes: its names are looked up again, the large file's are not re-read.
+        std::fs::write(dir.path().join("a.yaml"), ns(600..601)).unwrap();
+        let r = src.reload();
+        assert_eq!(r.objects.len(), 503);
+        assert_eq!(r.objects[0].key().2, "n600");
+        assert_eq!(r.new_errors.len(), 2, "{:?}", r.new_errors);
     }
 
     const SVC: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: myapp, namespace: production}\nspec: {selector: {app: myapp}, ports: [{port: 80}]}\n";
