@@ -587,7 +587,12 @@ impl Agent {
         *self.admin.remote_clusters.lock().unwrap_or_else(|p| p.into_inner()) = self.remotes.status();
         if r.changed || remote.changed || self.version == 0 {
             self.version += 1;
-            let snap = Snapshot::compile_mesh(&r.objects, &remote.objects, &self.settings.mesh_scope(), self.version);
+            let snap = self.ctx.snapshot.load().compile_next(
+                &r.objects,
+                &remote.objects,
+                &self.settings.mesh_scope(),
+                self.version,
+            );
             tracing::info!(version = self.version, workloads = snap.workloads.len(), "config applied");
             for problem in &snap.problems {
                 tracing::warn!(version = self.version, "{problem}");

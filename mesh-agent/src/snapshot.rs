@@ -8,6 +8,7 @@
 
 mod compile;
 pub use compile::LINKERD_INJECT;
+mod digest;
 mod network_gateway;
 pub use network_gateway::{NetworkGateway, Reach};
 mod remote;
@@ -91,7 +92,7 @@ pub struct Snapshot {
     /// Monotonic version, for logs and the config dump.
     pub version: u64,
     /// What the config digest is computed from, and the digest once it is.
-    digest: compile::ConfigDigest,
+    digest: digest::ConfigDigest,
     /// How many objects of each kind the snapshot was compiled from.
     pub kinds_held: std::collections::BTreeMap<&'static str, usize>,
     /// The mesh's own config objects among them (routing, security, telemetry, gateways:
@@ -100,12 +101,12 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// SHA-256 (hex, first 16 digits) of the objects in force: agents that read the
-    /// same config show the same digest, whatever order it arrived in (`meshctl
-    /// proxy-status` compares them). Computed at the first call, not in the compile:
-    /// hashing every object's text took a third of a compile at 10,000 Services, and
-    /// the data path need not wait for it (the agent computes it on a blocking thread
-    /// right after the new snapshot is in force).
+    /// A hash (hex, 16 digits) of the objects in force: agents that read the same
+    /// config show the same digest, whatever order it arrived in (`meshctl
+    /// proxy-status` compares them). Worked out at the first call, not in the compile,
+    /// and from the hashes of the snapshot this one replaced for the objects both hold:
+    /// the data path need not wait for it (the agent asks on a blocking thread right
+    /// after the new snapshot is in force).
     pub fn config_digest(&self) -> &str {
         self.digest.get()
     }

@@ -172,7 +172,8 @@ impl Edge {
         }
         self.secrets_seen = secrets_version;
         self.version += 1;
-        let snap = Arc::new(Snapshot::compile_in(&objects, &self.settings.mesh_scope(), self.version));
+        let snap =
+            Arc::new(self.admin.snapshot.load().compile_next(&objects, &[], &self.settings.mesh_scope(), self.version));
         self.admin.snapshot.store(snap.clone());
         self.status.send_replace(snap.gateway_api_status.clone());
         self.metrics.config_applied.inc();
