@@ -7,9 +7,12 @@
 //! [`RoundRobin`], beside it.
 
 mod compile;
-pub use compile::LINKERD_INJECT;
+mod labels;
+pub use labels::LINKERD_INJECT;
 mod digest;
 mod network_gateway;
+mod reuse;
+mod service_index;
 pub use network_gateway::{NetworkGateway, Reach};
 mod remote;
 
@@ -40,12 +43,10 @@ pub struct Snapshot {
     pub workloads: Vec<Arc<Workload>>,
     by_ip: HashMap<IpAddr, Arc<Workload>>,
     services: Vec<Arc<Service>>,
-    by_vip: HashMap<IpAddr, Arc<Service>>,
-    by_key: HashMap<String, Arc<Service>>,
-    /// The first Service (by `namespace/name`) with an endpoint at an address, and
-    /// the index of its port there: names the Service of inbound traffic and says
-    /// what the port speaks.
-    by_endpoint: HashMap<SocketAddr, (Arc<Service>, usize)>,
+    /// The Services by cluster IP, by `namespace/name`, and by endpoint address (the
+    /// first by `namespace/name` there, which names the Service of inbound traffic
+    /// and says what the port speaks).
+    index: Arc<service_index::ServiceIndex>,
     routes: HashMap<String, Arc<ServiceRoutes>>,
     /// Every Gateway with the routes bound to it, by `namespace/name`.
     gateways: std::collections::BTreeMap<String, Arc<CompiledGateway>>,
@@ -93,6 +94,8 @@ pub struct Snapshot {
     pub version: u64,
     /// What the config digest is computed from, and the digest once it is.
     digest: digest::ConfigDigest,
+    /// What the compile of the next snapshot may take over from this one.
+    memo: reuse::CompileMemo,
     /// How many objects of each kind the snapshot was compiled from.
     pub kinds_held: std::collections::BTreeMap<&'static str, usize>,
     /// The mesh's own config objects among them (routing, security, telemetry, gateways:
@@ -148,13 +151,13 @@ impl Snapshot {
 
     /// The Service whose endpoint `w` is at its port `port`, and that Service's port.
     pub fn service_at(&self, w: &Workload, port: u16) -> Option<(&Arc<Service>, &ServicePort)> {
-        let (service, i) = w.ips.iter().find_map(|ip| self.by_endpoint.get(&SocketAddr::new(*ip, port)))?;
+        let (service, i) = w.ips.iter().find_map(|ip| self.index.by_endpoint(&SocketAddr::new(*ip, port)))?;
         Some((service, service.ports.get(*i)?))
     }
 
     /// The Service at this cluster IP.
     pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<Service>> {
-        self.by_vip.get(&ip)
+        self.index.by_vip(&ip)
     }
 
     /// VirtualService rules for a Service (`namespace/name`).
@@ -204,7 +207,7 @@ impl Snapshot {
     /// Endpoints of a Service (restricted to a subset's labels) with the address for
     /// service port `port`. An unknown subset has no endpoints.
     pub fn endpoints(&self, service: &str, subset: Option<&str>, port: u16) -> Vec<(Arc<Workload>, SocketAddr)> {
-        let Some(svc) = self.by_key.get(service) else { return Vec::new() };
+        let Some(svc) = self.index.by_key(service) else { return Vec::new() };
         let labels = match subset {
             None => None,
             Some(s) => match self.policies.get(service).and_then(|p| p.subsets.get(s)) {
@@ -222,7 +225,7 @@ impl Snapshot {
 
     /// The Service `namespace/name`.
     pub fn service(&self, key: &str) -> Option<&Arc<Service>> {
-        self.by_key.get(key)
+        self.index.by_key(key)
     }
 
     /// The workload with this address.
@@ -291,7 +294,7 @@ impl Snapshot {
         name.strip_suffix(crate::state::SERVICE_DOMAIN)
             .and_then(|rest| rest.split_once('.'))
             .filter(|(_, ns)| !ns.contains('.'))
-            .and_then(|(svc, ns)| self.by_key.get(&format!("{ns}/{svc}")))
+            .and_then(|(svc, ns)| self.index.by_key(&format!("{ns}/{svc}")))
     }
 
     /// The `http:` routes mesh traffic to ServiceEntry `entry` (`namespace/name`) takes.
@@ -308,7 +311,7 @@ impl Snapshot {
     /// robin (the cursor is in `turns`, kept outside the immutable snapshot); pod
     /// addresses go to that pod.
     pub fn resolve(&self, orig: SocketAddr, turns: &RoundRobin) -> Destination {
-        if let Some(svc) = self.by_vip.get(&orig.ip()) {
+        if let Some(svc) = self.index.by_vip(&orig.ip()) {
             let name = svc.key();
             let Some(port) = svc.ports.iter().find(|p| p.port == orig.port()) else {
                 return Destination::NoEndpoints { service: name };
@@ -359,11 +362,12 @@ impl RoundRobin {
         }
     }
 
-    /// Sizes the cursors for `snapshot`'s Services (fresh cursors when their number
-    /// changed, as a new snapshot started its Services afresh).
+    /// Sizes the cursors for `snapshot`'s Services' slots (fresh cursors when their
+    /// number changed).
     pub fn fit(&self, snapshot: &Snapshot) {
-        if self.cursors.load().len() != snapshot.services.len() {
-            let fresh: Box<[AtomicUsize]> = snapshot.services.iter().map(|_| AtomicUsize::new(0)).collect();
+        let slots = snapshot.services.iter().map(|s| s.index + 1).max().unwrap_or(0);
+        if self.cursors.load().len() != slots {
+            let fresh: Box<[AtomicUsize]> = (0..slots).map(|_| AtomicUsize::new(0)).collect();
             self.cursors.store(Arc::new(fresh));
         }
     }

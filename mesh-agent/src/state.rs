@@ -212,7 +212,10 @@ pub struct Service {
     pub ports: Vec<ServicePort>,
     /// Ready endpoints, in a stable order.
     pub endpoints: Vec<Endpoint>,
-    /// Its position among the snapshot's Services (runtime tables index by it).
+    /// Its slot among the snapshot's Services, which runtime tables index by: unique in
+    /// a snapshot, and kept by a Service from the snapshot it was in before; a new
+    /// Service takes the lowest free slot, so slots stay below the most Services any
+    /// snapshot held.
     pub index: usize,
 }
 
@@ -380,7 +383,7 @@ impl std::fmt::Display for Problem {
 }
 
 /// Mesh-wide settings the compilation needs.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct MeshScope {
     /// This mesh's trust domain.
     pub trust_domain: String,

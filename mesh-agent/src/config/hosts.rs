@@ -4,8 +4,8 @@ use std::collections::HashMap;
 
 /// Resolves a host as Istio does for mesh traffic: a short name is a Service in
 /// `namespace`; `name.ns`, `name.ns.svc` and `name.ns.svc.<domain>` name a Service in
-/// `ns`. Returns `namespace/name` when it names a known Service.
-pub fn service_for_host(host: &str, namespace: &str, known: &HashMap<String, ()>) -> Option<String> {
+/// `ns`. Returns `namespace/name` when it names a known Service (a key of `known`).
+pub fn service_for_host<V>(host: &str, namespace: &str, known: &HashMap<String, V>) -> Option<String> {
     let parts: Vec<&str> = host.split('.').collect();
     let key = match parts.as_slice() {
         [name] => format!("{namespace}/{name}"),
@@ -17,7 +17,7 @@ pub fn service_for_host(host: &str, namespace: &str, known: &HashMap<String, ()>
 }
 
 /// Services a (possibly wildcard) VirtualService host covers.
-pub fn services_for_host(host: &str, namespace: &str, known: &HashMap<String, ()>) -> Vec<String> {
+pub fn services_for_host<V>(host: &str, namespace: &str, known: &HashMap<String, V>) -> Vec<String> {
     if let Some(suffix) = host.strip_prefix('*') {
         // `*` alone, or `*.ns.svc.cluster.local`: every Service whose FQDN ends so.
         let mut out: Vec<String> = known

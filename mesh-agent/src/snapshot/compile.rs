@@ -7,6 +7,11 @@ use std::sync::Arc;
 
 use super::Snapshot;
 use super::digest::ConfigDigest;
+use super::labels::{
+    DNS_CAPTURE, LINKERD_INJECT, NETWORK_LABEL, NamespaceModes, OPT_IN_LABELS, OPT_OUT_LABELS, namespace_modes, switch,
+};
+use super::reuse::{CompileMemo, Reuse};
+use super::service_index::ServiceIndex;
 use crate::authz::{self, WorkloadAuthz, WorkloadSecurity};
 use crate::config::gateway::Gateway;
 use crate::config::gateway_api::translate::translate;
@@ -24,44 +29,6 @@ use crate::traffic::external::ExternalServices;
 use crate::traffic::gateway::{CompiledGateway, PortRoutes, serve_domains};
 use crate::traffic::policy::DestinationPolicy;
 use crate::traffic::route::{self, Attachment, ServiceRoutes};
-
-/// Namespace labels that enroll a namespace (Istio sidecar and ambient spellings).
-const ENROLL_LABELS: &[(&str, &str)] = &[("istio-injection", "enabled"), ("istio.io/dataplane-mode", "ambient")];
-/// Pod labels that opt a pod out of an enrolled namespace.
-const OPT_OUT_LABELS: &[(&str, &str)] = &[("istio.io/dataplane-mode", "none"), ("sidecar.istio.io/inject", "false")];
-/// Namespace annotation Linkerd users set for the same purpose (also a pod's own:
-/// what `linkerd inject` and `meshctl inject` write into a pod template).
-pub const LINKERD_INJECT: (&str, &str) = ("linkerd.io/inject", "enabled");
-/// Pod labels that enroll the pod itself in a namespace that is not enrolled (Istio
-/// ambient's per-pod label; the sidecar injector's per-pod opt-in).
-const OPT_IN_LABELS: &[(&str, &str)] = &[("istio.io/dataplane-mode", "ambient"), ("sidecar.istio.io/inject", "true")];
-/// Namespace label, or pod annotation or label, turning DNS capture on (`"true"`) or
-/// off (`"false"`) for its pods, whatever the mesh's default (Istio ambient's key).
-const DNS_CAPTURE: &str = "ambient.istio.io/dns-capture";
-
-/// What a namespace says about its pods.
-#[derive(Debug, Clone, Default)]
-pub(super) struct NamespaceModes {
-    enrolled: bool,
-    /// `DNS_CAPTURE`, when it says.
-    dns_capture: Option<bool>,
-    /// [`NETWORK_LABEL`], when it says.
-    pub(super) network: Option<String>,
-}
-
-/// Istio's network label, on a pod or its namespace: the network its addresses are on.
-/// Another network than this cluster's is reached only through that network's
-/// east-west gateway.
-pub(super) const NETWORK_LABEL: &str = "topology.istio.io/network";
-
-/// `"true"` / `"false"` (any case); anything else says nothing.
-fn switch(value: Option<&String>) -> Option<bool> {
-    match value?.to_ascii_lowercase().as_str() {
-        "true" => Some(true),
-        "false" => Some(false),
-        _ => None,
-    }
-}
 
 impl Snapshot {
     /// Compiles objects into lookup tables with the default [`MeshScope`].
@@ -99,6 +66,8 @@ impl Snapshot {
     ) -> Self {
         let trust_domain = mesh.trust_domain.as_str();
         let namespaces = namespace_modes(objects);
+        let reuse = Reuse::of(previous, mesh, &namespaces, !remotes.is_empty());
+        let mut memo = if remotes.is_empty() { CompileMemo::under(mesh, &namespaces) } else { CompileMemo::default() };
         let mut snap = Snapshot {
             version,
             digest: ConfigDigest::of(objects, remotes, previous.map(|p| &p.digest)),
@@ -117,7 +86,11 @@ impl Snapshot {
         let mut off_network: HashSet<IpAddr> = HashSet::new();
         for o in objects {
             if let Object::Pod(pod) = o {
-                let w = Arc::new(workload(pod, mesh, &namespaces, &Origin::local(mesh)));
+                let w = match reuse.as_ref().and_then(|r| r.workload(pod)) {
+                    Some(w) => w,
+                    None => Arc::new(workload(pod, mesh, &namespaces, &Origin::local(mesh))),
+                };
+                memo.workload(pod, &w);
                 if let Some(network) =
                     other_network(&w.network, mesh).filter(|n| !snap.network_gateways.contains_key(*n))
                 {
@@ -142,20 +115,28 @@ impl Snapshot {
                 snap.workloads.push(w);
             }
         }
+        memo.off_network(&off_network);
+        // Nothing is kept unless the pods off the network are as before.
+        let reuse = reuse.filter(|r| r.same_off_network(&off_network));
+        let same_workloads = reuse.as_ref().is_some_and(|r| r.same_workloads(&snap.workloads));
         let mut drafts = ServiceDrafts::default();
         let slices = slices_by_service(objects);
+        // What each Service of this cluster was compiled from, in order, for the memo.
+        let mut compiled_from = Vec::new();
         for o in objects {
             if let Object::Service(svc) = o {
+                let of_service = slices
+                    .get(&(svc.metadata.namespace_str(), svc.metadata.name.as_str()))
+                    .map_or(&[][..], Vec::as_slice);
+                compiled_from.push((svc, of_service));
+                if let Some(kept) = reuse.as_ref().and_then(|r| r.service(svc, of_service, &snap, same_workloads)) {
+                    drafts.keep(kept);
+                    continue;
+                }
                 let ns = svc.metadata.namespace_or_default();
                 let endpoints = if svc.spec.selector.is_empty() {
-                    let of_service = slices.get(&(ns.clone(), svc.metadata.name.clone()));
                     let local = |ip: &IpAddr| snap.by_ip.get(ip).cloned();
-                    let mut endpoints = slice_endpoints(
-                        local,
-                        of_service.map_or(&[][..], Vec::as_slice),
-                        (&ns, &svc.metadata.name),
-                        trust_domain,
-                    );
+                    let mut endpoints = slice_endpoints(local, of_service, (&ns, &svc.metadata.name), trust_domain);
                     endpoints.retain(|e| !off_network.contains(&e.ip));
                     endpoints
                 } else {
@@ -169,9 +150,31 @@ impl Snapshot {
         for remote in remotes {
             snap.merge_remote(remote, mesh, &mut drafts);
         }
-        for draft in drafts.list {
-            snap.add_service(draft);
+        let mut slots = Slots::new(&drafts.list);
+        let (mut kept, mut added) = (HashSet::new(), Vec::new());
+        for (i, planned) in drafts.list.into_iter().enumerate() {
+            let service = match planned {
+                Planned::Kept(service) => {
+                    kept.insert(Arc::as_ptr(&service) as usize);
+                    service
+                }
+                Planned::Draft(draft) => {
+                    let had = reuse.as_ref().and_then(|r| r.slot(&format!("{}/{}", draft.namespace, draft.name)));
+                    let service = Arc::new(draft.freeze(slots.take(had)));
+                    added.push(service.clone());
+                    service
+                }
+            };
+            if let Some((object, slices)) = compiled_from.get(i) {
+                memo.service(object, slices, &service, reuse.as_ref());
+            }
+            snap.services.push(service);
         }
+        snap.index = reuse
+            .as_ref()
+            .and_then(|r| r.index(&kept, &added, snap.services.len()))
+            .unwrap_or_else(|| ServiceIndex::build(&snap.services))
+            .into();
         if !snap.network_gateways.is_empty() {
             snap.index_behind_gateways();
         }
@@ -183,6 +186,7 @@ impl Snapshot {
         snap.compile_traffic(objects);
         snap.compile_security(objects, mesh);
         snap.compile_telemetry(objects, &mesh.root_namespace);
+        snap.memo = memo;
         snap
     }
 
@@ -267,18 +271,21 @@ impl Snapshot {
     /// Objects are taken in `namespace/name` order, so which of two conflicting
     /// VirtualServices wins does not depend on file order.
     fn compile_traffic(&mut self, objects: &[Object]) {
-        let known: HashMap<String, ()> = self.by_key.keys().map(|k| (k.clone(), ())).collect();
+        // The Services' names, borrowed from the index (shared, so `self` stays free to
+        // write the routes to).
+        let index = self.index.clone();
+        let known = index.names();
         for vs in sorted(objects, |o| if let Object::VirtualService(v) = o { Some(&**v) } else { None }) {
             let ns = vs.metadata.namespace_or_default();
             if !Attachment::Mesh.bound_by(&vs.spec.gateways, &ns) {
                 continue; // bound to gateways only: not for mesh traffic
             }
             let name = vs.metadata.key();
-            let rules = route::compile_rules(vs, &ns, &known, Attachment::Mesh);
-            let tcp = route::compile_tcp_rules(vs, &ns, &known, Attachment::Mesh);
-            let tls = route::compile_tls_rules(vs, &ns, &known, Attachment::Mesh);
+            let rules = route::compile_rules(vs, &ns, known, Attachment::Mesh);
+            let tcp = route::compile_tcp_rules(vs, &ns, known, Attachment::Mesh);
+            let tls = route::compile_tls_rules(vs, &ns, known, Attachment::Mesh);
             for host in &vs.spec.hosts {
-                let services = route::services_for_host(host, &ns, &known);
+                let services = route::services_for_host(host, &ns, known);
                 if !tls.is_empty() && !services.is_empty() {
                     self.problems.push(Problem::new(
                         "MESH0108",
@@ -325,13 +332,13 @@ impl Snapshot {
                 .collect();
         let services: Vec<&VirtualService> =
             sorted(objects, |o| if let Object::VirtualService(v) = o { Some(&**v) } else { None });
-        self.compile_gateways(&istio_gateways, &services, &known);
+        self.compile_gateways(&istio_gateways, &services, known);
         // Gateway API objects, as the Istio Gateways and VirtualServices they amount to.
         let api = translate(objects);
         let api_gateways: Vec<(&Gateway, Option<&str>)> =
             api.gateways.iter().map(|(g, ns)| (g, Some(ns.as_str()))).collect();
         let api_services: Vec<&VirtualService> = api.virtual_services.iter().collect();
-        self.compile_gateways(&api_gateways, &api_services, &known);
+        self.compile_gateways(&api_gateways, &api_services, known);
         for (object, why) in &api.problems {
             self.problems.push(Problem::new("MESH0110", object.clone(), why.clone()));
         }
@@ -340,7 +347,7 @@ impl Snapshot {
         for ts in sorted(objects, |o| if let Object::TrafficSplit(t) = o { Some(&**t) } else { None }) {
             let ns = ts.metadata.namespace_or_default();
             let name = format!("TrafficSplit {ns}/{}", ts.metadata.name);
-            match route::service_for_host(&ts.spec.service, &ns, &known) {
+            match route::service_for_host(&ts.spec.service, &ns, known) {
                 Some(svc) => self.claim_routes(&name, svc, &name, || (vec![route::compile_split(ts, &ns)], Vec::new())),
                 None => self.problems.push(Problem::unknown_service(
                     name.clone(),
@@ -351,7 +358,7 @@ impl Snapshot {
         for sp in sorted(objects, |o| if let Object::ServiceProfile(p) = o { Some(&**p) } else { None }) {
             let ns = sp.metadata.namespace_or_default();
             let name = format!("ServiceProfile {ns}/{}", sp.metadata.name);
-            match route::service_for_host(&sp.metadata.name, &ns, &known) {
+            match route::service_for_host(&sp.metadata.name, &ns, known) {
                 Some(svc) => {
                     let key = svc.clone();
                     self.claim_routes(&name, svc, &name, || (route::compile_profile(sp, &key), Vec::new()));
@@ -365,7 +372,7 @@ impl Snapshot {
             for entry in self.external.keys_naming(&dr.spec.host) {
                 self.external_policies.entry(entry).or_insert_with(|| Arc::new(compiled.clone()));
             }
-            let services = route::services_for_host(&dr.spec.host, &ns, &known);
+            let services = route::services_for_host(&dr.spec.host, &ns, known);
             if !services.is_empty() && compiled.originates_tls() {
                 self.problems.push(Problem::new(
                     "MESH0107",
@@ -408,7 +415,7 @@ impl Snapshot {
             });
             let tcp = routes.tcp.iter().flat_map(|t| t.backends.iter().map(|w| ("tcp", &w.backend)));
             for (rule, b) in http.chain(tcp) {
-                if !self.by_key.contains_key(&b.service) {
+                if self.index.by_key(&b.service).is_none() {
                     missing.push(Problem::unknown_service(
                         format!("VirtualService {}", routes.virtual_service),
                         format!(
@@ -441,11 +448,11 @@ impl Snapshot {
 
     /// Each Gateway (with the namespace its pods must be in, for a Gateway API one) with,
     /// per server port, the hosts of the VirtualServices among `services` bound to it.
-    fn compile_gateways(
+    fn compile_gateways<V>(
         &mut self,
         gateways: &[(&Gateway, Option<&str>)],
         services: &[&VirtualService],
-        known: &HashMap<String, ()>,
+        known: &HashMap<String, V>,
     ) {
         for &(gw, pods_namespace) in gateways {
             let key = gw.metadata.key();
@@ -550,7 +557,7 @@ impl Snapshot {
     /// port in that case (IST0112); HTTP routes can only mean an HTTP port.
     fn default_backend_ports(&self, rule: &mut route::Rule) {
         let sole_port = |service: &str| {
-            let ports = self.by_key.get(service).map(|s| s.ports.as_slice()).unwrap_or_default();
+            let ports = self.index.by_key(service).map(|s| s.ports.as_slice()).unwrap_or_default();
             if let Some(only) = self.sole_port(service) {
                 return Some(only);
             }
@@ -578,7 +585,7 @@ impl Snapshot {
 
     /// The port of a Service that has one.
     fn sole_port(&self, service: &str) -> Option<u16> {
-        match self.by_key.get(service).map(|s| s.ports.as_slice()) {
+        match self.index.by_key(service).map(|s| s.ports.as_slice()) {
             Some([only]) => Some(only.port),
             _ => None,
         }
@@ -632,24 +639,6 @@ impl Snapshot {
     }
 }
 
-/// What each Namespace among `objects` says about its pods.
-pub(super) fn namespace_modes(objects: &[Object]) -> HashMap<String, NamespaceModes> {
-    let mut namespaces = HashMap::new();
-    for o in objects {
-        if let Object::Namespace(ns) = o {
-            let by_label = ENROLL_LABELS.iter().any(|(k, v)| ns.metadata.labels.get(*k).is_some_and(|x| x == v));
-            let by_annotation = ns.metadata.annotations.get(LINKERD_INJECT.0).is_some_and(|v| v == LINKERD_INJECT.1);
-            let modes = NamespaceModes {
-                enrolled: by_label || by_annotation,
-                dns_capture: switch(ns.metadata.labels.get(DNS_CAPTURE)),
-                network: ns.metadata.labels.get(NETWORK_LABEL).cloned(),
-            };
-            namespaces.insert(ns.metadata.name.clone(), modes);
-        }
-    }
-    namespaces
-}
-
 /// A Service whose endpoints are being gathered, from this cluster and then the
 /// others, before it is frozen into the snapshot.
 pub(super) struct ServiceDraft {
@@ -660,11 +649,18 @@ pub(super) struct ServiceDraft {
     pub(super) endpoints: Vec<Endpoint>,
 }
 
+/// A Service of the snapshot being compiled: taken over whole from the snapshot it
+/// replaces, or being gathered.
+pub(super) enum Planned {
+    Kept(Arc<Service>),
+    Draft(ServiceDraft),
+}
+
 /// The Services being gathered, in order, found by namespace and name, with the
 /// addresses they hold: each remote Service is merged or placed in constant time.
 #[derive(Default)]
 pub(super) struct ServiceDrafts {
-    pub(super) list: Vec<ServiceDraft>,
+    pub(super) list: Vec<Planned>,
     by_name: HashMap<(String, String), usize>,
     vips: HashSet<IpAddr>,
 }
@@ -674,13 +670,23 @@ impl ServiceDrafts {
     pub(super) fn push(&mut self, draft: ServiceDraft) {
         self.by_name.insert((draft.namespace.clone(), draft.name.clone()), self.list.len());
         self.vips.extend(&draft.vips);
-        self.list.push(draft);
+        self.list.push(Planned::Draft(draft));
     }
 
-    /// The Service `namespace/name`, when held.
+    /// Adds `service`, taken over whole. Not looked up by name or address: that is
+    /// for merging other clusters' Services, and nothing is taken over then.
+    pub(super) fn keep(&mut self, service: Arc<Service>) {
+        self.list.push(Planned::Kept(service));
+    }
+
+    /// The Service `namespace/name`, when held and still being gathered (no Service
+    /// is taken over when other clusters' objects are merged).
     pub(super) fn get_mut(&mut self, namespace: &str, name: &str) -> Option<&mut ServiceDraft> {
         let i = *self.by_name.get(&(namespace.to_string(), name.to_string()))?;
-        self.list.get_mut(i)
+        match self.list.get_mut(i)? {
+            Planned::Draft(draft) => Some(draft),
+            Planned::Kept(_) => None,
+        }
     }
 
     /// Whether a Service held has address `vip`.
@@ -733,27 +739,53 @@ pub(super) fn selected_endpoints<'a>(
         .filter_map(|w| Some(Endpoint { workload: w.clone(), ip: *w.ips.first()?, slice_ports: None }))
 }
 
-impl Snapshot {
-    /// Freezes `draft` into the snapshot's Services and indexes it.
-    fn add_service(&mut self, draft: ServiceDraft) {
-        let ServiceDraft { name, namespace, vips, ports, endpoints } = draft;
-        let service =
-            Arc::new(Service { name, namespace, vips: vips.clone(), ports, endpoints, index: self.services.len() });
-        for vip in vips {
-            self.by_vip.insert(vip, service.clone());
-        }
-        // The first by name, whatever order the config arrived in.
-        let name = (&service.namespace, &service.name);
-        for e in &service.endpoints {
-            for (i, addr) in service.ports.iter().enumerate().filter_map(|(i, sp)| Some((i, e.addr(sp)?))) {
-                let first = self.by_endpoint.entry(addr).or_insert_with(|| (service.clone(), i));
-                if name < (&first.0.namespace, &first.0.name) {
-                    *first = (service.clone(), i);
+impl ServiceDraft {
+    /// The Service, in runtime slot `index`.
+    fn freeze(self, index: usize) -> Service {
+        let ServiceDraft { name, namespace, vips, ports, endpoints } = self;
+        Service { name, namespace, vips, ports, endpoints, index }
+    }
+}
+
+/// The runtime slots of a compile's Services ([`Service::index`]): a Service keeps the
+/// slot it had in the snapshot replaced; a new one takes the lowest free slot. Without
+/// a snapshot to take over from, the slots are the Services' positions.
+struct Slots {
+    taken: Vec<bool>,
+    lowest_free: usize,
+}
+
+impl Slots {
+    /// The slots with those of the Services taken over marked taken.
+    fn new(planned: &[Planned]) -> Self {
+        let mut taken = vec![false; planned.len()];
+        for p in planned {
+            if let Planned::Kept(s) = p {
+                if s.index >= taken.len() {
+                    taken.resize(s.index + 1, false);
                 }
+                taken[s.index] = true;
             }
         }
-        self.by_key.insert(service.key(), service.clone());
-        self.services.push(service);
+        Self { taken, lowest_free: 0 }
+    }
+
+    /// `had`, when free, else the lowest free slot.
+    fn take(&mut self, had: Option<usize>) -> usize {
+        let slot = match had {
+            Some(slot) if !self.taken.get(slot).copied().unwrap_or(false) => slot,
+            _ => {
+                while self.taken.get(self.lowest_free).copied().unwrap_or(false) {
+                    self.lowest_free += 1;
+                }
+                self.lowest_free
+            }
+        };
+        if slot >= self.taken.len() {
+            self.taken.resize(slot + 1, false);
+        }
+        self.taken[slot] = true;
+        slot
     }
 }
 
@@ -968,14 +1000,14 @@ fn config_held(objects: &[Object]) -> Vec<(&'static str, String, String)> {
 /// The IP EndpointSlices of each `(namespace, service)`, in slice-name order: indexed
 /// once per compile rather than searched once per Service. FQDN slices are left out:
 /// the agent resolves no names.
-pub(super) fn slices_by_service(objects: &[Object]) -> HashMap<(String, String), Vec<&EndpointSlice>> {
-    let mut by_service: HashMap<(String, String), Vec<&EndpointSlice>> = HashMap::new();
+pub(super) fn slices_by_service(objects: &[Object]) -> HashMap<(&str, &str), Vec<&Arc<EndpointSlice>>> {
+    let mut by_service: HashMap<(&str, &str), Vec<&Arc<EndpointSlice>>> = HashMap::new();
     for o in objects {
         if let Object::EndpointSlice(s) = o
             && s.address_type != "FQDN"
             && let Some(service) = s.service()
         {
-            by_service.entry((s.metadata.namespace_or_default(), service.to_string())).or_default().push(s);
+            by_service.entry((s.metadata.namespace_str(), service)).or_default().push(s);
         }
     }
     for slices in by_service.values_mut() {
@@ -989,7 +1021,7 @@ pub(super) fn slices_by_service(objects: &[Object]) -> HashMap<(String, String),
 /// that pod (and enrolled if it is); any other address is a plaintext destination.
 pub(super) fn slice_endpoints(
     known: impl Fn(&IpAddr) -> Option<Arc<Workload>>,
-    slices: &[&EndpointSlice],
+    slices: &[&Arc<EndpointSlice>],
     (namespace, service): (&str, &str),
     trust_domain: &str,
 ) -> Vec<Endpoint> {

@@ -20,9 +20,8 @@ use std::net::SocketAddr;
 use mesh_common::ports;
 
 use super::Snapshot;
-use super::compile::{
-    NETWORK_LABEL, NamespaceModes, Origin, cluster_network, namespace_modes, other_network, workload,
-};
+use super::compile::{Origin, cluster_network, other_network, workload};
+use super::labels::{NETWORK_LABEL, NamespaceModes, namespace_modes};
 use crate::config::{Object, RemoteObjects};
 use crate::identity::Identity;
 use crate::state::{MeshScope, Problem};

@@ -14,9 +14,10 @@ use std::sync::Arc;
 
 use super::Snapshot;
 use super::compile::{
-    Origin, ServiceDraft, ServiceDrafts, cluster_network, namespace_modes, other_network, selected_endpoints,
-    slice_endpoints, slices_by_service, workload,
+    Origin, ServiceDraft, ServiceDrafts, cluster_network, other_network, selected_endpoints, slice_endpoints,
+    slices_by_service, workload,
 };
+use super::labels::namespace_modes;
 use crate::config::{Object, RemoteObjects};
 use crate::state::{MeshScope, Problem, Workload};
 
@@ -74,7 +75,7 @@ impl Snapshot {
             let Object::Service(svc) = o else { continue };
             let ns = svc.metadata.namespace_or_default();
             let endpoints: Vec<_> = if svc.spec.selector.is_empty() {
-                let of_service = slices.get(&(ns.clone(), svc.metadata.name.clone()));
+                let of_service = slices.get(&(svc.metadata.namespace_str(), svc.metadata.name.as_str()));
                 let known = |ip: &IpAddr| by_ip.get(ip).cloned();
                 slice_endpoints(
                     known,

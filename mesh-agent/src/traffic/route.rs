@@ -720,10 +720,10 @@ fn matches_at<'m, M>(
 }
 
 /// Compiles the TCP rules of `vs` (namespace `ns`) that apply at `at`.
-pub fn compile_tcp_rules(
+pub fn compile_tcp_rules<V>(
     vs: &VirtualService,
     ns: &str,
-    known: &HashMap<String, ()>,
+    known: &HashMap<String, V>,
     at: Attachment<'_>,
 ) -> Vec<TcpRule> {
     let tcp = vs.spec.tcp.iter().map(|r| (r.matches.as_slice(), r.route.as_slice()));
@@ -746,12 +746,12 @@ pub fn compile_tcp_rules(
 /// The `tcp:` or `tls:` rules (each its matches and destinations) that apply at `at`:
 /// the matches kept here, each turned into `T` by `compile_match`, and the
 /// destinations, which carry no headers (bytes have none to change).
-fn compile_opaque<'v, M: 'v, T>(
+fn compile_opaque<'v, M: 'v, T, V>(
     rules: impl Iterator<Item = (&'v [M], &'v [istio::HttpRouteDestination])>,
     gateways: impl Fn(&M) -> &[String],
     at: Attachment<'_>,
     ns: &str,
-    known: &HashMap<String, ()>,
+    known: &HashMap<String, V>,
     compile_match: impl Fn(&M) -> T,
 ) -> impl Iterator<Item = (Vec<T>, Vec<WeightedBackend>)> {
     rules.filter_map(move |(matches, route)| {
@@ -799,10 +799,10 @@ impl TlsRule {
 }
 
 /// Compiles the TLS rules of `vs` (namespace `ns`) that apply at `at`.
-pub fn compile_tls_rules(
+pub fn compile_tls_rules<V>(
     vs: &VirtualService,
     ns: &str,
-    known: &HashMap<String, ()>,
+    known: &HashMap<String, V>,
     at: Attachment<'_>,
 ) -> Vec<TlsRule> {
     let tls = vs.spec.tls.iter().map(|r| (r.matches.as_slice(), r.route.as_slice()));
@@ -820,7 +820,7 @@ pub fn compile_tls_rules(
 
 /// Compiles the HTTP rules of `vs` (namespace `ns`) that apply at `at`; hosts are
 /// resolved by the caller.
-pub fn compile_rules(vs: &VirtualService, ns: &str, known: &HashMap<String, ()>, at: Attachment<'_>) -> Vec<Rule> {
+pub fn compile_rules<V>(vs: &VirtualService, ns: &str, known: &HashMap<String, V>, at: Attachment<'_>) -> Vec<Rule> {
     let rules = vs.spec.http.iter().enumerate();
     rules
         .filter_map(|(i, r)| Some(compile_rule(i, r, &matches_at(&r.matches, |m| &m.gateways, at, ns)?, ns, known)))
@@ -828,10 +828,10 @@ pub fn compile_rules(vs: &VirtualService, ns: &str, known: &HashMap<String, ()>,
 }
 
 /// The destinations of a `tcp:` or `tls:` rule: no headers to change on bytes.
-fn opaque_backends(
+fn opaque_backends<V>(
     route: &[istio::HttpRouteDestination],
     ns: &str,
-    known: &HashMap<String, ()>,
+    known: &HashMap<String, V>,
 ) -> Vec<WeightedBackend> {
     route
         .iter()
@@ -844,7 +844,7 @@ fn opaque_backends(
         .collect()
 }
 
-fn backend(d: &istio::Destination, ns: &str, known: &HashMap<String, ()>) -> Backend {
+fn backend<V>(d: &istio::Destination, ns: &str, known: &HashMap<String, V>) -> Backend {
     Backend {
         // An unknown host stays as written: requests routed there answer 503 (no route
         // to any endpoint), as Envoy does for a cluster with no members.
@@ -858,7 +858,13 @@ fn percentage(p: &Option<istio::Percent>, legacy: Option<u32>) -> f64 {
     p.as_ref().map(|p| p.value).or(legacy.map(f64::from)).unwrap_or(100.0)
 }
 
-fn compile_rule(i: usize, r: &HttpRoute, matches: &[&HttpMatchRequest], ns: &str, known: &HashMap<String, ()>) -> Rule {
+fn compile_rule<V>(
+    i: usize,
+    r: &HttpRoute,
+    matches: &[&HttpMatchRequest],
+    ns: &str,
+    known: &HashMap<String, V>,
+) -> Rule {
     let action = if let Some(rd) = &r.redirect {
         Action::Redirect {
             uri: rd.uri.clone(),

@@ -1,0 +1,351 @@
+//! What a compile takes over from the snapshot it replaces: the workload of each pod
+//! object and the Service compiled from each Service object whose inputs are all the
+//! same objects as before. One Service changed among 10,000 then costs one Service's
+//! compile, not 10,000 (the endpoints of every Service were two thirds of a compile).
+//!
+//! Inputs are compared by identity: an object is the same when it is the same parsed
+//! object (sources hand on the objects of unchanged files and unchanged watch entries
+//! as they are). The memo holds every object it keys by, so an address it looks up is
+//! never another object's. Anything that could change a kept result and is not
+//! compared object by object (the mesh's settings, the namespaces' modes, the pods
+//! off this cluster's network, other clusters' objects) must be equal as a whole, or
+//! nothing is taken over.
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use super::Snapshot;
+use super::labels::NamespaceModes;
+use super::service_index::ServiceIndex;
+use crate::config::resources::{EndpointSlice, Pod, Service as ServiceObject};
+use crate::state::{MeshScope, Service, Workload};
+
+/// What one compile leaves for the next (empty for a compile with other clusters'
+/// objects: their endpoints are merged into this cluster's Services).
+#[derive(Default)]
+pub(super) struct CompileMemo {
+    /// The settings and namespace modes it was compiled under.
+    under: Option<(MeshScope, HashMap<String, NamespaceModes>)>,
+    /// The addresses of pods on networks no gateway leads to (none of them endpoints).
+    off_network: HashSet<IpAddr>,
+    /// Each pod's workload, by the pod object's address.
+    workloads: HashMap<usize, (Arc<Pod>, Arc<Workload>)>,
+    /// Each Service, by the Service object's address, with the EndpointSlices it read.
+    services: HashMap<usize, ServiceMemo>,
+}
+
+impl std::fmt::Debug for CompileMemo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CompileMemo")
+            .field("workloads", &self.workloads.len())
+            .field("services", &self.services.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A Service as compiled, with what it was compiled from.
+struct ServiceMemo {
+    _object: Arc<ServiceObject>,
+    slices: Arc<[Arc<EndpointSlice>]>,
+    service: Arc<Service>,
+}
+
+fn address<T>(object: &Arc<T>) -> usize {
+    Arc::as_ptr(object) as usize
+}
+
+impl CompileMemo {
+    /// Starts a memo of a compile under `mesh` and `namespaces`.
+    pub(super) fn under(mesh: &MeshScope, namespaces: &HashMap<String, NamespaceModes>) -> Self {
+        Self { under: Some((mesh.clone(), namespaces.clone())), ..Self::default() }
+    }
+
+    /// Records the workload compiled from `pod`.
+    pub(super) fn workload(&mut self, pod: &Arc<Pod>, workload: &Arc<Workload>) {
+        if self.under.is_some() {
+            self.workloads.insert(address(pod), (pod.clone(), workload.clone()));
+        }
+    }
+
+    /// Records the Service compiled from `object` and `slices` (`kept`: the memo of
+    /// the snapshot replaced has it, from the same objects).
+    pub(super) fn service(
+        &mut self,
+        object: &Arc<ServiceObject>,
+        slices: &[&Arc<EndpointSlice>],
+        service: &Arc<Service>,
+        kept: Option<&Reuse<'_>>,
+    ) {
+        if self.under.is_none() {
+            return;
+        }
+        let slices = match kept.and_then(|r| r.previous.memo.services.get(&address(object))) {
+            Some(was) if Arc::ptr_eq(&was.service, service) => was.slices.clone(),
+            _ => slices.iter().map(|s| Arc::clone(s)).collect(),
+        };
+        let memo = ServiceMemo { _object: object.clone(), slices, service: service.clone() };
+        self.services.insert(address(object), memo);
+    }
+
+    /// Records which addresses were off this cluster's network.
+    pub(super) fn off_network(&mut self, off_network: &HashSet<IpAddr>) {
+        if self.under.is_some() {
+            self.off_network = off_network.clone();
+        }
+    }
+}
+
+/// The snapshot being replaced, when its results can be taken over.
+pub(super) struct Reuse<'a> {
+    previous: &'a Snapshot,
+}
+
+impl<'a> Reuse<'a> {
+    /// `previous`, when it was compiled under the same settings and namespace modes
+    /// and without other clusters' objects, as the compile starting now is.
+    pub(super) fn of(
+        previous: Option<&'a Snapshot>,
+        mesh: &MeshScope,
+        namespaces: &HashMap<String, NamespaceModes>,
+        with_remotes: bool,
+    ) -> Option<Self> {
+        let previous = previous?;
+        let (was_mesh, was_namespaces) = previous.memo.under.as_ref()?;
+        (!with_remotes && was_mesh == mesh && was_namespaces == namespaces).then_some(Self { previous })
+    }
+
+    /// The workload compiled from `pod` before.
+    pub(super) fn workload(&self, pod: &Arc<Pod>) -> Option<Arc<Workload>> {
+        self.previous.memo.workloads.get(&address(pod)).map(|(_, w)| w.clone())
+    }
+
+    /// Whether the addresses off this cluster's network are those of before.
+    pub(super) fn same_off_network(&self, off_network: &HashSet<IpAddr>) -> bool {
+        *off_network == self.previous.memo.off_network
+    }
+
+    /// Whether the compile's workloads are the previous compile's, in the same order,
+    /// and as many (then every lookup by address finds what it found before).
+    pub(super) fn same_workloads(&self, workloads: &[Arc<Workload>]) -> bool {
+        workloads.len() == self.previous.workloads.len()
+            && workloads.iter().zip(&self.previous.workloads).all(|(a, b)| Arc::ptr_eq(a, b))
+    }
+
+    /// The Service compiled before from the same `object` and `slices`, when what it
+    /// was compiled from is unchanged: a selector's pods only when every workload is
+    /// the same; the pods at a slice's addresses when each lookup finds the workload
+    /// it found before. (The addresses off the network were compared before.)
+    pub(super) fn service(
+        &self,
+        object: &Arc<ServiceObject>,
+        slices: &[&Arc<EndpointSlice>],
+        compile: &Snapshot,
+        same_workloads: bool,
+    ) -> Option<Arc<Service>> {
+        let ServiceMemo { slices: was_slices, service, .. } = self.previous.memo.services.get(&address(object))?;
+        let same_slices =
+            was_slices.len() == slices.len() && was_slices.iter().zip(slices).all(|(a, b)| Arc::ptr_eq(a, b));
+        if !same_slices {
+            return None;
+        }
+        let unchanged = same_workloads
+            || (object.spec.selector.is_empty()
+                && service.endpoints.iter().all(|e| {
+                    match (compile.by_ip.get(&e.ip), self.previous.by_ip.get(&e.ip)) {
+                        (Some(now), Some(before)) => Arc::ptr_eq(now, before),
+                        (None, None) => true,
+                        _ => false,
+                    }
+                }));
+        unchanged.then(|| service.clone())
+    }
+
+    /// The slot the Service `key` had.
+    pub(super) fn slot(&self, key: &str) -> Option<usize> {
+        self.previous.index.by_key(key).map(|s| s.index)
+    }
+
+    /// The previous index, patched: the Services not `kept` (by address) out, the
+    /// `added` ones in. None when a winner needs the config order, or when so much
+    /// changed (a quarter of `services`) that indexing afresh costs less.
+    pub(super) fn index(&self, kept: &HashSet<usize>, added: &[Arc<Service>], services: usize) -> Option<ServiceIndex> {
+        let removed: Vec<&Arc<Service>> =
+            self.previous.services.iter().filter(|s| !kept.contains(&(Arc::as_ptr(s) as usize))).collect();
+        if (removed.len() + added.len()) * 4 > services {
+            return None;
+        }
+        let mut index = (*self.previous.index).clone();
+        index.patch(&removed, &added.iter().collect::<Vec<_>>()).ok()?;
+        Some(index)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::config::{Object, parse_documents};
+
+    /// A namespace, pods `p0..pods` and Services `s0..services`: even Services select
+    /// pods by label, odd ones take addresses from an EndpointSlice (a pod's address,
+    /// and one outside the mesh).
+    fn config(pods: usize, services: usize) -> String {
+        let mut text = String::from(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: n, labels: {istio.io/dataplane-mode: ambient}}\n---\n",
+        );
+        for i in 0..pods {
+            text += &format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: p{i}, namespace: n, uid: u{i}, labels: {{app: a{}}}}}\n\
+                 spec: {{nodeName: node1, containers: [{{name: c, ports: [{{name: http, containerPort: 8080}}]}}]}}\n\
+                 status: {{phase: Running, podIP: 10.1.0.{i}, conditions: [{{type: Ready, status: \"True\"}}]}}\n---\n",
+                i % 3
+            );
+        }
+        for i in 0..services {
+            if i % 2 == 0 {
+                text += &format!(
+                    "apiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: n}}\n\
+                     spec: {{clusterIP: 10.96.0.{i}, selector: {{app: a{}}}, ports: [{{name: http, port: 80, targetPort: http}}]}}\n---\n",
+                    i % 3
+                );
+            } else {
+                text += &format!(
+                    "apiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: n}}\n\
+                     spec: {{clusterIP: 10.96.0.{i}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}\n---\n\
+                     apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+                     metadata: {{name: s{i}-a, namespace: n, labels: {{kubernetes.io/service-name: s{i}}}}}\n\
+                     addressType: IPv4\nports: [{{name: http, port: 8080}}]\n\
+                     endpoints: [{{addresses: [10.1.0.{}]}}, {{addresses: [192.0.2.{i}]}}]\n---\n",
+                    i % pods.max(1)
+                );
+            }
+        }
+        text
+    }
+
+    fn parse(text: &str) -> Vec<Object> {
+        parse_documents(Path::new("reuse.yaml"), text).unwrap()
+    }
+
+    /// Everything a lookup can find, with the slots left out.
+    fn view(s: &Snapshot) -> String {
+        let mut out = format!("{:?}\n", s.workloads);
+        for svc in s.services() {
+            let text = format!("{svc:?}");
+            let at = text.find("index:").expect("Service names its index");
+            out += &text[..at];
+            for vip in &svc.vips {
+                out += &format!(" vip {vip} -> {}", s.service_by_vip(*vip).unwrap().key());
+            }
+            out += "\n";
+        }
+        for w in &s.workloads {
+            for port in [80, 8080] {
+                if let Some((svc, sp)) = s.service_at(w, port) {
+                    out += &format!("{}:{port} -> {} {}\n", w.name, svc.key(), sp.port);
+                }
+            }
+        }
+        out
+    }
+
+    /// `objects`, edited: each object whose key is in `by_key` replaced (or added),
+    /// each in `gone` left out; the rest are the same objects.
+    fn edit(objects: &[Object], by_key: &[Object], gone: &[&str]) -> Vec<Object> {
+        let mut out: Vec<Object> = objects
+            .iter()
+            .filter(|o| !gone.contains(&o.key().2.as_str()))
+            .map(|o| by_key.iter().find(|n| n.key() == o.key()).unwrap_or(o).clone())
+            .collect();
+        out.extend(by_key.iter().filter(|n| !objects.iter().any(|o| o.key() == n.key())).cloned());
+        out
+    }
+
+    #[test]
+    fn a_compile_that_takes_over_gives_what_a_fresh_compile_gives() {
+        let mesh = MeshScope::new("cluster.local");
+        let base = parse(&config(6, 12));
+        let first = Snapshot::compile_in(&base, &mesh, 1);
+        let one_service = parse(&config(6, 12).replace("10.96.0.3,", "10.96.0.99,"));
+        let one_pod = parse(&config(6, 12).replace("podIP: 10.1.0.1,", "podIP: 10.1.0.77,"));
+        let ns_label = parse(&config(6, 12).replace("dataplane-mode: ambient", "dataplane-mode: none"));
+        let steps: Vec<(&str, Vec<Object>)> = vec![
+            ("unchanged", base.clone()),
+            (
+                "one Service changed",
+                edit(&base, &one_service.iter().filter(|o| o.key().2 == "s3").cloned().collect::<Vec<_>>(), &[]),
+            ),
+            (
+                "one pod moved",
+                edit(&base, &one_pod.iter().filter(|o| o.key().2 == "p1").cloned().collect::<Vec<_>>(), &[]),
+            ),
+            ("a Service and its slice gone", edit(&base, &[], &["s5", "s5-a"])),
+            ("Services added", edit(&base, &parse(&config(6, 16))[..], &[])),
+            ("namespace relabelled", edit(&base, &ns_label[..1], &[])),
+        ];
+        let mut previous = first;
+        for (what, objects) in steps {
+            let fresh = Snapshot::compile_in(&objects, &mesh, 2);
+            let next = previous.compile_next(&objects, &[], &mesh, 2);
+            assert_eq!(view(&next), view(&fresh), "{what}");
+            let mut slots: Vec<usize> = next.services().iter().map(|s| s.index).collect();
+            slots.sort_unstable();
+            slots.dedup();
+            assert_eq!(slots.len(), next.services().len(), "{what}: one slot per Service");
+            previous = next;
+        }
+    }
+
+    #[test]
+    fn one_service_changed_recompiles_that_service_alone_and_slots_stay() {
+        let mesh = MeshScope::new("cluster.local");
+        let base = parse(&config(6, 12));
+        let first = Snapshot::compile_in(&base, &mesh, 1);
+        let changed = parse(&config(6, 12).replace("10.96.0.3,", "10.96.0.99,"));
+        let objects = edit(&base, &changed.iter().filter(|o| o.key().2 == "s3").cloned().collect::<Vec<_>>(), &[]);
+        let next = first.compile_next(&objects, &[], &mesh, 2);
+        for (before, now) in first.services().iter().zip(next.services()) {
+            assert_eq!(before.index, now.index, "{} keeps its slot", now.key());
+            assert_eq!(Arc::ptr_eq(before, now), now.name != "s3", "{}: only s3 is compiled again", now.key());
+        }
+        assert!(first.workloads.iter().zip(&next.workloads).all(|(a, b)| Arc::ptr_eq(a, b)), "pods unchanged");
+        assert_eq!(next.service_by_vip("10.96.0.99".parse().unwrap()).unwrap().name, "s3");
+        assert!(next.service_by_vip("10.96.0.3".parse().unwrap()).is_none());
+    }
+
+    #[test]
+    fn a_pod_changed_recompiles_the_services_it_is_an_endpoint_of() {
+        let mesh = MeshScope::new("cluster.local");
+        let base = parse(&config(6, 12));
+        let first = Snapshot::compile_in(&base, &mesh, 1);
+        let moved = parse(&config(6, 12).replace("podIP: 10.1.0.1,", "podIP: 10.1.0.77,"));
+        let objects = edit(&base, &moved.iter().filter(|o| o.key().2 == "p1").cloned().collect::<Vec<_>>(), &[]);
+        let next = first.compile_next(&objects, &[], &mesh, 2);
+        for (before, now) in first.services().iter().zip(next.services()) {
+            // Selectors see every pod: all are compiled again. A slice's Service only
+            // when one of its addresses was (or now is) the moved pod's.
+            let touched = now.name.trim_start_matches('s').parse::<usize>().unwrap() % 2 == 0
+                || before.endpoints.iter().any(|e| e.ip.to_string() == "10.1.0.1");
+            assert_eq!(!Arc::ptr_eq(before, now), touched, "{}", now.key());
+        }
+        let s7 = next.service("n/s7").unwrap();
+        assert!(s7.endpoints.iter().all(|e| !e.workload.enrolled), "10.1.0.1 is no pod now: {s7:?}");
+    }
+
+    #[test]
+    fn a_removed_services_slot_goes_to_the_next_new_service() {
+        let mesh = MeshScope::new("cluster.local");
+        let base = parse(&config(6, 12));
+        let first = Snapshot::compile_in(&base, &mesh, 1);
+        let slot = first.service("n/s5").unwrap().index;
+        let without = edit(&base, &[], &["s5", "s5-a"]);
+        let second = first.compile_next(&without, &[], &mesh, 2);
+        let added = parse(&config(6, 13));
+        let with_new = edit(&without, &added.iter().filter(|o| o.key().2 == "s12").cloned().collect::<Vec<_>>(), &[]);
+        let third = second.compile_next(&with_new, &[], &mesh, 3);
+        assert_eq!(third.service("n/s12").unwrap().index, slot);
+        assert_eq!(third.services().iter().map(|s| s.index).max(), Some(11), "slots stay below the Services held");
+    }
+}
