@@ -153,7 +153,7 @@ pub fn translate(objects: &[Object]) -> Translation {
     let mut gateways: Vec<&KubeGateway> = Vec::new();
     let mut routes: Vec<Route<'_>> = Vec::new();
     let mut grants = Vec::new();
-    let mut services: HashMap<(String, String), &Service> = HashMap::new();
+    let mut all_services: Vec<&Service> = Vec::new();
     let mut namespaces: HashMap<&str, &BTreeMap<String, String>> = HashMap::new();
     for o in objects {
         match o {
@@ -162,9 +162,7 @@ pub fn translate(objects: &[Object]) -> Translation {
             }
             Object::KubeGateway(g) => gateways.push(g),
             Object::ReferenceGrant(g) => grants.push(&**g),
-            Object::Service(s) => {
-                services.insert((s.metadata.namespace_or_default(), s.metadata.name.clone()), s);
-            }
+            Object::Service(s) => all_services.push(s),
             Object::Namespace(n) => {
                 namespaces.insert(&n.metadata.name, &n.metadata.labels);
             }
@@ -175,6 +173,8 @@ pub fn translate(objects: &[Object]) -> Translation {
     if gateways.is_empty() && classes.is_empty() && !any_route {
         return out; // no Gateway API objects: the common case costs one pass
     }
+    let services: HashMap<(String, String), &Service> =
+        all_services.into_iter().map(|s| ((s.metadata.namespace_or_default(), s.metadata.name.clone()), s)).collect();
     let refs = Refs { services, grants: Grants(grants) };
     for o in objects {
         match o {
