@@ -86,6 +86,9 @@ pub struct LastApply {
     pub version: u64,
     /// From reading the config to reconciled, ms.
     pub took_ms: f64,
+    /// Of that, reading the config (files read and parsed, objects in force), ms; the
+    /// rest is the compile, the swap and the kernel tables and pods brought in line.
+    pub read_ms: f64,
     /// When it was done, ms since the Unix epoch (to time a change end to end).
     pub at_unix_ms: f64,
 }

@@ -557,7 +557,7 @@ impl Agent {
     fn apply(&mut self, source: &mut Source) {
         let started = std::time::Instant::now();
         let before = self.version;
-        self.reload(source);
+        let read_ms = self.reload(source);
         self.reconcile();
         if self.version != before {
             let at_unix_ms = std::time::SystemTime::now()
@@ -566,15 +566,19 @@ impl Agent {
             let applied = crate::admin::LastApply {
                 version: self.version,
                 took_ms: started.elapsed().as_secs_f64() * 1000.0,
+                read_ms,
                 at_unix_ms,
             };
             *self.admin.last_apply.lock().unwrap_or_else(|p| p.into_inner()) = Some(applied);
         }
     }
 
-    /// Re-reads config; a change compiles and swaps in a new snapshot.
-    fn reload(&mut self, source: &mut Source) {
+    /// Re-reads config; a change compiles and swaps in a new snapshot. Returns how
+    /// long reading took, ms.
+    fn reload(&mut self, source: &mut Source) -> f64 {
+        let started = std::time::Instant::now();
         let r = source.reload();
+        let read_ms = started.elapsed().as_secs_f64() * 1000.0;
         self.admin.note_source(r.unavailable.clone(), &self.ctx.metrics.config_source_up);
         for e in &r.new_errors {
             // One line per rejected input, naming file, object and field.
@@ -615,6 +619,7 @@ impl Agent {
                 tracing::info!(version = self.version, closed, "connections closed under the new policies");
             }
         }
+        read_ms
     }
 
     /// Answers ready once the agent has started and no local pod waits for its
@@ -733,7 +738,9 @@ impl Agent {
                     tracing::warn!(open = self.ctx.tasks.len(), "drain timeout reached; closing remaining connections");
                     return;
                 }
-                Some(()) = changes.recv() => self.reload(source),
+                Some(()) = changes.recv() => {
+                    self.reload(source);
+                }
             }
         }
     }

@@ -47,10 +47,18 @@ pub struct ScalePoint {
     pub full_apply_ms: f64,
     /// The agents' own time for that apply (read, compile, swap, reconcile), ms.
     pub full_apply_agent_ms: f64,
+    /// Of the agents' own time, the compile, swap and kernel tables and pods brought in
+    /// line (reading and parsing the files left out), ms: the slowest agent's.
+    #[serde(default)]
+    pub full_compile_sync_ms: f64,
     /// One object changed: median and worst of [`CHANGES`] changes, ms.
     pub change_apply_p50_ms: f64,
     /// See `change_apply_p50_ms`; with 20 samples the worst stands for p99.
     pub change_apply_p99_ms: f64,
+    /// The agents' own time for one change (read to reconciled), worst of the changes,
+    /// ms: the rest of `change_apply_p99_ms` is the watch's debounce and waiting for CPU.
+    #[serde(default)]
+    pub change_agent_p99_ms: f64,
     /// The largest agent's memory once applied.
     pub agent_memory: ResidentMemory,
     /// `/sync_status` (what `meshctl proxy-status` reads) answered in, ms.
@@ -82,12 +90,15 @@ pub fn run(lab: &Lab, args: &BenchArgs) -> anyhow::Result<ScaleReport> {
         let file = dir.join(SCALE_FILE);
         std::fs::write(&file, generate(services))?;
         let file_bytes = std::fs::metadata(&file)?.len();
-        let (full_apply_ms, full_apply_agent_ms) = timed_apply(lab, &file)?;
+        let full = timed_apply(lab, &file)?;
         let mut changes = Vec::new();
+        let mut change_agent_p99_ms = 0f64;
         for n in 0..CHANGES {
             let change = dir.join(CHANGE_FILE);
             std::fs::write(&change, changed_service(n))?;
-            changes.push(timed_apply(lab, &change)?.0);
+            let applied = timed_apply(lab, &change)?;
+            changes.push(applied.landed_ms);
+            change_agent_p99_ms = change_agent_p99_ms.max(applied.agent_ms);
         }
         changes.sort_by(f64::total_cmp);
         let agent_memory = lab
@@ -109,8 +120,10 @@ pub fn run(lab: &Lab, args: &BenchArgs) -> anyhow::Result<ScaleReport> {
             services,
             endpoints: services * ENDPOINTS_PER_SERVICE,
             file_bytes,
-            full_apply_ms,
-            full_apply_agent_ms,
+            full_apply_ms: full.landed_ms,
+            full_apply_agent_ms: full.agent_ms,
+            full_compile_sync_ms: full.compile_sync_ms,
+            change_agent_p99_ms,
             change_apply_p50_ms: changes[changes.len() / 2],
             change_apply_p99_ms: *changes.last().unwrap_or(&0.0),
             agent_memory,
@@ -207,18 +220,28 @@ fn versions(lab: &Lab) -> anyhow::Result<Vec<(String, u64)>> {
         .collect()
 }
 
-/// Applies `file` and waits until every agent applied a newer version: the slowest
-/// agent's (stamp - start, own apply time), ms.
-fn timed_apply(lab: &Lab, file: &Path) -> anyhow::Result<(f64, f64)> {
+/// How long an apply took, the slowest agent's figure for each, ms.
+#[derive(Debug, Default, Clone, Copy)]
+struct Applied {
+    /// From just before the file landed to the agent's stamp.
+    landed_ms: f64,
+    /// The agent's own time, read to reconciled.
+    agent_ms: f64,
+    /// The agent's own time without the read.
+    compile_sync_ms: f64,
+}
+
+/// Applies `file` and waits until every agent applied a newer version.
+fn timed_apply(lab: &Lab, file: &Path) -> anyhow::Result<Applied> {
     let before = versions(lab)?;
     let start = now_ms();
     lab.apply(file)?;
     wait_applied(lab, &before, start)
 }
 
-fn wait_applied(lab: &Lab, before: &[(String, u64)], start: f64) -> anyhow::Result<(f64, f64)> {
+fn wait_applied(lab: &Lab, before: &[(String, u64)], start: f64) -> anyhow::Result<Applied> {
     let deadline = Instant::now() + APPLY_TIMEOUT;
-    let mut worst = (0f64, 0f64);
+    let mut worst = Applied::default();
     for (node, was) in before {
         let mut was = *was;
         loop {
@@ -233,7 +256,12 @@ fn wait_applied(lab: &Lab, before: &[(String, u64)], start: f64) -> anyhow::Resu
             }
             if version > was {
                 let took = applied["took_ms"].as_f64().unwrap_or(0.0);
-                worst = (worst.0.max(at - start), worst.1.max(took));
+                let read = applied["read_ms"].as_f64().unwrap_or(0.0);
+                worst = Applied {
+                    landed_ms: worst.landed_ms.max(at - start),
+                    agent_ms: worst.agent_ms.max(took),
+                    compile_sync_ms: worst.compile_sync_ms.max(took - read),
+                };
                 break;
             }
             if Instant::now() > deadline {
@@ -285,20 +313,22 @@ impl ScaleReport {
     /// The curve, one row per size.
     pub fn table(&self) -> String {
         let mut t = String::from(
-            "| Services | endpoints | file MiB | full apply ms (agent's own) | one change p50 / p99 ms | agent VmRSS / RssAnon MiB | /sync_status ms | /config_dump ms (MiB) |\n\
-             |---|---|---|---|---|---|---|---|\n",
+            "| Services | endpoints | file MiB | full apply ms (agent's own) | full compile + kernel sync ms | one change p50 / p99 ms (agent's own p99) | agent VmRSS / RssAnon MiB | /sync_status ms | /config_dump ms (MiB) |\n\
+             |---|---|---|---|---|---|---|---|---|\n",
         );
         for p in &self.points {
             let _ = writeln!(
                 t,
-                "| {} | {} | {:.1} | {:.0} ({:.0}) | {:.1} / {:.1} | {:.1} / {:.1} | {:.1} | {:.0} ({:.1}) |",
+                "| {} | {} | {:.1} | {:.0} ({:.0}) | {:.0} | {:.1} / {:.1} ({:.1}) | {:.1} / {:.1} | {:.1} | {:.0} ({:.1}) |",
                 p.services,
                 p.endpoints,
                 p.file_bytes as f64 / 1048576.0,
                 p.full_apply_ms,
                 p.full_apply_agent_ms,
+                p.full_compile_sync_ms,
                 p.change_apply_p50_ms,
                 p.change_apply_p99_ms,
+                p.change_agent_p99_ms,
                 p.agent_memory.vm_rss_kib as f64 / 1024.0,
                 p.agent_memory.rss_anon_kib as f64 / 1024.0,
                 p.sync_status_ms,
@@ -317,7 +347,12 @@ impl ScaleReport {
              addresses each from their config directory (the file source, as `--config-dir`). \"Full apply\" runs from the\n\
              file's rename into the directory to the agent's own stamp after the new snapshot is swapped in and its pods\n\
              and kernel tables are reconciled (the slower of the two agents); in brackets, the agent's own time from\n\
-             reading to reconciled. \"One change\" is a single Service in a file of its own, changed {CHANGES} times. Memory\n\
+             reading to reconciled. \"Full compile + kernel sync\" is that time without reading the files (9.1 MiB of YAML\n\
+             at 10,000 Services, parsed by each agent and the gateway at once on the lab's two cores; in a cluster the\n\
+             objects arrive parsed, one watch event at a time): the compile, the swap and the kernel tables and pods\n\
+             brought in line, what the target names. \"One change\" is a single Service in a file of its own, changed\n\
+             {CHANGES} times, from the write to the slower agent's stamp (the watch waits 25 ms for a burst of writes to\n\
+             end); in brackets the agents' own time, read to reconciled. Memory\n\
              is the larger agent's, after the changes. `/sync_status` is what `meshctl proxy-status` reads through the API\n\
              server (no API server here: its own time is reported); `/config_dump` is on the admin address.\n\n",
             self.date
@@ -330,11 +365,13 @@ impl ScaleReport {
                 md,
                 "\n## Targets at {} Services\n\n| target | figure | met |\n|---|---|---|\n\
                  | full compile and kernel sync ≤ {FULL_APPLY_MS:.0} ms | {:.0} ms | {} |\n\
+                 | (for reference, not the target: full apply from the file landing, YAML read included) | {:.0} ms | |\n\
                  | one object changed ≤ {CHANGE_APPLY_MS:.0} ms p99 | {:.1} ms | {} |\n\
                  | agent RSS ≤ {AGENT_RSS_MIB:.0} MiB | {rss:.1} MiB | {} |\n",
                 p.services,
+                p.full_compile_sync_ms,
+                verdict(p.full_compile_sync_ms > 0.0 && p.full_compile_sync_ms <= FULL_APPLY_MS),
                 p.full_apply_ms,
-                verdict(p.full_apply_ms <= FULL_APPLY_MS),
                 p.change_apply_p99_ms,
                 verdict(p.change_apply_p99_ms <= CHANGE_APPLY_MS),
                 verdict(rss <= AGENT_RSS_MIB),
