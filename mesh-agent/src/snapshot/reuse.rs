@@ -263,27 +263,31 @@ mod tests {
         out
     }
 
-    #[test]
-    fn a_compile_that_takes_over_gives_what_a_fresh_compile_gives() {
+    /// The base config (6 pods, 12 Services), its objects and their snapshot.
+    fn first() -> (MeshScope, Vec<Object>, Snapshot) {
         let mesh = MeshScope::new("cluster.local");
         let base = parse(&config(6, 12));
-        let first = Snapshot::compile_in(&base, &mesh, 1);
-        let one_service = parse(&config(6, 12).replace("10.96.0.3,", "10.96.0.99,"));
-        let one_pod = parse(&config(6, 12).replace("podIP: 10.1.0.1,", "podIP: 10.1.0.77,"));
-        let ns_label = parse(&config(6, 12).replace("dataplane-mode: ambient", "dataplane-mode: none"));
+        let snap = Snapshot::compile_in(&base, &mesh, 1);
+        (mesh, base, snap)
+    }
+
+    /// `base` with object `name` replaced by its version in the base config's text
+    /// with `from` written as `to`.
+    fn edited(base: &[Object], from: &str, to: &str, name: &str) -> Vec<Object> {
+        let changed = parse(&config(6, 12).replace(from, to));
+        edit(base, &changed.into_iter().filter(|o| o.key().2 == name).collect::<Vec<_>>(), &[])
+    }
+
+    #[test]
+    fn a_compile_that_takes_over_gives_what_a_fresh_compile_gives() {
+        let (mesh, base, first) = first();
         let steps: Vec<(&str, Vec<Object>)> = vec![
             ("unchanged", base.clone()),
-            (
-                "one Service changed",
-                edit(&base, &one_service.iter().filter(|o| o.key().2 == "s3").cloned().collect::<Vec<_>>(), &[]),
-            ),
-            (
-                "one pod moved",
-                edit(&base, &one_pod.iter().filter(|o| o.key().2 == "p1").cloned().collect::<Vec<_>>(), &[]),
-            ),
+            ("one Service changed", edited(&base, "10.96.0.3,", "10.96.0.99,", "s3")),
+            ("one pod moved", edited(&base, "podIP: 10.1.0.1,", "podIP: 10.1.0.77,", "p1")),
             ("a Service and its slice gone", edit(&base, &[], &["s5", "s5-a"])),
             ("Services added", edit(&base, &parse(&config(6, 16))[..], &[])),
-            ("namespace relabelled", edit(&base, &ns_label[..1], &[])),
+            ("namespace relabelled", edited(&base, "dataplane-mode: ambient", "dataplane-mode: none", "n")),
         ];
         let mut previous = first;
         for (what, objects) in steps {
@@ -300,11 +304,8 @@ mod tests {
 
     #[test]
     fn one_service_changed_recompiles_that_service_alone_and_slots_stay() {
-        let mesh = MeshScope::new("cluster.local");
-        let base = parse(&config(6, 12));
-        let first = Snapshot::compile_in(&base, &mesh, 1);
-        let changed = parse(&config(6, 12).replace("10.96.0.3,", "10.96.0.99,"));
-        let objects = edit(&base, &changed.iter().filter(|o| o.key().2 == "s3").cloned().collect::<Vec<_>>(), &[]);
+        let (mesh, base, first) = first();
+        let objects = edited(&base, "10.96.0.3,", "10.96.0.99,", "s3");
         let next = first.compile_next(&objects, &[], &mesh, 2);
         for (before, now) in first.services().iter().zip(next.services()) {
             assert_eq!(before.index, now.index, "{} keeps its slot", now.key());
@@ -317,11 +318,8 @@ mod tests {
 
     #[test]
     fn a_pod_changed_recompiles_the_services_it_is_an_endpoint_of() {
-        let mesh = MeshScope::new("cluster.local");
-        let base = parse(&config(6, 12));
-        let first = Snapshot::compile_in(&base, &mesh, 1);
-        let moved = parse(&config(6, 12).replace("podIP: 10.1.0.1,", "podIP: 10.1.0.77,"));
-        let objects = edit(&base, &moved.iter().filter(|o| o.key().2 == "p1").cloned().collect::<Vec<_>>(), &[]);
+        let (mesh, base, first) = first();
+        let objects = edited(&base, "podIP: 10.1.0.1,", "podIP: 10.1.0.77,", "p1");
         let next = first.compile_next(&objects, &[], &mesh, 2);
         for (before, now) in first.services().iter().zip(next.services()) {
             // Selectors see every pod: all are compiled again. A slice's Service only
@@ -336,9 +334,7 @@ mod tests {
 
     #[test]
     fn a_removed_services_slot_goes_to_the_next_new_service() {
-        let mesh = MeshScope::new("cluster.local");
-        let base = parse(&config(6, 12));
-        let first = Snapshot::compile_in(&base, &mesh, 1);
+        let (mesh, base, first) = first();
         let slot = first.service("n/s5").unwrap().index;
         let without = edit(&base, &[], &["s5", "s5-a"]);
         let second = first.compile_next(&without, &[], &mesh, 2);
