@@ -173,6 +173,27 @@ fn config_compile(c: &mut Criterion) {
     g.bench_function("services_1000_endpoints_10000", |b| {
         b.iter(|| Snapshot::compile(black_box(&objects), "cluster.local", 1))
     });
+    // One Service changed: the compile takes over every other Service, the index and
+    // the digest's hashes from the snapshot it replaces.
+    let previous = Snapshot::compile(&objects, "cluster.local", 1);
+    previous.config_digest();
+    let changed = parse_documents(
+        Path::new("change.yaml"),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: svc-7, namespace: scale}\n\
+         spec: {clusterIP: 10.100.0.7, ports: [{name: http, port: 81, targetPort: 8080}]}\n",
+    )
+    .expect("changed Service parses");
+    let mut one_change = objects.clone();
+    let at = one_change.iter().position(|o| o.key() == changed[0].key()).expect("svc-7 is there");
+    one_change[at] = changed[0].clone();
+    let mesh = mesh_agent::state::MeshScope::new("cluster.local");
+    g.bench_function("one_change_of_1000_taken_over", |b| {
+        b.iter(|| {
+            let next = previous.compile_next(black_box(&one_change), &[], &mesh, 2);
+            next.config_digest();
+            next
+        })
+    });
     g.finish();
 }
 
