@@ -99,10 +99,19 @@ fn ten_thousand_idle_connections_through_one_agent_cost_little_and_are_all_hande
             break (rss, vm, fds);
         }
     };
-    // Memory once the heap trimmer has seen the tunnels go too.
+    // Memory once the heap trimmer has seen the tunnels go too: it looks at the heap
+    // every 2 s, less often after a slow look (a heap holding 10,000 connections'
+    // chunks), but at least every `LOOK_AT_LEAST_EVERY`.
+    let handed_back = |rss: u64| rss <= rss_before + (rss_held - rss_before) / 5;
     let (rss_after, vm_after) = if fds_after <= fds_before {
-        let (rss, vm, _) = footprint(agent);
-        (rss, vm)
+        let deadline = std::time::Instant::now() + mesh_agent::heap::LOOK_AT_LEAST_EVERY + Duration::from_secs(5);
+        loop {
+            let (rss, vm, _) = footprint(agent);
+            if handed_back(rss) || std::time::Instant::now() > deadline {
+                break (rss, vm);
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
     } else {
         (rss_after, vm_after)
     };
@@ -138,10 +147,7 @@ fn ten_thousand_idle_connections_through_one_agent_cost_little_and_are_all_hande
     // Issue 18's target is 4 KiB; measured 3.95 (release and debug, 2026-12-05). This
     // bound catches a regression (a task holding its future twice cost 8 KiB more).
     assert!(per_conn_kib <= 5.0, "an idle connection costs the agent {per_conn_kib:.2} KiB");
-    assert!(
-        rss_after <= rss_before + (rss_held - rss_before) / 5,
-        "memory handed back: {rss_before} -> {rss_held} -> {rss_after} KiB"
-    );
+    assert!(handed_back(rss_after), "memory handed back: {rss_before} -> {rss_held} -> {rss_after} KiB");
     // At most a buffer each way while bytes move (2 x 16 KiB) over the idle cost.
     assert!(per_active_kib <= 40.0, "an active connection costs the agent {per_active_kib:.2} KiB");
 }
