@@ -105,30 +105,10 @@ impl ServiceIndex {
     pub(super) fn build(services: &[Arc<Service>]) -> Self {
         let mut index = Self::default();
         for s in services {
-            index.add_in_order(s);
+            // Never refused: in config order every winner is known.
+            let _ = index.add(s, Order::Last);
         }
         index
-    }
-
-    /// Adds `service`, which comes after every Service indexed so far.
-    fn add_in_order(&mut self, service: &Arc<Service>) {
-        for vip in &service.vips {
-            claim_last(&mut self.by_vip, *vip, service);
-        }
-        claim_last(&mut self.by_key, service.key(), service);
-        for (addr, port) in endpoint_addresses(service) {
-            self.by_endpoint
-                .shard_mut(&addr)
-                .entry(addr)
-                .and_modify(|c| {
-                    c.claims += 1;
-                    // The first by name, whatever order the config arrived in.
-                    if rank(service) < rank(&c.winner.0) {
-                        c.winner = (service.clone(), port);
-                    }
-                })
-                .or_insert_with(|| Claimed { winner: (service.clone(), port), claims: 1 });
-        }
     }
 
     /// Patches in `added` and out `removed` (Services of the index's snapshot that the
@@ -144,24 +124,33 @@ impl ServiceIndex {
             }
         }
         for s in added {
-            for vip in &s.vips {
-                claim_alone(&mut self.by_vip, *vip, (*s).clone())?;
-            }
-            claim_alone(&mut self.by_key, s.key(), (*s).clone())?;
-            for (addr, port) in endpoint_addresses(s) {
-                let shard = self.by_endpoint.shard_mut(&addr);
-                match shard.get_mut(&addr) {
-                    None => {
-                        shard.insert(addr, Claimed { winner: ((*s).clone(), port), claims: 1 });
+            self.add(s, Order::Unknown)?;
+        }
+        Ok(())
+    }
+
+    /// Adds `service`'s claims. Where another Service claims an entry too, the winner
+    /// is the later for an address or a name (known only with `Order::Last`), and the
+    /// first by `namespace/name` for an endpoint address (of two of equal rank, the
+    /// earlier: again known only with `Order::Last`).
+    fn add(&mut self, service: &Arc<Service>, order: Order) -> Result<(), NeedsOrder> {
+        for vip in &service.vips {
+            claim_last(&mut self.by_vip, *vip, service, order)?;
+        }
+        claim_last(&mut self.by_key, service.key(), service, order)?;
+        for (addr, port) in endpoint_addresses(service) {
+            let shard = self.by_endpoint.shard_mut(&addr);
+            match shard.get_mut(&addr) {
+                None => {
+                    shard.insert(addr, Claimed { winner: (service.clone(), port), claims: 1 });
+                }
+                Some(c) => {
+                    match (rank(service).cmp(&rank(&c.winner.0)), order) {
+                        (std::cmp::Ordering::Less, _) => c.winner = (service.clone(), port),
+                        (std::cmp::Ordering::Greater, _) | (std::cmp::Ordering::Equal, Order::Last) => {}
+                        (std::cmp::Ordering::Equal, Order::Unknown) => return Err(NeedsOrder),
                     }
-                    Some(c) => {
-                        match rank(s).cmp(&rank(&c.winner.0)) {
-                            std::cmp::Ordering::Less => c.winner = ((*s).clone(), port),
-                            std::cmp::Ordering::Greater => {}
-                            std::cmp::Ordering::Equal => return Err(NeedsOrder),
-                        }
-                        c.claims += 1;
-                    }
+                    c.claims += 1;
                 }
             }
         }
@@ -190,29 +179,35 @@ impl ServiceIndex {
     }
 }
 
-/// Claims `key` for `service`, the last claimant so far: it wins.
-fn claim_last<K: std::hash::Hash + Eq>(map: &mut HashMap<K, Claimed<Arc<Service>>>, key: K, service: &Arc<Service>) {
-    map.entry(key)
-        .and_modify(|c| {
-            c.claims += 1;
-            c.winner = service.clone();
-        })
-        .or_insert_with(|| Claimed { winner: service.clone(), claims: 1 });
+/// Where a Service being added stands in config order among those indexed.
+#[derive(Debug, Clone, Copy)]
+enum Order {
+    /// After every one of them (a full build).
+    Last,
+    /// Not known (a patch).
+    Unknown,
 }
 
-/// Claims `key` for `service` where no other Service does (else the order decides).
-fn claim_alone<K: std::hash::Hash + Eq>(
+/// Claims `key` for `service`: it wins when it comes last; with the order unknown a
+/// claim beside another's cannot tell the winner.
+fn claim_last<K: std::hash::Hash + Eq>(
     map: &mut HashMap<K, Claimed<Arc<Service>>>,
     key: K,
-    service: Arc<Service>,
+    service: &Arc<Service>,
+    order: Order,
 ) -> Result<(), NeedsOrder> {
-    match map.entry(key) {
-        std::collections::hash_map::Entry::Occupied(_) => Err(NeedsOrder),
-        std::collections::hash_map::Entry::Vacant(v) => {
-            v.insert(Claimed { winner: service, claims: 1 });
-            Ok(())
+    match (map.entry(key), order) {
+        (std::collections::hash_map::Entry::Occupied(mut c), Order::Last) => {
+            let c = c.get_mut();
+            c.claims += 1;
+            c.winner = service.clone();
+        }
+        (std::collections::hash_map::Entry::Occupied(_), Order::Unknown) => return Err(NeedsOrder),
+        (std::collections::hash_map::Entry::Vacant(v), _) => {
+            v.insert(Claimed { winner: service.clone(), claims: 1 });
         }
     }
+    Ok(())
 }
 
 /// Takes one claim off `key`; the entry goes with its last claim. Removing the
