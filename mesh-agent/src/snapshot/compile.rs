@@ -10,7 +10,7 @@ use super::digest::ConfigDigest;
 use super::labels::{
     DNS_CAPTURE, LINKERD_INJECT, NETWORK_LABEL, NamespaceModes, OPT_IN_LABELS, OPT_OUT_LABELS, namespace_modes, switch,
 };
-use super::reuse::{CompileMemo, Reuse};
+use super::reuse::{CompileMemo, Reuse, Slices};
 use super::service_index::ServiceIndex;
 use crate::authz::{self, WorkloadAuthz, WorkloadSecurity};
 use crate::config::gateway::Gateway;
@@ -51,8 +51,9 @@ impl Snapshot {
     }
 
     /// Compiles the snapshot that replaces this one, as [`Snapshot::compile_mesh`]
-    /// does, taking over what of this one still holds (the hashes of the objects both
-    /// are compiled from, for the config digest).
+    /// does, taking over what of this one still holds: the workloads, Services and
+    /// Service index compiled from the same objects ([`super::reuse`]) and the hashes
+    /// of the objects both are compiled from, for the config digest.
     pub fn compile_next(&self, objects: &[Object], remotes: &[RemoteObjects], mesh: &MeshScope, version: u64) -> Self {
         Self::compile_after(Some(self), objects, remotes, mesh, version)
     }
@@ -128,11 +129,14 @@ impl Snapshot {
                 let of_service = slices
                     .get(&(svc.metadata.namespace_str(), svc.metadata.name.as_str()))
                     .map_or(&[][..], Vec::as_slice);
-                compiled_from.push((svc, of_service));
-                if let Some(kept) = reuse.as_ref().and_then(|r| r.service(svc, of_service, &snap, same_workloads)) {
+                if let Some((kept, slices)) =
+                    reuse.as_ref().and_then(|r| r.service(svc, of_service, &snap, same_workloads))
+                {
+                    compiled_from.push((svc, Slices::Kept(slices)));
                     drafts.keep(kept);
                     continue;
                 }
+                compiled_from.push((svc, Slices::Read(of_service)));
                 let ns = svc.metadata.namespace_or_default();
                 let endpoints = if svc.spec.selector.is_empty() {
                     let local = |ip: &IpAddr| snap.by_ip.get(ip).cloned();
@@ -166,7 +170,7 @@ impl Snapshot {
                 }
             };
             if let Some((object, slices)) = compiled_from.get(i) {
-                memo.service(object, slices, &service, reuse.as_ref());
+                memo.service(object, slices, &service);
             }
             snap.services.push(service);
         }

@@ -123,8 +123,8 @@ struct TextHasher {
 impl TextHasher {
     const BLOCK: usize = 16 << 10;
 
+    /// `o`'s hash; the context is fresh between calls (each leaves a new one).
     fn hash(&mut self, o: &Object) -> Hash {
-        self.context = ring::digest::Context::new(&ring::digest::SHA256);
         let _ = write!(self, "{o:?}");
         self.context.update(&self.pending);
         self.pending.clear();

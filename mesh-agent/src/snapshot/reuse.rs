@@ -44,10 +44,13 @@ impl std::fmt::Debug for CompileMemo {
     }
 }
 
+/// The EndpointSlices one Service read, in order, as a memo holds them.
+pub(super) type SliceList = Arc<[Arc<EndpointSlice>]>;
+
 /// A Service as compiled, with what it was compiled from.
 struct ServiceMemo {
     _object: Arc<ServiceObject>,
-    slices: Arc<[Arc<EndpointSlice>]>,
+    slices: SliceList,
     service: Arc<Service>,
 }
 
@@ -68,21 +71,14 @@ impl CompileMemo {
         }
     }
 
-    /// Records the Service compiled from `object` and `slices` (`kept`: the memo of
-    /// the snapshot replaced has it, from the same objects).
-    pub(super) fn service(
-        &mut self,
-        object: &Arc<ServiceObject>,
-        slices: &[&Arc<EndpointSlice>],
-        service: &Arc<Service>,
-        kept: Option<&Reuse<'_>>,
-    ) {
+    /// Records the Service compiled from `object` and `slices`.
+    pub(super) fn service(&mut self, object: &Arc<ServiceObject>, slices: &Slices<'_>, service: &Arc<Service>) {
         if self.under.is_none() {
             return;
         }
-        let slices = match kept.and_then(|r| r.previous.memo.services.get(&address(object))) {
-            Some(was) if Arc::ptr_eq(&was.service, service) => was.slices.clone(),
-            _ => slices.iter().map(|s| Arc::clone(s)).collect(),
+        let slices = match slices {
+            Slices::Kept(kept) => kept.clone(),
+            Slices::Read(read) => read.iter().map(|s| Arc::clone(s)).collect(),
         };
         let memo = ServiceMemo { _object: object.clone(), slices, service: service.clone() };
         self.services.insert(address(object), memo);
@@ -94,6 +90,13 @@ impl CompileMemo {
             self.off_network = off_network.clone();
         }
     }
+}
+
+/// The EndpointSlices a Service was compiled from, as the memo will hold them: the
+/// list a kept Service's memo holds already, or the slices just read.
+pub(super) enum Slices<'a> {
+    Kept(SliceList),
+    Read(&'a [&'a Arc<EndpointSlice>]),
 }
 
 /// The snapshot being replaced, when its results can be taken over.
@@ -135,14 +138,15 @@ impl<'a> Reuse<'a> {
     /// The Service compiled before from the same `object` and `slices`, when what it
     /// was compiled from is unchanged: a selector's pods only when every workload is
     /// the same; the pods at a slice's addresses when each lookup finds the workload
-    /// it found before. (The addresses off the network were compared before.)
+    /// it found before. (The addresses off the network were compared before.) With
+    /// the memo's list of the slices, to hand on.
     pub(super) fn service(
         &self,
         object: &Arc<ServiceObject>,
         slices: &[&Arc<EndpointSlice>],
         compile: &Snapshot,
         same_workloads: bool,
-    ) -> Option<Arc<Service>> {
+    ) -> Option<(Arc<Service>, SliceList)> {
         let ServiceMemo { slices: was_slices, service, .. } = self.previous.memo.services.get(&address(object))?;
         let same_slices =
             was_slices.len() == slices.len() && was_slices.iter().zip(slices).all(|(a, b)| Arc::ptr_eq(a, b));
@@ -158,7 +162,7 @@ impl<'a> Reuse<'a> {
                         _ => false,
                     }
                 }));
-        unchanged.then(|| service.clone())
+        unchanged.then(|| (service.clone(), was_slices.clone()))
     }
 
     /// The slot the Service `key` had.
