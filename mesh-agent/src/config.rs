@@ -5,6 +5,7 @@
 //! Architecture invariant: only this module knows YAML. Everything downstream works on
 //! the typed [`Object`]s and on the compiled `Snapshot`.
 
+mod dir_watch;
 pub mod duration;
 mod file_keys;
 mod file_stamp;

@@ -7,11 +7,9 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
-
-use notify::{RecursiveMode, Watcher as _};
 use tokio::sync::mpsc;
 
+use super::dir_watch::watch;
 use super::file_keys::{FileKeys, Listed};
 use super::file_stamp::ReadStamps;
 use super::parse::{describe, fail_closed_standins, parse_documents};
@@ -20,12 +18,6 @@ use super::{Error, Object};
 
 /// File extensions read from the directory.
 const EXTENSIONS: &[&str] = &["yaml", "yml", "json"];
-/// Editors write files in several steps; wait this long after the last event before
-/// re-reading, so one save is one reload. A rename into place (what tools and the lab
-/// do) is one burst within a millisecond, and an editor's save is done within a few
-/// ms: longer would only delay every change (a half-written file is refused and the
-/// last good version stays, until the next event brings the rest).
-const DEBOUNCE: Duration = Duration::from_millis(25);
 
 #[derive(Debug)]
 struct FileState {
@@ -327,34 +319,8 @@ fn list(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(paths)
 }
 
-/// Watches `dir` and sends one message per burst of changes. The watcher lives as long
-/// as the returned guard.
-pub fn watch(dir: &Path) -> notify::Result<(notify::RecommendedWatcher, mpsc::Receiver<()>)> {
-    let (raw_tx, mut raw_rx) = mpsc::unbounded_channel();
-    let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-        // Opening and reading a file is no change; counting it as one would make every
-        // reload (which reads the files) trigger the next, 100 ms later, for ever, and
-        // every agent reading the same directory would trigger the others.
-        if ev.is_ok_and(|e| !e.kind.is_access()) {
-            let _ = raw_tx.send(());
-        }
-    })?;
-    watcher.watch(dir, RecursiveMode::NonRecursive)?;
-    let (tx, rx) = mpsc::channel(1);
-    tokio::spawn(async move {
-        while raw_rx.recv().await.is_some() {
-            // Swallow the rest of the burst.
-            while let Ok(Some(())) = tokio::time::timeout(DEBOUNCE, raw_rx.recv()).await {}
-            if tx.send(()).await.is_err() {
-                break;
-            }
-        }
-    });
-    Ok((watcher, rx))
-}
-
 impl DirSource {
-    /// See [`watch`].
+    /// Watches the directory: see [`watch`].
     pub fn watch(&self) -> notify::Result<(notify::RecommendedWatcher, mpsc::Receiver<()>)> {
         watch(&self.dir)
     }
@@ -362,6 +328,7 @@ impl DirSource {
 
 #[cfg(test)]
 mod tests {
+    use super::super::dir_watch::DEBOUNCE;
     use super::*;
 
     const NS: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n";

@@ -56,7 +56,8 @@ pub struct ScalePoint {
     /// See `change_apply_p50_ms`; with 20 samples the worst stands for p99.
     pub change_apply_p99_ms: f64,
     /// The agents' own time for one change (read to reconciled), worst of the changes,
-    /// ms: the rest of `change_apply_p99_ms` is the watch's debounce and waiting for CPU.
+    /// ms: the rest of `change_apply_p99_ms` is the watch's wait for the burst's end and
+    /// waiting for CPU.
     #[serde(default)]
     pub change_agent_p99_ms: f64,
     /// The largest agent's memory once applied.
@@ -351,8 +352,9 @@ impl ScaleReport {
              at 10,000 Services, parsed by each agent and the gateway at once on the lab's two cores; in a cluster the\n\
              objects arrive parsed, one watch event at a time): the compile, the swap and the kernel tables and pods\n\
              brought in line, what the target names. \"One change\" is a single Service in a file of its own, changed\n\
-             {CHANGES} times, from the write to the slower agent's stamp (the watch waits 25 ms for a burst of writes to\n\
-             end); in brackets the agents' own time, read to reconciled. Memory\n\
+             {CHANGES} times, written aside and renamed into place, from the write to the slower agent's stamp (after a\n\
+             rename the watch waits 3 ms for the rest of the burst; after a write that may go on, 25 ms); in brackets the\n\
+             agents' own time, read to reconciled. Memory\n\
              is the larger agent's, after the changes. `/sync_status` is what `meshctl proxy-status` reads through the API\n\
              server (no API server here: its own time is reported); `/config_dump` is on the admin address.\n\n",
             self.date
