@@ -10,9 +10,12 @@ mod compile;
 mod labels;
 pub use labels::LINKERD_INJECT;
 mod digest;
+mod held;
 mod network_gateway;
 mod reuse;
 mod service_index;
+mod shards;
+mod slice_groups;
 pub use network_gateway::{NetworkGateway, Reach};
 mod remote;
 

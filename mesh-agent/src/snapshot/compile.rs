@@ -7,11 +7,13 @@ use std::sync::Arc;
 
 use super::Snapshot;
 use super::digest::ConfigDigest;
+use super::held::Held;
 use super::labels::{
     DNS_CAPTURE, LINKERD_INJECT, NETWORK_LABEL, NamespaceModes, OPT_IN_LABELS, OPT_OUT_LABELS, namespace_modes, switch,
 };
-use super::reuse::{CompileMemo, Reuse, Slices};
+use super::reuse::{CompileMemo, Reuse};
 use super::service_index::ServiceIndex;
+use super::slice_groups::{SliceGroups, SliceList};
 use crate::authz::{self, WorkloadAuthz, WorkloadSecurity};
 use crate::config::gateway::Gateway;
 use crate::config::gateway_api::translate::translate;
@@ -68,7 +70,11 @@ impl Snapshot {
         let trust_domain = mesh.trust_domain.as_str();
         let namespaces = namespace_modes(objects);
         let reuse = Reuse::of(previous, mesh, &namespaces, !remotes.is_empty());
-        let mut memo = if remotes.is_empty() { CompileMemo::under(mesh, &namespaces) } else { CompileMemo::default() };
+        let mut memo = if remotes.is_empty() {
+            CompileMemo::under(mesh, &namespaces, reuse.as_ref())
+        } else {
+            CompileMemo::default()
+        };
         let mut snap = Snapshot {
             version,
             digest: ConfigDigest::of(objects, remotes, previous.map(|p| &p.digest)),
@@ -121,26 +127,30 @@ impl Snapshot {
         let reuse = reuse.filter(|r| r.same_off_network(&off_network));
         let same_workloads = reuse.as_ref().is_some_and(|r| r.same_workloads(&snap.workloads));
         let mut drafts = ServiceDrafts::default();
-        let slices = slices_by_service(objects);
-        // What each Service of this cluster was compiled from, in order, for the memo.
+        let (slice_groups, changed_groups) = SliceGroups::of(objects, previous.map(|p| &p.memo.slice_groups));
+        let no_slices = SliceList::from(Vec::new());
+        // What each Service of this cluster compiled again was compiled from, in
+        // order, for the memo (None for a Service taken over: the memo has it).
         let mut compiled_from = Vec::new();
         for o in objects {
             if let Object::Service(svc) = o {
-                let of_service = slices
-                    .get(&(svc.metadata.namespace_str(), svc.metadata.name.as_str()))
-                    .map_or(&[][..], Vec::as_slice);
-                if let Some((kept, slices)) =
-                    reuse.as_ref().and_then(|r| r.service(svc, of_service, &snap, same_workloads))
+                let (namespace, name) = (svc.metadata.namespace_str(), svc.metadata.name.as_str());
+                let read = || slice_groups.get(namespace, name).cloned().unwrap_or_else(|| no_slices.clone());
+                // Looked up only where the group changed: a kept Service's slices are
+                // its memo's.
+                let changed = changed_groups.touches(namespace, name).then(read);
+                if let Some(kept) = reuse.as_ref().and_then(|r| r.service(svc, changed.as_ref(), &snap, same_workloads))
                 {
-                    compiled_from.push((svc, Slices::Kept(slices)));
+                    compiled_from.push(None);
                     drafts.keep(kept);
                     continue;
                 }
-                compiled_from.push((svc, Slices::Read(of_service)));
+                let of_service = changed.unwrap_or_else(read);
+                compiled_from.push(Some((svc, of_service.clone())));
                 let ns = svc.metadata.namespace_or_default();
                 let endpoints = if svc.spec.selector.is_empty() {
                     let local = |ip: &IpAddr| snap.by_ip.get(ip).cloned();
-                    let mut endpoints = slice_endpoints(local, of_service, (&ns, &svc.metadata.name), trust_domain);
+                    let mut endpoints = slice_endpoints(local, &of_service, (&ns, &svc.metadata.name), trust_domain);
                     endpoints.retain(|e| !off_network.contains(&e.ip));
                     endpoints
                 } else {
@@ -155,28 +165,30 @@ impl Snapshot {
             snap.merge_remote(remote, mesh, &mut drafts);
         }
         let mut slots = Slots::new(&drafts.list);
-        let (mut kept, mut added) = (HashSet::new(), Vec::new());
+        // The previous compile's Services this one does not hold, and its new ones.
+        let (mut removed, mut added) = (Vec::new(), Vec::new());
         for (i, planned) in drafts.list.into_iter().enumerate() {
             let service = match planned {
-                Planned::Kept(service) => {
-                    kept.insert(Arc::as_ptr(&service) as usize);
-                    service
-                }
+                Planned::Kept(service) => service,
                 Planned::Draft(draft) => {
                     let had = reuse.as_ref().and_then(|r| r.slot(&format!("{}/{}", draft.namespace, draft.name)));
                     let service = Arc::new(draft.freeze(slots.take(had)));
+                    if let Some(Some((object, slices))) = compiled_from.get(i) {
+                        removed.extend(memo.service(object, slices, &service));
+                    }
                     added.push(service.clone());
                     service
                 }
             };
-            if let Some((object, slices)) = compiled_from.get(i) {
-                memo.service(object, slices, &service);
-            }
             snap.services.push(service);
         }
+        removed.extend(memo.services_of(Held::of(objects.iter().filter_map(|o| match o {
+            Object::Service(svc) => Some(svc),
+            _ => None,
+        }))));
         snap.index = reuse
             .as_ref()
-            .and_then(|r| r.index(&kept, &added, snap.services.len()))
+            .and_then(|r| r.index(&removed, &added, snap.services.len()))
             .unwrap_or_else(|| ServiceIndex::build(&snap.services))
             .into();
         if !snap.network_gateways.is_empty() {
@@ -190,6 +202,7 @@ impl Snapshot {
         snap.compile_traffic(objects);
         snap.compile_security(objects, mesh);
         snap.compile_telemetry(objects, &mesh.root_namespace);
+        memo.slice_groups = slice_groups;
         snap.memo = memo;
         snap
     }
@@ -1001,31 +1014,12 @@ fn config_held(objects: &[Object]) -> Vec<(&'static str, String, String)> {
     held
 }
 
-/// The IP EndpointSlices of each `(namespace, service)`, in slice-name order: indexed
-/// once per compile rather than searched once per Service. FQDN slices are left out:
-/// the agent resolves no names.
-pub(super) fn slices_by_service(objects: &[Object]) -> HashMap<(&str, &str), Vec<&Arc<EndpointSlice>>> {
-    let mut by_service: HashMap<(&str, &str), Vec<&Arc<EndpointSlice>>> = HashMap::new();
-    for o in objects {
-        if let Object::EndpointSlice(s) = o
-            && s.address_type != "FQDN"
-            && let Some(service) = s.service()
-        {
-            by_service.entry((s.metadata.namespace_str(), service)).or_default().push(s);
-        }
-    }
-    for slices in by_service.values_mut() {
-        slices.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
-    }
-    by_service
-}
-
 /// Endpoints of a Service without a selector in `namespace`, from its EndpointSlices
 /// (in order): ready endpoints only, each address once. An address of a known pod is
 /// that pod (and enrolled if it is); any other address is a plaintext destination.
 pub(super) fn slice_endpoints(
     known: impl Fn(&IpAddr) -> Option<Arc<Workload>>,
-    slices: &[&Arc<EndpointSlice>],
+    slices: &[Arc<EndpointSlice>],
     (namespace, service): (&str, &str),
     trust_domain: &str,
 ) -> Vec<Endpoint> {

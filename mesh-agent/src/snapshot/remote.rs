@@ -14,10 +14,10 @@ use std::sync::Arc;
 
 use super::Snapshot;
 use super::compile::{
-    Origin, ServiceDraft, ServiceDrafts, cluster_network, other_network, selected_endpoints, slice_endpoints,
-    slices_by_service, workload,
+    Origin, ServiceDraft, ServiceDrafts, cluster_network, other_network, selected_endpoints, slice_endpoints, workload,
 };
 use super::labels::namespace_modes;
+use super::slice_groups::SliceGroups;
 use crate::config::{Object, RemoteObjects};
 use crate::state::{MeshScope, Problem, Workload};
 
@@ -70,16 +70,16 @@ impl Snapshot {
         }
         let cluster_reachable =
             other_network(origin.network, mesh).is_none_or(|n| self.network_gateways.contains_key(n));
-        let slices = slices_by_service(&remote.objects);
+        let (slices, _) = SliceGroups::of(&remote.objects, None);
         for o in &remote.objects {
             let Object::Service(svc) = o else { continue };
             let ns = svc.metadata.namespace_or_default();
             let endpoints: Vec<_> = if svc.spec.selector.is_empty() {
-                let of_service = slices.get(&(svc.metadata.namespace_str(), svc.metadata.name.as_str()));
+                let of_service = slices.get(svc.metadata.namespace_str(), &svc.metadata.name);
                 let known = |ip: &IpAddr| by_ip.get(ip).cloned();
                 slice_endpoints(
                     known,
-                    of_service.map_or(&[][..], Vec::as_slice),
+                    of_service.map_or(&[][..], |s| &s[..]),
                     (&ns, &svc.metadata.name),
                     &mesh.trust_domain,
                 )

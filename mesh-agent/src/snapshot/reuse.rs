@@ -16,9 +16,12 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use super::Snapshot;
+use super::held::Held;
 use super::labels::NamespaceModes;
 use super::service_index::ServiceIndex;
-use crate::config::resources::{EndpointSlice, Pod, Service as ServiceObject};
+use super::shards::Shards;
+use super::slice_groups::{SliceGroups, SliceList};
+use crate::config::resources::{Pod, Service as ServiceObject};
 use crate::state::{MeshScope, Service, Workload};
 
 /// What one compile leaves for the next (empty for a compile with other clusters'
@@ -31,25 +34,29 @@ pub(super) struct CompileMemo {
     off_network: HashSet<IpAddr>,
     /// Each pod's workload, by the pod object's address.
     workloads: HashMap<usize, (Arc<Pod>, Arc<Workload>)>,
-    /// Each Service, by the Service object's address, with the EndpointSlices it read.
-    services: HashMap<usize, ServiceMemo>,
+    /// Each Service, by the Service object's address, with the EndpointSlices it read:
+    /// the predecessor's entries, with those recompiled replaced and those of objects
+    /// gone removed, so a compile writes only what it compiled.
+    services: Shards<usize, ServiceMemo>,
+    /// The Service objects `services` is keyed by.
+    service_objects: Held<ServiceObject>,
+    /// The EndpointSlices of each Service (kept with other clusters' objects too: they
+    /// are this cluster's alone).
+    pub(super) slice_groups: SliceGroups,
 }
 
 impl std::fmt::Debug for CompileMemo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CompileMemo")
             .field("workloads", &self.workloads.len())
-            .field("services", &self.services.len())
+            .field("services", &self.service_objects.len())
             .finish_non_exhaustive()
     }
 }
 
-/// The EndpointSlices one Service read, in order, as a memo holds them.
-pub(super) type SliceList = Arc<[Arc<EndpointSlice>]>;
-
-/// A Service as compiled, with what it was compiled from.
+/// A Service as compiled, with the EndpointSlices it was compiled from.
+#[derive(Clone)]
 struct ServiceMemo {
-    _object: Arc<ServiceObject>,
     slices: SliceList,
     service: Arc<Service>,
 }
@@ -59,9 +66,18 @@ fn address<T>(object: &Arc<T>) -> usize {
 }
 
 impl CompileMemo {
-    /// Starts a memo of a compile under `mesh` and `namespaces`.
-    pub(super) fn under(mesh: &MeshScope, namespaces: &HashMap<String, NamespaceModes>) -> Self {
-        Self { under: Some((mesh.clone(), namespaces.clone())), ..Self::default() }
+    /// Starts a memo of a compile under `mesh` and `namespaces`: from the Services of
+    /// the compile `reuse` takes over from, when there is one.
+    pub(super) fn under(
+        mesh: &MeshScope,
+        namespaces: &HashMap<String, NamespaceModes>,
+        reuse: Option<&Reuse<'_>>,
+    ) -> Self {
+        let (services, service_objects) = match reuse {
+            Some(r) => (r.previous.memo.services.clone(), r.previous.memo.service_objects.clone()),
+            None => Default::default(),
+        };
+        Self { under: Some((mesh.clone(), namespaces.clone())), services, service_objects, ..Self::default() }
     }
 
     /// Records the workload compiled from `pod`.
@@ -71,17 +87,35 @@ impl CompileMemo {
         }
     }
 
-    /// Records the Service compiled from `object` and `slices`.
-    pub(super) fn service(&mut self, object: &Arc<ServiceObject>, slices: &Slices<'_>, service: &Arc<Service>) {
+    /// Records the Service compiled (again) from `object` and `slices`; returns the
+    /// Service it replaces, compiled from the same object before.
+    pub(super) fn service(
+        &mut self,
+        object: &Arc<ServiceObject>,
+        slices: &SliceList,
+        service: &Arc<Service>,
+    ) -> Option<Arc<Service>> {
+        self.under.as_ref()?;
+        let memo = ServiceMemo { slices: slices.clone(), service: service.clone() };
+        let key = address(object);
+        self.services.shard_mut(&key).insert(key, memo).map(|was| was.service)
+    }
+
+    /// Ends the record of Services: `objects` are this compile's Service objects; the
+    /// entries of any other go. Returns their Services.
+    pub(super) fn services_of(&mut self, objects: Held<ServiceObject>) -> Vec<Arc<Service>> {
         if self.under.is_none() {
-            return;
+            return Vec::new();
         }
-        let slices = match slices {
-            Slices::Kept(kept) => kept.clone(),
-            Slices::Read(read) => read.iter().map(|s| Arc::clone(s)).collect(),
-        };
-        let memo = ServiceMemo { _object: object.clone(), slices, service: service.clone() };
-        self.services.insert(address(object), memo);
+        let mut gone = Vec::new();
+        for object in self.service_objects.difference(&objects).gone {
+            let key = address(object);
+            if let Some(was) = self.services.shard_mut(&key).remove(&key) {
+                gone.push(was.service);
+            }
+        }
+        self.service_objects = objects;
+        gone
     }
 
     /// Records which addresses were off this cluster's network.
@@ -90,13 +124,6 @@ impl CompileMemo {
             self.off_network = off_network.clone();
         }
     }
-}
-
-/// The EndpointSlices a Service was compiled from, as the memo will hold them: the
-/// list a kept Service's memo holds already, or the slices just read.
-pub(super) enum Slices<'a> {
-    Kept(SliceList),
-    Read(&'a [&'a Arc<EndpointSlice>]),
 }
 
 /// The snapshot being replaced, when its results can be taken over.
@@ -135,22 +162,24 @@ impl<'a> Reuse<'a> {
             && workloads.iter().zip(&self.previous.workloads).all(|(a, b)| Arc::ptr_eq(a, b))
     }
 
-    /// The Service compiled before from the same `object` and `slices`, when what it
-    /// was compiled from is unchanged: a selector's pods only when every workload is
-    /// the same; the pods at a slice's addresses when each lookup finds the workload
-    /// it found before. (The addresses off the network were compared before.) With
-    /// the memo's list of the slices, to hand on.
+    /// The Service compiled before from the same `object` and the same slices, when
+    /// what it was compiled from is unchanged: a selector's pods only when every
+    /// workload is the same; the pods at a slice's addresses when each lookup finds the
+    /// workload it found before. (The addresses off the network were compared before.)
+    /// `slices` is the Service's slices now, or None when its group of slices is the
+    /// one the previous compile had.
     pub(super) fn service(
         &self,
         object: &Arc<ServiceObject>,
-        slices: &[&Arc<EndpointSlice>],
+        slices: Option<&SliceList>,
         compile: &Snapshot,
         same_workloads: bool,
-    ) -> Option<(Arc<Service>, SliceList)> {
-        let ServiceMemo { slices: was_slices, service, .. } = self.previous.memo.services.get(&address(object))?;
-        let same_slices =
-            was_slices.len() == slices.len() && was_slices.iter().zip(slices).all(|(a, b)| Arc::ptr_eq(a, b));
-        if !same_slices {
+    ) -> Option<Arc<Service>> {
+        let ServiceMemo { slices: was_slices, service } = self.previous.memo.services.get(&address(object))?;
+        if let Some(slices) = slices
+            && !(was_slices.len() == slices.len()
+                && was_slices.iter().zip(slices.iter()).all(|(a, b)| Arc::ptr_eq(a, b)))
+        {
             return None;
         }
         let unchanged = same_workloads
@@ -162,7 +191,7 @@ impl<'a> Reuse<'a> {
                         _ => false,
                     }
                 }));
-        unchanged.then(|| (service.clone(), was_slices.clone()))
+        unchanged.then(|| service.clone())
     }
 
     /// The slot the Service `key` had.
@@ -170,17 +199,21 @@ impl<'a> Reuse<'a> {
         self.previous.index.by_key(key).map(|s| s.index)
     }
 
-    /// The previous index, patched: the Services not `kept` (by address) out, the
-    /// `added` ones in. None when a winner needs the config order, or when so much
-    /// changed (a quarter of `services`) that indexing afresh costs less.
-    pub(super) fn index(&self, kept: &HashSet<usize>, added: &[Arc<Service>], services: usize) -> Option<ServiceIndex> {
-        let removed: Vec<&Arc<Service>> =
-            self.previous.services.iter().filter(|s| !kept.contains(&(Arc::as_ptr(s) as usize))).collect();
+    /// The previous index, patched: the `removed` Services (the previous compile's
+    /// that this one does not hold) out, the `added` ones in. None when a winner needs
+    /// the config order, or when so much changed (a quarter of `services`) that
+    /// indexing afresh costs less.
+    pub(super) fn index(
+        &self,
+        removed: &[Arc<Service>],
+        added: &[Arc<Service>],
+        services: usize,
+    ) -> Option<ServiceIndex> {
         if (removed.len() + added.len()) * 4 > services {
             return None;
         }
         let mut index = (*self.previous.index).clone();
-        index.patch(&removed, &added.iter().collect::<Vec<_>>()).ok()?;
+        index.patch(&removed.iter().collect::<Vec<_>>(), &added.iter().collect::<Vec<_>>()).ok()?;
         Some(index)
     }
 }
@@ -245,6 +278,12 @@ mod tests {
             }
             out += "\n";
         }
+        // Addresses and names of Services gone too: an index entry left behind shows.
+        for i in (0..20).chain([99]) {
+            let vip = format!("10.96.0.{i}").parse().unwrap();
+            out += &format!("vip {vip} -> {:?}\n", s.service_by_vip(vip).map(|svc| svc.key()));
+            out += &format!("name s{i} -> {:?}\n", s.service(&format!("n/s{i}")).map(|svc| svc.key()));
+        }
         for w in &s.workloads {
             for port in [80, 8080] {
                 if let Some((svc, sp)) = s.service_at(w, port) {
@@ -282,12 +321,21 @@ mod tests {
         edit(base, &changed.into_iter().filter(|o| o.key().2 == name).collect::<Vec<_>>(), &[])
     }
 
+    /// A slice of s1 named before its first (endpoints in slice-name order).
+    const SECOND_SLICE: &str = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+        metadata: {name: s1-0, namespace: n, labels: {kubernetes.io/service-name: s1}}\n\
+        addressType: IPv4\nports: [{name: http, port: 8080}]\nendpoints: [{addresses: [192.0.2.200]}]\n";
+
     #[test]
     fn a_compile_that_takes_over_gives_what_a_fresh_compile_gives() {
         let (mesh, base, first) = first();
         let steps: Vec<(&str, Vec<Object>)> = vec![
             ("unchanged", base.clone()),
             ("one Service changed", edited(&base, "10.96.0.3,", "10.96.0.99,", "s3")),
+            ("a slice's address changed", edited(&base, "addresses: [192.0.2.7]", "addresses: [192.0.2.70]", "s7-a")),
+            ("a slice moved to another Service", edited(&base, "service-name: s9}", "service-name: s11}", "s9-a")),
+            ("a second slice for a Service", edit(&base, &parse(SECOND_SLICE), &[])),
+            ("a slice gone, its Service stays", edit(&base, &[], &["s3-a"])),
             ("one pod moved", edited(&base, "podIP: 10.1.0.1,", "podIP: 10.1.0.77,", "p1")),
             ("a Service and its slice gone", edit(&base, &[], &["s5", "s5-a"])),
             ("Services added", edit(&base, &parse(&config(6, 16))[..], &[])),
@@ -342,6 +390,8 @@ mod tests {
         let slot = first.service("n/s5").unwrap().index;
         let without = edit(&base, &[], &["s5", "s5-a"]);
         let second = first.compile_next(&without, &[], &mesh, 2);
+        assert!(second.service_by_vip("10.96.0.5".parse().unwrap()).is_none(), "its address is free");
+        assert!(second.service("n/s5").is_none(), "its name is free");
         let added = parse(&config(6, 13));
         let with_new = edit(&without, &added.iter().filter(|o| o.key().2 == "s12").cloned().collect::<Vec<_>>(), &[]);
         let third = second.compile_next(&with_new, &[], &mesh, 3);
