@@ -31,13 +31,19 @@ pub(super) struct SliceGroups {
     groups: Shards<GroupKey, SliceList>,
 }
 
+/// Service names by namespace: the groups a patch changed.
+type ChangedNames = HashMap<String, HashSet<String>>;
+
+/// The slices of one group that went and that came.
+type GroupEdit<'a> = (Vec<&'a Arc<EndpointSlice>>, Vec<&'a Arc<EndpointSlice>>);
+
 /// Which groups differ from the predecessor's.
 #[derive(Debug)]
 pub(super) enum Changed {
     /// Any of them (grouped afresh).
     All,
-    /// These only.
-    Groups(HashSet<GroupKey>),
+    /// These only: Service names by namespace (looked up without building a key).
+    Groups(ChangedNames),
 }
 
 impl Changed {
@@ -45,8 +51,7 @@ impl Changed {
     pub(super) fn touches(&self, namespace: &str, name: &str) -> bool {
         match self {
             Changed::All => true,
-            // Empty after a change to anything but slices: no key built.
-            Changed::Groups(keys) => !keys.is_empty() && keys.contains(&(namespace.to_string(), name.to_string())),
+            Changed::Groups(names) => names.get(namespace).is_some_and(|n| n.contains(name)),
         }
     }
 }
@@ -97,35 +102,44 @@ impl SliceGroups {
 
     /// These groups, with the slices `held` does not hold out and the new ones in; None
     /// when so many changed (a quarter) that grouping afresh costs less.
-    fn patched(&self, held: &Held<EndpointSlice>) -> Option<(Shards<GroupKey, SliceList>, HashSet<GroupKey>)> {
+    fn patched(&self, held: &Held<EndpointSlice>) -> Option<(Shards<GroupKey, SliceList>, ChangedNames)> {
         let difference = self.held.difference(held);
         let (gone, came) = (difference.gone, difference.came);
         if (gone.len() + came.len()) * 4 > held.len().max(16) {
             return None;
         }
-        let mut groups = self.groups.clone();
-        let mut changed = HashSet::new();
+        // Each changed group rebuilt once, however many of its slices changed: one by
+        // one, thousands of slices of one Service arriving together would copy its
+        // list thousands of times.
+        let mut edits: HashMap<GroupKey, GroupEdit<'_>> = HashMap::new();
         for slice in gone {
-            let Some(key) = group_of(slice) else { continue };
-            let shard = groups.shard_mut(&key);
-            if let Some(list) = shard.get(&key) {
-                let rest: Vec<Arc<EndpointSlice>> = list.iter().filter(|s| !Arc::ptr_eq(s, slice)).cloned().collect();
-                if rest.is_empty() {
-                    shard.remove(&key);
-                } else {
-                    shard.insert(key.clone(), rest.into());
-                }
+            if let Some(key) = group_of(slice) {
+                edits.entry(key).or_default().0.push(slice);
             }
-            changed.insert(key);
         }
         for slice in came {
-            let Some(key) = group_of(slice) else { continue };
+            if let Some(key) = group_of(slice) {
+                edits.entry(key).or_default().1.push(slice);
+            }
+        }
+        let mut groups = self.groups.clone();
+        let mut changed = ChangedNames::new();
+        for (key, (gone, came)) in edits {
+            let gone: HashSet<usize> = gone.iter().map(|s| Arc::as_ptr(s) as usize).collect();
             let shard = groups.shard_mut(&key);
-            let mut list: Vec<Arc<EndpointSlice>> = shard.get(&key).map(|l| l.to_vec()).unwrap_or_default();
-            list.push(slice.clone());
-            sort(&mut list);
-            shard.insert(key.clone(), list.into());
-            changed.insert(key);
+            let mut list: Vec<Arc<EndpointSlice>> = shard
+                .get(&key)
+                .map(|l| l.iter().filter(|s| !gone.contains(&(Arc::as_ptr(s) as usize))).cloned().collect())
+                .unwrap_or_default();
+            list.extend(came.into_iter().cloned());
+            if list.is_empty() {
+                shard.remove(&key);
+            } else {
+                sort(&mut list);
+                shard.insert(key.clone(), list.into());
+            }
+            let (namespace, name) = key;
+            changed.entry(namespace).or_default().insert(name);
         }
         Some((groups, changed))
     }
@@ -177,7 +191,7 @@ mod tests {
         next[6] = slice("s7", "svc7", "10.0.0.3");
         let (patched, changed) = SliceGroups::of(&next, Some(&first));
         let Changed::Groups(keys) = &changed else { panic!("a few slices changed: patched") };
-        let mut keys: Vec<_> = keys.iter().map(|(_, s)| s.clone()).collect();
+        let mut keys: Vec<_> = keys.values().flatten().cloned().collect();
         keys.sort();
         assert_eq!(keys, ["svc3", "svc5", "svc7"]);
         let (afresh, _) = SliceGroups::of(&next, None);
@@ -186,6 +200,15 @@ mod tests {
         assert_eq!(svc5, ["a-svc5", "s5"]);
         assert!(patched.get("n", "svc3").is_none());
         assert!(changed.touches("n", "svc5") && !changed.touches("n", "svc6"));
+        // Several slices of one Service arriving together, one going: its list is
+        // rebuilt once, in name order.
+        let mut more = next.clone();
+        more.retain(|o| o.key().2 != "s9");
+        more.extend((0..5).rev().map(|i| slice(&format!("s9-{i}"), "svc9", "10.0.0.4")));
+        let (grown, _) = SliceGroups::of(&more, Some(&patched));
+        assert_eq!(view(&grown), view(&SliceGroups::of(&more, None).0));
+        let svc9: Vec<&str> = grown.get("n", "svc9").unwrap().iter().map(|s| s.metadata.name.as_str()).collect();
+        assert_eq!(svc9, ["s9-0", "s9-1", "s9-2", "s9-3", "s9-4"]);
         // Nothing changed: nothing touched.
         let (same, changed) = SliceGroups::of(&next, Some(&patched));
         assert!(!changed.touches("n", "svc5"));
