@@ -194,6 +194,26 @@ fn config_compile(c: &mut Criterion) {
             next
         })
     });
+    // One EndpointSlice changed (an endpoint gone): its group is patched, the other
+    // Services keep their slices without a lookup.
+    let slice = parse_documents(
+        Path::new("slice.yaml"),
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {name: svc-7-a, namespace: scale, labels: {kubernetes.io/service-name: svc-7}}\n\
+         addressType: IPv4\nports: [{name: http, port: 8080}]\n\
+         endpoints: [{addresses: [172.16.0.70], conditions: {ready: true}}]\n",
+    )
+    .expect("changed EndpointSlice parses");
+    let mut slice_change = objects.clone();
+    let at = slice_change.iter().position(|o| o.key() == slice[0].key()).expect("svc-7-a is there");
+    slice_change[at] = slice[0].clone();
+    g.bench_function("one_slice_change_of_1000_taken_over", |b| {
+        b.iter(|| {
+            let next = previous.compile_next(black_box(&slice_change), &[], &mesh, 2);
+            next.config_digest();
+            next
+        })
+    });
     g.finish();
 }
 

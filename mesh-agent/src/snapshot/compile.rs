@@ -9,9 +9,10 @@ use super::Snapshot;
 use super::digest::ConfigDigest;
 use super::held::Held;
 use super::labels::{
-    DNS_CAPTURE, LINKERD_INJECT, NETWORK_LABEL, NamespaceModes, OPT_IN_LABELS, OPT_OUT_LABELS, namespace_modes, switch,
+    DNS_CAPTURE, LINKERD_INJECT, NETWORK_LABEL, NamespaceModes, OPT_IN_LABELS, OPT_OUT_LABELS, namespace_modes,
+    selects, switch,
 };
-use super::reuse::{CompileMemo, Reuse};
+use super::reuse::{CompileMemo, Reuse, Workloads};
 use super::service_index::ServiceIndex;
 use super::slice_groups::{SliceGroups, SliceList};
 use crate::authz::{self, WorkloadAuthz, WorkloadSecurity};
@@ -91,11 +92,19 @@ impl Snapshot {
         // Pods whose addresses this cluster's network does not reach, and no east-west
         // gateway leads to: no Service sends them traffic.
         let mut off_network: HashSet<IpAddr> = HashSet::new();
+        // Whether each workload was compiled anew (not taken over), in order.
+        let mut fresh = Vec::new();
         for o in objects {
             if let Object::Pod(pod) = o {
                 let w = match reuse.as_ref().and_then(|r| r.workload(pod)) {
-                    Some(w) => w,
-                    None => Arc::new(workload(pod, mesh, &namespaces, &Origin::local(mesh))),
+                    Some(w) => {
+                        fresh.push(false);
+                        w
+                    }
+                    None => {
+                        fresh.push(true);
+                        Arc::new(workload(pod, mesh, &namespaces, &Origin::local(mesh)))
+                    }
                 };
                 memo.workload(pod, &w);
                 if let Some(network) =
@@ -126,6 +135,11 @@ impl Snapshot {
         // Nothing is kept unless the pods off the network are as before.
         let reuse = reuse.filter(|r| r.same_off_network(&off_network));
         let same_workloads = reuse.as_ref().is_some_and(|r| r.same_workloads(&snap.workloads));
+        let pod_changes = if same_workloads {
+            None
+        } else {
+            reuse.as_ref().and_then(|r| r.workload_changes(&snap.workloads, &fresh))
+        };
         let mut drafts = ServiceDrafts::default();
         let (slice_groups, changed_groups) = SliceGroups::of(objects, previous.map(|p| &p.memo.slice_groups));
         let no_slices = SliceList::from(Vec::new());
@@ -139,8 +153,8 @@ impl Snapshot {
                 // Looked up only where the group changed: a kept Service's slices are
                 // its memo's.
                 let changed = changed_groups.touches(namespace, name).then(read);
-                if let Some(kept) = reuse.as_ref().and_then(|r| r.service(svc, changed.as_ref(), &snap, same_workloads))
-                {
+                let workloads = Workloads { same: same_workloads, changes: pod_changes.as_ref() };
+                if let Some(kept) = reuse.as_ref().and_then(|r| r.service(svc, changed.as_ref(), &snap, workloads)) {
                     compiled_from.push(None);
                     drafts.keep(kept);
                     continue;
@@ -751,7 +765,7 @@ pub(super) fn selected_endpoints<'a>(
 ) -> impl Iterator<Item = Endpoint> + 'a {
     workloads
         .iter()
-        .filter(move |w| w.namespace == namespace && selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+        .filter(move |w| selects(w, namespace, selector))
         .filter(|w| w.serving)
         .filter_map(|w| Some(Endpoint { workload: w.clone(), ip: *w.ips.first()?, slice_ports: None }))
 }

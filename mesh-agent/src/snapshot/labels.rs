@@ -1,9 +1,10 @@
 //! What namespaces and pods say about the mesh through their labels and annotations:
 //! enrollment, DNS capture, the network they are on.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use crate::config::Object;
+use crate::state::Workload;
 
 /// Namespace labels that enroll a namespace (Istio sidecar and ambient spellings).
 const ENROLL_LABELS: &[(&str, &str)] = &[("istio-injection", "enabled"), ("istio.io/dataplane-mode", "ambient")];
@@ -61,4 +62,10 @@ pub(super) fn namespace_modes(objects: &[Object]) -> HashMap<String, NamespaceMo
         }
     }
     namespaces
+}
+
+/// Whether a Service in `namespace` with `selector` (not empty) selects `workload` by
+/// its namespace and labels (whether it serves is asked apart).
+pub(super) fn selects(workload: &Workload, namespace: &str, selector: &BTreeMap<String, String>) -> bool {
+    workload.namespace == namespace && selector.iter().all(|(k, v)| workload.labels.get(k) == Some(v))
 }

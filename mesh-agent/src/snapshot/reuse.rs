@@ -11,13 +11,13 @@
 //! off this cluster's network, other clusters' objects) must be equal as a whole, or
 //! nothing is taken over.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use super::Snapshot;
 use super::held::Held;
-use super::labels::NamespaceModes;
+use super::labels::{NamespaceModes, selects};
 use super::service_index::ServiceIndex;
 use super::shards::Shards;
 use super::slice_groups::{SliceGroups, SliceList};
@@ -126,6 +126,31 @@ impl CompileMemo {
     }
 }
 
+/// What a compile knows of its workloads against the previous compile's.
+#[derive(Clone, Copy)]
+pub(super) struct Workloads<'a> {
+    /// Every one the same, in the same order.
+    pub(super) same: bool,
+    /// Otherwise, the few that changed, when the rest are in the same order.
+    pub(super) changes: Option<&'a PodChanges>,
+}
+
+/// The workloads of pods that changed: as they were and as they are.
+pub(super) struct PodChanges {
+    changed: Vec<Arc<Workload>>,
+}
+
+impl PodChanges {
+    /// More changed pods than this and every Service with a selector is compiled again
+    /// (checking each against each would cost more).
+    const MOST: usize = 64;
+
+    /// Whether a Service in `namespace` with `selector` may select one of them.
+    fn may_select(&self, namespace: &str, selector: &BTreeMap<String, String>) -> bool {
+        self.changed.iter().any(|w| selects(w, namespace, selector))
+    }
+}
+
 /// The snapshot being replaced, when its results can be taken over.
 pub(super) struct Reuse<'a> {
     previous: &'a Snapshot,
@@ -162,18 +187,47 @@ impl<'a> Reuse<'a> {
             && workloads.iter().zip(&self.previous.workloads).all(|(a, b)| Arc::ptr_eq(a, b))
     }
 
+    /// The pods that changed since the previous compile, when few did and the others
+    /// are in the same order: `now` (the compile's workloads) with `fresh` saying which
+    /// were compiled anew. None otherwise (then every Service with a selector is
+    /// compiled again).
+    pub(super) fn workload_changes(&self, now: &[Arc<Workload>], fresh: &[bool]) -> Option<PodChanges> {
+        let was = &self.previous.workloads;
+        let mut changed = Vec::new();
+        let mut j = 0;
+        for (w, &fresh) in now.iter().zip(fresh) {
+            if fresh {
+                changed.push(w.clone());
+                continue;
+            }
+            // Taken over: it is further on in the previous list, past the ones gone;
+            // not found there, the order changed.
+            while !Arc::ptr_eq(was.get(j)?, w) {
+                changed.push(was[j].clone());
+                j += 1;
+            }
+            j += 1;
+            if changed.len() > PodChanges::MOST {
+                return None;
+            }
+        }
+        changed.extend(was[j..].iter().cloned());
+        (changed.len() <= PodChanges::MOST).then_some(PodChanges { changed })
+    }
+
     /// The Service compiled before from the same `object` and the same slices, when
-    /// what it was compiled from is unchanged: a selector's pods only when every
-    /// workload is the same; the pods at a slice's addresses when each lookup finds the
-    /// workload it found before. (The addresses off the network were compared before.)
-    /// `slices` is the Service's slices now, or None when its group of slices is the
-    /// one the previous compile had.
+    /// what it was compiled from is unchanged: a selector's pods when no pod that
+    /// changed (as it was or as it is) is in its namespace with its labels, and the
+    /// others are in the same order; the pods at a slice's addresses when each lookup
+    /// finds the workload it found before. (The addresses off the network were
+    /// compared before.) `slices` is the Service's slices now, or None when its group
+    /// of slices is the one the previous compile had.
     pub(super) fn service(
         &self,
         object: &Arc<ServiceObject>,
         slices: Option<&SliceList>,
         compile: &Snapshot,
-        same_workloads: bool,
+        workloads: Workloads<'_>,
     ) -> Option<Arc<Service>> {
         let ServiceMemo { slices: was_slices, service } = self.previous.memo.services.get(&address(object))?;
         if let Some(slices) = slices
@@ -182,15 +236,17 @@ impl<'a> Reuse<'a> {
         {
             return None;
         }
-        let unchanged = same_workloads
-            || (object.spec.selector.is_empty()
-                && service.endpoints.iter().all(|e| {
-                    match (compile.by_ip.get(&e.ip), self.previous.by_ip.get(&e.ip)) {
-                        (Some(now), Some(before)) => Arc::ptr_eq(now, before),
-                        (None, None) => true,
-                        _ => false,
-                    }
-                }));
+        let selector = &object.spec.selector;
+        let unchanged = workloads.same
+            || if selector.is_empty() {
+                service.endpoints.iter().all(|e| match (compile.by_ip.get(&e.ip), self.previous.by_ip.get(&e.ip)) {
+                    (Some(now), Some(before)) => Arc::ptr_eq(now, before),
+                    (None, None) => true,
+                    _ => false,
+                })
+            } else {
+                workloads.changes.is_some_and(|c| !c.may_select(object.metadata.namespace_str(), selector))
+            };
         unchanged.then(|| service.clone())
     }
 
@@ -337,6 +393,23 @@ mod tests {
             ("a second slice for a Service", edit(&base, &parse(SECOND_SLICE), &[])),
             ("a slice gone, its Service stays", edit(&base, &[], &["s3-a"])),
             ("one pod moved", edited(&base, "podIP: 10.1.0.1,", "podIP: 10.1.0.77,", "p1")),
+            (
+                "one pod relabelled",
+                edited(
+                    &base,
+                    "name: p1, namespace: n, uid: u1, labels: {app: a1}",
+                    "name: p1, namespace: n, uid: u1, labels: {app: a2}",
+                    "p1",
+                ),
+            ),
+            ("one pod gone", edit(&base, &[], &["p2"])),
+            ("one pod back", base.clone()),
+            ("the pods in another order", {
+                let mut reordered = base.clone();
+                let first_pod = reordered.iter().position(|o| o.key().2 == "p0").unwrap();
+                reordered[first_pod..first_pod + 6].reverse();
+                reordered
+            }),
             ("a Service and its slice gone", edit(&base, &[], &["s5", "s5-a"])),
             ("Services added", edit(&base, &parse(&config(6, 16))[..], &[])),
             ("namespace relabelled", edited(&base, "dataplane-mode: ambient", "dataplane-mode: none", "n")),
@@ -374,10 +447,11 @@ mod tests {
         let objects = edited(&base, "podIP: 10.1.0.1,", "podIP: 10.1.0.77,", "p1");
         let next = first.compile_next(&objects, &[], &mesh, 2);
         for (before, now) in first.services().iter().zip(next.services()) {
-            // Selectors see every pod: all are compiled again. A slice's Service only
-            // when one of its addresses was (or now is) the moved pod's.
-            let touched = now.name.trim_start_matches('s').parse::<usize>().unwrap() % 2 == 0
-                || before.endpoints.iter().any(|e| e.ip.to_string() == "10.1.0.1");
+            // A selector's Service when it selects the moved pod (p1 has app: a1, the
+            // selector of even Services i with i % 3 == 1); a slice's Service when one
+            // of its addresses was (or now is) the moved pod's.
+            let i = now.name.trim_start_matches('s').parse::<usize>().unwrap();
+            let touched = (i % 2 == 0 && i % 3 == 1) || before.endpoints.iter().any(|e| e.ip.to_string() == "10.1.0.1");
             assert_eq!(!Arc::ptr_eq(before, now), touched, "{}", now.key());
         }
         let s7 = next.service("n/s7").unwrap();
