@@ -19,9 +19,21 @@ use super::{Error, Object};
 /// File extensions read from the directory.
 const EXTENSIONS: &[&str] = &["yaml", "yml", "json"];
 
+/// SHA-256 of a file's text: what a re-read compares, instead of keeping every file's
+/// text (9.5 MB at 10,000 Services) only to compare it.
+type TextHash = [u8; 32];
+
+fn text_hash(text: &str) -> TextHash {
+    ring::digest::digest(&ring::digest::SHA256, text.as_bytes()).as_ref().try_into().unwrap_or_default()
+}
+
 #[derive(Debug)]
 struct FileState {
-    contents: String,
+    /// The hash of the file's text as last read.
+    contents: TextHash,
+    /// The text itself, kept only while the file waits for a recheck (it is parsed
+    /// again then); dropped at the end of every reload otherwise.
+    text: Option<String>,
     /// Last good objects of this file.
     good: Arc<Vec<Object>>,
     /// Allow-nothing stand-ins for AuthorizationPolicies of a rejected version that
@@ -40,7 +52,7 @@ struct FileState {
 impl FileState {
     fn new(contents: String, good: Arc<Vec<Object>>, fail_closed: Vec<Object>, error: Option<Error>) -> Self {
         let keys = FileKeys::of(Listed { good: &good, fail_closed: &fail_closed });
-        Self { contents, good, fail_closed, error, recheck: false, keys }
+        Self { contents: text_hash(&contents), text: Some(contents), good, fail_closed, error, recheck: false, keys }
     }
 
     /// Puts `good` in force for this file; returns what was.
@@ -153,7 +165,7 @@ impl DirSource {
                 }
             };
             self.stamps.record(&path, stamp);
-            if self.files.get(&path).is_some_and(|f| f.contents == contents) {
+            if self.files.get(&path).is_some_and(|f| f.contents == text_hash(&contents)) {
                 continue;
             }
             let parsed = parse_documents(&path, &contents);
@@ -178,7 +190,8 @@ impl DirSource {
             let retry: Vec<PathBuf> = self.files.iter().filter(|(_, f)| f.recheck).map(|(p, _)| p.clone()).collect();
             for path in retry {
                 let f = self.files_mut().get_mut(&path).expect("listed above");
-                if let Ok(objects) = parse_documents(&path, &f.contents) {
+                let Some(text) = f.text.as_deref() else { continue };
+                if let Ok(objects) = parse_documents(&path, text) {
                     accepted.push((path.clone(), f.set_good(Arc::new(objects))));
                     f.recheck = false;
                 }
@@ -210,6 +223,10 @@ impl DirSource {
         if out.changed {
             out.new_errors.extend(self.duplicates_across_files());
         }
+        // (Not `files_mut`: the text is no part of what is in force.)
+        for f in self.files.values_mut().filter(|f| !f.recheck) {
+            f.text = None;
+        }
         out.objects = self.in_force();
         out
     }
@@ -237,7 +254,7 @@ impl DirSource {
     fn reject_unreadable(&mut self, path: &Path, reason: String, out: &mut Reload) {
         // The bytes that did decode are enough to tell which policies the file meant.
         let lossy = std::fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
-        if self.files.get(path).is_some_and(|f| f.error.is_some() && f.contents == lossy) {
+        if self.files.get(path).is_some_and(|f| f.error.is_some() && f.contents == text_hash(&lossy)) {
             return;
         }
         let mut e = Error { file: path.to_owned(), object: None, field: None, reason };
@@ -492,6 +509,9 @@ mod tests {
             "{e}"
         );
         assert_eq!(r.objects.len(), 1, "only the Service is in force");
+        let text_kept = |src: &DirSource, name: &str| src.files[&dir.path().join(name)].text.is_some();
+        assert!(text_kept(&src, "vs.yaml"), "the route waiting for a recheck keeps its text");
+        assert!(!text_kept(&src, "svc.yaml"), "an accepted file keeps only its hash");
         assert!(src.reload().new_errors.is_empty(), "reported once");
 
         std::fs::write(dir.path().join("dr.yaml"), DR).unwrap();
@@ -499,6 +519,7 @@ mod tests {
         assert!(r.new_errors.is_empty(), "{:?}", r.new_errors);
         assert_eq!(r.objects.len(), 3, "the route is accepted once its subset exists");
         assert!(src.standing_errors().is_empty());
+        assert!(!text_kept(&src, "vs.yaml"), "accepted: its text goes");
     }
 
     const GOOD_AP: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: production}\nspec:\n  selector: {matchLabels: {app: myapp}}\n  rules: [{from: [{source: {ipBlocks: [10.0.0.0/8]}}]}]\n";
