@@ -198,15 +198,15 @@ impl<'a> Reuse<'a> {
         for (w, &fresh) in now.iter().zip(fresh) {
             if fresh {
                 changed.push(w.clone());
-                continue;
-            }
-            // Taken over: it is further on in the previous list, past the ones gone;
-            // not found there, the order changed.
-            while !Arc::ptr_eq(was.get(j)?, w) {
-                changed.push(was[j].clone());
+            } else {
+                // Taken over: it is further on in the previous list, past the ones
+                // gone; not found there, the order changed.
+                while !Arc::ptr_eq(was.get(j)?, w) {
+                    changed.push(was[j].clone());
+                    j += 1;
+                }
                 j += 1;
             }
-            j += 1;
             if changed.len() > PodChanges::MOST {
                 return None;
             }
@@ -456,6 +456,28 @@ mod tests {
         }
         let s7 = next.service("n/s7").unwrap();
         assert!(s7.endpoints.iter().all(|e| !e.workload.enrolled), "10.1.0.1 is no pod now: {s7:?}");
+    }
+
+    /// Past `PodChanges::MOST` changed pods no Service is checked against each of them
+    /// (the work stays bounded whatever a tenant's churn): every Service with a
+    /// selector is compiled again, even one that picks none of them, and the result is
+    /// still a fresh compile's.
+    #[test]
+    fn many_pods_changed_recompile_every_selector_service() {
+        let mesh = MeshScope::new("cluster.local");
+        let base = parse(&config(100, 12));
+        let first = Snapshot::compile_in(&base, &mesh, 1);
+        // The pods labelled a0 and a1 (67 of 100) move; those labelled a2 stay.
+        let moved_all = parse(&config(100, 12).replace("podIP: 10.1.0.", "podIP: 10.2.0."));
+        let a2 = |o: &Object| matches!(o, Object::Pod(p) if p.metadata.labels.get("app").is_some_and(|a| a == "a2"));
+        let movers: Vec<Object> = moved_all.into_iter().filter(|o| matches!(o, Object::Pod(_)) && !a2(o)).collect();
+        assert!(movers.len() > PodChanges::MOST);
+        let moved = edit(&base, &movers, &[]);
+        let next = first.compile_next(&moved, &[], &mesh, 2);
+        assert_eq!(view(&next), view(&Snapshot::compile_in(&moved, &mesh, 2)));
+        let s2 = (first.service("n/s2").unwrap(), next.service("n/s2").unwrap());
+        assert!(!Arc::ptr_eq(s2.0, s2.1), "s2 selects a2, no pod of which moved: compiled again all the same");
+        assert_eq!(format!("{:?}", s2.0.endpoints), format!("{:?}", s2.1.endpoints));
     }
 
     #[test]
