@@ -12,7 +12,7 @@ use super::labels::{
     DNS_CAPTURE, LINKERD_INJECT, NETWORK_LABEL, NamespaceModes, OPT_IN_LABELS, OPT_OUT_LABELS, namespace_modes,
     selects, switch,
 };
-use super::reuse::{CompileMemo, Reuse, Workloads};
+use super::reuse::{CompileMemo, Reuse};
 use super::service_index::ServiceIndex;
 use super::slice_groups::{SliceGroups, SliceList};
 use crate::authz::{self, WorkloadAuthz, WorkloadSecurity};
@@ -134,12 +134,7 @@ impl Snapshot {
         memo.off_network(&off_network);
         // Nothing is kept unless the pods off the network are as before.
         let reuse = reuse.filter(|r| r.same_off_network(&off_network));
-        let same_workloads = reuse.as_ref().is_some_and(|r| r.same_workloads(&snap.workloads));
-        let pod_changes = if same_workloads {
-            None
-        } else {
-            reuse.as_ref().and_then(|r| r.workload_changes(&snap.workloads, &fresh))
-        };
+        let pod_changes = reuse.as_ref().and_then(|r| r.workload_changes(&snap.workloads, &fresh));
         let mut drafts = ServiceDrafts::default();
         let (slice_groups, changed_groups) = SliceGroups::of(objects, previous.map(|p| &p.memo.slice_groups));
         let no_slices = SliceList::from(Vec::new());
@@ -153,8 +148,9 @@ impl Snapshot {
                 // Looked up only where the group changed: a kept Service's slices are
                 // its memo's.
                 let changed = changed_groups.touches(namespace, name).then(read);
-                let workloads = Workloads { same: same_workloads, changes: pod_changes.as_ref() };
-                if let Some(kept) = reuse.as_ref().and_then(|r| r.service(svc, changed.as_ref(), &snap, workloads)) {
+                if let Some(kept) =
+                    reuse.as_ref().and_then(|r| r.service(svc, changed.as_ref(), &snap, pod_changes.as_ref()))
+                {
                     compiled_from.push(None);
                     drafts.keep(kept);
                     continue;

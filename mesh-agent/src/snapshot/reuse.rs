@@ -126,15 +126,6 @@ impl CompileMemo {
     }
 }
 
-/// What a compile knows of its workloads against the previous compile's.
-#[derive(Clone, Copy)]
-pub(super) struct Workloads<'a> {
-    /// Every one the same, in the same order.
-    pub(super) same: bool,
-    /// Otherwise, the few that changed, when the rest are in the same order.
-    pub(super) changes: Option<&'a PodChanges>,
-}
-
 /// The workloads of pods that changed: as they were and as they are.
 pub(super) struct PodChanges {
     changed: Vec<Arc<Workload>>,
@@ -144,6 +135,11 @@ impl PodChanges {
     /// More changed pods than this and every Service with a selector is compiled again
     /// (checking each against each would cost more).
     const MOST: usize = 64;
+
+    /// Whether no pod changed.
+    fn none(&self) -> bool {
+        self.changed.is_empty()
+    }
 
     /// Whether a Service in `namespace` with `selector` may select one of them.
     fn may_select(&self, namespace: &str, selector: &BTreeMap<String, String>) -> bool {
@@ -180,17 +176,11 @@ impl<'a> Reuse<'a> {
         *off_network == self.previous.memo.off_network
     }
 
-    /// Whether the compile's workloads are the previous compile's, in the same order,
-    /// and as many (then every lookup by address finds what it found before).
-    pub(super) fn same_workloads(&self, workloads: &[Arc<Workload>]) -> bool {
-        workloads.len() == self.previous.workloads.len()
-            && workloads.iter().zip(&self.previous.workloads).all(|(a, b)| Arc::ptr_eq(a, b))
-    }
-
     /// The pods that changed since the previous compile, when few did and the others
     /// are in the same order: `now` (the compile's workloads) with `fresh` saying which
     /// were compiled anew. None otherwise (then every Service with a selector is
-    /// compiled again).
+    /// compiled again). None changed: the workloads are the previous compile's, in the
+    /// same order, and every lookup by address finds what it found before.
     pub(super) fn workload_changes(&self, now: &[Arc<Workload>], fresh: &[bool]) -> Option<PodChanges> {
         let was = &self.previous.workloads;
         let mut changed = Vec::new();
@@ -221,13 +211,14 @@ impl<'a> Reuse<'a> {
     /// others are in the same order; the pods at a slice's addresses when each lookup
     /// finds the workload it found before. (The addresses off the network were
     /// compared before.) `slices` is the Service's slices now, or None when its group
-    /// of slices is the one the previous compile had.
+    /// of slices is the one the previous compile had; `pods` is what
+    /// [`Reuse::workload_changes`] found.
     pub(super) fn service(
         &self,
         object: &Arc<ServiceObject>,
         slices: Option<&SliceList>,
         compile: &Snapshot,
-        workloads: Workloads<'_>,
+        pods: Option<&PodChanges>,
     ) -> Option<Arc<Service>> {
         let ServiceMemo { slices: was_slices, service } = self.previous.memo.services.get(&address(object))?;
         if let Some(slices) = slices
@@ -237,7 +228,7 @@ impl<'a> Reuse<'a> {
             return None;
         }
         let selector = &object.spec.selector;
-        let unchanged = workloads.same
+        let unchanged = pods.is_some_and(PodChanges::none)
             || if selector.is_empty() {
                 service.endpoints.iter().all(|e| match (compile.by_ip.get(&e.ip), self.previous.by_ip.get(&e.ip)) {
                     (Some(now), Some(before)) => Arc::ptr_eq(now, before),
@@ -245,7 +236,7 @@ impl<'a> Reuse<'a> {
                     _ => false,
                 })
             } else {
-                workloads.changes.is_some_and(|c| !c.may_select(object.metadata.namespace_str(), selector))
+                pods.is_some_and(|c| !c.may_select(object.metadata.namespace_str(), selector))
             };
         unchanged.then(|| service.clone())
     }
