@@ -42,7 +42,8 @@ fn quiet_after(event: &Event) -> Option<Duration> {
     }
 }
 
-fn is_hidden(path: &Path) -> bool {
+/// Whether `path` names a hidden file: never a config file of its own.
+pub(super) fn is_hidden(path: &Path) -> bool {
     path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'))
 }
 

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio::sync::mpsc;
 
-use super::dir_watch::watch;
+use super::dir_watch::{is_hidden, watch};
 use super::file_keys::{FileKeys, Listed};
 use super::file_stamp::ReadStamps;
 use super::parse::{describe, fail_closed_standins, parse_documents};
@@ -326,7 +326,7 @@ fn list(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut paths = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
-        let hidden = path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'));
+        let hidden = is_hidden(&path);
         let ext_ok = path.extension().and_then(|e| e.to_str()).is_some_and(|e| EXTENSIONS.contains(&e));
         if path.is_file() && ext_ok && !hidden {
             paths.push(path);
