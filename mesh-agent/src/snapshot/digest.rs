@@ -166,7 +166,7 @@ impl Section {
 
 /// `sorted` with one of each of `gone` taken out and `came` merged in (all sorted).
 fn patched(sorted: &[Hash], gone: &[Hash], came: &[Hash]) -> Vec<Hash> {
-    let mut out = Vec::with_capacity(sorted.len() + came.len() - gone.len().min(sorted.len() + came.len()));
+    let mut out = Vec::with_capacity(sorted.len() + came.len());
     let mut gone = gone.iter().peekable();
     let mut came = came.iter().peekable();
     for h in sorted {

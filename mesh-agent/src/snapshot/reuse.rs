@@ -260,7 +260,7 @@ impl<'a> Reuse<'a> {
             return None;
         }
         let mut index = (*self.previous.index).clone();
-        index.patch(&removed.iter().collect::<Vec<_>>(), &added.iter().collect::<Vec<_>>()).ok()?;
+        index.patch(removed, added).ok()?;
         Some(index)
     }
 }

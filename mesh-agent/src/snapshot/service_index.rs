@@ -71,7 +71,7 @@ impl ServiceIndex {
 
     /// Patches in `added` and out `removed` (Services of the index's snapshot that the
     /// next one does not hold); `NeedsOrder` when a winner depends on config order.
-    pub(super) fn patch(&mut self, removed: &[&Arc<Service>], added: &[&Arc<Service>]) -> Result<(), NeedsOrder> {
+    pub(super) fn patch(&mut self, removed: &[Arc<Service>], added: &[Arc<Service>]) -> Result<(), NeedsOrder> {
         for s in removed {
             for vip in &s.vips {
                 unclaim(&mut self.by_vip, vip, |w| Arc::ptr_eq(w, s))?;
@@ -241,15 +241,15 @@ mod tests {
         let after = services(after_specs);
         let kept: Vec<Arc<Service>> = vec![before[0].clone(), before[1].clone(), after[2].clone(), after[3].clone()];
         let mut patched = index.clone();
-        patched.patch(&[&before[2], &before[3]], &[&kept[2], &kept[3]]).unwrap();
+        patched.patch(&before[2..4], &kept[2..4]).unwrap();
         assert_eq!(view(&patched), view(&ServiceIndex::build(&kept)));
         // Removing a, the winner of 10.1.0.2 that b claims too: only the order can say
         // who wins now (a rank tells here, but a tie of names would not).
         let mut patched = index.clone();
-        assert!(patched.patch(&[&before[0]], &[]).is_err());
+        assert!(patched.patch(&before[..1], &[]).is_err());
         // A second Service at one cluster IP: the later in config order wins.
         let clash = services(&[("z", 1, &[9])]);
         let mut patched = index.clone();
-        assert!(patched.patch(&[], &[&clash[0]]).is_err());
+        assert!(patched.patch(&[], &clash[..1]).is_err());
     }
 }
