@@ -27,6 +27,18 @@ fn text_hash(text: &str) -> TextHash {
     ring::digest::digest(&ring::digest::SHA256, text.as_bytes()).as_ref().try_into().unwrap_or_default()
 }
 
+/// A file's text as read, with its hash (worked out once: compared, then kept).
+struct ReadText {
+    text: String,
+    hash: TextHash,
+}
+
+impl ReadText {
+    fn of(text: String) -> Self {
+        Self { hash: text_hash(&text), text }
+    }
+}
+
 #[derive(Debug)]
 struct FileState {
     /// The hash of the file's text as last read.
@@ -50,9 +62,9 @@ struct FileState {
 }
 
 impl FileState {
-    fn new(contents: String, good: Arc<Vec<Object>>, fail_closed: Vec<Object>, error: Option<Error>) -> Self {
+    fn new(read: ReadText, good: Arc<Vec<Object>>, fail_closed: Vec<Object>, error: Option<Error>) -> Self {
         let keys = FileKeys::of(Listed { good: &good, fail_closed: &fail_closed });
-        Self { contents: text_hash(&contents), text: Some(contents), good, fail_closed, error, recheck: false, keys }
+        Self { contents: read.hash, text: Some(read.text), good, fail_closed, error, recheck: false, keys }
     }
 
     /// Puts `good` in force for this file; returns what was.
@@ -156,8 +168,8 @@ impl DirSource {
         self.stamps.retain(&paths);
         for path in paths {
             let Some(stamp) = self.stamps.check(&path) else { continue };
-            let contents = match read_text(&path) {
-                Ok(text) => text,
+            let read = match read_text(&path) {
+                Ok(text) => ReadText::of(text),
                 Err(reason) => {
                     self.stamps.record(&path, None);
                     self.reject_unreadable(&path, reason, &mut out);
@@ -165,23 +177,23 @@ impl DirSource {
                 }
             };
             self.stamps.record(&path, stamp);
-            if self.files.get(&path).is_some_and(|f| f.contents == text_hash(&contents)) {
+            if self.files.get(&path).is_some_and(|f| f.contents == read.hash) {
                 continue;
             }
-            let parsed = parse_documents(&path, &contents);
+            let parsed = parse_documents(&path, &read.text);
             let prev_good = self.files.get(&path).map(|f| f.good.clone());
             let state = match parsed {
                 Ok(objects) => {
                     out.changed = true;
                     accepted.push((path.clone(), prev_good.unwrap_or_default()));
-                    FileState::new(contents, Arc::new(objects), Vec::new(), None)
+                    FileState::new(read, Arc::new(objects), Vec::new(), None)
                 }
                 Err(mut e) => {
                     let good = prev_good.unwrap_or_default();
-                    let fail_closed = fail_closed_standins(&contents, &good, &mut e);
+                    let fail_closed = fail_closed_standins(&read.text, &good, &mut e);
                     out.new_errors.push(e.clone());
                     out.changed |= !fail_closed.is_empty();
-                    FileState::new(contents, good, fail_closed, Some(e))
+                    FileState::new(read, good, fail_closed, Some(e))
                 }
             };
             self.files_mut().insert(path, state);
@@ -253,13 +265,14 @@ impl DirSource {
     /// closed, as for any other rejected file.
     fn reject_unreadable(&mut self, path: &Path, reason: String, out: &mut Reload) {
         // The bytes that did decode are enough to tell which policies the file meant.
-        let lossy = std::fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
-        if self.files.get(path).is_some_and(|f| f.error.is_some() && f.contents == text_hash(&lossy)) {
+        let lossy =
+            ReadText::of(std::fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default());
+        if self.files.get(path).is_some_and(|f| f.error.is_some() && f.contents == lossy.hash) {
             return;
         }
         let mut e = Error { file: path.to_owned(), object: None, field: None, reason };
         let good = self.files.get(path).map(|f| f.good.clone()).unwrap_or_default();
-        let fail_closed = fail_closed_standins(&lossy, &good, &mut e);
+        let fail_closed = fail_closed_standins(&lossy.text, &good, &mut e);
         out.new_errors.push(e.clone());
         out.changed |= !fail_closed.is_empty();
         self.files_mut().insert(path.to_owned(), FileState::new(lossy, good, fail_closed, Some(e)));
