@@ -18,7 +18,10 @@
 //! - socket splice: a 1 KiB round trip and a 4 MiB transfer through an admitted
 //!   connection on loopback TCP, copied by the agent or spliced in the kernel
 //!   (baseline: the same client and server connected directly). The kernel variant
-//!   needs root and bpffs and is left out, with a message, without them.
+//!   needs root and bpffs and is left out, with a message, without them;
+//! - request metrics: what the destination records per HTTP request (the count, the
+//!   duration and both sizes) for a connection's labels (baseline: one counter
+//!   increment).
 
 use std::collections::HashMap;
 use std::hint::black_box;
@@ -420,6 +423,44 @@ fn socket_splice(c: &mut Criterion) {
     let _ = std::fs::remove_dir_all(&pins);
 }
 
+fn request_metrics(c: &mut Criterion) {
+    use mesh_agent::state::TelemetryPolicy;
+    use mesh_agent::telemetry::{PeerLabels, RequestLabels, SharedPeers};
+    let mut objects = Vec::new();
+    for (file, text) in lab_manifests() {
+        objects.extend(parse_documents(Path::new(&file), &text).expect("lab manifests are valid"));
+    }
+    let snap = Snapshot::compile(&objects, "cluster.local", 1);
+    let pod = |name: &str| snap.workloads.iter().find(|w| w.name == name).expect("lab pod").clone();
+    let (server, client) = (pod("myapp-v1"), pod("frontend"));
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = Metrics::new(&mut registry);
+    let policy = TelemetryPolicy::default();
+    let peers = SharedPeers::new(PeerLabels::destination(
+        &server,
+        Some(&client),
+        ServiceLabels::service(Some("production/myapp")),
+        true,
+    ));
+    let baseline = prometheus_client::metrics::counter::Counter::<u64>::default();
+    let mut g = c.benchmark_group("request_metrics");
+    g.bench_function("baseline_counter_inc", |b| b.iter(|| black_box(&baseline).inc()));
+    g.bench_function("destination_request", |b| {
+        b.iter(|| {
+            let labels = RequestLabels {
+                peers: peers.clone(),
+                request_protocol: "http",
+                response_code: 200.to_string(),
+                response_flags: "-".into(),
+                grpc_response_status: String::new(),
+            };
+            metrics.request(&labels, &policy);
+            metrics.request_done(&labels, &policy, Duration::from_micros(300), (Some(128), 1024));
+        })
+    });
+    g.finish();
+}
+
 criterion_group!(
     benches,
     map_keys,
@@ -429,6 +470,7 @@ criterion_group!(
     config_compile,
     copy_loop,
     authz,
-    socket_splice
+    socket_splice,
+    request_metrics
 );
 criterion_main!(benches);

@@ -267,13 +267,62 @@ pub struct OpenConn {
     closed: bool,
 }
 
+/// [`PeerLabels`] shared by the requests of a connection: a clone is a reference
+/// count, and hashing it (six series lookups per request) hashes one number computed
+/// when it was made, where hashing the labels themselves was the largest cost of a
+/// request's metrics. Two are equal when they are the same labels.
+#[derive(Debug, Clone)]
+pub struct SharedPeers {
+    labels: Arc<PeerLabels>,
+    hash: u64,
+}
+
+impl SharedPeers {
+    /// Shares `labels`.
+    pub fn new(labels: PeerLabels) -> Self {
+        use std::hash::BuildHasher as _;
+        // Keyed per process, as the series maps are: a tenant choosing label values
+        // cannot choose collisions (which would cost a comparison, not a wrong series).
+        static KEYS: std::sync::LazyLock<std::hash::RandomState> = std::sync::LazyLock::new(Default::default);
+        let hash = KEYS.hash_one(&labels);
+        Self { labels: Arc::new(labels), hash }
+    }
+}
+
+impl std::ops::Deref for SharedPeers {
+    type Target = PeerLabels;
+    fn deref(&self) -> &PeerLabels {
+        &self.labels
+    }
+}
+
+impl PartialEq for SharedPeers {
+    fn eq(&self, other: &Self) -> bool {
+        self.hash == other.hash && (Arc::ptr_eq(&self.labels, &other.labels) || self.labels == other.labels)
+    }
+}
+
+impl Eq for SharedPeers {}
+
+impl std::hash::Hash for SharedPeers {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
+}
+
+impl EncodeLabelSet for SharedPeers {
+    fn encode(&self, encoder: &mut LabelSetEncoder<'_>) -> Result<(), std::fmt::Error> {
+        self.labels.encode(encoder)
+    }
+}
+
 /// Labels of the request metrics.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct RequestLabels {
     /// Who, between whom, to what. Reporter `source`: the client's agent routed it;
     /// `destination`: the server's agent judged it.
     #[prometheus(flatten)]
-    pub peers: PeerLabels,
+    pub peers: SharedPeers,
     /// `http` or `grpc`.
     pub request_protocol: &'static str,
     /// HTTP status returned to the client.
@@ -891,6 +940,48 @@ status: {podIP: 10.10.1.3}
         assert_eq!(old.strong_count(), 0, "a label set no connection holds is let go");
         assert!(m.shared_labels.lock().unwrap().set.len() < 130, "the set stays near what connections hold");
         assert!(Arc::ptr_eq(&a, &m.shared(to_web())), "one still held stays shared");
+    }
+
+    /// Requests of two connections between the same workloads count into one series
+    /// (their shared labels are separate copies), and different labels into another.
+    #[test]
+    fn shared_peer_labels_are_equal_by_value_and_encode_as_the_labels() {
+        let mut registry = Registry::with_prefix("istio");
+        let m = Metrics::new(&mut registry);
+        let pods = snapshot(PODS);
+        let web = pods.workloads.iter().find(|w| w.name == "web").unwrap().clone();
+        let batch = pods.workloads.iter().find(|w| w.name == "batch").unwrap().clone();
+        let peers = || PeerLabels::destination(&web, Some(&batch), ServiceLabels::service(Some("shop/web")), true);
+        let (a, b) = (SharedPeers::new(peers()), SharedPeers::new(peers()));
+        assert!(!Arc::ptr_eq(&a.labels, &b.labels));
+        assert_eq!(a, b);
+        let keys = std::hash::RandomState::new();
+        assert_eq!(std::hash::BuildHasher::hash_one(&keys, &a), std::hash::BuildHasher::hash_one(&keys, &b));
+        let other =
+            SharedPeers::new(PeerLabels::destination(&web, None, ServiceLabels::service(Some("shop/web")), false));
+        assert_ne!(a, other);
+        let request = |peers: &SharedPeers, code: &str| RequestLabels {
+            peers: peers.clone(),
+            request_protocol: "http",
+            response_code: code.into(),
+            response_flags: "-".into(),
+            grpc_response_status: String::new(),
+        };
+        let policy = TelemetryPolicy::default();
+        for peers in [&a, &b, &a] {
+            m.request(&request(peers, "200"), &policy);
+        }
+        m.request(&request(&other, "200"), &policy);
+        m.request(&request(&a, "503"), &policy);
+        let text = encoded(&registry);
+        let counts: Vec<&str> = text.lines().filter(|l| l.starts_with("istio_requests_total{")).collect();
+        assert_eq!(counts.len(), 3, "{text}");
+        let line = counts
+            .iter()
+            .find(|l| l.contains("response_code=\"200\"") && l.contains("connection_security_policy=\"mutual_tls\""))
+            .unwrap();
+        assert!(line.contains("source_workload=\"batch\"") && line.contains("destination_workload=\"web\""), "{line}");
+        assert!(line.ends_with(" 3"), "{line}");
     }
 
     #[test]

@@ -21,7 +21,7 @@ use crate::dataplane::Netns;
 use crate::l7::grpc_messages::GrpcMessages;
 use crate::snapshot::Snapshot;
 use crate::state::{Service, TagValue, TelemetryPolicy, Workload};
-use crate::telemetry::{PeerLabels, RequestLabels, ServiceLabels};
+use crate::telemetry::{PeerLabels, RequestLabels, ServiceLabels, SharedPeers};
 use crate::telemetry::{access_log, trace};
 use crate::traffic::route::{Abort, Action, Backend, CorsVerdict, RedirectPort, RequestView, Rule, WeightedBackend};
 
@@ -198,12 +198,12 @@ async fn handle(
         Some(r) => Answer { response: text_response(r.status, r.body), flags: r.flags, backend: None, endpoint: None },
         None => route(&caller, table, req).await,
     };
-    let peers = PeerLabels::source(
+    let peers = SharedPeers::new(PeerLabels::source(
         pod,
         answer.endpoint.as_ref().map(|r| &*r.workload),
         service_labels(table, answer.backend.as_ref()),
         answer.endpoint.as_ref().is_some_and(|r| r.mtls),
-    );
+    ));
     let log = logged.map(|(start, request, tags)| {
         let port = answer.backend.as_ref().and_then(|b| b.port).unwrap_or(orig.port());
         let subset = answer.backend.as_ref().and_then(|b| b.subset.as_deref()).unwrap_or("");
@@ -402,7 +402,7 @@ impl Measured {
     /// Labels `response` (status, gRPC or HTTP, the gRPC status when the headers carry
     /// it) and counts it now, unless a gRPC status is still to come in trailers: then
     /// when they arrive, or the body ends or is dropped without them.
-    pub(crate) fn answer(self, peers: PeerLabels, flags: &str, response: Response<RespBody>) -> Response<RespBody> {
+    pub(crate) fn answer(self, peers: SharedPeers, flags: &str, response: Response<RespBody>) -> Response<RespBody> {
         let is_grpc = is_grpc(response.headers());
         let labels = RequestLabels {
             peers,
@@ -1446,12 +1446,12 @@ mod tests {
         let body = http_body_util::StreamBody::new(futures::stream::iter(frames)).boxed_unsync();
         let response = http::Response::builder().header("content-type", "application/grpc").body(body).unwrap();
         let w = crate::state::Workload::outside("client", "shop", "10.0.0.1".parse().unwrap(), "cluster.local");
-        let peers = crate::telemetry::PeerLabels::source(
+        let peers = crate::telemetry::SharedPeers::new(crate::telemetry::PeerLabels::source(
             &w,
             None,
             crate::telemetry::ServiceLabels::service(Some("shop/cart")),
             true,
-        );
+        ));
         let answered = measured.answer(peers, "-", response);
         let _ = answered.into_body().collect().await.unwrap();
         let mut text = String::new();

@@ -27,7 +27,7 @@ use crate::l7::server::{LogLine, Measured, Prefixed, RequestTally, RespBody};
 use crate::proxy::ProxyContext;
 use crate::state::Workload;
 use crate::telemetry::trace;
-use crate::telemetry::{ConnLabels, PeerLabels};
+use crate::telemetry::{ConnLabels, SharedPeers};
 use crate::transport::{CONNECT_TIMEOUT, copy, sockets};
 
 /// Connections to the application, opened as requests need them.
@@ -46,7 +46,7 @@ struct Conn {
     arrival: Arrival,
     /// Who, between whom, as the connection's metrics name them (verified identity
     /// first, the address only for plaintext).
-    peers: PeerLabels,
+    peers: SharedPeers,
     app: Mutex<AppConns>,
 }
 
@@ -64,7 +64,7 @@ pub(super) async fn serve<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let peers = labels.peers.clone();
+    let peers = SharedPeers::new(labels.peers.clone());
     let app = Mutex::new(AppConns { fresh: Some(app), h1: None, h2: None });
     let conn = Arc::new(Conn { ctx, pod, netns, arrival, peers, app });
     let dst = conn.arrival.dst;
