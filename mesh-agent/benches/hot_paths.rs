@@ -21,7 +21,10 @@
 //!   needs root and bpffs and is left out, with a message, without them;
 //! - request metrics: what the destination records per HTTP request (the count, the
 //!   duration and both sizes) for a connection's labels (baseline: one counter
-//!   increment).
+//!   increment);
+//! - tunnel writes: 64 streams of one HTTP/2 connection on loopback TCP each making 16
+//!   small requests, as the HBONE tunnel carries a c64 load, with the connection's
+//!   writes gathered per scheduler round (`Coalesced`) or not (baseline: plain h2).
 
 use std::collections::HashMap;
 use std::hint::black_box;
@@ -35,6 +38,7 @@ use mesh_agent::snapshot::{RoundRobin, Snapshot};
 use mesh_agent::state::Workload;
 use mesh_agent::telemetry::{ConnLabels, Metrics, ServiceLabels};
 use mesh_agent::traffic::route::RequestView;
+use mesh_agent::transport::coalesce::Coalesced;
 use mesh_agent::transport::copy;
 use mesh_common::{OrigDst, SockAddrKey};
 use std::sync::Arc;
@@ -423,6 +427,83 @@ fn socket_splice(c: &mut Criterion) {
     let _ = std::fs::remove_dir_all(&pins);
 }
 
+/// An HTTP/2 server on loopback TCP that answers each request with `ANSWER` bytes once
+/// the request's body has ended; both ends of each connection coalesced or not.
+async fn h2_loopback_server(coalesced: bool) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let _ = tcp.set_nodelay(true);
+            tokio::spawn(async move {
+                let io: Box<dyn Io> = if coalesced { Box::new(Coalesced::new(tcp)) } else { Box::new(tcp) };
+                let mut conn = h2::server::handshake(io).await.expect("h2 server");
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    tokio::spawn(async move {
+                        let mut body = req.into_body();
+                        while let Some(Ok(chunk)) = body.data().await {
+                            let _ = body.flow_control().release_capacity(chunk.len());
+                        }
+                        let Ok(mut send) = respond.send_response(http::Response::new(()), false) else { return };
+                        let _ = send.send_data(bytes::Bytes::from_static(&[b'a'; ANSWER]), true);
+                    });
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Bytes of each request and answer of the tunnel bench: a small HTTP exchange.
+const ANSWER: usize = 128;
+
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+/// `streams` concurrent streams each making `each` requests on `client`.
+async fn h2_exchanges(client: &h2::client::SendRequest<bytes::Bytes>, streams: usize, each: usize) {
+    let tasks: Vec<_> = (0..streams)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                for _ in 0..each {
+                    let mut ready = client.clone().ready().await.expect("ready");
+                    let req = http::Request::post("http://bench/").body(()).expect("request");
+                    let (resp, mut send) = ready.send_request(req, false).expect("send");
+                    send.send_data(bytes::Bytes::from_static(&[b'q'; ANSWER]), true).expect("data");
+                    let mut body = resp.await.expect("answer").into_body();
+                    while let Some(chunk) = body.data().await {
+                        let _ = body.flow_control().release_capacity(chunk.expect("chunk").len());
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("stream task");
+    }
+}
+
+fn tunnel_writes(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let (streams, each) = (64, 16);
+    let mut g = c.benchmark_group("tunnel_writes");
+    g.throughput(Throughput::Elements((streams * each) as u64));
+    for (name, coalesced) in [("baseline_h2_plain", false), ("h2_coalesced", true)] {
+        let client = rt.block_on(async {
+            let addr = h2_loopback_server(coalesced).await;
+            let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            let _ = tcp.set_nodelay(true);
+            let io: Box<dyn Io> = if coalesced { Box::new(Coalesced::new(tcp)) } else { Box::new(tcp) };
+            let (client, conn) = h2::client::handshake(io).await.expect("h2 client");
+            tokio::spawn(conn);
+            client
+        });
+        g.bench_function(name, |b| b.iter(|| rt.block_on(h2_exchanges(&client, streams, each))));
+    }
+    g.finish();
+}
+
 fn request_metrics(c: &mut Criterion) {
     use mesh_agent::state::TelemetryPolicy;
     use mesh_agent::telemetry::{PeerLabels, RequestLabels, SharedPeers};
@@ -471,6 +552,7 @@ criterion_group!(
     copy_loop,
     authz,
     socket_splice,
-    request_metrics
+    request_metrics,
+    tunnel_writes
 );
 criterion_main!(benches);

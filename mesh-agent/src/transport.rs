@@ -8,6 +8,7 @@
 //! destination through [`Dialer::connect`]; nothing here knows about routes or policy.
 
 pub mod accept;
+pub mod coalesce;
 mod connect;
 pub mod copy;
 mod double;

@@ -36,6 +36,7 @@ use crate::proxy::hbone::{accept_mesh_client, status};
 use crate::snapshot::{Reach, Snapshot};
 use crate::state::Workload;
 use crate::telemetry::{ConnLabels, DenyReason, ServiceLabels};
+use crate::transport::coalesce::Coalesced;
 use crate::transport::{CONNECT_TIMEOUT, limits, sockets};
 
 /// The client of one outer tunnel.
@@ -63,7 +64,7 @@ pub(super) async fn serve(ctx: GatewayContext, stream: TcpStream, peer: SocketAd
         let (ctx, plan, client) = (ctx.clone(), plan.clone(), client.clone());
         async move { Ok::<_, std::convert::Infallible>(stream_request(ctx, plan, client, local, req).await) }
     });
-    let conn = limits::h2_server().serve_connection(TokioIo::new(tls), service);
+    let conn = limits::h2_server().serve_connection(TokioIo::new(Coalesced::new(tls)), service);
     if let Err(e) = crate::transport::until_drained(conn, &shutdown, |c| c.graceful_shutdown()).await {
         tracing::debug!(%peer, error = %e, "east-west: connection ended");
     }

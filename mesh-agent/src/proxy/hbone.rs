@@ -26,6 +26,7 @@ use crate::identity::{Identity, cert_not_after, humantime_utc, peer_identity};
 use crate::snapshot::Snapshot;
 use crate::state::Workload;
 use crate::telemetry::ConnLabels;
+use crate::transport::coalesce::Coalesced;
 use crate::transport::{CONNECT_TIMEOUT, Error, HANDSHAKE_TIMEOUT, limits, sockets};
 
 pub(super) async fn serve(
@@ -65,7 +66,7 @@ async fn connection(
         let (ctx, pod, netns, client) = (ctx.clone(), pod.clone(), netns.clone(), client.clone());
         async move { Ok::<_, std::convert::Infallible>(stream_request(ctx, pod, netns, client, peer, req).await) }
     });
-    let conn = limits::h2_server().serve_connection(TokioIo::new(tls), service);
+    let conn = limits::h2_server().serve_connection(TokioIo::new(Coalesced::new(tls)), service);
     crate::transport::until_drained(conn, &shutdown, |c| c.graceful_shutdown())
         .await
         .map_err(|source| Error::Http { addr: peer, source })

@@ -32,6 +32,7 @@ use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_rustls::TlsConnector;
 
+use super::coalesce::Coalesced;
 use super::{CONNECT_TIMEOUT, Dialer, Error, HANDSHAKE_TIMEOUT, limits, sockets};
 use crate::dataplane::Netns;
 use crate::identity::Identity;
@@ -391,7 +392,7 @@ impl Pool {
 
 /// A driver of one HTTP/2 client connection over `Io`.
 pub(crate) type Driver<Io> = hyper::client::conn::http2::Connection<
-    TokioIo<tokio_rustls::client::TlsStream<Io>>,
+    TokioIo<Coalesced<tokio_rustls::client::TlsStream<Io>>>,
     Empty<Bytes>,
     hyper_util::rt::TokioExecutor,
 >;
@@ -427,8 +428,10 @@ where
         .and_then(crate::identity::cert_not_after)
         // Verified, so it parses; were it not, the connection would take no stream.
         .unwrap_or(SystemTime::UNIX_EPOCH);
-    let (sender, conn) =
-        limits::h2_client().handshake(TokioIo::new(stream)).await.map_err(|source| Error::Http { addr, source })?;
+    let (sender, conn) = limits::h2_client()
+        .handshake(TokioIo::new(Coalesced::new(stream)))
+        .await
+        .map_err(|source| Error::Http { addr, source })?;
     Ok((sender, conn, peer_not_after))
 }
 
