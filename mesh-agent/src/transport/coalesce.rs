@@ -55,11 +55,9 @@ pub struct Coalesced<T> {
     buf: Vec<u8>,
     /// How much of `buf` the inner writer has taken.
     written: usize,
-    /// The flush already yielded once for what `buf` holds.
-    yielded: bool,
-    /// `buf`'s length when the flush yielded: [`WORTH_WAITING`] more after it means the
-    /// wait gathered.
-    len_at_yield: usize,
+    /// Set when the flush already yielded once for what `buf` holds: `buf`'s length
+    /// then ([`WORTH_WAITING`] more after it means the wait gathered).
+    yielded_at: Option<usize>,
     /// Yields in a row that gathered nothing (at most [`MOST_FUTILE`]).
     futile: u32,
     /// Flushes left that write at once without waiting.
@@ -69,12 +67,7 @@ pub struct Coalesced<T> {
 impl<T> Coalesced<T> {
     /// Wraps `inner`.
     pub fn new(inner: T) -> Self {
-        Self { inner, buf: Vec::new(), written: 0, yielded: false, len_at_yield: 0, futile: 0, skips: 0 }
-    }
-
-    /// The wrapped stream.
-    pub fn get_ref(&self) -> &T {
-        &self.inner
+        Self { inner, buf: Vec::new(), written: 0, yielded_at: None, futile: 0, skips: 0 }
     }
 }
 
@@ -95,7 +88,7 @@ impl<T: AsyncWrite + Unpin> Coalesced<T> {
     /// Everything held has been written.
     fn emptied(&mut self) {
         self.written = 0;
-        self.yielded = false;
+        self.yielded_at = None;
         if self.buf.capacity() > KEPT {
             self.buf = Vec::new();
         } else {
@@ -182,18 +175,17 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesced<T> {
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let held = self.buf.len() - self.written;
         if held > 0 {
-            if held < FULL && !self.yielded {
+            if held < FULL && self.yielded_at.is_none() {
                 if self.skips == 0 {
                     // Waking itself puts the task at the back of its worker's queue:
                     // the tasks woken before it (streams with more to send) run first.
-                    self.yielded = true;
-                    self.len_at_yield = self.buf.len();
+                    self.yielded_at = Some(self.buf.len());
                     cx.waker().wake_by_ref();
                     return Poll::Pending;
                 }
                 self.skips -= 1;
             }
-            let waited = self.yielded.then_some(self.buf.len() >= self.len_at_yield + WORTH_WAITING);
+            let waited = self.yielded_at.map(|len| self.buf.len() >= len + WORTH_WAITING);
             ready!(self.poll_drain(cx))?;
             match waited {
                 Some(true) => self.futile = 0,
