@@ -490,6 +490,9 @@ pub struct Metrics {
     pub probe_connections: Counter,
     /// Connections whose bytes the kernel passed on once admitted, without the agent.
     pub kernel_spliced: Counter,
+    /// Inbound HTTP/1.1 connections copied as they are, their exchanges followed for
+    /// the request metrics alone (not served request by request).
+    pub http_watched: Counter,
     denied: Family<DenyLabels, Counter>,
     refused: Family<RefusedLabels, Counter>,
     blocked: Family<BlockedLabels, Counter>,
@@ -580,6 +583,11 @@ impl Metrics {
             "mesh_kernel_spliced_connections",
             "Admitted connections whose bytes the kernel passed on (sockmap), without waking the agent",
             m.kernel_spliced.clone(),
+        );
+        registry.register(
+            "mesh_http_watched_connections",
+            "Inbound HTTP/1.1 connections copied as they are, their requests counted from the framing (no proxy per request)",
+            m.http_watched.clone(),
         );
         registry.register(
             "mesh_probe_connections",

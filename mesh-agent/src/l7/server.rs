@@ -863,7 +863,12 @@ fn retry_slot(caller: &Caller<'_>, backend: &Backend) -> Option<super::balance::
 /// UNKNOWN (2), as gRPC's own clients read it: the metric label stays one of 17 values,
 /// whatever an application sends.
 fn grpc_status(headers: &http::HeaderMap) -> Option<u32> {
-    let code: u32 = headers.get("grpc-status")?.to_str().ok()?.trim().parse().ok()?;
+    grpc_code(headers.get("grpc-status")?.as_bytes())
+}
+
+/// A `grpc-status` value: codes beyond gRPC's own (0 to 16) are UNKNOWN (2).
+pub(crate) fn grpc_code(value: &[u8]) -> Option<u32> {
+    let code: u32 = std::str::from_utf8(value).ok()?.trim().parse().ok()?;
     Some(if code > 16 { 2 } else { code })
 }
 

@@ -4,6 +4,7 @@
 //! (HTTP) or of the whole connection as TCP (anything else).
 
 mod http;
+mod watched;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -24,7 +25,7 @@ use crate::authz::{ConnAttrs, ConnVerdict, Decision, Peer, WorkloadSecurity};
 use crate::dataplane::Netns;
 use crate::snapshot::Snapshot;
 use crate::state::{Declared, Workload};
-use crate::telemetry::{ConnLabels, DenyReason};
+use crate::telemetry::{ConnLabels, DenyReason, SharedPeers};
 use crate::transport::copy;
 
 /// A connection as the workload's policies see it.
@@ -180,7 +181,9 @@ where
     deciding.then(|admitted| match admitted {
         Admitted::Spliced(spliced) => Either::Left(Either::Left(spliced.run())),
         Admitted::Peeked(spliced) => Either::Left(Either::Right(spliced.run())),
-        Admitted::Served => Either::Right(std::future::ready(())),
+        // Boxed: the spliced connections' tasks (the most numerous) are not sized for it.
+        Admitted::Watched(watched) => Either::Right(Either::Left(Box::pin((*watched).run()))),
+        Admitted::Served => Either::Right(Either::Right(std::future::ready(()))),
     })
 }
 
@@ -190,6 +193,8 @@ enum Admitted<S> {
     Spliced(Spliced<S>),
     /// To be spliced, its first bytes read (and found not to be HTTP).
     Peeked(Spliced<Prefixed<S>>),
+    /// HTTP/1.1 to be copied as it is, its exchanges counted as they pass.
+    Watched(Box<Spliced<watched::Watched<Prefixed<S>>>>),
     /// Served, or refused, already.
     Served,
 }
@@ -262,6 +267,16 @@ where
     };
     let client = Prefixed::new(first, client);
     if detect::is_http(client.prefix()) {
+        // Allowed as a whole and read for its request metrics alone: copied as it is,
+        // its exchanges followed beside the copy, reporter=destination.
+        if !per_request && watched::suffices(&ctx.metrics, &ends.policy, client.prefix()) {
+            ctx.metrics.http_watched.inc();
+            let tracked = ctx.inbound.track(&pod, &arrival);
+            let peers = SharedPeers::new(labels.peers.clone());
+            let report = (ctx.metrics.clone(), ends.policy.clone(), peers);
+            let client = watched::Watched::new(client, report, ctx.shutdown.clone());
+            return Admitted::Watched(Box::new(Spliced { ctx, client, app, labels, ends, tracked }));
+        }
         // Each request judged (an allowed connection's requests are allowed alike)
         // and measured, reporter=destination.
         let open = ctx.metrics.opened(&labels, &ends.policy);
@@ -322,3 +337,5 @@ impl Spliceable for TcpStream {
 impl Spliceable for TokioIo<hyper::upgrade::Upgraded> {}
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Spliceable for Prefixed<S> {}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Spliceable for watched::Watched<S> {}

@@ -1044,6 +1044,10 @@ spec: {selector: {app: myapp}, clusterIP: 10.96.71.21, ports: [{port: 9000, targ
     };
     assert!(bytes("tcp_received_bytes_total") > 3 * 30, "the requests' bytes:\n{metrics}");
     assert!(bytes("tcp_sent_bytes_total") > 3 * 30, "the responses' bytes:\n{metrics}");
+    // Allowed as a whole, no span and no log line wanted: copied as they were, their
+    // requests counted from the framing (`admission::watched`), not served.
+    let watched = metrics.lines().find_map(|l| l.strip_prefix("mesh_http_watched_connections_total "));
+    assert!(watched.and_then(|v| v.parse::<u64>().ok()).is_some_and(|n| n >= 1), "{metrics}");
 }
 
 /// Access log lines, as JSON, for an allowed request, a denied one (403, the DENY
