@@ -7,8 +7,9 @@
 //! Serving such a connection (`admission/http.rs`: an HTTP server towards the client,
 //! a client towards the application) parses, allocates and re-serializes every
 //! message, and it is what made the destination the largest consumer of the mesh's
-//! CPU. Nothing of a watched connection's bytes is changed, so nothing is enforced by
-//! reading them either: the path is taken only when the connection's verdict does not
+//! CPU. Nothing of a watched connection's bytes is changed (but for `connection: close`
+//! on its responses once the agent drains, as a served connection gets), so nothing is
+//! enforced by reading them either: the path is taken only when the connection's verdict does not
 //! depend on its requests, and only request metrics are wanted (no span, which must
 //! be injected, and no access log line, which wants what the served path reads).
 //!
@@ -31,6 +32,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use crate::l7::server::grpc_code;
 use crate::state::TelemetryPolicy;
 use crate::telemetry::{Metrics, RequestLabels, SharedPeers};
+use crate::transport::CLIENT_DRAIN_GRACE;
 use crate::transport::limits::H1_MAX_BUF;
 
 /// Headers one head may carry (hyper's default); a head with more is not followed.
@@ -60,44 +62,89 @@ pub(super) struct Watched<S> {
     inner: S,
     follow: Follow,
     report: Report,
-    /// Ready once the agent drains: the client's side then reads as ended at the next
-    /// point between exchanges (after a response, before another request's first
-    /// byte; a connection with none yet is served one first), so the copy closes the connection there and the client takes its next
-    /// request to the agent that took over; what the served path does with
-    /// `connection: close`, without changing a byte.
-    draining: Pin<Box<WaitForCancellationFutureOwned>>,
-    drained: bool,
+    drain: Drain,
+}
+
+/// How a watched connection ends once the agent drains, as a served one ends: each
+/// final response from then on gets `connection: close` after its status line (the
+/// only bytes the agent ever adds), so the client closes after reading it rather than
+/// racing a close with its next request; a connection that asks nothing for
+/// [`CLIENT_DRAIN_GRACE`] is closed between exchanges (its client side reads as
+/// ended, so the copy closes both).
+struct Drain {
+    signal: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// Set once drained: ready when the grace is over.
+    grace: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// A status line and the added header, to be written before anything else.
+    out: Vec<u8>,
+    written: usize,
+    /// A response has told the client to close.
+    told: bool,
 }
 
 impl<S> Watched<S> {
     /// Watches `inner`, counting its exchanges as `peers` into `metrics`, under the
-    /// destination's Telemetry `policy`; closed between exchanges once `shutdown`.
+    /// destination's Telemetry `policy`; ended as said above once `shutdown`.
     pub(super) fn new(
         inner: S,
         (metrics, policy, peers): (Arc<Metrics>, Arc<TelemetryPolicy>, SharedPeers),
         shutdown: CancellationToken,
     ) -> Self {
-        Self {
-            inner,
-            follow: Follow::default(),
-            report: Report { metrics, policy, peers, answering: None },
-            draining: Box::pin(shutdown.cancelled_owned()),
-            drained: false,
+        let drain = Drain {
+            signal: Box::pin(shutdown.cancelled_owned()),
+            grace: None,
+            out: Vec::new(),
+            written: 0,
+            told: false,
+        };
+        Self { inner, follow: Follow::default(), report: Report { metrics, policy, peers, answering: None }, drain }
+    }
+
+    fn drained(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.drain.grace.is_none() && self.drain.signal.as_mut().poll(cx).is_ready() {
+            self.drain.grace = Some(Box::pin(tokio::time::sleep(CLIENT_DRAIN_GRACE)));
         }
+        self.drain.grace.is_some()
+    }
+
+    /// Whether the client's side reads as ended now: drained, between exchanges, and
+    /// the client told to close or silent for the grace.
+    fn closes_now(&mut self, cx: &mut Context<'_>) -> bool {
+        if !self.drained(cx) || !self.follow.between_exchanges() || self.follow.exchanges == 0 {
+            return false;
+        }
+        self.drain.told || self.drain.grace.as_mut().is_some_and(|g| g.as_mut().poll(cx).is_ready())
     }
 }
 
-impl<S> Watched<S> {
-    /// Whether the client's side reads as ended now: drained, between exchanges.
-    fn closes_now(&self) -> bool {
-        self.drained && self.follow.exchanges > 0 && self.follow.between_exchanges()
+impl<S: AsyncWrite + Unpin> Watched<S> {
+    /// Writes what the drain added, before anything else.
+    fn write_added(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.drain.written < self.drain.out.len() {
+            match Pin::new(&mut self.inner).poll_write(cx, &self.drain.out[self.drain.written..]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => self.drain.written += n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        self.drain.out = Vec::new();
+        self.drain.written = 0;
+        Poll::Ready(Ok(()))
     }
 
-    /// After a response's bytes passed: if that was the point to close at, the
-    /// reading side (the same task, waiting on the client) is woken to see it.
-    fn after_response(&self, cx: &Context<'_>) {
-        if self.closes_now() {
+    /// After a response's bytes passed: if that is where to close, the reading side
+    /// (the same task, waiting on the client) is woken to see it.
+    fn after_response(&mut self, cx: &mut Context<'_>) {
+        if self.closes_now(cx) {
             cx.waker().wake_by_ref();
+        }
+    }
+
+    fn responses(&mut self, written: &[u8]) {
+        if !self.follow.lost {
+            let report = &mut self.report;
+            self.follow.feed(Dir::Responses, written, &mut |e| report.record(e));
         }
     }
 }
@@ -112,10 +159,7 @@ impl<S> Drop for Watched<S> {
 impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if !this.drained && this.draining.as_mut().poll(cx).is_ready() {
-            this.drained = true;
-        }
-        if this.closes_now() {
+        if this.closes_now(cx) {
             return Poll::Ready(Ok(()));
         }
         let before = buf.filled().len();
@@ -132,12 +176,25 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
 impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = polled
-            && !this.follow.lost
+        std::task::ready!(this.write_added(cx))?;
+        if !this.drain.told
+            && this.follow.at_response_start()
+            && this.drained(cx)
+            && let Some(line) = buf.iter().position(|&b| b == b'\n').map(|end| &buf[..=end])
+            && is_final_status_line(line)
         {
-            let report = &mut this.report;
-            this.follow.feed(Dir::Responses, &buf[..n], &mut |e| report.record(e));
+            let added = [line, b"connection: close\r\n"].concat();
+            this.responses(&added);
+            (this.drain.out, this.drain.told) = (added, true);
+            // The bytes are taken: what the socket does not take now goes first next time.
+            if let Poll::Ready(Err(e)) = this.write_added(cx) {
+                return Poll::Ready(Err(e));
+            }
+            return Poll::Ready(Ok(line.len()));
+        }
+        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = polled {
+            this.responses(&buf[..n]);
             this.after_response(cx);
         }
         polled
@@ -149,15 +206,18 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        if this.drain.grace.is_some() || !this.drain.out.is_empty() {
+            let first = bufs.iter().find(|b| !b.is_empty()).map_or(&[][..], |b| &b[..]);
+            return Pin::new(this).poll_write(cx, first);
+        }
         let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(mut n)) = polled {
-            let report = &mut this.report;
             for b in bufs {
                 if n == 0 || this.follow.lost {
                     break;
                 }
                 let taken = n.min(b.len());
-                this.follow.feed(Dir::Responses, &b[..taken], &mut |e| report.record(e));
+                this.responses(&b[..taken]);
                 n -= taken;
             }
             this.after_response(cx);
@@ -169,17 +229,30 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
         self.inner.is_write_vectored()
     }
 
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        std::task::ready!(this.write_added(cx))?;
+        Pin::new(&mut this.inner).poll_flush(cx)
     }
 
     /// The application's end: a response it delimits is complete.
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        std::task::ready!(this.write_added(cx))?;
         let report = &mut this.report;
         this.follow.responses_end(&mut |e| report.record(e));
         Pin::new(&mut this.inner).poll_shutdown(cx)
     }
+}
+
+/// Whether `line` is the status line of a final response that may close the
+/// connection: not informational, not a protocol switch (`HTTP/1.x 1xx`).
+fn is_final_status_line(line: &[u8]) -> bool {
+    line.len() >= 13
+        && line.starts_with(b"HTTP/1.")
+        && line[8] == b' '
+        && line[9..12].iter().all(u8::is_ascii_digit)
+        && line[9] != b'1'
 }
 
 /// Counts what the follower saw, as the served path does: a request when its
@@ -423,6 +496,15 @@ impl Follow {
             && self.requests.stage == Stage::Head
             && self.requests.held.is_empty()
             && self.requests.head_end == LineEnd::Within
+    }
+
+    /// Whether the next response bytes begin a response to a request read.
+    pub(super) fn at_response_start(&self) -> bool {
+        !self.lost
+            && !self.pending.is_empty()
+            && self.responses.stage == Stage::Head
+            && self.responses.held.is_empty()
+            && self.responses.head_end == LineEnd::Within
     }
 
     /// The application's end: a response delimited by it ends; nothing follows.

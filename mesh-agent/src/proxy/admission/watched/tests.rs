@@ -297,95 +297,118 @@ fn only_http_1_without_spans_or_log_lines_is_watched() {
     assert!(!suffices(&metrics, &policy, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"), "HTTP/2 is served");
 }
 
-/// Through the wrapper, as admission copies it: each exchange counted once with its
-/// status, every byte delivered as it was sent, and once the agent drains, the
-/// connection closed after the response in flight.
-#[tokio::test]
-async fn a_watched_connection_is_counted_unchanged_and_closed_between_exchanges_on_drain() {
-    use crate::telemetry::{PeerLabels, ServiceLabels, Side as Peer};
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+/// A watched connection as admission copies it, from a client to an application.
+struct Copied {
+    client: tokio::io::DuplexStream,
+    app: tokio::io::DuplexStream,
+    registry: prometheus_client::registry::Registry,
+    shutdown: CancellationToken,
+    copy: tokio::task::JoinHandle<io::Result<(u64, u64)>>,
+}
 
-    let mut registry = prometheus_client::registry::Registry::default();
-    let metrics = Arc::new(Metrics::new(&mut registry));
-    let peers = SharedPeers::new(PeerLabels {
-        reporter: "destination",
-        source: Peer::of(None),
-        destination: Peer::of(None),
-        service: ServiceLabels::unknown(),
-        connection_security_policy: "mutual_tls",
-    });
-    let shutdown = CancellationToken::new();
-    let (mut client, agent_client) = tokio::io::duplex(4096);
-    let (mut agent_app, mut app) = tokio::io::duplex(4096);
-    let report = (metrics.clone(), Arc::new(TelemetryPolicy::default()), peers);
-    let mut watched = Watched::new(agent_client, report, shutdown.clone());
-    let copy = tokio::spawn(async move { crate::transport::copy::bidirectional(&mut watched, &mut agent_app).await });
-    const REQUEST: &[u8] = b"POST /a HTTP/1.1\r\nHost: x\r\nX-Odd:  spacing kept \r\nContent-Length: 3\r\n\r\nabc";
-    const RESPONSE: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 4\r\n\r\nnope";
-    let exchange = async |client: &mut tokio::io::DuplexStream, app: &mut tokio::io::DuplexStream| {
-        client.write_all(REQUEST).await.unwrap();
-        let mut got = vec![0; REQUEST.len()];
-        app.read_exact(&mut got).await.unwrap();
-        assert_eq!(got, REQUEST, "the request as it was sent");
-        app.write_all(RESPONSE).await.unwrap();
-        let mut got = vec![0; RESPONSE.len()];
-        client.read_exact(&mut got).await.unwrap();
-        assert_eq!(got, RESPONSE, "the response as it was sent");
-    };
-    exchange(&mut client, &mut app).await;
-    exchange(&mut client, &mut app).await;
-    let text = || {
+impl Copied {
+    fn start() -> Self {
+        use crate::telemetry::{PeerLabels, ServiceLabels, Side as Peer};
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = Arc::new(Metrics::new(&mut registry));
+        let peers = SharedPeers::new(PeerLabels {
+            reporter: "destination",
+            source: Peer::of(None),
+            destination: Peer::of(None),
+            service: ServiceLabels::unknown(),
+            connection_security_policy: "mutual_tls",
+        });
+        let shutdown = CancellationToken::new();
+        let (client, agent_client) = tokio::io::duplex(4096);
+        let (mut agent_app, app) = tokio::io::duplex(4096);
+        let mut watched = Watched::new(agent_client, (metrics, Arc::default(), peers), shutdown.clone());
+        let copy =
+            tokio::spawn(async move { crate::transport::copy::bidirectional(&mut watched, &mut agent_app).await });
+        Self { client, app, registry, shutdown, copy }
+    }
+
+    /// One exchange; returns what the client received.
+    async fn exchange(&mut self, request: &[u8], response: &[u8]) -> Vec<u8> {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        self.client.write_all(request).await.unwrap();
+        let mut got = vec![0; request.len()];
+        self.app.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, request, "the request as it was sent");
+        self.app.write_all(response).await.unwrap();
+        let mut got = Vec::new();
+        while !got.ends_with(b"nope") {
+            let mut piece = [0; 256];
+            let n = self.client.read(&mut piece).await.unwrap();
+            assert!(n > 0, "the response before the end");
+            got.extend_from_slice(&piece[..n]);
+        }
+        got
+    }
+
+    fn metrics(&self) -> String {
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).unwrap();
         out
-    };
-    let counted = text();
+    }
+
+    /// The application sees the client's side end, closes, and the client sees the end.
+    async fn closes(mut self) {
+        use tokio::io::AsyncReadExt as _;
+        let mut rest = Vec::new();
+        self.app.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+        drop(self.app);
+        self.client.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+        self.copy.await.unwrap().unwrap();
+    }
+}
+
+const REQUEST: &[u8] = b"POST /a HTTP/1.1\r\nHost: x\r\nX-Odd:  spacing kept \r\nContent-Length: 3\r\n\r\nabc";
+const RESPONSE: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 4\r\n\r\nnope";
+
+/// Each exchange counted once with its status and every byte delivered as it was
+/// sent; once the agent drains, a client that asks nothing more is closed after the
+/// grace.
+#[tokio::test(start_paused = true)]
+async fn a_watched_connection_is_counted_unchanged_and_a_silent_one_closed_after_the_drain_grace() {
+    let mut c = Copied::start();
+    assert_eq!(c.exchange(REQUEST, RESPONSE).await, RESPONSE);
+    assert_eq!(c.exchange(REQUEST, RESPONSE).await, RESPONSE);
+    let counted = c.metrics();
     let line = counted.lines().find(|l| l.starts_with("requests_total{")).unwrap_or_else(|| panic!("{counted}"));
     assert!(line.contains("response_code=\"503\"") && line.ends_with(" 2"), "{line}");
     assert!(counted.contains("request_bytes_sum{reporter=\"destination\""), "{counted}");
-    // The agent drains while the client is between requests: the connection closes,
-    // the application first (the client's side reads as ended), then the client.
-    shutdown.cancel();
-    let mut rest = Vec::new();
-    app.read_to_end(&mut rest).await.unwrap();
-    assert!(rest.is_empty());
-    drop(app);
-    client.read_to_end(&mut rest).await.unwrap();
-    assert!(rest.is_empty());
-    copy.await.unwrap().unwrap();
+    c.shutdown.cancel();
+    let started = tokio::time::Instant::now();
+    c.closes().await;
+    assert!(started.elapsed() >= CLIENT_DRAIN_GRACE, "closed after the grace, not before");
 }
 
-/// A drain that comes while a request is in flight lets its response through first.
-#[tokio::test]
-async fn a_drain_waits_for_the_response_in_flight() {
-    use crate::telemetry::{PeerLabels, ServiceLabels, Side as Peer};
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+/// Once the agent drains, the next response tells the client to close (the one header
+/// the agent adds), and the connection closes after it.
+#[tokio::test(start_paused = true)]
+async fn a_drain_tells_the_next_response_to_close_the_connection() {
+    let mut c = Copied::start();
+    assert_eq!(c.exchange(REQUEST, RESPONSE).await, RESPONSE);
+    c.shutdown.cancel();
+    let told = c.exchange(REQUEST, RESPONSE).await;
+    let expected = b"HTTP/1.1 503 Service Unavailable\r\nconnection: close\r\ncontent-length: 4\r\n\r\nnope";
+    assert_eq!(String::from_utf8_lossy(&told), String::from_utf8_lossy(expected));
+    let started = tokio::time::Instant::now();
+    let counted = c.metrics();
+    c.closes().await;
+    assert!(started.elapsed() < CLIENT_DRAIN_GRACE, "closed as soon as the response passed");
+    let line = counted.lines().find(|l| l.starts_with("requests_total{")).unwrap_or_else(|| panic!("{counted}"));
+    assert!(line.ends_with(" 2"), "{line}");
+}
 
-    let metrics = Arc::new(Metrics::new(&mut prometheus_client::registry::Registry::default()));
-    let peers = SharedPeers::new(PeerLabels {
-        reporter: "destination",
-        source: Peer::of(None),
-        destination: Peer::of(None),
-        service: ServiceLabels::unknown(),
-        connection_security_policy: "none",
-    });
-    let shutdown = CancellationToken::new();
-    let (mut client, agent_client) = tokio::io::duplex(4096);
-    let (mut agent_app, mut app) = tokio::io::duplex(4096);
-    let mut watched = Watched::new(agent_client, (metrics, Arc::default(), peers), shutdown.clone());
-    let copy = tokio::spawn(async move { crate::transport::copy::bidirectional(&mut watched, &mut agent_app).await });
-    client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
-    let mut head = [0; 18];
-    app.read_exact(&mut head).await.unwrap();
-    shutdown.cancel();
-    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    app.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await.unwrap();
-    let mut answer = Vec::new();
-    // The application sees the client's side end once the answer has passed; it closes.
-    let mut rest = Vec::new();
-    app.read_to_end(&mut rest).await.unwrap();
-    drop(app);
-    client.read_to_end(&mut answer).await.unwrap();
-    assert!(answer.ends_with(b"\r\n\r\nok"), "{}", String::from_utf8_lossy(&answer));
-    copy.await.unwrap().unwrap();
+#[test]
+fn only_final_status_lines_are_told_to_close() {
+    assert!(is_final_status_line(b"HTTP/1.1 200 OK\r\n"));
+    assert!(is_final_status_line(b"HTTP/1.0 404 Not Found\n"));
+    assert!(!is_final_status_line(b"HTTP/1.1 101 Switching Protocols\r\n"));
+    assert!(!is_final_status_line(b"HTTP/1.1 100 Continue\r\n"));
+    assert!(!is_final_status_line(b"HTTP/2 200\r\n"));
+    assert!(!is_final_status_line(b"\r\n"));
 }
