@@ -24,7 +24,12 @@
 //!   increment);
 //! - tunnel writes: 64 streams of one HTTP/2 connection on loopback TCP each making 16
 //!   small requests, as the HBONE tunnel carries a c64 load, with the connection's
-//!   writes gathered per scheduler round (`Coalesced`) or not (baseline: plain h2).
+//!   writes gathered per scheduler round (`Coalesced`) or not (baseline: plain h2);
+//! - inbound HTTP: 64 keep-alive HTTP/1.1 exchanges (1 KiB answers) through what the
+//!   destination's agent puts between a client and its application, over in-memory
+//!   streams: served (a hyper server handing each request to a hyper client, as
+//!   `admission/http.rs` does for a request judged per request), or copied with its
+//!   exchanges followed and counted (`WatchedHttp1`), against a plain copy (baseline).
 
 use std::collections::HashMap;
 use std::hint::black_box;
@@ -542,8 +547,113 @@ fn request_metrics(c: &mut Criterion) {
     g.finish();
 }
 
+/// An application on `io` answering each HTTP/1.1 request (no body) with `answer`.
+async fn canned_http_app(mut io: tokio::io::DuplexStream, answer: &'static [u8]) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut buf = vec![0u8; 4096];
+    let mut held = 0;
+    loop {
+        match io.read(&mut buf[held..]).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => held += n,
+        }
+        while let Some(end) = buf[..held].windows(4).position(|w| w == b"\r\n\r\n") {
+            buf.copy_within(end + 4..held, 0);
+            held -= end + 4;
+            if io.write_all(answer).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// `count` exchanges on `client`: a request, then an answer of `answer_len` bytes.
+async fn http_exchanges(client: &mut tokio::io::DuplexStream, count: usize, answer_len: usize) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    const REQUEST: &[u8] =
+        b"GET /bytes/1024 HTTP/1.1\r\nhost: myapp:8080\r\nuser-agent: oha/1.16.0\r\naccept: */*\r\n\r\n";
+    let mut buf = vec![0u8; answer_len];
+    for _ in 0..count {
+        client.write_all(REQUEST).await.expect("request");
+        client.read_exact(&mut buf).await.expect("answer");
+    }
+}
+
+fn inbound_http(c: &mut Criterion) {
+    use http_body_util::BodyExt as _;
+    use hyper_util::rt::TokioIo;
+    use mesh_agent::proxy::WatchedHttp1;
+    use mesh_agent::state::TelemetryPolicy;
+    use mesh_agent::telemetry::{PeerLabels, SharedPeers, Side};
+
+    static ANSWER: std::sync::LazyLock<Vec<u8>> = std::sync::LazyLock::new(|| {
+        let mut a =
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\ncontent-length: 1024\r\n\r\n".to_vec();
+        a.resize(a.len() + 1024, b'x');
+        a
+    });
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = Arc::new(Metrics::new(&mut registry));
+    let peers = SharedPeers::new(PeerLabels {
+        reporter: "destination",
+        source: Side::of(None),
+        destination: Side::of(None),
+        service: ServiceLabels::unknown(),
+        connection_security_policy: "mutual_tls",
+    });
+    let policy = Arc::new(TelemetryPolicy::default());
+    let exchanges = 64;
+    let mut g = c.benchmark_group("inbound_http");
+    g.throughput(Throughput::Elements(exchanges as u64));
+    for name in ["baseline_plain_copy", "watched_copy", "served_by_hyper"] {
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                rt.block_on(async {
+                    let (mut client, mut agent_client) = tokio::io::duplex(64 * 1024);
+                    let (mut agent_app, app) = tokio::io::duplex(64 * 1024);
+                    let app = tokio::spawn(canned_http_app(app, &ANSWER));
+                    let middle = match name {
+                        "baseline_plain_copy" => tokio::spawn(async move {
+                            let _ = copy::bidirectional(&mut agent_client, &mut agent_app).await;
+                        }),
+                        "watched_copy" => {
+                            let report = (metrics.clone(), policy.clone(), peers.clone());
+                            let mut watched = WatchedHttp1::new(agent_client, report, Default::default());
+                            tokio::spawn(async move {
+                                let _ = copy::bidirectional(&mut watched, &mut agent_app).await;
+                            })
+                        }
+                        _ => tokio::spawn(async move {
+                            let (sender, conn) =
+                                hyper::client::conn::http1::handshake(TokioIo::new(agent_app)).await.expect("client");
+                            tokio::spawn(conn);
+                            let sender = Arc::new(tokio::sync::Mutex::new(sender));
+                            let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                                let sender = sender.clone();
+                                async move {
+                                    let res = sender.lock().await.send_request(req).await?;
+                                    Ok::<_, hyper::Error>(res.map(|b| b.boxed()))
+                                }
+                            });
+                            let server = hyper::server::conn::http1::Builder::new();
+                            let _ = server.serve_connection(TokioIo::new(agent_client), svc).await;
+                        }),
+                    };
+                    http_exchanges(&mut client, exchanges, ANSWER.len()).await;
+                    drop(client);
+                    let _ = middle.await;
+                    app.abort();
+                })
+            })
+        });
+    }
+    g.finish();
+}
+
 criterion_group!(
     benches,
+    inbound_http,
     map_keys,
     resolve,
     route_match,

@@ -45,7 +45,7 @@ macro_rules! targets {
 
 /// Every target, by the name its libFuzzer binary and seed folder carry.
 pub const TARGETS: &[(&str, Target)] =
-    targets!(config_yaml, http_request, hbone_connect, detection, authz_path, spiffe_uri);
+    targets!(config_yaml, http_request, hbone_connect, detection, authz_path, spiffe_uri, http1_watch);
 
 /// The lab's namespaces, pods and Services with the user's reference policies and
 /// routes: what the HTTP and HBONE targets judge against.
@@ -284,4 +284,54 @@ pub fn spiffe_uri(data: &[u8]) -> Option<Identity> {
     let all = [&*id.trust_domain, &*id.namespace, &*id.service_account].concat();
     assert!(all.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_')));
     Some(id)
+}
+
+/// One HTTP/1.1 connection as a watched inbound connection's follower sees it
+/// (`proxy::admission::watched`): `data` is the two directions' bytes in turns,
+/// requests first, a NUL byte passing the turn. Whatever the bytes: what it holds
+/// stays within its bounds, every end of a response follows its head, no response is
+/// counted that no request preceded, and the same bytes in pieces of one byte report
+/// the same as in whole turns. Returns the statuses counted.
+pub fn http1_watch(data: &[u8]) -> Vec<u16> {
+    use crate::proxy::admission::watched::{Dir, Event, Follow, MAX_PENDING};
+
+    let turns: Vec<(Dir, &[u8])> = data
+        .split(|&b| b == 0)
+        .enumerate()
+        .map(|(i, t)| (if i % 2 == 0 { Dir::Requests } else { Dir::Responses }, t))
+        .collect();
+    let follow = |piece: usize| {
+        let mut f = Follow::default();
+        let mut seen = Vec::new();
+        let mut answered = false;
+        let mut record = |e: Event| {
+            match &e {
+                Event::Answered { .. } => assert!(!answered, "two heads without an end between: {e:?}"),
+                Event::Done { .. } => assert!(answered, "an end without a head: {e:?}"),
+            }
+            answered = matches!(e, Event::Answered { .. });
+            seen.push(match e {
+                Event::Answered { status, grpc, grpc_status } => (status, grpc, grpc_status, None),
+                Event::Done { request_bytes, response_bytes, trailer_grpc_status, .. } => {
+                    (0, false, trailer_grpc_status, Some((request_bytes, response_bytes)))
+                }
+            });
+        };
+        for (dir, bytes) in &turns {
+            for p in bytes.chunks(piece) {
+                f.feed(*dir, p, &mut record);
+                assert!(f.pending() <= MAX_PENDING, "{} requests held", f.pending());
+                assert!(f.held() <= 2 * (limits::H1_MAX_BUF + 1), "{} bytes held", f.held());
+            }
+        }
+        f.abandon(&mut record);
+        assert_eq!(f.pending(), 0);
+        seen
+    };
+    let whole = follow(usize::MAX);
+    assert_eq!(follow(1), whole, "a byte at a time reports what whole turns do");
+    let requests = turns.iter().filter(|(d, _)| *d == Dir::Requests).map(|(_, t)| t.len()).sum::<usize>();
+    let answered: Vec<u16> = whole.iter().filter(|s| s.3.is_none()).map(|s| s.0).collect();
+    assert!(answered.is_empty() || requests > 0, "answers counted with no request read");
+    answered
 }

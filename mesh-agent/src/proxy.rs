@@ -2,7 +2,7 @@
 //! (HTTP/2 CONNECT over mutual TLS 1.3) between node agents.
 
 mod accept;
-mod admission;
+pub(crate) mod admission;
 pub mod detect;
 pub mod dns;
 mod egress;
@@ -16,6 +16,7 @@ mod prefixed;
 pub(crate) mod tests;
 
 pub use admission::InboundConns;
+pub use admission::watched::Watched as WatchedHttp1;
 pub use inpod::PodProxy;
 pub use local::LocalPods;
 

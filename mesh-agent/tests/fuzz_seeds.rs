@@ -193,6 +193,20 @@ fn detection_seeds_are_told_apart() {
 }
 
 #[test]
+fn http1_watch_seeds_count_what_the_served_path_would() {
+    let s = seeds("http1_watch");
+    assert_eq!(fuzzing::http1_watch(seed(&s, "get-sized")), [200]);
+    assert_eq!(fuzzing::http1_watch(seed(&s, "chunked-grpc-trailers")), [200]);
+    assert_eq!(fuzzing::http1_watch(seed(&s, "pipelined-bodiless")), [204, 200, 503], "100 Continue is not an answer");
+    assert_eq!(fuzzing::http1_watch(seed(&s, "upgrade")), [101]);
+    assert_eq!(fuzzing::http1_watch(seed(&s, "until-close")), [200]);
+    assert!(
+        fuzzing::http1_watch(b"\0HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").is_empty(),
+        "no request: not counted"
+    );
+}
+
+#[test]
 fn path_and_identity_seeds() {
     let s = seeds("authz_path");
     assert_eq!(fuzzing::authz_path(seed(&s, "dot-segments")).unwrap(), "/admin");

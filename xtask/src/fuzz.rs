@@ -13,7 +13,8 @@ use serde_json::{Value, json};
 use crate::{root, setup};
 
 /// The targets, in `fuzz/Cargo.toml` and `mesh_agent::fuzzing::TARGETS`.
-pub const TARGETS: &[&str] = &["config_yaml", "http_request", "hbone_connect", "detection", "authz_path", "spiffe_uri"];
+pub const TARGETS: &[&str] =
+    &["config_yaml", "http_request", "hbone_connect", "detection", "authz_path", "spiffe_uri", "http1_watch"];
 
 /// The cargo-fuzz release this command installs when it is missing.
 const CARGO_FUZZ: &str = "0.13.2";

@@ -4,7 +4,7 @@
 //! (HTTP) or of the whole connection as TCP (anything else).
 
 mod http;
-mod watched;
+pub(crate) mod watched;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -40,7 +40,7 @@ const MAX_HEADERS: usize = 100;
 
 /// Requests read ahead of their responses (pipelined) that are followed; a client
 /// pipelining more is not followed further.
-pub(super) const MAX_PENDING: usize = 32;
+pub(crate) const MAX_PENDING: usize = 32;
 
 /// A head buffer larger than this is freed once the head is parsed, so a connection
 /// that once sent a large head does not keep its buffer.
@@ -58,7 +58,7 @@ pub(super) fn suffices(metrics: &Metrics, policy: &TelemetryPolicy, first: &[u8]
 
 /// A client stream whose exchanges are counted as they pass: what is read from it is
 /// requests, what is written to it is responses.
-pub(super) struct Watched<S> {
+pub struct Watched<S> {
     inner: S,
     follow: Follow,
     report: Report,
@@ -72,7 +72,11 @@ pub(super) struct Watched<S> {
 /// [`CLIENT_DRAIN_GRACE`] is closed between exchanges (its client side reads as
 /// ended, so the copy closes both).
 struct Drain {
+    token: CancellationToken,
+    /// Wakes the connection's task when the agent drains. Polled once per task, not
+    /// per read: polling it takes a lock every connection of the agent shares.
     signal: Pin<Box<WaitForCancellationFutureOwned>>,
+    registered: Option<std::task::Waker>,
     /// Set once drained: ready when the grace is over.
     grace: Option<Pin<Box<tokio::time::Sleep>>>,
     /// A status line and the added header, to be written before anything else.
@@ -85,13 +89,15 @@ struct Drain {
 impl<S> Watched<S> {
     /// Watches `inner`, counting its exchanges as `peers` into `metrics`, under the
     /// destination's Telemetry `policy`; ended as said above once `shutdown`.
-    pub(super) fn new(
+    pub fn new(
         inner: S,
         (metrics, policy, peers): (Arc<Metrics>, Arc<TelemetryPolicy>, SharedPeers),
         shutdown: CancellationToken,
     ) -> Self {
         let drain = Drain {
-            signal: Box::pin(shutdown.cancelled_owned()),
+            signal: Box::pin(shutdown.clone().cancelled_owned()),
+            token: shutdown,
+            registered: None,
             grace: None,
             out: Vec::new(),
             written: 0,
@@ -101,10 +107,19 @@ impl<S> Watched<S> {
     }
 
     fn drained(&mut self, cx: &mut Context<'_>) -> bool {
-        if self.drain.grace.is_none() && self.drain.signal.as_mut().poll(cx).is_ready() {
-            self.drain.grace = Some(Box::pin(tokio::time::sleep(CLIENT_DRAIN_GRACE)));
+        let drain = &mut self.drain;
+        if drain.grace.is_some() {
+            return true;
         }
-        self.drain.grace.is_some()
+        let mut drained = drain.token.is_cancelled();
+        if !drained && !drain.registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            drained = drain.signal.as_mut().poll(cx).is_ready();
+            drain.registered = Some(cx.waker().clone());
+        }
+        if drained {
+            drain.grace = Some(Box::pin(tokio::time::sleep(CLIENT_DRAIN_GRACE)));
+        }
+        drained
     }
 
     /// Whether the client's side reads as ended now: drained, between exchanges, and
@@ -299,7 +314,7 @@ impl Report {
 
 /// What the follower saw of an exchange.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) enum Event {
+pub(crate) enum Event {
     /// A final response's head passed.
     Answered {
         /// Its status.
@@ -325,7 +340,7 @@ pub(super) enum Event {
 
 /// Which way bytes go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Dir {
+pub(crate) enum Dir {
     /// Client to application.
     Requests,
     /// Application to client.
@@ -334,12 +349,12 @@ pub(super) enum Dir {
 
 /// Both directions' framing, and the requests waiting for their responses.
 #[derive(Debug, Default)]
-pub(super) struct Follow {
+pub(crate) struct Follow {
     requests: Side,
     responses: Side,
     pending: VecDeque<Pending>,
     /// Given up: nothing more is counted on this connection.
-    pub(super) lost: bool,
+    pub(crate) lost: bool,
     /// Responses that have ended.
     pub(super) exchanges: u64,
 }
@@ -463,7 +478,7 @@ enum Step {
 
 impl Follow {
     /// Follows `data`, the next bytes going `dir`; reports exchanges to `out`.
-    pub(super) fn feed(&mut self, dir: Dir, mut data: &[u8], out: &mut impl FnMut(Event)) {
+    pub(crate) fn feed(&mut self, dir: Dir, mut data: &[u8], out: &mut impl FnMut(Event)) {
         while !data.is_empty() && !self.lost {
             let side = match dir {
                 Dir::Requests => &mut self.requests,
@@ -498,6 +513,16 @@ impl Follow {
             && self.requests.head_end == LineEnd::Within
     }
 
+    /// Requests read whose responses have not ended.
+    pub(crate) fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Head and trailer bytes held, both ways.
+    pub(crate) fn held(&self) -> usize {
+        self.requests.held.len() + self.responses.held.len()
+    }
+
     /// Whether the next response bytes begin a response to a request read.
     pub(super) fn at_response_start(&self) -> bool {
         !self.lost
@@ -508,7 +533,7 @@ impl Follow {
     }
 
     /// The application's end: a response delimited by it ends; nothing follows.
-    pub(super) fn responses_end(&mut self, out: &mut impl FnMut(Event)) {
+    pub(crate) fn responses_end(&mut self, out: &mut impl FnMut(Event)) {
         if self.lost {
             return;
         }
@@ -519,7 +544,7 @@ impl Follow {
     }
 
     /// The connection is gone: a response under way ends with what passed of it.
-    pub(super) fn abandon(&mut self, out: &mut impl FnMut(Event)) {
+    pub(crate) fn abandon(&mut self, out: &mut impl FnMut(Event)) {
         self.lose(out);
     }
 
