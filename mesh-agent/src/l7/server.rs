@@ -1255,12 +1255,16 @@ async fn try_once(
     };
     let (n, outlier) = (target.endpoints.len(), policy.outlier.as_ref());
     let endpoint = Some(Reached { mtls: snap.tunnels_to(&workload, addr.port()), workload: workload.clone(), addr });
+    // An answer or a local-origin failure (a reset, a connect failure, the per-try
+    // timeout) counts alike towards ejection, and an ejection is logged whichever did it.
+    let record = |outcome| {
+        if cluster.record(addr, outcome, outlier, n) {
+            tracing::info!(service = %backend.service, endpoint = %workload.name, %addr, ?outcome, "endpoint ejected (outlier detection)");
+        }
+    };
     match result {
         Ok(Ok(res)) => {
-            let status = res.status().as_u16();
-            if cluster.record(addr, Outcome::Status(status), outlier, n) {
-                tracing::info!(service = %backend.service, endpoint = %workload.name, %addr, "endpoint ejected (outlier detection)");
-            }
+            record(Outcome::Status(res.status().as_u16()));
             let mut res = res.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed_unsync());
             if let Some((c, ttl)) = set_cookie
                 && let Some(h) = affinity_cookie(&c, ttl, addr)
@@ -1270,7 +1274,7 @@ async fn try_once(
             TryOutcome::Answer(Answer { response: res, flags: "-", backend: None, endpoint })
         }
         Ok(Err(e)) => {
-            cluster.record(addr, Outcome::LocalFailure, outlier, n);
+            record(Outcome::LocalFailure);
             let failure = match &e {
                 SendError::Connect { .. } => crate::traffic::route::Failure::Connect,
                 SendError::Reset { .. } => crate::traffic::route::Failure::Reset,
@@ -1278,7 +1282,7 @@ async fn try_once(
             TryOutcome::Failed { failure, endpoint, detail: e.to_string() }
         }
         Err(()) => {
-            cluster.record(addr, Outcome::LocalFailure, outlier, n);
+            record(Outcome::LocalFailure);
             TryOutcome::Failed {
                 failure: crate::traffic::route::Failure::Timeout,
                 endpoint,
