@@ -449,6 +449,39 @@ pub const ENVOY_BUCKETS: [f64; 19] = [
     600000.0, 1800000.0, 3600000.0,
 ];
 
+/// One request series' metrics, as [`Metrics::request_series`] looked them up: those
+/// the Telemetry policy turned off are absent.
+#[derive(Debug, Clone)]
+pub struct RequestSeries {
+    generation: u64,
+    count: Option<Counter>,
+    duration: Option<Histogram>,
+    request_size: Option<Histogram>,
+    response_size: Option<Histogram>,
+}
+
+impl RequestSeries {
+    /// Counts one request (`istio_requests_total`), as [`Metrics::request`] does.
+    pub fn request(&self) {
+        if let Some(c) = &self.count {
+            c.inc();
+        }
+    }
+
+    /// Records a request whose response has ended, as [`Metrics::request_done`] does.
+    pub fn done(&self, duration: std::time::Duration, (request_bytes, response_bytes): (Option<u64>, u64)) {
+        if let Some(h) = &self.duration {
+            h.observe(duration.as_secs_f64() * 1000.0);
+        }
+        if let (Some(h), Some(n)) = (&self.request_size, request_bytes) {
+            h.observe(n as f64);
+        }
+        if let Some(h) = &self.response_size {
+            h.observe(response_bytes as f64);
+        }
+    }
+}
+
 /// A histogram per request label set, with [`ENVOY_BUCKETS`].
 #[derive(Debug, Clone)]
 pub struct RequestHistograms(Family<RequestLabels, Histogram, fn() -> Histogram>);
@@ -503,6 +536,9 @@ pub struct Metrics {
     request_bytes: RequestHistograms,
     response_bytes: RequestHistograms,
     series: Mutex<SeriesIndex>,
+    /// Advanced whenever request series are dropped, so [`RequestSeries`] handles
+    /// taken before know to look their series up again.
+    request_generation: std::sync::atomic::AtomicU64,
     access_log: std::sync::OnceLock<access_log::AccessLog>,
     access_log_dropped: Counter,
     tracer: std::sync::OnceLock<trace::Tracer>,
@@ -759,6 +795,35 @@ impl Metrics {
         }
     }
 
+    /// The request metrics of `labels`' series, looked up once, for a connection whose
+    /// requests keep landing in it: recorded through the handle, a request costs no
+    /// lookup (six otherwise). Valid while [`Metrics::still_current`] says so.
+    pub fn request_series(&self, labels: &RequestLabels, policy: &TelemetryPolicy) -> RequestSeries {
+        use std::sync::atomic::Ordering;
+        // Read before the lookups: a drop that races them makes the handle stale.
+        let generation = self.request_generation.load(Ordering::Acquire);
+        let source = labels.peers.reporter == "source";
+        let on = |metric| policy.metric_on(metric, source);
+        let wanted = [REQUEST_COUNT, REQUEST_DURATION, REQUEST_SIZE, RESPONSE_SIZE].map(on);
+        if wanted.iter().any(|w| *w) && self.requests.get(labels).is_none() {
+            self.index().requests.insert(labels.clone());
+        }
+        let histogram = |family: &RequestHistograms, on: bool| on.then(|| family.0.get_or_create(labels).clone());
+        RequestSeries {
+            generation,
+            count: wanted[0].then(|| self.requests.get_or_create(labels).clone()),
+            duration: histogram(&self.request_duration, wanted[1]),
+            request_size: histogram(&self.request_bytes, wanted[2]),
+            response_size: histogram(&self.response_bytes, wanted[3]),
+        }
+    }
+
+    /// Whether `series` still records into its exported series (none was dropped
+    /// since it was looked up).
+    pub fn still_current(&self, series: &RequestSeries) -> bool {
+        series.generation == self.request_generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// The newest refusals, for the dashboard.
     pub fn recent_denials(&self) -> RecentDenials {
         self.recent_denials.clone()
@@ -858,6 +923,7 @@ impl Metrics {
         index.requests.retain(|l| {
             let keep = !peers_gone(&l.peers);
             if !keep {
+                self.request_generation.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
                 self.requests.remove(l);
                 self.request_messages.remove(l);
                 self.response_messages.remove(l);
@@ -1018,6 +1084,49 @@ status: {podIP: 10.10.1.3}
         let text = encoded(&registry);
         assert!(!text.contains("\"batch\""), "{text}");
         assert!(text.contains("istio_mesh_denied_total{destination_workload=\"web\""), "{text}");
+    }
+
+    /// A connection's handle on a request series records what the lookups record, and
+    /// once its series is dropped (a workload left) says so, so the next request looks
+    /// the series up again and counts into the exported one.
+    #[test]
+    fn a_request_series_handle_records_as_lookups_do_until_its_series_is_dropped() {
+        let mut registry = Registry::with_prefix("istio");
+        let m = Metrics::new(&mut registry);
+        let both = snapshot(PODS);
+        let web = both.workloads.iter().find(|w| w.name == "web").unwrap().clone();
+        let batch = both.workloads.iter().find(|w| w.name == "batch").unwrap().clone();
+        let peers = PeerLabels::destination(&web, Some(&batch), ServiceLabels::service(Some("shop/web")), true);
+        let labels = RequestLabels {
+            peers: SharedPeers::new(peers),
+            request_protocol: "http",
+            response_code: "200".into(),
+            response_flags: "-".into(),
+            grpc_response_status: String::new(),
+        };
+        let policy = TelemetryPolicy::default();
+        let series = m.request_series(&labels, &policy);
+        series.request();
+        series.done(std::time::Duration::from_millis(3), (Some(10), 20));
+        m.request(&labels, &policy);
+        m.request_done(&labels, &policy, std::time::Duration::from_millis(3), (Some(10), 20));
+        let text = encoded(&registry);
+        for metric in
+            ["istio_requests_total{", "istio_request_duration_milliseconds_count{", "istio_request_bytes_count{"]
+        {
+            let line = text.lines().find(|l| l.starts_with(metric)).unwrap_or_else(|| panic!("{metric}: {text}"));
+            assert!(line.ends_with(" 2"), "one series, both ways counted: {line}");
+        }
+        assert!(m.still_current(&series));
+        let web_only: String = PODS.split("---").next().unwrap().to_string();
+        assert_eq!(m.forget_gone(&snapshot(&web_only)), 1);
+        assert!(!m.still_current(&series), "its series was dropped");
+        let again = m.request_series(&labels, &policy);
+        assert!(m.still_current(&again));
+        again.request();
+        let text = encoded(&registry);
+        let line = text.lines().find(|l| l.starts_with("istio_requests_total{")).unwrap_or_else(|| panic!("{text}"));
+        assert!(line.ends_with(" 1"), "counted anew in the exported series: {line}");
     }
 
     const DEPLOYED: &str = r#"

@@ -31,7 +31,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::l7::server::grpc_code;
 use crate::state::TelemetryPolicy;
-use crate::telemetry::{Metrics, RequestLabels, SharedPeers};
+use crate::telemetry::{Metrics, RequestLabels, RequestSeries, SharedPeers};
 use crate::transport::CLIENT_DRAIN_GRACE;
 use crate::transport::limits::H1_MAX_BUF;
 
@@ -103,7 +103,12 @@ impl<S> Watched<S> {
             written: 0,
             told: false,
         };
-        Self { inner, follow: Follow::default(), report: Report { metrics, policy, peers, answering: None }, drain }
+        Self {
+            inner,
+            follow: Follow::default(),
+            report: Report { metrics, policy, peers, answering: None, last: None },
+            drain,
+        }
     }
 
     fn drained(&mut self, cx: &mut Context<'_>) -> bool {
@@ -277,36 +282,70 @@ struct Report {
     metrics: Arc<Metrics>,
     policy: Arc<TelemetryPolicy>,
     peers: SharedPeers,
-    /// The response passing now: its labels, and whether it is counted yet.
-    answering: Option<(RequestLabels, bool)>,
+    /// The response passing now: its series, once known (a gRPC answer's status may
+    /// come in its trailers), and its answer's labels until then.
+    answering: Option<Answering>,
+    /// The series the last answer went to, by what tells series apart on one
+    /// connection: most answers of a connection land in the same one.
+    last: Option<(SeriesKey, RequestSeries)>,
+}
+
+/// What tells one connection's request series apart: status, gRPC or not, gRPC status.
+type SeriesKey = (u16, bool, Option<u32>);
+
+enum Answering {
+    Counted(RequestSeries),
+    /// A gRPC answer whose status is still to come.
+    Waiting {
+        status: u16,
+    },
 }
 
 impl Report {
+    /// The series of an answer, from the last one's handle when it is the same series
+    /// and still current.
+    fn series(&mut self, key: SeriesKey) -> RequestSeries {
+        if let Some((k, series)) = &self.last
+            && *k == key
+            && self.metrics.still_current(series)
+        {
+            return series.clone();
+        }
+        let (status, grpc, grpc_status) = key;
+        let labels = RequestLabels {
+            peers: self.peers.clone(),
+            request_protocol: if grpc { "grpc" } else { "http" },
+            response_code: status.to_string(),
+            response_flags: "-".into(),
+            grpc_response_status: grpc_status.map(|c| c.to_string()).unwrap_or_default(),
+        };
+        let series = self.metrics.request_series(&labels, &self.policy);
+        self.last = Some((key, series.clone()));
+        series
+    }
+
     fn record(&mut self, event: Event) {
         match event {
             Event::Answered { status, grpc, grpc_status } => {
-                let labels = RequestLabels {
-                    peers: self.peers.clone(),
-                    request_protocol: if grpc { "grpc" } else { "http" },
-                    response_code: status.to_string(),
-                    response_flags: "-".into(),
-                    grpc_response_status: grpc_status.map(|c| c.to_string()).unwrap_or_default(),
-                };
-                let counted = !grpc || grpc_status.is_some();
-                if counted {
-                    self.metrics.request(&labels, &self.policy);
-                }
-                self.answering = Some((labels, counted));
+                self.answering = Some(if grpc && grpc_status.is_none() {
+                    Answering::Waiting { status }
+                } else {
+                    let series = self.series((status, grpc, grpc_status));
+                    series.request();
+                    Answering::Counted(series)
+                });
             }
             Event::Done { took, request_bytes, response_bytes, trailer_grpc_status } => {
-                let Some((mut labels, counted)) = self.answering.take() else { return };
-                if !counted {
-                    if let Some(code) = trailer_grpc_status {
-                        labels.grpc_response_status = code.to_string();
+                let series = match self.answering.take() {
+                    None => return,
+                    Some(Answering::Counted(series)) => series,
+                    Some(Answering::Waiting { status }) => {
+                        let series = self.series((status, true, trailer_grpc_status));
+                        series.request();
+                        series
                     }
-                    self.metrics.request(&labels, &self.policy);
-                }
-                self.metrics.request_done(&labels, &self.policy, took, (Some(request_bytes), response_bytes));
+                };
+                series.done(took, (Some(request_bytes), response_bytes));
             }
         }
     }
