@@ -7,11 +7,12 @@
 //! Serving such a connection (`admission/http.rs`: an HTTP server towards the client,
 //! a client towards the application) parses, allocates and re-serializes every
 //! message, and it is what made the destination the largest consumer of the mesh's
-//! CPU. Nothing of a watched connection's bytes is changed (but for `connection: close`
-//! on its responses once the agent drains, as a served connection gets), so nothing is
-//! enforced by reading them either: the path is taken only when the connection's verdict does not
-//! depend on its requests, and only request metrics are wanted (no span, which must
-//! be injected, and no access log line, which wants what the served path reads).
+//! CPU. Nothing of a watched connection's bytes is changed (but for `connection:
+//! close` on its responses once the agent drains, as a served connection gets), so
+//! nothing is enforced by reading them either: the path is taken only when the
+//! connection's verdict does not depend on its requests, and only request metrics are
+//! wanted (no span, which must be injected, and no access log line, which wants what
+//! the served path reads).
 //!
 //! The follower can only lose track, never hold the bytes back: a head it cannot parse
 //! or that outgrows [`H1_MAX_BUF`], framing it does not understand, more requests read
@@ -111,6 +112,7 @@ impl<S> Watched<S> {
         }
     }
 
+    /// Whether the agent drains; the first time it is seen, the grace starts.
     fn drained(&mut self, cx: &mut Context<'_>) -> bool {
         let drain = &mut self.drain;
         if drain.grace.is_some() {
@@ -226,7 +228,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if this.drain.grace.is_some() || !this.drain.out.is_empty() {
+        // Once drained, a response head may get its header: through `poll_write`.
+        if this.drain.grace.is_some() || !this.drain.out.is_empty() || this.drain.token.is_cancelled() {
             let first = bufs.iter().find(|b| !b.is_empty()).map_or(&[][..], |b| &b[..]);
             return Pin::new(this).poll_write(cx, first);
         }
