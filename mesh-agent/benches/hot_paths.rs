@@ -536,12 +536,50 @@ fn request_metrics(c: &mut Criterion) {
             let labels = RequestLabels {
                 peers: peers.clone(),
                 request_protocol: "http",
-                response_code: 200.to_string(),
-                response_flags: "-".into(),
-                grpc_response_status: String::new(),
+                response_code: 200,
+                response_flags: "-",
+                grpc_response_status: None,
             };
             metrics.request(&labels, &policy);
             metrics.request_done(&labels, &policy, Duration::from_micros(300), (Some(128), 1024));
+        })
+    });
+    // What the source side did per request before its connections kept their last
+    // answer's labels: the peer labels made (and hashed) again, then the six lookups,
+    // each comparing every label of a fresh copy.
+    g.bench_function("source_request_labels_made", |b| {
+        b.iter(|| {
+            let labels = RequestLabels {
+                peers: SharedPeers::new(PeerLabels::source(
+                    &client,
+                    Some(&server),
+                    ServiceLabels::service(Some("production/myapp")),
+                    true,
+                )),
+                request_protocol: "http",
+                response_code: 200,
+                response_flags: "-",
+                grpc_response_status: None,
+            };
+            metrics.request(&labels, &policy);
+            metrics.request_done(&labels, &policy, Duration::from_micros(300), (Some(128), 1024));
+        })
+    });
+    // Both sides now: the connection's kept peer labels, its last series' handle.
+    let memo = mesh_agent::telemetry::SeriesMemo::default();
+    let shared_policy = Arc::new(TelemetryPolicy::default());
+    g.bench_function("request_through_the_connections_memo", |b| {
+        b.iter(|| {
+            let labels = RequestLabels {
+                peers: peers.clone(),
+                request_protocol: "http",
+                response_code: 200,
+                response_flags: "-",
+                grpc_response_status: None,
+            };
+            let series = memo.series(&metrics, &labels, &shared_policy);
+            series.request();
+            series.done(Duration::from_micros(300), (Some(128), 1024));
         })
     });
     g.finish();

@@ -325,14 +325,15 @@ pub struct RequestLabels {
     pub peers: SharedPeers,
     /// `http` or `grpc`.
     pub request_protocol: &'static str,
-    /// HTTP status returned to the client.
-    pub response_code: String,
+    /// HTTP status returned to the client (a number, not text: building a request's
+    /// labels allocates nothing).
+    pub response_code: u16,
     /// Envoy response flags: `-`, `UO` (overflow), `UF` (connect failure), `UT`
     /// (timeout), `NR` (no route), `FI` (fault abort), `DI` (fault delay), `URX`
     /// (retries exhausted), `UH` (no healthy endpoint).
-    pub response_flags: String,
-    /// gRPC status from the answer's headers or trailers; empty for plain HTTP.
-    pub grpc_response_status: String,
+    pub response_flags: &'static str,
+    /// gRPC status from the answer's headers or trailers; empty (None) for plain HTTP.
+    pub grpc_response_status: Option<u32>,
 }
 
 /// Why a connection or request was refused.
@@ -479,6 +480,38 @@ impl RequestSeries {
         if let Some(h) = &self.response_size {
             h.observe(response_bytes as f64);
         }
+    }
+}
+
+/// The request series one connection's last answer went to, with the labels and the
+/// Telemetry policy it was looked up under: most answers of one connection land in
+/// the same series, and one recorded through the kept handle costs a comparison of
+/// labels instead of six lookups (each a lock and a comparison).
+#[derive(Debug, Default)]
+pub struct SeriesMemo(Mutex<Option<Remembered>>);
+
+#[derive(Debug)]
+struct Remembered {
+    policy: Arc<TelemetryPolicy>,
+    labels: RequestLabels,
+    series: RequestSeries,
+}
+
+impl SeriesMemo {
+    /// The series of `labels` under `policy`: the kept one when both are the same as
+    /// last time and it is still current, else looked up (and kept).
+    pub fn series(&self, metrics: &Metrics, labels: &RequestLabels, policy: &Arc<TelemetryPolicy>) -> RequestSeries {
+        let mut kept = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(r) = kept.as_ref()
+            && Arc::ptr_eq(&r.policy, policy)
+            && r.labels == *labels
+            && metrics.still_current(&r.series)
+        {
+            return r.series.clone();
+        }
+        let series = metrics.request_series(labels, policy);
+        *kept = Some(Remembered { policy: policy.clone(), labels: labels.clone(), series: series.clone() });
+        series
     }
 }
 
@@ -1037,9 +1070,9 @@ status: {podIP: 10.10.1.3}
         let request = |peers: &SharedPeers, code: &str| RequestLabels {
             peers: peers.clone(),
             request_protocol: "http",
-            response_code: code.into(),
-            response_flags: "-".into(),
-            grpc_response_status: String::new(),
+            response_code: code.parse().unwrap(),
+            response_flags: "-",
+            grpc_response_status: None,
         };
         let policy = TelemetryPolicy::default();
         for peers in [&a, &b, &a] {
@@ -1100,9 +1133,9 @@ status: {podIP: 10.10.1.3}
         let labels = RequestLabels {
             peers: SharedPeers::new(peers),
             request_protocol: "http",
-            response_code: "200".into(),
-            response_flags: "-".into(),
-            grpc_response_status: String::new(),
+            response_code: 200,
+            response_flags: "-",
+            grpc_response_status: None,
         };
         let policy = TelemetryPolicy::default();
         let series = m.request_series(&labels, &policy);
@@ -1127,6 +1160,57 @@ status: {podIP: 10.10.1.3}
         let text = encoded(&registry);
         let line = text.lines().find(|l| l.starts_with("istio_requests_total{")).unwrap_or_else(|| panic!("{text}"));
         assert!(line.ends_with(" 1"), "counted anew in the exported series: {line}");
+    }
+
+    /// A connection's memo hands out its last series while the labels and the policy
+    /// are the same and the series is current; otherwise it looks the series up, so an
+    /// answer never lands in another answer's series or under a policy no longer in
+    /// force.
+    #[test]
+    fn a_series_memo_keeps_the_last_series_only_while_it_is_the_answers_own() {
+        let mut registry = Registry::with_prefix("istio");
+        let m = Metrics::new(&mut registry);
+        let both = snapshot(PODS);
+        let web = both.workloads.iter().find(|w| w.name == "web").unwrap().clone();
+        let batch = both.workloads.iter().find(|w| w.name == "batch").unwrap().clone();
+        let peers = SharedPeers::new(PeerLabels::destination(
+            &web,
+            Some(&batch),
+            ServiceLabels::service(Some("shop/web")),
+            true,
+        ));
+        let answer = |code: u16| RequestLabels {
+            peers: peers.clone(),
+            request_protocol: "http",
+            response_code: code,
+            response_flags: "-",
+            grpc_response_status: None,
+        };
+        let memo = SeriesMemo::default();
+        let policy = Arc::new(TelemetryPolicy::default());
+        for code in [200, 200, 503, 200] {
+            memo.series(&m, &answer(code), &policy).request();
+        }
+        let count = |code: u16| {
+            let text = encoded(&registry);
+            let wanted = format!("response_code=\"{code}\"");
+            text.lines()
+                .filter(|l| l.starts_with("istio_requests_total{") && l.contains(&wanted))
+                .map(|l| l.rsplit(' ').next().unwrap().to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(count(200), ["3"]);
+        assert_eq!(count(503), ["1"]);
+
+        // REQUEST_COUNT off on the destination's side.
+        let counting_off = TelemetryPolicy { disabled_metrics: 1 << (2 * REQUEST_COUNT + 1), ..Default::default() };
+        memo.series(&m, &answer(200), &Arc::new(counting_off)).request();
+        assert_eq!(count(200), ["3"], "a new policy is looked up under, not the kept handle's");
+
+        let web_only: String = PODS.split("---").next().unwrap().to_string();
+        assert_eq!(m.forget_gone(&snapshot(&web_only)), 2);
+        memo.series(&m, &answer(200), &policy).request();
+        assert_eq!(count(200), ["1"], "a dropped series is looked up again");
     }
 
     const DEPLOYED: &str = r#"

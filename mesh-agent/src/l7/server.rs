@@ -21,7 +21,7 @@ use crate::dataplane::Netns;
 use crate::l7::grpc_messages::GrpcMessages;
 use crate::snapshot::Snapshot;
 use crate::state::{Service, TagValue, TelemetryPolicy, Workload};
-use crate::telemetry::{PeerLabels, RequestLabels, ServiceLabels, SharedPeers};
+use crate::telemetry::{PeerLabels, RequestLabels, RequestSeries, SeriesMemo, ServiceLabels, SharedPeers};
 use crate::telemetry::{access_log, trace};
 use crate::traffic::route::{Abort, Action, Backend, CorsVerdict, RedirectPort, RequestView, Rule, WeightedBackend};
 
@@ -93,11 +93,12 @@ pub async fn serve<S>(
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let shutdown = ctx.shutdown.clone();
+    let last = Arc::new(LastAnswer::default());
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let (ctx, pod, netns, table) = (ctx.clone(), pod.clone(), netns.clone(), table.clone());
+        let (ctx, pod, netns, table, last) = (ctx.clone(), pod.clone(), netns.clone(), table.clone(), last.clone());
         async move {
             let version = req.version();
-            let mut resp = handle(&ctx, &pod, &netns, &table, (client, orig), req).await;
+            let mut resp = handle(&ctx, &pod, &netns, &table, &last, (client, orig), req).await;
             crate::transport::close_when_draining(version, &ctx.shutdown, &mut resp);
             Ok::<_, Infallible>(resp)
         }
@@ -106,6 +107,67 @@ pub async fn serve<S>(
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
     if let Err(e) = crate::transport::until_drained_gently(conn, &shutdown, |c| c.graceful_shutdown()).await {
         tracing::debug!(%orig, error = %e, "HTTP client connection ended");
+    }
+}
+
+/// What one client connection's last answer was labelled with: a connection's
+/// requests mostly go to the same endpoint of the same Service with the same outcome,
+/// and their labels made again would cost allocations, a hash of every label and, in
+/// each of the six series lookups, a comparison of every label.
+#[derive(Default)]
+struct LastAnswer {
+    peers: std::sync::Mutex<Option<(PeersOf, SharedPeers)>>,
+    series: Arc<SeriesMemo>,
+}
+
+/// What a source-reported answer's peer labels are made of, besides the connection's
+/// own pod and route table.
+struct PeersOf {
+    endpoint: Option<Arc<Workload>>,
+    service: Option<String>,
+    mtls: bool,
+}
+
+impl PeersOf {
+    fn matches(&self, answer: &Answer) -> bool {
+        let endpoint = answer.endpoint.as_ref();
+        let same_endpoint = match (&self.endpoint, endpoint) {
+            (Some(kept), Some(r)) => Arc::ptr_eq(kept, &r.workload),
+            (None, None) => true,
+            _ => false,
+        };
+        same_endpoint
+            && self.service.as_deref() == answer.backend.as_ref().map(|b| b.service.as_str())
+            && self.mtls == endpoint.is_some_and(|r| r.mtls)
+    }
+}
+
+impl LastAnswer {
+    /// The peer labels of `answer` to a request of `pod` routed by `table`: the last
+    /// answer's when made of the same (the endpoint's workload is compared by identity,
+    /// so a new snapshot's makes them again).
+    fn peers(&self, pod: &Workload, table: &RouteTable, answer: &Answer) -> SharedPeers {
+        let mut kept = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((of, peers)) = kept.as_ref()
+            && of.matches(answer)
+        {
+            return peers.clone();
+        }
+        let endpoint = answer.endpoint.as_ref();
+        let mtls = endpoint.is_some_and(|r| r.mtls);
+        let peers = SharedPeers::new(PeerLabels::source(
+            pod,
+            endpoint.map(|r| &*r.workload),
+            service_labels(table, answer.backend.as_ref()),
+            mtls,
+        ));
+        let of = PeersOf {
+            endpoint: endpoint.map(|r| r.workload.clone()),
+            service: answer.backend.as_ref().map(|b| b.service.clone()),
+            mtls,
+        };
+        *kept = Some((of, peers.clone()));
+        peers
     }
 }
 
@@ -163,6 +225,7 @@ async fn handle(
     pod: &Arc<Workload>,
     netns: &Arc<Netns>,
     table: &RouteTable,
+    last: &LastAnswer,
     (client, orig): (SocketAddr, SocketAddr),
     req: Request<Incoming>,
 ) -> Response<RespBody> {
@@ -198,12 +261,7 @@ async fn handle(
         Some(r) => Answer { response: text_response(r.status, r.body), flags: r.flags, backend: None, endpoint: None },
         None => route(&caller, table, req).await,
     };
-    let peers = SharedPeers::new(PeerLabels::source(
-        pod,
-        answer.endpoint.as_ref().map(|r| &*r.workload),
-        service_labels(table, answer.backend.as_ref()),
-        answer.endpoint.as_ref().is_some_and(|r| r.mtls),
-    ));
+    let peers = last.peers(pod, table, &answer);
     let log = logged.map(|(start, request, tags)| {
         let port = answer.backend.as_ref().and_then(|b| b.port).unwrap_or(orig.port());
         let subset = answer.backend.as_ref().and_then(|b| b.subset.as_deref()).unwrap_or("");
@@ -221,6 +279,7 @@ async fn handle(
     let measured = Measured {
         metrics: ctx.metrics.clone(),
         policy,
+        series: last.series.clone(),
         started,
         request_bytes: Some(request_bytes.clone()),
         log,
@@ -302,7 +361,7 @@ fn finished_span(
     };
     let r = &line.request;
     let authority = r.authority.as_deref().unwrap_or("-");
-    let code: u16 = labels.response_code.parse().unwrap_or(0);
+    let code = labels.response_code;
     let attributes = vec![
         ("component", "proxy".to_string()),
         ("node_id", tracer.node.clone()),
@@ -310,13 +369,13 @@ fn finished_span(
         ("http.url", format!("http://{authority}{}", r.path)),
         ("http.method", r.method.clone()),
         ("http.protocol", r.protocol.to_string()),
-        ("http.status_code", labels.response_code.clone()),
+        ("http.status_code", code.to_string()),
         ("user_agent", r.user_agent.clone().unwrap_or_else(|| "-".into())),
         ("downstream_cluster", "-".to_string()),
         ("peer.address", line.client.ip().to_string()),
         ("request_size", request_bytes.unwrap_or(0).to_string()),
         ("response_size", response_bytes.to_string()),
-        ("response_flags", labels.response_flags.clone()),
+        ("response_flags", labels.response_flags.to_string()),
         ("upstream_cluster", line.upstream_cluster.clone()),
         ("upstream_cluster.name", line.upstream_cluster.clone()),
         ("istio.mesh_id", tracer.mesh_id.clone()),
@@ -387,6 +446,8 @@ pub(crate) struct Measured {
     pub metrics: Arc<crate::telemetry::Metrics>,
     /// What the Telemetry API says for the reporting workload.
     pub policy: Arc<TelemetryPolicy>,
+    /// The request series its connection's last answer went to.
+    pub series: Arc<SeriesMemo>,
     /// When the request arrived.
     pub started: std::time::Instant,
     /// Request body bytes and gRPC messages read from the client, where the path
@@ -402,22 +463,28 @@ impl Measured {
     /// Labels `response` (status, gRPC or HTTP, the gRPC status when the headers carry
     /// it) and counts it now, unless a gRPC status is still to come in trailers: then
     /// when they arrive, or the body ends or is dropped without them.
-    pub(crate) fn answer(self, peers: SharedPeers, flags: &str, response: Response<RespBody>) -> Response<RespBody> {
+    pub(crate) fn answer(
+        self,
+        peers: SharedPeers,
+        flags: &'static str,
+        response: Response<RespBody>,
+    ) -> Response<RespBody> {
         let is_grpc = is_grpc(response.headers());
         let labels = RequestLabels {
             peers,
             request_protocol: if is_grpc { "grpc" } else { "http" },
-            response_code: response.status().as_u16().to_string(),
-            response_flags: flags.into(),
-            grpc_response_status: grpc_status(response.headers()).map(|c| c.to_string()).unwrap_or_default(),
+            response_code: response.status().as_u16(),
+            response_flags: flags,
+            grpc_response_status: grpc_status(response.headers()),
         };
-        let counted = !is_grpc || !labels.grpc_response_status.is_empty();
-        if counted {
-            self.metrics.request(&labels, &self.policy);
+        let counted = !is_grpc || labels.grpc_response_status.is_some();
+        let series = counted.then(|| self.series.series(&self.metrics, &labels, &self.policy));
+        if let Some(series) = &series {
+            series.request();
         }
         response.map(|inner| {
             let messages = is_grpc.then(GrpcMessages::default);
-            Completion { inner, labels: Some(labels), counted, measured: self, bytes: 0, messages }.boxed_unsync()
+            Completion { inner, labels: Some(labels), series, measured: self, bytes: 0, messages }.boxed_unsync()
         })
     }
 }
@@ -448,8 +515,8 @@ fn service_labels(table: &RouteTable, backend: Option<&Backend>) -> ServiceLabel
 struct Completion {
     inner: RespBody,
     labels: Option<RequestLabels>,
-    /// Whether `istio_requests_total` already has it.
-    counted: bool,
+    /// The series `istio_requests_total` already counted it in, if it did.
+    series: Option<RequestSeries>,
     measured: Measured,
     /// The response body bytes that passed.
     bytes: u64,
@@ -461,12 +528,19 @@ impl Completion {
     fn count(&mut self) {
         if let Some(labels) = self.labels.take() {
             let m = &mut self.measured;
-            if !self.counted {
-                m.metrics.request(&labels, &m.policy);
-            }
+            let series = match self.series.take() {
+                Some(counted) if m.metrics.still_current(&counted) => counted,
+                // Its series was dropped (a workload left) while the answer passed.
+                Some(_) => m.series.series(&m.metrics, &labels, &m.policy),
+                None => {
+                    let series = m.series.series(&m.metrics, &labels, &m.policy);
+                    series.request();
+                    series
+                }
+            };
             let request_bytes = m.request_bytes.as_ref().map(|b| b.bytes.load(std::sync::atomic::Ordering::Relaxed));
             let duration = m.started.elapsed();
-            m.metrics.request_done(&labels, &m.policy, duration, (request_bytes, self.bytes));
+            series.done(duration, (request_bytes, self.bytes));
             if let Some(messages) = &self.messages {
                 let sent = m.request_bytes.as_ref().map(|b| b.messages.load(std::sync::atomic::Ordering::Relaxed));
                 m.metrics.grpc_messages(&labels, &m.policy, sent, messages.count);
@@ -475,7 +549,7 @@ impl Completion {
             if let (Some(begun), Some(tracer)) = (m.span, m.metrics.tracer()) {
                 tracer.finish(finished_span(tracer, begun, &line, &labels, (request_bytes, self.bytes)));
             }
-            let code = labels.response_code.parse().unwrap_or(0);
+            let code = labels.response_code;
             if let Some(log) =
                 m.metrics.access_log().filter(|l| l.logs(&m.policy, labels.peers.reporter == "source", code))
             {
@@ -485,8 +559,8 @@ impl Completion {
                     start: line.start,
                     reporter: labels.peers.reporter,
                     request: Some(line.request),
-                    response_code: labels.response_code.parse().unwrap_or(0),
-                    response_flags: labels.response_flags.clone(),
+                    response_code: code,
+                    response_flags: labels.response_flags.into(),
                     response_code_details: line.details,
                     bytes_received: request_bytes,
                     bytes_sent: self.bytes,
@@ -521,10 +595,10 @@ impl http_body::Body for Completion {
                     }
                 }
                 if let Some(code) = frame.trailers_ref().and_then(grpc_status) {
-                    if !self.counted
+                    if self.series.is_none()
                         && let Some(l) = self.labels.as_mut()
                     {
-                        l.grpc_response_status = code.to_string();
+                        l.grpc_response_status = Some(code);
                     }
                     self.count();
                 }
@@ -1438,6 +1512,7 @@ mod tests {
         let measured = super::Measured {
             metrics,
             policy: Arc::default(),
+            series: Arc::default(),
             started: std::time::Instant::now(),
             request_bytes: Some(tally),
             log: None,

@@ -27,7 +27,7 @@ use crate::l7::server::{LogLine, Measured, Prefixed, RequestTally, RespBody};
 use crate::proxy::ProxyContext;
 use crate::state::Workload;
 use crate::telemetry::trace;
-use crate::telemetry::{ConnLabels, SharedPeers};
+use crate::telemetry::{ConnLabels, SeriesMemo, SharedPeers};
 use crate::transport::{CONNECT_TIMEOUT, copy, sockets};
 
 /// Connections to the application, opened as requests need them.
@@ -47,6 +47,8 @@ struct Conn {
     /// Who, between whom, as the connection's metrics name them (verified identity
     /// first, the address only for plaintext).
     peers: SharedPeers,
+    /// The request series its last answer went to.
+    series: Arc<SeriesMemo>,
     app: Mutex<AppConns>,
 }
 
@@ -66,7 +68,7 @@ pub(super) async fn serve<S>(
 {
     let peers = SharedPeers::new(labels.peers.clone());
     let app = Mutex::new(AppConns { fresh: Some(app), h1: None, h2: None });
-    let conn = Arc::new(Conn { ctx, pod, netns, arrival, peers, app });
+    let conn = Arc::new(Conn { ctx, pod, netns, arrival, peers, series: Arc::default(), app });
     let dst = conn.arrival.dst;
     let hbone = conn.arrival.peer.is_some();
     let shutdown = conn.ctx.shutdown.clone();
@@ -135,7 +137,15 @@ async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<RespBody> {
     });
     // The request body went to the application counted as it passed.
     let request_bytes = Some(tally);
-    let measured = Measured { metrics: conn.ctx.metrics.clone(), policy, started, request_bytes, log, span };
+    let measured = Measured {
+        metrics: conn.ctx.metrics.clone(),
+        policy,
+        series: conn.series.clone(),
+        started,
+        request_bytes,
+        log,
+        span,
+    };
     measured.answer(conn.peers.clone(), flags, response)
 }
 

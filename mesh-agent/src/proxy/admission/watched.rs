@@ -318,9 +318,9 @@ impl Report {
         let labels = RequestLabels {
             peers: self.peers.clone(),
             request_protocol: if grpc { "grpc" } else { "http" },
-            response_code: status.to_string(),
-            response_flags: "-".into(),
-            grpc_response_status: grpc_status.map(|c| c.to_string()).unwrap_or_default(),
+            response_code: status,
+            response_flags: "-",
+            grpc_response_status: grpc_status,
         };
         let series = self.metrics.request_series(&labels, &self.policy);
         self.last = Some((key, series.clone()));
