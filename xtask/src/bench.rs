@@ -148,6 +148,12 @@ const LATENCY_CONNECTIONS: u32 = 16;
 /// iperf3's server port in each server pod.
 const IPERF_PORT: u16 = 5201;
 
+/// How long the agents are left alone before an idle memory reading: longer than their
+/// heap loop's period (`mesh_agent::heap::LOOK_EVERY`, 2 s), so the memory the last
+/// work freed (enrolling the pods, the scenarios) has been handed back, as it is for
+/// an agent left idle. The fresh and the after-the-bench readings wait alike.
+const IDLE_SETTLE: Duration = Duration::from_secs(3);
+
 /// `--render`: docs/benchmarks.md from the report already at `--report`.
 pub fn render(args: &BenchArgs) -> anyhow::Result<Report> {
     let path = report_path(&args.report);
@@ -254,6 +260,7 @@ fn run_in_lab(lab: &mut Lab, args: &BenchArgs, tools: &Tools) -> anyhow::Result<
         lab.start_helper(&format!("iperf3-{server}"), server, &argv)?;
     }
     set_enrollment(lab, true)?;
+    std::thread::sleep(IDLE_SETTLE);
     let fresh = agents_memory(lab)?;
     let rounds = args.rounds();
     let mut per_round = Vec::new();
@@ -304,7 +311,7 @@ fn memory_phase(
     fresh: Vec<(String, measure::ResidentMemory)>,
 ) -> anyhow::Result<Vec<report::AgentMemory>> {
     set_enrollment(lab, true)?;
-    std::thread::sleep(Duration::from_secs(2));
+    std::thread::sleep(IDLE_SETTLE);
     let after_bench = agents_memory(lab)?;
     let subset = lab.pod(SERVER_CROSS)?.labels.get("version").cloned().context("server pod has a version label")?;
     let vip = route_all_to_subset(lab, &subset, SERVER_CROSS)?;

@@ -308,7 +308,8 @@ pub struct Report {
 pub struct AgentMemory {
     /// The agent's node.
     pub node: String,
-    /// With the lab's pods enrolled, before any load.
+    /// With the lab's pods enrolled, before any load, once idle (a few seconds after
+    /// enrolling, as `after_bench` is read).
     pub fresh: ResidentMemory,
     /// After every scenario's bursts, idle again.
     pub after_bench: ResidentMemory,
