@@ -531,15 +531,17 @@ fn request_metrics(c: &mut Criterion) {
     let baseline = prometheus_client::metrics::counter::Counter::<u64>::default();
     let mut g = c.benchmark_group("request_metrics");
     g.bench_function("baseline_counter_inc", |b| b.iter(|| black_box(&baseline).inc()));
+    // An answer's labels, as the paths make them: a 200 to a plain HTTP request.
+    let ok = |peers: SharedPeers| RequestLabels {
+        peers,
+        request_protocol: "http",
+        response_code: 200,
+        response_flags: "-",
+        grpc_response_status: None,
+    };
     g.bench_function("destination_request", |b| {
         b.iter(|| {
-            let labels = RequestLabels {
-                peers: peers.clone(),
-                request_protocol: "http",
-                response_code: 200,
-                response_flags: "-",
-                grpc_response_status: None,
-            };
+            let labels = ok(peers.clone());
             metrics.request(&labels, &policy);
             metrics.request_done(&labels, &policy, Duration::from_micros(300), (Some(128), 1024));
         })
@@ -549,18 +551,12 @@ fn request_metrics(c: &mut Criterion) {
     // each comparing every label of a fresh copy.
     g.bench_function("source_request_labels_made", |b| {
         b.iter(|| {
-            let labels = RequestLabels {
-                peers: SharedPeers::new(PeerLabels::source(
-                    &client,
-                    Some(&server),
-                    ServiceLabels::service(Some("production/myapp")),
-                    true,
-                )),
-                request_protocol: "http",
-                response_code: 200,
-                response_flags: "-",
-                grpc_response_status: None,
-            };
+            let labels = ok(SharedPeers::new(PeerLabels::source(
+                &client,
+                Some(&server),
+                ServiceLabels::service(Some("production/myapp")),
+                true,
+            )));
             metrics.request(&labels, &policy);
             metrics.request_done(&labels, &policy, Duration::from_micros(300), (Some(128), 1024));
         })
@@ -570,13 +566,7 @@ fn request_metrics(c: &mut Criterion) {
     let shared_policy = Arc::new(TelemetryPolicy::default());
     g.bench_function("request_through_the_connections_memo", |b| {
         b.iter(|| {
-            let labels = RequestLabels {
-                peers: peers.clone(),
-                request_protocol: "http",
-                response_code: 200,
-                response_flags: "-",
-                grpc_response_status: None,
-            };
+            let labels = ok(peers.clone());
             let series = memo.series(&metrics, &labels, &shared_policy);
             series.request();
             series.done(Duration::from_micros(300), (Some(128), 1024));

@@ -1017,6 +1017,13 @@ status: {podIP: 10.10.1.3}
         Snapshot::compile(&parse_documents(Path::new("pods.yaml"), yaml).unwrap(), "cluster.local", 1)
     }
 
+    /// The `web` and `batch` workloads of [`PODS`].
+    fn web_and_batch() -> (Arc<Workload>, Arc<Workload>) {
+        let pods = snapshot(PODS);
+        let find = |name: &str| pods.workloads.iter().find(|w| w.name == name).unwrap().clone();
+        (find("web"), find("batch"))
+    }
+
     fn encoded(registry: &Registry) -> String {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, registry).unwrap();
@@ -1028,9 +1035,7 @@ status: {podIP: 10.10.1.3}
     #[test]
     fn live_connections_share_their_label_sets_and_departed_ones_are_let_go() {
         let m = Metrics::default();
-        let pods = snapshot(PODS);
-        let web = pods.workloads.iter().find(|w| w.name == "web").unwrap().clone();
-        let batch = pods.workloads.iter().find(|w| w.name == "batch").unwrap().clone();
+        let (web, batch) = web_and_batch();
         let to_web = || ConnLabels::outbound(&batch, Some(&web), ServiceLabels::service(Some("shop/web")), true);
         let (a, b) = (m.shared(to_web()), m.shared(to_web()));
         assert!(Arc::ptr_eq(&a, &b), "one copy for both connections");
@@ -1055,9 +1060,7 @@ status: {podIP: 10.10.1.3}
     fn shared_peer_labels_are_equal_by_value_and_encode_as_the_labels() {
         let mut registry = Registry::with_prefix("istio");
         let m = Metrics::new(&mut registry);
-        let pods = snapshot(PODS);
-        let web = pods.workloads.iter().find(|w| w.name == "web").unwrap().clone();
-        let batch = pods.workloads.iter().find(|w| w.name == "batch").unwrap().clone();
+        let (web, batch) = web_and_batch();
         let peers = || PeerLabels::destination(&web, Some(&batch), ServiceLabels::service(Some("shop/web")), true);
         let (a, b) = (SharedPeers::new(peers()), SharedPeers::new(peers()));
         assert!(!Arc::ptr_eq(&a.labels, &b.labels));
@@ -1096,8 +1099,7 @@ status: {podIP: 10.10.1.3}
         let mut registry = Registry::with_prefix("istio");
         let m = Metrics::new(&mut registry);
         let both = snapshot(PODS);
-        let web = both.workloads.iter().find(|w| w.name == "web").unwrap().clone();
-        let batch = both.workloads.iter().find(|w| w.name == "batch").unwrap().clone();
+        let (web, batch) = web_and_batch();
         let to_web = ConnLabels::outbound(&batch, Some(&web), ServiceLabels::service(Some("shop/web")), true);
         let open = m.opened(&to_web, &TelemetryPolicy::default());
         open.sent.inc_by(10);
@@ -1126,9 +1128,7 @@ status: {podIP: 10.10.1.3}
     fn a_request_series_handle_records_as_lookups_do_until_its_series_is_dropped() {
         let mut registry = Registry::with_prefix("istio");
         let m = Metrics::new(&mut registry);
-        let both = snapshot(PODS);
-        let web = both.workloads.iter().find(|w| w.name == "web").unwrap().clone();
-        let batch = both.workloads.iter().find(|w| w.name == "batch").unwrap().clone();
+        let (web, batch) = web_and_batch();
         let peers = PeerLabels::destination(&web, Some(&batch), ServiceLabels::service(Some("shop/web")), true);
         let labels = RequestLabels {
             peers: SharedPeers::new(peers),
@@ -1170,9 +1170,7 @@ status: {podIP: 10.10.1.3}
     fn a_series_memo_keeps_the_last_series_only_while_it_is_the_answers_own() {
         let mut registry = Registry::with_prefix("istio");
         let m = Metrics::new(&mut registry);
-        let both = snapshot(PODS);
-        let web = both.workloads.iter().find(|w| w.name == "web").unwrap().clone();
-        let batch = both.workloads.iter().find(|w| w.name == "batch").unwrap().clone();
+        let (web, batch) = web_and_batch();
         let peers = SharedPeers::new(PeerLabels::destination(
             &web,
             Some(&batch),
