@@ -32,7 +32,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::l7::server::grpc_code;
 use crate::state::TelemetryPolicy;
-use crate::telemetry::{Metrics, RequestLabels, RequestSeries, SharedPeers};
+use crate::telemetry::{Metrics, RequestLabels, RequestSeries, SeriesMemo, SharedPeers};
 use crate::transport::CLIENT_DRAIN_GRACE;
 use crate::transport::limits::H1_MAX_BUF;
 
@@ -107,7 +107,7 @@ impl<S> Watched<S> {
         Self {
             inner,
             follow: Follow::default(),
-            report: Report { metrics, policy, peers, answering: None, last: None },
+            report: Report { metrics, policy, peers, answering: None, last: SeriesMemo::default() },
             drain,
         }
     }
@@ -286,15 +286,12 @@ struct Report {
     policy: Arc<TelemetryPolicy>,
     peers: SharedPeers,
     /// The response passing now: its series, once known (a gRPC answer's status may
-    /// come in its trailers), and its answer's labels until then.
+    /// come in its trailers), and its status until then.
     answering: Option<Answering>,
-    /// The series the last answer went to, by what tells series apart on one
-    /// connection: most answers of a connection land in the same one.
-    last: Option<(SeriesKey, RequestSeries)>,
+    /// The series the last answer went to: most answers of a connection land in the
+    /// same one.
+    last: SeriesMemo,
 }
-
-/// What tells one connection's request series apart: status, gRPC or not, gRPC status.
-type SeriesKey = (u16, bool, Option<u32>);
 
 enum Answering {
     Counted(RequestSeries),
@@ -305,16 +302,8 @@ enum Answering {
 }
 
 impl Report {
-    /// The series of an answer, from the last one's handle when it is the same series
-    /// and still current.
-    fn series(&mut self, key: SeriesKey) -> RequestSeries {
-        if let Some((k, series)) = &self.last
-            && *k == key
-            && self.metrics.still_current(series)
-        {
-            return series.clone();
-        }
-        let (status, grpc, grpc_status) = key;
+    /// The series of an answer: its status, gRPC or not, its gRPC status.
+    fn series(&self, (status, grpc, grpc_status): (u16, bool, Option<u32>)) -> RequestSeries {
         let labels = RequestLabels {
             peers: self.peers.clone(),
             request_protocol: if grpc { "grpc" } else { "http" },
@@ -322,9 +311,7 @@ impl Report {
             response_flags: "-",
             grpc_response_status: grpc_status,
         };
-        let series = self.metrics.request_series(&labels, &self.policy);
-        self.last = Some((key, series.clone()));
-        series
+        self.last.series(&self.metrics, &labels, &self.policy)
     }
 
     fn record(&mut self, event: Event) {
