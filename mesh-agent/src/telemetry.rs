@@ -1024,6 +1024,28 @@ status: {podIP: 10.10.1.3}
         (find("web"), find("batch"))
     }
 
+    /// [`PODS`] once `batch` has left: only `web`.
+    fn batch_gone() -> Snapshot {
+        snapshot(PODS.split("---").next().unwrap())
+    }
+
+    /// A 200 to plain HTTP from `batch` to `web`, as web's agent labels it.
+    fn web_answers_batch() -> RequestLabels {
+        let (web, batch) = web_and_batch();
+        RequestLabels {
+            peers: SharedPeers::new(PeerLabels::destination(
+                &web,
+                Some(&batch),
+                ServiceLabels::service(Some("shop/web")),
+                true,
+            )),
+            request_protocol: "http",
+            response_code: 200,
+            response_flags: "-",
+            grpc_response_status: None,
+        }
+    }
+
     fn encoded(registry: &Registry) -> String {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, registry).unwrap();
@@ -1113,8 +1135,7 @@ status: {podIP: 10.10.1.3}
         assert!(encoded(&registry).contains("source_workload=\"batch\""));
 
         // batch leaves: every series naming it goes, web's own denial stays.
-        let web_only: String = PODS.split("---").next().unwrap().to_string();
-        let dropped = m.forget_gone(&snapshot(&web_only));
+        let dropped = m.forget_gone(&batch_gone());
         assert_eq!(dropped, 3, "two connection label sets and one denial");
         let text = encoded(&registry);
         assert!(!text.contains("\"batch\""), "{text}");
@@ -1128,15 +1149,7 @@ status: {podIP: 10.10.1.3}
     fn a_request_series_handle_records_as_lookups_do_until_its_series_is_dropped() {
         let mut registry = Registry::with_prefix("istio");
         let m = Metrics::new(&mut registry);
-        let (web, batch) = web_and_batch();
-        let peers = PeerLabels::destination(&web, Some(&batch), ServiceLabels::service(Some("shop/web")), true);
-        let labels = RequestLabels {
-            peers: SharedPeers::new(peers),
-            request_protocol: "http",
-            response_code: 200,
-            response_flags: "-",
-            grpc_response_status: None,
-        };
+        let labels = web_answers_batch();
         let policy = TelemetryPolicy::default();
         let series = m.request_series(&labels, &policy);
         series.request();
@@ -1151,8 +1164,7 @@ status: {podIP: 10.10.1.3}
             assert!(line.ends_with(" 2"), "one series, both ways counted: {line}");
         }
         assert!(m.still_current(&series));
-        let web_only: String = PODS.split("---").next().unwrap().to_string();
-        assert_eq!(m.forget_gone(&snapshot(&web_only)), 1);
+        assert_eq!(m.forget_gone(&batch_gone()), 1);
         assert!(!m.still_current(&series), "its series was dropped");
         let again = m.request_series(&labels, &policy);
         assert!(m.still_current(&again));
@@ -1170,20 +1182,8 @@ status: {podIP: 10.10.1.3}
     fn a_series_memo_keeps_the_last_series_only_while_it_is_the_answers_own() {
         let mut registry = Registry::with_prefix("istio");
         let m = Metrics::new(&mut registry);
-        let (web, batch) = web_and_batch();
-        let peers = SharedPeers::new(PeerLabels::destination(
-            &web,
-            Some(&batch),
-            ServiceLabels::service(Some("shop/web")),
-            true,
-        ));
-        let answer = |code: u16| RequestLabels {
-            peers: peers.clone(),
-            request_protocol: "http",
-            response_code: code,
-            response_flags: "-",
-            grpc_response_status: None,
-        };
+        let ok = web_answers_batch();
+        let answer = |code: u16| RequestLabels { response_code: code, ..ok.clone() };
         let memo = SeriesMemo::default();
         let policy = Arc::new(TelemetryPolicy::default());
         for code in [200, 200, 503, 200] {
@@ -1205,8 +1205,7 @@ status: {podIP: 10.10.1.3}
         memo.series(&m, &answer(200), &Arc::new(counting_off)).request();
         assert_eq!(count(200), ["3"], "a new policy is looked up under, not the kept handle's");
 
-        let web_only: String = PODS.split("---").next().unwrap().to_string();
-        assert_eq!(m.forget_gone(&snapshot(&web_only)), 2);
+        assert_eq!(m.forget_gone(&batch_gone()), 2);
         memo.series(&m, &answer(200), &policy).request();
         assert_eq!(count(200), ["1"], "a dropped series is looked up again");
     }
