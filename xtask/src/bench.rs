@@ -36,6 +36,7 @@
 //! p99 spread across rounds kept to tell a difference from noise.
 
 pub mod churn;
+pub mod link_order;
 mod peer;
 mod report;
 pub mod scale;
@@ -193,10 +194,19 @@ pub fn run_churn(args: &BenchArgs, duration: Duration) -> anyhow::Result<churn::
 /// Brings a release-built lab up (debug-built with `--dev-build`), runs `f` in it, and
 /// takes it down.
 fn in_bench_lab<T>(args: &BenchArgs, f: impl FnOnce(&mut Lab) -> anyhow::Result<T>) -> anyhow::Result<T> {
+    in_lab_running(!args.dev_build, Ok, f)
+}
+
+/// [`in_bench_lab`] with the agent binary `agent` makes of the one just built (a copy
+/// elsewhere, for `link-order`).
+fn in_lab_running<T>(
+    release: bool,
+    agent: impl FnOnce(PathBuf) -> anyhow::Result<PathBuf>,
+    f: impl FnOnce(&mut Lab) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
     if let Some(why) = mesh_tests::sys::lab_unsupported() {
         bail!("the benchmark runs in the lab, which cannot run here: {why}");
     }
-    let release = !args.dev_build;
     let bins = build::binaries(release)?;
     let state_dir = PathBuf::from(DEFAULT_STATE_DIR);
     if Lab::exists(&state_dir) {
@@ -206,7 +216,7 @@ fn in_bench_lab<T>(args: &BenchArgs, f: impl FnOnce(&mut Lab) -> anyhow::Result<
     let opts = Options {
         manifests: root().join("examples/lab"),
         state_dir,
-        agent_bin: bins.agent,
+        agent_bin: agent(bins.agent)?,
         echo_bin: bins.echo,
         // Logging at warn: the benchmark measures the proxy, not its log writer.
         agent_log: "warn".into(),

@@ -71,6 +71,10 @@ enum Cmd {
     /// Benchmark direct vs mesh vs a HAProxy sidecar peer in the lab; writes
     /// target/bench/report.json and (full runs) docs/benchmarks.md.
     Bench(bench::BenchArgs),
+    /// Measure which functions the release agent touches (start-up and the bench's
+    /// traffic, in the lab) and write mesh-agent/link-order.txt, the order the release
+    /// link lays them out in.
+    LinkOrder,
     /// The libFuzzer targets in fuzz/ (parsers of hostile input), each for a while from
     /// its seeds; writes target/fuzz/report.json, fails on any crash, hang or leak.
     Fuzz(fuzz::FuzzArgs),
@@ -89,6 +93,7 @@ fn main() -> anyhow::Result<()> {
             if check { image::check(&tag) } else { Ok(()) }
         }
         Cmd::KindE2e => kind::e2e(),
+        Cmd::LinkOrder => bench::link_order::run(),
         Cmd::Setup => setup::run(),
         Cmd::BuildEbpf => {
             setup::ensure()?;
