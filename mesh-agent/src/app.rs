@@ -192,6 +192,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
         inherited,
         kernel_splice: dataplane.kernel_splice().filter(|_| settings.kernel_splice == crate::settings::Switch::On),
     };
+    tokio::spawn(ctx.l7.upstreams.clone().reap_idle(shutdown.clone()));
     let (cni_tx, mut cni_rx) = mpsc::channel::<CniRequest>(64);
     tokio::spawn(crate::cni::serve(cni_listener, cni_tx, shutdown.clone()));
     let (issued_tx, mut issued_rx) = mpsc::channel::<()>(1);

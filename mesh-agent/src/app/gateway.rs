@@ -73,6 +73,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
         egress_tls_dir: settings.egress_tls_dir.clone().into(),
         secrets: Some(origination_secrets.clone()),
     };
+    tokio::spawn(l7.runtime.upstreams.clone().reap_idle(shutdown.clone()));
     let ctx = GatewayContext {
         l7,
         netns: Arc::new(Netns::host()?),

@@ -4,6 +4,12 @@
 //!
 //! Invariant: a connection goes back to the idle list only after its response body was
 //! read to the end, so the next request never waits behind another one's body.
+//!
+//! Invariant: nothing idle is kept past its idle timeout, whether or not the pod sends
+//! again. [`Upstreams::reap_idle`] closes idle connections that outlived it (and
+//! HTTP/2 connections unused as long) and forgets (pod, endpoint) keys with nothing
+//! left, so a burst's connections, and every endpoint a pod ever reached, do not stay
+//! in the shared agent.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -24,8 +30,13 @@ use crate::snapshot::Snapshot;
 use crate::state::Workload;
 use crate::transport::{Dialer, Upstream};
 
-/// Idle connections unused this long are closed.
-const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Idle connections unused this long are closed (a DestinationRule's
+/// `connectionPool.http.idleTimeout` says otherwise). Short, because a new connection
+/// to a mesh endpoint is one more stream on the pooled tunnel, while an idle one holds
+/// buffers here and a connection to the application at the destination.
+const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(20);
+/// How often idle connections are looked over.
+const REAP_EVERY: Duration = Duration::from_secs(5);
 
 /// A request body on its way upstream: buffered bytes or the client's stream.
 pub type UpBody = http_body_util::combinators::BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
@@ -55,6 +66,13 @@ struct IdleConn {
     sender: SendRequest<UpBody>,
     served: u32,
     since: Instant,
+    idle_timeout: Duration,
+}
+
+impl IdleConn {
+    fn reusable(&self, now: Instant) -> bool {
+        self.sender.is_ready() && now.saturating_duration_since(self.since) < self.idle_timeout
+    }
 }
 
 type Key = (String, SocketAddr);
@@ -73,6 +91,8 @@ pub struct Upstreams {
 #[derive(Default)]
 struct H2Slot {
     sender: Option<http2::SendRequest<UpBody>>,
+    /// When a request last took the connection, and the idle timeout it asked for.
+    used: Option<(Instant, Duration)>,
     /// The last dial that failed: requests that waited for it fail with it rather
     /// than dial again one after another.
     failed: Option<(Instant, String)>,
@@ -155,8 +175,9 @@ impl Upstreams {
             let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
             let list = idle.entry(key.clone()).or_default();
             let mut found = None;
+            let now = Instant::now();
             while let Some(c) = list.pop() {
-                if c.sender.is_ready() && c.since.elapsed() < idle_timeout {
+                if c.reusable(now) {
                     found = Some(c);
                     break;
                 }
@@ -166,7 +187,8 @@ impl Upstreams {
         let mut conn = match reused {
             Some(c) => c,
             None => {
-                IdleConn { sender: self.dial(from, endpoint, addr, settings).await?, served: 0, since: Instant::now() }
+                let sender = self.dial(from, endpoint, addr, settings).await?;
+                IdleConn { sender, served: 0, since: Instant::now(), idle_timeout }
             }
         };
         let mut req = req;
@@ -233,6 +255,7 @@ impl Upstreams {
         let waited_since = Instant::now();
         let slot = Arc::clone(self.h2.lock().unwrap_or_else(|p| p.into_inner()).entry(key).or_default());
         let mut slot = slot.lock().await;
+        slot.used = Some((Instant::now(), settings.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT)));
         if let Some(open) = slot.sender.as_ref().filter(|s| !s.is_closed()) {
             return Ok(open.clone());
         }
@@ -319,6 +342,51 @@ impl Upstreams {
         Ok(sender)
     }
 
+    /// Every [`REAP_EVERY`], [`Upstreams::reap`] until `shutdown`; ends with the pool.
+    pub async fn reap_idle(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
+        let pool = Arc::downgrade(&self);
+        drop(self);
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(REAP_EVERY) => {}
+                () = shutdown.cancelled() => return,
+            }
+            let Some(pool) = pool.upgrade() else { return };
+            pool.reap(Instant::now());
+        }
+    }
+
+    /// Closes the idle connections no request may reuse at `now` (timed out, or closed
+    /// by the other end), drops HTTP/2 connections unused for their idle timeout that
+    /// no request is waiting on, and forgets keys left with nothing. Returns how many
+    /// connections it let go.
+    pub fn reap(&self, now: Instant) -> usize {
+        let mut closed = 0;
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).retain(|_, list| {
+            let before = list.len();
+            list.retain(|c| c.reusable(now));
+            closed += before - list.len();
+            !list.is_empty()
+        });
+        self.h2.lock().unwrap_or_else(|p| p.into_inner()).retain(|_, slot| {
+            // Held (a request dialing or reading it) or shared (one about to): keep.
+            if Arc::strong_count(slot) > 1 {
+                return true;
+            }
+            let Ok(mut slot) = slot.try_lock() else { return true };
+            let idle = slot.used.is_none_or(|(at, timeout)| now.saturating_duration_since(at) >= timeout);
+            let open = slot.sender.as_ref().is_some_and(|s| !s.is_closed());
+            if open && !idle {
+                return true;
+            }
+            // A request already sent keeps the connection until it ends: hyper closes
+            // it once the last sender is gone and its streams are done.
+            closed += usize::from(slot.sender.take().is_some());
+            false
+        });
+        closed
+    }
+
     fn put_back(&self, key: Key, mut conn: IdleConn) {
         conn.since = Instant::now();
         self.idle.lock().unwrap_or_else(|p| p.into_inner()).entry(key).or_default().push(conn);
@@ -358,5 +426,81 @@ impl Body for PooledBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An HTTP/1.1 sender over an in-memory pipe, and the pipe's other end.
+    async fn h1_sender() -> (SendRequest<UpBody>, tokio::io::DuplexStream) {
+        let (ours, theirs) = tokio::io::duplex(1024);
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(ours)).await.expect("handshake");
+        tokio::spawn(conn);
+        sender.ready().await.expect("ready");
+        (sender, theirs)
+    }
+
+    /// An open HTTP/2 sender over an in-memory pipe, and the pipe's other end.
+    async fn h2_sender() -> (http2::SendRequest<UpBody>, tokio::io::DuplexStream) {
+        let (ours, theirs) = tokio::io::duplex(64 * 1024);
+        let (sender, conn) =
+            http2::handshake(hyper_util::rt::TokioExecutor::new(), TokioIo::new(ours)).await.expect("handshake");
+        tokio::spawn(conn);
+        (sender, theirs)
+    }
+
+    fn key(port: u16) -> Key {
+        ("default/frontend".into(), SocketAddr::from(([10, 10, 2, 2], port)))
+    }
+
+    fn idle(pool: &Upstreams) -> usize {
+        pool.idle.lock().unwrap().values().map(Vec::len).sum()
+    }
+
+    #[tokio::test]
+    async fn idle_connections_are_closed_after_their_timeout_without_another_request() {
+        let pool = Upstreams::default();
+        let (short, _short_peer) = h1_sender().await;
+        let (long, long_peer) = h1_sender().await;
+        let now = Instant::now();
+        pool.put_back(key(1), IdleConn { sender: short, served: 1, since: now, idle_timeout: Duration::from_secs(20) });
+        pool.put_back(key(2), IdleConn { sender: long, served: 1, since: now, idle_timeout: Duration::from_secs(60) });
+        assert_eq!(pool.reap(now + Duration::from_secs(10)), 0, "both still within their timeouts");
+        assert_eq!(pool.reap(now + Duration::from_secs(25)), 1, "the 20 s one is closed");
+        assert_eq!(idle(&pool), 1);
+        assert!(!pool.idle.lock().unwrap().contains_key(&key(1)), "a key with nothing left is forgotten");
+        // Closed by the other end: not reusable, whatever its timeout says.
+        drop(long_peer);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while pool.idle.lock().unwrap()[&key(2)][0].sender.is_ready() {
+            assert!(Instant::now() < deadline, "the sender never saw its connection close");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(pool.reap(now + Duration::from_secs(26)), 1);
+        assert!(pool.idle.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn http2_connections_go_when_unused_for_their_timeout_and_stay_while_a_request_holds_them() {
+        let pool = Upstreams::default();
+        let now = Instant::now();
+        let (sender, _peer) = h2_sender().await;
+        let open: Arc<tokio::sync::Mutex<H2Slot>> = Arc::default();
+        *open.lock().await = H2Slot { sender: Some(sender), used: Some((now, Duration::from_secs(20))), failed: None };
+        let dialing: Arc<tokio::sync::Mutex<H2Slot>> = Arc::default();
+        let _request = Arc::clone(&dialing);
+        let nothing: Arc<tokio::sync::Mutex<H2Slot>> = Arc::default();
+        for (port, slot) in [(1, open), (2, dialing), (3, nothing)] {
+            pool.h2.lock().unwrap().insert(key(port), slot);
+        }
+        assert_eq!(pool.reap(now + Duration::from_secs(5)), 0);
+        let mut left: Vec<Key> = pool.h2.lock().unwrap().keys().cloned().collect();
+        left.sort();
+        assert_eq!(left, [key(1), key(2)], "open and used 5 s ago, or being dialed: kept; an empty slot: forgotten");
+        assert_eq!(pool.reap(now + Duration::from_secs(21)), 1, "unused for its 20 s: closed");
+        let left: Vec<Key> = pool.h2.lock().unwrap().keys().cloned().collect();
+        assert_eq!(left, [key(2)]);
     }
 }
