@@ -323,8 +323,7 @@ fn memory_phase(
     set_enrollment(lab, true)?;
     std::thread::sleep(IDLE_SETTLE);
     let after_bench = agents_memory(lab)?;
-    let subset = lab.pod(SERVER_CROSS)?.labels.get("version").cloned().context("server pod has a version label")?;
-    let vip = route_all_to_subset(lab, &subset, SERVER_CROSS)?;
+    let vip = route_all_to(lab, SERVER_CROSS)?;
     let cgroups: Vec<(String, PathBuf)> =
         lab.nodes.iter().map(|n| Ok((n.name.clone(), agent_cgroup(lab, &n.name)?))).collect::<anyhow::Result<_>>()?;
     let url = format!("http://{vip}/bytes/{}", args.body);
@@ -425,8 +424,7 @@ fn mesh_phase(lab: &mut Lab, tools: &Tools, args: &BenchArgs, d: Durations) -> a
         // mesh-l7: the Service VIP, with a VirtualService routing every request to the
         // same server pod (through a DestinationRule subset), so HTTP is parsed and
         // routed on the same path.
-        let subset = lab.pod(server)?.labels.get("version").cloned().context("server pod has a version label")?;
-        let vip = route_all_to_subset(lab, &subset, server)?;
+        let vip = route_all_to(lab, server)?;
         let target = Target {
             name: "mesh-l7",
             path,
@@ -442,11 +440,9 @@ fn mesh_phase(lab: &mut Lab, tools: &Tools, args: &BenchArgs, d: Durations) -> a
     scenarios.extend(pod_address_phase(lab, tools, args, d)?);
     scenarios.extend(tracing_phase(lab, tools, args, d)?);
     // The ingress path through the mesh's gateway: TLS there, HBONE to myapp-v1.
-    let ca = lab.edge_ca_path().display().to_string();
     route_ingress_to(lab, SERVER_CROSS)?;
     let mut proxies = vec![lab.cgroup_root.join(&lab.pod(GATEWAY_POD)?.cgroup)];
     proxies.push(agent_cgroup(lab, &lab.pod(SERVER_CROSS)?.node)?);
-    let gateway_ip = lab.pod(GATEWAY_POD)?.ip;
     let target = Target {
         name: "gateway",
         path: INGRESS,
@@ -454,7 +450,7 @@ fn mesh_phase(lab: &mut Lab, tools: &Tools, args: &BenchArgs, d: Durations) -> a
         iperf: None,
         proxies,
         origin: Origin::Outside,
-        oha_args: vec!["--cacert".into(), ca, "--connect-to".into(), format!("{INGRESS_HOST}:443:{gateway_ip}:443")],
+        oha_args: gateway_oha_args(lab)?,
     };
     scenarios.push(measure_scenario(lab, tools, args, d, &target)?);
     lab.delete(Path::new(INGRESS_CONFIG))?;
@@ -469,6 +465,14 @@ const INGRESS_HOST: &str = "myapp.example.com";
 const GATEWAY_POD: &str = "istio-ingressgateway";
 /// File name of the gateway scenario's config in the agents' config directory.
 const INGRESS_CONFIG: &str = "bench-ingress.yaml";
+
+/// oha's arguments to reach [`INGRESS_HOST`] at the lab's gateway pod, trusting the
+/// lab's edge CA.
+fn gateway_oha_args(lab: &Lab) -> anyhow::Result<Vec<String>> {
+    let ca = lab.edge_ca_path().display().to_string();
+    let gateway_ip = lab.pod(GATEWAY_POD)?.ip;
+    Ok(vec!["--cacert".into(), ca, "--connect-to".into(), format!("{INGRESS_HOST}:443:{gateway_ip}:443")])
+}
 
 /// Applies a Gateway on the lab's ingress gateway and a VirtualService bound to it that
 /// sends every request to `server` (through a DestinationRule subset); waits until the
@@ -760,10 +764,11 @@ fn peaks_while<T>(
 /// File name of the mesh-l7 scenario's config in the agents' config directory.
 const L7_CONFIG: &str = "bench-l7.yaml";
 
-/// Applies a DestinationRule with subset `subset` and a VirtualService sending every
-/// request for `myapp` there; waits until requests on fresh connections all reach
-/// `server`. Returns the Service VIP.
-fn route_all_to_subset(lab: &Lab, subset: &str, server: &str) -> anyhow::Result<String> {
+/// Applies a DestinationRule with `server`'s subset (its `version` label) and a
+/// VirtualService sending every request for `myapp` there; waits until requests on
+/// fresh connections all reach `server`. Returns the Service VIP.
+fn route_all_to(lab: &Lab, server: &str) -> anyhow::Result<String> {
+    let subset = lab.pod(server)?.labels.get("version").cloned().context("server pod has a version label")?;
     let yaml = format!(
         "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: bench-myapp, namespace: production}}\n\
          spec:\n  host: myapp\n  subsets: [{{name: {subset}, labels: {{version: {subset}}}}}]\n---\n\
@@ -889,8 +894,7 @@ fn traced_scenarios(lab: &mut Lab, tools: &Tools, args: &BenchArgs, d: Durations
         let exported_before = spans_exported(lab);
         for (path, server) in [("cross-node", SERVER_CROSS), ("same-node", SERVER_SAME)] {
             let proxies = path_agents(lab, server)?;
-            let subset = lab.pod(server)?.labels.get("version").cloned().context("server pod has a version label")?;
-            let vip = route_all_to_subset(lab, &subset, server)?;
+            let vip = route_all_to(lab, server)?;
             let target = Target {
                 name,
                 path,

@@ -22,15 +22,15 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{Context as _, bail, ensure};
+use anyhow::Context as _;
 use mesh_tests::lab::Lab;
+use mesh_tests::sys;
 
 use super::{
-    INGRESS_CONFIG, L7_CONFIG, Origin, SERVER_CROSS, SERVER_SAME, Tools, in_lab_running, oha, route_all_to_subset,
-    route_ingress_to, set_enrollment, splice_at_destination,
+    INGRESS_CONFIG, INGRESS_HOST, L7_CONFIG, Origin, SERVER_CROSS, SERVER_SAME, Tools, gateway_oha_args,
+    in_lab_running, oha, route_all_to, route_ingress_to, set_enrollment, splice_at_destination,
 };
 use crate::{root, setup};
 
@@ -113,29 +113,20 @@ fn traffic(lab: &mut Lab, tools: &Tools) -> anyhow::Result<()> {
         let telemetry = splice_at_destination(lab, server)?;
         load(&url, Origin::ClientPod, &[])?;
         lab.delete(&telemetry)?;
-        let subset = lab.pod(server)?.labels.get("version").cloned().context("server pod has a version label")?;
-        let vip = route_all_to_subset(lab, &subset, server)?;
+        let vip = route_all_to(lab, server)?;
         load(&format!("http://{vip}/bytes/1024"), Origin::ClientPod, &[])?;
         lab.delete(Path::new(L7_CONFIG))?;
     }
     route_ingress_to(lab, SERVER_CROSS)?;
-    let ca = lab.edge_ca_path().display().to_string();
-    let gateway_ip = lab.pod(super::GATEWAY_POD)?.ip;
-    let connect_to = format!("{}:443:{gateway_ip}:443", super::INGRESS_HOST);
-    load(
-        &format!("https://{}/bytes/1024", super::INGRESS_HOST),
-        Origin::Outside,
-        &["--cacert", &ca, "--connect-to", &connect_to],
-    )?;
+    let gateway = gateway_oha_args(lab)?;
+    let gateway: Vec<&str> = gateway.iter().map(String::as_str).collect();
+    load(&format!("https://{INGRESS_HOST}/bytes/1024"), Origin::Outside, &gateway)?;
     lab.delete(Path::new(INGRESS_CONFIG))?;
     // The admin endpoints an operator or Prometheus reads.
     for node in &lab.nodes {
         for path in ["metrics", "config_dump", "healthz/ready"] {
-            let out = Command::new("ip")
-                .args(["netns", "exec", &node.netns, "curl", "-s", "-o", "/dev/null", "-m", "5"])
-                .arg(format!("http://127.0.0.1:15000/{path}"))
-                .output()?;
-            ensure!(out.status.success(), "curl {path} on {} failed", node.name);
+            let url = format!("http://127.0.0.1:15000/{path}");
+            sys::run(&["ip", "netns", "exec", &node.netns, "curl", "-s", "-o", "/dev/null", "-m", "5", &url])?;
         }
     }
     Ok(())
@@ -159,48 +150,43 @@ impl ColdCopy {
         // Stripped of debug info, the copy has the same loaded segments in ~30 MB.
         let size = std::fs::metadata(built)?.len() / 2 + (64 << 20);
         std::fs::File::create(&image)?.set_len(size)?;
-        succeed(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&image))?;
-        let loop_dev = output(Command::new("losetup").args(["--find", "--show"]).arg(&image))?;
-        let mut copy = Self { binary: mount.join("mesh-agent"), mount, image, loop_dev };
+        sys::run(&["mkfs.ext4", "-q", "-F", &path(&image)?])?;
+        let loop_dev = sys::run(&["losetup", "--find", "--show", &path(&image)?])?.trim().to_string();
+        let copy = Self { binary: mount.join("mesh-agent"), mount, image, loop_dev };
         let dev_name =
             Path::new(&copy.loop_dev).file_name().context("loop device name")?.to_string_lossy().into_owned();
         std::fs::write(format!("/sys/block/{dev_name}/queue/read_ahead_kb"), "0")
             .context("turning the loop device's read-ahead off")?;
         copy.mount_it()?;
-        succeed(Command::new("objcopy").arg("--strip-debug").arg(built).arg(&copy.binary))?;
+        sys::run(&["objcopy", "--strip-debug", &path(built)?, &path(&copy.binary)?])?;
         // The lab finds the CA and the CNI plugin beside the agent.
         for sibling in ["mesh-ca", "mesh-cni"] {
             std::os::unix::fs::symlink(built.with_file_name(sibling), copy.mount.join(sibling))?;
         }
         // Unmounted and mounted again, nothing of the copy is left in the page cache.
-        succeed(Command::new("umount").arg(&copy.mount))?;
+        sys::run(&["umount", &path(&copy.mount)?])?;
         copy.mount_it()?;
         Ok(copy)
     }
 
-    fn mount_it(&mut self) -> anyhow::Result<()> {
-        succeed(Command::new("mount").arg(&self.loop_dev).arg(&self.mount))
+    fn mount_it(&self) -> anyhow::Result<()> {
+        sys::run(&["mount", &self.loop_dev, &path(&self.mount)?]).map(|_| ())
     }
 }
 
 impl Drop for ColdCopy {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.mount).status();
-        let _ = Command::new("losetup").arg("-d").arg(&self.loop_dev).status();
+        if let Ok(mount) = path(&self.mount) {
+            sys::run_quiet(&["umount", &mount]);
+        }
+        sys::run_quiet(&["losetup", "-d", &self.loop_dev]);
         let _ = std::fs::remove_file(&self.image);
     }
 }
 
-fn succeed(cmd: &mut Command) -> anyhow::Result<()> {
-    output(cmd).map(|_| ())
-}
-
-fn output(cmd: &mut Command) -> anyhow::Result<String> {
-    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-    if !out.status.success() {
-        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+/// `p` as a command argument.
+fn path(p: &Path) -> anyhow::Result<String> {
+    p.to_str().map(str::to_string).with_context(|| format!("{} is not UTF-8", p.display()))
 }
 
 /// The pages of `binary` (as link-time addresses / [`PAGE`]) mapped in process `pid`.
@@ -254,7 +240,7 @@ struct Symbol {
 
 /// The binary's sized code and read-only data symbols (`nm -S`).
 fn read_symbols(binary: &Path) -> anyhow::Result<Vec<Symbol>> {
-    let text = output(Command::new("nm").args(["-S", "--defined-only"]).arg(binary))?;
+    let text = sys::run(&["nm", "-S", "--defined-only", &path(binary)?])?;
     Ok(parse_nm(&text))
 }
 

@@ -18,7 +18,7 @@ use mesh_tests::measure;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::{BenchArgs, CLIENT, SERVER_CROSS, Tools, route_all_to_subset};
+use super::{BenchArgs, CLIENT, SERVER_CROSS, Tools, route_all_to};
 use crate::root;
 
 /// Length of one window: load, then a sample.
@@ -86,7 +86,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 pub fn run(lab: &mut Lab, args: &BenchArgs, duration: Duration) -> anyhow::Result<SoakReport> {
     let tools = Tools::find()?;
     let v1 = lab.pod(SERVER_CROSS)?.ip;
-    let vip = route_all_to_subset(lab, "v1", SERVER_CROSS)?;
+    let vip = route_all_to(lab, SERVER_CROSS)?;
     let urls = [format!("http://{v1}:8080/bytes/{}", args.body), format!("http://{vip}/bytes/{}", args.body)];
     let agents = [agent_pid(lab, "node1")?, agent_pid(lab, "node2")?];
     let warmup = (duration / 5).min(Duration::from_secs(120)).max(WINDOW);
