@@ -369,7 +369,7 @@ impl Upstreams {
             !list.is_empty()
         });
         self.h2.lock().unwrap_or_else(|p| p.into_inner()).retain(|_, slot| {
-            // Held (a request dialing or reading it) or shared (one about to): keep.
+            // A request taking the sender or dialing holds the slot: keep it.
             if Arc::strong_count(slot) > 1 {
                 return true;
             }
