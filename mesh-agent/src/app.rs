@@ -24,6 +24,7 @@ use std::os::fd::OwnedFd;
 
 use crate::admin::{self, AdminState};
 use crate::cni::CniRequest;
+use crate::code_pages;
 use crate::config::{DirSource, KubeSource, Reload};
 use crate::dataplane::{self, Dataplane, Netns, Paths};
 use crate::identity::{CaClient, CertStore, PeerVerifier};
@@ -166,6 +167,10 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
     // Up before the config is: a waiting agent answers "not ready" and says why.
     let mut admin_servers = serve_admin(&settings, &admin_state, &shutdown, &inherited)?;
     tokio::spawn(crate::heap::hand_back_after_bursts(shutdown.clone()));
+    let one_off = code_pages::OneOffWork::default();
+    if settings.unmap_one_off_pages == crate::settings::Switch::On {
+        tokio::spawn(code_pages::unmap_after_one_off_work(one_off.clone(), shutdown.clone()));
+    }
     let (mut source, mut changes, _watcher) = open_source(&settings, client.as_ref(), &admin_state).await?;
     let (remotes, mut remote_changes) = RemoteClusters::start(
         ca_client(&settings, &verifier),
@@ -214,6 +219,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
         started: None,
         predecessor,
         remotes,
+        one_off,
     };
     agent.apply(&mut source);
     agent.finish_takeover();
@@ -238,7 +244,10 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
             Some(()) = changes.recv() => agent.apply(&mut source),
             Some(()) = remote_changes.recv() => agent.apply(&mut source),
             // Certificates arrived: pods waiting for theirs can start.
-            Some(()) = issued_rx.recv() => agent.reconcile(),
+            Some(()) = issued_rx.recv() => {
+                agent.reconcile();
+                agent.one_off.done();
+            }
             Some(r) = cni_rx.recv() => {
                 agent.pods.cni(&dataplane, r.request, r.netns, r.reply);
                 // The config may already show the pod: answer without waiting a tick.
@@ -550,6 +559,8 @@ struct Agent {
     predecessor: Option<handoff::Predecessor>,
     /// The mesh's other clusters this agent follows.
     remotes: RemoteClusters,
+    /// Told when a compile or starting up is done: its code's pages can go.
+    one_off: code_pages::OneOffWork,
 }
 
 impl Agent {
@@ -571,6 +582,7 @@ impl Agent {
                 at_unix_ms,
             };
             *self.admin.last_apply.lock().unwrap_or_else(|p| p.into_inner()) = Some(applied);
+            self.one_off.done();
         }
     }
 
@@ -646,6 +658,8 @@ impl Agent {
         }
         self.admin.ready.store(true, Ordering::Release);
         tracing::info!(node = %self.settings.node, pods = self.pods.enrolled_count(), "agent ready");
+        // Serving from here: what only starting up ran need not stay mapped.
+        self.one_off.done();
         if let Some(predecessor) = self.predecessor.take() {
             let unused = self.ctx.inherited.close_rest();
             tracing::info!(predecessor = %predecessor.version, unused, "serving; the previous agent stops accepting");

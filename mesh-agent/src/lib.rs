@@ -10,6 +10,7 @@ pub mod authz;
 pub mod ca_service;
 pub mod cli;
 pub mod cni;
+pub mod code_pages;
 pub mod config;
 pub mod dataplane;
 pub mod fuzzing;

@@ -50,6 +50,10 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
     admin_state.denials = metrics.recent_denials();
     let _admin = serve_admin(&settings, &admin_state, &shutdown, &Default::default())?;
     tokio::spawn(crate::heap::hand_back_after_bursts(shutdown.clone()));
+    let one_off = crate::code_pages::OneOffWork::default();
+    if settings.unmap_one_off_pages == crate::settings::Switch::On {
+        tokio::spawn(crate::code_pages::unmap_after_one_off_work(one_off.clone(), shutdown.clone()));
+    }
     let (mut source, mut changes, _watcher) = open_source(&settings, client.as_ref(), &admin_state).await?;
     // In a cluster, credentialName Secrets come from the gateway's own namespace (its
     // Role reads Secrets there and nowhere else).
@@ -96,6 +100,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
         secrets_seen: 0,
         origination_secrets,
         status: status_tx,
+        one_off,
     };
     edge.reload(&mut source).await;
     tracing::info!(%pod, ports = ?edge.gateway.ports(), "gateway ready");
@@ -149,6 +154,8 @@ struct Edge {
     origination_secrets: Arc<ArcSwap<Secrets>>,
     /// The Gateway API status of each snapshot, for the status writer (cluster mode).
     status: tokio::sync::watch::Sender<Arc<Vec<crate::config::gateway_api::translate::ObjectStatus>>>,
+    /// Told when a compile is done: its code's pages can go.
+    one_off: crate::code_pages::OneOffWork,
 }
 
 impl Edge {
@@ -187,6 +194,7 @@ impl Edge {
         }
         self.origination_secrets.store(Arc::new(secrets));
         tracing::info!(version = self.version, ports = ?self.gateway.ports(), "gateway config applied");
+        self.one_off.done();
         self.publish_readiness();
     }
 
