@@ -151,9 +151,11 @@ const IPERF_PORT: u16 = 5201;
 
 /// How long the agents are left alone before an idle memory reading: longer than their
 /// heap loop's period (`mesh_agent::heap::LOOK_EVERY`, 2 s), so the memory the last
-/// work freed (enrolling the pods, the scenarios) has been handed back, as it is for
-/// an agent left idle. The fresh and the after-the-bench readings wait alike.
-const IDLE_SETTLE: Duration = Duration::from_secs(3);
+/// work freed (enrolling the pods, the scenarios) has been handed back, and than the
+/// quiet after which they unmap what that work ran (`mesh_agent::code_pages::QUIET`,
+/// 2 s after the pods' certificates came), as for an agent left idle. The fresh and
+/// the after-the-bench readings wait alike.
+const IDLE_SETTLE: Duration = Duration::from_secs(4);
 
 /// `--render`: docs/benchmarks.md from the report already at `--report`.
 pub fn render(args: &BenchArgs) -> anyhow::Result<Report> {

@@ -1,5 +1,5 @@
 //! `cargo xtask`: every project task, one module per command.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 mod bench;
 mod build;
