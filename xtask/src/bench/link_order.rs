@@ -7,8 +7,9 @@
 //! resident. Packed together by the linker (`mesh-agent/build.rs`), the touched
 //! functions make the resident text the size of what is run.
 //!
-//! What serving touches comes first, what one-off work touches (enrollment, config
-//! compiles, the config dump) after it; start-up's code is not listed. The agent
+//! What an idle agent touches comes first (its resync, idle loops, pooled
+//! connections), then what serving touches, then what one-off work touches
+//! (enrollment, config compiles, the config dump); start-up's code is not listed. The agent
 //! unmaps the pages one-off work touched once it has been quiet for a moment
 //! (`mesh-agent/src/code_pages.rs`): what serving runs maps back, and that is what
 //! stays resident, so that is what must lie packed.
@@ -53,6 +54,9 @@ const TRAFFIC: Duration = Duration::from_secs(2);
 const AGENTS: usize = 3;
 /// What the agents' idle loops (heap trim, metrics sampler) get to run before reading.
 const IDLE: Duration = Duration::from_secs(3);
+/// How long an idle reading leaves the agents alone: several of their resync (2 s) and
+/// heap-loop periods, a metrics sampler's, and the upstream reaper's (5 s).
+const IDLE_READING: Duration = Duration::from_secs(20);
 /// What the agents get to apply a config change and finish what follows it.
 const SETTLE: Duration = Duration::from_secs(2);
 
@@ -77,16 +81,24 @@ pub fn run() -> anyhow::Result<()> {
             let processes = own_copies(lab, cold)?;
             std::thread::sleep(IDLE);
             let mut touched = Touched::after_start_up(&processes)?;
+            set_enrollment(lab, true)?;
+            touched.one_off_done()?;
+            // Left alone with its pods, and again once its pooled connections are up.
+            std::thread::sleep(IDLE_READING);
+            touched.idle_done()?;
             traffic(lab, &tools, &mut touched)?;
-            std::thread::sleep(IDLE);
-            touched.serving_done()?;
+            std::thread::sleep(IDLE_READING);
+            touched.idle_done()?;
             let symbols = read_symbols(&processes[0].1)?;
+            let idle = touched_symbols(&symbols, &touched.idle);
             let serving_pages: BTreeSet<u64> = touched.serving.keys().copied().collect();
             let serving = most_used_first(touched_symbols(&symbols, &serving_pages), &touched.serving);
             let one_off = touched_symbols(&symbols, &touched.one_off);
-            for (what, pages, listed) in
-                [("serving", &serving_pages, &serving), ("one-off work", &touched.one_off, &one_off)]
-            {
+            for (what, pages, listed) in [
+                ("idle", &touched.idle, &idle),
+                ("serving", &serving_pages, &serving),
+                ("one-off work", &touched.one_off, &one_off),
+            ] {
                 let bytes: u64 = listed.iter().map(|s| s.size).sum();
                 println!(
                     "[link-order] {what}: {} pages touched ({:.1} MiB), {} symbols on them ({:.1} MiB)",
@@ -96,7 +108,7 @@ pub fn run() -> anyhow::Result<()> {
                     bytes as f64 / 1048576.0
                 );
             }
-            Ok(serving.into_iter().chain(one_off).collect::<Vec<_>>())
+            Ok(idle.into_iter().chain(serving).chain(one_off).collect::<Vec<_>>())
         },
     );
     drop(cold);
@@ -125,13 +137,15 @@ struct Touched<'a> {
     serving: BTreeMap<u64, u32>,
     /// Touched by one-off work: enrollment, config compiles, the config dump.
     one_off: BTreeSet<u64>,
+    /// Touched while nothing was served: resync, idle loops, pooled connections.
+    idle: BTreeSet<u64>,
 }
 
 impl<'a> Touched<'a> {
     /// Starts counting: what starting up touched is not counted (the agent unmaps it
     /// once ready, `mesh-agent/src/code_pages.rs`).
     fn after_start_up(processes: &'a [(u32, PathBuf)]) -> anyhow::Result<Self> {
-        let touched = Self { processes, serving: BTreeMap::new(), one_off: BTreeSet::new() };
+        let touched = Self { processes, serving: BTreeMap::new(), one_off: BTreeSet::new(), idle: BTreeSet::new() };
         touched.forget()?;
         Ok(touched)
     }
@@ -143,6 +157,12 @@ impl<'a> Touched<'a> {
                 *self.serving.entry(page).or_default() += 1;
             }
         }
+        self.forget()
+    }
+
+    /// What was touched since the last reading ran while nothing was served.
+    fn idle_done(&mut self) -> anyhow::Result<()> {
+        self.idle.extend(self.read()?.into_iter().flatten());
         self.forget()
     }
 
@@ -203,8 +223,6 @@ fn own_copies(lab: &mut Lab, cold: &ColdCopy) -> anyhow::Result<Vec<(u32, PathBu
 /// The traffic the bench sends, briefly, and the config changes around it: what a
 /// serving agent runs, told apart from the one-off work.
 fn traffic(lab: &mut Lab, tools: &Tools, touched: &mut Touched) -> anyhow::Result<()> {
-    set_enrollment(lab, true)?;
-    touched.one_off_done()?;
     let secs = format!("{}s", TRAFFIC.as_secs());
     let load = |url: &str, origin: Origin, extra: &[&str]| -> anyhow::Result<()> {
         let mut args = vec!["-z", &secs, "-c", "16"];
