@@ -167,10 +167,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
     // Up before the config is: a waiting agent answers "not ready" and says why.
     let mut admin_servers = serve_admin(&settings, &admin_state, &shutdown, &inherited)?;
     tokio::spawn(crate::heap::hand_back_after_bursts(shutdown.clone()));
-    let one_off = code_pages::OneOffWork::default();
-    if settings.unmap_one_off_pages == crate::settings::Switch::On {
-        tokio::spawn(code_pages::unmap_after_one_off_work(one_off.clone(), shutdown.clone()));
-    }
+    let one_off = code_pages::OneOffWork::start(settings.unmap_one_off_pages == crate::settings::Switch::On, &shutdown);
     let (mut source, mut changes, _watcher) = open_source(&settings, client.as_ref(), &admin_state).await?;
     let (remotes, mut remote_changes) = RemoteClusters::start(
         ca_client(&settings, &verifier),

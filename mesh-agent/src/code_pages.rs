@@ -38,16 +38,21 @@ pub const QUIET: Duration = Duration::from_secs(2);
 pub struct OneOffWork(Arc<Notify>);
 
 impl OneOffWork {
+    /// The handle the agent tells; when `unmap` (`--unmap-one-off-pages`), a task
+    /// unmaps one-off work's pages [`QUIET`] after the last [`OneOffWork::done`], until
+    /// `shutdown`.
+    pub fn start(unmap: bool, shutdown: &CancellationToken) -> Self {
+        let work = Self::default();
+        if unmap {
+            tokio::spawn(after_quiet(work.clone(), shutdown.clone(), QUIET, release_logged));
+        }
+        work
+    }
+
     /// One-off work was done: its pages go once [`QUIET`] passes without more.
     pub fn done(&self) {
         self.0.notify_one();
     }
-}
-
-/// Unmaps one-off work's pages [`QUIET`] after the last [`OneOffWork::done`], until
-/// `shutdown`.
-pub async fn unmap_after_one_off_work(work: OneOffWork, shutdown: CancellationToken) {
-    after_quiet(work, shutdown, QUIET, release_logged).await;
 }
 
 /// Runs `act` (blocking, on the blocking pool) `quiet` after the last `done`, once per

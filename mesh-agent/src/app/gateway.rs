@@ -50,10 +50,8 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
     admin_state.denials = metrics.recent_denials();
     let _admin = serve_admin(&settings, &admin_state, &shutdown, &Default::default())?;
     tokio::spawn(crate::heap::hand_back_after_bursts(shutdown.clone()));
-    let one_off = crate::code_pages::OneOffWork::default();
-    if settings.unmap_one_off_pages == crate::settings::Switch::On {
-        tokio::spawn(crate::code_pages::unmap_after_one_off_work(one_off.clone(), shutdown.clone()));
-    }
+    let one_off =
+        crate::code_pages::OneOffWork::start(settings.unmap_one_off_pages == crate::settings::Switch::On, &shutdown);
     let (mut source, mut changes, _watcher) = open_source(&settings, client.as_ref(), &admin_state).await?;
     // In a cluster, credentialName Secrets come from the gateway's own namespace (its
     // Role reads Secrets there and nowhere else).
