@@ -7,6 +7,7 @@ mod gateway_status;
 mod handoff;
 mod pods;
 mod remote_clusters;
+mod trust;
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -173,6 +174,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
         ca_client(&settings, &verifier),
         settings.cluster_id.clone(),
         settings.remote_clusters_refresh,
+        one_off.clone(),
         shutdown.clone(),
     );
     let ctx = ProxyContext {
@@ -228,7 +230,15 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
     let mut resync = tokio::time::interval(RESYNC_INTERVAL);
     let mut ticks: u64 = 0;
     let mut renew = tokio::time::interval(ctx.dialer.certs.renewal_interval());
-    let mut trust = tokio::time::interval(settings.trust_refresh);
+    let renewal = agent.renewal.clone();
+    trust::follow(
+        ctx.dialer.certs.clone(),
+        verifier.clone(),
+        settings.trust_refresh,
+        agent.one_off.clone(),
+        move || renewal.kick(),
+        shutdown.clone(),
+    );
     loop {
         tokio::select! {
             _ = shutdown_signal() => break,
@@ -264,16 +274,6 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
                 }
             }
             _ = renew.tick() => agent.renewal.kick(),
-            _ = trust.tick() => {
-                let (certs, verifier, renewal) = (ctx.dialer.certs.clone(), verifier.clone(), agent.renewal.clone());
-                tokio::spawn(async move {
-                    match certs.refresh_trust(&verifier).await {
-                        Ok(true) => renewal.kick(),
-                        Ok(false) => {}
-                        Err(e) => tracing::warn!(error = %e, "trust bundle refresh failed; keeping the current roots"),
-                    }
-                });
-            }
         }
     }
 

@@ -9,7 +9,7 @@ mod spiffe;
 mod verify;
 
 pub use ca::{CaFiles, MeshCa, SECRET_REQUIRED_KEYS, SelfSignedRoot};
-pub use ca_client::{CaClient, Issued};
+pub use ca_client::{Asked, CaClient, Issued, Pace, WATCH_WAIT};
 pub use certs::{CertStore, Signer, WorkloadCert};
 pub(crate) use certs::{cert_not_after, humantime_utc};
 pub use spiffe::{Identity, parse_trust_domain};

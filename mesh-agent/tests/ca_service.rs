@@ -7,6 +7,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use mesh_agent::identity::ca_protocol::Watch;
 use mesh_agent::identity::{CaClient, CaFiles, Identity, MeshCa, PeerVerifier, peer_identity};
 use rustls::pki_types::CertificateDer;
 use serde_json::json;
@@ -158,8 +159,20 @@ async fn a_gateway_gets_its_own_identity_and_no_other() {
 async fn a_root_rotation_in_the_ca_files_reaches_the_bundle_and_new_certificates() {
     let ca = start_ca();
     let client = ca.client("token-of-node1");
-    let before = client.trust_bundle().await.unwrap();
+    let (before, version) = client.trust_bundle(None).await.unwrap();
     assert_eq!(before.roots.len(), 1);
+    // An agent follows the bundle with a long poll the CA holds while nothing changes;
+    // a caller the CA does not know is answered at once (holding costs a connection).
+    let watch = Watch { version, wait: Duration::from_secs(60) };
+    let stranger = ca.client("nobody");
+    let answered = tokio::time::timeout(Duration::from_secs(5), stranger.trust_bundle(Some(&watch))).await;
+    assert_eq!(answered.expect("not held").unwrap().1, watch.version);
+    let held = tokio::spawn({
+        let (client, watch) = (client.clone(), watch.clone());
+        async move { client.trust_bundle(Some(&watch)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!held.is_finished(), "held while the bundle is unchanged");
 
     // Istio's plug-in CA rotation, in its order. 1: the new root joins the bundle while
     // the old CA still signs, so every client trusts both before anything moves.
@@ -170,6 +183,10 @@ async fn a_root_rotation_in_the_ca_files_reaches_the_bundle_and_new_certificates
     let old_root_pem = std::fs::read_to_string(&files.root_cert).unwrap();
     let new_root_pem = std::fs::read_to_string(&new_files.root_cert).unwrap();
     std::fs::write(&files.root_cert, format!("{old_root_pem}{new_root_pem}")).unwrap();
+    let (news, news_version) =
+        tokio::time::timeout(Duration::from_secs(10), held).await.expect("answered on the change").unwrap().unwrap();
+    assert_eq!(news.roots.len(), 2, "the held watch brings the new root");
+    assert_ne!(news_version, watch.version);
     let both = wait_bundle(&client, |b| b.roots.len() == 2 && b.issuer == before.issuer).await;
     let both: Vec<CertificateDer<'static>> = both.roots.iter().flat_map(|p| roots_in_pem(p)).collect();
     assert!(client.verifier.set_roots(&both).unwrap(), "what the agent does with the bundle");
@@ -197,7 +214,7 @@ async fn wait_bundle(
 ) -> mesh_agent::identity::ca_protocol::TrustBundle {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let b = client.trust_bundle().await.unwrap();
+        let (b, _) = client.trust_bundle(None).await.unwrap();
         if f(&b) {
             return b;
         }
@@ -288,10 +305,10 @@ async fn in_a_cluster_agents_are_known_by_token_review_and_get_their_nodes_pods_
         assert!(e.contains(why), "{token}: {e}");
     }
     // The remote clusters' kubeconfigs hold tokens: for agents and gateways only.
-    assert_eq!(agent.remote_clusters().await.unwrap(), []);
-    assert!(gateway.remote_clusters().await.is_ok());
+    assert_eq!(agent.remote_clusters(None).await.unwrap().0, []);
+    assert!(gateway.remote_clusters(None).await.is_ok());
     for token in ["nobody", "workload"] {
-        let e = client(token).remote_clusters().await.unwrap_err().to_string();
+        let e = client(token).remote_clusters(None).await.unwrap_err().to_string();
         assert!(e.contains("401"), "{token}: {e}");
     }
 }

@@ -105,7 +105,15 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
 
     let mut resync = tokio::time::interval(RESYNC_INTERVAL);
     let mut renew = tokio::time::interval(edge.certs.renewal_interval());
-    let mut trust = tokio::time::interval(settings.trust_refresh);
+    // A new signer makes the certificate due; the next renewal tick re-issues it.
+    super::trust::follow(
+        edge.certs.clone(),
+        verifier.clone(),
+        settings.trust_refresh,
+        edge.one_off.clone(),
+        || {},
+        shutdown.clone(),
+    );
     loop {
         tokio::select! {
             _ = shutdown_signal() => break,
@@ -115,11 +123,6 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
             _ = renew.tick() => {
                 edge.certs.renew_due().await;
                 edge.publish_readiness();
-            }
-            _ = trust.tick() => {
-                if let Err(e) = edge.certs.refresh_trust(&verifier).await {
-                    tracing::warn!(error = %e, "trust bundle refresh failed; keeping the current roots");
-                }
             }
         }
     }

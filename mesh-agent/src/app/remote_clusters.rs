@@ -21,10 +21,11 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::RemoteClusterStatus;
+use crate::code_pages::OneOffWork;
 use crate::config::kube_source::DISCOVERY_KINDS;
 use crate::config::{KubeSource, Object, RemoteObjects};
-use crate::identity::CaClient;
-use crate::identity::ca_protocol::RemoteCluster;
+use crate::identity::ca_protocol::{RemoteCluster, Watch};
+use crate::identity::{Asked, CaClient, Pace, WATCH_WAIT};
 
 /// One remote cluster followed.
 struct Followed {
@@ -56,12 +57,14 @@ pub(crate) struct RemoteReload {
 }
 
 impl RemoteClusters {
-    /// Asks `ca` every `every` which clusters to follow, until `stop`; `changes` gets a
-    /// message when one came, went or changed.
+    /// Follows the clusters `ca` names until `stop`: a long poll the CA holds until the
+    /// list changes, asked again every `every` where the CA does not hold it. `changes`
+    /// gets a message when a cluster came, went or changed. Each answer is one-off work.
     pub(crate) fn start(
         ca: CaClient,
         own_cluster: String,
         every: Duration,
+        one_off: OneOffWork,
         stop: CancellationToken,
     ) -> (Self, mpsc::Receiver<()>) {
         let (tx, rx) = mpsc::channel(1);
@@ -69,13 +72,23 @@ impl RemoteClusters {
         let follower = me.clone();
         tokio::spawn(async move {
             let mut failing: Option<String> = None;
+            let mut pace = Pace::new(every);
+            let mut held: Option<Watch> = None;
             loop {
-                match ca.remote_clusters().await {
-                    Ok(list) => {
+                let asked = match ca.remote_clusters(held.as_ref()).await {
+                    Ok((list, version)) => {
                         if failing.take().is_some() {
                             tracing::info!("the CA answers for the remote clusters again");
                         }
-                        follower.follow(&list, &own_cluster, &tx).await;
+                        let asked = if held.as_ref().is_some_and(|w| w.version == version) {
+                            Asked::Nothing
+                        } else {
+                            follower.follow(&list, &own_cluster, &tx).await;
+                            Asked::News
+                        };
+                        held = Some(Watch { version, wait: WATCH_WAIT });
+                        one_off.done();
+                        asked
                     }
                     Err(e) => {
                         let e = e.to_string();
@@ -83,11 +96,11 @@ impl RemoteClusters {
                             tracing::warn!(error = %e, "asking the CA for the remote clusters; following the last list");
                         }
                         failing = Some(e);
+                        Asked::Failed
                     }
-                }
-                tokio::select! {
-                    () = stop.cancelled() => break,
-                    () = tokio::time::sleep(every) => {}
+                };
+                if !pace.next(asked, &stop).await {
+                    break;
                 }
             }
         });

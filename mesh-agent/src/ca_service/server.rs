@@ -26,12 +26,18 @@ use tokio::sync::Semaphore;
 
 use super::{Authenticator, Error, NodeWorkloads, RemoteSecrets, Settings};
 use crate::identity::ca_protocol::{
-    self, GrpcStatus, IstioCertificateRequest, IstioCertificateResponse, TrustBundle, status,
+    self, GrpcStatus, IstioCertificateRequest, IstioCertificateResponse, TrustBundle, Watch, status,
 };
 use crate::identity::{CaFiles, Identity, MeshCa};
 
-/// Connections served at once.
-const MAX_CONNECTIONS: usize = 256;
+/// Connections served at once. Each agent and gateway holds up to two while idle (its
+/// watches of the trust bundle and of the remote clusters).
+const MAX_CONNECTIONS: usize = 1024;
+/// Watches held at once; the other connections stay free for certificate requests.
+/// Beyond it a watch is answered at once, and its caller asks again at its own pace.
+const MAX_HELD_WATCHES: usize = 768;
+/// How often a held watch looks at its answer again.
+const WATCH_CHECK: Duration = Duration::from_secs(1);
 /// Streams one connection may have open.
 const MAX_STREAMS: u32 = 16;
 /// How long a TLS handshake may take.
@@ -56,6 +62,8 @@ struct State {
     remotes: RemoteSecrets,
     trust_domain: String,
     max_ttl: Duration,
+    /// Permits of the watches held now.
+    held: Semaphore,
 }
 
 impl std::fmt::Debug for State {
@@ -158,6 +166,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
         remotes,
         trust_domain: settings.trust_domain.clone(),
         max_ttl: settings.max_ttl,
+        held: Semaphore::new(MAX_HELD_WATCHES),
     });
     publish_roots(client.as_ref(), &settings, &state.bundle.load()).await;
     tokio::spawn(follow_ca(state.clone(), settings.clone(), client.clone(), secret, secret_data));
@@ -203,7 +212,9 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
             let svc = hyper::service::service_fn(move |req| {
                 let state = state.clone();
                 async move {
-                    let answer = tokio::time::timeout(REQUEST_TIMEOUT, handle(&state, req)).await;
+                    // A watch may be held on top of the time any request may take.
+                    let limit = REQUEST_TIMEOUT + Watch::parse(req.uri().query()).map_or(Duration::ZERO, |w| w.wait);
+                    let answer = tokio::time::timeout(limit, handle(&state, req)).await;
                     Ok::<_, Infallible>(answer.unwrap_or_else(|_| {
                         grpc_error(GrpcStatus { code: status::UNAVAILABLE, message: "request timed out".into() })
                     }))
@@ -236,10 +247,15 @@ async fn shutdown_signal() {
 async fn handle(state: &State, req: Request<Incoming>) -> Response<Body> {
     match (req.method(), req.uri().path()) {
         (&Method::GET, ca_protocol::TRUST_BUNDLE) => {
-            let body = serde_json::to_vec(&**state.bundle.load()).unwrap_or_default();
-            let mut r = Response::new(Full::new(Bytes::from(body)).boxed());
-            r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
-            r
+            // The bundle is anyone's to read, but only a caller the CA knows may have its
+            // watch held: a held watch costs the CA a connection.
+            let watch = match bearer(&req) {
+                Some(token) if state.authn.caller(&token).await.is_ok() => Watch::parse(req.uri().query()),
+                _ => None,
+            };
+            let body =
+                held(watch, &state.held, || serde_json::to_vec(&**state.bundle.load()).unwrap_or_default()).await;
+            json(StatusCode::OK, body)
         }
         (&Method::POST, ca_protocol::CREATE_CERTIFICATE) => match create_certificate(state, req).await {
             Ok(answer) => grpc_ok(&answer),
@@ -269,9 +285,38 @@ async fn remote_clusters(state: &State, req: &Request<Incoming>) -> Response<Bod
         tracing::warn!(%why, "remote clusters refused: caller not authenticated");
         return answer(StatusCode::UNAUTHORIZED, format!("{why}\n").into_bytes());
     }
-    let mut r = answer(StatusCode::OK, serde_json::to_vec(&state.remotes.clusters()).unwrap_or_default());
+    let watch = Watch::parse(req.uri().query());
+    json(
+        StatusCode::OK,
+        held(watch, &state.held, || serde_json::to_vec(&state.remotes.clusters()).unwrap_or_default()).await,
+    )
+}
+
+/// A JSON answer.
+fn json(code: StatusCode, body: Vec<u8>) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(body)).boxed());
+    *r.status_mut() = code;
     r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
     r
+}
+
+/// The answer `current` gives, once it differs from the version `watch` holds or the
+/// watch's wait has passed, looked at every [`WATCH_CHECK`]; at once without a watch,
+/// or when `permits` has none left.
+async fn held(watch: Option<Watch>, permits: &Semaphore, current: impl Fn() -> Vec<u8>) -> Vec<u8> {
+    let mut body = current();
+    let Some(watch) = watch else { return body };
+    let Ok(_permit) = permits.try_acquire() else { return body };
+    let deadline = tokio::time::Instant::now() + watch.wait;
+    while ca_protocol::version_of(&body) == watch.version {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        tokio::time::sleep(left.min(WATCH_CHECK)).await;
+        body = current();
+    }
+    body
 }
 
 /// The request's bearer token.
@@ -446,5 +491,45 @@ async fn publish_roots_in(client: &kube::Client, target: &str, bundle: &TrustBun
     match api.patch(name, &params, &kube::api::Patch::Apply(&cm)).await {
         Ok(_) => tracing::info!(configmap = %target, "root bundle published"),
         Err(e) => tracing::error!(configmap = %target, error = %e, "publishing the root bundle"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    fn watching(body: &[u8], wait: Duration) -> Option<Watch> {
+        Some(Watch { version: ca_protocol::version_of(body), wait })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_watch_is_answered_when_its_answer_changes_or_its_wait_ends() {
+        let permits = Semaphore::new(1);
+        let start = tokio::time::Instant::now();
+        // News: answered at once.
+        assert_eq!(held(watching(b"old", Duration::from_secs(300)), &permits, || b"new".to_vec()).await, b"new");
+        assert_eq!(start.elapsed(), Duration::ZERO);
+        // No news: held for the wait, then answered with what there is.
+        assert_eq!(held(watching(b"same", Duration::from_secs(30)), &permits, || b"same".to_vec()).await, b"same");
+        assert_eq!(start.elapsed(), Duration::from_secs(30));
+        // A change while held: answered within a check of it.
+        let looks = AtomicUsize::new(0);
+        let start = tokio::time::Instant::now();
+        let changing = || if looks.fetch_add(1, Ordering::Relaxed) < 5 { b"same".to_vec() } else { b"new".to_vec() };
+        assert_eq!(held(watching(b"same", Duration::from_secs(300)), &permits, changing).await, b"new");
+        assert_eq!(start.elapsed(), WATCH_CHECK * 5);
+        assert_eq!(permits.available_permits(), 1, "the permit goes back");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_a_watch_or_a_permit_the_answer_comes_at_once() {
+        let permits = Semaphore::new(1);
+        let start = tokio::time::Instant::now();
+        assert_eq!(held(None, &permits, || b"same".to_vec()).await, b"same");
+        let _taken = permits.try_acquire().unwrap();
+        assert_eq!(held(watching(b"same", Duration::from_secs(300)), &permits, || b"same".to_vec()).await, b"same");
+        assert_eq!(start.elapsed(), Duration::ZERO);
     }
 }

@@ -15,7 +15,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use rcgen::{CertificateParams, DistinguishedName, KeyPair, SanType};
 use rustls::pki_types::{CertificateDer, ServerName};
 
-use super::ca_protocol::{self, IstioCertificateRequest, IstioCertificateResponse, TrustBundle};
+use super::ca_protocol::{self, IstioCertificateRequest, IstioCertificateResponse, TrustBundle, Watch};
 use super::{Error, Identity, PeerVerifier};
 
 /// How long one call to the CA may take, connection and TLS included.
@@ -23,6 +23,56 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// The largest certificate or trust-bundle answer read from the CA: a chain of a few
 /// certificates.
 const MAX_RESPONSE: usize = 256 * 1024;
+
+/// How long the agent lets the CA hold a watch: the longest the CA holds one.
+pub const WATCH_WAIT: Duration = ca_protocol::MAX_WATCH_WAIT;
+/// The least time between two asks of one watch, whatever the answers: a CA whose
+/// answers never settle costs one ask a second, not a busy loop.
+const MIN_ASK_GAP: Duration = Duration::from_secs(1);
+
+/// What one ask of a watch came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Asked {
+    /// An answer other than the one held.
+    News,
+    /// The answer held already: the wait ended, or the CA did not hold the ask.
+    Nothing,
+    /// No answer.
+    Failed,
+}
+
+/// When to ask a watch again: at once after news or a held ask (the next ask waits at
+/// the CA), `every` after an ask that came back at once with nothing (a CA that does not
+/// hold) and after a failure.
+#[derive(Debug)]
+pub struct Pace {
+    every: Duration,
+    asked_at: tokio::time::Instant,
+}
+
+impl Pace {
+    /// Pacing at `every`, the first ask starting now.
+    pub fn new(every: Duration) -> Self {
+        Self { every, asked_at: tokio::time::Instant::now() }
+    }
+
+    /// Waits until the next ask, after one that came to `asked`; false if `stop` came
+    /// first.
+    pub async fn next(&mut self, asked: Asked, stop: &tokio_util::sync::CancellationToken) -> bool {
+        let took = self.asked_at.elapsed();
+        let gap = match asked {
+            Asked::Failed => self.every,
+            Asked::Nothing if took < self.every => self.every - took,
+            Asked::News | Asked::Nothing => MIN_ASK_GAP.saturating_sub(took),
+        };
+        tokio::select! {
+            () = stop.cancelled() => return false,
+            () = tokio::time::sleep(gap) => {}
+        }
+        self.asked_at = tokio::time::Instant::now();
+        true
+    }
+}
 
 /// Where the CA is and how the agent proves who it is.
 #[derive(Debug, Clone)]
@@ -106,7 +156,7 @@ impl CaClient {
             builder = builder.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
         }
         let req = builder.body(Full::new(ca_protocol::frame(&request))).map_err(|e| ca_error(e.to_string()))?;
-        let (parts, body, trailers) = self.call(req, MAX_RESPONSE).await?;
+        let (parts, body, trailers) = self.call(req, MAX_RESPONSE, Duration::ZERO).await?;
         let status = trailers.as_ref().and_then(ca_protocol::read_status).or_else(|| ca_protocol::read_status(&parts));
         match status {
             Some(s) if s.code == ca_protocol::status::OK => {}
@@ -129,34 +179,46 @@ impl CaClient {
         Ok(Issued { chain, key: key.serialize_der(), roots })
     }
 
-    /// The CA's trust bundle.
-    pub async fn trust_bundle(&self) -> Result<TrustBundle, Error> {
-        let req = http::Request::get(format!("https://{}{}", self.server_name, ca_protocol::TRUST_BUNDLE))
-            .body(Full::new(Bytes::new()))
-            .map_err(|e| ca_error(e.to_string()))?;
-        let (parts, body, _) = self.call(req, MAX_RESPONSE).await?;
-        if parts_status(&parts) != "200" {
-            return Err(ca_error(format!("the CA answered HTTP {} for its trust bundle", parts_status(&parts))));
-        }
-        serde_json::from_slice(&body).map_err(|e| ca_error(format!("trust bundle: {e}")))
+    /// The CA's trust bundle and its version. With `watch`, the CA may hold the ask
+    /// until its bundle differs from the one of that version (a long poll; see
+    /// [`ca_protocol`]): the agent's token goes with it, as the CA holds only callers it
+    /// knows.
+    pub async fn trust_bundle(&self, watch: Option<&Watch>) -> Result<(TrustBundle, String), Error> {
+        let body = self.get(ca_protocol::TRUST_BUNDLE, watch, watch.is_some(), MAX_RESPONSE).await?;
+        let bundle = serde_json::from_slice(&body).map_err(|e| ca_error(format!("trust bundle: {e}")))?;
+        Ok((bundle, ca_protocol::version_of(&body)))
     }
 
-    /// The mesh's other clusters, from the remote secrets the CA holds.
-    pub async fn remote_clusters(&self) -> Result<Vec<ca_protocol::RemoteCluster>, Error> {
-        let mut builder = http::Request::get(format!("https://{}{}", self.server_name, ca_protocol::REMOTE_CLUSTERS));
-        if let Some(token) = self.token()? {
+    /// The mesh's other clusters, from the remote secrets the CA holds, and the version
+    /// of the answer; with `watch`, a long poll as for [`CaClient::trust_bundle`].
+    pub async fn remote_clusters(
+        &self,
+        watch: Option<&Watch>,
+    ) -> Result<(Vec<ca_protocol::RemoteCluster>, String), Error> {
+        let body = self.get(ca_protocol::REMOTE_CLUSTERS, watch, true, ca_protocol::MAX_REMOTE_CLUSTERS_ANSWER).await?;
+        let clusters = serde_json::from_slice(&body).map_err(|e| ca_error(format!("remote clusters: {e}")))?;
+        Ok((clusters, ca_protocol::version_of(&body)))
+    }
+
+    /// The body of a `GET` of `path` answered 200, sent with the agent's token if
+    /// `authenticated`.
+    async fn get(&self, path: &str, watch: Option<&Watch>, authenticated: bool, limit: usize) -> Result<Bytes, Error> {
+        let uri = match watch {
+            Some(w) => format!("https://{}{path}?{}", self.server_name, w.query()),
+            None => format!("https://{}{path}", self.server_name),
+        };
+        let mut builder = http::Request::get(uri);
+        if authenticated && let Some(token) = self.token()? {
             builder = builder.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
         }
         let req = builder.body(Full::new(Bytes::new())).map_err(|e| ca_error(e.to_string()))?;
-        let (parts, body, _) = self.call(req, ca_protocol::MAX_REMOTE_CLUSTERS_ANSWER).await?;
+        let held = watch.map_or(Duration::ZERO, |w| w.wait);
+        let (parts, body, _) = self.call(req, limit, held).await?;
         if parts_status(&parts) != "200" {
             let why = String::from_utf8_lossy(&body[..body.len().min(200)]).trim().to_string();
-            return Err(ca_error(format!(
-                "the CA answered HTTP {} for the remote clusters: {why}",
-                parts_status(&parts)
-            )));
+            return Err(ca_error(format!("the CA answered HTTP {} for {path}: {why}", parts_status(&parts))));
         }
-        serde_json::from_slice(&body).map_err(|e| ca_error(format!("remote clusters: {e}")))
+        Ok(body)
     }
 
     fn token(&self) -> Result<Option<String>, Error> {
@@ -166,15 +228,18 @@ impl CaClient {
     }
 
     /// One HTTP/2 request over a fresh TLS connection: its headers (the status as
-    /// `:status`-less map plus the response code folded in), body and trailers.
+    /// `:status`-less map plus the response code folded in), body and trailers. The CA
+    /// may take [`CALL_TIMEOUT`], plus `held` for a watch.
     async fn call(
         &self,
         req: http::Request<Full<Bytes>>,
         limit: usize,
+        held: Duration,
     ) -> Result<(http::HeaderMap, Bytes, Option<http::HeaderMap>), Error> {
-        tokio::time::timeout(CALL_TIMEOUT, self.call_inner(req, limit))
+        let timeout = CALL_TIMEOUT + held;
+        tokio::time::timeout(timeout, self.call_inner(req, limit))
             .await
-            .map_err(|_| ca_error(format!("no answer from the CA at {} within {CALL_TIMEOUT:?}", self.address)))?
+            .map_err(|_| ca_error(format!("no answer from the CA at {} within {timeout:?}", self.address)))?
     }
 
     async fn call_inner(
@@ -220,4 +285,41 @@ fn parts_status(h: &http::HeaderMap) -> String {
 
 fn is_self_signed(der: &CertificateDer<'_>) -> bool {
     x509_parser::parse_x509_certificate(der).is_ok_and(|(_, c)| c.subject() == c.issuer())
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::time::Instant;
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+
+    /// How long `Pace::next` waits after an ask that took `took` and came to `asked`.
+    async fn gap(every: Duration, took: Duration, asked: Asked) -> Duration {
+        let mut pace = Pace::new(every);
+        tokio::time::sleep(took).await;
+        let start = Instant::now();
+        assert!(pace.next(asked, &CancellationToken::new()).await);
+        start.elapsed()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_held_watch_is_asked_again_at_once_an_unheld_one_at_the_pace() {
+        let every = Duration::from_secs(10);
+        // The CA held the ask until its wait ended, or answered news: ask again now.
+        assert_eq!(gap(every, WATCH_WAIT, Asked::Nothing).await, Duration::ZERO);
+        assert_eq!(gap(every, Duration::from_secs(42), Asked::News).await, Duration::ZERO);
+        // News at once, over and over: no faster than one ask a second.
+        assert_eq!(gap(every, Duration::from_millis(10), Asked::News).await, Duration::from_millis(990));
+        // A CA that answers at once with nothing new is asked every `every`.
+        assert_eq!(gap(every, Duration::from_millis(10), Asked::Nothing).await, Duration::from_millis(9990));
+        assert_eq!(gap(every, Duration::from_secs(3), Asked::Failed).await, every);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stopping_ends_the_wait() {
+        let stop = CancellationToken::new();
+        stop.cancel();
+        assert!(!Pace::new(Duration::from_secs(10)).next(Asked::Failed, &stop).await);
+    }
 }

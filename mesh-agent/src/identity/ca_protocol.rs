@@ -2,12 +2,22 @@
 //! (`istio.v1.auth.IstioCertificateService/CreateCertificate`, gRPC over HTTP/2 and
 //! TLS, as istiod serves it to ztunnel: a CSR, a validity and the identity the caller
 //! asks for on a workload's behalf in `metadata.ImpersonatedIdentity`), plus the mesh's
-//! trust bundle as a plain `GET`, which agents poll so a root rotation reaches them
+//! trust bundle as a plain `GET`, which agents follow so a root rotation reaches them
 //! without a restart.
+//!
+//! The trust bundle and the remote clusters are followed by long polls: an
+//! authenticated `GET` that names the version the caller holds ([`Watch`]) is answered
+//! when the answer differs from it, or after the wait it asks for (at most
+//! [`MAX_WATCH_WAIT`]), whichever comes first. An idle agent then wakes once per wait
+//! instead of once per poll, and a change reaches it at once. A CA that does not hold
+//! (an older one, or one whose budget of held requests is spent) answers at once; the
+//! caller then asks again at its own pace.
 //!
 //! Messages are written with prost's derive (the `.proto` is three fields); the gRPC
 //! framing (a flag byte and a 32-bit length before each message; `grpc-status` in the
 //! trailers) is written here.
+
+use std::time::Duration;
 
 use bytes::{BufMut as _, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
@@ -31,6 +41,49 @@ pub const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
 pub const CA_PORT: u16 = 15012;
 /// The largest request body the CA reads: a CSR is well under 2 KiB.
 pub const MAX_REQUEST: usize = 64 * 1024;
+
+/// The longest a CA holds a watch before answering with what it has.
+pub const MAX_WATCH_WAIT: Duration = Duration::from_secs(300);
+
+/// A long poll: the version of the answer the caller holds, and how long it may wait
+/// for a different one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Watch {
+    /// [`version_of`] the answer held.
+    pub version: String,
+    /// How long the answer may be held while unchanged.
+    pub wait: Duration,
+}
+
+impl Watch {
+    /// The query string that asks for it.
+    pub fn query(&self) -> String {
+        format!("version={}&wait={}", self.version, self.wait.as_secs())
+    }
+
+    /// The watch a request's query asks for; None for a plain request or a query that
+    /// is not one (the request is then answered at once).
+    pub fn parse(query: Option<&str>) -> Option<Self> {
+        let (mut version, mut wait) = (None, None);
+        for pair in query?.split('&') {
+            match pair.split_once('=')? {
+                ("version", v) if (1..=64).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_hexdigit()) => {
+                    version = Some(v.to_string());
+                }
+                ("wait", w) => wait = Some(Duration::from_secs(w.parse().ok()?).min(MAX_WATCH_WAIT)),
+                _ => return None,
+            }
+        }
+        Some(Self { version: version?, wait: wait? })
+    }
+}
+
+/// The version of an answer's body: what a [`Watch`] names. Computed alike on both
+/// sides, so a CA that sends no version still lets its caller tell news from none.
+pub fn version_of(body: &[u8]) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, body);
+    digest.as_ref()[..16].iter().map(|b| format!("{b:02x}")).collect()
+}
 
 /// A cluster of the mesh other than the caller's, as a remote secret names it: what the
 /// agents watch it with. The kubeconfig holds a token: never logged.
@@ -197,5 +250,22 @@ mod tests {
     fn statuses_survive_the_trailers() {
         let s = GrpcStatus { code: status::PERMISSION_DENIED, message: "pod not on node1: 100% sure".into() };
         assert_eq!(read_status(&status_headers(&s)), Some(s));
+    }
+
+    #[test]
+    fn a_watch_is_its_query_and_nothing_else_is() {
+        let w = Watch { version: version_of(b"roots"), wait: Duration::from_secs(300) };
+        assert_eq!(w.version.len(), 32);
+        assert_eq!(Watch::parse(Some(&w.query())), Some(w.clone()));
+        assert_eq!(Watch::parse(Some("wait=300&version=ab")).map(|w| w.version), Some("ab".to_string()));
+        // The wait is the CA's to cap.
+        assert_eq!(Watch::parse(Some("version=ab&wait=86400")).map(|w| w.wait), Some(MAX_WATCH_WAIT));
+        for plain in
+            [None, Some(""), Some("version=ab"), Some("wait=3"), Some("version=zz&wait=3"), Some("version=ab&wait=-1")]
+        {
+            assert_eq!(Watch::parse(plain), None, "{plain:?}");
+        }
+        assert_eq!(Watch::parse(Some("version=ab&wait=3&other=1")), None);
+        assert_ne!(version_of(b"roots"), version_of(b"roots2"));
     }
 }

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant, SystemTime};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::sign::CertifiedKey;
 
+use super::ca_protocol::{TrustBundle, Watch};
 use super::{CaClient, Error, Identity, MeshCa, PeerVerifier};
 
 /// How many certificates are asked for at once.
@@ -206,8 +207,25 @@ impl CertStore {
     /// due, so the next [`CertStore::renew_due`] moves the node's workloads to it.
     /// Returns whether anything changed.
     pub async fn refresh_trust(&self, verifier: &PeerVerifier) -> Result<bool, Error> {
-        let Signer::Remote(client) = &self.signer else { return Ok(false) };
-        let bundle = client.trust_bundle().await?;
+        Ok(self.refresh_trust_after(verifier, None).await?.0)
+    }
+
+    /// [`CertStore::refresh_trust`], as a long poll with `watch`: the CA may hold the
+    /// ask until its bundle is no longer the one `watch` names. Returns whether anything
+    /// changed, and the version of the bundle now held (None with a local signer: there
+    /// is nothing to follow).
+    pub async fn refresh_trust_after(
+        &self,
+        verifier: &PeerVerifier,
+        watch: Option<&Watch>,
+    ) -> Result<(bool, Option<String>), Error> {
+        let Signer::Remote(client) = &self.signer else { return Ok((false, None)) };
+        let (bundle, version) = client.trust_bundle(watch).await?;
+        Ok((self.trust(verifier, &bundle)?, Some(version)))
+    }
+
+    /// Makes `bundle` the trusted roots and issuer; whether anything changed.
+    fn trust(&self, verifier: &PeerVerifier, bundle: &TrustBundle) -> Result<bool, Error> {
         let mut roots = Vec::new();
         for pem in &bundle.roots {
             for der in rustls_pemfile::certs(&mut pem.as_bytes()) {
