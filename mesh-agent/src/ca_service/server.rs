@@ -220,7 +220,11 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
                     }))
                 }
             });
+            // No ping within a watch's longest hold: a held ask would otherwise wake its
+            // agent every ping to answer it. A dead caller is found when its answer is
+            // written, at the hold's end at the latest.
             let served = crate::transport::limits::h2_server()
+                .keep_alive_interval(ca_protocol::MAX_WATCH_WAIT)
                 .max_concurrent_streams(MAX_STREAMS)
                 .serve_connection(TokioIo::new(tls), svc)
                 .await;
