@@ -169,6 +169,8 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
     let mut admin_servers = serve_admin(&settings, &admin_state, &shutdown, &inherited)?;
     tokio::spawn(crate::heap::hand_back_after_bursts(shutdown.clone()));
     let one_off = code_pages::OneOffWork::start(settings.unmap_one_off_pages == crate::settings::Switch::On, &shutdown);
+    let counted = metrics.clone();
+    one_off.after_traffic(move || counted.connections_opened(), &shutdown);
     let (mut source, mut changes, _watcher) = open_source(&settings, client.as_ref(), &admin_state).await?;
     let (remotes, mut remote_changes) = RemoteClusters::start(
         ca_client(&settings, &verifier),

@@ -13,7 +13,10 @@
 //! cache, a minor fault, so nothing is lost but the mapping. The release build lays
 //! out the code that serving runs first (`mesh-agent/link-order.txt`, measured by
 //! `cargo xtask link-order`), so serving maps back a few packed megabytes, not pages
-//! scattered through the whole text.
+//! scattered through the whole text. Traffic's end is treated alike
+//! ([`OneOffWork::after_traffic`]): once connections stop opening for
+//! [`TRAFFIC_QUIET`], serving's pages go too, and an idle agent maps back only what its
+//! idle work runs, which the link order puts first of all.
 //!
 //! Only private, read-only mappings of a file that hold no page of their own
 //! (`Anonymous: 0 kB` in `/proc/self/smaps`) are dropped: such a mapping reads exactly
@@ -33,16 +36,25 @@ use tokio_util::sync::CancellationToken;
 /// config changes unmaps once, after it.
 pub const QUIET: Duration = Duration::from_secs(2);
 
+/// How long no connection may open, after some did, before serving's pages go too:
+/// far longer than the gaps between a client's connections, so steady traffic keeps
+/// its code mapped; what serves the next connection maps back from the page cache.
+pub const TRAFFIC_QUIET: Duration = Duration::from_secs(30);
+
 /// Tells the unmapping task that one-off work was done (cheap: a permit is stored).
 #[derive(Debug, Clone, Default)]
-pub struct OneOffWork(Arc<Notify>);
+pub struct OneOffWork {
+    notify: Arc<Notify>,
+    /// Whether anything is unmapped at all (`--unmap-one-off-pages`).
+    on: bool,
+}
 
 impl OneOffWork {
     /// The handle the agent tells; when `unmap` (`--unmap-one-off-pages`), a task
     /// unmaps one-off work's pages [`QUIET`] after the last [`OneOffWork::done`], until
     /// `shutdown`.
     pub fn start(unmap: bool, shutdown: &CancellationToken) -> Self {
-        let work = Self::default();
+        let work = Self { notify: Arc::default(), on: unmap };
         if unmap {
             tokio::spawn(after_quiet(work.clone(), shutdown.clone(), QUIET, release_logged));
         }
@@ -51,7 +63,35 @@ impl OneOffWork {
 
     /// One-off work was done: its pages go once [`QUIET`] passes without more.
     pub fn done(&self) {
-        self.0.notify_one();
+        self.notify.notify_one();
+    }
+
+    /// Counts traffic's end as one-off work's, until `shutdown`: once connections
+    /// opened (`opened` counts them) and then none did for [`TRAFFIC_QUIET`], the pages
+    /// serving touched go as well, so an agent whose traffic stopped comes back to what
+    /// an idle one holds. Nothing when unmapping is off.
+    pub fn after_traffic(&self, opened: impl Fn() -> u64 + Send + 'static, shutdown: &CancellationToken) {
+        if self.on {
+            tokio::spawn(when_traffic_stops(self.clone(), opened, shutdown.clone(), TRAFFIC_QUIET));
+        }
+    }
+}
+
+/// Tells `work` once per stretch of traffic, when `opened` has not moved for `quiet`.
+async fn when_traffic_stops(work: OneOffWork, opened: impl Fn() -> u64, shutdown: CancellationToken, quiet: Duration) {
+    let mut last = opened();
+    let mut told_at = last;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(quiet) => {}
+            () = shutdown.cancelled() => return,
+        }
+        let now = opened();
+        if now == last && now != told_at {
+            work.done();
+            told_at = now;
+        }
+        last = now;
     }
 }
 
@@ -60,13 +100,13 @@ impl OneOffWork {
 async fn after_quiet(work: OneOffWork, shutdown: CancellationToken, quiet: Duration, act: fn()) {
     loop {
         tokio::select! {
-            () = work.0.notified() => {}
+            () = work.notify.notified() => {}
             () = shutdown.cancelled() => return,
         }
         loop {
             tokio::select! {
                 () = tokio::time::sleep(quiet) => break,
-                () = work.0.notified() => {}
+                () = work.notify.notified() => {}
                 () = shutdown.cancelled() => return,
             }
         }
@@ -261,6 +301,40 @@ Rss:                 100 kB
         tokio::time::sleep(QUIET + Duration::from_millis(1)).await;
         settle().await;
         assert_eq!(acted(), 2, "the next work's pages go too");
+        shutdown.cancel();
+        task.await.expect("the task ends at shutdown");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn serving_counts_as_done_once_connections_stop_opening() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let (work, shutdown) = (OneOffWork::default(), CancellationToken::new());
+        let opened = Arc::new(AtomicU64::new(0));
+        let task = tokio::spawn(when_traffic_stops(
+            work.clone(),
+            {
+                let opened = opened.clone();
+                move || opened.load(Ordering::Relaxed)
+            },
+            shutdown.clone(),
+            TRAFFIC_QUIET,
+        ));
+        let told = || async { tokio::time::timeout(Duration::from_millis(1), work.notify.notified()).await.is_ok() };
+        tokio::time::sleep(TRAFFIC_QUIET * 3).await;
+        assert!(!told().await, "no traffic yet: nothing to drop");
+        // Connections keep opening: serving goes on.
+        for _ in 0..4 {
+            opened.fetch_add(3, Ordering::Relaxed);
+            tokio::time::sleep(TRAFFIC_QUIET).await;
+        }
+        assert!(!told().await, "told while connections still opened");
+        tokio::time::sleep(TRAFFIC_QUIET).await;
+        assert!(told().await, "told once they stopped");
+        tokio::time::sleep(TRAFFIC_QUIET * 3).await;
+        assert!(!told().await, "once per stretch of traffic");
+        opened.fetch_add(1, Ordering::Relaxed);
+        tokio::time::sleep(TRAFFIC_QUIET * 2 + Duration::from_millis(1)).await;
+        assert!(told().await, "the next stretch's end too");
         shutdown.cancel();
         task.await.expect("the task ends at shutdown");
     }

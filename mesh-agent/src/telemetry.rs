@@ -544,6 +544,9 @@ pub struct Metrics {
     sent: Family<ConnLabels, Counter>,
     received: Family<ConnLabels, Counter>,
     active: Gauge,
+    /// Connections opened since start, whatever their labels: how the agent tells that
+    /// traffic stopped (`code_pages`).
+    opened_total: std::sync::atomic::AtomicU64,
     /// Config reloads rejected.
     pub config_rejected: Counter,
     /// Config snapshots applied.
@@ -910,6 +913,7 @@ impl Metrics {
             self.opened.get_or_create(labels).inc();
         }
         self.active.inc();
+        self.opened_total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let counter = |family: &Family<ConnLabels, Counter>, metric| {
             if on(metric) { family.get_or_create(labels).clone() } else { Counter::default() }
         };
@@ -918,6 +922,11 @@ impl Metrics {
             sent: counter(&self.sent, TCP_SENT),
             closed: on(TCP_CLOSED),
         }
+    }
+
+    /// How many connections opened since start.
+    pub fn connections_opened(&self) -> u64 {
+        self.opened_total.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Counts a connection as closed. Its bytes were counted as they passed, on the
