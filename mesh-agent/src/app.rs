@@ -170,7 +170,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
     tokio::spawn(crate::heap::hand_back_after_bursts(shutdown.clone()));
     let one_off = code_pages::OneOffWork::start(settings.unmap_one_off_pages == crate::settings::Switch::On, &shutdown);
     let counted = metrics.clone();
-    one_off.after_traffic(move || counted.connections_opened(), &shutdown);
+    one_off.after_traffic(move || counted.traffic(), &shutdown);
     let (mut source, mut changes, _watcher) = open_source(&settings, client.as_ref(), &admin_state).await?;
     let (remotes, mut remote_changes) = RemoteClusters::start(
         ca_client(&settings, &verifier),

@@ -14,7 +14,7 @@
 //! out the code that serving runs first (`mesh-agent/link-order.txt`, measured by
 //! `cargo xtask link-order`), so serving maps back a few packed megabytes, not pages
 //! scattered through the whole text. Traffic's end is treated alike
-//! ([`OneOffWork::after_traffic`]): once connections stop opening for
+//! ([`OneOffWork::after_traffic`]): once no connection has been open or opened for
 //! [`TRAFFIC_QUIET`], serving's pages go too, and an idle agent maps back only what its
 //! idle work runs, which the link order puts first of all.
 //!
@@ -36,10 +36,20 @@ use tokio_util::sync::CancellationToken;
 /// config changes unmaps once, after it.
 pub const QUIET: Duration = Duration::from_secs(2);
 
-/// How long no connection may open, after some did, before serving's pages go too:
-/// far longer than the gaps between a client's connections, so steady traffic keeps
-/// its code mapped; what serves the next connection maps back from the page cache.
-pub const TRAFFIC_QUIET: Duration = Duration::from_secs(30);
+/// How long traffic must have stopped (no connection open, none opened) before
+/// serving's pages go too: longer than the gaps between a client's connections, so
+/// steady traffic keeps its code mapped; what serves the next connection maps back
+/// from the page cache.
+pub const TRAFFIC_QUIET: Duration = Duration::from_secs(10);
+
+/// What the agent's connections were at one look.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Traffic {
+    /// Connections opened since start.
+    pub opened: u64,
+    /// Connections open now.
+    pub open: u64,
+}
 
 /// Tells the unmapping task that one-off work was done (cheap: a permit is stored).
 #[derive(Debug, Clone, Default)]
@@ -66,30 +76,36 @@ impl OneOffWork {
         self.notify.notify_one();
     }
 
-    /// Counts traffic's end as one-off work's, until `shutdown`: once connections
-    /// opened (`opened` counts them) and then none did for [`TRAFFIC_QUIET`], the pages
-    /// serving touched go as well, so an agent whose traffic stopped comes back to what
-    /// an idle one holds. Nothing when unmapping is off.
-    pub fn after_traffic(&self, opened: impl Fn() -> u64 + Send + 'static, shutdown: &CancellationToken) {
+    /// Counts traffic's end as one-off work's, until `shutdown`: once connections were
+    /// served and then none was open and none opened for [`TRAFFIC_QUIET`] (`traffic`
+    /// says), the pages serving touched go as well, so an agent whose traffic stopped
+    /// comes back to what an idle one holds. Nothing when unmapping is off.
+    pub fn after_traffic(&self, traffic: impl Fn() -> Traffic + Send + 'static, shutdown: &CancellationToken) {
         if self.on {
-            tokio::spawn(when_traffic_stops(self.clone(), opened, shutdown.clone(), TRAFFIC_QUIET));
+            tokio::spawn(when_traffic_stops(self.clone(), traffic, shutdown.clone(), TRAFFIC_QUIET));
         }
     }
 }
 
-/// Tells `work` once per stretch of traffic, when `opened` has not moved for `quiet`.
-async fn when_traffic_stops(work: OneOffWork, opened: impl Fn() -> u64, shutdown: CancellationToken, quiet: Duration) {
-    let mut last = opened();
-    let mut told_at = last;
+/// Tells `work` once per stretch of traffic, at the first look (every `quiet`) that
+/// finds no connection open and none opened since the look before.
+async fn when_traffic_stops(
+    work: OneOffWork,
+    traffic: impl Fn() -> Traffic,
+    shutdown: CancellationToken,
+    quiet: Duration,
+) {
+    let mut last = traffic();
+    let mut told_at = last.opened;
     loop {
         tokio::select! {
             () = tokio::time::sleep(quiet) => {}
             () = shutdown.cancelled() => return,
         }
-        let now = opened();
-        if now == last && now != told_at {
+        let now = traffic();
+        if now.opened == last.opened && now.open == 0 && now.opened != told_at {
             work.done();
-            told_at = now;
+            told_at = now.opened;
         }
         last = now;
     }
@@ -306,33 +322,38 @@ Rss:                 100 kB
     }
 
     #[tokio::test(start_paused = true)]
-    async fn serving_counts_as_done_once_connections_stop_opening() {
-        use std::sync::atomic::{AtomicU64, Ordering};
+    async fn serving_counts_as_done_once_no_connection_is_open_or_opening() {
+        use std::sync::Mutex;
         let (work, shutdown) = (OneOffWork::default(), CancellationToken::new());
-        let opened = Arc::new(AtomicU64::new(0));
+        let traffic = Arc::new(Mutex::new(Traffic::default()));
         let task = tokio::spawn(when_traffic_stops(
             work.clone(),
             {
-                let opened = opened.clone();
-                move || opened.load(Ordering::Relaxed)
+                let traffic = traffic.clone();
+                move || *traffic.lock().unwrap()
             },
             shutdown.clone(),
             TRAFFIC_QUIET,
         ));
+        let set = |opened: u64, open: u64| *traffic.lock().unwrap() = Traffic { opened, open };
         let told = || async { tokio::time::timeout(Duration::from_millis(1), work.notify.notified()).await.is_ok() };
         tokio::time::sleep(TRAFFIC_QUIET * 3).await;
         assert!(!told().await, "no traffic yet: nothing to drop");
         // Connections keep opening: serving goes on.
-        for _ in 0..4 {
-            opened.fetch_add(3, Ordering::Relaxed);
+        for n in 1..=4 {
+            set(3 * n, 1);
             tokio::time::sleep(TRAFFIC_QUIET).await;
         }
         assert!(!told().await, "told while connections still opened");
+        // None opens, but one stays open: it may carry requests.
+        tokio::time::sleep(TRAFFIC_QUIET * 2).await;
+        assert!(!told().await, "told while a connection was open");
+        set(12, 0);
         tokio::time::sleep(TRAFFIC_QUIET).await;
-        assert!(told().await, "told once they stopped");
+        assert!(told().await, "told once none was open and none opened");
         tokio::time::sleep(TRAFFIC_QUIET * 3).await;
         assert!(!told().await, "once per stretch of traffic");
-        opened.fetch_add(1, Ordering::Relaxed);
+        set(13, 0);
         tokio::time::sleep(TRAFFIC_QUIET * 2 + Duration::from_millis(1)).await;
         assert!(told().await, "the next stretch's end too");
         shutdown.cancel();

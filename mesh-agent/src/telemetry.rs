@@ -924,9 +924,12 @@ impl Metrics {
         }
     }
 
-    /// How many connections opened since start.
-    pub fn connections_opened(&self) -> u64 {
-        self.opened_total.load(std::sync::atomic::Ordering::Relaxed)
+    /// How many connections opened since start, and how many are open.
+    pub fn traffic(&self) -> crate::code_pages::Traffic {
+        crate::code_pages::Traffic {
+            opened: self.opened_total.load(std::sync::atomic::Ordering::Relaxed),
+            open: u64::try_from(self.active.get()).unwrap_or(0),
+        }
     }
 
     /// Counts a connection as closed. Its bytes were counted as they passed, on the

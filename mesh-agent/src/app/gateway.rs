@@ -53,7 +53,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
     let one_off =
         crate::code_pages::OneOffWork::start(settings.unmap_one_off_pages == crate::settings::Switch::On, &shutdown);
     let counted = metrics.clone();
-    one_off.after_traffic(move || counted.connections_opened(), &shutdown);
+    one_off.after_traffic(move || counted.traffic(), &shutdown);
     let (mut source, mut changes, _watcher) = open_source(&settings, client.as_ref(), &admin_state).await?;
     // In a cluster, credentialName Secrets come from the gateway's own namespace (its
     // Role reads Secrets there and nowhere else).
