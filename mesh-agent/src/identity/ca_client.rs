@@ -30,6 +30,17 @@ pub const WATCH_WAIT: Duration = ca_protocol::MAX_WATCH_WAIT;
 /// answers never settle costs one ask a second, not a busy loop.
 const MIN_ASK_GAP: Duration = Duration::from_secs(1);
 
+/// Whether a `GET` carries the agent's token.
+#[derive(Debug, Clone, Copy)]
+enum Token {
+    /// Not sent.
+    None,
+    /// Sent when it can be read.
+    IfReadable,
+    /// Sent, and the ask fails without it.
+    Required,
+}
+
 /// What one ask of a watch came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Asked {
@@ -184,7 +195,8 @@ impl CaClient {
     /// [`ca_protocol`]): the agent's token goes with it, as the CA holds only callers it
     /// knows.
     pub async fn trust_bundle(&self, watch: Option<&Watch>) -> Result<(TrustBundle, String), Error> {
-        let body = self.get(ca_protocol::TRUST_BUNDLE, watch, watch.is_some(), MAX_RESPONSE).await?;
+        let token = if watch.is_some() { Token::IfReadable } else { Token::None };
+        let body = self.get(ca_protocol::TRUST_BUNDLE, watch, token, MAX_RESPONSE).await?;
         let bundle = serde_json::from_slice(&body).map_err(|e| ca_error(format!("trust bundle: {e}")))?;
         Ok((bundle, ca_protocol::version_of(&body)))
     }
@@ -195,20 +207,28 @@ impl CaClient {
         &self,
         watch: Option<&Watch>,
     ) -> Result<(Vec<ca_protocol::RemoteCluster>, String), Error> {
-        let body = self.get(ca_protocol::REMOTE_CLUSTERS, watch, true, ca_protocol::MAX_REMOTE_CLUSTERS_ANSWER).await?;
+        let body = self
+            .get(ca_protocol::REMOTE_CLUSTERS, watch, Token::Required, ca_protocol::MAX_REMOTE_CLUSTERS_ANSWER)
+            .await?;
         let clusters = serde_json::from_slice(&body).map_err(|e| ca_error(format!("remote clusters: {e}")))?;
         Ok((clusters, ca_protocol::version_of(&body)))
     }
 
-    /// The body of a `GET` of `path` answered 200, sent with the agent's token if
-    /// `authenticated`.
-    async fn get(&self, path: &str, watch: Option<&Watch>, authenticated: bool, limit: usize) -> Result<Bytes, Error> {
+    /// The body of a `GET` of `path` answered 200, sent with the agent's token as
+    /// `token` says.
+    async fn get(&self, path: &str, watch: Option<&Watch>, token: Token, limit: usize) -> Result<Bytes, Error> {
         let uri = match watch {
             Some(w) => format!("https://{}{path}?{}", self.server_name, w.query()),
             None => format!("https://{}{path}", self.server_name),
         };
+        let token = match token {
+            Token::None => None,
+            // Without its token the ask is still answered, only not held.
+            Token::IfReadable => self.token().ok().flatten(),
+            Token::Required => self.token()?,
+        };
         let mut builder = http::Request::get(uri);
-        if authenticated && let Some(token) = self.token()? {
+        if let Some(token) = token {
             builder = builder.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
         }
         let req = builder.body(Full::new(Bytes::new())).map_err(|e| ca_error(e.to_string()))?;
