@@ -5,7 +5,9 @@
 //! Invariants: a certificate is signed only for an identity of a pod scheduled on the
 //! caller's node, in this mesh's trust domain, for the key the CSR proves; nothing the
 //! CSR names is copied into the certificate. Connections, streams, request sizes and
-//! handshake times are bounded.
+//! handshake times are bounded, and so are held watches: only an authenticated caller's
+//! is held, at most `MAX_HELD_WATCHES` at once, each at most
+//! `MAX_WATCH_WAIT`; beyond the budget a watch is answered at once.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
