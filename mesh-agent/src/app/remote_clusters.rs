@@ -59,7 +59,8 @@ pub(crate) struct RemoteReload {
 impl RemoteClusters {
     /// Follows the clusters `ca` names until `stop`: a long poll the CA holds until the
     /// list changes, asked again every `every` where the CA does not hold it. `changes`
-    /// gets a message when a cluster came, went or changed. Each answer is one-off work.
+    /// gets a message when a cluster came, went or changed. An answer that comes seldom is
+    /// one-off work ([`Pace::seldom`]).
     pub(crate) fn start(
         ca: CaClient,
         own_cluster: String,
@@ -87,7 +88,9 @@ impl RemoteClusters {
                             Asked::News
                         };
                         held = Some(Watch { version, wait: WATCH_WAIT });
-                        one_off.done();
+                        if pace.seldom(asked) {
+                            one_off.done();
+                        }
                         asked
                     }
                     Err(e) => {

@@ -16,8 +16,9 @@ use crate::identity::ca_protocol::Watch;
 use crate::identity::{Asked, CertStore, Pace, PeerVerifier, WATCH_WAIT};
 
 /// Follows the trust bundle for `certs` and `verifier` until `stop`; `changed` runs
-/// when the roots or the signing certificate changed. Each answer is one-off work: the
-/// code that asked for it is dropped again once quiet.
+/// when the roots or the signing certificate changed. An answer that comes seldom (news,
+/// or held by the CA) is one-off work: the code that asked for it is dropped again once
+/// quiet.
 pub(crate) fn follow(
     certs: Arc<CertStore>,
     verifier: PeerVerifier,
@@ -40,7 +41,9 @@ pub(crate) fn follow(
                     if news {
                         changed();
                     }
-                    one_off.done();
+                    if pace.seldom(asked) {
+                        one_off.done();
+                    }
                     asked
                 }
                 Err(e) => {

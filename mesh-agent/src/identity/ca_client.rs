@@ -67,6 +67,13 @@ impl Pace {
         Self { every, asked_at: tokio::time::Instant::now() }
     }
 
+    /// Whether the ask that came to `asked` runs seldom: it brought news, or the CA held
+    /// it for at least `every`. Against a CA that answers at once, the same ask runs
+    /// every `every`: its code is best left mapped.
+    pub fn seldom(&self, asked: Asked) -> bool {
+        asked == Asked::News || (asked == Asked::Nothing && self.asked_at.elapsed() >= self.every)
+    }
+
     /// Waits until the next ask, after one that came to `asked`; false if `stop` came
     /// first.
     pub async fn next(&mut self, asked: Asked, stop: &tokio_util::sync::CancellationToken) -> bool {
@@ -334,6 +341,17 @@ mod tests {
         // A CA that answers at once with nothing new is asked every `every`.
         assert_eq!(gap(every, Duration::from_millis(10), Asked::Nothing).await, Duration::from_millis(9990));
         assert_eq!(gap(every, Duration::from_secs(3), Asked::Failed).await, every);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn news_and_held_asks_are_seldom_unheld_ones_are_not() {
+        let every = Duration::from_secs(10);
+        let pace = Pace::new(every);
+        assert!(pace.seldom(Asked::News));
+        assert!(!pace.seldom(Asked::Nothing), "answered at once: asked again in `every`");
+        assert!(!pace.seldom(Asked::Failed));
+        tokio::time::sleep(WATCH_WAIT).await;
+        assert!(pace.seldom(Asked::Nothing), "held by the CA");
     }
 
     #[tokio::test(start_paused = true)]
