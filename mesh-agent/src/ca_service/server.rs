@@ -214,9 +214,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
             let svc = hyper::service::service_fn(move |req| {
                 let state = state.clone();
                 async move {
-                    // A watch may be held on top of the time any request may take.
-                    let limit = REQUEST_TIMEOUT + Watch::parse(req.uri().query()).map_or(Duration::ZERO, |w| w.wait);
-                    let answer = tokio::time::timeout(limit, handle(&state, req)).await;
+                    let answer = tokio::time::timeout(time_allowed(&req), handle(&state, req)).await;
                     Ok::<_, Infallible>(answer.unwrap_or_else(|_| {
                         grpc_error(GrpcStatus { code: status::UNAVAILABLE, message: "request timed out".into() })
                     }))
@@ -254,9 +252,10 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Body> {
     match (req.method(), req.uri().path()) {
         (&Method::GET, ca_protocol::TRUST_BUNDLE) => {
             // The bundle is anyone's to read, but only a caller the CA knows may have its
-            // watch held: a held watch costs the CA a connection.
-            let watch = match bearer(&req) {
-                Some(token) if state.authn.caller(&token).await.is_ok() => Watch::parse(req.uri().query()),
+            // watch held: a held watch costs the CA a connection. A plain read is not
+            // authenticated at all.
+            let watch = match (Watch::parse(req.uri().query()), bearer(&req)) {
+                (Some(watch), Some(token)) if state.authn.caller(&token).await.is_ok() => Some(watch),
                 _ => None,
             };
             let body =
@@ -296,6 +295,16 @@ async fn remote_clusters(state: &State, req: &Request<Incoming>) -> Response<Bod
         StatusCode::OK,
         held(watch, &state.held, || serde_json::to_vec(&state.remotes.clusters()).unwrap_or_default()).await,
     )
+}
+
+/// How long `req` may take: [`REQUEST_TIMEOUT`], plus the wait of a watch on a path
+/// that holds watches (nowhere else does a query lengthen a request).
+fn time_allowed<B>(req: &Request<B>) -> Duration {
+    let watched = req.method() == Method::GET
+        && matches!(req.uri().path(), ca_protocol::TRUST_BUNDLE | ca_protocol::REMOTE_CLUSTERS);
+    let wait =
+        if watched { Watch::parse(req.uri().query()).map_or(Duration::ZERO, |w| w.wait) } else { Duration::ZERO };
+    REQUEST_TIMEOUT + wait
 }
 
 /// A JSON answer.
@@ -505,6 +514,7 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
+    use crate::identity::ca_protocol::MAX_WATCH_WAIT;
 
     fn watching(body: &[u8], wait: Duration) -> Option<Watch> {
         Some(Watch { version: ca_protocol::version_of(body), wait })
@@ -527,6 +537,27 @@ mod tests {
         assert_eq!(held(watching(b"same", Duration::from_secs(300)), &permits, changing).await, b"new");
         assert_eq!(start.elapsed(), WATCH_CHECK * 5);
         assert_eq!(permits.available_permits(), 1, "the permit goes back");
+    }
+
+    #[test]
+    fn only_a_watch_on_a_watched_path_lengthens_a_request() {
+        let req = |method: Method, uri: &str| Request::builder().method(method).uri(uri).body(()).unwrap();
+        let watch = "?version=ab&wait=300";
+        assert_eq!(
+            time_allowed(&req(Method::GET, &format!("{}{watch}", ca_protocol::TRUST_BUNDLE))),
+            REQUEST_TIMEOUT + MAX_WATCH_WAIT
+        );
+        assert_eq!(
+            time_allowed(&req(Method::GET, &format!("{}{watch}", ca_protocol::REMOTE_CLUSTERS))),
+            REQUEST_TIMEOUT + MAX_WATCH_WAIT
+        );
+        assert_eq!(time_allowed(&req(Method::GET, ca_protocol::TRUST_BUNDLE)), REQUEST_TIMEOUT);
+        // A certificate request (a slow body, say) gets no longer for naming a watch.
+        assert_eq!(
+            time_allowed(&req(Method::POST, &format!("{}{watch}", ca_protocol::CREATE_CERTIFICATE))),
+            REQUEST_TIMEOUT
+        );
+        assert_eq!(time_allowed(&req(Method::POST, &format!("{}{watch}", ca_protocol::TRUST_BUNDLE))), REQUEST_TIMEOUT);
     }
 
     #[tokio::test(start_paused = true)]
