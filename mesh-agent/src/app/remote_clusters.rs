@@ -24,8 +24,8 @@ use crate::admin::RemoteClusterStatus;
 use crate::code_pages::OneOffWork;
 use crate::config::kube_source::DISCOVERY_KINDS;
 use crate::config::{KubeSource, Object, RemoteObjects};
-use crate::identity::ca_protocol::{RemoteCluster, Watch};
-use crate::identity::{Asked, CaClient, Pace, WATCH_WAIT};
+use crate::identity::ca_protocol::RemoteCluster;
+use crate::identity::{Asked, CaClient, Pace};
 
 /// One remote cluster followed.
 struct Followed {
@@ -74,20 +74,16 @@ impl RemoteClusters {
         tokio::spawn(async move {
             let mut failing: Option<String> = None;
             let mut pace = Pace::new(every);
-            let mut held: Option<Watch> = None;
             loop {
-                let asked = match ca.remote_clusters(held.as_ref()).await {
+                let asked = match ca.remote_clusters(pace.watch()).await {
                     Ok((list, version)) => {
                         if failing.take().is_some() {
                             tracing::info!("the CA answers for the remote clusters again");
                         }
-                        let asked = if held.as_ref().is_some_and(|w| w.version == version) {
-                            Asked::Nothing
-                        } else {
+                        let asked = pace.answered(version);
+                        if asked == Asked::News {
                             follower.follow(&list, &own_cluster, &tx).await;
-                            Asked::News
-                        };
-                        held = Some(Watch { version, wait: WATCH_WAIT });
+                        }
                         if pace.seldom(asked) {
                             one_off.done();
                         }

@@ -1,6 +1,6 @@
 //! Following the CA's trust bundle: a long poll the CA holds until the bundle changes,
-//! so an idle agent (or gateway) wakes once per [`WATCH_WAIT`] rather than once per
-//! `--trust-refresh`, and a root rotation reaches it at once. Against a CA that answers
+//! so an idle agent (or gateway) wakes once per [`crate::identity::WATCH_WAIT`] rather
+//! than once per `--trust-refresh`, and a root rotation reaches it at once. Against a CA that answers
 //! at once, the ask repeats every `--trust-refresh`.
 //!
 //! Invariant: a failed ask keeps the roots held (the mesh keeps verifying peers against
@@ -12,8 +12,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::code_pages::OneOffWork;
-use crate::identity::ca_protocol::Watch;
-use crate::identity::{Asked, CertStore, Pace, PeerVerifier, WATCH_WAIT};
+use crate::identity::{Asked, CertStore, Pace, PeerVerifier};
 
 /// Follows the trust bundle for `certs` and `verifier` until `stop`; `changed` runs
 /// when the roots or the signing certificate changed. An answer that comes seldom (news,
@@ -29,15 +28,12 @@ pub(crate) fn follow(
 ) {
     tokio::spawn(async move {
         let mut pace = Pace::new(every);
-        let mut held: Option<Watch> = None;
         loop {
-            let asked = match certs.refresh_trust_after(&verifier, held.as_ref()).await {
+            let asked = match certs.refresh_trust_after(&verifier, pace.watch()).await {
                 // A signer in the process: nothing to follow.
                 Ok((_, None)) => return,
                 Ok((news, Some(version))) => {
-                    let asked =
-                        if held.as_ref().is_some_and(|w| w.version == version) { Asked::Nothing } else { Asked::News };
-                    held = Some(Watch { version, wait: WATCH_WAIT });
+                    let asked = pace.answered(version);
                     if news {
                         changed();
                     }

@@ -52,19 +52,33 @@ pub enum Asked {
     Failed,
 }
 
-/// When to ask a watch again: at once after news or a held ask (the next ask waits at
-/// the CA), `every` after an ask that came back at once with nothing (a CA that does not
-/// hold) and after a failure.
+/// A watch of the CA as its follower keeps it: the version held, and when to ask
+/// again: at once after news or a held ask (the next ask waits at the CA), `every`
+/// after an ask that came back at once with nothing (a CA that does not hold) and after
+/// a failure.
 #[derive(Debug)]
 pub struct Pace {
     every: Duration,
     asked_at: tokio::time::Instant,
+    held: Option<Watch>,
 }
 
 impl Pace {
-    /// Pacing at `every`, the first ask starting now.
+    /// Pacing at `every`, the first ask starting now, with nothing held yet.
     pub fn new(every: Duration) -> Self {
-        Self { every, asked_at: tokio::time::Instant::now() }
+        Self { every, asked_at: tokio::time::Instant::now(), held: None }
+    }
+
+    /// The watch to ask with: None before the first answer.
+    pub fn watch(&self) -> Option<&Watch> {
+        self.held.as_ref()
+    }
+
+    /// An answer of `version` came: news unless it is the version held.
+    pub fn answered(&mut self, version: String) -> Asked {
+        let asked = if self.held.as_ref().is_some_and(|w| w.version == version) { Asked::Nothing } else { Asked::News };
+        self.held = Some(Watch { version, wait: WATCH_WAIT });
+        asked
     }
 
     /// Whether the ask that came to `asked` runs seldom: it brought news, or the CA held
@@ -341,6 +355,17 @@ mod tests {
         // A CA that answers at once with nothing new is asked every `every`.
         assert_eq!(gap(every, Duration::from_millis(10), Asked::Nothing).await, Duration::from_millis(9990));
         assert_eq!(gap(every, Duration::from_secs(3), Asked::Failed).await, every);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_is_news_unless_its_version_is_held() {
+        let mut pace = Pace::new(Duration::from_secs(10));
+        assert_eq!(pace.watch(), None);
+        assert_eq!(pace.answered("aa".into()), Asked::News, "the first answer");
+        assert_eq!(pace.watch(), Some(&Watch { version: "aa".into(), wait: WATCH_WAIT }));
+        assert_eq!(pace.answered("aa".into()), Asked::Nothing);
+        assert_eq!(pace.answered("bb".into()), Asked::News);
+        assert_eq!(pace.watch().map(|w| w.version.as_str()), Some("bb"));
     }
 
     #[tokio::test(start_paused = true)]

@@ -142,7 +142,7 @@ struct Touched<'a> {
     /// Touched by one-off work: enrollment, config compiles, the config dump.
     one_off: BTreeSet<u64>,
     /// Touched while nothing was served (resync, idle loops, pooled connections): also
-    /// counted in `serving`, told apart only in what is printed.
+    /// counted in `serving`, and listed first.
     idle: BTreeSet<u64>,
 }
 
