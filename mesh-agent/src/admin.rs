@@ -469,14 +469,26 @@ fn route(state: &AdminState, req: &Request<Incoming>, dump: bool) -> Response<Fu
 
 /// Samples the metrics into the service graph every
 /// [`crate::telemetry::graph::SAMPLE_EVERY`] until `stop`: the dashboard's rates cover
-/// the minute before it is opened.
-pub async fn sample_traffic(state: AdminState, stop: CancellationToken) {
+/// the minute before it is opened. A tick with no connection open at it or at the one
+/// before, and none opened in between (`traffic`), takes the last reading again.
+pub async fn sample_traffic(
+    state: AdminState,
+    traffic: impl Fn() -> crate::code_pages::Traffic + Send + 'static,
+    stop: CancellationToken,
+) {
     let mut every = tokio::time::interval(crate::telemetry::graph::SAMPLE_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut before: Option<crate::code_pages::Traffic> = None;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = every.tick() => {}
+        }
+        let now = traffic();
+        let quiet = before.is_some_and(|b| b.open == 0 && now.open == 0 && b.opened == now.opened);
+        before = Some(now);
+        if quiet && state.traffic.unchanged(std::time::Instant::now()) {
+            continue;
         }
         let mut text = String::new();
         if prometheus_client::encoding::text::encode(&mut text, &state.registry).is_ok() {

@@ -166,7 +166,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
     admin_state.certs = Some(certs.clone());
     admin_state.denials = metrics.recent_denials();
     // Up before the config is: a waiting agent answers "not ready" and says why.
-    let mut admin_servers = serve_admin(&settings, &admin_state, &shutdown, &inherited)?;
+    let mut admin_servers = serve_admin(&settings, &admin_state, &metrics, &shutdown, &inherited)?;
     tokio::spawn(crate::heap::hand_back_after_bursts(shutdown.clone()));
     let one_off = code_pages::OneOffWork::start(settings.unmap_one_off_pages == crate::settings::Switch::On, &shutdown);
     let counted = metrics.clone();
@@ -337,10 +337,12 @@ fn ca_client(settings: &Settings, verifier: &PeerVerifier) -> CaClient {
 pub(crate) fn serve_admin(
     settings: &Settings,
     state: &AdminState,
+    metrics: &Arc<Metrics>,
     shutdown: &CancellationToken,
     inherited: &Inherited,
 ) -> Result<AdminServers, Error> {
-    tokio::spawn(admin::sample_traffic(state.clone(), shutdown.clone()));
+    let counted = metrics.clone();
+    tokio::spawn(admin::sample_traffic(state.clone(), move || counted.traffic(), shutdown.clone()));
     let host = Netns::host_inode().unwrap_or(0);
     let mut listeners = Vec::new();
     for addr in dedup([settings.admin_addr, settings.metrics_addr, settings.readiness_addr]) {

@@ -544,9 +544,13 @@ pub struct Metrics {
     sent: Family<ConnLabels, Counter>,
     received: Family<ConnLabels, Counter>,
     active: Gauge,
-    /// Connections opened since start, whatever their labels: how the agent tells that
-    /// traffic stopped (`code_pages`).
+    /// Connections opened since start, whatever their labels, HTTP clients served
+    /// request by request included: how the agent tells that traffic stopped
+    /// (`code_pages`, the dashboard's sampler).
     opened_total: std::sync::atomic::AtomicU64,
+    /// HTTP client connections served request by request now ([`Metrics::serving_http`]):
+    /// open connections `active` does not count.
+    http_open: std::sync::atomic::AtomicU64,
     /// Config reloads rejected.
     pub config_rejected: Counter,
     /// Config snapshots applied.
@@ -584,6 +588,16 @@ pub struct Metrics {
     trace_counters: trace::TraceCounters,
     recent_denials: RecentDenials,
     shared_labels: Mutex<SharedLabels>,
+}
+
+/// An HTTP client connection counted as open ([`Metrics::serving_http`]) until dropped.
+#[derive(Debug)]
+pub struct ServingHttp(Arc<Metrics>);
+
+impl Drop for ServingHttp {
+    fn drop(&mut self) {
+        self.0.http_open.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// The label sets of live connections, one copy each: the connections between the same
@@ -926,10 +940,21 @@ impl Metrics {
 
     /// How many connections opened since start, and how many are open.
     pub fn traffic(&self) -> crate::code_pages::Traffic {
+        use std::sync::atomic::Ordering::Relaxed;
         crate::code_pages::Traffic {
-            opened: self.opened_total.load(std::sync::atomic::Ordering::Relaxed),
-            open: u64::try_from(self.active.get()).unwrap_or(0),
+            opened: self.opened_total.load(Relaxed),
+            open: u64::try_from(self.active.get()).unwrap_or(0) + self.http_open.load(Relaxed),
         }
+    }
+
+    /// Counts an HTTP client connection served request by request (a pod's outbound
+    /// routes, a gateway's listener) for [`Metrics::traffic`] while the handle lives:
+    /// its requests are measured series by series, its connection in no TCP series.
+    pub fn serving_http(self: &Arc<Self>) -> ServingHttp {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.opened_total.fetch_add(1, Relaxed);
+        self.http_open.fetch_add(1, Relaxed);
+        ServingHttp(self.clone())
     }
 
     /// Counts a connection as closed. Its bytes were counted as they passed, on the
@@ -1126,6 +1151,18 @@ status: {podIP: 10.10.1.3}
             .unwrap();
         assert!(line.contains("source_workload=\"batch\"") && line.contains("destination_workload=\"web\""), "{line}");
         assert!(line.ends_with(" 3"), "{line}");
+    }
+
+    #[test]
+    fn http_clients_served_request_by_request_count_as_traffic() {
+        let m = Arc::new(Metrics::default());
+        let idle = m.traffic();
+        let served = m.serving_http();
+        let during = m.traffic();
+        assert_eq!((during.opened, during.open), (idle.opened + 1, idle.open + 1));
+        drop(served);
+        let after = m.traffic();
+        assert_eq!((after.opened, after.open), (idle.opened + 1, idle.open));
     }
 
     #[test]

@@ -48,7 +48,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
     let mut admin_state =
         AdminState::new(registry, snapshot.clone(), settings.node.clone(), Default::default(), scrape_auth);
     admin_state.denials = metrics.recent_denials();
-    let _admin = serve_admin(&settings, &admin_state, &shutdown, &Default::default())?;
+    let _admin = serve_admin(&settings, &admin_state, &metrics, &shutdown, &Default::default())?;
     tokio::spawn(crate::heap::hand_back_after_bursts(shutdown.clone()));
     let one_off =
         crate::code_pages::OneOffWork::start(settings.unmap_one_off_pages == crate::settings::Switch::On, &shutdown);

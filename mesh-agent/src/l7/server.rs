@@ -93,6 +93,7 @@ pub async fn serve<S>(
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let shutdown = ctx.shutdown.clone();
+    let _open = ctx.metrics.serving_http();
     let last = Arc::new(LastAnswer::default());
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
         let (ctx, pod, netns, table, last) = (ctx.clone(), pod.clone(), netns.clone(), table.clone(), last.clone());

@@ -6,7 +6,10 @@
 //! [`SAMPLE_EVERY`]), not from counters of its own: the data path pays nothing for the
 //! dashboard, and the page cannot disagree with what Prometheus and Kiali read from the
 //! same series. Rates and the p99 are computed as `rate(...[1m])` and
-//! `histogram_quantile(0.99, ...)` compute them.
+//! `histogram_quantile(0.99, ...)` compute them. While no connection is open or opened
+//! the series cannot move, so the sampler takes the last reading again instead of
+//! encoding and parsing the whole registry ([`Sampler::unchanged`]): an idle agent
+//! runs none of that code, and its pages stay unmapped (`code_pages`).
 //!
 //! An agent sees its node's side of each connection: `reporter="source"` for its pods'
 //! outbound traffic, `reporter="destination"` for their inbound. [`Graph::merge`] joins
@@ -14,7 +17,7 @@
 //! Kiali does), so an edge seen by both ends counts once.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -124,6 +127,13 @@ pub struct Graph {
 
 struct Sample {
     at: Instant,
+    /// Shared with the samples taken again from it ([`Sampler::unchanged`]).
+    series: Arc<Series>,
+}
+
+/// What one reading of the exposition found.
+#[derive(Default)]
+struct Series {
     edges: HashMap<EdgeKey, Totals>,
     nodes: HashMap<String, Node>,
 }
@@ -138,7 +148,26 @@ impl Sampler {
     /// Reads the request and TCP series of `exposition` (Prometheus or OpenMetrics text)
     /// as the sample at `at`, and forgets samples older than the window needs.
     pub fn sample(&self, at: Instant, exposition: &str) {
-        let sample = parse(at, exposition);
+        let sample = Sample { at, series: Arc::new(parse(exposition)) };
+        self.push(sample);
+    }
+
+    /// Takes the newest sample again as the sample at `at`, without reading the
+    /// exposition: for a caller that knows no series the graph reads moved since (no
+    /// connection open then or now, none opened in between). False, and nothing taken,
+    /// before the first sample.
+    pub fn unchanged(&self, at: Instant) -> bool {
+        let series = {
+            let samples = self.samples.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(newest) = samples.back() else { return false };
+            newest.series.clone()
+        };
+        self.push(Sample { at, series });
+        true
+    }
+
+    fn push(&self, sample: Sample) {
+        let at = sample.at;
         let mut samples = self.samples.lock().unwrap_or_else(|p| p.into_inner());
         samples.push_back(sample);
         // Keep one sample at or beyond the window's start, so a full window is covered.
@@ -153,8 +182,8 @@ impl Sampler {
         let (Some(newest), Some(oldest)) = (samples.back(), samples.front()) else { return Graph::default() };
         let seconds = newest.at.duration_since(oldest.at).as_secs_f64();
         let mut edges = Vec::new();
-        for (key, now) in &newest.edges {
-            let then = oldest.edges.get(key).cloned().unwrap_or_default();
+        for (key, now) in &newest.series.edges {
+            let then = oldest.series.edges.get(key).cloned().unwrap_or_default();
             let count = (now.count - then.count).max(0.0);
             let bytes = (now.bytes - then.bytes).max(0.0);
             if seconds > 0.0 && count == 0.0 && bytes == 0.0 {
@@ -186,7 +215,7 @@ impl Sampler {
             });
         }
         let mut graph = Graph { window_seconds: seconds, nodes: Vec::new(), edges };
-        graph.nodes = nodes_of(&graph.edges, |id| newest.nodes.get(id).cloned());
+        graph.nodes = nodes_of(&graph.edges, |id| newest.series.nodes.get(id).cloned());
         graph.sort();
         graph
     }
@@ -300,8 +329,8 @@ const OPENED: &str = "istio_tcp_connections_opened_total";
 const SENT: &str = "istio_tcp_sent_bytes_total";
 const RECEIVED: &str = "istio_tcp_received_bytes_total";
 
-fn parse(at: Instant, exposition: &str) -> Sample {
-    let mut sample = Sample { at, edges: HashMap::new(), nodes: HashMap::new() };
+fn parse(exposition: &str) -> Series {
+    let mut sample = Series::default();
     for line in exposition.lines() {
         let Some((name, rest)) = line.split_once('{') else { continue };
         if ![REQUESTS, DURATION_BUCKET, OPENED, SENT, RECEIVED].contains(&name) {
@@ -483,6 +512,27 @@ mod tests {
     }
 
     #[test]
+    fn a_reading_taken_again_moves_the_window_on_as_an_unchanged_exposition_would() {
+        let sampler = Sampler::default();
+        let t0 = Instant::now();
+        assert!(!sampler.unchanged(t0), "nothing to take again before the first reading");
+        let tcp = |n: f64| series(OPENED, "source", "frontend", "db", ",connection_security_policy=\"none\"", n);
+        sampler.sample(t0, &tcp(1.0));
+        sampler.sample(t0 + Duration::from_secs(5), &tcp(3.0));
+        let read = Sampler::default();
+        read.sample(t0, &tcp(1.0));
+        read.sample(t0 + Duration::from_secs(5), &tcp(3.0));
+        for s in 2..20 {
+            let at = t0 + Duration::from_secs(5 * s);
+            assert!(sampler.unchanged(at));
+            read.sample(at, &tcp(3.0));
+            assert_eq!(sampler.graph(), read.graph(), "after {} s", 5 * s);
+        }
+        assert!(sampler.graph().edges.is_empty(), "the window passed with nothing new");
+        assert_eq!(sampler.samples.lock().unwrap().len(), read.samples.lock().unwrap().len());
+    }
+
+    #[test]
     fn merging_keeps_the_destinations_report_and_adds_up_one_sides_reports() {
         let edge = |reporter, rate| Edge {
             source: "default/frontend".into(),
@@ -513,7 +563,7 @@ mod tests {
         assert_eq!(labels, vec![("a".into(), "x\"y".into()), ("b".into(), "1\\2\n".into())]);
         assert_eq!(rest.trim(), "7");
         assert!(split_labels(r#"a="unterminated"#).is_none());
-        let s = parse(Instant::now(), "istio_requests_total{reporter=\"x\"} 1\nistio_requests_total{oops 2\n# EOF\n");
+        let s = parse("istio_requests_total{reporter=\"x\"} 1\nistio_requests_total{oops 2\n# EOF\n");
         assert!(s.edges.is_empty());
     }
 
