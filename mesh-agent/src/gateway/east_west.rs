@@ -54,6 +54,7 @@ pub(super) async fn serve(ctx: GatewayContext, stream: TcpStream, peer: SocketAd
         return;
     };
     let Ok(local) = stream.local_addr() else { return };
+    sockets::watch_liveness(&stream);
     let (tls, identity, not_after) = match accept_mesh_client(&TlsAcceptor::from(config), stream, peer).await {
         Ok(accepted) => accepted,
         Err(e) => return tracing::info!(%peer, error = %e, "east-west: connection refused"),

@@ -58,6 +58,7 @@ async fn connection(
     stream: TcpStream,
     peer: SocketAddr,
 ) -> Result<(), Error> {
+    sockets::watch_liveness(&stream);
     let (tls, client, not_after) = accept_mesh_client(&acceptor, stream, peer).await?;
     tracing::debug!(pod = %pod.name, %peer, %client, "HBONE connection accepted");
     let shutdown = ctx.shutdown.clone();

@@ -3,7 +3,10 @@
 //!
 //! Invariants: every HTTP server the agent runs (inbound per-request policy, outbound
 //! L7, admin, HBONE) has a header read timeout and a header size cap; every HTTP/2
-//! connection has bounded windows, streams and keepalive pings; a source pod holds at
+//! connection has bounded windows and streams, and a way to find a dead peer (pings;
+//! on HBONE connections, whose sockets the kernel watches with TCP keepalive, pings
+//! only while streams are open, so an idle pooled connection never wakes either
+//! agent); a source pod holds at
 //! most [`ConnLimits::per_source`] proxied connections and the node at most
 //! [`ConnLimits::per_node`]; a connection over a cap is closed at once, logged (at most
 //! once a second per source) and counted, never queued.
@@ -39,10 +42,21 @@ pub const H2_CONNECTION_WINDOW: u32 = 2 * 1024 * 1024;
 /// memory under a few hundred slow uploads; the window, not this queue, keeps the
 /// link busy.
 pub const H2_MAX_SEND_BUF: usize = 64 * 1024;
-/// Pings on idle HTTP/2 connections, to find dead peers instead of holding them.
+/// Pings on quiet HTTP/2 connections, to find dead peers instead of holding them.
 pub const H2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// How long a ping may go unanswered before the connection is closed.
 pub const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// An HBONE socket with nothing received for this long is probed by the kernel (TCP
+/// keepalive): a dead peer of an idle connection is found without waking the agent.
+pub const TCP_KEEPALIVE_IDLE: Duration = H2_KEEPALIVE_INTERVAL;
+/// Between unanswered keepalive probes.
+pub const TCP_KEEPALIVE_INTERVAL: Duration = H2_KEEPALIVE_TIMEOUT;
+/// Unanswered keepalive probes before the kernel closes the connection.
+pub const TCP_KEEPALIVE_PROBES: u32 = 3;
+/// How long bytes an HBONE socket sent may go unacknowledged before the kernel closes
+/// it: a peer that vanished while bytes were in flight, which keepalive (idle sockets
+/// only) would not see for the 15 minutes of TCP's retransmissions.
+pub const TCP_USER_TIMEOUT: Duration = Duration::from_secs(60);
 /// Streams a client may reset before the server answers them (HTTP/2 rapid reset,
 /// CVE-2023-44487): past this the connection is closed.
 pub const H2_MAX_PENDING_RESETS: usize = 20;
@@ -73,8 +87,6 @@ macro_rules! h2_server_limits {
             .initial_stream_window_size(H2_STREAM_WINDOW)
             .initial_connection_window_size(H2_CONNECTION_WINDOW)
             .max_send_buf_size(H2_MAX_SEND_BUF)
-            .keep_alive_interval(H2_KEEPALIVE_INTERVAL)
-            .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT)
             .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
             .max_local_error_reset_streams(H2_MAX_LOCAL_RESETS)
     };
@@ -84,18 +96,22 @@ macro_rules! h2_server_limits {
 pub fn http_server() -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
     let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     b.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT).max_buf_size(H1_MAX_BUF);
-    h2_server_limits!(b.http2());
+    h2_server_limits!(b.http2()).keep_alive_interval(H2_KEEPALIVE_INTERVAL).keep_alive_timeout(H2_KEEPALIVE_TIMEOUT);
     b
 }
 
-/// An HTTP/2-only server builder with every limit above (the HBONE listener).
+/// An HTTP/2-only server builder with every limit above (the HBONE listener), without
+/// pings (hyper's server would ping idle connections too): its callers have the kernel
+/// watch the socket ([`super::sockets::watch_liveness`]) or set pings of their own.
 pub fn h2_server() -> hyper::server::conn::http2::Builder<TokioExecutor> {
     let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     h2_server_limits!(b);
     b
 }
 
-/// An HTTP/2 client builder with the same windows and keepalive (the HBONE pool).
+/// An HTTP/2 client builder with the same windows (the HBONE pool, HTTP/2 upstreams),
+/// pinging only while streams are open: an idle connection's peer is the kernel's to
+/// watch ([`super::sockets::watch_liveness`]), or is dropped at the pool's idle timeout.
 pub fn h2_client() -> hyper::client::conn::http2::Builder<TokioExecutor> {
     let mut b = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
     b.timer(TokioTimer::new())
@@ -105,7 +121,7 @@ pub fn h2_client() -> hyper::client::conn::http2::Builder<TokioExecutor> {
         .max_header_list_size(H2_MAX_HEADER_LIST)
         .keep_alive_interval(H2_KEEPALIVE_INTERVAL)
         .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT)
-        .keep_alive_while_idle(true);
+        .keep_alive_while_idle(false);
     b
 }
 

@@ -371,6 +371,7 @@ impl Pool {
         // The certificate the handshake presents is this one or a newer one.
         let own_not_after = dialer.certs.get(&source.identity)?.not_after;
         let tcp = sockets::connect_in(netns, key.addr, dialer.bypass_mark, CONNECT_TIMEOUT).await?;
+        sockets::watch_liveness(&tcp);
         let (sender, conn, peer_not_after) =
             handshake(dialer, &source.identity, &key.destination, key.addr, tcp).await?;
         let (addr, streams, idle_timeout) = (key.addr, StreamCount::default(), self.idle_timeout);

@@ -6,7 +6,7 @@ use std::time::Duration;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
-use super::Error;
+use super::{Error, limits};
 use mesh_common::{FlowKey, IpKey};
 
 use crate::dataplane::Netns;
@@ -227,11 +227,47 @@ pub fn mark(stream: &TcpStream) -> Option<u32> {
     socket2::SockRef::from(stream).mark().ok()
 }
 
+/// Has the kernel find a dead peer of `stream`: keepalive probes once nothing was
+/// received for [`limits::TCP_KEEPALIVE_IDLE`], and a bound on how long sent bytes may
+/// go unacknowledged ([`limits::TCP_USER_TIMEOUT`]). Either closes the connection, and
+/// the agent learns of it as of any close; until then an idle connection costs it no
+/// wake-up (HTTP/2 pings would, each a TLS record to seal and open at both ends).
+pub fn watch_liveness(stream: &TcpStream) {
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(limits::TCP_KEEPALIVE_IDLE)
+        .with_interval(limits::TCP_KEEPALIVE_INTERVAL)
+        .with_retries(limits::TCP_KEEPALIVE_PROBES);
+    let socket = socket2::SockRef::from(stream);
+    if let Err(e) =
+        socket.set_tcp_keepalive(&keepalive).and_then(|()| socket.set_tcp_user_timeout(Some(limits::TCP_USER_TIMEOUT)))
+    {
+        tracing::debug!(error = %e, "TCP keepalive not set; the connection's pings while streams are open remain");
+    }
+}
+
 /// Closes `stream` with a RST, so the client sees "connection reset" at once rather
 /// than a clean end of stream it might mistake for an empty reply.
 pub fn reset(stream: TcpStream) {
     if let Ok(std) = stream.into_std() {
         let s = Socket::from(std);
         let _ = s.set_linger(Some(Duration::ZERO));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_watched_socket_is_probed_by_the_kernel_once_idle() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        watch_liveness(&client);
+        let socket = socket2::SockRef::from(&client);
+        assert!(socket.keepalive().unwrap());
+        assert_eq!(socket.tcp_keepalive_time().unwrap(), limits::TCP_KEEPALIVE_IDLE);
+        assert_eq!(socket.tcp_keepalive_interval().unwrap(), limits::TCP_KEEPALIVE_INTERVAL);
+        assert_eq!(socket.tcp_keepalive_retries().unwrap(), limits::TCP_KEEPALIVE_PROBES);
+        assert_eq!(socket.tcp_user_timeout().unwrap(), Some(limits::TCP_USER_TIMEOUT));
     }
 }
