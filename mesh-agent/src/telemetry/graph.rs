@@ -149,7 +149,7 @@ impl Sampler {
     /// as the sample at `at`, and forgets samples older than the window needs.
     pub fn sample(&self, at: Instant, exposition: &str) {
         let sample = Sample { at, series: Arc::new(parse(exposition)) };
-        self.push(sample);
+        keep(&mut self.samples.lock().unwrap_or_else(|p| p.into_inner()), sample);
     }
 
     /// Takes the newest sample again as the sample at `at`, without reading the
@@ -157,23 +157,10 @@ impl Sampler {
     /// connection open then or now, none opened in between). False, and nothing taken,
     /// before the first sample.
     pub fn unchanged(&self, at: Instant) -> bool {
-        let series = {
-            let samples = self.samples.lock().unwrap_or_else(|p| p.into_inner());
-            let Some(newest) = samples.back() else { return false };
-            newest.series.clone()
-        };
-        self.push(Sample { at, series });
-        true
-    }
-
-    fn push(&self, sample: Sample) {
-        let at = sample.at;
         let mut samples = self.samples.lock().unwrap_or_else(|p| p.into_inner());
-        samples.push_back(sample);
-        // Keep one sample at or beyond the window's start, so a full window is covered.
-        while samples.len() > 2 && samples.get(1).is_some_and(|s| at.duration_since(s.at) >= WINDOW) {
-            samples.pop_front();
-        }
+        let Some(series) = samples.back().map(|newest| newest.series.clone()) else { return false };
+        keep(&mut samples, Sample { at, series });
+        true
     }
 
     /// The graph over the window: from the oldest sample kept to the newest.
@@ -277,6 +264,16 @@ impl Graph {
                 b.reporter,
             ))
         });
+    }
+}
+
+/// Adds `sample` as the newest and forgets samples older than the window needs.
+fn keep(samples: &mut VecDeque<Sample>, sample: Sample) {
+    let at = sample.at;
+    samples.push_back(sample);
+    // Keep one sample at or beyond the window's start, so a full window is covered.
+    while samples.len() > 2 && samples.get(1).is_some_and(|s| at.duration_since(s.at) >= WINDOW) {
+        samples.pop_front();
     }
 }
 
