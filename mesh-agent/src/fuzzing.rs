@@ -8,6 +8,7 @@
 //! the code past the parser.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -28,6 +29,7 @@ use crate::proxy::hbone::connect_target;
 use crate::snapshot::Snapshot;
 use crate::state::Workload;
 use crate::traffic::route::RequestView;
+use crate::transport::hbone::{Answer, H2Stream, ServeStream};
 use crate::transport::limits;
 
 /// A target run on one input, its findings dropped (libFuzzer watches for panics).
@@ -181,19 +183,37 @@ fn judge_and_route<B>(req: &Request<B>) -> StatusCode {
 pub fn hbone_connect(data: &[u8]) -> Vec<StatusCode> {
     serve(data, |io, answered| async move {
         let pod = reference().server.clone();
-        let service = hyper::service::service_fn(move |req| {
-            let status = match connect_target(&req, &pod, &reference().snapshot) {
+        // Judged as the stream arrives, so every answer is counted before the
+        // connection's end drops the streams' tasks.
+        let decide = move |req: http::Request<()>| {
+            let answer = match connect_target(&req, &pod, &reference().snapshot) {
                 Ok(target) => {
                     assert!(pod.ips.contains(&target.ip()), "a tunnel reaches its own pod only");
-                    StatusCode::OK
+                    answered.lock().expect("answers").push(StatusCode::OK);
+                    Answer::Accept(Dropped)
                 }
-                Err(refused) => refused.status(),
+                Err(refused) => {
+                    answered.lock().expect("answers").push(refused.status());
+                    Answer::Refuse(refused.status())
+                }
             };
-            answered.lock().expect("answers").push(status);
-            async move { Ok::<_, Infallible>(status_only(status)) }
-        });
-        let _ = limits::h2_server().serve_connection(io, service).await;
+            std::future::ready(answer)
+        };
+        let (shutdown, tasks) = (tokio_util::sync::CancellationToken::new(), tokio_util::task::TaskTracker::new());
+        let _ = crate::transport::hbone::serve(io.into_inner(), &shutdown, &tasks, decide).await;
+        tasks.close();
+        tasks.wait().await;
     })
+}
+
+/// An accepted stream, closed at once.
+struct Dropped;
+
+impl ServeStream for Dropped {
+    fn serve(self, stream: H2Stream) -> impl Future<Output = ()> + Send + 'static {
+        drop(stream);
+        std::future::ready(())
+    }
 }
 
 type Answers = Arc<std::sync::Mutex<Vec<StatusCode>>>;

@@ -1,8 +1,8 @@
 //! How the agent reaches things and bounds its connections: the [`Dialer`] that takes a
 //! pod's connection to a destination (over the HBONE tunnel or in plaintext, decided in
-//! one place), the HBONE client pool, sockets made in pods' network namespaces, the
-//! byte pump between two sockets, and the limits every HTTP server and client of the
-//! agent runs with.
+//! one place), the HBONE client pool and the HBONE wire both ends speak, sockets made
+//! in pods' network namespaces, the byte pump between two sockets, and the limits
+//! every HTTP server and client of the agent runs with.
 //!
 //! Everything above it (the L4 proxy, the L7 proxy, later the gateway) reaches a
 //! destination through [`Dialer::connect`]; nothing here knows about routes or policy.
@@ -12,6 +12,7 @@ pub mod coalesce;
 mod connect;
 pub mod copy;
 mod double;
+pub mod hbone;
 pub mod inherited;
 pub mod limits;
 pub mod linger;
@@ -77,7 +78,7 @@ pub enum Error {
         /// The peer.
         addr: SocketAddr,
         /// The error.
-        source: hyper::Error,
+        source: h2::Error,
     },
     /// The destination is on another network, and no east-west gateway leads there.
     #[error("{target} is on network {network}, which no east-west gateway leads to")]

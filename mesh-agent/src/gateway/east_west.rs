@@ -17,13 +17,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use bytes::Bytes;
-use futures::FutureExt as _;
 use http::uri::Authority;
-use http::{Method, Request, Response, StatusCode};
-use http_body_util::Empty;
-use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
+use http::{Method, Request, StatusCode};
 use mesh_common::ports;
 use rand::Rng as _;
 use tokio::net::TcpStream;
@@ -32,12 +27,14 @@ use tokio_rustls::TlsAcceptor;
 use super::{GatewayContext, PortPlan};
 use crate::authz::{ConnAttrs, Decision, Peer};
 use crate::identity::Identity;
-use crate::proxy::hbone::{accept_mesh_client, status};
+use crate::proxy::hbone::accept_mesh_client;
 use crate::snapshot::{Reach, Snapshot};
 use crate::state::Workload;
 use crate::telemetry::{ConnLabels, DenyReason, ServiceLabels};
 use crate::transport::coalesce::Coalesced;
-use crate::transport::{CONNECT_TIMEOUT, limits, sockets};
+use crate::transport::hbone::{Answer, H2Stream, ServeStream};
+use crate::transport::limits::ConnPermit;
+use crate::transport::{CONNECT_TIMEOUT, sockets};
 
 /// The client of one outer tunnel.
 struct Client {
@@ -60,13 +57,9 @@ pub(super) async fn serve(ctx: GatewayContext, stream: TcpStream, peer: SocketAd
         Err(e) => return tracing::info!(%peer, error = %e, "east-west: connection refused"),
     };
     let client = Arc::new(Client { identity, not_after, addr: peer });
-    let shutdown = ctx.l7.shutdown.clone();
-    let service = hyper::service::service_fn(move |req| {
-        let (ctx, plan, client) = (ctx.clone(), plan.clone(), client.clone());
-        async move { Ok::<_, std::convert::Infallible>(stream_request(ctx, plan, client, local, req).await) }
-    });
-    let conn = limits::h2_server().serve_connection(TokioIo::new(Coalesced::new(tls)), service);
-    if let Err(e) = crate::transport::until_drained(conn, &shutdown, |c| c.graceful_shutdown()).await {
+    let (shutdown, tasks) = (ctx.l7.shutdown.clone(), ctx.tasks.clone());
+    let decide = move |req| stream_request(ctx.clone(), plan.clone(), client.clone(), local, req);
+    if let Err(e) = crate::transport::hbone::serve(Coalesced::new(tls), &shutdown, &tasks, decide).await {
         tracing::debug!(%peer, error = %e, "east-west: connection ended");
     }
 }
@@ -101,47 +94,47 @@ async fn stream_request(
     plan: Arc<PortPlan>,
     client: Arc<Client>,
     local: SocketAddr,
-    mut req: Request<Incoming>,
-) -> Response<Empty<Bytes>> {
+    req: Request<()>,
+) -> Answer<Spliced> {
     if req.method() != Method::CONNECT {
-        return status(StatusCode::METHOD_NOT_ALLOWED);
+        return Answer::Refuse(StatusCode::METHOD_NOT_ALLOWED);
     }
     let Some(authority) = req.uri().authority().cloned() else {
-        return status(StatusCode::BAD_REQUEST);
+        return Answer::Refuse(StatusCode::BAD_REQUEST);
     };
     if SystemTime::now() >= client.not_after {
         tracing::info!(client = %client.identity, %authority, "east-west: the client's certificate has expired; refused");
-        return status(StatusCode::UNAUTHORIZED);
+        return Answer::Refuse(StatusCode::UNAUTHORIZED);
     }
     let gateway = &plan.workload;
     // A connection outlives the certificate the gateway presented: a new stream
     // takes a valid one (fail closed at expiry, as the pods' HBONE servers do).
     if let Err(e) = ctx.l7.dialer.certs.get(&gateway.identity) {
         tracing::warn!(client = %client.identity, %authority, error = %e, "east-west: no valid certificate of its own; refused");
-        return status(StatusCode::SERVICE_UNAVAILABLE);
+        return Answer::Refuse(StatusCode::SERVICE_UNAVAILABLE);
     }
     let snap = ctx.l7.snapshot.load_full();
     let Some((dest, target)) = destination(&snap, &authority) else {
         tracing::warn!(client = %client.identity, %authority, "east-west: not a mesh pod of this network; refused");
-        return status(StatusCode::FORBIDDEN);
+        return Answer::Refuse(StatusCode::FORBIDDEN);
     };
     let peer = Peer::from_identity(&client.identity, &snap.equivalent_domains);
     let attrs = ConnAttrs { src: client.addr, dst: local, peer: Some(&peer) };
     if let Decision::Deny(reason) = snap.security(&gateway.key()).authz.check(&attrs, None) {
         tracing::info!(gateway = %gateway.name, client = %client.identity, %target, %reason, "east-west: denied by authorization policy");
         ctx.l7.metrics.denied(gateway, DenyReason::Policy, attrs.client(), &reason);
-        return status(StatusCode::FORBIDDEN);
+        return Answer::Refuse(StatusCode::FORBIDDEN);
     }
     let Ok(permit) = ctx.limits.admit(client.addr.ip()) else {
         tracing::info!(client = %client.identity, "east-west: connection cap reached; refused");
-        return status(StatusCode::SERVICE_UNAVAILABLE);
+        return Answer::Refuse(StatusCode::SERVICE_UNAVAILABLE);
     };
     let hbone = SocketAddr::new(target.ip(), ports::INBOUND_HBONE);
-    let mut upstream = match sockets::connect_in(&ctx.netns, hbone, ctx.l7.dialer.bypass_mark, CONNECT_TIMEOUT).await {
+    let upstream = match sockets::connect_in(&ctx.netns, hbone, ctx.l7.dialer.bypass_mark, CONNECT_TIMEOUT).await {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(client = %client.identity, %target, error = %e, "east-west: the pod's HBONE port is unreachable");
-            return status(StatusCode::SERVICE_UNAVAILABLE);
+            return Answer::Refuse(StatusCode::SERVICE_UNAVAILABLE);
         }
     };
     let labels = ConnLabels::outbound(gateway, Some(&dest), ServiceLabels::unknown(), true);
@@ -149,23 +142,38 @@ async fn stream_request(
     let ends = crate::transport::copy::Ends { policy, client: client.addr, dialed: target, upstream: Some(hbone) };
     drop(snap);
     tracing::debug!(client = %client.identity, %target, "east-west: stream spliced to the pod's HBONE port");
-    let on_upgrade = hyper::upgrade::on(&mut req);
-    let tasks = ctx.tasks.clone();
-    tasks.spawn(on_upgrade.then(move |upgraded| async move {
-        let Ok(upgraded) = upgraded else { return };
-        let mut tunnel = TokioIo::new(upgraded);
-        let copied = crate::transport::copy::counted(
-            &ctx.l7.metrics,
-            (&labels, ends),
-            &mut tunnel,
-            &mut upstream,
-            ctx.tcp_idle_timeout,
-        )
-        .await;
-        if let Err(e) = copied {
-            tracing::debug!(%target, error = %e, "east-west: stream ended");
+    Answer::Accept(Spliced { ctx, labels, ends, target, upstream, permit })
+}
+
+/// A stream accepted: the pod's HBONE port connected, and the stream's place under the
+/// client's cap.
+struct Spliced {
+    ctx: GatewayContext,
+    labels: ConnLabels,
+    ends: crate::transport::copy::Ends,
+    target: SocketAddr,
+    upstream: TcpStream,
+    permit: ConnPermit,
+}
+
+impl ServeStream for Spliced {
+    #[expect(clippy::manual_async_fn, reason = "the trait's signature")]
+    fn serve(self, mut tunnel: H2Stream) -> impl Future<Output = ()> + Send + 'static {
+        async move {
+            let Spliced { ctx, labels, ends, target, mut upstream, permit } = self;
+            let metrics = &ctx.l7.metrics;
+            let copied = crate::transport::copy::counted(
+                metrics,
+                (&labels, ends),
+                &mut tunnel,
+                &mut upstream,
+                ctx.tcp_idle_timeout,
+            )
+            .await;
+            if let Err(e) = copied {
+                tracing::debug!(%target, error = %e, "east-west: stream ended");
+            }
+            drop(permit);
         }
-        drop(permit);
-    }));
-    status(StatusCode::OK)
+    }
 }

@@ -1134,25 +1134,32 @@ async fn a_ztunnel_style_double_hbone_by_service_hostname_reaches_the_pod_as_the
     let gw = snap.network_gateways["network2"].clone();
     let dialer = &mesh.ctx.dialer;
     let host = "web.shop.svc.cluster.local:80";
-    let connect = |authority: &str| {
-        http::Request::builder().method(http::Method::CONNECT).uri(authority).body(Empty::<Bytes>::new()).unwrap()
-    };
     let tcp = TcpStream::connect(gw.addr).await.unwrap();
     let (mut outer, conn, _) =
         crate::transport::handshake(dialer, &client.identity, &gw.identity, gw.addr, tcp).await.unwrap();
     tokio::spawn(conn);
-    let res = outer.send_request(connect(host)).await.unwrap();
-    assert_eq!(res.status(), 200, "the gateway takes a Service's host:port");
-    let stream = TokioIo::new(hyper::upgrade::on(res).await.unwrap());
+    let (status, stream) = h2_connect(&mut outer, host).await;
+    assert_eq!(status, 200, "the gateway takes a Service's host:port");
     let (mut inner, conn, _) =
         crate::transport::handshake(dialer, &client.identity, &web.identity, gw.addr, stream).await.unwrap();
     tokio::spawn(conn);
-    let res = inner.send_request(connect(host)).await.unwrap();
-    assert_eq!(res.status(), 200, "web's agent maps the Service's port to web's 8080");
-    let app = TokioIo::new(hyper::upgrade::on(res).await.unwrap());
+    let (status, app) = h2_connect(&mut inner, host).await;
+    assert_eq!(status, 200, "web's agent maps the Service's port to web's 8080");
     assert_eq!(served_by(&send(app, get("/", "web")).await.unwrap()), "web");
     // A Service's host:port with no endpoint on the gateway's network, or unknown, is refused.
     for authority in ["client.shop.svc.cluster.local:80", "nothing.shop.svc.cluster.local:80"] {
-        assert_eq!(outer.send_request(connect(authority)).await.unwrap().status(), 403, "{authority}");
+        assert_eq!(h2_connect(&mut outer, authority).await.0, 403, "{authority}");
     }
+}
+
+/// A CONNECT for `authority` on `sender`: the answer's status and the stream.
+async fn h2_connect(
+    sender: &mut h2::client::SendRequest<Bytes>,
+    authority: &str,
+) -> (http::StatusCode, crate::transport::hbone::H2Stream) {
+    let req = http::Request::builder().method(http::Method::CONNECT).uri(authority).body(()).unwrap();
+    let mut ready = sender.clone().ready().await.unwrap();
+    let (answer, send) = ready.send_request(req, false).unwrap();
+    let res = answer.await.unwrap();
+    (res.status(), crate::transport::hbone::H2Stream::new(send, res.into_body()))
 }

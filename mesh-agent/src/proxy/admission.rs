@@ -13,7 +13,6 @@ use std::sync::{Arc, Mutex};
 
 use futures::FutureExt as _;
 use futures::future::Either;
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -334,7 +333,7 @@ impl Spliceable for TcpStream {
     }
 }
 
-impl Spliceable for TokioIo<hyper::upgrade::Upgraded> {}
+impl Spliceable for crate::transport::hbone::H2Stream {}
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Spliceable for Prefixed<S> {}
 

@@ -5,13 +5,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use bytes::Bytes;
 use futures::FutureExt as _;
-use futures::future::Either;
-use http::{Method, Request, Response, StatusCode};
-use http_body_util::Empty;
-use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
+use http::{Method, Request, StatusCode};
 use mesh_common::ports;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
@@ -27,7 +22,8 @@ use crate::snapshot::Snapshot;
 use crate::state::Workload;
 use crate::telemetry::ConnLabels;
 use crate::transport::coalesce::Coalesced;
-use crate::transport::{CONNECT_TIMEOUT, Error, HANDSHAKE_TIMEOUT, limits, sockets};
+use crate::transport::hbone::{Answer, H2Stream, ServeStream};
+use crate::transport::{CONNECT_TIMEOUT, Error, HANDSHAKE_TIMEOUT, sockets};
 
 pub(super) async fn serve(
     ctx: ProxyContext,
@@ -61,16 +57,10 @@ async fn connection(
     sockets::watch_liveness(&stream);
     let (tls, client, not_after) = accept_mesh_client(&acceptor, stream, peer).await?;
     tracing::debug!(pod = %pod.name, %peer, %client, "HBONE connection accepted");
-    let shutdown = ctx.shutdown.clone();
+    let (shutdown, tasks) = (ctx.shutdown.clone(), ctx.tasks.clone());
     let client = Arc::new(Client { identity: client, not_after, as_peer: Mutex::default() });
-    let service = hyper::service::service_fn(move |req| {
-        let (ctx, pod, netns, client) = (ctx.clone(), pod.clone(), netns.clone(), client.clone());
-        async move { Ok::<_, std::convert::Infallible>(stream_request(ctx, pod, netns, client, peer, req).await) }
-    });
-    let conn = limits::h2_server().serve_connection(TokioIo::new(Coalesced::new(tls)), service);
-    crate::transport::until_drained(conn, &shutdown, |c| c.graceful_shutdown())
-        .await
-        .map_err(|source| Error::Http { addr: peer, source })
+    let decide = move |req| stream_request(ctx.clone(), pod.clone(), netns.clone(), client.clone(), peer, req);
+    crate::transport::hbone::serve(Coalesced::new(tls), &shutdown, &tasks, decide).await.map_err(|e| e.at(peer))
 }
 
 /// Mutual TLS with a mesh client on an HBONE port (a pod's, or an east-west
@@ -117,13 +107,6 @@ impl Client {
             }
         }
     }
-}
-
-/// An answer to a CONNECT with `code` and no body.
-pub(crate) fn status(code: StatusCode) -> Response<Empty<Bytes>> {
-    let mut r = Response::new(Empty::new());
-    *r.status_mut() = code;
-    r
 }
 
 /// Why a CONNECT stream's request names no target the pod's tunnel may reach.
@@ -195,15 +178,15 @@ fn credentials_valid(ctx: &ProxyContext, pod: &Workload, client: &Client) -> Res
         .map_err(|e| Expired { status: StatusCode::SERVICE_UNAVAILABLE, reason: e.to_string() })
 }
 
-/// One CONNECT stream: dial the pod and splice.
+/// One CONNECT stream: dial the pod, then splice.
 async fn stream_request(
     ctx: Arc<ProxyContext>,
     pod: Arc<Workload>,
     netns: Arc<Netns>,
     client: Arc<Client>,
     peer: SocketAddr,
-    mut req: Request<Incoming>,
-) -> Response<Empty<Bytes>> {
+    req: Request<()>,
+) -> Answer<Accepted> {
     let snap = ctx.snapshot.load_full();
     let target = match connect_target(&req, &pod, &snap) {
         Ok(target) => target,
@@ -211,14 +194,14 @@ async fn stream_request(
             if let Refused::Outside(target) = refused {
                 tracing::warn!(pod = %pod.name, client = %client.identity, %target, "CONNECT to a target outside this pod; refused");
             }
-            return status(refused.status());
+            return Answer::Refuse(refused.status());
         }
     };
     // A connection outlives the certificates it was opened with; a new stream is a new
     // proxied connection, and takes valid ones on both ends (fail closed at expiry).
     if let Err(refusal) = credentials_valid(&ctx, &pod, &client) {
         tracing::warn!(pod = %pod.name, client = %client.identity, %target, reason = %refusal.reason, "CONNECT refused");
-        return status(refusal.status);
+        return Answer::Refuse(refusal.status);
     }
     // Each stream is a proxied connection of the source pod: its cap counts streams too,
     // so a peer cannot multiply its share by multiplexing.
@@ -226,7 +209,7 @@ async fn stream_request(
         Ok(p) => p,
         Err(hit) => {
             ctx.caps().refuse("hbone_stream", peer, hit);
-            return status(StatusCode::SERVICE_UNAVAILABLE);
+            return Answer::Refuse(StatusCode::SERVICE_UNAVAILABLE);
         }
     };
     let security = snap.security(&pod.key()).clone();
@@ -234,32 +217,37 @@ async fn stream_request(
     let verdict = security.authz.check_connection(&arrival.attrs());
     if let ConnVerdict::Decided(Decision::Deny(reason)) = &verdict {
         admission::denied(&ctx, &pod, &arrival.attrs(), reason, None);
-        return status(StatusCode::FORBIDDEN);
+        return Answer::Refuse(StatusCode::FORBIDDEN);
     }
     let app = match sockets::deliver_in(&netns, target, peer.ip(), ctx.dialer.bypass_mark, CONNECT_TIMEOUT).await {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(pod = %pod.name, client = %client.identity, %target, error = %e, "application unreachable");
-            return status(StatusCode::SERVICE_UNAVAILABLE);
+            return Answer::Refuse(StatusCode::SERVICE_UNAVAILABLE);
         }
     };
-    let on_upgrade = hyper::upgrade::on(&mut req);
     let labels =
         ctx.metrics.shared(ConnLabels::inbound_from_identity(&snap, &pod, target.port(), &client.identity, peer));
-    let tasks = ctx.tasks.clone();
-    // `then`, not an async block: the block would keep what it moves into the serving
-    // future twice, for as long as the stream lives.
-    let serving = on_upgrade.then(move |upgraded| match upgraded {
-        Ok(upgraded) => {
-            let tunnel = TokioIo::new(upgraded);
-            let serve = admission::serve(ctx, pod, netns, security, arrival, verdict, tunnel, app, labels);
-            Either::Left(serve.map(move |()| drop(permit)))
-        }
-        Err(e) => {
-            tracing::warn!(%target, error = %e, "CONNECT stream not established");
-            Either::Right(std::future::ready(()))
-        }
-    });
-    tasks.spawn(serving);
-    status(StatusCode::OK)
+    Answer::Accept(Accepted { ctx, pod, netns, security, arrival, verdict, app, labels, permit })
+}
+
+/// A CONNECT stream accepted: the pod's connection delivered, judged at connect, and
+/// the stream's place under the source's cap.
+struct Accepted {
+    ctx: Arc<ProxyContext>,
+    pod: Arc<Workload>,
+    netns: Arc<Netns>,
+    security: Arc<crate::authz::WorkloadSecurity>,
+    arrival: Arrival,
+    verdict: ConnVerdict,
+    app: tokio::net::TcpStream,
+    labels: Arc<ConnLabels>,
+    permit: crate::transport::limits::ConnPermit,
+}
+
+impl ServeStream for Accepted {
+    fn serve(self, tunnel: H2Stream) -> impl Future<Output = ()> + Send + 'static {
+        let Accepted { ctx, pod, netns, security, arrival, verdict, app, labels, permit } = self;
+        admission::serve(ctx, pod, netns, security, arrival, verdict, tunnel, app, labels).map(move |()| drop(permit))
+    }
 }

@@ -183,7 +183,7 @@ fn outbound_connection(
         (decided, ctx, pod)
     });
     deciding.then(move |(decided, ctx, pod)| match decided {
-        Ok(Some(Decided::Upstream(connected))) => Either::Left(Either::Left(connected.splice(ctx, pod, peer))),
+        Ok(Some(Decided::Upstream(connected))) => Either::Left(Either::Left((*connected).splice(ctx, pod, peer))),
         Ok(Some(Decided::SameNode(delivery))) => Either::Left(Either::Right(
             delivery.splice(ctx).map(move |served| log_served("outbound", &pod, peer, served)),
         )),

@@ -18,7 +18,7 @@ use crate::transport::{CONNECT_TIMEOUT, Error, Upstream, copy, sockets};
 /// A connection decided, to be spliced for the rest of its life.
 pub(super) enum Decided {
     /// Connected to its upstream (a tunnel, a plain or an originated TLS connection).
-    Upstream(Connected),
+    Upstream(Box<Connected>),
     /// Admitted to a pod of this node and delivered.
     SameNode(Box<super::local::Delivery>),
 }
@@ -197,7 +197,7 @@ pub(super) async fn handle(
     let labels = ctx.metrics.shared(ConnLabels::outbound(pod, workload.as_deref(), service, upstream.is_tunnel()));
     // What is spliced holds no snapshot: a connection that held the one it began
     // under would keep every config since alive for as long as it lasts.
-    Ok(Some(Decided::Upstream(Connected { stream, upstream, labels, orig, _endpoint_guard })))
+    Ok(Some(Decided::Upstream(Box::new(Connected { stream, upstream, labels, orig, _endpoint_guard }))))
 }
 
 /// A connection to an address that is no Service and no pod: where a ServiceEntry
@@ -243,7 +243,13 @@ async fn leave_the_registry(
             if let Some(routed) = route_tls_to_entry(ctx, snapshot, pod, netns, &stream, orig, &entry.key).await? {
                 let (upstream, labels, _endpoint_guard) = routed;
                 let labels = ctx.metrics.shared(labels);
-                return Ok(Some(Decided::Upstream(Connected { stream, upstream, labels, orig, _endpoint_guard })));
+                return Ok(Some(Decided::Upstream(Box::new(Connected {
+                    stream,
+                    upstream,
+                    labels,
+                    orig,
+                    _endpoint_guard,
+                }))));
             }
             let target = entry.target(orig, None);
             let (up, addr) = ctx.dialer.connect_external(snapshot, pod, netns, &target).await?;
@@ -267,7 +273,7 @@ async fn leave_the_registry(
         }
         (upstream, _) => upstream,
     };
-    Ok(Some(Decided::Upstream(Connected { stream, upstream, labels, orig, _endpoint_guard: None })))
+    Ok(Some(Decided::Upstream(Box::new(Connected { stream, upstream, labels, orig, _endpoint_guard: None }))))
 }
 
 /// A TLS connection to a ServiceEntry's host that a mesh VirtualService's `tls:` rule

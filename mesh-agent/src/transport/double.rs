@@ -36,6 +36,6 @@ pub(super) async fn connect(
         }
     });
     // The connection ends with its one stream, once this sender is gone too.
-    let upgraded = pool::request_stream(sender, hbone, target).await?;
-    Ok(Tunnel::on_own_connection(upgraded, target))
+    let stream = pool::request_stream(sender, hbone, target).await?;
+    Ok(Tunnel::on_own_connection(stream, target))
 }

@@ -4,9 +4,9 @@
 //! Invariants: every HTTP server the agent runs (inbound per-request policy, outbound
 //! L7, admin, HBONE) has a header read timeout and a header size cap; every HTTP/2
 //! connection has bounded windows and streams, and a way to find a dead peer (pings;
-//! on HBONE connections, whose sockets the kernel watches with TCP keepalive, pings
-//! only while streams are open, so an idle pooled connection never wakes either
-//! agent); a source pod holds at
+//! on HBONE connections, whose sockets the kernel watches with TCP keepalive and
+//! `TCP_USER_TIMEOUT`, none, so an idle pooled connection never wakes either agent); a
+//! source pod holds at
 //! most [`ConnLimits::per_source`] proxied connections and the node at most
 //! [`ConnLimits::per_node`]; a connection over a cap is closed at once, logged (at most
 //! once a second per source) and counted, never queued.
@@ -100,18 +100,18 @@ pub fn http_server() -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
     b
 }
 
-/// An HTTP/2-only server builder with every limit above (the HBONE listener), without
-/// pings (hyper's server would ping idle connections too): its callers have the kernel
-/// watch the socket ([`super::sockets::watch_liveness`]) or set pings of their own.
+/// An HTTP/2-only server builder with every limit above (the CA's listener), without
+/// pings (hyper's server would ping idle connections too): its callers set pings of
+/// their own or have the kernel watch the socket ([`super::sockets::watch_liveness`]).
 pub fn h2_server() -> hyper::server::conn::http2::Builder<TokioExecutor> {
     let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     h2_server_limits!(b);
     b
 }
 
-/// An HTTP/2 client builder with the same windows (the HBONE pool, HTTP/2 upstreams),
-/// pinging only while streams are open: an idle connection's peer is the kernel's to
-/// watch ([`super::sockets::watch_liveness`]), or is dropped at the pool's idle timeout.
+/// An HTTP/2 client builder with the same windows (HTTP/2 upstreams at L7), pinging
+/// only while streams are open: an idle connection is dropped at its pool's idle
+/// timeout, and wakes nobody before.
 pub fn h2_client() -> hyper::client::conn::http2::Builder<TokioExecutor> {
     let mut b = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
     b.timer(TokioTimer::new())
@@ -122,6 +122,34 @@ pub fn h2_client() -> hyper::client::conn::http2::Builder<TokioExecutor> {
         .keep_alive_interval(H2_KEEPALIVE_INTERVAL)
         .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT)
         .keep_alive_while_idle(false);
+    b
+}
+
+/// The HBONE server's HTTP/2 (`h2` directly, [`super::hbone`]) with the limits of
+/// [`h2_server`]: the same streams, header list, windows, send queue and reset caps.
+pub fn hbone_server() -> h2::server::Builder {
+    let mut b = h2::server::Builder::new();
+    b.max_concurrent_streams(H2_MAX_STREAMS)
+        .max_header_list_size(H2_MAX_HEADER_LIST)
+        .initial_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_CONNECTION_WINDOW)
+        .max_send_buffer_size(H2_MAX_SEND_BUF)
+        .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
+        .max_local_error_reset_streams(Some(H2_MAX_LOCAL_RESETS));
+    b
+}
+
+/// The HBONE pool's HTTP/2 (`h2` directly) with the windows and limits of
+/// [`h2_client`]. No pings: the kernel watches the socket
+/// ([`super::sockets::watch_liveness`]), streams open or not.
+pub fn hbone_client() -> h2::client::Builder {
+    let mut b = h2::client::Builder::new();
+    b.enable_push(false)
+        .initial_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_CONNECTION_WINDOW)
+        .max_send_buffer_size(H2_MAX_SEND_BUF)
+        .max_header_list_size(H2_MAX_HEADER_LIST)
+        .max_local_error_reset_streams(Some(H2_MAX_LOCAL_RESETS));
     b
 }
 

@@ -17,22 +17,21 @@ use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
+use h2::client::SendRequest;
 use http::{Method, Request, StatusCode};
-use http_body_util::Empty;
-use hyper::client::conn::http2::SendRequest;
-use hyper_util::rt::TokioIo;
 use mesh_common::ports;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_rustls::TlsConnector;
 
 use super::coalesce::Coalesced;
+use super::hbone::H2Stream;
 use super::{CONNECT_TIMEOUT, Dialer, Error, HANDSHAKE_TIMEOUT, limits, sockets};
 use crate::dataplane::Netns;
 use crate::identity::Identity;
@@ -57,7 +56,7 @@ pub const MAX_STREAMS_PER_CONNECTION: usize = 100;
 
 #[derive(Debug, Clone)]
 struct Pooled {
-    sender: SendRequest<Empty<Bytes>>,
+    sender: SendRequest<Bytes>,
     streams: StreamCount,
     /// The notAfter of the certificate the peer presented.
     peer_not_after: SystemTime,
@@ -81,7 +80,7 @@ impl Pooled {
     /// refused by the peer (or by this side's own check) a moment later.
     fn usable(&self, now: SystemTime) -> bool {
         let soon = now + EXPIRY_MARGIN;
-        !self.sender.is_closed() && soon < self.peer_not_after && soon < self.own_not_after
+        !self.streams.is_closed() && soon < self.peer_not_after && soon < self.own_not_after
     }
 
     /// Whether the connection has had no stream for `idle_timeout`.
@@ -90,15 +89,24 @@ impl Pooled {
     }
 }
 
-/// Open streams on one connection; each [`StreamSlot`] counts one until dropped. The
-/// last one out records when the connection went idle.
+/// What a pooled connection's users and its driver share: its open streams (each
+/// [`StreamSlot`] counts one until dropped; the last one out records when the
+/// connection went idle), and whether the driver has ended.
+#[derive(Debug, Default)]
+struct Shared {
+    open: AtomicUsize,
+    idle_since: Mutex<Option<std::time::Instant>>,
+    closed: AtomicBool,
+}
+
+/// One pooled connection's [`Shared`] state.
 #[derive(Debug, Clone, Default)]
-struct StreamCount(Arc<(AtomicUsize, Mutex<Option<std::time::Instant>>)>);
+struct StreamCount(Arc<Shared>);
 
 impl StreamCount {
     fn try_reserve(&self, max: usize) -> Option<StreamSlot> {
         self.0
-            .0
+            .open
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
             .ok()
             .map(|_| StreamSlot(self.0.clone()))
@@ -106,10 +114,20 @@ impl StreamCount {
 
     /// How long the connection has had no stream, if it has none now.
     fn idle_for(&self) -> Option<std::time::Duration> {
-        if self.0.0.load(Ordering::Acquire) > 0 {
+        if self.0.open.load(Ordering::Acquire) > 0 {
             return None;
         }
-        self.0.1.lock().unwrap_or_else(|p| p.into_inner()).map(|t| t.elapsed())
+        self.0.idle_since.lock().unwrap_or_else(|p| p.into_inner()).map(|t| t.elapsed())
+    }
+
+    /// Whether the connection's driver has ended (closed, failed or idle too long).
+    fn is_closed(&self) -> bool {
+        self.0.closed.load(Ordering::Acquire)
+    }
+
+    /// Marks the connection's driver ended: no stream is taken on it from now on.
+    fn close(&self) {
+        self.0.closed.store(true, Ordering::Release);
     }
 
     /// Returns once the connection has had no stream for `timeout`: its driver then
@@ -130,12 +148,12 @@ impl StreamCount {
 
 /// One reserved stream on a pooled connection, released on drop.
 #[derive(Debug)]
-struct StreamSlot(Arc<(AtomicUsize, Mutex<Option<std::time::Instant>>)>);
+struct StreamSlot(Arc<Shared>);
 
 impl Drop for StreamSlot {
     fn drop(&mut self) {
-        if self.0.0.fetch_sub(1, Ordering::AcqRel) == 1 {
-            *self.0.1.lock().unwrap_or_else(|p| p.into_inner()) = Some(std::time::Instant::now());
+        if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *self.0.idle_since.lock().unwrap_or_else(|p| p.into_inner()) = Some(std::time::Instant::now());
         }
     }
 }
@@ -144,7 +162,7 @@ impl Drop for StreamSlot {
 /// connection until dropped.
 #[derive(Debug)]
 pub struct Tunnel {
-    io: TokioIo<hyper::upgrade::Upgraded>,
+    stream: H2Stream,
     /// The pooled connection's slot; none for a stream on a connection of its own
     /// (which lives as long as its one stream).
     _slot: Option<StreamSlot>,
@@ -154,39 +172,36 @@ pub struct Tunnel {
 
 impl Tunnel {
     /// The one stream of a connection opened for it alone.
-    pub(super) fn on_own_connection(upgraded: hyper::upgrade::Upgraded, target: SocketAddr) -> Self {
-        Self { io: TokioIo::new(upgraded), _slot: None, target }
+    pub(super) fn on_own_connection(stream: H2Stream, target: SocketAddr) -> Self {
+        Self { stream, _slot: None, target }
     }
 }
 
 impl AsyncRead for Tunnel {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for Tunnel {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        Pin::new(&mut self.stream).poll_write(cx, buf)
     }
-    /// One slice at a time (the stream takes it whole), but saying "vectored" keeps
-    /// hyper's HTTP/1 client from copying each body chunk into one flat buffer first.
     fn poll_write_vectored(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let first = bufs.iter().find(|b| !b.is_empty()).map_or(&[][..], |b| &b[..]);
-        Pin::new(&mut self.io).poll_write(cx, first)
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {
-        true
+        self.stream.is_write_vectored()
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+        Pin::new(&mut self.stream).poll_flush(cx)
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+        Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
 
@@ -312,12 +327,12 @@ impl Pool {
 
     /// One CONNECT stream to `target` on `pooled`.
     async fn open(&self, pooled: &Pooled, slot: StreamSlot, key: &Key, target: SocketAddr) -> Result<Tunnel, Error> {
-        let upgraded = request_stream(pooled.sender.clone(), key.addr, target).await.inspect_err(|e| {
+        let stream = request_stream(pooled.sender.clone(), key.addr, target).await.inspect_err(|e| {
             if matches!(e, Error::Http { .. }) {
                 self.forget_closed(key);
             }
         })?;
-        Ok(Tunnel { io: TokioIo::new(upgraded), _slot: Some(slot), target })
+        Ok(Tunnel { stream, _slot: Some(slot), target })
     }
 
     /// Takes every connection to `ips` out of the pool (new streams open new ones): a
@@ -364,7 +379,7 @@ impl Pool {
     }
 
     fn forget_closed(&self, key: &Key) {
-        self.drop_where(key, |c| c.sender.is_closed());
+        self.drop_where(key, |c| c.streams.is_closed());
     }
 
     async fn dial(&self, dialer: &Dialer, source: &Workload, netns: &Netns, key: &Key) -> Result<Pooled, Error> {
@@ -375,16 +390,17 @@ impl Pool {
         let (sender, conn, peer_not_after) =
             handshake(dialer, &source.identity, &key.destination, key.addr, tcp).await?;
         let (addr, streams, idle_timeout) = (key.addr, StreamCount::default(), self.idle_timeout);
-        let idle = streams.clone();
+        let driven = streams.clone();
         tokio::spawn(async move {
             tokio::select! {
                 result = conn => if let Err(e) = result {
                     tracing::debug!(%addr, error = %e, "HBONE connection closed");
                 },
-                () = idle.idle_past(idle_timeout) => {
+                () = driven.idle_past(idle_timeout) => {
                     tracing::debug!(%addr, ?idle_timeout, "HBONE connection idle; closed");
                 }
             }
+            driven.close();
         });
         tracing::debug!(source = %key.source_pod, destination = %key.destination, %addr, "HBONE connection opened");
         Ok(Pooled { sender, streams, peer_not_after, own_not_after })
@@ -392,11 +408,7 @@ impl Pool {
 }
 
 /// A driver of one HTTP/2 client connection over `Io`.
-pub(crate) type Driver<Io> = hyper::client::conn::http2::Connection<
-    TokioIo<Coalesced<tokio_rustls::client::TlsStream<Io>>>,
-    Empty<Bytes>,
-    hyper_util::rt::TokioExecutor,
->;
+pub(crate) type Driver<Io> = h2::client::Connection<Coalesced<tokio_rustls::client::TlsStream<Io>>, Bytes>;
 
 /// Mutual TLS as `source` with the HBONE server at `addr` over `io`, which must present
 /// `destination`, then HTTP/2: the sender, the connection's driver (to be spawned), and
@@ -407,7 +419,7 @@ pub(crate) async fn handshake<Io>(
     destination: &Identity,
     addr: SocketAddr,
     io: Io,
-) -> Result<(SendRequest<Empty<Bytes>>, Driver<Io>, SystemTime), Error>
+) -> Result<(SendRequest<Bytes>, Driver<Io>, SystemTime), Error>
 where
     Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -429,8 +441,8 @@ where
         .and_then(crate::identity::cert_not_after)
         // Verified, so it parses; were it not, the connection would take no stream.
         .unwrap_or(SystemTime::UNIX_EPOCH);
-    let (sender, conn) = limits::h2_client()
-        .handshake(TokioIo::new(Coalesced::new(stream)))
+    let (sender, conn) = limits::hbone_client()
+        .handshake(Coalesced::new(stream))
         .await
         .map_err(|source| Error::Http { addr, source })?;
     Ok((sender, conn, peer_not_after))
@@ -439,17 +451,18 @@ where
 /// Sends a CONNECT for `target` on `sender` (a connection to the HBONE server at
 /// `addr`) and returns the stream once the server answered 200.
 pub(super) async fn request_stream(
-    mut sender: SendRequest<Empty<Bytes>>,
+    sender: SendRequest<Bytes>,
     addr: SocketAddr,
     target: SocketAddr,
-) -> Result<hyper::upgrade::Upgraded, Error> {
-    sender.ready().await.map_err(|source| Error::Http { addr, source })?;
+) -> Result<H2Stream, Error> {
+    let mut sender = sender.ready().await.map_err(|source| Error::Http { addr, source })?;
     let req = Request::builder()
         .method(Method::CONNECT)
         .uri(target.to_string())
-        .body(Empty::new())
+        .body(())
         .expect("CONNECT request from a socket address is always valid");
-    let res = match tokio::time::timeout(limits::CONNECT_RESPONSE_TIMEOUT, sender.send_request(req)).await {
+    let (answer, send) = sender.send_request(req, false).map_err(|source| Error::Http { addr, source })?;
+    let res = match tokio::time::timeout(limits::CONNECT_RESPONSE_TIMEOUT, answer).await {
         Ok(r) => r.map_err(|source| Error::Http { addr, source })?,
         Err(_) => {
             return Err(Error::Timeout { what: "CONNECT answer from", addr, after: limits::CONNECT_RESPONSE_TIMEOUT });
@@ -458,25 +471,15 @@ pub(super) async fn request_stream(
     if res.status() != StatusCode::OK {
         return Err(Error::Refused { addr, target, status: res.status() });
     }
-    hyper::upgrade::on(res).await.map_err(|source| Error::Http { addr, source })
+    Ok(H2Stream::new(send, res.into_body()))
 }
 
-/// Whether a failed CONNECT never reached the peer's application: hyper cancelled it
-/// (the connection was closing), the peer refused the stream unprocessed
-/// (`REFUSED_STREAM`), or the peer's GOAWAY named a last stream before it (RFC 9113
-/// §6.8: such streams were not processed).
-fn never_reached_the_peer(e: &hyper::Error) -> bool {
-    if e.is_canceled() {
-        return true;
-    }
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        if let Some(h2) = s.downcast_ref::<h2::Error>() {
-            return h2.reason() == Some(h2::Reason::REFUSED_STREAM) || (h2.is_go_away() && h2.is_remote());
-        }
-        source = s.source();
-    }
-    false
+/// Whether a failed CONNECT never reached the peer's application: the peer refused
+/// the stream unprocessed (`REFUSED_STREAM`), or its GOAWAY named a last stream before
+/// it (RFC 9113 §6.8: such streams were not processed; h2 fails every later stream,
+/// and every new one, with the GOAWAY).
+fn never_reached_the_peer(e: &h2::Error) -> bool {
+    e.reason() == Some(h2::Reason::REFUSED_STREAM) || (e.is_go_away() && e.is_remote())
 }
 
 #[cfg(test)]
@@ -498,7 +501,7 @@ mod tests {
     #[tokio::test]
     async fn a_connection_takes_no_stream_once_either_sides_certificate_expires() {
         let (io, _peer) = tokio::io::duplex(64 * 1024);
-        let (sender, conn) = super::limits::h2_client().handshake(hyper_util::rt::TokioIo::new(io)).await.unwrap();
+        let (sender, conn) = super::limits::hbone_client().handshake::<_, bytes::Bytes>(io).await.unwrap();
         tokio::spawn(conn);
         let pooled = |peer_not_after, own_not_after| Pooled {
             sender: sender.clone(),
@@ -513,6 +516,9 @@ mod tests {
         assert!(pooled(valid, expired).try_reserve(now).is_none(), "its own expired: the peer would refuse it");
         let expiring = now + Duration::from_millis(500);
         assert!(pooled(valid, expiring).try_reserve(now).is_none(), "about to expire: a fresh connection instead");
+        let ended = pooled(valid, valid);
+        ended.streams.close();
+        assert!(ended.try_reserve(now).is_none(), "its driver ended: takes none");
     }
 
     #[tokio::test]
