@@ -29,7 +29,11 @@
 //!   destination's agent puts between a client and its application, over in-memory
 //!   streams: served (a hyper server handing each request to a hyper client, as
 //!   `admission/http.rs` does for a request judged per request), or copied with its
-//!   exchanges followed and counted (`WatchedHttp1`), against a plain copy (baseline).
+//!   exchanges followed and counted (`WatchedHttp1`), against a plain copy (baseline);
+//! - HBONE stream: a 1 KiB round trip on one CONNECT stream of an HTTP/2 connection on
+//!   loopback TCP, echoed by the server, both ends the agent's (`H2Stream`,
+//!   `hbone::serve`) against hyper's upgraded CONNECT stream at both ends (baseline,
+//!   what the agent spoke before 2026-12-07).
 
 use std::collections::HashMap;
 use std::hint::black_box;
@@ -679,6 +683,86 @@ fn inbound_http(c: &mut Criterion) {
     g.finish();
 }
 
+/// Bytes of each way of the HBONE stream bench's round trip.
+const ROUND_TRIP: usize = 1024;
+
+/// Echoes an accepted CONNECT stream.
+struct EchoStream;
+
+impl mesh_agent::transport::hbone::ServeStream for EchoStream {
+    async fn serve(self, stream: mesh_agent::transport::hbone::H2Stream) {
+        let (mut read, mut write) = tokio::io::split(stream);
+        let _ = tokio::io::copy(&mut read, &mut write).await;
+    }
+}
+
+/// A CONNECT stream to an echo on loopback TCP: the agent's at both ends, or hyper's.
+async fn hbone_echo_stream(agents: bool) -> Box<dyn Io> {
+    use mesh_agent::transport::hbone::{self, Answer, H2Stream};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.expect("accept");
+        let _ = tcp.set_nodelay(true);
+        if agents {
+            let (shutdown, tasks) = (tokio_util::sync::CancellationToken::new(), tokio_util::task::TaskTracker::new());
+            let decide = |_| std::future::ready(Answer::Accept(EchoStream));
+            let _ = hbone::serve(Coalesced::new(tcp), &shutdown, &tasks, decide).await;
+            return;
+        }
+        let service = hyper::service::service_fn(|mut req: http::Request<hyper::body::Incoming>| async move {
+            let upgrade = hyper::upgrade::on(&mut req);
+            tokio::spawn(async move {
+                let Ok(upgraded) = upgrade.await else { return };
+                let (mut read, mut write) = tokio::io::split(hyper_util::rt::TokioIo::new(upgraded));
+                let _ = tokio::io::copy(&mut read, &mut write).await;
+            });
+            Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Empty::<bytes::Bytes>::new()))
+        });
+        let io = hyper_util::rt::TokioIo::new(Coalesced::new(tcp));
+        let builder = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+        let _ = builder.serve_connection(io, service).await;
+    });
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let _ = tcp.set_nodelay(true);
+    let target = "10.0.0.1:8080";
+    if agents {
+        let client = mesh_agent::transport::limits::hbone_client();
+        let (sender, conn) = client.handshake(Coalesced::new(tcp)).await.expect("h2 client");
+        tokio::spawn(conn);
+        let mut ready = sender.ready().await.expect("ready");
+        let (answer, send) =
+            ready.send_request(http::Request::connect(target).body(()).expect("request"), false).expect("CONNECT");
+        let answer = answer.await.expect("answer");
+        return Box::new(H2Stream::new(send, answer.into_body()));
+    }
+    let io = hyper_util::rt::TokioIo::new(Coalesced::new(tcp));
+    let builder = hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+    let (mut sender, conn) = builder.handshake(io).await.expect("h2 client");
+    tokio::spawn(conn);
+    let req = http::Request::connect(target).body(http_body_util::Empty::<bytes::Bytes>::new()).expect("request");
+    let answer = sender.send_request(req).await.expect("answer");
+    Box::new(hyper_util::rt::TokioIo::new(hyper::upgrade::on(answer).await.expect("upgraded")))
+}
+
+fn hbone_stream(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let mut g = c.benchmark_group("hbone_stream_round_trip_1k");
+    for (name, agents) in [("baseline_hyper_upgraded", false), ("agent_h2_stream", true)] {
+        let mut stream = rt.block_on(hbone_echo_stream(agents));
+        let (sent, mut back) = ([b'x'; ROUND_TRIP], [0u8; ROUND_TRIP]);
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                rt.block_on(async {
+                    stream.write_all(&sent).await.expect("write");
+                    stream.read_exact(&mut back).await.expect("read");
+                })
+            })
+        });
+    }
+    g.finish();
+}
+
 criterion_group!(
     benches,
     inbound_http,
@@ -691,6 +775,7 @@ criterion_group!(
     authz,
     socket_splice,
     request_metrics,
-    tunnel_writes
+    tunnel_writes,
+    hbone_stream
 );
 criterion_main!(benches);
