@@ -28,9 +28,8 @@ use tokio_util::task::TaskTracker;
 
 use super::HANDSHAKE_TIMEOUT;
 
-/// Most bytes one write hands to h2: a TLS record's worth of DATA frames. A larger
-/// write is taken in parts, so a stream reserves no more of the connection's window
-/// than it sends at once.
+/// Most bytes one write hands to h2 (four TLS records' worth of DATA frames): what a
+/// stream may queue beyond its send buffer. A larger write is taken in parts.
 const MOST_PER_WRITE: usize = 64 * 1024;
 
 /// One CONNECT stream as a byte stream: what the peer sends is read, what is written
@@ -106,8 +105,8 @@ impl AsyncWrite for H2Stream {
         if total == 0 {
             return Poll::Ready(Ok(0));
         }
-        let wanted = total.min(MOST_PER_WRITE);
-        self.send.reserve_capacity(wanted);
+        let n = total.min(MOST_PER_WRITE);
+        self.send.reserve_capacity(n);
         // `poll_capacity` is ready only when capacity was added since it last was, so
         // capacity left over from an earlier write is taken as it is.
         while self.send.capacity() == 0 {
@@ -117,7 +116,11 @@ impl AsyncWrite for H2Stream {
                 None => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
             }
         }
-        let n = self.send.capacity().min(wanted);
+        // The whole write goes on once there is any room, as hyper's stream task sent
+        // it: h2 sends it as the windows open, and the stream holds at most its send
+        // buffer plus this one write. Cut to the room there is, a bulk transfer's
+        // writes would go in pieces, each waiting for the connection's task to drain
+        // the one before.
         let mut data = BytesMut::with_capacity(n);
         for b in bufs {
             let room = n - data.len();
