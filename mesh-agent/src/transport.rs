@@ -38,7 +38,8 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Errors of the proxy.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A freshly opened HBONE connection closed before its first stream.
+    /// An HBONE connection closed before a stream could be sent on it (a fresh one
+    /// before its first stream, a pooled one whose peer went away).
     #[error("HBONE connection to {addr} closed before use")]
     Closed {
         /// The peer agent.

@@ -273,6 +273,11 @@ impl Pool {
                     self.retire(&key, &pooled);
                     tracing::debug!(addr = %key.addr, error = %source, "pooled HBONE connection going away; CONNECT sent on a new one");
                 }
+                Err(Error::Closed { .. }) => {
+                    // The connection ended before the CONNECT left: nothing was sent.
+                    self.retire(&key, &pooled);
+                    tracing::debug!(addr = %key.addr, "pooled HBONE connection closed; CONNECT sent on a new one");
+                }
                 other => return other,
             }
         }
@@ -328,7 +333,7 @@ impl Pool {
     /// One CONNECT stream to `target` on `pooled`.
     async fn open(&self, pooled: &Pooled, slot: StreamSlot, key: &Key, target: SocketAddr) -> Result<Tunnel, Error> {
         let stream = request_stream(pooled.sender.clone(), key.addr, target).await.inspect_err(|e| {
-            if matches!(e, Error::Http { .. }) {
+            if matches!(e, Error::Http { .. } | Error::Closed { .. }) {
                 self.forget_closed(key);
             }
         })?;
@@ -449,19 +454,27 @@ where
 }
 
 /// Sends a CONNECT for `target` on `sender` (a connection to the HBONE server at
-/// `addr`) and returns the stream once the server answered 200.
+/// `addr`) and returns the stream once the server answered 200. [`Error::Closed`] when
+/// the connection was gone before the CONNECT left (so it is safe to send elsewhere).
 pub(super) async fn request_stream(
     sender: SendRequest<Bytes>,
     addr: SocketAddr,
     target: SocketAddr,
 ) -> Result<H2Stream, Error> {
-    let mut sender = sender.ready().await.map_err(|source| Error::Http { addr, source })?;
+    // Before the request is queued, a failure means it never left: an ended connection
+    // (its driver gone, the socket closed) is `Closed`; the peer's GOAWAY or refusal
+    // stays an HTTP error, which the caller reads as such.
+    let unsent = |source: h2::Error| match source.is_io() || source.is_library() {
+        true => Error::Closed { addr },
+        false => Error::Http { addr, source },
+    };
+    let mut sender = sender.ready().await.map_err(unsent)?;
     let req = Request::builder()
         .method(Method::CONNECT)
         .uri(target.to_string())
         .body(())
         .expect("CONNECT request from a socket address is always valid");
-    let (answer, send) = sender.send_request(req, false).map_err(|source| Error::Http { addr, source })?;
+    let (answer, send) = sender.send_request(req, false).map_err(unsent)?;
     let res = match tokio::time::timeout(limits::CONNECT_RESPONSE_TIMEOUT, answer).await {
         Ok(r) => r.map_err(|source| Error::Http { addr, source })?,
         Err(_) => {
@@ -519,6 +532,23 @@ mod tests {
         let ended = pooled(valid, valid);
         ended.streams.close();
         assert!(ended.try_reserve(now).is_none(), "its driver ended: takes none");
+    }
+
+    #[tokio::test]
+    async fn a_connect_on_a_connection_whose_peer_is_gone_never_left_and_says_so() {
+        let (io, peer) = tokio::io::duplex(64 * 1024);
+        let client = super::limits::hbone_client();
+        let handshake = tokio::spawn(async move { client.handshake::<_, bytes::Bytes>(io).await });
+        // The peer answers the preface, then goes away.
+        let mut server = super::limits::hbone_server().handshake::<_, bytes::Bytes>(peer).await.unwrap();
+        let (sender, conn) = handshake.await.unwrap().unwrap();
+        let driver = tokio::spawn(conn);
+        let _ = tokio::time::timeout(Duration::from_millis(200), server.accept()).await;
+        drop(server);
+        let _ = tokio::time::timeout(Duration::from_secs(5), driver).await.expect("the driver ends with its peer");
+        let addr = "10.0.0.2:15008".parse().unwrap();
+        let sent = super::request_stream(sender, addr, "10.0.0.2:80".parse().unwrap()).await;
+        assert!(matches!(sent, Err(super::Error::Closed { .. })), "safe to send again elsewhere: {sent:?}");
     }
 
     #[tokio::test]
