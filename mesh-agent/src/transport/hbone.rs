@@ -82,6 +82,11 @@ impl AsyncRead for H2Stream {
         let n = self.unread.len().min(buf.remaining());
         buf.put_slice(&self.unread[..n]);
         self.unread.advance(n);
+        if self.unread.is_empty() {
+            // A frame's bytes share the connection's read buffer: an idle stream that
+            // kept an empty slice of it would keep the whole buffer.
+            self.unread = Bytes::new();
+        }
         // The window opens as the bytes leave, so the peer can send no more than the
         // stream's window ahead of what this end has passed on.
         let _ = self.recv.flow_control().release_capacity(n);

@@ -208,7 +208,10 @@ impl AsyncWrite for Tunnel {
 /// The pool.
 #[derive(Debug)]
 pub struct Pool {
-    conns: Mutex<HashMap<Key, Vec<Pooled>>>,
+    /// Shared with each connection's driver, which takes its connection out when it
+    /// ends: h2's sender holds the connection's whole state (its streams' store and
+    /// buffers), which would otherwise stay until the next dial swept it.
+    conns: Arc<Mutex<HashMap<Key, Vec<Pooled>>>>,
     /// A connection with no stream for this long is closed.
     idle_timeout: Duration,
     /// One dial at a time per key: a connection that finds no room waits for the dial
@@ -231,7 +234,7 @@ type DialGate = tokio::sync::Mutex<Option<(std::time::Instant, String)>>;
 impl Pool {
     /// An empty pool whose connections close after `idle_timeout` without a stream.
     pub fn new(idle_timeout: Duration) -> Self {
-        Self { conns: Mutex::default(), idle_timeout, dialing: Mutex::default() }
+        Self { conns: Arc::default(), idle_timeout, dialing: Mutex::default() }
     }
 
     /// Opens a tunnelled connection from `source` to `target` (a port of `dest`),
@@ -355,13 +358,7 @@ impl Pool {
 
     /// Drops `key`'s pooled connections that `gone` picks, and the key once it has none.
     fn drop_where(&self, key: &Key, gone: impl Fn(&Pooled) -> bool) {
-        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(list) = conns.get_mut(key) {
-            list.retain(|c| !gone(c));
-            if list.is_empty() {
-                conns.remove(key);
-            }
-        }
+        drop_where(&self.conns, key, gone);
     }
 
     /// A pooled connection for `key` with room for one more stream, with the slot taken.
@@ -395,7 +392,7 @@ impl Pool {
         let (sender, conn, peer_not_after) =
             handshake(dialer, &source.identity, &key.destination, key.addr, tcp).await?;
         let (addr, streams, idle_timeout) = (key.addr, StreamCount::default(), self.idle_timeout);
-        let driven = streams.clone();
+        let (driven, conns, pooled_as) = (streams.clone(), self.conns.clone(), key.clone());
         tokio::spawn(async move {
             tokio::select! {
                 result = conn => if let Err(e) = result {
@@ -406,9 +403,21 @@ impl Pool {
                 }
             }
             driven.close();
+            drop_where(&conns, &pooled_as, |c| Arc::ptr_eq(&c.streams.0, &driven.0));
         });
         tracing::debug!(source = %key.source_pod, destination = %key.destination, %addr, "HBONE connection opened");
         Ok(Pooled { sender, streams, peer_not_after, own_not_after })
+    }
+}
+
+/// Drops `key`'s connections in `conns` that `gone` picks, and the key once it has none.
+fn drop_where(conns: &Mutex<HashMap<Key, Vec<Pooled>>>, key: &Key, gone: impl Fn(&Pooled) -> bool) {
+    let mut conns = conns.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(list) = conns.get_mut(key) {
+        list.retain(|c| !gone(c));
+        if list.is_empty() {
+            conns.remove(key);
+        }
     }
 }
 
