@@ -157,23 +157,15 @@ struct Spliced {
 }
 
 impl ServeStream for Spliced {
-    #[expect(clippy::manual_async_fn, reason = "the trait's signature")]
-    fn serve(self, mut tunnel: H2Stream) -> impl Future<Output = ()> + Send + 'static {
-        async move {
-            let Spliced { ctx, labels, ends, target, mut upstream, permit } = self;
-            let metrics = &ctx.l7.metrics;
-            let copied = crate::transport::copy::counted(
-                metrics,
-                (&labels, ends),
-                &mut tunnel,
-                &mut upstream,
-                ctx.tcp_idle_timeout,
-            )
-            .await;
-            if let Err(e) = copied {
-                tracing::debug!(%target, error = %e, "east-west: stream ended");
-            }
-            drop(permit);
+    async fn serve(self, mut tunnel: H2Stream) {
+        let Spliced { ctx, labels, ends, target, mut upstream, permit } = self;
+        let metrics = &ctx.l7.metrics;
+        let copied =
+            crate::transport::copy::counted(metrics, (&labels, ends), &mut tunnel, &mut upstream, ctx.tcp_idle_timeout)
+                .await;
+        if let Err(e) = copied {
+            tracing::debug!(%target, error = %e, "east-west: stream ended");
         }
+        drop(permit);
     }
 }

@@ -1135,31 +1135,27 @@ async fn a_ztunnel_style_double_hbone_by_service_hostname_reaches_the_pod_as_the
     let dialer = &mesh.ctx.dialer;
     let host = "web.shop.svc.cluster.local:80";
     let tcp = TcpStream::connect(gw.addr).await.unwrap();
-    let (mut outer, conn, _) =
+    let (outer, conn, _) =
         crate::transport::handshake(dialer, &client.identity, &gw.identity, gw.addr, tcp).await.unwrap();
     tokio::spawn(conn);
-    let (status, stream) = h2_connect(&mut outer, host).await;
+    let (status, stream) = h2_connect(&outer, host).await;
     assert_eq!(status, 200, "the gateway takes a Service's host:port");
-    let (mut inner, conn, _) =
+    let (inner, conn, _) =
         crate::transport::handshake(dialer, &client.identity, &web.identity, gw.addr, stream).await.unwrap();
     tokio::spawn(conn);
-    let (status, app) = h2_connect(&mut inner, host).await;
+    let (status, app) = h2_connect(&inner, host).await;
     assert_eq!(status, 200, "web's agent maps the Service's port to web's 8080");
     assert_eq!(served_by(&send(app, get("/", "web")).await.unwrap()), "web");
     // A Service's host:port with no endpoint on the gateway's network, or unknown, is refused.
     for authority in ["client.shop.svc.cluster.local:80", "nothing.shop.svc.cluster.local:80"] {
-        assert_eq!(h2_connect(&mut outer, authority).await.0, 403, "{authority}");
+        assert_eq!(h2_connect(&outer, authority).await.0, 403, "{authority}");
     }
 }
 
 /// A CONNECT for `authority` on `sender`: the answer's status and the stream.
 async fn h2_connect(
-    sender: &mut h2::client::SendRequest<Bytes>,
+    sender: &h2::client::SendRequest<Bytes>,
     authority: &str,
 ) -> (http::StatusCode, crate::transport::hbone::H2Stream) {
-    let req = http::Request::builder().method(http::Method::CONNECT).uri(authority).body(()).unwrap();
-    let mut ready = sender.clone().ready().await.unwrap();
-    let (answer, send) = ready.send_request(req, false).unwrap();
-    let res = answer.await.unwrap();
-    (res.status(), crate::transport::hbone::H2Stream::new(send, res.into_body()))
+    crate::transport::hbone::connect_for_test(sender, authority).await.expect("a CONNECT answered")
 }

@@ -268,17 +268,31 @@ where
     }
 }
 
+/// A CONNECT for `authority` on `sender`: the answer's status and the stream (tests
+/// that speak to an HBONE server as a client other than the pool, with any authority).
+#[cfg(test)]
+pub(crate) async fn connect_for_test(
+    sender: &h2::client::SendRequest<Bytes>,
+    authority: &str,
+) -> Result<(StatusCode, H2Stream), h2::Error> {
+    let mut ready = sender.clone().ready().await?;
+    let req = Request::builder().method(http::Method::CONNECT).uri(authority).body(()).expect("a CONNECT request");
+    let (answer, send) = ready.send_request(req, false)?;
+    let res = answer.await?;
+    Ok((res.status(), H2Stream::new(send, res.into_body())))
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
 
     use bytes::Bytes;
-    use http::{Method, Request, StatusCode};
+    use http::{Request, StatusCode};
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _, DuplexStream};
     use tokio_util::sync::CancellationToken;
     use tokio_util::task::TaskTracker;
 
-    use super::{Answer, H2Stream, ServeStream, serve};
+    use super::{Answer, H2Stream, ServeStream, connect_for_test as connect, serve};
 
     /// Sends back what it reads, then ends its side.
     struct Echo;
@@ -311,17 +325,6 @@ mod tests {
         let (sender, conn) = crate::transport::limits::hbone_client().handshake(client_end).await.unwrap();
         tokio::spawn(conn);
         (sender, server)
-    }
-
-    async fn connect(
-        sender: &h2::client::SendRequest<Bytes>,
-        authority: &str,
-    ) -> Result<(StatusCode, H2Stream), h2::Error> {
-        let mut ready = sender.clone().ready().await?;
-        let req = Request::builder().method(Method::CONNECT).uri(authority).body(()).unwrap();
-        let (answer, send) = ready.send_request(req, false)?;
-        let res = answer.await?;
-        Ok((res.status(), H2Stream::new(send, res.into_body())))
     }
 
     #[tokio::test]

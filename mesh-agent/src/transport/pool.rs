@@ -269,17 +269,12 @@ impl Pool {
         let key = Key { source_pod: source.key(), destination: identity.clone(), addr: hbone };
         if let Some((pooled, slot)) = self.reserve(&key) {
             match self.open(&pooled, slot, &key, target).await {
-                Err(Error::Http { source, .. }) if never_reached_the_peer(&source) => {
-                    // The peer agent is going away (a handoff to its successor sends
-                    // GOAWAY): this CONNECT was not taken, so it is safe to send again on
-                    // a new connection, which the successor answers.
+                // The peer agent is going away (a handoff to its successor sends GOAWAY)
+                // or the connection had ended: this CONNECT was not taken, so it is safe
+                // to send again on a new connection, which the successor answers.
+                Err(e) if never_reached_the_peer(&e) => {
                     self.retire(&key, &pooled);
-                    tracing::debug!(addr = %key.addr, error = %source, "pooled HBONE connection going away; CONNECT sent on a new one");
-                }
-                Err(Error::Closed { .. }) => {
-                    // The connection ended before the CONNECT left: nothing was sent.
-                    self.retire(&key, &pooled);
-                    tracing::debug!(addr = %key.addr, "pooled HBONE connection closed; CONNECT sent on a new one");
+                    tracing::debug!(addr = %key.addr, error = %e, "pooled HBONE connection going away; CONNECT sent on a new one");
                 }
                 other => return other,
             }
@@ -473,9 +468,8 @@ pub(super) async fn request_stream(
     // Before the request is queued, a failure means it never left: an ended connection
     // (its driver gone, the socket closed) is `Closed`; the peer's GOAWAY or refusal
     // stays an HTTP error, which the caller reads as such.
-    let unsent = |source: h2::Error| match source.is_io() || source.is_library() {
-        true => Error::Closed { addr },
-        false => Error::Http { addr, source },
+    let unsent = |source: h2::Error| {
+        if source.is_io() || source.is_library() { Error::Closed { addr } } else { Error::Http { addr, source } }
     };
     let mut sender = sender.ready().await.map_err(unsent)?;
     let req = Request::builder()
@@ -496,12 +490,19 @@ pub(super) async fn request_stream(
     Ok(H2Stream::new(send, res.into_body()))
 }
 
-/// Whether a failed CONNECT never reached the peer's application: the peer refused
-/// the stream unprocessed (`REFUSED_STREAM`), or its GOAWAY named a last stream before
-/// it (RFC 9113 §6.8: such streams were not processed; h2 fails every later stream,
-/// and every new one, with the GOAWAY).
-fn never_reached_the_peer(e: &h2::Error) -> bool {
-    e.reason() == Some(h2::Reason::REFUSED_STREAM) || (e.is_go_away() && e.is_remote())
+/// Whether a failed CONNECT never reached the peer's application: it never left an
+/// ended connection ([`Error::Closed`]), the peer refused the stream unprocessed
+/// (`REFUSED_STREAM`), or its GOAWAY named a last stream before it (RFC 9113 §6.8: such
+/// streams were not processed; h2 fails every later stream, and every new one, with
+/// the GOAWAY).
+fn never_reached_the_peer(e: &Error) -> bool {
+    match e {
+        Error::Closed { .. } => true,
+        Error::Http { source, .. } => {
+            source.reason() == Some(h2::Reason::REFUSED_STREAM) || (source.is_go_away() && source.is_remote())
+        }
+        _ => false,
+    }
 }
 
 #[cfg(test)]
