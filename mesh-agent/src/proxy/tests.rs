@@ -459,6 +459,34 @@ async fn matches_bound_to_a_gateway_leave_mesh_traffic_alone() {
     assert_eq!(served_by(&mesh.send("client", vip(38), get("/both")).await), "myapp-v2", "the match without gateways");
 }
 
+/// The pod's HTTP/1.1 connections to an endpoint are kept and reused, whoever's request
+/// comes next: the upstream connection is driven by the request holding it, and goes
+/// back ready after an answer with a body and after one without (HEAD).
+#[tokio::test]
+async fn l7_requests_from_separate_client_connections_share_one_upstream_connection() {
+    let vs = virtual_service("  - route: [{destination: {host: myapp, subset: v1}}]\n");
+    let mesh = Mesh::start(&config(39, &format!("{SUBSETS}{vs}")), APPS).await;
+    for method in ["GET", "HEAD", "GET", "POST", "GET"] {
+        let req = Request::builder().method(method).uri("/").header("host", "myapp").body(Empty::new()).unwrap();
+        let res = mesh.send("client", vip(39), req).await;
+        assert_eq!(res.status(), 200, "{method}");
+        assert_eq!(served_by(&res), "myapp-v1");
+        let expected: &[u8] = if method == "HEAD" { b"" } else { b"myapp-v1" };
+        assert_eq!(res.body().as_ref(), expected, "{method}: the whole body");
+    }
+    let metrics = mesh.metrics();
+    let opened: u64 = metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("tcp_connections_opened_total{")
+                && l.contains("reporter=\"destination\"")
+                && l.contains("destination_workload=\"myapp-v1\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(opened, 1, "five requests, one connection to the endpoint:\n{metrics}");
+}
+
 #[tokio::test]
 async fn l7_retries_a_failed_attempt_on_5xx() {
     let vs = virtual_service(
