@@ -459,9 +459,9 @@ async fn matches_bound_to_a_gateway_leave_mesh_traffic_alone() {
     assert_eq!(served_by(&mesh.send("client", vip(38), get("/both")).await), "myapp-v2", "the match without gateways");
 }
 
-/// The pod's HTTP/1.1 connections to an endpoint are kept and reused, whoever's request
-/// comes next: the upstream connection is driven by the request holding it, and goes
-/// back ready after an answer with a body and after one without (HEAD).
+/// The pod's HTTP/1.1 connections to an endpoint are kept and reused, whichever client
+/// connection's request comes next: the upstream connection goes back to the pool after
+/// an answer with a body and after one without (HEAD).
 #[tokio::test]
 async fn l7_requests_from_separate_client_connections_share_one_upstream_connection() {
     let vs = virtual_service("  - route: [{destination: {host: myapp, subset: v1}}]\n");

@@ -274,7 +274,7 @@ impl Pool {
                 // to send again on a new connection, which the successor answers.
                 Err(e) if never_reached_the_peer(&e) => {
                     self.retire(&key, &pooled);
-                    tracing::debug!(addr = %key.addr, error = %e, "pooled HBONE connection going away; CONNECT sent on a new one");
+                    tracing::debug!(addr = %key.addr, error = %e, "pooled HBONE connection going away or closed; CONNECT sent on a new one");
                 }
                 other => return other,
             }
@@ -348,12 +348,7 @@ impl Pool {
 
     /// Takes `pooled` out of the pool: no new stream goes on it (those open finish).
     fn retire(&self, key: &Key, pooled: &Pooled) {
-        self.drop_where(key, |c| Arc::ptr_eq(&c.streams.0, &pooled.streams.0));
-    }
-
-    /// Drops `key`'s pooled connections that `gone` picks, and the key once it has none.
-    fn drop_where(&self, key: &Key, gone: impl Fn(&Pooled) -> bool) {
-        drop_where(&self.conns, key, gone);
+        drop_where(&self.conns, key, |c| Arc::ptr_eq(&c.streams.0, &pooled.streams.0));
     }
 
     /// A pooled connection for `key` with room for one more stream, with the slot taken.
@@ -376,7 +371,7 @@ impl Pool {
     }
 
     fn forget_closed(&self, key: &Key) {
-        self.drop_where(key, |c| c.streams.is_closed());
+        drop_where(&self.conns, key, |c| c.streams.is_closed());
     }
 
     async fn dial(&self, dialer: &Dialer, source: &Workload, netns: &Netns, key: &Key) -> Result<Pooled, Error> {
