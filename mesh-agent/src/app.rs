@@ -197,6 +197,8 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
         local_pods: Arc::default(),
         inherited,
         kernel_splice: dataplane.kernel_splice().filter(|_| settings.kernel_splice == crate::settings::Switch::On),
+        direct: Some(dataplane.direct()),
+        same_node_direct: settings.same_node_direct == crate::settings::Switch::On,
     };
     tokio::spawn(ctx.l7.upstreams.clone().reap_idle(shutdown.clone()));
     let (cni_tx, mut cni_rx) = mpsc::channel::<CniRequest>(64);
@@ -221,6 +223,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
         predecessor,
         remotes,
         one_off,
+        direct_unjudged: true,
     };
     agent.apply(&mut source);
     agent.finish_takeover();
@@ -266,6 +269,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
                 agent.apply(&mut source);
                 ctx.metrics.probes_seen(dataplane.probe_connections());
                 ctx.metrics.kernel_events_seen(&dataplane.kernel_events());
+                agent.count_direct();
                 // Counting walks the maps' keys: seldom.
                 ticks += 1;
                 if ticks % MAP_FILL_EVERY == 1 {
@@ -562,16 +566,49 @@ struct Agent {
     remotes: RemoteClusters,
     /// Told when a compile or starting up is done: its code's pages can go.
     one_off: code_pages::OneOffWork,
+    /// The direct path is to be judged again under the config in force: at start (a
+    /// predecessor's pairs and connections) and after every change, until every open
+    /// direct connection could be judged.
+    direct_unjudged: bool,
 }
 
 impl Agent {
     /// Re-reads config and brings the pods in line; a change is stamped for
     /// `/sync_status` with how long it took (what a scale test times).
+    /// Re-judges the direct path's pairs and open connections, if they wait for it.
+    fn judge_direct(&mut self) {
+        if !self.direct_unjudged {
+            return;
+        }
+        let snap = self.ctx.snapshot.load();
+        let done = crate::proxy::direct::reassess(&self.ctx, &snap);
+        if done.forgotten > 0 || done.closed > 0 || done.unresolved > 0 {
+            tracing::info!(
+                version = self.version,
+                forgotten = done.forgotten,
+                closed = done.closed,
+                unresolved = done.unresolved,
+                "direct path re-judged"
+            );
+        }
+        self.direct_unjudged = done.unresolved > 0;
+    }
+
+    /// Counts what the kernel reported of direct connections since the last call.
+    fn count_direct(&self) {
+        let Some(path) = self.ctx.direct.as_ref() else { return };
+        let snap = self.ctx.snapshot.load();
+        path.drain(|report| crate::proxy::direct::count(&self.ctx, &snap, report));
+        self.ctx.metrics.direct_events_seen(&path.stats());
+    }
+
     fn apply(&mut self, source: &mut Source) {
         let started = std::time::Instant::now();
         let before = self.version;
         let read_ms = self.reload(source);
         self.reconcile();
+        self.direct_unjudged |= self.version != before;
+        self.judge_direct();
         if self.version != before {
             let at_unix_ms = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)

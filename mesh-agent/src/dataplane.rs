@@ -6,6 +6,7 @@
 //! place when the agent exits (links are pinned), so a dead agent fails closed: enrolled
 //! pods' connections are refused, never sent around the mesh in plaintext.
 
+pub mod direct;
 mod locate;
 mod mounts;
 mod netns;
@@ -175,6 +176,8 @@ pub struct Dataplane {
     /// Admitted connections spliced in the kernel; None where the verdict program
     /// could not be attached (the agent then copies every connection itself).
     splice: Option<std::sync::Arc<splice::KernelSplice>>,
+    /// The direct path between pods of this node.
+    direct: std::sync::Arc<direct::DirectPath>,
     paths: Paths,
     /// Suffix of this run's pinned links, so a restart can tell old links from new.
     generation: String,
@@ -224,6 +227,12 @@ impl Dataplane {
         let deliveries = transparent::Deliveries::new(take_map(&mut ebpf, maps::DELIVERIES)?);
         let probe_stats = take_map(&mut ebpf, maps::PROBE_STATS)?;
         let kernel_events = take_map(&mut ebpf, maps::KERNEL_EVENTS)?;
+        let direct = std::sync::Arc::new(direct::DirectPath::new(
+            take_map(&mut ebpf, maps::DIRECT_PAIRS)?,
+            take_map(&mut ebpf, maps::DIRECT_FLOWS)?,
+            take_map(&mut ebpf, maps::DIRECT_EVENTS)?,
+            take_map(&mut ebpf, maps::DIRECT_STATS)?,
+        ));
         let splice = match attach_splice(&mut ebpf) {
             Ok(s) => Some(std::sync::Arc::new(s)),
             Err(e) => {
@@ -240,6 +249,7 @@ impl Dataplane {
             probe_stats,
             kernel_events,
             splice,
+            direct,
             paths,
             generation,
             stale_links: Mutex::new(stale_links),
@@ -627,6 +637,11 @@ impl Dataplane {
     /// The kernel splice, where the verdict program is attached.
     pub fn kernel_splice(&self) -> Option<std::sync::Arc<splice::KernelSplice>> {
         self.splice.clone()
+    }
+
+    /// The direct path between pods of this node.
+    pub fn direct(&self) -> std::sync::Arc<direct::DirectPath> {
+        self.direct.clone()
     }
 
     /// Where transparent deliveries are recorded for the kernel's sk_lookup.

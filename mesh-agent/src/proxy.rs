@@ -4,6 +4,7 @@
 mod accept;
 pub(crate) mod admission;
 pub mod detect;
+pub mod direct;
 pub mod dns;
 mod egress;
 pub(crate) mod hbone;
@@ -85,6 +86,12 @@ pub struct ProxyContext {
     pub kernel_splice: Option<Arc<crate::dataplane::splice::KernelSplice>>,
     /// The pods this agent serves now, for connections between two of them.
     pub local_pods: Arc<LocalPods>,
+    /// The kernel's tables of the direct path between this node's pods; None where
+    /// there is no kernel side (in-process tests).
+    pub direct: Option<Arc<crate::dataplane::direct::DirectPath>>,
+    /// Whether admitted pairs of this node's pods may connect directly
+    /// (`--same-node-direct`); when off, the tables are emptied.
+    pub same_node_direct: bool,
     /// Sockets the agent before this one handed over, taken in place of binding anew.
     pub inherited: Arc<crate::transport::inherited::Inherited>,
 }

@@ -302,6 +302,14 @@ pub struct Settings {
     #[arg(long, env = "MESH_KERNEL_SPLICE", value_enum, default_value = "on")]
     pub kernel_splice: Switch,
 
+    /// Whether a pair of this node's pods (client pod, peer pod's address and port)
+    /// the agent has admitted, and would only pass bytes for, connects directly from
+    /// then on (`on`: the kernel sends the pair's next connections straight to the
+    /// peer's application, and reports them to the agent) or always through the agent
+    /// (`off`).
+    #[arg(long, env = "MESH_SAME_NODE_DIRECT", value_enum, default_value = "on")]
+    pub same_node_direct: Switch,
+
     /// Access log of every HTTP request and TCP connection, on standard output: `off`,
     /// `text` (Envoy's default format, as Istio's `accessLogFile` writes it) or `json`
     /// (Istio's JSON field names, plus both sides' SPIFFE identities). Written by a task

@@ -768,7 +768,17 @@ impl Metrics {
     /// Brings `istio_mesh_kernel_events_total{event}` up to the kernel's counts (by
     /// `mesh_common::events` index).
     pub fn kernel_events_seen(&self, totals: &[u64]) {
-        for (event, total) in mesh_common::events::NAMES.iter().zip(totals) {
+        self.events_seen(&mesh_common::events::NAMES, totals);
+    }
+
+    /// Brings `istio_mesh_kernel_events_total{event}` up to the direct path's counts
+    /// (by `mesh_common::direct_stats` index).
+    pub fn direct_events_seen(&self, totals: &[u64]) {
+        self.events_seen(&mesh_common::direct_stats::NAMES, totals);
+    }
+
+    fn events_seen(&self, names: &[&'static str], totals: &[u64]) {
+        for (event, total) in names.iter().zip(totals) {
             let counter = self.kernel_events.get_or_create(&KernelEventLabels { event });
             let counted = counter.get();
             if *total > counted {
@@ -965,6 +975,27 @@ impl Metrics {
             if self.closed.get(labels).is_none() {
                 self.index().conns.insert(labels.clone());
             }
+            self.closed.get_or_create(labels).inc();
+        }
+        self.active.dec();
+    }
+
+    /// Counts a connection the agent did not pass itself (the kernel's direct path
+    /// reported it) closed, with its bytes: `received` client to server, `sent` server
+    /// to client. Its opening was counted by [`Metrics::opened`] when reported.
+    pub fn closed_elsewhere(&self, labels: &ConnLabels, policy: &TelemetryPolicy, (received, sent): (u64, u64)) {
+        let source = labels.peers.reporter == "source";
+        let on = |metric| policy.metric_on(metric, source);
+        if [TCP_CLOSED, TCP_SENT, TCP_RECEIVED].into_iter().any(on) && self.closed.get(labels).is_none() {
+            self.index().conns.insert(labels.clone());
+        }
+        if on(TCP_RECEIVED) {
+            self.received.get_or_create(labels).inc_by(received);
+        }
+        if on(TCP_SENT) {
+            self.sent.get_or_create(labels).inc_by(sent);
+        }
+        if on(TCP_CLOSED) {
             self.closed.get_or_create(labels).inc();
         }
         self.active.dec();

@@ -112,6 +112,27 @@ pub mod maps {
     /// `HashMap<u64 socket cookie, SpliceLimit>`: the agent's flow control of each
     /// socket in `SPLICE_SOCKETS`. Not pinned.
     pub const SPLICE_LIMITS: &str = "SPLICE_LIMITS";
+    /// `LruHashMap<DirectPairKey, DirectPair>`: the agent's admission cache for
+    /// connections between two pods of this node: a pod's `connect()` to a peer pod's
+    /// address and port found here goes straight to the peer, not to the agent. The
+    /// agent writes an entry only for a verdict that depends on nothing but the key,
+    /// and empties the table on every config change and at start.
+    pub const DIRECT_PAIRS: &str = "DIRECT_PAIRS";
+    /// `LruHashMap<u64 socket cookie, DirectPending>`: a direct `connect()` between
+    /// the connect hook and the socket's SYN, where its flow is recorded.
+    pub const DIRECT_PENDING: &str = "DIRECT_PENDING";
+    /// `HashMap<FlowKey, DirectFlow>`: the open direct connections (client's view),
+    /// from the SYN to the client socket's close. `mesh_sk_lookup` passes these to the
+    /// application; the agent re-judges them when the config changes.
+    pub const DIRECT_FLOWS: &str = "DIRECT_FLOWS";
+    /// `HashMap<IpKey, u32>`: open direct connections per client pod address, so
+    /// one pod cannot fill `DIRECT_FLOWS` for the others.
+    pub const DIRECT_PER_POD: &str = "DIRECT_PER_POD";
+    /// `RingBuf` of [`crate::DirectEvent`]: direct connections opened and closed, with
+    /// their bytes, for the agent's metrics.
+    pub const DIRECT_EVENTS: &str = "DIRECT_EVENTS";
+    /// `PerCpuArray<u64>` with [`crate::direct_stats::COUNT`] entries.
+    pub const DIRECT_STATS: &str = "DIRECT_STATS";
     /// Socket cookie -> the DNS server a pod's UDP socket last asked (LRU).
     pub const DNS_ORIG_DST: &str = "DNS_ORIG_DST";
     /// aya-log's ring buffer. Pinned so that every per-pod `sk_lookup` instance writes
@@ -189,6 +210,24 @@ pub mod events {
     ];
 }
 
+/// Indexes of `DIRECT_STATS`: what the direct path between pods of one node did.
+pub mod direct_stats {
+    /// A `connect()` sent straight to a peer pod (the admission cache had its pair).
+    pub const CONNECTED: u32 = 0;
+    /// A direct connection passed to the application by the peer pod's `sk_lookup`.
+    pub const DELIVERED: u32 = 1;
+    /// A direct connection's flow could not be recorded: the peer pod's `sk_lookup`
+    /// steers it to the agent, which judges it as plaintext (fail closed).
+    pub const RECORD_FAILED: u32 = 2;
+    /// Close events lost because the ring buffer was full (their bytes are not counted).
+    pub const EVENTS_LOST: u32 = 3;
+    /// Entries.
+    pub const COUNT: u32 = 4;
+    /// Their names, as the agent's metrics label them.
+    pub const NAMES: [&str; COUNT as usize] =
+        ["direct_connected", "direct_delivered", "direct_record_failed", "direct_events_lost"];
+}
+
 /// Capacity of the maps; sizes are per node.
 pub mod capacity {
     /// Enrolled pods per node (Kubernetes' default is 110 pods per node).
@@ -217,6 +256,16 @@ pub mod capacity {
     /// Sockets spliced in the kernel at once (two a connection); a connection that
     /// finds the table full is copied by the agent instead.
     pub const SPLICED_SOCKETS: u32 = 65536;
+    /// Pairs in the direct path's admission cache (an LRU map: an evicted pair only
+    /// sends its next connection through the agent again).
+    pub const DIRECT_PAIRS: u32 = 16384;
+    /// Direct connections open at once on the node.
+    pub const DIRECT_FLOWS: u32 = 131_072;
+    /// Direct connections one client pod may hold open; past it, its connections go
+    /// through the agent (and its caps) as before.
+    pub const DIRECT_PER_POD: u32 = 2048;
+    /// Bytes of the direct path's event ring buffer (a power of two, pages).
+    pub const DIRECT_EVENTS_BYTES: u32 = 256 * 1024;
     /// Plaintext verdicts: [`PLAINTEXT_PER_POD`] for every pod.
     pub const PLAINTEXT_POLICY: u32 = PODS * PLAINTEXT_PER_POD;
 }
@@ -376,6 +425,76 @@ pub struct SpliceLimit {
     /// Bytes the agent has read of what was held back and written to the peer: once it
     /// equals `passed`, the kernel may hand on again without overtaking them.
     pub copied: u64,
+}
+
+/// Key of `DIRECT_PAIRS`: a client pod (by its own address, which the kernel knows
+/// from its cgroup, never from anything the pod chose) and the peer pod's address and
+/// port it dialed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct DirectPairKey {
+    /// The client pod's address (IPv4-mapped for IPv4).
+    pub src: IpKey,
+    /// The peer pod's address, as dialed.
+    pub dst: IpKey,
+    /// The port dialed, host order.
+    pub dst_port: u32,
+    /// Padding.
+    pub _pad: u32,
+}
+
+/// Value of `DIRECT_PAIRS` and `DIRECT_FLOWS`: where a direct connection may be
+/// delivered.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct DirectPair {
+    /// Inode of the peer pod's network namespace: its `sk_lookup` passes the
+    /// connection only there, whatever claims the address on the node's bridge.
+    pub netns: u64,
+}
+
+/// Value of `DIRECT_PENDING`: a direct `connect()` waiting for its SYN.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct DirectPending {
+    /// The client pod's own address: a socket bound to any other is not recorded (its
+    /// SYN then reaches the agent as plaintext).
+    pub src: IpKey,
+    /// As in [`DirectPair`].
+    pub netns: u64,
+}
+
+/// Value of `DIRECT_FLOWS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct DirectFlow {
+    /// As in [`DirectPair`].
+    pub netns: u64,
+    /// `bpf_ktime_get_ns` when the client saw the connection established (0 before).
+    pub established_ns: u64,
+}
+
+/// [`DirectEvent::kind`]: the client saw the connection established.
+pub const DIRECT_OPENED: u32 = 1;
+/// [`DirectEvent::kind`]: the client's socket closed; bytes and duration are final.
+pub const DIRECT_CLOSED: u32 = 2;
+
+/// A record of `DIRECT_EVENTS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct DirectEvent {
+    /// The connection, as its client sees it.
+    pub flow: FlowKey,
+    /// `DIRECT_OPENED` or `DIRECT_CLOSED`.
+    pub kind: u32,
+    /// Padding.
+    pub _pad: u32,
+    /// Bytes the client sent that the server acknowledged.
+    pub sent: u64,
+    /// Bytes the client received.
+    pub received: u64,
+    /// Nanoseconds from established to closed (0 if it never was established).
+    pub duration_ns: u64,
 }
 
 /// `PLAINTEXT_POLICY` value: plaintext goes to the agent, which judges it.

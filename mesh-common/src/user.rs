@@ -6,7 +6,8 @@ extern crate std;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use crate::{
-    FlowKey, IpKey, MeshConfig, NetnsPod, NetnsPortKey, OrigDst, PodInfo, SockAddrKey, SpliceEnd, SpliceLimit,
+    DirectEvent, DirectFlow, DirectPair, DirectPairKey, DirectPending, FlowKey, IpKey, MeshConfig, NetnsPod,
+    NetnsPortKey, OrigDst, PodInfo, SockAddrKey, SpliceEnd, SpliceLimit,
 };
 
 // SAFETY: each type is #[repr(C)], Copy, made only of integers, with explicit padding
@@ -30,6 +31,16 @@ unsafe impl aya::Pod for FlowKey {}
 unsafe impl aya::Pod for SpliceEnd {}
 // SAFETY: as above (two u64s).
 unsafe impl aya::Pod for SpliceLimit {}
+// SAFETY: as above (two IpKeys and two u32s).
+unsafe impl aya::Pod for DirectPairKey {}
+// SAFETY: as above (one u64).
+unsafe impl aya::Pod for DirectPair {}
+// SAFETY: as above (an IpKey and a u64: 24 bytes, 8-aligned, no padding).
+unsafe impl aya::Pod for DirectPending {}
+// SAFETY: as above (two u64s).
+unsafe impl aya::Pod for DirectFlow {}
+// SAFETY: as above (a FlowKey, two u32s and three u64s: no padding).
+unsafe impl aya::Pod for DirectEvent {}
 
 impl IpKey {
     /// The key for `ip`; IPv4 (and IPv4-mapped IPv6) become `::ffff:a.b.c.d`.

@@ -21,6 +21,15 @@
 //!   not there (fail closed) or when the pod's plaintext verdict for the port is to
 //!   drop (PeerAuthentication STRICT, or authorization no plaintext peer could pass).
 //!
+//! * The direct path between two pods of this node: once the agent has admitted a
+//!   pair (client pod, peer pod address, port) whose verdict depends on nothing else,
+//!   it writes the pair to `DIRECT_PAIRS`; `connect4`/`connect6` then leave that
+//!   pair's next connections unredirected (while the agent serves the peer pod),
+//!   `sockops` records each one's flow in `DIRECT_FLOWS` just before its SYN and
+//!   reports it opened and closed (with its bytes) in `DIRECT_EVENTS`, and the peer
+//!   pod's `sk_lookup` passes exactly those flows, in exactly that netns, to the
+//!   application. The agent empties `DIRECT_PAIRS` on every config change and
+//!   re-judges what `DIRECT_FLOWS` holds.
 //! * `sk_skb/stream_verdict` on `SPLICE_SOCKETS`: a connection the agent has admitted
 //!   and only copies from then on (its client's socket and the agent's delivery to the
 //!   application, both the agent's) is spliced here: what one socket receives is sent
@@ -33,21 +42,27 @@
 #![no_std]
 #![no_main]
 
+use core::ffi::c_void;
+
 use aya_ebpf::{
     Global,
     bindings::{
-        BPF_SK_LOOKUP_F_REPLACE, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, bpf_sock_addr,
+        BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_RB_NO_WAKEUP, BPF_SK_LOOKUP_F_REPLACE, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, bpf_sock_addr,
     },
-    helpers::{bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_socket_cookie},
+    helpers::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_ns,
+        generated::{bpf_map_lookup_elem, bpf_map_lookup_percpu_elem, bpf_sk_release},
+    },
     macros::{cgroup_sock_addr, map, sk_lookup, sock_ops, stream_verdict},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash, SockMap},
+    maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf, SockHash, SockMap},
     programs::{SkBuffContext, SkLookupContext, SockAddrContext, SockOpsContext},
 };
 use aya_log_ebpf::{debug, warn};
 use mesh_common::{
-    CONFIG_FLAG_READY, FlowKey, IpKey, MeshConfig, NetnsPod, NetnsPortKey, OrigDst, PLAINTEXT_DROP, POD_FLAG_DNS,
-    POD_FLAG_ENROLLED, POD_FLAG_HAS_IP6, PodInfo, SockAddrKey, SpliceEnd, SpliceLimit, capacity, events, ports,
+    CONFIG_FLAG_READY, DIRECT_CLOSED, DIRECT_OPENED, DirectEvent, DirectFlow, DirectPair, DirectPairKey, DirectPending,
+    FlowKey, IpKey, MeshConfig, NetnsPod, NetnsPortKey, OrigDst, PLAINTEXT_DROP, POD_FLAG_DNS, POD_FLAG_ENROLLED,
+    POD_FLAG_HAS_IP6, PodInfo, SockAddrKey, SpliceEnd, SpliceLimit, capacity, direct_stats, events, ports,
 };
 
 /// `cgroup_sock_addr` verdicts.
@@ -106,6 +121,73 @@ static KERNEL_EVENTS: PerCpuArray<u64> = PerCpuArray::pinned(events::COUNT, 0);
 #[inline(always)]
 fn count(event: u32) {
     if let Some(n) = KERNEL_EVENTS.get_ptr_mut(event) {
+        // SAFETY: a per-CPU slot, written only by this CPU while this program runs.
+        unsafe { *n += 1 };
+    }
+}
+
+// The direct path's tables are pinned: a restarted agent finds the connections its
+// predecessor let through and judges them under the config it serves.
+#[map(name = "DIRECT_PAIRS")]
+static DIRECT_PAIRS: LruHashMap<DirectPairKey, DirectPair> = LruHashMap::pinned(capacity::DIRECT_PAIRS, 0);
+
+#[map(name = "DIRECT_PENDING")]
+static DIRECT_PENDING: LruHashMap<u64, DirectPending> = LruHashMap::pinned(capacity::DIRECT_PAIRS, 0);
+
+#[map(name = "DIRECT_FLOWS")]
+static DIRECT_FLOWS: HashMap<FlowKey, DirectFlow> = HashMap::pinned(capacity::DIRECT_FLOWS, BPF_F_NO_PREALLOC);
+
+// Per CPU, so no two CPUs write one counter (this target has no atomics): a
+// connection is counted up on the CPU that opened it and down on the one that closed
+// it, and the pod's total is the wrapping sum over the CPUs.
+#[map(name = "DIRECT_PER_POD")]
+static DIRECT_PER_POD: LruPerCpuHashMap<IpKey, u32> = LruPerCpuHashMap::pinned(capacity::PODS, 0);
+
+/// Upper bound of the CPUs [`direct_open`] sums over (the helper finds no more past
+/// the machine's last CPU).
+const MAX_CPUS: u32 = 256;
+
+/// Direct connections `src` holds open: the sum of the per-CPU counts.
+#[inline(always)]
+fn direct_open(src: &IpKey) -> u32 {
+    let map = (&raw const DIRECT_PER_POD).cast_mut().cast::<c_void>();
+    let mut open = 0u32;
+    for cpu in 0..MAX_CPUS {
+        // SAFETY: the static is `repr(transparent)` over its map definition; the value,
+        // if any, is a live u32 read at once.
+        let value = unsafe { bpf_map_lookup_percpu_elem(map, (src as *const IpKey).cast(), cpu) };
+        if value.is_null() {
+            break;
+        }
+        // SAFETY: as above.
+        open = open.wrapping_add(unsafe { *value.cast::<u32>() });
+    }
+    open
+}
+
+/// Adds `delta` (wrapping) to `src`'s count on this CPU.
+#[inline(always)]
+fn count_open(src: &IpKey, delta: u32) {
+    if let Some(open) = DIRECT_PER_POD.get_ptr_mut(src) {
+        // SAFETY: this CPU's slot, written only by this CPU while this program runs.
+        unsafe { *open = (*open).wrapping_add(delta) };
+    } else if delta == 1 {
+        // A new entry: this CPU's slot holds the value, the others start at zero. Lost
+        // (the table is an LRU) it only forgets what the pod holds.
+        let _ = DIRECT_PER_POD.insert(src, &1, 0);
+    }
+}
+
+#[map(name = "DIRECT_EVENTS")]
+static DIRECT_EVENTS: RingBuf = RingBuf::pinned(capacity::DIRECT_EVENTS_BYTES, 0);
+
+#[map(name = "DIRECT_STATS")]
+static DIRECT_STATS: PerCpuArray<u64> = PerCpuArray::pinned(direct_stats::COUNT, 0);
+
+/// Counts one direct-path event (a `direct_stats` index) on this CPU.
+#[inline(always)]
+fn count_direct(stat: u32) {
+    if let Some(n) = DIRECT_STATS.get_ptr_mut(stat) {
         // SAFETY: a per-CPU slot, written only by this CPU while this program runs.
         unsafe { *n += 1 };
     }
@@ -235,6 +317,11 @@ fn try_connect(ctx: &SockAddrContext, v6_hook: bool) -> Result<i32, i32> {
 
     // SAFETY: valid in cgroup sock_addr programs since 5.7 (a unique, non-zero id).
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    if goes_direct(cookie, pod_address(&pod, redirect_v4), dst, port) {
+        count_direct(direct_stats::CONNECTED);
+        debug!(ctx, "mesh: direct connect cookie={} dport={}", cookie, port);
+        return Ok(ALLOW);
+    }
     let orig = OrigDst { ip: dst, port, family: if v6_hook { 6 } else { 4 }, _pad: 0 };
     if COOKIE_ORIG_DST.insert(&cookie, &orig, 0).is_err() {
         warn!(ctx, "mesh: cannot record original destination, rejecting connect");
@@ -246,6 +333,45 @@ fn try_connect(ctx: &SockAddrContext, v6_hook: bool) -> Result<i32, i32> {
     count(events::OUTBOUND_REDIRECTED);
     debug!(ctx, "mesh: redirected connect cookie={} dport={}", cookie, port);
     Ok(ALLOW)
+}
+
+/// Whether the connection from `src` (the pod's own address) to `dst:port` goes
+/// straight to the peer pod, and if so records it for its SYN: the agent admitted the
+/// pair, the agent still serves the peer pod (its inbound listener is in the table:
+/// a dead agent's sockets leave it, so nothing passes unjudged while it is down), and
+/// the pod holds fewer than its share of direct connections. Anything else goes to the
+/// agent as before.
+#[inline(always)]
+fn goes_direct(cookie: u64, src: IpKey, dst: IpKey, port: u16) -> bool {
+    let key = DirectPairKey { src, dst, dst_port: u32::from(port), _pad: 0 };
+    // SAFETY: copied out at once.
+    let Some(pair) = (unsafe { DIRECT_PAIRS.get(&key) }).copied() else { return false };
+    // SAFETY: copied out at once.
+    let Some(peer) = (unsafe { NETNS_PODS.get(&pair.netns) }).copied() else { return false };
+    if !listener_present(peer.slot) {
+        return false;
+    }
+    if direct_open(&src) >= capacity::DIRECT_PER_POD {
+        return false;
+    }
+    DIRECT_PENDING.insert(&cookie, &DirectPending { src, netns: pair.netns }, 0).is_ok()
+}
+
+/// Whether the agent's inbound listener of the pod at `slot` is in `INBOUND_LISTENERS`.
+#[inline(always)]
+fn listener_present(slot: u32) -> bool {
+    // SAFETY: `SockMap` is `repr(transparent)` over its map definition, so a pointer to
+    // the static is the map pointer the helper takes; a socket found is a counted
+    // reference, released at once.
+    unsafe {
+        let map = (&raw const INBOUND_LISTENERS).cast_mut().cast::<c_void>();
+        let sk = bpf_map_lookup_elem(map, (&raw const slot).cast());
+        if sk.is_null() {
+            return false;
+        }
+        bpf_sk_release(sk);
+    }
+    true
 }
 
 /// The pod's own address to send a redirected socket to: IPv4 (as an IPv4-mapped
@@ -418,10 +544,85 @@ pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
 #[inline(always)]
 fn try_sockops(ctx: &SockOpsContext) {
     match ctx.op() {
-        BPF_SOCK_OPS_TCP_CONNECT_CB => ask_for_state_changes(ctx),
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => record_client(ctx),
-        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => forget_connection(ctx),
+        BPF_SOCK_OPS_TCP_CONNECT_CB => {
+            ask_for_state_changes(ctx);
+            record_direct_flow(ctx);
+        }
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
+            record_client(ctx);
+            direct_established(ctx);
+        }
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
+            forget_connection(ctx);
+            direct_closed(ctx);
+        }
         _ => {}
+    }
+}
+
+/// Just before the SYN of a direct connection: records its flow for the peer pod's
+/// `sk_lookup`, if the socket is bound to its pod's own address (a socket bound to
+/// another address, which a tenant may add, is not recorded: its SYN reaches the
+/// agent as plaintext and is judged as such).
+#[inline(always)]
+fn record_direct_flow(ctx: &SockOpsContext) {
+    // SAFETY: valid in sockops programs since 4.20.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+    // SAFETY: copied out at once.
+    let Some(pending) = (unsafe { DIRECT_PENDING.get(&cookie) }).copied() else { return };
+    let _ = DIRECT_PENDING.remove(&cookie);
+    let Some(flow) = flow_of(ctx) else { return };
+    if flow.src != pending.src {
+        count_direct(direct_stats::RECORD_FAILED);
+        return;
+    }
+    let value = DirectFlow { netns: pending.netns, established_ns: 0 };
+    if DIRECT_FLOWS.insert(&flow, &value, u64::from(BPF_NOEXIST)).is_err() {
+        count_direct(direct_stats::RECORD_FAILED);
+        warn!(ctx, "mesh: cannot record direct flow for cookie {}", cookie);
+        return;
+    }
+    count_open(&flow.src, 1);
+    if ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32).is_err() {
+        warn!(ctx, "mesh: cannot follow direct socket {} to its close", cookie);
+    }
+}
+
+/// A direct connection established (client side): timed from here, reported opened.
+#[inline(always)]
+fn direct_established(ctx: &SockOpsContext) {
+    let Some(flow) = flow_of(ctx) else { return };
+    let Some(value) = DIRECT_FLOWS.get_ptr_mut(&flow) else { return };
+    // SAFETY: a live map value; only this socket's callbacks write it, under its lock.
+    unsafe { (*value).established_ns = bpf_ktime_get_ns() };
+    report_direct(&DirectEvent { flow, kind: DIRECT_OPENED, ..DirectEvent::default() });
+}
+
+/// A direct connection's client socket closed: reported with its bytes, and forgotten.
+#[inline(always)]
+fn direct_closed(ctx: &SockOpsContext) {
+    let Some(flow) = flow_of(ctx) else { return };
+    // SAFETY: copied out at once.
+    let Some(value) = (unsafe { DIRECT_FLOWS.get(&flow) }).copied() else { return };
+    let _ = DIRECT_FLOWS.remove(&flow);
+    count_open(&flow.src, u32::MAX);
+    if value.established_ns == 0 {
+        return;
+    }
+    // SAFETY: the context pointer is valid for the whole program run; both counters
+    // are readable in sockops programs (kernel >= 4.16).
+    let (sent, received) = unsafe { ((*ctx.ops).bytes_acked, (*ctx.ops).bytes_received) };
+    // SAFETY: the helper has no preconditions.
+    let duration_ns = unsafe { bpf_ktime_get_ns() }.saturating_sub(value.established_ns);
+    report_direct(&DirectEvent { flow, kind: DIRECT_CLOSED, _pad: 0, sent, received, duration_ns });
+}
+
+/// Queues `event` for the agent, which reads the ring buffer on its own schedule (no
+/// wake-up per connection).
+#[inline(always)]
+fn report_direct(event: &DirectEvent) {
+    if DIRECT_EVENTS.output::<DirectEvent>(event, u64::from(BPF_RB_NO_WAKEUP)).is_err() {
+        count_direct(direct_stats::EVENTS_LOST);
     }
 }
 
@@ -550,6 +751,13 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
         return SK_PASS;
     }
     let netns = NETNS_INO.load();
+    // SAFETY: copied out at once.
+    if unsafe { DIRECT_FLOWS.get(&flow) }.is_some_and(|f| f.netns == netns) {
+        // A direct connection of a pair the agent admitted, recorded by the client's
+        // own socket just before this SYN, for this pod's namespace.
+        count_direct(direct_stats::DELIVERED);
+        return SK_PASS;
+    }
     // SAFETY: copied out at once.
     let Some(pod) = (unsafe { NETNS_PODS.get(&netns) }).copied() else {
         // Attached only to enrolled pods' namespaces: an instance without its entry is

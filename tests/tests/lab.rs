@@ -390,6 +390,91 @@ fn same_node_tcp_is_spliced_in_the_kernel_and_still_judged() {
     assert_ne!(v["failed"].as_u64(), Some(0), "refused once denied: {}", String::from_utf8_lossy(&out.stdout));
 }
 
+/// The request metrics of myapp-v2 (server side) turned off: its agent has nothing
+/// to read in its connections, so same-node pairs may go direct.
+const V2_TCP_ONLY: &str = "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {name: v2-tcp-only, namespace: production}\nspec:\n  selector: {matchLabels: {version: v2}}\n  metrics:\n  - overrides:\n    - {match: {metric: REQUEST_COUNT, mode: SERVER}, disabled: true}\n    - {match: {metric: REQUEST_DURATION, mode: SERVER}, disabled: true}\n    - {match: {metric: REQUEST_SIZE, mode: SERVER}, disabled: true}\n    - {match: {metric: RESPONSE_SIZE, mode: SERVER}, disabled: true}\n";
+
+/// frontend and myapp-v2 share node1. Once node1's agent has admitted a frontend ->
+/// myapp-v2:9000 connection with nothing to read in it, the pair's next connections go
+/// straight from frontend's socket to the application (one TCP connection, no agent),
+/// every byte intact and counted at both ends from the kernel's reports; a DENY closes
+/// a live direct connection and refuses the next; with its agent killed, nothing goes
+/// direct (refused at once), and the restarted agent serves the pair again.
+#[test]
+fn same_node_pairs_connect_directly_once_admitted_and_stay_judged() {
+    let Some(mut lab) = lab("same_node_pairs_connect_directly_once_admitted_and_stay_judged") else { return };
+    let echo = root().join("target/debug/mesh-echo").display().to_string();
+    let target = format!("{}:9000", lab.pod("myapp-v2").unwrap().ip);
+    let load = |lab: &mesh_tests::lab::Lab, conns: &str, bytes: &str| -> serde_json::Value {
+        let out = lab.exec("frontend", &[&echo, "load", &target, "--conns", conns, "--bytes", bytes]).unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or_default()
+    };
+    let direct = |m: &str| sum_of(m, "istio_mesh_kernel_events_total", &["event=\"direct_delivered\""]);
+    apply_yaml(&lab, "v2-tcp-only.yaml", V2_TCP_ONLY);
+    // Admitted by the agent first; then direct.
+    eventually("the pair goes direct", || {
+        let v = load(&lab, "1", "1024");
+        assert_eq!(v["failed"].as_u64(), Some(0), "{v}");
+        (direct(&metrics(&lab, "node1")) > 0).then_some(())
+    });
+    // The kernel's counts reach the metrics on the agent's 2 s tick.
+    std::thread::sleep(Duration::from_millis(2500));
+    let before = metrics(&lab, "node1");
+    let v = load(&lab, "50", "262144");
+    assert_eq!((v["conns"].as_u64(), v["failed"].as_u64()), (Some(50), Some(0)), "{v}");
+    let m = eventually("50 direct connections counted", || {
+        let m = metrics(&lab, "node1");
+        (direct(&m) >= direct(&before) + 50).then_some(m)
+    });
+    let redirected = |m: &str| sum_of(m, "istio_mesh_kernel_events_total", &["event=\"outbound_redirected\""]);
+    assert_eq!(redirected(&m), redirected(&before), "no connection of the pair reached the agent");
+    // Counted from the kernel's reports (read on the agent's 2 s tick).
+    let pair = ["source_workload=\"frontend\"", "destination_workload=\"myapp-v2\""];
+    eventually("direct connections counted at both ends", || {
+        let m = metrics(&lab, "node1");
+        let counted = ["reporter=\"source\"", "reporter=\"destination\""].iter().all(|reporter| {
+            let with = [pair[0], pair[1], reporter];
+            let grew = |name| sum_of(&m, name, &with) >= sum_of(&before, name, &with);
+            let bytes = |name| sum_of(&m, name, &with) - sum_of(&before, name, &with);
+            grew("istio_tcp_received_bytes_total")
+                && bytes("istio_tcp_received_bytes_total") >= 50 * 262_144
+                && bytes("istio_tcp_sent_bytes_total") >= 50 * 262_144
+                && sum_of(&m, "istio_tcp_connections_closed_total", &with)
+                    >= sum_of(&before, "istio_tcp_connections_closed_total", &with) + 50
+        });
+        counted.then_some(())
+    });
+    // A live direct connection is closed by the agent once a DENY names frontend.
+    let held = std::thread::scope(|s| {
+        let dial = s.spawn(|| lab.exec("frontend", &[&echo, "dial", &target, "--hold-ms", "15000"]).unwrap());
+        std::thread::sleep(Duration::from_secs(1));
+        apply_yaml(
+            &lab,
+            "deny-frontend-v2.yaml",
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-frontend-v2, namespace: production}\nspec:\n  selector: {matchLabels: {app: myapp, version: v2}}\n  action: DENY\n  rules: [{from: [{source: {principals: [cluster.local/ns/production/sa/frontend]}}]}]\n",
+        );
+        dial.join().unwrap()
+    });
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&held.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let end = lines.last().expect("dial reported");
+    assert_eq!(end["closed_by_peer"], true, "the direct connection was not closed: {end}");
+    assert!(end["held_ms"].as_u64().unwrap() < 10_000, "{end}");
+    assert_ne!(load(&lab, "1", "1024")["failed"].as_u64(), Some(0), "refused once denied");
+    // Allowed again, admitted again, direct again; then the agent dies.
+    lab.delete(std::path::Path::new("deny-frontend-v2.yaml")).unwrap();
+    let before = direct(&metrics(&lab, "node1"));
+    eventually("direct again", || {
+        let v = load(&lab, "1", "1024");
+        (v["failed"].as_u64() == Some(0) && direct(&metrics(&lab, "node1")) > before).then_some(())
+    });
+    lab.stop_agent("node1", "KILL").unwrap();
+    let v = load(&lab, "1", "1024");
+    assert_eq!(v["failed"].as_u64(), Some(1), "a pair went direct without its agent: {v}");
+    lab.start_agent("node1").unwrap();
+    eventually("served after restart", || (load(&lab, "1", "1024")["failed"].as_u64() == Some(0)).then_some(()));
+}
+
 #[test]
 fn sigterm_drains_in_flight_connections_then_fails_closed() {
     let Some(mut lab) = lab("sigterm_drains_in_flight_connections_then_fails_closed") else { return };

@@ -54,7 +54,8 @@ impl LocalPods {
         }
     }
 
-    fn netns(&self, key: &str) -> Option<Arc<Netns>> {
+    /// The namespace of `key`'s pod, while this agent serves it.
+    pub(super) fn netns(&self, key: &str) -> Option<Arc<Netns>> {
         self.pods.lock().unwrap_or_else(|p| p.into_inner()).get(key).map(|(_, n)| n.clone())
     }
 }
@@ -167,6 +168,7 @@ pub(super) async fn deliver(
     let source = ctx.metrics.shared(ConnLabels::outbound(src, Some(dest), ServiceLabels::service(service), true));
     let destination =
         ctx.metrics.shared(ConnLabels::inbound_from_identity(snapshot, dest, addr.port(), &src.identity, peer));
+    super::direct::admitted(ctx, snapshot, (src, dest), peer, (orig, addr));
     let ends = |pod: &Workload, dialed| copy::Ends {
         policy: snapshot.telemetry(&pod.key()).clone(),
         client: peer,

@@ -108,6 +108,8 @@ impl Mesh {
             dns_upstream: Arc::default(),
             l7_telemetry: true,
             kernel_splice: None,
+            direct: None,
+            same_node_direct: false,
             local_pods: Arc::default(),
             inherited: Arc::default(),
         };
