@@ -34,7 +34,7 @@ pub(super) fn refusal(
     server: SocketAddr,
 ) -> Option<&'static str> {
     let port = server.port();
-    if ctx.direct.is_none() || !ctx.same_node_direct {
+    if !ctx.same_node_direct {
         return Some("the direct path is off");
     }
     if ctx.local_pods.netns(&src.key()).is_none() || ctx.local_pods.netns(&dest.key()).is_none() {

@@ -1461,6 +1461,40 @@ async fn same_node_tcp_is_admitted_without_a_tunnel_under_the_destinations_polic
     assert!(after.as_deref().map_or(true, str::is_empty), "closed once refused: {after:?}");
 }
 
+/// A pair of the agent's pods goes direct only when nothing but the pair decides its
+/// connections: the destination's policy allows the source at L4, the port is one the
+/// destination does not read HTTP on (declared `tcp-` here), the address is the pod's
+/// own, not a Service's, and the switch is on. Any other case is refused, with why.
+#[tokio::test]
+async fn a_pair_goes_direct_only_when_nothing_but_the_pair_decides() {
+    let net = 77;
+    let mesh = Mesh::start_with(&same_node_config(net), &[], Serving { hbone: false, local: true }).await;
+    let on = ProxyContext { same_node_direct: true, ..mesh.ctx.clone() };
+    let v1 = mesh.workload("myapp-v1");
+    let judge = |ctx: &ProxyContext, from: &str, client: Option<SocketAddr>, server: SocketAddr| {
+        let src = mesh.workload(from);
+        let client = client.unwrap_or(SocketAddr::new(src.ips[0], 40000));
+        super::direct::refusal(ctx, &ctx.snapshot.load(), &src, &v1, client, server)
+    };
+    let pod = |port| SocketAddr::new(v1.ips[0], port);
+    assert_eq!(judge(&on, "client", None, pod(9000)), None, "allowed, TCP-declared, the pod's own address");
+    assert_eq!(judge(&mesh.ctx, "client", None, pod(9000)), Some("the direct path is off"));
+    assert_eq!(judge(&on, "intruder", None, pod(9000)), Some("denied by policy"));
+    assert_eq!(judge(&on, "client", None, pod(8080)), Some("the destination reads HTTP for its request metrics"));
+    assert_eq!(judge(&on, "client", None, pod(ports::INBOUND_HBONE)), Some("a port the mesh does not pass through"));
+    let vip = SocketAddr::from(([10, 96, net, 21], 9000));
+    assert_eq!(judge(&on, "client", None, vip), Some("an address not the pod's own"));
+    let foreign = SocketAddr::from(([127, 0, 0, 9], 40000));
+    assert_eq!(judge(&on, "client", Some(foreign), pod(9000)), Some("an address not the pod's own"));
+    // A rule on paths: every connection is judged per request, never direct.
+    let per_request = format!(
+        "{}---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: paths, namespace: shop}}\nspec:\n  selector: {{matchLabels: {{app: myapp}}}}\n  action: ALLOW\n  rules: [{{to: [{{operation: {{paths: [/ok]}}}}]}}]\n",
+        same_node_config(net)
+    );
+    mesh.reconfigure(&per_request, &MeshScope::new("cluster.local"));
+    assert_eq!(judge(&on, "client", None, pod(9000)), Some("policies read HTTP"));
+}
+
 /// A certificate holds for the streams opened while it is valid, not for the life of
 /// the connection it was presented on: once the client's has expired, its HBONE
 /// connection takes no more CONNECTs (a CA outage past a certificate's lifetime fails
