@@ -591,7 +591,9 @@ impl Agent {
                 "direct path re-judged"
             );
         }
-        self.direct_unjudged = done.unresolved > 0;
+        // A pair taken out now may have let one last connect() through whose flow was
+        // recorded after the walk (its SYN was in flight): judged on the next tick.
+        self.direct_unjudged = done.unresolved > 0 || done.forgotten > 0;
     }
 
     /// Counts what the kernel reported of direct connections since the last call.

@@ -9,7 +9,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use mesh_tests::harness::{apply_yaml, curl, eventually, lab, metrics, opened, reply_pod, root};
+use mesh_tests::harness::{apply_yaml, curl, eventually, lab, lab_with_env, metrics, opened, reply_pod, root};
 use mesh_tests::wire::Capture;
 use support::{foreign_issuer, mesh_issuer, write_leaf};
 
@@ -347,10 +347,12 @@ fn sum_of(metrics: &str, name: &str, with: &[&str]) -> u64 {
 /// frontend and myapp-v2 share node1: their TCP is admitted by node1's agent and then
 /// passed on by the kernel (sockmap), every byte intact, counted at both ends from the
 /// kernel's tally, and still under myapp's policy: a live connection is closed and new
-/// ones refused once a DENY names frontend.
+/// ones refused once a DENY names frontend. With the direct path off: every connection
+/// takes the agent (with it on, only a pair's first ones do; the test below).
 #[test]
 fn same_node_tcp_is_spliced_in_the_kernel_and_still_judged() {
-    let Some(lab) = lab("same_node_tcp_is_spliced_in_the_kernel_and_still_judged") else { return };
+    let name = "same_node_tcp_is_spliced_in_the_kernel_and_still_judged";
+    let Some(lab) = lab_with_env(name, &[("MESH_SAME_NODE_DIRECT", "off")]) else { return };
     let echo = root().join("target/debug/mesh-echo").display().to_string();
     let target = format!("{}:9000", lab.pod("myapp-v2").unwrap().ip);
     let spliced = |m: &str| sum_of(m, "istio_mesh_kernel_spliced_connections_total", &[]);
