@@ -201,6 +201,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
         same_node_direct: settings.same_node_direct == crate::settings::Switch::On,
     };
     tokio::spawn(ctx.l7.upstreams.clone().reap_idle(shutdown.clone()));
+    tokio::spawn(crate::proxy::direct::follow_reports(ctx.clone()));
     let (cni_tx, mut cni_rx) = mpsc::channel::<CniRequest>(64);
     tokio::spawn(crate::cni::serve(cni_listener, cni_tx, shutdown.clone()));
     let (issued_tx, mut issued_rx) = mpsc::channel::<()>(1);

@@ -214,7 +214,9 @@ pub mod events {
 pub mod direct_stats {
     /// A `connect()` sent straight to a peer pod (the admission cache had its pair).
     pub const CONNECTED: u32 = 0;
-    /// A direct connection passed to the application by the peer pod's `sk_lookup`.
+    /// A direct connection's SYN passed to the application by the peer pod's
+    /// `sk_lookup` (a SYN sent again, as when the application's backlog is full,
+    /// counts again).
     pub const DELIVERED: u32 = 1;
     /// A direct connection's flow could not be recorded: the peer pod's `sk_lookup`
     /// steers it to the agent, which judges it as plaintext (fail closed).
@@ -264,8 +266,12 @@ pub mod capacity {
     /// Direct connections one client pod may hold open; past it, its connections go
     /// through the agent (and its caps) as before.
     pub const DIRECT_PER_POD: u32 = 2048;
-    /// Bytes of the direct path's event ring buffer (a power of two, pages).
-    pub const DIRECT_EVENTS_BYTES: u32 = 256 * 1024;
+    /// Bytes of the direct path's event ring buffer (a power of two, pages): about 1600
+    /// reports (80 bytes each). The agent maps it (twice over, as the kernel does for a
+    /// ring), so its size is resident in the agent; the kernel wakes the agent once a
+    /// quarter of it is filled, so a burst of connections is read in time rather than
+    /// lost.
+    pub const DIRECT_EVENTS_BYTES: u32 = 128 * 1024;
     /// Plaintext verdicts: [`PLAINTEXT_PER_POD`] for every pod.
     pub const PLAINTEXT_POLICY: u32 = PODS * PLAINTEXT_PER_POD;
 }

@@ -47,8 +47,9 @@ use core::ffi::c_void;
 use aya_ebpf::{
     Global,
     bindings::{
-        BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_RB_NO_WAKEUP, BPF_SK_LOOKUP_F_REPLACE, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, bpf_sock_addr,
+        BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
+        BPF_SK_LOOKUP_F_REPLACE, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, bpf_sock_addr,
     },
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_ns,
@@ -618,10 +619,12 @@ fn direct_closed(ctx: &SockOpsContext) {
 }
 
 /// Queues `event` for the agent, which reads the ring buffer on its own schedule (no
-/// wake-up per connection).
+/// wake-up per connection), and wakes it once a quarter of the buffer is filled.
 #[inline(always)]
 fn report_direct(event: &DirectEvent) {
-    if DIRECT_EVENTS.output::<DirectEvent>(event, u64::from(BPF_RB_NO_WAKEUP)).is_err() {
+    let filling = DIRECT_EVENTS.query(u64::from(BPF_RB_AVAIL_DATA)) > u64::from(capacity::DIRECT_EVENTS_BYTES / 4);
+    let wake = if filling { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP };
+    if DIRECT_EVENTS.output::<DirectEvent>(event, u64::from(wake)).is_err() {
         count_direct(direct_stats::EVENTS_LOST);
     }
 }

@@ -146,6 +146,13 @@ impl DirectPath {
         }
     }
 
+    /// A descriptor of `DIRECT_EVENTS` that turns readable when the kernel wakes its
+    /// reader (once a quarter of the buffer is filled), for an event loop to wait on.
+    pub fn wake_fd(&self) -> io::Result<OwnedFd> {
+        use std::os::fd::AsFd as _;
+        self.events.lock().unwrap_or_else(|p| p.into_inner()).as_fd().try_clone_to_owned()
+    }
+
     /// What the direct path did so far, summed over the CPUs, by
     /// `mesh_common::direct_stats` index.
     pub fn stats(&self) -> [u64; direct_stats::COUNT as usize] {

@@ -170,6 +170,32 @@ fn close(ctx: &ProxyContext, pair: Option<(&Workload, &Workload)>, flow: &Direct
     None
 }
 
+/// Reads the kernel's reports whenever it says their buffer is filling (a burst of
+/// direct connections between the agent's 2 s reads), until shutdown.
+pub async fn follow_reports(ctx: ProxyContext) {
+    let Some(path) = ctx.direct.clone() else { return };
+    let fd = path.wake_fd().and_then(|fd| tokio::io::unix::AsyncFd::with_interest(fd, tokio::io::Interest::READABLE));
+    let fd = match fd {
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::warn!(error = %e, "direct connections' reports read every 2 s only");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            () = ctx.shutdown.cancelled() => return,
+            ready = fd.readable() => {
+                let Ok(mut ready) = ready else { return };
+                // Cleared first: a wake-up during the read is not lost.
+                ready.clear_ready();
+                let snapshot = ctx.snapshot.load();
+                path.drain(|report| count(&ctx, &snapshot, report));
+            }
+        }
+    }
+}
+
 /// Counts what the kernel reported of direct connections, as the agent counts the
 /// connections it passes itself: once as the source, once as the destination.
 pub fn count(ctx: &ProxyContext, snapshot: &Snapshot, report: DirectReport) {
