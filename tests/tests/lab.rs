@@ -344,6 +344,24 @@ fn sum_of(metrics: &str, name: &str, with: &[&str]) -> u64 {
         .sum()
 }
 
+/// Holds a connection from frontend to `target` open while a DENY of frontend at
+/// myapp-v2 arrives; the dial's last report (whether the peer closed it, and when).
+fn held_while_frontend_is_denied(lab: &mesh_tests::lab::Lab, echo: &str, target: &str) -> serde_json::Value {
+    let held = std::thread::scope(|s| {
+        let dial = s.spawn(|| lab.exec("frontend", &[echo, "dial", target, "--hold-ms", "15000"]).unwrap());
+        std::thread::sleep(Duration::from_secs(1));
+        apply_yaml(
+            lab,
+            "deny-frontend-v2.yaml",
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-frontend-v2, namespace: production}\nspec:\n  selector: {matchLabels: {app: myapp, version: v2}}\n  action: DENY\n  rules: [{from: [{source: {principals: [cluster.local/ns/production/sa/frontend]}}]}]\n",
+        );
+        dial.join().unwrap()
+    });
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&held.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    lines.last().cloned().expect("dial reported")
+}
+
 /// frontend and myapp-v2 share node1: their TCP is admitted by node1's agent and then
 /// passed on by the kernel (sockmap), every byte intact, counted at both ends from the
 /// kernel's tally, and still under myapp's policy: a live connection is closed and new
@@ -372,19 +390,7 @@ fn same_node_tcp_is_spliced_in_the_kernel_and_still_judged() {
         assert!(received >= 50 * 262_144 && sent >= 50 * 262_144, "{reporter}: {received} / {sent} bytes counted");
     }
     // A connection held open while a DENY for frontend arrives is closed by the agent.
-    let held = std::thread::scope(|s| {
-        let dial = s.spawn(|| lab.exec("frontend", &[&echo, "dial", &target, "--hold-ms", "15000"]).unwrap());
-        std::thread::sleep(Duration::from_secs(1));
-        apply_yaml(
-            &lab,
-            "deny-frontend-v2.yaml",
-            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-frontend-v2, namespace: production}\nspec:\n  selector: {matchLabels: {app: myapp, version: v2}}\n  action: DENY\n  rules: [{from: [{source: {principals: [cluster.local/ns/production/sa/frontend]}}]}]\n",
-        );
-        dial.join().unwrap()
-    });
-    let lines: Vec<serde_json::Value> =
-        String::from_utf8_lossy(&held.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
-    let end = lines.last().expect("dial reported");
+    let end = held_while_frontend_is_denied(&lab, &echo, &target);
     assert_eq!(end["closed_by_peer"], true, "the spliced connection was not closed: {end}");
     assert!(end["held_ms"].as_u64().unwrap() < 10_000, "{end}");
     let out = lab.exec("frontend", &[&echo, "load", &target, "--conns", "1", "--bytes", "1024"]).unwrap();
@@ -447,19 +453,7 @@ fn same_node_pairs_connect_directly_once_admitted_and_stay_judged() {
         counted.then_some(())
     });
     // A live direct connection is closed by the agent once a DENY names frontend.
-    let held = std::thread::scope(|s| {
-        let dial = s.spawn(|| lab.exec("frontend", &[&echo, "dial", &target, "--hold-ms", "15000"]).unwrap());
-        std::thread::sleep(Duration::from_secs(1));
-        apply_yaml(
-            &lab,
-            "deny-frontend-v2.yaml",
-            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-frontend-v2, namespace: production}\nspec:\n  selector: {matchLabels: {app: myapp, version: v2}}\n  action: DENY\n  rules: [{from: [{source: {principals: [cluster.local/ns/production/sa/frontend]}}]}]\n",
-        );
-        dial.join().unwrap()
-    });
-    let lines: Vec<serde_json::Value> =
-        String::from_utf8_lossy(&held.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
-    let end = lines.last().expect("dial reported");
+    let end = held_while_frontend_is_denied(&lab, &echo, &target);
     assert_eq!(end["closed_by_peer"], true, "the direct connection was not closed: {end}");
     assert!(end["held_ms"].as_u64().unwrap() < 10_000, "{end}");
     assert_ne!(load(&lab, "1", "1024")["failed"].as_u64(), Some(0), "refused once denied");
