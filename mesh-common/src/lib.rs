@@ -116,7 +116,7 @@ pub mod maps {
     /// connections between two pods of this node: a pod's `connect()` to a peer pod's
     /// address and port found here goes straight to the peer, not to the agent. The
     /// agent writes an entry only for a verdict that depends on nothing but the key,
-    /// and empties the table on every config change and at start.
+    /// and re-judges the table on every config change and at start.
     pub const DIRECT_PAIRS: &str = "DIRECT_PAIRS";
     /// `LruHashMap<u64 socket cookie, DirectPending>`: a direct `connect()` between
     /// the connect hook and the socket's SYN, where its flow is recorded.

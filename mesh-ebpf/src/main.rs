@@ -28,8 +28,8 @@
 //!   `sockops` records each one's flow in `DIRECT_FLOWS` just before its SYN and
 //!   reports it opened and closed (with its bytes) in `DIRECT_EVENTS`, and the peer
 //!   pod's `sk_lookup` passes exactly those flows, in exactly that netns, to the
-//!   application. The agent empties `DIRECT_PAIRS` on every config change and
-//!   re-judges what `DIRECT_FLOWS` holds.
+//!   application. The agent re-judges what `DIRECT_PAIRS` and `DIRECT_FLOWS` hold on
+//!   every config change, and takes out (closes) what it would not send direct.
 //! * `sk_skb/stream_verdict` on `SPLICE_SOCKETS`: a connection the agent has admitted
 //!   and only copies from then on (its client's socket and the agent's delivery to the
 //!   application, both the agent's) is spliced here: what one socket receives is sent
