@@ -574,8 +574,6 @@ struct Agent {
 }
 
 impl Agent {
-    /// Re-reads config and brings the pods in line; a change is stamped for
-    /// `/sync_status` with how long it took (what a scale test times).
     /// Re-judges the direct path's pairs and open connections, if they wait for it.
     fn judge_direct(&mut self) {
         if !self.direct_unjudged {
@@ -605,6 +603,8 @@ impl Agent {
         self.ctx.metrics.direct_events_seen(&path.stats());
     }
 
+    /// Re-reads config and brings the pods in line; a change is stamped for
+    /// `/sync_status` with how long it took (what a scale test times).
     fn apply(&mut self, source: &mut Source) {
         let started = std::time::Instant::now();
         let before = self.version;

@@ -341,10 +341,7 @@ impl Dataplane {
     /// What the kernel programs did so far, summed over the CPUs, by
     /// `mesh_common::events` index.
     pub fn kernel_events(&self) -> [u64; mesh_common::events::COUNT as usize] {
-        std::array::from_fn(|i| {
-            let index = u32::try_from(i).unwrap_or(u32::MAX);
-            self.kernel_events.get(&index, 0).map(|per_cpu| per_cpu.iter().sum()).unwrap_or(0)
-        })
+        summed_per_cpu(&self.kernel_events)
     }
 
     /// Pins a freshly attached program's link under this run's generation.
@@ -655,6 +652,15 @@ impl Dataplane {
         let key = SockAddrKey::from_socket_addr(client);
         self.orig_dst.get(&key, 0).ok().map(|o| o.socket_addr())
     }
+}
+
+/// The first `N` slots of a per-CPU counter array, each summed over the CPUs (0 for a
+/// slot that cannot be read).
+fn summed_per_cpu<const N: usize>(counters: &PerCpuArray<MapData, u64>) -> [u64; N] {
+    std::array::from_fn(|i| {
+        let index = u32::try_from(i).unwrap_or(u32::MAX);
+        counters.get(&index, 0).map(|per_cpu| per_cpu.iter().sum()).unwrap_or(0)
+    })
 }
 
 /// A slot no pod's entry names. Entries left by an earlier run keep theirs until they

@@ -938,6 +938,13 @@ impl Metrics {
         }
         self.active.inc();
         self.opened_total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.conn_counters(labels, policy)
+    }
+
+    /// The byte counters of a connection with `labels` (detached ones for metrics
+    /// `policy` turns off), and whether its closing is counted.
+    fn conn_counters(&self, labels: &ConnLabels, policy: &TelemetryPolicy) -> OpenConn {
+        let on = |metric| policy.metric_on(metric, labels.peers.reporter == "source");
         let counter = |family: &Family<ConnLabels, Counter>, metric| {
             if on(metric) { family.get_or_create(labels).clone() } else { Counter::default() }
         };
@@ -989,16 +996,10 @@ impl Metrics {
         if [TCP_CLOSED, TCP_SENT, TCP_RECEIVED].into_iter().any(on) && self.closed.get(labels).is_none() {
             self.index().conns.insert(labels.clone());
         }
-        if on(TCP_RECEIVED) {
-            self.received.get_or_create(labels).inc_by(received);
-        }
-        if on(TCP_SENT) {
-            self.sent.get_or_create(labels).inc_by(sent);
-        }
-        if on(TCP_CLOSED) {
-            self.closed.get_or_create(labels).inc();
-        }
-        self.active.dec();
+        let open = self.conn_counters(labels, policy);
+        open.received.inc_by(received);
+        open.sent.inc_by(sent);
+        self.closed(labels, open);
     }
 
     /// Drops every series that names a workload `snapshot` no longer has; returns how

@@ -476,13 +476,15 @@ pub struct DirectPending {
 pub struct DirectFlow {
     /// As in [`DirectPair`].
     pub netns: u64,
-    /// `bpf_ktime_get_ns` when the client saw the connection established (0 before).
-    pub established_ns: u64,
+    /// 1 once the client saw the connection established (its close is reported then).
+    pub established: u32,
+    /// Padding.
+    pub _pad: u32,
 }
 
 /// [`DirectEvent::kind`]: the client saw the connection established.
 pub const DIRECT_OPENED: u32 = 1;
-/// [`DirectEvent::kind`]: the client's socket closed; bytes and duration are final.
+/// [`DirectEvent::kind`]: the client's socket closed; its bytes are final.
 pub const DIRECT_CLOSED: u32 = 2;
 
 /// A record of `DIRECT_EVENTS`.
@@ -499,8 +501,6 @@ pub struct DirectEvent {
     pub sent: u64,
     /// Bytes the client received.
     pub received: u64,
-    /// Nanoseconds from established to closed (0 if it never was established).
-    pub duration_ns: u64,
 }
 
 /// `PLAINTEXT_POLICY` value: plaintext goes to the agent, which judges it.

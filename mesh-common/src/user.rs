@@ -37,9 +37,9 @@ unsafe impl aya::Pod for DirectPairKey {}
 unsafe impl aya::Pod for DirectPair {}
 // SAFETY: as above (an IpKey and a u64: 24 bytes, 8-aligned, no padding).
 unsafe impl aya::Pod for DirectPending {}
-// SAFETY: as above (two u64s).
+// SAFETY: as above (a u64 and two u32s).
 unsafe impl aya::Pod for DirectFlow {}
-// SAFETY: as above (a FlowKey, two u32s and three u64s: no padding).
+// SAFETY: as above (a FlowKey, two u32s and two u64s: no padding).
 unsafe impl aya::Pod for DirectEvent {}
 
 impl IpKey {

@@ -52,7 +52,7 @@ use aya_ebpf::{
         BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, bpf_sock_addr,
     },
     helpers::{
-        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_ns,
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_socket_cookie,
         generated::{bpf_map_lookup_elem, bpf_map_lookup_percpu_elem, bpf_sk_release},
     },
     macros::{cgroup_sock_addr, map, sk_lookup, sock_ops, stream_verdict},
@@ -121,7 +121,13 @@ static KERNEL_EVENTS: PerCpuArray<u64> = PerCpuArray::pinned(events::COUNT, 0);
 /// Counts one kernel event (an `events` index) on this CPU.
 #[inline(always)]
 fn count(event: u32) {
-    if let Some(n) = KERNEL_EVENTS.get_ptr_mut(event) {
+    bump(&KERNEL_EVENTS, event);
+}
+
+/// Adds one to slot `index` of a per-CPU counter array, on this CPU.
+#[inline(always)]
+fn bump(counters: &PerCpuArray<u64>, index: u32) {
+    if let Some(n) = counters.get_ptr_mut(index) {
         // SAFETY: a per-CPU slot, written only by this CPU while this program runs.
         unsafe { *n += 1 };
     }
@@ -188,10 +194,7 @@ static DIRECT_STATS: PerCpuArray<u64> = PerCpuArray::pinned(direct_stats::COUNT,
 /// Counts one direct-path event (a `direct_stats` index) on this CPU.
 #[inline(always)]
 fn count_direct(stat: u32) {
-    if let Some(n) = DIRECT_STATS.get_ptr_mut(stat) {
-        // SAFETY: a per-CPU slot, written only by this CPU while this program runs.
-        unsafe { *n += 1 };
-    }
+    bump(&DIRECT_STATS, stat);
 }
 
 // Kept apart from COOKIE_ORIG_DST: UDP sockets never tell the kernel side they closed,
@@ -577,7 +580,7 @@ fn record_direct_flow(ctx: &SockOpsContext) {
         count_direct(direct_stats::RECORD_FAILED);
         return;
     }
-    let value = DirectFlow { netns: pending.netns, established_ns: 0 };
+    let value = DirectFlow { netns: pending.netns, established: 0, _pad: 0 };
     if DIRECT_FLOWS.insert(&flow, &value, u64::from(BPF_NOEXIST)).is_err() {
         count_direct(direct_stats::RECORD_FAILED);
         warn!(ctx, "mesh: cannot record direct flow for cookie {}", cookie);
@@ -589,13 +592,13 @@ fn record_direct_flow(ctx: &SockOpsContext) {
     }
 }
 
-/// A direct connection established (client side): timed from here, reported opened.
+/// A direct connection established (client side): reported opened.
 #[inline(always)]
 fn direct_established(ctx: &SockOpsContext) {
     let Some(flow) = flow_of(ctx) else { return };
     let Some(value) = DIRECT_FLOWS.get_ptr_mut(&flow) else { return };
     // SAFETY: a live map value; only this socket's callbacks write it, under its lock.
-    unsafe { (*value).established_ns = bpf_ktime_get_ns() };
+    unsafe { (*value).established = 1 };
     report_direct(&DirectEvent { flow, kind: DIRECT_OPENED, ..DirectEvent::default() });
 }
 
@@ -607,15 +610,13 @@ fn direct_closed(ctx: &SockOpsContext) {
     let Some(value) = (unsafe { DIRECT_FLOWS.get(&flow) }).copied() else { return };
     let _ = DIRECT_FLOWS.remove(&flow);
     count_open(&flow.src, u32::MAX);
-    if value.established_ns == 0 {
+    if value.established == 0 {
         return;
     }
     // SAFETY: the context pointer is valid for the whole program run; both counters
     // are readable in sockops programs (kernel >= 4.16).
     let (sent, received) = unsafe { ((*ctx.ops).bytes_acked, (*ctx.ops).bytes_received) };
-    // SAFETY: the helper has no preconditions.
-    let duration_ns = unsafe { bpf_ktime_get_ns() }.saturating_sub(value.established_ns);
-    report_direct(&DirectEvent { flow, kind: DIRECT_CLOSED, _pad: 0, sent, received, duration_ns });
+    report_direct(&DirectEvent { flow, kind: DIRECT_CLOSED, _pad: 0, sent, received });
 }
 
 /// Queues `event` for the agent, which reads the ring buffer on its own schedule (no
@@ -809,10 +810,7 @@ fn is_probe(flow: &FlowKey) -> bool {
     if unsafe { PROBE_FLOWS.get(flow) }.is_none() {
         return false;
     }
-    if let Some(n) = PROBE_STATS.get_ptr_mut(0) {
-        // SAFETY: a per-CPU slot, written only by this CPU while this program runs.
-        unsafe { *n += 1 };
-    }
+    bump(&PROBE_STATS, 0);
     true
 }
 

@@ -50,8 +50,6 @@ pub struct DirectFlowAddrs {
     pub client: SocketAddr,
     /// The peer pod's address and port.
     pub server: SocketAddr,
-    /// Whether the client has seen it established.
-    pub established: bool,
 }
 
 /// What `DIRECT_EVENTS` reported of one direct connection.
@@ -60,7 +58,7 @@ pub enum DirectReport {
     /// Established.
     Opened(DirectFlowAddrs),
     /// Closed, with its bytes: client to server (`sent`), server to client
-    /// (`received`), and how long it was open.
+    /// (`received`).
     Closed {
         /// The connection.
         flow: DirectFlowAddrs,
@@ -68,14 +66,19 @@ pub enum DirectReport {
         sent: u64,
         /// Bytes the client received.
         received: u64,
-        /// From established to closed.
-        duration: std::time::Duration,
     },
 }
 
-fn addrs(flow: &FlowKey) -> (SocketAddr, SocketAddr) {
-    let port = |p: u32| u16::try_from(p).unwrap_or(0);
-    (SocketAddr::new(flow.src.to_ip(), port(flow.src_port)), SocketAddr::new(flow.dst.to_ip(), port(flow.dst_port)))
+/// A port as the tables hold it (host order, in a u32).
+fn port(p: u32) -> u16 {
+    u16::try_from(p).unwrap_or(0)
+}
+
+fn addrs(flow: &FlowKey) -> DirectFlowAddrs {
+    DirectFlowAddrs {
+        client: SocketAddr::new(flow.src.to_ip(), port(flow.src_port)),
+        server: SocketAddr::new(flow.dst.to_ip(), port(flow.dst_port)),
+    }
 }
 
 impl DirectPath {
@@ -99,7 +102,6 @@ impl DirectPath {
     /// The pairs admitted now: `(client pod address, server address)`.
     pub fn pairs(&self) -> Vec<(IpAddr, SocketAddr)> {
         let pairs = self.pairs.lock().unwrap_or_else(|p| p.into_inner());
-        let port = |p: u32| u16::try_from(p).unwrap_or(0);
         pairs
             .keys()
             .filter_map(Result::ok)
@@ -116,14 +118,7 @@ impl DirectPath {
     /// The direct connections open now.
     pub fn flows(&self) -> Vec<DirectFlowAddrs> {
         let flows = self.flows.lock().unwrap_or_else(|p| p.into_inner());
-        flows
-            .iter()
-            .filter_map(Result::ok)
-            .map(|(k, v)| {
-                let (client, server) = addrs(&k);
-                DirectFlowAddrs { client, server, established: v.established_ns != 0 }
-            })
-            .collect()
+        flows.keys().filter_map(Result::ok).map(|k| addrs(&k)).collect()
     }
 
     /// Hands every report queued in `DIRECT_EVENTS` to `each`, oldest first.
@@ -131,16 +126,12 @@ impl DirectPath {
         let mut events = self.events.lock().unwrap_or_else(|p| p.into_inner());
         while let Some(item) = events.next() {
             let Some(event) = read_event(&item) else { continue };
-            let (client, server) = addrs(&event.flow);
-            let flow = DirectFlowAddrs { client, server, established: true };
+            let flow = addrs(&event.flow);
             match event.kind {
                 mesh_common::DIRECT_OPENED => each(DirectReport::Opened(flow)),
-                mesh_common::DIRECT_CLOSED => each(DirectReport::Closed {
-                    flow,
-                    sent: event.sent,
-                    received: event.received,
-                    duration: std::time::Duration::from_nanos(event.duration_ns),
-                }),
+                mesh_common::DIRECT_CLOSED => {
+                    each(DirectReport::Closed { flow, sent: event.sent, received: event.received })
+                }
                 _ => {}
             }
         }
@@ -156,10 +147,7 @@ impl DirectPath {
     /// What the direct path did so far, summed over the CPUs, by
     /// `mesh_common::direct_stats` index.
     pub fn stats(&self) -> [u64; direct_stats::COUNT as usize] {
-        std::array::from_fn(|i| {
-            let index = u32::try_from(i).unwrap_or(u32::MAX);
-            self.stats.get(&index, 0).map(|per_cpu| per_cpu.iter().sum()).unwrap_or(0)
-        })
+        super::summed_per_cpu(&self.stats)
     }
 }
 

@@ -116,6 +116,19 @@ fn pods(snapshot: &Snapshot, client: SocketAddr, server: SocketAddr) -> Option<(
     Some((snapshot.workload_by_ip(client.ip())?, snapshot.workload_by_ip(server.ip())?))
 }
 
+/// [`refusal`] for a pair known by its addresses alone (a table entry).
+fn pair_refusal(
+    ctx: &ProxyContext,
+    snapshot: &Snapshot,
+    client: SocketAddr,
+    server: SocketAddr,
+) -> Option<&'static str> {
+    match pods(snapshot, client, server) {
+        Some((src, dest)) => refusal(ctx, snapshot, src, dest, client, server),
+        None => Some("a pod the config no longer has"),
+    }
+}
+
 /// Re-judges every pair and open direct connection under `snapshot`: pairs it would
 /// not send direct are taken out, connections it would not send direct are closed
 /// (they reconnect through the agent and are judged afresh).
@@ -123,12 +136,7 @@ pub fn reassess(ctx: &ProxyContext, snapshot: &Snapshot) -> Reassessed {
     let Some(path) = ctx.direct.as_ref() else { return Reassessed::default() };
     let mut done = Reassessed::default();
     for (client_ip, server) in path.pairs() {
-        let client = SocketAddr::new(client_ip, 0);
-        let refused = match pods(snapshot, client, server) {
-            Some((src, dest)) => refusal(ctx, snapshot, src, dest, client, server),
-            None => Some("a pod the config no longer has"),
-        };
-        if let Some(reason) = refused {
+        if let Some(reason) = pair_refusal(ctx, snapshot, SocketAddr::new(client_ip, 0), server) {
             tracing::debug!(%client_ip, %server, reason, "pair no longer direct");
             path.forget(client_ip, server);
             done.forgotten += 1;
@@ -137,13 +145,10 @@ pub fn reassess(ctx: &ProxyContext, snapshot: &Snapshot) -> Reassessed {
     // Connections of one pair share its verdict (the client's port decides nothing).
     let mut verdicts = std::collections::HashMap::new();
     for flow in path.flows() {
-        let pair = pods(snapshot, flow.client, flow.server);
-        let refused = *verdicts.entry((flow.client.ip(), flow.server)).or_insert_with(|| match pair {
-            Some((src, dest)) => refusal(ctx, snapshot, src, dest, flow.client, flow.server),
-            None => Some("a pod the config no longer has"),
-        });
+        let refused = verdicts.entry((flow.client.ip(), flow.server));
+        let refused = *refused.or_insert_with(|| pair_refusal(ctx, snapshot, flow.client, flow.server));
         let Some(reason) = refused else { continue };
-        match close(ctx, pair, &flow) {
+        match close(ctx, pods(snapshot, flow.client, flow.server), &flow) {
             Some(true) => {
                 tracing::info!(client = %flow.client, server = %flow.server, reason, "closing a direct connection the current config no longer allows");
                 done.closed += 1;
